@@ -1,0 +1,1 @@
+"""Placement of contiguous layer ranges onto nodes: pure, deterministic functions."""

@@ -1,0 +1,154 @@
+"""The demo model: a Llama-architecture causal LM with seeded weights, written locally.
+
+It lets text in and text out work with no download. The same seed writes the same bytes,
+so two machines that create it independently hold the same model (and the same hash).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>")
+VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # every byte, then the special tokens
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    shard_bytes: int  # largest safetensors shard; a smaller model is one file
+
+
+SIZES = {
+    # ~0.4M parameters: a token in about a millisecond, for tests.
+    "tiny": DemoSize(64, 4, 4, 2, 176, 512, 1 << 40),
+    # ~113M parameters, written as sharded files like real checkpoints, for benchmarks.
+    "small": DemoSize(768, 12, 12, 12, 3072, 2048, 200 * 1024 * 1024),
+}
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in character for every byte, used by ByteLevel tokenizers."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def build_tokenizer() -> Tokenizer:
+    vocab = {ch: b for b, ch in bytes_to_unicode().items()}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|bos|> $A", special_tokens=[("<|bos|>", 256)]
+    )
+    return tok
+
+
+def demo_config(size: str) -> dict[str, object]:
+    s = SIZES[size]
+    cfg = asdict(s)
+    cfg.pop("shard_bytes")
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        **cfg,
+        "vocab_size": VOCAB_SIZE,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "hidden_act": "silu",
+        "bos_token_id": 256,
+        "eos_token_id": 257,
+        "pad_token_id": 258,
+        "torch_dtype": "float32",
+    }
+
+
+def demo_tensors(size: str, seed: int) -> dict[str, torch.Tensor]:
+    s = SIZES[size]
+    d, dh = s.hidden_size, s.hidden_size // s.num_attention_heads
+    g = torch.Generator().manual_seed(seed)
+
+    def normal(rows: int, cols: int) -> torch.Tensor:
+        # fan-in scaling keeps activations O(1), so greedy output depends on the context
+        # instead of repeating one token, which would make token-equality tests toothless
+        return torch.randn(rows, cols, generator=g) / cols**0.5
+
+    t = {"model.embed_tokens.weight": torch.randn(VOCAB_SIZE, d, generator=g)}
+    for n in range(s.num_hidden_layers):
+        p = f"model.layers.{n}"
+        t[f"{p}.input_layernorm.weight"] = torch.ones(d)
+        t[f"{p}.self_attn.q_proj.weight"] = normal(s.num_attention_heads * dh, d)
+        t[f"{p}.self_attn.k_proj.weight"] = normal(s.num_key_value_heads * dh, d)
+        t[f"{p}.self_attn.v_proj.weight"] = normal(s.num_key_value_heads * dh, d)
+        t[f"{p}.self_attn.o_proj.weight"] = normal(d, s.num_attention_heads * dh)
+        t[f"{p}.post_attention_layernorm.weight"] = torch.ones(d)
+        t[f"{p}.mlp.gate_proj.weight"] = normal(s.intermediate_size, d)
+        t[f"{p}.mlp.up_proj.weight"] = normal(s.intermediate_size, d)
+        t[f"{p}.mlp.down_proj.weight"] = normal(d, s.intermediate_size)
+    t["model.norm.weight"] = torch.ones(d)
+    t["lm_head.weight"] = normal(VOCAB_SIZE, d)
+    return t
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], out: Path, shard_bytes: int) -> None:
+    """Write one file, or shards plus `model.safetensors.index.json` as HF does."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], out / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, out / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def create_demo(out: Path, size: str = "tiny", seed: int = 0, shard_bytes: int | None = None) -> Path:
+    if size not in SIZES:
+        raise ValueError(f"unknown demo size {size!r}; choose one of {sorted(SIZES)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(demo_config(size), indent=2, sort_keys=True) + "\n")
+    write_safetensors(demo_tensors(size, seed), out, shard_bytes or SIZES[size].shard_bytes)
+    build_tokenizer().save(str(out / "tokenizer.json"))
+    tok_cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|bos|>",
+        "eos_token": "<|eos|>",
+        "pad_token": "<|pad|>",
+        "model_max_length": SIZES[size].max_position_embeddings,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n")
+    return out

@@ -1,0 +1,132 @@
+"""Per-request key/value cache of one stage, and its snapshot at a token position.
+
+Storage grows in chunks instead of being allocated for the whole context up front: a node
+holds a cache per request in flight, and most requests are far shorter than the context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from butterfly.types.errors import WireFormatError
+
+CHUNK = 256
+
+
+@dataclass(frozen=True)
+class KVSnapshot:
+    """The first `position` tokens of every layer's keys and values, detached copies."""
+
+    position: int
+    keys: tuple[torch.Tensor, ...]  # per layer [B, H_kv, position, D]
+    values: tuple[torch.Tensor, ...]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for i, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
+            out[f"k{i}"], out[f"v{i}"] = k, v
+        return out
+
+    @classmethod
+    def from_tensors(cls, position: int, tensors: dict[str, torch.Tensor]) -> KVSnapshot:
+        n = len(tensors) // 2
+        try:
+            keys = tuple(tensors[f"k{i}"] for i in range(n))
+            values = tuple(tensors[f"v{i}"] for i in range(n))
+        except KeyError as e:
+            raise WireFormatError(f"KV snapshot lacks tensor {e}") from e
+        if any(k.shape[2] != position or v.shape != k.shape for k, v in zip(keys, values)):
+            raise WireFormatError(f"KV snapshot tensors do not match position {position}")
+        return cls(position, keys, values)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+class KVCache:
+    """Keys and values for `num_layers` consecutive layers; `length` tokens are valid."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        max_length: int,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.num_layers, self.batch, self.kv_heads, self.head_dim = (
+            num_layers,
+            batch,
+            kv_heads,
+            head_dim,
+        )
+        self.max_length = max_length
+        self.dtype = dtype
+        self.length = 0
+        self._k: list[torch.Tensor] = []
+        self._v: list[torch.Tensor] = []
+        self._capacity = 0
+
+    def _grow(self, needed: int) -> None:
+        capacity = min(self.max_length, max(needed, self._capacity * 2, CHUNK))
+        shape = (self.batch, self.kv_heads, capacity, self.head_dim)
+        new_k = [torch.empty(shape, dtype=self.dtype) for _ in range(self.num_layers)]
+        new_v = [torch.empty(shape, dtype=self.dtype) for _ in range(self.num_layers)]
+        for old, new in ((self._k, new_k), (self._v, new_v)):
+            for o, n in zip(old, new, strict=False):
+                n[:, :, : self.length] = o[:, :, : self.length]
+        self._k, self._v, self._capacity = new_k, new_v, capacity
+
+    def update(
+        self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, H_kv, T, D] at positions [start, start+T); return all keys so far."""
+        end = start + k.shape[2]
+        if end > self._capacity:
+            self._grow(end)
+        self._k[layer][:, :, start:end] = k
+        self._v[layer][:, :, start:end] = v
+        return self._k[layer][:, :, :end], self._v[layer][:, :, :end]
+
+    def advance(self, end: int) -> None:
+        """Mark positions up to `end` valid, once every layer has written them."""
+        self.length = end
+
+    def truncate(self, position: int) -> None:
+        self.length = min(self.length, position)
+
+    def snapshot(self, position: int | None = None) -> KVSnapshot:
+        pos = self.length if position is None else position
+        if not 0 <= pos <= self.length:
+            raise ValueError(f"cannot snapshot at {pos}: the cache holds {self.length} tokens")
+        keys = tuple(k[:, :, :pos].clone() for k in self._k) if pos else self._empty()
+        values = tuple(v[:, :, :pos].clone() for v in self._v) if pos else self._empty()
+        return KVSnapshot(pos, keys, values)
+
+    def _empty(self) -> tuple[torch.Tensor, ...]:
+        shape = (self.batch, self.kv_heads, 0, self.head_dim)
+        return tuple(torch.empty(shape, dtype=self.dtype) for _ in range(self.num_layers))
+
+    def restore(self, snap: KVSnapshot) -> None:
+        if len(snap.keys) != self.num_layers:
+            raise WireFormatError(
+                f"snapshot holds {len(snap.keys)} layers, this stage has {self.num_layers}"
+            )
+        expected = (self.batch, self.kv_heads, snap.position, self.head_dim)
+        if any(tuple(k.shape) != expected for k in (*snap.keys, *snap.values)):
+            raise WireFormatError(f"snapshot tensors do not have shape {expected}")
+        self.length = 0
+        if snap.position > self._capacity:
+            self._grow(snap.position)
+        for i in range(self.num_layers):
+            self._k[i][:, :, : snap.position] = snap.keys[i]
+            self._v[i][:, :, : snap.position] = snap.values[i]
+        self.length = snap.position
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self._k, *self._v))

@@ -1,0 +1,82 @@
+"""What every model family provides: a stage of layers `[start, end)` that runs forward.
+
+A stage is the unit a node holds. The first stage of a pipeline owns the embedding and
+takes token ids (or input vectors); the last owns the final norm and head and returns
+logits; a stage in the middle takes and returns hidden states. There is one
+implementation per model family, so this is a Protocol, not a base class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from butterfly.runtime.kvcache import KVCache
+from butterfly.runtime.weights import CheckpointReader
+from butterfly.types.errors import ContextLengthExceeded, InvalidInput
+from butterfly.types.model import LayerInfo, LayerRange
+
+
+class Stage(Protocol):
+    layers: LayerRange
+    num_layers: int  # layers in the whole model
+    max_context: int  # positions the model supports
+    input_kind: str  # what the first stage takes: "tokens" or "vectors"
+
+    @property
+    def is_first(self) -> bool: ...
+
+    @property
+    def is_last(self) -> bool: ...
+
+    def new_cache(self, batch: int = 1) -> KVCache | None:
+        """A fresh per-request cache, or None for families that keep no state."""
+
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None, start_pos: int, *, last_only: bool = False
+    ) -> torch.Tensor:
+        """Run this stage's layers on positions `[start_pos, start_pos + T)` of `x`.
+
+        `x` is token ids [B, T] on a first stage, hidden states [B, T, D] otherwise. The
+        last stage returns logits (or the final hidden states of an encoder); with
+        `last_only` it returns them for the last position only, as generation needs.
+        """
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: how to read its config, cost its layers and load a stage."""
+
+    name: str
+    parse: Callable[[dict[str, Any]], Any]  # config.json -> the family's args dataclass
+    num_layers: Callable[[Any], int]
+    layer_infos: Callable[[Any], list[LayerInfo]]
+    load_stage: Callable[[CheckpointReader, Any, LayerRange], Stage]
+
+
+def check_positions(start_pos: int, length: int, max_context: int) -> None:
+    if start_pos + length > max_context:
+        raise ContextLengthExceeded(
+            f"{start_pos + length} positions exceed the model's context of {max_context} "
+            f"(input of {length} at position {start_pos})"
+        )
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise InvalidInput(f"token ids must be integers, got {ids.dtype}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise InvalidInput(f"token ids must lie in [0, {vocab_size}), got {ids.min()}..{ids.max()}")
+
+
+def causal_mask(start_pos: int, length: int) -> torch.Tensor | None:
+    """Boolean [T, start+T] mask for a chunk after cached positions; None when SDPA's
+    own `is_causal` (chunk at 0) or no mask (one query) is exact."""
+    if length == 1 or start_pos == 0:
+        return None
+    q = torch.arange(start_pos, start_pos + length).unsqueeze(1)
+    k = torch.arange(start_pos + length).unsqueeze(0)
+    return k <= q

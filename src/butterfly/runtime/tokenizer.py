@@ -1,0 +1,31 @@
+"""Text to token ids and back, with the checkpoint's own `tokenizer.json`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from butterfly.types.errors import InvalidInput
+
+
+@dataclass(frozen=True)
+class TextCodec:
+    tokenizer: Tokenizer
+    eos_ids: frozenset[int]
+
+    @classmethod
+    def load(cls, model_dir: Path) -> TextCodec:
+        path = Path(model_dir) / "tokenizer.json"
+        if not path.is_file():
+            raise InvalidInput(f"{model_dir} has no tokenizer.json; send input_ids instead of text")
+        tok = Tokenizer.from_file(str(path))
+        eos = {tok.token_to_id(t) for t in ("<|eos|>", "</s>", "<|endoftext|>", "<|end_of_text|>")}
+        return cls(tok, frozenset(i for i in eos if i is not None))
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text).ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))

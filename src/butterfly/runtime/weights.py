@@ -1,0 +1,97 @@
+"""Reads named tensors from a local Hugging Face model directory.
+
+A stage asks only for its own layers' tensors, and only the shards holding them are
+opened. Each tensor is copied out of the safetensors memory map into ordinary memory:
+decoding from the private map was measured 1.33-1.37x slower (MEASUREMENTS.md).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from butterfly.types.errors import MissingTensor, TensorShapeMismatch, UnknownArchitecture
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise UnknownArchitecture(f"{model_dir} has no config.json; is it a model directory?")
+    try:
+        config: dict[str, Any] = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UnknownArchitecture(f"{path} is not valid JSON: {e}") from e
+    return config
+
+
+@dataclass
+class CheckpointReader:
+    """Tensor lookup over `model.safetensors` or a sharded index, recording what it read."""
+
+    model_dir: Path
+    dtype: torch.dtype | None = None  # convert floating tensors to this dtype when set
+    names_read: list[str] = field(default_factory=list)
+    bytes_read: int = 0
+    _weight_map: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.model_dir = Path(self.model_dir)
+        index = self.model_dir / INDEX_FILE
+        if index.is_file():
+            self._weight_map = dict(json.loads(index.read_text())["weight_map"])
+        elif (self.model_dir / SINGLE_FILE).is_file():
+            with safe_open(self.model_dir / SINGLE_FILE, framework="pt") as f:
+                self._weight_map = {name: SINGLE_FILE for name in f.keys()}  # noqa: SIM118
+        else:
+            raise MissingTensor(
+                f"{self.model_dir} has neither {SINGLE_FILE} nor {INDEX_FILE}; "
+                "Butterfly loads safetensors checkpoints only"
+            )
+
+    def has(self, name: str) -> bool:
+        return name in self._weight_map
+
+    def names(self) -> set[str]:
+        return set(self._weight_map)
+
+    def read_many(
+        self, wanted: Iterable[tuple[str, tuple[int, ...] | None]]
+    ) -> dict[str, torch.Tensor]:
+        """Read `(name, expected_shape)` pairs, opening each needed shard once."""
+        by_file: dict[str, list[tuple[str, tuple[int, ...] | None]]] = {}
+        for name, shape in wanted:
+            if name not in self._weight_map:
+                raise MissingTensor(f"checkpoint {self.model_dir} has no tensor '{name}'")
+            by_file.setdefault(self._weight_map[name], []).append((name, shape))
+        out: dict[str, torch.Tensor] = {}
+        for file, items in by_file.items():
+            path = self.model_dir / file
+            if not path.is_file():
+                raise MissingTensor(
+                    f"shard {file} (holding '{items[0][0]}') is missing from {self.model_dir}"
+                )
+            with safe_open(path, framework="pt") as f:
+                for name, shape in items:
+                    if name not in f.keys():  # noqa: SIM118
+                        raise MissingTensor(f"shard {path} has no tensor '{name}'")
+                    t = f.get_tensor(name)
+                    if shape is not None and tuple(t.shape) != shape:
+                        raise TensorShapeMismatch(
+                            f"tensor '{name}' in {path} has shape {tuple(t.shape)}, "
+                            f"the config implies {shape}"
+                        )
+                    if self.dtype is not None and t.is_floating_point():
+                        t = t.to(self.dtype)
+                    out[name] = t.clone().contiguous()
+                    self.names_read.append(name)
+                    self.bytes_read += t.numel() * t.element_size()
+        return out

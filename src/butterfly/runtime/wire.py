@@ -1,0 +1,76 @@
+"""Tensors to and from bytes for the network: a msgpack header plus the raw buffer.
+
+Layout: 4-byte big-endian header length, msgpack `{"dtype": str, "shape": [int]}`, data.
+Nothing is unpickled; the size implied by the header is checked against the limit and the
+actual payload before any tensor is allocated.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import msgpack
+import torch
+
+from butterfly.types.errors import WireFormatError
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "uint8": torch.uint8,
+}
+_NAMES = {v: k for k, v in DTYPES.items()}
+_LEN = struct.Struct(">I")
+MAX_HEADER = 1024
+MAX_DIMS = 8
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+
+
+def encode_tensor(t: torch.Tensor) -> bytes:
+    if t.dtype not in _NAMES:
+        raise WireFormatError(f"dtype {t.dtype} cannot be sent; allowed: {sorted(DTYPES)}")
+    t = t.detach().contiguous().cpu()
+    header = msgpack.packb({"dtype": _NAMES[t.dtype], "shape": list(t.shape)})
+    raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return _LEN.pack(len(header)) + header + raw
+
+
+def decode_tensor(buf: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
+    view = memoryview(buf)
+    if len(view) < _LEN.size:
+        raise WireFormatError(f"tensor frame of {len(view)} bytes is shorter than its header")
+    (hlen,) = _LEN.unpack_from(view)
+    if hlen > MAX_HEADER or _LEN.size + hlen > len(view):
+        raise WireFormatError(f"tensor header length {hlen} is invalid for a {len(view)}-byte frame")
+    try:
+        header = msgpack.unpackb(view[_LEN.size : _LEN.size + hlen], strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise WireFormatError(f"tensor header is not valid msgpack: {e}") from e
+    if not isinstance(header, dict) or set(header) != {"dtype", "shape"}:
+        raise WireFormatError("tensor header must be a map with exactly 'dtype' and 'shape'")
+    dtype = DTYPES.get(header["dtype"]) if isinstance(header["dtype"], str) else None
+    if dtype is None:
+        raise WireFormatError(f"tensor dtype {header['dtype']!r} is not one of {sorted(DTYPES)}")
+    shape = header["shape"]
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_DIMS
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ):
+        raise WireFormatError(f"tensor shape {shape!r} must be at most {MAX_DIMS} sizes >= 0")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * itemsize
+    if nbytes > max_bytes:
+        raise WireFormatError(f"tensor of {nbytes} bytes exceeds the limit of {max_bytes}")
+    payload = view[_LEN.size + hlen :]
+    if len(payload) != nbytes:
+        raise WireFormatError(
+            f"tensor {header['dtype']}{shape} needs {nbytes} bytes, frame carries {len(payload)}"
+        )
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(payload), dtype=dtype).reshape(shape)

@@ -1,0 +1,54 @@
+"""A request as the scheduler holds it, and the result it returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from butterfly.types.ids import NodeId, RequestId
+from butterfly.types.model import LayerRange
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is chosen from logits; temperature 0 means greedy."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = no top-k cut
+    top_p: float = 1.0  # 1.0 = no nucleus cut
+    seed: int | None = None  # None = fresh randomness per request
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class InferenceTask:
+    """One accepted request. Exactly one of `input_ids` and `input_vector` is set."""
+
+    task_id: RequestId
+    input_ids: tuple[int, ...] = ()
+    input_vector: tuple[float, ...] = ()
+    max_new_tokens: int = 16
+    sampling: SamplingParams = SamplingParams()
+    priority: int = 0
+    created_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """Which node computed which layers of a result."""
+
+    node: NodeId
+    layers: LayerRange
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    task_id: RequestId
+    output_ids: tuple[int, ...] = ()
+    output_vector: tuple[float, ...] = ()
+    text: str = ""
+    verified: str = "none"  # which check the result passed: "none", "audit", "replicate"
+    stages: tuple[StageRecord, ...] = ()
+    timings: dict[str, float] = field(default_factory=dict)
