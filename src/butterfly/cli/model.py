@@ -12,7 +12,8 @@ from rich.console import Console
 from butterfly.cli.paths import demo_model
 from butterfly.partition.strategies import uniform_ranges
 from butterfly.runtime.demo import SIZES, create_demo
-from butterfly.runtime.generate import Timings, generate as run_generation
+from butterfly.runtime.generate import Timings
+from butterfly.runtime.generate import generate as run_generation
 from butterfly.runtime.loader import load_stage, num_layers
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.types.errors import ButterflyError
@@ -43,7 +44,9 @@ def create_demo_cmd(
 
 def generate(
     prompt: Annotated[str, typer.Argument(help="Text to continue.")],
-    model: Annotated[Path | None, typer.Option(help="Model directory (default: demo model).")] = None,
+    model: Annotated[
+        Path | None, typer.Option(help="Model directory (default: demo model).")
+    ] = None,
     max_tokens: Annotated[int, typer.Option(help="New tokens to generate.")] = 32,
     stages: Annotated[int, typer.Option(help="Split the model into this many stages.")] = 1,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
@@ -64,7 +67,9 @@ def generate(
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         timings = Timings()
         ids = list(
-            run_generation(pipeline, codec.encode(prompt), max_tokens, sampling, codec.eos_ids, timings)
+            run_generation(
+                pipeline, codec.encode(prompt), max_tokens, sampling, codec.eos_ids, timings
+            )
         )
     except ButterflyError as e:
         raise fail(e) from e

@@ -92,7 +92,7 @@ def demo_tensors(size: str, seed: int) -> dict[str, torch.Tensor]:
     def normal(rows: int, cols: int) -> torch.Tensor:
         # fan-in scaling keeps activations O(1), so greedy output depends on the context
         # instead of repeating one token, which would make token-equality tests toothless
-        return torch.randn(rows, cols, generator=g) / cols**0.5
+        return torch.randn(rows, cols, generator=g).mul_(1.0 / cols**0.5)
 
     t = {"model.embed_tokens.weight": torch.randn(VOCAB_SIZE, d, generator=g)}
     for n in range(s.num_hidden_layers):
@@ -135,7 +135,9 @@ def write_safetensors(tensors: dict[str, torch.Tensor], out: Path, shard_bytes: 
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def create_demo(out: Path, size: str = "tiny", seed: int = 0, shard_bytes: int | None = None) -> Path:
+def create_demo(
+    out: Path, size: str = "tiny", seed: int = 0, shard_bytes: int | None = None
+) -> Path:
     if size not in SIZES:
         raise ValueError(f"unknown demo size {size!r}; choose one of {sorted(SIZES)}")
     out = Path(out)

@@ -18,6 +18,8 @@ from butterfly.runtime.stage import Stage, check_positions
 from butterfly.types.errors import InvalidInput
 from butterfly.types.tasks import SamplingParams
 
+GREEDY = SamplingParams()
+
 
 @dataclass
 class Timings:
@@ -43,7 +45,7 @@ def generate(
     stages: Sequence[Stage],
     prompt_ids: Sequence[int],
     max_new_tokens: int,
-    sampling: SamplingParams = SamplingParams(),
+    sampling: SamplingParams = GREEDY,
     stop_ids: frozenset[int] = frozenset(),
     timings: Timings | None = None,
 ) -> Iterator[int]:

@@ -37,7 +37,9 @@ class KVSnapshot:
             values = tuple(tensors[f"v{i}"] for i in range(n))
         except KeyError as e:
             raise WireFormatError(f"KV snapshot lacks tensor {e}") from e
-        if any(k.shape[2] != position or v.shape != k.shape for k, v in zip(keys, values)):
+        if any(
+            k.shape[2] != position or v.shape != k.shape for k, v in zip(keys, values, strict=True)
+        ):
             raise WireFormatError(f"KV snapshot tensors do not match position {position}")
         return cls(position, keys, values)
 

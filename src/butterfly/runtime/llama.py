@@ -114,7 +114,9 @@ def inv_frequencies(args: LlamaArgs) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         return torch.where(medium, smoothed, scaled)
-    raise UnknownArchitecture(f"rope scaling type {kind!r} is not supported (default, linear, llama3)")
+    raise UnknownArchitecture(
+        f"rope scaling type {kind!r} is not supported (default, linear, llama3)"
+    )
 
 
 class LlamaStage:
@@ -172,7 +174,9 @@ class LlamaStage:
         mask = causal_mask(start_pos, length)
         eps = self.args.norm_eps
         for i, blk in enumerate(self.blocks):
-            h = h + self._attention(blk, rms_norm(h, blk.attn_norm, eps), cache, i, start_pos, cos, sin, mask)
+            h = h + self._attention(
+                blk, rms_norm(h, blk.attn_norm, eps), cache, i, start_pos, cos, sin, mask
+            )
             h = h + self._mlp(blk, rms_norm(h, blk.mlp_norm, eps))
         cache.advance(start_pos + length)
         if self.head is None:
@@ -195,7 +199,7 @@ class LlamaStage:
         a = self.args
         bsz, length, _ = x.shape
         q_size, kv_size = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-        q, k, v = F.linear(x, blk.wqkv, blk.bqkv).split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = torch.split(F.linear(x, blk.wqkv, blk.bqkv), [q_size, kv_size, kv_size], -1)
         q = q.view(bsz, length, a.n_heads, a.head_dim).transpose(1, 2)  # [B, H, T, Dh]
         k = k.view(bsz, length, a.n_kv_heads, a.head_dim).transpose(1, 2)
         v = v.view(bsz, length, a.n_kv_heads, a.head_dim).transpose(1, 2)
@@ -260,15 +264,17 @@ def load_stage(reader: CheckpointReader, args: LlamaArgs, layers: LayerRange) ->
             Block(
                 attn_norm=w.pop(f"model.layers.{n}.input_layernorm.weight"),
                 wqkv=torch.cat([w.pop(f"{p}.{x}_proj.weight") for x in "qkv"]),
-                bqkv=torch.cat([b for b in biases if b is not None]) if all(
-                    b is not None for b in biases
-                ) else None,
+                bqkv=torch.cat([b for b in biases if b is not None])
+                if all(b is not None for b in biases)
+                else None,
                 wo=w.pop(f"{p}.o_proj.weight"),
                 bo=w.get(f"{p}.o_proj.bias"),
                 mlp_norm=w.pop(f"model.layers.{n}.post_attention_layernorm.weight"),
                 w13=torch.cat(
-                    [w.pop(f"model.layers.{n}.mlp.gate_proj.weight"),
-                     w.pop(f"model.layers.{n}.mlp.up_proj.weight")]
+                    [
+                        w.pop(f"model.layers.{n}.mlp.gate_proj.weight"),
+                        w.pop(f"model.layers.{n}.mlp.up_proj.weight"),
+                    ]
                 ),
                 w2=w.pop(f"model.layers.{n}.mlp.down_proj.weight"),
             )

@@ -45,7 +45,9 @@ def decode_tensor(buf: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -
         raise WireFormatError(f"tensor frame of {len(view)} bytes is shorter than its header")
     (hlen,) = _LEN.unpack_from(view)
     if hlen > MAX_HEADER or _LEN.size + hlen > len(view):
-        raise WireFormatError(f"tensor header length {hlen} is invalid for a {len(view)}-byte frame")
+        raise WireFormatError(
+            f"tensor header length {hlen} is invalid for a {len(view)}-byte frame"
+        )
     try:
         header = msgpack.unpackb(view[_LEN.size : _LEN.size + hlen], strict_map_key=True)
     except Exception as e:  # msgpack raises several unrelated types on garbage

@@ -1,0 +1,248 @@
+"""Stage loading, KV snapshots, wire format and bad input of the model runtime."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from butterfly.runtime.demo import create_demo
+from butterfly.runtime.generate import generate, run_pipeline
+from butterfly.runtime.kvcache import KVSnapshot
+from butterfly.runtime.loader import layer_infos, load_stage
+from butterfly.runtime.sampling import make_generator, sample
+from butterfly.runtime.weights import CheckpointReader
+from butterfly.runtime.wire import decode_tensor, encode_tensor
+from butterfly.types.errors import (
+    ContextLengthExceeded,
+    InvalidInput,
+    LayerRangeError,
+    MissingTensor,
+    TensorShapeMismatch,
+    UnknownArchitecture,
+    WireFormatError,
+)
+from butterfly.types.model import LayerRange
+from butterfly.types.tasks import SamplingParams
+
+
+def file_digests(d: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())}
+
+
+def test_demo_model_is_deterministic(tmp_path: Path) -> None:
+    a = create_demo(tmp_path / "a", "tiny", seed=3)
+    b = create_demo(tmp_path / "b", "tiny", seed=3)
+    c = create_demo(tmp_path / "c", "tiny", seed=4)
+    assert file_digests(a) == file_digests(b)
+    assert file_digests(a)["model.safetensors"] != file_digests(c)["model.safetensors"]
+
+
+def test_stage_reads_only_its_layers(tiny_model: Path) -> None:
+    reader = CheckpointReader(tiny_model)
+    load_stage(tiny_model, LayerRange(1, 3), reader=reader)
+    assert reader.names_read, "nothing was read"
+    layers_read = {int(n.split(".")[2]) for n in reader.names_read if n.startswith("model.layers.")}
+    assert layers_read == {1, 2}
+    assert not {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"} & set(
+        reader.names_read
+    )
+
+    first = CheckpointReader(tiny_model)
+    load_stage(tiny_model, LayerRange(0, 1), reader=first)
+    assert "model.embed_tokens.weight" in first.names_read
+    assert "lm_head.weight" not in first.names_read
+    # a middle quarter of the model reads well under half the bytes of the whole
+    whole = CheckpointReader(tiny_model)
+    load_stage(tiny_model, reader=whole)
+    assert reader.bytes_read < 0.6 * whole.bytes_read
+
+
+def test_stage_loads_from_a_checkpoint_holding_only_its_tensors(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """The strongest proof that nothing else is read: the other tensors do not exist."""
+    sharded = create_demo(tmp_path / "sharded", "tiny", shard_bytes=60_000)
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    keep = {f for n, f in index["weight_map"].items() if n.startswith("model.layers.2.")}
+    assert 1 <= len(keep) < len(set(index["weight_map"].values()))
+    for shard in set(index["weight_map"].values()) - keep:
+        (sharded / shard).unlink()
+    stage = load_stage(sharded, LayerRange(2, 3))
+    full = load_stage(tiny_model, LayerRange(2, 3))
+    h = torch.randn(1, 5, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            stage.forward(h, stage.new_cache(), 0), full.forward(h, full.new_cache(), 0)
+        )
+    with pytest.raises(MissingTensor, match="missing"):
+        load_stage(sharded, LayerRange(0, 1))
+
+
+@pytest.mark.parametrize("trial", range(5))
+def test_snapshot_restore_continues_identically(tiny_model: Path, trial: int) -> None:
+    rng = random.Random(trial)
+    prompt = [rng.randrange(259) for _ in range(rng.randrange(1, 12))]
+    total = 24
+    reference = list(generate([load_stage(tiny_model)], prompt, total))
+    ranges = [LayerRange(0, 2), LayerRange(2, 4)]
+    stages = [load_stage(tiny_model, r) for r in ranges]
+    caches = [s.new_cache() for s in stages]
+    seq = prompt + reference
+    cut = rng.randrange(1, len(prompt) + total - 1)  # positions already in the cache
+    with torch.inference_mode():
+        run_pipeline(stages, caches, torch.tensor([seq[:cut]]), 0)
+        # ship each stage's snapshot through the wire format into a fresh stage
+        fresh_stages = [load_stage(tiny_model, r) for r in ranges]
+        fresh_caches = []
+        for stage, cache in zip(fresh_stages, caches, strict=True):
+            snap = cache.snapshot()
+            wire = {k: decode_tensor(encode_tensor(v)) for k, v in snap.tensors().items()}
+            fresh = stage.new_cache()
+            fresh.restore(KVSnapshot.from_tensors(snap.position, wire))
+            fresh_caches.append(fresh)
+        # what a recovering gateway knows: the prompt and every token generated so far
+        known = seq[: max(cut + 1, len(prompt))]
+        pos, x = cut, torch.tensor([known[cut:]])
+        while len(known) < len(seq):
+            logits = run_pipeline(fresh_stages, fresh_caches, x, pos)
+            pos += x.shape[1]
+            known.append(int(logits[0, -1].argmax()))
+            x = torch.tensor([known[-1:]])
+    assert known == seq
+
+
+def test_sampling_is_reproducible_with_a_seed() -> None:
+    logits = torch.randn(100, generator=torch.Generator().manual_seed(1))
+    params = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=42)
+    a = [sample(logits, params, g) for g in [make_generator(params)] for _ in range(20)]
+    b = [sample(logits, params, g) for g in [make_generator(params)] for _ in range(20)]
+    assert a == b and len(set(a)) > 1
+    top20 = set(torch.topk(logits, 20).indices.tolist())
+    assert set(a) <= top20
+    assert sample(logits, SamplingParams(), make_generator(SamplingParams())) == int(
+        logits.argmax()
+    )
+
+
+def test_rng_state_round_trip_resumes_the_same_stream() -> None:
+    logits = torch.randn(50)
+    params = SamplingParams(temperature=1.0, seed=5)
+    g = make_generator(params)
+    first = [sample(logits, params, g) for _ in range(5)]
+    state = g.get_state()
+    rest = [sample(logits, params, g) for _ in range(5)]
+    g2 = torch.Generator()
+    g2.set_state(state)
+    assert [sample(logits, params, g2) for _ in range(5)] == rest
+    assert first != rest or len(set(first)) == 1
+
+
+# --- wire format -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.float16])
+def test_wire_round_trip(dtype: torch.dtype) -> None:
+    t = (torch.randn(2, 3, 5) * 10).to(dtype)
+    out = decode_tensor(encode_tensor(t))
+    assert out.dtype == dtype and torch.equal(out, t)
+    assert decode_tensor(encode_tensor(torch.empty(0, 4))).shape == (0, 4)
+
+
+def test_wire_rejects_bad_frames() -> None:
+    good = encode_tensor(torch.ones(4, 4))
+    with pytest.raises(WireFormatError, match="shorter"):
+        decode_tensor(b"\x00")
+    with pytest.raises(WireFormatError, match="needs 64 bytes"):
+        decode_tensor(good[:-1])
+    with pytest.raises(WireFormatError, match="exceeds the limit"):
+        decode_tensor(good, max_bytes=32)
+    with pytest.raises(WireFormatError, match="header length"):
+        decode_tensor(b"\xff\xff\xff\xff" + good[4:])
+    import msgpack
+
+    for header in (
+        {"dtype": "pickle", "shape": [1]},
+        {"dtype": "float32", "shape": [-1]},
+        {"dtype": "float32", "shape": [1], "x": 1},
+        [1, 2],
+    ):
+        h = msgpack.packb(header)
+        with pytest.raises(WireFormatError):
+            decode_tensor(len(h).to_bytes(4, "big") + h + b"\x00" * 4)
+    with pytest.raises(WireFormatError, match="msgpack"):
+        decode_tensor(b"\x00\x00\x00\x02\xc1\xc1")
+
+
+# --- bad input ---------------------------------------------------------------------------
+
+
+def test_missing_tensor_is_named(tiny_model: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, broken / "model.safetensors")
+    load_stage(broken, LayerRange(2, 4))  # other layers are unaffected
+    with pytest.raises(MissingTensor, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_stage(broken, LayerRange(0, 2))
+
+
+def test_wrong_shape_is_named(tiny_model: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    tensors = load_file(broken / "model.safetensors")
+    tensors["model.layers.0.self_attn.o_proj.weight"] = torch.zeros(64, 32)
+    save_file(tensors, broken / "model.safetensors")
+    with pytest.raises(TensorShapeMismatch, match=r"o_proj.*\(64, 32\).*\(64, 64\)"):
+        load_stage(broken, LayerRange(0, 1))
+
+
+def test_unknown_architecture(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))
+    with pytest.raises(UnknownArchitecture, match=r"'mamba'.*llama"):
+        load_stage(tmp_path)
+    with pytest.raises(UnknownArchitecture, match=r"no config\.json"):
+        load_stage(tmp_path / "nowhere")
+
+
+def test_layer_range_out_of_bounds(tiny_model: Path) -> None:
+    with pytest.raises(LayerRangeError, match=r"\[2, 9\) is out of bounds.*4 layers"):
+        load_stage(tiny_model, LayerRange(2, 9))
+    with pytest.raises(LayerRangeError, match="empty"):
+        LayerRange(3, 3)
+
+
+def test_prompt_longer_than_context(tiny_model: Path) -> None:
+    stage = load_stage(tiny_model)
+    with pytest.raises(ContextLengthExceeded, match="context of 512"):
+        list(generate([stage], [1] * 500, 20))
+    with pytest.raises(ContextLengthExceeded, match="context of 512"):
+        stage.forward(torch.ones(1, 513, dtype=torch.int64), stage.new_cache(), 0)
+
+
+def test_token_ids_out_of_vocabulary(tiny_model: Path) -> None:
+    stage = load_stage(tiny_model)
+    with pytest.raises(InvalidInput, match=r"\[0, 259\)"):
+        stage.forward(torch.tensor([[3, 259]]), stage.new_cache(), 0)
+    with pytest.raises(InvalidInput, match="empty"):
+        list(generate([stage], [], 4))
+
+
+def test_layer_infos_fold_embedding_and_head(tiny_model: Path) -> None:
+    infos = layer_infos(tiny_model)
+    assert [i.id for i in infos] == [0, 1, 2, 3]
+    middle = infos[1]
+    assert infos[0].memory_bytes > middle.memory_bytes  # embedding
+    assert infos[-1].compute_cost > middle.compute_cost  # output head
+    assert infos[-1].memory_bytes > middle.memory_bytes
+    assert middle.kv_bytes_per_token == 2 * 2 * 16 * 4  # k and v, 2 kv heads of 16, fp32
+    assert middle.activation_bytes_per_token == 64 * 4
+    params = sum(p.numel() for p in load_file(tiny_model / "model.safetensors").values())
+    assert sum(i.memory_bytes for i in infos) == params * 4
