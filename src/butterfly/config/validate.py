@@ -1,0 +1,216 @@
+"""Rules that span options, run after the per-field checks of the schema.
+
+The per-field ranges live in the schema; what cannot be said about one field alone lives
+here. Each rule returns issues rather than raising, so one `validate` run reports every
+problem, and the loader then attaches the file and line of the offending key.
+
+Deviation from the specification, on purpose: seed 002 asks for n >= 2f+1 and shows 5
+nodes with f = 2. Cluster decisions here use PBFT, which needs n >= 3f+1 (two quorums of
+2f+1 must overlap in an honest node), so 5 nodes tolerate at most f = 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from butterfly.config.issues import ConfigIssue
+from butterfly.config.schema import ButterflyConfig
+
+Rule = Callable[[ButterflyConfig], Iterator[ConfigIssue]]
+
+GIB = 2**30
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def cluster_size(cfg: ButterflyConfig) -> int:
+    """n: the members listed, or 1 for a node running alone."""
+    return max(1, len(cfg.cluster.members))
+
+
+def largest_safe_f(n: int) -> int:
+    return (n - 1) // 3
+
+
+def replication_factor(cfg: ButterflyConfig) -> int:
+    """Holders per layer range: explicit, else f+1 when results are verified."""
+    if cfg.partition.replication:
+        return cfg.partition.replication
+    return cfg.byzantine.f + 1 if cfg.byzantine.verification != "none" else 1
+
+
+def _bft_quorum(cfg: ButterflyConfig) -> Iterator[ConfigIssue]:
+    n, f = cluster_size(cfg), cfg.byzantine.f
+    if n < 3 * f + 1:
+        safe = largest_safe_f(n)
+        yield ConfigIssue(
+            "byzantine.f",
+            "n >= 3f+1",
+            f"{n} node{'s' if n != 1 else ''} tolerate at most f={safe} (n >= 3f+1); "
+            f"f={f} needs {3 * f + 1} nodes. Lower byzantine.f or add cluster.members.",
+            related=("cluster.members",),
+        )
+
+
+def _membership(cfg: ButterflyConfig) -> Iterator[ConfigIssue]:
+    members = cfg.cluster.members
+    if members and cfg.node.id >= len(members):
+        yield ConfigIssue(
+            "node.id",
+            "node-in-cluster",
+            f"node.id={cfg.node.id} but cluster.members lists {len(members)} nodes "
+            f"(ids 0..{len(members) - 1})",
+            related=("cluster.members",),
+        )
+    dupes = sorted({m for m in members if members.count(m) > 1})
+    if dupes:
+        yield ConfigIssue("cluster.members", "unique-members", f"listed twice: {dupes}")
+
+
+def _timing(cfg: ButterflyConfig) -> Iterator[ConfigIssue]:
+    c = cfg.coordination
+    if c.heartbeat_interval_ms >= c.phase_timeout_ms:
+        yield ConfigIssue(
+            "coordination.heartbeat_interval_ms",
+            "heartbeat < phase timeout",
+            f"heartbeat every {c.heartbeat_interval_ms} ms is not below "
+            f"coordination.phase_timeout_ms={c.phase_timeout_ms}; a phase would time out "
+            "before a single heartbeat could arrive",
+            related=("coordination.phase_timeout_ms",),
+        )
+    if c.phi_suspect >= c.phi_failed:
+        yield ConfigIssue(
+            "coordination.phi_suspect",
+            "phi_suspect < phi_failed",
+            f"phi_suspect={c.phi_suspect} must be below phi_failed={c.phi_failed}",
+            related=("coordination.phi_failed",),
+        )
+    if c.pbft_window <= c.pbft_checkpoint_interval:
+        yield ConfigIssue(
+            "coordination.pbft_window",
+            "window > checkpoint interval",
+            f"pbft_window={c.pbft_window} must exceed "
+            f"pbft_checkpoint_interval={c.pbft_checkpoint_interval} or agreement stalls",
+            related=("coordination.pbft_checkpoint_interval",),
+        )
+    n = cfg.network
+    if n.retry_backoff_ms > n.retry_max_backoff_ms:
+        yield ConfigIssue(
+            "network.retry_backoff_ms",
+            "backoff <= max backoff",
+            f"retry_backoff_ms={n.retry_backoff_ms} exceeds "
+            f"retry_max_backoff_ms={n.retry_max_backoff_ms}",
+            related=("network.retry_max_backoff_ms",),
+        )
+
+
+def _limits(cfg: ButterflyConfig) -> Iterator[ConfigIssue]:
+    s = cfg.scheduling
+    if s.default_max_new_tokens > s.max_new_tokens_limit:
+        yield ConfigIssue(
+            "scheduling.default_max_new_tokens",
+            "default <= limit",
+            f"default_max_new_tokens={s.default_max_new_tokens} exceeds "
+            f"max_new_tokens_limit={s.max_new_tokens_limit}",
+            related=("scheduling.max_new_tokens_limit",),
+        )
+    listen_port = int(cfg.node.listen.rsplit(":", 1)[1])
+    if cfg.api.port != 0 and cfg.api.port == listen_port:
+        yield ConfigIssue(
+            "api.port",
+            "distinct ports",
+            f"api.port={cfg.api.port} is also node.listen's port; pick another",
+            related=("node.listen",),
+        )
+
+
+def _replication(cfg: ButterflyConfig) -> Iterator[ConfigIssue]:
+    r, n, f = cfg.partition.replication, cluster_size(cfg), cfg.byzantine.f
+    if r > n:
+        yield ConfigIssue(
+            "partition.replication",
+            "replication <= n",
+            f"replication={r} needs {r} distinct holders but the cluster has {n} nodes",
+            related=("cluster.members",),
+        )
+    if r and cfg.byzantine.verification != "none" and r < f + 1:
+        yield ConfigIssue(
+            "partition.replication",
+            "replication >= f+1",
+            f"verification={cfg.byzantine.verification!r} needs every layer range on "
+            f"f+1={f + 1} nodes, replication is {r}; set 0 for the default",
+            related=("byzantine.f",),
+        )
+
+
+def estimate_model_bytes(model_dir: Path, dtype: str) -> int:
+    """Parameter bytes from config.json alone, so validation never opens the weights."""
+    c = json.loads((model_dir / "config.json").read_text())
+    h, layers, vocab = int(c["hidden_size"]), int(c["num_hidden_layers"]), int(c["vocab_size"])
+    inter = int(c.get("intermediate_size") or 4 * h)
+    heads = int(c.get("num_attention_heads") or 1)
+    kv = int(c.get("num_key_value_heads") or heads)
+    head_dim = int(c.get("head_dim") or h // heads)
+    attn = 2 * h * heads * head_dim + 2 * h * kv * head_dim
+    per_layer = attn + 3 * h * inter + 2 * h
+    embeddings = vocab * h * (1 if c.get("tie_word_embeddings", False) else 2)
+    return (layers * per_layer + embeddings + h) * DTYPE_BYTES[dtype]
+
+
+def _model_memory(cfg: ButterflyConfig) -> Iterator[ConfigIssue]:
+    if not cfg.model.path:
+        return
+    path = Path(cfg.model.path)
+    if not (path / "config.json").is_file():
+        yield ConfigIssue("model.path", "model-exists", f"no config.json in {path}")
+        return
+    limit = cfg.resources.memory_limit_bytes
+    if not limit:
+        return
+    try:
+        total = estimate_model_bytes(path, cfg.model.dtype)
+    except (ValueError, KeyError, TypeError, ZeroDivisionError) as e:
+        yield ConfigIssue("model.path", "model-config", f"cannot size {path}/config.json: {e}")
+        return
+    r, n = replication_factor(cfg), cluster_size(cfg)
+    share = -(-total * r // n)
+    if share > limit:
+        yield ConfigIssue(
+            "resources.memory_limit_bytes",
+            "model fits memory",
+            f"the model needs ~{total / GIB:.2f} GiB; with replication {r} over {n} nodes "
+            f"each node holds ~{share / GIB:.2f} GiB, above the limit of "
+            f"{limit / GIB:.2f} GiB. Raise the limit, add nodes or lower partition.replication",
+            related=("model.path",),
+        )
+
+
+def _tls_files(cfg: ButterflyConfig) -> Iterator[ConfigIssue]:
+    tls = cfg.security.tls
+    if not tls.enabled:
+        return
+    for name in ("ca", "cert", "key"):
+        value: str = getattr(tls, name)
+        key = f"security.tls.{name}"
+        if not value:
+            yield ConfigIssue(key, "tls-files", "required when security.tls.enabled = true")
+        elif not os.path.isfile(value):
+            yield ConfigIssue(key, "tls-files", f"file not found: {value}")
+
+
+RULES: tuple[Rule, ...] = (
+    _bft_quorum,
+    _membership,
+    _timing,
+    _limits,
+    _replication,
+    _model_memory,
+    _tls_files,
+)
+
+
+def cross_check(cfg: ButterflyConfig) -> list[ConfigIssue]:
+    """Every cross-section problem of an otherwise well-typed config."""
+    return [issue for rule in RULES for issue in rule(cfg)]
