@@ -1,0 +1,327 @@
+"""The running config of one node: updates, subscribers, history, and the file watcher.
+
+`ConfigManager` is the only holder of the current frozen config. A change is classified
+by the schema's mutability: static keys are refused ("restart required: ..."), so a node
+never half-applies something only a restart can change; dynamic-local keys apply at once;
+dynamic-consensus keys come back as a `Proposal` for the agreement layer, which calls
+`prepare` on every node and `apply_committed` once 2f+1 agreed. Subscribers see
+(old, new) and may raise to reject; everyone already told is then told (new, old), and
+the old config stays current. Every config that becomes current is a new history version,
+rollbacks included, so history only grows and "what ran when" is never rewritten.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import watchfiles
+
+from butterfly.config.fields import field_specs
+from butterfly.config.issues import UpdateRefused, UpdateRejected
+from butterfly.config.loader import apply_patch, load
+from butterfly.config.proposal import (
+    Kind,
+    Proposal,
+    check_proposal,
+    classify,
+    propose_change,
+    restart_required,
+)
+from butterfly.config.schema import ButterflyConfig, Scope
+from butterfly.config.versions import (
+    Change,
+    ConfigHistory,
+    VersionRecord,
+    cluster_hash,
+    config_hash,
+    diff_configs,
+)
+from butterfly.types.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+Subscriber = Callable[[ButterflyConfig, ButterflyConfig], None]
+
+
+@dataclass(frozen=True)
+class _Sub:
+    name: str
+    on_change: Subscriber
+    check: Subscriber | None
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """What an update did here (`applied`) and what awaits the cluster (`pending`)."""
+
+    version: int
+    config_hash: str
+    applied: tuple[Change, ...]
+    pending: Proposal | None
+
+
+@dataclass(frozen=True)
+class Vote:
+    """A node's PREPARE answer to a proposal."""
+
+    ok: bool
+    digest: str
+    reason: str = ""
+
+
+class ConfigManager:
+    """Holds the current config and moves it forward; safe to call from several threads."""
+
+    def __init__(
+        self,
+        config: ButterflyConfig,
+        history: ConfigHistory | None = None,
+        *,
+        source: str = "startup",
+    ) -> None:
+        self._lock = threading.RLock()
+        self._history = history if history is not None else ConfigHistory(":memory:")
+        self._subs: list[_Sub] = []
+        self._config = config
+        latest = self._history.latest()
+        if latest is not None and latest.config_hash == config_hash(config):
+            self._record = latest
+        else:
+            self._record = self._history.record(config, source=source, reason="start")
+
+    @property
+    def current(self) -> ButterflyConfig:
+        return self._config
+
+    @property
+    def record(self) -> VersionRecord:
+        """History entry of the current config (version number, hashes)."""
+        return self._record
+
+    @property
+    def history(self) -> ConfigHistory:
+        return self._history
+
+    def subscribe(
+        self, name: str, on_change: Subscriber, *, check: Subscriber | None = None
+    ) -> Callable[[], None]:
+        """Call `on_change(old, new)` on every change; returns the unsubscribe function.
+
+        `check(old, new)` runs first for every subscriber (and alone during PREPARE), so a
+        component can veto before anyone applied anything; `on_change` may still raise.
+        """
+        sub = _Sub(name, on_change, check)
+        with self._lock:
+            self._subs.append(sub)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if sub in self._subs:
+                    self._subs.remove(sub)
+
+        return unsubscribe
+
+    def update(self, patch: Mapping[str, Any], *, source: str = "runtime") -> UpdateResult:
+        """Apply dotted or nested `patch`: local keys now, consensus keys as a proposal."""
+        with self._lock:
+            candidate = apply_patch(self._config, patch, source)
+            return self._move_to(candidate, source, "update", "update")
+
+    def replace(
+        self, candidate: ButterflyConfig, *, source: str, reason: str = "reload"
+    ) -> UpdateResult:
+        """Move to a whole new config (a reloaded file, `config update --file`)."""
+        with self._lock:
+            return self._move_to(candidate, source, reason, "update")
+
+    def rollback(self, version: int, *, source: str = "rollback") -> UpdateResult:
+        """Go back to `version`'s settings, recorded as a new version."""
+        with self._lock:
+            target = self._history.config_at(version)
+            return self._move_to(target, source, f"rollback to version {version}", "rollback")
+
+    def prepare(self, proposal: Proposal) -> Vote:
+        """PREPARE: would this node accept `proposal`? Validates and asks every `check`."""
+        with self._lock:
+            try:
+                candidate = check_proposal(self._config, proposal)
+                self._check(self._config, candidate)
+            except ConfigError as e:
+                return Vote(False, proposal.digest, str(e))
+            return Vote(True, proposal.digest)
+
+    def apply_committed(self, proposal: Proposal, seq: int) -> UpdateResult:
+        """COMMIT: apply an agreed proposal at agreed sequence number `seq`.
+
+        Idempotent for a redelivered `seq`; refuses one that arrives out of order or that
+        this node already applied differently (it has diverged and needs `sync`).
+        """
+        with self._lock:
+            done = self._history.by_cluster_seq(seq)
+            if done is not None:
+                if done.cluster_hash == proposal.new_cluster_hash:
+                    return UpdateResult(self._record.version, self._record.config_hash, (), None)
+                raise UpdateRefused(f"sequence {seq} was applied here with another config; sync")
+            last = self._history.last_cluster_seq()
+            if seq <= last:
+                raise UpdateRefused(f"sequence {seq} arrived after {last}; apply in order")
+            candidate = check_proposal(self._config, proposal)
+            changes = diff_configs(self._config, candidate)
+            reason = f"{proposal.kind} {proposal.digest[:12]} {proposal.reason}".strip()
+            self._activate(candidate, f"cluster seq {seq}", reason, seq)
+            return UpdateResult(self._record.version, self._record.config_hash, changes, None)
+
+    def sync_to(self, values: Mapping[str, Any], *, seq: int, expected_hash: str) -> UpdateResult:
+        """Adopt the cluster-scoped settings peers agree on (`sync`, catch-up after a gap)."""
+        with self._lock:
+            specs = field_specs()
+            foreign = [k for k in values if k not in specs or specs[k].scope is not Scope.CLUSTER]
+            if foreign:
+                raise UpdateRefused(f"sync carries node-local keys: {foreign}", foreign)
+            candidate = apply_patch(self._config, values, f"sync to seq {seq}")
+            if cluster_hash(candidate) != expected_hash:
+                raise UpdateRefused("sync values do not produce the expected cluster hash")
+            parts = classify(diff_configs(self._config, candidate))
+            if parts.static:
+                raise restart_required(parts.static)
+            self._activate(candidate, f"sync seq {seq}", "sync", seq)
+            return UpdateResult(
+                self._record.version, self._record.config_hash, parts.consensus + parts.local, None
+            )
+
+    def _move_to(
+        self, candidate: ButterflyConfig, source: str, reason: str, kind: Kind
+    ) -> UpdateResult:
+        parts = classify(diff_configs(self._config, candidate))
+        if parts.static:
+            raise restart_required(parts.static)
+        local_cfg = self._config
+        if parts.local:
+            local_cfg = apply_patch(self._config, {c.key: c.new for c in parts.local}, source)
+        pending = None
+        if parts.consensus:
+            pending = propose_change(local_cfg, candidate, kind=kind, reason=reason)
+        if parts.local:
+            self._activate(local_cfg, source, reason, None)
+        return UpdateResult(self._record.version, self._record.config_hash, parts.local, pending)
+
+    def _check(self, old: ButterflyConfig, new: ButterflyConfig) -> None:
+        for sub in list(self._subs):
+            if sub.check is not None:
+                try:
+                    sub.check(old, new)
+                except Exception as e:
+                    raise UpdateRejected(sub.name, e) from e
+
+    def _activate(self, new: ButterflyConfig, source: str, reason: str, seq: int | None) -> None:
+        old = self._config
+        self._check(old, new)
+        told: list[_Sub] = []
+        for sub in list(self._subs):
+            try:
+                sub.on_change(old, new)
+            except Exception as e:
+                for done in reversed(told):
+                    try:
+                        done.on_change(new, old)
+                    except Exception:
+                        log.exception("subscriber %s failed to revert a config change", done.name)
+                raise UpdateRejected(sub.name, e) from e
+            told.append(sub)
+        self._config = new
+        self._record = self._history.record(new, source=source, reason=reason, cluster_seq=seq)
+
+
+def reload_files(
+    manager: ConfigManager,
+    files: Sequence[Path | str],
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Sequence[str] = (),
+) -> tuple[UpdateResult, tuple[Path, ...]]:
+    """Load `files` again and move the manager to them; returns the files read."""
+    loaded = load(files, env=env, overrides=overrides)
+    result = manager.replace(loaded.config, source=f"file {files[0]}", reason="file changed")
+    return result, loaded.files
+
+
+def watch_config(
+    manager: ConfigManager,
+    files: Sequence[Path | str],
+    *,
+    stop: threading.Event,
+    env: Mapping[str, str] | None = None,
+    overrides: Sequence[str] = (),
+    on_result: Callable[[UpdateResult], None] | None = None,
+    on_error: Callable[[ConfigError], None] | None = None,
+    debounce_ms: int = 100,
+    force_polling: bool | None = None,
+) -> None:
+    """Block, reloading whenever a config file (or an include) changes, until `stop`.
+
+    A file that fails to parse or validate, or that changes static keys, leaves the
+    running config as it is; the error goes to `on_error` and the log. Directories are
+    watched rather than files, so editors that save by rename are seen too.
+    """
+    watched = {Path(f).expanduser().resolve() for f in files}
+    try:
+        watched |= set(load(files, env=env, overrides=overrides).files)
+    except ConfigError as e:
+        log.warning("config watcher starting on an invalid file: %s", e)
+    dirs = sorted({p.parent for p in watched})
+
+    def relevant(_change: watchfiles.Change, path: str) -> bool:
+        return Path(path).resolve() in watched
+
+    log.info("watching config files %s", sorted(map(str, watched)))
+    for _ in watchfiles.watch(
+        *dirs,
+        watch_filter=relevant,
+        stop_event=stop,
+        debounce=debounce_ms,
+        force_polling=force_polling,
+        raise_interrupt=False,
+    ):
+        try:
+            result, read = reload_files(manager, files, env=env, overrides=overrides)
+        except ConfigError as e:
+            log.error("config reload refused, keeping version %d: %s", manager.record.version, e)
+            if on_error is not None:
+                on_error(e)
+            continue
+        watched |= set(read)
+        if on_result is not None:
+            on_result(result)
+
+
+class ConfigWatcher:
+    """`watch_config` on a daemon thread, with a `stop` that returns once it has ended."""
+
+    def __init__(self, manager: ConfigManager, files: Sequence[Path | str], **kw: Any) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=watch_config,
+            args=(manager, files),
+            kwargs={"stop": self._stop, **kw},
+            name="config-watcher",
+            daemon=True,
+        )
+
+    def start(self) -> ConfigWatcher:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def __enter__(self) -> ConfigWatcher:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

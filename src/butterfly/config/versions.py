@@ -1,0 +1,195 @@
+"""Hashes, numbered versions and the on-disk history of one node's configuration.
+
+Two hashes: `config_hash` covers everything and identifies a version of this node's
+config; `cluster_hash` covers only cluster-scoped options, which must be equal on every
+node, so comparing it across nodes detects divergence (node-local options such as
+`node.id` differ by design). Both are sha256 of canonical JSON (sorted keys, no
+whitespace), so they do not depend on key order, field order or the file they came from.
+
+History is an SQLite file in the node's data directory (stdlib sqlite3, one connection
+guarded by a lock, since the file watcher thread and the node both record versions).
+Versions number 1, 2, 3 locally; versions that came from a committed cluster-wide update
+also keep the agreed sequence number, which a returning node uses to catch up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from butterfly.config.fields import config_leaves, field_specs
+from butterfly.config.issues import UpdateRefused
+from butterfly.config.schema import ButterflyConfig, Scope
+from butterfly.types.errors import ConfigError
+
+HISTORY_FILE = Path("config") / "history.sqlite3"
+
+
+def canonical_json(data: Any) -> bytes:
+    return json.dumps(
+        data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode()
+
+
+def config_hash(cfg: ButterflyConfig) -> str:
+    """sha256 of the whole config as canonical JSON."""
+    return hashlib.sha256(canonical_json(cfg.model_dump(mode="json"))).hexdigest()
+
+
+def cluster_hash(cfg: ButterflyConfig) -> str:
+    """sha256 of the cluster-scoped options only: equal on every healthy node."""
+    specs = field_specs()
+    leaves = config_leaves(cfg)
+    shared = {k: v for k, v in leaves.items() if specs[k].scope is Scope.CLUSTER}
+    return hashlib.sha256(canonical_json(shared)).hexdigest()
+
+
+@dataclass(frozen=True)
+class Change:
+    """One option that differs between two configs (JSON values)."""
+
+    key: str
+    old: Any
+    new: Any
+
+
+def diff_configs(old: ButterflyConfig, new: ButterflyConfig) -> tuple[Change, ...]:
+    """Changed options in schema order."""
+    a, b = config_leaves(old), config_leaves(new)
+    return tuple(Change(k, a[k], b[k]) for k in a if a[k] != b[k])
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    version: int
+    config_hash: str
+    cluster_hash: str
+    cluster_seq: int | None
+    created_at: float
+    source: str
+    reason: str
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS versions (
+    version      INTEGER PRIMARY KEY,
+    config_hash  TEXT NOT NULL,
+    cluster_hash TEXT NOT NULL,
+    cluster_seq  INTEGER UNIQUE,
+    created_at   REAL NOT NULL,
+    source       TEXT NOT NULL,
+    reason       TEXT NOT NULL,
+    config       TEXT NOT NULL
+)
+"""
+_COLUMNS = "version, config_hash, cluster_hash, cluster_seq, created_at, source, reason"
+
+
+class ConfigHistory:
+    """Every config this node has run, numbered; append-only, so rollback is a new row."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False)
+            with self._db:
+                self._db.execute(_SCHEMA)
+        except sqlite3.Error as e:
+            raise ConfigError(f"cannot open config history {self.path}: {e}") from None
+
+    @classmethod
+    def in_data_dir(cls, data_dir: Path) -> ConfigHistory:
+        return cls(data_dir / HISTORY_FILE)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> ConfigHistory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def record(
+        self,
+        cfg: ButterflyConfig,
+        *,
+        source: str,
+        reason: str,
+        cluster_seq: int | None = None,
+        created_at: float | None = None,
+    ) -> VersionRecord:
+        """Append `cfg` as the next version and return its record."""
+        data = cfg.model_dump(mode="json")
+        row = (
+            config_hash(cfg),
+            cluster_hash(cfg),
+            cluster_seq,
+            time.time() if created_at is None else created_at,
+            source,
+            reason,
+            canonical_json(data).decode(),
+        )
+        with self._lock, self._db:
+            cur = self._db.execute(
+                "INSERT INTO versions (config_hash, cluster_hash, cluster_seq, created_at,"
+                " source, reason, config) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                row,
+            )
+            version = cur.lastrowid
+        if version is None:
+            raise ConfigError(f"config history {self.path} did not number the new version")
+        return VersionRecord(version, *row[:6])
+
+    def latest(self) -> VersionRecord | None:
+        rows = self._rows(f"SELECT {_COLUMNS} FROM versions ORDER BY version DESC LIMIT 1")
+        return VersionRecord(*rows[0]) if rows else None
+
+    def get(self, version: int) -> VersionRecord:
+        rows = self._rows(f"SELECT {_COLUMNS} FROM versions WHERE version = ?", (version,))
+        if not rows:
+            raise UpdateRefused(f"no config version {version} in {self.path}; see `history`")
+        return VersionRecord(*rows[0])
+
+    def versions(self, limit: int | None = None) -> list[VersionRecord]:
+        """Newest first."""
+        sql = f"SELECT {_COLUMNS} FROM versions ORDER BY version DESC LIMIT ?"
+        return [VersionRecord(*r) for r in self._rows(sql, (-1 if limit is None else limit,))]
+
+    def config_at(self, version: int) -> ButterflyConfig:
+        self.get(version)
+        (text,) = self._rows("SELECT config FROM versions WHERE version = ?", (version,))[0]
+        try:
+            return ButterflyConfig.model_validate_json(text)
+        except ValidationError as e:
+            raise ConfigError(
+                f"config version {version} in {self.path} no longer matches the schema: {e}"
+            ) from None
+
+    def by_cluster_seq(self, seq: int) -> VersionRecord | None:
+        rows = self._rows(f"SELECT {_COLUMNS} FROM versions WHERE cluster_seq = ?", (seq,))
+        return VersionRecord(*rows[0]) if rows else None
+
+    def last_cluster_seq(self) -> int:
+        """Highest agreed sequence number applied here; 0 before any."""
+        ((seq,),) = self._rows("SELECT COALESCE(MAX(cluster_seq), 0) FROM versions")
+        return int(seq)
+
+    def diff(self, a: int, b: int) -> tuple[Change, ...]:
+        return diff_configs(self.config_at(a), self.config_at(b))
