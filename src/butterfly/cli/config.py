@@ -1,0 +1,248 @@
+"""`butterfly config ...`: check, show, document and change this node's configuration.
+
+Everything here works on local files and the node's history database, without a running
+cluster. Changes that need cluster agreement are applied only when the cluster is this
+one node (a quorum of one); otherwise they are refused before anything changes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from butterfly.cli.paths import data_dir as default_data_dir
+from butterfly.config import (
+    ButterflyConfig,
+    Change,
+    ConfigHistory,
+    ConfigManager,
+    UpdateRefused,
+    UpdateResult,
+    cluster_hash,
+    cluster_size,
+    config_hash,
+    diff_configs,
+    dump_toml,
+    load_config,
+)
+from butterfly.config.proposal import classify, restart_required
+from butterfly.config.template import template as render_template
+from butterfly.types.errors import ButterflyError
+
+app = typer.Typer(no_args_is_help=True)
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[
+    list[Path] | None,
+    typer.Option("--config", "-c", help="Config file; repeat to layer files, last wins."),
+]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override one option: KEY=VALUE, dotted key.")
+]
+DataDirOpt = Annotated[
+    Path | None,
+    typer.Option("--data-dir", help="Where the history lives (default: node.data_dir)."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+REDACTED = "<redacted>"
+
+
+def _fail(e: Exception) -> typer.Exit:
+    err.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
+    return typer.Exit(code=2)
+
+
+def _echo(text: str) -> None:
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
+def _load(config: list[Path] | None, sets: list[str] | None) -> ButterflyConfig:
+    return load_config(config or [], env=os.environ, overrides=sets or [])
+
+
+def _history(config: list[Path] | None, data_dir: Path | None) -> ConfigHistory:
+    if data_dir is None:
+        cfg = _load(config, None) if config else None
+        data_dir = Path(cfg.node.data_dir) if cfg and cfg.node.data_dir else default_data_dir()
+    return ConfigHistory.in_data_dir(data_dir)
+
+
+def _public(cfg: ButterflyConfig, secrets: bool) -> dict[str, Any]:
+    data = cfg.model_dump(mode="json")
+    if not secrets:
+        data["api"]["tokens"] = [REDACTED for _ in data["api"]["tokens"]]
+    return data
+
+
+@app.command()
+def validate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Load and check a config (files, environment, --set) without starting anything."""
+    try:
+        cfg = _load(config, set_)
+    except ButterflyError as e:
+        raise _fail(e) from None
+    _echo(f"ok: config hash {config_hash(cfg)[:16]}, cluster hash {cluster_hash(cfg)[:16]}")
+
+
+@app.command()
+def show(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    hash_: Annotated[bool, typer.Option("--hash", help="Print only the hashes.")] = False,
+    json_out: JsonOpt = False,
+    secrets: Annotated[bool, typer.Option("--secrets", help="Show api.tokens.")] = False,
+) -> None:
+    """Print the effective config (TOML by default); --hash compares nodes."""
+    try:
+        cfg = _load(config, set_)
+    except ButterflyError as e:
+        raise _fail(e) from None
+    if hash_:
+        hashes = {"config_hash": config_hash(cfg), "cluster_hash": cluster_hash(cfg)}
+        _echo(json.dumps(hashes) if json_out else "\n".join(f"{k} {v}" for k, v in hashes.items()))
+    elif json_out:
+        _echo(json.dumps(_public(cfg, secrets), indent=2))
+    else:
+        _echo(dump_toml(_public(cfg, secrets)))
+
+
+@app.command()
+def template() -> None:
+    """Print the annotated template of every option, generated from the schema."""
+    _echo(render_template())
+
+
+@app.command()
+def history(
+    limit: Annotated[int, typer.Option(min=1, help="Newest N versions.")] = 20,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """List recorded config versions, newest first."""
+    try:
+        with _history(config, data_dir) as h:
+            records = h.versions(limit)
+    except ButterflyError as e:
+        raise _fail(e) from None
+    if json_out:
+        _echo(json.dumps([asdict(r) for r in records], indent=2))
+        return
+    _echo(f"{'version':>7}  {'created':19}  {'hash':12}  {'seq':>5}  source / reason")
+    for r in records:
+        when = datetime.datetime.fromtimestamp(r.created_at).isoformat(timespec="seconds")
+        seq = "" if r.cluster_seq is None else str(r.cluster_seq)
+        line = f"{r.version:>7}  {when:19}  {r.config_hash[:12]}  {seq:>5}  {r.source}: {r.reason}"
+        _echo(line)
+
+
+def _changes_text(changes: tuple[Change, ...]) -> str:
+    if not changes:
+        return "no differences"
+    return "\n".join(f"{c.key}: {json.dumps(c.old)} -> {json.dumps(c.new)}" for c in changes)
+
+
+@app.command()
+def diff(
+    a: Annotated[str, typer.Argument(help="Version number or config file.")],
+    b: Annotated[str, typer.Argument(help="Version number or config file.")],
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Options that differ between two versions (or files)."""
+    try:
+        if a.isdigit() or b.isdigit():
+            with _history(config, data_dir) as h:
+                old = h.config_at(int(a)) if a.isdigit() else _load([Path(a)], None)
+                new = h.config_at(int(b)) if b.isdigit() else _load([Path(b)], None)
+        else:
+            old, new = _load([Path(a)], None), _load([Path(b)], None)
+    except ButterflyError as e:
+        raise _fail(e) from None
+    changes = diff_configs(old, new)
+    if json_out:
+        _echo(json.dumps([asdict(c) for c in changes], indent=2))
+    else:
+        _echo(_changes_text(changes))
+
+
+def _move(manager: ConfigManager, target: ButterflyConfig, version: int | None) -> UpdateResult:
+    """Refuse up front what cannot happen offline, so nothing is half-applied."""
+    parts = classify(diff_configs(manager.current, target))
+    if parts.static:
+        raise restart_required(parts.static)
+    if parts.consensus and cluster_size(target) > 1:
+        keys = [c.key for c in parts.consensus]
+        raise UpdateRefused(
+            f"cluster-wide options need the agreement of the running cluster: "
+            f"{', '.join(keys)}; nothing was changed",
+            keys,
+        )
+    if version is None:
+        result = manager.replace(target, source="cli update", reason="config update --file")
+    else:
+        result = manager.rollback(version, source="cli rollback")
+    if result.pending is not None:  # a one-node cluster is its own quorum
+        seq = manager.history.last_cluster_seq() + 1
+        committed = manager.apply_committed(result.pending, seq)
+        result = UpdateResult(
+            committed.version, committed.config_hash, result.applied + committed.applied, None
+        )
+    return result
+
+
+def _report(result: UpdateResult) -> None:
+    if not result.applied:
+        _echo(f"no changes; current version {result.version}")
+        return
+    _echo(f"version {result.version} (hash {result.config_hash[:12]}):")
+    _echo(_changes_text(result.applied))
+
+
+@app.command()
+def update(
+    file: Annotated[Path, typer.Option("--file", "-f", help="The new config file.")],
+    set_: SetOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Move this node to the config in FILE; static options are refused."""
+    try:
+        target = _load([file], set_)
+        with _history([file], data_dir) as h:
+            latest = h.latest()
+            if latest is None:
+                record = h.record(target, source="cli update", reason="first version")
+                _echo(f"no history yet: recorded {file} as version {record.version}")
+                return
+            manager = ConfigManager(h.config_at(latest.version), h)
+            _report(_move(manager, target, None))
+    except ButterflyError as e:
+        raise _fail(e) from None
+
+
+@app.command()
+def rollback(
+    version: Annotated[int, typer.Option("--version", "-v", help="Version to go back to.")],
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Return to an earlier version's settings, recorded as a new version."""
+    try:
+        with _history(config, data_dir) as h:
+            latest = h.latest()
+            if latest is None:
+                raise UpdateRefused(f"no config history in {h.path}")
+            manager = ConfigManager(h.config_at(latest.version), h)
+            _report(_move(manager, h.config_at(version), version))
+    except ButterflyError as e:
+        raise _fail(e) from None
