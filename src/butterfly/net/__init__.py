@@ -1,0 +1,1 @@
+"""Moving messages and tensors between nodes: framing, connections, transports."""

@@ -1,0 +1,148 @@
+"""A connection owns its socket: framed reads in one task, correlated requests, close.
+
+Modelled on aiokafka's `conn.py`: every request gets a correlation id and a future; the
+single reader task resolves replies and hands everything else to the handler; `close`
+fails every pending request with a typed, retriable error so callers can re-route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import Awaitable, Callable
+
+from butterfly.metrics.events import (
+    BytesTransferred,
+    MessageDropped,
+    MessageReceived,
+    MessageSent,
+)
+from butterfly.net.framing import LENGTH, Envelope, decode_frame, encode_frame
+from butterfly.types.errors import ConnectionFailed, SendTimeout, WireFormatError
+from butterfly.types.ids import NodeId
+from butterfly.types.messages import Message
+
+log = logging.getLogger(__name__)
+
+Reply = tuple[Message, bytes]
+Handler = Callable[[Envelope], Awaitable[Reply | None]]
+Emit = Callable[[object], None]
+
+
+class Connection:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        peer: NodeId,
+        node: NodeId,
+        cluster_id: str,
+        epoch: Callable[[], int],
+        handler: Handler,
+        emit: Emit,
+        max_frame: int,
+        compression: str = "",
+    ) -> None:
+        self.peer, self.node, self.cluster_id = peer, node, cluster_id
+        self._reader, self._writer = reader, writer
+        self._epoch, self._handler, self._emit = epoch, handler, emit
+        self._max_frame, self._compression = max_frame, compression
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Envelope]] = {}
+        self._write_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.closed = False
+        self.close_reason = ""
+
+    async def send(
+        self, msg: Message, payload: bytes = b"", *, corr_id: int = 0, reply: bool = False
+    ) -> None:
+        if self.closed:
+            raise ConnectionFailed(f"connection to node {self.peer} is closed: {self.close_reason}")
+        env = Envelope(msg, self.node, self._epoch(), self.cluster_id, corr_id, reply, payload)
+        frame = encode_frame(env, self._compression)
+        try:
+            async with self._write_lock:
+                self._writer.write(frame)
+                await self._writer.drain()
+        except (ConnectionError, OSError) as e:
+            self.close(f"write failed: {e}")
+            raise ConnectionFailed(f"sending to node {self.peer} failed: {e}") from e
+        self._emit(MessageSent(kind=msg.kind, size_bytes=len(frame)))
+        if payload:
+            self._emit(BytesTransferred(len(payload), self.peer))
+
+    async def request(self, msg: Message, payload: bytes = b"", *, timeout: float) -> Envelope:
+        corr = next(self._ids)
+        fut: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
+        self._pending[corr] = fut
+        try:
+            await self.send(msg, payload, corr_id=corr)
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError as e:
+            raise SendTimeout(
+                f"node {self.peer} did not answer {msg.kind} within {timeout:.1f} s"
+            ) from e
+        finally:
+            self._pending.pop(corr, None)
+
+    async def read_frame(self) -> Envelope:
+        """One frame, with the size limit checked before the body is read."""
+        (length,) = LENGTH.unpack(await self._reader.readexactly(LENGTH.size))
+        if length > self._max_frame:
+            raise WireFormatError(f"frame of {length} bytes exceeds the limit of {self._max_frame}")
+        return decode_frame(await self._reader.readexactly(length), self._max_frame)
+
+    async def run(self) -> None:
+        """Read until the peer goes away or misbehaves; the caller owns this task."""
+        try:
+            while True:
+                env = await self.read_frame()
+                self._emit(MessageReceived(kind=env.msg.kind, size_bytes=len(env.payload)))
+                if env.payload:
+                    self._emit(BytesTransferred(len(env.payload), self.peer))
+                if env.reply:
+                    fut = self._pending.get(env.corr_id)
+                    if fut is not None and not fut.done():
+                        fut.set_result(env)
+                    continue
+                task = asyncio.create_task(self._handle(env))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        except WireFormatError as e:
+            self._emit(MessageDropped(reason="malformed"))
+            log.warning("dropping connection from node %s: %s", self.peer, e)
+            self.close(f"malformed frame: {e}")
+        except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:
+            self.close(f"peer closed the connection ({type(e).__name__})")
+        finally:
+            self.close(self.close_reason or "reader stopped")
+
+    async def _handle(self, env: Envelope) -> None:
+        try:
+            reply = await self._handler(env)
+            if reply is not None and env.corr_id:
+                await self.send(reply[0], reply[1], corr_id=env.corr_id, reply=True)
+        except ConnectionFailed:
+            pass
+        except Exception:
+            log.exception("handler failed on %s from node %s", env.msg.kind, env.sender)
+
+    def close(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed, self.close_reason = True, reason
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(ConnectionFailed(f"connection to node {self.peer}: {reason}"))
+        for task in self._tasks:
+            task.cancel()
+        with contextlib.suppress(Exception):
+            self._writer.close()
+
+    async def wait_closed(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._writer.wait_closed(), 1.0)

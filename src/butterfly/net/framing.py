@@ -1,0 +1,114 @@
+"""One frame on the wire: length, envelope header, optional tensor payload.
+
+    [u32 rest length][u16 header length][msgpack header][payload]
+    header = {"v": version, "c": cluster id, "e": epoch, "s": sender, "id": correlation id,
+              "r": is reply, "k": kind, "b": body, "z": payload compression ("" or "lz4")}
+
+The length is checked against the frame limit before a byte of the frame is read, and
+the header is decoded with msgpack only (never pickle), then validated field by field.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import lz4.frame
+import msgpack
+
+from butterfly.types.errors import WireFormatError
+from butterfly.types.messages import PROTOCOL_VERSION, Message, from_body, to_body
+
+LENGTH = struct.Struct(">I")
+HEADER_LENGTH = struct.Struct(">H")
+MAX_HEADER = 64 * 1024
+COMPRESSIONS = ("", "lz4")
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    msg: Message
+    sender: int
+    epoch: int
+    cluster_id: str
+    corr_id: int = 0  # non-zero: a request expecting a reply, or that reply
+    reply: bool = False
+    payload: bytes = b""
+    version: int = PROTOCOL_VERSION
+
+
+def encode_frame(env: Envelope, compression: str = "") -> bytes:
+    payload = env.payload
+    if compression == "lz4" and payload:
+        payload = lz4.frame.compress(payload, compression_level=0)
+    else:
+        compression = ""
+    header = msgpack.packb(
+        {
+            "v": env.version,
+            "c": env.cluster_id,
+            "e": env.epoch,
+            "s": env.sender,
+            "id": env.corr_id,
+            "r": env.reply,
+            "k": env.msg.kind,
+            "b": to_body(env.msg),
+            "z": compression,
+        }
+    )
+    if len(header) > MAX_HEADER:
+        raise WireFormatError(f"{env.msg.kind} header of {len(header)} bytes is over {MAX_HEADER}")
+    rest = HEADER_LENGTH.size + len(header) + len(payload)
+    return b"".join((LENGTH.pack(rest), HEADER_LENGTH.pack(len(header)), header, payload))
+
+
+_HEADER_TYPES: dict[str, type | tuple[type, ...]] = {
+    "v": int,
+    "c": str,
+    "e": int,
+    "s": int,
+    "id": int,
+    "r": bool,
+    "k": str,
+    "b": dict,
+    "z": str,
+}
+
+
+def decode_frame(rest: bytes, max_payload: int) -> Envelope:
+    """Decode everything after the length prefix; raise WireFormatError on any defect."""
+    if len(rest) < HEADER_LENGTH.size:
+        raise WireFormatError("frame is too short for its header length")
+    (hlen,) = HEADER_LENGTH.unpack_from(rest)
+    if HEADER_LENGTH.size + hlen > len(rest):
+        raise WireFormatError(f"header length {hlen} runs past the {len(rest)}-byte frame")
+    try:
+        header = msgpack.unpackb(rest[HEADER_LENGTH.size : HEADER_LENGTH.size + hlen])
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise WireFormatError(f"frame header is not valid msgpack: {e}") from e
+    if not isinstance(header, dict) or set(header) != set(_HEADER_TYPES):
+        raise WireFormatError("frame header lacks or adds envelope fields")
+    for key, t in _HEADER_TYPES.items():
+        if not isinstance(header[key], t) or (t is int and isinstance(header[key], bool)):
+            raise WireFormatError(f"envelope field {key!r} has the wrong type")
+    if header["z"] not in COMPRESSIONS:
+        raise WireFormatError(f"unknown payload compression {header['z']!r}")
+    payload = rest[HEADER_LENGTH.size + hlen :]
+    if header["z"] == "lz4" and payload:
+        try:
+            with lz4.frame.LZ4FrameDecompressor() as d:
+                payload = d.decompress(payload, max_length=max_payload)
+                if not d.eof:
+                    raise WireFormatError(f"decompressed payload exceeds {max_payload} bytes")
+        except RuntimeError as e:
+            raise WireFormatError(f"lz4 payload is corrupt: {e}") from e
+    return Envelope(
+        msg=from_body(header["k"], header["b"]),
+        sender=header["s"],
+        epoch=header["e"],
+        cluster_id=header["c"],
+        corr_id=header["id"],
+        reply=header["r"],
+        payload=bytes(payload),
+        version=header["v"],
+    )

@@ -1,0 +1,127 @@
+"""The in-memory transport: N nodes in one process, for component tests.
+
+Frames go through the same encoder and decoder as on TCP, so a message that would not
+survive the wire does not survive here either. Delivery is asynchronous (a task per
+frame), like a network: a sender never runs the receiver's handler on its own stack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from dataclasses import dataclass, field
+
+from butterfly.net.conn import Emit, Handler
+from butterfly.net.framing import LENGTH, Envelope, decode_frame, encode_frame
+from butterfly.types.errors import ConnectionFailed, SendTimeout
+from butterfly.types.ids import NodeId
+from butterfly.types.messages import Message
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MemoryNetwork:
+    """The shared medium; `down` nodes neither send nor receive."""
+
+    cluster_id: str = "test"
+    nodes: dict[NodeId, MemoryTransport] = field(default_factory=dict)
+    down: set[NodeId] = field(default_factory=set)
+
+    def transport(
+        self, node: NodeId, handler: Handler, emit: Emit, epoch: int = 0
+    ) -> MemoryTransport:
+        t = MemoryTransport(self, node, handler, emit, epoch)
+        self.nodes[node] = t
+        return t
+
+
+class MemoryTransport:
+    def __init__(
+        self, net: MemoryNetwork, node: NodeId, handler: Handler, emit: Emit, epoch: int
+    ) -> None:
+        self.net, self.node, self._handler, self._emit = net, node, handler, emit
+        self.epoch = epoch
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Envelope]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.peers = net.nodes
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.net.nodes.pop(self.node, None)
+
+    def _deliver(self, peer: NodeId, env: Envelope) -> None:
+        target = self.net.nodes.get(peer)
+        if target is None or peer in self.net.down or self.node in self.net.down:
+            raise ConnectionFailed(f"node {peer} is unreachable")
+        frame = encode_frame(env)
+        received = decode_frame(frame[LENGTH.size :], len(frame))
+        task = asyncio.create_task(target._receive(received))
+        target._tasks.add(task)
+        task.add_done_callback(target._tasks.discard)
+
+    async def _receive(self, env: Envelope) -> None:
+        if env.reply:
+            fut = self._pending.get(env.corr_id)
+            if fut is not None and not fut.done():
+                fut.set_result(env)
+            return
+        try:
+            reply = await self._handler(env)
+        except Exception:
+            log.exception("handler failed on %s", env.msg.kind)
+            return
+        if reply is not None and env.corr_id:
+            back = Envelope(
+                reply[0], self.node, self.epoch, self.net.cluster_id, env.corr_id, True, reply[1]
+            )
+            with contextlib.suppress(ConnectionFailed):
+                self._deliver(NodeId(env.sender), back)
+
+    async def send(
+        self, peer: NodeId, msg: Message, payload: bytes = b"", *, channel: str = "data"
+    ) -> None:
+        self._deliver(
+            peer, Envelope(msg, self.node, self.epoch, self.net.cluster_id, 0, False, payload)
+        )
+
+    async def request(
+        self,
+        peer: NodeId,
+        msg: Message,
+        payload: bytes = b"",
+        *,
+        timeout: float,
+        channel: str = "data",
+    ) -> Envelope:
+        corr = next(self._ids)
+        fut: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
+        self._pending[corr] = fut
+        try:
+            self._deliver(
+                peer,
+                Envelope(msg, self.node, self.epoch, self.net.cluster_id, corr, False, payload),
+            )
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError as e:
+            raise SendTimeout(f"node {peer} did not answer {msg.kind} within {timeout} s") from e
+        finally:
+            self._pending.pop(corr, None)
+
+    async def broadcast(
+        self, msg: Message, payload: bytes = b"", *, channel: str = "control"
+    ) -> None:
+        for peer in list(self.net.nodes):
+            if peer != self.node:
+                try:
+                    await self.send(peer, msg, payload)
+                except ConnectionFailed:
+                    continue

@@ -1,0 +1,36 @@
+"""The transport seam: the in-memory transport and the TCP one both satisfy it."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from butterfly.net.framing import Envelope
+from butterfly.types.ids import NodeId
+from butterfly.types.messages import Message
+
+
+class Transport(Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def send(
+        self, peer: NodeId, msg: Message, payload: bytes = b"", *, channel: str = "data"
+    ) -> None:
+        """One-way message; raises ConnectionFailed/CircuitOpen when the peer is unreachable."""
+
+    async def request(
+        self,
+        peer: NodeId,
+        msg: Message,
+        payload: bytes = b"",
+        *,
+        timeout: float,
+        channel: str = "data",
+    ) -> Envelope:
+        """Send and wait for the reply with the same correlation id."""
+
+    async def broadcast(
+        self, msg: Message, payload: bytes = b"", *, channel: str = "control"
+    ) -> None:
+        """Best effort to every other member."""

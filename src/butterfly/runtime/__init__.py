@@ -1,0 +1,1 @@
+"""Model families, stage loading and forward, KV cache, sampling: no networking."""

@@ -1,0 +1,197 @@
+"""Messages nodes exchange on the data and membership paths: frozen, tagged, versioned.
+
+Every message travels inside an envelope that names the protocol version, the cluster id,
+the epoch and the sender (see `butterfly.net.framing`). Bodies are msgpack maps whose
+keys must be exactly the dataclass's fields, each of the declared primitive type: a peer
+that sends anything else is refused at the boundary, never trusted further in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from butterfly.types.errors import WireFormatError
+
+PROTOCOL_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """First frame on every connection; the acceptor checks all of it."""
+
+    kind: ClassVar[str] = "hello"
+    node: int
+    cluster_id: str
+    model_hash: str
+    channel: str  # "control" (heartbeats, votes) or "data" (tensors)
+
+
+@dataclass(frozen=True, slots=True)
+class HelloAck:
+    kind: ClassVar[str] = "hello_ack"
+    node: int
+    accepted: bool
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    kind: ClassVar[str] = "heartbeat"
+    seq: int
+    sent_at: float  # sender's monotonic clock, for round-trip estimates only
+    layers: tuple[int, ...]  # the stage the sender runs, [start, end), or () if none
+    requests: int  # KV caches it holds
+
+
+@dataclass(frozen=True, slots=True)
+class StageStep:
+    """Run positions [start_pos, start_pos + T) of a request through the next stage.
+
+    The payload is the stage input tensor. `route` lists the nodes still to run after this
+    one; the last of the chain sends a `StepResult` to `reply_to`.
+    """
+
+    kind: ClassVar[str] = "stage_step"
+    request_id: str
+    step: int
+    start_pos: int
+    route: tuple[int, ...]
+    reply_to: int
+    last_only: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """Output of the last stage (payload: logits or hidden states) for one step."""
+
+    kind: ClassVar[str] = "step_result"
+    request_id: str
+    step: int
+    node: int
+
+
+@dataclass(frozen=True, slots=True)
+class StepError:
+    kind: ClassVar[str] = "step_error"
+    request_id: str
+    step: int
+    node: int
+    error_type: str
+    message: str
+    retriable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Free a request's KV cache (cancelled or finished)."""
+
+    kind: ClassVar[str] = "release"
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class PlanAssign:
+    """The stage plan of an epoch: `stages` is a flat tuple of (node, start, end) triples."""
+
+    kind: ClassVar[str] = "plan_assign"
+    epoch: int
+    stages: tuple[int, ...]
+    model_hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class PlanAck:
+    kind: ClassVar[str] = "plan_ack"
+    epoch: int
+    node: int
+    ok: bool
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class StatusQuery:
+    kind: ClassVar[str] = "status_query"
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReply:
+    kind: ClassVar[str] = "status_reply"
+    node: int
+    epoch: int
+    layers: tuple[int, ...]
+    requests: int
+    kv_bytes: int
+    compute_flops: float  # measured at start-up, for placement
+    memory_bytes: int
+
+
+Message = (
+    Hello
+    | HelloAck
+    | Heartbeat
+    | StageStep
+    | StepResult
+    | StepError
+    | Release
+    | PlanAssign
+    | PlanAck
+    | StatusQuery
+    | StatusReply
+)
+
+MESSAGE_TYPES: dict[str, type[Any]] = {cls.kind: cls for cls in typing.get_args(Message)}
+
+
+def _field_types(cls: type[Any]) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+_FIELDS: dict[str, dict[str, Any]] = {k: _field_types(c) for k, c in MESSAGE_TYPES.items()}
+
+
+def to_body(msg: Message) -> dict[str, Any]:
+    return {f: getattr(msg, f) for f in _FIELDS[msg.kind]}
+
+
+def _check(value: Any, expected: Any, where: str) -> Any:
+    origin = typing.get_origin(expected)
+    if origin is tuple:
+        item = typing.get_args(expected)[0]
+        if not isinstance(value, list | tuple):
+            raise WireFormatError(f"{where} must be a list")
+        return tuple(_check(v, item, where) for v in value)
+    if origin in (types.UnionType, typing.Union):
+        for option in typing.get_args(expected):
+            if option is type(None) and value is None:
+                return None
+            if option is not type(None):
+                try:
+                    return _check(value, option, where)
+                except WireFormatError:
+                    continue
+        raise WireFormatError(f"{where} has the wrong type {type(value).__name__}")
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is int and isinstance(value, bool):
+        raise WireFormatError(f"{where} must be an integer, got a boolean")
+    if not isinstance(value, expected):
+        raise WireFormatError(f"{where} must be {expected.__name__}, got {type(value).__name__}")
+    return value
+
+
+def from_body(kind: Any, body: Any) -> Message:
+    """Build a message from an untrusted (kind, body) pair, or raise WireFormatError."""
+    if not isinstance(kind, str) or kind not in MESSAGE_TYPES:
+        raise WireFormatError(f"unknown message kind {kind!r}")
+    fields = _FIELDS[kind]
+    if not isinstance(body, dict) or set(body) != set(fields):
+        got = sorted(body) if isinstance(body, dict) else type(body).__name__
+        raise WireFormatError(f"{kind} body must have fields {sorted(fields)}, got {got}")
+    values = {name: _check(body[name], t, f"{kind}.{name}") for name, t in fields.items()}
+    msg: Message = MESSAGE_TYPES[kind](**values)
+    return msg

@@ -1,0 +1,187 @@
+"""Framing, handshake and misbehaving peers over real loopback sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+
+import msgpack
+import pytest
+import torch
+
+from butterfly.metrics.events import MessageDropped
+from butterfly.net.breaker import BreakerState, CircuitBreaker
+from butterfly.net.framing import LENGTH, Envelope, decode_frame, encode_frame
+from butterfly.net.memory import MemoryNetwork
+from butterfly.net.tcp import Identity, TcpTransport, TransportLimits
+from butterfly.runtime.wire import decode_tensor, encode_tensor
+from butterfly.types.errors import CircuitOpen, ConnectionFailed, WireFormatError
+from butterfly.types.ids import NodeId
+from butterfly.types.messages import Heartbeat, Release, StageStep, StatusQuery, StatusReply
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Events(list[object]):
+    def __call__(self, event: object) -> None:
+        self.append(event)
+
+    def dropped(self) -> int:
+        return sum(isinstance(e, MessageDropped) for e in self)
+
+
+async def echo(env: Envelope) -> tuple[StatusReply, bytes] | None:
+    if isinstance(env.msg, StatusQuery):
+        return StatusReply(7, env.epoch, (0, 2), 1, 0, 1e9, 1 << 30), env.payload
+    return None
+
+
+def pair(
+    model_hash: str = "m", limits: TransportLimits | None = None
+) -> tuple[TcpTransport, TcpTransport, Events]:
+    limits = limits or TransportLimits()
+    ports = {NodeId(0): ("127.0.0.1", free_port()), NodeId(1): ("127.0.0.1", free_port())}
+    events = Events()
+    a = TcpTransport(
+        identity=Identity(NodeId(0), "c", "m"),
+        listen=ports[NodeId(0)],
+        peers=ports,
+        handler=echo,
+        emit=events,
+        epoch=lambda: 3,
+        limits=limits,
+    )
+    b = TcpTransport(
+        identity=Identity(NodeId(1), "c", model_hash),
+        listen=ports[NodeId(1)],
+        peers=ports,
+        handler=echo,
+        emit=events,
+        epoch=lambda: 3,
+        limits=limits,
+    )
+    return a, b, events
+
+
+def test_frame_round_trip_and_rejection() -> None:
+    msg = StageStep("r1", 2, 5, (2, 3), 0, True)
+    payload = encode_tensor(torch.randn(1, 1, 8))
+    for compression in ("", "lz4"):
+        frame = encode_frame(Envelope(msg, 1, 4, "c", 9, False, payload), compression)
+        env = decode_frame(frame[LENGTH.size :], 1 << 20)
+        assert env.msg == msg and env.epoch == 4 and env.corr_id == 9
+        assert torch.equal(decode_tensor(env.payload), decode_tensor(payload))
+    header = msgpack.packb(
+        {"v": 1, "c": "c", "e": 0, "s": 1, "id": 0, "r": False, "k": "nope", "b": {}, "z": ""}
+    )
+    with pytest.raises(WireFormatError, match="unknown message kind"):
+        decode_frame(struct.pack(">H", len(header)) + header, 1 << 20)
+    with pytest.raises(WireFormatError, match="msgpack"):
+        decode_frame(b"\x00\x02\xc1\xc1", 1 << 20)
+    with pytest.raises(WireFormatError):
+        decode_frame(b"\x00", 1 << 20)
+
+
+async def test_request_reply_and_tensor_payload() -> None:
+    a, b, _ = pair()
+    await a.start()
+    await b.start()
+    try:
+        t = torch.randn(1, 128, 768)
+        env = await a.request(NodeId(1), StatusQuery(), encode_tensor(t), timeout=5)
+        assert isinstance(env.msg, StatusReply) and env.msg.epoch == 3
+        assert torch.equal(decode_tensor(env.payload), t)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_handshake_refuses_a_different_model() -> None:
+    a, b, events = pair(model_hash="other", limits=TransportLimits(connect_attempts=1))
+    await a.start()
+    await b.start()
+    try:
+        with pytest.raises(ConnectionFailed, match="model hash"):
+            await a.send(NodeId(1), Release("x"))
+        assert events.dropped() >= 1
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\x00\x00\x00\x05hello",  # not msgpack
+        b"\x00\x00\x00\x10abc",  # truncated, then the peer hangs up
+        b"\xff\xff\xff\xf0" + b"x" * 64,  # length over the frame limit
+        LENGTH.pack(3) + b"\x00\x01\x90",  # a header that is not a map
+    ],
+)
+async def test_garbage_frames_are_dropped_and_counted(garbage: bytes) -> None:
+    a, b, events = pair(limits=TransportLimits(max_frame_bytes=1 << 20))
+    await a.start()
+    await b.start()
+    try:
+        _reader, writer = await asyncio.open_connection(*b.listen)
+        writer.write(garbage)
+        await writer.drain()
+        writer.close()
+        for _ in range(100):
+            if events.dropped():
+                break
+            await asyncio.sleep(0.02)
+        assert events.dropped() >= 1
+        # the node still serves well-formed peers
+        env = await a.request(NodeId(1), StatusQuery(), timeout=5)
+        assert isinstance(env.msg, StatusReply)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_unreachable_peer_opens_the_circuit() -> None:
+    a, _, _ = pair(
+        limits=TransportLimits(connect_attempts=1, breaker_threshold=2, connect_timeout_s=0.5)
+    )
+    await a.start()
+    try:
+        for _ in range(2):
+            with pytest.raises(ConnectionFailed):
+                await a.send(NodeId(1), Heartbeat(0, 0.0, (), 0), channel="control")
+        with pytest.raises(CircuitOpen):
+            await a.send(NodeId(1), Heartbeat(1, 0.0, (), 0), channel="control")
+    finally:
+        await a.close()
+
+
+def test_circuit_breaker_states() -> None:
+    br = CircuitBreaker(threshold=2, reset_after=1.0)
+    br.record_failure(0.0)
+    assert br.allow(0.1)
+    br.record_failure(0.2)
+    assert br.state is BreakerState.OPEN and not br.allow(0.5)
+    assert br.allow(1.3) and br.state is BreakerState.HALF_OPEN
+    br.record_failure(1.4)
+    assert br.state is BreakerState.OPEN
+    assert br.allow(2.5)
+    br.record_success()
+    assert br.state is BreakerState.CLOSED
+
+
+async def test_memory_transport_request_reply() -> None:
+    net = MemoryNetwork()
+    a = net.transport(NodeId(0), echo, Events())
+    net.transport(NodeId(1), echo, Events())
+    env = await a.request(NodeId(1), StatusQuery(), b"xyz", timeout=1)
+    assert isinstance(env.msg, StatusReply) and env.payload == b"xyz"
+    net.down.add(NodeId(1))
+    with pytest.raises(ConnectionFailed):
+        await a.send(NodeId(1), Release("r"))
