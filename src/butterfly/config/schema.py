@@ -143,7 +143,7 @@ class NetworkConfig(Section):
         100, "First retry delay, doubled each time.", DL, NODE, ge=1, le=60_000
     )
     retry_max_backoff_ms: int = option(5000, "Cap on the retry delay.", DL, NODE, ge=1, le=600_000)
-    compression: Literal["none", "zlib"] = option(
+    compression: Literal["none", "lz4"] = option(
         "none", "Activation compression on the wire.", DC, CLUSTER
     )
     compression_min_bytes: int = option(
