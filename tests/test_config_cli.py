@@ -1,0 +1,113 @@
+"""`butterfly config ...` through the real entry point, with a history in tmp_path."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from butterfly.cli import app
+from butterfly.config import config_hash, load_config
+
+Invoke = Callable[..., Result]
+
+
+@pytest.fixture
+def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Invoke]:
+    """Invoke `butterfly config ...` with the data directory (and history) under tmp_path."""
+    for name in [n for n in os.environ if n.startswith("BUTTERFLY_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("BUTTERFLY_DATA_DIR", str(tmp_path / "data"))
+    runner = CliRunner()
+
+    def invoke(*args: str) -> Result:
+        result = runner.invoke(app, ["config", *args])
+        assert "Traceback" not in result.output
+        return result
+
+    yield invoke
+
+
+def test_template_validates_and_shows_the_same_hash(run: Invoke, tmp_path: Path) -> None:
+    text = run("template").stdout
+    path = tmp_path / "node.toml"
+    path.write_text(text)
+    ok = run("validate", "--config", str(path))
+    assert ok.exit_code == 0 and ok.stdout.startswith("ok:")
+    shown = run("show", "--config", str(path), "--hash", "--json")
+    assert json.loads(shown.stdout)["config_hash"] == config_hash(load_config([path]))
+    as_toml = run("show", "--config", str(path), "--set", "api.port=8181").stdout
+    (tmp_path / "shown.toml").write_text(as_toml)
+    assert load_config([tmp_path / "shown.toml"]).api.port == 8181
+
+
+def test_show_redacts_tokens(run: Invoke) -> None:
+    out = run("show", "--json", "--set", "api.tokens=s3cret").stdout
+    assert "s3cret" not in out and json.loads(out)["api"]["tokens"] == ["<redacted>"]
+    assert "s3cret" in run("show", "--secrets", "--set", "api.tokens=s3cret").stdout
+
+
+def test_errors_exit_2_with_location_and_no_traceback(run: Invoke, tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text(
+        '[cluster]\nmembers = ["a:1", "a:2", "a:3", "a:4", "a:5"]\n[byzantine]\nf = 2\n'
+    )
+    bad = run("validate", "--config", str(path))
+    assert bad.exit_code == 2
+    assert f"{path}:4: byzantine.f:" in bad.stderr
+    assert "5 nodes tolerate at most f=1 (n >= 3f+1); f=2 needs 7 nodes" in bad.stderr
+    typo = run("validate", "--set", "scheduling.max_queue_size=3")
+    assert typo.exit_code == 2 and "did you mean scheduling.max_queue" in typo.stderr
+
+
+def test_update_history_diff_rollback(run: Invoke, tmp_path: Path) -> None:
+    base = tmp_path / "node.toml"
+    base.write_text('[observability]\nlog_level = "info"\n')
+    assert "version 1" in run("update", "--file", str(base)).stdout
+    changed = tmp_path / "changed.toml"
+    changed.write_text('[observability]\nlog_level = "debug"\n[scheduling]\npolicy = "priority"\n')
+    out = run("update", "--file", str(changed))
+    assert out.exit_code == 0, out.output
+    assert 'observability.log_level: "info" -> "debug"' in out.stdout
+    assert 'scheduling.policy: "fifo" -> "priority"' in out.stdout  # one node: own quorum
+    listing = run("history", "--json").stdout
+    versions = [r["version"] for r in json.loads(listing)]
+    assert versions == [3, 2, 1]
+    assert run("diff", "1", "2").stdout.strip() == 'observability.log_level: "info" -> "debug"'
+    assert "scheduling.policy" in run("diff", "1", str(changed)).stdout
+    back = run("rollback", "--version", "1")
+    assert back.exit_code == 0 and 'scheduling.policy: "priority" -> "fifo"' in back.stdout
+    top = json.loads(run("history", "--limit", "1", "--json").stdout)
+    assert len(top) == 1 and top[0]["config_hash"] == json.loads(listing)[-1]["config_hash"]
+    assert "version" in run("history").stdout
+
+
+def test_update_refuses_static_changes(run: Invoke, tmp_path: Path) -> None:
+    first = tmp_path / "a.toml"
+    first.write_text("")
+    run("update", "--file", str(first))
+    second = tmp_path / "b.toml"
+    second.write_text('[node]\nlisten = "127.0.0.1:9100"\n[observability]\nlog_level = "debug"\n')
+    out = run("update", "--file", str(second))
+    assert out.exit_code == 2 and "restart required: node.listen" in out.stderr
+    assert [r["version"] for r in json.loads(run("history", "--json").stdout)] == [1]
+
+
+def test_cluster_wide_change_needs_a_running_cluster(run: Invoke, tmp_path: Path) -> None:
+    members = '[cluster]\nmembers = ["a:1", "a:2", "a:3", "a:4"]\n'
+    first = tmp_path / "a.toml"
+    first.write_text(members)
+    run("update", "--file", str(first))
+    second = tmp_path / "b.toml"
+    second.write_text(members + '[partition]\nstrategy = "uniform"\n')
+    out = run("update", "--file", str(second))
+    assert out.exit_code == 2 and "need the agreement of the running cluster" in out.stderr
+
+
+def test_rollback_to_a_missing_version(run: Invoke) -> None:
+    out = run("rollback", "--version", "3")
+    assert out.exit_code == 2 and "no config history" in out.stderr
