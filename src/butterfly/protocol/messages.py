@@ -1,0 +1,461 @@
+"""Every message nodes exchange about coordination, one frozen tagged type each.
+
+Each message names its `kind`, the protocol `version`, the `epoch` (membership and config
+generation) it belongs to and its `sender`, who signs it. A signature covers every field
+but itself, so signed messages can be relayed by anyone and still prove who wrote them;
+that is what turns a primary's two different pre-prepares into evidence.
+
+`encode`/`decode` are the only way these cross the network: msgpack maps checked field by
+field (see `codec.py`); a wrong type, unknown kind or oversized frame is `InvalidMessage`.
+
+    kind            sent by            answered by / effect
+    heartbeat       every node         feeds the peer's failure detector
+    request         client (gateway)   pre-prepare by the primary, reply by every replica
+    pre_prepare     primary            prepare
+    prepare         backups            commit once 2f prepares match
+    commit          replicas           execution once 2f+1 commits match
+    reply           replicas           the client accepts f+1 matching replies
+    checkpoint      replicas           2f+1 matching votes make a checkpoint stable (GC)
+    view_change     replicas           new_view from the next primary on 2f+1
+    new_view        new primary        replicas enter the view
+    status          replicas           peers retransmit what the sender is missing
+    state_transfer  replicas           a lagging replica installs a certified log prefix
+    evidence        any replica        two conflicting messages signed by one node
+    proof           stage nodes        the signed record of one stage step
+    suspicion       any node           the coordinator proposes a membership change
+    barrier_ready   stage nodes        the coordinator starts serving an epoch's plan
+    reconfigure     (PBFT operation)   a decided new membership and plan
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, replace
+from typing import Annotated, ClassVar, TypeVar
+
+from butterfly.protocol.codec import Codec, Size
+from butterfly.protocol.hashing import NULL_DIGEST, merkle_root, sha256
+from butterfly.protocol.sign import SigningKey, verify_bytes
+from butterfly.types.ids import Epoch, NodeId, RequestId, StageIndex
+
+PROTOCOL_VERSION = 1
+
+Digest = Annotated[bytes, Size(32, 32)]
+Signature = Annotated[bytes, Size(0, 64)]
+Blob = Annotated[bytes, Size(0, 1 << 16)]
+
+# --- failure detection ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    kind: ClassVar[str] = "heartbeat"
+    sender: NodeId
+    epoch: Epoch
+    seq: int
+    version: int = PROTOCOL_VERSION
+    signature: Signature = b""
+
+
+# --- PBFT -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A client's operation; `timestamp` orders one client's requests and dedups retries."""
+
+    kind: ClassVar[str] = "request"
+    sender: NodeId
+    epoch: Epoch
+    timestamp: int
+    operation: Blob
+    version: int = PROTOCOL_VERSION
+    signature: Signature = b""
+
+
+@dataclass(frozen=True, slots=True)
+class PrePrepare:
+    """The primary binds `digest` to (`view`, `seq`).
+
+    The request travels beside the signed header (`UNSIGNED`) as in the PBFT paper, so
+    prepares and view changes can quote the header without the request body.
+    """
+
+    kind: ClassVar[str] = "pre_prepare"
+    UNSIGNED: ClassVar[tuple[str, ...]] = ("request",)
+    sender: NodeId
+    epoch: Epoch
+    view: int
+    seq: int
+    digest: Digest
+    request: Request | None = None
+    version: int = PROTOCOL_VERSION
+    signature: Signature = b""
+
+    def header(self) -> PrePrepare:
+        return replace(self, request=None)
+
+
+@dataclass(frozen=True, slots=True)
+class Prepare:
+    """A backup's vote; `pp_signature` is the primary's signature over the header it saw,
+    so a replica holding a different pre-prepare for the same slot can prove equivocation.
+    """
+
+    kind: ClassVar[str] = "prepare"
+    sender: NodeId
+    epoch: Epoch
+    view: int
+    seq: int
+    digest: Digest
+    pp_signature: Signature
+    version: int = PROTOCOL_VERSION
+    signature: Signature = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    kind: ClassVar[str] = "commit"
+    sender: NodeId
+    epoch: Epoch
+    view: int
+    seq: int
+    digest: Digest
+    version: int = PROTOCOL_VERSION
+    signature: Signature = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    kind: ClassVar[str] = "reply"
+    sender: NodeId
+    epoch: Epoch
+    view: int
+    client: NodeId
+    timestamp: int
+    seq: int
+    digest: Digest
+    version: int = PROTOCOL_VERSION
+    signature: Signature = b""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointVote:
+    """`digest` is the log digest after executing `seq`; 2f+1 matching votes are a proof."""
+
+    kind: ClassVar[str] = "checkpoint"
+    sender: NodeId
+    epoch: Epoch
+    seq: int
+    digest: Digest
+    version: int = PROTOCOL_VERSION
+    signature: Signature = b""
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedCertificate:
+    """A pre-prepare (with request) and 2f matching prepares: proof a value prepared."""
+
+    pre_prepare: PrePrepare
+    prepares: tuple[Prepare, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ViewChange:
+    """`prepared` carries what must survive into the next view; `pre_prepared` carries the
+    headers this replica accepted, so peers can spot a primary that told them otherwise.
+    """
+
+    kind: ClassVar[str] = "view_change"
+    sender: NodeId
+    epoch: Epoch
+    view: int
+    stable_seq: int
+    stable_digest: Digest
+    stable_proof: tuple[CheckpointVote, ...]
+    prepared: tuple[PreparedCertificate, ...]
+    pre_prepared: tuple[PrePrepare, ...]
+    version: int = PROTOCOL_VERSION
+    signature: Signature = b""
+
+
+@dataclass(frozen=True, slots=True)
+class NewView:
+    kind: ClassVar[str] = "new_view"
+    sender: NodeId
+    epoch: Epoch
+    view: int
+    view_changes: tuple[ViewChange, ...]
+    pre_prepares: tuple[PrePrepare, ...]
+    version: int = PROTOCOL_VERSION
+    signature: Signature = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """Periodic summary; peers answer with what the sender lacks (retransmission)."""
+
+    kind: ClassVar[str] = "status"
+    sender: NodeId
+    epoch: Epoch
+    view: int
+    in_view_change: bool
+    last_executed: int
+    executed_digest: Digest
+    stable_seq: int
+    version: int = PROTOCOL_VERSION
+    signature: Signature = b""
+
+
+@dataclass(frozen=True, slots=True)
+class StateTransfer:
+    """A certified log prefix: `entries` end at `seq` with log digest `digest`, which
+    `proof` (2f+1 checkpoint votes) vouches for, so the sender needs no trust.
+    """
+
+    kind: ClassVar[str] = "state_transfer"
+    sender: NodeId
+    epoch: Epoch
+    seq: int
+    digest: Digest
+    proof: tuple[CheckpointVote, ...]
+    entries: tuple[PrePrepare, ...]
+    version: int = PROTOCOL_VERSION
+    signature: Signature = b""
+
+
+Conflicting = PrePrepare | Prepare | Commit | CheckpointVote
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """Two messages `accused` signed that cannot both come from an honest node."""
+
+    kind: ClassVar[str] = "evidence"
+    sender: NodeId
+    epoch: Epoch
+    accused: NodeId
+    first: Conflicting
+    second: Conflicting
+    version: int = PROTOCOL_VERSION
+    signature: Signature = b""
+
+
+# --- verified stage steps -----------------------------------------------------------------
+
+_U32 = struct.Struct("<I")
+
+
+def fingerprint_entries(k: int, chunk: int, positions: int, width: int) -> int:
+    """Number of (index, value) pairs a fingerprint of this shape holds."""
+    full, rest = divmod(positions, chunk)
+    return full * min(k, chunk * width) + (min(k, rest * width) if rest else 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Fingerprint:
+    """Top-k activations per chunk of positions (TOPLOC-style): little-endian uint32
+    indices within the chunk and float32 values, chunk after chunk.
+    """
+
+    k: int
+    chunk: int
+    positions: int
+    width: int
+    indices: bytes
+    values: bytes
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or self.chunk < 1:
+            raise ValueError(f"fingerprint k={self.k} and chunk={self.chunk} must be >= 1")
+        n = fingerprint_entries(self.k, self.chunk, self.positions, self.width)
+        if len(self.indices) != 4 * n or len(self.values) != 4 * n:
+            raise ValueError(
+                f"fingerprint of {self.positions}x{self.width} (k={self.k}, chunk={self.chunk})"
+                f" holds {n} entries, got {len(self.indices)} index and {len(self.values)}"
+                " value bytes"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Proof:
+    """The signed record of one stage step (DESIGN.md section 3).
+
+    `input_hash`/`output_hash` are exact (same-machine replays), `fingerprint` survives
+    float noise across machines, and `merkle_root` over per-layer output hashes lets an
+    auditor pinpoint the first wrong layer.
+    """
+
+    kind: ClassVar[str] = "proof"
+    sender: NodeId
+    epoch: Epoch
+    request_id: RequestId
+    step: int
+    stage: StageIndex
+    layer_start: int
+    layer_end: int
+    input_hash: Digest
+    output_hash: Digest
+    fingerprint: Fingerprint
+    merkle_root: Digest
+    version: int = PROTOCOL_VERSION
+    signature: Signature = b""
+
+    @classmethod
+    def generate(
+        cls,
+        *,
+        key: SigningKey,
+        signer: NodeId,
+        epoch: Epoch,
+        request_id: RequestId,
+        step: int,
+        stage: StageIndex,
+        layers: tuple[int, int],
+        input_data: bytes,
+        output_data: bytes,
+        layer_outputs: tuple[bytes, ...],
+        fingerprint: Fingerprint,
+    ) -> Proof:
+        """Hash the step's bytes, build the Merkle root of per-layer outputs, and sign."""
+        start, end = layers
+        if not 0 <= start < end:
+            raise ValueError(f"layer range [{start}, {end}) is empty or negative")
+        if len(layer_outputs) != end - start:
+            raise ValueError(f"{len(layer_outputs)} layer outputs for {end - start} layers")
+        proof = cls(
+            sender=signer,
+            epoch=epoch,
+            request_id=request_id,
+            step=step,
+            stage=stage,
+            layer_start=start,
+            layer_end=end,
+            input_hash=sha256(input_data),
+            output_hash=sha256(output_data),
+            fingerprint=fingerprint,
+            merkle_root=merkle_root([sha256(b) for b in layer_outputs]),
+        )
+        return sign_message(proof, key)
+
+    def verify(self, public_key: bytes) -> bool:
+        return verify_message(self, public_key)
+
+
+# --- coordination -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Suspicion:
+    kind: ClassVar[str] = "suspicion"
+    sender: NodeId
+    epoch: Epoch
+    suspect: NodeId
+    phi: float
+    version: int = PROTOCOL_VERSION
+    signature: Signature = b""
+
+
+@dataclass(frozen=True, slots=True)
+class BarrierReady:
+    """A stage node has loaded its layers for `plan_digest` and can serve the epoch."""
+
+    kind: ClassVar[str] = "barrier_ready"
+    sender: NodeId
+    epoch: Epoch
+    plan_digest: Digest
+    version: int = PROTOCOL_VERSION
+    signature: Signature = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Reconfigure:
+    """A membership change, carried as a PBFT request's operation so all nodes decide it
+    together: no node acts on a shared decision computed from its own view.
+    """
+
+    kind: ClassVar[str] = "reconfigure"
+    sender: NodeId
+    epoch: Epoch
+    new_epoch: Epoch
+    members: tuple[NodeId, ...]
+    plan_digest: Digest
+    reason: str
+    version: int = PROTOCOL_VERSION
+    signature: Signature = b""
+
+
+Message = (
+    Heartbeat
+    | Request
+    | PrePrepare
+    | Prepare
+    | Commit
+    | Reply
+    | CheckpointVote
+    | ViewChange
+    | NewView
+    | Status
+    | StateTransfer
+    | Evidence
+    | Proof
+    | Suspicion
+    | BarrierReady
+    | Reconfigure
+)
+
+MESSAGE_TYPES: tuple[type[Message], ...] = (
+    Heartbeat,
+    Request,
+    PrePrepare,
+    Prepare,
+    Commit,
+    Reply,
+    CheckpointVote,
+    ViewChange,
+    NewView,
+    Status,
+    StateTransfer,
+    Evidence,
+    Proof,
+    Suspicion,
+    BarrierReady,
+    Reconfigure,
+)
+KINDS: dict[str, type[Message]] = {cls.kind: cls for cls in MESSAGE_TYPES}
+_CODEC = Codec(KINDS, version=PROTOCOL_VERSION)
+
+M = TypeVar("M", bound=Message)
+
+
+def encode(message: Message) -> bytes:
+    return _CODEC.encode(message)
+
+
+def decode(data: bytes, *, max_bytes: int | None = None) -> Message:
+    """Decode and validate one frame from a peer; raises `InvalidMessage` on anything odd."""
+    if max_bytes is None:
+        return _CODEC.decode(data)  # type: ignore[no-any-return]
+    return _CODEC.decode(data, max_bytes=max_bytes)  # type: ignore[no-any-return]
+
+
+def signing_bytes(message: Message) -> bytes:
+    return _CODEC.signing_bytes(message)
+
+
+def sign_message(message: M, key: SigningKey) -> M:
+    return replace(message, signature=key.sign(_CODEC.signing_bytes(message)))
+
+
+def verify_message(message: Message, public_key: bytes) -> bool:
+    """True when `message` is signed by the holder of `public_key`; unsigned is invalid."""
+    if not message.signature:
+        return False
+    return verify_bytes(public_key, message.signature, _CODEC.signing_bytes(message))
+
+
+def request_digest(request: Request | None) -> bytes:
+    """What replicas agree on: the signed content of the request, not its signature."""
+    if request is None:
+        return NULL_DIGEST
+    return sha256(_CODEC.signing_bytes(request))

@@ -1,0 +1,47 @@
+"""The arithmetic of Byzantine quorums, and the refusal of unsafe cluster sizes.
+
+PBFT needs `n >= 3f + 1`: two quorums of `2f + 1` out of `n` then share at least `f + 1`
+nodes, so at least one honest node, which never votes for two different values. With 5
+nodes and f = 2 (the specification's example) no quorum size works: one that still forms
+while 2 nodes stay silent (3 of 5) can meet another such quorum in a single node, which may
+be the liar; one that always shares an honest node (5 of 5) stops at the first crash.
+Butterfly therefore refuses that configuration and names the largest safe f.
+"""
+
+from __future__ import annotations
+
+from butterfly.types.errors import InsufficientNodes
+from butterfly.types.ids import NodeId
+
+
+def max_faulty(n: int) -> int:
+    """Largest f that `n` nodes tolerate under PBFT."""
+    return max(0, (n - 1) // 3)
+
+
+def check_fault_tolerance(n: int, f: int) -> None:
+    """Raise `InsufficientNodes` naming the rule and the largest safe f when `n < 3f + 1`."""
+    if f < 0:
+        raise InsufficientNodes(f"f={f} is negative; f counts Byzantine nodes tolerated")
+    if n < 1:
+        raise InsufficientNodes(f"a cluster needs at least one node, got n={n}")
+    if n < 3 * f + 1:
+        raise InsufficientNodes(
+            f"{n} nodes tolerate at most f={max_faulty(n)} Byzantine nodes (n >= 3f+1); "
+            f"f={f} needs {3 * f + 1}. Lower f or add nodes."
+        )
+
+
+def quorum(f: int) -> int:
+    """Matching votes that make a decision: any two such sets share an honest node."""
+    return 2 * f + 1
+
+
+def weak_quorum(f: int) -> int:
+    """Votes that include at least one honest node (e.g. to join a view change)."""
+    return f + 1
+
+
+def primary(view: int, n: int) -> NodeId:
+    """Primaries rotate so a faulty one is replaced after one view change."""
+    return NodeId(view % n)

@@ -1,0 +1,78 @@
+"""Ed25519 keys, signatures over canonical bytes, and a memo of verified signatures.
+
+Nodes cannot forge each other's signatures (DESIGN.md section 3), so every protocol
+message is signed by its author and may be relayed by anyone. Verification is a pure
+function of (public key, signature, bytes); a relayed or duplicated message is therefore
+verified once per process and remembered, which matters because a broadcast reaches every
+replica and relays repeat it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+PUBLIC_KEY_SIZE = 32
+SIGNATURE_SIZE = 64
+
+
+class SigningKey:
+    """A node's private key; `public` is what peers put in their key tables."""
+
+    __slots__ = ("_key", "public")
+
+    def __init__(self, key: Ed25519PrivateKey) -> None:
+        self._key = key
+        self.public: bytes = key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+
+    @classmethod
+    def generate(cls) -> SigningKey:
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_seed(cls, seed: bytes) -> SigningKey:
+        """Deterministic key from 32 bytes: simulations replay the same keys from a seed."""
+        if len(seed) != 32:
+            raise ValueError(f"an Ed25519 seed is 32 bytes, got {len(seed)}")
+        return cls(Ed25519PrivateKey.from_private_bytes(seed))
+
+    def sign(self, data: bytes) -> bytes:
+        """Ed25519 is deterministic, so the same bytes always give the same signature."""
+        return self._key.sign(data)
+
+    def __repr__(self) -> str:
+        return f"SigningKey(public={self.public.hex()[:16]}...)"
+
+
+@functools.lru_cache(maxsize=256)
+def _public_key(raw: bytes) -> Ed25519PublicKey | None:
+    try:
+        return Ed25519PublicKey.from_public_bytes(raw)
+    except ValueError:
+        return None
+
+
+@functools.lru_cache(maxsize=16384)
+def verify_bytes(public_key: bytes, signature: bytes, data: bytes) -> bool:
+    """True when `signature` is `public_key`'s Ed25519 signature over `data`.
+
+    Never raises on peer input: a malformed key or signature is simply not valid.
+    """
+    if len(public_key) != PUBLIC_KEY_SIZE or len(signature) != SIGNATURE_SIZE:
+        return False
+    key = _public_key(public_key)
+    if key is None:
+        return False
+    try:
+        key.verify(signature, data)
+    except InvalidSignature:
+        return False
+    return True
