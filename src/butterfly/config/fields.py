@@ -153,9 +153,11 @@ def suggest(key: str) -> str | None:
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested tables to dotted leaves; lists are leaves, since they replace, not merge."""
     out: dict[str, Any] = {}
+    specs = field_specs()
     for k, v in data.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and key not in field_specs():
+        key = prefix + k
+        # dict first: the isinstance check against the Mapping ABC is slow on the hot path
+        if (type(v) is dict or isinstance(v, Mapping)) and key not in specs:
             out.update(flatten(v, key + "."))
         else:
             out[key] = v

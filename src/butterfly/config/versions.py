@@ -103,6 +103,10 @@ class ConfigHistory:
         self._lock = threading.Lock()
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False)
+            # WAL with NORMAL sync survives a process crash and avoids an fsync per version;
+            # a power cut may lose the newest version, which the node re-records on start.
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
             with self._db:
                 self._db.execute(_SCHEMA)
         except sqlite3.Error as e:
