@@ -1,0 +1,1 @@
+"""Metrics: events components emit, and the Prometheus collectors they feed."""

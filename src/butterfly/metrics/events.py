@@ -1,0 +1,160 @@
+"""What components report about themselves, as plain values.
+
+Components never touch Prometheus: they are handed an `Emit` callable and call it with one
+of these frozen events. That keeps every component testable with `events.append` as its
+sink, keeps label sets and bucket choices in one place (`prometheus.py`), and lets a
+second sink (a log, a test recorder) be composed in without changing a component.
+
+Events are cheap to build and `emit` must not block: it runs on the event loop, in the
+middle of request handling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from butterfly.types.ids import NodeId
+
+TaskOutcome = Literal["completed", "failed", "cancelled"]
+NodeState = Literal["starting", "healthy", "suspected", "failed"]
+NODE_STATES: tuple[NodeState, ...] = ("starting", "healthy", "suspected", "failed")
+
+
+@dataclass(frozen=True)
+class TaskSubmitted:
+    """A task was accepted (persisted and queued)."""
+
+    priority: int = 0
+
+
+@dataclass(frozen=True)
+class TaskFinished:
+    """A task reached a terminal state, `latency_s` after it was accepted."""
+
+    status: TaskOutcome
+    latency_s: float
+
+
+@dataclass(frozen=True)
+class TokenProduced:
+    """A new token; `seconds` since acceptance when `first`, else since the previous one."""
+
+    first: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
+class BytesTransferred:
+    """Payload bytes moved between nodes (activations, snapshots), either direction."""
+
+    bytes: int
+    peer: NodeId | None = None
+
+
+@dataclass(frozen=True)
+class MessageSent:
+    kind: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class MessageReceived:
+    kind: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class MessageDropped:
+    """A peer message refused before use: malformed, oversized, unsigned, stale epoch."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class PartitionComputed:
+    seconds: float
+    cache_hit: bool
+
+
+@dataclass(frozen=True)
+class ConsensusRound:
+    """One agreement instance completed (PBFT pre-prepare through commit)."""
+
+    rounds: int = 1
+
+
+@dataclass(frozen=True)
+class PhaseTransition:
+    """A protocol moved from one phase to another (e.g. normal -> view change)."""
+
+    from_phase: str
+    to_phase: str
+
+
+@dataclass(frozen=True)
+class NodeFailure:
+    """The failure detector declared a node failed (not merely suspected)."""
+
+    node: NodeId
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    """Tasks waiting for a slot, reported whenever the queue changes."""
+
+    depth: int
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    node: NodeId
+    status: NodeState
+
+
+MetricsEvent = (
+    TaskSubmitted
+    | TaskFinished
+    | TokenProduced
+    | BytesTransferred
+    | MessageSent
+    | MessageReceived
+    | MessageDropped
+    | PartitionComputed
+    | ConsensusRound
+    | PhaseTransition
+    | NodeFailure
+    | QueueDepth
+    | NodeStatus
+)
+
+Emit = Callable[[MetricsEvent], None]
+"""The sink components receive; `Metrics.emit` in production, `list.append` in tests."""
+
+
+def discard(event: MetricsEvent) -> None:
+    """An `Emit` for callers that want no metrics (one-off tools, unit tests)."""
+
+
+__all__ = [
+    "NODE_STATES",
+    "BytesTransferred",
+    "ConsensusRound",
+    "Emit",
+    "MessageDropped",
+    "MessageReceived",
+    "MessageSent",
+    "MetricsEvent",
+    "NodeFailure",
+    "NodeState",
+    "NodeStatus",
+    "PartitionComputed",
+    "PhaseTransition",
+    "QueueDepth",
+    "TaskFinished",
+    "TaskOutcome",
+    "TaskSubmitted",
+    "TokenProduced",
+    "discard",
+]

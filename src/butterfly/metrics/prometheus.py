@@ -1,0 +1,189 @@
+"""Prometheus collectors fed by metrics events.
+
+`Metrics` owns its own `CollectorRegistry` rather than using prometheus-client's global
+one: several nodes run in one test process, and a global registry would refuse the second
+node's collectors (duplicate names) or, worse, mix the nodes' figures together.
+
+Names follow seed 001's "Key Metrics" with a `butterfly_` prefix, plus time to first
+token and time per output token, which are what users of a generation service compare.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import assert_never
+
+from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+
+from butterfly.metrics.events import (
+    NODE_STATES,
+    BytesTransferred,
+    ConsensusRound,
+    MessageDropped,
+    MessageReceived,
+    MessageSent,
+    MetricsEvent,
+    NodeFailure,
+    NodeStatus,
+    PartitionComputed,
+    PhaseTransition,
+    QueueDepth,
+    TaskFinished,
+    TaskSubmitted,
+    TokenProduced,
+)
+
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+"""The text exposition format every Prometheus server reads (`version=0.0.4`)."""
+
+NAMESPACE = "butterfly"
+
+# Buckets sized for this workload: a whole request takes milliseconds (tiny model) to
+# minutes (long generations on CPU); one decode step takes well under a millisecond to
+# about a second.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+PARTITION_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5)
+
+
+class Metrics:
+    """The collectors of one node, and `emit` to update them from events.
+
+    `emit` may be called from any thread (prometheus-client's collectors are thread-safe
+    and the cache-ratio counts are guarded), so a worker thread can report directly.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r, ns = self.registry, NAMESPACE
+        self.tasks_submitted = Counter(
+            "tasks_submitted", "Tasks accepted", namespace=ns, registry=r
+        )
+        self.task_latency = Histogram(
+            "task_latency_seconds",
+            "Time from acceptance to a terminal state",
+            namespace=ns,
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.tasks = Counter(
+            "tasks", "Tasks finished, by terminal status", ["status"], namespace=ns, registry=r
+        )
+        self.ttft = Histogram(
+            "time_to_first_token_seconds",
+            "Time from acceptance to the first generated token",
+            namespace=ns,
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.tpot = Histogram(
+            "time_per_output_token_seconds",
+            "Time between consecutive generated tokens of one task",
+            namespace=ns,
+            registry=r,
+            buckets=TOKEN_BUCKETS,
+        )
+        self.bytes_transferred = Counter(
+            "bytes_transferred", "Payload bytes moved between nodes", namespace=ns, registry=r
+        )
+        self.messages_sent = Counter(
+            "messages_sent", "Peer messages sent", ["kind"], namespace=ns, registry=r
+        )
+        self.messages_received = Counter(
+            "messages_received", "Peer messages received", ["kind"], namespace=ns, registry=r
+        )
+        self.messages_dropped = Counter(
+            "messages_dropped",
+            "Peer messages refused (malformed, oversized, unsigned, stale)",
+            ["reason"],
+            namespace=ns,
+            registry=r,
+        )
+        self.partition_duration = Histogram(
+            "partition_computation_duration_seconds",
+            "Time to compute a stage plan",
+            namespace=ns,
+            registry=r,
+            buckets=PARTITION_BUCKETS,
+        )
+        self.partition_cache_hit_ratio = Gauge(
+            "partition_cache_hit_ratio",
+            "Share of stage-plan lookups served from the cache",
+            namespace=ns,
+            registry=r,
+        )
+        self.consensus_rounds = Counter(
+            "consensus_rounds", "Agreement rounds completed", namespace=ns, registry=r
+        )
+        self.phase_transitions = Counter(
+            "phase_transitions",
+            "Protocol phase changes",
+            ["from_phase", "to_phase"],
+            namespace=ns,
+            registry=r,
+        )
+        self.node_failures = Counter(
+            "node_failures", "Nodes declared failed", namespace=ns, registry=r
+        )
+        self.queue_depth = Gauge(
+            "queue_depth", "Tasks waiting for an execution slot", namespace=ns, registry=r
+        )
+        self.node_status = Enum(
+            "node_status",
+            "Each node's state as this node sees it",
+            ["node"],
+            namespace=ns,
+            registry=r,
+            states=list(NODE_STATES),
+        )
+        for status in ("completed", "failed", "cancelled"):
+            self.tasks.labels(status=status)  # present at 0, so rate() works from the start
+        self._cache_lock = threading.Lock()
+        self._cache_hits = 0
+        self._cache_lookups = 0
+
+    def emit(self, event: MetricsEvent) -> None:
+        """Update the collectors for one event; the `Emit` handed to components."""
+        match event:
+            case TaskSubmitted():
+                self.tasks_submitted.inc()
+            case TaskFinished(status=status, latency_s=latency):
+                self.tasks.labels(status=status).inc()
+                self.task_latency.observe(latency)
+            case TokenProduced(first=first, seconds=seconds):
+                (self.ttft if first else self.tpot).observe(seconds)
+            case BytesTransferred(bytes=n):
+                self.bytes_transferred.inc(n)
+            case MessageSent(kind=kind):
+                self.messages_sent.labels(kind=kind).inc()
+            case MessageReceived(kind=kind):
+                self.messages_received.labels(kind=kind).inc()
+            case MessageDropped(reason=reason):
+                self.messages_dropped.labels(reason=reason).inc()
+            case PartitionComputed(seconds=seconds, cache_hit=hit):
+                self.partition_duration.observe(seconds)
+                with self._cache_lock:
+                    self._cache_lookups += 1
+                    self._cache_hits += int(hit)
+                    ratio = self._cache_hits / self._cache_lookups
+                self.partition_cache_hit_ratio.set(ratio)
+            case ConsensusRound(rounds=rounds):
+                self.consensus_rounds.inc(rounds)
+            case PhaseTransition(from_phase=a, to_phase=b):
+                self.phase_transitions.labels(from_phase=a, to_phase=b).inc()
+            case NodeFailure():
+                self.node_failures.inc()
+            case QueueDepth(depth=depth):
+                self.queue_depth.set(depth)
+            case NodeStatus(node=node, status=status):
+                self.node_status.labels(node=str(node)).state(status)
+            case _:
+                assert_never(event)
+
+    def render(self) -> bytes:
+        """The registry in Prometheus text format (serve with `CONTENT_TYPE`)."""
+        return generate_latest(self.registry)
+
+
+__all__ = ["CONTENT_TYPE", "Metrics"]

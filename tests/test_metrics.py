@@ -1,0 +1,119 @@
+"""Metrics: every event moves its collector, the text is valid Prometheus, no global state."""
+
+from __future__ import annotations
+
+import typing
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from butterfly.metrics.events import (
+    BytesTransferred,
+    ConsensusRound,
+    MessageDropped,
+    MessageReceived,
+    MessageSent,
+    MetricsEvent,
+    NodeFailure,
+    NodeStatus,
+    PartitionComputed,
+    PhaseTransition,
+    QueueDepth,
+    TaskFinished,
+    TaskSubmitted,
+    TokenProduced,
+)
+from butterfly.metrics.prometheus import CONTENT_TYPE, Metrics
+from butterfly.types.ids import NodeId
+
+REQUIRED = {
+    "butterfly_task_latency_seconds",
+    "butterfly_tasks",
+    "butterfly_time_to_first_token_seconds",
+    "butterfly_time_per_output_token_seconds",
+    "butterfly_bytes_transferred",
+    "butterfly_messages_sent",
+    "butterfly_messages_received",
+    "butterfly_messages_dropped",
+    "butterfly_partition_computation_duration_seconds",
+    "butterfly_partition_cache_hit_ratio",
+    "butterfly_consensus_rounds",
+    "butterfly_phase_transitions",
+    "butterfly_node_failures",
+    "butterfly_queue_depth",
+    "butterfly_node_status",
+}
+
+ONE_OF_EACH: list[MetricsEvent] = [
+    TaskSubmitted(priority=2),
+    TaskFinished("completed", 0.2),
+    TokenProduced(True, 0.05),
+    TokenProduced(False, 0.003),
+    BytesTransferred(4096, NodeId(1)),
+    MessageSent("stage_step", 4200),
+    MessageReceived("stage_result", 4100),
+    MessageDropped("oversized"),
+    PartitionComputed(0.002, cache_hit=False),
+    ConsensusRound(),
+    PhaseTransition("normal", "view_change"),
+    NodeFailure(NodeId(3)),
+    QueueDepth(7),
+    NodeStatus(NodeId(2), "suspected"),
+]
+
+
+def value(m: Metrics, name: str, **labels: str) -> float | None:
+    return m.registry.get_sample_value(name, labels)
+
+
+def test_one_event_of_every_kind_is_covered() -> None:
+    kinds = set(typing.get_args(MetricsEvent))
+    assert {type(e) for e in ONE_OF_EACH} == kinds
+
+
+def test_each_event_moves_its_metric() -> None:
+    m = Metrics()
+    for event in ONE_OF_EACH:
+        m.emit(event)
+    assert value(m, "butterfly_tasks_submitted_total") == 1
+    assert value(m, "butterfly_tasks_total", status="completed") == 1
+    assert value(m, "butterfly_tasks_total", status="failed") == 0
+    assert value(m, "butterfly_task_latency_seconds_sum") == 0.2
+    assert value(m, "butterfly_time_to_first_token_seconds_count") == 1
+    assert value(m, "butterfly_time_per_output_token_seconds_sum") == 0.003
+    assert value(m, "butterfly_bytes_transferred_total") == 4096
+    assert value(m, "butterfly_messages_sent_total", kind="stage_step") == 1
+    assert value(m, "butterfly_messages_received_total", kind="stage_result") == 1
+    assert value(m, "butterfly_messages_dropped_total", reason="oversized") == 1
+    assert value(m, "butterfly_partition_computation_duration_seconds_count") == 1
+    assert value(m, "butterfly_consensus_rounds_total") == 1
+    transition = {"from_phase": "normal", "to_phase": "view_change"}
+    assert value(m, "butterfly_phase_transitions_total", **transition) == 1
+    assert value(m, "butterfly_node_failures_total") == 1
+    assert value(m, "butterfly_queue_depth") == 7
+    assert value(m, "butterfly_node_status", node="2", butterfly_node_status="suspected") == 1
+    assert value(m, "butterfly_node_status", node="2", butterfly_node_status="healthy") == 0
+
+
+def test_cache_hit_ratio_tracks_lookups() -> None:
+    m = Metrics()
+    for hit in (True, True, False, True):
+        m.emit(PartitionComputed(0.001, cache_hit=hit))
+    assert value(m, "butterfly_partition_cache_hit_ratio") == 0.75
+
+
+def test_render_is_valid_prometheus_text_with_every_required_metric() -> None:
+    m = Metrics()
+    for event in ONE_OF_EACH:
+        m.emit(event)
+    families = {f.name: f for f in text_string_to_metric_families(m.render().decode())}
+    assert set(families) >= REQUIRED
+    assert families["butterfly_task_latency_seconds"].type == "histogram"
+    assert families["butterfly_tasks"].type == "counter"
+    assert "version=0.0.4" in CONTENT_TYPE
+
+
+def test_two_instances_share_nothing() -> None:
+    a, b = Metrics(), Metrics()  # a global registry would refuse the second one
+    a.emit(TaskSubmitted())
+    assert value(a, "butterfly_tasks_submitted_total") == 1
+    assert value(b, "butterfly_tasks_submitted_total") == 0
