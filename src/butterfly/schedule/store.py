@@ -1,0 +1,205 @@
+"""Accepted tasks and their results in a SQLite file, so a gateway restart loses neither.
+
+The contract with clients is "once you have a task id, the task runs and its result stays
+readable". So a task is written (and committed) before the 202 that hands out its id, its
+result is written before anyone is told it finished, and on open every task that was
+queued or running is handed back for re-queueing, in the order it was accepted.
+
+WAL mode lets readers (status lookups) proceed while a writer commits. With
+`synchronous="NORMAL"` (the default) a commit survives the process being killed, the
+failure the gateway guards against; `"FULL"` also survives the machine losing power, at
+the cost of an fsync per commit.
+
+The methods are synchronous and guarded by a lock: the scheduler calls them through
+`asyncio.to_thread`, so a slow disk never stalls the event loop.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from butterfly.schedule.state import TERMINAL, TaskState, TaskStatus
+from butterfly.types.errors import TaskAlreadyExists
+from butterfly.types.ids import NodeId, RequestId
+from butterfly.types.model import LayerRange
+from butterfly.types.tasks import InferenceResult, InferenceTask, SamplingParams, StageRecord
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- acceptance order, for FIFO after a restart
+    task_id TEXT NOT NULL UNIQUE,
+    status TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    error_type TEXT NOT NULL DEFAULT '',
+    task TEXT NOT NULL,                      -- JSON, see task_to_json
+    result TEXT,                             -- JSON once completed, see result_to_json
+    accepted_at REAL NOT NULL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS tasks_status ON tasks (status);
+"""
+
+
+@dataclass(frozen=True)
+class StoredTask:
+    task: InferenceTask
+    state: TaskState
+    result: InferenceResult | None
+
+
+def task_to_json(task: InferenceTask) -> str:
+    s = task.sampling
+    return json.dumps(
+        {
+            "input_ids": list(task.input_ids),
+            "input_vector": list(task.input_vector),
+            "max_new_tokens": task.max_new_tokens,
+            "sampling": [s.temperature, s.top_k, s.top_p, s.seed],
+            "priority": task.priority,
+            "created_at": task.created_at,
+        }
+    )
+
+
+def task_from_json(task_id: str, text: str) -> InferenceTask:
+    d = json.loads(text)
+    temperature, top_k, top_p, seed = d["sampling"]
+    return InferenceTask(
+        task_id=RequestId(task_id),
+        input_ids=tuple(d["input_ids"]),
+        input_vector=tuple(d["input_vector"]),
+        max_new_tokens=d["max_new_tokens"],
+        sampling=SamplingParams(temperature, top_k, top_p, seed),
+        priority=d["priority"],
+        created_at=d["created_at"],
+    )
+
+
+def result_to_json(result: InferenceResult) -> str:
+    return json.dumps(
+        {
+            "output_ids": list(result.output_ids),
+            "output_vector": list(result.output_vector),
+            "text": result.text,
+            "verified": result.verified,
+            "stages": [[s.node, s.layers.start, s.layers.end] for s in result.stages],
+            "timings": result.timings,
+        }
+    )
+
+
+def result_from_json(task_id: str, text: str) -> InferenceResult:
+    d: dict[str, Any] = json.loads(text)
+    return InferenceResult(
+        task_id=RequestId(task_id),
+        output_ids=tuple(d["output_ids"]),
+        output_vector=tuple(d["output_vector"]),
+        text=d["text"],
+        verified=d["verified"],
+        stages=tuple(StageRecord(NodeId(n), LayerRange(a, b)) for n, a, b in d["stages"]),
+        timings=dict(d["timings"]),
+    )
+
+
+class TaskStore:
+    """One SQLite file of tasks; open it once per process (it is not shared between
+    gateways: SQLite's locking is not meant for that, and two gateways re-running the
+    same recovered task would run it twice)."""
+
+    def __init__(self, path: Path, *, synchronous: Literal["NORMAL", "FULL"] = "NORMAL") -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={synchronous}")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        with self._db:
+            self._db.execute("BEGIN")
+            self._create_schema()
+        self.recovered = self._recover()
+
+    def _create_schema(self) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(
+                f"{self.path} was written by a newer Butterfly (schema {version}, this one "
+                f"reads {SCHEMA_VERSION}); upgrade, or point the node at another data directory"
+            )
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                self._db.execute(statement)
+        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _recover(self) -> tuple[InferenceTask, ...]:
+        """Mark every unfinished task queued again and return them in acceptance order."""
+        done = tuple(s.value for s in TERMINAL)
+        marks = ",".join("?" * len(done))
+        with self._lock, self._db:
+            self._db.execute("BEGIN")
+            self._db.execute(
+                f"UPDATE tasks SET status = ? WHERE status NOT IN ({marks})",
+                (TaskStatus.QUEUED.value, *done),
+            )
+            rows = self._db.execute(
+                f"SELECT task_id, task FROM tasks WHERE status NOT IN ({marks}) ORDER BY seq",
+                done,
+            ).fetchall()
+        return tuple(task_from_json(task_id, text) for task_id, text in rows)
+
+    def add(self, task: InferenceTask) -> None:
+        """Persist a newly accepted task as queued; committed when this returns."""
+        try:
+            with self._lock, self._db:
+                self._db.execute(
+                    "INSERT INTO tasks (task_id, status, task, accepted_at) VALUES (?, ?, ?, ?)",
+                    (task.task_id, TaskStatus.QUEUED.value, task_to_json(task), time.time()),
+                )
+        except sqlite3.IntegrityError as e:
+            raise TaskAlreadyExists(f"a task with id {task.task_id} already exists") from e
+
+    def finish(self, task_id: RequestId, state: TaskState, result: InferenceResult | None) -> None:
+        """Record a terminal state (and the result of a completed task) in one commit."""
+        payload = result_to_json(result) if result is not None else None
+        with self._lock, self._db:
+            self._db.execute(
+                "UPDATE tasks SET status = ?, reason = ?, error_type = ?, result = ?, "
+                "finished_at = ? WHERE task_id = ?",
+                (state.status.value, state.reason, state.error_type, payload, time.time(), task_id),
+            )
+
+    def get(self, task_id: str) -> StoredTask | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT status, reason, error_type, task, result FROM tasks WHERE task_id = ?",
+                (task_id,),
+            ).fetchone()
+        if row is None:
+            return None
+        status, reason, error_type, task, result = row
+        return StoredTask(
+            task=task_from_json(task_id, task),
+            state=TaskState(TaskStatus(status), reason, error_type),
+            result=result_from_json(task_id, result) if result is not None else None,
+        )
+
+    def counts(self) -> dict[TaskStatus, int]:
+        """Tasks per status, for health reports and tests."""
+        with self._lock:
+            rows = self._db.execute("SELECT status, COUNT(*) FROM tasks GROUP BY status").fetchall()
+        return {TaskStatus(status): n for status, n in rows}
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+__all__ = ["StoredTask", "TaskStore"]

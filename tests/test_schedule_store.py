@@ -1,0 +1,136 @@
+"""The SQLite task store and the bounded queue."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from butterfly.schedule.queue import QueuePolicy, TaskQueue
+from butterfly.schedule.state import TaskState, TaskStatus
+from butterfly.schedule.store import TaskStore
+from butterfly.types.errors import QueueFull, TaskAlreadyExists
+from butterfly.types.ids import NodeId, RequestId
+from butterfly.types.model import LayerRange
+from butterfly.types.tasks import InferenceResult, InferenceTask, SamplingParams, StageRecord
+
+
+def task(name: str, priority: int = 0) -> InferenceTask:
+    return InferenceTask(
+        task_id=RequestId(name),
+        input_ids=(256, 72, 105),
+        max_new_tokens=5,
+        sampling=SamplingParams(0.7, 20, 0.9, 1234),
+        priority=priority,
+        created_at=1700000000.5,
+    )
+
+
+RESULT = InferenceResult(
+    task_id=RequestId("a"),
+    output_ids=(1, 2, 3),
+    text="hey",
+    stages=(StageRecord(NodeId(0), LayerRange(0, 2)), StageRecord(NodeId(1), LayerRange(2, 4))),
+    timings={"total_s": 0.25},
+)
+
+
+def test_tasks_and_results_survive_reopening(tmp_path: Path) -> None:
+    db = tmp_path / "data" / "tasks.sqlite"
+    store = TaskStore(db)
+    for name in ("a", "b", "c", "d"):
+        store.add(task(name, priority=ord(name)))
+    store.finish(RequestId("a"), TaskState(TaskStatus.COMPLETED), RESULT)
+    store.finish(RequestId("c"), TaskState(TaskStatus.FAILED, "boom", "invalid_input"), None)
+    store.close()
+
+    reopened = TaskStore(db)
+    assert [t.task_id for t in reopened.recovered] == ["b", "d"]  # acceptance order
+    assert reopened.recovered[0] == task("b", priority=ord("b"))  # every field round-trips
+    done = reopened.get("a")
+    assert done is not None and done.result == RESULT
+    assert done.state == TaskState(TaskStatus.COMPLETED)
+    failed = reopened.get("c")
+    assert failed is not None and failed.state.reason == "boom"
+    assert failed.state.error_type == "invalid_input" and failed.result is None
+    assert reopened.get("nope") is None
+    assert reopened.counts() == {
+        TaskStatus.COMPLETED: 1,
+        TaskStatus.FAILED: 1,
+        TaskStatus.QUEUED: 2,
+    }
+    reopened.close()
+
+
+def test_store_uses_wal_and_refuses_duplicates(tmp_path: Path) -> None:
+    store = TaskStore(tmp_path / "t.sqlite")
+    store.add(task("x"))
+    with pytest.raises(TaskAlreadyExists):
+        store.add(task("x"))
+    store.close()
+    with sqlite3.connect(tmp_path / "t.sqlite") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_store_refuses_a_newer_schema(tmp_path: Path) -> None:
+    path = tmp_path / "t.sqlite"
+    TaskStore(path).close()
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version=99")
+    db.close()
+    with pytest.raises(sqlite3.DatabaseError, match="newer Butterfly"):
+        TaskStore(path)
+
+
+def drain(q: TaskQueue) -> list[str]:
+    out = []
+    while (t := q.pop()) is not None:
+        out.append(t.task_id)
+    return out
+
+
+def test_fifo_keeps_arrival_order_whatever_the_priority() -> None:
+    q = TaskQueue(10, QueuePolicy.FIFO)
+    for name, prio in [("a", 0), ("b", 9), ("c", 3)]:
+        q.push(task(name, prio))
+    assert drain(q) == ["a", "b", "c"]
+
+
+def test_priority_runs_high_first_and_fifo_among_equals() -> None:
+    q = TaskQueue(10, QueuePolicy.PRIORITY)
+    for name, prio in [("a", 0), ("b", 5), ("c", 1), ("d", 5), ("e", -2)]:
+        q.push(task(name, prio))
+    assert q.position("d") == 1
+    assert drain(q) == ["b", "d", "c", "a", "e"]
+
+
+def test_queue_bound_refuses_unless_forced() -> None:
+    q = TaskQueue(2)
+    q.push(task("a"))
+    q.push(task("b"))
+    with pytest.raises(QueueFull, match="2 tasks"):
+        q.push(task("c"))
+    q.push(task("recovered"), force=True)  # accepted before a restart: never dropped
+    assert len(q) == 3
+
+
+def test_removed_tasks_never_pop() -> None:
+    q = TaskQueue(100, QueuePolicy.PRIORITY)
+    for i in range(50):
+        q.push(task(f"t{i}", priority=i % 3))
+    for i in range(0, 50, 2):
+        assert q.remove(f"t{i}") is not None
+    assert q.remove("t0") is None
+    expected = sorted(range(1, 50, 2), key=lambda i: (-(i % 3), i))
+    assert drain(q) == [f"t{i}" for i in expected]
+    assert len(q) == 0 and q.pop() is None
+
+
+def test_a_requeued_task_takes_its_new_place() -> None:
+    q = TaskQueue(10, QueuePolicy.FIFO)
+    for name in ("a", "b", "c"):
+        q.push(task(name))
+    q.remove("a")
+    q.push(task("a"))  # its stale heap entry must not pop it ahead of b and c
+    assert drain(q) == ["b", "c", "a"]
