@@ -269,3 +269,10 @@ def test_corrupted_file_during_watch_keeps_the_running_config(tmp_path: Path) ->
     assert manager.current.observability.log_level == "debug"
     assert manager.record.version == before.version + 1
     assert config_hash(manager.current) == manager.record.config_hash
+
+
+def test_a_corrupt_history_file_is_a_config_error_naming_it(tmp_path: Path) -> None:
+    db = tmp_path / "history.sqlite3"
+    db.write_bytes(b"not a database" * 100)
+    with pytest.raises(ConfigError, match=re.escape(str(db))):
+        ConfigHistory(db)

@@ -159,7 +159,10 @@ class ConfigManager:
         """COMMIT: apply an agreed proposal at agreed sequence number `seq`.
 
         Idempotent for a redelivered `seq`; refuses one that arrives out of order or that
-        this node already applied differently (it has diverged and needs `sync`).
+        this node already applied differently (it has diverged and needs `sync`). If a
+        subscriber rejects here, after the cluster committed, this node keeps its old config
+        and its cluster hash no longer matches: the caller reports it and the node syncs or
+        restarts, since the rest of the cluster has moved on.
         """
         with self._lock:
             done = self._history.by_cluster_seq(seq)
@@ -266,7 +269,8 @@ def watch_config(
 
     A file that fails to parse or validate, or that changes static keys, leaves the
     running config as it is; the error goes to `on_error` and the log. Directories are
-    watched rather than files, so editors that save by rename are seen too.
+    watched rather than files, so editors that save by rename are seen too. A result with
+    `pending` set carries cluster-wide changes: hand it to the agreement layer.
     """
     watched = {Path(f).expanduser().resolve() for f in files}
     try:

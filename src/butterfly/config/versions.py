@@ -14,11 +14,13 @@ also keep the agreed sequence number, which a returning node uses to catch up.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,8 +128,17 @@ class ConfigHistory:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        """SQLite failures (disk full, locked, corrupt file) as one ConfigError with the path."""
+        try:
+            with self._lock:
+                yield
+        except sqlite3.Error as e:
+            raise ConfigError(f"config history {self.path}: {e}") from None
+
     def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
+        with self._guard():
             return self._db.execute(sql, args).fetchall()
 
     def record(
@@ -150,7 +161,7 @@ class ConfigHistory:
             reason,
             canonical_json(data).decode(),
         )
-        with self._lock, self._db:
+        with self._guard(), self._db:
             cur = self._db.execute(
                 "INSERT INTO versions (config_hash, cluster_hash, cluster_seq, created_at,"
                 " source, reason, config) VALUES (?, ?, ?, ?, ?, ?, ?)",
