@@ -1,0 +1,57 @@
+"""The seam between scheduling and execution.
+
+The scheduler decides *when* a task runs; an engine decides *where* and runs it. Two real
+engines exist: `LocalEngine` (all stages in this process, a one-node cluster) and the
+pipeline engine that drives stages on remote nodes over the network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from butterfly.types.ids import NodeId, RequestId
+from butterfly.types.model import LayerRange
+from butterfly.types.tasks import InferenceResult, InferenceTask
+
+TokenSink = Callable[[int], None]
+"""Called with each new token id as it is produced (for streaming); must not block."""
+
+
+@dataclass(frozen=True)
+class NodeHealth:
+    node: NodeId
+    status: str  # "healthy", "suspected", "failed", "starting"
+    address: str
+    layers: LayerRange | None  # the stage it runs in the current plan, if any
+    last_seen_s: float | None = None  # seconds since its last heartbeat
+    requests: int = 0  # KV caches it holds, as its last heartbeat said
+
+
+@dataclass(frozen=True)
+class ClusterHealth:
+    healthy: bool
+    epoch: int
+    nodes: tuple[NodeHealth, ...] = ()
+    services: dict[str, bool] = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    @property
+    def max_context(self) -> int:
+        """Positions the loaded model supports (prompt + new tokens must fit)."""
+
+    @property
+    def input_kind(self) -> str:
+        """ "tokens" for language models, "vectors" for vector-input stacks."""
+
+    async def run(self, task: InferenceTask, on_token: TokenSink) -> InferenceResult:
+        """Run the task to completion. Raises a ButterflyError subclass on failure;
+        `asyncio.CancelledError` when the task is cancelled, after freeing its state on
+        every node."""
+
+    def health(self) -> ClusterHealth: ...
+
+
+__all__ = ["ClusterHealth", "Engine", "NodeHealth", "RequestId", "TokenSink"]

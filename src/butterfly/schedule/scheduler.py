@@ -1,0 +1,379 @@
+"""Accepts tasks, keeps them safe, and runs up to `max_concurrent` of them on an engine.
+
+The scheduler decides *when* a task runs (queue policy, concurrency limit); the engine
+decides *where*. Its promises, in the order a task meets them:
+
+- `submit` returns only after the task is committed to the store, so an id handed to a
+  client always names a task that will run, even across a gateway restart;
+- the queue is bounded, and a refused task (`QueueFull`) was never written;
+- a finished task's state (and result) is committed before anyone waiting is woken;
+- `cancel` of a queued task removes it; of a running one, cancels the engine's call,
+  which frees the task's state on every node;
+- `shutdown` stops dispatching, gives running tasks a grace period, then cancels them
+  *without* marking them cancelled: they stay unfinished in the store and run again
+  when the gateway comes back.
+
+Concurrency: `run()` owns one TaskGroup holding the dispatch loop's tasks; every engine
+call is a child of it, so nothing outlives `run()` and nothing is fire-and-forget. All
+state is touched on the event loop only; store I/O goes to a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+from functools import partial
+
+from butterfly.metrics.events import (
+    Emit,
+    QueueDepth,
+    TaskFinished,
+    TaskOutcome,
+    TaskSubmitted,
+    TokenProduced,
+)
+from butterfly.metrics.events import discard as discard_events
+from butterfly.schedule.engine import Engine
+from butterfly.schedule.queue import QueuePolicy, TaskQueue
+from butterfly.schedule.state import (
+    DISPATCH,
+    FINISH,
+    SUBMITTED,
+    Fail,
+    Step,
+    TaskEvent,
+    TaskState,
+    TaskStatus,
+    apply,
+    transition,
+)
+from butterfly.schedule.store import TaskStore
+from butterfly.types.errors import (
+    ButterflyError,
+    InvalidTransition,
+    QueueFull,
+    ServiceUnavailable,
+    TaskAlreadyExists,
+    TaskNotFound,
+)
+from butterfly.types.tasks import InferenceResult, InferenceTask
+
+log = logging.getLogger(__name__)
+
+RECENT_RESULTS = 1024
+"""Finished tasks kept in memory, so reading a fresh result does not touch the disk."""
+
+CANCELLABLE = frozenset({TaskStatus.PARTITIONING, TaskStatus.COORDINATING, TaskStatus.COMPUTING})
+"""Running states in which cancelling still saves work (later ones are about to finish)."""
+
+OUTCOMES: dict[TaskStatus, TaskOutcome] = {
+    TaskStatus.COMPLETED: "completed",
+    TaskStatus.FAILED: "failed",
+    TaskStatus.CANCELLED: "cancelled",
+}
+
+
+@dataclass(frozen=True)
+class TaskSnapshot:
+    """A task as a reader sees it at one moment."""
+
+    task: InferenceTask
+    state: TaskState
+    result: InferenceResult | None = None
+    tokens_generated: int = 0
+    queue_position: int | None = None  # tasks ahead of it, while queued
+
+
+@dataclass(eq=False)
+class _Live:
+    """A task that has not finished yet, with everything waiting on it."""
+
+    task: InferenceTask
+    state: TaskState
+    accepted: float
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    tokens: list[int] = field(default_factory=list)
+    last_token_at: float = 0.0
+    dispatched: float = 0.0
+    subscribers: list[asyncio.Queue[int | None]] = field(default_factory=list)
+    runner: asyncio.Task[None] | None = None
+    cancel_requested: bool = False
+    result: InferenceResult | None = None
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        store: TaskStore,
+        emit: Emit = discard_events,
+        max_concurrent: int = 4,
+        queue_capacity: int = 256,
+        policy: QueuePolicy = QueuePolicy.FIFO,
+        detokenize: Callable[[list[int]], str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_concurrent < 1:
+            raise ValueError(f"max_concurrent must be at least 1, got {max_concurrent}")
+        self._engine, self._store, self._emit = engine, store, emit
+        self._max_concurrent = max_concurrent
+        self._detokenize = detokenize
+        self._clock = clock
+        self._queue = TaskQueue(queue_capacity, policy)
+        self._live: dict[str, _Live] = {}
+        self._recent: OrderedDict[str, TaskSnapshot] = OrderedDict()
+        self._runners: set[str] = set()
+        self._orphans: list[_Live] = []  # cancelled before their runner ever started
+        self._reserved = 0  # submissions between the capacity check and the queue push
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._grace_s = 0.0
+        self._accepting = True
+        self.serving = False  # True while run() dispatches
+        for task in store.recovered:  # accepted before a restart: they may exceed the bound
+            self._enqueue(task, force=True)
+        if store.recovered:
+            log.info("re-queued %d unfinished task(s) from %s", len(store.recovered), store.path)
+
+    # --- commands ----------------------------------------------------------------------
+
+    async def submit(self, task: InferenceTask) -> TaskSnapshot:
+        """Persist and queue a validated task; `QueueFull` when no room is left."""
+        if not self._accepting:
+            raise ServiceUnavailable("the scheduler is shutting down; send the task elsewhere")
+        if task.task_id in self._live:
+            raise TaskAlreadyExists(f"a task with id {task.task_id} already exists")
+        if len(self._queue) + self._reserved >= self._queue.capacity:
+            raise QueueFull(
+                f"the task queue is full ({self._queue.capacity} tasks waiting); retry later"
+            )
+        self._reserved += 1
+        try:
+            await asyncio.to_thread(self._store.add, task)
+        finally:
+            self._reserved -= 1
+        live = self._enqueue(task, force=True)
+        self._emit(TaskSubmitted(task.priority))
+        return self._snapshot(live)
+
+    async def cancel(self, task_id: str) -> TaskSnapshot:
+        """Cancel a queued or running task; `InvalidTransition` once it has finished."""
+        live = self._live.get(task_id)
+        if live is None:
+            snap = await self.snapshot(task_id)
+            transition(snap.state, Step.CANCEL)  # raises: a finished task is not live
+            return snap
+        if live.state.status is TaskStatus.QUEUED:
+            self._queue.remove(task_id)
+            self._emit(QueueDepth(len(self._queue)))
+            await self._finish(live, Step.CANCEL, None)
+        elif live.runner is not None and live.state.status in CANCELLABLE:
+            live.cancel_requested = True
+            live.runner.cancel()
+        await live.done.wait()
+        if live.state.status is not TaskStatus.CANCELLED:
+            raise InvalidTransition(
+                f"task {task_id} finished as {live.state.status.value} before it could be cancelled"
+            )
+        return self._snapshot(live)
+
+    # --- queries -----------------------------------------------------------------------
+
+    async def snapshot(self, task_id: str) -> TaskSnapshot:
+        """The task's current state; `TaskNotFound` when no such task was accepted."""
+        live = self._live.get(task_id)
+        if live is not None:
+            return self._snapshot(live)
+        recent = self._recent.get(task_id)
+        if recent is not None:
+            return recent
+        stored = await asyncio.to_thread(self._store.get, task_id)
+        if stored is None:
+            raise TaskNotFound(f"no task with id {task_id!r}; ids come from POST /inference")
+        tokens = len(stored.result.output_ids) if stored.result else 0
+        return TaskSnapshot(stored.task, stored.state, stored.result, tokens)
+
+    async def wait(self, task_id: str, timeout: float) -> TaskSnapshot:
+        """The task once finished, or as it stands after `timeout` seconds."""
+        live = self._live.get(task_id)
+        if live is not None and timeout > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await live.done.wait()
+        return self._snapshot(live) if live is not None else await self.snapshot(task_id)
+
+    async def stream(self, task_id: str) -> AsyncIterator[int]:
+        """The task's tokens as they are produced, from the first; ends when it finishes
+        (read its final state with `snapshot` then)."""
+        live = self._live.get(task_id)
+        if live is None:
+            snap = await self.snapshot(task_id)
+            for token in snap.result.output_ids if snap.result else ():
+                yield token
+            return
+        inbox: asyncio.Queue[int | None] = asyncio.Queue()
+        backlog = list(live.tokens)
+        live.subscribers.append(inbox)
+        try:
+            for token in backlog:
+                yield token
+            while (fresh := await inbox.get()) is not None:
+                yield fresh
+        finally:
+            with contextlib.suppress(ValueError):
+                live.subscribers.remove(inbox)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def active(self) -> int:
+        return len(self._runners)
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Dispatch tasks until `shutdown()`; returns once every engine call has ended."""
+        self.serving = True
+        try:
+            async with asyncio.TaskGroup() as tg:
+                while not self._stop.is_set():
+                    for live in self._orphans:
+                        if not live.state.terminal:
+                            tg.create_task(self._finish(live, Step.CANCEL, None))
+                    self._orphans.clear()
+                    self._dispatch(tg)
+                    await self._wake.wait()
+                    self._wake.clear()
+                await self._drain()
+        finally:
+            self.serving = False
+            self._accepting = False
+
+    def shutdown(self, grace_s: float = 0.0) -> None:
+        """Stop accepting and dispatching; running tasks get `grace_s` to finish."""
+        self._accepting = False
+        self._grace_s = grace_s
+        self._stop.set()
+        self._wake.set()
+
+    # --- internals ---------------------------------------------------------------------
+
+    def _enqueue(self, task: InferenceTask, *, force: bool) -> _Live:
+        live = _Live(task, apply(SUBMITTED, Step.ENQUEUE), accepted=self._clock())
+        self._queue.push(task, force=force)
+        self._live[task.task_id] = live
+        self._emit(QueueDepth(len(self._queue)))
+        self._wake.set()
+        return live
+
+    def _dispatch(self, tg: asyncio.TaskGroup) -> None:
+        while len(self._runners) < self._max_concurrent:
+            task = self._queue.pop()
+            if task is None:
+                break
+            live = self._live[task.task_id]
+            live.state = apply(live.state, *DISPATCH)
+            live.dispatched = self._clock()
+            self._runners.add(task.task_id)
+            live.runner = tg.create_task(self._execute(live), name=f"task-{task.task_id}")
+            live.runner.add_done_callback(partial(self._reap, live))
+            self._emit(QueueDepth(len(self._queue)))
+
+    async def _drain(self) -> None:
+        running = [live.runner for live in self._live.values() if live.runner is not None]
+        if running and self._grace_s > 0:
+            await asyncio.wait(running, timeout=self._grace_s)
+        for runner in running:
+            runner.cancel()  # not cancel_requested: they stay unfinished in the store
+
+    async def _execute(self, live: _Live) -> None:
+        task_id = live.task.task_id
+        try:
+            result = await self._engine.run(live.task, partial(self._on_token, live))
+            live.state = apply(live.state, *FINISH)
+            result = self._assemble(live, result)
+        except asyncio.CancelledError:
+            if not live.cancel_requested:
+                raise
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            await self._finish(live, Step.CANCEL, None)
+        except ButterflyError as e:
+            log.warning("task %s failed: %s", task_id, e.message)
+            await self._finish(live, Fail(e.message, e.kind), None)
+        except Exception as e:
+            log.exception("task %s failed with an unexpected error", task_id)
+            await self._finish(live, Fail(f"{type(e).__name__}: {e}", "internal_error"), None)
+        else:
+            await self._finish(live, Step.COMMIT_COMPLETE, result)
+
+    def _reap(self, live: _Live, runner: asyncio.Task[None]) -> None:
+        """Free the slot. A runner cancelled before its first step never entered
+        `_execute`'s handlers, so a requested cancel is finished by the dispatch loop."""
+        self._runners.discard(live.task.task_id)
+        if live.cancel_requested and live.task.task_id in self._live and not live.done.is_set():
+            self._orphans.append(live)
+        self._wake.set()
+
+    def _assemble(self, live: _Live, result: InferenceResult) -> InferenceResult:
+        """Aggregating: the text of the new tokens and the scheduler's own timings."""
+        if self._detokenize is not None and result.output_ids and not result.text:
+            result = replace(result, text=self._detokenize(list(result.output_ids)))
+        now = self._clock()
+        timings = {
+            **result.timings,
+            "queued_s": live.dispatched - live.accepted,
+            "total_s": now - live.accepted,
+        }
+        return replace(result, timings=timings)
+
+    async def _finish(self, live: _Live, event: TaskEvent, result: InferenceResult | None) -> None:
+        """Commit a terminal state, then wake everyone waiting on the task."""
+        live.state = transition(live.state, event)
+        live.result = result
+        try:
+            await asyncio.to_thread(self._store.finish, live.task.task_id, live.state, result)
+        except Exception as e:  # the state is still served from memory until a restart
+            log.exception("could not record task %s as %s", live.task.task_id, live.state)
+            if live.state.status is TaskStatus.COMPLETED:
+                reason = f"the result could not be stored ({e}); the task will run again"
+                live.state, live.result = (
+                    TaskState(TaskStatus.FAILED, reason, "internal_error"),
+                    None,
+                )
+        self._emit(TaskFinished(OUTCOMES[live.state.status], self._clock() - live.accepted))
+        snap = self._snapshot(live)
+        self._recent[live.task.task_id] = snap
+        while len(self._recent) > RECENT_RESULTS:
+            self._recent.popitem(last=False)
+        del self._live[live.task.task_id]
+        live.done.set()
+        for inbox in live.subscribers:
+            inbox.put_nowait(None)
+
+    def _on_token(self, live: _Live, token: int) -> None:
+        now = self._clock()
+        first = not live.tokens
+        live.tokens.append(token)
+        self._emit(TokenProduced(first, now - (live.accepted if first else live.last_token_at)))
+        live.last_token_at = now
+        for inbox in live.subscribers:
+            inbox.put_nowait(token)
+
+    def _snapshot(self, live: _Live) -> TaskSnapshot:
+        position = None
+        if live.state.status is TaskStatus.QUEUED:
+            position = self._queue.position(live.task.task_id)
+        return TaskSnapshot(live.task, live.state, live.result, len(live.tokens), position)
+
+
+__all__ = ["Scheduler", "TaskSnapshot"]

@@ -1,0 +1,233 @@
+"""The scheduler on a real LocalEngine and a real SQLite file (tiny demo model)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Iterator
+from contextlib import aclosing, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from butterfly.metrics.events import MetricsEvent, TaskFinished, TaskSubmitted, TokenProduced
+from butterfly.runtime.generate import generate
+from butterfly.runtime.loader import load_stage
+from butterfly.runtime.tokenizer import TextCodec
+from butterfly.schedule.local_engine import LocalEngine
+from butterfly.schedule.queue import QueuePolicy
+from butterfly.schedule.scheduler import Scheduler
+from butterfly.schedule.state import TaskStatus
+from butterfly.schedule.store import TaskStore
+from butterfly.types.errors import InvalidTransition, QueueFull, TaskNotFound
+from butterfly.types.ids import RequestId
+from butterfly.types.model import LayerRange
+from butterfly.types.tasks import InferenceTask, SamplingParams
+
+pytestmark = pytest.mark.anyio
+
+SPLIT = [LayerRange(0, 1), LayerRange(1, 3), LayerRange(3, 4)]
+_ids = itertools.count()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def codec(tiny_model: Path) -> TextCodec:
+    return TextCodec.load(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model: Path, codec: TextCodec) -> Iterator[LocalEngine]:
+    eng = LocalEngine.load(tiny_model, SPLIT, stop_ids=codec.eos_ids)
+    yield eng
+    eng.close()
+
+
+def make_task(
+    codec: TextCodec, prompt: str, n: int = 12, priority: int = 0, **sampling: Any
+) -> InferenceTask:
+    return InferenceTask(
+        task_id=RequestId(f"task-{next(_ids)}"),
+        input_ids=tuple(codec.encode(prompt)),
+        max_new_tokens=n,
+        sampling=SamplingParams(**sampling),
+        priority=priority,
+    )
+
+
+def reference(model: Path, codec: TextCodec, task: InferenceTask) -> list[int]:
+    stages = [load_stage(model)]
+    ids = task.input_ids
+    return list(generate(stages, ids, task.max_new_tokens, task.sampling, codec.eos_ids))
+
+
+@asynccontextmanager
+async def running(scheduler: Scheduler) -> AsyncIterator[Scheduler]:
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(scheduler.run())
+        try:
+            yield scheduler
+        finally:
+            scheduler.shutdown()
+
+
+def new_scheduler(engine: LocalEngine, path: Path, **kw: Any) -> tuple[Scheduler, TaskStore]:
+    store = TaskStore(path)
+    return Scheduler(engine=engine, store=store, **kw), store
+
+
+async def test_outputs_equal_generate_greedy_and_sampled(
+    tiny_model: Path, codec: TextCodec, engine: LocalEngine, tmp_path: Path
+) -> None:
+    events: list[MetricsEvent] = []
+    sched, store = new_scheduler(
+        engine, tmp_path / "t.db", emit=events.append, detokenize=codec.decode
+    )
+    tasks = [
+        make_task(codec, "The butterfly", 16),
+        make_task(codec, "flaps its wings", 20, temperature=1.0, seed=7),
+        make_task(codec, "over the sea", 9, temperature=0.8, top_k=40, top_p=0.9, seed=3),
+    ]
+    async with running(sched):
+        for t in tasks:  # all at once: they interleave token by token on the worker
+            await sched.submit(t)
+        done = [await sched.wait(t.task_id, 60) for t in tasks]
+    for t, snap in zip(tasks, done, strict=True):
+        assert snap.state.status is TaskStatus.COMPLETED
+        assert snap.result is not None
+        assert list(snap.result.output_ids) == reference(tiny_model, codec, t)
+        assert snap.result.text == codec.decode(list(snap.result.output_ids))
+        assert [s.layers for s in snap.result.stages] == SPLIT
+    assert sum(isinstance(e, TaskSubmitted) for e in events) == 3
+    assert sum(isinstance(e, TokenProduced) and e.first for e in events) == 3
+    assert [e.status for e in events if isinstance(e, TaskFinished)] == ["completed"] * 3
+    store.close()
+
+
+async def test_priority_policy_dispatches_high_first(
+    codec: TextCodec, engine: LocalEngine, tmp_path: Path
+) -> None:
+    sched, store = new_scheduler(
+        engine, tmp_path / "t.db", policy=QueuePolicy.PRIORITY, max_concurrent=1
+    )
+    tasks = [make_task(codec, "x", 2, priority=p) for p in (0, 5, 1, 5)]
+    for t in tasks:  # queued before the loop starts, so the policy alone picks the order
+        await sched.submit(t)
+    assert (await sched.snapshot(tasks[3].task_id)).queue_position == 1
+    finished: list[int] = []
+
+    async def watch(i: int) -> None:
+        await sched.wait(tasks[i].task_id, 60)
+        finished.append(i)
+
+    async with running(sched), asyncio.TaskGroup() as tg:
+        for i in range(len(tasks)):
+            tg.create_task(watch(i))
+    assert finished == [1, 3, 2, 0]
+    store.close()
+
+
+async def test_cancel_queued_and_running_tasks(
+    codec: TextCodec, engine: LocalEngine, tmp_path: Path
+) -> None:
+    sched, store = new_scheduler(engine, tmp_path / "t.db", max_concurrent=1)
+    long = make_task(codec, "a long one", 400)
+    queued = make_task(codec, "waiting", 4)
+    after = make_task(codec, "after", 4)
+    async with running(sched):
+        await sched.submit(long)
+        await sched.submit(queued)
+        async with aclosing(sched.stream(long.task_id)) as stream:
+            await anext(stream)  # the long task is running
+            assert (await sched.cancel(queued.task_id)).state.status is TaskStatus.CANCELLED
+            snap = await sched.cancel(long.task_id)
+            assert snap.state.status is TaskStatus.CANCELLED
+            assert 0 < snap.tokens_generated < 400
+            rest = [t async for t in stream]  # the stream ends instead of hanging
+            assert 1 + len(rest) == snap.tokens_generated
+        await sched.submit(after)  # the slot was freed
+        assert (await sched.wait(after.task_id, 60)).state.status is TaskStatus.COMPLETED
+        with pytest.raises(InvalidTransition):
+            await sched.cancel(after.task_id)
+        with pytest.raises(TaskNotFound):
+            await sched.cancel("no-such-task")
+    for t, status in [(long, "cancelled"), (queued, "cancelled"), (after, "completed")]:
+        got = store.get(t.task_id)
+        assert got is not None and got.state.status == status
+    store.close()
+
+
+async def test_wait_times_out_with_the_current_state(
+    codec: TextCodec, engine: LocalEngine, tmp_path: Path
+) -> None:
+    sched, store = new_scheduler(engine, tmp_path / "t.db")
+    t = make_task(codec, "never dispatched", 4)
+    await sched.submit(t)  # the loop is not running: the task stays queued
+    snap = await sched.wait(t.task_id, 0.05)
+    assert snap.state.status is TaskStatus.QUEUED and snap.result is None
+    store.close()
+
+
+async def test_full_queue_refuses_and_writes_nothing(
+    codec: TextCodec, engine: LocalEngine, tmp_path: Path
+) -> None:
+    sched, store = new_scheduler(engine, tmp_path / "t.db", queue_capacity=2)
+    await sched.submit(make_task(codec, "a"))
+    await sched.submit(make_task(codec, "b"))
+    refused = make_task(codec, "c")
+    with pytest.raises(QueueFull):
+        await sched.submit(refused)
+    assert store.get(refused.task_id) is None
+    store.close()
+
+
+async def test_engine_errors_fail_the_task_not_the_scheduler(
+    codec: TextCodec, engine: LocalEngine, tmp_path: Path
+) -> None:
+    sched, store = new_scheduler(engine, tmp_path / "t.db")
+    bad = InferenceTask(RequestId("bad"), input_ids=(1, 99999), max_new_tokens=3)
+    good = make_task(codec, "fine", 3)
+    async with running(sched):
+        await sched.submit(bad)
+        await sched.submit(good)
+        failed = await sched.wait(bad.task_id, 60)
+        assert failed.state.status is TaskStatus.FAILED
+        assert failed.state.error_type == "invalid_input" and "99999" in failed.state.reason
+        assert (await sched.wait(good.task_id, 60)).state.status is TaskStatus.COMPLETED
+    store.close()
+
+
+async def test_restart_runs_tasks_queued_or_running_before(
+    tiny_model: Path, codec: TextCodec, engine: LocalEngine, tmp_path: Path
+) -> None:
+    db = tmp_path / "tasks.sqlite"
+    first, first_store = new_scheduler(engine, db, max_concurrent=1)
+    running_task = make_task(codec, "interrupted", 300, temperature=1.0, seed=11)
+    queued_task = make_task(codec, "still queued", 6)
+    async with running(first):
+        await first.submit(running_task)
+        await first.submit(queued_task)
+        async with aclosing(first.stream(running_task.task_id)) as stream:
+            await anext(stream)
+    # run() returned: the running task was cancelled by the shutdown, not by a client
+    first_store.close()
+
+    second, second_store = new_scheduler(engine, db, max_concurrent=1)
+    assert [t.task_id for t in second_store.recovered] == [
+        running_task.task_id,
+        queued_task.task_id,
+    ]
+    async with running(second):
+        done = [await second.wait(t.task_id, 120) for t in (running_task, queued_task)]
+    for t, snap in zip((running_task, queued_task), done, strict=True):
+        assert snap.state.status is TaskStatus.COMPLETED and snap.result is not None
+        assert list(snap.result.output_ids) == reference(tiny_model, codec, t)
+    second_store.close()
+    third = TaskStore(db)
+    assert third.recovered == ()
+    third.close()
