@@ -62,7 +62,8 @@ ONE_OF_EACH: list[MetricsEvent] = [
 
 
 def value(m: Metrics, name: str, **labels: str) -> float | None:
-    return m.registry.get_sample_value(name, labels)
+    found = m.registry.get_sample_value(name, labels)
+    return None if found is None else float(found)
 
 
 def test_one_event_of_every_kind_is_covered() -> None:

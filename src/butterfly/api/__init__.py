@@ -1,0 +1,1 @@
+"""The gateway's HTTP API: the native endpoints and the OpenAI-compatible ones."""

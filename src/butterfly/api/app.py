@@ -1,0 +1,114 @@
+"""The gateway's FastAPI app: the contract of DESIGN.md section 2.
+
+Thin by design: each endpoint validates its input, sends one command to the scheduler
+(submit, cancel) or reads from it (snapshot, wait, stream), and shapes the answer. It
+owns no task state, so the app can be rebuilt or served by several workers' worth of
+routes without any of them disagreeing about a task.
+
+`create_app` is a factory with keyword-only injection; there is no module-level app.
+The scheduler's `run()` is driven by whoever composes the node, next to uvicorn.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response
+
+from butterfly.api import errors, openai
+from butterfly.api.gateway import Gateway, accepted_body, status_body
+from butterfly.api.guards import BearerAuth, RateLimiter
+from butterfly.api.requests import InferenceRequest, parse
+from butterfly.api.settings import ApiSettings
+from butterfly.metrics.prometheus import CONTENT_TYPE, Metrics
+from butterfly.runtime.tokenizer import TextCodec
+from butterfly.schedule.engine import ClusterHealth, Engine
+from butterfly.schedule.scheduler import Scheduler
+from butterfly.types.tasks import SamplingParams
+
+WaitSeconds = Annotated[float, Query(description="Seconds to wait for the result.")]
+
+
+def create_app(
+    *,
+    scheduler: Scheduler,
+    engine: Engine,
+    codec: TextCodec | None,
+    metrics: Metrics,
+    model_name: str,
+    settings: ApiSettings,
+) -> FastAPI:
+    gw = Gateway(scheduler, engine, codec, settings, model_name)
+    auth = Depends(BearerAuth(settings.api_tokens))
+    limited = Depends(RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst))
+    app = FastAPI(title="Butterfly gateway", version="1")
+    errors.install(app, retry_after_s=settings.retry_after_s)
+
+    @app.post("/inference", dependencies=[limited], status_code=202)
+    async def inference(request: Request) -> Response:
+        """Accept a task: 202 with its id, or with `wait: true` its result."""
+        body = await parse(request, InferenceRequest, settings.max_request_bytes)
+        if body.input is not None:
+            task = gw.vector_task(body.input, body.priority)
+        else:
+            ids = gw.encode(body.prompt) if body.prompt is not None else list(body.input_ids or ())
+            sampling = SamplingParams(body.temperature, body.top_k, body.top_p, body.seed)
+            task = gw.token_task(ids, body.max_new_tokens, sampling, body.priority)
+        snap = await scheduler.submit(task)
+        if body.wait:
+            return gw.outcome(await scheduler.wait(task.task_id, settings.max_wait_s))
+        headers = {"Location": f"/result/{task.task_id}"}
+        return JSONResponse(accepted_body(snap), status_code=202, headers=headers)
+
+    @app.get("/status/{task_id}")
+    async def status(task_id: str) -> dict[str, Any]:
+        return status_body(await scheduler.snapshot(task_id))
+
+    @app.get("/result/{task_id}")
+    async def result(task_id: str, wait: WaitSeconds = 0.0) -> Response:
+        """The finished result (200), 202 while it is still running, or the task's error."""
+        return gw.outcome(await scheduler.wait(task_id, gw.wait_limit(wait)))
+
+    @app.delete("/tasks/{task_id}", dependencies=[auth])
+    async def cancel(task_id: str) -> dict[str, Any]:
+        return accepted_body(await scheduler.cancel(task_id))
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        body = health_body(engine.health(), scheduler)
+        return JSONResponse(body, status_code=200 if body["healthy"] else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    app.include_router(openai.router(gw, limited))
+    return app
+
+
+def health_body(cluster: ClusterHealth, scheduler: Scheduler) -> dict[str, Any]:
+    """Seed 001's health shape (`healthy`, `services`, `nodes`), plus the epoch and load."""
+    services = {name: "ok" if up else "down" for name, up in cluster.services.items()}
+    services["scheduling"] = "ok" if scheduler.serving else "down"
+    nodes = [
+        {
+            "id": n.node,
+            "status": n.status,
+            "address": n.address,
+            "layers": [n.layers.start, n.layers.end] if n.layers is not None else None,
+            "last_seen_s": n.last_seen_s,
+        }
+        for n in cluster.nodes
+    ]
+    return {
+        "healthy": cluster.healthy and scheduler.serving,
+        "services": services,
+        "nodes": nodes,
+        "epoch": cluster.epoch,
+        "queue_depth": scheduler.queue_depth,
+        "active_tasks": scheduler.active,
+    }
+
+
+__all__ = ["create_app", "health_body"]

@@ -1,0 +1,185 @@
+"""Every failure leaves the API as `{"error": {"type", "message"}}` with a 4xx or 5xx.
+
+The mapping from error class to status lives here, in one table, so endpoints just raise
+the `ButterflyError` that says what went wrong. Anything that is not a ButterflyError is
+a bug: it is logged with its traceback and answered with a 500 in the same shape, and the
+process goes on serving (a catch-all ASGI middleware guarantees it, because Starlette's
+own 500 handler re-raises after answering).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from butterfly.types.errors import (
+    ApiError,
+    ButterflyError,
+    ContextLengthExceeded,
+    InvalidInput,
+    InvalidRequest,
+    InvalidTask,
+    InvalidTransition,
+    LayerRangeError,
+    PayloadTooLarge,
+    QueueFull,
+    RateLimited,
+    ServiceUnavailable,
+    TaskAlreadyExists,
+    TaskNotFound,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Unauthorized(ApiError):
+    """A state-changing request without a valid bearer token."""
+
+
+STATUS: tuple[tuple[type[ButterflyError], int], ...] = (
+    (InvalidRequest, 400),
+    (InvalidTask, 400),
+    (InvalidInput, 400),
+    (ContextLengthExceeded, 400),
+    (LayerRangeError, 400),
+    (Unauthorized, 401),
+    (TaskNotFound, 404),
+    (InvalidTransition, 409),
+    (TaskAlreadyExists, 409),
+    (PayloadTooLarge, 413),
+    (QueueFull, 429),
+    (RateLimited, 429),
+    (ServiceUnavailable, 503),
+)
+KIND_STATUS = {cls("").kind: status for cls, status in STATUS}
+"""Status by error `kind`, for failures read back from the task store."""
+
+
+def status_for(err: ButterflyError) -> int:
+    for cls, status in STATUS:
+        if isinstance(err, cls):
+            return status
+    return 503 if err.retriable else 500
+
+
+def error_body(kind: str, message: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The contract's error shape; `extra` adds top-level keys beside `error`."""
+    return {"error": {"type": kind, "message": message}, **(extra or {})}
+
+
+def error_response(
+    status: int,
+    kind: str,
+    message: str,
+    *,
+    retry_after_s: int = 1,
+    extra: dict[str, Any] | None = None,
+) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after_s)} if status in (429, 503) else None
+    return JSONResponse(error_body(kind, message, extra), status_code=status, headers=headers)
+
+
+def describe_validation(errors: list[Any], fields: tuple[str, ...] = ()) -> str:
+    """One readable sentence per problem pydantic found, naming the field."""
+    parts = []
+    for e in errors:
+        loc = ".".join(str(p) for p in e.get("loc", ()) if p not in ("body", "query", "path"))
+        kind = e.get("type", "")
+        if kind == "json_invalid":
+            parts.append(f"the body is not valid JSON ({e.get('ctx', {}).get('error', e['msg'])})")
+        elif kind == "extra_forbidden":
+            known = f"; known fields: {', '.join(fields)}" if fields else ""
+            parts.append(f"unknown field {loc!r}{known}")
+        elif kind == "missing":
+            parts.append(f"missing field {loc!r}")
+        elif kind == "value_error":
+            message = str(e.get("msg", "")).removeprefix("Value error, ")
+            parts.append(f"{loc}: {message}" if loc else message)
+        else:
+            parts.append(f"{loc or 'body'}: {e.get('msg', kind)}")
+    return "; ".join(parts) or "the request is invalid"
+
+
+def install(app: FastAPI, *, retry_after_s: int) -> None:
+    """Register the handlers that give every error the contract's shape."""
+
+    async def on_butterfly(request: Request, exc: Exception) -> JSONResponse:
+        if not isinstance(exc, ButterflyError):
+            raise exc
+        status = status_for(exc)
+        if status >= 500:
+            log.error("%s %s failed: %s", request.method, request.url.path, exc)
+        return error_response(status, exc.kind, exc.message, retry_after_s=retry_after_s)
+
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
+        if not isinstance(exc, StarletteHTTPException):
+            raise exc
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = f"no endpoint {request.method} {request.url.path}"
+        return error_response(exc.status_code, kind, message, retry_after_s=retry_after_s)
+
+    async def on_validation(request: Request, exc: Exception) -> JSONResponse:
+        errors = exc.errors() if isinstance(exc, RequestValidationError | ValidationError) else []
+        return error_response(400, "invalid_request", describe_validation(list(errors)))
+
+    app.add_exception_handler(ButterflyError, on_butterfly)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(ValidationError, on_validation)
+    app.add_middleware(CatchAll)
+
+
+class CatchAll:
+    """Turn any exception that escaped the handlers into a 500 in the contract's shape."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except ClientDisconnect:
+            return  # the client left: nobody to answer, nothing wrong with the gateway
+        except Exception as e:
+            log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
+            with contextlib.suppress(OSError):  # the client may be gone as well
+                if started:  # headers are out; all that is left is to end the body
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    return
+                message = f"internal error ({type(e).__name__}); the gateway log has the details"
+                response = JSONResponse(error_body("internal_error", message), status_code=500)
+                await response(scope, receive, send)
+
+
+__all__ = [
+    "KIND_STATUS",
+    "STATUS",
+    "Unauthorized",
+    "describe_validation",
+    "error_body",
+    "error_response",
+    "install",
+    "status_for",
+]

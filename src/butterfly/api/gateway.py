@@ -1,0 +1,175 @@
+"""What both APIs share: turning checked input into a task, and a task into a response.
+
+Every check that depends on the model (context length, vocabulary, input kind) happens
+here, before the task is accepted, so bad input is a 400 at the door rather than a task
+that fails later; and a 202 always names a task the engine can run.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+from butterfly.api.errors import KIND_STATUS, error_response
+from butterfly.api.settings import ApiSettings
+from butterfly.runtime.tokenizer import TextCodec
+from butterfly.schedule.engine import Engine
+from butterfly.schedule.scheduler import Scheduler, TaskSnapshot
+from butterfly.schedule.state import TaskStatus
+from butterfly.types.errors import InvalidRequest
+from butterfly.types.ids import RequestId
+from butterfly.types.tasks import InferenceTask, SamplingParams
+
+
+@dataclass(frozen=True)
+class Gateway:
+    scheduler: Scheduler
+    engine: Engine
+    codec: TextCodec | None
+    settings: ApiSettings
+    model_name: str
+
+    # --- input -------------------------------------------------------------------------
+
+    def encode(self, prompt: str) -> list[int]:
+        if self.codec is None:
+            raise InvalidRequest("this model has no tokenizer; send `input_ids` instead of text")
+        return self.codec.encode(prompt)
+
+    def token_task(
+        self,
+        ids: list[int],
+        max_new_tokens: int | None,
+        sampling: SamplingParams,
+        priority: int = 0,
+    ) -> InferenceTask:
+        if self.engine.input_kind != "tokens":
+            raise InvalidRequest("this model takes an input vector; send `input`, not tokens")
+        if not ids:
+            raise InvalidRequest("the prompt is empty: give at least one token")
+        if self.codec is not None:
+            vocab = self.codec.tokenizer.get_vocab_size(with_added_tokens=True)
+            bad = [i for i in ids if not 0 <= i < vocab]
+            if bad:
+                raise InvalidRequest(
+                    f"input_ids must lie in [0, {vocab}); got {bad[0]}"
+                    + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
+                )
+        context, limit = self.engine.max_context, self.settings.max_new_tokens_limit
+        if len(ids) >= context:
+            raise InvalidRequest(
+                f"the prompt is {len(ids)} tokens long; the model's context is {context} "
+                f"tokens, which must also hold at least one new token"
+            )
+        if max_new_tokens is None:  # the default, shrunk to what the context leaves room for
+            max_new_tokens = min(self.settings.default_max_new_tokens, context - len(ids) + 1)
+        if not 1 <= max_new_tokens <= limit:
+            raise InvalidRequest(
+                f"max_new_tokens must be between 1 and {limit}, got {max_new_tokens}"
+            )
+        if len(ids) + max_new_tokens - 1 > context:
+            raise InvalidRequest(
+                f"the prompt of {len(ids)} tokens plus max_new_tokens {max_new_tokens} needs "
+                f"{len(ids) + max_new_tokens - 1} positions; the model's context is {context} "
+                f"(ask for at most {context - len(ids) + 1} new tokens)"
+            )
+        return InferenceTask(
+            task_id=new_task_id(),
+            input_ids=tuple(ids),
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+            priority=priority,
+            created_at=time.time(),
+        )
+
+    def vector_task(self, vector: list[float], priority: int = 0) -> InferenceTask:
+        if self.engine.input_kind != "vectors":
+            raise InvalidRequest(
+                "this model takes tokens, not an input vector; send `prompt` or `input_ids`"
+            )
+        if not vector:
+            raise InvalidRequest("the input vector is empty")
+        return InferenceTask(
+            task_id=new_task_id(),
+            input_vector=tuple(vector),
+            max_new_tokens=1,
+            priority=priority,
+            created_at=time.time(),
+        )
+
+    def wait_limit(self, requested: float) -> float:
+        if not requested >= 0:  # also refuses NaN
+            raise InvalidRequest(f"wait must be a number of seconds >= 0, got {requested}")
+        return min(requested, self.settings.max_wait_s)
+
+    # --- output ------------------------------------------------------------------------
+
+    def finish_reason(self, output_ids: tuple[int, ...]) -> str:
+        """OpenAI's `finish_reason`: "stop" at an end-of-sequence token, else "length"."""
+        stops = self.codec.eos_ids if self.codec is not None else frozenset()
+        return "stop" if output_ids and output_ids[-1] in stops else "length"
+
+    def failure(self, snap: TaskSnapshot) -> JSONResponse:
+        """The error response of a task that failed or was cancelled."""
+        task_id, state = snap.task.task_id, snap.state
+        extra = {"task_id": task_id, "status": state.status.value}
+        retry = self.settings.retry_after_s
+        if state.status is TaskStatus.CANCELLED:
+            message = f"task {task_id} was cancelled"
+            return error_response(409, "task_cancelled", message, retry_after_s=retry, extra=extra)
+        kind = state.error_type or "internal_error"
+        status = KIND_STATUS.get(kind, 500)
+        return error_response(status, kind, state.reason, retry_after_s=retry, extra=extra)
+
+    def outcome(self, snap: TaskSnapshot) -> JSONResponse:
+        """200 with the result, 202 while unfinished, or the task's error."""
+        status = snap.state.status
+        if status is TaskStatus.COMPLETED:
+            return JSONResponse(result_body(snap))
+        if status.terminal:
+            return self.failure(snap)
+        return JSONResponse(accepted_body(snap), status_code=202)
+
+
+def new_task_id() -> RequestId:
+    return RequestId(uuid.uuid4().hex)
+
+
+def accepted_body(snap: TaskSnapshot) -> dict[str, Any]:
+    return {"task_id": snap.task.task_id, "status": snap.state.status.value}
+
+
+def status_body(snap: TaskSnapshot) -> dict[str, Any]:
+    body = accepted_body(snap)
+    body["tokens_generated"] = snap.tokens_generated
+    body["priority"] = snap.task.priority
+    if snap.queue_position is not None:
+        body["queue_position"] = snap.queue_position
+    if snap.state.reason:
+        body["reason"] = snap.state.reason
+    return body
+
+
+def result_body(snap: TaskSnapshot) -> dict[str, Any]:
+    body = accepted_body(snap)
+    result = snap.result
+    if result is None:
+        return body
+    body.update(
+        output_ids=list(result.output_ids),
+        text=result.text,
+        verified=result.verified,
+        stages=[{"node": s.node, "layers": [s.layers.start, s.layers.end]} for s in result.stages],
+        timings=result.timings,
+        prompt_tokens=len(snap.task.input_ids),
+    )
+    if result.output_vector:
+        body["output_vector"] = list(result.output_vector)
+    return body
+
+
+__all__ = ["Gateway", "accepted_body", "result_body", "status_body"]

@@ -1,0 +1,145 @@
+"""OpenAI-compatible completions, so existing clients and tools work unchanged.
+
+`POST /v1/completions` runs through the same scheduler as `POST /inference` (same queue,
+same limits, same checks); `stream: true` answers with server-sent events, one `data:`
+chunk per piece of new text and `data: [DONE]` at the end, as OpenAI does. A client that
+disconnects mid-stream cancels its task, so abandoned streams do not hold a slot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.params import Depends
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from butterfly.api.errors import error_body
+from butterfly.api.gateway import Gateway
+from butterfly.api.requests import CompletionRequest, parse
+from butterfly.runtime.tokenizer import TextCodec
+from butterfly.schedule.state import TaskStatus
+from butterfly.types.errors import ButterflyError, InvalidRequest
+from butterfly.types.tasks import SamplingParams
+
+
+class IncrementalText:
+    """Text deltas of a growing token sequence. A byte-level token may end in the middle
+    of a UTF-8 character; such a tail decodes to U+FFFD and is held back until the
+    character is complete, so the deltas concatenate to the text of all tokens."""
+
+    def __init__(self, codec: TextCodec) -> None:
+        self.codec, self.ids, self.sent = codec, list[int](), ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.codec.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        delta, self.sent = text[len(self.sent) :], text
+        return delta
+
+    def flush(self) -> str:
+        text = self.codec.decode(self.ids)
+        delta, self.sent = text[len(self.sent) :], text
+        return delta
+
+
+def sse(payload: dict[str, Any] | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+def completion(
+    gw: Gateway,
+    task_id: str,
+    created: int,
+    text: str,
+    finish: str | None,
+    usage: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """One completion object; a streamed chunk is the same shape with the new text."""
+    choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+    body: dict[str, Any] = {
+        "id": f"cmpl-{task_id}",
+        "object": "text_completion",
+        "created": created,
+        "model": gw.model_name,
+        "choices": [choice],
+    }
+    if usage is not None:
+        body["usage"] = usage
+    return body
+
+
+def router(gw: Gateway, limited: Depends) -> APIRouter:
+    api = APIRouter(prefix="/v1")
+
+    @api.get("/models")
+    async def models() -> dict[str, Any]:
+        model = {"id": gw.model_name, "object": "model", "created": 0, "owned_by": "butterfly"}
+        return {"object": "list", "data": [model]}
+
+    @api.post("/completions", dependencies=[limited])
+    async def completions(request: Request) -> Response:
+        body = await parse(request, CompletionRequest, gw.settings.max_request_bytes)
+        if body.model != gw.model_name:
+            raise InvalidRequest(
+                f"model {body.model!r} is not served here; this gateway serves {gw.model_name!r}"
+            )
+        if gw.codec is None:
+            raise InvalidRequest("this model has no tokenizer, so it has no text completions")
+        ids = gw.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
+        sampling = SamplingParams(body.temperature, body.top_k, body.top_p, body.seed)
+        task = gw.token_task(ids, body.max_tokens, sampling)
+        await gw.scheduler.submit(task)
+        created = int(time.time())
+        if body.stream:
+            events = stream_events(gw, gw.codec, task.task_id, created)
+            return StreamingResponse(events, media_type="text/event-stream")
+        snap = await gw.scheduler.wait(task.task_id, gw.settings.max_wait_s)
+        if snap.state.status is not TaskStatus.COMPLETED or snap.result is None:
+            return gw.outcome(snap)  # an error, or 202 if it outlived the wait limit
+        out = snap.result.output_ids
+        usage = {
+            "prompt_tokens": len(ids),
+            "completion_tokens": len(out),
+            "total_tokens": len(ids) + len(out),
+        }
+        finish = gw.finish_reason(out)
+        return JSONResponse(completion(gw, task.task_id, created, snap.result.text, finish, usage))
+
+    return api
+
+
+async def stream_events(
+    gw: Gateway, codec: TextCodec, task_id: str, created: int
+) -> AsyncIterator[str]:
+    text = IncrementalText(codec)
+    finished = False
+    try:
+        async for token in gw.scheduler.stream(task_id):
+            delta = text.push(token)
+            if delta:
+                yield sse(completion(gw, task_id, created, delta, None))
+        snap = await gw.scheduler.snapshot(task_id)
+        finished = snap.state.terminal
+        if snap.state.status is TaskStatus.COMPLETED:
+            finish = gw.finish_reason(tuple(text.ids))
+            yield sse(completion(gw, task_id, created, text.flush(), finish))
+        else:
+            kind = snap.state.error_type or "task_cancelled"
+            yield sse(error_body(kind, snap.state.reason or f"task {task_id} was cancelled"))
+        yield sse("[DONE]")
+    finally:
+        if not finished:  # the client went away (or we failed): stop the work it asked for
+            with anyio.CancelScope(shield=True), contextlib.suppress(ButterflyError):
+                await gw.scheduler.cancel(task_id)  # suppressed: it finished meanwhile
+
+
+__all__ = ["IncrementalText", "completion", "router"]

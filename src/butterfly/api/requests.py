@@ -1,0 +1,102 @@
+"""Request bodies: read within a size limit, then parsed into strict models.
+
+Endpoints read the body themselves instead of letting FastAPI parse it, for two reasons:
+the size limit must hold *before* a byte is parsed (a `Content-Length` over the limit is
+refused unread, and a chunked body is cut off as soon as it passes the limit), and bad
+input must get a 400 whose message names the problem (FastAPI's default is a 422 with a
+list of pydantic errors).
+
+Models are strict (`"5"` is not a number, `true` is not an integer), refuse unknown
+fields (a misspelt `max_tokens` must not silently fall back to a default) and refuse
+NaN and infinity.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from butterfly.api.errors import describe_validation
+from butterfly.types.errors import InvalidRequest, PayloadTooLarge
+
+SEED_MAX = (1 << 63) - 1  # torch.Generator.manual_seed takes a 64-bit seed
+PRIORITY_LIMIT = 1_000_000
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+class StrictBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+
+
+class InferenceRequest(StrictBody):
+    """`POST /inference`: exactly one of `prompt`, `input_ids`, `input`."""
+
+    prompt: str | None = None
+    input_ids: list[int] | None = None
+    input: list[float] | None = None
+    max_new_tokens: int | None = None  # range checked against the settings' limit
+    temperature: Annotated[float, Field(ge=0.0)] = 0.0  # 0 = greedy
+    top_k: Annotated[int, Field(ge=0)] = 0
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    seed: Annotated[int, Field(ge=0, le=SEED_MAX)] | None = None
+    priority: Annotated[int, Field(ge=-PRIORITY_LIMIT, le=PRIORITY_LIMIT)] = 0
+    wait: bool = False
+
+    @model_validator(mode="after")
+    def one_input(self) -> InferenceRequest:
+        given = [k for k in ("prompt", "input_ids", "input") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of `prompt`, `input_ids` or `input`"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        return self
+
+
+class CompletionRequest(StrictBody):
+    """`POST /v1/completions`, the subset of OpenAI's fields Butterfly honours."""
+
+    model: str
+    prompt: str | list[int]
+    max_tokens: Annotated[int, Field(ge=1)] = 16
+    temperature: Annotated[float, Field(ge=0.0)] = 1.0  # OpenAI's default
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    top_k: Annotated[int, Field(ge=0)] = 0  # an extension, as in vLLM
+    seed: Annotated[int, Field(ge=0, le=SEED_MAX)] | None = None
+    stream: bool = False
+    n: Annotated[int, Field(ge=1, le=1)] = 1  # one completion per request
+    user: str | None = None  # accepted for compatibility, not used
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw body, or `PayloadTooLarge` as soon as it is known to exceed `limit`."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise InvalidRequest(f"Content-Length {declared!r} is not a byte count")
+        if int(declared) > limit:
+            raise PayloadTooLarge(f"the body is {int(declared)} bytes; the limit is {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def parse(request: Request, model: type[Model], limit: int) -> Model:
+    """Read and validate a JSON body into `model`; `InvalidRequest` naming what is wrong."""
+    body = await read_body(request, limit)
+    if not body.strip():
+        raise InvalidRequest("the body is empty; send a JSON object")
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        raise InvalidRequest(describe_validation(e.errors(), tuple(model.model_fields))) from e
+
+
+__all__ = ["CompletionRequest", "InferenceRequest", "parse", "read_body"]

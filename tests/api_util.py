@@ -1,0 +1,103 @@
+"""Test harness for the gateway API: a real app over a real scheduler, engine and store."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from butterfly.api.app import create_app
+from butterfly.api.settings import ApiSettings
+from butterfly.metrics.prometheus import Metrics
+from butterfly.runtime.generate import generate
+from butterfly.runtime.loader import load_stage
+from butterfly.runtime.tokenizer import TextCodec
+from butterfly.schedule.engine import ClusterHealth
+from butterfly.schedule.local_engine import LocalEngine
+from butterfly.schedule.scheduler import Scheduler
+from butterfly.schedule.store import TaskStore
+from butterfly.types.model import LayerRange
+from butterfly.types.tasks import SamplingParams
+
+SPLIT = [LayerRange(0, 2), LayerRange(2, 4)]
+
+
+class BrokenHealthEngine(LocalEngine):
+    """A faulty part: an engine whose health report raises, as a bug would."""
+
+    def health(self) -> ClusterHealth:
+        raise RuntimeError("health probe exploded")
+
+
+@dataclass
+class Served:
+    client: httpx.AsyncClient
+    scheduler: Scheduler
+    metrics: Metrics
+    codec: TextCodec
+
+
+@asynccontextmanager
+async def serving(
+    model: Path,
+    db: Path,
+    *,
+    settings: ApiSettings | None = None,
+    run: bool = True,
+    engine_type: type[LocalEngine] = LocalEngine,
+    **scheduler_kw: Any,
+) -> AsyncIterator[Served]:
+    codec = TextCodec.load(model)
+    engine = engine_type([load_stage(model, r) for r in SPLIT], stop_ids=codec.eos_ids)
+    store, metrics = TaskStore(db), Metrics()
+    scheduler = Scheduler(
+        engine=engine, store=store, emit=metrics.emit, detokenize=codec.decode, **scheduler_kw
+    )
+    app = create_app(
+        scheduler=scheduler,
+        engine=engine,
+        codec=codec,
+        metrics=metrics,
+        model_name="tiny",
+        settings=settings or ApiSettings(max_request_bytes=64 * 1024),
+    )
+    transport = httpx.ASGITransport(app=app)
+    try:
+        async with (
+            httpx.AsyncClient(transport=transport, base_url="http://gw") as client,
+            asyncio.TaskGroup() as tg,
+        ):
+            if run:
+                tg.create_task(scheduler.run())
+                await asyncio.sleep(0)  # let run() start, so /health sees it serving
+            try:
+                yield Served(client, scheduler, metrics, codec)
+            finally:
+                scheduler.shutdown()
+    finally:
+        engine.close()
+        store.close()
+
+
+def reference(model: Path, ids: list[int], n: int, sampling: SamplingParams) -> list[int]:
+    codec = TextCodec.load(model)
+    return list(generate([load_stage(model)], ids, n, sampling, codec.eos_ids))
+
+
+def assert_error(r: httpx.Response, status: int, kind: str, *words: str) -> None:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body["error"]) == {"type", "message"}
+    assert body["error"]["type"] == kind, body
+    for word in words:
+        assert word in body["error"]["message"], (word, body)
+
+
+async def still_serves(s: Served) -> None:
+    r = await s.client.post("/inference", json={"prompt": "ok?", "max_new_tokens": 2, "wait": True})
+    assert r.status_code == 200 and r.json()["status"] == "completed"

@@ -1,0 +1,160 @@
+"""The OpenAI-compatible endpoints: completions, streamed and not, and the model list."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from butterfly.api.openai import IncrementalText
+from butterfly.runtime.tokenizer import TextCodec
+from butterfly.types.tasks import SamplingParams
+from tests.api_util import Served, assert_error, reference, serving, still_serves
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def sse_events(text: str) -> list[Any]:
+    """The `data:` payloads of an SSE body, `[DONE]` kept as the string."""
+    events = []
+    for block in text.split("\n\n"):
+        if block.strip():
+            assert block.startswith("data: "), block
+            data = block.removeprefix("data: ")
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+async def complete(s: Served, **body: Any) -> Any:
+    r = await s.client.post("/v1/completions", json={"model": "tiny", **body})
+    assert r.status_code == 200, r.text
+    return r
+
+
+async def test_models_lists_the_served_model(tiny_model: Path, tmp_path: Path) -> None:
+    async with serving(tiny_model, tmp_path / "t.db") as s:
+        body = (await s.client.get("/v1/models")).json()
+        assert body["object"] == "list"
+        assert [m["id"] for m in body["data"]] == ["tiny"]
+
+
+async def test_completion_matches_generate(tiny_model: Path, tmp_path: Path) -> None:
+    async with serving(tiny_model, tmp_path / "t.db") as s:
+        r = await complete(s, prompt="Once upon", max_tokens=24, temperature=1.0, seed=5)
+        body = r.json()
+        ids = s.codec.encode("Once upon")
+        expected = reference(tiny_model, ids, 24, SamplingParams(1.0, 0, 1.0, 5))
+        assert body["object"] == "text_completion" and body["model"] == "tiny"
+        assert body["choices"][0]["text"] == s.codec.decode(expected)
+        finish = "stop" if expected[-1] in s.codec.eos_ids else "length"
+        assert body["choices"][0]["finish_reason"] == finish
+        assert body["usage"] == {
+            "prompt_tokens": len(ids),
+            "completion_tokens": len(expected),
+            "total_tokens": len(ids) + len(expected),
+        }
+        r = await complete(s, prompt=ids, max_tokens=24, temperature=1.0, seed=5)
+        assert r.json()["choices"][0]["text"] == body["choices"][0]["text"]
+
+
+async def test_stream_yields_the_same_text_and_ends_with_done(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    async with serving(tiny_model, tmp_path / "t.db") as s:
+        request = {"prompt": "Stream me", "max_tokens": 40, "temperature": 1.0, "seed": 123}
+        plain = (await complete(s, **request)).json()["choices"][0]["text"]
+        r = await complete(s, stream=True, **request)
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r.text)
+        assert events[-1] == "[DONE]"
+        chunks = events[:-1]
+        assert len(chunks) > 2  # text arrives piece by piece
+        assert all(c["object"] == "text_completion" for c in chunks)
+        assert [c["choices"][0]["finish_reason"] for c in chunks][-1] in {"stop", "length"}
+        assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+        assert "".join(c["choices"][0]["text"] for c in chunks) == plain
+        assert plain  # sampled bytes: a non-trivial text
+
+
+async def test_bad_completion_requests(tiny_model: Path, tmp_path: Path) -> None:
+    async with serving(tiny_model, tmp_path / "t.db") as s:
+        cases: list[tuple[dict[str, Any], str]] = [
+            ({"model": "gpt-4", "prompt": "x"}, "gpt-4"),
+            ({"model": "tiny", "prompt": "x", "logprobs": 3}, "logprobs"),
+            ({"model": "tiny", "prompt": "x", "n": 2}, "n"),
+            ({"model": "tiny", "prompt": ["a", "b"]}, "prompt"),
+            ({"model": "tiny", "prompt": "x", "max_tokens": 4096}, "4096"),
+            ({"prompt": "x"}, "model"),
+        ]
+        for body, word in cases:
+            r = await s.client.post("/v1/completions", json=body)
+            assert_error(r, 400, "invalid_request", word)
+        await still_serves(s)
+
+
+def test_incremental_text_never_splits_a_character(tiny_model: Path) -> None:
+    codec = TextCodec.load(tiny_model)
+    ids = codec.encode("héllo 🦋 wörld")[1:]  # byte tokens; the emoji is four of them
+    text = IncrementalText(codec)
+    deltas = [text.push(i) for i in ids]
+    deltas.append(text.flush())
+    assert "".join(deltas) == "héllo 🦋 wörld"
+    assert all("\ufffd" not in d for d in deltas)
+
+
+async def test_client_disconnect_cancels_the_streamed_task(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Raw ASGI, because the test client buffers whole responses: the client reads one
+    chunk, then hangs up; the task must be cancelled rather than run its 400 tokens."""
+    async with serving(tiny_model, tmp_path / "t.db", max_concurrent=1) as s:
+        app = s.client._transport.app  # type: ignore[attr-defined]
+        body = json.dumps({"model": "tiny", "prompt": "bye", "max_tokens": 400, "stream": True})
+        first_chunk, hang_up = asyncio.Event(), asyncio.Event()
+        sent_body = False
+        statuses: list[int] = []
+
+        async def receive() -> dict[str, Any]:
+            nonlocal sent_body
+            if not sent_body:
+                sent_body = True
+                return {"type": "http.request", "body": body.encode(), "more_body": False}
+            await hang_up.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+            elif message["type"] == "http.response.body" and message.get("body"):
+                first_chunk.set()
+                hang_up.set()
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},  # as uvicorn sends
+            "http_version": "1.1",
+            "method": "POST",
+            "path": "/v1/completions",
+            "raw_path": b"/v1/completions",
+            "query_string": b"",
+            "headers": [(b"content-type", b"application/json")],
+            "client": ("127.0.0.1", 5000),
+            "server": ("gw", 80),
+            "scheme": "http",
+            "root_path": "",
+        }
+        async with asyncio.timeout(60):
+            await app(scope, receive, send)
+        assert statuses == [200] and first_chunk.is_set()
+        text = (await s.client.get("/metrics")).text  # cancelled before the app returned
+        assert 'butterfly_tasks_total{status="cancelled"} 1.0' in text
+        assert 'butterfly_tasks_total{status="completed"} 0.0' in text
+        await still_serves(s)  # one slot (max_concurrent=1): it was freed
