@@ -55,7 +55,7 @@ class Link:
         return self.latency_ms + 1000.0 * nbytes / self.bandwidth_bytes_per_s
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class NodeCapability:
     """What a node measured about itself and its links; the facts a plan is computed from.
 
@@ -68,7 +68,8 @@ class NodeCapability:
     flops_per_s: float
     memory_bytes: int
     links: Mapping[NodeId, Link] = field(default_factory=dict)
-    _hash: int = field(init=False, repr=False, compare=False)
+    _key: tuple[object, ...] = field(init=False, repr=False)
+    _hash: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.flops_per_s) and self.flops_per_s >= 0):
@@ -82,9 +83,17 @@ class NodeCapability:
             )
         links = MappingProxyType(dict(sorted(self.links.items())))
         object.__setattr__(self, "links", links)
-        # Hashed once: a cache lookup hashes every node, and a full mesh has n^2 links.
-        key = (self.id, self.flops_per_s, self.memory_bytes, tuple(links.items()))
+        # Flat and computed once: a cache lookup hashes and compares every node, and a
+        # full mesh has n^2 links; plain float tuples compare in C, dataclasses do not.
+        flat = tuple((p, x.latency_ms, x.bandwidth_bytes_per_s) for p, x in links.items())
+        key = (self.id, self.flops_per_s, self.memory_bytes, flat)
+        object.__setattr__(self, "_key", key)
         object.__setattr__(self, "_hash", hash(key))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, NodeCapability):
+            return NotImplemented
+        return self is other or (self._hash == other._hash and self._key == other._key)
 
     def __hash__(self) -> int:
         return self._hash
