@@ -68,7 +68,7 @@ def compositions(n: int, parts: int, min_part: int) -> Iterator[tuple[int, ...]]
 
 
 def stage_ms(costs: Costs, node: NodeCapability, s: int, e: int) -> float:
-    return 1000 * math.fsum(x.compute_cost for x in costs.layers[s:e]) / node.flops_per_s
+    return 1000 * math.fsum(x.compute_cost for x in costs.layers[s:e]) / float(node.flops_per_s)
 
 
 def brute_in_order(layers: list[LayerInfo], nodes: Sequence[NodeCapability]) -> float:
