@@ -4,7 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Modules checked by mypy; this list only grows.
-MYPY_MODULES := src/butterfly/types src/butterfly/runtime src/butterfly/partition src/butterfly/cli
+MYPY_MODULES := src/butterfly/types src/butterfly/runtime src/butterfly/partition src/butterfly/cli \
+	src/butterfly/config src/butterfly/metrics src/butterfly/net src/butterfly/cluster \
+	src/butterfly/schedule src/butterfly/api src/butterfly/node.py
 
 .PHONY: run test lint typecheck pytest bench clean
 

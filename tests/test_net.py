@@ -53,7 +53,6 @@ def pair(
         identity=Identity(NodeId(0), "c", "m"),
         listen=ports[NodeId(0)],
         peers=ports,
-        handler=echo,
         emit=events,
         epoch=lambda: 3,
         limits=limits,
@@ -62,7 +61,6 @@ def pair(
         identity=Identity(NodeId(1), "c", model_hash),
         listen=ports[NodeId(1)],
         peers=ports,
-        handler=echo,
         emit=events,
         epoch=lambda: 3,
         limits=limits,
@@ -91,8 +89,8 @@ def test_frame_round_trip_and_rejection() -> None:
 
 async def test_request_reply_and_tensor_payload() -> None:
     a, b, _ = pair()
-    await a.start()
-    await b.start()
+    await a.start(echo)
+    await b.start(echo)
     try:
         t = torch.randn(1, 128, 768)
         env = await a.request(NodeId(1), StatusQuery(), encode_tensor(t), timeout=5)
@@ -105,8 +103,8 @@ async def test_request_reply_and_tensor_payload() -> None:
 
 async def test_handshake_refuses_a_different_model() -> None:
     a, b, events = pair(model_hash="other", limits=TransportLimits(connect_attempts=1))
-    await a.start()
-    await b.start()
+    await a.start(echo)
+    await b.start(echo)
     try:
         with pytest.raises(ConnectionFailed, match="model hash"):
             await a.send(NodeId(1), Release("x"))
@@ -127,8 +125,8 @@ async def test_handshake_refuses_a_different_model() -> None:
 )
 async def test_garbage_frames_are_dropped_and_counted(garbage: bytes) -> None:
     a, b, events = pair(limits=TransportLimits(max_frame_bytes=1 << 20))
-    await a.start()
-    await b.start()
+    await a.start(echo)
+    await b.start(echo)
     try:
         _reader, writer = await asyncio.open_connection(*b.listen)
         writer.write(garbage)
@@ -151,7 +149,7 @@ async def test_unreachable_peer_opens_the_circuit() -> None:
     a, _, _ = pair(
         limits=TransportLimits(connect_attempts=1, breaker_threshold=2, connect_timeout_s=0.5)
     )
-    await a.start()
+    await a.start(echo)
     try:
         for _ in range(2):
             with pytest.raises(ConnectionFailed):
@@ -178,8 +176,10 @@ def test_circuit_breaker_states() -> None:
 
 async def test_memory_transport_request_reply() -> None:
     net = MemoryNetwork()
-    a = net.transport(NodeId(0), echo, Events())
-    net.transport(NodeId(1), echo, Events())
+    a = net.transport(NodeId(0), Events())
+    b = net.transport(NodeId(1), Events())
+    await a.start(echo)
+    await b.start(echo)
     env = await a.request(NodeId(1), StatusQuery(), b"xyz", timeout=1)
     assert isinstance(env.msg, StatusReply) and env.payload == b"xyz"
     net.down.add(NodeId(1))

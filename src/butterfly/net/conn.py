@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from butterfly.metrics.events import (
     BytesTransferred,
+    Emit,
     MessageDropped,
     MessageReceived,
     MessageSent,
@@ -28,7 +29,6 @@ log = logging.getLogger(__name__)
 
 Reply = tuple[Message, bytes]
 Handler = Callable[[Envelope], Awaitable[Reply | None]]
-Emit = Callable[[object], None]
 
 
 class Connection:

@@ -13,7 +13,8 @@ import itertools
 import logging
 from dataclasses import dataclass, field
 
-from butterfly.net.conn import Emit, Handler
+from butterfly.metrics.events import Emit
+from butterfly.net.conn import Handler
 from butterfly.net.framing import LENGTH, Envelope, decode_frame, encode_frame
 from butterfly.types.errors import ConnectionFailed, SendTimeout
 from butterfly.types.ids import NodeId
@@ -30,27 +31,24 @@ class MemoryNetwork:
     nodes: dict[NodeId, MemoryTransport] = field(default_factory=dict)
     down: set[NodeId] = field(default_factory=set)
 
-    def transport(
-        self, node: NodeId, handler: Handler, emit: Emit, epoch: int = 0
-    ) -> MemoryTransport:
-        t = MemoryTransport(self, node, handler, emit, epoch)
+    def transport(self, node: NodeId, emit: Emit, epoch: int = 0) -> MemoryTransport:
+        t = MemoryTransport(self, node, emit, epoch)
         self.nodes[node] = t
         return t
 
 
 class MemoryTransport:
-    def __init__(
-        self, net: MemoryNetwork, node: NodeId, handler: Handler, emit: Emit, epoch: int
-    ) -> None:
-        self.net, self.node, self._handler, self._emit = net, node, handler, emit
+    def __init__(self, net: MemoryNetwork, node: NodeId, emit: Emit, epoch: int) -> None:
+        self.net, self.node, self._emit = net, node, emit
+        self._handler: Handler | None = None
         self.epoch = epoch
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Envelope]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.peers = net.nodes
 
-    async def start(self) -> None:
-        return None
+    async def start(self, handler: Handler) -> None:
+        self._handler = handler
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -73,6 +71,8 @@ class MemoryTransport:
             fut = self._pending.get(env.corr_id)
             if fut is not None and not fut.done():
                 fut.set_result(env)
+            return
+        if self._handler is None:
             return
         try:
             reply = await self._handler(env)

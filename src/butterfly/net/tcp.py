@@ -23,9 +23,9 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from butterfly.metrics.events import MessageDropped
+from butterfly.metrics.events import Emit, MessageDropped
 from butterfly.net.breaker import CircuitBreaker
-from butterfly.net.conn import Connection, Emit, Handler
+from butterfly.net.conn import Connection, Handler
 from butterfly.net.framing import Envelope
 from butterfly.types.errors import CircuitOpen, ConnectionFailed, WireFormatError
 from butterfly.types.ids import NodeId
@@ -54,6 +54,10 @@ class TransportLimits:
     compression: str = ""  # "" or "lz4", for tensor payloads
 
 
+async def _refuse(env: Envelope) -> None:
+    raise ConnectionFailed("transport not started")
+
+
 class TcpTransport:
     def __init__(
         self,
@@ -61,13 +65,13 @@ class TcpTransport:
         identity: Identity,
         listen: tuple[str, int],
         peers: Mapping[NodeId, tuple[str, int]],
-        handler: Handler,
         emit: Emit,
         epoch: Callable[[], int],
         limits: TransportLimits = TransportLimits(),
     ) -> None:
         self.identity, self.listen, self.peers = identity, listen, dict(peers)
-        self._handler, self._emit, self._epoch, self.limits = handler, emit, epoch, limits
+        self._emit, self._epoch, self.limits = emit, epoch, limits
+        self._handler: Handler = _refuse
         self._out: dict[tuple[NodeId, str], Connection] = {}
         self._connecting: dict[tuple[NodeId, str], asyncio.Lock] = {}
         self._breakers = {
@@ -77,7 +81,10 @@ class TcpTransport:
         self._readers: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
 
-    async def start(self) -> None:
+    async def start(self, handler: Handler) -> None:
+        """Serve incoming frames with `handler` (given here, so a node can be built
+        before its dispatcher exists without a half-initialised object)."""
+        self._handler = handler
         host, port = self.listen
         self._server = await asyncio.start_server(self._accept, host, port)
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from butterfly.net.conn import Handler
 from butterfly.net.framing import Envelope
 from butterfly.types.ids import NodeId
 from butterfly.types.messages import Message
 
 
 class Transport(Protocol):
-    async def start(self) -> None: ...
+    async def start(self, handler: Handler) -> None:
+        """Begin serving; every incoming frame is handed to `handler`, whose reply (if
+        any) answers a request."""
 
     async def close(self) -> None: ...
 

@@ -7,7 +7,9 @@ decoding from the private map was measured 1.33-1.37x slower (MEASUREMENTS.md).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,3 +97,22 @@ class CheckpointReader:
                     self.names_read.append(name)
                     self.bytes_read += t.numel() * t.element_size()
         return out
+
+
+def model_hash(model_dir: Path) -> str:
+    """Identity of a checkpoint, checked in every peer handshake.
+
+    sha256 over config.json and, per safetensors file, its name, size and header (tensor
+    names, dtypes, shapes, offsets). Reading only headers keeps start-up fast; two
+    checkpoints differing only in weight values of equal layout are told apart by the
+    verification layer, not here.
+    """
+    digest = hashlib.sha256()
+    model_dir = Path(model_dir)
+    digest.update((model_dir / "config.json").read_bytes())
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with path.open("rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            digest.update(path.name.encode() + path.stat().st_size.to_bytes(8, "little"))
+            digest.update(f.read(min(n, 100 * 1024 * 1024)))
+    return digest.hexdigest()

@@ -1,0 +1,146 @@
+"""`butterfly start`, `butterfly cluster up`, `butterfly infer`, `butterfly status`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from butterfly.cli.paths import data_dir, demo_model
+from butterfly.cluster.launcher import LocalCluster, node_configs
+from butterfly.config import ConfigInvalid, load_config
+
+app = typer.Typer(no_args_is_help=True)
+err = Console(stderr=True)
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+def _model_for(path: str) -> Path:
+    return Path(path) if path else demo_model("small")
+
+
+def start(
+    config: Annotated[Path, typer.Option(help="This node's TOML config.")],
+) -> None:
+    """Run one node in the foreground until SIGTERM or Ctrl-C."""
+    from butterfly.node import run
+
+    try:
+        cfg = load_config([config], env=os.environ)
+    except ConfigInvalid as e:
+        err.print(f"[red]invalid config:[/red] {e}")
+        raise typer.Exit(2) from e
+    raise typer.Exit(run(cfg, _model_for(cfg.model.path)))
+
+
+@app.command("up")
+def up(
+    nodes: Annotated[int, typer.Option(min=1, max=64, help="Node processes to start.")] = 4,
+    f: Annotated[int, typer.Option(min=0, help="Byzantine nodes tolerated.")] = 0,
+    model: Annotated[Path | None, typer.Option(help="Model directory (default: demo).")] = None,
+    api_port: Annotated[int, typer.Option(help="Gateway HTTP port.")] = 8080,
+    data: Annotated[Path | None, typer.Option(help="Cluster data directory.")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Extra config, section.key=JSON value.")
+    ] = None,
+) -> None:
+    """Start N nodes on 127.0.0.1 (node 0 serves the API) until Ctrl-C or SIGTERM."""
+    if 3 * f + 1 > nodes:
+        err.print(
+            f"[red]error:[/red] {nodes} nodes tolerate at most f={(nodes - 1) // 3} Byzantine "
+            f"nodes (n >= 3f+1); f={f} needs {3 * f + 1} nodes"
+        )
+        raise typer.Exit(2)
+    base = data or data_dir() / "cluster"
+    base.mkdir(parents=True, exist_ok=True)
+    with err.status("preparing the model"):
+        model_dir = model or demo_model("small")
+    settings: dict[str, Any] = {}
+    for item in set_ or []:
+        key, _, value = item.partition("=")
+        settings[key] = json.loads(value)
+    configs = node_configs(
+        nodes=nodes, f=f, model=model_dir, api_port=api_port, data_dir=base, settings=settings
+    )
+    url = f"http://127.0.0.1:{api_port}"
+    cluster = LocalCluster(configs, url, base)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    try:
+        cluster.start()
+        with err.status(f"starting {nodes} nodes, loading {model_dir.name}"):
+            cluster.wait_ready()
+        err.print(f"[green]cluster up[/green]: {nodes} nodes, API at {url} (Ctrl-C to stop)")
+        err.print(f'  try: butterfly infer --url {url} "Hello"')
+        while not stopping.wait(0.5):
+            if not all(cluster.alive()):
+                err.print("[red]a node exited[/red]; see logs in " + str(base))
+                break
+    except KeyboardInterrupt:
+        pass
+    except (RuntimeError, TimeoutError) as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from e
+    finally:
+        err.print("stopping nodes...")
+        codes = cluster.stop()
+        err.print(f"stopped (exit codes {codes})")
+
+
+def infer(
+    prompt: Annotated[str, typer.Argument(help="Text to continue.")],
+    url: Annotated[str, typer.Option(help="Gateway URL.")] = DEFAULT_URL,
+    max_tokens: Annotated[int, typer.Option(help="New tokens to generate.")] = 32,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the whole result.")] = False,
+) -> None:
+    """Send a prompt to the gateway and print the generated text."""
+    body = {
+        "prompt": prompt,
+        "max_new_tokens": max_tokens,
+        "temperature": temperature,
+        "wait": True,
+    }
+    try:
+        r = httpx.post(f"{url}/inference", json=body, timeout=600.0)
+    except httpx.HTTPError as e:
+        err.print(f"[red]error:[/red] cannot reach {url}: {e}")
+        raise typer.Exit(2) from e
+    if r.status_code >= 400:
+        err.print(f"[red]error {r.status_code}:[/red] {r.text}")
+        raise typer.Exit(2)
+    result = r.json()
+    typer.echo(json.dumps(result) if json_out else result.get("text", ""))
+
+
+def status(url: Annotated[str, typer.Option(help="Gateway URL.")] = DEFAULT_URL) -> None:
+    """Nodes, their health and stages, as a table."""
+    try:
+        health = httpx.get(f"{url}/health", timeout=10.0).json()
+    except (httpx.HTTPError, ValueError) as e:
+        err.print(f"[red]error:[/red] cannot reach {url}: {e}")
+        raise typer.Exit(2) from e
+    table = Table(
+        title=f"Butterfly at {url}: {'healthy' if health.get('healthy') else 'UNHEALTHY'}"
+    )
+    for col in ("node", "address", "status", "layers", "requests", "last heartbeat"):
+        table.add_column(col)
+    for n in health.get("nodes", []):
+        seen = n.get("last_seen_s")
+        table.add_row(
+            str(n.get("id")),
+            str(n.get("address")),
+            str(n.get("status")),
+            str(n.get("layers") or "-"),
+            str(n.get("requests", 0)),
+            "-" if seen is None else f"{seen * 1000:.0f} ms ago",
+        )
+    Console().print(table)

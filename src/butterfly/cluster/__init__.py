@@ -1,0 +1,1 @@
+"""The cluster layer: stage servers, the pipeline engine, membership, the local launcher."""

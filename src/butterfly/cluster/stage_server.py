@@ -1,0 +1,175 @@
+"""The node side of the data path: hold one stage, run steps, forward the activations.
+
+Steps travel as a chain: the gateway sends a step to the first stage's node, each node
+computes and sends the result straight to the next node of the route, and the last one
+answers the gateway. For N stages that is N + 1 hops per token, against 2N when every
+activation returns through the gateway.
+
+Torch runs on one worker thread per node, so the event loop (heartbeats, votes, other
+requests' frames) never waits behind a forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from butterfly.net.framing import Envelope
+from butterfly.runtime.kvcache import KVCache
+from butterfly.runtime.loader import load_stage
+from butterfly.runtime.stage import Stage
+from butterfly.runtime.wire import decode_tensor, encode_tensor
+from butterfly.types.errors import ButterflyError, InvalidMessage
+from butterfly.types.ids import NodeId
+from butterfly.types.messages import Message, PlanAck, PlanAssign, StageStep, StepError, StepResult
+from butterfly.types.model import LayerRange
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outbound:
+    """A message for the node's dispatcher to deliver (to a peer, or to itself)."""
+
+    peer: NodeId
+    msg: Message
+    payload: bytes = b""
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """The plan of one epoch: `stages[i]` is (node, layers) of pipeline position i."""
+
+    epoch: int
+    stages: tuple[tuple[NodeId, LayerRange], ...]
+
+    @classmethod
+    def from_message(cls, msg: PlanAssign) -> StagePlan:
+        flat = msg.stages
+        if len(flat) % 3 or not flat:
+            raise InvalidMessage(f"plan of epoch {msg.epoch} is not a list of (node, start, end)")
+        stages = tuple(
+            (NodeId(flat[i]), LayerRange(flat[i + 1], flat[i + 2])) for i in range(0, len(flat), 3)
+        )
+        if stages[0][1].start != 0 or any(
+            a[1].end != b[1].start for a, b in itertools.pairwise(stages)
+        ):
+            raise InvalidMessage(f"plan of epoch {msg.epoch} does not chain its layer ranges")
+        return cls(msg.epoch, stages)
+
+    def to_message(self, model_hash: str) -> PlanAssign:
+        flat = tuple(v for node, r in self.stages for v in (node, r.start, r.end))
+        return PlanAssign(self.epoch, flat, model_hash)
+
+    def layers_of(self, node: NodeId) -> LayerRange | None:
+        return next((r for n, r in self.stages if n == node), None)
+
+    @property
+    def nodes(self) -> tuple[NodeId, ...]:
+        return tuple(n for n, _ in self.stages)
+
+
+class StageServer:
+    def __init__(
+        self,
+        *,
+        node: NodeId,
+        model_dir: Path,
+        max_tensor_bytes: int,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.node, self.model_dir = node, model_dir
+        self._max_tensor_bytes, self._dtype = max_tensor_bytes, dtype
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"torch-{node}")
+        self.stage: Stage | None = None
+        self.plan: StagePlan | None = None
+        self.caches: dict[str, KVCache | None] = {}
+
+    @property
+    def epoch(self) -> int:
+        return self.plan.epoch if self.plan else 0
+
+    @property
+    def kv_bytes(self) -> int:
+        return sum(c.nbytes for c in self.caches.values() if c is not None)
+
+    async def _in_worker(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    async def apply_plan(self, msg: PlanAssign) -> PlanAck:
+        try:
+            plan = StagePlan.from_message(msg)
+            layers = plan.layers_of(self.node)
+            if layers is not None and (self.stage is None or self.stage.layers != layers):
+                loop = asyncio.get_running_loop()
+                self.stage = await loop.run_in_executor(
+                    self._executor, lambda: load_stage(self.model_dir, layers, dtype=self._dtype)
+                )
+            if layers is None:
+                self.stage = None
+            self.caches.clear()
+            self.plan = plan
+            log.info("node %s: epoch %s, layers %s", self.node, plan.epoch, layers)
+            return PlanAck(msg.epoch, self.node, True, "")
+        except ButterflyError as e:
+            log.error("node %s cannot apply the plan of epoch %s: %s", self.node, msg.epoch, e)
+            return PlanAck(msg.epoch, self.node, False, str(e))
+
+    def release(self, request_id: str) -> None:
+        self.caches.pop(request_id, None)
+
+    async def on_step(self, env: Envelope) -> Outbound:
+        """Compute a step; the result goes on along the route, or errors to the gateway."""
+        msg = env.msg
+        if not isinstance(msg, StageStep):
+            raise TypeError(f"on_step got {msg.kind}")
+        try:
+            out = await self.compute(msg, env.epoch, env.payload)
+        except Exception as e:  # a peer's bad tensor must cost it an error, not us the node
+            err = e if isinstance(e, ButterflyError) else InvalidMessage(f"step failed: {e}")
+            log.warning("node %s: step %s of %s failed: %s", self.node, msg.step, msg.request_id, e)
+            error = StepError(
+                msg.request_id, msg.step, self.node, err.kind, str(err), err.retriable
+            )
+            return Outbound(NodeId(msg.reply_to), error)
+        if msg.route:
+            nxt = StageStep(
+                msg.request_id, msg.step, msg.start_pos, msg.route[1:], msg.reply_to, msg.last_only
+            )
+            return Outbound(NodeId(msg.route[0]), nxt, out)
+        return Outbound(NodeId(msg.reply_to), StepResult(msg.request_id, msg.step, self.node), out)
+
+    async def compute(self, msg: StageStep, epoch: int, payload: bytes) -> bytes:
+        """Run one step on this node's stage; returns the encoded output tensor."""
+        stage = self.stage
+        if stage is None or self.plan is None:
+            raise InvalidMessage(f"node {self.node} holds no stage (epoch {self.epoch})")
+        if epoch != self.plan.epoch:
+            raise InvalidMessage(
+                f"step for epoch {epoch} refused: node {self.node} is at epoch {self.plan.epoch}"
+            )
+        x = decode_tensor(payload, self._max_tensor_bytes)
+        if msg.request_id not in self.caches:
+            if msg.start_pos != 0:
+                raise InvalidMessage(
+                    f"request {msg.request_id} has no KV cache on node {self.node} "
+                    f"to continue at position {msg.start_pos}"
+                )
+            self.caches[msg.request_id] = stage.new_cache()
+        cache = self.caches[msg.request_id]
+
+        def run() -> torch.Tensor:
+            with torch.inference_mode():
+                return stage.forward(x, cache, msg.start_pos, last_only=msg.last_only)
+
+        return encode_tensor(await self._in_worker(run))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

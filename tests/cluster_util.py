@@ -1,0 +1,42 @@
+"""Starting real node processes for cluster tests, and reaping every one of them."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from butterfly.cluster.launcher import LocalCluster, node_configs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def running_cluster(
+    model: Path,
+    nodes: int,
+    data: Path,
+    *,
+    f: int = 0,
+    settings: dict[str, Any] | None = None,
+    timeout_s: float = 120.0,
+) -> Iterator[LocalCluster]:
+    port = free_port()
+    configs = node_configs(
+        nodes=nodes, f=f, model=model, api_port=port, data_dir=data, settings=settings
+    )
+    cluster = LocalCluster(configs, f"http://127.0.0.1:{port}", data)
+    try:
+        cluster.start()
+        cluster.wait_ready(timeout_s)
+        yield cluster
+    finally:
+        cluster.stop(grace_s=10.0)
+        for p in cluster.procs:  # reaped by PID: none may outlive the test
+            assert p.poll() is not None, f"node process {p.pid} is still running"
