@@ -71,26 +71,34 @@ class Tables:
         self.costs, self.overhead_ms = costs, overhead_ms
         self._rows: dict[NodeId, tuple[FloatArray, IntArray, FloatArray]] = {}
 
+    def prepare(self, nodes: Sequence[NodeCapability]) -> None:
+        """Compute the rows of many nodes at once: one numpy call each, not one per node."""
+        todo = [node for node in nodes if node.id not in self._rows and node.flops_per_s > 0]
+        if not todo:
+            return
+        n, memory = self.costs.n, self.costs.memory
+        scale = 1000.0 / np.array([node.flops_per_s for node in todo])
+        qs = self.costs.flops[None, :] * scale[:, None]
+        if self.overhead_ms:
+            qs += self.overhead_ms * np.arange(n + 1)[None, :]
+        caps = np.array([node.memory_bytes for node in todo], dtype=np.int64)
+        los = np.searchsorted(memory, (memory[None, :] - caps[:, None]).ravel()).reshape(qs.shape)
+        latest = np.arange(n + 1) - 1
+        barred = np.where(los <= latest[None, :], 0.0, np.inf)
+        los = np.minimum(los, np.maximum(latest, 0)[None, :])  # keep barred starts legal
+        for k, node in enumerate(todo):
+            self._rows[node.id] = (qs[k], los[k], qs[k] + barred[k])
+
     def row(self, node: NodeCapability) -> tuple[FloatArray, IntArray, FloatArray]:
-        """(q, lo, barred) for a node.
+        """(q, lo, qb) for a node.
 
         q: stage times as prefix differences; lo[e]: the first start whose stage ending at
-        e fits in memory; barred[e]: inf where no stage can end at e (0 elsewhere), added
-        to a candidate's time to rule it out without a branch.
+        e fits in memory; qb: q, but inf where no stage can end at e (layer e - 1 alone
+        does not fit), so a stage ending there prices itself out without a branch.
         """
-        if (hit := self._rows.get(node.id)) is not None:
-            return hit
-        memory = self.costs.memory
-        n = self.costs.n
-        if node.memory_bytes >= memory[-1]:
-            lo = np.zeros(n + 1, dtype=np.int64)
-        else:
-            lo = np.searchsorted(memory, memory - node.memory_bytes, side="left")
-        barred = np.where(lo <= np.arange(n + 1) - 1, 0.0, np.inf)
-        lo = np.minimum(lo, np.maximum(np.arange(n + 1) - 1, 0))  # keep barred starts legal
-        row = (_stage_ms(self.costs, node, self.overhead_ms), lo, barred)
-        self._rows[node.id] = row
-        return row
+        if node.id not in self._rows:
+            self.prepare([node])
+        return self._rows[node.id]
 
 
 def split(
@@ -108,6 +116,7 @@ def split(
     left empty. Pass the same `tables` when splitting the same layers over many orders.
     """
     tables = tables or Tables(costs, overhead_ms)
+    tables.prepare(order)
     n = costs.n
     hi = np.arange(n + 1) - 1  # a stage ending at e starts at e - 1 at the latest
     hi[0] = 0  # e = 0 has no stage; `valid` masks it out, this only keeps indexing legal
@@ -118,17 +127,17 @@ def split(
         if node.flops_per_s <= 0:
             choices.append(None)
             continue
-        q, lo, barred = tables.row(node)
-        target = q + send_ms[k]
-        target[n] = q[n]  # the last stage sends nothing
+        q, lo, qb = tables.row(node)
+        target = qb + send_ms[k]
+        target[n] = qb[n]  # the last stage sends nothing
         # Stage [s, e) is no slower than D(s) iff D(s) + q[s] >= q[e] + send(e): the crossing.
         cross = (d[:n] + q[:n]).searchsorted(target)
         # The best start is the crossing or the one before it (rounding can only shift the
         # crossing between two starts whose bottlenecks agree to the last bit or so).
-        s1 = np.minimum(np.maximum(cross, lo), hi)
+        s1 = np.clip(cross, lo, hi)
         s0 = np.maximum(s1 - 1, lo)  # == s1 where s1 is the first start memory allows
-        v1 = np.maximum(d[s1], target - q[s1]) + barred
-        v0 = np.maximum(d[s0], target - q[s0]) + barred
+        v1 = np.maximum(d[s1], target - q[s1])
+        v0 = np.maximum(d[s0], target - q[s0])
         first = v0 < v1
         best = np.where(first, v0, v1)
         use = best <= d  # on a tie, use the node: same bottleneck, lighter stages
