@@ -20,7 +20,12 @@ from butterfly.schedule.queue import QueuePolicy
 from butterfly.schedule.scheduler import Scheduler
 from butterfly.schedule.state import TaskStatus
 from butterfly.schedule.store import TaskStore
-from butterfly.types.errors import InvalidTransition, QueueFull, TaskNotFound
+from butterfly.types.errors import (
+    InvalidTransition,
+    QueueFull,
+    ServiceUnavailable,
+    TaskNotFound,
+)
 from butterfly.types.ids import RequestId
 from butterfly.types.model import LayerRange
 from butterfly.types.tasks import InferenceTask, SamplingParams
@@ -231,3 +236,27 @@ async def test_restart_runs_tasks_queued_or_running_before(
     third = TaskStore(db)
     assert third.recovered == ()
     third.close()
+
+
+async def test_shutdown_releases_waiters_and_keeps_the_task(
+    codec: TextCodec, engine: LocalEngine, tmp_path: Path
+) -> None:
+    sched, store = new_scheduler(engine, tmp_path / "t.db", max_concurrent=1)
+    task = make_task(codec, "interrupted", 400)
+    async with asyncio.timeout(60), asyncio.TaskGroup() as tg:
+        tg.create_task(sched.run())
+        await sched.submit(task)
+        async with aclosing(sched.stream(task.task_id)) as stream:
+            await anext(stream)
+            waiter = tg.create_task(sched.wait(task.task_id, 300))
+            sched.shutdown()
+            [t async for t in stream]  # ends with the scheduler, not with the task
+        snap = await waiter  # released long before its 300 s
+    assert not snap.state.terminal
+    with pytest.raises(ServiceUnavailable, match="shutting down"):
+        await sched.cancel(task.task_id)  # a stopping gateway keeps the task for its restart
+    with pytest.raises(ServiceUnavailable):
+        await sched.submit(make_task(codec, "too late"))
+    stored = store.get(task.task_id)
+    assert stored is not None and stored.state.status is TaskStatus.QUEUED
+    store.close()

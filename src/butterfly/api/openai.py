@@ -132,12 +132,17 @@ async def stream_events(
         if snap.state.status is TaskStatus.COMPLETED:
             finish = gw.finish_reason(tuple(text.ids))
             yield sse(completion(gw, task_id, created, text.flush(), finish))
-        else:
+        elif finished:
             kind = snap.state.error_type or "task_cancelled"
             yield sse(error_body(kind, snap.state.reason or f"task {task_id} was cancelled"))
+        else:  # the scheduler stopped under it; the task runs again after a restart
+            message = f"the gateway is shutting down; read /result/{task_id} once it is back"
+            yield sse(error_body("service_unavailable", message))
         yield sse("[DONE]")
     finally:
-        if not finished:  # the client went away (or we failed): stop the work it asked for
+        # The client went away mid-stream: stop the work it asked for. Not when the
+        # gateway is stopping: then the task must stay queued for the restart.
+        if not finished and gw.scheduler.serving:
             with anyio.CancelScope(shield=True), contextlib.suppress(ButterflyError):
                 await gw.scheduler.cancel(task_id)  # suppressed: it finished meanwhile
 

@@ -96,7 +96,9 @@ class _Live:
     task: InferenceTask
     state: TaskState
     accepted: float
-    done: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set when the task finishes, or when the scheduler stops without finishing it (the
+    # task then stays unfinished in the store): waiters must not outlive the scheduler.
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
     tokens: list[int] = field(default_factory=list)
     last_token_at: float = 0.0
     dispatched: float = 0.0
@@ -176,7 +178,12 @@ class Scheduler:
         elif live.runner is not None and live.state.status in CANCELLABLE:
             live.cancel_requested = True
             live.runner.cancel()
-        await live.done.wait()
+        await live.settled.wait()
+        if not live.state.terminal:
+            raise ServiceUnavailable(
+                f"the gateway is shutting down; task {task_id} stays queued and runs again "
+                "when it restarts"
+            )
         if live.state.status is not TaskStatus.CANCELLED:
             raise InvalidTransition(
                 f"task {task_id} finished as {live.state.status.value} before it could be cancelled"
@@ -205,7 +212,7 @@ class Scheduler:
         if live is not None and timeout > 0:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
-                    await live.done.wait()
+                    await live.settled.wait()
         return self._snapshot(live) if live is not None else await self.snapshot(task_id)
 
     async def stream(self, task_id: str) -> AsyncIterator[int]:
@@ -256,6 +263,10 @@ class Scheduler:
         finally:
             self.serving = False
             self._accepting = False
+            for live in self._live.values():  # unfinished: wake waiters and end streams
+                live.settled.set()
+                for inbox in live.subscribers:
+                    inbox.put_nowait(None)
 
     def shutdown(self, grace_s: float = 0.0) -> None:
         """Stop accepting and dispatching; running tasks get `grace_s` to finish."""
@@ -320,7 +331,7 @@ class Scheduler:
         """Free the slot. A runner cancelled before its first step never entered
         `_execute`'s handlers, so a requested cancel is finished by the dispatch loop."""
         self._runners.discard(live.task.task_id)
-        if live.cancel_requested and live.task.task_id in self._live and not live.done.is_set():
+        if live.cancel_requested and live.task.task_id in self._live and not live.state.terminal:
             self._orphans.append(live)
         self._wake.set()
 
@@ -356,7 +367,7 @@ class Scheduler:
         while len(self._recent) > RECENT_RESULTS:
             self._recent.popitem(last=False)
         del self._live[live.task.task_id]
-        live.done.set()
+        live.settled.set()
         for inbox in live.subscribers:
             inbox.put_nowait(None)
 
