@@ -26,7 +26,7 @@ $(VENV)/.installed-test: pyproject.toml constraints.txt | $(BIN)/python
 	touch $@ $(VENV)/.installed-run
 
 run: $(VENV)/.installed-run
-	$(BIN)/butterfly generate --stages 4 --max-tokens 32 "Butterfly splits one model across"
+	$(BIN)/butterfly cluster up --nodes 4 --api-port 8080
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests bench examples
@@ -42,6 +42,8 @@ test: lint typecheck pytest
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/runtime.py
+	$(BIN)/python bench/pipeline.py
+	$(BIN)/python bench/api.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

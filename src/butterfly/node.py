@@ -114,7 +114,7 @@ class Node:
             max_context=int(getattr(args, "max_context", 0)) or 1,
             input_kind="vectors" if family.name == "sequential" else "tokens",
             eos_ids=self.codec.eos_ids if self.codec else frozenset(),
-            step_timeout_s=cfg.network.send_timeout_ms / 1000,
+            step_timeout_s=cfg.network.step_timeout_ms / 1000,
             max_tensor_bytes=cfg.network.max_frame_bytes,
         )
 

@@ -1,0 +1,197 @@
+"""Pipeline benchmark: the small demo model split over 1, 2 and 4 node processes.
+
+Prints one JSON object. For each cluster size, rounds alternate between the
+single-process transformers reference (in this process, all cores) and the cluster, so
+both see the same machine state; the ratio of medians is the overhead of distribution.
+Per-token decode time on the cluster is the gateway's own measure (first token to last,
+divided by tokens - 1), so HTTP overhead is not counted against the pipeline. Also: 8
+concurrent requests' tokens/s on 4 nodes, and the same 4-way split run as a pipeline of
+Ray actors (optional; skipped if Ray is not installed).
+
+    python bench/pipeline.py [--rounds 5] [--sizes 1,2,4] [--no-ray]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+from common import bench_model, machine, summary
+from runtime import PROMPT, one_round, transformers_session
+
+from butterfly.cluster.launcher import CHILD_ENV, LocalCluster, free_ports, node_configs
+from butterfly.partition.strategies import uniform_ranges
+from butterfly.runtime.loader import num_layers
+
+NEW = 64
+
+
+def cluster_round(url: str, prompt: list[int]) -> tuple[float, float, list[int]]:
+    body = {"input_ids": prompt, "max_new_tokens": NEW, "wait": True}
+    r = httpx.post(f"{url}/inference", json=body, timeout=600)
+    r.raise_for_status()
+    res = r.json()
+    t = res["timings"]
+    return t["time_per_output_token_s"] * 1000, t["time_to_first_token_s"] * 1000, res["output_ids"]
+
+
+async def concurrent_tokens_per_s(url: str, prompts: list[list[int]]) -> dict[str, Any]:
+    async with httpx.AsyncClient(timeout=600) as client:
+
+        async def one(p: list[int]) -> int:
+            body = {"input_ids": p, "max_new_tokens": NEW, "wait": True}
+            r = await client.post(f"{url}/inference", json=body)
+            r.raise_for_status()
+            return len(r.json()["output_ids"])
+
+        t0 = time.perf_counter()
+        counts = await asyncio.gather(*(one(p) for p in prompts))
+        wall = time.perf_counter() - t0
+    return {"requests": len(prompts), "tokens": sum(counts), "seconds": round(wall, 3),
+            "tokens_per_s": round(sum(counts) / wall, 2)}
+
+
+def reference_tokens_per_s(new, prompt: torch.Tensor, requests: int) -> float:
+    """Sequential single-process throughput, the baseline for the concurrent figure."""
+    t0 = time.perf_counter()
+    for _ in range(requests):
+        one_round(new, prompt)
+    return requests * NEW / (time.perf_counter() - t0)
+
+
+def ray_pipeline(model_dir: Path, prompt: torch.Tensor, rounds: int) -> dict[str, Any]:
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": dict(CHILD_ENV)})
+
+    @ray.remote
+    class StageActor:
+        def __init__(self, model_dir: str, start: int, end: int) -> None:
+            from butterfly.runtime.loader import load_stage
+            from butterfly.types.model import LayerRange
+
+            self.stage = load_stage(Path(model_dir), LayerRange(start, end))
+            self.caches: dict[str, Any] = {}
+
+        def forward(self, x: torch.Tensor, rid: str, pos: int) -> torch.Tensor:
+            cache = self.caches.setdefault(rid, self.stage.new_cache())
+            with torch.inference_mode():
+                return self.stage.forward(x, cache, pos, last_only=True)
+
+        def release(self, rid: str) -> None:
+            self.caches.pop(rid, None)
+
+    n = num_layers(model_dir)
+    actors = [StageActor.remote(str(model_dir), r.start, r.end) for r in uniform_ranges(n, 4)]
+    ray.get([a.release.remote("warm") for a in actors])
+
+    def run(rid: str) -> tuple[list[float], list[int]]:
+        x, pos, out, times = prompt, 0, [], []
+        for i in range(NEW):
+            t0 = time.perf_counter()
+            ref = x
+            for a in actors:
+                ref = a.forward.remote(ref, rid, pos)
+            token = int(ray.get(ref)[0, -1].argmax())
+            if i:
+                times.append((time.perf_counter() - t0) * 1000)
+            out.append(token)
+            pos += x.shape[1]
+            x = torch.tensor([[token]])
+        ray.get([a.release.remote(rid) for a in actors])
+        return times, out
+
+    run("warmup")
+    decode: list[float] = []
+    tokens: list[int] = []
+    for r in range(rounds):
+        t, tokens = run(f"r{r}")
+        decode += t
+    ray.shutdown()
+    return {"decode_ms_per_token": summary(decode), "tokens": tokens}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--sizes", default="1,2,4")
+    ap.add_argument("--size", default="small")
+    ap.add_argument("--no-ray", action="store_true")
+    args = ap.parse_args()
+    model_dir = bench_model(args.size)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 256, (1, PROMPT), generator=gen)
+    ids = prompt[0].tolist()
+    reference = transformers_session(model_dir)
+    one_round(reference, prompt)  # warm-up
+    result: dict[str, Any] = {"benchmark": "pipeline", "model": f"demo-{args.size}",
+                              "prompt_tokens": PROMPT, "new_tokens": NEW,
+                              "rounds": args.rounds, "machine": machine(), "clusters": {}}
+    ref_tokens: list[int] = []
+    for size in [int(s) for s in args.sizes.split(",")]:
+        with tempfile.TemporaryDirectory() as tmp:
+            port = free_ports(1)[0]
+            cfgs = node_configs(nodes=size, f=0, model=model_dir, api_port=port, data_dir=Path(tmp))
+            cluster = LocalCluster(cfgs, f"http://127.0.0.1:{port}", Path(tmp))
+            try:
+                cluster.start()
+                cluster.wait_ready(300)
+                cluster_round(cluster.api_url, ids)  # warm-up
+                ref_ms: list[float] = []
+                per_token: list[float] = []
+                ttft: list[float] = []
+                same = True
+                for _ in range(args.rounds):
+                    _, d, ref_tokens = one_round(reference, prompt)
+                    ref_ms += d
+                    pt, ft, out = cluster_round(cluster.api_url, ids)
+                    per_token.append(pt)
+                    ttft.append(ft)
+                    same = same and out == ref_tokens
+                entry: dict[str, Any] = {
+                    "decode_ms_per_token": summary(per_token),
+                    "time_to_first_token_ms": summary(ttft),
+                    "reference_decode_ms_per_token": summary(ref_ms),
+                    "ratio_to_reference": round(
+                        summary(per_token)["median"] / summary(ref_ms)["median"], 3
+                    ),
+                    "same_tokens_as_reference": same,
+                }
+                if size == 4:
+                    prompts = [torch.randint(0, 256, (PROMPT,), generator=gen).tolist()
+                               for _ in range(8)]
+                    entry["concurrent_8"] = asyncio.run(
+                        concurrent_tokens_per_s(cluster.api_url, prompts)
+                    )
+                    entry["reference_sequential_tokens_per_s"] = round(
+                        reference_tokens_per_s(reference, prompt, 2), 2
+                    )
+                result["clusters"][str(size)] = entry
+            finally:
+                cluster.stop()
+    if not args.no_ray:
+        try:
+            ray_res = ray_pipeline(model_dir, prompt, args.rounds)
+            ray_ms = ray_res["decode_ms_per_token"]["median"]
+            result["ray_actors_4_stages"] = {
+                "decode_ms_per_token": ray_res["decode_ms_per_token"],
+                "same_tokens_as_reference": ray_res["tokens"] == ref_tokens,
+                "butterfly_4_nodes_vs_ray": round(
+                    result["clusters"]["4"]["decode_ms_per_token"]["median"] / ray_ms, 3
+                ) if "4" in result["clusters"] else None,
+            }
+        except ImportError:
+            result["ray_actors_4_stages"] = "skipped: ray is not installed (pip install ray)"
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

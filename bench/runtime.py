@@ -1,0 +1,172 @@
+"""Runtime benchmark: the small demo model unsplit in transformers vs Butterfly stages.
+
+Prints one JSON object. Each round runs every contender once (prefill of 128 tokens, then
+64 greedy decode steps), so slow drift of this shared machine hits all of them alike;
+medians and spread are over all rounds. Peak memory is measured in fresh processes.
+
+    python bench/runtime.py [--rounds 5] [--size small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from common import bench_model, machine, summary
+
+from butterfly.partition.strategies import uniform_ranges
+from butterfly.runtime.generate import run_pipeline
+from butterfly.runtime.loader import load_stage, num_layers
+from butterfly.runtime.stage import Stage
+
+PROMPT, NEW = 128, 64
+Step = Callable[[torch.Tensor, int], torch.Tensor]  # (ids, start_pos) -> last logits
+
+
+def transformers_session(model_dir: Path) -> Callable[[], Step]:
+    from transformers import DynamicCache, LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    for p in model.parameters():  # out of the safetensors mmap, as Butterfly does
+        p.data = p.data.clone()
+
+    def new() -> Step:
+        cache = DynamicCache()
+
+        def step(ids: torch.Tensor, pos: int) -> torch.Tensor:
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            return out.logits[0, -1]
+
+        return step
+
+    return new
+
+
+def butterfly_session(stages: list[Stage]) -> Callable[[], Step]:
+    def new() -> Step:
+        caches = [s.new_cache() for s in stages]
+
+        def step(ids: torch.Tensor, pos: int) -> torch.Tensor:
+            return run_pipeline(stages, caches, ids, pos)[0, -1]
+
+        return step
+
+    return new
+
+
+def one_round(new: Callable[[], Step], prompt: torch.Tensor) -> tuple[float, list[float], list[int]]:
+    step = new()
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        token = int(step(prompt, 0).argmax())
+        prefill = time.perf_counter() - t0
+        decode, tokens = [], [token]
+        for i in range(NEW - 1):
+            t0 = time.perf_counter()
+            token = int(step(torch.tensor([[token]]), PROMPT + i).argmax())
+            decode.append(time.perf_counter() - t0)
+            tokens.append(token)
+    return prefill * 1000, [d * 1000 for d in decode], tokens
+
+
+MEMORY_PROBE = """
+import json, sys, torch
+from pathlib import Path
+from butterfly.runtime.loader import load_stage
+from butterfly.runtime.weights import CheckpointReader
+from butterfly.types.model import LayerRange
+def status_mb(field):  # VmHWM is this process's peak; ru_maxrss can carry the parent's
+    for line in open('/proc/self/status'):
+        if line.startswith(field + ':'):
+            return int(line.split()[1]) / 1024
+base = status_mb('VmRSS')
+reader = CheckpointReader(Path(sys.argv[1]))
+stage = load_stage(Path(sys.argv[1]), LayerRange(int(sys.argv[2]), int(sys.argv[3])), reader=reader)
+print(json.dumps({"weights_mb": reader.bytes_read / 2**20, "rss_mb": status_mb('VmRSS') - base,
+                  "peak_rss_mb": status_mb('VmHWM') - base}))
+"""
+
+
+def memory(model_dir: Path, start: int, end: int) -> dict[str, float]:
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(model_dir), str(start), str(end)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return {k: round(v, 1) for k, v in json.loads(out.stdout).items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--size", default="small")
+    args = ap.parse_args()
+    model_dir = bench_model(args.size)
+    n = num_layers(model_dir)
+    contenders = {
+        "transformers": transformers_session(model_dir),
+        "butterfly_1_stage": butterfly_session([load_stage(model_dir)]),
+        "butterfly_4_stages": butterfly_session(
+            [load_stage(model_dir, r) for r in uniform_ranges(n, 4)]
+        ),
+    }
+    prompt = torch.randint(0, 256, (1, PROMPT), generator=torch.Generator().manual_seed(0))
+    prefill: dict[str, list[float]] = {k: [] for k in contenders}
+    decode: dict[str, list[float]] = {k: [] for k in contenders}
+    tokens: dict[str, list[int]] = {}
+    for name, new in contenders.items():  # warm-up
+        one_round(new, prompt)
+    for _ in range(args.rounds):
+        for name, new in contenders.items():
+            p, d, toks = one_round(new, prompt)
+            prefill[name].append(p)
+            decode[name].extend(d)
+            tokens[name] = toks
+    ref_prefill = summary(prefill["transformers"])["median"]
+    ref_decode = summary(decode["transformers"])["median"]
+    quarter = n // 4
+    whole = memory(model_dir, 0, n)
+    middle = memory(model_dir, quarter, 2 * quarter)
+    first = memory(model_dir, 0, quarter)
+    result = {
+        "benchmark": "runtime",
+        "model": f"demo-{args.size}",
+        "layers": n,
+        "prompt_tokens": PROMPT,
+        "new_tokens": NEW,
+        "rounds": args.rounds,
+        "machine": machine(),
+        "prefill_ms": {k: summary(v) for k, v in prefill.items()},
+        "decode_ms_per_token": {k: summary(v) for k, v in decode.items()},
+        "ratio_to_transformers": {
+            k: {
+                "prefill": round(summary(prefill[k])["median"] / ref_prefill, 3),
+                "decode": round(summary(decode[k])["median"] / ref_decode, 3),
+            }
+            for k in contenders
+        },
+        "same_greedy_tokens": len({tuple(t) for t in tokens.values()}) == 1,
+        "memory": {
+            "whole_model": whole,
+            f"middle_quarter_[{quarter},{2 * quarter})": middle,
+            f"first_quarter_[0,{quarter})": first,
+            "middle_quarter_weight_ratio": round(middle["weights_mb"] / whole["weights_mb"], 3),
+            "middle_quarter_rss_ratio": round(middle["rss_mb"] / whole["rss_mb"], 3),
+            "first_quarter_rss_ratio": round(first["rss_mb"] / whole["rss_mb"], 3),
+            "middle_quarter_peak_rss_ratio": round(
+                middle["peak_rss_mb"] / whole["peak_rss_mb"], 3
+            ),
+        },
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
