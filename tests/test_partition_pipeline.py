@@ -253,3 +253,15 @@ def test_hybrid_drops_a_stage_that_buys_less_than_the_tolerance() -> None:
     assert len(plan.stages) == 2
     assert plan.bottleneck_ms <= full.bottleneck_ms * 1.05
     assert plan.quality.per_token_latency_ms < full.quality.per_token_latency_ms
+
+
+def test_hybrid_trims_stages_without_links_too() -> None:
+    # Without links the trim works on compute alone: four equal layers on four equal
+    # nodes need all four (one layer each); a 10% slower fourth stage is not tolerated.
+    layers = [layer(i, 1) for i in range(4)]
+    nodes = [NodeCapability(NodeId(k), 1e12, 1 << 30) for k in range(4)]
+    assert len(hybrid(layers, nodes).stages) == 4
+    tail = [layer(i, 1 if i < 3 else 0.01) for i in range(4)]
+    plan = hybrid(tail, nodes)
+    assert len(plan.stages) == 3  # the 0.01-GFLOP layer rides along within 5%
+    assert plan.bottleneck_ms <= 1.01 + 1e-9

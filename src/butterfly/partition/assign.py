@@ -109,8 +109,8 @@ class _Loads:
         self.load = [0.0] * len(nodes)
         self.used = [0] * len(nodes)
 
-    def fits(self, k: int, i: int, freed: int = 0) -> bool:
-        return self.used[k] - freed + self.mem[i] <= self.nodes[k].memory_bytes
+    def fits(self, k: int, i: int) -> bool:
+        return self.used[k] + self.mem[i] <= self.nodes[k].memory_bytes
 
     def put(self, k: int, i: int) -> None:
         self.owned[k].append(i)

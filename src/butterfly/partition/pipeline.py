@@ -193,8 +193,8 @@ def hybrid(
     Takes the better of load_balanced and (when links are measured) topology_aware, then
     binary-searches the shortest prefix of its node order whose optimal split is within
     `HYBRID_TOLERANCE` of that bottleneck. Fewer stages mean fewer hops per token and
-    fewer nodes to fail; the plan with the lowest per-token latency among those within
-    the tolerance wins.
+    fewer nodes to fail; among the plans within the tolerance the lowest per-token latency
+    wins, and on equal latency (links unmeasured) the one with fewer stages.
     """
     costs = Costs.of(layers, context_tokens)
     ordered = sorted_nodes(nodes)
@@ -214,7 +214,8 @@ def hybrid(
     by_id = {node.id: node for node in ordered}
     order = [by_id[s.node] for s in base.stages]
     ms = link_ms(order, costs.max_boundary_bytes())
-    sends = _sends(tuple(range(len(order))), ms)
+    # Unmeasured links count as free, as `quality` counts them (and flags them).
+    sends = [x if math.isfinite(x) else 0.0 for x in _sends(tuple(range(len(order))), ms)]
     lo, hi = 1, len(order)  # invariant: a prefix of hi nodes is within the limit
     while lo < hi:
         mid = (lo + hi) // 2
@@ -228,7 +229,11 @@ def hybrid(
         trimmed = build_plan(PartitionStrategy.HYBRID, _stages(found, order), costs, ordered)
         candidates.append(trimmed)
     within = [p for p in candidates if p.bottleneck_ms <= limit]
-    pick = min(within, key=lambda p: (p.quality.per_token_latency_ms, p.bottleneck_ms))
+    # Lowest latency; on a tie (e.g. no measured links) the fewest stages, then the fastest.
+    pick = min(
+        within,
+        key=lambda p: (round(p.quality.per_token_latency_ms, 9), p.quality.stages, p.bottleneck_ms),
+    )
     return build_plan(PartitionStrategy.HYBRID, _plan_stages(pick, by_id), costs, ordered)
 
 
