@@ -3,10 +3,11 @@
 Every pipeline strategy ends here. Given nodes in pipeline order, give each a contiguous,
 possibly empty range of layers so that the slowest stage is as fast as possible:
 
-    time(k, [s, e)) = (flops[e] - flops[s]) / rate_k  +  overhead_k * (e - s)  +  send_k(e)
+    time(k, [s, e)) = (flops[e] - flops[s]) / rate_k  +  overhead * (e - s)  +  send_k(e)
 
 where `send_k(e)` is the transfer to the next node of the order (0 when `e` is the last
-layer, so the final stage sends nothing), and no stage may hold more bytes than its node.
+layer, so the final stage sends nothing), `overhead` is a fixed cost per layer (0 for
+pipelines; the WorkAssigner model uses it), and no stage may hold more bytes than its node.
 
 Dynamic program. `D_k(e)` = the smallest bottleneck that covers layers `[0, e)` with the
 first `k + 1` nodes, each used or left empty:
@@ -18,7 +19,7 @@ first `k + 1` nodes, each used or left empty:
 `time(k, [s, e))` never increases with `s`, so the inner minimum sits where the two curves
 cross; one `searchsorted` finds that crossing for every `e` at once. With the memory bound
 as a lower limit on `s`, one node costs a dozen vectorised passes over `n + 1` numbers:
-O(m n log n) in all, about 3 ms for 1000 layers on 64 nodes.
+O(m n log n) in all, a few milliseconds for 1000 layers on 64 nodes.
 
 Leaving a node empty is free of charge in the recurrence, but a node skipped *between* two
 used ones changes who sends to whom. The sends charged then are those of the order, not of
