@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from butterfly.types.errors import (
 )
 from butterfly.types.ids import RequestId
 from butterfly.types.model import LayerRange
-from butterfly.types.tasks import InferenceTask, SamplingParams
+from butterfly.types.tasks import InferenceResult, InferenceTask, SamplingParams
 
 pytestmark = pytest.mark.anyio
 
@@ -259,4 +259,26 @@ async def test_shutdown_releases_waiters_and_keeps_the_task(
         await sched.submit(make_task(codec, "too late"))
     stored = store.get(task.task_id)
     assert stored is not None and stored.state.status is TaskStatus.QUEUED
+    store.close()
+
+
+class AbandoningEngine(LocalEngine):
+    """A faulty part: an engine that lets a CancelledError of its own escape."""
+
+    async def run(self, task: InferenceTask, on_token: Callable[[int], None]) -> InferenceResult:
+        raise asyncio.CancelledError
+
+
+async def test_an_engine_cancelling_its_own_work_fails_the_task_only(
+    tiny_model: Path, codec: TextCodec, tmp_path: Path
+) -> None:
+    engine = AbandoningEngine([load_stage(tiny_model)])
+    sched, store = new_scheduler(engine, tmp_path / "t.db")
+    task = make_task(codec, "x")
+    async with running(sched):
+        await sched.submit(task)
+        snap = await sched.wait(task.task_id, 60)
+        assert snap.state.status is TaskStatus.FAILED and "abandoned" in snap.state.reason
+        assert sched.serving
+    engine.close()
     store.close()

@@ -227,6 +227,8 @@ class Scheduler:
         inbox: asyncio.Queue[int | None] = asyncio.Queue()
         backlog = list(live.tokens)
         live.subscribers.append(inbox)
+        if live.settled.is_set():  # the scheduler stopped under it: no more tokens will come
+            inbox.put_nowait(None)
         try:
             for token in backlog:
                 yield token
@@ -312,12 +314,18 @@ class Scheduler:
             live.state = apply(live.state, *FINISH)
             result = self._assemble(live, result)
         except asyncio.CancelledError:
-            if not live.cancel_requested:
-                raise
             current = asyncio.current_task()
-            if current is not None:
-                current.uncancel()
-            await self._finish(live, Step.CANCEL, None)
+            aimed_at_us = current is not None and current.cancelling() > 0
+            if live.cancel_requested:
+                if current is not None:
+                    current.uncancel()
+                await self._finish(live, Step.CANCEL, None)
+            elif aimed_at_us:  # shutdown: the task stays unfinished in the store
+                raise
+            else:  # the engine cancelled something of its own and let it escape
+                log.error("task %s: the engine raised CancelledError", task_id)
+                reason = "the engine abandoned the task (CancelledError); submit it again"
+                await self._finish(live, Fail(reason, "internal_error"), None)
         except ButterflyError as e:
             log.warning("task %s failed: %s", task_id, e.message)
             await self._finish(live, Fail(e.message, e.kind), None)
