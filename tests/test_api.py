@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from butterfly.api.app import create_app
 from butterfly.api.settings import ApiSettings
+from butterfly.metrics.prometheus import Metrics
+from butterfly.runtime.loader import load_stage
+from butterfly.runtime.sequential import create_sequential
+from butterfly.schedule.local_engine import LocalEngine
 from butterfly.schedule.queue import QueuePolicy
+from butterfly.schedule.scheduler import Scheduler
+from butterfly.schedule.store import TaskStore
+from butterfly.types.model import LayerRange
 from butterfly.types.tasks import SamplingParams
 from tests.api_util import BrokenHealthEngine, assert_error, reference, serving, still_serves
 
@@ -222,3 +233,48 @@ async def test_gateway_restart_runs_a_task_queued_before(tiny_model: Path, tmp_p
     async with serving(tiny_model, db, run=False) as s:  # and the result stays readable
         r = await s.client.get(f"/result/{task_id}")
         assert r.status_code == 200 and r.json()["output_ids"] == expected
+
+
+async def test_vector_input_model(tmp_path: Path) -> None:
+    """The specification's example: a stack over input vectors, no tokenizer."""
+    spec = [
+        {"type": "linear", "input_dim": 3, "output_dim": 8},
+        {"type": "activation", "kind": "relu"},
+        {"type": "transformer_block", "hidden_dim": 8, "num_heads": 2, "ff_dim": 16},
+        {"type": "linear", "input_dim": 8, "output_dim": 2},
+    ]
+    model = create_sequential(tmp_path / "seq", spec, input_dim=3, seed=1)
+    engine = LocalEngine.load(model, [LayerRange(0, 2), LayerRange(2, 4)])
+    store, metrics = TaskStore(tmp_path / "t.db"), Metrics()
+    scheduler = Scheduler(engine=engine, store=store, emit=metrics.emit)
+    app = create_app(
+        scheduler=scheduler,
+        engine=engine,
+        codec=None,
+        metrics=metrics,
+        model_name="seq",
+        settings=ApiSettings(),
+    )
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        httpx.AsyncClient(transport=transport, base_url="http://gw") as client,
+        asyncio.TaskGroup() as tg,
+    ):
+        tg.create_task(scheduler.run())
+        r = await client.post("/inference", json={"input": [0.5, -1.0, 2.0], "wait": True})
+        assert r.status_code == 200, r.text
+        stage = load_stage(model)
+        with torch.inference_mode():
+            expected = stage.forward(torch.tensor([0.5, -1.0, 2.0]), None, 0).flatten()
+        assert r.json()["output_vector"] == pytest.approx(expected.tolist(), rel=1e-5)
+        r = await client.post("/inference", json={"prompt": "text"})
+        assert_error(r, 400, "invalid_request", "no tokenizer")
+        r = await client.post("/inference", json={"input_ids": [1, 2]})
+        assert_error(r, 400, "invalid_request", "input vector")
+        r = await client.post("/inference", json={"input": []})
+        assert_error(r, 400, "invalid_request", "empty")
+        r = await client.post("/inference", json={"input": [1.0, 2.0], "wait": True})
+        assert_error(r, 400, "invalid_input", "3 features")  # the width, from the stage
+        scheduler.shutdown()
+    engine.close()
+    store.close()
