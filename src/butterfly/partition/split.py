@@ -135,7 +135,7 @@ def split(
         cross = (d[:n] + q[:n]).searchsorted(target)
         # The best start is the crossing or the one before it (rounding can only shift the
         # crossing between two starts whose bottlenecks agree to the last bit or so).
-        s1 = np.clip(cross, lo, hi)
+        s1 = np.minimum(np.maximum(cross, lo), hi)
         s0 = np.maximum(s1 - 1, lo)  # == s1 where s1 is the first start memory allows
         v1 = np.maximum(d[s1], target - q[s1])
         v0 = np.maximum(d[s0], target - q[s0])
