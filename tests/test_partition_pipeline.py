@@ -21,6 +21,7 @@ from butterfly.partition import (
     uniform,
 )
 from butterfly.partition.capability import Costs, link_between
+from butterfly.partition.order import link_ms
 from butterfly.types.errors import InsufficientResources, OptimizationFailed
 from butterfly.types.ids import NodeId
 from butterfly.types.model import LayerInfo, Linear
@@ -265,3 +266,17 @@ def test_hybrid_trims_stages_without_links_too() -> None:
     plan = hybrid(tail, nodes)
     assert len(plan.stages) == 3  # the 0.01-GFLOP layer rides along within 5%
     assert plan.bottleneck_ms <= 1.01 + 1e-9
+
+
+@settings(max_examples=50, deadline=None)
+@given(node_lists(max_nodes=6, links=True), st.randoms(use_true_random=False))
+def test_link_matrix_matches_link_between_in_any_node_order(
+    nodes: list[NodeCapability], rnd: random.Random
+) -> None:
+    rnd.shuffle(nodes)
+    ms = link_ms(nodes, 4096)
+    for i, a in enumerate(nodes):
+        for j, b in enumerate(nodes):
+            link = link_between(a, b)
+            expected = 0.0 if i == j else link.transfer_ms(4096) if link else math.inf
+            assert ms[i][j] == pytest.approx(expected)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import itertools
 import math
 import operator
-from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -32,6 +31,9 @@ from butterfly.types.model import LayerInfo
 
 DEFAULT_CONTEXT_TOKENS = 2048
 """KV cache budget per stage, in tokens of context, when the caller names none."""
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
 
 ACTIVATION_ELEMENT_BYTES = 4
 """Bytes per activation element when a layer does not say (float32 on the wire)."""
@@ -69,6 +71,7 @@ class NodeCapability:
     flops_per_s: float
     memory_bytes: int
     links: Mapping[NodeId, Link] = field(default_factory=dict)
+    link_table: FloatArray = field(init=False, repr=False)  # rows: peer, latency, bandwidth
     _key: tuple[int, float, int, bytes] = field(init=False, repr=False)
     _hash: int = field(init=False, repr=False)
 
@@ -90,7 +93,9 @@ class NodeCapability:
         flat = [
             v + 0.0 for p, x in links.items() for v in (p, x.latency_ms, x.bandwidth_bytes_per_s)
         ]
-        key = (self.id, self.flops_per_s, self.memory_bytes, array("d", flat).tobytes())
+        table = np.array(flat, dtype=np.float64).reshape(-1, 3)
+        object.__setattr__(self, "link_table", table)
+        key = (self.id, self.flops_per_s, self.memory_bytes, table.tobytes())
         object.__setattr__(self, "_key", key)
         object.__setattr__(self, "_hash", hash(key))
 
@@ -165,10 +170,6 @@ def layers_key(layers: Sequence[LayerInfo]) -> tuple[tuple[int, float, int, int,
             for layer in layers
         ]
     )
-
-
-FloatArray = npt.NDArray[np.float64]
-IntArray = npt.NDArray[np.int64]
 
 
 @dataclass(frozen=True)
