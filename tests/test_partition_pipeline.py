@@ -177,6 +177,7 @@ def test_the_same_facts_in_any_order_give_the_same_plan(
                 strategy(shuffled_layers, shuffled_nodes, context_tokens=0)
             continue
         assert strategy(shuffled_layers, shuffled_nodes, context_tokens=0) == first
+        assert_well_formed(first, layers, nodes)  # covers every layer, within memory
 
 
 def test_load_balanced_worked_example_from_the_docstring() -> None:
