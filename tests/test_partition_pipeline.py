@@ -281,3 +281,25 @@ def test_link_matrix_matches_link_between_in_any_node_order(
             link = link_between(a, b)
             expected = 0.0 if i == j else link.transfer_ms(4096) if link else math.inf
             assert ms[i][j] == pytest.approx(expected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(layer_lists(max_layers=12), node_lists(max_nodes=9, links=True))
+def test_heuristic_orders_give_well_formed_plans_or_a_clear_error(
+    layers: list[LayerInfo], nodes: list[NodeCapability]
+) -> None:
+    if len(nodes) <= 5 or not any(n.links for n in nodes):
+        return
+    try:
+        plan = topology_aware(layers, nodes, context_tokens=0)
+    except InsufficientResources:
+        with pytest.raises(InsufficientResources):
+            load_balanced(layers, nodes, context_tokens=0)  # it fits in no order tried
+        return
+    except OptimizationFailed as e:
+        assert "measured links" in e.message
+        return
+    assert_well_formed(plan, layers, nodes)
+    for a, b in itertools.pairwise(plan.stages):
+        by_id = {n.id: n for n in nodes}
+        assert link_between(by_id[a.node], by_id[b.node]) is not None

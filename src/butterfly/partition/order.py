@@ -6,8 +6,8 @@ nodes decides which links carry traffic. For a few nodes every order is tried (5
 is a heuristic: a shortest Hamiltonian path over the links, weighted by the time one
 boundary's activations take (a path travelling-salesman problem), approximated by greedy
 nearest-neighbour chains improved with 2-opt until no reversal shortens the path. The
-split that follows is still optimal for the order found; the caller also keeps the plain
-id order as a candidate, so topology-aware placement is never worse than ignoring links.
+split that follows is still optimal for the order found. Plain id order is a candidate
+too, split whenever its links are competitive with the chains' (ids that follow racks).
 
 Links are treated as symmetric here (the mean of both directions): 2-opt reverses
 segments, and with asymmetric weights each reversal would cost O(segment) to price. The

@@ -124,9 +124,11 @@ def topology_aware(
     A stage's time is its compute plus the transfer of its output to the next stage over
     the measured link (latency + bytes / bandwidth, with the model's largest boundary
     size). For up to `order.EXACT_MAX_NODES` nodes every order is tried and the result is
-    optimal; for more, `order.heuristic_orders` proposes a few (nearest-neighbour chains
-    improved by 2-opt, plus id order) and each is split optimally. Nodes never measured
-    against each other are never placed next to each other.
+    optimal (over orders and splits: every ordered subset of nodes is some order's prefix).
+    For more, `order.heuristic_orders` proposes a few (nearest-neighbour chains improved by
+    2-opt, and id order when its links are competitive) and each is split optimally for
+    its order. Nodes never measured against each other are never placed next to each
+    other.
     """
     costs = Costs.of(layers, context_tokens)
     ordered = sorted_nodes(nodes)
@@ -173,12 +175,12 @@ def topology_aware(
             for f, o in ties
         ]
         return min(plans, key=_rank)
-    if not fits_somewhere:
-        by_memory = sorted(ordered, key=lambda node: (-node.memory_bytes, node.id))
+    by_memory = sorted(ordered, key=lambda node: (-node.memory_bytes, node.id))
+    if not (fits_somewhere or fits(costs, ordered) or fits(costs, by_memory)):
         raise InsufficientResources(shortfall(costs, by_memory))
     raise OptimizationFailed(
-        "the model fits in memory, but no chain of nodes along measured links can hold it; "
-        "measure the missing links or use load_balanced"
+        "the model fits in memory, but no chain of nodes along measured links that was "
+        "tried can hold it; measure the missing links or use load_balanced"
     )
 
 
