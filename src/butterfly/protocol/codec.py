@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -41,7 +42,28 @@ class Size:
 
 
 Check = Callable[[Any, str], Any]
-_NONE: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """Per-class accessors, so encoding reads all fields in one C call."""
+
+    kind: str
+    tagged: bool
+    names: tuple[str, ...]
+    get_all: Callable[[Any], tuple[Any, ...]]
+    nested_all: tuple[bool, ...]
+    get_signed: Callable[[Any], tuple[Any, ...]]
+    nested_signed: tuple[bool, ...]
+
+
+def _scalar(tp: Any) -> bool:
+    """True for field types whose values msgpack takes as they are."""
+    if get_origin(tp) is Annotated:
+        tp = get_args(tp)[0]
+    while isinstance(tp, NewType):
+        tp = tp.__supertype__
+    return tp in (int, float, bool, str, bytes)
 
 
 def _fail(path: str, expected: str, value: object) -> typing.NoReturn:
@@ -94,7 +116,7 @@ class Codec:
         self._kinds = dict(kinds)
         self._version = version
         self._fields: dict[type[Any], tuple[tuple[str, Check], ...]] = {}
-        self._unsigned: dict[type[Any], frozenset[str]] = {}
+        self._layouts: dict[type[Any], _Layout] = {}
         for cls in self._kinds.values():
             self._compile(cls)
 
@@ -105,9 +127,21 @@ class Codec:
             return
         hints = get_type_hints(cls, include_extras=True)
         self._fields[cls] = ()  # placeholder: lets self-referencing types compile
-        specs = tuple((f.name, self._checker(hints[f.name])) for f in dataclasses.fields(cls))
+        fields = dataclasses.fields(cls)
+        specs = tuple((f.name, self._checker(hints[f.name])) for f in fields)
         self._fields[cls] = specs
-        self._unsigned[cls] = frozenset(getattr(cls, "UNSIGNED", ())) | {"signature"}
+        unsigned = frozenset(getattr(cls, "UNSIGNED", ())) | {"signature"}
+        names = tuple(f.name for f in fields)
+        signed = tuple(n for n in names if n not in unsigned)
+        self._layouts[cls] = _Layout(
+            kind=getattr(cls, "kind", cls.__name__),
+            tagged=hasattr(cls, "kind"),
+            names=names,
+            get_all=operator.attrgetter(*names),
+            nested_all=tuple(not _scalar(hints[n]) for n in names),
+            get_signed=operator.attrgetter(*signed),
+            nested_signed=tuple(not _scalar(hints[n]) for n in signed),
+        )
 
     def _checker(self, tp: Any) -> Check:
         origin = get_origin(tp)
@@ -213,30 +247,29 @@ class Codec:
     # --- encoding ----------------------------------------------------------------------
 
     def _wire(self, obj: Any) -> Any:
-        specs = self._fields.get(type(obj))
-        if specs is not None:
-            out: dict[str, Any] = {}
-            kind = getattr(obj, "kind", None)
-            if kind is not None:
-                out["kind"] = kind
-            for name, _ in specs:
-                out[name] = self._wire(getattr(obj, name))
-            return out
-        if type(obj) is tuple:
-            return [self._wire(v) for v in obj]
-        return obj
+        """Nested maps and lists for msgpack; scalars pass through untouched."""
+        layout = self._layouts.get(type(obj))
+        if layout is None:
+            return [self._wire(v) for v in obj] if type(obj) is tuple else obj
+        values = layout.get_all(obj)
+        out = {"kind": layout.kind} if layout.tagged else {}
+        for name, value, nested in zip(layout.names, values, layout.nested_all, strict=True):
+            out[name] = self._wire(value) if nested else value
+        return out
 
-    def _canonical(self, obj: Any, skip: frozenset[str]) -> Any:
-        specs = self._fields.get(type(obj))
-        if specs is not None:
-            out: list[Any] = [getattr(obj, "kind", type(obj).__name__)]
-            for name, _ in specs:
-                if name not in skip:
-                    out.append(self._canonical(getattr(obj, name), _NONE))
-            return out
-        if type(obj) is tuple:
-            return [self._canonical(v, _NONE) for v in obj]
-        return obj
+    def _canonical(self, obj: Any, *, signed: bool = False) -> Any:
+        """Arrays of field values in declaration order, the form signatures cover."""
+        layout = self._layouts.get(type(obj))
+        if layout is None:
+            return [self._canonical(v) for v in obj] if type(obj) is tuple else obj
+        if signed:
+            values, nested_flags = layout.get_signed(obj), layout.nested_signed
+        else:
+            values, nested_flags = layout.get_all(obj), layout.nested_all
+        out: list[Any] = [layout.kind]
+        for value, nested in zip(values, nested_flags, strict=True):
+            out.append(self._canonical(value) if nested else value)
+        return out
 
     def encode(self, message: Any) -> bytes:
         if type(message) not in self._fields or not hasattr(message, "kind"):
@@ -246,8 +279,7 @@ class Codec:
 
     def signing_bytes(self, message: Any) -> bytes:
         """Canonical bytes a signature covers: every field but the signature (and `UNSIGNED`)."""
-        skip = self._unsigned[type(message)]
-        data: bytes = msgpack.packb(self._canonical(message, skip), use_bin_type=True)
+        data: bytes = msgpack.packb(self._canonical(message, signed=True), use_bin_type=True)
         return data
 
     def decode(self, data: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Any:

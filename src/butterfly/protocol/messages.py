@@ -30,6 +30,7 @@ field (see `codec.py`); a wrong type, unknown kind or oversized frame is `Invali
 from __future__ import annotations
 
 import struct
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Annotated, ClassVar, TypeVar
 
@@ -447,11 +448,27 @@ def sign_message(message: M, key: SigningKey) -> M:
     return replace(message, signature=key.sign(_CODEC.signing_bytes(message)))
 
 
+_CHECKED: OrderedDict[int, tuple[Message, bytes, bool]] = OrderedDict()
+_CHECKED_MAX = 8192
+
+
 def verify_message(message: Message, public_key: bytes) -> bool:
-    """True when `message` is signed by the holder of `public_key`; unsigned is invalid."""
+    """True when `message` is signed by the holder of `public_key`; unsigned is invalid.
+
+    The same message object is checked again and again (a view change is re-validated
+    inside every new-view that quotes it), so results are remembered per object; the
+    entry holds the object itself, so its id cannot be reused while remembered.
+    """
     if not message.signature:
         return False
-    return verify_bytes(public_key, message.signature, _CODEC.signing_bytes(message))
+    hit = _CHECKED.get(id(message))
+    if hit is not None and hit[0] is message and hit[1] == public_key:
+        return hit[2]
+    ok = verify_bytes(public_key, message.signature, _CODEC.signing_bytes(message))
+    _CHECKED[id(message)] = (message, public_key, ok)
+    if len(_CHECKED) > _CHECKED_MAX:
+        _CHECKED.popitem(last=False)
+    return ok
 
 
 def request_digest(request: Request | None) -> bytes:

@@ -1,0 +1,215 @@
+"""PBFT as a pure reducer: `step(state, message, now) -> (state, outbound)`.
+
+No sockets, clocks or threads: the driver delivers authenticated-or-not messages and
+`Tick`s at `next_deadline(state)`, and sends what comes back. Every input passes one
+exhaustive `match`; anything unsigned, wrongly signed, from another epoch or from a
+stranger is dropped before it touches the state.
+
+Retransmission is pull-based: while work is outstanding each replica broadcasts a signed
+`Status`, and whoever sees it behind relays the signed messages it lacks (pre-prepares,
+votes, the new-view, a certified state transfer). Relaying is safe because every message
+carries its author's signature; the same status also lets replicas compare log digests,
+which is how forks are reported when more than f replicas lie.
+
+Modules: `pbft_state` (config, state), `pbft_order` (normal case, checkpoints),
+`pbft_viewchange` (view change, new view, state transfer), `evidence` (equivocation).
+"""
+
+from __future__ import annotations
+
+from typing import assert_never
+
+from butterfly.protocol import evidence
+from butterfly.protocol.messages import (
+    CheckpointVote,
+    Commit,
+    Evidence,
+    NewView,
+    Prepare,
+    PrePrepare,
+    Request,
+    StateTransfer,
+    Status,
+    ViewChange,
+    verify_message,
+)
+from butterfly.protocol.pbft_order import (
+    client_signed,
+    note_divergence,
+    on_checkpoint,
+    on_commit,
+    on_pre_prepare,
+    on_prepare,
+    on_request,
+)
+from butterfly.protocol.pbft_state import (
+    PbftConfig,
+    ReplicaState,
+    Send,
+    Tick,
+    busy,
+    clone,
+    new_replica,
+    next_deadline,
+    sign,
+    status_of,
+)
+from butterfly.protocol.pbft_viewchange import (
+    on_new_view,
+    on_state_transfer,
+    on_view_change,
+    start_view_change,
+    state_transfer,
+)
+
+Input = (
+    Tick
+    | Request
+    | PrePrepare
+    | Prepare
+    | Commit
+    | CheckpointVote
+    | ViewChange
+    | NewView
+    | Status
+    | StateTransfer
+    | Evidence
+)
+"""What a replica consumes: PBFT's messages plus the passage of time."""
+
+__all__ = [
+    "Input",
+    "PbftConfig",
+    "ReplicaState",
+    "Send",
+    "Tick",
+    "authentic",
+    "clone",
+    "new_replica",
+    "next_deadline",
+    "step",
+]
+
+
+def authentic(state: ReplicaState, message: Input) -> bool:
+    """Signed by a replica of this epoch other than us (or, for requests, by a client)."""
+    if isinstance(message, Tick) or message.epoch != state.config.epoch:
+        return False
+    if isinstance(message, Request):
+        return client_signed(state, message)
+    keys = state.config.keys
+    if not 0 <= message.sender < len(keys) or message.sender == state.me:
+        return False
+    return verify_message(message, keys[message.sender])
+
+
+def step(state: ReplicaState, message: Input, now: float) -> tuple[ReplicaState, list[Send]]:
+    """Consume one input at time `now`; returns the state and the messages to send."""
+    out: list[Send] = []
+    if not isinstance(message, Tick) and not authentic(state, message):
+        return state, out
+    match message:
+        case Tick():
+            _on_tick(state, now, out)
+        case Request():
+            on_request(state, message, now, out)
+        case PrePrepare():
+            on_pre_prepare(state, message, now, out)
+        case Prepare():
+            on_prepare(state, message, now, out)
+        case Commit():
+            on_commit(state, message, now, out)
+        case CheckpointVote():
+            on_checkpoint(state, message, now, out)
+        case ViewChange():
+            on_view_change(state, message, now, out)
+        case NewView():
+            on_new_view(state, message, now, out)
+        case Status():
+            _on_status(state, message, now, out)
+        case StateTransfer():
+            on_state_transfer(state, message, now, out)
+        case Evidence():
+            evidence.accept_evidence(state, message)
+        case _:
+            assert_never(message)
+    if busy(state) and (
+        state.status_deadline is None
+        or state.status_deadline > now + state.config.retransmit_interval
+    ):
+        state.status_deadline = now + state.config.retransmit_interval
+    return state, out
+
+
+def _on_tick(state: ReplicaState, now: float, out: list[Send]) -> None:
+    if state.in_view_change:
+        if state.vc_deadline is not None and now >= state.vc_deadline:
+            start_view_change(state, state.view + 1, now, out)  # the new primary failed too
+    elif state.timer_deadline is not None and now >= state.timer_deadline:
+        start_view_change(state, state.view + 1, now, out)  # the primary is not ordering
+    if state.status_deadline is not None and now >= state.status_deadline:
+        out.append(Send(None, sign(state, status_of(state))))
+        interval = state.config.retransmit_interval
+        state.status_deadline = now + (
+            interval if busy(state) else state.config.idle_status_interval
+        )
+
+
+def _on_status(state: ReplicaState, status: Status, now: float, out: list[Send]) -> None:
+    """Send a peer what its status says it lacks; ask for what we lack.
+
+    Answering a status with our own is rate-limited per peer: two replicas that cannot
+    help each other would otherwise bounce statuses at network speed.
+    """
+    peer = status.sender
+    seen = status.last_executed
+    if 0 < seen <= state.last_executed and state.digests[seen] != status.executed_digest:
+        note_divergence(state, peer, seen, status.executed_digest)
+    if seen < state.last_executed:
+        _relay_decided(state, status, out)
+    asked = seen > state.last_executed or status.view > state.view
+    if asked or (status.view == state.view and not status.in_view_change and not state.active):
+        last = state.status_answered.get(peer)
+        if last is None or now - last >= state.config.retransmit_interval:
+            state.status_answered[peer] = now
+            out.append(Send(peer, sign(state, status_of(state))))  # it can bring us forward
+        return
+    if status.view < state.view or status.in_view_change:
+        if state.in_view_change:
+            mine = state.view_changes.get(state.view, {}).get(state.me)
+            if mine is not None:
+                out.append(Send(peer, mine))
+        elif state.new_view is not None:
+            out.append(Send(peer, state.new_view))
+        return
+    if state.in_view_change:
+        return
+    for seq in sorted(s for s in state.log if s > state.last_executed):
+        slot = state.log[seq]
+        if state.view in slot.pre_prepares:
+            out.append(Send(peer, slot.pre_prepares[state.view]))
+        out.extend(Send(peer, p) for p in slot.prepares.get(state.view, {}).values())
+        out.extend(Send(peer, c) for c in slot.commits.get(state.view, {}).values())
+
+
+def _relay_decided(state: ReplicaState, status: Status, out: list[Send]) -> None:
+    """Bring a lagging peer up to our execution, whatever view either of us is in.
+
+    Below our stable checkpoint it gets a certified state transfer, above it the commit
+    certificate (pre-prepare and 2f+1 commits) of each slot we executed.
+    """
+    peer = status.sender
+    if status.last_executed < state.low:
+        out.append(Send(peer, state_transfer(state, status.last_executed)))
+    if status.stable_seq < state.low:
+        out.extend(Send(peer, vote) for vote in state.stable_proof)
+    for votes in state.checkpoint_votes.values():
+        out.extend(Send(peer, vote) for vote in votes.values())
+    for seq in range(max(status.last_executed, state.low) + 1, state.last_executed + 1):
+        slot = state.log.get(seq)
+        pp = slot.decided if slot is not None else None
+        if slot is None or pp is None:
+            continue
+        out.append(Send(peer, pp))
+        commits = slot.commits.get(pp.view, {}).values()
+        out.extend(Send(peer, c) for c in commits if c.digest == pp.digest)

@@ -1,0 +1,349 @@
+"""PBFT's normal case: order requests, vote, execute, checkpoint and collect garbage.
+
+Castro and Liskov, "Practical Byzantine Fault Tolerance" (OSDI 1999), sections 4.2-4.3.
+Every function takes a replica state that `pbft.step` has already authenticated the
+message for, updates it, and appends what must be sent to `out`.
+"""
+
+from __future__ import annotations
+
+from butterfly.protocol import evidence
+from butterfly.protocol.hashing import NULL_DIGEST, chain
+from butterfly.protocol.messages import (
+    CheckpointVote,
+    Commit,
+    Prepare,
+    PrePrepare,
+    Reply,
+    Request,
+    request_digest,
+    verify_message,
+)
+from butterfly.protocol.pbft_state import (
+    MAX_COMMITS_PER_SENDER,
+    Divergence,
+    ReplicaState,
+    Send,
+    Slot,
+    prepared_digest,
+    request_key,
+    sign,
+    status_of,
+)
+from butterfly.protocol.quorum import primary
+from butterfly.types.ids import NodeId
+
+
+def client_signed(state: ReplicaState, request: Request) -> bool:
+    """Only requests a known client signed are ever ordered, whoever relays them."""
+    key = state.config.clients.get(request.sender)
+    return key is not None and request.epoch == state.config.epoch and verify_message(request, key)
+
+
+def valid_body(state: ReplicaState, pp: PrePrepare) -> bool:
+    """The request beside a pre-prepare matches its digest and is client-signed."""
+    if pp.request is None:
+        return pp.digest == NULL_DIGEST
+    return request_digest(pp.request) == pp.digest and client_signed(state, pp.request)
+
+
+def in_window(state: ReplicaState, seq: int) -> bool:
+    return state.low < seq <= state.low + state.config.window
+
+
+# --- requests and timers ----------------------------------------------------------------
+
+
+def on_request(state: ReplicaState, request: Request, now: float, out: list[Send]) -> None:
+    key = request_key(request)
+    reply = state.replies.get(key)
+    if reply is not None:  # executed already: the client missed our reply
+        if not reply.signature:
+            reply = state.replies[key] = sign(state, reply)
+        out.append(Send(request.sender, reply))
+        return
+    add_pending(state, request, now)
+    assign_pending(state, now, out)
+
+
+def add_pending(state: ReplicaState, request: Request, now: float) -> None:
+    key = request_key(request)
+    if key not in state.replies and key not in state.pending:
+        state.pending[key] = request
+        rearm_timer(state, now)
+
+
+def rearm_timer(state: ReplicaState, now: float, *, restart: bool = False) -> None:
+    """One timer per replica, for the oldest request it waits on (PBFT section 4.4).
+
+    It keeps running while other requests execute, so a primary that orders everything
+    but one request is still replaced.
+    """
+    if restart or state.timer_key not in state.pending:
+        state.timer_key = next(iter(state.pending), None)
+        state.timer_deadline = (
+            None if state.timer_key is None else now + state.config.request_timeout
+        )
+
+
+def assign_pending(state: ReplicaState, now: float, out: list[Send]) -> None:
+    """As primary, give pending requests sequence numbers up to the high water mark."""
+    if not state.is_primary or not state.active:
+        return
+    for key, request in list(state.pending.items()):
+        if key in state.assigned:
+            continue
+        if state.next_seq > state.low + state.config.window:
+            return
+        seq = state.next_seq
+        state.next_seq += 1
+        state.assigned.add(key)
+        pp = sign(
+            state,
+            PrePrepare(
+                sender=state.me,
+                epoch=state.config.epoch,
+                view=state.view,
+                seq=seq,
+                digest=request_digest(request),
+                request=request,
+            ),
+        )
+        out.append(Send(None, pp))
+        accept_pre_prepare(state, pp, now, out)
+
+
+# --- three-phase agreement --------------------------------------------------------------
+
+
+def on_pre_prepare(state: ReplicaState, pp: PrePrepare, now: float, out: list[Send]) -> None:
+    """Vote for the current view's primary; keep other views' for commit certificates."""
+    evidence.check_header(state, pp, out)
+    if pp.sender != primary(pp.view, state.config.n) or not known_view(state, pp.view):
+        return
+    if not in_window(state, pp.seq) or pp.request is None or not valid_body(state, pp):
+        return
+    slot = state.log.setdefault(pp.seq, Slot())
+    existing = slot.pre_prepares.get(pp.view)
+    if existing is not None and existing.digest != pp.digest:
+        slot.others[(pp.view, pp.digest)] = pp  # equivocation (recorded by check_header);
+        check_decided(state, pp.seq, pp.view, now, out)  # the others may have decided it
+        return
+    if state.active and pp.view == state.view:
+        voted = state.me in slot.prepares.get(pp.view, {}) or state.is_primary
+        if existing is None or not voted:  # kept while changing views, vote now
+            accept_pre_prepare(state, pp, now, out)
+    elif existing is None:
+        slot.pre_prepares[pp.view] = pp
+        check_decided(state, pp.seq, pp.view, now, out)
+
+
+def known_view(state: ReplicaState, view: int) -> bool:
+    """Views a replica keeps messages of: bounded, so a liar cannot fill memory."""
+    return view <= state.view + state.config.n
+
+
+def accept_pre_prepare(state: ReplicaState, pp: PrePrepare, now: float, out: list[Send]) -> None:
+    """Log a pre-prepare (ours, a primary's, or one from a new-view) and vote for it."""
+    slot = state.log.setdefault(pp.seq, Slot())
+    slot.pre_prepares[pp.view] = pp
+    if pp.request is not None:
+        add_pending(state, pp.request, now)
+    if pp.sender != state.me:
+        prepare = sign(
+            state,
+            Prepare(
+                sender=state.me,
+                epoch=state.config.epoch,
+                view=pp.view,
+                seq=pp.seq,
+                digest=pp.digest,
+                pp_signature=pp.signature,
+            ),
+        )
+        slot.prepares.setdefault(pp.view, {})[state.me] = prepare
+        out.append(Send(None, prepare))
+    for other in list(slot.prepares.get(pp.view, {}).values()):
+        evidence.check_prepare(state, other, out)
+    advance(state, pp.seq, now, out)
+
+
+def on_prepare(state: ReplicaState, prepare: Prepare, now: float, out: list[Send]) -> None:
+    if prepare.sender == primary(prepare.view, state.config.n) or not in_window(state, prepare.seq):
+        return
+    evidence.check_prepare(state, prepare, out)
+    if not state.active or prepare.view != state.view:
+        return
+    votes = state.log.setdefault(prepare.seq, Slot()).prepares.setdefault(prepare.view, {})
+    earlier = votes.get(prepare.sender)
+    if earlier is not None:
+        if earlier.digest != prepare.digest:
+            evidence.record(state, earlier, prepare, out)
+        return
+    votes[prepare.sender] = prepare
+    advance(state, prepare.seq, now, out)
+
+
+def on_commit(state: ReplicaState, commit: Commit, now: float, out: list[Send]) -> None:
+    """Commits of any recent view count: 2f+1 of them decide a slot even for a replica
+    that was elsewhere (changing views, partitioned) while the others agreed.
+    """
+    if not in_window(state, commit.seq) or not known_view(state, commit.view):
+        return
+    votes = state.log.setdefault(commit.seq, Slot()).commits.setdefault(commit.view, {})
+    if (commit.sender, commit.digest) in votes:
+        return
+    earlier = [c for (j, _), c in votes.items() if j == commit.sender]
+    if earlier:
+        evidence.record(state, earlier[0], commit, out)
+        if len(earlier) >= MAX_COMMITS_PER_SENDER:
+            return
+    votes[(commit.sender, commit.digest)] = commit
+    if state.active and commit.view == state.view:
+        advance(state, commit.seq, now, out)
+    else:
+        check_decided(state, commit.seq, commit.view, now, out)
+
+
+def advance(state: ReplicaState, seq: int, now: float, out: list[Send]) -> None:
+    """Send our commit once prepared in the current view, then see if the slot decided."""
+    slot = state.log.get(seq)
+    view = state.view
+    if slot is None or not state.active or view not in slot.pre_prepares:
+        return
+    digest = slot.pre_prepares[view].digest
+    if view not in slot.sent_commit and prepared_digest(state, slot, view) == digest:
+        slot.sent_commit.add(view)
+        commit = sign(
+            state,
+            Commit(sender=state.me, epoch=state.config.epoch, view=view, seq=seq, digest=digest),
+        )
+        slot.commits.setdefault(view, {})[(state.me, digest)] = commit
+        out.append(Send(None, commit))
+    check_decided(state, seq, view, now, out)
+
+
+def check_decided(state: ReplicaState, seq: int, view: int, now: float, out: list[Send]) -> None:
+    """A pre-prepare plus 2f+1 matching commits of its view is a commit certificate.
+
+    2f+1 commits include f+1 honest replicas that prepared the value, which is PBFT's
+    `committed` predicate; so executing it is safe whatever this replica's own view, even
+    if the primary told this replica something else.
+    """
+    slot = state.log.get(seq)
+    if slot is None or slot.decided is not None:
+        return
+    tally: dict[bytes, int] = {}
+    for _, digest in slot.commits.get(view, {}):
+        tally[digest] = tally.get(digest, 0) + 1
+    for digest, votes in tally.items():
+        if votes < state.config.quorum:
+            continue
+        pp = slot.pre_prepares.get(view)
+        pp = pp if pp is not None and pp.digest == digest else slot.others.get((view, digest))
+        if pp is not None:
+            slot.decided = pp
+            execute_ready(state, now, out)
+            return
+
+
+# --- execution and checkpoints ----------------------------------------------------------
+
+
+def execute_ready(state: ReplicaState, now: float, out: list[Send]) -> None:
+    """Execute committed slots in sequence order; a gap waits (or is state-transferred)."""
+    while True:
+        slot = state.log.get(state.last_executed + 1)
+        if slot is None or slot.decided is None or state.low > state.last_executed:
+            return
+        apply_entry(state, slot.decided, now, out, reply=True)
+
+
+def apply_entry(
+    state: ReplicaState, pp: PrePrepare, now: float, out: list[Send], *, reply: bool
+) -> None:
+    """Append one decided entry to the log; a repeated request is ordered but not re-run."""
+    seq = state.last_executed + 1
+    state.executed.append(pp)
+    state.digests.append(chain(state.digests[-1], seq, pp.digest))
+    state.last_executed = seq
+    request = pp.request
+    if request is not None:
+        key = request_key(request)
+        if key not in state.replies:
+            answer = Reply(
+                sender=state.me,
+                epoch=state.config.epoch,
+                view=state.view,
+                client=request.sender,
+                timestamp=request.timestamp,
+                seq=seq,
+                digest=pp.digest,
+            )
+            if reply:  # signed when sent: transferred entries may never need it
+                answer = sign(state, answer)
+                out.append(Send(request.sender, answer))
+            state.replies[key] = answer
+        state.pending.pop(key, None)
+        rearm_timer(state, now)
+    if seq % state.config.checkpoint_interval == 0:
+        vote = sign(
+            state,
+            CheckpointVote(
+                sender=state.me, epoch=state.config.epoch, seq=seq, digest=state.digests[seq]
+            ),
+        )
+        out.append(Send(None, vote))
+        on_checkpoint(state, vote, now, out)
+
+
+def on_checkpoint(state: ReplicaState, vote: CheckpointVote, now: float, out: list[Send]) -> None:
+    if not in_window(state, vote.seq) or vote.seq % state.config.checkpoint_interval:
+        return
+    votes = state.checkpoint_votes.setdefault(vote.seq, {})
+    earlier = votes.get(vote.sender)
+    if earlier is not None:
+        if earlier.digest != vote.digest:
+            evidence.record(state, earlier, vote, out)
+        return
+    votes[vote.sender] = vote
+    if vote.seq <= state.last_executed and state.digests[vote.seq] != vote.digest:
+        note_divergence(state, vote.sender, vote.seq, vote.digest)
+    matching = [v for v in votes.values() if v.digest == vote.digest]
+    if len(matching) >= state.config.quorum:
+        proof = tuple(sorted(matching, key=lambda v: v.sender))
+        set_stable(state, vote.seq, vote.digest, proof, now, out)
+        assign_pending(state, now, out)  # the window moved
+
+
+def note_divergence(state: ReplicaState, peer: NodeId, seq: int, theirs: bytes) -> None:
+    if all(a.peer != peer or a.seq != seq for a in state.alarms):
+        state.alarms.append(Divergence(peer, seq, state.digests[seq], theirs))
+
+
+def set_stable(
+    state: ReplicaState,
+    seq: int,
+    digest: bytes,
+    proof: tuple[CheckpointVote, ...],
+    now: float,
+    out: list[Send],
+) -> None:
+    """Advance the low water mark and drop the log below it (PBFT section 4.3).
+
+    Pre-prepares we accepted but never executed are kept aside (`orphans`) until a state
+    transfer covers their slots, so equivocation there can still be proven.
+    """
+    if seq <= state.low:
+        return
+    state.low, state.stable_digest, state.stable_proof = seq, digest, proof
+    for s in [s for s in state.log if s <= seq]:
+        slot = state.log.pop(s)
+        if s > state.last_executed:
+            for pp in slot.pre_prepares.values():
+                state.orphans[(pp.view, pp.seq)] = pp.header()
+    for s in [s for s in state.checkpoint_votes if s <= seq]:
+        del state.checkpoint_votes[s]
+    state.next_seq = max(state.next_seq, seq + 1)
+    if state.last_executed < seq:  # we lag: ask peers for the certified prefix now
+        out.append(Send(None, sign(state, status_of(state))))

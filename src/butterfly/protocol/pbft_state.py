@@ -1,0 +1,239 @@
+"""A PBFT replica's configuration and state, and the small questions asked of them.
+
+The state is owned by the reducer in `pbft.py`: `step` updates the state it is given and
+returns it, so one replica's history is one object a driver threads through its calls.
+Copying the whole log on every message would cost more than the Ed25519 checks that
+dominate a step; `clone` gives an independent copy when a test or a simulation needs to
+fork a replica (Twins start from one).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from butterfly.protocol.hashing import chain
+from butterfly.protocol.messages import (
+    CheckpointVote,
+    Commit,
+    Evidence,
+    M,
+    Message,
+    NewView,
+    Prepare,
+    PrePrepare,
+    Reply,
+    Request,
+    Status,
+    ViewChange,
+    sign_message,
+)
+from butterfly.protocol.quorum import check_fault_tolerance, primary, quorum
+from butterfly.protocol.sign import SigningKey
+from butterfly.types.errors import InsufficientNodes
+from butterfly.types.ids import Epoch, NodeId
+
+MAX_COMMITS_PER_SENDER = 3
+RequestKey = tuple[NodeId, int]
+"""(client, timestamp): identifies a request across retransmissions and views."""
+
+
+@dataclass(frozen=True)
+class PbftConfig:
+    """What every replica of one epoch must agree on; times are in seconds of `now`."""
+
+    replica: NodeId  # this replica's id, an index into `keys`
+    keys: tuple[bytes, ...]  # Ed25519 public keys of replicas 0..n-1
+    f: int  # Byzantine replicas tolerated; n >= 3f + 1 is enforced
+    clients: Mapping[NodeId, bytes] = field(default_factory=dict)  # client public keys
+    epoch: Epoch = Epoch(0)  # noqa: RUF009  other epochs' messages are stale, ignored
+    checkpoint_interval: int = 8  # a checkpoint vote every K executed sequence numbers
+    window: int = 32  # high water mark = low water mark + window
+    request_timeout: float = 1.0  # a pending request older than this starts a view change
+    view_change_timeout: float = 1.0  # first wait for a new view; doubles per failed view
+    max_backoff: int = 8  # cap on the doubling, so a healed network recovers promptly
+    retransmit_interval: float = 0.1  # status (and so retransmission) while work is pending
+    idle_status_interval: float = 1.0  # status while idle, so laggards learn they lag
+
+    def __post_init__(self) -> None:
+        check_fault_tolerance(len(self.keys), self.f)
+        if not 0 <= self.replica < len(self.keys):
+            raise InsufficientNodes(
+                f"replica id {self.replica} is not one of the {len(self.keys)} replicas"
+            )
+        if self.checkpoint_interval < 1 or self.window < self.checkpoint_interval:
+            raise ValueError(
+                f"window ({self.window}) must be at least the checkpoint interval "
+                f"({self.checkpoint_interval}) and both positive, or the log never advances"
+            )
+        if min(self.request_timeout, self.view_change_timeout, self.retransmit_interval) <= 0:
+            raise ValueError("timeouts and intervals must be positive")
+
+    @property
+    def n(self) -> int:
+        return len(self.keys)
+
+    @property
+    def quorum(self) -> int:
+        return quorum(self.f)
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """One outbound message; `to=None` means every other replica."""
+
+    to: NodeId | None
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Time passed: the driver feeds one whenever `next_deadline` is reached."""
+
+
+@dataclass(frozen=True, slots=True)
+class Divergence:
+    """A peer signed a log digest that differs from ours at the same sequence number.
+
+    Not attributable (either side may be wrong), so it is an alarm, not evidence: with at
+    most f liars it only ever names a liar; beyond f it is how silent forks get reported.
+    """
+
+    peer: NodeId
+    seq: int
+    ours: bytes
+    theirs: bytes
+
+
+@dataclass(slots=True)
+class Slot:
+    """Everything logged for one sequence number, by view."""
+
+    pre_prepares: dict[int, PrePrepare] = field(default_factory=dict)
+    prepares: dict[int, dict[NodeId, Prepare]] = field(default_factory=dict)
+    # view -> (sender, digest) -> commit: a liar's conflicting commits are all kept (up to
+    # MAX_COMMITS_PER_SENDER), since the honest replicas' certificate may hold either one
+    commits: dict[int, dict[tuple[NodeId, bytes], Commit]] = field(default_factory=dict)
+    sent_commit: set[int] = field(default_factory=set)
+    others: dict[tuple[int, bytes], PrePrepare] = field(default_factory=dict)  # equivocated
+    decided: PrePrepare | None = None  # what 2f+1 commits decided for this slot
+
+
+def genesis_digest(epoch: Epoch) -> bytes:
+    return chain(b"butterfly-pbft-genesis", int(epoch), b"")
+
+
+@dataclass(slots=True)
+class ReplicaState:
+    config: PbftConfig
+    key: SigningKey
+    view: int = 0
+    in_view_change: bool = False
+    low: int = 0  # last stable checkpoint (low water mark)
+    stable_digest: bytes = b""
+    stable_proof: tuple[CheckpointVote, ...] = ()
+    last_executed: int = 0
+    next_seq: int = 1  # next sequence number this replica assigns as primary
+    log: dict[int, Slot] = field(default_factory=dict)
+    checkpoint_votes: dict[int, dict[NodeId, CheckpointVote]] = field(default_factory=dict)
+    executed: list[PrePrepare] = field(default_factory=list)  # executed[i] decided seq i+1
+    digests: list[bytes] = field(default_factory=list)  # digests[s]: log digest after seq s
+    pending: dict[RequestKey, Request] = field(default_factory=dict)
+    assigned: set[RequestKey] = field(default_factory=set)  # by this primary, this view
+    replies: dict[RequestKey, Reply] = field(default_factory=dict)  # executed requests
+    view_changes: dict[int, dict[NodeId, ViewChange]] = field(default_factory=dict)
+    new_view: NewView | None = None  # the message that installed the current view
+    orphans: dict[tuple[int, int], PrePrepare] = field(default_factory=dict)
+    timer_key: RequestKey | None = None
+    timer_deadline: float | None = None
+    vc_deadline: float | None = None
+    vc_attempt: int = 0
+    status_deadline: float | None = None
+    status_answered: dict[NodeId, float] = field(default_factory=dict)  # peer -> when
+    evidence: list[Evidence] = field(default_factory=list)
+    evidence_keys: set[tuple[object, ...]] = field(default_factory=set)
+    alarms: list[Divergence] = field(default_factory=list)
+
+    @property
+    def me(self) -> NodeId:
+        return self.config.replica
+
+    @property
+    def primary(self) -> NodeId:
+        return primary(self.view, self.config.n)
+
+    @property
+    def is_primary(self) -> bool:
+        return self.primary == self.config.replica
+
+    @property
+    def active(self) -> bool:
+        """In a view (not changing views): only then does the normal case run."""
+        return not self.in_view_change
+
+
+def new_replica(config: PbftConfig, key: SigningKey) -> ReplicaState:
+    """A replica at the start of its epoch: view 0, empty log, status due at once."""
+    if key.public != config.keys[config.replica]:
+        raise ValueError(f"key does not match replica {config.replica}'s public key")
+    genesis = genesis_digest(config.epoch)
+    return ReplicaState(
+        config=config, key=key, stable_digest=genesis, digests=[genesis], status_deadline=0.0
+    )
+
+
+def clone(state: ReplicaState) -> ReplicaState:
+    """An independent copy (the signing key is shared: it is immutable)."""
+    key = state.key
+    memo: dict[int, object] = {id(key): key, id(state.config): state.config}
+    return copy.deepcopy(state, memo)
+
+
+def sign(state: ReplicaState, message: M) -> M:
+    return sign_message(message, state.key)
+
+
+def request_key(request: Request) -> RequestKey:
+    return (request.sender, request.timestamp)
+
+
+def prepared_digest(state: ReplicaState, slot: Slot, view: int) -> bytes | None:
+    """The digest prepared in `view`: a pre-prepare and 2f matching backup prepares."""
+    pp = slot.pre_prepares.get(view)
+    if pp is None:
+        return None
+    lead = primary(view, state.config.n)
+    votes = slot.prepares.get(view, {})
+    matching = sum(1 for j, p in votes.items() if j != lead and p.digest == pp.digest)
+    return pp.digest if matching >= 2 * state.config.f else None
+
+
+def busy(state: ReplicaState) -> bool:
+    """Work is outstanding, so peers should hear our status often."""
+    return bool(
+        state.pending
+        or state.in_view_change
+        or state.low > state.last_executed
+        or any(seq > state.last_executed for seq in state.log)
+    )
+
+
+def next_deadline(state: ReplicaState) -> float | None:
+    """When the driver must next feed a `Tick`; None when nothing is timed."""
+    times = [state.status_deadline]
+    times.append(state.vc_deadline if state.in_view_change else state.timer_deadline)
+    present = [t for t in times if t is not None]
+    return min(present) if present else None
+
+
+def status_of(state: ReplicaState) -> Status:
+    return Status(
+        sender=state.me,
+        epoch=state.config.epoch,
+        view=state.view,
+        in_view_change=state.in_view_change,
+        last_executed=state.last_executed,
+        executed_digest=state.digests[state.last_executed],
+        stable_seq=state.low,
+    )
