@@ -1,73 +1,213 @@
-"""Phi accrual failure detection (Hayashibara et al.), with the seed's API and defaults.
+"""Phi accrual failure detection (Hayashibara et al., 2004), with Akka's safeguards.
 
-phi is how unlikely the current silence is, given the heartbeat intervals seen so far:
-phi = -log10(P(interval > silence)), intervals modelled as normal. A minimum standard
-deviation stops a very regular sender from being suspected after a few milliseconds of
-jitter, and an acceptable pause absorbs GC or busy-CPU stalls. With the defaults
-(interval 100 ms, min std 50 ms, pause 100 ms) a silent node is suspected (phi 8) after
-about 450 ms and failed (phi 12) after about 490 ms, while pauses of 300 ms give phi < 2.
+Instead of a yes/no timeout, phi says how unlikely the current silence is given the
+heartbeat intervals seen so far: phi = -log10(P(interval > silence)), with the intervals
+modelled as a normal distribution. Phi 8 means a one-in-10^8 delay.
 
-Time is an argument everywhere: the detector never reads a clock.
+Two safeguards keep busy nodes from looking dead (DESIGN.md section 3):
+- `min_std_ms`: a perfectly regular history would otherwise have a tiny standard
+  deviation, and the first late heartbeat would send phi to infinity;
+- `acceptable_pause_ms`: added to the mean, so a GC pause or a CPU busy with a forward
+  pass of that length costs (almost) nothing.
+With the defaults (100 ms interval, min std 50 ms, pause 80 ms) a node that stops is
+suspected (phi 8) 461 ms and failed (phi 12) 532 ms after its last heartbeat, while
+heartbeats jittering by +-60 ms with occasional 250 ms stalls stay below phi 2.
+
+Time is an argument (seconds, any monotonic origin); nothing here reads a clock. The
+`step` function wraps the detector as a reducer that reports health transitions.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 from collections import deque
 from dataclasses import dataclass, field
 
+from butterfly.protocol.messages import Heartbeat, Tick
 from butterfly.types.ids import NodeId
 
+_LN10 = math.log(10.0)
+_SQRT2 = math.sqrt(2.0)
 
-@dataclass
+
+def phi_of(z: float) -> float:
+    """-log10 of the normal upper tail beyond `z`, accurate far into the tail."""
+    if z < 30.0:
+        tail = 0.5 * math.erfc(z / _SQRT2)
+        return -math.log10(tail) if tail > 0.0 else math.inf
+    # Mills ratio: Q(z) ~ pdf(z) / z, since erfc underflows long before phi overflows
+    return (z * z / 2.0 + math.log(z * math.sqrt(2.0 * math.pi))) / _LN10
+
+
+@dataclass(slots=True)
 class _History:
+    """Bounded window of inter-arrival times with running sums (O(1) per heartbeat)."""
+
+    window: int
     last: float
-    intervals: deque[float]
+    intervals: deque[float] = field(default_factory=deque)
+    total: float = 0.0
+    squares: float = 0.0
+
+    def add(self, interval: float) -> None:
+        if len(self.intervals) == self.window:
+            old = self.intervals.popleft()
+            self.total -= old
+            self.squares -= old * old
+        self.intervals.append(interval)
+        self.total += interval
+        self.squares += interval * interval
+
+    def mean(self) -> float:
+        return self.total / len(self.intervals)
+
+    def std(self) -> float:
+        mean = self.mean()
+        return math.sqrt(max(0.0, self.squares / len(self.intervals) - mean * mean))
 
 
-@dataclass
+class Health(enum.StrEnum):
+    ALIVE = "alive"
+    SUSPECTED = "suspected"
+    FAILED = "failed"
+
+
 class PhiAccrualFailureDetector:
-    heartbeat_interval_ms: float = 100.0
-    suspect_threshold: float = 8.0
-    failed_threshold: float = 12.0
-    min_std_ms: float = 50.0
-    acceptable_pause_ms: float = 100.0
-    window: int = 200
-    _nodes: dict[NodeId, _History] = field(default_factory=dict)
+    """Per-peer phi from heartbeat arrival times; `now` is always passed in (seconds)."""
+
+    def __init__(
+        self,
+        interval_ms: float = 100.0,
+        suspect_threshold: float = 8.0,
+        failed_threshold: float = 12.0,
+        *,
+        min_std_ms: float = 50.0,
+        acceptable_pause_ms: float = 80.0,
+        window: int = 1000,
+    ) -> None:
+        if interval_ms <= 0 or min_std_ms <= 0 or acceptable_pause_ms < 0 or window < 2:
+            raise ValueError(
+                "interval and min std must be positive, the pause non-negative, window >= 2"
+            )
+        if not 0 < suspect_threshold <= failed_threshold:
+            raise ValueError(
+                f"thresholds must satisfy 0 < suspect ({suspect_threshold}) <= failed "
+                f"({failed_threshold})"
+            )
+        self.interval = interval_ms / 1000.0
+        self.suspect_threshold = suspect_threshold
+        self.failed_threshold = failed_threshold
+        self.min_std = min_std_ms / 1000.0
+        self.acceptable_pause = acceptable_pause_ms / 1000.0
+        self.window = window
+        self._history: dict[NodeId, _History] = {}
 
     def record_heartbeat(self, node: NodeId, now: float) -> None:
-        """`now` in seconds (any monotonic origin)."""
-        h = self._nodes.get(node)
-        if h is None:
-            # seed the window with the expected interval, so phi is meaningful at once
-            first = deque([self.heartbeat_interval_ms / 1000] * 2, maxlen=self.window)
-            self._nodes[node] = _History(now, first)
+        """A heartbeat from `node` arrived at `now`; out-of-order times are ignored."""
+        history = self._history.get(node)
+        if history is None:
+            history = self._history[node] = _History(self.window, now)
+            # Akka's bootstrap: until real intervals exist, assume the configured one
+            history.add(self.interval * 0.75)
+            history.add(self.interval * 1.25)
             return
-        h.intervals.append(max(0.0, now - h.last))
-        h.last = now
+        if now <= history.last:
+            return
+        history.add(now - history.last)
+        history.last = now
 
     def phi(self, node: NodeId, now: float) -> float | None:
-        h = self._nodes.get(node)
-        if h is None:
+        """Suspicion level of `node` at `now`; None if it never sent a heartbeat."""
+        history = self._history.get(node)
+        if history is None:
             return None
-        n = len(h.intervals)
-        mean = sum(h.intervals) / n
-        var = sum((x - mean) ** 2 for x in h.intervals) / n
-        std = max(math.sqrt(var), self.min_std_ms / 1000)
-        y = (now - h.last - mean - self.acceptable_pause_ms / 1000) / std
-        # logistic approximation of the normal tail, as Akka and Cassandra use
-        e = math.exp(-y * (1.5976 + 0.070566 * y * y)) if y > -10 else math.inf
-        if y > 0:
-            return -math.log10(e / (1.0 + e)) if e > 0 else 300.0
-        return -math.log10(1.0 - 1.0 / (1.0 + e)) if math.isfinite(e) else 0.0
+        mean, std = self._model(history)
+        return phi_of((max(0.0, now - history.last) - mean) / std)
+
+    def _model(self, history: _History) -> tuple[float, float]:
+        return history.mean() + self.acceptable_pause, max(history.std(), self.min_std)
 
     def is_suspected(self, node: NodeId, now: float) -> bool:
-        p = self.phi(node, now)
-        return p is not None and p >= self.suspect_threshold
+        value = self.phi(node, now)
+        return value is not None and value >= self.suspect_threshold
 
     def is_failed(self, node: NodeId, now: float) -> bool:
-        p = self.phi(node, now)
-        return p is not None and p >= self.failed_threshold
+        value = self.phi(node, now)
+        return value is not None and value >= self.failed_threshold
 
-    def remove(self, node: NodeId) -> None:
-        self._nodes.pop(node, None)
+    def health(self, node: NodeId, now: float) -> Health | None:
+        value = self.phi(node, now)
+        if value is None:
+            return None
+        if value >= self.failed_threshold:
+            return Health.FAILED
+        return Health.SUSPECTED if value >= self.suspect_threshold else Health.ALIVE
+
+    def crossing_time(self, node: NodeId, threshold: float) -> float | None:
+        """When phi of a silent `node` reaches `threshold`: the driver's next deadline."""
+        history = self._history.get(node)
+        if history is None:
+            return None
+        mean, std = self._model(history)
+        lo, hi = 0.0, 40.0  # phi_of is increasing in z: bisect for the threshold
+        for _ in range(60):
+            mid = (lo + hi) / 2.0
+            lo, hi = (mid, hi) if phi_of(mid) < threshold else (lo, mid)
+        return history.last + mean + hi * std
+
+    def nodes(self) -> list[NodeId]:
+        return sorted(self._history)
+
+    def forget(self, node: NodeId) -> None:
+        """Drop a node's history (it left the membership)."""
+        self._history.pop(node, None)
+
+
+@dataclass(frozen=True, slots=True)
+class HealthChange:
+    """A peer crossed a threshold; the coordinator turns FAILED into a proposal."""
+
+    node: NodeId
+    health: Health
+    phi: float
+
+
+@dataclass(slots=True)
+class DetectorState:
+    detector: PhiAccrualFailureDetector
+    reported: dict[NodeId, Health] = field(default_factory=dict)
+
+
+def step(
+    state: DetectorState, message: Heartbeat | Tick, now: float
+) -> tuple[DetectorState, list[HealthChange]]:
+    """Reducer form: heartbeats and ticks in, health transitions out (each reported once)."""
+    match message:
+        case Heartbeat():
+            state.detector.record_heartbeat(message.sender, now)
+            nodes = [message.sender]
+        case Tick():
+            nodes = state.detector.nodes()
+    changes = []
+    for node in nodes:
+        health = state.detector.health(node, now)
+        if health is not None and state.reported.get(node, Health.ALIVE) != health:
+            state.reported[node] = health
+            changes.append(HealthChange(node, health, state.detector.phi(node, now) or 0.0))
+    return state, changes
+
+
+def next_deadline(state: DetectorState) -> float | None:
+    """The earliest time a silent peer would cross its next threshold."""
+    times = []
+    for node in state.detector.nodes():
+        match state.reported.get(node, Health.ALIVE):
+            case Health.ALIVE:
+                times.append(state.detector.crossing_time(node, state.detector.suspect_threshold))
+            case Health.SUSPECTED:
+                times.append(state.detector.crossing_time(node, state.detector.failed_threshold))
+            case Health.FAILED:
+                pass
+    present = [t for t in times if t is not None]
+    return min(present) if present else None

@@ -386,6 +386,11 @@ class Reconfigure:
     signature: Signature = b""
 
 
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Local input, never on the wire: time passed, fed at a reducer's `next_deadline`."""
+
+
 Message = (
     Heartbeat
     | Request

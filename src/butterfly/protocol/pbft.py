@@ -30,6 +30,7 @@ from butterfly.protocol.messages import (
     Request,
     StateTransfer,
     Status,
+    Tick,
     ViewChange,
     verify_message,
 )
@@ -46,7 +47,6 @@ from butterfly.protocol.pbft_state import (
     PbftConfig,
     ReplicaState,
     Send,
-    Tick,
     busy,
     clone,
     new_replica,

@@ -88,11 +88,6 @@ class Send:
 
 
 @dataclass(frozen=True, slots=True)
-class Tick:
-    """Time passed: the driver feeds one whenever `next_deadline` is reached."""
-
-
-@dataclass(frozen=True, slots=True)
 class Divergence:
     """A peer signed a log digest that differs from ours at the same sequence number.
 

@@ -1,0 +1,234 @@
+"""Signed records of stage steps, activation fingerprints, and when two records conflict.
+
+Every stage step a node computes is answered with a `Proof` (defined with the other wire
+messages in `messages.py`): hashes of input and output, a Merkle root over the per-layer
+output hashes, and a TOPLOC-style fingerprint (Ong et al., 2025): for each chunk of
+`chunk` positions, the `k` largest-magnitude activations and where they are.
+
+Exact hashes only match on identical hardware and thread counts; the fingerprint is what
+survives float noise across machines, compared with tolerances. Two proofs for the same
+input whose fingerprints disagree beyond tolerance are a conflict; a re-execution by a
+third party (`blame`) decides which signer lied, and that pair of signed records plus
+the re-execution is the evidence that goes through PBFT (DESIGN.md section 3).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from butterfly.protocol.messages import Fingerprint, Proof
+from butterfly.protocol.sign import SigningKey
+from butterfly.types.ids import Epoch, NodeId, RequestId, StageIndex
+from butterfly.types.model import LayerRange
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "Fingerprint",
+    "FingerprintMatch",
+    "Proof",
+    "ProofConflict",
+    "Tolerance",
+    "blame",
+    "compare",
+    "conflicting",
+    "fingerprint",
+    "matches_tensor",
+    "prove_step",
+    "tensor_bytes",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Tolerance:
+    """How far honest fingerprints of one step may drift between machines."""
+
+    rtol: float = 1e-3  # relative error allowed per value (float32 across thread counts)
+    atol: float = 1e-4  # absolute error allowed per value
+    min_overlap: float = 0.75  # share of top-k positions both sides must name (near-ties)
+
+
+@dataclass(frozen=True, slots=True)
+class FingerprintMatch:
+    ok: bool
+    bad_chunks: tuple[int, ...] = ()
+    reason: str = ""
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(positions, width) float32 view: leading dims are positions, the last is width."""
+    import torch
+
+    x = t.detach().to("cpu", dtype=torch.float32)
+    return x.reshape(1, -1) if x.dim() < 2 else x.reshape(-1, x.shape[-1])
+
+
+def fingerprint(t: torch.Tensor, k: int = 8, chunk: int = 32) -> Fingerprint:
+    """Top-`k` activations by magnitude per chunk of `chunk` positions, in index order."""
+    import torch
+
+    if k < 1 or chunk < 1:
+        raise ValueError(f"fingerprint k={k} and chunk={chunk} must be >= 1")
+    rows = _rows(t)
+    positions, width = rows.shape
+    indices: list[int] = []
+    values: list[float] = []
+    for start in range(0, positions, chunk):
+        flat = rows[start : start + chunk].reshape(-1)
+        top = torch.topk(flat.abs(), min(k, flat.numel())).indices.sort().values
+        indices.extend(top.tolist())
+        values.extend(flat[top].tolist())
+    return Fingerprint(
+        k=k,
+        chunk=chunk,
+        positions=positions,
+        width=width,
+        indices=struct.pack(f"<{len(indices)}I", *indices),
+        values=struct.pack(f"<{len(values)}f", *values),
+    )
+
+
+def _chunks(fp: Fingerprint) -> list[dict[int, float]]:
+    """Per chunk, index -> value; the shape fixes how many entries each chunk holds."""
+    n = len(fp.indices) // 4
+    idx = struct.unpack(f"<{n}I", fp.indices)
+    val = struct.unpack(f"<{n}f", fp.values)
+    out, at = [], 0
+    for start in range(0, fp.positions, fp.chunk):
+        size = min(fp.k, min(fp.chunk, fp.positions - start) * fp.width)
+        out.append(dict(zip(idx[at : at + size], val[at : at + size], strict=True)))
+        at += size
+    return out
+
+
+def _close(a: float, b: float, tol: Tolerance) -> bool:
+    return abs(a - b) <= tol.atol + tol.rtol * max(abs(a), abs(b))
+
+
+def compare(a: Fingerprint, b: Fingerprint, tol: Tolerance = Tolerance()) -> FingerprintMatch:
+    """Do two fingerprints describe the same activations, up to float noise?"""
+    shape_a, shape_b = (a.k, a.chunk, a.positions, a.width), (b.k, b.chunk, b.positions, b.width)
+    if shape_a != shape_b:
+        return FingerprintMatch(False, reason=f"shapes differ: {shape_a} vs {shape_b}")
+    bad = []
+    for i, (ca, cb) in enumerate(zip(_chunks(a), _chunks(b), strict=True)):
+        shared = ca.keys() & cb.keys()
+        overlap = len(shared) / max(1, len(ca))
+        if overlap < tol.min_overlap or not all(_close(ca[j], cb[j], tol) for j in shared):
+            bad.append(i)
+    if bad:
+        return FingerprintMatch(False, tuple(bad), f"{len(bad)} of {len(_chunks(a))} chunks differ")
+    return FingerprintMatch(True)
+
+
+def matches_tensor(fp: Fingerprint, t: torch.Tensor, tol: Tolerance = Tolerance()) -> bool:
+    """Check a claimed fingerprint against activations we computed ourselves.
+
+    Robust to near-ties in ranking: the claimed values must be what the tensor holds at the
+    claimed positions, and no unclaimed activation may be clearly larger than the smallest
+    claimed one (a liar cannot name small entries to hide a corrupted large one).
+    """
+    import torch
+
+    rows = _rows(t)
+    if (fp.positions, fp.width) != tuple(rows.shape):
+        return False
+    starts = range(0, fp.positions, fp.chunk)
+    for start, claimed in zip(starts, _chunks(fp), strict=True):
+        flat = rows[start : start + fp.chunk].reshape(-1)
+        for j, v in claimed.items():
+            if j >= flat.numel() or not _close(flat[j].item(), v, tol):
+                return False
+        kth = torch.topk(flat.abs(), len(claimed)).values[-1].item()
+        smallest = min(abs(v) for v in claimed.values())
+        if kth > smallest * (1 + tol.rtol) + tol.atol:
+            return False
+    return True
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """Exact bytes of a tensor for hashing (same machine replays compare these)."""
+    import torch
+
+    flat = t.detach().contiguous().cpu().reshape(-1)
+    return bytes(flat.view(torch.uint8).numpy().tobytes())
+
+
+def prove_step(
+    *,
+    key: SigningKey,
+    signer: NodeId,
+    epoch: Epoch,
+    request_id: RequestId,
+    step: int,
+    stage: StageIndex,
+    layers: LayerRange,
+    hidden_in: torch.Tensor,
+    hidden_out: torch.Tensor,
+    layer_outputs: Sequence[torch.Tensor],
+    k: int = 8,
+    chunk: int = 32,
+) -> Proof:
+    """The signed record of one stage step, computed from its tensors."""
+    return Proof.generate(
+        key=key,
+        signer=signer,
+        epoch=epoch,
+        request_id=request_id,
+        step=step,
+        stage=stage,
+        layers=(layers.start, layers.end),
+        input_data=tensor_bytes(hidden_in),
+        output_data=tensor_bytes(hidden_out),
+        layer_outputs=tuple(tensor_bytes(o) for o in layer_outputs),
+        fingerprint=fingerprint(hidden_out, k, chunk),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ProofConflict:
+    """Two signed records of the same step whose outputs disagree beyond tolerance."""
+
+    first: Proof
+    second: Proof
+    reason: str
+
+
+def same_step(a: Proof, b: Proof) -> bool:
+    """Same request, step, stage, layers and input: their outputs must agree."""
+    fields = ("epoch", "request_id", "step", "stage", "layer_start", "layer_end", "input_hash")
+    return all(getattr(a, f) == getattr(b, f) for f in fields)
+
+
+def conflicting(
+    a: Proof, b: Proof, keys: Mapping[NodeId, bytes], tol: Tolerance = Tolerance()
+) -> ProofConflict | None:
+    """A conflict worth re-executing for, or None.
+
+    Unsigned or wrongly signed records prove nothing and are never a conflict; nor are
+    records of different inputs. Identical output hashes agree without looking further.
+    """
+    if not same_step(a, b):
+        return None
+    key_a, key_b = keys.get(a.sender), keys.get(b.sender)
+    if key_a is None or key_b is None or not (a.verify(key_a) and b.verify(key_b)):
+        return None
+    if a.output_hash == b.output_hash:
+        return None
+    match = compare(a.fingerprint, b.fingerprint, tol)
+    return None if match.ok else ProofConflict(a, b, match.reason)
+
+
+def blame(
+    conflict: ProofConflict, reference: torch.Tensor, tol: Tolerance = Tolerance()
+) -> tuple[NodeId, ...]:
+    """Signers whose claimed output the re-executed `reference` output contradicts."""
+    return tuple(
+        p.sender
+        for p in (conflict.first, conflict.second)
+        if not matches_tensor(p.fingerprint, reference, tol)
+    )
