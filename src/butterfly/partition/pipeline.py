@@ -288,19 +288,16 @@ def _drop_skipped(
     ms: Sequence[Sequence[float]],
     tables: Tables,
 ) -> tuple[Split | None, list[NodeCapability]]:
-    """Re-split with the used nodes first, so every charged send is a real one.
+    """Re-split over the used nodes only, until no unused node sits between used ones.
 
     A node skipped between two used ones was charged as the receiver of its predecessor's
-    activations, which it is not. Moving the unused nodes behind the used ones and
-    splitting again gives a plan whose charges are true; repeat until that holds (each
-    round the used nodes lead, so it settles within a few rounds).
+    activations, which it is not. Splitting again over just the nodes that were used makes
+    those sends real; if that split skips one of them in turn, drop it too. The node set
+    shrinks every round, so this ends with a split whose charges are all true (or None).
     """
     index = {node.id: i for i, node in enumerate(ordered)}
     current: Split | None = found
-    for _ in range(len(order)):
-        if current is None or current.contiguous:
-            break
-        used = [order[k] for k, _, _ in current.stages]
-        order = used + [node for node in order if node not in used]
+    while current is not None and not current.contiguous:
+        order = [order[k] for k, _, _ in current.stages]
         current = split(costs, order, _sends([index[node.id] for node in order], ms), tables=tables)
     return current, order

@@ -141,7 +141,7 @@ def split(
         v0 = np.maximum(d[s0], target - q[s0])
         first = v0 < v1
         best = np.where(first, v0, v1)
-        use = best <= d  # on a tie, use the node: same bottleneck, lighter stages
+        use = best < d  # on a tie, leave it empty: same bottleneck, one hop fewer
         d = np.where(use, best, d)
         choices.append(np.where(use, np.where(first, s0, s1), -1))
     if not math.isfinite(d[n]):
