@@ -69,7 +69,7 @@ def pair(
 
 
 def test_frame_round_trip_and_rejection() -> None:
-    msg = StageStep("r1", 2, 5, (2, 3), 0, True)
+    msg = StageStep(("r1", "r2"), (2, 0), (5, 0), (1, 3), (2, 3), 0, True)
     payload = encode_tensor(torch.randn(1, 1, 8))
     for compression in ("", "lz4"):
         frame = encode_frame(Envelope(msg, 1, 4, "c", 9, False, payload), compression)

@@ -17,6 +17,7 @@ from butterfly.runtime.generate import generate, run_pipeline
 from butterfly.runtime.kvcache import KVSnapshot
 from butterfly.runtime.loader import layer_infos, load_stage
 from butterfly.runtime.sampling import make_generator, sample
+from butterfly.runtime.stage import forward_rows
 from butterfly.runtime.weights import CheckpointReader
 from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.types.errors import (
@@ -246,3 +247,30 @@ def test_layer_infos_fold_embedding_and_head(tiny_model: Path) -> None:
     assert middle.activation_bytes_per_token == 64 * 4
     params = sum(p.numel() for p in load_file(tiny_model / "model.safetensors").values())
     assert sum(i.memory_bytes for i in infos) == params * 4
+
+
+def test_batched_rows_equal_one_request_at_a_time(tiny_model: Path) -> None:
+    """Decode steps of requests at different positions, run as one batch, give each
+    request exactly what it gets alone."""
+    stage = load_stage(tiny_model)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
+    with torch.inference_mode():
+        alone, batched = [], []
+        for target in (alone, batched):
+            caches = [stage.new_cache() for _ in prompts]
+            for p, c in zip(prompts, caches, strict=True):
+                stage.forward(torch.tensor([p]), c, 0)
+            starts = [len(p) for p in prompts]
+            x = torch.tensor([[40], [41], [42]])
+            for _ in range(3):
+                if target is alone:
+                    out = torch.cat(
+                        [stage.forward(x[b : b + 1], caches[b], starts[b]) for b in range(3)]
+                    )
+                else:
+                    out = forward_rows(stage, x, caches, starts, last_only=True)
+                target.append(out[:, -1])
+                x = out[:, -1].argmax(-1, keepdim=True)
+                starts = [s + 1 for s in starts]
+    for a, b in zip(alone, batched, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)

@@ -43,6 +43,15 @@ class StepFailed(Exception):
     error: StepError
 
 
+@dataclass
+class _Entry:
+    request_id: str
+    step: int
+    start: int
+    x: torch.Tensor  # [1, T] token ids or [1, T, D] vectors
+    future: asyncio.Future[torch.Tensor]
+
+
 class PipelineEngine:
     def __init__(
         self,
@@ -61,7 +70,9 @@ class PipelineEngine:
         self._plan, self._health = plan, health
         self._max_context, self._input_kind, self._eos = max_context, input_kind, eos_ids
         self._timeout, self._max_tensor_bytes = step_timeout_s, max_tensor_bytes
-        self._waiting: dict[tuple[str, int], asyncio.Future[Envelope]] = {}
+        self._waiting: dict[tuple[str, int], asyncio.Future[torch.Tensor]] = {}
+        self._queue: list[_Entry] = []
+        self._ready = asyncio.Event()
 
     @property
     def max_context(self) -> int:
@@ -79,25 +90,81 @@ class PipelineEngine:
         msg = env.msg
         if not isinstance(msg, StepResult | StepError):
             return
-        fut = self._waiting.get((msg.request_id, msg.step))
-        if fut is None or fut.done():
-            return  # late or duplicate answer for a step nobody waits for any more
-        if isinstance(msg, StepError):
-            fut.set_exception(StepFailed(msg))
-        else:
-            fut.set_result(env)
+        out = None
+        if isinstance(msg, StepResult):
+            try:
+                out = decode_tensor(env.payload, self._max_tensor_bytes)
+            except ButterflyError as e:
+                msg = StepError(msg.request_ids, msg.steps, msg.node, e.kind, str(e), True)
+        for i, key in enumerate(zip(msg.request_ids, msg.steps, strict=False)):
+            fut = self._waiting.get(key)
+            if fut is None or fut.done():
+                continue  # late or duplicate answer for a step nobody waits for any more
+            if out is None or out.shape[1] <= i:
+                error = (
+                    msg
+                    if isinstance(msg, StepError)
+                    else StepError(
+                        msg.request_ids,
+                        msg.steps,
+                        msg.node,
+                        "invalid_message",
+                        f"result holds {0 if out is None else out.shape[1]} rows",
+                        False,
+                    )
+                )
+                fut.set_exception(StepFailed(error))
+            else:
+                fut.set_result(out[:, i : i + 1])
+
+    async def serve_batches(self) -> None:
+        """Send queued steps, batched: every step queued since the last send goes in one
+        StageStep (per input kind), so concurrent requests share each stage's forward."""
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            batch, self._queue = self._queue, []
+            plan = self._plan()
+            if plan is None:
+                for e in batch:
+                    if not e.future.done():
+                        e.future.set_exception(ServiceUnavailable("the stage plan is gone"))
+                continue
+            groups: dict[tuple[object, ...], list[_Entry]] = {}
+            for e in batch:
+                groups.setdefault((e.x.dtype, tuple(e.x.shape[2:])), []).append(e)
+            for entries in groups.values():
+                await self._send_batch(plan, entries)
+
+    async def _send_batch(self, plan: StagePlan, entries: list[_Entry]) -> None:
+        nodes = plan.nodes
+        msg = StageStep(
+            tuple(e.request_id for e in entries),
+            tuple(e.step for e in entries),
+            tuple(e.start for e in entries),
+            tuple(e.x.shape[1] for e in entries),
+            nodes[1:],
+            self.node,
+            True,
+        )
+        payload = encode_tensor(torch.cat([e.x for e in entries], dim=1))
+        try:
+            await self._deliver(nodes[0], msg, payload)
+        except ButterflyError as e:
+            for entry in entries:
+                if not entry.future.done():
+                    entry.future.set_exception(e)
 
     async def _step(
-        self, plan: StagePlan, request_id: str, step: int, start_pos: int, x: torch.Tensor
+        self, request_id: str, step: int, start_pos: int, x: torch.Tensor
     ) -> torch.Tensor:
-        nodes = plan.nodes
-        msg = StageStep(request_id, step, start_pos, nodes[1:], self.node, True)
         key = (request_id, step)
-        fut: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
         self._waiting[key] = fut
+        self._queue.append(_Entry(request_id, step, start_pos, x, fut))
+        self._ready.set()
         try:
-            await self._deliver(nodes[0], msg, encode_tensor(x))
-            env = await asyncio.wait_for(fut, self._timeout)
+            return await asyncio.wait_for(fut, self._timeout)
         except TimeoutError as e:
             raise SendTimeout(
                 f"step {step} of {request_id} got no answer within {self._timeout:.1f} s"
@@ -110,7 +177,6 @@ class PipelineEngine:
             ) from None
         finally:
             self._waiting.pop(key, None)
-        return decode_tensor(env.payload, self._max_tensor_bytes)
 
     async def run(self, task: InferenceTask, on_token: TokenSink) -> InferenceResult:
         plan = self._plan()
@@ -122,7 +188,7 @@ class PipelineEngine:
         try:
             if task.input_vector:
                 x = torch.tensor([[list(task.input_vector)]], dtype=torch.float32)
-                out = await self._step(plan, request_id, 0, 0, x)
+                out = await self._step(request_id, 0, 0, x)
                 return self._result(task, plan, (), tuple(out.flatten().tolist()), timings)
             return await self._generate(task, plan, request_id, on_token, started, timings)
         finally:
@@ -142,7 +208,7 @@ class PipelineEngine:
         x = torch.tensor([history], dtype=torch.int64)
         pos, out = 0, []
         for step in range(task.max_new_tokens):
-            logits = await self._step(plan, request_id, step, pos, x)
+            logits = await self._step(request_id, step, pos, x)
             token = sample(logits[0, -1], task.sampling, rng)
             if step == 0:
                 timings["time_to_first_token_s"] = time.perf_counter() - started

@@ -24,7 +24,7 @@ import torch
 from butterfly.net.framing import Envelope
 from butterfly.runtime.kvcache import KVCache
 from butterfly.runtime.loader import load_stage
-from butterfly.runtime.stage import Stage
+from butterfly.runtime.stage import Stage, forward_rows
 from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.types.errors import ButterflyError, InvalidMessage
 from butterfly.types.ids import NodeId
@@ -134,20 +134,26 @@ class StageServer:
             out = await self.compute(msg, env.epoch, env.payload)
         except Exception as e:  # a peer's bad tensor must cost it an error, not us the node
             err = e if isinstance(e, ButterflyError) else InvalidMessage(f"step failed: {e}")
-            log.warning("node %s: step %s of %s failed: %s", self.node, msg.step, msg.request_id, e)
+            log.warning("node %s: step of %s failed: %s", self.node, msg.request_ids, e)
             error = StepError(
-                msg.request_id, msg.step, self.node, err.kind, str(err), err.retriable
+                msg.request_ids, msg.steps, self.node, err.kind, str(err), err.retriable
             )
             return Outbound(NodeId(msg.reply_to), error)
         if msg.route:
             nxt = StageStep(
-                msg.request_id, msg.step, msg.start_pos, msg.route[1:], msg.reply_to, msg.last_only
+                msg.request_ids,
+                msg.steps,
+                msg.starts,
+                msg.lengths,
+                msg.route[1:],
+                msg.reply_to,
+                msg.last_only,
             )
             return Outbound(NodeId(msg.route[0]), nxt, out)
-        return Outbound(NodeId(msg.reply_to), StepResult(msg.request_id, msg.step, self.node), out)
+        result = StepResult(msg.request_ids, msg.steps, self.node)
+        return Outbound(NodeId(msg.reply_to), result, out)
 
-    async def compute(self, msg: StageStep, epoch: int, payload: bytes) -> bytes:
-        """Run one step on this node's stage; returns the encoded output tensor."""
+    def _check_step(self, msg: StageStep, epoch: int, x: torch.Tensor) -> Stage:
         stage = self.stage
         if stage is None or self.plan is None:
             raise InvalidMessage(f"node {self.node} holds no stage (epoch {self.epoch})")
@@ -155,19 +161,70 @@ class StageServer:
             raise InvalidMessage(
                 f"step for epoch {epoch} refused: node {self.node} is at epoch {self.plan.epoch}"
             )
-        x = decode_tensor(payload, self._max_tensor_bytes)
-        if msg.request_id not in self.caches:
-            if msg.start_pos != 0:
+        n = len(msg.request_ids)
+        if not n or not len(msg.steps) == len(msg.starts) == len(msg.lengths) == n:
+            raise InvalidMessage("step entries do not line up (ids, steps, starts, lengths)")
+        if min(msg.lengths) < 1 or min(msg.starts) < 0 or x.ndim < 2 or x.shape[0] != 1:
+            raise InvalidMessage("step lengths must be >= 1, starts >= 0, input [1, tokens, ...]")
+        if sum(msg.lengths) != x.shape[1]:
+            raise InvalidMessage(f"step covers {sum(msg.lengths)} tokens, input has {x.shape[1]}")
+        return stage
+
+    def _cache_for(self, stage: Stage, request_id: str, start: int) -> KVCache | None:
+        """The request's cache, cut back to `start` (a re-run after recovery recomputes
+        from there); a request's first step creates it."""
+        if request_id not in self.caches:
+            if start != 0:
                 raise InvalidMessage(
-                    f"request {msg.request_id} has no KV cache on node {self.node} "
-                    f"to continue at position {msg.start_pos}"
+                    f"request {request_id} has no KV cache on node {self.node} "
+                    f"to continue at position {start}"
                 )
-            self.caches[msg.request_id] = stage.new_cache()
-        cache = self.caches[msg.request_id]
+            self.caches[request_id] = stage.new_cache()
+        cache = self.caches[request_id]
+        if cache is not None:
+            if start > cache.length:
+                raise InvalidMessage(
+                    f"request {request_id} continues at {start}, cache holds {cache.length}"
+                )
+            cache.truncate(start)
+        return cache
+
+    async def compute(self, msg: StageStep, epoch: int, payload: bytes) -> bytes:
+        """Run a batch of steps on this node's stage; returns the encoded output.
+
+        Single-token entries (decode steps) run as one batch; longer ones (prefills) one
+        by one. Outputs are laid side by side in the entries' order.
+        """
+        x = decode_tensor(payload, self._max_tensor_bytes)
+        stage = self._check_step(msg, epoch, x)
+        caches = [
+            self._cache_for(stage, rid, start)
+            for rid, start in zip(msg.request_ids, msg.starts, strict=True)
+        ]
+        offsets = [sum(msg.lengths[:i]) for i in range(len(msg.lengths))]
 
         def run() -> torch.Tensor:
+            outs: list[torch.Tensor | None] = [None] * len(caches)
             with torch.inference_mode():
-                return stage.forward(x, cache, msg.start_pos, last_only=msg.last_only)
+                single = [i for i, n in enumerate(msg.lengths) if n == 1]
+                if single:
+                    rows = torch.cat([x[:, offsets[i] : offsets[i] + 1] for i in single])
+                    batch = forward_rows(
+                        stage,
+                        rows,
+                        [caches[i] for i in single],
+                        [msg.starts[i] for i in single],
+                        last_only=msg.last_only,
+                    )
+                    for j, i in enumerate(single):
+                        outs[i] = batch[j : j + 1]
+                for i, n in enumerate(msg.lengths):
+                    if n > 1:
+                        part = x[:, offsets[i] : offsets[i] + n]
+                        outs[i] = stage.forward(
+                            part, caches[i], msg.starts[i], last_only=msg.last_only
+                        )
+            return torch.cat([o for o in outs if o is not None], dim=1)
 
         return encode_tensor(await self._in_worker(run))
 

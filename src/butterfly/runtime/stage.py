@@ -8,7 +8,7 @@ implementation per model family, so this is a Protocol, not a base class.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -80,3 +80,23 @@ def causal_mask(start_pos: int, length: int) -> torch.Tensor | None:
     q = torch.arange(start_pos, start_pos + length).unsqueeze(1)
     k = torch.arange(start_pos + length).unsqueeze(0)
     return k <= q
+
+
+def forward_rows(
+    stage: Stage,
+    x: torch.Tensor,
+    caches: Sequence[KVCache | None],
+    starts: Sequence[int],
+    *,
+    last_only: bool = False,
+) -> torch.Tensor:
+    """Rows of `x` are separate requests; batched where the family can, else row by row."""
+    batched = getattr(stage, "forward_rows", None)
+    if batched is not None and len(starts) > 1:
+        out: torch.Tensor = batched(x, caches, starts, last_only=last_only)
+        return out
+    rows = [
+        stage.forward(x[b : b + 1], caches[b], starts[b], last_only=last_only)
+        for b in range(len(starts))
+    ]
+    return rows[0] if len(rows) == 1 else torch.cat(rows)

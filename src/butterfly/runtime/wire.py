@@ -24,6 +24,7 @@ DTYPES: dict[str, torch.dtype] = {
     "uint8": torch.uint8,
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
+_ITEMSIZE = {k: torch.empty((), dtype=v).element_size() for k, v in DTYPES.items()}
 _LEN = struct.Struct(">I")
 MAX_HEADER = 1024
 MAX_DIMS = 8
@@ -64,8 +65,7 @@ def decode_tensor(buf: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -
         or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
     ):
         raise WireFormatError(f"tensor shape {shape!r} must be at most {MAX_DIMS} sizes >= 0")
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    nbytes = math.prod(shape) * itemsize
+    nbytes = math.prod(shape) * _ITEMSIZE[header["dtype"]]
     if nbytes > max_bytes:
         raise WireFormatError(f"tensor of {nbytes} bytes exceeds the limit of {max_bytes}")
     payload = view[_LEN.size + hlen :]

@@ -9,8 +9,8 @@ that sends anything else is refused at the boundary, never trusted further in.
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -49,16 +49,19 @@ class Heartbeat:
 
 @dataclass(frozen=True, slots=True)
 class StageStep:
-    """Run positions [start_pos, start_pos + T) of a request through the next stage.
+    """Run a batch of request steps through the next stage.
 
-    The payload is the stage input tensor. `route` lists the nodes still to run after this
-    one; the last of the chain sends a `StepResult` to `reply_to`.
+    Entry i is request `request_ids[i]` at positions [starts[i], starts[i] + lengths[i]).
+    The payload is the stage input with every entry's tokens side by side along the
+    sequence dimension. `route` lists the nodes still to run after this one; the last of
+    the chain sends a `StepResult` to `reply_to`.
     """
 
     kind: ClassVar[str] = "stage_step"
-    request_id: str
-    step: int
-    start_pos: int
+    request_ids: tuple[str, ...]
+    steps: tuple[int, ...]
+    starts: tuple[int, ...]
+    lengths: tuple[int, ...]
     route: tuple[int, ...]
     reply_to: int
     last_only: bool
@@ -66,19 +69,20 @@ class StageStep:
 
 @dataclass(frozen=True, slots=True)
 class StepResult:
-    """Output of the last stage (payload: logits or hidden states) for one step."""
+    """Output of the last stage for a batch (payload: logits or hidden states, entries
+    side by side as in the step)."""
 
     kind: ClassVar[str] = "step_result"
-    request_id: str
-    step: int
+    request_ids: tuple[str, ...]
+    steps: tuple[int, ...]
     node: int
 
 
 @dataclass(frozen=True, slots=True)
 class StepError:
     kind: ClassVar[str] = "step_error"
-    request_id: str
-    step: int
+    request_ids: tuple[str, ...]
+    steps: tuple[int, ...]
     node: int
     error_type: str
     message: str
@@ -146,42 +150,60 @@ Message = (
 MESSAGE_TYPES: dict[str, type[Any]] = {cls.kind: cls for cls in typing.get_args(Message)}
 
 
-def _field_types(cls: type[Any]) -> dict[str, Any]:
+Checker = Callable[[Any, str], Any]
+
+
+def _checker(expected: Any) -> Checker:
+    """A validator for one declared field type, built once per field at import time
+    (reflecting on the annotation per message cost 40 µs a frame)."""
+    origin = typing.get_origin(expected)
+    if origin is tuple:
+        item = _checker(typing.get_args(expected)[0])
+
+        def check_tuple(value: Any, where: str) -> Any:
+            if not isinstance(value, list | tuple):
+                raise WireFormatError(f"{where} must be a list")
+            return tuple(item(v, where) for v in value)
+
+        return check_tuple
+    if expected is float:
+
+        def check_float(value: Any, where: str) -> Any:
+            if isinstance(value, float):
+                return value
+            if isinstance(value, int) and not isinstance(value, bool):
+                return float(value)
+            raise WireFormatError(f"{where} must be float, got {type(value).__name__}")
+
+        return check_float
+    if expected is int:
+
+        def check_int(value: Any, where: str) -> Any:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            raise WireFormatError(f"{where} must be int, got {type(value).__name__}")
+
+        return check_int
+
+    def check_plain(value: Any, where: str) -> Any:
+        if isinstance(value, expected):
+            return value
+        raise WireFormatError(f"{where} must be {expected.__name__}, got {type(value).__name__}")
+
+    return check_plain
+
+
+def _field_checkers(cls: type[Any]) -> dict[str, Checker]:
     hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return {f.name: _checker(hints[f.name]) for f in dataclasses.fields(cls)}
 
 
-_FIELDS: dict[str, dict[str, Any]] = {k: _field_types(c) for k, c in MESSAGE_TYPES.items()}
+_FIELDS: dict[str, dict[str, Checker]] = {k: _field_checkers(c) for k, c in MESSAGE_TYPES.items()}
+_FIELD_SETS = {k: frozenset(v) for k, v in _FIELDS.items()}
 
 
 def to_body(msg: Message) -> dict[str, Any]:
     return {f: getattr(msg, f) for f in _FIELDS[msg.kind]}
-
-
-def _check(value: Any, expected: Any, where: str) -> Any:
-    origin = typing.get_origin(expected)
-    if origin is tuple:
-        item = typing.get_args(expected)[0]
-        if not isinstance(value, list | tuple):
-            raise WireFormatError(f"{where} must be a list")
-        return tuple(_check(v, item, where) for v in value)
-    if origin in (types.UnionType, typing.Union):
-        for option in typing.get_args(expected):
-            if option is type(None) and value is None:
-                return None
-            if option is not type(None):
-                try:
-                    return _check(value, option, where)
-                except WireFormatError:
-                    continue
-        raise WireFormatError(f"{where} has the wrong type {type(value).__name__}")
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if expected is int and isinstance(value, bool):
-        raise WireFormatError(f"{where} must be an integer, got a boolean")
-    if not isinstance(value, expected):
-        raise WireFormatError(f"{where} must be {expected.__name__}, got {type(value).__name__}")
-    return value
 
 
 def from_body(kind: Any, body: Any) -> Message:
@@ -189,9 +211,9 @@ def from_body(kind: Any, body: Any) -> Message:
     if not isinstance(kind, str) or kind not in MESSAGE_TYPES:
         raise WireFormatError(f"unknown message kind {kind!r}")
     fields = _FIELDS[kind]
-    if not isinstance(body, dict) or set(body) != set(fields):
+    if not isinstance(body, dict) or body.keys() != _FIELD_SETS[kind]:
         got = sorted(body) if isinstance(body, dict) else type(body).__name__
         raise WireFormatError(f"{kind} body must have fields {sorted(fields)}, got {got}")
-    values = {name: _check(body[name], t, f"{kind}.{name}") for name, t in fields.items()}
+    values = {name: check(body[name], f"{kind}.{name}") for name, check in fields.items()}
     msg: Message = MESSAGE_TYPES[kind](**values)
     return msg
