@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from common import bench_model, machine, summary
 
 from butterfly.cluster.launcher import LocalCluster, free_ports, node_configs
+from common import bench_model, machine, summary
 
 
 async def load(url: str, requests: int, concurrency: int, new_tokens: int) -> dict[str, Any]:
@@ -46,8 +46,12 @@ async def load(url: str, requests: int, concurrency: int, new_tokens: int) -> di
     s = sorted(latencies)
     lat["p95"] = round(s[int(0.95 * (len(s) - 1))], 3)
     lat["p99"] = round(s[int(0.99 * (len(s) - 1))], 3)
-    return {"requests_per_s": round(requests / wall, 1), "seconds": round(wall, 2),
-            "latency_ms": lat, "errors": errors}
+    return {
+        "requests_per_s": round(requests / wall, 1),
+        "seconds": round(wall, 2),
+        "latency_ms": lat,
+        "errors": errors,
+    }
 
 
 def main() -> None:
@@ -61,28 +65,44 @@ def main() -> None:
     model = bench_model("tiny")
     with tempfile.TemporaryDirectory() as tmp:
         port = free_ports(1)[0]
-        settings = {"scheduling.dispatch_batch_size": args.concurrency,
-                    "scheduling.max_queue": 10 * args.concurrency}
-        cfgs = node_configs(nodes=args.nodes, f=0, model=model, api_port=port,
-                            data_dir=Path(tmp), settings=settings)
+        settings = {
+            "scheduling.dispatch_batch_size": args.concurrency,
+            "scheduling.max_queue": 10 * args.concurrency,
+        }
+        cfgs = node_configs(
+            nodes=args.nodes, f=0, model=model, api_port=port, data_dir=Path(tmp), settings=settings
+        )
         cluster = LocalCluster(cfgs, f"http://127.0.0.1:{port}", Path(tmp))
         try:
             cluster.start()
             cluster.wait_ready(300)
             asyncio.run(load(cluster.api_url, 100, args.concurrency, args.new_tokens))  # warm-up
-            runs = [asyncio.run(load(cluster.api_url, args.requests, args.concurrency,
-                                     args.new_tokens)) for _ in range(args.repeats)]
+            runs = [
+                asyncio.run(load(cluster.api_url, args.requests, args.concurrency, args.new_tokens))
+                for _ in range(args.repeats)
+            ]
         finally:
             cluster.stop()
     rps = [r["requests_per_s"] for r in runs]
     p95 = [r["latency_ms"]["p95"] for r in runs]
-    print(json.dumps({
-        "benchmark": "api", "model": "demo-tiny", "nodes": args.nodes,
-        "requests": args.requests, "concurrency": args.concurrency,
-        "new_tokens": args.new_tokens, "machine": machine(),
-        "requests_per_s": summary(rps), "p95_latency_ms": summary(p95), "runs": runs,
-        "targets": {"requests_per_s": 300, "p95_ms": 100},
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "api",
+                "model": "demo-tiny",
+                "nodes": args.nodes,
+                "requests": args.requests,
+                "concurrency": args.concurrency,
+                "new_tokens": args.new_tokens,
+                "machine": machine(),
+                "requests_per_s": summary(rps),
+                "p95_latency_ms": summary(p95),
+                "runs": runs,
+                "targets": {"requests_per_s": 300, "p95_ms": 100},
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

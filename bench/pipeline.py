@@ -23,12 +23,12 @@ from typing import Any
 
 import httpx
 import torch
-from common import bench_model, machine, summary
-from runtime import PROMPT, one_round, transformers_session
 
 from butterfly.cluster.launcher import CHILD_ENV, LocalCluster, free_ports, node_configs
 from butterfly.partition.strategies import uniform_ranges
 from butterfly.runtime.loader import num_layers
+from common import bench_model, machine, summary
+from runtime import PROMPT, one_round, transformers_session
 
 NEW = 64
 
@@ -54,8 +54,12 @@ async def concurrent_tokens_per_s(url: str, prompts: list[list[int]]) -> dict[st
         t0 = time.perf_counter()
         counts = await asyncio.gather(*(one(p) for p in prompts))
         wall = time.perf_counter() - t0
-    return {"requests": len(prompts), "tokens": sum(counts), "seconds": round(wall, 3),
-            "tokens_per_s": round(sum(counts) / wall, 2)}
+    return {
+        "requests": len(prompts),
+        "tokens": sum(counts),
+        "seconds": round(wall, 3),
+        "tokens_per_s": round(sum(counts) / wall, 2),
+    }
 
 
 def reference_tokens_per_s(new, prompt: torch.Tensor, requests: int) -> float:
@@ -69,8 +73,12 @@ def reference_tokens_per_s(new, prompt: torch.Tensor, requests: int) -> float:
 def ray_pipeline(model_dir: Path, prompt: torch.Tensor, rounds: int) -> dict[str, Any]:
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": dict(CHILD_ENV)})
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": dict(CHILD_ENV)},
+    )
 
     @ray.remote
     class StageActor:
@@ -132,9 +140,15 @@ def main() -> None:
     ids = prompt[0].tolist()
     reference = transformers_session(model_dir)
     one_round(reference, prompt)  # warm-up
-    result: dict[str, Any] = {"benchmark": "pipeline", "model": f"demo-{args.size}",
-                              "prompt_tokens": PROMPT, "new_tokens": NEW,
-                              "rounds": args.rounds, "machine": machine(), "clusters": {}}
+    result: dict[str, Any] = {
+        "benchmark": "pipeline",
+        "model": f"demo-{args.size}",
+        "prompt_tokens": PROMPT,
+        "new_tokens": NEW,
+        "rounds": args.rounds,
+        "machine": machine(),
+        "clusters": {},
+    }
     ref_tokens: list[int] = []
     for size in [int(s) for s in args.sizes.split(",")]:
         with tempfile.TemporaryDirectory() as tmp:
@@ -166,8 +180,9 @@ def main() -> None:
                     "same_tokens_as_reference": same,
                 }
                 if size == 4:
-                    prompts = [torch.randint(0, 256, (PROMPT,), generator=gen).tolist()
-                               for _ in range(8)]
+                    prompts = [
+                        torch.randint(0, 256, (PROMPT,), generator=gen).tolist() for _ in range(8)
+                    ]
                     entry["concurrent_8"] = asyncio.run(
                         concurrent_tokens_per_s(cluster.api_url, prompts)
                     )
@@ -186,7 +201,9 @@ def main() -> None:
                 "same_tokens_as_reference": ray_res["tokens"] == ref_tokens,
                 "butterfly_4_nodes_vs_ray": round(
                     result["clusters"]["4"]["decode_ms_per_token"]["median"] / ray_ms, 3
-                ) if "4" in result["clusters"] else None,
+                )
+                if "4" in result["clusters"]
+                else None,
             }
         except ImportError:
             result["ray_actors_4_stages"] = "skipped: ray is not installed (pip install ray)"

@@ -18,12 +18,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import bench_model, machine, summary
 
 from butterfly.partition.strategies import uniform_ranges
 from butterfly.runtime.generate import run_pipeline
 from butterfly.runtime.loader import load_stage, num_layers
 from butterfly.runtime.stage import Stage
+from common import bench_model, machine, summary
 
 PROMPT, NEW = 128, 64
 Step = Callable[[torch.Tensor, int], torch.Tensor]  # (ids, start_pos) -> last logits
@@ -60,7 +60,9 @@ def butterfly_session(stages: list[Stage]) -> Callable[[], Step]:
     return new
 
 
-def one_round(new: Callable[[], Step], prompt: torch.Tensor) -> tuple[float, list[float], list[int]]:
+def one_round(
+    new: Callable[[], Step], prompt: torch.Tensor
+) -> tuple[float, list[float], list[int]]:
     step = new()
     with torch.inference_mode():
         t0 = time.perf_counter()
@@ -121,7 +123,7 @@ def main() -> None:
     prefill: dict[str, list[float]] = {k: [] for k in contenders}
     decode: dict[str, list[float]] = {k: [] for k in contenders}
     tokens: dict[str, list[int]] = {}
-    for name, new in contenders.items():  # warm-up
+    for new in contenders.values():  # warm-up
         one_round(new, prompt)
     for _ in range(args.rounds):
         for name, new in contenders.items():
@@ -160,9 +162,7 @@ def main() -> None:
             "middle_quarter_weight_ratio": round(middle["weights_mb"] / whole["weights_mb"], 3),
             "middle_quarter_rss_ratio": round(middle["rss_mb"] / whole["rss_mb"], 3),
             "first_quarter_rss_ratio": round(first["rss_mb"] / whole["rss_mb"], 3),
-            "middle_quarter_peak_rss_ratio": round(
-                middle["peak_rss_mb"] / whole["peak_rss_mb"], 3
-            ),
+            "middle_quarter_peak_rss_ratio": round(middle["peak_rss_mb"] / whole["peak_rss_mb"], 3),
         },
     }
     print(json.dumps(result, indent=2))
