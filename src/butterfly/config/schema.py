@@ -137,8 +137,12 @@ class NetworkConfig(Section):
         1000, "Give up sending one frame after this.", DL, NODE, ge=1, le=600_000
     )
     step_timeout_ms: int = option(
-        60_000, "Give up waiting for one pipeline step (a long prefill included).", DL, NODE,
-        ge=1, le=3_600_000,
+        60_000,
+        "Give up waiting for one pipeline step (a long prefill included).",
+        DL,
+        NODE,
+        ge=1,
+        le=3_600_000,
     )
     retry_attempts: int = option(
         3, "Resends before a peer counts as unreachable.", DL, NODE, ge=0, le=100
