@@ -154,7 +154,7 @@ class PhiAccrualFailureDetector:
         for _ in range(60):
             mid = (lo + hi) / 2.0
             lo, hi = (mid, hi) if phi_of(mid) < threshold else (lo, mid)
-        return history.last + mean + hi * std
+        return history.last + mean + hi * std + 1e-9  # at, not just before, the crossing
 
     def nodes(self) -> list[NodeId]:
         return sorted(self._history)

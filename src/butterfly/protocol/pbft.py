@@ -148,8 +148,9 @@ def _on_tick(state: ReplicaState, now: float, out: list[Send]) -> None:
     elif state.timer_deadline is not None and now >= state.timer_deadline:
         start_view_change(state, state.view + 1, now, out)  # the primary is not ordering
     if state.status_deadline is not None and now >= state.status_deadline:
-        out.append(Send(None, sign(state, status_of(state))))
         interval = state.config.retransmit_interval
+        if now - state.progress_at >= interval:  # while executing, nothing needs resending
+            out.append(Send(None, sign(state, status_of(state))))
         state.status_deadline = now + (
             interval if busy(state) else state.config.idle_status_interval
         )

@@ -264,6 +264,7 @@ def apply_entry(
 ) -> None:
     """Append one decided entry to the log; a repeated request is ordered but not re-run."""
     seq = state.last_executed + 1
+    state.progress_at = now
     state.executed.append(pp)
     state.digests.append(chain(state.digests[-1], seq, pp.digest))
     state.last_executed = seq

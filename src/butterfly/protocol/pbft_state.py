@@ -145,6 +145,7 @@ class ReplicaState:
     vc_deadline: float | None = None
     vc_attempt: int = 0
     status_deadline: float | None = None
+    progress_at: float = -1.0  # when we last executed something
     status_answered: dict[NodeId, float] = field(default_factory=dict)  # peer -> when
     evidence: list[Evidence] = field(default_factory=list)
     evidence_keys: set[tuple[object, ...]] = field(default_factory=set)

@@ -93,9 +93,9 @@ def scenario_for(seed: int, *, extra_liars: int = 0) -> Scenario:
     f = max_faulty(n)
     count = min(n, rng.randint(0, f) + extra_liars)
     chosen = rng.sample(range(n), count)
-    if chosen and 0 not in chosen and rng.random() < 0.5:
-        chosen[0] = 0  # a lying first primary exercises view changes and equivocation
     colluding = extra_liars > 0 and rng.random() < 0.5  # beyond f, often a planned fork
+    if chosen and 0 not in chosen and (colluding or rng.random() < 0.5):
+        chosen[0] = 0  # a lying first primary exercises view changes and equivocation
     liars = tuple(
         sorted(
             (NodeId(i), Behaviour.FORK if colluding else rng.choice(list(Behaviour)))
@@ -109,7 +109,7 @@ def scenario_for(seed: int, *, extra_liars: int = 0) -> Scenario:
         n=n,
         f=f,
         liars=liars,
-        clients=rng.randint(1, 3),
+        clients=rng.randint(2 if colluding else 1, 3),
         requests_per_client=rng.randint(1, 3),
         drop=rng.choice((0.0, 0.05, 0.2)),
         duplicate=rng.choice((0.0, 0.05, 0.2)),
@@ -221,7 +221,11 @@ class Simulation:
         self.decided: dict[int, bytes] = {}
         self.forks: list[tuple[int, bytes, bytes]] = []
         self.accepted: dict[tuple[NodeId, int, int], set[bytes]] = {}
-        self.board: Board = {}
+        self.board = Board()
+        self.peers = {
+            NodeId(i): [NodeId(j) for j in range(scenario.n) if j != i] for i in range(scenario.n)
+        }
+        self._dirty = True  # an honest replica executed or convicted since the last check
 
     # --- driving ------------------------------------------------------------------------
 
@@ -250,7 +254,7 @@ class Simulation:
                 self._on_reply(target, payload)
             else:
                 self._client_send(target)
-            if self.now >= self.sc.heal_at and self._finished():
+            if self._dirty and self.now >= self.sc.heal_at and self._finished():
                 break
         return self._verdict()
 
@@ -268,7 +272,7 @@ class Simulation:
         inst.state, sends = pbft.step(inst.state, message, self.now)
         if self.trace is not None:
             self.trace(f"{self.now:8.4f} {idx}@{inst.node} <- {_brief(message)}")
-        peers = [NodeId(j) for j in range(self.sc.n) if j != inst.node]
+        peers = self.peers[inst.node]
         if inst.behaviour is None:
             routed = [(s.to, s.message) for s in sends]
         else:
@@ -373,6 +377,8 @@ class Simulation:
                 self.forks.append((seq, first, pp.digest))
             if pp.request is not None and pp.digest not in self.proposed:
                 self._fail(f"validity: replica {inst.node} executed an unproposed value")
+        if state.last_executed != inst.seen_executed or len(state.evidence) != inst.seen_evidence:
+            self._dirty = True
         inst.seen_executed = state.last_executed
         for ev in state.evidence[inst.seen_evidence :]:
             if ev.accused in self.honest_ids:
@@ -410,6 +416,7 @@ class Simulation:
         )
 
     def _finished(self) -> bool:
+        self._dirty = False
         if self.sc.beyond_f:
             return (not self.forks or self._detected()) and self._progressed()
         return self._progressed() and not self._unproven()

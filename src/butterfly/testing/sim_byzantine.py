@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import random
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 from butterfly.protocol.messages import (
     CheckpointVote,
@@ -18,6 +18,7 @@ from butterfly.protocol.messages import (
     Prepare,
     PrePrepare,
     Reply,
+    Request,
     Status,
     request_digest,
     sign_message,
@@ -34,8 +35,14 @@ class Behaviour(enum.StrEnum):
     FORK = "fork"  # liars collude: even peers are told one value, odd peers another
 
 
-Board = dict[tuple[int, int], tuple[PrePrepare, PrePrepare]]
-"""What colluding liars share: for (view, seq), the pre-prepares shown to each side."""
+@dataclass
+class Board:
+    """What colluding liars share: per (view, seq) the pre-prepares shown to each side
+    (even peers, odd peers), and a pre-prepare held back to swap with the next one.
+    """
+
+    sides: dict[tuple[int, int], tuple[PrePrepare, PrePrepare]] = field(default_factory=dict)
+    held: dict[int, PrePrepare] = field(default_factory=dict)
 
 
 Routed = tuple[NodeId | None, Message]
@@ -76,17 +83,26 @@ def rewrite(
 
 
 def _fork(state: ReplicaState, message: Message, peers: list[NodeId], board: Board) -> list[Routed]:
-    """Show even peers one value and odd peers another, with the other liars' help."""
+    """Show even peers one history and odd peers another, with the other liars' votes."""
+    even = [p for p in peers if p % 2 == 0]
+    odd = [p for p in peers if p % 2 == 1]
     if isinstance(message, PrePrepare) and message.request is not None:
-        choices = [r for r in state.pending.values() if r != message.request]
-        if not choices:
-            return [(None, message)]
-        alt = choices[0]
-        other = sign_message(replace(message, request=alt, digest=request_digest(alt)), state.key)
-        board[(message.view, message.seq)] = (message, other)
-        return [(p, message if p % 2 == 0 else other) for p in peers]
-    if isinstance(message, Prepare | Commit) and (message.view, message.seq) in board:
-        sides = board[(message.view, message.seq)]
+        held = board.held.pop(message.view, None)
+        if held is None:
+            choices = [r for r in state.pending.values() if r != message.request]
+            if not choices:  # hold it back: the next request gets swapped with it
+                board.held[message.view] = message
+                return _to(even, message)
+            other = _with_request(state, message, choices[0])
+            board.sides[(message.view, message.seq)] = (message, other)
+            return _to(even, message) + _to(odd, other)
+        first = _with_request(state, held, message.request)  # odd peers: swapped order
+        second = _with_request(state, message, held.request)
+        board.sides[(held.view, held.seq)] = (held, first)
+        board.sides[(message.view, message.seq)] = (message, second)
+        return _to(even, message) + _to(odd, first) + _to(odd, second)
+    if isinstance(message, Prepare | Commit) and (message.view, message.seq) in board.sides:
+        sides = board.sides[(message.view, message.seq)]
         out: list[Routed] = []
         for p in peers:
             pp = sides[p % 2]
@@ -98,6 +114,14 @@ def _fork(state: ReplicaState, message: Message, peers: list[NodeId], board: Boa
             out.append((p, sign_message(vote, state.key)))
         return out
     return [(None, message)]
+
+
+def _to(peers: list[NodeId], message: Message) -> list[Routed]:
+    return [(p, message) for p in peers]
+
+
+def _with_request(state: ReplicaState, pp: PrePrepare, request: Request | None) -> PrePrepare:
+    return sign_message(replace(pp, request=request, digest=request_digest(request)), state.key)
 
 
 def _random_digest(rng: random.Random) -> bytes:
