@@ -121,7 +121,7 @@ def on_pre_prepare(state: ReplicaState, pp: PrePrepare, now: float, out: list[Se
     evidence.check_header(state, pp, out)
     if pp.sender != primary(pp.view, state.config.n) or not known_view(state, pp.view):
         return
-    if not in_window(state, pp.seq) or pp.request is None or not valid_body(state, pp):
+    if not in_window(state, pp.seq) or not valid_body(state, pp):
         return
     slot = state.log.setdefault(pp.seq, Slot())
     existing = slot.pre_prepares.get(pp.view)
@@ -129,7 +129,8 @@ def on_pre_prepare(state: ReplicaState, pp: PrePrepare, now: float, out: list[Se
         slot.others[(pp.view, pp.digest)] = pp  # equivocation (recorded by check_header);
         check_decided(state, pp.seq, pp.view, now, out)  # the others may have decided it
         return
-    if state.active and pp.view == state.view:
+    # a null request is only proposed inside a new-view; alone it is kept, never voted for
+    if state.active and pp.view == state.view and pp.request is not None:
         voted = state.me in slot.prepares.get(pp.view, {}) or state.is_primary
         if existing is None or not voted:  # kept while changing views, vote now
             accept_pre_prepare(state, pp, now, out)
@@ -337,6 +338,8 @@ def set_stable(
     """
     if seq <= state.low:
         return
+    if seq <= state.last_executed and state.digests[seq] != digest:
+        return  # 2f+1 signed another history than ours: only possible beyond f; alarmed
     state.low, state.stable_digest, state.stable_proof = seq, digest, proof
     for s in [s for s in state.log if s <= seq]:
         slot = state.log.pop(s)
