@@ -21,10 +21,16 @@ from butterfly.protocol.coordinator import (
 from butterfly.protocol.messages import (
     KINDS,
     BarrierReady,
+    Evidence,
     Heartbeat,
     Message,
+    PrePrepare,
+    Reconfigure,
+    Request,
     Suspicion,
     Tick,
+    decode,
+    request_digest,
     sign_message,
 )
 from butterfly.protocol.pbft_state import Send
@@ -149,3 +155,34 @@ def test_f_plus_one_suspicions_make_a_proposal() -> None:
 def test_phase_table_has_no_shortcut_from_assignment_to_computation() -> None:
     assert Phase.COMPUTATION not in NEXT[Phase.ASSIGNMENT]
     assert all(Phase.ASSIGNMENT not in targets for targets in NEXT.values())
+
+
+def test_evidence_against_a_node_makes_its_eviction_a_proposal() -> None:
+    cluster = Cluster()
+    start(cluster)
+    req_a, req_b = (
+        sign_message(Request(NodeId(1), Epoch(0), 100 + i, b"x%d" % i), KEYS[1]) for i in (0, 1)
+    )
+    pps = [
+        sign_message(PrePrepare(NodeId(0), Epoch(0), 0, 9, request_digest(r), r), KEYS[0])
+        for r in (req_a, req_b)
+    ]
+    evidence = sign_message(
+        Evidence(NodeId(2), Epoch(0), NodeId(0), pps[0].header(), pps[1].header()), KEYS[2]
+    )
+    node, out = coordinator.step(cluster.nodes[1], evidence, 0.0)
+    assert node.phase is Phase.RECONFIGURATION
+    proposal = next(o.message for o in out if isinstance(o.message, Request))
+    change = decode(proposal.operation)
+    assert isinstance(change, Reconfigure) and change.members == (1, 2, 3)
+
+
+def test_an_undecided_proposal_is_retransmitted() -> None:
+    cluster = Cluster()
+    node = cluster.nodes[1]
+    sent = propose_plan(node, (NodeId(1), NodeId(2)), "test", 0.0)
+    request = next(o.message for o in sent if isinstance(o.message, Request))
+    node, out = coordinator.step(node, Tick(), 0.5)
+    assert request not in [o.message for o in out]
+    node, out = coordinator.step(node, Tick(), 1.1)
+    assert request in [o.message for o in out]

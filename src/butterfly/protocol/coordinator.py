@@ -58,6 +58,9 @@ from butterfly.protocol.sign import SigningKey
 from butterfly.types.errors import InvalidMessage, PhaseTransitionFailed
 from butterfly.types.ids import Epoch, NodeId
 
+RESEND_INTERVAL = 1.0
+"""Seconds between retransmissions of an undecided proposal."""
+
 
 class Phase(enum.StrEnum):
     ASSIGNMENT = "assignment"  # no plan yet for this epoch
@@ -154,6 +157,7 @@ class CoordinatorState:
     barrier: Barrier | None = None
     applied: int = 0  # PBFT log entries interpreted so far
     next_timestamp: int = 1  # our requests to PBFT, as its client
+    outstanding: dict[int, tuple[Request, float]] = field(default_factory=dict)  # -> sent at
     proposed: set[Epoch] = field(default_factory=set)  # epochs we proposed a change for
     suspicions: dict[NodeId, set[NodeId]] = field(default_factory=dict)  # suspect -> by
     proofs: list[Proof] = field(default_factory=list)  # for the verification component
@@ -212,6 +216,7 @@ def step(
     match message:
         case Tick():
             _consensus(state, message, now, out)
+            _resend(state, now, out)
             _, changes = failure_detector.step(state.detector, message, now)
             for change in changes:
                 _on_health(state, change.node, change.health, change.phi, now, out)
@@ -323,10 +328,23 @@ def _submit(
         state.key,
     )
     state.next_timestamp += 1
+    state.outstanding[request.timestamp] = (request, now)
     out.append(Send(None, request))
     if state.phase is not Phase.RECONFIGURATION:
         _transition(state, Phase.RECONFIGURATION)
     _consensus(state, request, now, out)
+
+
+def _resend(state: CoordinatorState, now: float, out: list[Send]) -> None:
+    """Like any PBFT client, retransmit a proposal until it is decided: the primary may
+    never have received it, and only its arrival there gets it ordered.
+    """
+    for ts, (request, sent) in list(state.outstanding.items()):
+        if (request.sender, ts) in state.replica.replies:
+            del state.outstanding[ts]
+        elif now - sent >= RESEND_INTERVAL:
+            state.outstanding[ts] = (request, now)
+            out.append(Send(None, request))
 
 
 def _apply_decision(state: CoordinatorState, request: Request) -> None:
