@@ -351,8 +351,8 @@ class Simulation:
 
     def _finished(self) -> bool:
         self._dirty = False
-        if self.sc.beyond_f:
-            return (not self.forks or self._detected()) and self._progressed()
+        if self.sc.beyond_f:  # settled once a fork is reported, or all decided without one
+            return self._detected() if self.forks else self._progressed()
         return self._progressed() and not self._unproven()
 
     def _verdict(self) -> ScheduleResult:

@@ -82,7 +82,7 @@ def scenario_for(seed: int, *, extra_liars: int = 0) -> Scenario:
         if rng.random() < 0.4
         else None,
         heal_at=heal_at,
-        deadline=heal_at + (6.0 if extra_liars else 20.0),
+        deadline=heal_at + (4.0 if extra_liars else 20.0),
         checkpoint_interval=interval,
         window=interval * rng.choice((2, 3)),
     )
