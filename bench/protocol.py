@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import heapq
 import json
+import os
 import platform
 import random
 import statistics
@@ -213,7 +214,12 @@ def main() -> None:
         "detection_ms": detection(args.trials),
         "false_suspicions": false_suspicions(),
         "targets": TARGETS,
-        "machine": {"python": platform.python_version(), "processor": platform.machine()},
+        "machine": {
+            "python": platform.python_version(),
+            "processor": platform.machine(),
+            "cpus": os.cpu_count(),
+            "load_average_1m": round(os.getloadavg()[0], 2),  # other work skews the figures
+        },
     }
     print(json.dumps(result, indent=2))
 
