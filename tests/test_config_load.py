@@ -140,6 +140,7 @@ CROSS_RULE_KEYS = {
     "scheduling.default_max_new_tokens",
     "scheduling.max_new_tokens_limit",
     "cluster.id",
+    "cluster.public_keys",
 }
 TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
 

@@ -62,8 +62,16 @@ def _cluster_id(value: str) -> str:
     return value
 
 
+def _public_key_hex(value: str) -> str:
+    """A node's vote key; a typo would make every vote it signs look forged."""
+    if not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise ValueError(f"expected 64 lowercase hex characters (Ed25519 key), got {value!r}")
+    return value
+
+
 HostPort = Annotated[str, AfterValidator(_host_port)]
 ClusterId = Annotated[str, AfterValidator(_cluster_id)]
+PublicKeyHex = Annotated[str, AfterValidator(_public_key_hex)]
 
 
 def option(
@@ -107,6 +115,9 @@ class ClusterConfig(Section):
     id: ClusterId = option("butterfly", "Cluster id checked in every peer handshake.", SC, CLUSTER)
     members: tuple[HostPort, ...] = option(
         (), "host:port of node 0..n-1; empty = a one-node cluster.", SC, CLUSTER
+    )
+    public_keys: tuple[PublicKeyHex, ...] = option(
+        (), "Ed25519 public key (hex) of node 0..n-1; empty = one node, own key.", SC, CLUSTER
     )
 
 

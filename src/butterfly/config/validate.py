@@ -67,6 +67,21 @@ def _membership(cfg: ButterflyConfig) -> Iterator[ConfigIssue]:
     dupes = sorted({m for m in members if members.count(m) > 1})
     if dupes:
         yield ConfigIssue("cluster.members", "unique-members", f"listed twice: {dupes}")
+    keys = cfg.cluster.public_keys
+    if keys and len(keys) != cluster_size(cfg):
+        yield ConfigIssue(
+            "cluster.public_keys",
+            "one-key-per-member",
+            f"{len(keys)} public keys for {cluster_size(cfg)} members; list one per member, "
+            "in node id order",
+            related=("cluster.members",),
+        )
+    if len(set(keys)) != len(keys):
+        yield ConfigIssue(
+            "cluster.public_keys",
+            "unique-keys",
+            "a key is listed twice: one vote would count twice",
+        )
 
 
 def _timing(cfg: ButterflyConfig) -> Iterator[ConfigIssue]:

@@ -133,6 +133,69 @@ class StatusReply:
     memory_bytes: int
 
 
+@dataclass(frozen=True, slots=True)
+class AgreementFrame:
+    """One PBFT message, encoded by `butterfly.protocol`'s strict codec, as the payload.
+
+    The envelope's sender is only the relay: the author and its Ed25519 signature are
+    inside the payload, so replicas can forward each other's votes (retransmission).
+    """
+
+    kind: ClassVar[str] = "agreement"
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigPrepare:
+    """PREPARE of a cluster-wide config change; the payload is the proposal's canonical
+    JSON, whose sha256 is `digest`. Answered with a `ConfigVote`."""
+
+    kind: ClassVar[str] = "config_prepare"
+    digest: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigVote:
+    """A node's signed PREPARE answer. `last_seq` is the last agreed config sequence number
+    it applied: the change activates at the next one, on every node alike."""
+
+    kind: ClassVar[str] = "config_vote"
+    node: int
+    digest: str
+    ok: bool
+    reason: str
+    last_seq: int
+    signature: bytes  # Ed25519 over (digest, last_seq) when ok, else empty
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigStatusQuery:
+    """Ask a node where its config stands; `values` asks for its cluster-scoped values."""
+
+    kind: ClassVar[str] = "config_status_query"
+    values: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigStatus:
+    """A node's config position (payload: cluster-scoped values as canonical JSON, when
+    asked). `error` says why the last agreed change failed here, "" if it did not."""
+
+    kind: ClassVar[str] = "config_status"
+    node: int
+    version: int
+    config_hash: str
+    cluster_hash: str
+    seq: int
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigSync:
+    """Adopt the cluster-scoped config f+1 peers agree on; answered with `ConfigStatus`."""
+
+    kind: ClassVar[str] = "config_sync"
+
+
 Message = (
     Hello
     | HelloAck
@@ -145,6 +208,12 @@ Message = (
     | PlanAck
     | StatusQuery
     | StatusReply
+    | AgreementFrame
+    | ConfigPrepare
+    | ConfigVote
+    | ConfigStatusQuery
+    | ConfigStatus
+    | ConfigSync
 )
 
 MESSAGE_TYPES: dict[str, type[Any]] = {cls.kind: cls for cls in typing.get_args(Message)}

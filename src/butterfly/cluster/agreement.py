@@ -1,0 +1,254 @@
+"""Live agreement: one PBFT replica per node, driven over the node's transport.
+
+`butterfly.protocol.pbft` is a pure reducer; this driver is its only owner in a running
+node. It feeds the replica every `AgreementFrame` that arrives (decoded by the protocol's
+strict codec, so a malformed or forged frame never reaches the state), feeds it a `Tick`
+at `next_deadline`, and sends what comes back on the `control` channel, where votes never
+wait behind tensors. Every step runs on the event loop, one at a time, so the replica
+needs no lock.
+
+Executed commands leave in sequence order through one queue, to `on_commit(seq, command)`
+on every node; `propose(command)` signs a client request with the node key, submits it to
+every replica (so backups time a primary that ignores it) and returns the sequence number
+once this node has executed it. A retried or relayed request runs once (PBFT orders a
+duplicate but the driver skips it, keyed by client and timestamp).
+
+Sends go through a bounded queue per peer: a dead or slow peer loses frames rather than
+stalling the others, which is safe because PBFT retransmits on its own (`Status`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import typing
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeGuard
+
+from butterfly.metrics.events import ConsensusRound, Emit, MessageDropped, PhaseTransition, discard
+from butterfly.net.framing import Envelope
+from butterfly.net.transport import Transport
+from butterfly.protocol import pbft
+from butterfly.protocol.messages import Message, Reply, Request, decode, encode, sign_message
+from butterfly.protocol.pbft_state import PbftConfig, ReplicaState, Send
+from butterfly.protocol.sign import SigningKey
+from butterfly.types.errors import ButterflyError, ConsensusTimeout, InvalidMessage
+from butterfly.types.ids import NodeId
+from butterfly.types.messages import AgreementFrame
+
+log = logging.getLogger(__name__)
+
+OnCommit = Callable[[int, bytes], Awaitable[None]]
+INPUTS: tuple[type, ...] = typing.get_args(pbft.Input)
+"""Message classes a replica consumes; anything else in a frame is dropped."""
+MAX_FRAME = 1 << 20
+MIN_TICK_S = 0.005
+
+
+def _replica_input(message: Message) -> TypeGuard[pbft.Input]:
+    return isinstance(message, INPUTS)
+
+
+@dataclass(frozen=True)
+class DriverLimits:
+    queue_per_peer: int = 4096  # frames waiting for one peer; the oldest is dropped beyond
+    send_timeout_s: float = 2.0  # one frame to one peer
+
+
+async def _ignore(seq: int, command: bytes) -> None:
+    """An `on_commit` for drivers whose commands need no action (benchmarks, tests)."""
+
+
+class AgreementDriver:
+    """Runs one PBFT replica; `run()` inside the node's task group, `on_frame` from its
+    dispatcher."""
+
+    def __init__(
+        self,
+        *,
+        config: PbftConfig,
+        key: SigningKey,
+        transport: Transport,
+        on_commit: OnCommit = _ignore,
+        emit: Emit = discard,
+        clock: Callable[[], float] = time.monotonic,
+        limits: DriverLimits = DriverLimits(),
+    ) -> None:
+        self._state: ReplicaState = pbft.new_replica(config, key)
+        self._key, self._transport, self._on_commit = key, transport, on_commit
+        self._emit, self._clock, self._limits = emit, clock, limits
+        self.me = config.replica
+        self.peers = tuple(NodeId(i) for i in range(config.n) if i != self.me)
+        self._outbox = {p: asyncio.Queue[bytes](limits.queue_per_peer) for p in self.peers}
+        self._commits: asyncio.Queue[tuple[int, bytes, tuple[NodeId, int]]] = asyncio.Queue()
+        self._wake = asyncio.Event()
+        self._delivered = 0  # highest sequence number handed to the commit queue
+        self.applied = 0  # highest sequence number `on_commit` has finished
+        self._ran: set[tuple[NodeId, int]] = set()  # (client, timestamp) of executed requests
+        self._waiters: dict[tuple[NodeId, int], asyncio.Future[int]] = {}
+        self._last_ts = 0
+        self._in_view_change = False
+
+    # --- introspection ----------------------------------------------------------------
+
+    @property
+    def view(self) -> int:
+        return self._state.view
+
+    @property
+    def last_executed(self) -> int:
+        return self._state.last_executed
+
+    @property
+    def state(self) -> ReplicaState:
+        """The replica itself, for tests and status pages; never mutate it."""
+        return self._state
+
+    # --- input ------------------------------------------------------------------------
+
+    async def on_frame(self, env: Envelope) -> None:
+        """One incoming `AgreementFrame`: decode strictly, then step the replica."""
+        if env.sender not in self.peers:
+            self._emit(MessageDropped(reason="agreement_stranger"))
+            return
+        try:
+            message = decode(env.payload, max_bytes=MAX_FRAME)
+        except InvalidMessage as e:
+            self._emit(MessageDropped(reason="agreement_invalid"))
+            log.warning("dropped an agreement frame from node %s: %s", env.sender, e)
+            return
+        if not _replica_input(message):
+            if not isinstance(message, Reply):  # replies are expected: nodes are clients
+                self._emit(MessageDropped(reason=f"agreement_{message.kind}"))
+            return
+        self._step(message)
+
+    def _step(self, message: pbft.Input) -> None:
+        self._state, sends = pbft.step(self._state, message, self._clock())
+        self._route(sends)
+        self._collect()
+        self._wake.set()  # the deadline may have moved
+
+    def _route(self, sends: list[Send]) -> None:
+        for send in sends:
+            if isinstance(send.message, Reply):
+                continue  # proposers wait for their own execution, not for f+1 replies
+            targets = self.peers if send.to is None else (send.to,)
+            frame = encode(send.message)
+            for peer in targets:
+                box = self._outbox.get(peer)
+                if box is None:
+                    continue  # ourselves
+                if box.full():
+                    box.get_nowait()  # the oldest goes: PBFT's status will ask again
+                    self._emit(MessageDropped(reason="agreement_backlog"))
+                box.put_nowait(frame)
+
+    def _collect(self) -> None:
+        """Queue what the replica executed since the last step, in order."""
+        state = self._state
+        if state.in_view_change != self._in_view_change:
+            self._in_view_change = state.in_view_change
+            phases = ("normal", "view_change")
+            a, b = phases if state.in_view_change else phases[::-1]
+            self._emit(PhaseTransition(a, b))
+        while self._delivered < state.last_executed:
+            self._delivered += 1
+            entry = state.executed[self._delivered - 1]
+            self._emit(ConsensusRound())
+            request = entry.request
+            if request is None:
+                continue  # a null request filled a gap after a view change
+            key = (request.sender, request.timestamp)
+            if key in self._ran:
+                continue
+            self._ran.add(key)
+            self._commits.put_nowait((self._delivered, request.operation, key))
+
+    # --- proposing --------------------------------------------------------------------
+
+    async def propose(self, command: bytes, *, timeout: float) -> int:
+        """Order `command` cluster-wide; returns its sequence number once this node has
+        executed it (and `on_commit` returned). Raises `ConsensusTimeout` after `timeout`
+        seconds: the command may still commit later, the caller must not assume otherwise.
+        """
+        self._last_ts = max(self._last_ts + 1, time.time_ns())  # unique across restarts
+        request = sign_message(
+            Request(
+                sender=self.me,
+                epoch=self._state.config.epoch,
+                timestamp=self._last_ts,
+                operation=command,
+            ),
+            self._key,
+        )
+        key = (self.me, self._last_ts)
+        done = asyncio.get_running_loop().create_future()
+        self._waiters[key] = done
+        try:
+            self._route([Send(None, request)])
+            self._step(request)
+            async with asyncio.timeout(timeout):
+                return await done
+        except TimeoutError:
+            raise ConsensusTimeout(
+                f"command not committed within {timeout:.1f} s (view {self.view}, "
+                f"executed up to {self.last_executed})"
+            ) from None
+        finally:
+            self._waiters.pop(key, None)
+
+    # --- running ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Tick the replica, drain the commit queue and the outboxes, until cancelled."""
+        async with asyncio.TaskGroup() as tg:
+            for peer in self.peers:
+                tg.create_task(self._sender(peer))
+            tg.create_task(self._executor())
+            tg.create_task(self._ticker())
+
+    async def _ticker(self) -> None:
+        while True:
+            deadline = pbft.next_deadline(self._state)
+            now = self._clock()
+            if deadline is not None and deadline <= now:
+                self._step(pbft.Tick())
+                after = pbft.next_deadline(self._state)
+                if after is not None and after <= now:
+                    await asyncio.sleep(MIN_TICK_S)  # the reducer kept it due: do not spin
+                continue
+            self._wake.clear()  # no await since the deadline was read: no step is missed
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+            # that arrives as the event fires, and the node would never stop
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(None if deadline is None else deadline - now):
+                    await self._wake.wait()
+
+    async def _executor(self) -> None:
+        while True:
+            seq, command, key = await self._commits.get()
+            try:
+                await self._on_commit(seq, command)
+            except Exception:  # one bad command must not stop the ones after it
+                log.exception("executing agreed command %d failed", seq)
+            self.applied = seq
+            waiter = self._waiters.get(key)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(seq)
+
+    async def _sender(self, peer: NodeId) -> None:
+        box = self._outbox[peer]
+        while True:
+            frame = await box.get()
+            try:
+                async with asyncio.timeout(self._limits.send_timeout_s):
+                    await self._transport.send(peer, AgreementFrame(), frame, channel="control")
+            except (ButterflyError, TimeoutError, OSError) as e:
+                log.debug("agreement frame to node %s lost: %s", peer, e)
+
+
+__all__ = ["AgreementDriver", "DriverLimits", "OnCommit"]
