@@ -9,6 +9,7 @@ last stage's node, matched by (request id, step).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -23,10 +24,12 @@ from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.schedule.engine import ClusterHealth, TokenSink
 from butterfly.types.errors import (
     ButterflyError,
+    CircuitOpen,
     ConnectionFailed,
     InvalidInput,
     SendTimeout,
     ServiceUnavailable,
+    StageLost,
 )
 from butterfly.types.ids import NodeId
 from butterfly.types.messages import Message, Release, StageStep, StepError, StepResult
@@ -65,6 +68,8 @@ class PipelineEngine:
         eos_ids: frozenset[int],
         step_timeout_s: float,
         max_tensor_bytes: int,
+        recovery_wait_s: float = 10.0,
+        max_recoveries: int = 8,
     ) -> None:
         self.node, self._deliver = node, deliver
         self._plan, self._health = plan, health
@@ -73,6 +78,9 @@ class PipelineEngine:
         self._waiting: dict[tuple[str, int], asyncio.Future[torch.Tensor]] = {}
         self._queue: list[_Entry] = []
         self._ready = asyncio.Event()
+        self._plan_version = asyncio.Event()
+        self._recovery_wait_s = recovery_wait_s
+        self._max_recoveries = max_recoveries
 
     @property
     def max_context(self) -> int:
@@ -84,6 +92,10 @@ class PipelineEngine:
 
     def health(self) -> ClusterHealth:
         return self._health()
+
+    def _epoch(self) -> int:
+        plan = self._plan()
+        return plan.epoch if plan else 0
 
     def on_result(self, env: Envelope) -> None:
         """Called by the node's dispatcher for StepResult and StepError frames."""
@@ -178,6 +190,26 @@ class PipelineEngine:
         finally:
             self._waiting.pop(key, None)
 
+    def plan_changed(self) -> None:
+        """Fail every outstanding step: its chain may include a node that is gone. Each
+        request then replays its history on the new plan (see `_generate`)."""
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(StageLost("the stage plan changed while the step ran"))
+        self._plan_version.set()
+
+    async def _await_plan_change(self, epoch: int) -> None:
+        """After a failed step: until the plan moves past `epoch`, or a bounded wait (a
+        transient error is then retried on the same plan)."""
+        deadline = time.monotonic() + self._recovery_wait_s
+        while time.monotonic() < deadline:
+            plan = self._plan()
+            if plan is not None and plan.epoch > epoch:
+                return
+            self._plan_version.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._plan_version.wait(), 0.05)
+
     async def run(self, task: InferenceTask, on_token: TokenSink) -> InferenceResult:
         plan = self._plan()
         if plan is None:
@@ -190,27 +222,52 @@ class PipelineEngine:
                 x = torch.tensor([[list(task.input_vector)]], dtype=torch.float32)
                 out = await self._step(request_id, 0, 0, x)
                 return self._result(task, plan, (), tuple(out.flatten().tolist()), timings)
-            return await self._generate(task, plan, request_id, on_token, started, timings)
+            return await self._generate(task, request_id, on_token, started, timings)
         finally:
-            await self._release(plan, request_id)
+            await self._release(request_id)
 
     async def _generate(
         self,
         task: InferenceTask,
-        plan: StagePlan,
         request_id: str,
         on_token: TokenSink,
         started: float,
         timings: dict[str, float],
     ) -> InferenceResult:
+        """Token by token; the gateway's history and RNG are the canonical checkpoint.
+
+        When a step is lost (a node died, the plan changed), the request waits for the new
+        plan and replays its whole history (prompt + tokens so far) as one prefill from
+        position 0: every stage cuts its cache back to 0 and recomputes, so the next token
+        is exactly the one the request would have produced. The RNG is only advanced by
+        tokens actually sampled, so sampled requests continue identically too.
+        """
         rng = make_generator(task.sampling)
-        history = list(task.input_ids)
-        x = torch.tensor([history], dtype=torch.int64)
-        pos, out = 0, []
-        for step in range(task.max_new_tokens):
-            logits = await self._step(request_id, step, pos, x)
+        prompt = list(task.input_ids)
+        x = torch.tensor([prompt], dtype=torch.int64)
+        out: list[int] = []
+        pos, step, recoveries = 0, 0, 0
+        while len(out) < task.max_new_tokens:
+            epoch = self._epoch()
+            step += 1  # step ids are never reused, so a late answer is ignored
+            try:
+                logits = await self._step(request_id, step, pos, x)
+            except (StageLost, ConnectionFailed, CircuitOpen, SendTimeout) as e:
+                recoveries += 1
+                if recoveries > self._max_recoveries:
+                    raise
+                lost_at = time.perf_counter()
+                log.warning(
+                    "request %s lost a step at token %d (%s); replaying", request_id, len(out), e
+                )
+                await self._await_plan_change(epoch)
+                pos, x = 0, torch.tensor([prompt + out], dtype=torch.int64)
+                timings["recovery_s"] = timings.get("recovery_s", 0.0) + (
+                    time.perf_counter() - lost_at
+                )
+                continue
             token = sample(logits[0, -1], task.sampling, rng)
-            if step == 0:
+            if not out:
                 timings["time_to_first_token_s"] = time.perf_counter() - started
             out.append(token)
             on_token(token)
@@ -220,16 +277,19 @@ class PipelineEngine:
             x = torch.tensor([[token]], dtype=torch.int64)
         total = time.perf_counter() - started
         timings["total_s"] = total
+        if recoveries:
+            timings["recoveries"] = float(recoveries)
         if len(out) > 1:
             timings["time_per_output_token_s"] = (total - timings["time_to_first_token_s"]) / (
                 len(out) - 1
             )
+        plan = self._plan()
         return self._result(task, plan, tuple(out), (), timings)
 
     def _result(
         self,
         task: InferenceTask,
-        plan: StagePlan,
+        plan: StagePlan | None,
         ids: tuple[int, ...],
         vector: tuple[float, ...],
         timings: dict[str, float],
@@ -239,13 +299,14 @@ class PipelineEngine:
             output_ids=ids,
             output_vector=vector,
             verified="none",
-            stages=tuple(StageRecord(n, r) for n, r in plan.stages),
+            stages=tuple(StageRecord(n, r) for n, r in plan.stages) if plan else (),
             timings=timings,
         )
 
-    async def _release(self, plan: StagePlan, request_id: str) -> None:
+    async def _release(self, request_id: str) -> None:
         """Free the request's KV cache on every node of the plan, best effort."""
-        for node in plan.nodes:
+        plan = self._plan()
+        for node in plan.nodes if plan else ():
             try:
                 await self._deliver(node, Release(request_id), b"")
             except ButterflyError as e:

@@ -106,7 +106,13 @@ class StageServer:
     async def apply_plan(self, msg: PlanAssign) -> PlanAck:
         try:
             plan = StagePlan.from_message(msg)
+            if self.plan is not None and plan.epoch < self.plan.epoch:
+                raise InvalidMessage(
+                    f"plan of epoch {plan.epoch} is stale: node {self.node} is at {self.plan.epoch}"
+                )
             layers = plan.layers_of(self.node)
+            if self.stage is None or layers is None or self.stage.layers != layers:
+                self.caches.clear()  # caches of other layers are useless; same layers keep theirs
             if layers is not None and (self.stage is None or self.stage.layers != layers):
                 loop = asyncio.get_running_loop()
                 self.stage = await loop.run_in_executor(
@@ -114,7 +120,6 @@ class StageServer:
                 )
             if layers is None:
                 self.stage = None
-            self.caches.clear()
             self.plan = plan
             log.info("node %s: epoch %s, layers %s", self.node, plan.epoch, layers)
             return PlanAck(msg.epoch, self.node, True, "")

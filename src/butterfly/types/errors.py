@@ -27,6 +27,7 @@
     │   ├── ByzantineViolation            no        no     yes
     │   ├── PhaseTransitionFailed         no        no
     │   ├── CoordinationNetworkFailed     yes       no
+    │   ├── StageLost                     yes       no
     │   └── InvalidMessage                no        no     yes
     ├── NetworkError
     │   ├── ConnectionFailed              yes       no
@@ -203,6 +204,12 @@ class CoordinationNetworkFailed(CoordinationError):
 
 class InvalidMessage(CoordinationError):
     pass
+
+
+class StageLost(CoordinationError):
+    """A step's stage went away (node failed, plan changed): replay on the new plan."""
+
+    retriable = True
 
 
 # --- network ---------------------------------------------------------------------------

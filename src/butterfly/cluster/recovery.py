@@ -1,0 +1,73 @@
+"""The gateway's reaction to a failed node: a new plan over the live nodes.
+
+When the failure detector declares a node of the current plan failed, the gateway
+decides a plan for the next epoch over the nodes still alive, distributes it, and tells
+the pipeline engine, whose requests then replay their token history on the new chain.
+Nothing is recomputed from a node's own view: every node receives the same plan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from butterfly.cluster.stage_server import StagePlan
+from butterfly.metrics.events import Emit, NodeFailure
+from butterfly.types.errors import ButterflyError
+from butterfly.types.ids import NodeId
+
+log = logging.getLogger(__name__)
+
+
+class Recovery:
+    def __init__(
+        self,
+        *,
+        members: list[NodeId],
+        status: Callable[[NodeId], str],
+        current_plan: Callable[[], StagePlan | None],
+        replan: Callable[[int, list[NodeId]], Awaitable[None]],
+        on_replanned: Callable[[], None],
+        emit: Emit,
+    ) -> None:
+        self._members, self._status, self._current = members, status, current_plan
+        self._replan, self._on_replanned, self._emit = replan, on_replanned, emit
+        self._wake = asyncio.Event()
+        self.failed: set[NodeId] = set()
+        self.recoveries: list[float] = []  # seconds from noticing to the new plan in force
+
+    def notify(self, node: NodeId, status: str) -> None:
+        """Membership calls this on every status change."""
+        if status == "failed":
+            self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            plan = self._current()
+            if plan is None:
+                continue
+            newly = [n for n in plan.nodes if self._status(n) == "failed"]
+            if not newly:
+                continue
+            for n in newly:
+                if n not in self.failed:
+                    self.failed.add(n)
+                    self._emit(NodeFailure(node=n))
+            alive = [n for n in self._members if self._status(n) != "failed"]
+            started = time.perf_counter()
+            log.warning(
+                "nodes %s failed; re-planning epoch %d over %s", newly, plan.epoch + 1, alive
+            )
+            try:
+                await self._replan(plan.epoch + 1, alive)
+            except ButterflyError as e:
+                log.error("re-planning after %s failed: %s; retrying", newly, e)
+                await asyncio.sleep(0.5)
+                self._wake.set()
+                continue
+            self.recoveries.append(time.perf_counter() - started)
+            self._on_replanned()

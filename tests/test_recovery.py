@@ -1,0 +1,74 @@
+"""Crash faults in a live cluster: kill -9 a stage node at a random token position.
+
+The request must finish with exactly the tokens the unsplit model gives, whatever the
+position of the kill (before the first token, i.e. during prefill, or while decoding).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from butterfly.runtime.generate import generate
+from butterfly.runtime.loader import load_stage
+from butterfly.runtime.tokenizer import TextCodec
+from tests.cluster_util import running_cluster
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
+PROMPTS = ["Butterfly", "a b c d e f", "0123456789", "pipelines", "zz", "Once upon a time"]
+NEW = 300
+
+
+def reference(model: Path, prompt: str) -> list[int]:
+    codec = TextCodec.load(model)
+    return list(generate([load_stage(model)], codec.encode(prompt), NEW, stop_ids=codec.eos_ids))
+
+
+def wait_for_tokens(url: str, task: str, at_least: int, timeout_s: float = 30) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = httpx.get(f"{url}/status/{task}", timeout=10).json()
+        if status.get("tokens_generated", 0) >= at_least or status["status"] in (
+            "completed",
+            "failed",
+            "cancelled",
+        ):
+            return status
+        time.sleep(0.005)
+    raise TimeoutError(f"task {task} did not reach {at_least} tokens")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kill_nodes_at_random_positions(tiny_model: Path, tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    victims = rng.sample([1, 2, 3], 3)
+    with running_cluster(tiny_model, 4, tmp_path) as cluster:
+        for round_, victim in enumerate(victims):
+            prompt = PROMPTS[(seed * 3 + round_) % len(PROMPTS)]
+            expected = reference(tiny_model, prompt)
+            kill_at = 0 if round_ == 0 else rng.randrange(1, NEW // 2)
+            r = httpx.post(
+                f"{cluster.api_url}/inference",
+                json={"prompt": prompt, "max_new_tokens": NEW},
+                timeout=30,
+            )
+            assert r.status_code == 202, r.text
+            task = r.json()["task_id"]
+            status = wait_for_tokens(cluster.api_url, task, kill_at) if kill_at else {}
+            cluster.kill(victim)
+            r = httpx.get(f"{cluster.api_url}/result/{task}", params={"wait": 120}, timeout=180)
+            assert r.status_code == 200, r.text
+            result = r.json()
+            assert result["output_ids"] == expected, f"seed {seed}, kill of {victim} at {kill_at}"
+            if status.get("status") == "computing":
+                assert result["timings"].get("recoveries", 0) >= 1, "the kill was not noticed"
+            used = {s["node"] for s in result["stages"]}
+            assert victim not in used
+            # the survivors keep serving
+            assert httpx.get(f"{cluster.api_url}/health", timeout=10).json()["epoch"] >= 2
+            if round_ == len(victims) - 1:
+                assert used == {0}
