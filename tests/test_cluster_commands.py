@@ -23,8 +23,8 @@ from butterfly.config import load_config
 from butterfly.types.errors import ConfigError
 
 EXAMPLES = (
-    ConfigUpdate(b'{"kind":"update"}', 3, (0, 1, 2), (2, 2, 1), (b"a" * 64, b"b" * 64, b"")),
-    ConfigAbort("ab" * 32),
+    ConfigUpdate(b'{"kind":"update"}', 3, 77, (0, 1, 2), (2, 2, 1), (b"a" * 64, b"b" * 64, b"")),
+    ConfigAbort("ab" * 32, 77),
     EvictNode(2, "two signed proofs disagree"),
     NewPlan(4, (0, 0, 2, 1, 2, 4)),
 )

@@ -186,7 +186,7 @@ class AgreementDriver:
             self._key,
         )
         key = (self.me, self._last_ts)
-        done = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._waiters[key] = done
         try:
             self._route([Send(None, request)])

@@ -44,11 +44,13 @@ class ConfigUpdate:
     `vote_nodes`, `vote_seqs` and `vote_signatures` are the 2f+1 signed PREPARE OKs (node,
     the last config seq it had applied, its signature); `seq` must be one more than the
     highest of those, so every node activates the change at the same config sequence.
+    `nonce` names this attempt, so an abort cancels it and not a later retry.
     """
 
     tag: ClassVar[str] = "config_update"
     proposal: bytes
     seq: int
+    nonce: int
     vote_nodes: tuple[int, ...]
     vote_seqs: tuple[int, ...]
     vote_signatures: tuple[bytes, ...]
@@ -56,10 +58,12 @@ class ConfigUpdate:
 
 @dataclass(frozen=True, slots=True)
 class ConfigAbort:
-    """Roll back a proposal (by digest) whose commit timed out, unless it already applied."""
+    """Roll back an update attempt whose commit timed out, unless it already applied: of the
+    two, whichever the agreement orders first decides, on every node alike."""
 
     tag: ClassVar[str] = "config_abort"
     digest: str
+    nonce: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,11 +18,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from butterfly.config.fields import field_specs
+from butterfly.config.fields import config_leaves, field_specs
 from butterfly.config.issues import UpdateRefused
 from butterfly.config.loader import apply_patch
-from butterfly.config.schema import ButterflyConfig, Mutability
-from butterfly.config.versions import Change, canonical_json, cluster_hash, diff_configs
+from butterfly.config.schema import ButterflyConfig, Mutability, Scope
+from butterfly.config.versions import (
+    Change,
+    ConfigHistory,
+    canonical_json,
+    cluster_hash,
+    diff_configs,
+)
 
 Kind = Literal["update", "rollback"]
 
@@ -128,6 +134,26 @@ def propose_update(
 ) -> Proposal:
     """PROPOSE: validate `patch` against `current` and package it for agreement."""
     return propose_change(current, apply_patch(current, patch, "proposal"), reason=reason)
+
+
+def resume_committed(cfg: ButterflyConfig, history: ConfigHistory) -> ButterflyConfig:
+    """`cfg` (as loaded from files) with the dynamic-consensus values the cluster last agreed
+    on here, so a restarted node resumes where it stopped instead of where its file was.
+
+    Only agreed values come back: node-local and static options stay as the files say
+    (a static difference then shows as a cluster hash mismatch, which needs a restart).
+    """
+    latest = history.latest_committed()
+    if latest is None:
+        return cfg
+    specs = field_specs()
+    agreed = config_leaves(history.config_at(latest.version))
+    values = {
+        k: v
+        for k, v in agreed.items()
+        if specs[k].mutability is Mutability.DYNAMIC_CONSENSUS and specs[k].scope is Scope.CLUSTER
+    }
+    return apply_patch(cfg, values, f"history version {latest.version}")
 
 
 def check_proposal(current: ButterflyConfig, proposal: Proposal) -> ButterflyConfig:

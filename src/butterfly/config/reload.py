@@ -165,14 +165,14 @@ class ConfigManager:
         restarts, since the rest of the cluster has moved on.
         """
         with self._lock:
-            done = self._history.by_cluster_seq(seq)
-            if done is not None:
+            last = self._history.last_cluster_seq()
+            if seq <= last:
+                done = self._history.by_cluster_seq(seq)
+                if done is None:
+                    raise UpdateRefused(f"sequence {seq} arrived after {last}; apply in order")
                 if done.cluster_hash == proposal.new_cluster_hash:
                     return UpdateResult(self._record.version, self._record.config_hash, (), None)
                 raise UpdateRefused(f"sequence {seq} was applied here with another config; sync")
-            last = self._history.last_cluster_seq()
-            if seq <= last:
-                raise UpdateRefused(f"sequence {seq} arrived after {last}; apply in order")
             candidate = check_proposal(self._config, proposal)
             changes = diff_configs(self._config, candidate)
             reason = f"{proposal.kind} {proposal.digest[:12]} {proposal.reason}".strip()

@@ -9,7 +9,9 @@ whitespace), so they do not depend on key order, field order or the file they ca
 History is an SQLite file in the node's data directory (stdlib sqlite3, one connection
 guarded by a lock, since the file watcher thread and the node both record versions).
 Versions number 1, 2, 3 locally; versions that came from a committed cluster-wide update
-also keep the agreed sequence number, which a returning node uses to catch up.
+also keep the agreed config sequence number, which a returning node uses to catch up.
+The newest version that has one is the node's position (`last_cluster_seq`); a `sync` may
+move it back to the cluster's, so an old number can appear twice in one history.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ CREATE TABLE IF NOT EXISTS versions (
     version      INTEGER PRIMARY KEY,
     config_hash  TEXT NOT NULL,
     cluster_hash TEXT NOT NULL,
-    cluster_seq  INTEGER UNIQUE,
+    cluster_seq  INTEGER,
     created_at   REAL NOT NULL,
     source       TEXT NOT NULL,
     reason       TEXT NOT NULL,
@@ -93,6 +95,18 @@ CREATE TABLE IF NOT EXISTS versions (
 )
 """
 _COLUMNS = "version, config_hash, cluster_hash, cluster_seq, created_at, source, reason"
+
+
+def _drop_unique_seq(db: sqlite3.Connection) -> None:
+    """Histories written before `sync` could move a node back kept cluster_seq UNIQUE;
+    copy them into the current table shape once."""
+    (sql,) = db.execute("SELECT sql FROM sqlite_master WHERE name = 'versions'").fetchone()
+    if "UNIQUE" not in sql:
+        return
+    db.execute(_SCHEMA.replace("versions", "versions_new", 1))
+    db.execute("INSERT INTO versions_new SELECT * FROM versions")
+    db.execute("DROP TABLE versions")
+    db.execute("ALTER TABLE versions_new RENAME TO versions")
 
 
 class ConfigHistory:
@@ -111,6 +125,7 @@ class ConfigHistory:
             self._db.execute("PRAGMA synchronous=NORMAL")
             with self._db:
                 self._db.execute(_SCHEMA)
+                _drop_unique_seq(self._db)
         except sqlite3.Error as e:
             raise ConfigError(f"cannot open config history {self.path}: {e}") from None
 
@@ -198,13 +213,25 @@ class ConfigHistory:
             ) from None
 
     def by_cluster_seq(self, seq: int) -> VersionRecord | None:
-        rows = self._rows(f"SELECT {_COLUMNS} FROM versions WHERE cluster_seq = ?", (seq,))
+        """The newest version recorded at agreed sequence number `seq`."""
+        rows = self._rows(
+            f"SELECT {_COLUMNS} FROM versions WHERE cluster_seq = ? ORDER BY version DESC LIMIT 1",
+            (seq,),
+        )
+        return VersionRecord(*rows[0]) if rows else None
+
+    def latest_committed(self) -> VersionRecord | None:
+        """The newest version that came from the cluster (a commit or a sync)."""
+        rows = self._rows(
+            f"SELECT {_COLUMNS} FROM versions WHERE cluster_seq IS NOT NULL"
+            " ORDER BY version DESC LIMIT 1"
+        )
         return VersionRecord(*rows[0]) if rows else None
 
     def last_cluster_seq(self) -> int:
-        """Highest agreed sequence number applied here; 0 before any."""
-        ((seq,),) = self._rows("SELECT COALESCE(MAX(cluster_seq), 0) FROM versions")
-        return int(seq)
+        """Agreed sequence number of the newest cluster version here; 0 before any."""
+        latest = self.latest_committed()
+        return 0 if latest is None or latest.cluster_seq is None else latest.cluster_seq
 
     def diff(self, a: int, b: int) -> tuple[Change, ...]:
         return diff_configs(self.config_at(a), self.config_at(b))

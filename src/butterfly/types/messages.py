@@ -178,7 +178,8 @@ class ConfigStatusQuery:
 @dataclass(frozen=True, slots=True)
 class ConfigStatus:
     """A node's config position (payload: cluster-scoped values as canonical JSON, when
-    asked). `error` says why the last agreed change failed here, "" if it did not."""
+    asked). `error` says why the agreed change at `failed_seq` failed here ("" and 0 when
+    none did), so the gateway can tell a diverged node from a slow one."""
 
     kind: ClassVar[str] = "config_status"
     node: int
@@ -187,6 +188,7 @@ class ConfigStatus:
     cluster_hash: str
     seq: int
     error: str
+    failed_seq: int
 
 
 @dataclass(frozen=True, slots=True)

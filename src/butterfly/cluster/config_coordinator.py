@@ -1,0 +1,397 @@
+"""The gateway's side of cluster-wide config: PROPOSE, collect PREPAREs, COMMIT, FINALIZE.
+
+A change that touches dynamic-consensus keys goes through every node before anything
+applies anywhere: the gateway asks each node to PREPARE (validate, ask its subscribers)
+and waits for every node it believes alive. One REJECT, or fewer than 2f+1 OKs in time,
+ends it there: nothing was applied, and the error names the node and its reason. With
+2f+1 signed OKs the gateway orders a `ConfigUpdate` through PBFT; every node applies it
+when the agreement executes it, at the config sequence number the command carries, never
+at a wall-clock time. If ordering times out, the gateway orders a `ConfigAbort` for that
+attempt: whichever of the two executes first decides, identically on every node, so a
+timeout never leaves the cluster split. Dynamic-local keys in the same patch apply on
+the gateway only, and only after the cluster part committed.
+
+Node positions (config version, cluster hash, config seq) are polled into a cache for
+`/health`, which flags nodes whose cluster hash differs from the majority's; `sync` asks
+those nodes to adopt what f+1 peers agree on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from butterfly.cluster.commands import ConfigAbort, ConfigUpdate, encode_command
+from butterfly.cluster.config_replica import Applied, ConfigReplica, NotApplied
+from butterfly.cluster.config_votes import valid_vote
+from butterfly.config import ButterflyConfig, Proposal, UpdateRefused, apply_patch
+from butterfly.config.proposal import Kind, classify, propose_change, restart_required
+from butterfly.config.versions import Change, canonical_json, diff_configs
+from butterfly.net.transport import Transport
+from butterfly.protocol.quorum import quorum
+from butterfly.types.errors import ButterflyError, ConfigError, ConsensusTimeout
+from butterfly.types.ids import NodeId
+from butterfly.types.messages import (
+    ConfigPrepare,
+    ConfigStatus,
+    ConfigStatusQuery,
+    ConfigSync,
+    ConfigVote,
+)
+
+log = logging.getLogger(__name__)
+
+Propose = Callable[[bytes, float], Awaitable[int]]
+"""Order a command; returns its agreement sequence number (`AgreementDriver.propose`)."""
+QUERY_TIMEOUT_S = 1.0
+FINALIZE_S = 2.0
+MONITOR_INTERVAL_S = 1.0
+
+
+class ConfigRejected(UpdateRefused):
+    """A node voted REJECT in PREPARE: nothing was applied anywhere."""
+
+    def __init__(self, node: NodeId, reason: str) -> None:
+        super().__init__(f"node {node} rejected the change: {reason}")
+        self.node, self.reason = node, reason
+
+
+class ConfigTimeout(ConfigError):
+    """The change was not agreed in time; the message says whether it was rolled back."""
+
+    retriable = True
+    fatal = False
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """One node's config position as the gateway last saw it (`reachable=False`: no answer)."""
+
+    node: int
+    reachable: bool
+    version: int = 0
+    config_hash: str = ""
+    cluster_hash: str = ""
+    seq: int = 0
+    error: str = ""
+    failed_seq: int = 0
+
+
+@dataclass(frozen=True)
+class ChangeResult:
+    """What a change did: `seq` 0 when it was node-local only; `nodes` from FINALIZE."""
+
+    seq: int
+    version: int
+    config_hash: str
+    cluster_hash: str
+    changes: tuple[Change, ...]
+    nodes: Mapping[int, str] = field(default_factory=dict)
+
+
+def majority_hash(statuses: list[NodeConfig], fallback: str) -> str:
+    """The cluster hash most reachable nodes report; the gateway's own breaks a tie."""
+    counts = Counter(s.cluster_hash for s in statuses if s.reachable)
+    if not counts:
+        return fallback
+    best = max(counts.values())
+    leaders = [h for h, c in counts.items() if c == best]
+    return fallback if fallback in leaders else min(leaders)
+
+
+class ConfigCoordinator:
+    def __init__(
+        self,
+        *,
+        replica: ConfigReplica,
+        transport: Transport,
+        propose: Propose,
+        members: tuple[NodeId, ...],
+        f: int,
+        live: Callable[[NodeId], bool],
+        timeout_s: float,
+    ) -> None:
+        self.replica, self._transport, self._propose = replica, transport, propose
+        self._members, self._f, self._live, self._timeout = members, f, live, timeout_s
+        self.me = replica.node
+        self._peers = tuple(n for n in members if n != self.me)
+        self.statuses: list[NodeConfig] = []  # the monitor's latest poll
+
+    # --- changes ------------------------------------------------------------------------
+
+    async def update(self, patch: Mapping[str, Any], *, reason: str = "") -> ChangeResult:
+        """Apply dotted or nested `patch`: cluster-wide keys by agreement, local ones here."""
+        current = self.replica.manager.current
+        target = apply_patch(current, patch, "api")
+        return await self._change(current, target, "update", reason or "api update")
+
+    async def rollback(self, version: int, *, reason: str = "") -> ChangeResult:
+        """Go back to this gateway's history `version`, as a new agreed version."""
+        manager = self.replica.manager
+        target = manager.history.config_at(version)
+        why = reason or f"rollback to version {version}"
+        return await self._change(manager.current, target, "rollback", why)
+
+    async def _change(
+        self, current: ButterflyConfig, target: ButterflyConfig, kind: Kind, reason: str
+    ) -> ChangeResult:
+        parts = classify(diff_configs(current, target))
+        if parts.static:
+            raise restart_required(parts.static)
+        if not parts.consensus and not parts.local:
+            raise UpdateRefused("the change does nothing: every value is already in force")
+        result: ChangeResult | None = None
+        if parts.consensus:
+            agreed = apply_patch(current, {c.key: c.new for c in parts.consensus}, "api")
+            result = await self._agree(propose_change(current, agreed, kind=kind, reason=reason))
+        if parts.local:
+            local = self.replica.manager.update(
+                {c.key: c.new for c in parts.local}, source=f"api {kind}"
+            )
+            rec = self.replica.manager.record
+            result = ChangeResult(
+                result.seq if result else 0,
+                local.version,
+                rec.config_hash,
+                rec.cluster_hash,
+                (result.changes if result else ()) + local.applied,
+                result.nodes if result else {int(self.me): "applied"},
+            )
+        if result is None:  # unreachable: one of the two branches ran
+            raise UpdateRefused("the change does nothing")
+        return result
+
+    async def _agree(self, proposal: Proposal) -> ChangeResult:
+        started = time.monotonic()
+        deadline = started + self._timeout
+        body = canonical_json(proposal.to_wire())
+        digest = proposal.digest
+        votes = await self._prepare(digest, body, deadline)
+        nonce = secrets.randbits(62)
+        update = ConfigUpdate(
+            proposal=body,
+            seq=max(v.last_seq for v in votes) + 1,
+            nonce=nonce,
+            vote_nodes=tuple(v.node for v in votes),
+            vote_seqs=tuple(v.last_seq for v in votes),
+            vote_signatures=tuple(v.signature for v in votes),
+        )
+        outcome = self.replica.expect(nonce)
+        try:
+            await self._order(update, digest, deadline)
+            result = outcome.result()
+        finally:
+            self.replica.forget(nonce)
+        if isinstance(result, NotApplied):
+            if result.aborted:
+                raise ConfigTimeout(
+                    f"not committed within {self._timeout:.1f} s; rolled back on every node"
+                )
+            raise UpdateRefused(f"the cluster did not apply the change: {result.reason}")
+        nodes = await self._finalize(result, deadline + FINALIZE_S)
+        log.info(
+            "config seq %d committed in %.1f ms: %s",
+            result.seq,
+            (time.monotonic() - started) * 1000,
+            proposal.keys,
+        )
+        return ChangeResult(
+            result.seq, result.version, result.config_hash, result.cluster_hash,
+            result.changes, nodes,
+        )  # fmt: skip
+
+    async def _prepare(self, digest: str, body: bytes, deadline: float) -> list[ConfigVote]:
+        """PREPARE on every node; the OK votes, or why the change stops here."""
+        mine = self.replica.vote(digest, body)
+        if not mine.ok:
+            raise ConfigRejected(self.me, mine.reason)
+        keys = self.replica.keys
+        asks = {
+            asyncio.create_task(self._ask_vote(peer, digest, body, deadline)): peer
+            for peer in self._peers
+        }
+        oks: list[ConfigVote] = [mine]
+        silent: list[NodeId] = []
+        try:
+            pending = set(asks)
+            while pending:
+                wait = deadline - time.monotonic()
+                if wait <= 0:
+                    break
+                done, pending = await asyncio.wait(
+                    pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in done:
+                    vote = task.result()
+                    if vote is None:
+                        silent.append(asks[task])
+                    elif not vote.ok:
+                        raise ConfigRejected(asks[task], vote.reason)
+                    elif valid_vote(vote, digest, keys) and vote.node == asks[task]:
+                        oks.append(vote)
+                    else:
+                        silent.append(asks[task])  # a forged or misdirected OK counts as none
+                waiting = [asks[t] for t in pending]
+                if len(oks) >= quorum(self._f) and not any(self._live(p) for p in waiting):
+                    break  # everyone alive has answered
+        finally:
+            for task in asks:
+                task.cancel()
+        if len(oks) < quorum(self._f):
+            raise ConfigTimeout(
+                f"only {len(oks)} of {len(self._members)} nodes voted OK in time "
+                f"({quorum(self._f)} needed; no answer from {sorted(map(int, silent))}); "
+                "nothing was applied"
+            )
+        return oks
+
+    async def _ask_vote(
+        self, peer: NodeId, digest: str, body: bytes, deadline: float
+    ) -> ConfigVote | None:
+        try:
+            env = await self._transport.request(
+                peer,
+                ConfigPrepare(digest),
+                body,
+                timeout=max(0.01, deadline - time.monotonic()),
+                channel="control",
+            )
+        except ButterflyError as e:
+            log.info("node %s did not vote on config %s: %s", peer, digest[:12], e)
+            return None
+        return env.msg if isinstance(env.msg, ConfigVote) else None
+
+    async def _order(self, update: ConfigUpdate, digest: str, deadline: float) -> None:
+        """COMMIT through PBFT; on a timeout, order the abort so the outcome is the same
+        everywhere (the update may still have won the race: then it stands)."""
+        try:
+            await self._propose(encode_command(update), max(0.01, deadline - time.monotonic()))
+            return
+        except ConsensusTimeout:
+            log.warning("config %s not committed in time; ordering its abort", digest[:12])
+        try:
+            await self._propose(encode_command(ConfigAbort(digest, update.nonce)), self._timeout)
+        except ConsensusTimeout:
+            raise ConfigTimeout(
+                f"not committed within {self._timeout:.1f} s and the rollback could not be "
+                "ordered either (no quorum): the change applies everywhere or nowhere once "
+                "the cluster recovers; see GET /api/v1/config"
+            ) from None
+
+    async def _finalize(self, result: Applied, deadline: float) -> dict[int, str]:
+        """FINALIZE: which nodes report the new cluster hash (polled until `deadline`)."""
+        nodes = {int(self.me): "applied"}
+        todo = set(self._peers)
+        while todo:
+            statuses = await asyncio.gather(*(self._status(p) for p in sorted(todo)))
+            for s in statuses:
+                if s.reachable and s.failed_seq >= result.seq:
+                    nodes[s.node] = f"diverged: {s.error}"
+                    todo.discard(NodeId(s.node))
+                elif s.reachable and s.seq >= result.seq:
+                    at_target = s.cluster_hash == result.cluster_hash or s.seq > result.seq
+                    nodes[s.node] = "applied" if at_target else f"diverged: {s.error}"
+                    todo.discard(NodeId(s.node))
+                elif not s.reachable and not self._live(NodeId(s.node)):
+                    nodes[s.node] = "unreachable"
+                    todo.discard(NodeId(s.node))
+                else:
+                    nodes[s.node] = "behind" if s.reachable else "unreachable"
+            if not todo or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.005)
+        return dict(sorted(nodes.items()))
+
+    # --- status, health, sync ---------------------------------------------------------
+
+    async def _status(self, peer: NodeId, values: bool = False) -> NodeConfig:
+        if peer == self.me:
+            s = self.replica.status()[0]
+        else:
+            try:
+                env = await self._transport.request(
+                    peer, ConfigStatusQuery(values), timeout=QUERY_TIMEOUT_S, channel="control"
+                )
+            except ButterflyError:
+                return NodeConfig(int(peer), False)
+            if not isinstance(env.msg, ConfigStatus):
+                return NodeConfig(int(peer), False)
+            s = env.msg
+        return NodeConfig(
+            s.node, True, s.version, s.config_hash, s.cluster_hash, s.seq, s.error, s.failed_seq
+        )
+
+    async def cluster_status(self) -> list[NodeConfig]:
+        self.statuses = list(await asyncio.gather(*(self._status(n) for n in self._members)))
+        return self.statuses
+
+    def reference_hash(self, statuses: list[NodeConfig]) -> str:
+        return majority_hash(statuses, self.replica.manager.record.cluster_hash)
+
+    def health(self) -> dict[str, Any]:
+        """For `/health`: whether every reachable node runs the majority's cluster config."""
+        ref = self.reference_hash(self.statuses)
+        diverged = [s.node for s in self.statuses if s.reachable and s.cluster_hash != ref]
+        errors = {s.node: s.error for s in self.statuses if s.error}
+        return {
+            "in_sync": not diverged,
+            "cluster_hash": ref,
+            "diverged": diverged,
+            "errors": errors,
+        }
+
+    async def monitor(self) -> None:
+        """Keep `statuses` fresh for `/health`, until cancelled."""
+        while True:
+            with contextlib.suppress(ButterflyError):
+                await self.cluster_status()
+            await asyncio.sleep(MONITOR_INTERVAL_S)
+
+    async def sync(self) -> dict[int, str]:
+        """Ask every node off the majority's cluster hash to adopt what f+1 peers agree on."""
+        statuses = await self.cluster_status()
+        ref = self.reference_hash(statuses)
+        report: dict[int, str] = {}
+        for s in statuses:
+            if not s.reachable:
+                report[s.node] = "unreachable"
+            elif s.cluster_hash == ref and not s.error:
+                report[s.node] = "in sync"
+            else:
+                report[s.node] = await self._sync_one(NodeId(s.node), ref)
+        await self.cluster_status()
+        return report
+
+    async def _sync_one(self, node: NodeId, ref: str) -> str:
+        if node == self.me:
+            after = await self.replica.sync()
+        else:
+            try:
+                env = await self._transport.request(
+                    node, ConfigSync(), timeout=3 * QUERY_TIMEOUT_S, channel="control"
+                )
+            except ButterflyError as e:
+                return f"failed: {e}"
+            if not isinstance(env.msg, ConfigStatus):
+                return f"failed: answered {env.msg.kind}"
+            after = env.msg
+        if after.error:
+            return f"failed: {after.error}"
+        return "synced" if after.cluster_hash == ref else "synced to its peers' config"
+
+
+__all__ = [
+    "ChangeResult",
+    "ConfigCoordinator",
+    "ConfigRejected",
+    "ConfigTimeout",
+    "NodeConfig",
+    "majority_hash",
+]
