@@ -11,6 +11,7 @@ import asyncio
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -18,11 +19,21 @@ import uvicorn
 
 from butterfly.api.app import create_app
 from butterfly.api.settings import ApiSettings
+from butterfly.cluster.commands import (
+    ConfigAbort,
+    ConfigUpdate,
+    EvictNode,
+    InvalidCommand,
+    NewPlan,
+    decode_command,
+)
 from butterfly.cluster.membership import Membership
+from butterfly.cluster.node_agreement import build_agreement, open_config
 from butterfly.cluster.pipeline import PipelineEngine
 from butterfly.cluster.planner import decide_plan, distribute_plan, gather_status
 from butterfly.cluster.stage_server import Outbound, StageServer
 from butterfly.config import ButterflyConfig
+from butterfly.config.reload import Subscriber
 from butterfly.metrics.events import MessageDropped
 from butterfly.metrics.prometheus import Metrics
 from butterfly.net.framing import Envelope
@@ -37,6 +48,10 @@ from butterfly.schedule.scheduler import Scheduler
 from butterfly.schedule.store import TaskStore
 from butterfly.types.ids import NodeId
 from butterfly.types.messages import (
+    AgreementFrame,
+    ConfigPrepare,
+    ConfigStatusQuery,
+    ConfigSync,
     Heartbeat,
     Message,
     PlanAssign,
@@ -71,6 +86,8 @@ class Node:
     """One running node: its parts, its dispatcher, and (on node 0) the gateway."""
 
     def __init__(self, cfg: ButterflyConfig, model_dir: Path) -> None:
+        self.config = open_config(cfg)  # every part below sees the values last agreed on
+        cfg = self.config.current
         self.cfg, self.id, self.model_dir = cfg, NodeId(cfg.node.id), model_dir
         self.members = {NodeId(i): a for i, a in enumerate(cfg.cluster.members)} or {
             self.id: cfg.node.listen
@@ -118,6 +135,15 @@ class Node:
             step_timeout_s=cfg.network.step_timeout_ms / 1000,
             max_tensor_bytes=cfg.network.max_frame_bytes,
         )
+        agreed = build_agreement(
+            manager=self.config,
+            transport=self.transport,
+            on_commit=self._on_commit,
+            emit=self.metrics.emit,
+            live=lambda n: self.membership.status(n) in ("starting", "healthy"),
+        )
+        self.agreement, self.config_replica = agreed.driver, agreed.replica
+        self.config_coordinator = agreed.coordinator
 
     def _local_state(self) -> tuple[tuple[int, ...], int]:
         plan = self.stage_server.plan
@@ -133,6 +159,20 @@ class Node:
             await self.handle(env)
         else:
             await self.transport.send(peer, msg, payload)
+
+    async def _on_commit(self, seq: int, data: bytes) -> None:
+        """Every command the cluster agreed on, in agreement order, on every node."""
+        try:
+            command = decode_command(data)
+        except InvalidCommand as e:
+            self.metrics.emit(MessageDropped(reason="invalid_command"))
+            log.warning("agreed operation %d is not a command; every node skips it: %s", seq, e)
+            return
+        match command:
+            case ConfigUpdate() | ConfigAbort():
+                self.config_replica.execute(command)
+            case EvictNode() | NewPlan():
+                log.info("agreed %s at %d; membership follows the gateway's plan", command.tag, seq)
 
     async def handle(self, env: Envelope) -> tuple[Message, bytes] | None:
         """Every incoming frame ends here, matched on its type."""
@@ -166,6 +206,10 @@ class Node:
                     self.cfg.resources.memory_limit_bytes,
                 )
                 return reply, b""
+            case AgreementFrame():
+                await self.agreement.on_frame(env)
+            case ConfigPrepare() | ConfigStatusQuery() | ConfigSync():
+                return await self.config_replica.on_message(env)
             case _:
                 self.metrics.emit(MessageDropped(reason=f"unexpected_{msg.kind}"))
         return None
@@ -203,6 +247,7 @@ class Node:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.membership.run())
+                tg.create_task(self.agreement.run())
                 if self.id == GATEWAY:
                     tg.create_task(self._gateway(stop))
                 await stop.wait()
@@ -212,6 +257,7 @@ class Node:
         finally:
             await self.transport.close()
             self.stage_server.close()
+            self.config.history.close()
 
     async def _gateway(self, stop: asyncio.Event) -> None:
         """Node 0: decide and distribute the plan, then serve the API."""
@@ -258,6 +304,7 @@ class Node:
             metrics=self.metrics,
             model_name=self.model_dir.name,
             settings=settings,
+            config=self.config_coordinator,
         )
         server = uvicorn.Server(
             uvicorn.Config(app, host=a.host, port=a.port, log_level="warning", lifespan="off")
@@ -266,6 +313,7 @@ class Node:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(scheduler.run())
                 tg.create_task(self.engine.serve_batches())
+                tg.create_task(self.config_coordinator.monitor())
                 tg.create_task(server.serve())
                 await stop.wait()
                 server.should_exit = True
@@ -274,12 +322,26 @@ class Node:
             store.close()
 
 
+def _set_log_level(old: ButterflyConfig, new: ButterflyConfig) -> None:
+    if old.observability.log_level != new.observability.log_level:
+        logging.getLogger().setLevel(new.observability.log_level.upper())
+
+
 class _Stop(Exception):
     """Unwinds the node's task group when it is asked to stop."""
 
 
-def run(cfg: ButterflyConfig, model_dir: Path) -> int:
-    """Run a node in the foreground until SIGINT/SIGTERM; returns the exit code."""
+def run(
+    cfg: ButterflyConfig,
+    model_dir: Path,
+    *,
+    subscribers: Sequence[tuple[str, Subscriber, Subscriber | None]] = (),
+) -> int:
+    """Run a node in the foreground until SIGINT/SIGTERM; returns the exit code.
+
+    `subscribers` are extra components' (name, on_change, check) for config changes;
+    `butterfly.testing.config_faults` composes a node that refuses a value this way.
+    """
     import signal
 
     if cfg.resources.threads:
@@ -295,6 +357,9 @@ def run(cfg: ButterflyConfig, model_dir: Path) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         node = Node(cfg, model_dir)
+        node.config.subscribe("logging", _set_log_level)  # hot: no restart for the level
+        for name, on_change, check in subscribers:
+            node.config.subscribe(name, on_change, check=check)
         await node.serve(stop)
 
     asyncio.run(main())

@@ -16,11 +16,12 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from butterfly.api import errors, openai
+from butterfly.api import config_routes, errors, openai
 from butterfly.api.gateway import Gateway, accepted_body, status_body
 from butterfly.api.guards import BearerAuth, RateLimiter
 from butterfly.api.requests import InferenceRequest, parse
 from butterfly.api.settings import ApiSettings
+from butterfly.cluster.config_coordinator import ConfigCoordinator
 from butterfly.metrics.prometheus import CONTENT_TYPE, Metrics
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.schedule.engine import ClusterHealth, Engine
@@ -38,6 +39,7 @@ def create_app(
     metrics: Metrics,
     model_name: str,
     settings: ApiSettings,
+    config: ConfigCoordinator | None = None,
 ) -> FastAPI:
     gw = Gateway(scheduler, engine, codec, settings, model_name)
     auth = Depends(BearerAuth(settings.api_tokens))
@@ -77,6 +79,9 @@ def create_app(
     @app.get("/health")
     async def health() -> JSONResponse:
         body = health_body(engine.health(), scheduler)
+        if config is not None:  # flagged, not unhealthy: a diverged node still computes
+            body["config"] = config.health()
+            body["services"]["config"] = "ok" if body["config"]["in_sync"] else "diverged"
         return JSONResponse(body, status_code=200 if body["healthy"] else 503)
 
     @app.get("/metrics")
@@ -84,6 +89,10 @@ def create_app(
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     app.include_router(openai.router(gw, limited))
+    if config is not None:
+        app.include_router(
+            config_routes.router(config, auth=auth, max_request_bytes=settings.max_request_bytes)
+        )
     return app
 
 

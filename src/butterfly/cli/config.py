@@ -1,8 +1,10 @@
 """`butterfly config ...`: check, show, document and change this node's configuration.
 
-Everything here works on local files and the node's history database, without a running
-cluster. Changes that need cluster agreement are applied only when the cluster is this
-one node (a quorum of one); otherwise they are refused before anything changes.
+Without `--url` everything here works on local files and the node's history database,
+without a running cluster; changes that need cluster agreement are then applied only when
+the cluster is this one node (a quorum of one), otherwise refused before anything changes.
+With `--url` (`show`, `update`, `rollback`, `sync`) they go to a running cluster's gateway
+(see `config_remote`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from butterfly.cli import config_remote as remote
 from butterfly.cli.paths import data_dir as default_data_dir
 from butterfly.config import (
     ButterflyConfig,
@@ -53,7 +56,16 @@ DataDirOpt = Annotated[
     typer.Option("--data-dir", help="Where the history lives (default: node.data_dir)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+UrlOpt = Annotated[
+    str | None,
+    typer.Option("--url", help="Gateway URL: act on the running cluster, not local files."),
+]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option("--token", envvar="BUTTERFLY_API_TOKEN", help="Bearer token for --url."),
+]
 REDACTED = "<redacted>"
+DEFAULT_URL = "http://127.0.0.1:8080"
 
 
 def _fail(e: Exception) -> typer.Exit:
@@ -100,8 +112,12 @@ def show(
     hash_: Annotated[bool, typer.Option("--hash", help="Print only the hashes.")] = False,
     json_out: JsonOpt = False,
     secrets: Annotated[bool, typer.Option("--secrets", help="Show api.tokens.")] = False,
+    url: UrlOpt = None,
 ) -> None:
     """Print the effective config (TOML by default); --hash compares nodes."""
+    if url is not None:
+        remote.show(url, hash_only=hash_, json_out=json_out)
+        return
     try:
         cfg = _load(config, set_)
     except ButterflyError as e:
@@ -214,10 +230,16 @@ def update(
     file: Annotated[Path, typer.Option("--file", "-f", help="The new config file.")],
     set_: SetOpt = None,
     data_dir: DataDirOpt = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
 ) -> None:
-    """Move this node to the config in FILE; static options are refused."""
+    """Move this node (or with --url the cluster) to the config in FILE; static options
+    are refused."""
     try:
         target = _load([file], set_)
+        if url is not None:
+            remote.update(url, target, token=token, reason=f"config update --file {file.name}")
+            return
         with _history([file], data_dir) as h:
             latest = h.latest()
             if latest is None:
@@ -235,8 +257,14 @@ def rollback(
     version: Annotated[int, typer.Option("--version", "-v", help="Version to go back to.")],
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
 ) -> None:
-    """Return to an earlier version's settings, recorded as a new version."""
+    """Return to an earlier version's settings, recorded as a new version (with --url: the
+    gateway's version, agreed by the whole cluster)."""
+    if url is not None:
+        remote.rollback(url, version, token=token)
+        return
     try:
         with _history(config, data_dir) as h:
             latest = h.latest()
@@ -246,3 +274,12 @@ def rollback(
             _report(_move(manager, h.config_at(version), version))
     except ButterflyError as e:
         raise _fail(e) from None
+
+
+@app.command()
+def sync(
+    url: Annotated[str, typer.Option("--url", help="Gateway URL.")] = DEFAULT_URL,
+    token: TokenOpt = None,
+) -> None:
+    """Repair nodes whose cluster config differs: each adopts what f+1 peers agree on."""
+    remote.sync(url, token=token)

@@ -5,9 +5,10 @@
 
 LAYERS.json: `[{"id", "compute_cost", "memory_bytes", "output_size"}, ...]` (optional
 "kv_bytes_per_token", "activation_bytes_per_token"). NODES.json: `[{"id", "flops_per_s",
-"memory_bytes", "links": {"<id>": {"latency_ms", "bandwidth_bytes_per_s"}}}, ...]` with
-"links" optional. Unknown keys are errors: a misspelt "memory_byte" silently defaulting
-would produce a plan for a machine that does not exist.
+"memory_bytes", "links": {"<id>": {"latency_ms", "bandwidth_bytes_per_s"}},
+"layer_overhead_ms"}, ...]` with "links" and "layer_overhead_ms" optional. Unknown keys are
+errors: a misspelt "memory_byte" silently defaulting would produce a plan for a machine
+that does not exist.
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ def read_nodes(path: Path) -> list[NodeCapability]:
     out = []
     for i, entry in enumerate(_load(path)):
         where = f"{path}: node entry {i}"
-        _keys(where, entry, NODE_KEYS, {"links"})
+        _keys(where, entry, NODE_KEYS, {"links", "layer_overhead_ms"})
         links = entry.get("links", {})
         if not isinstance(links, dict):
             raise BadFile(f"{where}: links must be an object of node id -> link")
@@ -165,6 +166,7 @@ def read_nodes(path: Path) -> list[NodeCapability]:
                 _num(where, "flops_per_s", entry["flops_per_s"]),
                 _int(where, "memory_bytes", entry["memory_bytes"]),
                 parsed,
+                _num(where, "layer_overhead_ms", entry.get("layer_overhead_ms", 0.0)),
             )
         )
     return out

@@ -174,6 +174,7 @@ class ConfigCoordinator:
         body = canonical_json(proposal.to_wire())
         digest = proposal.digest
         votes = await self._prepare(digest, body, deadline)
+        prepared = time.monotonic()
         nonce = secrets.randbits(62)
         update = ConfigUpdate(
             proposal=body,
@@ -195,11 +196,15 @@ class ConfigCoordinator:
                     f"not committed within {self._timeout:.1f} s; rolled back on every node"
                 )
             raise UpdateRefused(f"the cluster did not apply the change: {result.reason}")
+        committed = time.monotonic()
         nodes = await self._finalize(result, deadline + FINALIZE_S)
         log.info(
-            "config seq %d committed in %.1f ms: %s",
+            "config seq %d in %.1f ms (prepare %.1f, commit %.1f, finalize %.1f): %s",
             result.seq,
             (time.monotonic() - started) * 1000,
+            (prepared - started) * 1000,
+            (committed - prepared) * 1000,
+            (time.monotonic() - committed) * 1000,
             proposal.keys,
         )
         return ChangeResult(

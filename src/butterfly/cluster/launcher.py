@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from butterfly.cluster.keys import KEY_FILE, load_or_create_key
 from butterfly.config import dump_toml
 
 # Idle OpenMP threads of waiting stages spin and steal the active stage's cores; a short
@@ -52,15 +53,20 @@ def node_configs(
     data_dir: Path,
     settings: dict[str, Any] | None = None,
 ) -> list[Path]:
-    """Write node-<i>.toml for a loopback cluster; returns their paths."""
+    """Write node-<i>.toml for a loopback cluster; returns their paths.
+
+    Each node's signing key is created in its data directory (kept if it exists, so a
+    restarted cluster keeps its identities) and every TOML lists all public keys.
+    """
     ports = free_ports(nodes)
     members = [f"127.0.0.1:{p}" for p in ports]
+    dirs = [data_dir / f"node-{i}" for i in range(nodes)]
+    keys = [load_or_create_key(d / KEY_FILE).public.hex() for d in dirs]
     paths = []
-    for i in range(nodes):
-        node_dir = data_dir / f"node-{i}"
+    for i, node_dir in enumerate(dirs):
         node_dir.mkdir(parents=True, exist_ok=True)
         doc: dict[str, Any] = {
-            "cluster": {"id": "local", "members": members},
+            "cluster": {"id": "local", "members": members, "public_keys": keys},
             "node": {"id": i, "listen": members[i], "data_dir": str(node_dir)},
             "byzantine": {"f": f},
             "model": {"path": str(model)},

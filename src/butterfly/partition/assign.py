@@ -7,8 +7,9 @@ layers can run anywhere in any grouping (offline batch scoring, a verification r
 spread over spare nodes); a serving pipeline wants the contiguous stages of `pipeline`,
 and `topology_aware` here simply is that pipeline placement written as an assignment.
 
-Per-layer time on a node = compute_cost / flops_per_s + `layer_overhead_ms`. The overhead
-is a fixed cost per layer (dispatch, reading the layer's weights) that no FLOP count shows;
+Per-layer time on a node = compute_cost / flops_per_s + `layer_overhead_ms` (the caller's,
+plus the node's measured `NodeCapability.layer_overhead_ms`). The overhead is a fixed cost
+per layer (dispatch, reading the layer's weights) that no FLOP count shows;
 the seed's RoundRobin rows (55, 60, 65, 70 ms for 5 layers each of 1..20 GFLOP at
 1 TFLOP/s) are exactly compute + 2 ms per layer.
 """
@@ -101,7 +102,10 @@ class _Loads:
     ) -> None:
         self.nodes = nodes
         self.time = [
-            [1000 * x.compute_cost / node.flops_per_s + overhead_ms for x in layers]
+            [
+                1000 * x.compute_cost / node.flops_per_s + overhead_ms + node.layer_overhead_ms
+                for x in layers
+            ]
             for node in nodes
         ]
         self.mem = [layer_memory(x, context_tokens) for x in layers]

@@ -89,7 +89,8 @@ def load_balanced(
     """The split over the nodes in id order whose slowest stage is as fast as possible.
 
     A pipeline runs at the pace of its slowest stage, so this minimises
-    max over stages of sum(layer.compute_cost) / node.flops_per_s, never giving a node
+    max over stages of sum(layer.compute_cost) / node.flops_per_s (+ the node's fixed
+    `layer_overhead_ms` per layer), never giving a node
     more bytes (weights + KV cache for `context_tokens`) than it has. The optimum is exact
     (a dynamic program, `split.split`); a node that would only slow the pipeline is left
     unused. Link times are not modelled (that is topology_aware).

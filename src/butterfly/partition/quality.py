@@ -143,8 +143,7 @@ def build_plan(
 def _stage_times(stages: Sequence[Stage], costs: Costs) -> tuple[list[float], list[float], int]:
     compute, send, unmeasured = [], [], 0
     for i, (node, s, e) in enumerate(stages):
-        rate = node.flops_per_s
-        compute.append(1000.0 * costs.stage_flops(s, e) / rate if rate > 0 else math.inf)
+        compute.append(costs.compute_ms(node, s, e))
         if i + 1 == len(stages):
             send.append(0.0)
             continue

@@ -14,8 +14,9 @@ gains 6, 7, but 8..11 stay; 4 layers move, exactly node 1's, and nothing else sh
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from butterfly.partition.capability import (
     DEFAULT_CONTEXT_TOKENS,
@@ -28,12 +29,20 @@ from butterfly.partition.pipeline import STRATEGIES, strategy_named
 from butterfly.partition.quality import Plan, Stage, build_plan
 from butterfly.types.errors import InvalidConfiguration
 from butterfly.types.ids import NodeId
-from butterfly.types.model import LayerInfo, PartitionStrategy
+from butterfly.types.model import LayerInfo, ModelPartition, PartitionStrategy
 
 DEFAULT_TOLERANCE = 0.05
 """Slowest-stage time the sticky plan may give up, relative to the new optimum."""
 
 MAX_PASSES = 8
+
+
+class Placed(Protocol):
+    """Anything with stages in pipeline order: a Plan, or a running cluster's plan, whose
+    per-stage estimates are not needed to know where layers are."""
+
+    @property
+    def stages(self) -> Sequence[ModelPartition]: ...
 
 
 @dataclass(frozen=True)
@@ -49,7 +58,7 @@ class Replan:
         return self.plan is not self.optimum
 
 
-def moved_layers(old: Plan, new: Plan) -> int:
+def moved_layers(old: Placed, new: Placed) -> int:
     """How many layers run on a different node under `new` than under `old`."""
     before = {i: s.node for s in old.stages for i in s.layers}
     after = {i: s.node for s in new.stages for i in s.layers}
@@ -62,7 +71,7 @@ def moved_layers(old: Plan, new: Plan) -> int:
 
 
 def replan(
-    old: Plan,
+    old: Placed,
     layers: Iterable[LayerInfo],
     nodes: Iterable[NodeCapability],
     strategy: str | PartitionStrategy = PartitionStrategy.LOAD_BALANCED,
@@ -143,8 +152,6 @@ def _stage_ms(
     costs: Costs, node: NodeCapability, s: int, e: int, nxt: NodeCapability | None
 ) -> float:
     """One stage's time as `quality.build_plan` counts it: compute plus send, if measured."""
-    if node.flops_per_s <= 0:
-        return float("inf")
-    ms = 1000.0 * costs.stage_flops(s, e) / node.flops_per_s
+    ms = costs.compute_ms(node, s, e)
     link = link_between(node, nxt) if nxt is not None else None
     return ms + (link.transfer_ms(int(costs.boundary[e])) if link else 0.0)

@@ -3,11 +3,12 @@
 Every pipeline strategy ends here. Given nodes in pipeline order, give each a contiguous,
 possibly empty range of layers so that the slowest stage is as fast as possible:
 
-    time(k, [s, e)) = (flops[e] - flops[s]) / rate_k  +  overhead * (e - s)  +  send_k(e)
+    time(k, [s, e)) = (flops[e] - flops[s]) / rate_k  +  overhead_k * (e - s)  +  send_k(e)
 
 where `send_k(e)` is the transfer to the next node of the order (0 when `e` is the last
-layer, so the final stage sends nothing), `overhead` is a fixed cost per layer (0 for
-pipelines; the WorkAssigner model uses it), and no stage may hold more bytes than its node.
+layer, so the final stage sends nothing), `overhead_k` is a fixed cost per layer (the
+node's measured `layer_overhead_ms`, plus the caller's `overhead_ms`, which the
+WorkAssigner model uses), and no stage may hold more bytes than its node.
 
 Dynamic program. `D_k(e)` = the smallest bottleneck that covers layers `[0, e)` with the
 first `k + 1` nodes, each used or left empty:
@@ -60,8 +61,9 @@ class Split:
 def _stage_ms(costs: Costs, node: NodeCapability, overhead_ms: float) -> npt.NDArray[np.float64]:
     """q[i] = milliseconds node needs for layers [0, i); a stage [s, e) costs q[e] - q[s]."""
     q = costs.flops * (1000.0 / node.flops_per_s)
-    if overhead_ms:
-        q = q + overhead_ms * np.arange(costs.n + 1)
+    per_layer = overhead_ms + node.layer_overhead_ms
+    if per_layer:
+        q = q + per_layer * np.arange(costs.n + 1)
     return q
 
 
@@ -80,8 +82,9 @@ class Tables:
         n, memory = self.costs.n, self.costs.memory
         scale = 1000.0 / np.array([node.flops_per_s for node in todo])
         qs = self.costs.flops[None, :] * scale[:, None]
-        if self.overhead_ms:
-            qs += self.overhead_ms * np.arange(n + 1)[None, :]
+        per_layer = self.overhead_ms + np.array([node.layer_overhead_ms for node in todo])
+        if per_layer.any():
+            qs += per_layer[:, None] * np.arange(n + 1)[None, :]
         caps = np.array([node.memory_bytes for node in todo], dtype=np.int64)
         los = np.searchsorted(memory, (memory[None, :] - caps[:, None]).ravel()).reshape(qs.shape)
         latest = np.arange(n + 1) - 1

@@ -1,0 +1,124 @@
+"""`butterfly config ... --url URL`: the config commands against a running cluster.
+
+Locally the commands act on one node's files and history; with `--url` they ask the
+gateway, which puts cluster-wide options through agreement on every node. `update --file`
+sends the file's cluster-scoped and dynamic options (a node's own identity, listen
+address and paths are not the cluster's business); static cluster options that differ
+are refused by the gateway with "restart required".
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from butterfly.config import ButterflyConfig, Mutability, Scope, field_specs
+from butterfly.config.fields import config_leaves
+
+err = Console(stderr=True)
+TIMEOUT_S = 60.0
+
+
+def file_patch(cfg: ButterflyConfig) -> dict[str, Any]:
+    """What `update --file` asks the cluster to move to."""
+    specs = field_specs()
+    return {
+        key: value
+        for key, value in config_leaves(cfg).items()
+        if specs[key].scope is Scope.CLUSTER or specs[key].mutability is Mutability.DYNAMIC_LOCAL
+    }
+
+
+def call(
+    method: str, url: str, path: str, *, token: str | None = None, body: Any = None, **params: str
+) -> Any:
+    """One request to the gateway; an error answer is printed and exits with code 2."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        r = httpx.request(
+            method,
+            f"{url.rstrip('/')}{path}",
+            json=body,
+            headers=headers,
+            params=params,
+            timeout=TIMEOUT_S,
+        )
+    except httpx.HTTPError as e:
+        err.print(f"[red]error:[/red] cannot reach {escape(url)}: {escape(str(e))}")
+        raise typer.Exit(2) from e
+    try:
+        data = r.json()
+    except ValueError:
+        data = {"error": {"type": "http_error", "message": r.text}}
+    if r.status_code >= 400:
+        error = data.get("error", {}) if isinstance(data, dict) else {}
+        message = error.get("message", r.text)
+        err.print(f"[red]error {r.status_code}:[/red] {escape(str(message))}", soft_wrap=True)
+        raise typer.Exit(2)
+    return data
+
+
+def _echo(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
+def report_change(result: dict[str, Any]) -> None:
+    seq = f", cluster seq {result['seq']}" if result.get("seq") else " (this gateway only)"
+    _echo(f"version {result['version']} (cluster hash {result['cluster_hash'][:12]}{seq}):")
+    for c in result.get("changes", []):
+        _echo(f"  {c['key']}: {json.dumps(c['old'])} -> {json.dumps(c['new'])}")
+    nodes = result.get("nodes", {})
+    if nodes:
+        _echo("nodes: " + ", ".join(f"{n} {state}" for n, state in sorted(nodes.items())))
+
+
+def update(url: str, cfg: ButterflyConfig, *, token: str | None, reason: str) -> None:
+    report_change(
+        call("POST", url, "/api/v1/config", token=token, body=file_patch(cfg), reason=reason)
+    )
+
+
+def rollback(url: str, version: int, *, token: str | None) -> None:
+    report_change(
+        call("POST", url, "/api/v1/config/rollback", token=token, body={"version": version})
+    )
+
+
+def sync(url: str, *, token: str | None) -> None:
+    data = call("POST", url, "/api/v1/config/sync", token=token)
+    for node, state in sorted(data.get("nodes", {}).items()):
+        _echo(f"node {node}: {state}")
+    verdict = "in sync" if data.get("in_sync") else f"still diverged: {data.get('diverged')}"
+    _echo(f"cluster {verdict} (cluster hash {str(data.get('cluster_hash'))[:12]})")
+    if not data.get("in_sync"):
+        raise typer.Exit(1)
+
+
+def show(url: str, *, hash_only: bool, json_out: bool) -> None:
+    data = call("GET", url, "/api/v1/config")
+    if json_out:
+        _echo(
+            json.dumps(
+                data if not hash_only else {k: v for k, v in data.items() if k != "config"},
+                indent=2,
+            )
+        )
+        return
+    _echo(f"gateway version {data['version']}, cluster seq {data['seq']}")
+    _echo(f"config_hash {data['config_hash']}\ncluster_hash {data['cluster_hash']}")
+    for n in data["nodes"]:
+        if not n["reachable"]:
+            _echo(f"  node {n['node']}: unreachable")
+            continue
+        flag = "in sync" if n["in_sync"] else "DIVERGED"
+        extra = f" ({n['error']})" if n.get("error") else ""
+        _echo(f"  node {n['node']}: {flag}, seq {n['seq']}, {n['cluster_hash'][:12]}{extra}")
+
+
+__all__ = ["call", "file_patch", "rollback", "show", "sync", "update"]
