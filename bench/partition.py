@@ -12,33 +12,53 @@ its plans are better (`bottleneck_vs_uniform` < 1).
 The cluster is seeded: 8 racks, fast links inside a rack, slow between, compute rates
 spread over 1.5 orders of magnitude, 4-32 GiB per node.
 
-    .venv/bin/python bench/partition.py [--repeats 21]
+Second half ("cluster"): a local 4-node cluster on the small demo model. The gateway plans
+from the facts its nodes measured (compute rate, memory, links) and reports the plan's
+estimated per-token decode time in /health; that estimate is held against the measured
+one (the gateway's `time_per_output_token_s` for 128 input ids and 64 new tokens, median
+over `--requests` requests after a warm-up). The estimate is also recomputed here from
+the facts /health lists, to show the plan is a function of those shared facts alone.
+Target: within 20%.
+
+    .venv/bin/python bench/partition.py [--repeats 21] [--requests 7] [--no-cluster]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
 import platform
 import random
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 
-from butterfly.partition.capability import Link, NodeCapability
+from butterfly.cluster.launcher import LocalCluster, free_ports, node_configs
+from butterfly.cluster.planner import per_token_ms
+from butterfly.partition.capability import Costs, Link, NodeCapability
+from butterfly.partition.pipeline import strategy_named
+from butterfly.partition.quality import build_plan
 from butterfly.partition.service import PartitionService
+from butterfly.runtime.loader import layer_infos
 from butterfly.types.ids import NodeId
 from butterfly.types.model import DecoderBlock, LayerInfo
+from common import bench_model
 
 SEED = 20240604
 LAYERS, NODES, RACKS = 1000, 64, 8
 TARGETS_MS = {"uncached": 50.0, "cached": 1.0}
 STRATEGIES = ("load_balanced", "topology_aware")
+CLUSTER_NODES, PROMPT_TOKENS, NEW_TOKENS = 4, 128, 64
+ESTIMATE_TARGET = 0.20  # |estimated - measured| / measured
 
 
 def workload(seed: int = SEED) -> tuple[list[LayerInfo], list[NodeCapability]]:
@@ -118,10 +138,120 @@ def measure(strategy: str, repeats: int) -> dict[str, Any]:
     }
 
 
+def capabilities_from(facts: dict[str, Any]) -> list[NodeCapability]:
+    """NodeCapabilities rebuilt from the facts /health lists (JSON keys are strings)."""
+    return [
+        NodeCapability(
+            NodeId(int(node)),
+            f["flops_per_s"],
+            f["memory_bytes"],
+            {
+                NodeId(int(p)): Link(x["latency_ms"], x["bandwidth_bytes_per_s"])
+                for p, x in f["links"].items()
+            },
+            f["layer_overhead_ms"],
+        )
+        for node, f in facts.items()
+    ]
+
+
+def recomputed_estimate(model_dir: Path, plan: dict[str, Any]) -> dict[str, float]:
+    """The plan's per-token estimate recomputed from its facts, split into its parts."""
+    config = json.loads((model_dir / "config.json").read_text())
+    layers = layer_infos(model_dir)
+    nodes = capabilities_from(plan["facts"])
+    by_id = {n.id: n for n in nodes}
+    costs = Costs.of(layers, int(config["max_position_embeddings"]))
+    stages = [(by_id[NodeId(s["node"])], s["start"], s["end"]) for s in plan["stages"]]
+    rebuilt = build_plan(strategy_named(plan["strategy"]), stages, costs, nodes)
+    total = per_token_ms(
+        rebuilt,
+        layers,
+        nodes,
+        context_tokens=costs.context_tokens,
+        result_bytes=int(config["vocab_size"]) * 4,
+    )
+    transfers = rebuilt.quality.transfer_ms_per_token
+    compute = rebuilt.quality.per_token_latency_ms - transfers
+    return {
+        "total_ms": round(total, 3),
+        "compute_ms": round(compute, 3),
+        "stage_transfers_ms": round(transfers, 3),
+        "gateway_hops_ms": round(total - compute - transfers, 3),
+    }
+
+
+def decode_ms(url: str, ids: list[int]) -> float:
+    body = {"input_ids": ids, "max_new_tokens": NEW_TOKENS, "wait": True}
+    r = httpx.post(f"{url}/inference", json=body, timeout=600)
+    r.raise_for_status()
+    return float(r.json()["timings"]["time_per_output_token_s"]) * 1000
+
+
+def cluster_estimate(requests: int, size: str = "small") -> dict[str, Any]:
+    """Estimated vs measured per-token decode latency on a local 4-node cluster."""
+    model_dir = bench_model(size)
+    rng = random.Random(SEED)
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_ports(1)[0]
+        configs = node_configs(
+            nodes=CLUSTER_NODES, f=0, model=model_dir, api_port=port, data_dir=Path(tmp)
+        )
+        cluster = LocalCluster(configs, f"http://127.0.0.1:{port}", Path(tmp))
+        try:
+            started = time.perf_counter()
+            cluster.start()
+            cluster.wait_ready(600)
+            ready_s = time.perf_counter() - started
+            plan = httpx.get(f"{cluster.api_url}/health", timeout=10).json()["plan"]
+            prompts = [[rng.randrange(256) for _ in range(PROMPT_TOKENS)] for _ in range(requests)]
+            decode_ms(cluster.api_url, prompts[0])  # warm-up: first-touch of every stage
+            measured = [decode_ms(cluster.api_url, p) for p in prompts]
+        finally:
+            with contextlib.suppress(Exception):
+                cluster.stop()
+    estimate = float(plan["estimated_per_token_ms"])
+    median = statistics.median(measured)
+    error = (estimate - median) / median
+    return {
+        "model": f"demo-{size}",
+        "nodes": CLUSTER_NODES,
+        "prompt_tokens": PROMPT_TOKENS,
+        "new_tokens": NEW_TOKENS,
+        "requests": requests,
+        "ready_s": round(ready_s, 1),
+        "plan": {
+            "strategy": plan["strategy"],
+            "stages": [[s["node"], s["start"], s["end"]] for s in plan["stages"]],
+            "bottleneck_ms": plan["bottleneck_ms"],
+        },
+        "facts": {
+            node: {
+                "gflops": round(f["flops_per_s"] / 1e9, 3),
+                "layer_overhead_ms": f["layer_overhead_ms"],
+                "memory_gib": round(f["memory_bytes"] / 2**30, 2),
+                "link_latency_ms": {p: x["latency_ms"] for p, x in f["links"].items()},
+                "link_bandwidth_gb_s": {
+                    p: round(x["bandwidth_bytes_per_s"] / 1e9, 3) for p, x in f["links"].items()
+                },
+            }
+            for node, f in plan["facts"].items()
+        },
+        "estimated_ms_per_token": round(estimate, 3),
+        "recomputed_from_facts": recomputed_estimate(model_dir, plan),
+        "measured_ms_per_token": summary([x / 1000 for x in measured]),
+        "error": round(error, 4),
+        "within_target": abs(error) <= ESTIMATE_TARGET,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=21)
-    repeats = parser.parse_args().repeats
+    parser.add_argument("--requests", type=int, default=7, help="cluster requests (>= 5)")
+    parser.add_argument("--no-cluster", action="store_true", help="skip the cluster half")
+    args = parser.parse_args()
+    repeats = args.repeats
     reference = measure("uniform", repeats)
     ref_ms = reference["uncached_ms"]["median"]
     results: dict[str, Any] = {}
@@ -136,6 +266,9 @@ def main() -> None:
             "cached": r["cached_ms"]["median"] <= TARGETS_MS["cached"],
         }
         results[strategy] = r
+    cluster: dict[str, Any] | str = "skipped (--no-cluster)"
+    if not args.no_cluster:
+        cluster = cluster_estimate(max(5, args.requests))
     print(
         json.dumps(
             {
@@ -145,6 +278,7 @@ def main() -> None:
                 "targets_ms": TARGETS_MS,
                 "reference_uniform": reference,
                 "strategies": results,
+                "cluster": cluster,
                 "machine": {
                     "cpus": os.cpu_count(),
                     "load_average_1m": round(os.getloadavg()[0], 2),

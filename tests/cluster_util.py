@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,12 +27,20 @@ def running_cluster(
     f: int = 0,
     settings: dict[str, Any] | None = None,
     timeout_s: float = 120.0,
+    liars: dict[int, str] | None = None,
 ) -> Iterator[LocalCluster]:
+    """`liars` maps node -> behaviour of butterfly.testing.liars (a testing launch)."""
     port = free_port()
+    # Test machines run several node processes per core; a longer allowed pause keeps a
+    # busy-but-alive node from being declared failed (detection itself is benchmarked).
+    settings = {"coordination.acceptable_pause_ms": 400.0, **(settings or {})}
     configs = node_configs(
         nodes=nodes, f=f, model=model, api_port=port, data_dir=data, settings=settings
     )
     cluster = LocalCluster(configs, f"http://127.0.0.1:{port}", data)
+    if liars:
+        cluster.command = (sys.executable, "-m", "butterfly.testing.node", "--config")
+        cluster.extra_args = {n: ["--behaviour", b] for n, b in liars.items()}
     try:
         cluster.start()
         cluster.wait_ready(timeout_s)

@@ -9,6 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from butterfly.metrics.events import (
     BytesTransferred,
     ConsensusRound,
+    Eviction,
     MessageDropped,
     MessageReceived,
     MessageSent,
@@ -18,9 +19,11 @@ from butterfly.metrics.events import (
     PartitionComputed,
     PhaseTransition,
     QueueDepth,
+    RecoveryCompleted,
     TaskFinished,
     TaskSubmitted,
     TokenProduced,
+    Verification,
 )
 from butterfly.metrics.prometheus import CONTENT_TYPE, Metrics
 from butterfly.types.ids import NodeId
@@ -41,6 +44,9 @@ REQUIRED = {
     "butterfly_node_failures",
     "butterfly_queue_depth",
     "butterfly_node_status",
+    "butterfly_byzantine_evictions",
+    "butterfly_recovery_seconds",
+    "butterfly_verifications",
 }
 
 ONE_OF_EACH: list[MetricsEvent] = [
@@ -58,6 +64,9 @@ ONE_OF_EACH: list[MetricsEvent] = [
     NodeFailure(NodeId(3)),
     QueueDepth(7),
     NodeStatus(NodeId(2), "suspected"),
+    Eviction(NodeId(1)),
+    RecoveryCompleted(0.8),
+    Verification("audit", "verified"),
 ]
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import uvicorn
 
 from butterfly.api.app import create_app
 from butterfly.api.settings import ApiSettings
+from butterfly.cluster.audit import Auditor, Referee
 from butterfly.cluster.commands import (
     ConfigAbort,
     ConfigUpdate,
@@ -27,34 +27,47 @@ from butterfly.cluster.commands import (
     NewPlan,
     decode_command,
 )
+from butterfly.cluster.facts import FactProbe
+from butterfly.cluster.keys import key_path, load_or_create_key, public_keys
 from butterfly.cluster.membership import Membership
 from butterfly.cluster.node_agreement import build_agreement, open_config
 from butterfly.cluster.pipeline import PipelineEngine
-from butterfly.cluster.planner import decide_plan, distribute_plan, gather_status
-from butterfly.cluster.stage_server import Outbound, StageServer
+from butterfly.cluster.planner import Placement, distribute_plan, gather_status, place
+from butterfly.cluster.proving import Prover
+from butterfly.cluster.recovery import Recovery
+from butterfly.cluster.replicas import add_replicas, split_for_replication
+from butterfly.cluster.stage_server import Outbound, StagePlan, StageServer
 from butterfly.config import ButterflyConfig
 from butterfly.config.reload import Subscriber
-from butterfly.metrics.events import MessageDropped
+from butterfly.config.validate import replication_factor
+from butterfly.metrics.events import Eviction, MessageDropped, NodeStatus
 from butterfly.metrics.prometheus import Metrics
 from butterfly.net.framing import Envelope
 from butterfly.net.tcp import Identity, TcpTransport, TransportLimits
+from butterfly.partition.service import PartitionService
 from butterfly.protocol.failure_detector import PhiAccrualFailureDetector
-from butterfly.runtime.loader import model_args
+from butterfly.protocol.proof import Tolerance
+from butterfly.runtime.loader import layer_infos, model_args
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.runtime.weights import model_hash
 from butterfly.schedule.engine import ClusterHealth, NodeHealth
 from butterfly.schedule.queue import QueuePolicy
 from butterfly.schedule.scheduler import Scheduler
 from butterfly.schedule.store import TaskStore
+from butterfly.types.errors import ButterflyError
 from butterfly.types.ids import NodeId
 from butterfly.types.messages import (
     AgreementFrame,
+    AuditReply,
+    AuditRequest,
     ConfigPrepare,
     ConfigStatusQuery,
     ConfigSync,
     Heartbeat,
     Message,
+    Ping,
     PlanAssign,
+    Pong,
     Release,
     StageStep,
     StatusQuery,
@@ -72,20 +85,18 @@ def parse_address(hostport: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def measure_flops(seconds: float = 0.2) -> float:
-    """This node's matmul rate, the compute fact it reports for placement."""
-    a, b = torch.randn(256, 256), torch.randn(256, 256)
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        torch.mm(a, b)
-        n += 1
-    return 2 * 256**3 * n / (time.perf_counter() - start)
-
-
 class Node:
     """One running node: its parts, its dispatcher, and (on node 0) the gateway."""
 
-    def __init__(self, cfg: ButterflyConfig, model_dir: Path) -> None:
+    def __init__(
+        self,
+        cfg: ButterflyConfig,
+        model_dir: Path,
+        *,
+        stage_server_type: type[StageServer] = StageServer,
+    ) -> None:
+        """`stage_server_type` lets `butterfly.testing` compose a node with a faulty
+        stage server (a liar) without any test switch in the production types."""
         self.config = open_config(cfg)  # every part below sees the values last agreed on
         cfg = self.config.current
         self.cfg, self.id, self.model_dir = cfg, NodeId(cfg.node.id), model_dir
@@ -94,7 +105,6 @@ class Node:
         }
         self.metrics = Metrics()
         self.model_hash = model_hash(model_dir)
-        self.flops = measure_flops()
         self.transport = TcpTransport(
             identity=Identity(self.id, cfg.cluster.id, self.model_hash),
             listen=parse_address(cfg.node.listen),
@@ -107,21 +117,55 @@ class Node:
                 connect_attempts=cfg.network.retry_attempts,
             ),
         )
-        self.stage_server = StageServer(
-            node=self.id, model_dir=model_dir, max_tensor_bytes=cfg.network.max_frame_bytes
+        self.key = load_or_create_key(key_path(cfg, Path(cfg.node.data_dir)))
+        self.public_keys = {NodeId(i): k for i, k in enumerate(public_keys(cfg, self.key))}
+        verify = cfg.byzantine.verification != "none"
+        self.stage_server = stage_server_type(
+            node=self.id,
+            model_dir=model_dir,
+            max_tensor_bytes=cfg.network.max_frame_bytes,
+            prover=Prover(self.id, self.key, cfg.byzantine.fingerprint_top_k) if verify else None,
         )
+        # Measured when the gateway first asks (one node at a time; see cluster.facts).
+        self.probe = FactProbe(
+            node=self.id,
+            peers=sorted(self.members),
+            transport=self.transport,
+            memory_limit_bytes=cfg.resources.memory_limit_bytes,
+        )
+        self.facts: dict[NodeId, StatusReply] = {}  # every node's, gathered by the gateway
+        self.placement: Placement | None = None
         c = cfg.coordination
         self.membership = Membership(
             node=self.id,
             members=self.members,
             transport=self.transport,
             detector=PhiAccrualFailureDetector(
-                c.heartbeat_interval_ms, c.phi_suspect, c.phi_failed
+                c.heartbeat_interval_ms,
+                c.phi_suspect,
+                c.phi_failed,
+                min_std_ms=c.min_std_ms,
+                acceptable_pause_ms=c.acceptable_pause_ms,
             ),
             interval_s=c.heartbeat_interval_ms / 1000,
             local_state=self._local_state,
+            on_status_change=self._on_status_change,
+        )
+        self.recovery = Recovery(
+            members=sorted(self.members),
+            status=self.membership.status,
+            current_plan=lambda: self.stage_server.plan,
+            replan=self._replan,
+            on_replanned=lambda: self.engine.plan_changed(),
+            emit=self.metrics.emit,
         )
         family, args = model_args(model_dir)
+        self.layers = layer_infos(model_dir)
+        max_context = int(getattr(args, "max_context", 0)) or 1
+        self.partitions = PartitionService(
+            cache_size=self.cfg.partition.cache_size, context_tokens=max_context
+        )
+        self.result_bytes = int(getattr(args, "vocab_size", 0)) * 4  # one row of logits
         has_tokenizer = (model_dir / "tokenizer.json").is_file()
         self.codec = TextCodec.load(model_dir) if has_tokenizer else None
         self.engine = PipelineEngine(
@@ -134,6 +178,18 @@ class Node:
             eos_ids=self.codec.eos_ids if self.codec else frozenset(),
             step_timeout_s=cfg.network.step_timeout_ms / 1000,
             max_tensor_bytes=cfg.network.max_frame_bytes,
+            auditor=Auditor(
+                ask=self._ask_audit,
+                keys=self.public_keys,
+                referee=Referee(model_dir),
+                tolerance=Tolerance(rtol=cfg.byzantine.rtol, atol=cfg.byzantine.atol),
+                max_tensor_bytes=cfg.network.max_frame_bytes,
+            )
+            if cfg.byzantine.verification == "audit"
+            else None,
+            audit_fraction=cfg.byzantine.audit_fraction,
+            on_liars=self._on_liars,
+            emit=self.metrics.emit,
         )
         agreed = build_agreement(
             manager=self.config,
@@ -144,6 +200,44 @@ class Node:
         )
         self.agreement, self.config_replica = agreed.driver, agreed.replica
         self.config_coordinator = agreed.coordinator
+
+    def _on_status_change(self, peer: NodeId, status: str) -> None:
+        if status in ("starting", "healthy", "suspected", "failed"):
+            self.metrics.emit(NodeStatus(node=peer, status=status))  # type: ignore[arg-type]
+        self.recovery.notify(peer, status)
+
+    async def _replan(self, epoch: int, alive: list[NodeId]) -> None:
+        """Decide the plan of `epoch` over `alive` nodes and put it in force everywhere."""
+        chain, spares = split_for_replication(sorted(alive), replication_factor(self.cfg))
+        plan = add_replicas(self._decide(epoch, chain), spares)
+        await distribute_plan(
+            plan=plan,
+            model_hash=self.model_hash,
+            node=self.id,
+            members=sorted(n for n, _ in (*plan.stages, *plan.replicas)),
+            transport=self.transport,
+            apply_local=self.stage_server.apply_plan,
+            timeout_s=300.0,
+        )
+
+    async def _ask_audit(
+        self, node: NodeId, request: AuditRequest, payload: bytes
+    ) -> tuple[AuditReply, bytes]:
+        if node == self.id:
+            return await self.stage_server.audit(request, payload)
+        env = await self.transport.request(
+            node, request, payload, timeout=self.cfg.network.step_timeout_ms / 1000
+        )
+        if not isinstance(env.msg, AuditReply):
+            return AuditReply(request.request_id, node, b"", f"answered {env.msg.kind}"), b""
+        return env.msg, env.payload
+
+    async def _on_liars(self, liars: tuple[NodeId, ...], reason: str) -> None:
+        """An audit proved these nodes wrong: evict them and re-plan without them."""
+        for liar in liars:
+            self.metrics.emit(Eviction(node=liar))
+        log.error("evicting %s: %s", liars, reason)
+        await self.recovery.evict(liars)
 
     def _local_state(self) -> tuple[tuple[int, ...], int]:
         plan = self.stage_server.plan
@@ -182,9 +276,22 @@ class Node:
                 self.membership.on_heartbeat(env)
             case StageStep():
                 out: Outbound = await self.stage_server.on_step(env)
-                await self.deliver(out.peer, out.msg, out.payload)
+                try:
+                    await self.deliver(out.peer, out.msg, out.payload)
+                except ButterflyError as e:  # the next stage is gone: tell the gateway now
+                    lost = StepError(
+                        msg.request_ids,
+                        msg.steps,
+                        self.id,
+                        "stage_lost",
+                        f"node {out.peer} unreachable: {e}",
+                        True,
+                    )
+                    await self.deliver(NodeId(msg.reply_to), lost)
             case StepResult() | StepError():
                 self.engine.on_result(env)
+            case AuditRequest():
+                return await self.stage_server.audit(msg, env.payload)
             case Release():
                 self.stage_server.release(msg.request_id)
             case PlanAssign():
@@ -193,19 +300,9 @@ class Node:
                     return None
                 return await self.stage_server.apply_plan(msg), b""
             case StatusQuery():
-                layers = (
-                    self.stage_server.plan.layers_of(self.id) if self.stage_server.plan else None
-                )
-                reply = StatusReply(
-                    self.id,
-                    self.stage_server.epoch,
-                    (layers.start, layers.end) if layers else (),
-                    len(self.stage_server.caches),
-                    self.stage_server.kv_bytes,
-                    self.flops,
-                    self.cfg.resources.memory_limit_bytes,
-                )
-                return reply, b""
+                return await self._status(), b""
+            case Ping():
+                return Pong(msg.seq, len(env.payload)), b""
             case AgreementFrame():
                 await self.agreement.on_frame(env)
             case ConfigPrepare() | ConfigStatusQuery() | ConfigSync():
@@ -213,6 +310,41 @@ class Node:
             case _:
                 self.metrics.emit(MessageDropped(reason=f"unexpected_{msg.kind}"))
         return None
+
+    async def _status(self) -> StatusReply:
+        """This node's status with its measured facts (measuring them on first call)."""
+        facts = await self.probe.facts()
+        plan = self.stage_server.plan
+        layers = plan.layers_of(self.id) if plan else None
+        peers, latency, bandwidth = facts.link_fields()
+        return StatusReply(
+            self.id,
+            self.stage_server.epoch,
+            (layers.start, layers.end) if layers else (),
+            len(self.stage_server.caches),
+            self.stage_server.kv_bytes,
+            facts.flops_per_s,
+            facts.memory_bytes,
+            peers,
+            latency,
+            bandwidth,
+            facts.layer_overhead_ms,
+        )
+
+    def _decide(self, epoch: int, members: list[NodeId]) -> StagePlan:
+        """The plan of `epoch` over `members`, from the facts gathered at start-up."""
+        self.placement = place(
+            epoch,
+            members,
+            self.facts,
+            layers=self.layers,
+            strategy=self.cfg.partition.strategy,
+            service=self.partitions,
+            emit=self.metrics.emit,
+            gateway=self.id,
+            result_bytes=self.result_bytes,
+        )
+        return self.placement.stages
 
     def health(self) -> ClusterHealth:
         plan = self.stage_server.plan
@@ -236,6 +368,14 @@ class Node:
             epoch=plan.epoch if plan else 0,
             nodes=tuple(nodes),
             services={"network": True, "plan": plan is not None, "scheduler": True},
+            plan=(
+                self.placement.to_dict()
+                if self.placement is not None
+                and plan is not None
+                and (self.placement.stages.epoch, self.placement.stages.stages)
+                == (plan.epoch, plan.stages)
+                else None
+            ),
         )
 
     # --- running ----------------------------------------------------------------------
@@ -262,18 +402,10 @@ class Node:
     async def _gateway(self, stop: asyncio.Event) -> None:
         """Node 0: decide and distribute the plan, then serve the API."""
         peers = [n for n in self.members if n != self.id]
-        await gather_status(self.transport, peers, timeout_s=120.0)
-        family, args = model_args(self.model_dir)
-        plan = decide_plan(1, sorted(self.members), family.num_layers(args))
-        await distribute_plan(
-            plan=plan,
-            model_hash=self.model_hash,
-            node=self.id,
-            members=sorted(self.members),
-            transport=self.transport,
-            apply_local=self.stage_server.apply_plan,
-            timeout_s=300.0,
+        self.facts = await gather_status(
+            self.transport, peers, timeout_s=120.0, local=(self.id, self._status)
         )
+        await self._replan(1, sorted(self.members))
         codec = self.codec
         data_dir = Path(self.cfg.node.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -313,6 +445,7 @@ class Node:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(scheduler.run())
                 tg.create_task(self.engine.serve_batches())
+                tg.create_task(self.recovery.run())
                 tg.create_task(self.config_coordinator.monitor())
                 tg.create_task(server.serve())
                 await stop.wait()
@@ -335,6 +468,7 @@ def run(
     cfg: ButterflyConfig,
     model_dir: Path,
     *,
+    stage_server_type: type[StageServer] = StageServer,
     subscribers: Sequence[tuple[str, Subscriber, Subscriber | None]] = (),
 ) -> int:
     """Run a node in the foreground until SIGINT/SIGTERM; returns the exit code.
@@ -346,6 +480,12 @@ def run(
 
     if cfg.resources.threads:
         torch.set_num_threads(cfg.resources.threads)
+    o = cfg.observability
+    logging.basicConfig(  # the plan, its estimate and the measured facts are logged at info
+        level=o.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        filename=o.log_file or None,
+    )
     # The event loop hands work to the torch and SQLite threads and takes results back;
     # with Python's default 5 ms GIL switch interval each hand-off could wait that long
     # while the loop thread is busy (measured: 6.7 ms to accept a task, 0.1 ms of work).
@@ -356,7 +496,7 @@ def run(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        node = Node(cfg, model_dir)
+        node = Node(cfg, model_dir, stage_server_type=stage_server_type)
         node.config.subscribe("logging", _set_log_level)  # hot: no restart for the level
         for name, on_change, check in subscribers:
             node.config.subscribe(name, on_change, check=check)

@@ -117,6 +117,7 @@ def health_body(cluster: ClusterHealth, scheduler: Scheduler) -> dict[str, Any]:
         "epoch": cluster.epoch,
         "queue_depth": scheduler.queue_depth,
         "active_tasks": scheduler.active,
+        **({"plan": dict(cluster.plan)} if cluster.plan is not None else {}),
     }
 
 

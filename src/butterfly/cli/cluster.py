@@ -53,6 +53,21 @@ def up(
     ] = None,
 ) -> None:
     """Start N nodes on 127.0.0.1 (node 0 serves the API) until Ctrl-C or SIGTERM."""
+    launch(nodes=nodes, f=f, model=model, api_port=api_port, data=data, settings_=set_)
+
+
+def launch(
+    *,
+    nodes: int,
+    f: int,
+    model: Path | None,
+    api_port: int,
+    data: Path | None,
+    settings_: list[str] | None,
+    command: tuple[str, ...] | None = None,
+    extra_args: dict[int, list[str]] | None = None,
+) -> None:
+    """`cluster up`, also used by `python -m butterfly.testing.cluster up` (liars)."""
     if 3 * f + 1 > nodes:
         err.print(
             f"[red]error:[/red] {nodes} nodes tolerate at most f={(nodes - 1) // 3} Byzantine "
@@ -64,14 +79,16 @@ def up(
     with err.status("preparing the model"):
         model_dir = model or demo_model("small")
     settings: dict[str, Any] = {}
-    for item in set_ or []:
+    for item in settings_ or []:
         key, _, value = item.partition("=")
         settings[key] = json.loads(value)
     configs = node_configs(
         nodes=nodes, f=f, model=model_dir, api_port=api_port, data_dir=base, settings=settings
     )
     url = f"http://127.0.0.1:{api_port}"
-    cluster = LocalCluster(configs, url, base)
+    cluster = LocalCluster(configs, url, base, extra_args=dict(extra_args or {}))
+    if command is not None:
+        cluster.command = command
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     try:

@@ -90,11 +90,13 @@ class LocalCluster:
     log_dir: Path
     command: Sequence[str] = (sys.executable, "-m", "butterfly", "start", "--config")
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    # per node: extra arguments after the config path (the testing launcher's liars)
+    extra_args: dict[int, Sequence[str]] = field(default_factory=dict)
 
     def _spawn(self, index: int) -> subprocess.Popen[bytes]:
         with open(self.log_dir / f"node-{index}.log", "ab") as log:
             return subprocess.Popen(
-                [*self.command, str(self.configs[index])],
+                [*self.command, str(self.configs[index]), *self.extra_args.get(index, ())],
                 stdout=log,
                 stderr=log,
                 env={**os.environ, **CHILD_ENV},

@@ -11,13 +11,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 
+from butterfly.cluster.audit import Auditor, Verdict
 from butterfly.cluster.stage_server import StagePlan
+from butterfly.metrics.events import Emit, Verification, discard
 from butterfly.net.framing import Envelope
 from butterfly.runtime.sampling import make_generator, sample
 from butterfly.runtime.wire import decode_tensor, encode_tensor
@@ -39,6 +43,10 @@ log = logging.getLogger(__name__)
 
 
 Deliver = Callable[[NodeId, Message, bytes], Awaitable[None]]
+
+
+async def _ignore_liars(liars: tuple[NodeId, ...], reason: str) -> None:
+    log.error("liars %s found (%s) but nothing evicts them", liars, reason)
 
 
 @dataclass
@@ -70,7 +78,16 @@ class PipelineEngine:
         max_tensor_bytes: int,
         recovery_wait_s: float = 10.0,
         max_recoveries: int = 8,
+        auditor: Auditor | None = None,
+        audit_fraction: float = 1.0,
+        on_liars: Callable[[tuple[NodeId, ...], str], Awaitable[None]] | None = None,
+        audit_draw: Callable[[], float] = random.random,
+        emit: Emit = discard,
     ) -> None:
+        self._emit = emit
+        self._auditor, self._audit_fraction, self._audit_draw = auditor, audit_fraction, audit_draw
+        self._on_liars = on_liars or _ignore_liars
+        self._records: dict[str, list[bytes]] = {}
         self.node, self._deliver = node, deliver
         self._plan, self._health = plan, health
         self._max_context, self._input_kind, self._eos = max_context, input_kind, eos_ids
@@ -103,6 +120,11 @@ class PipelineEngine:
         if not isinstance(msg, StepResult | StepError):
             return
         out = None
+        if isinstance(msg, StepResult) and msg.proofs:
+            for rid in set(msg.request_ids):
+                records = self._records.get(rid)
+                if records is not None:
+                    records.extend(msg.proofs)
         if isinstance(msg, StepResult):
             try:
                 out = decode_tensor(env.payload, self._max_tensor_bytes)
@@ -222,9 +244,56 @@ class PipelineEngine:
                 x = torch.tensor([[list(task.input_vector)]], dtype=torch.float32)
                 out = await self._step(request_id, 0, 0, x)
                 return self._result(task, plan, (), tuple(out.flatten().tolist()), timings)
-            return await self._generate(task, request_id, on_token, started, timings)
+            for _ in range(self._max_recoveries):
+                positions: dict[int, tuple[int, int]] = {}
+                self._records[request_id] = []
+                result = await self._generate(
+                    task, request_id, on_token, started, timings, positions
+                )
+                if self._auditor is None or self._audit_draw() >= self._audit_fraction:
+                    return result
+                verdict = await self._audit(task, request_id, result, positions)
+                if verdict.verified:
+                    return replace(result, verified="audit")
+                if not verdict.liars:
+                    log.warning("request %s unverified: %s", request_id, verdict.reason)
+                    return result
+                epoch = self._epoch()  # the chain lied: its node is being evicted; re-run
+                await self._await_plan_change(epoch)
+                await self._release(request_id)
+            raise ServiceUnavailable(f"request {request_id} failed its audit repeatedly")
         finally:
+            self._records.pop(request_id, None)
             await self._release(request_id)
+
+    async def _audit(
+        self,
+        task: InferenceTask,
+        request_id: str,
+        result: InferenceResult,
+        positions: dict[int, tuple[int, int]],
+    ) -> Verdict:
+        plan = self._plan()
+        if self._auditor is None or plan is None:
+            return Verdict(False, reason="no plan to audit against")
+        claims = self._auditor.claims_of(
+            self._records.get(request_id, []),
+            request_id=request_id,
+            plan=plan,
+            positions=positions,
+        )
+        sequence = list(task.input_ids) + list(result.output_ids[:-1])
+        try:
+            verdict = await self._auditor.audit(plan, request_id, sequence, claims)
+        except ButterflyError as e:
+            return Verdict(False, reason=f"audit could not run: {e}")
+        if verdict.liars:
+            await self._on_liars(verdict.liars, verdict.reason)
+        outcome: Literal["verified", "unverified", "liar_found"] = (
+            "liar_found" if verdict.liars else "verified" if verdict.verified else "unverified"
+        )
+        self._emit(Verification(check="audit", outcome=outcome))
+        return verdict
 
     async def _generate(
         self,
@@ -233,6 +302,7 @@ class PipelineEngine:
         on_token: TokenSink,
         started: float,
         timings: dict[str, float],
+        positions: dict[int, tuple[int, int]],
     ) -> InferenceResult:
         """Token by token; the gateway's history and RNG are the canonical checkpoint.
 
@@ -251,6 +321,7 @@ class PipelineEngine:
             epoch = self._epoch()
             step += 1  # step ids are never reused, so a late answer is ignored
             try:
+                positions[step] = (pos, x.shape[1])
                 logits = await self._step(request_id, step, pos, x)
             except (StageLost, ConnectionFailed, CircuitOpen, SendTimeout) as e:
                 recoveries += 1

@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from butterfly.cluster.stage_server import StagePlan
-from butterfly.metrics.events import Emit, NodeFailure
+from butterfly.metrics.events import Emit, NodeFailure, RecoveryCompleted
 from butterfly.types.errors import ButterflyError
 from butterfly.types.ids import NodeId
 
@@ -36,7 +36,16 @@ class Recovery:
         self._replan, self._on_replanned, self._emit = replan, on_replanned, emit
         self._wake = asyncio.Event()
         self.failed: set[NodeId] = set()
+        self.evicted: set[NodeId] = set()
         self.recoveries: list[float] = []  # seconds from noticing to the new plan in force
+
+    def _gone(self, node: NodeId) -> bool:
+        return node in self.evicted or self._status(node) == "failed"
+
+    async def evict(self, nodes: tuple[NodeId, ...]) -> None:
+        """Proven liars leave the plan for good, as if they had failed."""
+        self.evicted.update(nodes)
+        self._wake.set()
 
     def notify(self, node: NodeId, status: str) -> None:
         """Membership calls this on every status change."""
@@ -50,14 +59,15 @@ class Recovery:
             plan = self._current()
             if plan is None:
                 continue
-            newly = [n for n in plan.nodes if self._status(n) == "failed"]
+            holders = (*plan.nodes, *(n for n, _ in plan.replicas))
+            newly = [n for n in holders if self._gone(n)]
             if not newly:
                 continue
             for n in newly:
                 if n not in self.failed:
                     self.failed.add(n)
                     self._emit(NodeFailure(node=n))
-            alive = [n for n in self._members if self._status(n) != "failed"]
+            alive = [n for n in self._members if not self._gone(n)]
             started = time.perf_counter()
             log.warning(
                 "nodes %s failed; re-planning epoch %d over %s", newly, plan.epoch + 1, alive
@@ -70,4 +80,5 @@ class Recovery:
                 self._wake.set()
                 continue
             self.recoveries.append(time.perf_counter() - started)
+            self._emit(RecoveryCompleted(seconds=self.recoveries[-1]))
             self._on_replanned()

@@ -21,14 +21,24 @@ from pathlib import Path
 
 import torch
 
+from butterfly.cluster.proving import Prover
 from butterfly.net.framing import Envelope
 from butterfly.runtime.kvcache import KVCache
 from butterfly.runtime.loader import load_stage
-from butterfly.runtime.stage import Stage, forward_rows
+from butterfly.runtime.stage import Stage, forward_rows, supports_trace
 from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.types.errors import ButterflyError, InvalidMessage
 from butterfly.types.ids import NodeId
-from butterfly.types.messages import Message, PlanAck, PlanAssign, StageStep, StepError, StepResult
+from butterfly.types.messages import (
+    AuditReply,
+    AuditRequest,
+    Message,
+    PlanAck,
+    PlanAssign,
+    StageStep,
+    StepError,
+    StepResult,
+)
 from butterfly.types.model import LayerRange
 
 log = logging.getLogger(__name__)
@@ -49,9 +59,17 @@ class StagePlan:
 
     epoch: int
     stages: tuple[tuple[NodeId, LayerRange], ...]
+    # further holders of the same ranges: auditors of the chain's work and standbys
+    replicas: tuple[tuple[NodeId, LayerRange], ...] = ()
 
     @classmethod
     def from_message(cls, msg: PlanAssign) -> StagePlan:
+        if len(msg.replicas) % 3:
+            raise InvalidMessage(f"plan of epoch {msg.epoch}: replicas are not triples")
+        replicas = tuple(
+            (NodeId(msg.replicas[i]), LayerRange(msg.replicas[i + 1], msg.replicas[i + 2]))
+            for i in range(0, len(msg.replicas), 3)
+        )
         flat = msg.stages
         if len(flat) % 3 or not flat:
             raise InvalidMessage(f"plan of epoch {msg.epoch} is not a list of (node, start, end)")
@@ -62,14 +80,19 @@ class StagePlan:
             a[1].end != b[1].start for a, b in itertools.pairwise(stages)
         ):
             raise InvalidMessage(f"plan of epoch {msg.epoch} does not chain its layer ranges")
-        return cls(msg.epoch, stages)
+        return cls(msg.epoch, stages, replicas)
 
     def to_message(self, model_hash: str) -> PlanAssign:
         flat = tuple(v for node, r in self.stages for v in (node, r.start, r.end))
-        return PlanAssign(self.epoch, flat, model_hash)
+        reps = tuple(v for node, r in self.replicas for v in (node, r.start, r.end))
+        return PlanAssign(self.epoch, flat, model_hash, reps)
 
     def layers_of(self, node: NodeId) -> LayerRange | None:
-        return next((r for n, r in self.stages if n == node), None)
+        return next((r for n, r in (*self.stages, *self.replicas) if n == node), None)
+
+    def holders(self, layers: LayerRange) -> tuple[NodeId, ...]:
+        """Every node holding `layers`, the chain's own first."""
+        return tuple(n for n, r in (*self.stages, *self.replicas) if r == layers)
 
     @property
     def nodes(self) -> tuple[NodeId, ...]:
@@ -84,7 +107,9 @@ class StageServer:
         model_dir: Path,
         max_tensor_bytes: int,
         dtype: torch.dtype = torch.float32,
+        prover: Prover | None = None,
     ) -> None:
+        self.prover = prover
         self.node, self.model_dir = node, model_dir
         self._max_tensor_bytes, self._dtype = max_tensor_bytes, dtype
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"torch-{node}")
@@ -136,7 +161,7 @@ class StageServer:
         if not isinstance(msg, StageStep):
             raise TypeError(f"on_step got {msg.kind}")
         try:
-            out = await self.compute(msg, env.epoch, env.payload)
+            out, proofs = await self.compute(msg, env.epoch, env.payload)
         except Exception as e:  # a peer's bad tensor must cost it an error, not us the node
             err = e if isinstance(e, ButterflyError) else InvalidMessage(f"step failed: {e}")
             log.warning("node %s: step of %s failed: %s", self.node, msg.request_ids, e)
@@ -153,9 +178,10 @@ class StageServer:
                 msg.route[1:],
                 msg.reply_to,
                 msg.last_only,
+                msg.proofs + proofs,
             )
             return Outbound(NodeId(msg.route[0]), nxt, out)
-        result = StepResult(msg.request_ids, msg.steps, self.node)
+        result = StepResult(msg.request_ids, msg.steps, self.node, msg.proofs + proofs)
         return Outbound(NodeId(msg.reply_to), result, out)
 
     def _check_step(self, msg: StageStep, epoch: int, x: torch.Tensor) -> Stage:
@@ -194,8 +220,11 @@ class StageServer:
             cache.truncate(start)
         return cache
 
-    async def compute(self, msg: StageStep, epoch: int, payload: bytes) -> bytes:
-        """Run a batch of steps on this node's stage; returns the encoded output.
+    async def compute(
+        self, msg: StageStep, epoch: int, payload: bytes
+    ) -> tuple[bytes, tuple[bytes, ...]]:
+        """Run a batch of steps on this node's stage: the encoded output, and a signed
+        record per entry when this node proves its work.
 
         Single-token entries (decode steps) run as one batch; longer ones (prefills) one
         by one. Outputs are laid side by side in the entries' order.
@@ -207,12 +236,16 @@ class StageServer:
             for rid, start in zip(msg.request_ids, msg.starts, strict=True)
         ]
         offsets = [sum(msg.lengths[:i]) for i in range(len(msg.lengths))]
+        prove = self.prover is not None and supports_trace(stage)
+        n = len(caches)
+        traces: list[list[torch.Tensor]] = [[] for _ in range(n)]
 
         def run() -> torch.Tensor:
-            outs: list[torch.Tensor | None] = [None] * len(caches)
+            outs: list[torch.Tensor | None] = [None] * n
             with torch.inference_mode():
-                single = [i for i, n in enumerate(msg.lengths) if n == 1]
+                single = [i for i, length in enumerate(msg.lengths) if length == 1]
                 if single:
+                    trace: list[torch.Tensor] | None = [] if prove else None
                     rows = torch.cat([x[:, offsets[i] : offsets[i] + 1] for i in single])
                     batch = forward_rows(
                         stage,
@@ -220,18 +253,105 @@ class StageServer:
                         [caches[i] for i in single],
                         [msg.starts[i] for i in single],
                         last_only=msg.last_only,
+                        trace=trace,
                     )
                     for j, i in enumerate(single):
                         outs[i] = batch[j : j + 1]
-                for i, n in enumerate(msg.lengths):
-                    if n > 1:
-                        part = x[:, offsets[i] : offsets[i] + n]
-                        outs[i] = stage.forward(
-                            part, caches[i], msg.starts[i], last_only=msg.last_only
+                        traces[i] = [t[j : j + 1] for t in trace or ()]
+                for i, length in enumerate(msg.lengths):
+                    if length > 1:
+                        part = x[:, offsets[i] : offsets[i] + length]
+                        trace = [] if prove else None
+                        outs[i] = forward_rows(
+                            stage,
+                            part,
+                            [caches[i]],
+                            [msg.starts[i]],
+                            last_only=msg.last_only,
+                            trace=trace,
                         )
+                        traces[i] = trace or []
             return torch.cat([o for o in outs if o is not None], dim=1)
 
-        return encode_tensor(await self._in_worker(run))
+        sent = self.tamper(await self._in_worker(run))
+        proofs: tuple[bytes, ...] = ()
+        if prove and self.prover is not None and self.plan is not None:
+            index = self.plan.nodes.index(self.node) if self.node in self.plan.nodes else -1
+            proofs = self._sign(msg, index, stage.layers, x, sent, offsets, traces)
+        return encode_tensor(sent), proofs
+
+    def _sign(
+        self,
+        msg: StageStep,
+        index: int,
+        layers: LayerRange,
+        x: torch.Tensor,
+        out: torch.Tensor,
+        offsets: list[int],
+        traces: list[list[torch.Tensor]],
+    ) -> tuple[bytes, ...]:
+        assert self.prover is not None
+        records = []
+        at = 0
+        for i, (rid, step) in enumerate(zip(msg.request_ids, msg.steps, strict=True)):
+            width = (
+                1
+                if msg.last_only and self.stage is not None and self.stage.is_last
+                else (msg.lengths[i])
+            )
+            records.append(
+                self.prover.prove(
+                    epoch=self.epoch,
+                    request_id=rid,
+                    step=step,
+                    stage=index,
+                    layers=layers,
+                    x_in=x[:, offsets[i] : offsets[i] + msg.lengths[i]],
+                    out=self.tamper(out)[:, at : at + width],
+                    layer_outputs=traces[i],
+                )
+            )
+            at += width
+        return tuple(records)
+
+    def tamper(self, out: torch.Tensor) -> torch.Tensor:
+        """What this node sends for `out`; honest nodes send it unchanged. Faulty stage
+        servers in `butterfly.testing` override this to lie."""
+        return out
+
+    async def audit(self, msg: AuditRequest, payload: bytes) -> tuple[AuditReply, bytes]:
+        """Re-run a whole sequence through this stage as one prefill, with a fresh cache."""
+        stage = self.stage
+        if stage is None or (stage.layers.start, stage.layers.end) != (
+            msg.layer_start,
+            msg.layer_end,
+        ):
+            return AuditReply(msg.request_id, self.node, b"", "this node holds other layers"), b""
+        try:
+            x = decode_tensor(payload, self._max_tensor_bytes)
+            cache = stage.new_cache()
+            trace: list[torch.Tensor] = []
+
+            def run() -> torch.Tensor:
+                with torch.inference_mode():
+                    return forward_rows(stage, x, [cache], [0], last_only=False, trace=trace)
+
+            out = self.tamper(await self._in_worker(run))
+        except Exception as e:  # a bad audit input costs the sender an error, not the node
+            return AuditReply(msg.request_id, self.node, b"", f"audit failed: {e}"), b""
+        proof = b""
+        if self.prover is not None and len(trace) == len(stage.layers):
+            proof = self.prover.prove(
+                epoch=self.epoch,
+                request_id=msg.request_id,
+                step=-1,
+                stage=msg.stage,
+                layers=stage.layers,
+                x_in=x,
+                out=out,
+                layer_outputs=trace,
+            )
+        return AuditReply(msg.request_id, self.node, proof, ""), encode_tensor(out)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -205,10 +205,10 @@ class CoordinationConfig(Section):
         12.0, "Phi above which a peer is declared failed.", DL, NODE, ge=0.5, le=100.0
     )
     min_std_ms: float = option(
-        20.0, "Floor on the heartbeat jitter estimate.", DL, NODE, ge=1.0, le=60_000.0
+        50.0, "Floor on the heartbeat jitter estimate.", DL, NODE, ge=1.0, le=60_000.0
     )
     acceptable_pause_ms: float = option(
-        500.0, "Pause (GC, busy CPU) not held against a peer.", DL, NODE, ge=0.0, le=600_000.0
+        80.0, "Pause (GC, busy CPU) not held against a peer.", DL, NODE, ge=0.0, le=600_000.0
     )
     phase_timeout_ms: int = option(
         5000, "Agreement phase timeout.", DC, CLUSTER, ge=10, le=3_600_000

@@ -113,6 +113,28 @@ class NodeStatus:
     status: NodeState
 
 
+@dataclass(frozen=True)
+class Eviction:
+    """A node proven to lie was evicted (Byzantine fault, not a crash)."""
+
+    node: NodeId
+
+
+@dataclass(frozen=True)
+class RecoveryCompleted:
+    """A failed or evicted node's stages run elsewhere again, after `seconds`."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The check a result went through (`audit`, `replicate`) and how it ended."""
+
+    check: str
+    outcome: Literal["verified", "unverified", "liar_found"]
+
+
 MetricsEvent = (
     TaskSubmitted
     | TaskFinished
@@ -127,6 +149,9 @@ MetricsEvent = (
     | NodeFailure
     | QueueDepth
     | NodeStatus
+    | Eviction
+    | RecoveryCompleted
+    | Verification
 )
 
 Emit = Callable[[MetricsEvent], None]

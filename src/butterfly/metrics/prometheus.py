@@ -20,6 +20,7 @@ from butterfly.metrics.events import (
     NODE_STATES,
     BytesTransferred,
     ConsensusRound,
+    Eviction,
     MessageDropped,
     MessageReceived,
     MessageSent,
@@ -29,9 +30,11 @@ from butterfly.metrics.events import (
     PartitionComputed,
     PhaseTransition,
     QueueDepth,
+    RecoveryCompleted,
     TaskFinished,
     TaskSubmitted,
     TokenProduced,
+    Verification,
 )
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
@@ -126,6 +129,22 @@ class Metrics:
         self.node_failures = Counter(
             "node_failures", "Nodes declared failed", namespace=ns, registry=r
         )
+        self.evictions = Counter(
+            "byzantine_evictions", "Nodes evicted on evidence of lying", namespace=ns, registry=r
+        )
+        self.recovery_seconds = Histogram(
+            "recovery_seconds",
+            "From a node's failure or eviction to its stages running elsewhere",
+            namespace=ns,
+            registry=r,
+        )
+        self.verifications = Counter(
+            "verifications",
+            "Results by check and outcome",
+            ["check", "outcome"],
+            namespace=ns,
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "queue_depth", "Tasks waiting for an execution slot", namespace=ns, registry=r
         )
@@ -174,6 +193,12 @@ class Metrics:
                 self.phase_transitions.labels(from_phase=a, to_phase=b).inc()
             case NodeFailure():
                 self.node_failures.inc()
+            case Eviction():
+                self.evictions.inc()
+            case RecoveryCompleted(seconds=seconds):
+                self.recovery_seconds.observe(seconds)
+            case Verification(check=check, outcome=outcome):
+                self.verifications.labels(check=check, outcome=outcome).inc()
             case QueueDepth(depth=depth):
                 self.queue_depth.set(depth)
             case NodeStatus(node=node, status=status):

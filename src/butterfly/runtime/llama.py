@@ -173,6 +173,7 @@ class LlamaStage:
         starts: Sequence[int],
         *,
         last_only: bool = False,
+        trace: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Row b of `x` is request b, with its own cache and start position; all rows have
         T tokens. Decode steps of concurrent requests run as one batch this way: one set of
@@ -195,6 +196,8 @@ class LlamaStage:
             a = rms_norm(h, blk.attn_norm, eps)
             h = h + self._attention(blk, a, caches, i, starts, cos, sin, masks)
             h = h + self._mlp(blk, rms_norm(h, blk.mlp_norm, eps))
+            if trace is not None:  # per-layer outputs, for the Merkle root of a proof
+                trace.append(h)
         for cache, start in zip(caches, starts, strict=True):
             cache.advance(start + length)
         if self.head is None:

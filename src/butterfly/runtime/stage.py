@@ -89,14 +89,24 @@ def forward_rows(
     starts: Sequence[int],
     *,
     last_only: bool = False,
+    trace: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Rows of `x` are separate requests; batched where the family can, else row by row."""
+    """Rows of `x` are separate requests; batched where the family can, else row by row.
+
+    `trace`, when given, collects each layer's output (families that support it), for the
+    per-layer hashes of a proof.
+    """
     batched = getattr(stage, "forward_rows", None)
-    if batched is not None and len(starts) > 1:
-        out: torch.Tensor = batched(x, caches, starts, last_only=last_only)
+    if batched is not None and (len(starts) > 1 or trace is not None):
+        kwargs = {"trace": trace} if trace is not None else {}
+        out: torch.Tensor = batched(x, caches, starts, last_only=last_only, **kwargs)
         return out
     rows = [
         stage.forward(x[b : b + 1], caches[b], starts[b], last_only=last_only)
         for b in range(len(starts))
     ]
     return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+
+def supports_trace(stage: Stage) -> bool:
+    return hasattr(stage, "forward_rows")

@@ -7,7 +7,7 @@ pipeline engine that drives stages on remote nodes over the network.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -35,6 +35,9 @@ class ClusterHealth:
     epoch: int
     nodes: tuple[NodeHealth, ...] = ()
     services: dict[str, bool] = field(default_factory=dict)
+    # The active plan with the facts it was computed from and its estimated cost per
+    # token (JSON-ready), when the engine runs a decided plan; see cluster.planner.
+    plan: Mapping[str, object] | None = None
 
 
 class Engine(Protocol):

@@ -65,6 +65,7 @@ class StageStep:
     route: tuple[int, ...]
     reply_to: int
     last_only: bool
+    proofs: tuple[bytes, ...] = ()  # signed records (protocol.messages.Proof) so far
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +77,7 @@ class StepResult:
     request_ids: tuple[str, ...]
     steps: tuple[int, ...]
     node: int
+    proofs: tuple[bytes, ...] = ()  # every stage's signed record of every entry
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +89,29 @@ class StepError:
     error_type: str
     message: str
     retriable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRequest:
+    """Re-run `request_id`'s whole sequence (the payload: this stage's input for every
+    position) through the receiver's stage as one prefill; answered by AuditReply."""
+
+    kind: ClassVar[str] = "audit_request"
+    request_id: str
+    stage: int
+    layer_start: int
+    layer_end: int
+
+
+@dataclass(frozen=True, slots=True)
+class AuditReply:
+    """The stage's output for every position (payload) and the signed record of it."""
+
+    kind: ClassVar[str] = "audit_reply"
+    request_id: str
+    node: int
+    proof: bytes
+    error: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +130,7 @@ class PlanAssign:
     epoch: int
     stages: tuple[int, ...]
     model_hash: str
+    replicas: tuple[int, ...] = ()  # further holders of the same ranges, same triples
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +140,23 @@ class PlanAck:
     node: int
     ok: bool
     error: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Link probe on the data channel; the payload is padding whose transfer is timed."""
+
+    kind: ClassVar[str] = "ping"
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    """Answer to a Ping, with no payload; `received` is the padding length that arrived."""
+
+    kind: ClassVar[str] = "pong"
+    seq: int
+    received: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +174,11 @@ class StatusReply:
     kv_bytes: int
     compute_flops: float  # measured at start-up, for placement
     memory_bytes: int
+    # Links this node measured, as parallel tuples (index i: one peer); see cluster.facts.
+    link_peers: tuple[int, ...] = ()
+    link_latency_ms: tuple[float, ...] = ()
+    link_bandwidth_bytes_per_s: tuple[float, ...] = ()
+    layer_overhead_ms: float = 0.0  # fixed time per layer beyond its FLOPs, measured too
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,9 +253,13 @@ Message = (
     | StageStep
     | StepResult
     | StepError
+    | AuditRequest
+    | AuditReply
     | Release
     | PlanAssign
     | PlanAck
+    | Ping
+    | Pong
     | StatusQuery
     | StatusReply
     | AgreementFrame

@@ -1,0 +1,188 @@
+"""Audit: replicas re-run a finished generation as one prefill and check every claim.
+
+The chain's nodes signed a record (fingerprint of the output) for every step they ran.
+After generation the gateway sends the whole sequence, stage by stage, to another holder
+of each stage's layers, which runs it as ONE prefill pass (a fraction of the cost of
+generating) and returns its output for every position. Each signed claim is checked
+against the replica's output at the claim's positions, with float tolerances. On a
+mismatch the gateway itself re-executes that stage from the agreed input (it is trusted,
+DESIGN.md section 3) and blames whichever of the two contradicts the re-execution; the
+signed record of the liar is the evidence that goes through agreement to evict it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from butterfly.cluster.stage_server import StagePlan
+from butterfly.protocol.messages import Proof, decode
+from butterfly.protocol.proof import Tolerance, matches_tensor
+from butterfly.runtime.loader import load_stage
+from butterfly.runtime.stage import Stage, forward_rows
+from butterfly.runtime.wire import decode_tensor, encode_tensor
+from butterfly.types.errors import ButterflyError
+from butterfly.types.ids import NodeId
+from butterfly.types.messages import AuditReply, AuditRequest
+from butterfly.types.model import LayerRange
+
+log = logging.getLogger(__name__)
+Ask = Callable[[NodeId, AuditRequest, bytes], Awaitable[tuple[AuditReply, bytes]]]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A chain node's signed record of one step: rows [start, start + width) of the output."""
+
+    proof: Proof
+    start: int
+    width: int
+
+
+@dataclass(frozen=True)
+class Verdict:
+    verified: bool  # every claim checked against an independent replica (or the referee)
+    liars: tuple[NodeId, ...] = ()
+    reason: str = ""
+    checked: int = 0  # claims checked
+    evidence: tuple[bytes, ...] = field(default=(), repr=False)
+
+
+class Referee:
+    """The gateway's own re-execution of a stage, loaded on first dispute."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self._model_dir = model_dir
+        self._stages: dict[LayerRange, Stage] = {}
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="referee")
+
+    async def run(self, layers: LayerRange, x: torch.Tensor) -> torch.Tensor:
+        def compute() -> torch.Tensor:
+            stage = self._stages.get(layers)
+            if stage is None:
+                stage = self._stages[layers] = load_stage(self._model_dir, layers)
+            with torch.inference_mode():
+                return forward_rows(stage, x, [stage.new_cache()], [0], last_only=False)
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, compute)
+
+
+class Auditor:
+    def __init__(
+        self,
+        *,
+        ask: Ask,
+        keys: Mapping[NodeId, bytes],
+        referee: Referee,
+        tolerance: Tolerance,
+        max_tensor_bytes: int,
+    ) -> None:
+        self._ask, self._keys, self._referee = ask, keys, referee
+        self._tol, self._max = tolerance, max_tensor_bytes
+
+    def claims_of(
+        self,
+        records: Sequence[bytes],
+        *,
+        request_id: str,
+        plan: StagePlan,
+        positions: Mapping[int, tuple[int, int]],
+    ) -> dict[int, list[Claim]]:
+        """This request's signed records of the plan's epoch, by stage index. Unsigned or
+        forged ones are dropped: they prove nothing, and the stage then fails its audit.
+
+        `positions[step]` is (start, length) of the step's input; the last stage answered
+        only the step's last position (generation needs no more).
+        """
+        last = len(plan.stages) - 1
+        by_stage: dict[int, list[Claim]] = {}
+        seen: set[tuple[int, int]] = set()
+        for raw in records:
+            try:
+                proof = decode(raw)
+            except ButterflyError:
+                continue
+            if (
+                not isinstance(proof, Proof)
+                or proof.request_id != request_id
+                or proof.epoch != plan.epoch
+                or proof.step not in positions
+                or (proof.step, int(proof.stage)) in seen
+            ):
+                continue
+            key = self._keys.get(proof.sender)
+            if key is None or not proof.verify(key):
+                continue
+            seen.add((proof.step, int(proof.stage)))
+            start, length = positions[proof.step]
+            claim = (
+                Claim(proof, start + length - 1, 1)
+                if proof.stage == last
+                else Claim(proof, start, length)
+            )
+            by_stage.setdefault(int(proof.stage), []).append(claim)
+        return by_stage
+
+    async def audit(
+        self,
+        plan: StagePlan,
+        request_id: str,
+        sequence: Sequence[int],
+        claims: Mapping[int, list[Claim]],
+    ) -> Verdict:
+        """Check every stage's claims; the sequence is every token whose output was used."""
+        x = torch.tensor([list(sequence)], dtype=torch.int64)
+        checked, liars, reasons = 0, [], []
+        for index, (node, layers) in enumerate(plan.stages):
+            mine = claims.get(index, [])
+            if not mine:
+                return Verdict(False, reason=f"stage {index} sent no signed records")
+            others = [n for n in plan.holders(layers) if n != node]
+            if not others:
+                return Verdict(False, reason=f"no replica of {layers} to audit node {node}")
+            auditor = others[0]
+            reply, payload = await self._ask(
+                auditor,
+                AuditRequest(request_id, index, layers.start, layers.end),
+                encode_tensor(x),
+            )
+            out = decode_tensor(payload, self._max) if not reply.error else None
+            if out is not None and all(self._matches(c, out) for c in mine):
+                checked += len(mine)
+                x = out
+                continue
+            # a dispute: the gateway re-executes and blames whoever contradicts it
+            reference = await self._referee.run(layers, x)
+            chain_lied = [c for c in mine if not self._matches(c, reference)]
+            auditor_lied = (
+                out is None
+                or out.shape != reference.shape
+                or not torch.allclose(out, reference, rtol=self._tol.rtol, atol=self._tol.atol)
+            )
+            reason = (
+                f"stage {index} {layers}: chain node {node} "
+                f"{'contradicts' if chain_lied else 'matches'} the re-execution, "
+                f"auditor {auditor} {'contradicts' if auditor_lied else 'matches'} it"
+            )
+            log.warning("audit of %s: %s", request_id, reason)
+            reasons.append(reason)
+            if auditor_lied:
+                liars.append(auditor)
+            if chain_lied:
+                evidence = tuple(c.proof.signature for c in chain_lied)
+                return Verdict(False, (*liars, node), "; ".join(reasons), checked, evidence)
+            checked += len(mine)
+            x = reference  # the chain was right; go on from what is known to be right
+        return Verdict(True, tuple(liars), "; ".join(reasons), checked)
+
+    def _matches(self, claim: Claim, out: torch.Tensor) -> bool:
+        rows = out[:, claim.start : claim.start + claim.width]
+        return rows.shape[1] == claim.width and matches_tensor(
+            claim.proof.fingerprint, rows, self._tol
+        )

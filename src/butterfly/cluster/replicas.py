@@ -1,0 +1,39 @@
+"""Replicated placement: every layer range on `copies` distinct nodes.
+
+Verification needs every layer range held by at least f+1 distinct nodes (DESIGN.md
+section 3): the chain runs on one holder, an audit re-runs on another, and the same
+replicas are the standbys that take a stage over when its node dies.
+"""
+
+from __future__ import annotations
+
+from butterfly.cluster.stage_server import StagePlan
+from butterfly.types.errors import InsufficientResources
+from butterfly.types.ids import NodeId
+
+
+def split_for_replication(members: list[NodeId], copies: int) -> tuple[list[NodeId], list[NodeId]]:
+    """(chain nodes, spare nodes): with n nodes and `copies` holders per range, the chain
+    gets n // copies nodes and the rest hold the copies.
+
+        >>> split_for_replication([0, 1, 2, 3], 2)
+        ([0, 1], [2, 3])
+    """
+    if copies <= 1:
+        return list(members), []
+    stages = len(members) // copies
+    if stages < 1:
+        raise InsufficientResources(
+            f"{len(members)} live nodes cannot hold every layer range {copies} times; "
+            f"add nodes or lower partition.replication / byzantine.f"
+        )
+    return list(members[:stages]), list(members[stages : stages * copies])
+
+
+def add_replicas(plan: StagePlan, spares: list[NodeId]) -> StagePlan:
+    """The plan with the spare nodes holding the chain's ranges, round robin."""
+    if not spares:
+        return plan
+    ranges = [r for _, r in plan.stages]
+    replicas = tuple((node, ranges[i % len(ranges)]) for i, node in enumerate(spares))
+    return StagePlan(plan.epoch, plan.stages, replicas)

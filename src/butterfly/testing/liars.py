@@ -1,0 +1,63 @@
+"""Faulty stage servers: a node composed with one of these lies in a specific way.
+
+They are whole parts, swapped in by composition (`Node(..., stage_server_type=...)`),
+never switches inside the production types. Each signs what it sends, as a real liar
+holding its own key would: the audit must catch the lie from the content alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+
+from butterfly.cluster.stage_server import StageServer
+from butterfly.net.framing import Envelope
+from butterfly.types.messages import PlanAck, PlanAssign
+
+
+class CorruptStageServer(StageServer):
+    """Perturbs every activation it sends."""
+
+    def tamper(self, out: torch.Tensor) -> torch.Tensor:
+        g = torch.Generator().manual_seed(int(self.node))
+        return out + 0.5 * torch.randn(out.shape, generator=g, dtype=out.dtype)
+
+
+class WrongLayerStageServer(StageServer):
+    """Skips the last layer of its stage: with that block's output projections zeroed the
+    block adds nothing to the residual stream, exactly as if it were not run."""
+
+    async def apply_plan(self, msg: PlanAssign) -> PlanAck:
+        ack = await super().apply_plan(msg)
+        blocks = getattr(self.stage, "blocks", None)
+        if blocks:
+            for name in ("wo", "w2"):
+                weight = getattr(blocks[-1], name, None)
+                if isinstance(weight, torch.Tensor):
+                    weight.zero_()
+        return ack
+
+
+class SlowStageServer(StageServer):
+    """Correct, but 50 ms late on every step."""
+
+    async def compute(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(0.05)
+        return await super().compute(*args, **kwargs)
+
+
+class SilentStageServer(StageServer):
+    """Heartbeats (the node's membership runs) but never answers a step or an audit."""
+
+    async def on_step(self, env: Envelope):  # type: ignore[no-untyped-def]
+        await asyncio.Event().wait()
+
+
+BEHAVIOURS: dict[str, type[StageServer]] = {
+    "honest": StageServer,
+    "corrupt": CorruptStageServer,
+    "wrong-layer": WrongLayerStageServer,
+    "slow": SlowStageServer,
+    "silent": SilentStageServer,
+}
