@@ -17,6 +17,11 @@ Prints one JSON object.
   the time from death to suspected and failed is measured, over many seeded trials.
 - `false_suspicions`: 5 simulated minutes of heartbeats jittering +-60 ms with 5 % of
   them delayed to 250 ms (GC pauses, busy CPU): how often phi reached 8.
+- `pbft_commit_4_processes_ms`: the live path, 4 replica processes on 127.0.0.1 (f = 1),
+  each an `AgreementDriver` over `TcpTransport` (`bench/agreement_node.py`); one command
+  at a time from replica 0's `propose` to its own execution (2f+1 commits), sockets,
+  codecs and Ed25519 included. On a 2-core machine the 4 processes share the cores, so
+  `load_average_1m` matters: other work there shows up directly in these figures.
 
     .venv/bin/python bench/protocol.py [--requests 300] [--trials 500]
 """
@@ -30,9 +35,13 @@ import os
 import platform
 import random
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
+from butterfly.cluster.launcher import free_ports
 from butterfly.protocol import pbft
 from butterfly.protocol.failure_detector import PhiAccrualFailureDetector
 from butterfly.protocol.messages import (
@@ -203,16 +212,45 @@ def false_suspicions(seed: int = 11, minutes: float = 5.0) -> dict[str, Any]:
     return {"heartbeats": beats, "suspicions": count, "max_phi": round(worst, 3)}
 
 
+def pbft_processes(requests: int) -> dict[str, Any]:
+    """Spawn the 4 replica processes, collect replica 0's figures, reap every child by PID."""
+    ports = free_ports(N)
+    script = Path(__file__).resolve().parent / "agreement_node.py"
+    base = [sys.executable, str(script), "--ports", ",".join(map(str, ports))]
+    others = [subprocess.Popen([*base, "--replica", str(i)]) for i in range(1, N)]
+    client = subprocess.Popen(
+        [*base, "--replica", "0", "--requests", str(requests)], stdout=subprocess.PIPE
+    )
+    try:
+        out, _ = client.communicate(timeout=600)
+    finally:
+        for p in [client, *others]:
+            if p.poll() is None:
+                p.terminate()
+        for p in [client, *others]:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=10)
+    if client.returncode != 0:
+        raise SystemExit(f"replica 0 failed with exit code {client.returncode}")
+    figures: dict[str, Any] = json.loads(out)
+    return {**figures["commit_ms"], "requests": figures["requests"], "replicas": N, "f": F}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--trials", type=int, default=500)
+    parser.add_argument("--process-requests", type=int, default=200)
     args = parser.parse_args()
     result = {
         "benchmark": "protocol",
         "pbft_commit_ms": pbft_latency(args.requests),
         "detection_ms": detection(args.trials),
         "false_suspicions": false_suspicions(),
+        "pbft_commit_4_processes_ms": pbft_processes(args.process_requests),
         "targets": TARGETS,
         "machine": {
             "python": platform.python_version(),

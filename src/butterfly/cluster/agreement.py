@@ -9,9 +9,10 @@ needs no lock.
 
 Executed commands leave in sequence order through one queue, to `on_commit(seq, command)`
 on every node; `propose(command)` signs a client request with the node key, submits it to
-every replica (so backups time a primary that ignores it) and returns the sequence number
-once this node has executed it. A retried or relayed request runs once (PBFT orders a
-duplicate but the driver skips it, keyed by client and timestamp).
+every replica (so backups time a primary that ignores it; the primary's own requests reach
+them inside its pre-prepare) and returns the sequence number once this node has executed
+it. A retried or relayed request runs once (PBFT orders a duplicate but the driver skips
+it, keyed by client and timestamp).
 
 Sends go through a bounded queue per peer: a dead or slow peer loses frames rather than
 stalling the others, which is safe because PBFT retransmits on its own (`Status`).
@@ -189,7 +190,10 @@ class AgreementDriver:
         done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._waiters[key] = done
         try:
-            self._route([Send(None, request)])
+            if not self._state.is_primary or self._state.in_view_change:
+                # backups must see it too, so their timers replace a primary that ignores
+                # it; a primary's own request reaches them inside its pre-prepare
+                self._route([Send(None, request)])
             self._step(request)
             async with asyncio.timeout(timeout):
                 return await done
