@@ -174,3 +174,15 @@ async def test_garbage_and_strangers_are_dropped_and_counted(cluster: Cluster) -
     reasons = [e.reason for e in cluster.events if isinstance(e, MessageDropped)]
     assert reasons.count("agreement_invalid") >= 2 and "agreement_stranger" in reasons
     assert await cluster.drivers[0].propose(b"still fine", timeout=10.0) == 1
+
+
+async def test_a_restarted_primary_is_replaced_and_the_log_stays_one(cluster: Cluster) -> None:
+    for k in range(3):
+        await cluster.drivers[1].propose(f"before{k}".encode(), timeout=10.0)
+    await cluster.stop(0)
+    await cluster.start(0)  # the primary of view 0 comes back with an empty replica
+    seq = await cluster.drivers[0].propose(b"after", timeout=15.0)
+    assert seq == 4
+    await wait_until(lambda: all(len(cluster.logs[i]) == 4 for i in range(4)))
+    assert all(cluster.logs[i] == cluster.logs[1] for i in range(4))
+    assert cluster.commands(0) == [b"before0", b"before1", b"before2", b"after"]

@@ -9,10 +9,16 @@ needs no lock.
 
 Executed commands leave in sequence order through one queue, to `on_commit(seq, command)`
 on every node; `propose(command)` signs a client request with the node key, submits it to
-every replica (so backups time a primary that ignores it; the primary's own requests reach
-them inside its pre-prepare) and returns the sequence number once this node has executed
-it. A retried or relayed request runs once (PBFT orders a duplicate but the driver skips
-it, keyed by client and timestamp).
+every replica (so backups time a primary that ignores it) and returns the sequence number
+once this node has executed it. A retried or relayed request runs once (PBFT orders a
+duplicate but the driver skips it, keyed by client and timestamp).
+
+A restarted node starts from an empty replica: its peers relay what it missed (commit
+certificates, or a certified state transfer below their stable checkpoint), and the
+driver hands every command to `on_commit` again from sequence number 1, so the commit
+handler must recognise what it already applied. A restarted *primary* cannot vouch for
+the pre-prepares it sent before the crash; the requests it then fails to order time out
+at the backups, which move to the next view.
 
 Sends go through a bounded queue per peer: a dead or slow peer loses frames rather than
 stalling the others, which is safe because PBFT retransmits on its own (`Status`).
@@ -190,10 +196,9 @@ class AgreementDriver:
         done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._waiters[key] = done
         try:
-            if not self._state.is_primary or self._state.in_view_change:
-                # backups must see it too, so their timers replace a primary that ignores
-                # it; a primary's own request reaches them inside its pre-prepare
-                self._route([Send(None, request)])
+            # to every replica, even when we are the primary: backups time it, so a primary
+            # that cannot order it (one restarted with an empty log) is replaced
+            self._route([Send(None, request)])
             self._step(request)
             async with asyncio.timeout(timeout):
                 return await done
