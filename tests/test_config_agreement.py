@@ -28,6 +28,7 @@ from butterfly.config import (
     ConfigInvalid,
     ConfigManager,
     UpdateRefused,
+    apply_patch,
     load_config,
 )
 from butterfly.config.proposal import propose_update, resume_committed
@@ -326,3 +327,15 @@ def test_histories_with_unique_sequence_numbers_are_migrated(tmp_path: Path) -> 
         assert history.last_cluster_seq() == 3
         newest = history.by_cluster_seq(3)
         assert newest is not None and newest.reason == "sync back"
+
+
+async def test_rollback_restores_run_time_settings_and_leaves_static_ones(cluster: Cluster) -> None:
+    manager = cluster.nodes[0].manager
+    earlier = apply_patch(  # as recorded by an earlier run, before a restart on other limits
+        manager.current, {"partition.strategy": "uniform", "network.max_frame_bytes": 2**20}
+    )
+    record = manager.history.record(earlier, source="earlier run", reason="start")
+    result = await cluster.nodes[0].coordinator.rollback(record.version)
+    assert [c.key for c in result.changes] == ["partition.strategy"]
+    assert {n.manager.current.partition.strategy for n in cluster.nodes.values()} == {"uniform"}
+    assert manager.current.network.max_frame_bytes == 256 * 2**20

@@ -32,6 +32,7 @@ from butterfly.cluster.commands import ConfigAbort, ConfigUpdate, encode_command
 from butterfly.cluster.config_replica import Applied, ConfigReplica, NotApplied
 from butterfly.cluster.config_votes import valid_vote
 from butterfly.config import ButterflyConfig, Proposal, UpdateRefused, apply_patch
+from butterfly.config.fields import config_leaves, field_specs
 from butterfly.config.proposal import Kind, classify, propose_change, restart_required
 from butterfly.config.versions import Change, canonical_json, diff_configs
 from butterfly.net.transport import Transport
@@ -133,9 +134,14 @@ class ConfigCoordinator:
         return await self._change(current, target, "update", reason or "api update")
 
     async def rollback(self, version: int, *, reason: str = "") -> ChangeResult:
-        """Go back to this gateway's history `version`, as a new agreed version."""
+        """Go back to the run-time settings of this gateway's history `version`, as a new
+        agreed version. Static options stay as they are: they changed by a restart (new
+        ports of a restarted local cluster, say) and only a restart changes them back."""
         manager = self.replica.manager
-        target = manager.history.config_at(version)
+        specs = field_specs()
+        then = config_leaves(manager.history.config_at(version))
+        dynamic = {k: v for k, v in then.items() if not specs[k].mutability.requires_restart}
+        target = apply_patch(manager.current, dynamic, f"history version {version}")
         why = reason or f"rollback to version {version}"
         return await self._change(manager.current, target, "rollback", why)
 
@@ -149,7 +155,9 @@ class ConfigCoordinator:
             raise UpdateRefused("the change does nothing: every value is already in force")
         result: ChangeResult | None = None
         if parts.consensus:
-            agreed = apply_patch(current, {c.key: c.new for c in parts.consensus}, "api")
+            agreed = target
+            if parts.local:  # the proposal carries the cluster-wide part alone
+                agreed = apply_patch(current, {c.key: c.new for c in parts.consensus}, "api")
             result = await self._agree(propose_change(current, agreed, kind=kind, reason=reason))
         if parts.local:
             local = self.replica.manager.update(
@@ -214,17 +222,18 @@ class ConfigCoordinator:
 
     async def _prepare(self, digest: str, body: bytes, deadline: float) -> list[ConfigVote]:
         """PREPARE on every node; the OK votes, or why the change stops here."""
-        mine = self.replica.vote(digest, body)
-        if not mine.ok:
-            raise ConfigRejected(self.me, mine.reason)
         keys = self.replica.keys
         asks = {
             asyncio.create_task(self._ask_vote(peer, digest, body, deadline)): peer
             for peer in self._peers
         }
-        oks: list[ConfigVote] = [mine]
         silent: list[NodeId] = []
         try:
+            await asyncio.sleep(0)  # the PREPAREs leave first; this node votes meanwhile
+            mine = self.replica.vote(digest, body)
+            if not mine.ok:
+                raise ConfigRejected(self.me, mine.reason)
+            oks: list[ConfigVote] = [mine]
             pending = set(asks)
             while pending:
                 wait = deadline - time.monotonic()
