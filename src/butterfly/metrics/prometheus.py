@@ -129,6 +129,9 @@ class Metrics:
         self.node_failures = Counter(
             "node_failures", "Nodes declared failed", namespace=ns, registry=r
         )
+        self.suspicions = Counter(
+            "suspicions", "Times a peer became suspected", ["node"], namespace=ns, registry=r
+        )
         self.evictions = Counter(
             "byzantine_evictions", "Nodes evicted on evidence of lying", namespace=ns, registry=r
         )
@@ -203,6 +206,8 @@ class Metrics:
                 self.queue_depth.set(depth)
             case NodeStatus(node=node, status=status):
                 self.node_status.labels(node=str(node)).state(status)
+                if status == "suspected":
+                    self.suspicions.labels(node=str(node)).inc()
             case _:
                 assert_never(event)
 

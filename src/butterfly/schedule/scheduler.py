@@ -157,7 +157,7 @@ class Scheduler:
             )
         self._reserved += 1
         try:
-            await asyncio.to_thread(self._store.add, task)
+            self._store.add(task)  # ~0.1 ms in WAL mode: cheaper inline than a thread hop
         finally:
             self._reserved -= 1
         live = self._enqueue(task, force=True)
@@ -360,7 +360,7 @@ class Scheduler:
         live.state = transition(live.state, event)
         live.result = result
         try:
-            await asyncio.to_thread(self._store.finish, live.task.task_id, live.state, result)
+            self._store.finish(live.task.task_id, live.state, result)
         except Exception as e:  # the state is still served from memory until a restart
             log.exception("could not record task %s as %s", live.task.task_id, live.state)
             if live.state.status is TaskStatus.COMPLETED:

@@ -1,0 +1,228 @@
+"""Fault benchmark: detection, false suspicions under load, recovery, cost of audits.
+
+Prints one JSON object. All on local node processes with the default failure-detector
+settings (100 ms heartbeats, suspect at phi 8, failed at phi 12):
+
+- detection: SIGKILL a stage node of an idle cluster; time until the gateway's /health
+  shows it suspected and failed (polled every 5 ms), over `--trials` kills;
+- false suspicions: an idle 4-node cluster for `--load-seconds` with both cores kept busy
+  by two spinning processes; `butterfly_suspicions_total` on the gateway;
+- recovery: a 64-token generation on the small model, a chain node killed at token 16;
+  from the kill to the next token produced, and whether the tokens equal an undisturbed run;
+- audit cost: per-token latency and total CPU (all node processes) of 64-token
+  generations with `byzantine.verification` audit (f = 1: every range on 2 nodes) vs none.
+
+    python bench/faults.py [--trials 5] [--load-seconds 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from butterfly.cluster.launcher import LocalCluster, free_ports, node_configs
+from common import bench_model, machine, summary
+
+NEW = 64
+
+
+def start(model: Path, nodes: int, tmp: Path, **settings: Any) -> LocalCluster:
+    port = free_ports(1)[0]
+    f = int(settings.pop("f", 0))
+    cfgs = node_configs(
+        nodes=nodes,
+        f=f,
+        model=model,
+        api_port=port,
+        data_dir=tmp,
+        settings={k.replace("__", "."): v for k, v in settings.items()},
+    )
+    cluster = LocalCluster(cfgs, f"http://127.0.0.1:{port}", tmp)
+    try:
+        cluster.start()
+        cluster.wait_ready(300)
+    except BaseException:
+        cluster.stop()  # every child reaped by PID, even when start-up fails
+        raise
+    return cluster
+
+
+def statuses(url: str) -> dict[int, str]:
+    nodes = httpx.get(f"{url}/health", timeout=5).json()["nodes"]
+    return {n["id"]: n["status"] for n in nodes}
+
+
+def detection(model: Path, trials: int) -> dict[str, Any]:
+    suspected, failed = [], []
+    for _ in range(trials):
+        with tempfile.TemporaryDirectory() as tmp:
+            cluster = start(model, 4, Path(tmp))
+            try:
+                time.sleep(2.0)  # a window of regular heartbeats
+                t0 = time.perf_counter()
+                cluster.kill(3)
+                s = f = None
+                while f is None and time.perf_counter() - t0 < 10:
+                    st = statuses(cluster.api_url).get(3)
+                    now = time.perf_counter() - t0
+                    if s is None and st in ("suspected", "failed"):
+                        s = now
+                    if st == "failed":
+                        f = now
+                    time.sleep(0.005)
+                if s is not None and f is not None:
+                    suspected.append(s * 1000)
+                    failed.append(f * 1000)
+            finally:
+                cluster.stop()
+    return {"kill_to_suspected_ms": summary(suspected), "kill_to_failed_ms": summary(failed)}
+
+
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    x = 0
+    while time.perf_counter() < end:
+        x += 1
+
+
+def metric_sum(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return sum(
+        s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == name
+    )
+
+
+def false_suspicions(model: Path, seconds: float) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        cluster = start(model, 4, Path(tmp))
+        try:
+            burners = [multiprocessing.Process(target=_spin, args=(seconds,)) for _ in range(2)]
+            for b in burners:
+                b.start()
+            for b in burners:
+                b.join(seconds + 30)
+            count = metric_sum(cluster.api_url, "butterfly_suspicions_total")
+            return {
+                "seconds": seconds,
+                "busy_processes": 2,
+                "suspicions": count,
+                "healthy_after": httpx.get(f"{cluster.api_url}/health").json()["healthy"],
+            }
+        finally:
+            cluster.stop()
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / 100.0  # utime + stime, clock ticks
+    return total
+
+
+def generate(url: str, prompt: list[int]) -> dict[str, Any]:
+    body = {"input_ids": prompt, "max_new_tokens": NEW, "wait": True}
+    r = httpx.post(f"{url}/inference", json=body, timeout=600)
+    r.raise_for_status()
+    return dict(r.json())
+
+
+def recovery(model: Path, prompt: list[int]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        cluster = start(model, 4, Path(tmp))
+        try:
+            expected = generate(cluster.api_url, prompt)["output_ids"]
+            body = {"input_ids": prompt, "max_new_tokens": NEW}
+            task = httpx.post(f"{cluster.api_url}/inference", json=body).json()["task_id"]
+            while (
+                httpx.get(f"{cluster.api_url}/status/{task}").json().get("tokens_generated", 0) < 16
+            ):
+                time.sleep(0.002)
+            t0 = time.perf_counter()
+            cluster.kill(2)
+            while (
+                httpx.get(f"{cluster.api_url}/status/{task}").json().get("tokens_generated", 0) < 17
+            ):
+                time.sleep(0.002)
+            resumed = time.perf_counter() - t0
+            r = httpx.get(f"{cluster.api_url}/result/{task}", params={"wait": 300}, timeout=400)
+            result = r.json()
+            return {
+                "kill_to_next_token_ms": round(resumed * 1000, 1),
+                "engine_recovery_ms": round(result["timings"].get("recovery_s", 0) * 1000, 1),
+                "tokens_identical": result["output_ids"] == expected,
+            }
+        finally:
+            cluster.stop()
+
+
+def audit_cost(model: Path, prompt: list[int], rounds: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for mode, f in (("none", 0), ("audit", 1)):
+        with tempfile.TemporaryDirectory() as tmp:
+            cluster = start(model, 4, Path(tmp), f=f, byzantine__verification=mode)
+            try:
+                generate(cluster.api_url, prompt)  # warm-up
+                pids = [p.pid for p in cluster.procs]
+                per_token, cpu, verified = [], [], set()
+                for _ in range(rounds):
+                    c0 = cpu_seconds(pids)
+                    res = generate(cluster.api_url, prompt)
+                    cpu.append(cpu_seconds(pids) - c0)
+                    per_token.append(res["timings"]["time_per_output_token_s"] * 1000)
+                    verified.add(res["verified"])
+                out[mode] = {
+                    "decode_ms_per_token": summary(per_token),
+                    "cpu_s_per_request": summary(cpu),
+                    "verified": sorted(verified),
+                }
+            finally:
+                cluster.stop()
+    none, audit = out["none"], out["audit"]
+    out["audit_vs_none"] = {
+        "cpu": round(audit["cpu_s_per_request"]["median"] / none["cpu_s_per_request"]["median"], 3),
+        "per_token": round(
+            audit["decode_ms_per_token"]["median"] / none["decode_ms_per_token"]["median"], 3
+        ),
+    }
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--load-seconds", type=float, default=300.0)
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    tiny, small = bench_model("tiny"), bench_model("small")
+    prompt = list(range(1, 129))
+    print(
+        json.dumps(
+            {
+                "benchmark": "faults",
+                "machine": machine(),
+                "detection": detection(tiny, args.trials),
+                "false_suspicions_under_load": false_suspicions(tiny, args.load_seconds),
+                "recovery_small_model": recovery(small, prompt),
+                "verification_cost_small_model": audit_cost(small, prompt, args.rounds),
+                "replicate_mode": "not implemented: only audit and none",
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
