@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -178,6 +179,7 @@ class ConfigReplica:
         return outcome
 
     def _commit(self, update: ConfigUpdate) -> Outcome:
+        started = time.perf_counter()
         digest = hashlib.sha256(update.proposal).hexdigest()
         if update.nonce in self._aborted:
             return NotApplied("rolled back: its abort was ordered first", aborted=True)
@@ -209,7 +211,14 @@ class ConfigReplica:
             return NotApplied(str(e))
         self.error, self.failed_seq = "", 0
         rec = self.manager.record
-        log.info("config seq %d applied: version %d, %s", update.seq, rec.version, proposal.keys)
+        took = (time.perf_counter() - started) * 1000
+        log.info(
+            "config seq %d applied in %.1f ms: version %d, %s",
+            update.seq,
+            took,
+            rec.version,
+            proposal.keys,
+        )
         return Applied(update.seq, rec.version, rec.config_hash, rec.cluster_hash, result.applied)
 
     # --- FINALIZE and health ------------------------------------------------------------

@@ -156,8 +156,8 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     specs = field_specs()
     for k, v in data.items():
         key = prefix + k
-        # dict first: the isinstance check against the Mapping ABC is slow on the hot path
-        if (type(v) is dict or isinstance(v, Mapping)) and key not in specs:
+        # known leaves first, then dict: the Mapping ABC check is slow on the hot path
+        if key not in specs and (type(v) is dict or isinstance(v, Mapping)):
             out.update(flatten(v, key + "."))
         else:
             out[key] = v

@@ -156,8 +156,14 @@ def resume_committed(cfg: ButterflyConfig, history: ConfigHistory) -> ButterflyC
     return apply_patch(cfg, values, f"history version {latest.version}")
 
 
-def check_proposal(current: ButterflyConfig, proposal: Proposal) -> ButterflyConfig:
-    """PREPARE (validation half): the config `proposal` yields here, or why not."""
+def check_proposal(
+    current: ButterflyConfig, proposal: Proposal, *, here: str | None = None
+) -> ButterflyConfig:
+    """PREPARE (validation half): the config `proposal` yields here, or why not.
+
+    `here` is `cluster_hash(current)` when the caller already has it (a manager keeps it
+    in its record), which spares hashing the whole config on every vote.
+    """
     bad = [k for k in proposal.keys if k not in field_specs()]
     bad += [
         k
@@ -166,11 +172,12 @@ def check_proposal(current: ButterflyConfig, proposal: Proposal) -> ButterflyCon
     ]
     if bad:
         raise UpdateRefused(f"proposal touches keys outside dynamic-consensus: {bad}", bad)
-    here = cluster_hash(current)
+    here = cluster_hash(current) if here is None else here
     if here != proposal.base_cluster_hash:
         raise UpdateRefused(
             f"stale proposal: it starts from cluster config {proposal.base_cluster_hash[:12]}, "
-            f"this node has {here[:12]}; run `butterfly config sync`"
+            f"this node has {here[:12]} (a change committed first: retry on top of it; "
+            "or this node is behind: `butterfly config sync`)"
         )
     candidate = apply_patch(current, dict(proposal.changes), f"proposal {proposal.digest[:12]}")
     if cluster_hash(candidate) != proposal.new_cluster_hash:

@@ -149,7 +149,8 @@ class ConfigManager:
         """PREPARE: would this node accept `proposal`? Validates and asks every `check`."""
         with self._lock:
             try:
-                candidate = check_proposal(self._config, proposal)
+                here = self._record.cluster_hash
+                candidate = check_proposal(self._config, proposal, here=here)
                 self._check(self._config, candidate)
             except ConfigError as e:
                 return Vote(False, proposal.digest, str(e))
@@ -173,7 +174,7 @@ class ConfigManager:
                 if done.cluster_hash == proposal.new_cluster_hash:
                     return UpdateResult(self._record.version, self._record.config_hash, (), None)
                 raise UpdateRefused(f"sequence {seq} was applied here with another config; sync")
-            candidate = check_proposal(self._config, proposal)
+            candidate = check_proposal(self._config, proposal, here=self._record.cluster_hash)
             changes = diff_configs(self._config, candidate)
             reason = f"{proposal.kind} {proposal.digest[:12]} {proposal.reason}".strip()
             self._activate(candidate, f"cluster seq {seq}", reason, seq)
