@@ -195,3 +195,6 @@ def test_cli_update_from_a_file_and_rollback_through_the_gateway(
     view = get(cluster, "/api/v1/config")
     assert view["cluster_hash"] == start["cluster_hash"] and view["seq"] > start["seq"]
     assert view["in_sync"]
+    listed = runner.invoke(app, ["config", "history", "--limit", "2", "--url", cluster.api_url])
+    assert listed.exit_code == 0, listed.output
+    assert f"rollback to version {start['version']}" in listed.output

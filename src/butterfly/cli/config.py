@@ -30,6 +30,7 @@ from butterfly.config import (
     ConfigManager,
     UpdateRefused,
     UpdateResult,
+    VersionRecord,
     cluster_hash,
     cluster_size,
     config_hash,
@@ -143,12 +144,17 @@ def history(
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
     json_out: JsonOpt = False,
+    url: UrlOpt = None,
 ) -> None:
-    """List recorded config versions, newest first."""
+    """List recorded config versions, newest first (with --url: the gateway's)."""
     try:
-        with _history(config, data_dir) as h:
-            records = h.versions(limit)
-    except ButterflyError as e:
+        if url is not None:
+            rows = remote.call("GET", url, "/api/v1/config/history", limit=str(limit))
+            records = [VersionRecord(**row) for row in rows]
+        else:
+            with _history(config, data_dir) as h:
+                records = h.versions(limit)
+    except (ButterflyError, TypeError) as e:
         raise _fail(e) from None
     if json_out:
         _echo(json.dumps([asdict(r) for r in records], indent=2))
