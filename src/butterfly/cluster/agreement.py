@@ -62,7 +62,6 @@ def _replica_input(message: Message) -> TypeGuard[pbft.Input]:
 @dataclass(frozen=True)
 class DriverLimits:
     queue_per_peer: int = 4096  # frames waiting for one peer; the oldest is dropped beyond
-    send_timeout_s: float = 2.0  # one frame to one peer
 
 
 async def _ignore(seq: int, command: bytes) -> None:
@@ -92,6 +91,7 @@ class AgreementDriver:
         self._outbox = {p: asyncio.Queue[bytes](limits.queue_per_peer) for p in self.peers}
         self._commits: asyncio.Queue[tuple[int, bytes, tuple[NodeId, int]]] = asyncio.Queue()
         self._wake = asyncio.Event()
+        self._sleeping_until: float | None = None  # the deadline the ticker waits for
         self._delivered = 0  # highest sequence number handed to the commit queue
         self.applied = 0  # highest sequence number `on_commit` has finished
         self._ran: set[tuple[NodeId, int]] = set()  # (client, timestamp) of executed requests
@@ -137,7 +137,9 @@ class AgreementDriver:
         self._state, sends = pbft.step(self._state, message, self._clock())
         self._route(sends)
         self._collect()
-        self._wake.set()  # the deadline may have moved
+        due = pbft.next_deadline(self._state)
+        if due is not None and (self._sleeping_until is None or due < self._sleeping_until):
+            self._wake.set()  # due earlier than the ticker sleeps: it must look again
 
     def _route(self, sends: list[Send]) -> None:
         for send in sends:
@@ -231,6 +233,7 @@ class AgreementDriver:
                     await asyncio.sleep(MIN_TICK_S)  # the reducer kept it due: do not spin
                 continue
             self._wake.clear()  # no await since the deadline was read: no step is missed
+            self._sleeping_until = deadline  # a later deadline wakes us early: harmless
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
             # that arrives as the event fires, and the node would never stop
             with contextlib.suppress(TimeoutError):
@@ -250,13 +253,14 @@ class AgreementDriver:
                 waiter.set_result(seq)
 
     async def _sender(self, peer: NodeId) -> None:
+        """One peer's frames in order. A send that blocks (a peer that stopped reading)
+        holds up this peer alone; its outbox then sheds the oldest frames."""
         box = self._outbox[peer]
         while True:
             frame = await box.get()
             try:
-                async with asyncio.timeout(self._limits.send_timeout_s):
-                    await self._transport.send(peer, AgreementFrame(), frame, channel="control")
-            except (ButterflyError, TimeoutError, OSError) as e:
+                await self._transport.send(peer, AgreementFrame(), frame, channel="control")
+            except (ButterflyError, OSError) as e:
                 log.debug("agreement frame to node %s lost: %s", peer, e)
 
 
