@@ -160,9 +160,17 @@ class ConfigCoordinator:
                 agreed = apply_patch(current, {c.key: c.new for c in parts.consensus}, "api")
             result = await self._agree(propose_change(current, agreed, kind=kind, reason=reason))
         if parts.local:
-            local = self.replica.manager.update(
-                {c.key: c.new for c in parts.local}, source=f"api {kind}"
-            )
+            try:
+                local = self.replica.manager.update(
+                    {c.key: c.new for c in parts.local}, source=f"api {kind}"
+                )
+            except ConfigError as e:
+                if result is None:
+                    raise
+                raise UpdateRefused(
+                    f"the cluster-wide changes committed (config seq {result.seq}); the "
+                    f"gateway-local ones were refused: {e}"
+                ) from e
             rec = self.replica.manager.record
             result = ChangeResult(
                 result.seq if result else 0,
@@ -195,6 +203,8 @@ class ConfigCoordinator:
         outcome = self.replica.expect(nonce)
         try:
             await self._order(update, digest, deadline)
+            if not outcome.done():  # executing it failed here unexpectedly (logged)
+                raise ConfigTimeout("the change was ordered but its outcome here is unknown")
             result = outcome.result()
         finally:
             self.replica.forget(nonce)
