@@ -11,25 +11,22 @@ attempt: whichever of the two executes first decides, identically on every node,
 timeout never leaves the cluster split. Dynamic-local keys in the same patch apply on
 the gateway only, and only after the cluster part committed.
 
-Node positions (config version, cluster hash, config seq) are polled into a cache for
-`/health`, which flags nodes whose cluster hash differs from the majority's; `sync` asks
-those nodes to adopt what f+1 peers agree on.
+Where every node stands (for FINALIZE, `/health` and `sync`) is `config_status`'s job.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from butterfly.cluster.commands import ConfigAbort, ConfigUpdate, encode_command
 from butterfly.cluster.config_replica import Applied, ConfigReplica, NotApplied
+from butterfly.cluster.config_status import ClusterConfigStatus, NodeConfig
 from butterfly.cluster.config_votes import valid_vote
 from butterfly.config import ButterflyConfig, Proposal, UpdateRefused, apply_patch
 from butterfly.config.fields import config_leaves, field_specs
@@ -41,9 +38,6 @@ from butterfly.types.errors import ButterflyError, ConfigError, ConsensusTimeout
 from butterfly.types.ids import NodeId
 from butterfly.types.messages import (
     ConfigPrepare,
-    ConfigStatus,
-    ConfigStatusQuery,
-    ConfigSync,
     ConfigVote,
 )
 
@@ -51,9 +45,7 @@ log = logging.getLogger(__name__)
 
 Propose = Callable[[bytes, float], Awaitable[int]]
 """Order a command; returns its agreement sequence number (`AgreementDriver.propose`)."""
-QUERY_TIMEOUT_S = 1.0
 FINALIZE_S = 2.0
-MONITOR_INTERVAL_S = 1.0
 
 
 class ConfigRejected(UpdateRefused):
@@ -72,20 +64,6 @@ class ConfigTimeout(ConfigError):
 
 
 @dataclass(frozen=True)
-class NodeConfig:
-    """One node's config position as the gateway last saw it (`reachable=False`: no answer)."""
-
-    node: int
-    reachable: bool
-    version: int = 0
-    config_hash: str = ""
-    cluster_hash: str = ""
-    seq: int = 0
-    error: str = ""
-    failed_seq: int = 0
-
-
-@dataclass(frozen=True)
 class ChangeResult:
     """What a change did: `seq` 0 when it was node-local only; `nodes` from FINALIZE."""
 
@@ -95,16 +73,6 @@ class ChangeResult:
     cluster_hash: str
     changes: tuple[Change, ...]
     nodes: Mapping[int, str] = field(default_factory=dict)
-
-
-def majority_hash(statuses: list[NodeConfig], fallback: str) -> str:
-    """The cluster hash most reachable nodes report; the gateway's own breaks a tie."""
-    counts = Counter(s.cluster_hash for s in statuses if s.reachable)
-    if not counts:
-        return fallback
-    best = max(counts.values())
-    leaders = [h for h, c in counts.items() if c == best]
-    return fallback if fallback in leaders else min(leaders)
 
 
 class ConfigCoordinator:
@@ -123,7 +91,7 @@ class ConfigCoordinator:
         self._members, self._f, self._live, self._timeout = members, f, live, timeout_s
         self.me = replica.node
         self._peers = tuple(n for n in members if n != self.me)
-        self.statuses: list[NodeConfig] = []  # the monitor's latest poll
+        self.status = ClusterConfigStatus(replica=replica, transport=transport, members=members)
 
     # --- changes ------------------------------------------------------------------------
 
@@ -314,7 +282,7 @@ class ConfigCoordinator:
         nodes = {int(self.me): "applied"}
         todo = set(self._peers)
         while todo:
-            statuses = await asyncio.gather(*(self._status(p) for p in sorted(todo)))
+            statuses = await asyncio.gather(*(self.status.node(p) for p in sorted(todo)))
             for s in statuses:
                 if s.reachable and s.failed_seq >= result.seq:
                     nodes[s.node] = f"diverged: {s.error}"
@@ -333,82 +301,22 @@ class ConfigCoordinator:
             await asyncio.sleep(0.005)
         return dict(sorted(nodes.items()))
 
-    # --- status, health, sync ---------------------------------------------------------
-
-    async def _status(self, peer: NodeId, values: bool = False) -> NodeConfig:
-        if peer == self.me:
-            s = self.replica.status()[0]
-        else:
-            try:
-                env = await self._transport.request(
-                    peer, ConfigStatusQuery(values), timeout=QUERY_TIMEOUT_S, channel="control"
-                )
-            except ButterflyError:
-                return NodeConfig(int(peer), False)
-            if not isinstance(env.msg, ConfigStatus):
-                return NodeConfig(int(peer), False)
-            s = env.msg
-        return NodeConfig(
-            s.node, True, s.version, s.config_hash, s.cluster_hash, s.seq, s.error, s.failed_seq
-        )
+    # --- status, health, sync (see config_status) -------------------------------------
 
     async def cluster_status(self) -> list[NodeConfig]:
-        self.statuses = list(await asyncio.gather(*(self._status(n) for n in self._members)))
-        return self.statuses
+        return await self.status.poll()
 
     def reference_hash(self, statuses: list[NodeConfig]) -> str:
-        return majority_hash(statuses, self.replica.manager.record.cluster_hash)
+        return self.status.reference_hash(statuses)
 
     def health(self) -> dict[str, Any]:
-        """For `/health`: whether every reachable node runs the majority's cluster config."""
-        ref = self.reference_hash(self.statuses)
-        diverged = [s.node for s in self.statuses if s.reachable and s.cluster_hash != ref]
-        errors = {s.node: s.error for s in self.statuses if s.error}
-        return {
-            "in_sync": not diverged,
-            "cluster_hash": ref,
-            "diverged": diverged,
-            "errors": errors,
-        }
+        return self.status.health()
 
     async def monitor(self) -> None:
-        """Keep `statuses` fresh for `/health`, until cancelled."""
-        while True:
-            with contextlib.suppress(ButterflyError):
-                await self.cluster_status()
-            await asyncio.sleep(MONITOR_INTERVAL_S)
+        await self.status.monitor()
 
     async def sync(self) -> dict[int, str]:
-        """Ask every node off the majority's cluster hash to adopt what f+1 peers agree on."""
-        statuses = await self.cluster_status()
-        ref = self.reference_hash(statuses)
-        report: dict[int, str] = {}
-        for s in statuses:
-            if not s.reachable:
-                report[s.node] = "unreachable"
-            elif s.cluster_hash == ref and not s.error:
-                report[s.node] = "in sync"
-            else:
-                report[s.node] = await self._sync_one(NodeId(s.node), ref)
-        await self.cluster_status()
-        return report
-
-    async def _sync_one(self, node: NodeId, ref: str) -> str:
-        if node == self.me:
-            after = await self.replica.sync()
-        else:
-            try:
-                env = await self._transport.request(
-                    node, ConfigSync(), timeout=3 * QUERY_TIMEOUT_S, channel="control"
-                )
-            except ButterflyError as e:
-                return f"failed: {e}"
-            if not isinstance(env.msg, ConfigStatus):
-                return f"failed: answered {env.msg.kind}"
-            after = env.msg
-        if after.error:
-            return f"failed: {after.error}"
-        return "synced" if after.cluster_hash == ref else "synced to its peers' config"
+        return await self.status.sync()
 
 
 __all__ = [
@@ -416,6 +324,4 @@ __all__ = [
     "ConfigCoordinator",
     "ConfigRejected",
     "ConfigTimeout",
-    "NodeConfig",
-    "majority_hash",
 ]
