@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import math
 import time
+from pathlib import Path
 
 import pytest
 
@@ -14,9 +15,9 @@ from butterfly.cluster.facts import (
     NodeFacts,
     available_memory_bytes,
     capability_of,
-    measure_flops,
-    measure_layer_overhead_ms,
+    measure_compute,
     measure_link,
+    model_layer_step,
 )
 from butterfly.cluster.planner import (
     capabilities,
@@ -31,6 +32,7 @@ from butterfly.net.framing import Envelope
 from butterfly.net.memory import MemoryNetwork
 from butterfly.partition.capability import Link
 from butterfly.partition.service import PartitionService
+from butterfly.runtime.loader import layer_infos
 from butterfly.types.errors import InvalidMessage, NoNodesAvailable
 from butterfly.types.ids import NodeId
 from butterfly.types.messages import (
@@ -257,11 +259,22 @@ def test_replan_after_keeps_old_ranges_when_the_optimum_gains_little() -> None:
 
 
 def test_local_measurements_are_positive_and_a_limit_is_reported_as_is() -> None:
-    rate = measure_flops(0.05)
-    assert rate > 1e6
-    assert 0 <= measure_layer_overhead_ms(rate, 0.02) < 1000
+    compute = measure_compute(0.05)
+    assert compute.flops_per_s > 1e6 and 0 <= compute.layer_overhead_ms < 1000
     assert available_memory_bytes(12345) == 12345
     assert available_memory_bytes(0) > 0
+
+
+def test_a_served_models_layer_is_timed_with_its_own_code(tiny_model: Path) -> None:
+    layer = model_layer_step(tiny_model)
+    assert layer is not None
+    step, flops = layer
+    assert flops == layer_infos(tiny_model)[1].compute_cost
+    for _ in range(3):  # the same context every time: the cache is cut back after a step
+        step()
+    compute = measure_compute(0.05, model_dir=tiny_model)
+    # a 64-wide layer is microseconds of arithmetic: nearly all of its time is overhead
+    assert 0 < compute.layer_overhead_ms < 1000
 
 
 async def pong(env: Envelope) -> tuple[Message, bytes] | None:
@@ -299,7 +312,7 @@ async def test_a_probe_measures_once_however_many_ask() -> None:
         peers=[NodeId(0), NodeId(1), NodeId(2)],  # node 2 is down: its link is skipped
         transport=a,
         memory_limit_bytes=GIB,
-        flops_seconds=0.02,
+        compute_seconds=0.02,
     )
     first, second = await asyncio.gather(probe.facts(), probe.facts())
     assert first is second is probe.measured

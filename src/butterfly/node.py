@@ -132,6 +132,7 @@ class Node:
             peers=sorted(self.members),
             transport=self.transport,
             memory_limit_bytes=cfg.resources.memory_limit_bytes,
+            model_dir=model_dir,
         )
         self.facts: dict[NodeId, StatusReply] = {}  # every node's, gathered by the gateway
         self.placement: Placement | None = None

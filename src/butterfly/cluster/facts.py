@@ -23,7 +23,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,15 +39,23 @@ from butterfly.types.messages import Ping, Pong, StatusReply
 log = logging.getLogger(__name__)
 
 STREAM_ROWS, STREAM_COLS, STREAM_MATRICES = 4096, 1024, 6
-"""Weights cycled through by `measure_flops`: 6 x 16 MiB of float32, more than the
-last-level cache of the CPUs we run on (32 MiB here), so every pass reads from memory as
-decoding a model larger than the cache does."""
+"""Weights one streaming pass multiplies: 6 x 16 MiB of float32, more than the last-level
+cache of the CPUs we run on (32 MiB here), so every pass reads from memory as decoding a
+model larger than the cache does."""
 
 FAST_QUANTILE = 0.1
 """Which trial time a measurement reports: the fastest tenth. Another process can only
 make a trial slower, never faster, so the fast end shows what the node itself does (as
 `timeit` takes the minimum); a tenth rather than the single fastest, so one trial timed
 across a clock hiccup cannot set the figure."""
+
+MODEL_PROBE_CONTEXT = 128
+"""Tokens already in the KV cache when a served model's layer is timed (attention cost
+grows with the context; this is the benchmark's prompt length)."""
+
+SMALL_PROBES, BIG_PROBES = 11, 5
+BIG_PROBE_BYTES = 1 << 20
+"""Link probes: round trips of an empty ping (latency) and of a 1 MiB one (bandwidth)."""
 
 
 def fast_quantile(samples: list[float]) -> float:
@@ -56,47 +64,73 @@ def fast_quantile(samples: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(FAST_QUANTILE * len(ordered)))]
 
 
-SMALL_PROBES, BIG_PROBES = 11, 5
-BIG_PROBE_BYTES = 1 << 20
-"""Link probes: round trips of an empty ping (latency) and of a 1 MiB one (bandwidth)."""
+Step = Callable[[], object]
 
 
-def measure_flops(seconds: float = 0.25) -> float:
-    """This node's floating-point rate on decode-shaped work, in FLOP/s.
+def streaming_pass() -> tuple[Step, float]:
+    """One decode-shaped pass and its FLOPs: a single activation row times every matrix.
 
-    Decoding a token multiplies one activation row by every weight matrix of the model,
-    each read once from memory, so the rate that predicts decoding is that of one-row
-    products over weights larger than the caches (bound by memory bandwidth), not of a
-    square in-cache matmul (bound by arithmetic; about 20x faster on this machine, which
-    made per-token estimates optimistic by as much). Short trials of one pass each,
-    reported at `FAST_QUANTILE`. Runs on torch's configured intra-op threads, as stages
-    do.
+    Decoding a token multiplies one row by every weight matrix of the model, each read
+    once from memory, so the rate that predicts decoding is that of one-row products over
+    weights larger than the caches (bound by memory bandwidth), not of a square in-cache
+    matmul (bound by arithmetic; about 20x faster on this machine, which made per-token
+    estimates optimistic by as much).
     """
     weights = [torch.full((STREAM_ROWS, STREAM_COLS), 0.01) for _ in range(STREAM_MATRICES)]
     x = torch.full((1, STREAM_COLS), 0.5)
-    flops_per_pass = 2.0 * STREAM_ROWS * STREAM_COLS * STREAM_MATRICES
-    times: list[float] = []
-    with torch.inference_mode():
-        for w in weights:  # first touch: page faults and thread-pool start are not the rate
+
+    def step() -> None:
+        for w in weights:
             F.linear(x, w)
-        deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline or len(times) < 3:
-            started = time.perf_counter()
-            for w in weights:
-                F.linear(x, w)
-            times.append(time.perf_counter() - started)
-    return flops_per_pass / max(fast_quantile(times), 1e-9)
+
+    return step, 2.0 * STREAM_ROWS * STREAM_COLS * STREAM_MATRICES
 
 
-def measure_layer_overhead_ms(flops_per_s: float, seconds: float = 0.1) -> float:
-    """Fixed milliseconds a decoder layer costs on this node beyond its FLOPs.
+def model_layer_step(model_dir: Path) -> tuple[Step, float] | None:
+    """One decode step through one middle layer of the served model, and its FLOPs.
 
-    Runs one decode step of a decoder block of the usual shape (RMS norms, fused q/k/v,
-    rotary embedding, a KV cache write, attention, output projection, gated MLP) at a
-    width of 64, where the arithmetic is microseconds and what remains is the per-
-    operation cost every layer pays whatever its size. The block's own FLOPs at
-    `flops_per_s` are subtracted so they are not counted twice. Many steps, reported at
-    `FAST_QUANTILE`.
+    The per-layer cost that no FLOP count shows depends on the model's layer code and
+    shapes: attention over the cache, norms, rotary tables, the cache write, matrices
+    whose shapes stream slower than the probe's. On the small demo model (one thread) a
+    layer's decode step took 4.1 ms, of which 3.3 ms were matrix products where the
+    streaming rate predicted 2.9; the stand-in block (`stand_in_layer_step`) accounted
+    for 0.4 ms of the difference, and per-token estimates came out a quarter short. So
+    when the node knows its model it times the real thing: layer 1 (no embedding, no
+    head) with its checkpoint weights, loaded with the runtime's own code, after a
+    prefill of MODEL_PROBE_CONTEXT tokens, as Petals measures a server's throughput on a
+    real block. None when the model has fewer than three layers.
+    """
+    from butterfly.runtime.loader import layer_infos, load_stage  # torch-heavy: lazily
+    from butterfly.types.model import LayerRange
+
+    infos = layer_infos(model_dir)
+    if len(infos) < 3:
+        return None
+    stage = load_stage(model_dir, LayerRange(1, 2))
+    width = infos[0].output_size
+    context = min(MODEL_PROBE_CONTEXT, stage.max_context - 1)
+    generator = torch.Generator().manual_seed(0)
+    cache = stage.new_cache()
+    with torch.inference_mode():
+        stage.forward(torch.randn(1, context, width, generator=generator), cache, 0)
+    x = torch.randn(1, 1, width, generator=generator)
+
+    def step() -> None:
+        with torch.inference_mode():
+            stage.forward(x, cache, context, last_only=True)
+        if cache is not None:
+            cache.truncate(context)  # every step sees the same context
+
+    return step, infos[1].compute_cost
+
+
+def stand_in_layer_step() -> tuple[Step, float]:
+    """A decoder layer's decode step when the served model cannot be timed, and its FLOPs.
+
+    A block of the usual shape (RMS norms, fused q/k/v, rotary embedding, a KV cache
+    write, attention, output projection, gated MLP) at a width of 64, where the
+    arithmetic is microseconds and what remains is the per-operation cost every layer
+    pays whatever its size.
     """
     d, heads, ctx = 64, 4, 32
     hd = d // heads
@@ -105,6 +139,7 @@ def measure_layer_overhead_ms(flops_per_s: float, seconds: float = 0.1) -> float
     w13, w2 = torch.full((8 * d, d), 0.01), torch.full((d, 4 * d), 0.01)
     keys, values = torch.zeros(1, heads, ctx, hd), torch.zeros(1, heads, ctx, hd)
     cos, sin = torch.ones(1, 1, 1, hd), torch.zeros(1, 1, 1, hd)
+    x = torch.full((1, 1, d), 0.5)
 
     def norm(h: torch.Tensor) -> torch.Tensor:
         return norm_w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5))
@@ -113,28 +148,63 @@ def measure_layer_overhead_ms(flops_per_s: float, seconds: float = 0.1) -> float
         a, b = t.chunk(2, dim=-1)
         return t * cos + torch.cat((-b, a), dim=-1) * sin
 
-    def block(h: torch.Tensor) -> torch.Tensor:
-        q, k, v = torch.split(F.linear(norm(h), wqkv), [d, d, d], -1)
-        q = rotary(q.view(1, 1, heads, hd).transpose(1, 2))
-        keys[:, :, -1:] = rotary(k.view(1, 1, heads, hd).transpose(1, 2))
-        values[:, :, -1:] = v.view(1, 1, heads, hd).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, keys, values)
-        h = h + F.linear(out.transpose(1, 2).reshape(1, 1, d), wo)
-        gate, up = F.linear(norm(h), w13).chunk(2, dim=-1)
-        return h + F.linear(F.silu(gate) * up, w2)
+    def step() -> torch.Tensor:
+        with torch.inference_mode():
+            q, k, v = torch.split(F.linear(norm(x), wqkv), [d, d, d], -1)
+            q = rotary(q.view(1, 1, heads, hd).transpose(1, 2))
+            keys[:, :, -1:] = rotary(k.view(1, 1, heads, hd).transpose(1, 2))
+            values[:, :, -1:] = v.view(1, 1, heads, hd).transpose(1, 2)
+            out = F.scaled_dot_product_attention(q, keys, values)
+            h = x + F.linear(out.transpose(1, 2).reshape(1, 1, d), wo)
+            gate, up = F.linear(norm(h), w13).chunk(2, dim=-1)
+            return h + F.linear(F.silu(gate) * up, w2)
 
     flops = 2.0 * (wqkv.numel() + wo.numel() + w13.numel() + w2.numel() + 2 * heads * ctx * hd)
-    x = torch.full((1, 1, d), 0.5)
-    times: list[float] = []
+    return step, flops
+
+
+@dataclass(frozen=True)
+class Compute:
+    """A node's compute facts: decode-shaped FLOP/s and the fixed cost of a layer."""
+
+    flops_per_s: float
+    layer_overhead_ms: float
+
+
+def measure_compute(seconds: float = 0.5, *, model_dir: Path | None = None) -> Compute:
+    """This node's compute rate and per-layer overhead, timed together.
+
+    Trials alternate one streaming pass (the rate) and one layer step (the served
+    model's, else the stand-in's), so both see the same moments of whatever else runs
+    on the machine; each is reported at FAST_QUANTILE. The overhead is the layer's time
+    beyond its FLOPs at the measured rate. Runs on torch's configured intra-op threads,
+    as stages do.
+    """
+    stream, stream_flops = streaming_pass()
+    layer: tuple[Step, float] | None = None
+    if model_dir is not None:
+        try:
+            layer = model_layer_step(model_dir)
+        except Exception as e:  # a model we cannot time this way still gets a figure
+            log.warning("timing a layer of %s failed (%s); using a stand-in block", model_dir, e)
+    layer_step, layer_flops = layer or stand_in_layer_step()
     with torch.inference_mode():
-        block(x)
-        deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline or len(times) < 5:
-            started = time.perf_counter()
-            block(x)
-            times.append(time.perf_counter() - started)
-    arithmetic_ms = 1000.0 * flops / flops_per_s if flops_per_s > 0 else 0.0
-    return max(0.0, fast_quantile(times) * 1000.0 - arithmetic_ms)
+        stream()  # first touch: page faults and thread-pool start are not the rate
+        layer_step()
+    stream_s: list[float] = []
+    layer_s: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(stream_s) < 5:
+        started = time.perf_counter()
+        with torch.inference_mode():
+            stream()
+        middle = time.perf_counter()
+        layer_step()
+        stream_s.append(middle - started)
+        layer_s.append(time.perf_counter() - middle)
+    rate = stream_flops / max(fast_quantile(stream_s), 1e-9)
+    overhead_ms = fast_quantile(layer_s) * 1000.0 - 1000.0 * layer_flops / rate
+    return Compute(rate, max(0.0, overhead_ms))
 
 
 def available_memory_bytes(limit_bytes: int = 0) -> int:
@@ -230,10 +300,12 @@ class FactProbe:
         peers: Sequence[NodeId],
         transport: Transport,
         memory_limit_bytes: int,
-        flops_seconds: float = 0.25,
+        model_dir: Path | None = None,
+        compute_seconds: float = 0.5,
     ) -> None:
         self.node, self._peers, self._transport = node, list(peers), transport
-        self._memory_limit, self._flops_seconds = memory_limit_bytes, flops_seconds
+        self._memory_limit, self._compute_seconds = memory_limit_bytes, compute_seconds
+        self._model_dir = model_dir
         self._lock = asyncio.Lock()
         self._facts: NodeFacts | None = None
 
@@ -246,8 +318,9 @@ class FactProbe:
         heartbeats keep flowing), concurrent callers wait for that one measurement."""
         async with self._lock:
             if self._facts is None:
-                flops = await asyncio.to_thread(measure_flops, self._flops_seconds)
-                overhead = await asyncio.to_thread(measure_layer_overhead_ms, flops)
+                compute = await asyncio.to_thread(
+                    lambda: measure_compute(self._compute_seconds, model_dir=self._model_dir)
+                )
                 links: dict[NodeId, Link] = {}
                 for peer in self._peers:
                     if peer == self.node:
@@ -257,12 +330,14 @@ class FactProbe:
                     except ButterflyError as e:
                         log.warning("node %s: link to node %s not measured: %s", self.node, peer, e)
                 memory = available_memory_bytes(self._memory_limit)
-                self._facts = NodeFacts(flops, memory, links, overhead)
+                self._facts = NodeFacts(
+                    compute.flops_per_s, memory, links, compute.layer_overhead_ms
+                )
                 log.info(
                     "node %s measured %.2f GFLOP/s, %.3f ms per layer, %.2f GiB, links %s",
                     self.node,
-                    flops / 1e9,
-                    overhead,
+                    compute.flops_per_s / 1e9,
+                    compute.layer_overhead_ms,
                     self._facts.memory_bytes / 2**30,
                     ", ".join(
                         f"{p}: {x.latency_ms:.3f} ms {x.bandwidth_bytes_per_s / 1e9:.2f} GB/s"
