@@ -119,7 +119,8 @@ class Node:
         )
         self.key = load_or_create_key(key_path(cfg, Path(cfg.node.data_dir)))
         self.public_keys = {NodeId(i): k for i, k in enumerate(public_keys(cfg, self.key))}
-        verify = cfg.byzantine.verification != "none"
+        # records are signed only where a replica can audit them (f+1 holders per range)
+        verify = cfg.byzantine.verification != "none" and replication_factor(cfg) > 1
         self.stage_server = stage_server_type(
             node=self.id,
             model_dir=model_dir,
@@ -186,7 +187,7 @@ class Node:
                 tolerance=Tolerance(rtol=cfg.byzantine.rtol, atol=cfg.byzantine.atol),
                 max_tensor_bytes=cfg.network.max_frame_bytes,
             )
-            if cfg.byzantine.verification == "audit"
+            if cfg.byzantine.verification == "audit" and replication_factor(cfg) > 1
             else None,
             audit_fraction=cfg.byzantine.audit_fraction,
             on_liars=self._on_liars,
