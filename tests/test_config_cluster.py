@@ -198,3 +198,21 @@ def test_cli_update_from_a_file_and_rollback_through_the_gateway(
     listed = runner.invoke(app, ["config", "history", "--limit", "2", "--url", cluster.api_url])
     assert listed.exit_code == 0, listed.output
     assert f"rollback to version {start['version']}" in listed.output
+
+
+def test_a_rate_limit_change_applies_without_restart(cluster: LocalCluster) -> None:
+    """api.rate_limit is dynamic-local: the gateway's limiter takes the new value at once."""
+    body = {"prompt": "x", "max_new_tokens": 1}
+    assert all(
+        httpx.post(f"{cluster.api_url}/inference", json=body, timeout=30).status_code == 202
+        for _ in range(3)
+    )
+    r = post(cluster, "/api/v1/config", {"api.rate_limit": 0.01, "api.rate_limit_burst": 1})
+    assert r.status_code == 200, r.text
+    codes = [
+        httpx.post(f"{cluster.api_url}/inference", json=body, timeout=30).status_code
+        for _ in range(3)
+    ]
+    assert 429 in codes, codes
+    r = post(cluster, "/api/v1/config", {"api.rate_limit": 0.0})
+    assert r.status_code in (200, 429), r.text

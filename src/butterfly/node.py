@@ -32,7 +32,7 @@ from butterfly.cluster.keys import key_path, load_or_create_key, public_keys
 from butterfly.cluster.membership import Membership
 from butterfly.cluster.node_agreement import build_agreement, open_config
 from butterfly.cluster.pipeline import PipelineEngine
-from butterfly.cluster.planner import Placement, distribute_plan, gather_status, place
+from butterfly.cluster.planner import Placement, distribute_plan, gather_status, place, replan_after
 from butterfly.cluster.proving import Prover
 from butterfly.cluster.recovery import Recovery
 from butterfly.cluster.replicas import add_replicas, split_for_replication
@@ -211,7 +211,19 @@ class Node:
     async def _replan(self, epoch: int, alive: list[NodeId]) -> None:
         """Decide the plan of `epoch` over `alive` nodes and put it in force everywhere."""
         chain, spares = split_for_replication(sorted(alive), replication_factor(self.cfg))
-        plan = add_replicas(self._decide(epoch, chain), spares)
+        old = self.stage_server.plan
+        if old is not None and not spares and not old.replicas:
+            # a membership change: keep existing ranges where that costs little
+            plan, _moved = replan_after(
+                old,
+                chain,
+                self.facts,
+                layers=self.layers,
+                strategy=self.cfg.partition.strategy,
+                emit=self.metrics.emit,
+            )
+        else:
+            plan = add_replicas(self._decide(epoch, chain), spares)
         await distribute_plan(
             plan=plan,
             model_hash=self.model_hash,
@@ -439,6 +451,11 @@ class Node:
             model_name=self.model_dir.name,
             settings=settings,
             config=self.config_coordinator,
+        )
+        limiter = app.state.rate_limiter
+        self.config.subscribe(
+            "rate_limit",
+            lambda old, new: limiter.retune(new.api.rate_limit, new.api.rate_limit_burst),
         )
         server = uvicorn.Server(
             uvicorn.Config(app, host=a.host, port=a.port, log_level="warning", lifespan="off")

@@ -43,8 +43,10 @@ def create_app(
 ) -> FastAPI:
     gw = Gateway(scheduler, engine, codec, settings, model_name)
     auth = Depends(BearerAuth(settings.api_tokens))
-    limited = Depends(RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst))
+    limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
+    limited = Depends(limiter)
     app = FastAPI(title="Butterfly gateway", version="1")
+    app.state.rate_limiter = limiter  # retuned at run time by config changes
     errors.install(app, retry_after_s=settings.retry_after_s)
 
     @app.post("/inference", dependencies=[limited], status_code=202)

@@ -61,6 +61,10 @@ class RateLimiter:
         key = auth or (request.client.host if request.client else "unknown")
         self.take(key)
 
+    def retune(self, per_s: float, burst: int) -> None:
+        """Apply a changed limit at once (api.rate_limit is dynamic-local)."""
+        self.per_s, self.burst = per_s, burst
+
     def take(self, key: str) -> None:
         now = self._clock()
         bucket = self._buckets.pop(key, None) or _Bucket(float(self.burst), now)
