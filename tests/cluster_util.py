@@ -33,7 +33,13 @@ def running_cluster(
     port = free_port()
     # Test machines run several node processes per core; a longer allowed pause keeps a
     # busy-but-alive node from being declared failed (detection itself is benchmarked).
-    settings = {"coordination.acceptable_pause_ms": 400.0, **(settings or {})}
+    # Uniform placement: these tests name which node runs which stage, and measured
+    # placement may rightly leave a node idle on a busy machine (tested on its own).
+    settings = {
+        "coordination.acceptable_pause_ms": 400.0,
+        "partition.strategy": "uniform",
+        **(settings or {}),
+    }
     configs = node_configs(
         nodes=nodes, f=f, model=model, api_port=port, data_dir=data, settings=settings
     )
