@@ -217,7 +217,7 @@ def main() -> None:
                 "false_suspicions_under_load": false_suspicions(tiny, args.load_seconds),
                 "recovery_small_model": recovery(small, prompt),
                 "verification_cost_small_model": audit_cost(small, prompt, args.rounds),
-                "replicate_mode": "not implemented: only audit and none",
+                "replicate_mode": "absent: configuration refuses it; audit and none exist",
             },
             indent=2,
         )

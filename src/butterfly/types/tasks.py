@@ -49,6 +49,6 @@ class InferenceResult:
     output_ids: tuple[int, ...] = ()
     output_vector: tuple[float, ...] = ()
     text: str = ""
-    verified: str = "none"  # which check the result passed: "none", "audit", "replicate"
+    verified: str = "none"  # which check the result passed: "none" or "audit"
     stages: tuple[StageRecord, ...] = ()
     timings: dict[str, float] = field(default_factory=dict)
