@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +73,18 @@ class Referee:
         return await asyncio.get_running_loop().run_in_executor(self._executor, compute)
 
 
+def decode_proofs(raw: Sequence[bytes]) -> Iterator[Proof]:
+    """Each signed record of a batch, decoded once; what does not decode proves nothing
+    and is dropped (the stage it claims for then fails its audit)."""
+    for data in raw:
+        try:
+            proof = decode(data)
+        except ButterflyError:
+            continue
+        if isinstance(proof, Proof):
+            yield proof
+
+
 class Auditor:
     def __init__(
         self,
@@ -88,7 +100,7 @@ class Auditor:
 
     def claims_of(
         self,
-        records: Sequence[bytes],
+        records: Sequence[Proof],
         *,
         request_id: str,
         plan: StagePlan,
@@ -103,14 +115,9 @@ class Auditor:
         last = len(plan.stages) - 1
         by_stage: dict[int, list[Claim]] = {}
         seen: set[tuple[int, int]] = set()
-        for raw in records:
-            try:
-                proof = decode(raw)
-            except ButterflyError:
-                continue
+        for proof in records:
             if (
-                not isinstance(proof, Proof)
-                or proof.request_id != request_id
+                proof.request_id != request_id
                 or proof.epoch != plan.epoch
                 or proof.step not in positions
                 or (proof.step, int(proof.stage)) in seen

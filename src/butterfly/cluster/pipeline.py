@@ -19,10 +19,11 @@ from typing import Literal
 
 import torch
 
-from butterfly.cluster.audit import Auditor, Verdict
+from butterfly.cluster.audit import Auditor, Verdict, decode_proofs
 from butterfly.cluster.stage_server import StagePlan
 from butterfly.metrics.events import Emit, Verification, discard
 from butterfly.net.framing import Envelope
+from butterfly.protocol.messages import Proof
 from butterfly.runtime.sampling import make_generator, sample
 from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.schedule.engine import ClusterHealth, TokenSink
@@ -87,7 +88,7 @@ class PipelineEngine:
         self._emit = emit
         self._auditor, self._audit_fraction, self._audit_draw = auditor, audit_fraction, audit_draw
         self._on_liars = on_liars or _ignore_liars
-        self._records: dict[str, list[bytes]] = {}
+        self._records: dict[str, list[Proof]] = {}
         self.node, self._deliver = node, deliver
         self._plan, self._health = plan, health
         self._max_context, self._input_kind, self._eos = max_context, input_kind, eos_ids
@@ -120,11 +121,12 @@ class PipelineEngine:
         if not isinstance(msg, StepResult | StepError):
             return
         out = None
-        if isinstance(msg, StepResult) and msg.proofs:
-            for rid in set(msg.request_ids):
-                records = self._records.get(rid)
+        if isinstance(msg, StepResult) and any(r in self._records for r in msg.request_ids):
+            # a batch's records go each to its own request, decoded once (not per request)
+            for proof in decode_proofs(msg.proofs):
+                records = self._records.get(proof.request_id)
                 if records is not None:
-                    records.extend(msg.proofs)
+                    records.append(proof)
         if isinstance(msg, StepResult):
             try:
                 out = decode_tensor(env.payload, self._max_tensor_bytes)
