@@ -98,7 +98,7 @@ def kv_requests(url: str) -> list[int]:
 
 
 def test_cancel_mid_generation_frees_kv_on_every_node(four) -> None:
-    body = {"prompt": "cancel me", "max_new_tokens": 400}
+    body = {"prompt": "Butterfly", "max_new_tokens": 400}  # 400 tokens, no early stop
     r = httpx.post(f"{four.api_url}/inference", json=body, timeout=30)
     assert r.status_code == 202
     task = r.json()["task_id"]
@@ -107,6 +107,11 @@ def test_cancel_mid_generation_frees_kv_on_every_node(four) -> None:
         if httpx.get(f"{four.api_url}/status/{task}").json()["status"] == "computing":
             break
         time.sleep(0.02)
+    # every node holds the request's cache before the cancel, so freeing it is observed
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not all(kv_requests(four.api_url)):
+        time.sleep(0.02)
+    assert all(kv_requests(four.api_url)), kv_requests(four.api_url)
     r = httpx.delete(f"{four.api_url}/tasks/{task}", timeout=30)
     assert r.status_code == 200, r.text
     status = httpx.get(f"{four.api_url}/status/{task}").json()["status"]
