@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import struct
 
 import msgpack
@@ -21,12 +20,6 @@ from butterfly.types.ids import NodeId
 from butterfly.types.messages import Heartbeat, Release, StageStep, StatusQuery, StatusReply
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Events(list[object]):
@@ -47,7 +40,8 @@ def pair(
     model_hash: str = "m", limits: TransportLimits | None = None
 ) -> tuple[TcpTransport, TcpTransport, Events]:
     limits = limits or TransportLimits()
-    ports = {NodeId(0): ("127.0.0.1", free_port()), NodeId(1): ("127.0.0.1", free_port())}
+    # port 0: the OS picks free listen ports; `started` then tells each side the other's
+    ports = {NodeId(0): ("127.0.0.1", 0), NodeId(1): ("127.0.0.1", 0)}
     events = Events()
     a = TcpTransport(
         identity=Identity(NodeId(0), "c", "m"),
@@ -66,6 +60,13 @@ def pair(
         limits=limits,
     )
     return a, b, events
+
+
+async def started(a: TcpTransport, b: TcpTransport) -> None:
+    await a.start(echo)
+    await b.start(echo)
+    a.peers[b.identity.node] = b.address
+    b.peers[a.identity.node] = a.address
 
 
 def test_frame_round_trip_and_rejection() -> None:
@@ -89,9 +90,8 @@ def test_frame_round_trip_and_rejection() -> None:
 
 async def test_request_reply_and_tensor_payload() -> None:
     a, b, _ = pair()
-    await a.start(echo)
-    await b.start(echo)
     try:
+        await started(a, b)
         t = torch.randn(1, 128, 768)
         env = await a.request(NodeId(1), StatusQuery(), encode_tensor(t), timeout=5)
         assert isinstance(env.msg, StatusReply) and env.msg.epoch == 3
@@ -103,9 +103,8 @@ async def test_request_reply_and_tensor_payload() -> None:
 
 async def test_handshake_refuses_a_different_model() -> None:
     a, b, events = pair(model_hash="other", limits=TransportLimits(connect_attempts=1))
-    await a.start(echo)
-    await b.start(echo)
     try:
+        await started(a, b)
         with pytest.raises(ConnectionFailed, match="model hash"):
             await a.send(NodeId(1), Release("x"))
         assert events.dropped() >= 1
@@ -125,10 +124,9 @@ async def test_handshake_refuses_a_different_model() -> None:
 )
 async def test_garbage_frames_are_dropped_and_counted(garbage: bytes) -> None:
     a, b, events = pair(limits=TransportLimits(max_frame_bytes=1 << 20))
-    await a.start(echo)
-    await b.start(echo)
     try:
-        _reader, writer = await asyncio.open_connection(*b.listen)
+        await started(a, b)
+        _reader, writer = await asyncio.open_connection(*b.address)
         writer.write(garbage)
         await writer.drain()
         writer.close()
@@ -149,8 +147,8 @@ async def test_unreachable_peer_opens_the_circuit() -> None:
     a, _, _ = pair(
         limits=TransportLimits(connect_attempts=1, breaker_threshold=2, connect_timeout_s=0.5)
     )
-    await a.start(echo)
     try:
+        await a.start(echo)
         for _ in range(2):
             with pytest.raises(ConnectionFailed):
                 await a.send(NodeId(1), Heartbeat(0, 0.0, (), 0), channel="control")

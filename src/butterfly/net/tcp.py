@@ -88,6 +88,14 @@ class TcpTransport:
         host, port = self.listen
         self._server = await asyncio.start_server(self._accept, host, port)
 
+    @property
+    def address(self) -> tuple[str, int]:
+        """Where this transport actually listens (the OS picks the port for port 0)."""
+        if self._server is None or not self._server.sockets:
+            return self.listen
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return str(host), int(port)
+
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
