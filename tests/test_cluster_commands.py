@@ -45,8 +45,11 @@ def test_every_command_kind_round_trips() -> None:
         ({"t": "evict_node", "node": 1, "reason": "x", "extra": 1}, "must have fields"),
         ({"t": "evict_node", "node": True, "reason": "x"}, "evict_node.node must be int"),
         ({"t": "evict_node", "node": "1", "reason": "x"}, "must be int"),
-        ({"t": "new_plan", "epoch": 1, "stages": [0, "1"]}, r"stages\[1\] must be int"),
-        ({"t": "new_plan", "epoch": 1, "stages": 5}, "must be a list"),
+        (
+            {"t": "new_plan", "epoch": 1, "stages": [0, "1"], "replicas": []},
+            r"stages\[1\] must be int",
+        ),
+        ({"t": "new_plan", "epoch": 1, "stages": 5, "replicas": []}, "must be a list"),
         ([1, 2], "must be a map"),
     ],
 )

@@ -125,6 +125,27 @@ def test_silent_primary_is_replaced_and_pending_requests_commit_in_the_next_view
         assert s.view == 1 and s.active and executed_ops(s) == [b"op"]
 
 
+def test_suspecting_a_dead_primary_changes_view_before_the_request_timeout() -> None:
+    # the request timer (60 s) never fires here: only the detectors' suspicion moves the view
+    net = Net(replicas(request_timeout=60.0), drop=lambda src, dst, m: src == 0 or dst == 0)
+    net.broadcast_request(request(1))
+    net.run()
+    assert all(not s.executed for s in net.states)
+    for i in (1, 2, 3):
+        net.feed(i, pbft.SuspectPrimary(view=0))
+    net.run()
+    for s in net.states[1:]:
+        assert s.view == 1 and s.active and executed_ops(s) == [b"op"]
+
+
+def test_suspicion_of_a_past_view_or_by_the_primary_itself_changes_nothing() -> None:
+    states = replicas(initial_view=1)
+    assert [s.primary for s in states] == [1, 1, 1, 1]
+    stale, _ = pbft.step(clone(states[2]), pbft.SuspectPrimary(view=0), 0.0)
+    own, out = pbft.step(clone(states[1]), pbft.SuspectPrimary(view=1), 0.0)
+    assert (stale.view, stale.active, own.view, own.active, out) == (1, True, 1, True, [])
+
+
 def test_a_prepared_value_survives_the_view_change_at_its_sequence_number() -> None:
     # view 0 prepares the request at seq 1 everywhere but every commit of view 0 is lost
     def lose_commits(src: NodeId, dst: NodeId, m: object) -> bool:

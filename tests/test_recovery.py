@@ -72,3 +72,49 @@ def test_kill_nodes_at_random_positions(tiny_model: Path, tmp_path: Path, seed: 
             assert httpx.get(f"{cluster.api_url}/health", timeout=10).json()["epoch"] >= 2
             if round_ == len(victims) - 1:
                 assert used == {0}
+
+
+def test_primary_and_chain_node_killed_standby_resumes_from_its_copy(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """n = 4, f = 1: node 1 is both the agreement's primary (view 1) and a chain stage.
+    Its death must move the agreement to the next view (the new plan needs a primary), its
+    standby must take the stage over from the KV copy it holds, and the gateway keeps
+    serving with the reference tokens."""
+    prompt = PROMPTS[5]
+    expected = reference(tiny_model, prompt)
+    settings = {"coordination.checkpoint_frequency": 8}
+    with running_cluster(tiny_model, 4, tmp_path, f=1, settings=settings) as cluster:
+        first = httpx.post(
+            f"{cluster.api_url}/inference",
+            json={"prompt": prompt, "max_new_tokens": 2, "wait": True},
+            timeout=120,
+        ).json()
+        assert [s["node"] for s in first["stages"]] == [0, 1]
+        r = httpx.post(
+            f"{cluster.api_url}/inference",
+            json={"prompt": prompt, "max_new_tokens": NEW},
+            timeout=30,
+        )
+        task = r.json()["task_id"]
+        status = wait_for_tokens(cluster.api_url, task, 40)
+        assert status["status"] == "computing", status
+        cluster.kill(1)
+        r = httpx.get(f"{cluster.api_url}/result/{task}", params={"wait": 120}, timeout=180)
+        assert r.status_code == 200, r.text
+        result = r.json()
+        assert result["output_ids"] == expected
+        assert 1 not in {s["node"] for s in result["stages"]}
+        # resumed from the standby's copy, not from token 0
+        assert result["timings"]["resumed_at"] > len(TextCodec.load(tiny_model).encode(prompt))
+        metrics = httpx.get(f"{cluster.api_url}/metrics", timeout=10).text
+        assert "butterfly_view_changes_total 1.0" in metrics or (
+            "butterfly_view_changes_total 2.0" in metrics
+        ), [line for line in metrics.splitlines() if "view_change" in line]
+        assert "butterfly_checkpoint_bytes_count" in metrics
+        after = httpx.post(
+            f"{cluster.api_url}/inference",
+            json={"prompt": prompt, "max_new_tokens": 8, "wait": True},
+            timeout=120,
+        ).json()
+        assert after["output_ids"] == expected[:8]

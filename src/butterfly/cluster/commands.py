@@ -14,7 +14,8 @@ types below, and add it to `Command` and `COMMANDS`. Field types understood: `in
     config_update   apply an agreed config proposal at config sequence `seq` (seed 002)
     config_abort    a timed-out proposal must not apply if it has not yet
     evict_node      remove a node proven faulty (evidence) from the membership
-    new_plan        the stage plan of an epoch: flat (node, start, end) triples
+    new_plan        the stage plan of an epoch: flat (node, start, end) triples of the
+                    chain, and of the replicas (auditors and standbys)
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class NewPlan:
     tag: ClassVar[str] = "new_plan"
     epoch: int
     stages: tuple[int, ...]  # (node, start, end) triples, half-open layer ranges
+    replicas: tuple[int, ...] = ()  # the same, for further holders of the chain's ranges
 
 
 Command = ConfigUpdate | ConfigAbort | EvictNode | NewPlan

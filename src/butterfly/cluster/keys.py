@@ -76,7 +76,12 @@ def public_keys(cfg: ButterflyConfig, key: SigningKey) -> tuple[bytes, ...]:
 
 def pbft_config(cfg: ButterflyConfig, keys: tuple[bytes, ...]) -> PbftConfig:
     """This node's replica configuration; nodes are also the only clients (the gateway and
-    any node proposing a command sign requests with their node key)."""
+    any node proposing a command sign requests with their node key).
+
+    Replicas start in view 1, so the primary is node 1, not the gateway (node 0): the
+    gateway already serves the API and drives generation, and a primary that dies then
+    costs a view change while the gateway keeps serving.
+    """
     c = cfg.coordination
     return PbftConfig(
         replica=NodeId(cfg.node.id),
@@ -87,6 +92,7 @@ def pbft_config(cfg: ButterflyConfig, keys: tuple[bytes, ...]) -> PbftConfig:
         window=c.pbft_window,
         request_timeout=c.view_change_timeout_ms / 1000,
         view_change_timeout=c.phase_timeout_ms / 1000,
+        initial_view=1 if len(keys) > 1 else 0,
     )
 
 

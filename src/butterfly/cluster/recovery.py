@@ -28,7 +28,7 @@ class Recovery:
         members: list[NodeId],
         status: Callable[[NodeId], str],
         current_plan: Callable[[], StagePlan | None],
-        replan: Callable[[int, list[NodeId]], Awaitable[None]],
+        replan: Callable[[int, list[NodeId], bool], Awaitable[None]],
         on_replanned: Callable[[], None],
         emit: Emit,
     ) -> None:
@@ -73,7 +73,9 @@ class Recovery:
                 "nodes %s failed; re-planning epoch %d over %s", newly, plan.epoch + 1, alive
             )
             try:
-                await self._replan(plan.epoch + 1, alive)
+                # a crash hands stages to their standbys; a liar's range is re-planned
+                crashed_only = not any(n in self.evicted for n in newly)
+                await self._replan(plan.epoch + 1, alive, crashed_only)
             except ButterflyError as e:
                 log.error("re-planning after %s failed: %s; retrying", newly, e)
                 await asyncio.sleep(0.5)

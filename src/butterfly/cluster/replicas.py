@@ -30,6 +30,31 @@ def split_for_replication(members: list[NodeId], copies: int) -> tuple[list[Node
     return list(members[:stages]), list(members[stages : stages * copies])
 
 
+def promote_standbys(plan: StagePlan, epoch: int, alive: list[NodeId]) -> StagePlan | None:
+    """The plan of `epoch` where every chain node that is not alive is replaced by a live
+    standby of its range, other stages unchanged (they keep their KV caches); None when
+    some range has no live holder left.
+
+        >>> from butterfly.types.model import LayerRange as R
+        >>> p = StagePlan(1, ((0, R(0, 2)), (1, R(2, 4))), ((2, R(0, 2)), (3, R(2, 4))))
+        >>> q = promote_standbys(p, 2, [0, 2, 3])
+        >>> q.epoch, q.nodes, [n for n, _ in q.replicas]
+        (2, (0, 3), [2])
+    """
+    live = set(alive)
+    replicas = [(n, r) for n, r in plan.replicas if n in live]
+    stages = []
+    for node, layers in plan.stages:
+        if node not in live:
+            standby = next(((n, r) for n, r in replicas if r == layers), None)
+            if standby is None:
+                return None
+            replicas.remove(standby)
+            node = standby[0]
+        stages.append((node, layers))
+    return StagePlan(epoch, tuple(stages), tuple(replicas))
+
+
 def add_replicas(plan: StagePlan, spares: list[NodeId]) -> StagePlan:
     """The plan with the spare nodes holding the chain's ranges, round robin."""
     if not spares:

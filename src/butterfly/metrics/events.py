@@ -128,6 +128,13 @@ class RecoveryCompleted:
 
 
 @dataclass(frozen=True)
+class CheckpointCopied:
+    """A chain node sent a standby `bytes` of KV cache (a checkpoint of its stage)."""
+
+    bytes: int
+
+
+@dataclass(frozen=True)
 class Verification:
     """The check a result went through (`audit`, `replicate`) and how it ended."""
 
@@ -151,6 +158,7 @@ MetricsEvent = (
     | NodeStatus
     | Eviction
     | RecoveryCompleted
+    | CheckpointCopied
     | Verification
 )
 

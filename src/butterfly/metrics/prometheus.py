@@ -19,6 +19,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_late
 from butterfly.metrics.events import (
     NODE_STATES,
     BytesTransferred,
+    CheckpointCopied,
     ConsensusRound,
     Eviction,
     MessageDropped,
@@ -141,6 +142,16 @@ class Metrics:
             namespace=ns,
             registry=r,
         )
+        self.view_changes = Counter(
+            "view_changes", "Agreement view changes started", namespace=ns, registry=r
+        )
+        self.checkpoint_bytes = Histogram(
+            "checkpoint_bytes",
+            "Size of each KV-cache copy a chain node sends its standbys",
+            buckets=tuple(float(4**i) for i in range(5, 16)),
+            namespace=ns,
+            registry=r,
+        )
         self.verifications = Counter(
             "verifications",
             "Results by check and outcome",
@@ -194,12 +205,16 @@ class Metrics:
                 self.consensus_rounds.inc(rounds)
             case PhaseTransition(from_phase=a, to_phase=b):
                 self.phase_transitions.labels(from_phase=a, to_phase=b).inc()
+                if b == "view_change":
+                    self.view_changes.inc()
             case NodeFailure():
                 self.node_failures.inc()
             case Eviction():
                 self.evictions.inc()
             case RecoveryCompleted(seconds=seconds):
                 self.recovery_seconds.observe(seconds)
+            case CheckpointCopied(bytes=size):
+                self.checkpoint_bytes.observe(size)
             case Verification(check=check, outcome=outcome):
                 self.verifications.labels(check=check, outcome=outcome).inc()
             case QueueDepth(depth=depth):

@@ -391,6 +391,15 @@ class Tick:
     """Local input, never on the wire: time passed, fed at a reducer's `next_deadline`."""
 
 
+@dataclass(frozen=True, slots=True)
+class SuspectPrimary:
+    """Local input, never on the wire: this node's failure detector declared the primary of
+    `view` failed, so the replica votes for the next view now instead of waiting for a
+    request to time out (a dead primary costs detection time, not the request timeout)."""
+
+    view: int
+
+
 Message = (
     Heartbeat
     | Request

@@ -30,6 +30,7 @@ from butterfly.protocol.messages import (
     Request,
     StateTransfer,
     Status,
+    SuspectPrimary,
     Tick,
     ViewChange,
     verify_message,
@@ -64,6 +65,7 @@ from butterfly.protocol.pbft_viewchange import (
 
 Input = (
     Tick
+    | SuspectPrimary
     | Request
     | PrePrepare
     | Prepare
@@ -82,6 +84,7 @@ __all__ = [
     "PbftConfig",
     "ReplicaState",
     "Send",
+    "SuspectPrimary",
     "Tick",
     "authentic",
     "clone",
@@ -93,7 +96,7 @@ __all__ = [
 
 def authentic(state: ReplicaState, message: Input) -> bool:
     """Signed by a replica of this epoch other than us (or, for requests, by a client)."""
-    if isinstance(message, Tick) or message.epoch != state.config.epoch:
+    if isinstance(message, Tick | SuspectPrimary) or message.epoch != state.config.epoch:
         return False
     if isinstance(message, Request):
         return client_signed(state, message)
@@ -106,11 +109,14 @@ def authentic(state: ReplicaState, message: Input) -> bool:
 def step(state: ReplicaState, message: Input, now: float) -> tuple[ReplicaState, list[Send]]:
     """Consume one input at time `now`; returns the state and the messages to send."""
     out: list[Send] = []
-    if not isinstance(message, Tick) and not authentic(state, message):
+    if not isinstance(message, Tick | SuspectPrimary) and not authentic(state, message):
         return state, out
     match message:
         case Tick():
             _on_tick(state, now, out)
+        case SuspectPrimary():
+            if message.view == state.view and state.active and not state.is_primary:
+                start_view_change(state, state.view + 1, now, out)
         case Request():
             on_request(state, message, now, out)
         case PrePrepare():

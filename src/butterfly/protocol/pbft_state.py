@@ -52,6 +52,7 @@ class PbftConfig:
     window: int = 32  # high water mark = low water mark + window
     request_timeout: float = 1.0  # a pending request older than this starts a view change
     view_change_timeout: float = 1.0  # first wait for a new view; doubles per failed view
+    initial_view: int = 0  # the view, and so the primary, every replica starts in
     max_backoff: int = 8  # cap on the doubling, so a healed network recovers promptly
     retransmit_interval: float = 0.1  # status (and so retransmission) while work is pending
     idle_status_interval: float = 1.0  # status while idle, so laggards learn they lag
@@ -170,12 +171,17 @@ class ReplicaState:
 
 
 def new_replica(config: PbftConfig, key: SigningKey) -> ReplicaState:
-    """A replica at the start of its epoch: view 0, empty log, status due at once."""
+    """A replica at the start of its epoch: in its initial view, empty log, status due at once."""
     if key.public != config.keys[config.replica]:
         raise ValueError(f"key does not match replica {config.replica}'s public key")
     genesis = genesis_digest(config.epoch)
     return ReplicaState(
-        config=config, key=key, stable_digest=genesis, digests=[genesis], status_deadline=0.0
+        config=config,
+        key=key,
+        view=config.initial_view,
+        stable_digest=genesis,
+        digests=[genesis],
+        status_deadline=0.0,
     )
 
 

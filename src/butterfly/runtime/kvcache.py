@@ -109,6 +109,36 @@ class KVCache:
         values = tuple(v[:, :, :pos].clone() for v in self._v) if pos else self._empty()
         return KVSnapshot(pos, keys, values)
 
+    def rows(self, start: int, end: int) -> torch.Tensor:
+        """Positions [start, end) of every layer as one tensor [2 * layers, B, H_kv, T, D]
+        (keys then values per layer): what a standby needs to extend its copy."""
+        if not 0 <= start <= end <= self.length:
+            raise ValueError(f"rows [{start}, {end}) outside the {self.length} cached")
+        return torch.stack(
+            [t[:, :, start:end] for pair in zip(self._k, self._v, strict=True) for t in pair]
+        )
+
+    def write(self, start: int, rows: torch.Tensor) -> None:
+        """Extend (or overwrite from `start`) with `rows` as made by `rows()`; positions
+        past `start` that were cached before are dropped."""
+        expected = (2 * self.num_layers, self.batch, self.kv_heads)
+        if rows.ndim != 5 or tuple(rows.shape[:3]) != expected or rows.shape[4] != self.head_dim:
+            raise WireFormatError(
+                f"KV rows of shape {tuple(rows.shape)} do not fit this cache "
+                f"([{2 * self.num_layers}, {self.batch}, {self.kv_heads}, T, {self.head_dim}])"
+            )
+        if not 0 <= start <= self.length:
+            raise WireFormatError(f"KV rows at {start} leave a gap after {self.length} cached")
+        end = start + rows.shape[3]
+        if end > self.max_length:
+            raise WireFormatError(f"KV rows end at {end}, past the context of {self.max_length}")
+        if end > self._capacity:
+            self._grow(end)
+        for i in range(self.num_layers):
+            self._k[i][:, :, start:end] = rows[2 * i]
+            self._v[i][:, :, start:end] = rows[2 * i + 1]
+        self.length = end
+
     def _empty(self) -> tuple[torch.Tensor, ...]:
         shape = (self.batch, self.kv_heads, 0, self.head_dim)
         return tuple(torch.empty(shape, dtype=self.dtype) for _ in range(self.num_layers))

@@ -123,6 +123,35 @@ class Release:
 
 
 @dataclass(frozen=True, slots=True)
+class KvAppend:
+    """Positions [start, start + T) of a request's KV cache, from the chain node of a
+    layer range to its standbys; the payload is one tensor [2 * layers, B, H_kv, T, D]
+    (keys then values per layer). A standby that takes the stage over resumes there."""
+
+    kind: ClassVar[str] = "kv_append"
+    request_id: str
+    layer_start: int
+    layer_end: int
+    start: int
+
+
+@dataclass(frozen=True, slots=True)
+class CacheQuery:
+    """How many positions of these requests' KV caches a node holds (after recovery,
+    a request resumes at the fewest any stage holds)."""
+
+    kind: ClassVar[str] = "cache_query"
+    request_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheLengths:
+    kind: ClassVar[str] = "cache_lengths"
+    request_ids: tuple[str, ...]
+    lengths: tuple[int, ...]  # 0 where the node holds no cache for the request
+
+
+@dataclass(frozen=True, slots=True)
 class PlanAssign:
     """The stage plan of an epoch: `stages` is a flat tuple of (node, start, end) triples."""
 
@@ -256,6 +285,9 @@ Message = (
     | AuditRequest
     | AuditReply
     | Release
+    | KvAppend
+    | CacheQuery
+    | CacheLengths
     | PlanAssign
     | PlanAck
     | Ping
