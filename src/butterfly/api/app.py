@@ -70,9 +70,10 @@ def create_app(
         return status_body(await scheduler.snapshot(task_id))
 
     @app.get("/result/{task_id}")
-    async def result(task_id: str, wait: WaitSeconds = 0.0) -> Response:
-        """The finished result (200), 202 while it is still running, or the task's error."""
-        return gw.outcome(await scheduler.wait(task_id, gw.wait_limit(wait)))
+    async def result(task_id: str, wait: WaitSeconds = 0.0, proofs: bool = False) -> Response:
+        """The finished result (200), 202 while it is still running, or the task's error;
+        `proofs=true` adds the signed record of every stage step behind it."""
+        return gw.outcome(await scheduler.wait(task_id, gw.wait_limit(wait)), proofs=proofs)
 
     @app.delete("/tasks/{task_id}", dependencies=[auth])
     async def cancel(task_id: str) -> dict[str, Any]:

@@ -7,6 +7,7 @@ that fails later; and a 202 always names a task the engine can run.
 
 from __future__ import annotations
 
+import base64
 import time
 import uuid
 from dataclasses import dataclass
@@ -16,11 +17,12 @@ from fastapi.responses import JSONResponse
 
 from butterfly.api.errors import KIND_STATUS, error_response
 from butterfly.api.settings import ApiSettings
+from butterfly.protocol.messages import Proof, decode
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.schedule.engine import Engine
 from butterfly.schedule.scheduler import Scheduler, TaskSnapshot
 from butterfly.schedule.state import TaskStatus
-from butterfly.types.errors import InvalidRequest
+from butterfly.types.errors import ButterflyError, InvalidRequest
 from butterfly.types.ids import RequestId
 from butterfly.types.tasks import InferenceTask, SamplingParams
 
@@ -125,11 +127,14 @@ class Gateway:
         status = KIND_STATUS.get(kind, 500)
         return error_response(status, kind, state.reason, retry_after_s=retry, extra=extra)
 
-    def outcome(self, snap: TaskSnapshot) -> JSONResponse:
+    def outcome(self, snap: TaskSnapshot, *, proofs: bool = False) -> JSONResponse:
         """200 with the result, 202 while unfinished, or the task's error."""
         status = snap.state.status
         if status is TaskStatus.COMPLETED:
-            return JSONResponse(result_body(snap))
+            body = result_body(snap)
+            if proofs and snap.result is not None:
+                body["proofs"] = [proof_body(p) for p in snap.result.proofs]
+            return JSONResponse(body)
         if status.terminal:
             return self.failure(snap)
         return JSONResponse(accepted_body(snap), status_code=202)
@@ -152,6 +157,30 @@ def status_body(snap: TaskSnapshot) -> dict[str, Any]:
     if snap.state.reason:
         body["reason"] = snap.state.reason
     return body
+
+
+def proof_body(raw: bytes) -> dict[str, Any]:
+    """One signed stage-step record: its fields, and the signed bytes themselves (base64)
+    so a client can check the Ed25519 signature against the node's key on its own."""
+    body: dict[str, Any] = {"record": base64.b64encode(raw).decode()}
+    try:
+        proof = decode(raw)
+    except ButterflyError as e:
+        return {**body, "error": str(e)}
+    if not isinstance(proof, Proof):
+        return {**body, "error": f"not a proof but {proof.kind}"}
+    return {
+        "node": int(proof.sender),
+        "epoch": int(proof.epoch),
+        "step": proof.step,
+        "stage": int(proof.stage),
+        "layers": [proof.layer_start, proof.layer_end],
+        "input_hash": proof.input_hash.hex(),
+        "output_hash": proof.output_hash.hex(),
+        "merkle_root": proof.merkle_root.hex(),
+        "signature": proof.signature.hex(),
+        **body,
+    }
 
 
 def result_body(snap: TaskSnapshot) -> dict[str, Any]:

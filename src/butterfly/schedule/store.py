@@ -16,6 +16,7 @@ The methods are synchronous and guarded by a lock: the scheduler calls them thro
 
 from __future__ import annotations
 
+import base64
 import json
 import sqlite3
 import threading
@@ -92,6 +93,7 @@ def result_to_json(result: InferenceResult) -> str:
             "verified": result.verified,
             "stages": [[s.node, s.layers.start, s.layers.end] for s in result.stages],
             "timings": result.timings,
+            "proofs": [base64.b64encode(p).decode() for p in result.proofs],
         }
     )
 
@@ -106,6 +108,7 @@ def result_from_json(task_id: str, text: str) -> InferenceResult:
         verified=d["verified"],
         stages=tuple(StageRecord(NodeId(n), LayerRange(a, b)) for n, a, b in d["stages"]),
         timings=dict(d["timings"]),
+        proofs=tuple(base64.b64decode(p) for p in d.get("proofs", ())),
     )
 
 

@@ -49,6 +49,9 @@ class InferenceResult:
     output_ids: tuple[int, ...] = ()
     output_vector: tuple[float, ...] = ()
     text: str = ""
-    verified: str = "none"  # which check the result passed: "none" or "audit"
+    verified: str = "none"  # which check the result passed: "none", "audit", "replicate"
     stages: tuple[StageRecord, ...] = ()
     timings: dict[str, float] = field(default_factory=dict)
+    # the signed record of every stage step that produced the output (encoded `Proof`s of
+    # butterfly.protocol), kept with the result so a client can check who computed what
+    proofs: tuple[bytes, ...] = ()
