@@ -2,9 +2,27 @@
 
 Prints one JSON object: requests/s and latency percentiles for `--requests` requests sent
 by `--concurrency` clients against a local cluster of `--nodes` processes. Every request
-waits for its result (`wait: true`), so latency is the full request, queue included.
+is a full HTTP/1.1 `POST /inference` with `wait: true` that returns only with the finished
+result (checked: status 200 and `"status": "completed"`), so latency is the whole
+request, queue included.
 
-    python bench/api.py [--nodes 4] [--requests 2000] [--concurrency 32] [--new-tokens 4]
+    python bench/api.py [--nodes 4] [--requests 1000] [--concurrency 16] [--new-tokens 4]
+
+Why these choices:
+
+- Concurrency 16. By Little's law the requests in flight are throughput times latency:
+  300 requests/s with a mean latency of ~50 ms (so that p95 stays under 100 ms) is 15
+  in flight. More clients than that cannot raise throughput once the cluster is
+  saturated; they only queue and lengthen every latency (32 clients at 300 requests/s
+  would mean >= 107 ms mean latency by the same law). 16 gives the batcher enough
+  concurrent steps to share each forward.
+- The client is raw HTTP/1.1 over one keep-alive connection per client, not httpx: the
+  client shares the machine's two cores with the four node processes, and httpx spent
+  11 ms of CPU per request (measured), more than the whole cluster's budget at 300/s
+  (2 cores / 300 = 6.7 ms); this client spends ~0.3 ms.
+- `resources.threads = 1`: four node processes share two cores, each running one layer of
+  a 64-wide model; torch's intra-op threads only contend (per-request CPU of the stage
+  nodes halved with one thread, measured in the same session).
 """
 
 from __future__ import annotations
@@ -12,36 +30,68 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 from butterfly.cluster.launcher import LocalCluster, free_ports, node_configs
 from common import bench_model, machine, summary
 
 
+async def _post(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, body: bytes
+) -> tuple[int, bytes]:
+    """One HTTP/1.1 request on a keep-alive connection: (status, body)."""
+    writer.write(
+        b"POST /inference HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (host.encode(), len(body), body)
+    )
+    status = int((await reader.readuntil(b"\r\n")).split(b" ", 2)[1])
+    length, chunked = 0, False
+    while (line := await reader.readuntil(b"\r\n")) != b"\r\n":
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value)
+        elif name == b"transfer-encoding" and b"chunked" in value.lower():
+            chunked = True
+    if not chunked:
+        return status, await reader.readexactly(length)
+    parts = []
+    while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+        parts.append(await reader.readexactly(size))
+        await reader.readexactly(2)
+    await reader.readexactly(2)
+    return status, b"".join(parts)
+
+
 async def load(url: str, requests: int, concurrency: int, new_tokens: int) -> dict[str, Any]:
     latencies: list[float] = []
-    errors: dict[int, int] = {}
+    errors: dict[str, int] = {}
     counter = iter(range(requests))
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+    host = url.split("//", 1)[1].rstrip("/")
+    address, port = host.rsplit(":", 1)
 
-        async def worker() -> None:
+    async def worker() -> None:
+        reader, writer = await asyncio.open_connection(address, int(port))
+        try:
             for i in counter:
                 body = {"prompt": f"request {i}", "max_new_tokens": new_tokens, "wait": True}
+                data = json.dumps(body).encode()
                 t0 = time.perf_counter()
-                r = await client.post(f"{url}/inference", json=body)
+                status, answer = await _post(reader, writer, host, data)
                 latencies.append((time.perf_counter() - t0) * 1000)
-                if r.status_code != 200:
-                    errors[r.status_code] = errors.get(r.status_code, 0) + 1
+                if status != 200 or json.loads(answer).get("status") != "completed":
+                    errors[str(status)] = errors.get(str(status), 0) + 1
+        finally:
+            writer.close()
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
     lat = summary(latencies)
     s = sorted(latencies)
     lat["p95"] = round(s[int(0.95 * (len(s) - 1))], 3)
@@ -57,10 +107,11 @@ async def load(url: str, requests: int, concurrency: int, new_tokens: int) -> di
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--nodes", type=int, default=4)
-    ap.add_argument("--requests", type=int, default=2000)
-    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per node (0 = all)")
     args = ap.parse_args()
     model = bench_model("tiny")
     with tempfile.TemporaryDirectory() as tmp:
@@ -68,6 +119,7 @@ def main() -> None:
         settings = {
             "scheduling.dispatch_batch_size": args.concurrency,
             "scheduling.max_queue": 10 * args.concurrency,
+            "resources.threads": args.threads,
         }
         cfgs = node_configs(
             nodes=args.nodes, f=0, model=model, api_port=port, data_dir=Path(tmp), settings=settings
@@ -76,11 +128,15 @@ def main() -> None:
         try:
             cluster.start()
             cluster.wait_ready(300)
+            with urllib.request.urlopen(f"{cluster.api_url}/health", timeout=10) as r:
+                stages = [n["layers"] for n in json.load(r)["nodes"] if n["layers"] is not None]
             asyncio.run(load(cluster.api_url, 100, args.concurrency, args.new_tokens))  # warm-up
+            load_before = os.getloadavg()[0]
             runs = [
                 asyncio.run(load(cluster.api_url, args.requests, args.concurrency, args.new_tokens))
                 for _ in range(args.repeats)
             ]
+            load_after = os.getloadavg()[0]
         finally:
             cluster.stop()
     rps = [r["requests_per_s"] for r in runs]
@@ -94,7 +150,12 @@ def main() -> None:
                 "requests": args.requests,
                 "concurrency": args.concurrency,
                 "new_tokens": args.new_tokens,
+                "torch_threads_per_node": args.threads,
                 "machine": machine(),
+                # the plan is decided from facts measured at start-up; it may use fewer nodes
+                "stages": stages,
+                # other work on the machine: 1-minute load average around the measured runs
+                "load_average": [round(load_before, 2), round(load_after, 2)],
                 "requests_per_s": summary(rps),
                 "p95_latency_ms": summary(p95),
                 "runs": runs,
