@@ -44,6 +44,21 @@ from butterfly.types.model import LayerRange
 log = logging.getLogger(__name__)
 
 
+def _prefill_groups(request_ids: tuple[str, ...], lengths: tuple[int, ...]) -> list[list[int]]:
+    """Indices of the multi-token entries, grouped by length: a group runs as one batch of
+    rows (one set of matrix products for all of them; a short prefill costs mostly fixed
+    per-operation overhead, 2.3x per request one by one against four at once). A request
+    named twice in a step (a replay next to a stale entry) keeps every entry on its own,
+    in order, as each must see the cache the one before it left."""
+    multi = [i for i, length in enumerate(lengths) if length > 1]
+    if len(set(request_ids)) < len(request_ids):
+        return [[i] for i in multi]
+    groups: dict[int, list[int]] = {}
+    for i in multi:
+        groups.setdefault(lengths[i], []).append(i)
+    return list(groups.values())
+
+
 @dataclass(frozen=True)
 class Outbound:
     """A message for the node's dispatcher to deliver (to a peer, or to itself)."""
@@ -226,8 +241,8 @@ class StageServer:
         """Run a batch of steps on this node's stage: the encoded output, and a signed
         record per entry when this node proves its work.
 
-        Single-token entries (decode steps) run as one batch; longer ones (prefills) one
-        by one. Outputs are laid side by side in the entries' order.
+        Single-token entries (decode steps) run as one batch; longer ones (prefills) as one
+        batch per length. Outputs are laid side by side in the entries' order.
         """
         x = decode_tensor(payload, self._max_tensor_bytes)
         stage = self._check_step(msg, epoch, x)
@@ -258,19 +273,21 @@ class StageServer:
                     for j, i in enumerate(single):
                         outs[i] = batch[j : j + 1]
                         traces[i] = [t[j : j + 1] for t in trace or ()]
-                for i, length in enumerate(msg.lengths):
-                    if length > 1:
-                        part = x[:, offsets[i] : offsets[i] + length]
-                        trace = [] if prove else None
-                        outs[i] = forward_rows(
-                            stage,
-                            part,
-                            [caches[i]],
-                            [msg.starts[i]],
-                            last_only=msg.last_only,
-                            trace=trace,
-                        )
-                        traces[i] = trace or []
+                for group in _prefill_groups(msg.request_ids, msg.lengths):
+                    length = msg.lengths[group[0]]
+                    trace = [] if prove else None
+                    rows = torch.cat([x[:, offsets[i] : offsets[i] + length] for i in group])
+                    batch = forward_rows(
+                        stage,
+                        rows,
+                        [caches[i] for i in group],
+                        [msg.starts[i] for i in group],
+                        last_only=msg.last_only,
+                        trace=trace,
+                    )
+                    for j, i in enumerate(group):
+                        outs[i] = batch[j : j + 1]
+                        traces[i] = [t[j : j + 1] for t in trace or ()]
             return torch.cat([o for o in outs if o is not None], dim=1)
 
         sent = self.tamper(await self._in_worker(run))

@@ -1,0 +1,66 @@
+"""A stage server runs one step's entries together: decode rows as one batch, prefills of
+equal length as one batch each. Every entry must get exactly what it gets alone."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import torch
+
+from butterfly.cluster.stage_server import StagePlan, StageServer
+from butterfly.runtime.wire import decode_tensor, encode_tensor
+from butterfly.types.ids import NodeId
+from butterfly.types.messages import StageStep
+from butterfly.types.model import LayerRange
+
+PROMPTS = {"a": [5, 9, 2, 7, 1], "b": [3, 8, 4, 6, 11], "c": [12, 13, 14, 15, 16, 17, 18]}
+DECODE = {"d": ([20, 21, 22, 23], 30)}  # prompt already run, then one new token
+
+
+def _step(entries: list[tuple[str, int, list[int]]]) -> tuple[StageStep, bytes]:
+    msg = StageStep(
+        tuple(r for r, _, _ in entries),
+        tuple(1 for _ in entries),
+        tuple(s for _, s, _ in entries),
+        tuple(len(t) for _, _, t in entries),
+        (),
+        0,
+        True,
+    )
+    tokens = [t for _, _, ts in entries for t in ts]
+    return msg, encode_tensor(torch.tensor([tokens], dtype=torch.int64))
+
+
+async def _server(model: Path) -> StageServer:
+    server = StageServer(node=NodeId(1), model_dir=model, max_tensor_bytes=1 << 30)
+    ack = await server.apply_plan(StagePlan(1, ((NodeId(1), LayerRange(0, 4)),)).to_message("h"))
+    assert ack.ok, ack.error
+    return server
+
+
+def test_a_mixed_step_gives_every_entry_what_it_gets_alone(tiny_model: Path) -> None:
+    async def scenario() -> None:
+        alone, together = await _server(tiny_model), await _server(tiny_model)
+        for server in (alone, together):
+            for rid, (prompt, _) in DECODE.items():
+                msg, payload = _step([(rid, 0, prompt)])
+                await server.compute(msg, 1, payload)
+        entries = [(rid, 0, p) for rid, p in PROMPTS.items()]
+        entries += [(rid, len(p), [t]) for rid, (p, t) in DECODE.items()]
+        expected = []
+        for entry in entries:
+            msg, payload = _step([entry])
+            expected.append(decode_tensor((await alone.compute(msg, 1, payload))[0], 1 << 30))
+        msg, payload = _step(entries)
+        got = decode_tensor((await together.compute(msg, 1, payload))[0], 1 << 30)
+        assert got.shape[1] == len(entries)  # last_only: one row of logits per entry
+        for i, want in enumerate(expected):
+            torch.testing.assert_close(got[:, i : i + 1], want, atol=1e-5, rtol=0)
+        for rid in PROMPTS:  # each cache holds its own prompt, ready for its next token
+            cache = together.caches[rid]
+            assert cache is not None and cache.length == len(PROMPTS[rid])
+        alone.close()
+        together.close()
+
+    asyncio.run(scenario())
