@@ -27,7 +27,7 @@ from butterfly.runtime.kvcache import KVCache
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.stage import Stage, forward_rows, supports_trace
 from butterfly.runtime.wire import decode_tensor, encode_tensor
-from butterfly.types.errors import ButterflyError, InvalidMessage
+from butterfly.types.errors import ButterflyError, InvalidMessage, StageLost
 from butterfly.types.ids import NodeId
 from butterfly.types.messages import (
     AuditReply,
@@ -203,6 +203,11 @@ class StageServer:
         stage = self.stage
         if stage is None or self.plan is None:
             raise InvalidMessage(f"node {self.node} holds no stage (epoch {self.epoch})")
+        if epoch > self.plan.epoch:  # the gateway switched first; this node's plan is coming
+            raise StageLost(
+                f"step for epoch {epoch} early: node {self.node} is still at epoch "
+                f"{self.plan.epoch}; retry once the plan is in force"
+            )
         if epoch != self.plan.epoch:
             raise InvalidMessage(
                 f"step for epoch {epoch} refused: node {self.node} is at epoch {self.plan.epoch}"
@@ -293,7 +298,9 @@ class StageServer:
         sent = self.tamper(await self._in_worker(run))
         proofs: tuple[bytes, ...] = ()
         if prove and self.prover is not None and self.plan is not None:
-            index = self.plan.nodes.index(self.node) if self.node in self.plan.nodes else -1
+            # the chain position of the range held: a replica's records (replicate mode's
+            # lanes) name the stage they stand for (a negative index would not even decode)
+            index = next((i for i, (_, r) in enumerate(self.plan.stages) if r == stage.layers), 0)
             proofs = self._sign(msg, index, stage.layers, x, sent, offsets, traces)
         return encode_tensor(sent), proofs
 
