@@ -49,7 +49,7 @@ PRECEDENCE_KEYS: dict[str, st.SearchStrategy[Any]] = {
     "api.rate_limit": st.floats(0.0, 1e6, allow_nan=False),
     "partition.cache_size": st.integers(0, 100_000),
     "observability.log_level": st.sampled_from(["debug", "info", "warning", "error"]),
-    "byzantine.verification": st.sampled_from(["audit", "none"]),
+    "byzantine.verification": st.sampled_from(["audit", "replicate", "none"]),
 }
 
 

@@ -13,13 +13,14 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 
 from butterfly.cluster.audit import Auditor, Verdict, decode_proofs
+from butterfly.cluster.replicate import Lane, Replicator
 from butterfly.cluster.stage_server import StagePlan
 from butterfly.metrics.events import Emit, Verification, discard
 from butterfly.net.framing import Envelope
@@ -62,6 +63,7 @@ class _Entry:
     start: int
     x: torch.Tensor  # [1, T] token ids or [1, T, D] vectors
     future: asyncio.Future[torch.Tensor]
+    route: tuple[NodeId, ...] = ()  # replicate mode's lanes; () is the plan's chain
 
 
 class PipelineEngine:
@@ -84,8 +86,9 @@ class PipelineEngine:
         on_liars: Callable[[tuple[NodeId, ...], str], Awaitable[None]] | None = None,
         audit_draw: Callable[[], float] = random.random,
         emit: Emit = discard,
+        replicator: Replicator | None = None,
     ) -> None:
-        self._emit = emit
+        self._emit, self._replicator = emit, replicator
         self._auditor, self._audit_fraction, self._audit_draw = auditor, audit_fraction, audit_draw
         self._on_liars = on_liars or _ignore_liars
         self._records: dict[str, list[Proof]] = {}
@@ -168,12 +171,12 @@ class PipelineEngine:
                 continue
             groups: dict[tuple[object, ...], list[_Entry]] = {}
             for e in batch:
-                groups.setdefault((e.x.dtype, tuple(e.x.shape[2:])), []).append(e)
+                groups.setdefault((e.route, e.x.dtype, tuple(e.x.shape[2:])), []).append(e)
             for entries in groups.values():
                 await self._send_batch(plan, entries)
 
     async def _send_batch(self, plan: StagePlan, entries: list[_Entry]) -> None:
-        nodes = plan.nodes
+        nodes = entries[0].route or plan.nodes
         msg = StageStep(
             tuple(e.request_id for e in entries),
             tuple(e.step for e in entries),
@@ -192,12 +195,12 @@ class PipelineEngine:
                     entry.future.set_exception(e)
 
     async def _step(
-        self, request_id: str, step: int, start_pos: int, x: torch.Tensor
+        self, request_id: str, step: int, start_pos: int, x: torch.Tensor, route: Lane = ()
     ) -> torch.Tensor:
         key = (request_id, step)
         fut: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
         self._waiting[key] = fut
-        self._queue.append(_Entry(request_id, step, start_pos, x, fut))
+        self._queue.append(_Entry(request_id, step, start_pos, x, fut, route))
         self._ready.set()
         try:
             return await asyncio.wait_for(fut, self._timeout)
@@ -213,6 +216,32 @@ class PipelineEngine:
             ) from None
         finally:
             self._waiting.pop(key, None)
+
+    async def _compute(
+        self, request_id: str, step: int, pos: int, x: torch.Tensor
+    ) -> torch.Tensor:
+        """One step: down the chain, or in replicate mode down f+1 lanes that must agree."""
+        if self._replicator is None:
+            return await self._step(request_id, step, pos, x)
+        return await self._replicator.step(self, request_id, step, pos, x)
+
+    async def lane_step(
+        self, wire_id: str, step: int, start: int, x: torch.Tensor, route: Lane
+    ) -> tuple[torch.Tensor, list[Proof]]:
+        """A step of one replicate lane (its own request id on the wire) and its records."""
+        records = self._records.setdefault(wire_id, [])
+        out = await self._step(wire_id, step, start, x, route)
+        mine = [p for p in records if p.step == step]
+        records[:] = [p for p in records if p.step > step]
+        return out, mine
+
+    async def release_lane(self, wire_id: str, nodes: Iterable[NodeId]) -> None:
+        self._records.pop(wire_id, None)
+        for node in nodes:
+            try:
+                await self._deliver(node, Release(wire_id), b"")
+            except ButterflyError as e:
+                log.debug("release of %s on node %s failed: %s", wire_id, node, e)
 
     def plan_changed(self) -> None:
         """Fail every outstanding step: its chain may include a node that is gone. Each
@@ -244,14 +273,19 @@ class PipelineEngine:
         try:
             if task.input_vector:
                 x = torch.tensor([[list(task.input_vector)]], dtype=torch.float32)
-                out = await self._step(request_id, 0, 0, x)
-                return self._result(task, plan, (), tuple(out.flatten().tolist()), timings)
+                out = await self._compute(request_id, 0, 0, x)
+                result = self._result(task, plan, (), tuple(out.flatten().tolist()), timings)
+                if self._replicator is not None:
+                    return replace(result, verified=self._replicator.finish(request_id))
+                return result
             for _ in range(self._max_recoveries):
                 positions: dict[int, tuple[int, int]] = {}
                 self._records[request_id] = []
                 result = await self._generate(
                     task, request_id, on_token, started, timings, positions
                 )
+                if self._replicator is not None:
+                    return replace(result, verified=self._replicator.finish(request_id))
                 if self._auditor is None or self._audit_draw() >= self._audit_fraction:
                     return result
                 verdict = await self._audit(task, request_id, result, positions)
@@ -267,6 +301,8 @@ class PipelineEngine:
         finally:
             self._records.pop(request_id, None)
             await self._release(request_id)
+            if self._replicator is not None:
+                await self._replicator.release(self, request_id)
 
     async def _audit(
         self,
@@ -324,7 +360,7 @@ class PipelineEngine:
             step += 1  # step ids are never reused, so a late answer is ignored
             try:
                 positions[step] = (pos, x.shape[1])
-                logits = await self._step(request_id, step, pos, x)
+                logits = await self._compute(request_id, step, pos, x)
             except (StageLost, ConnectionFailed, CircuitOpen, SendTimeout) as e:
                 recoveries += 1
                 if recoveries > self._max_recoveries:

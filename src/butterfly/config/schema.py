@@ -174,8 +174,7 @@ class ByzantineConfig(Section):
     f: int = option(
         0, "Lying nodes tolerated (max_faulty); needs n >= 3f+1.", SC, CLUSTER, ge=0, le=100
     )
-    # "replicate" (DESIGN.md section 3) is not built yet, so it is not accepted either
-    verification: Literal["audit", "none"] = option(
+    verification: Literal["audit", "replicate", "none"] = option(
         "audit", "How results from untrusted nodes are checked.", DC, CLUSTER
     )
     audit_fraction: float = option(

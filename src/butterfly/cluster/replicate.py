@@ -1,0 +1,440 @@
+"""Replicate verification: every step runs on f+1 disjoint lanes and is accepted on agreement.
+
+Lane k is the k-th holder of every layer range (lane 0 is the plan's chain), so the f+1
+lanes share no node and at least one of them is all honest: when every lane's output
+agrees within tolerance (logits with `byzantine.rtol/atol`, the greedy token exactly),
+that output is right (DESIGN.md section 3). Each lane keeps its own KV caches under a
+lane-qualified request id on the wire, so stage servers need no change.
+
+On disagreement the step widens: further holders, when the plan has them, replay the
+history as extra lanes and a group of f+1 agreeing lanes wins; in any case the trusted
+gateway re-executes the stages (`Referee`) from the token history, which decides the
+output when no majority exists, and pinpoints each wrong lane's liar: the first node whose
+signed record contradicts the re-execution (that record is the evidence). The generation
+goes on with a lane that was right, so the step is not re-run; lanes that were wrong
+replay the history on fresh caches at their next step, and a convicted node is left out
+of every lane until the plan without it is in force.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+
+from butterfly.cluster.audit import Referee
+from butterfly.cluster.stage_server import StagePlan
+from butterfly.metrics.events import Emit, Verification, discard
+from butterfly.protocol.messages import Proof
+from butterfly.protocol.proof import Tolerance, matches_tensor
+from butterfly.types.errors import ButterflyError, SendTimeout, StageLost
+from butterfly.types.ids import NodeId
+from butterfly.types.model import LayerRange
+
+log = logging.getLogger(__name__)
+Lane = tuple[NodeId, ...]  # one node per stage, in chain order
+
+
+class LaneRunner(Protocol):
+    """What the pipeline engine offers: one step down an explicit route, and release."""
+
+    async def lane_step(
+        self, wire_id: str, step: int, start: int, x: torch.Tensor, route: Lane
+    ) -> tuple[torch.Tensor, list[Proof]]: ...
+
+    async def release_lane(self, wire_id: str, nodes: Iterable[NodeId]) -> None: ...
+
+
+class Timeouts(Protocol):
+    """The gateway's count of unanswered steps (`cluster.unresponsive.StepTimeouts`)."""
+
+    def answered(self, nodes: Iterable[NodeId]) -> None: ...
+
+    async def chain_timed_out(self, chain: Iterable[NodeId], what: str) -> None: ...
+
+
+# --- pure decisions ---------------------------------------------------------------------
+
+
+def lanes_of(plan: StagePlan, exclude: Iterable[NodeId] = ()) -> list[Lane]:
+    """Every node-disjoint lane the plan offers, lane 0 first (the chain).
+
+    >>> from butterfly.types.model import LayerRange as R
+    >>> plan = StagePlan(1, ((0, R(0, 2)), (1, R(2, 4))), ((2, R(0, 2)), (3, R(2, 4))))
+    >>> lanes_of(plan)
+    [(0, 1), (2, 3)]
+    >>> lanes_of(plan, exclude=[1])
+    [(0, 3)]
+    """
+    skip = set(exclude)
+    holders = [[n for n in plan.holders(r) if n not in skip] for _, r in plan.stages]
+    lanes: list[Lane] = []
+    used: set[NodeId] = set()
+    for k in range(min(len(h) for h in holders)):
+        lane = tuple(h[k] for h in holders)
+        if len(set(lane)) == len(lane) and not used & set(lane):
+            lanes.append(lane)
+            used.update(lane)
+    return lanes
+
+
+def agree(a: torch.Tensor, b: torch.Tensor, tol: Tolerance) -> bool:
+    """Two lanes' outputs of one step: same shape, close values, the same greedy token."""
+    if a.shape != b.shape or not torch.allclose(a, b, rtol=tol.rtol, atol=tol.atol):
+        return False
+    return a.numel() == 0 or bool(torch.equal(a.argmax(dim=-1), b.argmax(dim=-1)))
+
+
+def agreeing_groups(outputs: Sequence[torch.Tensor], tol: Tolerance) -> list[list[int]]:
+    """Lanes grouped by agreement with each group's first member, largest group first."""
+    groups: list[list[int]] = []
+    for i, out in enumerate(outputs):
+        home = next((g for g in groups if agree(outputs[g[0]], out, tol)), None)
+        if home is None:
+            groups.append([i])
+        else:
+            home.append(i)
+    return sorted(groups, key=len, reverse=True)
+
+
+def majority(outputs: Sequence[torch.Tensor], f: int, tol: Tolerance) -> int | None:
+    """A lane of a group of at least f+1 agreeing disjoint lanes (one of them is honest,
+    so with at most f liars no other group can be that large), else None."""
+    groups = agreeing_groups(outputs, tol)
+    return groups[0][0] if groups and len(groups[0]) >= f + 1 else None
+
+
+@dataclass(frozen=True)
+class LaneRun:
+    """One lane's answer to a step: its input rows [start, start + length) and output."""
+
+    nodes: Lane
+    start: int
+    length: int
+    out: torch.Tensor
+    records: Mapping[int, Proof] = field(default_factory=dict)  # stage index -> record
+
+
+def records_by_stage(
+    proofs: Sequence[Proof],
+    *,
+    lane: Lane,
+    plan: StagePlan,
+    wire_id: str,
+    step: int,
+    keys: Mapping[NodeId, bytes],
+) -> dict[int, Proof]:
+    """The lane's signed records of this step, by stage; a record that is not the lane's
+    node's own, for its own range, this epoch and step, proves nothing and is dropped."""
+    found: dict[int, Proof] = {}
+    for proof in proofs:
+        for index, (_, layers) in enumerate(plan.stages):
+            if (
+                proof.sender == lane[index]
+                and (proof.layer_start, proof.layer_end) == (layers.start, layers.end)
+                and proof.request_id == wire_id
+                and proof.step == step
+                and proof.epoch == plan.epoch
+                and index not in found
+            ):
+                key = keys.get(proof.sender)
+                if key is not None and proof.verify(key):
+                    found[index] = proof
+    return found
+
+
+def first_contradiction(
+    run: LaneRun, reference: Sequence[torch.Tensor], tol: Tolerance
+) -> tuple[bool, NodeId | None, str]:
+    """(is the lane wrong, the node proven to have lied or None, why).
+
+    `reference[i]` is stage i's output for every position of the history, as the gateway
+    computed it. The first record contradicting it names its signer, but only when that
+    node's signed input is what the previous node signed as its output: otherwise one of
+    the two passed on something other than it signed, and the records do not say who (the
+    lane is wrong, nobody is blamed). A lane whose records all match but whose delivered
+    output does not is blamed on its last node, who answered the gateway directly.
+    """
+    last = len(reference) - 1
+    final = reference[last][:, -1:]
+    wrong = run.out.shape != final.shape or not agree(run.out, final, tol)
+    previous: Proof | None = None
+    for index, ref in enumerate(reference):
+        proof = run.records.get(index)
+        if proof is None:
+            return wrong, None, f"stage {index} node {run.nodes[index]} signed no record"
+        start, width = (run.start + run.length - 1, 1) if index == last else (run.start, run.length)
+        rows = ref[:, start : start + width]
+        if rows.shape[1] != width or not matches_tensor(proof.fingerprint, rows, tol):
+            if previous is not None and previous.output_hash != proof.input_hash:
+                return (
+                    True,
+                    None,
+                    (
+                        f"stage {index} node {run.nodes[index]} computed on other bytes than "
+                        f"node {run.nodes[index - 1]} signed as its output"
+                    ),
+                )
+            return (
+                True,
+                run.nodes[index],
+                (f"node {run.nodes[index]} (stage {index}) contradicts the re-execution"),
+            )
+        previous = proof
+    if wrong:
+        return (
+            True,
+            run.nodes[last],
+            (f"node {run.nodes[last]} delivered another output than it signed"),
+        )
+    return False, None, ""
+
+
+# --- the gateway's driver ---------------------------------------------------------------
+
+
+@dataclass
+class _LaneState:
+    nodes: Lane
+    wire_id: str
+    epoch: int
+    length: int  # positions its caches hold
+
+
+@dataclass
+class _Request:
+    history: torch.Tensor | None = None
+    lanes: dict[int, _LaneState] = field(default_factory=dict)
+    used: dict[str, set[NodeId]] = field(default_factory=dict)  # wire id -> nodes, to release
+    generation: int = 0
+    verified: bool = True
+    liars_found: bool = False
+
+
+class Replicator:
+    def __init__(
+        self,
+        *,
+        plan: Callable[[], StagePlan | None],
+        f: int,
+        keys: Mapping[NodeId, bytes],
+        referee: Referee,
+        tolerance: Tolerance,
+        on_liars: Callable[[tuple[NodeId, ...], str], Awaitable[None]],
+        timeouts: Timeouts | None = None,
+        emit: Emit = discard,
+    ) -> None:
+        """`timeouts`: a lane's unanswered step is counted against that lane's nodes,
+        never against the chain's (the engine counts only plain chain steps)."""
+        self._plan, self._f, self._keys, self._referee = plan, f, keys, referee
+        self._timeouts = timeouts
+        self._tol, self._on_liars, self._emit = tolerance, on_liars, emit
+        self._requests: dict[str, _Request] = {}
+        self.convicted: set[NodeId] = set()  # left out of every lane from conviction on
+
+    async def step(
+        self, runner: LaneRunner, request_id: str, step: int, pos: int, x: torch.Tensor
+    ) -> torch.Tensor:
+        """The step's output as f+1 disjoint lanes agree on it, or as the dispute decides."""
+        req = self._requests.setdefault(request_id, _Request())
+        if pos == 0 or req.history is None:
+            req.history = x
+        else:
+            req.history = torch.cat([req.history[:, :pos], x], dim=1)
+        history = req.history
+        plan = self._plan()
+        if plan is None:
+            raise StageLost("the stage plan is gone")
+        holders = {n for n, _ in (*plan.stages, *plan.replicas)}
+        if holders & self.convicted:
+            raise StageLost(
+                f"the plan of epoch {plan.epoch} still holds convicted nodes "
+                f"{sorted(holders & self.convicted)}; waiting for the plan without them"
+            )
+        lanes = lanes_of(plan)
+        if len(lanes) < self._f + 1:  # too few holders left: run, but do not claim a check
+            log.warning(
+                "replicate %s: the plan of epoch %d offers %d disjoint lanes, f+1=%d needed",
+                request_id,
+                plan.epoch,
+                len(lanes),
+                self._f + 1,
+            )
+            req.verified = False
+        chosen = lanes[: self._f + 1]
+        runs = await self._run_lanes(runner, req, request_id, plan, chosen, step, pos, x)
+        if all(agree(runs[0].out, r.out, self._tol) for r in runs[1:]):  # one lane: unverified
+            return runs[0].out
+        # a dispute: widen, decide, blame
+        extra = lanes[self._f + 1 :]
+        if extra:
+            runs += await self._widen(runner, req, request_id, plan, extra, step, len(chosen))
+        out, liars, reason = await self._decide(plan, history, runs)
+        log.warning("replicate %s step %d: %s", request_id, step, reason)
+        if out is None:
+            req.verified = False
+            return runs[0].out
+        for k, run in enumerate(runs[: len(chosen)]):
+            if not agree(run.out, out, self._tol) and k in req.lanes:
+                req.lanes[k].length = -1  # wrong lanes replay on fresh caches next step
+        new = tuple(n for n in liars if n not in self.convicted)
+        if liars:
+            req.liars_found = True
+            self.convicted.update(new)
+        if new:
+            await self._on_liars(new, f"replicate: {reason}")
+        return out
+
+    async def _run_lanes(
+        self,
+        runner: LaneRunner,
+        req: _Request,
+        request_id: str,
+        plan: StagePlan,
+        lanes: Sequence[Lane],
+        step: int,
+        pos: int,
+        x: torch.Tensor,
+    ) -> list[LaneRun]:
+        history = req.history
+        assert history is not None
+        sends: list[tuple[_LaneState, int, torch.Tensor]] = []
+        for k, nodes in enumerate(lanes):
+            state = req.lanes.get(k)
+            if (
+                state is None
+                or (state.nodes, state.epoch) != (nodes, plan.epoch)
+                or (pos and state.length != pos)
+            ):
+                # new or changed or poisoned caches: a fresh id, the whole history from 0
+                req.generation += 1
+                state = _LaneState(nodes, f"{request_id}~{k}.{req.generation}", plan.epoch, 0)
+                req.lanes[k] = state
+                sends.append((state, 0, history))
+            else:
+                sends.append((state, pos, x))
+            req.used.setdefault(state.wire_id, set()).update(nodes)
+        answers = await asyncio.gather(
+            *(runner.lane_step(s.wire_id, step, start, inp, s.nodes) for s, start, inp in sends),
+            return_exceptions=True,
+        )
+        runs, failed = [], None
+        for (state, start, inp), answer in zip(sends, answers, strict=True):
+            if isinstance(answer, BaseException):
+                state.length = -1
+                if isinstance(answer, SendTimeout) and self._timeouts is not None:
+                    await self._timeouts.chain_timed_out(
+                        state.nodes, f"step {step} of {state.wire_id}"
+                    )
+                    answer = StageLost(f"lane {state.nodes}: {answer}")  # not the chain's
+                failed = failed or answer
+                continue
+            if self._timeouts is not None:
+                self._timeouts.answered(state.nodes)
+            out, raw = answer
+            state.length = start + inp.shape[1]
+            records = records_by_stage(
+                raw, lane=state.nodes, plan=plan, wire_id=state.wire_id, step=step, keys=self._keys
+            )
+            runs.append(LaneRun(state.nodes, start, inp.shape[1], out, records))
+        if failed is not None:
+            raise failed
+        return runs
+
+    async def _widen(
+        self,
+        runner: LaneRunner,
+        req: _Request,
+        request_id: str,
+        plan: StagePlan,
+        lanes: Sequence[Lane],
+        step: int,
+        first: int,
+    ) -> list[LaneRun]:
+        """Further holders replay the whole history as extra lanes (released at the end)."""
+        history = req.history
+        assert history is not None
+        runs = []
+        for k, nodes in enumerate(lanes[: self._f], start=first):  # up to 2f+1 lanes in all
+            req.generation += 1
+            wire_id = f"{request_id}~{k}.{req.generation}"
+            req.used.setdefault(wire_id, set()).update(nodes)
+            try:
+                out, raw = await runner.lane_step(wire_id, step, 0, history, nodes)
+            except ButterflyError as e:
+                log.warning("replicate %s: extra lane %s failed: %s", request_id, nodes, e)
+                continue
+            records = records_by_stage(
+                raw, lane=nodes, plan=plan, wire_id=wire_id, step=step, keys=self._keys
+            )
+            runs.append(LaneRun(nodes, 0, history.shape[1], out, records))
+        return runs
+
+    async def _decide(
+        self, plan: StagePlan, history: torch.Tensor, runs: Sequence[LaneRun]
+    ) -> tuple[torch.Tensor | None, tuple[NodeId, ...], str]:
+        """(the right output or None, the liars, why): a majority of f+1 agreeing lanes
+        decides the output; the gateway's re-execution decides it otherwise, and always
+        names the liars, since only a contradiction of it is evidence."""
+        outs = [r.out for r in runs]
+        winner = majority(outs, self._f, self._tol) if len(runs) > self._f + 1 else None
+        try:
+            reference = await self._reference(plan, history)
+        except Exception as e:  # the referee failing must not take the request down
+            log.error("replicate: the referee could not re-execute: %s", e)
+            if winner is None:
+                return None, (), f"lanes disagree and the referee failed: {e}"
+            return outs[winner], (), f"majority of {len(runs)} lanes; referee failed: {e}"
+        liars, reasons = [], []
+        for run in runs:
+            wrong, liar, why = first_contradiction(run, reference, self._tol)
+            if liar is not None:
+                liars.append(liar)
+            if wrong:
+                reasons.append(why)
+        final = reference[-1][:, -1:]
+        right = [
+            i
+            for i, r in enumerate(runs)
+            if r.out.shape == final.shape and agree(r.out, final, self._tol)
+        ]
+        if winner is not None and winner not in right:
+            log.error("replicate: the majority of lanes contradicts the gateway's re-execution")
+        out = outs[right[0]] if right else final
+        how = "majority" if winner is not None else "re-execution"
+        return (
+            out,
+            tuple(dict.fromkeys(liars)),
+            f"lanes disagree; {how} decides; "
+            + ("; ".join(reasons) or "no lane contradicts the re-execution"),
+        )
+
+    async def _reference(self, plan: StagePlan, history: torch.Tensor) -> list[torch.Tensor]:
+        """Every stage's output over the whole history, computed by the gateway itself."""
+        outputs, x = [], history
+        for _, layers in plan.stages:
+            x = await self._referee.run(LayerRange(layers.start, layers.end), x)
+            outputs.append(x)
+        return outputs
+
+    def finish(self, request_id: str) -> Literal["replicate", "none"]:
+        """Which check the request's result passed; one metric event per request."""
+        req = self._requests.get(request_id, _Request(verified=False))
+        outcome: Literal["verified", "unverified", "liar_found"] = (
+            "unverified" if not req.verified else "liar_found" if req.liars_found else "verified"
+        )
+        self._emit(Verification(check="replicate", outcome=outcome))
+        return "replicate" if req.verified else "none"
+
+    async def release(self, runner: LaneRunner, request_id: str) -> None:
+        """Free every lane's caches the request used, on every node that held them."""
+        req = self._requests.pop(request_id, None)
+        plan = self._plan()
+        # every holder: chain nodes may have copied their caches to their standbys
+        holders = {n for n, _ in (*plan.stages, *plan.replicas)} if plan else set()
+        for wire_id, nodes in (req.used if req else {}).items():
+            await runner.release_lane(wire_id, sorted(nodes | holders))
