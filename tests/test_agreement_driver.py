@@ -19,8 +19,11 @@ from butterfly.cluster.agreement import AgreementDriver
 from butterfly.metrics.events import MessageDropped, MetricsEvent
 from butterfly.net.framing import Envelope
 from butterfly.net.memory import MemoryNetwork
+from butterfly.protocol.evidence import valid_evidence
+from butterfly.protocol.messages import Evidence
 from butterfly.protocol.pbft_state import PbftConfig
 from butterfly.protocol.sign import SigningKey
+from butterfly.testing.liar_votes import EquivocatingDriver
 from butterfly.types.errors import ConsensusTimeout
 from butterfly.types.ids import NodeId
 from butterfly.types.messages import AgreementFrame, Message
@@ -52,20 +55,27 @@ class Cluster:
     logs: dict[int, list[tuple[int, bytes]]] = field(default_factory=dict)
     events: list[MetricsEvent] = field(default_factory=list)
     tasks: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+    liars: dict[int, type[AgreementDriver]] = field(default_factory=dict)
+    evidence: dict[int, list[Evidence]] = field(default_factory=dict)
 
     async def start(self, i: int) -> None:
         """(Re)start node i from an empty replica, as a restarted process would."""
         transport = self.net.transport(NodeId(i), self.events.append)
         self.logs[i] = log = []
+        self.evidence[i] = proofs = []
 
         async def on_commit(seq: int, command: bytes) -> None:
             log.append((seq, command))
 
-        driver = AgreementDriver(
+        async def on_evidence(evidence: Evidence) -> None:
+            proofs.append(evidence)
+
+        driver = self.liars.get(i, AgreementDriver)(
             config=pbft_config(i),
             key=KEYS[i],
             transport=transport,
             on_commit=on_commit,
+            on_evidence=on_evidence,
             emit=self.events.append,
         )
 
@@ -186,3 +196,25 @@ async def test_a_restarted_primary_is_replaced_and_the_log_stays_one(cluster: Cl
     await wait_until(lambda: all(len(cluster.logs[i]) == 4 for i in range(4)))
     assert all(cluster.logs[i] == cluster.logs[1] for i in range(4))
     assert cluster.commands(0) == [b"before0", b"before1", b"before2", b"after"]
+
+
+async def test_an_equivocating_voter_is_reported_by_honest_nodes_and_commits_go_on() -> None:
+    c = Cluster(MemoryNetwork(), liars={2: EquivocatingDriver})
+    for i in range(4):
+        await c.start(i)
+    try:
+        for k in range(3):
+            await c.drivers[k % 2].propose(f"c{k}".encode(), timeout=10.0)
+        await wait_until(lambda: all(len(c.logs[i]) == 3 for i in (0, 1, 3)))
+        assert c.logs[0] == c.logs[1] == c.logs[3]
+        # every honest node hears of it: from its own pair of votes, or a peer's report
+        await wait_until(lambda: all(c.evidence[i] for i in (0, 1, 3)))
+        keys = pbft_config(0).keys
+        for i in (0, 1, 3):
+            assert {e.accused for e in c.evidence[i]} == {2}
+            assert all(valid_evidence(e, keys) for e in c.evidence[i])
+        counted = [(e.accused, e.first.kind, e.first.view, e.first.seq) for e in c.evidence[0]]
+        assert len(counted) == len(set(counted)), "each slot's evidence is reported once"
+    finally:
+        for i in list(c.tasks):
+            await c.stop(i)

@@ -13,6 +13,10 @@ every replica (so backups time a primary that ignores it) and returns the sequen
 once this node has executed it. A retried or relayed request runs once (PBFT orders a
 duplicate but the driver skips it, keyed by client and timestamp).
 
+Equivocation evidence (two conflicting votes one node signed for one slot, recorded by
+this replica or checked from a peer's report; `butterfly.protocol.evidence`) leaves
+through `on_evidence`, once per accused slot, so the node can evict the signer.
+
 A restarted node starts from an empty replica: its peers relay what it missed (commit
 certificates, or a certified state transfer below their stable checkpoint), and the
 driver hands every command to `on_commit` again from sequence number 1, so the commit
@@ -39,7 +43,15 @@ from butterfly.metrics.events import ConsensusRound, Emit, MessageDropped, Phase
 from butterfly.net.framing import Envelope
 from butterfly.net.transport import Transport
 from butterfly.protocol import pbft
-from butterfly.protocol.messages import Message, Reply, Request, decode, encode, sign_message
+from butterfly.protocol.messages import (
+    Evidence,
+    Message,
+    Reply,
+    Request,
+    decode,
+    encode,
+    sign_message,
+)
 from butterfly.protocol.pbft_state import PbftConfig, ReplicaState, Send
 from butterfly.protocol.sign import SigningKey
 from butterfly.types.errors import ButterflyError, ConsensusTimeout, InvalidMessage
@@ -49,6 +61,7 @@ from butterfly.types.messages import AgreementFrame
 log = logging.getLogger(__name__)
 
 OnCommit = Callable[[int, bytes], Awaitable[None]]
+OnEvidence = Callable[[Evidence], Awaitable[None]]
 INPUTS: tuple[type, ...] = typing.get_args(pbft.Input)
 """Message classes a replica consumes; anything else in a frame is dropped."""
 MAX_FRAME = 1 << 20
@@ -68,6 +81,10 @@ async def _ignore(seq: int, command: bytes) -> None:
     """An `on_commit` for drivers whose commands need no action (benchmarks, tests)."""
 
 
+async def _log_evidence(evidence: Evidence) -> None:
+    log.error("node %s signed conflicting votes; nothing here acts on it", evidence.accused)
+
+
 class AgreementDriver:
     """Runs one PBFT replica; `run()` inside the node's task group, `on_frame` from its
     dispatcher."""
@@ -79,6 +96,7 @@ class AgreementDriver:
         key: SigningKey,
         transport: Transport,
         on_commit: OnCommit = _ignore,
+        on_evidence: OnEvidence = _log_evidence,
         emit: Emit = discard,
         clock: Callable[[], float] = time.monotonic,
         limits: DriverLimits = DriverLimits(),
@@ -98,6 +116,9 @@ class AgreementDriver:
         self._waiters: dict[tuple[NodeId, int], asyncio.Future[int]] = {}
         self._last_ts = 0
         self._in_view_change = False
+        self._on_evidence = on_evidence
+        self._evidence: asyncio.Queue[Evidence] = asyncio.Queue()
+        self._evidence_seen = 0  # entries of the replica's evidence list already reported
 
     # --- introspection ----------------------------------------------------------------
 
@@ -164,6 +185,10 @@ class AgreementDriver:
             phases = ("normal", "view_change")
             a, b = phases if state.in_view_change else phases[::-1]
             self._emit(PhaseTransition(a, b))
+        # proof of equivocation, recorded by this replica or checked from a peer's report
+        while self._evidence_seen < len(state.evidence):
+            self._evidence.put_nowait(state.evidence[self._evidence_seen])
+            self._evidence_seen += 1
         while self._delivered < state.last_executed:
             self._delivered += 1
             entry = state.executed[self._delivered - 1]
@@ -220,6 +245,7 @@ class AgreementDriver:
             for peer in self.peers:
                 tg.create_task(self._sender(peer))
             tg.create_task(self._executor())
+            tg.create_task(self._reporter())
             tg.create_task(self._ticker())
 
     async def _ticker(self) -> None:
@@ -252,6 +278,15 @@ class AgreementDriver:
             if waiter is not None and not waiter.done():
                 waiter.set_result(seq)
 
+    async def _reporter(self) -> None:
+        """Hands each piece of equivocation evidence to `on_evidence`, once, in order."""
+        while True:
+            evidence = await self._evidence.get()
+            try:
+                await self._on_evidence(evidence)
+            except Exception:  # reporting one must not stop the ones after it
+                log.exception("acting on evidence against node %s failed", evidence.accused)
+
     async def _sender(self, peer: NodeId) -> None:
         """One peer's frames in order. A send that blocks (a peer that stopped reading)
         holds up this peer alone; its outbox then sheds the oldest frames."""
@@ -264,4 +299,4 @@ class AgreementDriver:
                 log.debug("agreement frame to node %s lost: %s", peer, e)
 
 
-__all__ = ["AgreementDriver", "DriverLimits", "OnCommit"]
+__all__ = ["AgreementDriver", "DriverLimits", "OnCommit", "OnEvidence"]

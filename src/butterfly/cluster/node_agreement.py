@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from butterfly.cluster.agreement import AgreementDriver, OnCommit
+from butterfly.cluster.agreement import AgreementDriver, OnCommit, OnEvidence
 from butterfly.cluster.config_coordinator import ConfigCoordinator
 from butterfly.cluster.config_replica import ConfigReplica
 from butterfly.cluster.keys import key_path, load_or_create_key, pbft_config, public_keys
@@ -51,16 +51,24 @@ def build_agreement(
     manager: ConfigManager,
     transport: Transport,
     on_commit: OnCommit,
+    on_evidence: OnEvidence,
     emit: Emit,
     live: Callable[[NodeId], bool],
+    driver_type: type[AgreementDriver] = AgreementDriver,
 ) -> NodeAgreement:
     """The PBFT driver (signing with the node key, created on first start) and the config
-    replica and coordinator over it."""
+    replica and coordinator over it. `driver_type` lets `butterfly.testing` compose a node
+    whose votes lie (`butterfly.testing.liar_votes`)."""
     cfg = manager.current
     key = load_or_create_key(key_path(cfg, Path(cfg.node.data_dir)))
     keys = public_keys(cfg, key)
-    driver = AgreementDriver(
-        config=pbft_config(cfg, keys), key=key, transport=transport, on_commit=on_commit, emit=emit
+    driver = driver_type(
+        config=pbft_config(cfg, keys),
+        key=key,
+        transport=transport,
+        on_commit=on_commit,
+        on_evidence=on_evidence,
+        emit=emit,
     )
     node = NodeId(cfg.node.id)
     f = cfg.byzantine.f

@@ -1,0 +1,53 @@
+"""Lying agreement drivers: a node composed with one of these votes falsely in PBFT.
+
+Like the faulty stage servers of `butterfly.testing.liars`, they are whole parts swapped
+in by composition (`Node(..., agreement_type=...)`), and they sign their lies with the
+node's own key: honest replicas must convict them from what was signed alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import replace
+
+from butterfly.cluster.agreement import AgreementDriver
+from butterfly.protocol.messages import Commit, Prepare, sign_message
+from butterfly.protocol.pbft_state import Send
+
+
+class EquivocatingDriver(AgreementDriver):
+    """Votes like an honest replica, and also signs a second, conflicting prepare and
+    commit for the same (view, seq) to half of its peers.
+
+    Each peer of that half holds two votes of one signer for one slot: the evidence of
+    `butterfly.protocol.evidence`, which it broadcasts. (A liar that tells each honest
+    replica only one of the two digests cannot be convicted by anyone; it then merely
+    withholds its vote from half of them, which a quorum of 2f+1 already tolerates.)
+    """
+
+    def _route(self, sends: list[Send]) -> None:
+        super()._route(sends)
+        half = self.peers[::2]
+        lies: list[Send] = []
+        for send in sends:
+            vote = send.message
+            if send.to is None and isinstance(vote, Prepare | Commit):
+                other = hashlib.sha256(b"equivocate" + vote.digest).digest()
+                lie = sign_message(replace(vote, digest=other), self._key)
+                lies.extend(Send(peer, lie) for peer in half)
+        if lies:
+            super()._route(lies)
+
+
+class SilentDriver(AgreementDriver):
+    """Receives every agreement frame and sends none: no votes, no status, no requests."""
+
+    def _route(self, sends: list[Send]) -> None:
+        return
+
+
+DRIVERS: dict[str, type[AgreementDriver]] = {
+    "equivocate": EquivocatingDriver,
+    "silent": SilentDriver,
+}
+"""Behaviours (`butterfly.testing.liars.BEHAVIOURS`) whose votes lie too."""
