@@ -18,6 +18,7 @@ import uvicorn
 
 from butterfly.api.app import create_app
 from butterfly.api.settings import ApiSettings
+from butterfly.cluster.agreement import AgreementDriver
 from butterfly.cluster.audit import Auditor, Referee
 from butterfly.cluster.commands import (
     ConfigAbort,
@@ -47,6 +48,7 @@ from butterfly.net.framing import Envelope
 from butterfly.net.tcp import Identity, TcpTransport, TransportLimits
 from butterfly.partition.service import PartitionService
 from butterfly.protocol.failure_detector import PhiAccrualFailureDetector
+from butterfly.protocol.messages import Evidence
 from butterfly.protocol.proof import Tolerance
 from butterfly.runtime.loader import layer_infos, model_args
 from butterfly.runtime.tokenizer import TextCodec
@@ -95,9 +97,11 @@ class Node:
         model_dir: Path,
         *,
         stage_server_type: type[StageServer] = StageServer,
+        agreement_type: type[AgreementDriver] = AgreementDriver,
     ) -> None:
-        """`stage_server_type` lets `butterfly.testing` compose a node with a faulty
-        stage server (a liar) without any test switch in the production types."""
+        """`stage_server_type` and `agreement_type` let `butterfly.testing` compose a node
+        with a faulty stage server or lying votes without any test switch in the
+        production types."""
         self.config = open_config(cfg)  # every part below sees the values last agreed on
         cfg = self.config.current
         self.cfg, self.id, self.model_dir = cfg, NodeId(cfg.node.id), model_dir
@@ -209,8 +213,10 @@ class Node:
             manager=self.config,
             transport=self.transport,
             on_commit=self._on_commit,
+            on_evidence=self._on_evidence,
             emit=self.metrics.emit,
             live=lambda n: self.membership.status(n) in ("starting", "healthy"),
+            driver_type=agreement_type,
         )
         self.agreement, self.config_replica = agreed.driver, agreed.replica
         self.config_coordinator = agreed.coordinator
@@ -264,6 +270,19 @@ class Node:
             self.metrics.emit(Eviction(node=liar))
         log.error("evicting %s: %s", liars, reason)
         await self.recovery.evict(liars)
+
+    async def _on_evidence(self, evidence: Evidence) -> None:
+        """Two conflicting votes one node signed for one slot (signatures checked, so the
+        reporter need not be trusted): the gateway evicts the signer."""
+        first = evidence.first
+        reason = (
+            f"node {evidence.accused} signed two conflicting {first.kind} votes for "
+            f"seq {first.seq} (evidence from node {evidence.sender})"
+        )
+        if self.id != GATEWAY:
+            log.error("equivocation: %s; the gateway evicts it", reason)
+            return
+        await self._on_liars((NodeId(evidence.accused),), reason)
 
     def _local_state(self) -> tuple[tuple[int, ...], int]:
         plan = self.stage_server.plan
@@ -500,6 +519,7 @@ def run(
     model_dir: Path,
     *,
     stage_server_type: type[StageServer] = StageServer,
+    agreement_type: type[AgreementDriver] = AgreementDriver,
     subscribers: Sequence[tuple[str, Subscriber, Subscriber | None]] = (),
 ) -> int:
     """Run a node in the foreground until SIGINT/SIGTERM; returns the exit code.
@@ -527,7 +547,9 @@ def run(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        node = Node(cfg, model_dir, stage_server_type=stage_server_type)
+        node = Node(
+            cfg, model_dir, stage_server_type=stage_server_type, agreement_type=agreement_type
+        )
         node.config.subscribe("logging", _set_log_level)  # hot: no restart for the level
         for name, on_change, check in subscribers:
             node.config.subscribe(name, on_change, check=check)
