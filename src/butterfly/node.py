@@ -39,6 +39,7 @@ from butterfly.cluster.recovery import Recovery
 from butterfly.cluster.replicas import add_replicas, split_for_replication
 from butterfly.cluster.replicate import Replicator
 from butterfly.cluster.stage_server import Outbound, StagePlan, StageServer
+from butterfly.cluster.unresponsive import StepTimeouts
 from butterfly.config import ButterflyConfig
 from butterfly.config.reload import Subscriber
 from butterfly.config.validate import replication_factor
@@ -57,7 +58,7 @@ from butterfly.schedule.engine import ClusterHealth, NodeHealth
 from butterfly.schedule.queue import QueuePolicy
 from butterfly.schedule.scheduler import Scheduler
 from butterfly.schedule.store import TaskStore
-from butterfly.types.errors import ButterflyError
+from butterfly.types.errors import ButterflyError, SendTimeout
 from butterfly.types.ids import NodeId
 from butterfly.types.messages import (
     AgreementFrame,
@@ -173,6 +174,12 @@ class Node:
             cache_size=self.cfg.partition.cache_size, context_tokens=max_context
         )
         self.result_bytes = int(getattr(args, "vocab_size", 0)) * 4  # one row of logits
+        self.timeouts = StepTimeouts(  # the gateway's rule for silent and slow nodes
+            gateway=self.id,
+            limit=lambda: self.config.current.byzantine.max_step_timeouts,
+            status=self.membership.status,
+            declare=self._on_liars,
+        )
         has_tokenizer = (model_dir / "tokenizer.json").is_file()
         self.codec = TextCodec.load(model_dir) if has_tokenizer else None
         self.engine = PipelineEngine(
@@ -196,6 +203,7 @@ class Node:
             else None,
             audit_fraction=cfg.byzantine.audit_fraction,
             on_liars=self._on_liars,
+            timeouts=self.timeouts,
             replicator=Replicator(
                 plan=lambda: self.stage_server.plan,
                 f=cfg.byzantine.f,
@@ -257,9 +265,14 @@ class Node:
     ) -> tuple[AuditReply, bytes]:
         if node == self.id:
             return await self.stage_server.audit(request, payload)
-        env = await self.transport.request(
-            node, request, payload, timeout=self.cfg.network.step_timeout_ms / 1000
-        )
+        try:
+            env = await self.transport.request(
+                node, request, payload, timeout=self.cfg.network.step_timeout_ms / 1000
+            )
+        except SendTimeout:
+            await self.timeouts.timed_out(node, f"audit of {request.request_id}")
+            raise
+        self.timeouts.answered((node,))
         if not isinstance(env.msg, AuditReply):
             return AuditReply(request.request_id, node, b"", f"answered {env.msg.kind}"), b""
         return env.msg, env.payload

@@ -154,12 +154,19 @@ class Auditor:
             if not others:
                 return Verdict(False, reason=f"no replica of {layers} to audit node {node}")
             auditor = others[0]
-            reply, payload = await self._ask(
-                auditor,
-                AuditRequest(request_id, index, layers.start, layers.end),
-                encode_tensor(x),
-            )
-            out = decode_tensor(payload, self._max) if not reply.error else None
+            try:
+                reply, payload = await self._ask(
+                    auditor,
+                    AuditRequest(request_id, index, layers.start, layers.end),
+                    encode_tensor(x),
+                )
+            except ButterflyError as e:
+                # no answer is not a lie: the gateway checks the claims itself, and the
+                # silence is counted by whoever asked (`cluster.unresponsive`)
+                log.warning("audit of %s: auditor %s did not answer: %s", request_id, auditor, e)
+                reply, payload = None, b""
+            answered = reply is not None
+            out = decode_tensor(payload, self._max) if reply and not reply.error else None
             if out is not None and all(self._matches(c, out) for c in mine):
                 checked += len(mine)
                 x = out
@@ -167,15 +174,16 @@ class Auditor:
             # a dispute: the gateway re-executes and blames whoever contradicts it
             reference = await self._referee.run(layers, x)
             chain_lied = [c for c in mine if not self._matches(c, reference)]
-            auditor_lied = (
+            auditor_lied = answered and (
                 out is None
                 or out.shape != reference.shape
                 or not torch.allclose(out, reference, rtol=self._tol.rtol, atol=self._tol.atol)
             )
+            said = "contradicts" if auditor_lied else "matches" if answered else "did not answer"
             reason = (
                 f"stage {index} {layers}: chain node {node} "
                 f"{'contradicts' if chain_lied else 'matches'} the re-execution, "
-                f"auditor {auditor} {'contradicts' if auditor_lied else 'matches'} it"
+                f"auditor {auditor} {said} it"
             )
             log.warning("audit of %s: %s", request_id, reason)
             reasons.append(reason)

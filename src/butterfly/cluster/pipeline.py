@@ -22,6 +22,7 @@ import torch
 from butterfly.cluster.audit import Auditor, Verdict, decode_proofs
 from butterfly.cluster.replicate import Lane, Replicator
 from butterfly.cluster.stage_server import StagePlan
+from butterfly.cluster.unresponsive import StepTimeouts
 from butterfly.metrics.events import Emit, Verification, discard
 from butterfly.net.framing import Envelope
 from butterfly.protocol.messages import Proof
@@ -85,10 +86,12 @@ class PipelineEngine:
         audit_fraction: float = 1.0,
         on_liars: Callable[[tuple[NodeId, ...], str], Awaitable[None]] | None = None,
         audit_draw: Callable[[], float] = random.random,
+        timeouts: StepTimeouts | None = None,
         emit: Emit = discard,
         replicator: Replicator | None = None,
     ) -> None:
         self._emit, self._replicator = emit, replicator
+        self._timeouts = timeouts  # counts chain nodes that leave steps unanswered
         self._auditor, self._audit_fraction, self._audit_draw = auditor, audit_fraction, audit_draw
         self._on_liars = on_liars or _ignore_liars
         self._records: dict[str, list[Proof]] = {}
@@ -216,6 +219,11 @@ class PipelineEngine:
             ) from None
         finally:
             self._waiting.pop(key, None)
+
+    def _chain(self, epoch: int) -> tuple[NodeId, ...]:
+        """The chain's nodes if the plan is still that of `epoch`, else none."""
+        plan = self._plan()
+        return plan.nodes if plan is not None and plan.epoch == epoch else ()
 
     async def _compute(
         self, request_id: str, step: int, pos: int, x: torch.Tensor
@@ -361,7 +369,12 @@ class PipelineEngine:
             try:
                 positions[step] = (pos, x.shape[1])
                 logits = await self._compute(request_id, step, pos, x)
+                if self._timeouts is not None:
+                    self._timeouts.answered(self._chain(epoch))
             except (StageLost, ConnectionFailed, CircuitOpen, SendTimeout) as e:
+                if isinstance(e, SendTimeout) and self._timeouts is not None:
+                    what = f"step {step} of {request_id}"
+                    await self._timeouts.chain_timed_out(self._chain(epoch), what)
                 recoveries += 1
                 if recoveries > self._max_recoveries:
                     raise

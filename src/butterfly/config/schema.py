@@ -192,6 +192,15 @@ class ByzantineConfig(Section):
     fingerprint_chunk: int = option(
         32, "Positions per fingerprint chunk.", DC, CLUSTER, ge=1, le=65536
     )
+    max_step_timeouts: int = option(
+        3,
+        "Steps or audits in a row a heartbeating node may leave unanswered within "
+        "network.step_timeout_ms before the gateway evicts it as silent or slow.",
+        DC,
+        CLUSTER,
+        ge=1,
+        le=1000,
+    )
 
 
 class CoordinationConfig(Section):

@@ -1,0 +1,95 @@
+"""The gateway's rule for nodes that heartbeat but do not answer their work.
+
+A silent node (alive, never answering a step or an audit) or a slow one (answering after
+`network.step_timeout_ms`) is a Byzantine fault the failure detector cannot see: its
+heartbeats keep arriving. The gateway is trusted (DESIGN.md section 3), so it may judge
+what it observed itself: when `byzantine.max_step_timeouts` steps or audits in a row
+addressed to one node time out while that node's heartbeats say it is healthy, the
+gateway declares it faulty and evicts it through the same entry point as a proven liar.
+
+A node whose heartbeats stopped (suspected or failed) is never counted here: a crash is
+the failure detector's to declare, and it must not also count as an eviction.
+
+A timed-out chain step is only attributable when the chain has exactly one node besides
+the gateway (each step then reaches only that node); a longer chain cannot tell which of
+its nodes held the step back, so such timeouts are logged and not counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+
+from butterfly.types.ids import NodeId
+
+log = logging.getLogger(__name__)
+
+Declare = Callable[[tuple[NodeId, ...], str], Awaitable[None]]
+
+
+class StepTimeouts:
+    """Consecutive unanswered steps and audits per node; an answer resets the count."""
+
+    def __init__(
+        self,
+        *,
+        gateway: NodeId,
+        limit: Callable[[], int],
+        status: Callable[[NodeId], str],
+        declare: Declare,
+    ) -> None:
+        self._gateway, self._limit, self._status, self._declare = gateway, limit, status, declare
+        self.counts: dict[NodeId, int] = {}
+        self.declared: set[NodeId] = set()
+
+    def answered(self, nodes: Iterable[NodeId]) -> None:
+        """These nodes answered in time: their streaks end."""
+        for node in nodes:
+            self.counts.pop(node, None)
+
+    async def chain_timed_out(self, chain: Iterable[NodeId], what: str) -> None:
+        """A step through `chain` got no answer within the step timeout."""
+        suspects = [n for n in chain if n != self._gateway]
+        if not suspects:  # the plan changed meanwhile, or the gateway runs it all
+            return
+        if len(suspects) != 1:
+            log.warning(
+                "%s timed out on chain %s: cannot tell which node held it back; not counted",
+                what,
+                suspects,
+            )
+            return
+        await self.timed_out(suspects[0], what)
+
+    async def timed_out(self, node: NodeId, what: str) -> None:
+        """`node` did not answer `what` (a step or an audit) within the step timeout."""
+        if node == self._gateway or node in self.declared:
+            return
+        status = self._status(node)
+        if status != "healthy":  # no heartbeats: a crash, for the failure detector
+            log.info("%s timed out on node %s, which is %s: not counted", what, node, status)
+            return
+        count = self.counts.get(node, 0) + 1
+        self.counts[node] = count
+        limit = max(1, self._limit())
+        log.warning(
+            "%s timed out on node %s (%d of %d in a row) while its heartbeats continue",
+            what,
+            node,
+            count,
+            limit,
+        )
+        if count < limit:
+            return
+        self.declared.add(node)
+        self.counts.pop(node, None)
+        reason = (
+            f"node {node} heartbeats but left {count} steps or audits in a row unanswered "
+            f"within network.step_timeout_ms (byzantine.max_step_timeouts = {limit}): "
+            "silent or too slow"
+        )
+        log.error("declaring node %s faulty: %s", node, reason)
+        await self._declare((node,), reason)
+
+
+__all__ = ["StepTimeouts"]
