@@ -1,7 +1,8 @@
 """`python -m butterfly.testing.cluster up --nodes N --f F [--liar NODE:BEHAVIOUR ...]`.
 
 The same as `butterfly cluster up`, except that the named nodes run a faulty stage
-server from `butterfly.testing.liars` (corrupt, wrong-layer, slow, silent).
+server from `butterfly.testing.liars` (corrupt, wrong-layer, slow, silent) or lying votes
+from `butterfly.testing.liar_votes` (equivocate; silent votes too).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import torch
 
 from butterfly.cluster.stage_server import StageServer
 from butterfly.net.framing import Envelope
-from butterfly.types.messages import PlanAck, PlanAssign
+from butterfly.types.messages import AuditReply, AuditRequest, PlanAck, PlanAssign
 
 
 class CorruptStageServer(StageServer):
@@ -40,18 +40,30 @@ class WrongLayerStageServer(StageServer):
 
 
 class SlowStageServer(StageServer):
-    """Correct, but 50 ms late on every step."""
+    """Correct, but `delay_s` late on every step and audit: later than a test's
+    `network.step_timeout_ms`, so every answer arrives after the gateway gave up."""
+
+    delay_s = 5.0
 
     async def compute(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(self.delay_s)
         return await super().compute(*args, **kwargs)
+
+    async def audit(self, msg: AuditRequest, payload: bytes) -> tuple[AuditReply, bytes]:
+        await asyncio.sleep(self.delay_s)
+        return await super().audit(msg, payload)
 
 
 class SilentStageServer(StageServer):
-    """Heartbeats (the node's membership runs) but never answers a step or an audit."""
+    """Heartbeats (the node's membership runs) but never answers a step or an audit; its
+    votes are silenced by `butterfly.testing.liar_votes.SilentDriver`."""
 
     async def on_step(self, env: Envelope):  # type: ignore[no-untyped-def]
         await asyncio.Event().wait()
+
+    async def audit(self, msg: AuditRequest, payload: bytes) -> tuple[AuditReply, bytes]:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
 
 
 BEHAVIOURS: dict[str, type[StageServer]] = {
@@ -60,4 +72,5 @@ BEHAVIOURS: dict[str, type[StageServer]] = {
     "wrong-layer": WrongLayerStageServer,
     "slow": SlowStageServer,
     "silent": SilentStageServer,
+    "equivocate": StageServer,  # an honest data path; its votes lie (testing.liar_votes)
 }

@@ -6,8 +6,10 @@ import argparse
 import os
 from pathlib import Path
 
+from butterfly.cluster.agreement import AgreementDriver
 from butterfly.config import load_config
 from butterfly.node import run
+from butterfly.testing.liar_votes import DRIVERS
 from butterfly.testing.liars import BEHAVIOURS
 
 
@@ -17,7 +19,12 @@ def main() -> int:
     ap.add_argument("--behaviour", default="honest", choices=sorted(BEHAVIOURS))
     args = ap.parse_args()
     cfg = load_config([args.config], env=os.environ)
-    return run(cfg, Path(cfg.model.path), stage_server_type=BEHAVIOURS[args.behaviour])
+    return run(
+        cfg,
+        Path(cfg.model.path),
+        stage_server_type=BEHAVIOURS[args.behaviour],
+        agreement_type=DRIVERS.get(args.behaviour, AgreementDriver),
+    )
 
 
 if __name__ == "__main__":
