@@ -63,6 +63,25 @@ def test_tasks_and_results_survive_reopening(tmp_path: Path) -> None:
     reopened.close()
 
 
+def test_one_grouped_write_keeps_every_write_but_a_refused_add(tmp_path: Path) -> None:
+    """The scheduler's group commit: adds and finishes of one loop turn in one commit; a
+    taken id is refused on its own, and everything else in the group still commits."""
+    db = tmp_path / "t.sqlite"
+    store = TaskStore(db)
+    store.add(task("a"))
+    refused = store.write(
+        [task("b"), task("a"), task("c")],
+        [(RequestId("a"), TaskState(TaskStatus.COMPLETED), RESULT)],
+    )
+    assert [type(r) for r in refused] == [type(None), TaskAlreadyExists, type(None)]
+    store.close()
+    reopened = TaskStore(db)
+    assert [t.task_id for t in reopened.recovered] == ["b", "c"]
+    done = reopened.get("a")
+    assert done is not None and done.result == RESULT
+    reopened.close()
+
+
 def test_store_uses_wal_and_refuses_duplicates(tmp_path: Path) -> None:
     store = TaskStore(tmp_path / "t.sqlite")
     store.add(task("x"))

@@ -10,8 +10,10 @@ WAL mode lets readers (status lookups) proceed while a writer commits. With
 failure the gateway guards against; `"FULL"` also survives the machine losing power, at
 the cost of an fsync per commit.
 
-The methods are synchronous and guarded by a lock: the scheduler calls them through
-`asyncio.to_thread`, so a slow disk never stalls the event loop.
+The methods are synchronous and guarded by a lock. The scheduler writes inline on its
+event loop (a WAL commit without fsync costs ~0.1-0.3 ms, less than a hop to a thread and
+back) and groups the writes of one loop turn into one commit (`write`); reads go
+through `asyncio.to_thread`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -178,6 +181,49 @@ class TaskStore:
                 "finished_at = ? WHERE task_id = ?",
                 (state.status.value, state.reason, state.error_type, payload, time.time(), task_id),
             )
+
+    def write(
+        self,
+        adds: Sequence[InferenceTask] = (),
+        finishes: Sequence[tuple[RequestId, TaskState, InferenceResult | None]] = (),
+    ) -> list[TaskAlreadyExists | None]:
+        """Accept `adds` (queued) and record `finishes` (terminal states) in one commit: the
+        scheduler groups the writes of one turn of its event loop, one commit (one WAL
+        append) for all of them instead of one per write. Returns, per add, None or the
+        error refusing it (an id taken); the other writes still commit."""
+        now = time.time()
+        updates = [
+            (
+                state.status.value,
+                state.reason,
+                state.error_type,
+                result_to_json(result) if result is not None else None,
+                now,
+                task_id,
+            )
+            for task_id, state, result in finishes
+        ]
+        inserts = [(t.task_id, TaskStatus.QUEUED.value, task_to_json(t), now) for t in adds]
+        refused: list[TaskAlreadyExists | None] = []
+        with self._lock, self._db:
+            self._db.execute("BEGIN")
+            for row in inserts:  # a failed INSERT undoes itself, not the transaction
+                try:
+                    self._db.execute(
+                        "INSERT INTO tasks (task_id, status, task, accepted_at) "
+                        "VALUES (?, ?, ?, ?)",
+                        row,
+                    )
+                    refused.append(None)
+                except sqlite3.IntegrityError:
+                    refused.append(TaskAlreadyExists(f"a task with id {row[0]} already exists"))
+            if updates:
+                self._db.executemany(
+                    "UPDATE tasks SET status = ?, reason = ?, error_type = ?, result = ?, "
+                    "finished_at = ? WHERE task_id = ?",
+                    updates,
+                )
+        return refused
 
     def get(self, task_id: str) -> StoredTask | None:
         with self._lock:
