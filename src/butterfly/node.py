@@ -34,16 +34,17 @@ from butterfly.cluster.membership import Membership
 from butterfly.cluster.node_agreement import build_agreement, open_config
 from butterfly.cluster.pipeline import PipelineEngine
 from butterfly.cluster.planner import Placement, distribute_plan, gather_status, place, replan_after
+from butterfly.cluster.plans import AgreedPlans
 from butterfly.cluster.proving import Prover
 from butterfly.cluster.recovery import Recovery
-from butterfly.cluster.replicas import add_replicas, split_for_replication
+from butterfly.cluster.replicas import add_replicas, promote_standbys, split_for_replication
 from butterfly.cluster.replicate import Replicator
 from butterfly.cluster.stage_server import Outbound, StagePlan, StageServer
 from butterfly.cluster.unresponsive import StepTimeouts
 from butterfly.config import ButterflyConfig
 from butterfly.config.reload import Subscriber
 from butterfly.config.validate import replication_factor
-from butterfly.metrics.events import Eviction, MessageDropped, NodeStatus
+from butterfly.metrics.events import CheckpointCopied, Eviction, MessageDropped, NodeStatus
 from butterfly.metrics.prometheus import Metrics
 from butterfly.net.framing import Envelope
 from butterfly.net.tcp import Identity, TcpTransport, TransportLimits
@@ -58,18 +59,21 @@ from butterfly.schedule.engine import ClusterHealth, NodeHealth
 from butterfly.schedule.queue import QueuePolicy
 from butterfly.schedule.scheduler import Scheduler
 from butterfly.schedule.store import TaskStore
-from butterfly.types.errors import ButterflyError, SendTimeout
+from butterfly.types.errors import ButterflyError, SendTimeout, ServiceUnavailable
 from butterfly.types.ids import NodeId
 from butterfly.types.messages import (
     AgreementFrame,
     AuditReply,
     AuditRequest,
+    CacheQuery,
     ConfigPrepare,
     ConfigStatusQuery,
     ConfigSync,
     Heartbeat,
+    KvAppend,
     Message,
     Ping,
+    PlanAck,
     PlanAssign,
     Pong,
     Release,
@@ -82,6 +86,8 @@ from butterfly.types.messages import (
 
 log = logging.getLogger(__name__)
 GATEWAY = NodeId(0)
+AGREED_PLAN_WAIT_S = 10.0
+"""How long a node waits for its own execution of the plan the gateway hands it."""
 
 
 def parse_address(hostport: str) -> tuple[str, int]:
@@ -132,6 +138,7 @@ class Node:
             model_dir=model_dir,
             max_tensor_bytes=cfg.network.max_frame_bytes,
             prover=Prover(self.id, self.key, cfg.byzantine.fingerprint_top_k) if verify else None,
+            snapshot_every=cfg.coordination.checkpoint_frequency,
         )
         # Measured when the gateway first asks (one node at a time; see cluster.facts).
         self.probe = FactProbe(
@@ -185,6 +192,7 @@ class Node:
         self.engine = PipelineEngine(
             node=self.id,
             deliver=self.deliver,
+            ask=self._ask,
             plan=lambda: self.stage_server.plan,
             health=self.health,
             max_context=int(getattr(args, "max_context", 0)) or 1,
@@ -211,6 +219,7 @@ class Node:
                 referee=Referee(model_dir),
                 tolerance=Tolerance(rtol=cfg.byzantine.rtol, atol=cfg.byzantine.atol),
                 on_liars=self._on_liars,
+                timeouts=self.timeouts,
                 emit=self.metrics.emit,
             )
             if cfg.byzantine.verification == "replicate" and replication_factor(cfg) > 1
@@ -228,14 +237,40 @@ class Node:
         )
         self.agreement, self.config_replica = agreed.driver, agreed.replica
         self.config_coordinator = agreed.coordinator
+        c = cfg.coordination
+        self.plans = AgreedPlans(
+            propose=lambda command, timeout: self.agreement.propose(command, timeout=timeout),
+            timeout_s=2 * (c.view_change_timeout_ms + c.phase_timeout_ms) / 1000,
+        )
 
     def _on_status_change(self, peer: NodeId, status: str) -> None:
         if status in ("starting", "healthy", "suspected", "failed"):
             self.metrics.emit(NodeStatus(node=peer, status=status))  # type: ignore[arg-type]
         self.recovery.notify(peer, status)
+        if status == "failed":
+            self.agreement.suspect_primary(peer)
 
-    async def _replan(self, epoch: int, alive: list[NodeId]) -> None:
-        """Decide the plan of `epoch` over `alive` nodes and put it in force everywhere."""
+    async def _replan(self, epoch: int, alive: list[NodeId], promote: bool = False) -> None:
+        """Decide the plan of `epoch` over `alive` nodes, agree on it, put it in force.
+
+        `promote` (a crash, not an eviction): standbys take over the ranges of nodes that
+        are gone, so no weights move and their copies of the KV caches carry on.
+        """
+        old = self.stage_server.plan
+        promoted = promote_standbys(old, epoch, alive) if promote and old is not None else None
+        plan = promoted or await self._decide_replan(epoch, alive)
+        plan = await self.plans.agree(plan)
+        await distribute_plan(
+            plan=plan,
+            model_hash=self.model_hash,
+            node=self.id,
+            members=sorted(n for n, _ in (*plan.stages, *plan.replicas)),
+            transport=self.transport,
+            apply_local=self.stage_server.apply_plan,
+            timeout_s=300.0,
+        )
+
+    async def _decide_replan(self, epoch: int, alive: list[NodeId]) -> StagePlan:
         chain, spares = split_for_replication(sorted(alive), replication_factor(self.cfg))
         old = self.stage_server.plan
         if old is not None and not spares and not old.replicas:
@@ -248,17 +283,21 @@ class Node:
                 strategy=self.cfg.partition.strategy,
                 emit=self.metrics.emit,
             )
-        else:
-            plan = add_replicas(self._decide(epoch, chain), spares)
-        await distribute_plan(
-            plan=plan,
-            model_hash=self.model_hash,
-            node=self.id,
-            members=sorted(n for n, _ in (*plan.stages, *plan.replicas)),
-            transport=self.transport,
-            apply_local=self.stage_server.apply_plan,
-            timeout_s=300.0,
+            return plan
+        return add_replicas(self._decide(epoch, chain), spares)
+
+    async def _ask(self, node: NodeId, msg: Message) -> Message:
+        """Request/response with a node, this one included (no socket then)."""
+        if node == self.id:
+            env = Envelope(msg, self.id, self.stage_server.epoch, self.cfg.cluster.id, 0, False)
+            answer = await self.handle(env)
+            if answer is None:
+                raise ServiceUnavailable(f"node {node} has no answer to {msg.kind}")
+            return answer[0]
+        reply = await self.transport.request(
+            node, msg, timeout=self.cfg.network.step_timeout_ms / 1000, channel="control"
         )
+        return reply.msg
 
     async def _ask_audit(
         self, node: NodeId, request: AuditRequest, payload: bytes
@@ -278,11 +317,17 @@ class Node:
         return env.msg, env.payload
 
     async def _on_liars(self, liars: tuple[NodeId, ...], reason: str) -> None:
-        """An audit proved these nodes wrong: evict them and re-plan without them."""
-        for liar in liars:
+        """An audit proved these nodes wrong: the eviction is agreed through PBFT (every
+        node records it), then the gateway re-plans without them."""
+        fresh = tuple(n for n in liars if n not in self.plans.evicted)
+        log.error("evicting %s: %s", fresh, reason)
+        for liar in fresh:
+            try:
+                await self.plans.evict(liar, reason)
+            except ButterflyError as e:  # not agreed (yet): it still leaves this gateway's plan
+                log.error("eviction of node %s not agreed: %s", liar, e)
             self.metrics.emit(Eviction(node=liar))
-        log.error("evicting %s: %s", liars, reason)
-        await self.recovery.evict(liars)
+        await self.recovery.evict(fresh)
 
     async def _on_evidence(self, evidence: Evidence) -> None:
         """Two conflicting votes one node signed for one slot (signatures checked, so the
@@ -324,7 +369,7 @@ class Node:
             case ConfigUpdate() | ConfigAbort():
                 self.config_replica.execute(command)
             case EvictNode() | NewPlan():
-                log.info("agreed %s at %d; membership follows the gateway's plan", command.tag, seq)
+                self.plans.execute(command)
 
     async def handle(self, env: Envelope) -> tuple[Message, bytes] | None:
         """Every incoming frame ends here, matched on its type."""
@@ -346,17 +391,23 @@ class Node:
                         True,
                     )
                     await self.deliver(NodeId(msg.reply_to), lost)
+                    return None
+                await self._copy_caches(msg.request_ids)
             case StepResult() | StepError():
                 self.engine.on_result(env)
             case AuditRequest():
                 return await self.stage_server.audit(msg, env.payload)
             case Release():
                 self.stage_server.release(msg.request_id)
+            case KvAppend():
+                self.stage_server.on_kv_append(msg, env.payload)
+            case CacheQuery():
+                return self.stage_server.cache_lengths(msg), b""
             case PlanAssign():
                 if env.sender != GATEWAY:
                     self.metrics.emit(MessageDropped(reason="plan_from_non_gateway"))
                     return None
-                return await self.stage_server.apply_plan(msg), b""
+                return await self._apply_agreed(msg), b""
             case StatusQuery():
                 return await self._status(), b""
             case Ping():
@@ -368,6 +419,28 @@ class Node:
             case _:
                 self.metrics.emit(MessageDropped(reason=f"unexpected_{msg.kind}"))
         return None
+
+    async def _copy_caches(self, request_ids: tuple[str, ...]) -> None:
+        """Send the standbys what the step added to the caches, off the step's path."""
+        for copy in self.stage_server.kv_deltas(request_ids):
+            self.metrics.emit(CheckpointCopied(bytes=len(copy.payload)))
+            try:
+                await self.deliver(copy.peer, copy.msg, copy.payload)
+            except ButterflyError as e:  # a dead standby is the detector's business
+                log.debug("KV copy to node %s lost: %s", copy.peer, e)
+
+    async def _apply_agreed(self, msg: PlanAssign) -> PlanAck:
+        """Apply a plan handed out by the gateway only if it is the one agreed for its
+        epoch: the gateway decides, but no node acts on a plan PBFT did not order."""
+        try:
+            plan = StagePlan.from_message(msg)
+        except ButterflyError as e:
+            return PlanAck(msg.epoch, self.id, False, str(e))
+        refusal = await self.plans.refusal(plan, wait_s=AGREED_PLAN_WAIT_S)
+        if refusal is not None:
+            log.error("node %s refuses a plan: %s", self.id, refusal)
+            return PlanAck(msg.epoch, self.id, False, refusal)
+        return await self.stage_server.apply_plan(msg)
 
     async def _status(self) -> StatusReply:
         """This node's status with its measured facts (measuring them on first call)."""

@@ -131,6 +131,10 @@ class AgreementDriver:
         return self._state.last_executed
 
     @property
+    def primary(self) -> NodeId:
+        return self._state.primary
+
+    @property
     def state(self) -> ReplicaState:
         """The replica itself, for tests and status pages; never mutate it."""
         return self._state
@@ -153,6 +157,12 @@ class AgreementDriver:
                 self._emit(MessageDropped(reason=f"agreement_{message.kind}"))
             return
         self._step(message)
+
+    def suspect_primary(self, node: NodeId) -> None:
+        """The failure detector declared `node` failed: if it is our primary, vote for the
+        next view now rather than after the request timeout."""
+        if node == self._state.primary:
+            self._step(pbft.SuspectPrimary(self._state.view))
 
     def _step(self, message: pbft.Input) -> None:
         self._state, sends = pbft.step(self._state, message, self._clock())

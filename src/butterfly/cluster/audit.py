@@ -25,7 +25,7 @@ from butterfly.cluster.stage_server import StagePlan
 from butterfly.protocol.messages import Proof, decode
 from butterfly.protocol.proof import Tolerance, matches_tensor
 from butterfly.runtime.loader import load_stage
-from butterfly.runtime.stage import Stage, forward_rows
+from butterfly.runtime.stage import Stage, prefill_outputs
 from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.types.errors import ButterflyError
 from butterfly.types.ids import NodeId
@@ -62,13 +62,15 @@ class Referee:
         self._stages: dict[LayerRange, Stage] = {}
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="referee")
 
-    async def run(self, layers: LayerRange, x: torch.Tensor) -> torch.Tensor:
+    async def run(
+        self, layers: LayerRange, x: torch.Tensor, *, outputs_from: int = 0
+    ) -> torch.Tensor:
         def compute() -> torch.Tensor:
             stage = self._stages.get(layers)
             if stage is None:
                 stage = self._stages[layers] = load_stage(self._model_dir, layers)
             with torch.inference_mode():
-                return forward_rows(stage, x, [stage.new_cache()], [0], last_only=False)
+                return prefill_outputs(stage, x, stage.new_cache(), outputs_from=outputs_from)
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, compute)
 
@@ -150,6 +152,8 @@ class Auditor:
             mine = claims.get(index, [])
             if not mine:
                 return Verdict(False, reason=f"stage {index} sent no signed records")
+            # the last stage's outputs matter only where tokens were sampled
+            offset = min(c.start for c in mine) if index == len(plan.stages) - 1 else 0
             others = [n for n in plan.holders(layers) if n != node]
             if not others:
                 return Verdict(False, reason=f"no replica of {layers} to audit node {node}")
@@ -157,7 +161,7 @@ class Auditor:
             try:
                 reply, payload = await self._ask(
                     auditor,
-                    AuditRequest(request_id, index, layers.start, layers.end),
+                    AuditRequest(request_id, index, layers.start, layers.end, offset),
                     encode_tensor(x),
                 )
             except ButterflyError as e:
@@ -167,13 +171,13 @@ class Auditor:
                 reply, payload = None, b""
             answered = reply is not None
             out = decode_tensor(payload, self._max) if reply and not reply.error else None
-            if out is not None and all(self._matches(c, out) for c in mine):
+            if out is not None and all(self._matches(c, out, offset) for c in mine):
                 checked += len(mine)
                 x = out
                 continue
             # a dispute: the gateway re-executes and blames whoever contradicts it
-            reference = await self._referee.run(layers, x)
-            chain_lied = [c for c in mine if not self._matches(c, reference)]
+            reference = await self._referee.run(layers, x, outputs_from=offset)
+            chain_lied = [c for c in mine if not self._matches(c, reference, offset)]
             auditor_lied = answered and (
                 out is None
                 or out.shape != reference.shape
@@ -196,8 +200,9 @@ class Auditor:
             x = reference  # the chain was right; go on from what is known to be right
         return Verdict(True, tuple(liars), "; ".join(reasons), checked)
 
-    def _matches(self, claim: Claim, out: torch.Tensor) -> bool:
-        rows = out[:, claim.start : claim.start + claim.width]
+    def _matches(self, claim: Claim, out: torch.Tensor, offset: int = 0) -> bool:
+        """Does `out`, the outputs of positions from `offset` on, hold what `claim` says?"""
+        rows = out[:, claim.start - offset : claim.start - offset + claim.width]
         return rows.shape[1] == claim.width and matches_tensor(
             claim.proof.fingerprint, rows, self._tol
         )

@@ -25,7 +25,7 @@ from butterfly.cluster.stage_server import StagePlan
 from butterfly.cluster.unresponsive import StepTimeouts
 from butterfly.metrics.events import Emit, Verification, discard
 from butterfly.net.framing import Envelope
-from butterfly.protocol.messages import Proof
+from butterfly.protocol.messages import Proof, encode
 from butterfly.runtime.sampling import make_generator, sample
 from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.schedule.engine import ClusterHealth, TokenSink
@@ -39,13 +39,22 @@ from butterfly.types.errors import (
     StageLost,
 )
 from butterfly.types.ids import NodeId
-from butterfly.types.messages import Message, Release, StageStep, StepError, StepResult
+from butterfly.types.messages import (
+    CacheLengths,
+    CacheQuery,
+    Message,
+    Release,
+    StageStep,
+    StepError,
+    StepResult,
+)
 from butterfly.types.tasks import InferenceResult, InferenceTask, StageRecord
 
 log = logging.getLogger(__name__)
 
 
 Deliver = Callable[[NodeId, Message, bytes], Awaitable[None]]
+Ask = Callable[[NodeId, Message], Awaitable[Message]]
 
 
 async def _ignore_liars(liars: tuple[NodeId, ...], reason: str) -> None:
@@ -73,6 +82,7 @@ class PipelineEngine:
         *,
         node: NodeId,
         deliver: Deliver,
+        ask: Ask | None = None,
         plan: Callable[[], StagePlan | None],
         health: Callable[[], ClusterHealth],
         max_context: int,
@@ -95,11 +105,12 @@ class PipelineEngine:
         self._auditor, self._audit_fraction, self._audit_draw = auditor, audit_fraction, audit_draw
         self._on_liars = on_liars or _ignore_liars
         self._records: dict[str, list[Proof]] = {}
-        self.node, self._deliver = node, deliver
+        self.node, self._deliver, self._ask = node, deliver, ask
         self._plan, self._health = plan, health
         self._max_context, self._input_kind, self._eos = max_context, input_kind, eos_ids
         self._timeout, self._max_tensor_bytes = step_timeout_s, max_tensor_bytes
         self._waiting: dict[tuple[str, int], asyncio.Future[torch.Tensor]] = {}
+        self._sent_in: dict[tuple[str, int], int] = {}  # the epoch a step was sent in
         self._queue: list[_Entry] = []
         self._ready = asyncio.Event()
         self._plan_version = asyncio.Event()
@@ -180,6 +191,8 @@ class PipelineEngine:
 
     async def _send_batch(self, plan: StagePlan, entries: list[_Entry]) -> None:
         nodes = entries[0].route or plan.nodes
+        for e in entries:
+            self._sent_in[(e.request_id, e.step)] = plan.epoch
         msg = StageStep(
             tuple(e.request_id for e in entries),
             tuple(e.step for e in entries),
@@ -219,15 +232,14 @@ class PipelineEngine:
             ) from None
         finally:
             self._waiting.pop(key, None)
+            self._sent_in.pop(key, None)
 
     def _chain(self, epoch: int) -> tuple[NodeId, ...]:
         """The chain's nodes if the plan is still that of `epoch`, else none."""
         plan = self._plan()
         return plan.nodes if plan is not None and plan.epoch == epoch else ()
 
-    async def _compute(
-        self, request_id: str, step: int, pos: int, x: torch.Tensor
-    ) -> torch.Tensor:
+    async def _compute(self, request_id: str, step: int, pos: int, x: torch.Tensor) -> torch.Tensor:
         """One step: down the chain, or in replicate mode down f+1 lanes that must agree."""
         if self._replicator is None:
             return await self._step(request_id, step, pos, x)
@@ -252,10 +264,12 @@ class PipelineEngine:
                 log.debug("release of %s on node %s failed: %s", wire_id, node, e)
 
     def plan_changed(self) -> None:
-        """Fail every outstanding step: its chain may include a node that is gone. Each
-        request then replays its history on the new plan (see `_generate`)."""
-        for fut in self._waiting.values():
-            if not fut.done():
+        """Fail every step sent on an older plan: its chain may include a node that is
+        gone. Each request then resumes on the new plan (see `_generate`); steps already
+        sent on the new plan go on."""
+        epoch = self._epoch()
+        for key, fut in self._waiting.items():
+            if not fut.done() and self._sent_in.get(key, epoch) < epoch:
                 fut.set_exception(StageLost("the stage plan changed while the step ran"))
         self._plan_version.set()
 
@@ -383,7 +397,10 @@ class PipelineEngine:
                     "request %s lost a step at token %d (%s); replaying", request_id, len(out), e
                 )
                 await self._await_plan_change(epoch)
-                pos, x = 0, torch.tensor([prompt + out], dtype=torch.int64)
+                history = prompt + out
+                pos = await self._resume_at(request_id, len(history))
+                x = torch.tensor([history[pos:]], dtype=torch.int64)
+                timings["resumed_at"] = float(pos)
                 timings["recovery_s"] = timings.get("recovery_s", 0.0) + (
                     time.perf_counter() - lost_at
                 )
@@ -423,12 +440,33 @@ class PipelineEngine:
             verified="none",
             stages=tuple(StageRecord(n, r) for n, r in plan.stages) if plan else (),
             timings=timings,
+            proofs=tuple(encode(p) for p in self._records.get(str(task.task_id), ())),
         )
 
-    async def _release(self, request_id: str) -> None:
-        """Free the request's KV cache on every node of the plan, best effort."""
+    async def _resume_at(self, request_id: str, length: int) -> int:
+        """Where a request resumes on a new plan: the fewest positions any stage still
+        caches (survivors keep theirs; a promoted standby has the last copy the failed
+        node sent it), and never past the last token, whose output is what is missing."""
         plan = self._plan()
-        for node in plan.nodes if plan else ():
+        if plan is None or self._ask is None or self._replicator is not None:
+            return 0
+        ask = self._ask
+
+        async def held(node: NodeId) -> int:
+            try:
+                reply = await ask(node, CacheQuery((request_id,)))
+            except ButterflyError:
+                return 0
+            ok = isinstance(reply, CacheLengths) and reply.request_ids == (request_id,)
+            return reply.lengths[0] if isinstance(reply, CacheLengths) and ok else 0
+
+        lengths = await asyncio.gather(*(held(n) for n in plan.nodes))
+        return max(0, min(*lengths, length - 1))
+
+    async def _release(self, request_id: str) -> None:
+        """Free the request's KV cache (and standbys' copies) on every node, best effort."""
+        plan = self._plan()
+        for node in dict.fromkeys((*plan.nodes, *(n for n, _ in plan.replicas))) if plan else ():
             try:
                 await self._deliver(node, Release(request_id), b"")
             except ButterflyError as e:

@@ -6,14 +6,19 @@ answers the gateway. For N stages that is N + 1 hops per token, against 2N when 
 activation returns through the gateway.
 
 Torch runs on one worker thread per node, so the event loop (heartbeats, votes, other
-requests' frames) never waits behind a forward pass.
+requests' frames) never waits behind a long forward pass (a prefill, an audit). Decode
+steps of a few tokens run on the event loop itself when the worker is idle: the hand-off
+to the worker and back cost two thread wake-ups per stage and token, more than the few
+milliseconds the loop then waits (see docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,13 +30,16 @@ from butterfly.cluster.proving import Prover
 from butterfly.net.framing import Envelope
 from butterfly.runtime.kvcache import KVCache
 from butterfly.runtime.loader import load_stage
-from butterfly.runtime.stage import Stage, forward_rows, supports_trace
+from butterfly.runtime.stage import Stage, forward_rows, prefill_outputs, supports_trace
 from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.types.errors import ButterflyError, InvalidMessage, StageLost
 from butterfly.types.ids import NodeId
 from butterfly.types.messages import (
     AuditReply,
     AuditRequest,
+    CacheLengths,
+    CacheQuery,
+    KvAppend,
     Message,
     PlanAck,
     PlanAssign,
@@ -57,6 +65,15 @@ def _prefill_groups(request_ids: tuple[str, ...], lengths: tuple[int, ...]) -> l
     for i in multi:
         groups.setdefault(lengths[i], []).append(i)
     return list(groups.values())
+
+
+EARLY_STEP_WAIT_S = 10.0
+"""How long a step for an epoch this node has not reached waits for that plan."""
+# A step of at most this many tokens runs inline on the event loop when the worker is idle
+# and the last such step took under INLINE_MAX_S: well below the ~400 ms of silence after
+# which a peer is suspected, so heartbeats stay on time even on a loaded machine.
+INLINE_MAX_TOKENS = 8
+INLINE_MAX_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -123,11 +140,19 @@ class StageServer:
         max_tensor_bytes: int,
         dtype: torch.dtype = torch.float32,
         prover: Prover | None = None,
+        snapshot_every: int = 0,
     ) -> None:
+        """`snapshot_every`: tokens between KV-cache copies sent to the standbys of this
+        node's range (0: never)."""
         self.prover = prover
+        self._snapshot_every = snapshot_every
+        self._shipped: dict[str, int] = {}  # request -> positions already at the standbys
+        self._plan_changed = asyncio.Event()
         self.node, self.model_dir = node, model_dir
         self._max_tensor_bytes, self._dtype = max_tensor_bytes, dtype
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"torch-{node}")
+        self._worker_jobs = 0  # submitted to the executor and not finished
+        self._small_step_s = 0.0  # how long the last small step took
         self.stage: Stage | None = None
         self.plan: StagePlan | None = None
         self.caches: dict[str, KVCache | None] = {}
@@ -140,8 +165,26 @@ class StageServer:
     def kv_bytes(self) -> int:
         return sum(c.nbytes for c in self.caches.values() if c is not None)
 
-    async def _in_worker(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+    async def _in_worker(
+        self, fn: Callable[[], torch.Tensor], *, small: bool = False
+    ) -> torch.Tensor:
+        """`fn` on the torch worker; a `small` one (a decode step) on this thread instead
+        while the worker is idle (so steps still run one at a time, in arrival order) and
+        small steps are quick."""
+        if not small:
+            return await self._submit(fn)
+        inline = not self._worker_jobs and self._small_step_s < INLINE_MAX_S
+        t0 = time.perf_counter()
+        out = fn() if inline else await self._submit(fn)
+        self._small_step_s = time.perf_counter() - t0
+        return out
+
+    async def _submit(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        self._worker_jobs += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        finally:
+            self._worker_jobs -= 1
 
     async def apply_plan(self, msg: PlanAssign) -> PlanAck:
         try:
@@ -161,14 +204,86 @@ class StageServer:
             if layers is None:
                 self.stage = None
             self.plan = plan
+            self._plan_changed.set()
+            self._plan_changed = asyncio.Event()
             log.info("node %s: epoch %s, layers %s", self.node, plan.epoch, layers)
             return PlanAck(msg.epoch, self.node, True, "")
         except ButterflyError as e:
             log.error("node %s cannot apply the plan of epoch %s: %s", self.node, msg.epoch, e)
             return PlanAck(msg.epoch, self.node, False, str(e))
 
+    async def _plan_of(self, epoch: int) -> None:
+        """Wait (bounded) for the plan of `epoch`: the gateway switches to an agreed plan
+        as soon as it has applied it and may be a step ahead of this node."""
+        deadline = asyncio.get_running_loop().time() + EARLY_STEP_WAIT_S
+        while self.epoch < epoch:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return
+            changed = self._plan_changed
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), left)
+
     def release(self, request_id: str) -> None:
         self.caches.pop(request_id, None)
+        self._shipped.pop(request_id, None)
+
+    def kv_deltas(self, request_ids: tuple[str, ...]) -> list[Outbound]:
+        """The KV positions these requests gained since the last copy, for each standby of
+        this node's range, once `snapshot_every` positions have built up. Called on the
+        event loop right after a step: the request's next step cannot be running yet (it
+        needs the token this step leads to), so its cache is still."""
+        plan, stage = self.plan, self.stage
+        if not self._snapshot_every or plan is None or stage is None:
+            return []
+        if self.node not in plan.nodes:
+            return []
+        standbys = [n for n in plan.holders(stage.layers) if n != self.node]
+        out: list[Outbound] = []
+        for rid in dict.fromkeys(request_ids):
+            cache = self.caches.get(rid)
+            if cache is None or not standbys:
+                continue
+            shipped = min(self._shipped.get(rid, 0), cache.length)
+            if cache.length - shipped < self._snapshot_every:
+                continue
+            payload = encode_tensor(cache.rows(shipped, cache.length))
+            msg = KvAppend(rid, stage.layers.start, stage.layers.end, shipped)
+            out.extend(Outbound(n, msg, payload) for n in standbys)
+            self._shipped[rid] = cache.length
+        return out
+
+    def on_kv_append(self, msg: KvAppend, payload: bytes) -> None:
+        """A chain node's copy of its cache, kept should this node take its stage over."""
+        stage = self.stage
+        if stage is None or (stage.layers.start, stage.layers.end) != (
+            msg.layer_start,
+            msg.layer_end,
+        ):
+            return  # the plan moved on; the copy is of no use here
+        cache = self.caches.get(msg.request_id)
+        if cache is None:
+            if msg.start != 0:
+                return
+            cache = stage.new_cache()
+            if cache is None:
+                return
+        if msg.start > cache.length:
+            log.warning("KV copy of %s leaves a gap at %d", msg.request_id, cache.length)
+            return
+        try:
+            cache.write(msg.start, decode_tensor(payload, self._max_tensor_bytes))
+        except ButterflyError as e:
+            log.warning("KV copy of %s refused: %s", msg.request_id, e)
+            return
+        self.caches[msg.request_id] = cache
+
+    def cache_lengths(self, query: CacheQuery) -> CacheLengths:
+        lengths = []
+        for rid in query.request_ids:
+            cache = self.caches.get(rid)
+            lengths.append(cache.length if cache is not None else 0)
+        return CacheLengths(query.request_ids, tuple(lengths))
 
     async def on_step(self, env: Envelope) -> Outbound:
         """Compute a step; the result goes on along the route, or errors to the gateway."""
@@ -208,8 +323,8 @@ class StageServer:
                 f"step for epoch {epoch} early: node {self.node} is still at epoch "
                 f"{self.plan.epoch}; retry once the plan is in force"
             )
-        if epoch != self.plan.epoch:
-            raise InvalidMessage(
+        if epoch != self.plan.epoch:  # sent before the plan moved on: the request resumes
+            raise StageLost(
                 f"step for epoch {epoch} refused: node {self.node} is at epoch {self.plan.epoch}"
             )
         n = len(msg.request_ids)
@@ -238,6 +353,8 @@ class StageServer:
                     f"request {request_id} continues at {start}, cache holds {cache.length}"
                 )
             cache.truncate(start)
+            if self._shipped.get(request_id, 0) > start:
+                self._shipped[request_id] = start  # recomputed positions are copied again
         return cache
 
     async def compute(
@@ -249,6 +366,8 @@ class StageServer:
         Single-token entries (decode steps) run as one batch; longer ones (prefills) as one
         batch per length. Outputs are laid side by side in the entries' order.
         """
+        if self.plan is not None and epoch > self.plan.epoch:
+            await self._plan_of(epoch)
         x = decode_tensor(payload, self._max_tensor_bytes)
         stage = self._check_step(msg, epoch, x)
         caches = [
@@ -295,7 +414,7 @@ class StageServer:
                         traces[i] = [t[j : j + 1] for t in trace or ()]
             return torch.cat([o for o in outs if o is not None], dim=1)
 
-        sent = self.tamper(await self._in_worker(run))
+        sent = self.tamper(await self._in_worker(run, small=x.shape[1] <= INLINE_MAX_TOKENS))
         proofs: tuple[bytes, ...] = ()
         if prove and self.prover is not None and self.plan is not None:
             # the chain position of the range held: a replica's records (replicate mode's
@@ -358,7 +477,9 @@ class StageServer:
 
             def run() -> torch.Tensor:
                 with torch.inference_mode():
-                    return forward_rows(stage, x, [cache], [0], last_only=False, trace=trace)
+                    return prefill_outputs(
+                        stage, x, cache, outputs_from=msg.outputs_from, trace=trace
+                    )
 
             out = self.tamper(await self._in_worker(run))
         except Exception as e:  # a bad audit input costs the sender an error, not the node

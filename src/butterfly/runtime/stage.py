@@ -110,3 +110,30 @@ def forward_rows(
 
 def supports_trace(stage: Stage) -> bool:
     return hasattr(stage, "forward_rows")
+
+
+def prefill_outputs(
+    stage: Stage,
+    x: torch.Tensor,
+    cache: KVCache | None,
+    *,
+    outputs_from: int = 0,
+    trace: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """One sequence as a prefill from position 0, with outputs for positions
+    [outputs_from, T) only. On a last stage the output layer is the costliest part of a
+    prefill (a 32k vocabulary is worth two decoder layers per position), and an audit needs
+    it only where tokens were sampled, not over the prompt."""
+    if outputs_from <= 0 or not stage.is_last:
+        return forward_rows(stage, x, [cache], [0], last_only=False, trace=trace)
+    if outputs_from >= x.shape[1]:
+        raise ValueError(f"outputs from {outputs_from} of a {x.shape[1]}-position sequence")
+    head: list[torch.Tensor] | None = [] if trace is not None else None
+    tail: list[torch.Tensor] | None = [] if trace is not None else None
+    forward_rows(stage, x[:, :outputs_from], [cache], [0], last_only=True, trace=head)
+    out = forward_rows(
+        stage, x[:, outputs_from:], [cache], [outputs_from], last_only=False, trace=tail
+    )
+    if trace is not None and head is not None and tail is not None:
+        trace.extend(torch.cat([a, b], dim=1) for a, b in zip(head, tail, strict=True))
+    return out

@@ -101,6 +101,7 @@ class AuditRequest:
     stage: int
     layer_start: int
     layer_end: int
+    outputs_from: int = 0  # a last stage answers positions [outputs_from, T) only
 
 
 @dataclass(frozen=True, slots=True)
