@@ -193,9 +193,13 @@ def recovery(model: Path, prompt: list[int], trials: int) -> dict[str, Any]:
 
 def audit_cost(model: Path, prompt: list[int], rounds: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for mode, f in (("none", 0), ("audit", 1), ("replicate", 1)):
+    # one placement for all three (f = 1, every range on 2 nodes: a 2-stage chain and its
+    # standbys), so the figures differ by the check alone, not by the depth of the chain
+    for mode in ("none", "audit", "replicate"):
         with tempfile.TemporaryDirectory() as tmp:
-            cluster = start(model, 4, Path(tmp), f=f, byzantine__verification=mode)
+            cluster = start(
+                model, 4, Path(tmp), f=1, byzantine__verification=mode, partition__replication=2
+            )
             try:
                 generate(cluster.api_url, prompt)  # warm-up
                 pids = [p.pid for p in cluster.procs]

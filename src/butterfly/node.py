@@ -138,7 +138,10 @@ class Node:
             model_dir=model_dir,
             max_tensor_bytes=cfg.network.max_frame_bytes,
             prover=Prover(self.id, self.key, cfg.byzantine.fingerprint_top_k) if verify else None,
-            snapshot_every=cfg.coordination.checkpoint_frequency,
+            # replicate's lanes already keep every range's caches on two nodes
+            snapshot_every=0
+            if cfg.byzantine.verification == "replicate"
+            else cfg.coordination.checkpoint_frequency,
         )
         # Measured when the gateway first asks (one node at a time; see cluster.facts).
         self.probe = FactProbe(
