@@ -106,7 +106,7 @@ async def test_handshake_refuses_a_different_model() -> None:
     try:
         await started(a, b)
         with pytest.raises(ConnectionFailed, match="model hash"):
-            await a.send(NodeId(1), Release("x"))
+            await a.send(NodeId(1), Release(("x",)))
         assert events.dropped() >= 1
     finally:
         await a.close()
@@ -182,4 +182,4 @@ async def test_memory_transport_request_reply() -> None:
     assert isinstance(env.msg, StatusReply) and env.payload == b"xyz"
     net.down.add(NodeId(1))
     with pytest.raises(ConnectionFailed):
-        await a.send(NodeId(1), Release("r"))
+        await a.send(NodeId(1), Release(("r",)))

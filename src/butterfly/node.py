@@ -401,7 +401,8 @@ class Node:
             case AuditRequest():
                 return await self.stage_server.audit(msg, env.payload)
             case Release():
-                self.stage_server.release(msg.request_id)
+                for request_id in msg.request_ids:
+                    self.stage_server.release(request_id)
             case KvAppend():
                 self.stage_server.on_kv_append(msg, env.payload)
             case CacheQuery():

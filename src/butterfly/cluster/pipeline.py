@@ -116,6 +116,8 @@ class PipelineEngine:
         self._plan_version = asyncio.Event()
         self._recovery_wait_s = recovery_wait_s
         self._max_recoveries = max_recoveries
+        self._finished: list[str] = []  # requests whose caches the next Release frees
+        self._releasing: asyncio.Task[None] | None = None
 
     @property
     def max_context(self) -> int:
@@ -259,7 +261,7 @@ class PipelineEngine:
         self._records.pop(wire_id, None)
         for node in nodes:
             try:
-                await self._deliver(node, Release(wire_id), b"")
+                await self._deliver(node, Release((wire_id,)), b"")
             except ButterflyError as e:
                 log.debug("release of %s on node %s failed: %s", wire_id, node, e)
 
@@ -322,7 +324,7 @@ class PipelineEngine:
             raise ServiceUnavailable(f"request {request_id} failed its audit repeatedly")
         finally:
             self._records.pop(request_id, None)
-            await self._release(request_id)
+            await asyncio.shield(self._release_finished(request_id))
             if self._replicator is not None:
                 await self._replicator.release(self, request_id)
 
@@ -463,11 +465,26 @@ class PipelineEngine:
         lengths = await asyncio.gather(*(held(n) for n in plan.nodes))
         return max(0, min(*lengths, length - 1))
 
-    async def _release(self, request_id: str) -> None:
-        """Free the request's KV cache (and standbys' copies) on every node, best effort."""
+    async def _release(self, *request_ids: str) -> None:
+        """Free the requests' KV caches (and standbys' copies) on every node, best effort."""
         plan = self._plan()
         for node in dict.fromkeys((*plan.nodes, *(n for n, _ in plan.replicas))) if plan else ():
             try:
-                await self._deliver(node, Release(request_id), b"")
+                await self._deliver(node, Release(request_ids), b"")
             except ButterflyError as e:
-                log.debug("release of %s on node %s failed: %s", request_id, node, e)
+                log.debug("release of %s on node %s failed: %s", request_ids, node, e)
+
+    def _release_finished(self, request_id: str) -> asyncio.Task[None]:
+        """Release a finished (or cancelled) request together with every other request
+        that finishes in this turn of the event loop: one frame per node per batch instead
+        of one per request (3 of the ~4 frames the gateway sent per short request). The
+        send runs in its own task, so a caller cancelled while awaiting it still frees."""
+        self._finished.append(request_id)
+        if self._releasing is None:
+            self._releasing = asyncio.get_running_loop().create_task(self._release_batch())
+        return self._releasing
+
+    async def _release_batch(self) -> None:
+        await asyncio.sleep(0)  # the other requests finishing in this turn join the frame
+        ids, self._finished, self._releasing = tuple(dict.fromkeys(self._finished)), [], None
+        await self._release(*ids)

@@ -117,10 +117,12 @@ class AuditReply:
 
 @dataclass(frozen=True, slots=True)
 class Release:
-    """Free a request's KV cache (cancelled or finished)."""
+    """Free these requests' KV caches (cancelled or finished). One frame carries every
+    request that finished in one turn of the gateway's event loop, so a node receives one
+    per batch rather than one per request."""
 
     kind: ClassVar[str] = "release"
-    request_id: str
+    request_ids: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
