@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import uvicorn
+import uvloop
 
 from butterfly.api.app import create_app
 from butterfly.api.settings import ApiSettings
@@ -645,5 +646,9 @@ def run(
             node.config.subscribe(name, on_change, check=check)
         await node.serve(stop)
 
-    asyncio.run(main())
+    # uvloop: asyncio's pure-Python loop (selector, handles, the self-pipe wake-up after
+    # each torch job) showed in every node's profile under many short requests; uvloop
+    # runs the same loop in C (docs/PERFORMANCE.md, API throughput)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
     return 0
