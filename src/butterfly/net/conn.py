@@ -28,6 +28,10 @@ from butterfly.types.messages import Message
 log = logging.getLogger(__name__)
 
 Reply = tuple[Message, bytes]
+# Wait for the socket only once this much is buffered: a frame is written whole by one
+# `write` (frames never interleave), and awaiting `drain` on every small frame cost a
+# coroutine round per frame for nothing while the buffer is empty.
+DRAIN_ABOVE = 256 * 1024
 Handler = Callable[[Envelope], Awaitable[Reply | None]]
 
 
@@ -52,7 +56,6 @@ class Connection:
         self._max_frame, self._compression = max_frame, compression
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Envelope]] = {}
-        self._write_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self.closed = False
         self.close_reason = ""
@@ -65,8 +68,10 @@ class Connection:
         env = Envelope(msg, self.node, self._epoch(), self.cluster_id, corr_id, reply, payload)
         frame = encode_frame(env, self._compression)
         try:
-            async with self._write_lock:
-                self._writer.write(frame)
+            if self._writer.is_closing():
+                raise ConnectionResetError("the socket is closing")
+            self._writer.write(frame)
+            if self._writer.transport.get_write_buffer_size() > DRAIN_ABOVE:
                 await self._writer.drain()
         except (ConnectionError, OSError) as e:
             self.close(f"write failed: {e}")
