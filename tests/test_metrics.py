@@ -8,6 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from butterfly.metrics.events import (
     BytesTransferred,
+    CheckpointCopied,
     ConsensusRound,
     Eviction,
     MessageDropped,
@@ -66,6 +67,7 @@ ONE_OF_EACH: list[MetricsEvent] = [
     NodeStatus(NodeId(2), "suspected"),
     Eviction(NodeId(1)),
     RecoveryCompleted(0.8),
+    CheckpointCopied(2048),
     Verification("audit", "verified"),
 ]
 
@@ -99,6 +101,8 @@ def test_each_event_moves_its_metric() -> None:
     transition = {"from_phase": "normal", "to_phase": "view_change"}
     assert value(m, "butterfly_phase_transitions_total", **transition) == 1
     assert value(m, "butterfly_node_failures_total") == 1
+    assert value(m, "butterfly_checkpoint_bytes_sum") == 2048
+    assert value(m, "butterfly_view_changes_total") == 1
     assert value(m, "butterfly_queue_depth") == 7
     assert value(m, "butterfly_node_status", node="2", butterfly_node_status="suspected") == 1
     assert value(m, "butterfly_node_status", node="2", butterfly_node_status="healthy") == 0
