@@ -30,6 +30,7 @@ from butterfly.cluster.commands import (
     decode_command,
 )
 from butterfly.cluster.facts import FactProbe
+from butterfly.cluster.heartbeats import BeatSource, HeartbeatLink
 from butterfly.cluster.keys import key_path, load_or_create_key, public_keys
 from butterfly.cluster.membership import Membership
 from butterfly.cluster.node_agreement import build_agreement, open_config
@@ -70,7 +71,6 @@ from butterfly.types.messages import (
     ConfigPrepare,
     ConfigStatusQuery,
     ConfigSync,
-    Heartbeat,
     KvAppend,
     Message,
     Ping,
@@ -158,7 +158,6 @@ class Node:
         self.membership = Membership(
             node=self.id,
             members=self.members,
-            transport=self.transport,
             detector=PhiAccrualFailureDetector(
                 c.heartbeat_interval_ms,
                 c.phi_suspect,
@@ -379,8 +378,6 @@ class Node:
         """Every incoming frame ends here, matched on its type."""
         msg = env.msg
         match msg:
-            case Heartbeat():
-                self.membership.on_heartbeat(env)
             case StageStep():
                 out: Outbound = await self.stage_server.on_step(env)
                 try:
@@ -522,7 +519,7 @@ class Node:
         log.info("node %s listening on %s", self.id, self.cfg.node.listen)
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self.membership.run())
+                tg.create_task(self.membership.run(self._heartbeat_link()))
                 tg.create_task(self.agreement.run())
                 if self.id == GATEWAY:
                     tg.create_task(self._gateway(stop))
@@ -534,6 +531,17 @@ class Node:
             await self.transport.close()
             self.stage_server.close()
             self.config.history.close()
+
+    def _heartbeat_link(self) -> HeartbeatLink:
+        source = BeatSource(self.id, self.cfg.cluster.id, self.key, self.public_keys)
+        return HeartbeatLink(
+            source,
+            listen=parse_address(self.cfg.node.listen),
+            peers={n: parse_address(a) for n, a in self.members.items() if n != self.id},
+            interval_s=self.cfg.coordination.heartbeat_interval_ms / 1000,
+            local_state=self._local_state,
+            on_beat=self.membership.on_heartbeat,
+        )
 
     async def _gateway(self, stop: asyncio.Event) -> None:
         """Node 0: decide and distribute the plan, then serve the API."""

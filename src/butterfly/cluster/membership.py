@@ -1,22 +1,20 @@
-"""Heartbeats out, heartbeats in, and each peer's health as the failure detector sees it.
+"""Each peer's health as the failure detector sees it, from heartbeats (cluster.heartbeats).
 
-Heartbeats go on the control channel from the event loop, never from the torch thread,
-so a node busy computing still looks alive.
+Heartbeats arrive on the heartbeat link's own thread, so the detector is read and fed
+under a lock; status changes are acted on from the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from butterfly.net.framing import Envelope
-from butterfly.net.transport import Transport
-from butterfly.types.errors import ButterflyError
+from butterfly.cluster.heartbeats import HeartbeatLink
 from butterfly.types.ids import NodeId
 from butterfly.types.messages import Heartbeat
 
@@ -46,7 +44,6 @@ class Membership:
         *,
         node: NodeId,
         members: dict[NodeId, str],
-        transport: Transport,
         detector: Detector,
         interval_s: float,
         local_state: Callable[[], tuple[tuple[int, ...], int]],
@@ -54,33 +51,34 @@ class Membership:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.node, self.members = node, members
-        self._transport, self._detector, self._interval = transport, detector, interval_s
+        self._detector, self._interval = detector, interval_s
         self._local_state, self._on_change, self._clock = local_state, on_status_change, clock
         self.peers = {n: PeerView() for n in members if n != node}
         self._last_status: dict[NodeId, str] = {}
+        self._lock = threading.Lock()
 
-    def on_heartbeat(self, env: Envelope) -> None:
-        msg = env.msg
-        if not isinstance(msg, Heartbeat):
-            return
-        peer = self.peers.get(NodeId(env.sender))
+    def on_heartbeat(self, sender: NodeId, beat: Heartbeat) -> None:
+        """From the heartbeat link's thread."""
+        peer = self.peers.get(sender)
         if peer is None:
             return
-        now = self._clock()
-        self._detector.record_heartbeat(NodeId(env.sender), now)
-        peer.last_seen, peer.layers, peer.requests = now, msg.layers, msg.requests
+        with self._lock:
+            now = self._clock()
+            self._detector.record_heartbeat(sender, now)
+            peer.last_seen, peer.layers, peer.requests = now, beat.layers, beat.requests
 
     def status(self, node: NodeId) -> str:
         if node == self.node:
             return "healthy"
-        now = self._clock()
-        if self.peers[node].last_seen is None:
-            return "starting"
-        if self._detector.is_failed(node, now):
-            return "failed"
-        if self._detector.is_suspected(node, now):
-            return "suspected"
-        return "healthy"
+        with self._lock:
+            now = self._clock()
+            if self.peers[node].last_seen is None:
+                return "starting"
+            if self._detector.is_failed(node, now):
+                return "failed"
+            if self._detector.is_suspected(node, now):
+                return "suspected"
+            return "healthy"
 
     def requests_of(self, node: NodeId) -> int:
         if node == self.node:
@@ -91,31 +89,18 @@ class Membership:
         seen = self.peers[node].last_seen if node in self.peers else self._clock()
         return None if seen is None else self._clock() - seen
 
-    async def run(self) -> None:
-        """One heartbeat loop per peer, so an unreachable peer delays nobody else's."""
-        async with asyncio.TaskGroup() as tg:
-            for peer in self.peers:
-                tg.create_task(self._beat(peer))
-            tg.create_task(self._watch())
-
-    async def _beat(self, peer: NodeId) -> None:
-        for seq in itertools.count():
-            layers, requests = self._local_state()
-            beat = Heartbeat(seq, self._clock(), layers, requests)
-            try:
-                await asyncio.wait_for(
-                    self._transport.send(peer, beat, channel="control"), self._interval
-                )
-            except (ButterflyError, TimeoutError) as e:
-                log.debug("heartbeat to node %s failed: %s", peer, e)
-            await asyncio.sleep(self._interval)
-
-    async def _watch(self) -> None:
-        while True:
-            for peer in self.peers:
-                status = self.status(peer)
-                if self._last_status.get(peer) != status:
-                    self._last_status[peer] = status
-                    log.info("node %s sees node %s as %s", self.node, peer, status)
-                    self._on_change(peer, status)
-            await asyncio.sleep(self._interval)
+    async def run(self, link: HeartbeatLink) -> None:
+        """Start the link's threads, then watch every peer's status from the event loop."""
+        link.start()
+        try:
+            while True:
+                link.loop_ticked()
+                for peer in self.peers:
+                    status = self.status(peer)
+                    if self._last_status.get(peer) != status:
+                        self._last_status[peer] = status
+                        log.info("node %s sees node %s as %s", self.node, peer, status)
+                        self._on_change(peer, status)
+                await asyncio.sleep(self._interval)
+        finally:
+            await asyncio.to_thread(link.close)

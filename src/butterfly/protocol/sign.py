@@ -64,6 +64,14 @@ def _public_key(raw: bytes) -> Ed25519PublicKey | None:
 def verify_bytes(public_key: bytes, signature: bytes, data: bytes) -> bool:
     """True when `signature` is `public_key`'s Ed25519 signature over `data`.
 
+    Cached: votes and proof records are checked again by several parts of a node.
+    """
+    return verify_once(public_key, signature, data)
+
+
+def verify_once(public_key: bytes, signature: bytes, data: bytes) -> bool:
+    """`verify_bytes` without the cache, for data seen once (heartbeats).
+
     Never raises on peer input: a malformed key or signature is simply not valid.
     """
     if len(public_key) != PUBLIC_KEY_SIZE or len(signature) != SIGNATURE_SIZE:
