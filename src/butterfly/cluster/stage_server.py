@@ -5,11 +5,12 @@ computes and sends the result straight to the next node of the route, and the la
 answers the gateway. For N stages that is N + 1 hops per token, against 2N when every
 activation returns through the gateway.
 
-Torch runs on one worker thread per node, so the event loop (heartbeats, votes, other
-requests' frames) never waits behind a long forward pass (a prefill, an audit). Decode
-steps of a few tokens run on the event loop itself when the worker is idle: the hand-off
-to the worker and back cost two thread wake-ups per stage and token, more than the few
-milliseconds the loop then waits (see docs/PERFORMANCE.md).
+Torch runs on one worker thread per node, so the event loop (votes, other requests'
+frames) never waits behind a long forward pass (a prefill, an audit). Decode steps of a
+few tokens run on the event loop itself when the worker is idle: the hand-off to the
+worker and back cost two thread wake-ups per stage and token, more than the few
+milliseconds the loop then waits (see docs/PERFORMANCE.md). Heartbeats have threads of
+their own (cluster.heartbeats), so neither delays them.
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ def _prefill_groups(request_ids: tuple[str, ...], lengths: tuple[int, ...]) -> l
 EARLY_STEP_WAIT_S = 10.0
 """How long a step for an epoch this node has not reached waits for that plan."""
 # A step of at most this many tokens runs inline on the event loop when the worker is idle
-# and the last such step took under INLINE_MAX_S: well below the ~400 ms of silence after
-# which a peer is suspected, so heartbeats stay on time even on a loaded machine.
+# and the last such step took under INLINE_MAX_S, so votes and other requests' frames
+# wait at most that long.
 INLINE_MAX_TOKENS = 8
 INLINE_MAX_S = 0.05
 
