@@ -2,9 +2,11 @@
 
 Prints one JSON object. For each cluster size, rounds alternate between the
 single-process transformers reference (in this process, all cores) and the cluster, so
-both see the same machine state; the ratio of medians is the overhead of distribution.
+both see the same machine state; the ratio of medians is the overhead of distribution,
+and `paired_ratio` the same per round pair (the machine's speed drifts between rounds).
 Per-token decode time on the cluster is the gateway's own measure (first token to last,
-divided by tokens - 1), so HTTP overhead is not counted against the pipeline. Also: 8
+divided by tokens - 1), so HTTP overhead is not counted against the pipeline; the
+reference's and Ray's figures are the same per-round means. Also: 8
 concurrent requests' tokens/s on 4 nodes, and the same 4-way split run as a pipeline of
 Ray actors (optional; skipped if Ray is not installed).
 
@@ -122,7 +124,7 @@ def ray_pipeline(model_dir: Path, prompt: torch.Tensor, rounds: int) -> dict[str
     tokens: list[int] = []
     for r in range(rounds):
         t, tokens = run(f"r{r}")
-        decode += t
+        decode.append(sum(t) / len(t))  # per-round means, like the gateway's figure
     ray.shutdown()
     return {"decode_ms_per_token": summary(decode), "tokens": tokens}
 
@@ -165,7 +167,7 @@ def main() -> None:
                 same = True
                 for _ in range(args.rounds):
                     _, d, ref_tokens = one_round(reference, prompt)
-                    ref_ms += d
+                    ref_ms.append(sum(d) / len(d))  # a mean, as the gateway's figure is
                     pt, ft, out = cluster_round(cluster.api_url, ids)
                     per_token.append(pt)
                     ttft.append(ft)
@@ -176,6 +178,11 @@ def main() -> None:
                     "reference_decode_ms_per_token": summary(ref_ms),
                     "ratio_to_reference": round(
                         summary(per_token)["median"] / summary(ref_ms)["median"], 3
+                    ),
+                    # each round's cluster over the reference run just before it: the
+                    # machine's speed drifts between rounds, less within a pair
+                    "paired_ratio": summary(
+                        [c / r for c, r in zip(per_token, ref_ms, strict=True)]
                     ),
                     "same_tokens_as_reference": same,
                 }
