@@ -193,35 +193,44 @@ def recovery(model: Path, prompt: list[int], trials: int) -> dict[str, Any]:
 
 def audit_cost(model: Path, prompt: list[int], rounds: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    # one placement for all three (f = 1, every range on 2 nodes: a 2-stage chain and its
-    # standbys), so the figures differ by the check alone, not by the depth of the chain
-    for mode in ("none", "audit", "replicate"):
+    # one placement for all (f = 1, every range on 2 nodes: a 2-stage chain and its
+    # standbys), so the figures differ by the check alone, not by the depth of the chain;
+    # audit_half samples half the requests (byzantine.audit_fraction = 0.5), over twice
+    # the rounds, and its CPU is the mean (the audited ones cost more)
+    modes = {
+        "none": {"byzantine__verification": "none"},
+        "audit": {"byzantine__verification": "audit"},
+        "audit_half": {"byzantine__verification": "audit", "byzantine__audit_fraction": 0.5},
+        "replicate": {"byzantine__verification": "replicate"},
+    }
+    for mode, settings in modes.items():
+        n = rounds * 2 if mode == "audit_half" else rounds
         with tempfile.TemporaryDirectory() as tmp:
-            cluster = start(
-                model, 4, Path(tmp), f=1, byzantine__verification=mode, partition__replication=2
-            )
+            cluster = start(model, 4, Path(tmp), f=1, partition__replication=2, **settings)
             try:
                 generate(cluster.api_url, prompt)  # warm-up
                 pids = [p.pid for p in cluster.procs]
-                per_token, cpu, verified = [], [], set()
-                for _ in range(rounds):
+                per_token, cpu, verified = [], [], []
+                for _ in range(n):
                     c0 = cpu_seconds(pids)
                     res = generate(cluster.api_url, prompt)
                     cpu.append(cpu_seconds(pids) - c0)
                     per_token.append(res["timings"]["time_per_output_token_s"] * 1000)
-                    verified.add(res["verified"])
+                    verified.append(res["verified"])
                 out[mode] = {
                     "decode_ms_per_token": summary(per_token),
                     "cpu_s_per_request": summary(cpu),
-                    "verified": sorted(verified),
+                    "cpu_s_per_request_mean": round(sum(cpu) / len(cpu), 3),
+                    "verified": {v: verified.count(v) for v in sorted(set(verified))},
                 }
             finally:
                 cluster.stop()
     none = out["none"]
-    for mode in ("audit", "replicate"):
+    for mode in ("audit", "audit_half", "replicate"):
         m = out[mode]
         out[f"{mode}_vs_none"] = {
             "cpu": round(m["cpu_s_per_request"]["median"] / none["cpu_s_per_request"]["median"], 3),
+            "cpu_mean": round(m["cpu_s_per_request_mean"] / none["cpu_s_per_request_mean"], 3),
             "per_token": round(
                 m["decode_ms_per_token"]["median"] / none["decode_ms_per_token"]["median"], 3
             ),
