@@ -323,6 +323,9 @@ class Node:
         """An audit proved these nodes wrong: the eviction is agreed through PBFT (every
         node records it), then the gateway re-plans without them."""
         fresh = tuple(n for n in liars if n not in self.plans.evicted)
+        if not fresh:  # a later audit of a request the liar served before it left
+            log.info("already evicted %s: %s", liars, reason)
+            return
         log.error("evicting %s: %s", fresh, reason)
         for liar in fresh:
             try:
