@@ -50,28 +50,28 @@ class Received:
         assert len(self.beats) >= count, f"{len(self.beats)} heartbeats in {timeout_s} s"
 
 
+def link(
+    node: int, port: int, peer_port: int, on_beat: Received | None = None, **kw: float
+) -> HeartbeatLink:
+    """Node `node` on `port`, its one peer (the other node) on `peer_port`."""
+    return HeartbeatLink(
+        source(node),
+        listen=("127.0.0.1", port),
+        peers={NodeId(1 - node): ("127.0.0.1", peer_port)},
+        interval_s=kw.pop("interval_s", 0.05),
+        local_state=lambda: ((0, 2), 3) if node == 0 else ((), 0),
+        on_beat=on_beat or (lambda n, b: None),
+        **kw,
+    )
+
+
 @pytest.fixture
 def pair() -> Iterator[tuple[HeartbeatLink, HeartbeatLink, Received]]:
     """Node 0 beats to node 1 every 50 ms; node 1 records what arrives."""
     p0, p1 = udp_ports(2)
     got = Received()
-    sender = HeartbeatLink(
-        source(0),
-        listen=("127.0.0.1", p0),
-        peers={NodeId(1): ("127.0.0.1", p1)},
-        interval_s=0.05,
-        local_state=lambda: ((0, 2), 3),
-        on_beat=lambda n, b: None,
-        loop_stall_s=0.5,
-    )
-    receiver = HeartbeatLink(
-        source(1),
-        listen=("127.0.0.1", p1),
-        peers={NodeId(0): ("127.0.0.1", p0)},
-        interval_s=0.05,
-        local_state=lambda: ((), 0),
-        on_beat=got,
-    )
+    sender = link(0, p0, p1, loop_stall_s=0.5)
+    receiver = link(1, p1, p0, got)
     sender.start()
     receiver.start()
     try:
@@ -142,15 +142,8 @@ def test_forged_replayed_and_foreign_beats_are_refused() -> None:
 def test_a_replayed_beat_is_not_delivered() -> None:
     p0, p1 = udp_ports(2)
     got = Received()
-    link = HeartbeatLink(
-        source(1),
-        listen=("127.0.0.1", p1),
-        peers={NodeId(0): ("127.0.0.1", p0)},
-        interval_s=10.0,
-        local_state=lambda: ((), 0),
-        on_beat=got,
-    )
-    link.start()
+    receiver = link(1, p1, p0, got, interval_s=10.0)
+    receiver.start()
     out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         for seq in (5, 5, 4, 6):
@@ -160,4 +153,4 @@ def test_a_replayed_beat_is_not_delivered() -> None:
         assert [b.seq for _, _, b in got.beats] == [5, 6]
     finally:
         out.close()
-        link.close()
+        receiver.close()
