@@ -282,3 +282,28 @@ async def test_an_engine_cancelling_its_own_work_fails_the_task_only(
         assert sched.serving
     engine.close()
     store.close()
+
+
+async def test_finished_results_expire_after_their_ttl(
+    codec: TextCodec, engine: LocalEngine, tmp_path: Path
+) -> None:
+    """`scheduling.result_ttl_s`: a finished task is served until it is older than the
+    TTL, then its id answers like one never accepted, from memory and from SQLite."""
+    sched, store = new_scheduler(engine, tmp_path / "t.db")
+    async with running(sched):
+        t = make_task(codec, "short-lived", 2)
+        await sched.submit(t)
+        done = await sched.wait(t.task_id, 30)
+        assert done.state.status is TaskStatus.COMPLETED
+        expiry = asyncio.create_task(sched.expire_results(0.4, every_s=0.05))
+        try:
+            assert (await sched.snapshot(t.task_id)).result is not None  # not yet expired
+            for _ in range(60):  # bounded: 3 s
+                await asyncio.sleep(0.05)
+                if store.get(t.task_id) is None:
+                    break
+            with pytest.raises(TaskNotFound):
+                await sched.snapshot(t.task_id)
+        finally:
+            expiry.cancel()
+    store.close()

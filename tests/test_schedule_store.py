@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,21 @@ def test_a_requeued_task_takes_its_new_place() -> None:
     q.remove("a")
     q.push(task("a"))  # its stale heap entry must not pop it ahead of b and c
     assert drain(q) == ["b", "c", "a"]
+
+
+def test_prune_deletes_only_tasks_finished_before_the_cutoff(tmp_path: Path) -> None:
+    store = TaskStore(tmp_path / "t.sqlite")
+    for name in ("old-done", "old-failed", "queued", "new-done"):
+        store.add(task(name))
+    store.finish(RequestId("old-done"), TaskState(TaskStatus.COMPLETED), RESULT)
+    store.finish(RequestId("old-failed"), TaskState(TaskStatus.FAILED, "boom"), None)
+    cutoff = time.time() + 0.001
+    time.sleep(0.01)
+    store.finish(RequestId("new-done"), TaskState(TaskStatus.CANCELLED), None)
+    assert sorted(store.prune(cutoff)) == ["old-done", "old-failed"]
+    assert store.get("old-done") is None and store.get("old-failed") is None
+    assert store.get("new-done") is not None
+    assert store.prune(time.time() + 3600) == ["new-done"]
+    got = store.get("queued")  # never pruned, however old: it has not run yet
+    assert got is not None and got.state.status is TaskStatus.QUEUED
+    store.close()

@@ -596,6 +596,7 @@ class Node:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(scheduler.run())
+                tg.create_task(scheduler.expire_results(s.result_ttl_s))
                 tg.create_task(self.engine.serve_batches())
                 tg.create_task(self.recovery.run())
                 tg.create_task(self.config_coordinator.monitor())

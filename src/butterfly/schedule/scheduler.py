@@ -300,6 +300,19 @@ class Scheduler:
             with contextlib.suppress(ValueError):
                 live.subscribers.remove(inbox)
 
+    async def expire_results(self, ttl_s: float, *, every_s: float = 60.0) -> None:
+        """Forever: delete finished tasks (and their results) older than `ttl_s` from the
+        store, checking every `every_s` (at most a quarter of the TTL). A pruned task's
+        id then answers 404 like one never accepted."""
+        every_s = min(every_s, ttl_s / 4)
+        while True:
+            pruned = await asyncio.to_thread(self._store.prune, time.time() - ttl_s)
+            for task_id in pruned:
+                self._recent.pop(task_id, None)
+            if pruned:
+                log.info("pruned %d task(s) finished over %.0f s ago", len(pruned), ttl_s)
+            await asyncio.sleep(every_s)
+
     @property
     def queue_depth(self) -> int:
         return len(self._queue)

@@ -240,6 +240,19 @@ class TaskStore:
             result=result_from_json(task_id, result) if result is not None else None,
         )
 
+    def prune(self, finished_before: float) -> list[str]:
+        """Delete tasks that finished (any terminal state) before `finished_before`, a
+        `time.time()` value; returns their ids. Queued and running tasks are never pruned."""
+        terminal = tuple(status.value for status in TERMINAL)
+        marks = ", ".join("?" * len(terminal))
+        with self._lock, self._db:
+            rows = self._db.execute(
+                f"DELETE FROM tasks WHERE finished_at < ? AND status IN ({marks}) "
+                "RETURNING task_id",
+                (finished_before, *terminal),
+            ).fetchall()
+        return [task_id for (task_id,) in rows]
+
     def counts(self) -> dict[TaskStatus, int]:
         """Tasks per status, for health reports and tests."""
         with self._lock:
