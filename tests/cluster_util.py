@@ -28,6 +28,7 @@ def running_cluster(
     settings: dict[str, Any] | None = None,
     timeout_s: float = 120.0,
     liars: dict[int, str] | None = None,
+    tls: bool = False,
 ) -> Iterator[LocalCluster]:
     """`liars` maps node -> behaviour of butterfly.testing.liars (a testing launch)."""
     port = free_port()
@@ -41,7 +42,7 @@ def running_cluster(
         **(settings or {}),
     }
     configs = node_configs(
-        nodes=nodes, f=f, model=model, api_port=port, data_dir=data, settings=settings
+        nodes=nodes, f=f, model=model, api_port=port, data_dir=data, settings=settings, tls=tls
     )
     cluster = LocalCluster(configs, f"http://127.0.0.1:{port}", data)
     if liars:

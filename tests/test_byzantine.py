@@ -143,7 +143,7 @@ def test_equivocating_voter_is_evicted_on_its_signed_votes(
         # something must be agreed for a vote to lie: a cluster-wide config update
         r = httpx.post(
             f"{url}/api/v1/config",
-            json={"partition.recompute_threshold": 0.2},
+            json={"scheduling.policy": "priority"},
             params={"reason": "equivocation test"},
             timeout=120,
         )

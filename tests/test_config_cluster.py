@@ -2,7 +2,7 @@
 
 Every node runs `butterfly.testing.config_faults`: node 2's component refuses
 `partition.strategy = "hybrid"` (a PREPARE REJECT), node 1's fails once to apply
-`scheduling.micro_batches = 4` (a node that diverges after the commit). The tests share
+`scheduling.policy = "priority"` (a node that diverges after the commit). The tests share
 one cluster and read positions relative to what they find, so their order does not matter
 for what they check.
 """
@@ -31,7 +31,7 @@ FAULTS = (
     "--veto",
     '2:partition.strategy="hybrid"',
     "--fail-apply",
-    "1:scheduling.micro_batches=4",
+    '1:scheduling.policy="priority"',
 )
 
 
@@ -157,7 +157,7 @@ def test_a_node_killed_during_an_update_catches_up(cluster: LocalCluster) -> Non
 
 
 def test_a_diverged_node_is_flagged_and_config_sync_repairs_it(cluster: LocalCluster) -> None:
-    r = post(cluster, "/api/v1/config", {"scheduling.micro_batches": 4})
+    r = post(cluster, "/api/v1/config", {"scheduling.policy": "priority"})
     assert r.status_code == 200, r.text
     assert r.json()["nodes"]["1"].startswith("diverged") and "failed to switch" in r.text
     wait_until(

@@ -26,6 +26,7 @@ from butterfly.config import (
     template,
 )
 from butterfly.config.loader import QUICK_START_ENV, env_name
+from butterfly.config.validate import UNSUPPORTED
 
 FIVE = '["n:1", "n:2", "n:3", "n:4", "n:5"]'
 
@@ -45,7 +46,7 @@ def issues_of(exc: pytest.ExceptionInfo[ConfigInvalid]) -> list[tuple[str, int |
 # Options free of cross-section rules, with values valid for each.
 PRECEDENCE_KEYS: dict[str, st.SearchStrategy[Any]] = {
     "scheduling.max_queue": st.integers(1, 1_000_000),
-    "coordination.max_checkpoints": st.integers(1, 10_000),
+    "scheduling.result_ttl_s": st.integers(1, 604_800),
     "api.rate_limit": st.floats(0.0, 1e6, allow_nan=False),
     "partition.cache_size": st.integers(0, 100_000),
     "observability.log_level": st.sampled_from(["debug", "info", "warning", "error"]),
@@ -102,13 +103,13 @@ def test_environment_lists_and_nested_tables() -> None:
     env = {
         "BUTTERFLY_CLUSTER__MEMBERS": "a:1, b:2,c:3,d:4",
         "BUTTERFLY_BYZANTINE__F": "1",
-        "BUTTERFLY_SECURITY__REQUIRE_SIGNATURES": "false",
+        "BUTTERFLY_METRICS__ENABLED": "false",
         "BUTTERFLY_API__TOKENS": '["x", "y"]',
         "BUTTERFLY_DATA_DIR": "/ignored/not/an/option",
     }
     cfg = load_config(env=env)
     assert cfg.cluster.members == ("a:1", "b:2", "c:3", "d:4")
-    assert cfg.byzantine.f == 1 and cfg.security.require_signatures is False
+    assert cfg.byzantine.f == 1 and cfg.metrics.enabled is False
     assert cfg.api.tokens == ("x", "y")
 
 
@@ -162,7 +163,9 @@ def value_strategy(key: str) -> st.SearchStrategy[Any]:
 
 
 FREE_KEYS = sorted(
-    k for k, s in field_specs().items() if k not in CROSS_RULE_KEYS and not s.is_path
+    k
+    for k, s in field_specs().items()
+    if k not in CROSS_RULE_KEYS and k not in UNSUPPORTED and not s.is_path
 )
 
 

@@ -9,7 +9,7 @@ import msgpack
 import pytest
 import torch
 
-from butterfly.metrics.events import MessageDropped
+from butterfly.metrics.events import MessageDropped, MessageSent
 from butterfly.net.breaker import BreakerState, CircuitBreaker
 from butterfly.net.framing import LENGTH, Envelope, decode_frame, encode_frame
 from butterfly.net.memory import MemoryNetwork
@@ -108,6 +108,36 @@ async def test_handshake_refuses_a_different_model() -> None:
         with pytest.raises(ConnectionFailed, match="model hash"):
             await a.send(NodeId(1), Release(("x",)))
         assert events.dropped() >= 1
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_only_payloads_from_the_threshold_on_are_compressed() -> None:
+    limits = TransportLimits(compression="lz4", compression_min_bytes=4096)
+    a, b, events = pair(limits=limits)
+    try:
+        await started(a, b)
+        for size in (1000, 100_000):  # zeros: lz4 shrinks them to almost nothing
+            await a.request(NodeId(1), StatusQuery(), bytes(size), timeout=5)
+        kind = StatusQuery.kind
+        sent = [e.size_bytes for e in events if isinstance(e, MessageSent) and e.kind == kind]
+        small, large = sent  # the frames' sizes, payload included
+        assert small > 1000 and large < 5000
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_connections_beyond_the_limit_are_refused_and_counted() -> None:
+    a, b, events = pair(limits=TransportLimits(max_connections=1, connect_attempts=1))
+    try:
+        await started(a, b)
+        await a.send(NodeId(1), Release(("x",)), channel="control")  # connection 1 of 1
+        with pytest.raises(ConnectionFailed):
+            await a.request(NodeId(1), StatusQuery(), timeout=2)  # the data channel
+        drops = [e for e in events if isinstance(e, MessageDropped)]
+        assert any(e.reason == "too_many_connections" for e in drops)
     finally:
         await a.close()
         await b.close()

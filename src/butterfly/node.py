@@ -8,6 +8,7 @@ needs by keyword; no part reaches for a global or builds another.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -50,6 +51,7 @@ from butterfly.metrics.events import CheckpointCopied, Eviction, MessageDropped,
 from butterfly.metrics.prometheus import Metrics
 from butterfly.net.framing import Envelope
 from butterfly.net.tcp import Identity, TcpTransport, TransportLimits
+from butterfly.net.tls import TlsFiles, contexts
 from butterfly.partition.service import PartitionService
 from butterfly.protocol.failure_detector import PhiAccrualFailureDetector
 from butterfly.protocol.messages import Evidence
@@ -61,7 +63,7 @@ from butterfly.schedule.engine import ClusterHealth, NodeHealth
 from butterfly.schedule.queue import QueuePolicy
 from butterfly.schedule.scheduler import Scheduler
 from butterfly.schedule.store import TaskStore
-from butterfly.types.errors import ButterflyError, SendTimeout, ServiceUnavailable
+from butterfly.types.errors import ButterflyError, ConfigError, SendTimeout, ServiceUnavailable
 from butterfly.types.ids import NodeId
 from butterfly.types.messages import (
     AgreementFrame,
@@ -118,6 +120,13 @@ class Node:
         }
         self.metrics = Metrics()
         self.model_hash = model_hash(model_dir)
+        expected = cfg.model.expected_sha256
+        if expected and expected != self.model_hash:
+            raise ConfigError(
+                f"model.expected_sha256 is {expected[:16]}..., but the model in {model_dir} "
+                f"hashes to {self.model_hash[:16]}...: not the checkpoint this cluster runs"
+            )
+        net, tls = cfg.network, cfg.security.tls
         self.transport = TcpTransport(
             identity=Identity(self.id, cfg.cluster.id, self.model_hash),
             listen=parse_address(cfg.node.listen),
@@ -125,10 +134,19 @@ class Node:
             emit=self.metrics.emit,
             epoch=lambda: self.stage_server.epoch,
             limits=TransportLimits(
-                max_frame_bytes=cfg.network.max_frame_bytes,
-                connect_timeout_s=cfg.network.connect_timeout_ms / 1000,
-                connect_attempts=cfg.network.retry_attempts,
+                max_frame_bytes=net.max_frame_bytes,
+                connect_timeout_s=net.connect_timeout_ms / 1000,
+                connect_attempts=net.retry_attempts,
+                retry_backoff_s=net.retry_backoff_ms / 1000,
+                retry_max_backoff_s=net.retry_max_backoff_ms / 1000,
+                compression="" if net.compression == "none" else net.compression,
+                compression_min_bytes=net.compression_min_bytes,
+                send_timeout_s=net.send_timeout_ms / 1000,
+                max_connections=net.max_connections,
             ),
+            tls=contexts(TlsFiles(Path(tls.ca), Path(tls.cert), Path(tls.key)))
+            if tls.enabled
+            else None,
         )
         self.key = load_or_create_key(key_path(cfg, Path(cfg.node.data_dir)))
         self.public_keys = {NodeId(i): k for i, k in enumerate(public_keys(cfg, self.key))}
@@ -138,7 +156,11 @@ class Node:
             node=self.id,
             model_dir=model_dir,
             max_tensor_bytes=cfg.network.max_frame_bytes,
-            prover=Prover(self.id, self.key, cfg.byzantine.fingerprint_top_k) if verify else None,
+            prover=Prover(
+                self.id, self.key, cfg.byzantine.fingerprint_top_k, cfg.byzantine.fingerprint_chunk
+            )
+            if verify
+            else None,
             # replicate's lanes already keep every range's caches on two nodes
             snapshot_every=0
             if cfg.byzantine.verification == "replicate"
@@ -519,7 +541,14 @@ class Node:
     async def serve(self, stop: asyncio.Event) -> None:
         """Run until `stop` is set, then drain and return."""
         await self.transport.start(self.handle)
-        log.info("node %s listening on %s", self.id, self.cfg.node.listen)
+        log.info(
+            "node %s (%s) listening on %s, model sha256 %s%s",
+            self.id,
+            self.cfg.metadata.environment,
+            self.cfg.node.listen,
+            self.model_hash,
+            " with mutual TLS" if self.cfg.security.tls.enabled else "",
+        )
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.membership.run(self._heartbeat_link()))
@@ -575,6 +604,7 @@ class Node:
             api_tokens=frozenset(a.tokens),
             rate_limit_per_s=a.rate_limit,
             rate_limit_burst=a.rate_limit_burst,
+            serve_metrics=self.cfg.metrics.enabled,
         )
         app = create_app(
             scheduler=scheduler,
@@ -613,6 +643,26 @@ def _set_log_level(old: ButterflyConfig, new: ButterflyConfig) -> None:
         logging.getLogger().setLevel(new.observability.log_level.upper())
 
 
+class JsonLines(logging.Formatter):
+    """observability.log_format = "json": one JSON object per line, for log shippers."""
+
+    def __init__(self, environment: str, node: int) -> None:
+        super().__init__()
+        self._fixed = {"environment": environment, "node": node}
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": self.formatTime(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            **self._fixed,
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
 class _Stop(Exception):
     """Unwinds the node's task group when it is asked to stop."""
 
@@ -634,12 +684,17 @@ def run(
 
     if cfg.resources.threads:
         torch.set_num_threads(cfg.resources.threads)
+    # replicas and auditors compare activations: no kernel may pick a racy algorithm
+    torch.use_deterministic_algorithms(cfg.advanced.deterministic)
     o = cfg.observability
     logging.basicConfig(  # the plan, its estimate and the measured facts are logged at info
         level=o.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         filename=o.log_file or None,
     )
+    if o.log_format == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonLines(cfg.metadata.environment, cfg.node.id))
     # The event loop hands work to the torch and SQLite threads and takes results back;
     # with Python's default 5 ms GIL switch interval each hand-off could wait that long
     # while the loop thread is busy (measured: 6.7 ms to accept a task, 0.1 ms of work).

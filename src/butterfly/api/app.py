@@ -87,9 +87,11 @@ def create_app(
             body["services"]["config"] = "ok" if body["config"]["in_sync"] else "diverged"
         return JSONResponse(body, status_code=200 if body["healthy"] else 503)
 
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
+    if settings.serve_metrics:
+
+        @app.get("/metrics")
+        async def prometheus() -> Response:
+            return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     app.include_router(openai.router(gw, limited))
     if config is not None:

@@ -19,6 +19,7 @@ class ApiSettings:
     rate_limit_burst: int = 20  # requests a client may send at once before the rate applies
     max_wait_s: float = 300.0  # longest a request may wait for its result on one call
     retry_after_s: int = 1  # Retry-After sent with 429 and 503
+    serve_metrics: bool = True  # metrics.enabled: GET /metrics, else 404
 
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_new_tokens_limit", "default_max_new_tokens"):

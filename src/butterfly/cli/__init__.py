@@ -15,6 +15,7 @@ app.command("infer")(cluster.infer)
 app.command("status")(cluster.status)
 app.add_typer(config.app, name="config", help="Validate, show, update, roll back configuration.")
 app.command("plan")(plan.plan)
+app.command("certs")(cluster.certs)
 
 
 def main() -> None:

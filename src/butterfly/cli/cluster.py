@@ -17,6 +17,7 @@ from rich.table import Table
 from butterfly.cli.paths import data_dir, demo_model
 from butterfly.cluster.launcher import LocalCluster, node_configs
 from butterfly.config import ConfigInvalid, load_config
+from butterfly.net.tls import make_certs
 
 app = typer.Typer(no_args_is_help=True)
 err = Console(stderr=True)
@@ -51,9 +52,10 @@ def up(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Extra config, section.key=JSON value.")
     ] = None,
+    tls: Annotated[bool, typer.Option(help="Mutual TLS between nodes (certs made once).")] = False,
 ) -> None:
     """Start N nodes on 127.0.0.1 (node 0 serves the API) until Ctrl-C or SIGTERM."""
-    launch(nodes=nodes, f=f, model=model, api_port=api_port, data=data, settings_=set_)
+    launch(nodes=nodes, f=f, model=model, api_port=api_port, data=data, settings_=set_, tls=tls)
 
 
 def launch(
@@ -66,6 +68,7 @@ def launch(
     settings_: list[str] | None,
     command: tuple[str, ...] | None = None,
     extra_args: dict[int, list[str]] | None = None,
+    tls: bool = False,
 ) -> None:
     """`cluster up`, also used by `python -m butterfly.testing.cluster up` (liars)."""
     if 3 * f + 1 > nodes:
@@ -83,7 +86,13 @@ def launch(
         key, _, value = item.partition("=")
         settings[key] = json.loads(value)
     configs = node_configs(
-        nodes=nodes, f=f, model=model_dir, api_port=api_port, data_dir=base, settings=settings
+        nodes=nodes,
+        f=f,
+        model=model_dir,
+        api_port=api_port,
+        data_dir=base,
+        settings=settings,
+        tls=tls,
     )
     url = f"http://127.0.0.1:{api_port}"
     cluster = LocalCluster(configs, url, base, extra_args=dict(extra_args or {}))
@@ -161,3 +170,21 @@ def status(url: Annotated[str, typer.Option(help="Gateway URL.")] = DEFAULT_URL)
             "-" if seen is None else f"{seen * 1000:.0f} ms ago",
         )
     Console().print(table)
+
+
+def certs(
+    nodes: Annotated[int, typer.Option(min=1, max=1024, help="Node certificates to make.")],
+    out: Annotated[Path, typer.Option(help="Directory for ca.pem and node-<i>.pem/.key.")],
+    cluster_id: Annotated[str, typer.Option(help="Cluster id, written into each cert.")] = (
+        "butterfly"
+    ),
+) -> None:
+    """Make a cluster CA and a certificate for each node, for security.tls."""
+    if (out / "ca.pem").exists():
+        err.print(f"[red]error:[/red] {out / 'ca.pem'} exists; choose an empty directory")
+        raise typer.Exit(2)
+    files = make_certs(out, nodes, cluster_id)
+    err.print(f"[green]made[/green] a CA and {len(files)} node certificates in {out}")
+    err.print("  node i: [security.tls] enabled = true, ca, cert, key = the files below")
+    for node, f in files.items():
+        err.print(f"  node {node}: ca = {f.ca}  cert = {f.cert}  key = {f.key}")

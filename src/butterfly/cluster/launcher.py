@@ -24,6 +24,7 @@ import httpx
 
 from butterfly.cluster.keys import KEY_FILE, load_or_create_key
 from butterfly.config import dump_toml
+from butterfly.net.tls import TlsFiles, cert_paths, make_certs
 
 # Idle OpenMP threads of waiting stages spin and steal the active stage's cores; a short
 # spin before sleeping made a 4-stage pipeline 1.59x -> 1.17x the single process
@@ -52,12 +53,23 @@ def node_configs(
     api_port: int,
     data_dir: Path,
     settings: dict[str, Any] | None = None,
+    tls: bool = False,
 ) -> list[Path]:
     """Write node-<i>.toml for a loopback cluster; returns their paths.
 
     Each node's signing key is created in its data directory (kept if it exists, so a
-    restarted cluster keeps its identities) and every TOML lists all public keys.
+    restarted cluster keeps its identities) and every TOML lists all public keys. With
+    `tls`, a cluster CA and node certificates are made under `<data_dir>/tls` (kept if
+    there) and every node is set to mutual TLS.
     """
+    certs: dict[int, TlsFiles] = {}
+    if tls:
+        tls_dir = data_dir / "tls"
+        certs = (
+            {i: TlsFiles(tls_dir / "ca.pem", *cert_paths(tls_dir, i)) for i in range(nodes)}
+            if all(p.is_file() for i in range(nodes) for p in cert_paths(tls_dir, i))
+            else make_certs(tls_dir, nodes, "local")
+        )
     ports = free_ports(nodes)
     members = [f"127.0.0.1:{p}" for p in ports]
     dirs = [data_dir / f"node-{i}" for i in range(nodes)]
@@ -72,6 +84,16 @@ def node_configs(
             "model": {"path": str(model)},
             "api": {"host": "127.0.0.1", "port": api_port},
         }
+        if tls:
+            files = certs[i]
+            doc["security"] = {
+                "tls": {
+                    "enabled": True,
+                    "ca": str(files.ca),
+                    "cert": str(files.cert),
+                    "key": str(files.key),
+                }
+            }
         for dotted, value in (settings or {}).items():
             section, key = dotted.split(".", 1)
             doc.setdefault(section, {})[key] = value

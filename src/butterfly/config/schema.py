@@ -190,7 +190,12 @@ class ByzantineConfig(Section):
         8, "Top-k values per chunk in fingerprints.", DC, CLUSTER, ge=1, le=1024
     )
     fingerprint_chunk: int = option(
-        32, "Positions per fingerprint chunk.", DC, CLUSTER, ge=1, le=65536
+        1,
+        "Positions per fingerprint chunk; 1 checks every position on its own.",
+        DC,
+        CLUSTER,
+        ge=1,
+        le=65536,
     )
     max_step_timeouts: int = option(
         3,
@@ -324,7 +329,7 @@ class ApiConfig(Section):
 class MetricsConfig(Section):
     enabled: bool = option(True, "Serve GET /metrics.", SL, NODE)
     collector: Literal["prometheus", "in_memory"] = option("prometheus", "Metrics sink.", SL, NODE)
-    export_interval_s: int = option(60, "Push interval; 0 = pull only.", DL, NODE, ge=0, le=86_400)
+    export_interval_s: int = option(0, "Push interval; 0 = pull only.", DL, NODE, ge=0, le=86_400)
     retention_s: int = option(3600, "In-memory history kept.", DL, NODE, ge=0, le=2_592_000)
     channel_capacity: int = option(10_000, "Event bus buffer.", SL, NODE, ge=1, le=10_000_000)
 

@@ -215,6 +215,51 @@ def _tls_files(cfg: ButterflyConfig) -> Iterator[ConfigIssue]:
             yield ConfigIssue(key, "tls-files", f"file not found: {value}")
 
 
+# Options of the specification's schema that this build cannot honour yet, with why. A
+# node refuses any other value rather than run with a setting it would ignore.
+UNSUPPORTED: dict[str, str] = {
+    "network.backend": "nodes talk over TCP; the in-memory transport is for tests",
+    "coordination.max_checkpoints": "a standby keeps one KV copy per request, extended "
+    "in place every coordination.checkpoint_frequency tokens",
+    "partition.rebalance": "plans change on membership changes and evictions only",
+    "partition.recompute_threshold": "plans change on membership changes and evictions only",
+    "partition.rebalance_interval_s": "plans change on membership changes and evictions only",
+    "scheduling.micro_batches": "concurrent requests already share each stage's forward; "
+    "one request is not split into micro-batches",
+    "scheduling.straggler_factor": "slow nodes are handled by network.step_timeout_ms and "
+    "byzantine.max_step_timeouts",
+    "resources.device": "this build runs stages on the CPU only",
+    "resources.gpu_device_ids": "this build runs stages on the CPU only",
+    "resources.disk_limit_bytes": "nothing large is written to disk (KV copies go to peers)",
+    "api.request_timeout_s": "a request runs until it finishes or is cancelled "
+    "(DELETE /tasks/{id}); `wait` bounds how long a call waits for it",
+    "metrics.collector": "metrics are Prometheus collectors, served at GET /metrics",
+    "metrics.export_interval_s": "metrics are pulled from GET /metrics, never pushed",
+    "metrics.retention_s": "Prometheus keeps the history; the node keeps current values",
+    "metrics.channel_capacity": "events update the collectors as they happen, unbuffered",
+    "observability.tracing": "request tracing is not built yet",
+    "observability.trace_sample_rate": "request tracing is not built yet",
+    "observability.profiling": "per-stage profiling is not built yet",
+    "security.require_signatures": "votes, plans and proofs are always signed and checked",
+    "advanced.experimental": "this build has no experimental features",
+    "advanced.debug_dump_activations": "activation dumps are not built yet",
+}
+
+
+def _unsupported(cfg: ButterflyConfig) -> Iterator[ConfigIssue]:
+    default = ButterflyConfig()
+    for key, why in UNSUPPORTED.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value != getattr(getattr(default, section), name):
+            yield ConfigIssue(
+                key,
+                "supported",
+                f"{value!r} is not supported (only the default "
+                f"{getattr(getattr(default, section), name)!r}): {why}",
+            )
+
+
 RULES: tuple[Rule, ...] = (
     _bft_quorum,
     _membership,
@@ -223,6 +268,7 @@ RULES: tuple[Rule, ...] = (
     _replication,
     _model_memory,
     _tls_files,
+    _unsupported,
 )
 
 

@@ -49,11 +49,14 @@ class Connection:
         emit: Emit,
         max_frame: int,
         compression: str = "",
+        compression_min_bytes: int = 0,
+        send_timeout_s: float = 1.0,
     ) -> None:
         self.peer, self.node, self.cluster_id = peer, node, cluster_id
         self._reader, self._writer = reader, writer
         self._epoch, self._handler, self._emit = epoch, handler, emit
         self._max_frame, self._compression = max_frame, compression
+        self._compress_from, self._send_timeout = compression_min_bytes, send_timeout_s
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Envelope]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -66,13 +69,20 @@ class Connection:
         if self.closed:
             raise ConnectionFailed(f"connection to node {self.peer} is closed: {self.close_reason}")
         env = Envelope(msg, self.node, self._epoch(), self.cluster_id, corr_id, reply, payload)
-        frame = encode_frame(env, self._compression)
+        small = len(payload) < self._compress_from
+        frame = encode_frame(env, "" if small else self._compression)
         try:
             if self._writer.is_closing():
                 raise ConnectionResetError("the socket is closing")
             self._writer.write(frame)
             if self._writer.transport.get_write_buffer_size() > DRAIN_ABOVE:
-                await self._writer.drain()
+                await asyncio.wait_for(self._writer.drain(), self._send_timeout)
+        except TimeoutError:
+            self.close(f"the peer took no data for {self._send_timeout:.1f} s")
+            raise SendTimeout(
+                f"node {self.peer} took no data for {self._send_timeout:.1f} s "
+                "(network.send_timeout_ms); connection closed"
+            ) from None
         except (ConnectionError, OSError) as e:
             self.close(f"write failed: {e}")
             raise ConnectionFailed(f"sending to node {self.peer} failed: {e}") from e

@@ -27,6 +27,7 @@ from butterfly.metrics.events import Emit, MessageDropped
 from butterfly.net.breaker import CircuitBreaker
 from butterfly.net.conn import Connection, Handler
 from butterfly.net.framing import Envelope
+from butterfly.net.tls import TlsContexts, cert_node, node_name
 from butterfly.types.errors import CircuitOpen, ConnectionFailed, WireFormatError
 from butterfly.types.ids import NodeId
 from butterfly.types.messages import PROTOCOL_VERSION, Hello, HelloAck, Message
@@ -49,9 +50,14 @@ class TransportLimits:
     max_frame_bytes: int = 256 * 1024 * 1024
     connect_timeout_s: float = 2.0
     connect_attempts: int = 3
+    retry_backoff_s: float = 0.05  # first wait between connect attempts, doubled each time
+    retry_max_backoff_s: float = 0.5
     breaker_threshold: int = 5
     breaker_reset_s: float = 1.0
     compression: str = ""  # "" or "lz4", for tensor payloads
+    compression_min_bytes: int = 4096  # smaller payloads go uncompressed
+    send_timeout_s: float = 1.0  # a frame the peer does not take within this fails
+    max_connections: int = 100  # incoming; more are closed at once
 
 
 async def _refuse(env: Envelope) -> None:
@@ -68,9 +74,11 @@ class TcpTransport:
         emit: Emit,
         epoch: Callable[[], int],
         limits: TransportLimits = TransportLimits(),
+        tls: TlsContexts | None = None,
     ) -> None:
+        """`tls`: mutual TLS with the cluster CA's certificates (net.tls); None = plain TCP."""
         self.identity, self.listen, self.peers = identity, listen, dict(peers)
-        self._emit, self._epoch, self.limits = emit, epoch, limits
+        self._emit, self._epoch, self.limits, self._tls = emit, epoch, limits, tls
         self._handler: Handler = _refuse
         self._out: dict[tuple[NodeId, str], Connection] = {}
         self._connecting: dict[tuple[NodeId, str], asyncio.Lock] = {}
@@ -86,7 +94,8 @@ class TcpTransport:
         before its dispatcher exists without a half-initialised object)."""
         self._handler = handler
         host, port = self.listen
-        self._server = await asyncio.start_server(self._accept, host, port)
+        ssl = self._tls.server if self._tls else None
+        self._server = await asyncio.start_server(self._accept, host, port, ssl=ssl)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -129,22 +138,32 @@ class TcpTransport:
             emit=self._emit,
             max_frame=self.limits.max_frame_bytes,
             compression=self.limits.compression,
+            compression_min_bytes=self.limits.compression_min_bytes,
+            send_timeout_s=self.limits.send_timeout_s,
         )
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._incoming) >= self.limits.max_connections:
+            self._emit(MessageDropped(reason="too_many_connections"))
+            log.warning("refused a connection: %d open already", len(self._incoming))
+            writer.close()
+            return
         conn = self._connection(reader, writer, NodeId(-1))
+        certified = cert_node(writer.get_extra_info("peercert")) if self._tls else None
         self._incoming.add(conn)
         try:
-            await self._serve_incoming(conn)
+            await self._serve_incoming(conn, certified)
         finally:
             self._incoming.discard(conn)
             conn.close("done")
             await conn.wait_closed()
 
-    async def _serve_incoming(self, conn: Connection) -> None:
+    async def _serve_incoming(self, conn: Connection, certified: int | None) -> None:
         try:
             env = await asyncio.wait_for(conn.read_frame(), self.limits.connect_timeout_s)
             reason = self._refusal(env)
+            if not reason and self._tls and certified != getattr(env.msg, "node", None):
+                reason = f"its TLS certificate is for node {certified}, not the node it claims"
         except (WireFormatError, TimeoutError, asyncio.IncompleteReadError, OSError) as e:
             self._emit(MessageDropped(reason="handshake"))
             log.warning("refused a connection: bad handshake (%s)", e)
@@ -183,9 +202,11 @@ class TcpTransport:
         if peer not in self.peers:
             raise ConnectionFailed(f"node {peer} is not a member of this cluster", blame=peer)
         host, port = self.peers[peer]
+        ssl, name = (self._tls.client, node_name(peer)) if self._tls else (None, None)
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port), self.limits.connect_timeout_s
+                asyncio.open_connection(host, port, ssl=ssl, server_hostname=name),
+                self.limits.connect_timeout_s,
             )
         except (OSError, TimeoutError) as e:
             raise ConnectionFailed(f"cannot connect to node {peer} at {host}:{port}: {e}") from e
@@ -222,7 +243,11 @@ class TcpTransport:
                 async for attempt in AsyncRetrying(
                     retry=retry_if_exception_type(ConnectionFailed),
                     stop=stop_after_attempt(self.limits.connect_attempts),
-                    wait=wait_exponential_jitter(multiplier=0.05, max=0.5, jitter=0.05),
+                    wait=wait_exponential_jitter(
+                        initial=self.limits.retry_backoff_s,
+                        max=self.limits.retry_max_backoff_s,
+                        jitter=self.limits.retry_backoff_s,
+                    ),
                     reraise=True,
                 ):
                     with attempt:

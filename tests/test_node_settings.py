@@ -1,0 +1,64 @@
+"""Settings the composition root applies: the expected model hash, JSON logs, /metrics
+switched off, and options this build refuses rather than ignore."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from butterfly.api.settings import ApiSettings
+from butterfly.config import ButterflyConfig, load_config
+from butterfly.config.issues import ConfigInvalid
+from butterfly.node import JsonLines, Node
+from butterfly.runtime.weights import model_hash
+from butterfly.types.errors import ConfigError
+from tests.api_util import serving
+
+
+def node_config(tmp_path: Path, model: Path, **overrides: object) -> ButterflyConfig:
+    return load_config(
+        overrides={"node.data_dir": str(tmp_path), "model.path": str(model), **overrides}
+    )
+
+
+def test_a_model_other_than_the_expected_one_is_refused(tiny_model: Path, tmp_path: Path) -> None:
+    cfg = node_config(tmp_path / "a", tiny_model, **{"model.expected_sha256": "ab" * 32})
+    with pytest.raises(ConfigError, match="expected_sha256"):
+        Node(cfg, tiny_model)
+    good = node_config(
+        tmp_path / "b", tiny_model, **{"model.expected_sha256": model_hash(tiny_model)}
+    )
+    node = Node(good, tiny_model)
+    node.config.history.close()
+    node.stage_server.close()
+
+
+def test_json_log_lines_carry_the_node_and_environment() -> None:
+    record = logging.LogRecord("butterfly.node", logging.WARNING, __file__, 1, "a %s", ("b",), None)
+    line = json.loads(JsonLines("production", 3).format(record))
+    assert line["message"] == "a b" and line["level"] == "warning"
+    assert line["node"] == 3 and line["environment"] == "production"
+
+
+async def test_metrics_disabled_means_no_metrics_endpoint(tiny_model: Path, tmp_path: Path) -> None:
+    settings = ApiSettings(serve_metrics=False)
+    async with serving(tiny_model, tmp_path / "t.db", settings=settings) as s:
+        assert (await s.client.get("/metrics")).status_code == 404
+        assert (await s.client.get("/health")).status_code in (200, 503)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "why"),
+    [
+        ("resources.device", "cuda", "CPU only"),
+        ("security.require_signatures", False, "always signed"),
+        ("scheduling.micro_batches", 4, "micro-batches"),
+    ],
+)
+def test_options_this_build_cannot_honour_are_refused(key: str, value: object, why: str) -> None:
+    with pytest.raises(ConfigInvalid, match=why) as e:
+        load_config(overrides={key: value})
+    assert e.value.issues[0].key == key
