@@ -244,7 +244,7 @@ class TcpTransport:
                     retry=retry_if_exception_type(ConnectionFailed),
                     stop=stop_after_attempt(self.limits.connect_attempts),
                     wait=wait_exponential_jitter(
-                        initial=self.limits.retry_backoff_s,
+                        multiplier=self.limits.retry_backoff_s,
                         max=self.limits.retry_max_backoff_s,
                         jitter=self.limits.retry_backoff_s,
                     ),
