@@ -2,9 +2,10 @@
 
 Measured before choosing (MEASUREMENTS.md and `bench/transport.py`): asyncio streams
 cost ~20 µs more per round trip than a blocking socket and less than pyzmq or gRPC, and
-they let heartbeats, votes and tensors share one event loop without extra threads.
-Heartbeats and votes use the `control` channel, tensors the `data` channel, so a
-heartbeat is never queued behind a large tensor.
+they let votes, plans and tensors share one event loop without extra threads. Votes
+and plans use the `control` channel, tensors the `data` channel, so a vote is never
+queued behind a large tensor (heartbeats have their own UDP path: cluster.heartbeats).
+With `tls`, both channels run over mutual TLS (net.tls).
 """
 
 from __future__ import annotations
