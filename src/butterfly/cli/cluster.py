@@ -77,10 +77,10 @@ def launch(
             f"nodes (n >= 3f+1); f={f} needs {3 * f + 1} nodes"
         )
         raise typer.Exit(2)
-    base = data or data_dir() / "cluster"
+    base = (data or data_dir() / "cluster").resolve()  # paths in the TOMLs are absolute
     base.mkdir(parents=True, exist_ok=True)
     with err.status("preparing the model"):
-        model_dir = model or demo_model("small")
+        model_dir = (model or demo_model("small")).resolve()  # the TOMLs live elsewhere
     settings: dict[str, Any] = {}
     for item in settings_ or []:
         key, _, value = item.partition("=")

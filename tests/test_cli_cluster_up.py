@@ -1,0 +1,53 @@
+"""`butterfly cluster up` as a user runs it: relative paths, TLS, SIGTERM stops it all."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.cluster_util import free_port
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def test_cluster_up_with_relative_paths_serves_and_stops_on_sigterm(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "model").symlink_to(tiny_model)
+    port = free_port()
+    cmd = [sys.executable, "-m", "butterfly", "cluster", "up", "--nodes", "2", "--api-port"]
+    cmd += [str(port), "--data", "data", "--model", "model", "--tls"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).json().get("healthy"):
+                    break
+            except (httpx.HTTPError, ValueError):
+                pass
+            assert proc.poll() is None, "cluster up exited during start-up"
+            time.sleep(0.2)
+        body = {"prompt": "Hi", "max_new_tokens": 3, "wait": True}
+        r = httpx.post(f"{url}/inference", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert [s["node"] for s in r.json()["stages"]] == [0, 1]
+        assert (tmp_path / "data" / "tls" / "ca.pem").is_file()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    leftovers = subprocess.run(
+        ["pgrep", "-f", str(tmp_path / "data")], capture_output=True, text=True
+    ).stdout.split()
+    assert leftovers == [], f"node processes left running: {leftovers}"
