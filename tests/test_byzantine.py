@@ -39,7 +39,7 @@ def metric(url: str, name: str) -> float:
 
 @pytest.mark.parametrize(
     ("liar", "behaviour"),
-    [(1, "corrupt"), (1, "wrong-layer"), (3, "corrupt"), (2, "wrong-layer")],
+    [(1, "corrupt"), (1, "wrong-layer"), (3, "corrupt"), (3, "wrong-layer")],
     ids=["chain-corrupt", "chain-wrong-layer", "auditor-corrupt", "auditor-wrong-layer"],
 )
 def test_liar_is_caught_and_evicted(

@@ -64,3 +64,33 @@ def test_a_mixed_step_gives_every_entry_what_it_gets_alone(tiny_model: Path) -> 
         together.close()
 
     asyncio.run(scenario())
+
+
+def test_kept_outputs_cover_a_request_from_position_zero_or_are_none(tiny_model: Path) -> None:
+    """The gateway's stage keeps what it computed (the audit then need not re-run it):
+    the prefill and each decode step, in order; a re-run from a position replaces what
+    came after it; a gap or a release gives None, so the audit asks a replica instead."""
+
+    async def scenario() -> None:
+        server = StageServer(
+            node=NodeId(1), model_dir=tiny_model, max_tensor_bytes=1 << 30, keep_outputs=True
+        )
+        plan = StagePlan(1, ((NodeId(1), LayerRange(0, 2)), (NodeId(2), LayerRange(2, 4))))
+        assert (await server.apply_plan(plan.to_message("h"))).ok
+        layers = LayerRange(0, 2)
+        steps = [(0, [5, 9, 2, 7]), (4, [1]), (5, [3]), (5, [8]), (6, [4])]  # 5 re-run once
+        for start, tokens in steps:
+            msg, payload = _step([("r", start, tokens)])
+            await server.compute(msg, 1, payload)
+        kept = server.outputs_of("r", layers, 7)
+        msg, payload = _step([("alone", 0, [5, 9, 2, 7, 1, 8, 4])])
+        whole = decode_tensor((await server.compute(msg, 1, payload))[0], 1 << 30)
+        assert kept is not None and kept.shape == whole.shape
+        torch.testing.assert_close(kept, whole, atol=1e-5, rtol=0)
+        assert server.outputs_of("r", layers, 8) is None  # not all positions
+        assert server.outputs_of("r", LayerRange(2, 4), 7) is None  # not this stage
+        server.release("r")
+        assert server.outputs_of("r", layers, 7) is None
+        server.close()
+
+    asyncio.run(scenario())

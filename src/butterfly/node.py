@@ -165,6 +165,8 @@ class Node:
             snapshot_every=0
             if cfg.byzantine.verification == "replicate"
             else cfg.coordination.checkpoint_frequency,
+            # the audit takes the gateway's own stage as computed (cluster.audit)
+            keep_outputs=self.id == GATEWAY and verify and cfg.byzantine.verification == "audit",
         )
         # Measured when the gateway first asks (one node at a time; see cluster.facts).
         self.probe = FactProbe(
@@ -231,6 +233,8 @@ class Node:
                 referee=Referee(model_dir),
                 tolerance=Tolerance(rtol=cfg.byzantine.rtol, atol=cfg.byzantine.atol),
                 max_tensor_bytes=cfg.network.max_frame_bytes,
+                gateway=self.id,
+                own_outputs=self.stage_server.outputs_of,
             )
             if cfg.byzantine.verification == "audit" and replication_factor(cfg) > 1
             else None,

@@ -142,10 +142,15 @@ class StageServer:
         dtype: torch.dtype = torch.float32,
         prover: Prover | None = None,
         snapshot_every: int = 0,
+        keep_outputs: bool = False,
     ) -> None:
         """`snapshot_every`: tokens between KV-cache copies sent to the standbys of this
-        node's range (0: never)."""
+        node's range (0: never). `keep_outputs`: keep what this stage computed for each
+        request until it is released (`outputs_of`), on the gateway, whose own stage the
+        audit takes as computed instead of asking a replica to re-run it."""
         self.prover = prover
+        self._keep_outputs = keep_outputs
+        self._kept: dict[str, dict[int, torch.Tensor]] = {}  # request -> start -> output
         self._snapshot_every = snapshot_every
         self._shipped: dict[str, int] = {}  # request -> positions already at the standbys
         self._plan_changed = asyncio.Event()
@@ -228,6 +233,29 @@ class StageServer:
     def release(self, request_id: str) -> None:
         self.caches.pop(request_id, None)
         self._shipped.pop(request_id, None)
+        self._kept.pop(request_id, None)
+
+    def outputs_of(self, request_id: str, layers: LayerRange, length: int) -> torch.Tensor | None:
+        """This stage's outputs for positions [0, length) of the request, as it computed
+        them, or None when it did not compute all of them (another node did some after a
+        recovery, or `keep_outputs` is off)."""
+        kept = self._kept.get(request_id, {})
+        if self.stage is None or self.stage.layers != layers or not kept:
+            return None
+        parts, at = [], 0
+        for start in sorted(kept):
+            if start != at:
+                return None
+            parts.append(kept[start])
+            at += kept[start].shape[1]
+        return torch.cat(parts, dim=1) if at == length else None
+
+    def _keep(self, msg: StageStep, out: torch.Tensor, offsets: list[int]) -> None:
+        for i, (rid, start) in enumerate(zip(msg.request_ids, msg.starts, strict=True)):
+            kept = self._kept.setdefault(rid, {})
+            for stale in [s for s in kept if s >= start]:  # a re-run from `start`
+                del kept[stale]
+            kept[start] = out[:, offsets[i] : offsets[i] + msg.lengths[i]].clone()
 
     def kv_deltas(self, request_ids: tuple[str, ...]) -> list[Outbound]:
         """The KV positions these requests gained since the last copy, for each standby of
@@ -416,6 +444,8 @@ class StageServer:
             return torch.cat([o for o in outs if o is not None], dim=1)
 
         sent = self.tamper(await self._in_worker(run, small=x.shape[1] <= INLINE_MAX_TOKENS))
+        if self._keep_outputs and not (msg.last_only and stage.is_last):
+            self._keep(msg, sent, offsets)
         proofs: tuple[bytes, ...] = ()
         if prove and self.prover is not None and self.plan is not None:
             # the chain position of the range held: a replica's records (replicate mode's
