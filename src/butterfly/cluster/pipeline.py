@@ -221,7 +221,10 @@ class PipelineEngine:
         self._queue.append(_Entry(request_id, step, start_pos, x, fut, route))
         self._ready.set()
         try:
-            return await asyncio.wait_for(fut, self._timeout)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation (a
+            # DELETE /tasks) that lands as the step's answer arrives, and the task runs on
+            async with asyncio.timeout(self._timeout):
+                return await fut
         except TimeoutError as e:
             raise SendTimeout(
                 f"step {step} of {request_id} got no answer within {self._timeout:.1f} s"
@@ -285,7 +288,8 @@ class PipelineEngine:
                 return
             self._plan_version.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._plan_version.wait(), 0.05)
+                async with asyncio.timeout(0.05):
+                    await self._plan_version.wait()
 
     async def run(self, task: InferenceTask, on_token: TokenSink) -> InferenceResult:
         plan = self._plan()

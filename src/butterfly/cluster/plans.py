@@ -14,6 +14,7 @@ every node and the gateway retries the loser at a later epoch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -94,10 +95,9 @@ class AgreedPlans:
             left = deadline - time.monotonic()
             if left <= 0:
                 return f"no plan of epoch {plan.epoch} was agreed (latest agreed: {self._at()})"
-            try:
-                await asyncio.wait_for(changed.wait(), left)
-            except TimeoutError:
-                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await changed.wait()
         if self.latest.epoch != plan.epoch or self.latest != plan:
             return f"the plan of epoch {plan.epoch} differs from the one agreed ({self._at()})"
         return None

@@ -228,7 +228,8 @@ class StageServer:
                 return
             changed = self._plan_changed
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), left)
+                async with asyncio.timeout(left):
+                    await changed.wait()
 
     def release(self, request_id: str) -> None:
         self.caches.pop(request_id, None)

@@ -96,7 +96,8 @@ class Connection:
         self._pending[corr] = fut
         try:
             await self.send(msg, payload, corr_id=corr)
-            return await asyncio.wait_for(fut, timeout)
+            async with asyncio.timeout(timeout):  # wait_for can lose a cancel on 3.11
+                return await fut
         except TimeoutError as e:
             raise SendTimeout(
                 f"node {self.peer} did not answer {msg.kind} within {timeout:.1f} s"

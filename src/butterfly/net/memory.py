@@ -110,7 +110,8 @@ class MemoryTransport:
                 peer,
                 Envelope(msg, self.node, self.epoch, self.net.cluster_id, corr, False, payload),
             )
-            return await asyncio.wait_for(fut, timeout)
+            async with asyncio.timeout(timeout):  # wait_for can lose a cancel on 3.11
+                return await fut
         except TimeoutError as e:
             raise SendTimeout(f"node {peer} did not answer {msg.kind} within {timeout} s") from e
         finally:
