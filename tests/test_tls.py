@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import stat
+import tomllib
 from pathlib import Path
 
 import httpx
@@ -10,7 +12,7 @@ import pytest
 from cryptography import x509
 
 from butterfly.net.tcp import Identity, TcpTransport
-from butterfly.net.tls import TlsFiles, contexts, make_certs
+from butterfly.net.tls import TlsFiles, cert_node, cert_paths, contexts, make_certs, node_name
 from butterfly.types.errors import ConnectionFailed
 from butterfly.types.ids import NodeId
 from butterfly.types.messages import StatusQuery
@@ -80,9 +82,19 @@ async def test_who_cannot_connect(tmp_path: Path, intruder: str) -> None:
 
 
 def test_a_cluster_runs_on_mutual_tls(tiny_model: Path, tmp_path: Path) -> None:
+    """The nodes answer over TLS, and node 1's port speaks TLS with node 1's certificate
+    (a node that ignored `security.tls` would answer in plain TCP and fail this)."""
     with running_cluster(tiny_model, 2, tmp_path, tls=True) as cluster:
         body = {"prompt": "Butterfly", "max_new_tokens": 4, "wait": True}
         r = httpx.post(f"{cluster.api_url}/inference", json=body, timeout=60)
         assert r.status_code == 200, r.text
         assert [s["node"] for s in r.json()["stages"]] == [0, 1]
-    assert "enabled = true" in (tmp_path / "node-1.toml").read_text()
+        listen = tomllib.loads((tmp_path / "node-1.toml").read_text())["node"]["listen"]
+        host, port = listen.rsplit(":", 1)
+        files = TlsFiles(tmp_path / "tls" / "ca.pem", *cert_paths(tmp_path / "tls", 0))
+        client = contexts(files).client
+        with (
+            socket.create_connection((host, int(port)), timeout=10) as raw,
+            client.wrap_socket(raw, server_hostname=node_name(1)) as tls,
+        ):
+            assert cert_node(tls.getpeercert()) == 1

@@ -150,7 +150,8 @@ class StageServer:
         audit takes as computed instead of asking a replica to re-run it."""
         self.prover = prover
         self._keep_outputs = keep_outputs
-        self._kept: dict[str, dict[int, torch.Tensor]] = {}  # request -> start -> output
+        # request -> (start, output) of each step, in position order
+        self._kept: dict[str, list[tuple[int, torch.Tensor]]] = {}
         self._snapshot_every = snapshot_every
         self._shipped: dict[str, int] = {}  # request -> positions already at the standbys
         self._plan_changed = asyncio.Event()
@@ -240,23 +241,21 @@ class StageServer:
         """This stage's outputs for positions [0, length) of the request, as it computed
         them, or None when it did not compute all of them (another node did some after a
         recovery, or `keep_outputs` is off)."""
-        kept = self._kept.get(request_id, {})
-        if self.stage is None or self.stage.layers != layers or not kept:
+        kept = self._kept.get(request_id)
+        if self.stage is None or self.stage.layers != layers or not kept or kept[0][0] != 0:
             return None
-        parts, at = [], 0
-        for start in sorted(kept):
-            if start != at:
-                return None
-            parts.append(kept[start])
-            at += kept[start].shape[1]
-        return torch.cat(parts, dim=1) if at == length else None
+        out = torch.cat([t for _, t in kept], dim=1)
+        return out if out.shape[1] == length else None
 
     def _keep(self, msg: StageStep, out: torch.Tensor, offsets: list[int]) -> None:
+        """Append each entry's output; the kept steps stay contiguous from their first."""
         for i, (rid, start) in enumerate(zip(msg.request_ids, msg.starts, strict=True)):
-            kept = self._kept.setdefault(rid, {})
-            for stale in [s for s in kept if s >= start]:  # a re-run from `start`
-                del kept[stale]
-            kept[start] = out[:, offsets[i] : offsets[i] + msg.lengths[i]].clone()
+            kept = self._kept.setdefault(rid, [])
+            while kept and kept[-1][0] >= start:  # a re-run from `start`
+                kept.pop()
+            if kept and kept[-1][0] + kept[-1][1].shape[1] != start:
+                kept.clear()  # a gap: positions computed elsewhere (after a recovery)
+            kept.append((start, out[:, offsets[i] : offsets[i] + msg.lengths[i]].clone()))
 
     def kv_deltas(self, request_ids: tuple[str, ...]) -> list[Outbound]:
         """The KV positions these requests gained since the last copy, for each standby of

@@ -76,7 +76,8 @@ class Connection:
                 raise ConnectionResetError("the socket is closing")
             self._writer.write(frame)
             if self._writer.transport.get_write_buffer_size() > DRAIN_ABOVE:
-                await asyncio.wait_for(self._writer.drain(), self._send_timeout)
+                async with asyncio.timeout(self._send_timeout):
+                    await self._writer.drain()
         except TimeoutError:
             self.close(f"the peer took no data for {self._send_timeout:.1f} s")
             raise SendTimeout(

@@ -27,10 +27,11 @@ from cryptography.x509.oid import NameOID
 from butterfly.types.errors import ConfigError
 
 VALID_DAYS = 3650
+NAME_PREFIX = "node-"
 
 
 def node_name(node: int) -> str:
-    return f"node-{node}"
+    return f"{NAME_PREFIX}{node}"
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,7 @@ def contexts(files: TlsFiles) -> TlsContexts:
 def cert_node(peercert: dict[str, Any] | None) -> int | None:
     """The node id a verified peer certificate was issued for, or None."""
     for kind, value in (peercert or {}).get("subjectAltName", ()):
-        if kind == "DNS" and value.startswith("node-") and value[5:].isdigit():
-            return int(value[5:])
+        number = value.removeprefix(NAME_PREFIX)
+        if kind == "DNS" and number != value and number.isdigit():
+            return int(number)
     return None
