@@ -1,0 +1,89 @@
+"""The audit re-runs every stage on another holder except the gateway's own, whose kept
+outputs it takes as computed (the client trusts the gateway)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import torch
+
+from butterfly.cluster.audit import Auditor, Claim, Referee
+from butterfly.cluster.proving import Prover
+from butterfly.cluster.stage_server import StagePlan
+from butterfly.protocol.messages import Proof, decode
+from butterfly.protocol.proof import Tolerance
+from butterfly.protocol.sign import SigningKey
+from butterfly.runtime.loader import load_stage
+from butterfly.runtime.stage import prefill_outputs
+from butterfly.runtime.wire import decode_tensor, encode_tensor
+from butterfly.types.ids import NodeId
+from butterfly.types.messages import AuditReply, AuditRequest
+from butterfly.types.model import LayerRange
+
+FIRST, SECOND = LayerRange(0, 2), LayerRange(2, 4)
+KEYS = {NodeId(n): SigningKey.generate() for n in range(4)}
+PLAN = StagePlan(
+    1, ((NodeId(0), FIRST), (NodeId(1), SECOND)), ((NodeId(2), FIRST), (NodeId(3), SECOND))
+)
+
+
+def test_only_stages_not_run_by_the_gateway_are_re_run(tiny_model: Path) -> None:
+    stages = {r: load_stage(tiny_model, r) for r in (FIRST, SECOND)}
+    ids = torch.tensor([[5, 9, 2, 7, 1, 8]])
+    with torch.inference_mode():
+        hidden = prefill_outputs(stages[FIRST], ids, stages[FIRST].new_cache())
+        logits = prefill_outputs(stages[SECOND], hidden, stages[SECOND].new_cache())
+
+    def claim(
+        node: int, index: int, layers: LayerRange, x: torch.Tensor, out: torch.Tensor, start: int
+    ) -> Claim:
+        record = Prover(NodeId(node), KEYS[NodeId(node)]).prove(
+            epoch=1,
+            request_id="r",
+            step=0,
+            stage=index,
+            layers=layers,
+            x_in=x,
+            out=out,
+            layer_outputs=[out] * len(layers),
+        )
+        proof = decode(record)
+        assert isinstance(proof, Proof)
+        return Claim(proof, start, out.shape[1])
+
+    last = logits.shape[1] - 1
+    claims = {
+        0: [claim(0, 0, FIRST, ids, hidden, 0)],
+        1: [claim(1, 1, SECOND, hidden, logits[:, last:], last)],
+    }
+    asked: list[int] = []
+
+    async def ask(node: NodeId, req: AuditRequest, payload: bytes) -> tuple[AuditReply, bytes]:
+        asked.append(int(node))
+        layers = LayerRange(req.layer_start, req.layer_end)
+        x = decode_tensor(payload, 1 << 30)
+        with torch.inference_mode():
+            out = prefill_outputs(
+                stages[layers], x, stages[layers].new_cache(), outputs_from=req.outputs_from
+            )
+        return AuditReply("r", int(node), b"", ""), encode_tensor(out)
+
+    def auditor(kept: torch.Tensor | None) -> Auditor:
+        return Auditor(
+            ask=ask,
+            keys={n: k.public for n, k in KEYS.items()},
+            referee=Referee(tiny_model),
+            tolerance=Tolerance(),
+            max_tensor_bytes=1 << 30,
+            gateway=NodeId(0),
+            own_outputs=lambda rid, layers, length: kept if layers == FIRST else None,
+        )
+
+    sequence = ids[0].tolist()
+    verdict = asyncio.run(auditor(hidden).audit(PLAN, "r", sequence, claims))
+    assert verdict.verified and verdict.checked == 2
+    assert asked == [3]  # node 2, the gateway's replica, was not asked
+    asked.clear()
+    verdict = asyncio.run(auditor(None).audit(PLAN, "r", sequence, claims))
+    assert verdict.verified and asked == [2, 3]  # nothing kept: both stages re-run
