@@ -1,9 +1,12 @@
 """Pipeline benchmark: the small demo model split over 1, 2 and 4 node processes.
 
 Prints one JSON object. For each cluster size, rounds alternate between the
-single-process transformers reference (in this process, all cores) and the cluster, so
-both see the same machine state; the ratio of medians is the overhead of distribution,
-and `paired_ratio` the same per round pair (the machine's speed drifts between rounds).
+single-process transformers reference (in this process, all cores), Butterfly's own
+runtime as one stage in this process, and the cluster, so all see the same machine state.
+`ratio_to_reference` is the target's measure (cluster over transformers, ratio of
+medians); `ratio_to_butterfly_1_process` isolates the overhead of distribution, since
+Butterfly's kernels are faster than transformers' (runtime/linear.py); `paired_ratio`
+is the first per round pair (the machine's speed drifts between rounds).
 Per-token decode time on the cluster is the gateway's own measure (first token to last,
 divided by tokens - 1), so HTTP overhead is not counted against the pipeline; the
 reference's and Ray's figures are the same per-round means. Also: 8
@@ -28,9 +31,10 @@ import torch
 
 from butterfly.cluster.launcher import CHILD_ENV, LocalCluster, free_ports, node_configs
 from butterfly.partition.strategies import uniform_ranges
-from butterfly.runtime.loader import num_layers
+from butterfly.runtime.loader import load_stage, num_layers
+from butterfly.types.model import LayerRange
 from common import bench_model, machine, summary
-from runtime import PROMPT, one_round, transformers_session
+from runtime import PROMPT, butterfly_session, one_round, transformers_session
 
 NEW = 64
 
@@ -142,6 +146,8 @@ def main() -> None:
     ids = prompt[0].tolist()
     reference = transformers_session(model_dir)
     one_round(reference, prompt)  # warm-up
+    own = butterfly_session([load_stage(model_dir, LayerRange(0, num_layers(model_dir)))])
+    one_round(own, prompt)
     result: dict[str, Any] = {
         "benchmark": "pipeline",
         "model": f"demo-{args.size}",
@@ -162,16 +168,19 @@ def main() -> None:
                 cluster.wait_ready(300)
                 cluster_round(cluster.api_url, ids)  # warm-up
                 ref_ms: list[float] = []
+                own_ms: list[float] = []
                 per_token: list[float] = []
                 ttft: list[float] = []
                 same = True
                 for _ in range(args.rounds):
                     _, d, ref_tokens = one_round(reference, prompt)
                     ref_ms.append(sum(d) / len(d))  # a mean, as the gateway's figure is
+                    _, d, own_tokens = one_round(own, prompt)
+                    own_ms.append(sum(d) / len(d))
                     pt, ft, out = cluster_round(cluster.api_url, ids)
                     per_token.append(pt)
                     ttft.append(ft)
-                    same = same and out == ref_tokens
+                    same = same and out == ref_tokens == own_tokens
                 entry: dict[str, Any] = {
                     "decode_ms_per_token": summary(per_token),
                     "time_to_first_token_ms": summary(ttft),
@@ -183,6 +192,13 @@ def main() -> None:
                     # machine's speed drifts between rounds, less within a pair
                     "paired_ratio": summary(
                         [c / r for c, r in zip(per_token, ref_ms, strict=True)]
+                    ),
+                    "butterfly_1_process_decode_ms_per_token": summary(own_ms),
+                    "ratio_to_butterfly_1_process": round(
+                        summary(per_token)["median"] / summary(own_ms)["median"], 3
+                    ),
+                    "paired_ratio_to_butterfly_1_process": summary(
+                        [c / r for c, r in zip(per_token, own_ms, strict=True)]
                     ),
                     "same_tokens_as_reference": same,
                 }

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from butterfly.runtime.kvcache import KVCache
+from butterfly.runtime.linear import linear, pack
 from butterfly.runtime.stage import Family, check_positions, check_token_ids
 from butterfly.runtime.weights import CheckpointReader
 from butterfly.types.errors import InvalidInput, UnknownArchitecture
@@ -154,17 +155,17 @@ class BertStage:
             h = F.layer_norm(
                 h + self._attention(blk, h), (a.dim,), blk.ln1_w, blk.ln1_b, a.norm_eps
             )
-            y = F.linear(self._act(F.linear(h, blk.w_in, blk.b_in)), blk.w_out, blk.b_out)
+            y = linear(self._act(linear(h, blk.w_in, blk.b_in)), blk.w_out, blk.b_out)
             h = F.layer_norm(h + y, (a.dim,), blk.ln2_w, blk.ln2_b, a.norm_eps)
         return h[:, -1:] if last_only and self.is_last else h
 
     def _attention(self, blk: Block, x: torch.Tensor) -> torch.Tensor:
         a = self.args
         bsz, length, _ = x.shape
-        qkv = F.linear(x, blk.wqkv, blk.bqkv).view(bsz, length, 3, a.n_heads, a.head_dim)
+        qkv = linear(x, blk.wqkv, blk.bqkv).view(bsz, length, 3, a.n_heads, a.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, Dh]
         out = F.scaled_dot_product_attention(q, k, v)
-        return F.linear(out.transpose(1, 2).reshape(bsz, length, a.dim), blk.wo, blk.bo)
+        return linear(out.transpose(1, 2).reshape(bsz, length, a.dim), blk.wo, blk.bo)
 
 
 def tensor_prefix(reader: CheckpointReader) -> str:
@@ -205,13 +206,13 @@ def load_stage(reader: CheckpointReader, args: BertArgs, layers: LayerRange) -> 
         qkv = [f"attention.self.{x}" for x in ("query", "key", "value")]
         blocks.append(
             Block(
-                wqkv=torch.cat([t[f"{x}.weight"] for x in qkv]),
+                wqkv=pack(torch.cat([t[f"{x}.weight"] for x in qkv])),
                 bqkv=torch.cat([t[f"{x}.bias"] for x in qkv]),
-                wo=t["attention.output.dense.weight"], bo=t["attention.output.dense.bias"],
+                wo=pack(t["attention.output.dense.weight"]), bo=t["attention.output.dense.bias"],
                 ln1_w=t["attention.output.LayerNorm.weight"],
                 ln1_b=t["attention.output.LayerNorm.bias"],
-                w_in=t["intermediate.dense.weight"], b_in=t["intermediate.dense.bias"],
-                w_out=t["output.dense.weight"], b_out=t["output.dense.bias"],
+                w_in=pack(t["intermediate.dense.weight"]), b_in=t["intermediate.dense.bias"],
+                w_out=pack(t["output.dense.weight"]), b_out=t["output.dense.bias"],
                 ln2_w=t["output.LayerNorm.weight"], ln2_b=t["output.LayerNorm.bias"],
             )
         )  # fmt: skip

@@ -2,7 +2,7 @@
 
 Mirrors `llama.py`: plain tensors and one forward pass read top to bottom. GPT-2 stores
 its projections as `Conv1D` weights of shape [in, out]; they are transposed once at load
-so every product is an ordinary `F.linear`. The output head is tied to the token
+so every product is an ordinary `linear` (runtime/linear.py). The output head is tied to the token
 embedding, so a last stage that is not also the first reads `wte` a second time: the
 pipeline then holds two copies, which is the price of not shipping weights between nodes.
 """
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from butterfly.runtime.kvcache import KVCache
+from butterfly.runtime.linear import linear, pack
 from butterfly.runtime.stage import Family, causal_mask, check_positions, check_token_ids
 from butterfly.runtime.weights import CheckpointReader
 from butterfly.types.errors import InvalidInput, UnknownArchitecture
@@ -149,14 +150,14 @@ class GPT2Stage:
             y = F.layer_norm(h, (a.dim,), blk.ln1_w, blk.ln1_b, a.norm_eps)
             h = h + self._attention(blk, y, cache, i, start_pos, mask)
             y = F.layer_norm(h, (a.dim,), blk.ln2_w, blk.ln2_b, a.norm_eps)
-            h = h + F.linear(self._act(F.linear(y, blk.w_fc, blk.b_fc)), blk.w_proj, blk.b_proj)
+            h = h + linear(self._act(linear(y, blk.w_fc, blk.b_fc)), blk.w_proj, blk.b_proj)
         cache.advance(start_pos + length)
         if self.final is None:
             return h
         if last_only:
             h = h[:, -1:]
         norm_w, norm_b, head = self.final
-        return F.linear(F.layer_norm(h, (a.dim,), norm_w, norm_b, a.norm_eps), head)
+        return linear(F.layer_norm(h, (a.dim,), norm_w, norm_b, a.norm_eps), head)
 
     def _attention(
         self,
@@ -169,7 +170,7 @@ class GPT2Stage:
     ) -> torch.Tensor:
         a = self.args
         bsz, length, _ = x.shape
-        q, k, v = F.linear(x, blk.wqkv, blk.bqkv).chunk(3, dim=-1)
+        q, k, v = linear(x, blk.wqkv, blk.bqkv).chunk(3, dim=-1)
         q = q.view(bsz, length, a.n_heads, a.head_dim).transpose(1, 2)  # [B, H, T, Dh]
         k = k.view(bsz, length, a.n_heads, a.head_dim).transpose(1, 2)
         v = v.view(bsz, length, a.n_heads, a.head_dim).transpose(1, 2)
@@ -177,7 +178,7 @@ class GPT2Stage:
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and length > 1, scale=blk.scale
         )
-        return F.linear(out.transpose(1, 2).reshape(bsz, length, a.dim), blk.wo, blk.bo)
+        return linear(out.transpose(1, 2).reshape(bsz, length, a.dim), blk.wo, blk.bo)
 
 
 def tensor_prefix(reader: CheckpointReader) -> str:
@@ -217,16 +218,19 @@ def load_stage(reader: CheckpointReader, args: GPT2Args, layers: LayerRange) -> 
         blocks.append(
             Block(
                 ln1_w=t["ln_1.weight"], ln1_b=t["ln_1.bias"],
-                wqkv=t["attn.c_attn.weight"].t().contiguous(), bqkv=t["attn.c_attn.bias"],
-                wo=t["attn.c_proj.weight"].t().contiguous(), bo=t["attn.c_proj.bias"],
+                wqkv=pack(t["attn.c_attn.weight"].t().contiguous()), bqkv=t["attn.c_attn.bias"],
+                wo=pack(t["attn.c_proj.weight"].t().contiguous()), bo=t["attn.c_proj.bias"],
                 ln2_w=t["ln_2.weight"], ln2_b=t["ln_2.bias"],
-                w_fc=t["mlp.c_fc.weight"].t().contiguous(), b_fc=t["mlp.c_fc.bias"],
-                w_proj=t["mlp.c_proj.weight"].t().contiguous(), b_proj=t["mlp.c_proj.bias"],
+                w_fc=pack(t["mlp.c_fc.weight"].t().contiguous()), b_fc=t["mlp.c_fc.bias"],
+                w_proj=pack(t["mlp.c_proj.weight"].t().contiguous()), b_proj=t["mlp.c_proj.bias"],
                 scale=scale / (n + 1) if args.scale_by_layer else scale,
             )
         )  # fmt: skip
     embed = (w[wte], w[f"{p}wpe.weight"]) if first else None
-    final = (w[f"{p}ln_f.weight"], w[f"{p}ln_f.bias"], w[head]) if last else None
+    final = None
+    if last:  # a tied head that is also this stage's embedding stays one tensor
+        head_w = pack(w[head]) if head != wte or not first else w[head]
+        final = (w[f"{p}ln_f.weight"], w[f"{p}ln_f.bias"], head_w)
     return GPT2Stage(args, layers, blocks, embed, final)
 
 

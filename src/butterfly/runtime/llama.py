@@ -1,9 +1,10 @@
 """Llama-architecture decoder (also Mistral- and Qwen2-style checkpoints).
 
-Weights are plain tensors and the forward pass is a few functions, as in gpt-fast's
-`model.py`: a reader sees every operation of a stage top to bottom. q/k/v and gate/up
-projections are fused into one matrix each, since a decode step is a handful of
-matrix-vector products and every call costs.
+Weights are plain tensors (the large ones packed for oneDNN, runtime/linear.py) and the
+forward pass is a few functions, as in gpt-fast's `model.py`: a reader sees every
+operation of a stage top to bottom. q/k/v and gate/up projections are fused into one
+matrix each, since a decode step is a handful of matrix-vector products and every call
+costs.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 from butterfly.runtime.kvcache import KVCache
+from butterfly.runtime.linear import linear, pack
 from butterfly.runtime.stage import Family, causal_mask, check_positions, check_token_ids
 from butterfly.runtime.weights import CheckpointReader
 from butterfly.types.errors import UnknownArchitecture
@@ -205,7 +207,7 @@ class LlamaStage:
             return h
         if last_only:
             h = h[:, -1:]
-        return F.linear(rms_norm(h, self.norm, eps), self.head)  # type: ignore[arg-type]
+        return linear(rms_norm(h, self.norm, eps), self.head)  # type: ignore[arg-type]
 
     def _attention(
         self,
@@ -221,7 +223,7 @@ class LlamaStage:
         a = self.args
         bsz, length, _ = x.shape
         q_size, kv_size = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-        q, k, v = torch.split(F.linear(x, blk.wqkv, blk.bqkv), [q_size, kv_size, kv_size], -1)
+        q, k, v = torch.split(linear(x, blk.wqkv, blk.bqkv), [q_size, kv_size, kv_size], -1)
         q = q.view(bsz, length, a.n_heads, a.head_dim).transpose(1, 2)  # [B, H, T, Dh]
         k = k.view(bsz, length, a.n_kv_heads, a.head_dim).transpose(1, 2)
         v = v.view(bsz, length, a.n_kv_heads, a.head_dim).transpose(1, 2)
@@ -229,7 +231,7 @@ class LlamaStage:
         k = k * cos + rotate_half(k) * sin
         if length == 1 and bsz > 1:
             out = self._decode_attention(caches, layer, starts, q, k, v)
-            return F.linear(out.transpose(1, 2).reshape(bsz, 1, q_size), blk.wo, blk.bo)
+            return linear(out.transpose(1, 2).reshape(bsz, 1, q_size), blk.wo, blk.bo)
         rows = []
         for b, (cache, start, mask) in enumerate(zip(caches, starts, masks, strict=True)):
             kb, vb = cache.update(layer, start, k[b : b + 1], v[b : b + 1])  # [1, H_kv, S, Dh]
@@ -243,7 +245,7 @@ class LlamaStage:
             )
         out = rows[0] if bsz == 1 else torch.cat(rows)
         out = out.transpose(1, 2).reshape(bsz, length, q_size)
-        return F.linear(out, blk.wo, blk.bo)
+        return linear(out, blk.wo, blk.bo)
 
     def _decode_attention(
         self,
@@ -276,8 +278,8 @@ class LlamaStage:
         return F.scaled_dot_product_attention(q, kb, vb, attn_mask=mask)  # [B, H, 1, Dh]
 
     def _mlp(self, blk: Block, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, blk.w13).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, blk.w2)
+        gate, up = linear(x, blk.w13).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, blk.w2)
 
 
 def load_stage(reader: CheckpointReader, args: LlamaArgs, layers: LayerRange) -> LlamaStage:
@@ -323,24 +325,28 @@ def load_stage(reader: CheckpointReader, args: LlamaArgs, layers: LayerRange) ->
         blocks.append(
             Block(
                 attn_norm=w.pop(f"model.layers.{n}.input_layernorm.weight"),
-                wqkv=torch.cat([w.pop(f"{p}.{x}_proj.weight") for x in "qkv"]),
+                wqkv=pack(torch.cat([w.pop(f"{p}.{x}_proj.weight") for x in "qkv"])),
                 bqkv=torch.cat([b for b in biases if b is not None])
                 if all(b is not None for b in biases)
                 else None,
-                wo=w.pop(f"{p}.o_proj.weight"),
+                wo=pack(w.pop(f"{p}.o_proj.weight")),
                 bo=w.get(f"{p}.o_proj.bias"),
                 mlp_norm=w.pop(f"model.layers.{n}.post_attention_layernorm.weight"),
-                w13=torch.cat(
-                    [
-                        w.pop(f"model.layers.{n}.mlp.gate_proj.weight"),
-                        w.pop(f"model.layers.{n}.mlp.up_proj.weight"),
-                    ]
+                w13=pack(
+                    torch.cat(
+                        [
+                            w.pop(f"model.layers.{n}.mlp.gate_proj.weight"),
+                            w.pop(f"model.layers.{n}.mlp.up_proj.weight"),
+                        ]
+                    )
                 ),
-                w2=w.pop(f"model.layers.{n}.mlp.down_proj.weight"),
+                w2=pack(w.pop(f"model.layers.{n}.mlp.down_proj.weight")),
             )
         )
     embed = w.get(embed_name) if first else None
     head = w.get(head_name) if last else None
+    if head is not None and head is not embed:  # a tied head stays the embedding's tensor
+        head = pack(head)
     return LlamaStage(args, layers, blocks, embed, w.get("model.norm.weight"), head)
 
 
