@@ -19,7 +19,7 @@ PACK_MIN_ELEMENTS = 1 << 18
 
 
 def packing_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(
+    return bool(torch.backends.mkldnn.is_available()) and hasattr(  # type: ignore[no-untyped-call]
         torch.ops.mkldnn, "_reorder_linear_weight"
     )
 
@@ -33,11 +33,13 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
         or not packing_available()
     ):
         return weight
-    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
+    packed: torch.Tensor = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
+    return packed
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear`, for plain or packed weights."""
     if weight.is_mkldnn:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return out
     return F.linear(x, weight, bias)
