@@ -58,6 +58,7 @@ from butterfly.protocol.messages import Evidence
 from butterfly.protocol.proof import Tolerance
 from butterfly.runtime.loader import layer_infos, model_args
 from butterfly.runtime.tokenizer import TextCodec
+from butterfly.runtime.torch_thread import TorchThread, confine_to_one_thread
 from butterfly.runtime.weights import model_hash
 from butterfly.schedule.engine import ClusterHealth, NodeHealth
 from butterfly.schedule.queue import QueuePolicy
@@ -152,7 +153,10 @@ class Node:
         self.public_keys = {NodeId(i): k for i, k in enumerate(public_keys(cfg, self.key))}
         # records are signed only where a replica can audit them (f+1 holders per range)
         verify = cfg.byzantine.verification != "none" and replication_factor(cfg) > 1
+        # every model computation of this process runs on this one thread (see its module)
+        self.torch = TorchThread(cfg.resources.threads, name=f"torch-{self.id}")
         self.stage_server = stage_server_type(
+            torch_thread=self.torch,
             node=self.id,
             model_dir=model_dir,
             max_tensor_bytes=cfg.network.max_frame_bytes,
@@ -175,6 +179,7 @@ class Node:
             transport=self.transport,
             memory_limit_bytes=cfg.resources.memory_limit_bytes,
             model_dir=model_dir,
+            torch_thread=self.torch,
         )
         self.facts: dict[NodeId, StatusReply] = {}  # every node's, gathered by the gateway
         self.placement: Placement | None = None
@@ -230,7 +235,7 @@ class Node:
             auditor=Auditor(
                 ask=self._ask_audit,
                 keys=self.public_keys,
-                referee=Referee(model_dir),
+                referee=Referee(model_dir, self.torch),
                 tolerance=Tolerance(rtol=cfg.byzantine.rtol, atol=cfg.byzantine.atol),
                 max_tensor_bytes=cfg.network.max_frame_bytes,
                 gateway=self.id,
@@ -245,7 +250,7 @@ class Node:
                 plan=lambda: self.stage_server.plan,
                 f=cfg.byzantine.f,
                 keys=self.public_keys,
-                referee=Referee(model_dir),
+                referee=Referee(model_dir, self.torch),
                 tolerance=Tolerance(rtol=cfg.byzantine.rtol, atol=cfg.byzantine.atol),
                 on_liars=self._on_liars,
                 timeouts=self.timeouts,
@@ -686,8 +691,9 @@ def run(
     """
     import signal
 
-    if cfg.resources.threads:
-        torch.set_num_threads(cfg.resources.threads)
+    # torch's parallel work runs on the node's TorchThread; the event loop's own small
+    # tensor work stays on this thread alone (runtime.torch_thread)
+    confine_to_one_thread()
     # replicas and auditors compare activations: no kernel may pick a racy algorithm
     torch.use_deterministic_algorithms(cfg.advanced.deterministic)
     o = cfg.observability

@@ -12,10 +12,8 @@ signed record of the liar is the evidence that goes through agreement to evict i
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from butterfly.protocol.messages import Proof, decode
 from butterfly.protocol.proof import Tolerance, matches_tensor
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.stage import Stage, prefill_outputs
+from butterfly.runtime.torch_thread import TorchThread
 from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.types.errors import ButterflyError
 from butterfly.types.ids import NodeId
@@ -59,10 +58,11 @@ class Verdict:
 class Referee:
     """The gateway's own re-execution of a stage, loaded on first dispute."""
 
-    def __init__(self, model_dir: Path) -> None:
+    def __init__(self, model_dir: Path, torch_thread: TorchThread | None = None) -> None:
+        """`torch_thread`: the node's one thread for torch (runtime.torch_thread)."""
         self._model_dir = model_dir
         self._stages: dict[LayerRange, Stage] = {}
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="referee")
+        self._torch = torch_thread or TorchThread(name="referee")
 
     async def run(
         self, layers: LayerRange, x: torch.Tensor, *, outputs_from: int = 0
@@ -74,7 +74,7 @@ class Referee:
             with torch.inference_mode():
                 return prefill_outputs(stage, x, stage.new_cache(), outputs_from=outputs_from)
 
-        return await asyncio.get_running_loop().run_in_executor(self._executor, compute)
+        return await self._torch.run(compute)
 
 
 def decode_proofs(raw: Sequence[bytes]) -> Iterator[Proof]:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from butterfly.net.transport import Transport
 from butterfly.partition.capability import Link, NodeCapability
+from butterfly.runtime.torch_thread import TorchThread
 from butterfly.types.errors import ButterflyError, InvalidMessage
 from butterfly.types.ids import NodeId
 from butterfly.types.messages import Ping, Pong, StatusReply
@@ -302,8 +303,11 @@ class FactProbe:
         memory_limit_bytes: int,
         model_dir: Path | None = None,
         compute_seconds: float = 0.5,
+        torch_thread: TorchThread | None = None,
     ) -> None:
+        """`torch_thread`: the node's one thread for torch (runtime.torch_thread)."""
         self.node, self._peers, self._transport = node, list(peers), transport
+        self._torch = torch_thread or TorchThread(name="facts")
         self._memory_limit, self._compute_seconds = memory_limit_bytes, compute_seconds
         self._model_dir = model_dir
         self._lock = asyncio.Lock()
@@ -318,7 +322,7 @@ class FactProbe:
         heartbeats keep flowing), concurrent callers wait for that one measurement."""
         async with self._lock:
             if self._facts is None:
-                compute = await asyncio.to_thread(
+                compute = await self._torch.run(
                     lambda: measure_compute(self._compute_seconds, model_dir=self._model_dir)
                 )
                 links: dict[NodeId, Link] = {}

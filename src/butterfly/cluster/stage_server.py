@@ -19,9 +19,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +29,7 @@ from butterfly.net.framing import Envelope
 from butterfly.runtime.kvcache import KVCache
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.stage import Stage, forward_rows, prefill_outputs, supports_trace
+from butterfly.runtime.torch_thread import TorchThread
 from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.types.errors import ButterflyError, InvalidMessage, StageLost
 from butterfly.types.ids import NodeId
@@ -70,11 +68,6 @@ def _prefill_groups(request_ids: tuple[str, ...], lengths: tuple[int, ...]) -> l
 
 EARLY_STEP_WAIT_S = 10.0
 """How long a step for an epoch this node has not reached waits for that plan."""
-# A step of at most this many tokens runs inline on the event loop when the worker is idle
-# and the last such step took under INLINE_MAX_S, so votes and other requests' frames
-# wait at most that long.
-INLINE_MAX_TOKENS = 8
-INLINE_MAX_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -143,11 +136,14 @@ class StageServer:
         prover: Prover | None = None,
         snapshot_every: int = 0,
         keep_outputs: bool = False,
+        torch_thread: TorchThread | None = None,
     ) -> None:
-        """`snapshot_every`: tokens between KV-cache copies sent to the standbys of this
-        node's range (0: never). `keep_outputs`: keep what this stage computed for each
-        request until it is released (`outputs_of`), on the gateway, whose own stage the
-        audit takes as computed instead of asking a replica to re-run it."""
+        """`torch_thread`: the process's one thread for torch (runtime.torch_thread), its
+        own if not given. `snapshot_every`: tokens between KV-cache copies sent to the
+        standbys of this node's range (0: never). `keep_outputs`: keep what this stage
+        computed for each request until it is released (`outputs_of`), on the gateway,
+        whose own stage the audit takes as computed instead of asking a replica to re-run
+        it."""
         self.prover = prover
         self._keep_outputs = keep_outputs
         # request -> (start, output) of each step, in position order
@@ -157,9 +153,7 @@ class StageServer:
         self._plan_changed = asyncio.Event()
         self.node, self.model_dir = node, model_dir
         self._max_tensor_bytes, self._dtype = max_tensor_bytes, dtype
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"torch-{node}")
-        self._worker_jobs = 0  # submitted to the executor and not finished
-        self._small_step_s = 0.0  # how long the last small step took
+        self._torch = torch_thread or TorchThread(name=f"torch-{node}")
         self.stage: Stage | None = None
         self.plan: StagePlan | None = None
         self.caches: dict[str, KVCache | None] = {}
@@ -172,27 +166,6 @@ class StageServer:
     def kv_bytes(self) -> int:
         return sum(c.nbytes for c in self.caches.values() if c is not None)
 
-    async def _in_worker(
-        self, fn: Callable[[], torch.Tensor], *, small: bool = False
-    ) -> torch.Tensor:
-        """`fn` on the torch worker; a `small` one (a decode step) on this thread instead
-        while the worker is idle (so steps still run one at a time, in arrival order) and
-        small steps are quick."""
-        if not small:
-            return await self._submit(fn)
-        inline = not self._worker_jobs and self._small_step_s < INLINE_MAX_S
-        t0 = time.perf_counter()
-        out = fn() if inline else await self._submit(fn)
-        self._small_step_s = time.perf_counter() - t0
-        return out
-
-    async def _submit(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-        self._worker_jobs += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
-        finally:
-            self._worker_jobs -= 1
-
     async def apply_plan(self, msg: PlanAssign) -> PlanAck:
         try:
             plan = StagePlan.from_message(msg)
@@ -204,9 +177,8 @@ class StageServer:
             if self.stage is None or layers is None or self.stage.layers != layers:
                 self.caches.clear()  # caches of other layers are useless; same layers keep theirs
             if layers is not None and (self.stage is None or self.stage.layers != layers):
-                loop = asyncio.get_running_loop()
-                self.stage = await loop.run_in_executor(
-                    self._executor, lambda: load_stage(self.model_dir, layers, dtype=self._dtype)
+                self.stage = await self._torch.run(
+                    lambda: load_stage(self.model_dir, layers, dtype=self._dtype)
                 )
             if layers is None:
                 self.stage = None
@@ -443,7 +415,7 @@ class StageServer:
                         traces[i] = [t[j : j + 1] for t in trace or ()]
             return torch.cat([o for o in outs if o is not None], dim=1)
 
-        sent = self.tamper(await self._in_worker(run, small=x.shape[1] <= INLINE_MAX_TOKENS))
+        sent = self.tamper(await self._torch.run(run))
         if self._keep_outputs and not (msg.last_only and stage.is_last):
             self._keep(msg, sent, offsets)
         proofs: tuple[bytes, ...] = ()
@@ -512,7 +484,7 @@ class StageServer:
                         stage, x, cache, outputs_from=msg.outputs_from, trace=trace
                     )
 
-            out = self.tamper(await self._in_worker(run))
+            out = self.tamper(await self._torch.run(run))
         except Exception as e:  # a bad audit input costs the sender an error, not the node
             return AuditReply(msg.request_id, self.node, b"", f"audit failed: {e}"), b""
         proof = b""
@@ -530,4 +502,4 @@ class StageServer:
         return AuditReply(msg.request_id, self.node, proof, ""), encode_tensor(out)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._torch.close()

@@ -1,0 +1,56 @@
+"""The one thread of a process that runs torch's parallel work.
+
+Each thread that runs a parallel torch op gets an OpenMP team of its own, which lives as
+long as the thread. With two teams on a 2-core machine libgomp counts more threads than
+cores and stops spinning between parallel regions, so every op then pays for waking its
+team: a decode step of the small model on the main thread went from 10.5 ms to 18-21 ms
+once a second thread had run a single parallel op (docs/PERFORMANCE.md, "One torch
+thread"). So a node runs every model computation on one `TorchThread`, and holds the
+event loop's thread to one OpenMP thread (`confine_to_one_thread`) for the small tensor
+work it does itself (sampling, fingerprints, decoding frames).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def confine_to_one_thread() -> None:
+    """Parallel torch ops on the calling thread run on it alone, so it never starts a team."""
+    import torch  # here, so that importing this module stays cheap for the CLI
+
+    torch.get_num_threads()  # settle this thread's count first, or a later op resets it
+    torch.set_num_threads(1)
+
+
+def _claim(threads: int) -> None:
+    import torch
+
+    torch.get_num_threads()
+    torch.set_num_threads(threads)
+
+
+class TorchThread:
+    def __init__(self, threads: int = 0, name: str = "torch") -> None:
+        """`threads` for torch's parallel ops; 0 means one per core this process may use."""
+        self.threads = threads or len(os.sched_getaffinity(0))
+        self._executor = ThreadPoolExecutor(
+            1, thread_name_prefix=name, initializer=_claim, initargs=(self.threads,)
+        )
+        self.pending = 0  # submitted and not finished
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        self.pending += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        finally:
+            self.pending -= 1
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
