@@ -29,7 +29,7 @@ from butterfly.net.framing import Envelope
 from butterfly.runtime.kvcache import KVCache
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.stage import Stage, forward_rows, prefill_outputs, supports_trace
-from butterfly.runtime.torch_thread import TorchThread
+from butterfly.runtime.torch_thread import TorchThread, single_threaded
 from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.types.errors import ButterflyError, InvalidMessage, StageLost
 from butterfly.types.ids import NodeId
@@ -466,7 +466,8 @@ class StageServer:
         return out
 
     async def audit(self, msg: AuditRequest, payload: bytes) -> tuple[AuditReply, bytes]:
-        """Re-run a whole sequence through this stage as one prefill, with a fresh cache."""
+        """Re-run a whole sequence through this stage as one prefill, with a fresh cache,
+        on one thread (it is CPU the audit's target counts, and latency it does not)."""
         stage = self.stage
         if stage is None or (stage.layers.start, stage.layers.end) != (
             msg.layer_start,
@@ -479,7 +480,7 @@ class StageServer:
             trace: list[torch.Tensor] = []
 
             def run() -> torch.Tensor:
-                with torch.inference_mode():
+                with torch.inference_mode(), single_threaded():
                     return prefill_outputs(
                         stage, x, cache, outputs_from=msg.outputs_from, trace=trace
                     )
