@@ -62,3 +62,22 @@ def test_options_this_build_cannot_honour_are_refused(key: str, value: object, w
     with pytest.raises(ConfigInvalid, match=why) as e:
         load_config(overrides={key: value})
     assert e.value.issues[0].key == key
+
+
+def test_local_replicate_lanes_share_the_cores(tiny_model: Path, tmp_path: Path) -> None:
+    """f + 1 lanes compute at once on one machine: each node gets its share of the cores,
+    unless the settings say otherwise; a chain (one node computing at a time) gets all."""
+    import os
+
+    from butterfly.cluster.launcher import node_configs
+
+    def threads(sub: str, **settings: object) -> int:
+        paths = node_configs(
+            nodes=4, f=1, model=tiny_model, api_port=1, data_dir=tmp_path / sub, settings=settings
+        )
+        return load_config([paths[2]], env={}).resources.threads
+
+    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert threads("r", **{"byzantine.verification": "replicate"}) == share
+    assert threads("a", **{"byzantine.verification": "audit"}) == 0
+    assert threads("o", **{"byzantine.verification": "replicate", "resources.threads": 3}) == 3
