@@ -69,5 +69,5 @@ class TorchThread:
         finally:
             self.pending -= 1
 
-    def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+    def close(self, *, wait: bool = False) -> None:
+        self._executor.shutdown(wait=wait, cancel_futures=True)

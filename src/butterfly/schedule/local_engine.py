@@ -18,10 +18,9 @@ thread would exit each other's mode out of order.
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from butterfly.runtime.kvcache import KVCache
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.sampling import make_generator, sample
 from butterfly.runtime.stage import Stage, check_positions
+from butterfly.runtime.torch_thread import TorchThread
 from butterfly.schedule.engine import ClusterHealth, NodeHealth, TokenSink
 from butterfly.types.errors import InvalidInput, ServiceUnavailable
 from butterfly.types.ids import NodeId
@@ -67,7 +67,7 @@ class LocalEngine:
         self.stop_ids = stop_ids
         self.node = node
         self.address = address
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="butterfly-torch")
+        self._torch = TorchThread(name="butterfly-torch")
         self._closed = False
 
     @classmethod
@@ -98,12 +98,11 @@ class LocalEngine:
         """Run `task` to completion, calling `on_token` on the event loop for each token."""
         if self._closed:
             raise ServiceUnavailable("the engine is shut down; the node is stopping")
-        loop = asyncio.get_running_loop()
         started = time.perf_counter()
         if self.input_kind == "vectors":
             if not task.input_vector:
                 raise InvalidInput("this model takes an input vector; send `input`")
-            vector = await loop.run_in_executor(self._worker, self._forward_vector, task)
+            vector = await self._torch.run(lambda: self._forward_vector(task))
             return self._result(task, output_vector=vector, started=started)
         prompt = list(task.input_ids)
         if not prompt:
@@ -116,7 +115,8 @@ class LocalEngine:
         x, pos = prompt, 0
         try:
             for _ in range(task.max_new_tokens):
-                token = await loop.run_in_executor(self._worker, self._step, gen, x, pos)
+                step = functools.partial(self._step, gen, x, pos)
+                token = await self._torch.run(step)
                 out.append(token)
                 on_token(token)
                 if token in self.stop_ids:
@@ -178,7 +178,7 @@ class LocalEngine:
     def close(self) -> None:
         """Refuse new work, drop queued steps and wait for the one in flight."""
         self._closed = True
-        self._worker.shutdown(wait=True, cancel_futures=True)
+        self._torch.close(wait=True)
 
 
 __all__ = ["LocalEngine"]
