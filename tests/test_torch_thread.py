@@ -20,7 +20,8 @@ def in_fresh_thread(fn):  # type: ignore[no-untyped-def]
 
 def test_torch_thread_keeps_its_count_while_the_event_loop_is_confined() -> None:
     def scenario() -> tuple[int, int, str, str]:
-        confine_to_one_thread()  # what a node does first on its main thread
+        torch.set_num_threads(2)
+        assert confine_to_one_thread() == 2  # what a node does first on its main thread
         worker = TorchThread(2, name="t-test")
 
         def report() -> tuple[int, str]:

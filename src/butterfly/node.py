@@ -109,10 +109,12 @@ class Node:
         *,
         stage_server_type: type[StageServer] = StageServer,
         agreement_type: type[AgreementDriver] = AgreementDriver,
+        torch_threads: int = 0,
     ) -> None:
         """`stage_server_type` and `agreement_type` let `butterfly.testing` compose a node
         with a faulty stage server or lying votes without any test switch in the
-        production types."""
+        production types. `torch_threads`: torch's own choice for this process, used when
+        `resources.threads` is 0 (see `run`)."""
         self.config = open_config(cfg)  # every part below sees the values last agreed on
         cfg = self.config.current
         self.cfg, self.id, self.model_dir = cfg, NodeId(cfg.node.id), model_dir
@@ -154,7 +156,7 @@ class Node:
         # records are signed only where a replica can audit them (f+1 holders per range)
         verify = cfg.byzantine.verification != "none" and replication_factor(cfg) > 1
         # every model computation of this process runs on this one thread (see its module)
-        self.torch = TorchThread(cfg.resources.threads, name=f"torch-{self.id}")
+        self.torch = TorchThread(cfg.resources.threads or torch_threads, name=f"torch-{self.id}")
         self.stage_server = stage_server_type(
             torch_thread=self.torch,
             node=self.id,
@@ -693,7 +695,7 @@ def run(
 
     # torch's parallel work runs on the node's TorchThread; the event loop's own small
     # tensor work stays on this thread alone (runtime.torch_thread)
-    confine_to_one_thread()
+    torch_threads = confine_to_one_thread()
     # replicas and auditors compare activations: no kernel may pick a racy algorithm
     torch.use_deterministic_algorithms(cfg.advanced.deterministic)
     o = cfg.observability
@@ -716,7 +718,11 @@ def run(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         node = Node(
-            cfg, model_dir, stage_server_type=stage_server_type, agreement_type=agreement_type
+            cfg,
+            model_dir,
+            stage_server_type=stage_server_type,
+            agreement_type=agreement_type,
+            torch_threads=torch_threads,
         )
         node.config.subscribe("logging", _set_log_level)  # hot: no restart for the level
         for name, on_change, check in subscribers:

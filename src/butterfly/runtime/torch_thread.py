@@ -22,12 +22,15 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def confine_to_one_thread() -> None:
-    """Parallel torch ops on the calling thread run on it alone, so it never starts a team."""
+def confine_to_one_thread() -> int:
+    """Parallel torch ops on the calling thread run on it alone, so it never starts a team.
+    Returns the count torch had chosen (its default: one per physical core), for the
+    process's `TorchThread`."""
     import torch  # here, so that importing this module stays cheap for the CLI
 
-    torch.get_num_threads()  # settle this thread's count first, or a later op resets it
+    chosen = torch.get_num_threads()  # also settles it, or a later op would reset it
     torch.set_num_threads(1)
+    return chosen
 
 
 @contextmanager
@@ -55,19 +58,15 @@ def _claim(threads: int) -> None:
 
 class TorchThread:
     def __init__(self, threads: int = 0, name: str = "torch") -> None:
-        """`threads` for torch's parallel ops; 0 means one per core this process may use."""
+        """`threads` for torch's parallel ops; 0 means one per CPU this process may use."""
         self.threads = threads or len(os.sched_getaffinity(0))
         self._executor = ThreadPoolExecutor(
             1, thread_name_prefix=name, initializer=_claim, initargs=(self.threads,)
         )
-        self.pending = 0  # submitted and not finished
 
     async def run(self, fn: Callable[[], T]) -> T:
-        self.pending += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
-        finally:
-            self.pending -= 1
+        """`fn` on this thread, after every job submitted before it."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     def close(self, *, wait: bool = False) -> None:
         self._executor.shutdown(wait=wait, cancel_futures=True)
