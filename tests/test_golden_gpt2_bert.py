@@ -270,3 +270,31 @@ def test_unknown_tensor_names_fail_clearly(tmp_path: Path) -> None:
     config.save_pretrained(tmp_path)
     with pytest.raises(MissingTensor, match=r"h\.0\."):
         loader.load_stage(tmp_path)
+
+
+# --- packed weights (runtime/linear.py) -------------------------------------------------
+
+
+def test_gpt2_and_bert_with_every_matrix_packed_match_hf(
+    gpt2: tuple[Path, Any],
+    bert: tuple[Path, Any],
+    prompt: torch.Tensor,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The tiny models' matrices are below the packing threshold; lower it so oneDNN's
+    packed path runs every product, including GPT-2's head read again on a last stage."""
+    from butterfly.runtime import linear
+
+    if not linear.packing_available():
+        pytest.skip("torch built without oneDNN")
+    monkeypatch.setattr(linear, "PACK_MIN_ELEMENTS", 0)
+    ranges = [LayerRange(0, 2), LayerRange(2, N_LAYERS)]
+    model_dir, model = gpt2
+    stages = loader.load_pipeline(model_dir, ranges)
+    assert all(b.wqkv.is_mkldnn and b.w_proj.is_mkldnn for s in stages for b in s.blocks)
+    assert stages[1].final[2].is_mkldnn
+    torch.testing.assert_close(run(stages, prompt), hf_logits(model, prompt), atol=1e-5, rtol=0)
+    model_dir, model = bert
+    stages = loader.load_pipeline(model_dir, ranges)
+    assert all(b.w_in.is_mkldnn and b.wo.is_mkldnn for s in stages for b in s.blocks)
+    torch.testing.assert_close(run(stages, prompt), hf_hidden(model, prompt), atol=1e-5, rtol=0)
