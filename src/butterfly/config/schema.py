@@ -292,7 +292,9 @@ class ResourcesConfig(Section):
     memory_limit_bytes: int = option(
         0, "Memory for weights and caches; 0 = no limit.", SL, NODE, ge=0, le=2**50
     )
-    threads: int = option(0, "Torch threads; 0 = all cores.", SL, NODE, ge=0, le=1024)
+    threads: int = option(
+        0, "Threads for the node's torch work; 0 = one per physical core.", SL, NODE, ge=0, le=1024
+    )
     device: Literal["cpu", "cuda", "mps"] = option("cpu", "Where stages run.", SL, NODE)
     gpu_device_ids: tuple[int, ...] = option((), "GPUs this node may use.", SL, NODE)
     disk_limit_bytes: int = option(
