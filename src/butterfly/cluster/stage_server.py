@@ -177,9 +177,12 @@ class StageServer:
             if self.stage is None or layers is None or self.stage.layers != layers:
                 self.caches.clear()  # caches of other layers are useless; same layers keep theirs
             if layers is not None and (self.stage is None or self.stage.layers != layers):
-                self.stage = await self._torch.run(
-                    lambda: load_stage(self.model_dir, layers, dtype=self._dtype)
-                )
+
+                def load() -> Stage:  # one thread: every survivor of a failure loads at once
+                    with single_threaded():
+                        return load_stage(self.model_dir, layers, dtype=self._dtype)
+
+                self.stage = await self._torch.run(load)
             if layers is None:
                 self.stage = None
             self.plan = plan
