@@ -16,6 +16,7 @@ from butterfly.protocol.proof import Tolerance
 from butterfly.protocol.sign import SigningKey
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.stage import prefill_outputs
+from butterfly.runtime.torch_thread import TorchThread
 from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.types.ids import NodeId
 from butterfly.types.messages import AuditReply, AuditRequest
@@ -73,7 +74,7 @@ def test_only_stages_not_run_by_the_gateway_are_re_run(tiny_model: Path) -> None
         return Auditor(
             ask=ask,
             keys={n: k.public for n, k in KEYS.items()},
-            referee=Referee(tiny_model),
+            referee=Referee(tiny_model, TorchThread()),
             tolerance=Tolerance(),
             max_tensor_bytes=1 << 30,
             gateway=NodeId(0),

@@ -16,6 +16,7 @@ from butterfly.cluster.replicas import promote_standbys
 from butterfly.cluster.stage_server import StagePlan, StageServer
 from butterfly.net.framing import Envelope
 from butterfly.runtime.kvcache import KVCache
+from butterfly.runtime.torch_thread import TorchThread
 from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.types.errors import WireFormatError
 from butterfly.types.ids import NodeId
@@ -62,7 +63,11 @@ def test_a_promoted_standby_continues_from_its_copy(tiny_model: Path) -> None:
         everything = LayerRange(0, 4)
         chain, standby = (
             StageServer(
-                node=NodeId(n), model_dir=tiny_model, max_tensor_bytes=1 << 30, snapshot_every=4
+                node=NodeId(n),
+                model_dir=tiny_model,
+                max_tensor_bytes=1 << 30,
+                torch_thread=TorchThread(),
+                snapshot_every=4,
             )
             for n in (1, 2)
         )

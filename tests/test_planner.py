@@ -33,6 +33,7 @@ from butterfly.net.memory import MemoryNetwork
 from butterfly.partition.capability import Link
 from butterfly.partition.service import PartitionService
 from butterfly.runtime.loader import layer_infos
+from butterfly.runtime.torch_thread import TorchThread
 from butterfly.types.errors import InvalidMessage, NoNodesAvailable
 from butterfly.types.ids import NodeId
 from butterfly.types.messages import (
@@ -312,6 +313,7 @@ async def test_a_probe_measures_once_however_many_ask() -> None:
         peers=[NodeId(0), NodeId(1), NodeId(2)],  # node 2 is down: its link is skipped
         transport=a,
         memory_limit_bytes=GIB,
+        torch_thread=TorchThread(),
         compute_seconds=0.02,
     )
     first, second = await asyncio.gather(probe.facts(), probe.facts())

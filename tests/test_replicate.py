@@ -30,6 +30,7 @@ from butterfly.protocol.proof import Tolerance
 from butterfly.protocol.sign import SigningKey
 from butterfly.runtime.generate import generate
 from butterfly.runtime.loader import load_stage
+from butterfly.runtime.torch_thread import TorchThread
 from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.testing.liars import CorruptStageServer, WrongLayerStageServer
 from butterfly.types.errors import SendTimeout, StageLost
@@ -179,7 +180,11 @@ async def _cluster(
         key = SigningKey.generate()
         cls = liars.get(int(node), StageServer)
         servers[node] = cls(
-            node=node, model_dir=model, max_tensor_bytes=1 << 30, prover=Prover(node, key)
+            node=node,
+            model_dir=model,
+            max_tensor_bytes=1 << 30,
+            torch_thread=TorchThread(),
+            prover=Prover(node, key),
         )
         keys[node] = key.public
         ack = await servers[node].apply_plan(plan.to_message("hash"))
@@ -228,7 +233,7 @@ def test_replicated_steps_return_the_reference_and_convict_the_liar(
             plan=lambda: current[0],
             f=1,
             keys=keys,
-            referee=Referee(tiny_model),
+            referee=Referee(tiny_model, TorchThread()),
             tolerance=TOL,
             on_liars=on_liars,
         )
@@ -331,7 +336,7 @@ def test_a_lane_timeout_counts_against_that_lane_never_the_chain(
             plan=lambda: plan,
             f=1,
             keys=keys,
-            referee=Referee(tiny_model),
+            referee=Referee(tiny_model, TorchThread()),
             tolerance=TOL,
             on_liars=nobody,
             timeouts=timeouts,
@@ -364,7 +369,7 @@ def test_a_dispute_widens_to_further_holders_and_the_majority_wins(tiny_model: P
             plan=lambda: plan,
             f=1,
             keys=keys,
-            referee=Referee(tiny_model),
+            referee=Referee(tiny_model, TorchThread()),
             tolerance=TOL,
             on_liars=on_liars,
         )

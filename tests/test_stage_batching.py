@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from butterfly.cluster.stage_server import StagePlan, StageServer
+from butterfly.runtime.torch_thread import TorchThread
 from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.types.ids import NodeId
 from butterfly.types.messages import StageStep
@@ -33,7 +34,9 @@ def _step(entries: list[tuple[str, int, list[int]]]) -> tuple[StageStep, bytes]:
 
 
 async def _server(model: Path) -> StageServer:
-    server = StageServer(node=NodeId(1), model_dir=model, max_tensor_bytes=1 << 30)
+    server = StageServer(
+        node=NodeId(1), model_dir=model, max_tensor_bytes=1 << 30, torch_thread=TorchThread()
+    )
     ack = await server.apply_plan(StagePlan(1, ((NodeId(1), LayerRange(0, 4)),)).to_message("h"))
     assert ack.ok, ack.error
     return server
@@ -73,7 +76,11 @@ def test_kept_outputs_cover_a_request_from_position_zero_or_are_none(tiny_model:
 
     async def scenario() -> None:
         server = StageServer(
-            node=NodeId(1), model_dir=tiny_model, max_tensor_bytes=1 << 30, keep_outputs=True
+            node=NodeId(1),
+            model_dir=tiny_model,
+            max_tensor_bytes=1 << 30,
+            torch_thread=TorchThread(),
+            keep_outputs=True,
         )
         plan = StagePlan(1, ((NodeId(1), LayerRange(0, 2)), (NodeId(2), LayerRange(2, 4))))
         assert (await server.apply_plan(plan.to_message("h"))).ok

@@ -58,11 +58,11 @@ class Verdict:
 class Referee:
     """The gateway's own re-execution of a stage, loaded on first dispute."""
 
-    def __init__(self, model_dir: Path, torch_thread: TorchThread | None = None) -> None:
+    def __init__(self, model_dir: Path, torch_thread: TorchThread) -> None:
         """`torch_thread`: the node's one thread for torch (runtime.torch_thread)."""
         self._model_dir = model_dir
         self._stages: dict[LayerRange, Stage] = {}
-        self._torch = torch_thread or TorchThread(name="referee")
+        self._torch = torch_thread
 
     async def run(
         self, layers: LayerRange, x: torch.Tensor, *, outputs_from: int = 0

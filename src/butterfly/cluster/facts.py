@@ -301,13 +301,13 @@ class FactProbe:
         peers: Sequence[NodeId],
         transport: Transport,
         memory_limit_bytes: int,
+        torch_thread: TorchThread,
         model_dir: Path | None = None,
         compute_seconds: float = 0.5,
-        torch_thread: TorchThread | None = None,
     ) -> None:
         """`torch_thread`: the node's one thread for torch (runtime.torch_thread)."""
         self.node, self._peers, self._transport = node, list(peers), transport
-        self._torch = torch_thread or TorchThread(name="facts")
+        self._torch = torch_thread
         self._memory_limit, self._compute_seconds = memory_limit_bytes, compute_seconds
         self._model_dir = model_dir
         self._lock = asyncio.Lock()

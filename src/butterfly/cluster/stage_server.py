@@ -132,14 +132,14 @@ class StageServer:
         node: NodeId,
         model_dir: Path,
         max_tensor_bytes: int,
+        torch_thread: TorchThread,
         dtype: torch.dtype = torch.float32,
         prover: Prover | None = None,
         snapshot_every: int = 0,
         keep_outputs: bool = False,
-        torch_thread: TorchThread | None = None,
     ) -> None:
-        """`torch_thread`: the process's one thread for torch (runtime.torch_thread), its
-        own if not given. `snapshot_every`: tokens between KV-cache copies sent to the
+        """`torch_thread`: the process's one thread for torch (runtime.torch_thread).
+        `snapshot_every`: tokens between KV-cache copies sent to the
         standbys of this node's range (0: never). `keep_outputs`: keep what this stage
         computed for each request until it is released (`outputs_of`), on the gateway,
         whose own stage the audit takes as computed instead of asking a replica to re-run
@@ -153,7 +153,7 @@ class StageServer:
         self._plan_changed = asyncio.Event()
         self.node, self.model_dir = node, model_dir
         self._max_tensor_bytes, self._dtype = max_tensor_bytes, dtype
-        self._torch = torch_thread or TorchThread(name=f"torch-{node}")
+        self._torch = torch_thread
         self.stage: Stage | None = None
         self.plan: StagePlan | None = None
         self.caches: dict[str, KVCache | None] = {}

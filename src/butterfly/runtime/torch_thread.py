@@ -61,9 +61,9 @@ def _claim(threads: int) -> None:
 class TorchThread:
     def __init__(self, threads: int = 0, name: str = "torch") -> None:
         """`threads` for torch's parallel ops; 0 means one per CPU this process may use."""
-        self.threads = threads or len(os.sched_getaffinity(0))
+        count = threads or len(os.sched_getaffinity(0))
         self._executor = ThreadPoolExecutor(
-            1, thread_name_prefix=name, initializer=_claim, initargs=(self.threads,)
+            1, thread_name_prefix=name, initializer=_claim, initargs=(count,)
         )
 
     async def run(self, fn: Callable[[], T]) -> T:

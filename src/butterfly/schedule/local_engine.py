@@ -102,7 +102,7 @@ class LocalEngine:
         if self.input_kind == "vectors":
             if not task.input_vector:
                 raise InvalidInput("this model takes an input vector; send `input`")
-            vector = await self._torch.run(lambda: self._forward_vector(task))
+            vector = await self._torch.run(functools.partial(self._forward_vector, task))
             return self._result(task, output_vector=vector, started=started)
         prompt = list(task.input_ids)
         if not prompt:
