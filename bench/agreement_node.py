@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 
-from butterfly.cluster.agreement import AgreementDriver
+from butterfly.agreement.driver import AgreementDriver
 from butterfly.metrics.events import discard
 from butterfly.net.framing import Envelope
 from butterfly.net.tcp import Identity, TcpTransport

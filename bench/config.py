@@ -36,7 +36,7 @@ from typing import Any
 
 import httpx
 
-from butterfly.cluster.launcher import LocalCluster, free_ports, node_configs
+from butterfly.cli.launcher import LocalCluster, free_ports, node_configs
 from butterfly.config import (
     ButterflyConfig,
     ConfigHistory,

@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from butterfly.cluster.launcher import LocalCluster, free_ports, node_configs
+from butterfly.cli.launcher import LocalCluster, free_ports, node_configs
 from common import bench_model, machine, summary
 
 NEW = 64

@@ -42,8 +42,8 @@ from typing import Any
 import httpx
 import numpy as np
 
-from butterfly.cluster.launcher import LocalCluster, free_ports, node_configs
-from butterfly.cluster.planner import per_token_ms
+from butterfly.cli.launcher import LocalCluster, free_ports, node_configs
+from butterfly.control.planner import per_token_ms
 from butterfly.partition.capability import Costs, Link, NodeCapability
 from butterfly.partition.pipeline import strategy_named
 from butterfly.partition.quality import build_plan
@@ -244,7 +244,7 @@ def cluster_estimate(requests: int, size: str = "small") -> dict[str, Any]:
         "error": round(error, 4),
         "within_target": abs(error) <= ESTIMATE_TARGET,
         # Other processes on the machine slow decoding but not the facts, which are taken
-        # at the fast end of their trials (see cluster.facts): read the error beside these.
+        # at the fast end of their trials (see control.facts): read the error beside these.
         "load_average_1m": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
     }
 

@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 import torch
 
-from butterfly.cluster.launcher import CHILD_ENV, LocalCluster, free_ports, node_configs
+from butterfly.cli.launcher import CHILD_ENV, LocalCluster, free_ports, node_configs
 from butterfly.partition.strategies import uniform_ranges
 from butterfly.runtime.loader import load_stage, num_layers
 from butterfly.types.model import LayerRange

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from butterfly.cluster.launcher import free_ports
+from butterfly.cli.launcher import free_ports
 from butterfly.protocol import pbft
 from butterfly.protocol.failure_detector import PhiAccrualFailureDetector
 from butterfly.protocol.messages import (

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from butterfly.cluster.launcher import LocalCluster, node_configs
+from butterfly.cli.launcher import LocalCluster, node_configs
 
 
 def free_port() -> int:

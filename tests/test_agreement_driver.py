@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from butterfly.cluster.agreement import AgreementDriver
+from butterfly.agreement.driver import AgreementDriver
 from butterfly.metrics.events import MessageDropped, MetricsEvent
 from butterfly.net.framing import Envelope
 from butterfly.net.memory import MemoryNetwork

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import torch
 
-from butterfly.cluster.audit import Auditor, Claim, Referee
-from butterfly.cluster.proving import Prover
-from butterfly.cluster.stage_server import StagePlan
+from butterfly.dataplane.audit import Auditor, Claim, Referee
+from butterfly.dataplane.proving import Prover
 from butterfly.protocol.messages import Proof, decode
 from butterfly.protocol.proof import Tolerance
 from butterfly.protocol.sign import SigningKey
@@ -21,6 +20,7 @@ from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.types.ids import NodeId
 from butterfly.types.messages import AuditReply, AuditRequest
 from butterfly.types.model import LayerRange
+from butterfly.types.plan import StagePlan
 
 FIRST, SECOND = LayerRange(0, 2), LayerRange(2, 4)
 KEYS = {NodeId(n): SigningKey.generate() for n in range(4)}

@@ -8,7 +8,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from butterfly.cluster.commands import (
+from butterfly.agreement.commands import (
     COMMANDS,
     ConfigAbort,
     ConfigUpdate,
@@ -18,8 +18,8 @@ from butterfly.cluster.commands import (
     decode_command,
     encode_command,
 )
-from butterfly.cluster.keys import load_or_create_key, public_keys
 from butterfly.config import load_config
+from butterfly.protocol.keys import load_or_create_key, public_keys
 from butterfly.types.errors import ConfigError
 
 EXAMPLES = (

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from butterfly.cluster.launcher import LocalCluster, free_ports, node_configs
+from butterfly.cli.launcher import LocalCluster, free_ports, node_configs
 from butterfly.config import dump_toml
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]

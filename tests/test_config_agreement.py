@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from butterfly.cluster.agreement import AgreementDriver
-from butterfly.cluster.commands import ConfigAbort, ConfigUpdate, decode_command
-from butterfly.cluster.config_coordinator import ConfigCoordinator, ConfigRejected, ConfigTimeout
-from butterfly.cluster.config_replica import ConfigReplica
+from butterfly.agreement.commands import ConfigAbort, ConfigUpdate, decode_command
+from butterfly.agreement.config_coordinator import ConfigCoordinator, ConfigRejected, ConfigTimeout
+from butterfly.agreement.config_replica import ConfigReplica
+from butterfly.agreement.driver import AgreementDriver
 from butterfly.config import (
     ButterflyConfig,
     ConfigHistory,

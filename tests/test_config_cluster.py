@@ -23,7 +23,7 @@ import pytest
 from typer.testing import CliRunner
 
 from butterfly.cli import app
-from butterfly.cluster.launcher import LocalCluster, node_configs
+from butterfly.cli.launcher import LocalCluster, node_configs
 from tests.cluster_util import free_port
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]

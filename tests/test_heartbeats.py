@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from butterfly.cluster.heartbeats import BeatSource, HeartbeatLink, decode_beat, encode_beat
+from butterfly.control.heartbeats import BeatSource, HeartbeatLink, decode_beat, encode_beat
 from butterfly.protocol.sign import SigningKey
 from butterfly.types.errors import WireFormatError
 from butterfly.types.ids import NodeId

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from butterfly.cluster.replicas import promote_standbys
-from butterfly.cluster.stage_server import StagePlan, StageServer
+from butterfly.control.replicas import promote_standbys
+from butterfly.dataplane.stage_server import StageServer
 from butterfly.net.framing import Envelope
 from butterfly.runtime.kvcache import KVCache
 from butterfly.runtime.torch_thread import TorchThread
@@ -22,6 +22,7 @@ from butterfly.types.errors import WireFormatError
 from butterfly.types.ids import NodeId
 from butterfly.types.messages import CacheQuery, KvAppend, StageStep, StepResult
 from butterfly.types.model import LayerRange
+from butterfly.types.plan import StagePlan
 
 PROMPT = [5, 9, 2, 7, 1, 3, 8, 4, 6, 11, 12]
 

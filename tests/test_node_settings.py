@@ -69,7 +69,7 @@ def test_local_replicate_lanes_share_the_cores(tiny_model: Path, tmp_path: Path)
     unless the settings say otherwise; a chain (one node computing at a time) gets all."""
     import os
 
-    from butterfly.cluster.launcher import node_configs
+    from butterfly.cli.launcher import node_configs
 
     def threads(sub: str, **settings: object) -> int:
         paths = node_configs(

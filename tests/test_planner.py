@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from butterfly.cluster.facts import (
+from butterfly.control.facts import (
     FactProbe,
     NodeFacts,
     available_memory_bytes,
@@ -19,14 +19,13 @@ from butterfly.cluster.facts import (
     measure_link,
     model_layer_step,
 )
-from butterfly.cluster.planner import (
+from butterfly.control.planner import (
     capabilities,
     decide_plan,
     gather_status,
     place,
     replan_after,
 )
-from butterfly.cluster.stage_server import StagePlan
 from butterfly.metrics.events import MetricsEvent, PartitionComputed
 from butterfly.net.framing import Envelope
 from butterfly.net.memory import MemoryNetwork
@@ -46,6 +45,7 @@ from butterfly.types.messages import (
     to_body,
 )
 from butterfly.types.model import LayerInfo, LayerRange, Linear
+from butterfly.types.plan import StagePlan
 
 GFLOP = 1e9
 GIB = 1 << 30

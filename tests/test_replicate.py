@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from butterfly.cluster.audit import Referee, decode_proofs
-from butterfly.cluster.proving import Prover
-from butterfly.cluster.replicate import (
+from butterfly.config import load_config
+from butterfly.config.validate import replication_factor
+from butterfly.dataplane.audit import Referee, decode_proofs
+from butterfly.dataplane.proving import Prover
+from butterfly.dataplane.replicate import (
     Lane,
     LaneRun,
     Replicator,
@@ -22,9 +24,7 @@ from butterfly.cluster.replicate import (
     lanes_of,
     majority,
 )
-from butterfly.cluster.stage_server import StagePlan, StageServer
-from butterfly.config import load_config
-from butterfly.config.validate import replication_factor
+from butterfly.dataplane.stage_server import StageServer
 from butterfly.protocol.messages import Proof
 from butterfly.protocol.proof import Tolerance
 from butterfly.protocol.sign import SigningKey
@@ -37,6 +37,7 @@ from butterfly.types.errors import SendTimeout, StageLost
 from butterfly.types.ids import NodeId
 from butterfly.types.messages import StageStep
 from butterfly.types.model import LayerRange as R
+from butterfly.types.plan import StagePlan
 
 TOL = Tolerance(rtol=1e-3, atol=1e-4)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from butterfly.cluster.unresponsive import StepTimeouts
+from butterfly.dataplane.unresponsive import StepTimeouts
 from butterfly.types.ids import NodeId
 
 GATEWAY = NodeId(0)

@@ -18,11 +18,8 @@ import torch
 import uvicorn
 import uvloop
 
-from butterfly.api.app import create_app
-from butterfly.api.settings import ApiSettings
-from butterfly.cluster.agreement import AgreementDriver
-from butterfly.cluster.audit import Auditor, Referee
-from butterfly.cluster.commands import (
+from butterfly.agreement.build import build_agreement, open_config
+from butterfly.agreement.commands import (
     ConfigAbort,
     ConfigUpdate,
     EvictNode,
@@ -30,23 +27,25 @@ from butterfly.cluster.commands import (
     NewPlan,
     decode_command,
 )
-from butterfly.cluster.facts import FactProbe
-from butterfly.cluster.heartbeats import BeatSource, HeartbeatLink
-from butterfly.cluster.keys import key_path, load_or_create_key, public_keys
-from butterfly.cluster.membership import Membership
-from butterfly.cluster.node_agreement import build_agreement, open_config
-from butterfly.cluster.pipeline import PipelineEngine
-from butterfly.cluster.planner import Placement, distribute_plan, gather_status, place, replan_after
-from butterfly.cluster.plans import AgreedPlans
-from butterfly.cluster.proving import Prover
-from butterfly.cluster.recovery import Recovery
-from butterfly.cluster.replicas import add_replicas, promote_standbys, split_for_replication
-from butterfly.cluster.replicate import Replicator
-from butterfly.cluster.stage_server import Outbound, StagePlan, StageServer
-from butterfly.cluster.unresponsive import StepTimeouts
+from butterfly.agreement.driver import AgreementDriver
+from butterfly.api.app import create_app
+from butterfly.api.settings import ApiSettings
 from butterfly.config import ButterflyConfig
 from butterfly.config.reload import Subscriber
 from butterfly.config.validate import replication_factor
+from butterfly.control.facts import FactProbe
+from butterfly.control.heartbeats import BeatSource, HeartbeatLink
+from butterfly.control.membership import Membership
+from butterfly.control.planner import Placement, distribute_plan, gather_status, place, replan_after
+from butterfly.control.plans import AgreedPlans
+from butterfly.control.recovery import Recovery
+from butterfly.control.replicas import add_replicas, promote_standbys, split_for_replication
+from butterfly.dataplane.audit import Auditor, Referee
+from butterfly.dataplane.engine import PipelineEngine
+from butterfly.dataplane.proving import Prover
+from butterfly.dataplane.replicate import Replicator
+from butterfly.dataplane.stage_server import Outbound, StageServer
+from butterfly.dataplane.unresponsive import StepTimeouts
 from butterfly.metrics.events import CheckpointCopied, Eviction, MessageDropped, NodeStatus
 from butterfly.metrics.prometheus import Metrics
 from butterfly.net.framing import Envelope
@@ -54,6 +53,7 @@ from butterfly.net.tcp import Identity, TcpTransport, TransportLimits
 from butterfly.net.tls import TlsFiles, contexts
 from butterfly.partition.service import PartitionService
 from butterfly.protocol.failure_detector import PhiAccrualFailureDetector
+from butterfly.protocol.keys import key_path, load_or_create_key, public_keys
 from butterfly.protocol.messages import Evidence
 from butterfly.protocol.proof import Tolerance
 from butterfly.runtime.loader import layer_infos, model_args
@@ -65,7 +65,7 @@ from butterfly.schedule.queue import QueuePolicy
 from butterfly.schedule.scheduler import Scheduler
 from butterfly.schedule.store import TaskStore
 from butterfly.types.errors import ButterflyError, ConfigError, SendTimeout, ServiceUnavailable
-from butterfly.types.ids import NodeId
+from butterfly.types.ids import GATEWAY, NodeId
 from butterfly.types.messages import (
     AgreementFrame,
     AuditReply,
@@ -87,9 +87,9 @@ from butterfly.types.messages import (
     StepError,
     StepResult,
 )
+from butterfly.types.plan import StagePlan
 
 log = logging.getLogger(__name__)
-GATEWAY = NodeId(0)
 AGREED_PLAN_WAIT_S = 10.0
 """How long a node waits for its own execution of the plan the gateway hands it."""
 
@@ -171,10 +171,10 @@ class Node:
             snapshot_every=0
             if cfg.byzantine.verification == "replicate"
             else cfg.coordination.checkpoint_frequency,
-            # the audit takes the gateway's own stage as computed (cluster.audit)
+            # the audit takes the gateway's own stage as computed (dataplane.audit)
             keep_outputs=self.id == GATEWAY and verify and cfg.byzantine.verification == "audit",
         )
-        # Measured when the gateway first asks (one node at a time; see cluster.facts).
+        # Measured when the gateway first asks (one node at a time; see control.facts).
         self.probe = FactProbe(
             node=self.id,
             peers=sorted(self.members),

@@ -16,12 +16,12 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 
+from butterfly.agreement.config_coordinator import ConfigCoordinator
 from butterfly.api import config_routes, errors, openai
 from butterfly.api.gateway import Gateway, accepted_body, status_body
 from butterfly.api.guards import BearerAuth, RateLimiter
 from butterfly.api.requests import InferenceRequest, parse
 from butterfly.api.settings import ApiSettings
-from butterfly.cluster.config_coordinator import ConfigCoordinator
 from butterfly.metrics.prometheus import CONTENT_TYPE, Metrics
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.schedule.engine import ClusterHealth, Engine

@@ -21,14 +21,14 @@ from fastapi import APIRouter, Query, Request
 from fastapi.params import Depends
 from fastapi.responses import JSONResponse
 
-from butterfly.api.errors import error_response
-from butterfly.api.requests import read_body
-from butterfly.cluster.config_coordinator import (
+from butterfly.agreement.config_coordinator import (
     ChangeResult,
     ConfigCoordinator,
     ConfigRejected,
     ConfigTimeout,
 )
+from butterfly.api.errors import error_response
+from butterfly.api.requests import read_body
 from butterfly.config import ConfigInvalid, UpdateRefused
 from butterfly.types.errors import InvalidRequest
 

@@ -14,8 +14,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from butterfly.cli.launcher import LocalCluster, node_configs
 from butterfly.cli.paths import data_dir, demo_model
-from butterfly.cluster.launcher import LocalCluster, node_configs
 from butterfly.config import ConfigInvalid, load_config
 from butterfly.net.tls import make_certs
 

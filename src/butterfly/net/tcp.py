@@ -4,7 +4,7 @@ Measured before choosing (MEASUREMENTS.md and `bench/transport.py`): asyncio str
 cost ~20 µs more per round trip than a blocking socket and less than pyzmq or gRPC, and
 they let votes, plans and tensors share one event loop without extra threads. Votes
 and plans use the `control` channel, tensors the `data` channel, so a vote is never
-queued behind a large tensor (heartbeats have their own UDP path: cluster.heartbeats).
+queued behind a large tensor (heartbeats have their own UDP path: control.heartbeats).
 With `tls`, both channels run over mutual TLS (net.tls).
 """
 

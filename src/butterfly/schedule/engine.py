@@ -36,7 +36,7 @@ class ClusterHealth:
     nodes: tuple[NodeHealth, ...] = ()
     services: dict[str, bool] = field(default_factory=dict)
     # The active plan with the facts it was computed from and its estimated cost per
-    # token (JSON-ready), when the engine runs a decided plan; see cluster.planner.
+    # token (JSON-ready), when the engine runs a decided plan; see control.planner.
     plan: Mapping[str, object] | None = None
 
 

@@ -34,11 +34,10 @@ from butterfly.runtime.stage import Stage, check_positions
 from butterfly.runtime.torch_thread import TorchThread
 from butterfly.schedule.engine import ClusterHealth, NodeHealth, TokenSink
 from butterfly.types.errors import InvalidInput, ServiceUnavailable
-from butterfly.types.ids import NodeId
+from butterfly.types.ids import GATEWAY, NodeId
 from butterfly.types.model import LayerRange
 from butterfly.types.tasks import InferenceResult, InferenceTask, SamplingParams, StageRecord
 
-GATEWAY = NodeId(0)
 """The node a local engine reports its stages on: it is the gateway itself."""
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import replace
 
-from butterfly.cluster.agreement import AgreementDriver
+from butterfly.agreement.driver import AgreementDriver
 from butterfly.protocol.messages import Commit, Prepare, sign_message
 from butterfly.protocol.pbft_state import Send
 

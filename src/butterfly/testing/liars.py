@@ -11,7 +11,7 @@ import asyncio
 
 import torch
 
-from butterfly.cluster.stage_server import StageServer
+from butterfly.dataplane.stage_server import StageServer
 from butterfly.net.framing import Envelope
 from butterfly.types.messages import AuditReply, AuditRequest, PlanAck, PlanAssign
 

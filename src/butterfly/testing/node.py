@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from butterfly.cluster.agreement import AgreementDriver
+from butterfly.agreement.driver import AgreementDriver
 from butterfly.config import load_config
 from butterfly.node import run
 from butterfly.testing.liar_votes import DRIVERS

@@ -16,3 +16,6 @@ Epoch = NewType("Epoch", int)
 
 StageIndex = NewType("StageIndex", int)
 """Position of a stage in the pipeline, 0 = the stage holding the embedding."""
+
+GATEWAY = NodeId(0)
+"""The node that serves the API, plans and samples (the gateway role does not move yet)."""

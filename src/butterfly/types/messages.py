@@ -206,7 +206,7 @@ class StatusReply:
     kv_bytes: int
     compute_flops: float  # measured at start-up, for placement
     memory_bytes: int
-    # Links this node measured, as parallel tuples (index i: one peer); see cluster.facts.
+    # Links this node measured, as parallel tuples (index i: one peer); see control.facts.
     link_peers: tuple[int, ...] = ()
     link_latency_ms: tuple[float, ...] = ()
     link_bandwidth_bytes_per_s: tuple[float, ...] = ()

@@ -7,9 +7,9 @@ replicas are the standbys that take a stage over when its node dies.
 
 from __future__ import annotations
 
-from butterfly.cluster.stage_server import StagePlan
 from butterfly.types.errors import InsufficientResources
 from butterfly.types.ids import NodeId
+from butterfly.types.plan import StagePlan
 
 
 def split_for_replication(members: list[NodeId], copies: int) -> tuple[list[NodeId], list[NodeId]]:

@@ -1,6 +1,6 @@
 """Heartbeats over UDP from threads of their own, signed by the sender.
 
-A node runs torch on its event loop for short decode steps (cluster.stage_server), and a
+A node runs torch on its event loop for short decode steps (dataplane.stage_server), and a
 loaded event loop decodes frames, answers HTTP and runs agreement; none of that may delay
 a heartbeat or make a healthy node look dead. So heartbeats leave and arrive on two
 daemon threads with one UDP socket (on the node's listen address, UDP beside the TCP
@@ -10,7 +10,7 @@ A live thread does not prove a working node: the sender stops beating when the e
 loop has not ticked for `loop_stall_s`, so a wedged node is detected as failed.
 
 Each datagram is an encoded `Heartbeat` frame followed by the sender's Ed25519
-signature over it (keys are configuration, cluster.keys); the sequence number starts at
+signature over it (keys are configuration, protocol.keys); the sequence number starts at
 the sender's wall-clock start time in microseconds, and a receiver accepts only
 increasing numbers per sender, so a replayed heartbeat cannot keep a dead node alive
 while a restarted one is accepted at once.

@@ -19,10 +19,9 @@ from typing import Literal
 
 import torch
 
-from butterfly.cluster.audit import Auditor, Verdict, decode_proofs
-from butterfly.cluster.replicate import Lane, Replicator
-from butterfly.cluster.stage_server import StagePlan
-from butterfly.cluster.unresponsive import StepTimeouts
+from butterfly.dataplane.audit import Auditor, Verdict, decode_proofs
+from butterfly.dataplane.replicate import Lane, Replicator
+from butterfly.dataplane.unresponsive import StepTimeouts
 from butterfly.metrics.events import Emit, Verification, discard
 from butterfly.net.framing import Envelope
 from butterfly.protocol.messages import Proof, encode
@@ -48,6 +47,7 @@ from butterfly.types.messages import (
     StepError,
     StepResult,
 )
+from butterfly.types.plan import StagePlan
 from butterfly.types.tasks import InferenceResult, InferenceTask, StageRecord
 
 log = logging.getLogger(__name__)

@@ -13,10 +13,10 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from butterfly.cluster.stage_server import StagePlan
 from butterfly.metrics.events import Emit, NodeFailure, RecoveryCompleted
 from butterfly.types.errors import ButterflyError
 from butterfly.types.ids import NodeId
+from butterfly.types.plan import StagePlan
 
 log = logging.getLogger(__name__)
 

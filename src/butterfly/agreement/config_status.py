@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from butterfly.cluster.config_replica import ConfigReplica
+from butterfly.agreement.config_replica import ConfigReplica
 from butterfly.net.transport import Transport
 from butterfly.types.errors import ButterflyError
 from butterfly.types.ids import NodeId

@@ -31,8 +31,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from butterfly.cluster.commands import MAX_COMMAND_BYTES, ConfigAbort, ConfigUpdate
-from butterfly.cluster.config_votes import certificate_problem, make_vote
+from butterfly.agreement.commands import MAX_COMMAND_BYTES, ConfigAbort, ConfigUpdate
+from butterfly.agreement.config_votes import certificate_problem, make_vote
 from butterfly.config import ConfigManager, Proposal, UpdateRefused, UpdateRejected
 from butterfly.config.fields import config_leaves, field_specs
 from butterfly.config.schema import ButterflyConfig, Scope

@@ -26,14 +26,14 @@ from typing import Literal, Protocol
 
 import torch
 
-from butterfly.cluster.audit import Referee
-from butterfly.cluster.stage_server import StagePlan
+from butterfly.dataplane.audit import Referee
 from butterfly.metrics.events import Emit, Verification, discard
 from butterfly.protocol.messages import Proof
 from butterfly.protocol.proof import Tolerance, matches_tensor
 from butterfly.types.errors import ButterflyError, SendTimeout, StageLost
 from butterfly.types.ids import NodeId
 from butterfly.types.model import LayerRange
+from butterfly.types.plan import StagePlan
 
 log = logging.getLogger(__name__)
 Lane = tuple[NodeId, ...]  # one node per stage, in chain order
@@ -50,7 +50,7 @@ class LaneRunner(Protocol):
 
 
 class Timeouts(Protocol):
-    """The gateway's count of unanswered steps (`cluster.unresponsive.StepTimeouts`)."""
+    """The gateway's count of unanswered steps (`dataplane.unresponsive.StepTimeouts`)."""
 
     def answered(self, nodes: Iterable[NodeId]) -> None: ...
 

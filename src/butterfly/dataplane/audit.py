@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-from butterfly.cluster.stage_server import StagePlan
 from butterfly.protocol.messages import Proof, decode
 from butterfly.protocol.proof import Tolerance, matches_tensor
 from butterfly.runtime.loader import load_stage
@@ -30,6 +29,7 @@ from butterfly.types.errors import ButterflyError
 from butterfly.types.ids import NodeId
 from butterfly.types.messages import AuditReply, AuditRequest
 from butterfly.types.model import LayerRange
+from butterfly.types.plan import StagePlan
 
 log = logging.getLogger(__name__)
 Ask = Callable[[NodeId, AuditRequest, bytes], Awaitable[tuple[AuditReply, bytes]]]
@@ -179,7 +179,7 @@ class Auditor:
                 )
             except ButterflyError as e:
                 # no answer is not a lie: the gateway checks the claims itself, and the
-                # silence is counted by whoever asked (`cluster.unresponsive`)
+                # silence is counted by whoever asked (`dataplane.unresponsive`)
                 log.warning("audit of %s: auditor %s did not answer: %s", request_id, auditor, e)
                 reply, payload = None, b""
             answered = reply is not None

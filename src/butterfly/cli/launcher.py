@@ -22,9 +22,9 @@ from typing import Any
 
 import httpx
 
-from butterfly.cluster.keys import KEY_FILE, load_or_create_key
 from butterfly.config import dump_toml
 from butterfly.net.tls import TlsFiles, cert_paths, make_certs
+from butterfly.protocol.keys import KEY_FILE, load_or_create_key
 
 # Idle OpenMP threads of waiting stages spin and steal the active stage's cores; a short
 # spin before sleeping made a 4-stage pipeline 1.59x -> 1.17x the single process

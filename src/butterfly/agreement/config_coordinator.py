@@ -24,10 +24,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from butterfly.cluster.commands import ConfigAbort, ConfigUpdate, encode_command
-from butterfly.cluster.config_replica import Applied, ConfigReplica, NotApplied
-from butterfly.cluster.config_status import ClusterConfigStatus, NodeConfig
-from butterfly.cluster.config_votes import valid_vote
+from butterfly.agreement.commands import ConfigAbort, ConfigUpdate, encode_command
+from butterfly.agreement.config_replica import Applied, ConfigReplica, NotApplied
+from butterfly.agreement.config_status import ClusterConfigStatus, NodeConfig
+from butterfly.agreement.config_votes import valid_vote
 from butterfly.config import ButterflyConfig, Proposal, UpdateRefused, apply_patch
 from butterfly.config.fields import config_leaves, field_specs
 from butterfly.config.proposal import Kind, classify, propose_change, restart_required

@@ -12,15 +12,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from butterfly.cluster.agreement import AgreementDriver, OnCommit, OnEvidence
-from butterfly.cluster.config_coordinator import ConfigCoordinator
-from butterfly.cluster.config_replica import ConfigReplica
-from butterfly.cluster.keys import key_path, load_or_create_key, pbft_config, public_keys
+from butterfly.agreement.config_coordinator import ConfigCoordinator
+from butterfly.agreement.config_replica import ConfigReplica
+from butterfly.agreement.driver import AgreementDriver, OnCommit, OnEvidence
 from butterfly.config import ButterflyConfig, ConfigHistory, ConfigManager
 from butterfly.config.proposal import resume_committed
 from butterfly.config.validate import cluster_size
 from butterfly.metrics.events import Emit
 from butterfly.net.transport import Transport
+from butterfly.protocol.keys import key_path, load_or_create_key, pbft_config, public_keys
 from butterfly.types.errors import ConfigError
 from butterfly.types.ids import NodeId
 

@@ -10,7 +10,7 @@ a pure function of the ordered command, so they cannot disagree about it).
 
 from __future__ import annotations
 
-from butterfly.cluster.commands import ConfigUpdate
+from butterfly.agreement.commands import ConfigUpdate
 from butterfly.protocol.quorum import quorum
 from butterfly.protocol.sign import SigningKey, verify_bytes
 from butterfly.types.messages import ConfigVote

@@ -10,21 +10,20 @@ frames) never waits behind a long forward pass (a prefill, an audit). Decode ste
 few tokens run on the event loop itself when the worker is idle: the hand-off to the
 worker and back cost two thread wake-ups per stage and token, more than the few
 milliseconds the loop then waits (see docs/PERFORMANCE.md). Heartbeats have threads of
-their own (cluster.heartbeats), so neither delays them.
+their own (control.heartbeats), so neither delays them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from butterfly.cluster.proving import Prover
+from butterfly.dataplane.proving import Prover
 from butterfly.net.framing import Envelope
 from butterfly.runtime.kvcache import KVCache
 from butterfly.runtime.loader import load_stage
@@ -47,6 +46,7 @@ from butterfly.types.messages import (
     StepResult,
 )
 from butterfly.types.model import LayerRange
+from butterfly.types.plan import StagePlan
 
 log = logging.getLogger(__name__)
 
@@ -77,52 +77,6 @@ class Outbound:
     peer: NodeId
     msg: Message
     payload: bytes = b""
-
-
-@dataclass(frozen=True)
-class StagePlan:
-    """The plan of one epoch: `stages[i]` is (node, layers) of pipeline position i."""
-
-    epoch: int
-    stages: tuple[tuple[NodeId, LayerRange], ...]
-    # further holders of the same ranges: auditors of the chain's work and standbys
-    replicas: tuple[tuple[NodeId, LayerRange], ...] = ()
-
-    @classmethod
-    def from_message(cls, msg: PlanAssign) -> StagePlan:
-        if len(msg.replicas) % 3:
-            raise InvalidMessage(f"plan of epoch {msg.epoch}: replicas are not triples")
-        replicas = tuple(
-            (NodeId(msg.replicas[i]), LayerRange(msg.replicas[i + 1], msg.replicas[i + 2]))
-            for i in range(0, len(msg.replicas), 3)
-        )
-        flat = msg.stages
-        if len(flat) % 3 or not flat:
-            raise InvalidMessage(f"plan of epoch {msg.epoch} is not a list of (node, start, end)")
-        stages = tuple(
-            (NodeId(flat[i]), LayerRange(flat[i + 1], flat[i + 2])) for i in range(0, len(flat), 3)
-        )
-        if stages[0][1].start != 0 or any(
-            a[1].end != b[1].start for a, b in itertools.pairwise(stages)
-        ):
-            raise InvalidMessage(f"plan of epoch {msg.epoch} does not chain its layer ranges")
-        return cls(msg.epoch, stages, replicas)
-
-    def to_message(self, model_hash: str) -> PlanAssign:
-        flat = tuple(v for node, r in self.stages for v in (node, r.start, r.end))
-        reps = tuple(v for node, r in self.replicas for v in (node, r.start, r.end))
-        return PlanAssign(self.epoch, flat, model_hash, reps)
-
-    def layers_of(self, node: NodeId) -> LayerRange | None:
-        return next((r for n, r in (*self.stages, *self.replicas) if n == node), None)
-
-    def holders(self, layers: LayerRange) -> tuple[NodeId, ...]:
-        """Every node holding `layers`, the chain's own first."""
-        return tuple(n for n, r in (*self.stages, *self.replicas) if r == layers)
-
-    @property
-    def nodes(self) -> tuple[NodeId, ...]:
-        return tuple(n for n, _ in self.stages)
 
 
 class StageServer:

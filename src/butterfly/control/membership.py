@@ -1,4 +1,4 @@
-"""Each peer's health as the failure detector sees it, from heartbeats (cluster.heartbeats).
+"""Each peer's health as the failure detector sees it, from heartbeats (control.heartbeats).
 
 Heartbeats arrive on the heartbeat link's own thread, so the detector is read and fed
 under a lock; status changes are acted on from the event loop.
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from butterfly.cluster.heartbeats import HeartbeatLink
+from butterfly.control.heartbeats import HeartbeatLink
 from butterfly.types.ids import NodeId
 from butterfly.types.messages import Heartbeat
 

@@ -19,11 +19,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from butterfly.cluster.commands import EvictNode, NewPlan, encode_command
-from butterfly.cluster.stage_server import StagePlan
+from butterfly.agreement.commands import EvictNode, NewPlan, encode_command
 from butterfly.types.errors import InvalidMessage, ServiceUnavailable
 from butterfly.types.ids import NodeId
 from butterfly.types.messages import PlanAssign
+from butterfly.types.plan import StagePlan
 
 log = logging.getLogger(__name__)
 Propose = Callable[[bytes, float], Awaitable[int]]

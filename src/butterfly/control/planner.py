@@ -20,8 +20,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from butterfly.cluster.facts import capability_of
-from butterfly.cluster.stage_server import StagePlan
+from butterfly.control.facts import capability_of
 from butterfly.metrics.events import Emit, PartitionComputed, discard
 from butterfly.net.transport import Transport
 from butterfly.partition.capability import (
@@ -34,13 +33,13 @@ from butterfly.partition.quality import Plan, estimate_per_token_ms
 from butterfly.partition.replan import replan
 from butterfly.partition.service import PartitionService
 from butterfly.types.errors import ButterflyError, NoNodesAvailable, ServiceUnavailable
-from butterfly.types.ids import NodeId
+from butterfly.types.ids import GATEWAY, NodeId
 from butterfly.types.messages import Ping, PlanAck, PlanAssign, StatusQuery, StatusReply
 from butterfly.types.model import LayerInfo, LayerRange, ModelPartition
+from butterfly.types.plan import StagePlan
 
 log = logging.getLogger(__name__)
 
-GATEWAY = NodeId(0)
 
 PROBE_TIMEOUT_S = 60.0
 """How long one node may take to measure itself (compute, then every link) and answer."""

@@ -1,1 +1,0 @@
-"""The cluster layer: stage servers, the pipeline engine, membership, the local launcher."""
