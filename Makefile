@@ -9,7 +9,7 @@ MYPY_MODULES := src/butterfly/types src/butterfly/runtime src/butterfly/partitio
 	src/butterfly/schedule src/butterfly/api src/butterfly/node.py src/butterfly/protocol \
 	src/butterfly/testing
 
-.PHONY: run test lint typecheck pytest bench clean
+.PHONY: run test lint typecheck pytest coverage bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,10 +41,17 @@ pytest: $(VENV)/.installed-test
 
 test: lint typecheck pytest
 
+# Line coverage of src/, node subprocesses included (pyproject's [tool.coverage]).
+coverage: $(VENV)/.installed-test
+	rm -f .coverage .coverage.*
+	$(BIN)/coverage run -m pytest -q
+	$(BIN)/coverage combine -q
+	$(BIN)/coverage report
+
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/runtime.py
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/api.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .coverage .coverage.*
