@@ -24,6 +24,9 @@ def test_cluster_up_with_relative_paths_serves_and_stops_on_sigterm(
     port = free_port()
     cmd = [sys.executable, "-m", "butterfly", "cluster", "up", "--nodes", "2", "--api-port"]
     cmd += [str(port), "--data", "data", "--model", "model", "--tls"]
+    # uniform: both nodes hold layers whatever the machine's load made them measure (the
+    # measured placement may leave a node out of a tiny model's plan)
+    cmd += ["--set", 'partition.strategy="uniform"']
     proc = subprocess.Popen(cmd, cwd=tmp_path, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
