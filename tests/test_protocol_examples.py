@@ -34,6 +34,16 @@ def run(name: str) -> str:
             ],
         ),
         (
+            "work_assignment.py",
+            [
+                "RoundRobin -> uniform Strategy:",
+                "  Node NodeId(0): 5 layers [0, 5), 27.00ms",
+                "  Node NodeId(3): 3 layers [17, 20), 63.00ms",
+                "  Load imbalance: 11.2%",
+                "Slowest stage 70.10ms, 3 activation transfers per token, 2.20ms on the links",
+            ],
+        ),
+        (
             "checkpoint_recovery.py",
             [
                 "Checkpoint created at token position 20",
