@@ -18,16 +18,16 @@ from butterfly.runtime.generate import generate
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.schedule.engine import ClusterHealth
-from butterfly.schedule.local_engine import LocalEngine
 from butterfly.schedule.scheduler import Scheduler
 from butterfly.schedule.store import TaskStore
+from butterfly.testing.pipeline import LocalPipeline
 from butterfly.types.model import LayerRange
 from butterfly.types.tasks import SamplingParams
 
 SPLIT = [LayerRange(0, 2), LayerRange(2, 4)]
 
 
-class BrokenHealthEngine(LocalEngine):
+class BrokenHealthEngine(LocalPipeline):
     """A faulty part: an engine whose health report raises, as a bug would."""
 
     def health(self) -> ClusterHealth:
@@ -49,11 +49,26 @@ async def serving(
     *,
     settings: ApiSettings | None = None,
     run: bool = True,
-    engine_type: type[LocalEngine] = LocalEngine,
+    engine_type: type[LocalPipeline] = LocalPipeline,
     **scheduler_kw: Any,
 ) -> AsyncIterator[Served]:
     codec = TextCodec.load(model)
-    engine = engine_type([load_stage(model, r) for r in SPLIT], stop_ids=codec.eos_ids)
+    async with (
+        engine_type(model, SPLIT, stop_ids=codec.eos_ids) as engine,
+        _app(engine, codec, db, settings, run, scheduler_kw) as served,
+    ):
+        yield served
+
+
+@asynccontextmanager
+async def _app(
+    engine: LocalPipeline,
+    codec: TextCodec,
+    db: Path,
+    settings: ApiSettings | None,
+    run: bool,
+    scheduler_kw: dict[str, Any],
+) -> AsyncIterator[Served]:
     store, metrics = TaskStore(db), Metrics()
     scheduler = Scheduler(
         engine=engine, store=store, emit=metrics.emit, detokenize=codec.decode, **scheduler_kw
@@ -80,7 +95,6 @@ async def serving(
             finally:
                 scheduler.shutdown()
     finally:
-        engine.close()
         store.close()
 
 

@@ -1,4 +1,4 @@
-"""The gateway's native HTTP API against a real Scheduler, LocalEngine and SQLite file."""
+"""The gateway's native HTTP API against a real Scheduler, pipeline engine and SQLite file."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from butterfly.api.settings import ApiSettings
 from butterfly.metrics.prometheus import Metrics
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.sequential import create_sequential
-from butterfly.schedule.local_engine import LocalEngine
 from butterfly.schedule.queue import QueuePolicy
 from butterfly.schedule.scheduler import Scheduler
 from butterfly.schedule.store import TaskStore
+from butterfly.testing.pipeline import LocalPipeline
 from butterfly.types.model import LayerRange
 from butterfly.types.tasks import SamplingParams
 from tests.api_util import BrokenHealthEngine, assert_error, reference, serving, still_serves
@@ -45,7 +45,7 @@ async def test_wait_true_gives_generate_tokens(tiny_model: Path, tmp_path: Path)
         assert body["output_ids"] == expected
         assert body["text"] == s.codec.decode(expected)
         assert body["prompt_tokens"] == len(ids)
-        assert body["stages"] == [{"node": 0, "layers": [0, 2]}, {"node": 0, "layers": [2, 4]}]
+        assert body["stages"] == [{"node": 0, "layers": [0, 2]}, {"node": 1, "layers": [2, 4]}]
         assert body["verified"] == "none" and body["timings"]["total_s"] > 0
 
 
@@ -184,8 +184,8 @@ async def test_health_and_metrics(tiny_model: Path, tmp_path: Path) -> None:
         health = r.json()
         assert health["healthy"] is True
         assert health["services"] == {"runtime": "ok", "scheduling": "ok"}
-        assert health["nodes"][0]["id"] == 0 and health["nodes"][0]["layers"] == [0, 4]
-        assert health["nodes"][0]["status"] == "healthy"
+        assert [(n["id"], n["layers"]) for n in health["nodes"]] == [(0, [0, 2]), (1, [2, 4])]
+        assert {n["status"] for n in health["nodes"]} == {"healthy"}
 
         def sample(text: str, name: str, **labels: str) -> float:
             for family in text_string_to_metric_families(text):
@@ -244,37 +244,36 @@ async def test_vector_input_model(tmp_path: Path) -> None:
         {"type": "linear", "input_dim": 8, "output_dim": 2},
     ]
     model = create_sequential(tmp_path / "seq", spec, input_dim=3, seed=1)
-    engine = LocalEngine.load(model, [LayerRange(0, 2), LayerRange(2, 4)])
-    store, metrics = TaskStore(tmp_path / "t.db"), Metrics()
-    scheduler = Scheduler(engine=engine, store=store, emit=metrics.emit)
-    app = create_app(
-        scheduler=scheduler,
-        engine=engine,
-        codec=None,
-        metrics=metrics,
-        model_name="seq",
-        settings=ApiSettings(),
-    )
-    transport = httpx.ASGITransport(app=app)
-    async with (
-        httpx.AsyncClient(transport=transport, base_url="http://gw") as client,
-        asyncio.TaskGroup() as tg,
-    ):
-        tg.create_task(scheduler.run())
-        r = await client.post("/inference", json={"input": [0.5, -1.0, 2.0], "wait": True})
-        assert r.status_code == 200, r.text
-        stage = load_stage(model)
-        with torch.inference_mode():
-            expected = stage.forward(torch.tensor([0.5, -1.0, 2.0]), None, 0).flatten()
-        assert r.json()["output_vector"] == pytest.approx(expected.tolist(), rel=1e-5)
-        r = await client.post("/inference", json={"prompt": "text"})
-        assert_error(r, 400, "invalid_request", "no tokenizer")
-        r = await client.post("/inference", json={"input_ids": [1, 2]})
-        assert_error(r, 400, "invalid_request", "input vector")
-        r = await client.post("/inference", json={"input": []})
-        assert_error(r, 400, "invalid_request", "empty")
-        r = await client.post("/inference", json={"input": [1.0, 2.0], "wait": True})
-        assert_error(r, 400, "invalid_input", "3 features")  # the width, from the stage
-        scheduler.shutdown()
-    engine.close()
+    async with LocalPipeline(model, [LayerRange(0, 2), LayerRange(2, 4)]) as engine:
+        store, metrics = TaskStore(tmp_path / "t.db"), Metrics()
+        scheduler = Scheduler(engine=engine, store=store, emit=metrics.emit)
+        app = create_app(
+            scheduler=scheduler,
+            engine=engine,
+            codec=None,
+            metrics=metrics,
+            model_name="seq",
+            settings=ApiSettings(),
+        )
+        transport = httpx.ASGITransport(app=app)
+        async with (
+            httpx.AsyncClient(transport=transport, base_url="http://gw") as client,
+            asyncio.TaskGroup() as tg,
+        ):
+            tg.create_task(scheduler.run())
+            r = await client.post("/inference", json={"input": [0.5, -1.0, 2.0], "wait": True})
+            assert r.status_code == 200, r.text
+            stage = load_stage(model)
+            with torch.inference_mode():
+                expected = stage.forward(torch.tensor([0.5, -1.0, 2.0]), None, 0).flatten()
+            assert r.json()["output_vector"] == pytest.approx(expected.tolist(), rel=1e-5)
+            r = await client.post("/inference", json={"prompt": "text"})
+            assert_error(r, 400, "invalid_request", "no tokenizer")
+            r = await client.post("/inference", json={"input_ids": [1, 2]})
+            assert_error(r, 400, "invalid_request", "input vector")
+            r = await client.post("/inference", json={"input": []})
+            assert_error(r, 400, "invalid_request", "empty")
+            r = await client.post("/inference", json={"input": [1.0, 2.0], "wait": True})
+            assert_error(r, 400, "invalid_input", "3 features")  # the width, from the stage
+            scheduler.shutdown()
     store.close()

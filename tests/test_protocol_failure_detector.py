@@ -7,15 +7,8 @@ import random
 
 import pytest
 
-from butterfly.protocol import failure_detector
-from butterfly.protocol.failure_detector import (
-    DetectorState,
-    Health,
-    PhiAccrualFailureDetector,
-    phi_of,
-)
-from butterfly.protocol.messages import Heartbeat, Tick
-from butterfly.types.ids import Epoch, NodeId
+from butterfly.protocol.failure_detector import PhiAccrualFailureDetector, phi_of
+from butterfly.types.ids import NodeId
 
 NODE = NodeId(1)
 
@@ -82,10 +75,9 @@ def test_unknown_nodes_and_stale_timestamps() -> None:
     detector = PhiAccrualFailureDetector()
     assert detector.phi(NODE, 1.0) is None and not detector.is_suspected(NODE, 1.0)
     detector.record_heartbeat(NODE, 5.0)
+    before = detector.phi(NODE, 5.05)
     detector.record_heartbeat(NODE, 4.0)  # out of order: ignored
-    assert detector.phi(NODE, 5.05) == detector.phi(NODE, 5.05)
-    detector.forget(NODE)
-    assert detector.nodes() == []
+    assert detector.phi(NODE, 5.05) == before
 
 
 def test_bad_settings_are_refused() -> None:
@@ -99,23 +91,3 @@ def test_phi_is_monotonic_and_finite_far_in_the_tail() -> None:
     values = [phi_of(z / 4) for z in range(-20, 400)]
     assert all(a <= b for a, b in itertools.pairwise(values))
     assert values[-1] < 1e4
-
-
-def test_step_reports_each_transition_once_and_recovery() -> None:
-    state = DetectorState(PhiAccrualFailureDetector())
-    beat = Heartbeat(NODE, Epoch(0), seq=0)
-    for i in range(20):
-        state, changes = failure_detector.step(state, beat, i * 0.1)
-        assert changes == []
-    deadline = failure_detector.next_deadline(state)
-    assert deadline is not None and 1.9 + 0.4 < deadline < 1.9 + 0.5
-    state, changes = failure_detector.step(state, Tick(), deadline)
-    assert [(c.node, c.health) for c in changes] == [(NODE, Health.SUSPECTED)]
-    state, changes = failure_detector.step(state, Tick(), deadline + 0.01)
-    assert changes == []
-    later = failure_detector.next_deadline(state)
-    assert later is not None
-    state, changes = failure_detector.step(state, Tick(), later)
-    assert [c.health for c in changes] == [Health.FAILED]
-    state, changes = failure_detector.step(state, beat, later + 0.01)
-    assert [c.health for c in changes] == [Health.ALIVE]

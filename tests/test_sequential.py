@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -20,6 +21,7 @@ from butterfly.runtime.sequential import create_sequential
 from butterfly.runtime.weights import CheckpointReader
 from butterfly.types.errors import InvalidInput, UnknownArchitecture
 from butterfly.types.model import Activation, LayerRange, Linear, TransformerBlock
+from tests.cluster_util import running_cluster
 
 SPEC: list[dict[str, Any]] = [
     {"type": "linear", "input_dim": 3, "output_dim": 16},
@@ -181,3 +183,21 @@ def test_bad_specs_name_the_layer(tmp_path: Path, layers: Any, message: str) -> 
 def test_bad_input_dim(tmp_path: Path) -> None:
     with pytest.raises(UnknownArchitecture, match="'input_dim' must be a positive integer"):
         loader.num_layers(write_config(tmp_path, [{"type": "activation", "kind": "relu"}], "3"))
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(300)
+def test_a_cluster_of_real_nodes_serves_the_vector_model(model_dir: Path, tmp_path: Path) -> None:
+    """The specification's example end to end: `{"input": [...]}` to a 2-node cluster
+    (each node a process running part of the stack) gives the unsplit stack's output."""
+    vector = [1.0, 2.0, 3.0]
+    with torch.no_grad():
+        expected = reference(model_dir)(torch.tensor(vector).view(1, 1, 3)).flatten()
+    with running_cluster(model_dir, 2, tmp_path / "data") as cluster:
+        r = httpx.post(
+            f"{cluster.api_url}/inference", json={"input": vector, "wait": True}, timeout=60
+        )
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["output_vector"] == pytest.approx(expected.tolist(), abs=1e-5)
+        assert len({s["node"] for s in body["stages"]}) == 2

@@ -230,7 +230,7 @@ class Node:
             plan=lambda: self.stage_server.plan,
             health=self.health,
             max_context=int(getattr(args, "max_context", 0)) or 1,
-            input_kind="vectors" if family.name == "sequential" else "tokens",
+            input_kind=family.input_kind,
             eos_ids=self.codec.eos_ids if self.codec else frozenset(),
             step_timeout_s=cfg.network.step_timeout_ms / 1000,
             max_tensor_bytes=cfg.network.max_frame_bytes,

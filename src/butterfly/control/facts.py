@@ -99,7 +99,7 @@ def model_layer_step(model_dir: Path) -> tuple[Step, float] | None:
     when the node knows its model it times the real thing: layer 1 (no embedding, no
     head) with its checkpoint weights, loaded with the runtime's own code, after a
     prefill of MODEL_PROBE_CONTEXT tokens, as Petals measures a server's throughput on a
-    real block. None when the model has fewer than three layers.
+    real block. None when the model has fewer than three layers or keeps no KV cache.
     """
     from butterfly.runtime.loader import layer_infos, load_stage  # torch-heavy: lazily
     from butterfly.types.model import LayerRange
@@ -108,10 +108,12 @@ def model_layer_step(model_dir: Path) -> tuple[Step, float] | None:
     if len(infos) < 3:
         return None
     stage = load_stage(model_dir, LayerRange(1, 2))
+    cache = stage.new_cache()
+    if cache is None:  # a stateless stack (vector input): no decode step to time
+        return None
     width = infos[0].output_size
     context = min(MODEL_PROBE_CONTEXT, stage.max_context - 1)
     generator = torch.Generator().manual_seed(0)
-    cache = stage.new_cache()
     with torch.inference_mode():
         stage.forward(torch.randn(1, context, width, generator=generator), cache, 0)
     x = torch.randn(1, 1, width, generator=generator)
@@ -119,8 +121,7 @@ def model_layer_step(model_dir: Path) -> tuple[Step, float] | None:
     def step() -> None:
         with torch.inference_mode():
             stage.forward(x, cache, context, last_only=True)
-        if cache is not None:
-            cache.truncate(context)  # every step sees the same context
+        cache.truncate(context)  # every step sees the same context
 
     return step, infos[1].compute_cost
 

@@ -80,6 +80,11 @@ class Membership:
                 return "suspected"
             return "healthy"
 
+    def phi(self, node: NodeId) -> float | None:
+        """The detector's suspicion level of `node` now; None before its first heartbeat."""
+        with self._lock:
+            return self._detector.phi(node, self._clock())
+
     def requests_of(self, node: NodeId) -> int:
         if node == self.node:
             return self._local_state()[1]
@@ -89,18 +94,22 @@ class Membership:
         seen = self.peers[node].last_seen if node in self.peers else self._clock()
         return None if seen is None else self._clock() - seen
 
+    def check(self) -> None:
+        """Report every peer whose status changed since the last check, once per change."""
+        for peer in self.peers:
+            status = self.status(peer)
+            if self._last_status.get(peer) != status:
+                self._last_status[peer] = status
+                log.info("node %s sees node %s as %s", self.node, peer, status)
+                self._on_change(peer, status)
+
     async def run(self, link: HeartbeatLink) -> None:
         """Start the link's threads, then watch every peer's status from the event loop."""
         link.start()
         try:
             while True:
                 link.loop_ticked()
-                for peer in self.peers:
-                    status = self.status(peer)
-                    if self._last_status.get(peer) != status:
-                        self._last_status[peer] = status
-                        log.info("node %s sees node %s as %s", self.node, peer, status)
-                        self._on_change(peer, status)
+                self.check()
                 await asyncio.sleep(self._interval)
         finally:
             await asyncio.to_thread(link.close)

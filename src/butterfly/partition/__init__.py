@@ -4,7 +4,6 @@ capability  NodeCapability, Link, the shared cost model, input validation and so
 split       the optimal split over a fixed node order (dynamic program)
 order       choosing a node order along measured links (exact when small, 2-opt when large)
 pipeline    uniform, load_balanced, topology_aware, hybrid and their registry
-assign      the specification's WorkAssigner strategies (layers to nodes, not contiguous)
 quality     Plan, estimate_quality, estimate_per_token_ms
 service     PartitionService: LRU cache, hit/miss counters, degradation
 replan      re-placing after a node joins or leaves, moving as few layers as is cheap

@@ -1,36 +1,25 @@
 """Coordination protocols as pure state machines: no sockets, clocks or threads inside.
 
-Each protocol is a reducer, `step(state, input, now) -> (state, messages to send)`; the
-driver (the node's runtime loop, or `butterfly.testing.sim`) delivers messages and ticks
-and sends what comes back. Modules:
+PBFT is a reducer, `step(state, input, now) -> (state, messages to send)`; its driver
+(`agreement.driver`, or `butterfly.testing.sim`) delivers messages and ticks and sends
+what comes back. The failure detector takes the time as an argument too. Modules:
 
     messages          every wire message (frozen, tagged, versioned, signed) + strict codec
     sign, hashing     Ed25519 keys and verification; digests and Merkle roots
     quorum            n >= 3f + 1 and quorum sizes
     pbft              PBFT replica (pbft_state, pbft_order, pbft_viewchange, evidence)
-    agreement         the seed's ByzantineAgreement API over one PBFT replica
     failure_detector  phi accrual detector with min std and acceptable pause
     proof             signed stage-step records, activation fingerprints, conflicts
-    checkpoint        generation checkpoints (tokens, RNG state, epoch, KV snapshots)
-    coordinator       phases and epochs, barrier, routing by message kind
 """
 
-from butterfly.protocol.agreement import AgreementValue, ByzantineAgreement
-from butterfly.protocol.checkpoint import Checkpoint, CheckpointManager, CheckpointStats
-from butterfly.protocol.failure_detector import Health, PhiAccrualFailureDetector
+from butterfly.protocol.failure_detector import PhiAccrualFailureDetector
 from butterfly.protocol.messages import Fingerprint, Proof, decode, encode
 from butterfly.protocol.pbft_state import PbftConfig, ReplicaState
 from butterfly.protocol.quorum import check_fault_tolerance, max_faulty
 from butterfly.protocol.sign import SigningKey
 
 __all__ = [
-    "AgreementValue",
-    "ByzantineAgreement",
-    "Checkpoint",
-    "CheckpointManager",
-    "CheckpointStats",
     "Fingerprint",
-    "Health",
     "PbftConfig",
     "PhiAccrualFailureDetector",
     "Proof",

@@ -13,18 +13,16 @@ With the defaults (100 ms interval, min std 50 ms, pause 80 ms) a node that stop
 suspected (phi 8) 461 ms and failed (phi 12) 532 ms after its last heartbeat, while
 heartbeats jittering by +-60 ms with occasional 250 ms stalls stay below phi 2.
 
-Time is an argument (seconds, any monotonic origin); nothing here reads a clock. The
-`step` function wraps the detector as a reducer that reports health transitions.
+Time is an argument (seconds, any monotonic origin); nothing here reads a clock. A node
+owns one detector inside `control.membership.Membership`, fed by the heartbeat thread.
 """
 
 from __future__ import annotations
 
-import enum
 import math
 from collections import deque
 from dataclasses import dataclass, field
 
-from butterfly.protocol.messages import Heartbeat, Tick
 from butterfly.types.ids import NodeId
 
 _LN10 = math.log(10.0)
@@ -65,12 +63,6 @@ class _History:
     def std(self) -> float:
         mean = self.mean()
         return math.sqrt(max(0.0, self.squares / len(self.intervals) - mean * mean))
-
-
-class Health(enum.StrEnum):
-    ALIVE = "alive"
-    SUSPECTED = "suspected"
-    FAILED = "failed"
 
 
 class PhiAccrualFailureDetector:
@@ -136,16 +128,8 @@ class PhiAccrualFailureDetector:
         value = self.phi(node, now)
         return value is not None and value >= self.failed_threshold
 
-    def health(self, node: NodeId, now: float) -> Health | None:
-        value = self.phi(node, now)
-        if value is None:
-            return None
-        if value >= self.failed_threshold:
-            return Health.FAILED
-        return Health.SUSPECTED if value >= self.suspect_threshold else Health.ALIVE
-
     def crossing_time(self, node: NodeId, threshold: float) -> float | None:
-        """When phi of a silent `node` reaches `threshold`: the driver's next deadline."""
+        """When phi of a silent `node` reaches `threshold`: the detection delay it implies."""
         history = self._history.get(node)
         if history is None:
             return None
@@ -155,59 +139,3 @@ class PhiAccrualFailureDetector:
             mid = (lo + hi) / 2.0
             lo, hi = (mid, hi) if phi_of(mid) < threshold else (lo, mid)
         return history.last + mean + hi * std + 1e-9  # at, not just before, the crossing
-
-    def nodes(self) -> list[NodeId]:
-        return sorted(self._history)
-
-    def forget(self, node: NodeId) -> None:
-        """Drop a node's history (it left the membership)."""
-        self._history.pop(node, None)
-
-
-@dataclass(frozen=True, slots=True)
-class HealthChange:
-    """A peer crossed a threshold; the coordinator turns FAILED into a proposal."""
-
-    node: NodeId
-    health: Health
-    phi: float
-
-
-@dataclass(slots=True)
-class DetectorState:
-    detector: PhiAccrualFailureDetector
-    reported: dict[NodeId, Health] = field(default_factory=dict)
-
-
-def step(
-    state: DetectorState, message: Heartbeat | Tick, now: float
-) -> tuple[DetectorState, list[HealthChange]]:
-    """Reducer form: heartbeats and ticks in, health transitions out (each reported once)."""
-    match message:
-        case Heartbeat():
-            state.detector.record_heartbeat(message.sender, now)
-            nodes = [message.sender]
-        case Tick():
-            nodes = state.detector.nodes()
-    changes = []
-    for node in nodes:
-        health = state.detector.health(node, now)
-        if health is not None and state.reported.get(node, Health.ALIVE) != health:
-            state.reported[node] = health
-            changes.append(HealthChange(node, health, state.detector.phi(node, now) or 0.0))
-    return state, changes
-
-
-def next_deadline(state: DetectorState) -> float | None:
-    """The earliest time a silent peer would cross its next threshold."""
-    times = []
-    for node in state.detector.nodes():
-        match state.reported.get(node, Health.ALIVE):
-            case Health.ALIVE:
-                times.append(state.detector.crossing_time(node, state.detector.suspect_threshold))
-            case Health.SUSPECTED:
-                times.append(state.detector.crossing_time(node, state.detector.failed_threshold))
-            case Health.FAILED:
-                pass
-    present = [t for t in times if t is not None]
-    return min(present) if present else None

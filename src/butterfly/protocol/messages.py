@@ -22,9 +22,6 @@ field (see `codec.py`); a wrong type, unknown kind or oversized frame is `Invali
     state_transfer  replicas           a lagging replica installs a certified log prefix
     evidence        any replica        two conflicting messages signed by one node
     proof           stage nodes        the signed record of one stage step
-    suspicion       any node           the coordinator proposes a membership change
-    barrier_ready   stage nodes        the coordinator starts serving an epoch's plan
-    reconfigure     (PBFT operation)   a decided new membership and plan
 """
 
 from __future__ import annotations
@@ -343,49 +340,6 @@ class Proof:
         return verify_message(self, public_key)
 
 
-# --- coordination -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Suspicion:
-    kind: ClassVar[str] = "suspicion"
-    sender: NodeId
-    epoch: Epoch
-    suspect: NodeId
-    phi: float
-    version: int = PROTOCOL_VERSION
-    signature: Signature = b""
-
-
-@dataclass(frozen=True, slots=True)
-class BarrierReady:
-    """A stage node has loaded its layers for `plan_digest` and can serve the epoch."""
-
-    kind: ClassVar[str] = "barrier_ready"
-    sender: NodeId
-    epoch: Epoch
-    plan_digest: Digest
-    version: int = PROTOCOL_VERSION
-    signature: Signature = b""
-
-
-@dataclass(frozen=True, slots=True)
-class Reconfigure:
-    """A membership change, carried as a PBFT request's operation so all nodes decide it
-    together: no node acts on a shared decision computed from its own view.
-    """
-
-    kind: ClassVar[str] = "reconfigure"
-    sender: NodeId
-    epoch: Epoch
-    new_epoch: Epoch
-    members: tuple[NodeId, ...]
-    plan_digest: Digest
-    reason: str
-    version: int = PROTOCOL_VERSION
-    signature: Signature = b""
-
-
 @dataclass(frozen=True, slots=True)
 class Tick:
     """Local input, never on the wire: time passed, fed at a reducer's `next_deadline`."""
@@ -414,9 +368,6 @@ Message = (
     | StateTransfer
     | Evidence
     | Proof
-    | Suspicion
-    | BarrierReady
-    | Reconfigure
 )
 
 MESSAGE_TYPES: tuple[type[Message], ...] = (
@@ -433,9 +384,6 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     StateTransfer,
     Evidence,
     Proof,
-    Suspicion,
-    BarrierReady,
-    Reconfigure,
 )
 KINDS: dict[str, type[Message]] = {cls.kind: cls for cls in MESSAGE_TYPES}
 _CODEC = Codec(KINDS, version=PROTOCOL_VERSION)

@@ -288,4 +288,5 @@ FAMILY = Family(
     num_layers=lambda a: len(a.layers),
     layer_infos=layer_infos,
     load_stage=load_stage,
+    input_kind="vectors",
 )

@@ -55,6 +55,7 @@ class Family:
     num_layers: Callable[[Any], int]
     layer_infos: Callable[[Any], list[LayerInfo]]
     load_stage: Callable[[CheckpointReader, Any, LayerRange], Stage]
+    input_kind: str = "tokens"  # what its first stage takes: "tokens" or "vectors"
 
 
 def check_positions(start_pos: int, length: int, max_context: int) -> None:

@@ -1,8 +1,9 @@
 """The seam between scheduling and execution.
 
-The scheduler decides *when* a task runs; an engine decides *where* and runs it. Two real
-engines exist: `LocalEngine` (all stages in this process, a one-node cluster) and the
-pipeline engine that drives stages on remote nodes over the network.
+The scheduler decides *when* a task runs; an engine decides *where* and runs it. The
+running one is the gateway's `dataplane.engine.PipelineEngine`, which drives the stage
+chain (a one-node cluster is a chain of one); `butterfly.testing.pipeline` runs that same
+engine over stage servers in one process for the scheduler and API tests.
 """
 
 from __future__ import annotations

@@ -1,0 +1,166 @@
+"""The gateway's pipeline engine over stage servers in this process, with no network.
+
+Scheduler and API tests need an engine that generates real tokens; this one is the
+running data path itself: the gateway's `dataplane.engine.PipelineEngine` driving one
+`dataplane.stage_server.StageServer` per stage (nodes 0, 1, ...), each stage loaded
+through `apply_plan` from the plan of epoch 1. Frames go from part to part as a node's
+dispatcher (`node.Node.handle`) hands them over: a step down the chain, its result back
+to the engine, a release to every stage. What it leaves out is what those tests do not
+look at: sockets, agreement, heartbeats, verification and recovery.
+
+The stages load on the first request (or `await start()`), on the running event loop;
+`close()` stops it. `async with LocalPipeline(model, ranges) as engine:` does both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+from butterfly.dataplane.engine import PipelineEngine
+from butterfly.dataplane.stage_server import StageServer
+from butterfly.net.framing import Envelope
+from butterfly.runtime.loader import model_args
+from butterfly.runtime.torch_thread import TorchThread
+from butterfly.schedule.engine import ClusterHealth, NodeHealth, TokenSink
+from butterfly.types.errors import ConnectionFailed, ServiceUnavailable
+from butterfly.types.ids import GATEWAY, NodeId
+from butterfly.types.messages import Message, Release, StageStep, StepError, StepResult
+from butterfly.types.model import LayerRange
+from butterfly.types.plan import StagePlan
+from butterfly.types.tasks import InferenceResult, InferenceTask
+
+MAX_TENSOR_BYTES = 1 << 28
+STEP_TIMEOUT_S = 120.0  # a slow CI machine, not a failure: nothing here is lost
+CLUSTER_ID = "local"
+
+
+class LocalPipeline:
+    """An `Engine` (schedule.engine): `run` and `health` are the pipeline engine's."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        ranges: Sequence[LayerRange],
+        *,
+        stop_ids: frozenset[int] = frozenset(),
+    ) -> None:
+        if not ranges:
+            raise ValueError("a pipeline needs at least one stage")
+        self._torch = TorchThread(name="butterfly-torch")
+        self.servers = {
+            NodeId(i): StageServer(
+                node=NodeId(i),
+                model_dir=model_dir,
+                max_tensor_bytes=MAX_TENSOR_BYTES,
+                torch_thread=self._torch,
+            )
+            for i in range(len(ranges))
+        }
+        self.plan = StagePlan(1, tuple((NodeId(i), r) for i, r in enumerate(ranges)))
+        family, args = model_args(model_dir)  # as the node reads them
+        self.engine = PipelineEngine(
+            node=GATEWAY,
+            deliver=self._deliver,
+            plan=lambda: self.plan,
+            health=self._health,
+            max_context=int(getattr(args, "max_context", 0)) or 1,
+            input_kind=family.input_kind,
+            eos_ids=stop_ids,
+            step_timeout_s=STEP_TIMEOUT_S,
+            max_tensor_bytes=MAX_TENSOR_BYTES,
+        )
+        self._batches: asyncio.Task[None] | None = None
+        self._loaded = asyncio.Event()
+        self._closed = False
+
+    async def start(self) -> None:
+        """Every stage server applies the plan (loading its stage); the engine's batch
+        sender starts. Once; later calls return at once."""
+        if self._batches is not None:
+            return
+        self._batches = asyncio.create_task(self.engine.serve_batches())
+        for server in self.servers.values():
+            ack = await server.apply_plan(self.plan.to_message("local"))
+            if not ack.ok:
+                raise ConnectionFailed(f"node {ack.node} could not load its stage: {ack.error}")
+        self._loaded.set()
+
+    def close(self) -> None:
+        """Refuse new work, stop the batch sender, drop queued torch work."""
+        self._closed = True
+        if self._batches is not None:
+            self._batches.cancel()
+        self._torch.close(wait=True)
+
+    async def __aenter__(self) -> LocalPipeline:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self.close()
+        if self._batches is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._batches
+
+    @property
+    def max_context(self) -> int:
+        return self.engine.max_context
+
+    @property
+    def input_kind(self) -> str:
+        return self.engine.input_kind
+
+    async def run(self, task: InferenceTask, on_token: TokenSink) -> InferenceResult:
+        if self._closed:
+            raise ServiceUnavailable("the engine is shut down; the node is stopping")
+        if self._batches is None:
+            await self.start()
+        await self._loaded.wait()  # a concurrent first request may still be loading
+        return await self.engine.run(task, on_token)
+
+    def health(self) -> ClusterHealth:
+        return self.engine.health()
+
+    def _health(self) -> ClusterHealth:
+        up = not self._closed
+        nodes = tuple(
+            NodeHealth(node, "healthy" if up else "failed", "in-process", layers, 0.0)
+            for node, layers in self.plan.stages
+        )
+        return ClusterHealth(
+            healthy=up, epoch=self.plan.epoch, nodes=nodes, services={"runtime": up}
+        )
+
+    async def _deliver(self, peer: NodeId, msg: Message, payload: bytes) -> None:
+        """What a node's dispatcher does with the frame, on the node it is for."""
+        server = self.servers.get(peer)
+        if server is None:
+            raise ConnectionFailed(f"node {peer} is not in this pipeline")
+        env = Envelope(msg, GATEWAY, self.plan.epoch, CLUSTER_ID, payload=payload)
+        match msg:
+            case StageStep():
+                out = await server.on_step(env)
+                if isinstance(out.msg, StepResult | StepError):
+                    reply = Envelope(
+                        out.msg, peer, self.plan.epoch, CLUSTER_ID, payload=out.payload
+                    )
+                    self.engine.on_result(reply)
+                else:
+                    await self._deliver(out.peer, out.msg, out.payload)
+            case Release():
+                for request_id in msg.request_ids:
+                    server.release(request_id)
+            case _:
+                raise ConnectionFailed(f"node {peer} does not take {msg.kind} in a local pipeline")
+
+
+__all__ = ["LocalPipeline"]
