@@ -16,8 +16,9 @@ from butterfly.net.memory import MemoryNetwork
 from butterfly.net.tcp import Identity, TcpTransport, TransportLimits
 from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.types.errors import CircuitOpen, ConnectionFailed, WireFormatError
-from butterfly.types.ids import NodeId
-from butterfly.types.messages import Heartbeat, Release, StageStep, StatusQuery, StatusReply
+from butterfly.types.ids import Epoch, NodeId
+from butterfly.types.wire.control import Heartbeat, StatusQuery, StatusReply
+from butterfly.types.wire.data import Release, StageStep
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -181,9 +182,9 @@ async def test_unreachable_peer_opens_the_circuit() -> None:
         await a.start(echo)
         for _ in range(2):
             with pytest.raises(ConnectionFailed):
-                await a.send(NodeId(1), Heartbeat(0, 0.0, (), 0), channel="control")
+                await a.send(NodeId(1), Heartbeat(NodeId(0), Epoch(0), 0), channel="control")
         with pytest.raises(CircuitOpen):
-            await a.send(NodeId(1), Heartbeat(1, 0.0, (), 0), channel="control")
+            await a.send(NodeId(1), Heartbeat(NodeId(0), Epoch(0), 1), channel="control")
     finally:
         await a.close()
 

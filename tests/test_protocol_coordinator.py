@@ -18,23 +18,23 @@ from butterfly.protocol.coordinator import (
     propose_plan,
     route,
 )
-from butterfly.protocol.messages import (
+from butterfly.protocol.inputs import Tick
+from butterfly.protocol.pbft_state import Send
+from butterfly.protocol.sign import sign_message
+from butterfly.types.ids import Epoch, NodeId
+from butterfly.types.wire.agreement import (
     KINDS,
     BarrierReady,
     Evidence,
-    Heartbeat,
     Message,
     PrePrepare,
     Reconfigure,
     Request,
     Suspicion,
-    Tick,
     decode,
     request_digest,
-    sign_message,
 )
-from butterfly.protocol.pbft_state import Send
-from butterfly.types.ids import Epoch, NodeId
+from butterfly.types.wire.control import Heartbeat
 from tests.protocol_util import KEYS
 
 N = 4

@@ -14,8 +14,9 @@ from butterfly.protocol.failure_detector import (
     PhiAccrualFailureDetector,
     phi_of,
 )
-from butterfly.protocol.messages import Heartbeat, Tick
+from butterfly.protocol.inputs import Tick
 from butterfly.types.ids import Epoch, NodeId
+from butterfly.types.wire.control import Heartbeat
 
 NODE = NodeId(1)
 

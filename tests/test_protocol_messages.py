@@ -11,12 +11,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from butterfly.protocol.codec import MAX_MESSAGE_BYTES
-from butterfly.protocol.messages import (
+from butterfly.protocol.sign import SigningKey, sign_message, verify_bytes, verify_message
+from butterfly.types.errors import InvalidMessage
+from butterfly.types.ids import Epoch, NodeId
+from butterfly.types.wire.agreement import (
     KINDS,
     CheckpointVote,
     Evidence,
-    Heartbeat,
     NewView,
     Prepare,
     PreparedCertificate,
@@ -28,13 +29,10 @@ from butterfly.protocol.messages import (
     decode,
     encode,
     request_digest,
-    sign_message,
     signing_bytes,
-    verify_message,
 )
-from butterfly.protocol.sign import SigningKey, verify_bytes
-from butterfly.types.errors import InvalidMessage
-from butterfly.types.ids import Epoch, NodeId
+from butterfly.types.wire.codec import MAX_MESSAGE_BYTES
+from butterfly.types.wire.control import Heartbeat
 from tests.protocol_util import KEYS, request
 
 D = bytes(range(32))
@@ -103,7 +101,7 @@ def _raw(message: object) -> dict[str, object]:
         (lambda r: r.update(digest=b"short"), "digest is 5 bytes, expected 32..32"),
         (lambda r: r.update(extra=1), "unknown fields ['extra']"),
         (lambda r: r.pop("view"), "missing fields ['view']"),
-        (lambda r: r.update(version=2), "speaks protocol version 2"),
+        (lambda r: r.update(version=1), "speaks protocol version 1"),
         (lambda r: r["request"].update(kind="prepare"), "must be one of ['request']"),
         (lambda r: r["request"].update(operation="text"), "operation must be bytes"),
     ],

@@ -19,14 +19,6 @@ import uvicorn
 import uvloop
 
 from butterfly.agreement.build import build_agreement, open_config
-from butterfly.agreement.commands import (
-    ConfigAbort,
-    ConfigUpdate,
-    EvictNode,
-    InvalidCommand,
-    NewPlan,
-    decode_command,
-)
 from butterfly.agreement.driver import AgreementDriver
 from butterfly.api.app import create_app
 from butterfly.api.settings import ApiSettings
@@ -54,7 +46,6 @@ from butterfly.net.tls import TlsFiles, contexts
 from butterfly.partition.service import PartitionService
 from butterfly.protocol.failure_detector import PhiAccrualFailureDetector
 from butterfly.protocol.keys import key_path, load_or_create_key, public_keys
-from butterfly.protocol.messages import Evidence
 from butterfly.protocol.proof import Tolerance
 from butterfly.runtime.loader import layer_infos, model_args
 from butterfly.runtime.tokenizer import TextCodec
@@ -65,29 +56,40 @@ from butterfly.schedule.queue import QueuePolicy
 from butterfly.schedule.scheduler import Scheduler
 from butterfly.schedule.store import TaskStore
 from butterfly.types.errors import ButterflyError, ConfigError, SendTimeout, ServiceUnavailable
-from butterfly.types.ids import GATEWAY, NodeId
-from butterfly.types.messages import (
+from butterfly.types.ids import GATEWAY, Epoch, NodeId, RequestId
+from butterfly.types.plan import StagePlan
+from butterfly.types.wire.agreement import Evidence
+from butterfly.types.wire.commands import (
+    ConfigAbort,
+    ConfigUpdate,
+    EvictNode,
+    InvalidCommand,
+    NewPlan,
+    decode_command,
+)
+from butterfly.types.wire.control import (
     AgreementFrame,
-    AuditReply,
-    AuditRequest,
-    CacheQuery,
     ConfigPrepare,
     ConfigStatusQuery,
     ConfigSync,
-    KvAppend,
-    Message,
-    Ping,
     PlanAck,
     PlanAssign,
+    StatusQuery,
+    StatusReply,
+)
+from butterfly.types.wire.data import (
+    AuditReply,
+    AuditRequest,
+    CacheQuery,
+    KvAppend,
+    Ping,
     Pong,
     Release,
     StageStep,
-    StatusQuery,
-    StatusReply,
     StepError,
     StepResult,
 )
-from butterfly.types.plan import StagePlan
+from butterfly.types.wire.frames import Message
 
 log = logging.getLogger(__name__)
 AGREED_PLAN_WAIT_S = 10.0
@@ -286,7 +288,7 @@ class Node:
         if status == "failed":
             self.agreement.suspect_primary(peer)
 
-    async def _replan(self, epoch: int, alive: list[NodeId], promote: bool = False) -> None:
+    async def _replan(self, epoch: Epoch, alive: list[NodeId], promote: bool = False) -> None:
         """Decide the plan of `epoch` over `alive` nodes, agree on it, put it in force.
 
         `promote` (a crash, not an eviction): standbys take over the ranges of nodes that
@@ -306,7 +308,7 @@ class Node:
             timeout_s=300.0,
         )
 
-    async def _decide_replan(self, epoch: int, alive: list[NodeId]) -> StagePlan:
+    async def _decide_replan(self, epoch: Epoch, alive: list[NodeId]) -> StagePlan:
         chain, spares = split_for_replication(sorted(alive), replication_factor(self.cfg))
         old = self.stage_server.plan
         if old is not None and not spares and not old.replicas:
@@ -379,7 +381,7 @@ class Node:
         if self.id != GATEWAY:
             log.error("equivocation: %s; the gateway evicts it", reason)
             return
-        await self._on_liars((NodeId(evidence.accused),), reason)
+        await self._on_liars((evidence.accused,), reason)
 
     def _local_state(self) -> tuple[tuple[int, ...], int]:
         plan = self.stage_server.plan
@@ -427,7 +429,7 @@ class Node:
                         f"node {out.peer} unreachable: {e}",
                         True,
                     )
-                    await self.deliver(NodeId(msg.reply_to), lost)
+                    await self.deliver(msg.reply_to, lost)
                     return None
                 await self._copy_caches(msg.request_ids)
             case StepResult() | StepError():
@@ -458,7 +460,7 @@ class Node:
                 self.metrics.emit(MessageDropped(reason=f"unexpected_{msg.kind}"))
         return None
 
-    async def _copy_caches(self, request_ids: tuple[str, ...]) -> None:
+    async def _copy_caches(self, request_ids: tuple[RequestId, ...]) -> None:
         """Send the standbys what the step added to the caches, off the step's path."""
         for copy in self.stage_server.kv_deltas(request_ids):
             self.metrics.emit(CheckpointCopied(bytes=len(copy.payload)))
@@ -500,7 +502,7 @@ class Node:
             facts.layer_overhead_ms,
         )
 
-    def _decide(self, epoch: int, members: list[NodeId]) -> StagePlan:
+    def _decide(self, epoch: Epoch, members: list[NodeId]) -> StagePlan:
         """The plan of `epoch` over `members`, from the facts gathered at start-up."""
         self.placement = place(
             epoch,
@@ -592,7 +594,7 @@ class Node:
         self.facts = await gather_status(
             self.transport, peers, timeout_s=120.0, local=(self.id, self._status)
         )
-        await self._replan(1, sorted(self.members))
+        await self._replan(Epoch(1), sorted(self.members))
         codec = self.codec
         data_dir = Path(self.cfg.node.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from butterfly.agreement.config_replica import ConfigReplica
 from butterfly.net.transport import Transport
 from butterfly.types.errors import ButterflyError
 from butterfly.types.ids import NodeId
-from butterfly.types.messages import ConfigStatus, ConfigStatusQuery, ConfigSync
+from butterfly.types.wire.control import ConfigStatus, ConfigStatusQuery, ConfigSync
 
 QUERY_TIMEOUT_S = 1.0
 MONITOR_INTERVAL_S = 1.0
@@ -29,7 +29,7 @@ MONITOR_INTERVAL_S = 1.0
 class NodeConfig:
     """One node's config position as the gateway last saw it (`reachable=False`: no answer)."""
 
-    node: int
+    node: NodeId
     reachable: bool
     version: int = 0
     config_hash: str = ""
@@ -66,12 +66,19 @@ class ClusterConfigStatus:
                     peer, ConfigStatusQuery(values), timeout=QUERY_TIMEOUT_S, channel="control"
                 )
             except ButterflyError:
-                return NodeConfig(int(peer), False)
+                return NodeConfig(peer, False)
             if not isinstance(env.msg, ConfigStatus):
-                return NodeConfig(int(peer), False)
+                return NodeConfig(peer, False)
             s = env.msg
         return NodeConfig(  # labelled by whom we asked, not by what the answer claims
-            int(peer), True, s.version, s.config_hash, s.cluster_hash, s.seq, s.error, s.failed_seq
+            peer,
+            True,
+            s.config_version,
+            s.config_hash,
+            s.cluster_hash,
+            s.seq,
+            s.error,
+            s.failed_seq,
         )
 
     async def poll(self) -> list[NodeConfig]:
@@ -111,7 +118,7 @@ class ClusterConfigStatus:
             elif s.cluster_hash == ref and not s.error:
                 report[s.node] = "in sync"
             else:
-                report[s.node] = await self._sync_one(NodeId(s.node), ref)
+                report[s.node] = await self._sync_one(s.node, ref)
         await self.poll()
         return report
 

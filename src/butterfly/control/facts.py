@@ -35,7 +35,8 @@ from butterfly.partition.capability import Link, NodeCapability
 from butterfly.runtime.torch_thread import TorchThread
 from butterfly.types.errors import ButterflyError, InvalidMessage
 from butterfly.types.ids import NodeId
-from butterfly.types.messages import Ping, Pong, StatusReply
+from butterfly.types.wire.control import StatusReply
+from butterfly.types.wire.data import Ping, Pong
 
 log = logging.getLogger(__name__)
 
@@ -281,11 +282,11 @@ class NodeFacts:
     links: Mapping[NodeId, Link] = field(default_factory=dict)
     layer_overhead_ms: float = 0.0
 
-    def link_fields(self) -> tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...]]:
+    def link_fields(self) -> tuple[tuple[NodeId, ...], tuple[float, ...], tuple[float, ...]]:
         """The links as StatusReply's parallel tuples (peer, latency, bandwidth)."""
         peers = tuple(sorted(self.links))
         return (
-            tuple(int(p) for p in peers),
+            peers,
             tuple(self.links[p].latency_ms for p in peers),
             tuple(self.links[p].bandwidth_bytes_per_s for p in peers),
         )
@@ -388,5 +389,5 @@ def capability_of(
                 "dropping node %s's link to %s (%s ms, %s B/s)", node, peer, latency, bandwidth
             )
             continue
-        links[NodeId(peer)] = Link(latency, bandwidth)
+        links[peer] = Link(latency, bandwidth)
     return NodeCapability(node, reply.compute_flops, reply.memory_bytes, links, overhead)

@@ -33,10 +33,11 @@ from butterfly.partition.quality import Plan, estimate_per_token_ms
 from butterfly.partition.replan import replan
 from butterfly.partition.service import PartitionService
 from butterfly.types.errors import ButterflyError, NoNodesAvailable, ServiceUnavailable
-from butterfly.types.ids import GATEWAY, NodeId
-from butterfly.types.messages import Ping, PlanAck, PlanAssign, StatusQuery, StatusReply
+from butterfly.types.ids import GATEWAY, Epoch, NodeId
 from butterfly.types.model import LayerInfo, LayerRange, ModelPartition
 from butterfly.types.plan import StagePlan
+from butterfly.types.wire.control import PlanAck, PlanAssign, StatusQuery, StatusReply
+from butterfly.types.wire.data import Ping
 
 log = logging.getLogger(__name__)
 
@@ -198,12 +199,12 @@ def per_token_ms(
     return ms
 
 
-def _to_stage_plan(epoch: int, plan: Plan) -> StagePlan:
+def _to_stage_plan(epoch: Epoch, plan: Plan) -> StagePlan:
     return StagePlan(epoch, tuple((s.node, s.layers) for s in plan.stages))
 
 
 def place(
-    epoch: int,
+    epoch: Epoch,
     members: list[NodeId],
     facts: Mapping[NodeId, StatusReply],
     *,
@@ -245,7 +246,7 @@ def place(
 
 
 def decide_plan(
-    epoch: int,
+    epoch: Epoch,
     members: list[NodeId],
     facts: Mapping[NodeId, StatusReply],
     *,
@@ -289,7 +290,7 @@ def replan_after(
     started = time.perf_counter()
     result = replan(placed, layers, nodes, strategy)
     emit(PartitionComputed(seconds=time.perf_counter() - started, cache_hit=False))
-    new = _to_stage_plan(old.epoch + 1, result.plan)
+    new = _to_stage_plan(Epoch(old.epoch + 1), result.plan)
     log.info(
         "re-planned epoch %s -> %s (%s): %s; %d layer(s) move%s",
         old.epoch,

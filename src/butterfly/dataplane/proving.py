@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from butterfly.protocol.messages import Proof, encode
-from butterfly.protocol.proof import fingerprint, tensor_bytes
+from butterfly.protocol.proof import fingerprint, generate_proof, tensor_bytes
 from butterfly.protocol.sign import SigningKey
 from butterfly.types.ids import Epoch, NodeId, RequestId, StageIndex
 from butterfly.types.model import LayerRange
+from butterfly.types.wire.agreement import encode
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class Prover:
         out: torch.Tensor,
         layer_outputs: Sequence[torch.Tensor],
     ) -> bytes:
-        proof = Proof.generate(
+        proof = generate_proof(
             key=self.key,
             signer=self.node,
             epoch=Epoch(epoch),

@@ -17,7 +17,9 @@ import lz4.frame
 import msgpack
 
 from butterfly.types.errors import WireFormatError
-from butterfly.types.messages import PROTOCOL_VERSION, Message, from_body, to_body
+from butterfly.types.ids import Epoch, NodeId
+from butterfly.types.wire.base import PROTOCOL_VERSION
+from butterfly.types.wire.frames import Message, from_body, to_body
 
 LENGTH = struct.Struct(">I")
 HEADER_LENGTH = struct.Struct(">H")
@@ -28,8 +30,8 @@ COMPRESSIONS = ("", "lz4")
 @dataclass(frozen=True, slots=True)
 class Envelope:
     msg: Message
-    sender: int
-    epoch: int
+    sender: NodeId  # as the peer claims it: transports attribute frames to the connection
+    epoch: Epoch
     cluster_id: str
     corr_id: int = 0  # non-zero: a request expecting a reply, or that reply
     reply: bool = False

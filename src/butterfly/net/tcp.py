@@ -30,8 +30,10 @@ from butterfly.net.conn import Connection, Handler
 from butterfly.net.framing import Envelope
 from butterfly.net.tls import TlsContexts, cert_node, node_name
 from butterfly.types.errors import CircuitOpen, ConnectionFailed, WireFormatError
-from butterfly.types.ids import NodeId
-from butterfly.types.messages import PROTOCOL_VERSION, Hello, HelloAck, Message
+from butterfly.types.ids import Epoch, NodeId
+from butterfly.types.wire.base import PROTOCOL_VERSION
+from butterfly.types.wire.control import Hello, HelloAck
+from butterfly.types.wire.frames import Message
 
 log = logging.getLogger(__name__)
 CHANNELS = ("control", "data")
@@ -73,7 +75,7 @@ class TcpTransport:
         listen: tuple[str, int],
         peers: Mapping[NodeId, tuple[str, int]],
         emit: Emit,
-        epoch: Callable[[], int],
+        epoch: Callable[[], Epoch],
         limits: TransportLimits = TransportLimits(),
         tls: TlsContexts | None = None,
     ) -> None:
@@ -172,7 +174,7 @@ class TcpTransport:
             return
         hello = env.msg
         assert isinstance(hello, Hello)  # _refusal checked the kind
-        conn.peer = NodeId(hello.node)
+        conn.peer = hello.node
         await conn.send(HelloAck(self.identity.node, reason == "", reason))
         if reason:
             self._emit(MessageDropped(reason="handshake"))

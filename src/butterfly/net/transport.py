@@ -7,7 +7,7 @@ from typing import Protocol
 from butterfly.net.conn import Handler
 from butterfly.net.framing import Envelope
 from butterfly.types.ids import NodeId
-from butterfly.types.messages import Message
+from butterfly.types.wire.frames import Message
 
 
 class Transport(Protocol):

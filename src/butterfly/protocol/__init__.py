@@ -18,10 +18,10 @@ and sends what comes back. Modules:
 from butterfly.protocol.agreement import AgreementValue, ByzantineAgreement
 from butterfly.protocol.checkpoint import Checkpoint, CheckpointManager, CheckpointStats
 from butterfly.protocol.failure_detector import Health, PhiAccrualFailureDetector
-from butterfly.protocol.messages import Fingerprint, Proof, decode, encode
 from butterfly.protocol.pbft_state import PbftConfig, ReplicaState
 from butterfly.protocol.quorum import check_fault_tolerance, max_faulty
 from butterfly.protocol.sign import SigningKey
+from butterfly.types.wire.agreement import Fingerprint, Proof, decode, encode
 
 __all__ = [
     "AgreementValue",

@@ -19,20 +19,12 @@ from dataclasses import dataclass
 import msgpack
 
 from butterfly.protocol import pbft
-from butterfly.protocol.messages import (
-    Commit,
-    Evidence,
-    Prepare,
-    PrePrepare,
-    Proof,
-    Request,
-    sign_message,
-)
 from butterfly.protocol.pbft_state import PbftConfig, ReplicaState, Send, prepared_digest
 from butterfly.protocol.quorum import check_fault_tolerance, primary
-from butterfly.protocol.sign import SigningKey
+from butterfly.protocol.sign import SigningKey, sign_message, verify_message
 from butterfly.types.errors import ByzantineViolation, InvalidMessage, PhaseTransitionFailed
 from butterfly.types.ids import Epoch, NodeId
+from butterfly.types.wire.agreement import Commit, Evidence, Prepare, PrePrepare, Proof, Request
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +88,8 @@ class ByzantineAgreement:
 
     def handle_pre_prepare(self, value: AgreementValue, proof: Proof) -> None:
         """Propose `value`, backed by the signed proof of the step that produced it."""
-        if not 0 <= proof.sender < len(self.keys) or not proof.verify(
-            self.keys[proof.sender].public
+        if not 0 <= proof.sender < len(self.keys) or not verify_message(
+            proof, self.keys[proof.sender].public
         ):
             raise ByzantineViolation(
                 f"the proof for this value is not validly signed by node {proof.sender}; "

@@ -27,13 +27,18 @@ import msgpack
 
 from butterfly.protocol import failure_detector, pbft
 from butterfly.protocol.failure_detector import DetectorState, Health, PhiAccrualFailureDetector
-from butterfly.protocol.messages import (
+from butterfly.protocol.inputs import Tick
+from butterfly.protocol.pbft_state import PbftConfig, ReplicaState, Send
+from butterfly.protocol.quorum import weak_quorum
+from butterfly.protocol.sign import SigningKey, sign_message, verify_message
+from butterfly.types.errors import InvalidMessage, PhaseTransitionFailed
+from butterfly.types.ids import Epoch, NodeId
+from butterfly.types.wire.agreement import (
     KINDS,
     BarrierReady,
     CheckpointVote,
     Commit,
     Evidence,
-    Heartbeat,
     Message,
     NewView,
     Prepare,
@@ -45,18 +50,11 @@ from butterfly.protocol.messages import (
     StateTransfer,
     Status,
     Suspicion,
-    Tick,
     ViewChange,
     decode,
     encode,
-    sign_message,
-    verify_message,
 )
-from butterfly.protocol.pbft_state import PbftConfig, ReplicaState, Send
-from butterfly.protocol.quorum import weak_quorum
-from butterfly.protocol.sign import SigningKey
-from butterfly.types.errors import InvalidMessage, PhaseTransitionFailed
-from butterfly.types.ids import Epoch, NodeId
+from butterfly.types.wire.control import Heartbeat
 
 RESEND_INTERVAL = 1.0
 """Seconds between retransmissions of an undecided proposal."""

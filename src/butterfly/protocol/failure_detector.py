@@ -24,8 +24,9 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-from butterfly.protocol.messages import Heartbeat, Tick
+from butterfly.protocol.inputs import Tick
 from butterfly.types.ids import NodeId
+from butterfly.types.wire.control import Heartbeat
 
 _LN10 = math.log(10.0)
 _SQRT2 = math.sqrt(2.0)
