@@ -13,6 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import uvicorn
@@ -40,7 +41,7 @@ from butterfly.dataplane.stage_server import Outbound, StageServer
 from butterfly.dataplane.unresponsive import StepTimeouts
 from butterfly.metrics.events import CheckpointCopied, Eviction, MessageDropped, NodeStatus
 from butterfly.metrics.prometheus import Metrics
-from butterfly.net.framing import Envelope
+from butterfly.net.framing import Envelope, answer_to, as_message
 from butterfly.net.tcp import Identity, TcpTransport, TransportLimits
 from butterfly.net.tls import TlsFiles, contexts
 from butterfly.partition.service import PartitionService
@@ -55,10 +56,17 @@ from butterfly.schedule.engine import ClusterHealth, NodeHealth
 from butterfly.schedule.queue import QueuePolicy
 from butterfly.schedule.scheduler import Scheduler
 from butterfly.schedule.store import TaskStore
-from butterfly.types.errors import ButterflyError, ConfigError, SendTimeout, ServiceUnavailable
+from butterfly.types.errors import (
+    ButterflyError,
+    ConfigError,
+    InvalidMessage,
+    SendTimeout,
+    ServiceUnavailable,
+)
 from butterfly.types.ids import GATEWAY, Epoch, NodeId, RequestId
 from butterfly.types.plan import StagePlan
 from butterfly.types.wire.agreement import Evidence
+from butterfly.types.wire.base import Ask
 from butterfly.types.wire.commands import (
     ConfigAbort,
     ConfigUpdate,
@@ -92,6 +100,7 @@ from butterfly.types.wire.data import (
 from butterfly.types.wire.frames import Message
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 AGREED_PLAN_WAIT_S = 10.0
 """How long a node waits for its own execution of the plan the gateway hands it."""
 
@@ -324,18 +333,19 @@ class Node:
             return plan
         return add_replicas(self._decide(epoch, chain), spares)
 
-    async def _ask(self, node: NodeId, msg: Message) -> Message:
+    async def _ask(self, node: NodeId, msg: Ask[R]) -> R:
         """Request/response with a node, this one included (no socket then)."""
         if node == self.id:
-            env = Envelope(msg, self.id, self.stage_server.epoch, self.cfg.cluster.id, 0, False)
+            request = as_message(msg)
+            env = Envelope(request, self.id, self.stage_server.epoch, self.cfg.cluster.id)
             answer = await self.handle(env)
             if answer is None:
-                raise ServiceUnavailable(f"node {node} has no answer to {msg.kind}")
-            return answer[0]
-        reply = await self.transport.request(
+                raise ServiceUnavailable(f"node {node} has no answer to {request.kind}")
+            return answer_to(msg, answer[0], node)
+        reply, _ = await self.transport.ask(
             node, msg, timeout=self.cfg.network.step_timeout_ms / 1000, channel="control"
         )
-        return reply.msg
+        return reply
 
     async def _ask_audit(
         self, node: NodeId, request: AuditRequest, payload: bytes
@@ -343,16 +353,17 @@ class Node:
         if node == self.id:
             return await self.stage_server.audit(request, payload)
         try:
-            env = await self.transport.request(
+            answer = await self.transport.ask(
                 node, request, payload, timeout=self.cfg.network.step_timeout_ms / 1000
             )
         except SendTimeout:
             await self.timeouts.timed_out(node, f"audit of {request.request_id}")
             raise
+        except InvalidMessage:  # an answer of the wrong kind: the auditor judges it
+            self.timeouts.answered((node,))
+            raise
         self.timeouts.answered((node,))
-        if not isinstance(env.msg, AuditReply):
-            return AuditReply(request.request_id, node, b"", f"answered {env.msg.kind}"), b""
-        return env.msg, env.payload
+        return answer
 
     async def _on_liars(self, liars: tuple[NodeId, ...], reason: str) -> None:
         """An audit proved these nodes wrong: the eviction is agreed through PBFT (every

@@ -245,7 +245,7 @@ class ConfigCoordinator:
         self, peer: NodeId, digest: str, body: bytes, deadline: float
     ) -> ConfigVote | None:
         try:
-            env = await self._transport.request(
+            vote, _ = await self._transport.ask(
                 peer,
                 ConfigPrepare(digest),
                 body,
@@ -255,7 +255,7 @@ class ConfigCoordinator:
         except ButterflyError as e:
             log.info("node %s did not vote on config %s: %s", peer, digest[:12], e)
             return None
-        return env.msg if isinstance(env.msg, ConfigVote) else None
+        return vote
 
     async def _order(self, update: ConfigUpdate, digest: str, deadline: float) -> None:
         """COMMIT through PBFT; on a timeout, order the abort so the outcome is the same

@@ -280,15 +280,13 @@ class ConfigReplica:
 
     async def _ask(self, peer: NodeId) -> tuple[ConfigStatus, bytes] | None:
         try:
-            env = await self._transport.request(
+            status, values = await self._transport.ask(
                 peer, ConfigStatusQuery(values=True), timeout=SYNC_TIMEOUT_S, channel="control"
             )
         except ButterflyError as e:
             log.debug("node %s did not report its config: %s", peer, e)
             return None
-        if not isinstance(env.msg, ConfigStatus) or env.msg.node != peer:
-            return None
-        return env.msg, env.payload
+        return (status, values) if status.node == peer else None
 
 
 __all__ = [

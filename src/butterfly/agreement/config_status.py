@@ -19,7 +19,7 @@ from butterfly.agreement.config_replica import ConfigReplica
 from butterfly.net.transport import Transport
 from butterfly.types.errors import ButterflyError
 from butterfly.types.ids import NodeId
-from butterfly.types.wire.control import ConfigStatus, ConfigStatusQuery, ConfigSync
+from butterfly.types.wire.control import ConfigStatusQuery, ConfigSync
 
 QUERY_TIMEOUT_S = 1.0
 MONITOR_INTERVAL_S = 1.0
@@ -62,14 +62,11 @@ class ClusterConfigStatus:
             s = self.replica.status()[0]
         else:
             try:
-                env = await self._transport.request(
+                s, _ = await self._transport.ask(
                     peer, ConfigStatusQuery(values), timeout=QUERY_TIMEOUT_S, channel="control"
                 )
             except ButterflyError:
                 return NodeConfig(peer, False)
-            if not isinstance(env.msg, ConfigStatus):
-                return NodeConfig(peer, False)
-            s = env.msg
         return NodeConfig(  # labelled by whom we asked, not by what the answer claims
             peer,
             True,
@@ -127,14 +124,11 @@ class ClusterConfigStatus:
             after = await self.replica.sync()
         else:
             try:
-                env = await self._transport.request(
+                after, _ = await self._transport.ask(
                     node, ConfigSync(), timeout=3 * QUERY_TIMEOUT_S, channel="control"
                 )
-            except ButterflyError as e:
+            except ButterflyError as e:  # InvalidMessage names a reply of the wrong kind
                 return f"failed: {e}"
-            if not isinstance(env.msg, ConfigStatus):
-                return f"failed: answered {env.msg.kind}"
-            after = env.msg
         if after.error:
             return f"failed: {after.error}"
         return "synced" if after.cluster_hash == ref else "synced to its peers' config"

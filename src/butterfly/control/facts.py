@@ -36,7 +36,7 @@ from butterfly.runtime.torch_thread import TorchThread
 from butterfly.types.errors import ButterflyError, InvalidMessage
 from butterfly.types.ids import NodeId
 from butterfly.types.wire.control import StatusReply
-from butterfly.types.wire.data import Ping, Pong
+from butterfly.types.wire.data import Ping
 
 log = logging.getLogger(__name__)
 
@@ -253,16 +253,14 @@ async def measure_link(transport: Transport, peer: NodeId, *, timeout_s: float =
 
     async def round_trip(seq: int, size: int) -> float:
         started = time.perf_counter()
-        env = await transport.request(
+        pong, _ = await transport.ask(
             peer, Ping(seq), b"\0" * size, timeout=timeout_s, channel="data"
         )
         elapsed = time.perf_counter() - started
-        reply = env.msg
-        if not isinstance(reply, Pong) or reply.received != size:
-            got = (
-                f"{reply.kind} of {reply.received} bytes" if isinstance(reply, Pong) else reply.kind
+        if pong.received != size:
+            raise InvalidMessage(
+                f"node {peer} answered a {size}-byte ping with {pong.received} bytes", blame=peer
             )
-            raise InvalidMessage(f"node {peer} answered a {size}-byte ping with {got}")
         return elapsed
 
     await round_trip(0, 0)  # connection set-up is not latency

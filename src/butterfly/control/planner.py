@@ -32,7 +32,12 @@ from butterfly.partition.capability import (
 from butterfly.partition.quality import Plan, estimate_per_token_ms
 from butterfly.partition.replan import replan
 from butterfly.partition.service import PartitionService
-from butterfly.types.errors import ButterflyError, NoNodesAvailable, ServiceUnavailable
+from butterfly.types.errors import (
+    ButterflyError,
+    InvalidMessage,
+    NoNodesAvailable,
+    ServiceUnavailable,
+)
 from butterfly.types.ids import GATEWAY, Epoch, NodeId
 from butterfly.types.model import LayerInfo, LayerRange, ModelPartition
 from butterfly.types.plan import StagePlan
@@ -66,7 +71,7 @@ async def gather_status(
     while pending:
         for peer in sorted(pending):
             try:
-                await transport.request(peer, Ping(0), timeout=2.0, channel="control")
+                await transport.ask(peer, Ping(0), timeout=2.0, channel="control")
             except ButterflyError as e:
                 log.debug("node %s not ready yet: %s", peer, e)
                 continue
@@ -84,9 +89,11 @@ async def gather_status(
         while peer not in replies:
             left = deadline - time.monotonic()
             try:
-                env = await transport.request(
+                status, _ = await transport.ask(
                     peer, StatusQuery(), timeout=max(PROBE_TIMEOUT_S, left), channel="control"
                 )
+            except InvalidMessage as e:  # it answered, with something else: do not ask again
+                raise ServiceUnavailable(str(e)) from e
             except ButterflyError as e:
                 if time.monotonic() > deadline:
                     raise ServiceUnavailable(
@@ -94,9 +101,7 @@ async def gather_status(
                     ) from e
                 await asyncio.sleep(0.2)
                 continue
-            if not isinstance(env.msg, StatusReply):
-                raise ServiceUnavailable(f"node {peer} answered StatusQuery with {env.msg.kind}")
-            replies[peer] = env.msg
+            replies[peer] = status
     return replies
 
 
@@ -319,10 +324,8 @@ async def distribute_plan(
     async def one(peer: NodeId) -> PlanAck:
         if peer == node:
             return await apply_local(msg)
-        env = await transport.request(peer, msg, timeout=timeout_s, channel="control")
-        if not isinstance(env.msg, PlanAck):
-            raise ServiceUnavailable(f"node {peer} answered the plan with {env.msg.kind}")
-        return env.msg
+        ack, _ = await transport.ask(peer, msg, timeout=timeout_s, channel="control")
+        return ack
 
     acks = await asyncio.gather(*(one(p) for p in members))
     failed = [a for a in acks if not a.ok]

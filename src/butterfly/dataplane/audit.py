@@ -25,7 +25,7 @@ from butterfly.runtime.loader import load_stage
 from butterfly.runtime.stage import Stage, prefill_outputs
 from butterfly.runtime.torch_thread import TorchThread
 from butterfly.runtime.wire import decode_tensor, encode_tensor
-from butterfly.types.errors import ButterflyError
+from butterfly.types.errors import ButterflyError, InvalidMessage
 from butterfly.types.ids import NodeId, RequestId, StageIndex
 from butterfly.types.model import LayerRange
 from butterfly.types.plan import StagePlan
@@ -172,18 +172,22 @@ class Auditor:
             if not others:
                 return Verdict(False, reason=f"no replica of {layers} to audit node {node}")
             auditor = others[0]
+            reply: AuditReply | None = None
             try:
                 reply, payload = await self._ask(
                     auditor,
                     AuditRequest(request_id, StageIndex(index), layers.start, layers.end, offset),
                     encode_tensor(x),
                 )
+                answered = True
+            except InvalidMessage as e:  # an answer, of the wrong kind: judged as a wrong one
+                log.warning("audit of %s: auditor %s: %s", request_id, auditor, e)
+                payload, answered = b"", True
             except ButterflyError as e:
                 # no answer is not a lie: the gateway checks the claims itself, and the
                 # silence is counted by whoever asked (`dataplane.unresponsive`)
                 log.warning("audit of %s: auditor %s did not answer: %s", request_id, auditor, e)
-                reply, payload = None, b""
-            answered = reply is not None
+                payload, answered = b"", False
             out = decode_tensor(payload, self._max) if reply and not reply.error else None
             if out is not None and all(self._matches(c, out, offset) for c in mine):
                 checked += len(mine)

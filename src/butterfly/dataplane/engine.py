@@ -15,7 +15,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, Protocol, TypeVar
 
 import torch
 
@@ -40,8 +40,8 @@ from butterfly.types.ids import NodeId, RequestId
 from butterfly.types.plan import StagePlan
 from butterfly.types.tasks import InferenceResult, InferenceTask, StageRecord
 from butterfly.types.wire.agreement import Proof, encode
+from butterfly.types.wire.base import Ask
 from butterfly.types.wire.data import (
-    CacheLengths,
     CacheQuery,
     Release,
     StageStep,
@@ -54,7 +54,13 @@ log = logging.getLogger(__name__)
 
 
 Deliver = Callable[[NodeId, Message, bytes], Awaitable[None]]
-Ask = Callable[[NodeId, Message], Awaitable[Message]]
+R = TypeVar("R")
+
+
+class Asker(Protocol):
+    """Ask a node (this one included) and get the reply the request declares."""
+
+    async def __call__(self, node: NodeId, msg: Ask[R], /) -> R: ...
 
 
 async def _ignore_liars(liars: tuple[NodeId, ...], reason: str) -> None:
@@ -82,7 +88,7 @@ class PipelineEngine:
         *,
         node: NodeId,
         deliver: Deliver,
-        ask: Ask | None = None,
+        ask: Asker | None = None,
         plan: Callable[[], StagePlan | None],
         health: Callable[[], ClusterHealth],
         max_context: int,
@@ -465,8 +471,8 @@ class PipelineEngine:
                 reply = await ask(node, CacheQuery((request_id,)))
             except ButterflyError:
                 return 0
-            ok = isinstance(reply, CacheLengths) and reply.request_ids == (request_id,)
-            return reply.lengths[0] if isinstance(reply, CacheLengths) and ok else 0
+            ok = reply.request_ids == (request_id,) and len(reply.lengths) == 1
+            return reply.lengths[0] if ok else 0
 
         lengths = await asyncio.gather(*(held(n) for n in plan.nodes))
         return max(0, min(*lengths, length - 1))

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 import lz4.frame
 import msgpack
 
-from butterfly.types.errors import WireFormatError
+from butterfly.types.errors import InvalidMessage, WireFormatError
 from butterfly.types.ids import Epoch, NodeId
-from butterfly.types.wire.base import PROTOCOL_VERSION
+from butterfly.types.wire.base import PROTOCOL_VERSION, Ask, reply_type
 from butterfly.types.wire.frames import Message, from_body, to_body
+
+R = TypeVar("R")
 
 LENGTH = struct.Struct(">I")
 HEADER_LENGTH = struct.Struct(">H")
@@ -114,3 +117,22 @@ def decode_frame(rest: bytes, max_payload: int) -> Envelope:
         payload=bytes(payload),
         version=header["v"],
     )
+
+
+def as_message(request: Ask[Any]) -> Message:
+    """A request as the frame union: every `Ask` subclass is a frame message (types.wire)."""
+    return cast(Message, request)
+
+
+def answer_to(request: Ask[R], reply: Message, peer: NodeId) -> R:
+    """`reply` as the answer `request` declared, or InvalidMessage blaming `peer` (the
+    authenticated peer asked, not whoever the frame claims): checked here once, so no
+    caller inspects a reply's type."""
+    expected = reply_type(request)
+    if type(reply) is not expected:
+        raise InvalidMessage(
+            f"node {peer} answered {as_message(request).kind} with {reply.kind}, "
+            f"not {getattr(expected, 'kind', expected.__name__)}",
+            blame=peer,
+        )
+    return cast(R, reply)

@@ -12,15 +12,25 @@ import contextlib
 import itertools
 import logging
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from butterfly.metrics.events import Emit
 from butterfly.net.conn import Handler
-from butterfly.net.framing import LENGTH, Envelope, decode_frame, encode_frame
+from butterfly.net.framing import (
+    LENGTH,
+    Envelope,
+    answer_to,
+    as_message,
+    decode_frame,
+    encode_frame,
+)
 from butterfly.types.errors import ConnectionFailed, SendTimeout
 from butterfly.types.ids import Epoch, NodeId
+from butterfly.types.wire.base import Ask
 from butterfly.types.wire.frames import Message
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 FIRST_EPOCH = Epoch(0)
 
 
@@ -117,6 +127,18 @@ class MemoryTransport:
             raise SendTimeout(f"node {peer} did not answer {msg.kind} within {timeout} s") from e
         finally:
             self._pending.pop(corr, None)
+
+    async def ask(
+        self,
+        peer: NodeId,
+        msg: Ask[R],
+        payload: bytes = b"",
+        *,
+        timeout: float,
+        channel: str = "data",
+    ) -> tuple[R, bytes]:
+        env = await self.request(peer, as_message(msg), payload, timeout=timeout, channel=channel)
+        return answer_to(msg, env.msg, peer), env.payload
 
     async def broadcast(
         self, msg: Message, payload: bytes = b"", *, channel: str = "control"
