@@ -31,7 +31,7 @@ from butterfly.types.wire.agreement import (
     request_digest,
     signing_bytes,
 )
-from butterfly.types.wire.codec import MAX_MESSAGE_BYTES
+from butterfly.types.wire.checks import MAX_MESSAGE_BYTES
 from butterfly.types.wire.control import Heartbeat
 from tests.protocol_util import KEYS, request
 

@@ -4,8 +4,8 @@ Each protocol is a reducer, `step(state, input, now) -> (state, messages to send
 driver (the node's runtime loop, or `butterfly.testing.sim`) delivers messages and ticks
 and sends what comes back. Modules:
 
-    messages          every wire message (frozen, tagged, versioned, signed) + strict codec
-    sign, hashing     Ed25519 keys and verification; digests and Merkle roots
+    sign              Ed25519 keys; signing and verifying wire messages (types.wire)
+    inputs            reducer inputs that never cross the wire (Tick, SuspectPrimary)
     quorum            n >= 3f + 1 and quorum sizes
     pbft              PBFT replica (pbft_state, pbft_order, pbft_viewchange, evidence)
     agreement         the seed's ByzantineAgreement API over one PBFT replica

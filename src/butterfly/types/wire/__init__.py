@@ -2,6 +2,7 @@
 
     base        PROTOCOL_VERSION, field aliases (Digest, Signature, Text), `Ask[R]`
     codec       the strict msgpack codec every message kind goes through
+    checks      its field checkers and the wire's limits
     data        data path: stage steps, results, audits, KV copies, link probes
     control     handshake, heartbeat, plans, status, config agreement
     frames      what a transport frame may carry (data + control) and its body codec

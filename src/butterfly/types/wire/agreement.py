@@ -38,7 +38,8 @@ from butterfly.types.errors import InvalidMessage
 from butterfly.types.hashing import NULL_DIGEST, sha256
 from butterfly.types.ids import Epoch, NodeId, RequestId, StageIndex
 from butterfly.types.wire.base import PROTOCOL_VERSION, Blob, Digest, Signature
-from butterfly.types.wire.codec import MAX_MESSAGE_BYTES, Codec
+from butterfly.types.wire.checks import MAX_MESSAGE_BYTES
+from butterfly.types.wire.codec import Codec
 from butterfly.types.wire.control import Heartbeat
 
 # --- PBFT -------------------------------------------------------------------------------

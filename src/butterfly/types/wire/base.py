@@ -10,7 +10,7 @@ from __future__ import annotations
 import typing
 from typing import Annotated, Any, Generic, TypeVar
 
-from butterfly.types.wire.codec import Size
+from butterfly.types.wire.checks import Size
 
 PROTOCOL_VERSION = 2
 """Checked in every handshake, frame and signed message. 2: one schema, typed ids, commands
