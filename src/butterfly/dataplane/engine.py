@@ -303,7 +303,7 @@ class PipelineEngine:
         plan = self._plan()
         if plan is None:
             raise ServiceUnavailable("the cluster has no stage plan yet; retry shortly")
-        request_id = RequestId(str(task.task_id))
+        request_id = task.task_id
         started = time.perf_counter()
         timings: dict[str, float] = {}
         try:

@@ -31,7 +31,7 @@ from butterfly.runtime.stage import Stage, forward_rows, prefill_outputs, suppor
 from butterfly.runtime.torch_thread import TorchThread, single_threaded
 from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.types.errors import ButterflyError, InvalidMessage, StageLost
-from butterfly.types.ids import Epoch, NodeId, RequestId
+from butterfly.types.ids import Epoch, NodeId, RequestId, StageIndex
 from butterfly.types.model import LayerRange
 from butterfly.types.plan import StagePlan
 from butterfly.types.wire.control import PlanAck, PlanAssign
@@ -383,13 +383,13 @@ class StageServer:
             # the chain position of the range held: a replica's records (replicate mode's
             # lanes) name the stage they stand for (a negative index would not even decode)
             index = next((i for i, (_, r) in enumerate(self.plan.stages) if r == stage.layers), 0)
-            proofs = self._sign(msg, index, stage.layers, x, sent, offsets, traces)
+            proofs = self._sign(msg, StageIndex(index), stage.layers, x, sent, offsets, traces)
         return encode_tensor(sent), proofs
 
     def _sign(
         self,
         msg: StageStep,
-        index: int,
+        index: StageIndex,
         layers: LayerRange,
         x: torch.Tensor,
         out: torch.Tensor,

@@ -1,4 +1,5 @@
-"""The wire format: every message round-trips, anything malformed is InvalidMessage."""
+"""The agreement wire format (types.wire.agreement): every message round-trips, anything
+malformed is InvalidMessage."""
 
 from __future__ import annotations
 
