@@ -25,7 +25,8 @@ from butterfly.net.tcp import Identity, TcpTransport
 from butterfly.protocol.pbft_state import PbftConfig
 from butterfly.protocol.sign import SigningKey
 from butterfly.types.ids import NodeId
-from butterfly.types.messages import AgreementFrame, Message
+from butterfly.types.wire.control import AgreementFrame
+from butterfly.types.wire.frames import Message
 from common import summary
 
 F = 1

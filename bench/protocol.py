@@ -44,16 +44,10 @@ from typing import Any
 from butterfly.cli.launcher import free_ports
 from butterfly.protocol import pbft
 from butterfly.protocol.failure_detector import PhiAccrualFailureDetector
-from butterfly.protocol.messages import (
-    Message,
-    PrePrepare,
-    Request,
-    forget_verifications,
-    sign_message,
-)
 from butterfly.protocol.pbft_state import PbftConfig, ReplicaState
-from butterfly.protocol.sign import SigningKey, verify_bytes
+from butterfly.protocol.sign import SigningKey, forget_verifications, sign_message, verify_bytes
 from butterfly.types.ids import Epoch, NodeId
+from butterfly.types.wire.agreement import Message, PrePrepare, Request
 
 N, F = 4, 1
 CLIENT = NodeId(100)

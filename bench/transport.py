@@ -37,7 +37,7 @@ from butterfly.net.framing import LENGTH, Envelope, decode_frame, encode_frame
 from butterfly.net.tcp import Identity, TcpTransport
 from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.types.ids import NodeId
-from butterfly.types.messages import Ping, Pong
+from butterfly.types.wire.data import Ping, Pong
 from common import machine, summary
 
 SHAPES = {"decode_1x1x768": (1, 1, 768), "prefill_1x128x768": (1, 128, 768)}

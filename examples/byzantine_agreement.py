@@ -26,17 +26,17 @@ import asyncio
 import contextlib
 import hashlib
 
-from butterfly.agreement.commands import NewPlan, decode_command, encode_command
 from butterfly.agreement.driver import AgreementDriver
 from butterfly.metrics.events import discard
 from butterfly.net.framing import Envelope
 from butterfly.net.memory import MemoryNetwork
-from butterfly.protocol.messages import Commit, Message, Prepare, decode
 from butterfly.protocol.pbft_state import PbftConfig, prepared_digest
 from butterfly.protocol.sign import SigningKey
 from butterfly.types.errors import InsufficientNodes
 from butterfly.types.ids import NodeId
-from butterfly.types.messages import AgreementFrame
+from butterfly.types.wire.agreement import Commit, Message, Prepare, decode
+from butterfly.types.wire.commands import NewPlan, decode_command, encode_command
+from butterfly.types.wire.control import AgreementFrame
 
 N, F = 5, 1
 KEYS = [SigningKey.from_seed(bytes([i + 1]) * 32) for i in range(N)]
@@ -134,7 +134,7 @@ async def run() -> None:
     tasks = [asyncio.create_task(d.run()) for d in drivers]
     try:
         head = ", ".join(str(b) for b in hashlib.sha256(command).digest()[:3])
-        print(f"PRE-PREPARE: Node 0 proposes {plan.tag} with hash [{head}, ...]")
+        print(f"PRE-PREPARE: Node 0 proposes {plan.kind} with hash [{head}, ...]")
         await drivers[0].propose(command, timeout=10.0)
         async with asyncio.timeout(10.0):
             while not all(logs[i] for i in range(N)):

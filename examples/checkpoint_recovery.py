@@ -40,10 +40,10 @@ from butterfly.runtime.sampling import make_generator, sample
 from butterfly.runtime.torch_thread import TorchThread
 from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.types.ids import NodeId
-from butterfly.types.messages import CacheQuery, KvAppend, StageStep
 from butterfly.types.model import LayerRange
 from butterfly.types.plan import StagePlan
 from butterfly.types.tasks import SamplingParams
+from butterfly.types.wire.data import CacheQuery, KvAppend, StageStep
 
 FREQUENCY = 5  # coordination.checkpoint_frequency: copy the KV cache every 5 positions
 FAIL_AT = 23

@@ -22,7 +22,7 @@ from __future__ import annotations
 from butterfly.control.membership import Membership
 from butterfly.protocol.failure_detector import PhiAccrualFailureDetector
 from butterfly.types.ids import NodeId
-from butterfly.types.messages import Heartbeat
+from butterfly.types.wire.control import Heartbeat
 
 INTERVAL_S = 0.1
 

@@ -6,10 +6,10 @@ from collections import deque
 from collections.abc import Callable
 
 from butterfly.protocol import pbft
-from butterfly.protocol.messages import Message, Request, sign_message
 from butterfly.protocol.pbft_state import PbftConfig, ReplicaState, Send
-from butterfly.protocol.sign import SigningKey
+from butterfly.protocol.sign import SigningKey, sign_message
 from butterfly.types.ids import Epoch, NodeId
+from butterfly.types.wire.agreement import Message, Request
 
 KEYS = [SigningKey.from_seed(bytes([i + 1]) * 32) for i in range(8)]
 CLIENT = NodeId(100)

@@ -20,13 +20,14 @@ from butterfly.metrics.events import MessageDropped, MetricsEvent
 from butterfly.net.framing import Envelope
 from butterfly.net.memory import MemoryNetwork
 from butterfly.protocol.evidence import valid_evidence
-from butterfly.protocol.messages import Evidence
 from butterfly.protocol.pbft_state import PbftConfig
 from butterfly.protocol.sign import SigningKey
 from butterfly.testing.liar_votes import EquivocatingDriver
 from butterfly.types.errors import ConsensusTimeout
 from butterfly.types.ids import NodeId
-from butterfly.types.messages import AgreementFrame, Message
+from butterfly.types.wire.agreement import Evidence
+from butterfly.types.wire.control import AgreementFrame
+from butterfly.types.wire.frames import Message
 
 KEYS = [SigningKey.from_seed(bytes([i + 7]) * 32) for i in range(4)]
 pytestmark = pytest.mark.timeout(60)

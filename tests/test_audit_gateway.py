@@ -10,7 +10,6 @@ import torch
 
 from butterfly.dataplane.audit import Auditor, Claim, Referee
 from butterfly.dataplane.proving import Prover
-from butterfly.protocol.messages import Proof, decode
 from butterfly.protocol.proof import Tolerance
 from butterfly.protocol.sign import SigningKey
 from butterfly.runtime.loader import load_stage
@@ -18,9 +17,10 @@ from butterfly.runtime.stage import prefill_outputs
 from butterfly.runtime.torch_thread import TorchThread
 from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.types.ids import NodeId
-from butterfly.types.messages import AuditReply, AuditRequest
 from butterfly.types.model import LayerRange
 from butterfly.types.plan import StagePlan
+from butterfly.types.wire.agreement import Proof, decode
+from butterfly.types.wire.data import AuditReply, AuditRequest
 
 FIRST, SECOND = LayerRange(0, 2), LayerRange(2, 4)
 KEYS = {NodeId(n): SigningKey.generate() for n in range(4)}

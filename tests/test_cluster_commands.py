@@ -1,70 +1,15 @@
-"""Agreed commands and node keys: what every node must decode, refuse and trust alike."""
+"""Node keys: created once, private, and matched against the configured public keys."""
 
 from __future__ import annotations
 
 import stat
 from pathlib import Path
 
-import msgpack
 import pytest
 
-from butterfly.agreement.commands import (
-    COMMANDS,
-    ConfigAbort,
-    ConfigUpdate,
-    EvictNode,
-    InvalidCommand,
-    NewPlan,
-    decode_command,
-    encode_command,
-)
 from butterfly.config import load_config
 from butterfly.protocol.keys import load_or_create_key, public_keys
 from butterfly.types.errors import ConfigError
-
-EXAMPLES = (
-    ConfigUpdate(b'{"kind":"update"}', 3, 77, (0, 1, 2), (2, 2, 1), (b"a" * 64, b"b" * 64, b"")),
-    ConfigAbort("ab" * 32, 77),
-    EvictNode(2, "two signed proofs disagree"),
-    NewPlan(4, (0, 0, 2, 1, 2, 4)),
-)
-
-
-def test_every_command_kind_round_trips() -> None:
-    assert {type(c) for c in EXAMPLES} == set(COMMANDS)
-    for command in EXAMPLES:
-        assert decode_command(encode_command(command)) == command
-
-
-@pytest.mark.parametrize(
-    ("body", "match"),
-    [
-        ({"t": "launch_missiles"}, "unknown command tag"),
-        ({"node": 1, "reason": "x"}, "unknown command tag None"),
-        ({"t": "evict_node", "node": 1}, "must have fields"),
-        ({"t": "evict_node", "node": 1, "reason": "x", "extra": 1}, "must have fields"),
-        ({"t": "evict_node", "node": True, "reason": "x"}, "evict_node.node must be int"),
-        ({"t": "evict_node", "node": "1", "reason": "x"}, "must be int"),
-        (
-            {"t": "new_plan", "epoch": 1, "stages": [0, "1"], "replicas": []},
-            r"stages\[1\] must be int",
-        ),
-        ({"t": "new_plan", "epoch": 1, "stages": 5, "replicas": []}, "must be a list"),
-        ([1, 2], "must be a map"),
-    ],
-)
-def test_malformed_commands_are_refused_with_the_reason(body: object, match: str) -> None:
-    with pytest.raises(InvalidCommand, match=match):
-        decode_command(msgpack.packb(body))
-
-
-def test_garbage_and_oversized_commands_are_refused() -> None:
-    with pytest.raises(InvalidCommand, match="not valid msgpack"):
-        decode_command(b"\xc1\xc1")
-    with pytest.raises(InvalidCommand, match="over"):
-        decode_command(b"\x00" * 70_000)
-    with pytest.raises(InvalidCommand, match="over"):
-        encode_command(EvictNode(1, "x" * 70_000))
 
 
 def test_a_node_key_is_created_once_private_and_stable(tmp_path: Path) -> None:

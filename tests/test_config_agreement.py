@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from butterfly.agreement.commands import ConfigAbort, ConfigUpdate, decode_command
 from butterfly.agreement.config_coordinator import ConfigCoordinator, ConfigRejected, ConfigTimeout
 from butterfly.agreement.config_replica import ConfigReplica
 from butterfly.agreement.driver import AgreementDriver
@@ -38,7 +37,9 @@ from butterfly.net.memory import MemoryNetwork
 from butterfly.protocol.pbft_state import PbftConfig
 from butterfly.protocol.sign import SigningKey
 from butterfly.types.ids import NodeId
-from butterfly.types.messages import AgreementFrame, Message
+from butterfly.types.wire.commands import ConfigAbort, ConfigUpdate, decode_command
+from butterfly.types.wire.control import AgreementFrame
+from butterfly.types.wire.frames import Message
 
 N = 4
 KEYS = [SigningKey.from_seed(bytes([i + 40]) * 32) for i in range(N)]

@@ -13,8 +13,8 @@ import torch
 from butterfly.control.heartbeats import BeatSource, HeartbeatLink, decode_beat, encode_beat
 from butterfly.protocol.sign import SigningKey
 from butterfly.types.errors import WireFormatError
-from butterfly.types.ids import NodeId
-from butterfly.types.messages import Heartbeat
+from butterfly.types.ids import Epoch, NodeId
+from butterfly.types.wire.control import Heartbeat
 
 KEYS = {NodeId(0): SigningKey.generate(), NodeId(1): SigningKey.generate()}
 PUBLIC = {n: k.public for n, k in KEYS.items()}
@@ -123,7 +123,7 @@ def test_a_wedged_event_loop_stops_the_beats(pair: tuple[HeartbeatLink, ...]) ->
 
 
 def test_forged_replayed_and_foreign_beats_are_refused() -> None:
-    beat = Heartbeat(10, 0.0, (), 0)
+    beat = Heartbeat(NodeId(0), Epoch(0), 10)
     good = encode_beat(source(0), beat)
     assert decode_beat(source(1), good) == (NodeId(0), beat)
     forged = encode_beat(BeatSource(NodeId(0), "c", SigningKey.generate(), PUBLIC), beat)
@@ -147,7 +147,8 @@ def test_a_replayed_beat_is_not_delivered() -> None:
     out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         for seq in (5, 5, 4, 6):
-            out.sendto(encode_beat(source(0), Heartbeat(seq, 0.0, (), 0)), ("127.0.0.1", p1))
+            beat = Heartbeat(NodeId(0), Epoch(0), seq)
+            out.sendto(encode_beat(source(0), beat), ("127.0.0.1", p1))
         got.wait_for(2)
         time.sleep(0.2)
         assert [b.seq for _, _, b in got.beats] == [5, 6]

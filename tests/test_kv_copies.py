@@ -20,9 +20,9 @@ from butterfly.runtime.torch_thread import TorchThread
 from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.types.errors import WireFormatError
 from butterfly.types.ids import NodeId
-from butterfly.types.messages import CacheQuery, KvAppend, StageStep, StepResult
 from butterfly.types.model import LayerRange
 from butterfly.types.plan import StagePlan
+from butterfly.types.wire.data import CacheQuery, KvAppend, StageStep, StepResult
 
 PROMPT = [5, 9, 2, 7, 1, 3, 8, 4, 6, 11, 12]
 

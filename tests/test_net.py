@@ -15,9 +15,10 @@ from butterfly.net.framing import LENGTH, Envelope, decode_frame, encode_frame
 from butterfly.net.memory import MemoryNetwork
 from butterfly.net.tcp import Identity, TcpTransport, TransportLimits
 from butterfly.runtime.wire import decode_tensor, encode_tensor
-from butterfly.types.errors import CircuitOpen, ConnectionFailed, WireFormatError
-from butterfly.types.ids import NodeId
-from butterfly.types.messages import Heartbeat, Release, StageStep, StatusQuery, StatusReply
+from butterfly.types.errors import CircuitOpen, ConnectionFailed, InvalidMessage, WireFormatError
+from butterfly.types.ids import Epoch, NodeId
+from butterfly.types.wire.control import Heartbeat, StatusQuery, StatusReply
+from butterfly.types.wire.data import Pong, Release, StageStep
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -181,9 +182,9 @@ async def test_unreachable_peer_opens_the_circuit() -> None:
         await a.start(echo)
         for _ in range(2):
             with pytest.raises(ConnectionFailed):
-                await a.send(NodeId(1), Heartbeat(0, 0.0, (), 0), channel="control")
+                await a.send(NodeId(1), Heartbeat(NodeId(0), Epoch(0), 0), channel="control")
         with pytest.raises(CircuitOpen):
-            await a.send(NodeId(1), Heartbeat(1, 0.0, (), 0), channel="control")
+            await a.send(NodeId(1), Heartbeat(NodeId(0), Epoch(0), 1), channel="control")
     finally:
         await a.close()
 
@@ -213,3 +214,44 @@ async def test_memory_transport_request_reply() -> None:
     net.down.add(NodeId(1))
     with pytest.raises(ConnectionFailed):
         await a.send(NodeId(1), Release(("r",)))
+
+
+async def wrong_kind(env: Envelope) -> tuple[Pong, bytes] | None:
+    """A peer that answers every request with a pong."""
+    return Pong(0, 0), b""
+
+
+async def test_ask_returns_the_declared_reply_over_both_transports() -> None:
+    a, b, _ = pair()
+    net = MemoryNetwork()
+    m0, m1 = net.transport(NodeId(0), Events()), net.transport(NodeId(1), Events())
+    try:
+        await started(a, b)
+        await m0.start(echo)
+        await m1.start(echo)
+        for t in (a, m0):
+            status, payload = await t.ask(NodeId(1), StatusQuery(), b"xyz", timeout=5)
+            assert status.node == 7 and payload == b"xyz"  # typed: no isinstance needed
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_reply_of_the_wrong_kind_is_invalid_and_blames_the_peer() -> None:
+    a, b, _ = pair()
+    net = MemoryNetwork()
+    m0, m1 = net.transport(NodeId(0), Events()), net.transport(NodeId(1), Events())
+    try:
+        await a.start(echo)
+        await b.start(wrong_kind)
+        a.peers[b.identity.node] = b.address
+        b.peers[a.identity.node] = a.address
+        await m0.start(echo)
+        await m1.start(wrong_kind)
+        for t in (a, m0):
+            with pytest.raises(InvalidMessage, match="answered status_query with pong") as info:
+                await t.ask(NodeId(1), StatusQuery(), timeout=5)
+            assert info.value.blame == NodeId(1)
+    finally:
+        await a.close()
+        await b.close()

@@ -35,17 +35,11 @@ from butterfly.runtime.loader import layer_infos
 from butterfly.runtime.torch_thread import TorchThread
 from butterfly.types.errors import InvalidMessage, NoNodesAvailable
 from butterfly.types.ids import NodeId
-from butterfly.types.messages import (
-    Message,
-    Ping,
-    Pong,
-    StatusQuery,
-    StatusReply,
-    from_body,
-    to_body,
-)
 from butterfly.types.model import LayerInfo, LayerRange, Linear
 from butterfly.types.plan import StagePlan
+from butterfly.types.wire.control import StatusQuery, StatusReply
+from butterfly.types.wire.data import Ping, Pong
+from butterfly.types.wire.frames import Message, from_body, to_body
 
 GFLOP = 1e9
 GIB = 1 << 30

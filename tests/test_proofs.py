@@ -12,7 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from butterfly.protocol.messages import Proof, decode
+from butterfly.protocol.sign import verify_message
+from butterfly.types.wire.agreement import Proof, decode
 from tests.cluster_util import running_cluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
@@ -38,8 +39,8 @@ def test_result_with_proofs_lists_a_verifiable_record_per_stage_step(
         for record in records:
             proof = decode(base64.b64decode(record["record"]))
             assert isinstance(proof, Proof)
-            assert proof.verify(bytes.fromhex(keys[proof.sender]))
-            assert not proof.verify(bytes.fromhex(keys[(proof.sender + 1) % 4]))
+            assert verify_message(proof, bytes.fromhex(keys[proof.sender]))
+            assert not verify_message(proof, bytes.fromhex(keys[(proof.sender + 1) % 4]))
             assert record["node"] == chain[record["stage"]] == proof.sender
             assert proof.request_id == done["task_id"]
             seen.add((record["step"], record["stage"]))

@@ -8,7 +8,12 @@ import pytest
 
 from butterfly.protocol import pbft
 from butterfly.protocol.evidence import valid_evidence
-from butterfly.protocol.messages import (
+from butterfly.protocol.pbft_state import clone
+from butterfly.protocol.quorum import check_fault_tolerance, max_faulty
+from butterfly.protocol.sign import sign_message
+from butterfly.types.errors import InsufficientNodes
+from butterfly.types.ids import Epoch, NodeId
+from butterfly.types.wire.agreement import (
     Commit,
     Evidence,
     NewView,
@@ -16,12 +21,7 @@ from butterfly.protocol.messages import (
     PrePrepare,
     ViewChange,
     request_digest,
-    sign_message,
 )
-from butterfly.protocol.pbft_state import clone
-from butterfly.protocol.quorum import check_fault_tolerance, max_faulty
-from butterfly.types.errors import InsufficientNodes
-from butterfly.types.ids import Epoch, NodeId
 from tests.protocol_util import KEYS, Net, config, replicas, request
 
 

@@ -7,8 +7,6 @@ import dataclasses
 import pytest
 import torch
 
-from butterfly.protocol.hashing import merkle_path, merkle_root, sha256, verify_merkle_path
-from butterfly.protocol.messages import decode, encode
 from butterfly.protocol.proof import (
     Proof,
     Tolerance,
@@ -19,8 +17,11 @@ from butterfly.protocol.proof import (
     matches_tensor,
     prove_step,
 )
+from butterfly.protocol.sign import verify_message
+from butterfly.types.hashing import merkle_path, merkle_root, sha256, verify_merkle_path
 from butterfly.types.ids import Epoch, NodeId, RequestId, StageIndex
 from butterfly.types.model import LayerRange
+from butterfly.types.wire.agreement import decode, encode
 from tests.protocol_util import KEYS
 
 KEYMAP = {NodeId(i): k.public for i, k in enumerate(KEYS)}
@@ -50,10 +51,10 @@ def proof_of(node: int, hidden_out: torch.Tensor, hidden_in: torch.Tensor | None
 
 def test_generate_verify_and_round_trip() -> None:
     proof = proof_of(1, activations())
-    assert proof.verify(KEYS[1].public) and not proof.verify(KEYS[2].public)
+    assert verify_message(proof, KEYS[1].public) and not verify_message(proof, KEYS[2].public)
     assert decode(encode(proof)) == proof
     tampered = dataclasses.replace(proof, output_hash=sha256(b"other"))
-    assert not tampered.verify(KEYS[1].public)
+    assert not verify_message(tampered, KEYS[1].public)
     assert (proof.layer_start, proof.layer_end) == (2, 5)
 
 

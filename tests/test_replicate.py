@@ -25,7 +25,6 @@ from butterfly.dataplane.replicate import (
     majority,
 )
 from butterfly.dataplane.stage_server import StageServer
-from butterfly.protocol.messages import Proof
 from butterfly.protocol.proof import Tolerance
 from butterfly.protocol.sign import SigningKey
 from butterfly.runtime.generate import generate
@@ -35,9 +34,10 @@ from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.testing.liars import CorruptStageServer, WrongLayerStageServer
 from butterfly.types.errors import SendTimeout, StageLost
 from butterfly.types.ids import NodeId
-from butterfly.types.messages import StageStep
 from butterfly.types.model import LayerRange as R
 from butterfly.types.plan import StagePlan
+from butterfly.types.wire.agreement import Proof
+from butterfly.types.wire.data import StageStep
 
 TOL = Tolerance(rtol=1e-3, atol=1e-4)
 

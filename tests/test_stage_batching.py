@@ -12,9 +12,9 @@ from butterfly.dataplane.stage_server import StageServer
 from butterfly.runtime.torch_thread import TorchThread
 from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.types.ids import NodeId
-from butterfly.types.messages import StageStep
 from butterfly.types.model import LayerRange
 from butterfly.types.plan import StagePlan
+from butterfly.types.wire.data import StageStep
 
 PROMPTS = {"a": [5, 9, 2, 7, 1], "b": [3, 8, 4, 6, 11], "c": [12, 13, 14, 15, 16, 17, 18]}
 DECODE = {"d": ([20, 21, 22, 23], 30)}  # prompt already run, then one new token

@@ -15,7 +15,7 @@ from butterfly.net.tcp import Identity, TcpTransport
 from butterfly.net.tls import TlsFiles, cert_node, cert_paths, contexts, make_certs, node_name
 from butterfly.types.errors import ConnectionFailed
 from butterfly.types.ids import NodeId
-from butterfly.types.messages import StatusQuery
+from butterfly.types.wire.control import StatusQuery
 from tests.cluster_util import running_cluster
 from tests.test_net import Events, echo
 

@@ -13,20 +13,13 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import uvicorn
 import uvloop
 
 from butterfly.agreement.build import build_agreement, open_config
-from butterfly.agreement.commands import (
-    ConfigAbort,
-    ConfigUpdate,
-    EvictNode,
-    InvalidCommand,
-    NewPlan,
-    decode_command,
-)
 from butterfly.agreement.driver import AgreementDriver
 from butterfly.api.app import create_app
 from butterfly.api.settings import ApiSettings
@@ -48,13 +41,12 @@ from butterfly.dataplane.stage_server import Outbound, StageServer
 from butterfly.dataplane.unresponsive import StepTimeouts
 from butterfly.metrics.events import CheckpointCopied, Eviction, MessageDropped, NodeStatus
 from butterfly.metrics.prometheus import Metrics
-from butterfly.net.framing import Envelope
+from butterfly.net.framing import Envelope, answer_to, as_message
 from butterfly.net.tcp import Identity, TcpTransport, TransportLimits
 from butterfly.net.tls import TlsFiles, contexts
 from butterfly.partition.service import PartitionService
 from butterfly.protocol.failure_detector import PhiAccrualFailureDetector
 from butterfly.protocol.keys import key_path, load_or_create_key, public_keys
-from butterfly.protocol.messages import Evidence
 from butterfly.protocol.proof import Tolerance
 from butterfly.runtime.loader import layer_infos, model_args
 from butterfly.runtime.tokenizer import TextCodec
@@ -64,32 +56,51 @@ from butterfly.schedule.engine import ClusterHealth, NodeHealth
 from butterfly.schedule.queue import QueuePolicy
 from butterfly.schedule.scheduler import Scheduler
 from butterfly.schedule.store import TaskStore
-from butterfly.types.errors import ButterflyError, ConfigError, SendTimeout, ServiceUnavailable
-from butterfly.types.ids import GATEWAY, NodeId
-from butterfly.types.messages import (
+from butterfly.types.errors import (
+    ButterflyError,
+    ConfigError,
+    InvalidMessage,
+    SendTimeout,
+    ServiceUnavailable,
+)
+from butterfly.types.ids import GATEWAY, Epoch, NodeId, RequestId
+from butterfly.types.plan import StagePlan
+from butterfly.types.wire.agreement import Evidence
+from butterfly.types.wire.base import Ask
+from butterfly.types.wire.commands import (
+    ConfigAbort,
+    ConfigUpdate,
+    EvictNode,
+    InvalidCommand,
+    NewPlan,
+    decode_command,
+)
+from butterfly.types.wire.control import (
     AgreementFrame,
-    AuditReply,
-    AuditRequest,
-    CacheQuery,
     ConfigPrepare,
     ConfigStatusQuery,
     ConfigSync,
-    KvAppend,
-    Message,
-    Ping,
     PlanAck,
     PlanAssign,
+    StatusQuery,
+    StatusReply,
+)
+from butterfly.types.wire.data import (
+    AuditReply,
+    AuditRequest,
+    CacheQuery,
+    KvAppend,
+    Ping,
     Pong,
     Release,
     StageStep,
-    StatusQuery,
-    StatusReply,
     StepError,
     StepResult,
 )
-from butterfly.types.plan import StagePlan
+from butterfly.types.wire.frames import Message
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 AGREED_PLAN_WAIT_S = 10.0
 """How long a node waits for its own execution of the plan the gateway hands it."""
 
@@ -286,7 +297,7 @@ class Node:
         if status == "failed":
             self.agreement.suspect_primary(peer)
 
-    async def _replan(self, epoch: int, alive: list[NodeId], promote: bool = False) -> None:
+    async def _replan(self, epoch: Epoch, alive: list[NodeId], promote: bool = False) -> None:
         """Decide the plan of `epoch` over `alive` nodes, agree on it, put it in force.
 
         `promote` (a crash, not an eviction): standbys take over the ranges of nodes that
@@ -306,7 +317,7 @@ class Node:
             timeout_s=300.0,
         )
 
-    async def _decide_replan(self, epoch: int, alive: list[NodeId]) -> StagePlan:
+    async def _decide_replan(self, epoch: Epoch, alive: list[NodeId]) -> StagePlan:
         chain, spares = split_for_replication(sorted(alive), replication_factor(self.cfg))
         old = self.stage_server.plan
         if old is not None and not spares and not old.replicas:
@@ -322,18 +333,19 @@ class Node:
             return plan
         return add_replicas(self._decide(epoch, chain), spares)
 
-    async def _ask(self, node: NodeId, msg: Message) -> Message:
+    async def _ask(self, node: NodeId, msg: Ask[R]) -> R:
         """Request/response with a node, this one included (no socket then)."""
         if node == self.id:
-            env = Envelope(msg, self.id, self.stage_server.epoch, self.cfg.cluster.id, 0, False)
+            request = as_message(msg)
+            env = Envelope(request, self.id, self.stage_server.epoch, self.cfg.cluster.id)
             answer = await self.handle(env)
             if answer is None:
-                raise ServiceUnavailable(f"node {node} has no answer to {msg.kind}")
-            return answer[0]
-        reply = await self.transport.request(
+                raise ServiceUnavailable(f"node {node} has no answer to {request.kind}")
+            return answer_to(msg, answer[0], node)
+        reply, _ = await self.transport.ask(
             node, msg, timeout=self.cfg.network.step_timeout_ms / 1000, channel="control"
         )
-        return reply.msg
+        return reply
 
     async def _ask_audit(
         self, node: NodeId, request: AuditRequest, payload: bytes
@@ -341,16 +353,17 @@ class Node:
         if node == self.id:
             return await self.stage_server.audit(request, payload)
         try:
-            env = await self.transport.request(
+            answer = await self.transport.ask(
                 node, request, payload, timeout=self.cfg.network.step_timeout_ms / 1000
             )
         except SendTimeout:
             await self.timeouts.timed_out(node, f"audit of {request.request_id}")
             raise
+        except InvalidMessage:  # an answer of the wrong kind: the auditor judges it
+            self.timeouts.answered((node,))
+            raise
         self.timeouts.answered((node,))
-        if not isinstance(env.msg, AuditReply):
-            return AuditReply(request.request_id, node, b"", f"answered {env.msg.kind}"), b""
-        return env.msg, env.payload
+        return answer
 
     async def _on_liars(self, liars: tuple[NodeId, ...], reason: str) -> None:
         """An audit proved these nodes wrong: the eviction is agreed through PBFT (every
@@ -379,7 +392,7 @@ class Node:
         if self.id != GATEWAY:
             log.error("equivocation: %s; the gateway evicts it", reason)
             return
-        await self._on_liars((NodeId(evidence.accused),), reason)
+        await self._on_liars((evidence.accused,), reason)
 
     def _local_state(self) -> tuple[tuple[int, ...], int]:
         plan = self.stage_server.plan
@@ -427,7 +440,7 @@ class Node:
                         f"node {out.peer} unreachable: {e}",
                         True,
                     )
-                    await self.deliver(NodeId(msg.reply_to), lost)
+                    await self.deliver(msg.reply_to, lost)
                     return None
                 await self._copy_caches(msg.request_ids)
             case StepResult() | StepError():
@@ -458,7 +471,7 @@ class Node:
                 self.metrics.emit(MessageDropped(reason=f"unexpected_{msg.kind}"))
         return None
 
-    async def _copy_caches(self, request_ids: tuple[str, ...]) -> None:
+    async def _copy_caches(self, request_ids: tuple[RequestId, ...]) -> None:
         """Send the standbys what the step added to the caches, off the step's path."""
         for copy in self.stage_server.kv_deltas(request_ids):
             self.metrics.emit(CheckpointCopied(bytes=len(copy.payload)))
@@ -500,7 +513,7 @@ class Node:
             facts.layer_overhead_ms,
         )
 
-    def _decide(self, epoch: int, members: list[NodeId]) -> StagePlan:
+    def _decide(self, epoch: Epoch, members: list[NodeId]) -> StagePlan:
         """The plan of `epoch` over `members`, from the facts gathered at start-up."""
         self.placement = place(
             epoch,
@@ -592,7 +605,7 @@ class Node:
         self.facts = await gather_status(
             self.transport, peers, timeout_s=120.0, local=(self.id, self._status)
         )
-        await self._replan(1, sorted(self.members))
+        await self._replan(Epoch(1), sorted(self.members))
         codec = self.codec
         data_dir = Path(self.cfg.node.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from butterfly.agreement.commands import ConfigAbort, ConfigUpdate, encode_command
 from butterfly.agreement.config_replica import Applied, ConfigReplica, NotApplied
 from butterfly.agreement.config_status import ClusterConfigStatus, NodeConfig
 from butterfly.agreement.config_votes import valid_vote
@@ -36,10 +35,8 @@ from butterfly.net.transport import Transport
 from butterfly.protocol.quorum import quorum
 from butterfly.types.errors import ButterflyError, ConfigError, ConsensusTimeout
 from butterfly.types.ids import NodeId
-from butterfly.types.messages import (
-    ConfigPrepare,
-    ConfigVote,
-)
+from butterfly.types.wire.commands import ConfigAbort, ConfigUpdate, encode_command
+from butterfly.types.wire.control import ConfigPrepare, ConfigVote
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +245,7 @@ class ConfigCoordinator:
         self, peer: NodeId, digest: str, body: bytes, deadline: float
     ) -> ConfigVote | None:
         try:
-            env = await self._transport.request(
+            vote, _ = await self._transport.ask(
                 peer,
                 ConfigPrepare(digest),
                 body,
@@ -258,7 +255,7 @@ class ConfigCoordinator:
         except ButterflyError as e:
             log.info("node %s did not vote on config %s: %s", peer, digest[:12], e)
             return None
-        return env.msg if isinstance(env.msg, ConfigVote) else None
+        return vote
 
     async def _order(self, update: ConfigUpdate, digest: str, deadline: float) -> None:
         """COMMIT through PBFT; on a timeout, order the abort so the outcome is the same
@@ -286,14 +283,14 @@ class ConfigCoordinator:
             for s in statuses:
                 if s.reachable and s.failed_seq >= result.seq:
                     nodes[s.node] = f"diverged: {s.error}"
-                    todo.discard(NodeId(s.node))
+                    todo.discard(s.node)
                 elif s.reachable and s.seq >= result.seq:
                     at_target = s.cluster_hash == result.cluster_hash or s.seq > result.seq
                     nodes[s.node] = "applied" if at_target else f"diverged: {s.error}"
-                    todo.discard(NodeId(s.node))
-                elif not s.reachable and not self._live(NodeId(s.node)):
+                    todo.discard(s.node)
+                elif not s.reachable and not self._live(s.node):
                     nodes[s.node] = "unreachable"
-                    todo.discard(NodeId(s.node))
+                    todo.discard(s.node)
                 else:
                     nodes[s.node] = "behind" if s.reachable else "unreachable"
             if not todo or time.monotonic() >= deadline:

@@ -31,7 +31,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from butterfly.agreement.commands import MAX_COMMAND_BYTES, ConfigAbort, ConfigUpdate
 from butterfly.agreement.config_votes import certificate_problem, make_vote
 from butterfly.config import ConfigManager, Proposal, UpdateRefused, UpdateRejected
 from butterfly.config.fields import config_leaves, field_specs
@@ -43,14 +42,15 @@ from butterfly.protocol.quorum import weak_quorum
 from butterfly.protocol.sign import SigningKey
 from butterfly.types.errors import ButterflyError, ConfigError
 from butterfly.types.ids import NodeId
-from butterfly.types.messages import (
+from butterfly.types.wire.commands import MAX_COMMAND_BYTES, ConfigAbort, ConfigUpdate
+from butterfly.types.wire.control import (
     ConfigPrepare,
     ConfigStatus,
     ConfigStatusQuery,
     ConfigSync,
     ConfigVote,
-    Message,
 )
+from butterfly.types.wire.frames import Message
 
 log = logging.getLogger(__name__)
 SYNC_TIMEOUT_S = 2.0
@@ -280,15 +280,13 @@ class ConfigReplica:
 
     async def _ask(self, peer: NodeId) -> tuple[ConfigStatus, bytes] | None:
         try:
-            env = await self._transport.request(
+            status, values = await self._transport.ask(
                 peer, ConfigStatusQuery(values=True), timeout=SYNC_TIMEOUT_S, channel="control"
             )
         except ButterflyError as e:
             log.debug("node %s did not report its config: %s", peer, e)
             return None
-        if not isinstance(env.msg, ConfigStatus) or env.msg.node != peer:
-            return None
-        return env.msg, env.payload
+        return (status, values) if status.node == peer else None
 
 
 __all__ = [

@@ -19,7 +19,7 @@ from butterfly.agreement.config_replica import ConfigReplica
 from butterfly.net.transport import Transport
 from butterfly.types.errors import ButterflyError
 from butterfly.types.ids import NodeId
-from butterfly.types.messages import ConfigStatus, ConfigStatusQuery, ConfigSync
+from butterfly.types.wire.control import ConfigStatusQuery, ConfigSync
 
 QUERY_TIMEOUT_S = 1.0
 MONITOR_INTERVAL_S = 1.0
@@ -29,7 +29,7 @@ MONITOR_INTERVAL_S = 1.0
 class NodeConfig:
     """One node's config position as the gateway last saw it (`reachable=False`: no answer)."""
 
-    node: int
+    node: NodeId
     reachable: bool
     version: int = 0
     config_hash: str = ""
@@ -62,16 +62,20 @@ class ClusterConfigStatus:
             s = self.replica.status()[0]
         else:
             try:
-                env = await self._transport.request(
+                s, _ = await self._transport.ask(
                     peer, ConfigStatusQuery(values), timeout=QUERY_TIMEOUT_S, channel="control"
                 )
             except ButterflyError:
-                return NodeConfig(int(peer), False)
-            if not isinstance(env.msg, ConfigStatus):
-                return NodeConfig(int(peer), False)
-            s = env.msg
+                return NodeConfig(peer, False)
         return NodeConfig(  # labelled by whom we asked, not by what the answer claims
-            int(peer), True, s.version, s.config_hash, s.cluster_hash, s.seq, s.error, s.failed_seq
+            peer,
+            True,
+            s.config_version,
+            s.config_hash,
+            s.cluster_hash,
+            s.seq,
+            s.error,
+            s.failed_seq,
         )
 
     async def poll(self) -> list[NodeConfig]:
@@ -111,7 +115,7 @@ class ClusterConfigStatus:
             elif s.cluster_hash == ref and not s.error:
                 report[s.node] = "in sync"
             else:
-                report[s.node] = await self._sync_one(NodeId(s.node), ref)
+                report[s.node] = await self._sync_one(s.node, ref)
         await self.poll()
         return report
 
@@ -120,14 +124,11 @@ class ClusterConfigStatus:
             after = await self.replica.sync()
         else:
             try:
-                env = await self._transport.request(
+                after, _ = await self._transport.ask(
                     node, ConfigSync(), timeout=3 * QUERY_TIMEOUT_S, channel="control"
                 )
-            except ButterflyError as e:
+            except ButterflyError as e:  # InvalidMessage names a reply of the wrong kind
                 return f"failed: {e}"
-            if not isinstance(env.msg, ConfigStatus):
-                return f"failed: answered {env.msg.kind}"
-            after = env.msg
         if after.error:
             return f"failed: {after.error}"
         return "synced" if after.cluster_hash == ref else "synced to its peers' config"

@@ -10,10 +10,11 @@ a pure function of the ordered command, so they cannot disagree about it).
 
 from __future__ import annotations
 
-from butterfly.agreement.commands import ConfigUpdate
 from butterfly.protocol.quorum import quorum
 from butterfly.protocol.sign import SigningKey, verify_bytes
-from butterfly.types.messages import ConfigVote
+from butterfly.types.ids import NodeId
+from butterfly.types.wire.commands import ConfigUpdate
+from butterfly.types.wire.control import ConfigVote
 
 VOTE_CONTEXT = b"butterfly/config-prepare-ok/v1\x00"
 MAX_REASON = 2000
@@ -25,7 +26,7 @@ def vote_bytes(digest: str, last_seq: int) -> bytes:
 
 
 def make_vote(
-    key: SigningKey, node: int, digest: str, last_seq: int, *, ok: bool, reason: str = ""
+    key: SigningKey, node: NodeId, digest: str, last_seq: int, *, ok: bool, reason: str = ""
 ) -> ConfigVote:
     """A vote for the wire; only OK votes are signed (a REJECT proves nothing to others)."""
     signature = key.sign(vote_bytes(digest, last_seq)) if ok else b""

@@ -43,20 +43,12 @@ from butterfly.metrics.events import ConsensusRound, Emit, MessageDropped, Phase
 from butterfly.net.framing import Envelope
 from butterfly.net.transport import Transport
 from butterfly.protocol import pbft
-from butterfly.protocol.messages import (
-    Evidence,
-    Message,
-    Reply,
-    Request,
-    decode,
-    encode,
-    sign_message,
-)
 from butterfly.protocol.pbft_state import PbftConfig, ReplicaState, Send
-from butterfly.protocol.sign import SigningKey
+from butterfly.protocol.sign import SigningKey, sign_message
 from butterfly.types.errors import ButterflyError, ConsensusTimeout, InvalidMessage
 from butterfly.types.ids import NodeId
-from butterfly.types.messages import AgreementFrame
+from butterfly.types.wire.agreement import Evidence, Message, Reply, Request, decode, encode
+from butterfly.types.wire.control import AgreementFrame
 
 log = logging.getLogger(__name__)
 

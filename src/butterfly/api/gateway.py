@@ -17,7 +17,6 @@ from fastapi.responses import JSONResponse
 
 from butterfly.api.errors import KIND_STATUS, error_response
 from butterfly.api.settings import ApiSettings
-from butterfly.protocol.messages import Proof, decode
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.schedule.engine import Engine
 from butterfly.schedule.scheduler import Scheduler, TaskSnapshot
@@ -25,6 +24,7 @@ from butterfly.schedule.state import TaskStatus
 from butterfly.types.errors import ButterflyError, InvalidRequest
 from butterfly.types.ids import RequestId
 from butterfly.types.tasks import InferenceTask, SamplingParams
+from butterfly.types.wire.agreement import Proof, decode
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,8 @@ from butterfly.partition.capability import Link, NodeCapability
 from butterfly.runtime.torch_thread import TorchThread
 from butterfly.types.errors import ButterflyError, InvalidMessage
 from butterfly.types.ids import NodeId
-from butterfly.types.messages import Ping, Pong, StatusReply
+from butterfly.types.wire.control import StatusReply
+from butterfly.types.wire.data import Ping
 
 log = logging.getLogger(__name__)
 
@@ -253,16 +254,14 @@ async def measure_link(transport: Transport, peer: NodeId, *, timeout_s: float =
 
     async def round_trip(seq: int, size: int) -> float:
         started = time.perf_counter()
-        env = await transport.request(
+        pong, _ = await transport.ask(
             peer, Ping(seq), b"\0" * size, timeout=timeout_s, channel="data"
         )
         elapsed = time.perf_counter() - started
-        reply = env.msg
-        if not isinstance(reply, Pong) or reply.received != size:
-            got = (
-                f"{reply.kind} of {reply.received} bytes" if isinstance(reply, Pong) else reply.kind
+        if pong.received != size:
+            raise InvalidMessage(
+                f"node {peer} answered a {size}-byte ping with {pong.received} bytes", blame=peer
             )
-            raise InvalidMessage(f"node {peer} answered a {size}-byte ping with {got}")
         return elapsed
 
     await round_trip(0, 0)  # connection set-up is not latency
@@ -282,11 +281,11 @@ class NodeFacts:
     links: Mapping[NodeId, Link] = field(default_factory=dict)
     layer_overhead_ms: float = 0.0
 
-    def link_fields(self) -> tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...]]:
+    def link_fields(self) -> tuple[tuple[NodeId, ...], tuple[float, ...], tuple[float, ...]]:
         """The links as StatusReply's parallel tuples (peer, latency, bandwidth)."""
         peers = tuple(sorted(self.links))
         return (
-            tuple(int(p) for p in peers),
+            peers,
             tuple(self.links[p].latency_ms for p in peers),
             tuple(self.links[p].bandwidth_bytes_per_s for p in peers),
         )
@@ -389,5 +388,5 @@ def capability_of(
                 "dropping node %s's link to %s (%s ms, %s B/s)", node, peer, latency, bandwidth
             )
             continue
-        links[NodeId(peer)] = Link(latency, bandwidth)
+        links[peer] = Link(latency, bandwidth)
     return NodeCapability(node, reply.compute_flops, reply.memory_bytes, links, overhead)

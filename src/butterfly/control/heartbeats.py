@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from butterfly.net.framing import LENGTH, Envelope, decode_frame, encode_frame
 from butterfly.protocol.sign import SIGNATURE_SIZE, SigningKey, verify_once
 from butterfly.types.errors import ConfigError, WireFormatError
-from butterfly.types.ids import NodeId
-from butterfly.types.messages import PROTOCOL_VERSION, Heartbeat
+from butterfly.types.ids import Epoch, NodeId
+from butterfly.types.wire.base import PROTOCOL_VERSION
+from butterfly.types.wire.control import Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class BeatSource:
 
 
 def encode_beat(src: BeatSource, beat: Heartbeat) -> bytes:
-    frame = encode_frame(Envelope(beat, int(src.node), 0, src.cluster_id))
+    frame = encode_frame(Envelope(beat, src.node, beat.epoch, src.cluster_id))
     return frame + src.key.sign(frame)
 
 
@@ -58,15 +59,15 @@ def decode_beat(src: BeatSource, data: bytes) -> tuple[NodeId, Heartbeat]:
     if len(frame) <= LENGTH.size:
         raise WireFormatError(f"heartbeat datagram of {len(data)} bytes is too short")
     env = decode_frame(frame[LENGTH.size :], max_payload=0)
-    sender = NodeId(env.sender)
+    sender, beat = env.sender, env.msg
     if env.version != PROTOCOL_VERSION or env.cluster_id != src.cluster_id:
         raise WireFormatError(f"heartbeat from node {sender} of another cluster or version")
-    if not isinstance(env.msg, Heartbeat) or sender == src.node:
+    if not isinstance(beat, Heartbeat) or beat.sender != sender or sender == src.node:
         raise WireFormatError(f"datagram from node {sender} is not a peer's heartbeat")
     key = src.public_keys.get(sender)
     if key is None or not verify_once(key, signature, frame):
         raise WireFormatError(f"heartbeat claiming node {sender} has no valid signature")
-    return sender, env.msg
+    return sender, beat
 
 
 class HeartbeatLink:
@@ -123,7 +124,8 @@ class HeartbeatLink:
                 continue  # the event loop is wedged: let peers see this node fail
             layers, requests = self._local_state()
             seq += 1
-            data = encode_beat(self._src, Heartbeat(seq, time.monotonic(), layers, requests))
+            beat = Heartbeat(self._src.node, Epoch(0), seq, time.monotonic(), layers, requests)
+            data = encode_beat(self._src, beat)
             for address in self._peers.values():
                 try:
                     self._sock.sendto(data, address)

@@ -16,7 +16,7 @@ from typing import Protocol
 
 from butterfly.control.heartbeats import HeartbeatLink
 from butterfly.types.ids import NodeId
-from butterfly.types.messages import Heartbeat
+from butterfly.types.wire.control import Heartbeat
 
 log = logging.getLogger(__name__)
 

@@ -32,11 +32,17 @@ from butterfly.partition.capability import (
 from butterfly.partition.quality import Plan, estimate_per_token_ms
 from butterfly.partition.replan import replan
 from butterfly.partition.service import PartitionService
-from butterfly.types.errors import ButterflyError, NoNodesAvailable, ServiceUnavailable
-from butterfly.types.ids import GATEWAY, NodeId
-from butterfly.types.messages import Ping, PlanAck, PlanAssign, StatusQuery, StatusReply
+from butterfly.types.errors import (
+    ButterflyError,
+    InvalidMessage,
+    NoNodesAvailable,
+    ServiceUnavailable,
+)
+from butterfly.types.ids import GATEWAY, Epoch, NodeId
 from butterfly.types.model import LayerInfo, LayerRange, ModelPartition
 from butterfly.types.plan import StagePlan
+from butterfly.types.wire.control import PlanAck, PlanAssign, StatusQuery, StatusReply
+from butterfly.types.wire.data import Ping
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +71,7 @@ async def gather_status(
     while pending:
         for peer in sorted(pending):
             try:
-                await transport.request(peer, Ping(0), timeout=2.0, channel="control")
+                await transport.ask(peer, Ping(0), timeout=2.0, channel="control")
             except ButterflyError as e:
                 log.debug("node %s not ready yet: %s", peer, e)
                 continue
@@ -83,9 +89,11 @@ async def gather_status(
         while peer not in replies:
             left = deadline - time.monotonic()
             try:
-                env = await transport.request(
+                status, _ = await transport.ask(
                     peer, StatusQuery(), timeout=max(PROBE_TIMEOUT_S, left), channel="control"
                 )
+            except InvalidMessage as e:  # it answered, with something else: do not ask again
+                raise ServiceUnavailable(str(e)) from e
             except ButterflyError as e:
                 if time.monotonic() > deadline:
                     raise ServiceUnavailable(
@@ -93,9 +101,7 @@ async def gather_status(
                     ) from e
                 await asyncio.sleep(0.2)
                 continue
-            if not isinstance(env.msg, StatusReply):
-                raise ServiceUnavailable(f"node {peer} answered StatusQuery with {env.msg.kind}")
-            replies[peer] = env.msg
+            replies[peer] = status
     return replies
 
 
@@ -198,12 +204,12 @@ def per_token_ms(
     return ms
 
 
-def _to_stage_plan(epoch: int, plan: Plan) -> StagePlan:
+def _to_stage_plan(epoch: Epoch, plan: Plan) -> StagePlan:
     return StagePlan(epoch, tuple((s.node, s.layers) for s in plan.stages))
 
 
 def place(
-    epoch: int,
+    epoch: Epoch,
     members: list[NodeId],
     facts: Mapping[NodeId, StatusReply],
     *,
@@ -245,7 +251,7 @@ def place(
 
 
 def decide_plan(
-    epoch: int,
+    epoch: Epoch,
     members: list[NodeId],
     facts: Mapping[NodeId, StatusReply],
     *,
@@ -289,7 +295,7 @@ def replan_after(
     started = time.perf_counter()
     result = replan(placed, layers, nodes, strategy)
     emit(PartitionComputed(seconds=time.perf_counter() - started, cache_hit=False))
-    new = _to_stage_plan(old.epoch + 1, result.plan)
+    new = _to_stage_plan(Epoch(old.epoch + 1), result.plan)
     log.info(
         "re-planned epoch %s -> %s (%s): %s; %d layer(s) move%s",
         old.epoch,
@@ -318,10 +324,8 @@ async def distribute_plan(
     async def one(peer: NodeId) -> PlanAck:
         if peer == node:
             return await apply_local(msg)
-        env = await transport.request(peer, msg, timeout=timeout_s, channel="control")
-        if not isinstance(env.msg, PlanAck):
-            raise ServiceUnavailable(f"node {peer} answered the plan with {env.msg.kind}")
-        return env.msg
+        ack, _ = await transport.ask(peer, msg, timeout=timeout_s, channel="control")
+        return ack
 
     acks = await asyncio.gather(*(one(p) for p in members))
     failed = [a for a in acks if not a.ok]

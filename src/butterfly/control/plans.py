@@ -19,11 +19,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from butterfly.agreement.commands import EvictNode, NewPlan, encode_command
 from butterfly.types.errors import InvalidMessage, ServiceUnavailable
-from butterfly.types.ids import NodeId
-from butterfly.types.messages import PlanAssign
+from butterfly.types.ids import Epoch, NodeId
 from butterfly.types.plan import StagePlan
+from butterfly.types.wire.commands import EvictNode, NewPlan, encode_command
+from butterfly.types.wire.control import PlanAssign
 
 log = logging.getLogger(__name__)
 Propose = Callable[[bytes, float], Awaitable[int]]
@@ -50,7 +50,7 @@ class AgreedPlans:
 
     def execute(self, command: NewPlan | EvictNode) -> None:
         if isinstance(command, EvictNode):
-            self.evicted.setdefault(NodeId(command.node), command.reason)
+            self.evicted.setdefault(command.node, command.reason)
             log.warning("agreed: node %s evicted (%s)", command.node, command.reason)
         else:
             try:
@@ -71,7 +71,7 @@ class AgreedPlans:
         moved past one another proposal took)."""
         for _ in range(self._attempts):
             if self.latest is not None and plan.epoch <= self.latest.epoch:
-                plan = StagePlan(self.latest.epoch + 1, plan.stages, plan.replicas)
+                plan = StagePlan(Epoch(self.latest.epoch + 1), plan.stages, plan.replicas)
             await self._propose(encode_command(plan_command(plan)), self._timeout)
             if self.latest == plan:
                 return plan

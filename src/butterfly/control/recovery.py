@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from butterfly.metrics.events import Emit, NodeFailure, RecoveryCompleted
 from butterfly.types.errors import ButterflyError
-from butterfly.types.ids import NodeId
+from butterfly.types.ids import Epoch, NodeId
 from butterfly.types.plan import StagePlan
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ class Recovery:
         members: list[NodeId],
         status: Callable[[NodeId], str],
         current_plan: Callable[[], StagePlan | None],
-        replan: Callable[[int, list[NodeId], bool], Awaitable[None]],
+        replan: Callable[[Epoch, list[NodeId], bool], Awaitable[None]],
         on_replanned: Callable[[], None],
         emit: Emit,
     ) -> None:
@@ -75,7 +75,7 @@ class Recovery:
             try:
                 # a crash hands stages to their standbys; a liar's range is re-planned
                 crashed_only = not any(n in self.evicted for n in newly)
-                await self._replan(plan.epoch + 1, alive, crashed_only)
+                await self._replan(Epoch(plan.epoch + 1), alive, crashed_only)
             except ButterflyError as e:
                 log.error("re-planning after %s failed: %s; retrying", newly, e)
                 await asyncio.sleep(0.5)

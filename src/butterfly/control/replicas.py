@@ -8,7 +8,7 @@ replicas are the standbys that take a stage over when its node dies.
 from __future__ import annotations
 
 from butterfly.types.errors import InsufficientResources
-from butterfly.types.ids import NodeId
+from butterfly.types.ids import Epoch, NodeId
 from butterfly.types.plan import StagePlan
 
 
@@ -30,7 +30,7 @@ def split_for_replication(members: list[NodeId], copies: int) -> tuple[list[Node
     return list(members[:stages]), list(members[stages : stages * copies])
 
 
-def promote_standbys(plan: StagePlan, epoch: int, alive: list[NodeId]) -> StagePlan | None:
+def promote_standbys(plan: StagePlan, epoch: Epoch, alive: list[NodeId]) -> StagePlan | None:
     """The plan of `epoch` where every chain node that is not alive is replaced by a live
     standby of its range, other stages unchanged (they keep their KV caches); None when
     some range has no live holder left.

@@ -19,22 +19,23 @@ from pathlib import Path
 
 import torch
 
-from butterfly.protocol.messages import Proof, decode
 from butterfly.protocol.proof import Tolerance, matches_tensor
+from butterfly.protocol.sign import verify_message
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.stage import Stage, prefill_outputs
 from butterfly.runtime.torch_thread import TorchThread
 from butterfly.runtime.wire import decode_tensor, encode_tensor
-from butterfly.types.errors import ButterflyError
-from butterfly.types.ids import NodeId
-from butterfly.types.messages import AuditReply, AuditRequest
+from butterfly.types.errors import ButterflyError, InvalidMessage
+from butterfly.types.ids import NodeId, RequestId, StageIndex
 from butterfly.types.model import LayerRange
 from butterfly.types.plan import StagePlan
+from butterfly.types.wire.agreement import Proof, decode
+from butterfly.types.wire.data import AuditReply, AuditRequest
 
 log = logging.getLogger(__name__)
 Ask = Callable[[NodeId, AuditRequest, bytes], Awaitable[tuple[AuditReply, bytes]]]
 # the gateway's own outputs of a stage for a request's positions [0, length), if it has them
-OwnOutputs = Callable[[str, LayerRange, int], torch.Tensor | None]
+OwnOutputs = Callable[[RequestId, LayerRange, int], torch.Tensor | None]
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ class Auditor:
         self,
         records: Sequence[Proof],
         *,
-        request_id: str,
+        request_id: RequestId,
         plan: StagePlan,
         positions: Mapping[int, tuple[int, int]],
     ) -> dict[int, list[Claim]]:
@@ -134,7 +135,7 @@ class Auditor:
             ):
                 continue
             key = self._keys.get(proof.sender)
-            if key is None or not proof.verify(key):
+            if key is None or not verify_message(proof, key):
                 continue
             seen.add((proof.step, int(proof.stage)))
             start, length = positions[proof.step]
@@ -149,7 +150,7 @@ class Auditor:
     async def audit(
         self,
         plan: StagePlan,
-        request_id: str,
+        request_id: RequestId,
         sequence: Sequence[int],
         claims: Mapping[int, list[Claim]],
     ) -> Verdict:
@@ -171,18 +172,22 @@ class Auditor:
             if not others:
                 return Verdict(False, reason=f"no replica of {layers} to audit node {node}")
             auditor = others[0]
+            reply: AuditReply | None = None
             try:
                 reply, payload = await self._ask(
                     auditor,
-                    AuditRequest(request_id, index, layers.start, layers.end, offset),
+                    AuditRequest(request_id, StageIndex(index), layers.start, layers.end, offset),
                     encode_tensor(x),
                 )
+                answered = True
+            except InvalidMessage as e:  # an answer, of the wrong kind: judged as a wrong one
+                log.warning("audit of %s: auditor %s: %s", request_id, auditor, e)
+                payload, answered = b"", True
             except ButterflyError as e:
                 # no answer is not a lie: the gateway checks the claims itself, and the
                 # silence is counted by whoever asked (`dataplane.unresponsive`)
                 log.warning("audit of %s: auditor %s did not answer: %s", request_id, auditor, e)
-                reply, payload = None, b""
-            answered = reply is not None
+                payload, answered = b"", False
             out = decode_tensor(payload, self._max) if reply and not reply.error else None
             if out is not None and all(self._matches(c, out, offset) for c in mine):
                 checked += len(mine)

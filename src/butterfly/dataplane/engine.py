@@ -15,7 +15,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, Protocol, TypeVar
 
 import torch
 
@@ -24,7 +24,6 @@ from butterfly.dataplane.replicate import Lane, Replicator
 from butterfly.dataplane.unresponsive import StepTimeouts
 from butterfly.metrics.events import Emit, Verification, discard
 from butterfly.net.framing import Envelope
-from butterfly.protocol.messages import Proof, encode
 from butterfly.runtime.sampling import make_generator, sample
 from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.schedule.engine import ClusterHealth, TokenSink
@@ -37,24 +36,31 @@ from butterfly.types.errors import (
     ServiceUnavailable,
     StageLost,
 )
-from butterfly.types.ids import NodeId
-from butterfly.types.messages import (
-    CacheLengths,
+from butterfly.types.ids import NodeId, RequestId
+from butterfly.types.plan import StagePlan
+from butterfly.types.tasks import InferenceResult, InferenceTask, StageRecord
+from butterfly.types.wire.agreement import Proof, encode
+from butterfly.types.wire.base import Ask
+from butterfly.types.wire.data import (
     CacheQuery,
-    Message,
     Release,
     StageStep,
     StepError,
     StepResult,
 )
-from butterfly.types.plan import StagePlan
-from butterfly.types.tasks import InferenceResult, InferenceTask, StageRecord
+from butterfly.types.wire.frames import Message
 
 log = logging.getLogger(__name__)
 
 
 Deliver = Callable[[NodeId, Message, bytes], Awaitable[None]]
-Ask = Callable[[NodeId, Message], Awaitable[Message]]
+R = TypeVar("R")
+
+
+class Asker(Protocol):
+    """Ask a node (this one included) and get the reply the request declares."""
+
+    async def __call__(self, node: NodeId, msg: Ask[R], /) -> R: ...
 
 
 async def _ignore_liars(liars: tuple[NodeId, ...], reason: str) -> None:
@@ -68,7 +74,7 @@ class StepFailed(Exception):
 
 @dataclass
 class _Entry:
-    request_id: str
+    request_id: RequestId
     step: int
     start: int
     x: torch.Tensor  # [1, T] token ids or [1, T, D] vectors
@@ -82,7 +88,7 @@ class PipelineEngine:
         *,
         node: NodeId,
         deliver: Deliver,
-        ask: Ask | None = None,
+        ask: Asker | None = None,
         plan: Callable[[], StagePlan | None],
         health: Callable[[], ClusterHealth],
         max_context: int,
@@ -116,7 +122,7 @@ class PipelineEngine:
         self._plan_version = asyncio.Event()
         self._recovery_wait_s = recovery_wait_s
         self._max_recoveries = max_recoveries
-        self._finished: list[str] = []  # requests whose caches the next Release frees
+        self._finished: list[RequestId] = []  # requests whose caches the next Release frees
         self._releasing: asyncio.Task[None] | None = None
 
     @property
@@ -213,7 +219,7 @@ class PipelineEngine:
                     entry.future.set_exception(e)
 
     async def _step(
-        self, request_id: str, step: int, start_pos: int, x: torch.Tensor, route: Lane = ()
+        self, request_id: RequestId, step: int, start_pos: int, x: torch.Tensor, route: Lane = ()
     ) -> torch.Tensor:
         key = (request_id, step)
         fut: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
@@ -233,7 +239,7 @@ class PipelineEngine:
             err = e.error
             cls = ConnectionFailed if err.retriable else InvalidInput
             raise cls(
-                f"node {err.node} failed step {step}: {err.message}", blame=NodeId(err.node)
+                f"node {err.node} failed step {step}: {err.message}", blame=err.node
             ) from None
         finally:
             self._waiting.pop(key, None)
@@ -244,14 +250,16 @@ class PipelineEngine:
         plan = self._plan()
         return plan.nodes if plan is not None and plan.epoch == epoch else ()
 
-    async def _compute(self, request_id: str, step: int, pos: int, x: torch.Tensor) -> torch.Tensor:
+    async def _compute(
+        self, request_id: RequestId, step: int, pos: int, x: torch.Tensor
+    ) -> torch.Tensor:
         """One step: down the chain, or in replicate mode down f+1 lanes that must agree."""
         if self._replicator is None:
             return await self._step(request_id, step, pos, x)
         return await self._replicator.step(self, request_id, step, pos, x)
 
     async def lane_step(
-        self, wire_id: str, step: int, start: int, x: torch.Tensor, route: Lane
+        self, wire_id: RequestId, step: int, start: int, x: torch.Tensor, route: Lane
     ) -> tuple[torch.Tensor, list[Proof]]:
         """A step of one replicate lane (its own request id on the wire) and its records."""
         records = self._records.setdefault(wire_id, [])
@@ -260,7 +268,7 @@ class PipelineEngine:
         records[:] = [p for p in records if p.step > step]
         return out, mine
 
-    async def release_lane(self, wire_id: str, nodes: Iterable[NodeId]) -> None:
+    async def release_lane(self, wire_id: RequestId, nodes: Iterable[NodeId]) -> None:
         self._records.pop(wire_id, None)
         for node in nodes:
             try:
@@ -295,7 +303,7 @@ class PipelineEngine:
         plan = self._plan()
         if plan is None:
             raise ServiceUnavailable("the cluster has no stage plan yet; retry shortly")
-        request_id = str(task.task_id)
+        request_id = task.task_id
         started = time.perf_counter()
         timings: dict[str, float] = {}
         try:
@@ -335,7 +343,7 @@ class PipelineEngine:
     async def _audit(
         self,
         task: InferenceTask,
-        request_id: str,
+        request_id: RequestId,
         result: InferenceResult,
         positions: dict[int, tuple[int, int]],
     ) -> Verdict:
@@ -364,7 +372,7 @@ class PipelineEngine:
     async def _generate(
         self,
         task: InferenceTask,
-        request_id: str,
+        request_id: RequestId,
         on_token: TokenSink,
         started: float,
         timings: dict[str, float],
@@ -449,7 +457,7 @@ class PipelineEngine:
             proofs=tuple(encode(p) for p in self._records.get(str(task.task_id), ())),
         )
 
-    async def _resume_at(self, request_id: str, length: int) -> int:
+    async def _resume_at(self, request_id: RequestId, length: int) -> int:
         """Where a request resumes on a new plan: the fewest positions any stage still
         caches (survivors keep theirs; a promoted standby has the last copy the failed
         node sent it), and never past the last token, whose output is what is missing."""
@@ -463,13 +471,13 @@ class PipelineEngine:
                 reply = await ask(node, CacheQuery((request_id,)))
             except ButterflyError:
                 return 0
-            ok = isinstance(reply, CacheLengths) and reply.request_ids == (request_id,)
-            return reply.lengths[0] if isinstance(reply, CacheLengths) and ok else 0
+            ok = reply.request_ids == (request_id,) and len(reply.lengths) == 1
+            return reply.lengths[0] if ok else 0
 
         lengths = await asyncio.gather(*(held(n) for n in plan.nodes))
         return max(0, min(*lengths, length - 1))
 
-    async def _release(self, *request_ids: str) -> None:
+    async def _release(self, *request_ids: RequestId) -> None:
         """Free the requests' KV caches (and standbys' copies) on every node, best effort."""
         plan = self._plan()
         for node in dict.fromkeys((*plan.nodes, *(n for n, _ in plan.replicas))) if plan else ():
@@ -478,7 +486,7 @@ class PipelineEngine:
             except ButterflyError as e:
                 log.debug("release of %s on node %s failed: %s", request_ids, node, e)
 
-    def _release_finished(self, request_id: str) -> asyncio.Task[None]:
+    def _release_finished(self, request_id: RequestId) -> asyncio.Task[None]:
         """Release a finished (or cancelled) request together with every other request
         that finishes in this turn of the event loop: one frame per node per batch instead
         of one per request (3 of the ~4 frames the gateway sent per short request). The

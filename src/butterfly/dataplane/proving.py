@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from butterfly.protocol.messages import Proof, encode
-from butterfly.protocol.proof import fingerprint, tensor_bytes
+from butterfly.protocol.proof import fingerprint, generate_proof, tensor_bytes
 from butterfly.protocol.sign import SigningKey
 from butterfly.types.ids import Epoch, NodeId, RequestId, StageIndex
 from butterfly.types.model import LayerRange
+from butterfly.types.wire.agreement import encode
 
 
 @dataclass(frozen=True)
@@ -30,22 +30,22 @@ class Prover:
     def prove(
         self,
         *,
-        epoch: int,
-        request_id: str,
+        epoch: Epoch,
+        request_id: RequestId,
         step: int,
-        stage: int,
+        stage: StageIndex,
         layers: LayerRange,
         x_in: torch.Tensor,
         out: torch.Tensor,
         layer_outputs: Sequence[torch.Tensor],
     ) -> bytes:
-        proof = Proof.generate(
+        proof = generate_proof(
             key=self.key,
             signer=self.node,
-            epoch=Epoch(epoch),
-            request_id=RequestId(request_id),
+            epoch=epoch,
+            request_id=request_id,
             step=step,
-            stage=StageIndex(stage),
+            stage=stage,
             layers=(layers.start, layers.end),
             input_data=tensor_bytes(x_in),
             output_data=tensor_bytes(out),

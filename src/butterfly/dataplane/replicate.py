@@ -28,12 +28,13 @@ import torch
 
 from butterfly.dataplane.audit import Referee
 from butterfly.metrics.events import Emit, Verification, discard
-from butterfly.protocol.messages import Proof
 from butterfly.protocol.proof import Tolerance, matches_tensor
+from butterfly.protocol.sign import verify_message
 from butterfly.types.errors import ButterflyError, SendTimeout, StageLost
-from butterfly.types.ids import NodeId
+from butterfly.types.ids import Epoch, NodeId, RequestId
 from butterfly.types.model import LayerRange
 from butterfly.types.plan import StagePlan
+from butterfly.types.wire.agreement import Proof
 
 log = logging.getLogger(__name__)
 Lane = tuple[NodeId, ...]  # one node per stage, in chain order
@@ -43,10 +44,10 @@ class LaneRunner(Protocol):
     """What the pipeline engine offers: one step down an explicit route, and release."""
 
     async def lane_step(
-        self, wire_id: str, step: int, start: int, x: torch.Tensor, route: Lane
+        self, wire_id: RequestId, step: int, start: int, x: torch.Tensor, route: Lane
     ) -> tuple[torch.Tensor, list[Proof]]: ...
 
-    async def release_lane(self, wire_id: str, nodes: Iterable[NodeId]) -> None: ...
+    async def release_lane(self, wire_id: RequestId, nodes: Iterable[NodeId]) -> None: ...
 
 
 class Timeouts(Protocol):
@@ -124,7 +125,7 @@ def records_by_stage(
     *,
     lane: Lane,
     plan: StagePlan,
-    wire_id: str,
+    wire_id: RequestId,
     step: int,
     keys: Mapping[NodeId, bytes],
 ) -> dict[int, Proof]:
@@ -142,7 +143,7 @@ def records_by_stage(
                 and index not in found
             ):
                 key = keys.get(proof.sender)
-                if key is not None and proof.verify(key):
+                if key is not None and verify_message(proof, key):
                     found[index] = proof
     return found
 
@@ -197,11 +198,16 @@ def first_contradiction(
 # --- the gateway's driver ---------------------------------------------------------------
 
 
+def _lane_id(request_id: RequestId, lane: int, generation: int) -> RequestId:
+    """A lane's own id on the wire: its nodes keep its caches apart from other lanes'."""
+    return RequestId(f"{request_id}~{lane}.{generation}")
+
+
 @dataclass
 class _LaneState:
     nodes: Lane
-    wire_id: str
-    epoch: int
+    wire_id: RequestId
+    epoch: Epoch
     length: int  # positions its caches hold
 
 
@@ -209,7 +215,7 @@ class _LaneState:
 class _Request:
     history: torch.Tensor | None = None
     lanes: dict[int, _LaneState] = field(default_factory=dict)
-    used: dict[str, set[NodeId]] = field(default_factory=dict)  # wire id -> nodes, to release
+    used: dict[RequestId, set[NodeId]] = field(default_factory=dict)  # wire id -> its nodes
     generation: int = 0
     verified: bool = True
     liars_found: bool = False
@@ -237,7 +243,7 @@ class Replicator:
         self.convicted: set[NodeId] = set()  # left out of every lane from conviction on
 
     async def step(
-        self, runner: LaneRunner, request_id: str, step: int, pos: int, x: torch.Tensor
+        self, runner: LaneRunner, request_id: RequestId, step: int, pos: int, x: torch.Tensor
     ) -> torch.Tensor:
         """The step's output as f+1 disjoint lanes agree on it, or as the dispute decides."""
         req = self._requests.setdefault(request_id, _Request())
@@ -293,7 +299,7 @@ class Replicator:
         self,
         runner: LaneRunner,
         req: _Request,
-        request_id: str,
+        request_id: RequestId,
         plan: StagePlan,
         lanes: Sequence[Lane],
         step: int,
@@ -312,7 +318,7 @@ class Replicator:
             ):
                 # new or changed or poisoned caches: a fresh id, the whole history from 0
                 req.generation += 1
-                state = _LaneState(nodes, f"{request_id}~{k}.{req.generation}", plan.epoch, 0)
+                state = _LaneState(nodes, _lane_id(request_id, k, req.generation), plan.epoch, 0)
                 req.lanes[k] = state
                 sends.append((state, 0, history))
             else:
@@ -349,7 +355,7 @@ class Replicator:
         self,
         runner: LaneRunner,
         req: _Request,
-        request_id: str,
+        request_id: RequestId,
         plan: StagePlan,
         lanes: Sequence[Lane],
         step: int,
@@ -361,7 +367,7 @@ class Replicator:
         runs = []
         for k, nodes in enumerate(lanes[: self._f], start=first):  # up to 2f+1 lanes in all
             req.generation += 1
-            wire_id = f"{request_id}~{k}.{req.generation}"
+            wire_id = _lane_id(request_id, k, req.generation)
             req.used.setdefault(wire_id, set()).update(nodes)
             try:
                 out, raw = await runner.lane_step(wire_id, step, 0, history, nodes)
@@ -421,7 +427,7 @@ class Replicator:
             outputs.append(x)
         return outputs
 
-    def finish(self, request_id: str) -> Literal["replicate", "none"]:
+    def finish(self, request_id: RequestId) -> Literal["replicate", "none"]:
         """Which check the request's result passed; one metric event per request."""
         req = self._requests.get(request_id, _Request(verified=False))
         outcome: Literal["verified", "unverified", "liar_found"] = (
@@ -430,7 +436,7 @@ class Replicator:
         self._emit(Verification(check="replicate", outcome=outcome))
         return "replicate" if req.verified else "none"
 
-    async def release(self, runner: LaneRunner, request_id: str) -> None:
+    async def release(self, runner: LaneRunner, request_id: RequestId) -> None:
         """Free every lane's caches the request used, on every node that held them."""
         req = self._requests.pop(request_id, None)
         plan = self._plan()

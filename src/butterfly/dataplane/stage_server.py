@@ -31,27 +31,28 @@ from butterfly.runtime.stage import Stage, forward_rows, prefill_outputs, suppor
 from butterfly.runtime.torch_thread import TorchThread, single_threaded
 from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.types.errors import ButterflyError, InvalidMessage, StageLost
-from butterfly.types.ids import NodeId
-from butterfly.types.messages import (
+from butterfly.types.ids import Epoch, NodeId, RequestId, StageIndex
+from butterfly.types.model import LayerRange
+from butterfly.types.plan import StagePlan
+from butterfly.types.wire.control import PlanAck, PlanAssign
+from butterfly.types.wire.data import (
     AuditReply,
     AuditRequest,
     CacheLengths,
     CacheQuery,
     KvAppend,
-    Message,
-    PlanAck,
-    PlanAssign,
     StageStep,
     StepError,
     StepResult,
 )
-from butterfly.types.model import LayerRange
-from butterfly.types.plan import StagePlan
+from butterfly.types.wire.frames import Message
 
 log = logging.getLogger(__name__)
 
 
-def _prefill_groups(request_ids: tuple[str, ...], lengths: tuple[int, ...]) -> list[list[int]]:
+def _prefill_groups(
+    request_ids: tuple[RequestId, ...], lengths: tuple[int, ...]
+) -> list[list[int]]:
     """Indices of the multi-token entries, grouped by length: a group runs as one batch of
     rows (one set of matrix products for all of them; a short prefill costs mostly fixed
     per-operation overhead, 2.3x per request one by one against four at once). A request
@@ -101,20 +102,20 @@ class StageServer:
         self.prover = prover
         self._keep_outputs = keep_outputs
         # request -> (start, output) of each step, in position order
-        self._kept: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        self._kept: dict[RequestId, list[tuple[int, torch.Tensor]]] = {}
         self._snapshot_every = snapshot_every
-        self._shipped: dict[str, int] = {}  # request -> positions already at the standbys
+        self._shipped: dict[RequestId, int] = {}  # request -> positions already at the standbys
         self._plan_changed = asyncio.Event()
         self.node, self.model_dir = node, model_dir
         self._max_tensor_bytes, self._dtype = max_tensor_bytes, dtype
         self._torch = torch_thread
         self.stage: Stage | None = None
         self.plan: StagePlan | None = None
-        self.caches: dict[str, KVCache | None] = {}
+        self.caches: dict[RequestId, KVCache | None] = {}
 
     @property
-    def epoch(self) -> int:
-        return self.plan.epoch if self.plan else 0
+    def epoch(self) -> Epoch:
+        return self.plan.epoch if self.plan else Epoch(0)
 
     @property
     def kv_bytes(self) -> int:
@@ -161,12 +162,14 @@ class StageServer:
                 async with asyncio.timeout(left):
                     await changed.wait()
 
-    def release(self, request_id: str) -> None:
+    def release(self, request_id: RequestId) -> None:
         self.caches.pop(request_id, None)
         self._shipped.pop(request_id, None)
         self._kept.pop(request_id, None)
 
-    def outputs_of(self, request_id: str, layers: LayerRange, length: int) -> torch.Tensor | None:
+    def outputs_of(
+        self, request_id: RequestId, layers: LayerRange, length: int
+    ) -> torch.Tensor | None:
         """This stage's outputs for positions [0, length) of the request, as it computed
         them, or None when it did not compute all of them (another node did some after a
         recovery, or `keep_outputs` is off)."""
@@ -186,7 +189,7 @@ class StageServer:
                 kept.clear()  # a gap: positions computed elsewhere (after a recovery)
             kept.append((start, out[:, offsets[i] : offsets[i] + msg.lengths[i]].clone()))
 
-    def kv_deltas(self, request_ids: tuple[str, ...]) -> list[Outbound]:
+    def kv_deltas(self, request_ids: tuple[RequestId, ...]) -> list[Outbound]:
         """The KV positions these requests gained since the last copy, for each standby of
         this node's range, once `snapshot_every` positions have built up. Called on the
         event loop right after a step: the request's next step cannot be running yet (it
@@ -256,7 +259,7 @@ class StageServer:
             error = StepError(
                 msg.request_ids, msg.steps, self.node, err.kind, str(err), err.retriable
             )
-            return Outbound(NodeId(msg.reply_to), error)
+            return Outbound(msg.reply_to, error)
         if msg.route:
             nxt = StageStep(
                 msg.request_ids,
@@ -268,9 +271,9 @@ class StageServer:
                 msg.last_only,
                 msg.proofs + proofs,
             )
-            return Outbound(NodeId(msg.route[0]), nxt, out)
+            return Outbound(msg.route[0], nxt, out)
         result = StepResult(msg.request_ids, msg.steps, self.node, msg.proofs + proofs)
-        return Outbound(NodeId(msg.reply_to), result, out)
+        return Outbound(msg.reply_to, result, out)
 
     def _check_step(self, msg: StageStep, epoch: int, x: torch.Tensor) -> Stage:
         stage = self.stage
@@ -294,7 +297,7 @@ class StageServer:
             raise InvalidMessage(f"step covers {sum(msg.lengths)} tokens, input has {x.shape[1]}")
         return stage
 
-    def _cache_for(self, stage: Stage, request_id: str, start: int) -> KVCache | None:
+    def _cache_for(self, stage: Stage, request_id: RequestId, start: int) -> KVCache | None:
         """The request's cache, cut back to `start` (a re-run after recovery recomputes
         from there); a request's first step creates it."""
         if request_id not in self.caches:
@@ -380,13 +383,13 @@ class StageServer:
             # the chain position of the range held: a replica's records (replicate mode's
             # lanes) name the stage they stand for (a negative index would not even decode)
             index = next((i for i, (_, r) in enumerate(self.plan.stages) if r == stage.layers), 0)
-            proofs = self._sign(msg, index, stage.layers, x, sent, offsets, traces)
+            proofs = self._sign(msg, StageIndex(index), stage.layers, x, sent, offsets, traces)
         return encode_tensor(sent), proofs
 
     def _sign(
         self,
         msg: StageStep,
-        index: int,
+        index: StageIndex,
         layers: LayerRange,
         x: torch.Tensor,
         out: torch.Tensor,

@@ -22,8 +22,8 @@ from butterfly.metrics.events import (
 )
 from butterfly.net.framing import LENGTH, Envelope, decode_frame, encode_frame
 from butterfly.types.errors import ConnectionFailed, SendTimeout, WireFormatError
-from butterfly.types.ids import NodeId
-from butterfly.types.messages import Message
+from butterfly.types.ids import Epoch, NodeId
+from butterfly.types.wire.frames import Message
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class Connection:
         peer: NodeId,
         node: NodeId,
         cluster_id: str,
-        epoch: Callable[[], int],
+        epoch: Callable[[], Epoch],
         handler: Handler,
         emit: Emit,
         max_frame: int,

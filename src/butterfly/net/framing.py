@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 import lz4.frame
 import msgpack
 
-from butterfly.types.errors import WireFormatError
-from butterfly.types.messages import PROTOCOL_VERSION, Message, from_body, to_body
+from butterfly.types.errors import InvalidMessage, WireFormatError
+from butterfly.types.ids import Epoch, NodeId
+from butterfly.types.wire.base import PROTOCOL_VERSION, Ask, reply_type
+from butterfly.types.wire.frames import Message, from_body, to_body
+
+R = TypeVar("R")
 
 LENGTH = struct.Struct(">I")
 HEADER_LENGTH = struct.Struct(">H")
@@ -28,8 +33,8 @@ COMPRESSIONS = ("", "lz4")
 @dataclass(frozen=True, slots=True)
 class Envelope:
     msg: Message
-    sender: int
-    epoch: int
+    sender: NodeId  # as the peer claims it: transports attribute frames to the connection
+    epoch: Epoch
     cluster_id: str
     corr_id: int = 0  # non-zero: a request expecting a reply, or that reply
     reply: bool = False
@@ -112,3 +117,22 @@ def decode_frame(rest: bytes, max_payload: int) -> Envelope:
         payload=bytes(payload),
         version=header["v"],
     )
+
+
+def as_message(request: Ask[Any]) -> Message:
+    """A request as the frame union: every `Ask` subclass is a frame message (types.wire)."""
+    return cast(Message, request)
+
+
+def answer_to(request: Ask[R], reply: Message, peer: NodeId) -> R:
+    """`reply` as the answer `request` declared, or InvalidMessage blaming `peer` (the
+    authenticated peer asked, not whoever the frame claims): checked here once, so no
+    caller inspects a reply's type."""
+    expected = reply_type(request)
+    if type(reply) is not expected:
+        raise InvalidMessage(
+            f"node {peer} answered {as_message(request).kind} with {reply.kind}, "
+            f"not {getattr(expected, 'kind', expected.__name__)}",
+            blame=peer,
+        )
+    return cast(R, reply)

@@ -12,15 +12,26 @@ import contextlib
 import itertools
 import logging
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from butterfly.metrics.events import Emit
 from butterfly.net.conn import Handler
-from butterfly.net.framing import LENGTH, Envelope, decode_frame, encode_frame
+from butterfly.net.framing import (
+    LENGTH,
+    Envelope,
+    answer_to,
+    as_message,
+    decode_frame,
+    encode_frame,
+)
 from butterfly.types.errors import ConnectionFailed, SendTimeout
-from butterfly.types.ids import NodeId
-from butterfly.types.messages import Message
+from butterfly.types.ids import Epoch, NodeId
+from butterfly.types.wire.base import Ask
+from butterfly.types.wire.frames import Message
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
+FIRST_EPOCH = Epoch(0)
 
 
 @dataclass
@@ -31,14 +42,14 @@ class MemoryNetwork:
     nodes: dict[NodeId, MemoryTransport] = field(default_factory=dict)
     down: set[NodeId] = field(default_factory=set)
 
-    def transport(self, node: NodeId, emit: Emit, epoch: int = 0) -> MemoryTransport:
+    def transport(self, node: NodeId, emit: Emit, epoch: Epoch = FIRST_EPOCH) -> MemoryTransport:
         t = MemoryTransport(self, node, emit, epoch)
         self.nodes[node] = t
         return t
 
 
 class MemoryTransport:
-    def __init__(self, net: MemoryNetwork, node: NodeId, emit: Emit, epoch: int) -> None:
+    def __init__(self, net: MemoryNetwork, node: NodeId, emit: Emit, epoch: Epoch) -> None:
         self.net, self.node, self._emit = net, node, emit
         self._handler: Handler | None = None
         self.epoch = epoch
@@ -84,7 +95,7 @@ class MemoryTransport:
                 reply[0], self.node, self.epoch, self.net.cluster_id, env.corr_id, True, reply[1]
             )
             with contextlib.suppress(ConnectionFailed):
-                self._deliver(NodeId(env.sender), back)
+                self._deliver(env.sender, back)
 
     async def send(
         self, peer: NodeId, msg: Message, payload: bytes = b"", *, channel: str = "data"
@@ -116,6 +127,18 @@ class MemoryTransport:
             raise SendTimeout(f"node {peer} did not answer {msg.kind} within {timeout} s") from e
         finally:
             self._pending.pop(corr, None)
+
+    async def ask(
+        self,
+        peer: NodeId,
+        msg: Ask[R],
+        payload: bytes = b"",
+        *,
+        timeout: float,
+        channel: str = "data",
+    ) -> tuple[R, bytes]:
+        env = await self.request(peer, as_message(msg), payload, timeout=timeout, channel=channel)
+        return answer_to(msg, env.msg, peer), env.payload
 
     async def broadcast(
         self, msg: Message, payload: bytes = b"", *, channel: str = "control"

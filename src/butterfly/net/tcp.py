@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 from tenacity import (
     AsyncRetrying,
@@ -27,13 +28,16 @@ from tenacity import (
 from butterfly.metrics.events import Emit, MessageDropped
 from butterfly.net.breaker import CircuitBreaker
 from butterfly.net.conn import Connection, Handler
-from butterfly.net.framing import Envelope
+from butterfly.net.framing import Envelope, answer_to, as_message
 from butterfly.net.tls import TlsContexts, cert_node, node_name
-from butterfly.types.errors import CircuitOpen, ConnectionFailed, WireFormatError
-from butterfly.types.ids import NodeId
-from butterfly.types.messages import PROTOCOL_VERSION, Hello, HelloAck, Message
+from butterfly.types.errors import CircuitOpen, ConnectionFailed, InvalidMessage, WireFormatError
+from butterfly.types.ids import Epoch, NodeId
+from butterfly.types.wire.base import PROTOCOL_VERSION, Ask
+from butterfly.types.wire.control import Hello, HelloAck
+from butterfly.types.wire.frames import Message
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 CHANNELS = ("control", "data")
 
 
@@ -73,7 +77,7 @@ class TcpTransport:
         listen: tuple[str, int],
         peers: Mapping[NodeId, tuple[str, int]],
         emit: Emit,
-        epoch: Callable[[], int],
+        epoch: Callable[[], Epoch],
         limits: TransportLimits = TransportLimits(),
         tls: TlsContexts | None = None,
     ) -> None:
@@ -172,7 +176,7 @@ class TcpTransport:
             return
         hello = env.msg
         assert isinstance(hello, Hello)  # _refusal checked the kind
-        conn.peer = NodeId(hello.node)
+        conn.peer = hello.node
         await conn.send(HelloAck(self.identity.node, reason == "", reason))
         if reason:
             self._emit(MessageDropped(reason="handshake"))
@@ -213,17 +217,20 @@ class TcpTransport:
             raise ConnectionFailed(f"cannot connect to node {peer} at {host}:{port}: {e}") from e
         conn = self._connection(reader, writer, peer)
         me = self.identity
-        await conn.send(Hello(me.node, me.cluster_id, me.model_hash, channel))
+        hello = Hello(me.node, me.cluster_id, me.model_hash, channel)
+        await conn.send(hello)
         try:
             env = await asyncio.wait_for(conn.read_frame(), self.limits.connect_timeout_s)
+            ack = answer_to(hello, env.msg, peer)
         except (WireFormatError, TimeoutError, asyncio.IncompleteReadError, OSError) as e:
             conn.close("no handshake answer")
             raise ConnectionFailed(f"node {peer} did not complete the handshake: {e}") from e
-        ack = env.msg
-        if not isinstance(ack, HelloAck) or not ack.accepted:
-            reason = ack.reason if isinstance(ack, HelloAck) else ack.kind
-            conn.close(reason)
-            raise ConnectionFailed(f"node {peer} refused the handshake: {reason}", blame=peer)
+        except InvalidMessage as e:
+            conn.close("bad handshake answer")
+            raise ConnectionFailed(f"node {peer} refused the handshake: {e}", blame=peer) from e
+        if not ack.accepted:
+            conn.close(ack.reason)
+            raise ConnectionFailed(f"node {peer} refused the handshake: {ack.reason}", blame=peer)
         self._spawn_reader(conn)
         return conn
 
@@ -279,6 +286,18 @@ class TcpTransport:
     ) -> Envelope:
         conn = await self.connection(peer, channel)
         return await conn.request(msg, payload, timeout=timeout)
+
+    async def ask(
+        self,
+        peer: NodeId,
+        msg: Ask[R],
+        payload: bytes = b"",
+        *,
+        timeout: float,
+        channel: str = "data",
+    ) -> tuple[R, bytes]:
+        env = await self.request(peer, as_message(msg), payload, timeout=timeout, channel=channel)
+        return answer_to(msg, env.msg, peer), env.payload
 
     async def broadcast(
         self, msg: Message, payload: bytes = b"", *, channel: str = "control"

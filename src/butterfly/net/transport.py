@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from butterfly.net.conn import Handler
 from butterfly.net.framing import Envelope
 from butterfly.types.ids import NodeId
-from butterfly.types.messages import Message
+from butterfly.types.wire.base import Ask
+from butterfly.types.wire.frames import Message
+
+R = TypeVar("R")
 
 
 class Transport(Protocol):
@@ -32,6 +35,18 @@ class Transport(Protocol):
         channel: str = "data",
     ) -> Envelope:
         """Send and wait for the reply with the same correlation id."""
+
+    async def ask(
+        self,
+        peer: NodeId,
+        msg: Ask[R],
+        payload: bytes = b"",
+        *,
+        timeout: float,
+        channel: str = "data",
+    ) -> tuple[R, bytes]:
+        """`request`, answered by the reply `msg` declares (and its payload); a reply of
+        another kind is InvalidMessage blaming `peer`."""
 
     async def broadcast(
         self, msg: Message, payload: bytes = b"", *, channel: str = "control"

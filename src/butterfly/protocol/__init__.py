@@ -4,8 +4,8 @@ PBFT is a reducer, `step(state, input, now) -> (state, messages to send)`; its d
 (`agreement.driver`, or `butterfly.testing.sim`) delivers messages and ticks and sends
 what comes back. The failure detector takes the time as an argument too. Modules:
 
-    messages          every wire message (frozen, tagged, versioned, signed) + strict codec
-    sign, hashing     Ed25519 keys and verification; digests and Merkle roots
+    sign              Ed25519 keys; signing and verifying wire messages (types.wire)
+    inputs            reducer inputs that never cross the wire (Tick, SuspectPrimary)
     quorum            n >= 3f + 1 and quorum sizes
     pbft              PBFT replica (pbft_state, pbft_order, pbft_viewchange, evidence)
     failure_detector  phi accrual detector with min std and acceptable pause
@@ -13,10 +13,10 @@ what comes back. The failure detector takes the time as an argument too. Modules
 """
 
 from butterfly.protocol.failure_detector import PhiAccrualFailureDetector
-from butterfly.protocol.messages import Fingerprint, Proof, decode, encode
 from butterfly.protocol.pbft_state import PbftConfig, ReplicaState
 from butterfly.protocol.quorum import check_fault_tolerance, max_faulty
 from butterfly.protocol.sign import SigningKey
+from butterfly.types.wire.agreement import Fingerprint, Proof, decode, encode
 
 __all__ = [
     "Fingerprint",

@@ -8,18 +8,18 @@ evidence is what the coordinator later puts through PBFT to evict the node.
 
 from __future__ import annotations
 
-from butterfly.protocol.messages import (
+from butterfly.protocol.pbft_state import ReplicaState, Send, sign
+from butterfly.protocol.quorum import primary
+from butterfly.protocol.sign import verify_message
+from butterfly.types.ids import NodeId
+from butterfly.types.wire.agreement import (
     CheckpointVote,
     Commit,
     Conflicting,
     Evidence,
     Prepare,
     PrePrepare,
-    verify_message,
 )
-from butterfly.protocol.pbft_state import ReplicaState, Send, sign
-from butterfly.protocol.quorum import primary
-from butterfly.types.ids import NodeId
 
 
 def slot_of(message: Conflicting) -> tuple[object, ...]:

@@ -20,21 +20,7 @@ from __future__ import annotations
 from typing import assert_never
 
 from butterfly.protocol import evidence
-from butterfly.protocol.messages import (
-    CheckpointVote,
-    Commit,
-    Evidence,
-    NewView,
-    Prepare,
-    PrePrepare,
-    Request,
-    StateTransfer,
-    Status,
-    SuspectPrimary,
-    Tick,
-    ViewChange,
-    verify_message,
-)
+from butterfly.protocol.inputs import SuspectPrimary, Tick
 from butterfly.protocol.pbft_order import (
     client_signed,
     note_divergence,
@@ -61,6 +47,19 @@ from butterfly.protocol.pbft_viewchange import (
     on_view_change,
     start_view_change,
     state_transfer,
+)
+from butterfly.protocol.sign import verify_message
+from butterfly.types.wire.agreement import (
+    CheckpointVote,
+    Commit,
+    Evidence,
+    NewView,
+    Prepare,
+    PrePrepare,
+    Request,
+    StateTransfer,
+    Status,
+    ViewChange,
 )
 
 Input = (

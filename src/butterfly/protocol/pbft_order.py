@@ -8,17 +8,6 @@ message for, updates it, and appends what must be sent to `out`.
 from __future__ import annotations
 
 from butterfly.protocol import evidence
-from butterfly.protocol.hashing import NULL_DIGEST, chain
-from butterfly.protocol.messages import (
-    CheckpointVote,
-    Commit,
-    Prepare,
-    PrePrepare,
-    Reply,
-    Request,
-    request_digest,
-    verify_message,
-)
 from butterfly.protocol.pbft_state import (
     MAX_COMMITS_PER_SENDER,
     Divergence,
@@ -31,7 +20,18 @@ from butterfly.protocol.pbft_state import (
     status_of,
 )
 from butterfly.protocol.quorum import primary
+from butterfly.protocol.sign import verify_message
+from butterfly.types.hashing import NULL_DIGEST, chain
 from butterfly.types.ids import NodeId
+from butterfly.types.wire.agreement import (
+    CheckpointVote,
+    Commit,
+    Prepare,
+    PrePrepare,
+    Reply,
+    Request,
+    request_digest,
+)
 
 
 def client_signed(state: ReplicaState, request: Request) -> bool:

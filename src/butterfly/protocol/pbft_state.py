@@ -13,12 +13,15 @@ import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from butterfly.protocol.hashing import chain
-from butterfly.protocol.messages import (
+from butterfly.protocol.quorum import check_fault_tolerance, primary, quorum
+from butterfly.protocol.sign import M, SigningKey, sign_message
+from butterfly.types.errors import InsufficientNodes
+from butterfly.types.hashing import chain
+from butterfly.types.ids import Epoch, NodeId
+from butterfly.types.wire.agreement import (
     CheckpointVote,
     Commit,
     Evidence,
-    M,
     Message,
     NewView,
     Prepare,
@@ -27,12 +30,7 @@ from butterfly.protocol.messages import (
     Request,
     Status,
     ViewChange,
-    sign_message,
 )
-from butterfly.protocol.quorum import check_fault_tolerance, primary, quorum
-from butterfly.protocol.sign import SigningKey
-from butterfly.types.errors import InsufficientNodes
-from butterfly.types.ids import Epoch, NodeId
 
 MAX_COMMITS_PER_SENDER = 3
 RequestKey = tuple[NodeId, int]

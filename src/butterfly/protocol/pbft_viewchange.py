@@ -12,18 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from butterfly.protocol import evidence
-from butterfly.protocol.hashing import NULL_DIGEST, chain
-from butterfly.protocol.messages import (
-    CheckpointVote,
-    NewView,
-    PreparedCertificate,
-    PrePrepare,
-    Request,
-    StateTransfer,
-    ViewChange,
-    request_digest,
-    verify_message,
-)
 from butterfly.protocol.pbft_order import (
     accept_pre_prepare,
     apply_entry,
@@ -42,7 +30,19 @@ from butterfly.protocol.pbft_state import (
     sign,
 )
 from butterfly.protocol.quorum import primary
+from butterfly.protocol.sign import verify_message
+from butterfly.types.hashing import NULL_DIGEST, chain
 from butterfly.types.ids import NodeId
+from butterfly.types.wire.agreement import (
+    CheckpointVote,
+    NewView,
+    PreparedCertificate,
+    PrePrepare,
+    Request,
+    StateTransfer,
+    ViewChange,
+    request_digest,
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,9 +1,9 @@
 """Signed records of stage steps, activation fingerprints, and when two records conflict.
 
 Every stage step a node computes is answered with a `Proof` (defined with the other wire
-messages in `messages.py`): hashes of input and output, a Merkle root over the per-layer
-output hashes, and a TOPLOC-style fingerprint (Ong et al., 2025): for each chunk of
-`chunk` positions, the `k` largest-magnitude activations and where they are.
+messages in `butterfly.types.wire.agreement`): hashes of input and output, a Merkle root
+over the per-layer output hashes, and a TOPLOC-style fingerprint (Ong et al., 2025): for
+each chunk of `chunk` positions, the `k` largest-magnitude activations and where they are.
 
 Exact hashes only match on identical hardware and thread counts; the fingerprint is what
 survives float noise across machines, compared with tolerances. Two proofs for the same
@@ -19,10 +19,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from butterfly.protocol.messages import Fingerprint, Proof
-from butterfly.protocol.sign import SigningKey
+from butterfly.protocol.sign import SigningKey, sign_message, verify_message
+from butterfly.types.hashing import merkle_root, sha256
 from butterfly.types.ids import Epoch, NodeId, RequestId, StageIndex
 from butterfly.types.model import LayerRange
+from butterfly.types.wire.agreement import Fingerprint, Proof
 
 if TYPE_CHECKING:
     import torch
@@ -37,6 +38,7 @@ __all__ = [
     "compare",
     "conflicting",
     "fingerprint",
+    "generate_proof",
     "matches_tensor",
     "prove_step",
     "tensor_bytes",
@@ -174,7 +176,7 @@ def prove_step(
     chunk: int = 32,
 ) -> Proof:
     """The signed record of one stage step, computed from its tensors."""
-    return Proof.generate(
+    return generate_proof(
         key=key,
         signer=signer,
         epoch=epoch,
@@ -187,6 +189,42 @@ def prove_step(
         layer_outputs=tuple(tensor_bytes(o) for o in layer_outputs),
         fingerprint=fingerprint(hidden_out, k, chunk),
     )
+
+
+def generate_proof(
+    *,
+    key: SigningKey,
+    signer: NodeId,
+    epoch: Epoch,
+    request_id: RequestId,
+    step: int,
+    stage: StageIndex,
+    layers: tuple[int, int],
+    input_data: bytes,
+    output_data: bytes,
+    layer_outputs: tuple[bytes, ...],
+    fingerprint: Fingerprint,
+) -> Proof:
+    """Hash the step's bytes, build the Merkle root of per-layer outputs, and sign."""
+    start, end = layers
+    if not 0 <= start < end:
+        raise ValueError(f"layer range [{start}, {end}) is empty or negative")
+    if len(layer_outputs) != end - start:
+        raise ValueError(f"{len(layer_outputs)} layer outputs for {end - start} layers")
+    proof = Proof(
+        sender=signer,
+        epoch=epoch,
+        request_id=request_id,
+        step=step,
+        stage=stage,
+        layer_start=start,
+        layer_end=end,
+        input_hash=sha256(input_data),
+        output_hash=sha256(output_data),
+        fingerprint=fingerprint,
+        merkle_root=merkle_root([sha256(b) for b in layer_outputs]),
+    )
+    return sign_message(proof, key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +253,11 @@ def conflicting(
     if not same_step(a, b):
         return None
     key_a, key_b = keys.get(a.sender), keys.get(b.sender)
-    if key_a is None or key_b is None or not (a.verify(key_a) and b.verify(key_b)):
+    if (
+        key_a is None
+        or key_b is None
+        or not (verify_message(a, key_a) and verify_message(b, key_b))
+    ):
         return None
     if a.output_hash == b.output_hash:
         return None

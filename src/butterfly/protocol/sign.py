@@ -10,6 +10,9 @@ replica and relays repeat it.
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
+from dataclasses import replace
+from typing import TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -17,6 +20,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
+
+from butterfly.types.wire.agreement import Message, signing_bytes
 
 PUBLIC_KEY_SIZE = 32
 SIGNATURE_SIZE = 64
@@ -84,3 +89,42 @@ def verify_once(public_key: bytes, signature: bytes, data: bytes) -> bool:
     except InvalidSignature:
         return False
     return True
+
+
+M = TypeVar("M", bound=Message)
+
+
+def sign_message(message: M, key: SigningKey) -> M:
+    """`message` with its signature over every other field (`signing_bytes`)."""
+    return replace(message, signature=key.sign(signing_bytes(message)))
+
+
+_CHECKED: OrderedDict[int, tuple[Message, bytes, bool]] = OrderedDict()
+_CHECKED_MAX = 8192
+
+
+def verify_message(message: Message, public_key: bytes) -> bool:
+    """True when `message` is signed by the holder of `public_key`; unsigned is invalid.
+
+    The same message object is checked again and again (a view change is re-validated
+    inside every new-view that quotes it), so results are remembered per object; the
+    entry holds the object itself, so its id cannot be reused while remembered.
+    """
+    if not message.signature:
+        return False
+    hit = _CHECKED.get(id(message))
+    if hit is not None and hit[0] is message and hit[1] == public_key:
+        return hit[2]
+    ok = verify_bytes(public_key, message.signature, signing_bytes(message))
+    _CHECKED[id(message)] = (message, public_key, ok)
+    if len(_CHECKED) > _CHECKED_MAX:
+        _CHECKED.popitem(last=False)
+    return ok
+
+
+def forget_verifications() -> None:
+    """Drop remembered signature checks, so an in-process benchmark of several replicas
+    pays for every verification as separate processes would.
+    """
+    _CHECKED.clear()
+    verify_bytes.cache_clear()

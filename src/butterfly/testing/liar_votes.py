@@ -11,8 +11,9 @@ import hashlib
 from dataclasses import replace
 
 from butterfly.agreement.driver import AgreementDriver
-from butterfly.protocol.messages import Commit, Prepare, sign_message
 from butterfly.protocol.pbft_state import Send
+from butterfly.protocol.sign import sign_message
+from butterfly.types.wire.agreement import Commit, Prepare
 
 
 class EquivocatingDriver(AgreementDriver):

@@ -13,7 +13,8 @@ import torch
 
 from butterfly.dataplane.stage_server import StageServer
 from butterfly.net.framing import Envelope
-from butterfly.types.messages import AuditReply, AuditRequest, PlanAck, PlanAssign
+from butterfly.types.wire.control import PlanAck, PlanAssign
+from butterfly.types.wire.data import AuditReply, AuditRequest
 
 
 class CorruptStageServer(StageServer):

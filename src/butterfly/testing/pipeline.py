@@ -27,11 +27,12 @@ from butterfly.runtime.loader import model_args
 from butterfly.runtime.torch_thread import TorchThread
 from butterfly.schedule.engine import ClusterHealth, NodeHealth, TokenSink
 from butterfly.types.errors import ConnectionFailed, ServiceUnavailable
-from butterfly.types.ids import GATEWAY, NodeId
-from butterfly.types.messages import Message, Release, StageStep, StepError, StepResult
+from butterfly.types.ids import GATEWAY, Epoch, NodeId
 from butterfly.types.model import LayerRange
 from butterfly.types.plan import StagePlan
 from butterfly.types.tasks import InferenceResult, InferenceTask
+from butterfly.types.wire.data import Release, StageStep, StepError, StepResult
+from butterfly.types.wire.frames import Message
 
 MAX_TENSOR_BYTES = 1 << 28
 STEP_TIMEOUT_S = 120.0  # a slow CI machine, not a failure: nothing here is lost
@@ -60,7 +61,7 @@ class LocalPipeline:
             )
             for i in range(len(ranges))
         }
-        self.plan = StagePlan(1, tuple((NodeId(i), r) for i, r in enumerate(ranges)))
+        self.plan = StagePlan(Epoch(1), tuple((NodeId(i), r) for i, r in enumerate(ranges)))
         family, args = model_args(model_dir)  # as the node reads them
         self.engine = PipelineEngine(
             node=GATEWAY,

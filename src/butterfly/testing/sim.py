@@ -25,7 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from butterfly.protocol import pbft
-from butterfly.protocol.messages import (
+from butterfly.protocol.pbft_state import PbftConfig, ReplicaState, new_replica, next_deadline
+from butterfly.protocol.sign import SigningKey, sign_message, verify_message
+from butterfly.testing.sim_byzantine import Behaviour, Board, rewrite
+from butterfly.testing.sim_scenario import Scenario, scenario_for, sim_key
+from butterfly.types.ids import Epoch, NodeId
+from butterfly.types.wire.agreement import (
     Message,
     NewView,
     PrePrepare,
@@ -34,14 +39,7 @@ from butterfly.protocol.messages import (
     decode,
     encode,
     request_digest,
-    sign_message,
-    verify_message,
 )
-from butterfly.protocol.pbft_state import PbftConfig, ReplicaState, new_replica, next_deadline
-from butterfly.protocol.sign import SigningKey
-from butterfly.testing.sim_byzantine import Behaviour, Board, rewrite
-from butterfly.testing.sim_scenario import Scenario, scenario_for, sim_key
-from butterfly.types.ids import Epoch, NodeId
 
 __all__ = [
     "Scenario",

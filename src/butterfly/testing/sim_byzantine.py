@@ -11,7 +11,10 @@ import enum
 import random
 from dataclasses import dataclass, field, replace
 
-from butterfly.protocol.messages import (
+from butterfly.protocol.pbft_state import ReplicaState, Send
+from butterfly.protocol.sign import sign_message
+from butterfly.types.ids import NodeId
+from butterfly.types.wire.agreement import (
     CheckpointVote,
     Commit,
     Message,
@@ -21,10 +24,7 @@ from butterfly.protocol.messages import (
     Request,
     Status,
     request_digest,
-    sign_message,
 )
-from butterfly.protocol.pbft_state import ReplicaState, Send
-from butterfly.types.ids import NodeId
 
 
 class Behaviour(enum.StrEnum):

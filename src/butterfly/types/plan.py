@@ -10,16 +10,16 @@ import itertools
 from dataclasses import dataclass
 
 from butterfly.types.errors import InvalidMessage
-from butterfly.types.ids import NodeId
-from butterfly.types.messages import PlanAssign
+from butterfly.types.ids import Epoch, NodeId
 from butterfly.types.model import LayerRange
+from butterfly.types.wire.control import PlanAssign
 
 
 @dataclass(frozen=True)
 class StagePlan:
     """The plan of one epoch: `stages[i]` is (node, layers) of pipeline position i."""
 
-    epoch: int
+    epoch: Epoch
     stages: tuple[tuple[NodeId, LayerRange], ...]
     # further holders of the same ranges: auditors of the chain's work and standbys
     replicas: tuple[tuple[NodeId, LayerRange], ...] = ()

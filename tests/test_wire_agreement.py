@@ -1,4 +1,5 @@
-"""The wire format: every message round-trips, anything malformed is InvalidMessage."""
+"""The agreement wire format (types.wire.agreement): every message round-trips, anything
+malformed is InvalidMessage."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from butterfly.protocol.codec import MAX_MESSAGE_BYTES, Codec
-from butterfly.protocol.messages import (
+from butterfly.protocol.sign import SigningKey, sign_message, verify_bytes, verify_message
+from butterfly.types.errors import InvalidMessage
+from butterfly.types.ids import Epoch, NodeId
+from butterfly.types.wire.agreement import (
     KINDS,
     CheckpointVote,
     Evidence,
-    Heartbeat,
     NewView,
     Prepare,
     PreparedCertificate,
@@ -28,13 +30,11 @@ from butterfly.protocol.messages import (
     decode,
     encode,
     request_digest,
-    sign_message,
     signing_bytes,
-    verify_message,
 )
-from butterfly.protocol.sign import SigningKey, verify_bytes
-from butterfly.types.errors import InvalidMessage
-from butterfly.types.ids import Epoch, NodeId
+from butterfly.types.wire.checks import MAX_MESSAGE_BYTES
+from butterfly.types.wire.codec import Codec
+from butterfly.types.wire.control import Heartbeat
 from tests.protocol_util import KEYS, request
 
 D = bytes(range(32))
@@ -102,7 +102,7 @@ def _raw(message: object) -> dict[str, object]:
         (lambda r: r.update(digest=b"short"), "digest is 5 bytes, expected 32..32"),
         (lambda r: r.update(extra=1), "unknown fields ['extra']"),
         (lambda r: r.pop("view"), "missing fields ['view']"),
-        (lambda r: r.update(version=2), "speaks protocol version 2"),
+        (lambda r: r.update(version=1), "speaks protocol version 1"),
         (lambda r: r["request"].update(kind="prepare"), "must be one of ['request']"),
         (lambda r: r["request"].update(operation="text"), "operation must be bytes"),
     ],
@@ -135,7 +135,7 @@ class Reading:
 
 
 def test_non_finite_floats_are_rejected() -> None:
-    codec = Codec({Reading.kind: Reading}, version=1)
+    codec = Codec({Reading.kind: Reading}, version=1, error=InvalidMessage)
     raw = msgpack.unpackb(codec.encode(Reading(NodeId(1), 9.5)))
     assert codec.decode(msgpack.packb(raw)) == Reading(NodeId(1), 9.5)
     raw["value"] = math.nan

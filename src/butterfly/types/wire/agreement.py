@@ -1,15 +1,17 @@
-"""Every message nodes exchange about coordination, one frozen tagged type each.
+"""Agreement messages (PBFT), signed stage-step records, coordination: one tagged type each.
 
 Each message names its `kind`, the protocol `version`, the `epoch` (membership and config
 generation) it belongs to and its `sender`, who signs it. A signature covers every field
-but itself, so signed messages can be relayed by anyone and still prove who wrote them;
-that is what turns a primary's two different pre-prepares into evidence.
+but itself (`signing_bytes`), so signed messages can be relayed by anyone and still prove
+who wrote them; that is what turns a primary's two different pre-prepares into evidence.
+Signing and verifying need keys and live in `butterfly.protocol.sign`.
 
-`encode`/`decode` are the only way these cross the network: msgpack maps checked field by
-field (see `codec.py`); a wrong type, unknown kind or oversized frame is `InvalidMessage`.
+`encode`/`decode` are the only way these cross the network (inside an `AgreementFrame`'s
+payload): msgpack maps checked field by field by the one codec (`wire.codec`); a wrong
+type, unknown kind or oversized message is `InvalidMessage`.
 
     kind            sent by            answered by / effect
-    heartbeat       every node         feeds the peer's failure detector
+    heartbeat       every node         feeds the peer's failure detector (wire.control)
     request         client (gateway)   pre-prepare by the primary, reply by every replica
     pre_prepare     primary            prepare
     prepare         backups            commit once 2f prepares match
@@ -26,34 +28,16 @@ field (see `codec.py`); a wrong type, unknown kind or oversized frame is `Invali
 
 from __future__ import annotations
 
-import struct
-from collections import OrderedDict
 from dataclasses import dataclass, replace
-from typing import Annotated, ClassVar, TypeVar
+from typing import ClassVar
 
-from butterfly.protocol.codec import Codec, Size
-from butterfly.protocol.hashing import NULL_DIGEST, merkle_root, sha256
-from butterfly.protocol.sign import SigningKey, verify_bytes
+from butterfly.types.errors import InvalidMessage
+from butterfly.types.hashing import NULL_DIGEST, sha256
 from butterfly.types.ids import Epoch, NodeId, RequestId, StageIndex
-
-PROTOCOL_VERSION = 1
-
-Digest = Annotated[bytes, Size(32, 32)]
-Signature = Annotated[bytes, Size(0, 64)]
-Blob = Annotated[bytes, Size(0, 1 << 16)]
-
-# --- failure detection ----------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Heartbeat:
-    kind: ClassVar[str] = "heartbeat"
-    sender: NodeId
-    epoch: Epoch
-    seq: int
-    version: int = PROTOCOL_VERSION
-    signature: Signature = b""
-
+from butterfly.types.wire.base import PROTOCOL_VERSION, Blob, Digest, Signature
+from butterfly.types.wire.checks import MAX_MESSAGE_BYTES
+from butterfly.types.wire.codec import Codec
+from butterfly.types.wire.control import Heartbeat
 
 # --- PBFT -------------------------------------------------------------------------------
 
@@ -241,8 +225,6 @@ class Evidence:
 
 # --- verified stage steps -----------------------------------------------------------------
 
-_U32 = struct.Struct("<I")
-
 
 def fingerprint_entries(k: int, chunk: int, positions: int, width: int) -> int:
     """Number of (index, value) pairs a fingerprint of this shape holds."""
@@ -299,60 +281,6 @@ class Proof:
     version: int = PROTOCOL_VERSION
     signature: Signature = b""
 
-    @classmethod
-    def generate(
-        cls,
-        *,
-        key: SigningKey,
-        signer: NodeId,
-        epoch: Epoch,
-        request_id: RequestId,
-        step: int,
-        stage: StageIndex,
-        layers: tuple[int, int],
-        input_data: bytes,
-        output_data: bytes,
-        layer_outputs: tuple[bytes, ...],
-        fingerprint: Fingerprint,
-    ) -> Proof:
-        """Hash the step's bytes, build the Merkle root of per-layer outputs, and sign."""
-        start, end = layers
-        if not 0 <= start < end:
-            raise ValueError(f"layer range [{start}, {end}) is empty or negative")
-        if len(layer_outputs) != end - start:
-            raise ValueError(f"{len(layer_outputs)} layer outputs for {end - start} layers")
-        proof = cls(
-            sender=signer,
-            epoch=epoch,
-            request_id=request_id,
-            step=step,
-            stage=stage,
-            layer_start=start,
-            layer_end=end,
-            input_hash=sha256(input_data),
-            output_hash=sha256(output_data),
-            fingerprint=fingerprint,
-            merkle_root=merkle_root([sha256(b) for b in layer_outputs]),
-        )
-        return sign_message(proof, key)
-
-    def verify(self, public_key: bytes) -> bool:
-        return verify_message(self, public_key)
-
-
-@dataclass(frozen=True, slots=True)
-class Tick:
-    """Local input, never on the wire: time passed, fed at a reducer's `next_deadline`."""
-
-
-@dataclass(frozen=True, slots=True)
-class SuspectPrimary:
-    """Local input, never on the wire: this node's failure detector declared the primary of
-    `view` failed, so the replica votes for the next view now instead of waiting for a
-    request to time out (a dead primary costs detection time, not the request timeout)."""
-
-    view: int
-
 
 Message = (
     Heartbeat
@@ -386,59 +314,22 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     Proof,
 )
 KINDS: dict[str, type[Message]] = {cls.kind: cls for cls in MESSAGE_TYPES}
-_CODEC = Codec(KINDS, version=PROTOCOL_VERSION)
-
-M = TypeVar("M", bound=Message)
+_CODEC = Codec(KINDS, version=PROTOCOL_VERSION, error=InvalidMessage)
 
 
 def encode(message: Message) -> bytes:
     return _CODEC.encode(message)
 
 
-def decode(data: bytes, *, max_bytes: int | None = None) -> Message:
-    """Decode and validate one frame from a peer; raises `InvalidMessage` on anything odd."""
-    if max_bytes is None:
-        return _CODEC.decode(data)  # type: ignore[no-any-return]
-    return _CODEC.decode(data, max_bytes=max_bytes)  # type: ignore[no-any-return]
+def decode(data: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
+    """Decode and validate one message from a peer; raises `InvalidMessage` on anything odd."""
+    message: Message = _CODEC.decode(data, max_bytes=max_bytes)
+    return message
 
 
 def signing_bytes(message: Message) -> bytes:
+    """What a signature covers: every field but the signature (and a class's `UNSIGNED`)."""
     return _CODEC.signing_bytes(message)
-
-
-def sign_message(message: M, key: SigningKey) -> M:
-    return replace(message, signature=key.sign(_CODEC.signing_bytes(message)))
-
-
-_CHECKED: OrderedDict[int, tuple[Message, bytes, bool]] = OrderedDict()
-_CHECKED_MAX = 8192
-
-
-def verify_message(message: Message, public_key: bytes) -> bool:
-    """True when `message` is signed by the holder of `public_key`; unsigned is invalid.
-
-    The same message object is checked again and again (a view change is re-validated
-    inside every new-view that quotes it), so results are remembered per object; the
-    entry holds the object itself, so its id cannot be reused while remembered.
-    """
-    if not message.signature:
-        return False
-    hit = _CHECKED.get(id(message))
-    if hit is not None and hit[0] is message and hit[1] == public_key:
-        return hit[2]
-    ok = verify_bytes(public_key, message.signature, _CODEC.signing_bytes(message))
-    _CHECKED[id(message)] = (message, public_key, ok)
-    if len(_CHECKED) > _CHECKED_MAX:
-        _CHECKED.popitem(last=False)
-    return ok
-
-
-def forget_verifications() -> None:
-    """Drop remembered signature checks, so an in-process benchmark of several replicas
-    pays for every verification as separate processes would.
-    """
-    _CHECKED.clear()
-    verify_bytes.cache_clear()
 
 
 def request_digest(request: Request | None) -> bytes:

@@ -1,0 +1,111 @@
+"""The operations the cluster agrees on, one frozen tagged type each.
+
+A command is what a PBFT request carries (its `operation` bytes): every node executes the
+same commands in the same order, so each must be decoded identically everywhere and
+refused identically when malformed. The one codec (`wire.codec`) checks a command's map
+like any message's: exactly the class's fields, each of its declared type; anything else
+is `InvalidCommand`, never a crash (a Byzantine client may order garbage).
+
+To add a command kind: declare a frozen dataclass with a unique `kind` and add it to
+`Command` and `COMMANDS`.
+
+    kind            effect when executed
+    config_update   apply an agreed config proposal at config sequence `seq` (seed 002)
+    config_abort    a timed-out proposal must not apply if it has not yet
+    evict_node      remove a node proven faulty (evidence) from the membership
+    new_plan        the stage plan of an epoch: flat (node, start, end) triples of the
+                    chain, and of the replicas (auditors and standbys)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from butterfly.types.errors import InvalidMessage
+from butterfly.types.ids import Epoch, NodeId
+from butterfly.types.wire.base import PROTOCOL_VERSION, Text
+from butterfly.types.wire.codec import Codec
+
+MAX_COMMAND_BYTES = 60 * 1024
+"""A PBFT request's operation holds at most 64 KiB; keep clear of it."""
+
+
+class InvalidCommand(InvalidMessage):
+    """An ordered operation that is not a well-formed command; every node skips it."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigUpdate:
+    """COMMIT of a config proposal (`proposal`: its canonical JSON bytes).
+
+    `vote_nodes`, `vote_seqs` and `vote_signatures` are the 2f+1 signed PREPARE OKs (node,
+    the last config seq it had applied, its signature); `seq` must be one more than the
+    highest of those, so every node activates the change at the same config sequence.
+    `nonce` names this attempt, so an abort cancels it and not a later retry.
+    """
+
+    kind: ClassVar[str] = "config_update"
+    proposal: bytes
+    seq: int
+    nonce: int
+    vote_nodes: tuple[NodeId, ...]
+    vote_seqs: tuple[int, ...]
+    vote_signatures: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigAbort:
+    """Roll back an update attempt whose commit timed out, unless it already applied: of the
+    two, whichever the agreement orders first decides, on every node alike."""
+
+    kind: ClassVar[str] = "config_abort"
+    digest: str
+    nonce: int
+
+
+@dataclass(frozen=True, slots=True)
+class EvictNode:
+    kind: ClassVar[str] = "evict_node"
+    node: NodeId
+    reason: Text
+
+
+@dataclass(frozen=True, slots=True)
+class NewPlan:
+    kind: ClassVar[str] = "new_plan"
+    epoch: Epoch
+    stages: tuple[int, ...]  # (node, start, end) triples, half-open layer ranges
+    replicas: tuple[int, ...] = ()  # the same, for further holders of the chain's ranges
+
+
+Command = ConfigUpdate | ConfigAbort | EvictNode | NewPlan
+COMMANDS: tuple[type[Command], ...] = (ConfigUpdate, ConfigAbort, EvictNode, NewPlan)
+
+_CODEC = Codec({c.kind: c for c in COMMANDS}, version=PROTOCOL_VERSION, error=InvalidCommand)
+
+
+def encode_command(command: Command) -> bytes:
+    data = _CODEC.encode(command)
+    if len(data) > MAX_COMMAND_BYTES:
+        raise InvalidCommand(f"{command.kind} is {len(data)} bytes, over {MAX_COMMAND_BYTES}")
+    return data
+
+
+def decode_command(data: bytes) -> Command:
+    """Parse an ordered operation; raises `InvalidCommand` naming what was wrong."""
+    command: Command = _CODEC.decode(data, max_bytes=MAX_COMMAND_BYTES)
+    return command
+
+
+__all__ = [
+    "COMMANDS",
+    "Command",
+    "ConfigAbort",
+    "ConfigUpdate",
+    "EvictNode",
+    "InvalidCommand",
+    "NewPlan",
+    "decode_command",
+    "encode_command",
+]

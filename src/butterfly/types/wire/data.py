@@ -1,0 +1,163 @@
+"""Data-path messages: stage steps and their results, audits, KV copies, link probes.
+
+They travel as frame bodies (`butterfly.types.wire.frames`): the envelope names the
+kind, the epoch and the authenticated sender, so the bodies carry neither. Payloads
+(tensors, padding) travel beside the body as raw bytes.
+
+    kind            sent by                 answered by / effect
+    stage_step      gateway, chain nodes    the next stage runs; the last sends step_result
+    step_result     last chain node         the gateway samples (one-way, to `reply_to`)
+    step_error      any chain node          the gateway re-routes or fails the request
+    audit_request   gateway                 audit_reply
+    release         gateway                 KV caches freed
+    kv_append       chain node              standbys extend their KV copies
+    cache_query     gateway                 cache_lengths
+    ping            gateway (link probe)    pong
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from butterfly.types.ids import NodeId, RequestId, StageIndex
+from butterfly.types.wire.base import Ask, Text
+
+
+@dataclass(frozen=True, slots=True)
+class StageStep:
+    """Run a batch of request steps through the next stage.
+
+    Entry i is request `request_ids[i]` at positions [starts[i], starts[i] + lengths[i]).
+    The payload is the stage input with every entry's tokens side by side along the
+    sequence dimension. `route` lists the nodes still to run after this one; the last of
+    the chain sends a `StepResult` to `reply_to`.
+    """
+
+    kind: ClassVar[str] = "stage_step"
+    request_ids: tuple[RequestId, ...]
+    steps: tuple[int, ...]
+    starts: tuple[int, ...]
+    lengths: tuple[int, ...]
+    route: tuple[NodeId, ...]
+    reply_to: NodeId
+    last_only: bool
+    proofs: tuple[bytes, ...] = ()  # signed records (wire.agreement.Proof) so far
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """Output of the last stage for a batch (payload: logits or hidden states, entries
+    side by side as in the step)."""
+
+    kind: ClassVar[str] = "step_result"
+    request_ids: tuple[RequestId, ...]
+    steps: tuple[int, ...]
+    node: NodeId
+    proofs: tuple[bytes, ...] = ()  # every stage's signed record of every entry
+
+
+@dataclass(frozen=True, slots=True)
+class StepError:
+    kind: ClassVar[str] = "step_error"
+    request_ids: tuple[RequestId, ...]
+    steps: tuple[int, ...]
+    node: NodeId
+    error_type: str
+    message: Text
+    retriable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AuditReply:
+    """The stage's output for every position (payload) and the signed record of it."""
+
+    kind: ClassVar[str] = "audit_reply"
+    request_id: RequestId
+    node: NodeId
+    proof: bytes
+    error: Text
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRequest(Ask[AuditReply]):
+    """Re-run `request_id`'s whole sequence (the payload: this stage's input for every
+    position) through the receiver's stage as one prefill."""
+
+    kind: ClassVar[str] = "audit_request"
+    request_id: RequestId
+    stage: StageIndex
+    layer_start: int
+    layer_end: int
+    outputs_from: int = 0  # a last stage answers positions [outputs_from, T) only
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Free these requests' KV caches (cancelled or finished). One frame carries every
+    request that finished in one turn of the gateway's event loop, so a node receives one
+    per batch rather than one per request."""
+
+    kind: ClassVar[str] = "release"
+    request_ids: tuple[RequestId, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class KvAppend:
+    """Positions [start, start + T) of a request's KV cache, from the chain node of a
+    layer range to its standbys; the payload is one tensor [2 * layers, B, H_kv, T, D]
+    (keys then values per layer). A standby that takes the stage over resumes there."""
+
+    kind: ClassVar[str] = "kv_append"
+    request_id: RequestId
+    layer_start: int
+    layer_end: int
+    start: int
+
+
+@dataclass(frozen=True, slots=True)
+class CacheLengths:
+    kind: ClassVar[str] = "cache_lengths"
+    request_ids: tuple[RequestId, ...]
+    lengths: tuple[int, ...]  # 0 where the node holds no cache for the request
+
+
+@dataclass(frozen=True, slots=True)
+class CacheQuery(Ask[CacheLengths]):
+    """How many positions of these requests' KV caches a node holds (after recovery,
+    a request resumes at the fewest any stage holds)."""
+
+    kind: ClassVar[str] = "cache_query"
+    request_ids: tuple[RequestId, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    """Answer to a Ping, with no payload; `received` is the padding length that arrived."""
+
+    kind: ClassVar[str] = "pong"
+    seq: int
+    received: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ping(Ask[Pong]):
+    """Link probe on the data channel; the payload is padding whose transfer is timed."""
+
+    kind: ClassVar[str] = "ping"
+    seq: int
+
+
+DataMessage = (
+    StageStep
+    | StepResult
+    | StepError
+    | AuditRequest
+    | AuditReply
+    | Release
+    | KvAppend
+    | CacheQuery
+    | CacheLengths
+    | Ping
+    | Pong
+)
