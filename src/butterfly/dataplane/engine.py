@@ -22,7 +22,7 @@ import torch
 from butterfly.dataplane.audit import Auditor, Verdict, decode_proofs
 from butterfly.dataplane.replicate import Lane, Replicator
 from butterfly.dataplane.unresponsive import StepTimeouts
-from butterfly.metrics.events import Emit, Verification, discard
+from butterfly.metrics.events import Emit, PeerError, Verification, discard
 from butterfly.net.framing import Envelope
 from butterfly.protocol.messages import Proof, encode
 from butterfly.runtime.sampling import make_generator, sample
@@ -30,7 +30,6 @@ from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.schedule.engine import ClusterHealth, TokenSink
 from butterfly.types.errors import (
     ButterflyError,
-    CircuitOpen,
     ConnectionFailed,
     InvalidInput,
     SendTimeout,
@@ -63,7 +62,11 @@ async def _ignore_liars(liars: tuple[NodeId, ...], reason: str) -> None:
 
 @dataclass
 class StepFailed(Exception):
+    """A step answered with an error, by `sender` (the authenticated peer, which is the
+    one to blame: the node the error names is only what the frame claims)."""
+
     error: StepError
+    sender: NodeId
 
 
 @dataclass
@@ -168,7 +171,7 @@ class PipelineEngine:
                         False,
                     )
                 )
-                fut.set_exception(StepFailed(error))
+                fut.set_exception(StepFailed(error, NodeId(env.sender)))
             else:
                 fut.set_result(out[:, i : i + 1])
 
@@ -233,11 +236,27 @@ class PipelineEngine:
             err = e.error
             cls = ConnectionFailed if err.retriable else InvalidInput
             raise cls(
-                f"node {err.node} failed step {step}: {err.message}", blame=NodeId(err.node)
+                f"node {e.sender} failed step {step}: {err.message}", blame=e.sender
             ) from None
         finally:
             self._waiting.pop(key, None)
             self._sent_in.pop(key, None)
+
+    def _report(self, e: ButterflyError, what: str) -> None:
+        """Count an error against the peer it blames, so `butterfly_peer_errors_total`
+        names the node that keeps failing its work (a liar is evicted on evidence, a
+        silent node by `StepTimeouts`; this is the operator's view of everything else)."""
+        if e.blame is None:
+            return
+        self._emit(PeerError(node=e.blame, error=e.kind, retriable=e.retriable))
+        log.warning(
+            "%s failed on node %s (%s, %s): %s",
+            what,
+            e.blame,
+            e.kind,
+            "retrying" if e.retriable else "not retriable",
+            e,
+        )
 
     def _chain(self, epoch: int) -> tuple[NodeId, ...]:
         """The chain's nodes if the plan is still that of `epoch`, else none."""
@@ -391,10 +410,16 @@ class PipelineEngine:
                 logits = await self._compute(request_id, step, pos, x)
                 if self._timeouts is not None:
                     self._timeouts.answered(self._chain(epoch))
-            except (StageLost, ConnectionFailed, CircuitOpen, SendTimeout) as e:
+            except ButterflyError as e:
+                self._report(e, f"step {step} of {request_id}")
+                if not e.retriable:  # the error tree decides: no list of classes here
+                    raise
                 if isinstance(e, SendTimeout) and self._timeouts is not None:
                     what = f"step {step} of {request_id}"
-                    await self._timeouts.chain_timed_out(self._chain(epoch), what)
+                    if e.blame is not None:
+                        await self._timeouts.timed_out(e.blame, what)
+                    else:  # a chain's step: only a one-node chain says who held it back
+                        await self._timeouts.chain_timed_out(self._chain(epoch), what)
                 recoveries += 1
                 if recoveries > self._max_recoveries:
                     raise
