@@ -4,9 +4,9 @@ Each test changes one option through a `ConfigManager` whose subscribers are wir
 node wires them (`control.live_config.follow_config`), on real parts (the pipeline
 engine, a stage server with the tiny model, the failure detector, the recovery loop), and
 observes the changed behaviour, never the reported value. The guard at the end checks
-that every option the schema calls dynamic has such a test here or in
-`test_live_config_api.py`, or is refused at run time with its reason; every static one
-is refused with "restart required".
+that every option the schema calls dynamic has such a test (here, in
+`test_live_config_api.py` or in `test_live_config_agreement.py`) or is refused at run
+time with its reason; every static one is refused with "restart required".
 """
 
 from __future__ import annotations
@@ -470,6 +470,16 @@ BEHAVIOUR: dict[str, str] = {
     "observability.log_level": "test_observability_log_level_follows_without_a_restart",
     "metadata.description": "test_labels_for_operators_show_at_once",
     "node.name": "test_labels_for_operators_show_at_once",
+    "coordination.view_change_timeout_ms": (
+        "test_live_config_agreement.py::test_shorter_pbft_timers_replace_a_silent_primary_now"
+    ),
+    "coordination.phase_timeout_ms": (
+        "test_live_config_agreement.py::test_shorter_pbft_timers_replace_a_silent_primary_now"
+    ),
+    "coordination.config_update_timeout_ms": (
+        "test_live_config_agreement.py::"
+        "test_a_shorter_config_update_timeout_applies_to_the_next_update"
+    ),
     "api.tokens": "test_live_config_api.py::test_api_tokens_a_removed_token_is_refused",
     "api.rate_limit": "test_live_config_api.py::test_api_rate_limit_applies_to_the_next_request",
     "api.rate_limit_burst": "test_live_config_api.py::test_api_rate_limit_burst_applies",

@@ -36,7 +36,11 @@ from butterfly.config.reload import Subscriber
 from butterfly.config.validate import replication_factor
 from butterfly.control.facts import FactProbe
 from butterfly.control.heartbeats import BeatSource, HeartbeatLink
-from butterfly.control.live_config import follow_config
+from butterfly.control.live_config import (
+    agreement_wait_s,
+    follow_agreement_config,
+    follow_config,
+)
 from butterfly.control.membership import Membership
 from butterfly.control.planner import Placement, distribute_plan, gather_status, place, replan_after
 from butterfly.control.plans import AgreedPlans
@@ -277,7 +281,10 @@ class Node:
         )
         self.agreement, self.config_replica = agreed.driver, agreed.replica
         self.config_coordinator = agreed.coordinator
-        c = cfg.coordination
+        self.plans = AgreedPlans(
+            propose=lambda command, timeout: self.agreement.propose(command, timeout=timeout),
+            timeout_s=agreement_wait_s(cfg),
+        )
         follow_config(  # every dynamic option reaches the part that uses it
             self.config,
             engine=self.engine,
@@ -285,9 +292,8 @@ class Node:
             membership=self.membership,
             recovery=self.recovery,
         )
-        self.plans = AgreedPlans(
-            propose=lambda command, timeout: self.agreement.propose(command, timeout=timeout),
-            timeout_s=2 * (c.view_change_timeout_ms + c.phase_timeout_ms) / 1000,
+        follow_agreement_config(
+            self.config, driver=self.agreement, coordinator=agreed.coordinator, plans=self.plans
         )
 
     def _on_status_change(self, peer: NodeId, status: str) -> None:

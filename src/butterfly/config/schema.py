@@ -229,13 +229,13 @@ class CoordinationConfig(Section):
         80.0, "Pause (GC, busy CPU) not held against a peer.", DL, NODE, ge=0.0, le=600_000.0
     )
     phase_timeout_ms: int = option(
-        5000, "Agreement phase timeout.", SC, CLUSTER, ge=10, le=3_600_000
+        5000, "Agreement phase timeout.", DC, CLUSTER, ge=10, le=3_600_000
     )
     view_change_timeout_ms: int = option(
-        10_000, "Wait before suspecting the primary.", SC, CLUSTER, ge=10, le=3_600_000
+        10_000, "Wait before suspecting the primary.", DC, CLUSTER, ge=10, le=3_600_000
     )
     config_update_timeout_ms: int = option(
-        5000, "A config update not committed by then rolls back.", SC, CLUSTER, ge=10, le=3_600_000
+        5000, "A config update not committed by then rolls back.", DC, CLUSTER, ge=10, le=3_600_000
     )
     checkpoint_frequency: int = option(
         10, "Tokens between KV-cache snapshots.", DC, CLUSTER, ge=1, le=100_000

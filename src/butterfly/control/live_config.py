@@ -24,6 +24,10 @@ app is built (`butterfly.api.live`).
     coordination.checkpoint_frequency        the stage server's next KV copy (none while
                                              verification is replicate: lanes keep copies)
     partition.strategy                       the gateway re-plans at once (a new epoch)
+    coordination.view_change_timeout_ms,     the PBFT replica's timers at once (running
+      coordination.phase_timeout_ms          ones brought forward), and how long plans
+                                             and evictions wait to be agreed
+    coordination.config_update_timeout_ms    the next config update's deadline
 """
 
 from __future__ import annotations
@@ -32,9 +36,12 @@ import dataclasses
 import logging
 from collections.abc import Callable
 
+from butterfly.agreement.config_coordinator import ConfigCoordinator
+from butterfly.agreement.driver import AgreementDriver
 from butterfly.config import ButterflyConfig
 from butterfly.config.reload import ConfigManager
 from butterfly.control.membership import Membership
+from butterfly.control.plans import AgreedPlans
 from butterfly.control.recovery import Recovery
 from butterfly.dataplane.engine import PipelineEngine
 from butterfly.dataplane.stage_server import StageServer
@@ -49,6 +56,28 @@ def snapshot_every(cfg: ButterflyConfig) -> int:
     if cfg.byzantine.verification == "replicate":
         return 0
     return cfg.coordination.checkpoint_frequency
+
+
+def agreement_wait_s(cfg: ButterflyConfig) -> float:
+    """How long a plan or an eviction may take to be agreed: a view change and a phase,
+    twice over (a primary that fails while ordering it costs one of each)."""
+    c = cfg.coordination
+    return 2 * (c.view_change_timeout_ms + c.phase_timeout_ms) / 1000
+
+
+def _retune_agreement(
+    driver: AgreementDriver,
+    coordinator: ConfigCoordinator,
+    plans: AgreedPlans,
+    cfg: ButterflyConfig,
+) -> None:
+    c = cfg.coordination
+    driver.retune(  # the same mapping as protocol.keys.pbft_config
+        request_timeout=c.view_change_timeout_ms / 1000,
+        view_change_timeout=c.phase_timeout_ms / 1000,
+    )
+    coordinator.retune(c.config_update_timeout_ms / 1000)
+    plans.retune(agreement_wait_s(cfg))
 
 
 def _retune_engine(engine: PipelineEngine, cfg: ButterflyConfig) -> None:
@@ -125,4 +154,17 @@ def follow_config(
     manager.subscribe("planner", strategy)
 
 
-__all__ = ["follow_config", "snapshot_every"]
+def follow_agreement_config(
+    manager: ConfigManager,
+    *,
+    driver: AgreementDriver,
+    coordinator: ConfigCoordinator,
+    plans: AgreedPlans,
+) -> None:
+    """Subscribe the agreement layer's timers; called once by the composition root."""
+    manager.subscribe(
+        "agreement timers", lambda old, new: _retune_agreement(driver, coordinator, plans, new)
+    )
+
+
+__all__ = ["agreement_wait_s", "follow_agreement_config", "follow_config", "snapshot_every"]
