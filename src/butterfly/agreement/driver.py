@@ -147,6 +147,11 @@ class AgreementDriver:
         node applies this at the same agreed sequence number, so the replicas agree on
         their timers as they agree on everything else."""
         state, now = self._state, self._clock()
+        if (state.config.request_timeout, state.config.view_change_timeout) == (
+            request_timeout,
+            view_change_timeout,
+        ):
+            return  # another option changed: a backed-off view-change timer stays as it is
         state.config = dataclasses.replace(
             state.config, request_timeout=request_timeout, view_change_timeout=view_change_timeout
         )
