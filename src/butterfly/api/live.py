@@ -53,8 +53,12 @@ def retune_scheduler(scheduler: Scheduler, cfg: ButterflyConfig) -> None:
 
 
 def follow_config(manager: ConfigManager, *, app: FastAPI, scheduler: Scheduler) -> None:
-    """Subscribe the gateway's app and scheduler; called once, on the event loop."""
+    """Subscribe the gateway's app and scheduler; called once, on the event loop. They
+    take the current config first: a change agreed while the gateway was still gathering
+    facts, after they were configured from the start-up values, is not lost."""
     loop = asyncio.get_running_loop()
+    retune_app(app, manager.current)
+    retune_scheduler(scheduler, manager.current)
 
     def scheduler_follows(old: ButterflyConfig, new: ButterflyConfig) -> None:
         loop.call_soon_threadsafe(retune_scheduler, scheduler, new)
