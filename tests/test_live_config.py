@@ -548,3 +548,8 @@ def test_every_static_option_is_refused_at_run_time(key: str) -> None:
     if isinstance(e.value, UpdateRefused):
         assert f"restart required: {key}" in str(e.value)
     manager.history.close()
+
+
+def test_the_behaviour_list_names_only_dynamic_options() -> None:
+    """An option made static keeps no stale entry claiming it follows a change."""
+    assert set(BEHAVIOUR) <= set(DYNAMIC), set(BEHAVIOUR) - set(DYNAMIC)
