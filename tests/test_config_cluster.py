@@ -4,7 +4,8 @@ Every node runs `butterfly.testing.config_faults`: node 2's component refuses
 `partition.strategy = "hybrid"` (a PREPARE REJECT), node 1's fails once to apply
 `scheduling.policy = "priority"` (a node that diverges after the commit). The tests share
 one cluster and read positions relative to what they find, so their order does not matter
-for what they check.
+for what they check. The last three change an option and observe what the cluster then
+does (401, a new plan, how results are verified), not what it reports.
 """
 
 from __future__ import annotations
@@ -216,3 +217,77 @@ def test_a_rate_limit_change_applies_without_restart(cluster: LocalCluster) -> N
     assert 429 in codes, codes
     r = post(cluster, "/api/v1/config", {"api.rate_limit": 0.0})
     assert r.status_code in (200, 429), r.text
+
+
+# --- a change takes effect on the running cluster (not only in what is reported) ---------
+
+
+def infer(c: LocalCluster) -> dict[str, Any]:
+    body = {"prompt": "hello", "max_new_tokens": 3, "wait": True}
+    r = httpx.post(f"{c.api_url}/inference", json=body, timeout=120.0)
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def test_a_revoked_api_token_is_refused_on_the_next_request(cluster: LocalCluster) -> None:
+    r = post(cluster, "/api/v1/config", {"api.tokens": ["leaked", "kept"]})
+    assert r.status_code == 200, r.text
+
+    def update(token: str, patch: dict[str, Any]) -> httpx.Response:
+        headers = {"authorization": f"Bearer {token}"}
+        return httpx.post(
+            f"{cluster.api_url}/api/v1/config", json=patch, headers=headers, timeout=60.0
+        )
+
+    try:
+        assert post(cluster, "/api/v1/config", {"api.rate_limit": 99.0}).status_code == 401
+        assert update("leaked", {"api.tokens": ["kept"]}).status_code == 200
+        refused = update("leaked", {"api.rate_limit": 98.0})
+        assert refused.status_code == 401, refused.text
+    finally:
+        assert update("kept", {"api.tokens": [], "api.rate_limit": 100.0}).status_code == 200
+
+
+def health(c: LocalCluster) -> dict[str, Any]:
+    return dict(httpx.get(f"{c.api_url}/health", timeout=30.0).json())
+
+
+def change_strategy(c: LocalCluster) -> tuple[str, int, dict[str, Any]]:
+    """Switch partition.strategy; returns it, the epoch before, and the plan it made."""
+    before = health(c)
+    current = get(c, "/api/v1/config")["config"]["partition"]["strategy"]
+    target = "uniform" if current != "uniform" else "load_balanced"
+    r = post(c, "/api/v1/config", {"partition.strategy": target})
+    assert r.status_code == 200, r.text
+
+    def made() -> bool:
+        plan = health(c).get("plan") or {}
+        return plan.get("epoch", 0) > before["epoch"] and plan.get("strategy") == target
+
+    wait_until(made, 60.0, f"a plan of a later epoch than {before['epoch']} made by {target}")
+    return target, before["epoch"], dict(health(c)["plan"])
+
+
+def test_a_strategy_change_puts_a_new_plan_in_force(cluster: LocalCluster) -> None:
+    # On this cluster (4 layers over a chain of 2 equal nodes) every strategy splits 2/2,
+    # so the ranges may not move; what changes is the plan in force: decided again by the
+    # new strategy over every live node, agreed and distributed for a new epoch.
+    target, epoch, plan = change_strategy(cluster)
+    assert plan["strategy"] == target and plan["epoch"] > epoch
+    assert health(cluster)["epoch"] == plan["epoch"]
+    assert infer(cluster)["output_ids"], "the new plan serves"
+
+
+def test_audit_fraction_zero_stops_auditing_from_the_next_request(cluster: LocalCluster) -> None:
+    change_strategy(cluster)  # a fresh plan: every range on f+1 nodes again, auditable
+    r = post(cluster, "/api/v1/config", {"byzantine.audit_fraction": 1.0})
+    assert r.status_code in (200, 409), r.text  # 409: already 1.0, nothing to change
+    assert infer(cluster)["verified"] == "audit"
+    r = post(cluster, "/api/v1/config", {"byzantine.audit_fraction": 0.0})
+    assert r.status_code == 200, r.text
+    assert infer(cluster)["verified"] == "none"
+    r = post(cluster, "/api/v1/config", {"byzantine.verification": "replicate"})
+    assert r.status_code == 200, r.text
+    assert infer(cluster)["verified"] == "replicate"
+    r = post(cluster, "/api/v1/config", {"byzantine.verification": "audit"})
+    assert r.status_code == 200, r.text

@@ -18,6 +18,7 @@ from butterfly.metrics.events import (
     NodeFailure,
     NodeStatus,
     PartitionComputed,
+    PeerError,
     PhaseTransition,
     QueueDepth,
     RecoveryCompleted,
@@ -68,6 +69,7 @@ ONE_OF_EACH: list[MetricsEvent] = [
     Eviction(NodeId(1)),
     RecoveryCompleted(0.8),
     CheckpointCopied(2048),
+    PeerError(NodeId(2), "connection_failed", retriable=True),
     Verification("audit", "verified"),
 ]
 
@@ -104,6 +106,7 @@ def test_each_event_moves_its_metric() -> None:
     assert value(m, "butterfly_checkpoint_bytes_sum") == 2048
     assert value(m, "butterfly_view_changes_total") == 1
     assert value(m, "butterfly_queue_depth") == 7
+    assert value(m, "butterfly_peer_errors_total", node="2", error="connection_failed") == 1
     assert value(m, "butterfly_node_status", node="2", butterfly_node_status="suspected") == 1
     assert value(m, "butterfly_node_status", node="2", butterfly_node_status="healthy") == 0
 

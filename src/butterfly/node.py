@@ -22,12 +22,18 @@ import uvloop
 from butterfly.agreement.build import build_agreement, open_config
 from butterfly.agreement.driver import AgreementDriver
 from butterfly.api.app import create_app
+from butterfly.api.live import follow_config as follow_api_config
 from butterfly.api.settings import ApiSettings
 from butterfly.config import ButterflyConfig
 from butterfly.config.reload import Subscriber
 from butterfly.config.validate import replication_factor
 from butterfly.control.facts import FactProbe
 from butterfly.control.heartbeats import BeatSource, HeartbeatLink
+from butterfly.control.live_config import (
+    agreement_wait_s,
+    follow_agreement_config,
+    follow_config,
+)
 from butterfly.control.membership import Membership
 from butterfly.control.planner import Placement, distribute_plan, gather_status, place, replan_after
 from butterfly.control.plans import AgreedPlans
@@ -164,8 +170,9 @@ class Node:
         )
         self.key = load_or_create_key(key_path(cfg, Path(cfg.node.data_dir)))
         self.public_keys = {NodeId(i): k for i, k in enumerate(public_keys(cfg, self.key))}
-        # records are signed only where a replica can audit them (f+1 holders per range)
-        verify = cfg.byzantine.verification != "none" and replication_factor(cfg) > 1
+        # records are signed wherever a replica can check them (f+1 holders per range),
+        # so byzantine.verification may move among audit, replicate and none at run time
+        verify = replication_factor(cfg) > 1
         # every model computation of this process runs on this one thread (see its module)
         self.torch = TorchThread(cfg.resources.threads or torch_threads, name=f"torch-{self.id}")
         self.stage_server = stage_server_type(
@@ -254,7 +261,7 @@ class Node:
                 gateway=self.id,
                 own_outputs=self.stage_server.outputs_of,
             )
-            if cfg.byzantine.verification == "audit" and replication_factor(cfg) > 1
+            if verify
             else None,
             audit_fraction=cfg.byzantine.audit_fraction,
             on_liars=self._on_liars,
@@ -269,8 +276,9 @@ class Node:
                 timeouts=self.timeouts,
                 emit=self.metrics.emit,
             )
-            if cfg.byzantine.verification == "replicate" and replication_factor(cfg) > 1
+            if verify
             else None,
+            verification=cfg.byzantine.verification,
             emit=self.metrics.emit,
         )
         agreed = build_agreement(
@@ -284,10 +292,19 @@ class Node:
         )
         self.agreement, self.config_replica = agreed.driver, agreed.replica
         self.config_coordinator = agreed.coordinator
-        c = cfg.coordination
         self.plans = AgreedPlans(
             propose=lambda command, timeout: self.agreement.propose(command, timeout=timeout),
-            timeout_s=2 * (c.view_change_timeout_ms + c.phase_timeout_ms) / 1000,
+            timeout_s=agreement_wait_s(cfg),
+        )
+        follow_config(  # every dynamic option reaches the part that uses it
+            self.config,
+            engine=self.engine,
+            stage_server=self.stage_server,
+            membership=self.membership,
+            recovery=self.recovery,
+        )
+        follow_agreement_config(
+            self.config, driver=self.agreement, coordinator=agreed.coordinator, plans=self.plans
         )
 
     def _on_status_change(self, peer: NodeId, status: str) -> None:
@@ -327,7 +344,7 @@ class Node:
                 chain,
                 self.facts,
                 layers=self.layers,
-                strategy=self.cfg.partition.strategy,
+                strategy=self.config.current.partition.strategy,
                 emit=self.metrics.emit,
             )
             return plan
@@ -343,7 +360,7 @@ class Node:
                 raise ServiceUnavailable(f"node {node} has no answer to {request.kind}")
             return answer_to(msg, answer[0], node)
         reply, _ = await self.transport.ask(
-            node, msg, timeout=self.cfg.network.step_timeout_ms / 1000, channel="control"
+            node, msg, timeout=self.config.current.network.step_timeout_ms / 1000, channel="control"
         )
         return reply
 
@@ -354,7 +371,7 @@ class Node:
             return await self.stage_server.audit(request, payload)
         try:
             answer = await self.transport.ask(
-                node, request, payload, timeout=self.cfg.network.step_timeout_ms / 1000
+                node, request, payload, timeout=self.config.current.network.step_timeout_ms / 1000
             )
         except SendTimeout:
             await self.timeouts.timed_out(node, f"audit of {request.request_id}")
@@ -520,7 +537,7 @@ class Node:
             members,
             self.facts,
             layers=self.layers,
-            strategy=self.cfg.partition.strategy,
+            strategy=self.config.current.partition.strategy,
             service=self.partitions,
             emit=self.metrics.emit,
             gateway=self.id,
@@ -639,11 +656,7 @@ class Node:
             settings=settings,
             config=self.config_coordinator,
         )
-        limiter = app.state.rate_limiter
-        self.config.subscribe(
-            "rate_limit",
-            lambda old, new: limiter.retune(new.api.rate_limit, new.api.rate_limit_burst),
-        )
+        follow_api_config(self.config, app=app, scheduler=scheduler)
         server = uvicorn.Server(
             uvicorn.Config(app, host=a.host, port=a.port, log_level="warning", lifespan="off")
         )

@@ -90,6 +90,10 @@ class ConfigCoordinator:
         self._peers = tuple(n for n in members if n != self.me)
         self.status = ClusterConfigStatus(replica=replica, transport=transport, members=members)
 
+    def retune(self, timeout_s: float) -> None:
+        """A changed coordination.config_update_timeout_ms: the next update's deadline."""
+        self._timeout = timeout_s
+
     # --- changes ------------------------------------------------------------------------
 
     async def update(self, patch: Mapping[str, Any], *, reason: str = "") -> ChangeResult:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import typing
@@ -130,6 +131,27 @@ class AgreementDriver:
     def state(self) -> ReplicaState:
         """The replica itself, for tests and status pages; never mutate it."""
         return self._state
+
+    def retune(self, *, request_timeout: float, view_change_timeout: float) -> None:
+        """Changed agreement timers (coordination.view_change_timeout_ms, phase_timeout_ms,
+        mapped as `protocol.keys.pbft_config` maps them), at once: timers running now are
+        brought forward to the new value if it is shorter, and later ones use it. Every
+        node applies this at the same agreed sequence number, so the replicas agree on
+        their timers as they agree on everything else."""
+        state, now = self._state, self._clock()
+        if (state.config.request_timeout, state.config.view_change_timeout) == (
+            request_timeout,
+            view_change_timeout,
+        ):
+            return  # another option changed: a backed-off view-change timer stays as it is
+        state.config = dataclasses.replace(
+            state.config, request_timeout=request_timeout, view_change_timeout=view_change_timeout
+        )
+        if state.timer_deadline is not None:
+            state.timer_deadline = min(state.timer_deadline, now + request_timeout)
+        if state.vc_deadline is not None:
+            state.vc_deadline = min(state.vc_deadline, now + view_change_timeout)
+        self._wake.set()  # the ticker may sleep towards a deadline that moved closer
 
     # --- input ------------------------------------------------------------------------
 

@@ -42,11 +42,13 @@ def create_app(
     config: ConfigCoordinator | None = None,
 ) -> FastAPI:
     gw = Gateway(scheduler, engine, codec, settings, model_name)
-    auth = Depends(BearerAuth(settings.api_tokens))
+    bearer = BearerAuth(settings.api_tokens)
+    auth = Depends(bearer)
     limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
     limited = Depends(limiter)
     app = FastAPI(title="Butterfly gateway", version="1")
-    app.state.rate_limiter = limiter  # retuned at run time by config changes
+    # retuned at run time by config changes (butterfly.api.live)
+    app.state.rate_limiter, app.state.bearer_auth, app.state.gateway = limiter, bearer, gw
     errors.install(app, retry_after_s=settings.retry_after_s)
 
     @app.post("/inference", dependencies=[limited], status_code=202)

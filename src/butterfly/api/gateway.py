@@ -27,8 +27,11 @@ from butterfly.types.tasks import InferenceTask, SamplingParams
 from butterfly.types.wire.agreement import Proof, decode
 
 
-@dataclass(frozen=True)
+@dataclass
 class Gateway:
+    """What the routes share; `settings` is replaced whole when the config changes
+    (butterfly.api.live), so a request reads one consistent set of limits."""
+
     scheduler: Scheduler
     engine: Engine
     codec: TextCodec | None

@@ -27,6 +27,10 @@ class BearerAuth:
     def __init__(self, tokens: frozenset[str]) -> None:
         self._tokens = tuple(t.encode() for t in tokens)
 
+    def retune(self, tokens: frozenset[str]) -> None:
+        """A changed api.tokens, from the next request on: a revoked token is refused."""
+        self._tokens = tuple(t.encode() for t in tokens)
+
     async def __call__(self, request: Request) -> None:
         if not self._tokens:
             return

@@ -106,9 +106,11 @@ class MetadataConfig(Section):
         1, "Schema version the file was written for.", SC, CLUSTER, ge=1, le=1
     )
     environment: Literal["development", "staging", "production"] = option(
-        "development", "Deployment kind, shown in logs and status.", DL, NODE
+        "development", "Deployment kind, stamped on every log line at start.", SL, NODE
     )
-    description: str = option("", "Free text for operators; not interpreted.", DL, NODE)
+    description: str = option(
+        "", "Free text for operators, shown by `config show`; not interpreted.", DL, NODE
+    )
 
 
 class ClusterConfig(Section):
@@ -123,7 +125,9 @@ class ClusterConfig(Section):
 
 class NodeConfig(Section):
     id: int = option(0, "This node's index in cluster.members.", SL, NODE, ge=0, le=1023)
-    name: str = option("", "Human-readable label for status and logs.", DL, NODE)
+    name: str = option(
+        "", "Label for operators, shown by `config show`; not interpreted.", DL, NODE
+    )
     listen: HostPort = option("127.0.0.1:9000", "Address peers connect to.", SL, NODE)
     data_dir: str = option(
         "", "History, keys, checkpoints; empty = $BUTTERFLY_DATA_DIR.", SL, NODE, path=True
@@ -142,10 +146,10 @@ class NetworkConfig(Section):
         le=2**32,
     )
     connect_timeout_ms: int = option(
-        2000, "Give up dialing a peer after this.", DL, NODE, ge=1, le=600_000
+        2000, "Give up dialing a peer after this.", SL, NODE, ge=1, le=600_000
     )
     send_timeout_ms: int = option(
-        1000, "Give up sending one frame after this.", DL, NODE, ge=1, le=600_000
+        1000, "Give up sending one frame after this.", SL, NODE, ge=1, le=600_000
     )
     step_timeout_ms: int = option(
         60_000,
@@ -156,17 +160,17 @@ class NetworkConfig(Section):
         le=3_600_000,
     )
     retry_attempts: int = option(
-        3, "Resends before a peer counts as unreachable.", DL, NODE, ge=0, le=100
+        3, "Resends before a peer counts as unreachable.", SL, NODE, ge=0, le=100
     )
     retry_backoff_ms: int = option(
-        100, "First retry delay, doubled each time.", DL, NODE, ge=1, le=60_000
+        100, "First retry delay, doubled each time.", SL, NODE, ge=1, le=60_000
     )
-    retry_max_backoff_ms: int = option(5000, "Cap on the retry delay.", DL, NODE, ge=1, le=600_000)
+    retry_max_backoff_ms: int = option(5000, "Cap on the retry delay.", SL, NODE, ge=1, le=600_000)
     compression: Literal["none", "lz4"] = option(
-        "none", "Activation compression on the wire.", DC, CLUSTER
+        "none", "Activation compression on the wire.", SC, CLUSTER
     )
     compression_min_bytes: int = option(
-        4096, "Frames smaller than this are sent uncompressed.", DC, CLUSTER, ge=0, le=2**30
+        4096, "Frames smaller than this are sent uncompressed.", SC, CLUSTER, ge=0, le=2**30
     )
 
 
@@ -210,7 +214,7 @@ class ByzantineConfig(Section):
 
 class CoordinationConfig(Section):
     heartbeat_interval_ms: int = option(
-        100, "Heartbeat period; must be below phase_timeout_ms.", DC, CLUSTER, ge=10, le=60_000
+        100, "Heartbeat period; must be below phase_timeout_ms.", SC, CLUSTER, ge=10, le=60_000
     )
     phi_suspect: float = option(
         8.0, "Phi above which a peer is suspected.", DL, NODE, ge=0.5, le=100.0
@@ -255,7 +259,7 @@ class PartitionConfig(Section):
         "load_balanced", "How layers are split into stages.", DC, CLUSTER
     )
     replication: int = option(
-        0, "Holders per layer range; 0 = f+1 if verifying, else 1.", DC, CLUSTER, ge=0, le=64
+        0, "Holders per layer range; 0 = f+1 if verifying, else 1.", SC, CLUSTER, ge=0, le=64
     )
     recompute_threshold: float = option(
         0.1, "Load imbalance that triggers a new plan.", DC, CLUSTER, ge=0.0, le=1.0
@@ -264,7 +268,7 @@ class PartitionConfig(Section):
     rebalance_interval_s: int = option(
         60, "Seconds between re-plan checks.", DC, CLUSTER, ge=1, le=86_400
     )
-    cache_size: int = option(100, "Plans cached by this node.", DL, NODE, ge=0, le=100_000)
+    cache_size: int = option(100, "Plans cached by this node.", SL, NODE, ge=0, le=100_000)
 
 
 class SchedulingConfig(Section):
@@ -285,7 +289,7 @@ class SchedulingConfig(Section):
     straggler_factor: float = option(
         3.0, "Step slower than this times the median is a straggler.", DL, NODE, ge=1.0, le=100.0
     )
-    result_ttl_s: int = option(3600, "Finished results kept this long.", DL, NODE, ge=1, le=604_800)
+    result_ttl_s: int = option(3600, "Finished results kept this long.", SL, NODE, ge=1, le=604_800)
 
 
 class ResourcesConfig(Section):
@@ -314,7 +318,7 @@ class ApiConfig(Section):
     host: str = option("127.0.0.1", "HTTP bind host.", SL, NODE)
     port: int = option(8080, "HTTP port; 0 = any free port.", SL, NODE, ge=0, le=65535)
     max_request_bytes: int = option(
-        10 * 2**20, "Larger bodies get 413.", DL, NODE, ge=1024, le=2**30
+        10 * 2**20, "Larger bodies get 413.", SL, NODE, ge=1024, le=2**30
     )
     request_timeout_s: float = option(
         30.0, "Per-request time limit.", DL, NODE, ge=0.1, le=86_400.0
@@ -340,8 +344,8 @@ class ObservabilityConfig(Section):
     log_level: Literal["debug", "info", "warning", "error"] = option(
         "info", "Log threshold.", DL, NODE
     )
-    log_format: Literal["text", "json"] = option("text", "Log line format.", DL, NODE)
-    log_file: str = option("", "Log file; empty = stderr.", DL, NODE, path=True)
+    log_format: Literal["text", "json"] = option("text", "Log line format.", SL, NODE)
+    log_file: str = option("", "Log file; empty = stderr.", SL, NODE, path=True)
     tracing: bool = option(False, "Record request traces.", DL, NODE)
     trace_sample_rate: float = option(0.01, "Share of requests traced.", DL, NODE, ge=0.0, le=1.0)
     profiling: bool = option(False, "Record per-stage profiles.", DL, NODE)

@@ -30,6 +30,10 @@ class Detector(Protocol):
 
     def is_failed(self, node: NodeId, now: float) -> bool: ...
 
+    def retune(
+        self, *, suspect: float, failed: float, min_std_ms: float, acceptable_pause_ms: float
+    ) -> None: ...
+
 
 @dataclass
 class PeerView:
@@ -56,6 +60,18 @@ class Membership:
         self.peers = {n: PeerView() for n in members if n != node}
         self._last_status: dict[NodeId, str] = {}
         self._lock = threading.Lock()
+
+    def retune_detector(
+        self, *, suspect: float, failed: float, min_std_ms: float, acceptable_pause_ms: float
+    ) -> None:
+        """Changed coordination.phi_* settings: the next status read uses them."""
+        with self._lock:
+            self._detector.retune(
+                suspect=suspect,
+                failed=failed,
+                min_std_ms=min_std_ms,
+                acceptable_pause_ms=acceptable_pause_ms,
+            )
 
     def on_heartbeat(self, sender: NodeId, beat: Heartbeat) -> None:
         """From the heartbeat link's thread."""

@@ -46,6 +46,10 @@ class AgreedPlans:
         self.evicted: dict[NodeId, str] = {}  # node -> the agreed reason
         self._changed = asyncio.Event()
 
+    def retune(self, timeout_s: float) -> None:
+        """Changed agreement timers: the next plan or eviction waits this long per try."""
+        self._timeout = timeout_s
+
     # --- every node, in agreement order ------------------------------------------------
 
     def execute(self, command: NewPlan | EvictNode) -> None:

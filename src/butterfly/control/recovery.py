@@ -35,6 +35,7 @@ class Recovery:
         self._members, self._status, self._current = members, status, current_plan
         self._replan, self._on_replanned, self._emit = replan, on_replanned, emit
         self._wake = asyncio.Event()
+        self._asked: str | None = None  # a re-plan asked for although nobody failed
         self.failed: set[NodeId] = set()
         self.evicted: set[NodeId] = set()
         self.recoveries: list[float] = []  # seconds from noticing to the new plan in force
@@ -45,6 +46,12 @@ class Recovery:
     async def evict(self, nodes: tuple[NodeId, ...]) -> None:
         """Proven liars leave the plan for good, as if they had failed."""
         self.evicted.update(nodes)
+        self._wake.set()
+
+    def replan(self, reason: str) -> None:
+        """Re-plan over the live nodes although none failed (partition.strategy changed);
+        done by `run`, so it never races a recovery."""
+        self._asked = reason
         self._wake.set()
 
     def notify(self, node: NodeId, status: str) -> None:
@@ -61,7 +68,8 @@ class Recovery:
                 continue
             holders = (*plan.nodes, *(n for n, _ in plan.replicas))
             newly = [n for n in holders if self._gone(n)]
-            if not newly:
+            asked, self._asked = self._asked, None
+            if not newly and asked is None:
                 continue
             for n in newly:
                 if n not in self.failed:
@@ -69,18 +77,19 @@ class Recovery:
                     self._emit(NodeFailure(node=n))
             alive = [n for n in self._members if not self._gone(n)]
             started = time.perf_counter()
-            log.warning(
-                "nodes %s failed; re-planning epoch %d over %s", newly, plan.epoch + 1, alive
-            )
+            why = f"nodes {newly} failed" if newly else asked
+            log.warning("%s; re-planning epoch %d over %s", why, plan.epoch + 1, alive)
             try:
                 # a crash hands stages to their standbys; a liar's range is re-planned
-                crashed_only = not any(n in self.evicted for n in newly)
+                crashed_only = bool(newly) and not any(n in self.evicted for n in newly)
                 await self._replan(Epoch(plan.epoch + 1), alive, crashed_only)
             except ButterflyError as e:
-                log.error("re-planning after %s failed: %s; retrying", newly, e)
+                log.error("re-planning (%s) failed: %s; retrying", why, e)
+                self._asked = self._asked or asked
                 await asyncio.sleep(0.5)
                 self._wake.set()
                 continue
-            self.recoveries.append(time.perf_counter() - started)
-            self._emit(RecoveryCompleted(seconds=self.recoveries[-1]))
+            if newly:
+                self.recoveries.append(time.perf_counter() - started)
+                self._emit(RecoveryCompleted(seconds=self.recoveries[-1]))
             self._on_replanned()

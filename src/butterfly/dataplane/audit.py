@@ -109,6 +109,10 @@ class Auditor:
         self._tol, self._max = tolerance, max_tensor_bytes
         self._gateway, self._own = gateway, own_outputs
 
+    def retune(self, tolerance: Tolerance) -> None:
+        """Compare with changed byzantine.rtol/atol from the next comparison on."""
+        self._tol = tolerance
+
     def claims_of(
         self,
         records: Sequence[Proof],

@@ -22,14 +22,14 @@ import torch
 from butterfly.dataplane.audit import Auditor, Verdict, decode_proofs
 from butterfly.dataplane.replicate import Lane, Replicator
 from butterfly.dataplane.unresponsive import StepTimeouts
-from butterfly.metrics.events import Emit, Verification, discard
+from butterfly.metrics.events import Emit, PeerError, Verification, discard
 from butterfly.net.framing import Envelope
+from butterfly.protocol.proof import Tolerance
 from butterfly.runtime.sampling import make_generator, sample
 from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.schedule.engine import ClusterHealth, TokenSink
 from butterfly.types.errors import (
     ButterflyError,
-    CircuitOpen,
     ConnectionFailed,
     InvalidInput,
     SendTimeout,
@@ -63,13 +63,20 @@ class Asker(Protocol):
     async def __call__(self, node: NodeId, msg: Ask[R], /) -> R: ...
 
 
+Mode = Literal["audit", "replicate", "none"]  # byzantine.verification
+
+
 async def _ignore_liars(liars: tuple[NodeId, ...], reason: str) -> None:
     log.error("liars %s found (%s) but nothing evicts them", liars, reason)
 
 
 @dataclass
 class StepFailed(Exception):
+    """A step answered with an error, by `sender` (the authenticated peer, which is the
+    one to blame: the node the error names is only what the frame claims)."""
+
     error: StepError
+    sender: NodeId
 
 
 @dataclass
@@ -105,8 +112,19 @@ class PipelineEngine:
         timeouts: StepTimeouts | None = None,
         emit: Emit = discard,
         replicator: Replicator | None = None,
+        verification: Mode | None = None,
     ) -> None:
+        """`verification` picks which of the parts built checks a request (audit,
+        replicate or none); it defaults to the one part given. `retune` changes it, the
+        audit fraction and the step timeout for every request that starts afterwards."""
         self._emit, self._replicator = emit, replicator
+        self._auditor = auditor
+        self._mode: Mode = verification or (
+            "audit" if auditor is not None else "replicate" if replicator is not None else "none"
+        )
+        if not self.supports(self._mode):  # e.g. audit asked, with one holder per range
+            self._mode = "none"
+        self._replicating: set[str] = set()  # requests that started in replicate mode
         self._timeouts = timeouts  # counts chain nodes that leave steps unanswered
         self._auditor, self._audit_fraction, self._audit_draw = auditor, audit_fraction, audit_draw
         self._on_liars = on_liars or _ignore_liars
@@ -124,6 +142,41 @@ class PipelineEngine:
         self._max_recoveries = max_recoveries
         self._finished: list[RequestId] = []  # requests whose caches the next Release frees
         self._releasing: asyncio.Task[None] | None = None
+
+    def retune(
+        self,
+        *,
+        step_timeout_s: float,
+        verification: Mode,
+        audit_fraction: float,
+        tolerance: Tolerance,
+    ) -> None:
+        """Apply changed settings (network.step_timeout_ms, byzantine.verification,
+        audit_fraction, rtol/atol): steps waiting now and every later one use the new
+        timeout; the check, its sampling and its tolerance apply from the next request (a
+        running one keeps its check, so it is never checked half one way and half the
+        other). A mode whose part was not built runs as "none", as it did from the start;
+        `supports` lets a config check refuse such a change beforehand."""
+        self._timeout, self._audit_fraction = step_timeout_s, audit_fraction
+        self._mode = verification if self.supports(verification) else "none"
+        if self._auditor is not None:
+            self._auditor.retune(tolerance)
+        if self._replicator is not None:
+            self._replicator.retune(tolerance)
+
+    def supports(self, verification: Mode) -> bool:
+        """Whether this engine was built with the part `verification` needs."""
+        match verification:
+            case "audit":
+                return self._auditor is not None
+            case "replicate":
+                return self._replicator is not None
+            case "none":
+                return True
+
+    @property
+    def verification(self) -> Mode:
+        return self._mode
 
     @property
     def max_context(self) -> int:
@@ -174,7 +227,7 @@ class PipelineEngine:
                         False,
                     )
                 )
-                fut.set_exception(StepFailed(error))
+                fut.set_exception(StepFailed(error, NodeId(env.sender)))
             else:
                 fut.set_result(out[:, i : i + 1])
 
@@ -239,11 +292,27 @@ class PipelineEngine:
             err = e.error
             cls = ConnectionFailed if err.retriable else InvalidInput
             raise cls(
-                f"node {err.node} failed step {step}: {err.message}", blame=err.node
+                f"node {e.sender} failed step {step}: {err.message}", blame=e.sender
             ) from None
         finally:
             self._waiting.pop(key, None)
             self._sent_in.pop(key, None)
+
+    def _report(self, e: ButterflyError, what: str) -> None:
+        """Count an error against the peer it blames, so `butterfly_peer_errors_total`
+        names the node that keeps failing its work (a liar is evicted on evidence, a
+        silent node by `StepTimeouts`; this is the operator's view of everything else)."""
+        if e.blame is None:
+            return
+        self._emit(PeerError(node=e.blame, error=e.kind, retriable=e.retriable))
+        log.warning(
+            "%s failed on node %s (%s, %s): %s",
+            what,
+            e.blame,
+            e.kind,
+            "retrying" if e.retriable else "not retriable",
+            e,
+        )
 
     def _chain(self, epoch: int) -> tuple[NodeId, ...]:
         """The chain's nodes if the plan is still that of `epoch`, else none."""
@@ -254,7 +323,7 @@ class PipelineEngine:
         self, request_id: RequestId, step: int, pos: int, x: torch.Tensor
     ) -> torch.Tensor:
         """One step: down the chain, or in replicate mode down f+1 lanes that must agree."""
-        if self._replicator is None:
+        if self._replicator is None or request_id not in self._replicating:
             return await self._step(request_id, step, pos, x)
         return await self._replicator.step(self, request_id, step, pos, x)
 
@@ -306,13 +375,19 @@ class PipelineEngine:
         request_id = task.task_id
         started = time.perf_counter()
         timings: dict[str, float] = {}
+        # the settings at the start hold for the whole request (see `retune`)
+        replicator = self._replicator if self._mode == "replicate" else None
+        auditor = self._auditor if self._mode == "audit" else None
+        fraction = self._audit_fraction
+        if replicator is not None:
+            self._replicating.add(request_id)
         try:
             if task.input_vector:
                 x = torch.tensor([[list(task.input_vector)]], dtype=torch.float32)
                 out = await self._compute(request_id, 0, 0, x)
                 result = self._result(task, plan, (), tuple(out.flatten().tolist()), timings)
-                if self._replicator is not None:
-                    return replace(result, verified=self._replicator.finish(request_id))
+                if replicator is not None:
+                    return replace(result, verified=replicator.finish(request_id))
                 return result
             for _ in range(self._max_recoveries):
                 positions: dict[int, tuple[int, int]] = {}
@@ -320,11 +395,11 @@ class PipelineEngine:
                 result = await self._generate(
                     task, request_id, on_token, started, timings, positions
                 )
-                if self._replicator is not None:
-                    return replace(result, verified=self._replicator.finish(request_id))
-                if self._auditor is None or self._audit_draw() >= self._audit_fraction:
+                if replicator is not None:
+                    return replace(result, verified=replicator.finish(request_id))
+                if auditor is None or self._audit_draw() >= fraction:
                     return result
-                verdict = await self._audit(task, request_id, result, positions)
+                verdict = await self._audit(auditor, task, request_id, result, positions)
                 if verdict.verified:
                     return replace(result, verified="audit")
                 if not verdict.liars:
@@ -337,20 +412,22 @@ class PipelineEngine:
         finally:
             self._records.pop(request_id, None)
             await asyncio.shield(self._release_finished(request_id))
-            if self._replicator is not None:
-                await self._replicator.release(self, request_id)
+            if replicator is not None:
+                self._replicating.discard(request_id)
+                await replicator.release(self, request_id)
 
     async def _audit(
         self,
+        auditor: Auditor,
         task: InferenceTask,
         request_id: RequestId,
         result: InferenceResult,
         positions: dict[int, tuple[int, int]],
     ) -> Verdict:
         plan = self._plan()
-        if self._auditor is None or plan is None:
+        if plan is None:
             return Verdict(False, reason="no plan to audit against")
-        claims = self._auditor.claims_of(
+        claims = auditor.claims_of(
             self._records.get(request_id, []),
             request_id=request_id,
             plan=plan,
@@ -358,7 +435,7 @@ class PipelineEngine:
         )
         sequence = list(task.input_ids) + list(result.output_ids[:-1])
         try:
-            verdict = await self._auditor.audit(plan, request_id, sequence, claims)
+            verdict = await auditor.audit(plan, request_id, sequence, claims)
         except ButterflyError as e:
             return Verdict(False, reason=f"audit could not run: {e}")
         if verdict.liars:
@@ -399,10 +476,16 @@ class PipelineEngine:
                 logits = await self._compute(request_id, step, pos, x)
                 if self._timeouts is not None:
                     self._timeouts.answered(self._chain(epoch))
-            except (StageLost, ConnectionFailed, CircuitOpen, SendTimeout) as e:
+            except ButterflyError as e:
+                self._report(e, f"step {step} of {request_id}")
+                if not e.retriable:  # the error tree decides: no list of classes here
+                    raise
                 if isinstance(e, SendTimeout) and self._timeouts is not None:
                     what = f"step {step} of {request_id}"
-                    await self._timeouts.chain_timed_out(self._chain(epoch), what)
+                    if e.blame is not None:
+                        await self._timeouts.timed_out(e.blame, what)
+                    else:  # a chain's step: only a one-node chain says who held it back
+                        await self._timeouts.chain_timed_out(self._chain(epoch), what)
                 recoveries += 1
                 if recoveries > self._max_recoveries:
                     raise
@@ -462,7 +545,7 @@ class PipelineEngine:
         caches (survivors keep theirs; a promoted standby has the last copy the failed
         node sent it), and never past the last token, whose output is what is missing."""
         plan = self._plan()
-        if plan is None or self._ask is None or self._replicator is not None:
+        if plan is None or self._ask is None or request_id in self._replicating:
             return 0
         ask = self._ask
 

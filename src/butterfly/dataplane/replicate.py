@@ -242,6 +242,10 @@ class Replicator:
         self._requests: dict[str, _Request] = {}
         self.convicted: set[NodeId] = set()  # left out of every lane from conviction on
 
+    def retune(self, tolerance: Tolerance) -> None:
+        """Compare with changed byzantine.rtol/atol from the next comparison on."""
+        self._tol = tolerance
+
     async def step(
         self, runner: LaneRunner, request_id: RequestId, step: int, pos: int, x: torch.Tensor
     ) -> torch.Tensor:

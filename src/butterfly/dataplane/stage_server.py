@@ -189,6 +189,11 @@ class StageServer:
                 kept.clear()  # a gap: positions computed elsewhere (after a recovery)
             kept.append((start, out[:, offsets[i] : offsets[i] + msg.lengths[i]].clone()))
 
+    def retune(self, *, snapshot_every: int) -> None:
+        """A changed coordination.checkpoint_frequency: the next copy waits for this many
+        positions (0: no more copies)."""
+        self._snapshot_every = snapshot_every
+
     def kv_deltas(self, request_ids: tuple[RequestId, ...]) -> list[Outbound]:
         """The KV positions these requests gained since the last copy, for each standby of
         this node's range, once `snapshot_every` positions have built up. Called on the

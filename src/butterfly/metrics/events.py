@@ -135,6 +135,16 @@ class CheckpointCopied:
 
 
 @dataclass(frozen=True)
+class PeerError:
+    """A step failed with an error that names the peer behind it (`ButterflyError.blame`):
+    counted per node, so an operator sees which node keeps failing work it was given."""
+
+    node: NodeId
+    error: str  # the error's kind, e.g. `connection_failed`
+    retriable: bool
+
+
+@dataclass(frozen=True)
 class Verification:
     """The check a result went through (`audit`, `replicate`) and how it ended."""
 
@@ -159,6 +169,7 @@ MetricsEvent = (
     | Eviction
     | RecoveryCompleted
     | CheckpointCopied
+    | PeerError
     | Verification
 )
 
@@ -183,6 +194,7 @@ __all__ = [
     "NodeState",
     "NodeStatus",
     "PartitionComputed",
+    "PeerError",
     "PhaseTransition",
     "QueueDepth",
     "TaskFinished",

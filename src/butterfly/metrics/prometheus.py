@@ -29,6 +29,7 @@ from butterfly.metrics.events import (
     NodeFailure,
     NodeStatus,
     PartitionComputed,
+    PeerError,
     PhaseTransition,
     QueueDepth,
     RecoveryCompleted,
@@ -159,6 +160,13 @@ class Metrics:
             namespace=ns,
             registry=r,
         )
+        self.peer_errors = Counter(
+            "peer_errors",
+            "Steps failed with an error blamed on a node (the error's `blame`)",
+            ["node", "error"],
+            namespace=ns,
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "queue_depth", "Tasks waiting for an execution slot", namespace=ns, registry=r
         )
@@ -217,6 +225,8 @@ class Metrics:
                 self.checkpoint_bytes.observe(size)
             case Verification(check=check, outcome=outcome):
                 self.verifications.labels(check=check, outcome=outcome).inc()
+            case PeerError(node=node, error=error):
+                self.peer_errors.labels(node=str(node), error=error).inc()
             case QueueDepth(depth=depth):
                 self.queue_depth.set(depth)
             case NodeStatus(node=node, status=status):

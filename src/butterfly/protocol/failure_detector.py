@@ -95,6 +95,18 @@ class PhiAccrualFailureDetector:
         self.window = window
         self._history: dict[NodeId, _History] = {}
 
+    def retune(
+        self, *, suspect: float, failed: float, min_std_ms: float, acceptable_pause_ms: float
+    ) -> None:
+        """New thresholds and noise allowances (coordination.phi_*, hot-reloadable); the
+        heartbeat history is kept, so no peer looks new, and the next `phi` uses them."""
+        if not 0 < suspect <= failed or min_std_ms <= 0 or acceptable_pause_ms < 0:
+            raise ValueError(
+                f"need 0 < suspect ({suspect}) <= failed ({failed}), min std > 0, pause >= 0"
+            )
+        self.suspect_threshold, self.failed_threshold = suspect, failed
+        self.min_std, self.acceptable_pause = min_std_ms / 1000.0, acceptable_pause_ms / 1000.0
+
     def record_heartbeat(self, node: NodeId, now: float) -> None:
         """A heartbeat from `node` arrived at `now`; out-of-order times are ignored."""
         history = self._history.get(node)

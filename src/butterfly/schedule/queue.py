@@ -56,10 +56,25 @@ class TaskQueue:
             )
         if task.task_id in self._tasks:
             raise ValueError(f"task {task.task_id} is already queued")
-        key = -task.priority if self.policy is QueuePolicy.PRIORITY else 0
         arrival = next(self._arrival)
         self._tasks[task.task_id] = (arrival, task)
-        heapq.heappush(self._heap, (key, arrival, task.task_id))
+        heapq.heappush(self._heap, (self._key(task), arrival, task.task_id))
+
+    def retune(self, capacity: int, policy: QueuePolicy) -> None:
+        """A changed scheduling.max_queue or scheduling.policy, at once: waiting tasks are
+        re-ordered by the new policy (acceptance order kept among equals). A smaller
+        capacity refuses new tasks until the queue drains below it; none is dropped."""
+        if capacity < 1:
+            raise ValueError(f"queue capacity must be at least 1, got {capacity}")
+        self.capacity = capacity
+        if policy is self.policy:
+            return
+        self.policy = policy
+        self._heap = [(self._key(t), a, t.task_id) for a, t in self._tasks.values()]
+        heapq.heapify(self._heap)
+
+    def _key(self, task: InferenceTask) -> int:
+        return -task.priority if self.policy is QueuePolicy.PRIORITY else 0
 
     def pop(self) -> InferenceTask | None:
         """The next task by policy, or None when empty."""

@@ -203,6 +203,16 @@ class Scheduler:
         if store.recovered:
             log.info("re-queued %d unfinished task(s) from %s", len(store.recovered), store.path)
 
+    def retune(self, *, max_concurrent: int, queue_capacity: int, policy: QueuePolicy) -> None:
+        """Changed scheduling.dispatch_batch_size, max_queue or policy, at once: the next
+        dispatch runs up to `max_concurrent` tasks (running ones finish either way) and
+        takes waiting tasks in the new policy's order."""
+        if max_concurrent < 1:
+            raise ValueError(f"max_concurrent must be at least 1, got {max_concurrent}")
+        self._max_concurrent = max_concurrent
+        self._queue.retune(queue_capacity, policy)
+        self._wake.set()
+
     # --- commands ----------------------------------------------------------------------
 
     async def submit(self, task: InferenceTask) -> TaskSnapshot:

@@ -50,6 +50,12 @@
 `retriable`: the same call may succeed later or elsewhere (retry with backoff, re-route).
 `fatal`: the process cannot go on serving; report and stop rather than retry.
 `blame`: the peer whose message caused the error, so the caller can ban or report it.
+
+The gateway's pipeline engine acts on these and on nothing else: a step that fails with a
+retriable error is replayed on the plan in force, any other fails the request; the node
+an error blames (the authenticated sender, never the node a frame claims) is counted in
+`butterfly_peer_errors_total{node,error}`, and a timed-out step blamed on a node counts
+toward that node's eviction as silent (`dataplane.unresponsive`).
 """
 
 from __future__ import annotations

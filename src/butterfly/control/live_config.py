@@ -1,0 +1,170 @@
+"""The running node follows its config: each dynamic option takes effect here, or is refused.
+
+A setting that is agreed, recorded and reported "applied" while the component that uses it
+keeps the value it was built with is a quiet lie. So every option the schema marks dynamic
+is either applied to the running component by a subscriber below, or vetoed (PREPARE
+fails on every node with the reason), or read on every use from `ConfigManager.current`
+(noted in the table). Options a running node cannot change are marked static in the
+schema and refused with "restart required". The API's own options are applied where the
+app is built (`butterfly.api.live`).
+
+    option                                   applied by
+    byzantine.verification                   engine.retune: the next request; vetoed when
+                                             the mode's part (auditor/replicator) was not
+                                             built, i.e. one holder per range at start
+    byzantine.audit_fraction                 engine.retune: the next request
+    byzantine.rtol, byzantine.atol           engine.retune: auditor and replicator, the
+                                             next comparison
+    byzantine.fingerprint_top_k, _chunk      this node's prover: its next signed record
+    byzantine.max_step_timeouts              read on every use (dataplane.unresponsive)
+    network.step_timeout_ms                  engine.retune (steps waiting now included);
+                                             the node's requests read it on every use
+    coordination.phi_suspect, phi_failed,    the failure detector, at once
+      min_std_ms, acceptable_pause_ms
+    coordination.checkpoint_frequency        the stage server's next KV copy (none while
+                                             verification is replicate: lanes keep copies)
+    partition.strategy                       the gateway re-plans at once (a new epoch)
+    coordination.view_change_timeout_ms,     the PBFT replica's timers at once (running
+      coordination.phase_timeout_ms          ones brought forward), and how long plans
+                                             and evictions wait to be agreed
+    coordination.config_update_timeout_ms    the next config update's deadline
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+
+from butterfly.agreement.config_coordinator import ConfigCoordinator
+from butterfly.agreement.driver import AgreementDriver
+from butterfly.config import ButterflyConfig
+from butterfly.config.reload import ConfigManager
+from butterfly.control.membership import Membership
+from butterfly.control.plans import AgreedPlans
+from butterfly.control.recovery import Recovery
+from butterfly.dataplane.engine import PipelineEngine
+from butterfly.dataplane.stage_server import StageServer
+from butterfly.protocol.proof import Tolerance
+
+log = logging.getLogger(__name__)
+
+
+def snapshot_every(cfg: ButterflyConfig) -> int:
+    """Tokens between KV copies to the standbys; replicate's lanes already keep every
+    range's caches on two nodes, so they copy nothing."""
+    if cfg.byzantine.verification == "replicate":
+        return 0
+    return cfg.coordination.checkpoint_frequency
+
+
+def agreement_wait_s(cfg: ButterflyConfig) -> float:
+    """How long a plan or an eviction may take to be agreed: a view change and a phase,
+    twice over (a primary that fails while ordering it costs one of each)."""
+    c = cfg.coordination
+    return 2 * (c.view_change_timeout_ms + c.phase_timeout_ms) / 1000
+
+
+def _retune_agreement(
+    driver: AgreementDriver,
+    coordinator: ConfigCoordinator,
+    plans: AgreedPlans,
+    cfg: ButterflyConfig,
+) -> None:
+    c = cfg.coordination
+    driver.retune(  # the same mapping as protocol.keys.pbft_config
+        request_timeout=c.view_change_timeout_ms / 1000,
+        view_change_timeout=c.phase_timeout_ms / 1000,
+    )
+    coordinator.retune(c.config_update_timeout_ms / 1000)
+    plans.retune(agreement_wait_s(cfg))
+
+
+def _retune_engine(engine: PipelineEngine, cfg: ButterflyConfig) -> None:
+    b = cfg.byzantine
+    engine.retune(  # a mode not built runs as none, as from the start (see the check)
+        step_timeout_s=cfg.network.step_timeout_ms / 1000,
+        verification=b.verification,
+        audit_fraction=b.audit_fraction,
+        tolerance=Tolerance(rtol=b.rtol, atol=b.atol),
+    )
+
+
+def _check_verification(
+    engine: PipelineEngine,
+) -> Callable[[ButterflyConfig, ButterflyConfig], None]:
+    def check(old: ButterflyConfig, new: ButterflyConfig) -> None:
+        mode = new.byzantine.verification
+        if mode != old.byzantine.verification and not engine.supports(mode):
+            raise ValueError(
+                f"restart required: byzantine.verification={mode!r} needs every layer range "
+                "on f+1 nodes, and this node started with one holder per range "
+                "(byzantine.f = 0, partition.replication = 1 or verification = none at "
+                "start); set them and restart the cluster"
+            )
+
+    return check
+
+
+def _retune_stage_server(server: StageServer, cfg: ButterflyConfig) -> None:
+    server.retune(snapshot_every=snapshot_every(cfg))
+    if server.prover is not None:
+        b = cfg.byzantine
+        server.prover = dataclasses.replace(
+            server.prover, k=b.fingerprint_top_k, chunk=b.fingerprint_chunk
+        )
+
+
+def _retune_detector(membership: Membership, cfg: ButterflyConfig) -> None:
+    c = cfg.coordination
+    membership.retune_detector(
+        suspect=c.phi_suspect,
+        failed=c.phi_failed,
+        min_std_ms=c.min_std_ms,
+        acceptable_pause_ms=c.acceptable_pause_ms,
+    )
+
+
+def follow_config(
+    manager: ConfigManager,
+    *,
+    engine: PipelineEngine,
+    stage_server: StageServer,
+    membership: Membership,
+    recovery: Recovery,
+) -> None:
+    """Subscribe the node's components to `manager`; called once by the composition root."""
+    manager.subscribe(
+        "engine",
+        lambda old, new: _retune_engine(engine, new),
+        check=_check_verification(engine),
+    )
+    manager.subscribe("stage server", lambda old, new: _retune_stage_server(stage_server, new))
+    manager.subscribe("failure detector", lambda old, new: _retune_detector(membership, new))
+
+    def strategy(old: ButterflyConfig, new: ButterflyConfig) -> None:
+        if old.partition.strategy != new.partition.strategy:
+            log.info(
+                "partition.strategy %s -> %s: re-planning",
+                old.partition.strategy,
+                new.partition.strategy,
+            )
+            recovery.replan(f"partition.strategy is now {new.partition.strategy}")
+
+    manager.subscribe("planner", strategy)
+
+
+def follow_agreement_config(
+    manager: ConfigManager,
+    *,
+    driver: AgreementDriver,
+    coordinator: ConfigCoordinator,
+    plans: AgreedPlans,
+) -> None:
+    """Subscribe the agreement layer's timers; called once by the composition root."""
+    manager.subscribe(
+        "agreement timers", lambda old, new: _retune_agreement(driver, coordinator, plans, new)
+    )
+
+
+__all__ = ["agreement_wait_s", "follow_agreement_config", "follow_config", "snapshot_every"]

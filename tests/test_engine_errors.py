@@ -1,0 +1,49 @@
+"""The gateway's pipeline engine decides retries by the error tree: a step that fails with
+a retriable error is replayed, one that fails with a non-retriable error fails the request
+at once, and either is counted against the peer the error blames (the authenticated
+sender of the failure, not the node the frame names)."""
+
+from __future__ import annotations
+
+import pytest
+
+from butterfly.dataplane.unresponsive import StepTimeouts
+from butterfly.metrics.events import MetricsEvent, PeerError
+from butterfly.types.errors import InvalidInput
+from butterfly.types.ids import NodeId
+from tests.engine_util import GATEWAY, STAGE, chain, generate
+
+
+async def test_a_retriable_step_error_is_replayed_and_blamed_on_the_sender() -> None:
+    events: list[MetricsEvent] = []
+    engine, sent = chain([(True, 7)], events)
+    assert await generate(engine) == [3, 3]
+    assert len(sent) == 3  # the failed step, its replay, the second token
+    assert sent[1].starts == (0,) and sent[1].lengths == (2,)  # replayed from position 0
+    # the frame claimed node 7; the peer that sent it is node 1, and it is the one counted
+    assert events.count(PeerError(node=STAGE, error="connection_failed", retriable=True)) == 1
+
+
+async def test_a_non_retriable_step_error_fails_the_request_at_once() -> None:
+    events: list[MetricsEvent] = []
+    engine, sent = chain([(False, 1)], events)
+    with pytest.raises(InvalidInput) as e:
+        await generate(engine)
+    assert e.value.blame == STAGE and not e.value.retriable
+    assert len(sent) == 1  # never retried
+    assert PeerError(node=STAGE, error="invalid_input", retriable=False) in events
+
+
+async def test_a_timed_out_step_is_replayed_and_counted_against_the_silent_node() -> None:
+    declared: list[tuple[NodeId, ...]] = []
+
+    async def declare(nodes: tuple[NodeId, ...], reason: str) -> None:
+        declared.append(nodes)
+
+    rule = StepTimeouts(
+        gateway=GATEWAY, limit=lambda: 1, status=lambda n: "healthy", declare=declare
+    )
+    events: list[MetricsEvent] = []
+    engine, sent = chain(["silent"], events, rule, step_timeout_s=0.2)
+    assert await generate(engine, tokens=1) == [3]
+    assert len(sent) == 2 and declared == [(STAGE,)]
