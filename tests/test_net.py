@@ -30,7 +30,7 @@ class Events(list[object]):
         return sum(isinstance(e, MessageDropped) for e in self)
 
 
-async def echo(env: Envelope) -> tuple[StatusReply, bytes] | None:
+async def echo(peer: NodeId, env: Envelope) -> tuple[StatusReply, bytes] | None:
     if isinstance(env.msg, StatusQuery):
         return StatusReply(7, env.epoch, (0, 2), 1, 0, 1e9, 1 << 30), env.payload
     return None

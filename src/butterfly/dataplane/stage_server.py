@@ -116,6 +116,14 @@ class StageServer:
     def epoch(self) -> int:
         return self.plan.epoch if self.plan else 0
 
+    def current_epoch(self) -> int:
+        """`epoch` as a callable, for the parts that stamp it on what they send."""
+        return self.epoch
+
+    def current_plan(self) -> StagePlan | None:
+        """The plan in force here, as a callable, for the parts that read it per step."""
+        return self.plan
+
     @property
     def kv_bytes(self) -> int:
         return sum(c.nbytes for c in self.caches.values() if c is not None)

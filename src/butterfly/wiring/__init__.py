@@ -1,0 +1,2 @@
+"""What the composition root (`node.py`) wires parts with: message routing (`routing`),
+the node's edges to the world (`edges`), the gateway's start-up (`gateway`), logging."""

@@ -1,0 +1,126 @@
+"""The acting gateway's start-up: facts, the first plan, then the scheduler and the API.
+
+Node 0 asks every node for its measured facts, decides and distributes the first plan
+(`control.recovery`), then serves: the scheduler over the pipeline engine, the HTTP API,
+and the loops that keep the cluster whole (recovery, config-change monitoring).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from butterfly.agreement.config_coordinator import ConfigCoordinator
+from butterfly.api.app import create_app
+from butterfly.api.settings import ApiSettings
+from butterfly.config import ConfigManager
+from butterfly.control.planner import gather_status
+from butterfly.control.recovery import Recovery
+from butterfly.control.status import NodeReport
+from butterfly.dataplane.engine import PipelineEngine
+from butterfly.metrics.prometheus import Metrics
+from butterfly.net.transport import Transport
+from butterfly.runtime.tokenizer import TextCodec
+from butterfly.schedule.queue import QueuePolicy
+from butterfly.schedule.scheduler import Scheduler
+from butterfly.schedule.store import TaskStore
+from butterfly.types.ids import NodeId
+
+FACTS_TIMEOUT_S = 120.0
+"""How long the gateway waits for every node to come up and report its facts."""
+SHUTDOWN_GRACE_S = 3.0
+"""Running requests get this long to finish when the node stops."""
+
+
+@dataclass(frozen=True)
+class Gateway:
+    """The gateway's parts beyond those every node has (built by `node.build_node`)."""
+
+    node: NodeId
+    members: tuple[NodeId, ...]
+    config: ConfigManager
+    transport: Transport
+    report: NodeReport
+    recovery: Recovery
+    engine: PipelineEngine
+    coordinator: ConfigCoordinator
+    metrics: Metrics
+    codec: TextCodec | None
+    model_name: str
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Plan, then serve until `stop` is set."""
+        peers = [n for n in self.members if n != self.node]
+        facts = await gather_status(
+            self.transport, peers, timeout_s=FACTS_TIMEOUT_S, local=(self.node, self.report.status)
+        )
+        await self.recovery.start(facts)
+        cfg = self.config.current
+        data_dir = Path(cfg.node.data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        store = TaskStore(data_dir / "tasks.sqlite")
+        s = cfg.scheduling
+        scheduler = Scheduler(
+            engine=self.engine,
+            store=store,
+            emit=self.metrics.emit,
+            max_concurrent=max(1, s.dispatch_batch_size),
+            queue_capacity=s.max_queue,
+            policy=QueuePolicy(s.policy),
+            detokenize=self.codec.decode if self.codec else None,
+        )
+        a = cfg.api
+        settings = ApiSettings(
+            max_request_bytes=a.max_request_bytes,
+            max_new_tokens_limit=s.max_new_tokens_limit,
+            default_max_new_tokens=s.default_max_new_tokens,
+            api_tokens=frozenset(a.tokens),
+            rate_limit_per_s=a.rate_limit,
+            rate_limit_burst=a.rate_limit_burst,
+            serve_metrics=cfg.metrics.enabled,
+        )
+        app = create_app(
+            scheduler=scheduler,
+            engine=self.engine,
+            codec=self.codec,
+            metrics=self.metrics,
+            model_name=self.model_name,
+            settings=settings,
+            config=self.coordinator,
+        )
+        limiter = app.state.rate_limiter
+        self.config.subscribe(
+            "rate_limit",
+            lambda old, new: limiter.retune(new.api.rate_limit, new.api.rate_limit_burst),
+        )
+        server = uvicorn.Server(
+            uvicorn.Config(app, host=a.host, port=a.port, log_level="warning", lifespan="off")
+        )
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(scheduler.run())
+                tg.create_task(scheduler.expire_results(s.result_ttl_s))
+                tg.create_task(self.engine.serve_batches())
+                tg.create_task(self.recovery.run(on_replanned=self.engine.plan_changed))
+                tg.create_task(self.coordinator.monitor())
+                api = tg.create_task(server.serve())
+                await stop.wait()
+                server.should_exit = True
+                scheduler.shutdown(grace_s=SHUTDOWN_GRACE_S)
+                # the API closes its listening socket; the loops are then cancelled
+                await asyncio.wait({api}, timeout=SHUTDOWN_GRACE_S)
+                raise _Stopped
+        except* _Stopped:
+            pass
+        finally:
+            store.close()
+
+
+class _Stopped(Exception):
+    """Unwinds the gateway's task group once its API has closed."""
+
+
+__all__ = ["Gateway"]
