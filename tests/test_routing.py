@@ -6,11 +6,14 @@ import asyncio
 
 import pytest
 
+from butterfly.control.plans import AgreedPlans, PlanIntake, plan_command
 from butterfly.net.conn import Reply
 from butterfly.net.framing import Envelope
 from butterfly.net.memory import MemoryNetwork
 from butterfly.types.ids import NodeId
-from butterfly.types.messages import Ping, Pong, Release, StatusQuery
+from butterfly.types.messages import Ping, PlanAck, PlanAssign, Pong, Release, StatusQuery
+from butterfly.types.model import LayerRange
+from butterfly.types.plan import StagePlan
 from butterfly.wiring.routing import Router
 from tests.test_net import Events, pair
 
@@ -91,3 +94,22 @@ async def test_the_peer_is_the_one_the_handshake_named_not_the_claimed_sender() 
     assert seen.calls == [(0, 7, "release")]
     await a.close()
     await b.close()
+
+
+async def test_a_plan_is_taken_only_from_the_gateway_peer_whatever_the_frame_claims() -> None:
+    events, applied = Events(), []
+    plans = AgreedPlans()
+    plan = StagePlan(1, ((NodeId(0), LayerRange(0, 2)),))
+    plans.execute(plan_command(plan))
+
+    async def apply(msg: PlanAssign) -> PlanAck:
+        applied.append(msg)
+        return PlanAck(msg.epoch, NodeId(1), True, "")
+
+    intake = PlanIntake(node=NodeId(1), plans=plans, apply=apply, emit=events)
+    msg = plan.to_message("m")
+    claims_gateway = Envelope(msg, 0, 0, "c")
+    assert await intake(NodeId(2), claims_gateway) is None
+    assert events.dropped() == 1 and applied == []
+    reply = await intake(NodeId(0), claims_gateway)
+    assert reply is not None and reply[0].ok and applied == [msg]
