@@ -81,6 +81,7 @@ async def test_a_killed_chain_node_hands_its_stage_to_the_standby(
         assert [r for _, r in plan.stages] == [r for _, r in first.stages]
         assert agreed_everywhere(c, plan, {0, 2, 3})
         assert gw.recovery.failed == {NodeId(1)}
+        assert gw.agreement.driver.view > 1  # the plan was agreed under a new primary
         assert 1 not in {s.node for s in result.stages}
 
 
