@@ -111,3 +111,20 @@ async def test_a_proven_liar_is_evicted_by_agreement_and_leaves_the_plan(
         assert 1 not in holders
         assert agreed_everywhere(c, plan, holders)
         assert 1 not in {s.node for s in result.stages}
+
+
+async def test_a_gateway_stopped_while_it_waits_for_its_peers_stops(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Node 0 alone: its start-up waits for nodes that never come (up to two minutes);
+    a stop then ends it at once, as a SIGTERM to a cluster that never came up must."""
+    c = InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS)
+    stop = asyncio.Event()
+    serving = asyncio.create_task(c.gateway.serve(stop))
+    await asyncio.sleep(0.05)
+    assert not serving.done() and c.gateway.stage_server.plan is None
+    stop.set()
+    await asyncio.wait_for(serving, 10)  # a hang guard: the 2-minute wait is not waited out
+    for node in c.nodes[1:]:
+        node.stage_server.close()
+        node.config.history.close()

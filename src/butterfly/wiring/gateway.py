@@ -8,8 +8,10 @@ and the loops that keep the cluster whole (recovery, config-change monitoring).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -52,12 +54,9 @@ class Gateway:
     model_name: str
 
     async def serve(self, stop: asyncio.Event) -> None:
-        """Plan, then serve until `stop` is set."""
-        peers = [n for n in self.members if n != self.node]
-        facts = await gather_status(
-            self.transport, peers, timeout_s=FACTS_TIMEOUT_S, local=(self.node, self.report.status)
-        )
-        await self.recovery.start(facts)
+        """Plan, then serve until `stop` is set (which may come during start-up)."""
+        if not await _unless_stopped(self._first_plan(), stop):
+            return
         cfg = self.config.current
         data_dir = Path(cfg.node.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -117,6 +116,29 @@ class Gateway:
             pass
         finally:
             store.close()
+
+    async def _first_plan(self) -> None:
+        peers = [n for n in self.members if n != self.node]
+        facts = await gather_status(
+            self.transport, peers, timeout_s=FACTS_TIMEOUT_S, local=(self.node, self.report.status)
+        )
+        await self.recovery.start(facts)
+
+
+async def _unless_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:
+    """Run `work` to its end (True; its error is raised) unless `stop` is set first (False;
+    `work` is cancelled): the node's stop waits for the gateway, never for its start-up."""
+    task, stopped = asyncio.ensure_future(work), asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (task, stopped):
+            t.cancel()
+        await asyncio.gather(task, stopped, return_exceptions=True)
+    if task.cancelled():
+        return False
+    task.result()
+    return True
 
 
 class _Stopped(Exception):
