@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Modules checked by mypy; this list only grows.
 MYPY_MODULES := src/butterfly/types src/butterfly/runtime src/butterfly/partition src/butterfly/cli \
 	src/butterfly/config src/butterfly/metrics src/butterfly/net src/butterfly/dataplane src/butterfly/control src/butterfly/agreement \
-	src/butterfly/schedule src/butterfly/api src/butterfly/node.py src/butterfly/protocol \
+	src/butterfly/schedule src/butterfly/api src/butterfly/wiring src/butterfly/node.py src/butterfly/protocol \
 	src/butterfly/testing
 
 .PHONY: run test lint typecheck pytest coverage bench clean

@@ -52,7 +52,7 @@ async def serve(replica: int, ports: list[int], requests: int) -> dict[str, obje
     )
     driver = AgreementDriver(config=config, key=keys[replica], transport=transport)
 
-    async def handle(env: Envelope) -> tuple[Message, bytes] | None:
+    async def handle(peer: NodeId, env: Envelope) -> tuple[Message, bytes] | None:
         if isinstance(env.msg, AgreementFrame):
             await driver.on_frame(env)
         return None

@@ -66,7 +66,7 @@ def unframe(rest: bytes) -> torch.Tensor:
 
 
 async def serve_butterfly() -> None:
-    async def handler(env: Envelope) -> tuple[Pong, bytes]:
+    async def handler(peer: NodeId, env: Envelope) -> tuple[Pong, bytes]:
         assert isinstance(env.msg, Ping)
         return Pong(env.msg.seq, len(env.payload)), encode_tensor(decode_tensor(env.payload, MAX))
 

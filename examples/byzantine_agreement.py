@@ -119,7 +119,7 @@ async def run() -> None:
     for i, driver in enumerate(drivers):
 
         async def handle(
-            env: Envelope, driver: AgreementDriver = driver, me: int = i
+            peer: NodeId, env: Envelope, driver: AgreementDriver = driver, me: int = i
         ) -> tuple[Message, bytes] | None:
             if isinstance(env.msg, AgreementFrame):
                 await driver.on_frame(env)

@@ -56,7 +56,6 @@ def main() -> None:
         detector=detector,
         interval_s=INTERVAL_S,
         local_state=lambda: ((), 0),
-        on_status_change=on_status_change,
         clock=clock,
     )
 
@@ -66,14 +65,14 @@ def main() -> None:
     for i in range(20):  # regular heartbeats
         beat(i)
         clock.now = round(clock.now + INTERVAL_S, 9)
-        membership.check()
+        membership.check(on_status_change)
         print(f"Heartbeat {i}: φ = {membership.phi(peer):.2f}")
 
     print("\nNode stopped sending heartbeats...")
     last = clock.now - INTERVAL_S
     for _ in range(10):  # the node's checks, one per interval, through 1 s of silence
         clock.now = round(clock.now + INTERVAL_S, 9)
-        membership.check()
+        membership.check(on_status_change)
     print(f"Status after 1 s of silence: {membership.status(peer)}")
 
     suspect_at = detector.crossing_time(peer, detector.suspect_threshold)
@@ -86,7 +85,7 @@ def main() -> None:
 
     print("\nNode 1 restarts and beats again...")
     beat(100)
-    membership.check()
+    membership.check(on_status_change)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def chain(
             retriable, claimed = answer  # type: ignore[misc]
             error = StepError(msg.request_ids, msg.steps, claimed, "x", "broken", retriable)
             env = Envelope(error, int(peer), 1, "c")
-        asyncio.get_running_loop().call_soon(engine.on_result, env)
+        asyncio.get_running_loop().create_task(engine.on_result(peer, env))
 
     def health() -> ClusterHealth:
         raise AssertionError("not asked")

@@ -80,7 +80,7 @@ class Cluster:
             emit=self.events.append,
         )
 
-        async def handle(env: Envelope) -> tuple[Message, bytes] | None:
+        async def handle(peer: NodeId, env: Envelope) -> tuple[Message, bytes] | None:
             if isinstance(env.msg, AgreementFrame):
                 await driver.on_frame(env)
             return None

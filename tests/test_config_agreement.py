@@ -120,7 +120,7 @@ class Cluster:
             config=pbft_config(i), key=KEYS[i], transport=transport, on_commit=on_commit
         )
 
-        async def handle(env: Envelope) -> tuple[Message, bytes] | None:
+        async def handle(peer: NodeId, env: Envelope) -> tuple[Message, bytes] | None:
             if isinstance(env.msg, AgreementFrame):
                 if i not in self.muted:
                     await driver.on_frame(env)

@@ -28,6 +28,8 @@ from butterfly.config.reload import ConfigManager
 from butterfly.config.validate import UNSUPPORTED
 from butterfly.control.live_config import follow_config
 from butterfly.control.membership import Membership
+from butterfly.control.plans import AgreedPlans
+from butterfly.control.policy import Placing
 from butterfly.control.recovery import Recovery
 from butterfly.dataplane.audit import Auditor, Claim, Referee
 from butterfly.dataplane.engine import PipelineEngine
@@ -35,8 +37,9 @@ from butterfly.dataplane.proving import Prover
 from butterfly.dataplane.replicate import Replicator
 from butterfly.dataplane.stage_server import StageServer
 from butterfly.dataplane.unresponsive import StepTimeouts
-from butterfly.metrics.events import MetricsEvent, Verification
+from butterfly.metrics.events import MetricsEvent, Verification, discard
 from butterfly.net.framing import Envelope
+from butterfly.net.memory import MemoryNetwork
 from butterfly.protocol.failure_detector import PhiAccrualFailureDetector
 from butterfly.protocol.proof import Tolerance
 from butterfly.protocol.sign import SigningKey
@@ -44,7 +47,7 @@ from butterfly.runtime.loader import load_stage
 from butterfly.runtime.stage import prefill_outputs
 from butterfly.runtime.torch_thread import TorchThread
 from butterfly.runtime.wire import decode_tensor, encode_tensor
-from butterfly.types.ids import NodeId
+from butterfly.types.ids import Epoch, NodeId
 from butterfly.types.model import LayerRange
 from butterfly.types.plan import StagePlan
 from butterfly.types.wire.agreement import Proof, decode
@@ -83,7 +86,42 @@ class Parts:
     server: StageServer
     membership: Membership
     clock: Clock
-    replans: list[tuple[int, list[NodeId], bool]] = field(default_factory=list)
+    replans: list[tuple[list[NodeId], str]] = field(default_factory=list)
+
+
+class RecordingRecovery(Recovery):
+    """The real recovery loop, whose re-plan only records what it was asked to decide
+    with (the decision itself is control.policy's, tested in tests/test_policy.py)."""
+
+    def __init__(self, replans: list[tuple[list[NodeId], str]], **parts: Any) -> None:
+        super().__init__(**parts)
+        self.replans = replans
+
+    async def replan(self, live: list[NodeId]) -> StagePlan:
+        self.replans.append((live, self._placing.strategy))
+        return StagePlan(Epoch(2), ())
+
+
+def recovery_parts(
+    members: list[NodeId], holder: StageServer | None, events: list[MetricsEvent]
+) -> dict[str, Any]:
+    async def propose(command: bytes, timeout: float) -> int:
+        raise AssertionError("nothing is agreed here")
+
+    return {
+        "node": NodeId(0),
+        "members": members,
+        "status": lambda n: "healthy",
+        "holder": holder,
+        "plans": AgreedPlans(),
+        "propose": propose,
+        "agree_timeout_s": 1.0,
+        "transport": MemoryNetwork().transport(NodeId(0), discard),
+        "model_hash": "h",
+        "placing": Placing((), "load_balanced", 2),
+        "suspect_primary": lambda n: None,
+        "emit": events.append,
+    }
 
 
 @pytest.fixture
@@ -174,21 +212,14 @@ async def parts(tiny_model: Path, torch_thread: TorchThread) -> AsyncIterator[Pa
     )
     found = Parts(manager, engine, sent, events, auditor, server, membership, clock)
 
-    async def replan(epoch: int, alive: list[NodeId], promote: bool) -> None:
-        found.replans.append((epoch, alive, promote))
-
-    recovery = Recovery(
-        members=sorted(members),
-        status=lambda n: "healthy",
-        current_plan=lambda: plan,
-        replan=replan,
-        on_replanned=engine.plan_changed,
-        emit=events.append,
+    recovery = RecordingRecovery(
+        found.replans,
+        **recovery_parts(sorted(members), server, events),
     )
     follow_config(
         manager, engine=engine, stage_server=server, membership=membership, recovery=recovery
     )
-    replanning = asyncio.create_task(recovery.run())
+    replanning = asyncio.create_task(recovery.run(on_replanned=engine.plan_changed))
     try:
         yield found
     finally:
@@ -258,12 +289,7 @@ async def test_a_verification_mode_whose_part_was_not_built_is_refused(
             local_state=lambda: ((), 0),
         ),
         recovery=Recovery(
-            members=[NodeId(0)],
-            status=lambda n: "healthy",
-            current_plan=lambda: None,
-            replan=lambda e, a, p: asyncio.sleep(0),
-            on_replanned=lambda: None,
-            emit=lambda e: None,
+            **recovery_parts([NodeId(0)], None, []),
         ),
     )
     change(manager, {"byzantine.verification": "none"})
@@ -394,7 +420,7 @@ async def test_partition_strategy_re_plans_at_once(parts: Parts) -> None:
     async with asyncio.timeout(10):
         while not parts.replans:
             await asyncio.sleep(0.01)
-    assert parts.replans == [(2, [NodeId(n) for n in range(4)], False)]  # no standby promoted
+    assert parts.replans == [([NodeId(n) for n in range(4)], "uniform")]
     change(parts.manager, {"partition.cache_size": 100})  # same value: nothing to re-plan
     await asyncio.sleep(0.05)
     assert len(parts.replans) == 1
@@ -422,7 +448,7 @@ async def test_byzantine_max_step_timeouts_is_read_on_every_timeout() -> None:
 
 
 def test_observability_log_level_follows_without_a_restart() -> None:
-    from butterfly.node import _set_log_level
+    from butterfly.wiring.logs import set_log_level as _set_log_level
 
     manager = ConfigManager(ButterflyConfig())
     manager.subscribe("logging", _set_log_level)  # as `node.run` does

@@ -21,8 +21,8 @@ from butterfly.agreement.config_replica import ConfigReplica
 from butterfly.agreement.driver import AgreementDriver
 from butterfly.config import load_config
 from butterfly.config.reload import ConfigManager
-from butterfly.control.live_config import agreement_wait_s, follow_agreement_config
-from butterfly.control.plans import AgreedPlans
+from butterfly.control.live_config import follow_agreement_config
+from butterfly.control.recovery import Recovery
 from butterfly.net.framing import Envelope
 from butterfly.net.memory import MemoryNetwork
 from butterfly.protocol.pbft_state import PbftConfig
@@ -31,7 +31,7 @@ from butterfly.types.errors import ConsensusTimeout
 from butterfly.types.ids import NodeId
 from butterfly.types.wire.control import AgreementFrame
 from butterfly.types.wire.frames import Message
-from tests.test_live_config import change
+from tests.test_live_config import change, recovery_parts
 
 pytestmark = pytest.mark.timeout(60)
 KEYS = [SigningKey.from_seed(bytes([i + 70]) * 32) for i in range(4)]
@@ -91,10 +91,10 @@ async def start(nodes: Nodes, i: int, n: int, tmp_path: Path, *, ordering: bool 
         live=lambda node: True,
         timeout_s=c.config_update_timeout_ms / 1000,
     )
-    plans = AgreedPlans(propose=propose, timeout_s=agreement_wait_s(manager.current))
-    follow_agreement_config(manager, driver=driver, coordinator=coordinator, plans=plans)
+    recovery = Recovery(**recovery_parts([NodeId(j) for j in range(n)], None, []))
+    follow_agreement_config(manager, driver=driver, coordinator=coordinator, recovery=recovery)
 
-    async def handle(env: Envelope) -> tuple[Message, bytes] | None:
+    async def handle(peer: NodeId, env: Envelope) -> tuple[Message, bytes] | None:
         if isinstance(env.msg, AgreementFrame):
             await driver.on_frame(env)
             return None

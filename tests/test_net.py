@@ -31,7 +31,7 @@ class Events(list[object]):
         return sum(isinstance(e, MessageDropped) for e in self)
 
 
-async def echo(env: Envelope) -> tuple[StatusReply, bytes] | None:
+async def echo(peer: NodeId, env: Envelope) -> tuple[StatusReply, bytes] | None:
     if isinstance(env.msg, StatusQuery):
         return StatusReply(7, env.epoch, (0, 2), 1, 0, 1e9, 1 << 30), env.payload
     return None
@@ -216,7 +216,7 @@ async def test_memory_transport_request_reply() -> None:
         await a.send(NodeId(1), Release(("r",)))
 
 
-async def wrong_kind(env: Envelope) -> tuple[Pong, bytes] | None:
+async def wrong_kind(peer: NodeId, env: Envelope) -> tuple[Pong, bytes] | None:
     """A peer that answers every request with a pong."""
     return Pong(0, 0), b""
 

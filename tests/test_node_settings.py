@@ -12,9 +12,12 @@ import pytest
 from butterfly.api.settings import ApiSettings
 from butterfly.config import ButterflyConfig, load_config
 from butterfly.config.issues import ConfigInvalid
-from butterfly.node import JsonLines, Node
+from butterfly.node import build_node
+from butterfly.runtime.torch_thread import TorchThread
 from butterfly.runtime.weights import model_hash
 from butterfly.types.errors import ConfigError
+from butterfly.wiring.edges import NetworkEdges
+from butterfly.wiring.logs import JsonLines
 from tests.api_util import serving
 
 
@@ -26,12 +29,15 @@ def node_config(tmp_path: Path, model: Path, **overrides: object) -> ButterflyCo
 
 def test_a_model_other_than_the_expected_one_is_refused(tiny_model: Path, tmp_path: Path) -> None:
     cfg = node_config(tmp_path / "a", tiny_model, **{"model.expected_sha256": "ab" * 32})
+    torch_thread = TorchThread(1)
     with pytest.raises(ConfigError, match="expected_sha256"):
-        Node(cfg, tiny_model)
+        build_node(cfg, tiny_model, edges=NetworkEdges(cfg, tiny_model), torch_thread=torch_thread)
     good = node_config(
         tmp_path / "b", tiny_model, **{"model.expected_sha256": model_hash(tiny_model)}
     )
-    node = Node(good, tiny_model)
+    node = build_node(
+        good, tiny_model, edges=NetworkEdges(good, tiny_model), torch_thread=torch_thread
+    )
     node.config.history.close()
     node.stage_server.close()
 

@@ -272,7 +272,7 @@ def test_a_served_models_layer_is_timed_with_its_own_code(tiny_model: Path) -> N
     assert 0 < compute.layer_overhead_ms < 1000
 
 
-async def pong(env: Envelope) -> tuple[Message, bytes] | None:
+async def pong(peer: NodeId, env: Envelope) -> tuple[Message, bytes] | None:
     if isinstance(env.msg, Ping):
         return Pong(env.msg.seq, len(env.payload)), b""
     return None
@@ -287,7 +287,7 @@ async def test_a_link_is_measured_by_timed_pings() -> None:
 
 
 async def test_a_peer_that_miscounts_the_padding_is_not_measured() -> None:
-    async def liar(env: Envelope) -> tuple[Message, bytes] | None:
+    async def liar(peer: NodeId, env: Envelope) -> tuple[Message, bytes] | None:
         assert isinstance(env.msg, Ping)
         return Pong(env.msg.seq, 1), b""
 
@@ -322,7 +322,7 @@ async def test_status_is_gathered_one_node_at_a_time_after_all_are_up() -> None:
     spans_s: dict[int, tuple[float, float]] = {}
 
     def handler(node: int):
-        async def handle(env: Envelope) -> tuple[Message, bytes] | None:
+        async def handle(peer: NodeId, env: Envelope) -> tuple[Message, bytes] | None:
             if isinstance(env.msg, Ping):
                 return Pong(env.msg.seq, len(env.payload)), b""
             if isinstance(env.msg, StatusQuery):

@@ -8,7 +8,7 @@ agreed on, not only what the files say) and `build_agreement` once its transport
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,11 +18,19 @@ from butterfly.agreement.driver import AgreementDriver, OnCommit, OnEvidence
 from butterfly.config import ButterflyConfig, ConfigHistory, ConfigManager
 from butterfly.config.proposal import resume_committed
 from butterfly.config.validate import cluster_size
-from butterfly.metrics.events import Emit
+from butterfly.metrics.events import Emit, MessageDropped
 from butterfly.net.transport import Transport
 from butterfly.protocol.keys import key_path, load_or_create_key, pbft_config, public_keys
 from butterfly.types.errors import ConfigError
 from butterfly.types.ids import NodeId
+from butterfly.types.wire.commands import (
+    ConfigAbort,
+    ConfigUpdate,
+    EvictNode,
+    InvalidCommand,
+    NewPlan,
+    decode_command,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,41 +47,65 @@ def open_config(cfg: ButterflyConfig) -> ConfigManager:
     return ConfigManager(resumed, history, source="start")
 
 
+def commit_router(
+    replica: ConfigReplica, on_command: Callable[[EvictNode | NewPlan], None], emit: Emit
+) -> OnCommit:
+    """Every command the cluster agreed on, in agreement order, on every node, to the part
+    that executes its kind."""
+
+    async def on_commit(seq: int, data: bytes) -> None:
+        try:
+            command = decode_command(data)
+        except InvalidCommand as e:
+            emit(MessageDropped(reason="invalid_command"))
+            log.warning("agreed operation %d is not a command; every node skips it: %s", seq, e)
+            return
+        match command:
+            case ConfigUpdate() | ConfigAbort():
+                replica.execute(command)
+            case EvictNode() | NewPlan():
+                on_command(command)
+
+    return on_commit
+
+
 @dataclass(frozen=True)
 class NodeAgreement:
     driver: AgreementDriver
     replica: ConfigReplica
     coordinator: ConfigCoordinator
+    propose: Callable[[bytes, float], Awaitable[int]]  # the driver's, (command, timeout)
 
 
 def build_agreement(
     *,
     manager: ConfigManager,
     transport: Transport,
-    on_commit: OnCommit,
+    on_command: Callable[[EvictNode | NewPlan], None],
     on_evidence: OnEvidence,
     emit: Emit,
     live: Callable[[NodeId], bool],
     driver_type: type[AgreementDriver] = AgreementDriver,
 ) -> NodeAgreement:
     """The PBFT driver (signing with the node key, created on first start) and the config
-    replica and coordinator over it. `driver_type` lets `butterfly.testing` compose a node
+    replica and coordinator over it. Agreed config changes go to the replica; plans and
+    evictions to `on_command`. `driver_type` lets `butterfly.testing` compose a node
     whose votes lie (`butterfly.testing.liar_votes`)."""
     cfg = manager.current
     key = load_or_create_key(key_path(cfg, Path(cfg.node.data_dir)))
     keys = public_keys(cfg, key)
-    driver = driver_type(
-        config=pbft_config(cfg, keys),
-        key=key,
-        transport=transport,
-        on_commit=on_commit,
-        on_evidence=on_evidence,
-        emit=emit,
-    )
     node = NodeId(cfg.node.id)
     f = cfg.byzantine.f
     replica = ConfigReplica(
         node=node, manager=manager, key=key, keys=keys, f=f, transport=transport
+    )
+    driver = driver_type(
+        config=pbft_config(cfg, keys),
+        key=key,
+        transport=transport,
+        on_commit=commit_router(replica, on_command, emit),
+        on_evidence=on_evidence,
+        emit=emit,
     )
 
     async def propose(command: bytes, timeout: float) -> int:
@@ -88,7 +120,7 @@ def build_agreement(
         live=live,
         timeout_s=cfg.coordination.config_update_timeout_ms / 1000,
     )
-    return NodeAgreement(driver, replica, coordinator)
+    return NodeAgreement(driver, replica, coordinator, propose)
 
 
-__all__ = ["NodeAgreement", "build_agreement", "open_config"]
+__all__ = ["NodeAgreement", "build_agreement", "commit_router", "open_config"]

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -289,6 +290,12 @@ class NodeFacts:
             tuple(self.links[p].latency_ms for p in peers),
             tuple(self.links[p].bandwidth_bytes_per_s for p in peers),
         )
+
+
+class Probe(Protocol):
+    """Where a node's facts come from: measured (`FactProbe`), or fixed in a test."""
+
+    async def facts(self) -> NodeFacts: ...
 
 
 class FactProbe:

@@ -41,7 +41,6 @@ from butterfly.agreement.driver import AgreementDriver
 from butterfly.config import ButterflyConfig
 from butterfly.config.reload import ConfigManager
 from butterfly.control.membership import Membership
-from butterfly.control.plans import AgreedPlans
 from butterfly.control.recovery import Recovery
 from butterfly.dataplane.engine import PipelineEngine
 from butterfly.dataplane.stage_server import StageServer
@@ -68,7 +67,7 @@ def agreement_wait_s(cfg: ButterflyConfig) -> float:
 def _retune_agreement(
     driver: AgreementDriver,
     coordinator: ConfigCoordinator,
-    plans: AgreedPlans,
+    recovery: Recovery,
     cfg: ButterflyConfig,
 ) -> None:
     c = cfg.coordination
@@ -77,7 +76,7 @@ def _retune_agreement(
         view_change_timeout=c.phase_timeout_ms / 1000,
     )
     coordinator.retune(c.config_update_timeout_ms / 1000)
-    plans.retune(agreement_wait_s(cfg))
+    recovery.retune(agree_timeout_s=agreement_wait_s(cfg))
 
 
 def _retune_engine(engine: PipelineEngine, cfg: ButterflyConfig) -> None:
@@ -149,7 +148,10 @@ def follow_config(
                 old.partition.strategy,
                 new.partition.strategy,
             )
-            recovery.replan(f"partition.strategy is now {new.partition.strategy}")
+            recovery.request_replan(
+                f"partition.strategy is now {new.partition.strategy}",
+                strategy=new.partition.strategy,
+            )
 
     manager.subscribe("planner", strategy)
 
@@ -159,11 +161,12 @@ def follow_agreement_config(
     *,
     driver: AgreementDriver,
     coordinator: ConfigCoordinator,
-    plans: AgreedPlans,
+    recovery: Recovery,
 ) -> None:
     """Subscribe the agreement layer's timers; called once by the composition root."""
     manager.subscribe(
-        "agreement timers", lambda old, new: _retune_agreement(driver, coordinator, plans, new)
+        "agreement timers",
+        lambda old, new: _retune_agreement(driver, coordinator, recovery, new),
     )
 
 

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from butterfly.control.heartbeats import HeartbeatLink
 from butterfly.types.ids import NodeId
 from butterfly.types.wire.control import Heartbeat
 
@@ -29,10 +28,24 @@ class Detector(Protocol):
     def is_suspected(self, node: NodeId, now: float) -> bool: ...
 
     def is_failed(self, node: NodeId, now: float) -> bool: ...
-
     def retune(
         self, *, suspect: float, failed: float, min_std_ms: float, acceptable_pause_ms: float
     ) -> None: ...
+
+
+class Link(Protocol):
+    """Carries heartbeats both ways: UDP threads (control.heartbeats.HeartbeatLink), or
+    in one process, a test's hub (butterfly.testing.inprocess)."""
+
+    def start(self) -> None: ...
+
+    def loop_ticked(self) -> None:
+        """Called from the event loop each interval: it is still turning."""
+
+    def close(self) -> None: ...
+
+
+OnStatusChange = Callable[[NodeId, str], None]
 
 
 @dataclass
@@ -51,12 +64,11 @@ class Membership:
         detector: Detector,
         interval_s: float,
         local_state: Callable[[], tuple[tuple[int, ...], int]],
-        on_status_change: Callable[[NodeId, str], None] = lambda n, s: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.node, self.members = node, members
         self._detector, self._interval = detector, interval_s
-        self._local_state, self._on_change, self._clock = local_state, on_status_change, clock
+        self._local_state, self._clock = local_state, clock
         self.peers = {n: PeerView() for n in members if n != node}
         self._last_status: dict[NodeId, str] = {}
         self._lock = threading.Lock()
@@ -101,6 +113,10 @@ class Membership:
         with self._lock:
             return self._detector.phi(node, self._clock())
 
+    def is_live(self, node: NodeId) -> bool:
+        """Heard from, or not yet expected to be (starting), and not suspected."""
+        return self.status(node) in ("starting", "healthy")
+
     def requests_of(self, node: NodeId) -> int:
         if node == self.node:
             return self._local_state()[1]
@@ -110,22 +126,24 @@ class Membership:
         seen = self.peers[node].last_seen if node in self.peers else self._clock()
         return None if seen is None else self._clock() - seen
 
-    def check(self) -> None:
+    def check(self, on_status_change: OnStatusChange) -> None:
         """Report every peer whose status changed since the last check, once per change."""
         for peer in self.peers:
             status = self.status(peer)
             if self._last_status.get(peer) != status:
                 self._last_status[peer] = status
                 log.info("node %s sees node %s as %s", self.node, peer, status)
-                self._on_change(peer, status)
+                on_status_change(peer, status)
 
-    async def run(self, link: HeartbeatLink) -> None:
-        """Start the link's threads, then watch every peer's status from the event loop."""
+    async def run(self, link: Link, on_status_change: OnStatusChange) -> None:
+        """Start the link, then watch every peer's status from the event loop, calling
+        `on_status_change(peer, status)` on each change (given here, not at construction:
+        what reacts to a change, recovery, is built from this object's `status`)."""
         link.start()
         try:
             while True:
                 link.loop_ticked()
-                self.check()
+                self.check(on_status_change)
                 await asyncio.sleep(self._interval)
         finally:
             await asyncio.to_thread(link.close)

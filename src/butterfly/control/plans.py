@@ -19,14 +19,18 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from butterfly.types.errors import InvalidMessage, ServiceUnavailable
-from butterfly.types.ids import Epoch, NodeId
+from butterfly.metrics.events import Emit, MessageDropped
+from butterfly.net.framing import Envelope
+from butterfly.types.errors import ButterflyError, InvalidMessage, ServiceUnavailable
+from butterfly.types.ids import GATEWAY, Epoch, NodeId
 from butterfly.types.plan import StagePlan
 from butterfly.types.wire.commands import EvictNode, NewPlan, encode_command
-from butterfly.types.wire.control import PlanAssign
+from butterfly.types.wire.control import PlanAck, PlanAssign
 
 log = logging.getLogger(__name__)
 Propose = Callable[[bytes, float], Awaitable[int]]
+AGREED_PLAN_WAIT_S = 10.0
+"""How long a node waits for its own execution of the plan the gateway hands it."""
 
 
 def plan_command(plan: StagePlan) -> NewPlan:
@@ -40,15 +44,14 @@ def command_plan(command: NewPlan) -> StagePlan:
 
 
 class AgreedPlans:
-    def __init__(self, *, propose: Propose, timeout_s: float, attempts: int = 4) -> None:
-        self._propose, self._timeout, self._attempts = propose, timeout_s, attempts
+    """What this node executed of the agreed plans and evictions. It proposes nothing
+    (the gateway's `control.recovery` does), so it exists before the agreement driver
+    that feeds it its commits."""
+
+    def __init__(self) -> None:
         self.latest: StagePlan | None = None
         self.evicted: dict[NodeId, str] = {}  # node -> the agreed reason
         self._changed = asyncio.Event()
-
-    def retune(self, timeout_s: float) -> None:
-        """Changed agreement timers: the next plan or eviction waits this long per try."""
-        self._timeout = timeout_s
 
     # --- every node, in agreement order ------------------------------------------------
 
@@ -67,25 +70,6 @@ class AgreedPlans:
             self.latest = plan
         self._changed.set()
         self._changed = asyncio.Event()
-
-    # --- the gateway -------------------------------------------------------------------
-
-    async def agree(self, plan: StagePlan) -> StagePlan:
-        """Order `plan` through the agreement; returns it as agreed (its epoch may have
-        moved past one another proposal took)."""
-        for _ in range(self._attempts):
-            if self.latest is not None and plan.epoch <= self.latest.epoch:
-                plan = StagePlan(Epoch(self.latest.epoch + 1), plan.stages, plan.replicas)
-            await self._propose(encode_command(plan_command(plan)), self._timeout)
-            if self.latest == plan:
-                return plan
-        raise ServiceUnavailable(
-            f"the plan was not agreed in {self._attempts} attempts (others took its epochs)"
-        )
-
-    async def evict(self, node: NodeId, reason: str) -> None:
-        if node not in self.evicted:
-            await self._propose(encode_command(EvictNode(node, reason[:1000])), self._timeout)
 
     # --- every node, before acting on a plan handed to it -------------------------------
 
@@ -106,8 +90,82 @@ class AgreedPlans:
             return f"the plan of epoch {plan.epoch} differs from the one agreed ({self._at()})"
         return None
 
+    async def admit(
+        self, msg: PlanAssign, node: NodeId, apply: Callable[[PlanAssign], Awaitable[PlanAck]]
+    ) -> PlanAck:
+        """Apply a plan handed out by the gateway only if it is the one agreed for its
+        epoch: the gateway decides, but no node acts on a plan PBFT did not order."""
+        try:
+            plan = StagePlan.from_message(msg)
+        except ButterflyError as e:
+            return PlanAck(msg.epoch, node, False, str(e))
+        refusal = await self.refusal(plan, wait_s=AGREED_PLAN_WAIT_S)
+        if refusal is not None:
+            log.error("node %s refuses a plan: %s", node, refusal)
+            return PlanAck(msg.epoch, node, False, refusal)
+        return await apply(msg)
+
     def _at(self) -> str:
         return "none" if self.latest is None else f"epoch {self.latest.epoch}"
 
 
-__all__ = ["AgreedPlans", "command_plan", "plan_command"]
+class PlanIntake:
+    """The handler of `PlanAssign`: only the gateway hands out plans (judged by the peer
+    the connection authenticated), and only an agreed plan is applied."""
+
+    def __init__(
+        self,
+        *,
+        node: NodeId,
+        plans: AgreedPlans,
+        apply: Callable[[PlanAssign], Awaitable[PlanAck]],
+        emit: Emit,
+        gateway: NodeId = GATEWAY,
+    ) -> None:
+        self.node, self._plans, self._apply, self._emit = node, plans, apply, emit
+        self._gateway = gateway
+
+    async def __call__(self, peer: NodeId, env: Envelope) -> tuple[PlanAck, bytes] | None:
+        msg = env.msg
+        if not isinstance(msg, PlanAssign):
+            return None
+        if peer != self._gateway:
+            self._emit(MessageDropped(reason="plan_from_non_gateway"))
+            return None
+        return await self._plans.admit(msg, self.node, self._apply), b""
+
+
+async def agree(
+    plans: AgreedPlans, propose: Propose, plan: StagePlan, *, timeout_s: float, attempts: int = 4
+) -> StagePlan:
+    """Order `plan` through the agreement (the gateway); returns it as agreed (its epoch
+    may have moved past one another proposal took)."""
+    for _ in range(attempts):
+        if plans.latest is not None and plan.epoch <= plans.latest.epoch:
+            plan = StagePlan(Epoch(plans.latest.epoch + 1), plan.stages, plan.replicas)
+        await propose(encode_command(plan_command(plan)), timeout_s)
+        if plans.latest == plan:
+            return plan
+    raise ServiceUnavailable(
+        f"the plan was not agreed in {attempts} attempts (others took its epochs)"
+    )
+
+
+async def evict(
+    plans: AgreedPlans, propose: Propose, node: NodeId, reason: str, *, timeout_s: float
+) -> None:
+    """Order the eviction of `node` (the gateway), unless it was agreed already."""
+    if node not in plans.evicted:
+        await propose(encode_command(EvictNode(node, reason[:1000])), timeout_s)
+
+
+__all__ = [
+    "AGREED_PLAN_WAIT_S",
+    "AgreedPlans",
+    "PlanIntake",
+    "Propose",
+    "agree",
+    "command_plan",
+    "evict",
+    "plan_command",
+]

@@ -1,73 +1,177 @@
-"""The gateway's reaction to a failed node: a new plan over the live nodes.
+"""The gateway's recovery and eviction: carries out what `control.policy` decides.
 
-When the failure detector declares a node of the current plan failed, the gateway
-decides a plan for the next epoch over the nodes still alive, distributes it, and tells
-the pipeline engine, whose requests then replay their token history on the new chain.
-Nothing is recomputed from a node's own view: every node receives the same plan.
+When the failure detector declares a node of the current plan failed, or the data path
+proves one a liar, the gateway decides the plan of the next epoch over the nodes still
+alive (`policy.next_plan`), orders it through the agreement, hands it to every node of it,
+and tells the pipeline engine, whose requests then resume on the new chain. Nothing is
+computed from a node's own view: every node receives the same, agreed plan.
+
+A failure, from the heartbeat to the resumed request: `Membership` sees the peer's phi
+cross the threshold and calls `on_status_change`; that wakes `run`, which decides, agrees
+and distributes the plan, then calls `on_replanned` (the engine's `plan_changed`), which
+fails the steps sent on the old plan; each request then replays on the new one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Mapping
+from typing import Protocol
 
-from butterfly.metrics.events import Emit, NodeFailure, RecoveryCompleted
+from butterfly.control.planner import Placement, distribute_plan
+from butterfly.control.plans import AgreedPlans, Propose, agree, evict
+from butterfly.control.policy import (
+    Placing,
+    alive,
+    equivocation,
+    evicts,
+    gone,
+    next_plan,
+    to_evict,
+)
+from butterfly.metrics.events import Emit, Eviction, NodeFailure, NodeStatus, RecoveryCompleted
+from butterfly.net.transport import Transport
 from butterfly.types.errors import ButterflyError
-from butterfly.types.ids import Epoch, NodeId
+from butterfly.types.ids import NodeId
 from butterfly.types.plan import StagePlan
+from butterfly.types.wire.agreement import Evidence
+from butterfly.types.wire.control import PlanAck, PlanAssign, StatusReply
 
 log = logging.getLogger(__name__)
+RETRY_S = 0.5
+"""Wait before re-planning again after a plan could not be agreed or put in force."""
+DISTRIBUTE_TIMEOUT_S = 300.0
+"""How long nodes may take to load their new stages and acknowledge a plan."""
+
+
+class PlanHolder(Protocol):
+    """This node's stage server: the plan in force here, and how to put one in force."""
+
+    @property
+    def plan(self) -> StagePlan | None: ...
+
+    async def apply_plan(self, msg: PlanAssign) -> PlanAck: ...
 
 
 class Recovery:
     def __init__(
         self,
         *,
+        node: NodeId,
         members: list[NodeId],
         status: Callable[[NodeId], str],
-        current_plan: Callable[[], StagePlan | None],
-        replan: Callable[[Epoch, list[NodeId], bool], Awaitable[None]],
-        on_replanned: Callable[[], None],
+        holder: PlanHolder,
+        plans: AgreedPlans,
+        propose: Propose,
+        agree_timeout_s: float,
+        transport: Transport,
+        model_hash: str,
+        placing: Placing,
+        suspect_primary: Callable[[NodeId], None],
         emit: Emit,
     ) -> None:
-        self._members, self._status, self._current = members, status, current_plan
-        self._replan, self._on_replanned, self._emit = replan, on_replanned, emit
+        """`propose`: the agreement's; `suspect_primary`: the agreement is told at once
+        when a node fails, in case it is the primary (no wait for the request timeout)."""
+        self.node, self._members, self._status, self._holder = node, members, status, holder
+        self._plans, self._propose, self._agree_timeout = plans, propose, agree_timeout_s
+        self._transport, self._model_hash, self._placing = transport, model_hash, placing
+        self._suspect_primary, self._emit = suspect_primary, emit
         self._wake = asyncio.Event()
-        self._asked: str | None = None  # a re-plan asked for although nobody failed
         self.failed: set[NodeId] = set()
-        self.evicted: set[NodeId] = set()
+        self.evicted: set[NodeId] = set()  # leave this gateway's plans, agreed or not (yet)
         self.recoveries: list[float] = []  # seconds from noticing to the new plan in force
+        self.facts: Mapping[NodeId, StatusReply] = {}  # every node's, gathered at start-up
+        self.placement: Placement | None = None  # the last plan placed from scratch
+        self._asked: str | None = None  # why a re-plan was asked for although none failed
 
-    def _gone(self, node: NodeId) -> bool:
-        return node in self.evicted or self._status(node) == "failed"
+    # --- inputs -----------------------------------------------------------------------
 
-    async def evict(self, nodes: tuple[NodeId, ...]) -> None:
-        """Proven liars leave the plan for good, as if they had failed."""
-        self.evicted.update(nodes)
+    def on_status_change(self, peer: NodeId, status: str) -> None:
+        """Membership calls this on every change of a peer's status."""
+        if status in ("starting", "healthy", "suspected", "failed"):
+            self._emit(NodeStatus(node=peer, status=status))  # type: ignore[arg-type]
+        if status == "failed":
+            self._wake.set()
+            self._suspect_primary(peer)
+
+    async def evict_liars(self, liars: tuple[NodeId, ...], reason: str) -> None:
+        """The data path proved these nodes wrong: each eviction is agreed through PBFT
+        (every node records it), then the gateway re-plans without them."""
+        fresh = to_evict(liars, self._plans.evicted)
+        if not fresh:
+            log.info("already evicted %s: %s", liars, reason)
+            return
+        log.error("evicting %s: %s", fresh, reason)
+        for liar in fresh:
+            try:
+                await evict(self._plans, self._propose, liar, reason, timeout_s=self._agree_timeout)
+            except ButterflyError as e:  # not agreed (yet): it still leaves this gateway's plan
+                log.error("eviction of node %s not agreed: %s", liar, e)
+            self._emit(Eviction(node=liar))
+        self.evicted.update(fresh)
         self._wake.set()
 
-    def replan(self, reason: str) -> None:
-        """Re-plan over the live nodes although none failed (partition.strategy changed);
-        done by `run`, so it never races a recovery."""
+    async def watch_evidence(self, evidence: asyncio.Queue[Evidence]) -> None:
+        """Every node reads the equivocation evidence its agreement driver found; the
+        gateway evicts the signer, the others only log it."""
+        while True:
+            accused, reason = equivocation(await evidence.get())
+            if evicts(self.node):
+                await self.evict_liars((accused,), reason)
+            else:
+                log.error("equivocation: %s; the gateway evicts it", reason)
+
+    def request_replan(self, reason: str, *, strategy: str) -> None:
+        """Re-plan over the live nodes with `strategy` although none failed
+        (partition.strategy changed); done by `run`, so it never races a recovery."""
+        self._placing = dataclasses.replace(self._placing, strategy=strategy)
         self._asked = reason
         self._wake.set()
 
-    def notify(self, node: NodeId, status: str) -> None:
-        """Membership calls this on every status change."""
-        if status == "failed":
-            self._wake.set()
+    def retune(self, *, agree_timeout_s: float) -> None:
+        """Changed agreement timeouts: how long the next plan or eviction may take."""
+        self._agree_timeout = agree_timeout_s
 
-    async def run(self) -> None:
+    # --- the gateway ------------------------------------------------------------------
+
+    async def start(self, facts: Mapping[NodeId, StatusReply]) -> None:
+        """The first plan, over every member, from the facts gathered at start-up."""
+        self.facts = facts
+        await self.replan(sorted(self._members))
+
+    async def replan(self, live: list[NodeId]) -> StagePlan:
+        """Decide the next plan over the `live` nodes, agree on it, put it in force."""
+        old = self._holder.plan
+        decided = next_plan(old, live, self.evicted, self.facts, self._placing, emit=self._emit)
+        if decided.placement is not None:
+            self.placement = decided.placement
+        plan = await agree(self._plans, self._propose, decided.plan, timeout_s=self._agree_timeout)
+        await distribute_plan(
+            plan=plan,
+            model_hash=self._model_hash,
+            node=self.node,
+            members=sorted(set(n for n, _ in (*plan.stages, *plan.replicas))),
+            transport=self._transport,
+            apply_local=self._holder.apply_plan,
+            timeout_s=DISTRIBUTE_TIMEOUT_S,
+        )
+        return plan
+
+    async def run(self, on_replanned: Callable[[], None]) -> None:
+        """Re-plan whenever a node of the plan is gone, or a re-plan was asked for;
+        `on_replanned` (the engine's) is
+        given here rather than at construction: the engine is built after this object,
+        whose `evict_liars` it calls."""
         while True:
             await self._wake.wait()
             self._wake.clear()
-            plan = self._current()
+            plan = self._holder.plan
             if plan is None:
                 continue
-            holders = (*plan.nodes, *(n for n, _ in plan.replicas))
-            newly = [n for n in holders if self._gone(n)]
+            newly = gone(plan, self._status, self.evicted)
             asked, self._asked = self._asked, None
             if not newly and asked is None:
                 continue
@@ -75,21 +179,22 @@ class Recovery:
                 if n not in self.failed:
                     self.failed.add(n)
                     self._emit(NodeFailure(node=n))
-            alive = [n for n in self._members if not self._gone(n)]
+            live = alive(self._members, self._status, self.evicted)
             started = time.perf_counter()
             why = f"nodes {newly} failed" if newly else asked
-            log.warning("%s; re-planning epoch %d over %s", why, plan.epoch + 1, alive)
+            log.warning("%s; re-planning epoch %d over %s", why, plan.epoch + 1, live)
             try:
-                # a crash hands stages to their standbys; a liar's range is re-planned
-                crashed_only = bool(newly) and not any(n in self.evicted for n in newly)
-                await self._replan(Epoch(plan.epoch + 1), alive, crashed_only)
+                await self.replan(live)
             except ButterflyError as e:
                 log.error("re-planning (%s) failed: %s; retrying", why, e)
                 self._asked = self._asked or asked
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(RETRY_S)
                 self._wake.set()
                 continue
             if newly:
                 self.recoveries.append(time.perf_counter() - started)
                 self._emit(RecoveryCompleted(seconds=self.recoveries[-1]))
-            self._on_replanned()
+            on_replanned()
+
+
+__all__ = ["PlanHolder", "Recovery"]

@@ -193,8 +193,8 @@ class PipelineEngine:
         plan = self._plan()
         return plan.epoch if plan else 0
 
-    def on_result(self, env: Envelope) -> None:
-        """Called by the node's dispatcher for StepResult and StepError frames."""
+    async def on_result(self, peer: NodeId, env: Envelope) -> None:
+        """The node's route for StepResult and StepError frames."""
         msg = env.msg
         if not isinstance(msg, StepResult | StepError):
             return
@@ -227,7 +227,7 @@ class PipelineEngine:
                         False,
                     )
                 )
-                fut.set_exception(StepFailed(error, NodeId(env.sender)))
+                fut.set_exception(StepFailed(error, peer))
             else:
                 fut.set_result(out[:, i : i + 1])
 

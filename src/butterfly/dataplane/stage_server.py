@@ -117,6 +117,14 @@ class StageServer:
     def epoch(self) -> Epoch:
         return self.plan.epoch if self.plan else Epoch(0)
 
+    def current_epoch(self) -> Epoch:
+        """`epoch` as a callable, for the parts that stamp it on what they send."""
+        return self.epoch
+
+    def current_plan(self) -> StagePlan | None:
+        """The plan in force here, as a callable, for the parts that read it per step."""
+        return self.plan
+
     @property
     def kv_bytes(self) -> int:
         return sum(c.nbytes for c in self.caches.values() if c is not None)

@@ -32,7 +32,9 @@ Reply = tuple[Message, bytes]
 # `write` (frames never interleave), and awaiting `drain` on every small frame cost a
 # coroutine round per frame for nothing while the buffer is empty.
 DRAIN_ABOVE = 256 * 1024
-Handler = Callable[[Envelope], Awaitable[Reply | None]]
+Handler = Callable[[NodeId, Envelope], Awaitable[Reply | None]]
+"""Serves one incoming frame, given the peer the connection authenticated (its handshake
+named it; never the sender the frame claims) and the frame."""
 
 
 class Connection:
@@ -140,7 +142,7 @@ class Connection:
 
     async def _handle(self, env: Envelope) -> None:
         try:
-            reply = await self._handler(env)
+            reply = await self._handler(self.peer, env)
             if reply is not None and env.corr_id:
                 await self.send(reply[0], reply[1], corr_id=env.corr_id, reply=True)
         except ConnectionFailed:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -42,17 +43,22 @@ class MemoryNetwork:
     nodes: dict[NodeId, MemoryTransport] = field(default_factory=dict)
     down: set[NodeId] = field(default_factory=set)
 
-    def transport(self, node: NodeId, emit: Emit, epoch: Epoch = FIRST_EPOCH) -> MemoryTransport:
+    def transport(
+        self, node: NodeId, emit: Emit, epoch: Callable[[], Epoch] = lambda: FIRST_EPOCH
+    ) -> MemoryTransport:
+        """`epoch`: the epoch stamped on every frame this node sends, as on TCP."""
         t = MemoryTransport(self, node, emit, epoch)
         self.nodes[node] = t
         return t
 
 
 class MemoryTransport:
-    def __init__(self, net: MemoryNetwork, node: NodeId, emit: Emit, epoch: Epoch) -> None:
+    def __init__(
+        self, net: MemoryNetwork, node: NodeId, emit: Emit, epoch: Callable[[], Epoch]
+    ) -> None:
         self.net, self.node, self._emit = net, node, emit
         self._handler: Handler | None = None
-        self.epoch = epoch
+        self._epoch = epoch
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Envelope]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -73,11 +79,12 @@ class MemoryTransport:
             raise ConnectionFailed(f"node {peer} is unreachable")
         frame = encode_frame(env)
         received = decode_frame(frame[LENGTH.size :], len(frame))
-        task = asyncio.create_task(target._receive(received))
+        task = asyncio.create_task(target._receive(self.node, received))
         target._tasks.add(task)
         task.add_done_callback(target._tasks.discard)
 
-    async def _receive(self, env: Envelope) -> None:
+    async def _receive(self, peer: NodeId, env: Envelope) -> None:
+        """`peer`: the sending transport's node, what a TCP handshake would have named."""
         if env.reply:
             fut = self._pending.get(env.corr_id)
             if fut is not None and not fut.done():
@@ -86,22 +93,22 @@ class MemoryTransport:
         if self._handler is None:
             return
         try:
-            reply = await self._handler(env)
+            reply = await self._handler(peer, env)
         except Exception:
             log.exception("handler failed on %s", env.msg.kind)
             return
         if reply is not None and env.corr_id:
             back = Envelope(
-                reply[0], self.node, self.epoch, self.net.cluster_id, env.corr_id, True, reply[1]
+                reply[0], self.node, self._epoch(), self.net.cluster_id, env.corr_id, True, reply[1]
             )
             with contextlib.suppress(ConnectionFailed):
-                self._deliver(env.sender, back)
+                self._deliver(peer, back)
 
     async def send(
         self, peer: NodeId, msg: Message, payload: bytes = b"", *, channel: str = "data"
     ) -> None:
         self._deliver(
-            peer, Envelope(msg, self.node, self.epoch, self.net.cluster_id, 0, False, payload)
+            peer, Envelope(msg, self.node, self._epoch(), self.net.cluster_id, 0, False, payload)
         )
 
     async def request(
@@ -119,7 +126,7 @@ class MemoryTransport:
         try:
             self._deliver(
                 peer,
-                Envelope(msg, self.node, self.epoch, self.net.cluster_id, corr, False, payload),
+                Envelope(msg, self.node, self._epoch(), self.net.cluster_id, corr, False, payload),
             )
             async with asyncio.timeout(timeout):  # wait_for can lose a cancel on 3.11
                 return await fut

@@ -65,7 +65,7 @@ class TransportLimits:
     max_connections: int = 100  # incoming; more are closed at once
 
 
-async def _refuse(env: Envelope) -> None:
+async def _refuse(peer: NodeId, env: Envelope) -> None:
     raise ConnectionFailed("transport not started")
 
 

@@ -1,7 +1,7 @@
 """Lying agreement drivers: a node composed with one of these votes falsely in PBFT.
 
 Like the faulty stage servers of `butterfly.testing.liars`, they are whole parts swapped
-in by composition (`Node(..., agreement_type=...)`), and they sign their lies with the
+in by composition (`build_node(..., agreement_type=...)`), and they sign their lies with the
 node's own key: honest replicas must convict them from what was signed alone.
 """
 

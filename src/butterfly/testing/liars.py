@@ -1,6 +1,6 @@
 """Faulty stage servers: a node composed with one of these lies in a specific way.
 
-They are whole parts, swapped in by composition (`Node(..., stage_server_type=...)`),
+They are whole parts, swapped in by composition (`build_node(..., stage_server_type=...)`),
 never switches inside the production types. Each signs what it sends, as a real liar
 holding its own key would: the audit must catch the lie from the content alone.
 """

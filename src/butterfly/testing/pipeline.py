@@ -154,7 +154,7 @@ class LocalPipeline:
                     reply = Envelope(
                         out.msg, peer, self.plan.epoch, CLUSTER_ID, payload=out.payload
                     )
-                    self.engine.on_result(reply)
+                    await self.engine.on_result(peer, reply)
                 else:
                     await self._deliver(out.peer, out.msg, out.payload)
             case Release():

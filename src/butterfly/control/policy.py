@@ -1,0 +1,155 @@
+"""Recovery and eviction policy, as pure functions: the next plan, and who leaves.
+
+Everything the gateway decides when a node fails or is proven a liar is here, readable in
+one place and tested without a network (tests/test_policy.py); `control.recovery` only
+carries the decisions out (agreement, distribution, the loop that notices failures).
+
+The rules, in order:
+
+- A node of the plan that failed or was evicted is gone; the plan of the next epoch is
+  decided over the members still alive.
+- After crashes only (some node departed, none evicted), each gone chain node's range
+  goes to a live standby of that range (`promote`): no weights move, and the standby's
+  copies of the KV caches carry on.
+- A liar's range is never handed to a standby by promotion (its copies came from the
+  liar's own stage), and when some range has no live standby left, the plan is decided
+  again: with no replicas in play, from the old plan with as few layers moved as the
+  partitioner allows (`replan`); otherwise placed from scratch over the chain nodes, the
+  rest holding copies (`place`).
+- Only the gateway evicts; a proven liar is evicted once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from butterfly.control.planner import Placement, place, replan_after
+from butterfly.control.replicas import add_replicas, promote_standbys, split_for_replication
+from butterfly.metrics.events import Emit, discard
+from butterfly.partition.service import PartitionService
+from butterfly.types.ids import GATEWAY, Epoch, NodeId
+from butterfly.types.model import LayerInfo
+from butterfly.types.plan import StagePlan
+from butterfly.types.wire.agreement import Evidence
+from butterfly.types.wire.control import StatusReply
+
+
+@dataclass(frozen=True)
+class Placing:
+    """What deciding a plan needs beside the membership: the model and the settings."""
+
+    layers: tuple[LayerInfo, ...]
+    strategy: str  # partition.strategy
+    copies: int  # holders of every layer range (config.validate.replication_factor)
+    gateway: NodeId = GATEWAY  # sends the first step and takes the last result
+    result_bytes: int = 0  # one row of logits, the last hop's size
+    service: PartitionService | None = None  # the node's own, so its cache outlives a call
+
+
+@dataclass(frozen=True)
+class NextPlan:
+    plan: StagePlan
+    how: Literal["promote", "replan", "place"]
+    placement: Placement | None = None  # when placed: its estimate, reported by /health
+
+
+def holders(plan: StagePlan) -> tuple[NodeId, ...]:
+    """Every node the plan gives layers to: the chain, then the standbys."""
+    return (*plan.nodes, *(n for n, _ in plan.replicas))
+
+
+def gone(
+    plan: StagePlan, status: Callable[[NodeId], str], evicted: Collection[NodeId]
+) -> list[NodeId]:
+    """The plan's nodes that failed or were evicted: the plan must change without them."""
+    return [n for n in holders(plan) if n in evicted or status(n) == "failed"]
+
+
+def alive(
+    members: Sequence[NodeId], status: Callable[[NodeId], str], evicted: Collection[NodeId]
+) -> list[NodeId]:
+    """The members a new plan may use: neither failed nor evicted."""
+    return [n for n in members if n not in evicted and status(n) != "failed"]
+
+
+def next_plan(
+    old: StagePlan | None,
+    live: Sequence[NodeId],
+    evicted: Collection[NodeId],
+    facts: Mapping[NodeId, StatusReply],
+    cfg: Placing,
+    *,
+    emit: Emit = discard,
+) -> NextPlan:
+    """The plan of the epoch after `old` (epoch 1 when there is none) over the `live`
+    nodes; see the module docstring for the rules.
+
+        >>> from butterfly.types.model import LayerRange as R
+        >>> old = StagePlan(1, ((0, R(0, 2)), (1, R(2, 4))), ((2, R(0, 2)), (3, R(2, 4))))
+        >>> p = next_plan(old, [0, 2, 3], (), {}, Placing((), "balanced", 2))
+        >>> p.how, p.plan.epoch, p.plan.nodes
+        ('promote', 2, (0, 3))
+    """
+    epoch = Epoch(old.epoch + 1 if old is not None else 1)
+    if old is not None:
+        departed = [n for n in holders(old) if n not in live]
+        # nothing departed (a re-plan asked for, say a new strategy): decided afresh
+        if departed and not any(n in evicted for n in departed):
+            promoted = promote_standbys(old, epoch, list(live))
+            if promoted is not None:
+                return NextPlan(promoted, "promote")
+    chain, spares = split_for_replication(sorted(live), cfg.copies)
+    if old is not None and not spares and not old.replicas:
+        # a membership change: keep existing ranges where that costs little
+        plan, _moved = replan_after(
+            old, chain, facts, layers=list(cfg.layers), strategy=cfg.strategy, emit=emit
+        )
+        return NextPlan(plan, "replan")
+    placement = place(
+        epoch,
+        chain,
+        facts,
+        layers=list(cfg.layers),
+        strategy=cfg.strategy,
+        service=cfg.service,
+        emit=emit,
+        gateway=cfg.gateway,
+        result_bytes=cfg.result_bytes,
+    )
+    return NextPlan(add_replicas(placement.stages, spares), "place", placement)
+
+
+def to_evict(liars: Sequence[NodeId], evicted: Collection[NodeId]) -> tuple[NodeId, ...]:
+    """The liars not evicted yet (a later audit of a request a liar served before it left
+    names it again)."""
+    return tuple(dict.fromkeys(n for n in liars if n not in evicted))
+
+
+def evicts(node: NodeId) -> bool:
+    """Whether `node` evicts the liars it learns of: the gateway, which holds the plan."""
+    return node == GATEWAY
+
+
+def equivocation(evidence: Evidence) -> tuple[NodeId, str]:
+    """The signer two conflicting votes for one slot prove a liar, and why. The votes'
+    signatures were checked, so the reporter need not be trusted."""
+    first = evidence.first
+    return NodeId(evidence.accused), (
+        f"node {evidence.accused} signed two conflicting {first.kind} votes for "
+        f"seq {first.seq} (evidence from node {evidence.sender})"
+    )
+
+
+__all__ = [
+    "NextPlan",
+    "Placing",
+    "alive",
+    "equivocation",
+    "evicts",
+    "gone",
+    "holders",
+    "next_plan",
+    "to_evict",
+]

@@ -1,0 +1,104 @@
+"""What a node says about itself (heartbeats, status replies) and what the gateway says
+about the cluster (`/health`), read from the parts that hold the facts."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from butterfly.control.facts import Probe
+from butterfly.control.membership import Membership
+from butterfly.control.recovery import Recovery
+from butterfly.dataplane.stage_server import StageServer
+from butterfly.net.conn import Reply
+from butterfly.net.framing import Envelope
+from butterfly.schedule.engine import ClusterHealth, NodeHealth
+from butterfly.types.ids import NodeId
+from butterfly.types.wire.control import StatusReply
+from butterfly.types.wire.data import Ping, Pong
+
+
+class NodeReport:
+    """This node's own state: its layers and open requests (heartbeats) and its measured
+    facts (the status the gateway plans from)."""
+
+    def __init__(self, *, node: NodeId, server: StageServer, probe: Probe) -> None:
+        self.node, self._server, self._probe = node, server, probe
+
+    def local_state(self) -> tuple[tuple[int, ...], int]:
+        plan = self._server.plan
+        layers = plan.layers_of(self.node) if plan else None
+        return ((layers.start, layers.end) if layers else ()), len(self._server.caches)
+
+    async def status(self) -> StatusReply:
+        """This node's status with its measured facts (measuring them on first call)."""
+        facts = await self._probe.facts()
+        peers, latency, bandwidth = facts.link_fields()
+        layers, requests = self.local_state()
+        return StatusReply(
+            self.node,
+            self._server.epoch,
+            layers,
+            requests,
+            self._server.kv_bytes,
+            facts.flops_per_s,
+            facts.memory_bytes,
+            peers,
+            latency,
+            bandwidth,
+            facts.layer_overhead_ms,
+        )
+
+    async def on_status_query(self, peer: NodeId, env: Envelope) -> Reply | None:
+        return await self.status(), b""
+
+    async def on_ping(self, peer: NodeId, env: Envelope) -> Reply | None:
+        msg = env.msg
+        return (Pong(msg.seq, len(env.payload)), b"") if isinstance(msg, Ping) else None
+
+
+class ClusterReport:
+    """The gateway's view of every member, for `/health` and the scheduler."""
+
+    def __init__(
+        self,
+        *,
+        members: Mapping[NodeId, str],
+        membership: Membership,
+        server: StageServer,
+        recovery: Recovery,
+    ) -> None:
+        self._members, self._membership = members, membership
+        self._server, self._recovery = server, recovery
+
+    def __call__(self) -> ClusterHealth:
+        plan, placement = self._server.plan, self._recovery.placement
+        nodes = tuple(
+            NodeHealth(
+                node=n,
+                status=self._membership.status(n),
+                address=address,
+                layers=plan.layers_of(n) if plan else None,
+                last_seen_s=self._membership.seconds_since(n),
+                requests=self._membership.requests_of(n),
+            )
+            for n, address in sorted(self._members.items())
+        )
+        planned = plan is not None and all(
+            h.status == "healthy" for h in nodes if h.layers is not None
+        )
+        return ClusterHealth(
+            healthy=planned,
+            epoch=plan.epoch if plan else 0,
+            nodes=nodes,
+            services={"network": True, "plan": plan is not None, "scheduler": True},
+            plan=(
+                placement.to_dict()
+                if placement is not None
+                and plan is not None
+                and (placement.stages.epoch, placement.stages.stages) == (plan.epoch, plan.stages)
+                else None
+            ),
+        )
+
+
+__all__ = ["ClusterReport", "NodeReport"]

@@ -1,0 +1,128 @@
+"""The data path's message handlers, as the node's router calls them: `(peer, envelope)`.
+
+A stage step is computed and its output sent straight on to the next node of its route
+(this node included, through the same `deliver`), then the step's additions to the KV
+caches go to the range's standbys, off the step's path. When the next node cannot be
+reached, the gateway hears it at once (a `stage_lost` error) rather than after its step
+timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from butterfly.dataplane.engine import Deliver
+from butterfly.dataplane.stage_server import StageServer
+from butterfly.dataplane.unresponsive import StepTimeouts
+from butterfly.metrics.events import CheckpointCopied, Emit
+from butterfly.net.conn import Reply
+from butterfly.net.framing import Envelope
+from butterfly.net.transport import Transport
+from butterfly.types.errors import ButterflyError, InvalidMessage, SendTimeout
+from butterfly.types.ids import NodeId, RequestId
+from butterfly.types.wire.data import (
+    AuditReply,
+    AuditRequest,
+    CacheQuery,
+    KvAppend,
+    Release,
+    StageStep,
+    StepError,
+)
+
+log = logging.getLogger(__name__)
+
+
+class StageRoutes:
+    """The stage server's handlers: steps, audits, releases, cache copies and queries."""
+
+    def __init__(self, *, node: NodeId, server: StageServer, deliver: Deliver, emit: Emit) -> None:
+        self.node, self._server, self._deliver, self._emit = node, server, deliver, emit
+
+    async def step(self, peer: NodeId, env: Envelope) -> Reply | None:
+        msg = env.msg
+        if not isinstance(msg, StageStep):
+            return None
+        out = await self._server.on_step(env)
+        try:
+            await self._deliver(out.peer, out.msg, out.payload)
+        except ButterflyError as e:  # the next stage is gone: tell the gateway now
+            lost = StepError(
+                msg.request_ids,
+                msg.steps,
+                self.node,
+                "stage_lost",
+                f"node {out.peer} unreachable: {e}",
+                True,
+            )
+            await self._deliver(NodeId(msg.reply_to), lost, b"")
+            return None
+        await self._copy_caches(msg.request_ids)
+        return None
+
+    async def _copy_caches(self, request_ids: tuple[RequestId, ...]) -> None:
+        """Send the standbys what the step added to the caches, off the step's path."""
+        for copy in self._server.kv_deltas(request_ids):
+            self._emit(CheckpointCopied(bytes=len(copy.payload)))
+            try:
+                await self._deliver(copy.peer, copy.msg, copy.payload)
+            except ButterflyError as e:  # a dead standby is the detector's business
+                log.debug("KV copy to node %s lost: %s", copy.peer, e)
+
+    async def audit(self, peer: NodeId, env: Envelope) -> Reply | None:
+        msg = env.msg
+        return await self._server.audit(msg, env.payload) if isinstance(msg, AuditRequest) else None
+
+    async def release(self, peer: NodeId, env: Envelope) -> Reply | None:
+        if isinstance(env.msg, Release):
+            for request_id in env.msg.request_ids:
+                self._server.release(request_id)
+        return None
+
+    async def kv_append(self, peer: NodeId, env: Envelope) -> Reply | None:
+        if isinstance(env.msg, KvAppend):
+            self._server.on_kv_append(env.msg, env.payload)
+        return None
+
+    async def cache_query(self, peer: NodeId, env: Envelope) -> Reply | None:
+        msg = env.msg
+        return (self._server.cache_lengths(msg), b"") if isinstance(msg, CacheQuery) else None
+
+
+class AuditAsk:
+    """How the gateway's auditor asks a node to re-run a request's prefill: its own stage
+    server directly, a peer over the transport, counting a peer's timeouts (a silent
+    auditor is evicted like a silent stage: dataplane.unresponsive)."""
+
+    def __init__(
+        self,
+        *,
+        node: NodeId,
+        local: Callable[[AuditRequest, bytes], Awaitable[tuple[AuditReply, bytes]]],
+        transport: Transport,
+        timeouts: StepTimeouts,
+        timeout_s: Callable[[], float],
+    ) -> None:
+        """`timeout_s`: read on every audit (network.step_timeout_ms is live)."""
+        self.node, self._local, self._transport = node, local, transport
+        self._timeouts, self._timeout = timeouts, timeout_s
+
+    async def __call__(
+        self, node: NodeId, request: AuditRequest, payload: bytes
+    ) -> tuple[AuditReply, bytes]:
+        if node == self.node:
+            return await self._local(request, payload)
+        try:
+            answer = await self._transport.ask(node, request, payload, timeout=self._timeout())
+        except SendTimeout:
+            await self._timeouts.timed_out(node, f"audit of {request.request_id}")
+            raise
+        except InvalidMessage:  # an answer of the wrong kind: the auditor judges it
+            self._timeouts.answered((node,))
+            raise
+        self._timeouts.answered((node,))
+        return answer
+
+
+__all__ = ["AuditAsk", "StageRoutes"]

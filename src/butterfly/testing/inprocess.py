@@ -1,0 +1,183 @@
+"""Whole nodes in one process: in-memory transport, a heartbeat hub and a fake clock.
+
+`InProcessCluster` builds every node with `node.build_node`, as `node.run` does, but with
+these edges, so recovery and eviction run in one process, deterministically: heartbeats
+flow only when the test calls `BeatHub.tick`, and the failure detector's time moves only
+then. A node is killed by cutting it off: its heartbeats stop and the network drops its
+frames both ways.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from butterfly.cli.launcher import node_configs
+from butterfly.config import load_config
+from butterfly.control.facts import NodeFacts, Probe
+from butterfly.control.heartbeats import BeatSource
+from butterfly.control.membership import Link
+from butterfly.dataplane.stage_server import StageServer
+from butterfly.metrics.events import Emit
+from butterfly.net.memory import FIRST_EPOCH, MemoryNetwork
+from butterfly.net.tcp import Identity
+from butterfly.net.transport import Transport
+from butterfly.node import Node, build_node
+from butterfly.runtime.torch_thread import TorchThread
+from butterfly.types.ids import Epoch, NodeId
+from butterfly.types.wire.control import Heartbeat
+from butterfly.wiring.edges import LocalState, OnBeat
+
+FACTS = NodeFacts(flops_per_s=1e11, memory_bytes=8 << 30)
+"""Every in-process node reports the same facts: placement is then decided by the
+partitioner's deterministic tie-breaks alone, and nothing is measured."""
+
+
+class FakeClock:
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _HubLink:
+    def __init__(self, hub: BeatHub, node: NodeId, state: LocalState, on_beat: OnBeat) -> None:
+        self.hub, self.node, self.state, self.on_beat = hub, node, state, on_beat
+
+    def start(self) -> None:
+        self.hub.links[self.node] = self
+
+    def loop_ticked(self) -> None:
+        """Nothing to watch: beats leave when the test ticks, never from a thread."""
+
+    def close(self) -> None:
+        if self.hub.links.get(self.node) is self:
+            del self.hub.links[self.node]
+
+
+class BeatHub:
+    """Heartbeats between the nodes of one process, sent when the test says."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.links: dict[NodeId, _HubLink] = {}
+        self.silent: set[NodeId] = set()  # killed: they send no more beats
+        self._seq = itertools.count(1)
+
+    def link(self, node: NodeId, state: LocalState, on_beat: OnBeat) -> Link:
+        return _HubLink(self, node, state, on_beat)
+
+    def tick(self, seconds: float) -> None:
+        """Move time on by `seconds`, then every live node beats to every other."""
+        self.clock.now += seconds
+        for sender in [s for s in self.links.values() if s.node not in self.silent]:
+            layers, requests = sender.state()
+            beat = Heartbeat(
+                sender.node, FIRST_EPOCH, next(self._seq), self.clock.now, layers, requests
+            )
+            for receiver in list(self.links.values()):
+                if receiver is not sender:
+                    receiver.on_beat(sender.node, beat)
+
+
+class _FixedProbe:
+    async def facts(self) -> NodeFacts:
+        return FACTS
+
+
+class MemoryEdges:
+    """One node's edges onto the shared in-memory network and heartbeat hub."""
+
+    def __init__(self, net: MemoryNetwork, hub: BeatHub) -> None:
+        self._net, self._hub = net, hub
+
+    def clock(self) -> float:
+        return self._hub.clock()
+
+    def transport(self, identity: Identity, emit: Emit, epoch: Callable[[], Epoch]) -> Transport:
+        return self._net.transport(identity.node, emit, epoch)
+
+    def heartbeats(self, source: BeatSource, local_state: LocalState, on_beat: OnBeat) -> Link:
+        return self._hub.link(source.node, local_state, on_beat)
+
+    def probe(
+        self, node: NodeId, peers: Sequence[NodeId], transport: Transport, torch: TorchThread
+    ) -> Probe:
+        return _FixedProbe()
+
+
+class InProcessCluster:
+    """`n` nodes of one cluster in this process; node 0 is the gateway (its HTTP API on
+    any free port, unused by the tests that drive its parts directly)."""
+
+    def __init__(
+        self,
+        model: Path,
+        n: int,
+        data_dir: Path,
+        *,
+        f: int = 1,
+        settings: dict[str, Any] | None = None,
+        stage_servers: dict[int, type[StageServer]] | None = None,
+    ) -> None:
+        self.clock = FakeClock()
+        self.hub = BeatHub(self.clock)
+        self.net = MemoryNetwork(cluster_id="local")
+        paths = node_configs(
+            nodes=n, f=f, model=model, api_port=0, data_dir=data_dir, settings=settings
+        )
+        self.nodes: list[Node] = []
+        for i, path in enumerate(paths):
+            cfg = load_config([path], env={})
+            self.nodes.append(
+                build_node(
+                    cfg,
+                    model,
+                    edges=MemoryEdges(self.net, self.hub),
+                    torch_thread=TorchThread(1, name=f"torch-{i}"),
+                    stage_server_type=(stage_servers or {}).get(i, StageServer),
+                )
+            )
+        self._stops = [asyncio.Event() for _ in self.nodes]
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def gateway(self) -> Node:
+        return self.nodes[0]
+
+    async def __aenter__(self) -> InProcessCluster:
+        for node, stop in zip(self.nodes, self._stops, strict=True):
+            self._tasks.append(asyncio.create_task(node.serve(stop)))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for stop in self._stops:
+            stop.set()
+        done = await asyncio.wait(self._tasks, timeout=5.0)
+        for task in done[1]:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def kill(self, node: int) -> None:
+        """Cut `node` off: no more heartbeats, no frames in or out."""
+        self.hub.silent.add(NodeId(node))
+        self.net.down.add(NodeId(node))
+
+    async def until(self, check: Callable[[], bool], what: str, *, beats: int = 400) -> None:
+        """Beat (100 ms of fake time each) and yield until `check()` holds; at most
+        `beats` rounds, then AssertionError naming `what`."""
+        for _ in range(beats):
+            if check():
+                return
+            self.hub.tick(0.1)
+            await asyncio.sleep(0.005)
+        raise AssertionError(f"{what}: not within {beats} heartbeats")
+
+
+__all__ = ["BeatHub", "FakeClock", "InProcessCluster", "MemoryEdges"]

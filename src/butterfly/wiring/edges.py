@@ -1,0 +1,114 @@
+"""A node's edges: what it reaches the world through, injected into `node.build_node`.
+
+The network edges (TCP or mutual TLS between nodes, heartbeats over UDP, the real clock,
+facts measured on this machine) are built here from the config; in one process,
+`butterfly.testing.inprocess` gives the in-memory transport, a heartbeat hub, a fake clock
+and fixed facts, so whole nodes (recovery and eviction included) run in a unit test.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from butterfly.config import ButterflyConfig
+from butterfly.control.facts import FactProbe, Probe
+from butterfly.control.heartbeats import BeatSource, HeartbeatLink
+from butterfly.control.membership import Link
+from butterfly.metrics.events import Emit
+from butterfly.net.tcp import Identity, TcpTransport, TransportLimits
+from butterfly.net.tls import TlsFiles, contexts
+from butterfly.net.transport import Transport
+from butterfly.runtime.torch_thread import TorchThread
+from butterfly.types.ids import Epoch, NodeId
+from butterfly.types.wire.control import Heartbeat
+
+LocalState = Callable[[], tuple[tuple[int, ...], int]]
+OnBeat = Callable[[NodeId, Heartbeat], None]
+
+
+class Edges(Protocol):
+    def clock(self) -> float:
+        """Monotonic seconds, for the failure detector."""
+
+    def transport(self, identity: Identity, emit: Emit, epoch: Callable[[], Epoch]) -> Transport:
+        """The node's transport; `epoch` is stamped on every frame it sends."""
+
+    def heartbeats(self, source: BeatSource, local_state: LocalState, on_beat: OnBeat) -> Link:
+        """The heartbeat link: sends `local_state()`, hands peers' beats to `on_beat`."""
+
+    def probe(
+        self, node: NodeId, peers: Sequence[NodeId], transport: Transport, torch: TorchThread
+    ) -> Probe:
+        """Measures (once) the facts this node reports to the gateway."""
+
+
+def parse_address(hostport: str) -> tuple[str, int]:
+    host, _, port = hostport.rpartition(":")
+    return host, int(port)
+
+
+class NetworkEdges:
+    """The real edges of a node process, from its config."""
+
+    def __init__(self, cfg: ButterflyConfig, model_dir: Path) -> None:
+        self._cfg, self._model_dir = cfg, model_dir
+        members = {NodeId(i): a for i, a in enumerate(cfg.cluster.members)}
+        self._members = members or {NodeId(cfg.node.id): cfg.node.listen}
+
+    def clock(self) -> float:
+        return time.monotonic()
+
+    def transport(self, identity: Identity, emit: Emit, epoch: Callable[[], Epoch]) -> Transport:
+        cfg = self._cfg
+        net, tls = cfg.network, cfg.security.tls
+        return TcpTransport(
+            identity=identity,
+            listen=parse_address(cfg.node.listen),
+            peers={n: parse_address(a) for n, a in self._members.items()},
+            emit=emit,
+            epoch=epoch,
+            limits=TransportLimits(
+                max_frame_bytes=net.max_frame_bytes,
+                connect_timeout_s=net.connect_timeout_ms / 1000,
+                connect_attempts=net.retry_attempts,
+                retry_backoff_s=net.retry_backoff_ms / 1000,
+                retry_max_backoff_s=net.retry_max_backoff_ms / 1000,
+                compression="" if net.compression == "none" else net.compression,
+                compression_min_bytes=net.compression_min_bytes,
+                send_timeout_s=net.send_timeout_ms / 1000,
+                max_connections=net.max_connections,
+            ),
+            tls=contexts(TlsFiles(Path(tls.ca), Path(tls.cert), Path(tls.key)))
+            if tls.enabled
+            else None,
+        )
+
+    def heartbeats(self, source: BeatSource, local_state: LocalState, on_beat: OnBeat) -> Link:
+        cfg = self._cfg
+        return HeartbeatLink(
+            source,
+            listen=parse_address(cfg.node.listen),
+            peers={n: parse_address(a) for n, a in self._members.items() if n != source.node},
+            interval_s=cfg.coordination.heartbeat_interval_ms / 1000,
+            local_state=local_state,
+            on_beat=on_beat,
+        )
+
+    def probe(
+        self, node: NodeId, peers: Sequence[NodeId], transport: Transport, torch: TorchThread
+    ) -> Probe:
+        # measured when the gateway first asks (one node at a time; see control.facts)
+        return FactProbe(
+            node=node,
+            peers=peers,
+            transport=transport,
+            memory_limit_bytes=self._cfg.resources.memory_limit_bytes,
+            model_dir=self._model_dir,
+            torch_thread=torch,
+        )
+
+
+__all__ = ["Edges", "NetworkEdges", "Probe", "parse_address"]

@@ -1,0 +1,227 @@
+"""Parts whose construction is mostly reading the config: kept here so the composition
+root (`node.build_node`) shows only what is wired to what.
+
+Each function builds one part from the frozen config and the parts it needs, which it
+receives already built: nothing here reaches back into a node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from functools import partial
+from pathlib import Path
+
+from butterfly.config import ButterflyConfig, ConfigManager
+from butterfly.config.validate import replication_factor
+from butterfly.control.live_config import snapshot_every
+from butterfly.control.membership import Membership
+from butterfly.control.policy import Placing
+from butterfly.dataplane.audit import Auditor, Referee
+from butterfly.dataplane.engine import Asker, Deliver, PipelineEngine
+from butterfly.dataplane.proving import Prover
+from butterfly.dataplane.replicate import Replicator
+from butterfly.dataplane.routes import AuditAsk
+from butterfly.dataplane.stage_server import StageServer
+from butterfly.dataplane.unresponsive import StepTimeouts
+from butterfly.metrics.events import Emit
+from butterfly.net.transport import Transport
+from butterfly.partition.service import PartitionService
+from butterfly.protocol.failure_detector import PhiAccrualFailureDetector
+from butterfly.protocol.proof import Tolerance
+from butterfly.protocol.sign import SigningKey
+from butterfly.runtime.loader import layer_infos, model_args
+from butterfly.runtime.tokenizer import TextCodec
+from butterfly.runtime.torch_thread import TorchThread
+from butterfly.runtime.weights import model_hash
+from butterfly.schedule.engine import ClusterHealth
+from butterfly.types.errors import ConfigError
+from butterfly.types.ids import GATEWAY, NodeId
+
+Liars = Callable[[tuple[NodeId, ...], str], Awaitable[None]]
+
+
+def checked_model_hash(config: ConfigManager, model_dir: Path) -> str:
+    """The model's sha256, refused (ConfigError) when it is not the one configured."""
+    digest, expected = model_hash(model_dir), config.current.model.expected_sha256
+    if expected and expected != digest:
+        config.history.close()
+        raise ConfigError(
+            f"model.expected_sha256 is {expected[:16]}..., but the model in {model_dir} "
+            f"hashes to {digest[:16]}...: not the checkpoint this cluster runs"
+        )
+    return digest
+
+
+def step_timeouts(
+    config: ConfigManager, status: Callable[[NodeId], str], declare: Liars
+) -> StepTimeouts:
+    """The gateway's rule for silent and slow nodes, with the limit as last agreed."""
+    return StepTimeouts(
+        gateway=NodeId(config.current.node.id),
+        limit=lambda: config.current.byzantine.max_step_timeouts,
+        status=status,
+        declare=declare,
+    )
+
+
+def verifying(cfg: ButterflyConfig) -> bool:
+    """Records are signed wherever a replica can check them (f+1 holders per range), so
+    byzantine.verification may move among audit, replicate and none at run time."""
+    return replication_factor(cfg) > 1
+
+
+def step_timeout_s(config: ConfigManager) -> float:
+    """network.step_timeout_ms as last agreed (it is live): read on every use."""
+    return config.current.network.step_timeout_ms / 1000
+
+
+def stage_server(
+    cfg: ButterflyConfig,
+    model_dir: Path,
+    key: SigningKey,
+    torch_thread: TorchThread,
+    server_type: type[StageServer],
+) -> StageServer:
+    me, byz = NodeId(cfg.node.id), cfg.byzantine
+    verify = verifying(cfg)
+    return server_type(
+        torch_thread=torch_thread,
+        node=me,
+        model_dir=model_dir,
+        max_tensor_bytes=cfg.network.max_frame_bytes,
+        prover=Prover(me, key, byz.fingerprint_top_k, byz.fingerprint_chunk) if verify else None,
+        snapshot_every=snapshot_every(cfg),
+        # the audit takes the gateway's own stage as computed (dataplane.audit)
+        keep_outputs=me == GATEWAY and verify and byz.verification == "audit",
+    )
+
+
+def membership(
+    cfg: ButterflyConfig,
+    members: dict[NodeId, str],
+    local_state: Callable[[], tuple[tuple[int, ...], int]],
+    clock: Callable[[], float],
+) -> Membership:
+    c = cfg.coordination
+    return Membership(
+        node=NodeId(cfg.node.id),
+        members=members,
+        detector=PhiAccrualFailureDetector(
+            c.heartbeat_interval_ms,
+            c.phi_suspect,
+            c.phi_failed,
+            min_std_ms=c.min_std_ms,
+            acceptable_pause_ms=c.acceptable_pause_ms,
+        ),
+        interval_s=c.heartbeat_interval_ms / 1000,
+        local_state=local_state,
+        clock=clock,
+    )
+
+
+def max_context(model_dir: Path) -> int:
+    return int(getattr(model_args(model_dir)[1], "max_context", 0)) or 1
+
+
+def placing(cfg: ButterflyConfig, model_dir: Path) -> Placing:
+    """What the gateway plans with: the model's layers, the strategy, the copies."""
+    _family, args = model_args(model_dir)
+    return Placing(
+        layers=tuple(layer_infos(model_dir)),
+        strategy=cfg.partition.strategy,
+        copies=replication_factor(cfg),
+        gateway=NodeId(cfg.node.id),
+        result_bytes=int(getattr(args, "vocab_size", 0)) * 4,  # one row of logits
+        service=PartitionService(
+            cache_size=cfg.partition.cache_size, context_tokens=max_context(model_dir)
+        ),
+    )
+
+
+def engine(
+    cfg: ButterflyConfig,
+    model_dir: Path,
+    *,
+    config: ConfigManager,
+    server: StageServer,
+    deliver: Deliver,
+    ask: Asker,
+    transport: Transport,
+    health: Callable[[], ClusterHealth],
+    keys: dict[NodeId, bytes],
+    timeouts: StepTimeouts,
+    on_liars: Liars,
+    codec: TextCodec | None,
+    torch_thread: TorchThread,
+    emit: Emit,
+) -> PipelineEngine:
+    """The gateway's pipeline engine, checking results as `byzantine.verification` says."""
+    me, byz = NodeId(cfg.node.id), cfg.byzantine
+    verify = verifying(cfg)  # both checkers built: the mode may change at run time
+    tolerance = Tolerance(rtol=byz.rtol, atol=byz.atol)
+    family, _args = model_args(model_dir)
+    auditor = (
+        Auditor(
+            ask=AuditAsk(
+                node=me,
+                local=server.audit,
+                transport=transport,
+                timeouts=timeouts,
+                timeout_s=partial(step_timeout_s, config),
+            ),
+            keys=keys,
+            referee=Referee(model_dir, torch_thread),
+            tolerance=tolerance,
+            max_tensor_bytes=cfg.network.max_frame_bytes,
+            gateway=me,
+            own_outputs=server.outputs_of,
+        )
+        if verify
+        else None
+    )
+    replicator = (
+        Replicator(
+            plan=server.current_plan,
+            f=byz.f,
+            keys=keys,
+            referee=Referee(model_dir, torch_thread),
+            tolerance=tolerance,
+            on_liars=on_liars,
+            timeouts=timeouts,
+            emit=emit,
+        )
+        if verify
+        else None
+    )
+    return PipelineEngine(
+        node=me,
+        deliver=deliver,
+        ask=ask,
+        plan=server.current_plan,
+        health=health,
+        max_context=max_context(model_dir),
+        input_kind=family.input_kind,
+        eos_ids=codec.eos_ids if codec else frozenset(),
+        step_timeout_s=step_timeout_s(config),
+        max_tensor_bytes=cfg.network.max_frame_bytes,
+        auditor=auditor,
+        audit_fraction=byz.audit_fraction,
+        on_liars=on_liars,
+        timeouts=timeouts,
+        replicator=replicator,
+        verification=byz.verification,
+        emit=emit,
+    )
+
+
+__all__ = [
+    "checked_model_hash",
+    "engine",
+    "max_context",
+    "membership",
+    "placing",
+    "stage_server",
+    "step_timeout_s",
+    "step_timeouts",
+    "verifying",
+]

@@ -1,0 +1,130 @@
+"""Recovery and eviction of whole nodes in one process (butterfly.testing.inprocess).
+
+Four nodes built by `node.build_node`, as node processes are, over the in-memory
+transport and a heartbeat hub with a fake clock: the path from a missed heartbeat to
+the resumed request (or from a proven lie to the agreed eviction) runs as in a cluster,
+without processes, sockets or waiting on real time. tests/test_recovery.py and
+tests/test_byzantine.py keep the same faults covered with real processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from butterfly.runtime.generate import generate
+from butterfly.runtime.loader import load_stage
+from butterfly.runtime.tokenizer import TextCodec
+from butterfly.testing.inprocess import InProcessCluster
+from butterfly.testing.liars import CorruptStageServer
+from butterfly.types.ids import NodeId, RequestId
+from butterfly.types.plan import StagePlan
+from butterfly.types.tasks import InferenceTask
+
+pytestmark = pytest.mark.timeout(60)
+SETTINGS = {"coordination.heartbeat_interval_ms": 10}
+PROMPT = "Once upon a time"
+NEW = 24
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_model: Path) -> list[int]:
+    """The unsplit model's tokens for PROMPT (computed once: torch's first use in a
+    process costs most of a second, which is not what these tests time)."""
+    codec = TextCodec.load(tiny_model)
+    stage = load_stage(tiny_model)
+    return list(generate([stage], codec.encode(PROMPT), NEW, stop_ids=codec.eos_ids))
+
+
+def task(model: Path, n: int) -> InferenceTask:
+    ids = tuple(TextCodec.load(model).encode(PROMPT))
+    return InferenceTask(RequestId(f"request-{n}"), input_ids=ids, max_new_tokens=NEW)
+
+
+def agreed_everywhere(c: InProcessCluster, plan: StagePlan, nodes: set[int]) -> bool:
+    """Every listed node executed the same agreed plan and has it in force."""
+    return all(
+        c.nodes[n].plans.latest == plan and c.nodes[n].stage_server.plan == plan for n in nodes
+    )
+
+
+async def test_a_killed_chain_node_hands_its_stage_to_the_standby(
+    tiny_model: Path, tmp_path: Path, expected: list[int]
+) -> None:
+    """n = 4, f = 1: chain 0 -> 1, standbys 2 and 3. Node 1 (also the agreement's first
+    primary) dies at the fifth token of a request; the gateway notices from heartbeats,
+    promotes node 3 (the standby of node 1's range), gets the plan agreed, and the request
+    finishes with the tokens the unsplit model gives."""
+    async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS) as c:
+        gw = c.gateway
+        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        first = gw.stage_server.plan
+        assert first is not None and first.nodes == (0, 1)
+        assert {n for n, _ in first.replicas} == {2, 3}
+        tokens: list[int] = []
+
+        def on_token(token: int) -> None:
+            tokens.append(token)
+            if len(tokens) == 5:
+                c.kill(1)
+
+        run = asyncio.create_task(gw.engine.run(task(tiny_model, 1), on_token))
+        await c.until(run.done, "the request to finish")
+        result = run.result()
+        assert list(result.output_ids) == expected
+        assert result.timings["recoveries"] >= 1
+        plan = gw.stage_server.plan
+        assert plan is not None and plan.epoch == first.epoch + 1
+        assert plan.nodes == (0, 3)  # promoted: node 3 held node 1's range already
+        assert [r for _, r in plan.stages] == [r for _, r in first.stages]
+        assert agreed_everywhere(c, plan, {0, 2, 3})
+        assert gw.recovery.failed == {NodeId(1)}
+        assert gw.agreement.driver.view > 1  # the plan was agreed under a new primary
+        assert 1 not in {s.node for s in result.stages}
+
+
+async def test_a_proven_liar_is_evicted_by_agreement_and_leaves_the_plan(
+    tiny_model: Path, tmp_path: Path, expected: list[int]
+) -> None:
+    """Node 1 corrupts every activation it sends. The audit of the first request proves
+    it; its eviction is agreed (every node records it), the gateway re-plans without it,
+    and the request is re-run to the right tokens on the new plan."""
+    liar = {1: CorruptStageServer}
+    async with InProcessCluster(
+        tiny_model, 4, tmp_path, f=1, settings=SETTINGS, stage_servers=liar
+    ) as c:
+        gw = c.gateway
+        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        first = gw.stage_server.plan
+        assert first is not None and 1 in first.nodes
+        run = asyncio.create_task(gw.engine.run(task(tiny_model, 2), lambda t: None))
+        await c.until(run.done, "the request to finish")
+        result = run.result()
+        assert list(result.output_ids) == expected
+        assert result.verified == "audit"
+        assert all(NodeId(1) in node.plans.evicted for node in c.nodes)
+        plan = gw.stage_server.plan
+        assert plan is not None and plan.epoch > first.epoch
+        holders = {*plan.nodes, *(n for n, _ in plan.replicas)}
+        assert 1 not in holders
+        assert agreed_everywhere(c, plan, holders)
+        assert 1 not in {s.node for s in result.stages}
+
+
+async def test_a_gateway_stopped_while_it_waits_for_its_peers_stops(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Node 0 alone: its start-up waits for nodes that never come (up to two minutes);
+    a stop then ends it at once, as a SIGTERM to a cluster that never came up must."""
+    c = InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS)
+    stop = asyncio.Event()
+    serving = asyncio.create_task(c.gateway.serve(stop))
+    await asyncio.sleep(0.05)
+    assert not serving.done() and c.gateway.stage_server.plan is None
+    stop.set()
+    await asyncio.wait_for(serving, 10)  # a hang guard: the 2-minute wait is not waited out
+    for node in c.nodes[1:]:
+        node.stage_server.close()
+        node.config.history.close()

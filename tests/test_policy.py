@@ -1,0 +1,109 @@
+"""The recovery and eviction policy (control.policy), as plain functions: no network."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from butterfly.control.policy import (
+    Placing,
+    alive,
+    equivocation,
+    evicts,
+    gone,
+    next_plan,
+    to_evict,
+)
+from butterfly.types.ids import Epoch, NodeId
+from butterfly.types.model import LayerRange as R
+from butterfly.types.plan import StagePlan
+from butterfly.types.wire.agreement import Commit, Evidence
+from tests.test_planner import layers, reply
+
+N = [NodeId(i) for i in range(4)]
+FACTS = {n: reply(n) for n in N}
+REPLICATED = StagePlan(3, ((N[0], R(0, 6)), (N[1], R(6, 12))), ((N[2], R(0, 6)), (N[3], R(6, 12))))
+CHAIN = StagePlan(3, ((N[0], R(0, 4)), (N[1], R(4, 8)), (N[2], R(8, 12))))
+
+
+def placing(copies: int) -> Placing:
+    return Placing(tuple(layers(12)), "load_balanced", copies)
+
+
+def status_of(failed: set[int]) -> Callable[[NodeId], str]:
+    return lambda n: "failed" if n in failed else "healthy"
+
+
+def test_the_first_plan_is_placed_over_every_member_with_copies_on_the_rest() -> None:
+    decided = next_plan(None, N, (), FACTS, placing(2))
+    assert decided.how == "place" and decided.placement is not None
+    assert decided.plan.epoch == 1
+    assert decided.plan.nodes == (0, 1)
+    assert [n for n, _ in decided.plan.replicas] == [2, 3]
+    assert [r for _, r in decided.plan.replicas] == [r for _, r in decided.plan.stages]
+
+
+def test_a_crashed_chain_node_hands_its_range_to_its_standby() -> None:
+    decided = next_plan(REPLICATED, [N[0], N[2], N[3]], (), FACTS, placing(2))
+    assert decided.how == "promote" and decided.placement is None
+    assert decided.plan.epoch == 4
+    assert decided.plan.stages == ((0, R(0, 6)), (3, R(6, 12)))  # same ranges: no load
+    assert decided.plan.replicas == ((2, R(0, 6)),)
+
+
+def test_a_liars_range_is_not_promoted_but_placed_again() -> None:
+    """Its standby's copies of the caches came from the liar's own stage."""
+    decided = next_plan(REPLICATED, [N[0], N[2], N[3]], {N[1]}, FACTS, placing(2))
+    assert decided.how == "place"
+    assert decided.plan.epoch == 4
+    assert 1 not in decided.plan.nodes and 1 not in {n for n, _ in decided.plan.replicas}
+
+
+def test_a_range_without_a_live_standby_is_placed_again() -> None:
+    """Nodes 1 and 3 held [6, 12): with both gone no standby can take it."""
+    decided = next_plan(REPLICATED, [N[0], N[2]], (), FACTS, placing(2))
+    assert decided.how == "place"
+    assert decided.plan.nodes == (0,)
+    assert decided.plan.stages[0][1] == R(0, 12)
+    assert [n for n, _ in decided.plan.replicas] == [2]
+
+
+def test_without_replicas_a_departure_keeps_the_other_ranges_where_it_can() -> None:
+    decided = next_plan(CHAIN, [N[0], N[2]], (), FACTS, placing(1))
+    assert decided.how == "replan"
+    assert decided.plan.epoch == 4
+    assert set(decided.plan.nodes) == {0, 2}
+    assert decided.plan.stages[0][1].start == 0 and decided.plan.stages[-1][1].end == 12
+
+
+def test_gone_and_alive_count_the_evicted_and_the_failed() -> None:
+    status = status_of({3})
+    assert gone(REPLICATED, status, {N[1]}) == [1, 3]
+    assert alive(N, status, {N[1]}) == [0, 2]
+    assert gone(REPLICATED, status_of(set()), ()) == []
+
+
+def test_a_liar_is_evicted_once_and_only_by_the_gateway() -> None:
+    assert to_evict((N[1], N[2], N[1]), {N[2]}) == (1,)
+    assert to_evict((N[2],), {N[2]}) == ()
+    assert evicts(NodeId(0)) and not evicts(NodeId(1))
+
+
+def test_equivocation_names_the_signer_not_the_reporter() -> None:
+    first = Commit(NodeId(2), Epoch(0), 1, 7, b"a")
+    second = Commit(NodeId(2), Epoch(0), 1, 7, b"b")
+    accused, reason = equivocation(Evidence(NodeId(3), Epoch(0), NodeId(2), first, second))
+    assert accused == 2
+    assert "node 2 signed two conflicting commit votes for seq 7" in reason
+    assert "evidence from node 3" in reason
+
+
+def test_a_re_plan_with_nothing_departed_is_decided_afresh_not_promoted() -> None:
+    """A re-plan asked for while every node lives (partition.strategy changed) must place
+    again with the new strategy: promotion would hand back the same ranges."""
+    old = StagePlan(Epoch(1), ((NodeId(0), R(0, 2)), (NodeId(1), R(2, 4))))
+    facts = {NodeId(0): reply(0), NodeId(1): reply(1)}
+    decided = next_plan(
+        old, [NodeId(0), NodeId(1)], (), facts, Placing(tuple(layers(4)), "uniform", 1)
+    )
+    assert decided.how != "promote"
+    assert decided.plan.epoch == 2
