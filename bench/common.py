@@ -38,8 +38,28 @@ def bench_model(size: str) -> Path:
     return path
 
 
+VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+
+
+def cpu() -> dict[str, Any]:
+    """The CPU model and its vector extensions: figures differ between an AMD EPYC and an
+    Intel Xeon with AVX-512 and AMX (the machine's CPU changes between sessions)."""
+    model, flags = "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"cpu_model": model, "vector_extensions": [f for f in VECTOR_FLAGS if f in flags]}
+
+
 def machine() -> dict[str, Any]:
     return {
+        **cpu(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
