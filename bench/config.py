@@ -22,7 +22,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import re
 import statistics
 import sys
@@ -47,7 +46,7 @@ from butterfly.config import (
     template,
 )
 from butterfly.config.versions import canonical_json
-from common import bench_model
+from common import bench_model, machine
 
 TARGETS_MS = {"load_validate": 5.0, "hash": 0.5, "cluster_update_p50": 50.0}
 
@@ -190,7 +189,7 @@ def main() -> None:
         and hash_med <= TARGETS_MS["hash"]
         and cluster["median"] <= TARGETS_MS["cluster_update_p50"],
         "cluster_update_commit_ms": cluster,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": machine(),
     }
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")

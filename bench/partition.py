@@ -51,7 +51,7 @@ from butterfly.partition.service import PartitionService
 from butterfly.runtime.loader import layer_infos
 from butterfly.types.ids import NodeId
 from butterfly.types.model import DecoderBlock, LayerInfo
-from common import bench_model
+from common import bench_model, cpu
 
 SEED = 20240604
 LAYERS, NODES, RACKS = 1000, 64, 8
@@ -284,6 +284,7 @@ def main() -> None:
                 "strategies": results,
                 "cluster": cluster,
                 "machine": {
+                    **cpu(),
                     "cpus": os.cpu_count(),
                     "load_average_1m": round(os.getloadavg()[0], 2),
                     "python": platform.python_version(),
