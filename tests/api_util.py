@@ -112,6 +112,7 @@ def assert_error(r: httpx.Response, status: int, kind: str, *words: str) -> None
         assert word in body["error"]["message"], (word, body)
 
 
-async def still_serves(s: Served) -> None:
-    r = await s.client.post("/inference", json={"prompt": "ok?", "max_new_tokens": 2, "wait": True})
+async def still_serves(s: Served, headers: dict[str, str] | None = None) -> None:
+    body = {"prompt": "ok?", "max_new_tokens": 2, "wait": True}
+    r = await s.client.post("/inference", json=body, headers=headers)
     assert r.status_code == 200 and r.json()["status"] == "completed"
