@@ -150,8 +150,9 @@ async def stream_events(
     finished = False
     try:
         async for token in gw.scheduler.stream(task_id):
-            if hold:
-                yield HELD
+            if hold:  # nothing was sent, so a retraction has nothing to withdraw
+                if not isinstance(token, Retraction):
+                    yield HELD
             elif isinstance(token, Retraction):
                 text = IncrementalText(codec)
                 yield sse(retraction(gw, task_id, created, token))
