@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from fastapi import FastAPI
 
+from butterfly.agreement.config_coordinator import ConfigCoordinator
 from butterfly.api.app import create_app
 from butterfly.api.settings import ApiSettings
 from butterfly.metrics.prometheus import Metrics
@@ -40,6 +42,7 @@ class Served:
     scheduler: Scheduler
     metrics: Metrics
     codec: TextCodec
+    app: FastAPI
 
 
 @asynccontextmanager
@@ -50,12 +53,17 @@ async def serving(
     settings: ApiSettings | None = None,
     run: bool = True,
     engine_type: type[LocalPipeline] = LocalPipeline,
+    codec: TextCodec | None = None,
+    config: ConfigCoordinator | None = None,
+    client: tuple[str, int] = ("127.0.0.1", 123),
     **scheduler_kw: Any,
 ) -> AsyncIterator[Served]:
-    codec = TextCodec.load(model)
+    """`codec` replaces the model's own (a composed tokenizer), `config` adds the config
+    routes, `client` is the address requests come from."""
+    codec = codec or TextCodec.load(model)
     async with (
         engine_type(model, SPLIT, stop_ids=codec.eos_ids) as engine,
-        _app(engine, codec, db, settings, run, scheduler_kw) as served,
+        _app(engine, codec, db, settings, run, scheduler_kw, config, client) as served,
     ):
         yield served
 
@@ -68,6 +76,8 @@ async def _app(
     settings: ApiSettings | None,
     run: bool,
     scheduler_kw: dict[str, Any],
+    config: ConfigCoordinator | None = None,
+    client: tuple[str, int] = ("127.0.0.1", 123),
 ) -> AsyncIterator[Served]:
     store, metrics = TaskStore(db), Metrics()
     scheduler = Scheduler(
@@ -80,8 +90,9 @@ async def _app(
         metrics=metrics,
         model_name="tiny",
         settings=settings or ApiSettings(max_request_bytes=64 * 1024),
+        config=config,
     )
-    transport = httpx.ASGITransport(app=app)
+    transport = httpx.ASGITransport(app=app, client=client)
     try:
         async with (
             httpx.AsyncClient(transport=transport, base_url="http://gw") as client,
@@ -91,7 +102,7 @@ async def _app(
                 tg.create_task(scheduler.run())
                 await asyncio.sleep(0)  # let run() start, so /health sees it serving
             try:
-                yield Served(client, scheduler, metrics, codec)
+                yield Served(client, scheduler, metrics, codec, app)
             finally:
                 scheduler.shutdown()
     finally:
@@ -112,6 +123,7 @@ def assert_error(r: httpx.Response, status: int, kind: str, *words: str) -> None
         assert word in body["error"]["message"], (word, body)
 
 
-async def still_serves(s: Served) -> None:
-    r = await s.client.post("/inference", json={"prompt": "ok?", "max_new_tokens": 2, "wait": True})
+async def still_serves(s: Served, headers: dict[str, str] | None = None) -> None:
+    body = {"prompt": "ok?", "max_new_tokens": 2, "wait": True}
+    r = await s.client.post("/inference", json=body, headers=headers)
     assert r.status_code == 200 and r.json()["status"] == "completed"

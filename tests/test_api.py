@@ -155,19 +155,19 @@ async def test_priority_sets_the_queue_order(tiny_model: Path, tmp_path: Path) -
 async def test_cancel_needs_the_token_and_is_final(tiny_model: Path, tmp_path: Path) -> None:
     settings = ApiSettings(api_tokens=frozenset({"s3cret"}))
     async with serving(tiny_model, tmp_path / "t.db", settings=settings, max_concurrent=1) as s:
-        r = await s.client.post("/inference", json={"prompt": "go on", "max_new_tokens": 500})
-        task_id = r.json()["task_id"]
+        right = {"authorization": "Bearer s3cret"}
+        body = {"prompt": "go on", "max_new_tokens": 500}
+        task_id = (await s.client.post("/inference", json=body, headers=right)).json()["task_id"]
         assert_error(await s.client.delete(f"/tasks/{task_id}"), 401, "unauthorized", "Bearer")
         wrong = {"authorization": "Bearer nope"}
         assert_error(await s.client.delete(f"/tasks/{task_id}", headers=wrong), 401, "unauthorized")
-        right = {"authorization": "Bearer s3cret"}
         r = await s.client.delete(f"/tasks/{task_id}", headers=right)
         assert r.status_code == 200 and r.json() == {"task_id": task_id, "status": "cancelled"}
         r = await s.client.delete(f"/tasks/{task_id}", headers=right)
         assert_error(r, 409, "invalid_transition", "cancelled")
-        r = await s.client.get(f"/result/{task_id}")
+        r = await s.client.get(f"/result/{task_id}", headers=right)
         assert_error(r, 409, "task_cancelled")
-        await still_serves(s)
+        await still_serves(s, headers=right)
 
 
 async def test_result_wait_returns_202_while_unfinished(tiny_model: Path, tmp_path: Path) -> None:

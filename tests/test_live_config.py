@@ -510,6 +510,13 @@ BEHAVIOUR: dict[str, str] = {
     "api.tokens": "test_live_config_api.py::test_api_tokens_a_removed_token_is_refused",
     "api.rate_limit": "test_live_config_api.py::test_api_rate_limit_applies_to_the_next_request",
     "api.rate_limit_burst": "test_live_config_api.py::test_api_rate_limit_burst_applies",
+    "api.metrics_public": "test_live_config_api.py::test_api_metrics_public_opens_metrics_only",
+    "api.max_prompt_bytes": (
+        "test_live_config_api.py::test_api_max_prompt_bytes_applies_to_the_next_request"
+    ),
+    "api.stream_verified_only": (
+        "test_live_config_api.py::test_api_stream_verified_only_applies_to_the_next_stream"
+    ),
     "scheduling.max_new_tokens_limit": (
         "test_live_config_api.py::test_scheduling_max_new_tokens_limit_applies"
     ),

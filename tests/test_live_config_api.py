@@ -10,6 +10,7 @@ dispatch does differently.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from butterfly.api.settings import ApiSettings
 from butterfly.config import ButterflyConfig, load_config
 from butterfly.config.reload import ConfigManager
 from butterfly.metrics.prometheus import Metrics
+from butterfly.runtime.tokenizer import TextCodec
 from butterfly.schedule.engine import ClusterHealth, TokenSink
 from butterfly.schedule.queue import QueuePolicy
 from butterfly.schedule.scheduler import Scheduler
@@ -33,6 +35,7 @@ from butterfly.types.ids import RequestId
 from butterfly.types.tasks import InferenceResult, InferenceTask
 
 pytestmark = pytest.mark.timeout(60)
+TOKEN = 66  # the held engine's every token: "B" in the tiny model's byte vocabulary
 
 
 @dataclass
@@ -53,7 +56,9 @@ class HeldEngine:
     async def run(self, task: InferenceTask, on_token: TokenSink) -> InferenceResult:
         self.started.append(task.task_id)
         await self.release.wait()
-        return InferenceResult(task.task_id, output_ids=(1,) * task.max_new_tokens)
+        for _ in range(task.max_new_tokens):
+            on_token(TOKEN)
+        return InferenceResult(task.task_id, output_ids=(TOKEN,) * task.max_new_tokens)
 
     def health(self) -> ClusterHealth:
         return ClusterHealth(healthy=True, epoch=1)
@@ -79,7 +84,9 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
-async def gateway(tmp_path: Path, **settings: Any) -> AsyncIterator[Gateway]:
+async def gateway(
+    tmp_path: Path, codec: TextCodec | None = None, **settings: Any
+) -> AsyncIterator[Gateway]:
     cfg = load_config(overrides=settings) if settings else ButterflyConfig()
     manager = ConfigManager(cfg)
     engine = HeldEngine()
@@ -95,7 +102,7 @@ async def gateway(tmp_path: Path, **settings: Any) -> AsyncIterator[Gateway]:
     app = create_app(
         scheduler=scheduler,
         engine=engine,
-        codec=None,
+        codec=codec,
         metrics=Metrics(),
         model_name="held",
         settings=ApiSettings(
@@ -145,14 +152,15 @@ async def test_api_tokens_a_removed_token_is_refused(gw: Gateway) -> None:
     assert await cancel("kept") == 404
 
 
-@with_settings(**{"api.rate_limit": 0.0, "api.rate_limit_burst": 1})
+# "a" and "b" are tokens: each holder is its own client (unverified headers are not)
+@with_settings(**{"api.rate_limit": 0.0, "api.rate_limit_burst": 1, "api.tokens": ["a", "b"]})
 async def test_api_rate_limit_applies_to_the_next_request(gw: Gateway) -> None:
     assert [(await infer(gw, "a")).status_code for _ in range(3)] == [202] * 3  # limit off
     change(gw.manager, {"api.rate_limit": 0.01})
     assert [(await infer(gw, "b")).status_code for _ in range(3)] == [202, 429, 429]
 
 
-@with_settings(**{"api.rate_limit": 0.01, "api.rate_limit_burst": 1})
+@with_settings(**{"api.rate_limit": 0.01, "api.rate_limit_burst": 1, "api.tokens": ["a", "b"]})
 async def test_api_rate_limit_burst_applies(gw: Gateway) -> None:
     assert [(await infer(gw, "a")).status_code for _ in range(3)] == [202, 429, 429]
     change(gw.manager, {"api.rate_limit_burst": 3})
@@ -223,3 +231,51 @@ async def test_scheduling_dispatch_batch_size_applies(gw: Gateway) -> None:
         assert len(gw.engine.started) == 3
         gw.engine.release.set()
         gw.scheduler.shutdown()
+
+
+@with_settings(**{"api.tokens": ["t"]})
+async def test_api_metrics_public_opens_metrics_only(gw: Gateway) -> None:
+    assert (await gw.client.get("/metrics")).status_code == 401
+    change(gw.manager, {"api.metrics_public": True})
+    assert (await gw.client.get("/metrics")).status_code == 200
+    assert (await infer(gw)).status_code == 401  # nothing else opened with it
+    change(gw.manager, {"api.metrics_public": False})
+    assert (await gw.client.get("/metrics")).status_code == 401
+
+
+async def test_api_max_prompt_bytes_applies_to_the_next_request(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    async for gw in gateway(tmp_path, codec=TextCodec.load(tiny_model)):
+        body = {"prompt": "x" * 40, "max_new_tokens": 1}
+        assert (await gw.client.post("/inference", json=body)).status_code == 202
+        change(gw.manager, {"api.max_prompt_bytes": 32})
+        r = await gw.client.post("/inference", json=body)
+        assert r.status_code == 413 and "at most 32 bytes" in r.json()["error"]["message"]
+
+
+def sse_text(body: str) -> tuple[list[str], list[str]]:
+    """The text of each `data:` chunk of an SSE body, and its comment lines."""
+    texts, comments = [], []
+    for block in filter(None, body.split("\n\n")):
+        if block.startswith(":"):
+            comments.append(block)
+        elif block != "data: [DONE]":
+            texts.append(json.loads(block.removeprefix("data: "))["choices"][0]["text"])
+    return texts, comments
+
+
+async def test_api_stream_verified_only_applies_to_the_next_stream(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    async for gw in gateway(tmp_path, codec=TextCodec.load(tiny_model)):
+        gw.engine.release.set()
+        body = {"model": "held", "prompt": "x", "max_tokens": 3, "stream": True}
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(gw.scheduler.run())
+            streamed = sse_text((await gw.client.post("/v1/completions", json=body)).text)
+            change(gw.manager, {"api.stream_verified_only": True})
+            held = sse_text((await gw.client.post("/v1/completions", json=body)).text)
+            gw.scheduler.shutdown()
+        assert streamed == (["B", "B", "B", ""], [])  # a chunk per token, then the last
+        assert held == (["BBB"], [": held"] * 3)  # nothing but comments until it finished

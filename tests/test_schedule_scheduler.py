@@ -15,6 +15,7 @@ from butterfly.metrics.events import MetricsEvent, TaskFinished, TaskSubmitted, 
 from butterfly.runtime.generate import generate
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.tokenizer import TextCodec
+from butterfly.schedule.engine import Retraction, TokenSink
 from butterfly.schedule.queue import QueuePolicy
 from butterfly.schedule.scheduler import Scheduler
 from butterfly.schedule.state import TaskStatus
@@ -308,4 +309,50 @@ async def test_finished_results_expire_after_their_ttl(
                 await sched.snapshot(t.task_id)
         finally:
             expiry.cancel()
+    store.close()
+
+
+class RetractingEngine(LocalPipeline):
+    """A composed engine that streams two tokens, withdraws them (as the pipeline engine
+    does when an audit catches a liar), then runs the task for real."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.go_on, self.retracted, self.finish = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def run(self, task: InferenceTask, on_token: TokenSink) -> InferenceResult:
+        on_token(7)
+        on_token(8)
+        await self.go_on.wait()
+        on_token(Retraction("an audit caught a liar"))
+        self.retracted.set()
+        await self.finish.wait()
+        return await super().run(task, on_token)
+
+
+async def test_a_retraction_reaches_every_stream_and_empties_the_task_tokens(
+    tiny_model: Path, codec: TextCodec, tmp_path: Path
+) -> None:
+    engine = RetractingEngine(tiny_model, SPLIT, stop_ids=codec.eos_ids)
+    sched, store = new_scheduler(engine, tmp_path / "t.db")
+    task = make_task(codec, "withdrawn", 6)
+    async with asyncio.timeout(60), running(sched):
+        await sched.submit(task)
+        async with aclosing(sched.stream(task.task_id)) as early:
+            assert [await anext(early), await anext(early)] == [7, 8]
+            engine.go_on.set()
+            assert isinstance(await anext(early), Retraction)
+            await engine.retracted.wait()
+            assert (await sched.snapshot(task.task_id)).tokens_generated == 0
+            late = sched.stream(task.task_id)  # subscribed after: never sees the withdrawn
+            first = asyncio.ensure_future(anext(late))
+            await asyncio.sleep(0)  # it subscribes (and waits) before the run goes on
+            engine.finish.set()
+            rest = [t async for t in early]
+            assert [await first, *[t async for t in late]] == rest
+            assert rest == reference(tiny_model, codec, task)
+        snap = await sched.wait(task.task_id, 30)
+        assert list(snap.result.output_ids if snap.result else ()) == rest
+        assert snap.tokens_generated == len(rest)
+    engine.close()
     store.close()

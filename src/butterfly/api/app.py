@@ -7,10 +7,15 @@ routes without any of them disagreeing about a task.
 
 `create_app` is a factory with keyword-only injection; there is no module-level app.
 The scheduler's `run()` is driven by whoever composes the node, next to uvicorn.
+
+Access (butterfly.api.guards): with `api.tokens` set every request needs a bearer token
+but `/health` (and `/metrics` with `api.metrics_public`); `/inference` and
+`/v1/completions` are rate limited per verified principal, else per address.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -19,7 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from butterfly.agreement.config_coordinator import ConfigCoordinator
 from butterfly.api import config_routes, errors, openai
 from butterfly.api.gateway import Gateway, accepted_body, status_body
-from butterfly.api.guards import BearerAuth, RateLimiter
+from butterfly.api.guards import BearerAuth, RateLimiter, RequireToken, client_key
 from butterfly.api.requests import InferenceRequest, parse
 from butterfly.api.settings import ApiSettings
 from butterfly.metrics.prometheus import CONTENT_TYPE, Metrics
@@ -27,6 +32,10 @@ from butterfly.runtime.tokenizer import TextCodec
 from butterfly.schedule.engine import ClusterHealth, Engine
 from butterfly.schedule.scheduler import Scheduler
 from butterfly.types.tasks import SamplingParams
+
+OPEN = frozenset({"/health"})
+"""Paths served without a token when `api.tokens` is set: a load balancer's probe."""
+OPEN_WITH_METRICS = OPEN | {"/metrics"}  # with api.metrics_public
 
 WaitSeconds = Annotated[float, Query(description="Seconds to wait for the result.")]
 
@@ -44,12 +53,20 @@ def create_app(
     gw = Gateway(scheduler, engine, codec, settings, model_name)
     bearer = BearerAuth(settings.api_tokens)
     auth = Depends(bearer)
-    limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
+    limiter = RateLimiter(
+        settings.rate_limit_per_s, settings.rate_limit_burst, partial(client_key, bearer)
+    )
     limited = Depends(limiter)
     app = FastAPI(title="Butterfly gateway", version="1")
     # retuned at run time by config changes (butterfly.api.live)
     app.state.rate_limiter, app.state.bearer_auth, app.state.gateway = limiter, bearer, gw
     errors.install(app, retry_after_s=settings.retry_after_s)
+
+    def open_paths() -> frozenset[str]:
+        """What needs no token even when tokens are set (read per request: live)."""
+        return OPEN_WITH_METRICS if gw.settings.metrics_public else OPEN
+
+    app.add_middleware(RequireToken, bearer=bearer, open_paths=open_paths)
 
     @app.post("/inference", dependencies=[limited], status_code=202)
     async def inference(request: Request) -> Response:
@@ -58,7 +75,8 @@ def create_app(
         if body.input is not None:
             task = gw.vector_task(body.input, body.priority)
         else:
-            ids = gw.encode(body.prompt) if body.prompt is not None else list(body.input_ids or ())
+            given = body.input_ids or []
+            ids = await gw.encode(body.prompt) if body.prompt is not None else list(given)
             sampling = SamplingParams(body.temperature, body.top_k, body.top_p, body.seed)
             task = gw.token_task(ids, body.max_new_tokens, sampling, body.priority)
         snap = await scheduler.submit(task)
@@ -129,4 +147,4 @@ def health_body(cluster: ClusterHealth, scheduler: Scheduler) -> dict[str, Any]:
     }
 
 
-__all__ = ["create_app", "health_body"]
+__all__ = ["OPEN", "OPEN_WITH_METRICS", "create_app", "health_body"]

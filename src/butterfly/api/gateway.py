@@ -7,7 +7,9 @@ that fails later; and a 202 always names a task the engine can run.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import functools
 import time
 import uuid
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ from butterfly.runtime.tokenizer import TextCodec
 from butterfly.schedule.engine import Engine
 from butterfly.schedule.scheduler import Scheduler, TaskSnapshot
 from butterfly.schedule.state import TaskStatus
-from butterfly.types.errors import ButterflyError, InvalidRequest
+from butterfly.types.errors import ButterflyError, InvalidRequest, PayloadTooLarge
 from butterfly.types.ids import RequestId
 from butterfly.types.tasks import InferenceTask, SamplingParams
 from butterfly.types.wire.agreement import Proof, decode
@@ -40,10 +42,44 @@ class Gateway:
 
     # --- input -------------------------------------------------------------------------
 
-    def encode(self, prompt: str) -> list[int]:
+    @functools.cached_property
+    def longest_token_bytes(self) -> int:
+        """The most UTF-8 bytes any one vocabulary entry spells (0 without a tokenizer)."""
+        if self.codec is None:
+            return 0
+        vocab = self.codec.tokenizer.get_vocab(with_added_tokens=True)
+        return max((len(t.encode()) for t in vocab), default=1)
+
+    def prompt_limit(self) -> int:
+        """The longest prompt text, in UTF-8 bytes, worth tokenizing: `api.max_prompt_bytes`,
+        or by default what the context could hold if every token were the vocabulary's
+        longest (a byte-level BPE token spells at most that many of the prompt's bytes, so
+        a longer prompt cannot fit; a tokenizer that drops text, e.g. whitespace, may
+        need the option set)."""
+        return self.settings.max_prompt_bytes or self.engine.max_context * max(
+            1, self.longest_token_bytes
+        )
+
+    async def encode(self, prompt: str) -> list[int]:
+        """The prompt's token ids; too long a prompt is refused before it is tokenized,
+        and tokenizing runs in a worker thread: a multi-megabyte prompt took seconds, all
+        of them on the event loop, where the node's heartbeats and every other request
+        waited."""
         if self.codec is None:
             raise InvalidRequest("this model has no tokenizer; send `input_ids` instead of text")
-        return self.codec.encode(prompt)
+        limit, size = self.prompt_limit(), len(prompt.encode("utf-8", "surrogatepass"))
+        if size > limit:
+            how = (
+                "api.max_prompt_bytes"
+                if self.settings.max_prompt_bytes
+                else f"the context of {self.engine.max_context} tokens of at most "
+                f"{self.longest_token_bytes} bytes each"
+            )
+            raise PayloadTooLarge(
+                f"the prompt is {size} bytes; this gateway tokenizes at most {limit} bytes "
+                f"({how}): shorten it"
+            )
+        return await asyncio.to_thread(tokenize, self.codec, prompt)
 
     def token_task(
         self,
@@ -56,6 +92,12 @@ class Gateway:
             raise InvalidRequest("this model takes an input vector; send `input`, not tokens")
         if not ids:
             raise InvalidRequest("the prompt is empty: give at least one token")
+        context, limit = self.engine.max_context, self.settings.max_new_tokens_limit
+        if len(ids) >= context:  # before the vocabulary scan: a huge list is refused at once
+            raise InvalidRequest(
+                f"the prompt is {len(ids)} tokens long; the model's context is {context} "
+                f"tokens, which must also hold at least one new token"
+            )
         if self.codec is not None:
             vocab = self.codec.tokenizer.get_vocab_size(with_added_tokens=True)
             bad = [i for i in ids if not 0 <= i < vocab]
@@ -64,12 +106,6 @@ class Gateway:
                     f"input_ids must lie in [0, {vocab}); got {bad[0]}"
                     + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
                 )
-        context, limit = self.engine.max_context, self.settings.max_new_tokens_limit
-        if len(ids) >= context:
-            raise InvalidRequest(
-                f"the prompt is {len(ids)} tokens long; the model's context is {context} "
-                f"tokens, which must also hold at least one new token"
-            )
         if max_new_tokens is None:  # the default, shrunk to what the context leaves room for
             max_new_tokens = min(self.settings.default_max_new_tokens, context - len(ids) + 1)
         if not 1 <= max_new_tokens <= limit:
@@ -143,6 +179,13 @@ class Gateway:
         return JSONResponse(accepted_body(snap), status_code=202)
 
 
+def tokenize(codec: TextCodec, text: str) -> list[int]:
+    """`codec.encode`, through the batch call: the tokenizers library lets go of the GIL
+    only in its batch calls, so in a worker thread this one leaves the event loop
+    running (a single `encode` holds the GIL to the end and stalls the loop anyway)."""
+    return list(codec.tokenizer.encode_batch([text])[0].ids)
+
+
 def new_task_id() -> RequestId:
     return RequestId(uuid.uuid4().hex)
 
@@ -204,4 +247,4 @@ def result_body(snap: TaskSnapshot) -> dict[str, Any]:
     return body
 
 
-__all__ = ["Gateway", "accepted_body", "result_body", "status_body"]
+__all__ = ["Gateway", "accepted_body", "result_body", "status_body", "tokenize"]

@@ -4,6 +4,9 @@
     api.tokens                               the bearer check: the next request (a
                                              removed token gets 401)
     api.rate_limit, api.rate_limit_burst     the rate limiter: the next request
+    api.metrics_public                       the token check: the next request
+    api.max_prompt_bytes                     the prompt size check: the next request
+    api.stream_verified_only                 streams started from then on
     scheduling.max_new_tokens_limit,         the gateway's request limits: the next
       scheduling.default_max_new_tokens      request
     scheduling.policy, max_queue,            the scheduler: waiting tasks are re-ordered
@@ -40,6 +43,9 @@ def retune_app(app: FastAPI, cfg: ButterflyConfig) -> None:
         gw.settings,
         max_new_tokens_limit=s.max_new_tokens_limit,
         default_max_new_tokens=s.default_max_new_tokens,
+        metrics_public=a.metrics_public,
+        max_prompt_bytes=a.max_prompt_bytes,
+        stream_verified_only=a.stream_verified_only,
     )
 
 

@@ -4,6 +4,11 @@
 same limits, same checks); `stream: true` answers with server-sent events, one `data:`
 chunk per piece of new text and `data: [DONE]` at the end, as OpenAI does. A client that
 disconnects mid-stream cancels its task, so abandoned streams do not hold a slot.
+
+Streams tell the truth about verification: text streamed before the audit can be
+withdrawn (a chunk with a `retract` object, then the replacement text from the start),
+or, with `api.stream_verified_only`, held until the result passed its check. Both
+routes take `Authorization: Bearer <token>` when `api.tokens` is set (butterfly.api.guards).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from butterfly.api.errors import error_body
 from butterfly.api.gateway import Gateway
 from butterfly.api.requests import CompletionRequest, parse
 from butterfly.runtime.tokenizer import TextCodec
+from butterfly.schedule.engine import Retraction
 from butterfly.schedule.state import TaskStatus
 from butterfly.types.errors import ButterflyError, InvalidRequest
 from butterfly.types.tasks import SamplingParams
@@ -94,7 +100,7 @@ def router(gw: Gateway, limited: Depends) -> APIRouter:
             )
         if gw.codec is None:
             raise InvalidRequest("this model has no tokenizer, so it has no text completions")
-        ids = gw.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
+        ids = await gw.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
         sampling = SamplingParams(body.temperature, body.top_k, body.top_p, body.seed)
         task = gw.token_task(ids, body.max_tokens, sampling)
         await gw.scheduler.submit(task)
@@ -112,26 +118,58 @@ def router(gw: Gateway, limited: Depends) -> APIRouter:
             "total_tokens": len(ids) + len(out),
         }
         finish = gw.finish_reason(out)
-        return JSONResponse(completion(gw, task.task_id, created, snap.result.text, finish, usage))
+        answer = completion(gw, task.task_id, created, snap.result.text, finish, usage)
+        answer["verified"] = snap.result.verified  # an extension: which check it passed
+        return JSONResponse(answer)
 
     return api
+
+
+def retraction(gw: Gateway, task_id: str, created: int, event: Retraction) -> dict[str, Any]:
+    """The chunk that withdraws all text streamed so far: a completion chunk with no text
+    (a client that does not know it appends nothing) and a `retract` object."""
+    body = completion(gw, task_id, created, "", None)
+    body["retract"] = {"object": "butterfly.retraction", "reason": event.reason}
+    return body
+
+
+HELD = ": held\n\n"
+"""An SSE comment per token held back (`api.stream_verified_only`): clients ignore it,
+and the connection shows progress instead of looking idle to proxies."""
 
 
 async def stream_events(
     gw: Gateway, codec: TextCodec, task_id: str, created: int
 ) -> AsyncIterator[str]:
+    """The task's text as SSE chunks. A re-run that replaces the tokens streamed so far
+    (an audit caught a liar) sends a `retraction` chunk first; with
+    `api.stream_verified_only` no text leaves before the task finished, its check
+    included, and then all of it in one chunk. The last chunk says `verified`."""
+    hold = gw.settings.stream_verified_only
     text = IncrementalText(codec)
     finished = False
     try:
         async for token in gw.scheduler.stream(task_id):
-            delta = text.push(token)
-            if delta:
+            if hold:  # nothing was sent, so a retraction has nothing to withdraw
+                if not isinstance(token, Retraction):
+                    yield HELD
+            elif isinstance(token, Retraction):
+                text = IncrementalText(codec)
+                yield sse(retraction(gw, task_id, created, token))
+            elif delta := text.push(token):
                 yield sse(completion(gw, task_id, created, delta, None))
         snap = await gw.scheduler.snapshot(task_id)
         finished = snap.state.terminal
         if snap.state.status is TaskStatus.COMPLETED:
-            finish = gw.finish_reason(tuple(text.ids))
-            yield sse(completion(gw, task_id, created, text.flush(), finish))
+            result = snap.result
+            out = result.output_ids if result is not None else ()
+            if hold:  # all of it now (the scheduler detokenized it, when it could)
+                rest = result.text if result and result.text else codec.decode([*out])
+            else:
+                rest = text.flush()
+            last = completion(gw, task_id, created, rest, gw.finish_reason(tuple(out)))
+            last["verified"] = result.verified if result is not None else "none"
+            yield sse(last)
         elif finished:
             kind = snap.state.error_type or "task_cancelled"
             yield sse(error_body(kind, snap.state.reason or f"task {task_id} was cancelled"))
@@ -147,4 +185,4 @@ async def stream_events(
                 await gw.scheduler.cancel(task_id)  # suppressed: it finished meanwhile
 
 
-__all__ = ["IncrementalText", "completion", "router"]
+__all__ = ["HELD", "IncrementalText", "completion", "retraction", "router"]

@@ -127,6 +127,10 @@ def infer(
     max_tokens: Annotated[int, typer.Option(help="New tokens to generate.")] = 32,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     json_out: Annotated[bool, typer.Option("--json", help="Print the whole result.")] = False,
+    token: Annotated[
+        str | None,
+        typer.Option("--token", envvar="BUTTERFLY_API_TOKEN", help="Bearer token (api.tokens)."),
+    ] = None,
 ) -> None:
     """Send a prompt to the gateway and print the generated text."""
     body = {
@@ -136,7 +140,8 @@ def infer(
         "wait": True,
     }
     try:
-        r = httpx.post(f"{url}/inference", json=body, timeout=600.0)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        r = httpx.post(f"{url}/inference", json=body, headers=headers, timeout=600.0)
     except httpx.HTTPError as e:
         err.print(f"[red]error:[/red] cannot reach {url}: {e}")
         raise typer.Exit(2) from e

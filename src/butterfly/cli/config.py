@@ -114,10 +114,11 @@ def show(
     json_out: JsonOpt = False,
     secrets: Annotated[bool, typer.Option("--secrets", help="Show api.tokens.")] = False,
     url: UrlOpt = None,
+    token: TokenOpt = None,
 ) -> None:
     """Print the effective config (TOML by default); --hash compares nodes."""
     if url is not None:
-        remote.show(url, hash_only=hash_, json_out=json_out)
+        remote.show(url, hash_only=hash_, json_out=json_out, token=token)
         return
     try:
         cfg = _load(config, set_)
@@ -145,11 +146,13 @@ def history(
     data_dir: DataDirOpt = None,
     json_out: JsonOpt = False,
     url: UrlOpt = None,
+    token: TokenOpt = None,
 ) -> None:
     """List recorded config versions, newest first (with --url: the gateway's)."""
     try:
         if url is not None:
-            rows = remote.call("GET", url, "/api/v1/config/history", limit=str(limit))
+            path = "/api/v1/config/history"
+            rows = remote.call("GET", url, path, token=token, limit=str(limit))
             records = [VersionRecord(**row) for row in rows]
         else:
             with _history(config, data_dir) as h:

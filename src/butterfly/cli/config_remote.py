@@ -100,8 +100,8 @@ def sync(url: str, *, token: str | None) -> None:
         raise typer.Exit(1)
 
 
-def show(url: str, *, hash_only: bool, json_out: bool) -> None:
-    data = call("GET", url, "/api/v1/config")
+def show(url: str, *, hash_only: bool, json_out: bool, token: str | None = None) -> None:
+    data = call("GET", url, "/api/v1/config", token=token)
     if json_out:
         _echo(
             json.dumps(

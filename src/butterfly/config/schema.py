@@ -329,7 +329,24 @@ class ApiConfig(Section):
     rate_limit_burst: int = option(
         200, "Requests a client may burst.", DL, NODE, ge=1, le=10_000_000
     )
-    tokens: tuple[str, ...] = option((), "Bearer tokens allowed to change state.", DL, NODE)
+    tokens: tuple[str, ...] = option(
+        (), "Bearer tokens; when set, every route but /health needs one.", DL, NODE
+    )
+    metrics_public: bool = option(
+        False, "With api.tokens set, serve GET /metrics without a token.", DL, NODE
+    )
+    max_prompt_bytes: int = option(
+        0,
+        "Prompt text over this many UTF-8 bytes gets 413 before it is tokenized; "
+        "0 = the context length times the tokenizer's longest token.",
+        DL,
+        NODE,
+        ge=0,
+        le=2**30,
+    )
+    stream_verified_only: bool = option(
+        False, "Streams send text only once the result passed its check.", DL, NODE
+    )
 
 
 class MetricsConfig(Section):

@@ -27,7 +27,7 @@ from butterfly.net.framing import Envelope
 from butterfly.protocol.proof import Tolerance
 from butterfly.runtime.sampling import make_generator, sample
 from butterfly.runtime.wire import decode_tensor, encode_tensor
-from butterfly.schedule.engine import ClusterHealth, TokenSink
+from butterfly.schedule.engine import ClusterHealth, Retraction, TokenSink
 from butterfly.types.errors import (
     ButterflyError,
     ConnectionFailed,
@@ -405,6 +405,8 @@ class PipelineEngine:
                 if not verdict.liars:
                     log.warning("request %s unverified: %s", request_id, verdict.reason)
                     return result
+                liars = ", ".join(str(n) for n in verdict.liars)
+                on_token(Retraction(f"the audit caught node(s) {liars} lying; computing again"))
                 epoch = self._epoch()  # the chain lied: its node is being evicted; re-run
                 await self._await_plan_change(epoch)
                 await self._release(request_id)

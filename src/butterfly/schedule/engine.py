@@ -16,8 +16,19 @@ from butterfly.types.ids import NodeId, RequestId
 from butterfly.types.model import LayerRange
 from butterfly.types.tasks import InferenceResult, InferenceTask
 
-TokenSink = Callable[[int], None]
-"""Called with each new token id as it is produced (for streaming); must not block."""
+
+@dataclass(frozen=True)
+class Retraction:
+    """Sent to a `TokenSink` when every token it was given so far is withdrawn: the check
+    after the run found them wrong (a liar in the chain) and the request runs again; the
+    tokens that follow replace them, from the first."""
+
+    reason: str
+
+
+TokenSink = Callable[[int | Retraction], None]
+"""Called with each new token id as it is produced (for streaming), and with a
+`Retraction` when those produced so far are withdrawn; must not block."""
 
 
 @dataclass(frozen=True)
@@ -53,9 +64,10 @@ class Engine(Protocol):
     async def run(self, task: InferenceTask, on_token: TokenSink) -> InferenceResult:
         """Run the task to completion. Raises a ButterflyError subclass on failure;
         `asyncio.CancelledError` when the task is cancelled, after freeing its state on
-        every node."""
+        every node. Tokens given to `on_token` that a later check finds wrong are
+        withdrawn with a `Retraction` before their replacements come."""
 
     def health(self) -> ClusterHealth: ...
 
 
-__all__ = ["ClusterHealth", "Engine", "NodeHealth", "RequestId", "TokenSink"]
+__all__ = ["ClusterHealth", "Engine", "NodeHealth", "RequestId", "Retraction", "TokenSink"]

@@ -39,7 +39,7 @@ from butterfly.metrics.events import (
     TokenProduced,
 )
 from butterfly.metrics.events import discard as discard_events
-from butterfly.schedule.engine import Engine
+from butterfly.schedule.engine import Engine, Retraction
 from butterfly.schedule.queue import QueuePolicy, TaskQueue
 from butterfly.schedule.state import (
     DISPATCH,
@@ -104,7 +104,8 @@ class _Live:
     tokens: list[int] = field(default_factory=list)
     last_token_at: float = 0.0
     dispatched: float = 0.0
-    subscribers: list[asyncio.Queue[int | None]] = field(default_factory=list)
+    subscribers: list[asyncio.Queue[int | Retraction | None]] = field(default_factory=list)
+    produced: bool = False  # a token came (a retraction empties `tokens`, not this)
     runner: asyncio.Task[None] | None = None
     cancel_requested: bool = False
     finishing: bool = False  # a terminal state is being committed
@@ -287,16 +288,18 @@ class Scheduler:
                     await live.settled.wait()
         return self._snapshot(live) if live is not None else await self.snapshot(task_id)
 
-    async def stream(self, task_id: str) -> AsyncIterator[int]:
+    async def stream(self, task_id: str) -> AsyncIterator[int | Retraction]:
         """The task's tokens as they are produced, from the first; ends when it finishes
-        (read its final state with `snapshot` then)."""
+        (read its final state with `snapshot` then). A `Retraction` withdraws every token
+        yielded before it (a check found them wrong; the tokens after it replace them);
+        a stream opened after one starts from the tokens that replace them."""
         live = self._live.get(task_id)
         if live is None:
             snap = await self.snapshot(task_id)
             for token in snap.result.output_ids if snap.result else ():
                 yield token
             return
-        inbox: asyncio.Queue[int | None] = asyncio.Queue()
+        inbox: asyncio.Queue[int | Retraction | None] = asyncio.Queue()
         backlog = list(live.tokens)
         live.subscribers.append(inbox)
         if live.settled.is_set():  # the scheduler stopped under it: no more tokens will come
@@ -463,9 +466,15 @@ class Scheduler:
         for inbox in live.subscribers:
             inbox.put_nowait(None)
 
-    def _on_token(self, live: _Live, token: int) -> None:
+    def _on_token(self, live: _Live, token: int | Retraction) -> None:
+        if isinstance(token, Retraction):
+            log.warning("task %s: tokens so far withdrawn (%s)", live.task.task_id, token.reason)
+            live.tokens.clear()
+            for inbox in live.subscribers:
+                inbox.put_nowait(token)
+            return
         now = self._clock()
-        first = not live.tokens
+        first, live.produced = not live.produced, True
         live.tokens.append(token)
         self._emit(TokenProduced(first, now - (live.accepted if first else live.last_token_at)))
         live.last_token_at = now
