@@ -139,11 +139,21 @@ class NetworkConfig(Section):
     max_connections: int = option(100, "Open peer connections at most.", SL, NODE, ge=1, le=10000)
     max_frame_bytes: int = option(
         256 * 2**20,
-        "Largest peer frame accepted; bigger ones are dropped.",
+        "Largest peer frame; larger messages travel as several frames.",
         SC,
         CLUSTER,
         ge=2**16,
-        le=2**32,
+        le=2**32 - 1,
+    )
+    max_message_bytes: int = option(
+        2**30,
+        "Largest peer message (chunked above max_frame_bytes); larger ones are refused "
+        "by their sender, naming this option. 1 GiB holds the audit reply of a "
+        "4096-token generation on the small model several times over.",
+        SC,
+        CLUSTER,
+        ge=2**16,
+        le=2**40,
     )
     connect_timeout_ms: int = option(
         2000, "Give up dialing a peer after this.", SL, NODE, ge=1, le=600_000

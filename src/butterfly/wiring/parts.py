@@ -88,7 +88,7 @@ def stage_server(
         torch_thread=torch_thread,
         node=me,
         model_dir=model_dir,
-        max_tensor_bytes=cfg.network.max_frame_bytes,
+        max_tensor_bytes=cfg.network.max_message_bytes,
         prover=Prover(me, key, byz.fingerprint_top_k, byz.fingerprint_chunk) if verify else None,
         snapshot_every=snapshot_every(cfg),
         # the audit takes the gateway's own stage as computed (dataplane.audit)
@@ -172,7 +172,7 @@ def engine(
             keys=keys,
             referee=Referee(model_dir, torch_thread),
             tolerance=tolerance,
-            max_tensor_bytes=cfg.network.max_frame_bytes,
+            max_tensor_bytes=cfg.network.max_message_bytes,
             gateway=me,
             own_outputs=server.outputs_of,
         )
@@ -203,7 +203,7 @@ def engine(
         input_kind=family.input_kind,
         eos_ids=codec.eos_ids if codec else frozenset(),
         step_timeout_s=step_timeout_s(config),
-        max_tensor_bytes=cfg.network.max_frame_bytes,
+        max_tensor_bytes=cfg.network.max_message_bytes,
         auditor=auditor,
         audit_fraction=byz.audit_fraction,
         on_liars=on_liars,
