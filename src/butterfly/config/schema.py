@@ -314,6 +314,23 @@ class ResourcesConfig(Section):
     disk_limit_bytes: int = option(
         0, "Disk for checkpoints; 0 = no limit.", SL, NODE, ge=0, le=2**53
     )
+    max_kv_caches: int = option(
+        1024,
+        "KV caches (one per request) a node holds at most; beyond, the least recently "
+        "used goes and its request replays. Keep it above the requests in flight.",
+        SL,
+        NODE,
+        ge=1,
+        le=1_000_000,
+    )
+    kv_cache_ttl_s: int = option(
+        600,
+        "A KV cache unused this long is dropped (a lost release, a vanished gateway).",
+        SL,
+        NODE,
+        ge=1,
+        le=604_800,
+    )
 
 
 class ModelConfig(Section):

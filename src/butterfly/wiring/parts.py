@@ -93,6 +93,8 @@ def stage_server(
         snapshot_every=snapshot_every(cfg),
         # the audit takes the gateway's own stage as computed (dataplane.audit)
         keep_outputs=me == GATEWAY and verify and byz.verification == "audit",
+        max_caches=cfg.resources.max_kv_caches,
+        cache_ttl_s=cfg.resources.kv_cache_ttl_s,
     )
 
 
