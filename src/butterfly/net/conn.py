@@ -94,7 +94,8 @@ class Connection:
         self._chunks = Reassembly(self._max_message)
         self._streams = itertools.count(1)
         self._chunking = asyncio.Lock()  # one chunked message at a time on this socket
-        self._slots = asyncio.Semaphore(max_handlers)
+        # a counter and an event, not a semaphore: no coroutine per frame while there is room
+        self._max_handlers, self._room = max(1, max_handlers), asyncio.Event()
         self._compress_from, self._send_timeout = compression_min_bytes, send_timeout_s
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Envelope]] = {}
@@ -180,16 +181,6 @@ class Connection:
             )
         return decode_frame(await self._reader.readexactly(length), self._max_frame)
 
-    async def read_message(self) -> Envelope:
-        """One message: a frame, or a chunked message put back together."""
-        while True:
-            env = await self.read_frame()
-            if not isinstance(env.msg, Chunk):
-                return env
-            whole = self._chunks.add(env.msg, env.payload)
-            if whole is not None:
-                return decode_frame(whole, self._max_message)
-
     async def run(self) -> None:
         """Read until the peer goes away or misbehaves; the caller owns this task.
 
@@ -199,7 +190,12 @@ class Connection:
         holds up the reply one of them waits for."""
         try:
             while True:
-                env = await self.read_message()
+                env = await self.read_frame()
+                if isinstance(env.msg, Chunk):  # a piece of a message over the frame limit
+                    whole = self._chunks.add(env.msg, env.payload)
+                    if whole is None:
+                        continue
+                    env = decode_frame(whole, self._max_message)
                 self._emit(MessageReceived(kind=env.msg.kind, size_bytes=len(env.payload)))
                 if env.payload:
                     self._emit(BytesTransferred(len(env.payload), self.peer))
@@ -208,7 +204,9 @@ class Connection:
                     if fut is not None and not fut.done():
                         fut.set_result(env)
                     continue
-                await self._slots.acquire()  # backpressure: stop reading until one ends
+                while len(self._tasks) >= self._max_handlers:  # backpressure: stop reading
+                    self._room.clear()
+                    await self._room.wait()
                 task = asyncio.create_task(self._handle(env))
                 self._tasks.add(task)
                 task.add_done_callback(self._handled)
@@ -228,7 +226,7 @@ class Connection:
 
     def _handled(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        self._slots.release()
+        self._room.set()
 
     @property
     def handlers_running(self) -> int:
