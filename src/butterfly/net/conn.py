@@ -228,10 +228,6 @@ class Connection:
         self._tasks.discard(task)
         self._room.set()
 
-    @property
-    def handlers_running(self) -> int:
-        return len(self._tasks)
-
     async def _handle(self, env: Envelope) -> None:
         try:
             reply = await self._handler(self.peer, env)
