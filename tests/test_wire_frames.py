@@ -32,6 +32,7 @@ from butterfly.types.wire.data import (
     AuditRequest,
     CacheLengths,
     CacheQuery,
+    Chunk,
     KvAppend,
     Ping,
     Pong,
@@ -70,6 +71,7 @@ SAMPLES: list[Message] = [
     ConfigStatusQuery(True),
     ConfigStatus(N1, 3, "h" * 64, "c" * 64, 4, "", 0),
     ConfigSync(),
+    Chunk(1, 0, 1 << 20, False),
 ]
 
 
@@ -87,7 +89,7 @@ def frame(msg: Message, **header: object) -> bytes:
 
 def test_every_frame_kind_has_a_sample_and_round_trips() -> None:
     assert {type(m) for m in SAMPLES} == set(MESSAGE_TYPES.values())
-    assert len(MESSAGE_TYPES) == len(typing.get_args(Message)) == 24
+    assert len(MESSAGE_TYPES) == len(typing.get_args(Message)) == 25
     for msg in SAMPLES:
         env = decode_frame(frame(msg), 1 << 20)
         assert env.msg == msg and type(env.msg) is type(msg)

@@ -215,7 +215,7 @@ class AgreementDriver:
             self._evidence_seen += 1
         while self._delivered < state.last_executed:
             self._delivered += 1
-            entry = state.executed[self._delivered - 1]
+            entry = pbft.entry_at(state, self._delivered)
             self._emit(ConsensusRound())
             request = entry.request
             if request is None:
@@ -225,6 +225,7 @@ class AgreementDriver:
                 continue
             self._ran.add(key)
             self._commits.put_nowait((self._delivered, request.operation, key))
+        pbft.prune(state, self._delivered)  # what every replica has past its checkpoint
 
     # --- proposing --------------------------------------------------------------------
 

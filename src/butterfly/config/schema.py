@@ -139,11 +139,21 @@ class NetworkConfig(Section):
     max_connections: int = option(100, "Open peer connections at most.", SL, NODE, ge=1, le=10000)
     max_frame_bytes: int = option(
         256 * 2**20,
-        "Largest peer frame accepted; bigger ones are dropped.",
+        "Largest peer frame; larger messages travel as several frames.",
         SC,
         CLUSTER,
         ge=2**16,
-        le=2**32,
+        le=2**32 - 1,
+    )
+    max_message_bytes: int = option(
+        2**30,
+        "Largest peer message (chunked above max_frame_bytes); larger ones are refused "
+        "by their sender, naming this option. 1 GiB holds the audit reply of a "
+        "4096-token generation on the small model several times over.",
+        SC,
+        CLUSTER,
+        ge=2**16,
+        le=2**40,
     )
     connect_timeout_ms: int = option(
         2000, "Give up dialing a peer after this.", SL, NODE, ge=1, le=600_000
@@ -303,6 +313,23 @@ class ResourcesConfig(Section):
     gpu_device_ids: tuple[int, ...] = option((), "GPUs this node may use.", SL, NODE)
     disk_limit_bytes: int = option(
         0, "Disk for checkpoints; 0 = no limit.", SL, NODE, ge=0, le=2**53
+    )
+    max_kv_caches: int = option(
+        1024,
+        "KV caches (one per request) a node holds at most; beyond, the least recently "
+        "used goes and its request replays. Keep it above the requests in flight.",
+        SL,
+        NODE,
+        ge=1,
+        le=1_000_000,
+    )
+    kv_cache_ttl_s: int = option(
+        600,
+        "A KV cache unused this long is dropped (a lost release, a vanished gateway).",
+        SL,
+        NODE,
+        ge=1,
+        le=604_800,
     )
 
 

@@ -48,13 +48,13 @@ class StageRoutes:
         try:
             await self._deliver(out.peer, out.msg, out.payload)
         except ButterflyError as e:  # the next stage is gone: tell the gateway now
-            lost = StepError(
+            lost = StepError(  # or the output cannot be sent at all (over the message limit)
                 msg.request_ids,
                 msg.steps,
                 self.node,
-                "stage_lost",
-                f"node {out.peer} unreachable: {e}",
-                True,
+                "stage_lost" if e.retriable else e.kind,
+                f"node {out.peer} unreachable: {e}" if e.retriable else str(e),
+                e.retriable,
             )
             await self._deliver(NodeId(msg.reply_to), lost, b"")
             return None

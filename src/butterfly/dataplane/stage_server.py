@@ -11,6 +11,12 @@ few tokens run on the event loop itself when the worker is idle: the hand-off to
 worker and back cost two thread wake-ups per stage and token, more than the few
 milliseconds the loop then waits (see docs/PERFORMANCE.md). Heartbeats have threads of
 their own (control.heartbeats), so neither delays them.
+
+KV caches are bounded whatever the gateway does: at most `max_caches` per node (the
+least recently used one goes when a new one would pass the cap) and none idle longer
+than `cache_ttl_s`, so a lost or withheld `Release` costs memory for a while, not for
+ever. A request whose cache went that way gets a retriable error on its next step
+naming why; the gateway then replays it from its token history.
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +78,10 @@ def _prefill_groups(
 
 EARLY_STEP_WAIT_S = 10.0
 """How long a step for an epoch this node has not reached waits for that plan."""
+MAX_CACHES = 1024
+CACHE_TTL_S = 600.0
+EVICTIONS_REMEMBERED = 4096
+"""Evicted request ids kept to explain a later step's missing cache; the oldest go first."""
 
 
 @dataclass(frozen=True)
@@ -92,13 +105,17 @@ class StageServer:
         prover: Prover | None = None,
         snapshot_every: int = 0,
         keep_outputs: bool = False,
+        max_caches: int = MAX_CACHES,
+        cache_ttl_s: float = CACHE_TTL_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`torch_thread`: the process's one thread for torch (runtime.torch_thread).
         `snapshot_every`: tokens between KV-cache copies sent to the
         standbys of this node's range (0: never). `keep_outputs`: keep what this stage
         computed for each request until it is released (`outputs_of`), on the gateway,
         whose own stage the audit takes as computed instead of asking a replica to re-run
-        it."""
+        it. `max_caches`, `cache_ttl_s`: the bounds on KV caches (resources.max_kv_caches,
+        resources.kv_cache_ttl_s), timed by `clock`."""
         self.prover = prover
         self._keep_outputs = keep_outputs
         # request -> (start, output) of each step, in position order
@@ -112,6 +129,9 @@ class StageServer:
         self.stage: Stage | None = None
         self.plan: StagePlan | None = None
         self.caches: dict[RequestId, KVCache | None] = {}
+        self._max_caches, self._ttl, self._clock = max(1, max_caches), cache_ttl_s, clock
+        self._used: OrderedDict[RequestId, float] = OrderedDict()  # least recent first
+        self._evicted: OrderedDict[RequestId, str] = OrderedDict()  # request -> why
 
     @property
     def epoch(self) -> Epoch:
@@ -139,6 +159,7 @@ class StageServer:
             layers = plan.layers_of(self.node)
             if self.stage is None or layers is None or self.stage.layers != layers:
                 self.caches.clear()  # caches of other layers are useless; same layers keep theirs
+                self._used.clear()
             if layers is not None and (self.stage is None or self.stage.layers != layers):
 
                 def load() -> Stage:  # one thread: every survivor of a failure loads at once
@@ -172,8 +193,45 @@ class StageServer:
 
     def release(self, request_id: RequestId) -> None:
         self.caches.pop(request_id, None)
+        self._used.pop(request_id, None)
         self._shipped.pop(request_id, None)
         self._kept.pop(request_id, None)
+
+    def _touch(self, request_id: RequestId) -> None:
+        self._used[request_id] = self._clock()
+        self._used.move_to_end(request_id)
+
+    def _evict(self, request_id: RequestId, why: str) -> None:
+        log.warning("node %s: KV cache of %s evicted: %s", self.node, request_id, why)
+        self.release(request_id)
+        self._evicted[request_id] = why
+        self._evicted.move_to_end(request_id)
+        while len(self._evicted) > EVICTIONS_REMEMBERED:
+            self._evicted.popitem(last=False)
+
+    def expire(self) -> int:
+        """Drop the caches idle longer than the TTL (a lost Release, a gateway that went
+        away); how many went."""
+        now, gone = self._clock(), 0
+        while self._used:
+            rid, used = next(iter(self._used.items()))
+            if now - used <= self._ttl:
+                break
+            self._evict(rid, f"idle for {now - used:.0f} s (resources.kv_cache_ttl_s)")
+            gone += 1
+        return gone
+
+    def _make_room(self, keep: Iterable[RequestId]) -> None:
+        """Before a new cache: expire idle ones, then evict the least recently used until
+        one more fits, never one of `keep` (the step being computed uses them)."""
+        self.expire()
+        spare = set(keep)
+        for rid in [r for r in self._used if r not in spare]:
+            if len(self.caches) < self._max_caches:
+                return
+            self._evict(
+                rid, f"{self._max_caches} caches held (resources.max_kv_caches); least recent"
+            )
 
     def outputs_of(
         self, request_id: RequestId, layers: LayerRange, length: int
@@ -239,6 +297,7 @@ class StageServer:
         if cache is None:
             if msg.start != 0:
                 return
+            self._make_room((msg.request_id,))
             cache = stage.new_cache()
             if cache is None:
                 return
@@ -251,6 +310,7 @@ class StageServer:
             log.warning("KV copy of %s refused: %s", msg.request_id, e)
             return
         self.caches[msg.request_id] = cache
+        self._touch(msg.request_id)
 
     def cache_lengths(self, query: CacheQuery) -> CacheLengths:
         lengths = []
@@ -310,16 +370,28 @@ class StageServer:
             raise InvalidMessage(f"step covers {sum(msg.lengths)} tokens, input has {x.shape[1]}")
         return stage
 
-    def _cache_for(self, stage: Stage, request_id: RequestId, start: int) -> KVCache | None:
+    def _cache_for(
+        self, stage: Stage, request_id: RequestId, start: int, batch: tuple[RequestId, ...]
+    ) -> KVCache | None:
         """The request's cache, cut back to `start` (a re-run after recovery recomputes
-        from there); a request's first step creates it."""
+        from there); a request's first step creates it. `batch`: the step's requests,
+        whose caches making room for this one must not take."""
         if request_id not in self.caches:
             if start != 0:
+                why = self._evicted.get(request_id)
+                if why is not None:  # the gateway replays it from its token history
+                    raise StageLost(
+                        f"request {request_id}'s KV cache on node {self.node} was evicted "
+                        f"({why}); replay it from position 0"
+                    )
                 raise InvalidMessage(
                     f"request {request_id} has no KV cache on node {self.node} "
                     f"to continue at position {start}"
                 )
+            self._make_room(batch)
+            self._evicted.pop(request_id, None)
             self.caches[request_id] = stage.new_cache()
+        self._touch(request_id)
         cache = self.caches[request_id]
         if cache is not None:
             if start > cache.length:
@@ -345,7 +417,7 @@ class StageServer:
         x = decode_tensor(payload, self._max_tensor_bytes)
         stage = self._check_step(msg, epoch, x)
         caches = [
-            self._cache_for(stage, rid, start)
+            self._cache_for(stage, rid, start, msg.request_ids)
             for rid, start in zip(msg.request_ids, msg.starts, strict=True)
         ]
         offsets = [sum(msg.lengths[:i]) for i in range(len(msg.lengths))]

@@ -3,6 +3,15 @@
 Modelled on aiokafka's `conn.py`: every request gets a correlation id and a future; the
 single reader task resolves replies and hands everything else to the handler; `close`
 fails every pending request with a typed, retriable error so callers can re-route.
+
+A message larger than one frame goes out as chunks (net.framing) and is reassembled here
+before any handler sees it. A peer that breaks the chunk rules or declares a message over
+the limit is disconnected: the connection to that peer is the one closed and the one
+counted, so its pending requests fail at once instead of timing out on someone else.
+
+Handlers run as tasks, at most `max_handlers` at a time per connection: with that many
+running, the reader stops reading, the socket's buffers fill and TCP slows the sender
+down. A peer flooding frames holds at most that many tasks and one frame in memory.
 """
 
 from __future__ import annotations
@@ -19,10 +28,24 @@ from butterfly.metrics.events import (
     MessageDropped,
     MessageReceived,
     MessageSent,
+    PeerError,
 )
-from butterfly.net.framing import LENGTH, Envelope, decode_frame, encode_frame
-from butterfly.types.errors import ConnectionFailed, SendTimeout, WireFormatError
+from butterfly.net.framing import (
+    LENGTH,
+    Envelope,
+    Reassembly,
+    chunk_frames,
+    decode_frame,
+    encode_frame,
+)
+from butterfly.types.errors import (
+    ConnectionFailed,
+    MessageTooLarge,
+    SendTimeout,
+    WireFormatError,
+)
 from butterfly.types.ids import Epoch, NodeId
+from butterfly.types.wire.data import Chunk
 from butterfly.types.wire.frames import Message
 
 log = logging.getLogger(__name__)
@@ -32,6 +55,11 @@ Reply = tuple[Message, bytes]
 # `write` (frames never interleave), and awaiting `drain` on every small frame cost a
 # coroutine round per frame for nothing while the buffer is empty.
 DRAIN_ABOVE = 256 * 1024
+MAX_HANDLERS = 64
+"""Handlers in flight per connection. Steps of one peer are batched (one frame carries a
+whole batch) and torch runs one job at a time, so a well-behaved peer rarely has more
+than a few in flight; 64 leaves room for a burst of votes, releases and results while a
+flooding peer costs at most 64 tasks."""
 Handler = Callable[[NodeId, Envelope], Awaitable[Reply | None]]
 """Serves one incoming frame, given the peer the connection authenticated (its handshake
 named it; never the sender the frame claims) and the frame."""
@@ -50,14 +78,24 @@ class Connection:
         handler: Handler,
         emit: Emit,
         max_frame: int,
+        max_message: int = 0,
+        max_handlers: int = MAX_HANDLERS,
         compression: str = "",
         compression_min_bytes: int = 0,
         send_timeout_s: float = 1.0,
     ) -> None:
+        """`max_message`: largest message, chunked beyond `max_frame` (at least that; 0 =
+        no message above one frame)."""
         self.peer, self.node, self.cluster_id = peer, node, cluster_id
         self._reader, self._writer = reader, writer
         self._epoch, self._handler, self._emit = epoch, handler, emit
         self._max_frame, self._compression = max_frame, compression
+        self._max_message = max(max_message, max_frame)
+        self._chunks = Reassembly(self._max_message)
+        self._streams = itertools.count(1)
+        self._chunking = asyncio.Lock()  # one chunked message at a time on this socket
+        # a counter and an event, not a semaphore: no coroutine per frame while there is room
+        self._max_handlers, self._room = max(1, max_handlers), asyncio.Event()
         self._compress_from, self._send_timeout = compression_min_bytes, send_timeout_s
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Envelope]] = {}
@@ -74,12 +112,13 @@ class Connection:
         small = len(payload) < self._compress_from
         frame = encode_frame(env, "" if small else self._compression)
         try:
-            if self._writer.is_closing():
-                raise ConnectionResetError("the socket is closing")
-            self._writer.write(frame)
-            if self._writer.transport.get_write_buffer_size() > DRAIN_ABOVE:
-                async with asyncio.timeout(self._send_timeout):
-                    await self._writer.drain()
+            if len(frame) - LENGTH.size <= self._max_frame:
+                self._write(frame)
+                if self._writer.transport.get_write_buffer_size() > DRAIN_ABOVE:
+                    async with asyncio.timeout(self._send_timeout):
+                        await self._writer.drain()
+            else:
+                await self._send_chunked(env, frame)
         except TimeoutError:
             self.close(f"the peer took no data for {self._send_timeout:.1f} s")
             raise SendTimeout(
@@ -92,6 +131,29 @@ class Connection:
         self._emit(MessageSent(kind=msg.kind, size_bytes=len(frame)))
         if payload:
             self._emit(BytesTransferred(len(payload), self.peer))
+
+    def _write(self, frame: bytes) -> None:
+        if self._writer.is_closing():
+            raise ConnectionResetError("the socket is closing")
+        self._writer.write(frame)
+
+    async def _send_chunked(self, env: Envelope, frame: bytes) -> None:
+        """Write a message over the frame limit as chunks, draining as the buffer fills,
+        so a large message occupies one piece of buffer at a time. Raises
+        MessageTooLarge before writing anything when the peer would refuse it."""
+        frames = chunk_frames(
+            env,
+            frame,
+            stream=next(self._streams),
+            max_frame=self._max_frame,
+            max_message=self._max_message,
+        )
+        async with self._chunking:
+            for piece in frames:
+                self._write(piece)
+                if self._writer.transport.get_write_buffer_size() > DRAIN_ABOVE:
+                    async with asyncio.timeout(self._send_timeout):
+                        await self._writer.drain()
 
     async def request(self, msg: Message, payload: bytes = b"", *, timeout: float) -> Envelope:
         corr = next(self._ids)
@@ -112,14 +174,28 @@ class Connection:
         """One frame, with the size limit checked before the body is read."""
         (length,) = LENGTH.unpack(await self._reader.readexactly(LENGTH.size))
         if length > self._max_frame:
-            raise WireFormatError(f"frame of {length} bytes exceeds the limit of {self._max_frame}")
+            raise MessageTooLarge(
+                f"frame of {length} bytes exceeds the limit of {self._max_frame} "
+                "(network.max_frame_bytes)",
+                blame=self.peer,
+            )
         return decode_frame(await self._reader.readexactly(length), self._max_frame)
 
     async def run(self) -> None:
-        """Read until the peer goes away or misbehaves; the caller owns this task."""
+        """Read until the peer goes away or misbehaves; the caller owns this task.
+
+        Replies are taken without waiting for a handler slot; only frames that need a
+        handler wait. Replies to this node's requests come back on the connection it
+        opened, whose peer sends it nothing else, so a full set of handlers here never
+        holds up the reply one of them waits for."""
         try:
             while True:
                 env = await self.read_frame()
+                if isinstance(env.msg, Chunk):  # a piece of a message over the frame limit
+                    whole = self._chunks.add(env.msg, env.payload)
+                    if whole is None:
+                        continue
+                    env = decode_frame(whole, self._max_message)
                 self._emit(MessageReceived(kind=env.msg.kind, size_bytes=len(env.payload)))
                 if env.payload:
                     self._emit(BytesTransferred(len(env.payload), self.peer))
@@ -128,9 +204,17 @@ class Connection:
                     if fut is not None and not fut.done():
                         fut.set_result(env)
                     continue
+                while len(self._tasks) >= self._max_handlers:  # backpressure: stop reading
+                    self._room.clear()
+                    await self._room.wait()
                 task = asyncio.create_task(self._handle(env))
                 self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                task.add_done_callback(self._handled)
+        except MessageTooLarge as e:  # counted against the sender, never the next node
+            self._emit(MessageDropped(reason="oversized"))
+            self._emit(PeerError(node=self.peer, error=e.kind, retriable=False))
+            log.warning("dropping connection from node %s: %s", self.peer, e)
+            self.close(f"node {self.peer} sent an oversized message: {e}")
         except WireFormatError as e:
             self._emit(MessageDropped(reason="malformed"))
             log.warning("dropping connection from node %s: %s", self.peer, e)
@@ -140,6 +224,10 @@ class Connection:
         finally:
             self.close(self.close_reason or "reader stopped")
 
+    def _handled(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._room.set()
+
     async def _handle(self, env: Envelope) -> None:
         try:
             reply = await self._handler(self.peer, env)
@@ -147,6 +235,9 @@ class Connection:
                 await self.send(reply[0], reply[1], corr_id=env.corr_id, reply=True)
         except ConnectionFailed:
             pass
+        except MessageTooLarge as e:  # the asker would wait out its timeout and blame us
+            log.error("reply to %s from node %s not sent: %s", env.msg.kind, self.peer, e)
+            self.close(f"a reply over the message limit: {e}")
         except Exception:
             log.exception("handler failed on %s from node %s", env.msg.kind, env.sender)
 

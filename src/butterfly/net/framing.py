@@ -6,6 +6,13 @@
 
 The length is checked against the frame limit before a byte of the frame is read, and
 the header is decoded with msgpack only (never pickle), then validated field by field.
+
+A message whose frame would exceed the frame limit (a long prompt's activations, a KV
+copy, an audit reply of a long generation) travels as `Chunk` frames: its encoded frame
+cut into pieces that each fit, with a stream number, an index, the total size and a final
+flag. The total is declared by the first piece and checked against the message limit
+(network.max_message_bytes) before anything is buffered, and the buffer only grows as
+bytes arrive; one message up to the frame limit is still exactly one frame.
 """
 
 from __future__ import annotations
@@ -17,9 +24,10 @@ from typing import Any, TypeVar, cast
 import lz4.frame
 import msgpack
 
-from butterfly.types.errors import InvalidMessage, WireFormatError
+from butterfly.types.errors import InvalidMessage, MessageTooLarge, WireFormatError
 from butterfly.types.ids import Epoch, NodeId
 from butterfly.types.wire.base import PROTOCOL_VERSION, Ask, reply_type
+from butterfly.types.wire.data import Chunk
 from butterfly.types.wire.frames import Message, from_body, to_body
 
 R = TypeVar("R")
@@ -28,6 +36,10 @@ LENGTH = struct.Struct(">I")
 HEADER_LENGTH = struct.Struct(">H")
 MAX_HEADER = 64 * 1024
 COMPRESSIONS = ("", "lz4")
+CHUNK_OVERHEAD = 512
+"""Bytes of a chunk frame that are not the piece: the length prefixes and its header
+(the envelope fields, a cluster id of at most 64 characters, four small integers) take
+under 200; the rest is margin."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,3 +148,85 @@ def answer_to(request: Ask[R], reply: Message, peer: NodeId) -> R:
             blame=peer,
         )
     return cast(R, reply)
+
+
+def chunk_frames(
+    env: Envelope, frame: bytes, *, stream: int, max_frame: int, max_message: int
+) -> list[bytes]:
+    """`frame` (the encoding of `env`, too large for one frame) as chunk frames, each at
+    most `max_frame` bytes after its length prefix. Raises MessageTooLarge, naming the
+    limit, when the message is over `max_message`: the peer would refuse it, so it is
+    never sent."""
+    whole = memoryview(frame)[LENGTH.size :]
+    total = len(whole)
+    if total > max_message:
+        raise MessageTooLarge(
+            f"{env.msg.kind} of {total} bytes exceeds network.max_message_bytes "
+            f"({max_message}); raise it on every node or send less"
+        )
+    piece = max_frame - CHUNK_OVERHEAD
+    if piece < 1:
+        raise WireFormatError(f"frame limit {max_frame} leaves no room for a chunk")
+    out: list[bytes] = []
+    for index, at in enumerate(range(0, total, piece)):
+        part = bytes(whole[at : at + piece])
+        final = at + piece >= total
+        chunk = Chunk(stream, index, total, final)
+        env_c = Envelope(chunk, env.sender, env.epoch, env.cluster_id, 0, False, part)
+        out.append(encode_frame(env_c))
+    return out
+
+
+class Reassembly:
+    """The chunked message a connection is receiving, at most one at a time: a sender
+    writes one chunked message per connection at a time (other frames may come between
+    its chunks). Any departure from that is the sender's fault, raised as
+    WireFormatError (MessageTooLarge for a declared size over the limit)."""
+
+    def __init__(self, max_message: int) -> None:
+        self.max_message = max_message
+        self._stream: int | None = None
+        self._parts: list[bytes] = []
+        self._received = 0
+        self._total = 0
+        self._next = 0
+
+    @property
+    def buffered(self) -> int:
+        return self._received
+
+    def add(self, chunk: Chunk, piece: bytes) -> bytes | None:
+        """Take one chunk; the whole encoded message (what follows a frame's length
+        prefix) once its final chunk is in, else None."""
+        if self._stream is None:
+            if chunk.index != 0:
+                raise WireFormatError(f"chunk {chunk.index} of stream {chunk.stream} has no start")
+            if chunk.total > self.max_message:
+                raise MessageTooLarge(
+                    f"a chunked message of {chunk.total} bytes exceeds "
+                    f"network.max_message_bytes ({self.max_message})"
+                )
+            self._stream, self._total = chunk.stream, chunk.total
+        elif (chunk.stream, chunk.index, chunk.total) != (self._stream, self._next, self._total):
+            raise WireFormatError(
+                f"chunk {chunk.index} of stream {chunk.stream} arrived while stream "
+                f"{self._stream} waits for chunk {self._next}"
+            )
+        self._received += len(piece)
+        if not piece or self._received > self._total:
+            raise WireFormatError(
+                f"chunk stream {chunk.stream} overruns its declared {self._total} bytes"
+            )
+        complete = self._received == self._total
+        if chunk.final != complete:
+            raise WireFormatError(
+                f"chunk stream {chunk.stream}: final flag {chunk.final} at "
+                f"{self._received} of {self._total} bytes"
+            )
+        self._parts.append(piece)
+        self._next += 1
+        if not complete:
+            return None
+        whole = b"".join(self._parts)
+        self._stream, self._parts, self._received, self._total, self._next = None, [], 0, 0, 0
+        return whole

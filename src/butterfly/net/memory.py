@@ -1,8 +1,9 @@
 """The in-memory transport: N nodes in one process, for component tests.
 
-Frames go through the same encoder and decoder as on TCP, so a message that would not
-survive the wire does not survive here either. Delivery is asynchronous (a task per
-frame), like a network: a sender never runs the receiver's handler on its own stack.
+Frames go through the same encoder and decoder as on TCP, chunked above the frame limit
+as on TCP, so a message that would not survive the wire does not survive here either.
+Delivery is asynchronous (a task per frame), like a network: a sender never runs the
+receiver's handler on its own stack.
 """
 
 from __future__ import annotations
@@ -20,14 +21,17 @@ from butterfly.net.conn import Handler
 from butterfly.net.framing import (
     LENGTH,
     Envelope,
+    Reassembly,
     answer_to,
     as_message,
+    chunk_frames,
     decode_frame,
     encode_frame,
 )
-from butterfly.types.errors import ConnectionFailed, SendTimeout
+from butterfly.types.errors import ConnectionFailed, SendTimeout, WireFormatError
 from butterfly.types.ids import Epoch, NodeId
 from butterfly.types.wire.base import Ask
+from butterfly.types.wire.data import Chunk
 from butterfly.types.wire.frames import Message
 
 log = logging.getLogger(__name__)
@@ -42,6 +46,8 @@ class MemoryNetwork:
     cluster_id: str = "test"
     nodes: dict[NodeId, MemoryTransport] = field(default_factory=dict)
     down: set[NodeId] = field(default_factory=set)
+    max_frame_bytes: int = 256 * 2**20  # network.max_frame_bytes: larger ones are chunked
+    max_message_bytes: int = 2**30  # network.max_message_bytes
 
     def transport(
         self, node: NodeId, emit: Emit, epoch: Callable[[], Epoch] = lambda: FIRST_EPOCH
@@ -77,11 +83,33 @@ class MemoryTransport:
         target = self.net.nodes.get(peer)
         if target is None or peer in self.net.down or self.node in self.net.down:
             raise ConnectionFailed(f"node {peer} is unreachable")
-        frame = encode_frame(env)
-        received = decode_frame(frame[LENGTH.size :], len(frame))
+        received = self._wire(env)
         task = asyncio.create_task(target._receive(self.node, received))
         target._tasks.add(task)
         task.add_done_callback(target._tasks.discard)
+
+    def _wire(self, env: Envelope) -> Envelope:
+        """`env` as the peer would read it off a socket: one frame, or its chunks put
+        back together."""
+        net = self.net
+        frame = encode_frame(env)
+        if len(frame) - LENGTH.size <= net.max_frame_bytes:
+            return decode_frame(frame[LENGTH.size :], net.max_frame_bytes)
+        chunks = chunk_frames(
+            env,
+            frame,
+            stream=next(self._ids),
+            max_frame=net.max_frame_bytes,
+            max_message=net.max_message_bytes,
+        )
+        whole, reassembly = None, Reassembly(net.max_message_bytes)
+        for piece in chunks:
+            chunk = decode_frame(piece[LENGTH.size :], net.max_frame_bytes)
+            assert isinstance(chunk.msg, Chunk)  # chunk_frames made it
+            whole = reassembly.add(chunk.msg, chunk.payload)
+        if whole is None:
+            raise WireFormatError(f"{env.msg.kind}: chunks ended before the message")
+        return decode_frame(whole, net.max_message_bytes)
 
     async def _receive(self, peer: NodeId, env: Envelope) -> None:
         """`peer`: the sending transport's node, what a TCP handshake would have named."""

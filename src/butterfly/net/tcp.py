@@ -27,7 +27,7 @@ from tenacity import (
 
 from butterfly.metrics.events import Emit, MessageDropped
 from butterfly.net.breaker import CircuitBreaker
-from butterfly.net.conn import Connection, Handler
+from butterfly.net.conn import MAX_HANDLERS, Connection, Handler
 from butterfly.net.framing import Envelope, answer_to, as_message
 from butterfly.net.tls import TlsContexts, cert_node, node_name
 from butterfly.types.errors import CircuitOpen, ConnectionFailed, InvalidMessage, WireFormatError
@@ -53,6 +53,8 @@ class Identity:
 @dataclass(frozen=True)
 class TransportLimits:
     max_frame_bytes: int = 256 * 1024 * 1024
+    max_message_bytes: int = 1024 * 1024 * 1024  # larger than a frame: sent in chunks
+    max_handlers: int = MAX_HANDLERS  # per connection; the reader waits beyond
     connect_timeout_s: float = 2.0
     connect_attempts: int = 3
     retry_backoff_s: float = 0.05  # first wait between connect attempts, doubled each time
@@ -142,6 +144,8 @@ class TcpTransport:
             handler=self._handler,
             emit=self._emit,
             max_frame=self.limits.max_frame_bytes,
+            max_message=self.limits.max_message_bytes,
+            max_handlers=self.limits.max_handlers,
             compression=self.limits.compression,
             compression_min_bytes=self.limits.compression_min_bytes,
             send_timeout_s=self.limits.send_timeout_s,

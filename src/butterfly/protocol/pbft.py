@@ -29,6 +29,7 @@ from butterfly.protocol.pbft_order import (
     on_pre_prepare,
     on_prepare,
     on_request,
+    prune,
 )
 from butterfly.protocol.pbft_state import (
     PbftConfig,
@@ -36,6 +37,8 @@ from butterfly.protocol.pbft_state import (
     Send,
     busy,
     clone,
+    digest_at,
+    entry_at,
     new_replica,
     next_deadline,
     sign,
@@ -87,8 +90,11 @@ __all__ = [
     "Tick",
     "authentic",
     "clone",
+    "digest_at",
+    "entry_at",
     "new_replica",
     "next_deadline",
+    "prune",
     "step",
 ]
 
@@ -169,7 +175,8 @@ def _on_status(state: ReplicaState, status: Status, now: float, out: list[Send])
     """
     peer = status.sender
     seen = status.last_executed
-    if 0 < seen <= state.last_executed and state.digests[seen] != status.executed_digest:
+    ours = digest_at(state, seen) if 0 < seen <= state.last_executed else None
+    if ours is not None and ours != status.executed_digest:
         note_divergence(state, peer, seen, status.executed_digest)
     if seen < state.last_executed:
         _relay_decided(state, status, out)
@@ -205,7 +212,7 @@ def _relay_decided(state: ReplicaState, status: Status, out: list[Send]) -> None
     certificate (pre-prepare and 2f+1 commits) of each slot we executed.
     """
     peer = status.sender
-    if status.last_executed < state.low:
+    if state.base <= status.last_executed < state.low:  # below `base`: pruned, cannot
         out.append(Send(peer, state_transfer(state, status.last_executed)))
     if status.stable_seq < state.low:
         out.extend(Send(peer, vote) for vote in state.stable_proof)

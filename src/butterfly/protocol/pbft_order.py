@@ -14,9 +14,11 @@ from butterfly.protocol.pbft_state import (
     ReplicaState,
     Send,
     Slot,
+    digest_at,
     prepared_digest,
     request_key,
     sign,
+    stale_request,
     status_of,
 )
 from butterfly.protocol.quorum import primary
@@ -62,13 +64,15 @@ def on_request(state: ReplicaState, request: Request, now: float, out: list[Send
             reply = state.replies[key] = sign(state, reply)
         out.append(Send(request.sender, reply))
         return
+    if stale_request(state, request):  # executed before the last prune: a replay
+        return
     add_pending(state, request, now)
     assign_pending(state, now, out)
 
 
 def add_pending(state: ReplicaState, request: Request, now: float) -> None:
     key = request_key(request)
-    if key not in state.replies and key not in state.pending:
+    if key not in state.replies and key not in state.pending and not stale_request(state, request):
         state.pending[key] = request
         rearm_timer(state, now)
 
@@ -292,7 +296,7 @@ def apply_entry(
         vote = sign(
             state,
             CheckpointVote(
-                sender=state.me, epoch=state.config.epoch, seq=seq, digest=state.digests[seq]
+                sender=state.me, epoch=state.config.epoch, seq=seq, digest=state.digests[-1]
             ),
         )
         out.append(Send(None, vote))
@@ -309,7 +313,8 @@ def on_checkpoint(state: ReplicaState, vote: CheckpointVote, now: float, out: li
             evidence.record(state, earlier, vote, out)
         return
     votes[vote.sender] = vote
-    if vote.seq <= state.last_executed and state.digests[vote.seq] != vote.digest:
+    ours = digest_at(state, vote.seq)
+    if ours is not None and ours != vote.digest:
         note_divergence(state, vote.sender, vote.seq, vote.digest)
     matching = [v for v in votes.values() if v.digest == vote.digest]
     if len(matching) >= state.config.quorum:
@@ -319,8 +324,9 @@ def on_checkpoint(state: ReplicaState, vote: CheckpointVote, now: float, out: li
 
 
 def note_divergence(state: ReplicaState, peer: NodeId, seq: int, theirs: bytes) -> None:
-    if all(a.peer != peer or a.seq != seq for a in state.alarms):
-        state.alarms.append(Divergence(peer, seq, state.digests[seq], theirs))
+    ours = digest_at(state, seq)
+    if ours is not None and all(a.peer != peer or a.seq != seq for a in state.alarms):
+        state.alarms.append(Divergence(peer, seq, ours, theirs))
 
 
 def set_stable(
@@ -338,7 +344,8 @@ def set_stable(
     """
     if seq <= state.low:
         return
-    if seq <= state.last_executed and state.digests[seq] != digest:
+    ours = digest_at(state, seq)
+    if ours is not None and ours != digest:
         return  # 2f+1 signed another history than ours: only possible beyond f; alarmed
     state.low, state.stable_digest, state.stable_proof = seq, digest, proof
     for s in [s for s in state.log if s <= seq]:
@@ -351,3 +358,32 @@ def set_stable(
     state.next_seq = max(state.next_seq, seq + 1)
     if state.last_executed < seq:  # we lag: ask peers for the certified prefix now
         out.append(Send(None, sign(state, status_of(state))))
+
+
+def prune(state: ReplicaState, delivered: int) -> int:
+    """Drop what no replica needs any more: the executed entries and log digests, and the
+    replies of the requests executed, at or below the stable checkpoint (PBFT's garbage
+    collection, section 4.3), less `history` entries kept for state transfer to replicas
+    that lag. `delivered`: the entries the owner has taken from `executed` (nothing it has
+    not taken goes). Returns how many entries went.
+
+    A pruned reply leaves its client's timestamp as a floor: a request at or below it is
+    a replay and is not ordered again (`stale_request`). A replica that lags by more than
+    `history` entries can no longer be brought forward by this one's state transfer.
+    """
+    target = min(state.low, delivered) - state.config.history
+    drop = target - state.base
+    if drop <= 0:
+        return 0
+    gone, state.executed = state.executed[:drop], state.executed[drop:]
+    state.digests = state.digests[drop:]
+    state.base = target
+    for pp in gone:
+        if pp.request is None:
+            continue
+        key = request_key(pp.request)
+        if state.replies.pop(key, None) is not None:
+            client, ts = key
+            state.reply_floor[client] = max(state.reply_floor.get(client, -1), ts)
+    state.orphans = {k: v for k, v in state.orphans.items() if k[1] > target}
+    return drop

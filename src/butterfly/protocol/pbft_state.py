@@ -52,6 +52,9 @@ class PbftConfig:
     view_change_timeout: float = 1.0  # first wait for a new view; doubles per failed view
     initial_view: int = 0  # the view, and so the primary, every replica starts in
     max_backoff: int = 8  # cap on the doubling, so a healed network recovers promptly
+    # executed entries kept below the low water mark (`prune`), so a replica that lags or
+    # restarts within this many entries catches up by state transfer
+    history: int = 1024
     retransmit_interval: float = 0.1  # status (and so retransmission) while work is pending
     idle_status_interval: float = 1.0  # status while idle, so laggards learn they lag
 
@@ -66,6 +69,8 @@ class PbftConfig:
                 f"window ({self.window}) must be at least the checkpoint interval "
                 f"({self.checkpoint_interval}) and both positive, or the log never advances"
             )
+        if self.history < 0:
+            raise ValueError(f"history ({self.history}) must be 0 or more entries")
         if min(self.request_timeout, self.view_change_timeout, self.retransmit_interval) <= 0:
             raise ValueError("timeouts and intervals must be positive")
 
@@ -131,11 +136,15 @@ class ReplicaState:
     next_seq: int = 1  # next sequence number this replica assigns as primary
     log: dict[int, Slot] = field(default_factory=dict)
     checkpoint_votes: dict[int, dict[NodeId, CheckpointVote]] = field(default_factory=dict)
-    executed: list[PrePrepare] = field(default_factory=list)  # executed[i] decided seq i+1
-    digests: list[bytes] = field(default_factory=list)  # digests[s]: log digest after seq s
+    base: int = 0  # entries up to this sequence number were pruned (`prune`)
+    executed: list[PrePrepare] = field(default_factory=list)  # [i] decided seq base+i+1
+    digests: list[bytes] = field(default_factory=list)  # [i]: log digest after seq base+i
     pending: dict[RequestKey, Request] = field(default_factory=dict)
     assigned: set[RequestKey] = field(default_factory=set)  # by this primary, this view
     replies: dict[RequestKey, Reply] = field(default_factory=dict)  # executed requests
+    # client -> newest timestamp among the requests whose replies were pruned: an older
+    # request from that client is a replay, not work
+    reply_floor: dict[NodeId, int] = field(default_factory=dict)
     view_changes: dict[int, dict[NodeId, ViewChange]] = field(default_factory=dict)
     new_view: NewView | None = None  # the message that installed the current view
     orphans: dict[tuple[int, int], PrePrepare] = field(default_factory=dict)
@@ -190,6 +199,25 @@ def clone(state: ReplicaState) -> ReplicaState:
     return copy.deepcopy(state, memo)
 
 
+def digest_at(state: ReplicaState, seq: int) -> bytes | None:
+    """The log digest after `seq`, or None when it was pruned or is not executed yet."""
+    i = seq - state.base
+    return state.digests[i] if 0 <= i < len(state.digests) else None
+
+
+def entry_at(state: ReplicaState, seq: int) -> PrePrepare:
+    """The executed entry of `seq`, which must be above `base` and executed."""
+    if not state.base < seq <= state.last_executed:
+        raise IndexError(f"seq {seq} is not held: entries {state.base + 1}..{state.last_executed}")
+    return state.executed[seq - state.base - 1]
+
+
+def stale_request(state: ReplicaState, request: Request) -> bool:
+    """Older than a request of the same client whose reply was pruned: executed long ago
+    (or overtaken); never ordered again."""
+    return request.timestamp <= state.reply_floor.get(request.sender, -1)
+
+
 def sign(state: ReplicaState, message: M) -> M:
     return sign_message(message, state.key)
 
@@ -234,6 +262,6 @@ def status_of(state: ReplicaState) -> Status:
         view=state.view,
         in_view_change=state.in_view_change,
         last_executed=state.last_executed,
-        executed_digest=state.digests[state.last_executed],
+        executed_digest=state.digests[-1],  # the digest after last_executed
         stable_seq=state.low,
     )

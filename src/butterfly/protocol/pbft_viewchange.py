@@ -326,7 +326,8 @@ def install(
 
 
 def state_transfer(state: ReplicaState, after: int) -> StateTransfer:
-    """Our log from `after` + 1 up to our stable checkpoint, with the checkpoint's proof."""
+    """Our log from `after` + 1 up to our stable checkpoint, with the checkpoint's proof
+    (`after` at or above `base`: what is below was pruned)."""
     return sign(
         state,
         StateTransfer(
@@ -335,7 +336,7 @@ def state_transfer(state: ReplicaState, after: int) -> StateTransfer:
             seq=state.low,
             digest=state.stable_digest,
             proof=state.stable_proof,
-            entries=tuple(state.executed[after : state.low]),
+            entries=tuple(state.executed[after - state.base : state.low - state.base]),
         ),
     )
 

@@ -127,13 +127,18 @@ class InProcessCluster:
     ) -> None:
         self.clock = FakeClock()
         self.hub = BeatHub(self.clock)
-        self.net = MemoryNetwork(cluster_id="local")
         paths = node_configs(
             nodes=n, f=f, model=model, api_port=0, data_dir=data_dir, settings=settings
         )
         self.nodes: list[Node] = []
         for i, path in enumerate(paths):
             cfg = load_config([path], env={})
+            if i == 0:  # the frame and message limits are cluster-wide
+                self.net = MemoryNetwork(
+                    cluster_id="local",
+                    max_frame_bytes=cfg.network.max_frame_bytes,
+                    max_message_bytes=cfg.network.max_message_bytes,
+                )
             self.nodes.append(
                 build_node(
                     cfg,

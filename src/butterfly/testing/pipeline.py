@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
 from butterfly.dataplane.engine import PipelineEngine
-from butterfly.dataplane.stage_server import StageServer
+from butterfly.dataplane.stage_server import CACHE_TTL_S, MAX_CACHES, StageServer
 from butterfly.net.framing import Envelope
 from butterfly.runtime.loader import model_args
 from butterfly.runtime.torch_thread import TorchThread
@@ -48,7 +49,13 @@ class LocalPipeline:
         ranges: Sequence[LayerRange],
         *,
         stop_ids: frozenset[int] = frozenset(),
+        max_caches: int = MAX_CACHES,
+        cache_ttl_s: float = CACHE_TTL_S,
+        clock: Callable[[], float] = time.monotonic,
+        recovery_wait_s: float = 10.0,
     ) -> None:
+        """`max_caches`, `cache_ttl_s`, `clock`: every stage server's KV-cache bounds;
+        `recovery_wait_s`: how long the engine waits for a new plan after a lost step."""
         if not ranges:
             raise ValueError("a pipeline needs at least one stage")
         self._torch = TorchThread(name="butterfly-torch")
@@ -58,6 +65,9 @@ class LocalPipeline:
                 model_dir=model_dir,
                 max_tensor_bytes=MAX_TENSOR_BYTES,
                 torch_thread=self._torch,
+                max_caches=max_caches,
+                cache_ttl_s=cache_ttl_s,
+                clock=clock,
             )
             for i in range(len(ranges))
         }
@@ -73,6 +83,7 @@ class LocalPipeline:
             eos_ids=stop_ids,
             step_timeout_s=STEP_TIMEOUT_S,
             max_tensor_bytes=MAX_TENSOR_BYTES,
+            recovery_wait_s=recovery_wait_s,
         )
         self._batches: asyncio.Task[None] | None = None
         self._loaded = asyncio.Event()

@@ -44,6 +44,7 @@
     │   ├── ContextLengthExceeded         no        no
     │   ├── InvalidInput                  no        no
     │   └── WireFormatError               no        no     yes
+    │       └── MessageTooLarge           no        no     yes (when a peer sent it)
     ├── ConfigError                       no        yes
     └── ButterflySystemError              no        yes
 
@@ -282,6 +283,12 @@ class InvalidInput(ModelError):
 
 class WireFormatError(ModelError):
     pass
+
+
+class MessageTooLarge(WireFormatError):
+    """A message over network.max_message_bytes: refused by its sender before a byte is
+    sent (no blame: the same message is too large anywhere), or from a peer, which is
+    then blamed and disconnected."""
 
 
 # --- configuration and system ----------------------------------------------------------

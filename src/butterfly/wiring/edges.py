@@ -72,6 +72,7 @@ class NetworkEdges:
             epoch=epoch,
             limits=TransportLimits(
                 max_frame_bytes=net.max_frame_bytes,
+                max_message_bytes=net.max_message_bytes,
                 connect_timeout_s=net.connect_timeout_ms / 1000,
                 connect_attempts=net.retry_attempts,
                 retry_backoff_s=net.retry_backoff_ms / 1000,

@@ -88,11 +88,13 @@ def stage_server(
         torch_thread=torch_thread,
         node=me,
         model_dir=model_dir,
-        max_tensor_bytes=cfg.network.max_frame_bytes,
+        max_tensor_bytes=cfg.network.max_message_bytes,
         prover=Prover(me, key, byz.fingerprint_top_k, byz.fingerprint_chunk) if verify else None,
         snapshot_every=snapshot_every(cfg),
         # the audit takes the gateway's own stage as computed (dataplane.audit)
         keep_outputs=me == GATEWAY and verify and byz.verification == "audit",
+        max_caches=cfg.resources.max_kv_caches,
+        cache_ttl_s=cfg.resources.kv_cache_ttl_s,
     )
 
 
@@ -172,7 +174,7 @@ def engine(
             keys=keys,
             referee=Referee(model_dir, torch_thread),
             tolerance=tolerance,
-            max_tensor_bytes=cfg.network.max_frame_bytes,
+            max_tensor_bytes=cfg.network.max_message_bytes,
             gateway=me,
             own_outputs=server.outputs_of,
         )
@@ -203,7 +205,7 @@ def engine(
         input_kind=family.input_kind,
         eos_ids=codec.eos_ids if codec else frozenset(),
         step_timeout_s=step_timeout_s(config),
-        max_tensor_bytes=cfg.network.max_frame_bytes,
+        max_tensor_bytes=cfg.network.max_message_bytes,
         auditor=auditor,
         audit_fraction=byz.audit_fraction,
         on_liars=on_liars,

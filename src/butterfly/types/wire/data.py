@@ -13,6 +13,7 @@ kind, the epoch and the authenticated sender, so the bodies carry neither. Paylo
     kv_append       chain node              standbys extend their KV copies
     cache_query     gateway                 cache_lengths
     ping            gateway (link probe)    pong
+    chunk           any node                reassembled by the connection (net.framing)
 """
 
 from __future__ import annotations
@@ -148,6 +149,20 @@ class Ping(Ask[Pong]):
     seq: int
 
 
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One piece of a message too large for one frame. The payload is the next bytes of
+    the whole message's encoded frame (after its length prefix); the first chunk declares
+    `total`, so the receiver refuses a message over its limit before buffering a byte of
+    it. The connection reassembles chunks; no handler ever sees one."""
+
+    kind: ClassVar[str] = "chunk"
+    stream: int  # the sender's number for this message on this connection
+    index: int  # 0, 1, ... in order
+    total: int  # bytes of the whole encoded message
+    final: bool  # the last piece: the bytes so far add up to `total`
+
+
 DataMessage = (
     StageStep
     | StepResult
@@ -160,4 +175,5 @@ DataMessage = (
     | CacheLengths
     | Ping
     | Pong
+    | Chunk
 )
