@@ -40,15 +40,25 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeGuard
 
+from butterfly.agreement.authority import UnauthorizedCommand
 from butterfly.metrics.events import ConsensusRound, Emit, MessageDropped, PhaseTransition, discard
 from butterfly.net.framing import Envelope
 from butterfly.net.transport import Transport
 from butterfly.protocol import pbft
+from butterfly.protocol.pbft_order import refusal
 from butterfly.protocol.pbft_state import PbftConfig, ReplicaState, Send
 from butterfly.protocol.sign import SigningKey, sign_message
 from butterfly.types.errors import ButterflyError, ConsensusTimeout, InvalidMessage
 from butterfly.types.ids import NodeId
-from butterfly.types.wire.agreement import Evidence, Message, Reply, Request, decode, encode
+from butterfly.types.wire.agreement import (
+    Evidence,
+    Message,
+    PrePrepare,
+    Reply,
+    Request,
+    decode,
+    encode,
+)
 from butterfly.types.wire.control import AgreementFrame
 
 log = logging.getLogger(__name__)
@@ -170,6 +180,13 @@ class AgreementDriver:
             if not isinstance(message, Reply):  # replies are expected: nodes are clients
                 self._emit(MessageDropped(reason=f"agreement_{message.kind}"))
             return
+        request = message if isinstance(message, Request) else None
+        if isinstance(message, PrePrepare):
+            request = message.request
+        refused = None if request is None else refusal(self._state, request)
+        if refused is not None:  # the replica drops it too; here it is counted and logged
+            self._emit(MessageDropped(reason="agreement_unauthorized"))
+            log.warning("node %s relayed a request no replica orders: %s", env.sender, refused)
         self._step(message)
 
     def suspect_primary(self, node: NodeId) -> None:
@@ -224,6 +241,12 @@ class AgreementDriver:
             if key in self._ran:
                 continue
             self._ran.add(key)
+            refused = refusal(state, request)
+            if refused is not None:  # only more than f liars get one here: skip it alike
+                self._emit(MessageDropped(reason="agreement_unauthorized_executed"))
+                log.error("agreed seq %d skipped on every node: %s", self._delivered, refused)
+                self._refuse_waiter(key, refused)
+                continue
             self._commits.put_nowait((self._delivered, request.operation, key))
 
     # --- proposing --------------------------------------------------------------------
@@ -234,15 +257,16 @@ class AgreementDriver:
         seconds: the command may still commit later, the caller must not assume otherwise.
         """
         self._last_ts = max(self._last_ts + 1, time.time_ns())  # unique across restarts
-        request = sign_message(
-            Request(
-                sender=self.me,
-                epoch=self._state.config.epoch,
-                timestamp=self._last_ts,
-                operation=command,
-            ),
-            self._key,
-        )
+        unsigned = Request(
+            sender=self.me, epoch=self._state.config.epoch, timestamp=self._last_ts,
+            operation=command,
+        )  # fmt: skip
+        refused = refusal(self._state, unsigned)
+        if refused is not None:  # no replica would order it: say so now, not at the timeout
+            raise UnauthorizedCommand(
+                f"the agreement refuses this command from node {self.me}: {refused}"
+            )
+        request = sign_message(unsigned, self._key)
         key = (self.me, self._last_ts)
         done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._waiters[key] = done
@@ -289,6 +313,11 @@ class AgreementDriver:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(None if deadline is None else deadline - now):
                     await self._wake.wait()
+
+    def _refuse_waiter(self, key: tuple[NodeId, int], reason: str) -> None:
+        waiter = self._waiters.get(key)
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(UnauthorizedCommand(f"ordered but refused at execution: {reason}"))
 
     async def _executor(self) -> None:
         while True:

@@ -22,7 +22,7 @@ from typing import assert_never
 from butterfly.protocol import evidence
 from butterfly.protocol.inputs import SuspectPrimary, Tick
 from butterfly.protocol.pbft_order import (
-    client_signed,
+    admissible,
     note_divergence,
     on_checkpoint,
     on_commit,
@@ -94,11 +94,12 @@ __all__ = [
 
 
 def authentic(state: ReplicaState, message: Input) -> bool:
-    """Signed by a replica of this epoch other than us (or, for requests, by a client)."""
+    """Signed by a replica of this epoch other than us (or, for requests, by a client,
+    and within what that client may ask for: `PbftConfig.authorize`)."""
     if isinstance(message, Tick | SuspectPrimary) or message.epoch != state.config.epoch:
         return False
     if isinstance(message, Request):
-        return client_signed(state, message)
+        return admissible(state, message)
     keys = state.config.keys
     if not 0 <= message.sender < len(keys) or message.sender == state.me:
         return False
