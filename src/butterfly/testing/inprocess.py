@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from butterfly.agreement.driver import AgreementDriver
 from butterfly.cli.launcher import node_configs
 from butterfly.config import load_config
 from butterfly.control.facts import NodeFacts, Probe
@@ -124,7 +125,10 @@ class InProcessCluster:
         f: int = 1,
         settings: dict[str, Any] | None = None,
         stage_servers: dict[int, type[StageServer]] | None = None,
+        agreements: dict[int, type[AgreementDriver]] | None = None,
     ) -> None:
+        """`stage_servers` and `agreements`: the faulty parts (`butterfly.testing.liars`,
+        `butterfly.testing.liar_votes`) some nodes are composed with."""
         self.clock = FakeClock()
         self.hub = BeatHub(self.clock)
         self.net = MemoryNetwork(cluster_id="local")
@@ -141,6 +145,7 @@ class InProcessCluster:
                     edges=MemoryEdges(self.net, self.hub),
                     torch_thread=TorchThread(1, name=f"torch-{i}"),
                     stage_server_type=(stage_servers or {}).get(i, StageServer),
+                    agreement_type=(agreements or {}).get(i, AgreementDriver),
                 )
             )
         self._stops = [asyncio.Event() for _ in self.nodes]
