@@ -67,29 +67,35 @@ class AgreedPlans:
         """Every node runs this in agreement order; each decision is a function of the
         agreed log alone, so every honest node decides alike."""
         if isinstance(command, EvictNode):
-            if command.node in self.evicted:
-                return  # idempotent: a second eviction of one node is no new record
-            self.evicted[command.node] = command.reason
-            log.warning("agreed: node %s evicted (%s)", command.node, command.reason)
-            for listener in self._on_evicted:
-                listener(command.node, command.reason)
-        else:
-            try:
-                plan = command_plan(command)
-            except InvalidMessage as e:
-                log.warning("agreed plan of epoch %d is malformed; skipped: %s", command.epoch, e)
-                return
-            if self.latest is not None and plan.epoch <= self.latest.epoch:
-                return  # that epoch was decided already
-            names = self.names_evicted(plan)
-            if names:  # an evicted node never comes back through a plan
-                log.error(
-                    "agreed plan of epoch %d names evicted nodes %s; skipped", plan.epoch, names
-                )
-                return
-            self.latest = plan
+            self._evict(command)
+            return
+        try:
+            plan = command_plan(command)
+        except InvalidMessage as e:
+            log.warning("agreed plan of epoch %d is malformed; skipped: %s", command.epoch, e)
+            return
+        if self.latest is not None and plan.epoch <= self.latest.epoch:
+            return  # that epoch was decided already
+        names = self.names_evicted(plan)
+        if names:  # an evicted node never comes back through a plan
+            log.error("agreed plan of epoch %d names evicted nodes %s; skipped", plan.epoch, names)
+            return
+        self.latest = plan
         self._changed.set()
         self._changed = asyncio.Event()
+
+    def _evict(self, command: EvictNode) -> None:
+        if command.node in self.evicted:
+            return  # idempotent: a second eviction of one node is no new record
+        self.evicted[command.node] = command.reason
+        log.warning("agreed: node %s evicted (%s)", command.node, command.reason)
+        self._changed.set()
+        self._changed = asyncio.Event()
+        for listener in self._on_evicted:
+            try:
+                listener(command.node, command.reason)
+            except Exception:  # the record above stands; the next command still runs
+                log.exception("acting on the eviction of node %s failed", command.node)
 
     def names_evicted(self, plan: StagePlan) -> list[NodeId]:
         """The agreed-evicted nodes `plan` would give layers to (none for a valid plan)."""
