@@ -13,6 +13,11 @@ every replica (so backups time a primary that ignores it) and returns the sequen
 once this node has executed it. A retried or relayed request runs once (PBFT orders a
 duplicate but the driver skips it, keyed by client and timestamp).
 
+Each command kind has one authorized proposer (`agreement.authority`, given to the
+replica as `PbftConfig.authorize`): the replica never orders or prepares another's, the
+driver counts such requests as they arrive, skips one at execution should more than f
+liars have agreed it, and `propose` refuses one at once.
+
 Equivocation evidence (two conflicting votes one node signed for one slot, recorded by
 this replica or checked from a peer's report; `butterfly.protocol.evidence`) leaves
 through `on_evidence`, once per accused slot, so the node can evict the signer.
@@ -122,6 +127,7 @@ class AgreementDriver:
         self._on_evidence = on_evidence
         self._evidence: asyncio.Queue[Evidence] = asyncio.Queue()
         self._evidence_seen = 0  # entries of the replica's evidence list already reported
+        self._warned: set[NodeId] = set()  # senders of unauthorized requests, logged once
 
     # --- introspection ----------------------------------------------------------------
 
@@ -186,7 +192,9 @@ class AgreementDriver:
         refused = None if request is None else refusal(self._state, request)
         if refused is not None:  # the replica drops it too; here it is counted and logged
             self._emit(MessageDropped(reason="agreement_unauthorized"))
-            log.warning("node %s relayed a request no replica orders: %s", env.sender, refused)
+            if env.sender not in self._warned:  # once per sender: a liar cannot flood the log
+                self._warned.add(env.sender)
+                log.warning("node %s sent a request no replica orders: %s", env.sender, refused)
         self._step(message)
 
     def suspect_primary(self, node: NodeId) -> None:

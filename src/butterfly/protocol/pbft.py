@@ -3,7 +3,9 @@
 No sockets, clocks or threads: the driver delivers authenticated-or-not messages and
 `Tick`s at `next_deadline(state)`, and sends what comes back. Every input passes one
 exhaustive `match`; anything unsigned, wrongly signed, from another epoch or from a
-stranger is dropped before it touches the state.
+stranger is dropped before it touches the state, and so is a request its client may not
+make (`PbftConfig.authorize`), wherever it travels (alone, in a pre-prepare, a prepared
+certificate or a new view).
 
 Retransmission is pull-based: while work is outstanding each replica broadcasts a signed
 `Status`, and whoever sees it behind relays the signed messages it lacks (pre-prepares,
