@@ -6,6 +6,7 @@ the gateway convicts it), a plan holding it alone and a config change, pre-prepa
 committing each itself. No node executes any of them; the gateway's eviction of node 1,
 with its proof, is agreed on every node and node 1 leaves the plan; no honest node is
 evicted. tests/test_agreement_authority.py covers the same at the level of the drivers.
+Then an eviction outlives a restart of the gateway.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from butterfly.control.plans import plan_command
+from butterfly.schedule.store import TaskStore
 from butterfly.testing.inprocess import InProcessCluster
 from butterfly.testing.liar_votes import UsurpingDriver
 from butterfly.types.ids import Epoch, NodeId
@@ -66,3 +68,31 @@ async def test_a_members_commands_never_take_effect(tiny_model: Path, tmp_path: 
             assert node.plans.latest != alone
         assert [n.config.record.cluster_hash for n in c.nodes] == config_before
         assert gw.recovery.evicted == {NodeId(1)}
+
+
+async def test_an_eviction_survives_a_gateway_restart(tiny_model: Path, tmp_path: Path) -> None:
+    """The gateway evicts node 3, then restarts (a new process over the same data
+    directory): its store holds the eviction, its first plan leaves node 3 out, and
+    every node still records the one agreed eviction."""
+    async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS) as c:
+        gw = c.gateway
+        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        await gw.recovery.evict_liars((NodeId(3),), PROOF)
+        await c.until(lambda: all(NodeId(3) in n.plans.evicted for n in c.nodes), "agreed")
+
+        again = await c.restart(0)
+        assert again is not gw and again.plans.evicted == {}  # nothing replayed yet
+
+        def planned() -> bool:
+            plan = again.stage_server.plan
+            return plan is not None and all(n.plans.latest == plan for n in c.nodes)
+
+        await c.until(planned, "the restarted gateway's plan agreed everywhere")
+        plan = again.stage_server.plan
+        assert plan is not None and 3 not in {*plan.nodes, *(n for n, _ in plan.replicas)}
+        assert NodeId(3) in again.recovery.evicted
+        for node in c.nodes:
+            assert node.plans.evicted == {NodeId(3): PROOF}
+        store = TaskStore(Path(again.config.current.node.data_dir) / "tasks.sqlite")
+        assert store.evictions() == {NodeId(3): PROOF}
+        store.close()
