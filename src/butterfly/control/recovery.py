@@ -121,7 +121,7 @@ class Recovery:
         plan: the re-plan is woken whatever was agreed before."""
         fresh = to_evict(liars, self._evicting)
         if not fresh:
-            log.info("already evicted %s: %s", liars, reason)
+            log.info("none of %s to evict (evicted already, or the gateway): %s", liars, reason)
             return
         log.error("evicting %s: %s", fresh, reason)
         for liar in fresh:
