@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from butterfly.agreement.authority import UnauthorizedCommand, admission
 from butterfly.agreement.config_coordinator import ConfigCoordinator, ConfigRejected, ConfigTimeout
 from butterfly.agreement.config_replica import ConfigReplica
 from butterfly.agreement.driver import AgreementDriver
@@ -37,7 +39,7 @@ from butterfly.net.memory import MemoryNetwork
 from butterfly.protocol.pbft_state import PbftConfig
 from butterfly.protocol.sign import SigningKey
 from butterfly.types.ids import NodeId
-from butterfly.types.wire.commands import ConfigAbort, ConfigUpdate, decode_command
+from butterfly.types.wire.commands import ConfigAbort, ConfigUpdate, decode_command, encode_command
 from butterfly.types.wire.control import AgreementFrame
 from butterfly.types.wire.frames import Message
 
@@ -72,6 +74,7 @@ def pbft_config(i: int) -> PbftConfig:
         view_change_timeout=0.5,
         retransmit_interval=0.05,
         idle_status_interval=0.2,
+        authorize=admission(),  # as agreement.build sets it: config commands from node 0
     )
 
 
@@ -125,7 +128,7 @@ class Cluster:
                 if i not in self.muted:
                     await driver.on_frame(env)
                 return None
-            return await replica.on_message(env)
+            return await replica.on_message(peer, env)
 
         async def propose(command: bytes, timeout: float) -> int:
             return await driver.propose(command, timeout=timeout)
@@ -207,9 +210,10 @@ async def test_one_reject_rolls_back_and_names_the_node(cluster: Cluster) -> Non
 
 
 async def test_conflicting_updates_end_in_one_agreed_order(cluster: Cluster) -> None:
+    gateway = cluster.nodes[0].coordinator
     outcomes = await asyncio.gather(
-        cluster.nodes[0].coordinator.update({"partition.strategy": "uniform"}),
-        cluster.nodes[1].coordinator.update({"partition.strategy": "hybrid"}),
+        gateway.update({"partition.strategy": "uniform"}),
+        gateway.update({"partition.strategy": "hybrid"}),
         return_exceptions=True,
     )
     won = [o for o in outcomes if not isinstance(o, BaseException)]
@@ -340,3 +344,29 @@ async def test_rollback_restores_run_time_settings_and_leaves_static_ones(cluste
     assert [c.key for c in result.changes] == ["partition.strategy"]
     assert {n.manager.current.partition.strategy for n in cluster.nodes.values()} == {"uniform"}
     assert manager.current.network.max_frame_bytes == 256 * 2**20
+
+
+async def test_a_member_gets_no_vote_and_cannot_order_a_change(cluster: Cluster) -> None:
+    """Only the gateway proposes config changes (it checks the API token first): the other
+    nodes answer a member's PREPARE with a REJECT, never a signed OK, and even a
+    `ConfigUpdate` it built from the gateway's own votes is never ordered."""
+    before = cluster.hashes()
+    with pytest.raises(ConfigRejected) as info:
+        await cluster.nodes[1].coordinator.update({"partition.strategy": "hybrid"})
+    assert "gateway" in info.value.reason
+    assert cluster.hashes() == before
+    # a signed certificate the gateway collected, replayed by a member: refused to order
+    body = b"{}"
+    digest = hashlib.sha256(body).hexdigest()
+    votes = [cluster.nodes[i].replica.vote(digest, body) for i in range(4)]
+    update = ConfigUpdate(
+        proposal=body, seq=1, nonce=7,
+        vote_nodes=tuple(v.node for v in votes), vote_seqs=tuple(v.last_seq for v in votes),
+        vote_signatures=tuple(v.signature for v in votes),
+    )  # fmt: skip
+    with pytest.raises(UnauthorizedCommand):
+        await cluster.nodes[2].driver.propose(encode_command(update), timeout=2.0)
+    assert all(n.driver.last_executed == 0 for n in cluster.nodes.values())
+    assert all(
+        n.manager.current.partition.strategy == "load_balanced" for n in cluster.nodes.values()
+    )

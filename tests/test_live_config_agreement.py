@@ -98,7 +98,7 @@ async def start(nodes: Nodes, i: int, n: int, tmp_path: Path, *, ordering: bool 
         if isinstance(env.msg, AgreementFrame):
             await driver.on_frame(env)
             return None
-        return await replica.on_message(env)
+        return await replica.on_message(peer, env)
 
     await transport.start(handle)
     nodes.managers[i], nodes.drivers[i], nodes.coordinators[i] = manager, driver, coordinator

@@ -107,3 +107,10 @@ def test_a_re_plan_with_nothing_departed_is_decided_afresh_not_promoted() -> Non
     )
     assert decided.how != "promote"
     assert decided.plan.epoch == 2
+
+
+def test_the_gateway_never_evicts_itself_nor_anyone_twice() -> None:
+    """Its role does not move (the agreement refuses that eviction too); a liar named by
+    several audits is evicted once."""
+    assert to_evict([N[0], N[2], N[2], N[3]], {N[3]}) == (N[2],)
+    assert to_evict([N[0]], ()) == ()

@@ -103,6 +103,31 @@ def test_store_refuses_a_newer_schema(tmp_path: Path) -> None:
         TaskStore(path)
 
 
+def test_evictions_are_recorded_once_and_survive_a_reopen(tmp_path: Path) -> None:
+    """A restarted gateway reads back whom it evicted; evicting twice is one record, with
+    the first reason (the one the agreement recorded too)."""
+    path = tmp_path / "t.sqlite"
+    store = TaskStore(path)
+    assert store.record_eviction(NodeId(2), "signed two results") is True
+    assert store.record_eviction(NodeId(2), "again") is False
+    assert store.record_eviction(NodeId(3), "equivocated") is True
+    store.close()
+    reopened = TaskStore(path)
+    assert reopened.evictions() == {NodeId(2): "signed two results", NodeId(3): "equivocated"}
+    reopened.close()
+
+
+def test_a_version_1_file_gains_the_evictions_table(tmp_path: Path) -> None:
+    path = tmp_path / "t.sqlite"
+    TaskStore(path).close()
+    with sqlite3.connect(path) as db:  # as a version-1 gateway left it
+        db.execute("DROP TABLE evictions")
+        db.execute("PRAGMA user_version=1")
+    store = TaskStore(path)
+    assert store.evictions() == {} and store.record_eviction(NodeId(1), "lied")
+    store.close()
+
+
 def drain(q: TaskQueue) -> list[str]:
     out = []
     while (t := q.pop()) is not None:

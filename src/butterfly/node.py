@@ -211,7 +211,7 @@ def build_node(
         config, driver=agreement.driver, coordinator=agreement.coordinator, recovery=recovery
     )
     stage = StageRoutes(node=me, server=server, deliver=router.deliver, emit=emit)
-    config_message = by_envelope(agreement.replica.on_message)
+    config_message = agreement.replica.on_message  # votes only for the gateway (peer)
     routes: Routes = {
         StageStep: stage.step,
         StepResult: engine.on_result,

@@ -7,11 +7,13 @@ agreed on, not only what the files say) and `build_agreement` once its transport
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from butterfly.agreement.authority import admission
 from butterfly.agreement.config_coordinator import ConfigCoordinator
 from butterfly.agreement.config_replica import ConfigReplica
 from butterfly.agreement.driver import AgreementDriver, OnCommit, OnEvidence
@@ -22,7 +24,7 @@ from butterfly.metrics.events import Emit, MessageDropped
 from butterfly.net.transport import Transport
 from butterfly.protocol.keys import key_path, load_or_create_key, pbft_config, public_keys
 from butterfly.types.errors import ConfigError
-from butterfly.types.ids import NodeId
+from butterfly.types.ids import GATEWAY, NodeId
 from butterfly.types.wire.commands import (
     ConfigAbort,
     ConfigUpdate,
@@ -100,7 +102,8 @@ def build_agreement(
         node=node, manager=manager, key=key, keys=keys, f=f, transport=transport
     )
     driver = driver_type(
-        config=pbft_config(cfg, keys),
+        # each command kind only from its authorized proposer (agreement.authority)
+        config=dataclasses.replace(pbft_config(cfg, keys), authorize=admission(GATEWAY)),
         key=key,
         transport=transport,
         on_commit=commit_router(replica, on_command, emit),

@@ -41,7 +41,7 @@ from butterfly.net.transport import Transport
 from butterfly.protocol.quorum import weak_quorum
 from butterfly.protocol.sign import SigningKey
 from butterfly.types.errors import ButterflyError, ConfigError
-from butterfly.types.ids import NodeId
+from butterfly.types.ids import GATEWAY, NodeId
 from butterfly.types.wire.commands import MAX_COMMAND_BYTES, ConfigAbort, ConfigUpdate
 from butterfly.types.wire.control import (
     ConfigPrepare,
@@ -112,8 +112,12 @@ class ConfigReplica:
         keys: tuple[bytes, ...],
         f: int,
         transport: Transport,
+        gateway: NodeId = GATEWAY,
     ) -> None:
+        """`gateway`: the one node whose PREPAREs this node votes on (the API, and its
+        token check, are there)."""
         self.node, self.manager, self._key, self._keys, self._f = node, manager, key, keys, f
+        self.gateway = gateway
         self._transport = transport
         self._peers = tuple(NodeId(i) for i in range(len(keys)) if i != node)
         self._aborted: set[int] = set()  # nonces of attempts rolled back before they ran
@@ -129,11 +133,17 @@ class ConfigReplica:
     def last_seq(self) -> int:
         return self.manager.history.last_cluster_seq()
 
-    async def on_message(self, env: Envelope) -> tuple[Message, bytes] | None:
-        """The node's dispatcher hands over config messages; the reply answers the request."""
+    async def on_message(self, peer: NodeId, env: Envelope) -> tuple[Message, bytes] | None:
+        """The node's router hands over config messages with the peer the connection
+        authenticated; the reply answers the request."""
         msg = env.msg
         match msg:
             case ConfigPrepare():
+                if peer != self.gateway:  # a signed OK is half a commit: never for others
+                    log.warning("node %s asked for a config vote; only the gateway may", peer)
+                    reason = f"config changes are proposed by the gateway (node {self.gateway})"
+                    return make_vote(self._key, self.node, msg.digest, self.last_seq,
+                                     ok=False, reason=reason), b""  # fmt: skip
                 return self.vote(msg.digest, env.payload), b""
             case ConfigStatusQuery():
                 return self.status(msg.values)

@@ -13,6 +13,11 @@ every replica (so backups time a primary that ignores it) and returns the sequen
 once this node has executed it. A retried or relayed request runs once (PBFT orders a
 duplicate but the driver skips it, keyed by client and timestamp).
 
+Each command kind has one authorized proposer (`agreement.authority`, given to the
+replica as `PbftConfig.authorize`): the replica never orders or prepares another's, the
+driver counts such requests as they arrive, skips one at execution should more than f
+liars have agreed it, and `propose` refuses one at once.
+
 Equivocation evidence (two conflicting votes one node signed for one slot, recorded by
 this replica or checked from a peer's report; `butterfly.protocol.evidence`) leaves
 through `on_evidence`, once per accused slot, so the node can evict the signer.
@@ -40,15 +45,25 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeGuard
 
+from butterfly.agreement.authority import UnauthorizedCommand
 from butterfly.metrics.events import ConsensusRound, Emit, MessageDropped, PhaseTransition, discard
 from butterfly.net.framing import Envelope
 from butterfly.net.transport import Transport
 from butterfly.protocol import pbft
+from butterfly.protocol.pbft_order import refusal
 from butterfly.protocol.pbft_state import PbftConfig, ReplicaState, Send
 from butterfly.protocol.sign import SigningKey, sign_message
 from butterfly.types.errors import ButterflyError, ConsensusTimeout, InvalidMessage
 from butterfly.types.ids import NodeId
-from butterfly.types.wire.agreement import Evidence, Message, Reply, Request, decode, encode
+from butterfly.types.wire.agreement import (
+    Evidence,
+    Message,
+    PrePrepare,
+    Reply,
+    Request,
+    decode,
+    encode,
+)
 from butterfly.types.wire.control import AgreementFrame
 
 log = logging.getLogger(__name__)
@@ -112,6 +127,7 @@ class AgreementDriver:
         self._on_evidence = on_evidence
         self._evidence: asyncio.Queue[Evidence] = asyncio.Queue()
         self._evidence_seen = 0  # entries of the replica's evidence list already reported
+        self._warned: set[NodeId] = set()  # senders of unauthorized requests, logged once
 
     # --- introspection ----------------------------------------------------------------
 
@@ -170,6 +186,15 @@ class AgreementDriver:
             if not isinstance(message, Reply):  # replies are expected: nodes are clients
                 self._emit(MessageDropped(reason=f"agreement_{message.kind}"))
             return
+        request = message if isinstance(message, Request) else None
+        if isinstance(message, PrePrepare):
+            request = message.request
+        refused = None if request is None else refusal(self._state, request)
+        if refused is not None:  # the replica drops it too; here it is counted and logged
+            self._emit(MessageDropped(reason="agreement_unauthorized"))
+            if env.sender not in self._warned:  # once per sender: a liar cannot flood the log
+                self._warned.add(env.sender)
+                log.warning("node %s sent a request no replica orders: %s", env.sender, refused)
         self._step(message)
 
     def suspect_primary(self, node: NodeId) -> None:
@@ -224,6 +249,12 @@ class AgreementDriver:
             if key in self._ran:
                 continue
             self._ran.add(key)
+            refused = refusal(state, request)
+            if refused is not None:  # only more than f liars get one here: skip it alike
+                self._emit(MessageDropped(reason="agreement_unauthorized_executed"))
+                log.error("agreed seq %d skipped on every node: %s", self._delivered, refused)
+                self._refuse_waiter(key, refused)
+                continue
             self._commits.put_nowait((self._delivered, request.operation, key))
         pbft.prune(state, self._delivered)  # what every replica has past its checkpoint
 
@@ -235,15 +266,16 @@ class AgreementDriver:
         seconds: the command may still commit later, the caller must not assume otherwise.
         """
         self._last_ts = max(self._last_ts + 1, time.time_ns())  # unique across restarts
-        request = sign_message(
-            Request(
-                sender=self.me,
-                epoch=self._state.config.epoch,
-                timestamp=self._last_ts,
-                operation=command,
-            ),
-            self._key,
-        )
+        unsigned = Request(
+            sender=self.me, epoch=self._state.config.epoch, timestamp=self._last_ts,
+            operation=command,
+        )  # fmt: skip
+        refused = refusal(self._state, unsigned)
+        if refused is not None:  # no replica would order it: say so now, not at the timeout
+            raise UnauthorizedCommand(
+                f"the agreement refuses this command from node {self.me}: {refused}"
+            )
+        request = sign_message(unsigned, self._key)
         key = (self.me, self._last_ts)
         done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._waiters[key] = done
@@ -290,6 +322,11 @@ class AgreementDriver:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(None if deadline is None else deadline - now):
                     await self._wake.wait()
+
+    def _refuse_waiter(self, key: tuple[NodeId, int], reason: str) -> None:
+        waiter = self._waiters.get(key)
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(UnauthorizedCommand(f"ordered but refused at execution: {reason}"))
 
     async def _executor(self) -> None:
         while True:

@@ -5,7 +5,9 @@ until the agreement has ordered it: the gateway proposes a `NewPlan` command, ev
 executes the committed command in agreement order (`execute`), and only then does the
 gateway hand out the plan; a node refuses a `PlanAssign` that does not match what it
 executed itself (`refusal`). Evictions of proven liars are agreed the same way, so every
-node holds the same record of who was evicted and why.
+node holds the same record of who was evicted and why; an eviction is recorded once,
+and a plan that gives layers to an evicted node is skipped by every node, so no plan
+re-admits it.
 
 An epoch is decided once: of two plans proposed for one epoch, the first ordered wins on
 every node and the gateway retries the loser at a later epoch.
@@ -50,26 +52,55 @@ class AgreedPlans:
 
     def __init__(self) -> None:
         self.latest: StagePlan | None = None
-        self.evicted: dict[NodeId, str] = {}  # node -> the agreed reason
+        self.evicted: dict[NodeId, str] = {}  # node -> the agreed reason (the first one)
         self._changed = asyncio.Event()
+        self._on_evicted: list[Callable[[NodeId, str], None]] = []
+
+    def on_evicted(self, listener: Callable[[NodeId, str], None]) -> None:
+        """Call `listener(node, reason)` once per node, when its eviction is first
+        executed here (also when a restarted node replays the agreed log)."""
+        self._on_evicted.append(listener)
 
     # --- every node, in agreement order ------------------------------------------------
 
     def execute(self, command: NewPlan | EvictNode) -> None:
+        """Every node runs this in agreement order; each decision is a function of the
+        agreed log alone, so every honest node decides alike."""
         if isinstance(command, EvictNode):
-            self.evicted.setdefault(command.node, command.reason)
-            log.warning("agreed: node %s evicted (%s)", command.node, command.reason)
-        else:
-            try:
-                plan = command_plan(command)
-            except InvalidMessage as e:
-                log.warning("agreed plan of epoch %d is malformed; skipped: %s", command.epoch, e)
-                return
-            if self.latest is not None and plan.epoch <= self.latest.epoch:
-                return  # that epoch was decided already
-            self.latest = plan
+            self._evict(command)
+            return
+        try:
+            plan = command_plan(command)
+        except InvalidMessage as e:
+            log.warning("agreed plan of epoch %d is malformed; skipped: %s", command.epoch, e)
+            return
+        if self.latest is not None and plan.epoch <= self.latest.epoch:
+            return  # that epoch was decided already
+        names = self.names_evicted(plan)
+        if names:  # an evicted node never comes back through a plan
+            log.error("agreed plan of epoch %d names evicted nodes %s; skipped", plan.epoch, names)
+            return
+        self.latest = plan
         self._changed.set()
         self._changed = asyncio.Event()
+
+    def _evict(self, command: EvictNode) -> None:
+        if command.node in self.evicted:
+            return  # idempotent: a second eviction of one node is no new record
+        self.evicted[command.node] = command.reason
+        log.warning("agreed: node %s evicted (%s)", command.node, command.reason)
+        self._changed.set()
+        self._changed = asyncio.Event()
+        for listener in self._on_evicted:
+            try:
+                listener(command.node, command.reason)
+            except Exception:  # the record above stands; the next command still runs
+                log.exception("acting on the eviction of node %s failed", command.node)
+
+    def names_evicted(self, plan: StagePlan) -> list[NodeId]:
+        """The agreed-evicted nodes `plan` would give layers to (none for a valid plan)."""
+        held = (*plan.nodes, *(n for n, _ in plan.replicas))
+        return sorted({n for n in held if n in self.evicted})
 
     # --- every node, before acting on a plan handed to it -------------------------------
 
@@ -141,6 +172,9 @@ async def agree(
     """Order `plan` through the agreement (the gateway); returns it as agreed (its epoch
     may have moved past one another proposal took)."""
     for _ in range(attempts):
+        names = plans.names_evicted(plan)
+        if names:  # every node would skip it: decide again without them
+            raise PlanNamesEvicted(names)
         if plans.latest is not None and plan.epoch <= plans.latest.epoch:
             plan = StagePlan(Epoch(plans.latest.epoch + 1), plan.stages, plan.replicas)
         await propose(encode_command(plan_command(plan)), timeout_s)
@@ -149,6 +183,14 @@ async def agree(
     raise ServiceUnavailable(
         f"the plan was not agreed in {attempts} attempts (others took its epochs)"
     )
+
+
+class PlanNamesEvicted(ServiceUnavailable):
+    """The plan gives layers to nodes whose eviction was agreed (after it was decided)."""
+
+    def __init__(self, nodes: list[NodeId]) -> None:
+        super().__init__(f"the plan names evicted nodes {nodes}; it must be decided again")
+        self.nodes = nodes
 
 
 async def evict(
@@ -163,6 +205,7 @@ __all__ = [
     "AGREED_PLAN_WAIT_S",
     "AgreedPlans",
     "PlanIntake",
+    "PlanNamesEvicted",
     "Propose",
     "agree",
     "command_plan",

@@ -16,7 +16,8 @@ The rules, in order:
   again: with no replicas in play, from the old plan with as few layers moved as the
   partitioner allows (`replan`); otherwise placed from scratch over the chain nodes, the
   rest holding copies (`place`).
-- Only the gateway evicts; a proven liar is evicted once.
+- Only the gateway evicts, never itself; a proven liar is evicted once, and leaves the
+  plan even when the agreed log already held its eviction.
 """
 
 from __future__ import annotations
@@ -121,10 +122,17 @@ def next_plan(
     return NextPlan(add_replicas(placement.stages, spares), "place", placement)
 
 
-def to_evict(liars: Sequence[NodeId], evicted: Collection[NodeId]) -> tuple[NodeId, ...]:
+def to_evict(
+    liars: Sequence[NodeId], evicted: Collection[NodeId], gateway: NodeId = GATEWAY
+) -> tuple[NodeId, ...]:
     """The liars not evicted yet (a later audit of a request a liar served before it left
-    names it again)."""
-    return tuple(dict.fromkeys(n for n in liars if n not in evicted))
+    names it again). Never the gateway: its role does not move, and the agreement refuses
+    its eviction (`agreement.authority`).
+
+        >>> to_evict([NodeId(2), NodeId(0), NodeId(2), NodeId(3)], {NodeId(3)})
+        (2,)
+    """
+    return tuple(dict.fromkeys(n for n in liars if n not in evicted and n != gateway))
 
 
 def evicts(node: NodeId) -> bool:

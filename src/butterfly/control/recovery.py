@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from butterfly.control.planner import Placement, distribute_plan
-from butterfly.control.plans import AgreedPlans, Propose, agree, evict
+from butterfly.control.plans import AgreedPlans, PlanNamesEvicted, Propose, agree, evict
 from butterfly.control.policy import (
     Placing,
     alive,
@@ -34,7 +34,7 @@ from butterfly.control.policy import (
 )
 from butterfly.metrics.events import Emit, Eviction, NodeFailure, NodeStatus, RecoveryCompleted
 from butterfly.net.transport import Transport
-from butterfly.types.errors import ButterflyError
+from butterfly.types.errors import ButterflyError, ServiceUnavailable
 from butterfly.types.ids import NodeId
 from butterfly.types.plan import StagePlan
 from butterfly.types.wire.agreement import Evidence
@@ -54,6 +54,14 @@ class PlanHolder(Protocol):
     def plan(self) -> StagePlan | None: ...
 
     async def apply_plan(self, msg: PlanAssign) -> PlanAck: ...
+
+
+class EvictionStore(Protocol):
+    """Where the gateway keeps whom it evicted across restarts (`schedule.store.TaskStore`)."""
+
+    def record_eviction(self, node: NodeId, reason: str) -> bool: ...
+
+    def evictions(self) -> Mapping[NodeId, str]: ...
 
 
 class Recovery:
@@ -81,11 +89,19 @@ class Recovery:
         self._suspect_primary, self._emit = suspect_primary, emit
         self._wake = asyncio.Event()
         self.failed: set[NodeId] = set()
-        self.evicted: set[NodeId] = set()  # leave this gateway's plans, agreed or not (yet)
+        self._evicting: dict[NodeId, str] = {}  # decided here, agreed or not (yet)
+        self._store: EvictionStore | None = None  # the gateway's, from `start`
         self.recoveries: list[float] = []  # seconds from noticing to the new plan in force
         self.facts: Mapping[NodeId, StatusReply] = {}  # every node's, gathered at start-up
         self.placement: Placement | None = None  # the last plan placed from scratch
         self._asked: str | None = None  # why a re-plan was asked for although none failed
+        plans.on_evicted(self._on_agreed_eviction)
+
+    @property
+    def evicted(self) -> frozenset[NodeId]:
+        """The nodes no plan of this gateway gives layers to: those it evicted (agreed or
+        not yet, or remembered from before a restart) and those the agreed log evicted."""
+        return frozenset(self._evicting) | frozenset(self._plans.evicted)
 
     # --- inputs -----------------------------------------------------------------------
 
@@ -98,21 +114,38 @@ class Recovery:
             self._suspect_primary(peer)
 
     async def evict_liars(self, liars: tuple[NodeId, ...], reason: str) -> None:
-        """The data path proved these nodes wrong: each eviction is agreed through PBFT
-        (every node records it), then the gateway re-plans without them."""
-        fresh = to_evict(liars, self._plans.evicted)
+        """The data path proved these nodes wrong: each leaves this gateway's plans at once
+        (and its store), its eviction is agreed through PBFT (every node records it), then
+        the gateway re-plans without them. An eviction the agreed log holds already (the
+        liar's own, or one replayed) is not ordered again, but its node still leaves the
+        plan: the re-plan is woken whatever was agreed before."""
+        fresh = to_evict(liars, self._evicting)
         if not fresh:
-            log.info("already evicted %s: %s", liars, reason)
+            log.info("none of %s to evict (evicted already, or the gateway): %s", liars, reason)
             return
         log.error("evicting %s: %s", fresh, reason)
+        for liar in fresh:
+            self._remember(liar, reason)
+        self._wake.set()  # the re-plan needs no agreement on the eviction to start
         for liar in fresh:
             try:
                 await evict(self._plans, self._propose, liar, reason, timeout_s=self._agree_timeout)
             except ButterflyError as e:  # not agreed (yet): it still leaves this gateway's plan
                 log.error("eviction of node %s not agreed: %s", liar, e)
             self._emit(Eviction(node=liar))
-        self.evicted.update(fresh)
-        self._wake.set()
+
+    def _remember(self, node: NodeId, reason: str) -> None:
+        """Out of this gateway's plans from now on, and after a restart (its store)."""
+        self._evicting.setdefault(node, reason)
+        if self._store is not None:
+            self._store.record_eviction(node, reason)
+
+    def _on_agreed_eviction(self, node: NodeId, reason: str) -> None:
+        """The agreed log evicted `node` (first time on this node, or replayed after a
+        restart): the gateway stores it and re-plans if it holds layers."""
+        if evicts(self.node):
+            self._remember(node, reason)
+            self._wake.set()
 
     async def watch_evidence(self, evidence: asyncio.Queue[Evidence]) -> None:
         """Every node reads the equivocation evidence its agreement driver found; the
@@ -137,18 +170,47 @@ class Recovery:
 
     # --- the gateway ------------------------------------------------------------------
 
-    async def start(self, facts: Mapping[NodeId, StatusReply]) -> None:
-        """The first plan, over every member, from the facts gathered at start-up."""
-        self.facts = facts
-        await self.replan(sorted(self._members))
+    async def start(
+        self, facts: Mapping[NodeId, StatusReply], store: EvictionStore | None = None
+    ) -> None:
+        """The first plan, over every member not evicted, from the facts gathered at
+        start-up. `store`: the gateway's; the evictions it remembers stay out of every
+        plan, and those the agreed log lacks (not agreed before a restart) are ordered
+        again; agreed ones replayed before now are written to it."""
+        self.facts, self._store = facts, store
+        if store is not None:
+            for node, reason in store.evictions().items():
+                self._evicting.setdefault(node, reason)
+            for node, reason in self._plans.evicted.items():
+                self._remember(node, reason)
+            for node, reason in list(self._evicting.items()):
+                try:
+                    await evict(
+                        self._plans, self._propose, node, reason, timeout_s=self._agree_timeout
+                    )
+                except ButterflyError as e:  # it stays out of this gateway's plans anyway
+                    log.error("eviction of node %s not agreed: %s", node, e)
+        await self.replan([n for n in sorted(self._members) if n not in self.evicted])
 
     async def replan(self, live: list[NodeId]) -> StagePlan:
-        """Decide the next plan over the `live` nodes, agree on it, put it in force."""
-        old = self._holder.plan
-        decided = next_plan(old, live, self.evicted, self.facts, self._placing, emit=self._emit)
-        if decided.placement is not None:
-            self.placement = decided.placement
-        plan = await agree(self._plans, self._propose, decided.plan, timeout_s=self._agree_timeout)
+        """Decide the next plan over the `live` nodes, agree on it, put it in force. A plan
+        overtaken by an agreed eviction (every node would skip it) is decided again."""
+        for _ in range(len(self._members)):
+            old, evicted = self._holder.plan, self.evicted
+            live = [n for n in live if n not in evicted]
+            decided = next_plan(old, live, evicted, self.facts, self._placing, emit=self._emit)
+            if decided.placement is not None:
+                self.placement = decided.placement
+            try:
+                plan = await agree(
+                    self._plans, self._propose, decided.plan, timeout_s=self._agree_timeout
+                )
+            except PlanNamesEvicted as e:
+                log.warning("%s", e)
+                continue
+            break
+        else:
+            raise ServiceUnavailable("every plan decided named a node evicted meanwhile")
         await distribute_plan(
             plan=plan,
             model_hash=self._model_hash,
@@ -197,4 +259,4 @@ class Recovery:
             on_replanned()
 
 
-__all__ = ["PlanHolder", "Recovery"]
+__all__ = ["EvictionStore", "PlanHolder", "Recovery"]

@@ -3,7 +3,9 @@
 No sockets, clocks or threads: the driver delivers authenticated-or-not messages and
 `Tick`s at `next_deadline(state)`, and sends what comes back. Every input passes one
 exhaustive `match`; anything unsigned, wrongly signed, from another epoch or from a
-stranger is dropped before it touches the state.
+stranger is dropped before it touches the state, and so is a request its client may not
+make (`PbftConfig.authorize`), wherever it travels (alone, in a pre-prepare, a prepared
+certificate or a new view).
 
 Retransmission is pull-based: while work is outstanding each replica broadcasts a signed
 `Status`, and whoever sees it behind relays the signed messages it lacks (pre-prepares,
@@ -22,7 +24,7 @@ from typing import assert_never
 from butterfly.protocol import evidence
 from butterfly.protocol.inputs import SuspectPrimary, Tick
 from butterfly.protocol.pbft_order import (
-    client_signed,
+    admissible,
     note_divergence,
     on_checkpoint,
     on_commit,
@@ -100,11 +102,12 @@ __all__ = [
 
 
 def authentic(state: ReplicaState, message: Input) -> bool:
-    """Signed by a replica of this epoch other than us (or, for requests, by a client)."""
+    """Signed by a replica of this epoch other than us (or, for requests, by a client,
+    and within what that client may ask for: `PbftConfig.authorize`)."""
     if isinstance(message, Tick | SuspectPrimary) or message.epoch != state.config.epoch:
         return False
     if isinstance(message, Request):
-        return client_signed(state, message)
+        return admissible(state, message)
     keys = state.config.keys
     if not 0 <= message.sender < len(keys) or message.sender == state.me:
         return False

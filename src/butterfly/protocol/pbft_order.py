@@ -42,11 +42,24 @@ def client_signed(state: ReplicaState, request: Request) -> bool:
     return key is not None and request.epoch == state.config.epoch and verify_message(request, key)
 
 
+def refusal(state: ReplicaState, request: Request) -> str | None:
+    """Why this client may not ask for this (`PbftConfig.authorize`), or None."""
+    authorize = state.config.authorize
+    return None if authorize is None else authorize(request)
+
+
+def admissible(state: ReplicaState, request: Request) -> bool:
+    """Client-signed and within what that client may ask for: only such a request is
+    pending, ordered or prepared, so a lying primary cannot get another one prepared by
+    the honest replicas."""
+    return client_signed(state, request) and refusal(state, request) is None
+
+
 def valid_body(state: ReplicaState, pp: PrePrepare) -> bool:
-    """The request beside a pre-prepare matches its digest and is client-signed."""
+    """The request beside a pre-prepare matches its digest and is admissible."""
     if pp.request is None:
         return pp.digest == NULL_DIGEST
-    return request_digest(pp.request) == pp.digest and client_signed(state, pp.request)
+    return request_digest(pp.request) == pp.digest and admissible(state, pp.request)
 
 
 def in_window(state: ReplicaState, seq: int) -> bool:

@@ -10,7 +10,7 @@ fork a replica (Twins start from one).
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from butterfly.protocol.quorum import check_fault_tolerance, primary, quorum
@@ -35,6 +35,8 @@ from butterfly.types.wire.agreement import (
 MAX_COMMITS_PER_SENDER = 3
 RequestKey = tuple[NodeId, int]
 """(client, timestamp): identifies a request across retransmissions and views."""
+Authorize = Callable[[Request], str | None]
+"""Why a client-signed request must not be ordered (None: it may); see `PbftConfig`."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,11 @@ class PbftConfig:
     history: int = 1024
     retransmit_interval: float = 0.1  # status (and so retransmission) while work is pending
     idle_status_interval: float = 1.0  # status while idle, so laggards learn they lag
+    # what each client may ask for (`agreement.authority`): a request it refuses is never
+    # ordered by a primary, never prepared by a backup, and skipped at execution; it must
+    # be a pure function of the request, so every honest replica decides alike. None:
+    # every client-signed request (benchmarks and tests ordering opaque bytes)
+    authorize: Authorize | None = None
 
     def __post_init__(self) -> None:
         check_fault_tolerance(len(self.keys), self.f)

@@ -1,4 +1,5 @@
-"""Accepted tasks and their results in a SQLite file, so a gateway restart loses neither.
+"""Accepted tasks and their results in a SQLite file, so a gateway restart loses neither;
+and the nodes the gateway evicted, so a restart does not forget them either.
 
 The contract with clients is "once you have a task id, the task runs and its result stays
 readable". So a task is written (and committed) before the 202 that hands out its id, its
@@ -34,7 +35,9 @@ from butterfly.types.ids import NodeId, RequestId
 from butterfly.types.model import LayerRange
 from butterfly.types.tasks import InferenceResult, InferenceTask, SamplingParams, StageRecord
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2 added `evictions`: an older gateway would open the file and forget them, so it may
+not (version 1 files gain the table when opened)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -49,6 +52,11 @@ CREATE TABLE IF NOT EXISTS tasks (
     finished_at REAL
 );
 CREATE INDEX IF NOT EXISTS tasks_status ON tasks (status);
+CREATE TABLE IF NOT EXISTS evictions (
+    node INTEGER PRIMARY KEY,                -- one record per node: evicting twice is one
+    reason TEXT NOT NULL,                    -- the first reason given
+    evicted_at REAL NOT NULL
+);
 """
 
 
@@ -252,6 +260,24 @@ class TaskStore:
                 (finished_before, *terminal),
             ).fetchall()
         return [task_id for (task_id,) in rows]
+
+    def record_eviction(self, node: NodeId, reason: str) -> bool:
+        """Remember that the gateway evicted `node`, committed when this returns, so a
+        restarted gateway never plans with it again. True if it was not recorded yet."""
+        with self._lock, self._db:
+            cursor = self._db.execute(
+                "INSERT OR IGNORE INTO evictions (node, reason, evicted_at) VALUES (?, ?, ?)",
+                (int(node), reason, time.time()),
+            )
+        return cursor.rowcount == 1
+
+    def evictions(self) -> dict[NodeId, str]:
+        """Every node this gateway evicted, with the first reason, in eviction order."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT node, reason FROM evictions ORDER BY evicted_at, node"
+            ).fetchall()
+        return {NodeId(node): reason for node, reason in rows}
 
     def counts(self) -> dict[TaskStatus, int]:
         """Tasks per status, for health reports and tests."""

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from butterfly.agreement.driver import AgreementDriver
 from butterfly.cli.launcher import node_configs
 from butterfly.config import load_config
 from butterfly.control.facts import NodeFacts, Probe
@@ -124,32 +125,37 @@ class InProcessCluster:
         f: int = 1,
         settings: dict[str, Any] | None = None,
         stage_servers: dict[int, type[StageServer]] | None = None,
+        agreements: dict[int, type[AgreementDriver]] | None = None,
     ) -> None:
+        """`stage_servers` and `agreements`: the faulty parts (`butterfly.testing.liars`,
+        `butterfly.testing.liar_votes`) some nodes are composed with."""
         self.clock = FakeClock()
         self.hub = BeatHub(self.clock)
         paths = node_configs(
             nodes=n, f=f, model=model, api_port=0, data_dir=data_dir, settings=settings
         )
-        self.nodes: list[Node] = []
-        for i, path in enumerate(paths):
-            cfg = load_config([path], env={})
-            if i == 0:  # the frame and message limits are cluster-wide
-                self.net = MemoryNetwork(
-                    cluster_id="local",
-                    max_frame_bytes=cfg.network.max_frame_bytes,
-                    max_message_bytes=cfg.network.max_message_bytes,
-                )
-            self.nodes.append(
-                build_node(
-                    cfg,
-                    model,
-                    edges=MemoryEdges(self.net, self.hub),
-                    torch_thread=TorchThread(1, name=f"torch-{i}"),
-                    stage_server_type=(stage_servers or {}).get(i, StageServer),
-                )
-            )
+        first = load_config([paths[0]], env={})  # the frame and message limits are cluster-wide
+        self.net = MemoryNetwork(
+            cluster_id="local",
+            max_frame_bytes=first.network.max_frame_bytes,
+            max_message_bytes=first.network.max_message_bytes,
+        )
+        self._model, self._paths = model, paths
+        self._stage_servers, self._agreements = stage_servers or {}, agreements or {}
+        self.nodes: list[Node] = [self._build(i) for i in range(len(paths))]
         self._stops = [asyncio.Event() for _ in self.nodes]
         self._tasks: list[asyncio.Task[None]] = []
+
+    def _build(self, i: int) -> Node:
+        """Node `i` as a fresh process builds it, from its config file and data directory."""
+        return build_node(
+            load_config([self._paths[i]], env={}),
+            self._model,
+            edges=MemoryEdges(self.net, self.hub),
+            torch_thread=TorchThread(1, name=f"torch-{i}"),
+            stage_server_type=self._stage_servers.get(i, StageServer),
+            agreement_type=self._agreements.get(i, AgreementDriver),
+        )
 
     @property
     def gateway(self) -> Node:
@@ -168,6 +174,17 @@ class InProcessCluster:
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def restart(self, node: int) -> Node:
+        """Stop `node` as a SIGTERM would (it drains and closes its files), then start a
+        new one from the same config and data directory: what survives is what it wrote
+        there, and what its peers replay to it."""
+        self._stops[node].set()
+        await asyncio.wait_for(self._tasks[node], 10.0)
+        self.nodes[node] = self._build(node)
+        self._stops[node] = asyncio.Event()
+        self._tasks[node] = asyncio.create_task(self.nodes[node].serve(self._stops[node]))
+        return self.nodes[node]
 
     def kill(self, node: int) -> None:
         """Cut `node` off: no more heartbeats, no frames in or out."""

@@ -8,12 +8,13 @@ node's own key: honest replicas must convict them from what was signed alone.
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import replace
 
 from butterfly.agreement.driver import AgreementDriver
 from butterfly.protocol.pbft_state import Send
 from butterfly.protocol.sign import sign_message
-from butterfly.types.wire.agreement import Commit, Prepare
+from butterfly.types.wire.agreement import Commit, Prepare, PrePrepare, Request, request_digest
 
 
 class EquivocatingDriver(AgreementDriver):
@@ -45,6 +46,32 @@ class SilentDriver(AgreementDriver):
 
     def _route(self, sends: list[Send]) -> None:
         return
+
+
+class UsurpingDriver(AgreementDriver):
+    """Votes honestly, and orders commands that are not its to propose (`usurp`): a plan,
+    an eviction (of an honest node, or of itself to pre-empt the gateway's), a config
+    change. It signs the request itself and, as primary, pre-prepares it, prepares and
+    commits it with its own signatures, bypassing its own replica's refusal: the honest
+    replicas must refuse to prepare it, so it never executes anywhere."""
+
+    def usurp(self, command: bytes) -> Request:
+        state = self._state
+        self._last_ts = max(self._last_ts + 1, time.time_ns())
+        request = sign_message(
+            Request(self.me, state.config.epoch, self._last_ts, command), self._key
+        )
+        sends = [Send(None, request)]
+        if state.is_primary and state.active:
+            seq, view, digest = state.next_seq, state.view, request_digest(request)
+            state.next_seq += 1
+            pp = sign_message(
+                PrePrepare(self.me, state.config.epoch, view, seq, digest, request), self._key
+            )
+            commit = sign_message(Commit(self.me, state.config.epoch, view, seq, digest), self._key)
+            sends += [Send(None, pp), Send(None, commit)]
+        self._route(sends)
+        return request
 
 
 DRIVERS: dict[str, type[AgreementDriver]] = {

@@ -1,7 +1,8 @@
 """The acting gateway's start-up: facts, the first plan, then the scheduler and the API.
 
-Node 0 asks every node for its measured facts, decides and distributes the first plan
-(`control.recovery`), then serves: the scheduler over the pipeline engine, the HTTP API,
+Node 0 opens its store (tasks, and the nodes it evicted before a restart), asks every
+node for its measured facts, decides and distributes the first plan without the evicted
+nodes (`control.recovery`), then serves: the scheduler over the pipeline engine, the HTTP API,
 and the loops that keep the cluster whole (recovery, config-change monitoring).
 """
 
@@ -56,12 +57,19 @@ class Gateway:
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Plan, then serve until `stop` is set (which may come during start-up)."""
-        if not await _unless_stopped(self._first_plan(), stop):
-            return
         cfg = self.config.current
         data_dir = Path(cfg.node.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
+        # opened before the first plan: the evictions it remembers stay out of it
         store = TaskStore(data_dir / "tasks.sqlite")
+        try:
+            if await _unless_stopped(self._first_plan(store), stop):
+                await self._serve(store, stop)
+        finally:
+            store.close()
+
+    async def _serve(self, store: TaskStore, stop: asyncio.Event) -> None:
+        cfg = self.config.current
         s = cfg.scheduling
         scheduler = Scheduler(
             engine=self.engine,
@@ -111,15 +119,13 @@ class Gateway:
                 raise _Stopped
         except* _Stopped:
             pass
-        finally:
-            store.close()
 
-    async def _first_plan(self) -> None:
+    async def _first_plan(self, store: TaskStore) -> None:
         peers = [n for n in self.members if n != self.node]
         facts = await gather_status(
             self.transport, peers, timeout_s=FACTS_TIMEOUT_S, local=(self.node, self.report.status)
         )
-        await self.recovery.start(facts)
+        await self.recovery.start(facts, store)
 
 
 async def _unless_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:
