@@ -108,12 +108,14 @@ class Connection:
         finally:
             self._pending.pop(corr, None)
 
-    async def read_frame(self) -> Envelope:
-        """One frame, with the size limit checked before the body is read."""
+    async def read_frame(self, limit: int = 0) -> Envelope:
+        """One frame, with the size limit checked before the body is read. `limit`
+        lowers it (the handshake's frames: net.handshake.MAX_HANDSHAKE_FRAME)."""
+        limit = min(limit, self._max_frame) if limit else self._max_frame
         (length,) = LENGTH.unpack(await self._reader.readexactly(LENGTH.size))
-        if length > self._max_frame:
-            raise WireFormatError(f"frame of {length} bytes exceeds the limit of {self._max_frame}")
-        return decode_frame(await self._reader.readexactly(length), self._max_frame)
+        if length > limit:
+            raise WireFormatError(f"frame of {length} bytes exceeds the limit of {limit}")
+        return decode_frame(await self._reader.readexactly(length), limit)
 
     async def run(self) -> None:
         """Read until the peer goes away or misbehaves; the caller owns this task."""
