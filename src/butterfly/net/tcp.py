@@ -35,6 +35,7 @@ from butterfly.net.framing import Envelope, answer_to, as_message
 from butterfly.net.handshake import (
     MAX_HANDSHAKE_FRAME,
     NONCE_BYTES,
+    Direction,
     Signer,
     dialer_refusal,
     opening_refusal,
@@ -283,18 +284,21 @@ class TcpTransport:
             if refusal:
                 raise InvalidMessage(refusal, blame=peer)
             nonce = os.urandom(NONCE_BYTES)
-            fields = dict(cluster_id=me.cluster_id, model_hash=me.model_hash, channel=channel)
-            signed = proof_bytes(
-                **fields,
-                dialer=me.node,
-                acceptor=peer,
-                dialer_nonce=nonce,
-                acceptor_nonce=opening.nonce,
-                direction="dial",
-            )
-            hello = Hello(
-                me.node, me.cluster_id, me.model_hash, channel, nonce, me.key.sign(signed)
-            )
+
+            def proof(direction: Direction) -> bytes:
+                return proof_bytes(
+                    cluster_id=me.cluster_id,
+                    model_hash=me.model_hash,
+                    channel=channel,
+                    dialer=me.node,
+                    acceptor=peer,
+                    dialer_nonce=nonce,
+                    acceptor_nonce=opening.nonce,
+                    direction=direction,
+                )
+
+            signature = me.key.sign(proof("dial"))
+            hello = Hello(me.node, me.cluster_id, me.model_hash, channel, nonce, signature)
             await conn.send(hello)
             env = await asyncio.wait_for(conn.read_frame(MAX_HANDSHAKE_FRAME), timeout)
             ack = answer_to(hello, env.msg, peer)
@@ -305,16 +309,8 @@ class TcpTransport:
             raise ConnectionFailed(f"refused node {peer}'s handshake: {e}", blame=peer) from e
         if not ack.accepted:
             raise ConnectionFailed(f"node {peer} refused the handshake: {ack.reason}", blame=peer)
-        answer = proof_bytes(
-            **fields,
-            dialer=me.node,
-            acceptor=peer,
-            dialer_nonce=nonce,
-            acceptor_nonce=opening.nonce,
-            direction="accept",
-        )
         key = me.keys.get(peer)
-        if key is None or not verify(key, ack.signature, answer):
+        if key is None or not verify(key, ack.signature, proof("accept")):
             self._emit(MessageDropped(reason="handshake_refused"))
             raise ConnectionFailed(
                 f"node {peer}'s handshake does not prove its key (cluster.public_keys)",
