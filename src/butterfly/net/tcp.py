@@ -278,6 +278,10 @@ class TcpTransport:
             opening = env.msg
             if not isinstance(opening, Hello):
                 raise InvalidMessage(f"node {peer} opened with {opening.kind}, not hello")
+            if env.version != PROTOCOL_VERSION:
+                raise InvalidMessage(
+                    f"node {peer} speaks protocol {env.version}, this node {PROTOCOL_VERSION}"
+                )
             refusal = opening_refusal(
                 opening, peer=peer, cluster_id=me.cluster_id, model_hash=me.model_hash
             )
