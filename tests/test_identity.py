@@ -19,7 +19,7 @@ from butterfly.protocol.entitled import Context, entitled
 from butterfly.protocol.sign import SigningKey
 from butterfly.runtime.wire import encode_tensor
 from butterfly.schedule.engine import ClusterHealth
-from butterfly.types.errors import ConnectionFailed
+from butterfly.types.errors import ConnectionFailed, SendTimeout
 from butterfly.types.ids import NodeId, RequestId
 from butterfly.types.model import LayerRange
 from butterfly.types.plan import StagePlan
@@ -341,3 +341,21 @@ async def test_the_engine_takes_a_result_only_from_the_last_node_of_the_route() 
     assert result.output_ids == (3, 3, 3)
     drops = [e for e in events if isinstance(e, MessageDropped)]
     assert [e.reason for e in drops] == ["not_entitled_step_result"] * 3
+
+
+async def test_a_reply_claiming_another_sender_is_dropped_and_counted() -> None:
+    """Replies are attributed to the connection too: node 1 answers under node 7's id, so
+    node 0's request is never answered (and the drop is counted)."""
+    a, b, events = pair()
+    try:
+        await started(a, b)
+        await a.request(N(1), StatusQuery(), timeout=5)  # the connection exists now
+        for conn in b._incoming:
+            conn.node = N(7)  # what node 1 writes in its replies from now on
+        with pytest.raises(SendTimeout):
+            await a.request(N(1), StatusQuery(), timeout=0.5)
+        drops = [e for e in events if isinstance(e, MessageDropped)]
+        assert [e.reason for e in drops] == ["sender_mismatch"]
+    finally:
+        await a.close()
+        await b.close()

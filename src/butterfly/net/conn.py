@@ -126,6 +126,9 @@ class Connection:
                 if env.payload:
                     self._emit(BytesTransferred(len(env.payload), self.peer))
                 if env.reply:
+                    if env.sender != self.peer:  # attributed to the proven peer, or dropped
+                        self._emit(MessageDropped(reason="sender_mismatch"))
+                        continue
                     fut = self._pending.get(env.corr_id)
                     if fut is not None and not fut.done():
                         fut.set_result(env)
