@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from butterfly.dataplane.engine import PipelineEngine
+from butterfly.dataplane.routes import StageRoutes
+from butterfly.dataplane.stage_server import Outbound
 from butterfly.metrics.events import MessageDropped, MetricsEvent
 from butterfly.net.framing import LENGTH, Envelope, encode_frame
 from butterfly.net.handshake import dialer_refusal, proof_bytes
@@ -359,3 +361,39 @@ async def test_a_reply_claiming_another_sender_is_dropped_and_counted() -> None:
     finally:
         await a.close()
         await b.close()
+
+
+class StepsSeen:
+    """The stage server's side of a step, as StageRoutes uses it: records what it ran."""
+
+    def __init__(self) -> None:
+        self.ran: list[int] = []
+
+    async def plan_of(self, epoch: int) -> StagePlan:
+        return PLAN
+
+    async def on_step(self, env: Envelope) -> Outbound:
+        self.ran.append(env.sender)
+        assert isinstance(env.msg, StageStep)
+        return Outbound(N(0), StepResult(env.msg.request_ids, env.msg.steps, N(2)))
+
+    def kv_deltas(self, request_ids: object) -> list[Outbound]:
+        return []
+
+
+async def test_a_stage_runs_steps_only_from_the_gateway_or_the_previous_stage() -> None:
+    """Node 2 holds [2, 4): a step from node 4 (a holder of the same range) would write
+    into node 2's KV caches; it is dropped and counted, and node 1's step runs."""
+    events: list[MetricsEvent] = []
+    sent: list[tuple[NodeId, Message]] = []
+
+    async def deliver(peer: NodeId, msg: Message, payload: bytes) -> None:
+        sent.append((peer, msg))
+
+    server = StepsSeen()
+    routes = StageRoutes(node=N(2), server=server, deliver=deliver, emit=events.append)  # type: ignore[arg-type]
+    await routes.step(N(4), Envelope(STEP, N(4), 1, "c"))
+    await routes.step(N(1), Envelope(STEP, N(1), 1, "c"))
+    assert server.ran == [1] and [peer for peer, _ in sent] == [0]
+    drops = [e for e in events if isinstance(e, MessageDropped)]
+    assert [e.reason for e in drops] == ["not_entitled_stage_step"]
