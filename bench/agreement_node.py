@@ -36,7 +36,13 @@ async def serve(replica: int, ports: list[int], requests: int) -> dict[str, obje
     keys = [SigningKey.from_seed(bytes([i + 1]) * 32) for i in range(len(ports))]
     publics = tuple(k.public for k in keys)
     transport = TcpTransport(
-        identity=Identity(NodeId(replica), "bench", "bench"),
+        identity=Identity(
+            NodeId(replica),
+            "bench",
+            "bench",
+            key=keys[replica],
+            keys={NodeId(i): k for i, k in enumerate(publics)},
+        ),
         listen=("127.0.0.1", ports[replica]),
         peers={NodeId(i): ("127.0.0.1", p) for i, p in enumerate(ports)},
         emit=discard,

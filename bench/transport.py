@@ -35,6 +35,7 @@ import torch
 from butterfly.metrics.events import discard
 from butterfly.net.framing import LENGTH, Envelope, decode_frame, encode_frame
 from butterfly.net.tcp import Identity, TcpTransport
+from butterfly.protocol.sign import SigningKey
 from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.types.ids import NodeId
 from butterfly.types.wire.data import Ping, Pong
@@ -42,7 +43,15 @@ from common import machine, summary
 
 SHAPES = {"decode_1x1x768": (1, 1, 768), "prefill_1x128x768": (1, 128, 768)}
 MAX = 64 * 1024 * 1024
-IDENT = dict(cluster_id="bench", model_hash="m")
+KEYS = [SigningKey.from_seed(bytes([i + 1]) * 32) for i in range(2)]
+"""Both ends' node keys (the server is a child process: seeded, so both know them)."""
+
+
+def ident(node: int) -> Identity:
+    publics = {NodeId(i): k.public for i, k in enumerate(KEYS)}
+    return Identity(NodeId(node), "bench", "m", key=KEYS[node], keys=publics)
+
+
 KINDS = ["butterfly_tcp", "asyncio_streams", "blocking_socket", "pyzmq_req_rep"]
 GRPC_KINDS = ["grpc_aio_unary", "grpc_aio_streaming"]
 
@@ -71,7 +80,7 @@ async def serve_butterfly() -> None:
         return Pong(env.msg.seq, len(env.payload)), encode_tensor(decode_tensor(env.payload, MAX))
 
     t = TcpTransport(
-        identity=Identity(NodeId(1), **IDENT),
+        identity=ident(1),
         listen=("127.0.0.1", 0),
         peers={NodeId(0): ("127.0.0.1", 9), NodeId(1): ("127.0.0.1", 0)},
         emit=discard,
@@ -170,7 +179,7 @@ Trip = Callable[[torch.Tensor], Awaitable[torch.Tensor]]
 
 async def client_butterfly(port: int) -> Trip:
     t = TcpTransport(
-        identity=Identity(NodeId(0), **IDENT),
+        identity=ident(0),
         listen=("127.0.0.1", 0),
         peers={NodeId(0): ("127.0.0.1", 0), NodeId(1): ("127.0.0.1", port)},
         emit=discard,

@@ -14,6 +14,7 @@ from butterfly.net.breaker import BreakerState, CircuitBreaker
 from butterfly.net.framing import LENGTH, Envelope, decode_frame, encode_frame
 from butterfly.net.memory import MemoryNetwork
 from butterfly.net.tcp import Identity, TcpTransport, TransportLimits
+from butterfly.protocol.sign import SigningKey
 from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.types.errors import CircuitOpen, ConnectionFailed, InvalidMessage, WireFormatError
 from butterfly.types.ids import Epoch, NodeId
@@ -37,6 +38,16 @@ async def echo(peer: NodeId, env: Envelope) -> tuple[StatusReply, bytes] | None:
     return None
 
 
+KEYS = [SigningKey.from_seed(bytes([i + 1]) * 32) for i in range(3)]
+"""Node i's key; `KEYS[2]` belongs to no member of the pairs below."""
+PUBLIC = {NodeId(i): k.public for i, k in enumerate(KEYS[:2])}
+
+
+def identity(node: int, model_hash: str = "m", key: SigningKey | None = None) -> Identity:
+    """Node `node` of cluster "c", holding `key` (default: its own member key)."""
+    return Identity(NodeId(node), "c", model_hash, key=key or KEYS[node], keys=PUBLIC)
+
+
 def pair(
     model_hash: str = "m", limits: TransportLimits | None = None
 ) -> tuple[TcpTransport, TcpTransport, Events]:
@@ -45,7 +56,7 @@ def pair(
     ports = {NodeId(0): ("127.0.0.1", 0), NodeId(1): ("127.0.0.1", 0)}
     events = Events()
     a = TcpTransport(
-        identity=Identity(NodeId(0), "c", "m"),
+        identity=identity(0),
         listen=ports[NodeId(0)],
         peers=ports,
         emit=events,
@@ -53,7 +64,7 @@ def pair(
         limits=limits,
     )
     b = TcpTransport(
-        identity=Identity(NodeId(1), "c", model_hash),
+        identity=identity(1, model_hash),
         listen=ports[NodeId(1)],
         peers=ports,
         emit=events,

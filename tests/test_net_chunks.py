@@ -26,6 +26,7 @@ from butterfly.types.errors import ConnectionFailed, MessageTooLarge, WireFormat
 from butterfly.types.ids import Epoch, NodeId
 from butterfly.types.wire.control import StatusQuery, StatusReply
 from butterfly.types.wire.data import Chunk, Release
+from tests.test_net import KEYS, PUBLIC
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -50,7 +51,7 @@ async def echo(peer: NodeId, env: Envelope) -> tuple[StatusReply, bytes] | None:
 def transport(node: int, limits: TransportLimits, events: Events) -> TcpTransport:
     ports = {NodeId(0): ("127.0.0.1", 0), NodeId(1): ("127.0.0.1", 0)}
     return TcpTransport(
-        identity=Identity(NodeId(node), "c", "m"),
+        identity=Identity(NodeId(node), "c", "m", key=KEYS[node], keys=PUBLIC),
         listen=ports[NodeId(node)],
         peers=ports,
         emit=events,

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from butterfly.control.plans import AgreedPlans, PlanIntake, plan_command
+from butterfly.metrics.events import MessageDropped
 from butterfly.net.conn import Reply
 from butterfly.net.framing import Envelope
 from butterfly.net.memory import MemoryNetwork
@@ -42,6 +43,8 @@ def router(node: int, transport: object, events: Events) -> Router:
         epoch=lambda: 5,
         ask_timeout_s=lambda: 5.0,
         emit=events,
+        plan=lambda: None,
+        gateway=NodeId(0),
     )
 
 
@@ -78,9 +81,10 @@ async def test_a_message_to_this_node_itself_is_routed_without_a_socket() -> Non
     await a.close()
 
 
-async def test_the_peer_is_the_one_the_handshake_named_not_the_claimed_sender() -> None:
-    """Over TCP, a frame whose header claims node 7 arrives from the connection node 0
-    opened: the handler is told node 0."""
+async def test_a_frame_claiming_another_sender_is_dropped_and_counted() -> None:
+    """Over TCP, a frame whose header claims node 7 arrives on the connection node 0
+    opened (and proved its key on): it never reaches a handler, and is counted; the
+    connection's honest frames still are."""
     ta, tb, events = pair()
     seen = Seen()
     a, b = router(0, ta, events), router(1, tb, events)
@@ -90,9 +94,13 @@ async def test_the_peer_is_the_one_the_handshake_named_not_the_claimed_sender() 
     tb.peers[NodeId(0)] = ta.address
     conn = await ta.connection(NodeId(1))
     conn.node = NodeId(7)  # what a lying node would write in its frames
-    await conn.send(Release(("r",)))
+    await conn.send(Release(("forged",)))
+    conn.node = NodeId(0)
+    await conn.send(Release(("honest",)))  # same connection: frames arrive in order
     await asyncio.wait_for(seen.arrived.wait(), 5)
-    assert seen.calls == [(0, 7, "release")]
+    assert seen.calls == [(0, 0, "release")]
+    drops = [e for e in events if isinstance(e, MessageDropped)]
+    assert [e.reason for e in drops] == ["sender_mismatch"]
     await a.close()
     await b.close()
 

@@ -11,13 +11,13 @@ import httpx
 import pytest
 from cryptography import x509
 
-from butterfly.net.tcp import Identity, TcpTransport
+from butterfly.net.tcp import TcpTransport
 from butterfly.net.tls import TlsFiles, cert_node, cert_paths, contexts, make_certs, node_name
 from butterfly.types.errors import ConnectionFailed
 from butterfly.types.ids import NodeId
 from butterfly.types.wire.control import StatusQuery
 from tests.cluster_util import running_cluster
-from tests.test_net import Events, echo
+from tests.test_net import Events, echo, identity
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.timeout(120)
 def transport(node: int, files: TlsFiles | None, events: Events) -> TcpTransport:
     ports = {NodeId(0): ("127.0.0.1", 0), NodeId(1): ("127.0.0.1", 0)}
     return TcpTransport(
-        identity=Identity(NodeId(node), "c", "m"),
+        identity=identity(node),
         listen=ports[NodeId(node)],
         peers=ports,
         emit=events,

@@ -147,7 +147,8 @@ def build_node(
     key = load_or_create_key(key_path(cfg, Path(cfg.node.data_dir)))
     keys = {NodeId(i): k for i, k in enumerate(public_keys(cfg, key))}
     server = parts.stage_server(cfg, model_dir, key, torch_thread, stage_server_type)
-    transport = edges.transport(Identity(me, cfg.cluster.id, digest), emit, server.current_epoch)
+    identity = Identity(me, cfg.cluster.id, digest, key=key, keys=keys)
+    transport = edges.transport(identity, emit, server.current_epoch)
     router = Router(
         node=me,
         transport=transport,
@@ -155,6 +156,8 @@ def build_node(
         epoch=server.current_epoch,
         ask_timeout_s=partial(parts.step_timeout_s, config),
         emit=emit,
+        plan=server.current_plan,
+        gateway=GATEWAY,
     )
     probe = edges.probe(me, sorted(members), transport, torch_thread)
     report = NodeReport(node=me, server=server, probe=probe)

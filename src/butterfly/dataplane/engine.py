@@ -22,8 +22,9 @@ import torch
 from butterfly.dataplane.audit import Auditor, Verdict, decode_proofs
 from butterfly.dataplane.replicate import Lane, Replicator
 from butterfly.dataplane.unresponsive import StepTimeouts
-from butterfly.metrics.events import Emit, PeerError, Verification, discard
+from butterfly.metrics.events import Emit, MessageDropped, PeerError, Verification, discard
 from butterfly.net.framing import Envelope
+from butterfly.protocol.entitled import Context, entitled
 from butterfly.protocol.proof import Tolerance
 from butterfly.runtime.sampling import make_generator, sample
 from butterfly.runtime.wire import decode_tensor, encode_tensor
@@ -135,6 +136,8 @@ class PipelineEngine:
         self._timeout, self._max_tensor_bytes = step_timeout_s, max_tensor_bytes
         self._waiting: dict[tuple[str, int], asyncio.Future[torch.Tensor]] = {}
         self._sent_in: dict[tuple[str, int], int] = {}  # the epoch a step was sent in
+        # the route a step was sent on: only its nodes may answer it (protocol.entitled)
+        self._sent_on: dict[tuple[str, int], tuple[NodeId, ...]] = {}
         self._queue: list[_Entry] = []
         self._ready = asyncio.Event()
         self._plan_version = asyncio.Event()
@@ -194,10 +197,28 @@ class PipelineEngine:
         return plan.epoch if plan else 0
 
     async def on_result(self, peer: NodeId, env: Envelope) -> None:
-        """The node's route for StepResult and StepError frames."""
+        """The node's route for StepResult and StepError frames: taken only from a node
+        of the route each step it answers was sent on (the result from its last node),
+        judged by the authenticated `peer`; anything else is dropped and counted before
+        a byte of it (records included) is used."""
         msg = env.msg
         if not isinstance(msg, StepResult | StepError):
             return
+        waited = [
+            key
+            for key in zip(msg.request_ids, msg.steps, strict=False)
+            if key in self._waiting and not self._waiting[key].done()
+        ]
+        if not waited:
+            return  # late or duplicate answers for steps nobody waits for any more
+        for key in waited:
+            ctx = Context(self.node, self.node, self._plan(), self._sent_on.get(key, ()))
+            if not entitled(msg, peer, ctx):
+                self._emit(MessageDropped(reason=f"not_entitled_{msg.kind}"))
+                log.warning(
+                    "dropped %s from node %s: step %s was not sent to it", msg.kind, peer, key
+                )
+                return
         out = None
         if isinstance(msg, StepResult) and any(r in self._records for r in msg.request_ids):
             # a batch's records go each to its own request, decoded once (not per request)
@@ -254,6 +275,7 @@ class PipelineEngine:
         nodes = entries[0].route or plan.nodes
         for e in entries:
             self._sent_in[(e.request_id, e.step)] = plan.epoch
+            self._sent_on[(e.request_id, e.step)] = tuple(nodes)
         msg = StageStep(
             tuple(e.request_id for e in entries),
             tuple(e.step for e in entries),
@@ -297,6 +319,7 @@ class PipelineEngine:
         finally:
             self._waiting.pop(key, None)
             self._sent_in.pop(key, None)
+            self._sent_on.pop(key, None)
 
     def _report(self, e: ButterflyError, what: str) -> None:
         """Count an error against the peer it blames, so `butterfly_peer_errors_total`

@@ -15,12 +15,13 @@ from collections.abc import Awaitable, Callable
 from butterfly.dataplane.engine import Deliver
 from butterfly.dataplane.stage_server import StageServer
 from butterfly.dataplane.unresponsive import StepTimeouts
-from butterfly.metrics.events import CheckpointCopied, Emit
+from butterfly.metrics.events import CheckpointCopied, Emit, MessageDropped
 from butterfly.net.conn import Reply
 from butterfly.net.framing import Envelope
 from butterfly.net.transport import Transport
+from butterfly.protocol.entitled import Context, entitled
 from butterfly.types.errors import ButterflyError, InvalidMessage, SendTimeout
-from butterfly.types.ids import NodeId, RequestId
+from butterfly.types.ids import GATEWAY, NodeId, RequestId
 from butterfly.types.wire.data import (
     AuditReply,
     AuditRequest,
@@ -37,12 +38,29 @@ log = logging.getLogger(__name__)
 class StageRoutes:
     """The stage server's handlers: steps, audits, releases, cache copies and queries."""
 
-    def __init__(self, *, node: NodeId, server: StageServer, deliver: Deliver, emit: Emit) -> None:
+    def __init__(
+        self,
+        *,
+        node: NodeId,
+        server: StageServer,
+        deliver: Deliver,
+        emit: Emit,
+        gateway: NodeId = GATEWAY,
+    ) -> None:
         self.node, self._server, self._deliver, self._emit = node, server, deliver, emit
+        self._gateway = gateway
 
     async def step(self, peer: NodeId, env: Envelope) -> Reply | None:
+        """Run a step from the gateway or the previous stage, judged by the plan of the
+        step's epoch (the gateway may have switched to it a step ahead of this node):
+        anyone else could otherwise overwrite a request's KV cache here."""
         msg = env.msg
         if not isinstance(msg, StageStep):
+            return None
+        plan = await self._server.plan_of(env.epoch)
+        if not entitled(msg, peer, Context(self.node, self._gateway, plan)):
+            self._emit(MessageDropped(reason="not_entitled_stage_step"))
+            log.warning("dropped a stage step from node %s: not the previous stage", peer)
             return None
         out = await self._server.on_step(env)
         try:

@@ -191,6 +191,13 @@ class StageServer:
                 async with asyncio.timeout(left):
                     await changed.wait()
 
+    async def plan_of(self, epoch: int) -> StagePlan | None:
+        """The plan in force once this node has reached `epoch` (a bounded wait, as for
+        a step), for judging a message by the plan it was sent under."""
+        if self.plan is not None and epoch > self.plan.epoch:
+            await self._plan_of(epoch)
+        return self.plan
+
     def release(self, request_id: RequestId) -> None:
         self.caches.pop(request_id, None)
         self._used.pop(request_id, None)

@@ -170,16 +170,18 @@ class Connection:
         finally:
             self._pending.pop(corr, None)
 
-    async def read_frame(self) -> Envelope:
-        """One frame, with the size limit checked before the body is read."""
+    async def read_frame(self, limit: int = 0) -> Envelope:
+        """One frame, with the size limit checked before the body is read. `limit`
+        lowers it (the handshake's frames: net.handshake.MAX_HANDSHAKE_FRAME)."""
+        limit = min(limit, self._max_frame) if limit else self._max_frame
         (length,) = LENGTH.unpack(await self._reader.readexactly(LENGTH.size))
-        if length > self._max_frame:
+        if length > limit:
             raise MessageTooLarge(
-                f"frame of {length} bytes exceeds the limit of {self._max_frame} "
-                "(network.max_frame_bytes)",
+                f"frame of {length} bytes exceeds the limit of {limit}"
+                + (" (network.max_frame_bytes)" if limit == self._max_frame else ""),
                 blame=self.peer,
             )
-        return decode_frame(await self._reader.readexactly(length), self._max_frame)
+        return decode_frame(await self._reader.readexactly(length), limit)
 
     async def run(self) -> None:
         """Read until the peer goes away or misbehaves; the caller owns this task.
@@ -200,6 +202,9 @@ class Connection:
                 if env.payload:
                     self._emit(BytesTransferred(len(env.payload), self.peer))
                 if env.reply:
+                    if env.sender != self.peer:  # attributed to the proven peer, or dropped
+                        self._emit(MessageDropped(reason="sender_mismatch"))
+                        continue
                     fut = self._pending.get(env.corr_id)
                     if fut is not None and not fut.done():
                         fut.set_result(env)

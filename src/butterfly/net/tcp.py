@@ -5,7 +5,9 @@ cost ~20 µs more per round trip than a blocking socket and less than pyzmq or g
 they let votes, plans and tensors share one event loop without extra threads. Votes
 and plans use the `control` channel, tensors the `data` channel, so a vote is never
 queued behind a large tensor (heartbeats have their own UDP path: control.heartbeats).
-With `tls`, both channels run over mutual TLS (net.tls).
+With `tls`, both channels run over mutual TLS (net.tls). Whether or not TLS is on, every
+connection starts with a handshake in which both ends prove their node keys
+(net.handshake); frames before it are limited to a few KiB.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,6 +32,16 @@ from butterfly.metrics.events import Emit, MessageDropped
 from butterfly.net.breaker import CircuitBreaker
 from butterfly.net.conn import MAX_HANDLERS, Connection, Handler
 from butterfly.net.framing import Envelope, answer_to, as_message
+from butterfly.net.handshake import (
+    MAX_HANDSHAKE_FRAME,
+    NONCE_BYTES,
+    Direction,
+    Signer,
+    dialer_refusal,
+    opening_refusal,
+    proof_bytes,
+    verify,
+)
 from butterfly.net.tls import TlsContexts, cert_node, node_name
 from butterfly.types.errors import CircuitOpen, ConnectionFailed, InvalidMessage, WireFormatError
 from butterfly.types.ids import Epoch, NodeId
@@ -43,11 +56,15 @@ CHANNELS = ("control", "data")
 
 @dataclass(frozen=True)
 class Identity:
-    """What a handshake checks: same protocol, same cluster, same model."""
+    """What a handshake checks: same protocol, same cluster, same model, and each end's
+    node key. `keys`: every member's public key (`cluster.public_keys`); a peer without
+    one is refused whatever else it knows."""
 
     node: NodeId
     cluster_id: str
     model_hash: str
+    key: Signer
+    keys: Mapping[NodeId, bytes]
 
 
 @dataclass(frozen=True)
@@ -168,44 +185,73 @@ class TcpTransport:
             await conn.wait_closed()
 
     async def _serve_incoming(self, conn: Connection, certified: int | None) -> None:
+        me = self.identity
+        nonce = os.urandom(NONCE_BYTES)
         try:
-            env = await asyncio.wait_for(conn.read_frame(), self.limits.connect_timeout_s)
-            reason = self._refusal(env)
-            if not reason and self._tls and certified != getattr(env.msg, "node", None):
-                reason = f"its TLS certificate is for node {certified}, not the node it claims"
-        except (WireFormatError, TimeoutError, asyncio.IncompleteReadError, OSError) as e:
+            await conn.send(Hello(me.node, me.cluster_id, me.model_hash, "", nonce))
+            env = await asyncio.wait_for(
+                conn.read_frame(MAX_HANDSHAKE_FRAME), self.limits.connect_timeout_s
+            )
+        except (
+            ConnectionFailed,
+            WireFormatError,
+            TimeoutError,
+            asyncio.IncompleteReadError,
+            OSError,
+        ) as e:
             self._emit(MessageDropped(reason="handshake"))
             log.warning("refused a connection: bad handshake (%s)", e)
             conn.close("bad handshake")
             return
+        reason = self._refusal(env, nonce)
+        if not reason and self._tls and certified != getattr(env.msg, "node", None):
+            reason = f"its TLS certificate is for node {certified}, not the node it claims"
         hello = env.msg
-        assert isinstance(hello, Hello)  # _refusal checked the kind
-        conn.peer = hello.node
-        await conn.send(HelloAck(self.identity.node, reason == "", reason))
-        if reason:
-            self._emit(MessageDropped(reason="handshake"))
-            log.warning("refused node %s: %s", hello.node, reason)
-            await asyncio.sleep(0.05)
+        if reason or not isinstance(hello, Hello):
+            self._emit(MessageDropped(reason="handshake_refused"))
+            claimed = getattr(hello, "node", "?")
+            log.warning("refused a connection claiming node %s: %s", claimed, reason)
+            with contextlib.suppress(ConnectionFailed):
+                await conn.send(HelloAck(me.node, False, reason))  # never signed
+                await asyncio.sleep(0.05)
             conn.close(reason)
+            return
+        signed = proof_bytes(
+            cluster_id=me.cluster_id,
+            model_hash=me.model_hash,
+            channel=hello.channel,
+            dialer=hello.node,
+            acceptor=me.node,
+            dialer_nonce=hello.nonce,
+            acceptor_nonce=nonce,
+            direction="accept",
+        )
+        conn.peer = hello.node
+        try:
+            await conn.send(HelloAck(me.node, True, "", me.key.sign(signed)))
+        except ConnectionFailed:
             return
         await conn.run()
 
-    def _refusal(self, env: Envelope) -> str:
-        """Why a Hello is refused, or "" to accept it."""
+    def _refusal(self, env: Envelope, nonce: bytes) -> str:
+        """Why the dialer's Hello is refused, or "" to accept it (its key proven)."""
         hello, me = env.msg, self.identity
         if not isinstance(hello, Hello):
             return f"expected hello, got {hello.kind}"
         if env.version != PROTOCOL_VERSION:
             return f"protocol version {env.version}, this node speaks {PROTOCOL_VERSION}"
-        if hello.cluster_id != me.cluster_id:
-            return f"cluster id {hello.cluster_id!r} is not {me.cluster_id!r}"
-        if hello.model_hash != me.model_hash:
-            return f"model hash {hello.model_hash[:12]} differs from {me.model_hash[:12]}"
         if hello.node not in self.peers:
             return f"node {hello.node} is not a member of this cluster"
         if hello.channel not in CHANNELS:
             return f"unknown channel {hello.channel!r}"
-        return ""
+        return dialer_refusal(
+            hello,
+            acceptor=me.node,
+            acceptor_nonce=nonce,
+            cluster_id=me.cluster_id,
+            model_hash=me.model_hash,
+            keys=me.keys,
+        )
 
     async def _connect(self, peer: NodeId, channel: str) -> Connection:
         if peer not in self.peers:
@@ -220,23 +266,64 @@ class TcpTransport:
         except (OSError, TimeoutError) as e:
             raise ConnectionFailed(f"cannot connect to node {peer} at {host}:{port}: {e}") from e
         conn = self._connection(reader, writer, peer)
-        me = self.identity
-        hello = Hello(me.node, me.cluster_id, me.model_hash, channel)
-        await conn.send(hello)
         try:
-            env = await asyncio.wait_for(conn.read_frame(), self.limits.connect_timeout_s)
-            ack = answer_to(hello, env.msg, peer)
-        except (WireFormatError, TimeoutError, asyncio.IncompleteReadError, OSError) as e:
-            conn.close("no handshake answer")
-            raise ConnectionFailed(f"node {peer} did not complete the handshake: {e}") from e
-        except InvalidMessage as e:
-            conn.close("bad handshake answer")
-            raise ConnectionFailed(f"node {peer} refused the handshake: {e}", blame=peer) from e
-        if not ack.accepted:
-            conn.close(ack.reason)
-            raise ConnectionFailed(f"node {peer} refused the handshake: {ack.reason}", blame=peer)
+            await self._handshake(conn, peer, channel)
+        except BaseException:
+            conn.close("handshake failed")
+            raise
         self._spawn_reader(conn)
         return conn
+
+    async def _handshake(self, conn: Connection, peer: NodeId, channel: str) -> None:
+        """Answer the acceptor's challenge with ours signed, then check its signature."""
+        me, timeout = self.identity, self.limits.connect_timeout_s
+        try:
+            env = await asyncio.wait_for(conn.read_frame(MAX_HANDSHAKE_FRAME), timeout)
+            opening = env.msg
+            if not isinstance(opening, Hello):
+                raise InvalidMessage(f"node {peer} opened with {opening.kind}, not hello")
+            if env.version != PROTOCOL_VERSION:
+                raise InvalidMessage(
+                    f"node {peer} speaks protocol {env.version}, this node {PROTOCOL_VERSION}"
+                )
+            refusal = opening_refusal(
+                opening, peer=peer, cluster_id=me.cluster_id, model_hash=me.model_hash
+            )
+            if refusal:
+                raise InvalidMessage(refusal, blame=peer)
+            nonce = os.urandom(NONCE_BYTES)
+
+            def proof(direction: Direction) -> bytes:
+                return proof_bytes(
+                    cluster_id=me.cluster_id,
+                    model_hash=me.model_hash,
+                    channel=channel,
+                    dialer=me.node,
+                    acceptor=peer,
+                    dialer_nonce=nonce,
+                    acceptor_nonce=opening.nonce,
+                    direction=direction,
+                )
+
+            signature = me.key.sign(proof("dial"))
+            hello = Hello(me.node, me.cluster_id, me.model_hash, channel, nonce, signature)
+            await conn.send(hello)
+            env = await asyncio.wait_for(conn.read_frame(MAX_HANDSHAKE_FRAME), timeout)
+            ack = answer_to(hello, env.msg, peer)
+        except (WireFormatError, TimeoutError, asyncio.IncompleteReadError, OSError) as e:
+            raise ConnectionFailed(f"node {peer} did not complete the handshake: {e}") from e
+        except InvalidMessage as e:
+            self._emit(MessageDropped(reason="handshake_refused"))
+            raise ConnectionFailed(f"refused node {peer}'s handshake: {e}", blame=peer) from e
+        if not ack.accepted:
+            raise ConnectionFailed(f"node {peer} refused the handshake: {ack.reason}", blame=peer)
+        key = me.keys.get(peer)
+        if key is None or not verify(key, ack.signature, proof("accept")):
+            self._emit(MessageDropped(reason="handshake_refused"))
+            raise ConnectionFailed(
+                f"node {peer}'s handshake does not prove its key (cluster.public_keys)",
+                blame=peer,
+            )
 
     async def connection(self, peer: NodeId, channel: str = "data") -> Connection:
         key = (peer, channel)

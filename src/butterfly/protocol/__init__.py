@@ -5,6 +5,7 @@ PBFT is a reducer, `step(state, input, now) -> (state, messages to send)`; its d
 what comes back. The failure detector takes the time as an argument too. Modules:
 
     sign              Ed25519 keys; signing and verifying wire messages (types.wire)
+    entitled          which peer may send each message kind (the router's and handlers' rules)
     inputs            reducer inputs that never cross the wire (Tick, SuspectPrimary)
     quorum            n >= 3f + 1 and quorum sizes
     pbft              PBFT replica (pbft_state, pbft_order, pbft_viewchange, evidence)

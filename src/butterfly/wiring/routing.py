@@ -5,7 +5,11 @@ to `start` with the transport, as a transport is given its handler: no part is r
 before it exists. A handler receives the peer the connection authenticated (the node the
 TCP handshake named; for the in-memory transport, the sending transport's node; for a
 message this node sends itself, this node), never the sender the frame claims, so a rule
-about who may send a kind is a rule about that peer.
+about who may send a kind is a rule about that peer. A frame whose claimed sender is not
+that peer is dropped and counted (`sender_mismatch`): an honest node never sends one.
+Then the peer must be entitled to send the kind (`protocol.entitled`, one table of
+rules); the router checks every kind but the few whose handler has the context the
+rule needs (a step's route, the plan of its epoch).
 
 Sends go through here too: a message to this node itself is routed without a socket, so
 the pipeline engine and the stage servers address a step the same way whether the next
@@ -22,8 +26,10 @@ from butterfly.metrics.events import Emit, MessageDropped
 from butterfly.net.conn import Reply
 from butterfly.net.framing import Envelope, answer_to, as_message
 from butterfly.net.transport import Transport
+from butterfly.protocol.entitled import CHECKED_BY_HANDLER, Context, entitled
 from butterfly.types.errors import ServiceUnavailable
 from butterfly.types.ids import Epoch, NodeId
+from butterfly.types.plan import StagePlan
 from butterfly.types.wire.base import Ask
 from butterfly.types.wire.frames import Message
 
@@ -44,12 +50,16 @@ class Router:
         epoch: Callable[[], Epoch],
         ask_timeout_s: Callable[[], float],
         emit: Emit,
+        plan: Callable[[], StagePlan | None],
+        gateway: NodeId,
     ) -> None:
         """`epoch`: stamped on messages to this node itself, as the transport stamps the
         others. `ask_timeout_s`: how long `ask` waits for a peer's answer (read on every
-        ask: network.step_timeout_ms is live)."""
+        ask: network.step_timeout_ms is live). `plan` (the plan in force) and `gateway`
+        are what the entitlement rules judge a peer by."""
         self.node, self._transport, self._cluster_id = node, transport, cluster_id
         self._epoch, self._ask_timeout, self._emit = epoch, ask_timeout_s, emit
+        self._plan, self._gateway = plan, gateway
         self._routes: dict[type[Message], Route] = {}
 
     async def start(self, routes: Routes) -> None:
@@ -62,9 +72,20 @@ class Router:
 
     async def dispatch(self, peer: NodeId, env: Envelope) -> Reply | None:
         """The transport's handler: `peer` is the connection's authenticated node."""
-        route = self._routes.get(type(env.msg))
+        msg = env.msg
+        if env.sender != peer:
+            self._emit(MessageDropped(reason="sender_mismatch"))
+            log.warning("dropped %s from node %s claiming node %s", msg.kind, peer, env.sender)
+            return None
+        route = self._routes.get(type(msg))
         if route is None:
-            self._emit(MessageDropped(reason=f"unexpected_{env.msg.kind}"))
+            self._emit(MessageDropped(reason=f"unexpected_{msg.kind}"))
+            return None
+        if not isinstance(msg, CHECKED_BY_HANDLER) and not entitled(
+            msg, peer, Context(self.node, self._gateway, self._plan())
+        ):
+            self._emit(MessageDropped(reason=f"not_entitled_{msg.kind}"))
+            log.warning("dropped %s from node %s: not entitled to send it", msg.kind, peer)
             return None
         return await route(peer, env)
 

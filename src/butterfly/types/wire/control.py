@@ -5,7 +5,9 @@ channel so a vote is never queued behind a tensor; the heartbeat goes over UDP a
 also an input of the failure detector's reducer (`protocol.failure_detector.step`).
 
     kind                  sent by        answered by / effect
-    hello                 connecting     hello_ack (the first frame on every connection)
+    hello                 both ends      the acceptor's opens every connection (its nonce);
+                                         the dialer's answers it, signed (net.handshake)
+    hello_ack             accepting      accepted or refused; signed when accepted
     heartbeat             every node     feeds the peers' failure detectors (UDP)
     plan_assign           gateway        plan_ack once the stage is loaded
     status_query          gateway        status_reply (placement facts, load)
@@ -18,29 +20,41 @@ also an input of the failure detector's reducer (`protocol.failure_detector.step
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 from butterfly.types.ids import Epoch, NodeId
 from butterfly.types.wire.base import PROTOCOL_VERSION, Ask, Signature, Text
+from butterfly.types.wire.checks import Size
+
+Nonce = Annotated[bytes, Size(0, 32)]
+"""A handshake challenge: 32 random bytes (checked by net.handshake; empty is refused)."""
 
 
 @dataclass(frozen=True, slots=True)
 class HelloAck:
+    """The acceptor's verdict; when accepted, `signature` is its Ed25519 signature over
+    both nonces (net.handshake.proof_bytes), so the dialer knows whom it reached."""
+
     kind: ClassVar[str] = "hello_ack"
     node: NodeId
     accepted: bool
     reason: Text
+    signature: Signature = b""
 
 
 @dataclass(frozen=True, slots=True)
 class Hello(Ask[HelloAck]):
-    """First frame on every connection; the acceptor checks all of it."""
+    """Sent by both ends: the acceptor's opens the connection with its `nonce` (and no
+    signature: it has nothing to answer yet); the dialer's carries its own nonce and its
+    signature over both (net.handshake). The acceptor checks all of it."""
 
     kind: ClassVar[str] = "hello"
     node: NodeId
     cluster_id: str
     model_hash: str
-    channel: str  # "control" (votes, plans) or "data" (tensors)
+    channel: str  # "control" (votes, plans) or "data" (tensors); "" in the acceptor's
+    nonce: Nonce = b""
+    signature: Signature = b""
 
 
 @dataclass(frozen=True, slots=True)
