@@ -8,9 +8,12 @@ how many liars lied, were evicted, or were never caught. A schedule that breaks 
 invariant is named by its seed (`sim_datapath.replay(seed)` re-runs it).
 
     python bench/trust.py [--schedules 10000] [--seed 0] [--strategies corrupt,omit]
+                          [--cpu-rounds 5]
 
-Not measured here: audit-mode CPU against `none` on a running cluster (bench/faults.py
-`--only verification` measures that).
+`--cpu-rounds N` (default 0: skipped) also measures the cost of the audit on a running
+4-node cluster of the small demo model (f = 1, every range on 2 nodes): CPU of all node
+processes per 64-token request with `byzantine.verification` audit against none, N
+requests each after a warm-up, as bench/faults.py does (target: at most 1.15x).
 """
 
 from __future__ import annotations
@@ -115,8 +118,46 @@ def aggregate(results: list[DataResult], wall_s: float, per_ms: list[float]) -> 
         "violations": len(violations),
         "violation_examples": violations[:12],
         "wall_s": round(wall_s, 1),
-        "per_schedule_ms": summary(per_ms),
+        "per_schedule_ms": summary(per_ms) if per_ms else None,
     }
+
+
+def audit_cpu(rounds: int) -> dict[str, Any]:
+    """Audit against none on local node processes; every child is reaped by `stop()`."""
+    import tempfile
+    from pathlib import Path
+
+    from common import bench_model
+    from faults import cpu_seconds, generate, start
+
+    model, prompt = bench_model("small"), list(range(1, 129))
+    out: dict[str, Any] = {}
+    for mode in ("none", "audit"):
+        with tempfile.TemporaryDirectory() as tmp:
+            cluster = start(
+                model, 4, Path(tmp), f=1, partition__replication=2, byzantine__verification=mode
+            )
+            try:
+                generate(cluster.api_url, prompt)  # warm-up
+                pids = [p.pid for p in cluster.procs]
+                cpu, per_token, verified = [], [], []
+                for _ in range(rounds):
+                    c0 = cpu_seconds(pids)
+                    res = generate(cluster.api_url, prompt)
+                    cpu.append(cpu_seconds(pids) - c0)
+                    per_token.append(res["timings"]["time_per_output_token_s"] * 1000)
+                    verified.append(res["verified"])
+            finally:
+                cluster.stop()
+        out[mode] = {
+            "cpu_s_per_request": summary(cpu),
+            "decode_ms_per_token": summary(per_token),
+            "verified": {v: verified.count(v) for v in sorted(set(verified))},
+        }
+    out["audit_vs_none_cpu"] = round(
+        out["audit"]["cpu_s_per_request"]["median"] / out["none"]["cpu_s_per_request"]["median"], 3
+    )
+    return out
 
 
 def main() -> None:
@@ -127,6 +168,12 @@ def main() -> None:
         "--strategies",
         default=",".join(STRATEGIES),
         help="comma-separated liar strategies to draw from (default: all)",
+    )
+    parser.add_argument(
+        "--cpu-rounds",
+        type=int,
+        default=0,
+        help="also measure audit vs none CPU on a 4-node cluster, this many requests each",
     )
     args = parser.parse_args()
     strategies = tuple(s for s in args.strategies.split(",") if s)
@@ -143,6 +190,9 @@ def main() -> None:
     report = aggregate(results, time.perf_counter() - started, per_ms)
     report["seed"] = args.seed
     report["strategies"] = list(strategies)
+    if args.cpu_rounds > 0:
+        logging.disable(logging.NOTSET)
+        report["audit_cpu_small_model"] = audit_cpu(args.cpu_rounds)
     print(json.dumps(report, indent=1))
 
 
