@@ -48,6 +48,8 @@ def aggregate(results: list[DataResult], wall_s: float, per_ms: list[float]) -> 
     strategy_latency: dict[str, list[float]] = defaultdict(list)
     modes: dict[str, Counter[str]] = defaultdict(Counter)
     violations: list[str] = []
+    # broken schedules by the strategies of the liars that lied in them, with a few seeds
+    broken: dict[str, dict[str, Any]] = {}
     totals: Counter[str] = Counter()
     for r in results:
         sc = r.scenario
@@ -65,6 +67,14 @@ def aggregate(results: list[DataResult], wall_s: float, per_ms: list[float]) -> 
         totals["disputes_re_executed"] += r.disputes
         violations.extend(r.violations())
         lied_here = {liar.strategy for liar in r.liars if liar.first_lie is not None}
+        if r.violations():
+            key = f"{sc.mode}: " + ("+".join(sorted(lied_here)) or "no liar lied")
+            entry = broken.setdefault(key, {"schedules": 0, "wrong_verified": 0, "seeds": []})
+            entry["schedules"] += 1
+            entry["wrong_verified"] += len(r.wrong_verified)
+            entry["honest_evicted"] = entry.get("honest_evicted", 0) + len(r.honest_evicted)
+            if len(entry["seeds"]) < 5:
+                entry["seeds"].append(sc.seed)
         for s in lied_here:
             strategies[s]["schedules_with_wrong_verified"] += bool(r.wrong_verified)
             strategies[s]["schedules_with_honest_eviction"] += bool(r.honest_evicted)
@@ -116,6 +126,9 @@ def aggregate(results: list[DataResult], wall_s: float, per_ms: list[float]) -> 
             "every_liar_evicted_within_3_requests": (evicted - within) + missed == 0,
         },
         "violations": len(violations),
+        "broken_schedules_by_lying_strategies": dict(
+            sorted(broken.items(), key=lambda kv: -int(kv[1]["schedules"]))
+        ),
         "violation_examples": violations[:12],
         "wall_s": round(wall_s, 1),
         "per_schedule_ms": summary(per_ms) if per_ms else None,

@@ -168,6 +168,12 @@ class DataResult:
         where = f"seed={sc.seed} ({sc.describe()}); replay: sim_datapath.replay({sc.seed})"
         out = [f"request {r}: wrong answer marked verified; {where}" for r in self.wrong_verified]
         out += [f"honest node {n} evicted; {where}" for n in self.honest_evicted]
+        out += [
+            f"liar {liar.node} ({liar.strategy}) evicted before it lied; {where}"
+            for liar in self.liars
+            if liar.evicted_at is not None
+            and (liar.first_lie is None or liar.first_lie > liar.evicted_at)
+        ]
         return out
 
 
