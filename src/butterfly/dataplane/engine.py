@@ -13,13 +13,20 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal, Protocol, TypeVar
 
 import torch
 
-from butterfly.dataplane.audit import Auditor, Verdict, decode_proofs
+from butterfly.dataplane.audit import Auditor, Verdict
+from butterfly.dataplane.proving import (
+    RECORD_MISMATCH,
+    RecordMismatch,
+    check_records,
+    decode_proofs,
+    digest,
+)
 from butterfly.dataplane.replicate import Lane, Replicator
 from butterfly.dataplane.unresponsive import StepTimeouts
 from butterfly.metrics.events import Emit, PeerError, Verification, discard
@@ -113,10 +120,20 @@ class PipelineEngine:
         emit: Emit = discard,
         replicator: Replicator | None = None,
         verification: Mode | None = None,
+        keys: Mapping[NodeId, bytes] | None = None,
     ) -> None:
         """`verification` picks which of the parts built checks a request (audit,
         replicate or none); it defaults to the one part given. `retune` changes it, the
-        audit fraction and the step timeout for every request that starts afterwards."""
+        audit fraction and the step timeout for every request that starts afterwards.
+        `keys`: the members' public keys; with them, every result of a checked request
+        is checked against its signed records before it is used (`_vouched`)."""
+        self._keys = keys
+        # (request, step) -> (future of the output and records, stages it covers), for
+        # the first half of a relayed step (`_relay`)
+        self._relaying: dict[
+            tuple[str, int], tuple[asyncio.Future[tuple[torch.Tensor, tuple[bytes, ...]]], int]
+        ] = {}
+        self._sent_digest: dict[tuple[str, int], bytes] = {}  # what stage 0 was sent
         self._emit, self._replicator = emit, replicator
         self._auditor = auditor
         self._mode: Mode = verification or (
@@ -210,6 +227,11 @@ class PipelineEngine:
                 out = decode_tensor(env.payload, self._max_tensor_bytes)
             except ButterflyError as e:
                 msg = StepError(msg.request_ids, msg.steps, msg.node, e.kind, str(e), True)
+        relayed = self._relaying.get((msg.request_ids[0], msg.steps[0])) if msg.steps else None
+        if relayed is not None and len(msg.request_ids) == 1:
+            await self._relayed(peer, msg, out, *relayed)
+            return
+        liars: dict[NodeId, str] = {}
         for i, key in enumerate(zip(msg.request_ids, msg.steps, strict=False)):
             fut = self._waiting.get(key)
             if fut is None or fut.done():
@@ -228,8 +250,88 @@ class PipelineEngine:
                     )
                 )
                 fut.set_exception(StepFailed(error, peer))
-            else:
-                fut.set_result(out[:, i : i + 1])
+            elif isinstance(msg, StepResult):
+                row = out[:, i : i + 1]
+                plan = self._plan()
+                stages = len(plan.stages) if plan is not None else 0
+                liar = self._vouched(peer, msg, i, row, stages)
+                if liar is None:
+                    fut.set_result(row)
+                else:
+                    liars[liar] = f"step {key[1]} of {key[0]}"
+                    fut.set_exception(StageLost(f"node {liar} lied about step {key[1]}"))
+        for liar, what in liars.items():
+            await self._on_liars((liar,), f"signed records contradict {what} (the gateway's check)")
+
+    async def _relayed(
+        self,
+        peer: NodeId,
+        msg: StepResult | StepError,
+        out: torch.Tensor | None,
+        first: asyncio.Future[tuple[torch.Tensor, tuple[bytes, ...]]],
+        upto: int,
+    ) -> None:
+        """The answer to the first half of a relayed step (`_relay`)."""
+        if first.done():
+            return
+        if isinstance(msg, StepError):
+            first.set_exception(StepFailed(msg, peer))
+            return
+        if out is None:
+            return
+        liar = self._vouched(peer, msg, 0, out, upto)
+        if liar is None:
+            first.set_result((out, msg.proofs))
+            return
+        first.set_exception(StageLost(f"node {liar} lied about its output"))
+        what = f"step {msg.steps[0]} of {msg.request_ids[0]}"
+        await self._on_liars((liar,), f"signed records contradict {what} (the gateway's relay)")
+
+    def _vouched(
+        self, peer: NodeId, msg: StepResult, i: int, received: torch.Tensor, upto: int
+    ) -> NodeId | None:
+        """Who lied, if the signed records of entry `i` do not vouch for the bytes the
+        gateway received (dataplane.proving.check_records), else None.
+
+        The gateway trusts itself: it knows what `peer` (authenticated) sent it and what
+        it sent the first stage. An honest node checks its input before computing, signs
+        exactly what it sends and forwards every record, so a result whose records fail
+        convicts the peer that delivered it; a first record whose input is not what the
+        gateway sent convicts its signer. Unchecked requests (no records kept) pass."""
+        rid, step = msg.request_ids[i], msg.steps[i]
+        key = (rid, step)
+        plan = self._plan()
+        epoch = self._sent_in.get(key)
+        if self._keys is None or rid not in self._records or plan is None or epoch is None:
+            return None
+        if plan.epoch != epoch:
+            return None  # the plan moved on: `plan_changed` fails the step anyway
+        try:
+            chain = check_records(
+                decode_proofs(msg.proofs),
+                keys=self._keys,
+                request_id=rid,
+                step=step,
+                upto=upto,
+                received=received,
+                signers=lambda j: plan.holders(plan.stages[j][1]),
+                epoch=epoch,
+            )
+        except RecordMismatch as e:
+            log.error(
+                "node %s answered %s with bytes its records do not vouch for: %s", peer, key, e
+            )
+            return peer
+        if not chain or chain[-1].sender != peer:
+            log.error("node %s answered %s with another node's record as its own", peer, key)
+            return peer
+        sent = self._sent_digest.get(key)
+        if sent is not None and chain[0].input_hash != sent:
+            log.error(
+                "node %s signed another input for %s than the gateway sent", chain[0].sender, key
+            )
+            return chain[0].sender
+        return None
 
     async def serve_batches(self) -> None:
         """Send queued steps, batched: every step queued since the last send goes in one
@@ -254,6 +356,8 @@ class PipelineEngine:
         nodes = entries[0].route or plan.nodes
         for e in entries:
             self._sent_in[(e.request_id, e.step)] = plan.epoch
+            if self._keys is not None and e.request_id in self._records:
+                self._sent_digest[(e.request_id, e.step)] = digest(e.x)
         msg = StageStep(
             tuple(e.request_id for e in entries),
             tuple(e.step for e in entries),
@@ -279,6 +383,8 @@ class PipelineEngine:
         self._waiting[key] = fut
         self._queue.append(_Entry(request_id, step, start_pos, x, fut, route))
         self._ready.set()
+        refused_by: NodeId | None = None
+        nodes = self._route_of(route)
         try:
             # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation (a
             # DELETE /tasks) that lands as the step's answer arrives, and the task runs on
@@ -290,13 +396,111 @@ class PipelineEngine:
             ) from e
         except StepFailed as e:
             err = e.error
-            cls = ConnectionFailed if err.retriable else InvalidInput
+            if err.error_type == RECORD_MISMATCH and e.sender in nodes[1:]:
+                refused_by = e.sender  # settled below, once this attempt's bookkeeping is gone
+            else:
+                cls = ConnectionFailed if err.retriable else InvalidInput
+                raise cls(
+                    f"node {e.sender} failed step {step}: {err.message}", blame=e.sender
+                ) from None
+        finally:
+            self._waiting.pop(key, None)
+            self._sent_in.pop(key, None)
+            self._sent_digest.pop(key, None)
+        assert refused_by is not None  # every other way out of the try returns or raises
+        return await self._relay(request_id, step, start_pos, x, nodes, nodes.index(refused_by))
+
+    def _route_of(self, route: Lane) -> tuple[NodeId, ...]:
+        plan = self._plan()
+        return route or (plan.nodes if plan is not None else ())
+
+    async def _relay(
+        self,
+        request_id: RequestId,
+        step: int,
+        start: int,
+        x: torch.Tensor,
+        nodes: tuple[NodeId, ...],
+        split: int,
+    ) -> torch.Tensor:
+        """Re-run a step whose input node `nodes[split]` refused (`RecordMismatch`) with
+        the gateway between it and its sender, so the gateway sees the bytes itself.
+
+        The sender's half answers the gateway, which checks the bytes against its signed
+        records (a lie convicts the sender: `on_result`); the gateway then forwards those
+        very bytes and records to the receiver. A receiver that refuses them again lies,
+        and is convicted. Either way the lie costs its teller, never the honest side."""
+        plan = self._plan()
+        if plan is None:
+            raise StageLost("the stage plan is gone")
+        key = (request_id, step)
+        loop = asyncio.get_running_loop()
+        first: asyncio.Future[tuple[torch.Tensor, tuple[bytes, ...]]] = loop.create_future()
+        self._relaying[key] = (first, split)
+        self._sent_in[key] = plan.epoch
+        self._sent_digest[key] = digest(x)
+        length = x.shape[1]
+        try:
+            head = StageStep(
+                (request_id,), (step,), (start,), (length,), nodes[1:split], self.node, True
+            )
+            await self._deliver(nodes[0], head, encode_tensor(x))
+            async with asyncio.timeout(self._timeout):
+                out, proofs = await first
+        except TimeoutError as e:
+            raise SendTimeout(f"relayed step {step} of {request_id}: no answer") from e
+        except StepFailed as e:  # an earlier node refused its input: relay there instead
+            if e.error.error_type == RECORD_MISMATCH and e.sender in nodes[1:split]:
+                earlier = nodes.index(e.sender)
+            else:
+                cls = ConnectionFailed if e.error.retriable else InvalidInput
+                raise cls(
+                    f"node {e.sender} failed step {step}: {e.error.message}", blame=e.sender
+                ) from None
+        else:
+            earlier = 0
+        finally:
+            self._relaying.pop(key, None)
+            self._sent_in.pop(key, None)
+            self._sent_digest.pop(key, None)
+        if earlier:
+            return await self._relay(request_id, step, start, x, nodes, earlier)
+        self._sent_in[key] = plan.epoch
+        self._sent_digest[key] = digest(x)
+        receiver = nodes[split]
+        second: asyncio.Future[torch.Tensor] = loop.create_future()
+        self._waiting[key] = second
+        try:
+            tail = StageStep(
+                (request_id,),
+                (step,),
+                (start,),
+                (length,),
+                nodes[split + 1 :],
+                self.node,
+                True,
+                proofs,
+            )
+            await self._deliver(receiver, tail, encode_tensor(out))
+            async with asyncio.timeout(self._timeout):
+                return await second
+        except TimeoutError as e:
+            raise SendTimeout(f"relayed step {step} of {request_id}: no answer") from e
+        except StepFailed as e:
+            if e.error.error_type == RECORD_MISMATCH and e.sender == receiver:
+                reason = (
+                    f"refused bytes the gateway checked against their records: {e.error.message}"
+                )
+                await self._on_liars((receiver,), reason)
+                raise StageLost(f"node {receiver} {reason}") from None
+            cls = ConnectionFailed if e.error.retriable else InvalidInput
             raise cls(
-                f"node {e.sender} failed step {step}: {err.message}", blame=e.sender
+                f"node {e.sender} failed step {step}: {e.error.message}", blame=e.sender
             ) from None
         finally:
             self._waiting.pop(key, None)
             self._sent_in.pop(key, None)
+            self._sent_digest.pop(key, None)
 
     def _report(self, e: ButterflyError, what: str) -> None:
         """Count an error against the peer it blames, so `butterfly_peer_errors_total`
@@ -433,6 +637,10 @@ class PipelineEngine:
             plan=plan,
             positions=positions,
         )
+        gap = auditor.gaps(claims, positions, len(plan.stages))
+        if gap:
+            self._emit(Verification(check="audit", outcome="unverified"))
+            return Verdict(False, reason=gap)
         sequence = list(task.input_ids) + list(result.output_ids[:-1])
         try:
             verdict = await auditor.audit(plan, request_id, sequence, claims)
