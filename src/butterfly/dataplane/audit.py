@@ -1,8 +1,9 @@
 """Audit: replicas re-run a finished generation as one prefill and check every claim.
 
 The chain's nodes signed a record (fingerprint of the output) for every step they ran.
-After generation the gateway sends the whole sequence, stage by stage, to another holder
-of each stage's layers, which runs it as ONE prefill pass (a fraction of the cost of
+After generation the gateway sends the whole sequence, stage by stage, to every other holder
+of each stage's layers (f of them: with the chain's node that makes f+1, so one is honest
+even when f liars collude), each of which runs it as ONE prefill pass (a fraction of the cost of
 generating) and returns its output for every position. Each signed claim is checked
 against the replica's output at the claim's positions, with float tolerances. On a
 mismatch the gateway itself re-executes that stage from the agreed input (it is trusted,
@@ -12,6 +13,7 @@ signed record of the liar is the evidence that goes through agreement to evict i
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -193,31 +195,37 @@ class Auditor:
             others = [n for n in plan.holders(layers) if n != node]
             if not others:
                 return Verdict(False, reason=f"no replica of {layers} to audit node {node}")
-            out, auditor, answered = await self._replay(
-                request_id, index, layers, x, offset, others
+            replies = await asyncio.gather(
+                *(self._replay(request_id, index, layers, x, offset, a) for a in others)
             )
-            if out is not None and all(self._matches(c, out, offset) for c in mine):
+            outs = [out for _, out, _ in replies if out is not None]
+            if len(outs) == len(replies) and all(
+                self._all_match(mine, out, offset) for out in outs
+            ):
                 checked += len(mine)
-                x = out
+                x = outs[0]  # f other holders agree with the chain: one of them is honest
                 continue
-            # a dispute: the gateway re-executes and blames whoever contradicts it
+            # a dispute (or an auditor that could not run): the gateway re-executes and
+            # blames whoever signed or answered something that contradicts it
             reference = await self._referee.run(layers, x, outputs_from=offset)
             chain_lied = [c for c in mine if not self._matches(c, reference, offset)]
-            auditor_lied = answered and (
-                out is None
-                or out.shape != reference.shape
-                or not torch.allclose(out, reference, rtol=self._tol.rtol, atol=self._tol.atol)
-            )
-            said = "contradicts" if auditor_lied else "matches" if answered else "did not answer"
+            said = []
+            for auditor, out, answered in replies:
+                lied = answered and (
+                    out is None
+                    or out.shape != reference.shape
+                    or not torch.allclose(out, reference, rtol=self._tol.rtol, atol=self._tol.atol)
+                )
+                if lied:
+                    liars.append(auditor)
+                verb = "contradicts" if lied else "matches" if answered else "could not answer"
+                said.append(f"auditor {auditor} {verb} it")
             reason = (
                 f"stage {index} {layers}: chain node {node} "
-                f"{'contradicts' if chain_lied else 'matches'} the re-execution, "
-                f"auditor {auditor} {said} it"
+                f"{'contradicts' if chain_lied else 'matches'} the re-execution, " + ", ".join(said)
             )
             log.warning("audit of %s: %s", request_id, reason)
             reasons.append(reason)
-            if auditor_lied:
-                liars.append(auditor)
             if chain_lied:
                 # the signers of the contradicted records, whoever the plan names: only
                 # what a node signed is evidence against it
@@ -235,40 +243,40 @@ class Auditor:
         layers: LayerRange,
         x: torch.Tensor,
         offset: int,
-        others: Sequence[NodeId],
-    ) -> tuple[torch.Tensor | None, NodeId, bool]:
-        """(the replica's outputs or None, the auditor asked last, whether it answered).
+        auditor: NodeId,
+    ) -> tuple[NodeId, torch.Tensor | None, bool]:
+        """(the auditor, its outputs or None, whether it answered at all).
 
         An auditor that says it could not run (`AuditReply.error`: out of memory, another
-        range) or does not answer is no liar: the next holder is asked, and with none
-        left the gateway's re-execution checks the claims alone. Only an answer that is
-        not an error is judged (and convicts when it contradicts the re-execution)."""
-        auditor = others[0]
-        for auditor in others:
-            try:
-                reply, payload = await self._ask(
-                    auditor,
-                    AuditRequest(request_id, StageIndex(index), layers.start, layers.end, offset),
-                    encode_tensor(x),
-                )
-            except InvalidMessage as e:  # an answer, of the wrong kind: judged as a wrong one
-                log.warning("audit of %s: auditor %s: %s", request_id, auditor, e)
-                return None, auditor, True
-            except ButterflyError as e:
-                # no answer is not a lie: the silence is counted by whoever asked
-                # (`dataplane.unresponsive`)
-                log.warning("audit of %s: auditor %s did not answer: %s", request_id, auditor, e)
-                continue
-            if reply.error:
-                log.warning(
-                    "audit of %s: auditor %s could not run: %s", request_id, auditor, reply.error
-                )
-                continue
-            try:
-                return decode_tensor(payload, self._max), auditor, True
-            except ButterflyError:
-                return None, auditor, True
-        return None, auditor, False
+        range) or does not answer is no liar: it did not answer, and the gateway's
+        re-execution checks the claims instead. Only an answer that is not an error is
+        judged (and convicts when it contradicts the re-execution)."""
+        try:
+            reply, payload = await self._ask(
+                auditor,
+                AuditRequest(request_id, StageIndex(index), layers.start, layers.end, offset),
+                encode_tensor(x),
+            )
+        except InvalidMessage as e:  # an answer, of the wrong kind: judged as a wrong one
+            log.warning("audit of %s: auditor %s: %s", request_id, auditor, e)
+            return auditor, None, True
+        except ButterflyError as e:
+            # no answer is not a lie: the silence is counted by whoever asked
+            # (`dataplane.unresponsive`)
+            log.warning("audit of %s: auditor %s did not answer: %s", request_id, auditor, e)
+            return auditor, None, False
+        if reply.error:
+            log.warning(
+                "audit of %s: auditor %s could not run: %s", request_id, auditor, reply.error
+            )
+            return auditor, None, False
+        try:
+            return auditor, decode_tensor(payload, self._max), True
+        except ButterflyError:
+            return auditor, None, True
+
+    def _all_match(self, claims: Sequence[Claim], out: torch.Tensor, offset: int) -> bool:
+        return all(self._matches(c, out, offset) for c in claims)
 
     def _matches(self, claim: Claim, out: torch.Tensor, offset: int = 0) -> bool:
         """Does `out`, the outputs of positions from `offset` on, hold what `claim` says?"""

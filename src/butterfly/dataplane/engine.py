@@ -680,8 +680,8 @@ class PipelineEngine:
             epoch = self._epoch()
             step += 1  # step ids are never reused, so a late answer is ignored
             try:
-                positions[step] = (pos, x.shape[1])
                 logits = await self._compute(request_id, step, pos, x)
+                positions[step] = (pos, x.shape[1])  # a step whose output was used
                 if self._timeouts is not None:
                     self._timeouts.answered(self._chain(epoch))
             except ButterflyError as e:
@@ -704,6 +704,8 @@ class PipelineEngine:
                 await self._await_plan_change(epoch)
                 history = prompt + out
                 pos = await self._resume_at(request_id, len(history))
+                for superseded in [s for s, (start, _) in positions.items() if start >= pos]:
+                    del positions[superseded]  # the replay recomputes every row they gave
                 x = torch.tensor([history[pos:]], dtype=torch.int64)
                 timings["resumed_at"] = float(pos)
                 timings["recovery_s"] = timings.get("recovery_s", 0.0) + (

@@ -15,6 +15,7 @@ import contextvars
 
 import torch
 
+from butterfly.dataplane.proving import RecordMismatch
 from butterfly.dataplane.stage_server import StageServer
 from butterfly.net.framing import Envelope
 from butterfly.runtime.wire import decode_tensor, encode_tensor
@@ -96,6 +97,42 @@ class IntermittentStageServer(_SometimesLying):
         return any(step % self.every == 0 for step in msg.steps)
 
 
+class ColludingStageServer(_SometimesLying):
+    """Always sends `skew`ed outputs and signs them; every node composed with it tells
+    the very same lie, so `f` of them agree with each other (auditing each other's
+    work, or as disjoint replicate lanes)."""
+
+    def lies_on(self, msg: StageStep) -> bool:
+        return True
+
+    async def audit(self, msg: AuditRequest, payload: bytes) -> tuple[AuditReply, bytes]:
+        token = _lying.set(True)
+        try:
+            return await super().audit(msg, payload)
+        finally:
+            _lying.reset(token)
+
+
+class FalseAccuserStageServer(StageServer):
+    """Claims on every decode step that its input does not match its sender's records,
+    to frame that honest sender."""
+
+    async def compute(
+        self, msg: StageStep, epoch: int, payload: bytes
+    ) -> tuple[bytes, tuple[bytes, ...]]:
+        if max(msg.lengths) == 1:
+            raise RecordMismatch(f"step {msg.steps} input does not match (a false claim)")
+        return await super().compute(msg, epoch, payload)
+
+
+class AuditFailsStageServer(StageServer):
+    """Honest, but every audit it is asked for reports that it could not run (as a node
+    out of memory would): that is no lie, and must not get it evicted."""
+
+    async def audit(self, msg: AuditRequest, payload: bytes) -> tuple[AuditReply, bytes]:
+        return AuditReply(msg.request_id, self.node, b"", "out of memory"), b""
+
+
 class WrongLayerStageServer(StageServer):
     """Skips the last layer of its stage: with that block's output projections zeroed the
     block adds nothing to the residual stream, exactly as if it were not run."""
@@ -147,5 +184,8 @@ BEHAVIOURS: dict[str, type[StageServer]] = {
     "sign-honest-send-corrupt": SignHonestSendCorruptStageServer,
     "omit-records": OmitRecordsStageServer,
     "intermittent": IntermittentStageServer,
+    "colluding": ColludingStageServer,
+    "audit-fails": AuditFailsStageServer,
+    "false-accuser": FalseAccuserStageServer,
     "equivocate": StageServer,  # an honest data path; its votes lie (testing.liar_votes)
 }
