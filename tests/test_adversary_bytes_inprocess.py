@@ -165,3 +165,20 @@ async def test_an_auditor_that_could_not_run_is_not_convicted(
         chain=set(),
         honest_faults=frozenset({3}),
     )
+
+
+async def test_without_verification_no_record_is_required_and_nobody_is_convicted(
+    tiny_model: Path, tmp_path: Path, expected: dict[str, list[int]]
+) -> None:
+    """`byzantine.verification = "none"`: nodes sign no records, so the gateway must not
+    ask for them (an honest chain would otherwise be convicted on every step)."""
+    settings = {"coordination.heartbeat_interval_ms": 10, "byzantine.verification": "none"}
+    async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=settings) as c:
+        gw = c.gateway
+        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        run = asyncio.create_task(gw.engine.run(_task(tiny_model, PROMPTS[0], 0), lambda t: None))
+        await c.until(run.done, "the request to finish", beats=2000)
+        result = run.result()
+        assert list(result.output_ids) == expected[PROMPTS[0]]
+        assert result.verified == "none"
+        assert all(not node.plans.evicted for node in c.nodes)

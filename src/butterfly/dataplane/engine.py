@@ -134,6 +134,7 @@ class PipelineEngine:
             tuple[str, int], tuple[asyncio.Future[tuple[torch.Tensor, tuple[bytes, ...]]], int]
         ] = {}
         self._sent_digest: dict[tuple[str, int], bytes] = {}  # what stage 0 was sent
+        self._checked: set[str] = set()  # requests (and lanes) whose results need records
         self._emit, self._replicator = emit, replicator
         self._auditor = auditor
         self._mode: Mode = verification or (
@@ -254,7 +255,11 @@ class PipelineEngine:
                 row = out[:, i : i + 1]
                 plan = self._plan()
                 stages = len(plan.stages) if plan is not None else 0
-                liar = self._vouched(peer, msg, i, row, stages)
+                try:
+                    liar = self._vouched(peer, msg, i, row, stages)
+                except StageLost as e:
+                    fut.set_exception(e)
+                    continue
                 if liar is None:
                     fut.set_result(row)
                 else:
@@ -279,7 +284,11 @@ class PipelineEngine:
             return
         if out is None:
             return
-        liar = self._vouched(peer, msg, 0, out, upto)
+        try:
+            liar = self._vouched(peer, msg, 0, out, upto)
+        except StageLost as e:
+            first.set_exception(e)
+            return
         if liar is None:
             first.set_result((out, msg.proofs))
             return
@@ -291,7 +300,8 @@ class PipelineEngine:
         self, peer: NodeId, msg: StepResult, i: int, received: torch.Tensor, upto: int
     ) -> NodeId | None:
         """Who lied, if the signed records of entry `i` do not vouch for the bytes the
-        gateway received (dataplane.proving.check_records), else None.
+        gateway received (dataplane.proving.check_records), else None; `StageLost` when
+        the plan the step was sent on is gone (nothing to check against, nor to use).
 
         The gateway trusts itself: it knows what `peer` (authenticated) sent it and what
         it sent the first stage. An honest node checks its input before computing, signs
@@ -302,10 +312,10 @@ class PipelineEngine:
         key = (rid, step)
         plan = self._plan()
         epoch = self._sent_in.get(key)
-        if self._keys is None or rid not in self._records or plan is None or epoch is None:
+        if self._keys is None or rid not in self._checked or epoch is None:
             return None
-        if plan.epoch != epoch:
-            return None  # the plan moved on: `plan_changed` fails the step anyway
+        if plan is None or plan.epoch != epoch:  # no plan to check against: not used
+            raise StageLost(f"the plan moved on while step {step} of {rid} ran")
         try:
             chain = check_records(
                 decode_proofs(msg.proofs),
@@ -356,7 +366,7 @@ class PipelineEngine:
         nodes = entries[0].route or plan.nodes
         for e in entries:
             self._sent_in[(e.request_id, e.step)] = plan.epoch
-            if self._keys is not None and e.request_id in self._records:
+            if self._keys is not None and e.request_id in self._checked:
                 self._sent_digest[(e.request_id, e.step)] = digest(e.x)
         msg = StageStep(
             tuple(e.request_id for e in entries),
@@ -536,6 +546,7 @@ class PipelineEngine:
     ) -> tuple[torch.Tensor, list[Proof]]:
         """A step of one replicate lane (its own request id on the wire) and its records."""
         records = self._records.setdefault(wire_id, [])
+        self._checked.add(wire_id)
         out = await self._step(wire_id, step, start, x, route)
         mine = [p for p in records if p.step == step]
         records[:] = [p for p in records if p.step > step]
@@ -543,6 +554,7 @@ class PipelineEngine:
 
     async def release_lane(self, wire_id: RequestId, nodes: Iterable[NodeId]) -> None:
         self._records.pop(wire_id, None)
+        self._checked.discard(wire_id)
         for node in nodes:
             try:
                 await self._deliver(node, Release((wire_id,)), b"")
@@ -583,6 +595,8 @@ class PipelineEngine:
         replicator = self._replicator if self._mode == "replicate" else None
         auditor = self._auditor if self._mode == "audit" else None
         fraction = self._audit_fraction
+        if replicator is not None or auditor is not None:
+            self._checked.add(request_id)  # its nodes sign records (verification is on)
         if replicator is not None:
             self._replicating.add(request_id)
         try:
@@ -615,6 +629,7 @@ class PipelineEngine:
             raise ServiceUnavailable(f"request {request_id} failed its audit repeatedly")
         finally:
             self._records.pop(request_id, None)
+            self._checked.discard(request_id)
             await asyncio.shield(self._release_finished(request_id))
             if replicator is not None:
                 self._replicating.discard(request_id)
