@@ -97,6 +97,7 @@ LIARS = {
     "omit-records": OmitRecordsStageServer,
     "intermittent": IntermittentStageServer,
     "corrupt": CorruptStageServer,
+    "false-accuser": FalseAccuserStageServer,  # frames node 0, the gateway's own stage
 }
 
 

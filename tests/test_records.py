@@ -14,8 +14,10 @@ from butterfly.dataplane.proving import (
     check_records,
     decode_proofs,
     digest,
+    framed,
 )
 from butterfly.protocol.sign import SigningKey
+from butterfly.types.hashing import sha256
 from butterfly.types.ids import Epoch, NodeId, RequestId, StageIndex
 from butterfly.types.model import LayerRange
 from butterfly.types.wire.agreement import Proof
@@ -71,6 +73,13 @@ def test_bytes_other_than_the_signed_ones_are_refused_and_name_the_signer() -> N
         _check(chain, other)
     assert e.value.blame == NodeId(1)
     assert e.value.kind == RECORD_MISMATCH
+
+
+def test_digest_is_the_hash_a_record_carries() -> None:
+    record = _record(1, 1, HIDDEN, LOGITS)
+    assert record.input_hash == digest(HIDDEN) == sha256(framed(HIDDEN))
+    assert record.output_hash == digest(LOGITS)
+    assert digest(HIDDEN[:, 1:2]) == sha256(framed(HIDDEN[:, 1:2].contiguous()))
 
 
 def test_the_same_bytes_under_another_dtype_or_shape_do_not_match() -> None:

@@ -23,7 +23,7 @@ import torch
 from butterfly.protocol.proof import fingerprint, generate_proof, tensor_bytes
 from butterfly.protocol.sign import SigningKey, verify_message
 from butterfly.types.errors import ButterflyError, InvalidMessage
-from butterfly.types.hashing import sha256
+from butterfly.types.hashing import sha256_parts
 from butterfly.types.ids import Epoch, NodeId, RequestId, StageIndex
 from butterfly.types.model import LayerRange
 from butterfly.types.wire.agreement import Proof, decode, encode
@@ -40,15 +40,21 @@ class RecordMismatch(InvalidMessage):
     retriable = True
 
 
+def _prefix(t: torch.Tensor) -> bytes:
+    return f"{t.dtype}:{tuple(t.shape)}:".encode()
+
+
 def framed(t: torch.Tensor) -> bytes:
     """What a record's hash covers: dtype, shape and the raw bytes of the tensor, so a
     receiver that decodes the same bytes under another dtype or shape sees a mismatch."""
-    return f"{t.dtype}:{tuple(t.shape)}:".encode() + tensor_bytes(t)
+    return _prefix(t) + tensor_bytes(t)
 
 
 def digest(t: torch.Tensor) -> bytes:
-    """The hash a record carries for a tensor (an entry's slice, as sent or received)."""
-    return sha256(framed(t))
+    """The hash a record carries for a tensor (an entry's slice, as sent or received):
+    `sha256(framed(t))`, hashed in place (a logits row is 128 KB per token)."""
+    flat = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+    return sha256_parts(_prefix(t), flat.numpy().data)
 
 
 def decode_proofs(raw: Sequence[bytes]) -> Iterator[Proof]:
