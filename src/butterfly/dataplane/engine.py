@@ -20,13 +20,7 @@ from typing import Literal, Protocol, TypeVar
 import torch
 
 from butterfly.dataplane.audit import Auditor, Verdict
-from butterfly.dataplane.proving import (
-    RECORD_MISMATCH,
-    RecordMismatch,
-    check_records,
-    decode_proofs,
-    digest,
-)
+from butterfly.dataplane.proving import RECORD_MISMATCH, culprit, decode_proofs, digest
 from butterfly.dataplane.replicate import Lane, Replicator
 from butterfly.dataplane.unresponsive import StepTimeouts
 from butterfly.metrics.events import Emit, PeerError, Verification, discard
@@ -217,12 +211,12 @@ class PipelineEngine:
         if not isinstance(msg, StepResult | StepError):
             return
         out = None
-        if isinstance(msg, StepResult) and any(r in self._records for r in msg.request_ids):
-            # a batch's records go each to its own request, decoded once (not per request)
-            for proof in decode_proofs(msg.proofs):
-                records = self._records.get(proof.request_id)
-                if records is not None:
-                    records.append(proof)
+        # a batch's records, decoded once (not per request), each to its own request
+        proofs = list(decode_proofs(msg.proofs)) if isinstance(msg, StepResult) else []
+        for proof in proofs if any(r in self._records for r in msg.request_ids) else ():
+            records = self._records.get(proof.request_id)
+            if records is not None:
+                records.append(proof)
         if isinstance(msg, StepResult):
             try:
                 out = decode_tensor(env.payload, self._max_tensor_bytes)
@@ -230,7 +224,7 @@ class PipelineEngine:
                 msg = StepError(msg.request_ids, msg.steps, msg.node, e.kind, str(e), True)
         relayed = self._relaying.get((msg.request_ids[0], msg.steps[0])) if msg.steps else None
         if relayed is not None and len(msg.request_ids) == 1:
-            await self._relayed(peer, msg, out, *relayed)
+            await self._relayed(peer, msg, proofs, out, *relayed)
             return
         liars: dict[NodeId, str] = {}
         for i, key in enumerate(zip(msg.request_ids, msg.steps, strict=False)):
@@ -256,7 +250,7 @@ class PipelineEngine:
                 plan = self._plan()
                 stages = len(plan.stages) if plan is not None else 0
                 try:
-                    liar = self._vouched(peer, msg, i, row, stages)
+                    liar = self._vouched(peer, msg, proofs, i, row, stages)
                 except StageLost as e:
                     fut.set_exception(e)
                     continue
@@ -272,6 +266,7 @@ class PipelineEngine:
         self,
         peer: NodeId,
         msg: StepResult | StepError,
+        proofs: list[Proof],
         out: torch.Tensor | None,
         first: asyncio.Future[tuple[torch.Tensor, tuple[bytes, ...]]],
         upto: int,
@@ -285,7 +280,7 @@ class PipelineEngine:
         if out is None:
             return
         try:
-            liar = self._vouched(peer, msg, 0, out, upto)
+            liar = self._vouched(peer, msg, proofs, 0, out, upto)
         except StageLost as e:
             first.set_exception(e)
             return
@@ -297,17 +292,18 @@ class PipelineEngine:
         await self._on_liars((liar,), f"signed records contradict {what} (the gateway's relay)")
 
     def _vouched(
-        self, peer: NodeId, msg: StepResult, i: int, received: torch.Tensor, upto: int
+        self,
+        peer: NodeId,
+        msg: StepResult,
+        proofs: list[Proof],
+        i: int,
+        received: torch.Tensor,
+        upto: int,
     ) -> NodeId | None:
-        """Who lied, if the signed records of entry `i` do not vouch for the bytes the
-        gateway received (dataplane.proving.check_records), else None; `StageLost` when
-        the plan the step was sent on is gone (nothing to check against, nor to use).
-
-        The gateway trusts itself: it knows what `peer` (authenticated) sent it and what
-        it sent the first stage. An honest node checks its input before computing, signs
-        exactly what it sends and forwards every record, so a result whose records fail
-        convicts the peer that delivered it; a first record whose input is not what the
-        gateway sent convicts its signer. Unchecked requests (no records kept) pass."""
+        """Who lied, if the signed records of entry `i` (`proofs`: the message's, decoded)
+        do not vouch for the bytes the gateway received (`proving.culprit`), else None;
+        `StageLost` when the plan the step was sent on is gone (nothing to check against,
+        nor to use). Requests that are not verified (no records are signed) pass."""
         rid, step = msg.request_ids[i], msg.steps[i]
         key = (rid, step)
         plan = self._plan()
@@ -316,32 +312,23 @@ class PipelineEngine:
             return None
         if plan is None or plan.epoch != epoch:  # no plan to check against: not used
             raise StageLost(f"the plan moved on while step {step} of {rid} ran")
-        try:
-            chain = check_records(
-                decode_proofs(msg.proofs),
-                keys=self._keys,
-                request_id=rid,
-                step=step,
-                upto=upto,
-                received=received,
-                signers=lambda j: plan.holders(plan.stages[j][1]),
-                epoch=epoch,
-            )
-        except RecordMismatch as e:
-            log.error(
-                "node %s answered %s with bytes its records do not vouch for: %s", peer, key, e
-            )
-            return peer
-        if not chain or chain[-1].sender != peer:
-            log.error("node %s answered %s with another node's record as its own", peer, key)
-            return peer
-        sent = self._sent_digest.get(key)
-        if sent is not None and chain[0].input_hash != sent:
-            log.error(
-                "node %s signed another input for %s than the gateway sent", chain[0].sender, key
-            )
-            return chain[0].sender
-        return None
+        found = culprit(
+            proofs,
+            keys=self._keys,
+            request_id=rid,
+            step=step,
+            upto=upto,
+            received=received,
+            signers=lambda j: plan.holders(plan.stages[j][1]),
+            epoch=epoch,
+            peer=peer,
+            sent=self._sent_digest.get(key),
+        )
+        if found is None:
+            return None
+        liar, why = found
+        log.error("step %s of %s: node %s lied: %s", step, rid, liar, why)
+        return liar
 
     async def serve_batches(self) -> None:
         """Send queued steps, batched: every step queued since the last send goes in one

@@ -120,6 +120,49 @@ def check_records(
     return chain
 
 
+def culprit(
+    proofs: Iterable[Proof],
+    *,
+    keys: Mapping[NodeId, bytes],
+    request_id: RequestId,
+    step: int,
+    upto: int,
+    received: torch.Tensor,
+    signers: Signers,
+    epoch: int,
+    peer: NodeId,
+    sent: bytes | None,
+) -> tuple[NodeId, str] | None:
+    """Who lied, and how, when the gateway receives `received` from `peer` (the
+    authenticated sender) as the output of stages [0, upto) of one entry; None when the
+    records vouch for it.
+
+    The gateway trusts itself: it knows what `peer` sent it and what it sent the first
+    stage (`sent`, the digest). An honest node checks its input before computing, signs
+    exactly what it sends and forwards every record, so a result whose records fail
+    convicts the peer that delivered it; a first record whose input is not what the
+    gateway sent convicts its signer.
+    """
+    try:
+        chain = check_records(
+            proofs,
+            keys=keys,
+            request_id=request_id,
+            step=step,
+            upto=upto,
+            received=received,
+            signers=signers,
+            epoch=epoch,
+        )
+    except RecordMismatch as e:
+        return peer, f"its records do not vouch for the bytes it sent: {e}"
+    if not chain or chain[-1].sender != peer:
+        return peer, "it sent another node's record as its own"
+    if sent is not None and chain[0].input_hash != sent:
+        return chain[0].sender, "it signed another input than the gateway sent it"
+    return None
+
+
 @dataclass(frozen=True)
 class Prover:
     node: NodeId
