@@ -12,6 +12,7 @@ from butterfly.dataplane.proving import (
     Prover,
     RecordMismatch,
     check_records,
+    culprit,
     decode_proofs,
     digest,
     framed,
@@ -105,3 +106,30 @@ def test_records_that_do_not_chain_are_refused(case: str) -> None:
         chain = [first, _record(1, 1, HIDDEN + 1, LOGITS)]  # computed on other input
     with pytest.raises(RecordMismatch):
         _check(chain, LOGITS)
+
+
+def _culprit(chain: list[Proof], received: torch.Tensor, peer: int, sent: torch.Tensor) -> object:
+    return culprit(
+        chain,
+        keys=PUBLIC,
+        request_id=RequestId("r"),
+        step=3,
+        upto=2,
+        received=received,
+        signers=lambda j: HOLDERS[j],
+        epoch=1,
+        peer=NodeId(peer),
+        sent=digest(sent),
+    )
+
+
+def test_the_gateway_blames_the_peer_that_delivered_or_the_signer_of_a_false_input() -> None:
+    chain = [_record(0, 0, TOKENS, HIDDEN), _record(1, 1, HIDDEN, LOGITS)]
+    assert _culprit(chain, LOGITS, 1, TOKENS) is None
+    # bytes the records do not vouch for: the peer that delivered them
+    assert _culprit(chain, LOGITS + 1, 1, TOKENS)[0] == NodeId(1)  # type: ignore[index]
+    # node 3 delivers node 1's result as its own: node 3
+    assert _culprit(chain, LOGITS, 3, TOKENS)[0] == NodeId(3)  # type: ignore[index]
+    # the first stage signed another input than the gateway sent: that signer
+    other = torch.tensor([[5, 6, 8]])
+    assert _culprit(chain, LOGITS, 1, other)[0] == NodeId(0)  # type: ignore[index]
