@@ -13,8 +13,8 @@ import torch
 
 from butterfly.config import load_config
 from butterfly.config.validate import replication_factor
-from butterfly.dataplane.audit import Referee, decode_proofs
-from butterfly.dataplane.proving import Prover
+from butterfly.dataplane.audit import Referee
+from butterfly.dataplane.proving import Prover, decode_proofs
 from butterfly.dataplane.replicate import (
     Lane,
     LaneRun,
@@ -176,18 +176,19 @@ def _layers(model: Path) -> int:
 async def _cluster(
     model: Path, liars: dict[int, type[StageServer]], plan: StagePlan
 ) -> tuple[dict[NodeId, StageServer], dict[NodeId, bytes]]:
-    servers, keys = {}, {}
-    for node in sorted({n for n, _ in (*plan.stages, *plan.replicas)}):
-        key = SigningKey.generate()
+    servers = {}
+    nodes = sorted({n for n, _ in (*plan.stages, *plan.replicas)})
+    signing = {node: SigningKey.generate() for node in nodes}
+    keys = {node: key.public for node, key in signing.items()}
+    for node in nodes:
         cls = liars.get(int(node), StageServer)
         servers[node] = cls(
             node=node,
             model_dir=model,
             max_tensor_bytes=1 << 30,
             torch_thread=TorchThread(),
-            prover=Prover(node, key),
+            prover=Prover(node, signing[node], keys=keys),
         )
-        keys[node] = key.public
         ack = await servers[node].apply_plan(plan.to_message("hash"))
         assert ack.ok, ack.reason
     return servers, keys

@@ -1,8 +1,9 @@
 """Audit: replicas re-run a finished generation as one prefill and check every claim.
 
 The chain's nodes signed a record (fingerprint of the output) for every step they ran.
-After generation the gateway sends the whole sequence, stage by stage, to another holder
-of each stage's layers, which runs it as ONE prefill pass (a fraction of the cost of
+After generation the gateway sends the whole sequence, stage by stage, to every other holder
+of each stage's layers (f of them: with the chain's node that makes f+1, so one is honest
+even when f liars collude), each of which runs it as ONE prefill pass (a fraction of the cost of
 generating) and returns its output for every position. Each signed claim is checked
 against the replica's output at the claim's positions, with float tolerances. On a
 mismatch the gateway itself re-executes that stage from the agreed input (it is trusted,
@@ -12,8 +13,9 @@ signed record of the liar is the evidence that goes through agreement to evict i
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from butterfly.types.errors import ButterflyError, InvalidMessage
 from butterfly.types.ids import NodeId, RequestId, StageIndex
 from butterfly.types.model import LayerRange
 from butterfly.types.plan import StagePlan
-from butterfly.types.wire.agreement import Proof, decode
+from butterfly.types.wire.agreement import Proof
 from butterfly.types.wire.data import AuditReply, AuditRequest
 
 log = logging.getLogger(__name__)
@@ -76,18 +78,6 @@ class Referee:
                 return prefill_outputs(stage, x, stage.new_cache(), outputs_from=outputs_from)
 
         return await self._torch.run(compute)
-
-
-def decode_proofs(raw: Sequence[bytes]) -> Iterator[Proof]:
-    """Each signed record of a batch, decoded once; what does not decode proves nothing
-    and is dropped (the stage it claims for then fails its audit)."""
-    for data in raw:
-        try:
-            proof = decode(data)
-        except ButterflyError:
-            continue
-        if isinstance(proof, Proof):
-            yield proof
 
 
 class Auditor:
@@ -138,6 +128,10 @@ class Auditor:
                 or (proof.step, int(proof.stage)) in seen
             ):
                 continue
+            if not 0 <= proof.stage <= last or proof.sender not in plan.holders(
+                plan.stages[proof.stage][1]
+            ):
+                continue  # only a holder of the stage's range may have computed it
             key = self._keys.get(proof.sender)
             if key is None or not verify_message(proof, key):
                 continue
@@ -150,6 +144,32 @@ class Auditor:
             )
             by_stage.setdefault(int(proof.stage), []).append(claim)
         return by_stage
+
+    @staticmethod
+    def gaps(
+        claims: Mapping[int, list[Claim]], positions: Mapping[int, tuple[int, int]], stages: int
+    ) -> str:
+        """Why the claims do not cover the request, or "": a record of every stage for
+        every step, each stage's signed input the previous stage's signed output.
+
+        The gateway checked each result against these records as it arrived
+        (`PipelineEngine._vouched`), so a gap here names no liar: the request is simply
+        not verified."""
+        by_step: dict[int, dict[int, Proof]] = {}
+        for index, mine in claims.items():
+            for c in mine:
+                by_step.setdefault(c.proof.step, {})[index] = c.proof
+        for step in positions:
+            records = by_step.get(step, {})
+            for index in range(stages):
+                if index not in records:
+                    return f"stage {index} sent no signed record of step {step}"
+                if index and records[index].input_hash != records[index - 1].output_hash:
+                    return (
+                        f"stage {index} signed another input of step {step} "
+                        f"than stage {index - 1} signed as its output"
+                    )
+        return ""
 
     async def audit(
         self,
@@ -175,52 +195,88 @@ class Auditor:
             others = [n for n in plan.holders(layers) if n != node]
             if not others:
                 return Verdict(False, reason=f"no replica of {layers} to audit node {node}")
-            auditor = others[0]
-            reply: AuditReply | None = None
-            try:
-                reply, payload = await self._ask(
-                    auditor,
-                    AuditRequest(request_id, StageIndex(index), layers.start, layers.end, offset),
-                    encode_tensor(x),
-                )
-                answered = True
-            except InvalidMessage as e:  # an answer, of the wrong kind: judged as a wrong one
-                log.warning("audit of %s: auditor %s: %s", request_id, auditor, e)
-                payload, answered = b"", True
-            except ButterflyError as e:
-                # no answer is not a lie: the gateway checks the claims itself, and the
-                # silence is counted by whoever asked (`dataplane.unresponsive`)
-                log.warning("audit of %s: auditor %s did not answer: %s", request_id, auditor, e)
-                payload, answered = b"", False
-            out = decode_tensor(payload, self._max) if reply and not reply.error else None
-            if out is not None and all(self._matches(c, out, offset) for c in mine):
+            replies = await asyncio.gather(
+                *(self._replay(request_id, index, layers, x, offset, a) for a in others)
+            )
+            outs = [out for _, out, _ in replies if out is not None]
+            if len(outs) == len(replies) and all(
+                self._all_match(mine, out, offset) for out in outs
+            ):
                 checked += len(mine)
-                x = out
+                x = outs[0]  # f other holders agree with the chain: one of them is honest
                 continue
-            # a dispute: the gateway re-executes and blames whoever contradicts it
+            # a dispute (or an auditor that could not run): the gateway re-executes and
+            # blames whoever signed or answered something that contradicts it
             reference = await self._referee.run(layers, x, outputs_from=offset)
             chain_lied = [c for c in mine if not self._matches(c, reference, offset)]
-            auditor_lied = answered and (
-                out is None
-                or out.shape != reference.shape
-                or not torch.allclose(out, reference, rtol=self._tol.rtol, atol=self._tol.atol)
-            )
-            said = "contradicts" if auditor_lied else "matches" if answered else "did not answer"
+            said = []
+            for auditor, out, answered in replies:
+                lied = answered and (
+                    out is None
+                    or out.shape != reference.shape
+                    or not torch.allclose(out, reference, rtol=self._tol.rtol, atol=self._tol.atol)
+                )
+                if lied:
+                    liars.append(auditor)
+                verb = "contradicts" if lied else "matches" if answered else "could not answer"
+                said.append(f"auditor {auditor} {verb} it")
             reason = (
                 f"stage {index} {layers}: chain node {node} "
-                f"{'contradicts' if chain_lied else 'matches'} the re-execution, "
-                f"auditor {auditor} {said} it"
+                f"{'contradicts' if chain_lied else 'matches'} the re-execution, " + ", ".join(said)
             )
             log.warning("audit of %s: %s", request_id, reason)
             reasons.append(reason)
-            if auditor_lied:
-                liars.append(auditor)
             if chain_lied:
+                # the signers of the contradicted records, whoever the plan names: only
+                # what a node signed is evidence against it
+                signers = tuple(dict.fromkeys(c.proof.sender for c in chain_lied))
                 evidence = tuple(c.proof.signature for c in chain_lied)
-                return Verdict(False, (*liars, node), "; ".join(reasons), checked, evidence)
+                return Verdict(False, (*liars, *signers), "; ".join(reasons), checked, evidence)
             checked += len(mine)
             x = reference  # the chain was right; go on from what is known to be right
         return Verdict(True, tuple(liars), "; ".join(reasons), checked)
+
+    async def _replay(
+        self,
+        request_id: RequestId,
+        index: int,
+        layers: LayerRange,
+        x: torch.Tensor,
+        offset: int,
+        auditor: NodeId,
+    ) -> tuple[NodeId, torch.Tensor | None, bool]:
+        """(the auditor, its outputs or None, whether it answered at all).
+
+        An auditor that says it could not run (`AuditReply.error`: out of memory, another
+        range) or does not answer is no liar: it did not answer, and the gateway's
+        re-execution checks the claims instead. Only an answer that is not an error is
+        judged (and convicts when it contradicts the re-execution)."""
+        try:
+            reply, payload = await self._ask(
+                auditor,
+                AuditRequest(request_id, StageIndex(index), layers.start, layers.end, offset),
+                encode_tensor(x),
+            )
+        except InvalidMessage as e:  # an answer, of the wrong kind: judged as a wrong one
+            log.warning("audit of %s: auditor %s: %s", request_id, auditor, e)
+            return auditor, None, True
+        except ButterflyError as e:
+            # no answer is not a lie: the silence is counted by whoever asked
+            # (`dataplane.unresponsive`)
+            log.warning("audit of %s: auditor %s did not answer: %s", request_id, auditor, e)
+            return auditor, None, False
+        if reply.error:
+            log.warning(
+                "audit of %s: auditor %s could not run: %s", request_id, auditor, reply.error
+            )
+            return auditor, None, False
+        try:
+            return auditor, decode_tensor(payload, self._max), True
+        except ButterflyError:
+            return auditor, None, True
+
+    def _all_match(self, claims: Sequence[Claim], out: torch.Tensor, offset: int) -> bool:
+        return all(self._matches(c, out, offset) for c in claims)
 
     def _matches(self, claim: Claim, out: torch.Tensor, offset: int = 0) -> bool:
         """Does `out`, the outputs of positions from `offset` on, hold what `claim` says?"""

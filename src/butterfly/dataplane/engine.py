@@ -13,13 +13,14 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal, Protocol, TypeVar
 
 import torch
 
-from butterfly.dataplane.audit import Auditor, Verdict, decode_proofs
+from butterfly.dataplane.audit import Auditor, Verdict
+from butterfly.dataplane.proving import RECORD_MISMATCH, culprit, decode_proofs, digest
 from butterfly.dataplane.replicate import Lane, Replicator
 from butterfly.dataplane.unresponsive import StepTimeouts
 from butterfly.metrics.events import Emit, MessageDropped, PeerError, Verification, discard
@@ -114,10 +115,21 @@ class PipelineEngine:
         emit: Emit = discard,
         replicator: Replicator | None = None,
         verification: Mode | None = None,
+        keys: Mapping[NodeId, bytes] | None = None,
     ) -> None:
         """`verification` picks which of the parts built checks a request (audit,
         replicate or none); it defaults to the one part given. `retune` changes it, the
-        audit fraction and the step timeout for every request that starts afterwards."""
+        audit fraction and the step timeout for every request that starts afterwards.
+        `keys`: the members' public keys; with them, every result of a checked request
+        is checked against its signed records before it is used (`_vouched`)."""
+        self._keys = keys
+        # (request, step) -> (future of the output and records, stages it covers), for
+        # the first half of a relayed step (`_relay`)
+        self._relaying: dict[
+            tuple[str, int], tuple[asyncio.Future[tuple[torch.Tensor, tuple[bytes, ...]]], int]
+        ] = {}
+        self._sent_digest: dict[tuple[str, int], bytes] = {}  # what stage 0 was sent
+        self._checked: set[str] = set()  # requests (and lanes) whose results need records
         self._emit, self._replicator = emit, replicator
         self._auditor = auditor
         self._mode: Mode = verification or (
@@ -220,17 +232,22 @@ class PipelineEngine:
                 )
                 return
         out = None
-        if isinstance(msg, StepResult) and any(r in self._records for r in msg.request_ids):
-            # a batch's records go each to its own request, decoded once (not per request)
-            for proof in decode_proofs(msg.proofs):
-                records = self._records.get(proof.request_id)
-                if records is not None:
-                    records.append(proof)
+        # a batch's records, decoded once (not per request), each to its own request
+        proofs = list(decode_proofs(msg.proofs)) if isinstance(msg, StepResult) else []
+        for proof in proofs if any(r in self._records for r in msg.request_ids) else ():
+            records = self._records.get(proof.request_id)
+            if records is not None:
+                records.append(proof)
         if isinstance(msg, StepResult):
             try:
                 out = decode_tensor(env.payload, self._max_tensor_bytes)
             except ButterflyError as e:
                 msg = StepError(msg.request_ids, msg.steps, msg.node, e.kind, str(e), True)
+        relayed = self._relaying.get((msg.request_ids[0], msg.steps[0])) if msg.steps else None
+        if relayed is not None and len(msg.request_ids) == 1:
+            await self._relayed(peer, msg, proofs, out, *relayed)
+            return
+        liars: dict[NodeId, str] = {}
         for i, key in enumerate(zip(msg.request_ids, msg.steps, strict=False)):
             fut = self._waiting.get(key)
             if fut is None or fut.done():
@@ -249,8 +266,90 @@ class PipelineEngine:
                     )
                 )
                 fut.set_exception(StepFailed(error, peer))
-            else:
-                fut.set_result(out[:, i : i + 1])
+            elif isinstance(msg, StepResult):
+                row = out[:, i : i + 1]
+                plan = self._plan()
+                stages = len(plan.stages) if plan is not None else 0
+                try:
+                    liar = self._vouched(peer, msg, proofs, i, row, stages)
+                except StageLost as e:
+                    fut.set_exception(e)
+                    continue
+                if liar is None:
+                    fut.set_result(row)
+                else:
+                    liars[liar] = f"step {key[1]} of {key[0]}"
+                    fut.set_exception(StageLost(f"node {liar} lied about step {key[1]}"))
+        for liar, what in liars.items():
+            await self._on_liars((liar,), f"signed records contradict {what} (the gateway's check)")
+
+    async def _relayed(
+        self,
+        peer: NodeId,
+        msg: StepResult | StepError,
+        proofs: list[Proof],
+        out: torch.Tensor | None,
+        first: asyncio.Future[tuple[torch.Tensor, tuple[bytes, ...]]],
+        upto: int,
+    ) -> None:
+        """The answer to the first half of a relayed step (`_relay`)."""
+        if first.done():
+            return
+        if isinstance(msg, StepError):
+            first.set_exception(StepFailed(msg, peer))
+            return
+        if out is None:
+            return
+        try:
+            liar = self._vouched(peer, msg, proofs, 0, out, upto)
+        except StageLost as e:
+            first.set_exception(e)
+            return
+        if liar is None:
+            first.set_result((out, msg.proofs))
+            return
+        first.set_exception(StageLost(f"node {liar} lied about its output"))
+        what = f"step {msg.steps[0]} of {msg.request_ids[0]}"
+        await self._on_liars((liar,), f"signed records contradict {what} (the gateway's relay)")
+
+    def _vouched(
+        self,
+        peer: NodeId,
+        msg: StepResult,
+        proofs: list[Proof],
+        i: int,
+        received: torch.Tensor,
+        upto: int,
+    ) -> NodeId | None:
+        """Who lied, if the signed records of entry `i` (`proofs`: the message's, decoded)
+        do not vouch for the bytes the gateway received (`proving.culprit`), else None;
+        `StageLost` when the plan the step was sent on is gone (nothing to check against,
+        nor to use). Requests that are not verified (no records are signed) pass."""
+        rid, step = msg.request_ids[i], msg.steps[i]
+        key = (rid, step)
+        plan = self._plan()
+        epoch = self._sent_in.get(key)
+        if self._keys is None or rid not in self._checked or epoch is None:
+            return None
+        if plan is None or plan.epoch != epoch:  # no plan to check against: not used
+            raise StageLost(f"the plan moved on while step {step} of {rid} ran")
+        found = culprit(
+            proofs,
+            keys=self._keys,
+            request_id=rid,
+            step=step,
+            upto=upto,
+            received=received,
+            signers=lambda j: plan.holders(plan.stages[j][1]),
+            epoch=epoch,
+            peer=peer,
+            sent=self._sent_digest.get(key),
+        )
+        if found is None:
+            return None
+        liar, why = found
+        log.error("step %s of %s: node %s lied: %s", step, rid, liar, why)
+        return liar
 
     async def serve_batches(self) -> None:
         """Send queued steps, batched: every step queued since the last send goes in one
@@ -276,6 +375,8 @@ class PipelineEngine:
         for e in entries:
             self._sent_in[(e.request_id, e.step)] = plan.epoch
             self._sent_on[(e.request_id, e.step)] = tuple(nodes)
+            if self._keys is not None and e.request_id in self._checked:
+                self._sent_digest[(e.request_id, e.step)] = digest(e.x)
         msg = StageStep(
             tuple(e.request_id for e in entries),
             tuple(e.step for e in entries),
@@ -301,6 +402,8 @@ class PipelineEngine:
         self._waiting[key] = fut
         self._queue.append(_Entry(request_id, step, start_pos, x, fut, route))
         self._ready.set()
+        refused_by: NodeId | None = None
+        nodes = self._route_of(route)
         try:
             # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation (a
             # DELETE /tasks) that lands as the step's answer arrives, and the task runs on
@@ -312,14 +415,112 @@ class PipelineEngine:
             ) from e
         except StepFailed as e:
             err = e.error
-            cls = ConnectionFailed if err.retriable else InvalidInput
+            if err.error_type == RECORD_MISMATCH and e.sender in nodes[1:]:
+                refused_by = e.sender  # settled below, once this attempt's bookkeeping is gone
+            else:
+                cls = ConnectionFailed if err.retriable else InvalidInput
+                raise cls(
+                    f"node {e.sender} failed step {step}: {err.message}", blame=e.sender
+                ) from None
+        finally:
+            self._waiting.pop(key, None)
+            self._sent_in.pop(key, None)
+            self._sent_digest.pop(key, None)
+        assert refused_by is not None  # every other way out of the try returns or raises
+        return await self._relay(request_id, step, start_pos, x, nodes, nodes.index(refused_by))
+
+    def _route_of(self, route: Lane) -> tuple[NodeId, ...]:
+        plan = self._plan()
+        return route or (plan.nodes if plan is not None else ())
+
+    async def _relay(
+        self,
+        request_id: RequestId,
+        step: int,
+        start: int,
+        x: torch.Tensor,
+        nodes: tuple[NodeId, ...],
+        split: int,
+    ) -> torch.Tensor:
+        """Re-run a step whose input node `nodes[split]` refused (`RecordMismatch`) with
+        the gateway between it and its sender, so the gateway sees the bytes itself.
+
+        The sender's half answers the gateway, which checks the bytes against its signed
+        records (a lie convicts the sender: `on_result`); the gateway then forwards those
+        very bytes and records to the receiver. A receiver that refuses them again lies,
+        and is convicted. Either way the lie costs its teller, never the honest side."""
+        plan = self._plan()
+        if plan is None:
+            raise StageLost("the stage plan is gone")
+        key = (request_id, step)
+        loop = asyncio.get_running_loop()
+        first: asyncio.Future[tuple[torch.Tensor, tuple[bytes, ...]]] = loop.create_future()
+        self._relaying[key] = (first, split)
+        self._sent_in[key] = plan.epoch
+        self._sent_digest[key] = digest(x)
+        length = x.shape[1]
+        try:
+            head = StageStep(
+                (request_id,), (step,), (start,), (length,), nodes[1:split], self.node, True
+            )
+            await self._deliver(nodes[0], head, encode_tensor(x))
+            async with asyncio.timeout(self._timeout):
+                out, proofs = await first
+        except TimeoutError as e:
+            raise SendTimeout(f"relayed step {step} of {request_id}: no answer") from e
+        except StepFailed as e:  # an earlier node refused its input: relay there instead
+            if e.error.error_type == RECORD_MISMATCH and e.sender in nodes[1:split]:
+                earlier = nodes.index(e.sender)
+            else:
+                cls = ConnectionFailed if e.error.retriable else InvalidInput
+                raise cls(
+                    f"node {e.sender} failed step {step}: {e.error.message}", blame=e.sender
+                ) from None
+        else:
+            earlier = 0
+        finally:
+            self._relaying.pop(key, None)
+            self._sent_in.pop(key, None)
+            self._sent_digest.pop(key, None)
+        if earlier:
+            return await self._relay(request_id, step, start, x, nodes, earlier)
+        self._sent_in[key] = plan.epoch
+        self._sent_digest[key] = digest(x)
+        receiver = nodes[split]
+        second: asyncio.Future[torch.Tensor] = loop.create_future()
+        self._waiting[key] = second
+        try:
+            tail = StageStep(
+                (request_id,),
+                (step,),
+                (start,),
+                (length,),
+                nodes[split + 1 :],
+                self.node,
+                True,
+                proofs,
+            )
+            await self._deliver(receiver, tail, encode_tensor(out))
+            async with asyncio.timeout(self._timeout):
+                return await second
+        except TimeoutError as e:
+            raise SendTimeout(f"relayed step {step} of {request_id}: no answer") from e
+        except StepFailed as e:
+            if e.error.error_type == RECORD_MISMATCH and e.sender == receiver:
+                reason = (
+                    f"refused bytes the gateway checked against their records: {e.error.message}"
+                )
+                await self._on_liars((receiver,), reason)
+                raise StageLost(f"node {receiver} {reason}") from None
+            cls = ConnectionFailed if e.error.retriable else InvalidInput
             raise cls(
-                f"node {e.sender} failed step {step}: {err.message}", blame=e.sender
+                f"node {e.sender} failed step {step}: {e.error.message}", blame=e.sender
             ) from None
         finally:
             self._waiting.pop(key, None)
             self._sent_in.pop(key, None)
             self._sent_on.pop(key, None)
+            self._sent_digest.pop(key, None)
 
     def _report(self, e: ButterflyError, what: str) -> None:
         """Count an error against the peer it blames, so `butterfly_peer_errors_total`
@@ -355,6 +556,7 @@ class PipelineEngine:
     ) -> tuple[torch.Tensor, list[Proof]]:
         """A step of one replicate lane (its own request id on the wire) and its records."""
         records = self._records.setdefault(wire_id, [])
+        self._checked.add(wire_id)
         out = await self._step(wire_id, step, start, x, route)
         mine = [p for p in records if p.step == step]
         records[:] = [p for p in records if p.step > step]
@@ -362,6 +564,7 @@ class PipelineEngine:
 
     async def release_lane(self, wire_id: RequestId, nodes: Iterable[NodeId]) -> None:
         self._records.pop(wire_id, None)
+        self._checked.discard(wire_id)
         for node in nodes:
             try:
                 await self._deliver(node, Release((wire_id,)), b"")
@@ -402,6 +605,8 @@ class PipelineEngine:
         replicator = self._replicator if self._mode == "replicate" else None
         auditor = self._auditor if self._mode == "audit" else None
         fraction = self._audit_fraction
+        if replicator is not None or auditor is not None:
+            self._checked.add(request_id)  # its nodes sign records (verification is on)
         if replicator is not None:
             self._replicating.add(request_id)
         try:
@@ -436,6 +641,7 @@ class PipelineEngine:
             raise ServiceUnavailable(f"request {request_id} failed its audit repeatedly")
         finally:
             self._records.pop(request_id, None)
+            self._checked.discard(request_id)
             await asyncio.shield(self._release_finished(request_id))
             if replicator is not None:
                 self._replicating.discard(request_id)
@@ -458,6 +664,10 @@ class PipelineEngine:
             plan=plan,
             positions=positions,
         )
+        gap = auditor.gaps(claims, positions, len(plan.stages))
+        if gap:
+            self._emit(Verification(check="audit", outcome="unverified"))
+            return Verdict(False, reason=gap)
         sequence = list(task.input_ids) + list(result.output_ids[:-1])
         try:
             verdict = await auditor.audit(plan, request_id, sequence, claims)
@@ -497,8 +707,8 @@ class PipelineEngine:
             epoch = self._epoch()
             step += 1  # step ids are never reused, so a late answer is ignored
             try:
-                positions[step] = (pos, x.shape[1])
                 logits = await self._compute(request_id, step, pos, x)
+                positions[step] = (pos, x.shape[1])  # a step whose output was used
                 if self._timeouts is not None:
                     self._timeouts.answered(self._chain(epoch))
             except ButterflyError as e:
@@ -521,6 +731,8 @@ class PipelineEngine:
                 await self._await_plan_change(epoch)
                 history = prompt + out
                 pos = await self._resume_at(request_id, len(history))
+                for superseded in [s for s, (start, _) in positions.items() if start >= pos]:
+                    del positions[superseded]  # the replay recomputes every row they gave
                 x = torch.tensor([history[pos:]], dtype=torch.int64)
                 timings["resumed_at"] = float(pos)
                 timings["recovery_s"] = timings.get("recovery_s", 0.0) + (

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from butterfly.dataplane.proving import Prover
+from butterfly.dataplane.proving import Prover, check_records, decode_proofs
 from butterfly.net.framing import Envelope
 from butterfly.runtime.kvcache import KVCache
 from butterfly.runtime.loader import load_stage
@@ -429,6 +429,11 @@ class StageServer:
         ]
         offsets = [sum(msg.lengths[:i]) for i in range(len(msg.lengths))]
         prove = self.prover is not None and supports_trace(stage)
+        # the chain position of the range held: a replica's records (replicate mode's
+        # lanes) name the stage they stand for (a negative index would not even decode)
+        index = StageIndex(self._index_of(stage.layers))
+        if prove:
+            self._check_input(msg, epoch, x, offsets, index)
         n = len(caches)
         traces: list[list[torch.Tensor]] = [[] for _ in range(n)]
 
@@ -471,12 +476,35 @@ class StageServer:
         if self._keep_outputs and not (msg.last_only and stage.is_last):
             self._keep(msg, sent, offsets)
         proofs: tuple[bytes, ...] = ()
-        if prove and self.prover is not None and self.plan is not None:
-            # the chain position of the range held: a replica's records (replicate mode's
-            # lanes) name the stage they stand for (a negative index would not even decode)
-            index = next((i for i, (_, r) in enumerate(self.plan.stages) if r == stage.layers), 0)
-            proofs = self._sign(msg, StageIndex(index), stage.layers, x, sent, offsets, traces)
+        if prove:
+            proofs = self._sign(msg, index, stage.layers, x, sent, offsets, traces)
         return encode_tensor(sent), proofs
+
+    def _index_of(self, layers: LayerRange) -> int:
+        plan = self.plan
+        return next((i for i, (_, r) in enumerate(plan.stages) if r == layers), 0) if plan else 0
+
+    def _check_input(
+        self, msg: StageStep, epoch: int, x: torch.Tensor, offsets: list[int], index: StageIndex
+    ) -> None:
+        """Refuse, before computing, any entry whose bytes the earlier stages' signed
+        records do not vouch for (dataplane.proving.check_records): computing on them
+        would make this node sign what its sender may deny having sent."""
+        plan, prover = self.plan, self.prover
+        if not index or plan is None or prover is None:
+            return  # the first stage's input is the gateway's own tokens
+        proofs = list(decode_proofs(msg.proofs))
+        for i, (rid, step) in enumerate(zip(msg.request_ids, msg.steps, strict=True)):
+            check_records(
+                proofs,
+                keys=prover.keys,
+                request_id=rid,
+                step=step,
+                upto=index,
+                received=x[:, offsets[i] : offsets[i] + msg.lengths[i]],
+                signers=lambda j: plan.holders(plan.stages[j][1]),
+                epoch=epoch,
+            )
 
     def _sign(
         self,
@@ -505,7 +533,7 @@ class StageServer:
                     stage=index,
                     layers=layers,
                     x_in=x[:, offsets[i] : offsets[i] + msg.lengths[i]],
-                    out=self.tamper(out)[:, at : at + width],
+                    out=out[:, at : at + width],
                     layer_outputs=traces[i],
                 )
             )
@@ -513,8 +541,9 @@ class StageServer:
         return tuple(records)
 
     def tamper(self, out: torch.Tensor) -> torch.Tensor:
-        """What this node sends for `out`; honest nodes send it unchanged. Faulty stage
-        servers in `butterfly.testing` override this to lie."""
+        """What this node computed, as it signs and sends it; honest nodes change
+        nothing. Faulty stage servers in `butterfly.testing` override this to lie, and
+        `sign` and `send` to lie otherwise (sign one tensor, send another; omit records)."""
         return out
 
     async def audit(self, msg: AuditRequest, payload: bytes) -> tuple[AuditReply, bytes]:

@@ -1,20 +1,26 @@
 """Faulty stage servers: a node composed with one of these lies in a specific way.
 
 They are whole parts, swapped in by composition (`build_node(..., stage_server_type=...)`),
-never switches inside the production types. Each signs what it sends, as a real liar
-holding its own key would: the audit must catch the lie from the content alone.
+never switches inside the production types. Each signs exactly what it sends (a liar
+holding its own key signs whatever it likes, and the checks must hold either way), except
+the ones whose lie is precisely the gap between the two: `SignHonestSendCorrupt` signs
+its honest output and sends another, `OmitRecords` leaves its records out of the steps
+it lies on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 
 import torch
 
+from butterfly.dataplane.proving import RecordMismatch
 from butterfly.dataplane.stage_server import StageServer
 from butterfly.net.framing import Envelope
+from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.types.wire.control import PlanAck, PlanAssign
-from butterfly.types.wire.data import AuditReply, AuditRequest
+from butterfly.types.wire.data import AuditReply, AuditRequest, StageStep
 
 
 class CorruptStageServer(StageServer):
@@ -23,6 +29,108 @@ class CorruptStageServer(StageServer):
     def tamper(self, out: torch.Tensor) -> torch.Tensor:
         g = torch.Generator().manual_seed(int(self.node))
         return out + 0.5 * torch.randn(out.shape, generator=g, dtype=out.dtype)
+
+
+def skew(out: torch.Tensor) -> torch.Tensor:
+    """`out` with each row's runner-up pushed far above its top entry: logits that make
+    another token win, or activations that send the next stage elsewhere."""
+    rows = out.reshape(-1, out.shape[-1]).clone()
+    runner_up = rows.topk(min(2, rows.shape[-1]), dim=-1).indices[:, -1]
+    rows[torch.arange(rows.shape[0]), runner_up] += 100.0 + rows.abs().max()
+    return rows.reshape(out.shape)
+
+
+class SignHonestSendCorruptStageServer(StageServer):
+    """Signs the records of its honest output, then sends `skew`ed bytes in their place
+    (as last stage: logits favouring another token; as a middle stage: activations)."""
+
+    async def compute(
+        self, msg: StageStep, epoch: int, payload: bytes
+    ) -> tuple[bytes, tuple[bytes, ...]]:
+        sent, proofs = await super().compute(msg, epoch, payload)
+        return encode_tensor(skew(decode_tensor(sent))), proofs
+
+
+_lying: contextvars.ContextVar[bool] = contextvars.ContextVar("lying", default=False)
+
+
+class _SometimesLying(StageServer):
+    """Skews its output (and signs what it sends) on the steps `lies_on` picks; the
+    choice holds for one step's task only (a context variable, not shared state)."""
+
+    def lies_on(self, msg: StageStep) -> bool:
+        return False  # the subclasses pick their steps
+
+    def tamper(self, out: torch.Tensor) -> torch.Tensor:
+        return skew(out) if _lying.get() else out
+
+    async def compute(
+        self, msg: StageStep, epoch: int, payload: bytes
+    ) -> tuple[bytes, tuple[bytes, ...]]:
+        token = _lying.set(self.lies_on(msg))
+        try:
+            return await super().compute(msg, epoch, payload)
+        finally:
+            _lying.reset(token)
+
+
+class OmitRecordsStageServer(_SometimesLying):
+    """Honest with a signed record on prefills; lies on every decode step and sends no
+    record of it."""
+
+    def lies_on(self, msg: StageStep) -> bool:
+        return max(msg.lengths) == 1
+
+    async def compute(
+        self, msg: StageStep, epoch: int, payload: bytes
+    ) -> tuple[bytes, tuple[bytes, ...]]:
+        sent, proofs = await super().compute(msg, epoch, payload)
+        return sent, (() if self.lies_on(msg) else proofs)
+
+
+class IntermittentStageServer(_SometimesLying):
+    """Honest, but every `every`-th step it lies, signing the lie."""
+
+    every = 3
+
+    def lies_on(self, msg: StageStep) -> bool:
+        return any(step % self.every == 0 for step in msg.steps)
+
+
+class ColludingStageServer(_SometimesLying):
+    """Always sends `skew`ed outputs and signs them; every node composed with it tells
+    the very same lie, so `f` of them agree with each other (auditing each other's
+    work, or as disjoint replicate lanes)."""
+
+    def lies_on(self, msg: StageStep) -> bool:
+        return True
+
+    async def audit(self, msg: AuditRequest, payload: bytes) -> tuple[AuditReply, bytes]:
+        token = _lying.set(True)
+        try:
+            return await super().audit(msg, payload)
+        finally:
+            _lying.reset(token)
+
+
+class FalseAccuserStageServer(StageServer):
+    """Claims on every decode step that its input does not match its sender's records,
+    to frame that honest sender."""
+
+    async def compute(
+        self, msg: StageStep, epoch: int, payload: bytes
+    ) -> tuple[bytes, tuple[bytes, ...]]:
+        if max(msg.lengths) == 1:
+            raise RecordMismatch(f"step {msg.steps} input does not match (a false claim)")
+        return await super().compute(msg, epoch, payload)
+
+
+class AuditFailsStageServer(StageServer):
+    """Honest, but every audit it is asked for reports that it could not run (as a node
+    out of memory would): that is no lie, and must not get it evicted."""
+
+    async def audit(self, msg: AuditRequest, payload: bytes) -> tuple[AuditReply, bytes]:
+        return AuditReply(msg.request_id, self.node, b"", "out of memory"), b""
 
 
 class WrongLayerStageServer(StageServer):
@@ -73,5 +181,11 @@ BEHAVIOURS: dict[str, type[StageServer]] = {
     "wrong-layer": WrongLayerStageServer,
     "slow": SlowStageServer,
     "silent": SilentStageServer,
+    "sign-honest-send-corrupt": SignHonestSendCorruptStageServer,
+    "omit-records": OmitRecordsStageServer,
+    "intermittent": IntermittentStageServer,
+    "colluding": ColludingStageServer,
+    "audit-fails": AuditFailsStageServer,
+    "false-accuser": FalseAccuserStageServer,
     "equivocate": StageServer,  # an honest data path; its votes lie (testing.liar_votes)
 }

@@ -32,8 +32,7 @@ from typing import ClassVar
 
 import torch
 
-from butterfly.dataplane.audit import decode_proofs
-from butterfly.dataplane.proving import Prover
+from butterfly.dataplane.proving import Prover, decode_proofs
 from butterfly.dataplane.stage_server import StageServer
 from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.testing.sim_stage import InlineTorch

@@ -24,6 +24,14 @@ def sha256(data: bytes) -> bytes:
     return hashlib.sha256(_DATA + data).digest()
 
 
+def sha256_parts(*parts: bytes | memoryview) -> bytes:
+    """`sha256(b"".join(parts))` without joining: a large tensor is hashed in place."""
+    h = hashlib.sha256(_DATA)
+    for part in parts:
+        h.update(part)
+    return h.digest()
+
+
 def chain(previous: bytes, seq: int, request_digest: bytes) -> bytes:
     """Digest of an agreement log after appending one entry.
 

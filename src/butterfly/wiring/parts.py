@@ -27,6 +27,7 @@ from butterfly.metrics.events import Emit
 from butterfly.net.transport import Transport
 from butterfly.partition.service import PartitionService
 from butterfly.protocol.failure_detector import PhiAccrualFailureDetector
+from butterfly.protocol.keys import public_keys
 from butterfly.protocol.proof import Tolerance
 from butterfly.protocol.sign import SigningKey
 from butterfly.runtime.loader import layer_infos, model_args
@@ -84,12 +85,15 @@ def stage_server(
 ) -> StageServer:
     me, byz = NodeId(cfg.node.id), cfg.byzantine
     verify = verifying(cfg)
+    keys = {NodeId(i): k for i, k in enumerate(public_keys(cfg, key))}  # to check inputs
     return server_type(
         torch_thread=torch_thread,
         node=me,
         model_dir=model_dir,
         max_tensor_bytes=cfg.network.max_message_bytes,
-        prover=Prover(me, key, byz.fingerprint_top_k, byz.fingerprint_chunk) if verify else None,
+        prover=Prover(me, key, byz.fingerprint_top_k, byz.fingerprint_chunk, keys)
+        if verify
+        else None,
         snapshot_every=snapshot_every(cfg),
         # the audit takes the gateway's own stage as computed (dataplane.audit)
         keep_outputs=me == GATEWAY and verify and byz.verification == "audit",
@@ -213,6 +217,7 @@ def engine(
         replicator=replicator,
         verification=byz.verification,
         emit=emit,
+        keys=keys,
     )
 
 

@@ -1,0 +1,185 @@
+"""Liars that play on the gap between what they sign and what they send, in one process.
+
+Whole nodes (butterfly.testing.inprocess) with one stage server swapped for a liar of
+butterfly.testing.liars, in `audit` and in `replicate` mode. Each request must come back
+with the unsplit model's tokens and never a wrong answer marked verified, no request may
+fail, the liar must end up evicted by an agreed EvictNode on every node, and no honest
+node may be. tests/test_adversary_bytes.py keeps one of these on real processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from butterfly.dataplane.stage_server import StageServer
+from butterfly.runtime.generate import generate
+from butterfly.runtime.loader import load_stage
+from butterfly.runtime.tokenizer import TextCodec
+from butterfly.testing.inprocess import InProcessCluster
+from butterfly.testing.liars import (
+    AuditFailsStageServer,
+    ColludingStageServer,
+    CorruptStageServer,
+    FalseAccuserStageServer,
+    IntermittentStageServer,
+    OmitRecordsStageServer,
+    SignHonestSendCorruptStageServer,
+)
+from butterfly.types.ids import NodeId, RequestId
+from butterfly.types.tasks import InferenceTask
+
+pytestmark = pytest.mark.timeout(120)
+PROMPTS = ("Once upon a time", "Butterfly")
+NEW = 12
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_model: Path) -> dict[str, list[int]]:
+    codec = TextCodec.load(tiny_model)
+    stage = load_stage(tiny_model)
+    return {
+        p: list(generate([stage], codec.encode(p), NEW, stop_ids=codec.eos_ids)) for p in PROMPTS
+    }
+
+
+def _task(model: Path, prompt: str, n: int) -> InferenceTask:
+    ids = tuple(TextCodec.load(model).encode(prompt))
+    return InferenceTask(RequestId(f"adv-{n}"), input_ids=ids, max_new_tokens=NEW)
+
+
+async def _serve_through_a_liar(
+    model: Path,
+    data: Path,
+    expected: dict[str, list[int]],
+    *,
+    n: int,
+    liars: dict[int, type[StageServer]],
+    mode: str,
+    chain: set[int] | None = None,
+    honest_faults: frozenset[int] = frozenset(),
+) -> None:
+    """`chain`: the liars that must be chain nodes (default all); `honest_faults`: the
+    nodes composed with a fault that is no lie (they must not be evicted)."""
+    settings = {"coordination.heartbeat_interval_ms": 10, "byzantine.verification": mode}
+    f = (n - 1) // 3
+    async with InProcessCluster(model, n, data, f=f, settings=settings, stage_servers=liars) as c:
+        gw = c.gateway
+        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        first = gw.stage_server.plan
+        assert first is not None and (set(liars) if chain is None else chain) <= set(first.nodes)
+        for i, prompt in enumerate(PROMPTS):
+            run = asyncio.create_task(gw.engine.run(_task(model, prompt, i), lambda t: None))
+            await c.until(run.done, f"request {i} to finish", beats=2000)
+            result = run.result()  # no request fails
+            verified = result.verified != "none"
+            assert list(result.output_ids) == expected[prompt] or not verified, "wrong, verified"
+            assert verified, f"request {i} not verified ({result.timings})"
+        liar_ids = {NodeId(n) for n in liars if n not in honest_faults}
+        await c.until(
+            lambda: all(liar_ids <= set(node.plans.evicted) for node in c.nodes), "agreed eviction"
+        )
+        for _ in range(20):  # time for a wrongful eviction to show, were one under way
+            c.hub.tick(0.1)
+            await asyncio.sleep(0.005)
+        for node in c.nodes:
+            assert set(node.plans.evicted) == liar_ids  # no honest node evicted
+        plan = gw.stage_server.plan
+        assert plan is not None
+        assert not liar_ids & {*plan.nodes, *(n for n, _ in plan.replicas)}
+
+
+LAST = 1  # n = 4, f = 1: the chain is 0 (the gateway) -> 1, standbys 2 and 3
+LIARS = {
+    "sign-honest-send-corrupt": SignHonestSendCorruptStageServer,
+    "omit-records": OmitRecordsStageServer,
+    "intermittent": IntermittentStageServer,
+    "corrupt": CorruptStageServer,
+    "false-accuser": FalseAccuserStageServer,  # frames node 0, the gateway's own stage
+}
+
+
+@pytest.mark.parametrize("mode", ["audit", "replicate"])
+@pytest.mark.parametrize("kind", sorted(LIARS))
+async def test_a_lying_last_stage_is_evicted_and_every_answer_is_right(
+    tiny_model: Path, tmp_path: Path, expected: dict[str, list[int]], kind: str, mode: str
+) -> None:
+    await _serve_through_a_liar(
+        tiny_model, tmp_path, expected, n=4, liars={LAST: LIARS[kind]}, mode=mode
+    )
+
+
+MIDDLE = 1  # n = 6, f = 1: the chain is 0 (the gateway) -> 1 -> 2
+
+
+@pytest.mark.parametrize("mode", ["audit", "replicate"])
+@pytest.mark.parametrize("kind", ["sign-honest-send-corrupt", "omit-records"])
+async def test_a_lying_middle_stage_is_evicted_and_never_its_honest_receiver(
+    tiny_model: Path, tmp_path: Path, expected: dict[str, list[int]], kind: str, mode: str
+) -> None:
+    """Node 2, the honest next stage, refuses bytes its sender's records do not vouch
+    for; the gateway relays the step through itself and convicts the sender alone."""
+    await _serve_through_a_liar(
+        tiny_model, tmp_path, expected, n=6, liars={MIDDLE: LIARS[kind]}, mode=mode
+    )
+
+
+@pytest.mark.parametrize("mode", ["audit", "replicate"])
+async def test_a_receiver_that_frames_its_sender_is_evicted_instead(
+    tiny_model: Path, tmp_path: Path, expected: dict[str, list[int]], mode: str
+) -> None:
+    """Node 2 (the last stage) claims that node 1's bytes do not match its records: the
+    gateway relays the step, node 1's bytes check out, node 2 refuses them again and is
+    the one evicted."""
+    await _serve_through_a_liar(
+        tiny_model, tmp_path, expected, n=6, liars={2: FalseAccuserStageServer}, mode=mode
+    )
+
+
+@pytest.mark.parametrize("mode", ["audit", "replicate"])
+async def test_f_colluding_liars_are_all_evicted(
+    tiny_model: Path, tmp_path: Path, expected: dict[str, list[int]], mode: str
+) -> None:
+    """n = 7, f = 2: node 1 (the last stage) and node 3 (another holder of its range:
+    its first auditor, and a replicate lane of its own) tell the same signed lie. The
+    audit asks every other holder of a range, so the honest one (node 5) disagrees."""
+    colluders: dict[int, type[StageServer]] = {1: ColludingStageServer, 3: ColludingStageServer}
+    await _serve_through_a_liar(
+        tiny_model, tmp_path, expected, n=7, liars=colluders, mode=mode, chain={1}
+    )
+
+
+async def test_an_auditor_that_could_not_run_is_not_convicted(
+    tiny_model: Path, tmp_path: Path, expected: dict[str, list[int]]
+) -> None:
+    """Node 3, the auditor of the last stage's range, answers every audit with an
+    error (out of memory): the gateway re-executes instead; nobody is evicted."""
+    await _serve_through_a_liar(
+        tiny_model,
+        tmp_path,
+        expected,
+        n=4,
+        liars={3: AuditFailsStageServer},
+        mode="audit",
+        chain=set(),
+        honest_faults=frozenset({3}),
+    )
+
+
+async def test_without_verification_no_record_is_required_and_nobody_is_convicted(
+    tiny_model: Path, tmp_path: Path, expected: dict[str, list[int]]
+) -> None:
+    """`byzantine.verification = "none"`: nodes sign no records, so the gateway must not
+    ask for them (an honest chain would otherwise be convicted on every step)."""
+    settings = {"coordination.heartbeat_interval_ms": 10, "byzantine.verification": "none"}
+    async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=settings) as c:
+        gw = c.gateway
+        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        run = asyncio.create_task(gw.engine.run(_task(tiny_model, PROMPTS[0], 0), lambda t: None))
+        await c.until(run.done, "the request to finish", beats=2000)
+        result = run.result()
+        assert list(result.output_ids) == expected[PROMPTS[0]]
+        assert result.verified == "none"
+        assert all(not node.plans.evicted for node in c.nodes)

@@ -1,0 +1,135 @@
+"""The check every receiver runs on a step's signed records (dataplane.proving)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from butterfly.dataplane.proving import (
+    RECORD_MISMATCH,
+    Prover,
+    RecordMismatch,
+    check_records,
+    culprit,
+    decode_proofs,
+    digest,
+    framed,
+)
+from butterfly.protocol.sign import SigningKey
+from butterfly.types.hashing import sha256
+from butterfly.types.ids import Epoch, NodeId, RequestId, StageIndex
+from butterfly.types.model import LayerRange
+from butterfly.types.wire.agreement import Proof
+
+KEYS = {NodeId(n): SigningKey.generate() for n in range(4)}
+PUBLIC = {n: k.public for n, k in KEYS.items()}
+HOLDERS = {0: (NodeId(0), NodeId(2)), 1: (NodeId(1), NodeId(3))}
+
+
+def _record(node: int, stage: int, x: torch.Tensor, out: torch.Tensor, epoch: int = 1) -> Proof:
+    raw = Prover(NodeId(node), KEYS[NodeId(node)]).prove(
+        epoch=Epoch(epoch),
+        request_id=RequestId("r"),
+        step=3,
+        stage=StageIndex(stage),
+        layers=LayerRange(2 * stage, 2 * stage + 2),
+        x_in=x,
+        out=out,
+        layer_outputs=[out, out],
+    )
+    return next(decode_proofs([raw]))
+
+
+def _check(proofs: list[Proof], received: torch.Tensor, upto: int = 2) -> list[Proof]:
+    return check_records(
+        proofs,
+        keys=PUBLIC,
+        request_id=RequestId("r"),
+        step=3,
+        upto=upto,
+        received=received,
+        signers=lambda j: HOLDERS[j],
+        epoch=1,
+    )
+
+
+TOKENS = torch.tensor([[5, 6, 7]])
+HIDDEN = torch.randn(1, 3, 16)
+LOGITS = torch.randn(1, 1, 32)
+
+
+def test_an_honest_chain_vouches_for_what_arrived() -> None:
+    chain = [_record(0, 0, TOKENS, HIDDEN), _record(1, 1, HIDDEN, LOGITS)]
+    assert _check(chain, LOGITS) == chain
+    assert _check(chain[:1], HIDDEN, upto=1) == chain[:1]
+
+
+def test_bytes_other_than_the_signed_ones_are_refused_and_name_the_signer() -> None:
+    chain = [_record(0, 0, TOKENS, HIDDEN), _record(1, 1, HIDDEN, LOGITS)]
+    other = LOGITS.clone()
+    other[0, 0, 0] += 1e-6  # one value, one ulp-scale change: a fingerprint would pass
+    with pytest.raises(RecordMismatch) as e:
+        _check(chain, other)
+    assert e.value.blame == NodeId(1)
+    assert e.value.kind == RECORD_MISMATCH
+
+
+def test_digest_is_the_hash_a_record_carries() -> None:
+    record = _record(1, 1, HIDDEN, LOGITS)
+    assert record.input_hash == digest(HIDDEN) == sha256(framed(HIDDEN))
+    assert record.output_hash == digest(LOGITS)
+    assert digest(HIDDEN[:, 1:2]) == sha256(framed(HIDDEN[:, 1:2].contiguous()))
+
+
+def test_the_same_bytes_under_another_dtype_or_shape_do_not_match() -> None:
+    assert digest(HIDDEN) != digest(HIDDEN.reshape(1, 16, 3))
+    assert digest(HIDDEN) != digest(HIDDEN.view(torch.int32))
+
+
+@pytest.mark.parametrize(
+    "case", ["missing", "unsigned", "not-a-holder", "other-epoch", "chain-broken"]
+)
+def test_records_that_do_not_chain_are_refused(case: str) -> None:
+    first = _record(0, 0, TOKENS, HIDDEN)
+    last = _record(1, 1, HIDDEN, LOGITS)
+    if case == "missing":
+        chain = [last]
+    elif case == "unsigned":
+        chain = [first, replace(last, signature=b"")]
+    elif case == "not-a-holder":
+        chain = [first, _record(2, 1, HIDDEN, LOGITS)]  # node 2 holds stage 0, not 1
+    elif case == "other-epoch":
+        chain = [first, _record(1, 1, HIDDEN, LOGITS, epoch=2)]
+    else:
+        chain = [first, _record(1, 1, HIDDEN + 1, LOGITS)]  # computed on other input
+    with pytest.raises(RecordMismatch):
+        _check(chain, LOGITS)
+
+
+def _culprit(chain: list[Proof], received: torch.Tensor, peer: int, sent: torch.Tensor) -> object:
+    return culprit(
+        chain,
+        keys=PUBLIC,
+        request_id=RequestId("r"),
+        step=3,
+        upto=2,
+        received=received,
+        signers=lambda j: HOLDERS[j],
+        epoch=1,
+        peer=NodeId(peer),
+        sent=digest(sent),
+    )
+
+
+def test_the_gateway_blames_the_peer_that_delivered_or_the_signer_of_a_false_input() -> None:
+    chain = [_record(0, 0, TOKENS, HIDDEN), _record(1, 1, HIDDEN, LOGITS)]
+    assert _culprit(chain, LOGITS, 1, TOKENS) is None
+    # bytes the records do not vouch for: the peer that delivered them
+    assert _culprit(chain, LOGITS + 1, 1, TOKENS)[0] == NodeId(1)  # type: ignore[index]
+    # node 3 delivers node 1's result as its own: node 3
+    assert _culprit(chain, LOGITS, 3, TOKENS)[0] == NodeId(3)  # type: ignore[index]
+    # the first stage signed another input than the gateway sent: that signer
+    other = torch.tensor([[5, 6, 8]])
+    assert _culprit(chain, LOGITS, 1, other)[0] == NodeId(0)  # type: ignore[index]
