@@ -10,7 +10,7 @@ of the chain signed a record for every entry, the records chain (each one's inpu
 one before's output) and the last one's output is the bytes received. A receiver refuses
 what fails and says so (`RecordMismatch`); it never computes on bytes nobody signed. The
 gateway, which trusts itself, settles who lied (dataplane.engine): see
-docs/security-records.md.
+SECURITY.md, "Records bound to the bytes sent".
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from passing as a dialer's. Keys come from configuration (`cluster.public_keys`)
 from the peer, so a process that holds no member's key never gets past the acceptor.
 
 What it does not give without TLS: secrecy, and integrity of the stream after the
-handshake against someone on the network path (docs/security-identity.md).
+handshake against someone on the network path (SECURITY.md, "Identity between nodes").
 
 The checks are pure functions here; `net.tcp` does the I/O. The Ed25519 primitives are
 those of `protocol.sign`, which sits above `net`; verification is repeated here in a few
