@@ -23,11 +23,7 @@ from butterfly.agreement.driver import AgreementDriver
 from butterfly.config import ButterflyConfig, ConfigManager
 from butterfly.config.reload import Subscriber
 from butterfly.control.heartbeats import BeatSource
-from butterfly.control.live_config import (
-    agreement_wait_s,
-    follow_agreement_config,
-    follow_config,
-)
+from butterfly.control.live_config import agreement_wait_s, follow_agreement_config, follow_config
 from butterfly.control.membership import Link, Membership
 from butterfly.control.plans import AgreedPlans, PlanIntake
 from butterfly.control.recovery import Recovery
@@ -41,25 +37,9 @@ from butterfly.protocol.keys import key_path, load_or_create_key, public_keys
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.runtime.torch_thread import TorchThread
 from butterfly.types.ids import GATEWAY, NodeId
+from butterfly.types.wire import control as c
+from butterfly.types.wire import data as d
 from butterfly.types.wire.agreement import Evidence
-from butterfly.types.wire.control import (
-    AgreementFrame,
-    ConfigPrepare,
-    ConfigStatusQuery,
-    ConfigSync,
-    PlanAssign,
-    StatusQuery,
-)
-from butterfly.types.wire.data import (
-    AuditRequest,
-    CacheQuery,
-    KvAppend,
-    Ping,
-    Release,
-    StageStep,
-    StepError,
-    StepResult,
-)
 from butterfly.wiring import parts
 from butterfly.wiring.edges import Edges, NetworkEdges
 from butterfly.wiring.gateway import Gateway
@@ -216,20 +196,20 @@ def build_node(
     stage = StageRoutes(node=me, server=server, deliver=router.deliver, emit=emit)
     config_message = agreement.replica.on_message  # votes only for the gateway (peer)
     routes: Routes = {
-        StageStep: stage.step,
-        StepResult: engine.on_result,
-        StepError: engine.on_result,
-        AuditRequest: stage.audit,
-        Release: stage.release,
-        KvAppend: stage.kv_append,
-        CacheQuery: stage.cache_query,
-        PlanAssign: PlanIntake(node=me, plans=plans, apply=server.apply_plan, emit=emit),
-        StatusQuery: report.on_status_query,
-        Ping: report.on_ping,
-        AgreementFrame: by_envelope(agreement.driver.on_frame),
-        ConfigPrepare: config_message,
-        ConfigStatusQuery: config_message,
-        ConfigSync: config_message,
+        d.StageStep: stage.step,
+        d.StepResult: engine.on_result,
+        d.StepError: engine.on_result,
+        d.AuditRequest: stage.audit,
+        d.Release: stage.release,
+        d.KvAppend: stage.kv_append,
+        d.CacheQuery: stage.cache_query,
+        c.PlanAssign: PlanIntake(node=me, plans=plans, apply=server.apply_plan, emit=emit),
+        c.StatusQuery: report.on_status_query,
+        d.Ping: report.on_ping,
+        c.AgreementFrame: by_envelope(agreement.driver.on_frame),
+        c.ConfigPrepare: config_message,
+        c.ConfigStatusQuery: config_message,
+        c.ConfigSync: config_message,
     }
     gateway = None
     if me == GATEWAY:
