@@ -18,9 +18,11 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
+from butterfly.metrics.events import Emit, Verification
 from butterfly.protocol.proof import Tolerance, matches_tensor
 from butterfly.protocol.sign import verify_message
 from butterfly.runtime.loader import load_stage
@@ -31,6 +33,7 @@ from butterfly.types.errors import ButterflyError, InvalidMessage
 from butterfly.types.ids import NodeId, RequestId, StageIndex
 from butterfly.types.model import LayerRange
 from butterfly.types.plan import StagePlan
+from butterfly.types.tasks import InferenceResult, InferenceTask
 from butterfly.types.wire.agreement import Proof
 from butterfly.types.wire.data import AuditReply, AuditRequest
 
@@ -153,7 +156,7 @@ class Auditor:
         every step, each stage's signed input the previous stage's signed output.
 
         The gateway checked each result against these records as it arrived
-        (`PipelineEngine._vouched`), so a gap here names no liar: the request is simply
+        (`intake.Intake._vouched`), so a gap here names no liar: the request is simply
         not verified."""
         by_step: dict[int, dict[int, Proof]] = {}
         for index, mine in claims.items():
@@ -284,3 +287,38 @@ class Auditor:
         return rows.shape[1] == claim.width and matches_tensor(
             claim.proof.fingerprint, rows, self._tol
         )
+
+
+async def audit_request(
+    auditor: Auditor,
+    plan: StagePlan | None,
+    records: Sequence[Proof],
+    task: InferenceTask,
+    result: InferenceResult,
+    positions: dict[int, tuple[int, int]],
+    *,
+    emit: Emit,
+    on_liars: Callable[[tuple[NodeId, ...], str], Awaitable[None]],
+) -> Verdict:
+    """The gateway's audit of one finished request from the `records` its chain signed
+    (`positions`: the steps whose output was used); liars found go to `on_liars`."""
+    request_id = task.task_id
+    if plan is None:
+        return Verdict(False, reason="no plan to audit against")
+    claims = auditor.claims_of(records, request_id=request_id, plan=plan, positions=positions)
+    gap = auditor.gaps(claims, positions, len(plan.stages))
+    if gap:
+        emit(Verification(check="audit", outcome="unverified"))
+        return Verdict(False, reason=gap)
+    sequence = list(task.input_ids) + list(result.output_ids[:-1])
+    try:
+        verdict = await auditor.audit(plan, request_id, sequence, claims)
+    except ButterflyError as e:
+        return Verdict(False, reason=f"audit could not run: {e}")
+    if verdict.liars:
+        await on_liars(verdict.liars, verdict.reason)
+    outcome: Literal["verified", "unverified", "liar_found"] = (
+        "liar_found" if verdict.liars else "verified" if verdict.verified else "unverified"
+    )
+    emit(Verification(check="audit", outcome=outcome))
+    return verdict

@@ -1,0 +1,59 @@
+"""The gateway's table of steps in flight: what each was sent on, who may answer it.
+
+One table is shared by the sending side (`sending.StepSender`, which fills it) and the
+intake of results (`intake.take_result`, which reads it before using a byte of an
+answer), so both judge a step by the same record of where it went.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import torch
+
+from butterfly.types.ids import NodeId, RequestId
+from butterfly.types.wire.agreement import Proof
+from butterfly.types.wire.data import StepError
+
+Key = tuple[str, int]  # (request id, step)
+Relayed = asyncio.Future[tuple[torch.Tensor, tuple[bytes, ...]]]
+
+
+@dataclass
+class StepFailed(Exception):
+    """A step answered with an error, by `sender` (the authenticated peer, which is the
+    one to blame: the node the error names is only what the frame claims)."""
+
+    error: StepError
+    sender: NodeId
+
+
+@dataclass
+class Entry:
+    request_id: RequestId
+    step: int
+    start: int
+    x: torch.Tensor  # [1, T] token ids or [1, T, D] vectors
+    future: asyncio.Future[torch.Tensor]
+    route: tuple[NodeId, ...] = ()  # replicate mode's lanes; () is the plan's chain
+
+
+@dataclass
+class InFlight:
+    waiting: dict[Key, asyncio.Future[torch.Tensor]] = field(default_factory=dict)
+    # (request, step) -> (future of the output and records, stages it covers), for
+    # the first half of a relayed step (`sending.StepSender.relay`)
+    relaying: dict[Key, tuple[Relayed, int]] = field(default_factory=dict)
+    sent_in: dict[Key, int] = field(default_factory=dict)  # the epoch a step was sent in
+    # the route a step was sent on: only its nodes may answer it (protocol.entitled)
+    sent_on: dict[Key, tuple[NodeId, ...]] = field(default_factory=dict)
+    sent_digest: dict[Key, bytes] = field(default_factory=dict)  # what stage 0 was sent
+    checked: set[str] = field(default_factory=set)  # requests (and lanes) needing records
+    records: dict[str, list[Proof]] = field(default_factory=dict)
+
+    def awaited(self, key: Key) -> bool:
+        """Whether someone still waits for this step (directly or as a relay's half)."""
+        return (key in self.waiting and not self.waiting[key].done()) or (
+            key in self.relaying and not self.relaying[key][0].done()
+        )

@@ -1,0 +1,233 @@
+"""The gateway's sending of steps: batched down the chain, or relayed around a refusal.
+
+A step goes to the first stage's node (a direct call when that is this node) and its
+answer comes back from the last stage's node through `intake.Intake`, matched by
+(request id, step) in the shared `InFlight` table this module fills.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+
+import torch
+
+from butterfly.dataplane.inflight import Entry, InFlight, Relayed, StepFailed
+from butterfly.dataplane.intake import OnLiars
+from butterfly.dataplane.proving import RECORD_MISMATCH, digest
+from butterfly.dataplane.replicate import Lane
+from butterfly.runtime.wire import encode_tensor
+from butterfly.types.errors import (
+    ButterflyError,
+    ConnectionFailed,
+    InvalidInput,
+    SendTimeout,
+    ServiceUnavailable,
+    StageLost,
+)
+from butterfly.types.ids import NodeId, RequestId
+from butterfly.types.plan import StagePlan
+from butterfly.types.wire.data import StageStep
+from butterfly.types.wire.frames import Message
+
+Deliver = Callable[[NodeId, Message, bytes], Awaitable[None]]
+
+
+class StepSender:
+    """`timeout` is the step timeout a step starts waiting with (`PipelineEngine.retune`
+    changes it)."""
+
+    def __init__(
+        self,
+        *,
+        node: NodeId,
+        deliver: Deliver,
+        plan: Callable[[], StagePlan | None],
+        flight: InFlight,
+        keys: Mapping[NodeId, bytes] | None,
+        timeout: float,
+        on_liars: OnLiars,
+    ) -> None:
+        self.node, self._deliver, self._plan, self._flight = node, deliver, plan, flight
+        self._keys, self.timeout, self._on_liars = keys, timeout, on_liars
+        self._queue: list[Entry] = []
+        self._ready = asyncio.Event()
+
+    async def serve_batches(self) -> None:
+        """Send queued steps, batched: every step queued since the last send goes in one
+        StageStep (per input kind), so concurrent requests share each stage's forward."""
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            batch, self._queue = self._queue, []
+            plan = self._plan()
+            if plan is None:
+                for e in batch:
+                    if not e.future.done():
+                        e.future.set_exception(ServiceUnavailable("the stage plan is gone"))
+                continue
+            groups: dict[tuple[object, ...], list[Entry]] = {}
+            for e in batch:
+                groups.setdefault((e.route, e.x.dtype, tuple(e.x.shape[2:])), []).append(e)
+            for entries in groups.values():
+                await self._send_batch(plan, entries)
+
+    async def _send_batch(self, plan: StagePlan, entries: list[Entry]) -> None:
+        nodes = entries[0].route or plan.nodes
+        flight = self._flight
+        for e in entries:
+            flight.sent_in[(e.request_id, e.step)] = plan.epoch
+            flight.sent_on[(e.request_id, e.step)] = tuple(nodes)
+            if self._keys is not None and e.request_id in flight.checked:
+                flight.sent_digest[(e.request_id, e.step)] = digest(e.x)
+        msg = StageStep(
+            tuple(e.request_id for e in entries),
+            tuple(e.step for e in entries),
+            tuple(e.start for e in entries),
+            tuple(e.x.shape[1] for e in entries),
+            nodes[1:],
+            self.node,
+            True,
+        )
+        payload = encode_tensor(torch.cat([e.x for e in entries], dim=1))
+        try:
+            await self._deliver(nodes[0], msg, payload)
+        except ButterflyError as e:
+            for entry in entries:
+                if not entry.future.done():
+                    entry.future.set_exception(e)
+
+    async def step(
+        self, request_id: RequestId, step: int, start_pos: int, x: torch.Tensor, route: Lane = ()
+    ) -> torch.Tensor:
+        """One step down `route` (the plan's chain when empty); a refusal of its input by
+        a later node of the route (`RecordMismatch`) is settled by a relay (`relay`)."""
+        flight = self._flight
+        key = (request_id, step)
+        fut: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
+        flight.waiting[key] = fut
+        self._queue.append(Entry(request_id, step, start_pos, x, fut, route))
+        self._ready.set()
+        refused_by: NodeId | None = None
+        nodes = self._route_of(route)
+        try:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation (a
+            # DELETE /tasks) that lands as the step's answer arrives, and the task runs on
+            async with asyncio.timeout(self.timeout):
+                return await fut
+        except TimeoutError as e:
+            raise SendTimeout(
+                f"step {step} of {request_id} got no answer within {self.timeout:.1f} s"
+            ) from e
+        except StepFailed as e:
+            err = e.error
+            if err.error_type == RECORD_MISMATCH and e.sender in nodes[1:]:
+                refused_by = e.sender  # settled below, once this attempt's bookkeeping is gone
+            else:
+                cls = ConnectionFailed if err.retriable else InvalidInput
+                raise cls(
+                    f"node {e.sender} failed step {step}: {err.message}", blame=e.sender
+                ) from None
+        finally:
+            flight.waiting.pop(key, None)
+            flight.sent_in.pop(key, None)
+            flight.sent_digest.pop(key, None)
+        assert refused_by is not None  # every other way out of the try returns or raises
+        return await self.relay(request_id, step, start_pos, x, nodes, nodes.index(refused_by))
+
+    def _route_of(self, route: Lane) -> tuple[NodeId, ...]:
+        plan = self._plan()
+        return route or (plan.nodes if plan is not None else ())
+
+    async def relay(
+        self,
+        request_id: RequestId,
+        step: int,
+        start: int,
+        x: torch.Tensor,
+        nodes: tuple[NodeId, ...],
+        split: int,
+    ) -> torch.Tensor:
+        """Re-run a step whose input node `nodes[split]` refused (`RecordMismatch`) with
+        the gateway between it and its sender, so the gateway sees the bytes itself.
+
+        The sender's half answers the gateway, which checks the bytes against its signed
+        records (a lie convicts the sender: `Intake.on_result`); the gateway then forwards
+        those very bytes and records to the receiver. A receiver that refuses them again
+        lies, and is convicted. Either way the lie costs its teller, never the honest side."""
+        plan = self._plan()
+        if plan is None:
+            raise StageLost("the stage plan is gone")
+        flight = self._flight
+        key = (request_id, step)
+        loop = asyncio.get_running_loop()
+        first: Relayed = loop.create_future()
+        flight.relaying[key] = (first, split)
+        flight.sent_in[key] = plan.epoch
+        flight.sent_on[key] = nodes[:split]  # the sender's half answers (entitlement)
+        flight.sent_digest[key] = digest(x)
+        length = x.shape[1]
+        try:
+            head = StageStep(
+                (request_id,), (step,), (start,), (length,), nodes[1:split], self.node, True
+            )
+            await self._deliver(nodes[0], head, encode_tensor(x))
+            async with asyncio.timeout(self.timeout):
+                out, proofs = await first
+        except TimeoutError as e:
+            raise SendTimeout(f"relayed step {step} of {request_id}: no answer") from e
+        except StepFailed as e:  # an earlier node refused its input: relay there instead
+            if e.error.error_type == RECORD_MISMATCH and e.sender in nodes[1:split]:
+                earlier = nodes.index(e.sender)
+            else:
+                cls = ConnectionFailed if e.error.retriable else InvalidInput
+                raise cls(
+                    f"node {e.sender} failed step {step}: {e.error.message}", blame=e.sender
+                ) from None
+        else:
+            earlier = 0
+        finally:
+            flight.relaying.pop(key, None)
+            flight.sent_in.pop(key, None)
+            flight.sent_on.pop(key, None)
+            flight.sent_digest.pop(key, None)
+        if earlier:
+            return await self.relay(request_id, step, start, x, nodes, earlier)
+        flight.sent_in[key] = plan.epoch
+        flight.sent_on[key] = nodes[split:]  # the receiver's half answers
+        flight.sent_digest[key] = digest(x)
+        receiver = nodes[split]
+        second: asyncio.Future[torch.Tensor] = loop.create_future()
+        flight.waiting[key] = second
+        try:
+            tail = StageStep(
+                (request_id,),
+                (step,),
+                (start,),
+                (length,),
+                nodes[split + 1 :],
+                self.node,
+                True,
+                proofs,
+            )
+            await self._deliver(receiver, tail, encode_tensor(out))
+            async with asyncio.timeout(self.timeout):
+                return await second
+        except TimeoutError as e:
+            raise SendTimeout(f"relayed step {step} of {request_id}: no answer") from e
+        except StepFailed as e:
+            if e.error.error_type == RECORD_MISMATCH and e.sender == receiver:
+                reason = (
+                    f"refused bytes the gateway checked against their records: {e.error.message}"
+                )
+                await self._on_liars((receiver,), reason)
+                raise StageLost(f"node {receiver} {reason}") from None
+            cls = ConnectionFailed if e.error.retriable else InvalidInput
+            raise cls(
+                f"node {e.sender} failed step {step}: {e.error.message}", blame=e.sender
+            ) from None
+        finally:
+            flight.waiting.pop(key, None)
+            flight.sent_in.pop(key, None)
+            flight.sent_on.pop(key, None)
+            flight.sent_digest.pop(key, None)
