@@ -219,7 +219,8 @@ class PipelineEngine:
         waited = [
             key
             for key in zip(msg.request_ids, msg.steps, strict=False)
-            if key in self._waiting and not self._waiting[key].done()
+            if (key in self._waiting and not self._waiting[key].done())
+            or (key in self._relaying and not self._relaying[key][0].done())
         ]
         if not waited:
             return  # late or duplicate answers for steps nobody waits for any more
@@ -457,6 +458,7 @@ class PipelineEngine:
         first: asyncio.Future[tuple[torch.Tensor, tuple[bytes, ...]]] = loop.create_future()
         self._relaying[key] = (first, split)
         self._sent_in[key] = plan.epoch
+        self._sent_on[key] = nodes[:split]  # the sender's half answers (entitlement)
         self._sent_digest[key] = digest(x)
         length = x.shape[1]
         try:
@@ -481,10 +483,12 @@ class PipelineEngine:
         finally:
             self._relaying.pop(key, None)
             self._sent_in.pop(key, None)
+            self._sent_on.pop(key, None)
             self._sent_digest.pop(key, None)
         if earlier:
             return await self._relay(request_id, step, start, x, nodes, earlier)
         self._sent_in[key] = plan.epoch
+        self._sent_on[key] = nodes[split:]  # the receiver's half answers
         self._sent_digest[key] = digest(x)
         receiver = nodes[split]
         second: asyncio.Future[torch.Tensor] = loop.create_future()
