@@ -6,8 +6,8 @@ the main run covers, `BUTTERFLY_DATA_SIM_START` shifts the seeds; bench/trust.py
 10,000. A failure names its seed: `sim_datapath.replay(seed)` re-runs it.
 
 The strategies issue 12 is about (a record that does not cover what was sent, omitted
-records, an auditor colluding with the node it audits) fail today: each has its own
-strict xfail, which turns into a failure, to be removed, once the fix lands.
+records, an auditor colluding with the node it audits) each have their own test: records
+bind the bytes sent, every receiver checks them, and the audit asks every other holder.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import os
 from collections import Counter
 from collections.abc import Iterable
 
-import pytest
 import torch
 
 from butterfly.testing.sim_datapath import DataResult, run_data_schedule, scenario_for
@@ -70,29 +69,14 @@ def test_liars_that_sign_what_they_send_are_evicted_and_never_verified() -> None
         assert sum(r.verified for r in results) > SCHEDULES  # answers were verified at all
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 12 item 3: a stage's record is not checked against the bytes it sent "
-    "(wrong answers verified, the next honest node evicted)",
-)
 def test_a_node_that_signs_one_thing_and_sends_another_is_caught() -> None:
     _each_holds(range(60), ("sign-honest-send-corrupt",))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 12 item 3: the audit needs a record per stage, not per step, and replicate "
-    "mode blames nobody for a missing record",
-)
 def test_a_node_that_omits_its_records_is_caught() -> None:
     _each_holds(range(60), ("omit",))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="audit mode asks one other holder: with f >= 2, two colluding liars holding one "
-    "range confirm each other's lie",
-)
 def test_colluding_liars_are_caught_in_audit_mode() -> None:
     seeds = [s for s in range(400) if scenario_for(s, strategies=("collude",)).mode == "audit"]
     _each_holds(seeds[:60], ("collude",))

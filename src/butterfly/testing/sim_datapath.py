@@ -197,10 +197,11 @@ class _Cluster:
             node = NodeId(i)
             server = SERVERS[liars.get(node, "honest")](
                 node=node,
-                prover=Prover(node, KEYS[node]),
+                # as wiring.parts.stage_server: the members' keys check each step's input
+                prover=Prover(node, KEYS[node], keys=PUBLIC),
                 clock=clock,
                 seed=sc.seed * 31 + i,
-                keep_outputs=node == GATEWAY,
+                keep_outputs=node == GATEWAY and sc.mode == "audit",
             )
             if node in colluders:
                 server.column = int(colluders[0])  # the pact: every colluder bends one column
@@ -244,6 +245,7 @@ class _Cluster:
                 on_liars=self._on_liars,
             ),
             verification=sc.mode,
+            keys=PUBLIC,  # as wiring.parts.engine: every result checked against its records
         )
 
     def _apply(self) -> None:
