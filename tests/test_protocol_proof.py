@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from butterfly.dataplane.proving import Prover
 from butterfly.protocol.proof import (
     Proof,
     Tolerance,
@@ -15,7 +16,6 @@ from butterfly.protocol.proof import (
     conflicting,
     fingerprint,
     matches_tensor,
-    prove_step,
 )
 from butterfly.protocol.sign import verify_message
 from butterfly.types.hashing import merkle_path, merkle_root, sha256, verify_merkle_path
@@ -32,21 +32,21 @@ def activations(seed: int = 0) -> torch.Tensor:
 
 
 def proof_of(node: int, hidden_out: torch.Tensor, hidden_in: torch.Tensor | None = None) -> Proof:
+    """A record as a stage signs it (the production Prover, hashing the exact tensors)."""
     x = activations(99) if hidden_in is None else hidden_in
-    return prove_step(
-        key=KEYS[node],
-        signer=NodeId(node),
+    record = Prover(NodeId(node), KEYS[node], k=8, chunk=32).prove(
         epoch=Epoch(1),
         request_id=RequestId("req-1"),
         step=4,
         stage=StageIndex(1),
         layers=LayerRange(2, 5),
-        hidden_in=x,
-        hidden_out=hidden_out,
+        x_in=x,
+        out=hidden_out,
         layer_outputs=[hidden_out * 0.5, hidden_out * 0.7, hidden_out],
-        k=8,
-        chunk=32,
     )
+    proof = decode(record)
+    assert isinstance(proof, Proof)
+    return proof
 
 
 def test_generate_verify_and_round_trip() -> None:

@@ -15,14 +15,13 @@ the re-execution is the evidence that goes through PBFT (DESIGN.md section 3).
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from butterfly.protocol.sign import SigningKey, sign_message, verify_message
 from butterfly.types.hashing import merkle_root, sha256
 from butterfly.types.ids import Epoch, NodeId, RequestId, StageIndex
-from butterfly.types.model import LayerRange
 from butterfly.types.wire.agreement import Fingerprint, Proof
 
 if TYPE_CHECKING:
@@ -40,7 +39,6 @@ __all__ = [
     "fingerprint",
     "generate_proof",
     "matches_tensor",
-    "prove_step",
     "tensor_bytes",
 ]
 
@@ -158,37 +156,6 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
 
     flat = t.detach().contiguous().cpu().reshape(-1)
     return bytes(flat.view(torch.uint8).numpy().tobytes())
-
-
-def prove_step(
-    *,
-    key: SigningKey,
-    signer: NodeId,
-    epoch: Epoch,
-    request_id: RequestId,
-    step: int,
-    stage: StageIndex,
-    layers: LayerRange,
-    hidden_in: torch.Tensor,
-    hidden_out: torch.Tensor,
-    layer_outputs: Sequence[torch.Tensor],
-    k: int = 8,
-    chunk: int = 32,
-) -> Proof:
-    """The signed record of one stage step, computed from its tensors."""
-    return generate_proof(
-        key=key,
-        signer=signer,
-        epoch=epoch,
-        request_id=request_id,
-        step=step,
-        stage=stage,
-        layers=(layers.start, layers.end),
-        input_data=tensor_bytes(hidden_in),
-        output_data=tensor_bytes(hidden_out),
-        layer_outputs=tuple(tensor_bytes(o) for o in layer_outputs),
-        fingerprint=fingerprint(hidden_out, k, chunk),
-    )
 
 
 def generate_proof(
