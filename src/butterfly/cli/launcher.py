@@ -32,14 +32,26 @@ from butterfly.protocol.keys import KEY_FILE, load_or_create_key
 CHILD_ENV = {"GOMP_SPINCOUNT": "20000"}
 
 
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    socks = []
+def free_ports(n: int, host: str = "127.0.0.1", avoid: frozenset[int] = frozenset()) -> list[int]:
+    """`n` distinct free ports, none in `avoid`.
+
+    `avoid` matters because a port chosen earlier and released (the API's) is free again
+    and the kernel may hand it out here; a node listening on the API's port refuses to
+    start (CI once saw exactly that).
+    """
+    socks: list[socket.socket] = []
     try:
-        for _ in range(n):
+        ports: list[int] = []
+        for _ in range(n + len(avoid) + 1):  # each avoided port can come back once at most
             s = socket.socket()
             s.bind((host, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
+            socks.append(s)  # held until the end, so no port comes back twice
+            port = s.getsockname()[1]
+            if port not in avoid:
+                ports.append(port)
+            if len(ports) == n:
+                return ports
+        raise RuntimeError(f"could not find {n} free ports on {host} outside {sorted(avoid)}")
     finally:
         for s in socks:
             s.close()
@@ -71,7 +83,7 @@ def node_configs(
             if all(p.is_file() for i in range(nodes) for p in cert_paths(tls_dir, i))
             else make_certs(tls_dir, nodes, "local")
         )
-    ports = free_ports(nodes)
+    ports = free_ports(nodes, avoid=frozenset({api_port}))
     members = [f"127.0.0.1:{p}" for p in ports]
     dirs = [data_dir / f"node-{i}" for i in range(nodes)]
     keys = [load_or_create_key(d / KEY_FILE).public.hex() for d in dirs]
