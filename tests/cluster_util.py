@@ -10,6 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from butterfly.cli.launcher import LocalCluster, node_configs
+from butterfly.runtime.generate import generate
+from butterfly.runtime.loader import load_stage
+from butterfly.runtime.tokenizer import TextCodec
 
 
 def free_port() -> int:
@@ -56,3 +59,9 @@ def running_cluster(
         cluster.stop(grace_s=10.0)
         for p in cluster.procs:  # reaped by PID: none may outlive the test
             assert p.poll() is not None, f"node process {p.pid} is still running"
+
+
+def reference_tokens(model: Path, prompt: str, new: int) -> list[int]:
+    """The unsplit model's greedy tokens: what every cluster answer must equal."""
+    codec = TextCodec.load(model)
+    return list(generate([load_stage(model)], codec.encode(prompt), new, stop_ids=codec.eos_ids))

@@ -11,6 +11,7 @@ from butterfly.metrics.events import (
     CheckpointCopied,
     ConsensusRound,
     Eviction,
+    LoopRestarted,
     MessageDropped,
     MessageReceived,
     MessageSent,
@@ -71,6 +72,7 @@ ONE_OF_EACH: list[MetricsEvent] = [
     CheckpointCopied(2048),
     PeerError(NodeId(2), "connection_failed", retriable=True),
     Verification("audit", "verified"),
+    LoopRestarted("result_expiry"),
 ]
 
 
@@ -109,6 +111,7 @@ def test_each_event_moves_its_metric() -> None:
     assert value(m, "butterfly_peer_errors_total", node="2", error="connection_failed") == 1
     assert value(m, "butterfly_node_status", node="2", butterfly_node_status="suspected") == 1
     assert value(m, "butterfly_node_status", node="2", butterfly_node_status="healthy") == 0
+    assert value(m, "butterfly_loop_restarts_total", loop="result_expiry") == 1
 
 
 def test_cache_hit_ratio_tracks_lookups() -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -31,6 +31,7 @@ from butterfly.control.status import ClusterReport, NodeReport
 from butterfly.dataplane.engine import PipelineEngine
 from butterfly.dataplane.routes import StageRoutes
 from butterfly.dataplane.stage_server import StageServer
+from butterfly.metrics.events import Emit
 from butterfly.metrics.prometheus import Metrics
 from butterfly.net.tcp import Identity
 from butterfly.protocol.keys import key_path, load_or_create_key, public_keys
@@ -46,6 +47,7 @@ from butterfly.wiring.gateway import Gateway
 from butterfly.wiring.logs import set_log_level
 from butterfly.wiring.process import prepare_process, run_until_signalled
 from butterfly.wiring.routing import Router, Routes, by_envelope
+from butterfly.wiring.supervise import supervised
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,7 @@ class Node:
     recovery: Recovery
     engine: PipelineEngine
     gateway: Gateway | None  # on the acting gateway (node 0) only
+    emit: Emit
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Run until `stop` is set, then drain and return."""
@@ -85,9 +88,15 @@ class Node:
         link = self.heartbeats()
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self.membership.run(link, self.recovery.on_status_change))
-                tg.create_task(self.agreement.driver.run())
-                tg.create_task(self.recovery.watch_evidence(self.evidence))
+                loops: dict[str, Callable[[], Awaitable[None]]] = {
+                    "membership": partial(
+                        self.membership.run, link, self.recovery.on_status_change
+                    ),
+                    "agreement": self.agreement.driver.run,
+                    "evidence": partial(self.recovery.watch_evidence, self.evidence),
+                }
+                for name, loop in loops.items():
+                    tg.create_task(supervised(name, loop, self.emit))
                 gateway = tg.create_task(self.gateway.serve(stop)) if self.gateway else None
                 await stop.wait()
                 if gateway is not None:  # its API closes before the node's transport does
@@ -230,7 +239,7 @@ def build_node(
     heartbeats = partial(edges.heartbeats, beats, report.local_state, membership.on_heartbeat)
     return Node(
         *(me, digest, config, router, routes, server, membership, heartbeats, report),
-        *(agreement, plans, evidence, recovery, engine, gateway),
+        *(agreement, plans, evidence, recovery, engine, gateway, emit),
     )
 
 

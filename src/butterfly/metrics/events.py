@@ -152,6 +152,13 @@ class Verification:
     outcome: Literal["verified", "unverified", "liar_found"]
 
 
+@dataclass(frozen=True)
+class LoopRestarted:
+    """A node's long-running loop failed unexpectedly and is being restarted."""
+
+    loop: str
+
+
 MetricsEvent = (
     TaskSubmitted
     | TaskFinished
@@ -171,6 +178,7 @@ MetricsEvent = (
     | CheckpointCopied
     | PeerError
     | Verification
+    | LoopRestarted
 )
 
 Emit = Callable[[MetricsEvent], None]
@@ -186,6 +194,7 @@ __all__ = [
     "BytesTransferred",
     "ConsensusRound",
     "Emit",
+    "LoopRestarted",
     "MessageDropped",
     "MessageReceived",
     "MessageSent",

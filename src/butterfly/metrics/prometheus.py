@@ -22,6 +22,7 @@ from butterfly.metrics.events import (
     CheckpointCopied,
     ConsensusRound,
     Eviction,
+    LoopRestarted,
     MessageDropped,
     MessageReceived,
     MessageSent,
@@ -178,6 +179,13 @@ class Metrics:
             registry=r,
             states=list(NODE_STATES),
         )
+        self.loop_restarts = Counter(
+            "loop_restarts",
+            "A node's long-running loop failed unexpectedly and was restarted",
+            ["loop"],
+            namespace=ns,
+            registry=r,
+        )
         for status in ("completed", "failed", "cancelled"):
             self.tasks.labels(status=status)  # present at 0, so rate() works from the start
         self._cache_lock = threading.Lock()
@@ -233,6 +241,8 @@ class Metrics:
                 self.node_status.labels(node=str(node)).state(status)
                 if status == "suspected":
                     self.suspicions.labels(node=str(node)).inc()
+            case LoopRestarted(loop=loop):
+                self.loop_restarts.labels(loop=loop).inc()
             case _:
                 assert_never(event)
 

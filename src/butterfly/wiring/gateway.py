@@ -9,8 +9,9 @@ and the loops that keep the cluster whole (recovery, config-change monitoring).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from butterfly.schedule.queue import QueuePolicy
 from butterfly.schedule.scheduler import Scheduler
 from butterfly.schedule.store import TaskStore
 from butterfly.types.ids import NodeId
+from butterfly.wiring.supervise import supervised
 
 FACTS_TIMEOUT_S = 120.0
 """How long the gateway waits for every node to come up and report its facts."""
@@ -104,18 +106,26 @@ class Gateway:
             uvicorn.Config(app, host=a.host, port=a.port, log_level="warning", lifespan="off")
         )
         try:
+            emit = self.metrics.emit
+            loops: dict[str, Callable[[], Awaitable[None]]] = {
+                "result_expiry": partial(scheduler.expire_results, s.result_ttl_s),
+                "step_batcher": self.engine.serve_batches,
+                "recovery": partial(self.recovery.run, on_replanned=self.engine.plan_changed),
+                "config_monitor": self.coordinator.monitor,
+            }
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(scheduler.run())
-                tg.create_task(scheduler.expire_results(s.result_ttl_s))
-                tg.create_task(self.engine.serve_batches())
-                tg.create_task(self.recovery.run(on_replanned=self.engine.plan_changed))
-                tg.create_task(self.coordinator.monitor())
+                # not supervised: its tasks live in its own task group, and a restart
+                # could not give them back (its own errors end tasks, never the loop)
+                dispatch = tg.create_task(scheduler.run())
+                for name, loop in loops.items():
+                    tg.create_task(supervised(name, loop, emit))
                 api = tg.create_task(server.serve())
                 await stop.wait()
                 server.should_exit = True
                 scheduler.shutdown(grace_s=SHUTDOWN_GRACE_S)
-                # the API closes its listening socket; the loops are then cancelled
-                await asyncio.wait({api}, timeout=SHUTDOWN_GRACE_S)
+                # running tasks get the grace period with every loop still serving them
+                # (the batcher, recovery); the API closes its listening socket meanwhile
+                await asyncio.wait({api, dispatch}, timeout=SHUTDOWN_GRACE_S + 1.0)
                 raise _Stopped
         except* _Stopped:
             pass
