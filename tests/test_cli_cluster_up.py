@@ -1,4 +1,5 @@
-"""`butterfly cluster up` as a user runs it: relative paths, TLS, SIGTERM stops it all."""
+"""`butterfly cluster up` as a user runs it: relative paths, TLS, a killed node restarted,
+SIGTERM stops it all."""
 
 from __future__ import annotations
 
@@ -15,6 +16,13 @@ import pytest
 from tests.cluster_util import free_port
 
 pytestmark = pytest.mark.timeout(180)
+
+
+def node_pids(tmp_path: Path, node: int) -> list[int]:
+    """PIDs of node `node` of the cluster under `tmp_path`, found by its config's path."""
+    config = str(tmp_path / "data" / f"node-{node}.toml")
+    found = subprocess.run(["pgrep", "-f", config], capture_output=True, text=True)
+    return [int(p) for p in found.stdout.split()]
 
 
 def test_cluster_up_with_relative_paths_serves_and_stops_on_sigterm(
@@ -44,6 +52,19 @@ def test_cluster_up_with_relative_paths_serves_and_stops_on_sigterm(
         assert r.status_code == 200, r.text
         assert [s["node"] for s in r.json()["stages"]] == [0, 1]
         assert (tmp_path / "data" / "tls" / "ca.pem").is_file()
+
+        # a node killed is reported and restarted while the gateway keeps serving
+        victim = node_pids(tmp_path, 1)
+        assert len(victim) == 1
+        os.kill(victim[0], signal.SIGKILL)
+        r = httpx.post(f"{url}/inference", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and node_pids(tmp_path, 1) in ([], victim):
+            time.sleep(0.2)
+        again = node_pids(tmp_path, 1)
+        assert again and again != victim, "node 1 was not restarted"
+        assert proc.poll() is None, "cluster up exited when a node died"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:

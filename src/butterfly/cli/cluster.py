@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from butterfly.cli.keeper import Restarts, keep_alive
 from butterfly.cli.launcher import LocalCluster, node_configs
 from butterfly.cli.paths import data_dir, demo_model
 from butterfly.config import ConfigInvalid, load_config
@@ -53,9 +55,25 @@ def up(
         list[str] | None, typer.Option("--set", help="Extra config, section.key=JSON value.")
     ] = None,
     tls: Annotated[bool, typer.Option(help="Mutual TLS between nodes (certs made once).")] = False,
+    restart: Annotated[
+        bool, typer.Option(help="Restart a node that exits (else stop the cluster).")
+    ] = True,
 ) -> None:
-    """Start N nodes on 127.0.0.1 (node 0 serves the API) until Ctrl-C or SIGTERM."""
-    launch(nodes=nodes, f=f, model=model, api_port=api_port, data=data, settings_=set_, tls=tls)
+    """Start N nodes on 127.0.0.1 (node 0 serves the API) until Ctrl-C or SIGTERM.
+
+    A node that exits is reported and restarted (with a growing backoff) while the
+    others keep serving; `--no-restart` stops the whole cluster instead.
+    """
+    launch(
+        nodes=nodes,
+        f=f,
+        model=model,
+        api_port=api_port,
+        data=data,
+        settings_=set_,
+        tls=tls,
+        restart=restart,
+    )
 
 
 def launch(
@@ -69,6 +87,7 @@ def launch(
     command: tuple[str, ...] | None = None,
     extra_args: dict[int, list[str]] | None = None,
     tls: bool = False,
+    restart: bool = True,
 ) -> None:
     """`cluster up`, also used by `python -m butterfly.testing.cluster up` (liars)."""
     if 3 * f + 1 > nodes:
@@ -106,9 +125,12 @@ def launch(
             cluster.wait_ready()
         err.print(f"[green]cluster up[/green]: {nodes} nodes, API at {url} (Ctrl-C to stop)")
         err.print(f'  try: butterfly infer --url {url} "Hello"')
+        history = Restarts()
         while not stopping.wait(0.5):
-            if not all(cluster.alive()):
-                err.print("[red]a node exited[/red]; see logs in " + str(base))
+            if restart:
+                keep_alive(cluster.dead, cluster.restart, err.print, history, time.monotonic())
+            elif cluster.dead():
+                err.print(f"[red]a node exited[/red] ({cluster.dead()}); see logs in {base}")
                 break
     except KeyboardInterrupt:
         pass

@@ -170,6 +170,10 @@ class LocalCluster:
     def alive(self) -> list[bool]:
         return [p.poll() is None for p in self.procs]
 
+    def dead(self) -> dict[int, int]:
+        """Nodes whose process has exited, with their exit codes."""
+        return {i: code for i, p in enumerate(self.procs) if (code := p.poll()) is not None}
+
     def stop(self, grace_s: float = 10.0) -> list[int | None]:
         for p in self.procs:
             if p.poll() is None:
