@@ -1,0 +1,196 @@
+"""Chaos trials on real node processes: one seeded fault per trial, every answer checked.
+
+Each trial starts a fresh loopback cluster (4 nodes, f = 1, audit), submits a few
+requests, injects one fault chosen by the seed at a random moment (during prefill or
+any token), and then checks the fault model's promise: no accepted task lost, no
+wrong token, no failed task where the fault is survivable. It also times how long the
+service takes to answer a fresh one-token request after the fault (detection and
+re-planning included), the recovery time users see.
+
+The CI form runs a few seeded trials (tests/test_chaos.py); `bench/chaos.py` runs many.
+Every process a trial starts is reaped by PID (`LocalCluster.stop`), whatever happens.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from butterfly.cli.launcher import LocalCluster, free_ports, node_configs
+
+PROMPTS = ("Butterfly", "Once upon a time", "a b c d e f", "0123456789", "pipelines")
+NODES, F = 4, 1
+SETTINGS: dict[str, Any] = {
+    "coordination.acceptable_pause_ms": 400.0,  # several node processes per core here
+    "partition.strategy": "uniform",
+}
+
+FAULTS = ("kill_stage", "kill_two", "kill_restart", "freeze", "gateway_restart", "restart_all")
+"""Survivable while node 0 is the only gateway: a stage node killed (its standby takes
+over), two stage nodes killed one after the other, a node killed and started again, a
+node frozen (SIGSTOP) and thawed, the gateway killed and restarted (its store keeps
+every accepted task), the whole cluster stopped and started."""
+
+F_OF = {"kill_two": 0}
+"""Two crashes are more than f = 1 allows n = 4 (agreement needs 2f + 1 = 3 live
+members; tried, the re-plan never commits), so that trial runs f = 0 with every layer
+range on three nodes: the standbys allow it and one live member is a quorum."""
+REPLICATION_OF = {"kill_two": 3}
+
+Reference = Callable[[str, int], list[int]]
+
+
+@dataclass
+class Outcome:
+    seed: int
+    fault: str
+    nodes: tuple[int, ...]
+    at_s: float
+    tasks: int = 0
+    lost: int = 0
+    wrong: int = 0
+    failed: int = 0
+    recovery_s: float | None = None
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.lost == self.wrong == self.failed == 0 and not self.errors
+
+
+def _submit(url: str, prompt: str, new: int) -> str:
+    r = httpx.post(f"{url}/inference", json={"prompt": prompt, "max_new_tokens": new}, timeout=30)
+    r.raise_for_status()
+    return str(r.json()["task_id"])
+
+
+def _result(url: str, task_id: str, deadline: float) -> dict[str, Any] | None:
+    """The task's terminal body; None if it is unknown (lost) or not done by `deadline`."""
+    with httpx.Client(timeout=5) as client:
+        while time.monotonic() < deadline:
+            try:
+                r = client.get(f"{url}/result/{task_id}")
+            except httpx.HTTPError:
+                time.sleep(0.2)  # the gateway may be restarting
+                continue
+            if r.status_code == 404:
+                return None
+            body: dict[str, Any] = r.json()
+            if body.get("status") in ("completed", "failed", "cancelled"):
+                return body
+            time.sleep(0.1)
+    return {"status": "timeout"}
+
+
+def _probe(url: str, deadline: float) -> bool:
+    """A fresh one-token request answered (the service is back)."""
+    body = {"prompt": "probe", "max_new_tokens": 1, "wait": True}
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.post(f"{url}/inference", json=body, timeout=30)
+            if r.status_code == 200 and r.json().get("status") == "completed":
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    return False
+
+
+def _inject(cluster: LocalCluster, fault: str, nodes: tuple[int, ...], rng: random.Random) -> None:
+    procs = cluster.procs
+    if fault in ("kill_stage", "kill_two"):
+        for i, node in enumerate(nodes):
+            if i:
+                time.sleep(rng.uniform(0.5, 2.0))  # the second after the first's recovery began
+            cluster.kill(node)
+    elif fault == "kill_restart":
+        cluster.kill(nodes[0])
+        time.sleep(rng.uniform(0.2, 2.0))
+        cluster.restart(nodes[0])
+    elif fault == "freeze":
+        os.kill(procs[nodes[0]].pid, signal.SIGSTOP)
+        try:
+            time.sleep(rng.uniform(0.5, 4.0))
+        finally:
+            os.kill(procs[nodes[0]].pid, signal.SIGCONT)
+    elif fault == "gateway_restart":
+        cluster.kill(0)
+        cluster.restart(0)
+    elif fault == "restart_all":
+        cluster.stop(grace_s=10.0)
+        cluster.start()
+    else:
+        raise ValueError(f"unknown fault {fault!r}; known: {', '.join(FAULTS)}")
+
+
+def run_trial(
+    seed: int,
+    model: Path,
+    work: Path,
+    reference: Reference,
+    *,
+    new_tokens: int = 48,
+    requests: int = 3,
+    faults: tuple[str, ...] = FAULTS,
+    timeout_s: float = 180.0,
+) -> Outcome:
+    """One seeded trial in its own cluster under `work`; never raises for a broken
+    promise (the outcome says what broke), only for a cluster that cannot start."""
+    rng = random.Random(seed)
+    fault = faults[seed % len(faults)] if len(faults) > 1 else faults[0]
+    stage_nodes = list(range(1, NODES))
+    rng.shuffle(stage_nodes)
+    nodes = (
+        (0,)
+        if fault == "gateway_restart"
+        else tuple(stage_nodes[: 2 if fault == "kill_two" else 1])
+    )
+    port = free_ports(1)[0]
+    settings = {**SETTINGS, "partition.replication": REPLICATION_OF.get(fault, 0)}
+    configs = node_configs(
+        nodes=NODES,
+        f=F_OF.get(fault, F),
+        model=model,
+        api_port=port,
+        data_dir=work,
+        settings=settings,
+    )
+    cluster = LocalCluster(configs, f"http://127.0.0.1:{port}", work)
+    outcome = Outcome(seed, fault, nodes, at_s=rng.uniform(0.0, 0.6))
+    try:
+        cluster.start()
+        cluster.wait_ready(120)
+        prompts = [rng.choice(PROMPTS) for _ in range(requests)]
+        ids = [_submit(cluster.api_url, p, new_tokens) for p in prompts]
+        outcome.tasks = len(ids)
+        time.sleep(outcome.at_s)  # 0 s lands in prefill; 0.6 s deep in decoding
+        fault_at = time.monotonic()
+        _inject(cluster, fault, nodes, rng)
+        deadline = time.monotonic() + timeout_s
+        if _probe(cluster.api_url, deadline):
+            outcome.recovery_s = round(time.monotonic() - fault_at, 3)
+        else:
+            outcome.errors.append("no fresh request answered after the fault")
+        for task_id, prompt in zip(ids, prompts, strict=True):
+            body = _result(cluster.api_url, task_id, deadline)
+            if body is None:
+                outcome.lost += 1
+            elif body["status"] != "completed":
+                outcome.failed += 1
+                outcome.errors.append(f"{task_id}: {body.get('status')} {body.get('error')}")
+            elif body["output_ids"] != reference(prompt, new_tokens):
+                outcome.wrong += 1
+    finally:
+        cluster.stop(grace_s=10.0)
+    return outcome
+
+
+__all__ = ["FAULTS", "Outcome", "run_trial"]
