@@ -30,6 +30,7 @@ from butterfly.types.wire.control import (
     AgreementFrame,
     ConfigPrepare,
     ConfigStatusQuery,
+    ConfigSync,
     Hello,
     PlanAssign,
     StatusQuery,
@@ -104,6 +105,7 @@ def test_cache_copies_come_from_the_chain_node_of_their_range() -> None:
         StatusQuery(),
         PlanAssign(1, (1, 0, 4), "m"),
         ConfigPrepare("d" * 64),
+        ConfigSync(),  # a sync rewrites the node's config: the gateway's call alone
     ],
 )
 def test_gateway_kinds_come_only_from_the_gateway(msg: Message) -> None:

@@ -12,6 +12,7 @@ import asyncio
 import pytest
 
 from butterfly.metrics.events import MessageDropped, MessageSent, PeerError
+from butterfly.net.conn import Connection
 from butterfly.net.framing import (
     LENGTH,
     Envelope,
@@ -206,3 +207,66 @@ async def test_a_flooding_peer_gets_at_most_the_handler_bound_in_flight() -> Non
     finally:
         await a.close()
         await b.close()
+
+
+def test_a_chunk_stream_has_a_deadline_and_dropping_it_frees_its_buffer() -> None:
+    now = [100.0]
+    reassembly = Reassembly(1 << 20, stall_s=5.0, min_rate=1000.0, clock=lambda: now[0])
+    env = Envelope(StatusQuery(), NodeId(1), Epoch(2), "c", 7, False, BIG)
+    frames = [
+        decode_frame(f[LENGTH.size :], FRAME)
+        for f in chunk_frames(
+            env, encode_frame(env), stream=1, max_frame=FRAME, max_message=1 << 20
+        )
+    ]
+    first = frames[0].msg
+    assert isinstance(first, Chunk) and reassembly.deadline is None
+    assert reassembly.add(first, frames[0].payload) is None
+    assert reassembly.deadline == 100.0 + 5.0 + first.total / 1000.0
+    held = reassembly.buffered
+    assert held == len(frames[0].payload) and reassembly.drop() == held
+    assert reassembly.buffered == 0 and reassembly.deadline is None
+    second = frames[1].msg
+    assert isinstance(second, Chunk)
+    with pytest.raises(WireFormatError, match="no start"):  # the dropped stream is gone
+        reassembly.add(second, frames[1].payload)
+
+
+class _Writer:
+    """The write side of a socket nobody writes to: the connection only closes it."""
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_a_peer_that_stalls_half_way_through_a_chunked_message_is_dropped() -> None:
+    """The peer sends the first chunk of a four-chunk message and nothing more: once the
+    stream's deadline passes, the buffer is dropped and counted, and the connection to
+    that peer (only) is closed; nobody is blamed."""
+    events = Events()
+    env = Envelope(StatusQuery(), NodeId(1), Epoch(2), "c", 0, False, BIG)
+    frames = chunk_frames(env, encode_frame(env), stream=1, max_frame=FRAME, max_message=1 << 20)
+    reader = asyncio.StreamReader()
+    reader.feed_data(frames[0])
+    handled: list[Envelope] = []
+
+    async def handler(peer: NodeId, e: Envelope) -> None:
+        handled.append(e)
+
+    conn = Connection(
+        reader,
+        _Writer(),  # type: ignore[arg-type]
+        peer=NodeId(1),
+        node=NodeId(0),
+        cluster_id="c",
+        epoch=lambda: Epoch(2),
+        handler=handler,
+        emit=events,
+        max_frame=FRAME,
+        max_message=1 << 20,
+        chunk_stall_s=0.0,  # deadline: the transfer at 1 MiB/s, a fraction of a second
+    )
+    await asyncio.wait_for(conn.run(), 30)
+    assert conn.closed and "stalled a chunked message" in conn.close_reason
+    assert [getattr(e, "reason", "") for e in events.of(MessageDropped)] == ["chunks_stalled"]
+    assert not events.of(PeerError) and not handled

@@ -195,7 +195,11 @@ class Auditor:
                 continue
             # the last stage's outputs matter only where tokens were sampled
             offset = min(c.start for c in mine) if index == len(plan.stages) - 1 else 0
-            others = [n for n in plan.holders(layers) if n != node]
+            # the holders that signed none of the claims: a request routed around the
+            # chain's node (`claims.Claims`) was computed by a standby, which must not
+            # audit its own work (the chain's node audits it then)
+            signed = {c.proof.sender for c in mine}
+            others = [n for n in plan.holders(layers) if n not in signed]
             if not others:
                 return Verdict(False, reason=f"no replica of {layers} to audit node {node}")
             replies = await asyncio.gather(

@@ -38,10 +38,13 @@ class Caches:
         self._finished: list[RequestId] = []  # requests whose caches the next Release frees
         self._releasing: asyncio.Task[None] | None = None
 
-    async def resume_at(self, request_id: RequestId, length: int) -> int:
-        """Where a request resumes on a new plan: the fewest positions any stage still
-        caches (survivors keep theirs; a promoted standby has the last copy the failed
-        node sent it), and never past the last token, whose output is what is missing."""
+    async def resume_at(
+        self, request_id: RequestId, length: int, route: tuple[NodeId, ...] = ()
+    ) -> int:
+        """Where a request resumes on a new plan: the fewest positions any stage of its
+        `route` (the plan's chain when empty) still caches (survivors keep theirs; a
+        promoted standby has the last copy the failed node sent it), and never past the
+        last token, whose output is what is missing."""
         plan = self._plan()
         if plan is None or self._ask is None:
             return 0
@@ -55,7 +58,7 @@ class Caches:
             ok = reply.request_ids == (request_id,) and len(reply.lengths) == 1
             return reply.lengths[0] if ok else 0
 
-        lengths = await asyncio.gather(*(held(n) for n in plan.nodes))
+        lengths = await asyncio.gather(*(held(n) for n in route or plan.nodes))
         return max(0, min(*lengths, length - 1))
 
     async def release(self, *request_ids: RequestId) -> None:

@@ -25,6 +25,7 @@ import torch
 from butterfly.dataplane.audit import Auditor, audit_request
 from butterfly.dataplane.caches import Asker as Asker
 from butterfly.dataplane.caches import Caches
+from butterfly.dataplane.claims import Claims
 from butterfly.dataplane.inflight import InFlight
 from butterfly.dataplane.inflight import StepFailed as StepFailed
 from butterfly.dataplane.intake import Intake
@@ -39,6 +40,7 @@ from butterfly.runtime.sampling import make_generator, sample
 from butterfly.schedule.engine import ClusterHealth, Retraction, TokenSink
 from butterfly.types.errors import (
     ButterflyError,
+    ContextLengthExceeded,
     SendTimeout,
     ServiceUnavailable,
     StageLost,
@@ -83,12 +85,15 @@ class PipelineEngine:
         replicator: Replicator | None = None,
         verification: Mode | None = None,
         keys: Mapping[NodeId, bytes] | None = None,
+        f: int = 0,
     ) -> None:
         """`verification` picks which of the parts built checks a request (audit,
         replicate or none); it defaults to the one part given. `retune` changes it, the
         audit fraction and the step timeout for every request that starts afterwards.
         `keys`: the members' public keys; with them, every result of a checked request
-        is checked against its signed records before it is used (`intake.Intake`)."""
+        is checked against its signed records before it is used (`intake.Intake`). `f`:
+        the liars tolerated; another node's claim that a request cannot be served is
+        believed only as `claims.Claims` says (with 0, at once)."""
         self._flight = InFlight()
         self._emit, self._replicator = emit, replicator
         self._auditor = auditor
@@ -117,6 +122,7 @@ class PipelineEngine:
             node, plan, self._flight, keys, max_tensor_bytes, emit, self._on_liars
         )
         self._caches = Caches(deliver=deliver, ask=ask, plan=plan)
+        self._claims = Claims(node, f)
         self._plan_version = asyncio.Event()
         self._recovery_wait_s = recovery_wait_s
         self._max_recoveries = max_recoveries
@@ -157,6 +163,12 @@ class PipelineEngine:
         return self._mode
 
     @property
+    def routed_around(self) -> frozenset[NodeId]:
+        """The nodes whose claims that a request could not be served were not believed:
+        new requests avoid them until the plan changes (`claims.Claims`)."""
+        return self._claims.avoided
+
+    @property
     def max_context(self) -> int:
         return self._max_context
 
@@ -195,17 +207,23 @@ class PipelineEngine:
             e,
         )
 
-    def _chain(self, epoch: int) -> tuple[NodeId, ...]:
-        """The chain's nodes if the plan is still that of `epoch`, else none."""
+    def _chain(self, request_id: RequestId, epoch: int) -> tuple[NodeId, ...]:
+        """The nodes of the request's route if the plan is still that of `epoch`, else
+        none."""
         plan = self._plan()
-        return plan.nodes if plan is not None and plan.epoch == epoch else ()
+        if plan is None or plan.epoch != epoch:
+            return ()
+        return self._claims.route(request_id, plan) or plan.nodes
 
     async def _compute(
         self, request_id: RequestId, step: int, pos: int, x: torch.Tensor
     ) -> torch.Tensor:
-        """One step: down the chain, or in replicate mode down f+1 lanes that must agree."""
+        """One step: down the request's route (the chain, unless claims moved it:
+        `claims.Claims`), or in replicate mode down f+1 lanes that must agree."""
         if self._replicator is None or request_id not in self._replicating:
-            return await self._sender.step(request_id, step, pos, x)
+            plan = self._plan()
+            route = self._claims.route(request_id, plan) if plan is not None else ()
+            return await self._sender.step(request_id, step, pos, x, route)
         return await self._replicator.step(self, request_id, step, pos, x)
 
     async def lane_step(
@@ -258,6 +276,12 @@ class PipelineEngine:
         replicator = self._replicator if self._mode == "replicate" else None
         auditor = self._auditor if self._mode == "audit" else None
         fraction = self._audit_fraction
+        if task.input_ids and len(task.input_ids) + task.max_new_tokens - 1 > self._max_context:
+            raise ContextLengthExceeded(  # the gateway can tell: no stage is asked
+                f"the prompt of {len(task.input_ids)} tokens plus max_new_tokens "
+                f"{task.max_new_tokens} needs {len(task.input_ids) + task.max_new_tokens - 1} "
+                f"positions; the model's context is {self._max_context}"
+            )
         if replicator is not None or auditor is not None:
             self._flight.checked.add(request_id)  # its nodes sign records (verification is on)
         if replicator is not None:
@@ -302,6 +326,7 @@ class PipelineEngine:
                 await self._caches.release(request_id)
             raise ServiceUnavailable(f"request {request_id} failed its audit repeatedly")
         finally:
+            self._claims.finished(request_id)
             self._flight.records.pop(request_id, None)
             self._flight.checked.discard(request_id)
             await asyncio.shield(self._caches.release_finished(request_id))
@@ -338,20 +363,24 @@ class PipelineEngine:
                 logits = await self._compute(request_id, step, pos, x)
                 positions[step] = (pos, x.shape[1])  # a step whose output was used
                 if self._timeouts is not None:
-                    self._timeouts.answered(self._chain(epoch))
+                    self._timeouts.answered(self._chain(request_id, epoch))
             except ButterflyError as e:
                 self._report(e, f"step {step} of {request_id}")
-                if not e.retriable:  # the error tree decides: no list of classes here
-                    raise
+                if not e.retriable and not self._contested(request_id, e):
+                    raise  # the error tree decides: no list of classes here
                 if isinstance(e, SendTimeout) and self._timeouts is not None:
                     what = f"step {step} of {request_id}"
                     if e.blame is not None:
                         await self._timeouts.timed_out(e.blame, what)
                     else:  # a chain's step: only a one-node chain says who held it back
-                        await self._timeouts.chain_timed_out(self._chain(epoch), what)
+                        await self._timeouts.chain_timed_out(self._chain(request_id, epoch), what)
                 recoveries += 1
                 if recoveries > self._max_recoveries:
                     raise
+                if not e.retriable:  # a claim not believed: replay it all on the new route
+                    pos, x = 0, torch.tensor([prompt + out], dtype=torch.int64)
+                    positions.clear()  # the replay recomputes every row they gave
+                    continue
                 lost_at = time.perf_counter()
                 log.warning(
                     "request %s lost a step at token %d (%s); replaying", request_id, len(out), e
@@ -405,10 +434,26 @@ class PipelineEngine:
             proofs=tuple(encode(p) for p in self._flight.records.get(str(task.task_id), ())),
         )
 
+    def _contested(self, request_id: RequestId, e: ButterflyError) -> bool:
+        """Whether a non-retriable error is another node's claim that is not (yet)
+        believed (`claims.Claims`): the request then replays on a route around it. A
+        claim that holds is raised as the error the request fails with; errors of the
+        gateway's own making, and replicate requests (the replicator weighs their
+        lanes' claims itself), are not contested."""
+        plan = self._plan()
+        if e.blame is None or plan is None or request_id in self._replicating:
+            return False
+        failure = self._claims.claim(request_id, plan, e.blame, str(e))
+        if failure is not None:
+            raise failure from e
+        return True
+
     async def _resume_at(self, request_id: RequestId, length: int) -> int:
-        """Where a request resumes on a new plan (`caches.Caches.resume_at`); from 0 for a
-        replicate request: its lanes run under their own wire ids, and the replicator
-        replays them itself."""
+        """Where a request resumes on a new plan (`caches.Caches.resume_at`, asking the
+        nodes of its route); from 0 for a replicate request: its lanes run under their
+        own wire ids, and the replicator replays them itself."""
         if request_id in self._replicating:
             return 0
-        return await self._caches.resume_at(request_id, length)
+        plan = self._plan()
+        route = self._claims.route(request_id, plan) if plan is not None else ()
+        return await self._caches.resume_at(request_id, length, route)

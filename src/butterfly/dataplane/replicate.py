@@ -30,7 +30,7 @@ from butterfly.dataplane.audit import Referee
 from butterfly.metrics.events import Emit, Verification, discard
 from butterfly.protocol.proof import Tolerance, matches_tensor
 from butterfly.protocol.sign import verify_message
-from butterfly.types.errors import ButterflyError, SendTimeout, StageLost
+from butterfly.types.errors import ButterflyError, InvalidInput, SendTimeout, StageLost
 from butterfly.types.ids import Epoch, NodeId, RequestId
 from butterfly.types.model import LayerRange
 from butterfly.types.plan import StagePlan
@@ -233,11 +233,13 @@ class Replicator:
         on_liars: Callable[[tuple[NodeId, ...], str], Awaitable[None]],
         timeouts: Timeouts | None = None,
         emit: Emit = discard,
+        gateway: NodeId | None = None,
     ) -> None:
         """`timeouts`: a lane's unanswered step is counted against that lane's nodes,
-        never against the chain's (the engine counts only plain chain steps)."""
+        never against the chain's (the engine counts only plain chain steps).
+        `gateway`: this node, whose own stage's errors are believed at once."""
         self._plan, self._f, self._keys, self._referee = plan, f, keys, referee
-        self._timeouts = timeouts
+        self._timeouts, self._gateway = timeouts, gateway
         self._tol, self._on_liars, self._emit = tolerance, on_liars, emit
         self._requests: dict[str, _Request] = {}
         self.convicted: set[NodeId] = set()  # left out of every lane from conviction on
@@ -276,10 +278,22 @@ class Replicator:
             )
             req.verified = False
         chosen = lanes[: self._f + 1]
-        runs = await self._run_lanes(runner, req, request_id, plan, chosen, step, pos, x)
-        if all(agree(runs[0].out, r.out, self._tol) for r in runs[1:]):  # one lane: unverified
-            return runs[0].out
-        # a dispute: widen, decide, blame
+        runs, claims = await self._run_lanes(runner, req, request_id, plan, chosen, step, pos, x)
+        own = any(e.blame == self._gateway == lane[0] for lane, e in claims)
+        if claims and (not runs or own):
+            # every lane (f+1 disjoint ones: one is honest) or the gateway's own first
+            # stage, fed its own input, says the step cannot be served: believed
+            said = "; ".join(str(e) for _, e in claims)
+            raise InvalidInput(f"the request cannot be served ({len(claims)} lanes agree): {said}")
+        if not claims and all(agree(runs[0].out, r.out, self._tol) for r in runs[1:]):
+            return runs[0].out  # one lane: unverified
+        # a dispute: lanes disagree, or some claimed the step cannot be served while
+        # others served it (an unsigned claim convicts nobody; the answer is decided as
+        # in any dispute, and the claiming lane replays next step): widen, decide, blame
+        for lane, e in claims:
+            log.warning(
+                "replicate %s step %d: lane %s's claim refuted: %s", request_id, step, lane, e
+            )
         extra = lanes[self._f + 1 :]
         if extra:
             runs += await self._widen(runner, req, request_id, plan, extra, step, len(chosen))
@@ -288,9 +302,10 @@ class Replicator:
         if out is None:
             req.verified = False
             return runs[0].out
-        for k, run in enumerate(runs[: len(chosen)]):
-            if not agree(run.out, out, self._tol) and k in req.lanes:
-                req.lanes[k].length = -1  # wrong lanes replay on fresh caches next step
+        for state in req.lanes.values():
+            run = next((r for r in runs if r.nodes == state.nodes), None)
+            if run is not None and not agree(run.out, out, self._tol):
+                state.length = -1  # wrong lanes replay on fresh caches next step
         new = tuple(n for n in liars if n not in self.convicted)
         if liars:
             req.liars_found = True
@@ -309,7 +324,10 @@ class Replicator:
         step: int,
         pos: int,
         x: torch.Tensor,
-    ) -> list[LaneRun]:
+    ) -> tuple[list[LaneRun], list[tuple[Lane, ButterflyError]]]:
+        """The lanes' answers, and the claims of those that answered with an error that
+        is not retriable (another node's word that the step cannot be served). A
+        retriable failure of any lane is raised: the step replays."""
         history = req.history
         assert history is not None
         sends: list[tuple[_LaneState, int, torch.Tensor]] = []
@@ -332,10 +350,19 @@ class Replicator:
             *(runner.lane_step(s.wire_id, step, start, inp, s.nodes) for s, start, inp in sends),
             return_exceptions=True,
         )
-        runs, failed = [], None
+        runs: list[LaneRun] = []
+        failed: BaseException | None = None
+        claims: list[tuple[Lane, ButterflyError]] = []
         for (state, start, inp), answer in zip(sends, answers, strict=True):
             if isinstance(answer, BaseException):
                 state.length = -1
+                if (
+                    isinstance(answer, ButterflyError)
+                    and not answer.retriable
+                    and answer.blame is not None
+                ):
+                    claims.append((state.nodes, answer))
+                    continue
                 if isinstance(answer, SendTimeout) and self._timeouts is not None:
                     await self._timeouts.chain_timed_out(
                         state.nodes, f"step {step} of {state.wire_id}"
@@ -353,7 +380,7 @@ class Replicator:
             runs.append(LaneRun(state.nodes, start, inp.shape[1], out, records))
         if failed is not None:
             raise failed
-        return runs
+        return runs, claims
 
     async def _widen(
         self,

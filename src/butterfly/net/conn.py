@@ -7,7 +7,10 @@ fails every pending request with a typed, retriable error so callers can re-rout
 A message larger than one frame goes out as chunks (net.framing) and is reassembled here
 before any handler sees it. A peer that breaks the chunk rules or declares a message over
 the limit is disconnected: the connection to that peer is the one closed and the one
-counted, so its pending requests fail at once instead of timing out on someone else.
+counted, so its pending requests fail at once instead of timing out on someone else. So
+is a peer whose chunked message stalls past its deadline (`framing.Reassembly`): its
+buffer is freed, the drop counted (`chunks_stalled`), and no node is blamed (a stall may
+be the link's).
 
 Handlers run as tasks, at most `max_handlers` at a time per connection: with that many
 running, the reader stops reading, the socket's buffers fill and TCP slows the sender
@@ -20,6 +23,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from butterfly.metrics.events import (
@@ -31,6 +35,7 @@ from butterfly.metrics.events import (
     PeerError,
 )
 from butterfly.net.framing import (
+    CHUNK_STALL_S,
     LENGTH,
     Envelope,
     Reassembly,
@@ -83,15 +88,17 @@ class Connection:
         compression: str = "",
         compression_min_bytes: int = 0,
         send_timeout_s: float = 1.0,
+        chunk_stall_s: float = CHUNK_STALL_S,
     ) -> None:
         """`max_message`: largest message, chunked beyond `max_frame` (at least that; 0 =
-        no message above one frame)."""
+        no message above one frame). `chunk_stall_s`: the slack a chunked message gets
+        beyond its transfer at the slowest rate taken (`framing.Reassembly`)."""
         self.peer, self.node, self.cluster_id = peer, node, cluster_id
         self._reader, self._writer = reader, writer
         self._epoch, self._handler, self._emit = epoch, handler, emit
         self._max_frame, self._compression = max_frame, compression
         self._max_message = max(max_message, max_frame)
-        self._chunks = Reassembly(self._max_message)
+        self._chunks = Reassembly(self._max_message, stall_s=chunk_stall_s)
         self._streams = itertools.count(1)
         self._chunking = asyncio.Lock()  # one chunked message at a time on this socket
         # a counter and an event, not a semaphore: no coroutine per frame while there is room
@@ -192,7 +199,9 @@ class Connection:
         holds up the reply one of them waits for."""
         try:
             while True:
-                env = await self.read_frame()
+                env = await self._next_frame()
+                if env is None:
+                    return
                 if isinstance(env.msg, Chunk):  # a piece of a message over the frame limit
                     whole = self._chunks.add(env.msg, env.payload)
                     if whole is None:
@@ -228,6 +237,22 @@ class Connection:
             self.close(f"peer closed the connection ({type(e).__name__})")
         finally:
             self.close(self.close_reason or "reader stopped")
+
+    async def _next_frame(self) -> Envelope | None:
+        """The next frame, or None once a chunked message under way missed its deadline
+        (the stream is dropped, counted and the connection closed: a frame cut off
+        half-read cannot be resumed)."""
+        deadline = self._chunks.deadline
+        if deadline is None:
+            return await self.read_frame()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                return await self.read_frame()
+        held = self._chunks.drop()
+        self._emit(MessageDropped(reason="chunks_stalled"))
+        log.warning("node %s stalled a chunked message (%d bytes held); closing", self.peer, held)
+        self.close(f"node {self.peer} stalled a chunked message past its deadline")
+        return None
 
     def _handled(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)

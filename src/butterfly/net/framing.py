@@ -12,12 +12,16 @@ copy, an audit reply of a long generation) travels as `Chunk` frames: its encode
 cut into pieces that each fit, with a stream number, an index, the total size and a final
 flag. The total is declared by the first piece and checked against the message limit
 (network.max_message_bytes) before anything is buffered, and the buffer only grows as
-bytes arrive; one message up to the frame limit is still exactly one frame.
+bytes arrive; one message up to the frame limit is still exactly one frame. A stream must
+also end in time (`Reassembly.deadline`): a peer that starts one and stalls holds at most
+one message's buffer, and only until then.
 """
 
 from __future__ import annotations
 
 import struct
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -177,14 +181,35 @@ def chunk_frames(
     return out
 
 
+CHUNK_STALL_S = 30.0
+"""Slack every chunked message gets beyond its transfer at `CHUNK_MIN_RATE`."""
+CHUNK_MIN_RATE = float(1 << 20)
+"""Bytes per second below which a chunked message counts as stalled: a link that slow
+cannot serve a step in any step timeout anyway, and a hostile peer trickling bytes holds
+its buffer for at most the time an honest one would take at this rate."""
+
+
 class Reassembly:
     """The chunked message a connection is receiving, at most one at a time: a sender
     writes one chunked message per connection at a time (other frames may come between
     its chunks). Any departure from that is the sender's fault, raised as
-    WireFormatError (MessageTooLarge for a declared size over the limit)."""
+    WireFormatError (MessageTooLarge for a declared size over the limit).
 
-    def __init__(self, max_message: int) -> None:
+    A stream that began at `t` must be complete by `t + stall_s + total / min_rate`
+    (`deadline`, on `clock`: the connection's reads time out on the same clock); the
+    connection drops it (`drop`) when it is not."""
+
+    def __init__(
+        self,
+        max_message: int,
+        *,
+        stall_s: float = CHUNK_STALL_S,
+        min_rate: float = CHUNK_MIN_RATE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.max_message = max_message
+        self._stall_s, self._min_rate, self._clock = stall_s, min_rate, clock
+        self.deadline: float | None = None  # when the stream being received must be whole
         self._stream: int | None = None
         self._parts: list[bytes] = []
         self._received = 0
@@ -207,6 +232,7 @@ class Reassembly:
                     f"network.max_message_bytes ({self.max_message})"
                 )
             self._stream, self._total = chunk.stream, chunk.total
+            self.deadline = self._clock() + self._stall_s + chunk.total / self._min_rate
         elif (chunk.stream, chunk.index, chunk.total) != (self._stream, self._next, self._total):
             raise WireFormatError(
                 f"chunk {chunk.index} of stream {chunk.stream} arrived while stream "
@@ -228,5 +254,12 @@ class Reassembly:
         if not complete:
             return None
         whole = b"".join(self._parts)
-        self._stream, self._parts, self._received, self._total, self._next = None, [], 0, 0, 0
+        self.drop()
         return whole
+
+    def drop(self) -> int:
+        """Forget the stream under way (if any); the bytes it held."""
+        held = self._received
+        self._stream, self._parts, self._received, self._total, self._next = None, [], 0, 0, 0
+        self.deadline = None
+        return held

@@ -31,7 +31,7 @@ from tenacity import (
 from butterfly.metrics.events import Emit, MessageDropped
 from butterfly.net.breaker import CircuitBreaker
 from butterfly.net.conn import MAX_HANDLERS, Connection, Handler
-from butterfly.net.framing import Envelope, answer_to, as_message
+from butterfly.net.framing import CHUNK_STALL_S, Envelope, answer_to, as_message
 from butterfly.net.handshake import (
     MAX_HANDSHAKE_FRAME,
     NONCE_BYTES,
@@ -81,6 +81,7 @@ class TransportLimits:
     compression: str = ""  # "" or "lz4", for tensor payloads
     compression_min_bytes: int = 4096  # smaller payloads go uncompressed
     send_timeout_s: float = 1.0  # a frame the peer does not take within this fails
+    chunk_stall_s: float = CHUNK_STALL_S  # slack of a chunked message (net.framing)
     max_connections: int = 100  # incoming; more are closed at once
 
 
@@ -166,6 +167,7 @@ class TcpTransport:
             compression=self.limits.compression,
             compression_min_bytes=self.limits.compression_min_bytes,
             send_timeout_s=self.limits.send_timeout_s,
+            chunk_stall_s=self.limits.chunk_stall_s,
         )
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -19,6 +19,7 @@ from butterfly.dataplane.proving import RecordMismatch
 from butterfly.dataplane.stage_server import StageServer
 from butterfly.net.framing import Envelope
 from butterfly.runtime.wire import decode_tensor, encode_tensor
+from butterfly.types.errors import InvalidInput
 from butterfly.types.wire.control import PlanAck, PlanAssign
 from butterfly.types.wire.data import AuditReply, AuditRequest, StageStep
 
@@ -125,6 +126,34 @@ class FalseAccuserStageServer(StageServer):
         return await super().compute(msg, epoch, payload)
 
 
+class ClaimsInvalidInputStageServer(StageServer):
+    """Honest on prefills; answers every decode step with a non-retriable error saying
+    its input is invalid, to fail the task of whoever it serves. An error carries no
+    record, so it signs nothing; `claimed` counts the lies told."""
+
+    claimed = 0
+
+    async def compute(
+        self, msg: StageStep, epoch: int, payload: bytes
+    ) -> tuple[bytes, tuple[bytes, ...]]:
+        if max(msg.lengths) == 1:
+            self.claimed += 1
+            raise InvalidInput(f"step {msg.steps}: token ids out of range (a false claim)")
+        return await super().compute(msg, epoch, payload)
+
+
+class MisshapenStageServer(_SometimesLying):
+    """On decode steps sends (and signs) outputs one column wider than the model's: the
+    honest next stage, checking the bytes against the records, finds them vouched for,
+    cannot compute on them and says so, a claim that must cost neither of them a task."""
+
+    def lies_on(self, msg: StageStep) -> bool:
+        return max(msg.lengths) == 1
+
+    def tamper(self, out: torch.Tensor) -> torch.Tensor:
+        return torch.cat([out, out[..., :1]], dim=-1) if _lying.get() else out
+
+
 class AuditFailsStageServer(StageServer):
     """Honest, but every audit it is asked for reports that it could not run (as a node
     out of memory would): that is no lie, and must not get it evicted."""
@@ -187,5 +216,7 @@ BEHAVIOURS: dict[str, type[StageServer]] = {
     "colluding": ColludingStageServer,
     "audit-fails": AuditFailsStageServer,
     "false-accuser": FalseAccuserStageServer,
+    "claims-invalid-input": ClaimsInvalidInputStageServer,
+    "misshapen": MisshapenStageServer,
     "equivocate": StageServer,  # an honest data path; its votes lie (testing.liar_votes)
 }

@@ -195,6 +195,7 @@ def engine(
             on_liars=on_liars,
             timeouts=timeouts,
             emit=emit,
+            gateway=me,
         )
         if verify
         else None
@@ -218,6 +219,7 @@ def engine(
         verification=byz.verification,
         emit=emit,
         keys=keys,
+        f=byz.f,
     )
 
 
