@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import shutil
 import stat
 import tomllib
 from pathlib import Path
@@ -120,6 +121,10 @@ def test_add_host_writes_its_directory_and_the_change_for_everyone(
         add_host(out, "10.1.0.5:9000")
     with pytest.raises(ConfigError, match="no cluster"):
         add_host(tmp_path / "empty", "10.1.0.6:9000")
+    shutil.rmtree(out / "node-4")  # a host's directory gone: nothing may be overwritten
+    with pytest.raises(ConfigError, match="every host's directory"):
+        add_host(out, "10.1.0.6:9000")
+    assert not (out / "node-4").exists()
 
 
 def test_cli_init_add_host_and_keys_show(tmp_path: Path, tiny_model: Path) -> None:

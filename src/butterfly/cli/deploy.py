@@ -78,6 +78,8 @@ def init(
 
 def _add(out: Path, address: str) -> None:
     added = hosts.add_host(out, address)
+    for note in hosts.check_configs([added.config]):
+        err.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
     n = len(added.members)
     err.print(f"[green]wrote[/green] {added.config.parent} for node {n - 1} ({address})")
     err.print(

@@ -204,6 +204,11 @@ def add_host(out: Path, address: str) -> HostAdded:
     base = _read_doc(node_dir(out, 0) / CONFIG_FILE)
     members = [*base["cluster"]["members"], address]
     new = len(members) - 1
+    if existing != list(range(new)):
+        raise ConfigError(
+            f"{out} has the directories of nodes {existing} but the cluster has {new} "
+            "members: every host's directory must be there to be updated"
+        )
     if address in members[:-1]:
         raise ConfigError(f"{address} is already member {members.index(address)}")
     _check_name(new, address)
