@@ -10,11 +10,14 @@ next answers are still the unsplit model's. Skips where namespaces cannot be mad
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from butterfly.cli.hosts import InitOptions, add_host, init_cluster
+from butterfly.cli.launcher import LocalCluster
 from butterfly.runtime.generate import generate
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.tokenizer import TextCodec
@@ -37,6 +40,18 @@ def infer(url: str, prompt: str) -> dict:
     r = httpx.post(f"{url}/inference", json=body, timeout=180, trust_env=False)
     assert r.status_code == 200, r.text
     return r.json()
+
+
+def new_node_status(url: str, address: str, timeout_s: float = 30.0) -> str:
+    """The gateway's view of the node at `address`, once healthy or after `timeout_s`."""
+    deadline, status = time.monotonic() + timeout_s, "unlisted"
+    while time.monotonic() < deadline:
+        health = httpx.get(f"{url}/health", timeout=10, trust_env=False).json()
+        status = {n["address"]: n["status"] for n in health["nodes"]}.get(address, "unlisted")
+        if status == "healthy":
+            break
+        time.sleep(0.5)
+    return status
 
 
 @pytest.fixture(scope="module")
@@ -85,4 +100,35 @@ def test_hosts_clean_up_after_a_failed_start(namespaces: None) -> None:
     hosts.subnet = "10.213.300"  # not an address: `ip addr add` on the bridge fails
     with pytest.raises(subprocess.CalledProcessError):
         hosts.open()
+    assert leftovers(hosts) == []
+
+
+def test_a_host_added_by_init_joins_after_a_full_restart(
+    namespaces: None, tiny_model: Path, tmp_path: Path
+) -> None:
+    """DEPLOY.md's procedure: stop every node, `init --add-host`, start every node; the
+    new host's key and certificate (signed by the same CA) are accepted and it serves."""
+    expected = reference(tiny_model, PROMPTS[1])
+    with Hosts(5) as hosts:
+        addresses = tuple(f"{hosts.address(i)}:9000" for i in range(5))
+        opts = InitOptions(hosts=addresses[:4], model=str(tiny_model), f=1, settings=SETTINGS)
+        configs = init_cluster(opts, tmp_path)
+        url = f"http://{hosts.address(0)}:8080"
+        prefix = {i: hosts.exec_prefix(i) for i in range(5)}
+        clusters = [LocalCluster(configs, url, tmp_path, prefix=prefix)]
+        try:
+            clusters[0].start()
+            clusters[0].wait_ready(120)
+            assert infer(url, PROMPTS[1])["output_ids"] == expected
+            clusters[0].stop()
+            added = add_host(tmp_path, addresses[4])
+            clusters.append(LocalCluster([*configs, added.config], url, tmp_path, prefix=prefix))
+            clusters[1].start()
+            clusters[1].wait_ready(120)
+            assert new_node_status(url, addresses[4]) == "healthy"
+            assert infer(url, PROMPTS[1])["output_ids"] == expected
+        finally:
+            for cluster in clusters:
+                cluster.stop(grace_s=10.0)
+    assert all(p.poll() is not None for c in clusters for p in c.procs)
     assert leftovers(hosts) == []
