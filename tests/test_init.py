@@ -14,8 +14,15 @@ from cryptography.exceptions import InvalidSignature
 from typer.testing import CliRunner
 
 from butterfly.cli import app
-from butterfly.cli.hosts import InitOptions, add_host, init_cluster, parse_hosts, public_key
-from butterfly.config import load_config
+from butterfly.cli.hosts import (
+    InitOptions,
+    add_host,
+    check_configs,
+    init_cluster,
+    parse_hosts,
+    public_key,
+)
+from butterfly.config import ConfigInvalid, load_config
 from butterfly.net.tls import cert_node
 from butterfly.protocol.keys import load_or_create_key
 from butterfly.types.errors import ConfigError
@@ -145,3 +152,14 @@ def test_cli_init_add_host_and_keys_show(tmp_path: Path, tiny_model: Path) -> No
     assert change["members"][-1] == "10.1.0.9:9000" and len(change["public_keys"]) == 5
     refused = runner.invoke(app, ["init", "--out", str(tmp_path / "x"), "--hosts", "a:1"])
     assert refused.exit_code == 2 and "--model" in refused.output
+
+
+def test_a_model_only_on_the_hosts_is_a_note_not_an_error(tmp_path: Path) -> None:
+    """init may run on a laptop without the model; a real problem still stops it."""
+    opts = InitOptions(hosts=HOSTS, model="/srv/nowhere/model")
+    paths = init_cluster(opts, tmp_path / "out")
+    notes = check_configs(paths)
+    assert len(notes) == 4 and all("put the model there on that host" in n for n in notes)
+    (paths[1].parent / "tls" / "node-1.pem").unlink()
+    with pytest.raises(ConfigInvalid, match=r"security\.tls\.cert"):
+        check_configs(paths)
