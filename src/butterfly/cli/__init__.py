@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from butterfly.cli import cluster, config, model, plan
+from butterfly.cli import cluster, config, deploy, model, plan
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 app.add_typer(model.app, name="model", help="Create and inspect model directories.")
@@ -16,6 +16,8 @@ app.command("status")(cluster.status)
 app.add_typer(config.app, name="config", help="Validate, show, update, roll back configuration.")
 app.command("plan")(plan.plan)
 app.command("certs")(cluster.certs)
+app.command("init")(deploy.init)
+app.add_typer(deploy.keys_app, name="keys", help="Show node keys.")
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import sys
+import tomllib
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
@@ -31,6 +32,7 @@ from butterfly.config import (
     UpdateRefused,
     UpdateResult,
     VersionRecord,
+    aliases,
     cluster_hash,
     cluster_size,
     config_hash,
@@ -104,6 +106,34 @@ def validate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     except ButterflyError as e:
         raise _fail(e) from None
     _echo(f"ok: config hash {config_hash(cfg)[:16]}, cluster hash {cluster_hash(cfg)[:16]}")
+
+
+@app.command()
+def migrate(
+    file: Annotated[Path, typer.Argument(help="Config file using the specification's names.")],
+    out: Annotated[
+        Path | None, typer.Option(help="Write here instead (default: FILE, old one kept as .bak).")
+    ] = None,
+) -> None:
+    """Rewrite the specification's option names (seeds 001/004) to the current ones."""
+    try:
+        moved = aliases.migrate(file.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise _fail(e) from None
+    for problem in moved.problems:
+        err.print(f"[red]{escape(problem.key)}:[/red] {escape(problem.message)}", soft_wrap=True)
+    if moved.problems:
+        err.print("nothing written: fix these by hand (the new names are above)")
+        raise typer.Exit(code=2)
+    target = out or file
+    if out is None:
+        file.replace(file.with_name(file.name + ".bak"))
+    target.write_text(moved.text)
+    for new, old in moved.renamed.items():
+        err.print(f"  {old} -> {new}")
+    for old, why in moved.dropped.items():
+        err.print(f"  {old} dropped: {why}")
+    err.print(f"wrote {target} ({len(moved.renamed)} options renamed; comments are not kept)")
 
 
 @app.command()

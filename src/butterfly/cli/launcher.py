@@ -57,6 +57,38 @@ def free_ports(n: int, host: str = "127.0.0.1", avoid: frozenset[int] = frozense
             s.close()
 
 
+def node_doc(
+    *,
+    cluster_id: str,
+    members: Sequence[str],
+    keys: Sequence[str],
+    node: int,
+    listen: str,
+    data_dir: str,
+    f: int,
+    model: str,
+    api: tuple[str, int],
+    tls: TlsFiles | None,
+) -> dict[str, Any]:
+    """One node's TOML document: who the cluster is, who this node is, and its files.
+
+    Shared by the loopback launcher and `butterfly init` (cli.hosts), so a local cluster
+    and a deployed one differ only in addresses and paths, never in what they set.
+    """
+    doc: dict[str, Any] = {
+        "cluster": {"id": cluster_id, "members": list(members), "public_keys": list(keys)},
+        "node": {"id": node, "listen": listen, "data_dir": data_dir},
+        "byzantine": {"f": f},
+        "model": {"path": model},
+        "api": {"host": api[0], "port": api[1]},
+    }
+    if tls is not None:
+        doc["security"] = {
+            "tls": {"enabled": True, "ca": str(tls.ca), "cert": str(tls.cert), "key": str(tls.key)}
+        }
+    return doc
+
+
 def node_configs(
     *,
     nodes: int,
@@ -90,23 +122,18 @@ def node_configs(
     paths = []
     for i, node_dir in enumerate(dirs):
         node_dir.mkdir(parents=True, exist_ok=True)
-        doc: dict[str, Any] = {
-            "cluster": {"id": "local", "members": members, "public_keys": keys},
-            "node": {"id": i, "listen": members[i], "data_dir": str(node_dir)},
-            "byzantine": {"f": f},
-            "model": {"path": str(model)},
-            "api": {"host": "127.0.0.1", "port": api_port},
-        }
-        if tls:
-            files = certs[i]
-            doc["security"] = {
-                "tls": {
-                    "enabled": True,
-                    "ca": str(files.ca),
-                    "cert": str(files.cert),
-                    "key": str(files.key),
-                }
-            }
+        doc = node_doc(
+            cluster_id="local",
+            members=members,
+            keys=keys,
+            node=i,
+            listen=members[i],
+            data_dir=str(node_dir),
+            f=f,
+            model=str(model),
+            api=("127.0.0.1", api_port),
+            tls=certs.get(i),
+        )
         if (settings or {}).get("byzantine.verification") == "replicate":
             # f + 1 lanes compute at once on this one machine, so each node gets its share
             # of the cores (2 cores, f = 1: 60 ms/token with both each, 39 ms with one)
@@ -131,11 +158,18 @@ class LocalCluster:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     # per node: extra arguments after the config path (the testing launcher's liars)
     extra_args: dict[int, Sequence[str]] = field(default_factory=dict)
+    # per node: a command that runs the node's command (`ip netns exec NS`, testing.netns)
+    prefix: dict[int, Sequence[str]] = field(default_factory=dict)
 
     def _spawn(self, index: int) -> subprocess.Popen[bytes]:
         with open(self.log_dir / f"node-{index}.log", "ab") as log:
             return subprocess.Popen(
-                [*self.command, str(self.configs[index]), *self.extra_args.get(index, ())],
+                [
+                    *self.prefix.get(index, ()),
+                    *self.command,
+                    str(self.configs[index]),
+                    *self.extra_args.get(index, ()),
+                ],
                 stdout=log,
                 stderr=log,
                 env={**os.environ, **CHILD_ENV},

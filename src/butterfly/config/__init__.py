@@ -7,7 +7,13 @@ Other components use `load_config` (or `load`) once at start, read the frozen
 """
 
 from butterfly.config.fields import FieldSpec, field_specs
-from butterfly.config.issues import ConfigInvalid, ConfigIssue, UpdateRefused, UpdateRejected
+from butterfly.config.issues import (
+    ConfigInvalid,
+    ConfigIssue,
+    DeprecatedOption,
+    UpdateRefused,
+    UpdateRejected,
+)
 from butterfly.config.loader import Loaded, apply_patch, load, load_config
 from butterfly.config.proposal import Proposal, check_proposal, propose_change, propose_update
 from butterfly.config.reload import (
@@ -38,6 +44,7 @@ __all__ = [
     "ConfigIssue",
     "ConfigManager",
     "ConfigWatcher",
+    "DeprecatedOption",
     "FieldSpec",
     "Loaded",
     "Mutability",

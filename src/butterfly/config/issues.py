@@ -36,6 +36,11 @@ class ConfigIssue:
         return f"{where}:{key} {self.message} [rule: {self.rule}]"
 
 
+class DeprecatedOption(FutureWarning):
+    """A file used an old name (the specification's) for an option; the message names
+    the new one. A FutureWarning, so Python shows it to the operator by default."""
+
+
 class ConfigInvalid(ConfigError):
     """The configuration cannot be used; `issues` lists every reason."""
 

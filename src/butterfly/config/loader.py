@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +20,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from butterfly.config.aliases import translate
 from butterfly.config.fields import config_leaves, field_specs, flatten, suggest, unflatten
-from butterfly.config.issues import ConfigInvalid, ConfigIssue
+from butterfly.config.issues import ConfigInvalid, ConfigIssue, DeprecatedOption
 from butterfly.config.schema import ButterflyConfig
 from butterfly.config.validate import cross_check
 
@@ -77,9 +79,12 @@ class Origin:
 
     source: str
     text: str | None = None
+    aliases: tuple[tuple[str, str], ...] = ()  # (key, the old name the file gave it under)
 
     def line(self, key: str) -> int | None:
-        return find_line(self.text, key) if self.text is not None else None
+        if self.text is None:
+            return None
+        return find_line(self.text, dict(self.aliases).get(key, key))
 
 
 @dataclass
@@ -120,6 +125,24 @@ class Loaded:
     origins: Mapping[str, Origin]
 
 
+def _warn_renamed(origin: Origin, renamed: Mapping[str, str], dropped: Mapping[str, str]) -> None:
+    """One warning per old key the file used, naming the key(s) it now sets."""
+    by_old: dict[str, list[str]] = {}
+    for new, old in renamed.items():
+        by_old.setdefault(old, []).append(new)
+    hints = {old: f"use {' and '.join(news)}" for old, news in by_old.items()}
+    hints.update({old: f"drop it: {why}" for old, why in dropped.items()})
+    for old, hint in hints.items():
+        # attributed to the file and line, so Python's warning shows the old line itself
+        warnings.warn_explicit(
+            f"{old} is an old name; {hint} "
+            f"(`butterfly config migrate {origin.source}` rewrites the file)",
+            DeprecatedOption,
+            filename=origin.source,
+            lineno=origin.line(old) or 0,
+        )
+
+
 def _read_file(path: Path, acc: _Acc, stack: tuple[Path, ...], via: Origin | None) -> None:
     path = path.expanduser().resolve()
     where = via or Origin(str(path))
@@ -149,7 +172,12 @@ def _read_file(path: Path, acc: _Acc, stack: tuple[Path, ...], via: Origin | Non
         includes = []
     for inc in includes:
         _read_file(path.parent / inc, acc, (*stack, path), origin)
-    for key, value in flatten(data).items():
+    moved = translate(flatten(data))
+    for problem in moved.problems:
+        acc.issue(origin, problem.key, problem.rule, problem.message)
+    _warn_renamed(origin, moved.renamed, moved.dropped)
+    origin = Origin(str(path), text, tuple(moved.renamed.items()))
+    for key, value in moved.values.items():
         if not acc.known(key, origin):
             continue
         if field_specs()[key].is_path and isinstance(value, str) and value:

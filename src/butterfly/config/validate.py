@@ -41,17 +41,21 @@ def replication_factor(cfg: ButterflyConfig) -> int:
     return cfg.byzantine.f + 1 if cfg.byzantine.verification != "none" else 1
 
 
+def quorum_message(n: int, f: int) -> str | None:
+    """Why `n` nodes cannot tolerate `f` liars, or None when they can."""
+    if n >= 3 * f + 1:
+        return None
+    return (
+        f"{n} node{'s' if n != 1 else ''} tolerate at most f={largest_safe_f(n)} "
+        f"(n >= 3f+1); f={f} needs {3 * f + 1} nodes. Lower byzantine.f or add "
+        "cluster.members."
+    )
+
+
 def _bft_quorum(cfg: ButterflyConfig) -> Iterator[ConfigIssue]:
-    n, f = cluster_size(cfg), cfg.byzantine.f
-    if n < 3 * f + 1:
-        safe = largest_safe_f(n)
-        yield ConfigIssue(
-            "byzantine.f",
-            "n >= 3f+1",
-            f"{n} node{'s' if n != 1 else ''} tolerate at most f={safe} (n >= 3f+1); "
-            f"f={f} needs {3 * f + 1} nodes. Lower byzantine.f or add cluster.members.",
-            related=("cluster.members",),
-        )
+    unsafe = quorum_message(cluster_size(cfg), cfg.byzantine.f)
+    if unsafe is not None:
+        yield ConfigIssue("byzantine.f", "n >= 3f+1", unsafe, related=("cluster.members",))
 
 
 def _membership(cfg: ButterflyConfig) -> Iterator[ConfigIssue]:

@@ -7,14 +7,19 @@ against the node id the peer's Hello claims (`cert_node`). So a stolen certifica
 node cannot speak for another, and a host outside the cluster cannot connect at all.
 
 `butterfly certs` (and `node_configs(tls=True)` for local clusters) write the files with
-`make_certs`; keys are P-256 and written readable by their owner only.
+`make_certs`; keys are P-256 and written readable by their owner only. `butterfly init`
+also puts each host's address in its certificate (after the node name, which stays the
+name peers check), so ordinary TLS tools pointed at a host accept its certificate too;
+`add_node_cert` signs one more node's certificate with an existing CA (a host added later).
 """
 
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,11 +57,24 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
         out.write(data)
 
 
+def _san(subject: str, host: str) -> list[x509.GeneralName]:
+    """The node name first (what `cert_node` and the dialer check), then the host's address."""
+    names: list[x509.GeneralName] = [x509.DNSName(subject)]
+    if not host or host == subject:
+        return names
+    try:
+        names.append(x509.IPAddress(ipaddress.ip_address(host.strip("[]"))))
+    except ValueError:
+        names.append(x509.DNSName(host))
+    return names
+
+
 def _cert(
     subject: str,
     key: ec.EllipticCurvePrivateKey,
     issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
     cluster_id: str,
+    host: str = "",
 ) -> x509.Certificate:
     name = x509.Name(
         [
@@ -78,7 +96,7 @@ def _cert(
     )
     if issuer is not None:
         builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(subject)]), critical=False
+            x509.SubjectAlternativeName(_san(subject, host)), critical=False
         )
     return builder.sign(signer, hashes.SHA256())
 
@@ -88,23 +106,48 @@ def cert_paths(out_dir: Path, node: int) -> tuple[Path, Path]:
     return out_dir / f"{node_name(node)}.pem", out_dir / f"{node_name(node)}.key"
 
 
-def make_certs(out_dir: Path, nodes: int, cluster_id: str) -> dict[int, TlsFiles]:
-    """A new cluster CA and a certificate for each of nodes 0..nodes-1 in `out_dir`."""
+def _node_cert(
+    out_dir: Path,
+    node: int,
+    ca: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    cluster_id: str,
+    host: str,
+) -> TlsFiles:
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _cert(node_name(node), key, (ca.subject, ca_key), cluster_id, host)
+    cert_path, key_path = cert_paths(out_dir, node)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(key_path, key)
+    return TlsFiles(out_dir / "ca.pem", cert_path, key_path)
+
+
+def make_certs(
+    out_dir: Path, nodes: int, cluster_id: str, hosts: Mapping[int, str] | None = None
+) -> dict[int, TlsFiles]:
+    """A new cluster CA and a certificate for each of nodes 0..nodes-1 in `out_dir`;
+    `hosts`: node -> host name or IP address, added to that node's certificate."""
     out_dir.mkdir(parents=True, exist_ok=True)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = _cert(f"{cluster_id} CA", ca_key, None, cluster_id)
-    ca_path = out_dir / "ca.pem"
-    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (out_dir / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     _write_key(out_dir / "ca.key", ca_key)
-    files = {}
-    for node in range(nodes):
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = _cert(node_name(node), key, (ca.subject, ca_key), cluster_id)
-        cert_path, key_path = cert_paths(out_dir, node)
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        _write_key(key_path, key)
-        files[node] = TlsFiles(ca_path, cert_path, key_path)
-    return files
+    return {
+        node: _node_cert(out_dir, node, ca, ca_key, cluster_id, (hosts or {}).get(node, ""))
+        for node in range(nodes)
+    }
+
+
+def add_node_cert(ca_dir: Path, node: int, cluster_id: str, host: str = "") -> TlsFiles:
+    """A certificate for `node` signed by the CA `make_certs` left in `ca_dir`."""
+    try:
+        ca = x509.load_pem_x509_certificate((ca_dir / "ca.pem").read_bytes())
+        ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), None)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read the cluster CA in {ca_dir}: {e}") from e
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"{ca_dir / 'ca.key'} is not the EC key `butterfly init` writes")
+    return _node_cert(ca_dir, node, ca, ca_key, cluster_id, host)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,104 @@
+"""`butterfly init` and `butterfly keys show`: the files of a cluster on real machines.
+
+Parsing and printing only; what is written, and why, is in `cli.hosts`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from butterfly.cli import hosts
+from butterfly.cli.hosts import InitOptions
+from butterfly.types.errors import ConfigError
+
+keys_app = typer.Typer(no_args_is_help=True)
+err = Console(stderr=True)
+
+
+def _fail(e: Exception) -> typer.Exit:
+    err.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
+    return typer.Exit(code=2)
+
+
+def init(
+    out: Annotated[Path, typer.Option(help="Directory for the hosts' directories.")],
+    hosts_: Annotated[
+        str | None,
+        typer.Option("--hosts", help="HOST:PORT of node 0, 1, ... (comma-separated)."),
+    ] = None,
+    add_host: Annotated[
+        str | None, typer.Option(help="HOST:PORT of one more node for the cluster in --out.")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Model directory, as the path it has on every host.")
+    ] = None,
+    f: Annotated[
+        int | None, typer.Option(min=0, help="Lying nodes tolerated (default: the most n allows).")
+    ] = None,
+    api_port: Annotated[int, typer.Option(help="HTTP port of the gateway (node 0).")] = 8080,
+    cluster_id: Annotated[str, typer.Option(help="Cluster id checked in handshakes.")] = (
+        "butterfly"
+    ),
+    tls: Annotated[bool, typer.Option(help="Mutual TLS between nodes.")] = True,
+) -> None:
+    """Write one directory per host (config, node key, public keys, TLS), or add a host."""
+    try:
+        if add_host is not None:
+            if hosts_ is not None:
+                raise ConfigError("give --hosts (a new cluster) or --add-host, not both")
+            _add(out, add_host)
+            return
+        if hosts_ is None or model is None:
+            raise ConfigError("a new cluster needs --hosts and --model")
+        opts = InitOptions(
+            hosts=hosts.parse_hosts(hosts_),
+            model=str(Path(model).expanduser().absolute()),
+            f=f,
+            api_port=api_port,
+            cluster_id=cluster_id,
+            tls=tls,
+        )
+        paths = hosts.init_cluster(opts, out)
+        notes = hosts.check_configs(paths)
+    except ConfigError as e:
+        raise _fail(e) from e
+    for note in notes:
+        err.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
+    err.print(f"[green]wrote[/green] {len(paths)} host directories in {out}:")
+    for i, (address, path) in enumerate(zip(opts.hosts, paths, strict=True)):
+        err.print(f"  node {i} ({address}): copy {path.parent}/ to that host")
+    err.print(f"  keep {out / hosts.CA_DIR} (the CA key) here: `--add-host` signs with it")
+    err.print("  on each host: butterfly start --config <its dir>/butterfly.toml")
+
+
+def _add(out: Path, address: str) -> None:
+    added = hosts.add_host(out, address)
+    for note in hosts.check_configs([added.config]):
+        err.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
+    n = len(added.members)
+    err.print(f"[green]wrote[/green] {added.config.parent} for node {n - 1} ({address})")
+    err.print(
+        f"and rewrote cluster.members/public_keys in {out}/node-*/{hosts.CONFIG_FILE}. "
+        "These options are static: apply them by stopping every node, copying each "
+        "host's new butterfly.toml (the change is below), then starting every node.",
+        soft_wrap=True,
+    )
+    typer.echo(added.change, nl=False)
+
+
+@keys_app.command("show")
+def show(
+    config: Annotated[Path, typer.Option(help="The node's TOML config.")],
+) -> None:
+    """Print the node's public key (hex), for cluster.public_keys."""
+    try:
+        key, path = hosts.public_key(config)
+    except ConfigError as e:
+        raise _fail(e) from e
+    err.print(f"key file: {path}")
+    typer.echo(key)
