@@ -493,7 +493,13 @@ class Replicator:
         (`probe_lane`), one per liar found, while fewer than f liars are known (with at
         most f, the rest are then honest). A probe's contradiction is evidence as any
         lane's: the signer's record, on the input its predecessor signed, against the
-        gateway's re-execution; a probe that fails or contradicts nothing ends the search."""
+        gateway's re-execution; a probe that fails or contradicts nothing ends the search.
+
+        What a probe cannot catch: a node that lies only when its input is already a lie
+        (its record in the suspect lane is unchecked: the gateway never saw the bytes it
+        computed on). Such a lie changes no answer, the lane being wrong already, and
+        the first liar of a lane always lies on a right input and is convicted: a liar
+        hiding this way is convicted when it lies with no partner in front of it."""
         found: list[NodeId] = []
         whys: list[str] = []
         at = suspect.index(liar)
