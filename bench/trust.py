@@ -5,10 +5,17 @@ up to f liars with random strategies, audit or replicate mode), wrong answers ma
 verified and honest nodes evicted (both must be 0), requests from each liar's first lie
 to its eviction (median, p90, max; the target is at most 3), and per strategy and mode
 how many liars lied, were evicted, or were never caught. A schedule that breaks an
-invariant is named by its seed (`sim_datapath.replay(seed)` re-runs it).
+invariant is named by its seed (`sim_datapath.replay(seed)` re-runs it), and so is each
+liar that lied and was not evicted within 3 requests (`unevicted_examples`: evicted later,
+or never with 3 or more requests left after its first lie).
 
     python bench/trust.py [--schedules 10000] [--seed 0] [--strategies corrupt,omit]
+                          [--mode replicate] [--with-liar collude] [--seeds 3595,4269]
                           [--cpu-rounds 5]
+
+`--mode` and `--with-liar` run only the schedules, among the same seeds, of that mode or
+with a liar of that strategy (a schedule's draw does not change: the full run's misses
+are found in a fraction of its time); `--seeds` runs exactly the seeds listed.
 
 `--cpu-rounds N` (default 0: skipped) also measures the cost of the audit on a running
 4-node cluster of the small demo model (f = 1, every range on 2 nodes): CPU of all node
@@ -26,7 +33,7 @@ import time
 from collections import Counter, defaultdict
 from typing import Any
 
-from butterfly.testing.sim_datapath import DataResult, run_data_schedule
+from butterfly.testing.sim_datapath import DataResult, LiarOutcome, run_data_schedule, scenario_for
 from butterfly.testing.sim_liars import STRATEGIES
 from common import machine, summary
 
@@ -42,12 +49,45 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _missed(liar: LiarOutcome, requests: int) -> bool:
+    """Lied and not evicted within 3 requests: evicted later, or not at all though 3 or
+    more requests followed its first lie (fewer left is not yet a miss)."""
+    if liar.first_lie is None:
+        return False
+    if liar.latency is not None:
+        return liar.latency > 3
+    return requests - liar.first_lie >= 3
+
+
+def selected(
+    first: int,
+    count: int,
+    strategies: tuple[str, ...],
+    mode: str | None,
+    with_liar: str | None,
+) -> list[int]:
+    """The seeds of [first, first + count) whose schedule has that mode and such a liar
+    (drawing a scenario costs well under a millisecond; running one, tens)."""
+    seeds = []
+    for seed in range(first, first + count):
+        if mode is None and with_liar is None:
+            seeds.append(seed)
+            continue
+        sc = scenario_for(seed, strategies=strategies)
+        if (mode is None or sc.mode == mode) and (
+            with_liar is None or any(s == with_liar for _, s in sc.liars)
+        ):
+            seeds.append(seed)
+    return seeds
+
+
 def aggregate(results: list[DataResult], wall_s: float, per_ms: list[float]) -> dict[str, Any]:
     latencies: list[float] = []
     strategies: dict[str, Counter[str]] = defaultdict(Counter)
     strategy_latency: dict[str, list[float]] = defaultdict(list)
     modes: dict[str, Counter[str]] = defaultdict(Counter)
     violations: list[str] = []
+    unevicted: list[dict[str, Any]] = []  # liars that missed the target, to replay
     # broken schedules by the strategies of the liars that lied in them, with a few seeds
     broken: dict[str, dict[str, Any]] = {}
     totals: Counter[str] = Counter()
@@ -79,6 +119,17 @@ def aggregate(results: list[DataResult], wall_s: float, per_ms: list[float]) -> 
             strategies[s]["schedules_with_wrong_verified"] += bool(r.wrong_verified)
             strategies[s]["schedules_with_honest_eviction"] += bool(r.honest_evicted)
         for liar in r.liars:
+            if _missed(liar, len(sc.requests)):
+                unevicted.append(
+                    {
+                        "seed": sc.seed,
+                        "node": int(liar.node),
+                        "strategy": liar.strategy,
+                        "scenario": sc.describe(),
+                        "first_lie": liar.first_lie,
+                        "evicted_at": liar.evicted_at,
+                    }
+                )
             c = strategies[liar.strategy]
             c["liars"] += 1
             c[f"in_{sc.mode}"] += 1
@@ -130,6 +181,8 @@ def aggregate(results: list[DataResult], wall_s: float, per_ms: list[float]) -> 
             sorted(broken.items(), key=lambda kv: -int(kv[1]["schedules"]))
         ),
         "violation_examples": violations[:12],
+        "unevicted": len(unevicted),
+        "unevicted_examples": unevicted[:20],
         "wall_s": round(wall_s, 1),
         "per_schedule_ms": summary(per_ms) if per_ms else None,
     }
@@ -183,6 +236,15 @@ def main() -> None:
         help="comma-separated liar strategies to draw from (default: all)",
     )
     parser.add_argument(
+        "--mode",
+        choices=("audit", "replicate"),
+        help="run only the schedules of this verification mode",
+    )
+    parser.add_argument("--with-liar", help="run only the schedules with a liar of this strategy")
+    parser.add_argument(
+        "--seeds", help="comma-separated seeds to run (instead of --seed/--schedules)"
+    )
+    parser.add_argument(
         "--cpu-rounds",
         type=int,
         default=0,
@@ -193,15 +255,27 @@ def main() -> None:
     unknown = set(strategies) - set(STRATEGIES)
     if unknown:
         parser.error(f"unknown strategies {sorted(unknown)}; known: {', '.join(STRATEGIES)}")
+    if args.with_liar is not None and args.with_liar not in strategies:
+        parser.error(f"--with-liar {args.with_liar} is not among the strategies drawn")
+    if args.seeds:
+        seeds = [int(x) for x in args.seeds.split(",") if x]
+    else:
+        seeds = selected(args.seed, args.schedules, strategies, args.mode, args.with_liar)
     logging.disable(logging.CRITICAL)  # the parts log every dispute; the summary is the output
     results, per_ms = [], []
     started = time.perf_counter()
-    for seed in range(args.seed, args.seed + args.schedules):
+    for seed in seeds:
         t0 = time.perf_counter()
         results.append(run_data_schedule(seed, strategies=strategies))
         per_ms.append((time.perf_counter() - t0) * 1000)
     report = aggregate(results, time.perf_counter() - started, per_ms)
     report["seed"] = args.seed
+    if args.seeds or args.mode or args.with_liar:
+        report["selection"] = {
+            "seeds": args.seeds or f"{args.seed}..{args.seed + args.schedules - 1}",
+            "mode": args.mode,
+            "with_liar": args.with_liar,
+        }
     report["strategies"] = list(strategies)
     if args.cpu_rounds > 0:
         logging.disable(logging.NOTSET)

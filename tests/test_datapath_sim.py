@@ -89,6 +89,22 @@ def test_colluding_liars_are_caught_in_replicate_mode() -> None:
     assert sum(liar.latency is not None for r in results for liar in r.liars) > 10
 
 
+# bench/trust.py over 10,000 schedules (seed 0) found these: n=9, f=2, replicate mode,
+# two colluders in one lane; the first was convicted, the second (behind it, computing on
+# its lie) was not, and the plan without the first left it idle, never caught again
+UNEVICTED_COLLUDERS = (3595, 4269, 7762, 9191)
+
+
+def test_colluders_in_one_lane_are_evicted_in_the_request_they_first_lie() -> None:
+    for seed in UNEVICTED_COLLUDERS:
+        result = run_data_schedule(seed)
+        assert result.scenario.mode == "replicate"
+        assert [s for _, s in result.scenario.liars] == ["collude", "collude"]
+        assert _violations([result]) == [] and _late([result]) == []
+        for liar in result.liars:
+            assert liar.first_lie is not None and liar.latency == 1, (seed, liar)
+
+
 def test_a_schedule_replays_identically_from_its_seed() -> None:
     first, second = run_data_schedule(45), run_data_schedule(45)
     assert first.scenario == second.scenario

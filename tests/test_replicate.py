@@ -23,6 +23,7 @@ from butterfly.dataplane.replicate import (
     first_contradiction,
     lanes_of,
     majority,
+    probe_lane,
 )
 from butterfly.dataplane.stage_server import StageServer
 from butterfly.protocol.proof import Tolerance
@@ -139,6 +140,13 @@ def test_first_contradiction_blames_the_signer_of_the_first_wrong_record() -> No
         LaneRun(lane, 0, 3, logits[:, -1:] * 2, honest), reference, TOL
     )
     assert (wrong, liar) == (True, 1)
+
+
+def test_a_probe_lane_keeps_a_right_prefix_and_the_suspects_after_the_liar() -> None:
+    suspect, right = (NodeId(6), NodeId(7), NodeId(8)), (NodeId(0), NodeId(1), NodeId(2))
+    assert probe_lane(suspect, 0, right) == (0, 7, 8)
+    assert probe_lane(suspect, 1, right) == (0, 1, 8)
+    assert probe_lane(suspect, 2, right) == (0, 1, 2)  # nothing left behind the liar
 
 
 # --- the driver over in-process stage servers ----------------------------------------------
@@ -381,5 +389,77 @@ def test_a_dispute_widens_to_further_holders_and_the_majority_wins(tiny_model: P
         assert convicted == [(NodeId(3),)]
         await replicator.release(runner, "r")
         assert all(not s.caches for s in servers.values())
+
+    asyncio.run(main())
+
+
+def test_colluders_in_one_lane_are_both_convicted_in_one_dispute(tiny_model: Path) -> None:
+    """f = 2 liars that are the two stages of one lane: the first's record contradicts the
+    re-execution, the second computed on the first's lie, so its own record cannot be
+    checked. A probe lane (a right lane's first stage, then the second liar) replays the
+    history and convicts it in the same dispute; before, it stayed, and the plan without
+    its partner left it idle, never caught (bench/trust.py seeds 3595, 4269, 7762, 9191)."""
+    half = _layers(tiny_model) // 2
+    lo, hi = R(0, half), R(half, _layers(tiny_model))
+    plan = plan_of(1, [(0, lo), (1, hi)], [(2, lo), (3, hi), (4, lo), (5, hi)])
+    prompt = [5, 17, 33, 2]
+    expected = list(generate([load_stage(tiny_model)], prompt, 1))
+    convicted: list[tuple[NodeId, ...]] = []
+
+    async def on_liars(nodes: tuple[NodeId, ...], reason: str) -> None:
+        convicted.append(nodes)
+
+    async def main() -> None:
+        servers, keys = await _cluster(
+            tiny_model, {4: CorruptStageServer, 5: CorruptStageServer}, plan
+        )
+        replicator = Replicator(
+            plan=lambda: plan,
+            f=2,
+            keys=keys,
+            referee=Referee(tiny_model, TorchThread()),
+            tolerance=TOL,
+            on_liars=on_liars,
+        )
+        runner = InProcess(servers, 1)
+        assert await _generate(replicator, runner, prompt, 1) == expected
+        routes = [route for *_, route in runner.sent]
+        assert routes[:3] == [(0, 1), (2, 3), (4, 5)]
+        assert routes[3:] == [(0, 5)]  # the probe: a right lane's first stage, then node 5
+        assert convicted == [(NodeId(4), NodeId(5))]
+        assert replicator.convicted == {NodeId(4), NodeId(5)}
+        await replicator.release(runner, "r")
+        assert {w for w, *_ in runner.sent} <= runner.released
+        assert all(not s.caches for s in servers.values())
+
+    asyncio.run(main())
+
+
+def test_no_probe_once_f_liars_are_known(tiny_model: Path) -> None:
+    """With f = 1 the one liar convicted is all there can be: no probe lane runs, and the
+    honest node behind it in its lane is never put to the test, let alone convicted."""
+    half = _layers(tiny_model) // 2
+    lo, hi = R(0, half), R(half, _layers(tiny_model))
+    plan = plan_of(1, [(0, lo), (1, hi)], [(2, lo), (3, hi)])
+    convicted: list[tuple[NodeId, ...]] = []
+
+    async def on_liars(nodes: tuple[NodeId, ...], reason: str) -> None:
+        convicted.append(nodes)
+
+    async def main() -> None:
+        servers, keys = await _cluster(tiny_model, {2: CorruptStageServer}, plan)
+        replicator = Replicator(
+            plan=lambda: plan,
+            f=1,
+            keys=keys,
+            referee=Referee(tiny_model, TorchThread()),
+            tolerance=TOL,
+            on_liars=on_liars,
+        )
+        runner = InProcess(servers, 1)
+        await _generate(replicator, runner, [5, 17, 33, 2], 1)
+        assert [route for *_, route in runner.sent] == [(0, 1), (2, 3)]
+        assert convicted == [(NodeId(2),)]
+        await replicator.release(runner, "r")
 
     asyncio.run(main())

@@ -14,6 +14,15 @@ signed record contradicts the re-execution (that record is the evidence). The ge
 goes on with a lane that was right, so the step is not re-run; lanes that were wrong
 replay the history on fresh caches at their next step, and a convicted node is left out
 of every lane until the plan without it is in force.
+
+A liar hides behind another in the same lane: once stage i's record contradicts the
+re-execution, the later stages computed on a lie, and their records cannot be checked
+(the gateway does not have the bytes they computed on). So, while fewer than f liars are
+known, the dispute probes the rest of that lane: a lane made of a right lane's nodes up to
+stage i and the wrong lane's nodes after it replays the history, and the first of its
+records contradicting the re-execution convicts its signer, on the same evidence as any
+lane (`probe_lane`). Without it, f colluders placed in one lane lose one member per
+dispute, and the plan without that one may leave the others idle, never caught.
 """
 
 from __future__ import annotations
@@ -195,6 +204,17 @@ def first_contradiction(
     return False, None, ""
 
 
+def probe_lane(suspect: Lane, liar_at: int, right: Lane) -> Lane:
+    """The lane that checks the stages of `suspect` after its stage `liar_at`, whose node
+    lied: the right lane's nodes up to and including that stage, the suspect's after it.
+    Lanes are node-disjoint, so the probe's nodes are distinct.
+
+    >>> probe_lane((6, 7, 8), 1, (0, 1, 2))
+    (0, 1, 8)
+    """
+    return (*right[: liar_at + 1], *suspect[liar_at + 1 :])
+
+
 # --- the gateway's driver ---------------------------------------------------------------
 
 
@@ -297,7 +317,11 @@ class Replicator:
         extra = lanes[self._f + 1 :]
         if extra:
             runs += await self._widen(runner, req, request_id, plan, extra, step, len(chosen))
-        out, liars, reason = await self._decide(plan, history, runs)
+
+        async def replay(nodes: Lane) -> LaneRun | None:
+            return await self._replay(runner, req, request_id, plan, nodes, step, len(runs))
+
+        out, liars, reason = await self._decide(plan, history, runs, replay)
         log.warning("replicate %s step %d: %s", request_id, step, reason)
         if out is None:
             req.verified = False
@@ -393,30 +417,51 @@ class Replicator:
         first: int,
     ) -> list[LaneRun]:
         """Further holders replay the whole history as extra lanes (released at the end)."""
-        history = req.history
-        assert history is not None
         runs = []
         for k, nodes in enumerate(lanes[: self._f], start=first):  # up to 2f+1 lanes in all
-            req.generation += 1
-            wire_id = _lane_id(request_id, k, req.generation)
-            req.used.setdefault(wire_id, set()).update(nodes)
-            try:
-                out, raw = await runner.lane_step(wire_id, step, 0, history, nodes)
-            except ButterflyError as e:
-                log.warning("replicate %s: extra lane %s failed: %s", request_id, nodes, e)
-                continue
-            records = records_by_stage(
-                raw, lane=nodes, plan=plan, wire_id=wire_id, step=step, keys=self._keys
-            )
-            runs.append(LaneRun(nodes, 0, history.shape[1], out, records))
+            run = await self._replay(runner, req, request_id, plan, nodes, step, k)
+            if run is not None:
+                runs.append(run)
         return runs
 
+    async def _replay(
+        self,
+        runner: LaneRunner,
+        req: _Request,
+        request_id: RequestId,
+        plan: StagePlan,
+        nodes: Lane,
+        step: int,
+        k: int,
+    ) -> LaneRun | None:
+        """`nodes` replay the whole history under a fresh wire id (released at the end);
+        None if they could not (a lane that fails proves nothing against anyone)."""
+        history = req.history
+        assert history is not None
+        req.generation += 1
+        wire_id = _lane_id(request_id, k, req.generation)
+        req.used.setdefault(wire_id, set()).update(nodes)
+        try:
+            out, raw = await runner.lane_step(wire_id, step, 0, history, nodes)
+        except ButterflyError as e:
+            log.warning("replicate %s: extra lane %s failed: %s", request_id, nodes, e)
+            return None
+        records = records_by_stage(
+            raw, lane=nodes, plan=plan, wire_id=wire_id, step=step, keys=self._keys
+        )
+        return LaneRun(nodes, 0, history.shape[1], out, records)
+
     async def _decide(
-        self, plan: StagePlan, history: torch.Tensor, runs: Sequence[LaneRun]
+        self,
+        plan: StagePlan,
+        history: torch.Tensor,
+        runs: Sequence[LaneRun],
+        replay: Callable[[Lane], Awaitable[LaneRun | None]],
     ) -> tuple[torch.Tensor | None, tuple[NodeId, ...], str]:
         """(the right output or None, the liars, why): a majority of f+1 agreeing lanes
         decides the output; the gateway's re-execution decides it otherwise, and always
-        names the liars, since only a contradiction of it is evidence."""
+        names the liars, since only a contradiction of it is evidence. `replay` runs a
+        probe lane (`_behind`)."""
         outs = [r.out for r in runs]
         winner = majority(outs, self._f, self._tol) if len(runs) > self._f + 1 else None
         try:
@@ -426,13 +471,25 @@ class Replicator:
             if winner is None:
                 return None, (), f"lanes disagree and the referee failed: {e}"
             return outs[winner], (), f"majority of {len(runs)} lanes; referee failed: {e}"
-        liars, reasons = [], []
-        for run in runs:
-            wrong, liar, why = first_contradiction(run, reference, self._tol)
+        liars: list[NodeId] = []
+        reasons: list[str] = []
+        verdicts = [first_contradiction(run, reference, self._tol) for run in runs]
+        # a lane whose every record matches the re-execution: its nodes lead the probes
+        right_lane = next(
+            (r.nodes for r, v in zip(runs, verdicts, strict=True) if v == (False, None, "")),
+            None,
+        )
+        for run, (wrong, liar, why) in zip(runs, verdicts, strict=True):
             if liar is not None:
                 liars.append(liar)
             if wrong:
                 reasons.append(why)
+            if liar is not None and right_lane is not None:
+                more, whys = await self._behind(
+                    run.nodes, liar, right_lane, reference, liars, replay
+                )
+                liars += more
+                reasons += whys
         final = reference[-1][:, -1:]
         right = [
             i
@@ -449,6 +506,44 @@ class Replicator:
             f"lanes disagree; {how} decides; "
             + ("; ".join(reasons) or "no lane contradicts the re-execution"),
         )
+
+    async def _behind(
+        self,
+        suspect: Lane,
+        liar: NodeId,
+        right: Lane,
+        reference: Sequence[torch.Tensor],
+        known: Sequence[NodeId],
+        replay: Callable[[Lane], Awaitable[LaneRun | None]],
+    ) -> tuple[list[NodeId], list[str]]:
+        """Liars among the nodes after `liar` in the `suspect` lane, found by probe lanes
+        (`probe_lane`), one per liar found, while fewer than f liars are known (with at
+        most f, the rest are then honest). A probe's contradiction is evidence as any
+        lane's: the signer's record, on the input its predecessor signed, against the
+        gateway's re-execution; a probe that fails or contradicts nothing ends the search.
+
+        What a probe cannot catch: a node that lies only when its input is already a lie
+        (its record in the suspect lane is unchecked: the gateway never saw the bytes it
+        computed on). Such a lie changes no answer, the lane being wrong already, and
+        the first liar of a lane always lies on a right input and is convicted: a liar
+        hiding this way is convicted when it lies with no partner in front of it."""
+        found: list[NodeId] = []
+        whys: list[str] = []
+        at = suspect.index(liar)
+        while at < len(suspect) - 1 and len(self.convicted | {*known, *found}) < self._f:
+            nodes = probe_lane(suspect, at, right)
+            run = await replay(nodes)
+            if run is None:
+                break
+            _, caught, why = first_contradiction(run, reference, self._tol)
+            if caught is None or caught in known or caught in found:
+                break
+            found.append(caught)
+            whys.append(f"probe lane {nodes}: {why}")
+            if caught not in suspect[at + 1 :]:
+                break  # a node of the right lane lied in the probe: convicted, search over
+            at = suspect.index(caught)
+        return found, whys
 
     async def _reference(self, plan: StagePlan, history: torch.Tensor) -> list[torch.Tensor]:
         """Every stage's output over the whole history, computed by the gateway itself."""
