@@ -359,6 +359,7 @@ class PipelineEngine:
         while len(out) < task.max_new_tokens:
             epoch = self._epoch()
             step += 1  # step ids are never reused, so a late answer is ignored
+            step_started = time.perf_counter()
             try:
                 logits = await self._compute(request_id, step, pos, x)
                 positions[step] = (pos, x.shape[1])  # a step whose output was used
@@ -381,7 +382,10 @@ class PipelineEngine:
                     pos, x = 0, torch.tensor([prompt + out], dtype=torch.int64)
                     positions.clear()  # the replay recomputes every row they gave
                     continue
-                lost_at = time.perf_counter()
+                # from the lost step's start, the last progress the gateway saw: the
+                # time to detect the loss counts (a kill is noticed by a timeout or a
+                # broken connection well after it happened), not only the re-plan
+                lost_at = step_started
                 log.warning(
                     "request %s lost a step at token %d (%s); replaying", request_id, len(out), e
                 )
