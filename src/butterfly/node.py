@@ -21,7 +21,9 @@ from pathlib import Path
 from butterfly.agreement.build import NodeAgreement, build_agreement, open_config
 from butterfly.agreement.driver import AgreementDriver
 from butterfly.config import ButterflyConfig, ConfigManager
+from butterfly.config.gateways import gateway_nodes
 from butterfly.config.reload import Subscriber
+from butterfly.control.gateway_role import GatewayRole
 from butterfly.control.heartbeats import BeatSource
 from butterfly.control.live_config import agreement_wait_s, follow_agreement_config, follow_config
 from butterfly.control.membership import Link, Membership
@@ -37,10 +39,11 @@ from butterfly.net.tcp import Identity
 from butterfly.protocol.keys import key_path, load_or_create_key, public_keys
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.runtime.torch_thread import TorchThread
-from butterfly.types.ids import GATEWAY, NodeId
+from butterfly.types.ids import NodeId
 from butterfly.types.wire import control as c
 from butterfly.types.wire import data as d
 from butterfly.types.wire.agreement import Evidence
+from butterfly.types.wire.commands import EvictNode, NewPlan, TakeOver
 from butterfly.wiring import parts
 from butterfly.wiring.edges import Edges, NetworkEdges
 from butterfly.wiring.gateway import Gateway
@@ -110,6 +113,17 @@ class Node:
             self.config.history.close()
 
 
+def _execute(
+    plans: AgreedPlans, role: GatewayRole, command: EvictNode | NewPlan | TakeOver
+) -> None:
+    """Every node, in agreement order: a takeover moves the gateway role, the rest are
+    plans and evictions."""
+    if isinstance(command, TakeOver):
+        role.execute(command)
+    else:
+        plans.execute(command)
+
+
 class _Stop(Exception):
     """Unwinds the node's task group when it is asked to stop."""
 
@@ -138,6 +152,13 @@ def build_node(
     server = parts.stage_server(cfg, model_dir, key, torch_thread, stage_server_type)
     identity = Identity(me, cfg.cluster.id, digest, key=key, keys=keys)
     transport = edges.transport(identity, emit, server.current_epoch)
+    probe = edges.probe(me, sorted(members), transport, torch_thread)
+    report = NodeReport(node=me, server=server, probe=probe)
+    membership = parts.membership(cfg, members, report.local_state, edges.clock)
+    plans, evidence = AgreedPlans(), asyncio.Queue[Evidence]()
+    role = GatewayRole(
+        gateways=gateway_nodes(cfg), status=membership.status, evicted=lambda: plans.evicted
+    )
     router = Router(
         node=me,
         transport=transport,
@@ -146,19 +167,17 @@ def build_node(
         ask_timeout_s=partial(parts.step_timeout_s, config),
         emit=emit,
         plan=server.current_plan,
-        gateway=GATEWAY,
+        gateway=role.gateway,
     )
-    probe = edges.probe(me, sorted(members), transport, torch_thread)
-    report = NodeReport(node=me, server=server, probe=probe)
-    membership = parts.membership(cfg, members, report.local_state, edges.clock)
-    plans, evidence = AgreedPlans(), asyncio.Queue[Evidence]()
     agreement = build_agreement(
         manager=config,
         transport=transport,
-        on_command=plans.execute,
+        on_command=partial(_execute, plans, role),
         on_evidence=evidence.put,
         emit=emit,
         live=membership.is_live,
+        gateway=role.gateway,
+        takeover=(role.admission, role.refusal),
         driver_type=agreement_type,
     )
     recovery = Recovery(
@@ -202,7 +221,9 @@ def build_node(
     follow_agreement_config(
         config, driver=agreement.driver, coordinator=agreement.coordinator, recovery=recovery
     )
-    stage = StageRoutes(node=me, server=server, deliver=router.deliver, emit=emit)
+    stage = StageRoutes(
+        node=me, server=server, deliver=router.deliver, emit=emit, gateway=role.gateway
+    )
     config_message = agreement.replica.on_message  # votes only for the gateway (peer)
     routes: Routes = {
         d.StageStep: stage.step,
@@ -212,7 +233,9 @@ def build_node(
         d.Release: stage.release,
         d.KvAppend: stage.kv_append,
         d.CacheQuery: stage.cache_query,
-        c.PlanAssign: PlanIntake(node=me, plans=plans, apply=server.apply_plan, emit=emit),
+        c.PlanAssign: PlanIntake(
+            node=me, plans=plans, apply=server.apply_plan, emit=emit, gateway=role.gateway
+        ),
         c.StatusQuery: report.on_status_query,
         d.Ping: report.on_ping,
         c.AgreementFrame: by_envelope(agreement.driver.on_frame),
@@ -221,7 +244,7 @@ def build_node(
         c.ConfigSync: config_message,
     }
     gateway = None
-    if me == GATEWAY:
+    if me == role.acting:
         gateway = Gateway(
             node=me,
             members=tuple(sorted(members)),

@@ -83,7 +83,10 @@ def node_configs(
             if all(p.is_file() for i in range(nodes) for p in cert_paths(tls_dir, i))
             else make_certs(tls_dir, nodes, "local")
         )
-    ports = free_ports(nodes, avoid=frozenset({api_port}))
+    # every gateway-capable node serves its API on a port after api_port (config.gateways)
+    gateways = len((settings or {}).get("cluster.gateways", ())) or min(nodes, max(2, f + 1))
+    api_ports = frozenset(range(api_port, api_port + gateways)) if api_port else frozenset()
+    ports = free_ports(nodes, avoid=api_ports)
     members = [f"127.0.0.1:{p}" for p in ports]
     dirs = [data_dir / f"node-{i}" for i in range(nodes)]
     keys = [load_or_create_key(d / KEY_FILE).public.hex() for d in dirs]

@@ -12,6 +12,7 @@ from functools import partial
 from pathlib import Path
 
 from butterfly.config import ButterflyConfig, ConfigManager
+from butterfly.config.gateways import gateway_nodes
 from butterfly.config.validate import replication_factor
 from butterfly.control.live_config import snapshot_every
 from butterfly.control.membership import Membership
@@ -36,7 +37,7 @@ from butterfly.runtime.torch_thread import TorchThread
 from butterfly.runtime.weights import model_hash
 from butterfly.schedule.engine import ClusterHealth
 from butterfly.types.errors import ConfigError
-from butterfly.types.ids import GATEWAY, NodeId
+from butterfly.types.ids import NodeId
 
 Liars = Callable[[tuple[NodeId, ...], str], Awaitable[None]]
 
@@ -95,8 +96,9 @@ def stage_server(
         if verify
         else None,
         snapshot_every=snapshot_every(cfg),
-        # the audit takes the gateway's own stage as computed (dataplane.audit)
-        keep_outputs=me == GATEWAY and verify and byz.verification == "audit",
+        # the audit takes the gateway's own stage as computed (dataplane.audit); any
+        # gateway-capable node may become the gateway
+        keep_outputs=me in gateway_nodes(cfg) and verify and byz.verification == "audit",
         max_caches=cfg.resources.max_kv_caches,
         cache_ttl_s=cfg.resources.kv_cache_ttl_s,
     )
