@@ -42,6 +42,7 @@ from butterfly.runtime.torch_thread import TorchThread
 from butterfly.types.ids import NodeId
 from butterfly.types.wire import control as c
 from butterfly.types.wire import data as d
+from butterfly.types.wire import standby as s
 from butterfly.types.wire.agreement import Evidence
 from butterfly.types.wire.commands import EvictNode, NewPlan, TakeOver
 from butterfly.wiring import parts
@@ -50,6 +51,7 @@ from butterfly.wiring.gateway import Gateway
 from butterfly.wiring.logs import set_log_level
 from butterfly.wiring.process import prepare_process, run_until_signalled
 from butterfly.wiring.routing import Router, Routes, by_envelope
+from butterfly.wiring.standby import TaskReplicas
 from butterfly.wiring.supervise import supervised
 
 log = logging.getLogger(__name__)
@@ -73,7 +75,8 @@ class Node:
     evidence: asyncio.Queue[Evidence]
     recovery: Recovery
     engine: PipelineEngine
-    gateway: Gateway | None  # on the acting gateway (node 0) only
+    gateway: Gateway | None  # on the gateway-capable nodes (cluster.gateways) only
+    role: GatewayRole
     emit: Emit
 
     async def serve(self, stop: asyncio.Event) -> None:
@@ -196,6 +199,14 @@ def build_node(
     )
     timeouts = parts.step_timeouts(config, membership.status, recovery.evict_liars)
     codec = TextCodec.load(model_dir) if (model_dir / "tokenizer.json").is_file() else None
+    replicas = TaskReplicas(
+        node=me,
+        path=Path(cfg.node.data_dir) / "tasks.sqlite",
+        role=role,
+        transport=transport,
+        status=membership.status,
+        timeout_s=partial(parts.step_timeout_s, config),
+    )
     engine = parts.engine(
         cfg,
         model_dir,
@@ -213,6 +224,8 @@ def build_node(
         codec=codec,
         torch_thread=torch_thread,
         emit=emit,
+        on_checkpoint=replicas.checkpoint,
+        resume=lambda request_id: replicas.store.checkpoint(request_id),
     )
     # every dynamic option reaches the part that uses it (control.live_config)
     follow_config(
@@ -244,7 +257,13 @@ def build_node(
         c.ConfigSync: config_message,
     }
     gateway = None
-    if me == role.acting:
+    if role.capable(me):  # acting, or standing by to take over
+        routes = {
+            **routes,
+            s.TaskCopy: replicas.on_copy,
+            s.TaskCheckpoint: replicas.on_checkpoint,
+            s.TaskSettled: replicas.on_settled,
+        }
         gateway = Gateway(
             node=me,
             members=tuple(sorted(members)),
@@ -257,12 +276,16 @@ def build_node(
             metrics=metrics,
             codec=codec,
             model_name=model_dir.name,
+            role=role,
+            replicas=replicas,
+            propose=agreement.propose,
+            status=membership.status,
         )
     beats = BeatSource(me, cfg.cluster.id, key, keys)
     heartbeats = partial(edges.heartbeats, beats, report.local_state, membership.on_heartbeat)
     return Node(
         *(me, digest, config, router, routes, server, membership, heartbeats, report),
-        *(agreement, plans, evidence, recovery, engine, gateway, emit),
+        *(agreement, plans, evidence, recovery, engine, gateway, role, emit),
     )
 
 

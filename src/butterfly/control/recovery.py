@@ -171,12 +171,16 @@ class Recovery:
     # --- the gateway ------------------------------------------------------------------
 
     async def start(
-        self, facts: Mapping[NodeId, StatusReply], store: EvictionStore | None = None
+        self,
+        facts: Mapping[NodeId, StatusReply],
+        store: EvictionStore | None = None,
+        live: list[NodeId] | None = None,
     ) -> None:
-        """The first plan, over every member not evicted, from the facts gathered at
-        start-up. `store`: the gateway's; the evictions it remembers stay out of every
-        plan, and those the agreed log lacks (not agreed before a restart) are ordered
-        again; agreed ones replayed before now are written to it."""
+        """The first plan, over every member not evicted (or the `live` ones: a gateway
+        taking over from a dead one), from the facts gathered at start-up. `store`: the
+        gateway's; the evictions it remembers stay out of every plan, and those the
+        agreed log lacks (not agreed before a restart) are ordered again; agreed ones
+        replayed before now are written to it."""
         self.facts, self._store = facts, store
         if store is not None:
             for node, reason in store.evictions().items():
@@ -190,7 +194,8 @@ class Recovery:
                     )
                 except ButterflyError as e:  # it stays out of this gateway's plans anyway
                     log.error("eviction of node %s not agreed: %s", node, e)
-        await self.replan([n for n in sorted(self._members) if n not in self.evicted])
+        members = live if live is not None else self._members
+        await self.replan([n for n in sorted(members) if n not in self.evicted])
 
     async def replan(self, live: list[NodeId]) -> StagePlan:
         """Decide the next plan over the `live` nodes, agree on it, put it in force. A plan

@@ -36,8 +36,9 @@ from butterfly.runtime.tokenizer import TextCodec
 from butterfly.runtime.torch_thread import TorchThread
 from butterfly.runtime.weights import model_hash
 from butterfly.schedule.engine import ClusterHealth
+from butterfly.schedule.store import Checkpoint
 from butterfly.types.errors import ConfigError
-from butterfly.types.ids import NodeId
+from butterfly.types.ids import NodeId, RequestId
 
 Liars = Callable[[tuple[NodeId, ...], str], Awaitable[None]]
 
@@ -162,8 +163,12 @@ def engine(
     codec: TextCodec | None,
     torch_thread: TorchThread,
     emit: Emit,
+    on_checkpoint: Callable[[RequestId, Checkpoint], None] | None = None,
+    resume: Callable[[RequestId], Checkpoint | None] | None = None,
 ) -> PipelineEngine:
-    """The gateway's pipeline engine, checking results as `byzantine.verification` says."""
+    """The gateway's pipeline engine, checking results as `byzantine.verification` says;
+    `on_checkpoint` and `resume` keep generations across a gateway's death
+    (`wiring.standby`)."""
     me, byz = NodeId(cfg.node.id), cfg.byzantine
     verify = verifying(cfg)  # both checkers built: the mode may change at run time
     tolerance = Tolerance(rtol=byz.rtol, atol=byz.atol)
@@ -220,6 +225,9 @@ def engine(
         verification=byz.verification,
         emit=emit,
         keys=keys,
+        checkpoint_every=cfg.coordination.checkpoint_frequency,
+        on_checkpoint=on_checkpoint,
+        resume=resume,
     )
 
 
