@@ -69,14 +69,20 @@ def test_a_takeover_is_admitted_only_from_the_successor_that_every_check_sees() 
     role = GatewayRole(
         gateways=(NodeId(0), NodeId(1)), status=lambda n: status[n], evicted=lambda: ()
     )
-    admit = admission(role.gateway, role.admission)
-    execute = admission(role.gateway, role.refusal)
+    execute = admission(role.gateway, role.refusal)  # the agreement's rule
+
+    def admit(request: Request) -> str | None:  # and this replica's own view
+        return execute(request) or role.veto(request)
+
     takeover = _request(1, TakeOver(NodeId(1), 1))
     # the acting gateway is alive as this replica sees it: no vote for the takeover
     assert "not failed" in (admit(takeover) or "")
     assert execute(takeover) is None  # the agreed state alone would allow it
     status[0] = "failed"
     assert admit(takeover) is None
+    status[1] = "failed"  # node 1 is not the successor as this replica sees it
+    assert "not the acting gateway's successor" in (admit(takeover) or "")
+    status[1] = "healthy"
     # a member that is not gateway-capable never takes over, whatever it sees
     assert "not gateway-capable" in (admit(_request(2, TakeOver(NodeId(2), 1))) or "")
     # nobody takes over for another node, and a skipped term is refused

@@ -180,7 +180,8 @@ def build_node(
         emit=emit,
         live=membership.is_live,
         gateway=role.gateway,
-        takeover=(role.admission, role.refusal),
+        takeover=role.refusal,
+        veto=role.veto,
         driver_type=agreement_type,
     )
     recovery = Recovery(

@@ -23,6 +23,7 @@ from butterfly.config.validate import cluster_size
 from butterfly.metrics.events import Emit, MessageDropped
 from butterfly.net.transport import Transport
 from butterfly.protocol.keys import key_path, load_or_create_key, pbft_config, public_keys
+from butterfly.protocol.pbft_state import Authorize
 from butterfly.types.errors import ConfigError
 from butterfly.types.ids import GATEWAY, NodeId
 from butterfly.types.wire.commands import (
@@ -89,14 +90,16 @@ def build_agreement(
     emit: Emit,
     live: Callable[[NodeId], bool],
     gateway: Callable[[], NodeId] = lambda: GATEWAY,
-    takeover: tuple[TakeoverRule, TakeoverRule] | None = None,
+    takeover: TakeoverRule | None = None,
+    veto: Authorize | None = None,
     driver_type: type[AgreementDriver] = AgreementDriver,
 ) -> NodeAgreement:
     """The PBFT driver (signing with the node key, created on first start) and the config
     replica and coordinator over it. Agreed config changes go to the replica; plans,
     evictions and takeovers to `on_command`. `gateway`: the acting gateway as agreed
-    (`control.gateway_role`); `takeover`: its rules for a takeover before preparing
-    (with this node's failure detector) and at execution (the agreed state alone).
+    (`control.gateway_role`); `takeover`: its rule for a takeover (the agreed state
+    alone); `veto`: this node's own reasons not to take a request up (a takeover its
+    failure detector does not support).
     `driver_type` lets `butterfly.testing` compose a node whose votes lie
     (`butterfly.testing.liar_votes`)."""
     cfg = manager.current
@@ -107,11 +110,11 @@ def build_agreement(
     replica = ConfigReplica(
         node=node, manager=manager, key=key, keys=keys, f=f, transport=transport, gateway=gateway
     )
-    admit, execute = takeover if takeover is not None else (None, None)
     driver = driver_type(
         # each command kind only from its authorized proposer (agreement.authority)
-        config=dataclasses.replace(pbft_config(cfg, keys), authorize=admission(gateway, admit)),
-        executable=admission(gateway, execute),
+        config=dataclasses.replace(
+            pbft_config(cfg, keys), authorize=admission(gateway, takeover), veto=veto
+        ),
         key=key,
         transport=transport,
         on_commit=commit_router(replica, on_command, emit),

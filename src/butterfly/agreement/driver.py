@@ -16,9 +16,9 @@ duplicate but the driver skips it, keyed by client and timestamp).
 Each command kind has one authorized proposer (`agreement.authority`, given to the
 replica as `PbftConfig.authorize`): the replica never orders or prepares another's, the
 driver counts such requests as they arrive, skips one at execution should more than f
-liars have agreed it, and `propose` refuses one at once. The check at execution
-(`executable`, by default the same rule) runs in the executor, one command after the
-other: a rule that depends on what earlier commands did (who the acting gateway is after
+liars have agreed it, and `propose` refuses one at once (and one this node would veto
+itself: `PbftConfig.veto`). The check at execution runs in the executor, one command
+after the other: a rule that depends on what earlier commands did (who the acting gateway is after
 a takeover) sees their effect, on every node alike.
 
 Equivocation evidence (two conflicting votes one node signed for one slot, recorded by
@@ -53,8 +53,8 @@ from butterfly.metrics.events import ConsensusRound, Emit, MessageDropped, Phase
 from butterfly.net.framing import Envelope
 from butterfly.net.transport import Transport
 from butterfly.protocol import pbft
-from butterfly.protocol.pbft_order import refusal
-from butterfly.protocol.pbft_state import Authorize, PbftConfig, ReplicaState, Send
+from butterfly.protocol.pbft_order import refusal, vetoed
+from butterfly.protocol.pbft_state import PbftConfig, ReplicaState, Send
 from butterfly.protocol.sign import SigningKey, sign_message
 from butterfly.types.errors import ButterflyError, ConsensusTimeout, InvalidMessage
 from butterfly.types.ids import NodeId
@@ -111,12 +111,8 @@ class AgreementDriver:
         emit: Emit = discard,
         clock: Callable[[], float] = time.monotonic,
         limits: DriverLimits = DriverLimits(),
-        executable: Authorize | None = None,
     ) -> None:
-        """`executable`: why an ordered request must be skipped at execution (default:
-        `config.authorize`); a pure function of the commands executed before it."""
         self._state: ReplicaState = pbft.new_replica(config, key)
-        self._executable = executable
         self._key, self._transport, self._on_commit = key, transport, on_commit
         self._emit, self._clock, self._limits = emit, clock, limits
         self.me = config.replica
@@ -271,7 +267,7 @@ class AgreementDriver:
             sender=self.me, epoch=self._state.config.epoch, timestamp=self._last_ts,
             operation=command,
         )  # fmt: skip
-        refused = refusal(self._state, unsigned)
+        refused = refusal(self._state, unsigned) or vetoed(self._state, unsigned)
         if refused is not None:  # no replica would order it: say so now, not at the timeout
             raise UnauthorizedCommand(
                 f"the agreement refuses this command from node {self.me}: {refused}"
@@ -329,16 +325,11 @@ class AgreementDriver:
         if waiter is not None and not waiter.done():
             waiter.set_exception(UnauthorizedCommand(f"ordered but refused at execution: {reason}"))
 
-    def _execution_refusal(self, request: Request) -> str | None:
-        if self._executable is not None:
-            return self._executable(request)
-        return refusal(self._state, request)
-
     async def _executor(self) -> None:
         while True:
             seq, request = await self._commits.get()
             key = (request.sender, request.timestamp)
-            refused = self._execution_refusal(request)
+            refused = refusal(self._state, request)
             if refused is not None:  # only more than f liars get one here: skip it alike
                 self._emit(MessageDropped(reason="agreement_unauthorized_executed"))
                 log.error("agreed seq %d skipped on every node: %s", seq, refused)

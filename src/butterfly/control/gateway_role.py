@@ -11,11 +11,12 @@ Two checks guard the command, as view changes are guarded:
 - at execution, on every node, a pure function of the agreed log (`takeover_refusal`):
   the proposer names itself, is gateway-capable, not acting, not evicted, and the term
   is the next one. Every honest node decides alike, so they all agree who acts.
-- before preparing it, each replica also asks its *own* failure detector
-  (`takeover_admission`): it helps order a takeover only if it, too, sees the acting
-  gateway failed and the proposer as its successor. A node that merely claims the
+- before taking it up, each replica also asks its *own* failure detector (`veto`, the
+  agreement's `PbftConfig.veto`): it helps order a takeover only if it, too, sees the
+  acting gateway failed and the proposer as its successor. A node that merely claims the
   gateway died (a liar, or one cut off alone) cannot gather 2f+1 such votes while the
-  gateway's heartbeats reach the others.
+  gateway's heartbeats reach the others. A replica that vetoes still executes the
+  takeover once 2f+1 others committed it (a lagging or restarted one catches up).
 
 A gateway that comes back after being replaced is not acting: it learns so from the
 agreed log (its peers relay what it missed) and stops serving (`wiring.gateway`).
@@ -27,7 +28,8 @@ import asyncio
 from collections.abc import Callable, Collection, Sequence
 
 from butterfly.types.ids import NodeId
-from butterfly.types.wire.commands import TakeOver
+from butterfly.types.wire.agreement import Request
+from butterfly.types.wire.commands import InvalidCommand, TakeOver, decode_command
 
 
 def successor(
@@ -136,12 +138,17 @@ class GatewayRole:
             evicted=self._evicted(),
         )
 
-    def admission(self, command: TakeOver, proposer: NodeId) -> str | None:
-        """Before ordering or preparing: the agreed state, and this node's own failure
-        detector must see the acting gateway failed and `proposer` as its successor."""
-        refused = self.refusal(command, proposer)
-        if refused is not None:
-            return refused
+    def veto(self, request: Request) -> str | None:
+        """Why this replica declines to order or prepare `request`: a takeover its own
+        failure detector does not support (the acting gateway alive, or another node its
+        successor). Other commands are not its business (None)."""
+        try:
+            command = decode_command(request.operation)
+        except InvalidCommand:
+            return None  # refused by the agreement's rule anyway
+        if not isinstance(command, TakeOver):
+            return None
+        proposer = request.sender
         if not self.failed(self.acting) and self.acting not in self._evicted():
             return f"the acting gateway (node {self.acting}) is not failed as this node sees it"
         if self.successor() != proposer:

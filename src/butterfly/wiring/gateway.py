@@ -104,7 +104,7 @@ class Gateway:
                 else:
                     start = self._take_over(store)
                 first = False
-                planned = await _unless_stopped(start, stop)
+                planned = await _unless_stopped(self._while_acting(start), stop)
                 if planned is None:
                     return
                 if planned:
@@ -274,6 +274,19 @@ class Gateway:
                 raise _Stopped
         except* _Stopped:
             pass
+
+    async def _while_acting(self, work: Coroutine[Any, Any, bool]) -> bool:
+        """`work`'s answer, unless the agreed log names another gateway first (False,
+        `work` cancelled): a restarted gateway that was replaced while it was down learns
+        so as its peers replay the log to it, and must not go on planning."""
+        task, replaced = asyncio.ensure_future(work), asyncio.ensure_future(self._until_replaced())
+        try:
+            await asyncio.wait({task, replaced}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (task, replaced):
+                t.cancel()
+            await asyncio.gather(task, replaced, return_exceptions=True)
+        return False if task.cancelled() else task.result()
 
     async def _until_replaced(self) -> None:
         while self.role.acting == self.node:
