@@ -10,12 +10,15 @@ store, resuming each from its checkpoint.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+from typer.testing import CliRunner
 
+from butterfly.cli import app
 from butterfly.runtime.generate import generate
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.tokenizer import TextCodec
@@ -24,6 +27,7 @@ from tests.cluster_util import running_cluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 NEW = 120
+SHORT = 6
 PROMPTS = ["Butterfly", "Once upon a time", "a b c"]
 SAMPLED = SamplingParams(temperature=0.8, seed=5)
 
@@ -53,6 +57,8 @@ def test_the_acting_gateway_killed_mid_generation_loses_nothing(
             (0, cluster.api_url, True),
             (1, successor, False),
         ]
+        # a client of the standby is led to the acting gateway (307, followed)
+        assert infer([successor]) == expected[0][:SHORT]
         ids = []
         for i, prompt in enumerate(PROMPTS):
             body: dict[str, object] = {"prompt": prompt, "max_new_tokens": NEW}
@@ -86,3 +92,13 @@ def test_the_acting_gateway_killed_mid_generation_loses_nothing(
             assert 0 not in {s["node"] for s in result["stages"]}
         first = httpx.get(f"{successor}/result/{ids[0]}", timeout=10).json()
         assert first["timings"].get("resumed_from_checkpoint", 0) >= 8
+        # `butterfly infer --url A,B`: node 0 is dead, the next address answers
+        assert infer([cluster.api_url, successor]) == expected[0][:SHORT]
+
+
+def infer(urls: list[str]) -> list[int]:
+    args = ["infer", "--url", ",".join(urls), PROMPTS[0], "--max-tokens", str(SHORT), "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    output_ids: list[int] = json.loads(result.stdout)["output_ids"]
+    return output_ids

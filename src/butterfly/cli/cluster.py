@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from butterfly.cli.gateways import first_answer, parse_urls
 from butterfly.cli.keeper import Restarts, keep_alive
 from butterfly.cli.launcher import LocalCluster, node_configs
 from butterfly.cli.paths import data_dir, demo_model
@@ -145,7 +146,9 @@ def launch(
 
 def infer(
     prompt: Annotated[str, typer.Argument(help="Text to continue.")],
-    url: Annotated[str, typer.Option(help="Gateway URL.")] = DEFAULT_URL,
+    url: Annotated[
+        str, typer.Option(help="Gateway URL; several, comma-separated, are tried in turn.")
+    ] = DEFAULT_URL,
     max_tokens: Annotated[int, typer.Option(help="New tokens to generate.")] = 32,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     json_out: Annotated[bool, typer.Option("--json", help="Print the whole result.")] = False,
@@ -161,9 +164,19 @@ def infer(
         "temperature": temperature,
         "wait": True,
     }
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    def send(address: str) -> httpx.Response:  # a standby's 307 leads to the acting one
+        return httpx.post(
+            f"{address}/inference",
+            json=body,
+            headers=headers,
+            timeout=600.0,
+            follow_redirects=True,
+        )
+
     try:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        r = httpx.post(f"{url}/inference", json=body, headers=headers, timeout=600.0)
+        _, r = first_answer(parse_urls(url), send)
     except httpx.HTTPError as e:
         err.print(f"[red]error:[/red] cannot reach {url}: {e}")
         raise typer.Exit(2) from e
@@ -174,10 +187,23 @@ def infer(
     typer.echo(json.dumps(result) if json_out else result.get("text", ""))
 
 
-def status(url: Annotated[str, typer.Option(help="Gateway URL.")] = DEFAULT_URL) -> None:
+def status(
+    url: Annotated[
+        str, typer.Option(help="Gateway URL; several, comma-separated, are tried in turn.")
+    ] = DEFAULT_URL,
+) -> None:
     """Nodes, their health and stages, as a table."""
+
+    def send(address: str) -> httpx.Response:
+        response = httpx.get(f"{address}/health", timeout=10.0)
+        for g in response.json().get("gateways", []) if response.status_code == 503 else []:
+            if g.get("acting") and g.get("url"):  # a standby: ask the acting gateway
+                return httpx.get(f"{g['url']}/health", timeout=10.0)
+        return response
+
     try:
-        health = httpx.get(f"{url}/health", timeout=10.0).json()
+        url, answer = first_answer(parse_urls(url), send)
+        health = answer.json()
     except (httpx.HTTPError, ValueError) as e:
         err.print(f"[red]error:[/red] cannot reach {url}: {e}")
         raise typer.Exit(2) from e
