@@ -20,6 +20,7 @@ from butterfly.cli.keeper import Restarts, keep_alive
 from butterfly.cli.launcher import LocalCluster, node_configs
 from butterfly.cli.paths import data_dir, demo_model
 from butterfly.config import ConfigInvalid, load_config
+from butterfly.config.gateways import gateway_urls
 from butterfly.net.tls import make_certs
 
 app = typer.Typer(no_args_is_help=True)
@@ -125,7 +126,11 @@ def launch(
         with err.status(f"starting {nodes} nodes, loading {model_dir.name}"):
             cluster.wait_ready()
         err.print(f"[green]cluster up[/green]: {nodes} nodes, API at {url} (Ctrl-C to stop)")
-        err.print(f'  try: butterfly infer --url {url} "Hello"')
+        # every gateway-capable node serves the API on the ports after --api-port; a
+        # standby redirects to the acting one, and takes over if it dies
+        urls = ",".join(gateway_urls(load_config([configs[0]], env={})).values()) or url
+        err.print(f"  gateways: {urls}")
+        err.print(f'  try: butterfly infer --url {urls} "Hello"')
         history = Restarts()
         while not stopping.wait(0.5):
             if restart:

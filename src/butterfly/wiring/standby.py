@@ -6,8 +6,8 @@ directory. The acting gateway writes to its own and copies to the others:
 
 - an accepted task, before the 202 that hands out its id: each standby the failure
   detector does not call failed is asked (`TaskCopy`) and the 202 waits for its answer,
-  for at most `network.step_timeout_ms` (a standby that dies meanwhile does not hold up
-  the API; the next one alive has the copy);
+  for at most `COPY_TIMEOUT_S` (or `network.step_timeout_ms` if shorter): a standby that
+  dies meanwhile holds up the API that long at most, and another one alive has the copy;
 - every `coordination.checkpoint_frequency` tokens, the running task's generation: the
   tokens so far, the sampling RNG's state after the last one, the plan epoch
   (`TaskCheckpoint`, one-way; kept in the acting gateway's own store too, so a restart
@@ -60,6 +60,9 @@ log = logging.getLogger(__name__)
 OUTBOX = 4096
 """Checkpoints and ends waiting to be sent; beyond, the oldest go (a later checkpoint of
 the same task supersedes it, and an end lost here is re-run from the checkpoint)."""
+COPY_TIMEOUT_S = 5.0
+"""The longest an accepted task's 202 waits for one standby's copy (a copy is a small
+control message and one SQLite insert: milliseconds, megabytes of prompt included)."""
 SEND_TIMEOUT_S = 1.0
 """How long one one-way copy may take before that standby is skipped for it."""
 
@@ -77,8 +80,8 @@ class TaskReplicas:
         status: Callable[[NodeId], str],
         timeout_s: Callable[[], float],
     ) -> None:
-        """`status`: the failure detector's; `timeout_s`: how long the 202 waits for a
-        standby's copy (read on every task)."""
+        """`status`: the failure detector's; `timeout_s`: network.step_timeout_ms (read on
+        every task), which bounds the wait for a standby's copy below `COPY_TIMEOUT_S`."""
         self.node, self._path, self._role, self._transport = node, path, role, transport
         self._status, self._timeout_s = status, timeout_s
         self._store: TaskStore | None = None
@@ -119,7 +122,11 @@ class TaskReplicas:
     async def _copy(self, peer: NodeId, task_id: RequestId, payload: bytes) -> bool:
         try:
             reply, _ = await self._transport.ask(
-                peer, TaskCopy(task_id), payload, timeout=self._timeout_s(), channel="control"
+                peer,
+                TaskCopy(task_id),
+                payload,
+                timeout=min(COPY_TIMEOUT_S, self._timeout_s()),
+                channel="control",
             )
         except ButterflyError as e:
             log.warning("task %s not copied to node %s: %s", task_id, peer, e)
