@@ -142,3 +142,31 @@ async def test_a_takeover_is_refused_unless_the_replicas_see_the_gateway_failed(
         assert proposal.exception() is not None  # never committed
         assert all(node.role.acting == 0 and node.role.term == 0 for node in c.nodes)
         assert first.scheduler is not None  # node 0 still serves
+
+
+async def test_a_standby_that_was_away_is_given_what_it_missed(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Node 1 is cut off while node 0 accepts a task (no copy reaches it); once node 1 is
+    heard again, node 0 gives it the task and its end, so node 0's death would not lose it."""
+    async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS) as c:
+        first, standby = gateway(c, 0), gateway(c, 1)
+        await c.until(lambda: first.scheduler is not None, "node 0 serving")
+        assert first.scheduler is not None
+        c.kill(1)
+        await c.until(lambda: c.nodes[0].membership.status(NodeId(1)) == "failed", "failure")
+        await first.scheduler.submit(task(tiny_model, "greedy"))
+        assert standby.replicas.store.get("greedy") is None  # it was away
+        done = await first.scheduler.wait("greedy", 60)
+        assert done.state.status is TaskStatus.COMPLETED and done.result is not None
+        c.revive(1)
+
+        def caught_up() -> bool:
+            stored = standby.replicas.store.get("greedy")
+            return stored is not None and stored.result is not None
+
+        await c.until(caught_up, "node 1 given the task it missed", beats=1000)
+        stored = standby.replicas.store.get("greedy")
+        assert stored is not None and stored.result is not None
+        assert stored.result.output_ids == done.result.output_ids
+        assert c.nodes[1].role.acting == 0  # it came back as a standby

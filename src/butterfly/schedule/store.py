@@ -202,14 +202,21 @@ class TaskStore:
             )
 
     def save_checkpoint(self, task_id: RequestId, checkpoint: Checkpoint) -> None:
-        """Replace the task's checkpoint, unless the task is unknown or has finished."""
+        """Replace the task's checkpoint with a later one, unless the task is unknown or
+        has finished. Later: of a later plan epoch (a run after a failed audit starts over
+        in the epoch without the liar), or as long at least in the same epoch; so a copy
+        that arrives late (a standby's catch-up) never replaces a newer one."""
         terminal = tuple(status.value for status in TERMINAL)
         marks = ", ".join("?" * len(terminal))
         with self._lock, self._db:
             self._db.execute(
-                "INSERT OR REPLACE INTO checkpoints (task_id, tokens, rng, epoch) "
+                "INSERT INTO checkpoints (task_id, tokens, rng, epoch) "
                 f"SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM tasks WHERE task_id = ? "
-                f"AND status NOT IN ({marks}))",
+                f"AND status NOT IN ({marks})) "
+                "ON CONFLICT (task_id) DO UPDATE SET tokens = excluded.tokens, "
+                "rng = excluded.rng, epoch = excluded.epoch WHERE excluded.epoch > epoch "
+                "OR (excluded.epoch = epoch AND "
+                "json_array_length(excluded.tokens) >= json_array_length(tokens))",
                 (
                     task_id,
                     json.dumps(list(checkpoint.tokens)),
@@ -219,6 +226,40 @@ class TaskStore:
                     *terminal,
                 ),
             )
+
+    def unfinished(self) -> list[tuple[InferenceTask, Checkpoint | None]]:
+        """Every task not finished, in acceptance order, with its checkpoint if any (what
+        a standby that was away must be given)."""
+        done = tuple(s.value for s in TERMINAL)
+        marks = ",".join("?" * len(done))
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT t.task_id, t.task, c.tokens, c.rng, c.epoch FROM tasks t "
+                "LEFT JOIN checkpoints c ON c.task_id = t.task_id "
+                f"WHERE t.status NOT IN ({marks}) ORDER BY t.seq",
+                done,
+            ).fetchall()
+        return [
+            (
+                task_from_json(task_id, text),
+                None
+                if tokens is None
+                else Checkpoint(tuple(json.loads(tokens)), bytes(rng), epoch),
+            )
+            for task_id, text, tokens, rng, epoch in rows
+        ]
+
+    def recently_finished(self, limit: int) -> list[StoredTask]:
+        """The `limit` tasks that finished last, newest first."""
+        done = tuple(s.value for s in TERMINAL)
+        marks = ",".join("?" * len(done))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT task_id FROM tasks WHERE status IN ({marks}) "
+                "ORDER BY finished_at DESC LIMIT ?",
+                (*done, limit),
+            ).fetchall()
+        return [s for (task_id,) in rows if (s := self.get(task_id)) is not None]
 
     def checkpoint(self, task_id: str) -> Checkpoint | None:
         with self._lock:

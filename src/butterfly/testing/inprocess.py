@@ -193,6 +193,12 @@ class InProcessCluster:
         self.hub.silent.add(NodeId(node))
         self.net.down.add(NodeId(node))
 
+    def revive(self, node: int) -> None:
+        """Connect a node cut off by `kill` again: it beats, sends and receives as before
+        (a network partition that heals, or a frozen process that resumes)."""
+        self.hub.silent.discard(NodeId(node))
+        self.net.down.discard(NodeId(node))
+
     async def until(self, check: Callable[[], bool], what: str, *, beats: int = 400) -> None:
         """Beat (100 ms of fake time each) and yield until `check()` holds; at most
         `beats` rounds, then AssertionError naming `what`."""

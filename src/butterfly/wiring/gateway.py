@@ -251,6 +251,7 @@ class Gateway:
                 "recovery": partial(self.recovery.run, on_replanned=self.engine.plan_changed),
                 "config_monitor": self.coordinator.monitor,
                 "standby_copies": replicas.send_copies,
+                "standby_resync": replicas.keep_standbys,
             }
             async with asyncio.TaskGroup() as tg:
                 # not supervised: its tasks live in its own task group, and a restart

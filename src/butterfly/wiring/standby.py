@@ -13,7 +13,13 @@ directory. The acting gateway writes to its own and copies to the others:
   (`TaskCheckpoint`, one-way; kept in the acting gateway's own store too, so a restart
   resumes from it as well);
 - a task's end, with its result (`TaskSettled`, one-way), so finished results stay
-  readable from whichever gateway acts next.
+  readable from whichever gateway acts next;
+- to each standby when it starts acting, and to a standby that missed a copy (it was
+  failed, or a copy to it was lost) once it is healthy again, everything it may lack:
+  every unfinished task with its checkpoint, and the last `RESYNC_RESULTS` results
+  (`keep_standbys`). A standby that
+  was down while tasks were accepted thus holds them before the acting gateway can die
+  in turn.
 
 Direct messages, not the agreed log: a task concerns only the gateway-capable nodes (two
 by default), not all n; PBFT would cost three all-to-all phases per task and caps an
@@ -63,6 +69,11 @@ the same task supersedes it, and an end lost here is re-run from the checkpoint)
 COPY_TIMEOUT_S = 5.0
 """The longest an accepted task's 202 waits for one standby's copy (a copy is a small
 control message and one SQLite insert: milliseconds, megabytes of prompt included)."""
+RESYNC_RESULTS = 1024
+"""Finished results a returning standby is given (the most recent; older ones stay
+readable from the gateways that hold them)."""
+WATCH_STANDBYS_S = 0.5
+"""How often the acting gateway looks for standbys that came back."""
 SEND_TIMEOUT_S = 1.0
 """How long one one-way copy may take before that standby is skipped for it."""
 
@@ -87,6 +98,7 @@ class TaskReplicas:
         self._store: TaskStore | None = None
         self._outbox: asyncio.Queue[tuple[Message, bytes]] = asyncio.Queue(OUTBOX)
         self.copies = 0  # tasks a standby acknowledged, for tests and health
+        self._missed: set[NodeId] = set()  # standbys that lack a copy: `keep_standbys`
 
     @property
     def store(self) -> TaskStore:
@@ -101,8 +113,17 @@ class TaskReplicas:
             self._store = None
 
     def standbys(self) -> list[NodeId]:
-        """The other gateway-capable nodes, but for those the detector calls failed."""
-        return [g for g in self._role.gateways if g != self.node and self._status(g) != "failed"]
+        """The other gateway-capable nodes, but for those the detector calls failed (each
+        of which then misses what is being sent)."""
+        alive = []
+        for g in self._role.gateways:
+            if g == self.node:
+                continue
+            if self._status(g) == "failed":
+                self._missed.add(g)
+            else:
+                alive.append(g)
+        return alive
 
     # --- the acting gateway -------------------------------------------------------------
 
@@ -130,9 +151,11 @@ class TaskReplicas:
             )
         except ButterflyError as e:
             log.warning("task %s not copied to node %s: %s", task_id, peer, e)
+            self._missed.add(peer)
             return False
         if not reply.ok:
             log.warning("node %s refused a copy of task %s: %s", peer, task_id, reply.error)
+            self._missed.add(peer)
         return reply.ok
 
     def checkpoint(self, request_id: RequestId, checkpoint: Checkpoint) -> None:
@@ -166,6 +189,41 @@ class TaskReplicas:
                 await self._transport.send(peer, msg, payload, channel="control")
         except (ButterflyError, TimeoutError) as e:
             log.debug("%s to node %s lost: %s", msg.kind, peer, e)
+            self._missed.add(peer)
+
+    async def keep_standbys(self) -> None:
+        """Forever (while acting): give every standby what it may lack (`resync`) when
+        this node starts acting, and again whenever one that missed a copy is healthy."""
+        self._missed |= {g for g in self._role.gateways if g != self.node}
+        while True:
+            for peer in sorted(self._missed):
+                if self._status(peer) == "healthy":
+                    self._missed.discard(peer)  # a copy lost meanwhile adds it again
+                    if not await self.resync(peer):
+                        self._missed.add(peer)
+            await asyncio.sleep(WATCH_STANDBYS_S)
+
+    async def resync(self, peer: NodeId) -> bool:
+        """Copy to `peer` every unfinished task with its checkpoint, then the recent
+        results; True if it took every task (False: tried again later)."""
+        store, complete = self.store, True
+        for task, checkpoint in store.unfinished():
+            complete &= await self._copy(peer, task.task_id, task_to_json(task).encode())
+            if checkpoint is not None:
+                msg = TaskCheckpoint(task.task_id, checkpoint.tokens, Epoch(checkpoint.epoch))
+                await self._send(peer, msg, checkpoint.rng_state)
+        for done in store.recently_finished(RESYNC_RESULTS):
+            task_id = done.task.task_id
+            if await self._copy(peer, task_id, task_to_json(done.task).encode()):
+                result = result_to_json(done.result).encode() if done.result else b""
+                settled = TaskSettled(
+                    task_id, done.state.status.value, done.state.reason[:4000],
+                    done.state.error_type,
+                )  # fmt: skip
+                await self._send(peer, settled, result)
+        if complete:
+            log.info("node %s holds every unfinished task again", peer)
+        return complete
 
     # --- a standby: the router's handlers (only the acting gateway may send these) ------
 
