@@ -170,3 +170,27 @@ async def test_a_standby_that_was_away_is_given_what_it_missed(
         assert stored is not None and stored.result is not None
         assert stored.result.output_ids == done.result.output_ids
         assert c.nodes[1].role.acting == 0  # it came back as a standby
+
+
+async def test_a_gateway_starting_to_act_runs_the_tasks_only_a_standby_held(
+    tiny_model: Path, tmp_path: Path, references: dict[str, list[int]]
+) -> None:
+    """Node 1 holds an unfinished task node 0 never saw (node 1 accepted it while acting
+    and node 0 was down, then the whole cluster restarted): node 0, acting again, takes
+    it from node 1 before it serves, runs it, and node 1 is told its end."""
+    c = InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS)
+    held = task(tiny_model, "greedy")
+    gateway(c, 1).replicas.store.copy(held)
+    async with c:
+        first, standby = gateway(c, 0), gateway(c, 1)
+        await c.until(lambda: first.scheduler is not None, "node 0 serving")
+        assert first.scheduler is not None
+        done = await first.scheduler.wait(held.task_id, 60)
+        assert done.result is not None
+        assert list(done.result.output_ids) == references["greedy"]
+
+        def settled_on_standby() -> bool:
+            stored = standby.replicas.store.get(held.task_id)
+            return stored is not None and stored.state.terminal
+
+        await c.until(settled_on_standby, "node 1 told the task's end")

@@ -264,6 +264,7 @@ def build_node(
             s.TaskCopy: replicas.on_copy,
             s.TaskCheckpoint: replicas.on_checkpoint,
             s.TaskSettled: replicas.on_settled,
+            s.TaskSync: replicas.on_sync,
         }
         gateway = Gateway(
             node=me,

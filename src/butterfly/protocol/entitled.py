@@ -12,7 +12,7 @@ left is whether that peer is the one entitled to send this kind, now:
     kv_append             the chain node of that layer range in the current plan
     release, audit_request, cache_query, status_query,
     plan_assign, config_prepare, config_sync,
-    task_copy, task_checkpoint, task_settled
+    task_copy, task_checkpoint, task_settled, task_sync
                           the gateway (the acting one, as agreed)
     ping, config_status_query, agreement
                           any member (a probe, a read, or signed inside by its author)
@@ -53,7 +53,7 @@ from butterfly.types.wire.data import (
     StepResult,
 )
 from butterfly.types.wire.frames import Message
-from butterfly.types.wire.standby import TaskCheckpoint, TaskCopy, TaskSettled
+from butterfly.types.wire.standby import TaskCheckpoint, TaskCopy, TaskSettled, TaskSync
 
 FROM_GATEWAY = (
     Release,
@@ -66,6 +66,7 @@ FROM_GATEWAY = (
     TaskCopy,
     TaskCheckpoint,
     TaskSettled,
+    TaskSync,
 )
 FROM_ANY_MEMBER = (Ping, ConfigStatusQuery, AgreementFrame)
 CHECKED_BY_HANDLER = (StageStep, StepResult, StepError)

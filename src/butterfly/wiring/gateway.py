@@ -183,6 +183,8 @@ class Gateway:
             self.transport, peers, timeout_s=FACTS_TIMEOUT_S, local=(self.node, self.report.status)
         )
         await self.recovery.start(facts, store)
+        if await self.replicas.pull():  # tasks a gateway accepted while this one was down
+            store.requeue_unfinished()
         return True
 
     async def _take_over(self, store: TaskStore) -> bool:
@@ -197,6 +199,7 @@ class Gateway:
                 timeout_s=TAKEOVER_FACTS_TIMEOUT_S,
                 local=(self.node, self.report.status),
             )
+            await self.replicas.pull()  # a standby may hold tasks this one missed
             requeued = store.requeue_unfinished()
             log.info("taking over %d unfinished task(s)", len(requeued))
             await self.recovery.start(facts, store, live=live)

@@ -14,6 +14,8 @@ directory. The acting gateway writes to its own and copies to the others:
   resumes from it as well);
 - a task's end, with its result (`TaskSettled`, one-way), so finished results stay
   readable from whichever gateway acts next;
+- from each standby when it starts acting, the unfinished tasks only the standby holds
+  (`pull`: a gateway that acted while this one was down accepted them);
 - to each standby when it starts acting, and to a standby that missed a copy (it was
   failed, or a copy to it was lost) once it is healthy again, everything it may lack:
   every unfinished task with its checkpoint, and the last `RESYNC_RESULTS` results
@@ -38,7 +40,9 @@ same history, the tokens are those the dead gateway would have produced.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -60,7 +64,14 @@ from butterfly.types.errors import ButterflyError
 from butterfly.types.ids import Epoch, NodeId, RequestId
 from butterfly.types.tasks import InferenceResult, InferenceTask
 from butterfly.types.wire.frames import Message
-from butterfly.types.wire.standby import TaskCheckpoint, TaskCopied, TaskCopy, TaskSettled
+from butterfly.types.wire.standby import (
+    TaskCheckpoint,
+    TaskCopied,
+    TaskCopy,
+    TaskSettled,
+    TaskSync,
+    TaskSyncReply,
+)
 
 log = logging.getLogger(__name__)
 OUTBOX = 4096
@@ -225,7 +236,47 @@ class TaskReplicas:
             log.info("node %s holds every unfinished task again", peer)
         return complete
 
+    async def pull(self) -> int:
+        """Take into this node's store the unfinished tasks (and checkpoints) each standby
+        holds that it lacks; returns how many were new. A standby that does not answer
+        in time is skipped (it is given this node's tasks later, `keep_standbys`)."""
+        store, new = self.store, 0
+        for peer in self.standbys():
+            try:
+                _, payload = await self._transport.ask(
+                    peer, TaskSync(), timeout=COPY_TIMEOUT_S, channel="control"
+                )
+                records = json.loads(payload)
+                for task_id, text, checkpoint in records:
+                    if store.get(task_id) is None:
+                        store.copy(task_from_json(task_id, text))
+                        new += 1
+                    if checkpoint is not None:
+                        tokens, rng, epoch = checkpoint
+                        saved = Checkpoint(tuple(tokens), base64.b64decode(rng), epoch)
+                        store.save_checkpoint(RequestId(task_id), saved)
+            except (ButterflyError, ValueError, KeyError, TypeError) as e:
+                log.warning("unfinished tasks of node %s not taken: %s", peer, e)
+        if new:
+            log.warning("took %d unfinished task(s) only a standby held", new)
+        return new
+
     # --- a standby: the router's handlers (only the acting gateway may send these) ------
+
+    async def on_sync(self, peer: NodeId, env: Envelope) -> Reply | None:
+        if not isinstance(env.msg, TaskSync):
+            return None
+        records = [
+            [
+                task.task_id,
+                task_to_json(task),
+                None
+                if c is None
+                else [list(c.tokens), base64.b64encode(c.rng_state).decode(), c.epoch],
+            ]
+            for task, c in self.store.unfinished()
+        ]
+        return TaskSyncReply(self.node, len(records)), json.dumps(records).encode()
 
     async def on_copy(self, peer: NodeId, env: Envelope) -> Reply | None:
         msg = env.msg

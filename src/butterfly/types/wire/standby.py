@@ -7,6 +7,9 @@ end. Only the acting gateway may send them (`protocol.entitled`).
     task_copy         acting gateway   task_copied, once the task is in the standby's store
     task_checkpoint   acting gateway   the standby keeps the checkpoint (one-way)
     task_settled      acting gateway   the standby records the end and the result (one-way)
+    task_sync         acting gateway   task_sync_reply: the standby's unfinished tasks, so
+                                       a gateway that starts acting runs those only a
+                                       standby held (one that acted while it was down)
 
 The task and the result travel as the task store's own JSON records in the payload
 (`schedule.store.task_to_json`, `result_to_json`): the standby writes what the acting
@@ -61,6 +64,29 @@ class TaskSettled:
     error_type: Text
 
 
-StandbyMessage = TaskCopy | TaskCopied | TaskCheckpoint | TaskSettled
+@dataclass(frozen=True, slots=True)
+class TaskSyncReply:
+    """`count` unfinished tasks; the payload is a JSON list of records, each the task's
+    id, its store record, and its checkpoint if any (tokens, RNG state in base64, epoch)."""
 
-__all__ = ["StandbyMessage", "TaskCheckpoint", "TaskCopied", "TaskCopy", "TaskSettled"]
+    kind: ClassVar[str] = "task_sync_reply"
+    node: NodeId
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSync(Ask[TaskSyncReply]):
+    kind: ClassVar[str] = "task_sync"
+
+
+StandbyMessage = TaskCopy | TaskCopied | TaskCheckpoint | TaskSettled | TaskSync | TaskSyncReply
+
+__all__ = [
+    "StandbyMessage",
+    "TaskCheckpoint",
+    "TaskCopied",
+    "TaskCopy",
+    "TaskSettled",
+    "TaskSync",
+    "TaskSyncReply",
+]
