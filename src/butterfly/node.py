@@ -197,6 +197,7 @@ def build_node(
         placing=parts.placing(cfg, model_dir),
         suspect_primary=agreement.driver.suspect_primary,
         emit=emit,
+        acting=lambda: role.acting == me,  # the gateway evicts: whichever node acts
     )
     timeouts = parts.step_timeouts(config, membership.status, recovery.evict_liars)
     codec = TextCodec.load(model_dir) if (model_dir / "tokenizer.json").is_file() else None

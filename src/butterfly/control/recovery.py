@@ -80,9 +80,13 @@ class Recovery:
         placing: Placing,
         suspect_primary: Callable[[NodeId], None],
         emit: Emit,
+        acting: Callable[[], bool] | None = None,
     ) -> None:
         """`propose`: the agreement's; `suspect_primary`: the agreement is told at once
-        when a node fails, in case it is the primary (no wait for the request timeout)."""
+        when a node fails, in case it is the primary (no wait for the request timeout);
+        `acting`: whether this node acts as the gateway now (`control.gateway_role`;
+        default: `policy.evicts`, node 0)."""
+        self._acting = acting or (lambda: evicts(node))
         self.node, self._members, self._status, self._holder = node, members, status, holder
         self._plans, self._propose, self._agree_timeout = plans, propose, agree_timeout_s
         self._transport, self._model_hash, self._placing = transport, model_hash, placing
@@ -119,7 +123,7 @@ class Recovery:
         the gateway re-plans without them. An eviction the agreed log holds already (the
         liar's own, or one replayed) is not ordered again, but its node still leaves the
         plan: the re-plan is woken whatever was agreed before."""
-        fresh = to_evict(liars, self._evicting)
+        fresh = to_evict(liars, self._evicting, self.node)  # the gateway: never itself
         if not fresh:
             log.info("none of %s to evict (evicted already, or the gateway): %s", liars, reason)
             return
@@ -143,7 +147,7 @@ class Recovery:
     def _on_agreed_eviction(self, node: NodeId, reason: str) -> None:
         """The agreed log evicted `node` (first time on this node, or replayed after a
         restart): the gateway stores it and re-plans if it holds layers."""
-        if evicts(self.node):
+        if self._acting():
             self._remember(node, reason)
             self._wake.set()
 
@@ -152,7 +156,7 @@ class Recovery:
         gateway evicts the signer, the others only log it."""
         while True:
             accused, reason = equivocation(await evidence.get())
-            if evicts(self.node):
+            if self._acting():
                 await self.evict_liars((accused,), reason)
             else:
                 log.error("equivocation: %s; the gateway evicts it", reason)
