@@ -62,10 +62,13 @@ def gateway(c: InProcessCluster, node: int) -> Gateway:
     return gw
 
 
+@pytest.mark.parametrize(("n", "f"), [(4, 1), (3, 0)])
 async def test_the_successor_takes_over_and_every_task_completes_with_its_tokens(
-    tiny_model: Path, tmp_path: Path, references: dict[str, list[int]]
+    tiny_model: Path, tmp_path: Path, references: dict[str, list[int]], n: int, f: int
 ) -> None:
-    async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS) as c:
+    """With f = 1 the dead gateway's stage has a standby (promoted); with f = 0 the
+    survivors take its layers over."""
+    async with InProcessCluster(tiny_model, n, tmp_path, f=f, settings=SETTINGS) as c:
         first, standby = gateway(c, 0), gateway(c, 1)
         assert c.nodes[2].gateway is None  # not gateway-capable
         await c.until(lambda: first.scheduler is not None, "node 0 serving")
