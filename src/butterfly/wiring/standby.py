@@ -63,7 +63,7 @@ from butterfly.schedule.store import (
     task_from_json,
     task_to_json,
 )
-from butterfly.types.errors import ButterflyError
+from butterfly.types.errors import ButterflyError, ServiceUnavailable
 from butterfly.types.ids import Epoch, NodeId, RequestId
 from butterfly.types.tasks import InferenceResult, InferenceTask
 from butterfly.types.wire.frames import Message
@@ -113,15 +113,20 @@ class TaskReplicas:
         self._outbox: asyncio.Queue[tuple[Message, bytes]] = asyncio.Queue(OUTBOX)
         self.copies = 0  # tasks a standby acknowledged, for tests and health
         self._missed: set[NodeId] = set()  # standbys that lack a copy: `keep_standbys`
+        self._closed = False
 
     @property
     def store(self) -> TaskStore:
-        """The store, opened when first needed (by the gateway, or a copy arriving)."""
+        """The store, opened when first needed (by the gateway, or a copy arriving);
+        `ServiceUnavailable` once closed (a copy arriving as the node stops)."""
+        if self._closed:
+            raise ServiceUnavailable(f"node {self.node} is stopping: its task store is closed")
         if self._store is None:
             self._store = TaskStore(self._path)
         return self._store
 
     def close(self) -> None:
+        self._closed = True
         if self._store is not None:
             self._store.close()
             self._store = None
@@ -269,6 +274,10 @@ class TaskReplicas:
     async def on_sync(self, peer: NodeId, env: Envelope) -> Reply | None:
         if not isinstance(env.msg, TaskSync):
             return None
+        try:
+            unfinished = self.store.unfinished()
+        except ButterflyError:  # stopping: the asker goes on without this node's tasks
+            return None
         records = [
             [
                 task.task_id,
@@ -277,7 +286,7 @@ class TaskReplicas:
                 if c is None
                 else [list(c.tokens), base64.b64encode(c.rng_state).decode(), c.epoch],
             ]
-            for task, c in self.store.unfinished()
+            for task, c in unfinished
         ]
         return TaskSyncReply(self.node, len(records)), json.dumps(records).encode()
 
@@ -288,7 +297,7 @@ class TaskReplicas:
         try:
             task = task_from_json(msg.task_id, env.payload.decode())
             self.store.copy(task)
-        except (ValueError, KeyError, TypeError) as e:  # a malformed record: say so
+        except (ValueError, KeyError, TypeError, ButterflyError) as e:  # malformed, closed
             return TaskCopied(self.node, msg.task_id, False, f"{type(e).__name__}: {e}"), b""
         return TaskCopied(self.node, msg.task_id, True), b""
 
@@ -296,14 +305,15 @@ class TaskReplicas:
         msg = env.msg
         if isinstance(msg, TaskCheckpoint):
             checkpoint = Checkpoint(msg.tokens, env.payload, msg.epoch)
-            self.store.save_checkpoint(RequestId(msg.task_id), checkpoint)
+            with contextlib.suppress(ButterflyError):  # stopping: the next one will do
+                self.store.save_checkpoint(RequestId(msg.task_id), checkpoint)
         return None
 
     async def on_settled(self, peer: NodeId, env: Envelope) -> Reply | None:
         msg = env.msg
         if not isinstance(msg, TaskSettled):
             return None
-        with contextlib.suppress(ValueError, KeyError, TypeError):  # malformed: dropped
+        with contextlib.suppress(ValueError, KeyError, TypeError, ButterflyError):
             state = TaskState(TaskStatus(msg.status), msg.reason, msg.error_type)
             if not state.terminal:
                 return None
