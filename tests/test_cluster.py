@@ -192,7 +192,9 @@ def test_metrics_are_prometheus_text(four) -> None:
 
 
 def test_gateway_restart_runs_a_queued_task(tiny_model: Path, tmp_path: Path, reference) -> None:
-    """Accept a task, kill the gateway before it runs, restart it: the task completes."""
+    """Accept a task, kill the gateway before it runs, restart it: the task completes,
+    run by whichever gateway acts then (node 1 takes over when it sees node 0 fail, and
+    node 0 comes back as its standby; or node 0 is back before that)."""
     settings = {"scheduling.dispatch_batch_size": 1}
     with running_cluster(tiny_model, 2, tmp_path, settings=settings) as cluster:
         long = httpx.post(
@@ -211,6 +213,11 @@ def test_gateway_restart_runs_a_queued_task(tiny_model: Path, tmp_path: Path, re
         cluster.kill(0)
         cluster.restart(0)
         cluster.wait_ready(120)
-        r = httpx.get(f"{cluster.api_url}/result/{task}", params={"wait": 60}, timeout=90)
+        r = httpx.get(
+            f"{cluster.acting_url()}/result/{task}",
+            params={"wait": 60},
+            timeout=90,
+            follow_redirects=True,  # a standby answers 307 to the acting gateway
+        )
         assert r.status_code == 200, r.text
         assert r.json()["output_ids"] == reference[PROMPTS[0]]

@@ -142,6 +142,7 @@ CROSS_RULE_KEYS = {
     "scheduling.max_new_tokens_limit",
     "cluster.id",
     "cluster.public_keys",
+    "cluster.gateways",
 }
 TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
 

@@ -44,7 +44,7 @@ def router(node: int, transport: object, events: Events) -> Router:
         ask_timeout_s=lambda: 5.0,
         emit=events,
         plan=lambda: None,
-        gateway=NodeId(0),
+        gateway=lambda: NodeId(0),
     )
 
 

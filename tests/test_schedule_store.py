@@ -10,7 +10,7 @@ import pytest
 
 from butterfly.schedule.queue import QueuePolicy, TaskQueue
 from butterfly.schedule.state import TaskState, TaskStatus
-from butterfly.schedule.store import TaskStore
+from butterfly.schedule.store import Checkpoint, TaskStore
 from butterfly.types.errors import QueueFull, TaskAlreadyExists
 from butterfly.types.ids import NodeId, RequestId
 from butterfly.types.model import LayerRange
@@ -197,3 +197,27 @@ def test_prune_deletes_only_tasks_finished_before_the_cutoff(tmp_path: Path) -> 
     got = store.get("queued")  # never pruned, however old: it has not run yet
     assert got is not None and got.state.status is TaskStatus.QUEUED
     store.close()
+
+
+def test_a_standby_copy_keeps_the_latest_checkpoint_until_the_task_ends(tmp_path: Path) -> None:
+    """What a standby gateway holds (wiring.standby): a copied task (twice is once), its
+    latest checkpoint, none once the task ended; re-queued when it takes over."""
+    store = TaskStore(tmp_path / "standby.sqlite")
+    try:
+        a, b = task("a"), task("b")
+        store.copy(a)
+        store.copy(a)  # a retried copy is the same task
+        store.copy(b)
+        store.save_checkpoint(a.task_id, Checkpoint((1, 2), b"rng-1", 3))
+        store.save_checkpoint(a.task_id, Checkpoint((1, 2, 3, 4), b"rng-2", 4))
+        store.save_checkpoint(RequestId("unknown"), Checkpoint((9,), b"x", 1))
+        assert store.checkpoint(a.task_id) == Checkpoint((1, 2, 3, 4), b"rng-2", 4)
+        assert store.checkpoint("unknown") is None  # no task, no checkpoint
+        store.finish(b.task_id, TaskState(TaskStatus.COMPLETED), None)
+        store.save_checkpoint(b.task_id, Checkpoint((5,), b"late", 4))  # after its end
+        assert store.checkpoint(b.task_id) is None
+        assert [t.task_id for t in store.requeue_unfinished()] == ["a"]
+        store.write(finishes=[(a.task_id, TaskState(TaskStatus.COMPLETED), None)])
+        assert store.checkpoint(a.task_id) is None and store.requeue_unfinished() == ()
+    finally:
+        store.close()

@@ -1,7 +1,8 @@
 """SIGTERM drains, and no accepted task is lost to a stop.
 
 A stopped gateway lets the tasks it accepted finish within its grace period before it
-exits (they are in its SQLite store as completed when the process has gone); a whole
+exits (they are in its SQLite store as completed when the process has gone); node 1
+takes over meanwhile, and the restarted node 0 stands by, redirecting to it; a whole
 cluster stopped at once exits 0 on every node, leaves what it could not finish in the
 store, and runs it to the unsplit model's tokens after a restart.
 """
@@ -64,9 +65,15 @@ def test_a_stopped_gateway_drains_and_a_stopped_cluster_loses_nothing(
             store.close()
         assert [s.state.status if s else None for s in states] == [TaskStatus.COMPLETED] * 3
 
+        # node 1 took over while node 0 was down: node 0 comes back as a standby, and
+        # the tasks go to the acting gateway (which copies them to node 0)
         cluster.restart(0)
         cluster.wait_ready(120)
-        resumed = submit(cluster.api_url)
+        assert cluster.acting_url() != cluster.api_url
+        standby = httpx.post(f"{cluster.api_url}/inference", json={"prompt": "x"}, timeout=30)
+        assert standby.status_code == 307
+        assert standby.headers["location"] == f"{cluster.acting_url()}/inference"
+        resumed = submit(cluster.acting_url())
         codes = cluster.stop(grace_s=10.0)
         assert codes == [0, 0, 0, 0], f"exit codes after SIGTERM: {codes}"
 

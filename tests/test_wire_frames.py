@@ -42,6 +42,14 @@ from butterfly.types.wire.data import (
     StepResult,
 )
 from butterfly.types.wire.frames import MESSAGE_TYPES, Message
+from butterfly.types.wire.standby import (
+    TaskCheckpoint,
+    TaskCopied,
+    TaskCopy,
+    TaskSettled,
+    TaskSync,
+    TaskSyncReply,
+)
 
 R1, R2 = RequestId("a" * 32), RequestId("b" * 32)
 N1, N2 = NodeId(1), NodeId(2)
@@ -72,6 +80,12 @@ SAMPLES: list[Message] = [
     ConfigStatus(N1, 3, "h" * 64, "c" * 64, 4, "", 0),
     ConfigSync(),
     Chunk(1, 0, 1 << 20, False),
+    TaskCopy(R1),
+    TaskCopied(N2, R1, True),
+    TaskCheckpoint(R1, (5, 6, 7), Epoch(3)),
+    TaskSettled(R1, "completed", "", ""),
+    TaskSync(),
+    TaskSyncReply(N2, 3),
 ]
 
 
@@ -89,7 +103,7 @@ def frame(msg: Message, **header: object) -> bytes:
 
 def test_every_frame_kind_has_a_sample_and_round_trips() -> None:
     assert {type(m) for m in SAMPLES} == set(MESSAGE_TYPES.values())
-    assert len(MESSAGE_TYPES) == len(typing.get_args(Message)) == 25
+    assert len(MESSAGE_TYPES) == len(typing.get_args(Message)) == 31
     for msg in SAMPLES:
         env = decode_frame(frame(msg), 1 << 20)
         assert env.msg == msg and type(env.msg) is type(msg)
@@ -157,6 +171,8 @@ def test_every_request_declares_a_registered_reply() -> None:
         "config_prepare",
         "config_status_query",
         "config_sync",
+        "task_copy",
+        "task_sync",
     }
     assert reply_type(CacheQuery((R1,))) is CacheLengths
     assert reply_type(ConfigSync()) is ConfigStatus

@@ -21,7 +21,9 @@ from pathlib import Path
 from butterfly.agreement.build import NodeAgreement, build_agreement, open_config
 from butterfly.agreement.driver import AgreementDriver
 from butterfly.config import ButterflyConfig, ConfigManager
+from butterfly.config.gateways import gateway_nodes
 from butterfly.config.reload import Subscriber
+from butterfly.control.gateway_role import GatewayRole
 from butterfly.control.heartbeats import BeatSource
 from butterfly.control.live_config import agreement_wait_s, follow_agreement_config, follow_config
 from butterfly.control.membership import Link, Membership
@@ -37,16 +39,19 @@ from butterfly.net.tcp import Identity
 from butterfly.protocol.keys import key_path, load_or_create_key, public_keys
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.runtime.torch_thread import TorchThread
-from butterfly.types.ids import GATEWAY, NodeId
+from butterfly.types.ids import NodeId
 from butterfly.types.wire import control as c
 from butterfly.types.wire import data as d
+from butterfly.types.wire import standby as s
 from butterfly.types.wire.agreement import Evidence
+from butterfly.types.wire.commands import EvictNode, NewPlan, TakeOver
 from butterfly.wiring import parts
 from butterfly.wiring.edges import Edges, NetworkEdges
 from butterfly.wiring.gateway import Gateway
 from butterfly.wiring.logs import set_log_level
 from butterfly.wiring.process import prepare_process, run_until_signalled
 from butterfly.wiring.routing import Router, Routes, by_envelope
+from butterfly.wiring.standby import TaskReplicas
 from butterfly.wiring.supervise import supervised
 
 log = logging.getLogger(__name__)
@@ -70,7 +75,8 @@ class Node:
     evidence: asyncio.Queue[Evidence]
     recovery: Recovery
     engine: PipelineEngine
-    gateway: Gateway | None  # on the acting gateway (node 0) only
+    gateway: Gateway | None  # on the gateway-capable nodes (cluster.gateways) only
+    role: GatewayRole
     emit: Emit
 
     async def serve(self, stop: asyncio.Event) -> None:
@@ -110,6 +116,17 @@ class Node:
             self.config.history.close()
 
 
+def _execute(
+    plans: AgreedPlans, role: GatewayRole, command: EvictNode | NewPlan | TakeOver
+) -> None:
+    """Every node, in agreement order: a takeover moves the gateway role, the rest are
+    plans and evictions."""
+    if isinstance(command, TakeOver):
+        role.execute(command)
+    else:
+        plans.execute(command)
+
+
 class _Stop(Exception):
     """Unwinds the node's task group when it is asked to stop."""
 
@@ -138,6 +155,13 @@ def build_node(
     server = parts.stage_server(cfg, model_dir, key, torch_thread, stage_server_type)
     identity = Identity(me, cfg.cluster.id, digest, key=key, keys=keys)
     transport = edges.transport(identity, emit, server.current_epoch)
+    probe = edges.probe(me, sorted(members), transport, torch_thread)
+    report = NodeReport(node=me, server=server, probe=probe)
+    membership = parts.membership(cfg, members, report.local_state, edges.clock)
+    plans, evidence = AgreedPlans(), asyncio.Queue[Evidence]()
+    role = GatewayRole(
+        gateways=gateway_nodes(cfg), status=membership.status, evicted=lambda: plans.evicted
+    )
     router = Router(
         node=me,
         transport=transport,
@@ -146,19 +170,18 @@ def build_node(
         ask_timeout_s=partial(parts.step_timeout_s, config),
         emit=emit,
         plan=server.current_plan,
-        gateway=GATEWAY,
+        gateway=role.gateway,
     )
-    probe = edges.probe(me, sorted(members), transport, torch_thread)
-    report = NodeReport(node=me, server=server, probe=probe)
-    membership = parts.membership(cfg, members, report.local_state, edges.clock)
-    plans, evidence = AgreedPlans(), asyncio.Queue[Evidence]()
     agreement = build_agreement(
         manager=config,
         transport=transport,
-        on_command=plans.execute,
+        on_command=partial(_execute, plans, role),
         on_evidence=evidence.put,
         emit=emit,
         live=membership.is_live,
+        gateway=role.gateway,
+        takeover=role.refusal,
+        veto=role.veto,
         driver_type=agreement_type,
     )
     recovery = Recovery(
@@ -174,9 +197,18 @@ def build_node(
         placing=parts.placing(cfg, model_dir),
         suspect_primary=agreement.driver.suspect_primary,
         emit=emit,
+        acting=lambda: role.acting == me,  # the gateway evicts: whichever node acts
     )
     timeouts = parts.step_timeouts(config, membership.status, recovery.evict_liars)
     codec = TextCodec.load(model_dir) if (model_dir / "tokenizer.json").is_file() else None
+    replicas = TaskReplicas(
+        node=me,
+        path=Path(cfg.node.data_dir) / "tasks.sqlite",
+        role=role,
+        transport=transport,
+        status=membership.status,
+        timeout_s=partial(parts.step_timeout_s, config),
+    )
     engine = parts.engine(
         cfg,
         model_dir,
@@ -194,6 +226,8 @@ def build_node(
         codec=codec,
         torch_thread=torch_thread,
         emit=emit,
+        on_checkpoint=replicas.checkpoint,
+        resume=lambda request_id: replicas.store.checkpoint(request_id),
     )
     # every dynamic option reaches the part that uses it (control.live_config)
     follow_config(
@@ -202,7 +236,9 @@ def build_node(
     follow_agreement_config(
         config, driver=agreement.driver, coordinator=agreement.coordinator, recovery=recovery
     )
-    stage = StageRoutes(node=me, server=server, deliver=router.deliver, emit=emit)
+    stage = StageRoutes(
+        node=me, server=server, deliver=router.deliver, emit=emit, gateway=role.gateway
+    )
     config_message = agreement.replica.on_message  # votes only for the gateway (peer)
     routes: Routes = {
         d.StageStep: stage.step,
@@ -212,7 +248,9 @@ def build_node(
         d.Release: stage.release,
         d.KvAppend: stage.kv_append,
         d.CacheQuery: stage.cache_query,
-        c.PlanAssign: PlanIntake(node=me, plans=plans, apply=server.apply_plan, emit=emit),
+        c.PlanAssign: PlanIntake(
+            node=me, plans=plans, apply=server.apply_plan, emit=emit, gateway=role.gateway
+        ),
         c.StatusQuery: report.on_status_query,
         d.Ping: report.on_ping,
         c.AgreementFrame: by_envelope(agreement.driver.on_frame),
@@ -221,7 +259,14 @@ def build_node(
         c.ConfigSync: config_message,
     }
     gateway = None
-    if me == GATEWAY:
+    if role.capable(me):  # acting, or standing by to take over
+        routes = {
+            **routes,
+            s.TaskCopy: replicas.on_copy,
+            s.TaskCheckpoint: replicas.on_checkpoint,
+            s.TaskSettled: replicas.on_settled,
+            s.TaskSync: replicas.on_sync,
+        }
         gateway = Gateway(
             node=me,
             members=tuple(sorted(members)),
@@ -234,12 +279,16 @@ def build_node(
             metrics=metrics,
             codec=codec,
             model_name=model_dir.name,
+            role=role,
+            replicas=replicas,
+            propose=agreement.propose,
+            status=membership.status,
         )
     beats = BeatSource(me, cfg.cluster.id, key, keys)
     heartbeats = partial(edges.heartbeats, beats, report.local_state, membership.on_heartbeat)
     return Node(
         *(me, digest, config, router, routes, server, membership, heartbeats, report),
-        *(agreement, plans, evidence, recovery, engine, gateway, emit),
+        *(agreement, plans, evidence, recovery, engine, gateway, role, emit),
     )
 
 

@@ -13,15 +13,24 @@ honest node, pre-empt its own eviction or change the configuration. The rule:
                     request with a valid
                     token when api.tokens is
                     set)
+    take_over       the successor of a failed  the same, with a rule the node's gateway
+                    gateway, for itself        role gives (`control.gateway_role`): at
+                                               execution the agreed state alone; before
+                                               preparing, also the replica's own failure
+                                               detector (it must see the gateway failed)
 
 `authorized` is a pure function of the ordered request (command and signer) and the
-gateway's id, so every honest replica decides alike; `admission` adapts it to the PBFT
-replica's `PbftConfig.authorize` hook. The API token itself is checked at the gateway's
-HTTP layer before it proposes (`api.guards`): replicas cannot see it, they trust the
-gateway, which the clients trust already (it samples their answers).
+acting gateway's id as the agreed log left it, so every honest replica decides alike;
+`admission` adapts it to the PBFT replica's `PbftConfig.authorize` hook (and, with the
+execution-time takeover rule, to the driver's check at execution). The API token itself
+is checked at the gateway's HTTP layer before it proposes (`api.guards`): replicas
+cannot see it, they trust the gateway, which the clients trust already (it samples
+their answers).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from butterfly.protocol.pbft_state import Authorize
 from butterfly.types.errors import CoordinationError
@@ -34,47 +43,67 @@ from butterfly.types.wire.commands import (
     EvictNode,
     InvalidCommand,
     NewPlan,
+    TakeOver,
     decode_command,
 )
+
+TakeoverRule = Callable[[TakeOver, NodeId], str | None]
+"""Why a takeover by a proposer must not be ordered (`control.gateway_role`)."""
 
 
 class UnauthorizedCommand(CoordinationError):
     """This node may not propose that command: no honest replica would order it."""
 
 
-def authorized(command: Command, proposer: NodeId, gateway: NodeId = GATEWAY) -> str | None:
-    """Why `proposer` may not order `command` (None: it may).
+def authorized(
+    command: Command,
+    proposer: NodeId,
+    gateway: NodeId = GATEWAY,
+    takeover: TakeoverRule | None = None,
+) -> str | None:
+    """Why `proposer` may not order `command` (None: it may). `gateway`: the acting one;
+    `takeover`: the rule for `TakeOver` (none: the role cannot move here).
 
     >>> authorized(EvictNode(NodeId(2), "lied"), NodeId(0))
     >>> authorized(EvictNode(NodeId(2), "crashed"), NodeId(2))
     'evict_node comes from the gateway (node 0) only, not node 2'
     """
+    if isinstance(command, TakeOver):
+        if takeover is None:
+            return "the gateway role cannot move in this cluster"
+        return takeover(command, proposer)
     if proposer != gateway:
         return f"{command.kind} comes from the gateway (node {gateway}) only, not node {proposer}"
     match command:
         case EvictNode(node=node) if node == gateway:
-            return "the gateway cannot be evicted: its role does not move to another node"
+            return "the acting gateway cannot be evicted: its successor takes over if it fails"
         case NewPlan() | EvictNode() | ConfigUpdate() | ConfigAbort():
             return None
 
 
-def request_refusal(request: Request, gateway: NodeId = GATEWAY) -> str | None:
+def request_refusal(
+    request: Request, gateway: NodeId = GATEWAY, takeover: TakeoverRule | None = None
+) -> str | None:
     """Why a signed agreement request must not be ordered or executed (None: it may): an
     operation that is not a command is refused as well, as no honest node proposes one."""
     try:
         command = decode_command(request.operation)
     except InvalidCommand as e:
         return f"not a command: {e}"
-    return authorized(command, request.sender, gateway)
+    return authorized(command, request.sender, gateway, takeover)
 
 
-def admission(gateway: NodeId = GATEWAY) -> Authorize:
-    """The replica hook (`PbftConfig.authorize`) for a node whose gateway is `gateway`."""
+def admission(
+    gateway: NodeId | Callable[[], NodeId] = GATEWAY, takeover: TakeoverRule | None = None
+) -> Authorize:
+    """The replica hook (`PbftConfig.authorize`) for a node whose acting gateway is
+    `gateway` (a fixed node, or a lookup of the agreed one, read on every request)."""
+    acting = gateway if callable(gateway) else (lambda: gateway)
 
     def authorize(request: Request) -> str | None:
-        return request_refusal(request, gateway)
+        return request_refusal(request, acting(), takeover)
 
     return authorize
 
 
-__all__ = ["UnauthorizedCommand", "admission", "authorized", "request_refusal"]
+__all__ = ["TakeoverRule", "UnauthorizedCommand", "admission", "authorized", "request_refusal"]

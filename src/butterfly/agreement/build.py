@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from butterfly.agreement.authority import admission
+from butterfly.agreement.authority import TakeoverRule, admission
 from butterfly.agreement.config_coordinator import ConfigCoordinator
 from butterfly.agreement.config_replica import ConfigReplica
 from butterfly.agreement.driver import AgreementDriver, OnCommit, OnEvidence
@@ -23,6 +23,7 @@ from butterfly.config.validate import cluster_size
 from butterfly.metrics.events import Emit, MessageDropped
 from butterfly.net.transport import Transport
 from butterfly.protocol.keys import key_path, load_or_create_key, pbft_config, public_keys
+from butterfly.protocol.pbft_state import Authorize
 from butterfly.types.errors import ConfigError
 from butterfly.types.ids import GATEWAY, NodeId
 from butterfly.types.wire.commands import (
@@ -31,8 +32,11 @@ from butterfly.types.wire.commands import (
     EvictNode,
     InvalidCommand,
     NewPlan,
+    TakeOver,
     decode_command,
 )
+
+OnCommand = Callable[[EvictNode | NewPlan | TakeOver], None]
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +53,7 @@ def open_config(cfg: ButterflyConfig) -> ConfigManager:
     return ConfigManager(resumed, history, source="start")
 
 
-def commit_router(
-    replica: ConfigReplica, on_command: Callable[[EvictNode | NewPlan], None], emit: Emit
-) -> OnCommit:
+def commit_router(replica: ConfigReplica, on_command: OnCommand, emit: Emit) -> OnCommit:
     """Every command the cluster agreed on, in agreement order, on every node, to the part
     that executes its kind."""
 
@@ -65,7 +67,7 @@ def commit_router(
         match command:
             case ConfigUpdate() | ConfigAbort():
                 replica.execute(command)
-            case EvictNode() | NewPlan():
+            case EvictNode() | NewPlan() | TakeOver():
                 on_command(command)
 
     return on_commit
@@ -83,27 +85,36 @@ def build_agreement(
     *,
     manager: ConfigManager,
     transport: Transport,
-    on_command: Callable[[EvictNode | NewPlan], None],
+    on_command: OnCommand,
     on_evidence: OnEvidence,
     emit: Emit,
     live: Callable[[NodeId], bool],
+    gateway: Callable[[], NodeId] = lambda: GATEWAY,
+    takeover: TakeoverRule | None = None,
+    veto: Authorize | None = None,
     driver_type: type[AgreementDriver] = AgreementDriver,
 ) -> NodeAgreement:
     """The PBFT driver (signing with the node key, created on first start) and the config
-    replica and coordinator over it. Agreed config changes go to the replica; plans and
-    evictions to `on_command`. `driver_type` lets `butterfly.testing` compose a node
-    whose votes lie (`butterfly.testing.liar_votes`)."""
+    replica and coordinator over it. Agreed config changes go to the replica; plans,
+    evictions and takeovers to `on_command`. `gateway`: the acting gateway as agreed
+    (`control.gateway_role`); `takeover`: its rule for a takeover (the agreed state
+    alone); `veto`: this node's own reasons not to take a request up (a takeover its
+    failure detector does not support).
+    `driver_type` lets `butterfly.testing` compose a node whose votes lie
+    (`butterfly.testing.liar_votes`)."""
     cfg = manager.current
     key = load_or_create_key(key_path(cfg, Path(cfg.node.data_dir)))
     keys = public_keys(cfg, key)
     node = NodeId(cfg.node.id)
     f = cfg.byzantine.f
     replica = ConfigReplica(
-        node=node, manager=manager, key=key, keys=keys, f=f, transport=transport
+        node=node, manager=manager, key=key, keys=keys, f=f, transport=transport, gateway=gateway
     )
     driver = driver_type(
         # each command kind only from its authorized proposer (agreement.authority)
-        config=dataclasses.replace(pbft_config(cfg, keys), authorize=admission(GATEWAY)),
+        config=dataclasses.replace(
+            pbft_config(cfg, keys), authorize=admission(gateway, takeover), veto=veto
+        ),
         key=key,
         transport=transport,
         on_commit=commit_router(replica, on_command, emit),

@@ -27,7 +27,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,12 +112,12 @@ class ConfigReplica:
         keys: tuple[bytes, ...],
         f: int,
         transport: Transport,
-        gateway: NodeId = GATEWAY,
+        gateway: Callable[[], NodeId] = lambda: GATEWAY,
     ) -> None:
         """`gateway`: the one node whose PREPAREs this node votes on (the API, and its
-        token check, are there)."""
+        token check, are there): the acting gateway as agreed, read on every vote."""
         self.node, self.manager, self._key, self._keys, self._f = node, manager, key, keys, f
-        self.gateway = gateway
+        self._gateway = gateway
         self._transport = transport
         self._peers = tuple(NodeId(i) for i in range(len(keys)) if i != node)
         self._aborted: set[int] = set()  # nonces of attempts rolled back before they ran
@@ -139,9 +139,10 @@ class ConfigReplica:
         msg = env.msg
         match msg:
             case ConfigPrepare():
-                if peer != self.gateway:  # a signed OK is half a commit: never for others
+                gateway = self._gateway()
+                if peer != gateway:  # a signed OK is half a commit: never for others
                     log.warning("node %s asked for a config vote; only the gateway may", peer)
-                    reason = f"config changes are proposed by the gateway (node {self.gateway})"
+                    reason = f"config changes are proposed by the gateway (node {gateway})"
                     return make_vote(self._key, self.node, msg.digest, self.last_seq,
                                      ok=False, reason=reason), b""  # fmt: skip
                 return self.vote(msg.digest, env.payload), b""

@@ -16,7 +16,10 @@ duplicate but the driver skips it, keyed by client and timestamp).
 Each command kind has one authorized proposer (`agreement.authority`, given to the
 replica as `PbftConfig.authorize`): the replica never orders or prepares another's, the
 driver counts such requests as they arrive, skips one at execution should more than f
-liars have agreed it, and `propose` refuses one at once.
+liars have agreed it, and `propose` refuses one at once (and one this node would veto
+itself: `PbftConfig.veto`). The check at execution runs in the executor, one command
+after the other: a rule that depends on what earlier commands did (who the acting gateway is after
+a takeover) sees their effect, on every node alike.
 
 Equivocation evidence (two conflicting votes one node signed for one slot, recorded by
 this replica or checked from a peer's report; `butterfly.protocol.evidence`) leaves
@@ -50,7 +53,7 @@ from butterfly.metrics.events import ConsensusRound, Emit, MessageDropped, Phase
 from butterfly.net.framing import Envelope
 from butterfly.net.transport import Transport
 from butterfly.protocol import pbft
-from butterfly.protocol.pbft_order import refusal
+from butterfly.protocol.pbft_order import refusal, vetoed
 from butterfly.protocol.pbft_state import PbftConfig, ReplicaState, Send
 from butterfly.protocol.sign import SigningKey, sign_message
 from butterfly.types.errors import ButterflyError, ConsensusTimeout, InvalidMessage
@@ -115,7 +118,7 @@ class AgreementDriver:
         self.me = config.replica
         self.peers = tuple(NodeId(i) for i in range(config.n) if i != self.me)
         self._outbox = {p: asyncio.Queue[bytes](limits.queue_per_peer) for p in self.peers}
-        self._commits: asyncio.Queue[tuple[int, bytes, tuple[NodeId, int]]] = asyncio.Queue()
+        self._commits: asyncio.Queue[tuple[int, Request]] = asyncio.Queue()
         self._wake = asyncio.Event()
         self._sleeping_until: float | None = None  # the deadline the ticker waits for
         self._delivered = 0  # highest sequence number handed to the commit queue
@@ -249,13 +252,7 @@ class AgreementDriver:
             if key in self._ran:
                 continue
             self._ran.add(key)
-            refused = refusal(state, request)
-            if refused is not None:  # only more than f liars get one here: skip it alike
-                self._emit(MessageDropped(reason="agreement_unauthorized_executed"))
-                log.error("agreed seq %d skipped on every node: %s", self._delivered, refused)
-                self._refuse_waiter(key, refused)
-                continue
-            self._commits.put_nowait((self._delivered, request.operation, key))
+            self._commits.put_nowait((self._delivered, request))
         pbft.prune(state, self._delivered)  # what every replica has past its checkpoint
 
     # --- proposing --------------------------------------------------------------------
@@ -270,7 +267,7 @@ class AgreementDriver:
             sender=self.me, epoch=self._state.config.epoch, timestamp=self._last_ts,
             operation=command,
         )  # fmt: skip
-        refused = refusal(self._state, unsigned)
+        refused = refusal(self._state, unsigned) or vetoed(self._state, unsigned)
         if refused is not None:  # no replica would order it: say so now, not at the timeout
             raise UnauthorizedCommand(
                 f"the agreement refuses this command from node {self.me}: {refused}"
@@ -330,9 +327,17 @@ class AgreementDriver:
 
     async def _executor(self) -> None:
         while True:
-            seq, command, key = await self._commits.get()
+            seq, request = await self._commits.get()
+            key = (request.sender, request.timestamp)
+            refused = refusal(self._state, request)
+            if refused is not None:  # only more than f liars get one here: skip it alike
+                self._emit(MessageDropped(reason="agreement_unauthorized_executed"))
+                log.error("agreed seq %d skipped on every node: %s", seq, refused)
+                self._refuse_waiter(key, refused)
+                self.applied = seq
+                continue
             try:
-                await self._on_commit(seq, command)
+                await self._on_commit(seq, request.operation)
             except Exception:  # one bad command must not stop the ones after it
                 log.exception("executing agreed command %d failed", seq)
             self.applied = seq

@@ -15,6 +15,7 @@ but `/health` (and `/metrics` with `api.metrics_public`); `/inference` and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import Annotated, Any
 
@@ -49,7 +50,9 @@ def create_app(
     model_name: str,
     settings: ApiSettings,
     config: ConfigCoordinator | None = None,
+    gateways: Callable[[], list[dict[str, Any]]] | None = None,
 ) -> FastAPI:
+    """`gateways`: every gateway-capable node with its API URL, for `/health`."""
     gw = Gateway(scheduler, engine, codec, settings, model_name)
     bearer = BearerAuth(settings.api_tokens)
     auth = Depends(bearer)
@@ -105,6 +108,8 @@ def create_app(
         if config is not None:  # flagged, not unhealthy: a diverged node still computes
             body["config"] = config.health()
             body["services"]["config"] = "ok" if body["config"]["in_sync"] else "diverged"
+        if gateways is not None:
+            body["gateways"] = gateways()
         return JSONResponse(body, status_code=200 if body["healthy"] else 503)
 
     if settings.serve_metrics:

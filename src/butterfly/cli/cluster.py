@@ -15,10 +15,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from butterfly.cli.gateways import first_answer, parse_urls
 from butterfly.cli.keeper import Restarts, keep_alive
 from butterfly.cli.launcher import LocalCluster, node_configs
 from butterfly.cli.paths import data_dir, demo_model
 from butterfly.config import ConfigInvalid, load_config
+from butterfly.config.gateways import gateway_urls
 from butterfly.net.tls import make_certs
 
 app = typer.Typer(no_args_is_help=True)
@@ -124,7 +126,11 @@ def launch(
         with err.status(f"starting {nodes} nodes, loading {model_dir.name}"):
             cluster.wait_ready()
         err.print(f"[green]cluster up[/green]: {nodes} nodes, API at {url} (Ctrl-C to stop)")
-        err.print(f'  try: butterfly infer --url {url} "Hello"')
+        # every gateway-capable node serves the API on the ports after --api-port; a
+        # standby redirects to the acting one, and takes over if it dies
+        urls = ",".join(gateway_urls(load_config([configs[0]], env={})).values()) or url
+        err.print(f"  gateways: {urls}")
+        err.print(f'  try: butterfly infer --url {urls} "Hello"')
         history = Restarts()
         while not stopping.wait(0.5):
             if restart:
@@ -145,7 +151,9 @@ def launch(
 
 def infer(
     prompt: Annotated[str, typer.Argument(help="Text to continue.")],
-    url: Annotated[str, typer.Option(help="Gateway URL.")] = DEFAULT_URL,
+    url: Annotated[
+        str, typer.Option(help="Gateway URL; several, comma-separated, are tried in turn.")
+    ] = DEFAULT_URL,
     max_tokens: Annotated[int, typer.Option(help="New tokens to generate.")] = 32,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     json_out: Annotated[bool, typer.Option("--json", help="Print the whole result.")] = False,
@@ -161,9 +169,19 @@ def infer(
         "temperature": temperature,
         "wait": True,
     }
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    def send(address: str) -> httpx.Response:  # a standby's 307 leads to the acting one
+        return httpx.post(
+            f"{address}/inference",
+            json=body,
+            headers=headers,
+            timeout=600.0,
+            follow_redirects=True,
+        )
+
     try:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        r = httpx.post(f"{url}/inference", json=body, headers=headers, timeout=600.0)
+        _, r = first_answer(parse_urls(url), send)
     except httpx.HTTPError as e:
         err.print(f"[red]error:[/red] cannot reach {url}: {e}")
         raise typer.Exit(2) from e
@@ -174,10 +192,23 @@ def infer(
     typer.echo(json.dumps(result) if json_out else result.get("text", ""))
 
 
-def status(url: Annotated[str, typer.Option(help="Gateway URL.")] = DEFAULT_URL) -> None:
+def status(
+    url: Annotated[
+        str, typer.Option(help="Gateway URL; several, comma-separated, are tried in turn.")
+    ] = DEFAULT_URL,
+) -> None:
     """Nodes, their health and stages, as a table."""
+
+    def send(address: str) -> httpx.Response:
+        response = httpx.get(f"{address}/health", timeout=10.0)
+        for g in response.json().get("gateways", []) if response.status_code == 503 else []:
+            if g.get("acting") and g.get("url"):  # a standby: ask the acting gateway
+                return httpx.get(f"{g['url']}/health", timeout=10.0)
+        return response
+
     try:
-        health = httpx.get(f"{url}/health", timeout=10.0).json()
+        url, answer = first_answer(parse_urls(url), send)
+        health = answer.json()
     except (httpx.HTTPError, ValueError) as e:
         err.print(f"[red]error:[/red] cannot reach {url}: {e}")
         raise typer.Exit(2) from e

@@ -115,7 +115,10 @@ def node_configs(
             if all(p.is_file() for i in range(nodes) for p in cert_paths(tls_dir, i))
             else make_certs(tls_dir, nodes, "local")
         )
-    ports = free_ports(nodes, avoid=frozenset({api_port}))
+    # every gateway-capable node serves its API on a port after api_port (config.gateways)
+    gateways = len((settings or {}).get("cluster.gateways", ())) or min(nodes, max(2, f + 1))
+    api_ports = frozenset(range(api_port, api_port + gateways)) if api_port else frozenset()
+    ports = free_ports(nodes, avoid=api_ports)
     members = [f"127.0.0.1:{p}" for p in ports]
     dirs = [data_dir / f"node-{i}" for i in range(nodes)]
     keys = [load_or_create_key(d / KEY_FILE).public.hex() for d in dirs]
@@ -184,8 +187,22 @@ class LocalCluster:
             raise RuntimeError(f"node {index} (pid {self.procs[index].pid}) is still running")
         self.procs[index] = self._spawn(index)
 
+    def acting_url(self, client: httpx.Client | None = None) -> str:
+        """The acting gateway's API URL: `api_url` (the first gateway's), or the one its
+        `/health` names when another gateway-capable node took over."""
+        with contextlib.ExitStack() as stack:
+            if client is None:
+                client = stack.enter_context(httpx.Client(timeout=2.0))
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                gateways = client.get(f"{self.api_url}/health").json().get("gateways", [])
+                for g in gateways:
+                    if g.get("acting") and g.get("url"):
+                        return str(g["url"])
+        return self.api_url
+
     def wait_ready(self, timeout_s: float = 120.0) -> None:
-        """Until the gateway reports a healthy cluster; raises if a node dies first."""
+        """Until the acting gateway reports a healthy cluster; raises if a node dies
+        first."""
         deadline = time.monotonic() + timeout_s
         with httpx.Client(timeout=2.0) as client:
             while time.monotonic() < deadline:
@@ -195,7 +212,7 @@ class LocalCluster:
                         f"node(s) exited during start-up: {dead}; see logs in {self.log_dir}"
                     )
                 with contextlib.suppress(httpx.HTTPError):
-                    r = client.get(f"{self.api_url}/health")
+                    r = client.get(f"{self.acting_url(client)}/health")
                     if r.status_code == 200 and r.json().get("healthy"):
                         return
                 time.sleep(0.2)

@@ -121,6 +121,13 @@ class ClusterConfig(Section):
     public_keys: tuple[PublicKeyHex, ...] = option(
         (), "Ed25519 public key (hex) of node 0..n-1; empty = one node, own key.", SC, CLUSTER
     )
+    gateways: tuple[int, ...] = option(
+        (),
+        "Nodes that may act as gateway, in takeover order (the first acts at start); "
+        "empty = the first max(2, f + 1) members.",
+        SC,
+        CLUSTER,
+    )
 
 
 class NodeConfig(Section):

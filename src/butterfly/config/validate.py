@@ -16,8 +16,10 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from butterfly.config.gateways import api_port, check_gateways
 from butterfly.config.issues import ConfigIssue
 from butterfly.config.schema import ButterflyConfig
+from butterfly.types.ids import NodeId
 
 Rule = Callable[[ButterflyConfig], Iterator[ConfigIssue]]
 
@@ -136,11 +138,12 @@ def _limits(cfg: ButterflyConfig) -> Iterator[ConfigIssue]:
             related=("scheduling.max_new_tokens_limit",),
         )
     listen_port = int(cfg.node.listen.rsplit(":", 1)[1])
-    if cfg.api.port != 0 and cfg.api.port == listen_port:
+    own = api_port(cfg, NodeId(cfg.node.id))  # api.port, or after it for a later gateway
+    if own != 0 and own == listen_port:
         yield ConfigIssue(
             "api.port",
             "distinct ports",
-            f"api.port={cfg.api.port} is also node.listen's port; pick another",
+            f"this node's API port {own} is also node.listen's port; pick another api.port",
             related=("node.listen",),
         )
 
@@ -267,6 +270,7 @@ def _unsupported(cfg: ButterflyConfig) -> Iterator[ConfigIssue]:
 RULES: tuple[Rule, ...] = (
     _bft_quorum,
     _membership,
+    check_gateways,
     _timing,
     _limits,
     _replication,

@@ -22,7 +22,8 @@ app is built (`butterfly.api.live`).
     coordination.phi_suspect, phi_failed,    the failure detector, at once
       min_std_ms, acceptable_pause_ms
     coordination.checkpoint_frequency        the stage server's next KV copy (none while
-                                             verification is replicate: lanes keep copies)
+                                             verification is replicate: lanes keep copies),
+                                             and the gateway's next generation checkpoint
     partition.strategy                       the gateway re-plans at once (a new epoch)
     coordination.view_change_timeout_ms,     the PBFT replica's timers at once (running
       coordination.phase_timeout_ms          ones brought forward), and how long plans
@@ -87,6 +88,7 @@ def _retune_engine(engine: PipelineEngine, cfg: ButterflyConfig) -> None:
         audit_fraction=b.audit_fraction,
         tolerance=Tolerance(rtol=b.rtol, atol=b.atol),
     )
+    engine.checkpoint_every = cfg.coordination.checkpoint_frequency  # generation copies
 
 
 def _check_verification(

@@ -151,8 +151,9 @@ class PlanIntake:
         plans: AgreedPlans,
         apply: Callable[[PlanAssign], Awaitable[PlanAck]],
         emit: Emit,
-        gateway: NodeId = GATEWAY,
+        gateway: Callable[[], NodeId] = lambda: GATEWAY,
     ) -> None:
+        """`gateway`: the acting gateway as agreed (`control.gateway_role`)."""
         self.node, self._plans, self._apply, self._emit = node, plans, apply, emit
         self._gateway = gateway
 
@@ -160,7 +161,7 @@ class PlanIntake:
         msg = env.msg
         if not isinstance(msg, PlanAssign):
             return None
-        if peer != self._gateway:
+        if peer != self._gateway():
             self._emit(MessageDropped(reason="plan_from_non_gateway"))
             return None
         return await self._plans.admit(msg, self.node, self._apply), b""

@@ -80,9 +80,13 @@ class Recovery:
         placing: Placing,
         suspect_primary: Callable[[NodeId], None],
         emit: Emit,
+        acting: Callable[[], bool] | None = None,
     ) -> None:
         """`propose`: the agreement's; `suspect_primary`: the agreement is told at once
-        when a node fails, in case it is the primary (no wait for the request timeout)."""
+        when a node fails, in case it is the primary (no wait for the request timeout);
+        `acting`: whether this node acts as the gateway now (`control.gateway_role`;
+        default: `policy.evicts`, node 0)."""
+        self._acting = acting or (lambda: evicts(node))
         self.node, self._members, self._status, self._holder = node, members, status, holder
         self._plans, self._propose, self._agree_timeout = plans, propose, agree_timeout_s
         self._transport, self._model_hash, self._placing = transport, model_hash, placing
@@ -119,7 +123,7 @@ class Recovery:
         the gateway re-plans without them. An eviction the agreed log holds already (the
         liar's own, or one replayed) is not ordered again, but its node still leaves the
         plan: the re-plan is woken whatever was agreed before."""
-        fresh = to_evict(liars, self._evicting)
+        fresh = to_evict(liars, self._evicting, self.node)  # the gateway: never itself
         if not fresh:
             log.info("none of %s to evict (evicted already, or the gateway): %s", liars, reason)
             return
@@ -143,7 +147,7 @@ class Recovery:
     def _on_agreed_eviction(self, node: NodeId, reason: str) -> None:
         """The agreed log evicted `node` (first time on this node, or replayed after a
         restart): the gateway stores it and re-plans if it holds layers."""
-        if evicts(self.node):
+        if self._acting():
             self._remember(node, reason)
             self._wake.set()
 
@@ -152,7 +156,7 @@ class Recovery:
         gateway evicts the signer, the others only log it."""
         while True:
             accused, reason = equivocation(await evidence.get())
-            if evicts(self.node):
+            if self._acting():
                 await self.evict_liars((accused,), reason)
             else:
                 log.error("equivocation: %s; the gateway evicts it", reason)
@@ -171,12 +175,16 @@ class Recovery:
     # --- the gateway ------------------------------------------------------------------
 
     async def start(
-        self, facts: Mapping[NodeId, StatusReply], store: EvictionStore | None = None
+        self,
+        facts: Mapping[NodeId, StatusReply],
+        store: EvictionStore | None = None,
+        live: list[NodeId] | None = None,
     ) -> None:
-        """The first plan, over every member not evicted, from the facts gathered at
-        start-up. `store`: the gateway's; the evictions it remembers stay out of every
-        plan, and those the agreed log lacks (not agreed before a restart) are ordered
-        again; agreed ones replayed before now are written to it."""
+        """The first plan, over every member not evicted (or the `live` ones: a gateway
+        taking over from a dead one), from the facts gathered at start-up. `store`: the
+        gateway's; the evictions it remembers stay out of every plan, and those the
+        agreed log lacks (not agreed before a restart) are ordered again; agreed ones
+        replayed before now are written to it."""
         self.facts, self._store = facts, store
         if store is not None:
             for node, reason in store.evictions().items():
@@ -190,7 +198,8 @@ class Recovery:
                     )
                 except ButterflyError as e:  # it stays out of this gateway's plans anyway
                     log.error("eviction of node %s not agreed: %s", node, e)
-        await self.replan([n for n in sorted(self._members) if n not in self.evicted])
+        members = live if live is not None else self._members
+        await self.replan([n for n in sorted(members) if n not in self.evicted])
 
     async def replan(self, live: list[NodeId]) -> StagePlan:
         """Decide the next plan over the `live` nodes, agree on it, put it in force. A plan

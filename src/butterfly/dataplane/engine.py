@@ -38,6 +38,7 @@ from butterfly.net.framing import Envelope
 from butterfly.protocol.proof import Tolerance
 from butterfly.runtime.sampling import make_generator, sample
 from butterfly.schedule.engine import ClusterHealth, Retraction, TokenSink
+from butterfly.schedule.store import Checkpoint
 from butterfly.types.errors import (
     ButterflyError,
     ContextLengthExceeded,
@@ -86,6 +87,9 @@ class PipelineEngine:
         verification: Mode | None = None,
         keys: Mapping[NodeId, bytes] | None = None,
         f: int = 0,
+        checkpoint_every: int = 0,
+        on_checkpoint: Callable[[RequestId, Checkpoint], None] | None = None,
+        resume: Callable[[RequestId], Checkpoint | None] | None = None,
     ) -> None:
         """`verification` picks which of the parts built checks a request (audit,
         replicate or none); it defaults to the one part given. `retune` changes it, the
@@ -93,7 +97,12 @@ class PipelineEngine:
         `keys`: the members' public keys; with them, every result of a checked request
         is checked against its signed records before it is used (`intake.Intake`). `f`:
         the liars tolerated; another node's claim that a request cannot be served is
-        believed only as `claims.Claims` says (with 0, at once)."""
+        believed only as `claims.Claims` says (with 0, at once).
+        `on_checkpoint` gets each request's generation every `checkpoint_every` tokens
+        (the standby gateways keep it: `wiring.standby`); `resume` finds the one a request
+        left before the gateway running it died, to go on from there."""
+        self.checkpoint_every, self._on_checkpoint = checkpoint_every, on_checkpoint
+        self._resume = resume
         self._flight = InFlight()
         self._emit, self._replicator = emit, replicator
         self._auditor = auditor
@@ -294,12 +303,16 @@ class PipelineEngine:
                 if replicator is not None:
                     return replace(result, verified=replicator.finish(request_id))
                 return result
+            # a checkpoint left by a gateway that died: only the first run goes on from it
+            # (a re-run after a failed audit starts over)
+            saved = self._resume(request_id) if self._resume is not None else None
             for _ in range(self._max_recoveries):
                 positions: dict[int, tuple[int, int]] = {}
                 self._flight.records[request_id] = []
                 result = await self._generate(
-                    task, request_id, on_token, started, timings, positions
+                    task, request_id, on_token, started, timings, positions, saved
                 )
+                saved = None
                 if replicator is not None:
                     return replace(result, verified=replicator.finish(request_id))
                 if auditor is None or self._audit_draw() >= fraction:
@@ -342,6 +355,7 @@ class PipelineEngine:
         started: float,
         timings: dict[str, float],
         positions: dict[int, tuple[int, int]],
+        saved: Checkpoint | None = None,
     ) -> InferenceResult:
         """Token by token; the gateway's history and RNG are the canonical checkpoint.
 
@@ -350,13 +364,25 @@ class PipelineEngine:
         position 0: every stage cuts its cache back to 0 and recomputes, so the next token
         is exactly the one the request would have produced. The RNG is only advanced by
         tokens actually sampled, so sampled requests continue identically too.
+
+        `saved` (a checkpoint a dead gateway left) starts the request where it was: its
+        tokens count as produced, its RNG state replaces the fresh one, and the first step
+        is the same whole-history prefill a recovery makes.
         """
         rng = make_generator(task.sampling)
         prompt = list(task.input_ids)
-        x = torch.tensor([prompt], dtype=torch.int64)
         out: list[int] = []
+        if saved is not None and len(saved.tokens) <= task.max_new_tokens:
+            out = list(saved.tokens)
+            rng.set_state(torch.frombuffer(bytearray(saved.rng_state), dtype=torch.uint8))
+            for token in out:
+                on_token(token)
+            timings["resumed_from_checkpoint"] = float(len(out))
+            log.info("request %s resumes from its checkpoint at token %d", request_id, len(out))
+        x = torch.tensor([prompt + out], dtype=torch.int64)
         pos, step, recoveries = 0, 0, 0
-        while len(out) < task.max_new_tokens:
+        ended = bool(out) and out[-1] in self._eos
+        while len(out) < task.max_new_tokens and not ended:
             epoch = self._epoch()
             step += 1  # step ids are never reused, so a late answer is ignored
             step_started = time.perf_counter()
@@ -405,6 +431,10 @@ class PipelineEngine:
                 timings["time_to_first_token_s"] = time.perf_counter() - started
             out.append(token)
             on_token(token)
+            every = self.checkpoint_every
+            if self._on_checkpoint is not None and every > 0 and len(out) % every == 0:
+                state = bytes(rng.get_state().numpy().tobytes())
+                self._on_checkpoint(request_id, Checkpoint(tuple(out), state, epoch))
             if token in self._eos:
                 break
             pos += x.shape[1]
@@ -413,7 +443,7 @@ class PipelineEngine:
         timings["total_s"] = total
         if recoveries:
             timings["recoveries"] = float(recoveries)
-        if len(out) > 1:
+        if len(out) > 1 and "time_to_first_token_s" in timings:  # not when resumed at the end
             timings["time_per_output_token_s"] = (total - timings["time_to_first_token_s"]) / (
                 len(out) - 1
             )

@@ -45,8 +45,9 @@ class StageRoutes:
         server: StageServer,
         deliver: Deliver,
         emit: Emit,
-        gateway: NodeId = GATEWAY,
+        gateway: Callable[[], NodeId] = lambda: GATEWAY,
     ) -> None:
+        """`gateway`: the acting gateway as agreed, read on every step."""
         self.node, self._server, self._deliver, self._emit = node, server, deliver, emit
         self._gateway = gateway
 
@@ -58,7 +59,7 @@ class StageRoutes:
         if not isinstance(msg, StageStep):
             return None
         plan = await self._server.plan_of(env.epoch)
-        if not entitled(msg, peer, Context(self.node, self._gateway, plan)):
+        if not entitled(msg, peer, Context(self.node, self._gateway(), plan)):
             self._emit(MessageDropped(reason="not_entitled_stage_step"))
             log.warning("dropped a stage step from node %s: not the previous stage", peer)
             return None

@@ -11,8 +11,9 @@ left is whether that peer is the one entitled to send this kind, now:
     step_error            any node of that route
     kv_append             the chain node of that layer range in the current plan
     release, audit_request, cache_query, status_query,
-    plan_assign, config_prepare, config_sync
-                          the gateway
+    plan_assign, config_prepare, config_sync,
+    task_copy, task_checkpoint, task_settled, task_sync
+                          the gateway (the acting one, as agreed)
     ping, config_status_query, agreement
                           any member (a probe, a read, or signed inside by its author)
     replies, hello, heartbeat
@@ -52,6 +53,7 @@ from butterfly.types.wire.data import (
     StepResult,
 )
 from butterfly.types.wire.frames import Message
+from butterfly.types.wire.standby import TaskCheckpoint, TaskCopy, TaskSettled, TaskSync
 
 FROM_GATEWAY = (
     Release,
@@ -61,6 +63,10 @@ FROM_GATEWAY = (
     PlanAssign,
     ConfigPrepare,
     ConfigSync,
+    TaskCopy,
+    TaskCheckpoint,
+    TaskSettled,
+    TaskSync,
 )
 FROM_ANY_MEMBER = (Ping, ConfigStatusQuery, AgreementFrame)
 CHECKED_BY_HANDLER = (StageStep, StepResult, StepError)

@@ -32,6 +32,7 @@ from butterfly.protocol.pbft_order import (
     on_prepare,
     on_request,
     prune,
+    vetoed,
 )
 from butterfly.protocol.pbft_state import (
     PbftConfig,
@@ -106,8 +107,8 @@ def authentic(state: ReplicaState, message: Input) -> bool:
     and within what that client may ask for: `PbftConfig.authorize`)."""
     if isinstance(message, Tick | SuspectPrimary) or message.epoch != state.config.epoch:
         return False
-    if isinstance(message, Request):
-        return admissible(state, message)
+    if isinstance(message, Request):  # a request this replica vetoes is not taken up
+        return admissible(state, message) and vetoed(state, message) is None
     keys = state.config.keys
     if not 0 <= message.sender < len(keys) or message.sender == state.me:
         return False

@@ -48,6 +48,12 @@ def refusal(state: ReplicaState, request: Request) -> str | None:
     return None if authorize is None else authorize(request)
 
 
+def vetoed(state: ReplicaState, request: Request) -> str | None:
+    """Why this replica declines to vote for the request (`PbftConfig.veto`), or None."""
+    veto = state.config.veto
+    return None if veto is None else veto(request)
+
+
 def admissible(state: ReplicaState, request: Request) -> bool:
     """Client-signed and within what that client may ask for: only such a request is
     pending, ordered or prepared, so a lying primary cannot get another one prepared by
@@ -146,8 +152,10 @@ def on_pre_prepare(state: ReplicaState, pp: PrePrepare, now: float, out: list[Se
         slot.others[(pp.view, pp.digest)] = pp  # equivocation (recorded by check_header);
         check_decided(state, pp.seq, pp.view, now, out)  # the others may have decided it
         return
-    # a null request is only proposed inside a new-view; alone it is kept, never voted for
-    if state.active and pp.view == state.view and pp.request is not None:
+    # a null request is only proposed inside a new-view; alone it is kept, never voted for;
+    # one this replica vetoes is kept too, to execute should 2f+1 others commit it
+    vote = pp.request is not None and vetoed(state, pp.request) is None
+    if state.active and pp.view == state.view and vote:
         voted = state.me in slot.prepares.get(pp.view, {}) or state.is_primary
         if existing is None or not voted:  # kept while changing views, vote now
             accept_pre_prepare(state, pp, now, out)

@@ -64,6 +64,12 @@ class PbftConfig:
     # be a pure function of the request, so every honest replica decides alike. None:
     # every client-signed request (benchmarks and tests ordering opaque bytes)
     authorize: Authorize | None = None
+    # why this replica declines to take up a request it would otherwise admit (its own
+    # view, not a function of the request alone: a takeover of a gateway its failure
+    # detector sees alive). It never makes such a request pending, never orders it as
+    # primary and never prepares it; it still logs it and executes it once 2f+1 others
+    # have committed it, so a replica that lags or restarts catches up all the same
+    veto: Authorize | None = None
 
     def __post_init__(self) -> None:
         check_fault_tolerance(len(self.keys), self.f)

@@ -3,8 +3,9 @@
 The scheduler decides *when* a task runs (queue policy, concurrency limit); the engine
 decides *where*. Its promises, in the order a task meets them:
 
-- `submit` returns only after the task is committed to the store, so an id handed to a
-  client always names a task that will run, even across a gateway restart;
+- `submit` returns only after the task is committed to the store (and copied to the
+  standby gateways, `on_accepted`), so an id handed to a client always names a task that
+  will run, even across a gateway restart or the gateway's death;
 - the queue is bounded, and a refused task (`QueueFull`) was never written;
 - a finished task's state (and result) is committed before anyone waiting is woken;
 - `cancel` of a queued task removes it; of a running one, cancels the engine's call,
@@ -26,7 +27,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 
@@ -180,7 +181,12 @@ class Scheduler:
         policy: QueuePolicy = QueuePolicy.FIFO,
         detokenize: Callable[[list[int]], str] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_accepted: Callable[[InferenceTask], Awaitable[None]] | None = None,
+        on_finished: Callable[[RequestId, TaskState, InferenceResult | None], None] | None = None,
     ) -> None:
+        """`on_accepted` runs after a task's commit and before `submit` returns (the copy
+        to the standby gateways); `on_finished` after a terminal state's commit."""
+        self._on_accepted, self._on_finished = on_accepted, on_finished
         if max_concurrent < 1:
             raise ValueError(f"max_concurrent must be at least 1, got {max_concurrent}")
         self._engine, self._store, self._emit = engine, store, emit
@@ -231,6 +237,8 @@ class Scheduler:
             await self._writes.add(task)  # committed with this loop turn's other writes
         finally:
             self._reserved -= 1
+        if self._on_accepted is not None:
+            await self._on_accepted(task)
         live = self._enqueue(task, force=True)
         self._emit(TaskSubmitted(task.priority))
         return self._snapshot(live)
@@ -456,6 +464,8 @@ class Scheduler:
                 reason = f"the result could not be stored ({e}); the task will run again"
                 state, result = TaskState(TaskStatus.FAILED, reason, "internal_error"), None
         live.state, live.result = state, result
+        if self._on_finished is not None:
+            self._on_finished(live.task.task_id, state, result)
         self._emit(TaskFinished(OUTCOMES[live.state.status], self._clock() - live.accepted))
         snap = self._snapshot(live)
         self._recent[live.task.task_id] = snap

@@ -35,9 +35,9 @@ from butterfly.types.ids import NodeId, RequestId
 from butterfly.types.model import LayerRange
 from butterfly.types.tasks import InferenceResult, InferenceTask, SamplingParams, StageRecord
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """2 added `evictions`: an older gateway would open the file and forget them, so it may
-not (version 1 files gain the table when opened)."""
+not (version 1 files gain the table when opened). 3 added `checkpoints`."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -52,12 +52,28 @@ CREATE TABLE IF NOT EXISTS tasks (
     finished_at REAL
 );
 CREATE INDEX IF NOT EXISTS tasks_status ON tasks (status);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    task_id TEXT PRIMARY KEY,                -- a running task's latest checkpoint
+    tokens TEXT NOT NULL,                    -- JSON list of the token ids sampled so far
+    rng BLOB NOT NULL,                       -- the sampling RNG's state after the last
+    epoch INTEGER NOT NULL                   -- the plan epoch they were sampled in
+);
 CREATE TABLE IF NOT EXISTS evictions (
     node INTEGER PRIMARY KEY,                -- one record per node: evicting twice is one
     reason TEXT NOT NULL,                    -- the first reason given
     evicted_at REAL NOT NULL
 );
 """
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A generation so far: resuming from it gives exactly the tokens the uninterrupted
+    run would have (the RNG state is the one after the last token sampled)."""
+
+    tokens: tuple[int, ...]
+    rng_state: bytes
+    epoch: int
 
 
 @dataclass(frozen=True)
@@ -169,6 +185,92 @@ class TaskStore:
             ).fetchall()
         return tuple(task_from_json(task_id, text) for task_id, text in rows)
 
+    def requeue_unfinished(self) -> tuple[InferenceTask, ...]:
+        """Mark every unfinished task queued again (`recovered` lists them): a standby
+        about to act as the gateway takes over what the last one had not finished."""
+        self.recovered = self._recover()
+        return self.recovered
+
+    def copy(self, task: InferenceTask) -> None:
+        """Keep a task the acting gateway accepted (a standby's copy); a second copy of
+        one task is the same task, not an error."""
+        with self._lock, self._db:
+            self._db.execute(
+                "INSERT OR IGNORE INTO tasks (task_id, status, task, accepted_at) "
+                "VALUES (?, ?, ?, ?)",
+                (task.task_id, TaskStatus.QUEUED.value, task_to_json(task), time.time()),
+            )
+
+    def save_checkpoint(self, task_id: RequestId, checkpoint: Checkpoint) -> None:
+        """Replace the task's checkpoint with a later one, unless the task is unknown or
+        has finished. Later: of a later plan epoch (a run after a failed audit starts over
+        in the epoch without the liar), or as long at least in the same epoch; so a copy
+        that arrives late (a standby's catch-up) never replaces a newer one."""
+        terminal = tuple(status.value for status in TERMINAL)
+        marks = ", ".join("?" * len(terminal))
+        with self._lock, self._db:
+            self._db.execute(
+                "INSERT INTO checkpoints (task_id, tokens, rng, epoch) "
+                f"SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM tasks WHERE task_id = ? "
+                f"AND status NOT IN ({marks})) "
+                "ON CONFLICT (task_id) DO UPDATE SET tokens = excluded.tokens, "
+                "rng = excluded.rng, epoch = excluded.epoch WHERE excluded.epoch > epoch "
+                "OR (excluded.epoch = epoch AND "
+                "json_array_length(excluded.tokens) >= json_array_length(tokens))",
+                (
+                    task_id,
+                    json.dumps(list(checkpoint.tokens)),
+                    checkpoint.rng_state,
+                    checkpoint.epoch,
+                    task_id,
+                    *terminal,
+                ),
+            )
+
+    def unfinished(self) -> list[tuple[InferenceTask, Checkpoint | None]]:
+        """Every task not finished, in acceptance order, with its checkpoint if any (what
+        a standby that was away must be given)."""
+        done = tuple(s.value for s in TERMINAL)
+        marks = ",".join("?" * len(done))
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT t.task_id, t.task, c.tokens, c.rng, c.epoch FROM tasks t "
+                "LEFT JOIN checkpoints c ON c.task_id = t.task_id "
+                f"WHERE t.status NOT IN ({marks}) ORDER BY t.seq",
+                done,
+            ).fetchall()
+        return [
+            (
+                task_from_json(task_id, text),
+                None
+                if tokens is None
+                else Checkpoint(tuple(json.loads(tokens)), bytes(rng), epoch),
+            )
+            for task_id, text, tokens, rng, epoch in rows
+        ]
+
+    def recently_finished(self, limit: int) -> list[StoredTask]:
+        """The `limit` tasks that finished last, newest first."""
+        done = tuple(s.value for s in TERMINAL)
+        marks = ",".join("?" * len(done))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT task_id FROM tasks WHERE status IN ({marks}) "
+                "ORDER BY finished_at DESC LIMIT ?",
+                (*done, limit),
+            ).fetchall()
+        return [s for (task_id,) in rows if (s := self.get(task_id)) is not None]
+
+    def checkpoint(self, task_id: str) -> Checkpoint | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT tokens, rng, epoch FROM checkpoints WHERE task_id = ?", (task_id,)
+            ).fetchone()
+        if row is None:
+            return None
+        tokens, rng, epoch = row
+        return Checkpoint(tuple(json.loads(tokens)), bytes(rng), epoch)
+
     def add(self, task: InferenceTask) -> None:
         """Persist a newly accepted task as queued; committed when this returns."""
         try:
@@ -189,6 +291,7 @@ class TaskStore:
                 "finished_at = ? WHERE task_id = ?",
                 (state.status.value, state.reason, state.error_type, payload, time.time(), task_id),
             )
+            self._db.execute("DELETE FROM checkpoints WHERE task_id = ?", (task_id,))
 
     def write(
         self,
@@ -230,6 +333,9 @@ class TaskStore:
                     "UPDATE tasks SET status = ?, reason = ?, error_type = ?, result = ?, "
                     "finished_at = ? WHERE task_id = ?",
                     updates,
+                )
+                self._db.executemany(  # a finished task resumes from nothing
+                    "DELETE FROM checkpoints WHERE task_id = ?", [(t,) for t, _, _ in finishes]
                 )
         return refused
 
@@ -290,4 +396,4 @@ class TaskStore:
             self._db.close()
 
 
-__all__ = ["StoredTask", "TaskStore"]
+__all__ = ["Checkpoint", "StoredTask", "TaskStore"]

@@ -68,6 +68,7 @@ class BeatHub:
         self.clock = clock
         self.links: dict[NodeId, _HubLink] = {}
         self.silent: set[NodeId] = set()  # killed: they send no more beats
+        self.cut: set[tuple[NodeId, NodeId]] = set()  # (sender, receiver): beats lost
         self._seq = itertools.count(1)
 
     def link(self, node: NodeId, state: LocalState, on_beat: OnBeat) -> Link:
@@ -82,7 +83,7 @@ class BeatHub:
                 sender.node, FIRST_EPOCH, next(self._seq), self.clock.now, layers, requests
             )
             for receiver in list(self.links.values()):
-                if receiver is not sender:
+                if receiver is not sender and (sender.node, receiver.node) not in self.cut:
                     receiver.on_beat(sender.node, beat)
 
 
@@ -113,8 +114,9 @@ class MemoryEdges:
 
 
 class InProcessCluster:
-    """`n` nodes of one cluster in this process; node 0 is the gateway (its HTTP API on
-    any free port, unused by the tests that drive its parts directly)."""
+    """`n` nodes of one cluster in this process; node 0 is the first gateway (the API of
+    each gateway-capable node on any free port, unused by the tests that drive its parts
+    directly)."""
 
     def __init__(
         self,
@@ -190,6 +192,12 @@ class InProcessCluster:
         """Cut `node` off: no more heartbeats, no frames in or out."""
         self.hub.silent.add(NodeId(node))
         self.net.down.add(NodeId(node))
+
+    def revive(self, node: int) -> None:
+        """Connect a node cut off by `kill` again: it beats, sends and receives as before
+        (a network partition that heals, or a frozen process that resumes)."""
+        self.hub.silent.discard(NodeId(node))
+        self.net.down.discard(NodeId(node))
 
     async def until(self, check: Callable[[], bool], what: str, *, beats: int = 400) -> None:
         """Beat (100 ms of fake time each) and yield until `check()` holds; at most

@@ -18,4 +18,6 @@ StageIndex = NewType("StageIndex", int)
 """Position of a stage in the pipeline, 0 = the stage holding the embedding."""
 
 GATEWAY = NodeId(0)
-"""The node that serves the API, plans and samples (the gateway role does not move yet)."""
+"""The first gateway by default. The acting gateway is agreed state that moves among the
+gateway-capable nodes (`control.gateway_role`); a running node looks it up, and this
+constant is only the default of parts built without that lookup (tests, simulations)."""

@@ -1,28 +1,44 @@
-"""The acting gateway's start-up: facts, the first plan, then the scheduler and the API.
+"""A gateway-capable node's service: the API, the task store, the plan, the scheduler.
 
-Node 0 opens its store (tasks, and the nodes it evicted before a restart), asks every
-node for its measured facts, decides and distributes the first plan without the evicted
-nodes (`control.recovery`), then serves: the scheduler over the pipeline engine, the HTTP API,
-and the loops that keep the cluster whole (recovery, config-change monitoring).
+Every gateway-capable node (`cluster.gateways`) runs `Gateway.serve`. One of them acts
+(`control.gateway_role`); it serves the tasks: the scheduler over the pipeline engine,
+the HTTP API, and the loops that keep the cluster whole (recovery, config-change
+monitoring, the copies to the standbys: `wiring.standby`). The others stand by: their
+API redirects to the acting one, their store takes the copies, and the successor of a
+failed gateway proposes its takeover. Once the agreement executed it, the new gateway
+gathers the live nodes' facts, re-plans without the dead (recovery promotes the
+standbys of its stages), re-queues the unfinished tasks its store holds and serves them,
+each resuming from its checkpoint. A gateway that learns from the agreed log that
+another one acts stops serving and stands by.
+
+At start the first gateway asks every node for its measured facts and decides and
+distributes the first plan without the nodes its store remembers as evicted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import uvicorn
+from fastapi import FastAPI
 
 from butterfly.agreement.config_coordinator import ConfigCoordinator
 from butterfly.api.app import create_app
 from butterfly.api.live import follow_config as follow_api_config
 from butterfly.api.settings import ApiSettings
+from butterfly.api.standby import standby_app
 from butterfly.config import ConfigManager
+from butterfly.config.gateways import api_port, gateway_urls
+from butterfly.control.gateway_role import GatewayRole
+from butterfly.control.live_config import agreement_wait_s
 from butterfly.control.planner import gather_status
+from butterfly.control.plans import Propose
 from butterfly.control.recovery import Recovery
 from butterfly.control.status import NodeReport
 from butterfly.dataplane.engine import PipelineEngine
@@ -32,18 +48,29 @@ from butterfly.runtime.tokenizer import TextCodec
 from butterfly.schedule.queue import QueuePolicy
 from butterfly.schedule.scheduler import Scheduler
 from butterfly.schedule.store import TaskStore
+from butterfly.types.errors import ButterflyError
 from butterfly.types.ids import NodeId
+from butterfly.types.wire.commands import TakeOver, encode_command
+from butterfly.wiring.standby import TaskReplicas
 from butterfly.wiring.supervise import supervised
 
+log = logging.getLogger(__name__)
 FACTS_TIMEOUT_S = 120.0
 """How long the gateway waits for every node to come up and report its facts."""
+TAKEOVER_FACTS_TIMEOUT_S = 30.0
+"""How long a gateway taking over waits for the live nodes' facts."""
 SHUTDOWN_GRACE_S = 3.0
 """Running requests get this long to finish when the node stops."""
+RETRY_S = 0.5
+"""Wait before trying a takeover, or the plan after it, again."""
+WATCH_S = 0.05
+"""How often a standby looks at its failure detector for the acting gateway's death."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class Gateway:
-    """The gateway's parts beyond those every node has (built by `node.build_node`)."""
+    """A gateway-capable node's parts beyond those every node has (built by
+    `node.build_node`); `scheduler` is the one serving while this node acts."""
 
     node: NodeId
     members: tuple[NodeId, ...]
@@ -56,23 +83,136 @@ class Gateway:
     metrics: Metrics
     codec: TextCodec | None
     model_name: str
+    role: GatewayRole
+    replicas: TaskReplicas
+    propose: Propose
+    status: Callable[[NodeId], str]
+    scheduler: Scheduler | None = field(default=None, init=False)
 
     async def serve(self, stop: asyncio.Event) -> None:
-        """Plan, then serve until `stop` is set (which may come during start-up)."""
-        cfg = self.config.current
-        data_dir = Path(cfg.node.data_dir)
-        data_dir.mkdir(parents=True, exist_ok=True)
-        # opened before the first plan: the evictions it remembers stay out of it
-        store = TaskStore(data_dir / "tasks.sqlite")
+        """Act or stand by, as the agreed role says, until `stop` is set."""
+        store = self.replicas.store  # opened before the first plan: its evictions stay out
+        first = True
         try:
-            if await _unless_stopped(self._first_plan(store), stop):
-                await self._serve(store, stop)
+            while not stop.is_set():
+                if self.role.acting != self.node:
+                    if not await self._stand_by(stop):
+                        return
+                    start: Coroutine[Any, Any, bool] = self._take_over(store)
+                elif first:
+                    start = self._first_plan(store)
+                else:
+                    start = self._take_over(store)
+                first = False
+                planned = await _unless_stopped(self._while_acting(start), stop)
+                if planned is None:
+                    return
+                if planned:
+                    await self._serve(store, stop)
+                else:
+                    await asyncio.sleep(RETRY_S)
         finally:
-            store.close()
+            self.replicas.close()
+
+    # --- standing by --------------------------------------------------------------------
+
+    async def _stand_by(self, stop: asyncio.Event) -> bool:
+        """Redirect API clients and watch the acting gateway until this node acts (True)
+        or `stop` is set (False)."""
+        log.info("node %s stands by as a gateway; node %s acts", self.node, self.role.acting)
+        cfg = self.config.current
+        app = standby_app(
+            acting=self.role.gateway,
+            acting_url=lambda: gateway_urls(self.config.current).get(self.role.acting),
+            health=lambda: {"acting_gateway": self.role.acting, "gateways": self.gateways()},
+        )
+        server = _server(app, cfg.api.host, api_port(cfg, self.node))
+        async with asyncio.TaskGroup() as tg:
+            api = tg.create_task(_serve_api(server, self.node))
+            watch = tg.create_task(self._watch())
+            stopped = tg.create_task(stop.wait())
+            await asyncio.wait({watch, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            server.should_exit = True
+            watch.cancel()
+            stopped.cancel()
+            await api
+        return not stop.is_set()
+
+    async def _watch(self) -> None:
+        """Until this node acts: when the detector sees the acting gateway failed and this
+        node is its successor, propose the takeover (the other replicas check the same
+        with their own detectors before they agree)."""
+        while self.role.acting != self.node:
+            if self.role.successor() != self.node:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(WATCH_S):
+                        await self.role.changed()
+                continue
+            term = self.role.term + 1
+            log.warning(
+                "node %s: the acting gateway (node %s) failed; taking over for term %d",
+                self.node,
+                self.role.acting,
+                term,
+            )
+            try:
+                command = encode_command(TakeOver(self.node, term))
+                await self.propose(command, agreement_wait_s(self.config.current))
+            except ButterflyError as e:
+                log.warning("takeover for term %d not agreed (yet): %s", term, e)
+                await asyncio.sleep(RETRY_S)
+
+    def gateways(self) -> list[dict[str, Any]]:
+        """Every gateway-capable node, its API URL, and which one acts (for `/health`)."""
+        urls = gateway_urls(self.config.current)
+        return [
+            {
+                "node": int(g),
+                "url": urls.get(g),
+                "acting": g == self.role.acting,
+                "status": self.status(g),
+            }
+            for g in self.role.gateways
+        ]
+
+    # --- acting -------------------------------------------------------------------------
+
+    async def _first_plan(self, store: TaskStore) -> bool:
+        peers = [n for n in self.members if n != self.node]
+        facts = await gather_status(
+            self.transport, peers, timeout_s=FACTS_TIMEOUT_S, local=(self.node, self.report.status)
+        )
+        await self.recovery.start(facts, store)
+        if await self.replicas.pull():  # tasks a gateway accepted while this one was down
+            store.requeue_unfinished()
+        return True
+
+    async def _take_over(self, store: TaskStore) -> bool:
+        """The plan after a takeover, over the live nodes; False if it must be tried again."""
+        evicted = self.recovery.evicted
+        live = [n for n in self.members if self.status(n) != "failed" and n not in evicted]
+        log.warning("node %s acts as the gateway (term %d)", self.node, self.role.term)
+        try:
+            facts = await gather_status(
+                self.transport,
+                [n for n in live if n != self.node],
+                timeout_s=TAKEOVER_FACTS_TIMEOUT_S,
+                local=(self.node, self.report.status),
+            )
+            await self.replicas.pull()  # a standby may hold tasks this one missed
+            requeued = store.requeue_unfinished()
+            log.info("taking over %d unfinished task(s)", len(requeued))
+            await self.recovery.start(facts, store, live=live)
+        except ButterflyError as e:
+            log.error("taking over as the gateway: %s; trying again", e)
+            return False
+        return True
 
     async def _serve(self, store: TaskStore, stop: asyncio.Event) -> None:
+        """Serve tasks until `stop` is set or the agreed log names another gateway."""
         cfg = self.config.current
         s = cfg.scheduling
+        replicas = self.replicas
         scheduler = Scheduler(
             engine=self.engine,
             store=store,
@@ -81,6 +221,8 @@ class Gateway:
             queue_capacity=s.max_queue,
             policy=QueuePolicy(s.policy),
             detokenize=self.codec.decode if self.codec else None,
+            on_accepted=replicas.accepted,
+            on_finished=replicas.finished,
         )
         a = cfg.api
         settings = ApiSettings(
@@ -100,11 +242,10 @@ class Gateway:
             model_name=self.model_name,
             settings=settings,
             config=self.coordinator,
+            gateways=self.gateways,
         )
         follow_api_config(self.config, app=app, scheduler=scheduler)  # the API's live options
-        server = uvicorn.Server(
-            uvicorn.Config(app, host=a.host, port=a.port, log_level="warning", lifespan="off")
-        )
+        server = _server(app, a.host, api_port(cfg, self.node))
         try:
             emit = self.metrics.emit
             loops: dict[str, Callable[[], Awaitable[None]]] = {
@@ -112,6 +253,8 @@ class Gateway:
                 "step_batcher": self.engine.serve_batches,
                 "recovery": partial(self.recovery.run, on_replanned=self.engine.plan_changed),
                 "config_monitor": self.coordinator.monitor,
+                "standby_copies": replicas.send_copies,
+                "standby_resync": replicas.keep_standbys,
             }
             async with asyncio.TaskGroup() as tg:
                 # not supervised: its tasks live in its own task group, and a restart
@@ -120,9 +263,15 @@ class Gateway:
                 for name, loop in loops.items():
                     tg.create_task(supervised(name, loop, emit))
                 api = tg.create_task(server.serve())
-                await stop.wait()
+                self.scheduler = scheduler
+                lost = tg.create_task(self._until_replaced())
+                stopped = tg.create_task(stop.wait())
+                await asyncio.wait({lost, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                self.scheduler = None
                 server.should_exit = True
-                scheduler.shutdown(grace_s=SHUTDOWN_GRACE_S)
+                # a replaced gateway's steps are refused everywhere: no grace for them
+                # (they stay unfinished here; the acting gateway has its own copies)
+                scheduler.shutdown(grace_s=SHUTDOWN_GRACE_S if stop.is_set() else 0.0)
                 # running tasks get the grace period with every loop still serving them
                 # (the batcher, recovery); the API closes its listening socket meanwhile
                 await asyncio.wait({api, dispatch}, timeout=SHUTDOWN_GRACE_S + 1.0)
@@ -130,17 +279,46 @@ class Gateway:
         except* _Stopped:
             pass
 
-    async def _first_plan(self, store: TaskStore) -> None:
-        peers = [n for n in self.members if n != self.node]
-        facts = await gather_status(
-            self.transport, peers, timeout_s=FACTS_TIMEOUT_S, local=(self.node, self.report.status)
+    async def _while_acting(self, work: Coroutine[Any, Any, bool]) -> bool:
+        """`work`'s answer, unless the agreed log names another gateway first (False,
+        `work` cancelled): a restarted gateway that was replaced while it was down learns
+        so as its peers replay the log to it, and must not go on planning."""
+        task, replaced = asyncio.ensure_future(work), asyncio.ensure_future(self._until_replaced())
+        try:
+            await asyncio.wait({task, replaced}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (task, replaced):
+                t.cancel()
+            await asyncio.gather(task, replaced, return_exceptions=True)
+        return False if task.cancelled() else task.result()
+
+    async def _until_replaced(self) -> None:
+        while self.role.acting == self.node:
+            await self.role.changed()
+        log.warning(
+            "node %s no longer acts as the gateway: node %s does", self.node, self.role.acting
         )
-        await self.recovery.start(facts, store)
 
 
-async def _unless_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:
-    """Run `work` to its end (True; its error is raised) unless `stop` is set first (False;
-    `work` is cancelled): the node's stop waits for the gateway, never for its start-up."""
+def _server(app: FastAPI, host: str, port: int) -> uvicorn.Server:
+    return uvicorn.Server(
+        uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+    )
+
+
+async def _serve_api(server: uvicorn.Server, node: NodeId) -> None:
+    """A standby's API: a port it cannot bind is logged, never the node's end (uvicorn
+    exits the process on a bind error)."""
+    try:
+        await server.serve()
+    except SystemExit:
+        log.error("node %s: the standby API could not start (its port is taken?)", node)
+
+
+async def _unless_stopped(work: Coroutine[Any, Any, bool], stop: asyncio.Event) -> bool | None:
+    """Run `work` to its end (its answer; its error is raised) unless `stop` is set first
+    (None; `work` is cancelled): the node's stop waits for the gateway, never for its
+    start-up."""
     task, stopped = asyncio.ensure_future(work), asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -149,9 +327,8 @@ async def _unless_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) 
             t.cancel()
         await asyncio.gather(task, stopped, return_exceptions=True)
     if task.cancelled():
-        return False
-    task.result()
-    return True
+        return None
+    return task.result()
 
 
 class _Stopped(Exception):

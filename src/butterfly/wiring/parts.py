@@ -12,6 +12,7 @@ from functools import partial
 from pathlib import Path
 
 from butterfly.config import ButterflyConfig, ConfigManager
+from butterfly.config.gateways import gateway_nodes
 from butterfly.config.validate import replication_factor
 from butterfly.control.live_config import snapshot_every
 from butterfly.control.membership import Membership
@@ -35,8 +36,9 @@ from butterfly.runtime.tokenizer import TextCodec
 from butterfly.runtime.torch_thread import TorchThread
 from butterfly.runtime.weights import model_hash
 from butterfly.schedule.engine import ClusterHealth
+from butterfly.schedule.store import Checkpoint
 from butterfly.types.errors import ConfigError
-from butterfly.types.ids import GATEWAY, NodeId
+from butterfly.types.ids import NodeId, RequestId
 
 Liars = Callable[[tuple[NodeId, ...], str], Awaitable[None]]
 
@@ -95,8 +97,9 @@ def stage_server(
         if verify
         else None,
         snapshot_every=snapshot_every(cfg),
-        # the audit takes the gateway's own stage as computed (dataplane.audit)
-        keep_outputs=me == GATEWAY and verify and byz.verification == "audit",
+        # the audit takes the gateway's own stage as computed (dataplane.audit); any
+        # gateway-capable node may become the gateway
+        keep_outputs=me in gateway_nodes(cfg) and verify and byz.verification == "audit",
         max_caches=cfg.resources.max_kv_caches,
         cache_ttl_s=cfg.resources.kv_cache_ttl_s,
     )
@@ -160,8 +163,12 @@ def engine(
     codec: TextCodec | None,
     torch_thread: TorchThread,
     emit: Emit,
+    on_checkpoint: Callable[[RequestId, Checkpoint], None] | None = None,
+    resume: Callable[[RequestId], Checkpoint | None] | None = None,
 ) -> PipelineEngine:
-    """The gateway's pipeline engine, checking results as `byzantine.verification` says."""
+    """The gateway's pipeline engine, checking results as `byzantine.verification` says;
+    `on_checkpoint` and `resume` keep generations across a gateway's death
+    (`wiring.standby`)."""
     me, byz = NodeId(cfg.node.id), cfg.byzantine
     verify = verifying(cfg)  # both checkers built: the mode may change at run time
     tolerance = Tolerance(rtol=byz.rtol, atol=byz.atol)
@@ -220,6 +227,9 @@ def engine(
         emit=emit,
         keys=keys,
         f=byz.f,
+        checkpoint_every=cfg.coordination.checkpoint_frequency,
+        on_checkpoint=on_checkpoint,
+        resume=resume,
     )
 
 

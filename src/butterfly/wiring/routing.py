@@ -51,12 +51,13 @@ class Router:
         ask_timeout_s: Callable[[], float],
         emit: Emit,
         plan: Callable[[], StagePlan | None],
-        gateway: NodeId,
+        gateway: Callable[[], NodeId],
     ) -> None:
         """`epoch`: stamped on messages to this node itself, as the transport stamps the
         others. `ask_timeout_s`: how long `ask` waits for a peer's answer (read on every
-        ask: network.step_timeout_ms is live). `plan` (the plan in force) and `gateway`
-        are what the entitlement rules judge a peer by."""
+        ask: network.step_timeout_ms is live). `plan` (the plan in force) and `gateway` (the
+        acting gateway as agreed, `control.gateway_role`) are what the entitlement rules
+        judge a peer by; both are read on every frame."""
         self.node, self._transport, self._cluster_id = node, transport, cluster_id
         self._epoch, self._ask_timeout, self._emit = epoch, ask_timeout_s, emit
         self._plan, self._gateway = plan, gateway
@@ -82,7 +83,7 @@ class Router:
             self._emit(MessageDropped(reason=f"unexpected_{msg.kind}"))
             return None
         if not isinstance(msg, CHECKED_BY_HANDLER) and not entitled(
-            msg, peer, Context(self.node, self._gateway, self._plan())
+            msg, peer, Context(self.node, self._gateway(), self._plan())
         ):
             self._emit(MessageDropped(reason=f"not_entitled_{msg.kind}"))
             log.warning("dropped %s from node %s: not entitled to send it", msg.kind, peer)

@@ -15,6 +15,8 @@ To add a command kind: declare a frozen dataclass with a unique `kind` and add i
     evict_node      remove a node proven faulty (evidence) from the membership
     new_plan        the stage plan of an epoch: flat (node, start, end) triples of the
                     chain, and of the replicas (auditors and standbys)
+    take_over       a gateway-capable node becomes the acting gateway for `term`
+                    (proposed by that node when the acting one failed; control.gateway_role)
 """
 
 from __future__ import annotations
@@ -79,8 +81,19 @@ class NewPlan:
     replicas: tuple[int, ...] = ()  # the same, for further holders of the chain's ranges
 
 
-Command = ConfigUpdate | ConfigAbort | EvictNode | NewPlan
-COMMANDS: tuple[type[Command], ...] = (ConfigUpdate, ConfigAbort, EvictNode, NewPlan)
+@dataclass(frozen=True, slots=True)
+class TakeOver:
+    """`gateway` acts as the gateway from now on, in gateway term `term` (one more than
+    the term it replaces): the role moves like a PBFT view, by agreement, never by one
+    node's own view of who is alive."""
+
+    kind: ClassVar[str] = "take_over"
+    gateway: NodeId
+    term: int
+
+
+Command = ConfigUpdate | ConfigAbort | EvictNode | NewPlan | TakeOver
+COMMANDS: tuple[type[Command], ...] = (ConfigUpdate, ConfigAbort, EvictNode, NewPlan, TakeOver)
 
 _CODEC = Codec({c.kind: c for c in COMMANDS}, version=PROTOCOL_VERSION, error=InvalidCommand)
 
@@ -106,6 +119,7 @@ __all__ = [
     "EvictNode",
     "InvalidCommand",
     "NewPlan",
+    "TakeOver",
     "decode_command",
     "encode_command",
 ]

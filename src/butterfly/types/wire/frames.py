@@ -16,11 +16,14 @@ from butterfly.types.wire.base import PROTOCOL_VERSION
 from butterfly.types.wire.codec import Codec
 from butterfly.types.wire.control import ControlMessage
 from butterfly.types.wire.data import DataMessage
+from butterfly.types.wire.standby import StandbyMessage
 
-Message = DataMessage | ControlMessage
+Message = DataMessage | ControlMessage | StandbyMessage
 
 MESSAGE_TYPES: dict[str, type[Any]] = {
-    cls.kind: cls for part in (DataMessage, ControlMessage) for cls in typing.get_args(part)
+    cls.kind: cls
+    for part in (DataMessage, ControlMessage, StandbyMessage)
+    for cls in typing.get_args(part)
 }
 _CODEC = Codec(MESSAGE_TYPES, version=PROTOCOL_VERSION, error=WireFormatError)
 

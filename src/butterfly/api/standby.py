@@ -1,0 +1,51 @@
+"""The HTTP API of a gateway-capable node that is not acting: it points clients on.
+
+Every request but `/health` is answered `307 Temporary Redirect` to the same path on
+the acting gateway (307 keeps the method and the body, so a POST is re-sent as a POST);
+`/health` says which node acts and lists every gateway-capable node with its API URL, and
+answers 503 (this node serves no tasks). When the acting gateway's URL is not known
+(`api.port = 0`), requests get 503 naming the acting node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+
+METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH"]
+
+
+def standby_app(
+    *,
+    acting: Callable[[], int],
+    acting_url: Callable[[], str | None],
+    health: Callable[[], dict[str, Any]],
+) -> FastAPI:
+    """`acting`: the acting gateway's id; `acting_url`: its API URL (None: unknown);
+    `health`: the body of `/health` (the `gateways` list and this node's view)."""
+    app = FastAPI(title="Butterfly standby gateway", version="1")
+
+    @app.get("/health")
+    async def standby_health() -> JSONResponse:
+        return JSONResponse({"healthy": False, **health()}, status_code=503)
+
+    @app.api_route("/{path:path}", methods=METHODS)
+    async def redirect(request: Request, path: str) -> Response:
+        url = acting_url()
+        if url is None:
+            message = (
+                f"this node is a standby gateway; node {acting()} acts as the gateway "
+                "(its API URL is not known here: api.port is 0)"
+            )
+            error = {"type": "service_unavailable", "message": message}
+            return JSONResponse({"error": error}, status_code=503)
+        query = f"?{request.url.query}" if request.url.query else ""
+        return RedirectResponse(f"{url}{request.url.path}{query}", status_code=307)
+
+    return app
+
+
+__all__ = ["standby_app"]

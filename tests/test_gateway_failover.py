@@ -1,0 +1,104 @@
+"""The acting gateway killed with SIGKILL mid-generation, in a live cluster: node 1
+takes over and every accepted task ends with the unsplit model's tokens.
+
+Four real node processes, f = 1, gateways 0 and 1 (node 1 serves its API on the port
+after node 0's). Tasks are accepted by node 0 (copied to node 1 before each 202);
+node 0 is killed once the first has produced tokens past a checkpoint; node 1's
+detector sees it fail, its takeover is agreed, and it serves the tasks from its own
+store, resuming each from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from butterfly.cli import app
+from butterfly.runtime.generate import generate
+from butterfly.runtime.loader import load_stage
+from butterfly.runtime.tokenizer import TextCodec
+from butterfly.types.tasks import SamplingParams
+from tests.cluster_util import running_cluster
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
+NEW = 120
+SHORT = 6
+PROMPTS = ["Butterfly", "Once upon a time", "a b c"]
+SAMPLED = SamplingParams(temperature=0.8, seed=5)
+
+
+def references(model: Path) -> list[list[int]]:
+    codec, stage = TextCodec.load(model), load_stage(model)
+    out = []
+    for i, prompt in enumerate(PROMPTS):
+        sampling = SAMPLED if i == 1 else SamplingParams()
+        ids = codec.encode(prompt)
+        out.append(list(generate([stage], ids, NEW, sampling=sampling, stop_ids=codec.eos_ids)))
+    return out
+
+
+def test_the_acting_gateway_killed_mid_generation_loses_nothing(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    expected = references(tiny_model)
+    settings = {"coordination.checkpoint_frequency": 8, "cluster.gateways": [0, 1]}
+    with running_cluster(tiny_model, 4, tmp_path, f=1, settings=settings) as cluster:
+        port = int(cluster.api_url.rsplit(":", 1)[1])
+        successor = f"http://127.0.0.1:{port + 1}"
+        standby = httpx.get(f"{successor}/health", timeout=10)
+        assert standby.status_code == 503 and standby.json()["acting_gateway"] == 0
+        gateways = httpx.get(f"{cluster.api_url}/health", timeout=10).json()["gateways"]
+        assert [(g["node"], g["url"], g["acting"]) for g in gateways] == [
+            (0, cluster.api_url, True),
+            (1, successor, False),
+        ]
+        # a client of the standby is led to the acting gateway (307, followed)
+        assert infer([successor]) == expected[0][:SHORT]
+        ids = []
+        for i, prompt in enumerate(PROMPTS):
+            body: dict[str, object] = {"prompt": prompt, "max_new_tokens": NEW}
+            if i == 1:
+                body |= {"temperature": SAMPLED.temperature, "seed": SAMPLED.seed}
+            r = httpx.post(f"{cluster.api_url}/inference", json=body, timeout=30)
+            assert r.status_code == 202, r.text
+            ids.append(r.json()["task_id"])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            status = httpx.get(f"{cluster.api_url}/status/{ids[0]}", timeout=10).json()
+            if status.get("tokens_generated", 0) >= 12:
+                break
+            time.sleep(0.005)
+        assert status["status"] == "computing", status  # killed mid-generation
+        cluster.kill(0)
+        deadline = time.monotonic() + 60
+        healthy = False
+        while time.monotonic() < deadline and not healthy:
+            time.sleep(0.1)
+            try:
+                healthy = httpx.get(f"{successor}/health", timeout=2).json().get("healthy", False)
+            except httpx.HTTPError:
+                continue
+        assert healthy, "node 1 did not take over"
+        for task_id, tokens in zip(ids, expected, strict=True):
+            r = httpx.get(f"{successor}/result/{task_id}", params={"wait": 120}, timeout=180)
+            assert r.status_code == 200, r.text
+            result = r.json()
+            assert result["output_ids"] == tokens, task_id
+            assert 0 not in {s["node"] for s in result["stages"]}
+        first = httpx.get(f"{successor}/result/{ids[0]}", timeout=10).json()
+        assert first["timings"].get("resumed_from_checkpoint", 0) >= 8
+        # `butterfly infer --url A,B`: node 0 is dead, the next address answers
+        assert infer([cluster.api_url, successor]) == expected[0][:SHORT]
+
+
+def infer(urls: list[str]) -> list[int]:
+    args = ["infer", "--url", ",".join(urls), PROMPTS[0], "--max-tokens", str(SHORT), "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    output_ids: list[int] = json.loads(result.stdout)["output_ids"]
+    return output_ids

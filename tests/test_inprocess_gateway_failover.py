@@ -1,0 +1,199 @@
+"""The gateway role moves: the acting gateway dies mid-generation and its successor takes
+over, by agreement, with every task (butterfly.testing.inprocess).
+
+n = 4, f = 1, gateways (0, 1). Node 0 accepts tasks (each copied to node 1 before the
+submit returns) and checkpoints their generations to node 1 every 4 tokens; node 0 is
+cut off mid-generation; node 1's detector sees it fail, node 1 proposes its takeover,
+the others agree because their detectors see the same, and node 1 re-plans and serves
+the tasks its store holds, each resuming from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from butterfly.agreement.authority import UnauthorizedCommand
+from butterfly.runtime.generate import generate
+from butterfly.runtime.loader import load_stage
+from butterfly.runtime.tokenizer import TextCodec
+from butterfly.schedule.state import TaskStatus
+from butterfly.testing.inprocess import InProcessCluster
+from butterfly.types.ids import NodeId, RequestId
+from butterfly.types.tasks import InferenceTask, SamplingParams
+from butterfly.types.wire.commands import TakeOver, encode_command
+from butterfly.wiring.gateway import Gateway
+
+pytestmark = pytest.mark.timeout(120)
+SETTINGS = {
+    "coordination.heartbeat_interval_ms": 10,
+    "coordination.checkpoint_frequency": 4,
+    "cluster.gateways": [0, 1],
+}
+PROMPT = "Once upon a time"
+NEW = 24
+SAMPLED = SamplingParams(temperature=0.8, seed=11)
+GREEDY = SamplingParams()
+
+
+@pytest.fixture(scope="module")
+def references(tiny_model: Path) -> dict[str, list[int]]:
+    """The unsplit model's tokens for PROMPT, greedy and seeded-sampled."""
+    codec = TextCodec.load(tiny_model)
+    stage, ids = load_stage(tiny_model), codec.encode(PROMPT)
+    return {
+        "greedy": list(generate([stage], ids, NEW, stop_ids=codec.eos_ids)),
+        "sampled": list(generate([stage], ids, NEW, sampling=SAMPLED, stop_ids=codec.eos_ids)),
+        "short": list(generate([stage], ids, 3, stop_ids=codec.eos_ids)),
+    }
+
+
+def task(model: Path, name: str, sampling: SamplingParams = GREEDY) -> InferenceTask:
+    ids = tuple(TextCodec.load(model).encode(PROMPT))
+    new = 3 if name == "short" else NEW
+    return InferenceTask(RequestId(name), input_ids=ids, max_new_tokens=new, sampling=sampling)
+
+
+def gateway(c: InProcessCluster, node: int) -> Gateway:
+    gw = c.nodes[node].gateway
+    assert gw is not None
+    return gw
+
+
+@pytest.mark.parametrize(("n", "f"), [(4, 1), (3, 0)])
+async def test_the_successor_takes_over_and_every_task_completes_with_its_tokens(
+    tiny_model: Path, tmp_path: Path, references: dict[str, list[int]], n: int, f: int
+) -> None:
+    """With f = 1 the dead gateway's stage has a standby (promoted); with f = 0 the
+    survivors take its layers over."""
+    async with InProcessCluster(tiny_model, n, tmp_path, f=f, settings=SETTINGS) as c:
+        first, standby = gateway(c, 0), gateway(c, 1)
+        assert c.nodes[2].gateway is None  # not gateway-capable
+        await c.until(lambda: first.scheduler is not None, "node 0 serving")
+        assert first.scheduler is not None
+        # a task that finishes on node 0: its result must stay readable from node 1
+        await first.scheduler.submit(task(tiny_model, "short"))
+        short = await first.scheduler.wait("short", 30)
+        assert short.state.status is TaskStatus.COMPLETED
+
+        def settled_on_standby() -> bool:
+            stored = standby.replicas.store.get("short")
+            return stored is not None and stored.result is not None
+
+        await c.until(settled_on_standby, "the short task's result copied to node 1")
+        running = [task(tiny_model, "greedy"), task(tiny_model, "sampled", SAMPLED)]
+        for t in running:
+            await first.scheduler.submit(t)
+            # the copy is on node 1 before submit returns (the 202)
+            assert standby.replicas.store.get(t.task_id) is not None
+
+        async def cut_off_after_a_checkpoint() -> int:
+            assert first.scheduler is not None
+            produced = 0
+            async for _ in first.scheduler.stream("greedy"):
+                produced += 1
+                if produced >= 5 and standby.replicas.store.checkpoint("greedy") is not None:
+                    c.kill(0)
+                    return produced
+            raise AssertionError("the task finished before node 1 had a checkpoint")
+
+        killed_at = await asyncio.wait_for(cut_off_after_a_checkpoint(), 30)
+        assert killed_at < NEW
+        await c.until(lambda: standby.scheduler is not None, "node 1 takes over")
+        assert all(node.role.acting == 1 and node.role.term == 1 for node in c.nodes[1:])
+        scheduler = standby.scheduler
+        assert scheduler is not None
+
+        def finished(task_id: str) -> bool:
+            stored = standby.replicas.store.get(task_id)
+            return stored is not None and stored.state.terminal
+
+        await c.until(lambda: all(finished(t.task_id) for t in running), "tasks", beats=1000)
+        greedy = await scheduler.snapshot("greedy")
+        sampled = await scheduler.snapshot("sampled")
+        assert greedy.result is not None and sampled.result is not None
+        assert list(greedy.result.output_ids) == references["greedy"]
+        assert list(sampled.result.output_ids) == references["sampled"]
+        assert greedy.result.timings["resumed_from_checkpoint"] >= 4  # not from scratch
+        old = await scheduler.snapshot("short")  # finished before the takeover
+        assert old.result is not None and list(old.result.output_ids) == references["short"]
+        plan = c.nodes[1].stage_server.plan
+        assert plan is not None and 0 not in (*plan.nodes, *(n for n, _ in plan.replicas))
+
+
+async def test_a_takeover_is_refused_unless_the_replicas_see_the_gateway_failed(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Node 1 alone stops hearing node 0 (a cut link, not a death): it proposes its
+    takeover, but the other replicas still hear node 0 and never prepare it; a member
+    that is not gateway-capable cannot even propose one."""
+    async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS) as c:
+        first = gateway(c, 0)
+        await c.until(lambda: first.scheduler is not None, "node 0 serving")
+        with pytest.raises(UnauthorizedCommand, match="not gateway-capable"):
+            await c.nodes[2].agreement.propose(encode_command(TakeOver(NodeId(2), 1)), 5.0)
+        with pytest.raises(UnauthorizedCommand, match="not failed"):  # node 1 hears node 0
+            await c.nodes[1].agreement.propose(encode_command(TakeOver(NodeId(1), 1)), 5.0)
+        c.hub.cut.add((NodeId(0), NodeId(1)))
+        await c.until(lambda: c.nodes[1].membership.status(NodeId(0)) == "failed", "suspicion")
+        proposal = asyncio.create_task(
+            c.nodes[1].agreement.propose(encode_command(TakeOver(NodeId(1), 1)), 3.0)
+        )
+        await c.until(proposal.done, "the proposal to end", beats=2000)
+        assert proposal.exception() is not None  # never committed
+        assert all(node.role.acting == 0 and node.role.term == 0 for node in c.nodes)
+        assert first.scheduler is not None  # node 0 still serves
+
+
+async def test_a_standby_that_was_away_is_given_what_it_missed(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Node 1 is cut off while node 0 accepts a task (no copy reaches it); once node 1 is
+    heard again, node 0 gives it the task and its end, so node 0's death would not lose it."""
+    async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS) as c:
+        first, standby = gateway(c, 0), gateway(c, 1)
+        await c.until(lambda: first.scheduler is not None, "node 0 serving")
+        assert first.scheduler is not None
+        c.kill(1)
+        await c.until(lambda: c.nodes[0].membership.status(NodeId(1)) == "failed", "failure")
+        await first.scheduler.submit(task(tiny_model, "greedy"))
+        assert standby.replicas.store.get("greedy") is None  # it was away
+        done = await first.scheduler.wait("greedy", 60)
+        assert done.state.status is TaskStatus.COMPLETED and done.result is not None
+        c.revive(1)
+
+        def caught_up() -> bool:
+            stored = standby.replicas.store.get("greedy")
+            return stored is not None and stored.result is not None
+
+        await c.until(caught_up, "node 1 given the task it missed", beats=1000)
+        stored = standby.replicas.store.get("greedy")
+        assert stored is not None and stored.result is not None
+        assert stored.result.output_ids == done.result.output_ids
+        assert c.nodes[1].role.acting == 0  # it came back as a standby
+
+
+async def test_a_gateway_starting_to_act_runs_the_tasks_only_a_standby_held(
+    tiny_model: Path, tmp_path: Path, references: dict[str, list[int]]
+) -> None:
+    """Node 1 holds an unfinished task node 0 never saw (node 1 accepted it while acting
+    and node 0 was down, then the whole cluster restarted): node 0, acting again, takes
+    it from node 1 before it serves, runs it, and node 1 is told its end."""
+    c = InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS)
+    held = task(tiny_model, "greedy")
+    gateway(c, 1).replicas.store.copy(held)
+    async with c:
+        first, standby = gateway(c, 0), gateway(c, 1)
+        await c.until(lambda: first.scheduler is not None, "node 0 serving")
+        assert first.scheduler is not None
+        done = await first.scheduler.wait(held.task_id, 60)
+        assert done.result is not None
+        assert list(done.result.output_ids) == references["greedy"]
+
+        def settled_on_standby() -> bool:
+            stored = standby.replicas.store.get(held.task_id)
+            return stored is not None and stored.state.terminal
+
+        await c.until(settled_on_standby, "node 1 told the task's end")
