@@ -33,11 +33,23 @@ SETTINGS: dict[str, Any] = {
     "partition.strategy": "uniform",
 }
 
-FAULTS = ("kill_stage", "kill_two", "kill_restart", "freeze", "gateway_restart", "restart_all")
-"""Survivable while node 0 is the only gateway: a stage node killed (its standby takes
-over), two stage nodes killed one after the other, a node killed and started again, a
-node frozen (SIGSTOP) and thawed, the gateway killed and restarted (its store keeps
-every accepted task), the whole cluster stopped and started."""
+FAULTS = (
+    "kill_stage",
+    "kill_two",
+    "kill_restart",
+    "freeze",
+    "kill_gateway",
+    "restart_all",
+    "gateway_restart",
+)
+"""Survivable ones: a stage node killed (its standby takes over), two stage nodes killed
+one after the other, a node killed and started again, a node frozen (SIGSTOP) and
+thawed, the acting gateway killed for good (the next gateway-capable node takes over
+from the copies it holds), the whole cluster stopped and started, the acting gateway
+killed and started again (it comes back as a standby)."""
+GATEWAYS = 2
+"""Gateway-capable nodes (the default, max(2, f + 1) for f <= 1); gateway k serves its
+API on the first gateway's port + k, and clients try them in turn."""
 
 F_OF = {"kill_two": 0}
 """Two crashes are more than f = 1 allows n = 4 (agreement needs 2f + 1 = 3 live
@@ -66,40 +78,56 @@ class Outcome:
         return self.lost == self.wrong == self.failed == 0 and not self.errors
 
 
-def _submit(url: str, prompt: str, new: int) -> str:
-    r = httpx.post(f"{url}/inference", json={"prompt": prompt, "max_new_tokens": new}, timeout=30)
+def _ask(urls: list[str], method: str, path: str, deadline: float, **kw: Any) -> httpx.Response:
+    """One request to the first gateway that answers, as a client given every gateway's
+    address does; a standby's 307 to the acting gateway is followed."""
+    while True:
+        for url in urls:
+            try:
+                return httpx.request(
+                    method, f"{url}{path}", timeout=30, follow_redirects=True, **kw
+                )
+            except httpx.HTTPError:
+                continue
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"no gateway of {urls} answered {method} {path}")
+        time.sleep(0.2)
+
+
+def _submit(urls: list[str], prompt: str, new: int, deadline: float) -> str:
+    body = {"prompt": prompt, "max_new_tokens": new}
+    r = _ask(urls, "POST", "/inference", deadline, json=body)
     r.raise_for_status()
     return str(r.json()["task_id"])
 
 
-def _result(url: str, task_id: str, deadline: float) -> dict[str, Any] | None:
+def _result(urls: list[str], task_id: str, deadline: float) -> dict[str, Any] | None:
     """The task's terminal body; None if it is unknown (lost) or not done by `deadline`."""
-    with httpx.Client(timeout=5) as client:
-        while time.monotonic() < deadline:
-            try:
-                r = client.get(f"{url}/result/{task_id}")
-            except httpx.HTTPError:
-                time.sleep(0.2)  # the gateway may be restarting
-                continue
-            if r.status_code == 404:
-                return None
+    while time.monotonic() < deadline:
+        try:
+            r = _ask(urls, "GET", f"/result/{task_id}", deadline)
+        except TimeoutError:
+            break
+        if r.status_code == 404:
+            return None
+        if r.status_code == 200:
             body: dict[str, Any] = r.json()
             if body.get("status") in ("completed", "failed", "cancelled"):
                 return body
-            time.sleep(0.1)
+        time.sleep(0.1)  # running, or a gateway not serving yet (503)
     return {"status": "timeout"}
 
 
-def _probe(url: str, deadline: float) -> bool:
+def _probe(urls: list[str], deadline: float) -> bool:
     """A fresh one-token request answered (the service is back)."""
     body = {"prompt": "probe", "max_new_tokens": 1, "wait": True}
     while time.monotonic() < deadline:
         try:
-            r = httpx.post(f"{url}/inference", json=body, timeout=30)
-            if r.status_code == 200 and r.json().get("status") == "completed":
-                return True
-        except httpx.HTTPError:
-            pass
+            r = _ask(urls, "POST", "/inference", deadline, json=body)
+        except TimeoutError:
+            return False
+        if r.status_code == 200 and r.json().get("status") == "completed":
+            return True
         time.sleep(0.05)
     return False
 
@@ -121,8 +149,11 @@ def _inject(cluster: LocalCluster, fault: str, nodes: tuple[int, ...], rng: rand
             time.sleep(rng.uniform(0.5, 4.0))
         finally:
             os.kill(procs[nodes[0]].pid, signal.SIGCONT)
+    elif fault == "kill_gateway":
+        cluster.kill(0)
     elif fault == "gateway_restart":
         cluster.kill(0)
+        time.sleep(rng.uniform(0.0, 2.0))
         cluster.restart(0)
     elif fault == "restart_all":
         cluster.stop(grace_s=10.0)
@@ -168,19 +199,21 @@ def run_trial(
     try:
         cluster.start()
         cluster.wait_ready(120)
+        urls = [f"http://127.0.0.1:{port + k}" for k in range(GATEWAYS)]
+        deadline = time.monotonic() + timeout_s
         prompts = [rng.choice(PROMPTS) for _ in range(requests)]
-        ids = [_submit(cluster.api_url, p, new_tokens) for p in prompts]
+        ids = [_submit(urls, p, new_tokens, deadline) for p in prompts]
         outcome.tasks = len(ids)
         time.sleep(outcome.at_s)  # 0 s lands in prefill; 0.6 s deep in decoding
         fault_at = time.monotonic()
         _inject(cluster, fault, nodes, rng)
         deadline = time.monotonic() + timeout_s
-        if _probe(cluster.api_url, deadline):
+        if _probe(urls, deadline):
             outcome.recovery_s = round(time.monotonic() - fault_at, 3)
         else:
             outcome.errors.append("no fresh request answered after the fault")
         for task_id, prompt in zip(ids, prompts, strict=True):
-            body = _result(cluster.api_url, task_id, deadline)
+            body = _result(urls, task_id, deadline)
             if body is None:
                 outcome.lost += 1
             elif body["status"] != "completed":
