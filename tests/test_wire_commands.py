@@ -13,6 +13,7 @@ from butterfly.types.wire.commands import (
     EvictNode,
     InvalidCommand,
     NewPlan,
+    TakeOver,
     decode_command,
     encode_command,
 )
@@ -23,6 +24,7 @@ EXAMPLES = (
     ConfigAbort("ab" * 32, 77),
     EvictNode(N2, "two signed proofs disagree"),
     NewPlan(Epoch(4), (0, 0, 2, 1, 2, 4)),
+    TakeOver(N1, 2),
 )
 
 
