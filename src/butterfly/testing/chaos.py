@@ -71,6 +71,7 @@ class Outcome:
     wrong: int = 0
     failed: int = 0
     recovery_s: float | None = None
+    shutdown_s: float | None = None  # whole-cluster restarts: SIGTERM to every node gone
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -132,7 +133,11 @@ def _probe(urls: list[str], deadline: float) -> bool:
     return False
 
 
-def _inject(cluster: LocalCluster, fault: str, nodes: tuple[int, ...], rng: random.Random) -> None:
+def _inject(
+    cluster: LocalCluster, fault: str, nodes: tuple[int, ...], rng: random.Random
+) -> float | None:
+    """Strike; for a whole-cluster restart, returns how long the SIGTERMed cluster took
+    to exit (every node drained and gone)."""
     procs = cluster.procs
     if fault in ("kill_stage", "kill_two"):
         for i, node in enumerate(nodes):
@@ -156,10 +161,16 @@ def _inject(cluster: LocalCluster, fault: str, nodes: tuple[int, ...], rng: rand
         time.sleep(rng.uniform(0.0, 2.0))
         cluster.restart(0)
     elif fault == "restart_all":
-        cluster.stop(grace_s=10.0)
+        t0 = time.monotonic()
+        codes = cluster.stop(grace_s=10.0)
+        took = time.monotonic() - t0
+        if any(code != 0 for code in codes):
+            raise RuntimeError(f"a node did not exit cleanly on SIGTERM: exit codes {codes}")
         cluster.start()
+        return took
     else:
         raise ValueError(f"unknown fault {fault!r}; known: {', '.join(FAULTS)}")
+    return None
 
 
 def run_trial(
@@ -206,7 +217,10 @@ def run_trial(
         outcome.tasks = len(ids)
         time.sleep(outcome.at_s)  # 0 s lands in prefill; 0.6 s deep in decoding
         fault_at = time.monotonic()
-        _inject(cluster, fault, nodes, rng)
+        try:
+            outcome.shutdown_s = _inject(cluster, fault, nodes, rng)
+        except RuntimeError as e:  # a broken promise of the fault itself: reported
+            outcome.errors.append(str(e))
         deadline = time.monotonic() + timeout_s
         if _probe(urls, deadline):
             outcome.recovery_s = round(time.monotonic() - fault_at, 3)
