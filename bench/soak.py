@@ -122,12 +122,14 @@ def main() -> None:
     ap.add_argument("--warmup-min", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--f", type=int, default=1)
+    ap.add_argument("--set", action="append", default=[], help="section.key=JSON value")
     args = ap.parse_args()
+    settings = {k: json.loads(v) for k, _, v in (s.partition("=") for s in args.set)}
     model = bench_model(args.size)
     with tempfile.TemporaryDirectory() as work:
         port = free_ports(1)[0]
         configs = node_configs(
-            nodes=4, f=args.f, model=model, api_port=port, data_dir=Path(work), settings={}
+            nodes=4, f=args.f, model=model, api_port=port, data_dir=Path(work), settings=settings
         )
         cluster = LocalCluster(configs, f"http://127.0.0.1:{port}", Path(work))
         try:
@@ -150,6 +152,7 @@ def main() -> None:
                 "minutes": args.minutes,
                 "clients": args.clients,
                 "f": args.f,
+                "settings": settings,
                 **result,
                 "max_slope_mb_per_min_after_warmup": max(slopes) if slopes else None,
                 "target_at_most_1_mb_per_min": bool(slopes) and max(slopes) <= 1.0,
