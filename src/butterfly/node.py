@@ -32,6 +32,7 @@ from butterfly.dataplane.engine import PipelineEngine
 from butterfly.dataplane.routes import StageRoutes
 from butterfly.dataplane.stage_server import StageServer
 from butterfly.metrics.prometheus import Metrics
+from butterfly.metrics.tracing import Tracing
 from butterfly.net.tcp import Identity
 from butterfly.protocol.keys import key_path, load_or_create_key, public_keys
 from butterfly.runtime.tokenizer import TextCodec
@@ -44,6 +45,7 @@ from butterfly.wiring import parts
 from butterfly.wiring.edges import Edges, NetworkEdges
 from butterfly.wiring.gateway import Gateway
 from butterfly.wiring.logs import set_log_level
+from butterfly.wiring.metrics_http import MetricsServer
 from butterfly.wiring.process import prepare_process, run_until_signalled
 from butterfly.wiring.routing import Router, Routes, by_envelope
 
@@ -69,11 +71,18 @@ class Node:
     recovery: Recovery
     engine: PipelineEngine
     gateway: Gateway | None  # on the acting gateway (node 0) only
+    metrics: Metrics
+    tracing: Tracing
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Run until `stop` is set, then drain and return."""
         cfg = self.config.current
         await self.router.start(self.routes)
+        scrape = (
+            MetricsServer(cfg.metrics.listen, self.metrics.render) if cfg.metrics.listen else None
+        )
+        if scrape is not None:
+            await scrape.start()
         log.info(
             "node %s (%s) listening on %s, model sha256 %s%s",
             self.id,
@@ -96,9 +105,12 @@ class Node:
         except* _Stop:
             pass
         finally:
+            if scrape is not None:
+                await scrape.close()
             await self.router.close()
             self.stage_server.close()
             self.config.history.close()
+            self.tracing.close()
 
 
 class _Stop(Exception):
@@ -127,6 +139,11 @@ def build_node(
     key = load_or_create_key(key_path(cfg, Path(cfg.node.data_dir)))
     keys = {NodeId(i): k for i, k in enumerate(public_keys(cfg, key))}
     server = parts.stage_server(cfg, model_dir, key, torch_thread, stage_server_type)
+    metrics.watch_kv(me, server.kv_usage)
+    o = cfg.observability
+    tracing = Tracing(
+        node=me, exporter=edges.spans(), enabled=o.tracing, sample_rate=o.trace_sample_rate
+    )
     identity = Identity(me, cfg.cluster.id, digest, key=key, keys=keys)
     transport = edges.transport(identity, emit, server.current_epoch)
     router = Router(
@@ -185,15 +202,21 @@ def build_node(
         codec=codec,
         torch_thread=torch_thread,
         emit=emit,
+        tracing=tracing,
     )
     # every dynamic option reaches the part that uses it (control.live_config)
     follow_config(
-        config, engine=engine, stage_server=server, membership=membership, recovery=recovery
+        config,
+        engine=engine,
+        stage_server=server,
+        membership=membership,
+        recovery=recovery,
+        tracing=tracing,
     )
     follow_agreement_config(
         config, driver=agreement.driver, coordinator=agreement.coordinator, recovery=recovery
     )
-    stage = StageRoutes(node=me, server=server, deliver=router.deliver, emit=emit)
+    stage = StageRoutes(node=me, server=server, deliver=router.deliver, emit=emit, tracing=tracing)
     config_message = agreement.replica.on_message  # votes only for the gateway (peer)
     routes: Routes = {
         d.StageStep: stage.step,
@@ -230,7 +253,7 @@ def build_node(
     heartbeats = partial(edges.heartbeats, beats, report.local_state, membership.on_heartbeat)
     return Node(
         *(me, digest, config, router, routes, server, membership, heartbeats, report),
-        *(agreement, plans, evidence, recovery, engine, gateway),
+        *(agreement, plans, evidence, recovery, engine, gateway, metrics, tracing),
     )
 
 

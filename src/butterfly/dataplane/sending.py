@@ -80,6 +80,10 @@ class StepSender:
             flight.sent_on[(e.request_id, e.step)] = tuple(nodes)
             if self._keys is not None and e.request_id in flight.checked:
                 flight.sent_digest[(e.request_id, e.step)] = digest(e.x)
+        trace: tuple[bytes, ...] = ()
+        if flight.traced:  # each entry's context, when any entry of the batch is traced
+            trace = tuple(flight.traced.get(e.request_id, b"") for e in entries)
+            trace = trace if any(trace) else ()
         msg = StageStep(
             tuple(e.request_id for e in entries),
             tuple(e.step for e in entries),
@@ -88,6 +92,8 @@ class StepSender:
             nodes[1:],
             self.node,
             True,
+            (),
+            trace,
         )
         payload = encode_tensor(torch.cat([e.x for e in entries], dim=1))
         try:

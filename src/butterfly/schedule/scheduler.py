@@ -232,7 +232,7 @@ class Scheduler:
         finally:
             self._reserved -= 1
         live = self._enqueue(task, force=True)
-        self._emit(TaskSubmitted(task.priority))
+        self._emit(TaskSubmitted(task.priority, len(task.input_ids)))
         return self._snapshot(live)
 
     async def cancel(self, task_id: str) -> TaskSnapshot:

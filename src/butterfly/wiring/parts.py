@@ -24,6 +24,7 @@ from butterfly.dataplane.routes import AuditAsk
 from butterfly.dataplane.stage_server import StageServer
 from butterfly.dataplane.unresponsive import StepTimeouts
 from butterfly.metrics.events import Emit
+from butterfly.metrics.tracing import Tracing
 from butterfly.net.transport import Transport
 from butterfly.partition.service import PartitionService
 from butterfly.protocol.failure_detector import PhiAccrualFailureDetector
@@ -160,6 +161,7 @@ def engine(
     codec: TextCodec | None,
     torch_thread: TorchThread,
     emit: Emit,
+    tracing: Tracing,
 ) -> PipelineEngine:
     """The gateway's pipeline engine, checking results as `byzantine.verification` says."""
     me, byz = NodeId(cfg.node.id), cfg.byzantine
@@ -218,6 +220,7 @@ def engine(
         verification=byz.verification,
         emit=emit,
         keys=keys,
+        tracing=tracing,
     )
 
 
