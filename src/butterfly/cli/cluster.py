@@ -1,4 +1,4 @@
-"""`butterfly start`, `butterfly cluster up`, `butterfly infer`, `butterfly status`."""
+"""`butterfly start`, `butterfly cluster up`, `butterfly infer` (`status`: cli/status.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from typing import Annotated, Any
 import httpx
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from butterfly.cli.launcher import LocalCluster, node_configs
 from butterfly.cli.paths import data_dir, demo_model
@@ -150,31 +149,6 @@ def infer(
         raise typer.Exit(2)
     result = r.json()
     typer.echo(json.dumps(result) if json_out else result.get("text", ""))
-
-
-def status(url: Annotated[str, typer.Option(help="Gateway URL.")] = DEFAULT_URL) -> None:
-    """Nodes, their health and stages, as a table."""
-    try:
-        health = httpx.get(f"{url}/health", timeout=10.0).json()
-    except (httpx.HTTPError, ValueError) as e:
-        err.print(f"[red]error:[/red] cannot reach {url}: {e}")
-        raise typer.Exit(2) from e
-    table = Table(
-        title=f"Butterfly at {url}: {'healthy' if health.get('healthy') else 'UNHEALTHY'}"
-    )
-    for col in ("node", "address", "status", "layers", "requests", "last heartbeat"):
-        table.add_column(col)
-    for n in health.get("nodes", []):
-        seen = n.get("last_seen_s")
-        table.add_row(
-            str(n.get("id")),
-            str(n.get("address")),
-            str(n.get("status")),
-            str(n.get("layers") or "-"),
-            str(n.get("requests", 0)),
-            "-" if seen is None else f"{seen * 1000:.0f} ms ago",
-        )
-    Console().print(table)
 
 
 def certs(
