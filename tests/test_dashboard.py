@@ -12,6 +12,7 @@ import json
 import re
 from pathlib import Path
 
+import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -76,14 +77,25 @@ async def test_every_metric_the_dashboard_queries_is_exported(
     tiny_model: Path, tmp_path: Path
 ) -> None:
     ids = tuple(TextCodec.load(tiny_model).encode("Once upon a time"))
-    settings = {"coordination.heartbeat_interval_ms": 10}
+    # every node serves its registry (metrics.listen; port 0: any free one)
+    settings = {"coordination.heartbeat_interval_ms": 10, "metrics.listen": "127.0.0.1:0"}
     async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=settings) as c:
         await c.until(lambda: c.gateway.stage_server.plan is not None, "the first plan")
         task = InferenceTask(RequestId("scraped"), input_ids=ids, max_new_tokens=4)
         await c.gateway.engine.run(task, lambda token: None)
-        stage_node = c.gateway.stage_server.plan.nodes[-1]  # type: ignore[union-attr]
-        texts = [c.gateway.metrics.render(), c.nodes[stage_node].metrics.render()]
-    available = set().union(*(exported(t.decode()) for t in texts))
+        plan = c.gateway.stage_server.plan
+        assert plan is not None
+        texts = []
+        for node in (c.gateway, c.nodes[plan.nodes[-1]]):  # the gateway and the last stage
+            assert node.scrape is not None
+            async with httpx.AsyncClient() as client:
+                r = await client.get(f"http://127.0.0.1:{node.scrape.port}/metrics")
+            assert r.status_code == 200
+            texts.append(r.text)
+    last = {f.name: f for f in text_string_to_metric_families(texts[1])}
+    steps = [s for s in last["butterfly_stage_step_seconds"].samples if s.name.endswith("_count")]
+    assert [(s.labels["stage"], s.value) for s in steps] == [(str(len(plan.stages) - 1), 4.0)]
+    available = set().union(*(exported(t) for t in texts))
     wanted = set().union(*(queried(e) for e in expressions()))
     assert wanted, "the dashboard has no queries"
     assert wanted <= available, f"queried but not exported: {sorted(wanted - available)}"

@@ -8,6 +8,7 @@ the request's trace. Tracing off (or a request not drawn) puts nothing on the wi
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from butterfly.config import ConfigManager
-from butterfly.metrics.logcontext import RequestIdFilter
+from butterfly.metrics.logcontext import REQUEST_ID, RequestIdFilter
 from butterfly.metrics.tracing import CONTEXT_BYTES, Tracing, decode_context
 from butterfly.net.conn import Reply
 from butterfly.net.framing import Envelope
@@ -165,3 +166,21 @@ async def test_every_log_line_of_a_request_names_it(
     stage_lines = [r for r in path if r.name == REQUEST_PATH]
     nodes = {r.args[0] for r in stage_lines if isinstance(r.args, tuple)}
     assert nodes == {0, 1}  # the gateway's stage and node 1's, in their own handlers
+
+
+def test_json_and_text_lines_carry_the_request_id() -> None:
+    from butterfly.wiring.logs import TEXT_FORMAT, JsonLines
+
+    record = logging.LogRecord("butterfly.x", logging.INFO, __file__, 1, "hello", None, None)
+    token = REQUEST_ID.set("r-7")
+    try:
+        assert RequestIdFilter().filter(record)
+    finally:
+        REQUEST_ID.reset(token)
+    assert json.loads(JsonLines("production", 3).format(record))["request_id"] == "r-7"
+    text = logging.Formatter(TEXT_FORMAT)
+    assert text.format(record).endswith("butterfly.x: [request r-7] hello")
+    outside = logging.LogRecord("butterfly.x", logging.INFO, __file__, 1, "idle", None, None)
+    RequestIdFilter().filter(outside)
+    assert "request_id" not in json.loads(JsonLines("production", 3).format(outside))
+    assert text.format(outside).endswith("butterfly.x: idle")

@@ -73,14 +73,13 @@ class Node:
     gateway: Gateway | None  # on the acting gateway (node 0) only
     metrics: Metrics
     tracing: Tracing
+    scrape: MetricsServer | None  # GET /metrics of this node (metrics.listen), if set
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Run until `stop` is set, then drain and return."""
         cfg = self.config.current
         await self.router.start(self.routes)
-        scrape = (
-            MetricsServer(cfg.metrics.listen, self.metrics.render) if cfg.metrics.listen else None
-        )
+        scrape = self.scrape
         if scrape is not None:
             await scrape.start()
         log.info(
@@ -254,6 +253,7 @@ def build_node(
     return Node(
         *(me, digest, config, router, routes, server, membership, heartbeats, report),
         *(agreement, plans, evidence, recovery, engine, gateway, metrics, tracing),
+        MetricsServer(cfg.metrics.listen, metrics.render) if cfg.metrics.listen else None,
     )
 
 
