@@ -176,3 +176,14 @@ def test_two_instances_share_nothing() -> None:
     a.emit(TaskSubmitted())
     assert value(a, "butterfly_tasks_submitted_total") == 1
     assert value(b, "butterfly_tasks_submitted_total") == 0
+
+
+async def test_the_gateway_times_its_hop_to_a_remote_first_stage() -> None:
+    from tests.engine_util import STAGE, chain, generate
+
+    events: list[MetricsEvent] = []
+    engine, sent = chain([], events)
+    assert await generate(engine, tokens=3) == [3, 3, 3]
+    hops = [e for e in events if isinstance(e, HopTimed)]
+    assert [h.peer for h in hops] == [STAGE] * len(sent) == [STAGE] * 3
+    assert all(h.seconds >= 0 for h in hops)

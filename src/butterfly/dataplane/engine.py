@@ -117,6 +117,7 @@ class PipelineEngine:
             keys=keys,
             timeout=step_timeout_s,
             on_liars=self._on_liars,
+            emit=emit,
         )
         self._intake = Intake(
             node, plan, self._flight, keys, max_tensor_bytes, emit, self._on_liars

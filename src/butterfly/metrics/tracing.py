@@ -102,7 +102,9 @@ class Tracing:
         self._provider: TracerProvider | None = None
         self._tracer: api.Tracer | None = None
         if exporter is not None:
-            resource = Resource.create({"service.name": "butterfly", "butterfly.node": node})
+            # not Resource.create: the node's identity comes from its config, not from
+            # OTEL_* variables of whatever environment started it
+            resource = Resource({"service.name": "butterfly", "butterfly.node": node})
             self._provider = TracerProvider(resource=resource)
             self._provider.add_span_processor(BatchSpanProcessor(exporter))
             self._tracer = self._provider.get_tracer("butterfly")
