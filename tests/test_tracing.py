@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from butterfly.config import ConfigManager
 from butterfly.metrics.logcontext import REQUEST_ID, RequestIdFilter
-from butterfly.metrics.tracing import CONTEXT_BYTES, Tracing, decode_context
+from butterfly.metrics.tracing import CONTEXT_BYTES, Tracing, decode_context, otlp_exporter
 from butterfly.net.conn import Reply
 from butterfly.net.framing import Envelope
 from butterfly.runtime.tokenizer import TextCodec
@@ -184,3 +186,37 @@ def test_json_and_text_lines_carry_the_request_id() -> None:
     RequestIdFilter().filter(outside)
     assert "request_id" not in json.loads(JsonLines("production", 3).format(outside))
     assert text.format(outside).endswith("butterfly.x: idle")
+
+
+def test_spans_go_to_the_configured_otlp_endpoint() -> None:
+    """observability.otlp_endpoint: spans leave as OTLP/HTTP (protobuf) POSTs."""
+    received: list[tuple[str, bytes]] = []
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((self.path, body))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        exporter = otlp_exporter(f"http://127.0.0.1:{server.server_port}/v1/traces")
+        tracing = Tracing(node=0, exporter=exporter, enabled=True, sample_rate=1.0)
+        trace = tracing.start_request("exported-request", {"butterfly.prompt_tokens": 3})
+        assert trace is not None
+        trace.end({"butterfly.generated_tokens": 1})
+        assert tracing.flush()
+        tracing.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [path for path, _ in received] == ["/v1/traces"]
+    assert b"exported-request" in received[0][1]
+    assert otlp_exporter("") is None
