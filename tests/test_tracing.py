@@ -8,6 +8,7 @@ the request's trace. Tracing off (or a request not drawn) puts nothing on the wi
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -20,14 +21,21 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from butterfly.config import ConfigManager
+from butterfly.metrics.events import MetricsEvent, TaskSubmitted
 from butterfly.metrics.logcontext import REQUEST_ID, RequestIdFilter
 from butterfly.metrics.tracing import CONTEXT_BYTES, Tracing, decode_context, otlp_exporter
 from butterfly.net.conn import Reply
 from butterfly.net.framing import Envelope
 from butterfly.runtime.tokenizer import TextCodec
+from butterfly.schedule.engine import TokenSink
+from butterfly.schedule.scheduler import Scheduler
+from butterfly.schedule.store import TaskStore
 from butterfly.testing.inprocess import InProcessCluster
+from butterfly.testing.pipeline import LocalPipeline
+from butterfly.types.errors import ServiceUnavailable
 from butterfly.types.ids import NodeId, RequestId
-from butterfly.types.tasks import InferenceTask
+from butterfly.types.model import LayerRange
+from butterfly.types.tasks import InferenceResult, InferenceTask
 from butterfly.types.wire.data import StageStep
 from butterfly.types.wire.frames import from_body, to_body
 from butterfly.wiring.routing import Route
@@ -220,3 +228,33 @@ def test_spans_go_to_the_configured_otlp_endpoint() -> None:
     assert [path for path, _ in received] == ["/v1/traces"]
     assert b"exported-request" in received[0][1]
     assert otlp_exporter("") is None
+
+
+async def test_the_schedulers_lines_about_a_task_name_it(
+    tiny_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failed task's line comes from the scheduler, after the engine gave up."""
+    codec = TextCodec.load(tiny_model)
+
+    class NoPlan(LocalPipeline):
+        async def run(self, task: InferenceTask, on_token: TokenSink) -> InferenceResult:
+            raise ServiceUnavailable("the cluster has no stage plan yet")
+
+    engine = NoPlan(tiny_model, [LayerRange(0, 4)], stop_ids=codec.eos_ids)
+    store = TaskStore(tmp_path / "t.db")
+    events: list[MetricsEvent] = []
+    scheduler = Scheduler(engine=engine, store=store, emit=events.append)
+    caplog.handler.addFilter(RequestIdFilter())
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(scheduler.run())
+            await scheduler.submit(task(tiny_model, "doomed"))
+            await scheduler.wait("doomed", 30)
+            scheduler.shutdown()
+    finally:
+        engine.close()
+        store.close()
+    failed = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert failed and all(getattr(r, "request_id", "") == "doomed" for r in failed)
+    (submitted,) = [e for e in events if isinstance(e, TaskSubmitted)]
+    assert submitted.prompt_tokens == len(task(tiny_model, "doomed").input_ids)
