@@ -258,3 +258,20 @@ async def test_the_schedulers_lines_about_a_task_name_it(
     assert failed and all(getattr(r, "request_id", "") == "doomed" for r in failed)
     (submitted,) = [e for e in events if isinstance(e, TaskSubmitted)]
     assert submitted.prompt_tokens == len(task(tiny_model, "doomed").input_ids)
+
+
+def test_a_stopped_node_does_not_close_the_shared_exporter_of_an_in_process_cluster() -> None:
+    from butterfly.net.memory import MemoryNetwork
+    from butterfly.testing.inprocess import BeatHub, FakeClock, MemoryEdges
+
+    exporter = InMemorySpanExporter()
+    edges = MemoryEdges(MemoryNetwork(), BeatHub(FakeClock()), exporter)
+    stopped = Tracing(node=3, exporter=edges.spans(), enabled=True, sample_rate=1.0)
+    running = Tracing(node=0, exporter=edges.spans(), enabled=True, sample_rate=1.0)
+    stopped.close()  # as a node that stops or restarts does
+    trace = running.start_request("after", {})
+    assert trace is not None
+    trace.end({})
+    assert running.flush()
+    assert [s.name for s in exporter.get_finished_spans()] == ["request"]
+    running.close()

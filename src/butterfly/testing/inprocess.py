@@ -16,7 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from opentelemetry.sdk.trace.export import SpanExporter
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from butterfly.agreement.driver import AgreementDriver
 from butterfly.cli.launcher import node_configs
@@ -93,6 +94,23 @@ class _FixedProbe:
         return FACTS
 
 
+class _SharedSpans(SpanExporter):
+    """Every node's spans into one exporter, which a node that stops (or restarts) does
+    not shut for the others."""
+
+    def __init__(self, exporter: SpanExporter) -> None:
+        self._exporter = exporter
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return self._exporter.export(spans)
+
+    def shutdown(self) -> None:
+        """The cluster's exporter outlives each node's tracer."""
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._exporter.force_flush(timeout_millis)
+
+
 class MemoryEdges:
     """One node's edges onto the shared in-memory network and heartbeat hub."""
 
@@ -114,7 +132,7 @@ class MemoryEdges:
         return _FixedProbe()
 
     def spans(self) -> SpanExporter | None:
-        return self._spans
+        return _SharedSpans(self._spans) if self._spans is not None else None
 
 
 class InProcessCluster:
