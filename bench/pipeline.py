@@ -13,7 +13,13 @@ reference's and Ray's figures are the same per-round means. Also: 8
 concurrent requests' tokens/s on 4 nodes, and the same 4-way split run as a pipeline of
 Ray actors (optional; skipped if Ray is not installed).
 
-    python bench/pipeline.py [--rounds 5] [--sizes 1,2,4] [--no-ray]
+`--trace-sample R` starts every cluster with request tracing on at sample rate R,
+exporting over OTLP/HTTP to a sink in this process, and runs each round's cluster request
+twice, with tracing on and with it switched off through the config API (the order
+alternates between rounds), so `tracing.paired_overhead` compares the same processes on
+the same placement: per round, on over off minus one.
+
+    python bench/pipeline.py [--rounds 5] [--sizes 1,2,4] [--no-ray] [--trace-sample 0.01]
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ import argparse
 import asyncio
 import json
 import tempfile
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -133,13 +141,49 @@ def ray_pipeline(model_dir: Path, prompt: torch.Tensor, rounds: int) -> dict[str
     return {"decode_ms_per_token": summary(decode), "tokens": tokens}
 
 
+class OtlpSink(BaseHTTPRequestHandler):
+    """Accepts OTLP/HTTP exports and counts them: the cost of exporting is then in the
+    figures, as it is with a collector on the same machine."""
+
+    exports = 0
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        OtlpSink.exports += 1
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def set_tracing(url: str, on: bool) -> None:
+    r = httpx.post(f"{url}/api/v1/config", json={"observability.tracing": on}, timeout=60)
+    r.raise_for_status()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--sizes", default="1,2,4")
     ap.add_argument("--size", default="small")
     ap.add_argument("--no-ray", action="store_true")
+    ap.add_argument(
+        "--trace-sample", type=float, default=None, help="tracing on at this rate vs off"
+    )
     args = ap.parse_args()
+    settings: dict[str, Any] = {}
+    sink = None
+    if args.trace_sample is not None:
+        sink = ThreadingHTTPServer(("127.0.0.1", 0), OtlpSink)
+        threading.Thread(target=sink.serve_forever, daemon=True).start()
+        settings = {
+            "observability.tracing": True,
+            "observability.trace_sample_rate": args.trace_sample,
+            "observability.otlp_endpoint": f"http://127.0.0.1:{sink.server_port}/v1/traces",
+        }
     model_dir = bench_model(args.size)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, 256, (1, PROMPT), generator=gen)
@@ -161,7 +205,14 @@ def main() -> None:
     for size in [int(s) for s in args.sizes.split(",")]:
         with tempfile.TemporaryDirectory() as tmp:
             port = free_ports(1)[0]
-            cfgs = node_configs(nodes=size, f=0, model=model_dir, api_port=port, data_dir=Path(tmp))
+            cfgs = node_configs(
+                nodes=size,
+                f=0,
+                model=model_dir,
+                api_port=port,
+                data_dir=Path(tmp),
+                settings=settings,
+            )
             cluster = LocalCluster(cfgs, f"http://127.0.0.1:{port}", Path(tmp))
             try:
                 cluster.start()
@@ -171,8 +222,10 @@ def main() -> None:
                 own_ms: list[float] = []
                 per_token: list[float] = []
                 ttft: list[float] = []
+                traced_on: list[float] = []
+                traced_off: list[float] = []
                 same = True
-                for _ in range(args.rounds):
+                for i in range(args.rounds):
                     _, d, ref_tokens = one_round(reference, prompt)
                     ref_ms.append(sum(d) / len(d))  # a mean, as the gateway's figure is
                     _, d, own_tokens = one_round(own, prompt)
@@ -181,6 +234,15 @@ def main() -> None:
                     per_token.append(pt)
                     ttft.append(ft)
                     same = same and out == ref_tokens == own_tokens
+                    if sink is not None:  # tracing is on: the same request with it off
+                        set_tracing(cluster.api_url, False)
+                        off, _, out_off = cluster_round(cluster.api_url, ids)
+                        set_tracing(cluster.api_url, True)
+                        if i % 2:  # alternate the order: on again after off
+                            pt, _, out = cluster_round(cluster.api_url, ids)
+                        traced_on.append(pt)
+                        traced_off.append(off)
+                        same = same and out_off == out
                 entry: dict[str, Any] = {
                     "decode_ms_per_token": summary(per_token),
                     "time_to_first_token_ms": summary(ttft),
@@ -202,6 +264,19 @@ def main() -> None:
                     ),
                     "same_tokens_as_reference": same,
                 }
+                if sink is not None:
+                    entry["tracing"] = {
+                        "sample_rate": args.trace_sample,
+                        "decode_ms_per_token_on": summary(traced_on),
+                        "decode_ms_per_token_off": summary(traced_off),
+                        "paired_overhead": summary(
+                            [on / off - 1 for on, off in zip(traced_on, traced_off, strict=True)]
+                        ),
+                        "overhead_of_medians": round(
+                            summary(traced_on)["median"] / summary(traced_off)["median"] - 1, 4
+                        ),
+                        "otlp_exports_so_far": OtlpSink.exports,
+                    }
                 if size == 4:
                     prompts = [
                         torch.randint(0, 256, (PROMPT,), generator=gen).tolist() for _ in range(8)

@@ -126,6 +126,7 @@ CROSS_RULE_KEYS = {
     "cluster.members",
     "node.id",
     "node.listen",
+    "metrics.listen",
     "api.port",
     "partition.replication",
     "resources.memory_limit_bytes",

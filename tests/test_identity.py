@@ -382,6 +382,9 @@ class StepsSeen:
     def kv_deltas(self, request_ids: object) -> list[Outbound]:
         return []
 
+    def stage_index(self) -> int | None:
+        return 1
+
 
 async def test_a_stage_runs_steps_only_from_the_gateway_or_the_previous_stage() -> None:
     """Node 2 holds [2, 4): a step from node 4 (a holder of the same range) would write

@@ -495,6 +495,12 @@ BEHAVIOUR: dict[str, str] = {
     "coordination.acceptable_pause_ms": "test_the_failure_detector_judges_with_the_new_setting",
     "partition.strategy": "test_partition_strategy_re_plans_at_once",
     "observability.log_level": "test_observability_log_level_follows_without_a_restart",
+    "observability.tracing": (
+        "test_tracing.py::test_tracing_off_or_undrawn_puts_nothing_on_the_wire_then_follows_the_config"
+    ),
+    "observability.trace_sample_rate": (
+        "test_tracing.py::test_tracing_off_or_undrawn_puts_nothing_on_the_wire_then_follows_the_config"
+    ),
     "metadata.description": "test_labels_for_operators_show_at_once",
     "node.name": "test_labels_for_operators_show_at_once",
     "coordination.view_change_timeout_ms": (

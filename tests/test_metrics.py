@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typing
 
+import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from butterfly.metrics.events import (
@@ -11,6 +12,7 @@ from butterfly.metrics.events import (
     CheckpointCopied,
     ConsensusRound,
     Eviction,
+    HopTimed,
     LoopRestarted,
     MessageDropped,
     MessageReceived,
@@ -23,6 +25,7 @@ from butterfly.metrics.events import (
     PhaseTransition,
     QueueDepth,
     RecoveryCompleted,
+    StageStepTimed,
     TaskFinished,
     TaskSubmitted,
     TokenProduced,
@@ -30,6 +33,7 @@ from butterfly.metrics.events import (
 )
 from butterfly.metrics.prometheus import CONTENT_TYPE, Metrics
 from butterfly.types.ids import NodeId
+from butterfly.wiring.metrics_http import MetricsServer
 
 REQUIRED = {
     "butterfly_task_latency_seconds",
@@ -50,10 +54,14 @@ REQUIRED = {
     "butterfly_byzantine_evictions",
     "butterfly_recovery_seconds",
     "butterfly_verifications",
+    "butterfly_prompt_tokens",
+    "butterfly_generated_tokens",
+    "butterfly_stage_step_seconds",
+    "butterfly_hop_seconds",
 }
 
 ONE_OF_EACH: list[MetricsEvent] = [
-    TaskSubmitted(priority=2),
+    TaskSubmitted(priority=2, prompt_tokens=17),
     TaskFinished("completed", 0.2),
     TokenProduced(True, 0.05),
     TokenProduced(False, 0.003),
@@ -73,6 +81,8 @@ ONE_OF_EACH: list[MetricsEvent] = [
     PeerError(NodeId(2), "connection_failed", retriable=True),
     Verification("audit", "verified"),
     LoopRestarted("result_expiry"),
+    StageStepTimed(stage=1, seconds=0.004),
+    HopTimed(NodeId(2), 0.0002),
 ]
 
 
@@ -112,6 +122,38 @@ def test_each_event_moves_its_metric() -> None:
     assert value(m, "butterfly_node_status", node="2", butterfly_node_status="suspected") == 1
     assert value(m, "butterfly_node_status", node="2", butterfly_node_status="healthy") == 0
     assert value(m, "butterfly_loop_restarts_total", loop="result_expiry") == 1
+    assert value(m, "butterfly_prompt_tokens_total") == 17
+    assert value(m, "butterfly_generated_tokens_total") == 2  # one TokenProduced each
+    assert value(m, "butterfly_stage_step_seconds_count", stage="1") == 1
+    assert value(m, "butterfly_stage_step_seconds_sum", stage="1") == 0.004
+    assert value(m, "butterfly_hop_seconds_count", peer="2") == 1
+
+
+def test_kv_gauges_read_the_caches_at_each_scrape() -> None:
+    m = Metrics()
+    held = [(0, 0)]
+    m.watch_kv(3, lambda: held[0])
+    assert value(m, "butterfly_kv_cache_bytes", node="3") == 0
+    held[0] = (2, 4096)
+    assert value(m, "butterfly_kv_cache_bytes", node="3") == 4096
+    assert value(m, "butterfly_kv_caches", node="3") == 2
+
+
+async def test_a_node_without_the_api_serves_its_metrics() -> None:
+    m = Metrics()
+    m.emit(StageStepTimed(stage=2, seconds=0.01))
+    server = MetricsServer("127.0.0.1:0", m.render)
+    await server.start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
+            ok = await client.get("/metrics")
+            missing = await client.get("/other")
+    finally:
+        await server.close()
+    assert ok.status_code == 200 and ok.headers["content-type"] == CONTENT_TYPE
+    families = {f.name for f in text_string_to_metric_families(ok.text)}
+    assert "butterfly_stage_step_seconds" in families
+    assert missing.status_code == 404
 
 
 def test_cache_hit_ratio_tracks_lookups() -> None:
@@ -137,3 +179,14 @@ def test_two_instances_share_nothing() -> None:
     a.emit(TaskSubmitted())
     assert value(a, "butterfly_tasks_submitted_total") == 1
     assert value(b, "butterfly_tasks_submitted_total") == 0
+
+
+async def test_the_gateway_times_its_hop_to_a_remote_first_stage() -> None:
+    from tests.engine_util import STAGE, chain, generate
+
+    events: list[MetricsEvent] = []
+    engine, sent = chain([], events)
+    assert await generate(engine, tokens=3) == [3, 3, 3]
+    hops = [e for e in events if isinstance(e, HopTimed)]
+    assert [h.peer for h in hops] == [STAGE] * len(sent) == [STAGE] * 3
+    assert all(h.seconds >= 0 for h in hops)

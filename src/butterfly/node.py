@@ -33,8 +33,8 @@ from butterfly.control.status import ClusterReport, NodeReport
 from butterfly.dataplane.engine import PipelineEngine
 from butterfly.dataplane.routes import StageRoutes
 from butterfly.dataplane.stage_server import StageServer
-from butterfly.metrics.events import Emit
 from butterfly.metrics.prometheus import Metrics
+from butterfly.metrics.tracing import Tracing
 from butterfly.net.tcp import Identity
 from butterfly.protocol.keys import key_path, load_or_create_key, public_keys
 from butterfly.runtime.tokenizer import TextCodec
@@ -49,6 +49,7 @@ from butterfly.wiring import parts
 from butterfly.wiring.edges import Edges, NetworkEdges
 from butterfly.wiring.gateway import Gateway
 from butterfly.wiring.logs import set_log_level
+from butterfly.wiring.metrics_http import MetricsServer
 from butterfly.wiring.process import prepare_process, run_until_signalled
 from butterfly.wiring.routing import Router, Routes, by_envelope
 from butterfly.wiring.standby import TaskReplicas
@@ -77,12 +78,17 @@ class Node:
     engine: PipelineEngine
     gateway: Gateway | None  # on the gateway-capable nodes (cluster.gateways) only
     role: GatewayRole
-    emit: Emit
+    metrics: Metrics
+    tracing: Tracing
+    scrape: MetricsServer | None  # GET /metrics of this node (metrics.listen), if set
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Run until `stop` is set, then drain and return."""
         cfg = self.config.current
         await self.router.start(self.routes)
+        scrape = self.scrape
+        if scrape is not None:
+            await scrape.start()
         log.info(
             "node %s (%s) listening on %s, model sha256 %s%s",
             self.id,
@@ -102,7 +108,7 @@ class Node:
                     "evidence": partial(self.recovery.watch_evidence, self.evidence),
                 }
                 for name, loop in loops.items():
-                    tg.create_task(supervised(name, loop, self.emit))
+                    tg.create_task(supervised(name, loop, self.metrics.emit))
                 gateway = tg.create_task(self.gateway.serve(stop)) if self.gateway else None
                 await stop.wait()
                 if gateway is not None:  # its API closes before the node's transport does
@@ -111,9 +117,12 @@ class Node:
         except* _Stop:
             pass
         finally:
+            if scrape is not None:
+                await scrape.close()
             await self.router.close()
             self.stage_server.close()
             self.config.history.close()
+            self.tracing.close()
 
 
 def _execute(
@@ -153,6 +162,11 @@ def build_node(
     key = load_or_create_key(key_path(cfg, Path(cfg.node.data_dir)))
     keys = {NodeId(i): k for i, k in enumerate(public_keys(cfg, key))}
     server = parts.stage_server(cfg, model_dir, key, torch_thread, stage_server_type)
+    metrics.watch_kv(me, server.kv_usage)
+    o = cfg.observability
+    tracing = Tracing(
+        node=me, exporter=edges.spans(), enabled=o.tracing, sample_rate=o.trace_sample_rate
+    )
     identity = Identity(me, cfg.cluster.id, digest, key=key, keys=keys)
     transport = edges.transport(identity, emit, server.current_epoch)
     probe = edges.probe(me, sorted(members), transport, torch_thread)
@@ -228,16 +242,27 @@ def build_node(
         emit=emit,
         on_checkpoint=replicas.checkpoint,
         resume=lambda request_id: replicas.store.checkpoint(request_id),
+        tracing=tracing,
     )
     # every dynamic option reaches the part that uses it (control.live_config)
     follow_config(
-        config, engine=engine, stage_server=server, membership=membership, recovery=recovery
+        config,
+        engine=engine,
+        stage_server=server,
+        membership=membership,
+        recovery=recovery,
+        tracing=tracing,
     )
     follow_agreement_config(
         config, driver=agreement.driver, coordinator=agreement.coordinator, recovery=recovery
     )
     stage = StageRoutes(
-        node=me, server=server, deliver=router.deliver, emit=emit, gateway=role.gateway
+        node=me,
+        server=server,
+        deliver=router.deliver,
+        emit=emit,
+        gateway=role.gateway,
+        tracing=tracing,
     )
     config_message = agreement.replica.on_message  # votes only for the gateway (peer)
     routes: Routes = {
@@ -288,7 +313,8 @@ def build_node(
     heartbeats = partial(edges.heartbeats, beats, report.local_state, membership.on_heartbeat)
     return Node(
         *(me, digest, config, router, routes, server, membership, heartbeats, report),
-        *(agreement, plans, evidence, recovery, engine, gateway, role, emit),
+        *(agreement, plans, evidence, recovery, engine, gateway, role, metrics, tracing),
+        MetricsServer(cfg.metrics.listen, metrics.render) if cfg.metrics.listen else None,
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from butterfly.cli import cluster, config, deploy, model, plan
+from butterfly.cli import cluster, config, deploy, model, plan, status
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 app.add_typer(model.app, name="model", help="Create and inspect model directories.")
@@ -12,7 +12,7 @@ app.command("generate")(model.generate)
 app.command("start")(cluster.start)
 app.add_typer(cluster.app, name="cluster", help="Run a local cluster on 127.0.0.1.")
 app.command("infer")(cluster.infer)
-app.command("status")(cluster.status)
+app.command("status")(status.status)
 app.add_typer(config.app, name="config", help="Validate, show, update, roll back configuration.")
 app.command("plan")(plan.plan)
 app.command("certs")(cluster.certs)

@@ -1,4 +1,4 @@
-"""`butterfly start`, `butterfly cluster up`, `butterfly infer`, `butterfly status`."""
+"""`butterfly start`, `butterfly cluster up`, `butterfly infer` (`status`: cli/status.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from typing import Annotated, Any
 import httpx
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from butterfly.cli.gateways import first_answer, parse_urls
 from butterfly.cli.keeper import Restarts, keep_alive
@@ -190,44 +189,6 @@ def infer(
         raise typer.Exit(2)
     result = r.json()
     typer.echo(json.dumps(result) if json_out else result.get("text", ""))
-
-
-def status(
-    url: Annotated[
-        str, typer.Option(help="Gateway URL; several, comma-separated, are tried in turn.")
-    ] = DEFAULT_URL,
-) -> None:
-    """Nodes, their health and stages, as a table."""
-
-    def send(address: str) -> httpx.Response:
-        response = httpx.get(f"{address}/health", timeout=10.0)
-        for g in response.json().get("gateways", []) if response.status_code == 503 else []:
-            if g.get("acting") and g.get("url"):  # a standby: ask the acting gateway
-                return httpx.get(f"{g['url']}/health", timeout=10.0)
-        return response
-
-    try:
-        url, answer = first_answer(parse_urls(url), send)
-        health = answer.json()
-    except (httpx.HTTPError, ValueError) as e:
-        err.print(f"[red]error:[/red] cannot reach {url}: {e}")
-        raise typer.Exit(2) from e
-    table = Table(
-        title=f"Butterfly at {url}: {'healthy' if health.get('healthy') else 'UNHEALTHY'}"
-    )
-    for col in ("node", "address", "status", "layers", "requests", "last heartbeat"):
-        table.add_column(col)
-    for n in health.get("nodes", []):
-        seen = n.get("last_seen_s")
-        table.add_row(
-            str(n.get("id")),
-            str(n.get("address")),
-            str(n.get("status")),
-            str(n.get("layers") or "-"),
-            str(n.get("requests", 0)),
-            "-" if seen is None else f"{seen * 1000:.0f} ms ago",
-        )
-    Console().print(table)
 
 
 def certs(

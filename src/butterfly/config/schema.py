@@ -69,7 +69,12 @@ def _public_key_hex(value: str) -> str:
     return value
 
 
+def _host_port_or_empty(value: str) -> str:
+    return value and _host_port(value)
+
+
 HostPort = Annotated[str, AfterValidator(_host_port)]
+OptionalHostPort = Annotated[str, AfterValidator(_host_port_or_empty)]
 ClusterId = Annotated[str, AfterValidator(_cluster_id)]
 PublicKeyHex = Annotated[str, AfterValidator(_public_key_hex)]
 
@@ -385,6 +390,13 @@ class ApiConfig(Section):
 
 class MetricsConfig(Section):
     enabled: bool = option(True, "Serve GET /metrics.", SL, NODE)
+    listen: OptionalHostPort = option(
+        "",
+        "host:port serving this node's GET /metrics (any node, no token; bind it to a "
+        "private address); empty = none (the gateway's API serves its own).",
+        SL,
+        NODE,
+    )
     collector: Literal["prometheus", "in_memory"] = option("prometheus", "Metrics sink.", SL, NODE)
     export_interval_s: int = option(0, "Push interval; 0 = pull only.", DL, NODE, ge=0, le=86_400)
     retention_s: int = option(3600, "In-memory history kept.", DL, NODE, ge=0, le=2_592_000)
@@ -397,8 +409,19 @@ class ObservabilityConfig(Section):
     )
     log_format: Literal["text", "json"] = option("text", "Log line format.", SL, NODE)
     log_file: str = option("", "Log file; empty = stderr.", SL, NODE, path=True)
-    tracing: bool = option(False, "Record request traces.", DL, NODE)
-    trace_sample_rate: float = option(0.01, "Share of requests traced.", DL, NODE, ge=0.0, le=1.0)
+    tracing: bool = option(
+        False, "Record request traces (OpenTelemetry): the gateway starts them.", DL, NODE
+    )
+    trace_sample_rate: float = option(
+        0.01, "Share of requests the gateway traces, when tracing.", DL, NODE, ge=0.0, le=1.0
+    )
+    otlp_endpoint: str = option(
+        "",
+        "OTLP/HTTP traces endpoint, e.g. http://collector:4318/v1/traces; "
+        "empty = spans go nowhere.",
+        SL,
+        NODE,
+    )
     profiling: bool = option(False, "Record per-stage profiles.", DL, NODE)
 
 

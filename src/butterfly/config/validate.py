@@ -244,8 +244,6 @@ UNSUPPORTED: dict[str, str] = {
     "metrics.export_interval_s": "metrics are pulled from GET /metrics, never pushed",
     "metrics.retention_s": "Prometheus keeps the history; the node keeps current values",
     "metrics.channel_capacity": "events update the collectors as they happen, unbuffered",
-    "observability.tracing": "request tracing is not built yet",
-    "observability.trace_sample_rate": "request tracing is not built yet",
     "observability.profiling": "per-stage profiling is not built yet",
     "security.require_signatures": "votes, plans and proofs are always signed and checked",
     "advanced.experimental": "this build has no experimental features",

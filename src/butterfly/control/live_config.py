@@ -29,6 +29,8 @@ app is built (`butterfly.api.live`).
       coordination.phase_timeout_ms          ones brought forward), and how long plans
                                              and evictions wait to be agreed
     coordination.config_update_timeout_ms    the next config update's deadline
+    observability.tracing,                   the tracer: the gateway's next request, a
+      observability.trace_sample_rate        stage node's next traced step
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from butterfly.control.membership import Membership
 from butterfly.control.recovery import Recovery
 from butterfly.dataplane.engine import PipelineEngine
 from butterfly.dataplane.stage_server import StageServer
+from butterfly.metrics.tracing import Tracing
 from butterfly.protocol.proof import Tolerance
 
 log = logging.getLogger(__name__)
@@ -133,6 +136,7 @@ def follow_config(
     stage_server: StageServer,
     membership: Membership,
     recovery: Recovery,
+    tracing: Tracing | None = None,
 ) -> None:
     """Subscribe the node's components to `manager`; called once by the composition root."""
     manager.subscribe(
@@ -142,6 +146,13 @@ def follow_config(
     )
     manager.subscribe("stage server", lambda old, new: _retune_stage_server(stage_server, new))
     manager.subscribe("failure detector", lambda old, new: _retune_detector(membership, new))
+    if tracing is not None:
+        manager.subscribe(
+            "tracing",
+            lambda old, new: tracing.retune(
+                enabled=new.observability.tracing, sample_rate=new.observability.trace_sample_rate
+            ),
+        )
 
     def strategy(old: ButterflyConfig, new: ButterflyConfig) -> None:
         if old.partition.strategy != new.partition.strategy:

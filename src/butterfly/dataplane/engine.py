@@ -34,6 +34,8 @@ from butterfly.dataplane.sending import Deliver as Deliver
 from butterfly.dataplane.sending import StepSender
 from butterfly.dataplane.unresponsive import StepTimeouts
 from butterfly.metrics.events import Emit, PeerError, discard
+from butterfly.metrics.logcontext import REQUEST_ID
+from butterfly.metrics.tracing import Tracing
 from butterfly.net.framing import Envelope
 from butterfly.protocol.proof import Tolerance
 from butterfly.runtime.sampling import make_generator, sample
@@ -90,6 +92,7 @@ class PipelineEngine:
         checkpoint_every: int = 0,
         on_checkpoint: Callable[[RequestId, Checkpoint], None] | None = None,
         resume: Callable[[RequestId], Checkpoint | None] | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         """`verification` picks which of the parts built checks a request (audit,
         replicate or none); it defaults to the one part given. `retune` changes it, the
@@ -100,10 +103,12 @@ class PipelineEngine:
         believed only as `claims.Claims` says (with 0, at once).
         `on_checkpoint` gets each request's generation every `checkpoint_every` tokens
         (the standby gateways keep it: `wiring.standby`); `resume` finds the one a request
-        left before the gateway running it died, to go on from there."""
+        left before the gateway running it died, to go on from there.
+        `tracing`: opens a span for each request it samples (metrics.tracing)."""
         self.checkpoint_every, self._on_checkpoint = checkpoint_every, on_checkpoint
         self._resume = resume
         self._flight = InFlight()
+        self._tracing = tracing
         self._emit, self._replicator = emit, replicator
         self._auditor = auditor
         self._mode: Mode = verification or (
@@ -126,6 +131,7 @@ class PipelineEngine:
             keys=keys,
             timeout=step_timeout_s,
             on_liars=self._on_liars,
+            emit=emit,
         )
         self._intake = Intake(
             node, plan, self._flight, keys, max_tensor_bytes, emit, self._on_liars
@@ -275,6 +281,42 @@ class PipelineEngine:
                     await self._plan_version.wait()
 
     async def run(self, task: InferenceTask, on_token: TokenSink) -> InferenceResult:
+        """Run one request; its log lines carry its id, and a sampled one is traced."""
+        request_id = task.task_id
+        context = REQUEST_ID.set(request_id)
+        trace = None
+        if self._tracing is not None:
+            trace = self._tracing.start_request(
+                request_id,
+                {
+                    "butterfly.prompt_tokens": len(task.input_ids),
+                    "butterfly.max_new_tokens": task.max_new_tokens,
+                    "butterfly.verification": self._mode,
+                },
+            )
+        if trace is not None:
+            self._flight.traced[request_id] = trace.context
+        log.debug("request %s: %d prompt tokens", request_id, len(task.input_ids))
+        try:
+            result = await self._run(task, on_token)
+        except BaseException as e:
+            if trace is not None:
+                trace.end({}, error=f"{type(e).__name__}: {e}")
+            raise
+        finally:
+            self._flight.traced.pop(request_id, None)
+            REQUEST_ID.reset(context)
+        if trace is not None:
+            trace.end(
+                {
+                    "butterfly.generated_tokens": len(result.output_ids),
+                    "butterfly.verified": result.verified,
+                    "butterfly.recoveries": int(result.timings.get("recoveries", 0)),
+                }
+            )
+        return result
+
+    async def _run(self, task: InferenceTask, on_token: TokenSink) -> InferenceResult:
         plan = self._plan()
         if plan is None:
             raise ServiceUnavailable("the cluster has no stage plan yet; retry shortly")

@@ -50,6 +50,8 @@ class InFlight:
     sent_on: dict[Key, tuple[NodeId, ...]] = field(default_factory=dict)
     sent_digest: dict[Key, bytes] = field(default_factory=dict)  # what stage 0 was sent
     checked: set[str] = field(default_factory=set)  # requests (and lanes) needing records
+    # traced requests -> the context their steps carry (metrics.tracing); empty when off
+    traced: dict[str, bytes] = field(default_factory=dict)
     records: dict[str, list[Proof]] = field(default_factory=dict)
 
     def awaited(self, key: Key) -> bool:

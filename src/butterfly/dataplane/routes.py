@@ -10,12 +10,21 @@ timeout.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from butterfly.dataplane.engine import Deliver
 from butterfly.dataplane.stage_server import StageServer
 from butterfly.dataplane.unresponsive import StepTimeouts
-from butterfly.metrics.events import CheckpointCopied, Emit, MessageDropped
+from butterfly.metrics.events import (
+    CheckpointCopied,
+    Emit,
+    HopTimed,
+    MessageDropped,
+    StageStepTimed,
+)
+from butterfly.metrics.logcontext import REQUEST_ID
+from butterfly.metrics.tracing import Tracing, now_ns
 from butterfly.net.conn import Reply
 from butterfly.net.framing import Envelope
 from butterfly.net.transport import Transport
@@ -46,10 +55,12 @@ class StageRoutes:
         deliver: Deliver,
         emit: Emit,
         gateway: Callable[[], NodeId] = lambda: GATEWAY,
+        tracing: Tracing | None = None,
     ) -> None:
-        """`gateway`: the acting gateway as agreed, read on every step."""
+        """`gateway`: the acting gateway as agreed, read on every step. `tracing`: records
+        a span for each traced entry of a step (metrics.tracing)."""
         self.node, self._server, self._deliver, self._emit = node, server, deliver, emit
-        self._gateway = gateway
+        self._gateway, self._tracing = gateway, tracing
 
     async def step(self, peer: NodeId, env: Envelope) -> Reply | None:
         """Run a step from the gateway or the previous stage, judged by the plan of the
@@ -63,9 +74,29 @@ class StageRoutes:
             self._emit(MessageDropped(reason="not_entitled_stage_step"))
             log.warning("dropped a stage step from node %s: not the previous stage", peer)
             return None
+        context = REQUEST_ID.set(",".join(msg.request_ids))
+        try:
+            await self._run_step(msg, env)
+        finally:
+            REQUEST_ID.reset(context)
+        return None
+
+    async def _run_step(self, msg: StageStep, env: Envelope) -> None:
+        start_ns = now_ns() if msg.trace else 0
+        started = time.perf_counter()
         out = await self._server.on_step(env)
+        computed = time.perf_counter()
+        stage = self._server.stage_index()
+        log.debug("node %s ran steps %s as stage %s", self.node, msg.steps, stage)
+        if stage is not None:
+            self._emit(StageStepTimed(stage=stage, seconds=computed - started))
+        if msg.trace and self._tracing is not None:
+            end_ns = start_ns + int((computed - started) * 1e9)
+            _trace(self._tracing, self.node, msg, stage, start_ns, end_ns)
         try:
             await self._deliver(out.peer, out.msg, out.payload)
+            if out.peer != self.node:  # to itself, `deliver` runs the next handler inline
+                self._emit(HopTimed(peer=out.peer, seconds=time.perf_counter() - computed))
         except ButterflyError as e:  # the next stage is gone: tell the gateway now
             lost = StepError(  # or the output cannot be sent at all (over the message limit)
                 msg.request_ids,
@@ -76,9 +107,8 @@ class StageRoutes:
                 e.retriable,
             )
             await self._deliver(NodeId(msg.reply_to), lost, b"")
-            return None
+            return
         await self._copy_caches(msg.request_ids)
-        return None
 
     async def _copy_caches(self, request_ids: tuple[RequestId, ...]) -> None:
         """Send the standbys what the step added to the caches, off the step's path."""
@@ -107,6 +137,29 @@ class StageRoutes:
     async def cache_query(self, peer: NodeId, env: Envelope) -> Reply | None:
         msg = env.msg
         return (self._server.cache_lengths(msg), b"") if isinstance(msg, CacheQuery) else None
+
+
+def _trace(
+    tracing: Tracing, node: NodeId, msg: StageStep, stage: int | None, start_ns: int, end_ns: int
+) -> None:
+    """A span per traced entry of the batch, each under its own request's span."""
+    entries = zip(msg.request_ids, msg.steps, msg.starts, msg.lengths, msg.trace, strict=False)
+    for rid, step, start, length, parent in entries:
+        if parent:
+            tracing.record_step(
+                parent,
+                start_ns,
+                end_ns,
+                {
+                    "butterfly.request_id": rid,
+                    "butterfly.step": step,
+                    "butterfly.position": start,
+                    "butterfly.tokens": length,
+                    "butterfly.stage": -1 if stage is None else stage,
+                    "butterfly.node": int(node),
+                    "butterfly.batch": len(msg.request_ids),
+                },
+            )
 
 
 class AuditAsk:

@@ -8,6 +8,7 @@ answer comes back from the last stage's node through `intake.Intake`, matched by
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Mapping
 
 import torch
@@ -16,6 +17,7 @@ from butterfly.dataplane.inflight import Entry, InFlight, Relayed, StepFailed
 from butterfly.dataplane.intake import OnLiars
 from butterfly.dataplane.proving import RECORD_MISMATCH, digest
 from butterfly.dataplane.replicate import Lane
+from butterfly.metrics.events import Emit, HopTimed, discard
 from butterfly.runtime.wire import encode_tensor
 from butterfly.types.errors import (
     ButterflyError,
@@ -47,8 +49,12 @@ class StepSender:
         keys: Mapping[NodeId, bytes] | None,
         timeout: float,
         on_liars: OnLiars,
+        emit: Emit = discard,
     ) -> None:
+        """`emit`: the hop to the first stage's node is timed (`HopTimed`) as each
+        stage times its own (dataplane.routes)."""
         self.node, self._deliver, self._plan, self._flight = node, deliver, plan, flight
+        self._emit = emit
         self._keys, self.timeout, self._on_liars = keys, timeout, on_liars
         self._queue: list[Entry] = []
         self._ready = asyncio.Event()
@@ -80,6 +86,10 @@ class StepSender:
             flight.sent_on[(e.request_id, e.step)] = tuple(nodes)
             if self._keys is not None and e.request_id in flight.checked:
                 flight.sent_digest[(e.request_id, e.step)] = digest(e.x)
+        trace: tuple[bytes, ...] = ()
+        if flight.traced:  # each entry's context, when any entry of the batch is traced
+            trace = tuple(flight.traced.get(e.request_id, b"") for e in entries)
+            trace = trace if any(trace) else ()
         msg = StageStep(
             tuple(e.request_id for e in entries),
             tuple(e.step for e in entries),
@@ -88,10 +98,15 @@ class StepSender:
             nodes[1:],
             self.node,
             True,
+            (),
+            trace,
         )
+        started = time.perf_counter()
         payload = encode_tensor(torch.cat([e.x for e in entries], dim=1))
         try:
             await self._deliver(nodes[0], msg, payload)
+            if nodes[0] != self.node:  # to itself, `deliver` runs the stage inline
+                self._emit(HopTimed(peer=nodes[0], seconds=time.perf_counter() - started))
         except ButterflyError as e:
             for entry in entries:
                 if not entry.future.done():

@@ -147,7 +147,17 @@ class StageServer:
 
     @property
     def kv_bytes(self) -> int:
-        return sum(c.nbytes for c in self.caches.values() if c is not None)
+        return self.kv_usage()[1]
+
+    def kv_usage(self) -> tuple[int, int]:
+        """(caches, bytes) held; safe to call from a metrics scrape on another thread (a
+        copy of the table is taken in one step, under the GIL)."""
+        caches = [c for c in list(self.caches.values()) if c is not None]
+        return len(caches), sum(c.nbytes for c in caches)
+
+    def stage_index(self) -> int | None:
+        """The chain position of the range this node holds, or None when it holds none."""
+        return self._index_of(self.stage.layers) if self.stage is not None else None
 
     async def apply_plan(self, msg: PlanAssign) -> PlanAck:
         try:
@@ -350,6 +360,7 @@ class StageServer:
                 msg.reply_to,
                 msg.last_only,
                 msg.proofs + proofs,
+                msg.trace,  # every stage step is a child of the request's span
             )
             return Outbound(msg.route[0], nxt, out)
         result = StepResult(msg.request_ids, msg.steps, self.node, msg.proofs + proofs)

@@ -24,9 +24,10 @@ NODE_STATES: tuple[NodeState, ...] = ("starting", "healthy", "suspected", "faile
 
 @dataclass(frozen=True)
 class TaskSubmitted:
-    """A task was accepted (persisted and queued)."""
+    """A task was accepted (persisted and queued), with `prompt_tokens` of input."""
 
     priority: int = 0
+    prompt_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,25 @@ class PeerError:
 
 
 @dataclass(frozen=True)
+class StageStepTimed:
+    """This node ran one step batch of chain position `stage` in `seconds` (decoding the
+    input, the forward pass and signing its records; not the wait for the next node)."""
+
+    stage: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class HopTimed:
+    """This node handed a step's output to `peer` in `seconds`: encoding the frame and
+    writing it, waiting for the link when its buffer is full. One-way network delay is
+    not in it (that needs synchronised clocks; a trace shows the gaps between nodes)."""
+
+    peer: NodeId
+    seconds: float
+
+
+@dataclass(frozen=True)
 class Verification:
     """The check a result went through (`audit`, `replicate`) and how it ended."""
 
@@ -179,6 +199,8 @@ MetricsEvent = (
     | PeerError
     | Verification
     | LoopRestarted
+    | StageStepTimed
+    | HopTimed
 )
 
 Emit = Callable[[MetricsEvent], None]
@@ -194,6 +216,7 @@ __all__ = [
     "BytesTransferred",
     "ConsensusRound",
     "Emit",
+    "HopTimed",
     "LoopRestarted",
     "MessageDropped",
     "MessageReceived",
@@ -206,6 +229,7 @@ __all__ = [
     "PeerError",
     "PhaseTransition",
     "QueueDepth",
+    "StageStepTimed",
     "TaskFinished",
     "TaskOutcome",
     "TaskSubmitted",

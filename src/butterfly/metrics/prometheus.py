@@ -11,6 +11,7 @@ token and time per output token, which are what users of a generation service co
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import assert_never
 
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram
@@ -22,6 +23,7 @@ from butterfly.metrics.events import (
     CheckpointCopied,
     ConsensusRound,
     Eviction,
+    HopTimed,
     LoopRestarted,
     MessageDropped,
     MessageReceived,
@@ -34,6 +36,7 @@ from butterfly.metrics.events import (
     PhaseTransition,
     QueueDepth,
     RecoveryCompleted,
+    StageStepTimed,
     TaskFinished,
     TaskSubmitted,
     TokenProduced,
@@ -51,6 +54,12 @@ NAMESPACE = "butterfly"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 PARTITION_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5)
+# A stage step: a decode step of a few layers takes well under a millisecond to tens of
+# milliseconds; a long prompt's prefill up to tens of seconds on CPU.
+STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 30)
+# Handing a frame to the next node: microseconds for a decode step's activations, up to
+# seconds for a long prefill's over a slow link.
+HOP_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1, 5)
 
 
 class Metrics:
@@ -65,6 +74,45 @@ class Metrics:
         r, ns = self.registry, NAMESPACE
         self.tasks_submitted = Counter(
             "tasks_submitted", "Tasks accepted", namespace=ns, registry=r
+        )
+        self.prompt_tokens = Counter(
+            "prompt_tokens", "Prompt tokens of the tasks accepted", namespace=ns, registry=r
+        )
+        self.generated_tokens = Counter(
+            "generated_tokens",
+            "Tokens generated (sampled by this gateway), retracted ones included",
+            namespace=ns,
+            registry=r,
+        )
+        self.kv_cache_bytes = Gauge(
+            "kv_cache_bytes",
+            "Bytes of KV cache this node holds (its stage's and its standby copies)",
+            ["node"],
+            namespace=ns,
+            registry=r,
+        )
+        self.kv_caches = Gauge(
+            "kv_caches",
+            "KV caches (one per request and stage) this node holds",
+            ["node"],
+            namespace=ns,
+            registry=r,
+        )
+        self.stage_step = Histogram(
+            "stage_step_seconds",
+            "One step batch on this node's stage (input decode, forward, records)",
+            ["stage"],
+            namespace=ns,
+            registry=r,
+            buckets=STEP_BUCKETS,
+        )
+        self.hop = Histogram(
+            "hop_seconds",
+            "Handing a stage's output to the next node (encode, write, link back-pressure)",
+            ["peer"],
+            namespace=ns,
+            registry=r,
+            buckets=HOP_BUCKETS,
         )
         self.task_latency = Histogram(
             "task_latency_seconds",
@@ -195,13 +243,15 @@ class Metrics:
     def emit(self, event: MetricsEvent) -> None:
         """Update the collectors for one event; the `Emit` handed to components."""
         match event:
-            case TaskSubmitted():
+            case TaskSubmitted(prompt_tokens=prompt):
                 self.tasks_submitted.inc()
+                self.prompt_tokens.inc(prompt)
             case TaskFinished(status=status, latency_s=latency):
                 self.tasks.labels(status=status).inc()
                 self.task_latency.observe(latency)
             case TokenProduced(first=first, seconds=seconds):
                 (self.ttft if first else self.tpot).observe(seconds)
+                self.generated_tokens.inc()
             case BytesTransferred(bytes=n):
                 self.bytes_transferred.inc(n)
             case MessageSent(kind=kind):
@@ -243,8 +293,18 @@ class Metrics:
                     self.suspicions.labels(node=str(node)).inc()
             case LoopRestarted(loop=loop):
                 self.loop_restarts.labels(loop=loop).inc()
+            case StageStepTimed(stage=stage, seconds=seconds):
+                self.stage_step.labels(stage=str(stage)).observe(seconds)
+            case HopTimed(peer=peer, seconds=seconds):
+                self.hop.labels(peer=str(peer)).observe(seconds)
             case _:
                 assert_never(event)
+
+    def watch_kv(self, node: int, caches: Callable[[], tuple[int, int]]) -> None:
+        """Read this node's KV caches, (count, bytes), whenever the metrics are scraped:
+        a gauge that is always current without a hook on every cache change."""
+        self.kv_caches.labels(node=str(node)).set_function(lambda: caches()[0])
+        self.kv_cache_bytes.labels(node=str(node)).set_function(lambda: caches()[1])
 
     def render(self) -> bytes:
         """The registry in Prometheus text format (serve with `CONTENT_TYPE`)."""

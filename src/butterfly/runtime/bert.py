@@ -201,7 +201,8 @@ def load_stage(reader: CheckpointReader, args: BertArgs, layers: LayerRange) -> 
     w = reader.read_many(wanted)
 
     blocks = []
-    for n in layers:
+    for i, n in enumerate(layers):
+        reader.progress("pack", i, len(layers))
         t = {name: w.pop(f"{p}encoder.layer.{n}.{name}") for name in shapes}
         qkv = [f"attention.self.{x}" for x in ("query", "key", "value")]
         blocks.append(

@@ -212,7 +212,8 @@ def load_stage(reader: CheckpointReader, args: GPT2Args, layers: LayerRange) -> 
     w = reader.read_many(wanted)
 
     blocks = []
-    for n in layers:
+    for i, n in enumerate(layers):
+        reader.progress("pack", i, len(layers))
         t = {name: w.pop(f"{p}h.{n}.{name}") for name in shapes}
         scale = args.head_dim**-0.5 if args.scale_attn else 1.0
         blocks.append(

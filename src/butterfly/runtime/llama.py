@@ -319,7 +319,8 @@ def load_stage(reader: CheckpointReader, args: LlamaArgs, layers: LayerRange) ->
     w = reader.read_many(wanted)
 
     blocks = []
-    for n in layers:
+    for i, n in enumerate(layers):
+        reader.progress("pack", i, len(layers))
         p = f"model.layers.{n}.self_attn"
         biases = [w.get(f"{p}.{x}_proj.bias") for x in "qkv"]
         blocks.append(

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from butterfly.runtime.families import family_for
+from butterfly.runtime.progress import bars, quiet
 from butterfly.runtime.stage import Family, Stage
 from butterfly.runtime.weights import CheckpointReader, read_config
 from butterfly.types.model import LayerInfo, LayerRange
@@ -35,11 +36,20 @@ def load_stage(
     *,
     reader: CheckpointReader | None = None,
     dtype: torch.dtype = torch.float32,
+    progress: bool | None = None,
 ) -> Stage:
-    """Load layers `[start, end)` (all when None), reading only the tensors they need."""
+    """Load layers `[start, end)` (all when None), reading only the tensors they need.
+    `progress`: bars on stderr as it reads and packs (None: only when stderr is a
+    terminal; runtime.progress)."""
     family, args = model_args(model_dir)
     layers = layers or LayerRange(0, family.num_layers(args))
-    return family.load_stage(reader or CheckpointReader(Path(model_dir), dtype=dtype), args, layers)
+    reader = reader or CheckpointReader(Path(model_dir), dtype=dtype)
+    with bars(f"layers {layers}", progress) as report:
+        reader.progress = report
+        try:
+            return family.load_stage(reader, args, layers)
+        finally:
+            reader.progress = quiet
 
 
 def load_pipeline(model_dir: Path, ranges: list[LayerRange]) -> list[Stage]:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from butterfly.runtime.progress import Report, quiet
 from butterfly.types.errors import MissingTensor, TensorShapeMismatch, UnknownArchitecture
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -43,6 +44,8 @@ class CheckpointReader:
     dtype: torch.dtype | None = None  # convert floating tensors to this dtype when set
     names_read: list[str] = field(default_factory=list)
     bytes_read: int = 0
+    progress: Report = quiet  # told of every tensor read (phase "read"), and by the
+    # families' loaders of every layer packed (phase "pack")
     _weight_map: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -70,7 +73,9 @@ class CheckpointReader:
     ) -> dict[str, torch.Tensor]:
         """Read `(name, expected_shape)` pairs, opening each needed shard once."""
         by_file: dict[str, list[tuple[str, tuple[int, ...] | None]]] = {}
+        total = 0
         for name, shape in wanted:
+            total += 1
             if name not in self._weight_map:
                 raise MissingTensor(f"checkpoint {self.model_dir} has no tensor '{name}'")
             by_file.setdefault(self._weight_map[name], []).append((name, shape))
@@ -96,6 +101,7 @@ class CheckpointReader:
                     out[name] = t.clone().contiguous()
                     self.names_read.append(name)
                     self.bytes_read += t.numel() * t.element_size()
+                    self.progress("read", len(out), total)
         return out
 
 

@@ -40,6 +40,7 @@ from butterfly.metrics.events import (
     TokenProduced,
 )
 from butterfly.metrics.events import discard as discard_events
+from butterfly.metrics.logcontext import REQUEST_ID
 from butterfly.schedule.engine import Engine, Retraction
 from butterfly.schedule.queue import QueuePolicy, TaskQueue
 from butterfly.schedule.state import (
@@ -240,7 +241,7 @@ class Scheduler:
         if self._on_accepted is not None:
             await self._on_accepted(task)
         live = self._enqueue(task, force=True)
-        self._emit(TaskSubmitted(task.priority))
+        self._emit(TaskSubmitted(task.priority, len(task.input_ids)))
         return self._snapshot(live)
 
     async def cancel(self, task_id: str) -> TaskSnapshot:
@@ -405,6 +406,7 @@ class Scheduler:
 
     async def _execute(self, live: _Live) -> None:
         task_id = live.task.task_id
+        REQUEST_ID.set(task_id)  # this task's own context: every line below names it
         try:
             result = await self._engine.run(live.task, partial(self._on_token, live))
             live.state = apply(live.state, *FINISH)

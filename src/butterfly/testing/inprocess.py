@@ -16,6 +16,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
 from butterfly.agreement.driver import AgreementDriver
 from butterfly.cli.launcher import node_configs
 from butterfly.config import load_config
@@ -92,11 +95,28 @@ class _FixedProbe:
         return FACTS
 
 
+class _SharedSpans(SpanExporter):
+    """Every node's spans into one exporter, which a node that stops (or restarts) does
+    not shut for the others."""
+
+    def __init__(self, exporter: SpanExporter) -> None:
+        self._exporter = exporter
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return self._exporter.export(spans)
+
+    def shutdown(self) -> None:
+        """The cluster's exporter outlives each node's tracer."""
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._exporter.force_flush(timeout_millis)
+
+
 class MemoryEdges:
     """One node's edges onto the shared in-memory network and heartbeat hub."""
 
-    def __init__(self, net: MemoryNetwork, hub: BeatHub) -> None:
-        self._net, self._hub = net, hub
+    def __init__(self, net: MemoryNetwork, hub: BeatHub, spans: SpanExporter | None = None) -> None:
+        self._net, self._hub, self._spans = net, hub, spans
 
     def clock(self) -> float:
         return self._hub.clock()
@@ -111,6 +131,9 @@ class MemoryEdges:
         self, node: NodeId, peers: Sequence[NodeId], transport: Transport, torch: TorchThread
     ) -> Probe:
         return _FixedProbe()
+
+    def spans(self) -> SpanExporter | None:
+        return _SharedSpans(self._spans) if self._spans is not None else None
 
 
 class InProcessCluster:
@@ -128,9 +151,11 @@ class InProcessCluster:
         settings: dict[str, Any] | None = None,
         stage_servers: dict[int, type[StageServer]] | None = None,
         agreements: dict[int, type[AgreementDriver]] | None = None,
+        spans: SpanExporter | None = None,
     ) -> None:
         """`stage_servers` and `agreements`: the faulty parts (`butterfly.testing.liars`,
-        `butterfly.testing.liar_votes`) some nodes are composed with."""
+        `butterfly.testing.liar_votes`) some nodes are composed with. `spans`: where every
+        node's trace spans go (an in-memory exporter), with observability.tracing on."""
         self.clock = FakeClock()
         self.hub = BeatHub(self.clock)
         paths = node_configs(
@@ -144,6 +169,7 @@ class InProcessCluster:
         )
         self._model, self._paths = model, paths
         self._stage_servers, self._agreements = stage_servers or {}, agreements or {}
+        self._spans = spans
         self.nodes: list[Node] = [self._build(i) for i in range(len(paths))]
         self._stops = [asyncio.Event() for _ in self.nodes]
         self._tasks: list[asyncio.Task[None]] = []
@@ -153,7 +179,7 @@ class InProcessCluster:
         return build_node(
             load_config([self._paths[i]], env={}),
             self._model,
-            edges=MemoryEdges(self.net, self.hub),
+            edges=MemoryEdges(self.net, self.hub, self._spans),
             torch_thread=TorchThread(1, name=f"torch-{i}"),
             stage_server_type=self._stage_servers.get(i, StageServer),
             agreement_type=self._agreements.get(i, AgreementDriver),

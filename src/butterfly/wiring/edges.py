@@ -13,11 +13,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from opentelemetry.sdk.trace.export import SpanExporter
+
 from butterfly.config import ButterflyConfig
 from butterfly.control.facts import FactProbe, Probe
 from butterfly.control.heartbeats import BeatSource, HeartbeatLink
 from butterfly.control.membership import Link
 from butterfly.metrics.events import Emit
+from butterfly.metrics.tracing import otlp_exporter
 from butterfly.net.tcp import Identity, TcpTransport, TransportLimits
 from butterfly.net.tls import TlsFiles, contexts
 from butterfly.net.transport import Transport
@@ -43,6 +46,9 @@ class Edges(Protocol):
         self, node: NodeId, peers: Sequence[NodeId], transport: Transport, torch: TorchThread
     ) -> Probe:
         """Measures (once) the facts this node reports to the gateway."""
+
+    def spans(self) -> SpanExporter | None:
+        """Where this node's trace spans go (None: nowhere, whatever tracing says)."""
 
 
 def parse_address(hostport: str) -> tuple[str, int]:
@@ -110,6 +116,9 @@ class NetworkEdges:
             model_dir=self._model_dir,
             torch_thread=torch,
         )
+
+    def spans(self) -> SpanExporter | None:
+        return otlp_exporter(self._cfg.observability.otlp_endpoint)
 
 
 __all__ = ["Edges", "NetworkEdges", "Probe", "parse_address"]

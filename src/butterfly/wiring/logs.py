@@ -6,17 +6,22 @@ import json
 import logging
 
 from butterfly.config import ButterflyConfig
+from butterfly.metrics.logcontext import RequestIdFilter
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s:%(request)s %(message)s"
+"""`%(request)s` is " [request ID]" on a line written while serving a request, else ""."""
 
 
 def configure_logging(cfg: ButterflyConfig) -> None:
     o = cfg.observability
     logging.basicConfig(  # the plan, its estimate and the measured facts are logged at info
         level=o.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=TEXT_FORMAT,
         filename=o.log_file or None,
     )
-    if o.log_format == "json":
-        for handler in logging.getLogger().handlers:
+    for handler in logging.getLogger().handlers:  # on the handler: every logger's records
+        handler.addFilter(RequestIdFilter())
+        if o.log_format == "json":
             handler.setFormatter(JsonLines(cfg.metadata.environment, cfg.node.id))
 
 
@@ -41,9 +46,12 @@ class JsonLines(logging.Formatter):
             "message": record.getMessage(),
             **self._fixed,
         }
+        request_id = getattr(record, "request_id", "")
+        if request_id:
+            line["request_id"] = request_id
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line)
 
 
-__all__ = ["JsonLines", "configure_logging", "set_log_level"]
+__all__ = ["TEXT_FORMAT", "JsonLines", "configure_logging", "set_log_level"]

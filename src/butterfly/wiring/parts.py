@@ -25,6 +25,7 @@ from butterfly.dataplane.routes import AuditAsk
 from butterfly.dataplane.stage_server import StageServer
 from butterfly.dataplane.unresponsive import StepTimeouts
 from butterfly.metrics.events import Emit
+from butterfly.metrics.tracing import Tracing
 from butterfly.net.transport import Transport
 from butterfly.partition.service import PartitionService
 from butterfly.protocol.failure_detector import PhiAccrualFailureDetector
@@ -163,6 +164,7 @@ def engine(
     codec: TextCodec | None,
     torch_thread: TorchThread,
     emit: Emit,
+    tracing: Tracing,
     on_checkpoint: Callable[[RequestId, Checkpoint], None] | None = None,
     resume: Callable[[RequestId], Checkpoint | None] | None = None,
 ) -> PipelineEngine:
@@ -230,6 +232,7 @@ def engine(
         checkpoint_every=cfg.coordination.checkpoint_frequency,
         on_checkpoint=on_checkpoint,
         resume=resume,
+        tracing=tracing,
     )
 
 

@@ -15,6 +15,11 @@ Two encodings: the map form (`encode`, or `to_body` without the kind for a frame
 header that carries the kind beside it) and the canonical form that signatures cover (a
 msgpack array of field values in declaration order, so signatures never depend on map
 ordering).
+
+A class may name fields in `OMIT_EMPTY` (a ClassVar): the map form leaves such a field
+out while it is empty, and decoding takes a missing one as its (empty) default. An
+optional feature's field (a step's trace context) then costs no byte while it is off.
+Every other field must be present, exactly as before; the canonical form keeps them all.
 """
 
 from __future__ import annotations
@@ -65,6 +70,9 @@ class _Layout:
     nested_all: tuple[bool, ...]
     get_signed: Callable[[Any], tuple[Any, ...]]
     nested_signed: tuple[bool, ...]
+    omit: tuple[tuple[str, Any], ...]  # OMIT_EMPTY fields and their empty defaults
+    bare_keys: frozenset[str]  # `keys` without the OMIT_EMPTY fields
+    bare_body_keys: frozenset[str]
 
 
 class Codec:
@@ -89,6 +97,11 @@ class Codec:
             for cls in self._kinds.values()
             if (layout := self._layouts[cls]).plain
         }
+        self._omit = {  # registered kinds with fields left out of the map form when empty
+            cls: tuple(name for name, _ in layout.omit)
+            for cls in self._kinds.values()
+            if (layout := self._layouts[cls]).omit
+        }
 
     @property
     def kinds(self) -> Mapping[str, type[Any]]:
@@ -108,6 +121,11 @@ class Codec:
         unsigned = frozenset(getattr(cls, "UNSIGNED", ())) | {"signature"}
         signed = tuple(n for n in names if n not in unsigned)
         tagged = hasattr(cls, "kind")
+        defaults = {f.name: f.default for f in fields}
+        omit = tuple((n, defaults[n]) for n in getattr(cls, "OMIT_EMPTY", ()))
+        if any(n not in names or bool(d) or d is dataclasses.MISSING for n, d in omit):
+            raise TypeError(f"{cls.__name__}.OMIT_EMPTY names a field without an empty default")
+        omitted = {n for n, _ in omit}
         self._layouts[cls] = _Layout(
             kind=kind,
             tagged=tagged,
@@ -121,6 +139,9 @@ class Codec:
             nested_all=tuple(not plain(hints[n]) for n in names),
             get_signed=operator.attrgetter(*signed) if len(signed) > 1 else _one(signed),
             nested_signed=tuple(not plain(hints[n]) for n in signed),
+            omit=omit,
+            bare_keys=(frozenset(names) | ({"kind"} if tagged else set())) - omitted,
+            bare_body_keys=frozenset(names) - omitted,
         )
         self._compiling.discard(cls)
 
@@ -211,9 +232,15 @@ class Codec:
     ) -> Any:
         layout = self._layouts[cls]
         expected = layout.keys if tagged else layout.body_keys
+        if raw.keys() != expected and layout.omit:
+            bare = layout.bare_keys if tagged else layout.bare_body_keys
+            if bare <= raw.keys() <= expected:  # only OMIT_EMPTY fields left out
+                for name, empty in layout.omit:
+                    raw.setdefault(name, empty)
         if raw.keys() != expected:
             keys = set(raw)
-            missing = sorted(str(k) for k in expected - keys)
+            optional = {name for name, _ in layout.omit}  # never missing: they may go unsent
+            missing = sorted(str(k) for k in expected - keys - optional)
             unknown = sorted(str(k) for k in keys - expected)
             problems = ([f"missing fields {missing}"] if missing else []) + (
                 [f"unknown fields {unknown}"] if unknown else []
@@ -248,9 +275,12 @@ class Codec:
         values = layout.get_all(obj)
         if layout.plain:
             out.update(zip(layout.names, values, strict=False))
-            return out
-        for name, value, nested in zip(layout.names, values, layout.nested_all, strict=True):
-            out[name] = self._wire(value) if nested else value
+        else:
+            for name, value, nested in zip(layout.names, values, layout.nested_all, strict=True):
+                out[name] = self._wire(value) if nested else value
+        for name, _ in layout.omit:
+            if not out[name]:
+                del out[name]
         return out
 
     def _canonical(self, obj: Any, *, signed: bool = False) -> Any:
@@ -283,7 +313,13 @@ class Codec:
         """The map form without the kind, for a frame header that names the kind itself."""
         names = self._plain.get(type(message))
         if names is not None:  # every data-path frame (measured: faster than dict(zip(...)))
-            return {name: getattr(message, name) for name in names}
+            body = {name: getattr(message, name) for name in names}
+            omit = self._omit.get(type(message))
+            if omit is not None:
+                for name in omit:
+                    if not body[name]:
+                        del body[name]
+            return body
         return self._map(message, self._registered(message), {})
 
     def signing_bytes(self, message: Any) -> bytes:

@@ -19,10 +19,15 @@ kind, the epoch and the authenticated sender, so the bodies carry neither. Paylo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 from butterfly.types.ids import NodeId, RequestId, StageIndex
 from butterfly.types.wire.base import Ask, Text
+from butterfly.types.wire.checks import Size
+
+TraceContext = Annotated[bytes, Size(0, 24)]
+"""A traced request's trace id (16 bytes) and request span id (8); empty when untraced
+(butterfly.metrics.tracing)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,10 +37,13 @@ class StageStep:
     Entry i is request `request_ids[i]` at positions [starts[i], starts[i] + lengths[i]).
     The payload is the stage input with every entry's tokens side by side along the
     sequence dimension. `route` lists the nodes still to run after this one; the last of
-    the chain sends a `StepResult` to `reply_to`.
+    the chain sends a `StepResult` to `reply_to`. `trace`: each entry's trace context
+    when any entry of the batch is traced, else empty; an empty one is left out of the
+    frame (`OMIT_EMPTY`), so with tracing off a step is as long as it ever was.
     """
 
     kind: ClassVar[str] = "stage_step"
+    OMIT_EMPTY: ClassVar[tuple[str, ...]] = ("trace",)
     request_ids: tuple[RequestId, ...]
     steps: tuple[int, ...]
     starts: tuple[int, ...]
@@ -44,6 +52,7 @@ class StageStep:
     reply_to: NodeId
     last_only: bool
     proofs: tuple[bytes, ...] = ()  # signed records (wire.agreement.Proof) so far
+    trace: tuple[TraceContext, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

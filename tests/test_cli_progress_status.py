@@ -1,0 +1,121 @@
+"""Loading progress (reported layer by layer, drawn only on a terminal) and
+`butterfly status --watch` (redraws until Ctrl-C, which exits 0)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from butterfly.runtime.loader import load_stage, model_args
+from butterfly.runtime.progress import bars, quiet, wanted
+from butterfly.runtime.weights import CheckpointReader
+from butterfly.types.model import LayerRange
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_a_stage_reports_every_tensor_read_and_every_layer_packed(tiny_model: Path) -> None:
+    seen: list[tuple[str, int, int]] = []
+    reader = CheckpointReader(tiny_model, progress=lambda *r: seen.append(r))
+    family, args = model_args(tiny_model)
+    layers = LayerRange(1, 3)
+    family.load_stage(reader, args, layers)
+    reads = [(done, total) for phase, done, total in seen if phase == "read"]
+    packs = [done for phase, done, total in seen if phase == "pack"]
+    assert reads[-1] == (len(reader.names_read), len(reader.names_read))
+    assert [done for done, _ in reads] == list(range(1, len(reads) + 1))
+    assert packs == list(range(len(layers)))  # before each layer: how many are done
+    assert seen.index(("pack", 0, len(layers))) > seen.index(("read", *reads[-1]))
+
+
+def test_bars_only_on_a_terminal_unless_asked() -> None:
+    assert not wanted(None)  # pytest's stderr is no terminal
+    assert wanted(True) and not wanted(False)
+    with bars("layers [0, 2)", None) as report:
+        assert report is quiet
+
+
+def test_asked_for_bars_a_load_gives_the_same_stage(tiny_model: Path) -> None:
+    shown = load_stage(tiny_model, LayerRange(0, 2), progress=True)
+    plain = load_stage(tiny_model, LayerRange(0, 2), progress=False)
+    assert shown.layers == plain.layers == LayerRange(0, 2)
+
+
+class _Health(BaseHTTPRequestHandler):
+    hits = 0
+
+    def do_GET(self) -> None:
+        _Health.hits += 1
+        body = json.dumps(
+            {
+                "healthy": True,
+                "nodes": [{"id": 0, "address": "127.0.0.1:9000", "status": "healthy"}],
+            }
+        ).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def gateway() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Health)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_status_watch_redraws_until_ctrl_c_and_exits_0(gateway: str) -> None:
+    _Health.hits = 0
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    cmd = [sys.executable, "-m", "butterfly", "status", "--url", gateway, "--watch"]
+    proc = subprocess.Popen(
+        [*cmd, "--interval", "0.2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        for _ in range(300):  # bounded: until it has redrawn twice after the first frame
+            if _Health.hits >= 3 or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.communicate()
+        assert _Health.hits >= 3
+        proc.send_signal(signal.SIGINT)
+        out, errors = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, errors
+    assert b"127.0.0.1:9000" in out and b"Traceback" not in errors
+
+
+def test_status_watch_interval_is_bounded(gateway: str) -> None:
+    from typer.testing import CliRunner
+
+    from butterfly.cli import app
+
+    result = CliRunner().invoke(app, ["status", "--url", gateway, "--watch", "--interval", "0"])
+    assert result.exit_code == 2 and "interval" in result.output
