@@ -35,7 +35,9 @@ def test_cluster_up_with_relative_paths_serves_and_stops_on_sigterm(
     # uniform: both nodes hold layers whatever the machine's load made them measure (the
     # measured placement may leave a node out of a tiny model's plan)
     cmd += ["--set", 'partition.strategy="uniform"']
-    proc = subprocess.Popen(cmd, cwd=tmp_path, start_new_session=True)
+    log = tmp_path / "cluster-up.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, start_new_session=True, stderr=out)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -54,6 +56,12 @@ def test_cluster_up_with_relative_paths_serves_and_stops_on_sigterm(
         assert (tmp_path / "data" / "tls" / "ca.pem").is_file()
 
         # a node killed is reported and restarted while the gateway keeps serving
+        # cluster up itself must be past its start-up (a node dying before it saw the
+        # cluster healthy stops it, as a start-up failure should)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "cluster up" not in log.read_text(errors="replace"):
+            time.sleep(0.1)
+        assert "cluster up" in log.read_text(errors="replace")
         victim = node_pids(tmp_path, 1)
         assert len(victim) == 1
         os.kill(victim[0], signal.SIGKILL)
