@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import socket
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from butterfly.cli.launcher import LocalCluster, node_configs
+from butterfly.cli.launcher import LocalCluster, free_port_block, node_configs
 from butterfly.runtime.generate import generate
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.tokenizer import TextCodec
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """An API port with the next ones free too (gateway k serves on port + k)."""
+    return free_port_block(4)
 
 
 @contextmanager

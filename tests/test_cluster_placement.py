@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from butterfly.cli.launcher import LocalCluster, free_ports, node_configs
+from butterfly.cli.launcher import LocalCluster, free_port_block, node_configs
 from butterfly.config import dump_toml
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
@@ -22,7 +22,7 @@ LIMIT = 450_000
 def test_a_nodes_memory_limit_shapes_the_plan(tiny_model: Path, tmp_path: Path) -> None:
     """Two equal nodes would split the tiny model 2 + 2; node 1 reports 450 kB (its
     `resources.memory_limit_bytes`), so the gateway gives it only the last layer."""
-    port = free_ports(1)[0]
+    port = free_port_block(4)
     configs = node_configs(nodes=2, f=0, model=tiny_model, api_port=port, data_dir=tmp_path)
     doc = tomllib.loads(configs[1].read_text())
     doc.setdefault("resources", {})["memory_limit_bytes"] = LIMIT

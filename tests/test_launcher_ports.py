@@ -41,3 +41,11 @@ def test_free_ports_skips_an_avoided_port_the_kernel_hands_back(
 def test_free_ports_are_distinct_and_really_free() -> None:
     ports = launcher.free_ports(8, avoid=frozenset({1}))
     assert len(set(ports)) == 8 and 1 not in ports
+
+
+def test_a_port_block_is_free_as_a_whole_and_below_the_ephemeral_range() -> None:
+    base = launcher.free_port_block(4)
+    assert base >= 20000 and base + 4 <= 32000
+    for port in range(base, base + 4):  # each of them can be bound
+        with launcher.socket.socket() as s:
+            s.bind(("127.0.0.1", port))

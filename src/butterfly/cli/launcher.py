@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -87,6 +88,34 @@ def node_doc(
             "tls": {"enabled": True, "ca": str(tls.ca), "cert": str(tls.cert), "key": str(tls.key)}
         }
     return doc
+
+
+def free_port_block(
+    count: int, host: str = "127.0.0.1", low: int = 20000, high: int = 32000
+) -> int:
+    """The first of `count` consecutive free ports, below the kernel's ephemeral range.
+
+    Gateway k serves its API on the first gateway's port + k, so a loopback cluster needs
+    a run of free ports, not one. Ports the kernel hands out (binding port 0) lie in its
+    ephemeral range, where any outgoing connection may take the next port at any moment:
+    CI once saw a standby gateway unable to bind its API at takeover for that reason.
+    """
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(low, high - count)
+        socks: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                socks.append(s)
+                s.bind((host, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {count} consecutive free ports on {host} in [{low}, {high})")
 
 
 def node_configs(

@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from butterfly.cli.launcher import LocalCluster, free_ports, node_configs
+from butterfly.cli.launcher import LocalCluster, free_port_block, node_configs
 
 PROMPTS = ("Butterfly", "Once upon a time", "a b c d e f", "0123456789", "pipelines")
 NODES, F = 4, 1
@@ -195,7 +195,7 @@ def run_trial(
         if fault == "gateway_restart"
         else tuple(stage_nodes[: 2 if fault == "kill_two" else 1])
     )
-    port = free_ports(1)[0]
+    port = free_port_block(GATEWAYS)
     settings = {**SETTINGS, "partition.replication": REPLICATION_OF.get(fault, 0)}
     configs = node_configs(
         nodes=NODES,
