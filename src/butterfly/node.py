@@ -174,6 +174,9 @@ def build_node(
         placing=parts.placing(cfg, model_dir),
         suspect_primary=agreement.driver.suspect_primary,
         emit=emit,
+        healthy_for=membership.healthy_for,
+        interval_s=cfg.coordination.heartbeat_interval_ms / 1000,
+        clock=edges.clock,
     )
     timeouts = parts.step_timeouts(config, membership.status, recovery.evict_liars)
     codec = TextCodec.load(model_dir) if (model_dir / "tokenizer.json").is_file() else None

@@ -51,23 +51,38 @@ PROBE_TIMEOUT_S = 60.0
 """How long one node may take to measure itself (compute, then every link) and answer."""
 
 
+START_GRACE_BEATS = 100
+"""Heartbeat intervals the first plan waits for the last members once n - f are up
+(10 s at the default 100 ms): enough for a node that starts a little later than the
+others, while a node that never comes costs no more than that (it joins when it does)."""
+
+
 async def gather_status(
     transport: Transport,
     peers: list[NodeId],
     timeout_s: float,
     *,
     local: tuple[NodeId, Callable[[], Awaitable[StatusReply]]] | None = None,
+    need: int | None = None,
+    grace_s: float = 0.0,
 ) -> dict[NodeId, StatusReply]:
-    """Every peer's status (with its measured facts), asked one node at a time.
+    """The status (with its measured facts) of every peer that is up, asked one node at
+    a time.
 
-    First waits until every peer answers a ping (its process is up), then asks for the
-    status of `local` (this node: its id and how to build its reply) and of each peer in
-    turn. A node measures itself when first asked, so asking in turn means no two nodes
-    measure at once (see `facts`). Raises ServiceUnavailable naming the nodes that did
-    not answer within `timeout_s`.
+    First waits until the peers answer a ping (their processes are up): all of them, or,
+    when `need` is given, `need` nodes (this one included) and then up to `grace_s` more
+    for the rest. Then asks for the status of `local` (this node: its id and how to build
+    its reply) and of each peer that answered, in turn. A node measures itself when
+    first asked, so asking in turn means no two nodes measure at once (see `facts`). A
+    peer that stops answering is left out while `need` nodes remain. Raises
+    ServiceUnavailable naming the nodes missing when fewer than `need` (or all) answered
+    within `timeout_s`.
     """
     deadline = time.monotonic() + timeout_s
-    pending = set(peers)
+    need = len(peers) + (local is not None) if need is None else need
+    mine = 1 if local is not None else 0
+    pending, up = set(peers), list[NodeId]()
+    quorate: float | None = None  # when `need` nodes were up
     while pending:
         for peer in sorted(pending):
             try:
@@ -76,16 +91,30 @@ async def gather_status(
                 log.debug("node %s not ready yet: %s", peer, e)
                 continue
             pending.discard(peer)
-        if pending:
-            if time.monotonic() > deadline:
-                raise ServiceUnavailable(
-                    f"nodes {sorted(pending)} did not answer within {timeout_s:.0f} s"
-                )
-            await asyncio.sleep(0.2)
+            up.append(peer)
+        now = time.monotonic()
+        if quorate is None and len(up) + mine >= need:
+            quorate = now
+        if not pending or (quorate is not None and now - quorate >= grace_s):
+            break
+        if now > deadline:
+            raise ServiceUnavailable(
+                f"nodes {sorted(pending)} did not answer within {timeout_s:.0f} s "
+                f"({len(up) + mine} of the {need} needed are up)"
+            )
+        await asyncio.sleep(0.2)
+    if pending:
+        log.warning(
+            "nodes %s are not up after %.0f s more; the first plan goes without them "
+            "(each joins once it is up)",
+            sorted(pending),
+            grace_s,
+        )
     replies: dict[NodeId, StatusReply] = {}
     if local is not None:
         replies[local[0]] = await local[1]()
-    for peer in sorted(peers):
+    spare = len(up) + mine - need  # peers that may be left out if they stop answering
+    for peer in sorted(up):
         while peer not in replies:
             left = deadline - time.monotonic()
             try:
@@ -95,6 +124,10 @@ async def gather_status(
             except InvalidMessage as e:  # it answered, with something else: do not ask again
                 raise ServiceUnavailable(str(e)) from e
             except ButterflyError as e:
+                if spare > 0:
+                    log.warning("node %s did not report its status (%s); left out", peer, e)
+                    spare -= 1
+                    break
                 if time.monotonic() > deadline:
                     raise ServiceUnavailable(
                         f"node {peer} did not report its status within {timeout_s:.0f} s: {e}"
@@ -317,22 +350,55 @@ async def distribute_plan(
     transport: Transport,
     apply_local: Callable[[PlanAssign], Awaitable[PlanAck]],
     timeout_s: float,
-) -> None:
-    """Send the plan to every node (loading takes a while) and require every ack."""
+    status: Callable[[NodeId], str] = lambda n: "healthy",
+    poll_s: float = 0.05,
+) -> list[NodeId]:
+    """Send the plan to every member (loading takes a while); returns those that did not
+    take it up: refused it, could not be reached, did not ack within `timeout_s`, or were
+    declared failed (`status`) while the others loaded; their acks are not waited for.
+    The caller treats them as down for this plan. Raises ServiceUnavailable when this
+    node (`node`) cannot apply it."""
     msg = plan.to_message(model_hash)
 
     async def one(peer: NodeId) -> PlanAck:
         if peer == node:
             return await apply_local(msg)
-        ack, _ = await transport.ask(peer, msg, timeout=timeout_s, channel="control")
+        try:
+            ack, _ = await transport.ask(peer, msg, timeout=timeout_s, channel="control")
+        except ButterflyError as e:
+            return PlanAck(msg.epoch, peer, False, str(e))
         return ack
 
-    acks = await asyncio.gather(*(one(p) for p in members))
-    failed = [a for a in acks if not a.ok]
-    if failed:
-        raise ServiceUnavailable(
-            "plan refused: " + "; ".join(f"node {a.node}: {a.error}" for a in failed)
-        )
+    tasks = {asyncio.ensure_future(one(p)): p for p in members}
+    down: list[NodeId] = []
+    try:
+        pending = set(tasks)
+        while pending:
+            _done, pending = await asyncio.wait(pending, timeout=poll_s)
+            for task in [t for t in pending if tasks[t] != node]:
+                if status(tasks[task]) == "failed":  # it died meanwhile: stop waiting for it
+                    task.cancel()
+                    pending.discard(task)
+                    down.append(tasks[task])
+                    log.warning("node %s failed before taking up the plan", tasks[task])
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task, peer in tasks.items():
+        if peer in down or task.cancelled():
+            continue
+        ack = task.result()
+        if ack.ok:
+            continue
+        if peer == node:
+            raise ServiceUnavailable(f"this node cannot apply the plan: {ack.error}")
+        log.warning("node %s did not take up epoch %s: %s", peer, plan.epoch, ack.error)
+        down.append(peer)
     log.info(
-        "epoch %s plan active: %s", plan.epoch, ", ".join(f"node {n} {r}" for n, r in plan.stages)
+        "epoch %s plan active: %s%s",
+        plan.epoch,
+        ", ".join(f"node {n} {r}" for n, r in plan.stages),
+        f" (nodes {sorted(down)} did not take it up)" if down else "",
     )
+    return sorted(down)

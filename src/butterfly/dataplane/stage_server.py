@@ -157,9 +157,13 @@ class StageServer:
                     f"plan of epoch {plan.epoch} is stale: node {self.node} is at {self.plan.epoch}"
                 )
             layers = plan.layers_of(self.node)
-            if self.stage is None or layers is None or self.stage.layers != layers:
+            # a plan skipped (this node was out: frozen, cut off) means its requests moved
+            # on without it, and their releases never reached it: its caches are stale
+            missed = self.plan is not None and plan.epoch > self.plan.epoch + 1
+            if self.stage is None or layers is None or self.stage.layers != layers or missed:
                 self.caches.clear()  # caches of other layers are useless; same layers keep theirs
                 self._used.clear()
+                self._shipped.clear()
             if layers is not None and (self.stage is None or self.stage.layers != layers):
 
                 def load() -> Stage:  # one thread: every survivor of a failure loads at once

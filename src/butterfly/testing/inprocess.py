@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,9 +126,11 @@ class InProcessCluster:
         settings: dict[str, Any] | None = None,
         stage_servers: dict[int, type[StageServer]] | None = None,
         agreements: dict[int, type[AgreementDriver]] | None = None,
+        absent: Collection[int] = (),
     ) -> None:
         """`stage_servers` and `agreements`: the faulty parts (`butterfly.testing.liars`,
-        `butterfly.testing.liar_votes`) some nodes are composed with."""
+        `butterfly.testing.liar_votes`) some nodes are composed with. `absent`: nodes not
+        started with the others (as a process that was never launched), until `start`."""
         self.clock = FakeClock()
         self.hub = BeatHub(self.clock)
         paths = node_configs(
@@ -144,7 +146,9 @@ class InProcessCluster:
         self._stage_servers, self._agreements = stage_servers or {}, agreements or {}
         self.nodes: list[Node] = [self._build(i) for i in range(len(paths))]
         self._stops = [asyncio.Event() for _ in self.nodes]
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._absent = set(absent)
+        self.net.down.update(NodeId(i) for i in self._absent)  # a connection is refused
 
     def _build(self, i: int) -> Node:
         """Node `i` as a fresh process builds it, from its config file and data directory."""
@@ -162,18 +166,30 @@ class InProcessCluster:
         return self.nodes[0]
 
     async def __aenter__(self) -> InProcessCluster:
-        for node, stop in zip(self.nodes, self._stops, strict=True):
-            self._tasks.append(asyncio.create_task(node.serve(stop)))
+        for i, (node, stop) in enumerate(zip(self.nodes, self._stops, strict=True)):
+            if i not in self._absent:
+                self._tasks[i] = asyncio.create_task(node.serve(stop))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         for stop in self._stops:
             stop.set()
-        done = await asyncio.wait(self._tasks, timeout=5.0)
+        tasks = list(self._tasks.values())
+        done = await asyncio.wait(tasks, timeout=5.0)
         for task in done[1]:
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for i in self._absent:  # built, never served: their files are still open
+            self.nodes[i].stage_server.close()
+            self.nodes[i].config.history.close()
+
+    def start(self, node: int) -> Node:
+        """Start a node that was `absent` so far, as a late process launch."""
+        self._absent.discard(node)
+        self.net.down.discard(NodeId(node))
+        self._tasks[node] = asyncio.create_task(self.nodes[node].serve(self._stops[node]))
+        return self.nodes[node]
 
     async def restart(self, node: int) -> Node:
         """Stop `node` as a SIGTERM would (it drains and closes its files), then start a
@@ -182,6 +198,7 @@ class InProcessCluster:
         self._stops[node].set()
         await asyncio.wait_for(self._tasks[node], 10.0)
         self.nodes[node] = self._build(node)
+        self.revive(node)  # a new process: reachable whatever happened to the old one
         self._stops[node] = asyncio.Event()
         self._tasks[node] = asyncio.create_task(self.nodes[node].serve(self._stops[node]))
         return self.nodes[node]
@@ -190,6 +207,12 @@ class InProcessCluster:
         """Cut `node` off: no more heartbeats, no frames in or out."""
         self.hub.silent.add(NodeId(node))
         self.net.down.add(NodeId(node))
+
+    def revive(self, node: int) -> None:
+        """Undo `kill`: the node, which kept running on its own (a frozen process that
+        thawed, a partition healed), beats and is reachable again."""
+        self.hub.silent.discard(NodeId(node))
+        self.net.down.discard(NodeId(node))
 
     async def until(self, check: Callable[[], bool], what: str, *, beats: int = 400) -> None:
         """Beat (100 ms of fake time each) and yield until `check()` holds; at most

@@ -1,9 +1,11 @@
 """The acting gateway's start-up: facts, the first plan, then the scheduler and the API.
 
-Node 0 opens its store (tasks, and the nodes it evicted before a restart), asks every
-node for its measured facts, decides and distributes the first plan without the evicted
-nodes (`control.recovery`), then serves: the scheduler over the pipeline engine, the HTTP API,
-and the loops that keep the cluster whole (recovery, config-change monitoring).
+Node 0 opens its store (tasks, and the nodes it evicted before a restart), asks the
+nodes that are up (any n - f, after a short wait for the rest) for their measured facts,
+decides and distributes the first plan over them without the evicted nodes
+(`control.recovery`; the others join once they are up), then serves: the scheduler over
+the pipeline engine, the HTTP API, and the loops that keep the cluster whole (recovery,
+config-change monitoring).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from butterfly.api.app import create_app
 from butterfly.api.live import follow_config as follow_api_config
 from butterfly.api.settings import ApiSettings
 from butterfly.config import ConfigManager
-from butterfly.control.planner import gather_status
+from butterfly.control.planner import START_GRACE_BEATS, gather_status
 from butterfly.control.recovery import Recovery
 from butterfly.control.status import NodeReport
 from butterfly.dataplane.engine import PipelineEngine
@@ -36,7 +38,7 @@ from butterfly.types.ids import NodeId
 from butterfly.wiring.supervise import supervised
 
 FACTS_TIMEOUT_S = 120.0
-"""How long the gateway waits for every node to come up and report its facts."""
+"""How long the gateway waits for n - f nodes to come up and report their facts."""
 SHUTDOWN_GRACE_S = 3.0
 """Running requests get this long to finish when the node stops."""
 
@@ -131,9 +133,17 @@ class Gateway:
             pass
 
     async def _first_plan(self, store: TaskStore) -> None:
+        """From the facts of the members up: any n - f of them, after a short wait for
+        the rest (`planner.START_GRACE_BEATS`); the others join once they are up."""
+        cfg = self.config.current
         peers = [n for n in self.members if n != self.node]
         facts = await gather_status(
-            self.transport, peers, timeout_s=FACTS_TIMEOUT_S, local=(self.node, self.report.status)
+            self.transport,
+            peers,
+            timeout_s=FACTS_TIMEOUT_S,
+            local=(self.node, self.report.status),
+            need=len(self.members) - cfg.byzantine.f,
+            grace_s=START_GRACE_BEATS * cfg.coordination.heartbeat_interval_ms / 1000,
         )
         await self.recovery.start(facts, store)
 

@@ -1,0 +1,148 @@
+"""Membership that heals, in whole nodes in one process (butterfly.testing.inprocess).
+
+n = 4, f = 1: chain 0 -> 1, standbys 2 and 3. A node that leaves the plan (killed: cut
+off; or never started) is taken back once its heartbeats have been steady for its hold:
+the gateway agrees a plan that gives it a range again, and audits run again over every
+range. An evicted liar that comes back is never taken back. tests/test_recovery.py keeps
+the same covered with real processes (kill -9, then a restart from the config).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from butterfly.runtime.generate import generate
+from butterfly.runtime.loader import load_stage
+from butterfly.runtime.tokenizer import TextCodec
+from butterfly.testing.inprocess import InProcessCluster
+from butterfly.types.ids import NodeId, RequestId
+from butterfly.types.plan import StagePlan
+from butterfly.types.tasks import InferenceTask
+
+pytestmark = pytest.mark.timeout(90)
+SETTINGS = {"coordination.heartbeat_interval_ms": 10}
+PROMPT = "Once upon a time"
+NEW = 12
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_model: Path) -> list[int]:
+    codec = TextCodec.load(tiny_model)
+    stage = load_stage(tiny_model)
+    return list(generate([stage], codec.encode(PROMPT), NEW, stop_ids=codec.eos_ids))
+
+
+def task(model: Path, name: str) -> InferenceTask:
+    ids = tuple(TextCodec.load(model).encode(PROMPT))
+    return InferenceTask(RequestId(name), input_ids=ids, max_new_tokens=NEW)
+
+
+def holders(plan: StagePlan | None) -> set[NodeId]:
+    return set() if plan is None else {*plan.nodes, *(n for n, _ in plan.replicas)}
+
+
+def every_range_checked(plan: StagePlan | None) -> bool:
+    """Every range of the chain on two holders: what an audit with f = 1 needs."""
+    return plan is not None and all(len(plan.holders(r)) >= 2 for _, r in plan.stages)
+
+
+async def run(c: InProcessCluster, t: InferenceTask) -> tuple[list[int], str]:
+    running = asyncio.create_task(c.gateway.engine.run(t, lambda token: None))
+    await c.until(running.done, f"{t.task_id} to finish")
+    result = running.result()
+    return list(result.output_ids), result.verified
+
+
+async def test_a_killed_node_that_comes_back_is_given_a_range_and_audits_resume(
+    tiny_model: Path, tmp_path: Path, expected: list[int]
+) -> None:
+    async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS) as c:
+        gw = c.gateway
+        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        first = gw.stage_server.plan
+        assert first is not None and first.nodes == (0, 1)
+        c.kill(1)
+        await c.until(lambda: 1 not in holders(gw.stage_server.plan), "node 1 out of the plan")
+        promoted = gw.stage_server.plan
+        assert promoted is not None and promoted.nodes == (0, 3)
+        assert not every_range_checked(promoted)  # node 1's range has one holder left
+        assert await run(c, task(tiny_model, "while-out")) == (expected, "none")
+
+        c.revive(1)  # it kept running, cut off: it thawed with its old stage and caches
+        await c.until(lambda: 1 in holders(gw.stage_server.plan), "node 1 back in a plan")
+        back = gw.stage_server.plan
+        assert back is not None and back.epoch > promoted.epoch
+        assert back.nodes == promoted.nodes  # it joined as a standby: nothing else moved
+        assert every_range_checked(back)
+        node1 = c.nodes[1]
+        await c.until(lambda: node1.stage_server.plan == back, "node 1 took the plan up")
+        assert node1.plans.latest == back  # it caught up on the agreed log
+        assert NodeId(1) not in gw.recovery.out and NodeId(1) not in gw.recovery.failed
+        assert await run(c, task(tiny_model, "after")) == (expected, "audit")
+
+
+async def test_a_restarted_node_catches_up_and_is_given_a_range(
+    tiny_model: Path, tmp_path: Path, expected: list[int]
+) -> None:
+    """Killed, then started again from its config and data directory: a new node with
+    no plan and no caches, which replays the agreed log from its peers."""
+    async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS) as c:
+        gw = c.gateway
+        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        c.kill(3)
+        await c.until(lambda: 3 not in holders(gw.stage_server.plan), "node 3 out of the plan")
+        again = await c.restart(3)
+        assert again.stage_server.plan is None and again.plans.latest is None
+        await c.until(lambda: 3 in holders(gw.stage_server.plan), "node 3 back in a plan")
+        back = gw.stage_server.plan
+        await c.until(lambda: again.stage_server.plan == back, "node 3 took the plan up")
+        assert again.plans.latest == back
+        assert every_range_checked(back)
+        assert await run(c, task(tiny_model, "after-restart")) == (expected, "audit")
+
+
+async def test_an_evicted_node_that_comes_back_stays_out(tiny_model: Path, tmp_path: Path) -> None:
+    async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS) as c:
+        gw = c.gateway
+        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        c.kill(2)
+        await gw.recovery.evict_liars((NodeId(2),), "signed a wrong result")
+        await c.until(lambda: 2 not in holders(gw.stage_server.plan), "node 2 out of the plan")
+        c.revive(2)
+        out_since = gw.stage_server.plan
+        # well past its hold (5 beats of 10 ms) with steady heartbeats
+        for _ in range(50):
+            c.hub.tick(0.1)
+            await asyncio.sleep(0.005)
+        assert gw.membership.status(NodeId(2)) == "healthy"
+        assert gw.stage_server.plan == out_since
+        assert 2 not in holders(gw.stage_server.plan)
+
+
+async def test_the_cluster_starts_with_a_member_down_and_takes_it_in_when_it_starts(
+    tiny_model: Path, tmp_path: Path, expected: list[int]
+) -> None:
+    """n - f = 3 of 4 nodes up: the first plan goes over them after a short wait for
+    node 3 (100 heartbeat intervals, 1 s here), and the cluster serves; when node 3
+    starts, a plan of two stages with a standby each takes it in."""
+    async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS, absent={3}) as c:
+        gw = c.gateway
+        await c.until(lambda: gw.stage_server.plan is not None, "the first plan", beats=2000)
+        first = gw.stage_server.plan
+        assert first is not None and 3 not in holders(first)
+        assert NodeId(3) in gw.recovery.out
+        tokens, _ = await run(c, task(tiny_model, "three-up"))
+        assert tokens == expected
+
+        c.start(3)
+        await c.until(lambda: 3 in holders(gw.stage_server.plan), "node 3 in a plan")
+        plan = gw.stage_server.plan
+        assert plan is not None and len(plan.nodes) == 2 and every_range_checked(plan)
+        await c.until(
+            lambda: all(c.nodes[n].stage_server.plan == plan for n in holders(plan)),
+            "every holder took the plan up",
+        )
+        assert await run(c, task(tiny_model, "four-up")) == (expected, "audit")
