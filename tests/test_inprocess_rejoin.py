@@ -64,12 +64,22 @@ async def test_a_killed_node_that_comes_back_is_given_a_range_and_audits_resume(
         await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
         first = gw.stage_server.plan
         assert first is not None and first.nodes == (0, 1)
-        c.kill(1)
-        await c.until(lambda: 1 not in holders(gw.stage_server.plan), "node 1 out of the plan")
+        tokens: list[int] = []
+
+        def on_token(token: int) -> None:
+            tokens.append(token)
+            if len(tokens) == 5:
+                c.kill(1)  # mid-request: its cache of the request stays behind
+
+        running = asyncio.create_task(gw.engine.run(task(tiny_model, "killed-in"), on_token))
+        await c.until(running.done, "the request to finish")
+        assert list(running.result().output_ids) == expected
+        assert running.result().verified == "none"  # node 1's range has one holder left
         promoted = gw.stage_server.plan
         assert promoted is not None and promoted.nodes == (0, 3)
-        assert not every_range_checked(promoted)  # node 1's range has one holder left
-        assert await run(c, task(tiny_model, "while-out")) == (expected, "none")
+        assert not every_range_checked(promoted)
+        node1 = c.nodes[1]
+        assert RequestId("killed-in") in node1.stage_server.caches  # stale: moved on
 
         c.revive(1)  # it kept running, cut off: it thawed with its old stage and caches
         await c.until(lambda: 1 in holders(gw.stage_server.plan), "node 1 back in a plan")
@@ -77,29 +87,34 @@ async def test_a_killed_node_that_comes_back_is_given_a_range_and_audits_resume(
         assert back is not None and back.epoch > promoted.epoch
         assert back.nodes == promoted.nodes  # it joined as a standby: nothing else moved
         assert every_range_checked(back)
-        node1 = c.nodes[1]
         await c.until(lambda: node1.stage_server.plan == back, "node 1 took the plan up")
         assert node1.plans.latest == back  # it caught up on the agreed log
+        assert node1.stage_server.caches == {}  # the request moved on without it
         assert NodeId(1) not in gw.recovery.out and NodeId(1) not in gw.recovery.failed
         assert await run(c, task(tiny_model, "after")) == (expected, "audit")
 
 
+@pytest.mark.parametrize("victim", [3, 1])
 async def test_a_restarted_node_catches_up_and_is_given_a_range(
-    tiny_model: Path, tmp_path: Path, expected: list[int]
+    tiny_model: Path, tmp_path: Path, expected: list[int], victim: int
 ) -> None:
     """Killed, then started again from its config and data directory: a new node with
-    no plan and no caches, which replays the agreed log from its peers."""
+    no plan and no caches, which replays the agreed log from its peers. Node 3 is a
+    standby; node 1 a chain node and the agreement's first primary, whose pre-prepares
+    only it signed: its peers relay them back to it (`pbft.OWN_RELAYED`), or it would
+    never execute the log, refuse every plan, and draw ever more relays."""
     async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS) as c:
         gw = c.gateway
         await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
-        c.kill(3)
-        await c.until(lambda: 3 not in holders(gw.stage_server.plan), "node 3 out of the plan")
-        again = await c.restart(3)
+        c.kill(victim)
+        await c.until(lambda: victim not in holders(gw.stage_server.plan), "victim out")
+        again = await c.restart(victim)
         assert again.stage_server.plan is None and again.plans.latest is None
-        await c.until(lambda: 3 in holders(gw.stage_server.plan), "node 3 back in a plan")
+        await c.until(lambda: victim in holders(gw.stage_server.plan), "victim back in a plan")
         back = gw.stage_server.plan
-        await c.until(lambda: again.stage_server.plan == back, "node 3 took the plan up")
+        await c.until(lambda: again.stage_server.plan == back, "the victim took the plan up")
         assert again.plans.latest == back
+        assert again.agreement.driver.last_executed == gw.agreement.driver.last_executed
         assert every_range_checked(back)
         assert await run(c, task(tiny_model, "after-restart")) == (expected, "audit")
 
