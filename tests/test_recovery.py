@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -118,3 +119,51 @@ def test_primary_and_chain_node_killed_standby_resumes_from_its_copy(
             timeout=120,
         ).json()
         assert after["output_ids"] == expected[:8]
+
+
+def node_layers(url: str) -> dict[int, list[int] | None]:
+    health = httpx.get(f"{url}/health", timeout=10).json()
+    return {n["id"]: n["layers"] for n in health["nodes"] if n["status"] == "healthy"}
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise TimeoutError(what)
+
+
+def test_a_node_killed_and_restarted_from_its_config_is_given_layers_again(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """n = 4, f = 1: kill -9 chain node 1; its standby takes the range over and, with one
+    holder left, nothing can audit it. Node 1 restarted from its config catches up on the
+    agreed log, is given its range back as a standby, and answers are audited again."""
+    prompt, new = PROMPTS[5], 16
+    expected = reference(tiny_model, prompt)[:new]
+
+    def infer() -> dict:
+        r = httpx.post(
+            f"{cluster.api_url}/inference",
+            json={"prompt": prompt, "max_new_tokens": new, "wait": True},
+            timeout=120,
+        )
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    with running_cluster(tiny_model, 4, tmp_path, f=1) as cluster:
+        first = infer()
+        assert first["output_ids"] == expected and first["verified"] == "audit"
+        assert [s["node"] for s in first["stages"]] == [0, 1]
+        cluster.kill(1)
+        wait_until(lambda: 1 not in node_layers(cluster.api_url), "node 1 out of the plan")
+        alone = infer()
+        assert alone["output_ids"] == expected and alone["verified"] == "none"
+        cluster.restart(1)
+        wait_until(lambda: node_layers(cluster.api_url).get(1) is not None, "node 1 given layers")
+        assert node_layers(cluster.api_url)[1] == [s["layers"] for s in first["stages"]][1]
+        back = infer()
+        assert back["output_ids"] == expected and back["verified"] == "audit"
+        assert cluster.alive() == [True] * 4
