@@ -18,6 +18,7 @@ from butterfly.runtime.generate import generate
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.testing.inprocess import InProcessCluster
+from butterfly.testing.liars import WithholdingStageServer
 from butterfly.types.ids import NodeId, RequestId
 from butterfly.types.plan import StagePlan
 from butterfly.types.tasks import InferenceTask
@@ -51,7 +52,7 @@ def every_range_checked(plan: StagePlan | None) -> bool:
 
 async def run(c: InProcessCluster, t: InferenceTask) -> tuple[list[int], str]:
     running = asyncio.create_task(c.gateway.engine.run(t, lambda token: None))
-    await c.until(running.done, f"{t.task_id} to finish")
+    await c.until(running.done, f"{t.task_id} to finish", beats=3000)
     result = running.result()
     return list(result.output_ids), result.verified
 
@@ -161,3 +162,31 @@ async def test_the_cluster_starts_with_a_member_down_and_takes_it_in_when_it_sta
             "every holder took the plan up",
         )
         assert await run(c, task(tiny_model, "four-up")) == (expected, "audit")
+
+
+async def test_a_member_withholding_its_ack_does_not_hold_up_recovery(
+    tiny_model: Path, tmp_path: Path, expected: list[int]
+) -> None:
+    """Node 2 (the standby of node 0's range) takes the first plan up, then acks no plan
+    while heartbeating. When chain node 1 dies, the promotion keeps node 2's layers, so
+    its ack is owed at once; it is out of that plan after 50 heartbeat intervals and the
+    next plan goes without it, instead of waiting the 300 s a loading node may take."""
+    async with InProcessCluster(
+        tiny_model,
+        4,
+        tmp_path,
+        f=1,
+        settings=SETTINGS,
+        stage_servers={2: WithholdingStageServer},
+    ) as c:
+        gw = c.gateway
+        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        c.kill(1)
+
+        def without_them() -> bool:
+            return not {1, 2} & holders(gw.stage_server.plan)
+
+        await c.until(without_them, "a plan without nodes 1 and 2", beats=2000)
+        assert gw.membership.status(NodeId(2)) == "healthy"  # out for withholding alone
+        tokens, _ = await run(c, task(tiny_model, "past-a-withholder"))
+        assert tokens == expected

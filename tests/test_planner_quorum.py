@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from butterfly.control.planner import distribute_plan, gather_status
+from butterfly.control.planner import Distribution, distribute_plan, gather_status
 from butterfly.net.framing import Envelope
 from butterfly.net.memory import MemoryNetwork
 from butterfly.types.ids import Epoch, NodeId
@@ -62,32 +62,63 @@ async def test_the_first_facts_go_ahead_with_n_minus_f_nodes_after_a_grace() -> 
     assert sorted(facts) == [0, 1, 2]
 
 
-async def test_a_plan_not_taken_up_names_who_did_not_instead_of_failing() -> None:
-    """Node 1 acks, node 2 refuses, node 3 is unreachable, node 4 never answers and is
-    declared failed meanwhile: the distribution returns at once naming 2, 3 and 4."""
-    net = MemoryNetwork()
-    gateway = net.transport(NodeId(0), lambda e: None)
-    await net.transport(NodeId(1), lambda e: None).start(node(1))
-    await net.transport(NodeId(2), lambda e: None).start(node(2, ack=False))
-    await net.transport(NodeId(4), lambda e: None).start(node(4, ack=None))
+async def distribute(
+    net: MemoryNetwork, members: int, status: Callable[[NodeId], str], **kw: object
+) -> tuple[Distribution, list[PlanAssign]]:
     applied: list[PlanAssign] = []
 
     async def apply_local(msg: PlanAssign) -> PlanAck:
         applied.append(msg)
         return PlanAck(msg.epoch, NodeId(0), True, "")
 
-    down = await asyncio.wait_for(
+    took = await asyncio.wait_for(  # a hang guard: the plan's timeout is 300 s
         distribute_plan(
             plan=PLAN,
             model_hash="",
             node=NodeId(0),
-            members=[NodeId(i) for i in range(5)],
-            transport=gateway,
+            members=[NodeId(i) for i in range(members)],
+            transport=net.transport(NodeId(0), lambda e: None),
             apply_local=apply_local,
             timeout_s=300.0,
-            status=lambda n: "failed" if n == 4 else "healthy",
+            status=status,
+            **kw,  # type: ignore[arg-type]
         ),
         20.0,
     )
-    assert down == [2, 3, 4]
+    return took, applied
+
+
+async def test_a_plan_not_taken_up_names_who_did_not_instead_of_failing() -> None:
+    """Node 1 acks, node 2 refuses, node 3 is unreachable, node 4 never answers and is
+    declared failed meanwhile: the distribution returns naming 2, 3 and 4."""
+    net = MemoryNetwork()
+    await net.transport(NodeId(1), lambda e: None).start(node(1))
+    await net.transport(NodeId(2), lambda e: None).start(node(2, ack=False))
+    await net.transport(NodeId(4), lambda e: None).start(node(4, ack=None))
+    took, applied = await distribute(net, 5, lambda n: "failed" if n == 4 else "healthy")
+    assert took == Distribution(acked=(0, 1), down=(2, 3, 4))
     assert [m.epoch for m in applied] == [2]
+
+
+async def test_a_member_that_keeps_its_layers_and_withholds_its_ack_is_down() -> None:
+    """Node 2 has nothing to load (`prompt`) yet never acks while heartbeating: it is down
+    after `prompt_s`; node 1, also silent but loading, would be waited for."""
+    net = MemoryNetwork()
+    await net.transport(NodeId(1), lambda e: None).start(node(1))
+    await net.transport(NodeId(2), lambda e: None).start(node(2, ack=None))
+    took, _ = await distribute(
+        net, 3, lambda n: "healthy", prompt=[NodeId(1), NodeId(2)], prompt_s=0.2
+    )
+    assert took == Distribution(acked=(0, 1), down=(2,))
+
+
+async def test_a_member_failing_ends_the_wait_for_the_others_loading() -> None:
+    """Node 1 is loading (silent, healthy); node 2 is declared failed: the plan names a
+    dead node, so the distribution returns at once for the next plan to be decided,
+    with node 1 neither acked nor down (it goes on loading on its side)."""
+    net = MemoryNetwork()
+    await net.transport(NodeId(1), lambda e: None).start(node(1, ack=None))
+    await net.transport(NodeId(2), lambda e: None).start(node(2, ack=None))
+    took, applied = await distribute(net, 3, lambda n: "failed" if n == 2 else "healthy")
+    assert took == Distribution(acked=(0,), down=(2,))
+    assert len(applied) == 1

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from butterfly.control.facts import capability_of
@@ -341,6 +341,15 @@ def replan_after(
     return new, result.moved_layers
 
 
+@dataclass(frozen=True)
+class Distribution:
+    """How the members took a plan up. A member in neither list was still loading when
+    another member failed and the wait was abandoned (it goes on loading on its side)."""
+
+    acked: tuple[NodeId, ...]
+    down: tuple[NodeId, ...]  # refused, unreachable, failed, or withheld an ack owed at once
+
+
 async def distribute_plan(
     *,
     plan: StagePlan,
@@ -351,14 +360,22 @@ async def distribute_plan(
     apply_local: Callable[[PlanAssign], Awaitable[PlanAck]],
     timeout_s: float,
     status: Callable[[NodeId], str] = lambda n: "healthy",
+    prompt: Collection[NodeId] = (),
+    prompt_s: float = 0.0,
     poll_s: float = 0.05,
-) -> list[NodeId]:
-    """Send the plan to every member (loading takes a while); returns those that did not
-    take it up: refused it, could not be reached, did not ack within `timeout_s`, or were
-    declared failed (`status`) while the others loaded; their acks are not waited for.
-    The caller treats them as down for this plan. Raises ServiceUnavailable when this
-    node (`node`) cannot apply it."""
+) -> Distribution:
+    """Send the plan to every member (loading takes a while) and see who takes it up.
+
+    Down are those that refused it, could not be reached, did not ack within
+    `timeout_s`, were declared failed (`status`) meanwhile, or, for the `prompt` members
+    (whose layers are those they last acknowledged, so nothing to load), did not ack
+    within `prompt_s`: a member withholding its ack. Once a member is declared failed
+    the wait ends for every other remote member too: the plan already names a dead node
+    and the caller must decide the next one at once, not after the others' loading.
+    The caller treats the down members as down for this plan. Raises ServiceUnavailable
+    when this node (`node`) cannot apply it (its own apply is always waited for)."""
     msg = plan.to_message(model_hash)
+    started = time.monotonic()
 
     async def one(peer: NodeId) -> PlanAck:
         if peer == node:
@@ -373,23 +390,32 @@ async def distribute_plan(
     down: list[NodeId] = []
     try:
         pending = set(tasks)
-        while pending:
+        abandoned = False
+        while pending and not abandoned:
             _done, pending = await asyncio.wait(pending, timeout=poll_s)
+            late = time.monotonic() - started > prompt_s
             for task in [t for t in pending if tasks[t] != node]:
-                if status(tasks[task]) == "failed":  # it died meanwhile: stop waiting for it
-                    task.cancel()
+                peer = tasks[task]
+                failed = status(peer) == "failed"
+                if failed or (late and peer in prompt):  # died, or withholds an owed ack
                     pending.discard(task)
-                    down.append(tasks[task])
-                    log.warning("node %s failed before taking up the plan", tasks[task])
+                    down.append(peer)
+                    abandoned = abandoned or failed
+                    log.warning("node %s did not take up epoch %s in time", peer, plan.epoch)
+        mine = [t for t in pending if tasks[t] == node]
+        if mine:  # abandoned: this node's own apply still completes
+            await asyncio.wait(mine)
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+    acked = []
     for task, peer in tasks.items():
         if peer in down or task.cancelled():
             continue
         ack = task.result()
         if ack.ok:
+            acked.append(peer)
             continue
         if peer == node:
             raise ServiceUnavailable(f"this node cannot apply the plan: {ack.error}")
@@ -401,4 +427,4 @@ async def distribute_plan(
         ", ".join(f"node {n} {r}" for n, r in plan.stages),
         f" (nodes {sorted(down)} did not take it up)" if down else "",
     )
-    return sorted(down)
+    return Distribution(tuple(sorted(acked)), tuple(sorted(down)))

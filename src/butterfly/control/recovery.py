@@ -47,6 +47,7 @@ from butterfly.metrics.events import Emit, Eviction, NodeFailure, NodeStatus, Re
 from butterfly.net.transport import Transport
 from butterfly.types.errors import ButterflyError, ServiceUnavailable
 from butterfly.types.ids import NodeId
+from butterfly.types.model import LayerRange
 from butterfly.types.plan import StagePlan
 from butterfly.types.wire.agreement import Evidence
 from butterfly.types.wire.control import PlanAck, PlanAssign, StatusQuery, StatusReply
@@ -56,6 +57,10 @@ RETRY_S = 0.5
 """Wait before re-planning again after a plan could not be agreed or put in force."""
 DISTRIBUTE_TIMEOUT_S = 300.0
 """How long nodes may take to load their new stages and acknowledge a plan."""
+PROMPT_ACK_BEATS = 50
+"""Heartbeat intervals (5 s at the default 100 ms) a node that keeps its layers may take
+to acknowledge a plan: it loads nothing, so one that takes longer withholds its ack (or
+cannot execute the agreed log) and is out for that plan."""
 
 
 class PlanHolder(Protocol):
@@ -104,6 +109,8 @@ class Recovery:
         self._healthy_for, self._interval, self._clock = healthy_for, interval_s, clock
         self.out: set[NodeId] = set()  # left the plans; taken back once steadily healthy
         self._strikes: dict[NodeId, tuple[int, float]] = {}  # departures in a row, last
+        self._confirmed: dict[NodeId, LayerRange | None] = {}  # the layers each last acked
+        self._applied: Callable[[], None] = lambda: None  # the engine's, from `run`
         self._plans, self._propose, self._agree_timeout = plans, propose, agree_timeout_s
         self._transport, self._model_hash, self._placing = transport, model_hash, placing
         self._suspect_primary, self._emit = suspect_primary, emit
@@ -275,22 +282,40 @@ class Recovery:
             except PlanNamesEvicted as e:
                 log.warning("%s", e)
                 continue
-            down = await distribute_plan(
+            members = sorted(set(n for n, _ in (*plan.stages, *plan.replicas)))
+
+            async def apply_here(msg: PlanAssign) -> PlanAck:
+                """In force here: the steps sent on the old plan fail now, not once every
+                member has loaded (a joining standby may take minutes, or withhold)."""
+                ack = await self._holder.apply_plan(msg)
+                if ack.ok:
+                    self._applied()
+                return ack
+
+            took = await distribute_plan(
                 plan=plan,
                 model_hash=self._model_hash,
                 node=self.node,
-                members=sorted(set(n for n, _ in (*plan.stages, *plan.replicas))),
+                members=members,
                 transport=self._transport,
-                apply_local=self._holder.apply_plan,
+                apply_local=apply_here,
                 timeout_s=DISTRIBUTE_TIMEOUT_S,
                 status=self._status,
+                # nothing to load: an ack owed at once, or the member withholds it
+                prompt=[n for n in members if self._confirmed.get(n) == plan.layers_of(n)],
+                prompt_s=PROMPT_ACK_BEATS * self._interval,
             )
-            if not down:
+            for node in took.acked:
+                self._confirmed[node] = plan.layers_of(node)
+            if not took.down:
                 return plan
             log.warning(
-                "nodes %s did not take up epoch %d; deciding again without them", down, plan.epoch
+                "nodes %s did not take up epoch %d; deciding again without them",
+                list(took.down),
+                plan.epoch,
             )
-            for node in down:
+            for node in took.down:
+                self._confirmed.pop(node, None)
                 self._depart(node)
         raise ServiceUnavailable("no plan was taken up by all of its nodes")
 
@@ -299,6 +324,7 @@ class Recovery:
         `on_replanned` (the engine's) is
         given here rather than at construction: the engine is built after this object,
         whose `evict_liars` it calls."""
+        self._applied = on_replanned
         while True:
             # woken by a failure or an eviction; every interval too, to see nodes return
             with contextlib.suppress(TimeoutError):

@@ -324,15 +324,20 @@ class PipelineEngine:
         plan and replays its whole history (prompt + tokens so far) as one prefill from
         position 0: every stage cuts its cache back to 0 and recomputes, so the next token
         is exactly the one the request would have produced. The RNG is only advanced by
-        tokens actually sampled, so sampled requests continue identically too.
+        tokens actually sampled, so sampled requests continue identically too. A plan
+        that moved on between two steps (a node taken back, a re-plan asked for) may have
+        moved layers and their caches with it: the request resumes the same way.
         """
         rng = make_generator(task.sampling)
         prompt = list(task.input_ids)
         x = torch.tensor([prompt], dtype=torch.int64)
         out: list[int] = []
         pos, step, recoveries = 0, 0, 0
+        based_on = self._epoch()  # the plan whose caches `pos` counts on
         while len(out) < task.max_new_tokens:
-            epoch = self._epoch()
+            if self._epoch() != based_on:
+                pos, x = await self._resume(request_id, prompt + out, positions)
+            epoch = based_on = self._epoch()
             step += 1  # step ids are never reused, so a late answer is ignored
             try:
                 logits = await self._compute(request_id, step, pos, x)
@@ -357,11 +362,8 @@ class PipelineEngine:
                     "request %s lost a step at token %d (%s); replaying", request_id, len(out), e
                 )
                 await self._await_plan_change(epoch)
-                history = prompt + out
-                pos = await self._resume_at(request_id, len(history))
-                for superseded in [s for s, (start, _) in positions.items() if start >= pos]:
-                    del positions[superseded]  # the replay recomputes every row they gave
-                x = torch.tensor([history[pos:]], dtype=torch.int64)
+                based_on = self._epoch()
+                pos, x = await self._resume(request_id, prompt + out, positions)
                 timings["resumed_at"] = float(pos)
                 timings["recovery_s"] = timings.get("recovery_s", 0.0) + (
                     time.perf_counter() - lost_at
@@ -404,6 +406,15 @@ class PipelineEngine:
             timings=timings,
             proofs=tuple(encode(p) for p in self._flight.records.get(str(task.task_id), ())),
         )
+
+    async def _resume(
+        self, request_id: RequestId, history: list[int], positions: dict[int, tuple[int, int]]
+    ) -> tuple[int, torch.Tensor]:
+        """Where the request goes on after the plan moved on, and the tokens to send."""
+        pos = await self._resume_at(request_id, len(history))
+        for superseded in [s for s, (start, _) in positions.items() if start >= pos]:
+            del positions[superseded]  # the replay recomputes every row they gave
+        return pos, torch.tensor([history[pos:]], dtype=torch.int64)
 
     async def _resume_at(self, request_id: RequestId, length: int) -> int:
         """Where a request resumes on a new plan (`caches.Caches.resume_at`); from 0 for a

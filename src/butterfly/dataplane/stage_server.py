@@ -157,23 +157,26 @@ class StageServer:
                     f"plan of epoch {plan.epoch} is stale: node {self.node} is at {self.plan.epoch}"
                 )
             layers = plan.layers_of(self.node)
-            # a plan skipped (this node was out: frozen, cut off) means its requests moved
-            # on without it, and their releases never reached it: its caches are stale
-            missed = self.plan is not None and plan.epoch > self.plan.epoch + 1
-            if self.stage is None or layers is None or self.stage.layers != layers or missed:
-                self.caches.clear()  # caches of other layers are useless; same layers keep theirs
-                self._used.clear()
-                self._shipped.clear()
+            stage = self.stage if layers is not None else None
             if layers is not None and (self.stage is None or self.stage.layers != layers):
 
                 def load() -> Stage:  # one thread: every survivor of a failure loads at once
                     with single_threaded():
                         return load_stage(self.model_dir, layers, dtype=self._dtype)
 
-                self.stage = await self._torch.run(load)
-            if layers is None:
-                self.stage = None
-            self.plan = plan
+                stage = await self._torch.run(load)
+            # the switch, with no await in it: steps meanwhile ran on the old stage and
+            # caches. Caches of other layers are useless (same layers keep theirs), and a
+            # plan skipped (this node was out: frozen, cut off) means its requests moved
+            # on without it and their releases never reached it: its caches are stale
+            missed = self.plan is not None and plan.epoch > self.plan.epoch + 1
+            if self.stage is None or layers is None or self.stage.layers != layers or missed:
+                for rid in list(self.caches):  # a later step of one is told to replay it
+                    self._evict(rid, f"the plan of epoch {plan.epoch} moved this node's layers")
+                self.caches.clear()
+                self._used.clear()
+                self._shipped.clear()
+            self.stage, self.plan = stage, plan
             self._plan_changed.set()
             self._plan_changed = asyncio.Event()
             log.info("node %s: epoch %s, layers %s", self.node, plan.epoch, layers)
