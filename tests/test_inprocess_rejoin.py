@@ -169,7 +169,7 @@ async def test_a_member_withholding_its_ack_does_not_hold_up_recovery(
 ) -> None:
     """Node 2 (the standby of node 0's range) takes the first plan up, then acks no plan
     while heartbeating. When chain node 1 dies, the promotion keeps node 2's layers, so
-    its ack is owed at once; it is out of that plan after 50 heartbeat intervals and the
+    its ack is owed at once; it is out of that plan after 100 heartbeat intervals and the
     next plan goes without it, instead of waiting the 300 s a loading node may take."""
     async with InProcessCluster(
         tiny_model,

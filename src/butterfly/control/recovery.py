@@ -57,8 +57,9 @@ RETRY_S = 0.5
 """Wait before re-planning again after a plan could not be agreed or put in force."""
 DISTRIBUTE_TIMEOUT_S = 300.0
 """How long nodes may take to load their new stages and acknowledge a plan."""
-PROMPT_ACK_BEATS = 50
-"""Heartbeat intervals (5 s at the default 100 ms) a node that keeps its layers may take
+PROMPT_ACK_BEATS = 100
+"""Heartbeat intervals (10 s at the default 100 ms, as long as a node waits to execute
+the agreed plan itself: `plans.AGREED_PLAN_WAIT_S`) a node that keeps its layers may take
 to acknowledge a plan: it loads nothing, so one that takes longer withholds its ack (or
 cannot execute the agreed log) and is out for that plan."""
 

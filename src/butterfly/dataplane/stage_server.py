@@ -171,11 +171,7 @@ class StageServer:
             # on without it and their releases never reached it: its caches are stale
             missed = self.plan is not None and plan.epoch > self.plan.epoch + 1
             if self.stage is None or layers is None or self.stage.layers != layers or missed:
-                for rid in list(self.caches):  # a later step of one is told to replay it
-                    self._evict(rid, f"the plan of epoch {plan.epoch} moved this node's layers")
-                self.caches.clear()
-                self._used.clear()
-                self._shipped.clear()
+                self._drop_caches(f"the plan of epoch {plan.epoch} moved this node's layers")
             self.stage, self.plan = stage, plan
             self._plan_changed.set()
             self._plan_changed = asyncio.Event()
@@ -222,6 +218,19 @@ class StageServer:
         self._evicted.move_to_end(request_id)
         while len(self._evicted) > EVICTIONS_REMEMBERED:
             self._evicted.popitem(last=False)
+
+    def _drop_caches(self, why: str) -> None:
+        """Every cache goes; a later step of one of their requests is told to replay it."""
+        if self.caches:
+            log.info("node %s: %d KV cache(s) dropped: %s", self.node, len(self.caches), why)
+        for rid in self.caches:
+            self._evicted[rid] = why
+            self._evicted.move_to_end(rid)
+        while len(self._evicted) > EVICTIONS_REMEMBERED:
+            self._evicted.popitem(last=False)
+        self.caches.clear()
+        self._used.clear()
+        self._shipped.clear()
 
     def expire(self) -> int:
         """Drop the caches idle longer than the TTL (a lost Release, a gateway that went
