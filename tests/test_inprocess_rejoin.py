@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from butterfly.control.facts import NodeFacts
 from butterfly.runtime.generate import generate
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.tokenizer import TextCodec
@@ -189,4 +190,22 @@ async def test_a_member_withholding_its_ack_does_not_hold_up_recovery(
         await c.until(without_them, "a plan without nodes 1 and 2", beats=2000)
         assert gw.membership.status(NodeId(2)) == "healthy"  # out for withholding alone
         tokens, _ = await run(c, task(tiny_model, "past-a-withholder"))
+        assert tokens == expected
+
+
+async def test_a_gateway_left_out_of_the_plan_still_holds_it_and_serves(
+    tiny_model: Path, tmp_path: Path, expected: list[int]
+) -> None:
+    """Node 0 reports too little memory for any layer, so placement leaves it out; it
+    must still hold the plan it routes by (it once never applied one, and every request
+    got 503)."""
+    tiny_memory = NodeFacts(flops_per_s=1e11, memory_bytes=1)
+    async with InProcessCluster(
+        tiny_model, 2, tmp_path, f=0, settings=SETTINGS, facts={0: tiny_memory}
+    ) as c:
+        gw = c.gateway
+        await c.until(lambda: gw.stage_server.plan is not None, "the gateway holds a plan")
+        plan = gw.stage_server.plan
+        assert plan is not None and plan.nodes == (1,) and gw.stage_server.stage is None
+        tokens, _ = await run(c, task(tiny_model, "gateway-without-a-stage"))
         assert tokens == expected

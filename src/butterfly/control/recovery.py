@@ -283,7 +283,8 @@ class Recovery:
             except PlanNamesEvicted as e:
                 log.warning("%s", e)
                 continue
-            members = sorted(set(n for n, _ in (*plan.stages, *plan.replicas)))
+            # the gateway holds the plan whether or not it runs a stage: it routes by it
+            members = sorted({self.node, *(n for n, _ in (*plan.stages, *plan.replicas))})
 
             async def apply_here(msg: PlanAssign) -> PlanAck:
                 """In force here: the steps sent on the old plan fail now, not once every

@@ -87,15 +87,18 @@ class BeatHub:
 
 
 class _FixedProbe:
+    def __init__(self, facts: NodeFacts) -> None:
+        self._facts = facts
+
     async def facts(self) -> NodeFacts:
-        return FACTS
+        return self._facts
 
 
 class MemoryEdges:
     """One node's edges onto the shared in-memory network and heartbeat hub."""
 
-    def __init__(self, net: MemoryNetwork, hub: BeatHub) -> None:
-        self._net, self._hub = net, hub
+    def __init__(self, net: MemoryNetwork, hub: BeatHub, facts: NodeFacts = FACTS) -> None:
+        self._net, self._hub, self._facts = net, hub, facts
 
     def clock(self) -> float:
         return self._hub.clock()
@@ -109,7 +112,7 @@ class MemoryEdges:
     def probe(
         self, node: NodeId, peers: Sequence[NodeId], transport: Transport, torch: TorchThread
     ) -> Probe:
-        return _FixedProbe()
+        return _FixedProbe(self._facts)
 
 
 class InProcessCluster:
@@ -127,10 +130,12 @@ class InProcessCluster:
         stage_servers: dict[int, type[StageServer]] | None = None,
         agreements: dict[int, type[AgreementDriver]] | None = None,
         absent: Collection[int] = (),
+        facts: dict[int, NodeFacts] | None = None,
     ) -> None:
         """`stage_servers` and `agreements`: the faulty parts (`butterfly.testing.liars`,
         `butterfly.testing.liar_votes`) some nodes are composed with. `absent`: nodes not
-        started with the others (as a process that was never launched), until `start`."""
+        started with the others (as a process that was never launched), until `start`.
+        `facts`: what some nodes report measuring instead of `FACTS`."""
         self.clock = FakeClock()
         self.hub = BeatHub(self.clock)
         paths = node_configs(
@@ -144,6 +149,7 @@ class InProcessCluster:
         )
         self._model, self._paths = model, paths
         self._stage_servers, self._agreements = stage_servers or {}, agreements or {}
+        self._facts = facts or {}
         self.nodes: list[Node] = [self._build(i) for i in range(len(paths))]
         self._stops = [asyncio.Event() for _ in self.nodes]
         self._tasks: dict[int, asyncio.Task[None]] = {}
@@ -155,7 +161,7 @@ class InProcessCluster:
         return build_node(
             load_config([self._paths[i]], env={}),
             self._model,
-            edges=MemoryEdges(self.net, self.hub),
+            edges=MemoryEdges(self.net, self.hub, self._facts.get(i, FACTS)),
             torch_thread=TorchThread(1, name=f"torch-{i}"),
             stage_server_type=self._stage_servers.get(i, StageServer),
             agreement_type=self._agreements.get(i, AgreementDriver),
