@@ -1,11 +1,11 @@
-"""Start-up and re-plans that no dead or withholding member can block (control.planner)."""
+"""Start-up and re-plans that no dead or withholding member can block (control.rollout)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from butterfly.control.planner import Distribution, distribute_plan, gather_status
+from butterfly.control.rollout import Distribution, distribute_plan, gather_status
 from butterfly.net.framing import Envelope
 from butterfly.net.memory import MemoryNetwork
 from butterfly.types.ids import Epoch, NodeId

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
-from butterfly.control.planner import PROBE_TIMEOUT_S, Placement, distribute_plan
+from butterfly.control.planner import Placement
 from butterfly.control.plans import AgreedPlans, PlanNamesEvicted, Propose, agree, evict
 from butterfly.control.policy import (
     Placing,
@@ -43,6 +43,7 @@ from butterfly.control.policy import (
     strike,
     to_evict,
 )
+from butterfly.control.rollout import PROBE_TIMEOUT_S, distribute_plan
 from butterfly.metrics.events import Emit, Eviction, NodeFailure, NodeStatus, RecoveryCompleted
 from butterfly.net.transport import Transport
 from butterfly.types.errors import ButterflyError, ServiceUnavailable

@@ -24,8 +24,8 @@ from butterfly.api.app import create_app
 from butterfly.api.live import follow_config as follow_api_config
 from butterfly.api.settings import ApiSettings
 from butterfly.config import ConfigManager
-from butterfly.control.planner import START_GRACE_BEATS, gather_status
 from butterfly.control.recovery import Recovery
+from butterfly.control.rollout import START_GRACE_BEATS, gather_status
 from butterfly.control.status import NodeReport
 from butterfly.dataplane.engine import PipelineEngine
 from butterfly.metrics.prometheus import Metrics
@@ -134,7 +134,7 @@ class Gateway:
 
     async def _first_plan(self, store: TaskStore) -> None:
         """From the facts of the members up: any n - f of them, after a short wait for
-        the rest (`planner.START_GRACE_BEATS`); the others join once they are up."""
+        the rest (`rollout.START_GRACE_BEATS`); the others join once they are up."""
         cfg = self.config.current
         peers = [n for n in self.members if n != self.node]
         facts = await gather_status(
