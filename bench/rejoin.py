@@ -41,7 +41,10 @@ PROMPT = [1, 2, 3, 4, 5, 6, 7, 8]
 
 def start(model: Path, tmp: Path) -> LocalCluster:
     port = free_ports(1)[0]
-    cfgs = node_configs(nodes=4, f=1, model=model, api_port=port, data_dir=tmp)
+    # uniform placement: node 1 is then a chain node (measured placement may leave a
+    # node without layers, and a node never in a plan cannot be measured coming back)
+    settings = {"partition.strategy": "uniform"}
+    cfgs = node_configs(nodes=4, f=1, model=model, api_port=port, data_dir=tmp, settings=settings)
     cluster = LocalCluster(cfgs, f"http://127.0.0.1:{port}", tmp)
     try:
         cluster.start()
