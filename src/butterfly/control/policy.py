@@ -21,7 +21,8 @@ The rules, in order:
 - A node that left the plan by failing (or by not taking a plan up, or by not being up
   when the first plan was made) comes back once it has been healthy without a break for
   `rejoin_hold_s` (`returning`); an evicted node never does. When the chain cannot grow,
-  a returning node joins as a standby of the ranges with the fewest holders (`join`): no
+  a returning node joins as a standby of the ranges with the fewest holders
+  (`join`, `replicas.add_standbys`): no
   other node's layers move and no cache is lost; otherwise the plan is placed again.
 """
 
@@ -32,7 +33,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 from butterfly.control.planner import Placement, place, replan_after
-from butterfly.control.replicas import add_replicas, promote_standbys, split_for_replication
+from butterfly.control.replicas import (
+    add_replicas,
+    add_standbys,
+    promote_standbys,
+    split_for_replication,
+)
 from butterfly.metrics.events import Emit, discard
 from butterfly.partition.service import PartitionService
 from butterfly.types.ids import GATEWAY, Epoch, NodeId
@@ -133,28 +139,6 @@ def returning(
     return back
 
 
-def add_standbys(plan: StagePlan, epoch: Epoch, joined: Sequence[NodeId], copies: int) -> StagePlan:
-    """The plan of `epoch`: `plan` with each joined node (in order) holding a copy of
-    the range with the fewest holders while one has fewer than `copies`; the chain and
-    every holder keep their ranges. Nodes beyond that stay out, as placement leaves
-    them out (`split_for_replication`).
-
-        >>> from butterfly.types.model import LayerRange as R
-        >>> p = StagePlan(4, ((0, R(0, 2)), (3, R(2, 4))), ((2, R(0, 2)),))
-        >>> add_standbys(p, 5, [1], 2).replicas
-        ((2, LayerRange(start=0, end=2)), (1, LayerRange(start=2, end=4)))
-    """
-    replicas = list(plan.replicas)
-    ranges = [r for _, r in plan.stages]
-    for node in joined:
-        count = {r: len([n for n, x in (*plan.stages, *replicas) if x == r]) for r in ranges}
-        fewest = min(ranges, key=lambda r: count[r])  # the first in chain order on a tie
-        if count[fewest] >= copies:
-            break
-        replicas.append((node, fewest))
-    return StagePlan(epoch, plan.stages, tuple(replicas))
-
-
 def next_plan(
     old: StagePlan | None,
     live: Sequence[NodeId],
@@ -237,7 +221,6 @@ __all__ = [
     "REJOIN_HOLD_BEATS",
     "NextPlan",
     "Placing",
-    "add_standbys",
     "alive",
     "equivocation",
     "evicts",
