@@ -75,7 +75,7 @@ async def gather_status(
             quorate = now
         if not pending or (quorate is not None and now - quorate >= grace_s):
             break
-        if now > deadline:
+        if now > deadline and quorate is None:
             raise ServiceUnavailable(
                 f"nodes {sorted(pending)} did not answer within {timeout_s:.0f} s "
                 f"({len(up) + mine} of the {need} needed are up)"
