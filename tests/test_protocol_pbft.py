@@ -241,3 +241,18 @@ def test_a_restarted_primary_executes_what_it_ordered_before_the_crash() -> None
     net.broadcast_request(request(2, b"after"))
     net.advance(1.0)
     assert all(executed_ops(s) == [b"before", b"after"] for s in net.states)
+
+
+def test_only_what_a_replica_really_signed_comes_back_to_it_as_its_own() -> None:
+    """Its own pre-prepares are accepted back (a restarted primary needs them); one that
+    claims to be its own but another key signed, or its own prepare, is not."""
+    states = replicas()
+    req = request(1)
+    pp = PrePrepare(NodeId(1), Epoch(0), view=1, seq=1, digest=request_digest(req), request=req)
+    forged = sign_message(pp, KEYS[2])
+    prepare = sign_message(
+        Prepare(NodeId(1), Epoch(0), view=1, seq=1, digest=pp.digest, pp_signature=b""), KEYS[1]
+    )
+    for bad in (forged, prepare):
+        assert not pbft.authentic(states[1], bad)
+    assert pbft.authentic(states[1], sign_message(pp, KEYS[1]))
