@@ -227,7 +227,11 @@ def _relay_decided(state: ReplicaState, status: Status, out: list[Send]) -> None
     certificate (pre-prepare and 2f+1 commits) of each slot we executed.
     """
     peer = status.sender
-    if state.base <= status.last_executed < state.low:  # below `base`: pruned, cannot
+    if status.last_executed < state.base:
+        # pruned past it (a replica restarted after more than `history` entries): nothing
+        # we hold lets it execute, so relaying the log to it would only flood it
+        return
+    if status.last_executed < state.low:
         out.append(Send(peer, state_transfer(state, status.last_executed)))
     if status.stable_seq < state.low:
         out.extend(Send(peer, vote) for vote in state.stable_proof)
