@@ -175,6 +175,7 @@ def build_node(
         suspect_primary=agreement.driver.suspect_primary,
         emit=emit,
         healthy_for=membership.healthy_for,
+        loaded=membership.layers_of,
         interval_s=cfg.coordination.heartbeat_interval_ms / 1000,
         clock=edges.clock,
     )

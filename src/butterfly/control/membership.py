@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from butterfly.types.ids import NodeId
+from butterfly.types.model import LayerRange
 from butterfly.types.wire.control import Heartbeat
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,17 @@ class Membership:
     def is_live(self, node: NodeId) -> bool:
         """Heard from, or not yet expected to be (starting), and not suspected."""
         return self.status(node) in ("starting", "healthy")
+
+    def layers_of(self, node: NodeId) -> LayerRange | None:
+        """The layers `node`'s last heartbeat said it holds (None: none, or not heard)."""
+        if node == self.node:
+            layers = self._local_state()[0]
+        else:
+            peer = self.peers.get(node)
+            layers = peer.layers if peer is not None else ()
+        if len(layers) != 2 or not 0 <= layers[0] < layers[1]:
+            return None  # a peer's word: nonsense counts as nothing loaded
+        return LayerRange(layers[0], layers[1])
 
     def requests_of(self, node: NodeId) -> int:
         if node == self.node:

@@ -99,6 +99,7 @@ class Recovery:
         suspect_primary: Callable[[NodeId], None],
         emit: Emit,
         healthy_for: Callable[[NodeId], float | None] = lambda n: None,
+        loaded: Callable[[NodeId], LayerRange | None] = lambda n: None,
         interval_s: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -106,12 +107,14 @@ class Recovery:
         when a node fails, in case it is the primary (no wait for the request timeout).
         `healthy_for`, `interval_s`, `clock`: membership's view of how long each node has
         been healthy, the heartbeat interval and the clock it is timed by, which say when
-        a node that left the plan is taken back."""
+        a node that left the plan is taken back. `loaded`: the layers each node's last
+        heartbeat says it holds (a restarted node none, a thawed one its old ones): one
+        given those again has nothing to load and owes its ack at once."""
         self.node, self._members, self._status, self._holder = node, members, status, holder
         self._healthy_for, self._interval, self._clock = healthy_for, interval_s, clock
+        self._loaded = loaded
         self.out: set[NodeId] = set()  # left the plans; taken back once steadily healthy
         self._strikes: dict[NodeId, tuple[int, float]] = {}  # departures in a row, last
-        self._confirmed: dict[NodeId, LayerRange | None] = {}  # the layers each last acked
         self._applied: Callable[[], None] = lambda: None  # the engine's, from `run`
         self._plans, self._propose, self._agree_timeout = plans, propose, agree_timeout_s
         self._transport, self._model_hash, self._placing = transport, model_hash, placing
@@ -305,11 +308,9 @@ class Recovery:
                 timeout_s=DISTRIBUTE_TIMEOUT_S,
                 status=self._status,
                 # nothing to load: an ack owed at once, or the member withholds it
-                prompt=[n for n in members if self._confirmed.get(n) == plan.layers_of(n)],
+                prompt=[n for n in members if self._loaded(n) == plan.layers_of(n)],
                 prompt_s=PROMPT_ACK_BEATS * self._interval,
             )
-            for node in took.acked:
-                self._confirmed[node] = plan.layers_of(node)
             if not took.down:
                 return plan
             log.warning(
@@ -318,7 +319,6 @@ class Recovery:
                 plan.epoch,
             )
             for node in took.down:
-                self._confirmed.pop(node, None)
                 self._depart(node)
         raise ServiceUnavailable("no plan was taken up by all of its nodes")
 
