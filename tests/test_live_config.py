@@ -97,7 +97,7 @@ class RecordingRecovery(Recovery):
         super().__init__(**parts)
         self.replans = replans
 
-    async def replan(self, live: list[NodeId]) -> StagePlan:
+    async def replan(self, live: list[NodeId], *, only_if_changed: bool = False) -> StagePlan:
         self.replans.append((live, self._placing.strategy))
         return StagePlan(Epoch(2), ())
 

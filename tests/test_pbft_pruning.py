@@ -9,6 +9,7 @@ import random
 import pytest
 
 from butterfly.protocol import pbft
+from butterfly.types.wire.agreement import Message
 from tests.protocol_util import Net, replicas, request
 
 HISTORY, INTERVAL, WINDOW = 6, 2, 4
@@ -81,3 +82,29 @@ def test_a_request_whose_reply_was_pruned_is_never_ordered_again() -> None:
     net.advance(1.0)
     assert [s.last_executed for s in net.states] == before
     assert all(not s.pending for s in net.states)
+
+
+def test_a_replica_behind_what_its_peers_pruned_is_not_flooded() -> None:
+    """Replica 3 missed everything and its peers pruned past where it stands: nothing they
+    hold lets it execute, so they relay it nothing (it once drew the whole window's
+    pre-prepares and commits on every status). It stays behind: a known limit, without
+    a state snapshot (README)."""
+    cut = {"on": True}
+    net = Net(replicas(history=HISTORY), drop=lambda src, dst, m: cut["on"] and 3 in (src, dst))
+    for t in range(1, 16):
+        net.broadcast_request(request(t, f"op{t}".encode()))
+        net.run()
+        prune_all(net)
+    assert net.states[0].base > 0 and net.states[3].last_executed == 0
+    cut["on"] = False
+    relayed: list[str] = []
+
+    def record(src: int, dst: int, message: Message) -> bool:
+        if dst == 3:
+            relayed.append(message.kind)
+        return False  # nothing lost
+
+    net.drop = record
+    net.advance(2.0)
+    assert not {"pre_prepare", "commit", "state_transfer"} & set(relayed)
+    assert net.states[3].last_executed == 0

@@ -22,10 +22,10 @@ from butterfly.control.facts import (
 from butterfly.control.planner import (
     capabilities,
     decide_plan,
-    gather_status,
     place,
     replan_after,
 )
+from butterfly.control.rollout import gather_status
 from butterfly.metrics.events import MetricsEvent, PartitionComputed
 from butterfly.net.framing import Envelope
 from butterfly.net.memory import MemoryNetwork

@@ -5,12 +5,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from butterfly.control.policy import (
+    STRIKES_FORGOTTEN_S,
     Placing,
     alive,
     equivocation,
     evicts,
     gone,
     next_plan,
+    rejoin_hold_s,
+    returning,
+    strike,
     to_evict,
 )
 from butterfly.types.ids import Epoch, NodeId
@@ -114,3 +118,52 @@ def test_the_gateway_never_evicts_itself_nor_anyone_twice() -> None:
     several audits is evicted once."""
     assert to_evict([N[0], N[2], N[2], N[3]], {N[3]}) == (N[2],)
     assert to_evict([N[0]], ()) == ()
+
+
+PROMOTED = StagePlan(4, ((N[0], R(0, 6)), (N[3], R(6, 12))), ((N[2], R(0, 6)),))
+"""REPLICATED after node 1 died: its range has one holder left, so nothing audits it."""
+
+
+def test_a_returning_node_joins_as_the_standby_of_the_range_short_of_holders() -> None:
+    """No layers move for anyone else (the chain keeps its caches), and every range has
+    two holders again, so audits resume."""
+    decided = next_plan(PROMOTED, N, (), FACTS, placing(2))
+    assert decided.how == "join" and decided.plan.epoch == 5
+    assert decided.plan.stages == PROMOTED.stages
+    assert decided.plan.replicas == ((2, R(0, 6)), (1, R(6, 12)))
+
+
+def test_a_returning_node_with_no_range_short_of_holders_changes_nothing() -> None:
+    five = [*N, NodeId(4)]
+    decided = next_plan(REPLICATED, five, (), {**FACTS, NodeId(4): reply(4)}, placing(2))
+    assert decided.how == "join"
+    assert (decided.plan.stages, decided.plan.replicas) == (REPLICATED.stages, REPLICATED.replicas)
+
+
+def test_a_return_that_allows_a_longer_chain_places_again() -> None:
+    """Two failures left one stage with one standby; with all four back, two stages."""
+    one = StagePlan(5, ((N[0], R(0, 12)),), ((N[2], R(0, 12)),))
+    decided = next_plan(one, N, (), FACTS, placing(2))
+    assert decided.how == "place"
+    assert len(decided.plan.nodes) == 2 and len(decided.plan.replicas) == 2
+
+
+def test_a_node_returns_only_after_a_steady_hold_and_never_when_evicted() -> None:
+    up = {N[1]: 0.6, N[2]: 0.2, N[3]: 5.0}
+    assert returning({N[1], N[2], N[3]}, {N[3]}, up.get, lambda n: 0.5) == [1]
+    assert returning({N[1]}, (), {N[1]: None}.get, lambda n: 0.5) == []  # not healthy now
+    assert returning((), (), up.get, lambda n: 0.5) == []  # nobody left the plans
+
+
+def test_a_flapping_node_waits_longer_each_time_until_it_stays_away() -> None:
+    """Each departure within STRIKES_FORGOTTEN_S of the last doubles the hold (to a cap),
+    so a node that blips every second costs a re-plan per doubling hold, not per blip."""
+    strikes, t = None, 100.0
+    holds = []
+    for _ in range(9):
+        strikes = strike(strikes, t)
+        holds.append(rejoin_hold_s(0.1, strikes[0]))
+        t += 1.0
+    assert holds[:3] == [0.5, 1.0, 2.0]
+    assert holds[-1] == holds[-2] == 32.0  # capped
+    assert strike(strikes, t + STRIKES_FORGOTTEN_S + 1) == (1, t + STRIKES_FORGOTTEN_S + 1)

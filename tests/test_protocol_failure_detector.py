@@ -91,3 +91,19 @@ def test_phi_is_monotonic_and_finite_far_in_the_tail() -> None:
     values = [phi_of(z / 4) for z in range(-20, 400)]
     assert all(a <= b for a, b in itertools.pairwise(values))
     assert values[-1] < 1e4
+
+
+def test_a_node_back_after_being_failed_starts_a_new_history() -> None:
+    """Its absence is not an interval: counted, a 30 s gap would keep the node's next
+    failure unnoticed for seconds; forgotten, the next silence is judged as before."""
+    detector = PhiAccrualFailureDetector()
+    last = regular(detector, beats=200)
+    assert detector.is_failed(NODE, last + 30.0)
+    back = last + 30.0
+    detector.record_heartbeat(NODE, back)
+    assert not detector.is_suspected(NODE, back + 0.05)
+    t = back
+    for _ in range(20):
+        t += 0.1
+        detector.record_heartbeat(NODE, t)
+    assert detector.is_failed(NODE, t + 1.0)  # as fast as before the absence

@@ -218,3 +218,41 @@ def test_next_deadline_asks_for_the_request_timer() -> None:
     assert deadline is not None and deadline <= 1.3
     state, out = pbft.step(state, pbft.Tick(), 1.3)
     assert state.in_view_change and any(isinstance(s.message, ViewChange) for s in out)
+
+
+def test_a_restarted_primary_executes_what_it_ordered_before_the_crash() -> None:
+    """Primary 0 orders one request (below any checkpoint), crashes, and the others move
+    to view 1. Restarted with an empty log, it can execute that slot only from its own
+    pre-prepare, relayed back by its peers with the commits; then it takes part again."""
+    net = Net(replicas(request_timeout=0.3))
+    net.broadcast_request(request(1, b"before"))
+    net.run()
+    assert all(executed_ops(s) == [b"before"] for s in net.states)
+    net.drop = lambda src, dst, m: src == 0 or dst == 0  # crashed
+    for i in (1, 2, 3):
+        net.feed(i, pbft.SuspectPrimary(view=0))
+    net.run()
+    assert all(s.view == 1 for s in net.states[1:])
+    net.states[0] = pbft.new_replica(config(0), KEYS[0])  # restarted: empty log, view 0
+    net.drop = lambda src, dst, m: False
+    net.advance(2.0)
+    assert executed_ops(net.states[0]) == [b"before"]
+    assert net.states[0].view == 1 and net.states[0].next_seq > 1
+    net.broadcast_request(request(2, b"after"))
+    net.advance(1.0)
+    assert all(executed_ops(s) == [b"before", b"after"] for s in net.states)
+
+
+def test_only_what_a_replica_really_signed_comes_back_to_it_as_its_own() -> None:
+    """Its own pre-prepares are accepted back (a restarted primary needs them); one that
+    claims to be its own but another key signed, or its own prepare, is not."""
+    states = replicas()
+    req = request(1)
+    pp = PrePrepare(NodeId(1), Epoch(0), view=1, seq=1, digest=request_digest(req), request=req)
+    forged = sign_message(pp, KEYS[2])
+    prepare = sign_message(
+        Prepare(NodeId(1), Epoch(0), view=1, seq=1, digest=pp.digest, pp_signature=b""), KEYS[1]
+    )
+    for bad in (forged, prepare):
+        assert not pbft.authentic(states[1], bad)
+    assert pbft.authentic(states[1], sign_message(pp, KEYS[1]))

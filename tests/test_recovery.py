@@ -2,21 +2,25 @@
 
 The request must finish with exactly the tokens the unsplit model gives, whatever the
 position of the kill (before the first token, i.e. during prefill, or while decoding).
+A killed node restarted from its config, or one that was never up at start-up, is taken
+into the plan once it is up (control.policy.returning).
 """
 
 from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
+from butterfly.cli.launcher import LocalCluster, node_configs
 from butterfly.runtime.generate import generate
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.tokenizer import TextCodec
-from tests.cluster_util import running_cluster
+from tests.cluster_util import free_port, running_cluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 PROMPTS = ["Butterfly", "a b c d e f", "0123456789", "pipelines", "zz", "Once upon a time"]
@@ -118,3 +122,100 @@ def test_primary_and_chain_node_killed_standby_resumes_from_its_copy(
             timeout=120,
         ).json()
         assert after["output_ids"] == expected[:8]
+
+
+def node_layers(url: str) -> dict[int, list[int] | None]:
+    health = httpx.get(f"{url}/health", timeout=10).json()
+    return {n["id"]: n["layers"] for n in health["nodes"] if n["status"] == "healthy"}
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise TimeoutError(what)
+
+
+def test_a_node_killed_and_restarted_from_its_config_is_given_layers_again(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """n = 4, f = 1: kill -9 chain node 1; its standby takes the range over and, with one
+    holder left, nothing can audit it. Node 1 restarted from its config catches up on the
+    agreed log, is given its range back as a standby, and answers are audited again."""
+    prompt, new = PROMPTS[5], 16
+    expected = reference(tiny_model, prompt)[:new]
+
+    def infer() -> dict:
+        r = httpx.post(
+            f"{cluster.api_url}/inference",
+            json={"prompt": prompt, "max_new_tokens": new, "wait": True},
+            timeout=120,
+        )
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    with running_cluster(tiny_model, 4, tmp_path, f=1) as cluster:
+        first = infer()
+        assert first["output_ids"] == expected and first["verified"] == "audit"
+        assert [s["node"] for s in first["stages"]] == [0, 1]
+        cluster.kill(1)
+        wait_until(lambda: 1 not in node_layers(cluster.api_url), "node 1 out of the plan")
+        alone = infer()
+        assert alone["output_ids"] == expected and alone["verified"] == "none"
+        cluster.restart(1)
+        wait_until(lambda: node_layers(cluster.api_url).get(1) is not None, "node 1 given layers")
+        assert node_layers(cluster.api_url)[1] == [s["layers"] for s in first["stages"]][1]
+        back = infer()
+        assert back["output_ids"] == expected and back["verified"] == "audit"
+        assert cluster.alive() == [True] * 4
+
+
+def test_the_cluster_serves_with_a_member_down_and_takes_it_in_when_it_starts(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """n = 4, f = 1, node 3 killed as soon as it is launched (it never comes up): the
+    gateway plans over the other three once it has waited for node 3, and serves; node 3
+    started later joins, and two stages with a standby each are audited again."""
+    prompt, new = PROMPTS[2], 8
+    expected = reference(tiny_model, prompt)[:new]
+    port = free_port()
+    settings = {"coordination.acceptable_pause_ms": 400.0, "partition.strategy": "uniform"}
+    configs = node_configs(
+        nodes=4, f=1, model=tiny_model, api_port=port, data_dir=tmp_path, settings=settings
+    )
+    cluster = LocalCluster(configs, f"http://127.0.0.1:{port}", tmp_path)
+
+    def infer() -> dict:
+        r = httpx.post(
+            f"{cluster.api_url}/inference",
+            json={"prompt": prompt, "max_new_tokens": new, "wait": True},
+            timeout=120,
+        )
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def healthy() -> bool:
+        try:
+            return bool(httpx.get(f"{cluster.api_url}/health", timeout=5).json()["healthy"])
+        except httpx.HTTPError:
+            return False
+
+    try:
+        cluster.start()
+        cluster.kill(3)
+        wait_until(healthy, "the cluster serving with three nodes", timeout_s=180)
+        assert 3 not in node_layers(cluster.api_url)
+        assert infer()["output_ids"] == expected
+        cluster.restart(3)
+        wait_until(lambda: node_layers(cluster.api_url).get(3) is not None, "node 3 taken in")
+        layers = node_layers(cluster.api_url)
+        assert all(layers[n] is not None for n in range(4))
+        assert len({tuple(r) for r in layers.values() if r is not None}) == 2  # two stages
+        wait_until(lambda: infer()["verified"] == "audit", "an audited answer")
+        assert infer()["output_ids"] == expected
+    finally:
+        cluster.stop(grace_s=10.0)
+        for p in cluster.procs:  # reaped by PID: none may outlive the test
+            assert p.poll() is not None, f"node process {p.pid} is still running"

@@ -212,6 +212,10 @@ def build_node(
         suspect_primary=agreement.driver.suspect_primary,
         emit=emit,
         acting=lambda: role.acting == me,  # the gateway evicts: whichever node acts
+        healthy_for=membership.healthy_for,
+        loaded=membership.layers_of,
+        interval_s=cfg.coordination.heartbeat_interval_ms / 1000,
+        clock=edges.clock,
     )
     timeouts = parts.step_timeouts(config, membership.status, recovery.evict_liars)
     codec = TextCodec.load(model_dir) if (model_dir / "tokenizer.json").is_file() else None

@@ -30,7 +30,9 @@ certificates, or a certified state transfer below their stable checkpoint), and 
 driver hands every command to `on_commit` again from sequence number 1, so the commit
 handler must recognise what it already applied. A restarted *primary* cannot vouch for
 the pre-prepares it sent before the crash; the requests it then fails to order time out
-at the backups, which move to the next view.
+at the backups, which move to the next view. Its peers relay those pre-prepares back to
+it with their commit certificates (`pbft.OWN_RELAYED`), so it executes the slots it
+ordered and never assigns their sequence numbers again.
 
 Sends go through a bounded queue per peer: a dead or slow peer loses frames rather than
 stalling the others, which is safe because PBFT retransmits on its own (`Status`).

@@ -8,7 +8,7 @@ could not be true.
 
 When. A node measures once, when the gateway first asks for its status during cluster
 start-up, not while its process is still starting. The gateway asks one node at a time
-after every node is reachable (`planner.gather_status`), so nodes sharing a machine, as
+after every node is reachable (`rollout.gather_status`), so nodes sharing a machine, as
 the local cluster does, do not measure each other's start-up or measurement load (four
 nodes measuring at once on two cores would each see whatever share of the cores the
 scheduler happened to give it, and identical nodes would get different plans). Later

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from butterfly.types.ids import NodeId
+from butterfly.types.model import LayerRange
 from butterfly.types.wire.control import Heartbeat
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,9 @@ class Detector(Protocol):
     def is_suspected(self, node: NodeId, now: float) -> bool: ...
 
     def is_failed(self, node: NodeId, now: float) -> bool: ...
+
+    def heard_since(self, node: NodeId) -> float | None: ...
+
     def retune(
         self, *, suspect: float, failed: float, min_std_ms: float, acceptable_pause_ms: float
     ) -> None: ...
@@ -71,6 +76,7 @@ class Membership:
         self._local_state, self._clock = local_state, clock
         self.peers = {n: PeerView() for n in members if n != node}
         self._last_status: dict[NodeId, str] = {}
+        self._healthy_since: dict[NodeId, float] = {}  # peer -> when `check` first saw it so
         self._lock = threading.Lock()
 
     def retune_detector(
@@ -117,6 +123,17 @@ class Membership:
         """Heard from, or not yet expected to be (starting), and not suspected."""
         return self.status(node) in ("starting", "healthy")
 
+    def layers_of(self, node: NodeId) -> LayerRange | None:
+        """The layers `node`'s last heartbeat said it holds (None: none, or not heard)."""
+        if node == self.node:
+            layers = self._local_state()[0]
+        else:
+            peer = self.peers.get(node)
+            layers = peer.layers if peer is not None else ()
+        if len(layers) != 2 or not 0 <= layers[0] < layers[1]:
+            return None  # a peer's word: nonsense counts as nothing loaded
+        return LayerRange(layers[0], layers[1])
+
     def requests_of(self, node: NodeId) -> int:
         if node == self.node:
             return self._local_state()[1]
@@ -126,10 +143,28 @@ class Membership:
         seen = self.peers[node].last_seen if node in self.peers else self._clock()
         return None if seen is None else self._clock() - seen
 
+    def healthy_for(self, node: NodeId) -> float | None:
+        """Seconds `node` has been healthy without a break (None: not healthy now). A node
+        that flaps starts again at every blip, whether `check` saw it as suspected or the
+        detector saw it fail and come back between two checks, so recovery can ask for a
+        steady run before it gives a returning node work (`policy.returning`)."""
+        if node == self.node:
+            return math.inf
+        if self.status(node) != "healthy":
+            return None
+        with self._lock:
+            now, heard = self._clock(), self._detector.heard_since(node)
+        since = self._healthy_since.setdefault(node, now)
+        return now - max(since, heard if heard is not None else now)
+
     def check(self, on_status_change: OnStatusChange) -> None:
         """Report every peer whose status changed since the last check, once per change."""
         for peer in self.peers:
             status = self.status(peer)
+            if status != "healthy":
+                self._healthy_since.pop(peer, None)
+            elif self._last_status.get(peer) != "healthy":
+                self._healthy_since[peer] = self._clock()
             if self._last_status.get(peer) != status:
                 self._last_status[peer] = status
                 log.info("node %s sees node %s as %s", self.node, peer, status)

@@ -1,4 +1,4 @@
-"""Deciding and distributing the stage plan of an epoch.
+"""Deciding the stage plan of an epoch (`rollout` gathers the facts and hands it out).
 
 One node (the gateway, node 0) decides the plan from facts every node reported about
 itself (compute rate, memory, links; see `facts`) and sends the same plan to all; nodes
@@ -14,15 +14,13 @@ so those hops count in the per-token estimate too.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from butterfly.control.facts import capability_of
 from butterfly.metrics.events import Emit, PartitionComputed, discard
-from butterfly.net.transport import Transport
 from butterfly.partition.capability import (
     DEFAULT_CONTEXT_TOKENS,
     NodeCapability,
@@ -33,76 +31,14 @@ from butterfly.partition.quality import Plan, estimate_per_token_ms
 from butterfly.partition.replan import replan
 from butterfly.partition.service import PartitionService
 from butterfly.types.errors import (
-    ButterflyError,
-    InvalidMessage,
     NoNodesAvailable,
-    ServiceUnavailable,
 )
 from butterfly.types.ids import GATEWAY, Epoch, NodeId
 from butterfly.types.model import LayerInfo, LayerRange, ModelPartition
 from butterfly.types.plan import StagePlan
-from butterfly.types.wire.control import PlanAck, PlanAssign, StatusQuery, StatusReply
-from butterfly.types.wire.data import Ping
+from butterfly.types.wire.control import StatusReply
 
 log = logging.getLogger(__name__)
-
-
-PROBE_TIMEOUT_S = 60.0
-"""How long one node may take to measure itself (compute, then every link) and answer."""
-
-
-async def gather_status(
-    transport: Transport,
-    peers: list[NodeId],
-    timeout_s: float,
-    *,
-    local: tuple[NodeId, Callable[[], Awaitable[StatusReply]]] | None = None,
-) -> dict[NodeId, StatusReply]:
-    """Every peer's status (with its measured facts), asked one node at a time.
-
-    First waits until every peer answers a ping (its process is up), then asks for the
-    status of `local` (this node: its id and how to build its reply) and of each peer in
-    turn. A node measures itself when first asked, so asking in turn means no two nodes
-    measure at once (see `facts`). Raises ServiceUnavailable naming the nodes that did
-    not answer within `timeout_s`.
-    """
-    deadline = time.monotonic() + timeout_s
-    pending = set(peers)
-    while pending:
-        for peer in sorted(pending):
-            try:
-                await transport.ask(peer, Ping(0), timeout=2.0, channel="control")
-            except ButterflyError as e:
-                log.debug("node %s not ready yet: %s", peer, e)
-                continue
-            pending.discard(peer)
-        if pending:
-            if time.monotonic() > deadline:
-                raise ServiceUnavailable(
-                    f"nodes {sorted(pending)} did not answer within {timeout_s:.0f} s"
-                )
-            await asyncio.sleep(0.2)
-    replies: dict[NodeId, StatusReply] = {}
-    if local is not None:
-        replies[local[0]] = await local[1]()
-    for peer in sorted(peers):
-        while peer not in replies:
-            left = deadline - time.monotonic()
-            try:
-                status, _ = await transport.ask(
-                    peer, StatusQuery(), timeout=max(PROBE_TIMEOUT_S, left), channel="control"
-                )
-            except InvalidMessage as e:  # it answered, with something else: do not ask again
-                raise ServiceUnavailable(str(e)) from e
-            except ButterflyError as e:
-                if time.monotonic() > deadline:
-                    raise ServiceUnavailable(
-                        f"node {peer} did not report its status within {timeout_s:.0f} s: {e}"
-                    ) from e
-                await asyncio.sleep(0.2)
-                continue
-            replies[peer] = status
-    return replies
 
 
 def capabilities(
@@ -306,33 +242,3 @@ def replan_after(
         " (kept old ranges)" if result.kept_in_place else "",
     )
     return new, result.moved_layers
-
-
-async def distribute_plan(
-    *,
-    plan: StagePlan,
-    model_hash: str,
-    node: NodeId,
-    members: list[NodeId],
-    transport: Transport,
-    apply_local: Callable[[PlanAssign], Awaitable[PlanAck]],
-    timeout_s: float,
-) -> None:
-    """Send the plan to every node (loading takes a while) and require every ack."""
-    msg = plan.to_message(model_hash)
-
-    async def one(peer: NodeId) -> PlanAck:
-        if peer == node:
-            return await apply_local(msg)
-        ack, _ = await transport.ask(peer, msg, timeout=timeout_s, channel="control")
-        return ack
-
-    acks = await asyncio.gather(*(one(p) for p in members))
-    failed = [a for a in acks if not a.ok]
-    if failed:
-        raise ServiceUnavailable(
-            "plan refused: " + "; ".join(f"node {a.node}: {a.error}" for a in failed)
-        )
-    log.info(
-        "epoch %s plan active: %s", plan.epoch, ", ".join(f"node {n} {r}" for n, r in plan.stages)
-    )

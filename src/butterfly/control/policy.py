@@ -18,6 +18,12 @@ The rules, in order:
   rest holding copies (`place`).
 - Only the gateway evicts, never itself; a proven liar is evicted once, and leaves the
   plan even when the agreed log already held its eviction.
+- A node that left the plan by failing (or by not taking a plan up, or by not being up
+  when the first plan was made) comes back once it has been healthy without a break for
+  `rejoin_hold_s` (`returning`); an evicted node never does. When the chain cannot grow,
+  a returning node joins as a standby of the ranges with the fewest holders
+  (`join`, `replicas.add_standbys`): no
+  other node's layers move and no cache is lost; otherwise the plan is placed again.
 """
 
 from __future__ import annotations
@@ -27,7 +33,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 from butterfly.control.planner import Placement, place, replan_after
-from butterfly.control.replicas import add_replicas, promote_standbys, split_for_replication
+from butterfly.control.replicas import (
+    add_replicas,
+    add_standbys,
+    promote_standbys,
+    split_for_replication,
+)
 from butterfly.metrics.events import Emit, discard
 from butterfly.partition.service import PartitionService
 from butterfly.types.ids import GATEWAY, Epoch, NodeId
@@ -49,10 +60,17 @@ class Placing:
     service: PartitionService | None = None  # the node's own, so its cache outlives a call
 
 
+REJOIN_HOLD_BEATS = 5
+"""Heartbeat intervals a returning node must stay healthy before a plan takes it back."""
+STRIKES_FORGOTTEN_S = 60.0
+"""A node away for good this long since its last departure starts again at one strike."""
+MAX_DOUBLINGS = 6
+
+
 @dataclass(frozen=True)
 class NextPlan:
     plan: StagePlan
-    how: Literal["promote", "replan", "place"]
+    how: Literal["promote", "join", "replan", "place"]
     placement: Placement | None = None  # when placed: its estimate, reported by /health
 
 
@@ -75,6 +93,52 @@ def alive(
     return [n for n in members if n not in evicted and status(n) != "failed"]
 
 
+def strike(previous: tuple[int, float] | None, now: float) -> tuple[int, float]:
+    """(departures in a row, when the last was) after one more departure at `now`: in a
+    row while each comes within STRIKES_FORGOTTEN_S of the one before.
+
+        >>> strike(None, 10.0), strike((2, 10.0), 20.0), strike((2, 10.0), 100.0)
+        ((1, 10.0), (3, 20.0), (1, 100.0))
+    """
+    if previous is None or now - previous[1] > STRIKES_FORGOTTEN_S:
+        return 1, now
+    return previous[0] + 1, now
+
+
+def rejoin_hold_s(interval_s: float, strikes: int) -> float:
+    """How long a node that left the plan must stay healthy before a plan takes it back:
+    REJOIN_HOLD_BEATS heartbeat intervals, doubled for every departure in a row beyond
+    the first (at most MAX_DOUBLINGS times), so a flapping node costs a re-plan per
+    doubling hold, not one per blip.
+
+        >>> rejoin_hold_s(0.1, 1), rejoin_hold_s(0.1, 3), rejoin_hold_s(0.1, 50)
+        (0.5, 2.0, 32.0)
+    """
+    doublings: int = min(max(strikes - 1, 0), MAX_DOUBLINGS)
+    return interval_s * REJOIN_HOLD_BEATS * (1 << doublings)
+
+
+def returning(
+    out: Collection[NodeId],
+    evicted: Collection[NodeId],
+    healthy_for: Callable[[NodeId], float | None],
+    hold_s: Callable[[NodeId], float],
+) -> list[NodeId]:
+    """The nodes left out of the plans (`out`: failed, not taking a plan up, or down at
+    start-up) that a new plan should take back: healthy without a break for their hold,
+    and never an evicted one (a proven liar stays out whatever its heartbeats say).
+
+        >>> returning([1, 2, 3], [3], {1: 0.7, 2: 0.1, 3: 9.0}.get, lambda n: 0.5)
+        [1]
+    """
+    back = []
+    for n in sorted(out):
+        up = healthy_for(n)
+        if n not in evicted and up is not None and up >= hold_s(n):
+            back.append(n)
+    return back
+
+
 def next_plan(
     old: StagePlan | None,
     live: Sequence[NodeId],
@@ -94,6 +158,7 @@ def next_plan(
         ('promote', 2, (0, 3))
     """
     epoch = Epoch(old.epoch + 1 if old is not None else 1)
+    chain, spares = split_for_replication(sorted(live), cfg.copies)
     if old is not None:
         departed = [n for n in holders(old) if n not in live]
         # nothing departed (a re-plan asked for, say a new strategy): decided afresh
@@ -101,7 +166,9 @@ def next_plan(
             promoted = promote_standbys(old, epoch, list(live))
             if promoted is not None:
                 return NextPlan(promoted, "promote")
-    chain, spares = split_for_replication(sorted(live), cfg.copies)
+        joined = [n for n in sorted(live) if n not in holders(old)]
+        if not departed and joined and old.replicas and len(chain) <= len(old.stages):
+            return NextPlan(add_standbys(old, epoch, joined, cfg.copies), "join")
     if old is not None and not spares and not old.replicas:
         # a membership change: keep existing ranges where that costs little
         plan, _moved = replan_after(
@@ -151,6 +218,7 @@ def equivocation(evidence: Evidence) -> tuple[NodeId, str]:
 
 
 __all__ = [
+    "REJOIN_HOLD_BEATS",
     "NextPlan",
     "Placing",
     "alive",
@@ -159,5 +227,8 @@ __all__ = [
     "gone",
     "holders",
     "next_plan",
+    "rejoin_hold_s",
+    "returning",
+    "strike",
     "to_evict",
 ]

@@ -10,41 +10,59 @@ A failure, from the heartbeat to the resumed request: `Membership` sees the peer
 cross the threshold and calls `on_status_change`; that wakes `run`, which decides, agrees
 and distributes the plan, then calls `on_replanned` (the engine's `plan_changed`), which
 fails the steps sent on the old plan; each request then replays on the new one.
+
+A node leaves the plans when it fails, when it does not take a plan up (refuses it, or
+cannot be reached), or when it was not up for the first plan; it is then `out`. Once
+its heartbeats have been steady for its hold (`policy.returning`, `policy.rejoin_hold_s`)
+`run` re-plans with it, fetching its facts first if it never reported them; a proven
+liar is never taken back. A node that does not take up a plan is out for that plan and
+the next one is decided at once without it (`replan`), so a dead or withholding member
+never blocks a re-plan.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
-from butterfly.control.planner import Placement, distribute_plan
+from butterfly.control.planner import Placement
 from butterfly.control.plans import AgreedPlans, PlanNamesEvicted, Propose, agree, evict
 from butterfly.control.policy import (
     Placing,
-    alive,
     equivocation,
     evicts,
     gone,
     next_plan,
+    rejoin_hold_s,
+    returning,
+    strike,
     to_evict,
 )
+from butterfly.control.rollout import PROBE_TIMEOUT_S, distribute_plan
 from butterfly.metrics.events import Emit, Eviction, NodeFailure, NodeStatus, RecoveryCompleted
 from butterfly.net.transport import Transport
 from butterfly.types.errors import ButterflyError, ServiceUnavailable
 from butterfly.types.ids import NodeId
+from butterfly.types.model import LayerRange
 from butterfly.types.plan import StagePlan
 from butterfly.types.wire.agreement import Evidence
-from butterfly.types.wire.control import PlanAck, PlanAssign, StatusReply
+from butterfly.types.wire.control import PlanAck, PlanAssign, StatusQuery, StatusReply
 
 log = logging.getLogger(__name__)
 RETRY_S = 0.5
 """Wait before re-planning again after a plan could not be agreed or put in force."""
 DISTRIBUTE_TIMEOUT_S = 300.0
 """How long nodes may take to load their new stages and acknowledge a plan."""
+PROMPT_ACK_BEATS = 100
+"""Heartbeat intervals (10 s at the default 100 ms, as long as a node waits to execute
+the agreed plan itself: `plans.AGREED_PLAN_WAIT_S`) a node that keeps its layers may take
+to acknowledge a plan: it loads nothing, so one that takes longer withholds its ack (or
+cannot execute the agreed log) and is out for that plan."""
 
 
 class PlanHolder(Protocol):
@@ -81,13 +99,27 @@ class Recovery:
         suspect_primary: Callable[[NodeId], None],
         emit: Emit,
         acting: Callable[[], bool] | None = None,
+        healthy_for: Callable[[NodeId], float | None] = lambda n: None,
+        loaded: Callable[[NodeId], LayerRange | None] = lambda n: None,
+        interval_s: float = 0.1,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`propose`: the agreement's; `suspect_primary`: the agreement is told at once
         when a node fails, in case it is the primary (no wait for the request timeout);
         `acting`: whether this node acts as the gateway now (`control.gateway_role`;
-        default: `policy.evicts`, node 0)."""
+        default: `policy.evicts`, node 0). `healthy_for`, `interval_s`, `clock`:
+        membership's view of how long each node has been healthy, the heartbeat interval
+        and the clock it is timed by, which say when a node that left the plan is taken
+        back. `loaded`: the layers each node's last heartbeat says it holds (a restarted
+        node none, a thawed one its old ones): one given those again has nothing to load
+        and owes its ack at once."""
         self._acting = acting or (lambda: evicts(node))
         self.node, self._members, self._status, self._holder = node, members, status, holder
+        self._healthy_for, self._interval, self._clock = healthy_for, interval_s, clock
+        self._loaded = loaded
+        self.out: set[NodeId] = set()  # left the plans; taken back once steadily healthy
+        self._strikes: dict[NodeId, tuple[int, float]] = {}  # departures in a row, last
+        self._applied: Callable[[], None] = lambda: None  # the engine's, from `run`
         self._plans, self._propose, self._agree_timeout = plans, propose, agree_timeout_s
         self._transport, self._model_hash, self._placing = transport, model_hash, placing
         self._suspect_primary, self._emit = suspect_primary, emit
@@ -96,7 +128,7 @@ class Recovery:
         self._evicting: dict[NodeId, str] = {}  # decided here, agreed or not (yet)
         self._store: EvictionStore | None = None  # the gateway's, from `start`
         self.recoveries: list[float] = []  # seconds from noticing to the new plan in force
-        self.facts: Mapping[NodeId, StatusReply] = {}  # every node's, gathered at start-up
+        self.facts: dict[NodeId, StatusReply] = {}  # every node's: at start-up, or on return
         self.placement: Placement | None = None  # the last plan placed from scratch
         self._asked: str | None = None  # why a re-plan was asked for although none failed
         plans.on_evicted(self._on_agreed_eviction)
@@ -180,12 +212,15 @@ class Recovery:
         store: EvictionStore | None = None,
         live: list[NodeId] | None = None,
     ) -> None:
-        """The first plan, over every member not evicted (or the `live` ones: a gateway
-        taking over from a dead one), from the facts gathered at start-up. `store`: the
-        gateway's; the evictions it remembers stay out of every plan, and those the
-        agreed log lacks (not agreed before a restart) are ordered again; agreed ones
-        replayed before now are written to it."""
-        self.facts, self._store = facts, store
+        """The first plan, over every member not evicted that reported its facts at
+        start-up (or the `live` ones: a gateway taking over from a dead one); the others
+        join once they are up. `store`: the gateway's; the evictions it remembers stay out
+        of every plan, and those the agreed log lacks (not agreed before a restart) are
+        ordered again; agreed ones replayed before now are written to it."""
+        self.facts, self._store = dict(facts), store
+        for node in self._members:
+            if node not in facts or (live is not None and node not in live):
+                self._depart(node)
         if store is not None:
             for node, reason in store.evictions().items():
                 self._evicting.setdefault(node, reason)
@@ -198,16 +233,58 @@ class Recovery:
                     )
                 except ButterflyError as e:  # it stays out of this gateway's plans anyway
                     log.error("eviction of node %s not agreed: %s", node, e)
-        members = live if live is not None else self._members
-        await self.replan([n for n in sorted(members) if n not in self.evicted])
+        await self.replan(self._live())
 
-    async def replan(self, live: list[NodeId]) -> StagePlan:
+    def _live(self) -> list[NodeId]:
+        """The members a new plan may use: not evicted, not failed, not out."""
+        evicted = self.evicted
+        return [
+            n
+            for n in sorted(self._members)
+            if n not in evicted and n not in self.out and self._status(n) != "failed"
+        ]
+
+    def _depart(self, node: NodeId) -> None:
+        """`node` leaves the plans until it has been steadily healthy for its hold."""
+        if node != self.node and node not in self.out:
+            self.out.add(node)
+            self._strikes[node] = strike(self._strikes.get(node), self._clock())
+
+    def _hold_s(self, node: NodeId) -> float:
+        return rejoin_hold_s(self._interval, self._strikes.get(node, (1, 0.0))[0])
+
+    async def _fetch_facts(self, nodes: list[NodeId]) -> list[NodeId]:
+        """The nodes of `nodes` whose facts are known, asking those that never reported
+        them (down at start-up); one that does not answer is out again."""
+        known = []
+        for node in nodes:
+            if node not in self.facts:
+                try:
+                    reply, _ = await self._transport.ask(
+                        node, StatusQuery(), timeout=PROBE_TIMEOUT_S, channel="control"
+                    )
+                except ButterflyError as e:
+                    log.warning("node %s is back but did not report its facts: %s", node, e)
+                    self._depart(node)
+                    continue
+                self.facts[node] = reply
+            known.append(node)
+        return known
+
+    async def replan(self, live: list[NodeId], *, only_if_changed: bool = False) -> StagePlan:
         """Decide the next plan over the `live` nodes, agree on it, put it in force. A plan
-        overtaken by an agreed eviction (every node would skip it) is decided again."""
-        for _ in range(len(self._members)):
+        overtaken by an agreed eviction (every node would skip it) is decided again, and so
+        is one some of whose nodes did not take it up (they are out). With
+        `only_if_changed` (nodes returning, nothing else asked for), a plan that would
+        change nothing (no range short of holders) is not agreed; any other re-plan (a
+        failure, a changed strategy, start-up, a takeover) is a new epoch even when its
+        ranges stay: every node then holds a plan this gateway decided, by its placing."""
+        for _ in range(2 * len(self._members)):
             old, evicted = self._holder.plan, self.evicted
-            live = [n for n in live if n not in evicted]
+            live = [n for n in live if n not in evicted and n not in self.out]
             decided = next_plan(old, live, evicted, self.facts, self._placing, emit=self._emit)
+            if only_if_changed and old is not None and _same_ranges(decided.plan, old):
+                return old
             if decided.placement is not None:
                 self.placement = decided.placement
             try:
@@ -217,48 +294,84 @@ class Recovery:
             except PlanNamesEvicted as e:
                 log.warning("%s", e)
                 continue
-            break
-        else:
-            raise ServiceUnavailable("every plan decided named a node evicted meanwhile")
-        await distribute_plan(
-            plan=plan,
-            model_hash=self._model_hash,
-            node=self.node,
-            members=sorted(set(n for n, _ in (*plan.stages, *plan.replicas))),
-            transport=self._transport,
-            apply_local=self._holder.apply_plan,
-            timeout_s=DISTRIBUTE_TIMEOUT_S,
-        )
-        return plan
+            # the gateway holds the plan whether or not it runs a stage: it routes by it
+            members = sorted({self.node, *(n for n, _ in (*plan.stages, *plan.replicas))})
+
+            async def apply_here(msg: PlanAssign) -> PlanAck:
+                """In force here: the steps sent on the old plan fail now, not once every
+                member has loaded (a joining standby may take minutes, or withhold)."""
+                ack = await self._holder.apply_plan(msg)
+                if ack.ok:
+                    self._applied()
+                return ack
+
+            took = await distribute_plan(
+                plan=plan,
+                model_hash=self._model_hash,
+                node=self.node,
+                members=members,
+                transport=self._transport,
+                apply_local=apply_here,
+                timeout_s=DISTRIBUTE_TIMEOUT_S,
+                status=self._status,
+                # nothing to load: an ack owed at once, or the member withholds it
+                prompt=[n for n in members if self._loaded(n) == plan.layers_of(n)],
+                prompt_s=PROMPT_ACK_BEATS * self._interval,
+            )
+            if not took.down:
+                return plan
+            log.warning(
+                "nodes %s did not take up epoch %d; deciding again without them",
+                list(took.down),
+                plan.epoch,
+            )
+            for node in took.down:
+                self._depart(node)
+        raise ServiceUnavailable("no plan was taken up by all of its nodes")
 
     async def run(self, on_replanned: Callable[[], None]) -> None:
         """Re-plan whenever a node of the plan is gone, or a re-plan was asked for;
         `on_replanned` (the engine's) is
         given here rather than at construction: the engine is built after this object,
         whose `evict_liars` it calls."""
+        self._applied = on_replanned
         while True:
-            await self._wake.wait()
+            # woken by a failure or an eviction; every interval too, to see nodes return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._interval):
+                    await self._wake.wait()
             self._wake.clear()
             plan = self._holder.plan
             if plan is None:
                 continue
             newly = gone(plan, self._status, self.evicted)
+            for n in newly:
+                self._depart(n)
+            back = [
+                n
+                for n in returning(self.out, self.evicted, self._healthy_for, self._hold_s)
+                if n not in newly
+            ]
             asked, self._asked = self._asked, None
-            if not newly and asked is None:
+            if not newly and not back and asked is None:
                 continue
             for n in newly:
                 if n not in self.failed:
                     self.failed.add(n)
                     self._emit(NodeFailure(node=n))
-            live = alive(self._members, self._status, self.evicted)
+            back = await self._fetch_facts(back)
+            self.out.difference_update(back)
+            self.failed.difference_update(back)  # a later failure is a new one
+            live = self._live()
             started = time.perf_counter()
-            why = f"nodes {newly} failed" if newly else asked
+            why = f"nodes {newly} failed" if newly else f"nodes {back} are back" if back else asked
             log.warning("%s; re-planning epoch %d over %s", why, plan.epoch + 1, live)
             try:
-                await self.replan(live)
+                await self.replan(live, only_if_changed=not newly and asked is None)
             except ButterflyError as e:
                 log.error("re-planning (%s) failed: %s; retrying", why, e)
                 self._asked = self._asked or asked
+                self.out.update(back)  # taken back by the next attempt, with no new strike
                 await asyncio.sleep(RETRY_S)
                 self._wake.set()
                 continue
@@ -266,6 +379,10 @@ class Recovery:
                 self.recoveries.append(time.perf_counter() - started)
                 self._emit(RecoveryCompleted(seconds=self.recoveries[-1]))
             on_replanned()
+
+
+def _same_ranges(a: StagePlan, b: StagePlan) -> bool:
+    return (a.stages, a.replicas) == (b.stages, b.replicas)
 
 
 __all__ = ["EvictionStore", "PlanHolder", "Recovery"]

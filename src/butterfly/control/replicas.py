@@ -7,6 +7,8 @@ replicas are the standbys that take a stage over when its node dies.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from butterfly.types.errors import InsufficientResources
 from butterfly.types.ids import Epoch, NodeId
 from butterfly.types.plan import StagePlan
@@ -62,3 +64,25 @@ def add_replicas(plan: StagePlan, spares: list[NodeId]) -> StagePlan:
     ranges = [r for _, r in plan.stages]
     replicas = tuple((node, ranges[i % len(ranges)]) for i, node in enumerate(spares))
     return StagePlan(plan.epoch, plan.stages, replicas)
+
+
+def add_standbys(plan: StagePlan, epoch: Epoch, joined: Sequence[NodeId], copies: int) -> StagePlan:
+    """The plan of `epoch`: `plan` with each joined node (in order) holding a copy of
+    the range with the fewest holders while one has fewer than `copies`; the chain and
+    every holder keep their ranges. Nodes beyond that stay out, as placement leaves
+    them out (`split_for_replication`).
+
+        >>> from butterfly.types.model import LayerRange as R
+        >>> p = StagePlan(4, ((0, R(0, 2)), (3, R(2, 4))), ((2, R(0, 2)),))
+        >>> add_standbys(p, 5, [1], 2).replicas
+        ((2, LayerRange(start=0, end=2)), (1, LayerRange(start=2, end=4)))
+    """
+    replicas = list(plan.replicas)
+    ranges = [r for _, r in plan.stages]
+    for node in joined:
+        count = {r: len([n for n, x in (*plan.stages, *replicas) if x == r]) for r in ranges}
+        fewest = min(ranges, key=lambda r: count[r])  # the first in chain order on a tie
+        if count[fewest] >= copies:
+            break
+        replicas.append((node, fewest))
+    return StagePlan(epoch, plan.stages, tuple(replicas))

@@ -405,7 +405,9 @@ class PipelineEngine:
         plan and replays its whole history (prompt + tokens so far) as one prefill from
         position 0: every stage cuts its cache back to 0 and recomputes, so the next token
         is exactly the one the request would have produced. The RNG is only advanced by
-        tokens actually sampled, so sampled requests continue identically too.
+        tokens actually sampled, so sampled requests continue identically too. A plan
+        that moved on between two steps (a node taken back, a re-plan asked for) may have
+        moved layers and their caches with it: the request resumes the same way.
 
         `saved` (a checkpoint a dead gateway left) starts the request where it was: its
         tokens count as produced, its RNG state replaces the fresh one, and the first step
@@ -424,8 +426,11 @@ class PipelineEngine:
         x = torch.tensor([prompt + out], dtype=torch.int64)
         pos, step, recoveries = 0, 0, 0
         ended = bool(out) and out[-1] in self._eos
+        based_on = self._epoch()  # the plan whose caches `pos` counts on
         while len(out) < task.max_new_tokens and not ended:
-            epoch = self._epoch()
+            if self._epoch() != based_on:
+                pos, x = await self._replay_from(request_id, prompt + out, positions)
+            epoch = based_on = self._epoch()
             step += 1  # step ids are never reused, so a late answer is ignored
             step_started = time.perf_counter()
             try:
@@ -458,11 +463,8 @@ class PipelineEngine:
                     "request %s lost a step at token %d (%s); replaying", request_id, len(out), e
                 )
                 await self._await_plan_change(epoch)
-                history = prompt + out
-                pos = await self._resume_at(request_id, len(history))
-                for superseded in [s for s, (start, _) in positions.items() if start >= pos]:
-                    del positions[superseded]  # the replay recomputes every row they gave
-                x = torch.tensor([history[pos:]], dtype=torch.int64)
+                based_on = self._epoch()
+                pos, x = await self._replay_from(request_id, prompt + out, positions)
                 timings["resumed_at"] = float(pos)
                 timings["recovery_s"] = timings.get("recovery_s", 0.0) + (
                     time.perf_counter() - lost_at
@@ -523,6 +525,15 @@ class PipelineEngine:
         if failure is not None:
             raise failure from e
         return True
+
+    async def _replay_from(
+        self, request_id: RequestId, history: list[int], positions: dict[int, tuple[int, int]]
+    ) -> tuple[int, torch.Tensor]:
+        """Where the request goes on after the plan moved on, and the tokens to send."""
+        pos = await self._resume_at(request_id, len(history))
+        for superseded in [s for s, (start, _) in positions.items() if start >= pos]:
+            del positions[superseded]  # the replay recomputes every row they gave
+        return pos, torch.tensor([history[pos:]], dtype=torch.int64)
 
     async def _resume_at(self, request_id: RequestId, length: int) -> int:
         """Where a request resumes on a new plan (`caches.Caches.resume_at`, asking the

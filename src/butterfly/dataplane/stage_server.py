@@ -167,19 +167,22 @@ class StageServer:
                     f"plan of epoch {plan.epoch} is stale: node {self.node} is at {self.plan.epoch}"
                 )
             layers = plan.layers_of(self.node)
-            if self.stage is None or layers is None or self.stage.layers != layers:
-                self.caches.clear()  # caches of other layers are useless; same layers keep theirs
-                self._used.clear()
+            stage = self.stage if layers is not None else None
             if layers is not None and (self.stage is None or self.stage.layers != layers):
 
                 def load() -> Stage:  # one thread: every survivor of a failure loads at once
                     with single_threaded():
                         return load_stage(self.model_dir, layers, dtype=self._dtype)
 
-                self.stage = await self._torch.run(load)
-            if layers is None:
-                self.stage = None
-            self.plan = plan
+                stage = await self._torch.run(load)
+            # the switch, with no await in it: steps meanwhile ran on the old stage and
+            # caches. Caches of other layers are useless (same layers keep theirs), and a
+            # plan skipped (this node was out: frozen, cut off) means its requests moved
+            # on without it and their releases never reached it: its caches are stale
+            missed = self.plan is not None and plan.epoch > self.plan.epoch + 1
+            if self.stage is None or layers is None or self.stage.layers != layers or missed:
+                self._drop_caches(f"the plan of epoch {plan.epoch} moved this node's layers")
+            self.stage, self.plan = stage, plan
             self._plan_changed.set()
             self._plan_changed = asyncio.Event()
             log.info("node %s: epoch %s, layers %s", self.node, plan.epoch, layers)
@@ -225,6 +228,19 @@ class StageServer:
         self._evicted.move_to_end(request_id)
         while len(self._evicted) > EVICTIONS_REMEMBERED:
             self._evicted.popitem(last=False)
+
+    def _drop_caches(self, why: str) -> None:
+        """Every cache goes; a later step of one of their requests is told to replay it."""
+        if self.caches:
+            log.info("node %s: %d KV cache(s) dropped: %s", self.node, len(self.caches), why)
+        for rid in self.caches:
+            self._evicted[rid] = why
+            self._evicted.move_to_end(rid)
+        while len(self._evicted) > EVICTIONS_REMEMBERED:
+            self._evicted.popitem(last=False)
+        self.caches.clear()
+        self._used.clear()
+        self._shipped.clear()
 
     def expire(self) -> int:
         """Drop the caches idle longer than the TTL (a lost Release, a gateway that went

@@ -44,6 +44,7 @@ class _History:
 
     window: int
     last: float
+    first: float  # the first heartbeat of this history (a return after failing starts one)
     intervals: deque[float] = field(default_factory=deque)
     total: float = 0.0
     squares: float = 0.0
@@ -108,10 +109,17 @@ class PhiAccrualFailureDetector:
         self.min_std, self.acceptable_pause = min_std_ms / 1000.0, acceptable_pause_ms / 1000.0
 
     def record_heartbeat(self, node: NodeId, now: float) -> None:
-        """A heartbeat from `node` arrived at `now`; out-of-order times are ignored."""
+        """A heartbeat from `node` arrived at `now`; out-of-order times are ignored.
+
+        A heartbeat after a silence already judged failed (a restarted or thawed node)
+        starts a new history: that silence was an absence, not an interval, and counting
+        it would widen the model so far that the node's next failure went unnoticed for
+        seconds (a 30 s absence in a window of 1000 turns a 50 ms deviation into ~1 s)."""
         history = self._history.get(node)
+        if history is not None and now > history.last and self.is_failed(node, now):
+            history = None
         if history is None:
-            history = self._history[node] = _History(self.window, now)
+            history = self._history[node] = _History(self.window, now, now)
             # Akka's bootstrap: until real intervals exist, assume the configured one
             history.add(self.interval * 0.75)
             history.add(self.interval * 1.25)
@@ -120,6 +128,12 @@ class PhiAccrualFailureDetector:
             return
         history.add(now - history.last)
         history.last = now
+
+    def heard_since(self, node: NodeId) -> float | None:
+        """When the heartbeats of `node` began without a failure since (its first, or its
+        first after it was judged failed); None if it never sent one."""
+        history = self._history.get(node)
+        return None if history is None else history.first
 
     def phi(self, node: NodeId, now: float) -> float | None:
         """Suspicion level of `node` at `now`; None if it never sent a heartbeat."""

@@ -102,15 +102,27 @@ __all__ = [
 ]
 
 
+OWN_RELAYED = (PrePrepare, Commit, CheckpointVote, NewView)
+"""What a peer may hand back to us that we signed ourselves: the parts of a commit
+certificate, a stable checkpoint's proof or a view's installation, relayed to a replica
+that restarted with an empty log (`_relay_decided`). Without them a restarted primary
+never executes the slots it pre-prepared before the crash: only it signed those
+pre-prepares, so no certificate for them reaches it otherwise, and it lags for good
+while its peers relay to it ever faster."""
+
+
 def authentic(state: ReplicaState, message: Input) -> bool:
-    """Signed by a replica of this epoch other than us (or, for requests, by a client,
-    and within what that client may ask for: `PbftConfig.authorize`)."""
+    """Signed by a replica of this epoch other than us, or by us when relayed back to us
+    (`OWN_RELAYED`: it can only be what we signed before a restart); for requests, by a
+    client, within what that client may ask for (`PbftConfig.authorize`)."""
     if isinstance(message, Tick | SuspectPrimary) or message.epoch != state.config.epoch:
         return False
     if isinstance(message, Request):  # a request this replica vetoes is not taken up
         return admissible(state, message) and vetoed(state, message) is None
     keys = state.config.keys
-    if not 0 <= message.sender < len(keys) or message.sender == state.me:
+    if not 0 <= message.sender < len(keys):
+        return False
+    if message.sender == state.me and not isinstance(message, OWN_RELAYED):
         return False
     return verify_message(message, keys[message.sender])
 
@@ -216,7 +228,11 @@ def _relay_decided(state: ReplicaState, status: Status, out: list[Send]) -> None
     certificate (pre-prepare and 2f+1 commits) of each slot we executed.
     """
     peer = status.sender
-    if state.base <= status.last_executed < state.low:  # below `base`: pruned, cannot
+    if status.last_executed < state.base:
+        # pruned past it (a replica restarted after more than `history` entries): nothing
+        # we hold lets it execute, so relaying the log to it would only flood it
+        return
+    if status.last_executed < state.low:
         out.append(Send(peer, state_transfer(state, status.last_executed)))
     if status.stable_seq < state.low:
         out.extend(Send(peer, vote) for vote in state.stable_proof)

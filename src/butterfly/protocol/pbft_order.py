@@ -144,6 +144,8 @@ def on_pre_prepare(state: ReplicaState, pp: PrePrepare, now: float, out: list[Se
     evidence.check_header(state, pp, out)
     if pp.sender != primary(pp.view, state.config.n) or not known_view(state, pp.view):
         return
+    if pp.sender == state.me:  # ours from before a restart: never assign that seq again
+        state.next_seq = max(state.next_seq, pp.seq + 1)
     if not in_window(state, pp.seq) or not valid_body(state, pp):
         return
     slot = state.log.setdefault(pp.seq, Slot())

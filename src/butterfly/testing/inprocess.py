@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +91,11 @@ class BeatHub:
 
 
 class _FixedProbe:
+    def __init__(self, facts: NodeFacts) -> None:
+        self._facts = facts
+
     async def facts(self) -> NodeFacts:
-        return FACTS
+        return self._facts
 
 
 class _SharedSpans(SpanExporter):
@@ -115,8 +118,14 @@ class _SharedSpans(SpanExporter):
 class MemoryEdges:
     """One node's edges onto the shared in-memory network and heartbeat hub."""
 
-    def __init__(self, net: MemoryNetwork, hub: BeatHub, spans: SpanExporter | None = None) -> None:
-        self._net, self._hub, self._spans = net, hub, spans
+    def __init__(
+        self,
+        net: MemoryNetwork,
+        hub: BeatHub,
+        spans: SpanExporter | None = None,
+        facts: NodeFacts = FACTS,
+    ) -> None:
+        self._net, self._hub, self._spans, self._facts = net, hub, spans, facts
 
     def clock(self) -> float:
         return self._hub.clock()
@@ -130,7 +139,7 @@ class MemoryEdges:
     def probe(
         self, node: NodeId, peers: Sequence[NodeId], transport: Transport, torch: TorchThread
     ) -> Probe:
-        return _FixedProbe()
+        return _FixedProbe(self._facts)
 
     def spans(self) -> SpanExporter | None:
         return _SharedSpans(self._spans) if self._spans is not None else None
@@ -152,10 +161,15 @@ class InProcessCluster:
         stage_servers: dict[int, type[StageServer]] | None = None,
         agreements: dict[int, type[AgreementDriver]] | None = None,
         spans: SpanExporter | None = None,
+        absent: Collection[int] = (),
+        facts: dict[int, NodeFacts] | None = None,
     ) -> None:
         """`stage_servers` and `agreements`: the faulty parts (`butterfly.testing.liars`,
         `butterfly.testing.liar_votes`) some nodes are composed with. `spans`: where every
-        node's trace spans go (an in-memory exporter), with observability.tracing on."""
+        node's trace spans go (an in-memory exporter), with observability.tracing on.
+        `absent`: nodes not started with the others (as a process that was never
+        launched), until `start`. `facts`: what some nodes report measuring instead of
+        `FACTS`."""
         self.clock = FakeClock()
         self.hub = BeatHub(self.clock)
         paths = node_configs(
@@ -170,16 +184,19 @@ class InProcessCluster:
         self._model, self._paths = model, paths
         self._stage_servers, self._agreements = stage_servers or {}, agreements or {}
         self._spans = spans
+        self._facts = facts or {}
         self.nodes: list[Node] = [self._build(i) for i in range(len(paths))]
         self._stops = [asyncio.Event() for _ in self.nodes]
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._absent = set(absent)
+        self.net.down.update(NodeId(i) for i in self._absent)  # a connection is refused
 
     def _build(self, i: int) -> Node:
         """Node `i` as a fresh process builds it, from its config file and data directory."""
         return build_node(
             load_config([self._paths[i]], env={}),
             self._model,
-            edges=MemoryEdges(self.net, self.hub, self._spans),
+            edges=MemoryEdges(self.net, self.hub, self._spans, self._facts.get(i, FACTS)),
             torch_thread=TorchThread(1, name=f"torch-{i}"),
             stage_server_type=self._stage_servers.get(i, StageServer),
             agreement_type=self._agreements.get(i, AgreementDriver),
@@ -190,18 +207,30 @@ class InProcessCluster:
         return self.nodes[0]
 
     async def __aenter__(self) -> InProcessCluster:
-        for node, stop in zip(self.nodes, self._stops, strict=True):
-            self._tasks.append(asyncio.create_task(node.serve(stop)))
+        for i, (node, stop) in enumerate(zip(self.nodes, self._stops, strict=True)):
+            if i not in self._absent:
+                self._tasks[i] = asyncio.create_task(node.serve(stop))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         for stop in self._stops:
             stop.set()
-        done = await asyncio.wait(self._tasks, timeout=5.0)
+        tasks = list(self._tasks.values())
+        done = await asyncio.wait(tasks, timeout=5.0)
         for task in done[1]:
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for i in self._absent:  # built, never served: their files are still open
+            self.nodes[i].stage_server.close()
+            self.nodes[i].config.history.close()
+
+    def start(self, node: int) -> Node:
+        """Start a node that was `absent` so far, as a late process launch."""
+        self._absent.discard(node)
+        self.net.down.discard(NodeId(node))
+        self._tasks[node] = asyncio.create_task(self.nodes[node].serve(self._stops[node]))
+        return self.nodes[node]
 
     async def restart(self, node: int) -> Node:
         """Stop `node` as a SIGTERM would (it drains and closes its files), then start a
@@ -210,6 +239,7 @@ class InProcessCluster:
         self._stops[node].set()
         await asyncio.wait_for(self._tasks[node], 10.0)
         self.nodes[node] = self._build(node)
+        self.revive(node)  # a new process: reachable whatever happened to the old one
         self._stops[node] = asyncio.Event()
         self._tasks[node] = asyncio.create_task(self.nodes[node].serve(self._stops[node]))
         return self.nodes[node]
@@ -220,8 +250,8 @@ class InProcessCluster:
         self.net.down.add(NodeId(node))
 
     def revive(self, node: int) -> None:
-        """Connect a node cut off by `kill` again: it beats, sends and receives as before
-        (a network partition that heals, or a frozen process that resumes)."""
+        """Undo `kill`: the node, which kept running on its own (a frozen process that
+        thawed, a partition healed), beats, sends and receives as before."""
         self.hub.silent.discard(NodeId(node))
         self.net.down.discard(NodeId(node))
 

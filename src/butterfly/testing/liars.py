@@ -204,12 +204,23 @@ class SilentStageServer(StageServer):
         raise AssertionError("unreachable")
 
 
+class WithholdingStageServer(StageServer):
+    """Takes its first plan up, then never acknowledges (nor refuses) another: a member
+    that withholds its ack, or one whose plan change hangs; it keeps heartbeating."""
+
+    async def apply_plan(self, msg: PlanAssign) -> PlanAck:
+        if self.plan is not None:
+            await asyncio.Event().wait()
+        return await super().apply_plan(msg)
+
+
 BEHAVIOURS: dict[str, type[StageServer]] = {
     "honest": StageServer,
     "corrupt": CorruptStageServer,
     "wrong-layer": WrongLayerStageServer,
     "slow": SlowStageServer,
     "silent": SilentStageServer,
+    "withhold-ack": WithholdingStageServer,
     "sign-honest-send-corrupt": SignHonestSendCorruptStageServer,
     "omit-records": OmitRecordsStageServer,
     "intermittent": IntermittentStageServer,

@@ -11,8 +11,10 @@ standbys of its stages), re-queues the unfinished tasks its store holds and serv
 each resuming from its checkpoint. A gateway that learns from the agreed log that
 another one acts stops serving and stands by.
 
-At start the first gateway asks every node for its measured facts and decides and
-distributes the first plan without the nodes its store remembers as evicted.
+At start the first gateway asks the nodes that are up (any n - f, after a short wait for
+the rest) for their measured facts and decides and distributes the first plan over them
+without the nodes its store remembers as evicted (`control.recovery`; the others join
+once they are up).
 """
 
 from __future__ import annotations
@@ -37,9 +39,9 @@ from butterfly.config import ConfigManager
 from butterfly.config.gateways import api_port, gateway_urls
 from butterfly.control.gateway_role import GatewayRole
 from butterfly.control.live_config import agreement_wait_s
-from butterfly.control.planner import gather_status
 from butterfly.control.plans import Propose
 from butterfly.control.recovery import Recovery
+from butterfly.control.rollout import START_GRACE_BEATS, gather_status
 from butterfly.control.status import NodeReport
 from butterfly.dataplane.engine import PipelineEngine
 from butterfly.metrics.prometheus import Metrics
@@ -56,7 +58,7 @@ from butterfly.wiring.supervise import supervised
 
 log = logging.getLogger(__name__)
 FACTS_TIMEOUT_S = 120.0
-"""How long the gateway waits for every node to come up and report its facts."""
+"""How long the gateway waits for n - f nodes to come up and report their facts."""
 TAKEOVER_FACTS_TIMEOUT_S = 30.0
 """How long a gateway taking over waits for the live nodes' facts."""
 SHUTDOWN_GRACE_S = 3.0
@@ -178,9 +180,17 @@ class Gateway:
     # --- acting -------------------------------------------------------------------------
 
     async def _first_plan(self, store: TaskStore) -> bool:
+        """From the facts of the members up: any n - f of them, after a short wait for
+        the rest (`rollout.START_GRACE_BEATS`); the others join once they are up."""
+        cfg = self.config.current
         peers = [n for n in self.members if n != self.node]
         facts = await gather_status(
-            self.transport, peers, timeout_s=FACTS_TIMEOUT_S, local=(self.node, self.report.status)
+            self.transport,
+            peers,
+            timeout_s=FACTS_TIMEOUT_S,
+            local=(self.node, self.report.status),
+            need=len(self.members) - cfg.byzantine.f,
+            grace_s=START_GRACE_BEATS * cfg.coordination.heartbeat_interval_ms / 1000,
         )
         await self.recovery.start(facts, store)
         if await self.replicas.pull():  # tasks a gateway accepted while this one was down

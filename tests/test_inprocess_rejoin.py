@@ -1,0 +1,273 @@
+"""Membership that heals, in whole nodes in one process (butterfly.testing.inprocess).
+
+n = 4, f = 1: chain 0 -> 1, standbys 2 and 3. A node that leaves the plan (killed: cut
+off; or never started) is taken back once its heartbeats have been steady for its hold:
+the gateway agrees a plan that gives it a range again, and audits run again over every
+range. An evicted liar that comes back is never taken back. tests/test_recovery.py keeps
+the same covered with real processes (kill -9, then a restart from the config).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from butterfly.control.facts import NodeFacts
+from butterfly.runtime.generate import generate
+from butterfly.runtime.loader import load_stage
+from butterfly.runtime.tokenizer import TextCodec
+from butterfly.testing.inprocess import InProcessCluster
+from butterfly.testing.liars import WithholdingStageServer
+from butterfly.types.ids import NodeId, RequestId
+from butterfly.types.plan import StagePlan
+from butterfly.types.tasks import InferenceTask
+
+pytestmark = pytest.mark.timeout(90)
+SETTINGS = {"coordination.heartbeat_interval_ms": 10}
+PROMPT = "Once upon a time"
+NEW = 12
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_model: Path) -> list[int]:
+    codec = TextCodec.load(tiny_model)
+    stage = load_stage(tiny_model)
+    return list(generate([stage], codec.encode(PROMPT), NEW, stop_ids=codec.eos_ids))
+
+
+def task(model: Path, name: str) -> InferenceTask:
+    ids = tuple(TextCodec.load(model).encode(PROMPT))
+    return InferenceTask(RequestId(name), input_ids=ids, max_new_tokens=NEW)
+
+
+def holders(plan: StagePlan | None) -> set[NodeId]:
+    return set() if plan is None else {*plan.nodes, *(n for n, _ in plan.replicas)}
+
+
+def every_range_checked(plan: StagePlan | None) -> bool:
+    """Every range of the chain on two holders: what an audit with f = 1 needs."""
+    return plan is not None and all(len(plan.holders(r)) >= 2 for _, r in plan.stages)
+
+
+async def run(c: InProcessCluster, t: InferenceTask) -> tuple[list[int], str]:
+    running = asyncio.create_task(c.gateway.engine.run(t, lambda token: None))
+    await c.until(running.done, f"{t.task_id} to finish", beats=3000)
+    result = running.result()
+    return list(result.output_ids), result.verified
+
+
+async def test_a_killed_node_that_comes_back_is_given_a_range_and_audits_resume(
+    tiny_model: Path, tmp_path: Path, expected: list[int]
+) -> None:
+    async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS) as c:
+        gw = c.gateway
+        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        first = gw.stage_server.plan
+        assert first is not None and first.nodes == (0, 1)
+        tokens: list[int] = []
+
+        def on_token(token: int) -> None:
+            tokens.append(token)
+            if len(tokens) == 5:
+                c.kill(1)  # mid-request: its cache of the request stays behind
+
+        running = asyncio.create_task(gw.engine.run(task(tiny_model, "killed-in"), on_token))
+        await c.until(running.done, "the request to finish")
+        assert list(running.result().output_ids) == expected
+        assert running.result().verified == "none"  # node 1's range has one holder left
+        promoted = gw.stage_server.plan
+        assert promoted is not None and promoted.nodes == (0, 3)
+        assert not every_range_checked(promoted)
+        node1 = c.nodes[1]
+        assert RequestId("killed-in") in node1.stage_server.caches  # stale: moved on
+
+        c.revive(1)  # it kept running, cut off: it thawed with its old stage and caches
+        await c.until(lambda: 1 in holders(gw.stage_server.plan), "node 1 back in a plan")
+        back = gw.stage_server.plan
+        assert back is not None and back.epoch > promoted.epoch
+        assert back.nodes == promoted.nodes  # it joined as a standby: nothing else moved
+        assert every_range_checked(back)
+        await c.until(lambda: node1.stage_server.plan == back, "node 1 took the plan up")
+        assert node1.plans.latest == back  # it caught up on the agreed log
+        assert node1.stage_server.caches == {}  # the request moved on without it
+        assert NodeId(1) not in gw.recovery.out and NodeId(1) not in gw.recovery.failed
+        assert await run(c, task(tiny_model, "after")) == (expected, "audit")
+
+
+@pytest.mark.parametrize("victim", [3, 1])
+async def test_a_restarted_node_catches_up_and_is_given_a_range(
+    tiny_model: Path, tmp_path: Path, expected: list[int], victim: int
+) -> None:
+    """Killed, then started again from its config and data directory: a new node with
+    no plan and no caches, which replays the agreed log from its peers. Node 3 is a
+    standby; node 1 a chain node and the agreement's first primary, whose pre-prepares
+    only it signed: its peers relay them back to it (`pbft.OWN_RELAYED`), or it would
+    never execute the log, refuse every plan, and draw ever more relays."""
+    async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS) as c:
+        gw = c.gateway
+        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        c.kill(victim)
+        await c.until(lambda: victim not in holders(gw.stage_server.plan), "victim out")
+        again = await c.restart(victim)
+        assert again.stage_server.plan is None and again.plans.latest is None
+        await c.until(lambda: victim in holders(gw.stage_server.plan), "victim back in a plan")
+        back = gw.stage_server.plan
+        await c.until(lambda: again.stage_server.plan == back, "the victim took the plan up")
+        assert again.plans.latest == back
+        assert again.agreement.driver.last_executed == gw.agreement.driver.last_executed
+        assert every_range_checked(back)
+        assert await run(c, task(tiny_model, "after-restart")) == (expected, "audit")
+
+
+async def test_an_evicted_node_that_comes_back_stays_out(tiny_model: Path, tmp_path: Path) -> None:
+    async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS) as c:
+        gw = c.gateway
+        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        c.kill(2)
+        await gw.recovery.evict_liars((NodeId(2),), "signed a wrong result")
+        await c.until(lambda: 2 not in holders(gw.stage_server.plan), "node 2 out of the plan")
+        c.revive(2)
+        out_since = gw.stage_server.plan
+        # well past its hold (5 beats of 10 ms) with steady heartbeats
+        for _ in range(50):
+            c.hub.tick(0.1)
+            await asyncio.sleep(0.005)
+        assert gw.membership.status(NodeId(2)) == "healthy"
+        assert gw.stage_server.plan == out_since
+        assert 2 not in holders(gw.stage_server.plan)
+
+
+async def test_the_cluster_starts_with_a_member_down_and_takes_it_in_when_it_starts(
+    tiny_model: Path, tmp_path: Path, expected: list[int]
+) -> None:
+    """n - f = 3 of 4 nodes up: the first plan goes over them after a short wait for
+    node 3 (100 heartbeat intervals, 1 s here), and the cluster serves; when node 3
+    starts, a plan of two stages with a standby each takes it in."""
+    async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS, absent={3}) as c:
+        gw = c.gateway
+        await c.until(lambda: gw.stage_server.plan is not None, "the first plan", beats=2000)
+        first = gw.stage_server.plan
+        assert first is not None and 3 not in holders(first)
+        assert NodeId(3) in gw.recovery.out
+        tokens, _ = await run(c, task(tiny_model, "three-up"))
+        assert tokens == expected
+
+        c.start(3)
+        await c.until(lambda: 3 in holders(gw.stage_server.plan), "node 3 in a plan")
+        plan = gw.stage_server.plan
+        assert plan is not None and len(plan.nodes) == 2 and every_range_checked(plan)
+        await c.until(
+            lambda: all(c.nodes[n].stage_server.plan == plan for n in holders(plan)),
+            "every holder took the plan up",
+        )
+        assert await run(c, task(tiny_model, "four-up")) == (expected, "audit")
+
+
+async def test_a_member_withholding_its_ack_does_not_hold_up_recovery(
+    tiny_model: Path, tmp_path: Path, expected: list[int], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Node 2 (the standby of node 0's range) takes the first plan up, then acks no plan
+    while heartbeating. When chain node 1 dies, the promotion keeps node 2's layers, so
+    its ack is owed at once; it is out of that plan after 100 heartbeat intervals and the
+    next plan goes without it, instead of waiting the 300 s a loading node may take. It
+    comes back after its hold and is out again each time (with a doubling hold)."""
+    async with InProcessCluster(
+        tiny_model,
+        4,
+        tmp_path,
+        f=1,
+        settings=SETTINGS,
+        stage_servers={2: WithholdingStageServer},
+    ) as c:
+        gw = c.gateway
+        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        c.kill(1)
+
+        def withheld() -> bool:
+            return "nodes [2] did not take up epoch" in caplog.text
+
+        await c.until(withheld, "node 2 out for withholding its ack", beats=2000)
+        assert gw.membership.status(NodeId(2)) == "healthy"  # out for withholding alone
+        tokens, _ = await run(c, task(tiny_model, "past-a-withholder"))
+        assert tokens == expected
+        plan = gw.stage_server.plan
+        assert plan is not None and 1 not in holders(plan)
+
+
+async def test_a_gateway_left_out_of_the_plan_still_holds_it_and_serves(
+    tiny_model: Path, tmp_path: Path, expected: list[int]
+) -> None:
+    """Node 0 reports too little memory for any layer, so placement leaves it out; it
+    must still hold the plan it routes by (it once never applied one, and every request
+    got 503)."""
+    tiny_memory = NodeFacts(flops_per_s=1e11, memory_bytes=1)
+    async with InProcessCluster(
+        tiny_model, 2, tmp_path, f=0, settings=SETTINGS, facts={0: tiny_memory}
+    ) as c:
+        gw = c.gateway
+        await c.until(lambda: gw.stage_server.plan is not None, "the gateway holds a plan")
+        plan = gw.stage_server.plan
+        assert plan is not None and plan.nodes == (1,) and gw.stage_server.stage is None
+        tokens, _ = await run(c, task(tiny_model, "gateway-without-a-stage"))
+        assert tokens == expected
+
+
+async def test_a_re_plan_waiting_on_a_node_that_dies_starts_over_at_once(
+    tiny_model: Path, tmp_path: Path, expected: list[int]
+) -> None:
+    """n = 3, f = 0: chain 0 -> 1 -> 2. Node 1 dies; the next plan moves layers to node 2,
+    which never acks it (a load that hangs; loading may take 300 s, so it is waited for).
+    Node 2 then dies too: the wait ends at once and a plan of node 0 alone serves."""
+    async with InProcessCluster(
+        tiny_model,
+        3,
+        tmp_path,
+        f=0,
+        settings={**SETTINGS, "partition.strategy": "uniform"},
+        stage_servers={2: WithholdingStageServer},
+    ) as c:
+        gw = c.gateway
+        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        first = gw.stage_server.plan
+        assert first is not None and first.nodes == (0, 1, 2)
+        c.kill(1)
+
+        def loading() -> bool:  # the plan without node 1 is in force here, node 2 loads
+            plan = gw.stage_server.plan
+            return plan is not None and plan.nodes == (0, 2)
+
+        await c.until(loading, "a plan of nodes 0 and 2")
+        assert c.nodes[2].stage_server.plan == first  # it never took the new one up
+        c.kill(2)
+        await c.until(lambda: holders(gw.stage_server.plan) == {0}, "node 0 alone")
+        tokens, _ = await run(c, task(tiny_model, "after-two-deaths"))
+        assert tokens == expected
+
+
+async def test_a_strategy_change_is_a_new_epoch_even_when_the_ranges_stay(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """A plan a returning node would not change is skipped (`only_if_changed`); one asked
+    for by a changed strategy never is: every node then holds a plan of the new
+    strategy, agreed for a new epoch (tests/test_config_cluster.py waits for it)."""
+    async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS) as c:
+        gw = c.gateway
+        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        first = gw.stage_server.plan
+        assert first is not None
+        for strategy in ("uniform", "load_balanced"):
+            before = gw.stage_server.plan
+            assert before is not None
+            at = before.epoch
+            gw.recovery.request_replan(f"partition.strategy is now {strategy}", strategy=strategy)
+            await c.until(
+                lambda at=at: (p := gw.stage_server.plan) is not None and p.epoch > at,
+                f"a plan by {strategy}",
+            )
+            placement = gw.recovery.placement
+            assert placement is not None and str(placement.plan.strategy) == strategy
+        last = gw.stage_server.plan
+        assert last is not None and last.epoch == first.epoch + 2
+        assert (last.stages, last.replicas) == (first.stages, first.replicas)  # ranges stayed
