@@ -85,10 +85,10 @@ def test_a_request_whose_reply_was_pruned_is_never_ordered_again() -> None:
 
 
 def test_a_replica_behind_what_its_peers_pruned_is_not_flooded() -> None:
-    """Replica 3 missed everything and its peers pruned past where it stands: nothing they
-    hold lets it execute, so they relay it nothing (it once drew the whole window's
-    pre-prepares and commits on every status). It stays behind: a known limit, without
-    a state snapshot (README)."""
+    """Replica 3 missed everything and its peers pruned past where it stands: no log they
+    hold lets it execute, so they relay it none (it once drew the whole window's
+    pre-prepares and commits on every status). With no executed state recorded by their
+    drivers to offer instead (tests/test_pbft_snapshot.py), it stays behind."""
     cut = {"on": True}
     net = Net(replicas(history=HISTORY), drop=lambda src, dst, m: cut["on"] and 3 in (src, dst))
     for t in range(1, 16):

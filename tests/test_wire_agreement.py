@@ -25,6 +25,7 @@ from butterfly.types.wire.agreement import (
     PreparedCertificate,
     PrePrepare,
     Request,
+    StateSnapshot,
     StateTransfer,
     ViewChange,
     decode,
@@ -66,6 +67,7 @@ def samples() -> list[object]:
         vc,
         sign_message(NewView(NodeId(2), Epoch(2), 2, (vc,), (pp,)), KEYS[2]),
         sign_message(StateTransfer(NodeId(3), Epoch(2), 8, D, (vote,), (pp,)), KEYS[3]),
+        sign_message(StateSnapshot(NodeId(2), Epoch(2), 8, D, (vote,), b"executed"), KEYS[2]),
         sign_message(Evidence(NodeId(3), Epoch(2), NodeId(0), pp.header(), pp.header()), KEYS[3]),
         sign_message(Heartbeat(NodeId(1), Epoch(2), seq=5), KEYS[1]),
     ]
@@ -83,7 +85,7 @@ def test_round_trip_and_signature(message: object) -> None:
 
 
 def test_every_kind_is_registered_once() -> None:
-    assert len(KINDS) == 13 and all(cls.kind == kind for kind, cls in KINDS.items())
+    assert len(KINDS) == 14 and all(cls.kind == kind for kind, cls in KINDS.items())
 
 
 def _raw(message: object) -> dict[str, object]:

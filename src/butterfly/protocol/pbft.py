@@ -9,12 +9,14 @@ certificate or a new view).
 
 Retransmission is pull-based: while work is outstanding each replica broadcasts a signed
 `Status`, and whoever sees it behind relays the signed messages it lacks (pre-prepares,
-votes, the new-view, a certified state transfer). Relaying is safe because every message
+votes, the new-view, a certified state transfer, or past a pruned log the executed
+state: `pbft_snapshot`). Relaying is safe because every message
 carries its author's signature; the same status also lets replicas compare log digests,
 which is how forks are reported when more than f replicas lie.
 
 Modules: `pbft_state` (config, state), `pbft_order` (normal case, checkpoints),
-`pbft_viewchange` (view change, new view, state transfer), `evidence` (equivocation).
+`pbft_viewchange` (view change, new view, state transfer), `pbft_snapshot` (executed
+state for a replica behind a pruned log), `evidence` (equivocation).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from butterfly.protocol.pbft_order import (
     prune,
     vetoed,
 )
+from butterfly.protocol.pbft_snapshot import offer, on_snapshot
 from butterfly.protocol.pbft_state import (
     PbftConfig,
     ReplicaState,
@@ -63,6 +66,7 @@ from butterfly.types.wire.agreement import (
     Prepare,
     PrePrepare,
     Request,
+    StateSnapshot,
     StateTransfer,
     Status,
     ViewChange,
@@ -80,6 +84,7 @@ Input = (
     | NewView
     | Status
     | StateTransfer
+    | StateSnapshot
     | Evidence
 )
 """What a replica consumes: PBFT's messages plus the passage of time."""
@@ -156,6 +161,8 @@ def step(state: ReplicaState, message: Input, now: float) -> tuple[ReplicaState,
             _on_status(state, message, now, out)
         case StateTransfer():
             on_state_transfer(state, message, now, out)
+        case StateSnapshot():
+            on_snapshot(state, message, now, out)
         case Evidence():
             evidence.accept_evidence(state, message)
         case _:
@@ -229,8 +236,12 @@ def _relay_decided(state: ReplicaState, status: Status, out: list[Send]) -> None
     """
     peer = status.sender
     if status.last_executed < state.base:
-        # pruned past it (a replica restarted after more than `history` entries): nothing
-        # we hold lets it execute, so relaying the log to it would only flood it
+        # pruned past it (a replica restarted after more than `history` entries): no log
+        # we hold lets it execute, so it gets our executed state instead (f+1 alike make
+        # it install it: `pbft_snapshot`), never the log, which would only flood it
+        snapshot = offer(state)
+        if snapshot is not None:
+            out.append(Send(peer, snapshot))
         return
     if status.last_executed < state.low:
         out.append(Send(peer, state_transfer(state, status.last_executed)))

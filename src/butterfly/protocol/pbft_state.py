@@ -28,6 +28,7 @@ from butterfly.types.wire.agreement import (
     PrePrepare,
     Reply,
     Request,
+    StateSnapshot,
     Status,
     ViewChange,
 )
@@ -171,6 +172,12 @@ class ReplicaState:
     evidence: list[Evidence] = field(default_factory=list)
     evidence_keys: set[tuple[object, ...]] = field(default_factory=set)
     alarms: list[Divergence] = field(default_factory=list)
+    # the driver's executed state at checkpoints (`pbft_snapshot.record`), what peers
+    # offered a replica behind their pruned log, and what it installed from them (the
+    # driver takes it: `installed` is then None again)
+    snapshots: dict[int, bytes] = field(default_factory=dict)
+    snapshot_offers: dict[NodeId, StateSnapshot] = field(default_factory=dict)
+    installed: tuple[int, bytes] | None = None
 
     @property
     def me(self) -> NodeId:

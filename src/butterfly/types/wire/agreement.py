@@ -22,6 +22,8 @@ type, unknown kind or oversized message is `InvalidMessage`.
     new_view        new primary        replicas enter the view
     status          replicas           peers retransmit what the sender is missing
     state_transfer  replicas           a lagging replica installs a certified log prefix
+    state_snapshot  replicas           a replica behind its peers' pruned log installs
+                                       the executed state f+1 of them sent alike
     evidence        any replica        two conflicting messages signed by one node
     proof           stage nodes        the signed record of one stage step
 """
@@ -29,13 +31,13 @@ type, unknown kind or oversized message is `InvalidMessage`.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 from butterfly.types.errors import InvalidMessage
 from butterfly.types.hashing import NULL_DIGEST, sha256
 from butterfly.types.ids import Epoch, NodeId, RequestId, StageIndex
 from butterfly.types.wire.base import PROTOCOL_VERSION, Blob, Digest, Signature
-from butterfly.types.wire.checks import MAX_MESSAGE_BYTES
+from butterfly.types.wire.checks import MAX_MESSAGE_BYTES, Size
 from butterfly.types.wire.codec import Codec
 from butterfly.types.wire.control import Heartbeat
 
@@ -206,6 +208,30 @@ class StateTransfer:
     signature: Signature = b""
 
 
+SnapshotState = Annotated[bytes, Size(0, 1 << 19)]
+"""A driver's executed state, opaque to PBFT; half a frame, so one snapshot always fits."""
+
+
+@dataclass(frozen=True, slots=True)
+class StateSnapshot:
+    """The sender's executed state after the stable checkpoint `seq` (`state`: what its
+    driver made of every command up to there), with the log digest there and its proof.
+    A replica whose peers pruned their log past it cannot replay the log; it installs
+    the state once f+1 distinct replicas sent the same one at the same `seq` and
+    `digest` (one of them is honest) and the proof certifies the digest.
+    """
+
+    kind: ClassVar[str] = "state_snapshot"
+    sender: NodeId
+    epoch: Epoch
+    seq: int
+    digest: Digest
+    proof: tuple[CheckpointVote, ...]
+    state: SnapshotState
+    version: int = PROTOCOL_VERSION
+    signature: Signature = b""
+
+
 Conflicting = PrePrepare | Prepare | Commit | CheckpointVote
 
 
@@ -294,6 +320,7 @@ Message = (
     | NewView
     | Status
     | StateTransfer
+    | StateSnapshot
     | Evidence
     | Proof
 )
@@ -310,6 +337,7 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     NewView,
     Status,
     StateTransfer,
+    StateSnapshot,
     Evidence,
     Proof,
 )
