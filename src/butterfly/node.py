@@ -23,6 +23,7 @@ from butterfly.agreement.driver import AgreementDriver
 from butterfly.config import ButterflyConfig, ConfigManager
 from butterfly.config.gateways import gateway_nodes
 from butterfly.config.reload import Subscriber
+from butterfly.control.agreed_state import AgreedState
 from butterfly.control.gateway_role import GatewayRole
 from butterfly.control.heartbeats import BeatSource
 from butterfly.control.live_config import agreement_wait_s, follow_agreement_config, follow_config
@@ -198,6 +199,8 @@ def build_node(
         veto=role.veto,
         driver_type=agreement_type,
     )
+    executed = AgreedState(plans=plans, role=role, config=agreement.replica)
+    agreement.driver.keep_state(executed.snapshot, executed.restore)  # pbft_snapshot
     recovery = Recovery(
         node=me,
         members=sorted(members),

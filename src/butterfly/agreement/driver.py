@@ -50,11 +50,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeGuard
 
+import msgpack
+
 from butterfly.agreement.authority import UnauthorizedCommand
 from butterfly.metrics.events import ConsensusRound, Emit, MessageDropped, PhaseTransition, discard
 from butterfly.net.framing import Envelope
 from butterfly.net.transport import Transport
-from butterfly.protocol import pbft
+from butterfly.protocol import pbft, pbft_snapshot
 from butterfly.protocol.pbft_order import refusal, vetoed
 from butterfly.protocol.pbft_state import PbftConfig, ReplicaState, Send
 from butterfly.protocol.sign import SigningKey, sign_message
@@ -74,6 +76,8 @@ from butterfly.types.wire.control import AgreementFrame
 log = logging.getLogger(__name__)
 
 OnCommit = Callable[[int, bytes], Awaitable[None]]
+Snapshot = Callable[[], bytes]
+Restore = Callable[[bytes], Awaitable[None]]
 OnEvidence = Callable[[Evidence], Awaitable[None]]
 INPUTS: tuple[type, ...] = typing.get_args(pbft.Input)
 """Message classes a replica consumes; anything else in a frame is dropped."""
@@ -120,12 +124,18 @@ class AgreementDriver:
         self.me = config.replica
         self.peers = tuple(NodeId(i) for i in range(config.n) if i != self.me)
         self._outbox = {p: asyncio.Queue[bytes](limits.queue_per_peer) for p in self.peers}
-        self._commits: asyncio.Queue[tuple[int, Request]] = asyncio.Queue()
+        # executed requests in order, or (seq, bytes): a state snapshot installed at seq
+        self._commits: asyncio.Queue[tuple[int, Request | bytes]] = asyncio.Queue()
         self._wake = asyncio.Event()
         self._sleeping_until: float | None = None  # the deadline the ticker waits for
         self._delivered = 0  # highest sequence number handed to the commit queue
         self.applied = 0  # highest sequence number `on_commit` has finished
-        self._ran: set[tuple[NodeId, int]] = set()  # (client, timestamp) of executed requests
+        # (client, timestamp) of executed requests -> the sequence number they ran at
+        self._ran: dict[tuple[NodeId, int], int] = {}
+        self._snapshot: Snapshot | None = None  # the node's executed state, as bytes
+        self._restore: Restore | None = None
+        self._captured = 0  # the last checkpoint whose state was recorded
+        self._queued = 0  # the last sequence number handed to the executor
         self._waiters: dict[tuple[NodeId, int], asyncio.Future[int]] = {}
         self._last_ts = 0
         self._in_view_change = False
@@ -173,6 +183,12 @@ class AgreementDriver:
         if state.vc_deadline is not None:
             state.vc_deadline = min(state.vc_deadline, now + view_change_timeout)
         self._wake.set()  # the ticker may sleep towards a deadline that moved closer
+
+    def keep_state(self, snapshot: Snapshot, restore: Restore) -> None:
+        """What `on_commit` built, as bytes (`control.agreed_state`): recorded at every
+        checkpoint, offered to a peer behind our pruned log, and adopted from f+1 peers
+        when this node is behind theirs (`protocol.pbft_snapshot`)."""
+        self._snapshot, self._restore = snapshot, restore
 
     # --- input ------------------------------------------------------------------------
 
@@ -243,6 +259,13 @@ class AgreementDriver:
         while self._evidence_seen < len(state.evidence):
             self._evidence.put_nowait(state.evidence[self._evidence_seen])
             self._evidence_seen += 1
+        if state.installed is not None:  # f+1 peers vouched for their state: ours now
+            seq, payload = state.installed
+            state.installed = None
+            while not self._commits.empty():  # all at or below `seq`: superseded
+                self._commits.get_nowait()
+            self._delivered = self._queued = seq
+            self._commits.put_nowait((seq, payload))
         while self._delivered < state.last_executed:
             self._delivered += 1
             entry = pbft.entry_at(state, self._delivered)
@@ -253,9 +276,35 @@ class AgreementDriver:
             key = (request.sender, request.timestamp)
             if key in self._ran:
                 continue
-            self._ran.add(key)
+            self._ran[key] = self._delivered
+            self._queued = self._delivered
             self._commits.put_nowait((self._delivered, request))
+        if self._commits.empty() and self.applied >= self._queued:
+            self._capture(self._delivered)  # every command up to here is applied
         pbft.prune(state, self._delivered)  # what every replica has past its checkpoint
+
+    def _capture(self, upto: int) -> None:
+        """Record our executed state at the last checkpoint at or below `upto`; the caller
+        knows every command up to `upto`, and none after it, is applied."""
+        state, interval = self._state, self._state.config.checkpoint_interval
+        at = upto - upto % interval
+        if self._snapshot is None or at <= self._captured or at < state.low:
+            return
+        self._captured = at
+        recent = at - state.config.history  # older duplicates: refused by PBFT itself
+        ran = sorted([int(c), t, s] for (c, t), s in self._ran.items() if recent < s <= at)
+        payload = msgpack.packb([ran, self._snapshot()])
+        pbft_snapshot.record(state, at, payload)
+
+    async def _adopt(self, seq: int, payload: bytes) -> None:
+        """Take the state f+1 peers vouched for as what executing up to `seq` left here."""
+        ran, executed = msgpack.unpackb(payload)
+        self._ran = {(NodeId(c), t): s for c, t, s in ran}
+        if self._restore is not None:
+            await self._restore(executed)
+        self._captured = seq
+        pbft_snapshot.record(self._state, seq, payload)  # we can vouch for it in turn
+        log.warning("node %s caught up from a state snapshot at agreed seq %d", self.me, seq)
 
     # --- proposing --------------------------------------------------------------------
 
@@ -330,6 +379,14 @@ class AgreementDriver:
     async def _executor(self) -> None:
         while True:
             seq, request = await self._commits.get()
+            if isinstance(request, bytes):
+                try:
+                    await self._adopt(seq, request)
+                except Exception:  # a state f+1 vouched for, not ours to judge: logged
+                    log.exception("adopting the state snapshot at seq %d failed", seq)
+                self.applied = seq
+                continue
+            self._capture(seq - 1)  # every command before this one is applied
             key = (request.sender, request.timestamp)
             refused = refusal(self._state, request)
             if refused is not None:  # only more than f liars get one here: skip it alike
@@ -346,6 +403,8 @@ class AgreementDriver:
             waiter = self._waiters.get(key)
             if waiter is not None and not waiter.done():
                 waiter.set_result(seq)
+            if self._commits.empty():
+                self._capture(self._delivered)  # idle: every command delivered is applied
 
     async def _reporter(self) -> None:
         """Hands each piece of equivocation evidence to `on_evidence`, once, in order."""

@@ -274,6 +274,15 @@ class CoordinationConfig(Section):
     pbft_window: int = option(
         256, "Water-mark window; above pbft_checkpoint_interval.", SC, CLUSTER, ge=2, le=10_000_000
     )
+    pbft_history: int = option(
+        1024,
+        "Agreed entries kept below the stable checkpoint for peers that lag; "
+        "one further behind catches up from a state snapshot.",
+        SC,
+        CLUSTER,
+        ge=0,
+        le=10_000_000,
+    )
 
 
 class PartitionConfig(Section):

@@ -168,5 +168,16 @@ class GatewayRole:
         for listener in self._listeners:
             listener(self.acting, self.term)
 
+    def restore(self, acting: NodeId, term: int) -> None:
+        """What a state snapshot says the agreed log left (`agreed_state`): a node that
+        could not replay the log takes the role's holder and term from f+1 peers."""
+        if (acting, term) == (self.acting, self.term) or term < self.term:
+            return
+        self.acting, self.term = acting, term
+        self._changed.set()
+        self._changed = asyncio.Event()
+        for listener in self._listeners:
+            listener(self.acting, self.term)
+
 
 __all__ = ["GatewayRole", "successor", "takeover_refusal"]

@@ -102,6 +102,24 @@ class AgreedPlans:
         held = (*plan.nodes, *(n for n, _ in plan.replicas))
         return sorted({n for n in held if n in self.evicted})
 
+    def restore(self, latest: StagePlan | None, evicted: dict[NodeId, str]) -> None:
+        """What a state snapshot says the agreed log decided (`agreed_state`), for a node
+        that could not replay it: the latest plan and every eviction (each new one told
+        to the listeners, as if executed here)."""
+        fresh = {n: r for n, r in evicted.items() if n not in self.evicted}
+        if latest is not None and (self.latest is None or latest.epoch > self.latest.epoch):
+            self.latest = latest
+        self.evicted.update(fresh)
+        self._changed.set()
+        self._changed = asyncio.Event()
+        for node, reason in fresh.items():
+            log.warning("agreed (state snapshot): node %s evicted (%s)", node, reason)
+            for listener in self._on_evicted:
+                try:
+                    listener(node, reason)
+                except Exception:
+                    log.exception("acting on the eviction of node %s failed", node)
+
     # --- every node, before acting on a plan handed to it -------------------------------
 
     async def refusal(self, plan: StagePlan, wait_s: float) -> str | None:

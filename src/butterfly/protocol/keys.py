@@ -90,6 +90,7 @@ def pbft_config(cfg: ButterflyConfig, keys: tuple[bytes, ...]) -> PbftConfig:
         clients={NodeId(i): k for i, k in enumerate(keys)},
         checkpoint_interval=c.pbft_checkpoint_interval,
         window=c.pbft_window,
+        history=c.pbft_history,
         request_timeout=c.view_change_timeout_ms / 1000,
         view_change_timeout=c.phase_timeout_ms / 1000,
         initial_view=1 if len(keys) > 1 else 0,
