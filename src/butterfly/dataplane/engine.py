@@ -423,6 +423,8 @@ class PipelineEngine:
             log.info("request %s resumes from its checkpoint at token %d", request_id, len(out))
         x = torch.tensor([prompt + out], dtype=torch.int64)
         pos, step, recoveries = 0, 0, 0
+        # the start of the step first lost in a row, until a step answers again
+        lost_at: float | None = None
         ended = bool(out) and out[-1] in self._eos
         while len(out) < task.max_new_tokens and not ended:
             epoch = self._epoch()
@@ -431,6 +433,11 @@ class PipelineEngine:
             try:
                 logits = await self._compute(request_id, step, pos, x)
                 positions[step] = (pos, x.shape[1])  # a step whose output was used
+                if lost_at is not None:  # decoding resumed: the whole gap was recovery
+                    timings["recovery_s"] = timings.get("recovery_s", 0.0) + (
+                        time.perf_counter() - lost_at
+                    )
+                    lost_at = None
                 if self._timeouts is not None:
                     self._timeouts.answered(self._chain(request_id, epoch))
             except ButterflyError as e:
@@ -450,10 +457,12 @@ class PipelineEngine:
                     pos, x = 0, torch.tensor([prompt + out], dtype=torch.int64)
                     positions.clear()  # the replay recomputes every row they gave
                     continue
-                # from the lost step's start, the last progress the gateway saw: the
-                # time to detect the loss counts (a kill is noticed by a timeout or a
-                # broken connection well after it happened), not only the re-plan
-                lost_at = step_started
+                # from the lost step's start, the last progress the gateway saw, to the
+                # replayed step's answer: the time to detect the loss counts (a kill is
+                # noticed by a timeout or a broken connection well after it happened),
+                # and so does the replay that resumes decoding, not only the re-plan
+                if lost_at is None:
+                    lost_at = step_started
                 log.warning(
                     "request %s lost a step at token %d (%s); replaying", request_id, len(out), e
                 )
@@ -464,9 +473,6 @@ class PipelineEngine:
                     del positions[superseded]  # the replay recomputes every row they gave
                 x = torch.tensor([history[pos:]], dtype=torch.int64)
                 timings["resumed_at"] = float(pos)
-                timings["recovery_s"] = timings.get("recovery_s", 0.0) + (
-                    time.perf_counter() - lost_at
-                )
                 continue
             token = sample(logits[0, -1], task.sampling, rng)
             if not out:
