@@ -25,9 +25,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-import uvicorn
-from fastapi import FastAPI
-
 from butterfly.agreement.config_coordinator import ConfigCoordinator
 from butterfly.api.app import create_app
 from butterfly.api.live import follow_config as follow_api_config
@@ -51,6 +48,7 @@ from butterfly.schedule.store import TaskStore
 from butterfly.types.errors import ButterflyError
 from butterfly.types.ids import NodeId
 from butterfly.types.wire.commands import TakeOver, encode_command
+from butterfly.wiring.api_server import ApiServer
 from butterfly.wiring.standby import TaskReplicas
 from butterfly.wiring.supervise import supervised
 
@@ -126,13 +124,20 @@ class Gateway:
             acting_url=lambda: gateway_urls(self.config.current).get(self.role.acting),
             health=lambda: {"acting_gateway": self.role.acting, "gateways": self.gateways()},
         )
-        server = _server(app, cfg.api.host, api_port(cfg, self.node))
+        server = ApiServer(
+            app,
+            cfg.api.host,
+            api_port(cfg, self.node),
+            node=self.node,
+            emit=self.metrics.emit,
+            role="standby",
+        )
         async with asyncio.TaskGroup() as tg:
-            api = tg.create_task(_serve_api(server, self.node))
+            api = tg.create_task(server.serve())
             watch = tg.create_task(self._watch())
             stopped = tg.create_task(stop.wait())
             await asyncio.wait({watch, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            server.should_exit = True
+            server.close()
             watch.cancel()
             stopped.cancel()
             await api
@@ -245,9 +250,9 @@ class Gateway:
             gateways=self.gateways,
         )
         follow_api_config(self.config, app=app, scheduler=scheduler)  # the API's live options
-        server = _server(app, a.host, api_port(cfg, self.node))
+        emit = self.metrics.emit
+        server = ApiServer(app, a.host, api_port(cfg, self.node), node=self.node, emit=emit)
         try:
-            emit = self.metrics.emit
             loops: dict[str, Callable[[], Awaitable[None]]] = {
                 "result_expiry": partial(scheduler.expire_results, s.result_ttl_s),
                 "step_batcher": self.engine.serve_batches,
@@ -268,7 +273,7 @@ class Gateway:
                 stopped = tg.create_task(stop.wait())
                 await asyncio.wait({lost, stopped}, return_when=asyncio.FIRST_COMPLETED)
                 self.scheduler = None
-                server.should_exit = True
+                server.close()
                 # a replaced gateway's steps are refused everywhere: no grace for them
                 # (they stay unfinished here; the acting gateway has its own copies)
                 scheduler.shutdown(grace_s=SHUTDOWN_GRACE_S if stop.is_set() else 0.0)
@@ -298,21 +303,6 @@ class Gateway:
         log.warning(
             "node %s no longer acts as the gateway: node %s does", self.node, self.role.acting
         )
-
-
-def _server(app: FastAPI, host: str, port: int) -> uvicorn.Server:
-    return uvicorn.Server(
-        uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
-    )
-
-
-async def _serve_api(server: uvicorn.Server, node: NodeId) -> None:
-    """A standby's API: a port it cannot bind is logged, never the node's end (uvicorn
-    exits the process on a bind error)."""
-    try:
-        await server.serve()
-    except SystemExit:
-        log.error("node %s: the standby API could not start (its port is taken?)", node)
 
 
 async def _unless_stopped(work: Coroutine[Any, Any, bool], stop: asyncio.Event) -> bool | None:
