@@ -141,6 +141,9 @@ class PipelineEngine:
         self._plan_version = asyncio.Event()
         self._recovery_wait_s = recovery_wait_s
         self._max_recoveries = max_recoveries
+        self.waiting_for_plan = 0
+        """Requests that lost a step and wait for a new plan (a stopping gateway's grace
+        is over once every running request does: none of them can progress)."""
 
     def retune(
         self,
@@ -271,14 +274,18 @@ class PipelineEngine:
         """After a failed step: until the plan moves past `epoch`, or a bounded wait (a
         transient error is then retried on the same plan)."""
         deadline = time.monotonic() + self._recovery_wait_s
-        while time.monotonic() < deadline:
-            plan = self._plan()
-            if plan is not None and plan.epoch > epoch:
-                return
-            self._plan_version.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(0.05):
-                    await self._plan_version.wait()
+        self.waiting_for_plan += 1
+        try:
+            while time.monotonic() < deadline:
+                plan = self._plan()
+                if plan is not None and plan.epoch > epoch:
+                    return
+                self._plan_version.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.05):
+                        await self._plan_version.wait()
+        finally:
+            self.waiting_for_plan -= 1
 
     async def run(self, task: InferenceTask, on_token: TokenSink) -> InferenceResult:
         """Run one request; its log lines carry its id, and a sampled one is traced."""

@@ -204,6 +204,7 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._grace_s = 0.0
+        self._grace_over = asyncio.Event()
         self._accepting = True
         self.serving = False  # True while run() dispatches
         for task in store.recovered:  # accepted before a restart: they may exceed the bound
@@ -374,6 +375,11 @@ class Scheduler:
         self._stop.set()
         self._wake.set()
 
+    def end_grace(self) -> None:
+        """End the shutdown's grace period now: the running tasks stay unfinished in the
+        store (each resumes from its checkpoint after a restart or a takeover)."""
+        self._grace_over.set()
+
     # --- internals ---------------------------------------------------------------------
 
     def _enqueue(self, task: InferenceTask, *, force: bool) -> _Live:
@@ -399,8 +405,16 @@ class Scheduler:
 
     async def _drain(self) -> None:
         running = [live.runner for live in self._live.values() if live.runner is not None]
-        if running and self._grace_s > 0:
-            await asyncio.wait(running, timeout=self._grace_s)
+        if running and self._grace_s > 0 and not self._grace_over.is_set():
+            finished = asyncio.ensure_future(asyncio.wait(running))
+            over = asyncio.ensure_future(self._grace_over.wait())
+            try:
+                await asyncio.wait(
+                    {finished, over}, timeout=self._grace_s, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                for waiter in (finished, over):
+                    waiter.cancel()
         for runner in running:
             runner.cancel()  # not cancel_requested: they stay unfinished in the store
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from typing import NoReturn
 
 import torch
 import uvloop
@@ -81,4 +84,20 @@ def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) -> Non
         runner.run(guarded())
 
 
-__all__ = ["prepare_process", "return_large_blocks_to_the_os", "run_until_signalled"]
+def end_process(code: int) -> NoReturn:
+    """Exit now, once the node has stopped: its files are closed and its tasks drained.
+
+    The interpreter's own exit, after that, took 1-3 s of a node's shutdown and more on
+    a loaded machine: a final garbage collection over the model's objects and torch's
+    exit handlers (`torch.library._del_library` for every registered operator), seen in
+    stack dumps of nodes still running 1.5 and 3.5 s after SIGTERM. Nothing of a node's
+    state depends on them; the log is flushed first.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # closed, or a full pipe
+            stream.flush()
+    os._exit(code)
+
+
+__all__ = ["end_process", "prepare_process", "return_large_blocks_to_the_os", "run_until_signalled"]
