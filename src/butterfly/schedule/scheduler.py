@@ -69,8 +69,11 @@ from butterfly.types.tasks import InferenceResult, InferenceTask
 
 log = logging.getLogger(__name__)
 
-RECENT_RESULTS = 1024
-"""Finished tasks kept in memory, so reading a fresh result does not touch the disk."""
+RECENT_RESULTS = 128
+"""Finished tasks kept in memory, so reading a fresh result does not touch the disk.
+Each holds its result with the signed record of every stage and step (tens of KB for a
+few dozen tokens): 1024 took half an hour or more of steady load to fill, growing the
+gateway's memory all that time (bench/soak.py); a result is read fresh within seconds."""
 
 CANCELLABLE = frozenset({TaskStatus.PARTITIONING, TaskStatus.COORDINATING, TaskStatus.COMPUTING})
 """Running states in which cancelling still saves work (later ones are about to finish)."""
