@@ -8,6 +8,7 @@ fresh one-token answer) per fault kind and overall, how long a SIGTERMed cluster
 to exit (target 5 s), and the seeds of any broken trial.
 
     python bench/chaos.py [--trials 50] [--seed 0] [--size tiny] [--new-tokens 48]
+        [--faults restart_all,...]  (a subset, cycled through; all by default)
 """
 
 from __future__ import annotations
@@ -34,7 +35,16 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--size", default="tiny")
     ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument(
+        "--faults",
+        default=",".join(FAULTS),
+        help="comma-separated faults to cycle through (restart_all alone: shutdown times)",
+    )
     args = ap.parse_args()
+    faults = tuple(f for f in args.faults.split(",") if f)
+    unknown = sorted(set(faults) - set(FAULTS))
+    if unknown or not faults:
+        ap.error(f"unknown faults {unknown}; choose from {', '.join(FAULTS)}")
     model = bench_model(args.size)
     codec = TextCodec.load(model)
     stage = load_stage(model)
@@ -48,7 +58,9 @@ def main() -> None:
     for seed in range(args.seed, args.seed + args.trials):
         with tempfile.TemporaryDirectory() as work:
             outcomes.append(
-                run_trial(seed, model, Path(work), reference, new_tokens=args.new_tokens)
+                run_trial(
+                    seed, model, Path(work), reference, new_tokens=args.new_tokens, faults=faults
+                )
             )
     by_fault: dict[str, list[Outcome]] = defaultdict(list)
     for o in outcomes:
@@ -75,6 +87,7 @@ def main() -> None:
                 "model": f"demo-{args.size}",
                 "new_tokens": args.new_tokens,
                 "seed": args.seed,
+                "faults": list(faults),
                 **figures(outcomes),
                 "per_fault": {f: figures(by_fault[f]) for f in FAULTS if f in by_fault},
                 "whole_cluster_shutdown_s": summary(stops) if stops else None,

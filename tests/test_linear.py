@@ -36,6 +36,8 @@ def test_packed_product_equals_f_linear(bias: bool) -> None:
         torch.randn(3, 17, 512, generator=g),  # a batch of prefills
         torch.randn(4, 9, 512, generator=g)[:, -1:],  # a strided view (last position)
         torch.randn(5, 1024, generator=g)[:, ::2],  # non-contiguous rows
+        torch.randn(1, 201, 512, generator=g),  # a prefill: padded to 208, run as 128 + 80
+        torch.randn(2, 150, 512, generator=g),  # a batch of long prefills: 3 chunks
     ):
         got, want = lin.linear(x, packed, b), F.linear(x, w, b)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
@@ -49,6 +51,19 @@ def test_a_row_gives_the_same_result_alone_and_in_a_batch() -> None:
     batched = lin.linear(x, packed)
     alone = torch.cat([lin.linear(x[:, i : i + 1], packed) for i in range(64)], dim=1)
     torch.testing.assert_close(alone, batched, rtol=1e-6, atol=1e-5)
+
+
+def test_packed_products_run_in_few_shapes_whatever_the_length() -> None:
+    """oneDNN caches a primitive and an output-sized buffer per shape (runtime/linear.py):
+    one shape per prompt length grew a node's memory with every new length."""
+    shapes: set[int] = set()
+    for rows in range(1, 4097):
+        chunks = lin.row_chunks(rows)
+        assert sum(chunks) >= rows and sum(chunks) - rows < lin.ROW_ALIGN
+        shapes.update(chunks)
+    assert shapes == set(range(1, lin.EXACT_ROWS + 1)) | set(
+        range(lin.ROW_ALIGN, lin.MAX_CHUNK_ROWS + 1, lin.ROW_ALIGN)
+    )
 
 
 def test_tiny_llama_with_every_matrix_packed_matches_transformers(

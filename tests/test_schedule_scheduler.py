@@ -265,6 +265,30 @@ async def test_shutdown_releases_waiters_and_keeps_the_task(
     store.close()
 
 
+async def test_ending_the_grace_stops_at_once_and_keeps_the_running_task(
+    codec: TextCodec, engine: LocalPipeline, tmp_path: Path
+) -> None:
+    """A stopping gateway whose running tasks cannot progress ends their grace early
+    (wiring.gateway): the scheduler then stops without waiting the grace out, and the
+    task stays unfinished for its restart."""
+    sched, store = new_scheduler(engine, tmp_path / "t.db", max_concurrent=1)
+    task = make_task(codec, "interrupted", 400)
+    async with asyncio.timeout(60), asyncio.TaskGroup() as tg:
+        run = tg.create_task(sched.run())
+        await sched.submit(task)
+        async with aclosing(sched.stream(task.task_id)) as stream:
+            await anext(stream)
+            sched.shutdown(grace_s=3600.0)  # the test's timeout is far below the grace
+            await asyncio.sleep(0)
+            assert not run.done()  # in its grace, the task still running
+            sched.end_grace()
+            [t async for t in stream]
+        await run
+    stored = store.get(task.task_id)
+    assert stored is not None and not stored.state.terminal
+    store.close()
+
+
 class AbandoningEngine(LocalPipeline):
     """A faulty part: an engine that lets a CancelledError of its own escape."""
 

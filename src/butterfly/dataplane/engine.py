@@ -141,6 +141,9 @@ class PipelineEngine:
         self._plan_version = asyncio.Event()
         self._recovery_wait_s = recovery_wait_s
         self._max_recoveries = max_recoveries
+        self.waiting_for_plan = 0
+        """Requests that lost a step and wait for a new plan (a stopping gateway's grace
+        is over once every running request does: none of them can progress)."""
 
     def retune(
         self,
@@ -271,14 +274,18 @@ class PipelineEngine:
         """After a failed step: until the plan moves past `epoch`, or a bounded wait (a
         transient error is then retried on the same plan)."""
         deadline = time.monotonic() + self._recovery_wait_s
-        while time.monotonic() < deadline:
-            plan = self._plan()
-            if plan is not None and plan.epoch > epoch:
-                return
-            self._plan_version.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(0.05):
-                    await self._plan_version.wait()
+        self.waiting_for_plan += 1
+        try:
+            while time.monotonic() < deadline:
+                plan = self._plan()
+                if plan is not None and plan.epoch > epoch:
+                    return
+                self._plan_version.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.05):
+                        await self._plan_version.wait()
+        finally:
+            self.waiting_for_plan -= 1
 
     async def run(self, task: InferenceTask, on_token: TokenSink) -> InferenceResult:
         """Run one request; its log lines carry its id, and a sampled one is traced."""
@@ -425,6 +432,8 @@ class PipelineEngine:
             log.info("request %s resumes from its checkpoint at token %d", request_id, len(out))
         x = torch.tensor([prompt + out], dtype=torch.int64)
         pos, step, recoveries = 0, 0, 0
+        # the start of the step first lost in a row, until a step answers again
+        lost_at: float | None = None
         ended = bool(out) and out[-1] in self._eos
         based_on = self._epoch()  # the plan whose caches `pos` counts on
         while len(out) < task.max_new_tokens and not ended:
@@ -436,6 +445,11 @@ class PipelineEngine:
             try:
                 logits = await self._compute(request_id, step, pos, x)
                 positions[step] = (pos, x.shape[1])  # a step whose output was used
+                if lost_at is not None:  # decoding resumed: the whole gap was recovery
+                    timings["recovery_s"] = timings.get("recovery_s", 0.0) + (
+                        time.perf_counter() - lost_at
+                    )
+                    lost_at = None
                 if self._timeouts is not None:
                     self._timeouts.answered(self._chain(request_id, epoch))
             except ButterflyError as e:
@@ -455,10 +469,12 @@ class PipelineEngine:
                     pos, x = 0, torch.tensor([prompt + out], dtype=torch.int64)
                     positions.clear()  # the replay recomputes every row they gave
                     continue
-                # from the lost step's start, the last progress the gateway saw: the
-                # time to detect the loss counts (a kill is noticed by a timeout or a
-                # broken connection well after it happened), not only the re-plan
-                lost_at = step_started
+                # from the lost step's start, the last progress the gateway saw, to the
+                # replayed step's answer: the time to detect the loss counts (a kill is
+                # noticed by a timeout or a broken connection well after it happened),
+                # and so does the replay that resumes decoding, not only the re-plan
+                if lost_at is None:
+                    lost_at = step_started
                 log.warning(
                     "request %s lost a step at token %d (%s); replaying", request_id, len(out), e
                 )
@@ -466,9 +482,6 @@ class PipelineEngine:
                 based_on = self._epoch()
                 pos, x = await self._replay_from(request_id, prompt + out, positions)
                 timings["resumed_at"] = float(pos)
-                timings["recovery_s"] = timings.get("recovery_s", 0.0) + (
-                    time.perf_counter() - lost_at
-                )
                 continue
             token = sample(logits[0, -1], task.sampling, rng)
             if not out:

@@ -69,8 +69,11 @@ from butterfly.types.tasks import InferenceResult, InferenceTask
 
 log = logging.getLogger(__name__)
 
-RECENT_RESULTS = 1024
-"""Finished tasks kept in memory, so reading a fresh result does not touch the disk."""
+RECENT_RESULTS = 128
+"""Finished tasks kept in memory, so reading a fresh result does not touch the disk.
+Each holds its result with the signed record of every stage and step (tens of KB for a
+few dozen tokens): 1024 took half an hour or more of steady load to fill, growing the
+gateway's memory all that time (bench/soak.py); a result is read fresh within seconds."""
 
 CANCELLABLE = frozenset({TaskStatus.PARTITIONING, TaskStatus.COORDINATING, TaskStatus.COMPUTING})
 """Running states in which cancelling still saves work (later ones are about to finish)."""
@@ -204,6 +207,7 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._grace_s = 0.0
+        self._grace_over = asyncio.Event()
         self._accepting = True
         self.serving = False  # True while run() dispatches
         for task in store.recovered:  # accepted before a restart: they may exceed the bound
@@ -374,6 +378,11 @@ class Scheduler:
         self._stop.set()
         self._wake.set()
 
+    def end_grace(self) -> None:
+        """End the shutdown's grace period now: the running tasks stay unfinished in the
+        store (each resumes from its checkpoint after a restart or a takeover)."""
+        self._grace_over.set()
+
     # --- internals ---------------------------------------------------------------------
 
     def _enqueue(self, task: InferenceTask, *, force: bool) -> _Live:
@@ -399,8 +408,16 @@ class Scheduler:
 
     async def _drain(self) -> None:
         running = [live.runner for live in self._live.values() if live.runner is not None]
-        if running and self._grace_s > 0:
-            await asyncio.wait(running, timeout=self._grace_s)
+        if running and self._grace_s > 0 and not self._grace_over.is_set():
+            finished = asyncio.ensure_future(asyncio.wait(running))
+            over = asyncio.ensure_future(self._grace_over.wait())
+            try:
+                await asyncio.wait(
+                    {finished, over}, timeout=self._grace_s, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                for waiter in (finished, over):
+                    waiter.cancel()
         for runner in running:
             runner.cancel()  # not cancel_requested: they stay unfinished in the store
 

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from typing import NoReturn
 
 import torch
 import uvloop
@@ -13,6 +19,34 @@ import uvloop
 from butterfly.config import ButterflyConfig
 from butterfly.runtime.torch_thread import confine_to_one_thread
 from butterfly.wiring.logs import configure_logging
+
+log = logging.getLogger(__name__)
+
+# glibc's mallopt parameters (malloc.h)
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 256 * 1024
+"""Blocks this large or larger are mapped on their own and unmapped when freed."""
+
+
+def return_large_blocks_to_the_os() -> bool:
+    """Fix glibc's mmap threshold, so freed tensors leave the process.
+
+    glibc maps a block of 128 KiB or more on its own, and unmaps it when it is freed; but
+    each such free raises the threshold to the freed size (up to 32 MiB), after which
+    blocks that large come from the heap, where a freed one leaves a hole that only a
+    block that fits can reuse. A node allocates tensors of ever new sizes (KV caches
+    that grow with each request, activations of each prompt length, snapshots), so its
+    heap only grew. A threshold set explicitly stays where it is set.
+    Returns whether it was set (False on a C library without mallopt, such as musl).
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
 def prepare_process(cfg: ButterflyConfig) -> int:
@@ -24,6 +58,8 @@ def prepare_process(cfg: ButterflyConfig) -> int:
     # replicas and auditors compare activations: no kernel may pick a racy algorithm
     torch.use_deterministic_algorithms(cfg.advanced.deterministic)
     configure_logging(cfg)
+    if not return_large_blocks_to_the_os():
+        log.info("the C library has no mallopt: freed tensors may stay in the heap")
     # The event loop hands work to the torch and SQLite threads and takes results back;
     # with Python's default 5 ms GIL switch interval each hand-off could wait that long
     # while the loop thread is busy (measured: 6.7 ms to accept a task, 0.1 ms of work).
@@ -48,4 +84,20 @@ def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) -> Non
         runner.run(guarded())
 
 
-__all__ = ["prepare_process", "run_until_signalled"]
+def end_process(code: int) -> NoReturn:
+    """Exit now, once the node has stopped: its files are closed and its tasks drained.
+
+    The interpreter's own exit, after that, took 1-3 s of a node's shutdown and more on
+    a loaded machine: a final garbage collection over the model's objects and torch's
+    exit handlers (`torch.library._del_library` for every registered operator), seen in
+    stack dumps of nodes still running 1.5 and 3.5 s after SIGTERM. Nothing of a node's
+    state depends on them; the log is flushed first.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # closed, or a full pipe
+            stream.flush()
+    os._exit(code)
+
+
+__all__ = ["end_process", "prepare_process", "return_large_blocks_to_the_os", "run_until_signalled"]
