@@ -20,7 +20,7 @@ from functools import partial
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from butterfly.agreement.config_coordinator import ConfigCoordinator
 from butterfly.api import config_routes, errors, openai, openapi_docs
@@ -117,7 +117,7 @@ def create_app(
     async def cancel(task_id: str) -> dict[str, Any]:
         return accepted_body(await scheduler.cancel(task_id))
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "Not healthy (the same body)."}})
     async def health() -> JSONResponse:
         body = health_body(engine.health(), scheduler)
         if config is not None:  # flagged, not unhealthy: a diverged node still computes
@@ -129,12 +129,13 @@ def create_app(
 
     if settings.serve_metrics:
 
-        @app.get("/metrics")
+        @app.get("/metrics", response_class=PlainTextResponse, responses=openapi_docs.ERRORS)
         async def prometheus() -> Response:
             return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     app.include_router(openai.router(gw, limited))
-    openapi_docs.install(app, (InferenceRequest, CompletionRequest, ChatCompletionRequest))
+    bodies = (InferenceRequest, CompletionRequest, ChatCompletionRequest)
+    openapi_docs.install(app, bodies, model_name)
     if config is not None:
         app.include_router(
             config_routes.router(config, auth=auth, max_request_bytes=settings.max_request_bytes)

@@ -44,7 +44,13 @@ ERRORS = errors(401, 500)
 
 def streamed(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
     """A route answering `model` as JSON, or with `stream: true` as server-sent events."""
-    sse = {"schema": {"type": "string", "description": "data: <chunk JSON> lines, then [DONE]"}}
+    event = {
+        "type": "object",
+        "description": "One server-sent event: `data` is a chunk (JSON) or `[DONE]`.",
+        "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+        "required": ["data"],
+    }
+    sse = {"schema": event}
     return {
         200: {"model": model, "content": {"text/event-stream": sse}},
         202: {"model": Accepted, "description": WHY_202},
@@ -61,8 +67,9 @@ def body_of(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
 
-def install(app: FastAPI, bodies: Sequence[type[BaseModel]]) -> None:
-    """Make `/openapi.json` carry the schemas of `bodies` (and of what they refer to)."""
+def install(app: FastAPI, bodies: Sequence[type[BaseModel]], model_name: str) -> None:
+    """Make `/openapi.json` carry the schemas of `bodies` (and of what they refer to);
+    a body's `model` field is the one name served here (`model.served_name`)."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -72,6 +79,8 @@ def install(app: FastAPI, bodies: Sequence[type[BaseModel]]) -> None:
             _, defs = models_json_schema([(m, "validation") for m in bodies], ref_template=REF)
             schemas = document.setdefault("components", {}).setdefault("schemas", {})
             for name, schema in defs.get("$defs", {}).items():
+                if "model" in schema.get("properties", {}):
+                    schema["properties"]["model"]["enum"] = [model_name]
                 schemas.setdefault(name, schema)
             app.openapi_schema = document
         return app.openapi_schema

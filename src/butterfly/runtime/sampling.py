@@ -25,6 +25,12 @@ def make_generator(params: SamplingParams) -> torch.Generator:
     return g
 
 
+MIN_TEMPERATURE = 1e-4
+"""Below this, sampling is greedy: dividing logits by a temperature near 0 overflows to
+infinity (1e-300 did, and the draw failed on NaN probabilities), and at 1e-4 a logit gap
+of 0.01 is already a factor e^100, so the draw is an argmax anyway."""
+
+
 def penalize(logits: torch.Tensor, params: SamplingParams, history: Sequence[int]) -> torch.Tensor:
     """OpenAI's presence and frequency penalties over the tokens generated so far."""
     if not history or not params.penalized:
@@ -59,7 +65,7 @@ def sample(
     """Pick one token id from `logits` [V] (the last position's); `history`: the tokens
     generated so far, which the penalties count."""
     logits = penalize(logits.float(), params, history)
-    if params.greedy:
+    if params.greedy or params.temperature < MIN_TEMPERATURE:
         return int(torch.argmax(logits).item())
     logits = logits / params.temperature
     if 0 < params.top_k < logits.shape[-1]:
