@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -65,8 +65,11 @@ class Run:
             total_tokens=len(self.prompt) + done,
         )
 
-    async def cancel_unfinished(self) -> None:
-        for task in self.tasks:
+    async def cancel_unfinished(self, ended: Collection[int] = ()) -> None:
+        """Cancel every task but those at the indexes in `ended`."""
+        for index, task in enumerate(self.tasks):
+            if index in ended:
+                continue
             with anyio.CancelScope(shield=True), contextlib.suppress(ButterflyError):
                 await self.gw.scheduler.cancel(task.task_id)  # suppressed: it finished
 
@@ -203,7 +206,7 @@ async def stream(
         # The client went away mid-stream: stop the work it asked for. Not when the
         # gateway is stopping: then the tasks must stay queued for the restart.
         if gw.scheduler.serving:
-            await run.cancel_unfinished()
+            await run.cancel_unfinished(ended)
 
 
 async def _ended(
