@@ -59,7 +59,7 @@ class ChoiceText:
     tokenizer: Tokenizer
     stops: StopScanner
     eos_ids: frozenset[int]
-    text_: IncrementalText = field(init=False)
+    decoder: IncrementalText = field(init=False)
     tokens: list[int] = field(default_factory=list)
     scored: list[Sampled | None] = field(default_factory=list)
     pending: list[Sampled | None] = field(default_factory=list)  # since the last delta
@@ -67,11 +67,11 @@ class ChoiceText:
     emitted: str = ""  # the text given out so far, cut at a stop string
 
     def __post_init__(self) -> None:
-        self.text_ = IncrementalText(self.tokenizer)
+        self.decoder = IncrementalText(self.tokenizer)
 
     def reset(self) -> None:
         """Every token so far was withdrawn (an audit caught a liar)."""
-        self.text_ = IncrementalText(self.tokenizer)
+        self.decoder = IncrementalText(self.tokenizer)
         self.stops = StopScanner(self.stops.stops)
         self.tokens, self.scored, self.pending = [], [], []
         self.finish, self.emitted = None, ""
@@ -85,9 +85,9 @@ class ChoiceText:
         self.tokens.append(token_id)
         self.scored.append(sampled)
         self.pending.append(sampled)
-        delta = self.stops.feed(self.text_.push(token_id))
+        delta = self.stops.feed(self.decoder.push(token_id))
         if self.stops.stopped or token_id in self.eos_ids:
-            delta += self.stops.feed(self.text_.flush()) + self.stops.flush()
+            delta += self.stops.feed(self.decoder.flush()) + self.stops.flush()
             self.finish = "stop"
         self.emitted += delta
         return delta
@@ -97,7 +97,7 @@ class ChoiceText:
         if self.finish is not None:
             return ""
         self.finish = finish
-        delta = self.stops.feed(self.text_.flush()) + self.stops.flush()
+        delta = self.stops.feed(self.decoder.flush()) + self.stops.flush()
         self.emitted += delta
         return delta
 

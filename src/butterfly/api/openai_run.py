@@ -65,10 +65,10 @@ class Run:
             total_tokens=len(self.prompt) + done,
         )
 
-    async def cancel_unfinished(self, ended: Collection[int] = ()) -> None:
-        """Cancel every task but those at the indexes in `ended`."""
+    async def cancel_unfinished(self, keep: Collection[int] = ()) -> None:
+        """Cancel every task but those at the indexes in `keep` (ended, or handed out)."""
         for index, task in enumerate(self.tasks):
-            if index in ended:
+            if index in keep:
                 continue
             with anyio.CancelScope(shield=True), contextlib.suppress(ButterflyError):
                 await self.gw.scheduler.cancel(task.task_id)  # suppressed: it finished
@@ -124,8 +124,11 @@ async def whole(run: Run, answer: Whole) -> Response:
     for task, choice in zip(run.tasks, run.choices, strict=True):
         snap = await gw.scheduler.wait(task.task_id, gw.settings.max_wait_s)
         if snap.state.status is not TaskStatus.COMPLETED or snap.result is None:
-            await run.cancel_unfinished()
-            return gw.outcome(snap)  # an error, or 202 if it outlived the wait limit
+            # an error (the other choices are cancelled), or a 202 naming this task,
+            # which goes on (the others cannot be read from that answer: cancelled)
+            keep = () if snap.state.terminal else (run.tasks.index(task),)
+            await run.cancel_unfinished(keep)
+            return gw.outcome(snap)
         feed(choice, snap.result)
         verified.append(snap.result.verified)
     return JSONResponse(answer(run, weakest(verified)))
