@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from butterfly.api.openai import CompletionChunks
 from butterfly.api.openai_choices import StopScanner
 from butterfly.api.openai_run import KEEPALIVE, Run, start, stream
 from butterfly.api.openai_schema import IGNORED, CompletionRequest
+from butterfly.config.schema import ButterflyConfig
 from butterfly.runtime.chat import ChatTemplate
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.types.errors import InvalidRequest
@@ -233,3 +235,9 @@ async def test_a_quiet_stream_sends_keepalive_comments(tiny_model: Path, tmp_pat
         first = [await anext(messages) for _ in range(3)]
         await messages.aclose()
         assert first == [KEEPALIVE] * 3
+
+
+def test_served_name_is_checked_at_load() -> None:
+    assert ButterflyConfig.model_validate({"model": {"served_name": "org/tiny-7b"}})
+    with pytest.raises(ValidationError, match="served_name"):
+        ButterflyConfig.model_validate({"model": {"served_name": "two words"}})
