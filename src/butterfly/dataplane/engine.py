@@ -38,7 +38,7 @@ from butterfly.metrics.logcontext import REQUEST_ID
 from butterfly.metrics.tracing import Tracing
 from butterfly.net.framing import Envelope
 from butterfly.protocol.proof import Tolerance
-from butterfly.runtime.sampling import choose, make_generator
+from butterfly.runtime.sampling import choose, make_generator, sample
 from butterfly.schedule.engine import ClusterHealth, Retraction, TokenSink
 from butterfly.schedule.store import Checkpoint
 from butterfly.types.errors import (
@@ -470,16 +470,16 @@ class PipelineEngine:
                     time.perf_counter() - lost_at
                 )
                 continue
-            picked = choose(logits[0, -1], task.sampling, rng, out)
-            token = picked.token
+            if wants_logprobs:  # a log-softmax over the vocabulary more, only when asked
+                picked = choose(logits[0, -1], task.sampling, rng, out)
+                token = picked.token
+                scored.append(picked)
+            else:
+                token = sample(logits[0, -1], task.sampling, rng, out)
             if not out:
                 timings["time_to_first_token_s"] = time.perf_counter() - started
             out.append(token)
-            if wants_logprobs:
-                scored.append(picked)
-                on_token(picked)
-            else:
-                on_token(token)
+            on_token(scored[-1] if wants_logprobs else token)
             every = self.checkpoint_every
             if self._on_checkpoint is not None and every > 0 and len(out) % every == 0:
                 state = bytes(rng.get_state().numpy().tobytes())
