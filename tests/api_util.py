@@ -117,7 +117,7 @@ def reference(model: Path, ids: list[int], n: int, sampling: SamplingParams) -> 
 def assert_error(r: httpx.Response, status: int, kind: str, *words: str) -> None:
     assert r.status_code == status, r.text
     body = r.json()
-    assert set(body["error"]) == {"type", "message"}
+    assert set(body["error"]) == {"type", "message", "param", "code"}
     assert body["error"]["type"] == kind, body
     for word in words:
         assert word in body["error"]["message"], (word, body)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from butterfly.api.openai import IncrementalText
+from butterfly.runtime.detok import IncrementalText
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.types.tasks import SamplingParams
 from tests.api_util import Served, assert_error, reference, serving, still_serves
@@ -88,8 +88,10 @@ async def test_bad_completion_requests(tiny_model: Path, tmp_path: Path) -> None
     async with serving(tiny_model, tmp_path / "t.db") as s:
         cases: list[tuple[dict[str, Any], str]] = [
             ({"model": "gpt-4", "prompt": "x"}, "gpt-4"),
-            ({"model": "tiny", "prompt": "x", "logprobs": 3}, "logprobs"),
-            ({"model": "tiny", "prompt": "x", "n": 2}, "n"),
+            ({"model": "tiny", "prompt": "x", "logprobs": 21}, "logprobs"),
+            ({"model": "tiny", "prompt": "x", "n": 17}, "n"),
+            ({"model": "tiny", "prompt": "x", "max_token": 3}, "max_token"),  # a typo
+            ({"model": "tiny", "prompt": "x", "stop": ""}, "stop"),
             ({"model": "tiny", "prompt": ["a", "b"]}, "prompt"),
             ({"model": "tiny", "prompt": "x", "max_tokens": 4096}, "4096"),
             ({"prompt": "x"}, "model"),
@@ -103,7 +105,7 @@ async def test_bad_completion_requests(tiny_model: Path, tmp_path: Path) -> None
 def test_incremental_text_never_splits_a_character(tiny_model: Path) -> None:
     codec = TextCodec.load(tiny_model)
     ids = codec.encode("héllo 🦋 wörld")[1:]  # byte tokens; the emoji is four of them
-    text = IncrementalText(codec)
+    text = IncrementalText(codec.tokenizer)
     deltas = [text.push(i) for i in ids]
     deltas.append(text.flush())
     assert "".join(deltas) == "héllo 🦋 wörld"

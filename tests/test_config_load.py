@@ -144,6 +144,7 @@ CROSS_RULE_KEYS = {
     "cluster.id",
     "cluster.public_keys",
     "cluster.gateways",
+    "model.served_name",  # a pattern, like cluster.id
 }
 TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
 

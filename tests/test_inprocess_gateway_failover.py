@@ -34,7 +34,11 @@ SETTINGS = {
 }
 PROMPT = "Once upon a time"
 NEW = 24
-SAMPLED = SamplingParams(temperature=0.8, seed=11)
+# penalties and logprobs too: the standby must get them with the task, and the penalties
+# (a function of the token history) must resume as the checkpoint left them
+SAMPLED = SamplingParams(
+    temperature=0.8, seed=11, presence_penalty=0.5, frequency_penalty=0.7, logprobs=2
+)
 GREEDY = SamplingParams()
 
 

@@ -10,11 +10,24 @@ import pytest
 
 from butterfly.schedule.queue import QueuePolicy, TaskQueue
 from butterfly.schedule.state import TaskState, TaskStatus
-from butterfly.schedule.store import Checkpoint, TaskStore
+from butterfly.schedule.store import (
+    Checkpoint,
+    TaskStore,
+    result_from_json,
+    result_to_json,
+    task_from_json,
+    task_to_json,
+)
 from butterfly.types.errors import QueueFull, TaskAlreadyExists
 from butterfly.types.ids import NodeId, RequestId
 from butterfly.types.model import LayerRange
-from butterfly.types.tasks import InferenceResult, InferenceTask, SamplingParams, StageRecord
+from butterfly.types.tasks import (
+    InferenceResult,
+    InferenceTask,
+    Sampled,
+    SamplingParams,
+    StageRecord,
+)
 
 
 def task(name: str, priority: int = 0) -> InferenceTask:
@@ -221,3 +234,22 @@ def test_a_standby_copy_keeps_the_latest_checkpoint_until_the_task_ends(tmp_path
         assert store.checkpoint(a.task_id) is None and store.requeue_unfinished() == ()
     finally:
         store.close()
+
+
+def test_penalties_logprobs_and_their_results_survive_the_store() -> None:
+    """What the standby copies and a restart reads back: the OpenAI sampling fields, and
+    the logprobs of a finished result; a task written before those fields reads with
+    their defaults."""
+    sampling = SamplingParams(
+        0.7, 5, 0.9, 3, presence_penalty=0.5, frequency_penalty=-1.0, logprobs=2
+    )
+    task = InferenceTask(RequestId("t"), input_ids=(1, 2), sampling=sampling)
+    assert task_from_json("t", task_to_json(task)) == task
+    old = task_to_json(InferenceTask(RequestId("t"), input_ids=(1,))).replace(
+        ", 0.0, 0.0, null]", "]"
+    )
+    assert '"sampling": [0.0, 0, 1.0, null]' in old  # the four fields of before
+    assert task_from_json("t", old).sampling == SamplingParams()
+    scored = (Sampled(4, -0.5, ((4, -0.5), (9, -1.5))), Sampled(7, -2.0, ((3, -1.0), (7, -2.0))))
+    result = InferenceResult(RequestId("t"), output_ids=(4, 7), logprobs=scored)
+    assert result_from_json("t", result_to_json(result)) == result

@@ -311,7 +311,7 @@ def build_node(
             coordinator=agreement.coordinator,
             metrics=metrics,
             codec=codec,
-            model_name=model_dir.name,
+            model_name=cfg.model.served_name or model_dir.name,
             role=role,
             replicas=replicas,
             propose=agreement.propose,

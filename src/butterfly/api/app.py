@@ -20,12 +20,13 @@ from functools import partial
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from butterfly.agreement.config_coordinator import ConfigCoordinator
-from butterfly.api import config_routes, errors, openai
+from butterfly.api import config_routes, errors, openai, openapi_docs
 from butterfly.api.gateway import Gateway, accepted_body, status_body
 from butterfly.api.guards import BearerAuth, RateLimiter, RequireToken, client_key
+from butterfly.api.openai_schema import ChatCompletionRequest, CompletionRequest
 from butterfly.api.requests import InferenceRequest, parse
 from butterfly.api.settings import ApiSettings
 from butterfly.metrics.prometheus import CONTENT_TYPE, Metrics
@@ -71,7 +72,13 @@ def create_app(
 
     app.add_middleware(RequireToken, bearer=bearer, open_paths=open_paths)
 
-    @app.post("/inference", dependencies=[limited], status_code=202)
+    @app.post(
+        "/inference",
+        dependencies=[limited],
+        status_code=202,
+        openapi_extra=openapi_docs.body_of(InferenceRequest),
+        responses=openapi_docs.errors(400, 401, 409, 413, 429, 500, 503),
+    )
     async def inference(request: Request) -> Response:
         """Accept a task: 202 with its id, or with `wait: true` its result."""
         body = await parse(request, InferenceRequest, settings.max_request_bytes)
@@ -88,21 +95,29 @@ def create_app(
         headers = {"Location": f"/result/{task.task_id}"}
         return JSONResponse(accepted_body(snap), status_code=202, headers=headers)
 
-    @app.get("/status/{task_id}")
+    @app.get("/status/{task_id}", responses=openapi_docs.errors(401, 404, 500))
     async def status(task_id: str) -> dict[str, Any]:
         return status_body(await scheduler.snapshot(task_id))
 
-    @app.get("/result/{task_id}")
+    @app.get(
+        "/result/{task_id}",
+        responses={
+            202: {"description": "Not finished yet."},
+            **openapi_docs.errors(400, 401, 404, 409, 429, 500, 503),
+        },
+    )
     async def result(task_id: str, wait: WaitSeconds = 0.0, proofs: bool = False) -> Response:
         """The finished result (200), 202 while it is still running, or the task's error;
         `proofs=true` adds the signed record of every stage step behind it."""
         return gw.outcome(await scheduler.wait(task_id, gw.wait_limit(wait)), proofs=proofs)
 
-    @app.delete("/tasks/{task_id}", dependencies=[auth])
+    @app.delete(
+        "/tasks/{task_id}", dependencies=[auth], responses=openapi_docs.errors(401, 404, 409, 500)
+    )
     async def cancel(task_id: str) -> dict[str, Any]:
         return accepted_body(await scheduler.cancel(task_id))
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "Not healthy (the same body)."}})
     async def health() -> JSONResponse:
         body = health_body(engine.health(), scheduler)
         if config is not None:  # flagged, not unhealthy: a diverged node still computes
@@ -114,11 +129,13 @@ def create_app(
 
     if settings.serve_metrics:
 
-        @app.get("/metrics")
+        @app.get("/metrics", response_class=PlainTextResponse, responses=openapi_docs.ERRORS)
         async def prometheus() -> Response:
             return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     app.include_router(openai.router(gw, limited))
+    bodies = (InferenceRequest, CompletionRequest, ChatCompletionRequest)
+    openapi_docs.install(app, bodies, model_name)
     if config is not None:
         app.include_router(
             config_routes.router(config, auth=auth, max_request_bytes=settings.max_request_bytes)

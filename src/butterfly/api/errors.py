@@ -1,4 +1,6 @@
-"""Every failure leaves the API as `{"error": {"type", "message"}}` with a 4xx or 5xx.
+"""Every failure leaves the API as `{"error": {"message", "type", "param", "code"}}` with a
+4xx or 5xx: the contract's `type` and `message`, plus OpenAI's `param` (the request field
+at fault, when one is) and `code` (null), so OpenAI clients and SDKs parse it as theirs.
 
 The mapping from error class to status lives here, in one table, so endpoints just raise
 the `ButterflyError` that says what went wrong. Anything that is not a ButterflyError is
@@ -45,6 +47,18 @@ class Unauthorized(ApiError):
     """A state-changing request without a valid bearer token."""
 
 
+class InvalidField(InvalidRequest):
+    """A request field that failed validation; `param` names it for OpenAI clients."""
+
+    def __init__(self, message: str, param: str | None) -> None:
+        super().__init__(message)
+        self.param = param
+
+    @property
+    def kind(self) -> str:
+        return "invalid_request"
+
+
 STATUS: tuple[tuple[type[ButterflyError], int], ...] = (
     (InvalidRequest, 400),
     (InvalidTask, 400),
@@ -71,9 +85,17 @@ def status_for(err: ButterflyError) -> int:
     return 503 if err.retriable else 500
 
 
-def error_body(kind: str, message: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def error_body(
+    kind: str,
+    message: str,
+    extra: dict[str, Any] | None = None,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+) -> dict[str, Any]:
     """The contract's error shape; `extra` adds top-level keys beside `error`."""
-    return {"error": {"type": kind, "message": message}, **(extra or {})}
+    error = {"message": message, "type": kind, "param": param, "code": code}
+    return {"error": error, **(extra or {})}
 
 
 def error_response(
@@ -83,9 +105,20 @@ def error_response(
     *,
     retry_after_s: int = 1,
     extra: dict[str, Any] | None = None,
+    param: str | None = None,
 ) -> JSONResponse:
     headers = {"Retry-After": str(retry_after_s)} if status in (429, 503) else None
-    return JSONResponse(error_body(kind, message, extra), status_code=status, headers=headers)
+    body = error_body(kind, message, extra, param=param)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def first_field(errors: list[Any]) -> str | None:
+    """The dotted name of the first field pydantic found wrong, if it names one."""
+    for e in errors:
+        loc = [str(p) for p in e.get("loc", ()) if p not in ("body", "query", "path")]
+        if loc:
+            return ".".join(loc)
+    return None
 
 
 def describe_validation(errors: list[Any], fields: tuple[str, ...] = ()) -> str:
@@ -118,7 +151,10 @@ def install(app: FastAPI, *, retry_after_s: int) -> None:
         status = status_for(exc)
         if status >= 500:
             log.error("%s %s failed: %s", request.method, request.url.path, exc)
-        return error_response(status, exc.kind, exc.message, retry_after_s=retry_after_s)
+        param = exc.param if isinstance(exc, InvalidField) else None
+        return error_response(
+            status, exc.kind, exc.message, retry_after_s=retry_after_s, param=param
+        )
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         if not isinstance(exc, StarletteHTTPException):
@@ -131,7 +167,8 @@ def install(app: FastAPI, *, retry_after_s: int) -> None:
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         errors = exc.errors() if isinstance(exc, RequestValidationError | ValidationError) else []
-        return error_response(400, "invalid_request", describe_validation(list(errors)))
+        message, param = describe_validation(list(errors)), first_field(list(errors))
+        return error_response(400, "invalid_request", message, param=param)
 
     app.add_exception_handler(ButterflyError, on_butterfly)
     app.add_exception_handler(StarletteHTTPException, on_http)
@@ -176,10 +213,12 @@ class CatchAll:
 __all__ = [
     "KIND_STATUS",
     "STATUS",
+    "InvalidField",
     "Unauthorized",
     "describe_validation",
     "error_body",
     "error_response",
+    "first_field",
     "install",
     "status_for",
 ]

@@ -60,11 +60,12 @@ class Gateway:
             1, self.longest_token_bytes
         )
 
-    async def encode(self, prompt: str) -> list[int]:
+    async def encode(self, prompt: str, *, add_special_tokens: bool = True) -> list[int]:
         """The prompt's token ids; too long a prompt is refused before it is tokenized,
         and tokenizing runs in a worker thread: a multi-megabyte prompt took seconds, all
         of them on the event loop, where the node's heartbeats and every other request
-        waited."""
+        waited. A rendered chat template holds its special tokens already
+        (`add_special_tokens=False`)."""
         if self.codec is None:
             raise InvalidRequest("this model has no tokenizer; send `input_ids` instead of text")
         limit, size = self.prompt_limit(), len(prompt.encode("utf-8", "surrogatepass"))
@@ -79,7 +80,7 @@ class Gateway:
                 f"the prompt is {size} bytes; this gateway tokenizes at most {limit} bytes "
                 f"({how}): shorten it"
             )
-        return await asyncio.to_thread(tokenize, self.codec, prompt)
+        return await asyncio.to_thread(tokenize, self.codec, prompt, add_special_tokens)
 
     def token_task(
         self,
@@ -179,11 +180,12 @@ class Gateway:
         return JSONResponse(accepted_body(snap), status_code=202)
 
 
-def tokenize(codec: TextCodec, text: str) -> list[int]:
+def tokenize(codec: TextCodec, text: str, add_special_tokens: bool = True) -> list[int]:
     """`codec.encode`, through the batch call: the tokenizers library lets go of the GIL
     only in its batch calls, so in a worker thread this one leaves the event loop
     running (a single `encode` holds the GIL to the end and stalls the loop anyway)."""
-    return list(codec.tokenizer.encode_batch([text])[0].ids)
+    batch = codec.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)
+    return list(batch[0].ids)
 
 
 def new_task_id() -> RequestId:

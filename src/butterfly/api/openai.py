@@ -1,188 +1,311 @@
-"""OpenAI-compatible completions, so existing clients and tools work unchanged.
+"""OpenAI-compatible routes, so existing clients and tools work unchanged.
 
-`POST /v1/completions` runs through the same scheduler as `POST /inference` (same queue,
-same limits, same checks); `stream: true` answers with server-sent events, one `data:`
-chunk per piece of new text and `data: [DONE]` at the end, as OpenAI does. A client that
-disconnects mid-stream cancels its task, so abandoned streams do not hold a slot.
+`POST /v1/completions` and `POST /v1/chat/completions` run through the same scheduler as
+`POST /inference` (same queue, same limits, same checks); `stream: true` answers with
+server-sent events as OpenAI does, ending with `data: [DONE]`. A client that disconnects
+mid-stream cancels its tasks, so abandoned streams do not hold a slot. The model is
+named `model.served_name` (default: the model directory's name).
 
 Streams tell the truth about verification: text streamed before the audit can be
 withdrawn (a chunk with a `retract` object, then the replacement text from the start),
 or, with `api.stream_verified_only`, held until the result passed its check. Both
 routes take `Authorization: Bearer <token>` when `api.tokens` is set (butterfly.api.guards).
+Which request fields are acted on and which are accepted and ignored: `openai_schema`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
-import anyio
 from fastapi import APIRouter, Request
 from fastapi.params import Depends
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
-from butterfly.api.errors import error_body
 from butterfly.api.gateway import Gateway
-from butterfly.api.requests import CompletionRequest, parse
+from butterfly.api.openai_choices import ChoiceText, chat_logprobs, completion_logprobs
+from butterfly.api.openai_run import Run, start, stream, whole
+from butterfly.api.openai_schema import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatMessage,
+    ChoiceLogprobs,
+    ChunkChoice,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    Delta,
+    Finish,
+    ModelCard,
+    ModelList,
+    SamplingFields,
+)
+from butterfly.api.openapi_docs import ERRORS, body_of, streamed
+from butterfly.api.requests import parse
 from butterfly.runtime.tokenizer import TextCodec
-from butterfly.schedule.engine import Retraction
-from butterfly.schedule.state import TaskStatus
-from butterfly.types.errors import ButterflyError, InvalidRequest
+from butterfly.types.errors import InvalidRequest
 from butterfly.types.tasks import SamplingParams
 
 
-class IncrementalText:
-    """Text deltas of a growing token sequence. A byte-level token may end in the middle
-    of a UTF-8 character; such a tail decodes to U+FFFD and is held back until the
-    character is complete, so the deltas concatenate to the text of all tokens."""
-
-    def __init__(self, codec: TextCodec) -> None:
-        self.codec, self.ids, self.sent = codec, list[int](), ""
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.codec.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        delta, self.sent = text[len(self.sent) :], text
-        return delta
-
-    def flush(self) -> str:
-        text = self.codec.decode(self.ids)
-        delta, self.sent = text[len(self.sent) :], text
-        return delta
+def _model(gw: Gateway, name: str) -> None:
+    if name != gw.model_name:
+        raise InvalidRequest(
+            f"model {name!r} is not served here; this gateway serves {gw.model_name!r}"
+        )
 
 
-def sse(payload: dict[str, Any] | str) -> str:
-    data = payload if isinstance(payload, str) else json.dumps(payload)
-    return f"data: {data}\n\n"
+def _codec(gw: Gateway) -> TextCodec:
+    if gw.codec is None:
+        raise InvalidRequest("this model has no tokenizer, so it has no text completions")
+    return gw.codec
 
 
-def completion(
-    gw: Gateway,
-    task_id: str,
-    created: int,
-    text: str,
-    finish: str | None,
-    usage: dict[str, int] | None = None,
-) -> dict[str, Any]:
-    """One completion object; a streamed chunk is the same shape with the new text."""
-    choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
-    body: dict[str, Any] = {
-        "id": f"cmpl-{task_id}",
-        "object": "text_completion",
-        "created": created,
-        "model": gw.model_name,
-        "choices": [choice],
-    }
-    if usage is not None:
-        body["usage"] = usage
-    return body
+def _unset(given: dict[str, Any]) -> set[str]:
+    """The top-level extensions a chunk leaves out rather than sending as null."""
+    return {"usage", "verified"} - {k for k, v in given.items() if v is not None}
+
+
+def _sampling(body: SamplingFields, logprobs: int | None) -> SamplingParams:
+    return SamplingParams(
+        temperature=body.temperature,
+        top_k=body.top_k,
+        top_p=body.top_p,
+        seed=body.seed,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        logprobs=logprobs,
+    )
+
+
+class CompletionChunks:
+    """`/v1/completions`: chunks are completion objects with the new text."""
+
+    def __init__(self, gw: Gateway, created: int, body: CompletionRequest) -> None:
+        self.gw, self.created, self.body = gw, created, body
+
+    def _object(self, run: Run, choices: list[CompletionChoice], **extra: Any) -> dict[str, Any]:
+        return Completion(
+            id=f"cmpl-{run.tasks[0].task_id}",
+            created=self.created,
+            model=self.gw.model_name,
+            choices=choices,
+            **extra,
+        ).model_dump(exclude=_unset(extra))
+
+    def _choice(self, choice: ChoiceText, text: str, finish: Finish | None) -> CompletionChoice:
+        logprobs = None
+        if self.body.logprobs is not None:
+            logprobs = completion_logprobs(choice, choice.take_pending(), 0)
+        return CompletionChoice(
+            text=text,
+            index=choice.index,
+            logprobs=logprobs,
+            finish_reason=finish,
+        )
+
+    def _echo(self, run: Run) -> str:
+        return str(run.choices[0].tokenizer.decode(run.prompt, skip_special_tokens=True))
+
+    def opening(self, run: Run, index: int) -> dict[str, Any] | None:
+        if not self.body.echo:
+            return None
+        return self._object(run, [CompletionChoice(text=self._echo(run), index=index)])
+
+    def delta(self, run: Run, choice: ChoiceText, text: str) -> dict[str, Any]:
+        return self._object(run, [self._choice(choice, text, None)])
+
+    def last(self, run: Run, choice: ChoiceText, text: str, verified: str) -> dict[str, Any]:
+        return self._object(run, [self._choice(choice, text, choice.finish)], verified=verified)
+
+    def retraction(self, run: Run, index: int, reason: str) -> dict[str, Any]:
+        body = self._object(run, [CompletionChoice(text="", index=index)])
+        body["retract"] = {"object": "butterfly.retraction", "reason": reason}
+        return body
+
+    def usage(self, run: Run) -> dict[str, Any]:
+        return self._object(run, [], usage=run.usage())
+
+    def whole(self, run: Run, verified: str) -> dict[str, Any]:
+        choices = []
+        for c in run.choices:
+            prefix = (
+                c.tokenizer.decode(run.prompt, skip_special_tokens=True) if self.body.echo else ""
+            )
+            logprobs = None
+            if self.body.logprobs is not None:
+                echoed = run.prompt if self.body.echo else []
+                logprobs = completion_logprobs(c, c.scored, 0, echoed)
+            choices.append(
+                CompletionChoice(
+                    text=prefix + c.emitted,
+                    index=c.index,
+                    logprobs=logprobs,
+                    finish_reason=c.finish,
+                )
+            )
+        return self._object(run, choices, usage=run.usage(), verified=verified)
+
+
+class ChatChunks:
+    """`/v1/chat/completions`: chunks are `chat.completion.chunk` objects with deltas."""
+
+    def __init__(self, gw: Gateway, created: int, body: ChatCompletionRequest) -> None:
+        self.gw, self.created, self.body = gw, created, body
+
+    def _chunk(self, run: Run, choices: list[ChunkChoice], **extra: Any) -> dict[str, Any]:
+        body = ChatCompletionChunk(
+            id=f"chatcmpl-{run.tasks[0].task_id}",
+            created=self.created,
+            model=self.gw.model_name,
+            choices=choices,
+            **extra,
+        ).model_dump(exclude=_unset(extra))
+        for choice in body["choices"]:  # as OpenAI: a delta names only what it carries
+            choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+        return body
+
+    def _logprobs(self, choice: ChoiceText) -> ChoiceLogprobs | None:
+        if not self.body.logprobs:
+            return None
+        return ChoiceLogprobs(content=chat_logprobs(choice, choice.take_pending()))
+
+    def opening(self, run: Run, index: int) -> dict[str, Any] | None:
+        return self._chunk(
+            run, [ChunkChoice(index=index, delta=Delta(role="assistant", content=""))]
+        )
+
+    def delta(self, run: Run, choice: ChoiceText, text: str) -> dict[str, Any]:
+        item = ChunkChoice(
+            index=choice.index, delta=Delta(content=text), logprobs=self._logprobs(choice)
+        )
+        return self._chunk(run, [item])
+
+    def last(self, run: Run, choice: ChoiceText, text: str, verified: str) -> dict[str, Any]:
+        item = ChunkChoice(
+            index=choice.index,
+            delta=Delta(content=text) if text else Delta(),
+            logprobs=self._logprobs(choice),
+            finish_reason=choice.finish,
+        )
+        return self._chunk(run, [item], verified=verified)
+
+    def retraction(self, run: Run, index: int, reason: str) -> dict[str, Any]:
+        body = self._chunk(run, [ChunkChoice(index=index, delta=Delta())])
+        body["retract"] = {"object": "butterfly.retraction", "reason": reason}
+        return body
+
+    def usage(self, run: Run) -> dict[str, Any]:
+        return self._chunk(run, [], usage=run.usage())
+
+    def whole(self, run: Run, verified: str) -> dict[str, Any]:
+        choices = [
+            ChatChoice(
+                index=c.index,
+                message=AssistantMessage(content=c.emitted),
+                logprobs=(
+                    ChoiceLogprobs(content=chat_logprobs(c, c.scored))
+                    if self.body.logprobs
+                    else None
+                ),
+                finish_reason=c.finish,
+            )
+            for c in run.choices
+        ]
+        return ChatCompletion(
+            id=f"chatcmpl-{run.tasks[0].task_id}",
+            created=self.created,
+            model=self.gw.model_name,
+            choices=choices,
+            usage=run.usage(),
+            verified=verified,
+        ).model_dump()
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as chat templates expect them: text parts joined, `developer` (OpenAI's
+    newer name) as `system`, which is what templates know."""
+    out = []
+    for m in messages:
+        message = m.model_dump(exclude_none=True)
+        content = m.content
+        if isinstance(content, list):
+            message["content"] = "\n".join(part.text for part in content)
+        elif content is None:
+            message["content"] = ""
+        if m.role == "developer":
+            message["role"] = "system"
+        out.append(message)
+    return out
 
 
 def router(gw: Gateway, limited: Depends) -> APIRouter:
     api = APIRouter(prefix="/v1")
 
-    @api.get("/models")
-    async def models() -> dict[str, Any]:
-        model = {"id": gw.model_name, "object": "model", "created": 0, "owned_by": "butterfly"}
-        return {"object": "list", "data": [model]}
+    @api.get("/models", response_model=ModelList, responses=ERRORS)
+    async def models() -> ModelList:
+        """The one model this cluster serves, under `model.served_name`."""
+        return ModelList(data=[ModelCard(id=gw.model_name, created=0, owned_by="butterfly")])
 
-    @api.post("/completions", dependencies=[limited])
+    @api.post(
+        "/completions",
+        dependencies=[limited],
+        responses=streamed(Completion),
+        openapi_extra=body_of(CompletionRequest),
+    )
     async def completions(request: Request) -> Response:
+        """Text completion of a prompt (text or token ids)."""
         body = await parse(request, CompletionRequest, gw.settings.max_request_bytes)
-        if body.model != gw.model_name:
-            raise InvalidRequest(
-                f"model {body.model!r} is not served here; this gateway serves {gw.model_name!r}"
-            )
-        if gw.codec is None:
-            raise InvalidRequest("this model has no tokenizer, so it has no text completions")
+        _model(gw, body.model)
+        codec = _codec(gw)
         ids = await gw.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
-        sampling = SamplingParams(body.temperature, body.top_k, body.top_p, body.seed)
-        task = gw.token_task(ids, body.max_tokens, sampling)
-        await gw.scheduler.submit(task)
-        created = int(time.time())
+        sampling = _sampling(body, body.logprobs)
+        run = await start(gw, codec, ids, body.max_tokens, sampling, body.n, body.stops())
+        chunks = CompletionChunks(gw, int(time.time()), body)
         if body.stream:
-            events = stream_events(gw, gw.codec, task.task_id, created)
+            events = stream(run, chunks, body.include_usage())
             return StreamingResponse(events, media_type="text/event-stream")
-        snap = await gw.scheduler.wait(task.task_id, gw.settings.max_wait_s)
-        if snap.state.status is not TaskStatus.COMPLETED or snap.result is None:
-            return gw.outcome(snap)  # an error, or 202 if it outlived the wait limit
-        out = snap.result.output_ids
-        usage = {
-            "prompt_tokens": len(ids),
-            "completion_tokens": len(out),
-            "total_tokens": len(ids) + len(out),
-        }
-        finish = gw.finish_reason(out)
-        answer = completion(gw, task.task_id, created, snap.result.text, finish, usage)
-        answer["verified"] = snap.result.verified  # an extension: which check it passed
-        return JSONResponse(answer)
+        return await whole(run, chunks.whole)
+
+    @api.post(
+        "/chat/completions",
+        dependencies=[limited],
+        responses=streamed(ChatCompletion),
+        openapi_extra=body_of(ChatCompletionRequest),
+    )
+    async def chat(request: Request) -> Response:
+        """The next assistant message of a conversation, through the model's chat template."""
+        body = await parse(request, ChatCompletionRequest, gw.settings.max_request_bytes)
+        _model(gw, body.model)
+        codec = _codec(gw)
+        if codec.chat is None:
+            raise InvalidRequest(
+                f"model {gw.model_name!r} has no chat template (no `chat_template` in its "
+                "tokenizer_config.json, no chat_template.jinja); use /v1/completions with "
+                "the prompt formatted yourself"
+            )
+        text = codec.chat.render(
+            template_messages(body.messages),
+            add_generation_prompt=body.add_generation_prompt,
+            extra=body.chat_template_kwargs,
+        )
+        ids = await gw.encode(text, add_special_tokens=False)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        if max_tokens is None:  # as much as the context and the limit leave
+            room = gw.engine.max_context - len(ids) + 1
+            max_tokens = max(1, min(gw.settings.max_new_tokens_limit, room))
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        sampling = _sampling(body, logprobs)
+        run = await start(gw, codec, ids, max_tokens, sampling, body.n, body.stops())
+        chunks = ChatChunks(gw, int(time.time()), body)
+        if body.stream:
+            events = stream(run, chunks, body.include_usage())
+            return StreamingResponse(events, media_type="text/event-stream")
+        return await whole(run, chunks.whole)
 
     return api
 
 
-def retraction(gw: Gateway, task_id: str, created: int, event: Retraction) -> dict[str, Any]:
-    """The chunk that withdraws all text streamed so far: a completion chunk with no text
-    (a client that does not know it appends nothing) and a `retract` object."""
-    body = completion(gw, task_id, created, "", None)
-    body["retract"] = {"object": "butterfly.retraction", "reason": event.reason}
-    return body
-
-
-HELD = ": held\n\n"
-"""An SSE comment per token held back (`api.stream_verified_only`): clients ignore it,
-and the connection shows progress instead of looking idle to proxies."""
-
-
-async def stream_events(
-    gw: Gateway, codec: TextCodec, task_id: str, created: int
-) -> AsyncIterator[str]:
-    """The task's text as SSE chunks. A re-run that replaces the tokens streamed so far
-    (an audit caught a liar) sends a `retraction` chunk first; with
-    `api.stream_verified_only` no text leaves before the task finished, its check
-    included, and then all of it in one chunk. The last chunk says `verified`."""
-    hold = gw.settings.stream_verified_only
-    text = IncrementalText(codec)
-    finished = False
-    try:
-        async for token in gw.scheduler.stream(task_id):
-            if hold:  # nothing was sent, so a retraction has nothing to withdraw
-                if not isinstance(token, Retraction):
-                    yield HELD
-            elif isinstance(token, Retraction):
-                text = IncrementalText(codec)
-                yield sse(retraction(gw, task_id, created, token))
-            elif delta := text.push(token):
-                yield sse(completion(gw, task_id, created, delta, None))
-        snap = await gw.scheduler.snapshot(task_id)
-        finished = snap.state.terminal
-        if snap.state.status is TaskStatus.COMPLETED:
-            result = snap.result
-            out = result.output_ids if result is not None else ()
-            if hold:  # all of it now (the scheduler detokenized it, when it could)
-                rest = result.text if result and result.text else codec.decode([*out])
-            else:
-                rest = text.flush()
-            last = completion(gw, task_id, created, rest, gw.finish_reason(tuple(out)))
-            last["verified"] = result.verified if result is not None else "none"
-            yield sse(last)
-        elif finished:
-            kind = snap.state.error_type or "task_cancelled"
-            yield sse(error_body(kind, snap.state.reason or f"task {task_id} was cancelled"))
-        else:  # the scheduler stopped under it; the task runs again after a restart
-            message = f"the gateway is shutting down; read /result/{task_id} once it is back"
-            yield sse(error_body("service_unavailable", message))
-        yield sse("[DONE]")
-    finally:
-        # The client went away mid-stream: stop the work it asked for. Not when the
-        # gateway is stopping: then the task must stay queued for the restart.
-        if not finished and gw.scheduler.serving:
-            with anyio.CancelScope(shield=True), contextlib.suppress(ButterflyError):
-                await gw.scheduler.cancel(task_id)  # suppressed: it finished meanwhile
-
-
-__all__ = ["HELD", "IncrementalText", "completion", "retraction", "router"]
+__all__ = ["ChatChunks", "CompletionChunks", "router", "template_messages"]

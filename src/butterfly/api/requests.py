@@ -18,7 +18,7 @@ from typing import Annotated, TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from butterfly.api.errors import describe_validation
+from butterfly.api.errors import InvalidField, describe_validation, first_field
 from butterfly.types.errors import InvalidRequest, PayloadTooLarge
 
 SEED_MAX = (1 << 63) - 1  # torch.Generator.manual_seed takes a 64-bit seed
@@ -56,21 +56,6 @@ class InferenceRequest(StrictBody):
         return self
 
 
-class CompletionRequest(StrictBody):
-    """`POST /v1/completions`, the subset of OpenAI's fields Butterfly honours."""
-
-    model: str
-    prompt: str | list[int]
-    max_tokens: Annotated[int, Field(ge=1)] = 16
-    temperature: Annotated[float, Field(ge=0.0)] = 1.0  # OpenAI's default
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-    top_k: Annotated[int, Field(ge=0)] = 0  # an extension, as in vLLM
-    seed: Annotated[int, Field(ge=0, le=SEED_MAX)] | None = None
-    stream: bool = False
-    n: Annotated[int, Field(ge=1, le=1)] = 1  # one completion per request
-    user: str | None = None  # accepted for compatibility, not used
-
-
 async def read_body(request: Request, limit: int) -> bytes:
     """The raw body, or `PayloadTooLarge` as soon as it is known to exceed `limit`."""
     declared = request.headers.get("content-length")
@@ -96,7 +81,9 @@ async def parse(request: Request, model: type[Model], limit: int) -> Model:
     try:
         return model.model_validate_json(body)
     except ValidationError as e:
-        raise InvalidRequest(describe_validation(e.errors(), tuple(model.model_fields))) from e
+        errors = e.errors()
+        message = describe_validation(errors, tuple(model.model_fields))
+        raise InvalidField(message, first_field(errors)) from e
 
 
-__all__ = ["CompletionRequest", "InferenceRequest", "parse", "read_body"]
+__all__ = ["SEED_MAX", "InferenceRequest", "StrictBody", "parse", "read_body"]

@@ -69,6 +69,16 @@ def _public_key_hex(value: str) -> str:
     return value
 
 
+def _served_name(value: str) -> str:
+    """Clients send it back as `model` in every request, and it lands in URLs and logs:
+    printable, no whitespace (an empty value means the model directory's name)."""
+    if value and not re.fullmatch(r"[A-Za-z0-9_.:/@+-]{1,128}", value):
+        raise ValueError(
+            f"expected 1-128 letters, digits or '._:/@+-' (e.g. org/model-7b), got {value!r}"
+        )
+    return value
+
+
 def _host_port_or_empty(value: str) -> str:
     return value and _host_port(value)
 
@@ -77,6 +87,7 @@ HostPort = Annotated[str, AfterValidator(_host_port)]
 OptionalHostPort = Annotated[str, AfterValidator(_host_port_or_empty)]
 ClusterId = Annotated[str, AfterValidator(_cluster_id)]
 PublicKeyHex = Annotated[str, AfterValidator(_public_key_hex)]
+ServedName = Annotated[str, AfterValidator(_served_name)]
 
 
 def option(
@@ -360,6 +371,13 @@ class ModelConfig(Section):
         "float32", "Compute dtype; equal everywhere so results compare.", SC, CLUSTER
     )
     expected_sha256: str = option("", "Model hash peers must match; empty = node 0's.", SC, CLUSTER)
+    served_name: ServedName = option(
+        "",
+        "The model's name on the OpenAI API (/v1/models, `model` in requests and "
+        "responses); empty = the model directory's name.",
+        SC,
+        CLUSTER,
+    )
 
 
 class ApiConfig(Section):

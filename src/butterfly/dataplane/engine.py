@@ -38,7 +38,7 @@ from butterfly.metrics.logcontext import REQUEST_ID
 from butterfly.metrics.tracing import Tracing
 from butterfly.net.framing import Envelope
 from butterfly.protocol.proof import Tolerance
-from butterfly.runtime.sampling import make_generator, sample
+from butterfly.runtime.sampling import choose, make_generator, sample
 from butterfly.schedule.engine import ClusterHealth, Retraction, TokenSink
 from butterfly.schedule.store import Checkpoint
 from butterfly.types.errors import (
@@ -50,7 +50,7 @@ from butterfly.types.errors import (
 )
 from butterfly.types.ids import NodeId, RequestId
 from butterfly.types.plan import StagePlan
-from butterfly.types.tasks import InferenceResult, InferenceTask, StageRecord
+from butterfly.types.tasks import InferenceResult, InferenceTask, Sampled, StageRecord
 from butterfly.types.wire.agreement import Proof, encode
 
 log = logging.getLogger(__name__)
@@ -423,6 +423,8 @@ class PipelineEngine:
         rng = make_generator(task.sampling)
         prompt = list(task.input_ids)
         out: list[int] = []
+        scored: list[Sampled] = []  # with logprobs, when the request asked for them
+        wants_logprobs = task.sampling.logprobs is not None
         if saved is not None and len(saved.tokens) <= task.max_new_tokens:
             out = list(saved.tokens)
             rng.set_state(torch.frombuffer(bytearray(saved.rng_state), dtype=torch.uint8))
@@ -483,11 +485,16 @@ class PipelineEngine:
                 pos, x = await self._replay_from(request_id, prompt + out, positions)
                 timings["resumed_at"] = float(pos)
                 continue
-            token = sample(logits[0, -1], task.sampling, rng)
+            if wants_logprobs:  # a log-softmax over the vocabulary more, only when asked
+                picked = choose(logits[0, -1], task.sampling, rng, out)
+                token = picked.token
+                scored.append(picked)
+            else:
+                token = sample(logits[0, -1], task.sampling, rng, out)
             if not out:
                 timings["time_to_first_token_s"] = time.perf_counter() - started
             out.append(token)
-            on_token(token)
+            on_token(scored[-1] if wants_logprobs else token)
             every = self.checkpoint_every
             if self._on_checkpoint is not None and every > 0 and len(out) % every == 0:
                 state = bytes(rng.get_state().numpy().tobytes())
@@ -505,7 +512,7 @@ class PipelineEngine:
                 len(out) - 1
             )
         plan = self._plan()
-        return self._result(task, plan, tuple(out), (), timings)
+        return replace(self._result(task, plan, tuple(out), (), timings), logprobs=tuple(scored))
 
     def _result(
         self,

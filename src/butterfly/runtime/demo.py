@@ -135,6 +135,17 @@ def write_safetensors(tensors: dict[str, torch.Tensor], out: Path, shard_bytes: 
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('roles are system, user and assistant') }}{% endif %}"
+    "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+"""A plain-text chat format, so `/v1/chat/completions` works on the demo model (whose
+random weights make no sense of it, but the path from messages to tokens is real)."""
+
+
 def create_demo(
     out: Path, size: str = "tiny", seed: int = 0, shard_bytes: int | None = None
 ) -> Path:
@@ -151,6 +162,7 @@ def create_demo(
         "eos_token": "<|eos|>",
         "pad_token": "<|pad|>",
         "model_max_length": SIZES[size].max_position_embeddings,
+        "chat_template": CHAT_TEMPLATE,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n")
     return out

@@ -58,12 +58,13 @@ def generate(
     caches = [s.new_cache() for s in stages]
     rng = make_generator(sampling)
     x = torch.tensor([list(prompt_ids)], dtype=torch.int64)
-    pos = 0
+    pos, out = 0, list[int]()
     with torch.inference_mode():
         for _ in range(max_new_tokens):
             t0 = time.perf_counter()
             logits = run_pipeline(stages, caches, x, pos)
-            token = sample(logits[0, -1], sampling, rng)
+            token = sample(logits[0, -1], sampling, rng, out)
+            out.append(token)
             if timings is not None:
                 elapsed = time.perf_counter() - t0
                 if pos == 0:

@@ -1,14 +1,19 @@
 """Choosing the next token from logits, apart from any forward pass.
 
 The generator is explicit so a request's randomness is a value that can be checkpointed
-(`generator.get_state()`) and restored on another node, giving the same tokens.
+(`generator.get_state()`) and restored on another node, giving the same tokens. Penalties
+are a function of the tokens generated so far, which the checkpoint also holds, so a
+resumed generation penalizes exactly as the uninterrupted one did; logprobs are read off
+the logits without touching the generator, so asking for them changes no token.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from butterfly.types.tasks import SamplingParams
+from butterfly.types.tasks import Sampled, SamplingParams
 
 
 def make_generator(params: SamplingParams) -> torch.Generator:
@@ -20,10 +25,47 @@ def make_generator(params: SamplingParams) -> torch.Generator:
     return g
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """Pick one token id from `logits` [V] (the last position's)."""
+MIN_TEMPERATURE = 1e-4
+"""Below this, sampling is greedy: dividing logits by a temperature near 0 overflows to
+infinity (1e-300 did, and the draw failed on NaN probabilities), and at 1e-4 a logit gap
+of 0.01 is already a factor e^100, so the draw is an argmax anyway."""
+
+
+def penalize(logits: torch.Tensor, params: SamplingParams, history: Sequence[int]) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties over the tokens generated so far."""
+    if not history or not params.penalized:
+        return logits
+    counts = torch.bincount(torch.tensor(history, dtype=torch.int64), minlength=logits.shape[-1])
+    counts = counts[: logits.shape[-1]].to(logits.dtype)
+    return logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
+
+
+def choose(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator,
+    history: Sequence[int] = (),
+) -> Sampled:
+    """`sample` with the chosen token's logprob and the `params.logprobs` likeliest."""
     logits = logits.float()
-    if params.greedy:
+    token = sample(logits, params, generator, history)
+    logprobs = torch.log_softmax(logits, dim=-1)
+    k = min(params.logprobs or 0, logits.shape[-1])
+    top = torch.topk(logprobs, k) if k else None
+    alternatives = tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top else ()
+    return Sampled(token, float(logprobs[token]), alternatives)
+
+
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator,
+    history: Sequence[int] = (),
+) -> int:
+    """Pick one token id from `logits` [V] (the last position's); `history`: the tokens
+    generated so far, which the penalties count."""
+    logits = penalize(logits.float(), params, history)
+    if params.greedy or params.temperature < MIN_TEMPERATURE:
         return int(torch.argmax(logits).item())
     logits = logits / params.temperature
     if 0 < params.top_k < logits.shape[-1]:

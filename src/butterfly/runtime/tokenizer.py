@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from butterfly.runtime.chat import ChatTemplate
 from butterfly.types.errors import InvalidInput
 
 
@@ -14,6 +15,7 @@ from butterfly.types.errors import InvalidInput
 class TextCodec:
     tokenizer: Tokenizer
     eos_ids: frozenset[int]
+    chat: ChatTemplate | None = None  # the checkpoint's chat template, if it ships one
 
     @classmethod
     def load(cls, model_dir: Path) -> TextCodec:
@@ -22,7 +24,7 @@ class TextCodec:
             raise InvalidInput(f"{model_dir} has no tokenizer.json; send input_ids instead of text")
         tok = Tokenizer.from_file(str(path))
         eos = {tok.token_to_id(t) for t in ("<|eos|>", "</s>", "<|endoftext|>", "<|end_of_text|>")}
-        return cls(tok, frozenset(i for i in eos if i is not None))
+        return cls(tok, frozenset(i for i in eos if i is not None), ChatTemplate.load(model_dir))
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text).ids)

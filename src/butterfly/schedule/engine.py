@@ -14,7 +14,7 @@ from typing import Protocol
 
 from butterfly.types.ids import NodeId, RequestId
 from butterfly.types.model import LayerRange
-from butterfly.types.tasks import InferenceResult, InferenceTask
+from butterfly.types.tasks import InferenceResult, InferenceTask, Sampled
 
 
 @dataclass(frozen=True)
@@ -26,8 +26,11 @@ class Retraction:
     reason: str
 
 
-TokenSink = Callable[[int | Retraction], None]
-"""Called with each new token id as it is produced (for streaming), and with a
+Token = int | Sampled
+"""A produced token: its id, or with its logprobs when the request asked for them."""
+
+TokenSink = Callable[[Token | Retraction], None]
+"""Called with each new token as it is produced (for streaming), and with a
 `Retraction` when those produced so far are withdrawn; must not block."""
 
 
@@ -70,4 +73,4 @@ class Engine(Protocol):
     def health(self) -> ClusterHealth: ...
 
 
-__all__ = ["ClusterHealth", "Engine", "NodeHealth", "RequestId", "Retraction", "TokenSink"]
+__all__ = ["ClusterHealth", "Engine", "NodeHealth", "RequestId", "Retraction", "Token", "TokenSink"]

@@ -41,7 +41,7 @@ from butterfly.metrics.events import (
 )
 from butterfly.metrics.events import discard as discard_events
 from butterfly.metrics.logcontext import REQUEST_ID
-from butterfly.schedule.engine import Engine, Retraction
+from butterfly.schedule.engine import Engine, Retraction, Token
 from butterfly.schedule.queue import QueuePolicy, TaskQueue
 from butterfly.schedule.state import (
     DISPATCH,
@@ -65,7 +65,7 @@ from butterfly.types.errors import (
     TaskNotFound,
 )
 from butterfly.types.ids import RequestId
-from butterfly.types.tasks import InferenceResult, InferenceTask
+from butterfly.types.tasks import InferenceResult, InferenceTask, Sampled
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,8 @@ class _Live:
     tokens: list[int] = field(default_factory=list)
     last_token_at: float = 0.0
     dispatched: float = 0.0
-    subscribers: list[asyncio.Queue[int | Retraction | None]] = field(default_factory=list)
+    subscribers: list[asyncio.Queue[Token | Retraction | None]] = field(default_factory=list)
+    scored: list[Sampled] = field(default_factory=list)  # `tokens` with logprobs, if asked
     produced: bool = False  # a token came (a retraction empties `tokens`, not this)
     runner: asyncio.Task[None] | None = None
     cancel_requested: bool = False
@@ -301,7 +302,7 @@ class Scheduler:
                     await live.settled.wait()
         return self._snapshot(live) if live is not None else await self.snapshot(task_id)
 
-    async def stream(self, task_id: str) -> AsyncIterator[int | Retraction]:
+    async def stream(self, task_id: str) -> AsyncIterator[Token | Retraction]:
         """The task's tokens as they are produced, from the first; ends when it finishes
         (read its final state with `snapshot` then). A `Retraction` withdraws every token
         yielded before it (a check found them wrong; the tokens after it replace them);
@@ -309,11 +310,16 @@ class Scheduler:
         live = self._live.get(task_id)
         if live is None:
             snap = await self.snapshot(task_id)
-            for token in snap.result.output_ids if snap.result else ():
+            result = snap.result
+            if result is None:
+                return
+            scored = len(result.logprobs) == len(result.output_ids)
+            for token in result.logprobs if scored else result.output_ids:
                 yield token
             return
-        inbox: asyncio.Queue[int | Retraction | None] = asyncio.Queue()
-        backlog = list(live.tokens)
+        inbox: asyncio.Queue[Token | Retraction | None] = asyncio.Queue()
+        scored = len(live.scored) == len(live.tokens)
+        backlog: list[Token] = [*live.scored] if scored else [*live.tokens]
         live.subscribers.append(inbox)
         if live.settled.is_set():  # the scheduler stopped under it: no more tokens will come
             inbox.put_nowait(None)
@@ -495,16 +501,21 @@ class Scheduler:
         for inbox in live.subscribers:
             inbox.put_nowait(None)
 
-    def _on_token(self, live: _Live, token: int | Retraction) -> None:
+    def _on_token(self, live: _Live, token: Token | Retraction) -> None:
         if isinstance(token, Retraction):
             log.warning("task %s: tokens so far withdrawn (%s)", live.task.task_id, token.reason)
             live.tokens.clear()
+            live.scored.clear()
             for inbox in live.subscribers:
                 inbox.put_nowait(token)
             return
         now = self._clock()
         first, live.produced = not live.produced, True
-        live.tokens.append(token)
+        if isinstance(token, Sampled):
+            live.scored.append(token)
+            live.tokens.append(token.token)
+        else:
+            live.tokens.append(token)
         self._emit(TokenProduced(first, now - (live.accepted if first else live.last_token_at)))
         live.last_token_at = now
         for inbox in live.subscribers:

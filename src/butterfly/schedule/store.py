@@ -33,7 +33,13 @@ from butterfly.schedule.state import TERMINAL, TaskState, TaskStatus
 from butterfly.types.errors import TaskAlreadyExists
 from butterfly.types.ids import NodeId, RequestId
 from butterfly.types.model import LayerRange
-from butterfly.types.tasks import InferenceResult, InferenceTask, SamplingParams, StageRecord
+from butterfly.types.tasks import (
+    InferenceResult,
+    InferenceTask,
+    Sampled,
+    SamplingParams,
+    StageRecord,
+)
 
 SCHEMA_VERSION = 3
 """2 added `evictions`: an older gateway would open the file and forget them, so it may
@@ -90,7 +96,10 @@ def task_to_json(task: InferenceTask) -> str:
             "input_ids": list(task.input_ids),
             "input_vector": list(task.input_vector),
             "max_new_tokens": task.max_new_tokens,
-            "sampling": [s.temperature, s.top_k, s.top_p, s.seed],
+            "sampling": [
+                *(s.temperature, s.top_k, s.top_p, s.seed),
+                *(s.presence_penalty, s.frequency_penalty, s.logprobs),
+            ],
             "priority": task.priority,
             "created_at": task.created_at,
         }
@@ -99,13 +108,15 @@ def task_to_json(task: InferenceTask) -> str:
 
 def task_from_json(task_id: str, text: str) -> InferenceTask:
     d = json.loads(text)
-    temperature, top_k, top_p, seed = d["sampling"]
+    # the penalties and logprobs came later: a file written before them has four fields
+    temperature, top_k, top_p, seed, *rest = d["sampling"]
+    presence, frequency, logprobs = rest or (0.0, 0.0, None)
     return InferenceTask(
         task_id=RequestId(task_id),
         input_ids=tuple(d["input_ids"]),
         input_vector=tuple(d["input_vector"]),
         max_new_tokens=d["max_new_tokens"],
-        sampling=SamplingParams(temperature, top_k, top_p, seed),
+        sampling=SamplingParams(temperature, top_k, top_p, seed, presence, frequency, logprobs),
         priority=d["priority"],
         created_at=d["created_at"],
     )
@@ -121,6 +132,7 @@ def result_to_json(result: InferenceResult) -> str:
             "stages": [[s.node, s.layers.start, s.layers.end] for s in result.stages],
             "timings": result.timings,
             "proofs": [base64.b64encode(p).decode() for p in result.proofs],
+            "logprobs": [[s.token, s.logprob, [list(t) for t in s.top]] for s in result.logprobs],
         }
     )
 
@@ -136,6 +148,9 @@ def result_from_json(task_id: str, text: str) -> InferenceResult:
         stages=tuple(StageRecord(NodeId(n), LayerRange(a, b)) for n, a, b in d["stages"]),
         timings=dict(d["timings"]),
         proofs=tuple(base64.b64decode(p) for p in d.get("proofs", ())),
+        logprobs=tuple(
+            Sampled(t, lp, tuple((a, b) for a, b in top)) for t, lp, top in d.get("logprobs", ())
+        ),
     )
 
 

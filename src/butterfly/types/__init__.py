@@ -14,7 +14,13 @@ from butterfly.types.model import (
     PartitionStrategy,
     TransformerBlock,
 )
-from butterfly.types.tasks import InferenceResult, InferenceTask, SamplingParams, StageRecord
+from butterfly.types.tasks import (
+    InferenceResult,
+    InferenceTask,
+    Sampled,
+    SamplingParams,
+    StageRecord,
+)
 
 __all__ = [
     "Activation",
@@ -32,6 +38,7 @@ __all__ = [
     "NodeId",
     "PartitionStrategy",
     "RequestId",
+    "Sampled",
     "SamplingParams",
     "StageIndex",
     "StageRecord",

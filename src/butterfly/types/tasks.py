@@ -16,10 +16,30 @@ class SamplingParams:
     top_k: int = 0  # 0 = no top-k cut
     top_p: float = 1.0  # 1.0 = no nucleus cut
     seed: int | None = None  # None = fresh randomness per request
+    # OpenAI's penalties, subtracted from the logits of tokens already generated (greedy
+    # included): presence once per token that occurred, frequency once per occurrence
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None = none; k = the chosen token's and the k likeliest
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """A sampled token with its log-probability under the model's distribution (the
+    log-softmax of the logits, before temperature, cuts and penalties, as vLLM reports
+    it) and the `k` likeliest alternatives, for requests that ask for logprobs."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -55,3 +75,6 @@ class InferenceResult:
     # the signed record of every stage step that produced the output (encoded `Proof`s of
     # butterfly.protocol), kept with the result so a client can check who computed what
     proofs: tuple[bytes, ...] = ()
+    # per output token when the request asked for logprobs (tokens a gateway resumed
+    # from a dead one's checkpoint have none, so it may be shorter than output_ids)
+    logprobs: tuple[Sampled, ...] = ()

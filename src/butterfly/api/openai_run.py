@@ -1,0 +1,239 @@
+"""Running the `n` choices of one OpenAI request, whole or as a stream of SSE chunks.
+
+Each choice is its own task in the scheduler (same queue, limits and checks as any
+request); choice `i` of a seeded request samples with `seed + i`, so a seeded request
+with `n > 1` gives `n` different, reproducible answers.
+
+Stop strings: a whole answer waits for its tasks and cuts their text at the first stop
+string, so what it returns was checked in full; a stream cuts its text at the stop string
+and cancels the task at once (its `verified` is then "none": the run it stopped was
+never checked). Streams send an SSE comment when no token came for `KEEPALIVE_S`, so
+proxies and clients with read timeouts see a live connection through a long prefill or
+a queue; clients ignore comments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable, Collection
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+import anyio
+from fastapi.responses import JSONResponse, Response
+
+from butterfly.api.errors import error_body
+from butterfly.api.gateway import Gateway
+from butterfly.api.openai_choices import ChoiceText, StopScanner
+from butterfly.api.openai_schema import Usage
+from butterfly.runtime.tokenizer import TextCodec
+from butterfly.schedule.engine import Retraction, Token
+from butterfly.schedule.state import TaskStatus
+from butterfly.types.errors import ButterflyError
+from butterfly.types.ids import RequestId
+from butterfly.types.tasks import InferenceResult, InferenceTask, SamplingParams
+
+KEEPALIVE_S = 15.0
+KEEPALIVE = ": keep-alive\n\n"
+HELD = ": held\n\n"
+"""An SSE comment per token held back (`api.stream_verified_only`): clients ignore it,
+and the connection shows progress instead of looking idle to proxies."""
+SEED_SPAN = 1 << 63
+
+
+def sse(payload: dict[str, Any] | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+@dataclass
+class Run:
+    """The tasks of one request and the text each has produced."""
+
+    gw: Gateway
+    tasks: list[InferenceTask]
+    choices: list[ChoiceText]
+    prompt: list[int]
+
+    def usage(self) -> Usage:
+        done = sum(len(c.tokens) for c in self.choices)
+        return Usage(
+            prompt_tokens=len(self.prompt),
+            completion_tokens=done,
+            total_tokens=len(self.prompt) + done,
+        )
+
+    async def cancel_unfinished(self, keep: Collection[int] = ()) -> None:
+        """Cancel every task but those at the indexes in `keep` (ended, or handed out)."""
+        for index, task in enumerate(self.tasks):
+            if index in keep:
+                continue
+            with anyio.CancelScope(shield=True), contextlib.suppress(ButterflyError):
+                await self.gw.scheduler.cancel(task.task_id)  # suppressed: it finished
+
+
+async def start(
+    gw: Gateway,
+    codec: TextCodec,
+    ids: list[int],
+    max_tokens: int | None,
+    sampling: SamplingParams,
+    n: int,
+    stops: tuple[str, ...],
+) -> Run:
+    """Submit the request's `n` tasks (all or none: a refused one cancels the others)."""
+    tasks = []
+    for i in range(n):
+        seed = None if sampling.seed is None else (sampling.seed + i) % SEED_SPAN
+        tasks.append(gw.token_task(ids, max_tokens, replace(sampling, seed=seed)))
+    choices = [ChoiceText(i, codec.tokenizer, StopScanner(stops), codec.eos_ids) for i in range(n)]
+    run = Run(gw, [], choices, ids)
+    try:
+        for task in tasks:
+            await gw.scheduler.submit(task)
+            run.tasks.append(task)
+    except BaseException:
+        await run.cancel_unfinished()
+        raise
+    return run
+
+
+def feed(choice: ChoiceText, result: InferenceResult) -> None:
+    """A finished task's tokens into its choice, as if streamed."""
+    scored = len(result.logprobs) == len(result.output_ids)
+    tokens: tuple[Token, ...] = result.logprobs if scored else result.output_ids
+    for token in tokens:
+        choice.push(token)
+    choice.end("length")
+
+
+def weakest(verified: list[str]) -> str:
+    """One `verified` for several choices: theirs if they agree, else "none"."""
+    return verified[0] if len(set(verified)) == 1 else "none"
+
+
+Whole = Callable[[Run, str], dict[str, Any]]
+
+
+async def whole(run: Run, answer: Whole) -> Response:
+    """Wait for every choice; the answer built by `answer(run, verified)`, or the first
+    choice's failure (the others are cancelled)."""
+    gw, verified = run.gw, []
+    for task, choice in zip(run.tasks, run.choices, strict=True):
+        snap = await gw.scheduler.wait(task.task_id, gw.settings.max_wait_s)
+        if snap.state.status is not TaskStatus.COMPLETED or snap.result is None:
+            # an error (the other choices are cancelled), or a 202 naming this task,
+            # which goes on (the others cannot be read from that answer: cancelled)
+            keep = () if snap.state.terminal else (run.tasks.index(task),)
+            await run.cancel_unfinished(keep)
+            return gw.outcome(snap)
+        feed(choice, snap.result)
+        verified.append(snap.result.verified)
+    return JSONResponse(answer(run, weakest(verified)))
+
+
+class Chunks(Protocol):
+    """How one API shapes its stream (completions and chat differ)."""
+
+    def opening(self, run: Run, index: int) -> dict[str, Any] | None:
+        """A chunk before any token (chat's `role`, completions' echoed prompt)."""
+
+    def delta(self, run: Run, choice: ChoiceText, text: str) -> dict[str, Any]:
+        """New text of one choice, with the logprobs of the tokens it came from."""
+
+    def last(self, run: Run, choice: ChoiceText, text: str, verified: str) -> dict[str, Any]:
+        """A choice's last text, its `finish_reason` and which check it passed."""
+
+    def retraction(self, run: Run, index: int, reason: str) -> dict[str, Any]:
+        """Withdraws all of a choice's text so far (a chunk with a `retract` object)."""
+
+    def usage(self, run: Run) -> dict[str, Any]:
+        """`stream_options.include_usage`: the chunk with usage and no choices."""
+
+
+async def _pump(
+    gw: Gateway, index: int, task_id: RequestId, inbox: asyncio.Queue[tuple[int, Any]]
+) -> None:
+    async for token in gw.scheduler.stream(task_id):
+        await inbox.put((index, token))
+    await inbox.put((index, None))
+
+
+async def stream(
+    run: Run, chunks: Chunks, include_usage: bool, keepalive_s: float = KEEPALIVE_S
+) -> AsyncIterator[str]:
+    """The choices' text as SSE chunks, merged as they come; `[DONE]` at the end."""
+    gw, hold = run.gw, run.gw.settings.stream_verified_only
+    inbox: asyncio.Queue[tuple[int, Token | Retraction | None]] = asyncio.Queue()
+    pumps = [asyncio.create_task(_pump(gw, i, t.task_id, inbox)) for i, t in enumerate(run.tasks)]
+    ended: set[int] = set()
+    try:
+        for i in range(len(run.tasks)):
+            if (opening := chunks.opening(run, i)) is not None:
+                yield sse(opening)
+        while len(ended) < len(run.tasks):
+            try:
+                index, item = await asyncio.wait_for(inbox.get(), keepalive_s)
+            except TimeoutError:
+                yield KEEPALIVE
+                continue
+            choice, task_id = run.choices[index], run.tasks[index].task_id
+            if item is None:
+                ended.add(index)
+                message, failed = await _ended(run, chunks, choice, task_id, hold)
+                yield message
+                if failed:  # one error ends the stream; the other choices are cancelled
+                    break
+            elif hold:  # nothing was sent, so a retraction has nothing to withdraw
+                if not isinstance(item, Retraction):
+                    yield HELD
+            elif isinstance(item, Retraction):
+                choice.reset()
+                yield sse(chunks.retraction(run, index, item.reason))
+            elif choice.finish is None:
+                if text := choice.push(item):  # logprobs wait for their text, if held
+                    yield sse(chunks.delta(run, choice, text))
+                if choice.stops.stopped:  # cut here: the rest is not wanted
+                    with anyio.CancelScope(shield=True), contextlib.suppress(ButterflyError):
+                        await gw.scheduler.cancel(task_id)
+        if include_usage and len(ended) == len(run.tasks):
+            yield sse(chunks.usage(run))
+        yield sse("[DONE]")
+    finally:
+        for pump in pumps:
+            pump.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(*pumps, return_exceptions=True)
+        # The client went away mid-stream: stop the work it asked for. Not when the
+        # gateway is stopping: then the tasks must stay queued for the restart.
+        if gw.scheduler.serving:
+            await run.cancel_unfinished(ended)
+
+
+async def _ended(
+    run: Run, chunks: Chunks, choice: ChoiceText, task_id: RequestId, hold: bool
+) -> tuple[str, bool]:
+    """The SSE message for a choice whose task ended (its last chunk, or an error), and
+    whether it failed."""
+    snap = await run.gw.scheduler.snapshot(task_id)
+    status = snap.state.status
+    if status is TaskStatus.COMPLETED and snap.result is not None:
+        if hold:  # all of it now, checked
+            feed(choice, snap.result)
+            text = choice.emitted
+        else:
+            text = choice.end("length")
+        return sse(chunks.last(run, choice, text, snap.result.verified)), False
+    if status is TaskStatus.CANCELLED and choice.stops.stopped:  # we cut it at a stop
+        return sse(chunks.last(run, choice, choice.end("stop"), "none")), False
+    if snap.state.terminal:
+        kind = snap.state.error_type or "task_cancelled"
+        reason = snap.state.reason or f"task {task_id} was cancelled"
+        return sse(error_body(kind, reason)), True
+    message = f"the gateway is shutting down; read /result/{task_id} once it is back"
+    return sse(error_body("service_unavailable", message)), True
+
+
+__all__ = ["HELD", "KEEPALIVE", "Chunks", "Run", "sse", "start", "stream", "whole"]

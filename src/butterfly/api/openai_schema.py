@@ -1,0 +1,294 @@
+"""The OpenAI-compatible API's request and response bodies, as pydantic models.
+
+Requests are parsed with these models (`butterfly.api.requests.parse`) and responses are
+built from them, so the OpenAPI document (`/openapi.json`) describes exactly what the
+routes accept and answer; `tests/test_api_schema.py` fuzzes the routes against it.
+
+Fields are in three groups. Acted on: the sampling and shaping fields below. Accepted and
+ignored (`IGNORED`): fields SDKs such as LangChain and the official client send by
+default, or that need features Butterfly does not have (tools, structured output, logit
+bias); refusing them broke those clients, and each is listed in the README. Anything else
+is refused with a 400 naming the field, so a misspelt `max_tokens` cannot silently fall
+back to a default.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from butterfly.api.requests import SEED_MAX, StrictBody
+
+MAX_CHOICES = 16  # `n`: completions per request
+MAX_LOGPROBS = 20  # OpenAI's bound on `logprobs` / `top_logprobs`
+MAX_STOPS = 16  # stop strings per request (OpenAI allows 4; vLLM more)
+
+Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
+StopString = Annotated[str, Field(min_length=1, max_length=256)]
+Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)]
+
+IGNORED = (
+    "logit_bias",
+    "best_of",
+    "suffix",
+    "service_tier",
+    "store",
+    "metadata",
+    "parallel_tool_calls",
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "response_format",
+    "modalities",
+    "audio",
+    "prediction",
+    "reasoning_effort",
+    "web_search_options",
+    "verbosity",
+    "prompt_cache_key",
+    "safety_identifier",
+)
+"""Request fields accepted and not acted on (docs: README, "OpenAI compatibility")."""
+
+
+class StreamOptions(StrictBody):
+    include_usage: bool = False  # a last chunk with `usage` and no choices
+
+
+class SamplingFields(StrictBody):
+    """What both routes share."""
+
+    model: str
+    temperature: Temperature = 1.0  # OpenAI's default; 0 = greedy
+    top_p: TopP = 1.0
+    top_k: Annotated[int, Field(ge=0)] = 0  # an extension, as in vLLM; 0 = off
+    seed: Seed | None = None  # choice i of n samples with seed + i
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
+    stop: Stop | None = None  # the text ends before the first stop string it contains
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    user: str | None = None  # accepted; logged nowhere, used for nothing
+    # accepted and ignored (IGNORED):
+    logit_bias: dict[str, float] | None = None
+    service_tier: str | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+
+    def stops(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(SamplingFields):
+    """`POST /v1/completions`."""
+
+    prompt: Annotated[str, Field(min_length=1)] | Annotated[list[int], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = 16  # None = what the context leaves
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    echo: bool = False  # the prompt's text before the completion
+    best_of: Annotated[int, Field(ge=1)] | None = None  # ignored
+    suffix: str | None = None  # ignored
+
+
+class TextPart(StrictBody):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One message; fields beyond these (tool calls, names, refusals) are handed to the
+    chat template as they came, as transformers does."""
+
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False, frozen=True)
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    """`POST /v1/chat/completions`."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = None  # deprecated by OpenAI, still sent
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    add_generation_prompt: bool = True  # an extension, as in vLLM
+    chat_template_kwargs: dict[str, Any] | None = None  # extra template variables (vLLM's)
+    # accepted and ignored (IGNORED):
+    parallel_tool_calls: bool | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    web_search_options: dict[str, Any] | None = None
+    verbosity: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+
+
+# --- responses ---------------------------------------------------------------------------
+
+Finish = Literal["stop", "length"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    """The completions API's (legacy) logprobs: parallel lists, one entry per token;
+    prompt tokens under `echo` have `null` logprobs."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Finish | None = None
+
+
+class Completion(BaseModel):
+    """A completion, or (`stream: true`) one SSE chunk of one."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    verified: str | None = None  # an extension: "none", "audit" or "replicate"
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Finish | None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+    verified: str | None = None
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Finish | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One SSE chunk of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    verified: str | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, on every route (`butterfly.api.errors`)."""
+
+    model_config = ConfigDict(extra="allow")  # some errors add top-level context
+    error: ErrorDetail
+
+
+class Accepted(BaseModel):
+    """202: the request outlived the longest wait (`api.request_timeout_s`); its result
+    is at `GET /result/{task_id}`."""
+
+    model_config = ConfigDict(extra="allow")
+    task_id: str
+    status: str
+
+
+__all__ = [
+    "IGNORED",
+    "MAX_CHOICES",
+    "Accepted",
+    "ChatCompletion",
+    "ChatCompletionChunk",
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "Completion",
+    "CompletionRequest",
+    "ErrorResponse",
+    "Finish",
+    "ModelList",
+]

@@ -1,0 +1,243 @@
+"""The OpenAI fields beyond the basics: chat through the checkpoint's template, stop
+strings, n > 1, logprobs, echo, penalties, usage in streams, fields accepted and
+ignored, OpenAI's error shape and keep-alive comments."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from butterfly.api.openai import CompletionChunks
+from butterfly.api.openai_choices import StopScanner
+from butterfly.api.openai_run import KEEPALIVE, Run, start, stream
+from butterfly.api.openai_schema import IGNORED, CompletionRequest
+from butterfly.config.schema import ButterflyConfig
+from butterfly.runtime.chat import ChatTemplate
+from butterfly.runtime.tokenizer import TextCodec
+from butterfly.types.errors import InvalidRequest
+from butterfly.types.tasks import SamplingParams
+from tests.api_util import assert_error, reference, serving
+
+pytestmark = pytest.mark.anyio
+MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def events(text: str) -> list[Any]:
+    out: list[Any] = []
+    for block in text.split("\n\n"):
+        if block.startswith("data: "):
+            data = block.removeprefix("data: ")
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+async def post(client: Any, path: str, **body: Any) -> Any:
+    r = await client.post(path, json={"model": "tiny", **body})
+    assert r.status_code == 200, r.text
+    return r
+
+
+def test_stop_scanner_holds_back_what_may_start_a_stop() -> None:
+    s = StopScanner(["END", "##"])
+    assert s.feed("abc E") == "abc "  # "E" may begin "END"
+    assert s.feed("N") == ""
+    assert s.feed("D tail") == "" and s.stopped
+    s = StopScanner(["END"])
+    assert s.feed("aE") == "a" and s.feed("x") == "Ex" and s.flush() == ""
+
+
+def test_chat_template_renders_in_a_sandbox(tiny_model: Path) -> None:
+    template = ChatTemplate.load(tiny_model)
+    assert template is not None
+    text = template.render(MESSAGES)
+    assert text == "<|bos|>system: be brief\nuser: hi\nassistant:"
+    with pytest.raises(InvalidRequest, match="roles are system, user and assistant"):
+        template.render([{"role": "tool", "content": "x"}])  # the template's raise_exception
+    escape = ChatTemplate("{{ messages.__class__.__mro__ }}", "", "")
+    with pytest.raises(InvalidRequest):  # the sandbox refuses to reach Python internals
+        escape.render(MESSAGES)
+
+
+async def test_chat_completion_is_the_templated_prompt_completed(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    async with serving(tiny_model, tmp_path / "t.db") as s:
+        body = {"messages": MESSAGES, "max_tokens": 12, "temperature": 1.0, "seed": 4}
+        answer = (await post(s.client, "/v1/chat/completions", **body)).json()
+        assert s.codec.chat is not None
+        ids = s.codec.tokenizer.encode(s.codec.chat.render(MESSAGES), add_special_tokens=False).ids
+        expected = reference(tiny_model, list(ids), 12, SamplingParams(1.0, 0, 1.0, 4))
+        assert answer["object"] == "chat.completion"
+        assert answer["choices"][0]["message"] == {
+            "role": "assistant",
+            "content": s.codec.decode(expected),
+        }
+        assert answer["usage"]["prompt_tokens"] == len(ids)  # no second BOS
+        # streamed: a role chunk, the same text in pieces, a finish reason, usage, [DONE]
+        r = await post(
+            s.client,
+            "/v1/chat/completions",
+            stream=True,
+            stream_options={"include_usage": True},
+            **body,
+        )
+        chunks = events(r.text)
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[1:-2])
+        assert text == answer["choices"][0]["message"]["content"]
+        assert chunks[-3]["choices"][0]["finish_reason"] == answer["choices"][0]["finish_reason"]
+        assert chunks[-2]["choices"] == [] and chunks[-2]["usage"] == answer["usage"]
+        assert chunks[-1] == "[DONE]"
+
+
+async def test_chat_without_a_template_is_refused_clearly(tiny_model: Path, tmp_path: Path) -> None:
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_model, bare)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    async with serving(bare, tmp_path / "t.db") as s:
+        r = await s.client.post(
+            "/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES}
+        )
+        assert_error(r, 400, "invalid_request", "no chat template", "/v1/completions")
+
+
+async def test_stop_cuts_the_text_whole_and_streamed(tiny_model: Path, tmp_path: Path) -> None:
+    async with serving(tiny_model, tmp_path / "t.db") as s:
+        body = {"prompt": "Once upon", "max_tokens": 30, "temperature": 1.0, "seed": 3}
+        full = (await post(s.client, "/v1/completions", **body)).json()["choices"][0]["text"]
+        at = next(i for i in range(3, len(full) - 2) if "\ufffd" not in full[i : i + 2])
+        stop = full[at : at + 2]
+        cut = full[: full.index(stop)]
+        whole = (await post(s.client, "/v1/completions", stop=[stop, "never"], **body)).json()
+        assert whole["choices"][0]["text"] == cut
+        assert whole["choices"][0]["finish_reason"] == "stop"
+        r = await post(s.client, "/v1/completions", stop=stop, stream=True, **body)
+        chunks = events(r.text)[:-1]
+        assert "".join(c["choices"][0]["text"] for c in chunks) == cut  # never past the stop
+        assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_n_choices_sample_with_successive_seeds(tiny_model: Path, tmp_path: Path) -> None:
+    async with serving(tiny_model, tmp_path / "t.db") as s:
+        body = {"prompt": "Once upon", "max_tokens": 10, "temperature": 1.0, "seed": 7, "n": 3}
+        answer = (await post(s.client, "/v1/completions", **body)).json()
+        ids = s.codec.encode("Once upon")
+        texts = [c["text"] for c in sorted(answer["choices"], key=lambda c: c["index"])]
+        for i, text in enumerate(texts):
+            expected = reference(tiny_model, ids, 10, SamplingParams(1.0, 0, 1.0, 7 + i))
+            assert text == s.codec.decode(expected)
+        assert len(set(texts)) == 3
+        r = await post(s.client, "/v1/completions", stream=True, **body)
+        streamed = ["", "", ""]
+        for c in events(r.text)[:-1]:
+            for choice in c["choices"]:
+                streamed[choice["index"]] += choice["text"]
+        assert streamed == texts
+
+
+async def test_penalties_change_greedy_output_as_the_reference_does(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    async with serving(tiny_model, tmp_path / "t.db") as s:
+        ids = s.codec.encode("aaaa")
+        outputs = []
+        for presence, frequency in ((0.0, 0.0), (0.0, 2.0), (2.0, 0.0)):
+            body = {"prompt": "aaaa", "max_tokens": 20, "temperature": 0.0}
+            body |= {"presence_penalty": presence, "frequency_penalty": frequency}
+            text = (await post(s.client, "/v1/completions", **body)).json()["choices"][0]["text"]
+            params = SamplingParams(0.0, presence_penalty=presence, frequency_penalty=frequency)
+            assert text == s.codec.decode(reference(tiny_model, ids, 20, params))
+            outputs.append(text)
+        assert outputs[0] != outputs[1] and outputs[0] != outputs[2]  # a penalty acts
+
+
+async def test_logprobs_and_echo(tiny_model: Path, tmp_path: Path) -> None:
+    async with serving(tiny_model, tmp_path / "t.db") as s:
+        body = {"prompt": "Once", "max_tokens": 6, "temperature": 0.0, "logprobs": 3}
+        answer = (await post(s.client, "/v1/completions", **body)).json()
+        logprobs = answer["choices"][0]["logprobs"]
+        assert len(logprobs["token_logprobs"]) == answer["usage"]["completion_tokens"] == 6
+        for value, top in zip(logprobs["token_logprobs"], logprobs["top_logprobs"], strict=True):
+            assert value <= 0 and 1 <= len(top) <= 3
+            # greedy picks the likeliest (byte tokens that print alike share a dict key)
+            assert value >= max(top.values()) - 1e-6
+        echoed = (await post(s.client, "/v1/completions", echo=True, **body)).json()
+        choice = echoed["choices"][0]
+        assert choice["text"] == "Once" + answer["choices"][0]["text"]
+        prompt = len(s.codec.encode("Once"))
+        assert choice["logprobs"]["token_logprobs"][:prompt] == [None] * prompt
+        chat = await post(
+            s.client,
+            "/v1/chat/completions",
+            messages=MESSAGES,
+            max_tokens=5,
+            temperature=0.0,
+            logprobs=True,
+            top_logprobs=2,
+        )
+        content = chat.json()["choices"][0]["logprobs"]["content"]
+        assert len(content) == 5 and all(len(c["top_logprobs"]) == 2 for c in content)
+        for c in content:  # greedy: the chosen token is the likeliest
+            assert c["logprob"] == pytest.approx(c["top_logprobs"][0]["logprob"])
+        assert all(c["bytes"] == list(c["token"].encode()) for c in content)
+
+
+async def test_fields_sdks_send_are_accepted_and_ignored(tiny_model: Path, tmp_path: Path) -> None:
+    sent: dict[str, Any] = {
+        "logit_bias": {"65": 1.0},
+        "user": "u-1",
+        "tools": [{"type": "function", "function": {"name": "f"}}],
+        "tool_choice": "auto",
+        "response_format": {"type": "text"},
+        "parallel_tool_calls": True,
+        "metadata": {"k": "v"},
+        "store": False,
+        "service_tier": "auto",
+    }
+    assert set(sent) - {"user"} <= set(IGNORED)
+    async with serving(tiny_model, tmp_path / "t.db") as s:
+        base = {"messages": MESSAGES, "max_tokens": 4, "temperature": 0.0}
+        plain = (await post(s.client, "/v1/chat/completions", **base)).json()
+        extra = (await post(s.client, "/v1/chat/completions", **base, **sent)).json()
+        assert plain["choices"] == extra["choices"]
+        r = await s.client.post(
+            "/v1/chat/completions", json={"model": "tiny", **base, "max_tokenz": 3}
+        )
+        assert_error(r, 400, "invalid_request", "max_tokenz")
+        assert r.json()["error"]["param"] == "max_tokenz"  # OpenAI's `param`
+        r = await s.client.post(
+            "/v1/completions", json={"model": "tiny", "prompt": "x", "temperature": 3}
+        )
+        assert r.json()["error"]["param"] == "temperature"
+
+
+async def test_a_quiet_stream_sends_keepalive_comments(tiny_model: Path, tmp_path: Path) -> None:
+    """A scheduler that never dispatches: the stream has no token to send, and says so
+    with a comment every interval instead of going silent."""
+    async with serving(tiny_model, tmp_path / "t.db", run=False) as s:
+        gw = s.app.state.gateway
+        body = CompletionRequest(model="tiny", prompt="Once", max_tokens=5)
+        codec: TextCodec = s.codec
+        run: Run = await start(gw, codec, codec.encode("Once"), 5, SamplingParams(), 1, ())
+        messages = stream(run, CompletionChunks(gw, 0, body), False, keepalive_s=0.01)
+        first = [await anext(messages) for _ in range(3)]
+        await messages.aclose()
+        assert first == [KEEPALIVE] * 3
+
+
+def test_served_name_is_checked_at_load() -> None:
+    assert ButterflyConfig.model_validate({"model": {"served_name": "org/tiny-7b"}})
+    with pytest.raises(ValidationError, match="served_name"):
+        ButterflyConfig.model_validate({"model": {"served_name": "two words"}})
