@@ -7,7 +7,11 @@ asks each of them in turn (the order rotates), so they see the same machine stat
 `per_hop_ms` is the least-squares slope of per-token time over the node count (the
 ring through n nodes has n links), and `paired_per_hop_ms` the same slope per round.
 
+With `--baseline-src DIR` the same clusters also run on the code under DIR (another
+checkout's src/), interleaved with these, so a change's effect is measured in one run.
+
     python bench/hops.py [--rounds 15] [--sizes 1,2,4] [--size tiny] [--link-latency-ms 0]
+        [--baseline-src /path/to/other/src]
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,9 +40,18 @@ PROMPT = 16
 
 @contextlib.contextmanager
 def cluster(
-    model_dir: Path, nodes: int, latency_ms: float = 0.0, settings: dict[str, Any] | None = None
+    model_dir: Path,
+    nodes: int,
+    latency_ms: float = 0.0,
+    settings: dict[str, Any] | None = None,
+    pythonpath: str | None = None,
 ) -> Iterator[LocalCluster]:
-    """A loopback cluster of `nodes` processes, with `latency_ms` added to every link."""
+    """A loopback cluster of `nodes` processes, with `latency_ms` added to every link.
+
+    The split is uniform: the default planner weighs link latency and, with links
+    delayed, puts the model on fewer nodes, so "4 nodes" would not mean 4 stages.
+    `pythonpath`: the node processes run the code there (an A/B against another
+    checkout in the same run); the children inherit it from this process's environment."""
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port_block(4)
         cfgs = node_configs(
@@ -45,15 +60,34 @@ def cluster(
             model=model_dir,
             api_port=port,
             data_dir=Path(tmp),
-            settings=settings,
+            settings={"partition.strategy": "uniform", **(settings or {})},
         )
         proxies: LatencyProxies | None = None
         if latency_ms > 0:
             proxies = delay_cluster(cfgs, latency_ms / 1000)
         c = LocalCluster(cfgs, f"http://127.0.0.1:{port}", Path(tmp))
         try:
-            c.start()
-            c.wait_ready(300)
+            saved = os.environ.get("PYTHONPATH")
+            if pythonpath is not None:
+                os.environ["PYTHONPATH"] = pythonpath
+            try:
+                c.start()
+            finally:
+                if saved is None:
+                    os.environ.pop("PYTHONPATH", None)
+                else:
+                    os.environ["PYTHONPATH"] = saved
+            try:
+                c.wait_ready(300)
+            except (RuntimeError, TimeoutError):
+                for log in sorted(Path(tmp).glob("node-*.log")):  # before the directory goes
+                    print(
+                        f"--- {log.name}",
+                        *log.read_text().splitlines()[-15:],
+                        sep="\n",
+                        file=sys.stderr,
+                    )
+                raise
             yield c
         finally:
             c.stop()
@@ -64,7 +98,7 @@ def cluster(
 def decode_ms(url: str, prompt: list[int], new: int = NEW) -> tuple[float, list[int]]:
     """The gateway's own per-token decode time (first token to last) and the tokens."""
     body = {"input_ids": prompt, "max_new_tokens": new, "wait": True}
-    r = httpx.post(f"{url}/inference", json=body, timeout=600)
+    r = httpx.post(f"{url}/inference", json=body, timeout=600, follow_redirects=True)
     r.raise_for_status()
     res = r.json()
     return res["timings"]["time_per_output_token_s"] * 1000, res["output_ids"]
@@ -83,29 +117,44 @@ def main() -> None:
     ap.add_argument("--sizes", default="1,2,4")
     ap.add_argument("--size", default="tiny")
     ap.add_argument("--link-latency-ms", type=float, default=0.0)
+    ap.add_argument(
+        "--baseline-src", default=None, help="also run clusters on the code in this src/ dir"
+    )
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
+    versions = {"this": None} | ({"baseline": args.baseline_src} if args.baseline_src else {})
     model_dir = bench_model(args.size)
     prompt = torch.randint(0, 256, (PROMPT,), generator=torch.Generator().manual_seed(0)).tolist()
-    times: dict[int, list[float]] = {n: [] for n in sizes}
+    keys = [(v, n) for v in versions for n in sizes]
+    times: dict[tuple[str, int], list[float]] = {k: [] for k in keys}
     same = True
     with contextlib.ExitStack() as stack:
         clusters = {
-            n: stack.enter_context(cluster(model_dir, n, args.link_latency_ms)) for n in sizes
+            (v, n): stack.enter_context(
+                cluster(model_dir, n, args.link_latency_ms, pythonpath=versions[v])
+            )
+            for v, n in keys
         }
         for c in clusters.values():  # warm-up
             decode_ms(c.api_url, prompt)
         for r in range(args.rounds):
             outs = []
-            order = sizes[r % len(sizes) :] + sizes[: r % len(sizes)]
-            for n in order:
-                ms, out = decode_ms(clusters[n].api_url, prompt)
-                times[n].append(ms)
+            for k in keys[r % len(keys) :] + keys[: r % len(keys)]:  # the order rotates
+                ms, out = decode_ms(clusters[k].api_url, prompt)
+                times[k].append(ms)
                 outs.append(out)
             same = same and all(o == outs[0] for o in outs)
-    medians = {n: statistics.median(t) for n, t in times.items()}
     xs = [float(n) for n in sizes]
-    paired = [slope(xs, [times[n][r] for n in sizes]) for r in range(args.rounds)]
+    per_version: dict[str, Any] = {}
+    for v in versions:
+        medians = [statistics.median(times[(v, n)]) for n in sizes]
+        paired = [slope(xs, [times[(v, n)][r] for n in sizes]) for r in range(args.rounds)]
+        per_version[v] = {
+            "src": versions[v] or str(Path(__file__).resolve().parents[1] / "src"),
+            "decode_ms_per_token": {str(n): summary(times[(v, n)]) for n in sizes},
+            "per_hop_ms": round(slope(xs, medians), 4),
+            "paired_per_hop_ms": summary(paired),
+        }
     result = {
         "benchmark": "hops",
         "model": f"demo-{args.size}",
@@ -113,11 +162,16 @@ def main() -> None:
         "rounds": args.rounds,
         "link_latency_ms": args.link_latency_ms,
         "machine": machine(),
-        "decode_ms_per_token": {str(n): summary(t) for n, t in times.items()},
-        "per_hop_ms": round(slope([float(n) for n in sizes], [medians[n] for n in sizes]), 4),
-        "paired_per_hop_ms": summary(paired),
-        "same_tokens_at_every_size": same,
+        "versions": per_version,
+        "same_tokens_everywhere": same,
     }
+    if "baseline" in per_version:
+        result["per_token_ratio_this_to_baseline"] = {
+            str(n): summary(
+                [a / b for a, b in zip(times[("this", n)], times[("baseline", n)], strict=True)]
+            )
+            for n in sizes
+        }
     print(json.dumps(result, indent=2))
 
 
