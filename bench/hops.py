@@ -17,12 +17,14 @@ checkout's src/), interleaved with these, so a change's effect is measured in on
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,15 @@ import httpx
 import torch
 
 from butterfly.cli.launcher import LocalCluster, free_port_block, node_configs
+from butterfly.net.framing import Envelope, decode_frame, encode_frame
+from butterfly.runtime.loader import load_stage
+from butterfly.runtime.stage import forward_rows
+from butterfly.runtime.torch_thread import TorchThread, confine_to_one_thread
+from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.testing.latency import LatencyProxies, delay_cluster
+from butterfly.types.ids import NodeId, RequestId
+from butterfly.types.model import LayerRange
+from butterfly.types.wire.data import StageStep
 from common import bench_model, machine, summary
 
 NEW = 32
@@ -104,6 +114,67 @@ def decode_ms(url: str, prompt: list[int], new: int = NEW) -> tuple[float, list[
     return res["timings"]["time_per_output_token_s"] * 1000, res["output_ids"]
 
 
+def components(model_dir: Path, samples: int = 2000) -> dict[str, float]:
+    """Median microseconds of each piece of one hop's path, in this process, with the
+    tiny model's activation for one token (what a decode step carries between stages):
+    the frame and tensor codecs, the hand-off to the torch thread and back, and a middle
+    stage's forward inline and on the worker. What a hop costs beyond their sum is the
+    operating system's: socket writes and the next process's wake-up."""
+
+    def med(fn: Any, n: int = samples) -> float:
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return round(statistics.median(times) * 1e6, 1)
+
+    confine_to_one_thread()  # as a node's event loop thread is (runtime.torch_thread)
+    stage = load_stage(model_dir, LayerRange(1, 2))
+    hidden = json.loads((model_dir / "config.json").read_text())["hidden_size"]
+    x = torch.randn(1, 1, hidden)
+    payload = encode_tensor(x)
+    msg = StageStep(
+        (RequestId("r1"),), (5,), (20,), (1,), (NodeId(2), NodeId(3)), NodeId(0), True, (), ()
+    )
+    frame = encode_frame(Envelope(msg, NodeId(1), 3, "local", 0, False, payload))
+    cache = stage.new_cache()
+
+    def forward() -> None:
+        if cache.length > 400:
+            cache.truncate(0)
+        with torch.inference_mode():
+            forward_rows(stage, x, [cache], [cache.length], last_only=True, trace=None)
+
+    out = {
+        "decode_frame_us": med(lambda: decode_frame(frame[4:], 1 << 20)),
+        "decode_tensor_us": med(lambda: decode_tensor(payload)),
+        "encode_tensor_us": med(lambda: encode_tensor(x)),
+        "encode_frame_us": med(
+            lambda: encode_frame(Envelope(msg, NodeId(1), 3, "local", 0, False, payload))
+        ),
+        "forward_inline_us": med(forward, samples // 4),
+    }
+    worker = TorchThread()
+
+    async def handoffs() -> tuple[float, float]:
+        async def timed(fn: Any) -> float:
+            times = []
+            for _ in range(samples // 4):
+                t0 = time.perf_counter()
+                await worker.run(fn)
+                times.append(time.perf_counter() - t0)
+            return round(statistics.median(times) * 1e6, 1)
+
+        return await timed(lambda: None), await timed(forward)
+
+    try:
+        out["torch_thread_handoff_us"], out["forward_on_worker_us"] = asyncio.run(handoffs())
+    finally:
+        worker.close()
+    return out
+
+
 def slope(xs: list[float], ys: list[float]) -> float:
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
@@ -165,6 +236,8 @@ def main() -> None:
         "versions": per_version,
         "same_tokens_everywhere": same,
     }
+    # in this process, after the clusters are gone (the same machine, less busy)
+    result["hop_components_us"] = components(model_dir)
     if "baseline" in per_version:
         result["per_token_ratio_this_to_baseline"] = {
             str(n): summary(
