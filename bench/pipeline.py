@@ -19,7 +19,11 @@ twice, with tracing on and with it switched off through the config API (the orde
 alternates between rounds), so `tracing.paired_overhead` compares the same processes on
 the same placement: per round, on over off minus one.
 
+`--link-latency-ms N` puts a delaying proxy (butterfly.testing.latency) in front of every
+node, so each link between nodes, in either direction, carries N ms of one-way latency.
+
     python bench/pipeline.py [--rounds 5] [--sizes 1,2,4] [--no-ray] [--trace-sample 0.01]
+        [--link-latency-ms 5]
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import torch
 from butterfly.cli.launcher import CHILD_ENV, LocalCluster, free_ports, node_configs
 from butterfly.partition.strategies import uniform_ranges
 from butterfly.runtime.loader import load_stage, num_layers
+from butterfly.testing.latency import LatencyProxies, delay_cluster
 from butterfly.types.model import LayerRange
 from common import bench_model, machine, summary
 from runtime import PROMPT, butterfly_session, one_round, transformers_session
@@ -173,6 +178,9 @@ def main() -> None:
     ap.add_argument(
         "--trace-sample", type=float, default=None, help="tracing on at this rate vs off"
     )
+    ap.add_argument(
+        "--link-latency-ms", type=float, default=0.0, help="one-way latency added per link"
+    )
     args = ap.parse_args()
     settings: dict[str, Any] = {}
     sink = None
@@ -198,6 +206,7 @@ def main() -> None:
         "prompt_tokens": PROMPT,
         "new_tokens": NEW,
         "rounds": args.rounds,
+        "link_latency_ms": args.link_latency_ms,
         "machine": machine(),
         "clusters": {},
     }
@@ -213,6 +222,9 @@ def main() -> None:
                 data_dir=Path(tmp),
                 settings=settings,
             )
+            proxies: LatencyProxies | None = None
+            if args.link_latency_ms > 0:
+                proxies = delay_cluster(cfgs, args.link_latency_ms / 1000)
             cluster = LocalCluster(cfgs, f"http://127.0.0.1:{port}", Path(tmp))
             try:
                 cluster.start()
@@ -290,6 +302,8 @@ def main() -> None:
                 result["clusters"][str(size)] = entry
             finally:
                 cluster.stop()
+                if proxies is not None:
+                    proxies.close()
     if not args.no_ray:
         try:
             ray_res = ray_pipeline(model_dir, prompt, args.rounds)

@@ -50,3 +50,89 @@ def test_single_threaded_restores_the_count() -> None:
         return inside, torch.get_num_threads()
 
     assert in_fresh_thread(scenario) == (1, 2)
+
+
+def test_a_short_kind_runs_inline_once_measured_and_a_long_one_never() -> None:
+    """The first job of a kind goes to the worker, which times it; a short kind then
+    runs on the caller's thread while nothing is queued, a long kind stays on the worker,
+    and a job without a kind always goes there."""
+    worker = TorchThread(1, name="t-inline")
+
+    def where() -> str:
+        return threading.current_thread().name
+
+    def slow() -> str:
+        threading.Event().wait(0.06)  # above INLINE_MAX_S: the loop never waits on it
+        return threading.current_thread().name
+
+    async def main() -> list[str]:
+        return [
+            await worker.run(where, "short"),
+            await worker.run(where, "short"),
+            await worker.run(slow, "long"),
+            await worker.run(slow, "long"),
+            await worker.run(where),
+            await worker.run(where),
+        ]
+
+    try:
+        names = asyncio.run(main())
+    finally:
+        worker.close()
+    caller = threading.current_thread().name
+    assert names[0].startswith("t-inline")
+    assert names[1] == caller
+    assert names[2].startswith("t-inline") and names[3].startswith("t-inline")
+    assert names[4].startswith("t-inline") and names[5].startswith("t-inline")
+
+
+def test_a_short_job_waits_its_turn_behind_a_queued_one() -> None:
+    """Order holds: a short kind does not jump ahead of a job already on the worker."""
+    worker = TorchThread(1, name="t-order")
+    order: list[str] = []
+
+    async def main() -> None:
+        await worker.run(lambda: order.append("warm"), "short")  # measured: short
+        release = threading.Event()
+
+        def long_job() -> None:
+            release.wait(10)
+            order.append("long")
+
+        first = asyncio.ensure_future(worker.run(long_job))
+        await asyncio.sleep(0)  # the long job is submitted
+        second = asyncio.ensure_future(worker.run(lambda: order.append("short"), "short"))
+        await asyncio.sleep(0.01)
+        release.set()
+        await asyncio.gather(first, second)
+
+    try:
+        asyncio.run(main())
+    finally:
+        worker.close()
+    assert order == ["warm", "long", "short"]
+
+
+def test_a_kind_slower_inline_goes_back_to_the_worker() -> None:
+    """Chosen by measurement: a job that runs slowly on the caller's thread (as a
+    product that needs the worker's second OpenMP thread would) is tried inline once,
+    then kept on the worker until a probe."""
+    worker = TorchThread(1, name="t-measure")
+    caller = threading.current_thread().name
+
+    def job() -> str:
+        name = threading.current_thread().name
+        if name == caller:
+            threading.Event().wait(0.02)  # slow here, fast on the worker
+        return name
+
+    async def main() -> list[str]:
+        return [await worker.run(job, "k") for _ in range(6)]
+
+    try:
+        names = asyncio.run(main())
+    finally:
+        worker.close()
+    assert names[0].startswith("t-measure")  # first: the worker, which times it
+    assert names[1] == caller  # then inline once, to time that too
+    assert all(n.startswith("t-measure") for n in names[2:])  # the worker won

@@ -499,7 +499,9 @@ class StageServer:
                         traces[i] = [t[j : j + 1] for t in trace or ()]
             return torch.cat([o for o in outs if o is not None], dim=1)
 
-        sent = self.tamper(await self._torch.run(run))
+        # a step's kind is its shape: a tiny decode step may run inline (TorchThread.run)
+        kind = ("step", n, x.shape[1])
+        sent = self.tamper(await self._torch.run(run, kind))
         if self._keep_outputs and not (msg.last_only and stage.is_last):
             self._keep(msg, sent, offsets)
         proofs: tuple[bytes, ...] = ()

@@ -12,7 +12,7 @@ re-execution on this model, and `InlineTorch` runs "torch work" on the caller's 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -124,7 +124,7 @@ class InlineTorch(TorchThread):
     def __init__(self) -> None:
         pass
 
-    async def run(self, fn: Callable[[], T]) -> T:
+    async def run(self, fn: Callable[[], T], kind: Hashable = None) -> T:
         return fn()
 
     def close(self, *, wait: bool = False) -> None:
