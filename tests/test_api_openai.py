@@ -119,7 +119,10 @@ async def test_client_disconnect_cancels_the_streamed_task(
     chunk, then hangs up; the task must be cancelled rather than run its 400 tokens."""
     async with serving(tiny_model, tmp_path / "t.db", max_concurrent=1) as s:
         app = s.client._transport.app  # type: ignore[attr-defined]
-        body = json.dumps({"model": "tiny", "prompt": "bye", "max_tokens": 400, "stream": True})
+        # greedy: it runs all 400 tokens (sampled, the tiny model often ends at once, and
+        # then the task completed before the hang-up could cancel it)
+        request = {"model": "tiny", "prompt": "bye", "max_tokens": 400, "temperature": 0}
+        body = json.dumps({**request, "stream": True})
         first_chunk, hang_up = asyncio.Event(), asyncio.Event()
         sent_body = False
         statuses: list[int] = []

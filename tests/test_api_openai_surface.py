@@ -221,6 +221,16 @@ async def test_fields_sdks_send_are_accepted_and_ignored(tiny_model: Path, tmp_p
             "/v1/completions", json={"model": "tiny", "prompt": "x", "temperature": 3}
         )
         assert r.json()["error"]["param"] == "temperature"
+        image = {"type": "image_url", "image_url": {"url": "data:,"}}
+        parts = [{"role": "user", "content": [{"type": "text", "text": "what is"}, image]}]
+        r = await s.client.post("/v1/chat/completions", json={"model": "tiny", "messages": parts})
+        assert_error(r, 400, "invalid_request", "text only", "image_url")
+        parts[0]["content"] = [{"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]
+        r = await s.client.post(
+            "/v1/chat/completions",
+            json={"model": "tiny", "messages": parts, "max_tokens": 2, "temperature": 0},
+        )
+        assert r.status_code == 200, r.text
 
 
 async def test_a_quiet_stream_sends_keepalive_comments(tiny_model: Path, tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ Seeded (derandomized) and bounded, so a run is the same every time and stays sho
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from butterfly.api.settings import ApiSettings
+from butterfly.cli.launcher import free_port_block
 from tests.api_util import serving
 
 CHECKS = [
@@ -37,22 +37,16 @@ CHECKS = [
     content_type_conformance,
     response_schema_conformance,
 ]
-EXAMPLES = 25  # per route and mode: ~25 s of CPU in all
+EXAMPLES = 20  # per route and mode: 15 s of CPU in all (56 s of wall time at load average 20)
 SETTINGS = ApiSettings(
     max_request_bytes=16 * 1024, max_new_tokens_limit=32, default_max_new_tokens=4, max_wait_s=30
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[str]:
     """The app served from a thread, with its scheduler on that thread's loop."""
-    port, ready, stop = _free_port(), threading.Event(), threading.Event()
+    port, ready, stop = free_port_block(1), threading.Event(), threading.Event()
     db = tmp_path_factory.mktemp("schema") / "t.db"
     failure: list[BaseException] = []
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from butterfly.api.requests import SEED_MAX, StrictBody
 
@@ -114,6 +114,19 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def text_only(cls, value: Any) -> Any:
+        """Images, audio and files would be dropped silently otherwise: say so instead."""
+        if isinstance(value, list):
+            for part in value:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text":
+                    raise ValueError(
+                        f"content parts must be text (this model reads text only); got {kind!r}"
+                    )
+        return value
 
 
 class ChatCompletionRequest(SamplingFields):
