@@ -39,6 +39,9 @@ async def tokens_per_s(url: str, prompts: list[list[int]], new: int) -> tuple[fl
         async def one(p: list[int]) -> int:
             body = {"input_ids": p, "max_new_tokens": new, "wait": True}
             r = await client.post(f"{url}/inference", json=body)
+            while r.status_code == 202:  # the gateway's wait ran out: ask for the result
+                task = r.json()["task_id"]
+                r = await client.get(f"{url}/result/{task}", params={"wait": 60})
             if r.status_code != 200:
                 raise RuntimeError(f"{url}: {r.status_code} {r.text[:500]}")
             return len(r.json()["output_ids"])

@@ -192,6 +192,10 @@ def main() -> None:
             "observability.trace_sample_rate": args.trace_sample,
             "observability.otlp_endpoint": f"http://127.0.0.1:{sink.server_port}/v1/traces",
         }
+    if args.link_latency_ms > 0:
+        # the default planner weighs measured link latency and, with links delayed, puts
+        # the model on fewer nodes: "4 nodes" would not mean 4 stages
+        settings["partition.strategy"] = "uniform"
     model_dir = bench_model(args.size)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, 256, (1, PROMPT), generator=gen)
