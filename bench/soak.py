@@ -55,7 +55,7 @@ def slope_mb_per_min(points: list[tuple[float, float]]) -> float | None:
 async def client(
     url: str, model: str, stop: float, rng: random.Random, counts: dict[str, int]
 ) -> None:
-    async with httpx.AsyncClient(timeout=300) as http:
+    async with httpx.AsyncClient(timeout=300, follow_redirects=True) as http:
         while time.monotonic() < stop:
             ids = [rng.randrange(5, 250) for _ in range(rng.randrange(8, 200))]
             body: dict[str, Any] = {"input_ids": ids, "max_new_tokens": rng.randrange(4, 64)}
@@ -97,7 +97,7 @@ async def load(url: str, pids: list[int], args: argparse.Namespace) -> dict[str,
     counts = {"completed": 0, "failed": 0}
     points: list[list[tuple[float, float]]] = [[] for _ in pids]
     rngs = [random.Random(args.seed + i) for i in range(args.clients)]
-    async with httpx.AsyncClient(timeout=30) as http:
+    async with httpx.AsyncClient(timeout=30, follow_redirects=True) as http:
         model = (await http.get(f"{url}/v1/models")).json()["data"][0]["id"]
     clients = (client(url, model, stop, r, counts) for r in rngs)
     await asyncio.gather(sample(pids, stop, points), *clients)
@@ -135,7 +135,9 @@ def main() -> None:
         try:
             cluster.start()
             cluster.wait_ready(300)
-            result = asyncio.run(load(cluster.api_url, [p.pid for p in cluster.procs], args))
+            # the acting gateway: on a loaded machine a standby may have taken over already
+            url = cluster.acting_url()
+            result = asyncio.run(load(url, [p.pid for p in cluster.procs], args))
         finally:
             cluster.stop()
     slopes = [

@@ -81,8 +81,7 @@ def test_an_acting_gateway_whose_api_port_is_taken_retries_and_then_serves(
         assert body.get("status") == "completed", body
         assert body["output_ids"] == expected
         assert (
-            'loop_restarts_total{loop="api"}'
-            in httpx.get(f"{successor}/metrics", timeout=10).text
+            'loop_restarts_total{loop="api"}' in httpx.get(f"{successor}/metrics", timeout=10).text
         )
     finally:
         holder.close()
