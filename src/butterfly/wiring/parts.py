@@ -35,7 +35,7 @@ from butterfly.protocol.sign import SigningKey
 from butterfly.runtime.loader import layer_infos, model_args
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.runtime.torch_thread import TorchThread
-from butterfly.runtime.weights import model_hash
+from butterfly.runtime.weights import declared_eos_ids, model_hash
 from butterfly.schedule.engine import ClusterHealth
 from butterfly.schedule.store import Checkpoint
 from butterfly.types.errors import ConfigError
@@ -217,7 +217,7 @@ def engine(
         health=health,
         max_context=max_context(model_dir),
         input_kind=family.input_kind,
-        eos_ids=codec.eos_ids if codec else frozenset(),
+        eos_ids=codec.eos_ids if codec else declared_eos_ids(model_dir),
         step_timeout_s=step_timeout_s(config),
         max_tensor_bytes=cfg.network.max_message_bytes,
         auditor=auditor,
