@@ -116,9 +116,11 @@ class CheckpointReader:
                             f"tensor '{name}' in {path} has shape {tuple(t.shape)}, "
                             f"the config implies {shape}"
                         )
-                    if self.dtype is not None and t.is_floating_point():
-                        t = t.to(self.dtype)
-                    out[name] = t.clone().contiguous()
+                    if self.dtype is not None and t.is_floating_point() and t.dtype != self.dtype:
+                        t = t.to(self.dtype).contiguous()  # a fresh tensor: no second copy
+                    else:
+                        t = t.clone().contiguous()
+                    out[name] = t
                     self.names_read.append(name)
                     self.bytes_read += t.numel() * t.element_size()
                     self.progress("read", len(out), total)
