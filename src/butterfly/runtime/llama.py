@@ -480,7 +480,8 @@ def load_stage(reader: CheckpointReader, args: LlamaArgs, layers: LayerRange) ->
     embed = w.get(embed_name) if first else None
     head: Weight | None = w.get(head_name) if last else None
     if isinstance(head, torch.Tensor) and head is not embed:  # a tied head stays the embedding
-        head = prepare(head, precision)
+        # and a tied head read again on a later stage is the embedding too: never int8
+        head = prepare(head, Precision(args.dtype) if args.tie_embeddings else precision)
     return LlamaStage(args, layers, blocks, embed, w.get("model.norm.weight"), head)
 
 
@@ -524,8 +525,10 @@ def layer_infos(args: LlamaArgs) -> list[LayerInfo]:
         if n == args.n_layers - 1:
             flops += 2.0 * args.vocab_size * d
             memory += d * esize  # final norm
-            if not (args.tie_embeddings and n == 0):
+            if not args.tie_embeddings:
                 memory += matrix(args.vocab_size, d)
+            elif n != 0:  # the embedding read again for the head, in the compute dtype
+                memory += embed_bytes
         infos.append(
             LayerInfo(
                 id=n,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -67,9 +69,26 @@ def load_stage(
     with bars(f"layers {layers}", progress) as report:
         reader.progress = report
         try:
-            return family.load_stage(reader, args, layers)
+            stage = family.load_stage(reader, args, layers)
         finally:
             reader.progress = quiet
+    release_freed_memory()
+    return stage
+
+
+def release_freed_memory() -> None:
+    """Hand the loader's freed temporaries (tensors as stored before conversion, the
+    kernel candidates that lost) back to the OS. glibc keeps freed blocks below its
+    adaptive mmap threshold in the heap: a 75 MB fp32 stage measured 77 MB resident
+    without this, 68 MB (what it holds) with it. A no-op where libc has no malloc_trim."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
 
 
 def load_pipeline(
