@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,31 @@ def cpu() -> dict[str, Any]:
     except OSError:
         pass
     return {"cpu_model": model, "vector_extensions": [f for f in VECTOR_FLAGS if f in flags]}
+
+
+def read_bandwidth_gbs(megabytes: int = 512, rounds: int = 9) -> dict[str, Any]:
+    """Memory read bandwidth on torch's threads, GB/s: summing a buffer far larger than
+    the caches reads every byte once. The floor of a decode step is the bytes of weights
+    it reads divided by this, measured in the same run as the step."""
+    x = torch.ones(megabytes * 2**20 // 4)
+    x.sum()  # fault the pages in
+    rates = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        x.sum()
+        rates.append(x.numel() * 4 / (time.perf_counter() - t0) / 1e9)
+    return summary(rates)
+
+
+def decode_bytes(stage: Any) -> int:
+    """Bytes one decode step of a Llama stage reads: every weight it holds but the
+    embedding table, of which a step reads one row (unless it is also the head)."""
+    from butterfly.runtime.llama import stage_bytes
+
+    held = stage_bytes(stage)
+    if stage.embed is not None and stage.head is not stage.embed:
+        held -= stage.embed.numel() * stage.embed.element_size()
+    return held
 
 
 def machine() -> dict[str, Any]:

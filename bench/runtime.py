@@ -3,6 +3,9 @@
 Prints one JSON object. Each round runs every contender once (prefill of 128 tokens, then
 64 greedy decode steps), so slow drift of this shared machine hits all of them alike;
 medians and spread are over all rounds. Peak memory is measured in fresh processes.
+Beside each decode figure, its memory-bandwidth floor: the bytes of weights one decode
+step reads over the read bandwidth measured in the same run (bench/common.py), the time
+no kernel can beat; `decode_to_floor` is how far above it each contender runs.
 
     python bench/runtime.py [--rounds 5] [--size small]
 """
@@ -10,6 +13,7 @@ medians and spread are over all rounds. Peak memory is measured in fresh process
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -21,9 +25,10 @@ import torch
 
 from butterfly.partition.strategies import uniform_ranges
 from butterfly.runtime.generate import run_pipeline
+from butterfly.runtime.linear import kernel_choices
 from butterfly.runtime.loader import load_stage, num_layers
 from butterfly.runtime.stage import Stage
-from common import bench_model, machine, summary
+from common import bench_model, decode_bytes, machine, read_bandwidth_gbs, summary
 
 PROMPT, NEW = 128, 64
 Step = Callable[[torch.Tensor, int], torch.Tensor]  # (ids, start_pos) -> last logits
@@ -112,12 +117,17 @@ def main() -> None:
     args = ap.parse_args()
     model_dir = bench_model(args.size)
     n = num_layers(model_dir)
+    one = [load_stage(model_dir)]
+    four = [load_stage(model_dir, r) for r in uniform_ranges(n, 4)]
     contenders = {
         "transformers": transformers_session(model_dir),
-        "butterfly_1_stage": butterfly_session([load_stage(model_dir)]),
-        "butterfly_4_stages": butterfly_session(
-            [load_stage(model_dir, r) for r in uniform_ranges(n, 4)]
-        ),
+        "butterfly_1_stage": butterfly_session(one),
+        "butterfly_4_stages": butterfly_session(four),
+    }
+    weights = {  # bytes one decode step reads (transformers holds the same fp32 weights)
+        "transformers": sum(decode_bytes(s) for s in one),
+        "butterfly_1_stage": sum(decode_bytes(s) for s in one),
+        "butterfly_4_stages": sum(decode_bytes(s) for s in four),
     }
     prompt = torch.randint(0, 256, (1, PROMPT), generator=torch.Generator().manual_seed(0))
     prefill: dict[str, list[float]] = {k: [] for k in contenders}
@@ -125,12 +135,16 @@ def main() -> None:
     tokens: dict[str, list[int]] = {}
     for new in contenders.values():  # warm-up
         one_round(new, prompt)
+    bandwidth: list[float] = []
     for _ in range(args.rounds):
+        bandwidth.append(read_bandwidth_gbs(rounds=3)["median"])
         for name, new in contenders.items():
             p, d, toks = one_round(new, prompt)
             prefill[name].append(p)
             decode[name].extend(d)
             tokens[name] = toks
+    gbs = summary(bandwidth)
+    floor = {k: round(b / (gbs["median"] * 1e9) * 1000, 3) for k, b in weights.items()}
     ref_prefill = summary(prefill["transformers"])["median"]
     ref_decode = summary(decode["transformers"])["median"]
     quarter = n // 4
@@ -147,6 +161,11 @@ def main() -> None:
         "machine": machine(),
         "prefill_ms": {k: summary(v) for k, v in prefill.items()},
         "decode_ms_per_token": {k: summary(v) for k, v in decode.items()},
+        "read_bandwidth_gbs": gbs,
+        "decode_weights_mb": {k: round(b / 2**20, 1) for k, b in weights.items()},
+        "bandwidth_floor_ms": floor,
+        "decode_to_floor": {k: round(summary(decode[k])["median"] / floor[k], 3) for k in floor},
+        "kernels": [dataclasses.asdict(c) for c in kernel_choices()],
         "ratio_to_transformers": {
             k: {
                 "prefill": round(summary(prefill[k])["median"] / ref_prefill, 3),

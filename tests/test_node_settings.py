@@ -87,3 +87,29 @@ def test_local_replicate_lanes_share_the_cores(tiny_model: Path, tmp_path: Path)
     assert threads("r", **{"byzantine.verification": "replicate"}) == share
     assert threads("a", **{"byzantine.verification": "audit"}) == 0
     assert threads("o", **{"byzantine.verification": "replicate", "resources.threads": 3}) == 3
+
+
+async def test_model_dtype_and_quantization_reach_the_loaded_stage(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """The setting is what the node's stage holds, not only what validation reports."""
+    from butterfly.runtime.linear import Int8Weight
+    from butterfly.types.ids import Epoch
+    from butterfly.types.wire.control import PlanAssign
+
+    cfg = node_config(
+        tmp_path, tiny_model, **{"model.dtype": "bfloat16", "model.quantization": "int8"}
+    )
+    torch_thread = TorchThread(1)
+    node = build_node(
+        cfg, tiny_model, edges=NetworkEdges(cfg, tiny_model), torch_thread=torch_thread
+    )
+    try:
+        await node.stage_server.apply_plan(PlanAssign(Epoch(1), (0, 0, 4), model_hash(tiny_model)))
+        stage = node.stage_server.stage
+        assert stage is not None
+        blk = stage.blocks[0]  # type: ignore[attr-defined]
+        assert isinstance(blk.wqkv, Int8Weight) and str(blk.attn_norm.dtype) == "torch.bfloat16"
+    finally:
+        node.config.history.close()
+        node.stage_server.close()

@@ -370,6 +370,12 @@ class ModelConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = option(
         "float32", "Compute dtype; equal everywhere so results compare.", SC, CLUSTER
     )
+    quantization: Literal["none", "int8"] = option(
+        "none",
+        "int8: projection matrices as int8 with a scale per output channel (weight-only).",
+        SC,
+        CLUSTER,
+    )
     expected_sha256: str = option("", "Model hash peers must match; empty = node 0's.", SC, CLUSTER)
     served_name: ServedName = option(
         "",

@@ -167,18 +167,26 @@ def _replication(cfg: ButterflyConfig) -> Iterator[ConfigIssue]:
         )
 
 
-def estimate_model_bytes(model_dir: Path, dtype: str) -> int:
-    """Parameter bytes from config.json alone, so validation never opens the weights."""
+def estimate_model_bytes(model_dir: Path, dtype: str, quantization: str = "none") -> int:
+    """Parameter bytes from config.json alone, so validation never opens the weights:
+    what a loaded stage holds (runtime.llama.layer_infos counts the same), with the
+    projection matrices at one byte per weight plus one scale per row under int8."""
     c = json.loads((model_dir / "config.json").read_text())
     h, layers, vocab = int(c["hidden_size"]), int(c["num_hidden_layers"]), int(c["vocab_size"])
     inter = int(c.get("intermediate_size") or 4 * h)
     heads = int(c.get("num_attention_heads") or 1)
     kv = int(c.get("num_key_value_heads") or heads)
     head_dim = int(c.get("head_dim") or h // heads)
-    attn = 2 * h * heads * head_dim + 2 * h * kv * head_dim
-    per_layer = attn + 3 * h * inter + 2 * h
-    embeddings = vocab * h * (1 if c.get("tie_word_embeddings", False) else 2)
-    return (layers * per_layer + embeddings + h) * DTYPE_BYTES[dtype]
+    tied = bool(c.get("tie_word_embeddings", False))
+    esize = DTYPE_BYTES[dtype]
+    matrices = layers * (2 * h * heads * head_dim + 2 * h * kv * head_dim + 3 * h * inter)
+    rows = layers * (heads * head_dim + 2 * kv * head_dim + h + 2 * inter + h)
+    if not tied:  # the output head is a projection too
+        matrices, rows = matrices + vocab * h, rows + vocab
+    dense = vocab * h + layers * 2 * h + h  # embedding and norms
+    if quantization == "int8":
+        return matrices + (rows + dense) * esize
+    return (matrices + dense) * esize
 
 
 def _model_memory(cfg: ButterflyConfig) -> Iterator[ConfigIssue]:
@@ -192,7 +200,7 @@ def _model_memory(cfg: ButterflyConfig) -> Iterator[ConfigIssue]:
     if not limit:
         return
     try:
-        total = estimate_model_bytes(path, cfg.model.dtype)
+        total = estimate_model_bytes(path, cfg.model.dtype, cfg.model.quantization)
     except (ValueError, KeyError, TypeError, ZeroDivisionError) as e:
         yield ConfigIssue("model.path", "model-config", f"cannot size {path}/config.json: {e}")
         return

@@ -35,7 +35,9 @@ import torch
 from butterfly.dataplane.proving import Prover, check_records, decode_proofs
 from butterfly.net.framing import Envelope
 from butterfly.runtime.kvcache import KVCache
+from butterfly.runtime.linear import timed_on_threads
 from butterfly.runtime.loader import load_stage
+from butterfly.runtime.precision import FP32, Precision
 from butterfly.runtime.stage import Stage, forward_rows, prefill_outputs, supports_trace
 from butterfly.runtime.torch_thread import TorchThread, single_threaded
 from butterfly.runtime.wire import decode_tensor, encode_tensor
@@ -101,7 +103,7 @@ class StageServer:
         model_dir: Path,
         max_tensor_bytes: int,
         torch_thread: TorchThread,
-        dtype: torch.dtype = torch.float32,
+        precision: Precision = FP32,
         prover: Prover | None = None,
         snapshot_every: int = 0,
         keep_outputs: bool = False,
@@ -110,6 +112,7 @@ class StageServer:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`torch_thread`: the process's one thread for torch (runtime.torch_thread).
+        `precision`: model.dtype and model.quantization, what the stage computes in.
         `snapshot_every`: tokens between KV-cache copies sent to the
         standbys of this node's range (0: never). `keep_outputs`: keep what this stage
         computed for each request until it is released (`outputs_of`), on the gateway,
@@ -124,7 +127,7 @@ class StageServer:
         self._shipped: dict[RequestId, int] = {}  # request -> positions already at the standbys
         self._plan_changed = asyncio.Event()
         self.node, self.model_dir = node, model_dir
-        self._max_tensor_bytes, self._dtype = max_tensor_bytes, dtype
+        self._max_tensor_bytes, self._precision = max_tensor_bytes, precision
         self._torch = torch_thread
         self.stage: Stage | None = None
         self.plan: StagePlan | None = None
@@ -171,8 +174,8 @@ class StageServer:
             if layers is not None and (self.stage is None or self.stage.layers != layers):
 
                 def load() -> Stage:  # one thread: every survivor of a failure loads at once
-                    with single_threaded():
-                        return load_stage(self.model_dir, layers, dtype=self._dtype)
+                    with timed_on_threads(torch.get_num_threads()), single_threaded():
+                        return load_stage(self.model_dir, layers, precision=self._precision)
 
                 stage = await self._torch.run(load)
             # the switch, with no await in it: steps meanwhile ran on the old stage and

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from butterfly.runtime.kvcache import KVCache
-from butterfly.runtime.linear import linear, pack
+from butterfly.runtime.linear import Weight, linear, prepare
+from butterfly.runtime.precision import Precision
 from butterfly.runtime.stage import Family, check_positions, check_token_ids
 from butterfly.runtime.weights import CheckpointReader
 from butterfly.types.errors import InvalidInput, UnknownArchitecture
@@ -84,15 +85,15 @@ class BertArgs:
 
 @dataclass
 class Block:
-    wqkv: torch.Tensor  # [3 D, D]: query, key, value stacked
+    wqkv: Weight  # [3 D, D]: query, key, value stacked
     bqkv: torch.Tensor
-    wo: torch.Tensor  # [D, D]
+    wo: Weight  # [D, D]
     bo: torch.Tensor
     ln1_w: torch.Tensor  # post-attention LayerNorm
     ln1_b: torch.Tensor
-    w_in: torch.Tensor  # [I, D]
+    w_in: Weight  # [I, D]
     b_in: torch.Tensor
-    w_out: torch.Tensor  # [D, I]
+    w_out: Weight  # [D, I]
     b_out: torch.Tensor
     ln2_w: torch.Tensor  # post-MLP LayerNorm
     ln2_b: torch.Tensor
@@ -199,21 +200,26 @@ def load_stage(reader: CheckpointReader, args: BertArgs, layers: LayerRange) -> 
             (f"{e}.LayerNorm.bias", (d,)),
         ]
     w = reader.read_many(wanted)
+    dense = Precision(args.dtype)  # no int8 for this family: the loader refuses it
 
     blocks = []
     for i, n in enumerate(layers):
         reader.progress("pack", i, len(layers))
         t = {name: w.pop(f"{p}encoder.layer.{n}.{name}") for name in shapes}
         qkv = [f"attention.self.{x}" for x in ("query", "key", "value")]
+
+        def mat(name: str, t: dict[str, torch.Tensor] = t) -> Weight:
+            return prepare(t[name], dense)
+
         blocks.append(
             Block(
-                wqkv=pack(torch.cat([t[f"{x}.weight"] for x in qkv])),
+                wqkv=prepare(torch.cat([t[f"{x}.weight"] for x in qkv]), dense),
                 bqkv=torch.cat([t[f"{x}.bias"] for x in qkv]),
-                wo=pack(t["attention.output.dense.weight"]), bo=t["attention.output.dense.bias"],
+                wo=mat("attention.output.dense.weight"), bo=t["attention.output.dense.bias"],
                 ln1_w=t["attention.output.LayerNorm.weight"],
                 ln1_b=t["attention.output.LayerNorm.bias"],
-                w_in=pack(t["intermediate.dense.weight"]), b_in=t["intermediate.dense.bias"],
-                w_out=pack(t["output.dense.weight"]), b_out=t["output.dense.bias"],
+                w_in=mat("intermediate.dense.weight"), b_in=t["intermediate.dense.bias"],
+                w_out=mat("output.dense.weight"), b_out=t["output.dense.bias"],
                 ln2_w=t["output.LayerNorm.weight"], ln2_b=t["output.LayerNorm.bias"],
             )
         )  # fmt: skip

@@ -16,10 +16,24 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+# Families close to one Butterfly runs, refused with the reason rather than half-run.
+REFUSED = {
+    "phi3": "Phi-3 fuses qkv_proj and gate_up_proj and uses longrope scaling",
+    "gemma": "Gemma scales its embeddings by sqrt(hidden_size) and its norms by (1 + weight)",
+    "gemma2": "Gemma 2 adds logit softcapping, sandwich norms and alternating sliding windows",
+    "gemma3": "Gemma 3 adds q/k norms with (1 + weight), sandwich norms and local/global RoPE",
+}
+
+
 def family_for(config: dict[str, Any]) -> Family:
     model_type = config.get("model_type")
     if model_type in FAMILIES:
         return FAMILIES[model_type]
+    if model_type in REFUSED:
+        raise UnknownArchitecture(
+            f"model_type {model_type!r} is not supported: {REFUSED[model_type]}, which "
+            f"Butterfly's decoders do not compute; Butterfly runs: {', '.join(sorted(FAMILIES))}"
+        )
     raise UnknownArchitecture(
         f"model_type {model_type!r} (architectures {config.get('architectures')}) is not "
         f"supported; Butterfly runs: {', '.join(sorted(FAMILIES))}"

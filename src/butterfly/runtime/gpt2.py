@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from butterfly.runtime.kvcache import KVCache
-from butterfly.runtime.linear import linear, pack
+from butterfly.runtime.linear import Weight, linear, prepare
+from butterfly.runtime.precision import Precision
 from butterfly.runtime.stage import Family, causal_mask, check_positions, check_token_ids
 from butterfly.runtime.weights import CheckpointReader
 from butterfly.types.errors import InvalidInput, UnknownArchitecture
@@ -86,15 +87,15 @@ class GPT2Args:
 class Block:
     ln1_w: torch.Tensor  # [D]
     ln1_b: torch.Tensor
-    wqkv: torch.Tensor  # [3 D, D], transposed from Conv1D's [D, 3 D]
+    wqkv: Weight  # [3 D, D], transposed from Conv1D's [D, 3 D]
     bqkv: torch.Tensor  # [3 D]
-    wo: torch.Tensor  # [D, D]
+    wo: Weight  # [D, D]
     bo: torch.Tensor
     ln2_w: torch.Tensor
     ln2_b: torch.Tensor
-    w_fc: torch.Tensor  # [I, D]
+    w_fc: Weight  # [I, D]
     b_fc: torch.Tensor
-    w_proj: torch.Tensor  # [D, I]
+    w_proj: Weight  # [D, I]
     b_proj: torch.Tensor
     scale: float  # attention score scale of this layer
 
@@ -108,7 +109,7 @@ class GPT2Stage:
         layers: LayerRange,
         blocks: list[Block],
         embed: tuple[torch.Tensor, torch.Tensor] | None,  # wte, wpe
-        final: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,  # ln_f w, b, head
+        final: tuple[torch.Tensor, torch.Tensor, Weight] | None,  # ln_f w, b, head
     ) -> None:
         self.args, self.layers, self.blocks = args, layers, blocks
         self.embed, self.final = embed, final
@@ -210,27 +211,34 @@ def load_stage(reader: CheckpointReader, args: GPT2Args, layers: LayerRange) -> 
         if head != wte or not first:
             wanted.append((head, (args.vocab_size, d)))
     w = reader.read_many(wanted)
+    dense = Precision(args.dtype)  # no int8 for this family: the loader refuses it
 
     blocks = []
     for i, n in enumerate(layers):
         reader.progress("pack", i, len(layers))
         t = {name: w.pop(f"{p}h.{n}.{name}") for name in shapes}
+
+        def mat(
+            name: str, t: dict[str, torch.Tensor] = t
+        ) -> Weight:  # Conv1D [in, out] -> [out, in] on its kernel
+            return prepare(t[name].t().contiguous(), dense)
+
         scale = args.head_dim**-0.5 if args.scale_attn else 1.0
         blocks.append(
             Block(
                 ln1_w=t["ln_1.weight"], ln1_b=t["ln_1.bias"],
-                wqkv=pack(t["attn.c_attn.weight"].t().contiguous()), bqkv=t["attn.c_attn.bias"],
-                wo=pack(t["attn.c_proj.weight"].t().contiguous()), bo=t["attn.c_proj.bias"],
+                wqkv=mat("attn.c_attn.weight"), bqkv=t["attn.c_attn.bias"],
+                wo=mat("attn.c_proj.weight"), bo=t["attn.c_proj.bias"],
                 ln2_w=t["ln_2.weight"], ln2_b=t["ln_2.bias"],
-                w_fc=pack(t["mlp.c_fc.weight"].t().contiguous()), b_fc=t["mlp.c_fc.bias"],
-                w_proj=pack(t["mlp.c_proj.weight"].t().contiguous()), b_proj=t["mlp.c_proj.bias"],
+                w_fc=mat("mlp.c_fc.weight"), b_fc=t["mlp.c_fc.bias"],
+                w_proj=mat("mlp.c_proj.weight"), b_proj=t["mlp.c_proj.bias"],
                 scale=scale / (n + 1) if args.scale_by_layer else scale,
             )
         )  # fmt: skip
     embed = (w[wte], w[f"{p}wpe.weight"]) if first else None
     final = None
     if last:  # a tied head that is also this stage's embedding stays one tensor
-        head_w = pack(w[head]) if head != wte or not first else w[head]
+        head_w = prepare(w[head], dense) if head != wte or not first else w[head]
         final = (w[f"{p}ln_f.weight"], w[f"{p}ln_f.bias"], head_w)
     return GPT2Stage(args, layers, blocks, embed, final)
 

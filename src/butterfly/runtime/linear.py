@@ -1,41 +1,112 @@
-"""Matrix products of a stage, with large fp32 weights packed once for oneDNN.
+"""Matrix products of a stage, each weight on the kernel measured fastest for its shape.
 
-`F.linear` on fp32 goes to MKL, which on this project's AMD EPYC (AVX-512) runs its AVX2
-code: measured 80-100 GFLOP/s per core on a [192, 768] x [768, 3072] product and 12-16 GB/s
-on a decode step's matrix-vector products. oneDNN's kernels on the same weights, packed
-once at load into its blocked layout, ran that product 2.3-2.6x faster and the
-matrix-vector products 1.5-2.2x faster, with results equal to 1e-5 relative and
-independent of the batch a row is in (docs/PERFORMANCE.md, "Packed weights"). A packed
-call costs about 11 us more, so small matrices (the tiny demo model's) stay plain.
+Which kernel wins depends on the CPU, not on its vendor's name: on an AMD EPYC whose MKL
+ran AVX2 code, oneDNN's packed fp32 layout ran decode products 1.5-2.2x faster than
+`F.linear`; on an Intel Xeon (AVX-512, AMX) MKL was already at the memory bandwidth and
+the packed path was 0.7-0.9x as fast, while packed bf16 ran 1.5-2x faster than plain
+bf16 (docs/PERFORMANCE.md, "Kernel selection"). So at load, for each distinct weight
+shape and precision, every candidate the precision allows is timed on the decode shape
+(one row) and the fastest kept, once per process (`kernel_choices()` lists them).
 
-oneDNN builds a primitive per shape of a product, and its primitive cache and ideep's
-(1024 entries each) keep it together with a buffer the size of the product's output:
-measured 0.75 MB per new row count at 20 rows of a [768 -> 6144] product, 6.1 MB at 250,
-about 40 KB per row for the small model's four packed weights together. Every new prompt
-length added one, and a node under mixed prompt lengths grew 23-33 MB/min
-(bench/soak.py); over a 2048-token context the caches could have held about 1 GB. So a
-packed product runs its rows in few shapes (`row_chunks`): up to `EXACT_ROWS` (decode
-batches) as they are, above that padded to a multiple of `ROW_ALIGN` and cut into
-chunks of at most `MAX_CHUNK_ROWS`: 23 shapes per weight whatever the length, about
-28 MB of cached buffers for the small model. Rows are computed independently (a row's
-result does not depend on its batch, tests/test_linear.py), so padding rows only cost
-their compute and are dropped.
+Every candidate computes the same product up to the rounding of the compute dtype, so
+two nodes that chose differently still agree within the verification tolerance:
+- "plain": `F.linear` on the dense weight;
+- "packed": oneDNN's blocked layout, packed once (fp32, bf16, fp16);
+- "int8mm": `torch._weight_int8pack_mm`, int8 weights with per-channel scales,
+  activations in the compute dtype (weight-only quantization);
+- "int8_dequant": the int8 weight widened to the compute dtype at each call.
+Dynamic activation quantization (`quantized.linear_dynamic`) is not a candidate: it
+rounds the activations to 8 bits, a different function from the one the other nodes
+compute, and the audit would see that as a lie.
+
+oneDNN builds a primitive per shape of a packed product, and its primitive cache and
+ideep's (1024 entries each) keep it together with a buffer the size of the product's
+output: measured 0.75 MB per new row count at 20 rows of a [768 -> 6144] product, 6.1 MB
+at 250, about 40 KB per row for the small model's four packed weights together. Every new
+prompt length added one, and a node under mixed prompt lengths grew 23-33 MB/min
+(bench/soak.py). So a packed product runs its rows in few shapes (`row_chunks`): up to
+`EXACT_ROWS` (decode batches) as they are, above that padded to a multiple of
+`ROW_ALIGN` and cut into chunks of at most `MAX_CHUNK_ROWS`: 23 shapes per weight
+whatever the length. Rows are computed independently (a row's result does not depend on
+its batch, tests/test_linear.py), so padding rows only cost their compute and are dropped.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-# below this many elements (1 MiB of fp32) the call overhead outweighs the faster kernel
-PACK_MIN_ELEMENTS = 1 << 18
-# products with at most this many rows (decode steps of a batch) keep their own shape
+from butterfly.runtime.precision import Precision, int8_weight_kernel_available, quantize_int8
+
+log = logging.getLogger(__name__)
+
+# products with at most this many rows (decode batches) keep their own shape
 EXACT_ROWS = 16
-# longer products are padded to a multiple of this and run in chunks of at most
+# longer packed products are padded to a multiple of this and run in chunks of at most
 # MAX_CHUNK_ROWS; 128 rows of the small model's largest product is 0.6 GFLOP, enough
 # for the kernel's blocking, so chunking costs only the ~12 us of one more call each
 ROW_ALIGN = 16
 MAX_CHUNK_ROWS = 128
+ROUNDS = 7  # timed rounds per candidate, interleaved so drift hits all alike
+CALLS = 4  # products per round
+
+
+@dataclass(frozen=True)
+class Int8Weight:
+    """Weight-only int8: `q` [out, in] int8, `scales` [out] in the compute dtype."""
+
+    q: torch.Tensor
+    scales: torch.Tensor
+    kernel: str  # "int8mm" or "int8_dequant"
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def dense(self) -> torch.Tensor:
+        """The fp32 matrix this weight computes with: the accuracy check's reference."""
+        return self.q.float() * self.scales.float()[:, None]
+
+
+Weight = torch.Tensor | Int8Weight
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    shape: tuple[int, int]  # [out, in]
+    precision: str
+    threads: int  # torch threads it was timed on
+    kernel: str
+    micros: dict[str, float]  # median time of one decode product, per candidate
+
+
+_CHOSEN: dict[tuple[tuple[int, int], Precision, int], KernelChoice] = {}
+_DECODE_THREADS: ContextVar[int | None] = ContextVar("decode_threads", default=None)
+
+
+@contextlib.contextmanager
+def timed_on_threads(threads: int) -> Iterator[None]:
+    """Time candidates on `threads` torch threads inside the block: a stage loaded on one
+    thread (runtime.torch_thread.single_threaded) decodes on all of the process's, and
+    the kernel that wins on one thread need not win on two."""
+    token = _DECODE_THREADS.set(threads)
+    try:
+        yield
+    finally:
+        _DECODE_THREADS.reset(token)
+
+
+def kernel_choices() -> list[KernelChoice]:
+    """The choices this process made, for logs, benchmarks and `bench/runtime.py`."""
+    return list(_CHOSEN.values())
 
 
 def packing_available() -> bool:
@@ -44,17 +115,88 @@ def packing_available() -> bool:
     )
 
 
-def pack(weight: torch.Tensor) -> torch.Tensor:
-    """`weight` [out, in] in oneDNN's layout when that is faster, else unchanged."""
-    if (
-        weight.dtype != torch.float32
-        or weight.dim() != 2
-        or weight.numel() < PACK_MIN_ELEMENTS
-        or not packing_available()
-    ):
-        return weight
-    packed: torch.Tensor = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
-    return packed
+def candidates(precision: Precision) -> tuple[str, ...]:
+    if precision.quantization == "int8":
+        return ("int8mm", "int8_dequant") if int8_weight_kernel_available() else ("int8_dequant",)
+    return ("plain", "packed") if packing_available() else ("plain",)
+
+
+def build(kernel: str, weight: torch.Tensor, precision: Precision) -> Weight:
+    """`weight` [out, in] (any float dtype) on `kernel`, in `precision`."""
+    dense = weight.to(precision.dtype).contiguous()
+    if kernel == "plain":
+        return dense
+    if kernel == "packed":
+        packed: torch.Tensor = torch.ops.mkldnn._reorder_linear_weight(dense)
+        return packed
+    if kernel in ("int8mm", "int8_dequant"):
+        q, scales = quantize_int8(weight)
+        return Int8Weight(q, scales.to(precision.dtype), kernel)
+    raise ValueError(f"unknown kernel {kernel!r}")
+
+
+def prepare(
+    weight: torch.Tensor,
+    precision: Precision,
+    timer: Callable[[dict[str, Weight], Precision], dict[str, float]] | None = None,
+) -> Weight:
+    """`weight` on the kernel measured fastest for its shape in this process; `timer`
+    (default `time_decode`) gives each built candidate's time."""
+    shape = (int(weight.shape[0]), int(weight.shape[1]))
+    threads = _DECODE_THREADS.get() or torch.get_num_threads()
+    key = (shape, precision, threads)
+    choice = _CHOSEN.get(key)
+    if choice is not None:
+        return build(choice.kernel, weight, precision)
+    built = {k: build(k, weight, precision) for k in candidates(precision)}
+    micros = {k: 0.0 for k in built}
+    if len(built) > 1:
+        loading_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            micros = (timer or time_decode)(built, precision)
+        finally:
+            torch.set_num_threads(loading_threads)
+    kernel = min(micros, key=lambda k: micros[k])
+    choice = KernelChoice(shape, precision.name, threads, kernel, micros)
+    _CHOSEN[key] = choice
+    log.info(
+        "kernel for %s %s: %s (us per decode product: %s)", shape, precision.name, kernel, micros
+    )
+    return built[kernel]
+
+
+def time_decode(built: dict[str, Weight], precision: Precision) -> dict[str, float]:
+    """Median microseconds of one decode-shaped product ([1, 1, in]) per candidate."""
+    some = next(iter(built.values()))
+    x = torch.randn(1, 1, int(some.shape[1]), generator=torch.Generator().manual_seed(0))
+    x = x.to(precision.dtype)
+    samples: dict[str, list[float]] = {k: [] for k in built}
+    with torch.inference_mode():
+        for w in built.values():  # warm-up: first calls allocate and JIT-select
+            linear(x, w)
+        for _ in range(ROUNDS):
+            for k, w in built.items():
+                t0 = time.perf_counter()
+                for _ in range(CALLS):
+                    linear(x, w)
+                samples[k].append((time.perf_counter() - t0) / CALLS * 1e6)
+    return {k: round(statistics.median(v), 2) for k, v in samples.items()}
+
+
+def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear`, for a weight on any kernel."""
+    if isinstance(weight, Int8Weight):
+        if weight.kernel == "int8mm":
+            rows = x.reshape(-1, x.shape[-1]).contiguous()
+            y = torch._weight_int8pack_mm(rows, weight.q, weight.scales)
+            y = y.view(*x.shape[:-1], y.shape[-1])
+        else:
+            y = F.linear(x, weight.q.to(x.dtype) * weight.scales[:, None])
+        return y if bias is None else y + bias
+    if weight.is_mkldnn:
+        return _packed_in_few_shapes(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def row_chunks(rows: int) -> list[int]:
@@ -73,10 +215,9 @@ def _packed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     return out
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear`, for plain or packed weights."""
-    if not weight.is_mkldnn:
-        return F.linear(x, weight, bias)
+def _packed_in_few_shapes(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     width = x.shape[-1]
     rows = x.numel() // width if width else 0
     chunks = row_chunks(rows)
@@ -86,3 +227,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     outs = [_packed(part, weight, bias) for part in torch.split(flat, chunks)]
     full = torch.cat(outs) if len(outs) > 1 else outs[0]
     return full[:rows].reshape(*x.shape[:-1], full.shape[-1])
+
+
+def weight_bytes(weight: Weight) -> int:
+    """Bytes a weight holds resident (what placement and config validation count)."""
+    if isinstance(weight, Int8Weight):
+        return weight.q.numel() + weight.scales.numel() * weight.scales.element_size()
+    return weight.numel() * weight.element_size()

@@ -8,7 +8,11 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from butterfly.runtime.chat import ChatTemplate
+from butterfly.runtime.weights import declared_eos_ids
 from butterfly.types.errors import InvalidInput
+
+# Consulted only when the checkpoint declares no `eos_token_id` (runtime.weights).
+FALLBACK_EOS_TOKENS = ("<|eos|>", "</s>", "<|endoftext|>", "<|end_of_text|>")
 
 
 @dataclass(frozen=True)
@@ -23,8 +27,12 @@ class TextCodec:
         if not path.is_file():
             raise InvalidInput(f"{model_dir} has no tokenizer.json; send input_ids instead of text")
         tok = Tokenizer.from_file(str(path))
-        eos = {tok.token_to_id(t) for t in ("<|eos|>", "</s>", "<|endoftext|>", "<|end_of_text|>")}
-        return cls(tok, frozenset(i for i in eos if i is not None), ChatTemplate.load(model_dir))
+        chat = ChatTemplate.load(model_dir)
+        declared = declared_eos_ids(model_dir)
+        if declared:
+            return cls(tok, declared, chat)
+        eos = {tok.token_to_id(t) for t in FALLBACK_EOS_TOKENS}
+        return cls(tok, frozenset(i for i in eos if i is not None), chat)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text).ids)

@@ -36,6 +36,26 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     return config
 
 
+def declared_eos_ids(model_dir: Path) -> frozenset[int]:
+    """End-of-sequence ids the checkpoint declares: `eos_token_id` (one id or a list) of
+    `generation_config.json`, else of `config.json`, the order transformers' `generate`
+    reads them in. Instruct checkpoints list their turn-end token there (Llama 3's
+    `<|eot_id|>`, Qwen2's `<|im_end|>`); empty when neither file declares any."""
+    for name in ("generation_config.json", "config.json"):
+        path = Path(model_dir) / name
+        if not path.is_file():
+            continue
+        try:
+            declared = json.loads(path.read_text()).get("eos_token_id")
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise UnknownArchitecture(f"{path} is not a JSON object: {e}") from e
+        ids = declared if isinstance(declared, list) else [declared]
+        found = frozenset(i for i in ids if isinstance(i, int) and not isinstance(i, bool))
+        if found:
+            return found
+    return frozenset()
+
+
 @dataclass
 class CheckpointReader:
     """Tensor lookup over `model.safetensors` or a sharded index, recording what it read."""
@@ -96,9 +116,11 @@ class CheckpointReader:
                             f"tensor '{name}' in {path} has shape {tuple(t.shape)}, "
                             f"the config implies {shape}"
                         )
-                    if self.dtype is not None and t.is_floating_point():
-                        t = t.to(self.dtype)
-                    out[name] = t.clone().contiguous()
+                    if self.dtype is not None and t.is_floating_point() and t.dtype != self.dtype:
+                        t = t.to(self.dtype).contiguous()  # a fresh tensor: no second copy
+                    else:
+                        t = t.clone().contiguous()
+                    out[name] = t
                     self.names_read.append(name)
                     self.bytes_read += t.numel() * t.element_size()
                     self.progress("read", len(out), total)

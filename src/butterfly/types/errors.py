@@ -40,6 +40,7 @@
     │   ├── UnknownArchitecture           no        yes
     │   ├── MissingTensor                 no        yes
     │   ├── TensorShapeMismatch           no        yes
+    │   ├── UnsupportedPrecision          no        yes
     │   ├── LayerRangeError               no        no
     │   ├── ContextLengthExceeded         no        no
     │   ├── InvalidInput                  no        no
@@ -266,6 +267,13 @@ class MissingTensor(ModelError):
 
 
 class TensorShapeMismatch(ModelError):
+    fatal = True
+
+
+class UnsupportedPrecision(ModelError):
+    """A `model.dtype` or `model.quantization` this CPU, torch build or model family
+    cannot compute in; the message names the setting to change."""
+
     fatal = True
 
 

@@ -33,9 +33,10 @@ from butterfly.protocol.keys import public_keys
 from butterfly.protocol.proof import Tolerance
 from butterfly.protocol.sign import SigningKey
 from butterfly.runtime.loader import layer_infos, model_args
+from butterfly.runtime.precision import Precision
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.runtime.torch_thread import TorchThread
-from butterfly.runtime.weights import model_hash
+from butterfly.runtime.weights import declared_eos_ids, model_hash
 from butterfly.schedule.engine import ClusterHealth
 from butterfly.schedule.store import Checkpoint
 from butterfly.types.errors import ConfigError
@@ -79,6 +80,11 @@ def step_timeout_s(config: ConfigManager) -> float:
     return config.current.network.step_timeout_ms / 1000
 
 
+def precision_of(cfg: ButterflyConfig) -> Precision:
+    """model.dtype and model.quantization, probed on this CPU (refused by name if not)."""
+    return Precision.named(cfg.model.dtype, cfg.model.quantization)
+
+
 def stage_server(
     cfg: ButterflyConfig,
     model_dir: Path,
@@ -94,6 +100,7 @@ def stage_server(
         node=me,
         model_dir=model_dir,
         max_tensor_bytes=cfg.network.max_message_bytes,
+        precision=precision_of(cfg),
         prover=Prover(me, key, byz.fingerprint_top_k, byz.fingerprint_chunk, keys)
         if verify
         else None,
@@ -137,7 +144,7 @@ def placing(cfg: ButterflyConfig, model_dir: Path) -> Placing:
     """What the gateway plans with: the model's layers, the strategy, the copies."""
     _family, args = model_args(model_dir)
     return Placing(
-        layers=tuple(layer_infos(model_dir)),
+        layers=tuple(layer_infos(model_dir, precision_of(cfg))),
         strategy=cfg.partition.strategy,
         copies=replication_factor(cfg),
         gateway=NodeId(cfg.node.id),
@@ -185,7 +192,7 @@ def engine(
                 timeout_s=partial(step_timeout_s, config),
             ),
             keys=keys,
-            referee=Referee(model_dir, torch_thread),
+            referee=Referee(model_dir, torch_thread, precision_of(cfg)),
             tolerance=tolerance,
             max_tensor_bytes=cfg.network.max_message_bytes,
             gateway=me,
@@ -199,7 +206,7 @@ def engine(
             plan=server.current_plan,
             f=byz.f,
             keys=keys,
-            referee=Referee(model_dir, torch_thread),
+            referee=Referee(model_dir, torch_thread, precision_of(cfg)),
             tolerance=tolerance,
             on_liars=on_liars,
             timeouts=timeouts,
@@ -217,7 +224,7 @@ def engine(
         health=health,
         max_context=max_context(model_dir),
         input_kind=family.input_kind,
-        eos_ids=codec.eos_ids if codec else frozenset(),
+        eos_ids=codec.eos_ids if codec else declared_eos_ids(model_dir),
         step_timeout_s=step_timeout_s(config),
         max_tensor_bytes=cfg.network.max_message_bytes,
         auditor=auditor,

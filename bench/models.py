@@ -1,0 +1,152 @@
+"""Precision benchmark: the small demo model's decode in fp32, bf16 and int8, one process.
+
+Prints one JSON object. Each round runs every precision once (prefill of 128 tokens, then
+64 greedy decode steps), so drift of this shared machine hits all alike; the ratios to
+fp32 are per round, reported as medians with spread. Beside each decode figure: the
+memory-bandwidth floor (bytes of weights a decode step reads / read bandwidth measured
+in this run). Memory: a middle-quarter stage per precision in a fresh process, resident
+(anonymous) memory against the bytes it holds. Accuracy: butterfly.testing.accuracy.
+
+Targets (issue 14): bf16 decode <= 0.7x fp32, int8 <= 0.5x, stage memory within 10% of
+its weights at that dtype.
+
+    nice -n 10 python bench/models.py [--rounds 5] [--size small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from butterfly.runtime.linear import kernel_choices
+from butterfly.runtime.loader import load_stage, num_layers
+from butterfly.runtime.precision import FP32, Precision
+from butterfly.testing.accuracy import check_accuracy
+from common import bench_model, decode_bytes, machine, read_bandwidth_gbs, summary
+from runtime import butterfly_session, one_round
+
+PRECISIONS = {
+    "float32": FP32,
+    "bfloat16": Precision(torch.bfloat16),
+    "float32+int8": Precision(torch.float32, "int8"),
+    "bfloat16+int8": Precision(torch.bfloat16, "int8"),
+}
+TARGETS = {"bfloat16": 0.7, "bfloat16+int8": 0.5}
+
+MEMORY_PROBE = """
+import json, sys, torch
+from pathlib import Path
+from butterfly.runtime.llama import stage_bytes
+from butterfly.runtime.loader import load_stage, release_freed_memory
+from butterfly.runtime.precision import Precision
+from butterfly.types.model import LayerRange
+def anon_mb():  # anonymous memory: the safetensors map is file-backed and unmapped after
+    for line in open('/proc/self/status'):
+        if line.startswith('RssAnon:'):
+            return int(line.split()[1]) / 1024
+model, start, end = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+precision = Precision(getattr(torch, sys.argv[4]), sys.argv[5])
+warm = load_stage(model, LayerRange(start, end), precision=precision)  # kernel choice, caches
+del warm
+release_freed_memory()
+base = anon_mb()
+stage = load_stage(model, LayerRange(start, end), precision=precision)
+print(json.dumps({"rss_mb": anon_mb() - base, "weights_mb": stage_bytes(stage) / 2**20}))
+"""
+
+
+def memory(model_dir: Path, start: int, end: int, precision: Precision) -> dict[str, float]:
+    dtype = str(precision.dtype).removeprefix("torch.")
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(model_dir), str(start), str(end), dtype,
+         precision.quantization],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    m = {k: round(v, 2) for k, v in json.loads(out.stdout).items()}
+    m["rss_to_weights"] = round(m["rss_mb"] / m["weights_mb"], 3)
+    return m
+
+
+def note(what: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {what}", file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--size", default="small")
+    args = ap.parse_args()
+    model_dir = bench_model(args.size)
+    stages = {name: load_stage(model_dir, precision=p) for name, p in PRECISIONS.items()}
+    sessions = {name: butterfly_session([s]) for name, s in stages.items()}
+    prompt = torch.randint(0, 256, (1, 128), generator=torch.Generator().manual_seed(0))
+    decode: dict[str, list[float]] = {k: [] for k in sessions}
+    ratios: dict[str, list[float]] = {k: [] for k in sessions}
+    bandwidth: list[float] = []
+    note("loaded")
+    for new in sessions.values():  # warm-up
+        one_round(new, prompt)
+    for r in range(args.rounds):
+        note(f"round {r}")
+        bandwidth.append(read_bandwidth_gbs(rounds=3)["median"])
+        medians = {}
+        for name, new in sessions.items():
+            _prefill, steps, _tokens = one_round(new, prompt)
+            decode[name].extend(steps)
+            medians[name] = summary(steps)["median"]
+        for name in sessions:
+            ratios[name].append(medians[name] / medians["float32"])
+    gbs = summary(bandwidth)
+    floors = {
+        name: round(decode_bytes(s) / (gbs["median"] * 1e9) * 1000, 3)  # type: ignore[arg-type]
+        for name, s in stages.items()
+    }
+    n = num_layers(model_dir)
+    quarter = n // 4
+    note("accuracy")
+    accuracy = {
+        name: check_accuracy(
+            model_dir, p, list(b"The quick brown fox jumps over the lazy dog. ")
+        ).as_dict()
+        for name, p in PRECISIONS.items()
+        if p != FP32
+    }
+    per_token = {k: summary(v) for k, v in decode.items()}
+    ratio = {k: summary(v) for k, v in ratios.items()}
+    note("memory")
+    mem = {name: memory(model_dir, quarter, 2 * quarter, p) for name, p in PRECISIONS.items()}
+    result: dict[str, Any] = {
+        "benchmark": "models",
+        "model": f"demo-{args.size}",
+        "layers": n,
+        "prompt_tokens": 128,
+        "new_tokens": 64,
+        "rounds": args.rounds,
+        "machine": machine(),
+        "read_bandwidth_gbs": gbs,
+        "decode_ms_per_token": per_token,
+        "decode_bytes_mb": {k: round(decode_bytes(s) / 2**20, 1) for k, s in stages.items()},
+        "bandwidth_floor_ms": floors,
+        "decode_to_floor": {k: round(per_token[k]["median"] / floors[k], 3) for k in stages},
+        "ratio_to_float32": ratio,
+        f"memory_middle_quarter_[{quarter},{2 * quarter})": mem,
+        "accuracy_vs_float32": accuracy,
+        "kernels": [dataclasses.asdict(c) for c in kernel_choices()],
+        "targets": {
+            **{f"{k}_ratio<={v}": ratio[k]["median"] <= v for k, v in TARGETS.items()},
+            "memory_within_10%": all(abs(m["rss_to_weights"] - 1) <= 0.1 for m in mem.values()),
+        },
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
