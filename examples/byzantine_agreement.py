@@ -3,13 +3,15 @@
 Five `AgreementDriver`s, the PBFT replica each node runs, over the in-memory transport
 (the same frame codec as TCP), each signing with its own key. Node 0 proposes a command
 and every vote printed is a real signed PBFT message as it reaches node 0 (the primary),
-with node 0's replica state after it: prepared once it holds 2f matching PREPAREs from
-backups, decided once it holds 2f+1 matching COMMITs (its own included).
+with node 0's replica state after it: prepared once it holds q - 1 matching PREPAREs from
+backups, decided once it holds q matching COMMITs (its own included), where the quorum
+q = ceil((n + f + 1) / 2) is the smallest size any two of which share f + 1 nodes.
 
 Where it departs from the seed:
 - The seed runs 5 nodes with f = 2. Under PBFT that is unsafe: n >= 3f + 1 is needed so
   that any two quorums of 2f + 1 share an honest node, and 5 nodes only tolerate f = 1.
-  Butterfly refuses f = 2 with the rule and the largest safe f, and runs f = 1 (quorum 3).
+  Butterfly refuses f = 2 with the rule and the largest safe f, and runs f = 1. Its quorum
+  is 4 of 5, not 2f + 1 = 3: two sets of 3 of 5 can meet in one node, the liar.
 - The seed agrees on an inference result. A Butterfly cluster agrees on the commands that
   change shared state (agreement.commands: the stage plan of an epoch, an eviction, a
   config update); inference results are checked by the gateway (audit or replicate), not
@@ -31,6 +33,7 @@ from butterfly.metrics.events import discard
 from butterfly.net.framing import Envelope
 from butterfly.net.memory import MemoryNetwork
 from butterfly.protocol.pbft_state import PbftConfig, prepared_digest
+from butterfly.protocol.quorum import quorum
 from butterfly.protocol.sign import SigningKey
 from butterfly.types.errors import InsufficientNodes
 from butterfly.types.ids import NodeId
@@ -161,7 +164,7 @@ def main() -> None:
         pbft_config(0, f=2)
     except InsufficientNodes as refused:
         print(f"f=2 refused: {refused}")
-    print(f"Running with f={F} instead: quorum 2f+1 = {2 * F + 1} of {N}\n")
+    print(f"Running with f={F} instead: quorum ceil((n+f+1)/2) = {quorum(N, F)} of {N}\n")
     asyncio.run(run())
 
 

@@ -66,14 +66,14 @@ def test_example_prints_the_seed_shape(name: str, expected: list[str]) -> None:
 
 def test_agreement_example_runs_pbft_among_five_drivers() -> None:
     """The votes reach the primary in an order the scheduler picks; the quorum rules do
-    not depend on it: the first backup PREPARE does not prepare (2f = 2 are needed), the
-    second does; the primary's own COMMIT and one more do not decide, a third does."""
+    not depend on it: with n = 5, f = 1 the quorum is 4, so two backup PREPAREs do not
+    prepare (3 are needed), the third does; three COMMITs do not decide, a fourth does."""
     output = run("byzantine_agreement.py")
     assert "f=2 needs 7" in output
     prepares = [line for line in output.splitlines() if " voted, quorum reached: " in line]
     assert len(prepares) == 4  # every backup once; the primary's PRE-PREPARE stands for it
-    assert [line.endswith("true") for line in prepares] == [False, True, True, True]
+    assert [line.endswith("true") for line in prepares] == [False, False, True, True]
     commits = [line for line in output.splitlines() if " committed, finalized: " in line]
     assert len(commits) == 5
-    assert [line.endswith("true") for line in commits] == [False, False, True, True, True]
+    assert [line.endswith("true") for line in commits] == [False, False, False, True, True]
     assert "Result committed on all 5 nodes: NewPlan(epoch=1, " in output

@@ -213,6 +213,7 @@ class ConfigCoordinator:
             if not mine.ok:
                 raise ConfigRejected(self.me, mine.reason)
             oks: list[ConfigVote] = [mine]
+            need = quorum(len(self._members), self._f)
             pending = set(asks)
             while pending:
                 wait = deadline - time.monotonic()
@@ -232,15 +233,15 @@ class ConfigCoordinator:
                     else:
                         silent.append(asks[task])  # a forged or misdirected OK counts as none
                 waiting = [asks[t] for t in pending]
-                if len(oks) >= quorum(self._f) and not any(self._live(p) for p in waiting):
+                if len(oks) >= need and not any(self._live(p) for p in waiting):
                     break  # everyone alive has answered
         finally:
             for task in asks:
                 task.cancel()
-        if len(oks) < quorum(self._f):
+        if len(oks) < need:
             raise ConfigTimeout(
                 f"only {len(oks)} of {len(self._members)} nodes voted OK in time "
-                f"({quorum(self._f)} needed; no answer from {sorted(map(int, silent))}); "
+                f"({need} needed; no answer from {sorted(map(int, silent))}); "
                 "nothing was applied"
             )
         return oks

@@ -55,8 +55,9 @@ def certificate_problem(update: ConfigUpdate, digest: str, keys: tuple[bytes, ..
         for node, seq, sig in zip(nodes, seqs, sigs, strict=True)
         if 0 <= node < len(keys) and verify_bytes(keys[node], sig, vote_bytes(digest, seq))
     ]
-    if len(valid) < quorum(f) or len(valid) != len(nodes):
-        return f"{len(valid)} valid PREPARE OK signatures of {len(nodes)}, {quorum(f)} needed"
+    need = quorum(len(keys), f)
+    if len(valid) < need or len(valid) != len(nodes):
+        return f"{len(valid)} valid PREPARE OK signatures of {len(nodes)}, {need} needed"
     expected = max(seq for _, seq in valid) + 1
     if update.seq != expected:
         return f"config sequence {update.seq}, the voters' positions make it {expected}"

@@ -94,7 +94,7 @@ class PbftConfig:
 
     @property
     def quorum(self) -> int:
-        return quorum(self.f)
+        return quorum(self.n, self.f)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +254,7 @@ def prepared_digest(state: ReplicaState, slot: Slot, view: int) -> bytes | None:
     lead = primary(view, state.config.n)
     votes = slot.prepares.get(view, {})
     matching = sum(1 for j, p in votes.items() if j != lead and p.digest == pp.digest)
-    return pp.digest if matching >= 2 * state.config.f else None
+    return pp.digest if matching >= state.config.quorum - 1 else None
 
 
 def busy(state: ReplicaState) -> bool:

@@ -61,7 +61,7 @@ class NewViewPlan:
 
 def prepared_certificates(state: ReplicaState) -> tuple[PreparedCertificate, ...]:
     """For each slot above the checkpoint, the prepared value of the highest view."""
-    f, n = state.config.f, state.config.n
+    n = state.config.n
     certs = []
     for seq in sorted(s for s in state.log if s > state.low):
         slot = state.log[seq]
@@ -74,7 +74,8 @@ def prepared_certificates(state: ReplicaState) -> tuple[PreparedCertificate, ...
                 (p for j, p in slot.prepares[view].items() if j != lead and p.digest == digest),
                 key=lambda p: p.sender,
             )
-            certs.append(PreparedCertificate(slot.pre_prepares[view], tuple(votes[: 2 * f])))
+            proof = tuple(votes[: state.config.quorum - 1])
+            certs.append(PreparedCertificate(slot.pre_prepares[view], proof))
             break
     return tuple(certs)
 
@@ -166,7 +167,7 @@ def valid_certificate(state: ReplicaState, cert: PreparedCertificate) -> bool:
         ):
             return False
         voters.add(p.sender)
-    return len(voters) >= 2 * cfg.f
+    return len(voters) >= cfg.quorum - 1
 
 
 def valid_view_change(state: ReplicaState, vc: ViewChange, view: int) -> bool:

@@ -32,9 +32,15 @@ def check_fault_tolerance(n: int, f: int) -> None:
         )
 
 
-def quorum(f: int) -> int:
-    """Matching votes that make a decision: any two such sets share an honest node."""
-    return 2 * f + 1
+def quorum(n: int, f: int) -> int:
+    """Matching votes that make a decision: any two such sets of `n` share an honest node.
+
+    Two sets of q out of n share at least 2q - n nodes, and that must exceed f:
+    q = ceil((n + f + 1) / 2). At n = 3f + 1 that is the textbook 2f + 1; above it, 2f + 1
+    is too few (n = 5, f = 1: two sets of 3 can meet in one node, which may be the liar).
+    It stays reachable with f silent whenever n >= 3f + 1.
+    """
+    return (n + f + 2) // 2
 
 
 def weak_quorum(f: int) -> int:
