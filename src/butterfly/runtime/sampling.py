@@ -20,12 +20,11 @@ def make_generator(params: SamplingParams) -> torch.Generator:
     return g
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """Pick one token id from `logits` [V] (the last position's)."""
-    logits = logits.float()
-    if params.greedy:
-        return int(torch.argmax(logits).item())
-    logits = logits / params.temperature
+def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The probabilities [V] a sampled (non-greedy) request draws its next token from,
+    after temperature, top-k and top-p: what `sample` draws from, and what speculative
+    decoding's acceptance rule weighs a draft token by (dataplane.speculate)."""
+    logits = logits.float() / params.temperature
     if 0 < params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -35,5 +34,12 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= params.top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
-    probs = torch.softmax(logits, dim=-1)
+    return torch.softmax(logits, dim=-1)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """Pick one token id from `logits` [V] (the last position's)."""
+    if params.greedy:
+        return int(torch.argmax(logits.float()).item())
+    probs = distribution(logits, params)
     return int(torch.multinomial(probs, 1, generator=generator).item())
