@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from butterfly.dataplane.speculate import confirm, kept_until_stop
@@ -123,6 +123,9 @@ EDIT = (
 )
 
 
+GREEDY = SamplingParams()
+
+
 def splits(n: int) -> list[list[LayerRange]]:
     """Every single boundary, plus one stage per layer, plus the whole model."""
     two = [[LayerRange(0, k), LayerRange(k, n)] for k in range(1, n)]
@@ -137,7 +140,7 @@ async def generate(
     spec: Speculation,
     *,
     chunk: int = 0,
-    sampling: SamplingParams = SamplingParams(),
+    sampling: SamplingParams = GREEDY,
 ) -> InferenceResult:
     pipe.engine.retune_generation(speculation=spec, prefill_chunk=chunk)
     task = InferenceTask(RequestId(name), prompt, max_new_tokens=new, sampling=sampling)
