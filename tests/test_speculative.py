@@ -33,8 +33,10 @@ def test_a_draft_is_what_followed_an_earlier_occurrence_of_the_last_tokens(
     if not got:
         return
     end = len(tokens)
+    assert len(got) == k  # a match copies on into the draft itself
+    text = tokens + list(got)  # the draft is the text after the match, its own end included
     assert any(
-        tokens[j : j + n] == tokens[end - n :] and tuple(tokens[j + n : j + n + len(got)]) == got
+        tokens[j : j + n] == tokens[end - n :] and tuple(text[j + n : j + n + k]) == got
         for n in range(1, 4)
         for j in range(end - n)
     )
@@ -48,8 +50,7 @@ def test_a_copy_of_earlier_text_is_drafted_as_its_continuation(
     copying (the edit and extraction workloads speculation is for)."""
     i = data.draw(st.integers(1, len(text) - 1))
     k = data.draw(st.integers(1, 8))
-    tokens = text + text[:i]
-    assert ngram_draft(tokens, k) == tuple(tokens[i : i + k])
+    assert ngram_draft(text + text[:i], k) == tuple((text * 10)[i : i + k])
 
 
 @given(st.lists(st.integers(0, 1000), max_size=40, unique=True), st.integers(0, 8))

@@ -96,6 +96,8 @@ class PipelineEngine:
         on_checkpoint: Callable[[RequestId, Checkpoint], None] | None = None,
         resume: Callable[[RequestId], Checkpoint | None] | None = None,
         tracing: Tracing | None = None,
+        speculation: Speculation = PLAIN,
+        prefill_chunk: int = 0,
     ) -> None:
         """`verification` picks which of the parts built checks a request (audit,
         replicate or none); it defaults to the one part given. `retune` changes it, the
@@ -107,7 +109,9 @@ class PipelineEngine:
         `on_checkpoint` gets each request's generation every `checkpoint_every` tokens
         (the standby gateways keep it: `wiring.standby`); `resume` finds the one a request
         left before the gateway running it died, to go on from there.
-        `tracing`: opens a span for each request it samples (metrics.tracing)."""
+        `tracing`: opens a span for each request it samples (metrics.tracing).
+        `speculation`, `prefill_chunk`: generation.speculative and .prefill_chunk
+        (`retune_generation`)."""
         self.checkpoint_every, self._on_checkpoint = checkpoint_every, on_checkpoint
         self._resume = resume
         self._flight = InFlight()
@@ -144,7 +148,7 @@ class PipelineEngine:
         self._plan_version = asyncio.Event()
         self._recovery_wait_s = recovery_wait_s
         self._max_recoveries = max_recoveries
-        self._speculation, self._prefill_chunk = PLAIN, 0
+        self._speculation, self._prefill_chunk = speculation, prefill_chunk
 
     def retune_generation(self, *, speculation: Speculation, prefill_chunk: int) -> None:
         """Apply generation.speculative and generation.prefill_chunk from the next request

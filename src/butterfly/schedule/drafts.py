@@ -47,11 +47,14 @@ def ngram_draft(
     n tokens, for the longest n in [min_ngram, max_ngram] that occurs; () when none does.
 
     The latest occurrence, not the first: in an edit the recent copy is the one being
-    followed. An occurrence overlapping the suffix itself counts (a run such as
-    `a a a a` drafts more `a`s), but only tokens before the end can follow it.
+    followed. The copy goes on into the draft itself, as an LZ77 back-reference does,
+    so a repeating text (a loop of period d, a run of one token) drafts all k tokens
+    instead of stopping at the end of the text.
 
         >>> ngram_draft([5, 6, 7, 9, 5, 6], 3)
         (7, 9, 5)
+        >>> ngram_draft([1, 2, 1, 2], 5)
+        (1, 2, 1, 2, 1)
         >>> ngram_draft([1, 2, 3], 2)
         ()
     """
@@ -64,10 +67,18 @@ def ngram_draft(
         # candidate starts j < end - n, latest first: tokens[j : j + n] == suffix
         for j in range(end - n - 1, lo - 1, -1):
             if tokens[j] == suffix[0] and list(tokens[j : j + n]) == suffix:
-                follow = tokens[j + n : min(j + n + k, end)]
-                if follow:
-                    return tuple(follow)
+                return _copy(tokens, j + n, k)
     return ()
+
+
+def _copy(tokens: Sequence[int], src: int, k: int) -> tuple[int, ...]:
+    """k tokens copied from `src` on, reading the copy's own tokens past the end."""
+    end = len(tokens)
+    out: list[int] = []
+    for i in range(k):
+        at = src + i
+        out.append(tokens[at] if at < end else out[at - end])
+    return tuple(out)
 
 
 def draft(tokens: Sequence[int], spec: Speculation, budget: int) -> tuple[int, ...]:
