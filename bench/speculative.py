@@ -47,7 +47,7 @@ PROMPTS = {
 
 
 def set_config(url: str, body: dict[str, Any]) -> None:
-    r = httpx.post(f"{url}/api/v1/config", json=body, timeout=60)
+    r = httpx.post(f"{url}/api/v1/config", json=body, timeout=60, follow_redirects=True)
     if r.status_code == 409 and "already in force" in r.text:
         return  # already so
     if r.status_code >= 400:
@@ -62,8 +62,9 @@ def infer(url: str, prompt: list[int], temperature: float, seed: int) -> dict[st
         "seed": seed,
         "wait": True,
     }
-    r = httpx.post(f"{url}/inference", json=body, timeout=600)
-    r.raise_for_status()
+    r = httpx.post(f"{url}/inference", json=body, timeout=600, follow_redirects=True)
+    if r.status_code != 200:
+        raise RuntimeError(f"request failed: {r.status_code} {r.text[:2000]}")
     res = r.json()
     t = res["timings"]
     tokens = len(res["output_ids"])
