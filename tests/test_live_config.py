@@ -534,6 +534,15 @@ BEHAVIOUR: dict[str, str] = {
     "scheduling.dispatch_batch_size": (
         "test_live_config_api.py::test_scheduling_dispatch_batch_size_applies"
     ),
+    "generation.speculative.mode": (
+        "test_speculative_live.py::test_switching_speculation_and_chunking_on_changes_the_traversals"
+    ),
+    "generation.speculative.k": (
+        "test_speculative_live.py::test_switching_speculation_and_chunking_on_changes_the_traversals"
+    ),
+    "generation.prefill_chunk": (
+        "test_speculative_live.py::test_switching_speculation_and_chunking_on_changes_the_traversals"
+    ),
 }
 
 

@@ -29,6 +29,7 @@ from butterfly.metrics.events import (
     TaskFinished,
     TaskSubmitted,
     TokenProduced,
+    Traversed,
     Verification,
 )
 from butterfly.metrics.prometheus import CONTENT_TYPE, Metrics
@@ -58,6 +59,9 @@ REQUIRED = {
     "butterfly_generated_tokens",
     "butterfly_stage_step_seconds",
     "butterfly_hop_seconds",
+    "butterfly_pipeline_traversals",
+    "butterfly_draft_tokens",
+    "butterfly_draft_accepted_tokens",
 }
 
 ONE_OF_EACH: list[MetricsEvent] = [
@@ -83,6 +87,7 @@ ONE_OF_EACH: list[MetricsEvent] = [
     LoopRestarted("result_expiry"),
     StageStepTimed(stage=1, seconds=0.004),
     HopTimed(NodeId(2), 0.0002),
+    Traversed(drafted=4, accepted=3),
 ]
 
 
@@ -127,6 +132,9 @@ def test_each_event_moves_its_metric() -> None:
     assert value(m, "butterfly_stage_step_seconds_count", stage="1") == 1
     assert value(m, "butterfly_stage_step_seconds_sum", stage="1") == 0.004
     assert value(m, "butterfly_hop_seconds_count", peer="2") == 1
+    assert value(m, "butterfly_pipeline_traversals_total") == 1
+    assert value(m, "butterfly_draft_tokens_total") == 4
+    assert value(m, "butterfly_draft_accepted_tokens_total") == 3
 
 
 def test_kv_gauges_read_the_caches_at_each_scrape() -> None:

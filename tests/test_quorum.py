@@ -10,7 +10,7 @@ from butterfly.protocol.pbft_state import PbftConfig
 from butterfly.protocol.quorum import quorum
 
 
-@given(st.integers(0, 20), st.integers(0, 40))
+@given(st.integers(1, 20), st.integers(0, 40))
 def test_two_quorums_share_an_honest_node_and_one_forms_with_f_silent(f: int, extra: int) -> None:
     n = 3 * f + 1 + extra
     q = quorum(n, f)
@@ -21,7 +21,11 @@ def test_two_quorums_share_an_honest_node_and_one_forms_with_f_silent(f: int, ex
 def test_five_nodes_with_one_liar_need_four_votes() -> None:
     """Two sets of 3 of 5 can meet in one node: the liar could vote for both values."""
     assert quorum(5, 1) == 4
-    assert quorum(4, 1) == 3 and quorum(7, 2) == 5 and quorum(1, 0) == 1
+    assert quorum(4, 1) == 3 and quorum(7, 2) == 5
+
+
+def test_with_no_liar_tolerated_one_vote_decides_whatever_n() -> None:
+    assert quorum(1, 0) == quorum(3, 0) == quorum(4, 0) == 1
 
 
 def test_the_replicas_of_a_five_node_cluster_wait_for_four() -> None:

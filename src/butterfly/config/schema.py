@@ -334,6 +334,33 @@ class SchedulingConfig(Section):
     result_ttl_s: int = option(3600, "Finished results kept this long.", SL, NODE, ge=1, le=604_800)
 
 
+class SpeculativeConfig(Section):
+    mode: Literal["off", "ngram"] = option(
+        "off",
+        "Speculative decoding on the gateway: 'ngram' drafts tokens from the request's own "
+        "text (prompt lookup) and verifies them in one traversal of the pipeline; greedy "
+        "output is unchanged. Requests checked by audit or replicate decode plainly.",
+        DL,
+        NODE,
+    )
+    k: int = option(4, "Draft tokens verified per traversal at most.", DL, NODE, ge=1, le=32)
+
+
+class GenerationConfig(Section):
+    speculative: SpeculativeConfig = section(
+        SpeculativeConfig, "Fewer traversals of the pipeline per token."
+    )
+    prefill_chunk: int = option(
+        0,
+        "Send a prompt (or a replay) in steps of this many positions, so the decode steps "
+        "of running requests wait one chunk instead of the whole prompt; 0 = in one step.",
+        DL,
+        NODE,
+        ge=0,
+        le=1_000_000,
+    )
+
+
 class ResourcesConfig(Section):
     memory_limit_bytes: int = option(
         0, "Memory for weights and caches; 0 = no limit.", SL, NODE, ge=0, le=2**50
@@ -490,6 +517,9 @@ class ButterflyConfig(Section):
     )
     partition: PartitionConfig = section(PartitionConfig, "Splitting the model into stages.")
     scheduling: SchedulingConfig = section(SchedulingConfig, "Queues and dispatch.")
+    generation: GenerationConfig = section(
+        GenerationConfig, "How the gateway drives a generation through the pipeline."
+    )
     resources: ResourcesConfig = section(ResourcesConfig, "What this node may use.")
     model: ModelConfig = section(ModelConfig, "The model being served.")
     api: ApiConfig = section(ApiConfig, "HTTP API of the gateway.")

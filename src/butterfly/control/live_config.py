@@ -31,6 +31,8 @@ app is built (`butterfly.api.live`).
     coordination.config_update_timeout_ms    the next config update's deadline
     observability.tracing,                   the tracer: the gateway's next request, a
       observability.trace_sample_rate        stage node's next traced step
+    generation.speculative.mode, .k,         engine.retune_generation: the next request
+      generation.prefill_chunk
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from butterfly.dataplane.engine import PipelineEngine
 from butterfly.dataplane.stage_server import StageServer
 from butterfly.metrics.tracing import Tracing
 from butterfly.protocol.proof import Tolerance
+from butterfly.schedule.drafts import Speculation
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,12 @@ def snapshot_every(cfg: ButterflyConfig) -> int:
     if cfg.byzantine.verification == "replicate":
         return 0
     return cfg.coordination.checkpoint_frequency
+
+
+def speculation(cfg: ButterflyConfig) -> Speculation:
+    """generation.speculative as the engine takes it."""
+    spec = cfg.generation.speculative
+    return Speculation(spec.mode, spec.k)
 
 
 def agreement_wait_s(cfg: ButterflyConfig) -> float:
@@ -92,6 +101,9 @@ def _retune_engine(engine: PipelineEngine, cfg: ButterflyConfig) -> None:
         tolerance=Tolerance(rtol=b.rtol, atol=b.atol),
     )
     engine.checkpoint_every = cfg.coordination.checkpoint_frequency  # generation copies
+    engine.retune_generation(
+        speculation=speculation(cfg), prefill_chunk=cfg.generation.prefill_chunk
+    )
 
 
 def _check_verification(
@@ -183,4 +195,10 @@ def follow_agreement_config(
     )
 
 
-__all__ = ["agreement_wait_s", "follow_agreement_config", "follow_config", "snapshot_every"]
+__all__ = [
+    "agreement_wait_s",
+    "follow_agreement_config",
+    "follow_config",
+    "snapshot_every",
+    "speculation",
+]

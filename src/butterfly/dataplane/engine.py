@@ -32,13 +32,15 @@ from butterfly.dataplane.intake import Intake
 from butterfly.dataplane.replicate import Lane, Replicator
 from butterfly.dataplane.sending import Deliver as Deliver
 from butterfly.dataplane.sending import StepSender
+from butterfly.dataplane.speculate import confirm, kept_until_stop
 from butterfly.dataplane.unresponsive import StepTimeouts
-from butterfly.metrics.events import Emit, PeerError, discard
+from butterfly.metrics.events import Emit, PeerError, Traversed, discard
 from butterfly.metrics.logcontext import REQUEST_ID
 from butterfly.metrics.tracing import Tracing
 from butterfly.net.framing import Envelope
 from butterfly.protocol.proof import Tolerance
 from butterfly.runtime.sampling import choose, make_generator, sample
+from butterfly.schedule.drafts import Speculation, draft
 from butterfly.schedule.engine import ClusterHealth, Retraction, TokenSink
 from butterfly.schedule.store import Checkpoint
 from butterfly.types.errors import (
@@ -57,6 +59,7 @@ log = logging.getLogger(__name__)
 
 
 Mode = Literal["audit", "replicate", "none"]  # byzantine.verification
+PLAIN = Speculation()  # one token per traversal
 
 
 async def _ignore_liars(liars: tuple[NodeId, ...], reason: str) -> None:
@@ -93,6 +96,8 @@ class PipelineEngine:
         on_checkpoint: Callable[[RequestId, Checkpoint], None] | None = None,
         resume: Callable[[RequestId], Checkpoint | None] | None = None,
         tracing: Tracing | None = None,
+        speculation: Speculation = PLAIN,
+        prefill_chunk: int = 0,
     ) -> None:
         """`verification` picks which of the parts built checks a request (audit,
         replicate or none); it defaults to the one part given. `retune` changes it, the
@@ -104,7 +109,9 @@ class PipelineEngine:
         `on_checkpoint` gets each request's generation every `checkpoint_every` tokens
         (the standby gateways keep it: `wiring.standby`); `resume` finds the one a request
         left before the gateway running it died, to go on from there.
-        `tracing`: opens a span for each request it samples (metrics.tracing)."""
+        `tracing`: opens a span for each request it samples (metrics.tracing).
+        `speculation`, `prefill_chunk`: generation.speculative and .prefill_chunk
+        (`retune_generation`)."""
         self.checkpoint_every, self._on_checkpoint = checkpoint_every, on_checkpoint
         self._resume = resume
         self._flight = InFlight()
@@ -144,6 +151,21 @@ class PipelineEngine:
         self.waiting_for_plan = 0
         """Requests that lost a step and wait for a new plan (a stopping gateway's grace
         is over once every running request does: none of them can progress)."""
+        self._speculation, self._prefill_chunk = speculation, prefill_chunk
+
+    def retune_generation(self, *, speculation: Speculation, prefill_chunk: int) -> None:
+        """Apply generation.speculative and generation.prefill_chunk from the next request
+        on (a running one keeps what it started with, as with `retune`)."""
+        self._speculation, self._prefill_chunk = speculation, prefill_chunk
+
+    def _speculation_for(self, checked: bool) -> Speculation:
+        """Speculation runs for unchecked requests only. An audit compares each signed
+        record with one prefill of the final sequence, and a record's fingerprint covers
+        chunks of positions that hold the rejected draft tokens too, which that prefill
+        never sees; replicate mode judges a step's lanes by their last row, and replays
+        them from their history. So audited and replicated requests decode one token per
+        traversal, as they were checked before (docs/PERFORMANCE.md)."""
+        return PLAIN if checked else self._speculation
 
     def retune(
         self,
@@ -234,14 +256,15 @@ class PipelineEngine:
         return self._claims.route(request_id, plan) or plan.nodes
 
     async def _compute(
-        self, request_id: RequestId, step: int, pos: int, x: torch.Tensor
+        self, request_id: RequestId, step: int, pos: int, x: torch.Tensor, last_only: bool = True
     ) -> torch.Tensor:
         """One step: down the request's route (the chain, unless claims moved it:
-        `claims.Claims`), or in replicate mode down f+1 lanes that must agree."""
+        `claims.Claims`), or in replicate mode down f+1 lanes that must agree.
+        `last_only` false (a speculative verify step): logits for every position."""
         if self._replicator is None or request_id not in self._replicating:
             plan = self._plan()
             route = self._claims.route(request_id, plan) if plan is not None else ()
-            return await self._sender.step(request_id, step, pos, x, route)
+            return await self._sender.step(request_id, step, pos, x, route, last_only=last_only)
         return await self._replicator.step(self, request_id, step, pos, x)
 
     async def lane_step(
@@ -359,7 +382,17 @@ class PipelineEngine:
                 positions: dict[int, tuple[int, int]] = {}
                 self._flight.records[request_id] = []
                 result = await self._generate(
-                    task, request_id, on_token, started, timings, positions, saved
+                    task,
+                    request_id,
+                    on_token,
+                    started,
+                    timings,
+                    positions,
+                    saved,
+                    speculation=self._speculation_for(
+                        replicator is not None or auditor is not None
+                    ),
+                    chunk=self._prefill_chunk,
                 )
                 saved = None
                 if replicator is not None:
@@ -405,6 +438,9 @@ class PipelineEngine:
         timings: dict[str, float],
         positions: dict[int, tuple[int, int]],
         saved: Checkpoint | None = None,
+        *,
+        speculation: Speculation = PLAIN,
+        chunk: int = 0,
     ) -> InferenceResult:
         """Token by token; the gateway's history and RNG are the canonical checkpoint.
 
@@ -419,6 +455,12 @@ class PipelineEngine:
         `saved` (a checkpoint a dead gateway left) starts the request where it was: its
         tokens count as produced, its RNG state replaces the fresh one, and the first step
         is the same whole-history prefill a recovery makes.
+
+        `speculation`: a decode step carries a draft of the request's own text and yields
+        the tokens it confirms (`dataplane.speculate`); the next step's start rolls the
+        stages' caches back past the first rejected position. `chunk` (> 0): a longer
+        input (a prompt, a replay) goes in steps of that many positions, so the decode
+        steps of other requests, batched with each, wait one chunk instead of the whole.
         """
         rng = make_generator(task.sampling)
         prompt = list(task.input_ids)
@@ -433,7 +475,7 @@ class PipelineEngine:
             timings["resumed_from_checkpoint"] = float(len(out))
             log.info("request %s resumes from its checkpoint at token %d", request_id, len(out))
         x = torch.tensor([prompt + out], dtype=torch.int64)
-        pos, step, recoveries = 0, 0, 0
+        pos, step, recoveries, traversals = 0, 0, 0, 0
         # the start of the step first lost in a row, until a step answers again
         lost_at: float | None = None
         ended = bool(out) and out[-1] in self._eos
@@ -444,9 +486,19 @@ class PipelineEngine:
             epoch = based_on = self._epoch()
             step += 1  # step ids are never reused, so a late answer is ignored
             step_started = time.perf_counter()
+            # a decode step verifies a draft with it, if the text so far offers one
+            budget = task.max_new_tokens - len(out) - 1
+            drafted = (
+                draft(prompt + out, speculation, budget)
+                if x.shape[1] == 1 and not wants_logprobs
+                else ()
+            )
+            head = x[:, :chunk] if 0 < chunk < x.shape[1] else x
+            if drafted:
+                head = torch.cat([x, torch.tensor([drafted], dtype=torch.int64)], dim=1)
             try:
-                logits = await self._compute(request_id, step, pos, x)
-                positions[step] = (pos, x.shape[1])  # a step whose output was used
+                logits = await self._compute(request_id, step, pos, head, not drafted)
+                positions[step] = (pos, head.shape[1])  # a step whose output was used
                 if lost_at is not None:  # decoding resumed: the whole gap was recovery
                     timings["recovery_s"] = timings.get("recovery_s", 0.0) + (
                         time.perf_counter() - lost_at
@@ -485,26 +537,42 @@ class PipelineEngine:
                 pos, x = await self._replay_from(request_id, prompt + out, positions)
                 timings["resumed_at"] = float(pos)
                 continue
-            if wants_logprobs:  # a log-softmax over the vocabulary more, only when asked
+            traversals += 1
+            if head.shape[1] < x.shape[1] and not drafted:  # a chunk; the rest follows
+                self._emit(Traversed())
+                pos, x = pos + head.shape[1], x[:, head.shape[1] :]
+                continue
+            if drafted:
+                got = confirm(logits[0], drafted, task.sampling, rng, out)
+                self._emit(Traversed(len(drafted), len(got) - 1))
+            elif wants_logprobs:  # a log-softmax over the vocabulary more, only when asked
                 picked = choose(logits[0, -1], task.sampling, rng, out)
-                token = picked.token
+                got = [picked.token]
                 scored.append(picked)
+                self._emit(Traversed())
             else:
-                token = sample(logits[0, -1], task.sampling, rng, out)
+                got = [sample(logits[0, -1], task.sampling, rng, out)]
+                self._emit(Traversed())
+            got = kept_until_stop(got, self._eos)
             if not out:
                 timings["time_to_first_token_s"] = time.perf_counter() - started
-            out.append(token)
-            on_token(scored[-1] if wants_logprobs else token)
+            before = len(out)
+            for token in got:
+                out.append(token)
+                on_token(scored[-1] if wants_logprobs else token)
             every = self.checkpoint_every
-            if self._on_checkpoint is not None and every > 0 and len(out) % every == 0:
+            crossed = every > 0 and len(out) // every > before // every  # a verify: several
+            if self._on_checkpoint is not None and crossed:
                 state = bytes(rng.get_state().numpy().tobytes())
                 self._on_checkpoint(request_id, Checkpoint(tuple(out), state, epoch))
-            if token in self._eos:
+            if got[-1] in self._eos:
                 break
-            pos += x.shape[1]
-            x = torch.tensor([[token]], dtype=torch.int64)
+            # the positions whose cache is valid: the input's, less the rejected drafts'
+            pos += x.shape[1] + len(got) - 1
+            x = torch.tensor([[got[-1]]], dtype=torch.int64)
         total = time.perf_counter() - started
         timings["total_s"] = total
+        timings["traversals"] = float(traversals)
         if recoveries:
             timings["recoveries"] = float(recoveries)
         if len(out) > 1 and "time_to_first_token_s" in timings:  # not when resumed at the end

@@ -37,6 +37,7 @@ class Entry:
     x: torch.Tensor  # [1, T] token ids or [1, T, D] vectors
     future: asyncio.Future[torch.Tensor]
     route: tuple[NodeId, ...] = ()  # replicate mode's lanes; () is the plan's chain
+    last_only: bool = True  # the last stage answers the last position only (not a verify)
 
 
 @dataclass

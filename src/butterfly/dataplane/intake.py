@@ -8,6 +8,7 @@ result is used. Anything else is dropped and counted, or convicts the node that 
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -29,6 +30,21 @@ from butterfly.types.wire.data import StepError, StepResult
 log = logging.getLogger(__name__)
 
 OnLiars = Callable[[tuple[NodeId, ...], str], Awaitable[None]]
+
+
+def _rows_of(msg: StepResult | StepError, out: torch.Tensor | None) -> list[tuple[int, int]] | None:
+    """Each entry's rows [from, to) of a result's payload: one each, or `widths` (a
+    verify step's every position); None when the widths do not add up to the payload
+    (the last node sent a malformed result: every entry then fails as invalid)."""
+    n = len(msg.request_ids)
+    if not isinstance(msg, StepResult) or not msg.widths:
+        return [(i, i + 1) for i in range(n)]
+    if out is None or len(msg.widths) != n or min(msg.widths) < 1:
+        return None
+    if sum(msg.widths) != out.shape[1]:
+        return None
+    ends = list(itertools.accumulate(msg.widths))
+    return [(end - w, end) for end, w in zip(ends, msg.widths, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -80,11 +96,12 @@ class Intake:
             await self._relayed(peer, msg, proofs, out, *relayed)
             return
         liars: dict[NodeId, str] = {}
+        spans = _rows_of(msg, out)
         for i, key in enumerate(zip(msg.request_ids, msg.steps, strict=False)):
             fut = flight.waiting.get(key)
             if fut is None or fut.done():
                 continue  # late or duplicate answer for a step nobody waits for any more
-            if out is None or out.shape[1] <= i:
+            if out is None or spans is None or out.shape[1] < spans[i][1]:
                 error = (
                     msg
                     if isinstance(msg, StepError)
@@ -99,7 +116,7 @@ class Intake:
                 )
                 fut.set_exception(StepFailed(error, peer))
             elif isinstance(msg, StepResult):
-                row = out[:, i : i + 1]
+                row = out[:, spans[i][0] : spans[i][1]]
                 plan = self.plan()
                 stages = len(plan.stages) if plan is not None else 0
                 try:

@@ -100,7 +100,8 @@ class StepSender:
                 continue
             groups: dict[tuple[object, ...], list[Entry]] = {}
             for e in batch:
-                groups.setdefault((e.route, e.x.dtype, tuple(e.x.shape[2:])), []).append(e)
+                key = (e.route, e.x.dtype, tuple(e.x.shape[2:]), e.last_only)
+                groups.setdefault(key, []).append(e)
             for entries in groups.values():
                 stages = len(entries[0].route or plan.nodes)
                 for part in micro_batches(len(entries), stages):
@@ -125,7 +126,7 @@ class StepSender:
             tuple(e.x.shape[1] for e in entries),
             nodes[1:],
             self.node,
-            True,
+            entries[0].last_only,
             (),
             trace,
         )
@@ -141,15 +142,24 @@ class StepSender:
                     entry.future.set_exception(e)
 
     async def step(
-        self, request_id: RequestId, step: int, start_pos: int, x: torch.Tensor, route: Lane = ()
+        self,
+        request_id: RequestId,
+        step: int,
+        start_pos: int,
+        x: torch.Tensor,
+        route: Lane = (),
+        *,
+        last_only: bool = True,
     ) -> torch.Tensor:
         """One step down `route` (the plan's chain when empty); a refusal of its input by
-        a later node of the route (`RecordMismatch`) is settled by a relay (`relay`)."""
+        a later node of the route (`RecordMismatch`) is settled by a relay (`relay`).
+        `last_only`: the last stage answers the last position only; a speculative verify
+        step needs every position's logits (dataplane.speculate)."""
         flight = self._flight
         key = (request_id, step)
         fut: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
         flight.waiting[key] = fut
-        self._queue.append(Entry(request_id, step, start_pos, x, fut, route))
+        self._queue.append(Entry(request_id, step, start_pos, x, fut, route, last_only))
         self._ready.set()
         refused_by: NodeId | None = None
         nodes = self._route_of(route)
@@ -176,7 +186,9 @@ class StepSender:
             flight.sent_in.pop(key, None)
             flight.sent_digest.pop(key, None)
         assert refused_by is not None  # every other way out of the try returns or raises
-        return await self.relay(request_id, step, start_pos, x, nodes, nodes.index(refused_by))
+        return await self.relay(
+            request_id, step, start_pos, x, nodes, nodes.index(refused_by), last_only=last_only
+        )
 
     def _route_of(self, route: Lane) -> tuple[NodeId, ...]:
         plan = self._plan()
@@ -190,6 +202,8 @@ class StepSender:
         x: torch.Tensor,
         nodes: tuple[NodeId, ...],
         split: int,
+        *,
+        last_only: bool = True,
     ) -> torch.Tensor:
         """Re-run a step whose input node `nodes[split]` refused (`RecordMismatch`) with
         the gateway between it and its sender, so the gateway sees the bytes itself.
@@ -235,7 +249,7 @@ class StepSender:
             flight.sent_on.pop(key, None)
             flight.sent_digest.pop(key, None)
         if earlier:
-            return await self.relay(request_id, step, start, x, nodes, earlier)
+            return await self.relay(request_id, step, start, x, nodes, earlier, last_only=last_only)
         flight.sent_in[key] = plan.epoch
         flight.sent_on[key] = nodes[split:]  # the receiver's half answers
         flight.sent_digest[key] = digest(x)
@@ -250,7 +264,7 @@ class StepSender:
                 (length,),
                 nodes[split + 1 :],
                 self.node,
-                True,
+                last_only,
                 proofs,
             )
             await self._deliver(receiver, tail, encode_tensor(out))

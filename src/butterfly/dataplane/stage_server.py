@@ -287,6 +287,9 @@ class StageServer:
             kept = self._kept.setdefault(rid, [])
             while kept and kept[-1][0] >= start:  # a re-run from `start`
                 kept.pop()
+            if kept and kept[-1][0] + kept[-1][1].shape[1] > start:  # rolled back into it
+                first, rows = kept[-1]
+                kept[-1] = (first, rows[:, : start - first])
             if kept and kept[-1][0] + kept[-1][1].shape[1] != start:
                 kept.clear()  # a gap: positions computed elsewhere (after a recovery)
             kept.append((start, out[:, offsets[i] : offsets[i] + msg.lengths[i]].clone()))
@@ -382,7 +385,8 @@ class StageServer:
                 msg.trace,  # every stage step is a child of the request's span
             )
             return Outbound(msg.route[0], nxt, out)
-        result = StepResult(msg.request_ids, msg.steps, self.node, msg.proofs + proofs)
+        widths = () if msg.last_only else msg.lengths  # a verify step: every position
+        result = StepResult(msg.request_ids, msg.steps, self.node, msg.proofs + proofs, widths)
         return Outbound(msg.reply_to, result, out)
 
     def _check_step(self, msg: StageStep, epoch: int, x: torch.Tensor) -> Stage:

@@ -165,6 +165,17 @@ class HopTimed:
 
 
 @dataclass(frozen=True)
+class Traversed:
+    """The gateway sent one step of a generation down the whole chain (a prefill chunk,
+    a decode step, or a speculative verify step with `drafted` draft tokens of which
+    `accepted` were kept). Traversals over generated tokens is what speculative decoding
+    lowers (dataplane.speculate)."""
+
+    drafted: int = 0
+    accepted: int = 0
+
+
+@dataclass(frozen=True)
 class Verification:
     """The check a result went through (`audit`, `replicate`) and how it ended."""
 
@@ -201,6 +212,7 @@ MetricsEvent = (
     | LoopRestarted
     | StageStepTimed
     | HopTimed
+    | Traversed
 )
 
 Emit = Callable[[MetricsEvent], None]
@@ -234,5 +246,6 @@ __all__ = [
     "TaskOutcome",
     "TaskSubmitted",
     "TokenProduced",
+    "Traversed",
     "discard",
 ]

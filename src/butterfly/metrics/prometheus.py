@@ -40,6 +40,7 @@ from butterfly.metrics.events import (
     TaskFinished,
     TaskSubmitted,
     TokenProduced,
+    Traversed,
     Verification,
 )
 
@@ -113,6 +114,25 @@ class Metrics:
             namespace=ns,
             registry=r,
             buckets=HOP_BUCKETS,
+        )
+        self.traversals = Counter(
+            "pipeline_traversals",
+            "Steps a gateway sent down the whole chain for generations (divided by "
+            "generated_tokens: traversals per token, which speculative decoding lowers)",
+            namespace=ns,
+            registry=r,
+        )
+        self.draft_tokens = Counter(
+            "draft_tokens",
+            "Draft tokens verified (generation.speculative)",
+            namespace=ns,
+            registry=r,
+        )
+        self.draft_accepted = Counter(
+            "draft_accepted_tokens",
+            "Draft tokens the model confirmed (generation.speculative)",
+            namespace=ns,
+            registry=r,
         )
         self.task_latency = Histogram(
             "task_latency_seconds",
@@ -297,6 +317,11 @@ class Metrics:
                 self.stage_step.labels(stage=str(stage)).observe(seconds)
             case HopTimed(peer=peer, seconds=seconds):
                 self.hop.labels(peer=str(peer)).observe(seconds)
+            case Traversed(drafted=drafted, accepted=accepted):
+                self.traversals.inc()
+                if drafted:
+                    self.draft_tokens.inc(drafted)
+                    self.draft_accepted.inc(accepted)
             case _:
                 assert_never(event)
 

@@ -39,8 +39,13 @@ def quorum(n: int, f: int) -> int:
     q = ceil((n + f + 1) / 2). At n = 3f + 1 that is the textbook 2f + 1; above it, 2f + 1
     is too few (n = 5, f = 1: two sets of 3 can meet in one node, which may be the liar).
     It stays reachable with f silent whenever n >= 3f + 1.
+
+    With f = 0 no member lies, and one vote decides, as 2f + 1 always gave: the gateway is
+    the only proposer, and a cluster that tolerates no liar keeps deciding with any
+    member left (a larger quorum would only guard against a partition, which the
+    acting-gateway agreement does not promise to survive with f = 0).
     """
-    return (n + f + 2) // 2
+    return 1 if f == 0 else (n + f + 2) // 2
 
 
 def weak_quorum(f: int) -> int:

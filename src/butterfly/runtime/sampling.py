@@ -40,6 +40,10 @@ def penalize(logits: torch.Tensor, params: SamplingParams, history: Sequence[int
     return logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
 
 
+def is_greedy(params: SamplingParams) -> bool:
+    return params.greedy or params.temperature < MIN_TEMPERATURE
+
+
 def choose(
     logits: torch.Tensor,
     params: SamplingParams,
@@ -56,18 +60,13 @@ def choose(
     return Sampled(token, float(logprobs[token]), alternatives)
 
 
-def sample(
-    logits: torch.Tensor,
-    params: SamplingParams,
-    generator: torch.Generator,
-    history: Sequence[int] = (),
-) -> int:
-    """Pick one token id from `logits` [V] (the last position's); `history`: the tokens
-    generated so far, which the penalties count."""
-    logits = penalize(logits.float(), params, history)
-    if params.greedy or params.temperature < MIN_TEMPERATURE:
-        return int(torch.argmax(logits).item())
-    logits = logits / params.temperature
+def distribution(
+    logits: torch.Tensor, params: SamplingParams, history: Sequence[int] = ()
+) -> torch.Tensor:
+    """The probabilities [V] a sampled (non-greedy) request draws its next token from,
+    after penalties, temperature, top-k and top-p: what `sample` draws from, and what
+    speculative decoding's acceptance rule weighs a draft token by (dataplane.speculate)."""
+    logits = penalize(logits.float(), params, history) / params.temperature
     if 0 < params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -77,5 +76,22 @@ def sample(
         drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= params.top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
-    probs = torch.softmax(logits, dim=-1)
+    return torch.softmax(logits, dim=-1)
+
+
+def greedy_token(logits: torch.Tensor, params: SamplingParams, history: Sequence[int] = ()) -> int:
+    return int(torch.argmax(penalize(logits.float(), params, history)).item())
+
+
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator,
+    history: Sequence[int] = (),
+) -> int:
+    """Pick one token id from `logits` [V] (the last position's); `history`: the tokens
+    generated so far, which the penalties count."""
+    if is_greedy(params):
+        return greedy_token(logits, params, history)
+    probs = distribution(logits, params, history)
     return int(torch.multinomial(probs, 1, generator=generator).item())

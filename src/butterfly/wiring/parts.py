@@ -14,7 +14,7 @@ from pathlib import Path
 from butterfly.config import ButterflyConfig, ConfigManager
 from butterfly.config.gateways import gateway_nodes
 from butterfly.config.validate import replication_factor
-from butterfly.control.live_config import snapshot_every
+from butterfly.control.live_config import snapshot_every, speculation
 from butterfly.control.membership import Membership
 from butterfly.control.policy import Placing
 from butterfly.dataplane.audit import Auditor, Referee
@@ -240,6 +240,8 @@ def engine(
         on_checkpoint=on_checkpoint,
         resume=resume,
         tracing=tracing,
+        speculation=speculation(cfg),
+        prefill_chunk=cfg.generation.prefill_chunk,
     )
 
 

@@ -6,6 +6,8 @@ kind, the epoch and the authenticated sender, so the bodies carry neither. Paylo
 
     kind            sent by                 answered by / effect
     stage_step      gateway, chain nodes    the next stage runs; the last sends step_result
+                                            (a step's start is also its rollback: each stage
+                                            cuts its KV cache back to it first)
     step_result     last chain node         the gateway samples (one-way, to `reply_to`)
     step_error      any chain node          the gateway re-routes or fails the request
     audit_request   gateway                 audit_reply
@@ -58,13 +60,18 @@ class StageStep:
 @dataclass(frozen=True, slots=True)
 class StepResult:
     """Output of the last stage for a batch (payload: logits or hidden states, entries
-    side by side as in the step)."""
+    side by side as in the step). `widths`: each entry's rows of the payload, when the
+    step asked for every position (`StageStep.last_only` false: a speculative verify
+    step, dataplane.speculate); empty when each entry has one row, and then left out of
+    the frame (`OMIT_EMPTY`), so a plain decode's result is as long as it ever was."""
 
     kind: ClassVar[str] = "step_result"
+    OMIT_EMPTY: ClassVar[tuple[str, ...]] = ("widths",)
     request_ids: tuple[RequestId, ...]
     steps: tuple[int, ...]
     node: NodeId
     proofs: tuple[bytes, ...] = ()  # every stage's signed record of every entry
+    widths: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,82 @@
+"""Speculative decoding: which drafted tokens one traversal of the pipeline confirms.
+
+Every token costs a traversal of the whole chain, and on real links each hop's latency
+is paid once per token per stage. With a draft of k tokens (`schedule.drafts`), the
+gateway sends the last token and the draft as ONE step of k + 1 positions; the last
+stage returns logits for all of them, and row i is the model's distribution after input
+i. The tokens kept are the draft's longest confirmed prefix plus one more (the model's
+own choice where it first disagreed, or after the whole draft): a traversal yields 1 to
+k + 1 tokens, never fewer than plain decoding.
+
+The stages' KV caches then hold the rejected positions too. They are rolled back by the
+next step itself: its `start` is the first rejected position, and every stage cuts its
+cache back to a step's start before computing it (`StageServer._cache_for`, the rule a
+replay after recovery already relies on), so the rollback costs no message of its own.
+
+Greedy requests keep exactly the tokens plain decoding gives: a draft token is kept only
+where it is the argmax. Sampled requests keep the target distribution with the
+speculative sampling rule (Leviathan et al. 2023; Chen et al. 2023) for a draft that is
+a point mass q = 1{x}: keep x with probability min(1, p(x) / q(x)) = p(x), otherwise
+draw from the residual max(p - q, 0) normalised, which is p with x removed. Both draws
+come from the request's own generator, so the checkpoint (token history and RNG state)
+still resumes a request exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from butterfly.runtime.sampling import distribution, greedy_token, is_greedy, sample
+from butterfly.types.tasks import SamplingParams
+
+
+def confirm(
+    logits: torch.Tensor,
+    drafted: Sequence[int],
+    params: SamplingParams,
+    generator: torch.Generator,
+    history: Sequence[int] = (),
+) -> list[int]:
+    """The tokens a verify step yields: `logits` [len(drafted) + 1, V] are the rows after
+    the last token and after each draft token; 1 to len(drafted) + 1 tokens come back.
+    `history`: the tokens generated before this step; row i's penalties also count the
+    i tokens accepted before it, as plain decoding would have."""
+    if logits.shape[0] != len(drafted) + 1:
+        raise ValueError(f"{logits.shape[0]} rows of logits for a draft of {len(drafted)}")
+    out: list[int] = []
+    for row, token in zip(logits, drafted, strict=False):
+        seen = [*history, *out]
+        if is_greedy(params):
+            chosen = greedy_token(row, params, seen)
+            out.append(chosen)
+            if chosen != token:
+                return out
+            continue
+        p = distribution(row, params, seen)
+        if float(torch.rand((), generator=generator)) < float(p[token]):
+            out.append(token)
+            continue
+        residual = p.clone()
+        residual[token] = 0.0
+        total = float(residual.sum())
+        if total <= 0.0:  # p is the point mass on the draft: rejecting it has probability 0
+            out.append(token)
+            continue
+        out.append(int(torch.multinomial(residual / total, 1, generator=generator).item()))
+        return out
+    out.append(sample(logits[-1], params, generator, [*history, *out]))
+    return out
+
+
+def kept_until_stop(tokens: Sequence[int], stop: frozenset[int]) -> list[int]:
+    """`tokens` up to and including the first stop token: a generation ends there, and
+    what the draft confirmed after it was never produced."""
+    for i, token in enumerate(tokens):
+        if token in stop:
+            return list(tokens[: i + 1])
+    return list(tokens)
+
+
+__all__ = ["confirm", "kept_until_stop"]
