@@ -6,12 +6,10 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
-import faulthandler
 import logging
 import os
 import signal
 import sys
-import threading
 from collections.abc import Awaitable, Callable
 from typing import NoReturn
 
@@ -69,50 +67,14 @@ def prepare_process(cfg: ButterflyConfig) -> int:
     return torch_threads
 
 
-STOP_DEADLINE_S = 4.5
-"""A node that was asked to stop has ended by then, whatever still runs: the gateway's
-grace for running tasks is 3 s, and the whole cluster is to stop within 5 s."""
-
-
-def end_by_deadline(deadline_s: float) -> threading.Timer:
-    """End the process `deadline_s` from now unless it ended first.
-
-    Under heavy load a stopping gateway that had just taken over was seen still waiting
-    on its own cancelled work 10 s after SIGTERM. Every accepted task is already in the
-    SQLite store (and each running one's checkpoint), so the exit loses none: the next
-    acting gateway resumes them. The stacks of every thread go to the log first, so the
-    hang can be found. A thread, not the event loop, so a blocked loop cannot stop it.
-    """
-
-    def overdue() -> None:
-        log.error("still running %.1f s after the stop: ending the process", deadline_s)
-        with contextlib.suppress(Exception):
-            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-        end_process(0)
-
-    timer = threading.Timer(deadline_s, overdue)
-    timer.daemon = True
-    timer.start()
-    return timer
-
-
-def run_until_signalled(
-    main: Callable[[asyncio.Event], Awaitable[None]], deadline_s: float = STOP_DEADLINE_S
-) -> None:
-    """Run `main(stop)` on uvloop; SIGINT and SIGTERM set `stop`, and the process ends
-    `deadline_s` after that at the latest (`end_by_deadline`)."""
+def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run `main(stop)` on uvloop; SIGINT and SIGTERM set `stop`."""
 
     async def guarded() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-
-        def stopping() -> None:
-            if not stop.is_set():
-                end_by_deadline(deadline_s)
-            stop.set()
-
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stopping)
+            loop.add_signal_handler(sig, stop.set)
         await main(stop)
 
     # uvloop: asyncio's pure-Python loop (selector, handles, the self-pipe wake-up after
@@ -138,11 +100,4 @@ def end_process(code: int) -> NoReturn:
     os._exit(code)
 
 
-__all__ = [
-    "STOP_DEADLINE_S",
-    "end_by_deadline",
-    "end_process",
-    "prepare_process",
-    "return_large_blocks_to_the_os",
-    "run_until_signalled",
-]
+__all__ = ["end_process", "prepare_process", "return_large_blocks_to_the_os", "run_until_signalled"]
