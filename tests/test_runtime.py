@@ -12,9 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from butterfly.runtime import llama
 from butterfly.runtime.demo import create_demo
 from butterfly.runtime.generate import generate, run_pipeline
 from butterfly.runtime.kvcache import KVSnapshot
+from butterfly.runtime.linear import EXACT_ROWS
 from butterfly.runtime.loader import layer_infos, load_stage
 from butterfly.runtime.sampling import make_generator, sample
 from butterfly.runtime.stage import forward_rows, prefill_outputs
@@ -294,3 +296,32 @@ def test_prefill_outputs_from_a_position_equal_the_full_prefill_there(tiny_model
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(trace, full_trace, strict=True))
     with pytest.raises(ValueError, match="outputs from 10"):
         prefill_outputs(last, h, last.new_cache(), outputs_from=10)
+
+
+@pytest.mark.parametrize("outputs_from", [35, 38, 10, 3])
+def test_prefill_outputs_runs_no_product_in_a_decode_shape(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch, outputs_from: int
+) -> None:
+    """An audit's prefill keeps to the products' padded shapes (more than EXACT_ROWS
+    rows), whatever the number of sampled positions: every row count up to EXACT_ROWS
+    is a oneDNN kernel of its own, and an auditor of the last stage grew with each one
+    (bench/soak.py). Its outputs are still the full prefill's from `outputs_from`."""
+    last, first = load_stage(tiny_model, LayerRange(2, 4)), load_stage(tiny_model, LayerRange(0, 2))
+    ids = torch.arange(40).remainder(200).add(5).unsqueeze(0)
+    rows: list[int] = []
+
+    def counted(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        rows.append(x.numel() // x.shape[-1])
+        return torch.nn.functional.linear(x, w, b)
+
+    with torch.inference_mode():
+        h = forward_rows(first, ids, [first.new_cache()], [0])
+        full_trace: list[torch.Tensor] = []
+        full = forward_rows(last, h, [last.new_cache()], [0], trace=full_trace)
+        monkeypatch.setattr(llama, "linear", counted)
+        trace: list[torch.Tensor] = []
+        part = prefill_outputs(last, h, last.new_cache(), outputs_from=outputs_from, trace=trace)
+    assert rows and all(n == 1 or n > EXACT_ROWS for n in rows), rows
+    assert part.shape[1] == 40 - outputs_from
+    assert torch.allclose(part, full[:, outputs_from:], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(trace, full_trace, strict=True))

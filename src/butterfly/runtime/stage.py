@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import torch
 
 from butterfly.runtime.kvcache import KVCache
+from butterfly.runtime.linear import EXACT_ROWS
 from butterfly.runtime.weights import CheckpointReader
 from butterfly.types.errors import ContextLengthExceeded, InvalidInput
 from butterfly.types.model import LayerInfo, LayerRange
@@ -124,17 +125,28 @@ def prefill_outputs(
     """One sequence as a prefill from position 0, with outputs for positions
     [outputs_from, T) only. On a last stage the output layer is the costliest part of a
     prefill (a 32k vocabulary is worth two decoder layers per position), and an audit needs
-    it only where tokens were sampled, not over the prompt."""
+    it only where tokens were sampled, not over the prompt.
+
+    The sequence is cut where both parts have more than `EXACT_ROWS` rows (the tail may
+    start a little before `outputs_from`; its extra rows are dropped), or not at all: a
+    part of at most `EXACT_ROWS` rows runs its products in a shape of its own
+    (runtime.linear.row_chunks), and oneDNN keeps a JIT-compiled kernel per shape and
+    thread count (the audit runs on one thread). Cut at `outputs_from`, an auditor of the
+    last stage met a new shape with most generation lengths up to 16 and grew by ~0.5 MB
+    of kernel code each time, 6.7 MB/min in bench/soak.py."""
+    length = x.shape[1]
     if outputs_from <= 0 or not stage.is_last:
         return forward_rows(stage, x, [cache], [0], last_only=False, trace=trace)
-    if outputs_from >= x.shape[1]:
-        raise ValueError(f"outputs from {outputs_from} of a {x.shape[1]}-position sequence")
+    if outputs_from >= length:
+        raise ValueError(f"outputs from {outputs_from} of a {length}-position sequence")
+    cut = min(outputs_from, length - EXACT_ROWS - 1)
+    if cut <= EXACT_ROWS:
+        out = forward_rows(stage, x, [cache], [0], last_only=False, trace=trace)
+        return out[:, outputs_from:]
     head: list[torch.Tensor] | None = [] if trace is not None else None
     tail: list[torch.Tensor] | None = [] if trace is not None else None
-    forward_rows(stage, x[:, :outputs_from], [cache], [0], last_only=True, trace=head)
-    out = forward_rows(
-        stage, x[:, outputs_from:], [cache], [outputs_from], last_only=False, trace=tail
-    )
+    forward_rows(stage, x[:, :cut], [cache], [0], last_only=True, trace=head)
+    out = forward_rows(stage, x[:, cut:], [cache], [cut], last_only=False, trace=tail)
     if trace is not None and head is not None and tail is not None:
         trace.extend(torch.cat([a, b], dim=1) for a, b in zip(head, tail, strict=True))
-    return out
+    return out[:, outputs_from - cut :]
