@@ -7,7 +7,16 @@ import threading
 
 import torch
 
-from butterfly.runtime.torch_thread import TorchThread, confine_to_one_thread, single_threaded
+from butterfly.runtime.torch_thread import (
+    FIRST_TRY_MAX_S,
+    INLINE_MAX_S,
+    PROBE_EVERY,
+    RARE_PROBE_EVERY,
+    TorchThread,
+    _Timing,
+    confine_to_one_thread,
+    single_threaded,
+)
 
 
 def in_fresh_thread(fn):  # type: ignore[no-untyped-def]
@@ -62,7 +71,7 @@ def test_a_short_kind_runs_inline_once_measured_and_a_long_one_never() -> None:
         return threading.current_thread().name
 
     def slow() -> str:
-        threading.Event().wait(0.06)  # above INLINE_MAX_S: the loop never waits on it
+        threading.Event().wait(0.06)  # above FIRST_TRY_MAX_S: the loop never waits on it
         return threading.current_thread().name
 
     async def main() -> list[str]:
@@ -136,3 +145,27 @@ def test_a_kind_slower_inline_goes_back_to_the_worker() -> None:
     assert names[0].startswith("t-measure")  # first: the worker, which times it
     assert names[1] == caller  # then inline once, to time that too
     assert all(n.startswith("t-measure") for n in names[2:])  # the worker won
+
+
+def test_a_job_of_milliseconds_runs_inline_only_when_clearly_faster_there() -> None:
+    """Inline, a job has one OpenMP thread instead of the worker's team: a stage of a few
+    milliseconds stays on the worker when inline timed about as fast (one slow worker
+    timing under contention), apart from the probes that keep the other path's time
+    known, and moves inline when that measured clearly faster (the cores held by other
+    processes); a job too long for the loop to wait on is timed inline only rarely."""
+
+    def inline_share(timing: _Timing, jobs: int) -> int:
+        chosen = 0
+        for _ in range(jobs):
+            timing.count += 1
+            chosen += timing.inline_wins()
+        return chosen
+
+    alike = _Timing(inline=3 * INLINE_MAX_S, worker=3.5 * INLINE_MAX_S)
+    assert inline_share(alike, 16 * PROBE_EVERY) == 16  # the probes alone
+    clearly = _Timing(inline=3 * INLINE_MAX_S, worker=6 * INLINE_MAX_S)
+    assert inline_share(clearly, 16 * PROBE_EVERY) == 15 * PROBE_EVERY
+    tiny = _Timing(inline=INLINE_MAX_S / 4, worker=INLINE_MAX_S / 3)  # as fast: inline
+    assert inline_share(tiny, 16 * PROBE_EVERY) == 15 * PROBE_EVERY
+    long = _Timing(inline=2 * FIRST_TRY_MAX_S, worker=FIRST_TRY_MAX_S)
+    assert inline_share(long, 2 * RARE_PROBE_EVERY) == 2

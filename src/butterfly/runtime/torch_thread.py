@@ -13,7 +13,6 @@ work it does itself (sampling, fingerprints, decoding frames).
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import time
 from collections.abc import Callable, Hashable, Iterator
@@ -24,15 +23,31 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-INLINE_MAX_S = 0.05
-"""Longest job (as last timed on either path) that may run on the event loop's thread,
+FIRST_TRY_MAX_S = 0.05
+"""Longest job (as timed on the worker) that is tried once on the event loop's thread,
 which waits on it: far below the ~400 ms of silence before a peer is suspected."""
+INLINE_MAX_S = 0.002
+"""Longest job (as last timed inline) that runs inline as soon as it is no slower there.
+Inline, a job has the loop's one OpenMP thread instead of the worker's team, and skipping
+the hand-off saves at most a few hundred µs: for a job of milliseconds a few percent, and
+the second thread is worth more. Without this bound, stages of 3 small-model layers
+(about 3.3 ms on two threads, 5.5 ms on one) ran inline on a 4-node cluster of this
+2-core machine once one slow worker timing made them look alike, and a single request
+decoded at 1.44x the one-process time (py-spy: most of the stages' forward on the main
+thread)."""
 HANDOFF_S = 0.0002
 """What the trip to the worker and back costs beyond the job: two thread wake-ups
 (22 µs on an idle event loop; 100-300 µs between a tiny stage's steps on this 2-core
 machine under load)."""
 PROBE_EVERY = 16
 """Every this many jobs of a kind run on the path not chosen, so its time stays known."""
+LONG_JOB_MARGIN = 0.75
+"""A job longer than INLINE_MAX_S runs inline only when that measured this much of the
+worker's time or less: when other processes hold the cores (stages of a local cluster all
+busy with micro-batches), one thread that is not waited on beats a team that is."""
+RARE_PROBE_EVERY = 256
+"""For a kind too long to run inline: one job in this many is timed inline again, in
+case it was measured in a bad moment (a GC pause), at a cost that averages out."""
 EWMA = 0.25
 
 
@@ -54,16 +69,19 @@ class _Timing:
 
     def inline_wins(self) -> bool:
         """Inline when it measured no slower than the worker plus the hand-off; each path
-        is tried now and then (PROBE_EVERY), the worker first, and inline only for jobs
-        short enough for the loop to wait on."""
+        is tried now and then (PROBE_EVERY), the worker first. Inline only for jobs short
+        enough for the loop to wait on (FIRST_TRY_MAX_S) and too short to gain from the
+        worker's threads (INLINE_MAX_S)."""
         if self.worker is None:
             return False
-        short = min(self.worker, self.inline if self.inline is not None else math.inf)
-        if short > INLINE_MAX_S:
-            return False
         if self.inline is None:
-            return True  # never tried: try it once
-        better = self.inline <= self.worker + HANDOFF_S
+            return self.worker <= FIRST_TRY_MAX_S  # never tried: try it once
+        if self.inline > FIRST_TRY_MAX_S:
+            return self.count % RARE_PROBE_EVERY == 0
+        if self.inline > INLINE_MAX_S:  # the worker's threads must be clearly held back
+            better = self.inline <= LONG_JOB_MARGIN * self.worker
+        else:
+            better = self.inline <= self.worker + HANDOFF_S
         probe = self.count % PROBE_EVERY == 0
         return better != probe
 
