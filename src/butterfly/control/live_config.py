@@ -50,7 +50,8 @@ from butterfly.control.recovery import Recovery
 from butterfly.dataplane.engine import PipelineEngine
 from butterfly.dataplane.stage_server import StageServer
 from butterfly.metrics.tracing import Tracing
-from butterfly.protocol.proof import Tolerance
+from butterfly.protocol.proof import tolerance_for
+from butterfly.runtime.precision import verification_floor
 from butterfly.schedule.drafts import Speculation
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def _retune_engine(engine: PipelineEngine, cfg: ButterflyConfig) -> None:
         step_timeout_s=cfg.network.step_timeout_ms / 1000,
         verification=b.verification,
         audit_fraction=b.audit_fraction,
-        tolerance=Tolerance(rtol=b.rtol, atol=b.atol),
+        tolerance=tolerance_for(b.rtol, b.atol, verification_floor(cfg.model.dtype)),
     )
     engine.checkpoint_every = cfg.coordination.checkpoint_frequency  # generation copies
     engine.retune_generation(

@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 
 from butterfly.metrics.events import Emit, Verification
-from butterfly.protocol.proof import Tolerance, matches_tensor
+from butterfly.protocol.proof import Tolerance, matches_tensor, tensors_close
 from butterfly.protocol.sign import verify_message
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.precision import FP32, Precision
@@ -225,11 +225,7 @@ class Auditor:
             chain_lied = [c for c in mine if not self._matches(c, reference, offset)]
             said = []
             for auditor, out, answered in replies:
-                lied = answered and (
-                    out is None
-                    or out.shape != reference.shape
-                    or not torch.allclose(out, reference, rtol=self._tol.rtol, atol=self._tol.atol)
-                )
+                lied = answered and (out is None or not tensors_close(out, reference, self._tol))
                 if lied:
                     liars.append(auditor)
                 verb = "contradicts" if lied else "matches" if answered else "could not answer"

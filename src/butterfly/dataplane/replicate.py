@@ -37,7 +37,7 @@ import torch
 
 from butterfly.dataplane.audit import Referee
 from butterfly.metrics.events import Emit, Verification, discard
-from butterfly.protocol.proof import Tolerance, matches_tensor
+from butterfly.protocol.proof import Tolerance, matches_tensor, tensors_close
 from butterfly.protocol.sign import verify_message
 from butterfly.types.errors import ButterflyError, InvalidInput, SendTimeout, StageLost
 from butterfly.types.ids import Epoch, NodeId, RequestId
@@ -94,7 +94,7 @@ def lanes_of(plan: StagePlan, exclude: Iterable[NodeId] = ()) -> list[Lane]:
 
 def agree(a: torch.Tensor, b: torch.Tensor, tol: Tolerance) -> bool:
     """Two lanes' outputs of one step: same shape, close values, the same greedy token."""
-    if a.shape != b.shape or not torch.allclose(a, b, rtol=tol.rtol, atol=tol.atol):
+    if not tensors_close(a, b, tol):
         return False
     return a.numel() == 0 or bool(torch.equal(a.argmax(dim=-1), b.argmax(dim=-1)))
 

@@ -40,6 +40,8 @@ __all__ = [
     "generate_proof",
     "matches_tensor",
     "tensor_bytes",
+    "tensors_close",
+    "tolerance_for",
 ]
 
 
@@ -50,6 +52,30 @@ class Tolerance:
     rtol: float = 1e-3  # relative error allowed per value (float32 across thread counts)
     atol: float = 1e-4  # absolute error allowed per value
     min_overlap: float = 0.75  # share of top-k positions both sides must name (near-ties)
+    # error allowed per value as a share of the largest magnitude compared beside it (a
+    # fingerprint chunk's, a tensor's): reduced-precision sums drift with the scale of
+    # what they add up, not with each value (`tolerance_for`)
+    scaled: float = 0.0
+
+
+def tolerance_for(rtol: float, atol: float, floor: float) -> Tolerance:
+    """The tolerance honest nodes computing in a precision whose `floor` is given
+    (`runtime.precision.Precision.verification_floor`) meet: the configured one, widened
+    to the floor. In bfloat16 an auditor's one-pass prefill and the chain's token-by-token
+    decode differ by up to ~1% of the activations' scale (0.094 at a scale of 10 on the
+    small demo model's first half), so the default rtol 1e-3 had honest chain nodes
+    evicted; in float32 the floor is 0 and the configured values stand."""
+    return Tolerance(rtol=max(rtol, floor), atol=atol, scaled=floor)
+
+
+def tensors_close(a: torch.Tensor, b: torch.Tensor, tol: Tolerance) -> bool:
+    """`torch.allclose` with the tolerance's scaled share of `b`'s largest magnitude."""
+    import torch
+
+    if a.shape != b.shape:
+        return False
+    slack = tol.scaled * float(b.abs().max()) if tol.scaled and b.numel() else 0.0
+    return bool(torch.allclose(a, b, rtol=tol.rtol, atol=tol.atol + slack))
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,8 +131,8 @@ def _chunks(fp: Fingerprint) -> list[dict[int, float]]:
     return out
 
 
-def _close(a: float, b: float, tol: Tolerance) -> bool:
-    return abs(a - b) <= tol.atol + tol.rtol * max(abs(a), abs(b))
+def _close(a: float, b: float, tol: Tolerance, scale: float = 0.0) -> bool:
+    return abs(a - b) <= tol.atol + tol.rtol * max(abs(a), abs(b)) + tol.scaled * scale
 
 
 def compare(a: Fingerprint, b: Fingerprint, tol: Tolerance = Tolerance()) -> FingerprintMatch:
@@ -118,7 +144,8 @@ def compare(a: Fingerprint, b: Fingerprint, tol: Tolerance = Tolerance()) -> Fin
     for i, (ca, cb) in enumerate(zip(_chunks(a), _chunks(b), strict=True)):
         shared = ca.keys() & cb.keys()
         overlap = len(shared) / max(1, len(ca))
-        if overlap < tol.min_overlap or not all(_close(ca[j], cb[j], tol) for j in shared):
+        scale = max((abs(v) for v in (*ca.values(), *cb.values())), default=0.0)
+        if overlap < tol.min_overlap or not all(_close(ca[j], cb[j], tol, scale) for j in shared):
             bad.append(i)
     if bad:
         return FingerprintMatch(False, tuple(bad), f"{len(bad)} of {len(_chunks(a))} chunks differ")
@@ -140,12 +167,13 @@ def matches_tensor(fp: Fingerprint, t: torch.Tensor, tol: Tolerance = Tolerance(
     starts = range(0, fp.positions, fp.chunk)
     for start, claimed in zip(starts, _chunks(fp), strict=True):
         flat = rows[start : start + fp.chunk].reshape(-1)
+        scale = float(flat.abs().max()) if flat.numel() else 0.0
         for j, v in claimed.items():
-            if j >= flat.numel() or not _close(flat[j].item(), v, tol):
+            if j >= flat.numel() or not _close(flat[j].item(), v, tol, scale):
                 return False
         kth = torch.topk(flat.abs(), len(claimed)).values[-1].item()
         smallest = min(abs(v) for v in claimed.values())
-        if kth > smallest * (1 + tol.rtol) + tol.atol:
+        if kth > smallest * (1 + tol.rtol) + tol.atol + tol.scaled * scale:
             return False
     return True
 

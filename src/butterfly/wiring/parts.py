@@ -30,10 +30,10 @@ from butterfly.net.transport import Transport
 from butterfly.partition.service import PartitionService
 from butterfly.protocol.failure_detector import PhiAccrualFailureDetector
 from butterfly.protocol.keys import public_keys
-from butterfly.protocol.proof import Tolerance
+from butterfly.protocol.proof import tolerance_for
 from butterfly.protocol.sign import SigningKey
 from butterfly.runtime.loader import layer_infos, model_args
-from butterfly.runtime.precision import Precision
+from butterfly.runtime.precision import Precision, verification_floor
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.runtime.torch_thread import TorchThread
 from butterfly.runtime.weights import declared_eos_ids, model_hash
@@ -180,7 +180,7 @@ def engine(
     (`wiring.standby`)."""
     me, byz = NodeId(cfg.node.id), cfg.byzantine
     verify = verifying(cfg)  # both checkers built: the mode may change at run time
-    tolerance = Tolerance(rtol=byz.rtol, atol=byz.atol)
+    tolerance = tolerance_for(byz.rtol, byz.atol, verification_floor(cfg.model.dtype))
     family, _args = model_args(model_dir)
     auditor = (
         Auditor(

@@ -1,0 +1,70 @@
+"""Audits in reduced precision blame liars, not honest nodes.
+
+In bfloat16 an auditor's one-pass prefill and the chain's token-by-token decode differ by
+up to ~1% of the activations' scale; with float32's tolerance (rtol 1e-3) the referee
+sided with the auditor and honest chain node 1 was evicted. The verification tolerance is
+widened to the compute dtype's floor (`runtime.precision.VERIFICATION_FLOORS`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+
+from butterfly.protocol.proof import Tolerance, tensors_close, tolerance_for
+from butterfly.runtime.precision import verification_floor
+from butterfly.runtime.tokenizer import TextCodec
+from butterfly.testing.inprocess import InProcessCluster
+from butterfly.testing.liars import CorruptStageServer
+from butterfly.types.ids import NodeId, RequestId
+from butterfly.types.tasks import InferenceTask
+
+pytestmark = pytest.mark.timeout(120)
+BF16 = {"coordination.heartbeat_interval_ms": 10, "model.dtype": "bfloat16"}
+PROMPTS = ("Once upon a time there was", "The quick brown fox", "In a hole in the ground")
+
+
+def task(model: Path, n: int) -> InferenceTask:
+    ids = tuple(TextCodec.load(model).encode(PROMPTS[n % len(PROMPTS)]))
+    return InferenceTask(RequestId(f"request-{n}"), input_ids=ids, max_new_tokens=24)
+
+
+async def test_honest_bfloat16_nodes_pass_their_audits(tiny_model: Path, tmp_path: Path) -> None:
+    async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=BF16) as c:
+        gw = c.gateway
+        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        for n in range(len(PROMPTS)):
+            run = asyncio.create_task(gw.engine.run(task(tiny_model, n), lambda t: None))
+            await c.until(run.done, f"request {n} to finish")
+            assert run.result().verified == "audit"
+        assert all(not node.plans.evicted for node in c.nodes)
+
+
+async def test_a_bfloat16_liar_is_still_evicted(tiny_model: Path, tmp_path: Path) -> None:
+    liar = {1: CorruptStageServer}
+    async with InProcessCluster(
+        tiny_model, 4, tmp_path, f=1, settings=BF16, stage_servers=liar
+    ) as c:
+        gw = c.gateway
+        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        run = asyncio.create_task(gw.engine.run(task(tiny_model, 0), lambda t: None))
+        await c.until(run.done, "the request to finish")
+        assert run.result().verified == "audit"
+        await c.until(
+            lambda: all(set(node.plans.evicted) == {NodeId(1)} for node in c.nodes),
+            "every node to record node 1's eviction, and only its",
+        )
+
+
+def test_the_floor_widens_bfloat16_only() -> None:
+    assert tolerance_for(1e-3, 1e-4, verification_floor("float32")) == Tolerance(1e-3, 1e-4)
+    wide = tolerance_for(1e-3, 1e-4, verification_floor("bfloat16"))
+    assert wide.rtol == wide.scaled == 2**-5
+    reference = torch.tensor([10.0, 0.0])
+    drifted = torch.tensor([10.1, 0.09])  # ~1% of the scale, where the value is ~0
+    assert tensors_close(drifted, reference, wide)
+    assert not tensors_close(drifted, reference, Tolerance())
+    assert not tensors_close(torch.tensor([10.0, 0.5]), reference, wide)  # a lie's size
