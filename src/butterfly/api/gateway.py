@@ -88,6 +88,7 @@ class Gateway:
         max_new_tokens: int | None,
         sampling: SamplingParams,
         priority: int = 0,
+        stop: tuple[str, ...] = (),
     ) -> InferenceTask:
         if self.engine.input_kind != "tokens":
             raise InvalidRequest("this model takes an input vector; send `input`, not tokens")
@@ -123,6 +124,7 @@ class Gateway:
             task_id=new_task_id(),
             input_ids=tuple(ids),
             max_new_tokens=max_new_tokens,
+            stop=stop,
             sampling=sampling,
             priority=priority,
             created_at=time.time(),

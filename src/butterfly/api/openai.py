@@ -68,7 +68,9 @@ def _unset(given: dict[str, Any]) -> set[str]:
     return {"usage", "verified"} - {k for k, v in given.items() if v is not None}
 
 
-def _sampling(body: SamplingFields, logprobs: int | None) -> SamplingParams:
+def _sampling(
+    body: SamplingFields, logprobs: int | None, prompt_logprobs: int | None = None
+) -> SamplingParams:
     return SamplingParams(
         temperature=body.temperature,
         top_k=body.top_k,
@@ -77,6 +79,7 @@ def _sampling(body: SamplingFields, logprobs: int | None) -> SamplingParams:
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
         logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
     )
 
 
@@ -261,7 +264,11 @@ def router(gw: Gateway, limited: Depends) -> APIRouter:
         _model(gw, body.model)
         codec = _codec(gw)
         ids = await gw.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
-        sampling = _sampling(body, body.logprobs)
+        # echo with logprobs, whole: the prompt's tokens scored too (only then: it costs
+        # the last stage every prompt position's logits). A stream echoes the prompt
+        # before any result, so its prompt tokens' logprobs are null and not computed.
+        scores_prompt = body.echo and not body.stream
+        sampling = _sampling(body, body.logprobs, body.logprobs if scores_prompt else None)
         run = await start(gw, codec, ids, body.max_tokens, sampling, body.n, body.stops())
         chunks = CompletionChunks(gw, int(time.time()), body)
         if body.stream:

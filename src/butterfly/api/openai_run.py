@@ -4,12 +4,14 @@ Each choice is its own task in the scheduler (same queue, limits and checks as a
 request); choice `i` of a seeded request samples with `seed + i`, so a seeded request
 with `n > 1` gives `n` different, reproducible answers.
 
-Stop strings: a whole answer waits for its tasks and cuts their text at the first stop
-string, so what it returns was checked in full; a stream cuts its text at the stop string
-and cancels the task at once (its `verified` is then "none": the run it stopped was
-never checked). Streams send an SSE comment when no token came for `KEEPALIVE_S`, so
-proxies and clients with read timeouts see a live connection through a long prefill or
-a queue; clients ignore comments.
+Stop strings travel with each task (`InferenceTask.stop`): the engine ends the generation
+at the token whose text completes one, as at end of sequence, so neither a whole answer
+nor a stream spends a step past it, and either is checked as any finished request is;
+the choices cut their text at the same place (`openai_choices.ChoiceText`).
+
+Streams send an SSE comment when no token came for `KEEPALIVE_S`, so proxies and clients
+with read timeouts see a live connection through a long prefill or a queue; clients
+ignore comments.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ async def start(
     tasks = []
     for i in range(n):
         seed = None if sampling.seed is None else (sampling.seed + i) % SEED_SPAN
-        tasks.append(gw.token_task(ids, max_tokens, replace(sampling, seed=seed)))
+        tasks.append(gw.token_task(ids, max_tokens, replace(sampling, seed=seed), stop=stops))
     choices = [ChoiceText(i, codec.tokenizer, StopScanner(stops), codec.eos_ids) for i in range(n)]
     run = Run(gw, [], choices, ids)
     try:
@@ -107,6 +109,7 @@ def feed(choice: ChoiceText, result: InferenceResult) -> None:
     for token in tokens:
         choice.push(token)
     choice.end("length")
+    choice.prompt_scored = result.prompt_logprobs
 
 
 def weakest(verified: list[str]) -> str:
@@ -192,12 +195,10 @@ async def stream(
             elif isinstance(item, Retraction):
                 choice.reset()
                 yield sse(chunks.retraction(run, index, item.reason))
-            elif choice.finish is None:
-                if text := choice.push(item):  # logprobs wait for their text, if held
-                    yield sse(chunks.delta(run, choice, text))
-                if choice.stops.stopped:  # cut here: the rest is not wanted
-                    with anyio.CancelScope(shield=True), contextlib.suppress(ButterflyError):
-                        await gw.scheduler.cancel(task_id)
+            elif choice.finish is None and (text := choice.push(item)):
+                # logprobs wait for their text, if held; at a stop string the engine
+                # ends the task itself, so nothing here cancels it
+                yield sse(chunks.delta(run, choice, text))
         if include_usage and len(ended) == len(run.tasks):
             yield sse(chunks.usage(run))
         yield sse("[DONE]")
@@ -226,8 +227,6 @@ async def _ended(
         else:
             text = choice.end("length")
         return sse(chunks.last(run, choice, text, snap.result.verified)), False
-    if status is TaskStatus.CANCELLED and choice.stops.stopped:  # we cut it at a stop
-        return sse(chunks.last(run, choice, choice.end("stop"), "none")), False
     if snap.state.terminal:
         kind = snap.state.error_type or "task_cancelled"
         reason = snap.state.reason or f"task {task_id} was cancelled"

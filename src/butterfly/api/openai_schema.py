@@ -169,7 +169,7 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     """The completions API's (legacy) logprobs: parallel lists, one entry per token;
-    prompt tokens under `echo` have `null` logprobs."""
+    under `echo` the prompt's tokens come first, the first with `null` logprobs."""
 
     tokens: list[str]
     token_logprobs: list[float | None]
