@@ -258,6 +258,34 @@ async def test_echo_logprobs_score_the_prompt_as_transformers_does(
     assert len(logprobs["tokens"]) == len(ids) + answer["usage"]["completion_tokens"]
 
 
+async def test_echo_with_max_tokens_0_scores_the_prompt_only(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """What evaluation harnesses send (echo, logprobs, max_tokens 0): the prompt and its
+    logprobs, the same as with a generated token after them, and no new token; without
+    echo, max_tokens 0 is refused."""
+    prompt = "Once upon a time"
+    async with serving(tiny_model, tmp_path / "t.db") as s:
+        body = {"prompt": prompt, "temperature": 0.0, "logprobs": 2, "echo": True}
+        scored = (await post(s.client, "/v1/completions", max_tokens=0, **body)).json()
+        longer = (await post(s.client, "/v1/completions", max_tokens=1, **body)).json()
+        plain = (
+            await post(s.client, "/v1/completions", max_tokens=0, prompt=prompt, echo=True)
+        ).json()
+        r = await s.client.post(
+            "/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 0}
+        )
+        assert_error(r, 400, "invalid_request", "max_tokens 0", "echo")
+    ids = s.codec.encode(prompt)
+    choice = scored["choices"][0]
+    assert choice["text"] == prompt and scored["usage"]["completion_tokens"] == 0
+    values = choice["logprobs"]["token_logprobs"]
+    assert len(values) == len(ids) and values[0] is None and None not in values[1:]
+    reference_values = longer["choices"][0]["logprobs"]["token_logprobs"][: len(ids)]
+    assert values[1:] == pytest.approx(reference_values[1:], abs=1e-5)
+    assert plain["choices"][0]["text"] == prompt  # echo alone: nothing to compute
+
+
 async def test_fields_sdks_send_are_accepted_and_ignored(tiny_model: Path, tmp_path: Path) -> None:
     sent: dict[str, Any] = {
         "logit_bias": {"65": 1.0},

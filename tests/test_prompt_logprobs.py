@@ -118,7 +118,8 @@ async def test_an_honest_chain_passes_its_audit_with_prompt_logprobs_and_stops(
 ) -> None:
     """Under `audit`, the last stage's record of the prefill covers every prompt row; the
     auditors check it on all of them, the request is verified and nobody is evicted. Its
-    stop string ends the generation where its text first holds it."""
+    stop string ends the generation where its text first holds it. A request that only
+    scores its prompt (no new token) is audited the same way."""
     codec = TextCodec.load(tiny_model)
     ids = codec.encode(PROMPT)
     chosen, _ = hf_scores(tiny_model, ids)
@@ -144,4 +145,15 @@ async def test_an_honest_chain_passes_its_audit_with_prompt_logprobs_and_stops(
         assert result.verified == "audit"
         assert [s.logprob for s in result.prompt_logprobs] == pytest.approx(chosen, abs=TOLERANCE)
         assert list(result.output_ids) == full[:needed]
+        only = InferenceTask(  # an echo of max_tokens 0: the prefill alone, audited too
+            RequestId("score"),
+            tuple(ids),
+            max_new_tokens=0,
+            sampling=SamplingParams(prompt_logprobs=K),
+        )
+        run = asyncio.create_task(gw.engine.run(only, lambda t: None))
+        await c.until(run.done, "the scoring request to finish", beats=2000)
+        scored = run.result()
+        assert scored.output_ids == () and scored.verified == "audit"
+        assert [s.logprob for s in scored.prompt_logprobs] == pytest.approx(chosen, abs=TOLERANCE)
         assert all(not node.plans.evicted for node in c.nodes)

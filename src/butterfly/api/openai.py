@@ -269,7 +269,12 @@ def router(gw: Gateway, limited: Depends) -> APIRouter:
         # before any result, so its prompt tokens' logprobs are null and not computed.
         scores_prompt = body.echo and not body.stream
         sampling = _sampling(body, body.logprobs, body.logprobs if scores_prompt else None)
-        run = await start(gw, codec, ids, body.max_tokens, sampling, body.n, body.stops())
+        if body.max_tokens == 0 and not body.echo:
+            raise InvalidRequest(
+                "max_tokens 0 generates nothing: it is for `echo` (the prompt, with its "
+                "logprobs when `logprobs` is set, as evaluation harnesses ask); give at least 1"
+            )
+        run = await start(gw, codec, ids, body.max_tokens, sampling, body.n, body.stops(), fewest=0)
         chunks = CompletionChunks(gw, int(time.time()), body)
         if body.stream:
             events = stream(run, chunks, body.include_usage())

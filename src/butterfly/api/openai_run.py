@@ -84,12 +84,16 @@ async def start(
     sampling: SamplingParams,
     n: int,
     stops: tuple[str, ...],
+    *,
+    fewest: int = 1,
 ) -> Run:
-    """Submit the request's `n` tasks (all or none: a refused one cancels the others)."""
+    """Submit the request's `n` tasks (all or none: a refused one cancels the others);
+    `fewest`: the least `max_tokens` allowed (`Gateway.token_task`)."""
     tasks = []
     for i in range(n):
         seed = None if sampling.seed is None else (sampling.seed + i) % SEED_SPAN
-        tasks.append(gw.token_task(ids, max_tokens, replace(sampling, seed=seed), stop=stops))
+        seeded = replace(sampling, seed=seed)
+        tasks.append(gw.token_task(ids, max_tokens, seeded, stop=stops, fewest=fewest))
     choices = [ChoiceText(i, codec.tokenizer, StopScanner(stops), codec.eos_ids) for i in range(n)]
     run = Run(gw, [], choices, ids)
     try:

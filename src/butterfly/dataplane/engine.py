@@ -413,8 +413,8 @@ class PipelineEngine:
                 saved = None
                 if replicator is not None:
                     return replace(result, verified=replicator.finish(request_id))
-                if auditor is None or self._audit_draw() >= fraction:
-                    return result
+                if auditor is None or not positions or self._audit_draw() >= fraction:
+                    return result  # (no position computed: an echo of max_tokens 0)
                 verdict = await audit_request(
                     auditor,
                     self._plan(),
@@ -516,7 +516,11 @@ class PipelineEngine:
         lost_at: float | None = None
         ended = stopped or (bool(out) and out[-1] in self._eos)
         based_on = self._epoch()  # the plan whose caches `pos` counts on
-        while len(out) < task.max_new_tokens and not ended:
+        # max_new_tokens 0 (an echo that scores its prompt): the prefill, no token
+        while not ended and (
+            len(out) < task.max_new_tokens
+            or (prompt_scores is not None and prompt_scores.wanted(pos, x.shape[1]) > 0)
+        ):
             if self._epoch() != based_on:
                 pos, x = await self._replay_from(request_id, prompt + out, positions)
             epoch = based_on = self._epoch()
@@ -584,6 +588,8 @@ class PipelineEngine:
                 self._emit(Traversed())
                 pos, x = pos + head.shape[1], x[:, head.shape[1] :]
                 continue
+            if not task.max_new_tokens:  # the prompt is scored; no token was asked for
+                break
             if drafted:
                 got = confirm(logits[0], drafted, task.sampling, rng, out)
                 self._emit(Traversed(len(drafted), len(got) - 1))
