@@ -18,6 +18,7 @@ from butterfly.api.openai import CompletionChunks
 from butterfly.api.openai_choices import StopScanner
 from butterfly.api.openai_run import KEEPALIVE, Run, start, stream
 from butterfly.api.openai_schema import IGNORED, CompletionRequest
+from butterfly.api.settings import ApiSettings
 from butterfly.config.schema import ButterflyConfig
 from butterfly.runtime.chat import ChatTemplate
 from butterfly.runtime.tokenizer import TextCodec
@@ -256,6 +257,30 @@ async def test_echo_logprobs_score_the_prompt_as_transformers_does(
         for value in top.values():
             assert min(abs(value - b) for b in best) <= ECHO_TOLERANCE
     assert len(logprobs["tokens"]) == len(ids) + answer["usage"]["completion_tokens"]
+
+
+@pytest.mark.parametrize("held", [False, True])
+async def test_a_streamed_echo_opens_with_the_prompt_and_its_logprobs(
+    tiny_model: Path, tmp_path: Path, held: bool
+) -> None:
+    """The stream's first chunk is the echoed prompt with its tokens' logprobs (sent once
+    they are scored, before any generated token; `api.stream_verified_only`: with the
+    checked result), the same as the whole answer's."""
+    prompt = "Once upon a time"
+    body = {"prompt": prompt, "max_tokens": 4, "temperature": 0.0, "logprobs": 2, "echo": True}
+    settings = ApiSettings(max_request_bytes=64 * 1024, stream_verified_only=held)
+    async with serving(tiny_model, tmp_path / "t.db", settings=settings) as s:
+        whole = (await post(s.client, "/v1/completions", **body)).json()["choices"][0]
+        r = await post(s.client, "/v1/completions", stream=True, **body)
+    chunks = events(r.text)[:-1]
+    first = chunks[0]["choices"][0]
+    ids = s.codec.encode(prompt)
+    assert first["text"] == prompt
+    values = first["logprobs"]["token_logprobs"]
+    assert len(values) == len(ids) and values[0] is None
+    assert values[1:] == pytest.approx(whole["logprobs"]["token_logprobs"][1 : len(ids)])
+    assert first["logprobs"]["top_logprobs"][1:] == whole["logprobs"]["top_logprobs"][1 : len(ids)]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["text"]
 
 
 async def test_echo_with_max_tokens_0_scores_the_prompt_only(

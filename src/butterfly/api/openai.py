@@ -88,6 +88,7 @@ class CompletionChunks:
 
     def __init__(self, gw: Gateway, created: int, body: CompletionRequest) -> None:
         self.gw, self.created, self.body = gw, created, body
+        self.scores_prompt = body.echo and body.logprobs is not None
 
     def _object(self, run: Run, choices: list[CompletionChoice], **extra: Any) -> dict[str, Any]:
         return Completion(
@@ -113,9 +114,14 @@ class CompletionChunks:
         return str(run.choices[0].tokenizer.decode(run.prompt, skip_special_tokens=True))
 
     def opening(self, run: Run, index: int) -> dict[str, Any] | None:
+        """The echoed prompt, with its logprobs when asked (the choice holds them)."""
         if not self.body.echo:
             return None
-        return self._object(run, [CompletionChoice(text=self._echo(run), index=index)])
+        logprobs = None
+        if self.scores_prompt:
+            logprobs = completion_logprobs(run.choices[index], [], 0, run.prompt)
+        choice = CompletionChoice(text=self._echo(run), index=index, logprobs=logprobs)
+        return self._object(run, [choice])
 
     def delta(self, run: Run, choice: ChoiceText, text: str) -> dict[str, Any]:
         return self._object(run, [self._choice(choice, text, None)])
@@ -157,6 +163,7 @@ class ChatChunks:
 
     def __init__(self, gw: Gateway, created: int, body: ChatCompletionRequest) -> None:
         self.gw, self.created, self.body = gw, created, body
+        self.scores_prompt = False  # chat has no echo
 
     def _chunk(self, run: Run, choices: list[ChunkChoice], **extra: Any) -> dict[str, Any]:
         body = ChatCompletionChunk(
@@ -264,11 +271,9 @@ def router(gw: Gateway, limited: Depends) -> APIRouter:
         _model(gw, body.model)
         codec = _codec(gw)
         ids = await gw.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
-        # echo with logprobs, whole: the prompt's tokens scored too (only then: it costs
-        # the last stage every prompt position's logits). A stream echoes the prompt
-        # before any result, so its prompt tokens' logprobs are null and not computed.
-        scores_prompt = body.echo and not body.stream
-        sampling = _sampling(body, body.logprobs, body.logprobs if scores_prompt else None)
+        # echo with logprobs: the prompt's tokens scored too (only then: it costs the
+        # last stage every prompt position's logits)
+        sampling = _sampling(body, body.logprobs, body.logprobs if body.echo else None)
         if body.max_tokens == 0 and not body.echo:
             raise InvalidRequest(
                 "max_tokens 0 generates nothing: it is for `echo` (the prompt, with its "

@@ -34,7 +34,8 @@ class ChoiceText:
     pending: list[Sampled | None] = field(default_factory=list)  # since the last delta
     finish: Finish | None = None
     emitted: str = ""  # the text given out so far, cut at a stop string
-    # the prompt's tokens 1..T-1 scored, from the finished result (echo with logprobs)
+    # the prompt's tokens 1..T-1 scored (echo with logprobs): from the engine's
+    # `PromptScored` in a stream, from the finished result otherwise
     prompt_scored: tuple[Sampled, ...] = ()
 
     def __post_init__(self) -> None:
@@ -107,7 +108,7 @@ def completion_logprobs(
     """The completions API's logprobs; offsets start at `offset`. `prompt` (under `echo`)
     comes first, as in OpenAI and vLLM: its first token's logprob is null (nothing comes
     before it), the others' are those the engine scored (`ChoiceText.prompt_scored`),
-    null where it has none (a stream: its prompt chunk goes out before any result)."""
+    null where it has none (a one-token prompt has nothing to score)."""
     tokens: list[str] = []
     values: list[float | None] = []
     tops: list[dict[str, float] | None] = []

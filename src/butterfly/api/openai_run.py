@@ -31,7 +31,7 @@ from butterfly.api.gateway import Gateway
 from butterfly.api.openai_choices import ChoiceText, StopScanner
 from butterfly.api.openai_schema import Usage
 from butterfly.runtime.tokenizer import TextCodec
-from butterfly.schedule.engine import Retraction, Token
+from butterfly.schedule.engine import PromptScored, Retraction, Streamed, Token
 from butterfly.schedule.state import TaskStatus
 from butterfly.types.errors import ButterflyError
 from butterfly.types.ids import RequestId
@@ -144,6 +144,10 @@ async def whole(run: Run, answer: Whole) -> Response:
 class Chunks(Protocol):
     """How one API shapes its stream (completions and chat differ)."""
 
+    scores_prompt: bool
+    """Whether the opening chunk carries the prompt's logprobs (an echo with logprobs):
+    it then waits for them."""
+
     def opening(self, run: Run, index: int) -> dict[str, Any] | None:
         """A chunk before any token (chat's `role`, completions' echoed prompt)."""
 
@@ -173,13 +177,25 @@ async def stream(
 ) -> AsyncIterator[str]:
     """The choices' text as SSE chunks, merged as they come; `[DONE]` at the end."""
     gw, hold = run.gw, run.gw.settings.stream_verified_only
-    inbox: asyncio.Queue[tuple[int, Token | Retraction | None]] = asyncio.Queue()
+    inbox: asyncio.Queue[tuple[int, Streamed | None]] = asyncio.Queue()
     pumps = [asyncio.create_task(_pump(gw, i, t.task_id, inbox)) for i, t in enumerate(run.tasks)]
     ended: set[int] = set()
+    opened: set[int] = set()
+
+    def opening(index: int) -> list[str]:
+        """The choice's opening chunk, unless it went out already."""
+        if index in opened:
+            return []
+        opened.add(index)
+        body = chunks.opening(run, index)
+        return [] if body is None else [sse(body)]
+
     try:
-        for i in range(len(run.tasks)):
-            if (opening := chunks.opening(run, i)) is not None:
-                yield sse(opening)
+        # an echo with logprobs opens once its prompt is scored (the scores come before
+        # the first token), or, when held for the check, with the checked result
+        for i in range(len(run.tasks)) if not chunks.scores_prompt else ():
+            for message in opening(i):
+                yield message
         while len(ended) < len(run.tasks):
             try:
                 index, item = await asyncio.wait_for(inbox.get(), keepalive_s)
@@ -190,19 +206,31 @@ async def stream(
             if item is None:
                 ended.add(index)
                 message, failed = await _ended(run, chunks, choice, task_id, hold)
+                for early in opening(index):  # (held: `_ended` read the prompt's scores)
+                    yield early
                 yield message
                 if failed:  # one error ends the stream; the other choices are cancelled
                     break
+            elif isinstance(item, PromptScored):
+                choice.prompt_scored = item.scores
+                for message in [] if hold else opening(index):
+                    yield message
             elif hold:  # nothing was sent, so a retraction has nothing to withdraw
                 if not isinstance(item, Retraction):
                     yield HELD
             elif isinstance(item, Retraction):
                 choice.reset()
                 yield sse(chunks.retraction(run, index, item.reason))
-            elif choice.finish is None and (text := choice.push(item)):
-                # logprobs wait for their text, if held; at a stop string the engine
-                # ends the task itself, so nothing here cancels it
-                yield sse(chunks.delta(run, choice, text))
+                opened.discard(index)  # the echo is part of what it withdrew: again
+                for message in [] if chunks.scores_prompt else opening(index):
+                    yield message
+            elif choice.finish is None:
+                for message in opening(index):  # a one-token prompt has no scores
+                    yield message
+                if text := choice.push(item):
+                    # logprobs wait for their text, if held; at a stop string the engine
+                    # ends the task itself, so nothing here cancels it
+                    yield sse(chunks.delta(run, choice, text))
         if include_usage and len(ended) == len(run.tasks):
             yield sse(chunks.usage(run))
         yield sse("[DONE]")

@@ -43,7 +43,7 @@ from butterfly.protocol.proof import Tolerance
 from butterfly.runtime.sampling import PromptScores, choose, make_generator, sample
 from butterfly.runtime.stops import TextStops
 from butterfly.schedule.drafts import Speculation, draft
-from butterfly.schedule.engine import ClusterHealth, Retraction, TokenSink
+from butterfly.schedule.engine import ClusterHealth, PromptScored, Retraction, TokenSink
 from butterfly.schedule.store import Checkpoint
 from butterfly.types.errors import (
     ButterflyError,
@@ -545,6 +545,8 @@ class PipelineEngine:
                 if to_score and prompt_scores is not None:
                     every_row.add(step)
                     prompt_scores.add(pos, logits[0, :to_score])
+                    if not prompt_scores.wanted(0, len(prompt)):  # all of them: say so
+                        on_token(PromptScored(prompt_scores.scores()))
                 if lost_at is not None:  # decoding resumed: the whole gap was recovery
                     timings["recovery_s"] = timings.get("recovery_s", 0.0) + (
                         time.perf_counter() - lost_at
