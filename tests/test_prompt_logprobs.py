@@ -22,6 +22,7 @@ from butterfly.runtime.tokenizer import TextCodec
 from butterfly.schedule.drafts import Speculation
 from butterfly.testing.inprocess import InProcessCluster
 from butterfly.testing.pipeline import LocalPipeline
+from butterfly.types.errors import InvalidInput
 from butterfly.types.ids import NodeId, RequestId
 from butterfly.types.model import LayerRange
 from butterfly.types.tasks import InferenceTask, SamplingParams
@@ -157,3 +158,19 @@ async def test_an_honest_chain_passes_its_audit_with_prompt_logprobs_and_stops(
         assert scored.output_ids == () and scored.verified == "audit"
         assert [s.logprob for s in scored.prompt_logprobs] == pytest.approx(chosen, abs=TOLERANCE)
         assert all(not node.plans.evicted for node in c.nodes)
+
+
+async def test_replicate_mode_refuses_prompt_logprobs_clearly(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Replicate lanes are compared on their last row only, so the prompt's rows would
+    go unchecked: such a request is refused, saying why and what to do instead."""
+    ids = tuple(TextCodec.load(tiny_model).encode(PROMPT))
+    settings = {"coordination.heartbeat_interval_ms": 10, "byzantine.verification": "replicate"}
+    async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=settings) as c:
+        gw = c.gateway
+        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        asked = SamplingParams(prompt_logprobs=1)
+        task = InferenceTask(RequestId("rep"), ids, max_new_tokens=2, sampling=asked)
+        with pytest.raises(InvalidInput, match=r"replicate.*without echo"):
+            await gw.engine.run(task, lambda t: None)
