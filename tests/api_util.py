@@ -62,7 +62,7 @@ async def serving(
     routes, `client` is the address requests come from."""
     codec = codec or TextCodec.load(model)
     async with (
-        engine_type(model, SPLIT, stop_ids=codec.eos_ids) as engine,
+        engine_type(model, SPLIT, stop_ids=codec.eos_ids, tokenizer=codec.tokenizer) as engine,
         _app(engine, codec, db, settings, run, scheduler_kw, config, client) as served,
     ):
         yield served

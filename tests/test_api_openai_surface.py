@@ -10,15 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from pydantic import ValidationError
+from transformers import LlamaForCausalLM
 
 from butterfly.api.openai import CompletionChunks
 from butterfly.api.openai_choices import StopScanner
 from butterfly.api.openai_run import KEEPALIVE, Run, start, stream
 from butterfly.api.openai_schema import IGNORED, CompletionRequest
+from butterfly.api.settings import ApiSettings
 from butterfly.config.schema import ButterflyConfig
 from butterfly.runtime.chat import ChatTemplate
 from butterfly.runtime.tokenizer import TextCodec
+from butterfly.schedule.state import TaskStatus
 from butterfly.types.errors import InvalidRequest
 from butterfly.types.tasks import SamplingParams
 from tests.api_util import assert_error, reference, serving
@@ -113,20 +117,45 @@ async def test_chat_without_a_template_is_refused_clearly(tiny_model: Path, tmp_
         assert_error(r, 400, "invalid_request", "no chat template", "/v1/completions")
 
 
-async def test_stop_cuts_the_text_whole_and_streamed(tiny_model: Path, tmp_path: Path) -> None:
+async def test_stop_ends_generation_whole_and_streamed(tiny_model: Path, tmp_path: Path) -> None:
+    """The text is cut before the stop string, and generation itself ended at the token
+    that completed it: the task finished (not cancelled) with that many tokens, after as
+    many traversals of the chain, and usage counts them, not max_tokens."""
     async with serving(tiny_model, tmp_path / "t.db") as s:
         body = {"prompt": "Once upon", "max_tokens": 30, "temperature": 1.0, "seed": 3}
         full = (await post(s.client, "/v1/completions", **body)).json()["choices"][0]["text"]
         at = next(i for i in range(3, len(full) - 2) if "\ufffd" not in full[i : i + 2])
         stop = full[at : at + 2]
         cut = full[: full.index(stop)]
+        tokens = reference(tiny_model, s.codec.encode("Once upon"), 30, SamplingParams(1.0, seed=3))
+        needed = next(n for n in range(1, 31) if stop in s.codec.decode(tokens[:n]))
+        assert needed < 30  # the stop string comes before max_tokens
+
+        async def ended_at_the_stop(answer_id: str) -> None:
+            snap = await s.scheduler.snapshot(answer_id.removeprefix("cmpl-"))
+            assert snap.state.status is TaskStatus.COMPLETED and snap.result is not None
+            assert list(snap.result.output_ids) == tokens[:needed]
+            assert snap.result.timings["traversals"] == needed  # no step past the stop
+
         whole = (await post(s.client, "/v1/completions", stop=[stop, "never"], **body)).json()
         assert whole["choices"][0]["text"] == cut
         assert whole["choices"][0]["finish_reason"] == "stop"
-        r = await post(s.client, "/v1/completions", stop=stop, stream=True, **body)
+        assert whole["usage"]["completion_tokens"] == needed
+        await ended_at_the_stop(whole["id"])
+        r = await post(
+            s.client,
+            "/v1/completions",
+            stop=stop,
+            stream=True,
+            stream_options={"include_usage": True},
+            **body,
+        )
         chunks = events(r.text)[:-1]
-        assert "".join(c["choices"][0]["text"] for c in chunks) == cut  # never past the stop
-        assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+        texts = [c["choices"][0]["text"] for c in chunks if c["choices"]]
+        assert "".join(texts) == cut  # never past the stop
+        assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+        assert chunks[-1]["usage"]["completion_tokens"] == needed
+        await ended_at_the_stop(chunks[0]["id"])
 
 
 async def test_n_choices_sample_with_successive_seeds(tiny_model: Path, tmp_path: Path) -> None:
@@ -177,7 +206,10 @@ async def test_logprobs_and_echo(tiny_model: Path, tmp_path: Path) -> None:
         choice = echoed["choices"][0]
         assert choice["text"] == "Once" + answer["choices"][0]["text"]
         prompt = len(s.codec.encode("Once"))
-        assert choice["logprobs"]["token_logprobs"][:prompt] == [None] * prompt
+        assert choice["logprobs"]["token_logprobs"][0] is None  # nothing precedes it
+        assert None not in choice["logprobs"]["token_logprobs"][1:]
+        after = choice["logprobs"]["token_logprobs"][prompt:]
+        assert after == pytest.approx(logprobs["token_logprobs"], abs=1e-5)  # the same tokens
         chat = await post(
             s.client,
             "/v1/chat/completions",
@@ -192,6 +224,91 @@ async def test_logprobs_and_echo(tiny_model: Path, tmp_path: Path) -> None:
         for c in content:  # greedy: the chosen token is the likeliest
             assert c["logprob"] == pytest.approx(c["top_logprobs"][0]["logprob"])
         assert all(c["bytes"] == list(c["token"].encode()) for c in content)
+
+
+ECHO_TOLERANCE = 1e-4
+"""Prompt logprobs against transformers' in float32: the split stages and transformers
+sum in other orders, which moves a log-probability by about 1e-6 here."""
+
+
+async def test_echo_logprobs_score_the_prompt_as_transformers_does(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Echo with logprobs: each prompt token after the first has its logprob given the
+    tokens before it, and the k likeliest there, as log_softmax of transformers' logits
+    says; the first has none (as in OpenAI and vLLM)."""
+    prompt = "Once upon a time there"
+    async with serving(tiny_model, tmp_path / "t.db") as s:
+        ids = s.codec.encode(prompt)
+        body = {"prompt": prompt, "max_tokens": 3, "temperature": 0.0, "logprobs": 3}
+        answer = (await post(s.client, "/v1/completions", echo=True, **body)).json()
+    logprobs = answer["choices"][0]["logprobs"]
+    hf = LlamaForCausalLM.from_pretrained(tiny_model).eval()
+    with torch.no_grad():
+        reference_lp = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), dim=-1)
+    rows = reference_lp[:-1]  # position p scores token p + 1
+    expected = rows.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+    got = logprobs["token_logprobs"][: len(ids)]
+    assert got[0] is None and logprobs["top_logprobs"][0] is None
+    assert got[1:] == pytest.approx(expected, abs=ECHO_TOLERANCE)
+    for row, top in zip(rows, logprobs["top_logprobs"][1 : len(ids)], strict=True):
+        best = torch.topk(row, 3).values.tolist()
+        assert 1 <= len(top) <= 3  # byte tokens that print alike share a key
+        for value in top.values():
+            assert min(abs(value - b) for b in best) <= ECHO_TOLERANCE
+    assert len(logprobs["tokens"]) == len(ids) + answer["usage"]["completion_tokens"]
+
+
+@pytest.mark.parametrize("held", [False, True])
+async def test_a_streamed_echo_opens_with_the_prompt_and_its_logprobs(
+    tiny_model: Path, tmp_path: Path, held: bool
+) -> None:
+    """The stream's first chunk is the echoed prompt with its tokens' logprobs (sent once
+    they are scored, before any generated token; `api.stream_verified_only`: with the
+    checked result), the same as the whole answer's."""
+    prompt = "Once upon a time"
+    body = {"prompt": prompt, "max_tokens": 4, "temperature": 0.0, "logprobs": 2, "echo": True}
+    settings = ApiSettings(max_request_bytes=64 * 1024, stream_verified_only=held)
+    async with serving(tiny_model, tmp_path / "t.db", settings=settings) as s:
+        whole = (await post(s.client, "/v1/completions", **body)).json()["choices"][0]
+        r = await post(s.client, "/v1/completions", stream=True, **body)
+    chunks = events(r.text)[:-1]
+    first = chunks[0]["choices"][0]
+    ids = s.codec.encode(prompt)
+    assert first["text"] == prompt
+    values = first["logprobs"]["token_logprobs"]
+    assert len(values) == len(ids) and values[0] is None
+    assert values[1:] == pytest.approx(whole["logprobs"]["token_logprobs"][1 : len(ids)])
+    assert first["logprobs"]["top_logprobs"][1:] == whole["logprobs"]["top_logprobs"][1 : len(ids)]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["text"]
+
+
+async def test_echo_with_max_tokens_0_scores_the_prompt_only(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """What evaluation harnesses send (echo, logprobs, max_tokens 0): the prompt and its
+    logprobs, the same as with a generated token after them, and no new token; without
+    echo, max_tokens 0 is refused."""
+    prompt = "Once upon a time"
+    async with serving(tiny_model, tmp_path / "t.db") as s:
+        body = {"prompt": prompt, "temperature": 0.0, "logprobs": 2, "echo": True}
+        scored = (await post(s.client, "/v1/completions", max_tokens=0, **body)).json()
+        longer = (await post(s.client, "/v1/completions", max_tokens=1, **body)).json()
+        plain = (
+            await post(s.client, "/v1/completions", max_tokens=0, prompt=prompt, echo=True)
+        ).json()
+        r = await s.client.post(
+            "/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 0}
+        )
+        assert_error(r, 400, "invalid_request", "max_tokens 0", "echo")
+    ids = s.codec.encode(prompt)
+    choice = scored["choices"][0]
+    assert choice["text"] == prompt and scored["usage"]["completion_tokens"] == 0
+    values = choice["logprobs"]["token_logprobs"]
+    assert len(values) == len(ids) and values[0] is None and None not in values[1:]
+    reference_values = longer["choices"][0]["logprobs"]["token_logprobs"][: len(ids)]
+    assert values[1:] == pytest.approx(reference_values[1:], abs=1e-5)
+    assert plain["choices"][0]["text"] == prompt  # echo alone: nothing to compute
 
 
 async def test_fields_sdks_send_are_accepted_and_ignored(tiny_model: Path, tmp_path: Path) -> None:

@@ -88,7 +88,12 @@ class Gateway:
         max_new_tokens: int | None,
         sampling: SamplingParams,
         priority: int = 0,
+        stop: tuple[str, ...] = (),
+        *,
+        fewest: int = 1,
     ) -> InferenceTask:
+        """`fewest`: the least `max_new_tokens` allowed (0 for an echo that only scores
+        its prompt)."""
         if self.engine.input_kind != "tokens":
             raise InvalidRequest("this model takes an input vector; send `input`, not tokens")
         if not ids:
@@ -109,9 +114,9 @@ class Gateway:
                 )
         if max_new_tokens is None:  # the default, shrunk to what the context leaves room for
             max_new_tokens = min(self.settings.default_max_new_tokens, context - len(ids) + 1)
-        if not 1 <= max_new_tokens <= limit:
+        if not fewest <= max_new_tokens <= limit:
             raise InvalidRequest(
-                f"max_new_tokens must be between 1 and {limit}, got {max_new_tokens}"
+                f"max_new_tokens must be between {fewest} and {limit}, got {max_new_tokens}"
             )
         if len(ids) + max_new_tokens - 1 > context:
             raise InvalidRequest(
@@ -123,6 +128,7 @@ class Gateway:
             task_id=new_task_id(),
             input_ids=tuple(ids),
             max_new_tokens=max_new_tokens,
+            stop=stop,
             sampling=sampling,
             priority=priority,
             created_at=time.time(),

@@ -68,7 +68,9 @@ def _unset(given: dict[str, Any]) -> set[str]:
     return {"usage", "verified"} - {k for k, v in given.items() if v is not None}
 
 
-def _sampling(body: SamplingFields, logprobs: int | None) -> SamplingParams:
+def _sampling(
+    body: SamplingFields, logprobs: int | None, prompt_logprobs: int | None = None
+) -> SamplingParams:
     return SamplingParams(
         temperature=body.temperature,
         top_k=body.top_k,
@@ -77,6 +79,7 @@ def _sampling(body: SamplingFields, logprobs: int | None) -> SamplingParams:
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
         logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
     )
 
 
@@ -85,6 +88,7 @@ class CompletionChunks:
 
     def __init__(self, gw: Gateway, created: int, body: CompletionRequest) -> None:
         self.gw, self.created, self.body = gw, created, body
+        self.scores_prompt = body.echo and body.logprobs is not None
 
     def _object(self, run: Run, choices: list[CompletionChoice], **extra: Any) -> dict[str, Any]:
         return Completion(
@@ -110,9 +114,14 @@ class CompletionChunks:
         return str(run.choices[0].tokenizer.decode(run.prompt, skip_special_tokens=True))
 
     def opening(self, run: Run, index: int) -> dict[str, Any] | None:
+        """The echoed prompt, with its logprobs when asked (the choice holds them)."""
         if not self.body.echo:
             return None
-        return self._object(run, [CompletionChoice(text=self._echo(run), index=index)])
+        logprobs = None
+        if self.scores_prompt:
+            logprobs = completion_logprobs(run.choices[index], [], 0, run.prompt)
+        choice = CompletionChoice(text=self._echo(run), index=index, logprobs=logprobs)
+        return self._object(run, [choice])
 
     def delta(self, run: Run, choice: ChoiceText, text: str) -> dict[str, Any]:
         return self._object(run, [self._choice(choice, text, None)])
@@ -154,6 +163,7 @@ class ChatChunks:
 
     def __init__(self, gw: Gateway, created: int, body: ChatCompletionRequest) -> None:
         self.gw, self.created, self.body = gw, created, body
+        self.scores_prompt = False  # chat has no echo
 
     def _chunk(self, run: Run, choices: list[ChunkChoice], **extra: Any) -> dict[str, Any]:
         body = ChatCompletionChunk(
@@ -261,8 +271,15 @@ def router(gw: Gateway, limited: Depends) -> APIRouter:
         _model(gw, body.model)
         codec = _codec(gw)
         ids = await gw.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
-        sampling = _sampling(body, body.logprobs)
-        run = await start(gw, codec, ids, body.max_tokens, sampling, body.n, body.stops())
+        # echo with logprobs: the prompt's tokens scored too (only then: it costs the
+        # last stage every prompt position's logits)
+        sampling = _sampling(body, body.logprobs, body.logprobs if body.echo else None)
+        if body.max_tokens == 0 and not body.echo:
+            raise InvalidRequest(
+                "max_tokens 0 generates nothing: it is for `echo` (the prompt, with its "
+                "logprobs when `logprobs` is set, as evaluation harnesses ask); give at least 1"
+            )
+        run = await start(gw, codec, ids, body.max_tokens, sampling, body.n, body.stops(), fewest=0)
         chunks = CompletionChunks(gw, int(time.time()), body)
         if body.stream:
             events = stream(run, chunks, body.include_usage())

@@ -16,39 +16,8 @@ from tokenizers import Tokenizer
 
 from butterfly.api.openai_schema import CompletionLogprobs, Finish, TokenLogprob, TopLogprob
 from butterfly.runtime.detok import IncrementalText
+from butterfly.runtime.stops import StopScanner
 from butterfly.types.tasks import Sampled
-
-
-class StopScanner:
-    """Cuts text before the first stop string it contains."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = tuple(s for s in stops if s)
-        self._keep = max((len(s) for s in self.stops), default=1) - 1
-        self._held = ""
-        self.stopped = False
-
-    def feed(self, text: str) -> str:
-        """The part of `text` (after what was held) that is certainly before any stop."""
-        if self.stopped:
-            return ""
-        buffer = self._held + text
-        found = [i for i in (buffer.find(s) for s in self.stops) if i >= 0]
-        if found:
-            self.stopped, self._held = True, ""
-            return buffer[: min(found)]
-        hold = 0  # the longest tail that is a proper prefix of a stop string
-        for n in range(min(self._keep, len(buffer)), 0, -1):
-            tail = buffer[-n:]
-            if any(s.startswith(tail) for s in self.stops):
-                hold = n
-                break
-        self._held = buffer[len(buffer) - hold :] if hold else ""
-        return buffer[: len(buffer) - hold]
-
-    def flush(self) -> str:
-        held, self._held = self._held, ""
-        return "" if self.stopped else held
 
 
 @dataclass
@@ -65,6 +34,9 @@ class ChoiceText:
     pending: list[Sampled | None] = field(default_factory=list)  # since the last delta
     finish: Finish | None = None
     emitted: str = ""  # the text given out so far, cut at a stop string
+    # the prompt's tokens 1..T-1 scored (echo with logprobs): from the engine's
+    # `PromptScored` in a stream, from the finished result otherwise
+    prompt_scored: tuple[Sampled, ...] = ()
 
     def __post_init__(self) -> None:
         self.decoder = IncrementalText(self.tokenizer)
@@ -133,18 +105,22 @@ def completion_logprobs(
     offset: int,
     prompt: Sequence[int] = (),
 ) -> CompletionLogprobs:
-    """The completions API's logprobs; `prompt` (under `echo`) comes first with null
-    logprobs (Butterfly does not compute the prompt's); offsets start at `offset`."""
+    """The completions API's logprobs; offsets start at `offset`. `prompt` (under `echo`)
+    comes first, as in OpenAI and vLLM: its first token's logprob is null (nothing comes
+    before it), the others' are those the engine scored (`ChoiceText.prompt_scored`),
+    null where it has none (a one-token prompt has nothing to score)."""
     tokens: list[str] = []
     values: list[float | None] = []
     tops: list[dict[str, float] | None] = []
     offsets: list[int] = []
-    for token in prompt:
+    scored = (None, *choice.prompt_scored)
+    for i, token in enumerate(prompt):
         offsets.append(offset)
         tokens.append(text := choice.token_text(token))
         offset += len(text)
-        values.append(None)
-        tops.append(None)
+        s = scored[i] if i < len(scored) else None
+        values.append(None if s is None else s.logprob)
+        tops.append(None if s is None else {choice.token_text(t): lp for t, lp in s.top})
     for s in entries:
         if s is None:
             continue

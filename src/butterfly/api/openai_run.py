@@ -4,12 +4,14 @@ Each choice is its own task in the scheduler (same queue, limits and checks as a
 request); choice `i` of a seeded request samples with `seed + i`, so a seeded request
 with `n > 1` gives `n` different, reproducible answers.
 
-Stop strings: a whole answer waits for its tasks and cuts their text at the first stop
-string, so what it returns was checked in full; a stream cuts its text at the stop string
-and cancels the task at once (its `verified` is then "none": the run it stopped was
-never checked). Streams send an SSE comment when no token came for `KEEPALIVE_S`, so
-proxies and clients with read timeouts see a live connection through a long prefill or
-a queue; clients ignore comments.
+Stop strings travel with each task (`InferenceTask.stop`): the engine ends the generation
+at the token whose text completes one, as at end of sequence, so neither a whole answer
+nor a stream spends a step past it, and either is checked as any finished request is;
+the choices cut their text at the same place (`openai_choices.ChoiceText`).
+
+Streams send an SSE comment when no token came for `KEEPALIVE_S`, so proxies and clients
+with read timeouts see a live connection through a long prefill or a queue; clients
+ignore comments.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from butterfly.api.gateway import Gateway
 from butterfly.api.openai_choices import ChoiceText, StopScanner
 from butterfly.api.openai_schema import Usage
 from butterfly.runtime.tokenizer import TextCodec
-from butterfly.schedule.engine import Retraction, Token
+from butterfly.schedule.engine import PromptScored, Retraction, Streamed, Token
 from butterfly.schedule.state import TaskStatus
 from butterfly.types.errors import ButterflyError
 from butterfly.types.ids import RequestId
@@ -82,12 +84,16 @@ async def start(
     sampling: SamplingParams,
     n: int,
     stops: tuple[str, ...],
+    *,
+    fewest: int = 1,
 ) -> Run:
-    """Submit the request's `n` tasks (all or none: a refused one cancels the others)."""
+    """Submit the request's `n` tasks (all or none: a refused one cancels the others);
+    `fewest`: the least `max_tokens` allowed (`Gateway.token_task`)."""
     tasks = []
     for i in range(n):
         seed = None if sampling.seed is None else (sampling.seed + i) % SEED_SPAN
-        tasks.append(gw.token_task(ids, max_tokens, replace(sampling, seed=seed)))
+        seeded = replace(sampling, seed=seed)
+        tasks.append(gw.token_task(ids, max_tokens, seeded, stop=stops, fewest=fewest))
     choices = [ChoiceText(i, codec.tokenizer, StopScanner(stops), codec.eos_ids) for i in range(n)]
     run = Run(gw, [], choices, ids)
     try:
@@ -107,6 +113,7 @@ def feed(choice: ChoiceText, result: InferenceResult) -> None:
     for token in tokens:
         choice.push(token)
     choice.end("length")
+    choice.prompt_scored = result.prompt_logprobs
 
 
 def weakest(verified: list[str]) -> str:
@@ -137,6 +144,10 @@ async def whole(run: Run, answer: Whole) -> Response:
 class Chunks(Protocol):
     """How one API shapes its stream (completions and chat differ)."""
 
+    scores_prompt: bool
+    """Whether the opening chunk carries the prompt's logprobs (an echo with logprobs):
+    it then waits for them."""
+
     def opening(self, run: Run, index: int) -> dict[str, Any] | None:
         """A chunk before any token (chat's `role`, completions' echoed prompt)."""
 
@@ -166,13 +177,25 @@ async def stream(
 ) -> AsyncIterator[str]:
     """The choices' text as SSE chunks, merged as they come; `[DONE]` at the end."""
     gw, hold = run.gw, run.gw.settings.stream_verified_only
-    inbox: asyncio.Queue[tuple[int, Token | Retraction | None]] = asyncio.Queue()
+    inbox: asyncio.Queue[tuple[int, Streamed | None]] = asyncio.Queue()
     pumps = [asyncio.create_task(_pump(gw, i, t.task_id, inbox)) for i, t in enumerate(run.tasks)]
     ended: set[int] = set()
+    opened: set[int] = set()
+
+    def opening(index: int) -> list[str]:
+        """The choice's opening chunk, unless it went out already."""
+        if index in opened:
+            return []
+        opened.add(index)
+        body = chunks.opening(run, index)
+        return [] if body is None else [sse(body)]
+
     try:
-        for i in range(len(run.tasks)):
-            if (opening := chunks.opening(run, i)) is not None:
-                yield sse(opening)
+        # an echo with logprobs opens once its prompt is scored (the scores come before
+        # the first token), or, when held for the check, with the checked result
+        for i in range(len(run.tasks)) if not chunks.scores_prompt else ():
+            for message in opening(i):
+                yield message
         while len(ended) < len(run.tasks):
             try:
                 index, item = await asyncio.wait_for(inbox.get(), keepalive_s)
@@ -183,21 +206,31 @@ async def stream(
             if item is None:
                 ended.add(index)
                 message, failed = await _ended(run, chunks, choice, task_id, hold)
+                for early in opening(index):  # (held: `_ended` read the prompt's scores)
+                    yield early
                 yield message
                 if failed:  # one error ends the stream; the other choices are cancelled
                     break
+            elif isinstance(item, PromptScored):
+                choice.prompt_scored = item.scores
+                for message in [] if hold else opening(index):
+                    yield message
             elif hold:  # nothing was sent, so a retraction has nothing to withdraw
                 if not isinstance(item, Retraction):
                     yield HELD
             elif isinstance(item, Retraction):
                 choice.reset()
                 yield sse(chunks.retraction(run, index, item.reason))
+                opened.discard(index)  # the echo is part of what it withdrew: again
+                for message in [] if chunks.scores_prompt else opening(index):
+                    yield message
             elif choice.finish is None:
-                if text := choice.push(item):  # logprobs wait for their text, if held
+                for message in opening(index):  # a one-token prompt has no scores
+                    yield message
+                if text := choice.push(item):
+                    # logprobs wait for their text, if held; at a stop string the engine
+                    # ends the task itself, so nothing here cancels it
                     yield sse(chunks.delta(run, choice, text))
-                if choice.stops.stopped:  # cut here: the rest is not wanted
-                    with anyio.CancelScope(shield=True), contextlib.suppress(ButterflyError):
-                        await gw.scheduler.cancel(task_id)
         if include_usage and len(ended) == len(run.tasks):
             yield sse(chunks.usage(run))
         yield sse("[DONE]")
@@ -226,8 +259,6 @@ async def _ended(
         else:
             text = choice.end("length")
         return sse(chunks.last(run, choice, text, snap.result.verified)), False
-    if status is TaskStatus.CANCELLED and choice.stops.stopped:  # we cut it at a stop
-        return sse(chunks.last(run, choice, choice.end("stop"), "none")), False
     if snap.state.terminal:
         kind = snap.state.error_type or "task_cancelled"
         reason = snap.state.reason or f"task {task_id} was cancelled"

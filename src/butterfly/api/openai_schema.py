@@ -94,7 +94,8 @@ class CompletionRequest(SamplingFields):
     """`POST /v1/completions`."""
 
     prompt: Annotated[str, Field(min_length=1)] | Annotated[list[int], Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16  # None = what the context leaves
+    # None = what the context leaves; 0 (with `echo` only) scores the prompt, no new token
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: bool = False  # the prompt's text before the completion
     best_of: Annotated[int, Field(ge=1)] | None = None  # ignored
@@ -169,7 +170,7 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     """The completions API's (legacy) logprobs: parallel lists, one entry per token;
-    prompt tokens under `echo` have `null` logprobs."""
+    under `echo` the prompt's tokens come first, the first with `null` logprobs."""
 
     tokens: list[str]
     token_logprobs: list[float | None]

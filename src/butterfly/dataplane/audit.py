@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -120,12 +120,15 @@ class Auditor:
         request_id: RequestId,
         plan: StagePlan,
         positions: Mapping[int, tuple[int, int]],
+        every_row: Collection[int] = (),
     ) -> dict[int, list[Claim]]:
         """This request's signed records of the plan's epoch, by stage index. Unsigned or
         forged ones are dropped: they prove nothing, and the stage then fails its audit.
 
         `positions[step]` is (start, length) of the step's input; the last stage answered
-        only the step's last position (generation needs no more).
+        only the step's last position (generation needs no more), but for the steps in
+        `every_row`, which asked it for every position (a prompt's logprobs): its record
+        of those covers them all, and is checked on them all.
         """
         last = len(plan.stages) - 1
         by_stage: dict[int, list[Claim]] = {}
@@ -149,7 +152,7 @@ class Auditor:
             start, length = positions[proof.step]
             claim = (
                 Claim(proof, start + length - 1, 1)
-                if proof.stage == last
+                if proof.stage == last and proof.step not in every_row
                 else Claim(proof, start, length)
             )
             by_stage.setdefault(int(proof.stage), []).append(claim)
@@ -304,15 +307,19 @@ async def audit_request(
     result: InferenceResult,
     positions: dict[int, tuple[int, int]],
     *,
+    every_row: Collection[int] = (),
     emit: Emit,
     on_liars: Callable[[tuple[NodeId, ...], str], Awaitable[None]],
 ) -> Verdict:
     """The gateway's audit of one finished request from the `records` its chain signed
-    (`positions`: the steps whose output was used); liars found go to `on_liars`."""
+    (`positions`: the steps whose output was used, `every_row`: those whose last stage
+    answered every position); liars found go to `on_liars`."""
     request_id = task.task_id
     if plan is None:
         return Verdict(False, reason="no plan to audit against")
-    claims = auditor.claims_of(records, request_id=request_id, plan=plan, positions=positions)
+    claims = auditor.claims_of(
+        records, request_id=request_id, plan=plan, positions=positions, every_row=every_row
+    )
     gap = auditor.gaps(claims, positions, len(plan.stages))
     if gap:
         emit(Verification(check="audit", outcome="unverified"))

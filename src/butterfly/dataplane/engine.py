@@ -21,6 +21,7 @@ from dataclasses import replace
 from typing import Literal
 
 import torch
+from tokenizers import Tokenizer
 
 from butterfly.dataplane.audit import Auditor, audit_request
 from butterfly.dataplane.caches import Asker as Asker
@@ -39,13 +40,15 @@ from butterfly.metrics.logcontext import REQUEST_ID
 from butterfly.metrics.tracing import Tracing
 from butterfly.net.framing import Envelope
 from butterfly.protocol.proof import Tolerance
-from butterfly.runtime.sampling import choose, make_generator, sample
+from butterfly.runtime.sampling import PromptScores, choose, make_generator, sample
+from butterfly.runtime.stops import TextStops
 from butterfly.schedule.drafts import Speculation, draft
-from butterfly.schedule.engine import ClusterHealth, Retraction, TokenSink
+from butterfly.schedule.engine import ClusterHealth, PromptScored, Retraction, TokenSink
 from butterfly.schedule.store import Checkpoint
 from butterfly.types.errors import (
     ButterflyError,
     ContextLengthExceeded,
+    InvalidInput,
     SendTimeout,
     ServiceUnavailable,
     StageLost,
@@ -98,6 +101,7 @@ class PipelineEngine:
         tracing: Tracing | None = None,
         speculation: Speculation = PLAIN,
         prefill_chunk: int = 0,
+        tokenizer: Tokenizer | None = None,
     ) -> None:
         """`verification` picks which of the parts built checks a request (audit,
         replicate or none); it defaults to the one part given. `retune` changes it, the
@@ -111,7 +115,9 @@ class PipelineEngine:
         left before the gateway running it died, to go on from there.
         `tracing`: opens a span for each request it samples (metrics.tracing).
         `speculation`, `prefill_chunk`: generation.speculative and .prefill_chunk
-        (`retune_generation`)."""
+        (`retune_generation`). `tokenizer`: the model's, to find a task's stop strings
+        in its text as it is generated (a task with stops and no tokenizer is refused)."""
+        self._tokenizer = tokenizer
         self.checkpoint_every, self._on_checkpoint = checkpoint_every, on_checkpoint
         self._resume = resume
         self._flight = InFlight()
@@ -363,6 +369,14 @@ class PipelineEngine:
                 f"{task.max_new_tokens} needs {len(task.input_ids) + task.max_new_tokens - 1} "
                 f"positions; the model's context is {self._max_context}"
             )
+        if task.stop and self._tokenizer is None:
+            raise InvalidInput("stop strings need the model's tokenizer; this gateway has none")
+        if task.sampling.prompt_logprobs is not None and replicator is not None:
+            raise InvalidInput(
+                "the prompt's logprobs (echo with logprobs) are not served under "
+                "byzantine.verification = replicate: its lanes are compared on the last "
+                "position only; ask without echo, or use audit or none"
+            )
         if replicator is not None or auditor is not None:
             self._flight.checked.add(request_id)  # its nodes sign records (verification is on)
         if replicator is not None:
@@ -380,6 +394,7 @@ class PipelineEngine:
             saved = self._resume(request_id) if self._resume is not None else None
             for _ in range(self._max_recoveries):
                 positions: dict[int, tuple[int, int]] = {}
+                every_row: set[int] = set()
                 self._flight.records[request_id] = []
                 result = await self._generate(
                     task,
@@ -389,6 +404,7 @@ class PipelineEngine:
                     timings,
                     positions,
                     saved,
+                    every_row=every_row,
                     speculation=self._speculation_for(
                         replicator is not None or auditor is not None
                     ),
@@ -397,8 +413,8 @@ class PipelineEngine:
                 saved = None
                 if replicator is not None:
                     return replace(result, verified=replicator.finish(request_id))
-                if auditor is None or self._audit_draw() >= fraction:
-                    return result
+                if auditor is None or not positions or self._audit_draw() >= fraction:
+                    return result  # (no position computed: an echo of max_tokens 0)
                 verdict = await audit_request(
                     auditor,
                     self._plan(),
@@ -406,6 +422,7 @@ class PipelineEngine:
                     task,
                     result,
                     positions,
+                    every_row=every_row,
                     emit=self._emit,
                     on_liars=self._on_liars,
                 )
@@ -439,6 +456,7 @@ class PipelineEngine:
         positions: dict[int, tuple[int, int]],
         saved: Checkpoint | None = None,
         *,
+        every_row: set[int] | None = None,
         speculation: Speculation = PLAIN,
         chunk: int = 0,
     ) -> InferenceResult:
@@ -461,26 +479,48 @@ class PipelineEngine:
         stages' caches back past the first rejected position. `chunk` (> 0): a longer
         input (a prompt, a replay) goes in steps of that many positions, so the decode
         steps of other requests, batched with each, wait one chunk instead of the whole.
+
+        `task.stop`: the text is detokenized as tokens come, and generation ends at the
+        token that completes a stop string, as at end of sequence. `prompt_logprobs`: a
+        step holding prompt positions not scored yet asks the last stage for every
+        position's logits (signed as any step's output: they are the bytes it sends),
+        scored here as sampled tokens are; `every_row` gets those steps, whose last-stage
+        records the audit then reads as covering every position.
         """
+        every_row = set() if every_row is None else every_row
         rng = make_generator(task.sampling)
         prompt = list(task.input_ids)
         out: list[int] = []
         scored: list[Sampled] = []  # with logprobs, when the request asked for them
         wants_logprobs = task.sampling.logprobs is not None
+        # the prompt's tokens scored, when asked (echo with logprobs)
+        k = task.sampling.prompt_logprobs
+        prompt_scores = PromptScores(prompt, k) if k is not None else None
+        stops = (
+            TextStops(self._tokenizer, task.stop)
+            if task.stop and self._tokenizer is not None
+            else None
+        )
+        stopped = False
         if saved is not None and len(saved.tokens) <= task.max_new_tokens:
             out = list(saved.tokens)
             rng.set_state(torch.frombuffer(bytearray(saved.rng_state), dtype=torch.uint8))
             for token in out:
                 on_token(token)
+                stopped = stopped or (stops is not None and stops.push(token))
             timings["resumed_from_checkpoint"] = float(len(out))
             log.info("request %s resumes from its checkpoint at token %d", request_id, len(out))
         x = torch.tensor([prompt + out], dtype=torch.int64)
         pos, step, recoveries, traversals = 0, 0, 0, 0
         # the start of the step first lost in a row, until a step answers again
         lost_at: float | None = None
-        ended = bool(out) and out[-1] in self._eos
+        ended = stopped or (bool(out) and out[-1] in self._eos)
         based_on = self._epoch()  # the plan whose caches `pos` counts on
-        while len(out) < task.max_new_tokens and not ended:
+        # max_new_tokens 0 (an echo that scores its prompt): the prefill, no token
+        while not ended and (
+            len(out) < task.max_new_tokens
+            or (prompt_scores is not None and prompt_scores.wanted(pos, x.shape[1]) > 0)
+        ):
             if self._epoch() != based_on:
                 pos, x = await self._replay_from(request_id, prompt + out, positions)
             epoch = based_on = self._epoch()
@@ -496,9 +536,17 @@ class PipelineEngine:
             head = x[:, :chunk] if 0 < chunk < x.shape[1] else x
             if drafted:
                 head = torch.cat([x, torch.tensor([drafted], dtype=torch.int64)], dim=1)
+            # rows of prompt positions this step would score, when asked and not yet done
+            to_score = prompt_scores.wanted(pos, head.shape[1]) if prompt_scores else 0
             try:
-                logits = await self._compute(request_id, step, pos, head, not drafted)
+                rows = bool(drafted) or to_score > 0
+                logits = await self._compute(request_id, step, pos, head, not rows)
                 positions[step] = (pos, head.shape[1])  # a step whose output was used
+                if to_score and prompt_scores is not None:
+                    every_row.add(step)
+                    prompt_scores.add(pos, logits[0, :to_score])
+                    if not prompt_scores.wanted(0, len(prompt)):  # all of them: say so
+                        on_token(PromptScored(prompt_scores.scores()))
                 if lost_at is not None:  # decoding resumed: the whole gap was recovery
                     timings["recovery_s"] = timings.get("recovery_s", 0.0) + (
                         time.perf_counter() - lost_at
@@ -542,6 +590,8 @@ class PipelineEngine:
                 self._emit(Traversed())
                 pos, x = pos + head.shape[1], x[:, head.shape[1] :]
                 continue
+            if not task.max_new_tokens:  # the prompt is scored; no token was asked for
+                break
             if drafted:
                 got = confirm(logits[0], drafted, task.sampling, rng, out)
                 self._emit(Traversed(len(drafted), len(got) - 1))
@@ -554,6 +604,11 @@ class PipelineEngine:
                 got = [sample(logits[0, -1], task.sampling, rng, out)]
                 self._emit(Traversed())
             got = kept_until_stop(got, self._eos)
+            if stops is not None:  # the tokens up to the one that completes a stop string
+                for i, token in enumerate(got):
+                    if stops.push(token):
+                        got, stopped = got[: i + 1], True
+                        break
             if not out:
                 timings["time_to_first_token_s"] = time.perf_counter() - started
             before = len(out)
@@ -565,7 +620,7 @@ class PipelineEngine:
             if self._on_checkpoint is not None and crossed:
                 state = bytes(rng.get_state().numpy().tobytes())
                 self._on_checkpoint(request_id, Checkpoint(tuple(out), state, epoch))
-            if got[-1] in self._eos:
+            if stopped or got[-1] in self._eos:
                 break
             # the positions whose cache is valid: the input's, less the rejected drafts'
             pos += x.shape[1] + len(got) - 1
@@ -580,7 +635,9 @@ class PipelineEngine:
                 len(out) - 1
             )
         plan = self._plan()
-        return replace(self._result(task, plan, tuple(out), (), timings), logprobs=tuple(scored))
+        result = self._result(task, plan, tuple(out), (), timings)
+        prompt_scored = prompt_scores.scores() if prompt_scores is not None else ()
+        return replace(result, logprobs=tuple(scored), prompt_logprobs=prompt_scored)
 
     def _result(
         self,

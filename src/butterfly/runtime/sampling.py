@@ -60,6 +60,52 @@ def choose(
     return Sampled(token, float(logprobs[token]), alternatives)
 
 
+class PromptScores:
+    """A prompt's tokens 1..T-1 scored as the steps holding them come back: which rows a
+    step must answer (the positions it holds that are not scored yet) and what they say.
+    A replay after a lost step scores again what it recomputes; nothing is scored twice
+    once the prompt is done."""
+
+    def __init__(self, prompt: Sequence[int], k: int) -> None:
+        self.prompt, self.k = prompt, k
+        self._scores: dict[int, Sampled] = {}  # prompt position p >= 1 -> its token's
+
+    def wanted(self, start: int, length: int) -> int:
+        """How many rows from `start` of a step of `length` positions score prompt tokens
+        (position p's logits score token p + 1); 0 once every one is scored."""
+        if len(self._scores) >= len(self.prompt) - 1:
+            return 0
+        return max(0, min(start + length, len(self.prompt) - 1) - start)
+
+    def add(self, start: int, logits: torch.Tensor) -> None:
+        """`logits` [rows, V]: the step's first `wanted` rows, positions from `start`."""
+        targets = self.prompt[start + 1 : start + 1 + logits.shape[0]]
+        for p, s in enumerate(scored(logits, targets, self.k), start=start + 1):
+            self._scores[p] = s
+
+    def scores(self) -> tuple[Sampled, ...]:
+        return tuple(self._scores[p] for p in range(1, len(self.prompt)) if p in self._scores)
+
+
+def scored(logits: torch.Tensor, targets: Sequence[int], k: int) -> list[Sampled]:
+    """Each row's `targets` token with its logprob and the `k` likeliest there: `logits`
+    [T, V] of positions 0..T-1 score the tokens that followed them (a prompt's logprobs,
+    as `choose` scores a sampled token: the log-softmax, before any penalty)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(list(targets), dtype=torch.int64)[:, None])[:, 0]
+    k = min(k, logits.shape[-1])
+    top = torch.topk(logprobs, k) if k else None
+    out = []
+    for row, (token, value) in enumerate(zip(targets, chosen.tolist(), strict=True)):
+        alternatives = (
+            tuple(zip(top.indices[row].tolist(), top.values[row].tolist(), strict=True))
+            if top is not None
+            else ()
+        )
+        out.append(Sampled(token, float(value), alternatives))
+    return out
+
+
 def distribution(
     logits: torch.Tensor, params: SamplingParams, history: Sequence[int] = ()
 ) -> torch.Tensor:

@@ -26,12 +26,25 @@ class Retraction:
     reason: str
 
 
+@dataclass(frozen=True)
+class PromptScored:
+    """Sent to a `TokenSink` once the prompt is scored (a request that asked for its
+    prompt's logprobs), before the first token: a stream that echoes the prompt sends
+    them with it. The result holds them too (`InferenceResult.prompt_logprobs`)."""
+
+    scores: tuple[Sampled, ...]
+
+
 Token = int | Sampled
 """A produced token: its id, or with its logprobs when the request asked for them."""
 
-TokenSink = Callable[[Token | Retraction], None]
-"""Called with each new token as it is produced (for streaming), and with a
-`Retraction` when those produced so far are withdrawn; must not block."""
+Streamed = Token | Retraction | PromptScored
+"""What a task's stream carries (`Scheduler.stream`), as its engine gave them."""
+
+TokenSink = Callable[[Streamed], None]
+"""Called with each new token as it is produced (for streaming), with the prompt's
+scores when asked (`PromptScored`), and with a `Retraction` when those produced so far
+are withdrawn; must not block."""
 
 
 @dataclass(frozen=True)
@@ -73,4 +86,14 @@ class Engine(Protocol):
     def health(self) -> ClusterHealth: ...
 
 
-__all__ = ["ClusterHealth", "Engine", "NodeHealth", "RequestId", "Retraction", "Token", "TokenSink"]
+__all__ = [
+    "ClusterHealth",
+    "Engine",
+    "NodeHealth",
+    "PromptScored",
+    "RequestId",
+    "Retraction",
+    "Streamed",
+    "Token",
+    "TokenSink",
+]

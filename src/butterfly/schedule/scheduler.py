@@ -41,7 +41,7 @@ from butterfly.metrics.events import (
 )
 from butterfly.metrics.events import discard as discard_events
 from butterfly.metrics.logcontext import REQUEST_ID
-from butterfly.schedule.engine import Engine, Retraction, Token
+from butterfly.schedule.engine import Engine, PromptScored, Retraction, Streamed
 from butterfly.schedule.queue import QueuePolicy, TaskQueue
 from butterfly.schedule.state import (
     DISPATCH,
@@ -109,7 +109,8 @@ class _Live:
     tokens: list[int] = field(default_factory=list)
     last_token_at: float = 0.0
     dispatched: float = 0.0
-    subscribers: list[asyncio.Queue[Token | Retraction | None]] = field(default_factory=list)
+    subscribers: list[asyncio.Queue[Streamed | None]] = field(default_factory=list)
+    prompt_scored: PromptScored | None = None  # the prompt's scores, once they came
     scored: list[Sampled] = field(default_factory=list)  # `tokens` with logprobs, if asked
     produced: bool = False  # a token came (a retraction empties `tokens`, not this)
     runner: asyncio.Task[None] | None = None
@@ -302,30 +303,35 @@ class Scheduler:
                     await live.settled.wait()
         return self._snapshot(live) if live is not None else await self.snapshot(task_id)
 
-    async def stream(self, task_id: str) -> AsyncIterator[Token | Retraction]:
+    async def stream(self, task_id: str) -> AsyncIterator[Streamed]:
         """The task's tokens as they are produced, from the first; ends when it finishes
         (read its final state with `snapshot` then). A `Retraction` withdraws every token
         yielded before it (a check found them wrong; the tokens after it replace them);
-        a stream opened after one starts from the tokens that replace them."""
+        a stream opened after one starts from the tokens that replace them. The prompt's
+        scores (`PromptScored`), when the task asked for them, come before its tokens."""
         live = self._live.get(task_id)
         if live is None:
             snap = await self.snapshot(task_id)
             result = snap.result
             if result is None:
                 return
+            if result.prompt_logprobs:
+                yield PromptScored(result.prompt_logprobs)
             scored = len(result.logprobs) == len(result.output_ids)
             for token in result.logprobs if scored else result.output_ids:
                 yield token
             return
-        inbox: asyncio.Queue[Token | Retraction | None] = asyncio.Queue()
+        inbox: asyncio.Queue[Streamed | None] = asyncio.Queue()
         scored = len(live.scored) == len(live.tokens)
-        backlog: list[Token] = [*live.scored] if scored else [*live.tokens]
+        backlog: list[Streamed] = [*live.scored] if scored else [*live.tokens]
+        if live.prompt_scored is not None:
+            backlog.insert(0, live.prompt_scored)
         live.subscribers.append(inbox)
         if live.settled.is_set():  # the scheduler stopped under it: no more tokens will come
             inbox.put_nowait(None)
         try:
-            for token in backlog:
-                yield token
+            for item in backlog:
+                yield item
             while (fresh := await inbox.get()) is not None:
                 yield fresh
         finally:
@@ -501,7 +507,12 @@ class Scheduler:
         for inbox in live.subscribers:
             inbox.put_nowait(None)
 
-    def _on_token(self, live: _Live, token: Token | Retraction) -> None:
+    def _on_token(self, live: _Live, token: Streamed) -> None:
+        if isinstance(token, PromptScored):
+            live.prompt_scored = token
+            for inbox in live.subscribers:
+                inbox.put_nowait(token)
+            return
         if isinstance(token, Retraction):
             log.warning("task %s: tokens so far withdrawn (%s)", live.task.task_id, token.reason)
             live.tokens.clear()

@@ -96,9 +96,10 @@ def task_to_json(task: InferenceTask) -> str:
             "input_ids": list(task.input_ids),
             "input_vector": list(task.input_vector),
             "max_new_tokens": task.max_new_tokens,
+            "stop": list(task.stop),
             "sampling": [
                 *(s.temperature, s.top_k, s.top_p, s.seed),
-                *(s.presence_penalty, s.frequency_penalty, s.logprobs),
+                *(s.presence_penalty, s.frequency_penalty, s.logprobs, s.prompt_logprobs),
             ],
             "priority": task.priority,
             "created_at": task.created_at,
@@ -108,15 +109,22 @@ def task_to_json(task: InferenceTask) -> str:
 
 def task_from_json(task_id: str, text: str) -> InferenceTask:
     d = json.loads(text)
-    # the penalties and logprobs came later: a file written before them has four fields
-    temperature, top_k, top_p, seed, *rest = d["sampling"]
-    presence, frequency, logprobs = rest or (0.0, 0.0, None)
+    # the penalties and logprobs came later, prompt logprobs and stops after them: a file
+    # written before has four sampling fields, or seven, and no stops
+    fields: list[Any] = d["sampling"]
+    temperature, top_k, top_p, seed, *rest = fields
+    later: tuple[Any, ...] = (0.0, 0.0, None, None)  # the defaults of the later fields
+    presence, frequency, logprobs, prompt_logprobs = (*rest, *later[len(rest) :])
+    sampling = SamplingParams(
+        temperature, top_k, top_p, seed, presence, frequency, logprobs, prompt_logprobs
+    )
     return InferenceTask(
         task_id=RequestId(task_id),
         input_ids=tuple(d["input_ids"]),
         input_vector=tuple(d["input_vector"]),
         max_new_tokens=d["max_new_tokens"],
-        sampling=SamplingParams(temperature, top_k, top_p, seed, presence, frequency, logprobs),
+        stop=tuple(d.get("stop", ())),
+        sampling=sampling,
         priority=d["priority"],
         created_at=d["created_at"],
     )
@@ -132,7 +140,8 @@ def result_to_json(result: InferenceResult) -> str:
             "stages": [[s.node, s.layers.start, s.layers.end] for s in result.stages],
             "timings": result.timings,
             "proofs": [base64.b64encode(p).decode() for p in result.proofs],
-            "logprobs": [[s.token, s.logprob, [list(t) for t in s.top]] for s in result.logprobs],
+            "logprobs": [_scored(s) for s in result.logprobs],
+            "prompt_logprobs": [_scored(s) for s in result.prompt_logprobs],
         }
     )
 
@@ -148,10 +157,18 @@ def result_from_json(task_id: str, text: str) -> InferenceResult:
         stages=tuple(StageRecord(NodeId(n), LayerRange(a, b)) for n, a, b in d["stages"]),
         timings=dict(d["timings"]),
         proofs=tuple(base64.b64decode(p) for p in d.get("proofs", ())),
-        logprobs=tuple(
-            Sampled(t, lp, tuple((a, b) for a, b in top)) for t, lp, top in d.get("logprobs", ())
-        ),
+        logprobs=tuple(_sampled(e) for e in d.get("logprobs", ())),
+        prompt_logprobs=tuple(_sampled(e) for e in d.get("prompt_logprobs", ())),
     )
+
+
+def _scored(s: Sampled) -> list[Any]:
+    return [s.token, s.logprob, [list(t) for t in s.top]]
+
+
+def _sampled(entry: list[Any]) -> Sampled:
+    token, logprob, top = entry
+    return Sampled(token, logprob, tuple((a, b) for a, b in top))
 
 
 class TaskStore:

@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from tokenizers import Tokenizer
+
 from butterfly.dataplane.engine import PipelineEngine
 from butterfly.dataplane.stage_server import CACHE_TTL_S, MAX_CACHES, StageServer
 from butterfly.net.framing import Envelope
@@ -49,13 +51,15 @@ class LocalPipeline:
         ranges: Sequence[LayerRange],
         *,
         stop_ids: frozenset[int] = frozenset(),
+        tokenizer: Tokenizer | None = None,
         max_caches: int = MAX_CACHES,
         cache_ttl_s: float = CACHE_TTL_S,
         clock: Callable[[], float] = time.monotonic,
         recovery_wait_s: float = 10.0,
     ) -> None:
         """`max_caches`, `cache_ttl_s`, `clock`: every stage server's KV-cache bounds;
-        `recovery_wait_s`: how long the engine waits for a new plan after a lost step."""
+        `recovery_wait_s`: how long the engine waits for a new plan after a lost step;
+        `tokenizer`: the model's, for tasks with stop strings."""
         if not ranges:
             raise ValueError("a pipeline needs at least one stage")
         self._torch = TorchThread(name="butterfly-torch")
@@ -75,7 +79,7 @@ class LocalPipeline:
         family, args = model_args(model_dir)  # as the node reads them
         self.engine = PipelineEngine(
             node=GATEWAY,
-            deliver=self._deliver,
+            deliver=self.deliver,
             plan=lambda: self.plan,
             health=self._health,
             max_context=int(getattr(args, "max_context", 0)) or 1,
@@ -84,6 +88,7 @@ class LocalPipeline:
             step_timeout_s=STEP_TIMEOUT_S,
             max_tensor_bytes=MAX_TENSOR_BYTES,
             recovery_wait_s=recovery_wait_s,
+            tokenizer=tokenizer,
         )
         self._batches: asyncio.Task[None] | None = None
         self._loaded = asyncio.Event()
@@ -152,8 +157,9 @@ class LocalPipeline:
             healthy=up, epoch=self.plan.epoch, nodes=nodes, services={"runtime": up}
         )
 
-    async def _deliver(self, peer: NodeId, msg: Message, payload: bytes) -> None:
-        """What a node's dispatcher does with the frame, on the node it is for."""
+    async def deliver(self, peer: NodeId, msg: Message, payload: bytes) -> None:
+        """What a node's dispatcher does with the frame, on the node it is for (the
+        engine's `deliver`: a test that watches the frames overrides it and calls this)."""
         server = self.servers.get(peer)
         if server is None:
             raise ConnectionFailed(f"node {peer} is not in this pipeline")
@@ -167,7 +173,7 @@ class LocalPipeline:
                     )
                     await self.engine.on_result(peer, reply)
                 else:
-                    await self._deliver(out.peer, out.msg, out.payload)
+                    await self.deliver(out.peer, out.msg, out.payload)
             case Release():
                 for request_id in msg.request_ids:
                     server.release(request_id)

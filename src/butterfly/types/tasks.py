@@ -21,6 +21,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None = none; k = the chosen token's and the k likeliest
+    # None = none; k = each prompt token's (from the second) and the k likeliest there: the
+    # prefill's last stage then answers every position's logits, not the last one's only
+    prompt_logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -50,6 +53,9 @@ class InferenceTask:
     input_ids: tuple[int, ...] = ()
     input_vector: tuple[float, ...] = ()
     max_new_tokens: int = 16
+    # generation ends at the token whose text completes one of these (as at end of
+    # sequence): the engine detokenizes as it goes, so no work is spent past a stop
+    stop: tuple[str, ...] = ()
     sampling: SamplingParams = SamplingParams()
     priority: int = 0
     created_at: float = 0.0
@@ -78,3 +84,6 @@ class InferenceResult:
     # per output token when the request asked for logprobs (tokens a gateway resumed
     # from a dead one's checkpoint have none, so it may be shorter than output_ids)
     logprobs: tuple[Sampled, ...] = ()
+    # positions 1..T-1 of the prompt when the request asked (`prompt_logprobs`): each
+    # prompt token's logprob given the tokens before it (position 0 has none)
+    prompt_logprobs: tuple[Sampled, ...] = ()

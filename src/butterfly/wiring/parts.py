@@ -225,6 +225,7 @@ def engine(
         max_context=max_context(model_dir),
         input_kind=family.input_kind,
         eos_ids=codec.eos_ids if codec else declared_eos_ids(model_dir),
+        tokenizer=codec.tokenizer if codec else None,
         step_timeout_s=step_timeout_s(config),
         max_tensor_bytes=cfg.network.max_message_bytes,
         auditor=auditor,
