@@ -319,7 +319,7 @@ def build_node(
         }
         gateway = Gateway(
             node=me,
-            members=tuple(sorted(members)),
+            members=members.keys(),
             config=config,
             transport=transport,
             report=report,
