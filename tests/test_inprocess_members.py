@@ -1,11 +1,11 @@
 """Members added and removed while the cluster runs, through the agreement, in whole nodes
 in one process (`config.roster`, `protocol.pbft_members`, `control.live_config`).
 
-n = 4, f = 1. A fifth node is added by an agreed config change (its key in the patch),
-started with the new roster, catches up from the state its peers hold at the change, and
-then counts: with node 3 cut off, 4 of 5 votes are a quorum only with the new node's. A
-member is then removed: it leaves the plan, its frames are refused, and generation
-still gives the reference tokens.
+n = 4, f = 1. With node 3 cut off, a fifth node is added by an agreed config change (its
+key in the patch), started with the new roster, catches up from the state its peers hold
+at the change, and then counts: 4 of 5 votes are a quorum only with the new node's. Node
+3 comes back and catches up across the change. A member is then removed: it leaves the
+plan, its frames are refused, and generation still gives the reference tokens.
 """
 
 from __future__ import annotations
@@ -91,18 +91,22 @@ async def test_a_member_is_added_and_one_removed_while_the_cluster_serves(
         gw = c.gateway
         await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
 
+        c.kill(3)  # down across the change: it catches up on it afterwards
+        await c.until(lambda: 3 not in holders(gw.stage_server.plan), "node 3 out of the plan")
+
         # add node 4: its key is in the agreed change, so every node trusts it from then on
         key = load_or_create_key(tmp_path / "node-4" / "node.key")
         address = "127.0.0.1:9904"
         await agreed(c, add_member(gw.config.current, address, key.public.hex()), "add node 4")
+        up = c.nodes[:3]
         await c.until(
-            lambda: all(n.agreement.driver.state.config.n == 5 for n in c.nodes),
-            "every node in the new replica set",
+            lambda: all(n.agreement.driver.state.config.n == 5 for n in up),
+            "every node up in the new replica set",
         )
-        for node in c.nodes:
+        for node in up:
             assert node.agreement.driver.state.config.epoch == 5  # 5 slots, no tombstone
             assert node.config.current.cluster.members[4] == address
-        joined = c.join(newcomer(c.nodes[3].config.current, tmp_path / "node-4", address))
+        joined = c.join(newcomer(gw.config.current, tmp_path / "node-4", address))
         driver = joined.agreement.driver
         await c.until(
             lambda: driver.last_executed >= gw.agreement.driver.state.config.start,
@@ -111,17 +115,20 @@ async def test_a_member_is_added_and_one_removed_while_the_cluster_serves(
         await c.until(lambda: joined.plans.latest == gw.plans.latest, "node 4 holds the plan")
         assert joined.config.record.cluster_hash == gw.config.record.cluster_hash
 
-        # node 3 cut off: 4 of 5 is PBFT's and PREPARE's quorum, reached only with node 4
-        c.kill(3)
+        # node 3 still down: 4 of 5 is PBFT's and PREPARE's quorum, reached only with node 4
         await agreed(c, {"byzantine.audit_fraction": 0.5}, "a change node 4 votes for")
         assert joined.config.current.byzantine.audit_fraction == 0.5
-        await c.until(lambda: 3 not in holders(gw.stage_server.plan), "node 3 out of the plan")
         assert await generated(c, "with-node-4", tiny_model) == expected
+
+        # node 3 back: relayed the change by its peers' old replicas, it makes it too
         c.revive(3)
+        late = c.nodes[3]
         await c.until(
-            lambda: c.nodes[3].agreement.driver.last_executed == gw.agreement.driver.last_executed,
-            "node 3 caught up",
+            lambda: late.agreement.driver.last_executed == gw.agreement.driver.last_executed,
+            "node 3 caught up across the change",
         )
+        assert late.agreement.driver.state.config.members == (0, 1, 2, 3, 4)
+        assert late.config.current.byzantine.audit_fraction == 0.5
 
         # remove a plan member that is not gateway-capable: out of the plan and the
         # quorums, its frames refused
