@@ -24,7 +24,7 @@ from butterfly.runtime.generate import generate
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.testing.inprocess import InProcessCluster
-from butterfly.types.errors import ButterflyError
+from butterfly.types.errors import ButterflyError, ConfigError
 from butterfly.types.ids import NodeId, RequestId
 from butterfly.types.plan import StagePlan
 from butterfly.types.tasks import InferenceTask
@@ -144,3 +144,15 @@ async def test_a_member_is_added_and_one_removed_while_the_cluster_serves(
         await c.until(lambda: refused(c) > before, "its frame refused")  # ... nor listens
         assert NodeId(victim) not in gw.recovery.facts
         assert await generated(c, "after-removal", tiny_model) == expected
+
+        # a restart resumes the agreed roster from the node's history (its file lists
+        # four members): it rejoins in the current epoch; the removed node cannot restart
+        again = await c.restart(3)
+        assert again.config.current.cluster.members[victim] == ""
+        await c.until(
+            lambda: again.agreement.driver.last_executed == gw.agreement.driver.last_executed,
+            "node 3 caught up after its restart",
+        )
+        assert again.agreement.driver.state.config.members == config.members
+        with pytest.raises(ConfigError, match="was removed from the cluster"):
+            await c.restart(victim)
