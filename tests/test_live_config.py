@@ -494,6 +494,12 @@ BEHAVIOUR: dict[str, str] = {
     "coordination.min_std_ms": "test_the_failure_detector_judges_with_the_new_setting",
     "coordination.acceptable_pause_ms": "test_the_failure_detector_judges_with_the_new_setting",
     "partition.strategy": "test_partition_strategy_re_plans_at_once",
+    "cluster.members": (
+        "test_inprocess_members.py::test_a_member_is_added_and_one_removed_while_the_cluster_serves"
+    ),
+    "cluster.public_keys": (
+        "test_inprocess_members.py::test_a_member_is_added_and_one_removed_while_the_cluster_serves"
+    ),
     "observability.log_level": "test_observability_log_level_follows_without_a_restart",
     "observability.tracing": (
         "test_tracing.py::test_tracing_off_or_undrawn_puts_nothing_on_the_wire_then_follows_the_config"

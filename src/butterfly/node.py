@@ -24,10 +24,16 @@ from butterfly.agreement.driver import AgreementDriver
 from butterfly.config import ButterflyConfig, ConfigManager
 from butterfly.config.gateways import gateway_nodes
 from butterfly.config.reload import Subscriber
+from butterfly.config.roster import Roster
 from butterfly.control.agreed_state import AgreedState
 from butterfly.control.gateway_role import GatewayRole
 from butterfly.control.heartbeats import BeatSource
-from butterfly.control.live_config import agreement_wait_s, follow_agreement_config, follow_config
+from butterfly.control.live_config import (
+    agreement_wait_s,
+    follow_agreement_config,
+    follow_config,
+    follow_roster,
+)
 from butterfly.control.membership import Link, Membership
 from butterfly.control.plans import AgreedPlans, PlanIntake
 from butterfly.control.recovery import Recovery
@@ -157,13 +163,14 @@ def build_node(
     config = open_config(cfg)  # every part below sees the values last agreed on
     cfg = config.current
     me = NodeId(cfg.node.id)
-    members = {NodeId(i): a for i, a in enumerate(cfg.cluster.members)} or {me: cfg.node.listen}
     digest = parts.checked_model_hash(config, model_dir)
     metrics = Metrics()
     emit = metrics.emit
     key = load_or_create_key(key_path(cfg, Path(cfg.node.data_dir)))
-    keys = {NodeId(i): k for i, k in enumerate(public_keys(cfg, key))}
-    server = parts.stage_server(cfg, model_dir, key, torch_thread, stage_server_type)
+    # the members as last agreed: every part reads these two dicts, updated in place
+    roster = Roster(cfg, public_keys(cfg, key))
+    members, keys = roster.addresses, roster.keys
+    server = parts.stage_server(cfg, model_dir, key, torch_thread, stage_server_type, keys)
     metrics.watch_kv(me, server.kv_usage)
     o = cfg.observability
     tracing = Tracing(
@@ -171,6 +178,7 @@ def build_node(
     )
     identity = Identity(me, cfg.cluster.id, digest, key=key, keys=keys)
     transport = edges.transport(identity, emit, server.current_epoch)
+    transport.set_peers(members)
     probe = edges.probe(me, sorted(members), transport, torch_thread)
     report = NodeReport(node=me, server=server, probe=probe)
     membership = parts.membership(cfg, members, report.local_state, edges.clock)
@@ -199,6 +207,7 @@ def build_node(
         takeover=role.refusal,
         veto=role.veto,
         driver_type=agreement_type,
+        roster=roster,
     )
     executed = AgreedState(plans=plans, role=role, config=agreement.replica)
     agreement.driver.keep_state(executed.snapshot, executed.restore)  # pbft_snapshot
@@ -264,6 +273,14 @@ def build_node(
     follow_agreement_config(
         config, driver=agreement.driver, coordinator=agreement.coordinator, recovery=recovery
     )
+    follow_roster(
+        config,
+        roster=roster,
+        transport=transport,
+        membership=membership,
+        recovery=recovery,
+        acting=lambda: role.acting,
+    )
     stage = StageRoutes(
         node=me,
         server=server,
@@ -302,7 +319,7 @@ def build_node(
         }
         gateway = Gateway(
             node=me,
-            members=tuple(sorted(members)),
+            members=members.keys(),
             config=config,
             transport=transport,
             report=report,
@@ -318,7 +335,9 @@ def build_node(
             status=membership.status,
         )
     beats = BeatSource(me, cfg.cluster.id, key, keys)
-    heartbeats = partial(edges.heartbeats, beats, report.local_state, membership.on_heartbeat)
+    heartbeats = partial(
+        edges.heartbeats, beats, report.local_state, membership.on_heartbeat, members
+    )
     return Node(
         *(me, digest, config, router, routes, server, membership, heartbeats, report),
         *(agreement, plans, evidence, recovery, engine, gateway, role, metrics, tracing),

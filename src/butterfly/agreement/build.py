@@ -19,13 +19,14 @@ from butterfly.agreement.config_replica import ConfigReplica
 from butterfly.agreement.driver import AgreementDriver, OnCommit, OnEvidence
 from butterfly.config import ButterflyConfig, ConfigHistory, ConfigManager
 from butterfly.config.proposal import resume_committed
-from butterfly.config.validate import cluster_size
+from butterfly.config.roster import Roster, live_ids
 from butterfly.metrics.events import Emit, MessageDropped
 from butterfly.net.transport import Transport
 from butterfly.protocol.keys import key_path, load_or_create_key, pbft_config, public_keys
 from butterfly.protocol.pbft_state import Authorize
 from butterfly.types.errors import ConfigError
 from butterfly.types.ids import GATEWAY, NodeId
+from butterfly.types.wire.agreement import Request
 from butterfly.types.wire.commands import (
     ConfigAbort,
     ConfigUpdate,
@@ -93,6 +94,7 @@ def build_agreement(
     takeover: TakeoverRule | None = None,
     veto: Authorize | None = None,
     driver_type: type[AgreementDriver] = AgreementDriver,
+    roster: Roster | None = None,
 ) -> NodeAgreement:
     """The PBFT driver (signing with the node key, created on first start) and the config
     replica and coordinator over it. Agreed config changes go to the replica; plans,
@@ -101,10 +103,11 @@ def build_agreement(
     alone); `veto`: this node's own reasons not to take a request up (a takeover its
     failure detector does not support).
     `driver_type` lets `butterfly.testing` compose a node whose votes lie
-    (`butterfly.testing.liar_votes`)."""
+    (`butterfly.testing.liar_votes`). `roster`: the members as last agreed; the replica
+    set, the config votes and PREPARE's recipients follow its changes (none: fixed)."""
     cfg = manager.current
     key = load_or_create_key(key_path(cfg, Path(cfg.node.data_dir)))
-    keys = public_keys(cfg, key)
+    keys = public_keys(cfg, key) if roster is None else roster.slots
     node = NodeId(cfg.node.id)
     f = cfg.byzantine.f
     replica = ConfigReplica(
@@ -113,13 +116,17 @@ def build_agreement(
     driver = driver_type(
         # each command kind only from its authorized proposer (agreement.authority)
         config=dataclasses.replace(
-            pbft_config(cfg, keys), authorize=admission(gateway, takeover), veto=veto
+            pbft_config(cfg, keys),
+            authorize=admission(gateway, takeover),
+            veto=veto,
+            barrier=None if roster is None else may_change_members,
         ),
         key=key,
         transport=transport,
         on_commit=commit_router(replica, on_command, emit),
         on_evidence=on_evidence,
         emit=emit,
+        replica_keys=None if roster is None else lambda: roster.slots,
     )
 
     async def propose(command: bytes, timeout: float) -> int:
@@ -129,12 +136,24 @@ def build_agreement(
         replica=replica,
         transport=transport,
         propose=propose,
-        members=tuple(NodeId(i) for i in range(cluster_size(cfg))),
+        members=live_ids(cfg),
         f=f,
         live=live,
         timeout_s=cfg.coordination.config_update_timeout_ms / 1000,
     )
+    if roster is not None:  # before the driver resumes: it reads roster.slots then
+        roster.listen(lambda r: replica.follow(r.slots))
+        roster.listen(lambda r: coordinator.follow(r.ids))
     return NodeAgreement(driver, replica, coordinator, propose)
+
+
+def may_change_members(request: Request) -> bool:
+    """Every config update may (`cluster.members` is dynamic): PBFT holds after one until
+    the node applied it (`protocol.pbft_members`), a pure function of the request."""
+    try:
+        return isinstance(decode_command(request.operation), ConfigUpdate)
+    except InvalidCommand:
+        return False
 
 
 __all__ = ["NodeAgreement", "build_agreement", "commit_router", "open_config"]

@@ -90,6 +90,13 @@ class ConfigCoordinator:
         self._peers = tuple(n for n in members if n != self.me)
         self.status = ClusterConfigStatus(replica=replica, transport=transport, members=members)
 
+    def follow(self, members: tuple[NodeId, ...]) -> None:
+        """An agreed membership change: the next PREPARE goes to the members now, and its
+        quorum counts them."""
+        self._members = members
+        self._peers = tuple(n for n in members if n != self.me)
+        self.status.members = members
+
     def retune(self, timeout_s: float) -> None:
         """A changed coordination.config_update_timeout_ms: the next update's deadline."""
         self._timeout = timeout_s
@@ -158,6 +165,7 @@ class ConfigCoordinator:
         deadline = started + self._timeout
         body = canonical_json(proposal.to_wire())
         digest = proposal.digest
+        voters = self._peers  # a member this change adds is not running it yet
         votes = await self._prepare(digest, body, deadline)
         prepared = time.monotonic()
         nonce = secrets.randbits(62)
@@ -184,7 +192,7 @@ class ConfigCoordinator:
                 )
             raise UpdateRefused(f"the cluster did not apply the change: {result.reason}")
         committed = time.monotonic()
-        nodes = await self._finalize(result, deadline + FINALIZE_S)
+        nodes = await self._finalize(result, deadline + FINALIZE_S, voters)
         log.info(
             "config seq %d in %.1f ms (prepare %.1f, commit %.1f, finalize %.1f): %s",
             result.seq,
@@ -279,10 +287,13 @@ class ConfigCoordinator:
                 "the cluster recovers; see GET /api/v1/config"
             ) from None
 
-    async def _finalize(self, result: Applied, deadline: float) -> dict[int, str]:
-        """FINALIZE: which nodes report the new cluster hash (polled until `deadline`)."""
+    async def _finalize(
+        self, result: Applied, deadline: float, peers: tuple[NodeId, ...]
+    ) -> dict[int, str]:
+        """FINALIZE: which of `peers` (the members when it was proposed) report the new
+        cluster hash (polled until `deadline`)."""
         nodes = {int(self.me): "applied"}
-        todo = set(self._peers)
+        todo = set(peers)
         while todo:
             statuses = await asyncio.gather(*(self.status.node(p) for p in sorted(todo)))
             for s in statuses:

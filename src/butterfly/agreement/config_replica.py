@@ -119,7 +119,7 @@ class ConfigReplica:
         self.node, self.manager, self._key, self._keys, self._f = node, manager, key, keys, f
         self._gateway = gateway
         self._transport = transport
-        self._peers = tuple(NodeId(i) for i in range(len(keys)) if i != node)
+        self._peers = tuple(NodeId(i) for i, k in enumerate(keys) if k and i != node)
         self._aborted: set[int] = set()  # nonces of attempts rolled back before they ran
         self._expected: dict[int, asyncio.Future[Outcome]] = {}
         self.error = ""  # why the last agreed change failed here (subscriber veto), or ""
@@ -128,6 +128,12 @@ class ConfigReplica:
     @property
     def keys(self) -> tuple[bytes, ...]:
         return self._keys
+
+    def follow(self, slots: tuple[bytes, ...]) -> None:
+        """An agreed membership change (`config.roster.Roster`): the next certificate is
+        checked against the new members' keys, and sync asks them."""
+        self._keys = slots
+        self._peers = tuple(NodeId(i) for i, k in enumerate(slots) if k and i != self.node)
 
     @property
     def last_seq(self) -> int:

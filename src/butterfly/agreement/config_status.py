@@ -53,7 +53,7 @@ class ClusterConfigStatus:
     def __init__(
         self, *, replica: ConfigReplica, transport: Transport, members: tuple[NodeId, ...]
     ) -> None:
-        self.replica, self._transport, self._members = replica, transport, members
+        self.replica, self._transport, self.members = replica, transport, members
         self.me = replica.node
         self.statuses: list[NodeConfig] = []  # the latest poll
 
@@ -79,7 +79,7 @@ class ClusterConfigStatus:
         )
 
     async def poll(self) -> list[NodeConfig]:
-        self.statuses = list(await asyncio.gather(*(self.node(n) for n in self._members)))
+        self.statuses = list(await asyncio.gather(*(self.node(n) for n in self.members)))
         return self.statuses
 
     def reference_hash(self, statuses: list[NodeConfig]) -> str:

@@ -53,9 +53,11 @@ def certificate_problem(update: ConfigUpdate, digest: str, keys: tuple[bytes, ..
     valid = [
         (node, seq)
         for node, seq, sig in zip(nodes, seqs, sigs, strict=True)
-        if 0 <= node < len(keys) and verify_bytes(keys[node], sig, vote_bytes(digest, seq))
+        if 0 <= node < len(keys)
+        and keys[node]  # b"": a removed member (config.roster) votes no more
+        and verify_bytes(keys[node], sig, vote_bytes(digest, seq))
     ]
-    need = quorum(len(keys), f)
+    need = quorum(sum(1 for k in keys if k), f)
     if len(valid) < need or len(valid) != len(nodes):
         return f"{len(valid)} valid PREPARE OK signatures of {len(nodes)}, {need} needed"
     expected = max(seq for _, seq in valid) + 1

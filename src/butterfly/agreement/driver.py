@@ -34,6 +34,13 @@ at the backups, which move to the next view. Its peers relay those pre-prepares 
 it with their commit certificates (`pbft.OWN_RELAYED`), so it executes the slots it
 ordered and never assigns their sequence numbers again.
 
+The replica set changes at an agreed command (`protocol.pbft_members`): the replica holds
+after any config update (`PbftConfig.barrier`), and once `on_commit` applied it the driver
+resumes it with the keys the node now holds (`replica_keys`, the roster). When they
+changed, the next epoch begins: the driver's peers follow the new members, it records its
+executed state at the change (what a joining node takes), and a command this node
+proposed that the old epoch had not executed is proposed again in the new one.
+
 Sends go through a bounded queue per peer: a dead or slow peer loses frames rather than
 stalling the others, which is safe because PBFT retransmits on its own (`Status`).
 """
@@ -56,7 +63,7 @@ from butterfly.agreement.authority import UnauthorizedCommand
 from butterfly.metrics.events import ConsensusRound, Emit, MessageDropped, PhaseTransition, discard
 from butterfly.net.framing import Envelope
 from butterfly.net.transport import Transport
-from butterfly.protocol import pbft, pbft_snapshot
+from butterfly.protocol import pbft, pbft_members, pbft_snapshot
 from butterfly.protocol.pbft_order import refusal, vetoed
 from butterfly.protocol.pbft_state import PbftConfig, ReplicaState, Send
 from butterfly.protocol.sign import SigningKey, sign_message
@@ -78,6 +85,7 @@ log = logging.getLogger(__name__)
 OnCommit = Callable[[int, bytes], Awaitable[None]]
 Snapshot = Callable[[], bytes]
 Restore = Callable[[bytes], Awaitable[None]]
+ReplicaKeys = Callable[[], tuple[bytes, ...]]
 OnEvidence = Callable[[Evidence], Awaitable[None]]
 INPUTS: tuple[type, ...] = typing.get_args(pbft.Input)
 """Message classes a replica consumes; anything else in a frame is dropped."""
@@ -117,13 +125,20 @@ class AgreementDriver:
         emit: Emit = discard,
         clock: Callable[[], float] = time.monotonic,
         limits: DriverLimits = DriverLimits(),
+        replica_keys: ReplicaKeys | None = None,
     ) -> None:
+        """`replica_keys`: the replica set's keys as this node now holds them (read after
+        each config update executes; None: the set never changes)."""
         self._state: ReplicaState = pbft.new_replica(config, key)
+        self._replica_keys = replica_keys
         self._key, self._transport, self._on_commit = key, transport, on_commit
         self._emit, self._clock, self._limits = emit, clock, limits
         self.me = config.replica
-        self.peers = tuple(NodeId(i) for i in range(config.n) if i != self.me)
+        self.peers = tuple(i for i in config.members if i != self.me)
         self._outbox = {p: asyncio.Queue[bytes](limits.queue_per_peer) for p in self.peers}
+        self._senders: dict[NodeId, asyncio.Task[None]] = {}
+        self._group: asyncio.TaskGroup | None = None  # run()'s, for a new member's sender
+        self._commands: dict[tuple[NodeId, int], bytes] = {}  # proposed, not yet executed
         # executed requests in order, or (seq, bytes): a state snapshot installed at seq
         self._commits: asyncio.Queue[tuple[int, Request | bytes]] = asyncio.Queue()
         self._wake = asyncio.Event()
@@ -275,6 +290,8 @@ class AgreementDriver:
                 continue  # a null request filled a gap after a view change
             key = (request.sender, request.timestamp)
             if key in self._ran:
+                if state.held == self._delivered:  # a replay changes nothing: go on
+                    self._route(pbft_members.resume(state, state.config.keys, self._clock()))
                 continue
             self._ran[key] = self._delivered
             self._queued = self._delivered
@@ -327,6 +344,7 @@ class AgreementDriver:
         key = (self.me, self._last_ts)
         done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._waiters[key] = done
+        self._commands[key] = command
         try:
             # to every replica, even when we are the primary: backups time it, so a primary
             # that cannot order it (one restarted with an empty log) is replaced
@@ -339,16 +357,19 @@ class AgreementDriver:
                 f"command not committed within {timeout:.1f} s (view {self.view}, "
                 f"executed up to {self.last_executed})"
             ) from None
-        finally:
-            self._waiters.pop(key, None)
+        finally:  # under its last key: a membership change may have proposed it again
+            for k in [k for k, w in self._waiters.items() if w is done]:
+                self._waiters.pop(k, None)
+                self._commands.pop(k, None)
 
     # --- running ----------------------------------------------------------------------
 
     async def run(self) -> None:
         """Tick the replica, drain the commit queue and the outboxes, until cancelled."""
         async with asyncio.TaskGroup() as tg:
+            self._group = tg
             for peer in self.peers:
-                tg.create_task(self._sender(peer))
+                self._senders[peer] = tg.create_task(self._sender(peer))
             tg.create_task(self._executor())
             tg.create_task(self._reporter())
             tg.create_task(self._ticker())
@@ -386,25 +407,93 @@ class AgreementDriver:
                     log.exception("adopting the state snapshot at seq %d failed", seq)
                 self.applied = seq
                 continue
-            self._capture(seq - 1)  # every command before this one is applied
-            key = (request.sender, request.timestamp)
-            refused = refusal(self._state, request)
-            if refused is not None:  # only more than f liars get one here: skip it alike
-                self._emit(MessageDropped(reason="agreement_unauthorized_executed"))
-                log.error("agreed seq %d skipped on every node: %s", seq, refused)
-                self._refuse_waiter(key, refused)
-                self.applied = seq
-                continue
             try:
-                await self._on_commit(seq, request.operation)
-            except Exception:  # one bad command must not stop the ones after it
-                log.exception("executing agreed command %d failed", seq)
+                await self._execute(seq, request)
+            finally:
+                self._after(seq)
+
+    async def _execute(self, seq: int, request: Request) -> None:
+        """Apply one executed request through `on_commit` (or skip it, refused)."""
+        self._capture(seq - 1)  # every command before this one is applied
+        key = (request.sender, request.timestamp)
+        refused = refusal(self._state, request)
+        if refused is not None:  # only more than f liars get one here: skip it alike
+            self._emit(MessageDropped(reason="agreement_unauthorized_executed"))
+            log.error("agreed seq %d skipped on every node: %s", seq, refused)
+            self._refuse_waiter(key, refused)
             self.applied = seq
-            waiter = self._waiters.get(key)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(seq)
-            if self._commits.empty():
-                self._capture(self._delivered)  # idle: every command delivered is applied
+            return
+        try:
+            await self._on_commit(seq, request.operation)
+        except Exception:  # one bad command must not stop the ones after it
+            log.exception("executing agreed command %d failed", seq)
+        self.applied = seq
+        waiter = self._waiters.get(key)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(seq)
+        if self._commits.empty():
+            self._capture(self._delivered)  # idle: every command delivered is applied
+
+    def _after(self, seq: int) -> None:
+        """`seq` is applied: if the replica holds there (a config update), resume it with
+        the replica set the node now holds, and follow it when it changed."""
+        state = self._state
+        if state.held != seq:
+            return
+        keys = state.config.keys if self._replica_keys is None else self._replica_keys()
+        epoch = state.config.epoch
+        try:
+            sends = pbft_members.resume(state, keys, self._clock())
+        except ButterflyError as e:  # an unsafe set (n < 3f+1): validation refuses it first
+            log.error("agreed seq %d leaves a replica set PBFT cannot run: %s", seq, e)
+            sends = pbft_members.resume(state, state.config.keys, self._clock())
+        if state.config.epoch != epoch:
+            self._new_epoch(seq)
+        self._route(sends)
+        self._collect()
+        self._wake.set()
+
+    def _new_epoch(self, seq: int) -> None:
+        """The replica set changed after `seq`: peers, the state a joiner takes, and our
+        own commands the old epoch left unexecuted."""
+        state = self._state
+        log.warning(
+            "agreement epoch %d from seq %d: replicas %s",
+            state.config.epoch,
+            seq,
+            list(state.config.members),
+        )
+        self.peers = tuple(i for i in state.config.members if i != self.me)
+        for gone in [p for p in self._outbox if p not in self.peers]:
+            del self._outbox[gone]
+            task = self._senders.pop(gone, None)
+            if task is not None:
+                task.cancel()
+        for peer in self.peers:
+            if peer not in self._outbox:
+                self._outbox[peer] = asyncio.Queue(self._limits.queue_per_peer)
+                if self._group is not None:
+                    self._senders[peer] = self._group.create_task(self._sender(peer))
+        if self._snapshot is not None:  # what a node joining with the new roster takes
+            recent = seq - state.config.history
+            ran = sorted([int(c), t, s] for (c, t), s in self._ran.items() if recent < s <= seq)
+            pbft_snapshot.record(state, seq, msgpack.packb([ran, self._snapshot()]))
+            self._captured = seq
+        for key in [k for k, w in self._waiters.items() if not w.done() and k not in self._ran]:
+            self._propose_again(key)
+
+    def _propose_again(self, key: tuple[NodeId, int]) -> None:
+        """A command of ours the old epoch did not execute, signed for the new one (its
+        old request is refused there); the caller's `propose` keeps waiting for it."""
+        waiter, command = self._waiters.pop(key), self._commands.pop(key)
+        self._last_ts = max(self._last_ts + 1, time.time_ns())
+        request = sign_message(
+            Request(self.me, self._state.config.epoch, self._last_ts, command), self._key
+        )
+        fresh = (self.me, self._last_ts)
+        self._waiters[fresh], self._commands[fresh] = waiter, command
+        self._route([Send(None, request)])
+        self._step(request)
 
     async def _reporter(self) -> None:
         """Hands each piece of equivocation evidence to `on_evidence`, once, in order."""

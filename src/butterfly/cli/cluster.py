@@ -14,6 +14,7 @@ import httpx
 import typer
 from rich.console import Console
 
+from butterfly.cli import members
 from butterfly.cli.gateways import first_answer, parse_urls
 from butterfly.cli.keeper import Restarts, keep_alive
 from butterfly.cli.launcher import LocalCluster, node_configs
@@ -23,6 +24,8 @@ from butterfly.config.gateways import gateway_urls
 from butterfly.net.tls import make_certs
 
 app = typer.Typer(no_args_is_help=True)
+app.command("add-member")(members.add_member)
+app.command("remove-member")(members.remove_member)
 err = Console(stderr=True)
 DEFAULT_URL = "http://127.0.0.1:8080"
 

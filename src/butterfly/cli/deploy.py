@@ -84,8 +84,10 @@ def _add(out: Path, address: str) -> None:
     err.print(f"[green]wrote[/green] {added.config.parent} for node {n - 1} ({address})")
     err.print(
         f"and rewrote cluster.members/public_keys in {out}/node-*/{hosts.CONFIG_FILE}. "
-        "These options are static: apply them by stopping every node, copying each "
-        "host's new butterfly.toml (the change is below), then starting every node.",
+        "Add it to the running cluster with `butterfly cluster add-member "
+        f"{address} --public-key $(butterfly keys show --config {added.config}) --url "
+        "<gateway>`, then start it; or stop every "
+        "node, copy each host's new butterfly.toml (the change is below) and start them all.",
         soft_wrap=True,
     )
     typer.echo(added.change, nl=False)

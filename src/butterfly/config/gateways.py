@@ -77,11 +77,12 @@ def check_gateways(cfg: ButterflyConfig) -> Iterator[ConfigIssue]:
     if cfg.api.port == 0 or not cfg.cluster.members:
         return
     members = cfg.cluster.members
-    taken = {(m.rsplit(":", 1)[0], int(m.rsplit(":", 1)[1])) for m in members}
+    taken = {(m.rsplit(":", 1)[0], int(m.rsplit(":", 1)[1])) for m in members if m}
     clash = sorted(
         f"{host}:{port}"
         for g in gateway_nodes(cfg)
-        if (host := members[g].rsplit(":", 1)[0], port := api_port(cfg, g)) in taken
+        if members[g]  # a removed member (config.roster) serves nothing
+        and (host := members[g].rsplit(":", 1)[0], port := api_port(cfg, g)) in taken
     )
     if clash:
         yield ConfigIssue(

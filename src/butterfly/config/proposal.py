@@ -21,6 +21,7 @@ from typing import Any, Literal
 from butterfly.config.fields import config_leaves, field_specs
 from butterfly.config.issues import UpdateRefused
 from butterfly.config.loader import apply_patch
+from butterfly.config.roster import roster_version
 from butterfly.config.schema import ButterflyConfig, Mutability, Scope
 from butterfly.config.versions import (
     Change,
@@ -153,6 +154,10 @@ def resume_committed(cfg: ButterflyConfig, history: ConfigHistory) -> ButterflyC
         for k, v in agreed.items()
         if specs[k].mutability is Mutability.DYNAMIC_CONSENSUS and specs[k].scope is Scope.CLUSTER
     }
+    if roster_version(cfg.cluster.members) > roster_version(values["cluster.members"]):
+        # the files list a later roster than was agreed here (members added or removed
+        # offline, with every node stopped: `init --add-host`): the files decide it
+        del values["cluster.members"], values["cluster.public_keys"]
     return apply_patch(cfg, values, f"history version {latest.version}")
 
 

@@ -69,6 +69,11 @@ def _public_key_hex(value: str) -> str:
     return value
 
 
+def _public_key_hex_or_empty(value: str) -> str:
+    """A member's key, or "" for a removed member (config.roster)."""
+    return value and _public_key_hex(value)
+
+
 def _served_name(value: str) -> str:
     """Clients send it back as `model` in every request, and it lands in URLs and logs:
     printable, no whitespace (an empty value means the model directory's name)."""
@@ -87,6 +92,7 @@ HostPort = Annotated[str, AfterValidator(_host_port)]
 OptionalHostPort = Annotated[str, AfterValidator(_host_port_or_empty)]
 ClusterId = Annotated[str, AfterValidator(_cluster_id)]
 PublicKeyHex = Annotated[str, AfterValidator(_public_key_hex)]
+OptionalPublicKeyHex = Annotated[str, AfterValidator(_public_key_hex_or_empty)]
 ServedName = Annotated[str, AfterValidator(_served_name)]
 
 
@@ -131,11 +137,20 @@ class MetadataConfig(Section):
 
 class ClusterConfig(Section):
     id: ClusterId = option("butterfly", "Cluster id checked in every peer handshake.", SC, CLUSTER)
-    members: tuple[HostPort, ...] = option(
-        (), "host:port of node 0..n-1; empty = a one-node cluster.", SC, CLUSTER
+    members: tuple[OptionalHostPort, ...] = option(
+        (),
+        "host:port of node 0..n-1; empty = a one-node cluster. Changed with public_keys, "
+        'through the agreement: a new member is appended, a removed one is "" (its id '
+        "is never reused; config.roster).",
+        DC,
+        CLUSTER,
     )
-    public_keys: tuple[PublicKeyHex, ...] = option(
-        (), "Ed25519 public key (hex) of node 0..n-1; empty = one node, own key.", SC, CLUSTER
+    public_keys: tuple[OptionalPublicKeyHex, ...] = option(
+        (),
+        'Ed25519 public key (hex) of node 0..n-1; empty = one node, own key. "" for a '
+        "removed member, as in cluster.members.",
+        DC,
+        CLUSTER,
     )
     gateways: tuple[int, ...] = option(
         (),

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from butterfly.config.gateways import api_port, check_gateways
 from butterfly.config.issues import ConfigIssue
+from butterfly.config.roster import TOMBSTONE, check_roster, live_count
 from butterfly.config.schema import ButterflyConfig
 from butterfly.types.ids import NodeId
 
@@ -55,7 +56,7 @@ def quorum_message(n: int, f: int) -> str | None:
 
 
 def _bft_quorum(cfg: ButterflyConfig) -> Iterator[ConfigIssue]:
-    unsafe = quorum_message(cluster_size(cfg), cfg.byzantine.f)
+    unsafe = quorum_message(live_count(cfg), cfg.byzantine.f)  # removed members vote not
     if unsafe is not None:
         yield ConfigIssue("byzantine.f", "n >= 3f+1", unsafe, related=("cluster.members",))
 
@@ -70,7 +71,7 @@ def _membership(cfg: ButterflyConfig) -> Iterator[ConfigIssue]:
             f"(ids 0..{len(members) - 1})",
             related=("cluster.members",),
         )
-    dupes = sorted({m for m in members if members.count(m) > 1})
+    dupes = sorted({m for m in members if m != TOMBSTONE and members.count(m) > 1})
     if dupes:
         yield ConfigIssue("cluster.members", "unique-members", f"listed twice: {dupes}")
     keys = cfg.cluster.public_keys
@@ -82,7 +83,8 @@ def _membership(cfg: ButterflyConfig) -> Iterator[ConfigIssue]:
             "in node id order",
             related=("cluster.members",),
         )
-    if len(set(keys)) != len(keys):
+    listed = [k for k in keys if k != TOMBSTONE]
+    if len(set(listed)) != len(listed):
         yield ConfigIssue(
             "cluster.public_keys",
             "unique-keys",
@@ -149,7 +151,7 @@ def _limits(cfg: ButterflyConfig) -> Iterator[ConfigIssue]:
 
 
 def _replication(cfg: ButterflyConfig) -> Iterator[ConfigIssue]:
-    r, n, f = cfg.partition.replication, cluster_size(cfg), cfg.byzantine.f
+    r, n, f = cfg.partition.replication, live_count(cfg), cfg.byzantine.f
     if r > n:
         yield ConfigIssue(
             "partition.replication",
@@ -204,7 +206,7 @@ def _model_memory(cfg: ButterflyConfig) -> Iterator[ConfigIssue]:
     except (ValueError, KeyError, TypeError, ZeroDivisionError) as e:
         yield ConfigIssue("model.path", "model-config", f"cannot size {path}/config.json: {e}")
         return
-    r, n = replication_factor(cfg), cluster_size(cfg)
+    r, n = replication_factor(cfg), live_count(cfg)
     share = -(-total * r // n)
     if share > limit:
         yield ConfigIssue(
@@ -276,6 +278,7 @@ def _unsupported(cfg: ButterflyConfig) -> Iterator[ConfigIssue]:
 RULES: tuple[Rule, ...] = (
     _bft_quorum,
     _membership,
+    check_roster,
     check_gateways,
     _timing,
     _limits,

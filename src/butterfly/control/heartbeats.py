@@ -22,7 +22,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from butterfly.net.framing import LENGTH, Envelope, decode_frame, encode_frame
@@ -79,7 +79,7 @@ class HeartbeatLink:
         source: BeatSource,
         *,
         listen: tuple[str, int],
-        peers: dict[NodeId, tuple[str, int]],
+        peers: Mapping[NodeId, tuple[str, int]],  # read on every beat: the roster's
         interval_s: float,
         local_state: Callable[[], tuple[tuple[int, ...], int]],
         on_beat: Callable[[NodeId, Heartbeat], None],
@@ -126,7 +126,7 @@ class HeartbeatLink:
             seq += 1
             beat = Heartbeat(self._src.node, Epoch(0), seq, time.monotonic(), layers, requests)
             data = encode_beat(self._src, beat)
-            for address in self._peers.values():
+            for address in list(self._peers.values()):  # members may change meanwhile
                 try:
                     self._sock.sendto(data, address)
                 except OSError as e:

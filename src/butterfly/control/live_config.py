@@ -33,6 +33,16 @@ app is built (`butterfly.api.live`).
       observability.trace_sample_rate        stage node's next traced step
     generation.speculative.mode, .k,         engine.retune_generation: the next request
       generation.prefill_chunk
+    cluster.members, cluster.public_keys     the node's roster (`config.roster.Roster`), at
+                                             the agreed command: the handshake and record
+                                             key checks, the transport's address book (a
+                                             removed member's connections closed), the
+                                             heartbeats and failure detector, the next
+                                             plan's candidates (recovery), /health, the
+                                             config votes and PREPARE's recipients, and
+                                             PBFT's replica set (`protocol.pbft_members`);
+                                             vetoed unless `config.roster.roster_change`
+                                             allows the move
 """
 
 from __future__ import annotations
@@ -45,14 +55,17 @@ from butterfly.agreement.config_coordinator import ConfigCoordinator
 from butterfly.agreement.driver import AgreementDriver
 from butterfly.config import ButterflyConfig
 from butterfly.config.reload import ConfigManager
+from butterfly.config.roster import Roster, roster_change
 from butterfly.control.membership import Membership
 from butterfly.control.recovery import Recovery
 from butterfly.dataplane.engine import PipelineEngine
 from butterfly.dataplane.stage_server import StageServer
 from butterfly.metrics.tracing import Tracing
+from butterfly.net.transport import Transport
 from butterfly.protocol.proof import tolerance_for
 from butterfly.runtime.precision import verification_floor
 from butterfly.schedule.drafts import Speculation
+from butterfly.types.ids import NodeId
 
 log = logging.getLogger(__name__)
 
@@ -196,10 +209,43 @@ def follow_agreement_config(
     )
 
 
+def follow_roster(
+    manager: ConfigManager,
+    *,
+    roster: Roster,
+    transport: Transport,
+    membership: Membership,
+    recovery: Recovery,
+    acting: Callable[[], NodeId],
+) -> None:
+    """Membership changes (`cluster.members` with `cluster.public_keys`): checked at
+    PREPARE on every node, applied to the roster when agreed, and from it to every part
+    that keeps its own view of the members. `acting`: the acting gateway, never removed."""
+
+    def moved(r: Roster) -> None:
+        log.warning("members now %s", {int(n): a for n, a in sorted(r.addresses.items())})
+        transport.set_peers(r.addresses)
+        membership.follow(r.ids)
+        recovery.follow(r.ids)
+
+    roster.listen(moved)
+
+    def check(old: ButterflyConfig, new: ButterflyConfig) -> None:
+        problem = roster_change(old, new, acting())
+        if problem is not None:
+            raise ValueError(problem)
+
+    def apply(old: ButterflyConfig, new: ButterflyConfig) -> None:
+        roster.update(new)
+
+    manager.subscribe("roster", apply, check=check)
+
+
 __all__ = [
     "agreement_wait_s",
     "follow_agreement_config",
     "follow_config",
+    "follow_roster",
     "snapshot_every",
     "speculation",
 ]

@@ -11,7 +11,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -79,6 +79,19 @@ class Membership:
         self._healthy_since: dict[NodeId, float] = {}  # peer -> when `check` first saw it so
         self._lock = threading.Lock()
 
+    def follow(self, members: Collection[NodeId]) -> None:
+        """An agreed membership change: a new member is watched from its first heartbeat
+        ("starting" until then), a removed one is not watched any more and reads as
+        failed, so nothing waits on it."""
+        with self._lock:
+            for gone in [n for n in self.peers if n not in members]:
+                del self.peers[gone]
+                self._last_status.pop(gone, None)
+                self._healthy_since.pop(gone, None)
+            for new in members:
+                if new != self.node and new not in self.peers:
+                    self.peers[new] = PeerView()
+
     def retune_detector(
         self, *, suspect: float, failed: float, min_std_ms: float, acceptable_pause_ms: float
     ) -> None:
@@ -106,7 +119,10 @@ class Membership:
             return "healthy"
         with self._lock:
             now = self._clock()
-            if self.peers[node].last_seen is None:
+            peer = self.peers.get(node)
+            if peer is None:
+                return "failed"  # not a member (removed: config.roster)
+            if peer.last_seen is None:
                 return "starting"
             if self._detector.is_failed(node, now):
                 return "failed"
@@ -137,7 +153,8 @@ class Membership:
     def requests_of(self, node: NodeId) -> int:
         if node == self.node:
             return self._local_state()[1]
-        return self.peers[node].requests
+        peer = self.peers.get(node)
+        return peer.requests if peer is not None else 0
 
     def seconds_since(self, node: NodeId) -> float | None:
         seen = self.peers[node].last_seen if node in self.peers else self._clock()

@@ -27,7 +27,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Protocol
 
 from butterfly.control.planner import Placement
@@ -199,6 +199,22 @@ class Recovery:
         self._placing = dataclasses.replace(self._placing, strategy=strategy)
         self._asked = reason
         self._wake.set()
+
+    def follow(self, members: Collection[NodeId]) -> None:
+        """An agreed membership change. A removed member leaves the next plan, which is
+        asked for at once; a new one joins as a returning node does (`policy.returning`):
+        once steadily healthy, with its facts asked for, a re-plan may give it work."""
+        removed = [n for n in self._members if n not in members]
+        for new in sorted(set(members) - set(self._members)):
+            self._members.append(new)
+            self._depart(new)
+        for node in removed:
+            self._members.remove(node)
+            self.out.discard(node)
+            self.facts.pop(node, None)
+        if removed:
+            self._asked = f"nodes {removed} were removed from the cluster"
+            self._wake.set()
 
     def retune(self, *, agree_timeout_s: float) -> None:
         """Changed agreement timeouts: how long the next plan or eviction may take."""

@@ -12,11 +12,11 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from butterfly.metrics.events import Emit
+from butterfly.metrics.events import Emit, MessageDropped
 from butterfly.net.conn import Handler
 from butterfly.net.framing import (
     LENGTH,
@@ -69,6 +69,14 @@ class MemoryTransport:
         self._pending: dict[int, asyncio.Future[Envelope]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.peers = net.nodes
+        # the members as this node knows them (`set_peers`), as a TCP handshake checks
+        # them; None: every node of the network (the transport alone, in unit tests)
+        self.members: set[NodeId] | None = None
+
+    def set_peers(self, peers: Mapping[NodeId, str]) -> None:
+        """A removed member is unreachable from now on and its frames are dropped, as its
+        refused handshake would on TCP."""
+        self.members = {*peers, self.node}
 
     async def start(self, handler: Handler) -> None:
         self._handler = handler
@@ -83,6 +91,8 @@ class MemoryTransport:
         target = self.net.nodes.get(peer)
         if target is None or peer in self.net.down or self.node in self.net.down:
             raise ConnectionFailed(f"node {peer} is unreachable")
+        if self.members is not None and peer not in self.members:
+            raise ConnectionFailed(f"node {peer} is not a member of this cluster", blame=peer)
         received = self._wire(env)
         task = asyncio.create_task(target._receive(self.node, received))
         target._tasks.add(task)
@@ -113,6 +123,9 @@ class MemoryTransport:
 
     async def _receive(self, peer: NodeId, env: Envelope) -> None:
         """`peer`: the sending transport's node, what a TCP handshake would have named."""
+        if self.members is not None and peer not in self.members:
+            self._emit(MessageDropped(reason="handshake_refused"))
+            return
         if env.reply:
             fut = self._pending.get(env.corr_id)
             if fut is not None and not fut.done():

@@ -85,6 +85,11 @@ class TransportLimits:
     max_connections: int = 100  # incoming; more are closed at once
 
 
+def _address(hostport: str) -> tuple[str, int]:
+    host, _, port = hostport.rpartition(":")
+    return host, int(port)
+
+
 async def _refuse(peer: NodeId, env: Envelope) -> None:
     raise ConnectionFailed("transport not started")
 
@@ -121,6 +126,21 @@ class TcpTransport:
         host, port = self.listen
         ssl = self._tls.server if self._tls else None
         self._server = await asyncio.start_server(self._accept, host, port, ssl=ssl)
+
+    def set_peers(self, peers: Mapping[NodeId, str]) -> None:
+        """Who may connect and be dialled; a removed member's open connections close now
+        (its key is gone from `identity.keys` too, so it cannot handshake again)."""
+        self.peers = {n: _address(a) for n, a in peers.items()}
+        limits = self.limits
+        for peer in self.peers:
+            if peer not in self._breakers:
+                self._breakers[peer] = CircuitBreaker(
+                    limits.breaker_threshold, limits.breaker_reset_s
+                )
+        for key in [k for k in self._out if k[0] not in self.peers]:
+            self._out.pop(key).close("removed from the cluster")
+        for conn in [c for c in self._incoming if c.peer >= 0 and c.peer not in self.peers]:
+            conn.close("removed from the cluster")
 
     @property
     def address(self) -> tuple[str, int]:

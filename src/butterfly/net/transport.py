@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol, TypeVar
 
 from butterfly.net.conn import Handler
@@ -19,6 +20,11 @@ class Transport(Protocol):
         any) answers a request."""
 
     async def close(self) -> None: ...
+
+    def set_peers(self, peers: Mapping[NodeId, str]) -> None:
+        """The members changed (agreed): a new one may be dialled and may dial in, a
+        removed one's connections are closed and its frames refused from now on.
+        `peers`: every member's host:port (`cluster.members`)."""
 
     async def send(
         self, peer: NodeId, msg: Message, payload: bytes = b"", *, channel: str = "data"

@@ -9,7 +9,7 @@ evidence is what the coordinator later puts through PBFT to evict the node.
 from __future__ import annotations
 
 from butterfly.protocol.pbft_state import ReplicaState, Send, sign
-from butterfly.protocol.quorum import primary
+from butterfly.protocol.quorum import live_members
 from butterfly.protocol.sign import verify_message
 from butterfly.types.ids import NodeId
 from butterfly.types.wire.agreement import (
@@ -49,9 +49,12 @@ def conflicts(first: Conflicting, second: Conflicting) -> bool:
 def valid_evidence(evidence: Evidence, keys: tuple[bytes, ...]) -> bool:
     """Checks a peer's evidence on its own merits: the reporter need not be trusted."""
     first, second, accused = evidence.first, evidence.second, evidence.accused
-    if not 0 <= accused < len(keys) or first.sender != accused or not conflicts(first, second):
+    if not 0 <= accused < len(keys) or not keys[accused]:
         return False
-    if isinstance(first, PrePrepare) and primary(first.view, len(keys)) != accused:
+    if first.sender != accused or not conflicts(first, second):
+        return False
+    members = live_members(keys)
+    if isinstance(first, PrePrepare) and members[first.view % len(members)] != accused:
         return False
     return verify_message(first, keys[accused]) and verify_message(second, keys[accused])
 
@@ -93,7 +96,7 @@ def accept_evidence(state: ReplicaState, evidence: Evidence) -> None:
 def embedded_header(state: ReplicaState, prepare: Prepare) -> PrePrepare:
     """The primary's pre-prepare header a prepare quotes, rebuilt for verification."""
     return PrePrepare(
-        sender=primary(prepare.view, state.config.n),
+        sender=state.config.primary_of(prepare.view),
         epoch=prepare.epoch,
         view=prepare.view,
         seq=prepare.seq,
@@ -115,7 +118,7 @@ def check_header(state: ReplicaState, header: PrePrepare, out: list[Send]) -> No
     mine = known_header(state, header.view, header.seq)
     if mine is None or mine.digest == header.digest:
         return
-    lead: NodeId = primary(header.view, state.config.n)
+    lead: NodeId = state.config.primary_of(header.view)
     if header.sender != lead or header.epoch != state.config.epoch:
         return
     if verify_message(header, state.config.keys[lead]):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from butterfly.config import ButterflyConfig
 from butterfly.config.validate import cluster_size
+from butterfly.protocol.pbft_members import epoch_of
 from butterfly.protocol.pbft_state import PbftConfig
 from butterfly.protocol.sign import SigningKey
 from butterfly.types.errors import ConfigError
@@ -64,8 +65,14 @@ def public_keys(cfg: ButterflyConfig, key: SigningKey) -> tuple[bytes, ...]:
                 "per member (`butterfly cluster up` writes them)"
             )
         return (key.public,)
-    keys = tuple(bytes.fromhex(k) for k in cfg.cluster.public_keys)
+    keys = tuple(bytes.fromhex(k) for k in cfg.cluster.public_keys)  # b"": removed
     me = cfg.node.id
+    if not keys[me]:
+        raise ConfigError(
+            f"node {me} was removed from the cluster (cluster.members[{me}] and "
+            f"cluster.public_keys[{me}] are empty); its id is never reused: add this machine "
+            "again as a new member (`butterfly cluster add-member`)"
+        )
     if keys[me] != key.public:
         raise ConfigError(
             f"cluster.public_keys[{me}] does not match this node's key file; the cluster "
@@ -87,13 +94,14 @@ def pbft_config(cfg: ButterflyConfig, keys: tuple[bytes, ...]) -> PbftConfig:
         replica=NodeId(cfg.node.id),
         keys=keys,
         f=cfg.byzantine.f,
-        clients={NodeId(i): k for i, k in enumerate(keys)},
+        clients={NodeId(i): k for i, k in enumerate(keys) if k},
         checkpoint_interval=c.pbft_checkpoint_interval,
         window=c.pbft_window,
         history=c.pbft_history,
         request_timeout=c.view_change_timeout_ms / 1000,
         view_change_timeout=c.phase_timeout_ms / 1000,
         initial_view=1 if len(keys) > 1 else 0,
+        epoch=epoch_of(keys),  # a function of the roster (protocol.pbft_members)
     )
 
 

@@ -25,6 +25,7 @@ from typing import assert_never
 
 from butterfly.protocol import evidence
 from butterfly.protocol.inputs import SuspectPrimary, Tick
+from butterfly.protocol.pbft_members import taking_part
 from butterfly.protocol.pbft_order import (
     admissible,
     note_divergence,
@@ -125,7 +126,7 @@ def authentic(state: ReplicaState, message: Input) -> bool:
     if isinstance(message, Request):  # a request this replica vetoes is not taken up
         return admissible(state, message) and vetoed(state, message) is None
     keys = state.config.keys
-    if not 0 <= message.sender < len(keys):
+    if not state.config.is_member(message.sender):
         return False
     if message.sender == state.me and not isinstance(message, OWN_RELAYED):
         return False
@@ -135,6 +136,13 @@ def authentic(state: ReplicaState, message: Input) -> bool:
 def step(state: ReplicaState, message: Input, now: float) -> tuple[ReplicaState, list[Send]]:
     """Consume one input at time `now`; returns the state and the messages to send."""
     out: list[Send] = []
+    if not taking_part(state):  # removed from the replica set (`pbft_members`)
+        return state, out
+    retired = state.retired
+    if isinstance(message, Status) and retired is not None and authentic(retired, message):
+        if message.last_executed < retired.last_executed:  # behind the membership change
+            _relay_decided(retired, message, out)
+        return state, out
     if not isinstance(message, Tick | SuspectPrimary) and not authentic(state, message):
         return state, out
     match message:

@@ -21,7 +21,6 @@ from butterfly.protocol.pbft_state import (
     stale_request,
     status_of,
 )
-from butterfly.protocol.quorum import primary
 from butterfly.protocol.sign import verify_message
 from butterfly.types.hashing import NULL_DIGEST, chain
 from butterfly.types.ids import NodeId
@@ -142,7 +141,7 @@ def assign_pending(state: ReplicaState, now: float, out: list[Send]) -> None:
 def on_pre_prepare(state: ReplicaState, pp: PrePrepare, now: float, out: list[Send]) -> None:
     """Vote for the current view's primary; keep other views' for commit certificates."""
     evidence.check_header(state, pp, out)
-    if pp.sender != primary(pp.view, state.config.n) or not known_view(state, pp.view):
+    if pp.sender != state.config.primary_of(pp.view) or not known_view(state, pp.view):
         return
     if pp.sender == state.me:  # ours from before a restart: never assign that seq again
         state.next_seq = max(state.next_seq, pp.seq + 1)
@@ -197,7 +196,7 @@ def accept_pre_prepare(state: ReplicaState, pp: PrePrepare, now: float, out: lis
 
 
 def on_prepare(state: ReplicaState, prepare: Prepare, now: float, out: list[Send]) -> None:
-    if prepare.sender == primary(prepare.view, state.config.n) or not in_window(state, prepare.seq):
+    if prepare.sender == state.config.primary_of(prepare.view) or not in_window(state, prepare.seq):
         return
     evidence.check_prepare(state, prepare, out)
     if not state.active or prepare.view != state.view:
@@ -280,7 +279,7 @@ def check_decided(state: ReplicaState, seq: int, view: int, now: float, out: lis
 
 def execute_ready(state: ReplicaState, now: float, out: list[Send]) -> None:
     """Execute committed slots in sequence order; a gap waits (or is state-transferred)."""
-    while True:
+    while not state.held:  # a membership change waits for its owner (`pbft_members`)
         slot = state.log.get(state.last_executed + 1)
         if slot is None or slot.decided is None or state.low > state.last_executed:
             return
@@ -315,6 +314,9 @@ def apply_entry(
             state.replies[key] = answer
         state.pending.pop(key, None)
         rearm_timer(state, now)
+        barrier = state.config.barrier
+        if barrier is not None and barrier(request):
+            state.held = seq
     if seq % state.config.checkpoint_interval == 0:
         vote = sign(
             state,

@@ -19,6 +19,8 @@ restore; the normal case and the certified relays take it from there.
 
 from __future__ import annotations
 
+import dataclasses
+
 from butterfly.protocol.pbft_order import execute_ready
 from butterfly.protocol.pbft_state import ReplicaState, Send, sign, status_of
 from butterfly.protocol.pbft_viewchange import valid_stable_proof
@@ -29,26 +31,33 @@ from butterfly.types.wire.agreement import StateSnapshot
 def record(state: ReplicaState, seq: int, executed: bytes) -> None:
     """The driver's executed state after every command up to the checkpoint `seq`. Kept
     from the stable checkpoint up (at most a window's worth of checkpoints)."""
-    if seq <= 0 or seq % state.config.checkpoint_interval:
+    start = state.config.start  # a membership change's: what a joining replica takes
+    if seq <= 0 or (seq % state.config.checkpoint_interval and seq != start):
         return
     state.snapshots[seq] = executed
-    for old in [s for s in state.snapshots if s < state.low]:
+    for old in [s for s in state.snapshots if s < state.low and s != start]:
         del state.snapshots[old]
 
 
 def offer(state: ReplicaState) -> StateSnapshot | None:
     """Our state at our stable checkpoint, signed, if our driver recorded it."""
-    executed = state.snapshots.get(state.low)
-    if state.low == 0 or executed is None:
+    # at the epoch's start (a membership change) there is no proof of the digest: the
+    # joining replica takes it on f+1 replicas' word alone, as it takes the state
+    # (offered while nothing after it was pruned: the joining replica continues from it)
+    start = state.config.start
+    low = state.low if state.low in state.snapshots or state.base > start else start
+    executed = state.snapshots.get(low)
+    if low == 0 or executed is None:
         return None
+    at_start = low == state.config.start
     return sign(
         state,
         StateSnapshot(
             sender=state.me,
             epoch=state.config.epoch,
-            seq=state.low,
-            digest=state.stable_digest,
-            proof=state.stable_proof,
+            seq=low,
+            digest=state.config.genesis if at_start else state.stable_digest,
+            proof=() if at_start else state.stable_proof,
             state=executed,
         ),
     )
@@ -63,8 +72,11 @@ def on_snapshot(state: ReplicaState, snapshot: StateSnapshot, now: float, out: l
     distinct replicas offered the same state at the same checkpoint and digest."""
     if snapshot.seq <= state.last_executed:
         return
-    if not valid_stable_proof(state, snapshot.seq, snapshot.digest, snapshot.proof):
+    if snapshot.proof and not valid_stable_proof(
+        state, snapshot.seq, snapshot.digest, snapshot.proof
+    ):
         return  # the digest is not the cluster's at that checkpoint
+    # no proof: an epoch's start (`pbft_members`), vouched for by f+1 below alone
     older = state.snapshot_offers.get(snapshot.sender)
     if older is None or older.seq <= snapshot.seq:
         state.snapshot_offers[snapshot.sender] = snapshot  # one per peer: bounded
@@ -78,6 +90,9 @@ def install(state: ReplicaState, snapshot: StateSnapshot, now: float, out: list[
     """Continue from the snapshot's checkpoint: what we held below it is dropped (it was
     executed there, by the state we now take), the checkpoint becomes our stable one."""
     seq = snapshot.seq
+    if not snapshot.proof:  # the epoch's start: where its view changes quote from
+        state.config = dataclasses.replace(state.config, start=seq, start_digest=snapshot.digest)
+    state.held = 0
     state.last_executed = state.base = seq
     state.executed, state.digests = [], [snapshot.digest]
     state.low, state.stable_digest, state.stable_proof = seq, snapshot.digest, snapshot.proof

@@ -13,7 +13,7 @@ import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from butterfly.protocol.quorum import check_fault_tolerance, primary, quorum
+from butterfly.protocol.quorum import check_fault_tolerance, live_members, quorum
 from butterfly.protocol.sign import M, SigningKey, sign_message
 from butterfly.types.errors import InsufficientNodes
 from butterfly.types.hashing import chain
@@ -38,6 +38,8 @@ RequestKey = tuple[NodeId, int]
 """(client, timestamp): identifies a request across retransmissions and views."""
 Authorize = Callable[[Request], str | None]
 """Why a client-signed request must not be ordered (None: it may); see `PbftConfig`."""
+Barrier = Callable[[Request], bool]
+"""Whether executing a request may change the replica set (`pbft_members`)."""
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,10 @@ class PbftConfig:
     """What every replica of one epoch must agree on; times are in seconds of `now`."""
 
     replica: NodeId  # this replica's id, an index into `keys`
-    keys: tuple[bytes, ...]  # Ed25519 public keys of replicas 0..n-1
-    f: int  # Byzantine replicas tolerated; n >= 3f + 1 is enforced
+    # Ed25519 public keys of replicas by id; b"" is a removed member's slot (a tombstone:
+    # ids are never reused, so a removed replica's old votes never count for another)
+    keys: tuple[bytes, ...]
+    f: int  # Byzantine replicas tolerated; n >= 3f + 1 is enforced over the live members
     clients: Mapping[NodeId, bytes] = field(default_factory=dict)  # client public keys
     epoch: Epoch = Epoch(0)  # noqa: RUF009  other epochs' messages are stale, ignored
     checkpoint_interval: int = 8  # a checkpoint vote every K executed sequence numbers
@@ -71,9 +75,19 @@ class PbftConfig:
     # primary and never prepares it; it still logs it and executes it once 2f+1 others
     # have committed it, so a replica that lags or restarts catches up all the same
     veto: Authorize | None = None
+    # requests whose execution may change the replica set (a membership change riding on
+    # a config update): execution holds after one until the owner says which replica set
+    # follows (`pbft_members.resume`); None: the set never changes
+    barrier: Barrier | None = None
+    # the sequence number this epoch starts after and the log digest there: 0 and the
+    # genesis digest for a cluster's first epoch, the executed membership change after
+    start: int = 0
+    start_digest: bytes = b""
+    members: tuple[NodeId, ...] = field(init=False, default=())  # live replica ids, sorted
 
     def __post_init__(self) -> None:
-        check_fault_tolerance(len(self.keys), self.f)
+        object.__setattr__(self, "members", live_members(self.keys))
+        check_fault_tolerance(len(self.members), self.f)
         if not 0 <= self.replica < len(self.keys):
             raise InsufficientNodes(
                 f"replica id {self.replica} is not one of the {len(self.keys)} replicas"
@@ -90,11 +104,25 @@ class PbftConfig:
 
     @property
     def n(self) -> int:
-        return len(self.keys)
+        """Live replicas: what quorums and view numbers count."""
+        return len(self.members)
 
     @property
     def quorum(self) -> int:
         return quorum(self.n, self.f)
+
+    @property
+    def genesis(self) -> bytes:
+        """The log digest this epoch starts from."""
+        return self.start_digest or genesis_digest(self.epoch)
+
+    def is_member(self, node: int) -> bool:
+        """A live replica of this epoch (not a removed member's tombstone, not a stranger)."""
+        return 0 <= node < len(self.keys) and bool(self.keys[node])
+
+    def primary_of(self, view: int) -> NodeId:
+        """Primaries rotate over the live replicas, so a removed one is never waited for."""
+        return self.members[view % len(self.members)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +206,12 @@ class ReplicaState:
     snapshots: dict[int, bytes] = field(default_factory=dict)
     snapshot_offers: dict[NodeId, StateSnapshot] = field(default_factory=dict)
     installed: tuple[int, bytes] | None = None
+    # a barrier request (`PbftConfig.barrier`) executed at this sequence number, and
+    # nothing after it executes until the owner resumes (`pbft_members.resume`); 0: none
+    held: int = 0
+    # the previous epoch's replica, frozen at the membership change: it still relays the
+    # log up to the change to a replica that has not executed it yet (`pbft_members`)
+    retired: ReplicaState | None = None
 
     @property
     def me(self) -> NodeId:
@@ -185,7 +219,7 @@ class ReplicaState:
 
     @property
     def primary(self) -> NodeId:
-        return primary(self.view, self.config.n)
+        return self.config.primary_of(self.view)
 
     @property
     def is_primary(self) -> bool:
@@ -201,11 +235,15 @@ def new_replica(config: PbftConfig, key: SigningKey) -> ReplicaState:
     """A replica at the start of its epoch: in its initial view, empty log, status due at once."""
     if key.public != config.keys[config.replica]:
         raise ValueError(f"key does not match replica {config.replica}'s public key")
-    genesis = genesis_digest(config.epoch)
+    genesis = config.genesis
     return ReplicaState(
         config=config,
         key=key,
         view=config.initial_view,
+        low=config.start,
+        base=config.start,
+        last_executed=config.start,
+        next_seq=config.start + 1,
         stable_digest=genesis,
         digests=[genesis],
         status_deadline=0.0,
@@ -251,7 +289,7 @@ def prepared_digest(state: ReplicaState, slot: Slot, view: int) -> bytes | None:
     pp = slot.pre_prepares.get(view)
     if pp is None:
         return None
-    lead = primary(view, state.config.n)
+    lead = state.config.primary_of(view)
     votes = slot.prepares.get(view, {})
     matching = sum(1 for j, p in votes.items() if j != lead and p.digest == pp.digest)
     return pp.digest if matching >= state.config.quorum - 1 else None

@@ -24,12 +24,10 @@ from butterfly.protocol.pbft_order import (
 from butterfly.protocol.pbft_state import (
     ReplicaState,
     Send,
-    genesis_digest,
     prepared_digest,
     request_key,
     sign,
 )
-from butterfly.protocol.quorum import primary
 from butterfly.protocol.sign import verify_message
 from butterfly.types.hashing import NULL_DIGEST, chain
 from butterfly.types.ids import NodeId
@@ -61,7 +59,6 @@ class NewViewPlan:
 
 def prepared_certificates(state: ReplicaState) -> tuple[PreparedCertificate, ...]:
     """For each slot above the checkpoint, the prepared value of the highest view."""
-    n = state.config.n
     certs = []
     for seq in sorted(s for s in state.log if s > state.low):
         slot = state.log[seq]
@@ -69,7 +66,7 @@ def prepared_certificates(state: ReplicaState) -> tuple[PreparedCertificate, ...
             digest = prepared_digest(state, slot, view)
             if digest is None:
                 continue
-            lead = primary(view, n)
+            lead = state.config.primary_of(view)
             votes = sorted(
                 (p for j, p in slot.prepares[view].items() if j != lead and p.digest == digest),
                 key=lambda p: p.sender,
@@ -130,8 +127,8 @@ def valid_stable_proof(
 ) -> bool:
     """2f+1 distinct replicas signed that the log digest at `seq` is `digest`."""
     cfg = state.config
-    if seq == 0:
-        return digest == genesis_digest(cfg.epoch) and not proof
+    if seq == cfg.start:
+        return digest == cfg.genesis and not proof
     if seq % cfg.checkpoint_interval:
         return False
     signers: set[NodeId] = set()
@@ -140,7 +137,7 @@ def valid_stable_proof(
             vote.seq != seq
             or vote.digest != digest
             or vote.epoch != cfg.epoch
-            or not 0 <= vote.sender < cfg.n
+            or not cfg.is_member(vote.sender)
             or vote.sender in signers
             or not verify_message(vote, cfg.keys[vote.sender])
         ):
@@ -151,7 +148,7 @@ def valid_stable_proof(
 
 def valid_certificate(state: ReplicaState, cert: PreparedCertificate) -> bool:
     cfg, pp = state.config, cert.pre_prepare
-    lead = primary(pp.view, cfg.n)
+    lead = cfg.primary_of(pp.view)
     if pp.sender != lead or pp.epoch != cfg.epoch or not valid_body(state, pp):
         return False
     if not verify_message(pp, cfg.keys[lead]):
@@ -160,7 +157,7 @@ def valid_certificate(state: ReplicaState, cert: PreparedCertificate) -> bool:
     for p in cert.prepares:
         if (
             (p.view, p.seq, p.digest, p.epoch) != (pp.view, pp.seq, pp.digest, cfg.epoch)
-            or not 0 <= p.sender < cfg.n
+            or not cfg.is_member(p.sender)
             or p.sender == lead
             or p.sender in voters
             or not verify_message(p, cfg.keys[p.sender])
@@ -172,7 +169,7 @@ def valid_certificate(state: ReplicaState, cert: PreparedCertificate) -> bool:
 
 def valid_view_change(state: ReplicaState, vc: ViewChange, view: int) -> bool:
     cfg = state.config
-    if vc.view != view or vc.epoch != cfg.epoch or not 0 <= vc.sender < cfg.n:
+    if vc.view != view or vc.epoch != cfg.epoch or not cfg.is_member(vc.sender):
         return False
     if not verify_message(vc, cfg.keys[vc.sender]):
         return False
@@ -276,7 +273,7 @@ def on_new_view(state: ReplicaState, nv: NewView, now: float, out: list[Send]) -
     cfg, view = state.config, nv.view
     if view < state.view or (view == state.view and state.active):
         return
-    if nv.sender != primary(view, cfg.n):
+    if nv.sender != cfg.primary_of(view):
         return
     senders = {vc.sender for vc in nv.view_changes}
     if len(senders) != len(nv.view_changes) or len(senders) < cfg.quorum:
@@ -362,6 +359,8 @@ def on_state_transfer(
     for pp in transfer.entries:
         evidence.check_header(state, pp.header(), out)
         apply_entry(state, pp, now, out, reply=False)
+        if state.held:  # a membership change: the rest waits for its owner, then is asked again
+            return
     state.orphans = {k: v for k, v in state.orphans.items() if k[1] > transfer.seq}
     set_stable(state, transfer.seq, transfer.digest, transfer.proof, now, out)
     execute_ready(state, now, out)

@@ -53,6 +53,11 @@ def weak_quorum(f: int) -> int:
     return f + 1
 
 
+def live_members(keys: tuple[bytes, ...]) -> tuple[NodeId, ...]:
+    """The ids whose key is set: a removed member keeps its id with an empty key."""
+    return tuple(NodeId(i) for i, k in enumerate(keys) if k)
+
+
 def primary(view: int, n: int) -> NodeId:
     """Primaries rotate so a faulty one is replaced after one view change."""
     return NodeId(view % n)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from butterfly.agreement.driver import AgreementDriver
 from butterfly.cli.launcher import node_configs
-from butterfly.config import load_config
+from butterfly.config import ButterflyConfig, load_config
 from butterfly.control.facts import NodeFacts, Probe
 from butterfly.control.heartbeats import BeatSource
 from butterfly.control.membership import Link
@@ -133,7 +133,13 @@ class MemoryEdges:
     def transport(self, identity: Identity, emit: Emit, epoch: Callable[[], Epoch]) -> Transport:
         return self._net.transport(identity.node, emit, epoch)
 
-    def heartbeats(self, source: BeatSource, local_state: LocalState, on_beat: OnBeat) -> Link:
+    def heartbeats(
+        self,
+        source: BeatSource,
+        local_state: LocalState,
+        on_beat: OnBeat,
+        members: Mapping[NodeId, str],
+    ) -> Link:
         return self._hub.link(source.node, local_state, on_beat)
 
     def probe(
@@ -231,6 +237,23 @@ class InProcessCluster:
         self.net.down.discard(NodeId(node))
         self._tasks[node] = asyncio.create_task(self.nodes[node].serve(self._stops[node]))
         return self.nodes[node]
+
+    def join(self, cfg: ButterflyConfig) -> Node:
+        """Start a node that was not a member when the cluster started (`cluster
+        add-member`), from its own config: the roster it lists is the agreed one."""
+        i = cfg.node.id
+        if i != len(self.nodes):
+            raise ValueError(f"node {i} joins as node {len(self.nodes)}: ids are appended")
+        node = build_node(
+            cfg,
+            self._model,
+            edges=MemoryEdges(self.net, self.hub, self._spans, FACTS),
+            torch_thread=TorchThread(1, name=f"torch-{i}"),
+        )
+        self.nodes.append(node)
+        self._stops.append(asyncio.Event())
+        self._tasks[i] = asyncio.create_task(node.serve(self._stops[i]))
+        return node
 
     async def restart(self, node: int) -> Node:
         """Stop `node` as a SIGTERM would (it drains and closes its files), then start a

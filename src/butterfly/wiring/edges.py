@@ -9,13 +9,14 @@ and fixed facts, so whole nodes (recovery and eviction included) run in a unit t
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
 from opentelemetry.sdk.trace.export import SpanExporter
 
 from butterfly.config import ButterflyConfig
+from butterfly.config.roster import addresses
 from butterfly.control.facts import FactProbe, Probe
 from butterfly.control.heartbeats import BeatSource, HeartbeatLink
 from butterfly.control.membership import Link
@@ -39,8 +40,15 @@ class Edges(Protocol):
     def transport(self, identity: Identity, emit: Emit, epoch: Callable[[], Epoch]) -> Transport:
         """The node's transport; `epoch` is stamped on every frame it sends."""
 
-    def heartbeats(self, source: BeatSource, local_state: LocalState, on_beat: OnBeat) -> Link:
-        """The heartbeat link: sends `local_state()`, hands peers' beats to `on_beat`."""
+    def heartbeats(
+        self,
+        source: BeatSource,
+        local_state: LocalState,
+        on_beat: OnBeat,
+        members: Mapping[NodeId, str],
+    ) -> Link:
+        """The heartbeat link: sends `local_state()` to `members` (the roster's, read on
+        every beat), hands peers' beats to `on_beat`."""
 
     def probe(
         self, node: NodeId, peers: Sequence[NodeId], transport: Transport, torch: TorchThread
@@ -61,8 +69,7 @@ class NetworkEdges:
 
     def __init__(self, cfg: ButterflyConfig, model_dir: Path) -> None:
         self._cfg, self._model_dir = cfg, model_dir
-        members = {NodeId(i): a for i, a in enumerate(cfg.cluster.members)}
-        self._members = members or {NodeId(cfg.node.id): cfg.node.listen}
+        self._members = addresses(cfg)  # at start; the node's roster follows changes
 
     def clock(self) -> float:
         return time.monotonic()
@@ -93,12 +100,18 @@ class NetworkEdges:
             else None,
         )
 
-    def heartbeats(self, source: BeatSource, local_state: LocalState, on_beat: OnBeat) -> Link:
+    def heartbeats(
+        self,
+        source: BeatSource,
+        local_state: LocalState,
+        on_beat: OnBeat,
+        members: Mapping[NodeId, str],
+    ) -> Link:
         cfg = self._cfg
         return HeartbeatLink(
             source,
             listen=parse_address(cfg.node.listen),
-            peers={n: parse_address(a) for n, a in self._members.items() if n != source.node},
+            peers=_Addresses(members, source.node),
             interval_s=cfg.coordination.heartbeat_interval_ms / 1000,
             local_state=local_state,
             on_beat=on_beat,
@@ -119,6 +132,24 @@ class NetworkEdges:
 
     def spans(self) -> SpanExporter | None:
         return otlp_exporter(self._cfg.observability.otlp_endpoint)
+
+
+class _Addresses(Mapping[NodeId, tuple[str, int]]):
+    """The roster's peers as socket addresses, read through on every use."""
+
+    def __init__(self, members: Mapping[NodeId, str], me: NodeId) -> None:
+        self._members, self._me = members, me
+
+    def __getitem__(self, node: NodeId) -> tuple[str, int]:
+        if node == self._me:
+            raise KeyError(node)
+        return parse_address(self._members[node])
+
+    def __iter__(self) -> Iterator[NodeId]:
+        return iter([n for n in list(self._members) if n != self._me])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 __all__ = ["Edges", "NetworkEdges", "Probe", "parse_address"]

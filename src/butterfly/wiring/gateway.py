@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -75,7 +75,7 @@ class Gateway:
     `node.build_node`); `scheduler` is the one serving while this node acts."""
 
     node: NodeId
-    members: tuple[NodeId, ...]
+    members: Collection[NodeId]  # the roster's, live: a takeover plans over today's members
     config: ConfigManager
     transport: Transport
     report: NodeReport

@@ -29,7 +29,6 @@ from butterfly.metrics.tracing import Tracing
 from butterfly.net.transport import Transport
 from butterfly.partition.service import PartitionService
 from butterfly.protocol.failure_detector import PhiAccrualFailureDetector
-from butterfly.protocol.keys import public_keys
 from butterfly.protocol.proof import tolerance_for
 from butterfly.protocol.sign import SigningKey
 from butterfly.runtime.loader import layer_infos, model_args
@@ -91,10 +90,11 @@ def stage_server(
     key: SigningKey,
     torch_thread: TorchThread,
     server_type: type[StageServer],
+    keys: dict[NodeId, bytes],
 ) -> StageServer:
+    """`keys`: the members' (the roster's, so an added member's inputs check too)."""
     me, byz = NodeId(cfg.node.id), cfg.byzantine
     verify = verifying(cfg)
-    keys = {NodeId(i): k for i, k in enumerate(public_keys(cfg, key))}  # to check inputs
     return server_type(
         torch_thread=torch_thread,
         node=me,
