@@ -147,3 +147,15 @@ async def test_membership_changes_refused_and_one_made_under_load(
         running = asyncio.create_task(gw.engine.run(again, lambda t: None))
         await c.until(running.done, "a request after the restart", beats=3000)
         assert list(running.result().output_ids) == expected
+
+        # a rollback to a version from before the removal restores that version's
+        # settings, not its roster: ids never move, a removed member is added again anew
+        first = gw.config.history.versions()[-1]  # as the node first started
+        assert first.cluster_hash == hash0
+        rollback = asyncio.create_task(gw.agreement.coordinator.rollback(first.version))
+        await c.until(rollback.done, "the rollback", beats=1000)
+        assert [c.key for c in rollback.result().changes] == ["byzantine.audit_fraction"]
+        for node in [gw, *others]:
+            assert node.config.current.byzantine.audit_fraction == start.byzantine.audit_fraction
+            assert node.config.current.cluster.members[victim] == ""
+            assert node.agreement.driver.state.config.epoch == config.epoch

@@ -30,6 +30,7 @@ from butterfly.agreement.config_votes import valid_vote
 from butterfly.config import ButterflyConfig, Proposal, UpdateRefused, apply_patch
 from butterfly.config.fields import config_leaves, field_specs
 from butterfly.config.proposal import Kind, classify, propose_change, restart_required
+from butterfly.config.roster import ROSTER_KEYS
 from butterfly.config.versions import Change, canonical_json, diff_configs
 from butterfly.net.transport import Transport
 from butterfly.protocol.quorum import quorum
@@ -112,11 +113,18 @@ class ConfigCoordinator:
     async def rollback(self, version: int, *, reason: str = "") -> ChangeResult:
         """Go back to the run-time settings of this gateway's history `version`, as a new
         agreed version. Static options stay as they are: they changed by a restart (new
-        ports of a restarted local cluster, say) and only a restart changes them back."""
+        ports of a restarted local cluster, say) and only a restart changes them back. The
+        roster stays too (`config.roster.ROSTER_KEYS`): an earlier one would reuse a
+        removed id or drop an added member, which every node refuses, so any rollback to
+        before a membership change would fail."""
         manager = self.replica.manager
         specs = field_specs()
         then = config_leaves(manager.history.config_at(version))
-        dynamic = {k: v for k, v in then.items() if not specs[k].mutability.requires_restart}
+        dynamic = {
+            k: v
+            for k, v in then.items()
+            if not specs[k].mutability.requires_restart and k not in ROSTER_KEYS
+        }
         target = apply_patch(manager.current, dynamic, f"history version {version}")
         why = reason or f"rollback to version {version}"
         return await self._change(manager.current, target, "rollback", why)

@@ -30,6 +30,10 @@ from butterfly.types.ids import NodeId
 TOMBSTONE = ""
 """A removed member's address and key: its id stays taken."""
 
+ROSTER_KEYS = ("cluster.members", "cluster.public_keys")
+"""The roster's options: moved only by an addition or a removal, never by a rollback
+(an earlier version's roster would bring a removed id back or drop an added one)."""
+
 
 def live_ids(cfg: ButterflyConfig) -> tuple[NodeId, ...]:
     """The members not removed, by id; a node running alone is node `node.id`."""
@@ -218,6 +222,7 @@ def remove_member(cfg: ButterflyConfig, node: NodeId) -> dict[str, Any]:
 
 
 __all__ = [
+    "ROSTER_KEYS",
     "TOMBSTONE",
     "Roster",
     "add_member",
