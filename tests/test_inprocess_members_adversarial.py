@@ -2,12 +2,14 @@
 (`config.roster`, `agreement.config_replica`, `protocol.pbft_members`).
 
 n = 5, f = 1 (nodes 0 and 1 gateway-capable). A member that is not the acting gateway
-cannot start a roster change (its PREPARE gets a REJECT, its own agreement refuses the
-command); an addition with another member's key, a key that is no curve point, or an
-address in use is refused with the reason, and nothing changes; a generation that runs
-while one of its plan's nodes is removed finishes with the reference tokens, and nobody
-is evicted; 4 live members are the limit for f = 1, so the next removal is refused; the
-acting gateway restarted right after the change resumes it and serves.
+cannot start a roster change (no node votes on its PREPARE, its own agreement refuses
+the command); an addition with another member's key, a key that is no curve point, or
+an address in use is refused with the reason, and nothing changes; a generation that
+runs while one of its plan's nodes is removed finishes with the reference tokens, nobody
+is evicted, and the idle fifth node takes the removed one's copy; 4 live members are the
+limit for f = 1, so the next removal is refused; the acting gateway restarted right
+after the change resumes it and serves; a rollback to before the removal keeps the
+roster.
 """
 
 from __future__ import annotations
@@ -111,6 +113,10 @@ async def test_membership_changes_refused_and_one_made_under_load(
         await c.until(lambda: running.done() and removal.done(), "both done", beats=4000)
         removal.result()
         assert list(running.result().output_ids) == expected
+        # the idle member takes the removed standby's copy: every range keeps 2 holders
+        await c.until(lambda: victim not in holders(gw.stage_server.plan), "it left the plan")
+        plan = gw.stage_server.plan
+        assert plan is not None and all(len(plan.holders(r)) >= 2 for _, r in plan.stages)
         for node in c.nodes:
             if node.id != victim:
                 assert node.plans.evicted == {}  # nobody blamed for the change

@@ -54,6 +54,19 @@ def test_a_crashed_chain_node_hands_its_range_to_its_standby() -> None:
     assert decided.plan.replicas == ((2, R(0, 6)),)
 
 
+def test_a_departed_holder_s_copy_goes_to_an_idle_member() -> None:
+    """A fifth member the plan left idle (every range had its two holders) takes the copy
+    a departed standby leaves short, so audits go on; before, the range kept one holder
+    and every request after a removal or crash of a standby went unverified."""
+    five = [N[0], N[1], N[2], NodeId(4)]  # node 3, the standby of 6-12, is gone
+    decided = next_plan(REPLICATED, five, (), {**FACTS, NodeId(4): reply(4)}, placing(2))
+    assert decided.how == "promote" and decided.plan.stages == REPLICATED.stages
+    assert decided.plan.replicas == ((2, R(0, 6)), (4, R(6, 12)))
+    crashed = next_plan(REPLICATED, [N[0], N[2], N[3], NodeId(4)], (), FACTS, placing(2))
+    assert crashed.plan.stages == ((0, R(0, 6)), (3, R(6, 12)))  # promoted, as before
+    assert crashed.plan.replicas == ((2, R(0, 6)), (4, R(6, 12)))
+
+
 def test_a_liars_range_is_not_promoted_but_placed_again() -> None:
     """Its standby's copies of the caches came from the liar's own stage."""
     decided = next_plan(REPLICATED, [N[0], N[2], N[3]], {N[1]}, FACTS, placing(2))

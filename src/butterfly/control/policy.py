@@ -10,7 +10,9 @@ The rules, in order:
   decided over the members still alive.
 - After crashes only (some node departed, none evicted), each gone chain node's range
   goes to a live standby of that range (`promote`): no weights move, and the standby's
-  copies of the KV caches carry on.
+  copies of the KV caches carry on. A live member the old plan left idle (a spare: every
+  range had its copies) then becomes the standby of a range left short of `copies`
+  holders, so a removed or crashed standby does not end the audits of its range.
 - A liar's range is never handed to a standby by promotion (its copies came from the
   liar's own stage), and when some range has no live standby left, the plan is decided
   again: with no replicas in play, from the old plan with as few layers moved as the
@@ -165,7 +167,10 @@ def next_plan(
         if departed and not any(n in evicted for n in departed):
             promoted = promote_standbys(old, epoch, list(live))
             if promoted is not None:
-                return NextPlan(promoted, "promote")
+                # a live member the old plan left idle takes the copy a departed holder
+                # leaves short: a range with one holder is audited by nobody
+                idle = [n for n in sorted(live) if n not in holders(promoted)]
+                return NextPlan(add_standbys(promoted, epoch, idle, cfg.copies), "promote")
         joined = [n for n in sorted(live) if n not in holders(old)]
         if not departed and joined and old.replicas and len(chain) <= len(old.stages):
             return NextPlan(add_standbys(old, epoch, joined, cfg.copies), "join")
