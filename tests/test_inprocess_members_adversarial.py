@@ -117,6 +117,7 @@ async def test_membership_changes_refused_and_one_made_under_load(
         await c.until(lambda: victim not in holders(gw.stage_server.plan), "it left the plan")
         plan = gw.stage_server.plan
         assert plan is not None and all(len(plan.holders(r)) >= 2 for _, r in plan.stages)
+        assert victim not in gw.recovery.failed | gw.recovery.out  # removed, not failed
         for node in c.nodes:
             if node.id != victim:
                 assert node.plans.evicted == {}  # nobody blamed for the change

@@ -360,7 +360,9 @@ class Recovery:
             plan = self._holder.plan
             if plan is None:
                 continue
-            newly = gone(plan, self._status, self.evicted)
+            # a removed member reads as failed too, but left by an agreed change
+            # (`follow` asked for the re-plan): no failure, no strike
+            newly = [n for n in gone(plan, self._status, self.evicted) if n in self._members]
             for n in newly:
                 self._depart(n)
             back = [
