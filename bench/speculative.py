@@ -97,7 +97,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--nodes", type=int, default=4)
     ap.add_argument("--size", default="small")
-    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--link-latency-ms", type=float, default=5.0)
     args = ap.parse_args()
     model_dir = bench_model(args.size)
