@@ -211,10 +211,18 @@ class TaskReplicas:
         self._outbox.put_nowait((msg, payload))
 
     async def send_copies(self) -> None:
-        """Forever (while acting): send what `_post` queued, in order, to each standby."""
+        """Forever (while acting): send what `_post` queued, in order, to each standby;
+        everything queued at once goes out in one turn of the loop, so the connection
+        writes it as one piece (`net.conn.COALESCE_BELOW`), not one write per request."""
         while True:
-            msg, payload = await self._outbox.get()
-            await asyncio.gather(*(self._send(p, msg, payload) for p in self.standbys()))
+            queued = [await self._outbox.get()]
+            while not self._outbox.empty():
+                queued.append(self._outbox.get_nowait())
+            await asyncio.gather(*(self._send_all(p, queued) for p in self.standbys()))
+
+    async def _send_all(self, peer: NodeId, queued: list[tuple[Message, bytes]]) -> None:
+        for msg, payload in queued:
+            await self._send(peer, msg, payload)
 
     async def _send(self, peer: NodeId, msg: Message, payload: bytes) -> None:
         try:
