@@ -159,9 +159,10 @@ class Connection:
         self._writer.write(frame)
 
     def _flush(self) -> None:
-        """Write the short frames of this loop turn as one piece. A socket that closed
-        meanwhile drops them, as it would have dropped them written one by one; `close`
-        has failed the requests waiting on answers."""
+        """Write the short frames of this loop turn as one piece. `close` writes them
+        first, as the transport would have sent frames written before it; a socket the
+        peer or the kernel closed meanwhile drops them, as it would have dropped them
+        written one by one."""
         out, self._out = self._out, []
         if out and not self._writer.is_closing():
             self._writer.write(out[0] if len(out) == 1 else b"".join(out))
@@ -303,6 +304,7 @@ class Connection:
         for task in self._tasks:
             task.cancel()
         with contextlib.suppress(Exception):
+            self._flush()  # what was sent before the close still goes, as when written at once
             self._writer.close()
 
     async def wait_closed(self) -> None:
