@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--nodes", type=int, default=4)
     ap.add_argument("--size", default="small")
-    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--link-latency-ms", type=float, default=5.0)
     args = ap.parse_args()
     model_dir = bench_model(args.size)
@@ -125,6 +126,7 @@ def main() -> None:
             url = cluster.api_url
             infer(url, prompts["story"], 0.0, 0)  # warm-up
             set_config(url, {"generation.speculative.k": args.k})
+            load_before = os.getloadavg()[0]
             for i in range(args.rounds):
                 modes = ["off", "ngram"] if i % 2 == 0 else ["ngram", "off"]
                 for mode in modes:
@@ -134,6 +136,7 @@ def main() -> None:
                             run = infer(url, prompt, temperature, seed=1000 * i + len(name))
                             run["prompt"] = name
                             samples[workload][mode].append(run)
+            load_after = os.getloadavg()[0]
         finally:
             cluster.stop()
             if proxies is not None:
@@ -149,6 +152,8 @@ def main() -> None:
         "latency_harness": harness,
         "settings": SETTINGS,
         "machine": machine(),
+        # other work on the machine: 1-minute load average before and after the rounds
+        "load_average": [round(load_before, 2), round(load_after, 2)],
         "workloads": {},
     }
     for workload, by_mode in samples.items():
@@ -166,6 +171,21 @@ def main() -> None:
         entry["paired_speedup"] = summary(
             [b["tokens_per_s"] / a["tokens_per_s"] for a, b in zip(off, on, strict=True)]
         )
+        entry["by_prompt"] = {
+            name: {
+                "paired_speedup": summary(
+                    [
+                        b["tokens_per_s"] / a["tokens_per_s"]
+                        for a, b in zip(off, on, strict=True)
+                        if a["prompt"] == name
+                    ]
+                ),
+                "traversals_per_token_on": summary(
+                    [r["traversals_per_token"] for r in on if r["prompt"] == name]
+                ),
+            }
+            for name in PROMPTS
+        }
         if workload == "repetitive":  # greedy: the tokens must not change
             entry["identical_greedy_output"] = all(
                 a["output_ids"] == b["output_ids"] for a, b in zip(off, on, strict=True)

@@ -13,7 +13,17 @@ from hypothesis import strategies as st
 from butterfly.dataplane.speculate import confirm, kept_until_stop
 from butterfly.runtime.loader import num_layers
 from butterfly.runtime.tokenizer import TextCodec
-from butterfly.schedule.drafts import MIN_NGRAM, Speculation, draft, ngram_draft
+from butterfly.schedule.drafts import (
+    FLOOR,
+    MIN_NGRAM,
+    SINGLE_HITS,
+    Speculation,
+    draft,
+    draft_length,
+    longest_match,
+    ngram_draft,
+    single_hits,
+)
 from butterfly.testing.pipeline import LocalPipeline
 from butterfly.types.ids import RequestId
 from butterfly.types.model import LayerRange
@@ -62,8 +72,60 @@ def test_text_that_never_repeats_drafts_nothing(text: list[int], k: int) -> None
 def test_the_draft_keeps_to_the_budget_and_the_mode(tokens: list[int], budget: int, k: int) -> None:
     on = draft(tokens, Speculation("ngram", k), budget)
     assert len(on) <= max(0, min(k, budget))
-    assert on == ngram_draft(tokens, min(k, budget), min_ngram=MIN_NGRAM) or budget <= 0
+    full = ngram_draft(tokens, min(k, budget)) if budget > 0 else ()
+    assert on == full[: len(on)]  # the longest match's continuation, cut to its length
+    n, _ = longest_match(tokens)
+    if full and (n >= MIN_NGRAM or single_hits(tokens) >= SINGLE_HITS):
+        assert len(on) == draft_length(n, min(k, budget))  # as long as the match says
+    else:  # no match, or a 1-token one where such lookups have not held lately
+        assert on == ()
     assert draft(tokens, Speculation("off", k), budget) == ()
+
+
+@given(st.lists(st.integers(0, 3), max_size=80), st.integers(1, 40), st.integers(1, 3))
+def test_the_longest_match_is_the_longest_suffix_seen_before_at_its_latest_place(
+    tokens: list[int], most: int, least: int
+) -> None:
+    """Against the definition, by brute force: the longest n whose suffix occurs earlier,
+    and just after its latest earlier occurrence."""
+    end = len(tokens)
+    seen = [
+        (n, j + n)
+        for n in range(least, min(most, end - 1) + 1)
+        for j in range(end - n)
+        if tokens[j : j + n] == tokens[end - n :]
+    ]
+    want = max(seen) if seen else (0, 0)  # longest n, then the latest place
+    assert longest_match(tokens, max_ngram=most, min_ngram=least) == want
+
+
+@given(st.integers(0, 64), st.integers(1, 32))
+def test_the_draft_grows_with_the_match_within_k(match: int, k: int) -> None:
+    """The adaptive length: a longer copy so far drafts at least as far (the recent
+    drafts' acceptance, read from the text), never past k, and a fresh match still
+    drafts FLOOR tokens when k allows."""
+    length = draft_length(match, k)
+    assert min(FLOOR, k) <= length <= k
+    assert draft_length(match + 1, k) >= length
+    assert draft_length(match, k + 1) >= length
+    if match >= k:
+        assert length == k
+
+
+def test_a_long_copy_drafts_k_tokens_and_a_fresh_match_few() -> None:
+    text = list(range(100, 140))
+    long_copy = text + text[:20]  # copying for 20 tokens: the next 8 drafted
+    assert draft(long_copy, Speculation("ngram", 8), 64) == tuple(text[20:28])
+    fresh = text + text[:2]  # a 2-token match: FLOOR drafted
+    assert draft(fresh, Speculation("ngram", 8), 64) == tuple(text[2 : 2 + FLOOR])
+    # a 1-token match drafts only where 1-token lookups held lately
+    assert draft([*text, 100], Speculation("ngram", 8), 64) == ()  # a first repeat
+    loop = [7, 8, 9] * 6
+    assert single_hits(loop) >= SINGLE_HITS
+    assert draft([*loop, 1, 7], Speculation("ngram", 8), 64)[:2] == (8, 9)
+    # the longest match decides between two earlier places of the last 2 tokens
+    older = [1, 2, 3, 4, 9, 9, 7, 3, 4, 5, 9, 9, 1, 2, 3, 4]
+    assert ngram_draft(older, 2) == (9, 9)  # [1 2 3 4] was followed by 9 9, not [3 4] by 5
 
 
 def test_greedy_confirms_the_longest_agreeing_prefix_and_one_more() -> None:

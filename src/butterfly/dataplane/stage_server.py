@@ -506,8 +506,11 @@ class StageServer:
                         traces[i] = [t[j : j + 1] for t in trace or ()]
             return torch.cat([o for o in outs if o is not None], dim=1)
 
-        # a step's kind is its shape: a tiny decode step may run inline (TorchThread.run)
-        kind = ("step", n, x.shape[1])
+        # a step's kind is its row count, rounded up to a power of two: a tiny step may run
+        # inline (TorchThread.run), decided per kind once both paths are timed; keyed by
+        # (entries, rows) as before, 16 concurrent requests of mixed prompt lengths made
+        # so many kinds that 60-75% of steps were a kind's first runs, on the worker
+        kind = ("step", 1 << (x.shape[1] - 1).bit_length())
         sent = self.tamper(await self._torch.run(run, kind))
         if self._keep_outputs and not (msg.last_only and stage.is_last):
             self._keep(msg, sent, offsets)

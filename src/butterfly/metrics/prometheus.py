@@ -259,6 +259,13 @@ class Metrics:
         self._cache_lock = threading.Lock()
         self._cache_hits = 0
         self._cache_lookups = 0
+        # labelled children by label value: `labels()` checks and hashes its arguments
+        # under a lock on every call, and the frame and step events (about 24 per request
+        # on a gateway under bench/api.py) went through it each time; a dict lookup does not
+        self._sent: dict[str, Counter] = {}
+        self._received: dict[str, Counter] = {}
+        self._steps: dict[int, Histogram] = {}
+        self._hops: dict[int, Histogram] = {}
 
     def emit(self, event: MetricsEvent) -> None:
         """Update the collectors for one event; the `Emit` handed to components."""
@@ -275,9 +282,15 @@ class Metrics:
             case BytesTransferred(bytes=n):
                 self.bytes_transferred.inc(n)
             case MessageSent(kind=kind):
-                self.messages_sent.labels(kind=kind).inc()
+                sent = self._sent.get(kind)
+                if sent is None:
+                    sent = self._sent[kind] = self.messages_sent.labels(kind=kind)
+                sent.inc()
             case MessageReceived(kind=kind):
-                self.messages_received.labels(kind=kind).inc()
+                received = self._received.get(kind)
+                if received is None:
+                    received = self._received[kind] = self.messages_received.labels(kind=kind)
+                received.inc()
             case MessageDropped(reason=reason):
                 self.messages_dropped.labels(reason=reason).inc()
             case PartitionComputed(seconds=seconds, cache_hit=hit):
@@ -314,9 +327,15 @@ class Metrics:
             case LoopRestarted(loop=loop):
                 self.loop_restarts.labels(loop=loop).inc()
             case StageStepTimed(stage=stage, seconds=seconds):
-                self.stage_step.labels(stage=str(stage)).observe(seconds)
+                step = self._steps.get(stage)
+                if step is None:
+                    step = self._steps[stage] = self.stage_step.labels(stage=str(stage))
+                step.observe(seconds)
             case HopTimed(peer=peer, seconds=seconds):
-                self.hop.labels(peer=str(peer)).observe(seconds)
+                hop = self._hops.get(peer)
+                if hop is None:
+                    hop = self._hops[peer] = self.hop.labels(peer=str(peer))
+                hop.observe(seconds)
             case Traversed(drafted=drafted, accepted=accepted):
                 self.traversals.inc()
                 if drafted:

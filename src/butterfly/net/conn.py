@@ -60,6 +60,13 @@ Reply = tuple[Message, bytes]
 # `write` (frames never interleave), and awaiting `drain` on every small frame cost a
 # coroutine round per frame for nothing while the buffer is empty.
 DRAIN_ABOVE = 256 * 1024
+COALESCE_BELOW = 64 * 1024
+"""Frames shorter than this, sent in one turn of the event loop, leave in one `write`
+at its end (`_flush`): under bench/api.py's 16 clients a gateway sent its copies, steps,
+releases and ends as 4 writes per request, each a system call that on loopback also runs
+the receiver's TCP path, and the standby answered a burst of copies committed together
+one write each. Longer frames (prefill activations, KV copies) go out at once, after
+what is waiting, so `drain` sees them in the buffer."""
 MAX_HANDLERS = 64
 """Handlers in flight per connection. Steps of one peer are batched (one frame carries a
 whole batch) and torch runs one job at a time, so a well-behaved peer rarely has more
@@ -107,6 +114,7 @@ class Connection:
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Envelope]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._out: list[bytes] = []  # short frames of this loop turn, in order (`_flush`)
         self.closed = False
         self.close_reason = ""
 
@@ -142,7 +150,22 @@ class Connection:
     def _write(self, frame: bytes) -> None:
         if self._writer.is_closing():
             raise ConnectionResetError("the socket is closing")
+        if len(frame) < COALESCE_BELOW:
+            if not self._out:
+                asyncio.get_running_loop().call_soon(self._flush)
+            self._out.append(frame)
+            return
+        self._flush()  # what waits goes first: frames never reorder
         self._writer.write(frame)
+
+    def _flush(self) -> None:
+        """Write the short frames of this loop turn as one piece. `close` writes them
+        first, as the transport would have sent frames written before it; a socket the
+        peer or the kernel closed meanwhile drops them, as it would have dropped them
+        written one by one."""
+        out, self._out = self._out, []
+        if out and not self._writer.is_closing():
+            self._writer.write(out[0] if len(out) == 1 else b"".join(out))
 
     async def _send_chunked(self, env: Envelope, frame: bytes) -> None:
         """Write a message over the frame limit as chunks, draining as the buffer fills,
@@ -281,6 +304,7 @@ class Connection:
         for task in self._tasks:
             task.cancel()
         with contextlib.suppress(Exception):
+            self._flush()  # what was sent before the close still goes, as when written at once
             self._writer.close()
 
     async def wait_closed(self) -> None:

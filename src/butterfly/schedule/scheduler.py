@@ -17,7 +17,7 @@ decides *where*. Its promises, in the order a task meets them:
 Concurrency: `run()` owns one TaskGroup holding the dispatch loop's tasks; every engine
 call is a child of it, so nothing outlives `run()` and nothing is fire-and-forget. All
 state is touched on the event loop only; store writes are made inline on the loop, the
-writes of one loop turn in one commit (`_GroupCommit`), reads go to a thread.
+writes of one loop turn in one commit (`schedule.group_commit`), reads go to a thread.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from butterfly.metrics.events import (
 from butterfly.metrics.events import discard as discard_events
 from butterfly.metrics.logcontext import REQUEST_ID
 from butterfly.schedule.engine import Engine, PromptScored, Retraction, Streamed
+from butterfly.schedule.group_commit import GroupCommit
 from butterfly.schedule.queue import QueuePolicy, TaskQueue
 from butterfly.schedule.state import (
     DISPATCH,
@@ -119,62 +120,6 @@ class _Live:
     result: InferenceResult | None = None
 
 
-class _GroupCommit:
-    """Store writes made during one turn of the event loop, committed together just after
-    it (`call_soon`): concurrent requests arrive, and finish, in bursts (one step result
-    finishes every request of a batch), and one commit per burst replaces one per write.
-    Each caller still awaits its own write's commit, so "committed before answered" holds;
-    waiting adds no latency, as the flush runs before the loop next polls for I/O."""
-
-    def __init__(self, store: TaskStore) -> None:
-        self._store = store
-        self._adds: list[tuple[InferenceTask, asyncio.Future[None]]] = []
-        self._finishes: list[
-            tuple[tuple[RequestId, TaskState, InferenceResult | None], asyncio.Future[None]]
-        ] = []
-        self._scheduled = False
-
-    def add(self, task: InferenceTask) -> asyncio.Future[None]:
-        fut = self._schedule()
-        self._adds.append((task, fut))
-        return fut
-
-    def finish(
-        self, task_id: RequestId, state: TaskState, result: InferenceResult | None
-    ) -> asyncio.Future[None]:
-        fut = self._schedule()
-        self._finishes.append(((task_id, state, result), fut))
-        return fut
-
-    def _schedule(self) -> asyncio.Future[None]:
-        loop = asyncio.get_running_loop()
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._flush)
-        return loop.create_future()
-
-    def _flush(self) -> None:
-        adds, self._adds = self._adds, []
-        finishes, self._finishes = self._finishes, []
-        self._scheduled = False
-        futures = [f for _, f in adds] + [f for _, f in finishes]
-        try:
-            refused = self._store.write([t for t, _ in adds], [w for w, _ in finishes])
-        except Exception as e:
-            for fut in futures:
-                if not fut.done():  # a caller cancelled meanwhile; the write still stands
-                    fut.set_exception(e)
-            return
-        outcomes: list[BaseException | None] = [*refused, *([None] * len(finishes))]
-        for fut, error in zip(futures, outcomes, strict=True):
-            if fut.done():
-                continue
-            if error is None:
-                fut.set_result(None)
-            else:
-                fut.set_exception(error)
-
-
 class Scheduler:
     def __init__(
         self,
@@ -196,7 +141,7 @@ class Scheduler:
         if max_concurrent < 1:
             raise ValueError(f"max_concurrent must be at least 1, got {max_concurrent}")
         self._engine, self._store, self._emit = engine, store, emit
-        self._writes = _GroupCommit(store)
+        self._writes = GroupCommit(store)
         self._max_concurrent = max_concurrent
         self._detokenize = detokenize
         self._clock = clock

@@ -47,6 +47,7 @@ import base64
 import contextlib
 import json
 import logging
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,6 +55,7 @@ from butterfly.control.gateway_role import GatewayRole
 from butterfly.net.conn import Reply
 from butterfly.net.framing import Envelope
 from butterfly.net.transport import Transport
+from butterfly.schedule.group_commit import GroupCommit
 from butterfly.schedule.state import TaskState, TaskStatus
 from butterfly.schedule.store import (
     Checkpoint,
@@ -63,7 +65,7 @@ from butterfly.schedule.store import (
     task_from_json,
     task_to_json,
 )
-from butterfly.types.errors import ButterflyError, ServiceUnavailable
+from butterfly.types.errors import ButterflyError, ServiceUnavailable, TaskAlreadyExists
 from butterfly.types.ids import Epoch, NodeId, RequestId
 from butterfly.types.tasks import InferenceResult, InferenceTask
 from butterfly.types.wire.frames import Message
@@ -110,6 +112,7 @@ class TaskReplicas:
         self.node, self._path, self._role, self._transport = node, path, role, transport
         self._status, self._timeout_s = status, timeout_s
         self._store: TaskStore | None = None
+        self._writes: GroupCommit | None = None  # a standby's copies and ends: `_group`
         self._outbox: asyncio.Queue[tuple[Message, bytes]] = asyncio.Queue(OUTBOX)
         self.copies = 0  # tasks a standby acknowledged, for tests and health
         self._missed: set[NodeId] = set()  # standbys that lack a copy: `keep_standbys`
@@ -125,11 +128,22 @@ class TaskReplicas:
             self._store = TaskStore(self._path)
         return self._store
 
+    def _group(self) -> GroupCommit:
+        """The standby's writes of one loop turn in one commit: the acting gateway sends a
+        copy and an end per task, as fast as clients send tasks, and a commit each was
+        two SQLite transactions per request on this node's event loop (which also runs
+        a stage of the pipeline)."""
+        store = self.store
+        if self._writes is None:
+            self._writes = GroupCommit(store)
+        return self._writes
+
     def close(self) -> None:
         self._closed = True
         if self._store is not None:
             self._store.close()
             self._store = None
+            self._writes = None
 
     def standbys(self) -> list[NodeId]:
         """The other gateway-capable nodes, but for those the detector calls failed (each
@@ -197,10 +211,18 @@ class TaskReplicas:
         self._outbox.put_nowait((msg, payload))
 
     async def send_copies(self) -> None:
-        """Forever (while acting): send what `_post` queued, in order, to each standby."""
+        """Forever (while acting): send what `_post` queued, in order, to each standby;
+        everything queued at once goes out in one turn of the loop, so the connection
+        writes it as one piece (`net.conn.COALESCE_BELOW`), not one write per request."""
         while True:
-            msg, payload = await self._outbox.get()
-            await asyncio.gather(*(self._send(p, msg, payload) for p in self.standbys()))
+            queued = [await self._outbox.get()]
+            while not self._outbox.empty():
+                queued.append(self._outbox.get_nowait())
+            await asyncio.gather(*(self._send_all(p, queued) for p in self.standbys()))
+
+    async def _send_all(self, peer: NodeId, queued: list[tuple[Message, bytes]]) -> None:
+        for msg, payload in queued:
+            await self._send(peer, msg, payload)
 
     async def _send(self, peer: NodeId, msg: Message, payload: bytes) -> None:
         try:
@@ -296,8 +318,11 @@ class TaskReplicas:
             return None
         try:
             task = task_from_json(msg.task_id, env.payload.decode())
-            self.store.copy(task)
-        except (ValueError, KeyError, TypeError, ButterflyError) as e:  # malformed, closed
+            # committed, with the other writes of this loop turn, before the answer
+            await self._group().add(task)
+        except TaskAlreadyExists:
+            pass  # a second copy of one task is the same task, not an error
+        except (ValueError, KeyError, TypeError, ButterflyError, sqlite3.Error) as e:
             return TaskCopied(self.node, msg.task_id, False, f"{type(e).__name__}: {e}"), b""
         return TaskCopied(self.node, msg.task_id, True), b""
 
@@ -313,12 +338,12 @@ class TaskReplicas:
         msg = env.msg
         if not isinstance(msg, TaskSettled):
             return None
-        with contextlib.suppress(ValueError, KeyError, TypeError, ButterflyError):
+        with contextlib.suppress(ValueError, KeyError, TypeError, ButterflyError, sqlite3.Error):
             state = TaskState(TaskStatus(msg.status), msg.reason, msg.error_type)
             if not state.terminal:
                 return None
             result = result_from_json(msg.task_id, env.payload.decode()) if env.payload else None
-            self.store.finish(RequestId(msg.task_id), state, result)
+            await self._group().finish(RequestId(msg.task_id), state, result)
         return None
 
 

@@ -1,0 +1,116 @@
+"""A standby gateway's copies of the acting gateway's tasks: each copy is committed before
+it is answered, and the copies and ends that arrive together share one commit
+(butterfly.wiring.standby, butterfly.schedule.group_commit).
+
+The acting gateway copies every accepted task before its 202 and sends its end when it
+finishes, so under load a standby (which also runs a stage) received two SQLite commits
+per request on its event loop; grouped, a burst of them costs one WAL commit."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from butterfly.control.gateway_role import GatewayRole
+from butterfly.metrics.events import discard
+from butterfly.net.conn import Reply
+from butterfly.net.framing import Envelope
+from butterfly.net.memory import MemoryNetwork
+from butterfly.schedule.store import task_to_json
+from butterfly.types.ids import Epoch, NodeId, RequestId
+from butterfly.types.tasks import InferenceTask
+from butterfly.types.wire.standby import TaskCopied, TaskCopy, TaskSettled
+from butterfly.wiring.standby import TaskReplicas
+
+pytestmark = pytest.mark.timeout(60)
+ACTING, STANDBY = NodeId(0), NodeId(1)
+TASKS = 24
+WAL_HEADER, FRAME_HEADER = 32, 24
+
+
+def standby(path: Path) -> TaskReplicas:
+    role = GatewayRole(gateways=[ACTING, STANDBY], status=lambda n: "healthy", evicted=tuple)
+    return TaskReplicas(
+        node=STANDBY,
+        path=path,
+        role=role,
+        transport=MemoryNetwork().transport(STANDBY, discard),
+        status=lambda n: "healthy",
+        timeout_s=lambda: 1.0,
+    )
+
+
+def from_acting(msg: TaskCopy | TaskSettled, payload: bytes = b"") -> Envelope:
+    return Envelope(msg, ACTING, Epoch(1), "test", payload=payload)
+
+
+def statuses(path: Path) -> dict[str, str]:
+    """What another connection reads: only what was committed."""
+    with sqlite3.connect(path) as db:
+        return dict(db.execute("SELECT task_id, status FROM tasks").fetchall())
+
+
+def wal_frames(path: Path, page_size: int) -> int:
+    wal = Path(f"{path}-wal")
+    size = wal.stat().st_size if wal.exists() else 0
+    return max(0, size - WAL_HEADER) // (FRAME_HEADER + page_size)
+
+
+async def test_copies_are_committed_before_their_answer_and_a_burst_shares_a_commit(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "tasks.db"
+    replicas = standby(path)
+    try:
+        with sqlite3.connect(replicas.store.path) as db:
+            page_size = int(db.execute("PRAGMA page_size").fetchone()[0])
+        tasks = [
+            InferenceTask(RequestId(f"task-{i}"), (1, 2, 3, i), max_new_tokens=4)
+            for i in range(TASKS)
+        ]
+        before = wal_frames(path, page_size)
+
+        async def copy(task: InferenceTask) -> tuple[Reply | None, str | None]:
+            env = from_acting(TaskCopy(task.task_id), task_to_json(task).encode())
+            reply = await replicas.on_copy(ACTING, env)
+            return reply, statuses(path).get(task.task_id)  # read as soon as answered
+
+        answers = await asyncio.gather(*(copy(t) for t in tasks))
+        for reply, status in answers:
+            assert reply is not None
+            copied = reply[0]
+            assert isinstance(copied, TaskCopied) and copied.ok, copied
+            assert status == "queued"  # committed when the answer came
+        grouped = wal_frames(path, page_size) - before
+        # one commit per copy appends at least one page (frame) each: 24 or more
+        assert 0 < grouped < TASKS // 2, grouped
+
+        # a second copy of a task is the same task, not an error
+        again = await replicas.on_copy(
+            ACTING, from_acting(TaskCopy(tasks[0].task_id), task_to_json(tasks[0]).encode())
+        )
+        assert again is not None and isinstance(again[0], TaskCopied) and again[0].ok
+
+        # the ends, grouped the same way
+        await asyncio.gather(
+            *(
+                replicas.on_settled(ACTING, from_acting(TaskSettled(t.task_id, "failed", "x", "e")))
+                for t in tasks
+            )
+        )
+        assert set(statuses(path).values()) == {"failed"}
+    finally:
+        replicas.close()
+
+
+async def test_a_copy_to_a_closed_standby_is_refused_not_lost(tmp_path: Path) -> None:
+    replicas = standby(tmp_path / "tasks.db")
+    replicas.close()
+    task = InferenceTask(RequestId("late"), (1, 2), max_new_tokens=2)
+    reply = await replicas.on_copy(
+        ACTING, from_acting(TaskCopy(task.task_id), task_to_json(task).encode())
+    )
+    assert reply is not None and isinstance(reply[0], TaskCopied) and not reply[0].ok
