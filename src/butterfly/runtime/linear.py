@@ -25,11 +25,11 @@ output: measured 0.75 MB per new row count at 20 rows of a [768 -> 6144] product
 at 250, about 40 KB per row for the small model's four packed weights together. Every new
 prompt length added one, and a node under mixed prompt lengths grew 23-33 MB/min
 (bench/soak.py). So a packed product runs its rows in few shapes (`row_chunks`): a decode
-batch of up to `EXACT_ROWS` rows padded to a power of two, longer ones padded to a
-multiple of `ROW_ALIGN` and cut into chunks of at most `MAX_CHUNK_ROWS`: 12 shapes per
-weight whatever the length (`ROW_SHAPES`). Rows are computed independently (a row's
-result does not depend on its batch, tests/test_linear.py), so padding rows only cost
-their compute and are dropped.
+batch of up to `UNPADDED_ROWS` rows as it is, of up to `EXACT_ROWS` padded to a power of
+two, longer ones padded to a multiple of `ROW_ALIGN` and cut into chunks of at most
+`MAX_CHUNK_ROWS`: 13 shapes per weight whatever the length (`ROW_SHAPES`). Rows are
+computed independently (a row's result does not depend on its batch,
+tests/test_linear.py), so padding rows only cost their compute and are dropped.
 
 Each primitive is also JIT-compiled code, an anonymous rwx mapping of 0.2-2 MB, per shape
 and per thread count (a decode step may run on the event loop's one thread, an audit
@@ -60,6 +60,10 @@ log = logging.getLogger(__name__)
 
 # products with at most this many rows (decode batches) run padded to a power of two
 EXACT_ROWS = 16
+# ... but those of at most this many keep their own shape: padding 3 rows to 4 cost a
+# packed decode step of the small model 10% (26.3 -> 29.0 ms), and batches of up to 4
+# are the common ones
+UNPADDED_ROWS = 4
 # longer packed products are padded to a multiple of this and run in chunks of at most
 # MAX_CHUNK_ROWS; 128 rows of the small model's largest product is 0.6 GFLOP, enough
 # for the kernel's blocking, so chunking costs only the ~12 us of one more call each
@@ -239,13 +243,14 @@ def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) ->
 
 
 def row_chunks(rows: int) -> list[int]:
-    """The row counts a packed product of `rows` rows runs as: up to `EXACT_ROWS`, `rows`
-    rounded up to a power of two (3 -> [4]); else rounded up to `ROW_ALIGN` and cut into
-    chunks of at most `MAX_CHUNK_ROWS` (200 -> [128, 80]): the shapes oneDNN caches and
-    compiles stay the few of `ROW_SHAPES`. A decode product streams its weight from
-    memory, so a padded row costs it little."""
+    """The row counts a packed product of `rows` rows runs as: up to `UNPADDED_ROWS`,
+    `[rows]`; up to `EXACT_ROWS`, `rows` rounded up to a power of two (5 -> [8]); else
+    rounded up to `ROW_ALIGN` and cut into chunks of at most `MAX_CHUNK_ROWS` (200 ->
+    [128, 80]): the shapes oneDNN caches and compiles stay the few of `ROW_SHAPES`."""
+    if rows <= UNPADDED_ROWS:
+        return [rows]
     if rows <= EXACT_ROWS:
-        return [1 << max(0, rows - 1).bit_length()] if rows else [0]
+        return [1 << (rows - 1).bit_length()]
     padded = -(-rows // ROW_ALIGN) * ROW_ALIGN
     full, rest = divmod(padded, MAX_CHUNK_ROWS)
     return [MAX_CHUNK_ROWS] * full + ([rest] if rest else [])
@@ -253,11 +258,12 @@ def row_chunks(rows: int) -> list[int]:
 
 ROW_SHAPES = tuple(
     sorted(
-        {1 << i for i in range(EXACT_ROWS.bit_length())}
+        {*range(1, UNPADDED_ROWS + 1)}
+        | {1 << i for i in range(EXACT_ROWS.bit_length())}
         | {*range(ROW_ALIGN, MAX_CHUNK_ROWS + 1, ROW_ALIGN)}
     )
 )
-"""Every row count `row_chunks` runs a packed product in (12 with the defaults)."""
+"""Every row count `row_chunks` runs a packed product in (13 with the defaults)."""
 
 
 def _packed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
