@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import tempfile
 import time
@@ -36,6 +37,22 @@ def rss_mb(pid: int) -> float | None:
     except OSError:
         return None
     return None
+
+
+def code_mappings(pid: int) -> tuple[int, float] | None:
+    """Anonymous writable-executable mappings of `pid` (JIT-compiled kernel code, oneDNN's
+    and MKL's) and their size in MB: the growth the soak found in the chain nodes."""
+    count, size = 0, 0
+    try:
+        lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) == 5 and fields[1] == "rwxp":  # no path: anonymous
+            start, end = (int(a, 16) for a in fields[0].split("-"))
+            count, size = count + 1, size + end - start
+    return count, round(size / 2**20, 1)
 
 
 def slope_mb_per_min(points: list[tuple[float, float]]) -> float | None:
@@ -81,14 +98,24 @@ def _openai(body: dict[str, Any], model: str) -> dict[str, Any]:
     return {"model": model, "prompt": body["input_ids"], "max_tokens": body["max_new_tokens"]}
 
 
-async def sample(pids: list[int], stop: float, out: list[list[tuple[float, float]]]) -> None:
+async def sample(
+    pids: list[int],
+    stop: float,
+    out: list[list[tuple[float, float]]],
+    code: list[list[tuple[float, int, float]]],
+    loads: list[float],
+) -> None:
     t0 = time.monotonic()
     while time.monotonic() < stop:
         now = time.monotonic() - t0
+        loads.append(os.getloadavg()[0])
         for i, pid in enumerate(pids):
             mb = rss_mb(pid)
             if mb is not None:
                 out[i].append((now, mb))
+            mapped = code_mappings(pid)
+            if mapped is not None:
+                code[i].append((now, *mapped))
         await asyncio.sleep(SAMPLE_S)
 
 
@@ -96,11 +123,13 @@ async def load(url: str, pids: list[int], args: argparse.Namespace) -> dict[str,
     stop = time.monotonic() + args.minutes * 60
     counts = {"completed": 0, "failed": 0}
     points: list[list[tuple[float, float]]] = [[] for _ in pids]
+    code: list[list[tuple[float, int, float]]] = [[] for _ in pids]
+    loads: list[float] = []
     rngs = [random.Random(args.seed + i) for i in range(args.clients)]
     async with httpx.AsyncClient(timeout=30, follow_redirects=True) as http:
         model = (await http.get(f"{url}/v1/models")).json()["data"][0]["id"]
     clients = (client(url, model, stop, r, counts) for r in rngs)
-    await asyncio.gather(sample(pids, stop, points), *clients)
+    await asyncio.gather(sample(pids, stop, points, code, loads), *clients)
     warm = args.warmup_min * 60
     nodes = {}
     for i, pts in enumerate(points):
@@ -110,8 +139,20 @@ async def load(url: str, pids: list[int], args: argparse.Namespace) -> dict[str,
             "slope_mb_per_min": slope_mb_per_min(pts),
             "slope_mb_per_min_after_warmup": slope_mb_per_min([p for p in pts if p[0] >= warm]),
             "samples": len(pts),
+            # anonymous rwx mappings (JIT kernel code): count and MB, at the first sample,
+            # at the end of the warm-up and at the last
+            "code_mappings": [
+                list(c[1:])
+                for c in (code[i][:1] + [c for c in code[i] if c[0] >= warm][:1] + code[i][-1:])
+            ],
         }
-    return {"requests": counts, "nodes": nodes}
+    loads.sort()
+    spread = [loads[0], loads[len(loads) // 2], loads[-1]] if loads else []
+    return {
+        "requests": counts,
+        "load_average_1min_min_median_max": [round(x, 1) for x in spread],
+        "nodes": nodes,
+    }
 
 
 def main() -> None:

@@ -19,10 +19,10 @@ from butterfly.agreement.authority import UnauthorizedCommand
 from butterfly.runtime.generate import generate
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.tokenizer import TextCodec
-from butterfly.schedule.state import TaskStatus
+from butterfly.schedule.state import TaskState, TaskStatus
 from butterfly.testing.inprocess import InProcessCluster
 from butterfly.types.ids import NodeId, RequestId
-from butterfly.types.tasks import InferenceTask, SamplingParams
+from butterfly.types.tasks import InferenceResult, InferenceTask, SamplingParams
 from butterfly.types.wire.commands import TakeOver, encode_command
 from butterfly.wiring.gateway import Gateway
 
@@ -201,3 +201,30 @@ async def test_a_gateway_starting_to_act_runs_the_tasks_only_a_standby_held(
             return stored is not None and stored.state.terminal
 
         await c.until(settled_on_standby, "node 1 told the task's end")
+
+
+async def test_a_gateway_starting_to_act_takes_the_results_only_a_standby_held(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Node 1 acted while node 0 was down and finished two tasks before the whole cluster
+    stopped: one node 0 never saw, one node 0 holds a copy of, unfinished. Node 0, acting
+    again, takes both results from node 1: the first is readable from it, the second is
+    not run again (its result is node 1's, not a fresh run's tokens)."""
+    c = InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS)
+    unseen, copied = task(tiny_model, "unseen"), task(tiny_model, "copied")
+    marked = {unseen.task_id: (7, 7, 7), copied.task_id: (9, 9, 9)}  # no run gives these
+    standby_store = gateway(c, 1).replicas.store
+    for t in (unseen, copied):
+        standby_store.copy(t)
+        result = InferenceResult(t.task_id, output_ids=marked[t.task_id])
+        standby_store.finish(t.task_id, TaskState(TaskStatus.COMPLETED), result)
+    gateway(c, 0).replicas.store.copy(copied)
+    async with c:
+        first = gateway(c, 0)
+        await c.until(lambda: first.scheduler is not None, "node 0 serving")
+        assert first.scheduler is not None
+        for t in (unseen, copied):
+            done = await first.scheduler.wait(t.task_id, 60)
+            assert done.state.status is TaskStatus.COMPLETED
+            assert done.result is not None
+            assert done.result.output_ids == marked[t.task_id]

@@ -133,13 +133,60 @@ def test_tiny_llama_with_every_matrix_packed_matches_transformers(
 
 
 def test_packed_products_run_in_few_shapes_whatever_the_length() -> None:
-    """oneDNN caches a primitive and an output-sized buffer per shape (runtime/linear.py):
-    one shape per prompt length grew a node's memory with every new length."""
+    """oneDNN caches a primitive and an output-sized buffer per shape, and compiles its
+    code (runtime/linear.py): one shape per prompt length grew a node's memory with every
+    new length, and one per decode batch size kept adding code after the warm-up."""
     shapes: set[int] = set()
     for rows in range(1, 4097):
         chunks = lin.row_chunks(rows)
-        assert sum(chunks) >= rows and sum(chunks) - rows < lin.ROW_ALIGN
+        assert sum(chunks) >= rows
+        assert sum(chunks) - rows < (lin.ROW_ALIGN if rows > lin.EXACT_ROWS else rows)
+        if rows <= lin.UNPADDED_ROWS:
+            assert chunks == [rows]  # the common decode batches are not padded
         shapes.update(chunks)
-    assert shapes == set(range(1, lin.EXACT_ROWS + 1)) | set(
-        range(lin.ROW_ALIGN, lin.MAX_CHUNK_ROWS + 1, lin.ROW_ALIGN)
-    )
+    assert shapes == set(lin.ROW_SHAPES) and len(shapes) == 13
+
+
+def code_mappings() -> int:
+    """Anonymous writable-executable mappings of this process: JIT-compiled kernels."""
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    return sum(1 for line in maps if len(line.split()) == 5 and line.split()[1] == "rwxp")
+
+
+@needs_packing
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="no /proc")
+def test_no_kernel_is_compiled_after_load_whatever_the_rows_and_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Once `prepare` returned a packed weight, no product of any row count (decode
+    batches of 1-16, prompts of up to 300) on one thread or two compiles new code: the
+    chain nodes' code mappings grew ~2 a minute in bench/soak.py while rare shapes
+    turned up. Every product runs in one of the `ROW_SHAPES`."""
+    monkeypatch.setattr(lin, "candidates", lambda precision: ("packed",))
+    monkeypatch.setattr(lin, "_CHOSEN", {})
+    monkeypatch.setattr(lin, "_WARMED", set())
+    # a shape no other test packs, so its kernels are this test's own
+    g = torch.Generator().manual_seed(5)
+    with lin.timed_on_threads(2):
+        weight = lin.prepare(torch.randn(208, 96, generator=g), FP32)
+    assert isinstance(weight, torch.Tensor) and weight.is_mkldnn
+    ran: list[int] = []
+    packed = lin._packed
+
+    def counted(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        ran.append(x.numel() // x.shape[-1])
+        return packed(x, w, b)
+
+    monkeypatch.setattr(lin, "_packed", counted)
+    before = code_mappings()
+    threads = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            for count in (1, 2):
+                torch.set_num_threads(count)
+                for rows in range(1, 301):
+                    lin.linear(torch.randn(1, rows, 96, generator=g), weight)
+    finally:
+        torch.set_num_threads(threads)
+    assert set(ran) <= set(lin.ROW_SHAPES)
+    assert code_mappings() == before

@@ -24,11 +24,22 @@ ideep's (1024 entries each) keep it together with a buffer the size of the produ
 output: measured 0.75 MB per new row count at 20 rows of a [768 -> 6144] product, 6.1 MB
 at 250, about 40 KB per row for the small model's four packed weights together. Every new
 prompt length added one, and a node under mixed prompt lengths grew 23-33 MB/min
-(bench/soak.py). So a packed product runs its rows in few shapes (`row_chunks`): up to
-`EXACT_ROWS` (decode batches) as they are, above that padded to a multiple of
-`ROW_ALIGN` and cut into chunks of at most `MAX_CHUNK_ROWS`: 23 shapes per weight
-whatever the length. Rows are computed independently (a row's result does not depend on
-its batch, tests/test_linear.py), so padding rows only cost their compute and are dropped.
+(bench/soak.py). So a packed product runs its rows in few shapes (`row_chunks`): a decode
+batch of up to `UNPADDED_ROWS` rows as it is, of up to `EXACT_ROWS` padded to a power of
+two, longer ones padded to a multiple of `ROW_ALIGN` and cut into chunks of at most
+`MAX_CHUNK_ROWS`: 13 shapes per weight whatever the length (`ROW_SHAPES`). Rows are
+computed independently (a row's result does not depend on its batch,
+tests/test_linear.py), so padding rows only cost their compute and are dropped.
+
+Each primitive is also JIT-compiled code, an anonymous rwx mapping of 0.2-2 MB, per shape
+and per thread count (a decode step may run on the event loop's one thread, an audit
+runs on one thread, the rest on the node's torch threads). Made on first use, they kept
+arriving for as long as the soak ran, as rare shapes turned up: the chain nodes' code
+mappings went 47 -> 69 in 11 minutes after the warm-up (1.2-1.3 MB/min; node logs with
+`ONEDNN_VERBOSE=profile_create`: one mapping per primitive cache miss, each miss the
+first product of one row count at one thread count). So `prepare` runs every shape of
+a packed weight once at load, on one thread and on the decode threads (`warm`): the
+code is made before the node serves, and none after.
 """
 
 from __future__ import annotations
@@ -47,8 +58,12 @@ from butterfly.runtime.precision import Precision, int8_weight_kernel_available,
 
 log = logging.getLogger(__name__)
 
-# products with at most this many rows (decode batches) keep their own shape
+# products with at most this many rows (decode batches) run padded to a power of two
 EXACT_ROWS = 16
+# ... but those of at most this many keep their own shape: padding 3 rows to 4 cost a
+# packed decode step of the small model 10% (26.3 -> 29.0 ms), and batches of up to 4
+# are the common ones
+UNPADDED_ROWS = 4
 # longer packed products are padded to a multiple of this and run in chunks of at most
 # MAX_CHUNK_ROWS; 128 rows of the small model's largest product is 0.6 GFLOP, enough
 # for the kernel's blocking, so chunking costs only the ~12 us of one more call each
@@ -88,6 +103,7 @@ class KernelChoice:
 
 
 _CHOSEN: dict[tuple[tuple[int, int], Precision, int], KernelChoice] = {}
+_WARMED: set[tuple[tuple[int, int], Precision, int]] = set()
 _DECODE_THREADS: ContextVar[int | None] = ContextVar("decode_threads", default=None)
 
 
@@ -162,7 +178,32 @@ def prepare(
     log.info(
         "kernel for %s %s: %s (us per decode product: %s)", shape, precision.name, kernel, micros
     )
-    return built[kernel]
+    chosen = built[kernel]
+    if isinstance(chosen, torch.Tensor) and chosen.is_mkldnn:
+        warm(chosen, precision, sorted({1, threads}))
+    return chosen
+
+
+def warm(weight: torch.Tensor, precision: Precision, threads: list[int]) -> None:
+    """Run a packed product once in every shape of `ROW_SHAPES` on each of `threads`, so
+    oneDNN compiles its kernels now rather than while the node serves (see the module's
+    docstring); once per weight shape, precision and thread count in a process. Without
+    a bias: a layer with one gets kernels of its own on first use."""
+    loading_threads = torch.get_num_threads()
+    try:
+        for count in threads:
+            key = ((int(weight.shape[0]), int(weight.shape[1])), precision, count)
+            if key in _WARMED:
+                continue
+            torch.set_num_threads(count)
+            with torch.inference_mode():
+                for rows in ROW_SHAPES:
+                    _packed(
+                        torch.zeros(rows, int(weight.shape[1]), dtype=precision.dtype), weight, None
+                    )
+            _WARMED.add(key)
+    finally:
+        torch.set_num_threads(loading_threads)
 
 
 def time_decode(built: dict[str, Weight], precision: Precision) -> dict[str, float]:
@@ -202,14 +243,27 @@ def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) ->
 
 
 def row_chunks(rows: int) -> list[int]:
-    """The row counts a packed product of `rows` rows runs as: `[rows]` up to
-    `EXACT_ROWS`, else `rows` rounded up to `ROW_ALIGN` and cut into chunks of at most
-    `MAX_CHUNK_ROWS` (200 -> [128, 80]), so the shapes oneDNN caches stay few."""
-    if rows <= EXACT_ROWS:
+    """The row counts a packed product of `rows` rows runs as: up to `UNPADDED_ROWS`,
+    `[rows]`; up to `EXACT_ROWS`, `rows` rounded up to a power of two (5 -> [8]); else
+    rounded up to `ROW_ALIGN` and cut into chunks of at most `MAX_CHUNK_ROWS` (200 ->
+    [128, 80]): the shapes oneDNN caches and compiles stay the few of `ROW_SHAPES`."""
+    if rows <= UNPADDED_ROWS:
         return [rows]
+    if rows <= EXACT_ROWS:
+        return [1 << (rows - 1).bit_length()]
     padded = -(-rows // ROW_ALIGN) * ROW_ALIGN
     full, rest = divmod(padded, MAX_CHUNK_ROWS)
     return [MAX_CHUNK_ROWS] * full + ([rest] if rest else [])
+
+
+ROW_SHAPES = tuple(
+    sorted(
+        {*range(1, UNPADDED_ROWS + 1)}
+        | {1 << i for i in range(EXACT_ROWS.bit_length())}
+        | {*range(ROW_ALIGN, MAX_CHUNK_ROWS + 1, ROW_ALIGN)}
+    )
+)
+"""Every row count `row_chunks` runs a packed product in (13 with the defaults)."""
 
 
 def _packed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

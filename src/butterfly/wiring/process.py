@@ -6,10 +6,13 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import faulthandler
+import io
 import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable
 from typing import NoReturn
 
@@ -67,21 +70,88 @@ def prepare_process(cfg: ButterflyConfig) -> int:
     return torch_threads
 
 
-def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """Run `main(stop)` on uvloop; SIGINT and SIGTERM set `stop`."""
+STOP_DEADLINE_S = 4.5
+"""A node asked to stop has ended by then, whatever still runs: the gateway's grace for
+running tasks is 3 s, and the whole cluster is to stop within 5 s (issue 13)."""
+BLOCKED_LOOP_SLACK_S = 1.0
+"""Beyond the deadline, how long a thread waits for the event loop to end the process
+before ending it itself (the loop is then blocked, and cannot)."""
+
+
+def run_until_signalled(
+    main: Callable[[asyncio.Event], Awaitable[None]], deadline_s: float = STOP_DEADLINE_S
+) -> None:
+    """Run `main(stop)` on uvloop; SIGINT and SIGTERM set `stop`, and the process ends
+    `deadline_s` after that at the latest.
+
+    A stop is bounded because what it waits for may not come: under heavy load a gateway
+    that had just taken over was still waiting on its own cancelled work 10 s after
+    SIGTERM (tests/test_shutdown.py, the node SIGKILLed). Ending it then loses nothing:
+    every accepted task was committed to the SQLite store before its 202 (and copied to
+    the standby gateways), each running one's checkpoint too, and the next acting
+    gateway resumes them. What still ran is logged first, each asyncio task with its
+    stack (`overdue_tasks`), so the wait can be found; should the event loop itself be
+    blocked, a thread ends the process `BLOCKED_LOOP_SLACK_S` later, with every
+    thread's stack (`end_by_deadline`)."""
 
     async def guarded() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def stopping() -> None:
+            if not stop.is_set():
+                end_by_deadline(deadline_s + BLOCKED_LOOP_SLACK_S)
+            stop.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await main(stop)
+            loop.add_signal_handler(sig, stopping)
+        work = asyncio.ensure_future(main(stop))
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        done, _ = await asyncio.wait({work}, timeout=deadline_s)
+        if not done:
+            log.error(
+                "still running %.1f s after the stop: ending the process; waiting were:\n%s",
+                deadline_s,
+                overdue_tasks(),
+            )
+            end_process(0)
+        work.result()  # its error, if it failed
 
     # uvloop: asyncio's pure-Python loop (selector, handles, the self-pipe wake-up after
     # each torch job) showed in every node's profile under many short requests; uvloop
     # runs the same loop in C (docs/PERFORMANCE.md, API throughput)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(guarded())
+
+
+def overdue_tasks() -> str:
+    """Every asyncio task of the running loop but the caller, each with its stack."""
+    out = io.StringIO()
+    me = asyncio.current_task()
+    for task in asyncio.all_tasks():
+        if task is not me:
+            task.print_stack(limit=12, file=out)
+    return out.getvalue()
+
+
+def end_by_deadline(deadline_s: float) -> threading.Timer:
+    """End the process `deadline_s` from now unless it ended first, with the stacks of
+    every thread logged: a thread, so that a blocked event loop cannot hold it up."""
+
+    def overdue() -> None:
+        log.error("still running %.1f s after the stop, its event loop blocked", deadline_s)
+        with contextlib.suppress(Exception):
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        end_process(0)
+
+    timer = threading.Timer(deadline_s, overdue)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 def end_process(code: int) -> NoReturn:
@@ -100,4 +170,12 @@ def end_process(code: int) -> NoReturn:
     os._exit(code)
 
 
-__all__ = ["end_process", "prepare_process", "return_large_blocks_to_the_os", "run_until_signalled"]
+__all__ = [
+    "STOP_DEADLINE_S",
+    "end_by_deadline",
+    "end_process",
+    "overdue_tasks",
+    "prepare_process",
+    "return_large_blocks_to_the_os",
+    "run_until_signalled",
+]

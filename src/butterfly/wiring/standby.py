@@ -15,7 +15,12 @@ directory. The acting gateway writes to its own and copies to the others:
 - a task's end, with its result (`TaskSettled`, one-way), so finished results stay
   readable from whichever gateway acts next;
 - from each standby when it starts acting, the unfinished tasks only the standby holds
-  (`pull`: a gateway that acted while this one was down accepted them);
+  (`pull`: a gateway that acted while this one was down accepted them), and the last
+  `SYNC_RESULTS` results it holds, for tasks this node lacks or holds unfinished: a
+  gateway that acted while this one was down may have finished tasks it could not copy
+  here (the whole cluster stopped before `keep_standbys` caught this node up), and
+  without them their ids would be unknown here, their results unreadable for good
+  (tests/test_shutdown.py waited 300 s for three such results);
 - to each standby when it starts acting, and to a standby that missed a copy (it was
   failed, or a copy to it was lost) once it is healthy again, everything it may lack:
   every unfinished task with its checkpoint, and the last `RESYNC_RESULTS` results
@@ -50,6 +55,7 @@ import logging
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from butterfly.control.gateway_role import GatewayRole
 from butterfly.net.conn import Reply
@@ -88,6 +94,11 @@ control message and one SQLite insert: milliseconds, megabytes of prompt include
 RESYNC_RESULTS = 1024
 """Finished results a returning standby is given (the most recent; older ones stay
 readable from the gateways that hold them)."""
+SYNC_RESULTS = 128
+"""Finished results a standby hands a gateway that starts acting (`pull`), the most
+recent: those it may have finished while acting itself, with that gateway away. Each
+carries its stages' signed records (tens of KB for a few dozen tokens), and the pull
+is on the takeover's path, so fewer than `RESYNC_RESULTS`."""
 WATCH_STANDBYS_S = 0.5
 """How often the acting gateway looks for standbys that came back."""
 SEND_TIMEOUT_S = 1.0
@@ -268,28 +279,23 @@ class TaskReplicas:
 
     async def pull(self) -> int:
         """Take into this node's store the unfinished tasks (and checkpoints) each standby
-        holds that it lacks; returns how many were new. A standby that does not answer
-        in time is skipped (it is given this node's tasks later, `keep_standbys`)."""
-        store, new = self.store, 0
+        holds that it lacks, and the standby's recent results of tasks it lacks or holds
+        unfinished; returns how many tasks changed here (new, or now finished). A standby
+        that does not answer in time is skipped (it is given this node's tasks later,
+        `keep_standbys`)."""
+        store, changed = self.store, 0
         for peer in self.standbys():
             try:
                 _, payload = await self._transport.ask(
                     peer, TaskSync(), timeout=COPY_TIMEOUT_S, channel="control"
                 )
-                records = json.loads(payload)
-                for task_id, text, checkpoint in records:
-                    if store.get(task_id) is None:
-                        store.copy(task_from_json(task_id, text))
-                        new += 1
-                    if checkpoint is not None:
-                        tokens, rng, epoch = checkpoint
-                        saved = Checkpoint(tuple(tokens), base64.b64decode(rng), epoch)
-                        store.save_checkpoint(RequestId(task_id), saved)
+                for record in json.loads(payload):
+                    changed += _take(store, record)
             except (ButterflyError, ValueError, KeyError, TypeError) as e:
                 log.warning("unfinished tasks of node %s not taken: %s", peer, e)
-        if new:
-            log.warning("took %d unfinished task(s) only a standby held", new)
-        return new
+        if changed:
+            log.warning("took %d task(s) only a standby held, or held finished", changed)
+        return changed
 
     # --- a standby: the router's handlers (only the acting gateway may send these) ------
 
@@ -298,9 +304,10 @@ class TaskReplicas:
             return None
         try:
             unfinished = self.store.unfinished()
+            finished = self.store.recently_finished(SYNC_RESULTS)
         except ButterflyError:  # stopping: the asker goes on without this node's tasks
             return None
-        records = [
+        records: list[list[object]] = [
             [
                 task.task_id,
                 task_to_json(task),
@@ -310,7 +317,21 @@ class TaskReplicas:
             ]
             for task, c in unfinished
         ]
-        return TaskSyncReply(self.node, len(records)), json.dumps(records).encode()
+        records += [
+            [
+                done.task.task_id,
+                task_to_json(done.task),
+                None,
+                [
+                    done.state.status.value,
+                    done.state.reason,
+                    done.state.error_type,
+                    result_to_json(done.result) if done.result is not None else None,
+                ],
+            ]
+            for done in finished
+        ]
+        return TaskSyncReply(self.node, len(unfinished)), json.dumps(records).encode()
 
     async def on_copy(self, peer: NodeId, env: Envelope) -> Reply | None:
         msg = env.msg
@@ -345,6 +366,35 @@ class TaskReplicas:
             result = result_from_json(msg.task_id, env.payload.decode()) if env.payload else None
             await self._group().finish(RequestId(msg.task_id), state, result)
         return None
+
+
+def _take(store: TaskStore, record: list[Any]) -> int:
+    """One record of a standby's `TaskSync` reply into `store`: 1 if the task was new
+    here or is now finished here, else 0. A record is the task's id, its JSON, its
+    checkpoint (or None) and, for a finished task, its end: status, reason, error type
+    and result JSON (or None). A task this node already holds finished stays as it is."""
+    task_id, text, checkpoint, *rest = record
+    held = store.get(task_id)
+    if held is not None and held.state.terminal:
+        return 0
+    changed = 0
+    if held is None:
+        store.copy(task_from_json(task_id, text))
+        changed = 1
+    if rest and rest[0] is not None:
+        status, reason, error_type, result = rest[0]
+        state = TaskState(TaskStatus(status), reason, error_type)
+        if not state.terminal:
+            raise ValueError(f"task {task_id} sent as finished in state {status!r}")
+        store.finish(
+            RequestId(task_id), state, result_from_json(task_id, result) if result else None
+        )
+        return 1
+    if checkpoint is not None:
+        tokens, rng, epoch = checkpoint
+        saved = Checkpoint(tuple(tokens), base64.b64decode(rng), epoch)
+        store.save_checkpoint(RequestId(task_id), saved)
+    return changed
 
 
 __all__ = ["TaskReplicas"]

@@ -9,7 +9,8 @@ end. Only the acting gateway may send them (`protocol.entitled`).
     task_settled      acting gateway   the standby records the end and the result (one-way)
     task_sync         acting gateway   task_sync_reply: the standby's unfinished tasks, so
                                        a gateway that starts acting runs those only a
-                                       standby held (one that acted while it was down)
+                                       standby held (one that acted while it was down),
+                                       and its recent results, so theirs stay readable
 
 The task and the result travel as the task store's own JSON records in the payload
 (`schedule.store.task_to_json`, `result_to_json`): the standby writes what the acting
@@ -67,7 +68,9 @@ class TaskSettled:
 @dataclass(frozen=True, slots=True)
 class TaskSyncReply:
     """`count` unfinished tasks; the payload is a JSON list of records, each the task's
-    id, its store record, and its checkpoint if any (tokens, RNG state in base64, epoch)."""
+    id, its store record, and its checkpoint if any (tokens, RNG state in base64, epoch);
+    then the standby's recent finished tasks, each with a fourth item, its end (status,
+    reason, error type, result record or null)."""
 
     kind: ClassVar[str] = "task_sync_reply"
     node: NodeId
