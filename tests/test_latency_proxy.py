@@ -25,12 +25,31 @@ def echo() -> Iterator[tuple[str, int]]:
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     box: dict[str, object] = {}
+    handlers: set[asyncio.Task[None]] = set()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-        writer.close()
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+            handlers.discard(task)
+
+    async def shut(server: asyncio.Server) -> None:
+        # Handlers still reading when the test ends are cancelled and awaited here, so
+        # no task or StreamWriter outlives the loop (a writer collected after the loop
+        # closed warns, and warnings are errors in this suite).
+        server.close()
+        for task in list(handlers):
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        await server.wait_closed()
 
     async def serve() -> None:
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
@@ -47,7 +66,7 @@ def echo() -> Iterator[tuple[str, int]]:
     finally:
         server = box["server"]
         assert isinstance(server, asyncio.Server)
-        loop.call_soon_threadsafe(server.close)
+        asyncio.run_coroutine_threadsafe(shut(server), loop).result(timeout=10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
         loop.close()
