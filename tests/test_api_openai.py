@@ -92,7 +92,7 @@ async def test_bad_completion_requests(tiny_model: Path, tmp_path: Path) -> None
             ({"model": "tiny", "prompt": "x", "n": 17}, "n"),
             ({"model": "tiny", "prompt": "x", "max_token": 3}, "max_token"),  # a typo
             ({"model": "tiny", "prompt": "x", "stop": ""}, "stop"),
-            ({"model": "tiny", "prompt": ["a", "b"]}, "prompt"),
+            ({"model": "tiny", "prompt": ["a"] * 33}, "prompt"),  # a batch over 32
             ({"model": "tiny", "prompt": "x", "max_tokens": 4096}, "4096"),
             ({"prompt": "x"}, "model"),
         ]

@@ -176,6 +176,38 @@ async def test_n_choices_sample_with_successive_seeds(tiny_model: Path, tmp_path
         assert streamed == texts
 
 
+async def test_a_batch_of_prompts_answers_n_choices_per_prompt(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """`prompt` as a list of texts (what LangChain's completion model sends on every
+    call) or of token-id lists: prompt i's choices at i*n.., each as the prompt alone."""
+    async with serving(tiny_model, tmp_path / "t.db") as s:
+        texts = ["Once upon", "The end"]
+        alone = []
+        for text in texts:
+            body = {"prompt": text, "max_tokens": 6, "temperature": 1.0, "seed": 5, "n": 2}
+            answer = (await post(s.client, "/v1/completions", **body)).json()
+            alone += [c["text"] for c in sorted(answer["choices"], key=lambda c: c["index"])]
+        ids = [s.codec.encode(t) for t in texts]
+        base = {"max_tokens": 6, "temperature": 1.0, "seed": 5, "n": 2}
+        for prompt in (texts, ids):
+            answer = (await post(s.client, "/v1/completions", prompt=prompt, **base)).json()
+            assert [c["index"] for c in answer["choices"]] == [0, 1, 2, 3]
+            assert [c["text"] for c in answer["choices"]] == alone
+            assert answer["usage"]["prompt_tokens"] == sum(len(i) for i in ids)
+            assert answer["usage"]["completion_tokens"] == 4 * 6
+        r = await post(s.client, "/v1/completions", prompt=texts, stream=True, echo=True, **base)
+        streamed = ["", "", "", ""]
+        for c in events(r.text)[:-1]:
+            for choice in c["choices"]:
+                streamed[choice["index"]] += choice["text"]
+        assert streamed == [texts[i // 2] + alone[i] for i in range(4)]
+        r = await s.client.post(
+            "/v1/completions", json={"model": "tiny", "prompt": ["a"] * 5, "n": 16}
+        )
+        assert_error(r, 400, "invalid_request", "80 completions")
+
+
 async def test_penalties_change_greedy_output_as_the_reference_does(
     tiny_model: Path, tmp_path: Path
 ) -> None:
@@ -357,7 +389,7 @@ async def test_a_quiet_stream_sends_keepalive_comments(tiny_model: Path, tmp_pat
         gw = s.app.state.gateway
         body = CompletionRequest(model="tiny", prompt="Once", max_tokens=5)
         codec: TextCodec = s.codec
-        run: Run = await start(gw, codec, codec.encode("Once"), 5, SamplingParams(), 1, ())
+        run: Run = await start(gw, codec, [codec.encode("Once")], 5, SamplingParams(), 1, ())
         messages = stream(run, CompletionChunks(gw, 0, body), False, keepalive_s=0.01)
         first = [await anext(messages) for _ in range(3)]
         await messages.aclose()

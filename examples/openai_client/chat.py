@@ -1,7 +1,7 @@
 """A chat loop in the terminal over `/v1/chat/completions`, streamed token by token.
 
     butterfly cluster up --nodes 2 --model /path/to/an-instruct-checkpoint
-    python examples/openai/chat.py [--url http://127.0.0.1:8080/v1] [--system "..."]
+    python examples/openai_client/chat.py [--url http://127.0.0.1:8080/v1] [--system "..."]
 
 The conversation is kept here and sent whole each turn, as with any OpenAI-compatible
 server; the checkpoint's own chat template (tokenizer_config.json) turns it into the

@@ -6,7 +6,7 @@ Start a cluster first (it serves the demo model, or `--model DIR` for a checkpoi
 
 then
 
-    python examples/openai/client.py [--url http://127.0.0.1:8080/v1]
+    python examples/openai_client/client.py [--url http://127.0.0.1:8080/v1]
 
 The model name is the cluster's `model.served_name` (default: the model directory's
 name); the script reads it from `/v1/models`, as any client can. With `api.tokens` set,

@@ -110,18 +110,18 @@ class CompletionChunks:
             finish_reason=finish,
         )
 
-    def _echo(self, run: Run) -> str:
-        return str(run.choices[0].tokenizer.decode(run.prompt, skip_special_tokens=True))
+    def _echo(self, choice: ChoiceText) -> str:
+        return str(choice.tokenizer.decode(choice.prompt, skip_special_tokens=True))
 
     def opening(self, run: Run, index: int) -> dict[str, Any] | None:
         """The echoed prompt, with its logprobs when asked (the choice holds them)."""
         if not self.body.echo:
             return None
-        logprobs = None
+        logprobs, choice = None, run.choices[index]
         if self.scores_prompt:
-            logprobs = completion_logprobs(run.choices[index], [], 0, run.prompt)
-        choice = CompletionChoice(text=self._echo(run), index=index, logprobs=logprobs)
-        return self._object(run, [choice])
+            logprobs = completion_logprobs(choice, [], 0, choice.prompt)
+        echoed = CompletionChoice(text=self._echo(choice), index=index, logprobs=logprobs)
+        return self._object(run, [echoed])
 
     def delta(self, run: Run, choice: ChoiceText, text: str) -> dict[str, Any]:
         return self._object(run, [self._choice(choice, text, None)])
@@ -140,12 +140,10 @@ class CompletionChunks:
     def whole(self, run: Run, verified: str) -> dict[str, Any]:
         choices = []
         for c in run.choices:
-            prefix = (
-                c.tokenizer.decode(run.prompt, skip_special_tokens=True) if self.body.echo else ""
-            )
+            prefix = self._echo(c) if self.body.echo else ""
             logprobs = None
             if self.body.logprobs is not None:
-                echoed = run.prompt if self.body.echo else []
+                echoed = c.prompt if self.body.echo else []
                 logprobs = completion_logprobs(c, c.scored, 0, echoed)
             choices.append(
                 CompletionChoice(
@@ -270,7 +268,7 @@ def router(gw: Gateway, limited: Depends) -> APIRouter:
         body = await parse(request, CompletionRequest, gw.settings.max_request_bytes)
         _model(gw, body.model)
         codec = _codec(gw)
-        ids = await gw.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
+        prompts = [await gw.encode(p) if isinstance(p, str) else p for p in body.prompts()]
         # echo with logprobs: the prompt's tokens scored too (only then: it costs the
         # last stage every prompt position's logits)
         sampling = _sampling(body, body.logprobs, body.logprobs if body.echo else None)
@@ -279,7 +277,9 @@ def router(gw: Gateway, limited: Depends) -> APIRouter:
                 "max_tokens 0 generates nothing: it is for `echo` (the prompt, with its "
                 "logprobs when `logprobs` is set, as evaluation harnesses ask); give at least 1"
             )
-        run = await start(gw, codec, ids, body.max_tokens, sampling, body.n, body.stops(), fewest=0)
+        run = await start(
+            gw, codec, prompts, body.max_tokens, sampling, body.n, body.stops(), fewest=0
+        )
         chunks = CompletionChunks(gw, int(time.time()), body)
         if body.stream:
             events = stream(run, chunks, body.include_usage())
@@ -315,7 +315,7 @@ def router(gw: Gateway, limited: Depends) -> APIRouter:
             max_tokens = max(1, min(gw.settings.max_new_tokens_limit, room))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         sampling = _sampling(body, logprobs)
-        run = await start(gw, codec, ids, max_tokens, sampling, body.n, body.stops())
+        run = await start(gw, codec, [ids], max_tokens, sampling, body.n, body.stops())
         chunks = ChatChunks(gw, int(time.time()), body)
         if body.stream:
             events = stream(run, chunks, body.include_usage())

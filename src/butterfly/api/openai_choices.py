@@ -28,6 +28,7 @@ class ChoiceText:
     tokenizer: Tokenizer
     stops: StopScanner
     eos_ids: frozenset[int]
+    prompt: list[int] = field(default_factory=list)  # the token ids it continues
     decoder: IncrementalText = field(init=False)
     tokens: list[int] = field(default_factory=list)
     scored: list[Sampled | None] = field(default_factory=list)

@@ -2,7 +2,9 @@
 
 Each choice is its own task in the scheduler (same queue, limits and checks as any
 request); choice `i` of a seeded request samples with `seed + i`, so a seeded request
-with `n > 1` gives `n` different, reproducible answers.
+with `n > 1` gives `n` different, reproducible answers. A batch of prompts (completions)
+gives each its `n` choices in turn, seeded the same way: a prompt answers the same
+whether it came alone or in a batch.
 
 Stop strings travel with each task (`InferenceTask.stop`): the engine ends the generation
 at the token whose text completes one, as at end of sequence, so neither a whole answer
@@ -29,11 +31,11 @@ from fastapi.responses import JSONResponse, Response
 from butterfly.api.errors import error_body
 from butterfly.api.gateway import Gateway
 from butterfly.api.openai_choices import ChoiceText, StopScanner
-from butterfly.api.openai_schema import Usage
+from butterfly.api.openai_schema import MAX_TASKS, Usage
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.schedule.engine import PromptScored, Retraction, Streamed, Token
 from butterfly.schedule.state import TaskStatus
-from butterfly.types.errors import ButterflyError
+from butterfly.types.errors import ButterflyError, InvalidRequest
 from butterfly.types.ids import RequestId
 from butterfly.types.tasks import InferenceResult, InferenceTask, SamplingParams
 
@@ -57,15 +59,13 @@ class Run:
     gw: Gateway
     tasks: list[InferenceTask]
     choices: list[ChoiceText]
-    prompt: list[int]
+    prompts: list[list[int]]
 
     def usage(self) -> Usage:
+        """Each prompt counted once, whatever its `n`, as OpenAI counts them."""
         done = sum(len(c.tokens) for c in self.choices)
-        return Usage(
-            prompt_tokens=len(self.prompt),
-            completion_tokens=done,
-            total_tokens=len(self.prompt) + done,
-        )
+        read = sum(len(p) for p in self.prompts)
+        return Usage(prompt_tokens=read, completion_tokens=done, total_tokens=read + done)
 
     async def cancel_unfinished(self, keep: Collection[int] = ()) -> None:
         """Cancel every task but those at the indexes in `keep` (ended, or handed out)."""
@@ -79,7 +79,7 @@ class Run:
 async def start(
     gw: Gateway,
     codec: TextCodec,
-    ids: list[int],
+    prompts: list[list[int]],
     max_tokens: int | None,
     sampling: SamplingParams,
     n: int,
@@ -87,15 +87,25 @@ async def start(
     *,
     fewest: int = 1,
 ) -> Run:
-    """Submit the request's `n` tasks (all or none: a refused one cancels the others);
+    """Submit `n` tasks per prompt (all or none: a refused one cancels the others);
     `fewest`: the least `max_tokens` allowed (`Gateway.token_task`)."""
-    tasks = []
-    for i in range(n):
-        seed = None if sampling.seed is None else (sampling.seed + i) % SEED_SPAN
-        seeded = replace(sampling, seed=seed)
-        tasks.append(gw.token_task(ids, max_tokens, seeded, stop=stops, fewest=fewest))
-    choices = [ChoiceText(i, codec.tokenizer, StopScanner(stops), codec.eos_ids) for i in range(n)]
-    run = Run(gw, [], choices, ids)
+    if len(prompts) * n > MAX_TASKS:
+        raise InvalidRequest(
+            f"{len(prompts)} prompts x n={n} is {len(prompts) * n} completions; one request "
+            f"may ask for at most {MAX_TASKS}: split the batch"
+        )
+    tasks: list[InferenceTask] = []
+    choices: list[ChoiceText] = []
+    for ids in prompts:
+        for i in range(n):
+            seed = None if sampling.seed is None else (sampling.seed + i) % SEED_SPAN
+            seeded = replace(sampling, seed=seed)
+            tasks.append(gw.token_task(ids, max_tokens, seeded, stop=stops, fewest=fewest))
+            index = len(choices)
+            choices.append(
+                ChoiceText(index, codec.tokenizer, StopScanner(stops), codec.eos_ids, ids)
+            )
+    run = Run(gw, [], choices, prompts)
     try:
         for task in tasks:
             await gw.scheduler.submit(task)

@@ -21,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from butterfly.api.requests import SEED_MAX, StrictBody
 
 MAX_CHOICES = 16  # `n`: completions per request
+MAX_PROMPTS = 32  # prompts in one completions request (LangChain batches 20 by default)
+MAX_TASKS = 64  # prompts x n: the tasks one request may queue
 MAX_LOGPROBS = 20  # OpenAI's bound on `logprobs` / `top_logprobs`
 MAX_STOPS = 16  # stop strings per request (OpenAI allows 4; vLLM more)
 
@@ -90,16 +92,35 @@ class SamplingFields(StrictBody):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
-class CompletionRequest(SamplingFields):
-    """`POST /v1/completions`."""
+PromptText = Annotated[str, Field(min_length=1)]
+PromptIds = Annotated[list[int], Field(min_length=1)]
+Batch = Field(min_length=1, max_length=MAX_PROMPTS)
 
-    prompt: Annotated[str, Field(min_length=1)] | Annotated[list[int], Field(min_length=1)]
+
+class CompletionRequest(SamplingFields):
+    """`POST /v1/completions`. `prompt` takes OpenAI's four forms: a text, token ids, or
+    a batch of either (LangChain's completion model sends every call as a list of texts);
+    a batch of k prompts answers k x n choices, prompt i's at indexes i*n to i*n+n-1."""
+
+    prompt: (
+        PromptText
+        | PromptIds
+        | Annotated[list[PromptText], Batch]
+        | Annotated[list[PromptIds], Batch]
+    )
     # None = what the context leaves; 0 (with `echo` only) scores the prompt, no new token
     max_tokens: Annotated[int, Field(ge=0)] | None = 16
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: bool = False  # the prompt's text before the completion
     best_of: Annotated[int, Field(ge=1)] | None = None  # ignored
     suffix: str | None = None  # ignored
+
+    def prompts(self) -> list[str | list[int]]:
+        """The batch of prompts (one for a single text or a single list of ids)."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        items: list[Any] = list(self.prompt)
+        return [items] if isinstance(items[0], int) else items
 
 
 class TextPart(StrictBody):
@@ -295,6 +316,8 @@ class Accepted(BaseModel):
 __all__ = [
     "IGNORED",
     "MAX_CHOICES",
+    "MAX_PROMPTS",
+    "MAX_TASKS",
     "Accepted",
     "ChatCompletion",
     "ChatCompletionChunk",
