@@ -382,6 +382,26 @@ async def test_fields_sdks_send_are_accepted_and_ignored(tiny_model: Path, tmp_p
         assert r.status_code == 200, r.text
 
 
+async def test_a_negative_seed_and_stream_obfuscation_are_taken(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """OpenAI's seed is any 64-bit integer (its spec, and vLLM, take negative ones):
+    folded into the sampler's 0..2^63-1, so it is reproducible; `include_obfuscation`
+    (newer OpenAI SDKs) is accepted and ignored."""
+    async with serving(tiny_model, tmp_path / "t.db") as s:
+        base = {"prompt": "Once", "max_tokens": 8, "temperature": 1.0}
+        negative = (await post(s.client, "/v1/completions", seed=-1, **base)).json()
+        folded = (await post(s.client, "/v1/completions", seed=(1 << 63) - 1, **base)).json()
+        assert negative["choices"][0]["text"] == folded["choices"][0]["text"]
+        r = await s.client.post(
+            "/v1/completions", json={"model": "tiny", **base, "seed": -(1 << 64)}
+        )
+        assert_error(r, 400, "invalid_request", "seed")
+        options = {"include_usage": True, "include_obfuscation": False}
+        r = await post(s.client, "/v1/completions", stream=True, stream_options=options, **base)
+        assert events(r.text)[-2]["usage"]["completion_tokens"] == 8
+
+
 async def test_a_quiet_stream_sends_keepalive_comments(tiny_model: Path, tmp_path: Path) -> None:
     """A scheduler that never dispatches: the stream has no token to send, and says so
     with a comment every interval instead of going silent."""

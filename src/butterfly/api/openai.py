@@ -24,7 +24,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from butterfly.api.gateway import Gateway
 from butterfly.api.openai_choices import ChoiceText, chat_logprobs, completion_logprobs
-from butterfly.api.openai_run import Run, start, stream, whole
+from butterfly.api.openai_run import SEED_SPAN, Run, start, stream, whole
 from butterfly.api.openai_schema import (
     AssistantMessage,
     ChatChoice,
@@ -75,7 +75,7 @@ def _sampling(
         temperature=body.temperature,
         top_k=body.top_k,
         top_p=body.top_p,
-        seed=body.seed,
+        seed=None if body.seed is None else body.seed % SEED_SPAN,  # a negative one folded
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
         logprobs=logprobs,

@@ -29,7 +29,9 @@ MAX_STOPS = 16  # stop strings per request (OpenAI allows 4; vLLM more)
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
-Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
+# OpenAI's seed is any 64-bit integer (vLLM takes negative ones too); the sampler's
+# generator takes 0..2^63-1, so a negative seed is folded into it (`openai._sampling`)
+Seed = Annotated[int, Field(ge=-SEED_MAX - 1, le=SEED_MAX)]
 StopString = Annotated[str, Field(min_length=1, max_length=256)]
 Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)]
 
@@ -60,6 +62,9 @@ IGNORED = (
 
 class StreamOptions(StrictBody):
     include_usage: bool = False  # a last chunk with `usage` and no choices
+    # accepted and ignored: OpenAI's random padding of chunks against length side
+    # channels, which a stream from a local cluster does not need
+    include_obfuscation: bool | None = None
 
 
 class SamplingFields(StrictBody):
