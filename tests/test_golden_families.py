@@ -206,6 +206,7 @@ def assert_greedy_up_to_ties(
         ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
         ({"model_type": "phi3"}, "phi3"),
         ({"model_type": "gemma"}, "gemma"),
+        ({"quantization_config": {"quant_method": "fp8"}}, "quantization_config"),
     ],
 )
 def test_fields_it_cannot_honour_are_refused_by_name(
@@ -220,4 +221,23 @@ def test_fields_it_cannot_honour_are_refused_by_name(
     cfg.update(change)
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnknownArchitecture, match=field):
+        load_stage(path)
+
+
+def test_weights_stored_in_float8_are_refused(checkpoints, tmp_path: Path) -> None:
+    """An FP8 checkpoint keeps a scale beside each weight (`weight_scale_inv`); converting
+    the float8 weight alone computed every projection off by that scale, silently."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "m"
+    shutil.copytree(checkpoints["llama_biases_gelu"][0], path)
+    tensors = load_file(path / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    scale = tensors[name].abs().amax() / 448
+    tensors[name] = (tensors[name] / scale).to(torch.float8_e4m3fn)
+    tensors[name.removesuffix("weight") + "weight_scale_inv"] = scale.reshape(1, 1)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UnknownArchitecture, match="float8"):
         load_stage(path)

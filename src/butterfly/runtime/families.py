@@ -25,7 +25,29 @@ REFUSED = {
 }
 
 
+def refuse_prequantized(config: dict[str, Any]) -> None:
+    """A checkpoint quantized before it shipped (FP8, GPTQ, AWQ, bitsandbytes, ...)
+    stores its weights with scales beside them (`weight_scale_inv`, `qweight`/`scales`,
+    `SCB`) that only its `quantization_config` explains. Read as plain weights, an FP8
+    checkpoint loaded without a word and computed with every projection off by its
+    scale; so any `quantization_config` is refused by name. Butterfly quantizes an
+    unquantized checkpoint itself (`model.quantization = "int8"`)."""
+    quant = config.get("quantization_config")
+    if quant is None:
+        return
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    raise UnknownArchitecture(
+        f"config field quantization_config (quant_method {method!r}) is not supported: "
+        "Butterfly loads unquantized checkpoints (float32, bfloat16 or float16 weights) "
+        'and quantizes them itself with model.quantization = "int8"; use the '
+        "checkpoint's unquantized release"
+    )
+
+
 def family_for(config: dict[str, Any]) -> Family:
+    """The family of `model_type`; a family Butterfly does not run, or a checkpoint
+    quantized before it shipped, is refused with the reason."""
+    refuse_prequantized(config)
     model_type = config.get("model_type")
     if model_type in FAMILIES:
         return FAMILIES[model_type]

@@ -23,6 +23,9 @@ from butterfly.types.errors import MissingTensor, TensorShapeMismatch, UnknownAr
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+# Floating dtypes a weight may be stored in: float8 ones come with per-block scales
+# (a quantized checkpoint), which a plain conversion would drop
+STORED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:
@@ -115,6 +118,12 @@ class CheckpointReader:
                         raise TensorShapeMismatch(
                             f"tensor '{name}' in {path} has shape {tuple(t.shape)}, "
                             f"the config implies {shape}"
+                        )
+                    if t.is_floating_point() and t.dtype not in STORED_DTYPES:
+                        raise UnknownArchitecture(
+                            f"tensor '{name}' in {path} is stored in {t.dtype}, a quantized "
+                            "format whose scales Butterfly does not apply; it loads "
+                            "float32, bfloat16 and float16 checkpoints"
                         )
                     if self.dtype is not None and t.is_floating_point() and t.dtype != self.dtype:
                         t = t.to(self.dtype).contiguous()  # a fresh tensor: no second copy
