@@ -87,7 +87,6 @@ async def test_stream_yields_the_same_text_and_ends_with_done(
 async def test_bad_completion_requests(tiny_model: Path, tmp_path: Path) -> None:
     async with serving(tiny_model, tmp_path / "t.db") as s:
         cases: list[tuple[dict[str, Any], str]] = [
-            ({"model": "gpt-4", "prompt": "x"}, "gpt-4"),
             ({"model": "tiny", "prompt": "x", "logprobs": 21}, "logprobs"),
             ({"model": "tiny", "prompt": "x", "n": 17}, "n"),
             ({"model": "tiny", "prompt": "x", "max_token": 3}, "max_token"),  # a typo
@@ -99,6 +98,15 @@ async def test_bad_completion_requests(tiny_model: Path, tmp_path: Path) -> None
         for body, word in cases:
             r = await s.client.post("/v1/completions", json=body)
             assert_error(r, 400, "invalid_request", word)
+        # another model: 404 model_not_found, as OpenAI and vLLM answer it
+        for path, body in (
+            ("/v1/completions", {"prompt": "x"}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
+        ):
+            r = await s.client.post(path, json={"model": "gpt-4", **body})
+            assert_error(r, 404, "model_not_found", "gpt-4")
+            assert r.json()["error"]["param"] == "model"
+            assert r.json()["error"]["code"] == "model_not_found"
         await still_serves(s)
 
 

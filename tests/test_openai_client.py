@@ -157,7 +157,10 @@ async def drive(c: InProcessCluster, url: str, tiny_model: Path) -> None:
     assert finishes[-1] == answer.finish_reason
 
     # an error reaches the client as OpenAI's typed exception
-    with pytest.raises(openai.BadRequestError) as caught:
+    with pytest.raises(openai.NotFoundError) as caught:  # 404, as OpenAI answers it
         await call(c, client.completions.create(model="gpt-4", prompt="x"))
-    assert "gpt-4" in str(caught.value)
+    assert "gpt-4" in str(caught.value) and caught.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as bad:
+        await call(c, client.completions.create(model=NAME, prompt="x", temperature=3))
+    assert bad.value.param == "temperature"
     await client.close()

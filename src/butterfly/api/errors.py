@@ -59,7 +59,18 @@ class InvalidField(InvalidRequest):
         return "invalid_request"
 
 
+class ModelNotFound(ApiError):
+    """A request naming a model this cluster does not serve: 404 with `code`
+    "model_not_found" and `param` "model", as OpenAI and vLLM answer it, so SDKs raise
+    their NotFoundError (LiteLLM's router reads it as a missing deployment, not a bad
+    request)."""
+
+    param = "model"
+    code = "model_not_found"
+
+
 STATUS: tuple[tuple[type[ButterflyError], int], ...] = (
+    (ModelNotFound, 404),
     (InvalidRequest, 400),
     (InvalidTask, 400),
     (InvalidInput, 400),
@@ -106,9 +117,10 @@ def error_response(
     retry_after_s: int = 1,
     extra: dict[str, Any] | None = None,
     param: str | None = None,
+    code: str | None = None,
 ) -> JSONResponse:
     headers = {"Retry-After": str(retry_after_s)} if status in (429, 503) else None
-    body = error_body(kind, message, extra, param=param)
+    body = error_body(kind, message, extra, param=param, code=code)
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -151,9 +163,10 @@ def install(app: FastAPI, *, retry_after_s: int) -> None:
         status = status_for(exc)
         if status >= 500:
             log.error("%s %s failed: %s", request.method, request.url.path, exc)
-        param = exc.param if isinstance(exc, InvalidField) else None
+        param = exc.param if isinstance(exc, InvalidField | ModelNotFound) else None
+        code = exc.code if isinstance(exc, ModelNotFound) else None
         return error_response(
-            status, exc.kind, exc.message, retry_after_s=retry_after_s, param=param
+            status, exc.kind, exc.message, retry_after_s=retry_after_s, param=param, code=code
         )
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
@@ -214,6 +227,7 @@ __all__ = [
     "KIND_STATUS",
     "STATUS",
     "InvalidField",
+    "ModelNotFound",
     "Unauthorized",
     "describe_validation",
     "error_body",

@@ -22,6 +22,7 @@ from fastapi import APIRouter, Request
 from fastapi.params import Depends
 from fastapi.responses import Response, StreamingResponse
 
+from butterfly.api.errors import ModelNotFound
 from butterfly.api.gateway import Gateway
 from butterfly.api.openai_choices import ChoiceText, chat_logprobs, completion_logprobs
 from butterfly.api.openai_run import SEED_SPAN, Run, start, stream, whole
@@ -52,7 +53,7 @@ from butterfly.types.tasks import SamplingParams
 
 def _model(gw: Gateway, name: str) -> None:
     if name != gw.model_name:
-        raise InvalidRequest(
+        raise ModelNotFound(
             f"model {name!r} is not served here; this gateway serves {gw.model_name!r}"
         )
 

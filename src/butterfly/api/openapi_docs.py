@@ -24,7 +24,7 @@ REF = "#/components/schemas/{model}"
 WHY = {
     400: "The request is invalid; the message names the field and the problem.",
     401: "A bearer token is required (api.tokens) and was missing or wrong.",
-    404: "No such task, or no such route.",
+    404: "No such task, model (`model` names another; `code` model_not_found) or route.",
     409: "The task was cancelled, or cannot change state that way.",
     413: "The body or the prompt is over the configured limit.",
     429: "The queue is full or the client is over its rate limit; see Retry-After.",
@@ -54,7 +54,7 @@ def streamed(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
     return {
         200: {"model": model, "content": {"text/event-stream": sse}},
         202: {"model": Accepted, "description": WHY_202},
-        **errors(400, 401, 409, 413, 429, 500, 503),
+        **errors(400, 401, 404, 409, 413, 429, 500, 503),
     }
 
 
