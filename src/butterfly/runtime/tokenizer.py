@@ -27,6 +27,13 @@ class TextCodec:
         if not path.is_file():
             raise InvalidInput(f"{model_dir} has no tokenizer.json; send input_ids instead of text")
         tok = Tokenizer.from_file(str(path))
+        # A tokenizer.json records the padding and truncation it was last used with
+        # (transformers saves its backend's state; sentence-transformers ships Fixed 128):
+        # encoding with them padded a prompt with pad tokens and cut a long one at
+        # max_length, silently. transformers turns both off for every default call; so
+        # does Butterfly, and the context check refuses an overlong prompt instead.
+        tok.no_padding()
+        tok.no_truncation()
         chat = ChatTemplate.load(model_dir)
         declared = declared_eos_ids(model_dir)
         if declared:
