@@ -180,7 +180,8 @@ def test_more_than_f_liars_never_get_a_wrong_answer_verified(
         verified = 0
         for prompt in PROMPTS * 2:
             body = {"prompt": prompt, "max_new_tokens": NEW, "wait": True}
-            r = httpx.post(f"{url}/inference", json=body, timeout=300)
+            # followed: a gateway that lost its role points to the acting one (307)
+            r = httpx.post(f"{url}/inference", json=body, timeout=300, follow_redirects=True)
             if r.status_code != 200:
                 continue  # refusing is allowed
             result = r.json()

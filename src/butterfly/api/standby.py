@@ -15,6 +15,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
+from butterfly.api.errors import error_response
+
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH"]
 
 
@@ -40,8 +42,7 @@ def standby_app(
                 f"this node is a standby gateway; node {acting()} acts as the gateway "
                 "(its API URL is not known here: api.port is 0)"
             )
-            error = {"type": "service_unavailable", "message": message}
-            return JSONResponse({"error": error}, status_code=503)
+            return error_response(503, "service_unavailable", message)
         query = f"?{request.url.query}" if request.url.query else ""
         return RedirectResponse(f"{url}{request.url.path}{query}", status_code=307)
 

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable
 
 import uvicorn
-from fastapi import FastAPI
+from starlette.types import ASGIApp
 
 from butterfly.metrics.events import Emit, LoopRestarted
 from butterfly.types.ids import NodeId
@@ -30,19 +30,17 @@ class ApiServer:
 
     def __init__(
         self,
-        app: FastAPI,
+        app: ASGIApp,
         host: str,
         port: int,
         *,
         node: NodeId,
         emit: Emit,
-        role: str = "acting",
         delay: Callable[[int], float] = restart_delay,
     ) -> None:
-        """`role` names the API in the log (the acting gateway's or a standby's);
-        `delay(failures)` is the wait before bind attempt `failures + 1`."""
+        """`delay(failures)` is the wait before bind attempt `failures + 1`."""
         self._app, self._host, self._port = app, host, port
-        self._node, self._emit, self._role, self._delay = node, emit, role, delay
+        self._node, self._emit, self._delay = node, emit, delay
         self._server: uvicorn.Server | None = None
         self._closed = asyncio.Event()
         self.bind_failures = 0
@@ -73,11 +71,10 @@ class ApiServer:
                 self.bind_failures += 1
                 wait = self._delay(self.bind_failures)
                 log.error(
-                    "node %s: the %s gateway's API cannot listen on %s:%d (the port is taken "
+                    "node %s: the gateway API cannot listen on %s:%d (the port is taken "
                     "by another process, or the address is not this host's); the node keeps "
                     "its other roles and tries again in %.1f s",
                     self._node,
-                    self._role,
                     self._host,
                     self._port,
                     wait,

@@ -32,6 +32,7 @@ from butterfly.api.app import create_app
 from butterfly.api.live import follow_config as follow_api_config
 from butterfly.api.settings import ApiSettings
 from butterfly.api.standby import standby_app
+from butterfly.api.switch import RoleSwitch
 from butterfly.config import ConfigManager
 from butterfly.config.gateways import api_port, gateway_urls
 from butterfly.control.gateway_role import GatewayRole
@@ -92,59 +93,69 @@ class Gateway:
     scheduler: Scheduler | None = field(default=None, init=False)
 
     async def serve(self, stop: asyncio.Event) -> None:
-        """Act or stand by, as the agreed role says, until `stop` is set."""
+        """Act or stand by, as the agreed role says, until `stop` is set.
+
+        One API server listens for the whole of it (`api.switch`): the role decides which
+        app answers, so the port never refuses a client while the node runs.
+        """
         store = self.replicas.store  # opened before the first plan: its evictions stay out
         first = True
+        cfg = self.config.current
+        front = RoleSwitch(int(self.node))
+        server = ApiServer(
+            front, cfg.api.host, api_port(cfg, self.node), node=self.node, emit=self.metrics.emit
+        )
+        api = asyncio.create_task(server.serve())
         try:
             while not stop.is_set():
                 if self.role.acting != self.node:
-                    if not await self._stand_by(stop):
+                    if not await self._stand_by(front, stop):
                         return
+                    front.use(None, "is taking over as the gateway")
                     start: Coroutine[Any, Any, bool] = self._take_over(store)
                 elif first:
+                    front.use(None, "is making the cluster's first plan")
                     start = self._first_plan(store)
                 else:
+                    front.use(None, "is taking over as the gateway")
                     start = self._take_over(store)
                 first = False
                 planned = await _unless_stopped(self._while_acting(start), stop)
                 if planned is None:
                     return
                 if planned:
-                    await self._serve(store, stop)
+                    await self._serve(store, front, server, api, stop)
                 else:
                     await asyncio.sleep(RETRY_S)
         finally:
+            server.close()
+            # in-flight requests end with the node's stop; a stuck one does not hold it
+            await asyncio.wait({api}, timeout=SHUTDOWN_GRACE_S + 1.0)
+            api.cancel()
+            await asyncio.gather(api, return_exceptions=True)
             self.replicas.close()
 
     # --- standing by --------------------------------------------------------------------
 
-    async def _stand_by(self, stop: asyncio.Event) -> bool:
+    async def _stand_by(self, front: RoleSwitch, stop: asyncio.Event) -> bool:
         """Redirect API clients and watch the acting gateway until this node acts (True)
         or `stop` is set (False)."""
         log.info("node %s stands by as a gateway; node %s acts", self.node, self.role.acting)
-        cfg = self.config.current
-        app = standby_app(
-            acting=self.role.gateway,
-            acting_url=lambda: gateway_urls(self.config.current).get(self.role.acting),
-            health=lambda: {"acting_gateway": self.role.acting, "gateways": self.gateways()},
+        front.use(
+            standby_app(
+                acting=self.role.gateway,
+                acting_url=lambda: gateway_urls(self.config.current).get(self.role.acting),
+                health=lambda: {"acting_gateway": self.role.acting, "gateways": self.gateways()},
+            )
         )
-        server = ApiServer(
-            app,
-            cfg.api.host,
-            api_port(cfg, self.node),
-            node=self.node,
-            emit=self.metrics.emit,
-            role="standby",
-        )
-        async with asyncio.TaskGroup() as tg:
-            api = tg.create_task(server.serve())
-            watch = tg.create_task(self._watch())
-            stopped = tg.create_task(stop.wait())
+        watch = asyncio.ensure_future(self._watch())
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
             await asyncio.wait({watch, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            server.close()
-            watch.cancel()
-            stopped.cancel()
-            await api
+        finally:
+            for t in (watch, stopped):
+                t.cancel()
+            await asyncio.gather(watch, stopped, return_exceptions=True)
         return not stop.is_set()
 
     async def _watch(self) -> None:
@@ -225,8 +236,19 @@ class Gateway:
             return False
         return True
 
-    async def _serve(self, store: TaskStore, stop: asyncio.Event) -> None:
-        """Serve tasks until `stop` is set or the agreed log names another gateway."""
+    async def _serve(
+        self,
+        store: TaskStore,
+        front: RoleSwitch,
+        server: ApiServer,
+        api: asyncio.Task[None],
+        stop: asyncio.Event,
+    ) -> None:
+        """Serve tasks until `stop` is set or the agreed log names another gateway.
+
+        Stopping closes the API's socket (nothing new is accepted while running tasks get
+        the grace period); losing the role keeps it open and answers 503 until the node
+        stands by and redirects."""
         cfg = self.config.current
         s = cfg.scheduling
         replicas = self.replicas
@@ -263,7 +285,6 @@ class Gateway:
         )
         follow_api_config(self.config, app=app, scheduler=scheduler)  # the API's live options
         emit = self.metrics.emit
-        server = ApiServer(app, a.host, api_port(cfg, self.node), node=self.node, emit=emit)
         try:
             loops: dict[str, Callable[[], Awaitable[None]]] = {
                 "result_expiry": partial(scheduler.expire_results, s.result_ttl_s),
@@ -279,20 +300,24 @@ class Gateway:
                 dispatch = tg.create_task(scheduler.run())
                 for name, loop in loops.items():
                     tg.create_task(supervised(name, loop, emit))
-                api = tg.create_task(server.serve())
+                front.use(app)
                 self.scheduler = scheduler
                 lost = tg.create_task(self._until_replaced())
                 stopped = tg.create_task(stop.wait())
                 await asyncio.wait({lost, stopped}, return_when=asyncio.FIRST_COMPLETED)
                 self.scheduler = None
-                server.close()
+                if stop.is_set():
+                    server.close()
+                else:
+                    front.use(None, f"hands the gateway role to node {self.role.acting}")
                 # a replaced gateway's steps are refused everywhere: no grace for them
                 # (they stay unfinished here; the acting gateway has its own copies)
                 scheduler.shutdown(grace_s=SHUTDOWN_GRACE_S if stop.is_set() else 0.0)
                 stalled = tg.create_task(self._end_grace_when_stalled(scheduler))
                 # running tasks get the grace period with every loop still serving them
-                # (the batcher, recovery); the API closes its listening socket meanwhile
-                await asyncio.wait({api, dispatch}, timeout=SHUTDOWN_GRACE_S + 1.0)
+                # (the batcher, recovery); a stopping node's API closes its socket meanwhile
+                ending = {api, dispatch} if stop.is_set() else {dispatch}
+                await asyncio.wait(ending, timeout=SHUTDOWN_GRACE_S + 1.0)
                 stalled.cancel()
                 raise _Stopped
         except* _Stopped:
