@@ -53,6 +53,10 @@ class HeldEngine:
     def input_kind(self) -> str:
         return "tokens"
 
+    @property
+    def generates(self) -> bool:
+        return True
+
     async def run(self, task: InferenceTask, on_token: TokenSink) -> InferenceResult:
         self.started.append(task.task_id)
         await self.release.wait()

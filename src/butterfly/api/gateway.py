@@ -105,6 +105,11 @@ class Gateway:
         its prompt)."""
         if self.engine.input_kind != "tokens":
             raise InvalidRequest("this model takes an input vector; send `input`, not tokens")
+        if not self.engine.generates:
+            raise InvalidRequest(
+                f"model {self.model_name!r} is an encoder: its last layer gives hidden states, "
+                "not next-token logits, so it cannot generate text or score tokens"
+            )
         if not ids:
             raise InvalidRequest("the prompt is empty: give at least one token")
         context, limit = self.engine.max_context, self.settings.max_new_tokens_limit

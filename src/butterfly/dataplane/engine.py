@@ -82,6 +82,7 @@ class PipelineEngine:
         input_kind: str,
         eos_ids: frozenset[int],
         step_timeout_s: float,
+        generates: bool = True,
         max_tensor_bytes: int,
         recovery_wait_s: float = 10.0,
         max_recoveries: int = 8,
@@ -116,8 +117,9 @@ class PipelineEngine:
         `tracing`: opens a span for each request it samples (metrics.tracing).
         `speculation`, `prefill_chunk`: generation.speculative and .prefill_chunk
         (`retune_generation`). `tokenizer`: the model's, to find a task's stop strings
-        in its text as it is generated (a task with stops and no tokenizer is refused)."""
-        self._tokenizer = tokenizer
+        in its text as it is generated (a task with stops and no tokenizer is refused).
+        `generates`: False for an encoder (`runtime.stage.Family.generates`)."""
+        self._tokenizer, self.generates = tokenizer, generates
         self.checkpoint_every, self._on_checkpoint = checkpoint_every, on_checkpoint
         self._resume = resume
         self._flight = InFlight()

@@ -262,4 +262,5 @@ FAMILY = Family(
     num_layers=lambda a: a.n_layers,
     layer_infos=layer_infos,
     load_stage=load_stage,
+    generates=False,
 )

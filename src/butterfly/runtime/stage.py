@@ -57,6 +57,9 @@ class Family:
     layer_infos: Callable[[Any], list[LayerInfo]]
     load_stage: Callable[[CheckpointReader, Any, LayerRange], Stage]
     input_kind: str = "tokens"  # what its first stage takes: "tokens" or "vectors"
+    generates: bool = True
+    """False for an encoder: its last stage gives hidden states, not next-token logits,
+    and sampling a token from them would answer nonsense as if it were text."""
 
 
 def check_positions(start_pos: int, length: int, max_context: int) -> None:

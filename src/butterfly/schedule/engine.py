@@ -77,6 +77,10 @@ class Engine(Protocol):
     def input_kind(self) -> str:
         """ "tokens" for language models, "vectors" for vector-input stacks."""
 
+    @property
+    def generates(self) -> bool:
+        """False for an encoder: no next-token logits, so no generation."""
+
     async def run(self, task: InferenceTask, on_token: TokenSink) -> InferenceResult:
         """Run the task to completion. Raises a ButterflyError subclass on failure;
         `asyncio.CancelledError` when the task is cancelled, after freeing its state on

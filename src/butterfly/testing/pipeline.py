@@ -84,6 +84,7 @@ class LocalPipeline:
             health=self._health,
             max_context=int(getattr(args, "max_context", 0)) or 1,
             input_kind=family.input_kind,
+            generates=family.generates,
             eos_ids=stop_ids,
             step_timeout_s=STEP_TIMEOUT_S,
             max_tensor_bytes=MAX_TENSOR_BYTES,
@@ -135,6 +136,10 @@ class LocalPipeline:
     @property
     def input_kind(self) -> str:
         return self.engine.input_kind
+
+    @property
+    def generates(self) -> bool:
+        return self.engine.generates
 
     async def run(self, task: InferenceTask, on_token: TokenSink) -> InferenceResult:
         if self._closed:

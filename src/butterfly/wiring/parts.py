@@ -224,6 +224,7 @@ def engine(
         health=health,
         max_context=max_context(model_dir),
         input_kind=family.input_kind,
+        generates=family.generates,
         eos_ids=codec.eos_ids if codec else declared_eos_ids(model_dir),
         tokenizer=codec.tokenizer if codec else None,
         step_timeout_s=step_timeout_s(config),
