@@ -256,6 +256,12 @@ async def test_logprobs_and_echo(tiny_model: Path, tmp_path: Path) -> None:
         for c in content:  # greedy: the chosen token is the likeliest
             assert c["logprob"] == pytest.approx(c["top_logprobs"][0]["logprob"])
         assert all(c["bytes"] == list(c["token"].encode()) for c in content)
+        # alternatives asked for without logprobs would silently be none: refused
+        r = await s.client.post(
+            "/v1/chat/completions",
+            json={"model": "tiny", "messages": MESSAGES, "max_tokens": 2, "top_logprobs": 2},
+        )
+        assert_error(r, 400, "invalid_request", "top_logprobs needs logprobs")
 
 
 ECHO_TOLERANCE = 1e-4

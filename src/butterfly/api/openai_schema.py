@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from butterfly.api.requests import SEED_MAX, StrictBody
 
@@ -181,6 +181,14 @@ class ChatCompletionRequest(SamplingFields):
     verbosity: str | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
+
+    @model_validator(mode="after")
+    def top_needs_logprobs(self) -> ChatCompletionRequest:
+        """OpenAI and vLLM refuse it too: asked for alternatives without `logprobs`, a
+        client would silently get none."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
 
 # --- responses ---------------------------------------------------------------------------
