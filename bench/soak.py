@@ -130,6 +130,8 @@ async def load(url: str, pids: list[int], args: argparse.Namespace) -> dict[str,
         model = (await http.get(f"{url}/v1/models")).json()["data"][0]["id"]
     clients = (client(url, model, stop, r, counts) for r in rngs)
     await asyncio.gather(sample(pids, stop, points, code, loads), *clients)
+    async with httpx.AsyncClient(timeout=30, follow_redirects=True) as http:
+        health = (await http.get(f"{url}/health")).json()  # the plan: who computed what
     warm = args.warmup_min * 60
     nodes = {}
     for i, pts in enumerate(points):
@@ -139,6 +141,13 @@ async def load(url: str, pids: list[int], args: argparse.Namespace) -> dict[str,
             "slope_mb_per_min": slope_mb_per_min(pts),
             "slope_mb_per_min_after_warmup": slope_mb_per_min([p for p in pts if p[0] >= warm]),
             "samples": len(pts),
+            # RSS at the first sample of every minute: does the growth level off?
+            "rss_mb_by_minute": [
+                round(next(m for t, m in pts if t >= minute * 60), 1)
+                for minute in range(int(pts[-1][0] // 60) + 1)
+            ]
+            if pts
+            else [],
             # anonymous rwx mappings (JIT kernel code): count and MB, at the first sample,
             # at the end of the warm-up and at the last
             "code_mappings": [
@@ -151,6 +160,8 @@ async def load(url: str, pids: list[int], args: argparse.Namespace) -> dict[str,
     return {
         "requests": counts,
         "load_average_1min_min_median_max": [round(x, 1) for x in spread],
+        "plan": health.get("plan"),
+        "layers": {str(n["id"]): n["layers"] for n in health.get("nodes", [])},
         "nodes": nodes,
     }
 

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from butterfly.cli import app
-from butterfly.config import config_hash, load_config
+from butterfly.config import ConfigHistory, config_hash, load_config
 
 Invoke = Callable[..., Result]
 
@@ -106,6 +106,26 @@ def test_cluster_wide_change_needs_a_running_cluster(run: Invoke, tmp_path: Path
     second.write_text(members + '[partition]\nstrategy = "uniform"\n')
     out = run("update", "--file", str(second))
     assert out.exit_code == 2 and "need the agreement of the running cluster" in out.stderr
+
+
+def test_offline_rollback_keeps_the_roster(run: Invoke, tmp_path: Path) -> None:
+    """A node that ran alone (version 1) and then joined a cluster of four (version 2,
+    agreed while running): `config rollback` without --url rolls back its other settings
+    and keeps the members, as the agreed rollback does."""
+    members = ("127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3", "127.0.0.1:4")
+    with ConfigHistory.in_data_dir(tmp_path / "data") as history:
+        history.record(load_config(), source="startup", reason="start")
+        joined = load_config(
+            overrides=[f"cluster.members={json.dumps(members)}", "observability.log_level=debug"]
+        )
+        history.record(joined, source="cluster seq 1", reason="add-member", cluster_seq=1)
+    out = run("rollback", "--version", "1")
+    assert out.exit_code == 0, out.output
+    assert 'observability.log_level: "debug" -> "info"' in out.stdout
+    assert "cluster.members" not in out.stdout
+    with ConfigHistory.in_data_dir(tmp_path / "data") as history:
+        now = history.config_at(history.latest().version)  # type: ignore[union-attr]
+    assert now.cluster.members == members and now.observability.log_level == "info"
 
 
 def test_rollback_to_a_missing_version(run: Invoke) -> None:

@@ -26,6 +26,7 @@ from butterfly.config import (
     load_config,
     propose_update,
     reload_files,
+    rollback_target,
 )
 from butterfly.types.errors import ConfigError
 
@@ -209,6 +210,28 @@ def test_rollback_across_a_static_change_needs_a_restart(tmp_path: Path) -> None
         restarted = ConfigManager(load_config(overrides=["node.listen=127.0.0.1:9001"]), history)
         with pytest.raises(UpdateRefused, match=re.escape("restart required: node.listen")):
             restarted.rollback(1)
+
+
+FOUR = '["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3", "127.0.0.1:4"]'
+FIVE = '["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3", "127.0.0.1:4", "127.0.0.1:5"]'
+
+
+def test_rollback_keeps_the_roster_and_rolls_back_the_rest(tmp_path: Path) -> None:
+    """The roster moves only through the agreement (add/remove-member): a rollback to a
+    version from before a member was added keeps the member and rolls back the rest."""
+    with ConfigHistory(tmp_path / "h.sqlite3") as history:
+        ConfigManager(load_config(overrides=[f"cluster.members={FOUR}"]), history)
+        grown = load_config(overrides=[f"cluster.members={FIVE}", "observability.log_level=debug"])
+        manager = ConfigManager(grown, history, source="cluster seq 1")
+        result = manager.rollback(1)
+        assert result.pending is None  # no cluster-wide change left to agree
+        assert [c.key for c in result.applied] == ["observability.log_level"]
+        assert manager.current.cluster.members == grown.cluster.members
+        assert manager.current.observability.log_level == "info"
+        # the agreed path takes the same target, and keeps static options besides
+        alone = load_config(overrides=["node.listen=127.0.0.1:9001"])
+        target = rollback_target(alone, history.config_at(1), keep_static=True)
+        assert target.cluster.members == () and target.node.listen == "127.0.0.1:9001"
 
 
 def write_atomically(path: Path, text: str) -> None:

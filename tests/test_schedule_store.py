@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 from butterfly.schedule.queue import QueuePolicy, TaskQueue
 from butterfly.schedule.state import TaskState, TaskStatus
 from butterfly.schedule.store import (
+    CACHE_KIB,
     Checkpoint,
     TaskStore,
     result_from_json,
@@ -258,3 +261,50 @@ def test_penalties_logprobs_and_their_results_survive_the_store() -> None:
         RequestId("t"), output_ids=(4, 7), logprobs=scored, prompt_logprobs=scored[:1]
     )
     assert result_from_json("t", result_to_json(result)) == result
+
+
+STORE_PROBE = """
+import ctypes, ctypes.util, os, sys, tempfile
+from pathlib import Path
+from butterfly.schedule.state import TaskState, TaskStatus
+from butterfly.schedule.store import TaskStore
+from butterfly.types.ids import RequestId
+from butterfly.types.tasks import InferenceResult, InferenceTask
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd",
+        "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+if not hasattr(libc, "mallinfo2"):
+    print("skip")
+    sys.exit()
+libc.mallinfo2.restype = MallInfo2
+with tempfile.TemporaryDirectory() as d:
+    store = TaskStore(Path(d) / "t.sqlite")
+    before = libc.mallinfo2().uordblks
+    for i in range(150):  # results of ~22 KB, as the soak's (signed records of 2 stages)
+        rid = RequestId(f"t{i}")
+        store.add(InferenceTask(rid, input_ids=tuple(range(5, 105)), max_new_tokens=32))
+        proofs = tuple(os.urandom(600) for _ in range(36))
+        result = InferenceResult(rid, output_ids=tuple(range(32)), proofs=proofs)
+        store.finish(rid, TaskState(TaskStatus.COMPLETED), result)
+    print(libc.mallinfo2().uordblks - before)
+    store.close()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallinfo2")
+def test_the_stores_page_cache_stays_small_as_results_accumulate() -> None:
+    """SQLite's default page cache (2000 KiB) filled with results written once and
+    rarely read, over the first ~80 of them: the acting gateway grew by it for minutes
+    (bench/soak.py). Checked in a fresh interpreter, whose heap is this store's alone."""
+    out = subprocess.run(
+        [sys.executable, "-c", STORE_PROBE], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    if out.stdout.strip() == "skip":
+        pytest.skip("a C library without mallinfo2")
+    grew = int(out.stdout)
+    assert grew < (CACHE_KIB + 512) * 1024, f"the heap grew {grew / 2**20:.2f} MiB"

@@ -28,9 +28,8 @@ from butterfly.agreement.config_replica import Applied, ConfigReplica, NotApplie
 from butterfly.agreement.config_status import ClusterConfigStatus, NodeConfig
 from butterfly.agreement.config_votes import valid_vote
 from butterfly.config import ButterflyConfig, Proposal, UpdateRefused, apply_patch
-from butterfly.config.fields import config_leaves, field_specs
 from butterfly.config.proposal import Kind, classify, propose_change, restart_required
-from butterfly.config.roster import ROSTER_KEYS
+from butterfly.config.reload import rollback_target
 from butterfly.config.versions import Change, canonical_json, diff_configs
 from butterfly.net.transport import Transport
 from butterfly.protocol.quorum import quorum
@@ -118,14 +117,8 @@ class ConfigCoordinator:
         removed id or drop an added member, which every node refuses, so any rollback to
         before a membership change would fail."""
         manager = self.replica.manager
-        specs = field_specs()
-        then = config_leaves(manager.history.config_at(version))
-        dynamic = {
-            k: v
-            for k, v in then.items()
-            if not specs[k].mutability.requires_restart and k not in ROSTER_KEYS
-        }
-        target = apply_patch(manager.current, dynamic, f"history version {version}")
+        then = manager.history.config_at(version)
+        target = rollback_target(manager.current, then, keep_static=True)
         why = reason or f"rollback to version {version}"
         return await self._change(manager.current, target, "rollback", why)
 

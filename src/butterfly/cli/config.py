@@ -39,6 +39,7 @@ from butterfly.config import (
     diff_configs,
     dump_toml,
     load_config,
+    rollback_target,
 )
 from butterfly.config.proposal import classify, restart_required
 from butterfly.config.template import template as render_template
@@ -310,7 +311,8 @@ def rollback(
             if latest is None:
                 raise UpdateRefused(f"no config history in {h.path}")
             manager = ConfigManager(h.config_at(latest.version), h)
-            _report(_move(manager, h.config_at(version), version))
+            target = rollback_target(manager.current, h.config_at(version), keep_static=False)
+            _report(_move(manager, target, version))
     except ButterflyError as e:
         raise _fail(e) from None
 

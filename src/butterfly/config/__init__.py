@@ -22,6 +22,7 @@ from butterfly.config.reload import (
     UpdateResult,
     Vote,
     reload_files,
+    rollback_target,
     watch_config,
 )
 from butterfly.config.schema import ButterflyConfig, Mutability, Scope
@@ -70,6 +71,7 @@ __all__ = [
     "propose_change",
     "propose_update",
     "reload_files",
+    "rollback_target",
     "template",
     "watch_config",
 ]

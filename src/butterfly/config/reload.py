@@ -21,7 +21,7 @@ from typing import Any
 
 import watchfiles
 
-from butterfly.config.fields import field_specs
+from butterfly.config.fields import config_leaves, field_specs
 from butterfly.config.issues import UpdateRefused, UpdateRejected
 from butterfly.config.loader import apply_patch, load
 from butterfly.config.proposal import (
@@ -32,6 +32,7 @@ from butterfly.config.proposal import (
     propose_change,
     restart_required,
 )
+from butterfly.config.roster import ROSTER_KEYS
 from butterfly.config.schema import ButterflyConfig, Scope
 from butterfly.config.versions import (
     Change,
@@ -140,9 +141,12 @@ class ConfigManager:
             return self._move_to(candidate, source, reason, "update")
 
     def rollback(self, version: int, *, source: str = "rollback") -> UpdateResult:
-        """Go back to `version`'s settings, recorded as a new version."""
+        """Go back to `version`'s settings, recorded as a new version; the roster stays
+        (`rollback_target`), and a static option that differs is refused."""
         with self._lock:
-            target = self._history.config_at(version)
+            target = rollback_target(
+                self._config, self._history.config_at(version), keep_static=False
+            )
             return self._move_to(target, source, f"rollback to version {version}", "rollback")
 
     def prepare(self, proposal: Proposal) -> Vote:
@@ -239,6 +243,28 @@ class ConfigManager:
             told.append(sub)
         self._config = new
         self._record = self._history.record(new, source=source, reason=reason, cluster_seq=seq)
+
+
+def rollback_target(
+    current: ButterflyConfig, earlier: ButterflyConfig, *, keep_static: bool
+) -> ButterflyConfig:
+    """What a rollback from `current` to `earlier` moves to: `earlier`'s settings, except
+    the roster (`config.roster.ROSTER_KEYS`), which stays `current`'s.
+
+    The roster moves only through the agreement (add-member / remove-member): an earlier
+    one would bring a removed id back or drop an added member, so no rollback, offline
+    (`butterfly config rollback` without --url) or agreed (`ConfigCoordinator.rollback`),
+    may change it. `keep_static`: static options stay `current`'s too (the agreed path:
+    they changed by a restart and only a restart changes them back); without it they are
+    taken from `earlier`, and the manager refuses them as needing a restart.
+    """
+    specs = field_specs()
+    values = {
+        k: v
+        for k, v in config_leaves(earlier).items()
+        if k not in ROSTER_KEYS and not (keep_static and specs[k].mutability.requires_restart)
+    }
+    return apply_patch(current, values, "rollback")
 
 
 def reload_files(

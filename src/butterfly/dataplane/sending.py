@@ -184,6 +184,7 @@ class StepSender:
         finally:
             flight.waiting.pop(key, None)
             flight.sent_in.pop(key, None)
+            flight.sent_on.pop(key, None)
             flight.sent_digest.pop(key, None)
         assert refused_by is not None  # every other way out of the try returns or raises
         return await self.relay(

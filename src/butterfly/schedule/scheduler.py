@@ -75,6 +75,12 @@ RECENT_RESULTS = 128
 Each holds its result with the signed record of every stage and step (tens of KB for a
 few dozen tokens): 1024 took half an hour or more of steady load to fill, growing the
 gateway's memory all that time (bench/soak.py); a result is read fresh within seconds."""
+RECENT_S = 60.0
+"""And for at most this long after they finished: 128 results still took 8-9 minutes to
+fill at the soak's 15 requests a minute (about 22 KB each, 2.6 MB, the acting gateway's
+largest growth in tracemalloc snapshots), a slope a bounded cache should not make; by
+age the cache holds a minute's results at any rate up to 128 a minute, full within that
+minute. Older results are read from the store."""
 
 CANCELLABLE = frozenset({TaskStatus.PARTITIONING, TaskStatus.COORDINATING, TaskStatus.COMPUTING})
 """Running states in which cancelling still saves work (later ones are about to finish)."""
@@ -147,7 +153,8 @@ class Scheduler:
         self._clock = clock
         self._queue = TaskQueue(queue_capacity, policy)
         self._live: dict[str, _Live] = {}
-        self._recent: OrderedDict[str, TaskSnapshot] = OrderedDict()
+        # finished tasks, oldest first, with when they finished (`RECENT_S`)
+        self._recent: OrderedDict[str, tuple[float, TaskSnapshot]] = OrderedDict()
         self._runners: set[str] = set()
         self._orphans: list[_Live] = []  # cancelled before their runner ever started
         self._reserved = 0  # submissions between the capacity check and the queue push
@@ -232,7 +239,7 @@ class Scheduler:
             return self._snapshot(live)
         recent = self._recent.get(task_id)
         if recent is not None:
-            return recent
+            return recent[1]
         stored = await asyncio.to_thread(self._store.get, task_id)
         if stored is None:
             raise TaskNotFound(f"no task with id {task_id!r}; ids come from POST /inference")
@@ -443,14 +450,22 @@ class Scheduler:
         if self._on_finished is not None:
             self._on_finished(live.task.task_id, state, result)
         self._emit(TaskFinished(OUTCOMES[live.state.status], self._clock() - live.accepted))
-        snap = self._snapshot(live)
-        self._recent[live.task.task_id] = snap
-        while len(self._recent) > RECENT_RESULTS:
-            self._recent.popitem(last=False)
+        snap, now = self._snapshot(live), self._clock()
+        self._recent[live.task.task_id] = (now, snap)
+        self._forget_old(now)
         del self._live[live.task.task_id]
         live.settled.set()
         for inbox in live.subscribers:
             inbox.put_nowait(None)
+
+    def _forget_old(self, now: float) -> None:
+        """Drop the finished tasks beyond `RECENT_RESULTS` or older than `RECENT_S` from
+        memory (the store still has them)."""
+        recent = self._recent
+        while recent and (
+            len(recent) > RECENT_RESULTS or now - next(iter(recent.values()))[0] > RECENT_S
+        ):
+            recent.popitem(last=False)
 
     def _on_token(self, live: _Live, token: Streamed) -> None:
         if isinstance(token, PromptScored):
