@@ -33,9 +33,10 @@ KEYS = [SigningKey.from_seed(bytes([i + 7]) * 32) for i in range(4)]
 pytestmark = pytest.mark.timeout(60)
 
 
-def pbft_config(i: int, n: int = 4, f: int = 1) -> PbftConfig:
+def pbft_config(i: int, n: int = 4, f: int = 1, history: int = 1024) -> PbftConfig:
     keys = tuple(k.public for k in KEYS[:n])
     return PbftConfig(
+        history=history,
         replica=NodeId(i),
         keys=keys,
         f=f,
@@ -58,6 +59,7 @@ class Cluster:
     tasks: dict[int, asyncio.Task[None]] = field(default_factory=dict)
     liars: dict[int, type[AgreementDriver]] = field(default_factory=dict)
     evidence: dict[int, list[Evidence]] = field(default_factory=dict)
+    history: int = 1024
 
     async def start(self, i: int) -> None:
         """(Re)start node i from an empty replica, as a restarted process would."""
@@ -72,7 +74,7 @@ class Cluster:
             proofs.append(evidence)
 
         driver = self.liars.get(i, AgreementDriver)(
-            config=pbft_config(i),
+            config=pbft_config(i, history=self.history),
             key=KEYS[i],
             transport=transport,
             on_commit=on_commit,
@@ -216,6 +218,26 @@ async def test_an_equivocating_voter_is_reported_by_honest_nodes_and_commits_go_
             assert all(valid_evidence(e, keys) for e in c.evidence[i])
         counted = [(e.accused, e.first.kind, e.first.view, e.first.seq) for e in c.evidence[0]]
         assert len(counted) == len(set(counted)), "each slot's evidence is reported once"
+    finally:
+        for i in list(c.tasks):
+            await c.stop(i)
+
+
+async def test_executed_requests_are_forgotten_past_the_kept_history() -> None:
+    """The driver's record of executed requests (its duplicate check) is bounded by the
+    history PBFT keeps, and a duplicate inside it still runs once."""
+    c = Cluster(MemoryNetwork(), history=8)
+    for i in range(4):
+        await c.start(i)
+    try:
+        for k in range(60):
+            await c.drivers[k % 4].propose(f"cmd{k}".encode(), timeout=10.0)
+        await wait_until(lambda: all(len(c.logs[i]) == 60 for i in range(4)))
+        for i in range(4):
+            kept = c.drivers[i]._ran  # the bound is the behaviour tested
+            assert len(kept) <= 8 + 2 * 4, (i, len(kept))  # history + checkpoint slack
+        assert all(c.logs[i] == c.logs[0] for i in range(4))
+        assert len(set(c.commands(0))) == 60  # each command once
     finally:
         for i in list(c.tasks):
             await c.stop(i)

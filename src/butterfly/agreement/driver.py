@@ -147,6 +147,7 @@ class AgreementDriver:
         self.applied = 0  # highest sequence number `on_commit` has finished
         # (client, timestamp) of executed requests -> the sequence number they ran at
         self._ran: dict[tuple[NodeId, int], int] = {}
+        self._ran_horizon = 0  # entries at or below it were forgotten (`_forget_ran`)
         self._snapshot: Snapshot | None = None  # the node's executed state, as bytes
         self._restore: Restore | None = None
         self._captured = 0  # the last checkpoint whose state was recorded
@@ -299,6 +300,20 @@ class AgreementDriver:
         if self._commits.empty() and self.applied >= self._queued:
             self._capture(self._delivered)  # every command up to here is applied
         pbft.prune(state, self._delivered)  # what every replica has past its checkpoint
+        self._forget_ran(self._delivered - state.config.history)
+
+    def _forget_ran(self, horizon: int) -> None:
+        """Forget executed requests at or below `horizon`, once per checkpoint interval.
+
+        PBFT itself refuses a request older than its kept history (the client's reply
+        floor), and a snapshot carries only the requests after it (`_capture`), so a
+        node that caught up from one already holds no more; kept for good, one entry per
+        agreed command grew every node for its whole life.
+        """
+        if horizon - self._ran_horizon < self._state.config.checkpoint_interval:
+            return
+        self._ran = {key: seq for key, seq in self._ran.items() if seq > horizon}
+        self._ran_horizon = horizon
 
     def _capture(self, upto: int) -> None:
         """Record our executed state at the last checkpoint at or below `upto`; the caller
