@@ -156,3 +156,30 @@ async def test_a_member_is_added_and_one_removed_while_the_cluster_serves(
         assert again.agreement.driver.state.config.members == config.members
         with pytest.raises(ConfigError, match="was removed from the cluster"):
             await c.restart(victim)
+
+
+async def test_a_standby_gateway_is_removed_and_the_gateway_set_shrinks(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """n = 5, f = 1, gateways 0 (acting) and 1 (standby, the default set). Removing node 1
+    is agreed: every node's gateway set becomes (0,), the acting gateway copies tasks to
+    no one, `/health`'s `gateways` lists node 0 alone, and tasks still run (the acting gateway
+    itself is never removed: tests/test_roster.py)."""
+    codec = TextCodec.load(tiny_model)
+    expected = list(
+        generate([load_stage(tiny_model)], codec.encode(PROMPT), NEW, stop_ids=codec.eos_ids)
+    )
+    async with InProcessCluster(tiny_model, 5, tmp_path / "cluster", f=1, settings=SETTINGS) as c:
+        gw = c.gateway
+        assert gw.gateway is not None
+        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        assert all(n.role.gateways == (0, 1) for n in c.nodes)
+        standby = gw.gateway.replicas
+        await c.until(lambda: standby.standbys() == [NodeId(1)], "node 1 a live standby")
+
+        await agreed(c, remove_member(gw.config.current, NodeId(1)), "remove standby 1")
+        others = [c.nodes[i] for i in (0, 2, 3, 4)]
+        await c.until(lambda: all(n.role.gateways == (0,) for n in others), "gateways (0,)")
+        assert standby.standbys() == []  # accepted tasks are copied to no removed node
+        assert [g["node"] for g in gw.gateway.gateways()] == [0]
+        assert await generated(c, "after-removing-a-gateway", tiny_model) == expected

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from butterfly.config import ButterflyConfig
+from butterfly.config.gateways import api_port, gateway_nodes, gateway_urls
 from butterfly.config.roster import (
     Roster,
     add_member,
@@ -75,7 +76,6 @@ def test_refused_changes_name_the_rule() -> None:
         "same key": patched(five, add_member(five, ADDRS[5], KEYS[2])),
         "bad key": patched(five, add_member(five, ADDRS[5], "ff" * 31 + "7f")),  # y >= p
         "gateway": patched(five, remove_member(five, NodeId(0))),
-        "standby": patched(five, remove_member(five, NodeId(1))),
     }
     start = {"reused": without_3, "reindexed": five, "rekeyed": five}
     reasons = {
@@ -87,7 +87,29 @@ def test_refused_changes_name_the_rule() -> None:
     assert "another member's" in str(reasons["same key"])
     assert "valid Ed25519" in str(reasons["bad key"])
     assert "acting gateway" in str(reasons["gateway"])
-    assert "gateway-capable" in str(reasons["standby"])
+
+
+def test_a_standby_gateway_may_be_removed_and_the_others_keep_their_ports() -> None:
+    """Gateways 0, 1, 2 (ports api.port + 0, 1, 2): removing standby 1 takes it out of
+    the takeover order; node 2 keeps its port, so clients' address lists stay right."""
+    five = cluster(ADDRS[:5], KEYS[:5], gateways=[0, 1, 2])
+    five = ButterflyConfig.model_validate({**five.model_dump(mode="json"), "api": {"port": 8080}})
+    without_1 = ButterflyConfig.model_validate(
+        {
+            **five.model_dump(mode="json"),
+            "cluster": {
+                **five.cluster.model_dump(mode="json"),
+                **{k.split(".")[1]: v for k, v in remove_member(five, NodeId(1)).items()},
+            },
+        }
+    )
+    assert roster_change(five, without_1, GATEWAY) is None
+    assert gateway_nodes(five) == (0, 1, 2) and gateway_nodes(without_1) == (0, 2)
+    assert api_port(without_1, NodeId(2)) == api_port(five, NodeId(2)) == 8082
+    assert list(gateway_urls(without_1)) == [0, 2]
+    # the default set (the first max(2, f + 1) members) shrinks too: no one is promoted
+    default = patched(FOUR, remove_member(FOUR, NodeId(1)))
+    assert gateway_nodes(FOUR) == (0, 1) and gateway_nodes(default) == (0,)
 
 
 def test_key_validity_is_a_point_on_the_curve() -> None:

@@ -279,7 +279,7 @@ def build_node(
         transport=transport,
         membership=membership,
         recovery=recovery,
-        acting=lambda: role.acting,
+        role=role,
     )
     stage = StageRoutes(
         node=me,

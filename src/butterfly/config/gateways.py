@@ -25,21 +25,29 @@ def _size(cfg: ButterflyConfig) -> int:
     return max(1, len(cfg.cluster.members))
 
 
-def gateway_nodes(cfg: ButterflyConfig) -> tuple[NodeId, ...]:
-    """The gateway-capable nodes in takeover order (the configured ones, or the default).
-
-    >>> gateway_nodes(ButterflyConfig())
-    (0,)
-    """
+def listed_gateways(cfg: ButterflyConfig) -> tuple[NodeId, ...]:
+    """The gateway-capable nodes as configured (or the default), removed ones included:
+    a gateway's place in this list fixes its API port, so a removal moves no one's."""
     if cfg.cluster.gateways:
         return tuple(NodeId(g) for g in cfg.cluster.gateways)
     return tuple(NodeId(i) for i in range(min(_size(cfg), max(2, cfg.byzantine.f + 1))))
 
 
+def gateway_nodes(cfg: ButterflyConfig) -> tuple[NodeId, ...]:
+    """The gateway-capable nodes in takeover order (the configured ones, or the default),
+    without members removed from the cluster (`config.roster`: an empty slot).
+
+    >>> gateway_nodes(ButterflyConfig())
+    (0,)
+    """
+    members = cfg.cluster.members
+    return tuple(g for g in listed_gateways(cfg) if g >= len(members) or members[g] != "")
+
+
 def api_port(cfg: ButterflyConfig, node: NodeId) -> int:
     """The port `node` serves its API on: `api.port` plus its place among the gateways
-    (0 stays 0: any free port)."""
-    gateways = gateway_nodes(cfg)
+    as listed (0 stays 0: any free port)."""
+    gateways = listed_gateways(cfg)
     if cfg.api.port == 0 or node not in gateways:
         return cfg.api.port
     return cfg.api.port + gateways.index(node)
@@ -94,4 +102,4 @@ def check_gateways(cfg: ButterflyConfig) -> Iterator[ConfigIssue]:
         )
 
 
-__all__ = ["api_port", "check_gateways", "gateway_nodes", "gateway_urls"]
+__all__ = ["api_port", "check_gateways", "gateway_nodes", "gateway_urls", "listed_gateways"]

@@ -13,7 +13,8 @@ slots and tombstones (`protocol.pbft_members.epoch_of`).
 
 `roster_change` is the rule for one agreed change (old -> new), run on every node at
 PREPARE: append-only, tombstones permanent, a new key a valid Ed25519 key unlike every
-other, no gateway-capable node removed. `add_member` and `remove_member` build the patch
+other, the acting gateway never removed (a standby gateway may be: the gateway set
+shrinks, `config.gateways.gateway_nodes`). `add_member` and `remove_member` build the patch
 `butterfly cluster add-member/remove-member` sends.
 """
 
@@ -22,7 +23,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from butterfly.config.gateways import gateway_nodes
 from butterfly.config.issues import ConfigIssue
 from butterfly.config.schema import ButterflyConfig
 from butterfly.types.ids import NodeId
@@ -112,9 +112,8 @@ def check_roster(cfg: ButterflyConfig) -> Iterator[ConfigIssue]:
 def roster_change(old: ButterflyConfig, new: ButterflyConfig, acting: NodeId) -> str | None:
     """Why the agreed roster may not move from `old` to `new` (None: it may).
 
-    `acting`: the acting gateway, which must stay. Gateway-capable nodes stay too:
-    `cluster.gateways` (takeover order) is static, so removing one would leave a standby
-    slot the role could move to and nobody could fill.
+    `acting`: the acting gateway, which must stay. A standby gateway may go: the
+    takeover order skips removed members, and the others keep their API ports.
     """
     om, ok = old.cluster.members, old.cluster.public_keys
     nm, nk = new.cluster.members, new.cluster.public_keys
@@ -136,11 +135,6 @@ def roster_change(old: ButterflyConfig, new: ButterflyConfig, acting: NodeId) ->
             return f"node {i}'s address or key changes: remove it and add it again as a new member"
         if i == acting:
             return f"node {i} is the acting gateway and cannot remove itself"
-        if i in gateway_nodes(old):
-            return (
-                f"node {i} is gateway-capable (cluster.gateways, static): it cannot be removed "
-                "while the cluster runs"
-            )
     others = {k for k in ok if k}
     for i in range(len(om), len(nm)):
         if nm[i] == TOMBSTONE or not valid_key(nk[i]):

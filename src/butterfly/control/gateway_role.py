@@ -110,6 +110,13 @@ class GatewayRole:
     def capable(self, node: NodeId) -> bool:
         return node in self.gateways
 
+    def follow(self, gateways: Sequence[NodeId]) -> None:
+        """The gateway-capable nodes after an agreed membership change (a standby gateway
+        removed); the acting one is never removed (`config.roster.roster_change`)."""
+        if self.acting not in gateways:
+            raise ValueError(f"the acting gateway (node {self.acting}) cannot leave {gateways}")
+        self.gateways = tuple(gateways)
+
     def failed(self, node: NodeId) -> bool:
         return self._status(node) == "failed"
 

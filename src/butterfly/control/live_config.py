@@ -54,8 +54,10 @@ from collections.abc import Callable
 from butterfly.agreement.config_coordinator import ConfigCoordinator
 from butterfly.agreement.driver import AgreementDriver
 from butterfly.config import ButterflyConfig
+from butterfly.config.gateways import gateway_nodes
 from butterfly.config.reload import ConfigManager
 from butterfly.config.roster import Roster, roster_change
+from butterfly.control.gateway_role import GatewayRole
 from butterfly.control.membership import Membership
 from butterfly.control.recovery import Recovery
 from butterfly.dataplane.engine import PipelineEngine
@@ -65,7 +67,6 @@ from butterfly.net.transport import Transport
 from butterfly.protocol.proof import tolerance_for
 from butterfly.runtime.precision import verification_floor
 from butterfly.schedule.drafts import Speculation
-from butterfly.types.ids import NodeId
 
 log = logging.getLogger(__name__)
 
@@ -216,11 +217,12 @@ def follow_roster(
     transport: Transport,
     membership: Membership,
     recovery: Recovery,
-    acting: Callable[[], NodeId],
+    role: GatewayRole,
 ) -> None:
     """Membership changes (`cluster.members` with `cluster.public_keys`): checked at
     PREPARE on every node, applied to the roster when agreed, and from it to every part
-    that keeps its own view of the members. `acting`: the acting gateway, never removed."""
+    that keeps its own view of the members. `role`: whose acting gateway is never
+    removed, and whose gateway set loses a removed standby gateway."""
 
     def moved(r: Roster) -> None:
         log.warning("members now %s", {int(n): a for n, a in sorted(r.addresses.items())})
@@ -231,11 +233,19 @@ def follow_roster(
     roster.listen(moved)
 
     def check(old: ButterflyConfig, new: ButterflyConfig) -> None:
-        problem = roster_change(old, new, acting())
+        problem = roster_change(old, new, role.acting)
         if problem is not None:
             raise ValueError(problem)
 
     def apply(old: ButterflyConfig, new: ButterflyConfig) -> None:
+        gateways = gateway_nodes(new)
+        if gateways != role.gateways:
+            role.follow(gateways)
+            log.warning(
+                "gateway-capable nodes now %s%s",
+                [int(g) for g in gateways],
+                "" if len(gateways) > 1 else ": no standby gateway, the API has no successor",
+            )
         roster.update(new)
 
     manager.subscribe("roster", apply, check=check)

@@ -248,6 +248,7 @@ class TaskReplicas:
         this node starts acting, and again whenever one that missed a copy is healthy."""
         self._missed |= {g for g in self._role.gateways if g != self.node}
         while True:
+            self._missed &= set(self._role.gateways)  # a removed standby is owed nothing
             for peer in sorted(self._missed):
                 if self._status(peer) == "healthy":
                     self._missed.discard(peer)  # a copy lost meanwhile adds it again
