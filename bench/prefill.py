@@ -12,7 +12,10 @@ prompt (`none`), and 8 streams while a `--long`-token prompt arrives, sent whole
 (`whole`) and in chunks of each `--chunks` size. A stream's gap is the time between two of
 its tokens; the figure is the p95 of the gaps that overlap the window from the long
 prompt's arrival to its first token (for `none`, the same window length as `whole`'s
-from the same point of the streams). `ratio_to_none` is the target's measure.
+from the same point of the streams). `ratio_to_none` is the target's measure;
+`ratio_to_before` divides each run's figure by the p95 of its own streams' gaps in the
+tokens just before the prompt arrived (decode gaps, after each stream's first token), a
+reference measured under the same load, for a shared machine whose load drifts.
 
     python bench/prefill.py [--rounds 5] [--long 2000] [--chunks 32,128]
 """
@@ -23,6 +26,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import os
 import time
 from typing import Any
 
@@ -39,7 +43,7 @@ from common import bench_model, machine, summary
 STREAMS = 8
 STREAM_TOKENS = 160
 STREAM_PROMPT = 16
-WARM_TOKENS = 8  # tokens every stream has before the long prompt arrives
+WARM_TOKENS = 16  # tokens every stream has before the long prompt arrives
 
 
 def p95(samples: list[float]) -> float:
@@ -51,6 +55,7 @@ async def one_run(
     pipe: LocalPipeline, tag: str, long_prompt: list[int] | None, chunk: int, window_s: float
 ) -> dict[str, Any]:
     pipe.engine.retune_generation(speculation=Speculation(), prefill_chunk=chunk)
+    load = os.getloadavg()[0]  # other work on the machine skews every figure
     gen = torch.Generator().manual_seed(len(tag))
     times: list[list[float]] = [[] for _ in range(STREAMS)]
     streams = []
@@ -75,10 +80,15 @@ async def one_run(
     gaps = [
         b - a for stamps in times for a, b in itertools.pairwise(stamps) if b > arrived and a < done
     ]
+    # the same streams' gaps in the seconds just before: a reference taken under the
+    # same load as the window, on a machine whose load drifts between runs
+    before = [b - a for stamps in times for a, b in itertools.pairwise(stamps[1:]) if b <= arrived]
     return {
         "p95_gap_ms": p95(gaps) * 1000,
+        "p95_gap_before_ms": p95(before) * 1000,
         "max_gap_ms": max(gaps) * 1000,
         "window_s": done - arrived,
+        "load_average_1m": load,
     }
 
 
@@ -112,7 +122,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "p95_gap_ms": summary(gaps),
             "max_gap_ms": summary([r["max_gap_ms"] for r in runs]),
             "long_prompt_first_token_s": summary([r["window_s"] for r in runs]),
+            "load_average_1m": summary([r["load_average_1m"] for r in runs]),
             "ratio_to_none": round(summary(gaps)["median"] / none, 3),
+            # each run's window against its own streams' gaps just before the prompt
+            "ratio_to_before": summary([r["p95_gap_ms"] / r["p95_gap_before_ms"] for r in runs]),
             # per round, against that round's run with no long prompt
             "paired_ratio_to_none": summary(
                 [

@@ -38,7 +38,14 @@ from butterfly.runtime.kvcache import KVCache
 from butterfly.runtime.linear import timed_on_threads
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.precision import FP32, Precision
-from butterfly.runtime.stage import Stage, forward_rows, prefill_outputs, supports_trace
+from butterfly.runtime.stage import (
+    Stage,
+    forward_packed,
+    forward_rows,
+    packs,
+    prefill_outputs,
+    supports_trace,
+)
 from butterfly.runtime.torch_thread import TorchThread, single_threaded
 from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.types.errors import ButterflyError, InvalidMessage, StageLost
@@ -450,8 +457,10 @@ class StageServer:
         """Run a batch of steps on this node's stage: the encoded output, and a signed
         record per entry when this node proves its work.
 
-        Single-token entries (decode steps) run as one batch; longer ones (prefills) as one
-        batch per length. Outputs are laid side by side in the entries' order.
+        Entries of different lengths (a prompt's chunk beside decode steps) run as one
+        packed sequence where the family can (`runtime.stage.packs`); otherwise
+        single-token entries (decode steps) run as one batch and longer ones (prefills) as
+        one batch per length. Outputs are laid side by side in the entries' order.
         """
         if self.plan is not None and epoch > self.plan.epoch:
             await self._plan_of(epoch)
@@ -472,6 +481,21 @@ class StageServer:
         traces: list[list[torch.Tensor]] = [[] for _ in range(n)]
 
         def run() -> torch.Tensor:
+            if packs(stage, msg.request_ids, msg.lengths):  # one read of the weights for all
+                kept: list[torch.Tensor] | None = [] if prove else None
+                with torch.inference_mode():
+                    out = forward_packed(
+                        stage,
+                        x,
+                        caches,
+                        msg.starts,
+                        msg.lengths,
+                        last_only=msg.last_only,
+                        trace=kept,
+                    )
+                for i, (at, length) in enumerate(zip(offsets, msg.lengths, strict=True)):
+                    traces[i] = [t[:, at : at + length] for t in kept or ()]
+                return out
             outs: list[torch.Tensor | None] = [None] * n
             with torch.inference_mode():
                 single = [i for i, length in enumerate(msg.lengths) if length == 1]

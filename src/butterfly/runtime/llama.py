@@ -13,6 +13,7 @@ silently differ from transformers' is not served.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -319,6 +320,99 @@ class LlamaStage:
         if last_only:
             h = h[:, -1:]
         return linear(rms_norm(h, self.norm, eps), self.head)  # type: ignore[arg-type]
+
+    def forward_packed(
+        self,
+        x: torch.Tensor,
+        caches: Sequence[KVCache],
+        starts: Sequence[int],
+        lengths: Sequence[int],
+        *,
+        last_only: bool = False,
+        trace: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Entries of different lengths side by side in one sequence: `x` [1, N] (or
+        [1, N, D]) holds entry i's `lengths[i]` positions from `starts[i]`, in order.
+        Every matrix product runs once over all N rows, attention per entry against its
+        own cache. A prompt's chunk and the decode steps batched with it then read the
+        weights once between them instead of once each: run apart, a 32-position chunk
+        of three small-model layers cost a whole 4-row decode step more (14.5 ms of one
+        thread's CPU) than its own rows (0.36 ms each; docs/PERFORMANCE.md, chunked
+        prefill). Returns [1, N] rows, or with `last_only` each entry's last row."""
+        if self.embed is not None:
+            check_token_ids(x, self.args.vocab_size)
+            h = F.embedding(x, self.embed)  # [1, N, D]
+        else:
+            h = x.to(self.args.dtype)
+        for start, length in zip(starts, lengths, strict=True):
+            check_positions(start, length, self.max_context)
+        rope = [self._rope(start, length) for start, length in zip(starts, lengths, strict=True)]
+        cos = torch.cat([c for c, _ in rope])[:, None, :]  # [N, 1, Dh]
+        sin = torch.cat([s for _, s in rope])[:, None, :]
+        eps = self.args.norm_eps
+        for i, blk in enumerate(self.blocks):
+            a = rms_norm(h, blk.attn_norm, eps)
+            h = h + self._packed_attention(blk, a, caches, i, starts, lengths, cos, sin)
+            h = h + self._mlp(blk, rms_norm(h, blk.mlp_norm, eps))
+            if trace is not None:
+                trace.append(h)
+        ends = [start + length for start, length in zip(starts, lengths, strict=True)]
+        for cache, end in zip(caches, ends, strict=True):
+            cache.advance(end)
+        if self.head is None:
+            return h
+        if last_only:
+            h = h[:, [at - 1 for at in itertools.accumulate(lengths)]]  # each entry's last
+        return linear(rms_norm(h, self.norm, eps), self.head)  # type: ignore[arg-type]
+
+    def _packed_attention(
+        self,
+        blk: Block,
+        x: torch.Tensor,
+        caches: Sequence[KVCache],
+        layer: int,
+        starts: Sequence[int],
+        lengths: Sequence[int],
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor:
+        """`forward_packed`'s attention: q, k, v and the output projection over all rows;
+        the single-position entries as one padded batch (`_decode_attention`), each longer
+        one causally over its cache."""
+        a = self.args
+        rows = x.shape[1]
+        q_size, kv_size = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+        q, k, v = torch.split(linear(x, blk.wqkv, blk.bqkv), [q_size, kv_size, kv_size], -1)
+        q = q[0].view(rows, a.n_heads, a.head_dim)  # [N, H, Dh]
+        k = k[0].view(rows, a.n_kv_heads, a.head_dim)
+        v = v[0].view(rows, a.n_kv_heads, a.head_dim)
+        if blk.q_norm is not None and blk.k_norm is not None:  # Qwen3: per head, before RoPE
+            q, k = rms_norm(q, blk.q_norm, a.norm_eps), rms_norm(k, blk.k_norm, a.norm_eps)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        out = torch.empty(rows, a.n_heads, a.head_dim, dtype=q.dtype)
+        offsets = [at - n for at, n in zip(itertools.accumulate(lengths), lengths, strict=True)]
+        single = [i for i, n in enumerate(lengths) if n == 1]
+        if single:
+            at = [offsets[i] for i in single]
+            # [B, H, 1, Dh] each, as a decode batch has them
+            qs, ks, vs = (t[at].unsqueeze(2) for t in (q, k, v))
+            picked = [caches[i] for i in single]
+            done = self._decode_attention(picked, layer, [starts[i] for i in single], qs, ks, vs)
+            out[at] = done[:, :, 0]
+        for i, (cache, start, n) in enumerate(zip(caches, starts, lengths, strict=True)):
+            if n == 1:
+                continue
+            part = slice(offsets[i], offsets[i] + n)
+            qb, kb, vb = (t[part].transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, T, Dh]
+            kb, vb = cache.update(layer, start, kb, vb)  # [1, H_kv, S, Dh]
+            if a.n_kv_heads != a.n_heads:
+                kb = kb.repeat_interleave(a.n_heads // a.n_kv_heads, dim=1)
+                vb = vb.repeat_interleave(a.n_heads // a.n_kv_heads, dim=1)
+            mask = causal_mask(start, n)
+            got = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, is_causal=mask is None)
+            out[part] = got[0].transpose(0, 1)
+        return linear(out.reshape(1, rows, q_size), blk.wo, blk.bo)
 
     def _attention(
         self,

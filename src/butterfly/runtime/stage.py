@@ -113,6 +113,40 @@ def forward_rows(
     return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
+def packs(stage: Stage, request_ids: Sequence[object], lengths: Sequence[int]) -> bool:
+    """Whether a step's entries run as one packed sequence (`forward_packed`): when they
+    differ in length (a prompt's chunk beside decode steps, prompts of several lengths)
+    and the family can. Entries of one length already share every product as rows of
+    one batch; a request named twice (a replay beside a stale entry) runs entry by entry,
+    each on the cache the one before it left."""
+    return (
+        hasattr(stage, "forward_packed")
+        and len(set(lengths)) > 1
+        and len(set(request_ids)) == len(request_ids)
+    )
+
+
+def forward_packed(
+    stage: Stage,
+    x: torch.Tensor,
+    caches: Sequence[KVCache | None],
+    starts: Sequence[int],
+    lengths: Sequence[int],
+    *,
+    last_only: bool = False,
+    trace: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Entries of different lengths side by side in `x` [1, N, ...], every product run
+    once over all N rows (for a stage that `packs`); [1, N, ...] out, or each entry's
+    last row with `last_only`."""
+    packed = getattr(stage, "forward_packed", None)
+    if packed is None or any(c is None for c in caches):
+        raise ValueError("this stage does not run packed steps (runtime.stage.packs)")
+    kwargs = {"trace": trace} if trace is not None else {}
+    out: torch.Tensor = packed(x, caches, starts, lengths, last_only=last_only, **kwargs)
+    return out
+
+
 def supports_trace(stage: Stage) -> bool:
     return hasattr(stage, "forward_rows")
 
