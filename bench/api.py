@@ -6,16 +6,18 @@ is a full HTTP/1.1 `POST /inference` with `wait: true` that returns only with th
 result (checked: status 200 and `"status": "completed"`), so latency is the whole
 request, queue included.
 
-    python bench/api.py [--nodes 4] [--requests 1000] [--concurrency 16] [--new-tokens 4]
+    python bench/api.py [--nodes 4] [--requests 1000] [--concurrency 24] [--new-tokens 4]
 
 Why these choices:
 
-- Concurrency 16. By Little's law the requests in flight are throughput times latency:
-  300 requests/s with a mean latency of ~50 ms (so that p95 stays under 100 ms) is 15
-  in flight. More clients than that cannot raise throughput once the cluster is
-  saturated; they only queue and lengthen every latency (32 clients at 300 requests/s
-  would mean >= 107 ms mean latency by the same law). 16 gives the batcher enough
-  concurrent steps to share each forward.
+- Concurrency 24. By Little's law the requests in flight are throughput times latency:
+  400 requests/s with a mean latency of ~60 ms (p95 then stays well under 100 ms) is 24
+  in flight. Measured on the Intel Xeon (2026-12-04, `api-concurrency-*.json`): 16
+  clients left the cluster idle part of each round (367 requests/s, p95 54 ms), 20 gave
+  389, 24 gave 406 (p95 70 ms), 28 gave 418 (p95 80 ms), and 32 fell to 277 with p95
+  138 ms (queueing, the batches no larger). More clients than the pipeline batches
+  only queue and lengthen every latency. The batcher takes up to `--concurrency` steps
+  at once (`scheduling.dispatch_batch_size`).
 - The client is raw HTTP/1.1 over one keep-alive connection per client, not httpx: the
   client shares the machine's two cores with the four node processes, and httpx spent
   11 ms of CPU per request (measured), more than the whole cluster's budget at 300/s
@@ -131,7 +133,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--nodes", type=int, default=4)
     ap.add_argument("--requests", type=int, default=1000)
-    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--concurrency", type=int, default=24)
     ap.add_argument("--new-tokens", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per node (0 = all)")
