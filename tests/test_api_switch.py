@@ -41,7 +41,7 @@ def free_port() -> int:
 async def test_one_socket_serves_every_role_and_503_between_them() -> None:
     port = free_port()
     events: list[MetricsEvent] = []
-    front = RoleSwitch(3)
+    front = RoleSwitch(3, health=lambda: {"acting_gateway": 0})
     server = ApiServer(front, "127.0.0.1", port, node=NodeId(3), emit=events.append)
     serving = asyncio.create_task(server.serve())
     try:
@@ -60,6 +60,11 @@ async def test_one_socket_serves_every_role_and_503_between_them() -> None:
             assert set(error) == {"message", "type", "param", "code"}
             assert error["type"] == "service_unavailable"
             assert "node 3 is making the cluster's first plan" in error["message"]
+            # /health keeps its shape: healthy false, with what the node says of gateways
+            health = await client.get("/health")
+            assert health.status_code == 503
+            assert health.json()["healthy"] is False and health.json()["acting_gateway"] == 0
+            assert health.json()["error"]["type"] == "service_unavailable"
             front.use(named("acting"))
             assert (await client.get("/who")).json() == {"app": "acting"}
             front.use(None, "hands the gateway role to node 1")

@@ -101,7 +101,10 @@ class Gateway:
         store = self.replicas.store  # opened before the first plan: its evictions stay out
         first = True
         cfg = self.config.current
-        front = RoleSwitch(int(self.node))
+        front = RoleSwitch(
+            int(self.node),
+            health=lambda: {"acting_gateway": self.role.acting, "gateways": self.gateways()},
+        )
         server = ApiServer(
             front, cfg.api.host, api_port(cfg, self.node), node=self.node, emit=self.metrics.emit
         )
