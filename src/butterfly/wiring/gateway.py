@@ -128,8 +128,10 @@ class Gateway:
                     return
                 if planned:
                     await self._serve(store, front, server, api, stop)
-                else:
-                    await asyncio.sleep(RETRY_S)
+                elif self.role.acting == self.node:
+                    await asyncio.sleep(RETRY_S)  # its plan failed: try again
+                # else replaced while planning (a restarted gateway learning the log):
+                # stand by at once, its API redirecting rather than answering 503
         finally:
             server.close()
             # in-flight requests end with the node's stop; a stuck one does not hold it
