@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ from butterfly.testing.inprocess import InProcessCluster
 from butterfly.types.ids import RequestId
 from butterfly.types.tasks import InferenceTask
 from butterfly.types.wire.commands import encode_command
-from common import summary
+from common import machine, summary
 
 
 async def measure(samples: int, root: Path) -> dict[str, object]:
@@ -58,6 +59,8 @@ async def measure(samples: int, root: Path) -> dict[str, object]:
             "direct_ms": d,
             "agreed_ms": a,
             "agreed_over_direct": round(float(a["median"]) / float(d["median"]), 2),
+            "machine": machine(),
+            "load_average_1m": round(os.getloadavg()[0], 2),
         }
 
 
