@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -60,7 +59,6 @@ async def measure(samples: int, root: Path) -> dict[str, object]:
             "agreed_ms": a,
             "agreed_over_direct": round(float(a["median"]) / float(d["median"]), 2),
             "machine": machine(),
-            "load_average_1m": round(os.getloadavg()[0], 2),
         }
 
 
