@@ -28,11 +28,13 @@ RUN pip install -c constraints.txt . \
 USER butterfly
 WORKDIR /var/lib/butterfly
 VOLUME ["/var/lib/butterfly"]
-# 9000: peers (TCP, and UDP for heartbeats); 8080: the HTTP API (node 0, the gateway)
+# 9000: peers (TCP, and UDP for heartbeats); 8080: the HTTP API (node 0, the first
+# gateway; the k-th gateway-capable node of cluster.gateways serves it on 8080 + k)
 EXPOSE 9000/tcp 9000/udp 8080/tcp
 
-# Only the gateway serves HTTP; the compose file turns the check off on the other nodes
-# (the gateway's /health reports them). 503 (cluster unhealthy) fails the check too.
+# The check asks node 0's port; the compose file turns it off on the other nodes (a
+# standby gateway's /health answers 503, and the acting gateway's /health reports every
+# node). 503 (cluster unhealthy, or not the acting gateway) fails the check too.
 ENV HEALTH_URL=http://127.0.0.1:8080/health
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(os.environ['HEALTH_URL'], timeout=4)"]

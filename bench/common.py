@@ -84,10 +84,13 @@ def decode_bytes(stage: Any) -> int:
 
 
 def machine() -> dict[str, Any]:
+    """The CPU and software a figure was measured on, and the load when it was written
+    (1, 5 and 15 minutes): a figure's "quiet" or "loaded" must be checkable in its JSON."""
     return {
         **cpu(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": sys.version.split()[0],
+        "load_average_1_5_15m": [round(x, 2) for x in os.getloadavg()],
     }

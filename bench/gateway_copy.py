@@ -28,7 +28,7 @@ from butterfly.testing.inprocess import InProcessCluster
 from butterfly.types.ids import RequestId
 from butterfly.types.tasks import InferenceTask
 from butterfly.types.wire.commands import encode_command
-from common import summary
+from common import machine, summary
 
 
 async def measure(samples: int, root: Path) -> dict[str, object]:
@@ -58,6 +58,7 @@ async def measure(samples: int, root: Path) -> dict[str, object]:
             "direct_ms": d,
             "agreed_ms": a,
             "agreed_over_direct": round(float(a["median"]) / float(d["median"]), 2),
+            "machine": machine(),
         }
 
 

@@ -131,9 +131,12 @@ async def test_made_up_authorization_headers_do_not_bypass_the_rate_limit(
     tiny_model: Path, tmp_path: Path
 ) -> None:
     """No tokens configured: each request carries a different made-up header, as in the
-    attack of issue 12 (0 of 30 limited); they all come from one address."""
+    attack of issue 12 (0 of 30 limited), and a different X-Forwarded-For (README: not a
+    new client); they all come from one address."""
     settings = ApiSettings(rate_limit_per_s=0.001, rate_limit_burst=5)
-    made_up = [{"authorization": f"Bearer forged-{i}"} for i in range(30)]
+    made_up = [
+        {"authorization": f"Bearer forged-{i}", "x-forwarded-for": f"10.9.{i}.1"} for i in range(30)
+    ]
     async with serving(tiny_model, tmp_path / "t.db", settings=settings, run=False) as s:
         assert await limited(s, made_up) == 25
     async with serving(  # another address is another client

@@ -5,6 +5,7 @@ ignored, OpenAI's error shape and keep-alive comments."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from transformers import LlamaForCausalLM
 from butterfly.api.openai import CompletionChunks
 from butterfly.api.openai_choices import StopScanner
 from butterfly.api.openai_run import KEEPALIVE, Run, start, stream
-from butterfly.api.openai_schema import IGNORED, CompletionRequest
+from butterfly.api.openai_schema import IGNORED, ChatCompletionRequest, CompletionRequest
 from butterfly.api.settings import ApiSettings
 from butterfly.config.schema import ButterflyConfig
 from butterfly.runtime.chat import ChatTemplate
@@ -386,6 +387,18 @@ async def test_fields_sdks_send_are_accepted_and_ignored(tiny_model: Path, tmp_p
             json={"model": "tiny", "messages": parts, "max_tokens": 2, "temperature": 0},
         )
         assert r.status_code == 200, r.text
+
+
+def test_the_readme_lists_exactly_the_fields_accepted_and_ignored() -> None:
+    """README's "Accepted and ignored" list is what the request schemas take and drop:
+    a field added to IGNORED without the README, or listed there but refused, fails."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = readme.index("**Accepted and ignored**")
+    listed = readme[start : readme.index("Butterfly\n  has no tool calling", start)]
+    names = set(re.findall(r"`([a-z_.]+)`", listed.split(", each on the route")[0]))
+    assert names == {*IGNORED, "user", "stream_options.include_obfuscation"}
+    fields = set(CompletionRequest.model_fields) | set(ChatCompletionRequest.model_fields)
+    assert names - {"stream_options.include_obfuscation"} <= fields
 
 
 async def test_a_negative_seed_and_stream_obfuscation_are_taken(

@@ -131,3 +131,14 @@ def test_offline_rollback_keeps_the_roster(run: Invoke, tmp_path: Path) -> None:
 def test_rollback_to_a_missing_version(run: Invoke) -> None:
     out = run("rollback", "--version", "3")
     assert out.exit_code == 2 and "no config history" in out.stderr
+
+
+def test_validate_refuses_what_start_refuses_for_want_of_keys(run: Invoke, tmp_path: Path) -> None:
+    """A multi-member file without `cluster.public_keys` passed `validate` and was refused
+    by `start` (keys are never learned from peers); one member needs none."""
+    path = tmp_path / "node.toml"
+    path.write_text('[cluster]\nmembers = ["10.0.0.1:9000", "10.0.0.2:9000"]\n')
+    refused = run("validate", "--config", str(path))
+    assert refused.exit_code == 2 and "cluster.public_keys is empty" in refused.output
+    path.write_text('[cluster]\nmembers = ["10.0.0.1:9000"]\n')
+    assert run("validate", "--config", str(path)).exit_code == 0

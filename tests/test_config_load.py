@@ -25,7 +25,7 @@ from butterfly.config import (
     load_config,
     template,
 )
-from butterfly.config.loader import QUICK_START_ENV, env_name
+from butterfly.config.loader import QUICK_START_ENV, apply_patch, env_name
 from butterfly.config.validate import UNSUPPORTED
 
 FIVE = '["n:1", "n:2", "n:3", "n:4", "n:5"]'
@@ -406,3 +406,20 @@ def test_tls_needs_its_files(tmp_path: Path) -> None:
     text = '[security.tls]\nenabled = true\nca = "ca.pem"\ncert = "cert.pem"\nkey = "key.pem"\n'
     cfg = load_config([write(tmp_path / "node.toml", text)])
     assert cfg.security.tls.key == str(tmp_path / "key.pem")
+
+
+def test_an_unknown_key_and_a_bad_value_are_reported_together(tmp_path: Path) -> None:
+    """README: "every problem is reported at once"; a typo must not hide a bad value."""
+    path = write(tmp_path / "node.toml", "[api]\nrate_limt = 3\nport = 70000\n")
+    with pytest.raises(ConfigInvalid) as e:
+        load_config([path])
+    assert sorted(issues_of(e)) == [
+        (str(path), 2, "api.rate_limt", "unknown-key"),
+        (str(path), 3, "api.port", "range"),
+    ]
+    with pytest.raises(ConfigInvalid) as e:
+        apply_patch(ButterflyConfig(), {"api.rate_limt": 3, "api.port": 70000})
+    assert sorted((i.key, i.rule) for i in e.value.issues) == [
+        ("api.port", "range"),
+        ("api.rate_limt", "unknown-key"),
+    ]

@@ -15,6 +15,8 @@ import yaml
 
 from butterfly.cli.hosts import CONFIG_FILE, InitOptions, init_cluster, node_dir
 from butterfly.config import load_config
+from butterfly.config.gateways import api_port, gateway_nodes
+from butterfly.types.ids import NodeId
 
 ROOT = Path(__file__).resolve().parent.parent
 MOUNT = "/var/lib/butterfly"
@@ -49,6 +51,13 @@ def test_compose_runs_the_directories_init_writes(tmp_path: Path, tiny_model: Pa
     gateway = load_config([out / "node-0" / CONFIG_FILE])
     assert services["node0"]["ports"] == [f"{gateway.api.port}:{gateway.api.port}"]
     assert "healthcheck" not in services["node0"]  # the image's check, on the gateway only
+    # every gateway-capable node serves the API on its own port (a standby redirects, and
+    # takes over when node 0 dies), so each publishes it; the others publish nothing
+    for node in range(len(names)):
+        cfg = load_config([out / f"node-{node}" / CONFIG_FILE])
+        port = api_port(cfg, NodeId(node))
+        published = services[names[node]].get("ports", [])
+        assert published == ([f"{port}:{port}"] if node in gateway_nodes(cfg) else []), node
 
 
 def test_dockerfile_pins_the_tested_torch_and_checks_health() -> None:

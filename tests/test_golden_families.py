@@ -206,6 +206,11 @@ def assert_greedy_up_to_ties(
         ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
         ({"model_type": "phi3"}, "phi3"),
         ({"model_type": "gemma"}, "gemma"),
+        ({"model_type": "gemma2"}, "gemma2"),
+        ({"final_logit_softcapping": 30.0}, "final_logit_softcapping"),
+        ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
+        ({"residual_multiplier": 0.22}, "residual_multiplier"),
+        ({"embedding_multiplier": 12.0}, "embedding_multiplier"),
         ({"quantization_config": {"quant_method": "fp8"}}, "quantization_config"),
     ],
 )

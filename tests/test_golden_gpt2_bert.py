@@ -165,6 +165,24 @@ def test_gpt2_refuses_bad_input(gpt2: tuple[Path, Any]) -> None:
         rest.forward(torch.zeros(1, 3, 32), rest.new_cache(), 0)
 
 
+def test_gpt2_refuses_an_activation_it_does_not_have(
+    gpt2: tuple[Path, Any], tmp_path: Path
+) -> None:
+    """MODELS.md: a GPT-2 `activation_function` other than those honoured is refused by
+    name, not run as gelu."""
+    import json
+    import shutil
+
+    from butterfly.types.errors import UnknownArchitecture
+
+    path = tmp_path / "m"
+    shutil.copytree(gpt2[0], path)
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "activation_function": "mish"}))
+    with pytest.raises(UnknownArchitecture, match="activation_function 'mish'"):
+        loader.load_pipeline(path, [LayerRange(0, 4)])
+
+
 # --- BERT -------------------------------------------------------------------------------
 
 

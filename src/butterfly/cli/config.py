@@ -43,7 +43,8 @@ from butterfly.config import (
 )
 from butterfly.config.proposal import classify, restart_required
 from butterfly.config.template import template as render_template
-from butterfly.types.errors import ButterflyError
+from butterfly.protocol.keys import missing_keys
+from butterfly.types.errors import ButterflyError, ConfigError
 
 app = typer.Typer(no_args_is_help=True)
 err = Console(stderr=True)
@@ -106,6 +107,8 @@ def validate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
         cfg = _load(config, set_)
     except ButterflyError as e:
         raise _fail(e) from None
+    if (missing := missing_keys(cfg)) is not None:  # what `start` would refuse
+        raise _fail(ConfigError(missing))
     _echo(f"ok: config hash {config_hash(cfg)[:16]}, cluster hash {cluster_hash(cfg)[:16]}")
 
 

@@ -307,9 +307,23 @@ def load(
         _read_file(Path(f), acc, (), None)
     _env_layer(env or {}, acc)
     _override_layer(overrides, acc)
+    return Loaded(_build_all(acc), tuple(acc.files), dict(acc.origins))
+
+
+def _build_all(acc: _Acc) -> ButterflyConfig:
+    """Build from what was read, raising the reading's problems with the values' own.
+
+    An unknown key is left out of `acc.values`, so the rest still validates: a file with
+    a misspelt key and an out-of-range value is refused once, naming both, rather than
+    the second only after the first is fixed.
+    """
+    try:
+        cfg = build(acc.values, acc.origins)
+    except ConfigInvalid as e:
+        raise ConfigInvalid([*acc.issues, *e.issues]) from None
     if acc.issues:
         raise ConfigInvalid(acc.issues)
-    return Loaded(build(acc.values, acc.origins), tuple(acc.files), dict(acc.origins))
+    return cfg
 
 
 def load_config(
@@ -331,6 +345,5 @@ def apply_patch(
     for key, value in flatten(patch).items():
         if acc.known(key, origin):
             acc.put(key, value, origin)
-    if acc.issues:
-        raise ConfigInvalid(acc.issues)
-    return build({**config_leaves(base), **acc.values}, acc.origins)
+    acc.values = {**config_leaves(base), **acc.values}
+    return _build_all(acc)

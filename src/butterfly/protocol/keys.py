@@ -55,15 +55,24 @@ def load_or_create_key(path: Path) -> SigningKey:
         ) from None
 
 
+def missing_keys(cfg: ButterflyConfig) -> str | None:
+    """Why a node of this config cannot start for want of its members' keys (None: it
+    has them, or runs alone): keys are never learned from peers. `config validate` asks
+    it too, so a file it passes is not refused by `start` for this."""
+    n = cluster_size(cfg)
+    if not cfg.cluster.public_keys and n > 1:
+        return (
+            f"cluster.public_keys is empty but the cluster has {n} members: list one key "
+            "per member (`butterfly cluster up` and `butterfly init` write them)"
+        )
+    return None
+
+
 def public_keys(cfg: ButterflyConfig, key: SigningKey) -> tuple[bytes, ...]:
     """Every member's public key, index = node id; checks that ours matches our key file."""
-    n = cluster_size(cfg)
+    if (missing := missing_keys(cfg)) is not None:
+        raise ConfigError(missing)
     if not cfg.cluster.public_keys:
-        if n > 1:
-            raise ConfigError(
-                f"cluster.public_keys is empty but the cluster has {n} members: list one key "
-                "per member (`butterfly cluster up` writes them)"
-            )
         return (key.public,)
     keys = tuple(bytes.fromhex(k) for k in cfg.cluster.public_keys)  # b"": removed
     me = cfg.node.id
@@ -105,4 +114,11 @@ def pbft_config(cfg: ButterflyConfig, keys: tuple[bytes, ...]) -> PbftConfig:
     )
 
 
-__all__ = ["KEY_FILE", "key_path", "load_or_create_key", "pbft_config", "public_keys"]
+__all__ = [
+    "KEY_FILE",
+    "key_path",
+    "load_or_create_key",
+    "missing_keys",
+    "pbft_config",
+    "public_keys",
+]
