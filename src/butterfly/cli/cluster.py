@@ -129,18 +129,24 @@ def launch(
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     try:
         cluster.start()
+        history = Restarts()
+
+        def keep() -> None:
+            keep_alive(cluster.dead, cluster.restart, err.print, history, time.monotonic())
+
         with err.status(f"starting {nodes} nodes, loading {model_dir.name}"):
-            cluster.wait_ready()
+            cluster.wait_ready(on_dead=keep if restart else None, stopped=stopping.is_set)
+        if stopping.is_set():
+            return  # SIGTERM during start-up: `finally` stops every node
         err.print(f"[green]cluster up[/green]: {nodes} nodes, API at {url} (Ctrl-C to stop)")
         # every gateway-capable node serves the API on the ports after --api-port; a
         # standby redirects to the acting one, and takes over if it dies
         urls = ",".join(gateway_urls(load_config([configs[0]], env={})).values()) or url
         err.print(f"  gateways: {urls}")
         err.print(f'  try: butterfly infer --url {urls} "Hello"')
-        history = Restarts()
         while not stopping.wait(0.5):
             if restart:
-                keep_alive(cluster.dead, cluster.restart, err.print, history, time.monotonic())
+                keep()
             elif cluster.dead():
                 err.print(f"[red]a node exited[/red] ({cluster.dead()}); see logs in {base}")
                 break
