@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from butterfly.protocol.sign import SigningKey
 from butterfly.testing.liar_votes import EquivocatingDriver
 from butterfly.types.errors import ConsensusTimeout
 from butterfly.types.ids import NodeId
-from butterfly.types.wire.agreement import Evidence
+from butterfly.types.wire.agreement import Evidence, Request
 from butterfly.types.wire.control import AgreementFrame
 from butterfly.types.wire.frames import Message
 
@@ -60,6 +61,7 @@ class Cluster:
     liars: dict[int, type[AgreementDriver]] = field(default_factory=dict)
     evidence: dict[int, list[Evidence]] = field(default_factory=dict)
     history: int = 1024
+    vetoes: dict[int, Callable[[Request], str | None]] = field(default_factory=dict)
 
     async def start(self, i: int) -> None:
         """(Re)start node i from an empty replica, as a restarted process would."""
@@ -73,8 +75,11 @@ class Cluster:
         async def on_evidence(evidence: Evidence) -> None:
             proofs.append(evidence)
 
+        config = pbft_config(i, history=self.history)
+        if i in self.vetoes:
+            config = dataclasses.replace(config, veto=self.vetoes[i])
         driver = self.liars.get(i, AgreementDriver)(
-            config=pbft_config(i, history=self.history),
+            config=config,
             key=KEYS[i],
             transport=transport,
             on_commit=on_commit,
@@ -171,6 +176,45 @@ async def test_a_restarted_node_replays_the_log_it_missed(cluster: Cluster) -> N
     assert seq == 12
     await wait_until(lambda: all(len(cluster.logs[i]) == 12 for i in range(4)))
     assert all(cluster.logs[i] == cluster.logs[0] for i in range(4))
+
+
+async def test_a_proposal_the_backups_vetoed_on_arrival_commits_once_they_support_it() -> None:
+    """A takeover's shape: the acting gateway was also the primary and died; its successor's
+    detector declared it failed first and proposed, the other backups' detectors a few
+    heartbeats later, so they vetoed the request when it arrived and dropped it. The new
+    primary must still come to order it once they agree (the proposer sends it again);
+    before, it was ordered by nobody and `propose` waited out its whole timeout."""
+    supports = {1: False, 3: False}
+
+    def veto(i: int) -> Callable[[Request], str | None]:
+        def check(request: Request) -> str | None:
+            if request.operation != b"takeover" or supports[i]:
+                return None
+            return f"node {i} still hears the gateway"
+
+        return check
+
+    c = Cluster(MemoryNetwork(), vetoes={1: veto(1), 3: veto(3)})
+    for i in range(4):
+        await c.start(i)
+    try:
+        await c.drivers[1].propose(b"before", timeout=10.0)
+        await c.drivers[3].propose(b"before too", timeout=10.0)
+        c.net.down.add(NodeId(0))  # the primary of view 0 dies
+        proposal = asyncio.create_task(c.drivers[2].propose(b"takeover", timeout=5.0))
+        await asyncio.sleep(0.1)  # the request reached the backups, which vetoed it
+        for i in (1, 2, 3):
+            c.drivers[i].suspect_primary(NodeId(0))  # every detector declares it failed
+        await asyncio.sleep(0.1)
+        supports.update({1: True, 3: True})  # now theirs agree with the proposer's
+        seq = await proposal
+        assert seq == 3
+        await wait_until(lambda: all(len(c.logs[i]) == 3 for i in (1, 2, 3)))
+        assert all(c.commands(i)[-1] == b"takeover" for i in (1, 2, 3))
+    finally:
+        for i in list(c.tasks):
+            if not c.tasks[i].done():
+                await c.stop(i)
 
 
 async def test_without_a_quorum_a_command_times_out(cluster: Cluster) -> None:

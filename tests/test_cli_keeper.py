@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
 from butterfly.cli.keeper import FIRST_RESTART_S, STABLE_S, Restarts, keep_alive, plan_restarts
+from butterfly.cli.launcher import LocalCluster
 
 
 def test_a_dead_node_is_restarted_after_a_backoff_that_grows_until_it_stays_up() -> None:
@@ -33,3 +40,36 @@ def test_keep_alive_reports_each_death_once_and_each_restart() -> None:
         keep_alive(lambda: dead, restarted.append, lines.append, h, now)
     assert restarted == [0]
     assert lines == ["node 0 exited with code -9; restarting it in 1 s", "node 0 restarted"]
+
+
+def _exiting_cluster(tmp_path: Path) -> LocalCluster:
+    """Two "nodes" that exit at once with code 3, and an API nobody serves."""
+    configs = [tmp_path / "a.toml", tmp_path / "b.toml"]
+    cluster = LocalCluster(configs, "http://127.0.0.1:9", tmp_path)
+    cluster.command = (sys.executable, "-c", "import sys; sys.exit(3)")
+    return cluster
+
+
+def test_a_node_dying_during_start_up_is_handed_on_rather_than_ending_the_wait(
+    tmp_path: Path,
+) -> None:
+    """`cluster up` restarts a node that dies while the cluster starts (any n - f
+    members start it); before, the first death stopped every node."""
+    cluster = _exiting_cluster(tmp_path)
+    cluster.start()
+    try:
+        with pytest.raises(RuntimeError, match="exited during start-up"):
+            cluster.wait_ready(timeout_s=5.0)  # without `on_dead`: as before
+        looks: list[dict[int, int]] = []
+        with pytest.raises(TimeoutError):
+            cluster.wait_ready(timeout_s=0.5, on_dead=lambda: looks.append(cluster.dead()))
+        assert looks and looks[-1] == {0: 3, 1: 3}
+    finally:
+        cluster.stop(grace_s=1.0)
+
+
+def test_a_stop_during_start_up_ends_the_wait_at_once(tmp_path: Path) -> None:
+    cluster = _exiting_cluster(tmp_path)
+    started = time.monotonic()
+    cluster.wait_ready(timeout_s=30.0, stopped=lambda: True)  # no process: nothing to reap
+    assert time.monotonic() - started < 5.0

@@ -127,6 +127,47 @@ async def test_the_successor_takes_over_and_every_task_completes_with_its_tokens
         assert plan is not None and 0 not in (*plan.nodes, *(n for n, _ in plan.replicas))
 
 
+async def test_the_gateway_that_took_over_dies_too_and_the_first_one_takes_it_back(
+    tiny_model: Path, tmp_path: Path, references: dict[str, list[int]]
+) -> None:
+    """Node 0 dies, node 1 takes over; node 0 comes back as a standby; then node 1 dies
+    mid-generation. Node 1 was also the agreement's primary (view 1), so node 0's
+    takeover needs a view change, whose view changes quote the plans node 0 ordered
+    before it was replaced. Those were judged by the acting gateway of today (node 1):
+    every view change was invalid, none was ever installed, and the cluster served
+    nothing for good (seen on `cluster up`: kill -9 node 0, then node 1)."""
+    async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS) as c:
+        await c.until(lambda: gateway(c, 0).scheduler is not None, "node 0 serving")
+        c.kill(0)
+        await c.until(lambda: gateway(c, 1).scheduler is not None, "node 1 takes over")
+        assert c.nodes[1].agreement.driver.primary == 1  # acting gateway and primary
+        await c.restart(0)
+        await c.until(lambda: c.nodes[0].role.acting == 1, "node 0 back as a standby")
+        second = gateway(c, 1)
+        assert second.scheduler is not None
+        await second.scheduler.submit(task(tiny_model, "greedy"))
+
+        async def cut_off_after_a_checkpoint() -> None:
+            assert second.scheduler is not None
+            produced = 0
+            async for _ in second.scheduler.stream("greedy"):
+                produced += 1
+                if produced >= 5 and gateway(c, 0).replicas.store.checkpoint("greedy"):
+                    c.kill(1)
+                    return
+            raise AssertionError("the task finished before node 0 had a checkpoint")
+
+        await asyncio.wait_for(cut_off_after_a_checkpoint(), 30)
+        first = gateway(c, 0)
+        await c.until(lambda: first.scheduler is not None, "node 0 takes over again", beats=600)
+        assert all(c.nodes[i].role.acting == 0 for i in (0, 2, 3))
+        assert all(c.nodes[i].role.term == 2 for i in (0, 2, 3))
+        assert first.scheduler is not None
+        done = await first.scheduler.wait("greedy", 60)
+        assert done.result is not None
+        assert list(done.result.output_ids) == references["greedy"]
+
+
 async def test_a_takeover_is_refused_unless_the_replicas_see_the_gateway_failed(
     tiny_model: Path, tmp_path: Path
 ) -> None:

@@ -91,6 +91,9 @@ INPUTS: tuple[type, ...] = typing.get_args(pbft.Input)
 """Message classes a replica consumes; anything else in a frame is dropped."""
 MAX_FRAME = 1 << 20
 MIN_TICK_S = 0.005
+RESEND_BACKOFF_MAX = 16
+"""An unexecuted proposal is sent again after the replica's retransmit interval, doubling
+up to this many intervals (1.6 s by default): PBFT's client retransmission."""
 
 
 def _replica_input(message: Message) -> TypeGuard[pbft.Input]:
@@ -139,6 +142,7 @@ class AgreementDriver:
         self._senders: dict[NodeId, asyncio.Task[None]] = {}
         self._group: asyncio.TaskGroup | None = None  # run()'s, for a new member's sender
         self._commands: dict[tuple[NodeId, int], bytes] = {}  # proposed, not yet executed
+        self._requests: dict[tuple[NodeId, int], Request] = {}  # their signed requests
         # executed requests in order, or (seq, bytes): a state snapshot installed at seq
         self._commits: asyncio.Queue[tuple[int, Request | bytes]] = asyncio.Queue()
         self._wake = asyncio.Event()
@@ -357,16 +361,30 @@ class AgreementDriver:
             )
         request = sign_message(unsigned, self._key)
         key = (self.me, self._last_ts)
-        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[int] = loop.create_future()
         self._waiters[key] = done
         self._commands[key] = command
+        self._requests[key] = request
         try:
             # to every replica, even when we are the primary: backups time it, so a primary
             # that cannot order it (one restarted with an empty log) is replaced
             self._route([Send(None, request)])
             self._step(request)
-            async with asyncio.timeout(timeout):
-                return await done
+            deadline = loop.time() + timeout
+            interval = self._state.config.retransmit_interval
+            while not done.done():
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise TimeoutError
+                await asyncio.wait({done}, timeout=min(interval, left))
+                if not done.done():
+                    self._resend(done)
+                    interval = min(
+                        2 * interval,
+                        RESEND_BACKOFF_MAX * self._state.config.retransmit_interval,
+                    )
+            return done.result()
         except TimeoutError:
             raise ConsensusTimeout(
                 f"command not committed within {timeout:.1f} s (view {self.view}, "
@@ -376,6 +394,21 @@ class AgreementDriver:
             for k in [k for k, w in self._waiters.items() if w is done]:
                 self._waiters.pop(k, None)
                 self._commands.pop(k, None)
+                self._requests.pop(k, None)
+
+    def _resend(self, done: asyncio.Future[int]) -> None:
+        """Send an unexecuted proposal to every replica again, as a PBFT client retransmits.
+
+        A replica drops a request it vetoes when it arrives (a takeover its own failure
+        detector does not support yet: the proposer's detector declared the gateway
+        failed a few heartbeats before it), so only the proposer holds it. When the
+        primary is alive, the pre-prepare it retransmits is judged again; when the primary
+        died with the gateway, the new one never had the request, and the takeover waited
+        for `propose`'s whole timeout (30 s) while the cluster served nothing. A replica
+        that holds it already ignores the copy; one that executed it answers its reply."""
+        for k, waiter in self._waiters.items():
+            if waiter is done and (request := self._requests.get(k)) is not None:
+                self._route([Send(None, request)])
 
     # --- running ----------------------------------------------------------------------
 
@@ -507,6 +540,8 @@ class AgreementDriver:
         )
         fresh = (self.me, self._last_ts)
         self._waiters[fresh], self._commands[fresh] = waiter, command
+        self._requests.pop(key, None)
+        self._requests[fresh] = request
         self._route([Send(None, request)])
         self._step(request)
 

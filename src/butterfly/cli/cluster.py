@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 
 from butterfly.cli import members
-from butterfly.cli.gateways import first_answer, parse_urls
+from butterfly.cli.gateways import first_answer, parse_urls, wait_result
 from butterfly.cli.keeper import Restarts, keep_alive
 from butterfly.cli.launcher import LocalCluster, node_configs
 from butterfly.cli.paths import data_dir, demo_model
@@ -28,6 +28,10 @@ app.command("add-member")(members.add_member)
 app.command("remove-member")(members.remove_member)
 err = Console(stderr=True)
 DEFAULT_URL = "http://127.0.0.1:8080"
+TAKEOVER_PATIENCE_S = 10.0
+"""How long `infer` goes round its addresses while none accepts (a takeover under way)."""
+INFER_LIMIT_S = 600.0
+"""How long `infer` waits for its task's result."""
 
 
 def _model_for(path: str) -> Path:
@@ -125,18 +129,24 @@ def launch(
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     try:
         cluster.start()
+        history = Restarts()
+
+        def keep() -> None:
+            keep_alive(cluster.dead, cluster.restart, err.print, history, time.monotonic())
+
         with err.status(f"starting {nodes} nodes, loading {model_dir.name}"):
-            cluster.wait_ready()
+            cluster.wait_ready(on_dead=keep if restart else None, stopped=stopping.is_set)
+        if stopping.is_set():
+            return  # SIGTERM during start-up: `finally` stops every node
         err.print(f"[green]cluster up[/green]: {nodes} nodes, API at {url} (Ctrl-C to stop)")
         # every gateway-capable node serves the API on the ports after --api-port; a
         # standby redirects to the acting one, and takes over if it dies
         urls = ",".join(gateway_urls(load_config([configs[0]], env={})).values()) or url
         err.print(f"  gateways: {urls}")
         err.print(f'  try: butterfly infer --url {urls} "Hello"')
-        history = Restarts()
         while not stopping.wait(0.5):
             if restart:
-                keep_alive(cluster.dead, cluster.restart, err.print, history, time.monotonic())
+                keep()
             elif cluster.dead():
                 err.print(f"[red]a node exited[/red] ({cluster.dead()}); see logs in {base}")
                 break
@@ -164,27 +174,36 @@ def infer(
         typer.Option("--token", envvar="BUTTERFLY_API_TOKEN", help="Bearer token (api.tokens)."),
     ] = None,
 ) -> None:
-    """Send a prompt to the gateway and print the generated text."""
+    """Send a prompt to the gateway and print the generated text.
+
+    The task is submitted (202 and its id), then its result is read by id, from any of
+    the `--url` addresses: a gateway that dies while the task runs costs the client a
+    retry of the read, not the answer (its successor finishes the task)."""
     body = {
         "prompt": prompt,
         "max_new_tokens": max_tokens,
         "temperature": temperature,
-        "wait": True,
     }
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    urls = parse_urls(url)
 
     def send(address: str) -> httpx.Response:  # a standby's 307 leads to the acting one
         return httpx.post(
             f"{address}/inference",
             json=body,
             headers=headers,
-            timeout=600.0,
+            timeout=60.0,
             follow_redirects=True,
         )
 
+    def get(address: str, path: str) -> httpx.Response:
+        return httpx.get(f"{address}{path}", headers=headers, timeout=60.0, follow_redirects=True)
+
     try:
-        _, r = first_answer(parse_urls(url), send)
-    except httpx.HTTPError as e:
+        _, r = first_answer(urls, send, patience_s=TAKEOVER_PATIENCE_S)
+        if r.status_code == 202:
+            r = wait_result(urls, r.json()["task_id"], get, limit_s=INFER_LIMIT_S)
+    except (httpx.HTTPError, TimeoutError) as e:
         err.print(f"[red]error:[/red] cannot reach {url}: {e}")
         raise typer.Exit(2) from e
     if r.status_code >= 400:

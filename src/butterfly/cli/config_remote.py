@@ -38,7 +38,12 @@ def file_patch(cfg: ButterflyConfig) -> dict[str, Any]:
 def call(
     method: str, url: str, path: str, *, token: str | None = None, body: Any = None, **params: str
 ) -> Any:
-    """One request to the gateway; an error answer is printed and exits with code 2."""
+    """One request to the gateway; an error answer is printed and exits with code 2.
+
+    A standby gateway answers with a 307 to the acting one, which is followed (the method
+    and body are kept): `--url` may name any gateway-capable node. Before, the 307's empty
+    body was taken for the answer, and `cluster remove-member --url <standby>` crashed
+    with a KeyError."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         r = httpx.request(
@@ -48,6 +53,7 @@ def call(
             headers=headers,
             params=params,
             timeout=TIMEOUT_S,
+            follow_redirects=True,
         )
     except httpx.HTTPError as e:
         err.print(f"[red]error:[/red] cannot reach {escape(url)}: {escape(str(e))}")
@@ -56,7 +62,7 @@ def call(
         data = r.json()
     except ValueError:
         data = {"error": {"type": "http_error", "message": r.text}}
-    if r.status_code >= 400:
+    if not 200 <= r.status_code < 300:
         error = data.get("error", {}) if isinstance(data, dict) else {}
         message = error.get("message", r.text)
         err.print(f"[red]error {r.status_code}:[/red] {escape(str(message))}", soft_wrap=True)

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -229,14 +229,28 @@ class LocalCluster:
                         return str(g["url"])
         return self.api_url
 
-    def wait_ready(self, timeout_s: float = 120.0) -> None:
+    def wait_ready(
+        self,
+        timeout_s: float = 120.0,
+        on_dead: Callable[[], None] | None = None,
+        stopped: Callable[[], bool] = lambda: False,
+    ) -> None:
         """Until the acting gateway reports a healthy cluster; raises if a node dies
-        first."""
+        first, unless `on_dead` is given: then it is called on every look while a node
+        is down (`cluster up` restarts it), and the cluster may still come up without
+        it (any n - f members start it). Before, `cluster up` stopped every node when
+        one died during start-up, or in the moment between the gateway's first healthy
+        /health and this loop's next look. Returns early once `stopped()` (a SIGTERM
+        during start-up: before, it was acted on only once the cluster was healthy)."""
         deadline = time.monotonic() + timeout_s
         with httpx.Client(timeout=2.0) as client:
             while time.monotonic() < deadline:
+                if stopped():
+                    return
                 dead = [(i, p.returncode) for i, p in enumerate(self.procs) if p.poll() is not None]
-                if dead:
+                if dead and on_dead is not None:
+                    on_dead()
+                elif dead:
                     raise RuntimeError(
                         f"node(s) exited during start-up: {dead}; see logs in {self.log_dir}"
                     )

@@ -32,7 +32,7 @@ from butterfly.dataplane.inflight import StepFailed as StepFailed
 from butterfly.dataplane.intake import Intake
 from butterfly.dataplane.replicate import Lane, Replicator
 from butterfly.dataplane.sending import Deliver as Deliver
-from butterfly.dataplane.sending import StepSender
+from butterfly.dataplane.sending import RecordSize, StepSender
 from butterfly.dataplane.speculate import confirm, kept_until_stop
 from butterfly.dataplane.unresponsive import StepTimeouts
 from butterfly.metrics.events import Emit, PeerError, Traversed, discard
@@ -103,6 +103,7 @@ class PipelineEngine:
         speculation: Speculation = PLAIN,
         prefill_chunk: int = 0,
         tokenizer: Tokenizer | None = None,
+        records: RecordSize | None = None,
     ) -> None:
         """`verification` picks which of the parts built checks a request (audit,
         replicate or none); it defaults to the one part given. `retune` changes it, the
@@ -118,7 +119,9 @@ class PipelineEngine:
         `speculation`, `prefill_chunk`: generation.speculative and .prefill_chunk
         (`retune_generation`). `tokenizer`: the model's, to find a task's stop strings
         in its text as it is generated (a task with stops and no tokenizer is refused).
-        `generates`: False for an encoder (`runtime.stage.Family.generates`)."""
+        `generates`: False for an encoder (`runtime.stage.Family.generates`).
+        `records`: the size of the signed records the stages add to each step (None:
+        they sign none); a step carries no more than fit a frame header."""
         self._tokenizer, self.generates = tokenizer, generates
         self.checkpoint_every, self._on_checkpoint = checkpoint_every, on_checkpoint
         self._resume = resume
@@ -147,6 +150,7 @@ class PipelineEngine:
             timeout=step_timeout_s,
             on_liars=self._on_liars,
             emit=emit,
+            records=records,
         )
         self._intake = Intake(
             node, plan, self._flight, keys, max_tensor_bytes, emit, self._on_liars
@@ -535,7 +539,12 @@ class PipelineEngine:
                 if x.shape[1] == 1 and not wants_logprobs
                 else ()
             )
-            head = x[:, :chunk] if 0 < chunk < x.shape[1] else x
+            # a long prompt or replay goes in steps whose signed records fit a frame
+            # header, at most: one 1,000-position step gathers 64 KB of them at f = 1
+            plan = self._plan()
+            cap = self._sender.max_positions(len(plan.nodes)) if plan is not None else 0
+            limit = min(c for c in (chunk, cap, x.shape[1]) if c > 0)
+            head = x[:, :limit] if limit < x.shape[1] else x
             if drafted:
                 head = torch.cat([x, torch.tensor([drafted], dtype=torch.int64)], dim=1)
             # rows of prompt positions this step would score, when asked and not yet done

@@ -8,8 +8,10 @@ answer comes back from the last stage's node through `intake.Intake`, matched by
 from __future__ import annotations
 
 import asyncio
+import math
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -18,6 +20,7 @@ from butterfly.dataplane.intake import OnLiars
 from butterfly.dataplane.proving import RECORD_MISMATCH, digest
 from butterfly.dataplane.replicate import Lane
 from butterfly.metrics.events import Emit, HopTimed, discard
+from butterfly.net.framing import MAX_HEADER
 from butterfly.runtime.wire import encode_tensor
 from butterfly.types.errors import (
     ButterflyError,
@@ -60,6 +63,65 @@ def micro_batches(count: int, stages: int, min_rows: int = MIN_ROWS) -> list[ran
     return out
 
 
+HEADER_ROOM = MAX_HEADER - 8192
+"""What the signed records of one step may take of its frame header (at most 64 KiB: the
+envelope, the request ids, starts and lengths take the rest, with a wide margin)."""
+RECORD_FIXED_BYTES = 512
+"""One signed record without its fingerprint: ids, hashes, Merkle root, signature, and
+msgpack's framing of them (about 300 bytes measured; the rest is margin)."""
+
+
+@dataclass(frozen=True)
+class RecordSize:
+    """How large the signed records a step gathers grow, from the cluster's fingerprint
+    shape (`byzantine.fingerprint_top_k` values per `fingerprint_chunk` positions, each
+    an index and a float: 8 bytes). The records travel in the frame headers of the step
+    and of its result, which hold at most 64 KiB, so a step must not gather more.
+
+    >>> size = RecordSize(top_k=8, chunk=1)
+    >>> size.max_positions(stages=2)
+    439
+    >>> size.split([250] * 6, stages=2)
+    [range(0, 1), range(1, 2), range(2, 3), range(3, 4), range(4, 5), range(5, 6)]
+    >>> size.split([1] * 8, stages=2)
+    [range(0, 8)]
+    """
+
+    top_k: int
+    chunk: int
+
+    def cost(self, lengths: Sequence[int], stages: int) -> int:
+        """Header bytes of the records of a batch of entries `lengths` long, on a chain
+        of `stages`: every stage signs a record of every entry, each fingerprinting
+        every position it outputs (the last stage too, when it answers every row)."""
+        entry = 8 * self.top_k
+        per_record = RECORD_FIXED_BYTES + entry  # a partial last chunk rounds up
+        fingerprints = sum(math.ceil(n / self.chunk) * entry for n in lengths)
+        return stages * (len(lengths) * per_record + fingerprints)
+
+    def max_positions(self, stages: int, room: int = HEADER_ROOM) -> int:
+        """The most positions one entry's step may carry (at least 1)."""
+        n = 1
+        while self.cost([2 * n], stages) <= room:
+            n *= 2
+        low, high = n, 2 * n  # cost([low]) fits, cost([high]) does not
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (mid, high) if self.cost([mid], stages) <= room else (low, mid)
+        return low
+
+    def split(self, lengths: Sequence[int], stages: int, room: int = HEADER_ROOM) -> list[range]:
+        """Consecutive runs of the entries whose records fit the header together (an
+        entry too long on its own goes alone: the engine sends no such entry)."""
+        out: list[range] = []
+        start = 0
+        for i in range(1, len(lengths) + 1):
+            if i == len(lengths) or self.cost(lengths[start : i + 1], stages) > room:
+                out.append(range(start, i))
+                start = i
+        return out
+
+
 class StepSender:
     """`timeout` is the step timeout a step starts waiting with (`PipelineEngine.retune`
     changes it)."""
@@ -75,9 +137,12 @@ class StepSender:
         timeout: float,
         on_liars: OnLiars,
         emit: Emit = discard,
+        records: RecordSize | None = None,
     ) -> None:
         """`emit`: the hop to the first stage's node is timed (`HopTimed`) as each
-        stage times its own (dataplane.routes)."""
+        stage times its own (dataplane.routes). `records`: the size of the signed
+        records the stages add (None: they sign none), which bounds a batch."""
+        self.records = records
         self.node, self._deliver, self._plan, self._flight = node, deliver, plan, flight
         self._emit = emit
         self._keys, self.timeout, self._on_liars = keys, timeout, on_liars
@@ -111,7 +176,21 @@ class StepSender:
             for entries in groups.values():
                 stages = len(entries[0].route or plan.nodes)
                 for part in micro_batches(len(entries), stages):
-                    await self._send_batch(plan, entries[part.start : part.stop])
+                    batch_part = entries[part.start : part.stop]
+                    for fits in self._fitting(batch_part, stages):
+                        await self._send_batch(plan, batch_part[fits.start : fits.stop])
+
+    def _fitting(self, entries: list[Entry], stages: int) -> list[range]:
+        """`entries` in runs whose signed records fit a frame header: six 250-token
+        prompts (or six replays after a whole-cluster restart) in one step gathered
+        92 KB of records, over the 64 KiB limit, and every one of them failed."""
+        if self.records is None:
+            return [range(len(entries))]
+        return self.records.split([e.x.shape[1] for e in entries], stages)
+
+    def max_positions(self, stages: int) -> int:
+        """The most positions one step of one request may carry (0: no limit)."""
+        return 0 if self.records is None else self.records.max_positions(stages)
 
     async def _send_batch(self, plan: StagePlan, entries: list[Entry]) -> None:
         nodes = entries[0].route or plan.nodes

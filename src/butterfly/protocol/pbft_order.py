@@ -67,6 +67,19 @@ def valid_body(state: ReplicaState, pp: PrePrepare) -> bool:
     return request_digest(pp.request) == pp.digest and admissible(state, pp.request)
 
 
+def certified_body(state: ReplicaState, pp: PrePrepare) -> bool:
+    """The request beside a pre-prepare that 2f+1 replicas vouch for (a prepared
+    certificate in a view change, a new view's re-issue of one) matches its digest and
+    its client signed it. Whether that client may ask for it is not judged again: the
+    honest replicas among the 2f+1 judged it when they prepared it, by the agreed state
+    of that time. Judged by today's, a certificate of a command whose authority has
+    since moved (a plan the replaced gateway ordered before a takeover) would make every
+    view change that quotes it invalid, and no view could ever be installed again."""
+    if pp.request is None:
+        return pp.digest == NULL_DIGEST
+    return request_digest(pp.request) == pp.digest and client_signed(state, pp.request)
+
+
 def in_window(state: ReplicaState, seq: int) -> bool:
     return state.low < seq <= state.low + state.config.window
 

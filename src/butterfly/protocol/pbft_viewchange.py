@@ -16,10 +16,10 @@ from butterfly.protocol.pbft_order import (
     accept_pre_prepare,
     apply_entry,
     assign_pending,
+    certified_body,
     execute_ready,
     rearm_timer,
     set_stable,
-    valid_body,
 )
 from butterfly.protocol.pbft_state import (
     ReplicaState,
@@ -149,7 +149,7 @@ def valid_stable_proof(
 def valid_certificate(state: ReplicaState, cert: PreparedCertificate) -> bool:
     cfg, pp = state.config, cert.pre_prepare
     lead = cfg.primary_of(pp.view)
-    if pp.sender != lead or pp.epoch != cfg.epoch or not valid_body(state, pp):
+    if pp.sender != lead or pp.epoch != cfg.epoch or not certified_body(state, pp):
         return False
     if not verify_message(pp, cfg.keys[lead]):
         return False
@@ -292,7 +292,7 @@ def on_new_view(state: ReplicaState, nv: NewView, now: float, out: list[Send]) -
             digest,
         ):
             return
-        if not valid_body(state, pp) or not verify_message(pp, cfg.keys[nv.sender]):
+        if not certified_body(state, pp) or not verify_message(pp, cfg.keys[nv.sender]):
             return
     for vc in nv.view_changes:
         check_quoted_headers(state, vc, out)

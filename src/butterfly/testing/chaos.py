@@ -41,12 +41,16 @@ FAULTS = (
     "kill_gateway",
     "restart_all",
     "gateway_restart",
+    "gateway_twice",
 )
 """Survivable ones: a stage node killed (its standby takes over), two stage nodes killed
 one after the other, a node killed and started again, a node frozen (SIGSTOP) and
 thawed, the acting gateway killed for good (the next gateway-capable node takes over
 from the copies it holds), the whole cluster stopped and started, the acting gateway
-killed and started again (it comes back as a standby)."""
+killed and started again (it comes back as a standby), and that twice: node 0 killed and
+restarted, then node 1, which took over and is also the agreement's primary, killed and
+restarted (node 0 takes the role back: a view change after a takeover, which no cluster
+survived before)."""
 GATEWAYS = 2
 """Gateway-capable nodes (the default, max(2, f + 1) for f <= 1); gateway k serves its
 API on the first gateway's port + k, and clients try them in turn."""
@@ -133,6 +137,20 @@ def _probe(urls: list[str], deadline: float) -> bool:
     return False
 
 
+def _until_standby(url: str, *, acting: int, timeout_s: float) -> None:
+    """Until the gateway at `url` stands by and names `acting` as the acting gateway."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{url}/health", timeout=2)
+            if r.status_code == 503 and r.json().get("acting_gateway") == acting:
+                return
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not stand by for node {acting} within {timeout_s:.0f} s")
+
+
 def _inject(
     cluster: LocalCluster, fault: str, nodes: tuple[int, ...], rng: random.Random
 ) -> float | None:
@@ -160,6 +178,13 @@ def _inject(
         cluster.kill(0)
         time.sleep(rng.uniform(0.0, 2.0))
         cluster.restart(0)
+    elif fault == "gateway_twice":
+        for gateway in (0, 1):
+            cluster.kill(gateway)
+            time.sleep(rng.uniform(0.0, 2.0))
+            cluster.restart(gateway)
+            if gateway == 0:
+                _until_standby(cluster.api_url, acting=1, timeout_s=60.0)
     elif fault == "restart_all":
         t0 = time.monotonic()
         codes = cluster.stop(grace_s=10.0)
@@ -193,6 +218,8 @@ def run_trial(
     nodes = (
         (0,)
         if fault == "gateway_restart"
+        else (0, 1)
+        if fault == "gateway_twice"
         else tuple(stage_nodes[: 2 if fault == "kill_two" else 1])
     )
     port = free_port_block(GATEWAYS)

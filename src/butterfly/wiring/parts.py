@@ -22,6 +22,7 @@ from butterfly.dataplane.engine import Asker, Deliver, PipelineEngine
 from butterfly.dataplane.proving import Prover
 from butterfly.dataplane.replicate import Replicator
 from butterfly.dataplane.routes import AuditAsk
+from butterfly.dataplane.sending import RecordSize
 from butterfly.dataplane.stage_server import StageServer
 from butterfly.dataplane.unresponsive import StepTimeouts
 from butterfly.metrics.events import Emit
@@ -244,6 +245,7 @@ def engine(
         tracing=tracing,
         speculation=speculation(cfg),
         prefill_chunk=cfg.generation.prefill_chunk,
+        records=RecordSize(byz.fingerprint_top_k, byz.fingerprint_chunk) if verify else None,
     )
 
 
