@@ -72,6 +72,7 @@ def test_every_run_of_a_split_fits_and_nothing_is_left_out() -> None:
     assert all(size.cost(lengths[r.start : r.stop], 2) <= HEADER_ROOM for r in runs)
     assert size.cost([size.max_positions(2)], 2) <= HEADER_ROOM
     assert size.cost([size.max_positions(2) + 1], 2) > HEADER_ROOM
+    assert size.max_positions(0) == 0  # no stage signs: no limit (and no endless search)
     coarse = RecordSize(top_k=8, chunk=32)  # a coarser fingerprint lets a step carry more
     assert coarse.max_positions(2) > 10 * size.max_positions(2)
 

@@ -100,7 +100,10 @@ class RecordSize:
         return stages * (len(lengths) * per_record + fingerprints)
 
     def max_positions(self, stages: int, room: int = HEADER_ROOM) -> int:
-        """The most positions one entry's step may carry (at least 1)."""
+        """The most positions one entry's step may carry (at least 1; 0, no limit, for
+        a chain of no stage, which signs nothing)."""
+        if stages <= 0:
+            return 0
         n = 1
         while self.cost([2 * n], stages) <= room:
             n *= 2
