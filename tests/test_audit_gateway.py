@@ -68,7 +68,7 @@ def test_only_stages_not_run_by_the_gateway_are_re_run(tiny_model: Path) -> None
             out = prefill_outputs(
                 stages[layers], x, stages[layers].new_cache(), outputs_from=req.outputs_from
             )
-        return AuditReply("r", int(node), b"", ""), encode_tensor(out)
+        return AuditReply("r", int(node), ""), encode_tensor(out)
 
     def auditor(kept: torch.Tensor | None) -> Auditor:
         return Auditor(

@@ -142,7 +142,7 @@ def audit_of(tiny_model: Path, torch_thread: TorchThread, plan: StagePlan) -> Au
             out = prefill_outputs(
                 stages[layers], x, stages[layers].new_cache(), outputs_from=req.outputs_from
             )
-        return AuditReply(req.request_id, int(node), b"", ""), encode_tensor(out)
+        return AuditReply(req.request_id, int(node), ""), encode_tensor(out)
 
     return Auditor(
         ask=ask,

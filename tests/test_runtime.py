@@ -280,20 +280,16 @@ def test_batched_rows_equal_one_request_at_a_time(tiny_model: Path) -> None:
 
 def test_prefill_outputs_from_a_position_equal_the_full_prefill_there(tiny_model: Path) -> None:
     """An audit of a last stage computes the output layer only where tokens were sampled;
-    the rows it returns, and the per-layer outputs it hashes, are those of a full prefill."""
+    the rows it returns are those of a full prefill."""
     last, first = load_stage(tiny_model, LayerRange(2, 4)), load_stage(tiny_model, LayerRange(0, 2))
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3]])
     with torch.inference_mode():
         h = forward_rows(first, ids, [first.new_cache()], [0])
-        full_trace: list[torch.Tensor] = []
-        full = forward_rows(last, h, [last.new_cache()], [0], trace=full_trace)
-        trace: list[torch.Tensor] = []
-        part = prefill_outputs(last, h, last.new_cache(), outputs_from=6, trace=trace)
+        full = forward_rows(last, h, [last.new_cache()], [0])
+        part = prefill_outputs(last, h, last.new_cache(), outputs_from=6)
         assert torch.equal(prefill_outputs(first, ids, first.new_cache(), outputs_from=6), h)
     assert part.shape[1] == 4 and full.shape[1] == 10
     assert torch.allclose(part, full[:, 6:], atol=1e-5)
-    assert len(trace) == len(full_trace) == 2
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(trace, full_trace, strict=True))
     with pytest.raises(ValueError, match="outputs from 10"):
         prefill_outputs(last, h, last.new_cache(), outputs_from=10)
 
@@ -317,12 +313,9 @@ def test_prefill_outputs_runs_no_product_in_a_decode_shape(
 
     with torch.inference_mode():
         h = forward_rows(first, ids, [first.new_cache()], [0])
-        full_trace: list[torch.Tensor] = []
-        full = forward_rows(last, h, [last.new_cache()], [0], trace=full_trace)
+        full = forward_rows(last, h, [last.new_cache()], [0])
         monkeypatch.setattr(llama, "linear", counted)
-        trace: list[torch.Tensor] = []
-        part = prefill_outputs(last, h, last.new_cache(), outputs_from=outputs_from, trace=trace)
+        part = prefill_outputs(last, h, last.new_cache(), outputs_from=outputs_from)
     assert rows and all(n == 1 or n > EXACT_ROWS for n in rows), rows
     assert part.shape[1] == 40 - outputs_from
     assert torch.allclose(part, full[:, outputs_from:], atol=1e-5)
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(trace, full_trace, strict=True))

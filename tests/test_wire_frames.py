@@ -62,7 +62,7 @@ SAMPLES: list[Message] = [
     StepResult((R1,), (3,), N2, (b"p",)),
     StepError((R1,), (3,), N2, "stage_lost", "x" * 1000, True),
     AuditRequest(R1, StageIndex(1), 2, 4, 9),
-    AuditReply(R1, N2, b"proof", ""),
+    AuditReply(R1, N2, ""),
     Release((R1, R2)),
     KvAppend(R1, 0, 2, 32),
     CacheQuery((R1,)),

@@ -617,34 +617,19 @@ class StageServer:
             msg.layer_start,
             msg.layer_end,
         ):
-            return AuditReply(msg.request_id, self.node, b"", "this node holds other layers"), b""
+            return AuditReply(msg.request_id, self.node, "this node holds other layers"), b""
         try:
             x = decode_tensor(payload, self._max_tensor_bytes)
             cache = stage.new_cache()
-            trace: list[torch.Tensor] = []
 
             def run() -> torch.Tensor:
                 with torch.inference_mode(), single_threaded():
-                    return prefill_outputs(
-                        stage, x, cache, outputs_from=msg.outputs_from, trace=trace
-                    )
+                    return prefill_outputs(stage, x, cache, outputs_from=msg.outputs_from)
 
             out = self.tamper(await self._torch.run(run))
         except Exception as e:  # a bad audit input costs the sender an error, not the node
-            return AuditReply(msg.request_id, self.node, b"", f"audit failed: {e}"), b""
-        proof = b""
-        if self.prover is not None and len(trace) == len(stage.layers):
-            proof = self.prover.prove(
-                epoch=self.epoch,
-                request_id=msg.request_id,
-                step=-1,
-                stage=msg.stage,
-                layers=stage.layers,
-                x_in=x,
-                out=out,
-                layer_outputs=trace,
-            )
-        return AuditReply(msg.request_id, self.node, proof, ""), encode_tensor(out)
+            return AuditReply(msg.request_id, self.node, f"audit failed: {e}"), b""
+        return AuditReply(msg.request_id, self.node, ""), encode_tensor(out)
 
     def close(self) -> None:
         self._torch.close()

@@ -157,7 +157,6 @@ def prefill_outputs(
     cache: KVCache | None,
     *,
     outputs_from: int = 0,
-    trace: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One sequence as a prefill from position 0, with outputs for positions
     [outputs_from, T) only. On a last stage the output layer is the costliest part of a
@@ -173,17 +172,13 @@ def prefill_outputs(
     of kernel code each time, 6.7 MB/min in bench/soak.py."""
     length = x.shape[1]
     if outputs_from <= 0 or not stage.is_last:
-        return forward_rows(stage, x, [cache], [0], last_only=False, trace=trace)
+        return forward_rows(stage, x, [cache], [0], last_only=False)
     if outputs_from >= length:
         raise ValueError(f"outputs from {outputs_from} of a {length}-position sequence")
     cut = min(outputs_from, length - EXACT_ROWS - 1)
     if cut <= EXACT_ROWS:
-        out = forward_rows(stage, x, [cache], [0], last_only=False, trace=trace)
+        out = forward_rows(stage, x, [cache], [0], last_only=False)
         return out[:, outputs_from:]
-    head: list[torch.Tensor] | None = [] if trace is not None else None
-    tail: list[torch.Tensor] | None = [] if trace is not None else None
-    forward_rows(stage, x[:, :cut], [cache], [0], last_only=True, trace=head)
-    out = forward_rows(stage, x[:, cut:], [cache], [cut], last_only=False, trace=tail)
-    if trace is not None and head is not None and tail is not None:
-        trace.extend(torch.cat([a, b], dim=1) for a, b in zip(head, tail, strict=True))
+    forward_rows(stage, x[:, :cut], [cache], [0], last_only=True)
+    out = forward_rows(stage, x[:, cut:], [cache], [cut], last_only=False)
     return out[:, outputs_from - cut :]

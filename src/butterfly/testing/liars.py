@@ -159,7 +159,7 @@ class AuditFailsStageServer(StageServer):
     out of memory would): that is no lie, and must not get it evicted."""
 
     async def audit(self, msg: AuditRequest, payload: bytes) -> tuple[AuditReply, bytes]:
-        return AuditReply(msg.request_id, self.node, b"", "out of memory"), b""
+        return AuditReply(msg.request_id, self.node, "out of memory"), b""
 
 
 class WrongLayerStageServer(StageServer):

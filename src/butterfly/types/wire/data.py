@@ -87,12 +87,17 @@ class StepError:
 
 @dataclass(frozen=True, slots=True)
 class AuditReply:
-    """The stage's output for every position (payload) and the signed record of it."""
+    """The stage's output for every position (payload), or why it could not run.
+
+    No signed record of it: the gateway judges an auditor by re-executing (an auditor
+    that contradicts the re-execution is named a liar without evidence of its own), and
+    a record fingerprints every position, so that of a sequence of about 1,000 positions
+    (64 bytes each at byzantine.fingerprint_top_k 8) outgrew the 64 KiB frame header:
+    the reply was never sent and the audit waited out its timeout."""
 
     kind: ClassVar[str] = "audit_reply"
     request_id: RequestId
     node: NodeId
-    proof: bytes
     error: Text
 
 
