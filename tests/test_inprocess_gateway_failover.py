@@ -125,6 +125,10 @@ async def test_the_successor_takes_over_and_every_task_completes_with_its_tokens
         assert old.result is not None and list(old.result.output_ids) == references["short"]
         plan = c.nodes[1].stage_server.plan
         assert plan is not None and 0 not in (*plan.nodes, *(n for n, _ in plan.replicas))
+        # /health's `plan` names the stages in force after the takeover's re-plan
+        shown = c.nodes[1].engine.health().plan
+        assert shown is not None and shown["epoch"] == plan.epoch
+        assert [s["node"] for s in shown["stages"]] == list(plan.nodes)  # type: ignore[index,union-attr]
 
 
 async def test_the_gateway_that_took_over_dies_too_and_the_first_one_takes_it_back(

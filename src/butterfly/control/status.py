@@ -7,12 +7,14 @@ from collections.abc import Mapping
 
 from butterfly.control.facts import Probe
 from butterfly.control.membership import Membership
+from butterfly.control.planner import Placement
 from butterfly.control.recovery import Recovery
 from butterfly.dataplane.stage_server import StageServer
 from butterfly.net.conn import Reply
 from butterfly.net.framing import Envelope
 from butterfly.schedule.engine import ClusterHealth, NodeHealth
 from butterfly.types.ids import NodeId
+from butterfly.types.plan import StagePlan
 from butterfly.types.wire.control import StatusReply
 from butterfly.types.wire.data import Ping, Pong
 
@@ -91,14 +93,34 @@ class ClusterReport:
             epoch=plan.epoch if plan else 0,
             nodes=nodes,
             services={"network": True, "plan": plan is not None, "scheduler": True},
-            plan=(
-                placement.to_dict()
-                if placement is not None
-                and plan is not None
-                and (placement.stages.epoch, placement.stages.stages) == (plan.epoch, plan.stages)
-                else None
-            ),
+            plan=None if plan is None else plan_report(plan, placement),
         )
+
+
+def plan_report(plan: StagePlan, placement: Placement | None) -> dict[str, object]:
+    """`/health`'s `plan`: the last placement with its estimates and facts while it is the
+    plan in force; once recovery changed the plan without placing anew (a standby
+    promoted, a member taken back, layers moved), the plan in force without estimates,
+    beside the facts the last placement measured. Before, the key vanished then, though
+    operators read it for the stages in force."""
+    if placement is not None and (placement.stages.epoch, placement.stages.stages) == (
+        plan.epoch,
+        plan.stages,
+    ):
+        return placement.to_dict()
+    last = placement.to_dict() if placement is not None else {}
+    placed = f"epoch {placement.stages.epoch}" if placement is not None else "none yet"
+    return {
+        "epoch": plan.epoch,
+        "strategy": last.get("strategy"),
+        "estimated_per_token_ms": None,
+        "bottleneck_ms": None,
+        "stages": [
+            {"node": n, "start": r.start, "end": r.end, "est_ms": None} for n, r in plan.stages
+        ],
+        "notes": [f"changed by recovery since the last placement ({placed}); not estimated"],
+        "facts": last.get("facts", {}),
+    }
 
 
 __all__ = ["ClusterReport", "NodeReport"]
