@@ -5,20 +5,23 @@ waits between connect attempts (exponential backoff with jitter, capped), and
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from butterfly.config import load_config
+from butterfly.net.framing import Envelope
 from butterfly.net.tcp import TcpTransport, TransportLimits
-from butterfly.types.errors import ConnectionFailed
+from butterfly.types.errors import ConnectionFailed, SendTimeout
 from butterfly.types.ids import NodeId
 from butterfly.types.wire.control import Heartbeat
 from butterfly.wiring.edges import transport_limits
-from tests.test_net import Events, identity
+from tests.test_net import Events, echo, identity
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -93,3 +96,61 @@ async def test_a_dial_really_waits_out_its_backoff(closed_port: int) -> None:
     # waits of >= 50, >= 100 (capped at 100) and 100 ms; the upper bound only says the
     # attempts did not hang (a loaded machine may stretch every wait)
     assert 0.25 <= time.monotonic() - start < 20
+
+
+def established_to(port: int) -> int:
+    """Open TCP connections of this machine whose far end is local port `port`: the
+    dialler's side of each connection to a listener there (Linux's /proc/net/tcp)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[2].rpartition(":")[2], 16) == port and fields[3] == "01":
+                count += 1
+    return count
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's socket table")
+async def test_a_peer_that_takes_no_data_fails_the_send_and_its_connection_closes() -> None:
+    released = asyncio.Event()
+
+    async def stuck(peer: NodeId, env: Envelope) -> None:  # never done: the peer stops reading
+        await released.wait()
+
+    # node 1 runs one handler at a time, so with this one stuck it reads nothing more
+    taker = TcpTransport(
+        identity=identity(1),
+        listen=("127.0.0.1", 0),
+        peers={NodeId(0): ("127.0.0.1", 0)},
+        emit=Events(),
+        epoch=lambda: 0,
+        limits=TransportLimits(max_handlers=1),
+    )
+    await taker.start(stuck)
+    port = taker.address[1]
+    sender = dialler(port, limits(send_timeout_ms=1500))  # not the default 1 s
+    await sender.start(echo)
+    payload = bytes(1 << 20)
+    try:
+        await sender.send(NodeId(1), Heartbeat(NodeId(0), 0, 0), payload)
+        assert established_to(port) == 1
+        failed_after = -1.0
+        async with asyncio.timeout(30):
+            for _ in range(500):  # a few MiB fill the socket buffers on loopback
+                start = time.monotonic()
+                try:
+                    await sender.send(NodeId(1), Heartbeat(NodeId(0), 0, 0), payload)
+                except SendTimeout as e:
+                    failed_after = time.monotonic() - start
+                    assert e.retriable and "network.send_timeout_ms" in str(e)
+                    break
+        assert failed_after >= 1.5  # it gave the peer send_timeout_ms to take some
+        for _ in range(100):  # bounded: the socket closes at once, without the peer
+            if established_to(port) == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert established_to(port) == 0
+    finally:
+        released.set()
+        await sender.close()
+        await taker.close()
