@@ -119,3 +119,55 @@ def test_status_watch_interval_is_bounded(gateway: str) -> None:
 
     result = CliRunner().invoke(app, ["status", "--url", gateway, "--watch", "--interval", "0"])
     assert result.exit_code == 2 and "interval" in result.output
+
+
+class _Gateways(BaseHTTPRequestHandler):
+    """A standby answering 503 that names the acting gateway (`acting`), and that
+    acting gateway answering with its nodes: both served here, told apart by port."""
+
+    acting = ""
+
+    def do_GET(self) -> None:
+        me = f"http://127.0.0.1:{self.server.server_address[1]}"
+        if me == _Gateways.acting:
+            status, body = 200, {"healthy": True, "nodes": [{"id": 7, "address": "acting:1"}]}
+        else:
+            gateways = [
+                {"node": 1, "url": me, "acting": False},
+                {"node": 0, "url": _Gateways.acting, "acting": True},
+            ]
+            status, body = 503, {"healthy": False, "nodes": [], "gateways": gateways}
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_status_through_a_standby_names_the_gateway_whose_data_it_shows() -> None:
+    from typer.testing import CliRunner
+
+    from butterfly.cli import app
+
+    servers = [ThreadingHTTPServer(("127.0.0.1", 0), _Gateways) for _ in range(2)]
+    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
+    for thread in threads:
+        thread.start()
+    try:
+        standby, acting = (f"http://127.0.0.1:{s.server_port}" for s in servers)
+        _Gateways.acting = acting
+        result = CliRunner().invoke(
+            app, ["status", "--url", f"{standby},{acting}"], env={"COLUMNS": "200"}
+        )
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+    assert result.exit_code == 0, result.output
+    assert "acting:1" in result.output  # the acting gateway's nodes...
+    assert f"Butterfly at {acting}" in result.output  # ...under its own address
+    assert standby not in result.output

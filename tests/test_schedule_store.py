@@ -308,3 +308,48 @@ def test_the_stores_page_cache_stays_small_as_results_accumulate() -> None:
         pytest.skip("a C library without mallinfo2")
     grew = int(out.stdout)
     assert grew < (CACHE_KIB + 512) * 1024, f"the heap grew {grew / 2**20:.2f} MiB"
+
+
+KILLED_AFTER_COMMIT = """
+import os, signal, sys
+from pathlib import Path
+from butterfly.schedule.state import TaskState, TaskStatus
+from butterfly.schedule.store import TaskStore
+from butterfly.types.ids import RequestId
+from butterfly.types.tasks import InferenceTask
+
+store = TaskStore(Path(sys.argv[1]))
+store.add(InferenceTask(RequestId("accepted"), input_ids=(1, 2)))  # the API's 202 path
+store.write(  # the scheduler's grouped commit: one more task and a finish
+    adds=[InferenceTask(RequestId("grouped"), input_ids=(3,))],
+    finishes=[(RequestId("accepted"), TaskState(TaskStatus.FAILED, "why", "e"), None)],
+)
+os.kill(os.getpid(), signal.SIGKILL)  # right after the commit returned: no close, no exit
+"""
+
+
+def test_a_committed_task_survives_the_process_being_killed(tmp_path: Path) -> None:
+    """README: an accepted task survives the gateway process crashing (WAL,
+    synchronous=NORMAL). The child commits through the store and SIGKILLs itself the
+    moment the commit returns, so nothing after it (a close, a checkpoint of the WAL
+    into the file, the interpreter's exit) runs."""
+    path = tmp_path / "tasks.sqlite"
+    src = Path(__file__).resolve().parents[1] / "src"
+    done = subprocess.run(
+        [sys.executable, "-c", KILLED_AFTER_COMMIT, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,  # run() kills the child by its PID on expiry
+        cwd=src,
+        check=False,
+    )
+    assert done.returncode == -9, done.stderr  # killed, not ended on its own
+    assert path.with_name("tasks.sqlite-wal").stat().st_size > 0  # the commits are in the WAL
+    store = TaskStore(path)
+    try:
+        accepted, grouped = store.get("accepted"), store.get("grouped")
+        assert accepted is not None and accepted.state.status is TaskStatus.FAILED
+        assert grouped is not None and grouped.task.input_ids == (3,)
+        assert [t.task_id for t in store.recovered] == ["grouped"]  # queued again
+    finally:
+        store.close()

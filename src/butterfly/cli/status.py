@@ -32,12 +32,14 @@ def _health(address: str) -> httpx.Response:
 
 
 def fetch(urls: str) -> tuple[str, dict[str, Any]]:
-    """The address that answered and its `/health` body (any status code: 503 still
-    describes the nodes); `urls` are tried in turn (`cli.gateways`), and a standby's
-    answer leads to the acting gateway's."""
-    url, answer = first_answer(parse_urls(urls), _health)
+    """The address of the gateway whose `/health` body this is, and the body (any status
+    code: 503 still describes the nodes); `urls` are tried in turn (`cli.gateways`), and
+    a standby's answer leads to the acting gateway's, whose address is then the one
+    returned: a table titled with the standby's address but showing the acting
+    gateway's nodes named the wrong gateway."""
+    _, answer = first_answer(parse_urls(urls), _health)
     body: dict[str, Any] = answer.json()
-    return url, body
+    return str(answer.request.url).removesuffix("/health"), body
 
 
 def table(url: str, health: dict[str, Any], *, stamp: str = "") -> Table:

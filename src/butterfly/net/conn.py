@@ -135,7 +135,7 @@ class Connection:
             else:
                 await self._send_chunked(env, frame)
         except TimeoutError:
-            self.close(f"the peer took no data for {self._send_timeout:.1f} s")
+            self.close(f"the peer took no data for {self._send_timeout:.1f} s", abort=True)
             raise SendTimeout(
                 f"node {self.peer} took no data for {self._send_timeout:.1f} s "
                 "(network.send_timeout_ms); connection closed"
@@ -294,7 +294,11 @@ class Connection:
         except Exception:
             log.exception("handler failed on %s from node %s", env.msg.kind, env.sender)
 
-    def close(self, reason: str) -> None:
+    def close(self, reason: str, *, abort: bool = False) -> None:
+        """Fail every pending request and close the socket. `abort`: drop what is still
+        buffered for the peer and reset the connection at once; a plain close first
+        writes the buffer out, which for a peer that takes no data (the send timeout)
+        never happens, so its socket stayed open for as long as that peer did."""
         if self.closed:
             return
         self.closed, self.close_reason = True, reason
@@ -304,6 +308,10 @@ class Connection:
         for task in self._tasks:
             task.cancel()
         with contextlib.suppress(Exception):
+            if abort:
+                self._out.clear()
+                self._writer.transport.abort()
+                return
             self._flush()  # what was sent before the close still goes, as when written at once
             self._writer.close()
 

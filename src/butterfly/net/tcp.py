@@ -17,7 +17,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -105,9 +105,12 @@ class TcpTransport:
         epoch: Callable[[], Epoch],
         limits: TransportLimits = TransportLimits(),
         tls: TlsContexts | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        """`tls`: mutual TLS with the cluster CA's certificates (net.tls); None = plain TCP."""
+        """`tls`: mutual TLS with the cluster CA's certificates (net.tls); None = plain TCP.
+        `sleep`: how a dial waits between connect attempts (a test records the waits)."""
         self.identity, self.listen, self.peers = identity, listen, dict(peers)
+        self._sleep = sleep
         self._emit, self._epoch, self.limits, self._tls = emit, epoch, limits, tls
         self._handler: Handler = _refuse
         self._out: dict[tuple[NodeId, str], Connection] = {}
@@ -370,6 +373,7 @@ class TcpTransport:
                         jitter=self.limits.retry_backoff_s,
                     ),
                     reraise=True,
+                    sleep=self._sleep,
                 ):
                     with attempt:
                         conn = await self._connect(peer, channel)

@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 
 from butterfly.config import ButterflyConfig
 from butterfly.config.roster import addresses
+from butterfly.config.schema import NetworkConfig
 from butterfly.control.facts import FactProbe, Probe
 from butterfly.control.heartbeats import BeatSource, HeartbeatLink
 from butterfly.control.membership import Link
@@ -64,6 +65,23 @@ def parse_address(hostport: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def transport_limits(net: NetworkConfig) -> TransportLimits:
+    """The transport's limits from the `network` options (milliseconds to seconds): one
+    function, so a test of an option's effect builds its transport as a node does."""
+    return TransportLimits(
+        max_frame_bytes=net.max_frame_bytes,
+        max_message_bytes=net.max_message_bytes,
+        connect_timeout_s=net.connect_timeout_ms / 1000,
+        connect_attempts=net.retry_attempts,
+        retry_backoff_s=net.retry_backoff_ms / 1000,
+        retry_max_backoff_s=net.retry_max_backoff_ms / 1000,
+        compression="" if net.compression == "none" else net.compression,
+        compression_min_bytes=net.compression_min_bytes,
+        send_timeout_s=net.send_timeout_ms / 1000,
+        max_connections=net.max_connections,
+    )
+
+
 class NetworkEdges:
     """The real edges of a node process, from its config."""
 
@@ -83,18 +101,7 @@ class NetworkEdges:
             peers={n: parse_address(a) for n, a in self._members.items()},
             emit=emit,
             epoch=epoch,
-            limits=TransportLimits(
-                max_frame_bytes=net.max_frame_bytes,
-                max_message_bytes=net.max_message_bytes,
-                connect_timeout_s=net.connect_timeout_ms / 1000,
-                connect_attempts=net.retry_attempts,
-                retry_backoff_s=net.retry_backoff_ms / 1000,
-                retry_max_backoff_s=net.retry_max_backoff_ms / 1000,
-                compression="" if net.compression == "none" else net.compression,
-                compression_min_bytes=net.compression_min_bytes,
-                send_timeout_s=net.send_timeout_ms / 1000,
-                max_connections=net.max_connections,
-            ),
+            limits=transport_limits(net),
             tls=contexts(TlsFiles(Path(tls.ca), Path(tls.cert), Path(tls.key)))
             if tls.enabled
             else None,
@@ -152,4 +159,4 @@ class _Addresses(Mapping[NodeId, tuple[str, int]]):
         return sum(1 for _ in self)
 
 
-__all__ = ["Edges", "NetworkEdges", "Probe", "parse_address"]
+__all__ = ["Edges", "NetworkEdges", "Probe", "parse_address", "transport_limits"]
