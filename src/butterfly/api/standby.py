@@ -1,7 +1,8 @@
 """The HTTP API of a gateway-capable node that is not acting: it points clients on.
 
-Every request but `/health` is answered `307 Temporary Redirect` to the same path on
-the acting gateway (307 keeps the method and the body, so a POST is re-sent as a POST);
+Every request but `/health` (`/openapi.json` and `/docs` too) is answered `307 Temporary
+Redirect` to the same path on the acting gateway (307 keeps the method and the body, so a
+POST is re-sent as a POST);
 `/health` says which node acts and lists every gateway-capable node with its API URL, and
 answers 503 (this node serves no tasks). When the acting gateway's URL is not known
 (`api.port = 0`), requests get 503 naming the acting node.
@@ -28,7 +29,13 @@ def standby_app(
 ) -> FastAPI:
     """`acting`: the acting gateway's id; `acting_url`: its API URL (None: unknown);
     `health`: the body of `/health` (the `gateways` list and this node's view)."""
-    app = FastAPI(title="Butterfly standby gateway", version="1")
+    # no schema or docs of its own: /openapi.json and /docs redirect like every route, so
+    # a client generated from a standby's URL gets the acting gateway's API (the
+    # standby's own described only this catch-all)
+    app = FastAPI(
+        title="Butterfly standby gateway", version="1", openapi_url=None, docs_url=None,
+        redoc_url=None,
+    )  # fmt: skip
 
     @app.get("/health")
     async def standby_health() -> JSONResponse:

@@ -377,12 +377,18 @@ class Recovery:
                 if n not in self.failed:
                     self.failed.add(n)
                     self._emit(NodeFailure(node=n))
-            back = await self._fetch_facts(back)
+            returned, back = back, await self._fetch_facts(back)
             self.out.difference_update(back)
             self.failed.difference_update(back)  # a later failure is a new one
             live = self._live()
             started = time.perf_counter()
-            why = f"nodes {newly} failed" if newly else f"nodes {back} are back" if back else asked
+            why = (
+                f"nodes {newly} failed"
+                if newly
+                else f"nodes {back} are back"
+                if back
+                else asked or f"nodes {returned} are back but gave no facts"
+            )
             log.warning("%s; re-planning epoch %d over %s", why, plan.epoch + 1, live)
             try:
                 await self.replan(live, only_if_changed=not newly and asked is None)
