@@ -6,7 +6,6 @@ audit's timeout, and the honest auditor was counted as silent."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ import pytest
 from butterfly.net.framing import MAX_HEADER
 from butterfly.testing.inprocess import InProcessCluster
 from butterfly.types.ids import RequestId
-from butterfly.types.tasks import InferenceResult, InferenceTask
+from butterfly.types.tasks import InferenceTask
 
 pytestmark = pytest.mark.timeout(120)
 TOP_K = 32  # 256 bytes of fingerprint a position: the tiny model's context reaches 64 KiB
@@ -32,16 +31,11 @@ async def test_a_sequence_whose_fingerprints_outgrow_a_frame_header_is_audited(
     }
     prompt = tuple(3 + i % 250 for i in range(PROMPT))
     async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=settings) as c:
-        gw = c.gateway
-        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
-
-        async def finish(task: InferenceTask) -> InferenceResult:
-            run = asyncio.create_task(gw.engine.run(task, lambda t: None))
-            await c.until(run.done, f"request {task.task_id}", beats=1000)
-            return run.result()
-
+        await c.until(lambda: c.gateway.stage_server.plan is not None, "the first plan")
         results = [
-            await finish(InferenceTask(RequestId(f"long-{i}"), prompt, max_new_tokens=4))
+            await c.infer(
+                InferenceTask(RequestId(f"long-{i}"), prompt, max_new_tokens=4), beats=1000
+            )
             for i in range(2)
         ]
         assert all(not node.plans.evicted for node in c.nodes)

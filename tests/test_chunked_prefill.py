@@ -20,7 +20,7 @@ from butterfly.testing.inprocess import InProcessCluster
 from butterfly.testing.pipeline import LocalPipeline
 from butterfly.types.ids import RequestId
 from butterfly.types.model import LayerRange
-from butterfly.types.tasks import InferenceResult, InferenceTask
+from butterfly.types.tasks import InferenceTask
 from butterfly.types.wire.data import StageStep
 
 pytestmark = pytest.mark.timeout(120)
@@ -197,13 +197,8 @@ async def test_audited_requests_beside_chunks_pass_their_audits(
         gw = c.gateway
         await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
 
-        async def finish(task: InferenceTask) -> InferenceResult:
-            run = asyncio.create_task(gw.engine.run(task, lambda t: None))
-            await c.until(run.done, f"request {task.task_id}", beats=2000)
-            return run.result()
-
-        alone = await finish(InferenceTask(RequestId("alone"), (1, 2, 3), max_new_tokens=40))
-        whole = await finish(InferenceTask(RequestId("whole"), prompt, max_new_tokens=4))
+        alone = await c.infer(InferenceTask(RequestId("alone"), (1, 2, 3), max_new_tokens=40))
+        whole = await c.infer(InferenceTask(RequestId("whole"), prompt, max_new_tokens=4))
         stream = asyncio.create_task(
             gw.engine.run(
                 InferenceTask(RequestId("beside"), (1, 2, 3), max_new_tokens=40), lambda t: None
@@ -218,7 +213,7 @@ async def test_audited_requests_beside_chunks_pass_their_audits(
             return await compute(msg, epoch, payload)
 
         gw.stage_server.compute = recorded  # type: ignore[method-assign]
-        chunked = await finish(InferenceTask(RequestId("chunked"), prompt, max_new_tokens=4))
+        chunked = await c.infer(InferenceTask(RequestId("chunked"), prompt, max_new_tokens=4))
         await c.until(stream.done, "the stream", beats=2000)
         beside = stream.result()
         assert all(not node.plans.evicted for node in c.nodes)

@@ -43,9 +43,7 @@ def holders(plan: StagePlan | None) -> set[NodeId]:
 async def generated(c: InProcessCluster, name: str, model: Path) -> list[int]:
     ids = tuple(TextCodec.load(model).encode(PROMPT))
     task = InferenceTask(RequestId(name), input_ids=ids, max_new_tokens=NEW)
-    running = asyncio.create_task(c.gateway.engine.run(task, lambda token: None))
-    await c.until(running.done, f"{name} to finish", beats=3000)
-    return list(running.result().output_ids)
+    return list((await c.infer(task, beats=3000)).output_ids)
 
 
 async def agreed(c: InProcessCluster, patch: dict[str, Any], what: str) -> None:

@@ -52,9 +52,7 @@ def every_range_checked(plan: StagePlan | None) -> bool:
 
 
 async def run(c: InProcessCluster, t: InferenceTask) -> tuple[list[int], str]:
-    running = asyncio.create_task(c.gateway.engine.run(t, lambda token: None))
-    await c.until(running.done, f"{t.task_id} to finish", beats=3000)
-    result = running.result()
+    result = await c.infer(t, beats=3000)
     return list(result.output_ids), result.verified
 
 

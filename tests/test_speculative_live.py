@@ -4,7 +4,6 @@ gateway's config manager as an operator's update would, the traversals counted."
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +41,7 @@ async def test_switching_speculation_and_chunking_on_changes_the_traversals(
 
         async def request(name: str) -> InferenceResult:
             task = InferenceTask(RequestId(name), prompt, max_new_tokens=NEW)
-            run = asyncio.create_task(gw.engine.run(task, lambda token: None))
-            await c.until(run.done, f"request {name}")
-            return run.result()
+            return await c.infer(task, beats=400)
 
         plain = await request("plain")
         assert plain.timings["traversals"] == len(plain.output_ids) == NEW

@@ -71,7 +71,7 @@ _PROBED: dict[Precision, None] = {}
 def probe(precision: Precision) -> None:
     """Run the operations of a decoder layer once in `precision` and compare with fp32.
 
-    A CPU build without kernels for a dtype raises ("not implemented for 'Half'") or
+    A CPU build without kernels for a dtype raises (torch names the missing kernel) or
     returns garbage; either way the operator learns it at load, naming the setting,
     instead of from the first request. Memoised per process: the answer cannot change.
     """

@@ -33,6 +33,7 @@ from butterfly.net.transport import Transport
 from butterfly.node import Node, build_node
 from butterfly.runtime.torch_thread import TorchThread
 from butterfly.types.ids import Epoch, NodeId
+from butterfly.types.tasks import InferenceResult, InferenceTask
 from butterfly.types.wire.control import Heartbeat
 from butterfly.wiring.edges import LocalState, OnBeat
 
@@ -287,6 +288,13 @@ class InProcessCluster:
             self.hub.tick(0.1)
             await asyncio.sleep(0.005)
         raise AssertionError(f"{what}: not within {beats} heartbeats")
+
+    async def infer(self, task: InferenceTask, *, beats: int = 2000) -> InferenceResult:
+        """Run `task` on node 0's engine, beating (`until`) while it runs: the heartbeats
+        are fake time, so a request that nobody beats for never sees its plan move."""
+        run = asyncio.create_task(self.gateway.engine.run(task, lambda token: None))
+        await self.until(run.done, f"request {task.task_id}", beats=beats)
+        return run.result()
 
 
 __all__ = ["BeatHub", "FakeClock", "InProcessCluster", "MemoryEdges"]
