@@ -15,6 +15,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     GOMP_SPINCOUNT=20000
 
 WORKDIR /opt/butterfly
+# a C compiler: a node builds its blocked fp32 kernel at load (runtime/native.py), which
+# streamed decode products 1.5x faster than torch's kernels on an AMD EPYC; without one,
+# that candidate is skipped and torch's kernels run
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 # torch first, from the CPU index: the default index's wheel pulls several GB of CUDA
 # packages. The pin is constraints.txt's; the install below keeps it.
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0

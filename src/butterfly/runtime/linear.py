@@ -12,6 +12,9 @@ Every candidate computes the same product up to the rounding of the compute dtyp
 two nodes that chose differently still agree within the verification tolerance:
 - "plain": `F.linear` on the dense weight;
 - "packed": oneDNN's blocked layout, packed once (fp32, bf16, fp16);
+- "blocked": Butterfly's own compiled fp32 kernel on rows interleaved in blocks of 16
+  (runtime/native.py), where a C compiler is found; it streams the weights at the read
+  bandwidth on CPUs where neither of torch's does;
 - "int8mm": `torch._weight_int8pack_mm`, int8 weights with per-channel scales,
   activations in the compute dtype (weight-only quantization);
 - "int8_dequant": the int8 weight widened to the compute dtype at each call.
@@ -54,6 +57,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from butterfly.runtime import native
+from butterfly.runtime.native import BlockedWeight
 from butterfly.runtime.precision import Precision, int8_weight_kernel_available, quantize_int8
 
 log = logging.getLogger(__name__)
@@ -90,7 +95,7 @@ class Int8Weight:
         return self.q.float() * self.scales.float()[:, None]
 
 
-Weight = torch.Tensor | Int8Weight
+Weight = torch.Tensor | Int8Weight | BlockedWeight
 
 
 @dataclass(frozen=True)
@@ -133,7 +138,10 @@ def packing_available() -> bool:
 def candidates(precision: Precision) -> tuple[str, ...]:
     if precision.quantization == "int8":
         return ("int8mm", "int8_dequant") if int8_weight_kernel_available() else ("int8_dequant",)
-    return ("plain", "packed") if packing_available() else ("plain",)
+    kernels: tuple[str, ...] = ("plain", "packed") if packing_available() else ("plain",)
+    if precision.dtype == torch.float32 and native.available():
+        kernels += ("blocked",)
+    return kernels
 
 
 def build(kernel: str, weight: torch.Tensor, precision: Precision) -> Weight:
@@ -144,6 +152,8 @@ def build(kernel: str, weight: torch.Tensor, precision: Precision) -> Weight:
     if kernel == "packed":
         packed: torch.Tensor = torch.ops.mkldnn._reorder_linear_weight(dense)
         return packed
+    if kernel == "blocked":
+        return native.block(dense)
     if kernel in ("int8mm", "int8_dequant"):
         q, scales = quantize_int8(weight)
         return Int8Weight(q, scales.to(precision.dtype), kernel)
@@ -237,6 +247,9 @@ def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) ->
         else:
             y = F.linear(x, weight.q.to(x.dtype) * weight.scales[:, None])
         return y if bias is None else y + bias
+    if isinstance(weight, BlockedWeight):
+        y = native.blocked_linear(x, weight)
+        return y if bias is None else y + bias
     if weight.is_mkldnn:
         return _packed_in_few_shapes(x, weight, bias)
     return F.linear(x, weight, bias)
@@ -289,4 +302,6 @@ def weight_bytes(weight: Weight) -> int:
     """Bytes a weight holds resident (what placement and config validation count)."""
     if isinstance(weight, Int8Weight):
         return weight.q.numel() + weight.scales.numel() * weight.scales.element_size()
+    if isinstance(weight, BlockedWeight):
+        return weight.blocks.numel() * weight.blocks.element_size()
     return weight.numel() * weight.element_size()

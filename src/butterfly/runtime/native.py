@@ -1,0 +1,200 @@
+"""The blocked fp32 product: Butterfly's one compiled kernel, built at load on the machine
+that runs it.
+
+Why it exists: a decode step is a handful of matrix-vector products whose cost is reading
+the weights once, so the best kernel is the one that streams them at the memory's read
+bandwidth. Neither of torch's fp32 kernels does on every CPU. On an AMD EPYC (AVX-512,
+2 cores; docs/PERFORMANCE.md, "Kernel selection") the small model's products streamed
+from memory at 13.7 GB/s through `F.linear` (MKL's gemv) and 21 GB/s through oneDNN's
+packed layout, against 31-33 GB/s for a plain sum over a buffer; on one thread, 14.5 GB/s
+packed against 27 GB/s for the sum. This kernel reached 31.6 GB/s on two threads and
+27.6 on one in the same run: the weight is held as blocks of 16 output rows interleaved
+position by position (`block`), so a product reads it as a single sequential stream, one
+cache line per input position, and keeps 16 outputs in one vector register.
+
+It is one more candidate of runtime/linear.py, timed against the others at load, never
+chosen by name: on a CPU where MKL or oneDNN is faster, they win. It is fp32 only.
+
+Built with the system C compiler (`cc`, or `$CC`) at `-O3 -march=native` into a cache
+directory keyed by the source, the flags and the CPU's flags, so a machine that changes
+CPU builds again; where no compiler is found, the candidate is absent and the others run.
+It is linked against torch's own OpenMP runtime, so its loop uses the calling thread's
+torch thread count and torch's thread team: a second runtime would start threads of its
+own that compete with torch's on the same cores. Before first use it is checked against
+`F.linear`; a library that disagrees is not used.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("blocked_linear.c")
+SYMBOL = "butterfly_blocked_linear_f32"
+BLOCK = 16  # output rows per block: one 64-byte vector of fp32
+COMPILE_FLAGS = ("-O3", "-march=native", "-fPIC", "-fopenmp", "-std=c11")
+COMPILE_TIMEOUT_S = 120
+
+Kernel = Callable[[int, int, int, int, int, int], None]  # x, M, K, w, NB, y
+
+
+@dataclass(frozen=True)
+class BlockedWeight:
+    """A weight [out, in] as `blocks` [ceil(out / 16), in, 16], zero rows padding the
+    last block."""
+
+    blocks: torch.Tensor
+    out_features: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.out_features, int(self.blocks.shape[1])))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.blocks.dtype
+
+
+def block(weight: torch.Tensor) -> BlockedWeight:
+    """`weight` [out, in] in the blocked layout (fp32)."""
+    out, width = int(weight.shape[0]), int(weight.shape[1])
+    padded = -(-out // BLOCK) * BLOCK
+    dense = weight.to(torch.float32)
+    if padded != out:
+        dense = F.pad(dense, (0, 0, 0, padded - out))
+    blocks = dense.reshape(padded // BLOCK, BLOCK, width).transpose(1, 2).contiguous()
+    return BlockedWeight(blocks, out)
+
+
+def blocked_linear(x: torch.Tensor, weight: BlockedWeight) -> torch.Tensor:
+    """`F.linear(x, W)` for x [..., in] fp32."""
+    kernel = _kernel()
+    if kernel is None:
+        raise RuntimeError("the blocked kernel is not available in this process")
+    width = int(weight.blocks.shape[1])
+    if x.dtype != torch.float32 or x.shape[-1] != width:
+        raise ValueError(f"blocked product of {tuple(x.shape)} {x.dtype} by [*, {width}] fp32")
+    rows = x.reshape(-1, width).contiguous()
+    count = int(rows.shape[0])
+    nblocks = int(weight.blocks.shape[0])
+    y = torch.empty(count, nblocks * BLOCK, dtype=torch.float32)
+    if count:
+        kernel(rows.data_ptr(), count, width, weight.blocks.data_ptr(), nblocks, y.data_ptr())
+    if nblocks * BLOCK != weight.out_features:
+        y = y[:, : weight.out_features]
+    return y.reshape(*x.shape[:-1], weight.out_features)
+
+
+def available() -> bool:
+    """Whether the kernel was built (or found built), loaded and checked in this process."""
+    return _kernel() is not None
+
+
+@functools.cache
+def _kernel() -> Kernel | None:
+    """Build, load and check the library once per process; None (logged) if any step
+    fails, so the other candidates run."""
+    try:
+        path = _build()
+        fn = getattr(ctypes.CDLL(str(path)), SYMBOL)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        log.info("blocked fp32 kernel not available: %s", e)
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    fn.argtypes += [ctypes.c_int64, ctypes.c_void_p]
+    fn.restype = None
+    kernel: Kernel = fn
+    if not _agrees(kernel):
+        log.warning("blocked fp32 kernel built at %s disagrees with F.linear; not used", path)
+        return None
+    return kernel
+
+
+def _agrees(kernel: Kernel) -> bool:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(37, 53, generator=g)
+    blocked = block(w)
+    for rows in (1, 3, 8, 13):
+        x = torch.randn(rows, 53, generator=g)
+        y = torch.empty(rows, int(blocked.blocks.shape[0]) * BLOCK)
+        nblocks = int(blocked.blocks.shape[0])
+        kernel(x.data_ptr(), rows, 53, blocked.blocks.data_ptr(), nblocks, y.data_ptr())
+        if not torch.allclose(y[:, :37], F.linear(x, w), rtol=1e-4, atol=1e-4):
+            return False
+    return True
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return os.uname().machine
+
+
+def _cache_dir() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    for path in (base / "butterfly" / "kernels", Path(tempfile.gettempdir()) / "butterfly-kernels"):
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            if os.access(path, os.W_OK):
+                return path
+        except OSError:
+            continue
+    raise RuntimeError("no writable directory to build the blocked kernel in")
+
+
+def _build() -> Path:
+    """The library's path, compiling it first if this source, these flags and this CPU
+    have no build yet. Concurrent builders (node processes starting together) each write
+    a file of their own and rename it into place, so none reads a half-written one."""
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc or $CC) on PATH")
+    torch_lib = Path(torch.__file__).parent / "lib"
+    link = ["-fopenmp"]
+    if (torch_lib / "libgomp.so.1").exists():  # torch's own OpenMP runtime
+        link = [f"-L{torch_lib}", "-l:libgomp.so.1", f"-Wl,-rpath,{torch_lib}"]
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(
+        b"\0".join([source, " ".join(COMPILE_FLAGS + tuple(link)).encode(), compiler.encode()])
+        + _cpu_flags().encode()
+    ).hexdigest()[:20]
+    cache = _cache_dir()
+    target = cache / f"blocked_linear-{key}.so"
+    if target.exists():
+        return target
+    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so")
+    os.close(fd)
+    obj = tmp + ".o"
+    try:
+        for cmd in (
+            [compiler, *COMPILE_FLAGS, "-c", str(SOURCE), "-o", obj],
+            [compiler, "-shared", obj, "-o", tmp, *link],
+        ):
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+            if done.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[:500]}")
+        os.replace(tmp, target)
+        log.info("built the blocked fp32 kernel at %s", target)
+        return target
+    finally:
+        for leftover in (tmp, obj):
+            if os.path.exists(leftover):
+                os.unlink(leftover)

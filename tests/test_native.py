@@ -1,0 +1,84 @@
+"""The blocked fp32 kernel: built on this machine, equal to F.linear, and absent (not
+broken) where it cannot be built."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from butterfly.runtime import linear as lin
+from butterfly.runtime import native
+from butterfly.runtime.precision import FP32, Precision
+
+needs_compiler = pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler"
+)
+
+
+@needs_compiler
+def test_built_and_offered_as_an_fp32_candidate_only() -> None:
+    assert native.available()
+    assert "blocked" in lin.candidates(FP32)
+    assert "blocked" not in lin.candidates(Precision(torch.bfloat16))
+    assert "blocked" not in lin.candidates(Precision(torch.float32, "int8"))
+
+
+@needs_compiler
+@pytest.mark.parametrize("out_features", [16, 259, 1000])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 130])
+def test_equals_f_linear_for_any_rows_and_padded_outputs(out_features: int, rows: int) -> None:
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(out_features, 96, generator=g)
+    x = torch.randn(2, rows, 96, generator=g)
+    blocked = native.block(w)
+    assert blocked.shape == (out_features, 96) and blocked.blocks.shape[2] == native.BLOCK
+    got = native.blocked_linear(x, blocked)
+    assert got.shape == (2, rows, out_features)
+    torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-4)
+
+
+@needs_compiler
+@pytest.mark.parametrize("threads", [1, 2])
+def test_same_product_on_any_thread_count(threads: int) -> None:
+    g = torch.Generator().manual_seed(3)
+    w, x = torch.randn(512, 256, generator=g), torch.randn(1, 256, generator=g)
+    blocked = native.block(w)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = native.blocked_linear(x, blocked)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-4)
+
+
+@needs_compiler
+def test_refuses_what_it_cannot_compute() -> None:
+    blocked = native.block(torch.randn(32, 64))
+    with pytest.raises(ValueError, match="blocked product"):
+        native.blocked_linear(torch.randn(1, 64, dtype=torch.bfloat16), blocked)
+    with pytest.raises(ValueError, match="blocked product"):
+        native.blocked_linear(torch.randn(1, 63), blocked)
+
+
+def test_no_compiler_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native.shutil, "which", lambda _name: None)
+    with pytest.raises(RuntimeError, match="no C compiler"):
+        native._build()
+
+
+@needs_compiler
+def test_a_new_cpu_builds_its_own_library(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The library is compiled with -march=native, so one built on another CPU (the
+    machine's CPU changes between sessions) must not be loaded here."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = native._build()
+    assert first.is_file() and native._build() == first  # built once, then found
+    monkeypatch.setattr(native, "_cpu_flags", lambda: "flags : some other cpu")
+    other = native._build()
+    assert other != first and other.is_file()
+    assert not [p for p in other.parent.iterdir() if p.suffix == ".o" or p.name.startswith("tmp")]
