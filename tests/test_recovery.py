@@ -46,7 +46,10 @@ def wait_for_tokens(url: str, task: str, at_least: int, timeout_s: float = 30) -
     raise TimeoutError(f"task {task} did not reach {at_least} tokens")
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+# One seed in CI: it kills all three non-gateway nodes in turn, at random positions;
+# seed 1 added 32 s to a suite over its 15 minutes on an AMD EPYC. bench/chaos.py runs
+# kills at many seeds.
+@pytest.mark.parametrize("seed", [0])
 def test_kill_nodes_at_random_positions(tiny_model: Path, tmp_path: Path, seed: int) -> None:
     rng = random.Random(seed)
     victims = rng.sample([1, 2, 3], 3)
