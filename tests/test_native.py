@@ -3,6 +3,7 @@ broken) where it cannot be built."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -82,3 +83,18 @@ def test_a_new_cpu_builds_its_own_library(monkeypatch: pytest.MonkeyPatch, tmp_p
     other = native._build()
     assert other != first and other.is_file()
     assert not [p for p in other.parent.iterdir() if p.suffix == ".o" or p.name.startswith("tmp")]
+
+
+@needs_compiler
+def test_a_directory_others_may_write_to_is_not_used(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A library found there is loaded into the node: anyone who can write there could
+    put code in every node process."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "butterfly" / "kernels").mkdir(parents=True)
+    (tmp_path / "cache" / "butterfly" / "kernels").chmod(0o777)
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    used = native._cache_dir()
+    assert used == tmp_path / "tmp" / f"butterfly-kernels-{os.getuid()}"
+    assert used.stat().st_mode & 0o777 == 0o700

@@ -149,15 +149,24 @@ def _cpu_flags() -> str:
 
 
 def _cache_dir() -> Path:
+    """Where the library is built and loaded from: a directory of this user's that no one
+    else may write to, since whatever library lies there is loaded into the node."""
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    for path in (base / "butterfly" / "kernels", Path(tempfile.gettempdir()) / "butterfly-kernels"):
+    shared = Path(tempfile.gettempdir()) / f"butterfly-kernels-{os.getuid()}"
+    for path in (base / "butterfly" / "kernels", shared):
         try:
-            path.mkdir(parents=True, exist_ok=True)
-            if os.access(path, os.W_OK):
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if _private(path):
                 return path
         except OSError:
             continue
-    raise RuntimeError("no writable directory to build the blocked kernel in")
+    raise RuntimeError("no private writable directory to build the blocked kernel in")
+
+
+def _private(path: Path) -> bool:
+    """Owned by this user and writable by no one else."""
+    st = path.stat()
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022 and os.access(path, os.W_OK)
 
 
 def _build() -> Path:
