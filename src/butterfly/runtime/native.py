@@ -4,7 +4,7 @@ that runs it.
 Why it exists: a decode step is a handful of matrix-vector products whose cost is reading
 the weights once, so the best kernel is the one that streams them at the memory's read
 bandwidth. Neither of torch's fp32 kernels does on every CPU. On an AMD EPYC (AVX-512,
-2 cores; docs/PERFORMANCE.md, "Kernel selection") the small model's products streamed
+2 cores; docs/PERFORMANCE.md, "Issue 16 on an AMD EPYC") the small model's products streamed
 from memory at 13.7 GB/s through `F.linear` (MKL's gemv) and 21 GB/s through oneDNN's
 packed layout, against 31-33 GB/s for a plain sum over a buffer; on one thread, 14.5 GB/s
 packed against 27 GB/s for the sum. This kernel reached 31.6 GB/s on two threads and
@@ -128,10 +128,10 @@ def _agrees(kernel: Kernel) -> bool:
     g = torch.Generator().manual_seed(0)
     w = torch.randn(37, 53, generator=g)
     blocked = block(w)
+    nblocks = int(blocked.blocks.shape[0])
     for rows in (1, 3, 8, 13):
         x = torch.randn(rows, 53, generator=g)
-        y = torch.empty(rows, int(blocked.blocks.shape[0]) * BLOCK)
-        nblocks = int(blocked.blocks.shape[0])
+        y = torch.empty(rows, nblocks * BLOCK)
         kernel(x.data_ptr(), rows, 53, blocked.blocks.data_ptr(), nblocks, y.data_ptr())
         if not torch.allclose(y[:, :37], F.linear(x, w), rtol=1e-4, atol=1e-4):
             return False
