@@ -97,9 +97,16 @@ def infer(url: str, prompt: str) -> dict[str, Any]:
     return dict(r.json())
 
 
-# Steps and audits give up after 2.5 s (the slow liar answers 5 s late); honest steps of
-# the tiny model take milliseconds, and two timeouts in a row are needed to evict.
-UNRESPONSIVE = {"network.step_timeout_ms": 2500, "byzantine.max_step_timeouts": 2}
+# Steps and audits give up after 1.5 s (the slow liar answers 5 s late); honest steps of
+# the tiny model take milliseconds, and two timeouts in a row are needed to evict. A
+# silent node 1 is also the agreement's first primary and casts no vote: the others
+# suspect it after 3 s instead of the default 10 (twice per test: at start-up and when
+# its eviction is agreed).
+UNRESPONSIVE = {
+    "network.step_timeout_ms": 1500,
+    "byzantine.max_step_timeouts": 2,
+    "coordination.view_change_timeout_ms": 3000,
+}
 
 
 @pytest.mark.parametrize(
