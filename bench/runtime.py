@@ -6,6 +6,8 @@ medians and spread are over all rounds. Peak memory is measured in fresh process
 Beside each decode figure, its memory-bandwidth floor: the bytes of weights one decode
 step reads over the read bandwidth measured in the same run (bench/common.py), the time
 no kernel can beat; `decode_to_floor` is how far above it each contender runs.
+`butterfly_1_stage_torch_ops` is the same stage without its compiled layers
+(runtime/fused_layers.py), so the two differ in that alone.
 
     python bench/runtime.py [--rounds 5] [--size small]
 """
@@ -13,6 +15,7 @@ no kernel can beat; `decode_to_floor` is how far above it each contender runs.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import subprocess
@@ -63,6 +66,15 @@ def butterfly_session(stages: list[Stage]) -> Callable[[], Step]:
         return step
 
     return new
+
+
+def torch_operations_only(stage: Stage) -> Stage:
+    """The same stage and weights without the compiled layers (runtime/fused_layers.py):
+    llama.py's torch operations, what the compiled call is measured against."""
+    twin = copy.copy(stage)
+    if hasattr(twin, "_fused"):
+        twin._fused = None
+    return twin
 
 
 def one_round(
@@ -119,14 +131,17 @@ def main() -> None:
     n = num_layers(model_dir)
     one = [load_stage(model_dir)]
     four = [load_stage(model_dir, r) for r in uniform_ranges(n, 4)]
+    torch_ops = [torch_operations_only(s) for s in one]
     contenders = {
         "transformers": transformers_session(model_dir),
         "butterfly_1_stage": butterfly_session(one),
+        "butterfly_1_stage_torch_ops": butterfly_session(torch_ops),
         "butterfly_4_stages": butterfly_session(four),
     }
     weights = {  # bytes one decode step reads (transformers holds the same fp32 weights)
         "transformers": sum(decode_bytes(s) for s in one),
         "butterfly_1_stage": sum(decode_bytes(s) for s in one),
+        "butterfly_1_stage_torch_ops": sum(decode_bytes(s) for s in one),
         "butterfly_4_stages": sum(decode_bytes(s) for s in four),
     }
     prompt = torch.randint(0, 256, (1, PROMPT), generator=torch.Generator().manual_seed(0))

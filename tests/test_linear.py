@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
 from butterfly.runtime import linear as lin
+from butterfly.runtime import native
 from butterfly.runtime.generate import generate
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.precision import FP32, Precision, dequantize_int8, quantize_int8
@@ -84,7 +85,7 @@ def test_the_fastest_measured_candidate_is_kept_and_exposed() -> None:
     w = torch.randn(*shape)
     if len(lin.candidates(FP32)) < 2:
         pytest.skip("one candidate only")
-    slow_plain = lambda built, p: {k: (9.0 if k == "plain" else 1.0) for k in built}  # noqa: E731
+    slow_plain = lambda built, p: {k: {"plain": 9.0, "packed": 1.0}.get(k, 5.0) for k in built}  # noqa: E731
     got = lin.prepare(w, FP32, timer=slow_plain)
     assert isinstance(got, torch.Tensor) and got.is_mkldnn
     choice = next(c for c in lin.kernel_choices() if c.shape == shape)
@@ -95,6 +96,18 @@ def test_the_fastest_measured_candidate_is_kept_and_exposed() -> None:
     w2 = torch.randn(40, 48)
     fast_plain = lambda built, p: {k: (1.0 if k == "plain" else 9.0) for k in built}  # noqa: E731
     assert not lin.prepare(w2, FP32, timer=fast_plain).is_mkldnn  # type: ignore[union-attr]
+
+
+@pytest.mark.skipif(not native.available(), reason="no blocked kernel here")
+@pytest.mark.parametrize(("blocked_us", "kept"), [(1.05, "blocked"), (1.2, "plain")])
+def test_blocked_is_kept_within_its_margin_of_the_fastest(blocked_us: float, kept: str) -> None:
+    """Blocked weights also run a stage's layers in one compiled call, which a product's
+    timing does not see: within FUSED_MARGIN of the fastest, they win."""
+    shape = (32, 48 + int(blocked_us * 100))  # shapes no other test loads
+    timer = lambda built, p: {k: {"plain": 1.0, "blocked": blocked_us}.get(k, 9.0) for k in built}  # noqa: E731
+    got = lin.prepare(torch.randn(*shape), FP32, timer=timer)
+    assert isinstance(got, native.BlockedWeight) == (kept == "blocked")
+    assert next(c for c in lin.kernel_choices() if c.shape == shape).kernel == kept
 
 
 def test_a_row_gives_the_same_result_alone_and_in_a_batch() -> None:

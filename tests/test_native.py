@@ -98,3 +98,29 @@ def test_a_directory_others_may_write_to_is_not_used(
     used = native._cache_dir()
     assert used == tmp_path / "tmp" / f"butterfly-kernels-{os.getuid()}"
     assert used.stat().st_mode & 0o777 == 0o700
+
+
+def huge_kb_at(address: int) -> int:
+    """AnonHugePages of the mapping holding `address`, from /proc/self/smaps."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "AnonHugePages:":
+            return int(line.split()[1])
+    return 0
+
+
+def test_a_large_blocked_weight_starts_on_a_huge_page_and_gets_them() -> None:
+    w = torch.randn(2048, 768)
+    blocked = native.block(w)
+    start = blocked.blocks.data_ptr()
+    assert start % native.HUGE_PAGE == 0
+    torch.testing.assert_close(blocked.blocks[3, :, 5], w[3 * 16 + 5])  # the layout holds
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if thp.is_file() and "[never]" not in thp.read_text():
+        assert huge_kb_at(start) >= 2048, "the kernel grants huge pages, the weight has none"
+    small = native.empty_on_huge_pages((16, 16))  # under one huge page: ordinary memory
+    assert small.shape == (16, 16) and small.dtype == torch.float32

@@ -46,8 +46,11 @@ static void one_row(const float *x, const float *p, int64_t K, float *y) {
     }
 ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8)
 
-static void tile(int n, const float *x, int64_t ldx, const float *p, int64_t K, float *y,
-                 int64_t ldy) {
+/* Up to 8 rows of x against one block; llama_layers.c uses it too. */
+__attribute__((visibility("hidden"))) void butterfly_blocked_tile(int n, const float *x,
+                                                                 int64_t ldx, const float *p,
+                                                                 int64_t K, float *y,
+                                                                 int64_t ldy) {
     switch (n) {
     case 1: one_row(x, p, K, y); break;
     case 2: rows_2(x, ldx, p, K, y, ldy); break;
@@ -71,7 +74,7 @@ void butterfly_blocked_linear_f32(const float *x, int64_t M, int64_t K, const fl
         const float *p = w + b * K * 16;
         for (int64_t m = 0; m < M; m += TILE) {
             int n = M - m < TILE ? (int)(M - m) : TILE;
-            tile(n, x + m * K, K, p, K, y + m * N + b * 16, N);
+            butterfly_blocked_tile(n, x + m * K, K, p, K, y + m * N + b * 16, N);
         }
     }
 }

@@ -88,11 +88,24 @@ class KVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, H_kv, T, D] at positions [start, start+T); return all keys so far."""
         end = start + k.shape[2]
-        if end > self._capacity:
-            self._grow(end)
+        self.reserve(end)
         self._k[layer][:, :, start:end] = k
         self._v[layer][:, :, start:end] = v
         return self._k[layer][:, :, :end], self._v[layer][:, :, :end]
+
+    def reserve(self, end: int) -> None:
+        """Storage for positions up to `end`, for a writer that fills them in place
+        (runtime/fused_layers.py)."""
+        if end > self._capacity:
+            self._grow(end)
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s whole key and value storage, [B, H_kv, capacity, D] each."""
+        return self._k[layer], self._v[layer]
 
     def advance(self, end: int) -> None:
         """Mark positions up to `end` valid, once every layer has written them."""

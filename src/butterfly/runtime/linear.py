@@ -75,6 +75,12 @@ UNPADDED_ROWS = 4
 ROW_ALIGN = 16
 MAX_CHUNK_ROWS = 128
 ROUNDS = 7  # timed rounds per candidate, interleaved so drift hits all alike
+# `blocked` is kept when within this factor of the fastest product: blocked weights also
+# let a llama stage run its layers in one compiled call (runtime/fused_layers.py), which
+# a product's timing cannot see. That call made the small model's decode 14% faster
+# than the same blocked products under torch's operations (AMD EPYC, bench/runtime.py:
+# 16.8 against 19.7 ms/token), more than a product 10% slower costs.
+FUSED_MARGIN = 1.10
 CALLS = 4  # products per round
 
 
@@ -183,6 +189,8 @@ def prepare(
         finally:
             torch.set_num_threads(loading_threads)
     kernel = min(micros, key=lambda k: micros[k])
+    if "blocked" in micros and micros["blocked"] <= FUSED_MARGIN * micros[kernel]:
+        kernel = "blocked"
     choice = KernelChoice(shape, precision.name, threads, kernel, micros)
     _CHOSEN[key] = choice
     log.info(

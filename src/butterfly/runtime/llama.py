@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
+from butterfly.runtime import fused_layers
 from butterfly.runtime.kvcache import KVCache
 from butterfly.runtime.linear import Weight, linear, prepare, weight_bytes
 from butterfly.runtime.precision import Precision, Quantization
@@ -251,6 +252,8 @@ class LlamaStage:
         self._inv_freq, self._rope_scale = inv_frequencies(args)
         self._act = ACTIVATIONS[args.activation]
         self._cos = self._sin = torch.empty(0, args.head_dim)
+        # the compiled layers' table, planned at the first step (False: not yet)
+        self._fused: fused_layers.FusedLayers | bool | None = False
 
     @property
     def is_first(self) -> bool:
@@ -303,16 +306,21 @@ class LlamaStage:
         for start in starts:
             check_positions(start, length, self.max_context)
         rope = [self._rope(start, length) for start in starts]  # each [T, Dh]
-        cos = torch.stack([c for c, _ in rope]).unsqueeze(1)  # [B, 1, T, Dh]
-        sin = torch.stack([s for _, s in rope]).unsqueeze(1)
-        masks = [causal_mask(start, length) for start in starts]
         eps = self.args.norm_eps
-        for i, blk in enumerate(self.blocks):
-            a = rms_norm(h, blk.attn_norm, eps)
-            h = h + self._attention(blk, a, caches, i, starts, cos, sin, masks)
-            h = h + self._mlp(blk, rms_norm(h, blk.mlp_norm, eps))
-            if trace is not None:  # per-layer outputs, for the Merkle root of a proof
-                trace.append(h)
+        if self._fused_fits(h.shape[0] * length, caches):
+            entries = [b for b in range(len(starts)) for _ in range(length)]
+            positions = [start + t for start in starts for t in range(length)]
+            h = self._run_fused(h, caches, entries, positions, trace)
+        else:
+            cos = torch.stack([c for c, _ in rope]).unsqueeze(1)  # [B, 1, T, Dh]
+            sin = torch.stack([s for _, s in rope]).unsqueeze(1)
+            masks = [causal_mask(start, length) for start in starts]
+            for i, blk in enumerate(self.blocks):
+                a = rms_norm(h, blk.attn_norm, eps)
+                h = h + self._attention(blk, a, caches, i, starts, cos, sin, masks)
+                h = h + self._mlp(blk, rms_norm(h, blk.mlp_norm, eps))
+                if trace is not None:  # per-layer outputs, for the Merkle root of a proof
+                    trace.append(h)
         for cache, start in zip(caches, starts, strict=True):
             cache.advance(start + length)
         if self.head is None:
@@ -347,15 +355,20 @@ class LlamaStage:
         for start, length in zip(starts, lengths, strict=True):
             check_positions(start, length, self.max_context)
         rope = [self._rope(start, length) for start, length in zip(starts, lengths, strict=True)]
-        cos = torch.cat([c for c, _ in rope])[:, None, :]  # [N, 1, Dh]
-        sin = torch.cat([s for _, s in rope])[:, None, :]
         eps = self.args.norm_eps
-        for i, blk in enumerate(self.blocks):
-            a = rms_norm(h, blk.attn_norm, eps)
-            h = h + self._packed_attention(blk, a, caches, i, starts, lengths, cos, sin)
-            h = h + self._mlp(blk, rms_norm(h, blk.mlp_norm, eps))
-            if trace is not None:
-                trace.append(h)
+        if self._fused_fits(sum(lengths), caches):
+            entries = [e for e, n in enumerate(lengths) for _ in range(n)]
+            positions = [s + t for s, n in zip(starts, lengths, strict=True) for t in range(n)]
+            h = self._run_fused(h, caches, entries, positions, trace)
+        else:
+            cos = torch.cat([c for c, _ in rope])[:, None, :]  # [N, 1, Dh]
+            sin = torch.cat([s for _, s in rope])[:, None, :]
+            for i, blk in enumerate(self.blocks):
+                a = rms_norm(h, blk.attn_norm, eps)
+                h = h + self._packed_attention(blk, a, caches, i, starts, lengths, cos, sin)
+                h = h + self._mlp(blk, rms_norm(h, blk.mlp_norm, eps))
+                if trace is not None:
+                    trace.append(h)
         ends = [start + length for start, length in zip(starts, lengths, strict=True)]
         for cache, end in zip(caches, ends, strict=True):
             cache.advance(end)
@@ -364,6 +377,28 @@ class LlamaStage:
         if last_only:
             h = h[:, [at - 1 for at in itertools.accumulate(lengths)]]  # each entry's last
         return linear(rms_norm(h, self.norm, eps), self.head)  # type: ignore[arg-type]
+
+    def _fused_fits(self, rows: int, caches: Sequence[KVCache]) -> bool:
+        if self._fused is False:
+            self._fused = fused_layers.plan(self.args, self.blocks)
+        return self._fused is not None and fused_layers.fits(rows, caches)
+
+    def _run_fused(
+        self,
+        h: torch.Tensor,
+        caches: Sequence[KVCache],
+        entries: list[int],
+        positions: list[int],
+        trace: list[torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """`h` [B, T, D] through every layer in one compiled call (runtime/fused_layers.py)."""
+        assert isinstance(self._fused, fused_layers.FusedLayers)
+        layers: list[torch.Tensor] | None = [] if trace is not None else None
+        cos, sin = self._cos, self._sin
+        out = fused_layers.run(self._fused, h, caches, entries, positions, cos, sin, layers)
+        if trace is not None and layers is not None:
+            trace.extend(t.view(h.shape) for t in layers)
+        return out.view(h.shape)
 
     def _packed_attention(
         self,

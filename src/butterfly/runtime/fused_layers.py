@@ -1,0 +1,135 @@
+"""A llama stage's decoder layers in one compiled call (runtime/llama_layers.c), for steps
+of a few rows on fp32 weights that the measured kernel choice put in the blocked layout.
+
+Why: with the products at the memory's read bandwidth (runtime/native.py), a decode
+step of the small model still spent about 4.7 ms of its 18.9 ms per token outside them
+(AMD EPYC, docs/PERFORMANCE.md): some forty torch operations per layer, each a trip
+through Python and the dispatcher and, for the products, a fork and join of the thread
+team. On a machine where several stages share the cores, each of those wakes is also a
+chance to wait for a core. The compiled call runs every layer of the stage in one
+parallel region.
+
+When it runs (`plan`, `fits`): fp32, every matrix of the stage blocked, an activation it
+knows, at most `MAX_ROWS` rows (decode batches, speculative verification, prompt chunks)
+and caches of batch 1. Anything else takes llama.py's torch operations, which stay the
+reference: tests/test_fused_layers.py holds the two equal on every variant the family
+loads (biases, grouped-query attention, q/k norm, each activation, packed entries of
+different lengths). Its attention is a plain loop over the cached positions, quadratic
+in a long prompt: a whole prompt runs on torch's attention instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from butterfly.runtime import native
+from butterfly.runtime.kvcache import KVCache
+from butterfly.runtime.native import BlockedWeight
+
+if TYPE_CHECKING:
+    from butterfly.runtime.llama import Block, LlamaArgs
+
+MAX_ROWS = 64
+ACTIVATIONS = {"silu": 0, "swish": 0, "gelu": 1, "gelu_new": 2, "gelu_pytorch_tanh": 2, "relu": 3}
+
+
+@dataclass(frozen=True)
+class FusedLayers:
+    """What the compiled call needs that does not change between steps: each layer's
+    tensor addresses, and the tensors themselves, kept alive while the table is."""
+
+    table: torch.Tensor  # [L, 12] int64 addresses, 0 for an absent tensor
+    tensors: tuple[torch.Tensor, ...]
+    args: LlamaArgs
+    function: Any  # the library's butterfly_llama_layers_f32
+
+
+def plan(args: LlamaArgs, blocks: Sequence[Block]) -> FusedLayers | None:
+    """The stage's table, or None where the compiled call does not apply."""
+    if args.dtype != torch.float32 or args.activation not in ACTIVATIONS or not blocks:
+        return None
+    if args.head_dim % 2 or args.n_heads % args.n_kv_heads:
+        return None
+    lib = native.library()
+    if lib is None:
+        return None
+    kept: list[torch.Tensor] = []
+
+    def address(t: object) -> int:
+        if t is None:
+            return 0
+        tensor = t.blocks if isinstance(t, BlockedWeight) else t
+        assert isinstance(tensor, torch.Tensor)
+        tensor = tensor.to(torch.float32).contiguous()
+        kept.append(tensor)
+        return int(tensor.data_ptr())
+
+    rows = []
+    for blk in blocks:
+        if not all(isinstance(w, BlockedWeight) for w in (blk.wqkv, blk.wo, blk.w13, blk.w2)):
+            return None
+        order = (blk.attn_norm, blk.wqkv, blk.bqkv, blk.wo, blk.bo, blk.mlp_norm, blk.w13)
+        rows.append([address(t) for t in (*order, blk.b13, blk.w2, blk.b2, blk.q_norm, blk.k_norm)])
+    function = lib.butterfly_llama_layers_f32
+    function.restype = ctypes.c_int
+    function.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p]
+    function.argtypes += [*[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_int64]
+    function.argtypes += [*[ctypes.c_void_p] * 5, ctypes.c_float, ctypes.c_int64]
+    function.argtypes += [ctypes.c_void_p]
+    return FusedLayers(torch.tensor(rows, dtype=torch.int64), tuple(kept), args, function)
+
+
+def fits(rows: int, caches: Sequence[KVCache]) -> bool:
+    return 0 < rows <= MAX_ROWS and all(c.batch == 1 for c in caches)
+
+
+def run(
+    fused: FusedLayers,
+    h: torch.Tensor,
+    caches: Sequence[KVCache],
+    entries: Sequence[int],
+    positions: Sequence[int],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    trace: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """h [M, D] through every layer: row m of entry `entries[m]` (an index into `caches`)
+    at position `positions[m]`; `cos`, `sin` are the rotary tables indexed by position.
+    Writes the rows' keys and values into their caches (their lengths are the caller's to
+    advance) and, with `trace`, appends h after each layer."""
+    a = fused.args
+    rows, dim = len(positions), a.dim
+    out = h.to(torch.float32).reshape(rows, dim).clone()
+    where = torch.tensor(positions, dtype=torch.int64)
+    cos_rows, sin_rows = cos[where].contiguous(), sin[where].contiguous()
+    ends: dict[int, int] = {}
+    for e, p in zip(entries, positions, strict=True):
+        ends[e] = max(ends.get(e, 0), p + 1)
+    for e, end in ends.items():
+        caches[e].reserve(end)
+    pointers = torch.tensor(
+        [[t.data_ptr() for t in pair] for layer in range(len(fused.table))
+         for pair in (cache.layer(layer) for cache in caches)],
+        dtype=torch.int64,
+    )  # fmt: skip
+    capacity = torch.tensor([cache.capacity for cache in caches], dtype=torch.int64)
+    entry = torch.tensor(entries, dtype=torch.int64)
+    layers = int(fused.table.shape[0])
+    kept = torch.empty(layers, rows, dim) if trace is not None else None
+    status = fused.function(
+        out.data_ptr(), rows, dim, layers, fused.table.data_ptr(),
+        a.n_heads, a.n_kv_heads, a.head_dim, a.intermediate,
+        pointers.data_ptr(), len(caches), capacity.data_ptr(),
+        entry.data_ptr(), where.data_ptr(), cos_rows.data_ptr(), sin_rows.data_ptr(),
+        a.norm_eps, ACTIVATIONS[a.activation], kept.data_ptr() if kept is not None else None,
+    )  # fmt: skip
+    if status != 0:
+        raise MemoryError("no memory for the fused layers' scratch buffers")
+    if trace is not None and kept is not None:
+        trace.extend(kept.unbind(0))
+    return out

@@ -1,0 +1,196 @@
+/* A llama-style stage's decoder layers over a few rows, in one call and one OpenMP
+ * parallel region: the same computation as runtime/llama.py's forward (RMSNorm, fused
+ * q/k/v product, optional per-head q/k norm, rotary embedding, the rows' keys and values
+ * written into their KV caches, causal attention over each row's own cache, output
+ * product, MLP), on weights in the blocked layout of blocked_linear.c.
+ *
+ * Why: once the products stream the weights at the memory's bandwidth, what is left of
+ * a decode step is some forty small torch operations per layer, each a trip through
+ * Python and the dispatcher, and one fork and join of the thread team per operation that
+ * runs in parallel. Here a whole stage is one call: its threads meet at a barrier
+ * between phases instead of being woken for each product. See runtime/fused_layers.py
+ * for when it is used and how it is checked.
+ *
+ * Row m belongs to KV cache entry[m] and sits at position pos[m]; it attends to every
+ * position of its entry up to and including its own, so decode rows, a speculative
+ * verification's k + 1 rows and a prompt chunk packed with decode rows are all the same
+ * call. Every row's keys and values are written before any row attends. */
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float v16 __attribute__((vector_size(64)));
+
+/* blocked_linear.c: up to 8 rows of x against one block of 16 output rows */
+void butterfly_blocked_tile(int n, const float *x, int64_t ldx, const float *p, int64_t K,
+                            float *y, int64_t ldy);
+
+enum { ATTN_NORM, WQKV, BQKV, WO, BO, MLP_NORM, W13, B13, W2, B2, Q_NORM, K_NORM, NPTR };
+enum { SILU, GELU, GELU_TANH, RELU };
+
+static inline v16 ld(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
+static inline void st(float *p, v16 v) { memcpy(p, &v, sizeof v); }
+
+static float hsum(v16 v) {
+    float s = 0;
+    for (int i = 0; i < 16; i++) s += v[i];
+    return s;
+}
+
+static float dot(const float *a, const float *b, int64_t n) {
+    v16 acc = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) acc += ld(a + i) * ld(b + i);
+    float s = hsum(acc);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* out = weight * (x / sqrt(mean(x^2) + eps)), as runtime/llama.py's rms_norm */
+static void rms_norm(const float *x, const float *weight, int64_t n, float eps, float *out) {
+    float inv = 1.0f / sqrtf(dot(x, x, n) / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) out[i] = weight[i] * (x[i] * inv);
+}
+
+/* x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1) */
+static void rope(float *x, const float *cos, const float *sin, int64_t n) {
+    int64_t half = n / 2;
+    for (int64_t i = 0; i < half; i++) {
+        float a = x[i], b = x[i + half];
+        x[i] = a * cos[i] - b * sin[i];
+        x[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+static float activate(int64_t kind, float x) {
+    switch (kind) {
+    case SILU: return x / (1.0f + expf(-x));
+    case GELU: return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+    case GELU_TANH: {
+        const float c = 0.7978845608028654f; /* sqrt(2 / pi) */
+        return 0.5f * x * (1.0f + tanhf(c * (x + 0.044715f * x * x * x)));
+    }
+    default: return x > 0 ? x : 0;
+    }
+}
+
+/* y[M, N] = x[M, K] @ W^T + bias, or y += that with `accumulate` (a residual). Must be
+ * reached by every thread of the team: the blocks are shared out among them. */
+static void product(const float *x, int64_t M, int64_t K, const float *w, int64_t N,
+                    const float *bias, float *y, int accumulate) {
+    const int64_t NB = (N + 15) / 16;
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < NB; b++) {
+        float tmp[8 * 16] __attribute__((aligned(64)));
+        const float *p = w + b * K * 16;
+        int64_t cols = N - b * 16 < 16 ? N - b * 16 : 16;
+        for (int64_t m = 0; m < M; m += 8) {
+            int n = M - m < 8 ? (int)(M - m) : 8;
+            butterfly_blocked_tile(n, x + m * K, K, p, K, tmp, 16);
+            for (int r = 0; r < n; r++) {
+                float *out = y + (m + r) * N + b * 16;
+                for (int64_t c = 0; c < cols; c++) {
+                    float v = bias ? tmp[r * 16 + c] + bias[b * 16 + c] : tmp[r * 16 + c];
+                    out[c] = accumulate ? out[c] + v : v;
+                }
+            }
+        }
+    }
+}
+
+/* Attention of one row's query head against positions [0, last] of its cache head:
+ * softmax(q k^T / sqrt(Dh)) v. */
+static void attend(const float *q, const float *keys, const float *values, int64_t last,
+                   int64_t Dh, float *scores, float *out) {
+    const float scale = 1.0f / sqrtf((float)Dh);
+    float top = -INFINITY;
+    for (int64_t s = 0; s <= last; s++) {
+        scores[s] = dot(q, keys + s * Dh, Dh) * scale;
+        if (scores[s] > top) top = scores[s];
+    }
+    float sum = 0;
+    for (int64_t s = 0; s <= last; s++) sum += scores[s] = expf(scores[s] - top);
+    for (int64_t d = 0; d < Dh; d++) out[d] = 0;
+    for (int64_t s = 0; s <= last; s++) {
+        const float p = scores[s] / sum, *v = values + s * Dh;
+        for (int64_t d = 0; d < Dh; d++) out[d] += p * v[d];
+    }
+}
+
+/* h [M, D] in place through L layers. layers [L][NPTR] holds each layer's tensors
+ * (0 for an absent bias or q/k norm); caches [L][E][2] the key and value tensors of
+ * each entry, [H_kv, capacity[e], Dh] each; cos, sin [M][Dh] the rows' rotations;
+ * trace [L][M][D] receives h after each layer when not NULL. Returns 0, or -1 if
+ * scratch memory could not be had (h untouched). */
+int butterfly_llama_layers_f32(float *h, int64_t M, int64_t D, int64_t L, const int64_t *layers,
+                               int64_t H, int64_t Hkv, int64_t Dh, int64_t I,
+                               const int64_t *caches, int64_t E, const int64_t *capacity,
+                               const int64_t *entry, const int64_t *pos, const float *cos,
+                               const float *sin, float eps, int64_t act, float *trace) {
+    const int64_t Nqkv = (H + 2 * Hkv) * Dh, group = H / Hkv;
+    int64_t longest = 0;
+    for (int64_t m = 0; m < M; m++)
+        if (pos[m] + 1 > longest) longest = pos[m] + 1;
+    const int threads = omp_get_max_threads();
+    float *a = malloc(sizeof(float) * M * D), *qkv = malloc(sizeof(float) * M * Nqkv);
+    float *att = malloc(sizeof(float) * M * H * Dh), *mid = malloc(sizeof(float) * M * 2 * I);
+    float *gated = malloc(sizeof(float) * M * I);
+    float *scores = malloc(sizeof(float) * threads * longest);
+    int ok = a && qkv && att && mid && gated && scores;
+    if (ok) {
+#pragma omp parallel
+        {
+            float *mine = scores + omp_get_thread_num() * longest;
+            for (int64_t l = 0; l < L; l++) {
+                const int64_t *t = layers + l * NPTR;
+#define T(i) ((const float *)(intptr_t)t[i])
+#define CACHE(e, kv) ((float *)(intptr_t)caches[(l * E + (e)) * 2 + (kv)])
+#pragma omp for schedule(static)
+                for (int64_t m = 0; m < M; m++) rms_norm(h + m * D, T(ATTN_NORM), D, eps, a + m * D);
+                product(a, M, D, T(WQKV), Nqkv, T(BQKV), qkv, 0);
+#pragma omp for schedule(static)
+                for (int64_t j = 0; j < M * (H + Hkv); j++) { /* each q and k head */
+                    int64_t m = j / (H + Hkv), head = j % (H + Hkv);
+                    float *x = qkv + m * Nqkv + head * Dh;
+                    const float *norm = head < H ? T(Q_NORM) : T(K_NORM);
+                    if (norm) rms_norm(x, norm, Dh, eps, x);
+                    rope(x, cos + m * Dh, sin + m * Dh, Dh);
+                    if (head >= H) {
+                        int64_t g = head - H, e = entry[m];
+                        int64_t at = (g * capacity[e] + pos[m]) * Dh;
+                        memcpy(CACHE(e, 0) + at, x, sizeof(float) * Dh);
+                        memcpy(CACHE(e, 1) + at, x + Hkv * Dh, sizeof(float) * Dh);
+                    }
+                }
+#pragma omp for schedule(static)
+                for (int64_t j = 0; j < M * H; j++) {
+                    int64_t m = j / H, head = j % H, e = entry[m];
+                    int64_t at = (head / group) * capacity[e] * Dh;
+                    attend(qkv + m * Nqkv + head * Dh, CACHE(e, 0) + at, CACHE(e, 1) + at,
+                           pos[m], Dh, mine, att + m * H * Dh + head * Dh);
+                }
+                product(att, M, H * Dh, T(WO), D, T(BO), h, 1);
+#pragma omp for schedule(static)
+                for (int64_t m = 0; m < M; m++) rms_norm(h + m * D, T(MLP_NORM), D, eps, a + m * D);
+                product(a, M, D, T(W13), 2 * I, T(B13), mid, 0);
+#pragma omp for schedule(static)
+                for (int64_t j = 0; j < M * I; j++) {
+                    int64_t m = j / I, i = j % I;
+                    gated[j] = activate(act, mid[m * 2 * I + i]) * mid[m * 2 * I + I + i];
+                }
+                product(gated, M, I, T(W2), D, T(B2), h, 1);
+                if (trace) {
+#pragma omp for schedule(static)
+                    for (int64_t m = 0; m < M; m++)
+                        memcpy(trace + (l * M + m) * D, h + m * D, sizeof(float) * D);
+                }
+#undef T
+#undef CACHE
+            }
+        }
+    }
+    free(a); free(qkv); free(att); free(mid); free(gated); free(scores);
+    return ok ? 0 : -1;
+}

@@ -1,0 +1,174 @@
+"""The compiled llama layers (runtime/llama_layers.c) equal llama.py's torch operations
+on every variant the family loads, and run where they apply and only there."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from butterfly.runtime import fused_layers, native
+from butterfly.runtime.llama import Block, LlamaArgs, LlamaStage
+from butterfly.types.model import LayerRange
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler"
+)
+
+BASE = LlamaArgs(
+    vocab_size=64, dim=64, n_layers=3, n_heads=4, n_kv_heads=4, head_dim=16,
+    intermediate=96, norm_eps=1e-5, rope_theta=10000.0, rope_scaling=(),
+    max_context=600, tie_embeddings=False,
+)  # fmt: skip
+VARIANTS = {
+    "plain": BASE,
+    "grouped-query": dataclasses.replace(BASE, n_kv_heads=2),
+    "qwen2 biases": dataclasses.replace(BASE, qkv_bias=True),
+    "all biases": dataclasses.replace(BASE, attention_bias=True, mlp_bias=True),
+    "qwen3 q/k norm": dataclasses.replace(BASE, qk_norm=True, n_kv_heads=1),
+    "gelu": dataclasses.replace(BASE, activation="gelu"),
+    "gelu tanh": dataclasses.replace(BASE, activation="gelu_pytorch_tanh"),
+    "relu": dataclasses.replace(BASE, activation="relu"),
+    "odd sizes": dataclasses.replace(BASE, dim=72, intermediate=100, head_dim=18),
+}
+
+
+def stages(args: LlamaArgs, seed: int = 0) -> tuple[LlamaStage, LlamaStage]:
+    """The same middle stage twice: compiled layers, and llama.py's operations only."""
+    g = torch.Generator().manual_seed(seed)
+    d, dh, i = args.dim, args.head_dim, args.intermediate
+    qkv = (args.n_heads + 2 * args.n_kv_heads) * dh
+
+    def rand(*shape: int, scale: float = 0.15) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * scale
+
+    def maybe(flag: bool, size: int) -> torch.Tensor | None:
+        return rand(size) if flag else None
+
+    blocks = [
+        Block(
+            attn_norm=1 + rand(d),
+            wqkv=native.block(rand(qkv, d)),
+            bqkv=maybe(args.attention_bias or args.qkv_bias, qkv),
+            wo=native.block(rand(d, args.n_heads * dh)),
+            bo=maybe(args.attention_bias, d),
+            mlp_norm=1 + rand(d),
+            w13=native.block(rand(2 * i, d)),
+            b13=maybe(args.mlp_bias, 2 * i),
+            w2=native.block(rand(d, i)),
+            b2=maybe(args.mlp_bias, d),
+            q_norm=1 + rand(dh) if args.qk_norm else None,
+            k_norm=1 + rand(dh) if args.qk_norm else None,
+        )
+        for _ in range(args.n_layers)
+    ]
+    layers = LayerRange(0, args.n_layers)
+    fused = LlamaStage(args, layers, blocks, None, None, None)
+    reference = LlamaStage(args, layers, blocks, None, None, None)
+    reference._fused = None  # never planned: llama.py's operations
+    return fused, reference
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Rows of each compiled call made."""
+    made: list[int] = []
+    real = fused_layers.run
+
+    def counted(fused: fused_layers.FusedLayers, h: torch.Tensor, *rest: object) -> torch.Tensor:
+        made.append(h.shape[0] * h.shape[1])
+        return real(fused, h, *rest)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fused_layers, "run", counted)
+    yield made
+
+
+def close(got: torch.Tensor, want: torch.Tensor) -> None:
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_a_prompt_then_decode_steps_equal_the_torch_operations(
+    variant: str, calls: list[int]
+) -> None:
+    args = VARIANTS[variant]
+    fused, reference = stages(args)
+    g = torch.Generator().manual_seed(1)
+    caches = [fused.new_cache(), reference.new_cache()]
+    prompt = torch.randn(1, 9, args.dim, generator=g)
+    close(fused.forward(prompt, caches[0], 0), reference.forward(prompt, caches[1], 0))
+    for pos in range(9, 21):
+        x = torch.randn(1, 1, args.dim, generator=g)
+        close(fused.forward(x, caches[0], pos), reference.forward(x, caches[1], pos))
+    assert calls == [9] + [1] * 12  # every step compiled, none on the reference
+    assert caches[0].length == caches[1].length == 21
+    for layer in range(args.n_layers):
+        for got, want in zip(caches[0].layer(layer), caches[1].layer(layer), strict=True):
+            close(got[:, :, :21], want[:, :, :21])
+
+
+def test_a_long_prompt_runs_on_torch_and_decoding_goes_on_past_the_cache_chunk(
+    calls: list[int],
+) -> None:
+    """A 250-row prompt is over MAX_ROWS: torch's attention writes the cache, the compiled
+    steps read it and make it grow past its first 256 positions."""
+    fused, reference = stages(VARIANTS["grouped-query"])
+    g = torch.Generator().manual_seed(2)
+    caches = [fused.new_cache(), reference.new_cache()]
+    prompt = torch.randn(1, 250, BASE.dim, generator=g)
+    close(fused.forward(prompt, caches[0], 0), reference.forward(prompt, caches[1], 0))
+    assert calls == []
+    for pos in range(250, 262):
+        x = torch.randn(1, 1, BASE.dim, generator=g)
+        close(fused.forward(x, caches[0], pos), reference.forward(x, caches[1], pos))
+    assert len(calls) == 12 and caches[0].capacity > 256
+
+
+def test_a_batch_of_rows_at_different_positions(calls: list[int]) -> None:
+    fused, reference = stages(VARIANTS["qwen2 biases"])
+    g = torch.Generator().manual_seed(3)
+    outs = []
+    for stage in (fused, reference):
+        caches = [stage.new_cache() for _ in range(3)]
+        for cache, n in zip(caches, (4, 11, 1), strict=True):
+            stage.forward(torch.randn(1, n, BASE.dim, generator=torch.Generator()), cache, 0)
+        x = torch.randn(3, 2, BASE.dim, generator=g)
+        outs.append(stage.forward_rows(x, caches, [4, 11, 1]))
+        g.manual_seed(3)
+    close(outs[0], outs[1])
+    assert calls[-1] == 6
+
+
+def test_packed_entries_of_different_lengths_and_their_trace(calls: list[int]) -> None:
+    fused, reference = stages(VARIANTS["qwen3 q/k norm"])
+    lengths, starts = [1, 7, 1], [5, 0, 3]
+    outs, traces = [], []
+    for stage in (fused, reference):
+        g = torch.Generator().manual_seed(4)
+        caches = [stage.new_cache() for _ in lengths]
+        for cache, start in zip(caches, starts, strict=True):
+            if start:
+                stage.forward(torch.randn(1, start, BASE.dim, generator=g), cache, 0)
+        x = torch.randn(1, sum(lengths), BASE.dim, generator=g)
+        trace: list[torch.Tensor] = []
+        outs.append(stage.forward_packed(x, caches, starts, lengths, trace=trace))
+        traces.append(trace)
+    close(outs[0], outs[1])
+    assert len(traces[0]) == len(traces[1]) == BASE.n_layers
+    for got, want in zip(*traces, strict=True):
+        assert got.shape == want.shape
+        close(got, want)
+    assert calls[-1] == sum(lengths)
+
+
+def test_not_planned_where_it_does_not_apply() -> None:
+    fused, _ = stages(BASE)
+    assert fused_layers.plan(dataclasses.replace(BASE, dtype=torch.bfloat16), fused.blocks) is None
+    plain = torch.randn(BASE.dim, BASE.intermediate)
+    dense = [dataclasses.replace(b, w2=plain) for b in fused.blocks]
+    assert fused_layers.plan(BASE, dense) is None
+    assert fused_layers.plan(BASE, fused.blocks) is not None
+    assert not fused_layers.fits(fused_layers.MAX_ROWS + 1, [])
