@@ -170,5 +170,33 @@ def test_not_planned_where_it_does_not_apply() -> None:
     plain = torch.randn(BASE.dim, BASE.intermediate)
     dense = [dataclasses.replace(b, w2=plain) for b in fused.blocks]
     assert fused_layers.plan(BASE, dense) is None
-    assert fused_layers.plan(BASE, fused.blocks) is not None
-    assert not fused_layers.fits(fused_layers.MAX_ROWS + 1, [])
+    plan = fused_layers.plan(BASE, fused.blocks)
+    assert plan is not None
+    cache = fused.new_cache()
+    assert fused_layers.fits(plan, 1, [cache])
+    assert not fused_layers.fits(plan, fused_layers.MAX_ROWS + 1, [cache])
+    assert not fused_layers.fits(plan, 2, [cache, cache])  # one cache twice: torch's path
+    other = stages(VARIANTS["grouped-query"])[0].new_cache()
+    assert not fused_layers.fits(plan, 1, [other])  # another stage's cache shape
+
+
+def test_an_input_in_any_memory_layout(calls: list[int]) -> None:
+    fused, reference = stages(BASE)
+    x = torch.randn(BASE.dim, 5, 1).permute(2, 1, 0)  # [1, 5, D], not row-major
+    assert not x.is_contiguous()
+    close(fused.forward(x, fused.new_cache(), 0), reference.forward(x, reference.new_cache(), 0))
+    assert calls == [5]
+
+
+def test_one_request_named_twice_in_a_batch_runs_on_torch(calls: list[int]) -> None:
+    """Two rows on one cache at one position: both write the same slot, which two threads
+    must not do at once. llama.py's path writes them in order."""
+    fused, reference = stages(BASE)
+    x = torch.randn(2, 1, BASE.dim)
+    outs = []
+    for stage in (fused, reference):
+        cache = stage.new_cache()
+        stage.forward(torch.randn(1, 3, BASE.dim, generator=torch.Generator()), cache, 0)
+        outs.append(stage.forward_rows(x, [cache, cache], [3, 3]))
+    close(outs[0], outs[1])
+    assert calls == [3]  # the prompt only

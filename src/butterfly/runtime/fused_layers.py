@@ -73,8 +73,10 @@ def plan(args: LlamaArgs, blocks: Sequence[Block]) -> FusedLayers | None:
     for blk in blocks:
         if not all(isinstance(w, BlockedWeight) for w in (blk.wqkv, blk.wo, blk.w13, blk.w2)):
             return None
+        both = blk.q_norm is not None and blk.k_norm is not None  # as llama.py: both or none
+        qk = (blk.q_norm, blk.k_norm) if both else (None, None)
         order = (blk.attn_norm, blk.wqkv, blk.bqkv, blk.wo, blk.bo, blk.mlp_norm, blk.w13)
-        rows.append([address(t) for t in (*order, blk.b13, blk.w2, blk.b2, blk.q_norm, blk.k_norm)])
+        rows.append([address(t) for t in (*order, blk.b13, blk.w2, blk.b2, *qk)])
     function = lib.butterfly_llama_layers_f32
     function.restype = ctypes.c_int
     function.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p]
@@ -84,8 +86,20 @@ def plan(args: LlamaArgs, blocks: Sequence[Block]) -> FusedLayers | None:
     return FusedLayers(torch.tensor(rows, dtype=torch.int64), tuple(kept), args, function)
 
 
-def fits(rows: int, caches: Sequence[KVCache]) -> bool:
-    return 0 < rows <= MAX_ROWS and all(c.batch == 1 for c in caches)
+def fits(fused: FusedLayers, rows: int, caches: Sequence[KVCache]) -> bool:
+    """Whether a step of `rows` rows on `caches` can run compiled: few rows, and caches
+    of this stage's shape, each named once (two entries on one cache would write the
+    same positions from two threads)."""
+    a = fused.args
+    return (
+        0 < rows <= MAX_ROWS
+        and len({id(c) for c in caches}) == len(caches)
+        and all(
+            (c.batch, c.kv_heads, c.head_dim, c.num_layers, c.dtype)
+            == (1, a.n_kv_heads, a.head_dim, len(fused.table), torch.float32)
+            for c in caches
+        )
+    )
 
 
 def run(
@@ -104,7 +118,7 @@ def run(
     advance) and, with `trace`, appends h after each layer."""
     a = fused.args
     rows, dim = len(positions), a.dim
-    out = h.to(torch.float32).reshape(rows, dim).clone()
+    out = h.to(torch.float32).reshape(rows, dim).clone(memory_format=torch.contiguous_format)
     where = torch.tensor(positions, dtype=torch.int64)
     cos_rows, sin_rows = cos[where].contiguous(), sin[where].contiguous()
     ends: dict[int, int] = {}
@@ -112,11 +126,12 @@ def run(
         ends[e] = max(ends.get(e, 0), p + 1)
     for e, end in ends.items():
         caches[e].reserve(end)
-    pointers = torch.tensor(
-        [[t.data_ptr() for t in pair] for layer in range(len(fused.table))
-         for pair in (cache.layer(layer) for cache in caches)],
-        dtype=torch.int64,
-    )  # fmt: skip
+        if caches[e].capacity < end:
+            raise ValueError(f"position {end - 1} is past the cache's {caches[e].capacity}")
+    # held until the call returns: a cache that grows meanwhile (a standby's copy being
+    # extended from the event loop) frees its old tensors, which the call still writes
+    held = [t for layer in range(len(fused.table)) for c in caches for t in c.layer(layer)]
+    pointers = torch.tensor([t.data_ptr() for t in held], dtype=torch.int64)
     capacity = torch.tensor([cache.capacity for cache in caches], dtype=torch.int64)
     entry = torch.tensor(entries, dtype=torch.int64)
     layers = int(fused.table.shape[0])
@@ -130,6 +145,7 @@ def run(
     )  # fmt: skip
     if status != 0:
         raise MemoryError("no memory for the fused layers' scratch buffers")
+    del held
     if trace is not None and kept is not None:
         trace.extend(kept.unbind(0))
     return out

@@ -75,8 +75,9 @@ UNPADDED_ROWS = 4
 ROW_ALIGN = 16
 MAX_CHUNK_ROWS = 128
 ROUNDS = 7  # timed rounds per candidate, interleaved so drift hits all alike
-# `blocked` is kept when within this factor of the fastest product: blocked weights also
-# let a llama stage run its layers in one compiled call (runtime/fused_layers.py), which
+# `blocked` is kept for a llama layer's matrices (`prepare(fusable=True)`) when within this
+# factor of the fastest product: blocked weights also let the stage run its layers in one
+# compiled call (runtime/fused_layers.py), which
 # a product's timing cannot see. That call made the small model's decode 14% faster
 # than the same blocked products under torch's operations (AMD EPYC, bench/runtime.py:
 # 16.8 against 19.7 ms/token), more than a product 10% slower costs.
@@ -113,7 +114,7 @@ class KernelChoice:
     micros: dict[str, float]  # time of one decode product (fastest round), per candidate
 
 
-_CHOSEN: dict[tuple[tuple[int, int], Precision, int], KernelChoice] = {}
+_CHOSEN: dict[tuple[tuple[int, int], Precision, int, bool], KernelChoice] = {}
 _WARMED: set[tuple[tuple[int, int], Precision, int]] = set()
 _DECODE_THREADS: ContextVar[int | None] = ContextVar("decode_threads", default=None)
 
@@ -170,12 +171,15 @@ def prepare(
     weight: torch.Tensor,
     precision: Precision,
     timer: Callable[[dict[str, Weight], Precision], dict[str, float]] | None = None,
+    *,
+    fusable: bool = False,
 ) -> Weight:
     """`weight` on the kernel measured fastest for its shape in this process; `timer`
-    (default `time_decode`) gives each built candidate's time."""
+    (default `time_decode`) gives each built candidate's time. A `fusable` weight (one
+    of a llama-style layer's four matrices) keeps `blocked` within `FUSED_MARGIN`."""
     shape = (int(weight.shape[0]), int(weight.shape[1]))
     threads = _DECODE_THREADS.get() or torch.get_num_threads()
-    key = (shape, precision, threads)
+    key = (shape, precision, threads, fusable)
     choice = _CHOSEN.get(key)
     if choice is not None:
         return build(choice.kernel, weight, precision)
@@ -189,7 +193,7 @@ def prepare(
         finally:
             torch.set_num_threads(loading_threads)
     kernel = min(micros, key=lambda k: micros[k])
-    if "blocked" in micros and micros["blocked"] <= FUSED_MARGIN * micros[kernel]:
+    if fusable and "blocked" in micros and micros["blocked"] <= FUSED_MARGIN * micros[kernel]:
         kernel = "blocked"
     choice = KernelChoice(shape, precision.name, threads, kernel, micros)
     _CHOSEN[key] = choice

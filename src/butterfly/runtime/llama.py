@@ -381,7 +381,10 @@ class LlamaStage:
     def _fused_fits(self, rows: int, caches: Sequence[KVCache]) -> bool:
         if self._fused is False:
             self._fused = fused_layers.plan(self.args, self.blocks)
-        return self._fused is not None and fused_layers.fits(rows, caches)
+        fused = self._fused
+        if not isinstance(fused, fused_layers.FusedLayers):
+            return False
+        return fused_layers.fits(fused, rows, caches)
 
     def _run_fused(
         self,
@@ -583,6 +586,7 @@ def load_stage(reader: CheckpointReader, args: LlamaArgs, layers: LayerRange) ->
         )  # fmt: skip
 
     blocks = []
+    fusable: dict[str, Any] = {"precision": precision, "fusable": True}  # fused_layers.py
     for i, n in enumerate(layers):
         reader.progress("pack", i, len(layers))
         p, m = f"model.layers.{n}.self_attn", f"model.layers.{n}.mlp"
@@ -590,17 +594,17 @@ def load_stage(reader: CheckpointReader, args: LlamaArgs, layers: LayerRange) ->
         blocks.append(
             Block(
                 attn_norm=w.pop(f"model.layers.{n}.input_layernorm.weight"),
-                wqkv=prepare(torch.cat([w.pop(f"{p}.{x}.weight") for x in qkv]), precision),
+                wqkv=prepare(torch.cat([w.pop(f"{p}.{x}.weight") for x in qkv]), **fusable),
                 bqkv=fused_bias(p, qkv),
-                wo=prepare(w.pop(f"{p}.o_proj.weight"), precision),
+                wo=prepare(w.pop(f"{p}.o_proj.weight"), **fusable),
                 bo=w.pop(f"{p}.o_proj.bias", None),
                 mlp_norm=w.pop(f"model.layers.{n}.post_attention_layernorm.weight"),
                 w13=prepare(
                     torch.cat([w.pop(f"{m}.gate_proj.weight"), w.pop(f"{m}.up_proj.weight")]),
-                    precision,
+                    **fusable,
                 ),
                 b13=fused_bias(m, {"gate_proj": i_size, "up_proj": i_size}),
-                w2=prepare(w.pop(f"{m}.down_proj.weight"), precision),
+                w2=prepare(w.pop(f"{m}.down_proj.weight"), **fusable),
                 b2=w.pop(f"{m}.down_proj.bias", None),
                 q_norm=w.pop(f"{p}.q_norm.weight", None),
                 k_norm=w.pop(f"{p}.k_norm.weight", None),
