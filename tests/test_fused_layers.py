@@ -37,13 +37,14 @@ VARIANTS = {
 
 
 def stages(args: LlamaArgs, seed: int = 0) -> tuple[LlamaStage, LlamaStage]:
-    """The same middle stage twice: compiled layers, and llama.py's operations only."""
+    """The same middle stage twice: compiled layers, and llama.py's operations only; in
+    the args' dtype, from fp32 values that bf16 holds exactly."""
     g = torch.Generator().manual_seed(seed)
     d, dh, i = args.dim, args.head_dim, args.intermediate
     qkv = (args.n_heads + 2 * args.n_kv_heads) * dh
 
     def rand(*shape: int, scale: float = 0.15) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * scale
+        return (torch.randn(*shape, generator=g) * scale).to(torch.bfloat16).to(args.dtype)
 
     def maybe(flag: bool, size: int) -> torch.Tensor | None:
         return rand(size) if flag else None
@@ -200,3 +201,32 @@ def test_one_request_named_twice_in_a_batch_runs_on_torch(calls: list[int]) -> N
         outs.append(stage.forward_rows(x, [cache, cache], [3, 3]))
     close(outs[0], outs[1])
     assert calls == [3]  # the prompt only
+
+
+def test_bf16_is_at_least_as_close_to_fp32_as_torchs_bf16_operations(calls: list[int]) -> None:
+    """The compiled bf16 layers compute in fp32 on the weights' bf16 values and round the
+    output and the cache: against the same model in fp32 (the same weight values), they
+    must be no further off than llama.py's bf16 operations, which round after each."""
+    if not native.available(torch.bfloat16):
+        pytest.skip("no bf16 blocked kernel here")
+    args = dataclasses.replace(VARIANTS["qwen2 biases"], n_kv_heads=2, dtype=torch.bfloat16)
+    fused, torch_ops = stages(args)
+    exact = stages(dataclasses.replace(args, dtype=torch.float32))[1]
+    g = torch.Generator().manual_seed(5)
+    caches = [s.new_cache() for s in (fused, torch_ops, exact)]
+    prompt = torch.randn(1, 6, args.dim, generator=g).to(torch.bfloat16)
+    steps = [prompt] + [
+        torch.randn(1, 1, args.dim, generator=g).to(torch.bfloat16) for _ in range(8)
+    ]
+    errors: dict[str, float] = {"fused": 0.0, "torch": 0.0}
+    pos = 0
+    for x in steps:
+        want = exact.forward(x.float(), caches[2], pos)
+        for name, stage, cache in (("fused", fused, caches[0]), ("torch", torch_ops, caches[1])):
+            got = stage.forward(x, cache, pos)
+            assert got.dtype == torch.bfloat16
+            errors[name] = max(errors[name], float((got.float() - want).abs().max()))
+        pos += x.shape[1]
+    assert calls == [6] + [1] * 8
+    assert errors["fused"] <= errors["torch"] + 1e-3, errors
+    assert errors["fused"] < 0.1, errors  # measured 0.065 against torch's 0.148

@@ -49,7 +49,8 @@ def test_every_bf16_kernel_equals_bf16_f_linear(kernel: str) -> None:
     g = torch.Generator().manual_seed(1)
     w = torch.randn(1024, 512, generator=g) / 16
     built = lin.build(kernel, w, BF16)
-    assert (built.dtype if isinstance(built, torch.Tensor) else None) == torch.bfloat16
+    assert isinstance(built, (torch.Tensor, native.BlockedWeight))
+    assert built.dtype == torch.bfloat16
     for x in inputs(g):
         want = F.linear(x.bfloat16(), w.bfloat16()).float()
         got = lin.linear(x.bfloat16(), built).float()
@@ -205,3 +206,24 @@ def test_no_kernel_is_compiled_after_load_whatever_the_rows_and_threads(
         torch.set_num_threads(threads)
     assert set(ran) <= set(lin.ROW_SHAPES)
     assert code_mappings() == before
+
+
+def test_candidates_are_timed_on_weights_read_from_memory() -> None:
+    """Each timed product reads another copy, together past the last-level cache: timed
+    on one hot copy, a bf16 matrix that fit in the L3 picked the kernel slower from
+    memory. The copies equal the weight and share none of its memory."""
+    small = torch.randn(512, 512)  # 1 MiB: 16 copies, the cap
+    copies = lin.cold_copies(small)
+    assert len(copies) == lin.MAX_COPIES
+    assert len({c.data_ptr() for c in copies}) == len(copies)  # type: ignore[union-attr]
+    assert all(torch.equal(c, small) for c in copies)  # type: ignore[arg-type]
+    large = torch.randn(40 << 18)  # 40 MiB: 2 copies reach COLD_BYTES
+    assert len(lin.cold_copies(large)) == 2
+    if native.available():
+        blocked = native.block(torch.randn(2048, 768))
+        twins = lin.cold_copies(blocked)
+        assert len(twins) == -(-lin.COLD_BYTES // (2048 * 768 * 4))  # 6 MiB each: 11
+        for twin in twins[1:]:
+            assert isinstance(twin, native.BlockedWeight)
+            assert torch.equal(twin.blocks, blocked.blocks)
+            assert twin.blocks.data_ptr() % native.HUGE_PAGE == 0  # timed as it is used

@@ -21,10 +21,11 @@ needs_compiler = pytest.mark.skipif(
 
 
 @needs_compiler
-def test_built_and_offered_as_an_fp32_candidate_only() -> None:
+def test_built_and_offered_as_an_fp32_and_bf16_candidate() -> None:
     assert native.available()
     assert "blocked" in lin.candidates(FP32)
-    assert "blocked" not in lin.candidates(Precision(torch.bfloat16))
+    assert "blocked" in lin.candidates(Precision(torch.bfloat16))
+    assert "blocked" not in lin.candidates(Precision(torch.float16))
     assert "blocked" not in lin.candidates(Precision(torch.float32, "int8"))
 
 
@@ -124,3 +125,21 @@ def test_a_large_blocked_weight_starts_on_a_huge_page_and_gets_them() -> None:
         assert huge_kb_at(start) >= 2048, "the kernel grants huge pages, the weight has none"
     small = native.empty_on_huge_pages((16, 16))  # under one huge page: ordinary memory
     assert small.shape == (16, 16) and small.dtype == torch.float32
+
+
+@needs_compiler
+@pytest.mark.parametrize("rows", [1, 3, 8, 11])
+def test_bf16_weights_equal_torchs_bf16_product(rows: int) -> None:
+    """Summed in fp32 and rounded once, bias included: as torch's bf16 F.linear, to within
+    one bf16 rounding of the output."""
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(100, 96, generator=g).to(torch.bfloat16)
+    bias = torch.randn(100, generator=g).to(torch.bfloat16)
+    x = torch.randn(2, rows, 96, generator=g).to(torch.bfloat16)
+    blocked = native.block(w)
+    assert blocked.dtype == torch.bfloat16
+    got = native.blocked_linear(x, blocked, bias)
+    assert got.dtype == torch.bfloat16
+    exact = F.linear(x.float(), w.float(), bias.float())
+    torch.testing.assert_close(got.float(), exact, rtol=8e-3, atol=8e-3)
+    torch.testing.assert_close(got, F.linear(x, w, bias), rtol=1.6e-2, atol=1.6e-2)

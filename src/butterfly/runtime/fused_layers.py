@@ -1,5 +1,6 @@
 """A llama stage's decoder layers in one compiled call (runtime/llama_layers.c), for steps
-of a few rows on fp32 weights that the measured kernel choice put in the blocked layout.
+of a few rows on fp32 or bf16 weights that the measured kernel choice put in the blocked
+layout.
 
 Why: with the products at the memory's read bandwidth (runtime/native.py), a decode
 step of the small model still spent about 4.7 ms of its 18.9 ms per token outside them
@@ -9,13 +10,18 @@ team. On a machine where several stages share the cores, each of those wakes is 
 chance to wait for a core. The compiled call runs every layer of the stage in one
 parallel region.
 
-When it runs (`plan`, `fits`): fp32, every matrix of the stage blocked, an activation it
+When it runs (`plan`, `fits`): fp32 or bf16 (not int8), every matrix of the stage
+blocked, an activation it
 knows, at most `MAX_ROWS` rows (decode batches, speculative verification, prompt chunks)
 and caches of batch 1. Anything else takes llama.py's torch operations, which stay the
 reference: tests/test_fused_layers.py holds the two equal on every variant the family
 loads (biases, grouped-query attention, q/k norm, each activation, packed entries of
 different lengths). Its attention is a plain loop over the cached positions, quadratic
 in a long prompt: a whole prompt runs on torch's attention instead.
+
+In bf16 it computes in fp32 with the weights' exact bf16 values and rounds the stage's
+output and the cached keys and values to bf16, where torch's bf16 operations round after
+each one: the two agree to bf16's precision, not bit for bit.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ if TYPE_CHECKING:
     from butterfly.runtime.llama import Block, LlamaArgs
 
 MAX_ROWS = 64
+DTYPES = (torch.float32, torch.bfloat16)
 ACTIVATIONS = {"silu": 0, "swish": 0, "gelu": 1, "gelu_new": 2, "gelu_pytorch_tanh": 2, "relu": 3}
 
 
@@ -51,7 +58,9 @@ class FusedLayers:
 
 def plan(args: LlamaArgs, blocks: Sequence[Block]) -> FusedLayers | None:
     """The stage's table, or None where the compiled call does not apply."""
-    if args.dtype != torch.float32 or args.activation not in ACTIVATIONS or not blocks:
+    if args.dtype not in DTYPES or args.activation not in ACTIVATIONS or not blocks:
+        return None
+    if args.quantization != "none" or not native.available(args.dtype):
         return None
     if args.head_dim % 2 or args.n_heads % args.n_kv_heads:
         return None
@@ -63,15 +72,18 @@ def plan(args: LlamaArgs, blocks: Sequence[Block]) -> FusedLayers | None:
     def address(t: object) -> int:
         if t is None:
             return 0
-        tensor = t.blocks if isinstance(t, BlockedWeight) else t
-        assert isinstance(tensor, torch.Tensor)
-        tensor = tensor.to(torch.float32).contiguous()
+        if isinstance(t, BlockedWeight):  # its own dtype; norms and biases in fp32
+            tensor = t.blocks.contiguous()
+        else:
+            assert isinstance(t, torch.Tensor)
+            tensor = t.to(torch.float32).contiguous()
         kept.append(tensor)
         return int(tensor.data_ptr())
 
     rows = []
     for blk in blocks:
-        if not all(isinstance(w, BlockedWeight) for w in (blk.wqkv, blk.wo, blk.w13, blk.w2)):
+        matrices = (blk.wqkv, blk.wo, blk.w13, blk.w2)
+        if not all(isinstance(w, BlockedWeight) and w.dtype == args.dtype for w in matrices):
             return None
         both = blk.q_norm is not None and blk.k_norm is not None  # as llama.py: both or none
         qk = (blk.q_norm, blk.k_norm) if both else (None, None)
@@ -82,7 +94,7 @@ def plan(args: LlamaArgs, blocks: Sequence[Block]) -> FusedLayers | None:
     function.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p]
     function.argtypes += [*[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_int64]
     function.argtypes += [*[ctypes.c_void_p] * 5, ctypes.c_float, ctypes.c_int64]
-    function.argtypes += [ctypes.c_void_p]
+    function.argtypes += [ctypes.c_void_p, ctypes.c_int64]
     return FusedLayers(torch.tensor(rows, dtype=torch.int64), tuple(kept), args, function)
 
 
@@ -96,7 +108,7 @@ def fits(fused: FusedLayers, rows: int, caches: Sequence[KVCache]) -> bool:
         and len({id(c) for c in caches}) == len(caches)
         and all(
             (c.batch, c.kv_heads, c.head_dim, c.num_layers, c.dtype)
-            == (1, a.n_kv_heads, a.head_dim, len(fused.table), torch.float32)
+            == (1, a.n_kv_heads, a.head_dim, len(fused.table), a.dtype)
             for c in caches
         )
     )
@@ -115,12 +127,14 @@ def run(
     """h [M, D] through every layer: row m of entry `entries[m]` (an index into `caches`)
     at position `positions[m]`; `cos`, `sin` are the rotary tables indexed by position.
     Writes the rows' keys and values into their caches (their lengths are the caller's to
-    advance) and, with `trace`, appends h after each layer."""
+    advance) and, with `trace`, appends h after each layer. Returns fp32 (and fp32
+    traces) whatever the model's dtype: the arithmetic is fp32 throughout, bf16 weights
+    widened as they are read; the caller rounds once."""
     a = fused.args
     rows, dim = len(positions), a.dim
     out = h.to(torch.float32).reshape(rows, dim).clone(memory_format=torch.contiguous_format)
     where = torch.tensor(positions, dtype=torch.int64)
-    cos_rows, sin_rows = cos[where].contiguous(), sin[where].contiguous()
+    cos_rows, sin_rows = (t[where].to(torch.float32).contiguous() for t in (cos, sin))
     ends: dict[int, int] = {}
     for e, p in zip(entries, positions, strict=True):
         ends[e] = max(ends.get(e, 0), p + 1)
@@ -142,6 +156,7 @@ def run(
         pointers.data_ptr(), len(caches), capacity.data_ptr(),
         entry.data_ptr(), where.data_ptr(), cos_rows.data_ptr(), sin_rows.data_ptr(),
         a.norm_eps, ACTIVATIONS[a.activation], kept.data_ptr() if kept is not None else None,
+        a.dtype == torch.bfloat16,
     )  # fmt: skip
     if status != 0:
         raise MemoryError("no memory for the fused layers' scratch buffers")

@@ -83,6 +83,10 @@ ROUNDS = 7  # timed rounds per candidate, interleaved so drift hits all alike
 # 16.8 against 19.7 ms/token), more than a product 10% slower costs.
 FUSED_MARGIN = 1.10
 CALLS = 4  # products per round
+# bytes of copies a candidate is timed over: twice the 32 MiB L3 of the AMD EPYC this was
+# measured on, so the weight comes from memory wherever the L3 is no larger
+COLD_BYTES = 64 << 20
+MAX_COPIES = 16
 
 
 @dataclass(frozen=True)
@@ -146,7 +150,7 @@ def candidates(precision: Precision) -> tuple[str, ...]:
     if precision.quantization == "int8":
         return ("int8mm", "int8_dequant") if int8_weight_kernel_available() else ("int8_dequant",)
     kernels: tuple[str, ...] = ("plain", "packed") if packing_available() else ("plain",)
-    if precision.dtype == torch.float32 and native.available():
+    if native.available(precision.dtype):  # fp32 and bf16
         kernels += ("blocked",)
     return kernels
 
@@ -229,24 +233,47 @@ def warm(weight: torch.Tensor, precision: Precision, threads: list[int]) -> None
 
 
 def time_decode(built: dict[str, Weight], precision: Precision) -> dict[str, float]:
-    """Microseconds of one decode-shaped product ([1, 1, in]) per candidate."""
+    """Microseconds of one decode-shaped product ([1, 1, in]) per candidate, on a weight
+    read from memory, as decode reads it: each call takes the next of enough copies of
+    the candidate's weight to overflow the last-level cache (`cold_copies`). Timed on
+    one hot copy, a 9.4 MB bf16 matrix fit in an AMD EPYC's 32 MiB L3, and oneDNN's
+    packed layout won by 20-40%; streamed from memory in a decode step, it ran at about
+    4x its bandwidth floor (docs/PERFORMANCE.md)."""
     some = next(iter(built.values()))
     x = torch.randn(1, 1, int(some.shape[1]), generator=torch.Generator().manual_seed(0))
     x = x.to(precision.dtype)
+    copies = {k: cold_copies(w) for k, w in built.items()}
     samples: dict[str, list[float]] = {k: [] for k in built}
     with torch.inference_mode():
         for w in built.values():  # warm-up: first calls allocate and JIT-select
             linear(x, w)
-        for _ in range(ROUNDS):
-            for k, w in built.items():
+        for r in range(ROUNDS):
+            for k, ws in copies.items():
                 t0 = time.perf_counter()
-                for _ in range(CALLS):
-                    linear(x, w)
+                for c in range(CALLS):
+                    linear(x, ws[(r * CALLS + c) % len(ws)])
                 samples[k].append((time.perf_counter() - t0) / CALLS * 1e6)
     # the fastest round, not the median: on a shared machine the other rounds measure
     # the waits for a CPU (a bench run at load average 17 timed 20 ms per product of
     # 20-200 us), which say nothing about the kernel
     return {k: round(min(v), 2) for k, v in samples.items()}
+
+
+def cold_copies(weight: Weight) -> list[Weight]:
+    """`weight` and copies of it, together at least `COLD_BYTES` (at most `MAX_COPIES`):
+    cycled through, each product reads its weight from memory."""
+    size = weight_bytes(weight)
+    count = min(MAX_COPIES, -(-COLD_BYTES // max(size, 1)))
+    return [weight, *(_copy(weight) for _ in range(count - 1))]
+
+
+def _copy(weight: Weight) -> Weight:
+    if isinstance(weight, Int8Weight):
+        return Int8Weight(weight.q.clone(), weight.scales.clone(), weight.kernel)
+    if isinstance(weight, BlockedWeight):  # on huge pages, as the weight it times
+        blocks = native.empty_on_huge_pages(tuple(weight.blocks.shape), weight.blocks.dtype)
+        return BlockedWeight(blocks.copy_(weight.blocks), weight.out_features)
+    return weight.clone()
 
 
 def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -260,8 +287,7 @@ def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) ->
             y = F.linear(x, weight.q.to(x.dtype) * weight.scales[:, None])
         return y if bias is None else y + bias
     if isinstance(weight, BlockedWeight):
-        y = native.blocked_linear(x, weight)
-        return y if bias is None else y + bias
+        return native.blocked_linear(x, weight, bias)
     if weight.is_mkldnn:
         return _packed_in_few_shapes(x, weight, bias)
     return F.linear(x, weight, bias)

@@ -400,8 +400,8 @@ class LlamaStage:
         cos, sin = self._cos, self._sin
         out = fused_layers.run(self._fused, h, caches, entries, positions, cos, sin, layers)
         if trace is not None and layers is not None:
-            trace.extend(t.view(h.shape) for t in layers)
-        return out.view(h.shape)
+            trace.extend(t.view(h.shape).to(h.dtype) for t in layers)
+        return out.view(h.shape).to(h.dtype)
 
     def _packed_attention(
         self,

@@ -23,15 +23,34 @@
 
 typedef float v16 __attribute__((vector_size(64)));
 
-/* blocked_linear.c: up to 8 rows of x against one block of 16 output rows */
+/* blocked_linear.c: up to 8 rows of x against one block of 16 output rows, fp32 or
+ * bf16 weights */
 void butterfly_blocked_tile(int n, const float *x, int64_t ldx, const float *p, int64_t K,
                             float *y, int64_t ldy);
+void butterfly_blocked_tile_bf16(int n, const float *x, int64_t ldx, const uint16_t *p,
+                                 int64_t K, float *y, int64_t ldy);
 
 enum { ATTN_NORM, WQKV, BQKV, WO, BO, MLP_NORM, W13, B13, W2, B2, Q_NORM, K_NORM, NPTR };
 enum { SILU, GELU, GELU_TANH, RELU };
 
 static inline v16 ld(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
 static inline void st(float *p, v16 v) { memcpy(p, &v, sizeof v); }
+
+/* bf16 <-> fp32: a bf16 is the top half of an fp32; rounding to nearest, ties to even,
+ * as torch's conversion does (for finite values) */
+static inline float from_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+static inline uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
 
 static float hsum(v16 v) {
     float s = 0;
@@ -76,19 +95,24 @@ static float activate(int64_t kind, float x) {
     }
 }
 
-/* y[M, N] = x[M, K] @ W^T + bias, or y += that with `accumulate` (a residual). Must be
- * reached by every thread of the team: the blocks are shared out among them. */
-static void product(const float *x, int64_t M, int64_t K, const float *w, int64_t N,
-                    const float *bias, float *y, int accumulate) {
+/* y[M, N] = x[M, K] @ W^T + bias, or y += that with `accumulate` (a residual); W fp32,
+ * or bf16 with `bf16`. Must be reached by every thread of the team: the blocks are
+ * shared out among them. */
+static void product(const float *x, int64_t M, int64_t K, const void *w, int bf16,
+                    int64_t N, const float *bias, float *y, int accumulate) {
     const int64_t NB = (N + 15) / 16;
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < NB; b++) {
         float tmp[8 * 16] __attribute__((aligned(64)));
-        const float *p = w + b * K * 16;
         int64_t cols = N - b * 16 < 16 ? N - b * 16 : 16;
         for (int64_t m = 0; m < M; m += 8) {
             int n = M - m < 8 ? (int)(M - m) : 8;
-            butterfly_blocked_tile(n, x + m * K, K, p, K, tmp, 16);
+            if (bf16)
+                butterfly_blocked_tile_bf16(n, x + m * K, K, (const uint16_t *)w + b * K * 16,
+                                            K, tmp, 16);
+            else
+                butterfly_blocked_tile(n, x + m * K, K, (const float *)w + b * K * 16, K, tmp,
+                                       16);
             for (int r = 0; r < n; r++) {
                 float *out = y + (m + r) * N + b * 16;
                 for (int64_t c = 0; c < cols; c++) {
@@ -101,34 +125,58 @@ static void product(const float *x, int64_t M, int64_t K, const float *w, int64_
 }
 
 /* Attention of one row's query head against positions [0, last] of its cache head:
- * softmax(q k^T / sqrt(Dh)) v. */
-static void attend(const float *q, const float *keys, const float *values, int64_t last,
-                   int64_t Dh, float *scores, float *out) {
+ * softmax(q k^T / sqrt(Dh)) v; the cache fp32, or bf16 with `bf16`. */
+static void attend(const float *q, const void *keys, const void *values, int bf16,
+                   int64_t last, int64_t Dh, float *scores, float *out) {
     const float scale = 1.0f / sqrtf((float)Dh);
     float top = -INFINITY;
     for (int64_t s = 0; s <= last; s++) {
-        scores[s] = dot(q, keys + s * Dh, Dh) * scale;
+        if (bf16) {
+            const uint16_t *k = (const uint16_t *)keys + s * Dh;
+            float acc = 0;
+            for (int64_t d = 0; d < Dh; d++) acc += q[d] * from_bf16(k[d]);
+            scores[s] = acc * scale;
+        } else {
+            scores[s] = dot(q, (const float *)keys + s * Dh, Dh) * scale;
+        }
         if (scores[s] > top) top = scores[s];
     }
     float sum = 0;
     for (int64_t s = 0; s <= last; s++) sum += scores[s] = expf(scores[s] - top);
     for (int64_t d = 0; d < Dh; d++) out[d] = 0;
     for (int64_t s = 0; s <= last; s++) {
-        const float p = scores[s] / sum, *v = values + s * Dh;
-        for (int64_t d = 0; d < Dh; d++) out[d] += p * v[d];
+        const float p = scores[s] / sum;
+        if (bf16) {
+            const uint16_t *v = (const uint16_t *)values + s * Dh;
+            for (int64_t d = 0; d < Dh; d++) out[d] += p * from_bf16(v[d]);
+        } else {
+            const float *v = (const float *)values + s * Dh;
+            for (int64_t d = 0; d < Dh; d++) out[d] += p * v[d];
+        }
     }
 }
 
+/* one head's Dh values into a cache row */
+static void store(void *cache, int bf16, int64_t at, const float *x, int64_t Dh) {
+    if (bf16)
+        for (int64_t d = 0; d < Dh; d++) ((uint16_t *)cache)[at + d] = to_bf16(x[d]);
+    else
+        memcpy((float *)cache + at, x, sizeof(float) * Dh);
+}
+
 /* h [M, D] in place through L layers. layers [L][NPTR] holds each layer's tensors
- * (0 for an absent bias or q/k norm); caches [L][E][2] the key and value tensors of
- * each entry, [H_kv, capacity[e], Dh] each; cos, sin [M][Dh] the rows' rotations;
- * trace [L][M][D] receives h after each layer when not NULL. Returns 0, or -1 if
- * scratch memory could not be had (h untouched). */
+ * (0 for an absent bias or q/k norm; norms and biases fp32, the four matrices blocked);
+ * caches [L][E][2] the key and value tensors of each entry, [H_kv, capacity[e], Dh]
+ * each; cos, sin [M][Dh] the rows' rotations; trace [L][M][D] receives h after each
+ * layer when not NULL. With `bf16`, the matrices and the caches are bf16: the
+ * arithmetic stays fp32, keys and values are rounded to bf16 as they are cached.
+ * Returns 0, or -1 if scratch memory could not be had (h untouched). */
 int butterfly_llama_layers_f32(float *h, int64_t M, int64_t D, int64_t L, const int64_t *layers,
                                int64_t H, int64_t Hkv, int64_t Dh, int64_t I,
                                const int64_t *caches, int64_t E, const int64_t *capacity,
                                const int64_t *entry, const int64_t *pos, const float *cos,
-                               const float *sin, float eps, int64_t act, float *trace) {
+                               const float *sin, float eps, int64_t act, float *trace,
+                               int64_t bf16) {
     const int64_t Nqkv = (H + 2 * Hkv) * Dh, group = H / Hkv;
     int64_t longest = 0;
     for (int64_t m = 0; m < M; m++)
@@ -146,10 +194,11 @@ int butterfly_llama_layers_f32(float *h, int64_t M, int64_t D, int64_t L, const 
             for (int64_t l = 0; l < L; l++) {
                 const int64_t *t = layers + l * NPTR;
 #define T(i) ((const float *)(intptr_t)t[i])
-#define CACHE(e, kv) ((float *)(intptr_t)caches[(l * E + (e)) * 2 + (kv)])
+#define W(i) ((const void *)(intptr_t)t[i])
+#define CACHE(e, kv) ((void *)(intptr_t)caches[(l * E + (e)) * 2 + (kv)])
 #pragma omp for schedule(static)
                 for (int64_t m = 0; m < M; m++) rms_norm(h + m * D, T(ATTN_NORM), D, eps, a + m * D);
-                product(a, M, D, T(WQKV), Nqkv, T(BQKV), qkv, 0);
+                product(a, M, D, W(WQKV), bf16, Nqkv, T(BQKV), qkv, 0);
 #pragma omp for schedule(static)
                 for (int64_t j = 0; j < M * (H + Hkv); j++) { /* each q and k head */
                     int64_t m = j / (H + Hkv), head = j % (H + Hkv);
@@ -160,33 +209,36 @@ int butterfly_llama_layers_f32(float *h, int64_t M, int64_t D, int64_t L, const 
                     if (head >= H) {
                         int64_t g = head - H, e = entry[m];
                         int64_t at = (g * capacity[e] + pos[m]) * Dh;
-                        memcpy(CACHE(e, 0) + at, x, sizeof(float) * Dh);
-                        memcpy(CACHE(e, 1) + at, x + Hkv * Dh, sizeof(float) * Dh);
+                        store(CACHE(e, 0), bf16, at, x, Dh);
+                        store(CACHE(e, 1), bf16, at, x + Hkv * Dh, Dh);
                     }
                 }
 #pragma omp for schedule(static)
                 for (int64_t j = 0; j < M * H; j++) {
                     int64_t m = j / H, head = j % H, e = entry[m];
                     int64_t at = (head / group) * capacity[e] * Dh;
-                    attend(qkv + m * Nqkv + head * Dh, CACHE(e, 0) + at, CACHE(e, 1) + at,
-                           pos[m], Dh, mine, att + m * H * Dh + head * Dh);
+                    size_t size = bf16 ? sizeof(uint16_t) : sizeof(float);
+                    attend(qkv + m * Nqkv + head * Dh, (char *)CACHE(e, 0) + at * size,
+                           (char *)CACHE(e, 1) + at * size, bf16, pos[m], Dh, mine,
+                           att + m * H * Dh + head * Dh);
                 }
-                product(att, M, H * Dh, T(WO), D, T(BO), h, 1);
+                product(att, M, H * Dh, W(WO), bf16, D, T(BO), h, 1);
 #pragma omp for schedule(static)
                 for (int64_t m = 0; m < M; m++) rms_norm(h + m * D, T(MLP_NORM), D, eps, a + m * D);
-                product(a, M, D, T(W13), 2 * I, T(B13), mid, 0);
+                product(a, M, D, W(W13), bf16, 2 * I, T(B13), mid, 0);
 #pragma omp for schedule(static)
                 for (int64_t j = 0; j < M * I; j++) {
                     int64_t m = j / I, i = j % I;
                     gated[j] = activate(act, mid[m * 2 * I + i]) * mid[m * 2 * I + I + i];
                 }
-                product(gated, M, I, T(W2), D, T(B2), h, 1);
+                product(gated, M, I, W(W2), bf16, D, T(B2), h, 1);
                 if (trace) {
 #pragma omp for schedule(static)
                     for (int64_t m = 0; m < M; m++)
                         memcpy(trace + (l * M + m) * D, h + m * D, sizeof(float) * D);
                 }
 #undef T
+#undef W
 #undef CACHE
             }
         }

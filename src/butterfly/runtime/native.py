@@ -49,7 +49,10 @@ log = logging.getLogger(__name__)
 # blocked_linear.c: the product; llama_layers.c: a llama stage's layers over a few rows
 # on the same blocks (runtime/fused_layers.py). One library, built and checked as one.
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("blocked_linear.c", "llama_layers.c"))
-SYMBOL = "butterfly_blocked_linear_f32"
+SYMBOLS = {
+    torch.float32: "butterfly_blocked_linear_f32",
+    torch.bfloat16: "butterfly_blocked_linear_bf16",  # bf16 weights, fp32 rows and sums
+}
 LAYERS_SYMBOL = "butterfly_llama_layers_f32"
 BLOCK = 16  # output rows per block: one 64-byte vector of fp32
 HUGE_PAGE = 2 << 20
@@ -77,20 +80,21 @@ class BlockedWeight:
 
 
 def block(weight: torch.Tensor) -> BlockedWeight:
-    """`weight` [out, in] in the blocked layout (fp32), on huge pages where the kernel
-    grants them (`empty_on_huge_pages`)."""
+    """`weight` [out, in] in the blocked layout, bf16 if it is bf16 and fp32 otherwise,
+    on huge pages where the kernel grants them (`empty_on_huge_pages`)."""
+    dtype = torch.bfloat16 if weight.dtype == torch.bfloat16 else torch.float32
     out, width = int(weight.shape[0]), int(weight.shape[1])
     padded = -(-out // BLOCK) * BLOCK
-    dense = weight.to(torch.float32)
+    dense = weight.to(dtype)
     if padded != out:
         dense = F.pad(dense, (0, 0, 0, padded - out))
-    blocks = empty_on_huge_pages((padded // BLOCK, width, BLOCK))
+    blocks = empty_on_huge_pages((padded // BLOCK, width, BLOCK), dtype)
     blocks.copy_(dense.reshape(padded // BLOCK, BLOCK, width).transpose(1, 2))
     return BlockedWeight(blocks, out)
 
 
-def empty_on_huge_pages(shape: tuple[int, ...]) -> torch.Tensor:
-    """An fp32 tensor in anonymous memory advised for transparent huge pages, starting on
+def empty_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A tensor in anonymous memory advised for transparent huge pages, starting on
     a 2 MiB boundary, for a weight that decode streams in full every step.
 
     Why: the small model's 48 blocked matrices, read in turn, streamed at 26.9 GB/s on
@@ -102,26 +106,31 @@ def empty_on_huge_pages(shape: tuple[int, ...]) -> torch.Tensor:
     get ordinary pages. Only the data's whole 2 MiB pages are advised, so a partial last
     one stays on ordinary pages and resident memory stays the weight's bytes."""
     count = math.prod(shape)
-    nbytes = count * 4
+    nbytes = count * torch.empty((), dtype=dtype).element_size()
     if nbytes < HUGE_PAGE:
-        return torch.empty(shape, dtype=torch.float32)
+        return torch.empty(shape, dtype=dtype)
     area = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     start = torch.frombuffer(area, dtype=torch.uint8, count=1).data_ptr()
     offset = -start % HUGE_PAGE
     with contextlib.suppress(AttributeError, OSError):  # no MADV_HUGEPAGE on this system
         area.madvise(mmap.MADV_HUGEPAGE, offset, nbytes - nbytes % HUGE_PAGE)
-    return torch.frombuffer(area, dtype=torch.float32, count=count, offset=offset).view(shape)
+    return torch.frombuffer(area, dtype=dtype, count=count, offset=offset).view(shape)
 
 
-def blocked_linear(x: torch.Tensor, weight: BlockedWeight) -> torch.Tensor:
-    """`F.linear(x, W)` for x [..., in] fp32."""
-    kernel = _kernel()
+def blocked_linear(
+    x: torch.Tensor, weight: BlockedWeight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`F.linear(x, W, bias)` for x [..., in] of the weight's dtype. A bf16 product is
+    summed in fp32 and rounded once, bias included, as torch's bf16 `F.linear` does."""
+    kernel = _kernels().get(weight.dtype)
     if kernel is None:
-        raise RuntimeError("the blocked kernel is not available in this process")
+        raise RuntimeError(f"the blocked {weight.dtype} kernel is not available in this process")
     width = int(weight.blocks.shape[1])
-    if x.dtype != torch.float32 or x.shape[-1] != width:
-        raise ValueError(f"blocked product of {tuple(x.shape)} {x.dtype} by [*, {width}] fp32")
-    rows = x.reshape(-1, width).contiguous()
+    if x.dtype != weight.dtype or x.shape[-1] != width:
+        raise ValueError(
+            f"blocked product of {tuple(x.shape)} {x.dtype} by [*, {width}] {weight.dtype}"
+        )
+    rows = x.reshape(-1, width).to(torch.float32).contiguous()
     count = int(rows.shape[0])
     nblocks = int(weight.blocks.shape[0])
     y = torch.empty(count, nblocks * BLOCK, dtype=torch.float32)
@@ -129,18 +138,21 @@ def blocked_linear(x: torch.Tensor, weight: BlockedWeight) -> torch.Tensor:
         kernel(rows.data_ptr(), count, width, weight.blocks.data_ptr(), nblocks, y.data_ptr())
     if nblocks * BLOCK != weight.out_features:
         y = y[:, : weight.out_features]
-    return y.reshape(*x.shape[:-1], weight.out_features)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.out_features)
 
 
-def available() -> bool:
-    """Whether the kernel was built (or found built), loaded and checked in this process."""
-    return _kernel() is not None
+def available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the kernel for `dtype` weights (fp32 or bf16) was built (or found built),
+    loaded and checked in this process."""
+    return dtype in _kernels()
 
 
 def library() -> ctypes.CDLL | None:
-    """The built library once its product has been checked against `F.linear`: what
+    """The built library once its fp32 product has been checked against `F.linear`: what
     runtime/fused_layers.py takes its layers function from. None where there is none."""
-    return _library() if _kernel() is not None else None
+    return _library() if available() else None
 
 
 @functools.cache
@@ -148,42 +160,41 @@ def _library() -> ctypes.CDLL | None:
     try:
         return ctypes.CDLL(str(_build()))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        log.info("blocked fp32 kernel not available: %s", e)
+        log.info("blocked kernel not available: %s", e)
         return None
 
 
 @functools.cache
-def _kernel() -> Kernel | None:
-    """Build, load and check the library once per process; None (logged) if any step
-    fails, so the other candidates run."""
+def _kernels() -> dict[torch.dtype, Kernel]:
+    """Build, load and check the library once per process: each weight dtype's product
+    that agrees with `F.linear`. Empty (logged) if any step fails, so the other
+    candidates run."""
     lib = _library()
-    try:
-        fn = getattr(lib, SYMBOL) if lib is not None else None
-    except AttributeError as e:
-        log.info("blocked fp32 kernel not available: %s", e)
-        return None
-    if fn is None:
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    fn.argtypes += [ctypes.c_int64, ctypes.c_void_p]
-    fn.restype = None
-    kernel: Kernel = fn
-    if not _agrees(kernel):
-        log.warning("the blocked fp32 kernel disagrees with F.linear; not used")
-        return None
-    return kernel
+    found: dict[torch.dtype, Kernel] = {}
+    for dtype, symbol in SYMBOLS.items():
+        fn = getattr(lib, symbol, None) if lib is not None else None
+        if fn is None:
+            continue
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        fn.argtypes += [ctypes.c_int64, ctypes.c_void_p]
+        fn.restype = None
+        if _agrees(fn, dtype):
+            found[dtype] = fn
+        else:
+            log.warning("the blocked %s kernel disagrees with F.linear; not used", dtype)
+    return found
 
 
-def _agrees(kernel: Kernel) -> bool:
+def _agrees(kernel: Kernel, dtype: torch.dtype) -> bool:
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(37, 53, generator=g)
+    w = torch.randn(37, 53, generator=g).to(dtype)
     blocked = block(w)
     nblocks = int(blocked.blocks.shape[0])
     for rows in (1, 3, 8, 13):
         x = torch.randn(rows, 53, generator=g)
         y = torch.empty(rows, nblocks * BLOCK)
         kernel(x.data_ptr(), rows, 53, blocked.blocks.data_ptr(), nblocks, y.data_ptr())
-        if not torch.allclose(y[:, :37], F.linear(x, w), rtol=1e-4, atol=1e-4):
+        if not torch.allclose(y[:, :37], F.linear(x, w.float()), rtol=1e-4, atol=1e-4):
             return False
     return True
 
