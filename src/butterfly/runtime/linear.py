@@ -12,9 +12,9 @@ Every candidate computes the same product up to the rounding of the compute dtyp
 two nodes that chose differently still agree within the verification tolerance:
 - "plain": `F.linear` on the dense weight;
 - "packed": oneDNN's blocked layout, packed once (fp32, bf16, fp16);
-- "blocked": Butterfly's own compiled fp32 kernel on rows interleaved in blocks of 16
-  (runtime/native.py), where a C compiler is found; it streams the weights at the read
-  bandwidth on CPUs where neither of torch's does;
+- "blocked": Butterfly's own compiled kernel (fp32, and bf16 widened in registers) on
+  rows interleaved in blocks of 16 (runtime/native.py), where a C compiler is found; it
+  streams the weights at the read bandwidth on CPUs where neither of torch's does;
 - "int8mm": `torch._weight_int8pack_mm`, int8 weights with per-channel scales,
   activations in the compute dtype (weight-only quantization);
 - "int8_dequant": the int8 weight widened to the compute dtype at each call.
