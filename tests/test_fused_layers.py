@@ -12,6 +12,7 @@ import torch
 
 from butterfly.runtime import fused_layers, native
 from butterfly.runtime.llama import Block, LlamaArgs, LlamaStage
+from butterfly.runtime.precision import quantize_int8
 from butterfly.types.model import LayerRange
 
 pytestmark = pytest.mark.skipif(
@@ -230,3 +231,42 @@ def test_bf16_is_at_least_as_close_to_fp32_as_torchs_bf16_operations(calls: list
     assert calls == [6] + [1] * 8
     assert errors["fused"] <= errors["torch"] + 1e-3, errors
     assert errors["fused"] < 0.1, errors  # measured 0.065 against torch's 0.148
+
+
+def test_int8_matrices_with_bf16_compute_equal_the_same_weights_widened(calls: list[int]) -> None:
+    """model.quantization = "int8": the blocked int8 matrices (a quarter of fp32's bytes)
+    run compiled too, and compute what their dequantized fp32 values compute."""
+    if not native.available(torch.int8):
+        pytest.skip("no int8 blocked kernel here")
+    args = dataclasses.replace(BASE, n_kv_heads=2, dtype=torch.bfloat16, quantization="int8")
+    fused, _ = stages(dataclasses.replace(args, quantization="none"))
+    for blk in fused.blocks:  # the same matrices, quantized per output row
+        for name in ("wqkv", "wo", "w13", "w2"):
+            q, scales = quantize_int8(getattr(blk, name).dense())
+            object.__setattr__(blk, name, native.block_int8(q, scales.to(torch.bfloat16)))
+    int8 = LlamaStage(args, fused.layers, fused.blocks, None, None, None)
+    widened = [
+        dataclasses.replace(
+            blk,
+            **{n: native.block(getattr(blk, n).dense()) for n in ("wqkv", "wo", "w13", "w2")},
+            **{n: getattr(blk, n).float() for n in ("attn_norm", "mlp_norm")},
+        )
+        for blk in fused.blocks
+    ]
+    exact = LlamaStage(
+        dataclasses.replace(BASE, n_kv_heads=2), fused.layers, widened, None, None, None
+    )
+    exact._fused = None
+    g = torch.Generator().manual_seed(6)
+    caches = [int8.new_cache(), exact.new_cache()]
+    pos, worst = 0, 0.0
+    for x in [torch.randn(1, 5, BASE.dim, generator=g)] + [
+        torch.randn(1, 1, BASE.dim, generator=g) for _ in range(6)
+    ]:
+        x = x.bfloat16()
+        got = int8.forward(x, caches[0], pos)
+        want = exact.forward(x.float(), caches[1], pos)
+        worst = max(worst, float((got.float() - want).abs().max()))
+        pos += x.shape[1]
+    assert calls == [5] + [1] * 6
+    assert worst < 0.1, worst  # bf16 rounding of the output and the cache only

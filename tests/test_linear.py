@@ -63,7 +63,8 @@ def test_every_int8_kernel_equals_its_dequantized_weight(kernel: str, dtype: tor
     g = torch.Generator().manual_seed(2)
     w = torch.randn(1024, 512, generator=g) / 16
     built = lin.build(kernel, w, Precision(dtype, "int8"))
-    assert isinstance(built, lin.Int8Weight) and built.q.dtype == torch.int8
+    assert isinstance(built, (lin.Int8Weight, native.BlockedWeight))
+    assert (built.q if isinstance(built, lin.Int8Weight) else built.blocks).dtype == torch.int8
     esize = torch.empty((), dtype=dtype).element_size()
     assert lin.weight_bytes(built) == 1024 * 512 + 1024 * esize
     ref = built.dense()

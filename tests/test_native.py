@@ -21,12 +21,13 @@ needs_compiler = pytest.mark.skipif(
 
 
 @needs_compiler
-def test_built_and_offered_as_an_fp32_and_bf16_candidate() -> None:
+def test_built_and_offered_for_fp32_bf16_and_int8_weights() -> None:
     assert native.available()
     assert "blocked" in lin.candidates(FP32)
     assert "blocked" in lin.candidates(Precision(torch.bfloat16))
     assert "blocked" not in lin.candidates(Precision(torch.float16))
-    assert "blocked" not in lin.candidates(Precision(torch.float32, "int8"))
+    assert "blocked" in lin.candidates(Precision(torch.float32, "int8"))
+    assert "blocked" in lin.candidates(Precision(torch.bfloat16, "int8"))
 
 
 @needs_compiler

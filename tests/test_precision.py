@@ -16,6 +16,7 @@ from butterfly.config.validate import estimate_model_bytes
 from butterfly.runtime.linear import Int8Weight
 from butterfly.runtime.llama import stage_bytes
 from butterfly.runtime.loader import layer_infos, load_stage
+from butterfly.runtime.native import BlockedWeight
 from butterfly.runtime.precision import Precision
 from butterfly.types.errors import UnsupportedPrecision
 
@@ -85,7 +86,8 @@ def test_a_bf16_stage_holds_bf16_and_an_int8_stage_int8(tiny_model: Path) -> Non
     assert stage.new_cache().dtype == torch.bfloat16
     stage = load_stage(tiny_model, precision=BF16_INT8)
     for w in (stage.blocks[0].wqkv, stage.blocks[0].wo, stage.blocks[0].w13, stage.blocks[0].w2):
-        assert isinstance(w, Int8Weight) and w.q.dtype == torch.int8
+        assert isinstance(w, (Int8Weight, BlockedWeight)) and w.scales is not None
+        assert (w.q if isinstance(w, Int8Weight) else w.blocks).dtype == torch.int8
         assert w.scales.dtype == torch.bfloat16
     assert stage.embed.dtype == torch.bfloat16  # embeddings are looked up, not multiplied
 

@@ -3,8 +3,9 @@
  * weight as one sequential stream, 64 bytes (one cache line) per input position.
  * See runtime/native.py for why this exists and how it is built.
  *
- * The weight may also be bf16 (`_bf16`): widened to fp32 as it is loaded, so the stream
- * is half the bytes and the arithmetic the same.
+ * The weight may also be bf16 (`_bf16`) or int8 (`_i8`, the caller applying each output
+ * row's scale): widened to fp32 as it is loaded, so the stream is a half or a quarter of
+ * the bytes and the arithmetic the same.
  *
  * GCC's vector extensions, not intrinsics: compiled with -march=native on the machine
  * that runs it, the same source becomes AVX-512, AVX2 or SSE code. The OpenMP loop runs
@@ -29,6 +30,28 @@ static inline v16 ld_bf16(const uint16_t *p) {
     memcpy(&v, &u, sizeof v);
     return v;
 }
+
+/* 16 int8 weights widened to fp32; the row's scale is applied to the sum */
+#ifdef __AVX512F__
+#include <immintrin.h>
+/* GCC 12 turns the portable form below into 16 scalar loads and sign extensions */
+static inline v16 ld_i8(const int8_t *p) {
+    __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+    v16 v;
+    memcpy(&v, &f, sizeof v);
+    return v;
+}
+#else
+typedef int8_t c16 __attribute__((vector_size(16)));
+typedef int16_t s16x16 __attribute__((vector_size(32)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+static inline v16 ld_i8(const int8_t *p) {
+    c16 c;
+    memcpy(&c, p, sizeof c);
+    s16x16 h = __builtin_convertvector(c, s16x16); /* one width at a time, as above */
+    return __builtin_convertvector(__builtin_convertvector(h, i32x16), v16);
+}
+#endif
 
 /* R rows (R fixed, so the accumulators stay in registers) against one block: each
  * 16-wide slice of the weight is loaded once for all R rows. */
@@ -79,6 +102,7 @@ static inline v16 ld_bf16(const uint16_t *p) {
     }
 KERNELS(, float, ld)
 KERNELS(_bf16, uint16_t, ld_bf16)
+KERNELS(_i8, int8_t, ld_i8)
 
 /* x [M, K] row-major, w [NB][K][16], y [M, NB * 16] row-major. Blocks are shared out
  * among the threads; each block is read from memory once and reused from the cache for
@@ -96,3 +120,4 @@ KERNELS(_bf16, uint16_t, ld_bf16)
     }
 PRODUCT(butterfly_blocked_linear_f32, , float)
 PRODUCT(butterfly_blocked_linear_bf16, _bf16, uint16_t)
+PRODUCT(butterfly_blocked_linear_i8, _i8, int8_t) /* sums before the rows' scales */

@@ -10,8 +10,8 @@ team. On a machine where several stages share the cores, each of those wakes is 
 chance to wait for a core. The compiled call runs every layer of the stage in one
 parallel region.
 
-When it runs (`plan`, `fits`): fp32 or bf16 (not int8), every matrix of the stage
-blocked, an activation it
+When it runs (`plan`, `fits`): fp32 or bf16 compute, with matrices in it or int8 ones
+(model.quantization), every matrix of the stage blocked, an activation it
 knows, at most `MAX_ROWS` rows (decode batches, speculative verification, prompt chunks)
 and caches of batch 1. Anything else takes llama.py's torch operations, which stay the
 reference: tests/test_fused_layers.py holds the two equal on every variant the family
@@ -41,7 +41,8 @@ if TYPE_CHECKING:
     from butterfly.runtime.llama import Block, LlamaArgs
 
 MAX_ROWS = 64
-DTYPES = (torch.float32, torch.bfloat16)
+DTYPES = (torch.float32, torch.bfloat16)  # the compute dtype
+WEIGHT_TYPES = (torch.float32, torch.bfloat16, torch.int8)  # the matrices', as in the C
 ACTIVATIONS = {"silu": 0, "swish": 0, "gelu": 1, "gelu_new": 2, "gelu_pytorch_tanh": 2, "relu": 3}
 
 
@@ -50,17 +51,19 @@ class FusedLayers:
     """What the compiled call needs that does not change between steps: each layer's
     tensor addresses, and the tensors themselves, kept alive while the table is."""
 
-    table: torch.Tensor  # [L, 12] int64 addresses, 0 for an absent tensor
+    table: torch.Tensor  # [L, 16] int64 addresses, 0 for an absent tensor
     tensors: tuple[torch.Tensor, ...]
     args: LlamaArgs
     function: Any  # the library's butterfly_llama_layers_f32
+    weight_type: int  # of the four matrices: WEIGHT_TYPES in llama_layers.c's order
 
 
 def plan(args: LlamaArgs, blocks: Sequence[Block]) -> FusedLayers | None:
     """The stage's table, or None where the compiled call does not apply."""
     if args.dtype not in DTYPES or args.activation not in ACTIVATIONS or not blocks:
         return None
-    if args.quantization != "none" or not native.available(args.dtype):
+    weights = torch.int8 if args.quantization == "int8" else args.dtype
+    if not (native.available(args.dtype) and native.available(weights)):
         return None
     if args.head_dim % 2 or args.n_heads % args.n_kv_heads:
         return None
@@ -83,19 +86,21 @@ def plan(args: LlamaArgs, blocks: Sequence[Block]) -> FusedLayers | None:
     rows = []
     for blk in blocks:
         matrices = (blk.wqkv, blk.wo, blk.w13, blk.w2)
-        if not all(isinstance(w, BlockedWeight) and w.dtype == args.dtype for w in matrices):
+        if not all(isinstance(w, BlockedWeight) and w.dtype == weights for w in matrices):
             return None
         both = blk.q_norm is not None and blk.k_norm is not None  # as llama.py: both or none
         qk = (blk.q_norm, blk.k_norm) if both else (None, None)
         order = (blk.attn_norm, blk.wqkv, blk.bqkv, blk.wo, blk.bo, blk.mlp_norm, blk.w13)
-        rows.append([address(t) for t in (*order, blk.b13, blk.w2, blk.b2, *qk)])
+        scales = [m.scales if isinstance(m, BlockedWeight) else None for m in matrices]
+        rows.append([address(t) for t in (*order, blk.b13, blk.w2, blk.b2, *qk, *scales)])
     function = lib.butterfly_llama_layers_f32
     function.restype = ctypes.c_int
     function.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p]
     function.argtypes += [*[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_int64]
     function.argtypes += [*[ctypes.c_void_p] * 5, ctypes.c_float, ctypes.c_int64]
-    function.argtypes += [ctypes.c_void_p, ctypes.c_int64]
-    return FusedLayers(torch.tensor(rows, dtype=torch.int64), tuple(kept), args, function)
+    function.argtypes += [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+    table = torch.tensor(rows, dtype=torch.int64)
+    return FusedLayers(table, tuple(kept), args, function, WEIGHT_TYPES.index(weights))
 
 
 def fits(fused: FusedLayers, rows: int, caches: Sequence[KVCache]) -> bool:
@@ -156,7 +161,7 @@ def run(
         pointers.data_ptr(), len(caches), capacity.data_ptr(),
         entry.data_ptr(), where.data_ptr(), cos_rows.data_ptr(), sin_rows.data_ptr(),
         a.norm_eps, ACTIVATIONS[a.activation], kept.data_ptr() if kept is not None else None,
-        a.dtype == torch.bfloat16,
+        a.dtype == torch.bfloat16, fused.weight_type,
     )  # fmt: skip
     if status != 0:
         raise MemoryError("no memory for the fused layers' scratch buffers")

@@ -12,7 +12,7 @@ Every candidate computes the same product up to the rounding of the compute dtyp
 two nodes that chose differently still agree within the verification tolerance:
 - "plain": `F.linear` on the dense weight;
 - "packed": oneDNN's blocked layout, packed once (fp32, bf16, fp16);
-- "blocked": Butterfly's own compiled kernel (fp32, and bf16 widened in registers) on
+- "blocked": Butterfly's own compiled kernel (fp32; bf16 and int8 widened in registers) on
   rows interleaved in blocks of 16 (runtime/native.py), where a C compiler is found; it
   streams the weights at the read bandwidth on CPUs where neither of torch's does;
 - "int8mm": `torch._weight_int8pack_mm`, int8 weights with per-channel scales,
@@ -148,7 +148,9 @@ def packing_available() -> bool:
 
 def candidates(precision: Precision) -> tuple[str, ...]:
     if precision.quantization == "int8":
-        return ("int8mm", "int8_dequant") if int8_weight_kernel_available() else ("int8_dequant",)
+        int8: tuple[str, ...] = ("int8mm",) if int8_weight_kernel_available() else ()
+        int8 += ("int8_dequant",)
+        return (*int8, "blocked") if native.available(torch.int8) else int8
     kernels: tuple[str, ...] = ("plain", "packed") if packing_available() else ("plain",)
     if native.available(precision.dtype):  # fp32 and bf16
         kernels += ("blocked",)
@@ -163,6 +165,9 @@ def build(kernel: str, weight: torch.Tensor, precision: Precision) -> Weight:
     if kernel == "packed":
         packed: torch.Tensor = torch.ops.mkldnn._reorder_linear_weight(dense)
         return packed
+    if kernel == "blocked" and precision.quantization == "int8":
+        q, scales = quantize_int8(weight)
+        return native.block_int8(q, scales.to(precision.dtype))
     if kernel == "blocked":
         return native.block(dense)
     if kernel in ("int8mm", "int8_dequant"):
@@ -272,7 +277,7 @@ def _copy(weight: Weight) -> Weight:
         return Int8Weight(weight.q.clone(), weight.scales.clone(), weight.kernel)
     if isinstance(weight, BlockedWeight):  # on huge pages, as the weight it times
         blocks = native.empty_on_huge_pages(tuple(weight.blocks.shape), weight.blocks.dtype)
-        return BlockedWeight(blocks.copy_(weight.blocks), weight.out_features)
+        return BlockedWeight(blocks.copy_(weight.blocks), weight.out_features, weight.scales)
     return weight.clone()
 
 
@@ -341,5 +346,7 @@ def weight_bytes(weight: Weight) -> int:
     if isinstance(weight, Int8Weight):
         return weight.q.numel() + weight.scales.numel() * weight.scales.element_size()
     if isinstance(weight, BlockedWeight):
-        return weight.blocks.numel() * weight.blocks.element_size()
+        scales = weight.scales
+        held = 0 if scales is None else scales.numel() * scales.element_size()
+        return held + weight.blocks.numel() * weight.blocks.element_size()
     return weight.numel() * weight.element_size()

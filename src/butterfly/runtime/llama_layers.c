@@ -29,8 +29,12 @@ void butterfly_blocked_tile(int n, const float *x, int64_t ldx, const float *p, 
                             float *y, int64_t ldy);
 void butterfly_blocked_tile_bf16(int n, const float *x, int64_t ldx, const uint16_t *p,
                                  int64_t K, float *y, int64_t ldy);
+void butterfly_blocked_tile_i8(int n, const float *x, int64_t ldx, const int8_t *p,
+                               int64_t K, float *y, int64_t ldy);
 
-enum { ATTN_NORM, WQKV, BQKV, WO, BO, MLP_NORM, W13, B13, W2, B2, Q_NORM, K_NORM, NPTR };
+enum { ATTN_NORM, WQKV, BQKV, WO, BO, MLP_NORM, W13, B13, W2, B2, Q_NORM, K_NORM,
+       SQKV, SO, S13, S2, NPTR }; /* S*: int8 matrices' per-row scales (fp32), else 0 */
+enum { F32, BF16, I8 }; /* a matrix's element type */
 enum { SILU, GELU, GELU_TANH, RELU };
 
 static inline v16 ld(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
@@ -95,11 +99,12 @@ static float activate(int64_t kind, float x) {
     }
 }
 
-/* y[M, N] = x[M, K] @ W^T + bias, or y += that with `accumulate` (a residual); W fp32,
- * or bf16 with `bf16`. Must be reached by every thread of the team: the blocks are
- * shared out among them. */
-static void product(const float *x, int64_t M, int64_t K, const void *w, int bf16,
-                    int64_t N, const float *bias, float *y, int accumulate) {
+/* y[M, N] = x[M, K] @ W^T + bias, or y += that with `accumulate` (a residual); W of
+ * element type `type`, an int8 one times its rows' `scale`. Must be reached by every
+ * thread of the team: the blocks are shared out among them. */
+static void product(const float *x, int64_t M, int64_t K, const void *w, int type,
+                    const float *scale, int64_t N, const float *bias, float *y,
+                    int accumulate) {
     const int64_t NB = (N + 15) / 16;
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < NB; b++) {
@@ -107,12 +112,18 @@ static void product(const float *x, int64_t M, int64_t K, const void *w, int bf1
         int64_t cols = N - b * 16 < 16 ? N - b * 16 : 16;
         for (int64_t m = 0; m < M; m += 8) {
             int n = M - m < 8 ? (int)(M - m) : 8;
-            if (bf16)
+            if (type == BF16)
                 butterfly_blocked_tile_bf16(n, x + m * K, K, (const uint16_t *)w + b * K * 16,
                                             K, tmp, 16);
+            else if (type == I8)
+                butterfly_blocked_tile_i8(n, x + m * K, K, (const int8_t *)w + b * K * 16, K,
+                                          tmp, 16);
             else
                 butterfly_blocked_tile(n, x + m * K, K, (const float *)w + b * K * 16, K, tmp,
                                        16);
+            if (scale)
+                for (int r = 0; r < n; r++)
+                    for (int64_t c = 0; c < cols; c++) tmp[r * 16 + c] *= scale[b * 16 + c];
             for (int r = 0; r < n; r++) {
                 float *out = y + (m + r) * N + b * 16;
                 for (int64_t c = 0; c < cols; c++) {
@@ -168,15 +179,16 @@ static void store(void *cache, int bf16, int64_t at, const float *x, int64_t Dh)
  * (0 for an absent bias or q/k norm; norms and biases fp32, the four matrices blocked);
  * caches [L][E][2] the key and value tensors of each entry, [H_kv, capacity[e], Dh]
  * each; cos, sin [M][Dh] the rows' rotations; trace [L][M][D] receives h after each
- * layer when not NULL. With `bf16`, the matrices and the caches are bf16: the
- * arithmetic stays fp32, keys and values are rounded to bf16 as they are cached.
+ * layer when not NULL. With `bf16` the caches are bf16 (keys and values rounded as they
+ * are cached); `wtype` is the matrices' element type (F32, BF16, or I8 with scales). The
+ * arithmetic stays fp32.
  * Returns 0, or -1 if scratch memory could not be had (h untouched). */
 int butterfly_llama_layers_f32(float *h, int64_t M, int64_t D, int64_t L, const int64_t *layers,
                                int64_t H, int64_t Hkv, int64_t Dh, int64_t I,
                                const int64_t *caches, int64_t E, const int64_t *capacity,
                                const int64_t *entry, const int64_t *pos, const float *cos,
                                const float *sin, float eps, int64_t act, float *trace,
-                               int64_t bf16) {
+                               int64_t bf16, int64_t wtype) {
     const int64_t Nqkv = (H + 2 * Hkv) * Dh, group = H / Hkv;
     int64_t longest = 0;
     for (int64_t m = 0; m < M; m++)
@@ -198,7 +210,7 @@ int butterfly_llama_layers_f32(float *h, int64_t M, int64_t D, int64_t L, const 
 #define CACHE(e, kv) ((void *)(intptr_t)caches[(l * E + (e)) * 2 + (kv)])
 #pragma omp for schedule(static)
                 for (int64_t m = 0; m < M; m++) rms_norm(h + m * D, T(ATTN_NORM), D, eps, a + m * D);
-                product(a, M, D, W(WQKV), bf16, Nqkv, T(BQKV), qkv, 0);
+                product(a, M, D, W(WQKV), (int)wtype, T(SQKV), Nqkv, T(BQKV), qkv, 0);
 #pragma omp for schedule(static)
                 for (int64_t j = 0; j < M * (H + Hkv); j++) { /* each q and k head */
                     int64_t m = j / (H + Hkv), head = j % (H + Hkv);
@@ -222,16 +234,16 @@ int butterfly_llama_layers_f32(float *h, int64_t M, int64_t D, int64_t L, const 
                            (char *)CACHE(e, 1) + at * size, bf16, pos[m], Dh, mine,
                            att + m * H * Dh + head * Dh);
                 }
-                product(att, M, H * Dh, W(WO), bf16, D, T(BO), h, 1);
+                product(att, M, H * Dh, W(WO), (int)wtype, T(SO), D, T(BO), h, 1);
 #pragma omp for schedule(static)
                 for (int64_t m = 0; m < M; m++) rms_norm(h + m * D, T(MLP_NORM), D, eps, a + m * D);
-                product(a, M, D, W(W13), bf16, 2 * I, T(B13), mid, 0);
+                product(a, M, D, W(W13), (int)wtype, T(S13), 2 * I, T(B13), mid, 0);
 #pragma omp for schedule(static)
                 for (int64_t j = 0; j < M * I; j++) {
                     int64_t m = j / I, i = j % I;
                     gated[j] = activate(act, mid[m * 2 * I + i]) * mid[m * 2 * I + I + i];
                 }
-                product(gated, M, I, W(W2), bf16, D, T(B2), h, 1);
+                product(gated, M, I, W(W2), (int)wtype, T(S2), D, T(B2), h, 1);
                 if (trace) {
 #pragma omp for schedule(static)
                     for (int64_t m = 0; m < M; m++)

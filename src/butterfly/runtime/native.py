@@ -53,6 +53,7 @@ SOURCES = tuple(Path(__file__).with_name(n) for n in ("blocked_linear.c", "llama
 SYMBOLS = {
     torch.float32: "butterfly_blocked_linear_f32",
     torch.bfloat16: "butterfly_blocked_linear_bf16",  # bf16 weights, fp32 rows and sums
+    torch.int8: "butterfly_blocked_linear_i8",  # int8 weights, sums before the scales
 }
 LAYERS_SYMBOL = "butterfly_llama_layers_f32"
 BLOCK = 16  # output rows per block: one 64-byte vector of fp32
@@ -66,10 +67,19 @@ Kernel = Callable[[int, int, int, int, int, int], None]  # x, M, K, w, NB, y
 @dataclass(frozen=True)
 class BlockedWeight:
     """A weight [out, in] as `blocks` [ceil(out / 16), in, 16], zero rows padding the
-    last block."""
+    last block: fp32 or bf16, or int8 with a scale per output row (`scales` [out], in the
+    compute dtype, as runtime/linear.py's Int8Weight)."""
 
     blocks: torch.Tensor
     out_features: int
+    scales: torch.Tensor | None = None
+
+    def dense(self) -> torch.Tensor:
+        """The fp32 matrix [out, in] this weight computes with."""
+        nblocks, width = int(self.blocks.shape[0]), int(self.blocks.shape[1])
+        rows = self.blocks.transpose(1, 2).reshape(nblocks * BLOCK, width).float()
+        rows = rows[: self.out_features]
+        return rows if self.scales is None else rows * self.scales.float()[:, None]
 
     @property
     def shape(self) -> torch.Size:
@@ -92,6 +102,17 @@ def block(weight: torch.Tensor) -> BlockedWeight:
     blocks = empty_on_huge_pages((padded // BLOCK, width, BLOCK), dtype)
     blocks.copy_(dense.reshape(padded // BLOCK, BLOCK, width).transpose(1, 2))
     return BlockedWeight(blocks, out)
+
+
+def block_int8(q: torch.Tensor, scales: torch.Tensor) -> BlockedWeight:
+    """Int8 weights `q` [out, in] with their rows' `scales`, in the blocked layout: a
+    quarter of fp32's bytes to stream, widened in registers and scaled per output."""
+    out, width = int(q.shape[0]), int(q.shape[1])
+    padded = -(-out // BLOCK) * BLOCK
+    dense = F.pad(q, (0, 0, 0, padded - out)) if padded != out else q
+    blocks = empty_on_huge_pages((padded // BLOCK, width, BLOCK), torch.int8)
+    blocks.copy_(dense.reshape(padded // BLOCK, BLOCK, width).transpose(1, 2))
+    return BlockedWeight(blocks, out, scales.contiguous())
 
 
 def empty_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -121,13 +142,15 @@ def empty_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype = torch.float
 def blocked_linear(
     x: torch.Tensor, weight: BlockedWeight, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """`F.linear(x, W, bias)` for x [..., in] of the weight's dtype. A bf16 product is
-    summed in fp32 and rounded once, bias included, as torch's bf16 `F.linear` does."""
+    """`F.linear(x, W, bias)` for x [..., in] of the weight's dtype (of its scales' for
+    int8). A bf16 product is summed in fp32 and rounded once, bias included, as torch's
+    bf16 `F.linear` does."""
     kernel = _kernels().get(weight.dtype)
     if kernel is None:
         raise RuntimeError(f"the blocked {weight.dtype} kernel is not available in this process")
     width = int(weight.blocks.shape[1])
-    if x.dtype != weight.dtype or x.shape[-1] != width:
+    compute = weight.scales.dtype if weight.scales is not None else weight.dtype
+    if x.dtype != compute or x.shape[-1] != width:
         raise ValueError(
             f"blocked product of {tuple(x.shape)} {x.dtype} by [*, {width}] {weight.dtype}"
         )
@@ -139,13 +162,15 @@ def blocked_linear(
         kernel(rows.data_ptr(), count, width, weight.blocks.data_ptr(), nblocks, y.data_ptr())
     if nblocks * BLOCK != weight.out_features:
         y = y[:, : weight.out_features]
+    if weight.scales is not None:
+        y = y * weight.scales.to(torch.float32)
     if bias is not None:
         y = y + bias.to(torch.float32)
     return y.to(x.dtype).reshape(*x.shape[:-1], weight.out_features)
 
 
 def available(dtype: torch.dtype = torch.float32) -> bool:
-    """Whether the kernel for `dtype` weights (fp32 or bf16) was built (or found built),
+    """Whether the kernel for `dtype` weights (fp32, bf16 or int8) was built (or found built),
     loaded and checked in this process."""
     return dtype in _kernels()
 
@@ -188,8 +213,12 @@ def _kernels() -> dict[torch.dtype, Kernel]:
 
 def _agrees(kernel: Kernel, dtype: torch.dtype) -> bool:
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(37, 53, generator=g).to(dtype)
-    blocked = block(w)
+    if dtype == torch.int8:
+        w = torch.randint(-127, 128, (37, 53), generator=g, dtype=torch.int8)
+        blocked = block_int8(w, torch.ones(37))
+    else:
+        w = torch.randn(37, 53, generator=g).to(dtype)
+        blocked = block(w)
     nblocks = int(blocked.blocks.shape[0])
     for rows in (1, 3, 8, 13):
         x = torch.randn(rows, 53, generator=g)
