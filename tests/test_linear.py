@@ -213,9 +213,10 @@ def test_candidates_are_timed_on_weights_read_from_memory() -> None:
     """Each timed product reads another copy, together past the last-level cache: timed
     on one hot copy, a bf16 matrix that fit in the L3 picked the kernel slower from
     memory. The copies equal the weight and share none of its memory."""
-    small = torch.randn(512, 512)  # 1 MiB: 16 copies, the cap
+    small = torch.randn(512, 512)  # 1 MiB: 64 copies
     copies = lin.cold_copies(small)
-    assert len(copies) == lin.MAX_COPIES
+    assert len(copies) == lin.COLD_BYTES // (1 << 20)
+    assert len(lin.cold_copies(torch.randn(8, 8))) == lin.MAX_COPIES  # the cap
     assert len({c.data_ptr() for c in copies}) == len(copies)  # type: ignore[union-attr]
     assert all(torch.equal(c, small) for c in copies)  # type: ignore[arg-type]
     large = torch.randn(40 << 18)  # 40 MiB: 2 copies reach COLD_BYTES

@@ -144,3 +144,13 @@ def test_bf16_weights_equal_torchs_bf16_product(rows: int) -> None:
     exact = F.linear(x.float(), w.float(), bias.float())
     torch.testing.assert_close(got.float(), exact, rtol=8e-3, atol=8e-3)
     torch.testing.assert_close(got, F.linear(x, w, bias), rtol=1.6e-2, atol=1.6e-2)
+
+
+@needs_compiler
+def test_a_padded_blocked_weight_counts_its_rows_not_its_padding() -> None:
+    """Placement and validation count [out, in] (layer_infos); the zeros padding the
+    last block of 16 are not the model's bytes."""
+    for weight in (torch.randn(100, 96), torch.randn(100, 96).bfloat16()):
+        blocked = native.block(weight)
+        assert blocked.blocks.shape[0] * native.BLOCK == 112
+        assert lin.weight_bytes(blocked) == 100 * 96 * weight.element_size()

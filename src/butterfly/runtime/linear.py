@@ -86,7 +86,7 @@ CALLS = 4  # products per round
 # bytes of copies a candidate is timed over: twice the 32 MiB L3 of the AMD EPYC this was
 # measured on, so the weight comes from memory wherever the L3 is no larger
 COLD_BYTES = 64 << 20
-MAX_COPIES = 16
+MAX_COPIES = 128  # a [768, 768] int8 weight needs 107
 
 
 @dataclass(frozen=True)
@@ -266,7 +266,8 @@ def time_decode(built: dict[str, Weight], precision: Precision) -> dict[str, flo
 
 def cold_copies(weight: Weight) -> list[Weight]:
     """`weight` and copies of it, together at least `COLD_BYTES` (at most `MAX_COPIES`):
-    cycled through, each product reads its weight from memory."""
+    cycled through, each product reads its weight from memory. They are dropped once
+    the shape is timed; while it is, a candidate holds up to `COLD_BYTES` more."""
     size = weight_bytes(weight)
     count = min(MAX_COPIES, -(-COLD_BYTES // max(size, 1)))
     return [weight, *(_copy(weight) for _ in range(count - 1))]
@@ -345,8 +346,9 @@ def weight_bytes(weight: Weight) -> int:
     """Bytes a weight holds resident (what placement and config validation count)."""
     if isinstance(weight, Int8Weight):
         return weight.q.numel() + weight.scales.numel() * weight.scales.element_size()
-    if isinstance(weight, BlockedWeight):
+    if isinstance(weight, BlockedWeight):  # its rows, not the zeros padding its last block
         scales = weight.scales
         held = 0 if scales is None else scales.numel() * scales.element_size()
-        return held + weight.blocks.numel() * weight.blocks.element_size()
+        rows = weight.out_features * int(weight.blocks.shape[1])
+        return held + rows * weight.blocks.element_size()
     return weight.numel() * weight.element_size()
