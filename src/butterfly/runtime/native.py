@@ -58,7 +58,7 @@ SYMBOLS = {
 LAYERS_SYMBOL = "butterfly_llama_layers_f32"
 BLOCK = 16  # output rows per block: one 64-byte vector of fp32
 HUGE_PAGE = 2 << 20
-COMPILE_FLAGS = ("-O3", "-march=native", "-fPIC", "-fopenmp", "-std=c11")
+COMPILE_FLAGS = ("-O3", "-march=native", "-fPIC", "-fopenmp", "-std=c11", "-ffp-contract=fast")
 COMPILE_TIMEOUT_S = 120
 
 Kernel = Callable[[int, int, int, int, int, int], None]  # x, M, K, w, NB, y
