@@ -93,7 +93,7 @@ def plan(args: LlamaArgs, blocks: Sequence[Block]) -> FusedLayers | None:
         order = (blk.attn_norm, blk.wqkv, blk.bqkv, blk.wo, blk.bo, blk.mlp_norm, blk.w13)
         scales = [m.scales if isinstance(m, BlockedWeight) else None for m in matrices]
         rows.append([address(t) for t in (*order, blk.b13, blk.w2, blk.b2, *qk, *scales)])
-    function = lib.butterfly_llama_layers_f32
+    function = getattr(lib, native.LAYERS_SYMBOL)
     function.restype = ctypes.c_int
     function.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p]
     function.argtypes += [*[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_int64]

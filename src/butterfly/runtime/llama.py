@@ -13,6 +13,7 @@ silently differ from transformers' is not served.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -252,8 +253,12 @@ class LlamaStage:
         self._inv_freq, self._rope_scale = inv_frequencies(args)
         self._act = ACTIVATIONS[args.activation]
         self._cos = self._sin = torch.empty(0, args.head_dim)
-        # the compiled layers' table, planned at the first step (False: not yet)
-        self._fused: fused_layers.FusedLayers | bool | None = False
+
+    @functools.cached_property
+    def _fused(self) -> fused_layers.FusedLayers | None:
+        """The compiled layers' table, planned at the first step; None where they do not
+        apply (and what a caller sets to keep this stage on torch's operations)."""
+        return fused_layers.plan(self.args, self.blocks)
 
     @property
     def is_first(self) -> bool:
@@ -308,9 +313,7 @@ class LlamaStage:
         rope = [self._rope(start, length) for start in starts]  # each [T, Dh]
         eps = self.args.norm_eps
         if self._fused_fits(h.shape[0] * length, caches):
-            entries = [b for b in range(len(starts)) for _ in range(length)]
-            positions = [start + t for start in starts for t in range(length)]
-            h = self._run_fused(h, caches, entries, positions, trace)
+            h = self._run_fused(h, caches, starts, [length] * len(starts), trace)
         else:
             cos = torch.stack([c for c, _ in rope]).unsqueeze(1)  # [B, 1, T, Dh]
             sin = torch.stack([s for _, s in rope]).unsqueeze(1)
@@ -357,9 +360,7 @@ class LlamaStage:
         rope = [self._rope(start, length) for start, length in zip(starts, lengths, strict=True)]
         eps = self.args.norm_eps
         if self._fused_fits(sum(lengths), caches):
-            entries = [e for e, n in enumerate(lengths) for _ in range(n)]
-            positions = [s + t for s, n in zip(starts, lengths, strict=True) for t in range(n)]
-            h = self._run_fused(h, caches, entries, positions, trace)
+            h = self._run_fused(h, caches, starts, lengths, trace)
         else:
             cos = torch.cat([c for c, _ in rope])[:, None, :]  # [N, 1, Dh]
             sin = torch.cat([s for _, s in rope])[:, None, :]
@@ -379,23 +380,22 @@ class LlamaStage:
         return linear(rms_norm(h, self.norm, eps), self.head)  # type: ignore[arg-type]
 
     def _fused_fits(self, rows: int, caches: Sequence[KVCache]) -> bool:
-        if self._fused is False:
-            self._fused = fused_layers.plan(self.args, self.blocks)
         fused = self._fused
-        if not isinstance(fused, fused_layers.FusedLayers):
-            return False
-        return fused_layers.fits(fused, rows, caches)
+        return fused is not None and fused_layers.fits(fused, rows, caches)
 
     def _run_fused(
         self,
         h: torch.Tensor,
         caches: Sequence[KVCache],
-        entries: list[int],
-        positions: list[int],
+        starts: Sequence[int],
+        lengths: Sequence[int],
         trace: list[torch.Tensor] | None,
     ) -> torch.Tensor:
-        """`h` [B, T, D] through every layer in one compiled call (runtime/fused_layers.py)."""
-        assert isinstance(self._fused, fused_layers.FusedLayers)
+        """`h` [B, T, D] (or [1, N, D] packed) through every layer in one compiled call
+        (runtime/fused_layers.py): entry i's `lengths[i]` rows from `starts[i]`, in order."""
+        assert self._fused is not None
+        entries = [e for e, n in enumerate(lengths) for _ in range(n)]
+        positions = [s + t for s, n in zip(starts, lengths, strict=True) for t in range(n)]
         layers: list[torch.Tensor] | None = [] if trace is not None else None
         cos, sin = self._cos, self._sin
         out = fused_layers.run(self._fused, h, caches, entries, positions, cos, sin, layers)

@@ -13,8 +13,9 @@ position by position (`block`), so a product reads it as a single sequential str
 cache line per input position, and keeps 16 outputs in one vector register.
 
 It is one more candidate of runtime/linear.py, timed against the others at load, never
-chosen by name: on a CPU where MKL or oneDNN is faster, they win. A bf16 weight is held
-blocked in bf16 and widened to fp32 as it is loaded: half the bytes, the same sums.
+chosen by name: on a CPU where MKL or oneDNN is faster, they win. A bf16 or int8 weight
+is held blocked in its own type and widened to fp32 as it is loaded: a half or a quarter
+of the bytes, the same sums (int8 times each output row's scale).
 
 Built with the system C compiler (`cc`, or `$CC`) at `-O3 -march=native` into a cache
 directory keyed by the source, the flags and the CPU's flags, so a machine that changes
@@ -94,25 +95,24 @@ def block(weight: torch.Tensor) -> BlockedWeight:
     """`weight` [out, in] in the blocked layout, bf16 if it is bf16 and fp32 otherwise,
     on huge pages where the kernel grants them (`empty_on_huge_pages`)."""
     dtype = torch.bfloat16 if weight.dtype == torch.bfloat16 else torch.float32
-    out, width = int(weight.shape[0]), int(weight.shape[1])
-    padded = -(-out // BLOCK) * BLOCK
-    dense = weight.to(dtype)
-    if padded != out:
-        dense = F.pad(dense, (0, 0, 0, padded - out))
-    blocks = empty_on_huge_pages((padded // BLOCK, width, BLOCK), dtype)
-    blocks.copy_(dense.reshape(padded // BLOCK, BLOCK, width).transpose(1, 2))
-    return BlockedWeight(blocks, out)
+    return BlockedWeight(_blocks(weight.to(dtype)), int(weight.shape[0]))
 
 
 def block_int8(q: torch.Tensor, scales: torch.Tensor) -> BlockedWeight:
     """Int8 weights `q` [out, in] with their rows' `scales`, in the blocked layout: a
     quarter of fp32's bytes to stream, widened in registers and scaled per output."""
-    out, width = int(q.shape[0]), int(q.shape[1])
+    return BlockedWeight(_blocks(q), int(q.shape[0]), scales.contiguous())
+
+
+def _blocks(dense: torch.Tensor) -> torch.Tensor:
+    """[out, in] as [ceil(out / 16), in, 16] in its own dtype, zero rows padding the last
+    block, on huge pages."""
+    out, width = int(dense.shape[0]), int(dense.shape[1])
     padded = -(-out // BLOCK) * BLOCK
-    dense = F.pad(q, (0, 0, 0, padded - out)) if padded != out else q
-    blocks = empty_on_huge_pages((padded // BLOCK, width, BLOCK), torch.int8)
-    blocks.copy_(dense.reshape(padded // BLOCK, BLOCK, width).transpose(1, 2))
-    return BlockedWeight(blocks, out, scales.contiguous())
+    if padded != out:
+        dense = F.pad(dense, (0, 0, 0, padded - out))
+    blocks = empty_on_huge_pages((padded // BLOCK, width, BLOCK), dense.dtype)
+    return blocks.copy_(dense.reshape(padded // BLOCK, BLOCK, width).transpose(1, 2))
 
 
 def empty_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
