@@ -76,15 +76,15 @@ def stages(args: LlamaArgs, seed: int = 0) -> tuple[LlamaStage, LlamaStage]:
 
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
-    """Rows of each compiled call made."""
+    """Rows of each compiled call a step made (not the check when planned)."""
     made: list[int] = []
-    real = fused_layers.run
+    real = LlamaStage._run_fused
 
-    def counted(fused: fused_layers.FusedLayers, h: torch.Tensor, *rest: object) -> torch.Tensor:
+    def counted(stage: LlamaStage, h: torch.Tensor, *rest: object) -> torch.Tensor:
         made.append(h.shape[0] * h.shape[1])
-        return real(fused, h, *rest)  # type: ignore[arg-type]
+        return real(stage, h, *rest)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(fused_layers, "run", counted)
+    monkeypatch.setattr(LlamaStage, "_run_fused", counted)
     yield made
 
 
@@ -270,3 +270,26 @@ def test_int8_matrices_with_bf16_compute_equal_the_same_weights_widened(calls: l
         pos += x.shape[1]
     assert calls == [5] + [1] * 6
     assert worst < 0.1, worst  # bf16 rounding of the output and the cache only
+
+
+def test_compiled_layers_that_disagree_with_torch_are_not_used(
+    calls: list[int], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A compiled call that computes something else (here: the stage's layers in reverse
+    order, as a miscompiled kernel might) is found when planned, and the stage answers
+    on torch's operations instead: slower, never wrong."""
+    real = fused_layers.plan
+
+    def reversed_layers(args: LlamaArgs, blocks: list[Block]) -> fused_layers.FusedLayers | None:
+        fused = real(args, blocks)
+        assert fused is not None
+        return dataclasses.replace(fused, table=fused.table.flip(0).contiguous())
+
+    monkeypatch.setattr(fused_layers, "plan", reversed_layers)
+    stage, reference = stages(BASE)
+    x = torch.randn(1, 4, BASE.dim, generator=torch.Generator().manual_seed(8))
+    close(stage.forward(x, stage.new_cache(), 0), reference.forward(x, reference.new_cache(), 0))
+    assert stage._fused is None and calls == []
+    assert "disagree with torch's operations" in caplog.text
+    monkeypatch.setattr(fused_layers, "plan", real)
+    assert stages(BASE)[0]._fused is not None  # the real table passes the same check

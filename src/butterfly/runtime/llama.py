@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from butterfly.runtime.stage import Family, causal_mask, check_positions, check_
 from butterfly.runtime.weights import CheckpointReader
 from butterfly.types.errors import UnknownArchitecture
 from butterfly.types.model import DecoderBlock, LayerInfo, LayerRange
+
+log = logging.getLogger(__name__)
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -257,8 +260,48 @@ class LlamaStage:
     @functools.cached_property
     def _fused(self) -> fused_layers.FusedLayers | None:
         """The compiled layers' table, planned at the first step; None where they do not
-        apply (and what a caller sets to keep this stage on torch's operations)."""
-        return fused_layers.plan(self.args, self.blocks)
+        apply, or where they do not compute what torch's operations compute on this
+        machine (and what a caller sets to keep this stage on torch's operations)."""
+        fused = fused_layers.plan(self.args, self.blocks)
+        if fused is not None and not self._compiled_agrees(fused):
+            log.warning(
+                "layers %s: the compiled layers disagree with torch's operations on this "
+                "machine; the stage runs on torch's operations",
+                self.layers,
+            )
+            return None
+        return fused
+
+    def _compiled_agrees(self, fused: fused_layers.FusedLayers) -> bool:
+        """Whether the compiled call gives what the torch operations give, with this
+        stage's own weights, for a 3-row prompt and a decode row after it. Checked once,
+        when planned: the C source is compiled on the machine that runs it
+        (runtime/native.py), so a compiler or a CPU it was never tested on must cost
+        speed, never answers (the blocked products check themselves alike,
+        `native._agrees`). A wrong kernel is off by the activations' own scale; the
+        bound leaves room for bf16's rounding, which the two paths do at different
+        points (runtime/fused_layers.py), a few percent of it."""
+        a = self.args
+        bound = 1e-3 if a.dtype == torch.float32 else 5e-2
+        g = torch.Generator().manual_seed(0)
+        torch_cache, compiled_cache = self.new_cache(), self.new_cache()
+        start = 0
+        with torch.inference_mode():
+            for rows in (3, 1):
+                x = torch.randn(1, rows, a.dim, generator=g).to(a.dtype)
+                rope = [self._rope(start, rows)]
+                want = self._torch_layers(x, [torch_cache], [start], rope, None).float()
+                positions = list(range(start, start + rows))
+                got = fused_layers.run(
+                    fused, x, [compiled_cache], [0] * rows, positions, self._cos, self._sin, None
+                ).view(x.shape)
+                start += rows
+                for cache in (torch_cache, compiled_cache):
+                    cache.advance(start)
+                error = (got.to(a.dtype).float() - want).abs().max()
+                if not bool(error <= bound * (1 + want.abs().max())):  # False for a NaN too
+                    return False
+        return True
 
     @property
     def is_first(self) -> bool:
@@ -315,15 +358,7 @@ class LlamaStage:
         if self._fused_fits(h.shape[0] * length, caches):
             h = self._run_fused(h, caches, starts, [length] * len(starts), trace)
         else:
-            cos = torch.stack([c for c, _ in rope]).unsqueeze(1)  # [B, 1, T, Dh]
-            sin = torch.stack([s for _, s in rope]).unsqueeze(1)
-            masks = [causal_mask(start, length) for start in starts]
-            for i, blk in enumerate(self.blocks):
-                a = rms_norm(h, blk.attn_norm, eps)
-                h = h + self._attention(blk, a, caches, i, starts, cos, sin, masks)
-                h = h + self._mlp(blk, rms_norm(h, blk.mlp_norm, eps))
-                if trace is not None:  # per-layer outputs, for the Merkle root of a proof
-                    trace.append(h)
+            h = self._torch_layers(h, caches, starts, rope, trace)
         for cache, start in zip(caches, starts, strict=True):
             cache.advance(start + length)
         if self.head is None:
@@ -331,6 +366,28 @@ class LlamaStage:
         if last_only:
             h = h[:, -1:]
         return linear(rms_norm(h, self.norm, eps), self.head)  # type: ignore[arg-type]
+
+    def _torch_layers(
+        self,
+        h: torch.Tensor,
+        caches: Sequence[KVCache],
+        starts: Sequence[int],
+        rope: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        trace: list[torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """`h` [B, T, D] through every layer on torch's operations: row b from
+        `starts[b]`, with `rope[b]` its positions' cos and sin."""
+        length, eps = h.shape[1], self.args.norm_eps
+        cos = torch.stack([c for c, _ in rope]).unsqueeze(1)  # [B, 1, T, Dh]
+        sin = torch.stack([s for _, s in rope]).unsqueeze(1)
+        masks = [causal_mask(start, length) for start in starts]
+        for i, blk in enumerate(self.blocks):
+            a = rms_norm(h, blk.attn_norm, eps)
+            h = h + self._attention(blk, a, caches, i, starts, cos, sin, masks)
+            h = h + self._mlp(blk, rms_norm(h, blk.mlp_norm, eps))
+            if trace is not None:  # per-layer outputs, for the Merkle root of a proof
+                trace.append(h)
+        return h
 
     def forward_packed(
         self,
