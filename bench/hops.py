@@ -11,7 +11,7 @@ With `--baseline-src DIR` the same clusters also run on the code under DIR (anot
 checkout's src/), interleaved with these, so a change's effect is measured in one run.
 
     python bench/hops.py [--rounds 15] [--sizes 1,2,4] [--size tiny] [--link-latency-ms 0]
-        [--baseline-src /path/to/other/src]
+        [--baseline-src /path/to/other/src] [--dtype float32] [--quantization none]
 """
 
 from __future__ import annotations
@@ -191,7 +191,10 @@ def main() -> None:
     ap.add_argument(
         "--baseline-src", default=None, help="also run clusters on the code in this src/ dir"
     )
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--quantization", default="none", choices=["none", "int8"])
     args = ap.parse_args()
+    precision = {"model.dtype": args.dtype, "model.quantization": args.quantization}
     sizes = [int(s) for s in args.sizes.split(",")]
     versions = {"this": None} | ({"baseline": args.baseline_src} if args.baseline_src else {})
     model_dir = bench_model(args.size)
@@ -202,7 +205,7 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         clusters = {
             (v, n): stack.enter_context(
-                cluster(model_dir, n, args.link_latency_ms, pythonpath=versions[v])
+                cluster(model_dir, n, args.link_latency_ms, precision, pythonpath=versions[v])
             )
             for v, n in keys
         }
@@ -229,6 +232,7 @@ def main() -> None:
     result = {
         "benchmark": "hops",
         "model": f"demo-{args.size}",
+        "precision": precision,
         "new_tokens": NEW,
         "rounds": args.rounds,
         "link_latency_ms": args.link_latency_ms,
