@@ -15,8 +15,11 @@
  * position of its entry up to and including its own, so decode rows, a speculative
  * verification's k + 1 rows and a prompt chunk packed with decode rows are all the same
  * call. Every row's keys and values are written before any row attends. */
+#define _POSIX_C_SOURCE 200809L /* sched_yield */
 #include <math.h>
 #include <omp.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -121,14 +124,47 @@ static float activate(int64_t kind, float x) {
     }
 }
 
+/* Where the region's threads meet between phases, instead of at OpenMP's own barrier:
+ * at libgomp's, the last thread to arrive makes a futex system call every time, whether
+ * or not anyone sleeps (strace of a node decoding the small model: about 120 a token,
+ * 10 barriers a layer). Here they spin, and past SPINS rounds yield the core, so that a
+ * thread the scheduler has taken away (other processes share the cores) is waited for
+ * without holding a core from it. */
+struct meeting {
+    atomic_uint arrived, generation;
+};
+#define SPINS 4096
+static inline void relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+static void meet(struct meeting *at, unsigned threads) {
+    if (threads < 2) return;
+    unsigned generation = atomic_load_explicit(&at->generation, memory_order_acquire);
+    if (atomic_fetch_add_explicit(&at->arrived, 1, memory_order_acq_rel) + 1 == threads) {
+        atomic_store_explicit(&at->arrived, 0, memory_order_relaxed);
+        atomic_fetch_add_explicit(&at->generation, 1, memory_order_release);
+        return;
+    }
+    for (unsigned spin = 0;
+         atomic_load_explicit(&at->generation, memory_order_acquire) == generation; spin++)
+        if (spin < SPINS)
+            relax();
+        else
+            sched_yield();
+}
+
 /* y[M, N] = x[M, K] @ W^T + bias, or y += that with `accumulate` (a residual); W of
  * element type `type`, an int8 one times its rows' `scale`. Must be reached by every
- * thread of the team: the blocks are shared out among them. */
+ * thread of the team: the blocks are shared out among them, who then meet. */
 static void product(const float *x, int64_t M, int64_t K, const void *w, int type,
                     const float *scale, int64_t N, const float *bias, float *y,
-                    int accumulate) {
+                    int accumulate, struct meeting *at, unsigned threads) {
     const int64_t NB = (N + 15) / 16;
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
     for (int64_t b = 0; b < NB; b++) {
         float tmp[8 * 16] __attribute__((aligned(64)));
         int64_t cols = N - b * 16 < 16 ? N - b * 16 : 16;
@@ -155,6 +191,7 @@ static void product(const float *x, int64_t M, int64_t K, const void *w, int typ
             }
         }
     }
+    meet(at, threads);
 }
 
 /* Attention of one row's query head against positions [0, last] of its cache head:
@@ -218,19 +255,22 @@ int butterfly_llama_layers_f32(float *h, int64_t M, int64_t D, int64_t L, const 
     float *gated = malloc(sizeof(float) * M * I);
     float *scores = malloc(sizeof(float) * threads * longest);
     int ok = a && qkv && att && mid && gated && scores;
+    struct meeting meeting = {0, 0};
     if (ok) {
 #pragma omp parallel
         {
             float *mine = scores + omp_get_thread_num() * longest;
+            const unsigned team = (unsigned)omp_get_num_threads();
             for (int64_t l = 0; l < L; l++) {
                 const int64_t *t = layers + l * NPTR;
 #define T(i) ((const float *)(intptr_t)t[i])
 #define W(i) ((const void *)(intptr_t)t[i])
 #define CACHE(e, kv) ((void *)(intptr_t)caches[(l * E + (e)) * 2 + (kv)])
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
                 for (int64_t m = 0; m < M; m++) rms_norm(h + m * D, T(ATTN_NORM), D, eps, a + m * D);
-                product(a, M, D, W(WQKV), (int)wtype, T(SQKV), Nqkv, T(BQKV), qkv, 0);
-#pragma omp for schedule(static)
+                meet(&meeting, team);
+                product(a, M, D, W(WQKV), (int)wtype, T(SQKV), Nqkv, T(BQKV), qkv, 0, &meeting, team);
+#pragma omp for schedule(static) nowait
                 for (int64_t j = 0; j < M * (H + Hkv); j++) { /* each q and k head */
                     int64_t m = j / (H + Hkv), head = j % (H + Hkv);
                     float *x = qkv + m * Nqkv + head * Dh;
@@ -244,7 +284,8 @@ int butterfly_llama_layers_f32(float *h, int64_t M, int64_t D, int64_t L, const 
                         store(CACHE(e, 1), bf16, at, x + Hkv * Dh, Dh);
                     }
                 }
-#pragma omp for schedule(static)
+                meet(&meeting, team);
+#pragma omp for schedule(static) nowait
                 for (int64_t j = 0; j < M * H; j++) {
                     int64_t m = j / H, head = j % H, e = entry[m];
                     int64_t at = (head / group) * capacity[e] * Dh;
@@ -253,20 +294,24 @@ int butterfly_llama_layers_f32(float *h, int64_t M, int64_t D, int64_t L, const 
                            (char *)CACHE(e, 1) + at * size, bf16, pos[m], Dh, mine,
                            att + m * H * Dh + head * Dh);
                 }
-                product(att, M, H * Dh, W(WO), (int)wtype, T(SO), D, T(BO), h, 1);
-#pragma omp for schedule(static)
+                meet(&meeting, team);
+                product(att, M, H * Dh, W(WO), (int)wtype, T(SO), D, T(BO), h, 1, &meeting, team);
+#pragma omp for schedule(static) nowait
                 for (int64_t m = 0; m < M; m++) rms_norm(h + m * D, T(MLP_NORM), D, eps, a + m * D);
-                product(a, M, D, W(W13), (int)wtype, T(S13), 2 * I, T(B13), mid, 0);
-#pragma omp for schedule(static)
+                meet(&meeting, team);
+                product(a, M, D, W(W13), (int)wtype, T(S13), 2 * I, T(B13), mid, 0, &meeting, team);
+#pragma omp for schedule(static) nowait
                 for (int64_t j = 0; j < M * I; j++) {
                     int64_t m = j / I, i = j % I;
                     gated[j] = activate(act, mid[m * 2 * I + i]) * mid[m * 2 * I + I + i];
                 }
-                product(gated, M, I, W(W2), (int)wtype, T(S2), D, T(B2), h, 1);
+                meet(&meeting, team);
+                product(gated, M, I, W(W2), (int)wtype, T(S2), D, T(B2), h, 1, &meeting, team);
                 if (trace) {
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
                     for (int64_t m = 0; m < M; m++)
                         memcpy(trace + (l * M + m) * D, h + m * D, sizeof(float) * D);
+                    meet(&meeting, team);
                 }
 #undef T
 #undef W
