@@ -157,6 +157,13 @@ def test_split_matches_transformers(checkpoints, name: str, kind: str) -> None:
     x = prompt()
     with torch.inference_mode():
         want = ref(x).logits.float()
+        # in bf16, two computations of one function round at different points (the
+        # compiled layers round only a stage's output and the cache, transformers after
+        # every operation) and drift from the exact result each its own way: so ours is
+        # held to the exact result (fp32 arithmetic on the same weight values) within
+        # `tol` or 1.5x transformers' own distance from it
+        exact = reference(model, precision).float()(x).logits.float()
+    theirs = float((want - exact).abs().max())
     expected = hf_greedy(ref, x[:, :8], STEPS)
     assert len(set(expected)) > 4, "a degenerate model tests nothing"
     for ranges in splits():
@@ -169,11 +176,14 @@ def test_split_matches_transformers(checkpoints, name: str, kind: str) -> None:
                 out.append(run_pipeline(stages, caches, x[:, p : p + 1], p, last_only=False))
         got = torch.cat(out, dim=1)
         assert got.dtype == precision.dtype
-        torch.testing.assert_close(got.float(), want, atol=tol, rtol=0, msg=f"{ranges}")
         if precision.dtype == torch.float32:
+            torch.testing.assert_close(got.float(), want, atol=tol, rtol=0, msg=f"{ranges}")
             assert list(generate(stages, x[0, :8].tolist(), STEPS)) == expected, ranges
         else:
-            assert_greedy_up_to_ties(stages, ref, x[:, :8], expected, tol)
+            bound = max(tol, 1.5 * theirs)
+            ours = float((got.float() - exact).abs().max())
+            assert ours <= bound, f"{ranges}: off by {ours:.3f}, transformers by {theirs:.3f}"
+            assert_greedy_up_to_ties(stages, ref, x[:, :8], expected, bound)
 
 
 def assert_greedy_up_to_ties(

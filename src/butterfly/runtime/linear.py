@@ -82,6 +82,13 @@ ROUNDS = 7  # timed rounds per candidate, interleaved so drift hits all alike
 # than the same blocked products under torch's operations (AMD EPYC, bench/runtime.py:
 # 16.8 against 19.7 ms/token), more than a product 10% slower costs.
 FUSED_MARGIN = 1.10
+# ...or when at most this many microseconds slower: the compiled call saves about that
+# much per matrix on top of the products, whatever their size. For the tiny demo model
+# (4 layers, [64..352, 64] matrices) `plain` was 4-8 us a product and `blocked` 11-14
+# (threads woken for each), so the 10% margin left every matrix on `plain` and the stage
+# on torch's operations: 597 us a decode step, against 133 us blocked in one call, 35 us
+# saved per matrix (AMD EPYC, 2 threads; the small model's 2.9 ms over 48 matrices: 60).
+FUSED_SLACK_US = 30.0
 CALLS = 4  # products per round
 # bytes of copies a candidate is timed over: twice the 32 MiB L3 of the AMD EPYC this was
 # measured on, so the weight comes from memory wherever the L3 is no larger
@@ -185,7 +192,8 @@ def prepare(
 ) -> Weight:
     """`weight` on the kernel measured fastest for its shape in this process; `timer`
     (default `time_decode`) gives each built candidate's time. A `fusable` weight (one
-    of a llama-style layer's four matrices) keeps `blocked` within `FUSED_MARGIN`."""
+    of a llama-style layer's four matrices) keeps `blocked` within `FUSED_MARGIN` or
+    `FUSED_SLACK_US` of the fastest."""
     shape = (int(weight.shape[0]), int(weight.shape[1]))
     threads = _DECODE_THREADS.get() or torch.get_num_threads()
     key = (shape, precision, threads, fusable)
@@ -202,8 +210,10 @@ def prepare(
         finally:
             torch.set_num_threads(loading_threads)
     kernel = min(micros, key=lambda k: micros[k])
-    if fusable and "blocked" in micros and micros["blocked"] <= FUSED_MARGIN * micros[kernel]:
-        kernel = "blocked"
+    if fusable and "blocked" in micros:
+        fastest = micros[kernel]
+        if micros["blocked"] <= max(FUSED_MARGIN * fastest, fastest + FUSED_SLACK_US):
+            kernel = "blocked"
     choice = KernelChoice(shape, precision.name, threads, kernel, micros)
     _CHOSEN[key] = choice
     log.info(

@@ -18,6 +18,8 @@ import torch
 from butterfly.dataplane.proving import RecordMismatch
 from butterfly.dataplane.stage_server import StageServer
 from butterfly.net.framing import Envelope
+from butterfly.runtime.linear import Int8Weight
+from butterfly.runtime.native import BlockedWeight
 from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.types.errors import InvalidInput
 from butterfly.types.wire.control import PlanAck, PlanAssign
@@ -164,7 +166,9 @@ class AuditFailsStageServer(StageServer):
 
 class WrongLayerStageServer(StageServer):
     """Skips the last layer of its stage: with that block's output projections zeroed the
-    block adds nothing to the residual stream, exactly as if it were not run."""
+    block adds nothing to the residual stream, exactly as if it were not run. Zeroed in
+    place on whatever kernel holds them (a plain tensor, the blocked layout the compiled
+    layers read, int8), so the stage computes the same lie on either path."""
 
     async def apply_plan(self, msg: PlanAssign) -> PlanAck:
         ack = await super().apply_plan(msg)
@@ -172,7 +176,11 @@ class WrongLayerStageServer(StageServer):
         if blocks:
             for name in ("wo", "w2"):
                 weight = getattr(blocks[-1], name, None)
-                if isinstance(weight, torch.Tensor):
+                if isinstance(weight, BlockedWeight):
+                    weight.blocks.zero_()
+                elif isinstance(weight, Int8Weight):
+                    weight.q.zero_()
+                elif isinstance(weight, torch.Tensor) and not weight.is_mkldnn:
                     weight.zero_()
         return ack
 
