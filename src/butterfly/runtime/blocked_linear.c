@@ -24,10 +24,10 @@ typedef uint32_t u32x16 __attribute__((vector_size(64)));
  * runs between products and steps. In one process it made no difference to decode; on
  * 4 node processes of a 2-core machine taking turns, the small model's tokens took
  * 0.90-0.93x the time (bench/hops.py A/B, AMD EPYC), with the per-hop cost (Python and
- * sockets on caches the weights had just flushed) down from 1.7-2.2 to 1.0-1.2 ms.
- * The same hint made bf16 tokens 1.08-1.10x slower (1 and 4 nodes) and int8 ones 8%
- * slower in one process: their kernels widen each weight before the arithmetic, and
- * read without it. */
+ * sockets on caches the weights had just flushed) down from 1.7-2.2 to 1.0-1.5 ms.
+ * The same hint made bf16 tokens 1.08-1.10x slower (1 and 4 nodes) and bf16 + int8
+ * ones 5-9% slower in one process: their kernels widen each weight before the
+ * arithmetic, and read without it (docs/PERFORMANCE.md, fifth session). */
 #define AHEAD 2048
 #define STREAM(p, bytes, on)                                                               \
     do {                                                                                   \
