@@ -164,22 +164,32 @@ def candidates(precision: Precision) -> tuple[str, ...]:
     return kernels
 
 
-def build(kernel: str, weight: torch.Tensor, precision: Precision) -> Weight:
-    """`weight` [out, in] (any float dtype) on `kernel`, in `precision`."""
+def build(
+    kernel: str,
+    weight: torch.Tensor,
+    precision: Precision,
+    quantized: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> Weight:
+    """`weight` [out, in] (any float dtype) on `kernel`, in `precision`. `quantized`:
+    `quantize_int8(weight)`, when the caller has it (`prepare` builds every int8
+    candidate from one quantization)."""
+    int8 = kernel in ("int8mm", "int8_dequant") or (
+        kernel == "blocked" and precision.quantization == "int8"
+    )
+    if int8:
+        q, scales = quantized if quantized is not None else quantize_int8(weight)
+        scales = scales.to(precision.dtype)
+        return (
+            native.block_int8(q, scales) if kernel == "blocked" else Int8Weight(q, scales, kernel)
+        )
     dense = weight.to(precision.dtype).contiguous()
     if kernel == "plain":
         return dense
     if kernel == "packed":
         packed: torch.Tensor = torch.ops.mkldnn._reorder_linear_weight(dense)
         return packed
-    if kernel == "blocked" and precision.quantization == "int8":
-        q, scales = quantize_int8(weight)
-        return native.block_int8(q, scales.to(precision.dtype))
     if kernel == "blocked":
         return native.block(dense)
-    if kernel in ("int8mm", "int8_dequant"):
-        q, scales = quantize_int8(weight)
-        return Int8Weight(q, scales.to(precision.dtype), kernel)
     raise ValueError(f"unknown kernel {kernel!r}")
 
 
@@ -200,7 +210,8 @@ def prepare(
     choice = _CHOSEN.get(key)
     if choice is not None:
         return build(choice.kernel, weight, precision)
-    built = {k: build(k, weight, precision) for k in candidates(precision)}
+    quantized = quantize_int8(weight) if precision.quantization == "int8" else None
+    built = {k: build(k, weight, precision, quantized) for k in candidates(precision)}
     micros = {k: 0.0 for k in built}
     if len(built) > 1:
         loading_threads = torch.get_num_threads()

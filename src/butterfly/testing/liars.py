@@ -168,7 +168,8 @@ class WrongLayerStageServer(StageServer):
     """Skips the last layer of its stage: with that block's output projections zeroed the
     block adds nothing to the residual stream, exactly as if it were not run. Zeroed in
     place on whatever kernel holds them (a plain tensor, the blocked layout the compiled
-    layers read, int8), so the stage computes the same lie on either path."""
+    layers read, int8), so the stage computes the same lie on either path; a packed
+    oneDNN weight, which cannot be written, is replaced by zeros."""
 
     async def apply_plan(self, msg: PlanAssign) -> PlanAck:
         ack = await super().apply_plan(msg)
@@ -180,7 +181,9 @@ class WrongLayerStageServer(StageServer):
                     weight.blocks.zero_()
                 elif isinstance(weight, Int8Weight):
                     weight.q.zero_()
-                elif isinstance(weight, torch.Tensor) and not weight.is_mkldnn:
+                elif isinstance(weight, torch.Tensor) and weight.is_mkldnn:  # oneDNN's own
+                    object.__setattr__(blocks[-1], name, torch.zeros(weight.shape))
+                elif isinstance(weight, torch.Tensor):
                     weight.zero_()
         return ack
 
