@@ -154,3 +154,45 @@ def test_a_padded_blocked_weight_counts_its_rows_not_its_padding() -> None:
         blocked = native.block(weight)
         assert blocked.blocks.shape[0] * native.BLOCK == 112
         assert lin.weight_bytes(blocked) == 100 * 96 * weight.element_size()
+
+
+def _has_vnni() -> bool:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    return "avx512_vnni" in flags and "avx512bw" in flags
+
+
+@needs_compiler
+@pytest.mark.parametrize("width", [96, 95])
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 130])
+def test_int8_weights_equal_their_dequantized_product_grouped_or_widened(
+    width: int, rows: int
+) -> None:
+    """Width 96 takes the VNNI product where the CPU has it (x split into three byte
+    passes, weights four positions side by side), 95 the widened one: both are the fp32
+    product of the dequantized weights, an outlier in x included (the passes' scale is
+    the row's largest value, so the small values ride on the later passes)."""
+    g = torch.Generator().manual_seed(rows * width)
+    q = torch.randint(-127, 128, (100, width), generator=g, dtype=torch.int8)
+    scales = torch.rand(100, generator=g) * 0.02
+    x = torch.randn(2, rows, width, generator=g)
+    x[..., 3] = 300.0
+    blocked = native.block_int8(q, scales)
+    assert blocked.group == (4 if width % 4 == 0 and _has_vnni() else 1)
+    dense = q.float() * scales[:, None]
+    torch.testing.assert_close(blocked.dense(), dense, rtol=0, atol=0)  # the layout holds
+    got = native.blocked_linear(x, blocked)
+    want = F.linear(x.double(), dense.double()).float()
+    scale = float(want.abs().max())  # fp32 sums of 96 terms: a few ulps of the largest
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6 * scale)
+
+
+@needs_compiler
+def test_an_int8_product_of_a_row_holding_nan_or_inf_is_nan_in_that_row_only() -> None:
+    q = torch.randint(-127, 128, (32, 64), generator=torch.Generator().manual_seed(0)).to(
+        torch.int8
+    )
+    x = torch.randn(3, 64)
+    x[0, 7], x[2, 9] = float("nan"), float("inf")
+    got = native.blocked_linear(x, native.block_int8(q, torch.ones(32)))
+    assert got[0].isnan().all() and not got[1].isnan().any() and not got[2].isfinite().any()
+    torch.testing.assert_close(got[1], F.linear(x[1], q.float()), rtol=1e-5, atol=1e-3)

@@ -52,7 +52,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -299,7 +299,7 @@ def _copy(weight: Weight) -> Weight:
         return Int8Weight(weight.q.clone(), weight.scales.clone(), weight.kernel)
     if isinstance(weight, BlockedWeight):  # on huge pages, as the weight it times
         blocks = native.empty_on_huge_pages(tuple(weight.blocks.shape), weight.blocks.dtype)
-        return BlockedWeight(blocks.copy_(weight.blocks), weight.out_features, weight.scales)
+        return replace(weight, blocks=blocks.copy_(weight.blocks))
     return weight.clone()
 
 

@@ -34,6 +34,12 @@ void butterfly_blocked_tile_bf16(int n, const float *x, int64_t ldx, const uint1
                                  int64_t K, float *y, int64_t ldy);
 void butterfly_blocked_tile_i8(int n, const float *x, int64_t ldx, const int8_t *p,
                                int64_t K, float *y, int64_t ldy);
+/* and int8 weights grouped for VNNI, against rows quantized into byte passes */
+int butterfly_i8_group(int64_t K);
+int butterfly_i8_passes(void);
+void butterfly_quantize_rows(int n, const float *x, int64_t ldx, int64_t K, uint8_t *u, float *s);
+void butterfly_blocked_tile_i8q(int n, const uint8_t *u, const float *s, const int8_t *p,
+                                int64_t K, float *y, int64_t ldy);
 
 enum { ATTN_NORM, WQKV, BQKV, WO, BO, MLP_NORM, W13, B13, W2, B2, Q_NORM, K_NORM,
        SQKV, SO, S13, S2, NPTR }; /* S*: int8 matrices' per-row scales (fp32), else 0 */
@@ -157,13 +163,24 @@ static void meet(struct meeting *at, unsigned threads) {
             sched_yield();
 }
 
+/* A thread's scratch for x's byte passes (int8 weights on VNNI, blocked_linear.c). */
+struct passes {
+    uint8_t *u;
+    float *s;
+};
+
 /* y[M, N] = x[M, K] @ W^T + bias, or y += that with `accumulate` (a residual); W of
  * element type `type`, an int8 one times its rows' `scale`. Must be reached by every
- * thread of the team: the blocks are shared out among them, who then meet. */
+ * thread of the team: the blocks are shared out among them, who then meet. For grouped
+ * int8 weights each thread splits x into byte passes itself (a microsecond a row at
+ * these widths), which costs less than one more meeting. */
 static void product(const float *x, int64_t M, int64_t K, const void *w, int type,
                     const float *scale, int64_t N, const float *bias, float *y,
-                    int accumulate, struct meeting *at, unsigned threads) {
+                    int accumulate, struct meeting *at, unsigned threads, struct passes q) {
     const int64_t NB = (N + 15) / 16;
+    const int grouped = type == I8 && butterfly_i8_group(K) == 4;
+    const int64_t P = butterfly_i8_passes();
+    if (grouped) butterfly_quantize_rows((int)M, x, K, K, q.u, q.s);
 #pragma omp for schedule(static) nowait
     for (int64_t b = 0; b < NB; b++) {
         float tmp[8 * 16] __attribute__((aligned(64)));
@@ -173,6 +190,9 @@ static void product(const float *x, int64_t M, int64_t K, const void *w, int typ
             if (type == BF16)
                 butterfly_blocked_tile_bf16(n, x + m * K, K, (const uint16_t *)w + b * K * 16,
                                             K, tmp, 16);
+            else if (grouped)
+                butterfly_blocked_tile_i8q(n, q.u + m * P * K, q.s + m * P,
+                                           (const int8_t *)w + b * K * 16, K, tmp, 16);
             else if (type == I8)
                 butterfly_blocked_tile_i8(n, x + m * K, K, (const int8_t *)w + b * K * 16, K,
                                           tmp, 16);
@@ -254,12 +274,19 @@ int butterfly_llama_layers_f32(float *h, int64_t M, int64_t D, int64_t L, const 
     float *att = malloc(sizeof(float) * M * H * Dh), *mid = malloc(sizeof(float) * M * 2 * I);
     float *gated = malloc(sizeof(float) * M * I);
     float *scores = malloc(sizeof(float) * threads * longest);
-    int ok = a && qkv && att && mid && gated && scores;
+    /* each thread's byte passes of the widest input (int8 weights on VNNI only) */
+    const int64_t widest = D > H * Dh ? (D > I ? D : I) : (H * Dh > I ? H * Dh : I);
+    const int64_t passes = wtype == I8 ? butterfly_i8_passes() : 0;
+    uint8_t *qu = malloc((size_t)(threads * M * passes * widest) + 1);
+    float *qs = malloc(sizeof(float) * (size_t)(threads * M * passes) + 1);
+    int ok = a && qkv && att && mid && gated && scores && qu && qs;
     struct meeting meeting = {0, 0};
     if (ok) {
 #pragma omp parallel
         {
             float *mine = scores + omp_get_thread_num() * longest;
+            const struct passes q = {qu + omp_get_thread_num() * M * passes * widest,
+                                     qs + omp_get_thread_num() * M * passes};
             const unsigned team = (unsigned)omp_get_num_threads();
             for (int64_t l = 0; l < L; l++) {
                 const int64_t *t = layers + l * NPTR;
@@ -269,7 +296,7 @@ int butterfly_llama_layers_f32(float *h, int64_t M, int64_t D, int64_t L, const 
 #pragma omp for schedule(static) nowait
                 for (int64_t m = 0; m < M; m++) rms_norm(h + m * D, T(ATTN_NORM), D, eps, a + m * D);
                 meet(&meeting, team);
-                product(a, M, D, W(WQKV), (int)wtype, T(SQKV), Nqkv, T(BQKV), qkv, 0, &meeting, team);
+                product(a, M, D, W(WQKV), (int)wtype, T(SQKV), Nqkv, T(BQKV), qkv, 0, &meeting, team, q);
 #pragma omp for schedule(static) nowait
                 for (int64_t j = 0; j < M * (H + Hkv); j++) { /* each q and k head */
                     int64_t m = j / (H + Hkv), head = j % (H + Hkv);
@@ -295,18 +322,18 @@ int butterfly_llama_layers_f32(float *h, int64_t M, int64_t D, int64_t L, const 
                            att + m * H * Dh + head * Dh);
                 }
                 meet(&meeting, team);
-                product(att, M, H * Dh, W(WO), (int)wtype, T(SO), D, T(BO), h, 1, &meeting, team);
+                product(att, M, H * Dh, W(WO), (int)wtype, T(SO), D, T(BO), h, 1, &meeting, team, q);
 #pragma omp for schedule(static) nowait
                 for (int64_t m = 0; m < M; m++) rms_norm(h + m * D, T(MLP_NORM), D, eps, a + m * D);
                 meet(&meeting, team);
-                product(a, M, D, W(W13), (int)wtype, T(S13), 2 * I, T(B13), mid, 0, &meeting, team);
+                product(a, M, D, W(W13), (int)wtype, T(S13), 2 * I, T(B13), mid, 0, &meeting, team, q);
 #pragma omp for schedule(static) nowait
                 for (int64_t j = 0; j < M * I; j++) {
                     int64_t m = j / I, i = j % I;
                     gated[j] = activate(act, mid[m * 2 * I + i]) * mid[m * 2 * I + I + i];
                 }
                 meet(&meeting, team);
-                product(gated, M, I, W(W2), (int)wtype, T(S2), D, T(B2), h, 1, &meeting, team);
+                product(gated, M, I, W(W2), (int)wtype, T(S2), D, T(B2), h, 1, &meeting, team, q);
                 if (trace) {
 #pragma omp for schedule(static) nowait
                     for (int64_t m = 0; m < M; m++)
@@ -319,6 +346,6 @@ int butterfly_llama_layers_f32(float *h, int64_t M, int64_t D, int64_t L, const 
             }
         }
     }
-    free(a); free(qkv); free(att); free(mid); free(gated); free(scores);
+    free(a); free(qkv); free(att); free(mid); free(gated); free(scores); free(qu); free(qs);
     return ok ? 0 : -1;
 }

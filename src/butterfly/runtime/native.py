@@ -62,23 +62,31 @@ HUGE_PAGE = 2 << 20
 COMPILE_FLAGS = ("-O3", "-march=native", "-fPIC", "-fopenmp", "-std=c11", "-ffp-contract=fast")
 COMPILE_TIMEOUT_S = 120
 
-Kernel = Callable[[int, int, int, int, int, int], None]  # x, M, K, w, NB, y
+# x, M, K, w, NB, y; the int8 product returns -1 where it had no scratch memory
+Kernel = Callable[[int, int, int, int, int, int], int | None]
 
 
 @dataclass(frozen=True)
 class BlockedWeight:
     """A weight [out, in] as `blocks` [ceil(out / 16), in, 16], zero rows padding the
     last block: fp32 or bf16, or int8 with a scale per output row (`scales` [out], in the
-    compute dtype, as runtime/linear.py's Int8Weight)."""
+    compute dtype, as runtime/linear.py's Int8Weight). With `group` 4 (int8 for the VNNI
+    product, blocked_linear.c) each block's memory is [in / 4][16][4] under the same
+    shape: four input positions of an output row side by side."""
 
     blocks: torch.Tensor
     out_features: int
     scales: torch.Tensor | None = None
+    group: int = 1
 
     def dense(self) -> torch.Tensor:
         """The fp32 matrix [out, in] this weight computes with."""
         nblocks, width = int(self.blocks.shape[0]), int(self.blocks.shape[1])
-        rows = self.blocks.transpose(1, 2).reshape(nblocks * BLOCK, width).float()
+        blocks = self.blocks
+        if self.group > 1:
+            grouped = blocks.view(nblocks, width // self.group, BLOCK, self.group)
+            blocks = grouped.permute(0, 1, 3, 2).reshape(nblocks, width, BLOCK)
+        rows = blocks.transpose(1, 2).reshape(nblocks * BLOCK, width).float()
         rows = rows[: self.out_features]
         return rows if self.scales is None else rows * self.scales.float()[:, None]
 
@@ -100,19 +108,30 @@ def block(weight: torch.Tensor) -> BlockedWeight:
 
 def block_int8(q: torch.Tensor, scales: torch.Tensor) -> BlockedWeight:
     """Int8 weights `q` [out, in] with their rows' `scales`, in the blocked layout: a
-    quarter of fp32's bytes to stream, widened in registers and scaled per output."""
-    return BlockedWeight(_blocks(q), int(q.shape[0]), scales.contiguous())
+    quarter of fp32's bytes to stream, scaled per output. Grouped in fours where this
+    CPU's library multiplies bytes directly (`i8_group`), else widened in registers."""
+    group = i8_group(int(q.shape[1]))
+    return BlockedWeight(_blocks(q, group), int(q.shape[0]), scales.contiguous(), group)
 
 
-def _blocks(dense: torch.Tensor) -> torch.Tensor:
+def i8_group(width: int) -> int:
+    """How many input positions the int8 product reads side by side for inputs of
+    `width`: 4 on the VNNI product, 1 on the widened one (or with no library)."""
+    lib = _library()
+    return int(lib.butterfly_i8_group(ctypes.c_int64(width))) if lib is not None else 1
+
+
+def _blocks(dense: torch.Tensor, group: int = 1) -> torch.Tensor:
     """[out, in] as [ceil(out / 16), in, 16] in its own dtype, zero rows padding the last
-    block, on huge pages."""
+    block, on huge pages; with `group`, each block's memory [in / group][16][group]."""
     out, width = int(dense.shape[0]), int(dense.shape[1])
     padded = -(-out // BLOCK) * BLOCK
     if padded != out:
         dense = F.pad(dense, (0, 0, 0, padded - out))
     blocks = empty_on_huge_pages((padded // BLOCK, width, BLOCK), dense.dtype)
-    return blocks.copy_(dense.reshape(padded // BLOCK, BLOCK, width).transpose(1, 2))
+    rows = dense.reshape(padded // BLOCK, BLOCK, width // group, group)
+    order = rows.permute(0, 2, 1, 3).reshape(padded // BLOCK, width, BLOCK)
+    return blocks.copy_(order)
 
 
 def empty_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -158,8 +177,9 @@ def blocked_linear(
     count = int(rows.shape[0])
     nblocks = int(weight.blocks.shape[0])
     y = torch.empty(count, nblocks * BLOCK, dtype=torch.float32)
-    if count:
-        kernel(rows.data_ptr(), count, width, weight.blocks.data_ptr(), nblocks, y.data_ptr())
+    ptrs = (rows.data_ptr(), count, width, weight.blocks.data_ptr(), nblocks, y.data_ptr())
+    if count and kernel(*ptrs):
+        raise MemoryError(f"no scratch memory for a blocked product of {count} rows")
     if nblocks * BLOCK != weight.out_features:
         y = y[:, : weight.out_features]
     if weight.scales is not None:
@@ -203,7 +223,7 @@ def _kernels() -> dict[torch.dtype, Kernel]:
             continue
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
         fn.argtypes += [ctypes.c_int64, ctypes.c_void_p]
-        fn.restype = None
+        fn.restype = ctypes.c_int if dtype == torch.int8 else None  # -1: no scratch memory
         if _agrees(fn, dtype):
             found[dtype] = fn
         else:
@@ -212,20 +232,24 @@ def _kernels() -> dict[torch.dtype, Kernel]:
 
 
 def _agrees(kernel: Kernel, dtype: torch.dtype) -> bool:
+    """Every row count of a tile, at an odd width and (the int8 product's grouped layout)
+    a multiple of 4."""
     g = torch.Generator().manual_seed(0)
-    if dtype == torch.int8:
-        w = torch.randint(-127, 128, (37, 53), generator=g, dtype=torch.int8)
-        blocked = block_int8(w, torch.ones(37))
-    else:
-        w = torch.randn(37, 53, generator=g).to(dtype)
-        blocked = block(w)
-    nblocks = int(blocked.blocks.shape[0])
-    for rows in (1, 3, 8, 13):
-        x = torch.randn(rows, 53, generator=g)
-        y = torch.empty(rows, nblocks * BLOCK)
-        kernel(x.data_ptr(), rows, 53, blocked.blocks.data_ptr(), nblocks, y.data_ptr())
-        if not torch.allclose(y[:, :37], F.linear(x, w.float()), rtol=1e-4, atol=1e-4):
-            return False
+    for width in (53, 64):
+        if dtype == torch.int8:
+            w = torch.randint(-127, 128, (37, width), generator=g, dtype=torch.int8)
+            blocked = block_int8(w, torch.ones(37))
+        else:
+            w = torch.randn(37, width, generator=g).to(dtype)
+            blocked = block(w)
+        nblocks = int(blocked.blocks.shape[0])
+        for rows in (1, 3, 8, 13):
+            x = torch.randn(rows, width, generator=g)
+            y = torch.empty(rows, nblocks * BLOCK)
+            if kernel(x.data_ptr(), rows, width, blocked.blocks.data_ptr(), nblocks, y.data_ptr()):
+                return False
+            if not torch.allclose(y[:, :37], F.linear(x, w.float()), rtol=1e-4, atol=1e-4):
+                return False
     return True
 
 
