@@ -102,3 +102,33 @@ def test_kept_outputs_cover_a_request_from_position_zero_or_are_none(tiny_model:
         server.close()
 
     asyncio.run(scenario())
+
+
+def test_a_step_reaching_a_node_that_holds_no_plan_yet_waits_for_it(tiny_model: Path) -> None:
+    """A node the first plan left idle gets layers in the next one, and the gateway, which
+    switches as soon as it has applied the plan, may send the first step before this node
+    has: the step waits for the plan instead of being judged by none (it was dropped
+    unanswered and timed out a minute later)."""
+
+    async def scenario() -> None:
+        server = StageServer(
+            node=NodeId(1),
+            model_dir=tiny_model,
+            max_tensor_bytes=1 << 30,
+            torch_thread=TorchThread(),
+        )
+        assert server.plan is None
+        msg, payload = _step([("late", 0, PROMPTS["a"])])
+        plan = StagePlan(1, ((NodeId(1), LayerRange(0, 4)),))
+        judged = asyncio.create_task(server.plan_of(1))
+        step = asyncio.create_task(server.compute(msg, 1, payload))
+        await asyncio.sleep(0.05)
+        assert not judged.done() and not step.done()  # waiting, not refused
+        ack = await server.apply_plan(plan.to_message("h"))
+        assert ack.ok, ack.error
+        assert await asyncio.wait_for(judged, 5) == plan
+        out, _ = await asyncio.wait_for(step, 30)
+        assert decode_tensor(out, 1 << 30).shape[1] == 1
+        server.close()
+
+    asyncio.run(scenario())

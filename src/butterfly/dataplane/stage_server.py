@@ -216,8 +216,11 @@ class StageServer:
 
     async def plan_of(self, epoch: int) -> StagePlan | None:
         """The plan in force once this node has reached `epoch` (a bounded wait, as for
-        a step), for judging a message by the plan it was sent under."""
-        if self.plan is not None and epoch > self.plan.epoch:
+        a step), for judging a message by the plan it was sent under. A node that holds
+        no plan yet waits too: one the first plan left idle is sent the next plan's
+        first steps as soon as the gateway has it, and judged by no plan it dropped
+        them unanswered, to be timed out a minute later (5 nodes, 4 layers)."""
+        if epoch > self.epoch:
             await self._plan_of(epoch)
         return self.plan
 
@@ -462,7 +465,7 @@ class StageServer:
         single-token entries (decode steps) run as one batch and longer ones (prefills) as
         one batch per length. Outputs are laid side by side in the entries' order.
         """
-        if self.plan is not None and epoch > self.plan.epoch:
+        if epoch > self.epoch:
             await self._plan_of(epoch)
         x = decode_tensor(payload, self._max_tensor_bytes)
         stage = self._check_step(msg, epoch, x)
