@@ -19,6 +19,7 @@ from butterfly.agreement.authority import UnauthorizedCommand
 from butterfly.runtime.generate import generate
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.tokenizer import TextCodec
+from butterfly.schedule.scheduler import TaskSnapshot
 from butterfly.schedule.state import TaskState, TaskStatus
 from butterfly.testing.inprocess import InProcessCluster
 from butterfly.types.ids import NodeId, RequestId
@@ -279,3 +280,79 @@ async def test_a_gateway_starting_to_act_takes_the_results_only_a_standby_held(
             assert done.state.status is TaskStatus.COMPLETED
             assert done.result is not None
             assert done.result.output_ids == marked[t.task_id]
+
+
+@pytest.mark.parametrize("n", [3, 4])
+async def test_a_frozen_gateway_that_thaws_after_its_replacement_does_not_split_the_cluster(
+    tiny_model: Path, tmp_path: Path, references: dict[str, list[int]], n: int
+) -> None:
+    """f = 0. Node 0 freezes (a SIGSTOP, a VM pause, a stall under load): the others see
+    it fail and node 1 takes over. Node 0, alone, sees every peer fail. When it thaws,
+    there must still be one agreed log: node 0 learns it no longer acts and stops
+    serving, and every node follows node 1. Node 0's re-plan around the peers it could
+    not hear must never take effect, and with a majority deciding (protocol.quorum) the
+    takeover must still go through at n = 3 and 4."""
+    async with InProcessCluster(tiny_model, n, tmp_path, f=0, settings=SETTINGS) as c:
+        first, standby = gateway(c, 0), gateway(c, 1)
+        await c.until(lambda: first.scheduler is not None, "node 0 serving")
+        c.kill(0)  # heard by no one, and hearing no one
+        deaf = {(NodeId(i), NodeId(0)) for i in range(1, n)}
+        c.hub.cut |= deaf
+        await c.until(lambda: standby.scheduler is not None, "node 1 takes over")
+        await c.until(lambda: c.nodes[0].membership.status(NodeId(1)) == "failed", "node 0 alone")
+        for _ in range(20):  # node 0 keeps running on its own for a while
+            c.hub.tick(0.1)
+            await asyncio.sleep(0.005)
+        c.revive(0)
+        c.hub.cut -= deaf
+        await c.until(
+            lambda: all(node.role.acting == 1 and node.role.term == 1 for node in c.nodes),
+            "every node follows node 1",
+            beats=1000,
+        )
+        await c.until(lambda: first.scheduler is None, "node 0 stops serving")
+        scheduler = standby.scheduler
+        assert scheduler is not None
+        await scheduler.submit(task(tiny_model, "greedy"))
+        done = await asyncio.wait_for(_settled(c, standby, "greedy"), 60)
+        assert done.result is not None and list(done.result.output_ids) == references["greedy"]
+
+        def one_log() -> bool:  # one agreed log, not two: the same length everywhere
+            return len({node.agreement.driver.last_executed for node in c.nodes}) == 1
+
+        await c.until(one_log, "every node executed the same log", beats=1000)
+        agreed = c.nodes[1].stage_server.plan
+        assert agreed is not None and all(node.stage_server.plan == agreed for node in c.nodes[1:])
+        # node 0's re-plan around the peers it could not hear was never agreed or applied
+        alone = c.nodes[0].stage_server.plan
+        assert alone is not None and (alone == agreed or alone.epoch < agreed.epoch)
+
+
+async def _settled(c: InProcessCluster, gw: Gateway, task_id: str) -> TaskSnapshot:
+    def finished() -> bool:
+        stored = gw.replicas.store.get(task_id)
+        return stored is not None and stored.state.terminal
+
+    await c.until(finished, task_id, beats=1500)
+    assert gw.scheduler is not None
+    return await gw.scheduler.snapshot(task_id)
+
+
+async def test_with_f_0_a_standby_that_alone_stops_hearing_the_gateway_does_not_take_over(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """f = 0, n = 4: node 1 alone stops hearing node 0 (heartbeats lost on one link, as
+    when node 1's beats reader stalls under load). The others still hear node 0, so no
+    takeover may be agreed: with one vote deciding, node 1 had moved to a view of its own,
+    ordered its own takeover and served as a second gateway, refusing node 0's plans while
+    the rest followed them (a 4-node cluster under cProfile, 2026-12-05)."""
+    async with InProcessCluster(tiny_model, 4, tmp_path, f=0, settings=SETTINGS) as c:
+        first = gateway(c, 0)
+        await c.until(lambda: first.scheduler is not None, "node 0 serving")
+        c.hub.cut.add((NodeId(0), NodeId(1)))
+        await c.until(lambda: c.nodes[1].membership.status(NodeId(0)) == "failed", "suspicion")
+        for _ in range(100):
+            c.hub.tick(0.1)
+            await asyncio.sleep(0.005)
+        assert all(node.role.acting == 0 and node.role.term == 0 for node in c.nodes)
+        assert gateway(c, 1).scheduler is None and first.scheduler is not None

@@ -24,8 +24,12 @@ def test_five_nodes_with_one_liar_need_four_votes() -> None:
     assert quorum(4, 1) == 3 and quorum(7, 2) == 5
 
 
-def test_with_no_liar_tolerated_one_vote_decides_whatever_n() -> None:
-    assert quorum(1, 0) == quorum(3, 0) == quorum(4, 0) == 1
+def test_with_no_liar_tolerated_a_majority_decides() -> None:
+    """f = 0 still needs two quorums to meet: a node cut off alone (or a minority) must
+    not decide what the rest never saw (tests/test_inprocess_gateway_failover.py)."""
+    assert [quorum(n, 0) for n in (1, 2, 3, 4, 5, 6, 7)] == [1, 2, 2, 3, 3, 4, 4]
+    for n in range(1, 30):
+        assert 2 * quorum(n, 0) > n
 
 
 def test_the_replicas_of_a_five_node_cluster_wait_for_four() -> None:

@@ -46,15 +46,19 @@ def wait_for_tokens(url: str, task: str, at_least: int, timeout_s: float = 30) -
     raise TimeoutError(f"task {task} did not reach {at_least} tokens")
 
 
-# One seed in CI: it kills all three non-gateway nodes in turn, at random positions;
-# seed 1 added 32 s to a suite over its 15 minutes on an AMD EPYC. bench/chaos.py runs
-# kills at many seeds.
+# One seed in CI: it kills two of the four non-gateway nodes in turn, at random positions
+# (5 nodes at f = 0: a quorum is a majority, 3, which two crashes leave standing;
+# protocol.quorum); bench/chaos.py runs kills at many seeds.
 @pytest.mark.parametrize("seed", [0])
 def test_kill_nodes_at_random_positions(tiny_model: Path, tmp_path: Path, seed: int) -> None:
     rng = random.Random(seed)
-    victims = rng.sample([1, 2, 3], 3)
-    with running_cluster(tiny_model, 4, tmp_path) as cluster:
-        for round_, victim in enumerate(victims):
+    victims: list[int] = []
+    with running_cluster(tiny_model, 5, tmp_path) as cluster:
+        for round_ in range(2):
+            # a node holding a stage (the tiny model's 4 layers leave one of 5 idle)
+            nodes = httpx.get(f"{cluster.api_url}/health", timeout=10).json()["nodes"]
+            victim = rng.choice(sorted(n["id"] for n in nodes if n["layers"] and n["id"] != 0))
+            victims.append(victim)
             prompt = PROMPTS[(seed * 3 + round_) % len(PROMPTS)]
             expected = reference(tiny_model, prompt)
             kill_at = 0 if round_ == 0 else rng.randrange(1, NEW // 2)
@@ -78,7 +82,7 @@ def test_kill_nodes_at_random_positions(tiny_model: Path, tmp_path: Path, seed: 
             # the survivors keep serving
             assert httpx.get(f"{cluster.api_url}/health", timeout=10).json()["epoch"] >= 2
             if round_ == len(victims) - 1:
-                assert used == {0}
+                assert not used & set(victims)
 
 
 def test_primary_and_chain_node_killed_standby_resumes_from_its_copy(

@@ -67,8 +67,9 @@ def prepared_certificates(state: ReplicaState) -> tuple[PreparedCertificate, ...
             if digest is None:
                 continue
             lead = state.config.primary_of(view)
+            prepares = slot.prepares.get(view, {})  # none: a quorum of one (n = 1)
             votes = sorted(
-                (p for j, p in slot.prepares[view].items() if j != lead and p.digest == digest),
+                (p for j, p in prepares.items() if j != lead and p.digest == digest),
                 key=lambda p: p.sender,
             )
             proof = tuple(votes[: state.config.quorum - 1])

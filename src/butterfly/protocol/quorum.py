@@ -40,12 +40,22 @@ def quorum(n: int, f: int) -> int:
     is too few (n = 5, f = 1: two sets of 3 can meet in one node, which may be the liar).
     It stays reachable with f silent whenever n >= 3f + 1.
 
-    With f = 0 no member lies, and one vote decides, as 2f + 1 always gave: the gateway is
-    the only proposer, and a cluster that tolerates no liar keeps deciding with any
-    member left (a larger quorum would only guard against a partition, which the
-    acting-gateway agreement does not promise to survive with f = 0).
+    With f = 0 it is a majority, not 2f + 1 = 1. No member lies then, but a member may be
+    slow or cut off, and one vote deciding let a standby that alone stopped hearing the
+    gateway change the view by itself and order its own takeover, against the failure
+    detectors of every other node (and a gateway that alone stopped hearing the others
+    re-plan around them): two logs, two gateways, each refusing the other's plans for
+    good (a 4-node cluster under load, 2026-12-05). A majority keeps every decision in
+    one log, as in Raft; the price is that fewer than a majority of the members left
+    decide nothing (3 nodes survive 1 crash, 4 survive 1, 5 survive 2), which is why
+    membership removes a failed member by agreement while a majority still stands.
+
+    >>> [quorum(n, 0) for n in (1, 2, 3, 4, 5)]
+    [1, 2, 2, 3, 3]
+    >>> quorum(4, 1), quorum(5, 1), quorum(7, 2)
+    (3, 4, 5)
     """
-    return 1 if f == 0 else (n + f + 2) // 2
+    return (n + f + 2) // 2
 
 
 def weak_quorum(f: int) -> int:

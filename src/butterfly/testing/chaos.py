@@ -56,9 +56,12 @@ GATEWAYS = 2
 API on the first gateway's port + k, and clients try them in turn."""
 
 F_OF = {"kill_two": 0}
-"""Two crashes are more than f = 1 allows n = 4 (agreement needs 2f + 1 = 3 live
-members; tried, the re-plan never commits), so that trial runs f = 0 with every layer
-range on three nodes: the standbys allow it and one live member is a quorum."""
+NODES_OF = {"kill_two": 5}
+"""Two crashes are more than f = 1 allows n = 4 (agreement needs 3 live members; tried,
+the re-plan never commits), and more than any 4 members allow at all: a quorum must be a
+majority even at f = 0 (protocol.quorum), so 4 survive one crash. That trial runs 5 nodes
+at f = 0 (a quorum of 3, left standing after two crashes) with every layer range on
+three of them."""
 REPLICATION_OF = {"kill_two": 3}
 
 Reference = Callable[[str, int], list[int]]
@@ -213,7 +216,8 @@ def run_trial(
     promise (the outcome says what broke), only for a cluster that cannot start."""
     rng = random.Random(seed)
     fault = faults[seed % len(faults)] if len(faults) > 1 else faults[0]
-    stage_nodes = list(range(1, NODES))
+    size = NODES_OF.get(fault, NODES)
+    stage_nodes = list(range(1, size))
     rng.shuffle(stage_nodes)
     nodes = (
         (0,)
@@ -225,7 +229,7 @@ def run_trial(
     port = free_port_block(GATEWAYS)
     settings = {**SETTINGS, "partition.replication": REPLICATION_OF.get(fault, 0)}
     configs = node_configs(
-        nodes=NODES,
+        nodes=size,
         f=F_OF.get(fault, F),
         model=model,
         api_port=port,
