@@ -335,7 +335,7 @@ async def _settled(c: InProcessCluster, gw: Gateway, task_id: str) -> TaskSnapsh
 
     await c.until(finished, task_id, beats=1500)
     assert gw.scheduler is not None
-    return await gw.scheduler.snapshot(task_id)
+    return await gw.scheduler.wait(task_id, 10)  # stored terminal; settled here too
 
 
 async def test_with_f_0_a_standby_that_alone_stops_hearing_the_gateway_does_not_take_over(

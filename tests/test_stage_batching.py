@@ -34,10 +34,18 @@ def _step(entries: list[tuple[str, int, list[int]]]) -> tuple[StageStep, bytes]:
     return msg, encode_tensor(torch.tensor([tokens], dtype=torch.int64))
 
 
-async def _server(model: Path) -> StageServer:
-    server = StageServer(
-        node=NodeId(1), model_dir=model, max_tensor_bytes=1 << 30, torch_thread=TorchThread()
+def _unplanned(model: Path, keep_outputs: bool = False) -> StageServer:
+    return StageServer(
+        node=NodeId(1),
+        model_dir=model,
+        max_tensor_bytes=1 << 30,
+        torch_thread=TorchThread(),
+        keep_outputs=keep_outputs,
     )
+
+
+async def _server(model: Path) -> StageServer:
+    server = _unplanned(model)
     ack = await server.apply_plan(StagePlan(1, ((NodeId(1), LayerRange(0, 4)),)).to_message("h"))
     assert ack.ok, ack.error
     return server
@@ -76,13 +84,7 @@ def test_kept_outputs_cover_a_request_from_position_zero_or_are_none(tiny_model:
     came after it; a gap or a release gives None, so the audit asks a replica instead."""
 
     async def scenario() -> None:
-        server = StageServer(
-            node=NodeId(1),
-            model_dir=tiny_model,
-            max_tensor_bytes=1 << 30,
-            torch_thread=TorchThread(),
-            keep_outputs=True,
-        )
+        server = _unplanned(tiny_model, keep_outputs=True)
         plan = StagePlan(1, ((NodeId(1), LayerRange(0, 2)), (NodeId(2), LayerRange(2, 4))))
         assert (await server.apply_plan(plan.to_message("h"))).ok
         layers = LayerRange(0, 2)
@@ -111,12 +113,7 @@ def test_a_step_reaching_a_node_that_holds_no_plan_yet_waits_for_it(tiny_model: 
     unanswered and timed out a minute later)."""
 
     async def scenario() -> None:
-        server = StageServer(
-            node=NodeId(1),
-            model_dir=tiny_model,
-            max_tensor_bytes=1 << 30,
-            torch_thread=TorchThread(),
-        )
+        server = _unplanned(tiny_model)
         assert server.plan is None
         msg, payload = _step([("late", 0, PROMPTS["a"])])
         plan = StagePlan(1, ((NodeId(1), LayerRange(0, 4)),))
