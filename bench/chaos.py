@@ -1,6 +1,7 @@
 """Chaos, long form: many seeded fault trials on real node processes, one JSON object.
 
-Each trial is a fresh 4-node cluster with requests in flight when one fault strikes
+Each trial is a fresh 4-node cluster (5 nodes at f = 0 for two kills: a quorum is a
+majority, protocol.quorum) with requests in flight when one fault strikes
 (`butterfly.testing.chaos`: stage kill, two kills, kill and restart, freeze, the acting
 gateway killed, or killed and restarted, whole-cluster restart). Reports lost, wrong and
 failed tasks (the target is 0 of each), the recovery time users see (from the fault to a
