@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+import tomllib
 from pathlib import Path
 
 import httpx
@@ -19,9 +20,11 @@ import pytest
 from typer.testing import CliRunner
 
 from butterfly.cli import app
+from butterfly.cli.launcher import LocalCluster, free_port_block, node_configs
 from butterfly.runtime.generate import generate
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.tokenizer import TextCodec
+from butterfly.testing.latency import delay_cluster
 from butterfly.types.tasks import SamplingParams
 from tests.cluster_util import running_cluster
 
@@ -106,3 +109,39 @@ def infer(urls: list[str]) -> list[int]:
     assert result.exit_code == 0, result.output
     output_ids: list[int] = json.loads(result.stdout)["output_ids"]
     return output_ids
+
+
+def test_with_f_0_a_standby_that_alone_loses_the_gateways_heartbeats_does_not_take_over(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Real processes, f = 0, a proxy (no delay) in front of every node: node 0's
+    heartbeats to node 1 are lost for 3 s, everything else flows. Node 1 sees node 0
+    fail; nodes 2 and 3 do not, so no takeover may be agreed. With one vote deciding
+    (the quorum at f = 0 once was 1) node 1 ordered its own and served as a second
+    gateway (tests/test_inprocess_gateway_failover.py has the same in one process)."""
+    expected = references(tiny_model)[0][:SHORT]
+    port = free_port_block(2)
+    cfgs = node_configs(nodes=4, f=0, model=tiny_model, api_port=port, data_dir=tmp_path)
+    with delay_cluster(cfgs, 0.0) as proxies:
+        docs = [tomllib.loads(p.read_text()) for p in cfgs]
+        member_port = int(docs[1]["cluster"]["members"][1].rsplit(":", 1)[1])
+        gateway_port = int(docs[0]["node"]["listen"].rsplit(":", 1)[1])  # node 0's UDP too
+        cluster = LocalCluster(cfgs, f"http://127.0.0.1:{port}", tmp_path)
+        try:
+            cluster.start()
+            cluster.wait_ready(120)
+            urls = [cluster.api_url, f"http://127.0.0.1:{port + 1}"]
+            assert infer(urls) == expected
+            proxies.drop_datagrams(member_port, gateway_port)
+            time.sleep(3.0)
+            proxies.drop_datagrams(member_port, gateway_port, dropped=False)
+            time.sleep(1.0)
+            log = (tmp_path / "node-1.log").read_text()
+            assert "taking over" in log  # node 1 did see node 0 fail, and proposed
+            assert "acts as the gateway" not in log  # but was never agreed
+            for url in urls:
+                gateways = httpx.get(f"{url}/health", timeout=10).json()["gateways"]
+                assert [(g["node"], g["acting"]) for g in gateways] == [(0, True), (1, False)]
+            assert infer(urls) == expected
+        finally:
+            cluster.stop()

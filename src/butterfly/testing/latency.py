@@ -87,16 +87,20 @@ async def delay_line(
 
 
 class _DelayedDatagrams(asyncio.DatagramProtocol):
-    """Relays every datagram to `target` `delay_s` later (UDP keeps no order anyway)."""
+    """Relays every datagram to `target` `delay_s` later (UDP keeps no order anyway),
+    except those from a port in `dropped` (`LatencyProxies.drop_datagrams`)."""
 
     def __init__(self, target: tuple[str, int], delay_s: float) -> None:
         self.target, self.delay_s = target, delay_s
         self.transport: asyncio.DatagramTransport | None = None
+        self.dropped: set[int] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)  # a datagram endpoint's
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        if addr[1] in self.dropped:
+            return
         loop = asyncio.get_running_loop()
         loop.call_later(self.delay_s, self._send, data)
 
@@ -116,6 +120,7 @@ class LatencyProxies:
         self._thread.start()
         self._servers: list[asyncio.Server] = []
         self._datagrams: list[asyncio.DatagramTransport] = []
+        self._relays: dict[int, _DelayedDatagrams] = {}  # listen port -> its UDP relay
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -154,11 +159,24 @@ class LatencyProxies:
         self._servers.append(server)
         port = int(server.sockets[0].getsockname()[1])
         if udp:
+            relay = _DelayedDatagrams(target, self.delay_s)
             transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
-                lambda: _DelayedDatagrams(target, self.delay_s), local_addr=(listen[0], port)
+                lambda: relay, local_addr=(listen[0], port)
             )
             self._datagrams.append(transport)
+            self._relays[port] = relay
         return port
+
+    def drop_datagrams(self, listen_port: int, from_port: int, dropped: bool = True) -> None:
+        """Lose (or, with `dropped` false, relay again) the datagrams that reach the proxy
+        on `listen_port` from `from_port`: one node's heartbeats to one peer, the other
+        direction and every TCP connection untouched (a one-sided stall)."""
+        relay = self._relays[listen_port]
+
+        def change() -> None:
+            (relay.dropped.add if dropped else relay.dropped.discard)(from_port)
+
+        self._loop.call_soon_threadsafe(change)
 
     async def _close(self) -> None:
         for server in self._servers:
