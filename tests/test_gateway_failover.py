@@ -142,6 +142,10 @@ def test_with_f_0_a_standby_that_alone_loses_the_gateways_heartbeats_does_not_ta
             for url in urls:
                 gateways = httpx.get(f"{url}/health", timeout=10).json()["gateways"]
                 assert [(g["node"], g["acting"]) for g in gateways] == [(0, True), (1, False)]
+            # and node 1 behaves as a standby: it sends a client on to node 0, serving none
+            body = {"prompt": PROMPTS[0], "max_new_tokens": SHORT}
+            led = httpx.post(f"{urls[1]}/inference", json=body, timeout=10)
+            assert led.status_code == 307 and led.headers["location"].startswith(urls[0])
             assert infer(urls) == expected
         finally:
             cluster.stop()

@@ -182,7 +182,8 @@ class WrongLayerStageServer(StageServer):
                 elif isinstance(weight, Int8Weight):
                     weight.q.zero_()
                 elif isinstance(weight, torch.Tensor) and weight.is_mkldnn:  # oneDNN's own
-                    object.__setattr__(blocks[-1], name, torch.zeros(weight.shape))
+                    zeros = torch.zeros(weight.shape, dtype=weight.dtype)  # bf16 packs too
+                    object.__setattr__(blocks[-1], name, zeros)
                 elif isinstance(weight, torch.Tensor):
                     weight.zero_()
         return ack
