@@ -40,7 +40,14 @@ HANDOFF_S = 0.0002
 (22 µs on an idle event loop; 100-300 µs between a tiny stage's steps on this 2-core
 machine under load)."""
 PROBE_EVERY = 16
-"""Every this many jobs of a kind run on the path not chosen, so its time stays known."""
+"""Every this many jobs of a kind run on the path not chosen, so its time stays known,
+or less often when that path is clearly slower (PROBE_SHARE)."""
+PROBE_SHARE = 0.02
+"""What the probes of the path not chosen may add to a kind's time, on average. A tiny
+stage's decode step took 0.15-0.2 ms inline and 1.0-1.7 ms on the worker (its OpenMP team
+woken on cores the other nodes hold) in a 4-node cluster of this 2-core machine: one
+probe in 16 added about 70 µs to every step, a tenth of a hop. The probe interval grows
+with the gap, up to RARE_PROBE_EVERY, so a change of conditions is still seen."""
 LONG_JOB_MARGIN = 0.75
 """A job longer than INLINE_MAX_S runs inline only when that measured this much of the
 worker's time or less: when other processes hold the cores (stages of a local cluster all
@@ -82,8 +89,17 @@ class _Timing:
             better = self.inline <= LONG_JOB_MARGIN * self.worker
         else:
             better = self.inline <= self.worker + HANDOFF_S
-        probe = self.count % PROBE_EVERY == 0
+        probe = self.count % self._probe_every() == 0
         return better != probe
+
+    def _probe_every(self) -> int:
+        """PROBE_EVERY, or more jobs when a probe costs more than PROBE_SHARE of that
+        many jobs' time."""
+        if self.inline is None or self.worker is None:
+            return PROBE_EVERY
+        fast, slow = sorted((self.inline, self.worker))
+        spaced = (slow - fast) / (PROBE_SHARE * max(fast, 1e-6))
+        return max(PROBE_EVERY, min(RARE_PROBE_EVERY, int(spaced)))
 
 
 def confine_to_one_thread() -> int:
