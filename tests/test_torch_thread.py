@@ -167,8 +167,7 @@ def test_a_job_of_milliseconds_runs_inline_only_when_clearly_faster_there() -> N
     alike = _Timing(inline=3 * INLINE_MAX_S, worker=3.5 * INLINE_MAX_S)
     assert inline_share(alike, 16 * PROBE_EVERY) == 16  # the probes alone
     clearly = _Timing(inline=3 * INLINE_MAX_S, worker=6 * INLINE_MAX_S)
-    probes = 16 * PROBE_EVERY - inline_share(clearly, 16 * PROBE_EVERY)
-    assert 0 < probes < 16  # still timed now and then, less often: the gap is wide
+    assert inline_share(clearly, 16 * PROBE_EVERY) == 15 * PROBE_EVERY
     tiny = _Timing(inline=INLINE_MAX_S / 4, worker=INLINE_MAX_S / 3)  # as fast: inline
     assert inline_share(tiny, 16 * PROBE_EVERY) == 15 * PROBE_EVERY
     long = _Timing(inline=2 * FIRST_TRY_MAX_S, worker=FIRST_TRY_MAX_S)
@@ -179,8 +178,8 @@ def test_a_path_far_slower_is_probed_rarely_and_a_close_one_often() -> None:
     """The probes of the path not chosen cost about PROBE_SHARE of the kind's time: a
     tiny stage's step, 0.17 ms inline against 1.3 ms on the worker (as measured in a
     4-node cluster), is sent to the worker once in RARE_PROBE_EVERY jobs, not once in
-    PROBE_EVERY (which added 70 µs to every step); paths close in time are both timed
-    every PROBE_EVERY jobs."""
+    PROBE_EVERY (which added 70 µs to every step); paths close in time, and kinds of
+    milliseconds, are both timed every PROBE_EVERY jobs."""
     jobs = 4 * RARE_PROBE_EVERY
     far = _Timing(inline=0.17e-3, worker=1.3e-3)
     probes = jobs - inline_share(far, jobs)
@@ -191,3 +190,7 @@ def test_a_path_far_slower_is_probed_rarely_and_a_close_one_often() -> None:
     assert jobs - inline_share(close, jobs) == jobs // PROBE_EVERY
     worker_wins = _Timing(inline=1.3e-3, worker=0.17e-3)  # the same gap the other way
     assert inline_share(worker_wins, jobs) == 4
+    # a kind of milliseconds: the worker's team, asleep when probed, times slower than
+    # it runs step after step, so both paths stay probed every PROBE_EVERY jobs
+    stage = _Timing(inline=2 * INLINE_MAX_S, worker=3.4 * INLINE_MAX_S)
+    assert inline_share(stage, jobs) == jobs - jobs // PROBE_EVERY

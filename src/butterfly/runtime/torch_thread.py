@@ -43,11 +43,16 @@ PROBE_EVERY = 16
 """Every this many jobs of a kind run on the path not chosen, so its time stays known,
 or less often when that path is clearly slower (PROBE_SHARE)."""
 PROBE_SHARE = 0.02
-"""What the probes of the path not chosen may add to a kind's time, on average. A tiny
-stage's decode step took 0.15-0.2 ms inline and 1.0-1.7 ms on the worker (its OpenMP team
-woken on cores the other nodes hold) in a 4-node cluster of this 2-core machine: one
+"""What the probes of the path not chosen may add to a short kind's time, on average. A
+tiny stage's decode step took 0.15-0.2 ms inline and 1.0-1.7 ms on the worker (its OpenMP
+team woken on cores the other nodes hold) in a 4-node cluster of this 2-core machine: one
 probe in 16 added about 70 µs to every step, a tenth of a hop. The probe interval grows
-with the gap, up to RARE_PROBE_EVERY, so a change of conditions is still seen."""
+with the gap, up to RARE_PROBE_EVERY, so a change of conditions is still seen. Only for
+kinds whose faster path is under INLINE_MAX_S: a job of milliseconds probed on the
+worker finds its team asleep and times slower than the worker runs once steps follow
+one another there (small-model stages: 5.4-6.8 ms probed, against 3.9 ms inline), so
+frequent probes are what let the worker win such a kind back; spacing them out made 4
+small-model nodes 1.07x slower (bench/hops.py A/B, AMD EPYC)."""
 LONG_JOB_MARGIN = 0.75
 """A job longer than INLINE_MAX_S runs inline only when that measured this much of the
 worker's time or less: when other processes hold the cores (stages of a local cluster all
@@ -93,11 +98,13 @@ class _Timing:
         return better != probe
 
     def _probe_every(self) -> int:
-        """PROBE_EVERY, or more jobs when a probe costs more than PROBE_SHARE of that
-        many jobs' time."""
+        """PROBE_EVERY, or more jobs for a short kind when a probe costs more than
+        PROBE_SHARE of that many jobs' time."""
         if self.inline is None or self.worker is None:
             return PROBE_EVERY
         fast, slow = sorted((self.inline, self.worker))
+        if fast > INLINE_MAX_S:
+            return PROBE_EVERY
         spaced = (slow - fast) / (PROBE_SHARE * max(fast, 1e-6))
         return max(PROBE_EVERY, min(RARE_PROBE_EVERY, int(spaced)))
 
