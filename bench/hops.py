@@ -222,13 +222,14 @@ def main() -> None:
     per_version: dict[str, Any] = {}
     for v in versions:
         medians = [statistics.median(times[(v, n)]) for n in sizes]
-        paired = [slope(xs, [times[(v, n)][r] for n in sizes]) for r in range(args.rounds)]
         per_version[v] = {
             "src": versions[v] or str(Path(__file__).resolve().parents[1] / "src"),
             "decode_ms_per_token": {str(n): summary(times[(v, n)]) for n in sizes},
-            "per_hop_ms": round(slope(xs, medians), 4),
-            "paired_per_hop_ms": summary(paired),
         }
+        if len(sizes) > 1:  # one size (an A/B of one cluster size) has no slope
+            paired = [slope(xs, [times[(v, n)][r] for n in sizes]) for r in range(args.rounds)]
+            per_version[v]["per_hop_ms"] = round(slope(xs, medians), 4)
+            per_version[v]["paired_per_hop_ms"] = summary(paired)
     result = {
         "benchmark": "hops",
         "model": f"demo-{args.size}",
