@@ -5,7 +5,8 @@ path of a frame between them: arrival, decoding, the hand-off to the torch threa
 result's encoding and signing, and the send. All clusters run at once and every round
 asks each of them in turn (the order rotates), so they see the same machine state;
 `per_hop_ms` is the least-squares slope of per-token time over the node count (the
-ring through n nodes has n links), and `paired_per_hop_ms` the same slope per round.
+ring through n nodes has n links), and `paired_per_hop_ms` the same slope per round
+(both left out when one cluster size is run, for an A/B of that size alone).
 
 With `--baseline-src DIR` the same clusters also run on the code under DIR (another
 checkout's src/), interleaved with these, so a change's effect is measured in one run.
@@ -226,7 +227,7 @@ def main() -> None:
             "src": versions[v] or str(Path(__file__).resolve().parents[1] / "src"),
             "decode_ms_per_token": {str(n): summary(times[(v, n)]) for n in sizes},
         }
-        if len(sizes) > 1:  # one size (an A/B of one cluster size) has no slope
+        if len(set(sizes)) > 1:  # one size (an A/B of one cluster size) has no slope
             paired = [slope(xs, [times[(v, n)][r] for n in sizes]) for r in range(args.rounds)]
             per_version[v]["per_hop_ms"] = round(slope(xs, medians), 4)
             per_version[v]["paired_per_hop_ms"] = summary(paired)

@@ -310,30 +310,40 @@ def _allowed(tid: str) -> set[int]:
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
 def test_a_team_thread_on_its_masters_cpu_moves_off_it(calls: list[int]) -> None:
-    """A compiled call's second thread, woken where its master runs, leaves that CPU for
-    the process's others: otherwise both share one core until the load balancer moves one
-    (four small-model layers on two threads: 7.3 ms after a pause against 3.0 ms). The
-    master is held to one CPU while it creates its team, so the team's thread starts on
-    that CPU, as a woken thread would."""
+    """A compiled call's second thread, woken where its master runs, leaves that CPU:
+    otherwise both share one core until the load balancer moves one (four small-model
+    layers on two threads: 7.3 ms after a pause against 3.0 ms). The master is held to
+    one CPU while it creates its team, so the team's thread starts on that CPU, as a
+    woken thread would; it moves to the process's other CPUs."""
     fused, _ = stages(BASE)
     cpus = os.sched_getaffinity(0)
     first = min(cpus)
     seen: dict[str, set[int]] = {}
+    failed: list[BaseException] = []
 
     def master() -> None:
-        torch.set_num_threads(2)
-        os.sched_setaffinity(0, {first})  # the team's thread inherits this
-        before = set(os.listdir("/proc/self/task"))
-        x = torch.randn(1, 1, BASE.dim, generator=torch.Generator().manual_seed(3))
-        with torch.inference_mode():
-            fused.forward(x, fused.new_cache(), 0)
-        for tid in set(os.listdir("/proc/self/task")) - before:
-            with contextlib.suppress(OSError):  # a thread that ended meanwhile
-                seen[tid] = _allowed(tid)
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(2)
+            os.sched_setaffinity(0, {first})  # this thread only; its team inherits it
+            before = set(os.listdir("/proc/self/task"))
+            x = torch.randn(1, 1, BASE.dim, generator=torch.Generator().manual_seed(3))
+            with torch.inference_mode():
+                fused.forward(x, fused.new_cache(), 0)
+            for tid in set(os.listdir("/proc/self/task")) - before:
+                with contextlib.suppress(OSError):  # a thread that ended meanwhile
+                    seen[tid] = _allowed(tid)
+        except BaseException as e:  # reported on the test's thread
+            failed.append(e)
+        finally:
+            torch.set_num_threads(threads)
 
     thread = threading.Thread(target=master)
     thread.start()
     thread.join(60)
+    assert not thread.is_alive()
+    if failed:
+        raise failed[0]
     assert calls == [1]
     assert seen, "the call started no thread of its own"
     assert cpus - {first} in seen.values()  # the team's thread: every CPU but the master's

@@ -170,16 +170,39 @@ static void meet(struct meeting *at, unsigned threads) {
  * the master spinning at the first meeting, until the load balancer moves one some
  * milliseconds later. Measured on a 2-core AMD EPYC VM: four of the small model's layers
  * on two threads took 7.3 ms after a 15 ms pause against 3.0 ms back to back (3.9 ms on
- * one thread), and 3.7 ms with this. The thread keeps the process's CPUs (its first
- * thread's) minus the master's, so it stays off that CPU while the master stays; a
- * master that moves is followed at the next call. */
-static void leave_master_cpu(int cpu) {
-    if (cpu < 0 || sched_getcpu() != cpu) return;
+ * one thread), and 3.7 ms with this. The thread takes the master's CPUs minus the
+ * master's own (the process's, if the master is held to that one), so it stays off it
+ * while the master stays; a master that moves is followed at the next call. Nothing is
+ * moved where OpenMP binds threads itself (OMP_PROC_BIND, OMP_PLACES) or off Linux. */
+#ifdef __linux__
+struct away {
+    int cpu; /* the master's, or -1: stay */
     cpu_set_t allowed;
-    if (sched_getaffinity(getpid(), sizeof allowed, &allowed) != 0) return;
-    CPU_CLR(cpu, &allowed);
-    if (CPU_COUNT(&allowed) > 0) sched_setaffinity(0, sizeof allowed, &allowed);
+};
+static struct away away_from_master(void) {
+    struct away a = {.cpu = -1};
+    if (omp_get_max_threads() < 2 || omp_get_proc_bind() != omp_proc_bind_false) return a;
+    const int cpu = sched_getcpu();
+    if (cpu < 0 || sched_getaffinity(0, sizeof a.allowed, &a.allowed) != 0) return a;
+    CPU_CLR(cpu, &a.allowed);
+    if (CPU_COUNT(&a.allowed) == 0) {
+        if (sched_getaffinity(getpid(), sizeof a.allowed, &a.allowed) != 0) return a;
+        CPU_CLR(cpu, &a.allowed);
+    }
+    if (CPU_COUNT(&a.allowed) > 0) a.cpu = cpu;
+    return a;
 }
+static void leave_master_cpu(const struct away *a) {
+    if (a->cpu >= 0 && sched_getcpu() == a->cpu)
+        sched_setaffinity(0, sizeof a->allowed, &a->allowed);
+}
+#else
+struct away {
+    int cpu;
+};
+static struct away away_from_master(void) { return (struct away){-1}; }
+static void leave_master_cpu(const struct away *a) { (void)a; }
+#endif
 
 /* A thread's scratch for x's byte passes (int8 weights on VNNI, blocked_linear.c). */
 struct passes {
@@ -299,11 +322,11 @@ int butterfly_llama_layers_f32(float *h, int64_t M, int64_t D, int64_t L, const 
     float *qs = malloc(sizeof(float) * (size_t)(threads * M * passes) + 1);
     int ok = a && qkv && att && mid && gated && scores && qu && qs;
     struct meeting meeting = {0, 0};
-    const int master_cpu = sched_getcpu();
+    const struct away away = away_from_master();
     if (ok) {
 #pragma omp parallel
         {
-            if (omp_get_thread_num() != 0) leave_master_cpu(master_cpu);
+            if (omp_get_thread_num() != 0) leave_master_cpu(&away);
             float *mine = scores + omp_get_thread_num() * longest;
             const struct passes q = {qu + omp_get_thread_num() * M * passes * widest,
                                      qs + omp_get_thread_num() * M * passes};

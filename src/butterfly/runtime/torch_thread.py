@@ -59,7 +59,8 @@ worker's time or less: when other processes hold the cores (stages of a local cl
 busy with micro-batches), one thread that is not waited on beats a team that is."""
 RARE_PROBE_EVERY = 256
 """For a kind too long to run inline: one job in this many is timed inline again, in
-case it was measured in a bad moment (a GC pause), at a cost that averages out."""
+case it was measured in a bad moment (a GC pause), at a cost that averages out. Also the
+longest interval between probes of a short kind (PROBE_SHARE)."""
 EWMA = 0.25
 
 
@@ -70,6 +71,7 @@ class _Timing:
     inline: float | None = None
     worker: float | None = None
     count: int = 0
+    since_probe: int = 0  # jobs decided since the path not chosen was last tried
 
     def note(self, on_worker: bool, seconds: float) -> None:
         old = self.worker if on_worker else self.inline
@@ -81,9 +83,9 @@ class _Timing:
 
     def inline_wins(self) -> bool:
         """Inline when it measured no slower than the worker plus the hand-off; each path
-        is tried now and then (PROBE_EVERY), the worker first. Inline only for jobs short
-        enough for the loop to wait on (FIRST_TRY_MAX_S) and too short to gain from the
-        worker's threads (INLINE_MAX_S)."""
+        is tried now and then (`_probe_every`), the worker first. Inline only for jobs
+        short enough for the loop to wait on (FIRST_TRY_MAX_S) and too short to gain from
+        the worker's threads (INLINE_MAX_S). Called once per job that could run inline."""
         if self.worker is None:
             return False
         if self.inline is None:
@@ -94,18 +96,24 @@ class _Timing:
             better = self.inline <= LONG_JOB_MARGIN * self.worker
         else:
             better = self.inline <= self.worker + HANDOFF_S
-        probe = self.count % self._probe_every() == 0
+        # counted here, not by `count`: the interval moves with the timings, and a
+        # modulo of a moving interval could leave any number of jobs between probes
+        self.since_probe += 1
+        probe = self.since_probe >= self._probe_every(inline_chosen=better)
+        if probe:
+            self.since_probe = 0
         return better != probe
 
-    def _probe_every(self) -> int:
-        """PROBE_EVERY, or more jobs for a short kind when a probe costs more than
-        PROBE_SHARE of that many jobs' time."""
-        if self.inline is None or self.worker is None:
+    def _probe_every(self, *, inline_chosen: bool) -> int:
+        """PROBE_EVERY jobs, or more where the chosen path is under INLINE_MAX_S and a
+        probe of the other costs more than PROBE_SHARE of that many jobs' time; the
+        worker's path is counted with its hand-off."""
+        assert self.inline is not None and self.worker is not None
+        on_worker = self.worker + HANDOFF_S
+        chosen, other = (self.inline, on_worker) if inline_chosen else (on_worker, self.inline)
+        if chosen > INLINE_MAX_S or other <= chosen:
             return PROBE_EVERY
-        fast, slow = sorted((self.inline, self.worker))
-        if fast > INLINE_MAX_S:
-            return PROBE_EVERY
-        spaced = (slow - fast) / (PROBE_SHARE * max(fast, 1e-6))
+        spaced = (other - chosen) / (PROBE_SHARE * chosen)
         return max(PROBE_EVERY, min(RARE_PROBE_EVERY, int(spaced)))
 
 
