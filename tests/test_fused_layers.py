@@ -312,7 +312,7 @@ def _allowed(tid: str) -> set[int]:
 def test_a_team_thread_on_its_masters_cpu_moves_off_it(calls: list[int]) -> None:
     """A compiled call's second thread, woken where its master runs, leaves that CPU:
     otherwise both share one core until the load balancer moves one (four small-model
-    layers on two threads: 7.3 ms after a pause against 3.0 ms). The master is held to
+    layers on two threads, AMD EPYC: 7.3 ms after a pause against 3.0 ms). The master is held to
     one CPU while it creates its team, so the team's thread starts on that CPU, as a
     woken thread would; it moves to the process's other CPUs."""
     fused, _ = stages(BASE)

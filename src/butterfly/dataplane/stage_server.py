@@ -465,8 +465,7 @@ class StageServer:
         single-token entries (decode steps) run as one batch and longer ones (prefills) as
         one batch per length. Outputs are laid side by side in the entries' order.
         """
-        if epoch > self.epoch:
-            await self._plan_of(epoch)
+        await self.plan_of(epoch)
         x = decode_tensor(payload, self._max_tensor_bytes)
         stage = self._check_step(msg, epoch, x)
         caches = [

@@ -168,9 +168,10 @@ static void meet(struct meeting *at, unsigned threads) {
  * node's steps (other nodes compute meanwhile) the team sleeps, and the kernel wakes a
  * thread where its waker runs: both threads then share one core while the other idles,
  * the master spinning at the first meeting, until the load balancer moves one some
- * milliseconds later. Measured on a 2-core AMD EPYC VM: four of the small model's layers
- * on two threads took 7.3 ms after a 15 ms pause against 3.0 ms back to back (3.9 ms on
- * one thread), and 3.7 ms with this. The thread takes the master's CPUs minus the
+ * milliseconds later. Measured on a 2-core AMD EPYC VM (GOMP_SPINCOUNT=20000, as nodes
+ * run): four of the small model's layers on two threads took 7.3-8.2 ms after a 15 ms
+ * pause against 3.0-3.7 ms back to back (3.9 ms on one thread), and 3.9-4.0 ms with
+ * this. The thread takes the master's CPUs minus the
  * master's own (the process's, if the master is held to that one), so it stays off it
  * while the master stays; a master that moves is followed at the next call. Nothing is
  * moved where OpenMP binds threads itself (OMP_PROC_BIND, OMP_PLACES) or off Linux. */

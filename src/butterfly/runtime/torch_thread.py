@@ -43,16 +43,16 @@ PROBE_EVERY = 16
 """Every this many jobs of a kind run on the path not chosen, so its time stays known,
 or less often when that path is clearly slower (PROBE_SHARE)."""
 PROBE_SHARE = 0.02
-"""What the probes of the path not chosen may add to a short kind's time, on average. A
-tiny stage's decode step took 0.15-0.2 ms inline and 1.0-1.7 ms on the worker (its OpenMP
-team woken on cores the other nodes hold) in a 4-node cluster of this 2-core machine: one
-probe in 16 added about 70 µs to every step, a tenth of a hop. The probe interval grows
-with the gap, up to RARE_PROBE_EVERY, so a change of conditions is still seen. Only for
-kinds whose faster path is under INLINE_MAX_S: a job of milliseconds probed on the
-worker finds its team asleep and times slower than the worker runs once steps follow
-one another there (small-model stages: 5.4-6.8 ms probed, against 3.9 ms inline), so
-frequent probes are what let the worker win such a kind back; spacing them out made 4
-small-model nodes 1.07x slower (bench/hops.py A/B, AMD EPYC)."""
+"""What the probes of the path not chosen may add to a short kind's time, on average. On
+the 2-core AMD EPYC of 2026-12-05, a tiny stage's decode step took 0.15-0.2 ms inline
+and 1.0-1.7 ms on the worker (its OpenMP team woken on cores the other nodes hold) in a
+4-node cluster: one probe in 16 added about 70 µs to every step, a tenth of a hop. The
+probe interval grows with the gap, up to RARE_PROBE_EVERY, so a change of conditions is
+still seen. Only for kinds whose chosen path is under INLINE_MAX_S: a job of
+milliseconds probed on the worker finds its team asleep and times slower than the worker
+runs once steps follow one another there (small-model stages: 5.4-6.8 ms probed, against
+3.9 ms inline), so frequent probes are what let the worker win such a kind back; spacing
+them out made 4 small-model nodes 1.07x slower (bench/hops.py A/B, AMD EPYC)."""
 LONG_JOB_MARGIN = 0.75
 """A job longer than INLINE_MAX_S runs inline only when that measured this much of the
 worker's time or less: when other processes hold the cores (stages of a local cluster all
@@ -92,29 +92,29 @@ class _Timing:
             return self.worker <= FIRST_TRY_MAX_S  # never tried: try it once
         if self.inline > FIRST_TRY_MAX_S:
             return self.count % RARE_PROBE_EVERY == 0
+        on_worker = self.worker + HANDOFF_S
         if self.inline > INLINE_MAX_S:  # the worker's threads must be clearly held back
             better = self.inline <= LONG_JOB_MARGIN * self.worker
         else:
-            better = self.inline <= self.worker + HANDOFF_S
+            better = self.inline <= on_worker
         # counted here, not by `count`: the interval moves with the timings, and a
         # modulo of a moving interval could leave any number of jobs between probes
         self.since_probe += 1
-        probe = self.since_probe >= self._probe_every(inline_chosen=better)
+        chosen, other = (self.inline, on_worker) if better else (on_worker, self.inline)
+        probe = self.since_probe >= _probe_every(chosen, other)
         if probe:
             self.since_probe = 0
         return better != probe
 
-    def _probe_every(self, *, inline_chosen: bool) -> int:
-        """PROBE_EVERY jobs, or more where the chosen path is under INLINE_MAX_S and a
-        probe of the other costs more than PROBE_SHARE of that many jobs' time; the
-        worker's path is counted with its hand-off."""
-        assert self.inline is not None and self.worker is not None
-        on_worker = self.worker + HANDOFF_S
-        chosen, other = (self.inline, on_worker) if inline_chosen else (on_worker, self.inline)
-        if chosen > INLINE_MAX_S or other <= chosen:
-            return PROBE_EVERY
-        spaced = (other - chosen) / (PROBE_SHARE * chosen)
-        return max(PROBE_EVERY, min(RARE_PROBE_EVERY, int(spaced)))
+
+def _probe_every(chosen: float, other: float) -> int:
+    """PROBE_EVERY jobs, or more where the chosen path (seconds, the worker's with its
+    hand-off) is under INLINE_MAX_S and a probe of the other costs more than PROBE_SHARE
+    of that many jobs' time."""
+    if chosen > INLINE_MAX_S or other <= chosen:
+        return PROBE_EVERY
+    spaced = (other - chosen) / (PROBE_SHARE * chosen)
+    return max(PROBE_EVERY, min(RARE_PROBE_EVERY, int(spaced)))
 
 
 def confine_to_one_thread() -> int:
