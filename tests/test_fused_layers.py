@@ -169,6 +169,22 @@ def test_packed_entries_of_different_lengths_and_their_trace(calls: list[int]) -
     assert calls[-1] == sum(lengths)
 
 
+def test_a_position_past_the_rotary_tables_is_refused_before_the_call() -> None:
+    """The compiled call reads each row's rotation at its position: a position the tables
+    do not cover must be an error here, not a read past their end."""
+    fused, _ = stages(BASE)
+    plan = fused._fused
+    assert plan is not None
+    cos, sin = torch.ones(8, BASE.head_dim), torch.zeros(8, BASE.head_dim)
+    x, cache = torch.randn(1, BASE.dim), fused.new_cache()
+    out = fused_layers.run(plan, x, [cache], [0], [0], cos, sin)  # nothing cached yet
+    assert out.shape == (1, BASE.dim) and bool(out.isfinite().all())
+    with pytest.raises(ValueError, match="past the rotary tables' 8"):
+        fused_layers.run(plan, x, [cache], [0], [8], cos, sin)
+    with pytest.raises(TypeError, match="fp32"):
+        fused_layers.run(plan, x, [cache], [0], [0], cos.bfloat16(), sin.bfloat16())
+
+
 def test_not_planned_where_it_does_not_apply() -> None:
     fused, _ = stages(BASE)
     assert fused_layers.plan(dataclasses.replace(BASE, dtype=torch.bfloat16), fused.blocks) is None

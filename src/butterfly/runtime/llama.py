@@ -256,6 +256,7 @@ class LlamaStage:
         self._inv_freq, self._rope_scale = inv_frequencies(args)
         self._act = ACTIVATIONS[args.activation]
         self._cos = self._sin = torch.empty(0, args.head_dim)
+        self._cos32, self._sin32 = self._cos, self._sin  # fp32, for the fused layers
 
     @functools.cached_property
     def _fused(self) -> fused_layers.FusedLayers | None:
@@ -292,8 +293,9 @@ class LlamaStage:
                 rope = [self._rope(start, rows)]
                 want = self._torch_layers(x, [torch_cache], [start], rope, None).float()
                 positions = list(range(start, start + rows))
+                tables = self._cos32, self._sin32
                 got = fused_layers.run(
-                    fused, x, [compiled_cache], [0] * rows, positions, self._cos, self._sin, None
+                    fused, x, [compiled_cache], [0] * rows, positions, *tables, None
                 ).view(x.shape)
                 start += rows
                 for cache in (torch_cache, compiled_cache):
@@ -323,6 +325,8 @@ class LlamaStage:
             emb = torch.cat((freqs, freqs), dim=-1)
             scale, dtype = self._rope_scale, self.args.dtype
             self._cos, self._sin = (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+            # the values the torch path uses (rounded to the dtype), widened once
+            self._cos32, self._sin32 = self._cos.float(), self._sin.float()
         return self._cos[start:end], self._sin[start:end]
 
     def forward(
@@ -454,7 +458,7 @@ class LlamaStage:
         entries = [e for e, n in enumerate(lengths) for _ in range(n)]
         positions = [s + t for s, n in zip(starts, lengths, strict=True) for t in range(n)]
         layers: list[torch.Tensor] | None = [] if trace is not None else None
-        cos, sin = self._cos, self._sin
+        cos, sin = self._cos32, self._sin32
         out = fused_layers.run(self._fused, h, caches, entries, positions, cos, sin, layers)
         if trace is not None and layers is not None:
             trace.extend(t.view(h.shape).to(h.dtype) for t in layers)

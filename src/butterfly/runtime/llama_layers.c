@@ -296,10 +296,10 @@ static void store(void *cache, int bf16, int64_t at, const float *x, int64_t Dh)
 /* h [M, D] in place through L layers. layers [L][NPTR] holds each layer's tensors
  * (0 for an absent bias or q/k norm; norms and biases fp32, the four matrices blocked);
  * caches [L][E][2] the key and value tensors of each entry, [H_kv, capacity[e], Dh]
- * each; cos, sin [M][Dh] the rows' rotations; trace [L][M][D] receives h after each
- * layer when not NULL. With `bf16` the caches are bf16 (keys and values rounded as they
- * are cached); `wtype` is the matrices' element type (F32, BF16, or I8 with scales). The
- * arithmetic stays fp32.
+ * each; cos, sin [positions][Dh] the rotary tables, row pos[m] for row m; trace
+ * [L][M][D] receives h after each layer when not NULL. With `bf16` the caches are bf16
+ * (keys and values rounded as they are cached); `wtype` is the matrices' element type
+ * (F32, BF16, or I8 with scales). The arithmetic stays fp32.
  * Returns 0, or -1 if scratch memory could not be had (h untouched). */
 int butterfly_llama_layers_f32(float *h, int64_t M, int64_t D, int64_t L, const int64_t *layers,
                                int64_t H, int64_t Hkv, int64_t Dh, int64_t I,
@@ -347,7 +347,7 @@ int butterfly_llama_layers_f32(float *h, int64_t M, int64_t D, int64_t L, const 
                     float *x = qkv + m * Nqkv + head * Dh;
                     const float *norm = head < H ? T(Q_NORM) : T(K_NORM);
                     if (norm) rms_norm(x, norm, Dh, eps, x);
-                    rope(x, cos + m * Dh, sin + m * Dh, Dh);
+                    rope(x, cos + pos[m] * Dh, sin + pos[m] * Dh, Dh);
                     if (head >= H) {
                         int64_t g = head - H, e = entry[m];
                         int64_t at = (g * capacity[e] + pos[m]) * Dh;
