@@ -139,8 +139,8 @@ def run(
 
     Runs once per step on every node, so the call's small arrays are `array`s, not torch
     tensors (a few microseconds each through the dispatcher), and the rotary rows are
-    not gathered here: 48 of the tiny model's 68 microseconds a one-layer step took
-    were this preparation (AMD EPYC, seventh session)."""
+    not gathered here: the tiny model's one-layer step took 68 microseconds before,
+    44-45 after (AMD EPYC, eighth session)."""
     a = fused.args
     rows, dim = len(positions), a.dim
     if cos.dtype != torch.float32 or sin.dtype != torch.float32:
