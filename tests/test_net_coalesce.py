@@ -1,6 +1,6 @@
 """Short frames sent in one turn of the event loop leave a connection in one write, in
-order; a long frame goes out at once, after them; a close writes what waits first
-(net.conn.COALESCE_BELOW)."""
+order; a long frame, or a message a token waits on (`LATENCY_BOUND`: a step), goes out
+at once, after them; a close writes what waits first (net.conn.COALESCE_BELOW)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from butterfly.metrics.events import discard
 from butterfly.net.conn import COALESCE_BELOW, Connection
 from butterfly.net.framing import Envelope, encode_frame
 from butterfly.types.ids import Epoch, NodeId, RequestId
-from butterfly.types.wire.data import Release
+from butterfly.types.wire.data import Release, StageStep
 
 FRAME = 1 << 20
 
@@ -57,7 +57,7 @@ def connection(writer: _Recorder) -> Connection:
     )
 
 
-def frame(msg: Release, payload: bytes = b"") -> bytes:
+def frame(msg: Release | StageStep, payload: bytes = b"") -> bytes:
     return encode_frame(Envelope(msg, NodeId(0), Epoch(2), "c", 0, False, payload))
 
 
@@ -86,6 +86,20 @@ async def test_a_long_frame_goes_at_once_after_the_short_ones_waiting() -> None:
     await asyncio.sleep(0)
     await asyncio.sleep(0)
     assert len(writer.writes) == 2  # nothing left over
+
+
+async def test_a_step_goes_at_once_after_the_short_frames_waiting() -> None:
+    writer = _Recorder()
+    conn = connection(writer)
+    step = StageStep((RequestId("r"),), (3,), (9,), (1,), (NodeId(2),), NodeId(0), True)
+    await conn.send(release(0))
+    await conn.send(step, b"activations")
+    assert writer.writes == [frame(release(0)) + frame(step, b"activations")]  # one write
+    await conn.send(release(1))
+    assert len(writer.writes) == 1  # what follows it waits for the turn's end again
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert writer.writes[1:] == [frame(release(1))]
 
 
 async def test_a_close_writes_what_waits_first() -> None:

@@ -318,7 +318,12 @@ class LlamaStage:
         return KVCache(len(self.blocks), batch, a.n_kv_heads, a.head_dim, a.max_context, a.dtype)
 
     def _rope(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start + length
+        self._rope_to(start + length)
+        return self._cos[start : start + length], self._sin[start : start + length]
+
+    def _rope_to(self, end: int) -> None:
+        """The rotary tables hold positions below `end` (the fused call reads them whole;
+        slices of them, `_rope`, are for torch's operations only)."""
         if end > self._cos.shape[0]:
             n = min(self.max_context, max(end, 2 * self._cos.shape[0], 256))
             freqs = torch.outer(torch.arange(n, dtype=torch.float32), self._inv_freq)
@@ -327,7 +332,6 @@ class LlamaStage:
             self._cos, self._sin = (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
             # the values the torch path uses (rounded to the dtype), widened once
             self._cos32, self._sin32 = self._cos.float(), self._sin.float()
-        return self._cos[start:end], self._sin[start:end]
 
     def forward(
         self, x: torch.Tensor, cache: KVCache | None, start_pos: int, *, last_only: bool = False
@@ -349,6 +353,8 @@ class LlamaStage:
         T tokens. Decode steps of concurrent requests run as one batch this way: one set of
         matrix products for B tokens instead of B sets, which is where the throughput of
         many short requests comes from."""
+        if any(c is None for c in caches):  # stage.forward_rows passes a family's own
+            raise ValueError("a decoder stage needs its KV cache (stage.new_cache())")
         if self.embed is not None:
             check_token_ids(x, self.args.vocab_size)
             h = F.embedding(x, self.embed)  # [B, T, D]
@@ -357,12 +363,13 @@ class LlamaStage:
         length = h.shape[1]
         for start in starts:
             check_positions(start, length, self.max_context)
-        rope = [self._rope(start, length) for start in starts]  # each [T, Dh]
-        eps = self.args.norm_eps
         if self._fused_fits(h.shape[0] * length, caches):
+            self._rope_to(max(starts) + length)
             h = self._run_fused(h, caches, starts, [length] * len(starts), trace)
         else:
+            rope = [self._rope(start, length) for start in starts]  # each [T, Dh]
             h = self._torch_layers(h, caches, starts, rope, trace)
+        eps = self.args.norm_eps
         for cache, start in zip(caches, starts, strict=True):
             cache.advance(start + length)
         if self.head is None:
@@ -418,11 +425,12 @@ class LlamaStage:
             h = x.to(self.args.dtype)
         for start, length in zip(starts, lengths, strict=True):
             check_positions(start, length, self.max_context)
-        rope = [self._rope(start, length) for start, length in zip(starts, lengths, strict=True)]
         eps = self.args.norm_eps
         if self._fused_fits(sum(lengths), caches):
+            self._rope_to(max(s + n for s, n in zip(starts, lengths, strict=True)))
             h = self._run_fused(h, caches, starts, lengths, trace)
         else:
+            rope = [self._rope(s, n) for s, n in zip(starts, lengths, strict=True)]
             cos = torch.cat([c for c, _ in rope])[:, None, :]  # [N, 1, Dh]
             sin = torch.cat([s for _, s in rope])[:, None, :]
             for i, blk in enumerate(self.blocks):
@@ -462,7 +470,8 @@ class LlamaStage:
         out = fused_layers.run(self._fused, h, caches, entries, positions, cos, sin, layers)
         if trace is not None and layers is not None:
             trace.extend(t.view(h.shape).to(h.dtype) for t in layers)
-        return out.view(h.shape).to(h.dtype)
+        out = out.view(h.shape)
+        return out if h.dtype == torch.float32 else out.to(h.dtype)
 
     def _packed_attention(
         self,

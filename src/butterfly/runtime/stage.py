@@ -102,7 +102,7 @@ def forward_rows(
     per-layer hashes of a proof.
     """
     batched = getattr(stage, "forward_rows", None)
-    if batched is not None and (len(starts) > 1 or trace is not None):
+    if batched is not None:
         kwargs = {"trace": trace} if trace is not None else {}
         out: torch.Tensor = batched(x, caches, starts, last_only=last_only, **kwargs)
         return out

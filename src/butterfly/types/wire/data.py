@@ -42,10 +42,13 @@ class StageStep:
     the chain sends a `StepResult` to `reply_to`. `trace`: each entry's trace context
     when any entry of the batch is traced, else empty; an empty one is left out of the
     frame (`OMIT_EMPTY`), so with tracing off a step is as long as it ever was.
+    `LATENCY_BOUND`: a token waits on it, so a connection writes it at once rather than
+    at the end of the loop's turn with other short frames (net.conn.COALESCE_BELOW).
     """
 
     kind: ClassVar[str] = "stage_step"
     OMIT_EMPTY: ClassVar[tuple[str, ...]] = ("trace",)
+    LATENCY_BOUND: ClassVar[bool] = True
     request_ids: tuple[RequestId, ...]
     steps: tuple[int, ...]
     starts: tuple[int, ...]
@@ -67,6 +70,7 @@ class StepResult:
 
     kind: ClassVar[str] = "step_result"
     OMIT_EMPTY: ClassVar[tuple[str, ...]] = ("widths",)
+    LATENCY_BOUND: ClassVar[bool] = True  # as StageStep's
     request_ids: tuple[RequestId, ...]
     steps: tuple[int, ...]
     node: NodeId
@@ -77,6 +81,7 @@ class StepResult:
 @dataclass(frozen=True, slots=True)
 class StepError:
     kind: ClassVar[str] = "step_error"
+    LATENCY_BOUND: ClassVar[bool] = True  # as StageStep's
     request_ids: tuple[RequestId, ...]
     steps: tuple[int, ...]
     node: NodeId
