@@ -269,18 +269,10 @@ class Metrics:
 
     def emit(self, event: MetricsEvent) -> None:
         """Update the collectors for one event; the `Emit` handed to components."""
+        # a step's events first (frames in and out, the step and hop timings): `match`
+        # tries the cases in order, and the two timings, at the end of the list, took
+        # 1.7-1.9 µs an event against 1.25 at the top (warm, AMD EPYC)
         match event:
-            case TaskSubmitted(prompt_tokens=prompt):
-                self.tasks_submitted.inc()
-                self.prompt_tokens.inc(prompt)
-            case TaskFinished(status=status, latency_s=latency):
-                self.tasks.labels(status=status).inc()
-                self.task_latency.observe(latency)
-            case TokenProduced(first=first, seconds=seconds):
-                (self.ttft if first else self.tpot).observe(seconds)
-                self.generated_tokens.inc()
-            case BytesTransferred(bytes=n):
-                self.bytes_transferred.inc(n)
             case MessageSent(kind=kind):
                 sent = self._sent.get(kind)
                 if sent is None:
@@ -291,6 +283,32 @@ class Metrics:
                 if received is None:
                     received = self._received[kind] = self.messages_received.labels(kind=kind)
                 received.inc()
+            case BytesTransferred(bytes=n):
+                self.bytes_transferred.inc(n)
+            case StageStepTimed(stage=stage, seconds=seconds):
+                step = self._steps.get(stage)
+                if step is None:
+                    step = self._steps[stage] = self.stage_step.labels(stage=str(stage))
+                step.observe(seconds)
+            case HopTimed(peer=peer, seconds=seconds):
+                hop = self._hops.get(peer)
+                if hop is None:
+                    hop = self._hops[peer] = self.hop.labels(peer=str(peer))
+                hop.observe(seconds)
+            case TokenProduced(first=first, seconds=seconds):
+                (self.ttft if first else self.tpot).observe(seconds)
+                self.generated_tokens.inc()
+            case Traversed(drafted=drafted, accepted=accepted):
+                self.traversals.inc()
+                if drafted:
+                    self.draft_tokens.inc(drafted)
+                    self.draft_accepted.inc(accepted)
+            case TaskSubmitted(prompt_tokens=prompt):
+                self.tasks_submitted.inc()
+                self.prompt_tokens.inc(prompt)
+            case TaskFinished(status=status, latency_s=latency):
+                self.tasks.labels(status=status).inc()
+                self.task_latency.observe(latency)
             case MessageDropped(reason=reason):
                 self.messages_dropped.labels(reason=reason).inc()
             case PartitionComputed(seconds=seconds, cache_hit=hit):
@@ -326,21 +344,6 @@ class Metrics:
                     self.suspicions.labels(node=str(node)).inc()
             case LoopRestarted(loop=loop):
                 self.loop_restarts.labels(loop=loop).inc()
-            case StageStepTimed(stage=stage, seconds=seconds):
-                step = self._steps.get(stage)
-                if step is None:
-                    step = self._steps[stage] = self.stage_step.labels(stage=str(stage))
-                step.observe(seconds)
-            case HopTimed(peer=peer, seconds=seconds):
-                hop = self._hops.get(peer)
-                if hop is None:
-                    hop = self._hops[peer] = self.hop.labels(peer=str(peer))
-                hop.observe(seconds)
-            case Traversed(drafted=drafted, accepted=accepted):
-                self.traversals.inc()
-                if drafted:
-                    self.draft_tokens.inc(drafted)
-                    self.draft_accepted.inc(accepted)
             case _:
                 assert_never(event)
 
