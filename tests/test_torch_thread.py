@@ -157,21 +157,53 @@ def inline_share(timing: _Timing, jobs: int) -> int:
     return chosen
 
 
-def test_a_job_of_milliseconds_runs_inline_only_when_clearly_faster_there() -> None:
-    """Inline, a job has one OpenMP thread instead of the worker's team: a stage of a few
-    milliseconds stays on the worker when inline timed about as fast (one slow worker
-    timing under contention), apart from the probes that keep the other path's time
-    known, and moves inline when that measured clearly faster (the cores held by other
-    processes); a job too long for the loop to wait on is timed inline only rarely."""
-
-    alike = _Timing(inline=3 * INLINE_MAX_S, worker=3.5 * INLINE_MAX_S)
-    assert inline_share(alike, 16 * PROBE_EVERY) == 16  # the probes alone
-    clearly = _Timing(inline=3 * INLINE_MAX_S, worker=6 * INLINE_MAX_S)
-    assert inline_share(clearly, 16 * PROBE_EVERY) == 15 * PROBE_EVERY
+def test_a_job_of_milliseconds_runs_inline_when_no_slower_there() -> None:
+    """A stage of a few milliseconds runs inline on a team as large as the worker's, so
+    the paths differ by the hand-off alone: inline when that timed no slower than the
+    worker plus the hand-off, apart from the probes that keep the other path's time
+    known; on the worker when inline timed slower; a job too long for the loop to wait
+    on is timed inline only rarely."""
+    alike = _Timing(inline=3 * INLINE_MAX_S, worker=3 * INLINE_MAX_S)
+    assert inline_share(alike, 16 * PROBE_EVERY) == 15 * PROBE_EVERY
+    slower = _Timing(inline=4 * INLINE_MAX_S, worker=3 * INLINE_MAX_S)
+    assert inline_share(slower, 16 * PROBE_EVERY) == 16  # the probes alone
     tiny = _Timing(inline=INLINE_MAX_S / 4, worker=INLINE_MAX_S / 3)  # as fast: inline
     assert inline_share(tiny, 16 * PROBE_EVERY) >= 15 * PROBE_EVERY
     long = _Timing(inline=2 * FIRST_TRY_MAX_S, worker=FIRST_TRY_MAX_S)
     assert inline_share(long, 2 * RARE_PROBE_EVERY) == 2
+
+
+def test_a_kind_of_milliseconds_runs_inline_on_a_team_and_a_short_one_on_one_thread() -> None:
+    """Inline, a job over INLINE_MAX_S gets the worker's thread count and a shorter one
+    the loop thread's one; the loop thread keeps its one thread afterwards."""
+
+    def scenario() -> tuple[list[tuple[str, int]], int]:
+        torch.set_num_threads(2)
+        confine_to_one_thread()
+        worker = TorchThread(2, name="t-team")
+
+        def long_job() -> tuple[str, int]:
+            threading.Event().wait(2 * INLINE_MAX_S)  # as long on either path
+            return threading.current_thread().name, torch.get_num_threads()
+
+        def short_job() -> tuple[str, int]:
+            return threading.current_thread().name, torch.get_num_threads()
+
+        async def main() -> list[tuple[str, int]]:
+            return [await worker.run(job, job.__name__) for job in (long_job, short_job) * 2]
+
+        try:
+            seen = asyncio.run(main())
+        finally:
+            worker.close()
+        return seen, torch.get_num_threads()
+
+    seen, after = in_fresh_thread(scenario)
+    (first_long, first_short, long_inline, short_inline) = seen
+    assert first_long[0].startswith("t-team") and first_short[0].startswith("t-team")
+    assert not long_inline[0].startswith("t-team") and long_inline[1] == 2
+    assert not short_inline[0].startswith("t-team") and short_inline[1] == 1
+    assert after == 1
 
 
 def test_a_path_far_slower_is_probed_rarely_and_a_close_one_often() -> None:

@@ -8,6 +8,13 @@ once a second thread had run a single parallel op (docs/PERFORMANCE.md, "One tor
 thread"). So a node runs every model computation on one `TorchThread`, and holds the
 event loop's thread to one OpenMP thread (`confine_to_one_thread`) for the small tensor
 work it does itself (sampling, fingerprints, decoding frames).
+
+The exception is a job of a few milliseconds that measured no slower on the loop's
+thread (INLINE_MAX_S): it runs there on a team, saving the hand-off's two wake-ups. The
+process then has two teams; since the C kernels meet at barriers of their own, spinning
+before they sleep, and nodes run with a short GOMP_SPINCOUNT (cli.launcher), this cost
+nothing measurable: a 1-node small-model cluster decoded in 0.98x and 1.03x the time of
+the worker alone (bench/hops.py A/B, 8 and 10 rounds, 0.94-1.12 and 0.93-1.04, AMD EPYC).
 """
 
 from __future__ import annotations
@@ -27,14 +34,17 @@ FIRST_TRY_MAX_S = 0.05
 """Longest job (as timed on the worker) that is tried once on the event loop's thread,
 which waits on it: far below the ~400 ms of silence before a peer is suspected."""
 INLINE_MAX_S = 0.002
-"""Longest job (as last timed inline) that runs inline as soon as it is no slower there.
-Inline, a job has the loop's one OpenMP thread instead of the worker's team, and skipping
-the hand-off saves at most a few hundred µs: for a job of milliseconds a few percent, and
-the second thread is worth more. Without this bound, stages of 3 small-model layers
-(about 3.3 ms on two threads, 5.5 ms on one) ran inline on a 4-node cluster of this
-2-core machine once one slow worker timing made them look alike, and a single request
-decoded at 1.44x the one-process time (py-spy: most of the stages' forward on the main
-thread)."""
+"""Jobs longer than this (as timed on the worker) run inline with the worker's thread
+count, on a team of the loop thread's own: a few milliseconds of products gain from the
+second core, and skipping the hand-off saves two thread wake-ups, 0.27 ms a small-model
+stage step in a 4-node cluster of this 2-core machine (121 µs there, 145 back; py
+timestamps, AMD EPYC). Run inline on one thread, such stages (about 3.3 ms on two
+threads, 5.5 ms on one) made a single request decode at 1.44x the one-process time;
+with the team, 4 small-model nodes decoded in 0.97x and 0.95x the time of the worker's
+(bench/hops.py A/B, 10 and 8 rounds, 0.93-1.01 and 0.88-1.03) and delivered 0.97-1.09x
+its tokens/s at 1 to 16 concurrent requests (bench/load.py A/B, medians of 3 rounds,
+twice). Shorter jobs, and the loop's own small tensor work, stay on its one thread: a
+team's wake-up costs more than they take."""
 HANDOFF_S = 0.0002
 """What the trip to the worker and back costs beyond the job: two thread wake-ups
 (22 µs on an idle event loop; 100-300 µs between a tiny stage's steps on this 2-core
@@ -53,10 +63,6 @@ milliseconds probed on the worker finds its team asleep and times slower than th
 runs once steps follow one another there (small-model stages: 5.4-6.8 ms probed, against
 3.9 ms inline), so frequent probes are what let the worker win such a kind back; spacing
 them out made 4 small-model nodes 1.07x slower (bench/hops.py A/B, AMD EPYC)."""
-LONG_JOB_MARGIN = 0.75
-"""A job longer than INLINE_MAX_S runs inline only when that measured this much of the
-worker's time or less: when other processes hold the cores (stages of a local cluster all
-busy with micro-batches), one thread that is not waited on beats a team that is."""
 RARE_PROBE_EVERY = 256
 """For a kind too long to run inline: one job in this many is timed inline again, in
 case it was measured in a bad moment (a GC pause), at a cost that averages out. Also the
@@ -84,8 +90,8 @@ class _Timing:
     def inline_wins(self) -> bool:
         """Inline when it measured no slower than the worker plus the hand-off; each path
         is tried now and then (`_probe_every`), the worker first. Inline only for jobs
-        short enough for the loop to wait on (FIRST_TRY_MAX_S) and too short to gain from
-        the worker's threads (INLINE_MAX_S). Called once per job that could run inline."""
+        short enough for the loop to wait on (FIRST_TRY_MAX_S); those over INLINE_MAX_S
+        run there on a team (`team`). Called once per job that could run inline."""
         if self.worker is None:
             return False
         if self.inline is None:
@@ -93,10 +99,7 @@ class _Timing:
         if self.inline > FIRST_TRY_MAX_S:
             return self.count % RARE_PROBE_EVERY == 0
         on_worker = self.worker + HANDOFF_S
-        if self.inline > INLINE_MAX_S:  # the worker's threads must be clearly held back
-            better = self.inline <= LONG_JOB_MARGIN * self.worker
-        else:
-            better = self.inline <= on_worker
+        better = self.inline <= on_worker
         # counted here, not by `count`: the interval moves with the timings, and a
         # modulo of a moving interval could leave any number of jobs between probes
         self.since_probe += 1
@@ -105,6 +108,10 @@ class _Timing:
         if probe:
             self.since_probe = 0
         return better != probe
+
+    def team(self) -> bool:
+        """Whether this kind runs inline on as many threads as the worker (INLINE_MAX_S)."""
+        return self.worker is not None and self.worker > INLINE_MAX_S
 
 
 def _probe_every(chosen: float, other: float) -> int:
@@ -129,6 +136,19 @@ def confine_to_one_thread() -> int:
 
 
 @contextmanager
+def threads(count: int) -> Iterator[None]:
+    """Torch's ops on the calling thread run on `count` threads inside the block."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextmanager
 def single_threaded() -> Iterator[None]:
     """Torch's ops on the calling thread run on it alone inside the block. An audit's
     prefill cost an auditor node 0.13 s of CPU on one thread against 0.18 s on two (where
@@ -136,14 +156,8 @@ def single_threaded() -> Iterator[None]:
     work nobody waits on token by token. Loading a stage too: after a failure every
     survivor loads at once, and a 4-layer load took 290 ms on one thread each against
     410 ms on two."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with threads(1):
         yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _claim(threads: int) -> None:
@@ -157,6 +171,7 @@ class TorchThread:
     def __init__(self, threads: int = 0, name: str = "torch") -> None:
         """`threads` for torch's parallel ops; 0 means one per CPU this process may use."""
         count = threads or len(os.sched_getaffinity(0))
+        self._threads = count
         self._executor = ThreadPoolExecutor(
             1, thread_name_prefix=name, initializer=_claim, initargs=(count,)
         )
@@ -179,7 +194,11 @@ class TorchThread:
             timing.count += 1
             if not self._queued and timing.inline_wins():
                 started = time.perf_counter()
-                out = fn()
+                if timing.team():
+                    with threads(self._threads):
+                        out = fn()
+                else:
+                    out = fn()
                 timing.note(False, time.perf_counter() - started)
                 return out
 
