@@ -175,7 +175,8 @@ def test_a_job_of_milliseconds_runs_inline_when_no_slower_there() -> None:
 
 def test_a_kind_of_milliseconds_runs_inline_on_a_team_and_a_short_one_on_one_thread() -> None:
     """Inline, a job over INLINE_MAX_S gets the worker's thread count and a shorter one
-    the loop thread's one; the loop thread keeps its one thread afterwards."""
+    the loop thread's one; the loop thread keeps its one thread afterwards, and the
+    worker its count."""
 
     def scenario() -> tuple[list[tuple[str, int]], int]:
         torch.set_num_threads(2)
@@ -190,7 +191,8 @@ def test_a_kind_of_milliseconds_runs_inline_on_a_team_and_a_short_one_on_one_thr
             return threading.current_thread().name, torch.get_num_threads()
 
         async def main() -> list[tuple[str, int]]:
-            return [await worker.run(job, job.__name__) for job in (long_job, short_job) * 2]
+            seen = [await worker.run(job, job.__name__) for job in (long_job, short_job) * 2]
+            return [*seen, await worker.run(short_job)]  # no kind: on the worker
 
         try:
             seen = asyncio.run(main())
@@ -199,10 +201,11 @@ def test_a_kind_of_milliseconds_runs_inline_on_a_team_and_a_short_one_on_one_thr
         return seen, torch.get_num_threads()
 
     seen, after = in_fresh_thread(scenario)
-    (first_long, first_short, long_inline, short_inline) = seen
+    (first_long, first_short, long_inline, short_inline, on_worker) = seen
     assert first_long[0].startswith("t-team") and first_short[0].startswith("t-team")
     assert not long_inline[0].startswith("t-team") and long_inline[1] == 2
     assert not short_inline[0].startswith("t-team") and short_inline[1] == 1
+    assert on_worker[0].startswith("t-team") and on_worker[1] == 2  # the worker's kept
     assert after == 1
 
 
@@ -238,3 +241,18 @@ def test_probes_of_a_short_kind_are_never_further_apart_than_rare_probe_every() 
             probes.append(job)
     gaps = [b - a for a, b in itertools.pairwise(probes)]
     assert len(probes) > 20 and max(gaps) <= RARE_PROBE_EVERY
+
+
+def test_one_slow_first_try_inline_is_undone_by_the_first_fast_probe() -> None:
+    """A cold first try inline (50 ms for a 0.1 ms job) leaves the kind on the worker
+    only until the next probe times it fast: a faster time is taken as it is, not
+    averaged in (each probe would take a quarter off the gap, one in RARE_PROBE_EVERY
+    jobs apart)."""
+    timing = _Timing(inline=50e-3, worker=1.2e-3)
+    jobs = 0
+    while not timing.inline_wins():
+        jobs += 1
+        timing.count += 1
+        assert jobs <= RARE_PROBE_EVERY + 1, "never probed inline again"
+    timing.note(False, 0.1e-3)  # the probe, timed
+    assert inline_share(timing, 64) >= 60  # inline from then on, but for probes

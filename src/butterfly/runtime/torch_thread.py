@@ -68,6 +68,11 @@ RARE_PROBE_EVERY = 256
 case it was measured in a bad moment (a GC pause), at a cost that averages out. Also the
 longest interval between probes of a short kind (PROBE_SHARE)."""
 EWMA = 0.25
+"""Weight of a slower time in a path's moving average; a faster one is taken as it is.
+Averaged both ways, one slow first try inline (a cold start) kept a 1-node tiny
+cluster's steps on the worker for a whole benchmark run, 1.38 ms a token against 0.54
+inline (bench/hops.py, AMD EPYC): the probes, one in 256 jobs for a path that slow,
+each took a quarter off the gap, and that took thousands of jobs."""
 
 
 @dataclass
@@ -81,7 +86,7 @@ class _Timing:
 
     def note(self, on_worker: bool, seconds: float) -> None:
         old = self.worker if on_worker else self.inline
-        new = seconds if old is None else old + EWMA * (seconds - old)
+        new = seconds if old is None or seconds < old else old + EWMA * (seconds - old)
         if on_worker:
             self.worker = new
         else:
