@@ -158,6 +158,15 @@ def test_wire_round_trip(dtype: torch.dtype) -> None:
     assert decode_tensor(encode_tensor(torch.empty(0, 4))).shape == (0, 4)
 
 
+def test_wire_sends_views_as_their_values() -> None:
+    """Bytes are copied from a tensor's memory: views whose memory is not their values
+    in order (strided, offset, negated) are sent as their values."""
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    for view in (base.t(), base[1:, 2:], base[:, ::2], torch._neg_view(base[1])):
+        out = decode_tensor(encode_tensor(view))
+        assert torch.equal(out, view.resolve_neg()) and out.shape == view.shape
+
+
 def test_wire_rejects_bad_frames() -> None:
     good = encode_tensor(torch.ones(4, 4))
     with pytest.raises(WireFormatError, match="shorter"):

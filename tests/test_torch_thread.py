@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import threading
 
@@ -256,3 +257,34 @@ def test_one_slow_first_try_inline_is_undone_by_the_first_fast_probe() -> None:
         assert jobs <= RARE_PROBE_EVERY + 1, "never probed inline again"
     timing.note(False, 0.1e-3)  # the probe, timed
     assert inline_share(timing, 64) >= 60  # inline from then on, but for probes
+
+
+def test_a_cancelled_waiter_leaves_its_job_counted_until_it_ends() -> None:
+    """A step whose handler is cancelled (its connection closed) still runs on the
+    worker; a job of an inline kind that comes meanwhile waits behind it there instead
+    of running beside it on the loop's thread."""
+    worker = TorchThread(1, name="t-cancel")
+    worker._kinds["k"] = _Timing(inline=1e-4, worker=1e-4)  # a kind that runs inline
+    started, ended = threading.Event(), threading.Event()
+
+    def long_job() -> None:
+        started.set()
+        threading.Event().wait(0.2)
+        ended.set()
+
+    async def main() -> tuple[str, bool]:
+        waiter = asyncio.ensure_future(worker.run(long_job))
+        for _ in range(1000):  # bounded: the job starts within a second
+            if started.is_set():
+                break
+            await asyncio.sleep(0.001)
+        waiter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiter
+        return await worker.run(lambda: (threading.current_thread().name, ended.is_set()), "k")
+
+    try:
+        name, after_the_first = asyncio.run(main())
+    finally:
+        worker.close(wait=True)
+    assert name.startswith("t-cancel") and after_the_first

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from collections.abc import Callable, Hashable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -142,7 +143,9 @@ def confine_to_one_thread() -> int:
 
 @contextmanager
 def threads(count: int) -> Iterator[None]:
-    """Torch's ops on the calling thread run on `count` threads inside the block."""
+    """Torch's ops on the calling thread run on `count` threads inside the block: the
+    OpenMP and MKL counts are the thread's own (the worker keeps its count), though torch
+    also keeps the last count set as the default for threads that start later."""
     import torch
 
     before = torch.get_num_threads()
@@ -180,7 +183,8 @@ class TorchThread:
         self._executor = ThreadPoolExecutor(
             1, thread_name_prefix=name, initializer=_claim, initargs=(count,)
         )
-        self._queued = 0  # jobs submitted whose results the loop has not taken yet
+        self._queued = 0  # jobs submitted to the worker that have not ended there
+        self._lock = threading.Lock()
         self._kinds: dict[Hashable, _Timing] = {}
 
     async def run(self, fn: Callable[[], T], kind: Hashable = None) -> T:
@@ -192,8 +196,9 @@ class TorchThread:
         model's whole decode step took 0.5 ms inline and 13-17 ms on the worker, whose
         two OpenMP threads wait for each other's turn on the cores; the small model's
         stages, whose products gain from the second thread, stay on the worker. Which
-        path is faster is measured per kind (`_Timing`), not assumed. The loop's thread
-        is held to one OpenMP thread (`confine_to_one_thread`), so it starts no team."""
+        path is faster is measured per kind (`_Timing`), not assumed. Inline, a kind of
+        milliseconds runs on the worker's thread count (INLINE_MAX_S), a shorter one on
+        the loop thread's one (`confine_to_one_thread`)."""
         timing = None if kind is None else self._kinds.setdefault(kind, _Timing())
         if timing is not None:
             timing.count += 1
@@ -214,10 +219,23 @@ class TorchThread:
                 timing.note(True, time.perf_counter() - started)
             return out
 
-        self._queued += 1
+        with self._lock:
+            self._queued += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, timed)
-        finally:
+            job = self._executor.submit(timed)
+        except BaseException:
+            self._ended(None)
+            raise
+        job.add_done_callback(self._ended)
+        return await asyncio.wrap_future(job)
+
+    def _ended(self, _job: Future[Any] | None) -> None:
+        """A job ended on the worker, or will never run there: it is counted off only
+        then, not when its waiter went away. A step whose handler was cancelled (its
+        connection closed) still runs on the worker, and a job of a kind that runs
+        inline, started meanwhile, would have run beside it: two teams on the cores, and
+        two writers to a request's KV cache when the step is retried."""
+        with self._lock:
             self._queued -= 1
 
     def close(self, *, wait: bool = False) -> None:

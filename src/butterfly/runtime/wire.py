@@ -39,8 +39,8 @@ def encode_tensor(t: torch.Tensor) -> bytes:
     24 µs a tiny-model step, against 15 this way (AMD EPYC)."""
     if t.dtype not in _NAMES:
         raise WireFormatError(f"dtype {t.dtype} cannot be sent; allowed: {sorted(DTYPES)}")
-    if not (t.is_cpu and t.is_contiguous()):
-        t = t.contiguous().cpu()
+    if not (t.is_cpu and t.is_contiguous()) or t.is_neg():  # a negated view: its memory is not
+        t = t.resolve_neg().contiguous().cpu()  # its values
     header = msgpack.packb({"dtype": _NAMES[t.dtype], "shape": list(t.shape)})
     size = t.numel() * t.element_size()
     raw = ctypes.string_at(t.data_ptr(), size) if size else b""
