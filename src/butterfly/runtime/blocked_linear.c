@@ -15,9 +15,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef uint16_t h16 __attribute__((vector_size(32)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
+#include "vectors.h"
+
 #define TILE 8
 
 /* Reading an fp32 weight, the kernel prefetches 2 KiB ahead with the non-temporal hint
@@ -36,18 +35,6 @@ typedef uint32_t u32x16 __attribute__((vector_size(64)));
             for (int o_ = 0; o_ < (bytes); o_ += 64)                                       \
                 __builtin_prefetch((const char *)(p) + AHEAD + o_, 0, 0);                  \
     } while (0)
-
-static inline v16 ld(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
-static inline void st(float *p, v16 v) { memcpy(p, &v, sizeof v); }
-/* 16 bf16 weights widened to fp32: a bf16 is the top half of the fp32 it rounds */
-static inline v16 ld_bf16(const uint16_t *p) {
-    h16 h;
-    memcpy(&h, p, sizeof h);
-    u32x16 u = __builtin_convertvector(h, u32x16) << 16;
-    v16 v;
-    memcpy(&v, &u, sizeof v);
-    return v;
-}
 
 /* 16 int8 weights widened to fp32; the row's scale is applied to the sum */
 #ifdef __AVX512F__

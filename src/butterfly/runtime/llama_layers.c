@@ -25,7 +25,7 @@
 #include <string.h>
 #include <unistd.h>
 
-typedef float v16 __attribute__((vector_size(64)));
+#include "vectors.h"
 
 /* blocked_linear.c: up to 8 rows of x against one block of 16 output rows, fp32 or
  * bf16 weights */
@@ -46,9 +46,6 @@ enum { ATTN_NORM, WQKV, BQKV, WO, BO, MLP_NORM, W13, B13, W2, B2, Q_NORM, K_NORM
        SQKV, SO, S13, S2, NPTR }; /* S*: int8 matrices' per-row scales (fp32), else 0 */
 enum { F32, BF16, I8 }; /* a matrix's element type */
 enum { SILU, GELU, GELU_TANH, RELU };
-
-static inline v16 ld(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
-static inline void st(float *p, v16 v) { memcpy(p, &v, sizeof v); }
 
 /* bf16 <-> fp32: a bf16 is the top half of an fp32; rounding to nearest, ties to even,
  * as torch's conversion does (for finite values) */
@@ -85,19 +82,10 @@ static float dot(const float *a, const float *b, int64_t n) {
  * after another, as the loop first was, GCC may not reorder the additions and ran it
  * scalar, at one FMA's latency per element; bf16 decode then spent about a millisecond a
  * token of the small model in attention that fp32 did not (2 threads, AMD EPYC) */
-typedef uint16_t h16 __attribute__((vector_size(32)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
 static float dot_bf16(const float *a, const uint16_t *b, int64_t n) {
     v16 acc = {0};
     int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        h16 half;
-        memcpy(&half, b + i, sizeof half);
-        u32x16 bits = __builtin_convertvector(half, u32x16) << 16;
-        v16 wide;
-        memcpy(&wide, &bits, sizeof wide);
-        acc += ld(a + i) * wide;
-    }
+    for (; i + 16 <= n; i += 16) acc += ld(a + i) * ld_bf16(b + i);
     float s = hsum(acc);
     for (; i < n; i++) s += a[i] * from_bf16(b[i]);
     return s;

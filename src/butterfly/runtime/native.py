@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 # blocked_linear.c: the product; llama_layers.c: a llama stage's layers over a few rows
 # on the same blocks (runtime/fused_layers.py). One library, built and checked as one.
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("blocked_linear.c", "llama_layers.c"))
+HEADERS = (Path(__file__).with_name("vectors.h"),)  # included by both: part of the cache key
 SYMBOLS = {
     torch.float32: "butterfly_blocked_linear_f32",
     torch.bfloat16: "butterfly_blocked_linear_bf16",  # bf16 weights, fp32 rows and sums
@@ -295,7 +296,7 @@ def _build() -> Path:
     link = ["-fopenmp", "-lm"]
     if (torch_lib / "libgomp.so.1").exists():  # torch's own OpenMP runtime
         link = [f"-L{torch_lib}", "-l:libgomp.so.1", f"-Wl,-rpath,{torch_lib}", "-lm"]
-    sources = [source.read_bytes() for source in SOURCES]
+    sources = [source.read_bytes() for source in (*SOURCES, *HEADERS)]
     key = hashlib.sha256(
         b"\0".join([*sources, " ".join(COMPILE_FLAGS + tuple(link)).encode(), compiler.encode()])
         + _cpu_flags().encode()
