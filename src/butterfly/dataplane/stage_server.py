@@ -498,13 +498,14 @@ class StageServer:
                 for i, (at, length) in enumerate(zip(offsets, msg.lengths, strict=True)):
                     traces[i] = [t[:, at : at + length] for t in kept or ()]
                 return out
-            outs: list[torch.Tensor | None] = [None] * n
-            with torch.inference_mode():
-                single = [i for i, length in enumerate(msg.lengths) if length == 1]
-                if len(single) == n and not prove:  # decode steps only: x's rows as they lie
+            single = [i for i, length in enumerate(msg.lengths) if length == 1]
+            if len(single) == n and not prove:  # decode steps only: x's rows as they lie
+                with torch.inference_mode():
                     rows = x.reshape(n, 1, *x.shape[2:])
                     batch = forward_rows(stage, rows, caches, msg.starts, last_only=msg.last_only)
                     return batch.reshape(1, n, *batch.shape[2:])
+            outs: list[torch.Tensor | None] = [None] * n
+            with torch.inference_mode():
                 if single:
                     trace: list[torch.Tensor] | None = [] if prove else None
                     rows = torch.cat([x[:, offsets[i] : offsets[i] + 1] for i in single])

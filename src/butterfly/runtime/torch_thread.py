@@ -194,11 +194,10 @@ class TorchThread:
         job is queued (so order holds): the hand-off to the worker and back costs two
         thread wake-ups, more than a small job itself. On a loaded 2-core machine a tiny
         model's whole decode step took 0.5 ms inline and 13-17 ms on the worker, whose
-        two OpenMP threads wait for each other's turn on the cores; the small model's
-        stages, whose products gain from the second thread, stay on the worker. Which
-        path is faster is measured per kind (`_Timing`), not assumed. Inline, a kind of
-        milliseconds runs on the worker's thread count (INLINE_MAX_S), a shorter one on
-        the loop thread's one (`confine_to_one_thread`)."""
+        two OpenMP threads wait for each other's turn on the cores. Which path is faster
+        is measured per kind (`_Timing`), not assumed. Inline, a kind of milliseconds
+        runs on the worker's thread count (INLINE_MAX_S), a shorter one on the loop
+        thread's one (`confine_to_one_thread`)."""
         timing = None if kind is None else self._kinds.setdefault(kind, _Timing())
         if timing is not None:
             timing.count += 1
