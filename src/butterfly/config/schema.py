@@ -338,7 +338,13 @@ class SchedulingConfig(Section):
         64, "max_new_tokens when a request names none.", DL, NODE, ge=1, le=1_000_000
     )
     dispatch_batch_size: int = option(
-        10, "Tasks dispatched per scheduler tick.", DL, NODE, ge=1, le=1024
+        10,
+        "Tasks running at once (their steps share each stage's forward); more wait in the "
+        "queue. Raise it to the concurrency clients bring.",
+        DL,
+        NODE,
+        ge=1,
+        le=1024,
     )
     micro_batches: int = option(
         1, "Requests in flight through the pipeline.", DC, CLUSTER, ge=1, le=256

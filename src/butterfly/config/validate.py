@@ -241,8 +241,9 @@ UNSUPPORTED: dict[str, str] = {
     "partition.rebalance": "plans change on membership changes and evictions only",
     "partition.recompute_threshold": "plans change on membership changes and evictions only",
     "partition.rebalance_interval_s": "plans change on membership changes and evictions only",
-    "scheduling.micro_batches": "concurrent requests already share each stage's forward; "
-    "one request is not split into micro-batches",
+    "scheduling.micro_batches": "the steps of concurrent requests are split into "
+    "micro-batches by their count (at most one per stage, at least 4 rows each); one "
+    "request is not split",
     "scheduling.straggler_factor": "slow nodes are handled by network.step_timeout_ms and "
     "byzantine.max_step_timeouts",
     "resources.device": "this build runs stages on the CPU only",
