@@ -373,8 +373,10 @@ class GenerationConfig(Section):
     )
     prefill_chunk: int = option(
         0,
-        "Send a prompt (or a replay) in steps of this many positions, so the decode steps "
-        "of running requests wait one chunk instead of the whole prompt; 0 = in one step.",
+        "Send a prompt (or a replay) in steps of at most this many positions, so the decode "
+        "steps of running requests wait one chunk instead of the whole prompt; fewer while "
+        "requests decode and this machine's measured cost of a position would add more "
+        "than half their decode step to their gap (at least 8); 0 = in one step.",
         DL,
         NODE,
         ge=0,

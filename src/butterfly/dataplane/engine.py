@@ -42,6 +42,7 @@ from butterfly.net.framing import Envelope
 from butterfly.protocol.proof import Tolerance
 from butterfly.runtime.sampling import PromptScores, choose, make_generator, sample
 from butterfly.runtime.stops import TextStops
+from butterfly.schedule.chunks import ChunkTimes, chunk_length
 from butterfly.schedule.drafts import Speculation, draft
 from butterfly.schedule.engine import ClusterHealth, PromptScored, Retraction, TokenSink
 from butterfly.schedule.store import Checkpoint
@@ -164,6 +165,8 @@ class PipelineEngine:
         """Requests that lost a step and wait for a new plan (a stopping gateway's grace
         is over once every running request does: none of them can progress)."""
         self._speculation, self._prefill_chunk = speculation, prefill_chunk
+        self.chunk_times = ChunkTimes()
+        """Step round trips that size a prompt's chunks (`schedule.chunks`)."""
 
     def retune_generation(self, *, speculation: Speculation, prefill_chunk: int) -> None:
         """Apply generation.speculative and generation.prefill_chunk from the next request
@@ -444,6 +447,7 @@ class PipelineEngine:
                 await self._caches.release(request_id)
             raise ServiceUnavailable(f"request {request_id} failed its audit repeatedly")
         finally:
+            self.chunk_times.finished(request_id)
             self._claims.finished(request_id)
             self._flight.records.pop(request_id, None)
             self._flight.checked.discard(request_id)
@@ -483,8 +487,10 @@ class PipelineEngine:
         `speculation`: a decode step carries a draft of the request's own text and yields
         the tokens it confirms (`dataplane.speculate`); the next step's start rolls the
         stages' caches back past the first rejected position. `chunk` (> 0): a longer
-        input (a prompt, a replay) goes in steps of that many positions, so the decode
-        steps of other requests, batched with each, wait one chunk instead of the whole.
+        input (a prompt, a replay) goes in steps of at most that many positions, so the
+        decode steps of other requests, batched with each, wait one chunk instead of the
+        whole; fewer where this machine's measured cost of a position would more than
+        double their gap (`schedule.chunks`).
 
         `task.stop`: the text is detokenized as tokens come, and generation ends at the
         token that completes a stop string, as at end of sequence. `prompt_logprobs`: a
@@ -543,15 +549,20 @@ class PipelineEngine:
             # header, at most: one 1,000-position step gathers 64 KB of them at f = 1
             plan = self._plan()
             cap = self._sender.max_positions(len(plan.nodes)) if plan is not None else 0
-            limit = min(c for c in (chunk, cap, x.shape[1]) if c > 0)
+            times = self.chunk_times
+            sized = chunk_length(chunk, times, request_id)
+            limit = min(c for c in (sized, cap, x.shape[1]) if c > 0)
             head = x[:, :limit] if limit < x.shape[1] else x
             if drafted:
                 head = torch.cat([x, torch.tensor([drafted], dtype=torch.int64)], dim=1)
+            mark = times.started(request_id, 0 if drafted else head.shape[1], stream=bool(out))
+            answered: float | None = None
             # rows of prompt positions this step would score, when asked and not yet done
             to_score = prompt_scores.wanted(pos, head.shape[1]) if prompt_scores else 0
             try:
                 rows = bool(drafted) or to_score > 0
                 logits = await self._compute(request_id, step, pos, head, not rows)
+                answered = time.perf_counter() - step_started
                 positions[step] = (pos, head.shape[1])  # a step whose output was used
                 if to_score and prompt_scores is not None:
                     every_row.add(step)
@@ -596,6 +607,8 @@ class PipelineEngine:
                 pos, x = await self._replay_from(request_id, prompt + out, positions)
                 timings["resumed_at"] = float(pos)
                 continue
+            finally:
+                times.ended(mark, answered)
             traversals += 1
             if head.shape[1] < x.shape[1] and not drafted:  # a chunk; the rest follows
                 self._emit(Traversed())
