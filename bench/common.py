@@ -58,10 +58,9 @@ def cpu() -> dict[str, Any]:
     return {"cpu_model": model, "vector_extensions": [f for f in VECTOR_FLAGS if f in flags]}
 
 
-def read_bandwidth_gbs(megabytes: int = 512, rounds: int = 9) -> dict[str, Any]:
-    """Memory read bandwidth on torch's threads, GB/s: summing a buffer far larger than
-    the caches reads every byte once. The floor of a decode step is the bytes of weights
-    it reads divided by this, measured in the same run as the step."""
+def read_bandwidth_samples(megabytes: int = 512, rounds: int = 9) -> list[float]:
+    """Memory read bandwidth on torch's threads, GB/s, one sample per pass: summing a
+    buffer far larger than the caches reads every byte once."""
     x = torch.ones(megabytes * 2**20 // 4)
     x.sum()  # fault the pages in
     rates = []
@@ -69,7 +68,16 @@ def read_bandwidth_gbs(megabytes: int = 512, rounds: int = 9) -> dict[str, Any]:
         t0 = time.perf_counter()
         x.sum()
         rates.append(x.numel() * 4 / (time.perf_counter() - t0) / 1e9)
-    return summary(rates)
+    return rates
+
+
+def floor_ms(weight_bytes: int, samples: list[float]) -> float:
+    """The memory-bandwidth floor of a decode step: the bytes of weights it reads over the
+    *highest* read bandwidth sampled in the same run. A floor is a time no kernel can
+    beat, and this machine's bandwidth moves between about 30 and 56 GB/s within a run:
+    over the samples' median, fp32 decode ran at 0.76x its "floor" (AMD EPYC,
+    2026-12-05), faster than the probe had seen the memory go."""
+    return round(weight_bytes / (max(samples) * 1e9) * 1000, 3)
 
 
 def decode_bytes(stage: Any) -> int:

@@ -3,9 +3,10 @@
 Prints one JSON object. Each round runs every precision once (prefill of 128 tokens, then
 64 greedy decode steps), so drift of this shared machine hits all alike; the ratios to
 fp32 are per round, reported as medians with spread. Beside each decode figure: the
-memory-bandwidth floor (bytes of weights a decode step reads / read bandwidth measured
-in this run). Memory: a middle-quarter stage per precision in a fresh process, resident
-(anonymous) memory against the bytes it holds. Accuracy: butterfly.testing.accuracy.
+memory-bandwidth floor (bytes of weights a decode step reads / the highest read bandwidth
+sampled in this run, `common.floor_ms`). Memory: a middle-quarter stage per precision in a
+fresh process, resident (anonymous) memory against the bytes it holds. Accuracy:
+butterfly.testing.accuracy.
 
 Targets (issue 14): bf16 decode <= 0.7x fp32, int8 <= 0.5x, stage memory within 10% of
 its weights at that dtype.
@@ -30,7 +31,7 @@ from butterfly.runtime.linear import kernel_choices
 from butterfly.runtime.loader import load_stage, num_layers
 from butterfly.runtime.precision import FP32, Precision
 from butterfly.testing.accuracy import check_accuracy
-from common import bench_model, decode_bytes, machine, read_bandwidth_gbs, summary
+from common import bench_model, decode_bytes, floor_ms, machine, read_bandwidth_samples, summary
 from runtime import butterfly_session, one_round
 
 PRECISIONS = {
@@ -96,7 +97,7 @@ def main() -> None:
         one_round(new, prompt)
     for r in range(args.rounds):
         note(f"round {r}")
-        bandwidth.append(read_bandwidth_gbs(rounds=3)["median"])
+        bandwidth += read_bandwidth_samples(rounds=3)
         medians = {}
         for name, new in sessions.items():
             _prefill, steps, _tokens = one_round(new, prompt)
@@ -104,11 +105,8 @@ def main() -> None:
             medians[name] = summary(steps)["median"]
         for name in sessions:
             ratios[name].append(medians[name] / medians["float32"])
-    gbs = summary(bandwidth)
-    floors = {
-        name: round(decode_bytes(s) / (gbs["median"] * 1e9) * 1000, 3)  # type: ignore[arg-type]
-        for name, s in stages.items()
-    }
+    bandwidth += read_bandwidth_samples(rounds=3)  # after the last round too
+    floors = {name: floor_ms(decode_bytes(s), bandwidth) for name, s in stages.items()}
     n = num_layers(model_dir)
     quarter = n // 4
     note("accuracy")
@@ -131,7 +129,8 @@ def main() -> None:
         "new_tokens": 64,
         "rounds": args.rounds,
         "machine": machine(),
-        "read_bandwidth_gbs": gbs,
+        "read_bandwidth_gbs": summary(bandwidth),
+        "floor_bandwidth_gbs": round(max(bandwidth), 2),
         "decode_ms_per_token": per_token,
         "decode_bytes_mb": {k: round(decode_bytes(s) / 2**20, 1) for k, s in stages.items()},
         "bandwidth_floor_ms": floors,

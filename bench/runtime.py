@@ -4,8 +4,8 @@ Prints one JSON object. Each round runs every contender once (prefill of 128 tok
 64 greedy decode steps), so slow drift of this shared machine hits all of them alike;
 medians and spread are over all rounds. Peak memory is measured in fresh processes.
 Beside each decode figure, its memory-bandwidth floor: the bytes of weights one decode
-step reads over the read bandwidth measured in the same run (bench/common.py), the time
-no kernel can beat; `decode_to_floor` is how far above it each contender runs.
+step reads over the highest read bandwidth sampled in the same run (`common.floor_ms`),
+the time no kernel can beat; `decode_to_floor` is how far above it each contender runs.
 `butterfly_1_stage_torch_ops` is the same stage without its compiled layers
 (runtime/fused_layers.py), so the two differ in that alone.
 
@@ -31,7 +31,7 @@ from butterfly.runtime.generate import run_pipeline
 from butterfly.runtime.linear import kernel_choices
 from butterfly.runtime.loader import load_stage, num_layers
 from butterfly.runtime.stage import Stage
-from common import bench_model, decode_bytes, machine, read_bandwidth_gbs, summary
+from common import bench_model, decode_bytes, floor_ms, machine, read_bandwidth_samples, summary
 
 PROMPT, NEW = 128, 64
 Step = Callable[[torch.Tensor, int], torch.Tensor]  # (ids, start_pos) -> last logits
@@ -152,14 +152,14 @@ def main() -> None:
         one_round(new, prompt)
     bandwidth: list[float] = []
     for _ in range(args.rounds):
-        bandwidth.append(read_bandwidth_gbs(rounds=3)["median"])
+        bandwidth += read_bandwidth_samples(rounds=3)
         for name, new in contenders.items():
             p, d, toks = one_round(new, prompt)
             prefill[name].append(p)
             decode[name].extend(d)
             tokens[name] = toks
-    gbs = summary(bandwidth)
-    floor = {k: round(b / (gbs["median"] * 1e9) * 1000, 3) for k, b in weights.items()}
+    bandwidth += read_bandwidth_samples(rounds=3)  # after the last round too
+    floor = {k: floor_ms(b, bandwidth) for k, b in weights.items()}
     ref_prefill = summary(prefill["transformers"])["median"]
     ref_decode = summary(decode["transformers"])["median"]
     quarter = n // 4
@@ -176,7 +176,8 @@ def main() -> None:
         "machine": machine(),
         "prefill_ms": {k: summary(v) for k, v in prefill.items()},
         "decode_ms_per_token": {k: summary(v) for k, v in decode.items()},
-        "read_bandwidth_gbs": gbs,
+        "read_bandwidth_gbs": summary(bandwidth),
+        "floor_bandwidth_gbs": round(max(bandwidth), 2),
         "decode_weights_mb": {k: round(b / 2**20, 1) for k, b in weights.items()},
         "bandwidth_floor_ms": floor,
         "decode_to_floor": {k: round(summary(decode[k])["median"] / floor[k], 3) for k in floor},
