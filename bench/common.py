@@ -6,12 +6,15 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from butterfly.runtime.demo import create_demo
+
+T = TypeVar("T")
 
 
 def summary(samples: list[float]) -> dict[str, Any]:
@@ -73,11 +76,19 @@ def read_bandwidth_samples(megabytes: int = 512, rounds: int = 9) -> list[float]
 
 def floor_ms(weight_bytes: int, samples: list[float]) -> float:
     """The memory-bandwidth floor of a decode step: the bytes of weights it reads over the
-    *highest* read bandwidth sampled in the same run. A floor is a time no kernel can
-    beat, and this machine's bandwidth moves between about 30 and 56 GB/s within a run:
-    over the samples' median, fp32 decode ran at 0.76x its "floor" (AMD EPYC,
-    2026-12-05), faster than the probe had seen the memory go."""
+    *highest* read bandwidth in `samples`. A floor is a time no kernel can beat."""
     return round(weight_bytes / (max(samples) * 1e9) * 1000, 3)
+
+
+def beside_bandwidth(run: Callable[[], T]) -> tuple[T, list[float]]:
+    """`run()`, and read-bandwidth samples taken just before and just after it. This
+    machine's bandwidth moves between about 30 and 56 GB/s within one run, so a decode
+    is held to the floor of what the memory did while it ran: against the run's median,
+    fp32 decode came out at 0.76x its "floor", and against the run's highest sample at
+    1.45x when most of its tokens ran in the slow state (AMD EPYC, 2026-12-05)."""
+    before = read_bandwidth_samples(rounds=2)
+    out = run()
+    return out, before + read_bandwidth_samples(rounds=2)
 
 
 def decode_bytes(stage: Any) -> int:

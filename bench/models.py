@@ -4,9 +4,9 @@ Prints one JSON object. Each round runs every precision once (prefill of 128 tok
 64 greedy decode steps), so drift of this shared machine hits all alike; the ratios to
 fp32 are per round, reported as medians with spread. Beside each decode figure: the
 memory-bandwidth floor (bytes of weights a decode step reads / the highest read bandwidth
-sampled in this run, `common.floor_ms`). Memory: a middle-quarter stage per precision in a
-fresh process, resident (anonymous) memory against the bytes it holds. Accuracy:
-butterfly.testing.accuracy.
+sampled just before and after its turn, per round: `common.beside_bandwidth`). Memory: a
+middle-quarter stage per precision in a fresh process, resident (anonymous) memory
+against the bytes it holds. Accuracy: butterfly.testing.accuracy.
 
 Targets (issue 14): bf16 decode <= 0.7x fp32, int8 <= 0.5x, stage memory within 10% of
 its weights at that dtype.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from butterfly.runtime.linear import kernel_choices
 from butterfly.runtime.loader import load_stage, num_layers
 from butterfly.runtime.precision import FP32, Precision
 from butterfly.testing.accuracy import check_accuracy
-from common import bench_model, decode_bytes, floor_ms, machine, read_bandwidth_samples, summary
+from common import bench_model, beside_bandwidth, decode_bytes, floor_ms, machine, summary
 from runtime import butterfly_session, one_round
 
 PRECISIONS = {
@@ -95,17 +96,18 @@ def main() -> None:
     note("loaded")
     for new in sessions.values():  # warm-up
         one_round(new, prompt)
+    to_floor: dict[str, list[float]] = {k: [] for k in sessions}
     for r in range(args.rounds):
         note(f"round {r}")
-        bandwidth += read_bandwidth_samples(rounds=3)
         medians = {}
         for name, new in sessions.items():
-            _prefill, steps, _tokens = one_round(new, prompt)
+            (_, steps, _), samples = beside_bandwidth(functools.partial(one_round, new, prompt))
             decode[name].extend(steps)
             medians[name] = summary(steps)["median"]
+            bandwidth += samples
+            to_floor[name].append(medians[name] / floor_ms(decode_bytes(stages[name]), samples))
         for name in sessions:
             ratios[name].append(medians[name] / medians["float32"])
-    bandwidth += read_bandwidth_samples(rounds=3)  # after the last round too
     floors = {name: floor_ms(decode_bytes(s), bandwidth) for name, s in stages.items()}
     n = num_layers(model_dir)
     quarter = n // 4
@@ -134,7 +136,7 @@ def main() -> None:
         "decode_ms_per_token": per_token,
         "decode_bytes_mb": {k: round(decode_bytes(s) / 2**20, 1) for k, s in stages.items()},
         "bandwidth_floor_ms": floors,
-        "decode_to_floor": {k: round(per_token[k]["median"] / floors[k], 3) for k in stages},
+        "decode_to_floor": {k: summary(v) for k, v in to_floor.items()},
         "ratio_to_float32": ratio,
         f"memory_middle_quarter_[{quarter},{2 * quarter})": mem,
         "accuracy_vs_float32": accuracy,

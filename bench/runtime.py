@@ -4,8 +4,10 @@ Prints one JSON object. Each round runs every contender once (prefill of 128 tok
 64 greedy decode steps), so slow drift of this shared machine hits all of them alike;
 medians and spread are over all rounds. Peak memory is measured in fresh processes.
 Beside each decode figure, its memory-bandwidth floor: the bytes of weights one decode
-step reads over the highest read bandwidth sampled in the same run (`common.floor_ms`),
-the time no kernel can beat; `decode_to_floor` is how far above it each contender runs.
+step reads over the highest read bandwidth, the time no kernel can beat.
+`decode_to_floor` is how far above it each contender runs, per round, against the
+bandwidth sampled just before and after that contender's turn (`common.beside_bandwidth`);
+`bandwidth_floor_ms` is the floor at the run's highest sample.
 `butterfly_1_stage_torch_ops` is the same stage without its compiled layers
 (runtime/fused_layers.py), so the two differ in that alone.
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import subprocess
 import sys
@@ -31,7 +34,7 @@ from butterfly.runtime.generate import run_pipeline
 from butterfly.runtime.linear import kernel_choices
 from butterfly.runtime.loader import load_stage, num_layers
 from butterfly.runtime.stage import Stage
-from common import bench_model, decode_bytes, floor_ms, machine, read_bandwidth_samples, summary
+from common import bench_model, beside_bandwidth, decode_bytes, floor_ms, machine, summary
 
 PROMPT, NEW = 128, 64
 Step = Callable[[torch.Tensor, int], torch.Tensor]  # (ids, start_pos) -> last logits
@@ -151,14 +154,15 @@ def main() -> None:
     for new in contenders.values():  # warm-up
         one_round(new, prompt)
     bandwidth: list[float] = []
+    to_floor: dict[str, list[float]] = {k: [] for k in contenders}
     for _ in range(args.rounds):
-        bandwidth += read_bandwidth_samples(rounds=3)
         for name, new in contenders.items():
-            p, d, toks = one_round(new, prompt)
+            (p, d, toks), samples = beside_bandwidth(functools.partial(one_round, new, prompt))
             prefill[name].append(p)
             decode[name].extend(d)
             tokens[name] = toks
-    bandwidth += read_bandwidth_samples(rounds=3)  # after the last round too
+            bandwidth += samples
+            to_floor[name].append(summary(d)["median"] / floor_ms(weights[name], samples))
     floor = {k: floor_ms(b, bandwidth) for k, b in weights.items()}
     ref_prefill = summary(prefill["transformers"])["median"]
     ref_decode = summary(decode["transformers"])["median"]
@@ -180,7 +184,7 @@ def main() -> None:
         "floor_bandwidth_gbs": round(max(bandwidth), 2),
         "decode_weights_mb": {k: round(b / 2**20, 1) for k, b in weights.items()},
         "bandwidth_floor_ms": floor,
-        "decode_to_floor": {k: round(summary(decode[k])["median"] / floor[k], 3) for k in floor},
+        "decode_to_floor": {k: summary(v) for k, v in to_floor.items()},
         "kernels": [dataclasses.asdict(c) for c in kernel_choices()],
         "ratio_to_transformers": {
             k: {
