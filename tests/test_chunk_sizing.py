@@ -71,8 +71,33 @@ def test_a_position_cost_follows_the_latest_chunks() -> None:
     for seconds in (0.010 + 16 * 0.001, 0.010 + 16 * 0.004, 0.010 + 16 * 0.004):
         times.ended(times.started("p", 16, stream=False), seconds)
     assert 0.001 < (times.position_s or 0) < 0.004  # moving toward the later cost
-    times.ended(times.started("p", 16, stream=False), 0.005)  # faster than a decode step
-    assert (times.position_s or 0) > 0  # a cost of 0 would let the next chunk be any length
+
+
+def test_chunks_faster_than_a_decode_step_leave_the_configured_length() -> None:
+    """A decode baseline from a busy moment and thousands of quick prompts after it: the
+    cost of a position decays toward 0, and the size must not divide by it."""
+    times = ChunkTimes()
+    times.ended(times.started("s", 1, stream=True), 0.2)
+    times.ended(times.started("p", 16, stream=False), 0.2 + 16 * 0.001)
+    for _ in range(2100):
+        times.ended(times.started("p", 16, stream=False), 0.05)
+    times.streams.add("s")
+    assert chunk_length(32, times, "p") == 32
+
+
+def test_only_requests_decoding_are_streams() -> None:
+    times = ChunkTimes(decode_s=0.04, position_s=0.004)
+    decode = times.started("a", 1, stream=True)
+    times.started("b", 1, stream=True)
+    assert chunk_length(32, times, "p") == MIN_CHUNK
+    times.ended(decode, None)  # a lost step: "a" waits for a plan, then replays
+    replay = times.started("b", 40, stream=True)  # "b" replays its history
+    assert times.streams == set() and chunk_length(32, times, "p") == 32
+    times.ended(replay, None)
+    times.started("b", 1, stream=True)  # decoding again
+    assert times.streams == {"b"}
+    times.finished("b")
+    assert chunk_length(32, times, "p") == 32
 
 
 async def _long_steps(

@@ -70,7 +70,6 @@ async def test_a_long_prompt_in_chunks_shares_its_steps_with_a_running_stream(
         # at most CHUNK each: fewer where the measured cost of a position says so
         # (schedule.chunks; the tiny model's positions are cheap, so rarely here)
         assert sum(lengths) == LONG and max(lengths) <= CHUNK and lengths[0] == CHUNK
-        assert len(long_steps) >= -(-LONG // CHUNK)
         assert len(between) >= len(long_steps) - 2  # interleaved, nearly one per chunk
         assert during >= len(long_steps) - 2
     else:

@@ -419,6 +419,7 @@ class PipelineEngine:
                     ),
                     chunk=self._prefill_chunk,
                 )
+                self.chunk_times.finished(request_id)  # not decoding while it is audited
                 saved = None
                 if replicator is not None:
                     return replace(result, verified=replicator.finish(request_id))
@@ -489,8 +490,8 @@ class PipelineEngine:
         stages' caches back past the first rejected position. `chunk` (> 0): a longer
         input (a prompt, a replay) goes in steps of at most that many positions, so the
         decode steps of other requests, batched with each, wait one chunk instead of the
-        whole; fewer where this machine's measured cost of a position would more than
-        double their gap (`schedule.chunks`).
+        whole; fewer while others decode and this machine's measured cost of a position
+        would add more than half their decode step to their gap (`schedule.chunks`).
 
         `task.stop`: the text is detokenized as tokens come, and generation ends at the
         token that completes a stop string, as at end of sequence. `prompt_logprobs`: a
@@ -555,7 +556,8 @@ class PipelineEngine:
             head = x[:, :limit] if limit < x.shape[1] else x
             if drafted:
                 head = torch.cat([x, torch.tensor([drafted], dtype=torch.int64)], dim=1)
-            mark = times.started(request_id, 0 if drafted else head.shape[1], stream=bool(out))
+            timed = not drafted and request_id not in self._replicating  # a lane may resend
+            mark = times.started(request_id, head.shape[1] if timed else 0, stream=bool(out))
             answered: float | None = None
             # rows of prompt positions this step would score, when asked and not yet done
             to_score = prompt_scores.wanted(pos, head.shape[1]) if prompt_scores else 0

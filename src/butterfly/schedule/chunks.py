@@ -40,10 +40,12 @@ follows within a few chunks."""
 
 @dataclass(frozen=True)
 class Mark:
-    """A step as it left: `positions` > 1 a prompt's chunk (or a whole prompt), 1 a decode
-    step, 0 neither (a speculative verify step); `sent` and `quiet` what `ChunkTimes` was
-    when it left."""
+    """A step as it left: `positions` > 1 a prompt's chunk (or a whole prompt, or a
+    replay), 1 a decode step (or a prompt's single position), 0 a step not timed (a
+    speculative verify step, a replicated request's); `sent` and `quiet` what
+    `ChunkTimes` was when it left."""
 
+    request: str
     positions: int
     sent: int
     quiet: bool
@@ -58,25 +60,31 @@ class ChunkTimes:
     position_s: float | None = None
     """What a chunk step takes beyond a decode step, per position (moving average)."""
     streams: set[str] = field(default_factory=set)
-    """Requests past their prompt, until they end: whom a chunk holds up."""
+    """Requests decoding: whom a chunk holds up. A request joins with a decode step and
+    leaves when a step of it is lost (it waits for a plan, then replays), when it sends
+    a replay, and when its generation ends (an audit may follow)."""
     in_flight: int = 0
     """Chunk steps sent and not yet ended."""
     sent: int = 0
-    """Chunk steps sent so far: a decode step that saw this change shared a chunk's time."""
+    """Chunk steps sent so far: a decode step that saw this change shared a chunk's time.
+    (A chunk lost or cancelled may still be computed by the stages after it ended here,
+    and a decode step sent then counts as clean: one sample of a moving average.)"""
 
     def started(self, request: str, positions: int, *, stream: bool) -> Mark:
-        """A step of `positions` leaves (0: a speculative verify step, not measured);
-        `stream`: the request has tokens already, and counts as a stream until
-        `finished`."""
-        if stream:
-            self.streams.add(request)
+        """A step of `positions` leaves (0: not timed); `stream`: the request has tokens
+        already, so a step of one position (or a verify step) is a decode step."""
         if positions > 1:
+            self.streams.discard(request)  # a replay: not decoding until it is done
             self.in_flight += 1
             self.sent += 1
-        return Mark(positions, self.sent, self.in_flight == 0)
+        elif stream:
+            self.streams.add(request)
+        return Mark(request, positions, self.sent, self.in_flight == 0)
 
     def ended(self, mark: Mark, seconds: float | None) -> None:
         """The step `mark` ended: answered after `seconds`, or lost (None)."""
+        if seconds is None:
+            self.streams.discard(mark.request)
         if mark.positions > 1:
             self.in_flight = max(0, self.in_flight - 1)
             if seconds is not None and self.decode_s is not None:
@@ -109,10 +117,12 @@ def chunk_length(limit: int, times: ChunkTimes, request: str, budget: float = GA
     """
     if limit <= 0:
         return 0
-    if not times.streams - {request} or times.decode_s is None or not times.position_s:
+    if not times.streams - {request} or times.decode_s is None or times.position_s is None:
         return limit
-    fits = int(budget * times.decode_s / times.position_s)
-    return max(min(MIN_CHUNK, limit), min(limit, fits))
+    allowed = budget * times.decode_s  # seconds a chunk may add
+    if times.position_s * limit <= allowed:  # (a cost near 0 would overflow the division)
+        return limit
+    return max(min(MIN_CHUNK, limit), int(allowed / times.position_s))
 
 
 def _average(old: float | None, new: float) -> float:
