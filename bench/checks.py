@@ -12,7 +12,7 @@ token on the critical path of the chain, one after another:
 - the gateway checks the last stage's logits against all the records (`culprit`).
 
 A cluster's per-token time is too noisy on a shared 2-core machine to resolve 5% in a
-few runs (docs/PERFORMANCE.md), so this measures the checks and the compute they guard
+few runs (docs/PERFORMANCE-LOG.md), so this measures the checks and the compute they guard
 in the same process, interleaved round by round: the small model's decode step through
 Butterfly's runtime (the 4 stages in one process, as `bench/pipeline.py`'s reference),
 and the production check functions on tensors of the same shapes. The ratio of the two

@@ -179,7 +179,7 @@ class PipelineEngine:
         chunks of positions that hold the rejected draft tokens too, which that prefill
         never sees; replicate mode judges a step's lanes by their last row, and replays
         them from their history. So audited and replicated requests decode one token per
-        traversal, as they were checked before (docs/PERFORMANCE.md)."""
+        traversal, as they were checked before (docs/PERFORMANCE-LOG.md)."""
         return PLAIN if checked else self._speculation
 
     def retune(

@@ -9,7 +9,7 @@ Torch runs on one worker thread per node, so the event loop (votes, other reques
 frames) never waits behind a long forward pass (a prefill, an audit). Decode steps of a
 few tokens run on the event loop itself when the worker is idle: the hand-off to the
 worker and back cost two thread wake-ups per stage and token, more than the few
-milliseconds the loop then waits (see docs/PERFORMANCE.md). Heartbeats have threads of
+milliseconds the loop then waits (see docs/PERFORMANCE-LOG.md). Heartbeats have threads of
 their own (control.heartbeats), so neither delays them.
 
 KV caches are bounded whatever the gateway does: at most `max_caches` per node (the

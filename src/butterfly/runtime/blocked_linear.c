@@ -27,7 +27,7 @@
  * sockets on caches the weights had just flushed) down from 1.7-2.2 to 1.0-1.5 ms.
  * The same hint made bf16 tokens 1.08-1.10x slower (1 and 4 nodes) and bf16 + int8
  * ones 5-9% slower in one process: their kernels widen each weight before the
- * arithmetic, and read without it (docs/PERFORMANCE.md, fifth session). */
+ * arithmetic, and read without it (docs/PERFORMANCE-LOG.md, fifth session). */
 #define AHEAD 2048
 #define STREAM(p, bytes, on)                                                               \
     do {                                                                                   \

@@ -4,7 +4,7 @@ layout.
 
 Why: with the products at the memory's read bandwidth (runtime/native.py), a decode
 step of the small model still spent about 4.7 ms of its 18.9 ms per token outside them
-(AMD EPYC, docs/PERFORMANCE.md): some forty torch operations per layer, each a trip
+(AMD EPYC, docs/PERFORMANCE-LOG.md): some forty torch operations per layer, each a trip
 through Python and the dispatcher and, for the products, a fork and join of the thread
 team. On a machine where several stages share the cores, each of those wakes is also a
 chance to wait for a core. The compiled call runs every layer of the stage in one

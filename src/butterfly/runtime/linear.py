@@ -4,7 +4,7 @@ Which kernel wins depends on the CPU, not on its vendor's name: on an AMD EPYC w
 ran AVX2 code, oneDNN's packed fp32 layout ran decode products 1.5-2.2x faster than
 `F.linear`; on an Intel Xeon (AVX-512, AMX) MKL was already at the memory bandwidth and
 the packed path was 0.7-0.9x as fast, while packed bf16 ran 1.5-2x faster than plain
-bf16 (docs/PERFORMANCE.md, "Kernel selection"). So at load, for each distinct weight
+bf16 (docs/PERFORMANCE-LOG.md, "Kernel selection"). So at load, for each distinct weight
 shape and precision, every candidate the precision allows is timed on the decode shape
 (one row) and the fastest kept, once per process (`kernel_choices()` lists them).
 
@@ -264,7 +264,7 @@ def time_decode(built: dict[str, Weight], precision: Precision) -> dict[str, flo
     the candidate's weight to overflow the last-level cache (`cold_copies`). Timed on
     one hot copy, a 9.4 MB bf16 matrix fit in an AMD EPYC's 32 MiB L3, and oneDNN's
     packed layout won by 20-40%; streamed from memory in a decode step, it ran at about
-    4x its bandwidth floor (docs/PERFORMANCE.md)."""
+    4x its bandwidth floor (docs/PERFORMANCE-LOG.md)."""
     some = next(iter(built.values()))
     x = torch.randn(1, 1, int(some.shape[1]), generator=torch.Generator().manual_seed(0))
     x = x.to(precision.dtype)

@@ -416,7 +416,7 @@ class LlamaStage:
         own cache. A prompt's chunk and the decode steps batched with it then read the
         weights once between them instead of once each: run apart, a 32-position chunk
         of three small-model layers cost a whole 4-row decode step more (14.5 ms of one
-        thread's CPU) than its own rows (0.36 ms each; docs/PERFORMANCE.md, chunked
+        thread's CPU) than its own rows (0.36 ms each; docs/PERFORMANCE-LOG.md, chunked
         prefill). Returns [1, N] rows, or with `last_only` each entry's last row."""
         if self.embed is not None:
             check_token_ids(x, self.args.vocab_size)

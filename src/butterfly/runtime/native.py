@@ -4,7 +4,7 @@ that runs it.
 Why it exists: a decode step is a handful of matrix-vector products whose cost is reading
 the weights once, so the best kernel is the one that streams them at the memory's read
 bandwidth. Neither of torch's fp32 kernels does on every CPU. On an AMD EPYC (AVX-512,
-2 cores; docs/PERFORMANCE.md, "Issue 16 on an AMD EPYC") the small model's products streamed
+2 cores; docs/PERFORMANCE-LOG.md, "Issue 16 on an AMD EPYC") the small model's products streamed
 from memory at 13.7 GB/s through `F.linear` (MKL's gemv) and 21 GB/s through oneDNN's
 packed layout, against 31-33 GB/s for a plain sum over a buffer; on one thread, 14.5 GB/s
 packed against 27 GB/s for the sum. This kernel reached 31.6 GB/s on two threads and

@@ -4,7 +4,7 @@ Each thread that runs a parallel torch op gets an OpenMP team of its own, which 
 long as the thread. With two teams on a 2-core machine libgomp counts more threads than
 cores and stops spinning between parallel regions, so every op then pays for waking its
 team: a decode step of the small model on the main thread went from 10.5 ms to 18-21 ms
-once a second thread had run a single parallel op (docs/PERFORMANCE.md, "One torch
+once a second thread had run a single parallel op (docs/PERFORMANCE-LOG.md, "One torch
 thread"). So a node runs every model computation on one `TorchThread`, and holds the
 event loop's thread to one OpenMP thread (`confine_to_one_thread`) for the small tensor
 work it does itself (sampling, fingerprints, decoding frames).

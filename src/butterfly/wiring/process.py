@@ -123,7 +123,7 @@ def run_until_signalled(
 
     # uvloop: asyncio's pure-Python loop (selector, handles, the self-pipe wake-up after
     # each torch job) showed in every node's profile under many short requests; uvloop
-    # runs the same loop in C (docs/PERFORMANCE.md, API throughput)
+    # runs the same loop in C (docs/PERFORMANCE-LOG.md, API throughput)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(guarded())
 
