@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from butterfly.dataplane.stage_server import Outbound
+from butterfly.metrics.events import MetricsEvent, PromptChunked
 from butterfly.net.framing import Envelope
 from butterfly.runtime.loader import num_layers
 from butterfly.schedule.chunks import GAP_BUDGET, MIN_CHUNK, ChunkTimes, chunk_length
@@ -141,7 +142,9 @@ async def _long_steps(
 async def test_chunks_shrink_only_while_a_stream_decodes(tiny_model: Path) -> None:
     n = num_layers(tiny_model)
     prompt = tuple(range(3, 67))
-    async with LocalPipeline(tiny_model, [LayerRange(0, 2), LayerRange(2, n)]) as pipe:
+    events: list[MetricsEvent] = []
+    ranges = [LayerRange(0, 2), LayerRange(2, n)]
+    async with LocalPipeline(tiny_model, ranges, emit=events.append) as pipe:
         task = InferenceTask(RequestId("whole"), prompt, max_new_tokens=1)
         whole = tuple((await pipe.run(task, lambda t: None)).output_ids)
         pipe.engine.retune_generation(speculation=Speculation(), prefill_chunk=32)
@@ -151,3 +154,6 @@ async def test_chunks_shrink_only_while_a_stream_decodes(tiny_model: Path) -> No
     assert beside[0] == MIN_CHUNK  # a position as dear as a decode step: the fewest
     assert sum(beside) == len(prompt) and max(beside) <= 32 and len(beside) >= 5
     assert token_alone == token_beside == whole
+    # butterfly_prompt_chunk_positions sees every chunk but each prompt's last step
+    chunked = [e.positions for e in events if isinstance(e, PromptChunked)]
+    assert chunked == alone[:-1] + beside[:-1]

@@ -23,6 +23,7 @@ from butterfly.metrics.events import (
     PartitionComputed,
     PeerError,
     PhaseTransition,
+    PromptChunked,
     QueueDepth,
     RecoveryCompleted,
     StageStepTimed,
@@ -88,6 +89,7 @@ ONE_OF_EACH: list[MetricsEvent] = [
     StageStepTimed(stage=1, seconds=0.004),
     HopTimed(NodeId(2), 0.0002),
     Traversed(drafted=4, accepted=3),
+    PromptChunked(positions=8),
 ]
 
 
@@ -135,6 +137,9 @@ def test_each_event_moves_its_metric() -> None:
     assert value(m, "butterfly_pipeline_traversals_total") == 1
     assert value(m, "butterfly_draft_tokens_total") == 4
     assert value(m, "butterfly_draft_accepted_tokens_total") == 3
+    assert value(m, "butterfly_prompt_chunk_positions_count") == 1
+    assert value(m, "butterfly_prompt_chunk_positions_bucket", le="4.0") == 0
+    assert value(m, "butterfly_prompt_chunk_positions_bucket", le="8.0") == 1
 
 
 def test_kv_gauges_read_the_caches_at_each_scrape() -> None:

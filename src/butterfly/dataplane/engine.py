@@ -35,7 +35,7 @@ from butterfly.dataplane.sending import Deliver as Deliver
 from butterfly.dataplane.sending import RecordSize, StepSender
 from butterfly.dataplane.speculate import confirm, kept_until_stop
 from butterfly.dataplane.unresponsive import StepTimeouts
-from butterfly.metrics.events import Emit, PeerError, Traversed, discard
+from butterfly.metrics.events import Emit, PeerError, PromptChunked, Traversed, discard
 from butterfly.metrics.logcontext import REQUEST_ID
 from butterfly.metrics.tracing import Tracing
 from butterfly.net.framing import Envelope
@@ -614,6 +614,7 @@ class PipelineEngine:
             traversals += 1
             if head.shape[1] < x.shape[1] and not drafted:  # a chunk; the rest follows
                 self._emit(Traversed())
+                self._emit(PromptChunked(head.shape[1]))
                 pos, x = pos + head.shape[1], x[:, head.shape[1] :]
                 continue
             if not task.max_new_tokens:  # the prompt is scored; no token was asked for

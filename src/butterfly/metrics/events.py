@@ -176,6 +176,15 @@ class Traversed:
 
 
 @dataclass(frozen=True)
+class PromptChunked:
+    """The gateway sent `positions` of a longer prompt (or replay) as one chunk: the sizes
+    shrink while other requests decode on a CPU whose positions are dear
+    (schedule.chunks), which this shows."""
+
+    positions: int
+
+
+@dataclass(frozen=True)
 class Verification:
     """The check a result went through (`audit`, `replicate`) and how it ended."""
 
@@ -213,6 +222,7 @@ MetricsEvent = (
     | StageStepTimed
     | HopTimed
     | Traversed
+    | PromptChunked
 )
 
 Emit = Callable[[MetricsEvent], None]
@@ -240,6 +250,7 @@ __all__ = [
     "PartitionComputed",
     "PeerError",
     "PhaseTransition",
+    "PromptChunked",
     "QueueDepth",
     "StageStepTimed",
     "TaskFinished",

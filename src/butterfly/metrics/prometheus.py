@@ -34,6 +34,7 @@ from butterfly.metrics.events import (
     PartitionComputed,
     PeerError,
     PhaseTransition,
+    PromptChunked,
     QueueDepth,
     RecoveryCompleted,
     StageStepTimed,
@@ -60,6 +61,7 @@ PARTITION_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5)
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 30)
 # Handing a frame to the next node: microseconds for a decode step's activations, up to
 # seconds for a long prefill's over a slow link.
+CHUNK_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 HOP_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1, 5)
 
 
@@ -114,6 +116,14 @@ class Metrics:
             namespace=ns,
             registry=r,
             buckets=HOP_BUCKETS,
+        )
+        self.prompt_chunk = Histogram(
+            "prompt_chunk_positions",
+            "Positions of each chunk a prompt (or replay) was sent in (generation.prefill_chunk "
+            "at most; fewer while others decode, schedule.chunks)",
+            namespace=ns,
+            registry=r,
+            buckets=CHUNK_BUCKETS,
         )
         self.traversals = Counter(
             "pipeline_traversals",
@@ -303,6 +313,8 @@ class Metrics:
                 if drafted:
                     self.draft_tokens.inc(drafted)
                     self.draft_accepted.inc(accepted)
+            case PromptChunked(positions=positions):
+                self.prompt_chunk.observe(positions)
             case TaskSubmitted(prompt_tokens=prompt):
                 self.tasks_submitted.inc()
                 self.prompt_tokens.inc(prompt)

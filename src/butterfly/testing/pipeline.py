@@ -25,6 +25,7 @@ from tokenizers import Tokenizer
 
 from butterfly.dataplane.engine import PipelineEngine
 from butterfly.dataplane.stage_server import CACHE_TTL_S, MAX_CACHES, StageServer
+from butterfly.metrics.events import Emit, discard
 from butterfly.net.framing import Envelope
 from butterfly.runtime.loader import model_args
 from butterfly.runtime.torch_thread import TorchThread
@@ -56,10 +57,12 @@ class LocalPipeline:
         cache_ttl_s: float = CACHE_TTL_S,
         clock: Callable[[], float] = time.monotonic,
         recovery_wait_s: float = 10.0,
+        emit: Emit = discard,
     ) -> None:
         """`max_caches`, `cache_ttl_s`, `clock`: every stage server's KV-cache bounds;
         `recovery_wait_s`: how long the engine waits for a new plan after a lost step;
-        `tokenizer`: the model's, for tasks with stop strings."""
+        `tokenizer`: the model's, for tasks with stop strings; `emit`: the engine's
+        metrics events."""
         if not ranges:
             raise ValueError("a pipeline needs at least one stage")
         self._torch = TorchThread(name="butterfly-torch")
@@ -90,6 +93,7 @@ class LocalPipeline:
             max_tensor_bytes=MAX_TENSOR_BYTES,
             recovery_wait_s=recovery_wait_s,
             tokenizer=tokenizer,
+            emit=emit,
         )
         self._batches: asyncio.Task[None] | None = None
         self._loaded = asyncio.Event()
