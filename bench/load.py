@@ -8,7 +8,7 @@ delayed over plain) compares the two under the same machine state. A request's t
 count from its first; the wall time is from sending the first request to the last answer.
 Every request of the largest concurrency runs at once (`scheduling.dispatch_batch_size`):
 with the default of 10, 16 requests ran as 10 and then 6, two micro-batches of five in
-flight where four of four hide the links (0.77x against 0.87x, AMD EPYC, 2026-12-05).
+flight where four of four hide the links (0.77x against 0.88x, AMD EPYC, 2026-12-05).
 
 With `--baseline-src DIR` two more clusters run the code under DIR (another checkout's
 src/), in the same rotation, for `ratio_to_baseline_*`.

@@ -551,7 +551,7 @@ class PipelineEngine:
             plan = self._plan()
             cap = self._sender.max_positions(len(plan.nodes)) if plan is not None else 0
             times = self.chunk_times
-            sized = chunk_length(chunk, times, request_id)
+            sized = chunk_length(chunk, times, request_id) if x.shape[1] > 1 else chunk
             limit = min(c for c in (sized, cap, x.shape[1]) if c > 0)
             head = x[:, :limit] if limit < x.shape[1] else x
             if drafted:

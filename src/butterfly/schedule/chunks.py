@@ -120,7 +120,8 @@ def chunk_length(limit: int, times: ChunkTimes, request: str, budget: float = GA
     """
     if limit <= 0:
         return 0
-    if not times.streams - {request} or times.decode_s is None or times.position_s is None:
+    others = len(times.streams) - (request in times.streams)
+    if not others or times.decode_s is None or times.position_s is None:
         return limit
     allowed = budget * times.decode_s  # seconds a chunk may add
     if times.position_s * limit <= allowed:  # (a cost near 0 would overflow the division)
