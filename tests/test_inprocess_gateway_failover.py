@@ -116,8 +116,9 @@ async def test_the_successor_takes_over_and_every_task_completes_with_its_tokens
             return stored is not None and stored.state.terminal
 
         await c.until(lambda: all(finished(t.task_id) for t in running), "tasks", beats=1000)
-        greedy = await scheduler.snapshot("greedy")
-        sampled = await scheduler.snapshot("sampled")
+        # the store is written before the scheduler shows the task finished
+        greedy = await scheduler.wait("greedy", 10)
+        sampled = await scheduler.wait("sampled", 10)
         assert greedy.result is not None and sampled.result is not None
         assert list(greedy.result.output_ids) == references["greedy"]
         assert list(sampled.result.output_ids) == references["sampled"]

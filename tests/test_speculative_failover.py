@@ -87,7 +87,7 @@ async def test_a_speculating_request_resumes_on_the_successor_with_its_tokens(
 
         await c.until(lambda: finished("greedy") and finished("sampled"), "tasks", beats=1000)
         for name in ("greedy", "sampled"):
-            snap = await successor.snapshot(name)
+            snap = await successor.wait(name, 10)  # stored terminal; settled here too
             assert snap.result is not None
             assert snap.result.output_ids == references[name], name
         greedy = await successor.snapshot("greedy")
