@@ -27,6 +27,16 @@ pytestmark = pytest.mark.timeout(120)
 LONG, CHUNK = 200, 16
 
 
+async def _first_tokens(stream: list[Any], running: asyncio.Task[Any]) -> None:
+    """Until the running stream has 3 tokens; its failure, or 30 s, ends the wait."""
+    async with asyncio.timeout(30):
+        while len(stream) < 3:
+            if running.done():
+                running.result()  # raises what stopped it
+                raise AssertionError(f"the stream ended after {len(stream)} tokens")
+            await asyncio.sleep(0.001)
+
+
 @pytest.mark.parametrize("chunk", [0, CHUNK])
 async def test_a_long_prompt_in_chunks_shares_its_steps_with_a_running_stream(
     tiny_model: Path, chunk: int
@@ -51,8 +61,7 @@ async def test_a_long_prompt_in_chunks_shares_its_steps_with_a_running_stream(
                 InferenceTask(RequestId("stream"), (1, 2, 3), max_new_tokens=200), stream.append
             )
         )
-        while len(stream) < 3:
-            await asyncio.sleep(0.001)
+        await _first_tokens(stream, running)
         before = len(stream)
         prompt = tuple(range(3, 3 + LONG))
         await pipe.run(InferenceTask(RequestId("long"), prompt, max_new_tokens=1), long.append)
@@ -172,8 +181,7 @@ async def test_a_stream_beside_chunks_gets_the_tokens_it_gets_alone(tiny_model: 
         stream: list[object] = []
         task = InferenceTask(RequestId("beside"), (1, 2, 3), max_new_tokens=60)
         running = asyncio.create_task(pipe.run(task, stream.append))
-        while len(stream) < 3:
-            await asyncio.sleep(0.001)
+        await _first_tokens(stream, running)
         chunked = await pipe.run(
             InferenceTask(RequestId("chunked"), prompt, max_new_tokens=4), lambda t: None
         )

@@ -321,9 +321,14 @@ async def test_a_frozen_gateway_that_thaws_after_its_replacement_does_not_split_
         def one_log() -> bool:  # one agreed log, not two: the same length everywhere
             return len({node.agreement.driver.last_executed for node in c.nodes}) == 1
 
+        def one_plan() -> bool:  # applied after its command executes, so waited for too
+            plan = c.nodes[1].stage_server.plan
+            return plan is not None and all(node.stage_server.plan == plan for node in c.nodes[1:])
+
         await c.until(one_log, "every node executed the same log", beats=1000)
+        await c.until(one_plan, "nodes 1-3 hold the agreed plan", beats=1000)
         agreed = c.nodes[1].stage_server.plan
-        assert agreed is not None and all(node.stage_server.plan == agreed for node in c.nodes[1:])
+        assert agreed is not None
         # node 0's re-plan around the peers it could not hear was never agreed or applied
         alone = c.nodes[0].stage_server.plan
         assert alone is not None and (alone == agreed or alone.epoch < agreed.epoch)
