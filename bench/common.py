@@ -6,13 +6,15 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
 from butterfly.runtime.demo import create_demo
+from butterfly.runtime.linear import Int8Weight
+from butterfly.runtime.native import BlockedWeight
 
 T = TypeVar("T")
 
@@ -61,16 +63,59 @@ def cpu() -> dict[str, Any]:
     return {"cpu_model": model, "vector_extensions": [f for f in VECTOR_FLAGS if f in flags]}
 
 
-def read_bandwidth_samples(megabytes: int = 512, rounds: int = 9) -> list[float]:
-    """Memory read bandwidth on torch's threads, GB/s, one sample per pass: summing a
-    buffer far larger than the caches reads every byte once."""
-    x = torch.ones(megabytes * 2**20 // 4)
-    x.sum()  # fault the pages in
+def weight_views(weights: Iterable[object]) -> list[torch.Tensor]:
+    """The bytes of each weight a decode step streams, as flat int32 views of the same
+    memory (no copy): a blocked weight's blocks, an int8 weight's bytes, a plain tensor.
+    A layout whose bytes cannot be viewed (oneDNN's packed tensors) is left out, so the
+    probe reads the rest of the same allocations."""
+    views = []
+    for w in weights:
+        t = w.blocks if isinstance(w, BlockedWeight) else w.q if isinstance(w, Int8Weight) else w
+        if isinstance(t, torch.Tensor) and t.layout == torch.strided and t.is_contiguous():
+            flat = t.reshape(-1).view(torch.uint8)
+            views.append(flat[: flat.numel() // 4 * 4].view(torch.int32))
+    if not views:
+        raise ValueError("no weight whose bytes can be read: nothing to probe")
+    return views
+
+
+def stage_matrices(stage: Any) -> list[object]:
+    """A Llama stage's matrices, the head included: what its decode step streams."""
+    held = [m for b in stage.blocks for m in (b.wqkv, b.wo, b.w13, b.w2)]
+    return held if stage.head is None else [*held, stage.head]
+
+
+def _call_cost() -> float:
+    """Seconds of one reduction's fixed cost (the call, the thread team): a 256 KiB
+    reduction, hot in the cache, so subtracting it per weight overstates the bandwidth
+    slightly, never understates it (a floor may be too strict, not too lenient)."""
+    hot = torch.zeros(1 << 16, dtype=torch.int32)
+    times = []
+    for _ in range(50):
+        t0 = time.perf_counter()
+        hot.amax()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def read_bandwidth_samples(views: list[torch.Tensor], rounds: int = 2) -> list[float]:
+    """The read bandwidth of the weights' own memory on torch's threads, GB/s, one sample
+    per pass over every view (`weight_views`).
+
+    Why the weights and not a buffer of the probe's own: on this machine the same 512 MB
+    sum read 28-34 GB/s in some processes and 55-66 GB/s in others (AMD EPYC VM,
+    2026-12-05), depending on the memory an allocation was given (one allocation's
+    first pass after 2 GB were freed read 9 GB/s). A buffer of its own measured memory
+    the decode never reads, which is how fp32 decode came out at 0.95x its "floor"."""
+    cost = _call_cost()
+    nbytes = sum(v.numel() * 4 for v in views)
     rates = []
     for _ in range(rounds):
         t0 = time.perf_counter()
-        x.sum()
-        rates.append(x.numel() * 4 / (time.perf_counter() - t0) / 1e9)
+        for v in views:
+            v.amax()
+        elapsed = time.perf_counter() - t0 - cost * len(views)
+        rates.append(nbytes / max(elapsed, 1e-9) / 1e9)
     return rates
 
 
@@ -80,15 +125,12 @@ def floor_ms(weight_bytes: int, samples: list[float]) -> float:
     return round(weight_bytes / (max(samples) * 1e9) * 1000, 3)
 
 
-def beside_bandwidth(run: Callable[[], T]) -> tuple[T, list[float]]:
-    """`run()`, and read-bandwidth samples taken just before and just after it. This
-    machine's bandwidth moves between about 30 and 56 GB/s within one run, so a decode
-    is held to the floor of what the memory did while it ran: against the run's median,
-    fp32 decode came out at 0.76x its "floor", and against the run's highest sample at
-    1.45x when most of its tokens ran in the slow state (AMD EPYC, 2026-12-05)."""
-    before = read_bandwidth_samples(rounds=2)
+def beside_bandwidth(run: Callable[[], T], views: list[torch.Tensor]) -> tuple[T, list[float]]:
+    """`run()`, and samples of its weights' read bandwidth (`views`) taken just before and
+    just after it, so a decode is held to what its memory did while it ran."""
+    before = read_bandwidth_samples(views)
     out = run()
-    return out, before + read_bandwidth_samples(rounds=2)
+    return out, before + read_bandwidth_samples(views)
 
 
 def decode_bytes(stage: Any) -> int:

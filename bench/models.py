@@ -3,8 +3,9 @@
 Prints one JSON object. Each round runs every precision once (prefill of 128 tokens, then
 64 greedy decode steps), so drift of this shared machine hits all alike; the ratios to
 fp32 are per round, reported as medians with spread. Beside each decode figure: the
-memory-bandwidth floor (bytes of weights a decode step reads / the highest read bandwidth
-sampled just before and after its turn, per round: `common.beside_bandwidth`). Memory: a
+memory-bandwidth floor (bytes of weights a decode step reads / the highest read bandwidth of
+those weights' own memory, sampled just before and after its turn, per round:
+`common.beside_bandwidth`). Memory: a
 middle-quarter stage per precision in a fresh process, resident (anonymous) memory
 against the bytes it holds. Accuracy: butterfly.testing.accuracy.
 
@@ -32,7 +33,16 @@ from butterfly.runtime.linear import kernel_choices
 from butterfly.runtime.loader import load_stage, num_layers
 from butterfly.runtime.precision import FP32, Precision
 from butterfly.testing.accuracy import check_accuracy
-from common import bench_model, beside_bandwidth, decode_bytes, floor_ms, machine, summary
+from common import (
+    bench_model,
+    beside_bandwidth,
+    decode_bytes,
+    floor_ms,
+    machine,
+    stage_matrices,
+    summary,
+    weight_views,
+)
 from runtime import butterfly_session, one_round
 
 PRECISIONS = {
@@ -89,10 +99,11 @@ def main() -> None:
     model_dir = bench_model(args.size)
     stages = {name: load_stage(model_dir, precision=p) for name, p in PRECISIONS.items()}
     sessions = {name: butterfly_session([s]) for name, s in stages.items()}
+    views = {name: weight_views(stage_matrices(s)) for name, s in stages.items()}
     prompt = torch.randint(0, 256, (1, 128), generator=torch.Generator().manual_seed(0))
     decode: dict[str, list[float]] = {k: [] for k in sessions}
     ratios: dict[str, list[float]] = {k: [] for k in sessions}
-    bandwidth: list[float] = []
+    bandwidth: dict[str, list[float]] = {k: [] for k in sessions}
     note("loaded")
     for new in sessions.values():  # warm-up
         one_round(new, prompt)
@@ -101,14 +112,15 @@ def main() -> None:
         note(f"round {r}")
         medians = {}
         for name, new in sessions.items():
-            (_, steps, _), samples = beside_bandwidth(functools.partial(one_round, new, prompt))
+            run = functools.partial(one_round, new, prompt)
+            (_, steps, _), samples = beside_bandwidth(run, views[name])
             decode[name].extend(steps)
             medians[name] = summary(steps)["median"]
-            bandwidth += samples
+            bandwidth[name] += samples
             to_floor[name].append(medians[name] / floor_ms(decode_bytes(stages[name]), samples))
         for name in sessions:
             ratios[name].append(medians[name] / medians["float32"])
-    floors = {name: floor_ms(decode_bytes(s), bandwidth) for name, s in stages.items()}
+    floors = {name: floor_ms(decode_bytes(s), bandwidth[name]) for name, s in stages.items()}
     n = num_layers(model_dir)
     quarter = n // 4
     note("accuracy")
@@ -131,8 +143,8 @@ def main() -> None:
         "new_tokens": 64,
         "rounds": args.rounds,
         "machine": machine(),
-        "read_bandwidth_gbs": summary(bandwidth),
-        "floor_bandwidth_gbs": round(max(bandwidth), 2),
+        "read_bandwidth_gbs": {k: summary(v) for k, v in bandwidth.items()},
+        "floor_bandwidth_gbs": {k: round(max(v), 2) for k, v in bandwidth.items()},
         "decode_ms_per_token": per_token,
         "decode_bytes_mb": {k: round(decode_bytes(s) / 2**20, 1) for k, s in stages.items()},
         "bandwidth_floor_ms": floors,

@@ -4,10 +4,11 @@ Prints one JSON object. Each round runs every contender once (prefill of 128 tok
 64 greedy decode steps), so slow drift of this shared machine hits all of them alike;
 medians and spread are over all rounds. Peak memory is measured in fresh processes.
 Beside each decode figure, its memory-bandwidth floor: the bytes of weights one decode
-step reads over the highest read bandwidth, the time no kernel can beat.
-`decode_to_floor` is how far above it each contender runs, per round, against the
-bandwidth sampled just before and after that contender's turn (`common.beside_bandwidth`);
-`bandwidth_floor_ms` is the floor at the run's highest sample.
+step reads over the highest read bandwidth of those weights' own memory, the time no
+kernel can beat (`common.read_bandwidth_samples` says why their own). `decode_to_floor` is
+how far above it each contender runs, per round, against the bandwidth sampled just before
+and after that contender's turn (`common.beside_bandwidth`); `bandwidth_floor_ms` is the
+floor at the contender's highest sample in the run.
 `butterfly_1_stage_torch_ops` is the same stage without its compiled layers
 (runtime/fused_layers.py), so the two differ in that alone.
 
@@ -26,6 +27,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,18 +36,34 @@ from butterfly.runtime.generate import run_pipeline
 from butterfly.runtime.linear import kernel_choices
 from butterfly.runtime.loader import load_stage, num_layers
 from butterfly.runtime.stage import Stage
-from common import bench_model, beside_bandwidth, decode_bytes, floor_ms, machine, summary
+from common import (
+    bench_model,
+    beside_bandwidth,
+    decode_bytes,
+    floor_ms,
+    machine,
+    stage_matrices,
+    summary,
+    weight_views,
+)
 
 PROMPT, NEW = 128, 64
 Step = Callable[[torch.Tensor, int], torch.Tensor]  # (ids, start_pos) -> last logits
 
 
-def transformers_session(model_dir: Path) -> Callable[[], Step]:
-    from transformers import DynamicCache, LlamaForCausalLM
+def transformers_model(model_dir: Path) -> Any:
+    from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     for p in model.parameters():  # out of the safetensors mmap, as Butterfly does
         p.data = p.data.clone()
+    return model
+
+
+def transformers_session(model_dir: Path, model: Any = None) -> Callable[[], Step]:
+    from transformers import DynamicCache
+
+    model = transformers_model(model_dir) if model is None else model
 
     def new() -> Step:
         cache = DynamicCache()
@@ -135,8 +153,9 @@ def main() -> None:
     one = [load_stage(model_dir)]
     four = [load_stage(model_dir, r) for r in uniform_ranges(n, 4)]
     torch_ops = [torch_operations_only(s) for s in one]
+    hf = transformers_model(model_dir)
     contenders = {
-        "transformers": transformers_session(model_dir),
+        "transformers": transformers_session(model_dir, hf),
         "butterfly_1_stage": butterfly_session(one),
         "butterfly_1_stage_torch_ops": butterfly_session(torch_ops),
         "butterfly_4_stages": butterfly_session(four),
@@ -147,23 +166,32 @@ def main() -> None:
         "butterfly_1_stage_torch_ops": sum(decode_bytes(s) for s in one),
         "butterfly_4_stages": sum(decode_bytes(s) for s in four),
     }
+    views = {  # the memory each contender's decode streams, for its floor
+        "transformers": weight_views(
+            m.weight for m in hf.modules() if isinstance(m, torch.nn.Linear)
+        ),
+        "butterfly_1_stage": weight_views(stage_matrices(one[0])),
+        "butterfly_1_stage_torch_ops": weight_views(stage_matrices(one[0])),
+        "butterfly_4_stages": weight_views([m for s in four for m in stage_matrices(s)]),
+    }
     prompt = torch.randint(0, 256, (1, PROMPT), generator=torch.Generator().manual_seed(0))
     prefill: dict[str, list[float]] = {k: [] for k in contenders}
     decode: dict[str, list[float]] = {k: [] for k in contenders}
     tokens: dict[str, list[int]] = {}
     for new in contenders.values():  # warm-up
         one_round(new, prompt)
-    bandwidth: list[float] = []
+    bandwidth: dict[str, list[float]] = {k: [] for k in contenders}
     to_floor: dict[str, list[float]] = {k: [] for k in contenders}
     for _ in range(args.rounds):
         for name, new in contenders.items():
-            (p, d, toks), samples = beside_bandwidth(functools.partial(one_round, new, prompt))
+            run = functools.partial(one_round, new, prompt)
+            (p, d, toks), samples = beside_bandwidth(run, views[name])
             prefill[name].append(p)
             decode[name].extend(d)
             tokens[name] = toks
-            bandwidth += samples
+            bandwidth[name] += samples
             to_floor[name].append(summary(d)["median"] / floor_ms(weights[name], samples))
-    floor = {k: floor_ms(b, bandwidth) for k, b in weights.items()}
+    floor = {k: floor_ms(b, bandwidth[k]) for k, b in weights.items()}
     ref_prefill = summary(prefill["transformers"])["median"]
     ref_decode = summary(decode["transformers"])["median"]
     quarter = n // 4
@@ -180,8 +208,8 @@ def main() -> None:
         "machine": machine(),
         "prefill_ms": {k: summary(v) for k, v in prefill.items()},
         "decode_ms_per_token": {k: summary(v) for k, v in decode.items()},
-        "read_bandwidth_gbs": summary(bandwidth),
-        "floor_bandwidth_gbs": round(max(bandwidth), 2),
+        "read_bandwidth_gbs": {k: summary(v) for k, v in bandwidth.items()},
+        "floor_bandwidth_gbs": {k: round(max(v), 2) for k, v in bandwidth.items()},
         "decode_weights_mb": {k: round(b / 2**20, 1) for k, b in weights.items()},
         "bandwidth_floor_ms": floor,
         "decode_to_floor": {k: summary(v) for k, v in to_floor.items()},
