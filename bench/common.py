@@ -103,7 +103,7 @@ def read_bandwidth_samples(views: list[torch.Tensor], rounds: int = 2) -> list[f
     per pass over every view (`weight_views`).
 
     Why the weights and not a buffer of the probe's own: on this machine the same 512 MB
-    sum read 28-34 GB/s in some processes and 55-66 GB/s in others (AMD EPYC VM,
+    sum read 27-35 GB/s in some processes and 55-66 GB/s in others (AMD EPYC VM,
     2026-12-05), depending on the memory an allocation was given (one allocation's
     first pass after 2 GB were freed read 9 GB/s). A buffer of its own measured memory
     the decode never reads, which is how fp32 decode came out at 0.95x its "floor"."""
