@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -131,6 +133,35 @@ def beside_bandwidth(run: Callable[[], T], views: list[torch.Tensor]) -> tuple[T
     before = read_bandwidth_samples(views)
     out = run()
     return out, before + read_bandwidth_samples(views)
+
+
+def truncated_draft(model_dir: Path, layers: int) -> Path:
+    """A draft model for speculative decoding made of `model_dir`'s first `layers` layers,
+    its final norm and head (a self-speculative draft, as LayerSkip drafts from early
+    layers), written once beside it. The demo models are seeded noise, so no separately
+    trained small model shares their behaviour; their own early layers partly do."""
+    from safetensors.torch import load_file, save_file
+
+    out = model_dir.parent / f"{model_dir.name}-draft-{layers}"
+    if (out / "config.json").is_file():
+        return out
+    config = json.loads((model_dir / "config.json").read_text())
+    if not 0 < layers <= config["num_hidden_layers"]:
+        raise ValueError(f"a draft of {layers} layers from {config['num_hidden_layers']}")
+    kept: dict[str, torch.Tensor] = {}
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        for name, tensor in load_file(shard).items():
+            if not name.startswith("model.layers.") or int(name.split(".")[2]) < layers:
+                kept[name] = tensor
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(kept, str(tmp / "model.safetensors"))
+    (tmp / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}))
+    for extra in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(model_dir / extra, tmp / extra)
+    tmp.rename(out)
+    return out
 
 
 def decode_bytes(stage: Any) -> int:

@@ -13,12 +13,20 @@ last tokens before). `repetitive`: greedy continuations of a code prompt and a s
 prompt. `non_repetitive`: the same prompts sampled at temperature 1, where the text does
 not repeat and nearly every draft is rejected (what drafting costs when it does not pay).
 
+`--mode draft` drafts with a small model on the gateway instead (`--draft-model`: a
+checkpoint directory, `self` for the served model itself, or `layers:N` for its first N
+layers, `common.truncated_draft`). The demo model being noise, no separately made small
+model predicts it: `self` agrees with every greedy token (the mechanism's ceiling, drafting
+costing a whole model's decode per token on the gateway) and `layers:2` with almost none
+(what a draft model that does not fit costs).
+
 `--link-latency-ms N` puts a delaying proxy in front of every node
 (`butterfly.testing.latency`, from the latency-harness branch); when that module is not
 installed the run goes on without added latency and says so (`link_latency_ms` 0,
 `latency_harness` "unavailable").
 
     python bench/speculative.py [--rounds 5] [--nodes 4] [--k 4] [--link-latency-ms 5]
+        [--mode ngram|draft] [--draft-model self|layers:N|DIR]
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ import httpx
 
 from butterfly.cli.launcher import LocalCluster, free_ports, node_configs
 from butterfly.runtime.tokenizer import TextCodec
-from common import bench_model, machine, summary
+from common import bench_model, machine, summary, truncated_draft
 
 NEW = 64
 # verification none: speculation runs for unchecked requests only. The failure detector
@@ -93,6 +101,15 @@ def latency_proxies(configs: list[Path], ms: float) -> tuple[Any, str]:
     return latency.delay_cluster(configs, ms / 1000), "butterfly.testing.latency"
 
 
+def draft_model(model_dir: Path, which: str) -> Path:
+    """`--draft-model`: `self`, `layers:N`, or a checkpoint directory."""
+    if which == "self":
+        return model_dir
+    if which.startswith("layers:"):
+        return truncated_draft(model_dir, int(which.removeprefix("layers:")))
+    return Path(which)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
@@ -100,13 +117,20 @@ def main() -> None:
     ap.add_argument("--size", default="small")
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--link-latency-ms", type=float, default=5.0)
+    ap.add_argument("--mode", choices=["ngram", "draft"], default="ngram")
+    ap.add_argument("--draft-model", default="self")
     args = ap.parse_args()
     model_dir = bench_model(args.size)
+    on_mode = args.mode
+    settings = dict(SETTINGS)
+    if on_mode == "draft":
+        draft_dir = draft_model(model_dir, args.draft_model)
+        settings["generation.speculative.draft_model"] = str(draft_dir)
     codec = TextCodec.load(model_dir)
     prompts = {name: codec.encode(text) for name, text in PROMPTS.items()}
     workloads = {"repetitive": 0.0, "non_repetitive": 1.0}  # temperature
     samples: dict[str, dict[str, list[dict[str, Any]]]] = {
-        w: {"off": [], "ngram": []} for w in workloads
+        w: {"off": [], on_mode: []} for w in workloads
     }
     with tempfile.TemporaryDirectory() as tmp:
         port = free_ports(1)[0]
@@ -116,7 +140,7 @@ def main() -> None:
             model=model_dir,
             api_port=port,
             data_dir=Path(tmp),
-            settings=SETTINGS,
+            settings=settings,
         )
         proxies, harness = latency_proxies(cfgs, args.link_latency_ms)
         cluster = LocalCluster(cfgs, f"http://127.0.0.1:{port}", Path(tmp))
@@ -128,7 +152,7 @@ def main() -> None:
             set_config(url, {"generation.speculative.k": args.k})
             load_before = os.getloadavg()[0]
             for i in range(args.rounds):
-                modes = ["off", "ngram"] if i % 2 == 0 else ["ngram", "off"]
+                modes = ["off", on_mode] if i % 2 == 0 else [on_mode, "off"]
                 for mode in modes:
                     set_config(url, {"generation.speculative.mode": mode})
                     for workload, temperature in workloads.items():
@@ -150,14 +174,16 @@ def main() -> None:
         "rounds": args.rounds,
         "link_latency_ms": args.link_latency_ms if harness != "unavailable" else 0.0,
         "latency_harness": harness,
-        "settings": SETTINGS,
+        "mode": on_mode,
+        "draft_model": args.draft_model if on_mode == "draft" else None,
+        "settings": settings,
         "machine": machine(),
         # other work on the machine: 1-minute load average before and after the rounds
         "load_average": [round(load_before, 2), round(load_after, 2)],
         "workloads": {},
     }
     for workload, by_mode in samples.items():
-        off, on = by_mode["off"], by_mode["ngram"]
+        off, on = by_mode["off"], by_mode[on_mode]
         entry: dict[str, Any] = {}
         for mode, runs in by_mode.items():
             entry[mode] = {
@@ -165,7 +191,7 @@ def main() -> None:
                 "traversals_per_token": summary([r["traversals_per_token"] for r in runs]),
             }
         entry["speedup_of_medians"] = round(
-            entry["ngram"]["tokens_per_s"]["median"] / entry["off"]["tokens_per_s"]["median"], 3
+            entry[on_mode]["tokens_per_s"]["median"] / entry["off"]["tokens_per_s"]["median"], 3
         )
         # the same prompt in the same round, off then on (or on then off)
         entry["paired_speedup"] = summary(

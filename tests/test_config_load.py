@@ -123,6 +123,7 @@ def test_config_is_frozen() -> None:
 
 CROSS_RULE_KEYS = {
     "byzantine.f",
+    "generation.speculative.mode",
     "cluster.members",
     "node.id",
     "node.listen",

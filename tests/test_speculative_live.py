@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from butterfly.config.issues import ConfigInvalid
 from butterfly.config.reload import ConfigManager
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.testing.inprocess import InProcessCluster
@@ -61,3 +62,35 @@ async def test_switching_speculation_and_chunking_on_changes_the_traversals(
         chunked = await request("chunked")
         assert chunked.output_ids == plain.output_ids
         assert chunked.timings["traversals"] == -(-len(prompt) // 16) + NEW - 1
+
+
+async def test_mode_draft_runs_on_the_draft_model_given_at_start_and_is_refused_without(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """A gateway started with generation.speculative.draft_model switches to mode "draft"
+    and drafts with it (the served model drafting for itself confirms nearly every
+    draft); one started without refuses the mode by name and keeps decoding plainly."""
+    prompt = tuple(TextCodec.load(tiny_model).encode("a plain sentence that does not repeat"))
+    drafting = {**SETTINGS, "generation.speculative.draft_model": str(tiny_model)}
+    async with InProcessCluster(tiny_model, 4, tmp_path / "a", f=1, settings=drafting) as c:
+        gw = c.gateway
+        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+
+        async def request(name: str) -> InferenceResult:
+            task = InferenceTask(RequestId(name), prompt, max_new_tokens=NEW)
+            return await c.infer(task, beats=400)
+
+        plain = await request("plain")
+        assert plain.timings["traversals"] == NEW
+        change(gw.config, {"generation.speculative.mode": "draft", "generation.speculative.k": 4})
+        drafted = await request("drafted")
+        assert drafted.output_ids == plain.output_ids
+        assert drafted.timings["traversals"] < NEW / 2
+        change(gw.config, {"generation.speculative.mode": "off"})
+        assert (await request("off")).timings["traversals"] == NEW
+    async with InProcessCluster(tiny_model, 4, tmp_path / "b", f=1, settings=SETTINGS) as c:
+        gw = c.gateway
+        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        with pytest.raises(ConfigInvalid, match=r"generation\.speculative\.draft_model"):
+            change(gw.config, {"generation.speculative.mode": "draft"})
+        assert gw.config.current.generation.speculative.mode == "off"

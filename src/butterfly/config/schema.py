@@ -356,15 +356,24 @@ class SchedulingConfig(Section):
 
 
 class SpeculativeConfig(Section):
-    mode: Literal["off", "ngram"] = option(
+    mode: Literal["off", "ngram", "draft"] = option(
         "off",
         "Speculative decoding on the gateway: 'ngram' drafts tokens from the request's own "
-        "text (prompt lookup) and verifies them in one traversal of the pipeline; greedy "
-        "output is unchanged. Requests checked by audit or replicate decode plainly.",
+        "text (prompt lookup), 'draft' from a small model (draft_model), and one traversal "
+        "of the pipeline verifies them; greedy output is unchanged. Requests checked by "
+        "audit or replicate decode plainly.",
         DL,
         NODE,
     )
     k: int = option(4, "Draft tokens verified per traversal at most.", DL, NODE, ge=1, le=32)
+    draft_model: str = option(
+        "",
+        "Directory of a small local checkpoint with the served model's vocabulary, which "
+        "the gateway loads to draft in mode 'draft'; empty = none (that mode is refused).",
+        SL,
+        NODE,
+        path=True,
+    )
 
 
 class GenerationConfig(Section):

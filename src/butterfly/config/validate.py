@@ -219,6 +219,21 @@ def _model_memory(cfg: ButterflyConfig) -> Iterator[ConfigIssue]:
         )
 
 
+def _drafting(cfg: ButterflyConfig) -> Iterator[ConfigIssue]:
+    spec = cfg.generation.speculative
+    key = "generation.speculative.draft_model"
+    if spec.mode == "draft" and not spec.draft_model:
+        yield ConfigIssue(
+            "generation.speculative.mode",
+            "draft needs a draft model",
+            "mode 'draft' drafts with a small model: set generation.speculative.draft_model "
+            "to its checkpoint directory (read at start), or use mode 'ngram'",
+            related=(key,),
+        )
+    if spec.draft_model and not (Path(spec.draft_model) / "config.json").is_file():
+        yield ConfigIssue(key, "model-exists", f"no config.json in {spec.draft_model}")
+
+
 def _tls_files(cfg: ButterflyConfig) -> Iterator[ConfigIssue]:
     tls = cfg.security.tls
     if not tls.enabled:
@@ -285,6 +300,7 @@ RULES: tuple[Rule, ...] = (
     _limits,
     _replication,
     _model_memory,
+    _drafting,
     _tls_files,
     _unsupported,
 )

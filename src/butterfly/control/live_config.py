@@ -32,7 +32,8 @@ app is built (`butterfly.api.live`).
     observability.tracing,                   the tracer: the gateway's next request, a
       observability.trace_sample_rate        stage node's next traced step
     generation.speculative.mode, .k,         engine.retune_generation: the next request
-      generation.prefill_chunk
+      generation.prefill_chunk               (mode "draft" refused by config.validate
+                                             where no draft_model was set at start)
     cluster.members, cluster.public_keys     the node's roster (`config.roster.Roster`), at
                                              the agreed command: the handshake and record
                                              key checks, the transport's address book (a

@@ -27,6 +27,7 @@ from butterfly.dataplane.audit import Auditor, audit_request
 from butterfly.dataplane.caches import Asker as Asker
 from butterfly.dataplane.caches import Caches
 from butterfly.dataplane.claims import Claims
+from butterfly.dataplane.drafter import ModelDrafter
 from butterfly.dataplane.inflight import InFlight
 from butterfly.dataplane.inflight import StepFailed as StepFailed
 from butterfly.dataplane.intake import Intake
@@ -40,7 +41,7 @@ from butterfly.metrics.logcontext import REQUEST_ID
 from butterfly.metrics.tracing import Tracing
 from butterfly.net.framing import Envelope
 from butterfly.protocol.proof import Tolerance
-from butterfly.runtime.sampling import PromptScores, choose, make_generator, sample
+from butterfly.runtime.sampling import PromptScores, choose, is_greedy, make_generator, sample
 from butterfly.runtime.stops import TextStops
 from butterfly.schedule.chunks import ChunkTimes, chunk_length
 from butterfly.schedule.drafts import Speculation, draft
@@ -105,6 +106,7 @@ class PipelineEngine:
         prefill_chunk: int = 0,
         tokenizer: Tokenizer | None = None,
         records: RecordSize | None = None,
+        drafter: ModelDrafter | None = None,
     ) -> None:
         """`verification` picks which of the parts built checks a request (audit,
         replicate or none); it defaults to the one part given. `retune` changes it, the
@@ -122,7 +124,9 @@ class PipelineEngine:
         in its text as it is generated (a task with stops and no tokenizer is refused).
         `generates`: False for an encoder (`runtime.stage.Family.generates`).
         `records`: the size of the signed records the stages add to each step (None:
-        they sign none); a step carries no more than fit a frame header."""
+        they sign none); a step carries no more than fit a frame header. `drafter`: the
+        small model that drafts in mode "draft" (`dataplane.drafter`; None: that mode
+        cannot run here, `drafts_with_model`)."""
         self._tokenizer, self.generates = tokenizer, generates
         self.checkpoint_every, self._on_checkpoint = checkpoint_every, on_checkpoint
         self._resume = resume
@@ -165,6 +169,7 @@ class PipelineEngine:
         """Requests that lost a step and wait for a new plan (a stopping gateway's grace
         is over once every running request does: none of them can progress)."""
         self._speculation, self._prefill_chunk = speculation, prefill_chunk
+        self._drafter = drafter
         self.chunk_times = ChunkTimes()
         """Step round trips that size a prompt's chunks (`schedule.chunks`)."""
 
@@ -172,6 +177,24 @@ class PipelineEngine:
         """Apply generation.speculative and generation.prefill_chunk from the next request
         on (a running one keeps what it started with, as with `retune`)."""
         self._speculation, self._prefill_chunk = speculation, prefill_chunk
+
+    @property
+    def drafts_with_model(self) -> bool:
+        """Whether mode "draft" can run: a draft model was configured at start."""
+        return self._drafter is not None
+
+    async def _draft(
+        self, task: InferenceTask, tokens: list[int], speculation: Speculation, budget: int
+    ) -> tuple[int, ...]:
+        """The next traversal's draft: prompt lookup, or the small model's guess."""
+        if speculation.mode != "draft":
+            return draft(tokens, speculation, budget)
+        k = min(speculation.k, budget)
+        if self._drafter is None or k <= 0:
+            return ()
+        sampling = task.sampling
+        temperature = 0.0 if is_greedy(sampling) else sampling.temperature
+        return await self._drafter.propose(task.task_id, tokens, k, temperature)
 
     def _speculation_for(self, checked: bool) -> Speculation:
         """Speculation runs for unchecked requests only. An audit compares each signed
@@ -449,6 +472,8 @@ class PipelineEngine:
             raise ServiceUnavailable(f"request {request_id} failed its audit repeatedly")
         finally:
             self.chunk_times.finished(request_id)
+            if self._drafter is not None:
+                self._drafter.release(request_id)
             self._claims.finished(request_id)
             self._flight.records.pop(request_id, None)
             self._flight.checked.discard(request_id)
@@ -542,7 +567,7 @@ class PipelineEngine:
             # a decode step verifies a draft with it, if the text so far offers one
             budget = task.max_new_tokens - len(out) - 1
             drafted = (
-                draft(prompt + out, speculation, budget)
+                await self._draft(task, prompt + out, speculation, budget)
                 if x.shape[1] == 1 and not wants_logprobs
                 else ()
             )

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-DraftMode = Literal["off", "ngram"]  # generation.speculative.mode
+DraftMode = Literal["off", "ngram", "draft"]  # generation.speculative.mode
 
 MAX_NGRAM = 32
 """The longest suffix looked up. The longest match picks, among the earlier places the
@@ -61,7 +61,8 @@ is linear in it) whatever the context length."""
 @dataclass(frozen=True)
 class Speculation:
     """How the gateway drafts (generation.speculative): `k` tokens per traversal at most,
-    by `mode`; "off" (or k = 0) decodes one token per traversal."""
+    by `mode`: "ngram" from the text itself (`draft`), "draft" from a small model
+    (`dataplane.drafter`); "off" (or k = 0) decodes one token per traversal."""
 
     mode: DraftMode = "off"
     k: int = 4
@@ -189,11 +190,11 @@ def _copy(tokens: Sequence[int], src: int, k: int) -> tuple[int, ...]:
 
 
 def draft(tokens: Sequence[int], spec: Speculation, budget: int) -> tuple[int, ...]:
-    """The draft for the next traversal: `draft_length` tokens of the longest match, at
-    most `spec.k` and at most `budget` (the tokens the request may still produce, less
-    the one every traversal yields)."""
+    """The prompt-lookup draft for the next traversal: `draft_length` tokens of the
+    longest match, at most `spec.k` and at most `budget` (the tokens the request may
+    still produce, less the one every traversal yields); () unless the mode is "ngram"."""
     k = min(spec.k, budget)
-    if not spec.enabled or k <= 0:
+    if spec.mode != "ngram" or k <= 0:
         return ()
     n, at = longest_match(tokens)
     if n == 0 or (n < MIN_NGRAM and single_hits(tokens) < SINGLE_HITS):

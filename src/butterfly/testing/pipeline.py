@@ -23,6 +23,7 @@ from types import TracebackType
 
 from tokenizers import Tokenizer
 
+from butterfly.dataplane.drafter import ModelDrafter
 from butterfly.dataplane.engine import PipelineEngine
 from butterfly.dataplane.stage_server import CACHE_TTL_S, MAX_CACHES, StageServer
 from butterfly.metrics.events import Emit, discard
@@ -58,11 +59,13 @@ class LocalPipeline:
         clock: Callable[[], float] = time.monotonic,
         recovery_wait_s: float = 10.0,
         emit: Emit = discard,
+        draft_model: Path | None = None,
     ) -> None:
         """`max_caches`, `cache_ttl_s`, `clock`: every stage server's KV-cache bounds;
         `recovery_wait_s`: how long the engine waits for a new plan after a lost step;
         `tokenizer`: the model's, for tasks with stop strings; `emit`: the engine's
-        metrics events."""
+        metrics events; `draft_model`: the small model the engine drafts with in
+        speculative mode "draft" (`dataplane.drafter`)."""
         if not ranges:
             raise ValueError("a pipeline needs at least one stage")
         self._torch = TorchThread(name="butterfly-torch")
@@ -94,6 +97,7 @@ class LocalPipeline:
             recovery_wait_s=recovery_wait_s,
             tokenizer=tokenizer,
             emit=emit,
+            drafter=ModelDrafter(draft_model, self._torch) if draft_model else None,
         )
         self._batches: asyncio.Task[None] | None = None
         self._loaded = asyncio.Event()

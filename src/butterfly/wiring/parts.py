@@ -18,6 +18,7 @@ from butterfly.control.live_config import snapshot_every, speculation
 from butterfly.control.membership import Membership
 from butterfly.control.policy import Placing
 from butterfly.dataplane.audit import Auditor, Referee
+from butterfly.dataplane.drafter import ModelDrafter, check_draft_model
 from butterfly.dataplane.engine import Asker, Deliver, PipelineEngine
 from butterfly.dataplane.proving import Prover
 from butterfly.dataplane.replicate import Replicator
@@ -246,11 +247,25 @@ def engine(
         speculation=speculation(cfg),
         prefill_chunk=cfg.generation.prefill_chunk,
         records=RecordSize(byz.fingerprint_top_k, byz.fingerprint_chunk) if verify else None,
+        drafter=drafter(cfg, model_dir, torch_thread),
     )
+
+
+def drafter(
+    cfg: ButterflyConfig, model_dir: Path, torch_thread: TorchThread
+) -> ModelDrafter | None:
+    """The small model that drafts in generation.speculative mode "draft", checked against
+    the served model now and loaded on its first draft; None when none is configured."""
+    path = cfg.generation.speculative.draft_model
+    if not path:
+        return None
+    check_draft_model(Path(path), model_dir)
+    return ModelDrafter(Path(path), torch_thread, precision_of(cfg))
 
 
 __all__ = [
     "checked_model_hash",
+    "drafter",
     "engine",
     "max_context",
     "membership",

@@ -1,0 +1,221 @@
+"""Speculative decoding with a small draft model on the gateway (generation.speculative mode
+"draft", dataplane.drafter): its drafts are its own greedy continuation whatever its cache
+held before, the pipeline gives plain decoding's greedy tokens at every split, and a
+draft model that cannot draft for the served one is refused by name."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from butterfly.config import ButterflyConfig
+from butterfly.config.validate import cross_check
+from butterfly.dataplane.drafter import (
+    MIN_HITS,
+    MIN_ODDS,
+    RECENT,
+    ModelDrafter,
+    check_draft_model,
+)
+from butterfly.runtime.demo import create_demo
+from butterfly.runtime.generate import generate as reference
+from butterfly.runtime.loader import load_stage, num_layers
+from butterfly.runtime.tokenizer import TextCodec
+from butterfly.runtime.torch_thread import TorchThread
+from butterfly.schedule.drafts import Speculation
+from butterfly.testing.pipeline import LocalPipeline
+from butterfly.types.errors import ConfigError
+from butterfly.types.model import LayerRange
+from butterfly.types.tasks import SamplingParams
+from tests.test_speculative import generate, splits
+
+pytestmark = pytest.mark.timeout(120)
+TEXT = "The quick brown fox jumps over the lazy dog, and then it runs away."
+
+
+@pytest.fixture(scope="module")
+def other_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model of the same vocabulary and other weights: its drafts are often wrong."""
+    return create_demo(tmp_path_factory.mktemp("draft") / "tiny-1", "tiny", seed=1)
+
+
+def greedy_continuation(model: Path, tokens: list[int], k: int) -> tuple[int, ...]:
+    return tuple(reference([load_stage(model)], tokens, k))
+
+
+def own_text(model: Path) -> list[int]:
+    """A prompt and the model's greedy continuation of it: text it guesses well."""
+    prompt = TextCodec.load(model).encode(TEXT)[:8]
+    return [*prompt, *greedy_continuation(model, prompt, 48)]
+
+
+def test_a_draft_is_the_small_models_greedy_continuation_whatever_its_cache_held(
+    tiny_model: Path,
+) -> None:
+    """Histories that share a prefix with what the cache holds, go past it, or leave it
+    where an earlier draft was wrong: each draft is what the small model writes from
+    scratch."""
+    text = own_text(tiny_model)
+    torch_thread = TorchThread(name="draft-test")
+    try:
+        drafter = ModelDrafter(tiny_model, torch_thread)
+        histories = [text[:30], text[:34], text[:32], [*text[:32], 7, 8], text[:50], text[:20]]
+        for history in histories:
+            got = drafter.propose_now("r", history, 5)
+            assert got == greedy_continuation(tiny_model, history, 5), len(history)
+        assert drafter.propose_now("r", text[:10], 0) == ()
+        assert drafter.propose_now("r", [], 4) == ()
+    finally:
+        torch_thread.close(wait=True)
+
+
+def test_no_draft_while_the_small_model_has_not_been_guessing_the_text(
+    tiny_model: Path, other_model: Path
+) -> None:
+    """Another model's guesses of the served model's text are counted over the last
+    RECENT tokens, as a fresh run of it gives them: under MIN_HITS, no draft."""
+    text = own_text(tiny_model)
+    torch_thread = TorchThread(name="draft-test")
+    try:
+        for model in (tiny_model, other_model):
+            drafter = ModelDrafter(model, torch_thread)
+            stage = load_stage(model)
+            for n in (12, 20, 30, 40, 56):
+                history = text[:n]
+                with torch.inference_mode():
+                    logits = stage.forward(torch.tensor([history]), stage.new_cache(), 0)
+                guesses = [-1, *logits[0].argmax(-1).tolist()]
+                recent = range(max(1, n - RECENT), n)
+                hits = sum(guesses[j] == history[j] for j in recent)
+                got = drafter.propose_now("r", history, 4)
+                drafts = len(recent) < RECENT or hits >= MIN_HITS
+                assert (got != ()) == drafts, (model, n, hits)
+                if drafts:
+                    assert got == greedy_continuation(model, history, 4)
+        assert drafter.propose_now("fresh", text[:40], 4) == ()  # other_model: no hits
+    finally:
+        torch_thread.close(wait=True)
+
+
+def test_a_sampled_requests_draft_stops_where_the_small_models_odds_fall(
+    tiny_model: Path,
+) -> None:
+    """At a temperature above 0 the draft keeps only the prefix whose odds under the small
+    model stay at MIN_ODDS or more: none when every token is about equally likely."""
+    text = own_text(tiny_model)[:30]
+    torch_thread = TorchThread(name="draft-test")
+    try:
+        drafter = ModelDrafter(tiny_model, torch_thread)
+        greedy = drafter.propose_now("r", text, 6)
+        assert len(greedy) == 6
+        assert drafter.propose_now("r", text, 6, temperature=1e-4) == greedy  # near certain
+        assert drafter.propose_now("r", text, 6, temperature=1e4) == ()  # 1 / vocab each
+        middle = drafter.propose_now("r", text, 6, temperature=1.0)
+        assert middle == greedy[: len(middle)]
+        stage = load_stage(tiny_model)
+        odds, kept = 1.0, 0
+        for i, token in enumerate(greedy):
+            with torch.inference_mode():
+                row = stage.forward(torch.tensor([[*text, *greedy[:i]]]), stage.new_cache(), 0)
+            odds *= float(torch.softmax(row[0, -1], -1)[token])
+            if odds < MIN_ODDS:
+                break
+            kept += 1
+        assert len(middle) == kept
+    finally:
+        torch_thread.close(wait=True)
+
+
+def test_caches_are_kept_for_the_most_recent_requests_and_released(tiny_model: Path) -> None:
+    text = own_text(tiny_model)
+    torch_thread = TorchThread(name="draft-test")
+    try:
+        drafter = ModelDrafter(tiny_model, torch_thread, max_requests=2)
+        for name in ("a", "b", "c"):
+            drafter.propose_now(name, text[:12], 2)
+        assert drafter.held() == 2
+        drafter.release("c")
+        assert drafter.held() == 1
+        # a request whose cache was dropped drafts the same tokens from its history
+        assert drafter.propose_now("a", text[:12], 3) == greedy_continuation(
+            tiny_model, text[:12], 3
+        )
+    finally:
+        torch_thread.close(wait=True)
+
+
+async def test_greedy_tokens_are_plain_decodings_at_every_split_with_either_draft_model(
+    tiny_model: Path, other_model: Path
+) -> None:
+    """The served model as its own draft model confirms every draft (one traversal per
+    k + 1 tokens, after the prompt's); another model's drafts are mostly rejected. Either
+    way the tokens are plain decoding's, at every split and at budgets shorter than a
+    draft."""
+    prompt = tuple(TextCodec.load(tiny_model).encode(TEXT))
+    for ranges in splits(num_layers(tiny_model)):
+        for draft_model in (tiny_model, other_model):
+            async with LocalPipeline(tiny_model, ranges, draft_model=draft_model) as pipe:
+                plain = await generate(pipe, prompt, 24, "plain", Speculation("off"))
+                for k in (1, 5):
+                    spec = await generate(pipe, prompt, 24, f"k{k}", Speculation("draft", k))
+                    assert spec.output_ids == plain.output_ids, (ranges, draft_model, k)
+                    if draft_model == tiny_model:  # every draft right, once it drafts
+                        every = 1 + -(-23 // (k + 1))  # the prompt's, then k + 1 tokens each
+                        # the first MIN_HITS tokens decode plainly: the small model guessed
+                        # none of the prompt's (one near tie spared)
+                        assert spec.timings["traversals"] <= every + MIN_HITS + 1, (ranges, k)
+                for new in (1, 2, 3):
+                    short = await generate(pipe, prompt, new, f"s{new}", Speculation("draft", 8))
+                    assert short.output_ids == plain.output_ids[:new]
+                drafter = pipe.engine._drafter
+                assert drafter is not None and drafter.held() == 0  # released at the end
+
+
+async def test_a_sampled_request_drafted_by_a_model_is_reproducible_from_its_seed(
+    tiny_model: Path, other_model: Path
+) -> None:
+    prompt = tuple(TextCodec.load(tiny_model).encode(TEXT))
+    sampling = SamplingParams(temperature=0.8, seed=5)
+    n = num_layers(tiny_model)
+    ranges = [LayerRange(0, 1), LayerRange(1, n)]
+    async with LocalPipeline(tiny_model, ranges, draft_model=other_model) as pipe:
+        a = await generate(pipe, prompt, 30, "a", Speculation("draft", 4), sampling=sampling)
+        b = await generate(pipe, prompt, 30, "b", Speculation("draft", 4), sampling=sampling)
+    assert a.output_ids == b.output_ids and len(a.output_ids) == 30
+
+
+async def test_without_a_draft_model_mode_draft_decodes_plainly(tiny_model: Path) -> None:
+    prompt = tuple(TextCodec.load(tiny_model).encode(TEXT))
+    async with LocalPipeline(tiny_model, [LayerRange(0, num_layers(tiny_model))]) as pipe:
+        assert not pipe.engine.drafts_with_model
+        got = await generate(pipe, prompt, 10, "d", Speculation("draft", 4))
+    assert got.timings["traversals"] == 10
+
+
+def test_a_draft_model_of_another_vocabulary_or_none_at_all_is_refused(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    other = tmp_path / "other-vocab"
+    shutil.copytree(tiny_model, other)
+    config = json.loads((other / "config.json").read_text())
+    config["vocab_size"] += 1
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"vocabulary of \d+ tokens, the served model \d+"):
+        check_draft_model(other, tiny_model)
+    with pytest.raises(ConfigError, match=r"speculative\.draft_model .* is not a model"):
+        check_draft_model(tmp_path / "nowhere", tiny_model)
+    check_draft_model(tiny_model, tiny_model)  # the served model may draft for itself
+
+
+def test_mode_draft_without_a_draft_model_is_a_config_error(tmp_path: Path) -> None:
+    cfg = ButterflyConfig.model_validate({"generation": {"speculative": {"mode": "draft"}}})
+    issues = cross_check(cfg)
+    assert [i.key for i in issues] == ["generation.speculative.mode"]
+    assert "generation.speculative.draft_model" in issues[0].message
+    missing = {"mode": "draft", "draft_model": str(tmp_path / "none")}
+    cfg = ButterflyConfig.model_validate({"generation": {"speculative": missing}})
+    assert [i.key for i in cross_check(cfg)] == ["generation.speculative.draft_model"]
