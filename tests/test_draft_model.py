@@ -5,6 +5,7 @@ draft model that cannot draft for the served one is refused by name."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from pathlib import Path
@@ -138,7 +139,7 @@ def test_caches_are_kept_for_the_most_recent_requests_and_released(tiny_model: P
         for name in ("a", "b", "c"):
             drafter.propose_now(name, text[:12], 2)
         assert drafter.held() == 2
-        drafter.release("c")
+        drafter.drop("c")
         assert drafter.held() == 1
         # a request whose cache was dropped drafts the same tokens from its history
         assert drafter.propose_now("a", text[:12], 3) == greedy_continuation(
@@ -219,3 +220,40 @@ def test_mode_draft_without_a_draft_model_is_a_config_error(tmp_path: Path) -> N
     missing = {"mode": "draft", "draft_model": str(tmp_path / "none")}
     cfg = ButterflyConfig.model_validate({"generation": {"speculative": missing}})
     assert [i.key for i in cross_check(cfg)] == ["generation.speculative.draft_model"]
+
+
+async def test_a_draft_checkpoint_that_will_not_load_leaves_requests_undrafted(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """The config is a checkpoint's and the weights are not: the first draft fails to load
+    it, says why once, and every request decodes plainly with the right tokens."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copy(tiny_model / "config.json", broken / "config.json")
+    check_draft_model(broken, tiny_model)  # what start checks passes: the config is fine
+    prompt = tuple(own_text(tiny_model)[:30])
+    n = num_layers(tiny_model)
+    async with LocalPipeline(tiny_model, [LayerRange(0, n)], draft_model=broken) as pipe:
+        plain = await generate(pipe, prompt, 12, "plain", Speculation("off"))
+        for name in ("a", "b"):
+            got = await generate(pipe, prompt, 12, name, Speculation("draft", 4))
+            assert got.output_ids == plain.output_ids
+            assert got.timings["traversals"] == 12
+        drafter = pipe.engine._drafter
+        assert drafter is not None and drafter.failed and drafter.held() == 0
+
+
+async def test_a_release_waits_for_the_requests_draft_still_running(tiny_model: Path) -> None:
+    """A request that ends (or is cancelled) while its first draft loads the small model:
+    the release runs after that draft, so no cache is left behind."""
+    text = own_text(tiny_model)[:30]
+    torch_thread = TorchThread(name="draft-test")
+    try:
+        drafter = ModelDrafter(tiny_model, torch_thread)
+        drafting = asyncio.ensure_future(drafter.propose("r", text, 4))
+        await asyncio.sleep(0)  # the draft is queued on the torch thread
+        await drafter.release("r")
+        assert drafter.held() == 0
+        assert len(await drafting) == 4
+    finally:
+        torch_thread.close(wait=True)

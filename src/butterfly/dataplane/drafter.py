@@ -31,6 +31,7 @@ dropped, and rebuilt from the history if its request drafts again.
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +45,8 @@ from butterfly.runtime.stage import Stage
 from butterfly.runtime.torch_thread import TorchThread
 from butterfly.types.errors import ButterflyError, ConfigError
 
+log = logging.getLogger(__name__)
+
 MAX_REQUESTS = 64
 MIN_ODDS = 0.5
 """A sampled request's draft stops before the small model's odds of it fall below this."""
@@ -54,7 +57,8 @@ MIN_HITS = 4
 get right costs k of its decode steps and a longer traversal for nothing. On the demo
 model, its own first 2 layers guessed none of 288 of its tokens and drafted at 0.72x plain
 decoding's tokens/s (bench/speculative.py, k = 4, 5 ms links); the guesses are a function
-of the history, so a resumed request drafts as it would have."""
+of the history (up to the numerics of a cache rebuilt in one pass), so a resumed request
+drafts as it would have. A history of `RECENT` tokens or fewer always drafts."""
 
 
 def check_draft_model(draft_dir: Path, model_dir: Path) -> None:
@@ -68,7 +72,10 @@ def check_draft_model(draft_dir: Path, model_dir: Path) -> None:
         raise ConfigError(f"{where} {str(draft_dir)!r} is not a model checkpoint: {e}") from e
     if not family.generates:
         raise ConfigError(f"{where}: {family.name} models do not generate text")
-    served = int(getattr(model_args(model_dir)[1], "vocab_size", 0))
+    served_family, served_args = model_args(model_dir)
+    if not served_family.generates:
+        raise ConfigError(f"{where}: the served {served_family.name} model does not generate")
+    served = int(getattr(served_args, "vocab_size", 0))
     vocab = int(getattr(args, "vocab_size", 0))
     if vocab != served:
         raise ConfigError(
@@ -91,6 +98,8 @@ class ModelDrafter:
         self._dir, self._torch, self._precision = draft_dir, torch_thread, precision
         self._max_requests = max_requests
         self._stage: Stage | None = None
+        self.failed = ""
+        """Why the checkpoint could not be loaded, once it could not: no more drafts."""
         self._held: OrderedDict[str, tuple[KVCache, list[int], list[int]]] = OrderedDict()
 
     async def propose(
@@ -98,11 +107,36 @@ class ModelDrafter:
     ) -> tuple[int, ...]:
         """Up to `k` tokens the small model writes greedily after `tokens`, fewer at a
         `temperature` above 0 once their odds fall (`MIN_ODDS`); () for k <= 0, an empty
-        history, or no room left in the small model's context."""
+        history, no room left in the small model's context, or a small model that fails
+        (logged: a checkpoint that will not load stops drafting until restart)."""
+        if self.failed:
+            return ()
         history = list(tokens)
-        return await self._torch.run(
-            lambda: self.propose_now(request_id, history, k, temperature), "draft"
-        )
+        # a request's first draft reads its whole history: never inline on the event
+        # loop's thread (TorchThread.run), where the short catch-ups after it may run
+        kind = "draft" if request_id in self._held else None
+        try:
+            return await self._torch.run(
+                lambda: self.propose_now(request_id, history, k, temperature), kind
+            )
+        except Exception as e:  # an accelerator only: the request decodes without it
+            if self._stage is None:  # the checkpoint would not load: not again
+                self.failed = f"{type(e).__name__}: {e}"
+                log.error(
+                    "the draft model in %s cannot be loaded (%s); decoding without "
+                    "drafts until restart",
+                    self._dir,
+                    self.failed,
+                )
+            else:
+                log.warning(
+                    "drafting for %s failed (%s: %s); this step goes undrafted",
+                    request_id,
+                    type(e).__name__,
+                    e,
+                )
+                self.drop(request_id)
+            return ()
 
     def propose_now(
         self, request_id: str, tokens: Sequence[int], k: int, temperature: float = 0.0
@@ -143,8 +177,14 @@ class ModelDrafter:
                     guesses.append(int(row.argmax()))
         return tuple(drafted)
 
-    def release(self, request_id: str) -> None:
-        """Drop a finished request's cache."""
+    async def release(self, request_id: str) -> None:
+        """Drop a finished request's cache, after any draft of it still queued or running
+        on the torch thread (which would otherwise make it again)."""
+        await self._torch.run(lambda: self.drop(request_id))
+
+    def drop(self, request_id: str) -> None:
+        """Drop a request's cache now (on the torch thread, or with none of its drafts
+        running)."""
         self._held.pop(request_id, None)
 
     def held(self) -> int:

@@ -473,7 +473,7 @@ class PipelineEngine:
         finally:
             self.chunk_times.finished(request_id)
             if self._drafter is not None:
-                self._drafter.release(request_id)
+                await asyncio.shield(self._drafter.release(request_id))
             self._claims.finished(request_id)
             self._flight.records.pop(request_id, None)
             self._flight.checked.discard(request_id)
@@ -571,6 +571,8 @@ class PipelineEngine:
                 if x.shape[1] == 1 and not wants_logprobs
                 else ()
             )
+            if self._epoch() != based_on:  # the plan moved while the small model drafted
+                continue
             # a long prompt or replay goes in steps whose signed records fit a frame
             # header, at most: one 1,000-position step gathers 64 KB of them at f = 1
             plan = self._plan()
