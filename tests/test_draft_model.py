@@ -243,6 +243,16 @@ async def test_a_draft_checkpoint_that_will_not_load_leaves_requests_undrafted(
         assert drafter is not None and drafter.failed and drafter.held() == 0
 
 
+async def test_the_draft_model_loads_when_the_gateway_starts_serving(tiny_model: Path) -> None:
+    n = num_layers(tiny_model)
+    async with LocalPipeline(tiny_model, [LayerRange(0, n)], draft_model=tiny_model) as pipe:
+        drafter = pipe.engine._drafter
+        assert drafter is not None
+        async with asyncio.timeout(60):
+            while not drafter.loaded:  # no request has drafted yet
+                await asyncio.sleep(0.01)
+
+
 async def test_a_release_waits_for_the_requests_draft_still_running(tiny_model: Path) -> None:
     """A request that ends (or is cancelled) while its first draft loads the small model:
     the release runs after that draft, so no cache is left behind."""

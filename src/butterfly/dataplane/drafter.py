@@ -85,8 +85,8 @@ def check_draft_model(draft_dir: Path, model_dir: Path) -> None:
 
 
 class ModelDrafter:
-    """The small model, loaded on first use on the node's torch thread, and each
-    request's cache of it."""
+    """The small model, loaded on the node's torch thread when the engine starts serving
+    (`warm`) or on first use, and each request's cache of it."""
 
     def __init__(
         self,
@@ -121,13 +121,7 @@ class ModelDrafter:
             )
         except Exception as e:  # an accelerator only: the request decodes without it
             if self._stage is None:  # the checkpoint would not load: not again
-                self.failed = f"{type(e).__name__}: {e}"
-                log.error(
-                    "the draft model in %s cannot be loaded (%s); decoding without "
-                    "drafts until restart",
-                    self._dir,
-                    self.failed,
-                )
+                self._give_up(e)
             else:
                 log.warning(
                     "drafting for %s failed (%s: %s); this step goes undrafted",
@@ -137,6 +131,24 @@ class ModelDrafter:
                 )
                 self.drop(request_id)
             return ()
+
+    async def warm(self) -> None:
+        """Load the small model now, on the torch thread, so the first draft does not
+        hold the node's stage steps while it loads; a failure is logged, as `propose`'s."""
+        if self._stage is not None or self.failed:
+            return
+        try:
+            await self._torch.run(self._load)
+        except Exception as e:
+            self._give_up(e)
+
+    def _give_up(self, e: Exception) -> None:
+        self.failed = f"{type(e).__name__}: {e}"
+        log.error(
+            "the draft model in %s cannot be loaded (%s); decoding without drafts until restart",
+            self._dir,
+            self.failed,
+        )
 
     def propose_now(
         self, request_id: str, tokens: Sequence[int], k: int, temperature: float = 0.0
@@ -186,6 +198,10 @@ class ModelDrafter:
         """Drop a request's cache now (on the torch thread, or with none of its drafts
         running)."""
         self._held.pop(request_id, None)
+
+    @property
+    def loaded(self) -> bool:
+        return self._stage is not None
 
     def held(self) -> int:
         """Requests whose cache is kept."""

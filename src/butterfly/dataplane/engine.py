@@ -266,8 +266,14 @@ class PipelineEngine:
         await self._intake.on_result(peer, env)
 
     async def serve_batches(self) -> None:
-        """Send queued steps, batched (`sending.StepSender.serve_batches`)."""
-        await self._sender.serve_batches()
+        """Send queued steps, batched (`sending.StepSender.serve_batches`); the draft
+        model, if any, loads meanwhile (`drafter.ModelDrafter.warm`)."""
+        warming = asyncio.create_task(self._drafter.warm()) if self._drafter else None
+        try:
+            await self._sender.serve_batches()
+        finally:
+            if warming is not None:
+                warming.cancel()
 
     def _report(self, e: ButterflyError, what: str) -> None:
         """Count an error against the peer it blames, so `butterfly_peer_errors_total`

@@ -255,7 +255,7 @@ def drafter(
     cfg: ButterflyConfig, model_dir: Path, torch_thread: TorchThread
 ) -> ModelDrafter | None:
     """The small model that drafts in generation.speculative mode "draft", checked against
-    the served model now and loaded on its first draft; None when none is configured."""
+    the served model now and loaded when the engine serves; None when none is configured."""
     path = cfg.generation.speculative.draft_model
     if not path:
         return None
