@@ -88,9 +88,10 @@ def stage_matrices(stage: Any) -> list[object]:
 
 
 def _call_cost() -> float:
-    """Seconds of one reduction's fixed cost (the call, the thread team): a 256 KiB
-    reduction, hot in the cache, so subtracting it per weight overstates the bandwidth
-    slightly, never understates it (a floor may be too strict, not too lenient)."""
+    """Seconds of one reduction's fixed cost (the call, the thread team), from a 256 KiB
+    reduction hot in the cache: 5.9 µs on the AMD EPYC, where a loop over 48 distinct
+    128 KiB reductions took 7.8 µs each, data included, so the subtraction is about the
+    cost a loop over weights pays per call."""
     hot = torch.zeros(1 << 16, dtype=torch.int32)
     times = []
     for _ in range(50):

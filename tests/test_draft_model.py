@@ -192,7 +192,7 @@ async def test_a_sampled_request_drafted_by_a_model_is_reproducible_from_its_see
 async def test_without_a_draft_model_mode_draft_decodes_plainly(tiny_model: Path) -> None:
     prompt = tuple(TextCodec.load(tiny_model).encode(TEXT))
     async with LocalPipeline(tiny_model, [LayerRange(0, num_layers(tiny_model))]) as pipe:
-        assert not pipe.engine.drafts_with_model
+        assert pipe.engine._drafter is None
         got = await generate(pipe, prompt, 10, "d", Speculation("draft", 4))
     assert got.timings["traversals"] == 10
 

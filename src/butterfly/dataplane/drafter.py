@@ -17,7 +17,7 @@ while that is likely. So at a temperature above 0 the draft stops before the tok
 would bring the small model's own odds of the whole draft, the product of its
 probabilities at that temperature, under `MIN_ODDS`: on the demo model, sampled at 1,
 the served model drafting for itself with no such stop confirmed about 1 in 80 of its
-draft tokens and took 2.6 times as long per token (bench/speculative.py, k = 4). A greedy
+draft tokens and took 2.6 times as long per token (bench/speculative.py, k = 4, AMD EPYC). A greedy
 draft always runs to k: only a wrong guess costs, and the small model cannot know which
 guesses are.
 
@@ -56,7 +56,7 @@ MIN_HITS = 4
 `RECENT` tokens (its greedy choice from the tokens before each): a draft it is unlikely to
 get right costs k of its decode steps and a longer traversal for nothing. On the demo
 model, its own first 2 layers guessed none of 288 of its tokens and drafted at 0.72x plain
-decoding's tokens/s (bench/speculative.py, k = 4, 5 ms links); the guesses are a function
+decoding's tokens/s (bench/speculative.py, k = 4, 5 ms links, AMD EPYC); the guesses are a function
 of the history (up to the numerics of a cache rebuilt in one pass), so a resumed request
 drafts as it would have. A history of `RECENT` tokens or fewer always drafts."""
 
@@ -169,8 +169,16 @@ class ModelDrafter:
         n = len(tokens)
         with torch.inference_mode():
             feed = list(tokens[common:])
-            logits = stage.forward(torch.tensor([feed]), cache, common, last_only=False)[0]
-            cached.extend(feed)
+            # only the last RECENT guesses are read: a long feed (a first draft, a whole
+            # prompt) takes logits for its tail alone, not a [positions, vocabulary] block
+            split = max(0, len(feed) - (RECENT + 1))
+            if split:
+                stage.forward(torch.tensor([feed[:split]]), cache, common, last_only=True)
+                cached.extend(feed[:split])
+                guesses.extend([-1] * split)  # never read: older than the window
+            tail = feed[split:]
+            logits = stage.forward(torch.tensor([tail]), cache, len(cached), last_only=False)[0]
+            cached.extend(tail)
             guesses.extend(int(g) for g in logits.argmax(-1).tolist())
             recent = range(max(1, n - RECENT), n)
             if len(recent) == RECENT and sum(guesses[j] == tokens[j] for j in recent) < MIN_HITS:

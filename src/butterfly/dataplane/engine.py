@@ -126,7 +126,7 @@ class PipelineEngine:
         `records`: the size of the signed records the stages add to each step (None:
         they sign none); a step carries no more than fit a frame header. `drafter`: the
         small model that drafts in mode "draft" (`dataplane.drafter`; None: that mode
-        cannot run here, `drafts_with_model`)."""
+        decodes plainly here, and config.validate refuses it)."""
         self._tokenizer, self.generates = tokenizer, generates
         self.checkpoint_every, self._on_checkpoint = checkpoint_every, on_checkpoint
         self._resume = resume
@@ -177,11 +177,6 @@ class PipelineEngine:
         """Apply generation.speculative and generation.prefill_chunk from the next request
         on (a running one keeps what it started with, as with `retune`)."""
         self._speculation, self._prefill_chunk = speculation, prefill_chunk
-
-    @property
-    def drafts_with_model(self) -> bool:
-        """Whether mode "draft" can run: a draft model was configured at start."""
-        return self._drafter is not None
 
     async def _draft(
         self, task: InferenceTask, tokens: list[int], speculation: Speculation, budget: int

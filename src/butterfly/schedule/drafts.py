@@ -67,10 +67,6 @@ class Speculation:
     mode: DraftMode = "off"
     k: int = 4
 
-    @property
-    def enabled(self) -> bool:
-        return self.mode != "off" and self.k > 0
-
 
 def longest_match(
     tokens: Sequence[int], *, max_ngram: int = MAX_NGRAM, min_ngram: int = 1
