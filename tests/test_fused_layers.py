@@ -40,14 +40,15 @@ VARIANTS = {
 }
 
 
-def stages(args: LlamaArgs, seed: int = 0) -> tuple[LlamaStage, LlamaStage]:
+def stages(args: LlamaArgs, seed: int = 0, spread: float = 0.15) -> tuple[LlamaStage, LlamaStage]:
     """The same middle stage twice: compiled layers, and llama.py's operations only; in
-    the args' dtype, from fp32 values that bf16 holds exactly."""
+    the args' dtype, from fp32 values that bf16 holds exactly. `spread`: the weights'
+    standard deviation."""
     g = torch.Generator().manual_seed(seed)
     d, dh, i = args.dim, args.head_dim, args.intermediate
     qkv = (args.n_heads + 2 * args.n_kv_heads) * dh
 
-    def rand(*shape: int, scale: float = 0.15) -> torch.Tensor:
+    def rand(*shape: int, scale: float = spread) -> torch.Tensor:
         return (torch.randn(*shape, generator=g) * scale).to(torch.bfloat16).to(args.dtype)
 
     def maybe(flag: bool, size: int) -> torch.Tensor | None:
@@ -113,6 +114,28 @@ def test_a_prompt_then_decode_steps_equal_the_torch_operations(
     for layer in range(args.n_layers):
         for got, want in zip(caches[0].layer(layer), caches[1].layer(layer), strict=True):
             close(got[:, :, :21], want[:, :, :21])
+
+
+@pytest.mark.parametrize("variant", ["plain", "odd sizes"])
+def test_large_activations_and_peaked_attention_equal_the_torch_operations(
+    variant: str, calls: list[int]
+) -> None:
+    """Weights ten times wider: SiLU sees inputs of hundreds, where its exponential is
+    held to its range (llama_layers.c's exp16), and attention scores far apart, whose
+    softmax is nearly one-hot. Lanes of 16 and the scalar tails ("odd sizes") alike."""
+    args = VARIANTS[variant]
+    fused, reference = stages(args, spread=1.5)
+    g = torch.Generator().manual_seed(4)
+    caches = [fused.new_cache(), reference.new_cache()]
+    prompt = torch.randn(1, 20, args.dim, generator=g) * 4
+    got, want = fused.forward(prompt, caches[0], 0), reference.forward(prompt, caches[1], 0)
+    assert float(want.abs().max()) > 1e3  # the range this test is for was reached
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-2)
+    for pos in range(20, 40):
+        x = torch.randn(1, 1, args.dim, generator=g) * 4
+        got, want = fused.forward(x, caches[0], pos), reference.forward(x, caches[1], pos)
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-2)
+    assert calls == [20] + [1] * 20
 
 
 def test_a_long_prompt_runs_on_torch_and_decoding_goes_on_past_the_cache_chunk(
