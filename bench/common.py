@@ -176,6 +176,19 @@ def decode_bytes(stage: Any) -> int:
     return held
 
 
+def kv_read_bytes(stage: Any, prompt: int, new: int) -> int:
+    """Bytes of KV cache one decode step of `stage` reads, on average over the `new` - 1
+    steps after a `prompt`-token prefill: every earlier position's keys and values, in
+    every layer. The issue's floor counts weights only; this says how much of a decode's
+    excess over it is the cache (at 160 positions of the small model, 11.25 MiB in fp32:
+    a tenth of the int8 weights' bytes)."""
+    cache = stage.new_cache()
+    if cache is None:
+        return 0
+    per_position = 2 * cache.num_layers * cache.kv_heads * cache.head_dim * cache.dtype.itemsize
+    return int(per_position * (prompt + new / 2))
+
+
 def machine() -> dict[str, Any]:
     """The CPU and software a figure was measured on, and the load when it was written
     (1, 5 and 15 minutes): a figure's "quiet" or "loaded" must be checkable in its JSON."""

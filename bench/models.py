@@ -5,7 +5,9 @@ Prints one JSON object. Each round runs every precision once (prefill of 128 tok
 fp32 are per round, reported as medians with spread. Beside each decode figure: the
 memory-bandwidth floor (bytes of weights a decode step reads / the highest read bandwidth of
 those weights' own memory, sampled just before and after its turn, per round:
-`common.beside_bandwidth`). Memory: a
+`common.beside_bandwidth`), and the same with the KV cache's bytes a step reads added
+(`decode_to_floor_with_kv_cache`: the issue's floor counts weights only, and int8
+weights beside an fp32 cache read a tenth as much again from the cache). Memory: a
 middle-quarter stage per precision in a fresh process, resident (anonymous) memory
 against the bytes it holds. Accuracy: butterfly.testing.accuracy.
 
@@ -38,6 +40,7 @@ from common import (
     beside_bandwidth,
     decode_bytes,
     floor_ms,
+    kv_read_bytes,
     machine,
     stage_matrices,
     summary,
@@ -108,6 +111,8 @@ def main() -> None:
     for new in sessions.values():  # warm-up
         one_round(new, prompt)
     to_floor: dict[str, list[float]] = {k: [] for k in sessions}
+    to_floor_kv: dict[str, list[float]] = {k: [] for k in sessions}
+    kv = {name: kv_read_bytes(s, 128, 64) for name, s in stages.items()}
     for r in range(args.rounds):
         note(f"round {r}")
         medians = {}
@@ -118,6 +123,8 @@ def main() -> None:
             medians[name] = summary(steps)["median"]
             bandwidth[name] += samples
             to_floor[name].append(medians[name] / floor_ms(decode_bytes(stages[name]), samples))
+            with_kv = decode_bytes(stages[name]) + kv[name]
+            to_floor_kv[name].append(medians[name] / floor_ms(with_kv, samples))
         for name in sessions:
             ratios[name].append(medians[name] / medians["float32"])
     floors = {name: floor_ms(decode_bytes(s), bandwidth[name]) for name, s in stages.items()}
@@ -149,6 +156,8 @@ def main() -> None:
         "decode_bytes_mb": {k: round(decode_bytes(s) / 2**20, 1) for k, s in stages.items()},
         "bandwidth_floor_ms": floors,
         "decode_to_floor": {k: summary(v) for k, v in to_floor.items()},
+        "kv_cache_read_mb_per_step": {k: round(b / 2**20, 2) for k, b in kv.items()},
+        "decode_to_floor_with_kv_cache": {k: summary(v) for k, v in to_floor_kv.items()},
         "ratio_to_float32": ratio,
         f"memory_middle_quarter_[{quarter},{2 * quarter})": mem,
         "accuracy_vs_float32": accuracy,
