@@ -1,7 +1,8 @@
 """Speculative decoding with a small draft model on the gateway (generation.speculative mode
-"draft", dataplane.drafter): its drafts are its own greedy continuation whatever its cache
-held before, the pipeline gives plain decoding's greedy tokens at every split, and a
-draft model that cannot draft for the served one is refused by name."""
+"draft", dataplane.drafter): a greedy draft is its own greedy continuation whatever its
+cache held before, a sampled one is drawn from its own distribution and mostly kept when
+that is the served model's, the pipeline gives plain decoding's greedy tokens at every
+split, and a draft model that cannot draft for the served one is refused by name."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from butterfly.config import ButterflyConfig
 from butterfly.config.validate import cross_check
 from butterfly.dataplane.drafter import (
     MIN_HITS,
-    MIN_ODDS,
+    PROBE_EVERY,
     RECENT,
     ModelDrafter,
     check_draft_model,
@@ -25,6 +26,7 @@ from butterfly.dataplane.drafter import (
 from butterfly.runtime.demo import create_demo
 from butterfly.runtime.generate import generate as reference
 from butterfly.runtime.loader import load_stage, num_layers
+from butterfly.runtime.sampling import distribution
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.runtime.torch_thread import TorchThread
 from butterfly.schedule.drafts import Speculation
@@ -67,9 +69,10 @@ def test_a_draft_is_the_small_models_greedy_continuation_whatever_its_cache_held
         histories = [text[:30], text[:34], text[:32], [*text[:32], 7, 8], text[:50], text[:20]]
         for history in histories:
             got = drafter.propose_now("r", history, 5)
-            assert got == greedy_continuation(tiny_model, history, 5), len(history)
-        assert drafter.propose_now("r", text[:10], 0) == ()
-        assert drafter.propose_now("r", [], 4) == ()
+            assert got.tokens == greedy_continuation(tiny_model, history, 5), len(history)
+            assert got.q is None  # greedy: each draft token a point mass
+        assert drafter.propose_now("r", text[:10], 0).tokens == ()
+        assert drafter.propose_now("r", [], 4).tokens == ()
     finally:
         torch_thread.close(wait=True)
 
@@ -92,41 +95,70 @@ def test_no_draft_while_the_small_model_has_not_been_guessing_the_text(
                 guesses = [-1, *logits[0].argmax(-1).tolist()]
                 recent = range(max(1, n - RECENT), n)
                 hits = sum(guesses[j] == history[j] for j in recent)
-                got = drafter.propose_now("r", history, 4)
+                got = drafter.propose_now("r", history, 4).tokens
                 drafts = len(recent) < RECENT or hits >= MIN_HITS
                 assert (got != ()) == drafts, (model, n, hits)
                 if drafts:
                     assert got == greedy_continuation(model, history, 4)
-        assert drafter.propose_now("fresh", text[:40], 4) == ()  # other_model: no hits
+        assert drafter.propose_now("fresh", text[:40], 4).tokens == ()  # other_model: no hits
     finally:
         torch_thread.close(wait=True)
 
 
-def test_a_sampled_requests_draft_stops_where_the_small_models_odds_fall(
+def test_a_sampled_draft_is_drawn_from_the_small_models_distribution_by_its_seed(
     tiny_model: Path,
 ) -> None:
-    """At a temperature above 0 the draft keeps only the prefix whose odds under the small
-    model stay at MIN_ODDS or more: none when every token is about equally likely."""
+    """At a request's sampling settings, penalties counting the generated tokens: each
+    draft token's distribution is the small model's after the history and the draft so
+    far, the token is drawn from it, and a seed draws the same draft again."""
     text = own_text(tiny_model)[:30]
+    params = SamplingParams(temperature=0.9, top_k=20, frequency_penalty=0.5)
     torch_thread = TorchThread(name="draft-test")
     try:
         drafter = ModelDrafter(tiny_model, torch_thread)
-        greedy = drafter.propose_now("r", text, 6)
-        assert len(greedy) == 6
-        assert drafter.propose_now("r", text, 6, temperature=1e-4) == greedy  # near certain
-        assert drafter.propose_now("r", text, 6, temperature=1e4) == ()  # 1 / vocab each
-        middle = drafter.propose_now("r", text, 6, temperature=1.0)
-        assert middle == greedy[: len(middle)]
+        draft = drafter.propose_now("r", text, 5, params, generated=10, seed=3)
+        assert len(draft.tokens) == 5 and draft.q is not None and draft.q.shape[0] == 5
         stage = load_stage(tiny_model)
-        odds, kept = 1.0, 0
-        for i, token in enumerate(greedy):
+        for i, token in enumerate(draft.tokens):
+            prefix = [*text, *draft.tokens[:i]]
             with torch.inference_mode():
-                row = stage.forward(torch.tensor([[*text, *greedy[:i]]]), stage.new_cache(), 0)
-            odds *= float(torch.softmax(row[0, -1], -1)[token])
-            if odds < MIN_ODDS:
-                break
-            kept += 1
-        assert len(middle) == kept
+                row = stage.forward(torch.tensor([prefix]), stage.new_cache(), 0)[0, -1]
+            want = distribution(row, params, prefix[20:])  # the 10 generated, the draft's i
+            torch.testing.assert_close(draft.q[i], want, rtol=1e-4, atol=1e-6)
+            assert float(draft.q[i][token]) > 0
+        again = drafter.propose_now("r", text, 5, params, generated=10, seed=3)
+        assert again.tokens == draft.tokens
+        others = {drafter.propose_now("r", text, 5, params, 10, seed).tokens for seed in range(8)}
+        assert len(others) > 1  # drawn, not the greedy continuation
+    finally:
+        torch_thread.close(wait=True)
+
+
+def test_a_sampled_request_whose_drafts_are_rejected_drafts_only_now_and_then(
+    tiny_model: Path,
+) -> None:
+    """Until half a window of verified draft tokens is known, every step drafts; with too
+    few of them kept, one step in PROBE_EVERY + 1 does; once they are kept again, all."""
+    text = own_text(tiny_model)[:30]
+    params = SamplingParams(temperature=1.0)
+    torch_thread = TorchThread(name="draft-test")
+    try:
+        drafter = ModelDrafter(tiny_model, torch_thread)
+
+        def drafts(steps: int) -> int:
+            return sum(
+                bool(drafter.propose_now("r", text, 4, params, seed=i).tokens) for i in range(steps)
+            )
+
+        for _ in range(RECENT // 8):
+            drafter.verified("r", 4, 0)  # a rejection each: 2 tokens verified
+        assert drafts(3) == 3  # a short window: still drafting
+        for _ in range(RECENT):
+            drafter.verified("r", 4, 0)
+        assert drafts(3 * (PROBE_EVERY + 1)) == 3  # probes only
+        for _ in range(RECENT // 4):
+            drafter.verified("r", 4, 4)  # every token kept
+        assert drafts(3) == 3
     finally:
         torch_thread.close(wait=True)
 
@@ -142,7 +174,7 @@ def test_caches_are_kept_for_the_most_recent_requests_and_released(tiny_model: P
         drafter.drop("c")
         assert drafter.held() == 1
         # a request whose cache was dropped drafts the same tokens from its history
-        assert drafter.propose_now("a", text[:12], 3) == greedy_continuation(
+        assert drafter.propose_now("a", text[:12], 3).tokens == greedy_continuation(
             tiny_model, text[:12], 3
         )
     finally:
@@ -187,6 +219,26 @@ async def test_a_sampled_request_drafted_by_a_model_is_reproducible_from_its_see
         a = await generate(pipe, prompt, 30, "a", Speculation("draft", 4), sampling=sampling)
         b = await generate(pipe, prompt, 30, "b", Speculation("draft", 4), sampling=sampling)
     assert a.output_ids == b.output_ids and len(a.output_ids) == 30
+
+
+async def test_a_sampled_request_keeps_nearly_every_token_its_own_model_drafts(
+    tiny_model: Path, other_model: Path
+) -> None:
+    """The served model drafting for itself at temperature 0.8: q is p, so the draws are
+    kept and a traversal yields about k + 1 tokens; another model's draws are mostly
+    rejected, and its request then drafts now and then only."""
+    prompt = tuple(TextCodec.load(tiny_model).encode(TEXT))
+    sampling = SamplingParams(temperature=0.8, seed=5)
+    n = num_layers(tiny_model)
+    ranges = [LayerRange(0, 1), LayerRange(1, n)]
+    traversals = {}
+    for draft_model in (tiny_model, other_model):
+        async with LocalPipeline(tiny_model, ranges, draft_model=draft_model) as pipe:
+            got = await generate(pipe, prompt, 30, "s", Speculation("draft", 4), sampling=sampling)
+        assert len(got.output_ids) == 30
+        traversals[draft_model] = got.timings["traversals"]
+    assert traversals[tiny_model] <= 1 + 6 + 2  # the prompt's, then 5 tokens each (29 / 5)
+    assert traversals[other_model] > 20
 
 
 async def test_without_a_draft_model_mode_draft_decodes_plainly(tiny_model: Path) -> None:
@@ -264,6 +316,6 @@ async def test_a_release_waits_for_the_requests_draft_still_running(tiny_model: 
         await asyncio.sleep(0)  # the draft is queued on the torch thread
         await drafter.release("r")
         assert drafter.held() == 0
-        assert len(await drafting) == 4
+        assert len((await drafting).tokens) == 4
     finally:
         torch_thread.close(wait=True)

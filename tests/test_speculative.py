@@ -178,6 +178,40 @@ def test_sampled_tokens_keep_the_target_distribution(
     assert (second / kept - target(P1)).abs().max() < SLACK * (DRAWS / kept) ** 0.5
 
 
+Q0 = torch.tensor([0.3, 0.1, 0.4, 0.05, 0.15])
+Q1 = torch.tensor([0.2, 0.2, 0.2, 0.2, 0.2])
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(0.7, 3)])
+def test_tokens_drafted_from_a_distribution_keep_the_target_distribution(
+    params: SamplingParams,
+) -> None:
+    """Draft tokens drawn from q (a draft model's) and judged with it: the first token is
+    distributed as the model's first row says, whatever q was, and so is the second once
+    the first draft token was kept; a draft whose q is p itself is always kept."""
+    from butterfly.runtime.sampling import distribution
+
+    logits = torch.stack([P0.log(), P1.log(), P0.log()])
+    q = torch.stack([Q0, Q1])
+    g = torch.Generator().manual_seed(99)
+    first, second = torch.zeros(5), torch.zeros(5)
+    for _ in range(DRAWS):
+        drafted = [int(torch.multinomial(row, 1, generator=g)) for row in q]
+        got = confirm(logits, drafted, params, g, q=q)
+        first[got[0]] += 1
+        if got[0] == drafted[0] and len(got) > 1:
+            second[got[1]] += 1
+    assert (first / DRAWS - distribution(P0.log(), params)).abs().max() < SLACK
+    kept = float(second.sum())
+    assert (second / kept - distribution(P1.log(), params)).abs().max() < SLACK * (
+        DRAWS / kept
+    ) ** 0.5
+    same = torch.stack([distribution(P0.log(), params), distribution(P1.log(), params)])
+    for _ in range(200):
+        drafted = [int(torch.multinomial(row, 1, generator=g)) for row in same]
+        assert confirm(logits, drafted, params, g, q=same)[:2] == drafted
+
+
 # the pipeline: prompts whose continuation repeats spans of it (an edit) and one that
 # does not repeat by construction
 EDIT = (

@@ -4,36 +4,39 @@ Prompt lookup (`schedule.drafts`) drafts only where a text repeats itself. A sma
 the same vocabulary guesses the next tokens of any text; one traversal of the pipeline
 then verifies them exactly as it verifies a lookup's draft (`dataplane.speculate`).
 
-The draft is the small model's greedy continuation, so it is a function of the token
-history alone, and the acceptance rule takes it as a point mass (q = 1{x}): a sampled
-request keeps the target distribution exactly, and greedy output is plain decoding's
-whatever the small model guesses. (The rule with the small model's own distribution
-accepts more of a sampled draft, but its draws would depend on that model's numerics;
-the point mass keeps a resumed request's draws to its history and RNG state.)
+A greedy request's draft is the small model's greedy continuation, a function of the token
+history alone; greedy output is plain decoding's whatever the small model guesses. A
+sampled request's draft is drawn from the small model's own distribution q at the
+request's sampling settings (temperature, top-k, top-p, penalties), and the acceptance
+rule keeps each token with probability min(1, p / q) (`speculate.confirm`): a small model
+close to the served one has nearly all of its draft kept. The draws come from a generator
+seeded from the request's RNG state and the history's length (`draft_seed`), which they
+do not advance: a resumed request drafts the same tokens, up to the small model's
+numerics. Taking the draft as a point mass instead, as prompt lookup's is, kept a token
+with probability p(x) only: the served model drafting for itself at temperature 1 kept
+about 1 in 80 of its draft tokens (bench/speculative.py, k = 4, AMD EPYC).
 
-A sampled request keeps a draft token x with probability p(x), the served model's
-probability of it at the request's temperature; a draft is worth its traversal only
-while that is likely. So at a temperature above 0 the draft stops before the token that
-would bring the small model's own odds of the whole draft, the product of its
-probabilities at that temperature, under `MIN_ODDS`: on the demo model, sampled at 1,
-the served model drafting for itself with no such stop confirmed about 1 in 80 of its
-draft tokens and took 2.6 times as long per token (bench/speculative.py, k = 4, AMD EPYC). A greedy
-draft always runs to k: only a wrong guess costs, and the small model cannot know which
-guesses are.
+A draft is worth its traversal only where the small model is likely to be right. A greedy
+request drafts while the small model guessed at least `MIN_HITS` of the history's last
+`RECENT` tokens. A sampled request drafts while at least `MIN_ACCEPTED` of its last
+`RECENT` verified draft tokens were kept (a greedy guess says little of a sampled text);
+below that it decodes plainly and tries one draft every `PROBE_EVERY` tokens.
 
 Each request keeps its own cache of the small model, cut back at each call to the
 longest prefix it shares with the history: the last traversal's rejected draft tokens lie
 past that prefix. A call then computes only the tokens confirmed since the last one
-(which also says how well the small model has been guessing this text, `MIN_HITS`), and
-k - 1 decode steps. At most `max_requests` caches are kept; the least recently used is
-dropped, and rebuilt from the history if its request drafts again.
+(which also says how well the small model has been guessing this text) and k - 1 decode
+steps. At most `max_requests` caches are kept; the least recently used is dropped, and
+rebuilt from the history if its request drafts again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,15 +44,20 @@ import torch
 from butterfly.runtime.kvcache import KVCache
 from butterfly.runtime.loader import load_stage, model_args
 from butterfly.runtime.precision import FP32, Precision
+from butterfly.runtime.sampling import distribution, is_greedy
 from butterfly.runtime.stage import Stage
 from butterfly.runtime.torch_thread import TorchThread
 from butterfly.types.errors import ButterflyError, ConfigError
+from butterfly.types.tasks import SamplingParams
 
 log = logging.getLogger(__name__)
 
 MAX_REQUESTS = 64
-MIN_ODDS = 0.5
-"""A sampled request's draft stops before the small model's odds of it fall below this."""
+MIN_ACCEPTED = 0.3
+"""A sampled request drafts while at least this share of its last `RECENT` verified draft
+tokens were kept: at k = 4, about 1.4 tokens a traversal."""
+PROBE_EVERY = 8
+"""Plain decode steps of a sampled request between drafts once too few were kept."""
 RECENT = 16
 MIN_HITS = 4
 """No draft while the small model guessed fewer than `MIN_HITS` of the history's last
@@ -59,6 +67,36 @@ model, its own first 2 layers guessed none of 288 of its tokens and drafted at 0
 decoding's tokens/s (bench/speculative.py, k = 4, 5 ms links, AMD EPYC); the guesses are a function
 of the history (up to the numerics of a cache rebuilt in one pass), so a resumed request
 drafts as it would have. A history of `RECENT` tokens or fewer always drafts."""
+
+
+@dataclass(frozen=True)
+class Draft:
+    """Draft tokens, and for a sampled request the distributions [len(tokens), V] they
+    were drawn from (None: greedy, each token a point mass)."""
+
+    tokens: tuple[int, ...] = ()
+    q: torch.Tensor | None = None
+
+
+@dataclass
+class _Held:
+    """A request's cache of the small model, the tokens it holds and the small model's
+    guess for each from the ones before (none for the first; one more, for the next
+    token), and for a sampled request whether each verified draft token was kept."""
+
+    cache: KVCache
+    cached: list[int] = field(default_factory=list)
+    guesses: list[int] = field(default_factory=lambda: [-1])
+    kept: deque[bool] = field(default_factory=lambda: deque(maxlen=RECENT))
+    undrafted: int = 0  # plain steps since the last draft, while too few were kept
+
+
+def draft_seed(rng_state: bytes, length: int) -> int:
+    """The seed of a sampled draft's draws: a function of the request's RNG state (which
+    the draft does not advance) and its history's length, so a step retried, or resumed
+    from a checkpoint, draws the same draft."""
+    digest = hashlib.blake2b(rng_state + length.to_bytes(8, "big"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
 
 
 def check_draft_model(draft_dir: Path, model_dir: Path) -> None:
@@ -100,24 +138,35 @@ class ModelDrafter:
         self._stage: Stage | None = None
         self.failed = ""
         """Why the checkpoint could not be loaded, once it could not: no more drafts."""
-        self._held: OrderedDict[str, tuple[KVCache, list[int], list[int]]] = OrderedDict()
+        self._held: OrderedDict[str, _Held] = OrderedDict()
 
     async def propose(
-        self, request_id: str, tokens: Sequence[int], k: int, temperature: float = 0.0
-    ) -> tuple[int, ...]:
-        """Up to `k` tokens the small model writes greedily after `tokens`, fewer at a
-        `temperature` above 0 once their odds fall (`MIN_ODDS`); () for k <= 0, an empty
-        history, no room left in the small model's context, or a small model that fails
-        (logged: a checkpoint that will not load stops drafting until restart)."""
+        self,
+        request_id: str,
+        tokens: Sequence[int],
+        k: int,
+        sampling: SamplingParams | None = None,
+        *,
+        generated: int = 0,
+        seed: int = 0,
+    ) -> Draft:
+        """Up to `k` tokens the small model writes after `tokens`: its greedy choices, or
+        for a sampled request (`sampling` not greedy) draws from its distributions at
+        those settings, seeded with `seed`, the last `generated` tokens of the history
+        counting for the penalties. An empty draft for k <= 0, an empty history, no room
+        left in the small model's context, a gate closed (`MIN_HITS`, `MIN_ACCEPTED`), or a
+        small model that fails (logged: a checkpoint that will not load stops drafting
+        until restart)."""
         if self.failed:
-            return ()
+            return Draft()
         history = list(tokens)
         # a request's first draft reads its whole history: never inline on the event
         # loop's thread (TorchThread.run), where the short catch-ups after it may run
         kind = "draft" if request_id in self._held else None
         try:
             return await self._torch.run(
-                lambda: self.propose_now(request_id, history, k, temperature), kind
+                lambda: self.propose_now(request_id, history, k, sampling, generated, seed),
+                kind,
             )
         except Exception as e:  # an accelerator only: the request decodes without it
             if self._stage is None:  # the checkpoint would not load: not again
@@ -130,7 +179,14 @@ class ModelDrafter:
                     e,
                 )
                 self.drop(request_id)
-            return ()
+            return Draft()
+
+    def verified(self, request_id: str, drafted: int, kept: int) -> None:
+        """How many of a sampled request's `drafted` tokens the traversal kept: the first
+        `kept`, and a rejection after them unless all were."""
+        held = self._held.get(request_id)
+        if held is not None and drafted > 0:
+            held.kept.extend([True] * min(kept, drafted) + [False] * (kept < drafted))
 
     async def warm(self) -> None:
         """Load the small model now, on the torch thread, so the first draft does not
@@ -151,14 +207,21 @@ class ModelDrafter:
         )
 
     def propose_now(
-        self, request_id: str, tokens: Sequence[int], k: int, temperature: float = 0.0
-    ) -> tuple[int, ...]:
+        self,
+        request_id: str,
+        tokens: Sequence[int],
+        k: int,
+        sampling: SamplingParams | None = None,
+        generated: int = 0,
+        seed: int = 0,
+    ) -> Draft:
         """`propose` on the calling thread (the torch thread's own work)."""
         stage = self._load()
         k = min(k, stage.max_context - len(tokens))
         if k <= 0 or not tokens:
-            return ()
-        cache, cached, guesses = self._cache_of(request_id, stage)
+            return Draft()
+        held = self._cache_of(request_id, stage)
+        cache, cached, guesses = held.cache, held.cached, held.guesses
         common = 0
         limit = min(len(cached), len(tokens) - 1)  # one token at least to read logits from
         while common < limit and cached[common] == tokens[common]:
@@ -167,6 +230,7 @@ class ModelDrafter:
         del cached[common:]
         del guesses[common + 1 :]
         n = len(tokens)
+        sampled = sampling is not None and not is_greedy(sampling)
         with torch.inference_mode():
             feed = list(tokens[common:])
             # only the last RECENT guesses are read: a long feed (a first draft, a whole
@@ -180,22 +244,44 @@ class ModelDrafter:
             logits = stage.forward(torch.tensor([tail]), cache, len(cached), last_only=False)[0]
             cached.extend(tail)
             guesses.extend(int(g) for g in logits.argmax(-1).tolist())
+            if sampled and not self._accepting(held):
+                return Draft()
             recent = range(max(1, n - RECENT), n)
-            if len(recent) == RECENT and sum(guesses[j] == tokens[j] for j in recent) < MIN_HITS:
-                return ()  # the small model has not been predicting this text
-            row, drafted, odds = logits[-1], [], 1.0
+            hits = sum(guesses[j] == tokens[j] for j in recent)
+            if not sampled and len(recent) == RECENT and hits < MIN_HITS:
+                return Draft()  # the small model has not been predicting this text
+            row = logits[-1]
+            drafted: list[int] = []
+            rows: list[torch.Tensor] = []
+            draws = torch.Generator().manual_seed(seed) if sampled else None
+            before = list(tokens[n - generated :]) if generated else []
             for i in range(k):
-                token = int(row.argmax())
-                if temperature > 0:
-                    odds *= float(torch.softmax(row.float() / temperature, -1)[token])
-                    if odds < MIN_ODDS:
-                        break
+                if sampling is not None and draws is not None:
+                    q = distribution(row, sampling, [*before, *drafted])
+                    token = int(torch.multinomial(q, 1, generator=draws).item())
+                    rows.append(q)
+                else:
+                    token = int(row.argmax())
                 drafted.append(token)
                 if i + 1 < k:
                     row = stage.forward(torch.tensor([[token]]), cache, len(cached))[0, -1]
                     cached.append(token)
                     guesses.append(int(row.argmax()))
-        return tuple(drafted)
+        return Draft(tuple(drafted), torch.stack(rows) if rows else None)
+
+    @staticmethod
+    def _accepting(held: _Held) -> bool:
+        """Whether a sampled request drafts now: while its window of verified draft
+        tokens is short or kept at least `MIN_ACCEPTED`, and once every `PROBE_EVERY`
+        steps otherwise (the text may have become easier)."""
+        if len(held.kept) < RECENT // 2 or sum(held.kept) >= MIN_ACCEPTED * len(held.kept):
+            held.undrafted = 0
+            return True
+        held.undrafted += 1
+        if held.undrafted > PROBE_EVERY:
+            held.undrafted = 0
+            return True
+        return False
 
     async def release(self, request_id: str) -> None:
         """Drop a finished request's cache, after any draft of it still queued or running
@@ -220,19 +306,28 @@ class ModelDrafter:
             self._stage = load_stage(self._dir, precision=self._precision, progress=False)
         return self._stage
 
-    def _cache_of(self, request_id: str, stage: Stage) -> tuple[KVCache, list[int], list[int]]:
-        """The request's cache, the tokens it holds, and the small model's guess for each
-        of them from the ones before (none for the first; one more, for the next token)."""
+    def _cache_of(self, request_id: str, stage: Stage) -> _Held:
+        """The request's cache and what goes with it, created on its first draft."""
         held = self._held.get(request_id)
         if held is None:
             cache = stage.new_cache()
             if cache is None:
                 raise ConfigError("the draft model keeps no cache: it cannot draft")
-            held = self._held[request_id] = (cache, [], [-1])
+            held = self._held[request_id] = _Held(cache)
             while len(self._held) > self._max_requests:
                 self._held.popitem(last=False)
         self._held.move_to_end(request_id)
         return held
 
 
-__all__ = ["MAX_REQUESTS", "MIN_HITS", "MIN_ODDS", "RECENT", "ModelDrafter", "check_draft_model"]
+__all__ = [
+    "MAX_REQUESTS",
+    "MIN_ACCEPTED",
+    "MIN_HITS",
+    "PROBE_EVERY",
+    "RECENT",
+    "Draft",
+    "ModelDrafter",
+    "check_draft_model",
+    "draft_seed",
+]

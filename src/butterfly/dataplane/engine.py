@@ -27,7 +27,7 @@ from butterfly.dataplane.audit import Auditor, audit_request
 from butterfly.dataplane.caches import Asker as Asker
 from butterfly.dataplane.caches import Caches
 from butterfly.dataplane.claims import Claims
-from butterfly.dataplane.drafter import ModelDrafter
+from butterfly.dataplane.drafter import Draft, ModelDrafter, draft_seed
 from butterfly.dataplane.inflight import InFlight
 from butterfly.dataplane.inflight import StepFailed as StepFailed
 from butterfly.dataplane.intake import Intake
@@ -179,17 +179,28 @@ class PipelineEngine:
         self._speculation, self._prefill_chunk = speculation, prefill_chunk
 
     async def _draft(
-        self, task: InferenceTask, tokens: list[int], speculation: Speculation, budget: int
-    ) -> tuple[int, ...]:
-        """The next traversal's draft: prompt lookup, or the small model's guess."""
+        self,
+        task: InferenceTask,
+        tokens: list[int],
+        generated: int,
+        speculation: Speculation,
+        budget: int,
+        rng: torch.Generator,
+    ) -> Draft:
+        """The next traversal's draft: prompt lookup, or the small model's guess (drawn,
+        for a sampled request, with a seed from `rng`'s state, which it leaves as it is)."""
         if speculation.mode != "draft":
-            return draft(tokens, speculation, budget)
+            return Draft(draft(tokens, speculation, budget))
         k = min(speculation.k, budget)
         if self._drafter is None or k <= 0:
-            return ()
+            return Draft()
         sampling = task.sampling
-        temperature = 0.0 if is_greedy(sampling) else sampling.temperature
-        return await self._drafter.propose(task.task_id, tokens, k, temperature)
+        seed = 0
+        if not is_greedy(sampling):
+            seed = draft_seed(bytes(rng.get_state().numpy().tobytes()), len(tokens))
+        return await self._drafter.propose(
+            task.task_id, tokens, k, sampling, generated=generated, seed=seed
+        )
 
     def _speculation_for(self, checked: bool) -> Speculation:
         """Speculation runs for unchecked requests only. An audit compares each signed
@@ -567,11 +578,12 @@ class PipelineEngine:
             step_started = time.perf_counter()
             # a decode step verifies a draft with it, if the text so far offers one
             budget = task.max_new_tokens - len(out) - 1
-            drafted = (
-                await self._draft(task, prompt + out, speculation, budget)
+            proposed = (
+                await self._draft(task, prompt + out, len(out), speculation, budget, rng)
                 if x.shape[1] == 1 and not wants_logprobs
-                else ()
+                else Draft()
             )
+            drafted = proposed.tokens
             if self._epoch() != based_on:  # the plan moved while the small model drafted
                 continue
             # a long prompt or replay goes in steps whose signed records fit a frame
@@ -648,8 +660,10 @@ class PipelineEngine:
             if not task.max_new_tokens:  # the prompt is scored; no token was asked for
                 break
             if drafted:
-                got = confirm(logits[0], drafted, task.sampling, rng, out)
+                got = confirm(logits[0], drafted, task.sampling, rng, out, proposed.q)
                 self._emit(Traversed(len(drafted), len(got) - 1))
+                if proposed.q is not None and self._drafter is not None:
+                    self._drafter.verified(task.task_id, len(drafted), len(got) - 1)
             elif wants_logprobs:  # a log-softmax over the vocabulary more, only when asked
                 picked = choose(logits[0, -1], task.sampling, rng, out)
                 got = [picked.token]

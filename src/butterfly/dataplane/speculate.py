@@ -15,9 +15,11 @@ replay after recovery already relies on), so the rollback costs no message of it
 
 Greedy requests keep exactly the tokens plain decoding gives: a draft token is kept only
 where it is the argmax. Sampled requests keep the target distribution with the
-speculative sampling rule (Leviathan et al. 2023; Chen et al. 2023) for a draft that is
-a point mass q = 1{x}: keep x with probability min(1, p(x) / q(x)) = p(x), otherwise
-draw from the residual max(p - q, 0) normalised, which is p with x removed. Both draws
+speculative sampling rule (Leviathan et al. 2023; Chen et al. 2023): a draft token x drawn
+from q is kept with probability min(1, p(x) / q(x)), otherwise the token is drawn from the
+residual max(p - q, 0) normalised. A draft model's sampled draft brings its own q
+(`dataplane.drafter`); a prompt lookup's draft is a point mass q = 1{x}, for which the
+rule keeps x with probability p(x) and otherwise draws from p with x removed. Both draws
 come from the request's own generator, so the checkpoint (token history and RNG state)
 still resumes a request exactly.
 """
@@ -38,15 +40,20 @@ def confirm(
     params: SamplingParams,
     generator: torch.Generator,
     history: Sequence[int] = (),
+    q: torch.Tensor | None = None,
 ) -> list[int]:
     """The tokens a verify step yields: `logits` [len(drafted) + 1, V] are the rows after
     the last token and after each draft token; 1 to len(drafted) + 1 tokens come back.
     `history`: the tokens generated before this step; row i's penalties also count the
-    i tokens accepted before it, as plain decoding would have."""
+    i tokens accepted before it, as plain decoding would have. `q` [len(drafted), V]: the
+    distributions the draft tokens were drawn from, for a sampled request (None: each
+    draft token is a point mass)."""
     if logits.shape[0] != len(drafted) + 1:
         raise ValueError(f"{logits.shape[0]} rows of logits for a draft of {len(drafted)}")
+    if q is not None and tuple(q.shape) != (len(drafted), logits.shape[-1]):
+        raise ValueError(f"draft distributions {tuple(q.shape)} for a draft of {len(drafted)}")
     out: list[int] = []
-    for row, token in zip(logits, drafted, strict=False):
+    for i, (row, token) in enumerate(zip(logits, drafted, strict=False)):
         seen = [*history, *out]
         if is_greedy(params):
             chosen = greedy_token(row, params, seen)
@@ -55,13 +62,18 @@ def confirm(
                 return out
             continue
         p = distribution(row, params, seen)
-        if float(torch.rand((), generator=generator)) < float(p[token]):
+        drawn_from = q[i].float() if q is not None else None
+        chance = float(p[token]) if drawn_from is None else float(p[token] / drawn_from[token])
+        if float(torch.rand((), generator=generator)) < chance:
             out.append(token)
             continue
-        residual = p.clone()
-        residual[token] = 0.0
+        if drawn_from is None:
+            residual = p.clone()
+            residual[token] = 0.0
+        else:
+            residual = (p - drawn_from).clamp_(min=0.0)
         total = float(residual.sum())
-        if total <= 0.0:  # p is the point mass on the draft: rejecting it has probability 0
+        if total <= 0.0:  # p is q (or the point mass on the draft): never rejected
             out.append(token)
             continue
         out.append(int(torch.multinomial(residual / total, 1, generator=generator).item()))
