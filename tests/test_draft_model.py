@@ -16,20 +16,14 @@ import torch
 
 from butterfly.config import ButterflyConfig
 from butterfly.config.validate import cross_check
-from butterfly.dataplane.drafter import (
-    MIN_HITS,
-    PROBE_EVERY,
-    RECENT,
-    ModelDrafter,
-    check_draft_model,
-)
+from butterfly.dataplane.drafter import MIN_HITS, RECENT, ModelDrafter, check_draft_model
 from butterfly.runtime.demo import create_demo
 from butterfly.runtime.generate import generate as reference
 from butterfly.runtime.loader import load_stage, num_layers
 from butterfly.runtime.sampling import distribution
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.runtime.torch_thread import TorchThread
-from butterfly.schedule.drafts import Speculation
+from butterfly.schedule.drafts import ACCEPT_WINDOW, PROBE_EVERY, Acceptance, Speculation
 from butterfly.testing.pipeline import LocalPipeline
 from butterfly.types.errors import ConfigError
 from butterfly.types.model import LayerRange
@@ -134,33 +128,23 @@ def test_a_sampled_draft_is_drawn_from_the_small_models_distribution_by_its_seed
         torch_thread.close(wait=True)
 
 
-def test_a_sampled_request_whose_drafts_are_rejected_drafts_only_now_and_then(
-    tiny_model: Path,
-) -> None:
+def test_a_sampled_request_whose_drafts_are_rejected_drafts_only_now_and_then() -> None:
     """Until half a window of verified draft tokens is known, every step drafts; with too
     few of them kept, one step in PROBE_EVERY + 1 does; once they are kept again, all."""
-    text = own_text(tiny_model)[:30]
-    params = SamplingParams(temperature=1.0)
-    torch_thread = TorchThread(name="draft-test")
-    try:
-        drafter = ModelDrafter(tiny_model, torch_thread)
-
-        def drafts(steps: int) -> int:
-            return sum(
-                bool(drafter.propose_now("r", text, 4, params, seed=i).tokens) for i in range(steps)
-            )
-
-        for _ in range(RECENT // 8):
-            drafter.verified("r", 4, 0)  # a rejection each: 2 tokens verified
-        assert drafts(3) == 3  # a short window: still drafting
-        for _ in range(RECENT):
-            drafter.verified("r", 4, 0)
-        assert drafts(3 * (PROBE_EVERY + 1)) == 3  # probes only
-        for _ in range(RECENT // 4):
-            drafter.verified("r", 4, 4)  # every token kept
-        assert drafts(3) == 3
-    finally:
-        torch_thread.close(wait=True)
+    gate = Acceptance()
+    for _ in range(ACCEPT_WINDOW // 2 - 1):
+        assert gate.drafts()
+        gate = gate.verified(4, 0)  # one token judged, rejected
+    assert gate.drafts()  # a short window: still drafting
+    gate = gate.verified(4, 0)
+    steps = []
+    for _ in range(2 * (PROBE_EVERY + 1)):
+        steps.append(gate.drafts())
+        gate = gate.verified(4, 0) if steps[-1] else gate.undrafted_step()
+    assert steps == ([False] * PROBE_EVERY + [True]) * 2  # probes only
+    gate = gate.verified(4, 4).verified(4, 4).verified(4, 3)  # 11 of these 12 kept
+    assert gate.drafts() and sum(gate.kept) == 11 and len(gate.kept) == ACCEPT_WINDOW
+    assert gate.verified(3, 1).kept[-2:] == (True, False)  # the ones after a rejection: unjudged
 
 
 def test_caches_are_kept_for_the_most_recent_requests_and_released(tiny_model: Path) -> None:

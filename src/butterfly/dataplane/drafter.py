@@ -18,9 +18,8 @@ about 1 in 80 of its draft tokens (bench/speculative.py, k = 4, AMD EPYC).
 
 A draft is worth its traversal only where the small model is likely to be right. A greedy
 request drafts while the small model guessed at least `MIN_HITS` of the history's last
-`RECENT` tokens. A sampled request drafts while at least `MIN_ACCEPTED` of its last
-`RECENT` verified draft tokens were kept (a greedy guess says little of a sampled text);
-below that it decodes plainly and tries one draft every `PROBE_EVERY` tokens.
+`RECENT` tokens. A sampled request is gated by the gateway on what the pipeline kept of
+its drafts (`schedule.drafts.Acceptance`), before it asks for one.
 
 Each request keeps its own cache of the small model, cut back at each call to the
 longest prefix it shares with the history: the last traversal's rejected draft tokens lie
@@ -34,7 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,11 +52,6 @@ from butterfly.types.tasks import SamplingParams
 log = logging.getLogger(__name__)
 
 MAX_REQUESTS = 64
-MIN_ACCEPTED = 0.3
-"""A sampled request drafts while at least this share of its last `RECENT` verified draft
-tokens were kept: at k = 4, about 1.4 tokens a traversal."""
-PROBE_EVERY = 8
-"""Plain decode steps of a sampled request between drafts once too few were kept."""
 RECENT = 16
 MIN_HITS = 4
 """No draft while the small model guessed fewer than `MIN_HITS` of the history's last
@@ -82,13 +76,11 @@ class Draft:
 class _Held:
     """A request's cache of the small model, the tokens it holds and the small model's
     guess for each from the ones before (none for the first; one more, for the next
-    token), and for a sampled request whether each verified draft token was kept."""
+    token)."""
 
     cache: KVCache
     cached: list[int] = field(default_factory=list)
     guesses: list[int] = field(default_factory=lambda: [-1])
-    kept: deque[bool] = field(default_factory=lambda: deque(maxlen=RECENT))
-    undrafted: int = 0  # plain steps since the last draft, while too few were kept
 
 
 def draft_seed(rng_state: bytes, length: int) -> int:
@@ -154,9 +146,9 @@ class ModelDrafter:
         for a sampled request (`sampling` not greedy) draws from its distributions at
         those settings, seeded with `seed`, the last `generated` tokens of the history
         counting for the penalties. An empty draft for k <= 0, an empty history, no room
-        left in the small model's context, a gate closed (`MIN_HITS`, `MIN_ACCEPTED`), or a
-        small model that fails (logged: a checkpoint that will not load stops drafting
-        until restart)."""
+        left in the small model's context, a greedy request's text the small model has not
+        been guessing (`MIN_HITS`), or a small model that fails (logged: a checkpoint that
+        will not load stops drafting until restart)."""
         if self.failed:
             return Draft()
         history = list(tokens)
@@ -180,13 +172,6 @@ class ModelDrafter:
                 )
                 self.drop(request_id)
             return Draft()
-
-    def verified(self, request_id: str, drafted: int, kept: int) -> None:
-        """How many of a sampled request's `drafted` tokens the traversal kept: the first
-        `kept`, and a rejection after them unless all were."""
-        held = self._held.get(request_id)
-        if held is not None and drafted > 0:
-            held.kept.extend([True] * min(kept, drafted) + [False] * (kept < drafted))
 
     async def warm(self) -> None:
         """Load the small model now, on the torch thread, so the first draft does not
@@ -244,11 +229,9 @@ class ModelDrafter:
             logits = stage.forward(torch.tensor([tail]), cache, len(cached), last_only=False)[0]
             cached.extend(tail)
             guesses.extend(int(g) for g in logits.argmax(-1).tolist())
-            if sampled and not self._accepting(held):
-                return Draft()
             recent = range(max(1, n - RECENT), n)
-            hits = sum(guesses[j] == tokens[j] for j in recent)
-            if not sampled and len(recent) == RECENT and hits < MIN_HITS:
+            judged = not sampled and len(recent) == RECENT  # sampled: Acceptance gates it
+            if judged and sum(guesses[j] == tokens[j] for j in recent) < MIN_HITS:
                 return Draft()  # the small model has not been predicting this text
             row = logits[-1]
             drafted: list[int] = []
@@ -268,20 +251,6 @@ class ModelDrafter:
                     cached.append(token)
                     guesses.append(int(row.argmax()))
         return Draft(tuple(drafted), torch.stack(rows) if rows else None)
-
-    @staticmethod
-    def _accepting(held: _Held) -> bool:
-        """Whether a sampled request drafts now: while its window of verified draft
-        tokens is short or kept at least `MIN_ACCEPTED`, and once every `PROBE_EVERY`
-        steps otherwise (the text may have become easier)."""
-        if len(held.kept) < RECENT // 2 or sum(held.kept) >= MIN_ACCEPTED * len(held.kept):
-            held.undrafted = 0
-            return True
-        held.undrafted += 1
-        if held.undrafted > PROBE_EVERY:
-            held.undrafted = 0
-            return True
-        return False
 
     async def release(self, request_id: str) -> None:
         """Drop a finished request's cache, after any draft of it still queued or running
@@ -322,9 +291,7 @@ class ModelDrafter:
 
 __all__ = [
     "MAX_REQUESTS",
-    "MIN_ACCEPTED",
     "MIN_HITS",
-    "PROBE_EVERY",
     "RECENT",
     "Draft",
     "ModelDrafter",

@@ -44,7 +44,7 @@ from butterfly.protocol.proof import Tolerance
 from butterfly.runtime.sampling import PromptScores, choose, is_greedy, make_generator, sample
 from butterfly.runtime.stops import TextStops
 from butterfly.schedule.chunks import ChunkTimes, chunk_length
-from butterfly.schedule.drafts import Speculation, draft
+from butterfly.schedule.drafts import Acceptance, Speculation, draft
 from butterfly.schedule.engine import ClusterHealth, PromptScored, Retraction, TokenSink
 from butterfly.schedule.store import Checkpoint
 from butterfly.types.errors import (
@@ -186,9 +186,11 @@ class PipelineEngine:
         speculation: Speculation,
         budget: int,
         rng: torch.Generator,
+        acceptance: Acceptance,
     ) -> Draft:
         """The next traversal's draft: prompt lookup, or the small model's guess (drawn,
-        for a sampled request, with a seed from `rng`'s state, which it leaves as it is)."""
+        for a sampled request, with a seed from `rng`'s state, which it leaves as it is,
+        and only while `acceptance` says its drafts are being kept)."""
         if speculation.mode != "draft":
             return Draft(draft(tokens, speculation, budget))
         k = min(speculation.k, budget)
@@ -197,6 +199,8 @@ class PipelineEngine:
         sampling = task.sampling
         seed = 0
         if not is_greedy(sampling):
+            if not acceptance.drafts():
+                return Draft()
             seed = draft_seed(bytes(rng.get_state().numpy().tobytes()), len(tokens))
         return await self._drafter.propose(
             task.task_id, tokens, k, sampling, generated=generated, seed=seed
@@ -562,6 +566,7 @@ class PipelineEngine:
             log.info("request %s resumes from its checkpoint at token %d", request_id, len(out))
         x = torch.tensor([prompt + out], dtype=torch.int64)
         pos, step, recoveries, traversals = 0, 0, 0, 0
+        acceptance = Acceptance()  # what the pipeline kept of a sampled request's drafts
         # the start of the step first lost in a row, until a step answers again
         lost_at: float | None = None
         ended = stopped or (bool(out) and out[-1] in self._eos)
@@ -578,9 +583,12 @@ class PipelineEngine:
             step_started = time.perf_counter()
             # a decode step verifies a draft with it, if the text so far offers one
             budget = task.max_new_tokens - len(out) - 1
+            drafting = x.shape[1] == 1 and not wants_logprobs
             proposed = (
-                await self._draft(task, prompt + out, len(out), speculation, budget, rng)
-                if x.shape[1] == 1 and not wants_logprobs
+                await self._draft(
+                    task, prompt + out, len(out), speculation, budget, rng, acceptance
+                )
+                if drafting
                 else Draft()
             )
             drafted = proposed.tokens
@@ -662,8 +670,8 @@ class PipelineEngine:
             if drafted:
                 got = confirm(logits[0], drafted, task.sampling, rng, out, proposed.q)
                 self._emit(Traversed(len(drafted), len(got) - 1))
-                if proposed.q is not None and self._drafter is not None:
-                    self._drafter.verified(task.task_id, len(drafted), len(got) - 1)
+                if proposed.q is not None:  # a draft model's draws: its record
+                    acceptance = acceptance.verified(len(drafted), len(got) - 1)
             elif wants_logprobs:  # a log-softmax over the vocabulary more, only when asked
                 picked = choose(logits[0, -1], task.sampling, rng, out)
                 got = [picked.token]
@@ -672,6 +680,8 @@ class PipelineEngine:
             else:
                 got = [sample(logits[0, -1], task.sampling, rng, out)]
                 self._emit(Traversed())
+            if drafting and not drafted:
+                acceptance = acceptance.undrafted_step()
             got = kept_until_stop(got, self._eos)
             if stops is not None:  # the tokens up to the one that completes a stop string
                 for i, token in enumerate(got):

@@ -19,9 +19,10 @@ speculative sampling rule (Leviathan et al. 2023; Chen et al. 2023): a draft tok
 from q is kept with probability min(1, p(x) / q(x)), otherwise the token is drawn from the
 residual max(p - q, 0) normalised. A draft model's sampled draft brings its own q
 (`dataplane.drafter`); a prompt lookup's draft is a point mass q = 1{x}, for which the
-rule keeps x with probability p(x) and otherwise draws from p with x removed. Both draws
-come from the request's own generator, so the checkpoint (token history and RNG state)
-still resumes a request exactly.
+rule keeps x with probability p(x) and otherwise draws from p with x removed. The rule's
+draws come from the request's own generator, so the checkpoint (token history and RNG
+state) resumes a request exactly where its drafts are the same (always with prompt
+lookup; a draft model's draws are seeded from that state, `drafter.draft_seed`).
 """
 
 from __future__ import annotations

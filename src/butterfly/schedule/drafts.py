@@ -58,6 +58,51 @@ LOOKBACK = 4096
 is linear in it) whatever the context length."""
 
 
+ACCEPT_WINDOW = 16
+"""The last verified draft tokens of a sampled request whose record gates its drafts
+(`Acceptance`)."""
+MIN_ACCEPTED = 0.3
+"""A sampled request drafts from a draft model while at least this share of its last
+`ACCEPT_WINDOW` verified draft tokens were kept: at k = 4, about 1.4 tokens a traversal."""
+PROBE_EVERY = 8
+"""Decode steps a sampled request takes without a draft, once too few were kept, before
+it tries one again (the text may have become easier)."""
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    """Whether a sampled request drafts from a draft model at its next decode step, from
+    what the pipeline kept of its drafts: a greedy guess says little of a sampled text,
+    and the small model's own odds say nothing of the served model's. Until half a window
+    of verified draft tokens is known, every step drafts; then while at least
+    `MIN_ACCEPTED` of them were kept, and otherwise after `PROBE_EVERY` steps without a
+    draft (one step in PROBE_EVERY + 1). It changes only as steps' outputs are used, so a
+    step retried (the plan moved, a stage was lost) drafts as the first try would have.
+    Kept by the gateway beside the request, not in its checkpoint: a successor starts
+    with an empty record."""
+
+    kept: tuple[bool, ...] = ()
+    undrafted: int = 0
+
+    def drafts(self) -> bool:
+        n = len(self.kept)
+        return (
+            n < ACCEPT_WINDOW // 2
+            or sum(self.kept) >= MIN_ACCEPTED * n
+            or self.undrafted >= PROBE_EVERY
+        )
+
+    def verified(self, drafted: int, kept: int) -> Acceptance:
+        """A step that verified `drafted` tokens and kept the first `kept`: they count as
+        kept, and the first rejected one, if any, as not (those after it were not judged)."""
+        judged = [True] * min(kept, drafted) + [False] * (kept < drafted)
+        return Acceptance((*self.kept, *judged)[-ACCEPT_WINDOW:], 0)
+
+    def undrafted_step(self) -> Acceptance:
+        """A decode step whose output was used, taken without a draft."""
+        return Acceptance(self.kept, self.undrafted + 1)
+
+
 @dataclass(frozen=True)
 class Speculation:
     """How the gateway drafts (generation.speculative): `k` tokens per traversal at most,
@@ -199,12 +244,16 @@ def draft(tokens: Sequence[int], spec: Speculation, budget: int) -> tuple[int, .
 
 
 __all__ = [
+    "ACCEPT_WINDOW",
     "FLOOR",
     "LOOKBACK",
     "MAX_NGRAM",
+    "MIN_ACCEPTED",
     "MIN_NGRAM",
+    "PROBE_EVERY",
     "RECENT",
     "SINGLE_HITS",
+    "Acceptance",
     "DraftMode",
     "Speculation",
     "draft",
