@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from butterfly.config import ButterflyConfig
-from butterfly.config.validate import cross_check
+from butterfly.config.validate import cross_check, estimate_model_bytes
 from butterfly.dataplane.drafter import MIN_HITS, RECENT, ModelDrafter, check_draft_model
 from butterfly.runtime.demo import create_demo
 from butterfly.runtime.generate import generate as reference
@@ -26,8 +26,10 @@ from butterfly.runtime.torch_thread import TorchThread
 from butterfly.schedule.drafts import ACCEPT_WINDOW, PROBE_EVERY, Acceptance, Speculation
 from butterfly.testing.pipeline import LocalPipeline
 from butterfly.types.errors import ConfigError
+from butterfly.types.ids import NodeId
 from butterfly.types.model import LayerRange
 from butterfly.types.tasks import SamplingParams
+from butterfly.wiring.edges import draft_model_bytes
 from tests.test_speculative import generate, splits
 
 pytestmark = pytest.mark.timeout(120)
@@ -256,6 +258,34 @@ def test_mode_draft_without_a_draft_model_is_a_config_error(tmp_path: Path) -> N
     missing = {"mode": "draft", "draft_model": str(tmp_path / "none")}
     cfg = ButterflyConfig.model_validate({"generation": {"speculative": missing}})
     assert [i.key for i in cross_check(cfg)] == ["generation.speculative.draft_model"]
+
+
+def test_a_gateway_capable_node_keeps_its_draft_models_weights_from_the_planner(
+    tiny_model: Path,
+) -> None:
+    """Every node that may act as the gateway reports the draft model's weights less
+    memory; the others report all of it; a limit the draft model alone fills is refused."""
+    members = [f"127.0.0.1:{7000 + i}" for i in range(4)]
+    settings = {
+        "cluster": {"members": members, "gateways": [0, 1]},
+        "generation": {"speculative": {"mode": "draft", "draft_model": str(tiny_model)}},
+        "model": {"dtype": "bfloat16"},
+    }
+    cfg = ButterflyConfig.model_validate(settings)
+    held = estimate_model_bytes(tiny_model, "bfloat16")
+    assert held > 0
+    assert [draft_model_bytes(cfg, NodeId(n)) for n in range(4)] == [held, held, 0, 0]
+    plain = ButterflyConfig.model_validate({**settings, "generation": {}})
+    assert draft_model_bytes(plain, NodeId(0)) == 0
+    tight = ButterflyConfig.model_validate({**settings, "resources": {"memory_limit_bytes": held}})
+    issues = [i for i in cross_check(tight) if i.rule == "draft model fits memory"]
+    assert len(issues) == 1 and "generation.speculative.draft_model" in issues[0].related
+    roomy = {"memory_limit_bytes": 64 * held}
+    assert not [
+        i
+        for i in cross_check(ButterflyConfig.model_validate({**settings, "resources": roomy}))
+        if i.rule == "draft model fits memory"
+    ]
 
 
 async def test_a_draft_checkpoint_that_will_not_load_leaves_requests_undrafted(

@@ -316,6 +316,24 @@ async def test_a_probe_measures_once_however_many_ask() -> None:
     assert set(first.links) == {1}
 
 
+@pytest.mark.parametrize(("reserved", "reported"), [(GIB // 4, GIB - GIB // 4), (2 * GIB, 0)])
+async def test_a_probe_reports_its_memory_less_what_the_node_keeps(
+    reserved: int, reported: int
+) -> None:
+    """A gateway's draft model (wiring.edges.draft_model_bytes) is no room for layers."""
+    net = MemoryNetwork()
+    probe = FactProbe(
+        node=NodeId(0),
+        peers=[NodeId(0)],
+        transport=net.transport(NodeId(0), lambda e: None),
+        memory_limit_bytes=GIB,
+        torch_thread=TorchThread(),
+        compute_seconds=0.02,
+        reserved_bytes=reserved,
+    )
+    assert (await probe.facts()).memory_bytes == reported
+
+
 async def test_status_is_gathered_one_node_at_a_time_after_all_are_up() -> None:
     """Each node 'measures' for 50 ms when first asked; no two measurements overlap."""
     net = MemoryNetwork()

@@ -232,6 +232,24 @@ def _drafting(cfg: ButterflyConfig) -> Iterator[ConfigIssue]:
         )
     if spec.draft_model and not (Path(spec.draft_model) / "config.json").is_file():
         yield ConfigIssue(key, "model-exists", f"no config.json in {spec.draft_model}")
+        return
+    limit = cfg.resources.memory_limit_bytes
+    if not spec.draft_model or not limit:
+        return
+    try:
+        held = estimate_model_bytes(Path(spec.draft_model), cfg.model.dtype, cfg.model.quantization)
+    except (ValueError, KeyError, TypeError, ZeroDivisionError) as e:
+        yield ConfigIssue(key, "model-config", f"cannot size {spec.draft_model}/config.json: {e}")
+        return
+    if held >= limit:  # a gateway would have no room left for layers (wiring.edges)
+        yield ConfigIssue(
+            "resources.memory_limit_bytes",
+            "draft model fits memory",
+            f"the draft model needs ~{held / GIB:.2f} GiB on every gateway-capable node, "
+            f"which is all of the limit of {limit / GIB:.2f} GiB. Raise the limit or draft "
+            "with a smaller model",
+            related=(key,),
+        )
 
 
 def _tls_files(cfg: ButterflyConfig) -> Iterator[ConfigIssue]:

@@ -311,11 +311,15 @@ class FactProbe:
         torch_thread: TorchThread,
         model_dir: Path | None = None,
         compute_seconds: float = 0.5,
+        reserved_bytes: int = 0,
     ) -> None:
-        """`torch_thread`: the node's one thread for torch (runtime.torch_thread)."""
+        """`torch_thread`: the node's one thread for torch (runtime.torch_thread).
+        `reserved_bytes`: memory the node keeps from the planner, for what it holds beside
+        its stage (a gateway's draft model), taken off what it reports."""
         self.node, self._peers, self._transport = node, list(peers), transport
         self._torch = torch_thread
         self._memory_limit, self._compute_seconds = memory_limit_bytes, compute_seconds
+        self._reserved = max(0, reserved_bytes)
         self._model_dir = model_dir
         self._lock = asyncio.Lock()
         self._facts: NodeFacts | None = None
@@ -340,7 +344,7 @@ class FactProbe:
                         links[peer] = await measure_link(self._transport, peer)
                     except ButterflyError as e:
                         log.warning("node %s: link to node %s not measured: %s", self.node, peer, e)
-                memory = available_memory_bytes(self._memory_limit)
+                memory = max(0, available_memory_bytes(self._memory_limit) - self._reserved)
                 self._facts = NodeFacts(
                     compute.flops_per_s, memory, links, compute.layer_overhead_ms
                 )

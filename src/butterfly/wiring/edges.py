@@ -16,8 +16,10 @@ from typing import Protocol
 from opentelemetry.sdk.trace.export import SpanExporter
 
 from butterfly.config import ButterflyConfig
+from butterfly.config.gateways import gateway_nodes
 from butterfly.config.roster import addresses
 from butterfly.config.schema import NetworkConfig
+from butterfly.config.validate import estimate_model_bytes
 from butterfly.control.facts import FactProbe, Probe
 from butterfly.control.heartbeats import BeatSource, HeartbeatLink
 from butterfly.control.membership import Link
@@ -135,10 +137,25 @@ class NetworkEdges:
             memory_limit_bytes=self._cfg.resources.memory_limit_bytes,
             model_dir=self._model_dir,
             torch_thread=torch,
+            reserved_bytes=draft_model_bytes(self._cfg, node),
         )
 
     def spans(self) -> SpanExporter | None:
         return otlp_exporter(self._cfg.observability.otlp_endpoint)
+
+
+def draft_model_bytes(cfg: ButterflyConfig, node: NodeId) -> int:
+    """The weights a gateway-capable node loads to draft with (generation.speculative
+    .draft_model) at the model's dtype and quantization, which the planner must not count
+    as room for layers: any such node may come to act as the gateway. 0 elsewhere, or
+    when the checkpoint cannot be sized (start refuses it then: wiring.parts.drafter)."""
+    path = cfg.generation.speculative.draft_model
+    if not path or node not in gateway_nodes(cfg):
+        return 0
+    try:
+        return estimate_model_bytes(Path(path), cfg.model.dtype, cfg.model.quantization)
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return 0
 
 
 class _Addresses(Mapping[NodeId, tuple[str, int]]):
@@ -159,4 +176,11 @@ class _Addresses(Mapping[NodeId, tuple[str, int]]):
         return sum(1 for _ in self)
 
 
-__all__ = ["Edges", "NetworkEdges", "Probe", "parse_address", "transport_limits"]
+__all__ = [
+    "Edges",
+    "NetworkEdges",
+    "Probe",
+    "draft_model_bytes",
+    "parse_address",
+    "transport_limits",
+]
