@@ -158,7 +158,7 @@ def main() -> None:
                     for workload, temperature in workloads.items():
                         for name, prompt in prompts.items():
                             run = infer(url, prompt, temperature, seed=1000 * i + len(name))
-                            run["prompt"] = name
+                            run["prompt"], run["round"] = name, i
                             samples[workload][mode].append(run)
             load_after = os.getloadavg()[0]
         finally:
@@ -211,6 +211,15 @@ def main() -> None:
                 ),
             }
             for name in PROMPTS
+        }
+        # each request, so a round far from the median can be read: a sampled request
+        # that met a stop token early has few tokens to time
+        keys = ("round", "prompt", "tokens", "tokens_per_s", "traversals_per_token")
+        entry["runs"] = {
+            mode: [
+                {k: round(r[k], 4) if isinstance(r[k], float) else r[k] for k in keys} for r in runs
+            ]
+            for mode, runs in by_mode.items()
         }
         if workload == "repetitive":  # greedy: the tokens must not change
             entry["identical_greedy_output"] = all(
