@@ -13,13 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from butterfly.config import ButterflyConfig
 from butterfly.config.validate import cross_check, estimate_model_bytes
 from butterfly.dataplane.drafter import MIN_HITS, RECENT, ModelDrafter, check_draft_model
 from butterfly.runtime.demo import create_demo
 from butterfly.runtime.generate import generate as reference
-from butterfly.runtime.loader import load_stage, num_layers
+from butterfly.runtime.loader import layer_infos, load_stage, num_layers
+from butterfly.runtime.precision import Precision
 from butterfly.runtime.sampling import distribution
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.runtime.torch_thread import TorchThread
@@ -261,10 +263,11 @@ def test_mode_draft_without_a_draft_model_is_a_config_error(tmp_path: Path) -> N
 
 
 def test_a_gateway_capable_node_keeps_its_draft_models_weights_from_the_planner(
-    tiny_model: Path,
+    tiny_model: Path, tmp_path: Path
 ) -> None:
-    """Every node that may act as the gateway reports the draft model's weights less
-    memory; the others report all of it; a limit the draft model alone fills is refused."""
+    """Every node that may act as the gateway reports the draft model's weights (as the
+    loader sizes them, any family) less memory; the others report all of it. A limit the
+    draft model alone fills is refused on a gateway-capable node only."""
     members = [f"127.0.0.1:{7000 + i}" for i in range(4)]
     settings = {
         "cluster": {"members": members, "gateways": [0, 1]},
@@ -272,20 +275,28 @@ def test_a_gateway_capable_node_keeps_its_draft_models_weights_from_the_planner(
         "model": {"dtype": "bfloat16"},
     }
     cfg = ButterflyConfig.model_validate(settings)
-    held = estimate_model_bytes(tiny_model, "bfloat16")
+    held = sum(i.memory_bytes for i in layer_infos(tiny_model, Precision(torch.bfloat16)))
     assert held > 0
     assert [draft_model_bytes(cfg, NodeId(n)) for n in range(4)] == [held, held, 0, 0]
     plain = ButterflyConfig.model_validate({**settings, "generation": {}})
     assert draft_model_bytes(plain, NodeId(0)) == 0
-    tight = ButterflyConfig.model_validate({**settings, "resources": {"memory_limit_bytes": held}})
-    issues = [i for i in cross_check(tight) if i.rule == "draft model fits memory"]
-    assert len(issues) == 1 and "generation.speculative.draft_model" in issues[0].related
-    roomy = {"memory_limit_bytes": 64 * held}
-    assert not [
-        i
-        for i in cross_check(ButterflyConfig.model_validate({**settings, "resources": roomy}))
-        if i.rule == "draft model fits memory"
-    ]
+
+    # a GPT-2 draft model (n_embd, n_layer: keys the config-only estimate does not read)
+    gpt2 = tmp_path / "gpt2"
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=512)
+    transformers.GPT2LMHeadModel(config).save_pretrained(gpt2, safe_serialization=True)
+    on_gpt2 = {**settings, "generation": {"speculative": {"draft_model": str(gpt2)}}}
+    assert draft_model_bytes(ButterflyConfig.model_validate(on_gpt2), NodeId(1)) > 0
+
+    def refused(node: int, limit: int) -> bool:
+        tight = {**settings, "node": {"id": node}, "resources": {"memory_limit_bytes": limit}}
+        issues = cross_check(ButterflyConfig.model_validate(tight))
+        return any(i.rule == "draft model fits memory" for i in issues)
+
+    estimate = estimate_model_bytes(tiny_model, "bfloat16")
+    assert refused(0, estimate) and refused(1, estimate)
+    assert not refused(2, estimate)  # never the gateway: it never loads the draft model
+    assert not refused(0, 64 * estimate)
 
 
 async def test_a_draft_checkpoint_that_will_not_load_leaves_requests_undrafted(

@@ -349,11 +349,13 @@ class FactProbe:
                     compute.flops_per_s, memory, links, compute.layer_overhead_ms
                 )
                 log.info(
-                    "node %s measured %.2f GFLOP/s, %.3f ms per layer, %.2f GiB, links %s",
+                    "node %s measured %.2f GFLOP/s, %.3f ms per layer, %.2f GiB (%.2f GiB "
+                    "kept back), links %s",
                     self.node,
                     compute.flops_per_s / 1e9,
                     compute.layer_overhead_ms,
                     self._facts.memory_bytes / 2**30,
+                    self._reserved / 2**30,
                     ", ".join(
                         f"{p}: {x.latency_ms:.3f} ms {x.bandwidth_bytes_per_s / 1e9:.2f} GB/s"
                         for p, x in sorted(links.items())

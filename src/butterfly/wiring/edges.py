@@ -8,6 +8,7 @@ and fixed facts, so whole nodes (recovery and eviction included) run in a unit t
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -19,7 +20,6 @@ from butterfly.config import ButterflyConfig
 from butterfly.config.gateways import gateway_nodes
 from butterfly.config.roster import addresses
 from butterfly.config.schema import NetworkConfig
-from butterfly.config.validate import estimate_model_bytes
 from butterfly.control.facts import FactProbe, Probe
 from butterfly.control.heartbeats import BeatSource, HeartbeatLink
 from butterfly.control.membership import Link
@@ -28,12 +28,18 @@ from butterfly.metrics.tracing import otlp_exporter
 from butterfly.net.tcp import Identity, TcpTransport, TransportLimits
 from butterfly.net.tls import TlsFiles, contexts
 from butterfly.net.transport import Transport
+from butterfly.runtime.loader import layer_infos
+from butterfly.runtime.precision import Precision
 from butterfly.runtime.torch_thread import TorchThread
+from butterfly.types.errors import ButterflyError
 from butterfly.types.ids import Epoch, NodeId
 from butterfly.types.wire.control import Heartbeat
 
 LocalState = Callable[[], tuple[tuple[int, ...], int]]
 OnBeat = Callable[[NodeId, Heartbeat], None]
+
+
+log = logging.getLogger(__name__)
 
 
 class Edges(Protocol):
@@ -146,15 +152,23 @@ class NetworkEdges:
 
 def draft_model_bytes(cfg: ButterflyConfig, node: NodeId) -> int:
     """The weights a gateway-capable node loads to draft with (generation.speculative
-    .draft_model) at the model's dtype and quantization, which the planner must not count
-    as room for layers: any such node may come to act as the gateway. 0 elsewhere, or
-    when the checkpoint cannot be sized (start refuses it then: wiring.parts.drafter)."""
+    .draft_model), sized as the loader sizes stages (`runtime.loader.layer_infos`, any
+    family) at the model's dtype and quantization, which the drafter loads it at: the
+    planner must not count them as room for layers, since any such node may come to act
+    as the gateway. 0 elsewhere, or (logged) when the checkpoint cannot be sized."""
     path = cfg.generation.speculative.draft_model
     if not path or node not in gateway_nodes(cfg):
         return 0
     try:
-        return estimate_model_bytes(Path(path), cfg.model.dtype, cfg.model.quantization)
-    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        precision = Precision.named(cfg.model.dtype, cfg.model.quantization)
+        return sum(info.memory_bytes for info in layer_infos(Path(path), precision))
+    except (ButterflyError, OSError, ValueError, KeyError, TypeError, ArithmeticError) as e:
+        log.warning(
+            "draft model %s not sized (%s: %s): no memory kept back for it",
+            path,
+            type(e).__name__,
+            e,
+        )
         return 0
 
 
