@@ -29,11 +29,11 @@ from butterfly.net.tcp import Identity, TcpTransport, TransportLimits
 from butterfly.net.tls import TlsFiles, contexts
 from butterfly.net.transport import Transport
 from butterfly.runtime.loader import layer_infos
-from butterfly.runtime.precision import Precision
 from butterfly.runtime.torch_thread import TorchThread
 from butterfly.types.errors import ButterflyError
 from butterfly.types.ids import Epoch, NodeId
 from butterfly.types.wire.control import Heartbeat
+from butterfly.wiring.parts import precision_of
 
 LocalState = Callable[[], tuple[tuple[int, ...], int]]
 OnBeat = Callable[[NodeId, Heartbeat], None]
@@ -160,8 +160,7 @@ def draft_model_bytes(cfg: ButterflyConfig, node: NodeId) -> int:
     if not path or node not in gateway_nodes(cfg):
         return 0
     try:
-        precision = Precision.named(cfg.model.dtype, cfg.model.quantization)
-        return sum(info.memory_bytes for info in layer_infos(Path(path), precision))
+        return sum(info.memory_bytes for info in layer_infos(Path(path), precision_of(cfg)))
     except (ButterflyError, OSError, ValueError, KeyError, TypeError, ArithmeticError) as e:
         log.warning(
             "draft model %s not sized (%s: %s): no memory kept back for it",
