@@ -8,6 +8,7 @@ import dataclasses
 import os
 import shutil
 import threading
+from array import array
 from collections.abc import Iterator
 
 import pytest
@@ -16,6 +17,8 @@ import torch
 from butterfly.runtime import fused_layers, native
 from butterfly.runtime.llama import Block, LlamaArgs, LlamaStage
 from butterfly.runtime.precision import quantize_int8
+from butterfly.runtime.stage import forward_floats
+from butterfly.runtime.wire import decode_tensor, encode_tensor, read_tensor
 from butterfly.types.model import LayerRange
 
 pytestmark = pytest.mark.skipif(
@@ -387,3 +390,79 @@ def test_a_team_thread_on_its_masters_cpu_moves_off_it(calls: list[int]) -> None
     assert seen, "the call started no thread of its own"
     assert cpus - {first} in seen.values()  # the team's thread: every CPU but the master's
     assert {first} not in seen.values()
+
+
+def _with_head(stage: LlamaStage, seed: int = 9) -> LlamaStage:
+    """The same layers as a last stage: a final norm and an fp32 head."""
+    g = torch.Generator().manual_seed(seed)
+    a = stage.args
+    norm = 1 + 0.1 * torch.randn(a.dim, generator=g)
+    head = torch.randn(a.vocab_size, a.dim, generator=g)
+    return LlamaStage(a, stage.layers, stage.blocks, None, norm, head)
+
+
+@pytest.mark.parametrize("last", [False, True], ids=["middle", "last"])
+def test_decode_rows_on_the_wire_bytes_equal_forward_rows_bit_for_bit(last: bool) -> None:
+    """A decode step answered on the frame's own bytes (`forward_floats`, what a node's
+    stage server runs for plain decode steps) is the tensor path's answer exactly:
+    outputs, the caches it fills, and a batch of requests at different positions."""
+    fused = stages(VARIANTS["grouped-query"])[0]
+    on_bytes, on_tensors = (_with_head(fused), _with_head(fused)) if last else (fused, fused)
+    g = torch.Generator().manual_seed(11)
+    mine, theirs = (
+        [on_bytes.new_cache() for _ in range(3)],
+        [on_tensors.new_cache() for _ in range(3)],
+    )
+    for n, a, b in zip((5, 9, 2), mine, theirs, strict=True):
+        prompt = torch.randn(1, n, BASE.dim, generator=g)
+        on_bytes.forward(prompt, a, 0)
+        on_tensors.forward(prompt, b, 0)
+    starts = [5, 9, 2]
+    calls = 0
+    real = fused_layers.run_floats
+
+    def counted(*args: object) -> None:
+        nonlocal calls
+        calls += 1
+        real(*args)  # type: ignore[arg-type]
+
+    for _ in range(6):
+        x = torch.randn(1, 3, BASE.dim, generator=g)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(fused_layers, "run_floats", counted)
+            got = forward_floats(on_bytes, read_tensor(encode_tensor(x)), mine, starts)
+        want = on_tensors.forward_rows(x.reshape(3, 1, BASE.dim), theirs, starts, last_only=True)
+        assert got is not None
+        assert torch.equal(decode_tensor(got), want.reshape(1, 3, -1))
+        starts = [s + 1 for s in starts]
+    assert calls == 6
+    for a, b in zip(mine, theirs, strict=True):
+        assert a.length == b.length
+        for layer in range(BASE.n_layers):
+            for got_kv, want_kv in zip(a.layer(layer), b.layer(layer), strict=True):
+                assert torch.equal(got_kv[:, :, : a.length], want_kv[:, :, : b.length])
+
+
+def test_decode_rows_on_the_wire_bytes_only_where_they_apply() -> None:
+    """Where the bytes path does not apply it answers None before touching anything, and
+    the caller runs `forward_rows`: a first stage (token ids), bf16, rows of more than one
+    position, a dtype on the wire other than fp32, no compiled layers."""
+    fused, reference = stages(BASE)
+    bf16 = stages(dataclasses.replace(BASE, dtype=torch.bfloat16))[0]
+    first = LlamaStage(BASE, fused.layers, fused.blocks, torch.randn(64, BASE.dim), None, None)
+    one = torch.randn(1, 1, BASE.dim)
+    cases = [
+        (first, encode_tensor(torch.tensor([[3]])), [0]),
+        (bf16, encode_tensor(one.bfloat16()), [0]),
+        (fused, encode_tensor(torch.randn(1, 2, BASE.dim)), [0]),  # two positions, one row
+        (fused, encode_tensor(one.double().float().half()), [0]),
+        (reference, encode_tensor(one), [0]),
+    ]
+    for stage, payload, starts in cases:
+        cache = stage.new_cache()
+        assert forward_floats(stage, read_tensor(payload), [cache], starts) is None
+        assert cache.length == 0
+    with pytest.raises(ValueError, match="not 1 rows"):
+        fused_layers.run_floats(
+            fused._fused, array("f", [0.0] * 3), [fused.new_cache()], [0], (0, 0, 1)
+        )  # type: ignore[arg-type]

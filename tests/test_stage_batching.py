@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 
 from butterfly.dataplane.stage_server import StageServer
+from butterfly.runtime import fused_layers
 from butterfly.runtime.torch_thread import TorchThread
 from butterfly.runtime.wire import decode_tensor, encode_tensor
-from butterfly.types.ids import NodeId
+from butterfly.testing.liars import CorruptStageServer
+from butterfly.types.ids import NodeId, RequestId
 from butterfly.types.model import LayerRange
 from butterfly.types.plan import StagePlan
 from butterfly.types.wire.data import StageStep
@@ -34,9 +38,14 @@ def _step(entries: list[tuple[str, int, list[int]]]) -> tuple[StageStep, bytes]:
     return msg, encode_tensor(torch.tensor([tokens], dtype=torch.int64))
 
 
-def _unplanned(model: Path, keep_outputs: bool = False) -> StageServer:
-    return StageServer(
-        node=NodeId(1),
+def _unplanned(
+    model: Path,
+    keep_outputs: bool = False,
+    node: int = 1,
+    cls: type[StageServer] = StageServer,
+) -> StageServer:
+    return cls(
+        node=NodeId(node),
         model_dir=model,
         max_tensor_bytes=1 << 30,
         torch_thread=TorchThread(),
@@ -127,5 +136,49 @@ def test_a_step_reaching_a_node_that_holds_no_plan_yet_waits_for_it(tiny_model: 
         out, _ = await asyncio.wait_for(step, 30)
         assert decode_tensor(out, 1 << 30).shape[1] == 1
         server.close()
+
+    asyncio.run(scenario())
+
+
+def test_plain_decode_steps_run_on_the_frames_bytes_and_liars_still_lie(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A later stage's decode steps run on the frame's bytes (runtime.stage.forward_floats)
+    unless something wants the output as a tensor: kept outputs (the gateway's, for
+    audits) or a faulty server's `tamper`. The answers are the same bytes either way, and
+    the liar's are its lie."""
+    calls: list[int] = []
+    real = fused_layers.run_floats
+
+    def counted(*args: Any) -> None:
+        calls.append(len(args[3]))
+        real(*args)
+
+    monkeypatch.setattr(fused_layers, "run_floats", counted)
+    plan = StagePlan(1, ((NodeId(1), LayerRange(0, 2)), (NodeId(2), LayerRange(2, 4))))
+
+    async def answers(server: StageServer) -> tuple[list[torch.Tensor], int]:
+        assert (await server.apply_plan(plan.to_message("h"))).ok
+        g = torch.Generator().manual_seed(5)
+        before, out = len(calls), []
+        for start, n in ((0, 5), (5, 1), (6, 1), (7, 1)):
+            msg = StageStep((RequestId("r"),), (1,), (start,), (n,), (), 0, True)
+            x = torch.randn(1, n, 64, generator=g)
+            out.append(decode_tensor((await server.compute(msg, 1, encode_tensor(x)))[0]))
+        server.close()
+        return out, len(calls) - before
+
+    def server(cls: type[StageServer] = StageServer, keep: bool = False) -> StageServer:
+        return _unplanned(tiny_model, keep, 2, cls)
+
+    async def scenario() -> None:
+        on_bytes, made = await answers(server())
+        assert made == 3  # the three decode steps; the prompt ran on tensors
+        on_tensors, made = await answers(server(keep=True))
+        assert made == 0
+        assert all(torch.equal(a, b) for a, b in zip(on_bytes, on_tensors, strict=True))
+        lied, made = await answers(server(CorruptStageServer))
+        assert made == 0
+        assert not any(torch.equal(a, b) for a, b in zip(on_bytes[1:], lied[1:], strict=True))
 
     asyncio.run(scenario())

@@ -40,6 +40,7 @@ from butterfly.runtime.loader import load_stage
 from butterfly.runtime.precision import FP32, Precision
 from butterfly.runtime.stage import (
     Stage,
+    forward_floats,
     forward_packed,
     forward_rows,
     packs,
@@ -47,7 +48,7 @@ from butterfly.runtime.stage import (
     supports_trace,
 )
 from butterfly.runtime.torch_thread import TorchThread, single_threaded
-from butterfly.runtime.wire import decode_tensor, encode_tensor
+from butterfly.runtime.wire import decode_tensor, encode_tensor, read_tensor
 from butterfly.types.errors import ButterflyError, InvalidMessage, StageLost
 from butterfly.types.ids import Epoch, NodeId, RequestId, StageIndex
 from butterfly.types.model import LayerRange
@@ -128,6 +129,8 @@ class StageServer:
         resources.kv_cache_ttl_s), timed by `clock`."""
         self.prover = prover
         self._keep_outputs = keep_outputs
+        # a liar (butterfly.testing) changes its output as a tensor, in `tamper`
+        self._plain_output = not keep_outputs and type(self).tamper is StageServer.tamper
         # request -> (start, output) of each step, in position order
         self._kept: dict[RequestId, list[tuple[int, torch.Tensor]]] = {}
         self._snapshot_every = snapshot_every
@@ -399,7 +402,7 @@ class StageServer:
         result = StepResult(msg.request_ids, msg.steps, self.node, msg.proofs + proofs, widths)
         return Outbound(msg.reply_to, result, out)
 
-    def _check_step(self, msg: StageStep, epoch: int, x: torch.Tensor) -> Stage:
+    def _check_step(self, msg: StageStep, epoch: int, shape: tuple[int, ...]) -> Stage:
         stage = self.stage
         if stage is None or self.plan is None:
             raise InvalidMessage(f"node {self.node} holds no stage (epoch {self.epoch})")
@@ -415,10 +418,10 @@ class StageServer:
         n = len(msg.request_ids)
         if not n or not len(msg.steps) == len(msg.starts) == len(msg.lengths) == n:
             raise InvalidMessage("step entries do not line up (ids, steps, starts, lengths)")
-        if min(msg.lengths) < 1 or min(msg.starts) < 0 or x.ndim < 2 or x.shape[0] != 1:
+        if min(msg.lengths) < 1 or min(msg.starts) < 0 or len(shape) < 2 or shape[0] != 1:
             raise InvalidMessage("step lengths must be >= 1, starts >= 0, input [1, tokens, ...]")
-        if sum(msg.lengths) != x.shape[1]:
-            raise InvalidMessage(f"step covers {sum(msg.lengths)} tokens, input has {x.shape[1]}")
+        if sum(msg.lengths) != shape[1]:
+            raise InvalidMessage(f"step covers {sum(msg.lengths)} tokens, input has {shape[1]}")
         return stage
 
     def _cache_for(
@@ -466,8 +469,8 @@ class StageServer:
         one batch per length. Outputs are laid side by side in the entries' order.
         """
         await self.plan_of(epoch)
-        x = decode_tensor(payload, self._max_tensor_bytes)
-        stage = self._check_step(msg, epoch, x)
+        wire = read_tensor(payload, self._max_tensor_bytes)
+        stage = self._check_step(msg, epoch, wire.shape)
         caches = [
             self._cache_for(stage, rid, start, msg.request_ids)
             for rid, start in zip(msg.request_ids, msg.starts, strict=True)
@@ -477,12 +480,25 @@ class StageServer:
         # the chain position of the range held: a replica's records (replicate mode's
         # lanes) name the stage they stand for (a negative index would not even decode)
         index = StageIndex(self._index_of(stage.layers))
+        # decode steps on the wire's bytes (runtime.stage.forward_floats), where nothing
+        # else wants the output as a tensor: records to sign, outputs to keep, a liar's
+        # `tamper`
+        floats = self._plain_output and not prove and max(msg.lengths) == 1
+        x = None if floats else wire.tensor()
         if prove:
+            assert x is not None
             self._check_input(msg, epoch, x, offsets, index)
         n = len(caches)
         traces: list[list[torch.Tensor]] = [[] for _ in range(n)]
 
-        def run() -> torch.Tensor:
+        def run() -> torch.Tensor | bytes:
+            if floats:
+                encoded = forward_floats(stage, wire, caches, msg.starts)
+                if encoded is not None:
+                    return encoded
+            return tensors(wire.tensor() if x is None else x)
+
+        def tensors(x: torch.Tensor) -> torch.Tensor:
             if packs(stage, msg.request_ids, msg.lengths):  # one read of the weights for all
                 kept: list[torch.Tensor] | None = [] if prove else None
                 with torch.inference_mode():
@@ -541,12 +557,16 @@ class StageServer:
         # inline (TorchThread.run), decided per kind once both paths are timed; keyed by
         # (entries, rows) as before, 16 concurrent requests of mixed prompt lengths made
         # so many kinds that 60-75% of steps were a kind's first runs, on the worker
-        kind = ("step", 1 << (x.shape[1] - 1).bit_length())
-        sent = self.tamper(await self._torch.run(run, kind))
+        kind = ("step", 1 << (wire.shape[1] - 1).bit_length())
+        out = await self._torch.run(run, kind)
+        if isinstance(out, bytes):
+            return out, ()
+        sent = self.tamper(out)
         if self._keep_outputs and not (msg.last_only and stage.is_last):
             self._keep(msg, sent, offsets)
         proofs: tuple[bytes, ...] = ()
         if prove:
+            assert x is not None  # decoded above for the input's check
             proofs = self._sign(msg, index, stage.layers, x, sent, offsets, traces)
         return encode_tensor(sent), proofs
 

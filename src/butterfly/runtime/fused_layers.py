@@ -29,7 +29,7 @@ from __future__ import annotations
 import ctypes
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -57,6 +57,14 @@ class FusedLayers:
     args: LlamaArgs
     function: Any  # the library's butterfly_llama_layers_f32
     weight_type: int  # of the four matrices: WEIGHT_TYPES in llama_layers.c's order
+    layers: int = field(init=False)
+    table_address: int = field(init=False)  # asked of the tensor once, not every step
+
+    def __post_init__(self) -> None:
+        if self.table.dtype != torch.int64 or not self.table.is_contiguous():
+            raise ValueError("the layers' table is contiguous int64 addresses")
+        object.__setattr__(self, "layers", int(self.table.shape[0]))
+        object.__setattr__(self, "table_address", int(self.table.data_ptr()))
 
 
 def plan(args: LlamaArgs, blocks: Sequence[Block]) -> FusedLayers | None:
@@ -114,7 +122,7 @@ def fits(fused: FusedLayers, rows: int, caches: Sequence[KVCache]) -> bool:
         and len({id(c) for c in caches}) == len(caches)
         and all(
             (c.batch, c.kv_heads, c.head_dim, c.num_layers, c.dtype)
-            == (1, a.n_kv_heads, a.head_dim, len(fused.table), a.dtype)
+            == (1, a.n_kv_heads, a.head_dim, fused.layers, a.dtype)
             for c in caches
         )
     )
@@ -141,16 +149,60 @@ def run(
     tensors (a few microseconds each through the dispatcher), and the rotary rows are
     not gathered here: the tiny model's one-layer step took 68 microseconds before,
     44-45 after (AMD EPYC, eighth session)."""
-    a = fused.args
-    rows, dim = len(positions), a.dim
+    rows, dim = len(positions), fused.args.dim
     if cos.dtype != torch.float32 or sin.dtype != torch.float32:
         raise TypeError("the rotary tables of the fused layers are fp32")
-    if max(positions) >= min(cos.shape[0], sin.shape[0]) or min(positions) < 0:
-        raise ValueError(
-            f"positions up to {max(positions)} are past the rotary tables' {cos.shape[0]}"
-        )
     cos, sin = cos.contiguous(), sin.contiguous()
+    rotary = (cos.data_ptr(), sin.data_ptr(), min(cos.shape[0], sin.shape[0]))
     out = h.reshape(rows, dim).to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    kept = torch.empty(fused.layers, rows, dim) if trace is not None else None
+    _call(fused, out.data_ptr(), caches, entries, positions, rotary, kept)
+    if trace is not None and kept is not None:
+        trace.extend(kept.unbind(0))
+    return out
+
+
+Rotary = tuple[int, int, int]
+"""The fp32 rotary tables as the compiled call reads them: the cos and sin tables'
+addresses and how many positions they hold (runtime/llama.py keeps them with the tables,
+`run` takes them from tensors)."""
+
+
+def run_floats(
+    fused: FusedLayers,
+    h: array[float],
+    caches: Sequence[KVCache],
+    positions: Sequence[int],
+    rotary: Rotary,
+) -> None:
+    """`run` for rows of one position each, entry m at `positions[m]` on `caches[m]`, in
+    place on `h` ([M, D] fp32 in an `array`): no torch operation at all, the stage's
+    input read from and its output written to plain memory. A middle stage of a decode
+    step on 4 node processes sharing 2 cores starts with caches the others flushed, and
+    each torch operation then cost 10-30 µs (a tensor's decoding 48, the copy into fp32
+    31, `inference_mode` 26) where the compiled layers of a tiny stage take 50 (AMD
+    EPYC, docs/PERFORMANCE-LOG.md, thirteenth session)."""
+    if h.itemsize != 4 or h.typecode != "f":
+        raise TypeError("run_floats takes the rows as an array of C floats")
+    if len(h) != len(positions) * fused.args.dim:
+        raise ValueError(f"{len(h)} floats are not {len(positions)} rows of {fused.args.dim}")
+    _call(fused, start_of(h), caches, range(len(positions)), positions, rotary, None)
+
+
+def _call(
+    fused: FusedLayers,
+    out: int,
+    caches: Sequence[KVCache],
+    entries: Sequence[int],
+    positions: Sequence[int],
+    rotary: Rotary,
+    kept: torch.Tensor | None,
+) -> None:
+    """The compiled call on the fp32 rows at address `out`, in place."""
+    a = fused.args
+    cos, sin, tabled = rotary
+    if max(positions) >= tabled or min(positions) < 0:
+        raise ValueError(f"positions up to {max(positions)} are past the rotary tables' {tabled}")
     ends: dict[int, int] = {}
     for e, p in zip(entries, positions, strict=True):
         ends[e] = max(ends.get(e, 0), p + 1)
@@ -161,7 +213,7 @@ def run(
     # held until the call returns: a cache that grows meanwhile (a standby's copy being
     # extended from the event loop) frees its old tensors, which the call still writes
     held = [cache.storage for cache in caches]
-    layers = int(fused.table.shape[0])
+    layers = fused.layers
     if len(held) == 1:
         pointers = array("q", held[0][2])
     else:  # [L][E][2]: each layer's key and value of every entry
@@ -169,23 +221,19 @@ def run(
         pointers = array("q", [p for pair in pairs for p in pair])
     capacity = array("q", [cache.capacity for cache in caches])
     entry, where = array("q", entries), array("q", positions)
-    kept = torch.empty(layers, rows, dim) if trace is not None else None
     status = fused.function(
-        out.data_ptr(), rows, dim, layers, fused.table.data_ptr(),
+        out, len(positions), a.dim, layers, fused.table_address,
         a.n_heads, a.n_kv_heads, a.head_dim, a.intermediate,
         start_of(pointers), len(caches), start_of(capacity),
-        start_of(entry), start_of(where), cos.data_ptr(), sin.data_ptr(),
+        start_of(entry), start_of(where), cos, sin,
         a.norm_eps, ACTIVATIONS[a.activation], kept.data_ptr() if kept is not None else None,
         a.dtype == torch.bfloat16, fused.weight_type,
     )  # fmt: skip
     if status != 0:
         raise MemoryError("no memory for the fused layers' scratch buffers")
     del held
-    if trace is not None and kept is not None:
-        trace.extend(kept.unbind(0))
-    return out
 
 
-def start_of(values: array[int]) -> int:
+def start_of(values: array[int] | array[float]) -> int:
     """Where an array's items start, for the compiled call (kept alive by the caller)."""
     return values.buffer_info()[0]

@@ -17,6 +17,7 @@ import functools
 import itertools
 import logging
 import math
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,7 @@ from butterfly.runtime.linear import Weight, linear, prepare, weight_bytes
 from butterfly.runtime.precision import Precision, Quantization
 from butterfly.runtime.stage import Family, causal_mask, check_positions, check_token_ids
 from butterfly.runtime.weights import CheckpointReader
+from butterfly.runtime.wire import WireTensor, encode_tensor
 from butterfly.types.errors import UnknownArchitecture
 from butterfly.types.model import DecoderBlock, LayerInfo, LayerRange
 
@@ -257,6 +259,7 @@ class LlamaStage:
         self._act = ACTIVATIONS[args.activation]
         self._cos = self._sin = torch.empty(0, args.head_dim)
         self._cos32, self._sin32 = self._cos, self._sin  # fp32, for the fused layers
+        self._rotary: fused_layers.Rotary = (0, 0, 0)  # theirs, as the call reads them
 
     @functools.cached_property
     def _fused(self) -> fused_layers.FusedLayers | None:
@@ -332,6 +335,7 @@ class LlamaStage:
             self._cos, self._sin = (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
             # the values the torch path uses (rounded to the dtype), widened once
             self._cos32, self._sin32 = self._cos.float(), self._sin.float()
+            self._rotary = (self._cos32.data_ptr(), self._sin32.data_ptr(), n)
 
     def forward(
         self, x: torch.Tensor, cache: KVCache | None, start_pos: int, *, last_only: bool = False
@@ -377,6 +381,39 @@ class LlamaStage:
         if last_only:
             h = h[:, -1:]
         return linear(rms_norm(h, self.norm, eps), self.head)  # type: ignore[arg-type]
+
+    def forward_floats(
+        self, x: WireTensor, caches: Sequence[KVCache], starts: Sequence[int]
+    ) -> bytes | None:
+        """Decode rows as they came off the wire (`x` fp32 [1, B, D], row b one position
+        of request b at `starts[b]`), answered as bytes for the wire: the layers run in
+        one compiled call on the bytes' own copy, without a torch operation, and only
+        the last stage's norm and head use torch. None, before anything is done, where
+        this does not apply (a first stage, bf16, no compiled layers, a batch they do
+        not take): `forward_rows` then. Equal to it bit for bit where both run
+        (tests/test_fused_layers.py): the same call on the same fp32 rows."""
+        a, rows = self.args, len(starts)
+        if self.embed is not None or a.dtype != torch.float32 or x.dtype != "float32":
+            return None
+        fused = self._fused
+        if (
+            fused is None
+            or x.shape != (1, rows, a.dim)
+            or not fused_layers.fits(fused, rows, caches)
+        ):
+            return None
+        for start in starts:
+            check_positions(start, 1, self.max_context)
+        self._rope_to(max(starts) + 1)
+        h = array("f")
+        h.frombytes(x.data)  # a copy: the frame's bytes stay as they came
+        fused_layers.run_floats(fused, h, caches, starts, self._rotary)
+        for cache, start in zip(caches, starts, strict=True):
+            cache.advance(start + 1)
+        if self.head is None:
+            return x.header + h.tobytes()  # the same dtype and shape as the input
+        out = torch.frombuffer(h, dtype=torch.float32).view(1, rows, a.dim)
+        return encode_tensor(linear(rms_norm(out, self.norm, a.norm_eps), self.head))  # type: ignore[arg-type]
 
     def _torch_layers(
         self,

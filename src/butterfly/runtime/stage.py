@@ -17,6 +17,7 @@ import torch
 from butterfly.runtime.kvcache import KVCache
 from butterfly.runtime.linear import EXACT_ROWS
 from butterfly.runtime.weights import CheckpointReader
+from butterfly.runtime.wire import WireTensor
 from butterfly.types.errors import ContextLengthExceeded, InvalidInput
 from butterfly.types.model import LayerInfo, LayerRange
 
@@ -144,6 +145,18 @@ def forward_packed(
         raise ValueError("this stage does not run packed steps (runtime.stage.packs)")
     kwargs = {"trace": trace} if trace is not None else {}
     out: torch.Tensor = packed(x, caches, starts, lengths, last_only=last_only, **kwargs)
+    return out
+
+
+def forward_floats(
+    stage: Stage, x: WireTensor, caches: Sequence[KVCache | None], starts: Sequence[int]
+) -> bytes | None:
+    """Decode rows on the wire's bytes, answered as bytes (a family's `forward_floats`),
+    or None where the family or the step does not run that way: `forward_rows` then."""
+    floats = getattr(stage, "forward_floats", None)
+    if floats is None or any(c is None for c in caches):
+        return None
+    out: bytes | None = floats(x, caches, starts)
     return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import math
 import struct
+from dataclasses import dataclass
 
 import msgpack
 import torch
@@ -47,7 +48,30 @@ def encode_tensor(t: torch.Tensor) -> bytes:
     return _LEN.pack(len(header)) + header + raw
 
 
-def decode_tensor(buf: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
+@dataclass(frozen=True)
+class WireTensor:
+    """A received tensor, checked but not yet a torch tensor: its dtype's wire name, its
+    shape, the header as it came (length prefix included) and the data. A stage can run
+    on the bytes themselves (runtime/fused_layers.py `run_floats`) and answer with the
+    same header before new data, where a torch tensor's construction costs more than
+    the step: each torch operation took 10-30 µs on caches another process had just
+    flushed, against about one warm (AMD EPYC, docs/PERFORMANCE-LOG.md)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    header: bytes
+    data: memoryview
+
+    def tensor(self) -> torch.Tensor:
+        """A tensor of its own memory (the frame's bytes may be reused)."""
+        if not self.data.nbytes:
+            return torch.empty(self.shape, dtype=DTYPES[self.dtype])
+        return torch.frombuffer(bytearray(self.data), dtype=DTYPES[self.dtype]).reshape(self.shape)
+
+
+def read_tensor(buf: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -> WireTensor:
+    """Check a tensor's bytes (layout, dtype, shape, size against `max_bytes` and against
+    what the frame carries) without making a torch tensor of them."""
     view = memoryview(buf)
     if len(view) < _LEN.size:
         raise WireFormatError(f"tensor frame of {len(view)} bytes is shorter than its header")
@@ -62,9 +86,9 @@ def decode_tensor(buf: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -
         raise WireFormatError(f"tensor header is not valid msgpack: {e}") from e
     if not isinstance(header, dict) or set(header) != {"dtype", "shape"}:
         raise WireFormatError("tensor header must be a map with exactly 'dtype' and 'shape'")
-    dtype = DTYPES.get(header["dtype"]) if isinstance(header["dtype"], str) else None
-    if dtype is None:
-        raise WireFormatError(f"tensor dtype {header['dtype']!r} is not one of {sorted(DTYPES)}")
+    name = header["dtype"]
+    if not isinstance(name, str) or name not in DTYPES:
+        raise WireFormatError(f"tensor dtype {name!r} is not one of {sorted(DTYPES)}")
     shape = header["shape"]
     if (
         not isinstance(shape, list)
@@ -72,14 +96,17 @@ def decode_tensor(buf: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -
         or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
     ):
         raise WireFormatError(f"tensor shape {shape!r} must be at most {MAX_DIMS} sizes >= 0")
-    nbytes = math.prod(shape) * _ITEMSIZE[header["dtype"]]
+    nbytes = math.prod(shape) * _ITEMSIZE[name]
     if nbytes > max_bytes:
         raise WireFormatError(f"tensor of {nbytes} bytes exceeds the limit of {max_bytes}")
-    payload = view[_LEN.size + hlen :]
-    if len(payload) != nbytes:
+    start = _LEN.size + hlen
+    data = view[start:]
+    if len(data) != nbytes:
         raise WireFormatError(
-            f"tensor {header['dtype']}{shape} needs {nbytes} bytes, frame carries {len(payload)}"
+            f"tensor {name}{shape} needs {nbytes} bytes, frame carries {len(data)}"
         )
-    if nbytes == 0:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(payload), dtype=dtype).reshape(shape)
+    return WireTensor(name, tuple(shape), bytes(view[:start]), data)
+
+
+def decode_tensor(buf: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
+    return read_tensor(buf, max_bytes).tensor()
