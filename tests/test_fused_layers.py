@@ -19,6 +19,7 @@ from butterfly.runtime.llama import Block, LlamaArgs, LlamaStage
 from butterfly.runtime.precision import quantize_int8
 from butterfly.runtime.stage import forward_floats
 from butterfly.runtime.wire import decode_tensor, encode_tensor, read_tensor
+from butterfly.types.errors import InvalidInput
 from butterfly.types.model import LayerRange
 
 pytestmark = pytest.mark.skipif(
@@ -392,29 +393,42 @@ def test_a_team_thread_on_its_masters_cpu_moves_off_it(calls: list[int]) -> None
     assert {first} not in seen.values()
 
 
-def _with_head(stage: LlamaStage, seed: int = 9) -> LlamaStage:
-    """The same layers as a last stage: a final norm and an fp32 head."""
+def _as(stage: LlamaStage, place: str, seed: int = 9) -> LlamaStage:
+    """The same layers as a first stage (an embedding), a last one (a final norm and a
+    head), the whole model (both) or a middle one, in fp32."""
     g = torch.Generator().manual_seed(seed)
     a = stage.args
+    embed = torch.randn(a.vocab_size, a.dim, generator=g) if place in ("first", "whole") else None
     norm = 1 + 0.1 * torch.randn(a.dim, generator=g)
     head = torch.randn(a.vocab_size, a.dim, generator=g)
-    return LlamaStage(a, stage.layers, stage.blocks, None, norm, head)
+    last = place in ("last", "whole")
+    return LlamaStage(
+        a, stage.layers, stage.blocks, embed, norm if last else None, head if last else None
+    )
 
 
-@pytest.mark.parametrize("last", [False, True], ids=["middle", "last"])
-def test_decode_rows_on_the_wire_bytes_equal_forward_rows_bit_for_bit(last: bool) -> None:
+def _inputs(stage: LlamaStage, g: torch.Generator, rows: int, n: int) -> torch.Tensor:
+    """`rows` requests' `n` positions each, as the stage takes them."""
+    if stage.embed is not None:
+        return torch.randint(0, stage.args.vocab_size, (rows, n), generator=g)
+    return torch.randn(rows, n, stage.args.dim, generator=g)
+
+
+@pytest.mark.parametrize("place", ["middle", "last", "first", "whole"])
+def test_decode_rows_on_the_wire_bytes_equal_forward_rows_bit_for_bit(place: str) -> None:
     """A decode step answered on the frame's own bytes (`forward_floats`, what a node's
     stage server runs for plain decode steps) is the tensor path's answer exactly:
-    outputs, the caches it fills, and a batch of requests at different positions."""
-    fused = stages(VARIANTS["grouped-query"])[0]
-    on_bytes, on_tensors = (_with_head(fused), _with_head(fused)) if last else (fused, fused)
+    outputs, the caches it fills, and a batch of requests at different positions; token
+    ids in on a first stage, logits out on a last."""
+    layers = stages(VARIANTS["grouped-query"])[0]
+    on_bytes, on_tensors = _as(layers, place), _as(layers, place)
     g = torch.Generator().manual_seed(11)
     mine, theirs = (
         [on_bytes.new_cache() for _ in range(3)],
         [on_tensors.new_cache() for _ in range(3)],
     )
     for n, a, b in zip((5, 9, 2), mine, theirs, strict=True):
-        prompt = torch.randn(1, n, BASE.dim, generator=g)
+        prompt = _inputs(on_bytes, g, 1, n)
         on_bytes.forward(prompt, a, 0)
         on_tensors.forward(prompt, b, 0)
     starts = [5, 9, 2]
@@ -427,11 +441,12 @@ def test_decode_rows_on_the_wire_bytes_equal_forward_rows_bit_for_bit(last: bool
         real(*args)  # type: ignore[arg-type]
 
     for _ in range(6):
-        x = torch.randn(1, 3, BASE.dim, generator=g)
+        x = _inputs(on_bytes, g, 3, 1)
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(fused_layers, "run_floats", counted)
-            got = forward_floats(on_bytes, read_tensor(encode_tensor(x)), mine, starts)
-        want = on_tensors.forward_rows(x.reshape(3, 1, BASE.dim), theirs, starts, last_only=True)
+            wire = encode_tensor(x.reshape(1, 3, *x.shape[2:]))
+            got = forward_floats(on_bytes, read_tensor(wire), mine, starts)
+        want = on_tensors.forward_rows(x, theirs, starts, last_only=True)
         assert got is not None
         assert torch.equal(decode_tensor(got), want.reshape(1, 3, -1))
         starts = [s + 1 for s in starts]
@@ -443,16 +458,29 @@ def test_decode_rows_on_the_wire_bytes_equal_forward_rows_bit_for_bit(last: bool
                 assert torch.equal(got_kv[:, :, : a.length], want_kv[:, :, : b.length])
 
 
+def test_token_ids_outside_the_vocabulary_are_refused_on_the_wire_bytes_too() -> None:
+    stage = _as(stages(BASE)[0], "first")
+    for bad in (-1, BASE.vocab_size):
+        cache = stage.new_cache()
+        wire = read_tensor(encode_tensor(torch.tensor([[3, bad]])))
+        with pytest.raises(InvalidInput, match=r"token ids must lie in \[0, 64\)"):
+            forward_floats(stage, wire, [cache, stage.new_cache()], [0, 0])
+        assert cache.length == 0
+
+
 def test_decode_rows_on_the_wire_bytes_only_where_they_apply() -> None:
     """Where the bytes path does not apply it answers None before touching anything, and
-    the caller runs `forward_rows`: a first stage (token ids), bf16, rows of more than one
-    position, a dtype on the wire other than fp32, no compiled layers."""
+    the caller runs `forward_rows`: a first stage sent vectors, a later one token ids,
+    bf16, rows of more than one position, a dtype on the wire other than fp32, no
+    compiled layers."""
     fused, reference = stages(BASE)
     bf16 = stages(dataclasses.replace(BASE, dtype=torch.bfloat16))[0]
-    first = LlamaStage(BASE, fused.layers, fused.blocks, torch.randn(64, BASE.dim), None, None)
+    first = _as(fused, "first")
     one = torch.randn(1, 1, BASE.dim)
     cases = [
-        (first, encode_tensor(torch.tensor([[3]])), [0]),
+        (first, encode_tensor(one), [0]),
+        (first, encode_tensor(torch.tensor([[3, 4]])), [0]),  # two positions, one row
+        (fused, encode_tensor(torch.tensor([[3]])), [0]),
         (bf16, encode_tensor(one.bfloat16()), [0]),
         (fused, encode_tensor(torch.randn(1, 2, BASE.dim)), [0]),  # two positions, one row
         (fused, encode_tensor(one.double().float().half()), [0]),

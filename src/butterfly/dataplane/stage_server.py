@@ -572,7 +572,7 @@ class StageServer:
 
     def _index_of(self, layers: LayerRange) -> int:
         plan = self.plan
-        return next((i for i, (_, r) in enumerate(plan.stages) if r == layers), 0) if plan else 0
+        return (plan.position_of(layers) or 0) if plan else 0
 
     def _check_input(
         self, msg: StageStep, epoch: int, x: torch.Tensor, offsets: list[int], index: StageIndex

@@ -13,6 +13,7 @@ silently differ from transformers' is not served.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import itertools
 import logging
@@ -30,9 +31,15 @@ from butterfly.runtime import fused_layers
 from butterfly.runtime.kvcache import KVCache
 from butterfly.runtime.linear import Weight, linear, prepare, weight_bytes
 from butterfly.runtime.precision import Precision, Quantization
-from butterfly.runtime.stage import Family, causal_mask, check_positions, check_token_ids
+from butterfly.runtime.stage import (
+    Family,
+    causal_mask,
+    check_id_range,
+    check_positions,
+    check_token_ids,
+)
 from butterfly.runtime.weights import CheckpointReader
-from butterfly.runtime.wire import WireTensor, encode_tensor
+from butterfly.runtime.wire import WireTensor, encode_tensor, tensor_bytes
 from butterfly.types.errors import UnknownArchitecture
 from butterfly.types.model import DecoderBlock, LayerInfo, LayerRange
 
@@ -385,35 +392,54 @@ class LlamaStage:
     def forward_floats(
         self, x: WireTensor, caches: Sequence[KVCache], starts: Sequence[int]
     ) -> bytes | None:
-        """Decode rows as they came off the wire (`x` fp32 [1, B, D], row b one position
-        of request b at `starts[b]`), answered as bytes for the wire: the layers run in
-        one compiled call on the bytes' own copy, without a torch operation, and only
-        the last stage's norm and head use torch. None, before anything is done, where
-        this does not apply (a first stage, bf16, no compiled layers, a batch they do
-        not take): `forward_rows` then. Equal to it bit for bit where both run
-        (tests/test_fused_layers.py): the same call on the same fp32 rows."""
+        """Decode rows as they came off the wire (`x` [1, B] token ids on a first stage,
+        fp32 [1, B, D] otherwise; row b one position of request b at `starts[b]`),
+        answered as bytes for the wire: the embedding rows copied from the table's
+        memory, the layers in one compiled call in place on the rows, and only the last
+        stage's norm and head on torch. None, before anything is done, where this does
+        not apply (bf16, no compiled layers, a batch they do not take): `forward_rows`
+        then. Equal to it bit for bit where both run (tests/test_fused_layers.py): the
+        same call on the same fp32 rows."""
         a, rows = self.args, len(starts)
-        if self.embed is not None or a.dtype != torch.float32 or x.dtype != "float32":
+        if a.dtype != torch.float32:
             return None
         fused = self._fused
-        if (
-            fused is None
-            or x.shape != (1, rows, a.dim)
-            or not fused_layers.fits(fused, rows, caches)
-        ):
+        if fused is None or not fused_layers.fits(fused, rows, caches):
             return None
+        h = array("f")
+        if self.embed is None:
+            if x.dtype != "float32" or x.shape != (1, rows, a.dim):
+                return None
+            h.frombytes(x.data)  # a copy: the frame's bytes stay as they came
+        else:
+            if x.dtype not in ("int64", "int32") or x.shape != (1, rows):
+                return None
+            ids = array("q" if x.dtype == "int64" else "i")
+            ids.frombytes(x.data)
+            check_id_range(min(ids), max(ids), a.vocab_size)
+            table, width = self._embedding, a.dim * h.itemsize
+            for i in ids:
+                h.frombytes(table[i * width : (i + 1) * width])
         for start in starts:
             check_positions(start, 1, self.max_context)
         self._rope_to(max(starts) + 1)
-        h = array("f")
-        h.frombytes(x.data)  # a copy: the frame's bytes stay as they came
         fused_layers.run_floats(fused, h, caches, starts, self._rotary)
         for cache, start in zip(caches, starts, strict=True):
             cache.advance(start + 1)
         if self.head is None:
-            return x.header + h.tobytes()  # the same dtype and shape as the input
+            if self.embed is None:  # the same dtype and shape as the input
+                return x.header + h.tobytes()
+            return tensor_bytes("float32", (1, rows, a.dim), h.tobytes())
         out = torch.frombuffer(h, dtype=torch.float32).view(1, rows, a.dim)
         return encode_tensor(linear(rms_norm(out, self.norm, a.norm_eps), self.head))  # type: ignore[arg-type]
+
+    @functools.cached_property
+    def _embedding(self) -> memoryview:
+        """The embedding table's own memory, as bytes (`forward_floats` copies rows of
+        it): a view, not a copy, kept alive by the stage's tensor."""
+        assert self.embed is not None and self.embed.is_contiguous()
+        size = self.embed.numel() * self.embed.element_size()
+        return memoryview((ctypes.c_char * size).from_address(self.embed.data_ptr())).cast("B")
 
     def _torch_layers(
         self,

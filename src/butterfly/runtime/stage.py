@@ -74,8 +74,14 @@ def check_positions(start_pos: int, length: int, max_context: int) -> None:
 def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
     if ids.dtype not in (torch.int64, torch.int32):
         raise InvalidInput(f"token ids must be integers, got {ids.dtype}")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise InvalidInput(f"token ids must lie in [0, {vocab_size}), got {ids.min()}..{ids.max()}")
+    if ids.numel():
+        check_id_range(int(ids.min()), int(ids.max()), vocab_size)
+
+
+def check_id_range(low: int, high: int, vocab_size: int) -> None:
+    """Token ids from `low` to `high` are all in the vocabulary."""
+    if low < 0 or high >= vocab_size:
+        raise InvalidInput(f"token ids must lie in [0, {vocab_size}), got {low}..{high}")
 
 
 def causal_mask(start_pos: int, length: int) -> torch.Tensor | None:

@@ -42,10 +42,15 @@ def encode_tensor(t: torch.Tensor) -> bytes:
         raise WireFormatError(f"dtype {t.dtype} cannot be sent; allowed: {sorted(DTYPES)}")
     if not (t.is_cpu and t.is_contiguous()) or t.is_neg():  # a negated view: its memory is not
         t = t.resolve_neg().contiguous().cpu()  # its values
-    header = msgpack.packb({"dtype": _NAMES[t.dtype], "shape": list(t.shape)})
     size = t.numel() * t.element_size()
     raw = ctypes.string_at(t.data_ptr(), size) if size else b""
-    return _LEN.pack(len(header)) + header + raw
+    return tensor_bytes(_NAMES[t.dtype], tuple(t.shape), raw)
+
+
+def tensor_bytes(dtype: str, shape: tuple[int, ...], data: bytes) -> bytes:
+    """The wire form of `data` as a tensor of `dtype` (a name in DTYPES) and `shape`."""
+    header = msgpack.packb({"dtype": dtype, "shape": list(shape)})
+    return _LEN.pack(len(header)) + header + data
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ and the agreement (what is ordered), so it lives below all three.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -50,11 +51,38 @@ class StagePlan:
         return PlanAssign(self.epoch, flat, model_hash, reps)
 
     def layers_of(self, node: NodeId) -> LayerRange | None:
-        return next((r for n, r in (*self.stages, *self.replicas) if n == node), None)
+        return self._ranges.get(node)
 
     def holders(self, layers: LayerRange) -> tuple[NodeId, ...]:
         """Every node holding `layers`, the chain's own first."""
-        return tuple(n for n, r in (*self.stages, *self.replicas) if r == layers)
+        return self._holders.get(layers, ())
+
+    def position_of(self, layers: LayerRange) -> int | None:
+        """The chain position of the stage running `layers`, None if no stage does."""
+        return self._positions.get(layers)
+
+    # Indexes, built once per plan: a node asks them on every step of every request
+    # (who may send it a step, where its range stands, whom to copy its caches to).
+    @functools.cached_property
+    def _ranges(self) -> dict[NodeId, LayerRange]:
+        ranges: dict[NodeId, LayerRange] = {}
+        for n, r in (*self.stages, *self.replicas):
+            ranges.setdefault(n, r)
+        return ranges
+
+    @functools.cached_property
+    def _holders(self) -> dict[LayerRange, tuple[NodeId, ...]]:
+        holders: dict[LayerRange, tuple[NodeId, ...]] = {}
+        for n, r in (*self.stages, *self.replicas):
+            holders[r] = (*holders.get(r, ()), n)
+        return holders
+
+    @functools.cached_property
+    def _positions(self) -> dict[LayerRange, int]:
+        positions: dict[LayerRange, int] = {}
+        for i, (_, r) in enumerate(self.stages):
+            positions.setdefault(r, i)
+        return positions
 
     @property
     def nodes(self) -> tuple[NodeId, ...]:
