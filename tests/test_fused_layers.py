@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from butterfly.runtime import fused_layers, native
+from butterfly.runtime.kvcache import KVCache
 from butterfly.runtime.llama import Block, LlamaArgs, LlamaStage
 from butterfly.runtime.precision import quantize_int8
 from butterfly.runtime.stage import forward_floats
@@ -414,6 +415,15 @@ def _inputs(stage: LlamaStage, g: torch.Generator, rows: int, n: int) -> torch.T
     return torch.randn(rows, n, stage.args.dim, generator=g)
 
 
+def _same_caches(mine: list[KVCache], theirs: list[KVCache]) -> None:
+    """Each pair holds the same positions, bit for bit."""
+    for a, b in zip(mine, theirs, strict=True):
+        assert a.length == b.length
+        for layer in range(BASE.n_layers):
+            for got_kv, want_kv in zip(a.layer(layer), b.layer(layer), strict=True):
+                assert torch.equal(got_kv[:, :, : a.length], want_kv[:, :, : b.length])
+
+
 @pytest.mark.parametrize("place", ["middle", "last", "first", "whole"])
 def test_decode_rows_on_the_wire_bytes_equal_forward_rows_bit_for_bit(place: str) -> None:
     """A decode step answered on the frame's own bytes (`forward_floats`, what a node's
@@ -451,11 +461,7 @@ def test_decode_rows_on_the_wire_bytes_equal_forward_rows_bit_for_bit(place: str
         assert torch.equal(decode_tensor(got), want.reshape(1, 3, -1))
         starts = [s + 1 for s in starts]
     assert calls == 6
-    for a, b in zip(mine, theirs, strict=True):
-        assert a.length == b.length
-        for layer in range(BASE.n_layers):
-            for got_kv, want_kv in zip(a.layer(layer), b.layer(layer), strict=True):
-                assert torch.equal(got_kv[:, :, : a.length], want_kv[:, :, : b.length])
+    _same_caches(mine, theirs)
 
 
 def test_token_ids_outside_the_vocabulary_are_refused_on_the_wire_bytes_too() -> None:
@@ -494,3 +500,60 @@ def test_decode_rows_on_the_wire_bytes_only_where_they_apply() -> None:
         fused_layers.run_floats(
             fused._fused, array("f", [0.0] * 3), [fused.new_cache()], [0], (0, 0, 1)
         )  # type: ignore[arg-type]
+
+
+def test_decode_rows_on_the_wire_bytes_int8_matrices_int32_ids_and_caches_that_grow() -> None:
+    """The bytes path on the whole model with int8 matrices, token ids sent as int32,
+    caches of different capacities in one batch and positions past the rotary tables it
+    first planned (the tables and a cache grow inside the call), against forward_rows."""
+    if not native.available(torch.int8):
+        pytest.skip("no int8 blocked kernel here")
+    args = dataclasses.replace(BASE, n_kv_heads=2, quantization="int8")
+    layers = stages(dataclasses.replace(args, quantization="none"))[0]
+    for blk in layers.blocks:
+        for name in ("wqkv", "wo", "w13", "w2"):
+            q, scales = quantize_int8(getattr(blk, name).dense())
+            object.__setattr__(blk, name, native.block_int8(q, scales))
+    on_bytes, on_tensors = (
+        _as(LlamaStage(args, layers.layers, layers.blocks, None, None, None), "whole")
+        for _ in range(2)
+    )
+    g = torch.Generator().manual_seed(12)
+    mine, theirs = (
+        [on_bytes.new_cache() for _ in range(2)],
+        [on_tensors.new_cache() for _ in range(2)],
+    )
+    starts = [300, 250]  # caches of 512 and 256 positions, the tables of 300
+    for n, a, b in zip(starts, mine, theirs, strict=True):
+        prompt = _inputs(on_bytes, g, 1, n)
+        on_bytes.forward(prompt, a, 0)
+        on_tensors.forward(prompt, b, 0)
+    assert mine[0].capacity != mine[1].capacity
+    for _ in range(10):  # the tables grow at once, the second cache past position 256
+        x = _inputs(on_bytes, g, 2, 1).int()
+        got = forward_floats(on_bytes, read_tensor(encode_tensor(x.reshape(1, 2))), mine, starts)
+        want = on_tensors.forward_rows(x.long(), theirs, starts, last_only=True)
+        assert got is not None
+        assert torch.equal(decode_tensor(got), want.reshape(1, 2, -1))
+        starts = [s + 1 for s in starts]
+    assert mine[1].capacity > 256
+    _same_caches(mine, theirs)
+
+
+def test_an_embedding_table_the_bytes_path_cannot_read_row_by_row_is_left_to_torch() -> None:
+    """A first stage's table of another dtype or layout than fp32 [vocab, dim] makes the
+    bytes path answer None (torch's embedding then), never rows read as the wrong type;
+    a replaced table is read anew."""
+    stage = _as(stages(BASE)[0], "first")
+    ids = read_tensor(encode_tensor(torch.tensor([[1, 2]])))
+    table = stage.embed
+    assert table is not None
+    for other in (table.bfloat16(), table.t().contiguous().t(), table.half()):
+        stage.embed = other
+        assert forward_floats(stage, ids, [stage.new_cache(), stage.new_cache()], [0, 0]) is None
+    stage.embed = table * 2
+    doubled = _as(stages(BASE)[0], "first")
+    doubled.embed = stage.embed
+    got = forward_floats(stage, ids, [stage.new_cache(), stage.new_cache()], [0, 0])
+    want = forward_floats(doubled, ids, [doubled.new_cache(), doubled.new_cache()], [0, 0])
+    assert got is not None and got == want

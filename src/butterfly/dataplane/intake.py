@@ -116,7 +116,9 @@ class Intake:
                 )
                 fut.set_exception(StepFailed(error, peer))
             elif isinstance(msg, StepResult):
-                row = out[:, spans[i][0] : spans[i][1]]
+                start, end = spans[i]
+                # a slice is a torch operation, which a cold gateway pays 10-30 µs for
+                row = out if (start, end) == (0, out.shape[1]) else out[:, start:end]
                 plan = self.plan()
                 stages = len(plan.stages) if plan is not None else 0
                 try:

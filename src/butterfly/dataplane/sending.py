@@ -219,7 +219,8 @@ class StepSender:
             trace,
         )
         started = time.perf_counter()
-        payload = encode_tensor(torch.cat([e.x for e in entries], dim=1))
+        x = entries[0].x if len(entries) == 1 else torch.cat([e.x for e in entries], dim=1)
+        payload = encode_tensor(x)
         try:
             await self._deliver(nodes[0], msg, payload)
             if nodes[0] != self.node:  # to itself, `deliver` runs the stage inline

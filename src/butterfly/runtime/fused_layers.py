@@ -208,18 +208,20 @@ def _call(
         ends[e] = max(ends.get(e, 0), p + 1)
     for e, end in ends.items():
         caches[e].reserve(end)
-        if caches[e].capacity < end:
-            raise ValueError(f"position {end - 1} is past the cache's {caches[e].capacity}")
     # held until the call returns: a cache that grows meanwhile (a standby's copy being
-    # extended from the event loop) frees its old tensors, which the call still writes
+    # extended from the event loop) frees its old tensors, which the call still writes;
+    # their capacity comes with them, the row stride the call writes them at
     held = [cache.storage for cache in caches]
+    for e, end in ends.items():
+        if held[e][3] < end:
+            raise ValueError(f"position {end - 1} is past the cache's {held[e][3]}")
     layers = fused.layers
     if len(held) == 1:
         pointers = array("q", held[0][2])
     else:  # [L][E][2]: each layer's key and value of every entry
         pairs = (s[2][2 * layer : 2 * layer + 2] for layer in range(layers) for s in held)
         pointers = array("q", [p for pair in pairs for p in pair])
-    capacity = array("q", [cache.capacity for cache in caches])
+    capacity = array("q", [s[3] for s in held])
     entry, where = array("q", entries), array("q", positions)
     status = fused.function(
         out, len(positions), a.dim, layers, fused.table_address,

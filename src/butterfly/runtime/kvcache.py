@@ -13,7 +13,7 @@ import torch
 from butterfly.types.errors import WireFormatError
 
 CHUNK = 256
-Storage = tuple[list[torch.Tensor], list[torch.Tensor], tuple[int, ...]]
+Storage = tuple[list[torch.Tensor], list[torch.Tensor], tuple[int, ...], int]
 
 
 @dataclass(frozen=True)
@@ -70,10 +70,22 @@ class KVCache:
         self.max_length = max_length
         self.dtype = dtype
         self.length = 0
-        self._k: list[torch.Tensor] = []
-        self._v: list[torch.Tensor] = []
-        self._capacity = 0
-        self._addresses: tuple[int, ...] = ()
+        # one object, replaced whole: a compiled writer on the torch thread reads it while
+        # the event loop may grow the cache (a standby's copy being extended), and parts
+        # assigned one by one could pair new tensors with the old ones' addresses
+        self._storage: Storage = ([], [], (), 0)
+
+    @property
+    def _k(self) -> list[torch.Tensor]:
+        return self._storage[0]
+
+    @property
+    def _v(self) -> list[torch.Tensor]:
+        return self._storage[1]
+
+    @property
+    def _capacity(self) -> int:
+        return self._storage[3]
 
     def _grow(self, needed: int) -> None:
         capacity = min(self.max_length, max(needed, self._capacity * 2, CHUNK))
@@ -83,10 +95,8 @@ class KVCache:
         for old, new in ((self._k, new_k), (self._v, new_v)):
             for o, n in zip(old, new, strict=False):
                 n[:, :, : self.length] = o[:, :, : self.length]
-        self._k, self._v, self._capacity = new_k, new_v, capacity
-        self._addresses = tuple(
-            t.data_ptr() for pair in zip(new_k, new_v, strict=True) for t in pair
-        )
+        addresses = tuple(t.data_ptr() for pair in zip(new_k, new_v, strict=True) for t in pair)
+        self._storage = (new_k, new_v, addresses, capacity)
 
     def update(
         self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
@@ -111,12 +121,13 @@ class KVCache:
     @property
     def storage(self) -> Storage:
         """Every layer's key and value storage with their addresses (layer 0's key, its
-        value, layer 1's key, ...). A compiled writer holds it until it returns: growing
-        replaces the lists (a standby's copy extended from the event loop meanwhile) and
-        would free the tensors it writes. Read per step, so the addresses are kept from
-        the last growth, not asked of each tensor again: with the call's other
-        preparation, 24 µs of a tiny-model layer's 68 µs step (AMD EPYC)."""
-        return self._k, self._v, self._addresses
+        value, layer 1's key, ...) and the positions they hold, as one snapshot. A
+        compiled writer holds it until it returns: growing replaces it (a standby's copy
+        extended from the event loop meanwhile) and would free the tensors it writes.
+        Read per step, so the addresses are kept from the last growth, not asked of each
+        tensor again: with the call's other preparation, 24 µs of a tiny-model layer's
+        68 µs step (AMD EPYC)."""
+        return self._storage
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `layer`'s whole key and value storage, [B, H_kv, capacity, D] each."""

@@ -13,7 +13,6 @@ silently differ from transformers' is not served.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import itertools
 import logging
@@ -267,6 +266,7 @@ class LlamaStage:
         self._cos = self._sin = torch.empty(0, args.head_dim)
         self._cos32, self._sin32 = self._cos, self._sin  # fp32, for the fused layers
         self._rotary: fused_layers.Rotary = (0, 0, 0)  # theirs, as the call reads them
+        self._embedded: tuple[torch.Tensor | None, memoryview | None] | None = None
 
     @functools.cached_property
     def _fused(self) -> fused_layers.FusedLayers | None:
@@ -415,9 +415,12 @@ class LlamaStage:
             if x.dtype not in ("int64", "int32") or x.shape != (1, rows):
                 return None
             ids = array("q" if x.dtype == "int64" else "i")
+            table = self._embedding()
+            if table is None:
+                return None
             ids.frombytes(x.data)
             check_id_range(min(ids), max(ids), a.vocab_size)
-            table, width = self._embedding, a.dim * h.itemsize
+            width = a.dim * h.itemsize
             for i in ids:
                 h.frombytes(table[i * width : (i + 1) * width])
         for start in starts:
@@ -433,13 +436,23 @@ class LlamaStage:
         out = torch.frombuffer(h, dtype=torch.float32).view(1, rows, a.dim)
         return encode_tensor(linear(rms_norm(out, self.norm, a.norm_eps), self.head))  # type: ignore[arg-type]
 
-    @functools.cached_property
-    def _embedding(self) -> memoryview:
-        """The embedding table's own memory, as bytes (`forward_floats` copies rows of
-        it): a view, not a copy, kept alive by the stage's tensor."""
-        assert self.embed is not None and self.embed.is_contiguous()
-        size = self.embed.numel() * self.embed.element_size()
-        return memoryview((ctypes.c_char * size).from_address(self.embed.data_ptr())).cast("B")
+    def _embedding(self) -> memoryview | None:
+        """The embedding table's own memory as bytes, for `forward_floats` to copy rows
+        of: a view through numpy, which keeps the tensor alive, made again if the
+        stage's table is replaced. None unless the table is the fp32 [vocab, dim] it
+        can read row by row."""
+        embed, seen = self.embed, self._embedded
+        if seen is None or seen[0] is not embed:
+            fits = (
+                embed is not None
+                and embed.dtype == torch.float32
+                and embed.is_contiguous()
+                and tuple(embed.shape) == (self.args.vocab_size, self.args.dim)
+                and not embed.requires_grad
+            )
+            view = embed.numpy().data.cast("B") if fits and embed is not None else None
+            seen = self._embedded = (embed, view)
+        return seen[1]
 
     def _torch_layers(
         self,
