@@ -17,21 +17,28 @@ import transformers
 
 from butterfly.config import ButterflyConfig
 from butterfly.config.validate import cross_check, estimate_model_bytes
+from butterfly.control.planner import place
+from butterfly.control.status import NodeReport
 from butterfly.dataplane.drafter import MIN_HITS, RECENT, ModelDrafter, check_draft_model
+from butterfly.dataplane.stage_server import StageServer
+from butterfly.net.memory import MemoryNetwork
+from butterfly.partition.capability import layer_memory
+from butterfly.partition.service import DEFAULT_CONTEXT_TOKENS
 from butterfly.runtime.demo import create_demo
 from butterfly.runtime.generate import generate as reference
 from butterfly.runtime.loader import layer_infos, load_stage, num_layers
-from butterfly.runtime.precision import Precision
+from butterfly.runtime.precision import FP32, Precision
 from butterfly.runtime.sampling import distribution
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.runtime.torch_thread import TorchThread
 from butterfly.schedule.drafts import ACCEPT_WINDOW, PROBE_EVERY, Acceptance, Speculation
 from butterfly.testing.pipeline import LocalPipeline
-from butterfly.types.errors import ConfigError
-from butterfly.types.ids import NodeId
+from butterfly.types.errors import ConfigError, InsufficientResources
+from butterfly.types.ids import Epoch, NodeId
 from butterfly.types.model import LayerRange
 from butterfly.types.tasks import SamplingParams
-from butterfly.wiring.edges import draft_model_bytes
+from butterfly.types.wire.control import StatusReply
+from butterfly.wiring.edges import NetworkEdges, draft_model_bytes
 from tests.test_speculative import generate, splits
 
 pytestmark = pytest.mark.timeout(120)
@@ -344,3 +351,50 @@ async def test_a_release_waits_for_the_requests_draft_still_running(tiny_model: 
         assert len((await drafting).tokens) == 4
     finally:
         torch_thread.close(wait=True)
+
+
+def test_the_planner_plans_around_the_draft_models_weights(tiny_model: Path) -> None:
+    """End to end through a node's own parts as the node process wires them: its probe
+    (wiring.edges) reports its memory to the gateway's status query (control.status) and
+    the planner places layers on what is reported. Each node may hold 0.6 of what the
+    model needs (weights and KV caches): two of them hold it without a draft model; with
+    one on the gateway's node (the tiny model itself, 0.29 of the need) they cannot, and
+    the planner says which stage lacks what instead of overcommitting the gateway."""
+    layers = layer_infos(tiny_model, FP32)
+    need = sum(layer_memory(layer, DEFAULT_CONTEXT_TOKENS) for layer in layers)
+    held = sum(layer.memory_bytes for layer in layers)
+    members = [f"127.0.0.1:{7000 + i}" for i in range(2)]
+    limit = int(need * 0.6)
+    assert 2 * limit >= need > 2 * limit - held  # room for the model, not for both
+
+    async def reported(drafts: bool) -> dict[NodeId, StatusReply]:
+        net, out = MemoryNetwork(), {}
+        speculative = {"mode": "draft", "draft_model": str(tiny_model)} if drafts else {}
+        for n in (0, 1):
+            cfg = ButterflyConfig.model_validate(
+                {
+                    "cluster": {"members": members, "gateways": [0]},
+                    "node": {"id": n},
+                    "generation": {"speculative": speculative},
+                    "resources": {"memory_limit_bytes": limit},
+                }
+            )
+            node, torch_thread = NodeId(n), TorchThread()
+            transport = net.transport(node, lambda e: None)
+            probe = NetworkEdges(cfg, tiny_model).probe(node, [node], transport, torch_thread)
+            server = StageServer(
+                node=node, model_dir=tiny_model, max_tensor_bytes=1 << 30, torch_thread=torch_thread
+            )
+            out[node] = await NodeReport(node=node, server=server, probe=probe).status()
+            torch_thread.close()
+        return out
+
+    nodes = [NodeId(0), NodeId(1)]
+    plain = asyncio.run(reported(False))
+    assert [plain[n].memory_bytes for n in nodes] == [limit, limit]
+    placed = place(Epoch(1), nodes, plain, layers=layers, strategy="load_balanced").stages
+    assert [n for n, _ in placed.stages] == nodes  # both needed: neither holds it alone
+    drafting = asyncio.run(reported(True))
+    assert [drafting[n].memory_bytes for n in nodes] == [limit - held, limit]
+    with pytest.raises(InsufficientResources, match="missing"):
+        place(Epoch(1), nodes, drafting, layers=layers, strategy="load_balanced")

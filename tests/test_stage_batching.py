@@ -15,6 +15,7 @@ from butterfly.runtime import fused_layers
 from butterfly.runtime.torch_thread import TorchThread
 from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.testing.liars import CorruptStageServer
+from butterfly.types.errors import InvalidMessage
 from butterfly.types.ids import NodeId, RequestId
 from butterfly.types.model import LayerRange
 from butterfly.types.plan import StagePlan
@@ -180,5 +181,26 @@ def test_plain_decode_steps_run_on_the_frames_bytes_and_liars_still_lie(
         lied, made = await answers(server(CorruptStageServer))
         assert made == 0
         assert not any(torch.equal(a, b) for a, b in zip(on_bytes[1:], lied[1:], strict=True))
+
+    asyncio.run(scenario())
+
+
+def test_a_misshapen_input_is_refused_by_name_before_any_cache_moves(tiny_model: Path) -> None:
+    """Token ids with a trailing axis, or activations with one too many, would broadcast
+    through torch's operations into a result of another shape for the next node."""
+    plan = StagePlan(1, ((NodeId(1), LayerRange(0, 2)), (NodeId(2), LayerRange(2, 4))))
+
+    async def scenario() -> None:
+        for node, x, want in (
+            (1, torch.tensor([[[3]]]), r"takes \[1, tokens\] token ids, got shape \[1, 1, 1\]"),
+            (2, torch.randn(1, 1, 64, 1), r"takes \[1, tokens, hidden\] activations"),
+        ):
+            server = _unplanned(tiny_model, node=node)
+            assert (await server.apply_plan(plan.to_message("h"))).ok
+            msg = StageStep((RequestId("r"),), (1,), (0,), (1,), (), 0, True)
+            with pytest.raises(InvalidMessage, match=want):
+                await server.compute(msg, 1, encode_tensor(x))
+            assert "r" not in server.caches
+            server.close()
 
     asyncio.run(scenario())

@@ -422,6 +422,10 @@ class StageServer:
             raise InvalidMessage("step lengths must be >= 1, starts >= 0, input [1, tokens, ...]")
         if sum(msg.lengths) != shape[1]:
             raise InvalidMessage(f"step covers {sum(msg.lengths)} tokens, input has {shape[1]}")
+        ids = stage.is_first and stage.input_kind == "tokens"
+        if len(shape) != (2 if ids else 3):  # a sender's misshapen tensor: torch would broadcast it
+            want = "[1, tokens] token ids" if ids else "[1, tokens, hidden] activations"
+            raise InvalidMessage(f"stage {stage.layers} takes {want}, got shape {list(shape)}")
         return stage
 
     def _cache_for(
