@@ -117,7 +117,7 @@ class Intake:
                 fut.set_exception(StepFailed(error, peer))
             elif isinstance(msg, StepResult):
                 start, end = spans[i]
-                # a slice is a torch operation, which a cold gateway pays 10-30 µs for
+                # a slice is a torch operation: 10-30 µs on a cold gateway (AMD EPYC)
                 row = out if (start, end) == (0, out.shape[1]) else out[:, start:end]
                 plan = self.plan()
                 stages = len(plan.stages) if plan is not None else 0

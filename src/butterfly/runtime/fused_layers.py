@@ -213,15 +213,15 @@ def _call(
     # their capacity comes with them, the row stride the call writes them at
     held = [cache.storage for cache in caches]
     for e, end in ends.items():
-        if held[e][3] < end:
-            raise ValueError(f"position {end - 1} is past the cache's {held[e][3]}")
+        if held[e].capacity < end:
+            raise ValueError(f"position {end - 1} is past the cache's {held[e].capacity}")
     layers = fused.layers
     if len(held) == 1:
-        pointers = array("q", held[0][2])
+        pointers = array("q", held[0].addresses)
     else:  # [L][E][2]: each layer's key and value of every entry
-        pairs = (s[2][2 * layer : 2 * layer + 2] for layer in range(layers) for s in held)
+        pairs = (s.addresses[2 * layer : 2 * layer + 2] for layer in range(layers) for s in held)
         pointers = array("q", [p for pair in pairs for p in pair])
-    capacity = array("q", [s[3] for s in held])
+    capacity = array("q", [s.capacity for s in held])
     entry, where = array("q", entries), array("q", positions)
     status = fused.function(
         out, len(positions), a.dim, layers, fused.table_address,

@@ -7,13 +7,23 @@ holds a cache per request in flight, and most requests are far shorter than the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from butterfly.types.errors import WireFormatError
 
 CHUNK = 256
-Storage = tuple[list[torch.Tensor], list[torch.Tensor], tuple[int, ...], int]
+
+
+class Storage(NamedTuple):
+    """A cache's tensors as one snapshot: every layer's keys and values, their addresses
+    (layer 0's key, its value, layer 1's key, ...) and the positions each holds."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    addresses: tuple[int, ...]
+    capacity: int
 
 
 @dataclass(frozen=True)
@@ -73,19 +83,19 @@ class KVCache:
         # one object, replaced whole: a compiled writer on the torch thread reads it while
         # the event loop may grow the cache (a standby's copy being extended), and parts
         # assigned one by one could pair new tensors with the old ones' addresses
-        self._storage: Storage = ([], [], (), 0)
+        self._storage = Storage([], [], (), 0)
 
     @property
     def _k(self) -> list[torch.Tensor]:
-        return self._storage[0]
+        return self._storage.keys
 
     @property
     def _v(self) -> list[torch.Tensor]:
-        return self._storage[1]
+        return self._storage.values
 
     @property
     def _capacity(self) -> int:
-        return self._storage[3]
+        return self._storage.capacity
 
     def _grow(self, needed: int) -> None:
         capacity = min(self.max_length, max(needed, self._capacity * 2, CHUNK))
@@ -96,7 +106,7 @@ class KVCache:
             for o, n in zip(old, new, strict=False):
                 n[:, :, : self.length] = o[:, :, : self.length]
         addresses = tuple(t.data_ptr() for pair in zip(new_k, new_v, strict=True) for t in pair)
-        self._storage = (new_k, new_v, addresses, capacity)
+        self._storage = Storage(new_k, new_v, addresses, capacity)
 
     def update(
         self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
