@@ -27,12 +27,14 @@ from typing import Any, TypeVar, cast
 
 import lz4.frame
 import msgpack
+import msgspec
 
 from butterfly.types.errors import InvalidMessage, MessageTooLarge, WireFormatError
 from butterfly.types.ids import Epoch, NodeId
 from butterfly.types.wire.base import PROTOCOL_VERSION, Ask, reply_type
 from butterfly.types.wire.data import Chunk
-from butterfly.types.wire.frames import Message, from_body, to_body
+from butterfly.types.wire.frames import Message, from_body_bytes, to_body
+from butterfly.types.wire.mirror import DECODE_ERRORS
 
 R = TypeVar("R")
 
@@ -64,7 +66,7 @@ def encode_frame(env: Envelope, compression: str = "") -> bytes:
         payload = lz4.frame.compress(payload, compression_level=0)
     else:
         compression = ""
-    header = msgpack.packb(
+    header = _encode(
         {
             "v": env.version,
             "c": env.cluster_id,
@@ -96,15 +98,34 @@ _HEADER_TYPES: dict[str, type | tuple[type, ...]] = {
 }
 
 
-def decode_frame(rest: bytes, max_payload: int) -> Envelope:
-    """Decode everything after the length prefix; raise WireFormatError on any defect."""
-    if len(rest) < HEADER_LENGTH.size:
-        raise WireFormatError("frame is too short for its header length")
-    (hlen,) = HEADER_LENGTH.unpack_from(rest)
-    if HEADER_LENGTH.size + hlen > len(rest):
-        raise WireFormatError(f"header length {hlen} runs past the {len(rest)}-byte frame")
+class _Header(msgspec.Struct, forbid_unknown_fields=True):
+    """The envelope as `_HEADER_TYPES` checks it, decoded and checked in C; the body
+    stays msgpack until its kind's own decoder (types.wire.mirror) reads it."""
+
+    v: int
+    c: str
+    e: Epoch
+    s: NodeId
+    id: int
+    r: bool
+    k: str
+    b: msgspec.Raw
+    z: str
+
+
+_decode_header = msgspec.msgpack.Decoder(_Header).decode
+_encode = msgspec.msgpack.Encoder().encode
+
+
+def _header(data: bytes) -> _Header:
+    """The frame's envelope fields, or WireFormatError naming what is wrong with them.
+    A header the C decoder refuses is checked again field by field for the error."""
     try:
-        header = msgpack.unpackb(rest[HEADER_LENGTH.size : HEADER_LENGTH.size + hlen])
+        return _decode_header(data)
+    except DECODE_ERRORS:
+        pass
+    try:
+        header = msgpack.unpackb(data)
     except Exception as e:  # msgpack raises several unrelated types on garbage
         raise WireFormatError(f"frame header is not valid msgpack: {e}") from e
     if not isinstance(header, dict) or set(header) != set(_HEADER_TYPES):
@@ -112,10 +133,23 @@ def decode_frame(rest: bytes, max_payload: int) -> Envelope:
     for key, t in _HEADER_TYPES.items():
         if not isinstance(header[key], t) or (t is int and isinstance(header[key], bool)):
             raise WireFormatError(f"envelope field {key!r} has the wrong type")
-    if header["z"] not in COMPRESSIONS:
-        raise WireFormatError(f"unknown payload compression {header['z']!r}")
+    # the checks take what msgspec refused: build it from what they took
+    header["b"] = msgspec.Raw(msgpack.packb(header["b"]))
+    return _Header(**header)
+
+
+def decode_frame(rest: bytes, max_payload: int) -> Envelope:
+    """Decode everything after the length prefix; raise WireFormatError on any defect."""
+    if len(rest) < HEADER_LENGTH.size:
+        raise WireFormatError("frame is too short for its header length")
+    (hlen,) = HEADER_LENGTH.unpack_from(rest)
+    if HEADER_LENGTH.size + hlen > len(rest):
+        raise WireFormatError(f"header length {hlen} runs past the {len(rest)}-byte frame")
+    header = _header(rest[HEADER_LENGTH.size : HEADER_LENGTH.size + hlen])
+    if header.z not in COMPRESSIONS:
+        raise WireFormatError(f"unknown payload compression {header.z!r}")
     payload = rest[HEADER_LENGTH.size + hlen :]
-    if header["z"] == "lz4" and payload:
+    if header.z == "lz4" and payload:
         try:
             with lz4.frame.LZ4FrameDecompressor() as d:
                 payload = d.decompress(payload, max_length=max_payload)
@@ -124,14 +158,14 @@ def decode_frame(rest: bytes, max_payload: int) -> Envelope:
         except RuntimeError as e:
             raise WireFormatError(f"lz4 payload is corrupt: {e}") from e
     return Envelope(
-        msg=from_body(header["k"], header["b"]),
-        sender=header["s"],
-        epoch=header["e"],
-        cluster_id=header["c"],
-        corr_id=header["id"],
-        reply=header["r"],
+        msg=from_body_bytes(header.k, header.b),
+        sender=header.s,
+        epoch=header.e,
+        cluster_id=header.c,
+        corr_id=header.id,
+        reply=header.r,
         payload=bytes(payload),
-        version=header["v"],
+        version=header.v,
     )
 
 

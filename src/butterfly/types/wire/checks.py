@@ -11,7 +11,9 @@ per-item calls were most of a stage step's decode time.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,6 +94,56 @@ def bytes_check(error: Fail, size: Size) -> Check:
         return value
 
     return check
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """What a field's annotation means on the wire, read once for the codec's checks
+    and their C mirror (types.wire.mirror) alike.
+
+    `kind` is bool, int, float, str (at most `size.high` characters), bytes (within
+    `size`), array (of `of[0]`), union (of the message classes `of`, `optional` when
+    None may stand in) or record (the dataclass `of[0]`)."""
+
+    kind: str
+    size: Size | None = None
+    of: tuple[Any, ...] = ()
+    optional: bool = False
+
+
+def shape(tp: Any) -> Shape:
+    """`tp`'s wire shape; TypeError for an annotation with no wire form."""
+    origin = get_origin(tp)
+    if origin is Annotated:
+        base, *meta = get_args(tp)
+        size = next((m for m in meta if isinstance(m, Size)), None)
+        base = strip(base)
+        if size is not None and base in (bytes, str):
+            return Shape(base.__name__, size)
+        return shape(base)
+    if isinstance(tp, NewType):
+        return shape(tp.__supertype__)
+    if tp in (bool, int, float):
+        return Shape(tp.__name__)
+    if tp is str:
+        return Shape("str", Size(0, MAX_STR))
+    if tp is bytes:
+        return Shape("bytes", Size(0, MAX_BYTES_FIELD))
+    if origin is tuple:
+        args = get_args(tp)
+        if len(args) != 2 or args[1] is not Ellipsis:
+            raise TypeError(f"only tuple[X, ...] fields are supported, not {tp}")
+        return Shape("array", of=(args[0],))
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        classes = tuple(a for a in args if a is not type(None))
+        for cls in classes:
+            if not (isinstance(cls, type) and hasattr(cls, "kind")):
+                raise TypeError(f"unions may only hold message classes, not {cls!r}")
+        return Shape("union", of=classes, optional=type(None) in args)
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return Shape("record", of=(tp,))
+    raise TypeError(f"field type {tp!r} has no wire form")
 
 
 def strip(tp: Any) -> Any:

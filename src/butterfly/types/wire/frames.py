@@ -32,6 +32,10 @@ to_body: Callable[[Message], dict[str, Any]] = _CODEC.to_body
 """A message's fields as the frame header's body map (bound once: this runs per frame)."""
 
 
+from_body_bytes: Callable[[Any, Any], Message] = _CODEC.from_body_bytes
+"""`from_body` of a body still in msgpack bytes (a frame header's, decoded in C)."""
+
+
 def from_body(kind: Any, body: Any) -> Message:
     """Build a message from an untrusted (kind, body) pair, or raise WireFormatError."""
     msg: Message = _CODEC.from_body(kind, body)
