@@ -8,7 +8,6 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from butterfly.metrics.events import (
-    BytesTransferred,
     CheckpointCopied,
     ConsensusRound,
     Eviction,
@@ -70,8 +69,7 @@ ONE_OF_EACH: list[MetricsEvent] = [
     TaskFinished("completed", 0.2),
     TokenProduced(True, 0.05),
     TokenProduced(False, 0.003),
-    BytesTransferred(4096, NodeId(1)),
-    MessageSent("stage_step", 4200),
+    MessageSent("stage_step", 4200, 4096),
     MessageReceived("stage_result", 4100),
     MessageDropped("oversized"),
     PartitionComputed(0.002, cache_hit=False),

@@ -27,7 +27,6 @@ import time
 from collections.abc import Awaitable, Callable
 
 from butterfly.metrics.events import (
-    BytesTransferred,
     Emit,
     MessageDropped,
     MessageReceived,
@@ -147,9 +146,7 @@ class Connection:
         except (ConnectionError, OSError) as e:
             self.close(f"write failed: {e}")
             raise ConnectionFailed(f"sending to node {self.peer} failed: {e}") from e
-        self._emit(MessageSent(kind=msg.kind, size_bytes=len(frame)))
-        if payload:
-            self._emit(BytesTransferred(len(payload), self.peer))
+        self._emit(MessageSent(msg.kind, len(frame), len(payload)))
 
     def _write(self, frame: bytes, now: bool = False) -> None:
         if self._writer.is_closing():
@@ -236,9 +233,7 @@ class Connection:
                     if whole is None:
                         continue
                     env = decode_frame(whole, self._max_message)
-                self._emit(MessageReceived(kind=env.msg.kind, size_bytes=len(env.payload)))
-                if env.payload:
-                    self._emit(BytesTransferred(len(env.payload), self.peer))
+                self._emit(MessageReceived(env.msg.kind, len(env.payload), len(env.payload)))
                 if env.reply:
                     if env.sender != self.peer:  # attributed to the proven peer, or dropped
                         self._emit(MessageDropped(reason="sender_mismatch"))
