@@ -48,7 +48,7 @@ from butterfly.runtime.stage import (
     supports_trace,
 )
 from butterfly.runtime.torch_thread import TorchThread, single_threaded
-from butterfly.runtime.wire import decode_tensor, encode_tensor, read_tensor
+from butterfly.runtime.wire import WireTensor, decode_tensor, encode_tensor, read_tensor
 from butterfly.types.errors import ButterflyError, InvalidMessage, StageLost
 from butterfly.types.ids import Epoch, NodeId, RequestId, StageIndex
 from butterfly.types.model import LayerRange
@@ -479,30 +479,57 @@ class StageServer:
             self._cache_for(stage, rid, start, msg.request_ids)
             for rid, start in zip(msg.request_ids, msg.starts, strict=True)
         ]
-        offsets = [sum(msg.lengths[:i]) for i in range(len(msg.lengths))]
+        # a step's kind is its row count, rounded up to a power of two: a tiny step may run
+        # inline (TorchThread.run), decided per kind once both paths are timed; keyed by
+        # (entries, rows) as before, 16 concurrent requests of mixed prompt lengths made
+        # so many kinds that 60-75% of steps were a kind's first runs, on the worker
+        kind = ("step", 1 << (wire.shape[1] - 1).bit_length())
         prove = self.prover is not None and supports_trace(stage)
+        if self._plain_output and not prove and max(msg.lengths) == 1:
+            # decode steps on the wire's bytes (runtime.stage.forward_floats), where
+            # nothing else wants the output as a tensor: records to sign, outputs to
+            # keep, a liar's `tamper`; set up before anything the tensor path needs
+            # (measured per hop: every line runs on caches another process flushed)
+            def floats() -> bytes:
+                encoded = forward_floats(stage, wire, caches, msg.starts)
+                if encoded is not None:
+                    return encoded
+                return encode_tensor(self._tensors(stage, msg, wire.tensor(), caches))
+
+            return await self._torch.run(floats, kind), ()
+        return await self._compute_tensors(msg, epoch, wire, stage, caches, kind, prove)
+
+    def _tensors(
+        self, stage: Stage, msg: StageStep, x: torch.Tensor, caches: list[KVCache | None]
+    ) -> torch.Tensor:
+        """A plain decode step's output on torch, where its bytes path does not run."""
+        with torch.inference_mode():
+            rows = x.reshape(len(caches), 1, *x.shape[2:])
+            batch = forward_rows(stage, rows, caches, msg.starts, last_only=msg.last_only)
+            return batch.reshape(1, len(caches), *batch.shape[2:])
+
+    async def _compute_tensors(
+        self,
+        msg: StageStep,
+        epoch: int,
+        wire: WireTensor,
+        stage: Stage,
+        caches: list[KVCache | None],
+        kind: tuple[str, int],
+        prove: bool,
+    ) -> tuple[bytes, tuple[bytes, ...]]:
+        """`compute` on torch tensors: prefills, signed records, kept outputs."""
+        offsets = [sum(msg.lengths[:i]) for i in range(len(msg.lengths))]
         # the chain position of the range held: a replica's records (replicate mode's
         # lanes) name the stage they stand for (a negative index would not even decode)
         index = StageIndex(self._index_of(stage.layers))
-        # decode steps on the wire's bytes (runtime.stage.forward_floats), where nothing
-        # else wants the output as a tensor: records to sign, outputs to keep, a liar's
-        # `tamper`
-        floats = self._plain_output and not prove and max(msg.lengths) == 1
-        x = None if floats else wire.tensor()
+        x = wire.tensor()
         if prove:
-            assert x is not None
             self._check_input(msg, epoch, x, offsets, index)
         n = len(caches)
         traces: list[list[torch.Tensor]] = [[] for _ in range(n)]
 
-        def run() -> torch.Tensor | bytes:
-            if floats:
-                encoded = forward_floats(stage, wire, caches, msg.starts)
-                if encoded is not None:
-                    return encoded
-            return tensors(wire.tensor() if x is None else x)
-
-        def tensors(x: torch.Tensor) -> torch.Tensor:
+        def tensors() -> torch.Tensor:
             if packs(stage, msg.request_ids, msg.lengths):  # one read of the weights for all
                 kept: list[torch.Tensor] | None = [] if prove else None
                 with torch.inference_mode():
@@ -520,10 +547,7 @@ class StageServer:
                 return out
             single = [i for i, length in enumerate(msg.lengths) if length == 1]
             if len(single) == n and not prove:  # decode steps only: x's rows as they lie
-                with torch.inference_mode():
-                    rows = x.reshape(n, 1, *x.shape[2:])
-                    batch = forward_rows(stage, rows, caches, msg.starts, last_only=msg.last_only)
-                    return batch.reshape(1, n, *batch.shape[2:])
+                return self._tensors(stage, msg, x, caches)
             outs: list[torch.Tensor | None] = [None] * n
             with torch.inference_mode():
                 if single:
@@ -557,20 +581,12 @@ class StageServer:
                         traces[i] = [t[j : j + 1] for t in trace or ()]
             return torch.cat([o for o in outs if o is not None], dim=1)
 
-        # a step's kind is its row count, rounded up to a power of two: a tiny step may run
-        # inline (TorchThread.run), decided per kind once both paths are timed; keyed by
-        # (entries, rows) as before, 16 concurrent requests of mixed prompt lengths made
-        # so many kinds that 60-75% of steps were a kind's first runs, on the worker
-        kind = ("step", 1 << (wire.shape[1] - 1).bit_length())
-        out = await self._torch.run(run, kind)
-        if isinstance(out, bytes):
-            return out, ()
+        out = await self._torch.run(tensors, kind)
         sent = self.tamper(out)
         if self._keep_outputs and not (msg.last_only and stage.is_last):
             self._keep(msg, sent, offsets)
         proofs: tuple[bytes, ...] = ()
         if prove:
-            assert x is not None  # decoded above for the input's check
             proofs = self._sign(msg, index, stage.layers, x, sent, offsets, traces)
         return encode_tensor(sent), proofs
 

@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -141,19 +141,34 @@ def confine_to_one_thread() -> int:
     return chosen
 
 
-@contextmanager
-def threads(count: int) -> Iterator[None]:
+class _Threads:
+    """`threads`' block. A class, not a generator: a small-model node enters one per
+    decode step, and the generator's machinery took 30 µs of a step on caches other
+    processes had flushed, where two calls into torch are all it needs (AMD EPYC,
+    docs/PERFORMANCE-LOG.md, fourteenth session)."""
+
+    def __init__(self, count: int) -> None:
+        self._count, self._before = count, count
+
+    def __enter__(self) -> None:
+        import torch
+
+        self._before = torch.get_num_threads()
+        if self._before != self._count:
+            torch.set_num_threads(self._count)
+
+    def __exit__(self, *_: object) -> None:
+        import torch
+
+        if self._before != self._count:
+            torch.set_num_threads(self._before)
+
+
+def threads(count: int) -> AbstractContextManager[None]:
     """Torch's ops on the calling thread run on `count` threads inside the block: the
     OpenMP and MKL counts are the thread's own (the worker keeps its count), though torch
     also keeps the last count set as the default for threads that start later."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return _Threads(count)
 
 
 @contextmanager
@@ -198,7 +213,9 @@ class TorchThread:
         is measured per kind (`_Timing`), not assumed. Inline, a kind of milliseconds
         runs on the worker's thread count (INLINE_MAX_S), a shorter one on the loop
         thread's one (`confine_to_one_thread`)."""
-        timing = None if kind is None else self._kinds.setdefault(kind, _Timing())
+        timing = None if kind is None else self._kinds.get(kind)
+        if timing is None and kind is not None:
+            timing = self._kinds[kind] = _Timing()
         if timing is not None:
             timing.count += 1
             if not self._queued and timing.inline_wins():
