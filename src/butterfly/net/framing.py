@@ -124,6 +124,8 @@ def _header(data: bytes) -> _Header:
         return _decode_header(data)
     except DECODE_ERRORS:
         pass
+    except RecursionError:  # msgspec walks nested values up to Python's recursion limit
+        raise WireFormatError("frame header nests too deeply") from None
     try:
         header = msgpack.unpackb(data)
     except Exception as e:  # msgpack raises several unrelated types on garbage
@@ -134,7 +136,10 @@ def _header(data: bytes) -> _Header:
         if not isinstance(header[key], t) or (t is int and isinstance(header[key], bool)):
             raise WireFormatError(f"envelope field {key!r} has the wrong type")
     # the checks take what msgspec refused: build it from what they took
-    header["b"] = msgspec.Raw(msgpack.packb(header["b"]))
+    try:
+        header["b"] = msgspec.Raw(msgpack.packb(header["b"]))
+    except (ValueError, TypeError, OverflowError) as e:
+        raise WireFormatError(f"frame body cannot be read: {e}") from e
     return _Header(**header)
 
 

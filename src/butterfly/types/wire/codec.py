@@ -342,6 +342,8 @@ class Codec:
                 return convert(decode(data))
             except (*DECODE_ERRORS, ValueError, TypeError):
                 pass
+            except RecursionError:  # msgspec walks nested values up to the recursion limit
+                raise self._error(f"{kind} body nests too deeply") from None
         try:
             body = msgpack.unpackb(data)
         except Exception as e:  # msgpack raises several unrelated types on garbage
