@@ -21,7 +21,7 @@ from butterfly.runtime.loader import layer_infos, load_stage
 from butterfly.runtime.sampling import make_generator, sample
 from butterfly.runtime.stage import forward_rows, prefill_outputs
 from butterfly.runtime.weights import CheckpointReader
-from butterfly.runtime.wire import decode_tensor, encode_tensor
+from butterfly.runtime.wire import DTYPES, decode_tensor, encode_tensor
 from butterfly.types.errors import (
     ContextLengthExceeded,
     InvalidInput,
@@ -190,6 +190,36 @@ def test_wire_rejects_bad_frames() -> None:
             decode_tensor(len(h).to_bytes(4, "big") + h + b"\x00" * 4)
     with pytest.raises(WireFormatError, match="msgpack"):
         decode_tensor(b"\x00\x00\x00\x02\xc1\xc1")
+
+
+def test_tensor_headers_checked_in_c_get_the_python_checks_verdict() -> None:
+    """A tensor header is decoded and checked in C (msgspec); the field-by-field checks
+    (`checked_header`) only name what it refuses. Both must agree on every header."""
+    import msgpack
+
+    from butterfly.runtime.wire import _header, checked_header
+
+    shapes: list[object] = [[], [0], [1, 64], [2] * 8, [2] * 9, [-1], [True], [1.0], ["1"],
+                            [1 << 63], [(1 << 64) - 1], [[1]], None, (1,), {"a": 1}]  # fmt: skip
+    dtypes: list[object] = [*DTYPES, "pickle", "", 1, None, b"float32", ["float32"]]
+    headers: list[object] = [
+        {"dtype": d, "shape": sh} for d in dtypes for sh in shapes
+    ] + [{"dtype": "float32"}, {"shape": [1]}, {}, {"dtype": "float32", "shape": [1], "x": 1},
+         [1, 2], "float32", 5, None]  # fmt: skip
+    seen = {"ok": 0, "refused": 0}
+    for header in headers:
+        data = memoryview(msgpack.packb(header, use_bin_type=True))
+        verdicts = []
+        for check in (_header, checked_header):
+            try:
+                verdicts.append(("ok", check(data)))
+            except WireFormatError:
+                verdicts.append(("refused", None))
+        assert verdicts[0] == verdicts[1], (header, verdicts)
+        seen[verdicts[0][0]] += 1
+    assert seen["ok"] >= 20 and seen["refused"] >= 40  # both verdicts were exercised
+    with pytest.raises(WireFormatError):  # nested past the recursion limit: refused
+        _header(memoryview(b"\x82\xa5dtype\xa7float32\xa5shape" + b"\x91" * 5000 + b"\x01"))
 
 
 # --- bad input ---------------------------------------------------------------------------

@@ -11,8 +11,10 @@ import ctypes
 import math
 import struct
 from dataclasses import dataclass
+from typing import Annotated
 
 import msgpack
+import msgspec
 import torch
 
 from butterfly.types.errors import WireFormatError
@@ -49,7 +51,7 @@ def encode_tensor(t: torch.Tensor) -> bytes:
 
 def tensor_bytes(dtype: str, shape: tuple[int, ...], data: bytes) -> bytes:
     """The wire form of `data` as a tensor of `dtype` (a name in DTYPES) and `shape`."""
-    header = msgpack.packb({"dtype": dtype, "shape": list(shape)})
+    header = _encode_header({"dtype": dtype, "shape": shape})
     return _LEN.pack(len(header)) + header + data
 
 
@@ -85,8 +87,51 @@ def read_tensor(buf: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -> 
         raise WireFormatError(
             f"tensor header length {hlen} is invalid for a {len(view)}-byte frame"
         )
+    name, shape = _header(view[_LEN.size : _LEN.size + hlen])
+    nbytes = math.prod(shape) * _ITEMSIZE[name]
+    if nbytes > max_bytes:
+        raise WireFormatError(f"tensor of {nbytes} bytes exceeds the limit of {max_bytes}")
+    start = _LEN.size + hlen
+    data = view[start:]
+    if len(data) != nbytes:
+        raise WireFormatError(
+            f"tensor {name}{list(shape)} needs {nbytes} bytes, frame carries {len(data)}"
+        )
+    return WireTensor(name, shape, bytes(view[:start]), data)
+
+
+class _Header(msgspec.Struct, forbid_unknown_fields=True):
+    """The header as `checked_header` checks it, decoded and checked in C: a relaying
+    node reads one per step, on caches another process has flushed (the frame's own
+    header likewise: net.framing)."""
+
+    dtype: str
+    shape: Annotated[
+        tuple[Annotated[int, msgspec.Meta(ge=0)], ...], msgspec.Meta(max_length=MAX_DIMS)
+    ]
+
+
+_decode_header = msgspec.msgpack.Decoder(_Header).decode
+_encode_header = msgspec.msgpack.Encoder().encode
+
+
+def _header(data: memoryview) -> tuple[str, tuple[int, ...]]:
+    """The tensor's dtype name and shape; WireFormatError naming what is wrong."""
     try:
-        header = msgpack.unpackb(view[_LEN.size : _LEN.size + hlen], strict_map_key=True)
+        header = _decode_header(data)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return checked_header(data)  # raises, naming the problem
+    except RecursionError:  # msgspec walks a nested value up to the recursion limit
+        raise WireFormatError("tensor header nests too deeply") from None
+    if header.dtype not in DTYPES:
+        raise WireFormatError(f"tensor dtype {header.dtype!r} is not one of {sorted(DTYPES)}")
+    return header.dtype, header.shape
+
+
+def checked_header(data: memoryview | bytes) -> tuple[str, tuple[int, ...]]:
+    """`_header` field by field in Python, for the error that names the problem."""
+    try:
+        header = msgpack.unpackb(data, strict_map_key=True)
     except Exception as e:  # msgpack raises several unrelated types on garbage
         raise WireFormatError(f"tensor header is not valid msgpack: {e}") from e
     if not isinstance(header, dict) or set(header) != {"dtype", "shape"}:
@@ -101,16 +146,7 @@ def read_tensor(buf: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -> 
         or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
     ):
         raise WireFormatError(f"tensor shape {shape!r} must be at most {MAX_DIMS} sizes >= 0")
-    nbytes = math.prod(shape) * _ITEMSIZE[name]
-    if nbytes > max_bytes:
-        raise WireFormatError(f"tensor of {nbytes} bytes exceeds the limit of {max_bytes}")
-    start = _LEN.size + hlen
-    data = view[start:]
-    if len(data) != nbytes:
-        raise WireFormatError(
-            f"tensor {name}{shape} needs {nbytes} bytes, frame carries {len(data)}"
-        )
-    return WireTensor(name, tuple(shape), bytes(view[:start]), data)
+    return name, tuple(shape)
 
 
 def decode_tensor(buf: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
