@@ -197,6 +197,7 @@ def test_tensor_headers_checked_in_c_get_the_python_checks_verdict() -> None:
     (`checked_header`) only name what it refuses. Both must agree on every header."""
     import msgpack
 
+    from butterfly.runtime import wire
     from butterfly.runtime.wire import _header, checked_header
 
     shapes: list[object] = [[], [0], [1, 64], [2] * 8, [2] * 9, [-1], [True], [1.0], ["1"],
@@ -218,6 +219,9 @@ def test_tensor_headers_checked_in_c_get_the_python_checks_verdict() -> None:
         assert verdicts[0] == verdicts[1], (header, verdicts)
         seen[verdicts[0][0]] += 1
     assert seen["ok"] >= 20 and seen["refused"] >= 40  # both verdicts were exercised
+    with pytest.MonkeyPatch.context() as patch:  # a valid header is read in C alone
+        patch.setattr(wire, "checked_header", lambda _: pytest.fail("went to Python"))
+        assert decode_tensor(encode_tensor(torch.ones(2, 3))).shape == (2, 3)
     with pytest.raises(WireFormatError):  # nested past the recursion limit: refused
         _header(memoryview(b"\x82\xa5dtype\xa7float32\xa5shape" + b"\x91" * 5000 + b"\x01"))
 

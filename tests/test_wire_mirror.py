@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from butterfly.net import framing
 from butterfly.net.framing import LENGTH, Envelope, decode_frame, encode_frame
 from butterfly.types.errors import ButterflyError, WireFormatError
 from butterfly.types.ids import Epoch, NodeId
@@ -165,6 +166,25 @@ def test_the_mirror_and_the_codec_agree_on_every_boundary_of_every_field(case: i
 def test_every_kind_of_every_codec_has_a_mirror() -> None:
     for codec in (frames._CODEC, agreement._CODEC, commands._CODEC):
         assert set(codec._mirrors) == set(codec.kinds)
+
+
+def test_valid_bodies_and_headers_never_reach_the_python_checks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The point of the mirror: a well-formed frame is decoded in C alone. With the
+    codec's own checks made to fail, every sample of every kind still decodes whole."""
+
+    def unused(*_: object) -> None:
+        raise AssertionError("a valid body went to the codec's Python checks")
+
+    for codec, message in CASES:
+        monkeypatch.setattr(codec, "from_body", unused)
+        packed = msgpack.packb(codec.to_body(message), use_bin_type=True)
+        assert _same(codec.from_body_bytes(type(message).kind, packed), message)
+    monkeypatch.setattr(framing.msgpack, "unpackb", unused)  # the header's checks
+    for message in SAMPLES:
+        env = Envelope(message, NodeId(1), Epoch(1), "c", 7, False, b"x")
+        assert _same(decode_frame(encode_frame(env)[LENGTH.size :], 1 << 20).msg, message)
 
 
 def test_a_frame_the_mirror_refuses_is_refused_with_the_codecs_words() -> None:

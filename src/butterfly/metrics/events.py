@@ -51,7 +51,7 @@ class MessageSent:
     """A frame written to a peer: `size_bytes` in all, `payload_bytes` of them the
     payload (activations, snapshots), counted as bytes moved between nodes. One event
     for both: an event costs a relaying node 1.5 µs warm and 13 µs on caches another
-    process has flushed (docs/PERFORMANCE-LOG.md, "Frame bodies checked in C")."""
+    process has flushed (AMD EPYC, docs/PERFORMANCE-LOG.md, "Frame bodies checked in C")."""
 
     kind: str
     size_bytes: int

@@ -143,8 +143,8 @@ def confine_to_one_thread() -> int:
 
 class _Threads:
     """`threads`' block. A class, not a generator: a small-model node enters one per
-    decode step, and the generator's machinery took 30 µs of a step on caches other
-    processes had flushed, where two calls into torch are all it needs (AMD EPYC,
+    decode step, and on caches other processes had flushed the block took 31 µs as a
+    generator against 14 as this class, most of that the two calls into torch (AMD EPYC,
     docs/PERFORMANCE-LOG.md, fourteenth session)."""
 
     def __init__(self, count: int) -> None:

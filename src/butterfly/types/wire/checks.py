@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, NewType, get_args, get_origin
 
@@ -144,6 +145,17 @@ def shape(tp: Any) -> Shape:
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         return Shape("record", of=(tp,))
     raise TypeError(f"field type {tp!r} has no wire form")
+
+
+def fields_of(names: Sequence[str]) -> Callable[[Any], tuple[Any, ...]]:
+    """The named attributes of an object as a tuple, in one C call (`attrgetter`, which
+    returns a bare value for one name, so that case is wrapped)."""
+    if len(names) > 1:
+        return operator.attrgetter(*names)
+    if not names:
+        return lambda obj: ()
+    get = operator.attrgetter(names[0])
+    return lambda obj: (get(obj),)
 
 
 def strip(tp: Any) -> Any:

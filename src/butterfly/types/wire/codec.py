@@ -25,7 +25,6 @@ Every other field must be present, exactly as before; the canonical form keeps t
 from __future__ import annotations
 
 import dataclasses
-import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, get_type_hints
@@ -43,6 +42,7 @@ from butterfly.types.wire.checks import (
     bytes_check,
     fail,
     fast_check,
+    fields_of,
     float_check,
     int_check,
     plain,
@@ -134,9 +134,9 @@ class Codec:
             body_keys=frozenset(names),
             version_at=names.index("version") if "version" in names else -1,
             plain=all(plain(hints[n]) for n in names),
-            get_all=operator.attrgetter(*names) if len(names) > 1 else _one(names),
+            get_all=fields_of(names),
             nested_all=tuple(not plain(hints[n]) for n in names),
-            get_signed=operator.attrgetter(*signed) if len(signed) > 1 else _one(signed),
+            get_signed=fields_of(signed),
             nested_signed=tuple(not plain(hints[n]) for n in signed),
             omit=omit,
             bare_keys=(frozenset(names) | ({"kind"} if tagged else set())) - omitted,
@@ -355,11 +355,3 @@ class Codec:
         if cls is None:
             raise self._error(f"unknown message kind {kind!r}; known: {sorted(self._kinds)}")
         return cls
-
-
-def _one(names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
-    """`attrgetter` of one name returns the value, not a tuple: wrap it (or none at all)."""
-    if not names:
-        return lambda obj: ()
-    get = operator.attrgetter(names[0])
-    return lambda obj: (get(obj),)

@@ -3,7 +3,7 @@
 Why: on two cores shared by five processes a frame is decoded on caches another process
 has just flushed. The codec's field checks (`codec.py`, `checks.py`) then cost a middle
 stage 29 µs of a stage step's 52 µs decode, against 7 µs warm; msgspec decodes and
-checks the same body into a struct in 7 µs flushed (docs/PERFORMANCE-LOG.md,
+checks the same body into a struct in 7 µs flushed (AMD EPYC, docs/PERFORMANCE-LOG.md,
 "Frame bodies checked in C").
 
 Each check of the codec has its translation here: an int is 0 <= i < 2**63 and never a
@@ -22,14 +22,13 @@ self-reference) has no mirror, and the codec alone decodes it.
 from __future__ import annotations
 
 import dataclasses
-import operator
 import sys
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal, Union, get_type_hints
 
 import msgspec
 
-from butterfly.types.wire.checks import MAX_INT, MAX_ITEMS, shape
+from butterfly.types.wire.checks import MAX_INT, MAX_ITEMS, fields_of, shape
 
 Convert = Callable[[Any], Any]
 
@@ -148,14 +147,7 @@ class Mirrors:
 def _builder(cls: type[Any], converts: tuple[Convert, ...]) -> Convert:
     """The message of class `cls` from its mirror struct, fields converted in order."""
     names = [f.name for f in dataclasses.fields(cls)]
-    get = operator.attrgetter(*names) if len(names) > 1 else _tuple_of(names)
+    get = fields_of(names)
     if all(c is _same for c in converts):  # scalars and arrays of them: as decoded
         return lambda s: cls(*get(s))
     return lambda s: cls(*[c(v) for c, v in zip(converts, get(s), strict=True)])
-
-
-def _tuple_of(names: list[str]) -> Callable[[Any], tuple[Any, ...]]:
-    if not names:
-        return lambda s: ()
-    get = operator.attrgetter(names[0])
-    return lambda s: (get(s),)
