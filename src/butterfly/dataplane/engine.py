@@ -28,24 +28,23 @@ from butterfly.dataplane.caches import Asker as Asker
 from butterfly.dataplane.caches import Caches
 from butterfly.dataplane.claims import Claims
 from butterfly.dataplane.drafter import Draft, ModelDrafter, draft_seed
+from butterfly.dataplane.generation import Generation
 from butterfly.dataplane.inflight import InFlight
 from butterfly.dataplane.inflight import StepFailed as StepFailed
 from butterfly.dataplane.intake import Intake
 from butterfly.dataplane.replicate import Lane, Replicator
 from butterfly.dataplane.sending import Deliver as Deliver
 from butterfly.dataplane.sending import RecordSize, StepSender
-from butterfly.dataplane.speculate import confirm, kept_until_stop
 from butterfly.dataplane.unresponsive import StepTimeouts
-from butterfly.metrics.events import Emit, PeerError, PromptChunked, Traversed, discard
+from butterfly.metrics.events import Emit, PeerError, discard
 from butterfly.metrics.logcontext import REQUEST_ID
 from butterfly.metrics.tracing import Tracing
 from butterfly.net.framing import Envelope
 from butterfly.protocol.proof import Tolerance
-from butterfly.runtime.sampling import PromptScores, choose, is_greedy, make_generator, sample
-from butterfly.runtime.stops import TextStops
+from butterfly.runtime.sampling import is_greedy
 from butterfly.schedule.chunks import ChunkTimes, chunk_length
-from butterfly.schedule.drafts import Acceptance, Speculation, draft
-from butterfly.schedule.engine import ClusterHealth, PromptScored, Retraction, TokenSink
+from butterfly.schedule.drafts import Speculation, draft
+from butterfly.schedule.engine import ClusterHealth, Retraction, TokenSink
 from butterfly.schedule.store import Checkpoint
 from butterfly.types.errors import (
     ButterflyError,
@@ -57,7 +56,7 @@ from butterfly.types.errors import (
 )
 from butterfly.types.ids import NodeId, RequestId
 from butterfly.types.plan import StagePlan
-from butterfly.types.tasks import InferenceResult, InferenceTask, Sampled, StageRecord
+from butterfly.types.tasks import InferenceResult, InferenceTask, StageRecord
 from butterfly.types.wire.agreement import Proof, encode
 
 log = logging.getLogger(__name__)
@@ -178,19 +177,11 @@ class PipelineEngine:
         on (a running one keeps what it started with, as with `retune`)."""
         self._speculation, self._prefill_chunk = speculation, prefill_chunk
 
-    async def _draft(
-        self,
-        task: InferenceTask,
-        tokens: list[int],
-        generated: int,
-        speculation: Speculation,
-        budget: int,
-        rng: torch.Generator,
-        acceptance: Acceptance,
-    ) -> Draft:
+    async def _draft(self, task: InferenceTask, gen: Generation, speculation: Speculation) -> Draft:
         """The next traversal's draft: prompt lookup, or the small model's guess (drawn,
-        for a sampled request, with a seed from `rng`'s state, which it leaves as it is,
-        and only while `acceptance` says its drafts are being kept)."""
+        for a sampled request, with a seed from the request's RNG state, which it leaves
+        as it is, and only while its record says its drafts are being kept)."""
+        tokens, generated, budget = gen.history(), len(gen.out), gen.budget
         if speculation.mode != "draft":
             return Draft(draft(tokens, speculation, budget))
         k = min(speculation.k, budget)
@@ -199,9 +190,9 @@ class PipelineEngine:
         sampling = task.sampling
         seed = 0
         if not is_greedy(sampling):
-            if not acceptance.drafts():
+            if not gen.acceptance.drafts():
                 return Draft()
-            seed = draft_seed(bytes(rng.get_state().numpy().tobytes()), len(tokens))
+            seed = draft_seed(bytes(gen.rng.get_state().numpy().tobytes()), len(tokens))
         return await self._drafter.propose(
             task.task_id, tokens, k, sampling, generated=generated, seed=seed
         )
@@ -522,9 +513,9 @@ class PipelineEngine:
         that moved on between two steps (a node taken back, a re-plan asked for) may have
         moved layers and their caches with it: the request resumes the same way.
 
-        `saved` (a checkpoint a dead gateway left) starts the request where it was: its
-        tokens count as produced, its RNG state replaces the fresh one, and the first step
-        is the same whole-history prefill a recovery makes.
+        `saved` (a checkpoint a dead gateway left) starts the request where it was
+        (`generation.Generation`); its first step is the same whole-history prefill a
+        recovery makes.
 
         `speculation`: a decode step carries a draft of the request's own text and yields
         the tokens it confirms (`dataplane.speculate`); the next step's start rolls the
@@ -542,56 +533,22 @@ class PipelineEngine:
         records the audit then reads as covering every position.
         """
         every_row = set() if every_row is None else every_row
-        rng = make_generator(task.sampling)
-        prompt = list(task.input_ids)
-        out: list[int] = []
-        scored: list[Sampled] = []  # with logprobs, when the request asked for them
-        wants_logprobs = task.sampling.logprobs is not None
-        # the prompt's tokens scored, when asked (echo with logprobs)
-        k = task.sampling.prompt_logprobs
-        prompt_scores = PromptScores(prompt, k) if k is not None else None
-        stops = (
-            TextStops(self._tokenizer, task.stop)
-            if task.stop and self._tokenizer is not None
-            else None
-        )
-        stopped = False
-        if saved is not None and len(saved.tokens) <= task.max_new_tokens:
-            out = list(saved.tokens)
-            rng.set_state(torch.frombuffer(bytearray(saved.rng_state), dtype=torch.uint8))
-            for token in out:
-                on_token(token)
-                stopped = stopped or (stops is not None and stops.push(token))
-            timings["resumed_from_checkpoint"] = float(len(out))
-            log.info("request %s resumes from its checkpoint at token %d", request_id, len(out))
-        x = torch.tensor([prompt + out], dtype=torch.int64)
-        pos, step, recoveries, traversals = 0, 0, 0, 0
-        acceptance = Acceptance()  # what the pipeline kept of a sampled request's drafts
+        gen = Generation(task, on_token, self._eos, self._emit, self._tokenizer, saved)
+        if gen.resumed:
+            timings["resumed_from_checkpoint"] = float(len(gen.out))
+            log.info("request %s resumes from its checkpoint at token %d", request_id, len(gen.out))
+        step, recoveries, traversals = 0, 0, 0
         # the start of the step first lost in a row, until a step answers again
         lost_at: float | None = None
-        ended = stopped or (bool(out) and out[-1] in self._eos)
-        based_on = self._epoch()  # the plan whose caches `pos` counts on
-        # max_new_tokens 0 (an echo that scores its prompt): the prefill, no token
-        while not ended and (
-            len(out) < task.max_new_tokens
-            or (prompt_scores is not None and prompt_scores.wanted(pos, x.shape[1]) > 0)
-        ):
+        based_on = self._epoch()  # the plan whose caches `gen.pos` counts on
+        while gen.more():
             if self._epoch() != based_on:
-                pos, x = await self._replay_from(request_id, prompt + out, positions)
+                gen.replay_from(await self._replay_from(request_id, len(gen.history()), positions))
             epoch = based_on = self._epoch()
             step += 1  # step ids are never reused, so a late answer is ignored
             step_started = time.perf_counter()
-            # a decode step verifies a draft with it, if the text so far offers one
-            budget = task.max_new_tokens - len(out) - 1
-            drafting = x.shape[1] == 1 and not wants_logprobs
-            proposed = (
-                await self._draft(
-                    task, prompt + out, len(out), speculation, budget, rng, acceptance
-                )
-                if drafting
-                else Draft()
-            )
-            drafted = proposed.tokens
+            drafting = gen.drafting
+            proposed = await self._draft(task, gen, speculation) if drafting else Draft()
             if self._epoch() != based_on:  # the plan moved while the small model drafted
                 continue
             # a long prompt or replay goes in steps whose signed records fit a frame
@@ -599,26 +556,24 @@ class PipelineEngine:
             plan = self._plan()
             cap = self._sender.max_positions(len(plan.nodes)) if plan is not None else 0
             times = self.chunk_times
-            sized = chunk_length(chunk, times, request_id) if x.shape[1] > 1 else chunk
-            limit = min(c for c in (sized, cap, x.shape[1]) if c > 0)
-            head = x[:, :limit] if limit < x.shape[1] else x
-            if drafted:
-                head = torch.cat([x, torch.tensor([drafted], dtype=torch.int64)], dim=1)
-            timed = not drafted and request_id not in self._replicating  # a lane may resend
-            mark = times.started(request_id, head.shape[1] if timed else 0, stream=bool(out))
+            sized = chunk_length(chunk, times, request_id) if gen.pending > 1 else chunk
+            head = gen.step_input(
+                min(c for c in (sized, cap, gen.pending) if c > 0), proposed.tokens
+            )
+            # a lane may resend
+            timed = not proposed.tokens and request_id not in self._replicating
+            mark = times.started(request_id, head.shape[1] if timed else 0, stream=bool(gen.out))
             answered: float | None = None
             # rows of prompt positions this step would score, when asked and not yet done
-            to_score = prompt_scores.wanted(pos, head.shape[1]) if prompt_scores else 0
+            to_score = gen.to_score(head.shape[1])
             try:
-                rows = bool(drafted) or to_score > 0
-                logits = await self._compute(request_id, step, pos, head, not rows)
+                rows = bool(proposed.tokens) or to_score > 0
+                logits = await self._compute(request_id, step, gen.pos, head, not rows)
                 answered = time.perf_counter() - step_started
-                positions[step] = (pos, head.shape[1])  # a step whose output was used
-                if to_score and prompt_scores is not None:
+                positions[step] = (gen.pos, head.shape[1])  # a step whose output was used
+                if to_score:
                     every_row.add(step)
-                    prompt_scores.add(pos, logits[0, :to_score])
-                    if not prompt_scores.wanted(0, len(prompt)):  # all of them: say so
-                        on_token(PromptScored(prompt_scores.scores()))
+                    gen.score_prompt(logits, to_score)
                 if lost_at is not None:  # decoding resumed: the whole gap was recovery
                     timings["recovery_s"] = timings.get("recovery_s", 0.0) + (
                         time.perf_counter() - lost_at
@@ -640,7 +595,7 @@ class PipelineEngine:
                 if recoveries > self._max_recoveries:
                     raise
                 if not e.retriable:  # a claim not believed: replay it all on the new route
-                    pos, x = 0, torch.tensor([prompt + out], dtype=torch.int64)
+                    gen.replay_from(0)
                     positions.clear()  # the replay recomputes every row they gave
                     continue
                 # from the lost step's start, the last progress the gateway saw, to the
@@ -650,73 +605,41 @@ class PipelineEngine:
                 if lost_at is None:
                     lost_at = step_started
                 log.warning(
-                    "request %s lost a step at token %d (%s); replaying", request_id, len(out), e
+                    "request %s lost a step at token %d (%s); replaying",
+                    request_id,
+                    len(gen.out),
+                    e,
                 )
                 await self._await_plan_change(epoch)
                 based_on = self._epoch()
-                pos, x = await self._replay_from(request_id, prompt + out, positions)
-                timings["resumed_at"] = float(pos)
+                gen.replay_from(await self._replay_from(request_id, len(gen.history()), positions))
+                timings["resumed_at"] = float(gen.pos)
                 continue
             finally:
                 times.ended(mark, answered)
             traversals += 1
-            if head.shape[1] < x.shape[1] and not drafted:  # a chunk; the rest follows
-                self._emit(Traversed())
-                self._emit(PromptChunked(head.shape[1]))
-                pos, x = pos + head.shape[1], x[:, head.shape[1] :]
-                continue
-            if not task.max_new_tokens:  # the prompt is scored; no token was asked for
-                break
-            if drafted:
-                got = confirm(logits[0], drafted, task.sampling, rng, out, proposed.q)
-                self._emit(Traversed(len(drafted), len(got) - 1))
-                if proposed.q is not None:  # a draft model's draws: its record
-                    acceptance = acceptance.verified(len(drafted), len(got) - 1)
-            elif wants_logprobs:  # a log-softmax over the vocabulary more, only when asked
-                picked = choose(logits[0, -1], task.sampling, rng, out)
-                got = [picked.token]
-                scored.append(picked)
-                self._emit(Traversed())
-            else:
-                got = [sample(logits[0, -1], task.sampling, rng, out)]
-                self._emit(Traversed())
-            if drafting and not drafted:
-                acceptance = acceptance.undrafted_step()
-            got = kept_until_stop(got, self._eos)
-            if stops is not None:  # the tokens up to the one that completes a stop string
-                for i, token in enumerate(got):
-                    if stops.push(token):
-                        got, stopped = got[: i + 1], True
-                        break
-            if not out:
-                timings["time_to_first_token_s"] = time.perf_counter() - started
-            before = len(out)
-            for token in got:
-                out.append(token)
-                on_token(scored[-1] if wants_logprobs else token)
+            before = len(gen.out)
+            got = gen.take(logits, head.shape[1], proposed, drafting)
+            if got and not before and gen.first_token_at is not None:
+                timings["time_to_first_token_s"] = gen.first_token_at - started
             every = self.checkpoint_every
-            crossed = every > 0 and len(out) // every > before // every  # a verify: several
+            crossed = every > 0 and len(gen.out) // every > before // every  # a verify: several
             if self._on_checkpoint is not None and crossed:
-                state = bytes(rng.get_state().numpy().tobytes())
-                self._on_checkpoint(request_id, Checkpoint(tuple(out), state, epoch))
-            if stopped or got[-1] in self._eos:
-                break
-            # the positions whose cache is valid: the input's, less the rejected drafts'
-            pos += x.shape[1] + len(got) - 1
-            x = torch.tensor([[got[-1]]], dtype=torch.int64)
+                self._on_checkpoint(request_id, gen.checkpoint(epoch))
         total = time.perf_counter() - started
         timings["total_s"] = total
         timings["traversals"] = float(traversals)
         if recoveries:
             timings["recoveries"] = float(recoveries)
-        if len(out) > 1 and "time_to_first_token_s" in timings:  # not when resumed at the end
+        produced = len(gen.out)
+        if produced > 1 and "time_to_first_token_s" in timings:  # not when resumed at the end
             timings["time_per_output_token_s"] = (total - timings["time_to_first_token_s"]) / (
-                len(out) - 1
+                produced - 1
             )
         plan = self._plan()
-        result = self._result(task, plan, tuple(out), (), timings)
-        prompt_scored = prompt_scores.scores() if prompt_scores is not None else ()
-        return replace(result, logprobs=tuple(scored), prompt_logprobs=prompt_scored)
+        result = self._result(task, plan, tuple(gen.out), (), timings)
+        prompt_scored = gen.prompt_scores.scores() if gen.prompt_scores is not None else ()
+        return replace(result, logprobs=tuple(gen.scored), prompt_logprobs=prompt_scored)
 
     def _result(
         self,
@@ -751,13 +674,13 @@ class PipelineEngine:
         return True
 
     async def _replay_from(
-        self, request_id: RequestId, history: list[int], positions: dict[int, tuple[int, int]]
-    ) -> tuple[int, torch.Tensor]:
-        """Where the request goes on after the plan moved on, and the tokens to send."""
-        pos = await self._resume_at(request_id, len(history))
+        self, request_id: RequestId, length: int, positions: dict[int, tuple[int, int]]
+    ) -> int:
+        """Where a request of `length` tokens goes on after the plan moved on."""
+        pos = await self._resume_at(request_id, length)
         for superseded in [s for s, (start, _) in positions.items() if start >= pos]:
             del positions[superseded]  # the replay recomputes every row they gave
-        return pos, torch.tensor([history[pos:]], dtype=torch.int64)
+        return pos
 
     async def _resume_at(self, request_id: RequestId, length: int) -> int:
         """Where a request resumes on a new plan (`caches.Caches.resume_at`, asking the

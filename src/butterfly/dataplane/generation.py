@@ -1,0 +1,175 @@
+"""One request's generation as the gateway holds it: the tokens so far, the sampling RNG,
+the stop strings, the prompt's scores, and what the next step of the pipeline sends.
+
+The gateway is the canonical keeper of this state (stage nodes keep only KV caches): a
+recovery replays from it and a checkpoint saves it. It knows nothing of the network:
+`engine.PipelineEngine` sends the steps it asks for, hands each step's logits back here,
+and moves it when a plan changes. So it runs in one process with plain tensors as
+logits (`tests/test_generation.py`).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from tokenizers import Tokenizer
+
+from butterfly.dataplane.drafter import Draft
+from butterfly.dataplane.speculate import confirm, kept_until_stop
+from butterfly.metrics.events import Emit, PromptChunked, Traversed
+from butterfly.runtime.sampling import PromptScores, choose, make_generator, sample
+from butterfly.runtime.stops import TextStops
+from butterfly.schedule.drafts import Acceptance
+from butterfly.schedule.engine import PromptScored, TokenSink
+from butterfly.schedule.store import Checkpoint
+from butterfly.types.tasks import InferenceTask, Sampled
+
+
+class Generation:
+    """`pos` is where the stages' caches are valid up to for this request; `pending` the
+    tokens from there that the next step must send (the prompt, a replay, or the last
+    token)."""
+
+    def __init__(
+        self,
+        task: InferenceTask,
+        on_token: TokenSink,
+        eos: frozenset[int],
+        emit: Emit,
+        tokenizer: Tokenizer | None = None,
+        saved: Checkpoint | None = None,
+    ) -> None:
+        """`saved` (a checkpoint a dead gateway left) starts the request where it was:
+        its tokens count as produced and are sent to `on_token` again, its RNG state
+        replaces the fresh one. `tokenizer` is needed only for the task's stop strings."""
+        self.task, self._on_token, self._eos, self._emit = task, on_token, eos, emit
+        self.rng = make_generator(task.sampling)
+        self.prompt = list(task.input_ids)
+        self.out: list[int] = []
+        self.scored: list[Sampled] = []  # with logprobs, when the request asked for them
+        self.wants_logprobs = task.sampling.logprobs is not None
+        k = task.sampling.prompt_logprobs  # the prompt's tokens scored (echo with logprobs)
+        self.prompt_scores = PromptScores(self.prompt, k) if k is not None else None
+        self._stops = TextStops(tokenizer, task.stop) if task.stop and tokenizer else None
+        self.acceptance = Acceptance()  # what the pipeline kept of a sampled request's drafts
+        self.resumed = saved is not None and len(saved.tokens) <= task.max_new_tokens
+        stopped = False
+        if saved is not None and self.resumed:
+            self.out = list(saved.tokens)
+            self.rng.set_state(torch.frombuffer(bytearray(saved.rng_state), dtype=torch.uint8))
+            for token in self.out:
+                on_token(token)
+                stopped = stopped or (self._stops is not None and self._stops.push(token))
+        self.ended = stopped or (bool(self.out) and self.out[-1] in eos)
+        self.first_token_at: float | None = None  # perf_counter() at the first token made here
+        self.pos = 0
+        self._x = torch.tensor([self.prompt + self.out], dtype=torch.int64)
+
+    def history(self) -> list[int]:
+        return self.prompt + self.out
+
+    @property
+    def pending(self) -> int:
+        return self._x.shape[1]
+
+    def more(self) -> bool:
+        """Whether another step is needed: tokens still asked for, or (max_new_tokens 0,
+        an echo that scores its prompt) prompt positions not yet scored."""
+        if self.ended:
+            return False
+        scores = self.prompt_scores
+        return len(self.out) < self.task.max_new_tokens or (
+            scores is not None and scores.wanted(self.pos, self.pending) > 0
+        )
+
+    def replay_from(self, pos: int) -> None:
+        """The stages' caches hold only `pos` positions (a new plan, a route around a
+        node): the next step sends the history from there."""
+        self.pos, self._x = pos, torch.tensor([self.history()[pos:]], dtype=torch.int64)
+
+    @property
+    def drafting(self) -> bool:
+        """A decode step verifies a draft, if the text offers one (not when logprobs are
+        asked: each token's scores come from its own step)."""
+        return self.pending == 1 and not self.wants_logprobs
+
+    @property
+    def budget(self) -> int:
+        """The draft tokens a step may verify: one token comes from the step itself."""
+        return self.task.max_new_tokens - len(self.out) - 1
+
+    def step_input(self, limit: int, drafted: tuple[int, ...] = ()) -> torch.Tensor:
+        """The tokens of the next step: at most `limit` of the pending ones (a chunk of a
+        long input), or the last token and the draft after it."""
+        if drafted:
+            return torch.cat([self._x, torch.tensor([drafted], dtype=torch.int64)], dim=1)
+        return self._x[:, :limit] if limit < self.pending else self._x
+
+    def to_score(self, length: int) -> int:
+        """How many of a `length`-position step's rows score prompt positions not scored
+        yet (the step then asks for every row's logits)."""
+        return self.prompt_scores.wanted(self.pos, length) if self.prompt_scores else 0
+
+    def score_prompt(self, logits: torch.Tensor, rows: int) -> None:
+        """A step's first `rows` rows score prompt positions; once all are scored, the
+        token sink hears of them."""
+        scores = self.prompt_scores
+        if scores is None or not rows:
+            return
+        scores.add(self.pos, logits[0, :rows])
+        if not scores.wanted(0, len(self.prompt)):
+            self._on_token(PromptScored(scores.scores()))
+
+    def take(self, logits: torch.Tensor, length: int, draft: Draft, drafting: bool) -> list[int]:
+        """A step of `length` positions answered with `logits`: move past it, sampling its
+        tokens if it ended the input, and return them (none for a chunk of a longer input
+        or a prompt only scored). `drafting`: the step could have carried a draft (`draft`
+        is what it carried)."""
+        drafted = draft.tokens
+        if length < self.pending and not drafted:  # a chunk; the rest follows
+            self._emit(Traversed())
+            self._emit(PromptChunked(length))
+            self.pos, self._x = self.pos + length, self._x[:, length:]
+            return []
+        if not self.task.max_new_tokens:  # the prompt is scored; no token was asked for
+            self.ended = True
+            return []
+        sampling = self.task.sampling
+        if drafted:
+            got = confirm(logits[0], drafted, sampling, self.rng, self.out, draft.q)
+            self._emit(Traversed(len(drafted), len(got) - 1))
+            if draft.q is not None:  # a draft model's draws: its record
+                self.acceptance = self.acceptance.verified(len(drafted), len(got) - 1)
+        elif self.wants_logprobs:  # a log-softmax over the vocabulary more, only when asked
+            picked = choose(logits[0, -1], sampling, self.rng, self.out)
+            got = [picked.token]
+            self.scored.append(picked)
+            self._emit(Traversed())
+        else:
+            got = [sample(logits[0, -1], sampling, self.rng, self.out)]
+            self._emit(Traversed())
+        if drafting and not drafted:
+            self.acceptance = self.acceptance.undrafted_step()
+        got = kept_until_stop(got, self._eos)
+        stopped = False
+        if self._stops is not None:  # the tokens up to the one that completes a stop string
+            for i, token in enumerate(got):
+                if self._stops.push(token):
+                    got, stopped = got[: i + 1], True
+                    break
+        if not self.out:  # before the sink hears it, which may take its time
+            self.first_token_at = time.perf_counter()
+        for token in got:
+            self.out.append(token)
+            self._on_token(self.scored[-1] if self.wants_logprobs else token)
+        self.ended = stopped or got[-1] in self._eos
+        # the positions whose cache is valid: the input's, less the rejected drafts'
+        self.pos += self.pending + len(got) - 1
+        self._x = torch.tensor([[got[-1]]], dtype=torch.int64)
+        return got
+
+    def checkpoint(self, epoch: int) -> Checkpoint:
+        """What a standby gateway needs to go on exactly from here."""
+        state = bytes(self.rng.get_state().numpy().tobytes())
+        return Checkpoint(tuple(self.out), state, epoch)
