@@ -12,11 +12,9 @@ worker and back cost two thread wake-ups per stage and token, more than the few
 milliseconds the loop then waits (see docs/PERFORMANCE-LOG.md). Heartbeats have threads of
 their own (control.heartbeats), so neither delays them.
 
-KV caches are bounded whatever the gateway does: at most `max_caches` per node (the
-least recently used one goes when a new one would pass the cap) and none idle longer
-than `cache_ttl_s`, so a lost or withheld `Release` costs memory for a while, not for
-ever. A request whose cache went that way gets a retriable error on its next step
-naming why; the gateway then replays it from its token history.
+KV caches are bounded whatever the gateway does (`kv_table.KvTable`): a request whose
+cache was evicted gets a retriable error on its next step naming why, and the gateway
+replays it from its token history.
 """
 
 from __future__ import annotations
@@ -25,13 +23,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from butterfly.dataplane.kv_table import CACHE_TTL_S, MAX_CACHES, KvTable
 from butterfly.dataplane.proving import Prover, check_records, decode_proofs
 from butterfly.net.framing import Envelope
 from butterfly.runtime.kvcache import KVCache
@@ -88,10 +86,6 @@ def _prefill_groups(
 
 EARLY_STEP_WAIT_S = 10.0
 """How long a step for an epoch this node has not reached waits for that plan."""
-MAX_CACHES = 1024
-CACHE_TTL_S = 600.0
-EVICTIONS_REMEMBERED = 4096
-"""Evicted request ids kept to explain a later step's missing cache; the oldest go first."""
 
 
 @dataclass(frozen=True)
@@ -131,20 +125,19 @@ class StageServer:
         self._keep_outputs = keep_outputs
         # a liar (butterfly.testing) changes its output as a tensor, in `tamper`
         self._plain_output = not keep_outputs and type(self).tamper is StageServer.tamper
-        # request -> (start, output) of each step, in position order
-        self._kept: dict[RequestId, list[tuple[int, torch.Tensor]]] = {}
         self._snapshot_every = snapshot_every
-        self._shipped: dict[RequestId, int] = {}  # request -> positions already at the standbys
         self._plan_changed = asyncio.Event()
         self.node, self.model_dir = node, model_dir
         self._max_tensor_bytes, self._precision = max_tensor_bytes, precision
         self._torch = torch_thread
         self.stage: Stage | None = None
         self.plan: StagePlan | None = None
-        self.caches: dict[RequestId, KVCache | None] = {}
-        self._max_caches, self._ttl, self._clock = max(1, max_caches), cache_ttl_s, clock
-        self._used: OrderedDict[RequestId, float] = OrderedDict()  # least recent first
-        self._evicted: OrderedDict[RequestId, str] = OrderedDict()  # request -> why
+        self.table = KvTable(node, max_caches=max_caches, ttl_s=cache_ttl_s, clock=clock)
+
+    @property
+    def caches(self) -> dict[RequestId, KVCache | None]:
+        """Each request's KV cache (None: the stage keeps none)."""
+        return self.table.caches
 
     @property
     def epoch(self) -> Epoch:
@@ -163,10 +156,8 @@ class StageServer:
         return self.kv_usage()[1]
 
     def kv_usage(self) -> tuple[int, int]:
-        """(caches, bytes) held; safe to call from a metrics scrape on another thread (a
-        copy of the table is taken in one step, under the GIL)."""
-        caches = [c for c in list(self.caches.values()) if c is not None]
-        return len(caches), sum(c.nbytes for c in caches)
+        """(caches, bytes) held (`KvTable.usage`: safe from a metrics scrape's thread)."""
+        return self.table.usage()
 
     def stage_index(self) -> int | None:
         """The chain position of the range this node holds, or None when it holds none."""
@@ -194,7 +185,7 @@ class StageServer:
             # on without it and their releases never reached it: its caches are stale
             missed = self.plan is not None and plan.epoch > self.plan.epoch + 1
             if self.stage is None or layers is None or self.stage.layers != layers or missed:
-                self._drop_caches(f"the plan of epoch {plan.epoch} moved this node's layers")
+                self.table.drop_all(f"the plan of epoch {plan.epoch} moved this node's layers")
             self.stage, self.plan = stage, plan
             self._plan_changed.set()
             self._plan_changed = asyncio.Event()
@@ -228,59 +219,11 @@ class StageServer:
         return self.plan
 
     def release(self, request_id: RequestId) -> None:
-        self.caches.pop(request_id, None)
-        self._used.pop(request_id, None)
-        self._shipped.pop(request_id, None)
-        self._kept.pop(request_id, None)
-
-    def _touch(self, request_id: RequestId) -> None:
-        self._used[request_id] = self._clock()
-        self._used.move_to_end(request_id)
-
-    def _evict(self, request_id: RequestId, why: str) -> None:
-        log.warning("node %s: KV cache of %s evicted: %s", self.node, request_id, why)
-        self.release(request_id)
-        self._evicted[request_id] = why
-        self._evicted.move_to_end(request_id)
-        while len(self._evicted) > EVICTIONS_REMEMBERED:
-            self._evicted.popitem(last=False)
-
-    def _drop_caches(self, why: str) -> None:
-        """Every cache goes; a later step of one of their requests is told to replay it."""
-        if self.caches:
-            log.info("node %s: %d KV cache(s) dropped: %s", self.node, len(self.caches), why)
-        for rid in self.caches:
-            self._evicted[rid] = why
-            self._evicted.move_to_end(rid)
-        while len(self._evicted) > EVICTIONS_REMEMBERED:
-            self._evicted.popitem(last=False)
-        self.caches.clear()
-        self._used.clear()
-        self._shipped.clear()
+        self.table.release(request_id)
 
     def expire(self) -> int:
-        """Drop the caches idle longer than the TTL (a lost Release, a gateway that went
-        away); how many went."""
-        now, gone = self._clock(), 0
-        while self._used:
-            rid, used = next(iter(self._used.items()))
-            if now - used <= self._ttl:
-                break
-            self._evict(rid, f"idle for {now - used:.0f} s (resources.kv_cache_ttl_s)")
-            gone += 1
-        return gone
-
-    def _make_room(self, keep: Iterable[RequestId]) -> None:
-        """Before a new cache: expire idle ones, then evict the least recently used until
-        one more fits, never one of `keep` (the step being computed uses them)."""
-        self.expire()
-        spare = set(keep)
-        for rid in [r for r in self._used if r not in spare]:
-            if len(self.caches) < self._max_caches:
-                return
-            self._evict(
-                rid, f"{self._max_caches} caches held (resources.max_kv_caches); least recent"
-            )
+        """Drop the caches idle longer than the TTL; how many went (`KvTable.expire`)."""
+        return self.table.expire()
 
     def outputs_of(
         self, request_id: RequestId, layers: LayerRange, length: int
@@ -288,24 +231,9 @@ class StageServer:
         """This stage's outputs for positions [0, length) of the request, as it computed
         them, or None when it did not compute all of them (another node did some after a
         recovery, or `keep_outputs` is off)."""
-        kept = self._kept.get(request_id)
-        if self.stage is None or self.stage.layers != layers or not kept or kept[0][0] != 0:
+        if self.stage is None or self.stage.layers != layers:
             return None
-        out = torch.cat([t for _, t in kept], dim=1)
-        return out if out.shape[1] == length else None
-
-    def _keep(self, msg: StageStep, out: torch.Tensor, offsets: list[int]) -> None:
-        """Append each entry's output; the kept steps stay contiguous from their first."""
-        for i, (rid, start) in enumerate(zip(msg.request_ids, msg.starts, strict=True)):
-            kept = self._kept.setdefault(rid, [])
-            while kept and kept[-1][0] >= start:  # a re-run from `start`
-                kept.pop()
-            if kept and kept[-1][0] + kept[-1][1].shape[1] > start:  # rolled back into it
-                first, rows = kept[-1]
-                kept[-1] = (first, rows[:, : start - first])
-            if kept and kept[-1][0] + kept[-1][1].shape[1] != start:
-                kept.clear()  # a gap: positions computed elsewhere (after a recovery)
-            kept.append((start, out[:, offsets[i] : offsets[i] + msg.lengths[i]].clone()))
+        return self.table.outputs(request_id, length)
 
     def retune(self, *, snapshot_every: int) -> None:
         """A changed coordination.checkpoint_frequency: the next copy waits for this many
@@ -328,13 +256,13 @@ class StageServer:
             cache = self.caches.get(rid)
             if cache is None or not standbys:
                 continue
-            shipped = min(self._shipped.get(rid, 0), cache.length)
+            shipped = min(self.table.shipped.get(rid, 0), cache.length)
             if cache.length - shipped < self._snapshot_every:
                 continue
             payload = encode_tensor(cache.rows(shipped, cache.length))
             msg = KvAppend(rid, stage.layers.start, stage.layers.end, shipped)
             out.extend(Outbound(n, msg, payload) for n in standbys)
-            self._shipped[rid] = cache.length
+            self.table.shipped[rid] = cache.length
         return out
 
     def on_kv_append(self, msg: KvAppend, payload: bytes) -> None:
@@ -349,7 +277,7 @@ class StageServer:
         if cache is None:
             if msg.start != 0:
                 return
-            self._make_room((msg.request_id,))
+            self.table.make_room((msg.request_id,))
             cache = stage.new_cache()
             if cache is None:
                 return
@@ -361,15 +289,10 @@ class StageServer:
         except ButterflyError as e:
             log.warning("KV copy of %s refused: %s", msg.request_id, e)
             return
-        self.caches[msg.request_id] = cache
-        self._touch(msg.request_id)
+        self.table.put(msg.request_id, cache)
 
     def cache_lengths(self, query: CacheQuery) -> CacheLengths:
-        lengths = []
-        for rid in query.request_ids:
-            cache = self.caches.get(rid)
-            lengths.append(cache.length if cache is not None else 0)
-        return CacheLengths(query.request_ids, tuple(lengths))
+        return CacheLengths(query.request_ids, self.table.lengths(query.request_ids))
 
     async def on_step(self, env: Envelope) -> Outbound:
         """Compute a step; the result goes on along the route, or errors to the gateway."""
@@ -428,39 +351,6 @@ class StageServer:
             raise InvalidMessage(f"stage {stage.layers} takes {want}, got shape {list(shape)}")
         return stage
 
-    def _cache_for(
-        self, stage: Stage, request_id: RequestId, start: int, batch: tuple[RequestId, ...]
-    ) -> KVCache | None:
-        """The request's cache, cut back to `start` (a re-run after recovery recomputes
-        from there); a request's first step creates it. `batch`: the step's requests,
-        whose caches making room for this one must not take."""
-        if request_id not in self.caches:
-            if start != 0:
-                why = self._evicted.get(request_id)
-                if why is not None:  # the gateway replays it from its token history
-                    raise StageLost(
-                        f"request {request_id}'s KV cache on node {self.node} was evicted "
-                        f"({why}); replay it from position 0"
-                    )
-                raise InvalidMessage(
-                    f"request {request_id} has no KV cache on node {self.node} "
-                    f"to continue at position {start}"
-                )
-            self._make_room(batch)
-            self._evicted.pop(request_id, None)
-            self.caches[request_id] = stage.new_cache()
-        self._touch(request_id)
-        cache = self.caches[request_id]
-        if cache is not None:
-            if start > cache.length:
-                raise InvalidMessage(
-                    f"request {request_id} continues at {start}, cache holds {cache.length}"
-                )
-            cache.truncate(start)
-            if self._shipped.get(request_id, 0) > start:
-                self._shipped[request_id] = start  # recomputed positions are copied again
-        return cache
-
     async def compute(
         self, msg: StageStep, epoch: int, payload: bytes
     ) -> tuple[bytes, tuple[bytes, ...]]:
@@ -475,8 +365,8 @@ class StageServer:
         await self.plan_of(epoch)
         wire = read_tensor(payload, self._max_tensor_bytes)
         stage = self._check_step(msg, epoch, wire.shape)
-        caches = [
-            self._cache_for(stage, rid, start, msg.request_ids)
+        caches = [  # each cut back to its start: a re-run after recovery recomputes from there
+            self.table.cache_for(rid, start, msg.request_ids, stage.new_cache)
             for rid, start in zip(msg.request_ids, msg.starts, strict=True)
         ]
         # a step's kind is its row count, rounded up to a power of two: a tiny step may run
@@ -584,7 +474,7 @@ class StageServer:
         out = await self._torch.run(tensors, kind)
         sent = self.tamper(out)
         if self._keep_outputs and not (msg.last_only and stage.is_last):
-            self._keep(msg, sent, offsets)
+            self.table.keep(msg.request_ids, msg.starts, msg.lengths, sent, offsets)
         proofs: tuple[bytes, ...] = ()
         if prove:
             proofs = self._sign(msg, index, stage.layers, x, sent, offsets, traces)

@@ -25,7 +25,8 @@ from tokenizers import Tokenizer
 
 from butterfly.dataplane.drafter import ModelDrafter
 from butterfly.dataplane.engine import PipelineEngine
-from butterfly.dataplane.stage_server import CACHE_TTL_S, MAX_CACHES, StageServer
+from butterfly.dataplane.kv_table import CACHE_TTL_S, MAX_CACHES
+from butterfly.dataplane.stage_server import StageServer
 from butterfly.metrics.events import Emit, discard
 from butterfly.net.framing import Envelope
 from butterfly.runtime.loader import model_args

@@ -1,0 +1,83 @@
+"""The KV table's own rules, without a stage: which cache a step gets, why a missing one
+is missing, how many evictions are remembered, and the gateway's kept outputs staying
+contiguous through re-runs, rollbacks and gaps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from butterfly.dataplane import kv_table
+from butterfly.dataplane.kv_table import KvTable
+from butterfly.types.errors import InvalidMessage, StageLost
+from butterfly.types.ids import NodeId, RequestId
+
+
+def table(max_caches: int = 2) -> tuple[KvTable, list[float]]:
+    now = [0.0]
+    return KvTable(NodeId(1), max_caches=max_caches, ttl_s=10.0, clock=lambda: now[0]), now
+
+
+def rid(name: str) -> RequestId:
+    return RequestId(name)
+
+
+def test_a_missing_cache_is_explained_only_when_it_was_evicted() -> None:
+    t, now = table()
+    for name in ("a", "b", "c"):  # the third takes the least recent: a
+        t.cache_for(rid(name), 0, (rid(name),), lambda: None)
+        now[0] += 1
+    assert set(t.caches) == {"b", "c"}
+    with pytest.raises(StageLost, match=r"evicted .*max_kv_caches"):
+        t.cache_for(rid("a"), 5, (rid("a"),), lambda: None)
+    with pytest.raises(InvalidMessage, match="no KV cache"):
+        t.cache_for(rid("never"), 5, (rid("never"),), lambda: None)
+    now[0] += 11  # both idle past the TTL
+    assert t.expire() == 2 and not t.caches
+    with pytest.raises(StageLost, match="idle for 12 s"):
+        t.cache_for(rid("c"), 1, (rid("c"),), lambda: None)
+
+
+def test_a_step_never_evicts_its_own_batch() -> None:
+    t, _ = table(max_caches=1)
+    t.cache_for(rid("a"), 0, (rid("a"), rid("b")), lambda: None)
+    t.cache_for(rid("b"), 0, (rid("a"), rid("b")), lambda: None)
+    assert set(t.caches) == {"a", "b"}  # over the cap for this step, not by evicting a
+
+
+def test_evictions_remembered_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kv_table, "EVICTIONS_REMEMBERED", 3)
+    t, _ = table()
+    for i in range(5):
+        t.cache_for(rid(f"r{i}"), 0, (rid(f"r{i}"),), lambda: None)
+    t.drop_all("the plan moved")
+    assert not t.caches
+    with pytest.raises(StageLost, match="the plan moved"):
+        t.cache_for(rid("r4"), 1, (rid("r4"),), lambda: None)
+    with pytest.raises(InvalidMessage):  # r0 is forgotten: the oldest went first
+        t.cache_for(rid("r0"), 1, (rid("r0"),), lambda: None)
+
+
+def rows(start: int, n: int) -> torch.Tensor:
+    return torch.arange(start, start + n, dtype=torch.float32).reshape(1, n, 1)
+
+
+def keep(t: KvTable, start: int, n: int) -> None:
+    t.keep((rid("r"),), (start,), (n,), rows(start, n), [0])
+
+
+def test_kept_outputs_stay_contiguous_through_reruns_and_rollbacks() -> None:
+    t, _ = table()
+    keep(t, 0, 4)  # a prompt
+    keep(t, 4, 3)  # a verify step of a draft of 2
+    keep(t, 5, 1)  # the next step starts at the first rejected position: 5 and 6 go
+    out = t.outputs(rid("r"), 6)
+    assert out is not None and out.flatten().tolist() == [0, 1, 2, 3, 4, 5]
+    keep(t, 2, 2)  # a re-run from 2 replaces what followed
+    assert t.outputs(rid("r"), 6) is None
+    out = t.outputs(rid("r"), 4)
+    assert out is not None and out.flatten().tolist() == [0, 1, 2, 3]
+    keep(t, 9, 1)  # a gap: positions computed elsewhere after a recovery
+    assert t.outputs(rid("r"), 10) is None
+    t.release(rid("r"))
+    assert t.outputs(rid("r"), 1) is None
