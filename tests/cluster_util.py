@@ -13,6 +13,11 @@ from butterfly.runtime.generate import generate
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.tokenizer import TextCodec
 
+QUICK_PROBE: dict[str, Any] = {"partition.compute_probe_s": 0.1}
+"""The nodes time their compute for 0.1 s instead of 0.5 when the gateway first asks them,
+in turn: a 4-node cluster is ready 1.6 s sooner. Placement here is uniform, or depends on
+no more than the order of rates, which 0.1 s of trials keeps."""
+
 
 def free_port() -> int:
     """An API port with the next ones free too (gateway k serves on port + k)."""
@@ -40,6 +45,7 @@ def running_cluster(
     settings = {
         "coordination.acceptable_pause_ms": 400.0,
         "partition.strategy": "uniform",
+        **QUICK_PROBE,
         **(settings or {}),
     }
     configs = node_configs(

@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from butterfly.cli import app
 from butterfly.cli.launcher import LocalCluster, node_configs
-from tests.cluster_util import free_port
+from tests.cluster_util import QUICK_PROBE, free_port
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
 FAULTS = (
@@ -40,7 +40,9 @@ FAULTS = (
 def cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     data = tmp_path_factory.mktemp("config-cluster")
     port = free_port()
-    configs = node_configs(nodes=4, f=1, model=tiny_model, api_port=port, data_dir=data)
+    configs = node_configs(
+        nodes=4, f=1, model=tiny_model, api_port=port, data_dir=data, settings=QUICK_PROBE
+    )
     command = (sys.executable, "-m", "butterfly.testing.config_faults", *FAULTS, "--config")
     c = LocalCluster(configs, f"http://127.0.0.1:{port}", data, command=command)
     try:

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from butterfly.cli.launcher import LocalCluster, node_configs
-from tests.cluster_util import free_port, reference_tokens
+from tests.cluster_util import QUICK_PROBE, free_port, reference_tokens
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 PROMPT = "Once upon a time"
@@ -41,6 +41,7 @@ def test_an_acting_gateway_whose_api_port_is_taken_retries_and_then_serves(
         "coordination.acceptable_pause_ms": 400.0,
         "partition.strategy": "uniform",
         "cluster.gateways": [0, 1],
+        **QUICK_PROBE,
     }
     configs = node_configs(
         nodes=4, f=1, model=tiny_model, api_port=port, data_dir=tmp_path, settings=settings

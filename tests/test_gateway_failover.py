@@ -26,7 +26,7 @@ from butterfly.runtime.loader import load_stage
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.testing.latency import delay_cluster
 from butterfly.types.tasks import SamplingParams
-from tests.cluster_util import running_cluster
+from tests.cluster_util import QUICK_PROBE, running_cluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 NEW = 120
@@ -121,7 +121,9 @@ def test_with_f_0_a_standby_that_alone_loses_the_gateways_heartbeats_does_not_ta
     gateway (tests/test_inprocess_gateway_failover.py has the same in one process)."""
     expected = references(tiny_model)[0][:SHORT]
     port = free_port_block(2)
-    cfgs = node_configs(nodes=4, f=0, model=tiny_model, api_port=port, data_dir=tmp_path)
+    cfgs = node_configs(
+        nodes=4, f=0, model=tiny_model, api_port=port, data_dir=tmp_path, settings=QUICK_PROBE
+    )
     with delay_cluster(cfgs, 0.0) as proxies:
         docs = [tomllib.loads(p.read_text()) for p in cfgs]
         member_port = int(docs[1]["cluster"]["members"][1].rsplit(":", 1)[1])

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from butterfly.cli import app
 from butterfly.cli.launcher import CHILD_ENV, LocalCluster, node_configs
 from butterfly.config.template import dump_toml
-from tests.cluster_util import free_port, reference_tokens
+from tests.cluster_util import QUICK_PROBE, free_port, reference_tokens
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 PROMPT, NEW = "Once upon a time", 8
@@ -64,6 +64,7 @@ def test_a_member_is_added_and_one_removed_through_the_cli(
     settings: dict[str, Any] = {
         "coordination.acceptable_pause_ms": 400.0,
         "partition.strategy": "uniform",
+        **QUICK_PROBE,
     }
     configs = node_configs(
         nodes=5, f=1, model=tiny_model, api_port=port, data_dir=tmp_path, settings=settings

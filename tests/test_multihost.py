@@ -27,7 +27,11 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 PROMPTS = ["Hello", "Once upon a time", "0123456789"]
 NEW = 12
 # a busy test machine runs four nodes on two cores; see tests/cluster_util.py
-SETTINGS = {"coordination.acceptable_pause_ms": 400.0, "partition.strategy": "uniform"}
+SETTINGS = {
+    "coordination.acceptable_pause_ms": 400.0,
+    "partition.strategy": "uniform",
+    "partition.compute_probe_s": 0.1,  # as tests.cluster_util.QUICK_PROBE
+}
 
 
 def reference(model: Path, prompt: str) -> list[int]:

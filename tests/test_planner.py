@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from butterfly.config import load_config
 from butterfly.control.facts import (
     FactProbe,
     NodeFacts,
@@ -40,6 +41,7 @@ from butterfly.types.plan import StagePlan
 from butterfly.types.wire.control import StatusQuery, StatusReply
 from butterfly.types.wire.data import Ping, Pong
 from butterfly.types.wire.frames import Message, from_body, to_body
+from butterfly.wiring.edges import NetworkEdges
 
 GFLOP = 1e9
 GIB = 1 << 30
@@ -314,6 +316,35 @@ async def test_a_probe_measures_once_however_many_ask() -> None:
     assert first is second is probe.measured
     assert first.memory_bytes == GIB and first.flops_per_s > 0
     assert set(first.links) == {1}
+
+
+async def test_a_node_probes_its_compute_for_as_long_as_its_config_says(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """partition.compute_probe_s reaches the probe a node builds: the longer setting runs
+    at least that long and more trials; the short one stops after the fewest trials."""
+    net = MemoryNetwork()
+    took, trials = {}, {}
+    for seconds in (0.01, 0.3):
+        cfg = load_config(
+            overrides={
+                "node.data_dir": str(tmp_path),
+                "model.path": str(tiny_model),
+                "partition.compute_probe_s": seconds,
+            }
+        )
+        torch_thread = TorchThread()
+        transport = net.transport(NodeId(0), lambda e: None)
+        probe = NetworkEdges(cfg, tiny_model).probe(NodeId(0), [NodeId(0)], transport, torch_thread)
+        assert isinstance(probe, FactProbe)
+        started = time.perf_counter()
+        await probe.facts()
+        took[seconds] = time.perf_counter() - started
+        torch_thread.close()
+        assert probe.compute is not None
+        trials[seconds] = probe.compute.trials
+    assert took[0.3] >= 0.3 and trials[0.01] < trials[0.3]
+    assert trials[0.01] >= 5  # the fewest a rate is taken from
 
 
 @pytest.mark.parametrize(("reserved", "reported"), [(GIB // 4, GIB - GIB // 4), (2 * GIB, 0)])

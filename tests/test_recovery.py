@@ -20,7 +20,7 @@ from butterfly.cli.launcher import LocalCluster, node_configs
 from butterfly.runtime.generate import generate
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.tokenizer import TextCodec
-from tests.cluster_util import free_port, running_cluster
+from tests.cluster_util import QUICK_PROBE, free_port, running_cluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 PROMPTS = ["Butterfly", "a b c d e f", "0123456789", "pipelines", "zz", "Once upon a time"]
@@ -190,7 +190,11 @@ def test_the_cluster_serves_with_a_member_down_and_takes_it_in_when_it_starts(
     prompt, new = PROMPTS[2], 8
     expected = reference(tiny_model, prompt)[:new]
     port = free_port()
-    settings = {"coordination.acceptable_pause_ms": 400.0, "partition.strategy": "uniform"}
+    settings = {
+        "coordination.acceptable_pause_ms": 400.0,
+        "partition.strategy": "uniform",
+        **QUICK_PROBE,
+    }
     configs = node_configs(
         nodes=4, f=1, model=tiny_model, api_port=port, data_dir=tmp_path, settings=settings
     )

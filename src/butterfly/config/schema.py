@@ -326,6 +326,15 @@ class PartitionConfig(Section):
         60, "Seconds between re-plan checks.", DC, CLUSTER, ge=1, le=86_400
     )
     cache_size: int = option(100, "Plans cached by this node.", SL, NODE, ge=0, le=100_000)
+    compute_probe_s: float = option(
+        0.5,
+        "Seconds this node times its compute rate and per-layer overhead for the planner, "
+        "when first asked (shorter: the cluster is ready sooner; longer: steadier figures).",
+        SL,
+        NODE,
+        ge=0.01,
+        le=60.0,
+    )
 
 
 class SchedulingConfig(Section):

@@ -169,10 +169,12 @@ def stand_in_layer_step() -> tuple[Step, float]:
 
 @dataclass(frozen=True)
 class Compute:
-    """A node's compute facts: decode-shaped FLOP/s and the fixed cost of a layer."""
+    """A node's compute facts: decode-shaped FLOP/s and the fixed cost of a layer, from
+    `trials` timings of each."""
 
     flops_per_s: float
     layer_overhead_ms: float
+    trials: int = 0
 
 
 def measure_compute(seconds: float = 0.5, *, model_dir: Path | None = None) -> Compute:
@@ -208,7 +210,7 @@ def measure_compute(seconds: float = 0.5, *, model_dir: Path | None = None) -> C
         layer_s.append(time.perf_counter() - middle)
     rate = stream_flops / max(fast_quantile(stream_s), 1e-9)
     overhead_ms = fast_quantile(layer_s) * 1000.0 - 1000.0 * layer_flops / rate
-    return Compute(rate, max(0.0, overhead_ms))
+    return Compute(rate, max(0.0, overhead_ms), len(stream_s))
 
 
 def available_memory_bytes(limit_bytes: int = 0) -> int:
@@ -315,7 +317,8 @@ class FactProbe:
     ) -> None:
         """`torch_thread`: the node's one thread for torch (runtime.torch_thread).
         `reserved_bytes`: memory the node keeps from the planner, for what it holds beside
-        its stage (a gateway's draft model), taken off what it reports."""
+        its stage (a gateway's draft model), taken off what it reports. `compute_seconds`:
+        how long the compute probe runs (partition.compute_probe_s)."""
         self.node, self._peers, self._transport = node, list(peers), transport
         self._torch = torch_thread
         self._memory_limit, self._compute_seconds = memory_limit_bytes, compute_seconds
@@ -323,6 +326,8 @@ class FactProbe:
         self._model_dir = model_dir
         self._lock = asyncio.Lock()
         self._facts: NodeFacts | None = None
+        self.compute: Compute | None = None
+        """What the compute probe measured, once it has (its trial count with it)."""
 
     @property
     def measured(self) -> NodeFacts | None:
@@ -333,7 +338,7 @@ class FactProbe:
         heartbeats keep flowing), concurrent callers wait for that one measurement."""
         async with self._lock:
             if self._facts is None:
-                compute = await self._torch.run(
+                compute = self.compute = await self._torch.run(
                     lambda: measure_compute(self._compute_seconds, model_dir=self._model_dir)
                 )
                 links: dict[NodeId, Link] = {}
@@ -349,11 +354,13 @@ class FactProbe:
                     compute.flops_per_s, memory, links, compute.layer_overhead_ms
                 )
                 log.info(
-                    "node %s measured %.2f GFLOP/s, %.3f ms per layer, %.2f GiB (%.2f GiB "
-                    "kept back), links %s",
+                    "node %s measured %.2f GFLOP/s, %.3f ms per layer (%d trials in %.2f s), "
+                    "%.2f GiB (%.2f GiB kept back), links %s",
                     self.node,
                     compute.flops_per_s / 1e9,
                     compute.layer_overhead_ms,
+                    compute.trials,
+                    self._compute_seconds,
                     self._facts.memory_bytes / 2**30,
                     self._reserved / 2**30,
                     ", ".join(

@@ -143,6 +143,7 @@ class NetworkEdges:
             memory_limit_bytes=self._cfg.resources.memory_limit_bytes,
             model_dir=self._model_dir,
             torch_thread=torch,
+            compute_seconds=self._cfg.partition.compute_probe_s,
             reserved_bytes=draft_model_bytes(self._cfg, node),
         )
 
