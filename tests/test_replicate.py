@@ -14,17 +14,17 @@ import torch
 from butterfly.config import load_config
 from butterfly.config.validate import replication_factor
 from butterfly.dataplane.audit import Referee
-from butterfly.dataplane.proving import Prover, decode_proofs
-from butterfly.dataplane.replicate import (
+from butterfly.dataplane.lanes import (
     Lane,
     LaneRun,
-    Replicator,
     agree,
     first_contradiction,
     lanes_of,
     majority,
     probe_lane,
 )
+from butterfly.dataplane.proving import Prover, decode_proofs
+from butterfly.dataplane.replicate import Replicator
 from butterfly.dataplane.stage_server import StageServer
 from butterfly.protocol.proof import Tolerance
 from butterfly.protocol.sign import SigningKey

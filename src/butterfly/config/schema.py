@@ -329,11 +329,12 @@ class PartitionConfig(Section):
     compute_probe_s: float = option(
         0.5,
         "Seconds this node times its compute rate and per-layer overhead for the planner, "
-        "when first asked (shorter: the cluster is ready sooner; longer: steadier figures).",
+        "when first asked, at least 5 trials (shorter: the cluster is ready sooner; longer: "
+        "steadier figures). Within the 60 s a node has to measure everything and answer.",
         SL,
         NODE,
         ge=0.01,
-        le=60.0,
+        le=20.0,
     )
 
 

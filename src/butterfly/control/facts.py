@@ -338,9 +338,11 @@ class FactProbe:
         heartbeats keep flowing), concurrent callers wait for that one measurement."""
         async with self._lock:
             if self._facts is None:
+                started = time.perf_counter()
                 compute = self.compute = await self._torch.run(
                     lambda: measure_compute(self._compute_seconds, model_dir=self._model_dir)
                 )
+                took = time.perf_counter() - started  # with the layer's load and warm-up
                 links: dict[NodeId, Link] = {}
                 for peer in self._peers:
                     if peer == self.node:
@@ -360,7 +362,7 @@ class FactProbe:
                     compute.flops_per_s / 1e9,
                     compute.layer_overhead_ms,
                     compute.trials,
-                    self._compute_seconds,
+                    took,
                     self._facts.memory_bytes / 2**30,
                     self._reserved / 2**30,
                     ", ".join(

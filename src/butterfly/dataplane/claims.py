@@ -37,7 +37,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from butterfly.dataplane.replicate import Lane, lanes_of
+from butterfly.dataplane.lanes import Lane, lanes_of
 from butterfly.types.errors import InvalidInput
 from butterfly.types.ids import NodeId, RequestId
 from butterfly.types.plan import StagePlan

@@ -32,7 +32,8 @@ from butterfly.dataplane.generation import Generation
 from butterfly.dataplane.inflight import InFlight
 from butterfly.dataplane.inflight import StepFailed as StepFailed
 from butterfly.dataplane.intake import Intake
-from butterfly.dataplane.replicate import Lane, Replicator
+from butterfly.dataplane.lanes import Lane
+from butterfly.dataplane.replicate import Replicator
 from butterfly.dataplane.sending import Deliver as Deliver
 from butterfly.dataplane.sending import RecordSize, StepSender
 from butterfly.dataplane.unresponsive import StepTimeouts

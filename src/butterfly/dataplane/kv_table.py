@@ -6,7 +6,8 @@ withheld `Release` costs memory for a while, not for ever. A request whose cache
 that way gets a retriable error on its next step naming why; the gateway then replays it
 from its token history. Beside each cache: the positions already copied to the standbys
 of the node's range (`shipped`), and on the gateway the outputs its own stage computed
-for the audit (`kept`); both go when the request is released or evicted.
+for the audit (`kept`): both go when the request is released or its cache evicted; a
+new plan that drops every cache leaves the kept outputs (`drop_all`).
 
 `dataplane.stage_server` decides when caches are made, cut back and copied; this module
 only holds them, so the bounds are tested in one process with a fake clock

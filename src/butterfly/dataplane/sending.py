@@ -17,8 +17,8 @@ import torch
 
 from butterfly.dataplane.inflight import Entry, InFlight, Relayed, StepFailed
 from butterfly.dataplane.intake import OnLiars
+from butterfly.dataplane.lanes import Lane
 from butterfly.dataplane.proving import RECORD_MISMATCH, digest
-from butterfly.dataplane.replicate import Lane
 from butterfly.metrics.events import Emit, HopTimed, discard
 from butterfly.net.framing import MAX_HEADER
 from butterfly.runtime.wire import encode_tensor

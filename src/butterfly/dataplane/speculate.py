@@ -10,7 +10,7 @@ k + 1 tokens, never fewer than plain decoding.
 
 The stages' KV caches then hold the rejected positions too. They are rolled back by the
 next step itself: its `start` is the first rejected position, and every stage cuts its
-cache back to a step's start before computing it (`StageServer._cache_for`, the rule a
+cache back to a step's start before computing it (`KvTable.cache_for`, the rule a
 replay after recovery already relies on), so the rollback costs no message of its own.
 
 Greedy requests keep exactly the tokens plain decoding gives: a draft token is kept only

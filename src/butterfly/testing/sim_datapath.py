@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 from butterfly.control.policy import Placing, alive, next_plan, to_evict
 from butterfly.dataplane.audit import Auditor
 from butterfly.dataplane.engine import Mode, PipelineEngine
+from butterfly.dataplane.lanes import lanes_of
 from butterfly.dataplane.proving import Prover
-from butterfly.dataplane.replicate import Replicator, lanes_of
+from butterfly.dataplane.replicate import Replicator
 from butterfly.net.framing import Envelope
 from butterfly.protocol.proof import Tolerance
 from butterfly.protocol.sign import SigningKey
@@ -254,7 +255,7 @@ class _Cluster:
         for server in self.servers.values():
             layers = self.plan.layers_of(server.node)
             if server.stage is None or layers is None or server.stage.layers != layers:
-                server.caches.clear()
+                server.table.drop_all(f"the plan of epoch {self.plan.epoch} moved its layers")
                 server.stage = SimStage(layers, self.sc.layers) if layers is not None else None
             server.plan = self.plan
 
