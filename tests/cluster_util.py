@@ -15,8 +15,9 @@ from butterfly.runtime.tokenizer import TextCodec
 
 QUICK_PROBE: dict[str, Any] = {"partition.compute_probe_s": 0.1}
 """The nodes time their compute for 0.1 s instead of 0.5 when the gateway first asks them,
-in turn: a 4-node cluster is ready 1.6 s sooner. Placement here is uniform, or depends on
-no more than the order of rates, which 0.1 s of trials keeps."""
+in turn: a 4-node tiny cluster was ready 1.6-2 s sooner (AMD EPYC, 2 cores). Placement
+here is uniform, or depends on no more than the order of rates, which 0.1 s of trials
+keeps."""
 
 
 def free_port() -> int:

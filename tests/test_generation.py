@@ -5,6 +5,7 @@ for that token, so every step's answer is known without a pipeline."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,8 +13,11 @@ import torch
 from butterfly.dataplane.drafter import Draft
 from butterfly.dataplane.generation import Generation
 from butterfly.metrics.events import MetricsEvent, PromptChunked, Traversed
+from butterfly.runtime.loader import num_layers
 from butterfly.schedule.engine import PromptScored, Streamed
+from butterfly.testing.pipeline import LocalPipeline
 from butterfly.types.ids import RequestId
+from butterfly.types.model import LayerRange
 from butterfly.types.tasks import InferenceTask, SamplingParams
 
 V = 13
@@ -150,3 +154,20 @@ def test_the_first_token_is_timed_before_the_sink_hears_it() -> None:
     before = time.perf_counter()
     drive(gen)
     assert gen.first_token_at is not None and before <= gen.first_token_at <= clock[0]
+
+
+async def test_the_engines_first_token_time_leaves_out_a_slow_sink(tiny_model: Path) -> None:
+    """The engine's `time_to_first_token_s` is the pipeline's, not the consumer's: a sink
+    that takes 2 s over the first token does not add to it."""
+    heard: list[Streamed] = []
+
+    def slow_sink(token: Streamed) -> None:
+        if not heard:
+            time.sleep(2.0)
+        heard.append(token)
+
+    pipe = LocalPipeline(tiny_model, [LayerRange(0, 2), LayerRange(2, num_layers(tiny_model))])
+    async with pipe:
+        result = await pipe.run(task(3, prompt=(5, 17, 33, 2)), slow_sink)
+    assert len(heard) == 3 and result.timings["total_s"] >= 2.0
+    assert result.timings["time_to_first_token_s"] < 2.0

@@ -620,14 +620,14 @@ class PipelineEngine:
                 times.ended(mark, answered)
             traversals += 1
             before = len(gen.out)
-            got = gen.take(logits, head.shape[1], proposed, drafting)
-            if got and not before and gen.first_token_at is not None:
-                timings["time_to_first_token_s"] = gen.first_token_at - started
+            gen.take(logits, head.shape[1], proposed, drafting)
             every = self.checkpoint_every
             crossed = every > 0 and len(gen.out) // every > before // every  # a verify: several
             if self._on_checkpoint is not None and crossed:
                 self._on_checkpoint(request_id, gen.checkpoint(epoch))
         total = time.perf_counter() - started
+        if gen.first_token_at is not None:  # a request resumed with tokens made none here
+            timings["time_to_first_token_s"] = gen.first_token_at - started
         timings["total_s"] = total
         timings["traversals"] = float(traversals)
         if recoveries:
