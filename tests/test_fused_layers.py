@@ -16,7 +16,8 @@ import torch
 
 from butterfly.runtime import fused_layers, native
 from butterfly.runtime.kvcache import KVCache
-from butterfly.runtime.llama import Block, LlamaArgs, LlamaStage
+from butterfly.runtime.llama import LlamaStage
+from butterfly.runtime.llama_args import Block, LlamaArgs
 from butterfly.runtime.precision import quantize_int8
 from butterfly.runtime.stage import forward_floats
 from butterfly.runtime.wire import decode_tensor, encode_tensor, read_tensor

@@ -14,7 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from butterfly.config.validate import estimate_model_bytes
 from butterfly.runtime.linear import Int8Weight
-from butterfly.runtime.llama import stage_bytes
+from butterfly.runtime.llama_load import stage_bytes
 from butterfly.runtime.loader import layer_infos, load_stage
 from butterfly.runtime.native import BlockedWeight
 from butterfly.runtime.precision import Precision
@@ -27,7 +27,7 @@ BF16_INT8 = Precision(torch.bfloat16, "int8")
 MEASURE = """
 import json, sys, torch
 from pathlib import Path
-from butterfly.runtime.llama import stage_bytes
+from butterfly.runtime.llama_load import stage_bytes
 from butterfly.runtime.loader import load_stage, release_freed_memory
 from butterfly.runtime.precision import Precision
 torch.set_num_threads(1)

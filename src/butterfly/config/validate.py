@@ -171,7 +171,7 @@ def _replication(cfg: ButterflyConfig) -> Iterator[ConfigIssue]:
 
 def estimate_model_bytes(model_dir: Path, dtype: str, quantization: str = "none") -> int:
     """Parameter bytes from config.json alone, so validation never opens the weights:
-    what a loaded stage holds (runtime.llama.layer_infos counts the same), with the
+    what a loaded stage holds (runtime.llama_args.layer_infos counts the same), with the
     projection matrices at one byte per weight plus one scale per row under int8."""
     c = json.loads((model_dir / "config.json").read_text())
     h, layers, vocab = int(c["hidden_size"]), int(c["num_hidden_layers"]), int(c["vocab_size"])

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from butterfly.runtime import bert, gpt2, llama, sequential
+from butterfly.runtime import bert, gpt2, llama_args, llama_load, sequential
 from butterfly.runtime.stage import Family
 from butterfly.types.errors import UnknownArchitecture
 
 FAMILIES: dict[str, Family] = {
-    **{name: llama.FAMILY for name in llama.MODEL_TYPES},
+    **{name: llama_load.FAMILY for name in llama_args.MODEL_TYPES},
     **{name: gpt2.FAMILY for name in gpt2.MODEL_TYPES},
     **{name: bert.FAMILY for name in bert.MODEL_TYPES},
     sequential.MODEL_TYPE: sequential.FAMILY,

@@ -39,7 +39,7 @@ from butterfly.runtime.kvcache import KVCache
 from butterfly.runtime.native import BlockedWeight
 
 if TYPE_CHECKING:
-    from butterfly.runtime.llama import Block, LlamaArgs
+    from butterfly.runtime.llama_args import Block, LlamaArgs
 
 MAX_ROWS = 64
 DTYPES = (torch.float32, torch.bfloat16)  # the compute dtype
