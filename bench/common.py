@@ -122,6 +122,48 @@ def read_bandwidth_samples(views: list[torch.Tensor], rounds: int = 2) -> list[f
     return rates
 
 
+def products_chain(stage: Any) -> tuple[Callable[[], float], int]:
+    """A decode step's matrix products alone: one row through each of the stage's blocked
+    matrices in turn, on the compiled kernels directly (no torch around a call), and the
+    bytes they read. The returned function runs the chain once and gives its seconds, less
+    each call's own fixed cost (a thread team's start and end, measured on a 16 x 64
+    matrix hot in the cache), so what is left is the products' streaming: against the
+    floor, how much of a decode's excess the kernels are, and how much the rest of the
+    step (attention and its cache, norms, the threads' meetings, the step's Python)."""
+    from butterfly.runtime import native
+
+    kernels = native._kernels()  # the products without the tensors blocked_linear builds
+    calls: list[tuple[Any, tuple[int, ...], tuple[torch.Tensor, ...]]] = []
+    nbytes = 0
+    for m in stage_matrices(stage):
+        if not isinstance(m, BlockedWeight) or m.blocks.dtype not in kernels:
+            continue
+        nblocks, width = int(m.blocks.shape[0]), int(m.blocks.shape[1])
+        x, y = torch.randn(1, width), torch.empty(1, nblocks * native.BLOCK)
+        args = (x.data_ptr(), 1, width, m.blocks.data_ptr(), nblocks, y.data_ptr())
+        calls.append((kernels[m.blocks.dtype], args, (x, y, m.blocks)))
+        nbytes += m.blocks.numel() * m.blocks.element_size()
+    if not calls or torch.float32 not in kernels:
+        raise ValueError("the stage has no blocked matrix: nothing to time")
+    hot = native.block(torch.randn(16, 64))
+    hx, hy = torch.randn(1, 64), torch.empty(1, native.BLOCK)
+    hot_kernel, hot_args = kernels[torch.float32], (hx.data_ptr(), 1, 64, hot.blocks.data_ptr())
+    times = []
+    for _ in range(200):
+        t0 = time.perf_counter()
+        hot_kernel(*hot_args, 1, hy.data_ptr())
+        times.append(time.perf_counter() - t0)
+    per_call = statistics.median(times)
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        for kernel, args, _ in calls:
+            kernel(*args)
+        return time.perf_counter() - t0 - per_call * len(calls)
+
+    return run, nbytes
+
+
 def floor_ms(weight_bytes: int, samples: list[float]) -> float:
     """The memory-bandwidth floor of a decode step: the bytes of weights it reads over the
     *highest* read bandwidth in `samples`. A floor is a time no kernel can beat."""
@@ -168,7 +210,7 @@ def truncated_draft(model_dir: Path, layers: int) -> Path:
 def decode_bytes(stage: Any) -> int:
     """Bytes one decode step of a Llama stage reads: every weight it holds but the
     embedding table, of which a step reads one row (unless it is also the head)."""
-    from butterfly.runtime.llama import stage_bytes
+    from butterfly.runtime.llama_load import stage_bytes
 
     held = stage_bytes(stage)
     if stage.embed is not None and stage.head is not stage.embed:

@@ -7,7 +7,12 @@ memory-bandwidth floor (bytes of weights a decode step reads / the highest read 
 those weights' own memory, sampled just before and after its turn, per round:
 `common.beside_bandwidth`), and the same with the KV cache's bytes a step reads added
 (`decode_to_floor_with_kv_cache`: the issue's floor counts weights only, and int8
-weights beside an fp32 cache read a tenth as much again from the cache). Memory: a
+weights beside an fp32 cache read a tenth as much again from the cache). Then the step
+split in two (`common.products_chain`): its matrix products alone, one row through every
+blocked matrix on the compiled kernels, held to the floor of the bytes they read
+(`products_to_floor`, the same bandwidth samples), and the rest of the step
+(`decode_minus_products_ms`: attention over the cache, norms, the threads' meetings, the
+step's Python). Memory: a
 middle-quarter stage per precision in a fresh process, resident (anonymous) memory
 against the bytes it holds. Accuracy: butterfly.testing.accuracy.
 
@@ -23,6 +28,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -42,6 +48,7 @@ from common import (
     floor_ms,
     kv_read_bytes,
     machine,
+    products_chain,
     stage_matrices,
     summary,
     weight_views,
@@ -55,11 +62,12 @@ PRECISIONS = {
     "bfloat16+int8": Precision(torch.bfloat16, "int8"),
 }
 TARGETS = {"bfloat16": 0.7, "bfloat16+int8": 0.5}
+PRODUCT_CHAINS = 10  # per precision and round: the products alone, median of these
 
 MEMORY_PROBE = """
 import json, sys, torch
 from pathlib import Path
-from butterfly.runtime.llama import stage_bytes
+from butterfly.runtime.llama_load import stage_bytes
 from butterfly.runtime.loader import load_stage, release_freed_memory
 from butterfly.runtime.precision import Precision
 from butterfly.types.model import LayerRange
@@ -113,6 +121,10 @@ def main() -> None:
     to_floor: dict[str, list[float]] = {k: [] for k in sessions}
     to_floor_kv: dict[str, list[float]] = {k: [] for k in sessions}
     kv = {name: kv_read_bytes(s, 128, 64) for name, s in stages.items()}
+    chains = {name: products_chain(s) for name, s in stages.items()}
+    products: dict[str, list[float]] = {k: [] for k in sessions}
+    products_to_floor: dict[str, list[float]] = {k: [] for k in sessions}
+    fixed: dict[str, list[float]] = {k: [] for k in sessions}
     for r in range(args.rounds):
         note(f"round {r}")
         medians = {}
@@ -125,6 +137,11 @@ def main() -> None:
             to_floor[name].append(medians[name] / floor_ms(decode_bytes(stages[name]), samples))
             with_kv = decode_bytes(stages[name]) + kv[name]
             to_floor_kv[name].append(medians[name] / floor_ms(with_kv, samples))
+            chain, chain_bytes = chains[name]
+            chain_ms = statistics.median(chain() for _ in range(PRODUCT_CHAINS)) * 1000
+            products[name].append(chain_ms)
+            products_to_floor[name].append(chain_ms / floor_ms(chain_bytes, samples))
+            fixed[name].append(medians[name] - chain_ms)
         for name in sessions:
             ratios[name].append(medians[name] / medians["float32"])
     floors = {name: floor_ms(decode_bytes(s), bandwidth[name]) for name, s in stages.items()}
@@ -158,6 +175,10 @@ def main() -> None:
         "decode_to_floor": {k: summary(v) for k, v in to_floor.items()},
         "kv_cache_read_mb_per_step": {k: round(b / 2**20, 2) for k, b in kv.items()},
         "decode_to_floor_with_kv_cache": {k: summary(v) for k, v in to_floor_kv.items()},
+        "products_bytes_mb": {k: round(c[1] / 2**20, 1) for k, c in chains.items()},
+        "products_ms": {k: summary(v) for k, v in products.items()},
+        "products_to_floor": {k: summary(v) for k, v in products_to_floor.items()},
+        "decode_minus_products_ms": {k: summary(v) for k, v in fixed.items()},
         "ratio_to_float32": ratio,
         f"memory_middle_quarter_[{quarter},{2 * quarter})": mem,
         "accuracy_vs_float32": accuracy,
