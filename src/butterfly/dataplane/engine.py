@@ -544,7 +544,7 @@ class PipelineEngine:
         based_on = self._epoch()  # the plan whose caches `gen.pos` counts on
         while gen.more():
             if self._epoch() != based_on:
-                gen.replay_from(await self._replay_from(request_id, len(gen.history()), positions))
+                gen.replay_from(await self._replay_from(request_id, gen.length, positions))
             epoch = based_on = self._epoch()
             step += 1  # step ids are never reused, so a late answer is ignored
             step_started = time.perf_counter()
@@ -613,7 +613,7 @@ class PipelineEngine:
                 )
                 await self._await_plan_change(epoch)
                 based_on = self._epoch()
-                gen.replay_from(await self._replay_from(request_id, len(gen.history()), positions))
+                gen.replay_from(await self._replay_from(request_id, gen.length, positions))
                 timings["resumed_at"] = float(gen.pos)
                 continue
             finally:

@@ -70,6 +70,11 @@ class Generation:
         return self.prompt + self.out
 
     @property
+    def length(self) -> int:
+        """Tokens in the history, without building it."""
+        return len(self.prompt) + len(self.out)
+
+    @property
     def pending(self) -> int:
         return self._x.shape[1]
 

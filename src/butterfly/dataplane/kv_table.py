@@ -106,6 +106,15 @@ class KvTable:
         self._used[request_id] = self._clock()
         self._used.move_to_end(request_id)
 
+    def to_ship(self, request_id: RequestId, length: int) -> int:
+        """Where the positions of a request's cache (of `length`) not yet copied to its
+        standbys begin."""
+        return min(self.shipped.get(request_id, 0), length)
+
+    def mark_shipped(self, request_id: RequestId, length: int) -> None:
+        """The request's first `length` positions are at its standbys."""
+        self.shipped[request_id] = length
+
     def release(self, request_id: RequestId) -> None:
         self.caches.pop(request_id, None)
         self._used.pop(request_id, None)

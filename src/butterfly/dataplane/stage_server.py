@@ -256,13 +256,13 @@ class StageServer:
             cache = self.caches.get(rid)
             if cache is None or not standbys:
                 continue
-            shipped = min(self.table.shipped.get(rid, 0), cache.length)
+            shipped = self.table.to_ship(rid, cache.length)
             if cache.length - shipped < self._snapshot_every:
                 continue
             payload = encode_tensor(cache.rows(shipped, cache.length))
             msg = KvAppend(rid, stage.layers.start, stage.layers.end, shipped)
             out.extend(Outbound(n, msg, payload) for n in standbys)
-            self.table.shipped[rid] = cache.length
+            self.table.mark_shipped(rid, cache.length)
         return out
 
     def on_kv_append(self, msg: KvAppend, payload: bytes) -> None:
