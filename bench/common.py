@@ -122,21 +122,27 @@ def read_bandwidth_samples(views: list[torch.Tensor], rounds: int = 2) -> list[f
     return rates
 
 
-def products_chain(stage: Any) -> tuple[Callable[[], float], int]:
+def products_chain(stage: Any) -> tuple[Callable[[], float], int, list[str]]:
     """A decode step's matrix products alone: one row through each of the stage's blocked
-    matrices in turn, on the compiled kernels directly (no torch around a call), and the
-    bytes they read. The returned function runs the chain once and gives its seconds, less
-    each call's own fixed cost (a thread team's start and end, measured on a 16 x 64
-    matrix hot in the cache), so what is left is the products' streaming: against the
-    floor, how much of a decode's excess the kernels are, and how much the rest of the
-    step (attention and its cache, norms, the threads' meetings, the step's Python)."""
+    matrices in turn, on the compiled kernels directly (no torch around a call), the bytes
+    they read, and the matrices left out (on another kernel, such as a small head on
+    torch's int8 product: "shape kernel"). The returned function runs the chain once and
+    gives its seconds, less each call's own fixed cost (a thread team's start and end,
+    measured on a 16 x 64 fp32 matrix hot in the cache; the int8 product's own scratch
+    and quantizing of the row, a microsecond or two, stay in), so what is left is mostly
+    the products' streaming: against the floor, how much of a decode's excess the
+    kernels are, and how much the rest of the step (attention and its cache, norms, the
+    threads' meetings, the step's Python and the matrices left out)."""
     from butterfly.runtime import native
 
     kernels = native._kernels()  # the products without the tensors blocked_linear builds
     calls: list[tuple[Any, tuple[int, ...], tuple[torch.Tensor, ...]]] = []
     nbytes = 0
+    left_out: list[str] = []
     for m in stage_matrices(stage):
         if not isinstance(m, BlockedWeight) or m.blocks.dtype not in kernels:
+            kernel = getattr(m, "kernel", "mkldnn" if getattr(m, "is_mkldnn", False) else "torch")
+            left_out.append(f"{tuple(getattr(m, 'shape', ()))} {kernel}")
             continue
         nblocks, width = int(m.blocks.shape[0]), int(m.blocks.shape[1])
         x, y = torch.randn(1, width), torch.empty(1, nblocks * native.BLOCK)
@@ -161,7 +167,7 @@ def products_chain(stage: Any) -> tuple[Callable[[], float], int]:
             kernel(*args)
         return time.perf_counter() - t0 - per_call * len(calls)
 
-    return run, nbytes
+    return run, nbytes, left_out
 
 
 def floor_ms(weight_bytes: int, samples: list[float]) -> float:

@@ -9,7 +9,8 @@ those weights' own memory, sampled just before and after its turn, per round:
 (`decode_to_floor_with_kv_cache`: the issue's floor counts weights only, and int8
 weights beside an fp32 cache read a tenth as much again from the cache). Then the step
 split in two (`common.products_chain`): its matrix products alone, one row through every
-blocked matrix on the compiled kernels, held to the floor of the bytes they read
+blocked matrix on the compiled kernels (`products_left_out`: those on another kernel),
+held to the floor of the bytes they read
 (`products_to_floor`, the same bandwidth samples), and the rest of the step
 (`decode_minus_products_ms`: attention over the cache, norms, the threads' meetings, the
 step's Python). Memory: a
@@ -137,7 +138,7 @@ def main() -> None:
             to_floor[name].append(medians[name] / floor_ms(decode_bytes(stages[name]), samples))
             with_kv = decode_bytes(stages[name]) + kv[name]
             to_floor_kv[name].append(medians[name] / floor_ms(with_kv, samples))
-            chain, chain_bytes = chains[name]
+            chain, chain_bytes, _ = chains[name]
             chain_ms = statistics.median(chain() for _ in range(PRODUCT_CHAINS)) * 1000
             products[name].append(chain_ms)
             products_to_floor[name].append(chain_ms / floor_ms(chain_bytes, samples))
@@ -176,6 +177,7 @@ def main() -> None:
         "kv_cache_read_mb_per_step": {k: round(b / 2**20, 2) for k, b in kv.items()},
         "decode_to_floor_with_kv_cache": {k: summary(v) for k, v in to_floor_kv.items()},
         "products_bytes_mb": {k: round(c[1] / 2**20, 1) for k, c in chains.items()},
+        "products_left_out": {k: c[2] for k, c in chains.items()},
         "products_ms": {k: summary(v) for k, v in products.items()},
         "products_to_floor": {k: summary(v) for k, v in products_to_floor.items()},
         "decode_minus_products_ms": {k: summary(v) for k, v in fixed.items()},

@@ -5,8 +5,9 @@ frequencies each `rope_type` gives, a layer's tensors (`Block`) and what each la
 Every config field that changes what the model computes is either honoured or refused
 by name (`LlamaArgs.from_config`, `refuse_unsupported`): a checkpoint whose output would
 silently differ from transformers' is not served. Kept apart from the forward pass
-(runtime/llama.py) and the loading (runtime/llama_load.py), which both read it, as do
-the compiled layers (runtime/fused_layers.py) and the planner's costs (`layer_infos`).
+(runtime/llama.py), the loading (runtime/llama_load.py) and the compiled layers
+(runtime/fused_layers.py), which all read it; the planner reads each layer's costs
+(`layer_infos`) from it without loading anything.
 """
 
 from __future__ import annotations
@@ -218,7 +219,7 @@ def yarn_frequencies(args: LlamaArgs, scaling: dict[str, Any]) -> tuple[torch.Te
 
 def layer_infos(args: LlamaArgs) -> list[LayerInfo]:
     """Per-layer costs; FLOPs count the matrix products of one token at short context.
-    Memory is what a loaded stage holds (`stage_bytes`): matrices at one byte per weight
+    Memory is what a loaded stage holds (`llama_load.stage_bytes`): matrices at one byte per weight
     plus a scale per output row under int8, everything else in the compute dtype."""
     d, dh, esize = args.dim, args.head_dim, torch.empty((), dtype=args.dtype).element_size()
     int8 = args.quantization == "int8"
