@@ -10,9 +10,16 @@ ring through n nodes has n links), and `paired_per_hop_ms` the same slope per ro
 
 With `--baseline-src DIR` the same clusters also run on the code under DIR (another
 checkout's src/), interleaved with these, so a change's effect is measured in one run.
+With `--control-src DIR` as well (a second checkout of the baseline's commit), a third
+set runs the baseline's code again: `per_token_ratio_control_to_baseline` is what the
+machine alone moved the ratio by in the same run. On the 2-core AMD EPYC, 4 tiny nodes
+of one unchanged hop path gave 0.87-1.41x the baseline between runs, and the baseline's
+second copy 0.95-1.12x and once 1.37x it: a cluster instance sets its own speed, not
+only the moment (docs/PERFORMANCE-LOG.md, sixteenth session).
 
     python bench/hops.py [--rounds 15] [--sizes 1,2,4] [--size tiny] [--link-latency-ms 0]
-        [--baseline-src /path/to/other/src] [--dtype float32] [--quantization none]
+        [--baseline-src /path/to/other/src [--control-src /path/to/its/copy/src]]
+        [--dtype float32] [--quantization none]
 """
 
 from __future__ import annotations
@@ -192,12 +199,19 @@ def main() -> None:
     ap.add_argument(
         "--baseline-src", default=None, help="also run clusters on the code in this src/ dir"
     )
+    ap.add_argument(
+        "--control-src", default=None, help="with --baseline-src: a copy of its code, run again"
+    )
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--quantization", default="none", choices=["none", "int8"])
     args = ap.parse_args()
+    if args.control_src and not args.baseline_src:
+        ap.error("--control-src is a second copy of --baseline-src's code: give both")
     precision = {"model.dtype": args.dtype, "model.quantization": args.quantization}
     sizes = [int(s) for s in args.sizes.split(",")]
     versions = {"this": None} | ({"baseline": args.baseline_src} if args.baseline_src else {})
+    if args.control_src:
+        versions["control"] = args.control_src
     model_dir = bench_model(args.size)
     prompt = torch.randint(0, 256, (PROMPT,), generator=torch.Generator().manual_seed(0)).tolist()
     keys = [(v, n) for v in versions for n in sizes]
@@ -244,13 +258,14 @@ def main() -> None:
     }
     # in this process, after the clusters are gone (the same machine, less busy)
     result["hop_components_us"] = components(model_dir)
-    if "baseline" in per_version:
-        result["per_token_ratio_this_to_baseline"] = {
-            str(n): summary(
-                [a / b for a, b in zip(times[("this", n)], times[("baseline", n)], strict=True)]
-            )
-            for n in sizes
-        }
+    for v in ("this", "control"):
+        if v in per_version and "baseline" in per_version:
+            result[f"per_token_ratio_{v}_to_baseline"] = {
+                str(n): summary(
+                    [a / b for a, b in zip(times[(v, n)], times[("baseline", n)], strict=True)]
+                )
+                for n in sizes
+            }
     print(json.dumps(result, indent=2))
 
 
