@@ -9,6 +9,7 @@ import torch
 
 from butterfly.dataplane import kv_table
 from butterfly.dataplane.kv_table import KvTable
+from butterfly.runtime.kvcache import KVCache
 from butterfly.types.errors import InvalidMessage, StageLost
 from butterfly.types.ids import NodeId, RequestId
 
@@ -81,3 +82,20 @@ def test_kept_outputs_stay_contiguous_through_reruns_and_rollbacks() -> None:
     assert t.outputs(rid("r"), 10) is None
     t.release(rid("r"))
     assert t.outputs(rid("r"), 1) is None
+
+
+def test_positions_recomputed_below_the_shipped_mark_are_shipped_again() -> None:
+    """A step that cuts a cache back (a replay, a rejected draft) rewrites positions its
+    standbys already hold: from there they must be copied again; a released request's
+    mark goes with it, so a new request of that id starts from nothing."""
+    t, _ = table()
+    cache = t.cache_for(rid("a"), 0, (rid("a"),), lambda: KVCache(1, 1, 1, 2, 64))
+    assert cache is not None
+    cache.advance(12)
+    t.mark_shipped(rid("a"), 12)
+    assert t.to_ship(rid("a"), 12) == 12  # nothing new
+    t.cache_for(rid("a"), 5, (rid("a"),), lambda: None)  # a re-run from 5 cuts it back
+    assert cache.length == 5
+    assert t.to_ship(rid("a"), 9) == 5
+    t.release(rid("a"))
+    assert t.to_ship(rid("a"), 3) == 0

@@ -5,9 +5,10 @@ when a new one would pass the cap) and none idle longer than `ttl_s`, so a lost 
 withheld `Release` costs memory for a while, not for ever. A request whose cache went
 that way gets a retriable error on its next step naming why; the gateway then replays it
 from its token history. Beside each cache: the positions already copied to the standbys
-of the node's range (`shipped`), and on the gateway the outputs its own stage computed
-for the audit (`kept`): both go when the request is released or its cache evicted; a
-new plan that drops every cache leaves the kept outputs (`drop_all`).
+of the node's range (`to_ship`, `mark_shipped`; a step that cuts the cache back lowers
+the mark), and on the gateway the outputs its own stage computed for the audit (`kept`):
+both go when the request is released or its cache evicted; a new plan that drops every
+cache leaves the kept outputs (`drop_all`).
 
 `dataplane.stage_server` decides when caches are made, cut back and copied; this module
 only holds them, so the bounds are tested in one process with a fake clock
@@ -40,7 +41,7 @@ class KvTable:
     ) -> None:
         self.node = node
         self.caches: dict[RequestId, KVCache | None] = {}
-        self.shipped: dict[RequestId, int] = {}  # request -> positions already at the standbys
+        self._shipped: dict[RequestId, int] = {}  # request -> positions already at the standbys
         # request -> (start, output) of each step, in position order
         self.kept: dict[RequestId, list[tuple[int, torch.Tensor]]] = {}
         self._max, self._ttl, self._clock = max(1, max_caches), ttl_s, clock
@@ -93,8 +94,8 @@ class KvTable:
                     f"request {request_id} continues at {start}, cache holds {cache.length}"
                 )
             cache.truncate(start)
-            if self.shipped.get(request_id, 0) > start:
-                self.shipped[request_id] = start  # recomputed positions are copied again
+            if self._shipped.get(request_id, 0) > start:
+                self._shipped[request_id] = start  # recomputed positions are copied again
         return cache
 
     def put(self, request_id: RequestId, cache: KVCache) -> None:
@@ -109,16 +110,16 @@ class KvTable:
     def to_ship(self, request_id: RequestId, length: int) -> int:
         """Where the positions of a request's cache (of `length`) not yet copied to its
         standbys begin."""
-        return min(self.shipped.get(request_id, 0), length)
+        return min(self._shipped.get(request_id, 0), length)
 
     def mark_shipped(self, request_id: RequestId, length: int) -> None:
         """The request's first `length` positions are at its standbys."""
-        self.shipped[request_id] = length
+        self._shipped[request_id] = length
 
     def release(self, request_id: RequestId) -> None:
         self.caches.pop(request_id, None)
         self._used.pop(request_id, None)
-        self.shipped.pop(request_id, None)
+        self._shipped.pop(request_id, None)
         self.kept.pop(request_id, None)
 
     def _remember(self, request_id: RequestId, why: str) -> None:
@@ -141,7 +142,7 @@ class KvTable:
             self._remember(rid, why)
         self.caches.clear()
         self._used.clear()
-        self.shipped.clear()
+        self._shipped.clear()
 
     def expire(self) -> int:
         """Drop the caches idle longer than the TTL (a lost Release, a gateway that went
