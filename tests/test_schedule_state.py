@@ -56,7 +56,9 @@ def test_fail_and_cancel_from_every_live_state(status: TaskStatus) -> None:
     assert transition(TaskState(status), Step.CANCEL).status is TaskStatus.CANCELLED
 
 
-@pytest.mark.parametrize(("status", "event"), list(itertools.product(TERMINAL, EVENTS)))
+@pytest.mark.parametrize(
+    ("status", "event"), list(itertools.product([s for s in TaskStatus if s in TERMINAL], EVENTS))
+)
 def test_terminal_states_accept_nothing(status: TaskStatus, event: TaskEvent) -> None:
     with pytest.raises(InvalidTransition, match="already finished"):
         transition(TaskState(status), event)

@@ -52,6 +52,20 @@ def return_large_blocks_to_the_os() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
+def use_deterministic_algorithms(mode: bool) -> None:
+    """`torch.use_deterministic_algorithms(mode)` without its import of torch's compiler.
+
+    torch's own function imports `torch._inductor.config` (and with it dynamo) only to set
+    the compiler's flag; that import took 0.93 s of CPU, about a quarter of a node's
+    start-up (3.5 s, AMD EPYC), and a node compiles nothing. Should anything have loaded
+    the compiler, its flag is set as torch would set it.
+    """
+    torch._C._set_deterministic_algorithms(mode)
+    inductor = sys.modules.get("torch._inductor.config")
+    if inductor is not None:
+        setattr(inductor, "deterministic", mode)  # noqa: B010 (a module mypy cannot see into)
+
+
 def prepare_process(cfg: ButterflyConfig) -> int:
     """Set this process up to run a node; returns torch's own thread count (the node's
     torch thread uses it when `resources.threads` is 0)."""
@@ -59,7 +73,7 @@ def prepare_process(cfg: ButterflyConfig) -> int:
     # tensor work stays on this thread alone (runtime.torch_thread)
     torch_threads = confine_to_one_thread()
     # replicas and auditors compare activations: no kernel may pick a racy algorithm
-    torch.use_deterministic_algorithms(cfg.advanced.deterministic)
+    use_deterministic_algorithms(cfg.advanced.deterministic)
     configure_logging(cfg)
     if not return_large_blocks_to_the_os():
         log.info("the C library has no mallopt: freed tensors may stay in the heap")
