@@ -1,4 +1,8 @@
-"""`butterfly model ...` and `butterfly generate`."""
+"""`butterfly model ...` and `butterfly generate`.
+
+Their torch-bound imports are made inside the commands: torch takes a second to import,
+and every other command of the CLI (`status`, `infer`, `config`) starts without it.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +15,6 @@ from rich.console import Console
 
 from butterfly.cli.paths import demo_model
 from butterfly.partition.strategies import uniform_ranges
-from butterfly.runtime.demo import SIZES, create_demo
-from butterfly.runtime.generate import Timings
-from butterfly.runtime.generate import generate as run_generation
-from butterfly.runtime.loader import load_stage, num_layers
-from butterfly.runtime.tokenizer import TextCodec
 from butterfly.types.errors import ButterflyError
 from butterfly.types.tasks import SamplingParams
 
@@ -31,10 +30,14 @@ def fail(e: Exception) -> typer.Exit:
 @app.command("create-demo")
 def create_demo_cmd(
     out: Annotated[Path, typer.Option(help="Directory to write the model into.")],
-    size: Annotated[str, typer.Option(help=f"One of {sorted(SIZES)}.")] = "tiny",
+    size: Annotated[
+        str, typer.Option(help="tiny (for tests) or small (~113M parameters, benchmarks).")
+    ] = "tiny",
     seed: Annotated[int, typer.Option(help="Weights seed; same seed, same bytes.")] = 0,
 ) -> None:
     """Write a Llama-architecture demo model with seeded weights and a byte-level tokenizer."""
+    from butterfly.runtime.demo import SIZES, create_demo
+
     if size not in SIZES:
         raise fail(ValueError(f"unknown size {size!r}; choose one of {sorted(SIZES)}"))
     with err.status(f"writing the {size} demo model to {out}"):
@@ -56,6 +59,11 @@ def generate(
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON object.")] = False,
 ) -> None:
     """Generate text with the model split into in-process stages."""
+    from butterfly.runtime.generate import Timings
+    from butterfly.runtime.generate import generate as run_generation
+    from butterfly.runtime.loader import load_stage, num_layers
+    from butterfly.runtime.tokenizer import TextCodec
+
     try:
         if model is None:
             with err.status("creating the demo model (once)"):

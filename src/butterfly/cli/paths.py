@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from butterfly.runtime.demo import create_demo
-
 
 def data_dir() -> Path:
     """`$BUTTERFLY_DATA_DIR`, else `$XDG_DATA_HOME/butterfly`, else ~/.local/share/butterfly."""
@@ -20,6 +18,9 @@ def demo_model(size: str = "small") -> Path:
     """The demo model under the data directory, created on first use."""
     path = data_dir() / "models" / f"demo-{size}"
     if not (path / "config.json").is_file():
+        # imported here: torch comes with it, and the CLI's other commands start without
+        from butterfly.runtime.demo import create_demo
+
         tmp = path.with_name(path.name + ".partial")
         create_demo(tmp, size)
         tmp.rename(path)
