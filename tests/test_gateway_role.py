@@ -8,7 +8,7 @@ import pytest
 from butterfly.agreement.authority import admission, authorized
 from butterfly.config import ConfigInvalid, load_config
 from butterfly.config.gateways import api_port, gateway_nodes, gateway_urls
-from butterfly.control.gateway_role import GatewayRole, successor
+from butterfly.control.gateway_role import GatewayRole, cut_off, successor
 from butterfly.types.ids import Epoch, NodeId
 from butterfly.types.wire.agreement import Request
 from butterfly.types.wire.commands import NewPlan, TakeOver, encode_command
@@ -98,3 +98,29 @@ def test_a_takeover_is_admitted_only_from_the_successor_that_every_check_sees() 
 
 def test_without_a_takeover_rule_the_role_cannot_move() -> None:
     assert authorized(TakeOver(NodeId(1), 1), NodeId(1)) is not None
+
+
+@pytest.mark.parametrize(
+    ("n", "f", "lost", "evicted", "refused"),
+    [
+        (4, 1, {1, 2}, set(), False),  # two cannot agree a takeover (a quorum is 3)
+        (4, 1, {1, 2, 3}, set(), True),
+        (4, 1, {1, 2}, {3}, False),  # evicted, 3 votes nothing: 2 of 3 voters is no quorum
+        (4, 0, {1, 2}, set(), False),  # f = 0 still decides by majority: 3 of 4
+        (4, 0, {1, 2, 3}, set(), True),
+        (3, 0, {1, 2}, set(), True),
+        (2, 0, {1}, set(), False),
+        (1, 0, set(), set(), False),
+        (7, 2, {1, 2, 3, 4}, set(), False),  # a quorum of 7 with f = 2 is 5
+        (7, 2, {1, 2, 3, 4, 5}, set(), True),
+        (7, 2, {1, 2, 3, 4}, {5, 6}, True),  # of 5 voters, 4 are a quorum
+    ],
+)
+def test_a_gateway_refuses_tasks_once_the_members_it_lost_make_a_quorum(
+    n: int, f: int, lost: set[int], evicted: set[int], refused: bool
+) -> None:
+    members = [NodeId(i) for i in range(n)]
+    why = cut_off(NodeId(0), members, lost.__contains__, {NodeId(e) for e in evicted}, f)
+    assert (why is not None) is refused
+    if why is not None:
+        assert f"node 0 has lost {len(lost - evicted)}" in why

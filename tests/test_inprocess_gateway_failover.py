@@ -22,6 +22,7 @@ from butterfly.runtime.tokenizer import TextCodec
 from butterfly.schedule.scheduler import TaskSnapshot
 from butterfly.schedule.state import TaskState, TaskStatus
 from butterfly.testing.inprocess import InProcessCluster
+from butterfly.types.errors import ServiceUnavailable
 from butterfly.types.ids import NodeId, RequestId
 from butterfly.types.tasks import InferenceResult, InferenceTask, SamplingParams
 from butterfly.types.wire.commands import TakeOver, encode_command
@@ -332,6 +333,33 @@ async def test_a_frozen_gateway_that_thaws_after_its_replacement_does_not_split_
         # node 0's re-plan around the peers it could not hear was never agreed or applied
         alone = c.nodes[0].stage_server.plan
         assert alone is not None and (alone == agreed or alone.epoch < agreed.epoch)
+
+
+async def test_a_gateway_that_lost_a_quorum_refuses_tasks_and_its_successor_runs_them(
+    tiny_model: Path, tmp_path: Path, references: dict[str, list[int]]
+) -> None:
+    """n = 4, f = 1. Node 0, acting, is cut off from every peer: the three it no longer
+    hears are a quorum that can agree a takeover without it, so it refuses a task at
+    once, writing nothing, instead of holding it on a cluster that moves on. Node 1 takes
+    over and runs the task the client sends it instead."""
+    async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS) as c:
+        first, standby = gateway(c, 0), gateway(c, 1)
+        await c.until(lambda: first.scheduler is not None, "node 0 serving")
+        scheduler = first.scheduler
+        assert scheduler is not None
+        c.kill(0)
+        c.hub.cut |= {(NodeId(i), NodeId(0)) for i in range(1, 4)}
+        peers = [NodeId(i) for i in range(1, 4)]
+        membership = c.nodes[0].membership
+        await c.until(lambda: all(membership.status(p) == "failed" for p in peers), "alone")
+        with pytest.raises(ServiceUnavailable, match=r"node 0 has lost 3 of the 4 members"):
+            await scheduler.submit(task(tiny_model, "greedy"))
+        assert first.replicas.store.get("greedy") is None  # nothing was written
+        await c.until(lambda: standby.scheduler is not None, "node 1 takes over", beats=1000)
+        assert standby.scheduler is not None
+        await standby.scheduler.submit(task(tiny_model, "greedy"))
+        done = await asyncio.wait_for(_settled(c, standby, "greedy"), 60)
+        assert done.result is not None and list(done.result.output_ids) == references["greedy"]
 
 
 async def _settled(c: InProcessCluster, gw: Gateway, task_id: str) -> TaskSnapshot:

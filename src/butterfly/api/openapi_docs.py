@@ -29,7 +29,10 @@ WHY = {
     413: "The body or the prompt is over the configured limit.",
     429: "The queue is full or the client is over its rate limit; see Retry-After.",
     500: "A bug; the gateway log has the details.",
-    503: "The cluster cannot serve now (no plan, too few nodes, shutting down).",
+    503: (
+        "The cluster cannot serve now (no plan, too few nodes, shutting down, or this "
+        "gateway lost a quorum of the members): try another gateway."
+    ),
 }
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Collection, Sequence
 
+from butterfly.protocol.quorum import quorum
 from butterfly.types.ids import NodeId
 from butterfly.types.wire.agreement import Request
 from butterfly.types.wire.commands import InvalidCommand, TakeOver, decode_command
@@ -84,6 +85,40 @@ def takeover_refusal(
     return None
 
 
+def cut_off(
+    me: NodeId,
+    members: Collection[NodeId],
+    failed: Callable[[NodeId], bool],
+    evicted: Collection[NodeId],
+    f: int,
+) -> str | None:
+    """Why the acting gateway `me` must accept no task now (None: it may): the members
+    it has lost could agree a takeover without it.
+
+    A takeover needs a quorum of members whose own detectors see the gateway failed
+    (`GatewayRole.veto`); those that still hear it decline. Detection being symmetric,
+    the members this gateway does not hear are the ones that may not hear it. Once they
+    alone make a quorum, it may have been replaced already, and a task it took could run
+    on a cluster that has moved on, or twice. Refused at once, a client tries the next
+    gateway (`cli.gateways`). A cut in one direction only is caught later, when the
+    agreed log names the successor (`wiring.gateway`). Evicted members vote for nothing.
+
+    >>> cut_off(0, (0, 1, 2, 3), {3}.__contains__, (), f=1)
+    >>> print(cut_off(0, (0, 1, 2, 3), {1, 2, 3}.__contains__, (), f=1))  # doctest: +ELLIPSIS
+    node 0 has lost 3 of the 4 members ([1, 2, 3]), a quorum (3) that may agree a takeover ...
+    >>> cut_off(0, (0, 1), {1}.__contains__, (), f=0)  # one node is not a quorum of two
+    """
+    voters = [n for n in members if n not in evicted]
+    lost = sorted(n for n in voters if n != me and failed(n))
+    need = quorum(len(voters), f)
+    if len(lost) < need:
+        return None
+    return (
+        f"node {me} has lost {len(lost)} of the {len(voters)} members ({lost}), "
+        f"a quorum ({need}) that may agree a takeover without it"
+    )
+
+
 class GatewayRole:
     """The acting gateway as this node executed the agreed log (`execute`), and the two
     checks on a takeover (module docstring)."""
@@ -123,6 +158,10 @@ class GatewayRole:
     def successor(self) -> NodeId | None:
         """Who should take over, as this node's failure detector sees it."""
         return successor(self.gateways, self.acting, self.failed, self._evicted())
+
+    def cut_off(self, me: NodeId, members: Collection[NodeId], f: int) -> str | None:
+        """`cut_off` as this node's detector and the agreed evictions have it."""
+        return cut_off(me, members, self.failed, self._evicted(), f)
 
     def on_change(self, listener: Callable[[NodeId, int], None]) -> None:
         """Call `listener(acting, term)` whenever an agreed takeover moves the role."""

@@ -140,10 +140,14 @@ class Scheduler:
         clock: Callable[[], float] = time.monotonic,
         on_accepted: Callable[[InferenceTask], Awaitable[None]] | None = None,
         on_finished: Callable[[RequestId, TaskState, InferenceResult | None], None] | None = None,
+        refusal: Callable[[], str | None] = lambda: None,
     ) -> None:
         """`on_accepted` runs after a task's commit and before `submit` returns (the copy
-        to the standby gateways); `on_finished` after a terminal state's commit."""
+        to the standby gateways); `on_finished` after a terminal state's commit;
+        `refusal`, before anything is written, says why no task may be accepted now
+        (`ServiceUnavailable`: the client sends it elsewhere)."""
         self._on_accepted, self._on_finished = on_accepted, on_finished
+        self._refusal = refusal
         if max_concurrent < 1:
             raise ValueError(f"max_concurrent must be at least 1, got {max_concurrent}")
         self._engine, self._store, self._emit = engine, store, emit
@@ -185,6 +189,8 @@ class Scheduler:
         """Persist and queue a validated task; `QueueFull` when no room is left."""
         if not self._accepting:
             raise ServiceUnavailable("the scheduler is shutting down; send the task elsewhere")
+        if why := self._refusal():
+            raise ServiceUnavailable(f"{why}; send the task to another gateway")
         if task.task_id in self._live:
             raise TaskAlreadyExists(f"a task with id {task.task_id} already exists")
         if len(self._queue) + self._reserved >= self._queue.capacity:

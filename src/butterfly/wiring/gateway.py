@@ -267,6 +267,10 @@ class Gateway:
             detokenize=self.codec.decode if self.codec else None,
             on_accepted=replicas.accepted,
             on_finished=replicas.finished,
+            # a gateway that lost a quorum of the members may have been replaced already
+            refusal=lambda: self.role.cut_off(
+                self.node, self.members, self.config.current.byzantine.f
+            ),
         )
         a = cfg.api
         settings = ApiSettings(
