@@ -8,7 +8,7 @@ import pytest
 from butterfly.agreement.authority import admission, authorized
 from butterfly.config import ConfigInvalid, load_config
 from butterfly.config.gateways import api_port, gateway_nodes, gateway_urls
-from butterfly.control.gateway_role import GatewayRole, cut_off, successor
+from butterfly.control.gateway_role import NEVER_HEARD_S, GatewayRole, cut_off, successor
 from butterfly.types.ids import Epoch, NodeId
 from butterfly.types.wire.agreement import Request
 from butterfly.types.wire.commands import NewPlan, TakeOver, encode_command
@@ -105,7 +105,8 @@ def test_without_a_takeover_rule_the_role_cannot_move() -> None:
     [
         (4, 1, {1, 2}, set(), False),  # two cannot agree a takeover (a quorum is 3)
         (4, 1, {1, 2, 3}, set(), True),
-        (4, 1, {1, 2}, {3}, False),  # evicted, 3 votes nothing: 2 of 3 voters is no quorum
+        (4, 1, {1, 2}, {3}, True),  # evicted, node 3 still votes, for anything
+        (4, 1, {1}, {3}, False),
         (4, 0, {1, 2}, set(), False),  # f = 0 still decides by majority: 3 of 4
         (4, 0, {1, 2, 3}, set(), True),
         (3, 0, {1, 2}, set(), True),
@@ -113,7 +114,7 @@ def test_without_a_takeover_rule_the_role_cannot_move() -> None:
         (1, 0, set(), set(), False),
         (7, 2, {1, 2, 3, 4}, set(), False),  # a quorum of 7 with f = 2 is 5
         (7, 2, {1, 2, 3, 4, 5}, set(), True),
-        (7, 2, {1, 2, 3, 4}, {5, 6}, True),  # of 5 voters, 4 are a quorum
+        (7, 2, {1, 2, 3}, {4, 5}, True),  # a quorum of 7 with f = 2 is 5
     ],
 )
 def test_a_gateway_refuses_tasks_once_the_members_it_lost_make_a_quorum(
@@ -123,4 +124,27 @@ def test_a_gateway_refuses_tasks_once_the_members_it_lost_make_a_quorum(
     why = cut_off(NodeId(0), members, lost.__contains__, {NodeId(e) for e in evicted}, f)
     assert (why is not None) is refused
     if why is not None:
-        assert f"node 0 has lost {len(lost - evicted)}" in why
+        assert f"node 0 has lost {len(lost | evicted)}" in why
+
+
+@pytest.mark.parametrize(
+    ("status", "silent", "failed"),
+    [
+        ("starting", NEVER_HEARD_S - 1, False),  # it may be starting a little late
+        ("starting", NEVER_HEARD_S, True),  # a first gateway that never came up
+        ("starting", None, False),
+        ("healthy", None, False),
+        ("failed", None, True),
+    ],
+)
+def test_a_member_never_heard_from_fails_for_the_role_after_a_grace(
+    status: str, silent: float | None, failed: bool
+) -> None:
+    role = GatewayRole(
+        gateways=[NodeId(0), NodeId(1)],
+        status=lambda node: status if node == 0 else "healthy",
+        evicted=lambda: (),
+        never_heard_for=lambda node: silent if node == 0 else None,
+    )
+    assert role.failed(NodeId(0)) is failed
+    assert role.successor() == (NodeId(1) if failed else None)

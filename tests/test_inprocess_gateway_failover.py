@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from butterfly.agreement.authority import UnauthorizedCommand
+from butterfly.control.gateway_role import NEVER_HEARD_S
 from butterfly.runtime.generate import generate
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.tokenizer import TextCodec
@@ -356,6 +357,28 @@ async def test_a_gateway_that_lost_a_quorum_refuses_tasks_and_its_successor_runs
             await scheduler.submit(task(tiny_model, "greedy"))
         assert first.replicas.store.get("greedy") is None  # nothing was written
         await c.until(lambda: standby.scheduler is not None, "node 1 takes over", beats=1000)
+        assert standby.scheduler is not None
+        await standby.scheduler.submit(task(tiny_model, "greedy"))
+        done = await asyncio.wait_for(_settled(c, standby, "greedy"), 60)
+        assert done.result is not None and list(done.result.output_ids) == references["greedy"]
+
+
+async def test_a_first_gateway_that_never_comes_up_is_replaced(
+    tiny_model: Path, tmp_path: Path, references: dict[str, list[int]]
+) -> None:
+    """Node 0, the first gateway, never starts. Never heard, it reads as "starting", not
+    failed, and before, nobody took over: the cluster never served. A node started a
+    little late must not lose the role either, so the others wait `NEVER_HEARD_S` of
+    silence; then node 1 takes over, plans over the three and serves."""
+    beats = round(NEVER_HEARD_S * 10)  # 100 ms of fake time each
+    async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS, absent=(0,)) as c:
+        standby = gateway(c, 1)
+        for _ in range(beats - 50):  # 5 s short of it: node 0 may still be starting
+            c.hub.tick(0.1)
+            await asyncio.sleep(0.001)
+        assert all(node.role.acting == 0 for node in c.nodes[1:])
+        await c.until(lambda: standby.scheduler is not None, "node 1 takes over", beats=1000)
+        assert all(node.role.acting == 1 and node.role.term == 1 for node in c.nodes[1:])
         assert standby.scheduler is not None
         await standby.scheduler.submit(task(tiny_model, "greedy"))
         done = await asyncio.wait_for(_settled(c, standby, "greedy"), 60)

@@ -184,7 +184,10 @@ def build_node(
     membership = parts.membership(cfg, members, report.local_state, edges.clock)
     plans, evidence = AgreedPlans(), asyncio.Queue[Evidence]()
     role = GatewayRole(
-        gateways=gateway_nodes(cfg), status=membership.status, evicted=lambda: plans.evicted
+        gateways=gateway_nodes(cfg),
+        status=membership.status,
+        evicted=lambda: plans.evicted,
+        never_heard_for=membership.never_heard_for,
     )
     router = Router(
         node=me,

@@ -95,28 +95,36 @@ def cut_off(
     """Why the acting gateway `me` must accept no task now (None: it may): the members
     it has lost could agree a takeover without it.
 
-    A takeover needs a quorum of members whose own detectors see the gateway failed
-    (`GatewayRole.veto`); those that still hear it decline. Detection being symmetric,
-    the members this gateway does not hear are the ones that may not hear it. Once they
-    alone make a quorum, it may have been replaced already, and a task it took could run
-    on a cluster that has moved on, or twice. Refused at once, a client tries the next
+    A takeover needs a quorum of the agreement's members whose own detectors see the
+    gateway failed (`GatewayRole.veto`); those that still hear it decline. Detection
+    being symmetric, the members this gateway does not hear are the ones that may not
+    hear it. An evicted member stays in the agreement (it keeps its key) and, a proven
+    liar, may vote for any takeover: it counts as lost. Once the lost make a quorum,
+    this gateway may have been replaced already, and a task it took could run on a
+    cluster that has moved on, or twice. Refused at once, a client tries the next
     gateway (`cli.gateways`). A cut in one direction only is caught later, when the
-    agreed log names the successor (`wiring.gateway`). Evicted members vote for nothing.
+    agreed log names the successor (`wiring.gateway`).
 
     >>> cut_off(0, (0, 1, 2, 3), {3}.__contains__, (), f=1)
     >>> print(cut_off(0, (0, 1, 2, 3), {1, 2, 3}.__contains__, (), f=1))  # doctest: +ELLIPSIS
     node 0 has lost 3 of the 4 members ([1, 2, 3]), a quorum (3) that may agree a takeover ...
     >>> cut_off(0, (0, 1), {1}.__contains__, (), f=0)  # one node is not a quorum of two
     """
-    voters = [n for n in members if n not in evicted]
-    lost = sorted(n for n in voters if n != me and failed(n))
-    need = quorum(len(voters), f)
+    lost = sorted(n for n in members if n != me and (failed(n) or n in evicted))
+    need = quorum(len(members), f)
     if len(lost) < need:
         return None
     return (
-        f"node {me} has lost {len(lost)} of the {len(voters)} members ({lost}), "
+        f"node {me} has lost {len(lost)} of the {len(members)} members ({lost}), "
         f"a quorum ({need}) that may agree a takeover without it"
     )
+
+
+NEVER_HEARD_S = 30.0
+"""A member never heard from counts as failed for the role once this node has watched it
+this long. Nodes started together are heard within seconds (a node starts in 3-8 s on 2
+loaded cores, `bench/startup.py`), while a first gateway that never comes up would
+otherwise stay "starting", and acting, for good: nobody would take over."""
 
 
 class GatewayRole:
@@ -129,10 +137,14 @@ class GatewayRole:
         gateways: Sequence[NodeId],
         status: Callable[[NodeId], str],
         evicted: Callable[[], Collection[NodeId]],
+        never_heard_for: Callable[[NodeId], float | None] = lambda node: None,
     ) -> None:
-        """`status`: this node's failure detector; `evicted`: the agreed evictions."""
+        """`status`: this node's failure detector; `evicted`: the agreed evictions;
+        `never_heard_for`: how long a member has been watched and never heard (None:
+        heard from)."""
         self.gateways = tuple(gateways)
         self._status, self._evicted = status, evicted
+        self._never_heard_for = never_heard_for
         self.acting: NodeId = self.gateways[0]
         self.term = 0
         self._changed = asyncio.Event()
@@ -153,7 +165,12 @@ class GatewayRole:
         self.gateways = tuple(gateways)
 
     def failed(self, node: NodeId) -> bool:
-        return self._status(node) == "failed"
+        """Failed as the detector sees it, or never heard from in `NEVER_HEARD_S`."""
+        status = self._status(node)
+        if status == "starting":
+            silent = self._never_heard_for(node)
+            return silent is not None and silent >= NEVER_HEARD_S
+        return status == "failed"
 
     def successor(self) -> NodeId | None:
         """Who should take over, as this node's failure detector sees it."""

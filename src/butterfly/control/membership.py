@@ -55,6 +55,7 @@ OnStatusChange = Callable[[NodeId, str], None]
 
 @dataclass
 class PeerView:
+    watched_since: float  # when this node began to watch it: start-up, or its joining
     last_seen: float | None = None
     layers: tuple[int, ...] = ()
     requests: int = 0
@@ -74,7 +75,7 @@ class Membership:
         self.node, self.members = node, members
         self._detector, self._interval = detector, interval_s
         self._local_state, self._clock = local_state, clock
-        self.peers = {n: PeerView() for n in members if n != node}
+        self.peers = {n: PeerView(clock()) for n in members if n != node}
         self._last_status: dict[NodeId, str] = {}
         self._healthy_since: dict[NodeId, float] = {}  # peer -> when `check` first saw it so
         self._lock = threading.Lock()
@@ -90,7 +91,7 @@ class Membership:
                 self._healthy_since.pop(gone, None)
             for new in members:
                 if new != self.node and new not in self.peers:
-                    self.peers[new] = PeerView()
+                    self.peers[new] = PeerView(self._clock())
 
     def retune_detector(
         self, *, suspect: float, failed: float, min_std_ms: float, acceptable_pause_ms: float
@@ -129,6 +130,16 @@ class Membership:
             if self._detector.is_suspected(node, now):
                 return "suspected"
             return "healthy"
+
+    def never_heard_for(self, node: NodeId) -> float | None:
+        """Seconds this node has watched `node` without one heartbeat from it (None: heard
+        from, or not a member). The detector has nothing to say of such a peer: it reads
+        as "starting" however long it stays silent."""
+        with self._lock:
+            peer = self.peers.get(node)
+            if peer is None or peer.last_seen is not None:
+                return None
+            return self._clock() - peer.watched_since
 
     def phi(self, node: NodeId) -> float | None:
         """The detector's suspicion level of `node` now; None before its first heartbeat."""

@@ -223,7 +223,8 @@ class Gateway:
     async def _take_over(self, store: TaskStore) -> bool:
         """The plan after a takeover, over the live nodes; False if it must be tried again."""
         evicted = self.recovery.evicted
-        live = [n for n in self.members if self.status(n) != "failed" and n not in evicted]
+        # failed as the role judges it: a member never heard from for long is not waited on
+        live = [n for n in self.members if not self.role.failed(n) and n not in evicted]
         log.warning("node %s acts as the gateway (term %d)", self.node, self.role.term)
         try:
             facts = await gather_status(
