@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from butterfly.agreement.build import NodeAgreement, build_agreement, open_config
 from butterfly.agreement.driver import AgreementDriver
@@ -55,13 +55,15 @@ from butterfly.types.wire.agreement import Evidence
 from butterfly.types.wire.commands import EvictNode, NewPlan, TakeOver
 from butterfly.wiring import parts
 from butterfly.wiring.edges import Edges, NetworkEdges
-from butterfly.wiring.gateway import Gateway
 from butterfly.wiring.logs import set_log_level
 from butterfly.wiring.metrics_http import MetricsServer
 from butterfly.wiring.process import end_process, prepare_process, run_until_signalled
 from butterfly.wiring.routing import Router, Routes, by_envelope
 from butterfly.wiring.standby import TaskReplicas
 from butterfly.wiring.supervise import supervised
+
+if TYPE_CHECKING:
+    from butterfly.wiring.gateway import Gateway
 
 log = logging.getLogger(__name__)
 
@@ -313,6 +315,10 @@ def build_node(
     }
     gateway = None
     if role.capable(me):  # acting, or standing by to take over
+        # imported here: the HTTP API it brings (FastAPI, the OpenAI routes) took 0.25 s of
+        # CPU of each node's start, and only gateway-capable nodes serve it
+        from butterfly.wiring.gateway import Gateway
+
         routes = {
             **routes,
             s.TaskCopy: replicas.on_copy,
