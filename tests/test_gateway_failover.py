@@ -10,6 +10,7 @@ store, resuming each from its checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import tomllib
@@ -21,6 +22,7 @@ from typer.testing import CliRunner
 
 from butterfly.cli import app
 from butterfly.cli.launcher import LocalCluster, free_port_block, node_configs
+from butterfly.control.gateway_role import NEVER_HEARD_S
 from butterfly.runtime.generate import generate
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.tokenizer import TextCodec
@@ -151,3 +153,36 @@ def test_with_f_0_a_standby_that_alone_loses_the_gateways_heartbeats_does_not_ta
             assert infer(urls) == expected
         finally:
             cluster.stop()
+
+
+def test_a_cluster_whose_first_gateway_never_comes_up_is_served_by_the_next(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Node 0, the first gateway, dies as it starts, before it is ever heard. Never
+    heard, it read as "starting", not failed, and no node took over: the cluster never
+    served. Now the others count it failed after `NEVER_HEARD_S` of silence; node 1
+    takes over, plans over the three and answers `butterfly infer --url A,B`."""
+    expected = references(tiny_model)[0][:SHORT]
+    port = free_port_block(2)
+    settings = {"coordination.acceptable_pause_ms": 400.0, **QUICK_PROBE}
+    cfgs = node_configs(
+        nodes=4, f=1, model=tiny_model, api_port=port, data_dir=tmp_path, settings=settings
+    )
+    cluster = LocalCluster(cfgs, f"http://127.0.0.1:{port}", tmp_path)
+    successor = f"http://127.0.0.1:{port + 1}"
+    try:
+        cluster.start()
+        cluster.kill(0)  # long before it has imported its code, let alone sent a heartbeat
+        deadline = time.monotonic() + NEVER_HEARD_S + 90
+        healthy = False
+        while not healthy and time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                healthy = httpx.get(f"{successor}/health", timeout=2).status_code == 200
+            time.sleep(0.5)
+        assert healthy, "node 1 never served"
+        assert "listening" not in (tmp_path / "node-0.log").read_text()  # never up
+        gateways = httpx.get(f"{successor}/health", timeout=10).json()["gateways"]
+        assert [(g["node"], g["acting"]) for g in gateways] == [(0, False), (1, True)]
+        assert infer([cluster.api_url, successor]) == expected
+    finally:
+        cluster.stop()
