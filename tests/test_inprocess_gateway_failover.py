@@ -353,6 +353,7 @@ async def test_a_gateway_that_lost_a_quorum_refuses_tasks_and_its_successor_runs
         peers = [NodeId(i) for i in range(1, 4)]
         membership = c.nodes[0].membership
         await c.until(lambda: all(membership.status(p) == "failed" for p in peers), "alone")
+        await c.until(lambda: first.cut_off is not None, "node 0 refusing")  # pings failed
         with pytest.raises(ServiceUnavailable, match=r"node 0 has lost 3 of the 4 members"):
             await scheduler.submit(task(tiny_model, "greedy"))
         assert first.replicas.store.get("greedy") is None  # nothing was written
@@ -361,6 +362,32 @@ async def test_a_gateway_that_lost_a_quorum_refuses_tasks_and_its_successor_runs
         await standby.scheduler.submit(task(tiny_model, "greedy"))
         done = await asyncio.wait_for(_settled(c, standby, "greedy"), 60)
         assert done.result is not None and list(done.result.output_ids) == references["greedy"]
+
+
+async def test_a_gateway_deaf_to_heartbeats_but_reachable_keeps_serving(
+    tiny_model: Path, tmp_path: Path, references: dict[str, list[int]]
+) -> None:
+    """Node 0 hears no heartbeat (datagrams dropped on the way in, as a firewall may),
+    yet its own reach the others and its connections work. Its detector loses every
+    peer, but the peers answer its pings and veto any takeover: it must keep taking
+    tasks, or the cluster would stop serving altogether."""
+    async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS) as c:
+        first = gateway(c, 0)
+        await c.until(lambda: first.scheduler is not None, "node 0 serving")
+        scheduler = first.scheduler
+        assert scheduler is not None
+        c.hub.cut |= {(NodeId(i), NodeId(0)) for i in range(1, 4)}
+        peers = [NodeId(i) for i in range(1, 4)]
+        membership = c.nodes[0].membership
+        await c.until(lambda: all(membership.status(p) == "failed" for p in peers), "deaf")
+        for _ in range(20):  # the isolation watch pings, and finds the peers there
+            c.hub.tick(0.1)
+            await asyncio.sleep(0.01)
+        assert first.cut_off is None
+        await scheduler.submit(task(tiny_model, "greedy"))
+        done = await asyncio.wait_for(_settled(c, first, "greedy"), 60)
+        assert done.result is not None and list(done.result.output_ids) == references["greedy"]
+        assert all(node.role.acting == 0 for node in c.nodes)
 
 
 async def test_a_first_gateway_that_never_comes_up_is_replaced(

@@ -102,8 +102,9 @@ def cut_off(
     liar, may vote for any takeover: it counts as lost. Once the lost make a quorum,
     this gateway may have been replaced already, and a task it took could run on a
     cluster that has moved on, or twice. Refused at once, a client tries the next
-    gateway (`cli.gateways`). A cut in one direction only is caught later, when the
-    agreed log names the successor (`wiring.gateway`).
+    gateway (`cli.gateways`). Heartbeats lost on the way in only are not a cut: the
+    peers still hear it and veto any takeover, so `wiring.gateway` counts a member as
+    lost only if it does not answer a ping either (`GatewayRole.cut_off`'s `reachable`).
 
     >>> cut_off(0, (0, 1, 2, 3), {3}.__contains__, (), f=1)
     >>> print(cut_off(0, (0, 1, 2, 3), {1, 2, 3}.__contains__, (), f=1))  # doctest: +ELLIPSIS
@@ -176,9 +177,18 @@ class GatewayRole:
         """Who should take over, as this node's failure detector sees it."""
         return successor(self.gateways, self.acting, self.failed, self._evicted())
 
-    def cut_off(self, me: NodeId, members: Collection[NodeId], f: int) -> str | None:
-        """`cut_off` as this node's detector and the agreed evictions have it."""
-        return cut_off(me, members, self.failed, self._evicted(), f)
+    def cut_off(
+        self,
+        me: NodeId,
+        members: Collection[NodeId],
+        f: int,
+        reachable: Collection[NodeId] = (),
+    ) -> str | None:
+        """`cut_off` as this node's detector and the agreed evictions have it, but for the
+        members just `reachable` over the transport (heartbeats lost one way only)."""
+        return cut_off(
+            me, members, lambda n: self.failed(n) and n not in reachable, self._evicted(), f
+        )
 
     def on_change(self, listener: Callable[[NodeId, int], None]) -> None:
         """Call `listener(acting, term)` whenever an agreed takeover moves the role."""

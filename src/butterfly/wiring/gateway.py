@@ -51,6 +51,7 @@ from butterfly.schedule.store import TaskStore
 from butterfly.types.errors import ButterflyError
 from butterfly.types.ids import NodeId
 from butterfly.types.wire.commands import TakeOver, encode_command
+from butterfly.types.wire.data import Ping
 from butterfly.wiring.api_server import ApiServer
 from butterfly.wiring.standby import TaskReplicas
 from butterfly.wiring.supervise import supervised
@@ -68,6 +69,8 @@ STALL_CHECK_S = 0.05
 """How often a stopping gateway looks whether its running tasks all wait for a plan."""
 WATCH_S = 0.05
 """How often a standby looks at its failure detector for the acting gateway's death."""
+ISOLATION_PING_S = 1.0
+"""How long the acting gateway waits for a member its detector lost to answer a ping."""
 
 
 @dataclass
@@ -91,6 +94,8 @@ class Gateway:
     propose: Propose
     status: Callable[[NodeId], str]
     scheduler: Scheduler | None = field(default=None, init=False)
+    # why the acting gateway takes no task now (`control.gateway_role.cut_off`), or None
+    cut_off: str | None = field(default=None, init=False)
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Act or stand by, as the agreed role says, until `stop` is set.
@@ -187,6 +192,37 @@ class Gateway:
                 log.warning("takeover for term %d not agreed (yet): %s", term, e)
                 await asyncio.sleep(RETRY_S)
 
+    async def _watch_isolation(self) -> None:
+        """Keep `cut_off`, the scheduler's refusal: a gateway that lost a quorum of the
+        members may have been replaced already. The detector's verdict is checked over
+        the transport first: heartbeats are datagrams, and a firewall may drop them on
+        the way in only. The peers then still hear this gateway and veto any takeover,
+        so refusing tasks would stop the cluster rather than protect it."""
+        try:
+            while True:
+                f = self.config.current.byzantine.f
+                why = self.role.cut_off(self.node, self.members, f)
+                if why is not None:
+                    lost = [n for n in self.members if n != self.node and self.role.failed(n)]
+                    answered = await asyncio.gather(*(self._answers(n) for n in lost))
+                    reachable = [n for n, ok in zip(lost, answered, strict=True) if ok]
+                    why = self.role.cut_off(self.node, self.members, f, reachable)
+                if why is not None and self.cut_off is None:
+                    log.warning("%s: taking no task", why)
+                elif why is None and self.cut_off is not None:
+                    log.info("node %s hears a quorum again: taking tasks", self.node)
+                self.cut_off = why
+                await asyncio.sleep(WATCH_S)
+        finally:
+            self.cut_off = None
+
+    async def _answers(self, peer: NodeId) -> bool:
+        try:
+            await self.transport.ask(peer, Ping(0), timeout=ISOLATION_PING_S, channel="control")
+        except ButterflyError:
+            return False
+        return True
+
     def gateways(self) -> list[dict[str, Any]]:
         """Every gateway-capable node, its API URL, and which one acts (for `/health`)."""
         urls = gateway_urls(self.config.current)
@@ -268,10 +304,7 @@ class Gateway:
             detokenize=self.codec.decode if self.codec else None,
             on_accepted=replicas.accepted,
             on_finished=replicas.finished,
-            # a gateway that lost a quorum of the members may have been replaced already
-            refusal=lambda: self.role.cut_off(
-                self.node, self.members, self.config.current.byzantine.f
-            ),
+            refusal=lambda: self.cut_off,  # kept by `_watch_isolation`
         )
         a = cfg.api
         settings = ApiSettings(
@@ -303,6 +336,7 @@ class Gateway:
                 "config_monitor": self.coordinator.monitor,
                 "standby_copies": replicas.send_copies,
                 "standby_resync": replicas.keep_standbys,
+                "isolation": self._watch_isolation,
             }
             async with asyncio.TaskGroup() as tg:
                 # not supervised: its tasks live in its own task group, and a restart
