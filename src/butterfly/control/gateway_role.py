@@ -104,7 +104,8 @@ def cut_off(
     cluster that has moved on, or twice. Refused at once, a client tries the next
     gateway (`cli.gateways`). Heartbeats lost on the way in only are not a cut: the
     peers still hear it and veto any takeover, so `wiring.gateway` counts a member as
-    lost only if it does not answer a ping either (`GatewayRole.cut_off`'s `reachable`).
+    lost only if it does not answer a ping either (`GatewayRole.cut_off`'s `reachable`;
+    what that leaves open is in `Gateway._watch_isolation`).
 
     >>> cut_off(0, (0, 1, 2, 3), {3}.__contains__, (), f=1)
     >>> print(cut_off(0, (0, 1, 2, 3), {1, 2, 3}.__contains__, (), f=1))  # doctest: +ELLIPSIS

@@ -195,9 +195,17 @@ class Gateway:
     async def _watch_isolation(self) -> None:
         """Keep `cut_off`, the scheduler's refusal: a gateway that lost a quorum of the
         members may have been replaced already. The detector's verdict is checked over
-        the transport first: heartbeats are datagrams, and a firewall may drop them on
-        the way in only. The peers then still hear this gateway and veto any takeover,
-        so refusing tasks would stop the cluster rather than protect it."""
+        the transport first (a ping round, so the refusal follows the detector by up to
+        `ISOLATION_PING_S`, longer while a dial to a silent host times out).
+
+        Heartbeats are datagrams, and a firewall may drop them on the way in only: the
+        peers then still hear this gateway and veto any takeover, and refusing would stop
+        the cluster rather than protect it. A member that answers a ping is therefore not
+        counted lost. If datagrams are lost both ways while connections work, the peers
+        may take over all the same; this gateway then accepts tasks until the agreed log,
+        which reaches it over those connections, names its successor, and the stage
+        nodes refuse its steps meanwhile (they take steps from the acting gateway only):
+        such tasks fail, they never run twice."""
         try:
             while True:
                 f = self.config.current.byzantine.f
@@ -210,7 +218,7 @@ class Gateway:
                 if why is not None and self.cut_off is None:
                     log.warning("%s: taking no task", why)
                 elif why is None and self.cut_off is not None:
-                    log.info("node %s hears a quorum again: taking tasks", self.node)
+                    log.info("node %s reaches a quorum again: taking tasks", self.node)
                 self.cut_off = why
                 await asyncio.sleep(WATCH_S)
         finally:
