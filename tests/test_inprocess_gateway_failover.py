@@ -357,6 +357,7 @@ async def test_a_gateway_that_lost_a_quorum_refuses_tasks_and_its_successor_runs
         with pytest.raises(ServiceUnavailable, match=r"node 0 has lost 3 of the 4 members"):
             await scheduler.submit(task(tiny_model, "greedy"))
         assert first.replicas.store.get("greedy") is None  # nothing was written
+        assert refusing(c, 0) == 1.0  # an operator sees why
         await c.until(lambda: standby.scheduler is not None, "node 1 takes over", beats=1000)
         assert standby.scheduler is not None
         await standby.scheduler.submit(task(tiny_model, "greedy"))
@@ -384,6 +385,7 @@ async def test_a_gateway_deaf_to_heartbeats_but_reachable_keeps_serving(
             c.hub.tick(0.1)
             await asyncio.sleep(0.05)
         assert first.cut_off is None  # the isolation watch pinged the peers and found them
+        assert refusing(c, 0) == 0.0
         await scheduler.submit(task(tiny_model, "greedy"))
         done = await asyncio.wait_for(_settled(c, first, "greedy"), 60)
         assert done.result is not None and list(done.result.output_ids) == references["greedy"]
@@ -410,6 +412,14 @@ async def test_a_first_gateway_that_never_comes_up_is_replaced(
         await standby.scheduler.submit(task(tiny_model, "greedy"))
         done = await asyncio.wait_for(_settled(c, standby, "greedy"), 60)
         assert done.result is not None and list(done.result.output_ids) == references["greedy"]
+
+
+def refusing(c: InProcessCluster, node: int) -> float:
+    """`butterfly_gateway_refusing_tasks` as the node's /metrics would show it."""
+    for line in c.nodes[node].metrics.render().decode().splitlines():
+        if line.startswith("butterfly_gateway_refusing_tasks "):
+            return float(line.split()[1])
+    raise AssertionError("no butterfly_gateway_refusing_tasks in the node's metrics")
 
 
 async def _settled(c: InProcessCluster, gw: Gateway, task_id: str) -> TaskSnapshot:

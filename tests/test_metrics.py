@@ -11,6 +11,7 @@ from butterfly.metrics.events import (
     CheckpointCopied,
     ConsensusRound,
     Eviction,
+    GatewayRefusing,
     HopTimed,
     LoopRestarted,
     MessageDropped,
@@ -51,6 +52,7 @@ REQUIRED = {
     "butterfly_phase_transitions",
     "butterfly_node_failures",
     "butterfly_queue_depth",
+    "butterfly_gateway_refusing_tasks",
     "butterfly_node_status",
     "butterfly_byzantine_evictions",
     "butterfly_recovery_seconds",
@@ -84,6 +86,7 @@ ONE_OF_EACH: list[MetricsEvent] = [
     PeerError(NodeId(2), "connection_failed", retriable=True),
     Verification("audit", "verified"),
     LoopRestarted("result_expiry"),
+    GatewayRefusing(True),
     StageStepTimed(stage=1, seconds=0.004),
     HopTimed(NodeId(2), 0.0002),
     Traversed(drafted=4, accepted=3),
@@ -123,6 +126,7 @@ def test_each_event_moves_its_metric() -> None:
     assert value(m, "butterfly_checkpoint_bytes_sum") == 2048
     assert value(m, "butterfly_view_changes_total") == 1
     assert value(m, "butterfly_queue_depth") == 7
+    assert value(m, "butterfly_gateway_refusing_tasks") == 1
     assert value(m, "butterfly_peer_errors_total", node="2", error="connection_failed") == 1
     assert value(m, "butterfly_node_status", node="2", butterfly_node_status="suspected") == 1
     assert value(m, "butterfly_node_status", node="2", butterfly_node_status="healthy") == 0

@@ -200,6 +200,14 @@ class LoopRestarted:
     loop: str
 
 
+@dataclass(frozen=True)
+class GatewayRefusing:
+    """The acting gateway starts (True) or stops (False) refusing new tasks: the members
+    it lost, and cannot reach, could agree a takeover without it."""
+
+    refusing: bool
+
+
 MetricsEvent = (
     TaskSubmitted
     | TaskFinished
@@ -219,6 +227,7 @@ MetricsEvent = (
     | PeerError
     | Verification
     | LoopRestarted
+    | GatewayRefusing
     | StageStepTimed
     | HopTimed
     | Traversed

@@ -22,6 +22,7 @@ from butterfly.metrics.events import (
     CheckpointCopied,
     ConsensusRound,
     Eviction,
+    GatewayRefusing,
     HopTimed,
     LoopRestarted,
     MessageDropped,
@@ -249,6 +250,12 @@ class Metrics:
         self.queue_depth = Gauge(
             "queue_depth", "Tasks waiting for an execution slot", namespace=ns, registry=r
         )
+        self.gateway_refusing_tasks = Gauge(
+            "gateway_refusing_tasks",
+            "1 while this acting gateway refuses new tasks: it lost a quorum of the members",
+            namespace=ns,
+            registry=r,
+        )
         self.node_status = Enum(
             "node_status",
             "Each node's state as this node sees it",
@@ -352,6 +359,8 @@ class Metrics:
                 self.peer_errors.labels(node=str(node), error=error).inc()
             case QueueDepth(depth=depth):
                 self.queue_depth.set(depth)
+            case GatewayRefusing(refusing=refusing):
+                self.gateway_refusing_tasks.set(1 if refusing else 0)
             case NodeStatus(node=node, status=status):
                 self.node_status.labels(node=str(node)).state(status)
                 if status == "suspected":

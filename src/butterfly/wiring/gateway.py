@@ -42,6 +42,7 @@ from butterfly.control.recovery import Recovery
 from butterfly.control.rollout import START_GRACE_BEATS, gather_status
 from butterfly.control.status import NodeReport
 from butterfly.dataplane.engine import PipelineEngine
+from butterfly.metrics.events import GatewayRefusing
 from butterfly.metrics.prometheus import Metrics
 from butterfly.net.transport import Transport
 from butterfly.runtime.tokenizer import TextCodec
@@ -217,11 +218,15 @@ class Gateway:
                     why = self.role.cut_off(self.node, self.members, f, reachable)
                 if why is not None and self.cut_off is None:
                     log.warning("%s: taking no task", why)
+                    self.metrics.emit(GatewayRefusing(True))
                 elif why is None and self.cut_off is not None:
                     log.info("node %s reaches a quorum again: taking tasks", self.node)
+                    self.metrics.emit(GatewayRefusing(False))
                 self.cut_off = why
                 await asyncio.sleep(WATCH_S)
         finally:
+            if self.cut_off is not None:
+                self.metrics.emit(GatewayRefusing(False))
             self.cut_off = None
 
     async def _answers(self, peer: NodeId) -> bool:
