@@ -22,7 +22,6 @@ from typer.testing import CliRunner
 
 from butterfly.cli import app
 from butterfly.cli.launcher import LocalCluster, free_port_block, node_configs
-from butterfly.control.gateway_role import NEVER_HEARD_S
 from butterfly.runtime.generate import generate
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.tokenizer import TextCodec
@@ -160,11 +159,17 @@ def test_a_cluster_whose_first_gateway_never_comes_up_is_served_by_the_next(
 ) -> None:
     """Node 0, the first gateway, dies as it starts, before it is ever heard. Never
     heard, it read as "starting", not failed, and no node took over: the cluster never
-    served. Now the others count it failed after `NEVER_HEARD_S` of silence; node 1
-    takes over, plans over the three and answers `butterfly infer --url A,B`."""
+    served. Now the others count it failed after `coordination.never_heard_s` of
+    silence (5 s here); node 1 takes over, plans over the three and answers
+    `butterfly infer --url A,B`."""
     expected = references(tiny_model)[0][:SHORT]
     port = free_port_block(2)
-    settings = {"coordination.acceptable_pause_ms": 400.0, **QUICK_PROBE}
+    grace_s = 5.0
+    settings = {
+        "coordination.acceptable_pause_ms": 400.0,
+        "coordination.never_heard_s": grace_s,
+        **QUICK_PROBE,
+    }
     cfgs = node_configs(
         nodes=4, f=1, model=tiny_model, api_port=port, data_dir=tmp_path, settings=settings
     )
@@ -173,7 +178,7 @@ def test_a_cluster_whose_first_gateway_never_comes_up_is_served_by_the_next(
     try:
         cluster.start()
         cluster.kill(0)  # long before it has imported its code, let alone sent a heartbeat
-        deadline = time.monotonic() + NEVER_HEARD_S + 90
+        deadline = time.monotonic() + grace_s + 90
         healthy = False
         while not healthy and time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError):

@@ -8,7 +8,7 @@ import pytest
 from butterfly.agreement.authority import admission, authorized
 from butterfly.config import ConfigInvalid, load_config
 from butterfly.config.gateways import api_port, gateway_nodes, gateway_urls
-from butterfly.control.gateway_role import NEVER_HEARD_S, GatewayRole, cut_off, successor
+from butterfly.control.gateway_role import GatewayRole, cut_off, successor
 from butterfly.types.ids import Epoch, NodeId
 from butterfly.types.wire.agreement import Request
 from butterfly.types.wire.commands import NewPlan, TakeOver, encode_command
@@ -127,11 +127,14 @@ def test_a_gateway_refuses_tasks_once_the_members_it_lost_make_a_quorum(
         assert f"node 0 has lost {len(lost | evicted)}" in why
 
 
+GRACE_S = 30.0  # coordination.never_heard_s
+
+
 @pytest.mark.parametrize(
     ("status", "silent", "failed"),
     [
-        ("starting", NEVER_HEARD_S - 1, False),  # it may be starting a little late
-        ("starting", NEVER_HEARD_S, True),  # a first gateway that never came up
+        ("starting", GRACE_S - 1, False),  # it may be starting a little late
+        ("starting", GRACE_S, True),  # a first gateway that never came up
         ("starting", None, False),
         ("healthy", None, False),
         ("failed", None, True),
@@ -145,6 +148,7 @@ def test_a_member_never_heard_from_fails_for_the_role_after_a_grace(
         status=lambda node: status if node == 0 else "healthy",
         evicted=lambda: (),
         never_heard_for=lambda node: silent if node == 0 else None,
+        never_heard_s=GRACE_S,
     )
     assert role.failed(NodeId(0)) is failed
     assert role.successor() == (NodeId(1) if failed else None)

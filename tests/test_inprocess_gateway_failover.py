@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from butterfly.agreement.authority import UnauthorizedCommand
-from butterfly.control.gateway_role import NEVER_HEARD_S
 from butterfly.runtime.generate import generate
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.tokenizer import TextCodec
@@ -397,10 +396,13 @@ async def test_a_first_gateway_that_never_comes_up_is_replaced(
 ) -> None:
     """Node 0, the first gateway, never starts. Never heard, it reads as "starting", not
     failed, and before, nobody took over: the cluster never served. A node started a
-    little late must not lose the role either, so the others wait `NEVER_HEARD_S` of
-    silence; then node 1 takes over, plans over the three and serves."""
-    beats = round(NEVER_HEARD_S * 10)  # 100 ms of fake time each
-    async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS, absent=(0,)) as c:
+    little late must not lose the role either, so the others wait
+    `coordination.never_heard_s` of silence (20 s here, not the default 30: the setting
+    is what decides); then node 1 takes over, plans over the three and serves."""
+    grace_s = 20.0
+    beats = round(grace_s * 10)  # 100 ms of fake time each
+    settings = {**SETTINGS, "coordination.never_heard_s": grace_s}
+    async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=settings, absent=(0,)) as c:
         standby = gateway(c, 1)
         for _ in range(beats - 50):  # 5 s short of it: node 0 may still be starting
             c.hub.tick(0.1)

@@ -190,6 +190,7 @@ def build_node(
         status=membership.status,
         evicted=lambda: plans.evicted,
         never_heard_for=membership.never_heard_for,
+        never_heard_s=cfg.coordination.never_heard_s,
     )
     router = Router(
         node=me,

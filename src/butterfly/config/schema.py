@@ -300,6 +300,16 @@ class CoordinationConfig(Section):
     pbft_window: int = option(
         256, "Water-mark window; above pbft_checkpoint_interval.", SC, CLUSTER, ge=2, le=10_000_000
     )
+    never_heard_s: float = option(
+        30.0,
+        "A member never heard from counts as failed for the gateway role after this "
+        "long: a first gateway that never comes up is replaced, one started this much "
+        "later than the others is too.",
+        SC,
+        CLUSTER,
+        ge=1.0,
+        le=86_400.0,
+    )
     pbft_history: int = option(
         1024,
         "Agreed entries kept below the stable checkpoint for peers that lag; "

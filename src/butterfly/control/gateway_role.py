@@ -25,6 +25,7 @@ agreed log (its peers relay what it missed) and stops serving (`wiring.gateway`)
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable, Collection, Sequence
 
 from butterfly.protocol.quorum import quorum
@@ -122,13 +123,6 @@ def cut_off(
     )
 
 
-NEVER_HEARD_S = 30.0
-"""A member never heard from counts as failed for the role once this node has watched it
-this long. Nodes started together are heard within seconds (a node starts in 3-8 s on 2
-loaded cores, `bench/startup.py`), while a first gateway that never comes up would
-otherwise stay "starting", and acting, for good: nobody would take over."""
-
-
 class GatewayRole:
     """The acting gateway as this node executed the agreed log (`execute`), and the two
     checks on a takeover (module docstring)."""
@@ -140,13 +134,18 @@ class GatewayRole:
         status: Callable[[NodeId], str],
         evicted: Callable[[], Collection[NodeId]],
         never_heard_for: Callable[[NodeId], float | None] = lambda node: None,
+        never_heard_s: float = math.inf,
     ) -> None:
         """`status`: this node's failure detector; `evicted`: the agreed evictions;
         `never_heard_for`: how long a member has been watched and never heard (None:
-        heard from)."""
+        heard from); `never_heard_s` (`coordination.never_heard_s`): after how long such
+        a member counts as failed. Nodes started together are heard within seconds (a
+        node starts in 3-8 s on 2 loaded cores, `bench/startup.py`), while a first
+        gateway that never comes up would otherwise stay "starting", and acting, for
+        good: nobody would take over."""
         self.gateways = tuple(gateways)
         self._status, self._evicted = status, evicted
-        self._never_heard_for = never_heard_for
+        self._never_heard_for, self._never_heard_s = never_heard_for, never_heard_s
         self.acting: NodeId = self.gateways[0]
         self.term = 0
         self._changed = asyncio.Event()
@@ -167,11 +166,11 @@ class GatewayRole:
         self.gateways = tuple(gateways)
 
     def failed(self, node: NodeId) -> bool:
-        """Failed as the detector sees it, or never heard from in `NEVER_HEARD_S`."""
+        """Failed as the detector sees it, or never heard from in `never_heard_s`."""
         status = self._status(node)
         if status == "starting":
             silent = self._never_heard_for(node)
-            return silent is not None and silent >= NEVER_HEARD_S
+            return silent is not None and silent >= self._never_heard_s
         return status == "failed"
 
     def successor(self) -> NodeId | None:
