@@ -139,8 +139,8 @@ class GatewayRole:
         """`status`: this node's failure detector; `evicted`: the agreed evictions;
         `never_heard_for`: how long a member has been watched and never heard (None:
         heard from); `never_heard_s` (`coordination.never_heard_s`): after how long such
-        a member counts as failed. Nodes started together are heard within seconds (a
-        node starts in 3-8 s on 2 loaded cores, `bench/startup.py`), while a first
+        a member counts as failed. Nodes started together are heard within seconds (4 nodes
+        on one 2-core host are healthy in about 7 s, `bench/startup.py`), while a first
         gateway that never comes up would otherwise stay "starting", and acting, for
         good: nobody would take over."""
         self.gateways = tuple(gateways)

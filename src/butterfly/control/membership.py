@@ -81,9 +81,9 @@ class Membership:
         self._lock = threading.Lock()
 
     def follow(self, members: Collection[NodeId]) -> None:
-        """An agreed membership change: a new member is watched from its first heartbeat
-        ("starting" until then), a removed one is not watched any more and reads as
-        failed, so nothing waits on it."""
+        """An agreed membership change: a new member is watched from its joining
+        ("starting" until its first heartbeat), a removed one is not watched any more and
+        reads as failed, so nothing waits on it."""
         with self._lock:
             for gone in [n for n in self.peers if n not in members]:
                 del self.peers[gone]
