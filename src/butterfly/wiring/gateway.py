@@ -42,7 +42,6 @@ from butterfly.control.recovery import Recovery
 from butterfly.control.rollout import START_GRACE_BEATS, gather_status
 from butterfly.control.status import NodeReport
 from butterfly.dataplane.engine import PipelineEngine
-from butterfly.metrics.events import GatewayRefusing
 from butterfly.metrics.prometheus import Metrics
 from butterfly.net.transport import Transport
 from butterfly.runtime.tokenizer import TextCodec
@@ -52,8 +51,8 @@ from butterfly.schedule.store import TaskStore
 from butterfly.types.errors import ButterflyError
 from butterfly.types.ids import NodeId
 from butterfly.types.wire.commands import TakeOver, encode_command
-from butterfly.types.wire.data import Ping
 from butterfly.wiring.api_server import ApiServer
+from butterfly.wiring.isolation import IsolationWatch
 from butterfly.wiring.standby import TaskReplicas
 from butterfly.wiring.supervise import supervised
 
@@ -70,8 +69,6 @@ STALL_CHECK_S = 0.05
 """How often a stopping gateway looks whether its running tasks all wait for a plan."""
 WATCH_S = 0.05
 """How often a standby looks at its failure detector for the acting gateway's death."""
-ISOLATION_PING_S = 1.0
-"""How long the acting gateway waits for a member its detector lost to answer a ping."""
 
 
 @dataclass
@@ -95,8 +92,12 @@ class Gateway:
     propose: Propose
     status: Callable[[NodeId], str]
     scheduler: Scheduler | None = field(default=None, init=False)
-    # why the acting gateway takes no task now (`control.gateway_role.cut_off`), or None
-    cut_off: str | None = field(default=None, init=False)
+    isolation: IsolationWatch | None = field(default=None, init=False)  # while acting
+
+    @property
+    def cut_off(self) -> str | None:
+        """Why this gateway, acting, takes no task now (`wiring.isolation`), or None."""
+        return self.isolation.reason if self.isolation is not None else None
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Act or stand by, as the agreed role says, until `stop` is set.
@@ -193,49 +194,6 @@ class Gateway:
                 log.warning("takeover for term %d not agreed (yet): %s", term, e)
                 await asyncio.sleep(RETRY_S)
 
-    async def _watch_isolation(self) -> None:
-        """Keep `cut_off`, the scheduler's refusal: a gateway that lost a quorum of the
-        members may have been replaced already. The detector's verdict is checked over
-        the transport first (a ping round, so the refusal follows the detector by up to
-        `ISOLATION_PING_S`, longer while a dial to a silent host times out).
-
-        Heartbeats are datagrams, and a firewall may drop them on the way in only: the
-        peers then still hear this gateway and veto any takeover, and refusing would stop
-        the cluster rather than protect it. A member that answers a ping is therefore not
-        counted lost. If datagrams are lost both ways while connections work, the peers
-        may take over all the same; this gateway then accepts tasks until the agreed log,
-        which reaches it over those connections, names its successor, and the stage
-        nodes refuse its steps meanwhile (they take steps from the acting gateway only):
-        such tasks fail, they never run twice."""
-        try:
-            while True:
-                f = self.config.current.byzantine.f
-                why = self.role.cut_off(self.node, self.members, f)
-                if why is not None:
-                    lost = [n for n in self.members if n != self.node and self.role.failed(n)]
-                    answered = await asyncio.gather(*(self._answers(n) for n in lost))
-                    reachable = [n for n, ok in zip(lost, answered, strict=True) if ok]
-                    why = self.role.cut_off(self.node, self.members, f, reachable)
-                if why is not None and self.cut_off is None:
-                    log.warning("%s: taking no task", why)
-                    self.metrics.emit(GatewayRefusing(True))
-                elif why is None and self.cut_off is not None:
-                    log.info("node %s reaches a quorum again: taking tasks", self.node)
-                    self.metrics.emit(GatewayRefusing(False))
-                self.cut_off = why
-                await asyncio.sleep(WATCH_S)
-        finally:
-            if self.cut_off is not None:
-                self.metrics.emit(GatewayRefusing(False))
-            self.cut_off = None
-
-    async def _answers(self, peer: NodeId) -> bool:
-        try:
-            await self.transport.ask(peer, Ping(0), timeout=ISOLATION_PING_S, channel="control")
-        except ButterflyError:
-            return False
-        return True
-
     def gateways(self) -> list[dict[str, Any]]:
         """Every gateway-capable node, its API URL, and which one acts (for `/health`)."""
         urls = gateway_urls(self.config.current)
@@ -307,6 +265,15 @@ class Gateway:
         cfg = self.config.current
         s = cfg.scheduling
         replicas = self.replicas
+        isolation = IsolationWatch(
+            node=self.node,
+            members=self.members,
+            role=self.role,
+            f=lambda: self.config.current.byzantine.f,
+            transport=self.transport,
+            emit=self.metrics.emit,
+        )
+        self.isolation = isolation
         scheduler = Scheduler(
             engine=self.engine,
             store=store,
@@ -317,7 +284,7 @@ class Gateway:
             detokenize=self.codec.decode if self.codec else None,
             on_accepted=replicas.accepted,
             on_finished=replicas.finished,
-            refusal=lambda: self.cut_off,  # kept by `_watch_isolation`
+            refusal=lambda: isolation.reason,
         )
         a = cfg.api
         settings = ApiSettings(
@@ -349,7 +316,7 @@ class Gateway:
                 "config_monitor": self.coordinator.monitor,
                 "standby_copies": replicas.send_copies,
                 "standby_resync": replicas.keep_standbys,
-                "isolation": self._watch_isolation,
+                "isolation": isolation.run,
             }
             async with asyncio.TaskGroup() as tg:
                 # not supervised: its tasks live in its own task group, and a restart
