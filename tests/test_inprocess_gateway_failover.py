@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from butterfly.agreement.authority import UnauthorizedCommand
+from butterfly.api.app import health_body
 from butterfly.runtime.generate import generate
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.tokenizer import TextCodec
@@ -357,6 +358,9 @@ async def test_a_gateway_that_lost_a_quorum_refuses_tasks_and_its_successor_runs
             await scheduler.submit(task(tiny_model, "greedy"))
         assert first.replicas.store.get("greedy") is None  # nothing was written
         assert refusing(c, 0) == 1.0  # an operator sees why
+        health = health_body(c.nodes[0].engine.health(), scheduler)  # what GET /health says
+        assert not health["healthy"] and health["services"]["scheduling"] == "down"
+        assert "node 0 has lost 3 of the 4 members" in health["refusing_tasks"]
         await c.until(lambda: standby.scheduler is not None, "node 1 takes over", beats=1000)
         assert standby.scheduler is not None
         await standby.scheduler.submit(task(tiny_model, "greedy"))

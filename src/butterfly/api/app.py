@@ -146,7 +146,8 @@ def create_app(
 def health_body(cluster: ClusterHealth, scheduler: Scheduler) -> dict[str, Any]:
     """Seed 001's health shape (`healthy`, `services`, `nodes`), plus the epoch and load."""
     services = {name: "ok" if up else "down" for name, up in cluster.services.items()}
-    services["scheduling"] = "ok" if scheduler.serving else "down"
+    refusing = scheduler.refusing()  # a gateway that lost a quorum: send clients elsewhere
+    services["scheduling"] = "ok" if scheduler.serving and refusing is None else "down"
     nodes = [
         {
             "id": n.node,
@@ -159,7 +160,8 @@ def health_body(cluster: ClusterHealth, scheduler: Scheduler) -> dict[str, Any]:
         for n in cluster.nodes
     ]
     return {
-        "healthy": cluster.healthy and scheduler.serving,
+        "healthy": cluster.healthy and scheduler.serving and refusing is None,
+        **({"refusing_tasks": refusing} if refusing is not None else {}),
         "services": services,
         "nodes": nodes,
         "epoch": cluster.epoch,

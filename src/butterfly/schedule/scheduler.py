@@ -238,6 +238,10 @@ class Scheduler:
 
     # --- queries -----------------------------------------------------------------------
 
+    def refusing(self) -> str | None:
+        """Why no task is accepted now (`refusal`), or None: for `/health`."""
+        return self._refusal()
+
     async def snapshot(self, task_id: str) -> TaskSnapshot:
         """The task's current state; `TaskNotFound` when no such task was accepted."""
         live = self._live.get(task_id)
