@@ -317,7 +317,7 @@ def build_node(
     gateway = None
     if role.capable(me):  # acting, or standing by to take over
         # imported here: the HTTP API it brings (FastAPI, the OpenAI routes) took 0.25 s of
-        # CPU of each node's start, and only gateway-capable nodes serve it
+        # CPU of each node's start (AMD EPYC), and only gateway-capable nodes serve it
         from butterfly.wiring.gateway import Gateway
 
         routes = {

@@ -104,9 +104,9 @@ def cut_off(
     this gateway may have been replaced already, and a task it took could run on a
     cluster that has moved on, or twice. Refused at once, a client tries the next
     gateway (`cli.gateways`). Heartbeats lost on the way in only are not a cut: the
-    peers still hear it and veto any takeover, so `wiring.gateway` counts a member as
+    peers still hear it and veto any takeover, so `wiring.isolation` counts a member as
     lost only if it does not answer a ping either (`GatewayRole.cut_off`'s `reachable`;
-    what that leaves open is in `Gateway._watch_isolation`).
+    what that leaves open is in that module's docstring).
 
     >>> cut_off(0, (0, 1, 2, 3), {3}.__contains__, (), f=1)
     >>> print(cut_off(0, (0, 1, 2, 3), {1, 2, 3}.__contains__, (), f=1))  # doctest: +ELLIPSIS
@@ -140,7 +140,7 @@ class GatewayRole:
         `never_heard_for`: how long a member has been watched and never heard (None:
         heard from); `never_heard_s` (`coordination.never_heard_s`): after how long such
         a member counts as failed. Nodes started together are heard within seconds (4 nodes
-        on one 2-core host are healthy in about 7 s, `bench/startup.py`), while a first
+        on one 2-core AMD EPYC host are healthy in about 7 s, `bench/startup.py`), while a first
         gateway that never comes up would otherwise stay "starting", and acting, for
         good: nobody would take over."""
         self.gateways = tuple(gateways)

@@ -92,12 +92,6 @@ class Gateway:
     propose: Propose
     status: Callable[[NodeId], str]
     scheduler: Scheduler | None = field(default=None, init=False)
-    isolation: IsolationWatch | None = field(default=None, init=False)  # while acting
-
-    @property
-    def cut_off(self) -> str | None:
-        """Why this gateway, acting, takes no task now (`wiring.isolation`), or None."""
-        return self.isolation.reason if self.isolation is not None else None
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Act or stand by, as the agreed role says, until `stop` is set.
@@ -273,7 +267,6 @@ class Gateway:
             transport=self.transport,
             emit=self.metrics.emit,
         )
-        self.isolation = isolation
         scheduler = Scheduler(
             engine=self.engine,
             store=store,
