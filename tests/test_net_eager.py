@@ -1,0 +1,113 @@
+"""A handler started at once (net.eager): it runs on the caller's turn until it first
+waits, and the task that takes over then drives it exactly as one started by
+`create_task` would: values and exceptions in, cancellation through, the same context."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+
+import pytest
+
+from butterfly.net.eager import start_eagerly
+
+WHO = contextvars.ContextVar("who", default="reader")
+
+
+async def test_a_coroutine_that_never_waits_ran_before_it_returns_and_leaves_no_task() -> None:
+    seen: list[str] = []
+
+    async def handler() -> None:
+        seen.append("ran")
+
+    assert start_eagerly(handler()) is None
+    assert seen == ["ran"]  # no turn of the loop in between
+
+
+async def test_the_part_before_a_wait_runs_at_once_and_the_task_finishes_the_rest() -> None:
+    seen: list[object] = []
+    answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def handler() -> None:
+        seen.append("before")
+        seen.append(await answer)
+        await asyncio.sleep(0)  # a bare yield to the loop, as asyncio.sleep(0) makes
+        seen.append("after")
+
+    task = start_eagerly(handler())
+    assert seen == ["before"] and task is not None and not task.done()
+    answer.set_result(7)
+    await asyncio.wait_for(task, 5)
+    assert seen == ["before", 7, "after"]
+
+
+async def test_an_exception_after_the_wait_is_the_tasks() -> None:
+    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def handler() -> None:
+        await gate
+        raise ValueError("from the handler")
+
+    task = start_eagerly(handler())
+    assert task is not None
+    gate.set_result(None)
+    with pytest.raises(ValueError, match="from the handler"):
+        await asyncio.wait_for(task, 5)
+
+
+async def test_an_exception_thrown_into_the_wait_reaches_the_handler() -> None:
+    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    caught: list[str] = []
+
+    async def handler() -> None:
+        try:
+            await gate
+        except KeyError as e:
+            caught.append(str(e))
+
+    task = start_eagerly(handler())
+    assert task is not None
+    gate.set_exception(KeyError("lost"))
+    await asyncio.wait_for(task, 5)
+    assert caught == ["'lost'"]
+
+
+async def test_cancelling_the_task_cancels_the_handler_and_what_it_waits_on() -> None:
+    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    unwound: list[str] = []
+
+    async def handler() -> None:
+        try:
+            await gate
+        finally:
+            unwound.append("finally")
+
+    task = start_eagerly(handler())
+    assert task is not None
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert unwound == ["finally"]
+    assert gate.cancelled()
+
+
+async def test_a_context_variable_set_before_the_wait_stays_in_the_handlers_context() -> None:
+    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    inside: list[str] = []
+
+    async def handler() -> None:
+        token = WHO.set("handler")
+        try:
+            await gate
+            inside.append(WHO.get())
+        finally:
+            WHO.reset(token)  # a token of another context would raise ValueError here
+
+    task = start_eagerly(handler())
+    assert task is not None
+    assert WHO.get() == "reader"  # the reader's context is untouched
+    gate.set_result(None)
+    await asyncio.wait_for(task, 5)
+    assert inside == ["handler"]
+    assert WHO.get() == "reader"
