@@ -1,6 +1,7 @@
 """A handler started at once (net.eager): it runs on the caller's turn until it first
-waits, and the task that takes over then drives it exactly as one started by
-`create_task` would: values and exceptions in, cancellation through, the same context."""
+waits, as its own task (the current task, with its own context), and that task then
+drives it exactly as one started by `create_task` would: values and exceptions in,
+cancellation through, a timeout entered before the wait cancelling the handler only."""
 
 from __future__ import annotations
 
@@ -14,14 +15,47 @@ from butterfly.net.eager import start_eagerly
 WHO = contextvars.ContextVar("who", default="reader")
 
 
-async def test_a_coroutine_that_never_waits_ran_before_it_returns_and_leaves_no_task() -> None:
+async def test_a_coroutine_that_never_waits_ran_before_it_returns() -> None:
     seen: list[str] = []
 
     async def handler() -> None:
         seen.append("ran")
 
-    assert start_eagerly(handler()) is None
+    task = start_eagerly(handler())
     assert seen == ["ran"]  # no turn of the loop in between
+    await asyncio.wait_for(task, 5)
+
+
+async def test_the_part_run_at_once_runs_as_the_returned_task() -> None:
+    current: list[asyncio.Task[object] | None] = []
+
+    async def handler() -> None:
+        current.append(asyncio.current_task())
+
+    caller = asyncio.current_task()
+    task = start_eagerly(handler())
+    assert current == [task]
+    assert asyncio.current_task() is caller  # the caller is current again
+    await asyncio.wait_for(task, 5)
+
+
+async def test_a_timeout_entered_before_the_wait_cancels_the_handler_not_the_caller() -> None:
+    """`asyncio.timeout` captures the current task to cancel it: run as the caller,
+    the handler's timeout would cancel the connection's reader instead."""
+    never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    outcome: list[str] = []
+
+    async def handler() -> None:
+        try:
+            async with asyncio.timeout(0.01):
+                await never
+        except TimeoutError:
+            outcome.append("timed out")
+
+    task = start_eagerly(handler())
+    await asyncio.sleep(0.05)  # the caller is not cancelled meanwhile
+    await asyncio.wait_for(task, 5)
+    assert outcome == ["timed out"]
 
 
 async def test_the_part_before_a_wait_runs_at_once_and_the_task_finishes_the_rest() -> None:
@@ -35,7 +69,7 @@ async def test_the_part_before_a_wait_runs_at_once_and_the_task_finishes_the_res
         seen.append("after")
 
     task = start_eagerly(handler())
-    assert seen == ["before"] and task is not None and not task.done()
+    assert seen == ["before"] and not task.done()
     answer.set_result(7)
     await asyncio.wait_for(task, 5)
     assert seen == ["before", 7, "after"]
@@ -49,9 +83,17 @@ async def test_an_exception_after_the_wait_is_the_tasks() -> None:
         raise ValueError("from the handler")
 
     task = start_eagerly(handler())
-    assert task is not None
     gate.set_result(None)
     with pytest.raises(ValueError, match="from the handler"):
+        await asyncio.wait_for(task, 5)
+
+
+async def test_an_exception_before_any_wait_is_the_tasks_not_the_callers() -> None:
+    async def handler() -> None:
+        raise ValueError("at once")
+
+    task = start_eagerly(handler())  # the caller (a connection's reader) reads on
+    with pytest.raises(ValueError, match="at once"):
         await asyncio.wait_for(task, 5)
 
 
@@ -66,7 +108,6 @@ async def test_an_exception_thrown_into_the_wait_reaches_the_handler() -> None:
             caught.append(str(e))
 
     task = start_eagerly(handler())
-    assert task is not None
     gate.set_exception(KeyError("lost"))
     await asyncio.wait_for(task, 5)
     assert caught == ["'lost'"]
@@ -83,9 +124,26 @@ async def test_cancelling_the_task_cancels_the_handler_and_what_it_waits_on() ->
             unwound.append("finally")
 
     task = start_eagerly(handler())
-    assert task is not None
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # the task's first turn: it now drives the handler
     task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert unwound == ["finally"]
+    assert gate.cancelled()
+
+
+async def test_a_task_cancelled_before_its_first_turn_still_unwinds_the_handler() -> None:
+    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    unwound: list[str] = []
+
+    async def handler() -> None:
+        try:
+            await gate
+        finally:
+            unwound.append("finally")
+
+    task = start_eagerly(handler())
+    task.cancel()  # as a connection's close does to its handlers
     with pytest.raises(asyncio.CancelledError):
         await task
     assert unwound == ["finally"]
@@ -105,7 +163,6 @@ async def test_a_context_variable_set_before_the_wait_stays_in_the_handlers_cont
             WHO.reset(token)  # a token of another context would raise ValueError here
 
     task = start_eagerly(handler())
-    assert task is not None
     assert WHO.get() == "reader"  # the reader's context is untouched
     gate.set_result(None)
     await asyncio.wait_for(task, 5)

@@ -12,10 +12,10 @@ is a peer whose chunked message stalls past its deadline (`framing.Reassembly`):
 buffer is freed, the drop counted (`chunks_stalled`), and no node is blamed (a stall may
 be the link's).
 
-A handler starts on the reader's turn (`net.eager`) and becomes a task only once it
-waits; at most `max_handlers` such tasks at a time per connection: with that many
-waiting, the reader stops reading, the socket's buffers fill and TCP slows the sender
-down. A peer flooding frames holds at most that many tasks and one frame in memory.
+Handlers run as tasks, started on the reader's turn (`net.eager`), at most
+`max_handlers` at a time per connection: with that many running, the reader stops
+reading, the socket's buffers fill and TCP slows the sender down. A peer flooding
+frames holds at most that many tasks and one frame in memory.
 """
 
 from __future__ import annotations
@@ -247,10 +247,9 @@ class Connection:
                 while len(self._tasks) >= self._max_handlers:  # backpressure: stop reading
                     self._room.clear()
                     await self._room.wait()
-                task = start_eagerly(self._handle(env))  # most steps never wait
-                if task is not None:
-                    self._tasks.add(task)
-                    task.add_done_callback(self._handled)
+                task = start_eagerly(self._handle(env))  # on this turn: most steps never wait
+                self._tasks.add(task)
+                task.add_done_callback(self._handled)
         except MessageTooLarge as e:  # counted against the sender, never the next node
             self._emit(MessageDropped(reason="oversized"))
             self._emit(PeerError(node=self.peer, error=e.kind, retriable=False))

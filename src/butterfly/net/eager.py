@@ -1,17 +1,19 @@
-"""Start a coroutine at once, on the caller's turn of the event loop, and make a task of
-it only if it has to wait.
+"""Start a task's coroutine at once, on the caller's turn of the event loop.
 
-A connection's reader hands each frame to a handler. As a task (`asyncio.create_task`)
-the handler starts on a later turn of the loop: the reader first goes back to the
-socket, the loop polls, and only then does the step that came in begin. A stage step on
-a middle node usually never waits at all (its compiled call runs inline and its output
-is written at once), so all that task bought was the delay. Python 3.12 has this as
-`asyncio.eager_task_factory`; this is the same for 3.11, per call instead of per loop.
+A connection's reader hands each frame to a handler task. Started by `create_task`, the
+handler begins on a later turn of the loop: the reader first goes back to its socket,
+then the loop gets to the task. A stage step on a middle node usually never waits (its
+compiled call runs inline and its output is written at once), so all that turn bought
+was delay on the path every token takes. Python 3.12 has this as `eager_start`; this is
+the same for 3.11.
 
-The part that runs at once runs in a copy of the caller's context, and the task that
-takes over runs in that same copy, so a context variable the handler sets and resets
-(`metrics.logcontext.REQUEST_ID`) never leaks into the reader and is reset where it was
-set. Cancelling the task cancels what the coroutine waits on, as for any task.
+The task exists before its coroutine runs, and the part run at once runs as that task:
+`asyncio.current_task()` is the task, not the caller, so what a handler enters before it
+first waits (`asyncio.timeout` captures the current task, to cancel it when time is up)
+belongs to the task; and it runs in the task's context, so a context variable the
+handler sets (`metrics.logcontext.REQUEST_ID`) never leaks into the caller. The task's
+own first turn then only finds its coroutine finished, off the step's path, or carries
+on where it waits.
 """
 
 from __future__ import annotations
@@ -19,24 +21,59 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import types
+from asyncio.tasks import _enter_task, _leave_task
 from collections.abc import Coroutine, Generator
+from dataclasses import dataclass
 from typing import Any
 
 
-def start_eagerly(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
-    """Run `coro` until it first waits; None if it finished, else the task that now
-    owns it (the caller keeps a reference, as with `create_task`)."""
-    context = contextvars.copy_context()
-    try:
-        waiting_on = context.run(coro.send, None)
-    except StopIteration:
-        return None
+@dataclass(slots=True)
+class _Start:
+    """How the part run at once ended: finished, raised `error`, or waits on `waiting_on`."""
+
+    finished: bool = False
+    error: BaseException | None = None
+    waiting_on: Any = None
+
+
+def start_eagerly(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    """A task running `coro`, already run up to where it first waits (or to its end)."""
     loop = asyncio.get_running_loop()
-    return loop.create_task(_resume(coro, waiting_on), context=context)
+    context = contextvars.copy_context()
+    start = _Start()
+    task = loop.create_task(_resume(coro, start), context=context)
+    caller = asyncio.current_task(loop)
+    if caller is not None:
+        _leave_task(loop, caller)
+    _enter_task(loop, task)
+    try:
+        start.waiting_on = context.run(coro.send, None)
+    except StopIteration:
+        start.finished = True
+    except BaseException as e:  # the task raises it, as if it had run it itself
+        start.error = e
+    finally:
+        _leave_task(loop, task)
+        if caller is not None:
+            _enter_task(loop, caller)
+    task.add_done_callback(lambda _: _abandon(coro, start))
+    return task
 
 
-async def _resume(coro: Coroutine[Any, Any, None], waiting_on: Any) -> None:
-    await _drive(coro, waiting_on)
+def _abandon(coro: Coroutine[Any, Any, None], start: _Start) -> None:
+    """Once the task is done: a coroutine it never drove (the task was cancelled before
+    its first turn) unwinds here, and what it waited on is cancelled, as a cancelled
+    task's would be. A no-op for a coroutine that ran to its end."""
+    coro.close()
+    if isinstance(start.waiting_on, asyncio.Future):
+        start.waiting_on.cancel()
+
+
+async def _resume(coro: Coroutine[Any, Any, None], start: _Start) -> None:
+    if start.error is not None:
+        raise start.error
+    if not start.finished:
+        await _drive(coro, start.waiting_on)
 
 
 @types.coroutine
@@ -54,8 +91,6 @@ def _drive(coro: Coroutine[Any, Any, None], waiting_on: Any) -> Generator[Any, A
                 waiting_on = coro.send(sent)
     except StopIteration:
         return
-    finally:
-        coro.close()  # a no-op once finished; else what a closed task's would do
 
 
 __all__ = ["start_eagerly"]
