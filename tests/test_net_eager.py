@@ -113,7 +113,12 @@ async def test_an_exception_thrown_into_the_wait_reaches_the_handler() -> None:
     assert caught == ["'lost'"]
 
 
-async def test_cancelling_the_task_cancels_the_handler_and_what_it_waits_on() -> None:
+@pytest.mark.parametrize("first_turn", [True, False], ids=["driving", "before_first_turn"])
+async def test_cancelling_the_task_unwinds_the_handler_and_cancels_what_it_waits_on(
+    first_turn: bool,
+) -> None:
+    """Before its first turn, the task has not yet taken the handler over; a connection's
+    close cancels its handlers at any moment."""
     gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     unwound: list[str] = []
 
@@ -124,26 +129,9 @@ async def test_cancelling_the_task_cancels_the_handler_and_what_it_waits_on() ->
             unwound.append("finally")
 
     task = start_eagerly(handler())
-    await asyncio.sleep(0)  # the task's first turn: it now drives the handler
+    if first_turn:
+        await asyncio.sleep(0)  # the task's first turn: it now drives the handler
     task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert unwound == ["finally"]
-    assert gate.cancelled()
-
-
-async def test_a_task_cancelled_before_its_first_turn_still_unwinds_the_handler() -> None:
-    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    unwound: list[str] = []
-
-    async def handler() -> None:
-        try:
-            await gate
-        finally:
-            unwound.append("finally")
-
-    task = start_eagerly(handler())
-    task.cancel()  # as a connection's close does to its handlers
     with pytest.raises(asyncio.CancelledError):
         await task
     assert unwound == ["finally"]
