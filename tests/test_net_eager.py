@@ -7,12 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+from collections.abc import Awaitable, Callable
 
 import pytest
 
+from butterfly.metrics.events import discard
+from butterfly.net.conn import Connection, Reply
 from butterfly.net.eager import start_eagerly
+from butterfly.net.framing import Envelope, encode_frame
+from butterfly.types.errors import SendTimeout
+from butterfly.types.ids import Epoch, NodeId, RequestId
+from butterfly.types.wire.data import Release
 
 WHO = contextvars.ContextVar("who", default="reader")
+Handler = Callable[[NodeId, Envelope], Awaitable[Reply | None]]
 
 
 async def test_a_coroutine_that_never_waits_ran_before_it_returns() -> None:
@@ -123,9 +131,14 @@ async def test_cancelling_the_task_unwinds_the_handler_and_cancels_what_it_waits
     unwound: list[str] = []
 
     async def handler() -> None:
+        token = WHO.set("handler")  # as StageRoutes.step sets REQUEST_ID
         try:
             await gate
+        except asyncio.CancelledError:
+            unwound.append("cancelled")
+            raise
         finally:
+            WHO.reset(token)  # in the context it was set in, or ValueError
             unwound.append("finally")
 
     task = start_eagerly(handler())
@@ -134,7 +147,7 @@ async def test_cancelling_the_task_unwinds_the_handler_and_cancels_what_it_waits
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert unwound == ["finally"]
+    assert unwound == ["cancelled", "finally"]  # at once, not when collected
     assert gate.cancelled()
 
 
@@ -156,3 +169,88 @@ async def test_a_context_variable_set_before_the_wait_stays_in_the_handlers_cont
     await asyncio.wait_for(task, 5)
     assert inside == ["handler"]
     assert WHO.get() == "reader"
+
+
+class _Transport:
+    def __init__(self, buffered: int) -> None:
+        self.buffered, self.aborted = buffered, False
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+class _Writer:
+    """A socket's write side; `stalled`: the peer takes no data, so `drain` never returns."""
+
+    def __init__(self, *, stalled: bool = False) -> None:
+        self.transport = _Transport(10 << 20 if stalled else 0)
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return self.closed or self.transport.aborted
+
+    def close(self) -> None:
+        self.closed = True
+
+    async def drain(self) -> None:
+        if self.transport.buffered:
+            await asyncio.get_running_loop().create_future()
+
+    async def wait_closed(self) -> None:
+        return None
+
+
+def _connection(handler: Handler, writer: _Writer, peer: int) -> Connection:
+    return Connection(
+        asyncio.StreamReader(),
+        writer,  # type: ignore[arg-type]
+        peer=NodeId(peer),
+        node=NodeId(1),
+        cluster_id="c",
+        epoch=lambda: Epoch(1),
+        handler=handler,
+        emit=discard,
+        max_frame=1 << 20,
+        send_timeout_s=0.1,
+    )
+
+
+async def test_a_relay_to_a_stalled_next_node_fails_that_send_not_the_incoming_connection() -> None:
+    """A middle node's step handler sends its output on before it ever waits; when the
+    next node takes no data, that send times out (`asyncio.timeout` around the drain,
+    entered in the part run at once) and that connection is aborted, while the one the
+    step came in on, from an innocent node, reads on."""
+    outcome: list[str] = []
+    downstream = _connection(_nothing, _Writer(stalled=True), peer=2)
+
+    async def relay(peer: NodeId, env: Envelope) -> Reply | None:
+        try:
+            await downstream.send(Release((RequestId("r"),)))
+        except SendTimeout:
+            outcome.append("send timed out")
+        return None
+
+    upstream = _connection(relay, _Writer(), peer=0)
+    reader = asyncio.create_task(upstream.run())
+    try:
+        frame = Envelope(Release((RequestId("a"),)), NodeId(0), Epoch(1), "c", 0, False, b"")
+        upstream._reader.feed_data(encode_frame(frame))
+        for _ in range(100):  # at most 2 s
+            if outcome:
+                break
+            await asyncio.sleep(0.02)
+        assert outcome == ["send timed out"]
+        assert downstream.closed
+        assert not upstream.closed and not reader.done()
+    finally:
+        reader.cancel()
+
+
+async def _nothing(peer: NodeId, env: Envelope) -> Reply | None:
+    return None

@@ -9,88 +9,82 @@ the same for 3.11.
 
 The task exists before its coroutine runs, and the part run at once runs as that task:
 `asyncio.current_task()` is the task, not the caller, so what a handler enters before it
-first waits (`asyncio.timeout` captures the current task, to cancel it when time is up)
-belongs to the task; and it runs in the task's context, so a context variable the
-handler sets (`metrics.logcontext.REQUEST_ID`) never leaks into the caller. The task's
-own first turn then only finds its coroutine finished, off the step's path, or carries
-on where it waits.
+first waits belongs to the task (`asyncio.timeout` captures the current task, to cancel
+it when time is up: as the reader's, a handler's timeout cancelled the connection's
+reader); and it runs in the task's context, so a context variable the handler sets
+(`metrics.logcontext.REQUEST_ID`) is set and reset there, never in the caller's. The
+task is then given the coroutine as it stands (`_Started`), and drives it from there as
+it drives any: a cancellation, even before the task's first turn (a connection closed
+in the same turn), reaches the handler where it waits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
-import types
 from asyncio.tasks import _enter_task, _leave_task
 from collections.abc import Coroutine, Generator
-from dataclasses import dataclass
 from typing import Any
-
-
-@dataclass(slots=True)
-class _Start:
-    """How the part run at once ended: finished, raised `error`, or waits on `waiting_on`."""
-
-    finished: bool = False
-    error: BaseException | None = None
-    waiting_on: Any = None
 
 
 def start_eagerly(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
     """A task running `coro`, already run up to where it first waits (or to its end)."""
     loop = asyncio.get_running_loop()
     context = contextvars.copy_context()
-    start = _Start()
-    task = loop.create_task(_resume(coro, start), context=context)
+    started = _Started(coro)
+    task = loop.create_task(started, context=context)
     caller = asyncio.current_task(loop)
     if caller is not None:
         _leave_task(loop, caller)
     _enter_task(loop, task)
     try:
-        start.waiting_on = context.run(coro.send, None)
+        started.waiting_on = context.run(coro.send, None)
     except StopIteration:
-        start.finished = True
-    except BaseException as e:  # the task raises it, as if it had run it itself
-        start.error = e
+        started.finished = True
+    except BaseException as e:  # the task raises it at its first turn, as if it ran it
+        started.error = e
     finally:
         _leave_task(loop, task)
         if caller is not None:
             _enter_task(loop, caller)
-    task.add_done_callback(lambda _: _abandon(coro, start))
     return task
 
 
-def _abandon(coro: Coroutine[Any, Any, None], start: _Start) -> None:
-    """Once the task is done: a coroutine it never drove (the task was cancelled before
-    its first turn) unwinds here, and what it waited on is cancelled, as a cancelled
-    task's would be. A no-op for a coroutine that ran to its end."""
-    coro.close()
-    if isinstance(start.waiting_on, asyncio.Future):
-        start.waiting_on.cancel()
+class _Started(Coroutine[Any, Any, None]):
+    """A coroutine already run to its first wait, as its task sees it: the first `send`
+    hands over what it waits on (or how it ended), and everything after goes to it."""
 
+    def __init__(self, coro: Coroutine[Any, Any, None]) -> None:
+        self._coro, self._first = coro, True
+        self.finished = False
+        self.error: BaseException | None = None
+        self.waiting_on: Any = None
 
-async def _resume(coro: Coroutine[Any, Any, None], start: _Start) -> None:
-    if start.error is not None:
-        raise start.error
-    if not start.finished:
-        await _drive(coro, start.waiting_on)
+    def send(self, value: Any) -> Any:
+        if self._first:
+            self._first = False
+            if self.error is not None:
+                raise self.error
+            if self.finished:
+                raise StopIteration
+            return self.waiting_on
+        return self._coro.send(value)
 
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        exc = typ if isinstance(typ, BaseException) else typ() if val is None else val
+        if self._first:  # the task is cancelled before its first turn
+            self._first = False
+            if self.error is not None or self.finished:
+                raise exc  # it is over already: the task ends as told
+            if isinstance(self.waiting_on, asyncio.Future):
+                self.waiting_on.cancel()  # as a task cancels what it waits on
+        return self._coro.throw(exc)
 
-@types.coroutine
-def _drive(coro: Coroutine[Any, Any, None], waiting_on: Any) -> Generator[Any, Any, None]:
-    """Yield what `coro` waits on to the task, and feed it what the task sends back
-    (a future's wake-up) or throws in (a cancellation): the task drives `coro` exactly
-    as if it had started it."""
-    try:
-        while True:
-            try:
-                sent = yield waiting_on
-            except BaseException as e:  # CancelledError, or the task's coroutine closed
-                waiting_on = coro.throw(e)
-            else:
-                waiting_on = coro.send(sent)
-    except StopIteration:
-        return
+    def close(self) -> None:
+        self._coro.close()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        raise TypeError("a started handler is driven by its own task only")
 
 
 __all__ = ["start_eagerly"]
