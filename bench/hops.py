@@ -15,9 +15,12 @@ set runs the baseline's code again: `per_token_ratio_control_to_baseline` is wha
 machine alone moved the ratio by in the same run. On the 2-core AMD EPYC, 4 tiny nodes
 of one unchanged hop path gave 0.87-1.41x the baseline between runs, and the baseline's
 second copy 0.95-1.12x and once 1.37x it: a cluster instance sets its own speed, not
-only the moment (docs/PERFORMANCE-LOG.md, sixteenth session).
+only the moment (docs/PERFORMANCE-LOG.md, sixteenth session). So `--instances N` runs
+the whole set N times over, each on fresh node processes, `--rounds` rounds each; every
+figure pools all of them, and `median_per_instance_ms` shows each instance's own.
 
-    python bench/hops.py [--rounds 15] [--sizes 1,2,4] [--size tiny] [--link-latency-ms 0]
+    python bench/hops.py [--rounds 15] [--instances 1] [--sizes 1,2,4] [--size tiny]
+        [--link-latency-ms 0]
         [--baseline-src /path/to/other/src [--control-src /path/to/its/copy/src]]
         [--dtype float32] [--quantization none]
 """
@@ -192,7 +195,13 @@ def slope(xs: list[float], ys: list[float]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=15, help="per instance")
+    ap.add_argument(
+        "--instances",
+        type=int,
+        default=1,
+        help="fresh sets of clusters, one after another: a cluster instance sets its own speed",
+    )
     ap.add_argument("--sizes", default="1,2,4")
     ap.add_argument("--size", default="tiny")
     ap.add_argument("--link-latency-ms", type=float, default=0.0)
@@ -216,23 +225,28 @@ def main() -> None:
     prompt = torch.randint(0, 256, (PROMPT,), generator=torch.Generator().manual_seed(0)).tolist()
     keys = [(v, n) for v in versions for n in sizes]
     times: dict[tuple[str, int], list[float]] = {k: [] for k in keys}
+    per_instance: dict[tuple[str, int], list[float]] = {k: [] for k in keys}
     same = True
-    with contextlib.ExitStack() as stack:
-        clusters = {
-            (v, n): stack.enter_context(
-                cluster(model_dir, n, args.link_latency_ms, precision, pythonpath=versions[v])
-            )
-            for v, n in keys
-        }
-        for c in clusters.values():  # warm-up
-            decode_ms(c.api_url, prompt)
-        for r in range(args.rounds):
-            outs = []
-            for k in keys[r % len(keys) :] + keys[: r % len(keys)]:  # the order rotates
-                ms, out = decode_ms(clusters[k].api_url, prompt)
-                times[k].append(ms)
-                outs.append(out)
-            same = same and all(o == outs[0] for o in outs)
+    for instance in range(args.instances):  # fresh node processes for every version each time
+        with contextlib.ExitStack() as stack:
+            clusters = {
+                (v, n): stack.enter_context(
+                    cluster(model_dir, n, args.link_latency_ms, precision, pythonpath=versions[v])
+                )
+                for v, n in keys
+            }
+            for c in clusters.values():  # warm-up
+                decode_ms(c.api_url, prompt)
+            for r in range(instance * args.rounds, (instance + 1) * args.rounds):
+                outs = []
+                for k in keys[r % len(keys) :] + keys[: r % len(keys)]:  # the order rotates
+                    ms, out = decode_ms(clusters[k].api_url, prompt)
+                    times[k].append(ms)
+                    outs.append(out)
+                same = same and all(o == outs[0] for o in outs)
+            for k in keys:
+                per_instance[k].append(round(statistics.median(times[k][-args.rounds :]), 4))
+    rounds = args.rounds * args.instances
     xs = [float(n) for n in sizes]
     per_version: dict[str, Any] = {}
     for v in versions:
@@ -240,9 +254,10 @@ def main() -> None:
         per_version[v] = {
             "src": versions[v] or str(Path(__file__).resolve().parents[1] / "src"),
             "decode_ms_per_token": {str(n): summary(times[(v, n)]) for n in sizes},
+            "median_per_instance_ms": {str(n): per_instance[(v, n)] for n in sizes},
         }
         if len(set(sizes)) > 1:  # one size (an A/B of one cluster size) has no slope
-            paired = [slope(xs, [times[(v, n)][r] for n in sizes]) for r in range(args.rounds)]
+            paired = [slope(xs, [times[(v, n)][r] for n in sizes]) for r in range(rounds)]
             per_version[v]["per_hop_ms"] = round(slope(xs, medians), 4)
             per_version[v]["paired_per_hop_ms"] = summary(paired)
     result = {
@@ -251,6 +266,7 @@ def main() -> None:
         "precision": precision,
         "new_tokens": NEW,
         "rounds": args.rounds,
+        "instances": args.instances,
         "link_latency_ms": args.link_latency_ms,
         "machine": machine(),
         "versions": per_version,
