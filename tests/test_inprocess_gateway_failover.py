@@ -402,7 +402,8 @@ async def test_a_first_gateway_that_never_comes_up_is_replaced(
     failed, and before, nobody took over: the cluster never served. A node started a
     little late must not lose the role either, so the others wait
     `coordination.never_heard_s` of silence (20 s here, not the default 30: the setting
-    is what decides); then node 1 takes over, plans over the three and serves."""
+    is what decides); then node 1 takes over, plans over the three and serves, and its
+    /health shows node 0 failed, as the role counts it, no longer "starting"."""
     grace_s = 20.0
     beats = round(grace_s * 10)  # 100 ms of fake time each
     settings = {**SETTINGS, "coordination.never_heard_s": grace_s}
@@ -412,12 +413,20 @@ async def test_a_first_gateway_that_never_comes_up_is_replaced(
             c.hub.tick(0.1)
             await asyncio.sleep(0.001)
         assert all(node.role.acting == 0 for node in c.nodes[1:])
+        assert _shown(c, 1, 0) == "starting"
         await c.until(lambda: standby.scheduler is not None, "node 1 takes over", beats=1000)
+        assert _shown(c, 1, 0) == "failed"
         assert all(node.role.acting == 1 and node.role.term == 1 for node in c.nodes[1:])
         assert standby.scheduler is not None
         await standby.scheduler.submit(task(tiny_model, "greedy"))
         done = await asyncio.wait_for(_settled(c, standby, "greedy"), 60)
         assert done.result is not None and list(done.result.output_ids) == references["greedy"]
+
+
+def _shown(c: InProcessCluster, node: int, of: int) -> str:
+    """What node `node`'s GET /health says of node `of` (`health_body` shows each
+    member's status as the engine's health gives it)."""
+    return next(h.status for h in c.nodes[node].engine.health().nodes if h.node == of)
 
 
 def refusing(c: InProcessCluster, node: int) -> float:

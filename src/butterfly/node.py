@@ -255,7 +255,11 @@ def build_node(
         ask=router.ask,
         transport=transport,
         health=ClusterReport(
-            members=members, membership=membership, server=server, recovery=recovery
+            members=members,
+            membership=membership,
+            server=server,
+            recovery=recovery,
+            failed=role.failed,
         ),
         keys=keys,
         timeouts=timeouts,

@@ -3,7 +3,7 @@ about the cluster (`/health`), read from the parts that hold the facts."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from butterfly.control.facts import Probe
 from butterfly.control.membership import Membership
@@ -68,16 +68,25 @@ class ClusterReport:
         membership: Membership,
         server: StageServer,
         recovery: Recovery,
+        failed: Callable[[NodeId], bool] = lambda node: False,
     ) -> None:
+        """`failed`: the gateway role's rule (`GatewayRole.failed`), which also fails a
+        member never heard from in `coordination.never_heard_s`: the detector alone
+        reports such a member "starting" however long it stays silent, while the
+        gateway role has already taken over from it."""
         self._members, self._membership = members, membership
-        self._server, self._recovery = server, recovery
+        self._server, self._recovery, self._failed = server, recovery, failed
+
+    def _status(self, node: NodeId) -> str:
+        status = self._membership.status(node)
+        return "failed" if status == "starting" and self._failed(node) else status
 
     def __call__(self) -> ClusterHealth:
         plan, placement = self._server.plan, self._recovery.placement
         nodes = tuple(
             NodeHealth(
                 node=n,
-                status=self._membership.status(n),
+                status=self._status(n),
                 address=address,
                 layers=plan.layers_of(n) if plan else None,
                 last_seen_s=self._membership.seconds_since(n),
