@@ -254,3 +254,65 @@ async def test_a_relay_to_a_stalled_next_node_fails_that_send_not_the_incoming_c
 
 async def _nothing(peer: NodeId, env: Envelope) -> Reply | None:
     return None
+
+
+async def test_a_handler_that_closes_its_own_connection_first_is_cancelled_with_it() -> None:
+    """close() cancels the connection's handlers, the one running its first part too:
+    its task is tracked before that part runs."""
+    seen: list[str] = []
+    box: list[Connection] = []
+
+    async def handler(peer: NodeId, env: Envelope) -> Reply | None:
+        box[0].close("closed from inside the handler")
+        try:
+            await asyncio.sleep(5)
+            seen.append("outlived its connection")
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+        return None
+
+    conn = _connection(handler, _Writer(), peer=0)
+    box.append(conn)
+    reader = asyncio.create_task(conn.run())
+    try:
+        frame = Envelope(Release((RequestId("a"),)), NodeId(0), Epoch(1), "c", 0, False, b"")
+        conn._reader.feed_data(encode_frame(frame))
+        for _ in range(100):  # at most 2 s
+            if seen:
+                break
+            await asyncio.sleep(0.02)
+        assert seen == ["cancelled"]
+    finally:
+        reader.cancel()
+
+
+async def test_the_task_shows_the_handler_and_keeps_its_result() -> None:
+    """A stuck handler's task prints the handler's stack when a stop is overdue
+    (`wiring.process`); a value returned before any wait is the task's result."""
+    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def stuck_handler() -> int:
+        await gate
+        return 1
+
+    async def quick() -> int:
+        return 42
+
+    task = start_eagerly(stuck_handler())
+    await asyncio.sleep(0)
+    assert "stuck_handler" in repr(task)
+    assert [f.f_code.co_name for f in task.get_stack()] == ["stuck_handler"]
+    gate.set_result(None)
+    assert await asyncio.wait_for(task, 5) == 1
+    assert await asyncio.wait_for(start_eagerly(quick()), 5) == 42
+
+
+async def test_an_error_before_any_wait_outranks_a_cancel_before_the_first_turn() -> None:
+    async def handler() -> None:
+        raise ValueError("at once")
+
+    task = start_eagerly(handler())
+    task.cancel()  # too late: it ran and failed, and a task whose coroutine raised ends so
+    with pytest.raises(ValueError, match="at once"):
+        await asyncio.wait_for(task, 5)

@@ -247,9 +247,7 @@ class Connection:
                 while len(self._tasks) >= self._max_handlers:  # backpressure: stop reading
                     self._room.clear()
                     await self._room.wait()
-                task = start_eagerly(self._handle(env))  # on this turn: most steps never wait
-                self._tasks.add(task)
-                task.add_done_callback(self._handled)
+                start_eagerly(self._handle(env), track=self._track)  # most steps never wait
         except MessageTooLarge as e:  # counted against the sender, never the next node
             self._emit(MessageDropped(reason="oversized"))
             self._emit(PeerError(node=self.peer, error=e.kind, retriable=False))
@@ -279,6 +277,11 @@ class Connection:
         log.warning("node %s stalled a chunked message (%d bytes held); closing", self.peer, held)
         self.close(f"node {self.peer} stalled a chunked message past its deadline")
         return None
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        """A handler's task, counted before it runs: a close in its first part cancels it."""
+        self._tasks.add(task)
+        task.add_done_callback(self._handled)
 
     def _handled(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
