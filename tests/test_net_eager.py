@@ -239,12 +239,7 @@ async def test_a_relay_to_a_stalled_next_node_fails_that_send_not_the_incoming_c
     upstream = _connection(relay, _Writer(), peer=0)
     reader = asyncio.create_task(upstream.run())
     try:
-        frame = Envelope(Release((RequestId("a"),)), NodeId(0), Epoch(1), "c", 0, False, b"")
-        upstream._reader.feed_data(encode_frame(frame))
-        for _ in range(100):  # at most 2 s
-            if outcome:
-                break
-            await asyncio.sleep(0.02)
+        await _one_frame(upstream, outcome)
         assert outcome == ["send timed out"]
         assert downstream.closed
         assert not upstream.closed and not reader.done()
@@ -254,6 +249,16 @@ async def test_a_relay_to_a_stalled_next_node_fails_that_send_not_the_incoming_c
 
 async def _nothing(peer: NodeId, env: Envelope) -> Reply | None:
     return None
+
+
+async def _one_frame(conn: Connection, seen: list[str]) -> None:
+    """Feed `conn` a frame, then wait (at most 2 s) for its handler to note something."""
+    frame = Envelope(Release((RequestId("a"),)), NodeId(0), Epoch(1), "c", 0, False, b"")
+    conn._reader.feed_data(encode_frame(frame))
+    for _ in range(100):
+        if seen:
+            return
+        await asyncio.sleep(0.02)
 
 
 async def test_a_handler_that_closes_its_own_connection_first_is_cancelled_with_it() -> None:
@@ -276,12 +281,7 @@ async def test_a_handler_that_closes_its_own_connection_first_is_cancelled_with_
     box.append(conn)
     reader = asyncio.create_task(conn.run())
     try:
-        frame = Envelope(Release((RequestId("a"),)), NodeId(0), Epoch(1), "c", 0, False, b"")
-        conn._reader.feed_data(encode_frame(frame))
-        for _ in range(100):  # at most 2 s
-            if seen:
-                break
-            await asyncio.sleep(0.02)
+        await _one_frame(conn, seen)
         assert seen == ["cancelled"]
     finally:
         reader.cancel()
