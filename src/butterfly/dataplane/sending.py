@@ -158,14 +158,12 @@ class StepSender:
         as micro-batches (`micro_batches`) so that the stages work at once."""
         while True:
             await self._ready.wait()
-            # one turn of the loop first, while a request answered with the one that woke
-            # this has yet to queue its next step: it goes in the same batch. Without it a
-            # prompt's chunk and a stream answered by one delivery went down in turns,
+            # one turn of the loop first: the requests whose answers came in with the one
+            # that woke this queue their next steps too, and go in the same batch. Without
+            # it a prompt's chunk and a stream answered by one delivery went down in turns,
             # each alone (chunk, decode, chunk, ...), and the chunk never shared the
-            # decode step's read of the weights (runtime.stage.packs). With none such (a
-            # lone stream) the turn only delayed every token.
-            if any(f.done() for f in self._flight.waiting.values()):
-                await asyncio.sleep(0)
+            # decode step's read of the weights (runtime.stage.packs)
+            await asyncio.sleep(0)
             self._ready.clear()
             batch, self._queue = self._queue, []
             plan = self._plan()

@@ -12,10 +12,9 @@ is a peer whose chunked message stalls past its deadline (`framing.Reassembly`):
 buffer is freed, the drop counted (`chunks_stalled`), and no node is blamed (a stall may
 be the link's).
 
-Handlers run as tasks, started on the reader's turn (`net.eager`), at most
-`max_handlers` at a time per connection: with that many running, the reader stops
-reading, the socket's buffers fill and TCP slows the sender down. A peer flooding
-frames holds at most that many tasks and one frame in memory.
+Handlers run as tasks, at most `max_handlers` at a time per connection: with that many
+running, the reader stops reading, the socket's buffers fill and TCP slows the sender
+down. A peer flooding frames holds at most that many tasks and one frame in memory.
 """
 
 from __future__ import annotations
@@ -34,7 +33,6 @@ from butterfly.metrics.events import (
     MessageSent,
     PeerError,
 )
-from butterfly.net.eager import start_eagerly
 from butterfly.net.framing import (
     CHUNK_STALL_S,
     LENGTH,
@@ -247,7 +245,9 @@ class Connection:
                 while len(self._tasks) >= self._max_handlers:  # backpressure: stop reading
                     self._room.clear()
                     await self._room.wait()
-                start_eagerly(self._handle(env), track=self._track)  # most steps never wait
+                task = asyncio.create_task(self._handle(env))
+                self._tasks.add(task)
+                task.add_done_callback(self._handled)
         except MessageTooLarge as e:  # counted against the sender, never the next node
             self._emit(MessageDropped(reason="oversized"))
             self._emit(PeerError(node=self.peer, error=e.kind, retriable=False))
@@ -277,11 +277,6 @@ class Connection:
         log.warning("node %s stalled a chunked message (%d bytes held); closing", self.peer, held)
         self.close(f"node {self.peer} stalled a chunked message past its deadline")
         return None
-
-    def _track(self, task: asyncio.Task[None]) -> None:
-        """A handler's task, counted before it runs: a close in its first part cancels it."""
-        self._tasks.add(task)
-        task.add_done_callback(self._handled)
 
     def _handled(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
