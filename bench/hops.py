@@ -193,6 +193,12 @@ def slope(xs: list[float], ys: list[float]) -> float:
     )
 
 
+def instance_medians(samples: list[float], per_instance: int) -> list[float]:
+    """The median of each instance's run of `per_instance` samples, in order."""
+    runs = [samples[i : i + per_instance] for i in range(0, len(samples), per_instance)]
+    return [round(statistics.median(run), 4) for run in runs]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=15, help="per instance")
@@ -225,7 +231,6 @@ def main() -> None:
     prompt = torch.randint(0, 256, (PROMPT,), generator=torch.Generator().manual_seed(0)).tolist()
     keys = [(v, n) for v in versions for n in sizes]
     times: dict[tuple[str, int], list[float]] = {k: [] for k in keys}
-    per_instance: dict[tuple[str, int], list[float]] = {k: [] for k in keys}
     same = True
     for instance in range(args.instances):  # fresh node processes for every version each time
         with contextlib.ExitStack() as stack:
@@ -244,8 +249,6 @@ def main() -> None:
                     times[k].append(ms)
                     outs.append(out)
                 same = same and all(o == outs[0] for o in outs)
-            for k in keys:
-                per_instance[k].append(round(statistics.median(times[k][-args.rounds :]), 4))
     rounds = args.rounds * args.instances
     xs = [float(n) for n in sizes]
     per_version: dict[str, Any] = {}
@@ -254,7 +257,9 @@ def main() -> None:
         per_version[v] = {
             "src": versions[v] or str(Path(__file__).resolve().parents[1] / "src"),
             "decode_ms_per_token": {str(n): summary(times[(v, n)]) for n in sizes},
-            "median_per_instance_ms": {str(n): per_instance[(v, n)] for n in sizes},
+            "median_per_instance_ms": {
+                str(n): instance_medians(times[(v, n)], args.rounds) for n in sizes
+            },
         }
         if len(set(sizes)) > 1:  # one size (an A/B of one cluster size) has no slope
             paired = [slope(xs, [times[(v, n)][r] for n in sizes]) for r in range(rounds)]

@@ -73,14 +73,20 @@ async def _nothing(peer: NodeId, env: Envelope) -> Reply | None:
     return None
 
 
-async def _one_frame(conn: Connection, seen: list[str]) -> None:
-    """Feed `conn` a frame, then wait (at most 2 s) for its handler to note something."""
-    frame = Envelope(Release((RequestId("a"),)), NodeId(0), Epoch(1), "c", 0, False, b"")
-    conn._reader.feed_data(encode_frame(frame))
-    for _ in range(100):
-        if seen:
-            return
-        await asyncio.sleep(0.02)
+async def _one_frame(conn: Connection, seen: list[str]) -> bool:
+    """Run `conn`'s reader, feed it a frame and wait (at most 2 s) for its handler to note
+    something in `seen`; whether the connection was still open and reading then."""
+    reader = asyncio.create_task(conn.run())
+    try:
+        frame = Envelope(Release((RequestId("a"),)), NodeId(0), Epoch(1), "c", 0, False, b"")
+        conn._reader.feed_data(encode_frame(frame))
+        for _ in range(100):
+            if seen:
+                break
+            await asyncio.sleep(0.02)
+        return not conn.closed and not reader.done()
+    finally:
+        reader.cancel()
 
 
 async def test_a_relay_to_a_stalled_next_node_fails_that_send_not_the_incoming_connection() -> None:
@@ -97,15 +103,10 @@ async def test_a_relay_to_a_stalled_next_node_fails_that_send_not_the_incoming_c
             outcome.append("send timed out")
         return None
 
-    upstream = _connection(relay, _Writer(), peer=0)
-    reader = asyncio.create_task(upstream.run())
-    try:
-        await _one_frame(upstream, outcome)
-        assert outcome == ["send timed out"]
-        assert downstream.closed
-        assert not upstream.closed and not reader.done()
-    finally:
-        reader.cancel()
+    reading = await _one_frame(_connection(relay, _Writer(), peer=0), outcome)
+    assert outcome == ["send timed out"]
+    assert downstream.closed
+    assert reading
 
 
 async def test_a_handlers_own_timeout_ends_the_handler_not_the_connection() -> None:
@@ -121,14 +122,9 @@ async def test_a_handlers_own_timeout_ends_the_handler_not_the_connection() -> N
             outcome.append("timed out")
         return None
 
-    conn = _connection(handler, _Writer(), peer=0)
-    reader = asyncio.create_task(conn.run())
-    try:
-        await _one_frame(conn, outcome)
-        assert outcome == ["timed out"]
-        assert not conn.closed and not reader.done()
-    finally:
-        reader.cancel()
+    reading = await _one_frame(_connection(handler, _Writer(), peer=0), outcome)
+    assert outcome == ["timed out"]
+    assert reading
 
 
 async def test_a_handler_that_closes_its_own_connection_is_cancelled_with_it() -> None:
@@ -145,11 +141,7 @@ async def test_a_handler_that_closes_its_own_connection_is_cancelled_with_it() -
             raise
         return None
 
-    conn = _connection(handler, _Writer(), peer=0)
-    box.append(conn)
-    reader = asyncio.create_task(conn.run())
-    try:
-        await _one_frame(conn, seen)
-        assert seen == ["cancelled"]
-    finally:
-        reader.cancel()
+    box.append(_connection(handler, _Writer(), peer=0))
+    reading = await _one_frame(box[0], seen)
+    assert seen == ["cancelled"]
+    assert not reading

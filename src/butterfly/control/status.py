@@ -68,7 +68,7 @@ class ClusterReport:
         membership: Membership,
         server: StageServer,
         recovery: Recovery,
-        failed: Callable[[NodeId], bool] = lambda node: False,
+        failed: Callable[[NodeId], bool],
     ) -> None:
         """`failed`: the gateway role's rule (`GatewayRole.failed`), which also fails a
         member never heard from in `coordination.never_heard_s`: the detector alone
@@ -78,8 +78,7 @@ class ClusterReport:
         self._server, self._recovery, self._failed = server, recovery, failed
 
     def _status(self, node: NodeId) -> str:
-        status = self._membership.status(node)
-        return "failed" if status == "starting" and self._failed(node) else status
+        return "failed" if self._failed(node) else self._membership.status(node)
 
     def __call__(self) -> ClusterHealth:
         plan, placement = self._server.plan, self._recovery.placement
