@@ -37,6 +37,7 @@ import torch
 from butterfly.runtime import native
 from butterfly.runtime.kvcache import KVCache
 from butterfly.runtime.native import BlockedWeight
+from butterfly.runtime.stage import check_id_range
 
 if TYPE_CHECKING:
     from butterfly.runtime.llama_args import Block, LlamaArgs
@@ -112,6 +113,95 @@ def plan(args: LlamaArgs, blocks: Sequence[Block]) -> FusedLayers | None:
     return FusedLayers(table, tuple(kept), args, function, WEIGHT_TYPES.index(weights))
 
 
+@dataclass(frozen=True)
+class Ends:
+    """A first or last stage's own ends, run beside the compiled layers so that a whole
+    decode step on one node takes no torch operation: the embedding table's rows copied
+    into the layers' input (`embed_rows`), and the final norm and head on their output
+    (`head_rows`). Why: on torch, with the caches the weights' stream had just flushed,
+    the embedding, the norm's five operations and the head's product around its kernel
+    took 0.25-0.35 ms of a 7.5 ms bf16 decode step of the small model (AMD EPYC,
+    nineteenth session, docs/PERFORMANCE-LOG.md); a compiled call takes a few µs
+    besides its product."""
+
+    embed: torch.Tensor | None  # [vocab, dim], contiguous, fp32 or bf16; None: not here
+    norm: torch.Tensor | None  # the final norm's weight, fp32; None with no head here
+    head: BlockedWeight | None
+    scales: torch.Tensor | None  # an int8 head's, fp32
+    args: LlamaArgs
+    library: Any
+
+
+def plan_ends(
+    args: LlamaArgs, embed: torch.Tensor | None, norm: torch.Tensor | None, head: object
+) -> Ends | None:
+    """The stage's compiled ends, or None where the library is absent. An embedding table
+    it cannot read row by row, or a head on another kernel (a shape torch's int8 product
+    runs faster, say), stays with torch: that end's field is None."""
+    lib = native.library()
+    if lib is None or args.dtype not in DTYPES:
+        return None
+    readable = (
+        embed is not None
+        and embed.dtype == args.dtype
+        and not embed.requires_grad
+        and tuple(embed.shape) == (args.vocab_size, args.dim)
+        and embed.is_contiguous()
+    )
+    table = embed if readable else None
+    blocked = head if isinstance(head, BlockedWeight) else None
+    if blocked is None or blocked.dtype not in WEIGHT_TYPES or norm is None:
+        blocked = None
+    if blocked is not None and not native.available(blocked.dtype):
+        blocked = None
+    scales = None
+    if blocked is not None and blocked.scales is not None:
+        scales = blocked.scales.to(torch.float32).contiguous()
+    weight = None if blocked is None or norm is None else norm.to(torch.float32).contiguous()
+    lib.butterfly_embed_rows.restype = None
+    lib.butterfly_embed_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    lib.butterfly_embed_rows.argtypes += [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.butterfly_llama_head.restype = ctypes.c_int
+    lib.butterfly_llama_head.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    lib.butterfly_llama_head.argtypes += [ctypes.c_int64, ctypes.c_void_p, ctypes.c_float]
+    lib.butterfly_llama_head.argtypes += [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    lib.butterfly_llama_head.argtypes += [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    return Ends(table, weight, blocked, scales, args, lib)
+
+
+def embed_rows(ends: Ends, ids: Sequence[int], out: int) -> None:
+    """The embedding rows of `ids` into fp32 [len(ids), dim] at address `out`; the ids
+    checked against the vocabulary first (InvalidInput naming them)."""
+    table = ends.embed
+    if table is None:
+        raise ValueError("this stage's embedding table is not read by the compiled call")
+    if ids:
+        check_id_range(min(ids), max(ids), ends.args.vocab_size)
+    chosen = array("q", ids)
+    bf16 = table.dtype == torch.bfloat16
+    ends.library.butterfly_embed_rows(
+        start_of(chosen), len(chosen), table.data_ptr(), bf16, ends.args.dim, out
+    )
+
+
+def head_rows(ends: Ends, h: int, rows: Sequence[int], out: int) -> None:
+    """The final norm and head on rows `rows` of the fp32 [*, dim] layers' output at
+    address `h`, into [len(rows), vocab] at `out`: bf16 for a bf16 stage (rounded as
+    torch's operations round), else fp32."""
+    head, norm = ends.head, ends.norm
+    if head is None or norm is None:
+        raise ValueError("this stage's head is not run by the compiled call")
+    a, chosen = ends.args, array("q", rows)
+    status = ends.library.butterfly_llama_head(
+        h, a.dim, start_of(chosen), len(chosen), norm.data_ptr(), a.norm_eps,
+        head.blocks.data_ptr(), WEIGHT_TYPES.index(head.dtype),
+        ends.scales.data_ptr() if ends.scales is not None else None,
+        head.out_features, a.dtype == torch.bfloat16, out,
+    )  # fmt: skip
+    if status != 0:
+        raise MemoryError("no memory for the head's scratch buffers")
+
+
 def fits(fused: FusedLayers, rows: int, caches: Sequence[KVCache]) -> bool:
     """Whether a step of `rows` rows on `caches` can run compiled: few rows, and caches
     of this stage's shape, each named once (two entries on one cache would write the
@@ -155,11 +245,27 @@ def run(
     cos, sin = cos.contiguous(), sin.contiguous()
     rotary = (cos.data_ptr(), sin.data_ptr(), min(cos.shape[0], sin.shape[0]))
     out = h.reshape(rows, dim).to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    run_rows(fused, out, caches, entries, positions, rotary, trace)
+    return out
+
+
+def run_rows(
+    fused: FusedLayers,
+    h: torch.Tensor,
+    caches: Sequence[KVCache],
+    entries: Sequence[int],
+    positions: Sequence[int],
+    rotary: Rotary,
+    trace: list[torch.Tensor] | None = None,
+) -> None:
+    """`run` in place on `h`, fp32 [M, D] and contiguous (the caller's own copy)."""
+    rows, dim = len(positions), fused.args.dim
+    if h.dtype != torch.float32 or not h.is_contiguous() or h.shape != (rows, dim):
+        raise ValueError(f"the fused layers run in place on contiguous fp32 [{rows}, {dim}]")
     kept = torch.empty(fused.layers, rows, dim) if trace is not None else None
-    _call(fused, out.data_ptr(), caches, entries, positions, rotary, kept)
+    _call(fused, h.data_ptr(), caches, entries, positions, rotary, kept)
     if trace is not None and kept is not None:
         trace.extend(kept.unbind(0))
-    return out
 
 
 Rotary = tuple[int, int, int]

@@ -11,6 +11,7 @@ reading a stage from a checkpoint in runtime/llama_load.py.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import logging
@@ -22,12 +23,12 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 from butterfly.runtime import fused_layers
+from butterfly.runtime.fused_layers import start_of
 from butterfly.runtime.kvcache import KVCache
 from butterfly.runtime.linear import Weight, linear
 from butterfly.runtime.llama_args import ACTIVATIONS, Block, LlamaArgs, inv_frequencies
 from butterfly.runtime.stage import (
     causal_mask,
-    check_id_range,
     check_positions,
     check_token_ids,
 )
@@ -67,7 +68,7 @@ class LlamaStage:
         self._cos = self._sin = torch.empty(0, args.head_dim)
         self._cos32, self._sin32 = self._cos, self._sin  # fp32, for the fused layers
         self._rotary: fused_layers.Rotary = (0, 0, 0)  # theirs, as the call reads them
-        self._embedded: tuple[torch.Tensor | None, memoryview | None] | None = None
+        self._ends_seen: tuple[tuple[object, ...], fused_layers.Ends | None] | None = None
 
     @functools.cached_property
     def _fused(self) -> fused_layers.FusedLayers | None:
@@ -167,20 +168,23 @@ class LlamaStage:
         many short requests comes from."""
         if any(c is None for c in caches):  # stage.forward_rows passes a family's own
             raise ValueError("a decoder stage needs its KV cache (stage.new_cache())")
+        batch, length = int(x.shape[0]), int(x.shape[1])
+        if self._fused_fits(batch * length, caches):
+            for start in starts:
+                check_positions(start, length, self.max_context)
+            h = self._fused_input(x)
+            self._run_fused(h, caches, starts, [length] * batch, trace, (batch, length))
+            last = [b * length + length - 1 for b in range(batch)] if last_only else None
+            return self._fused_output(h, (batch, length), last)
         if self.embed is not None:
             check_token_ids(x, self.args.vocab_size)
             h = F.embedding(x, self.embed)  # [B, T, D]
         else:
             h = x.to(self.args.dtype)
-        length = h.shape[1]
         for start in starts:
             check_positions(start, length, self.max_context)
-        if self._fused_fits(h.shape[0] * length, caches):
-            self._rope_to(max(starts) + length)
-            h = self._run_fused(h, caches, starts, [length] * len(starts), trace)
-        else:
-            rope = [self._rope(start, length) for start in starts]  # each [T, Dh]
-            h = self._torch_layers(h, caches, starts, rope, trace)
+        rope = [self._rope(start, length) for start in starts]  # each [T, Dh]
+        h = self._torch_layers(h, caches, starts, rope, trace)
         eps = self.args.norm_eps
         for cache, start in zip(caches, starts, strict=True):
             cache.advance(start + length)
@@ -207,23 +211,21 @@ class LlamaStage:
         fused = self._fused
         if fused is None or not fused_layers.fits(fused, rows, caches):
             return None
-        h = array("f")
         if self.embed is None:
             if x.dtype != "float32" or x.shape != (1, rows, a.dim):
                 return None
+            h = array("f")
             h.frombytes(x.data)  # a copy: the frame's bytes stay as they came
         else:
+            ends = self._ends
             if x.dtype not in ("int64", "int32") or x.shape != (1, rows):
                 return None
-            ids = array("q" if x.dtype == "int64" else "i")
-            table = self._embedding()
-            if table is None:
+            if ends is None or ends.embed is None:
                 return None
+            ids = array("q" if x.dtype == "int64" else "i")
             ids.frombytes(x.data)
-            check_id_range(min(ids), max(ids), a.vocab_size)
-            width = a.dim * h.itemsize
-            for i in ids:
-                h.frombytes(table[i * width : (i + 1) * width])
+            h = array("f", [0.0]) * (rows * a.dim)
+            fused_layers.embed_rows(ends, ids, start_of(h))
         for start in starts:
             check_positions(start, 1, self.max_context)
         self._rope_to(max(starts) + 1)
@@ -234,26 +236,36 @@ class LlamaStage:
             if self.embed is None:  # the same dtype and shape as the input
                 return x.header + h.tobytes()
             return tensor_bytes("float32", (1, rows, a.dim), h.tobytes())
-        out = torch.frombuffer(h, dtype=torch.float32).view(1, rows, a.dim)
-        return encode_tensor(linear(rms_norm(out, self.norm, a.norm_eps), self.head))  # type: ignore[arg-type]
+        ends = self._ends
+        if ends is None or ends.head is None:
+            out = torch.frombuffer(h, dtype=torch.float32).view(1, rows, a.dim)
+            return encode_tensor(linear(rms_norm(out, self.norm, a.norm_eps), self.head))  # type: ignore[arg-type]
+        logits = array("f", [0.0]) * (rows * ends.head.out_features)
+        fused_layers.head_rows(ends, start_of(h), range(rows), start_of(logits))
+        return tensor_bytes("float32", (1, rows, ends.head.out_features), logits.tobytes())
 
-    def _embedding(self) -> memoryview | None:
-        """The embedding table's own memory as bytes, for `forward_floats` to copy rows
-        of: a view through numpy, which keeps the tensor alive, made again if the
-        stage's table is replaced. None unless the table is the fp32 [vocab, dim] it
-        can read row by row."""
-        embed, seen = self.embed, self._embedded
-        if seen is None or seen[0] is not embed:
-            fits = (
-                embed is not None
-                and embed.dtype == torch.float32
-                and embed.is_contiguous()
-                and tuple(embed.shape) == (self.args.vocab_size, self.args.dim)
-                and not embed.requires_grad
-            )
-            view = embed.numpy().data.cast("B") if fits and embed is not None else None
-            seen = self._embedded = (embed, view)
+    @property
+    def _ends(self) -> fused_layers.Ends | None:
+        """The stage's embedding and head beside the compiled layers, planned at the first
+        step and again if the stage's table, norm or head is replaced; a compiled head
+        that does not compute what torch's operations compute on this machine is left
+        out (the head then runs on torch)."""
+        held = (self.embed, self.norm, self.head)
+        seen = self._ends_seen
+        if seen is None or any(a is not b for a, b in zip(seen[0], held, strict=True)):
+            seen = self._ends_seen = (held, self._plan_ends())
         return seen[1]
+
+    def _plan_ends(self) -> fused_layers.Ends | None:
+        ends = fused_layers.plan_ends(self.args, self.embed, self.norm, self.head)
+        if ends is not None and ends.head is not None and not self._head_agrees(ends):
+            log.warning(
+                "layers %s: the compiled head disagrees with torch's operations on this "
+                "machine; the head runs on torch's operations",
+                self.layers,
+            )
+            return dataclasses.replace(ends, head=None)
+        return ends
 
     def _torch_layers(
         self,
@@ -295,27 +307,29 @@ class LlamaStage:
         of three small-model layers cost a whole 4-row decode step more (14.5 ms of one
         thread's CPU) than its own rows (0.36 ms each; docs/PERFORMANCE-LOG.md, chunked
         prefill). Returns [1, N] rows, or with `last_only` each entry's last row."""
+        for start, length in zip(starts, lengths, strict=True):
+            check_positions(start, length, self.max_context)
+        if self._fused_fits(sum(lengths), caches):
+            h = self._fused_input(x)
+            self._run_fused(h, caches, starts, lengths, trace, (1, sum(lengths)))
+            ends = list(itertools.accumulate(lengths))
+            last = [at - 1 for at in ends] if last_only else None  # each entry's last
+            return self._fused_output(h, (1, sum(lengths)), last)
         if self.embed is not None:
             check_token_ids(x, self.args.vocab_size)
             h = F.embedding(x, self.embed)  # [1, N, D]
         else:
             h = x.to(self.args.dtype)
-        for start, length in zip(starts, lengths, strict=True):
-            check_positions(start, length, self.max_context)
         eps = self.args.norm_eps
-        if self._fused_fits(sum(lengths), caches):
-            self._rope_to(max(s + n for s, n in zip(starts, lengths, strict=True)))
-            h = self._run_fused(h, caches, starts, lengths, trace)
-        else:
-            rope = [self._rope(s, n) for s, n in zip(starts, lengths, strict=True)]
-            cos = torch.cat([c for c, _ in rope])[:, None, :]  # [N, 1, Dh]
-            sin = torch.cat([s for _, s in rope])[:, None, :]
-            for i, blk in enumerate(self.blocks):
-                a = rms_norm(h, blk.attn_norm, eps)
-                h = h + self._packed_attention(blk, a, caches, i, starts, lengths, cos, sin)
-                h = h + self._mlp(blk, rms_norm(h, blk.mlp_norm, eps))
-                if trace is not None:
-                    trace.append(h)
+        rope = [self._rope(s, n) for s, n in zip(starts, lengths, strict=True)]
+        cos = torch.cat([c for c, _ in rope])[:, None, :]  # [N, 1, Dh]
+        sin = torch.cat([s for _, s in rope])[:, None, :]
+        for i, blk in enumerate(self.blocks):
+            a = rms_norm(h, blk.attn_norm, eps)
+            h = h + self._packed_attention(blk, a, caches, i, starts, lengths, cos, sin)
+            h = h + self._mlp(blk, rms_norm(h, blk.mlp_norm, eps))
+            if trace is not None:
+                trace.append(h)
         ends = [start + length for start, length in zip(starts, lengths, strict=True)]
         for cache, end in zip(caches, ends, strict=True):
             cache.advance(end)
@@ -329,6 +343,60 @@ class LlamaStage:
         fused = self._fused
         return fused is not None and fused_layers.fits(fused, rows, caches)
 
+    def _head_agrees(self, ends: fused_layers.Ends) -> bool:
+        """Whether the compiled norm and head give torch's, on 3 random rows of the
+        stage's width (as `_compiled_agrees` for the layers)."""
+        a = self.args
+        g = torch.Generator().manual_seed(0)
+        h = torch.randn(3, a.dim, generator=g) * 4
+        with torch.inference_mode():
+            want = linear(rms_norm(h.to(a.dtype), self.norm, a.norm_eps), self.head).float()  # type: ignore[arg-type]
+            got = torch.empty(3, want.shape[-1], dtype=a.dtype)
+            fused_layers.head_rows(ends, h.data_ptr(), range(3), got.data_ptr())
+        bound = 1e-4 if a.dtype == torch.float32 else 2e-2
+        error = (got.float() - want).abs().max()
+        return bool(error <= bound * (1 + want.abs().max()))  # False for a NaN too
+
+    def _fused_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The compiled layers' input for `x` (ids [B, T], or rows [B, T, D]): its own
+        fp32 [B * T, D] memory, the embedding rows copied by the compiled call where it
+        reads the table."""
+        a, rows = self.args, int(x.shape[0]) * int(x.shape[1])
+        if self.embed is None:
+            rows_of = x.to(a.dtype).reshape(rows, a.dim)
+            return rows_of.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        ends = self._ends
+        if ends is None or ends.embed is None:
+            check_token_ids(x, a.vocab_size)
+            h = F.embedding(x, self.embed).reshape(rows, a.dim)
+            return h.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        if x.dtype not in (torch.int64, torch.int32):
+            check_token_ids(x, a.vocab_size)  # raises, naming the dtype
+        h = torch.empty(rows, a.dim)
+        fused_layers.embed_rows(ends, x.reshape(-1).tolist(), h.data_ptr())
+        return h
+
+    def _fused_output(
+        self, h: torch.Tensor, shape: tuple[int, int], rows: Sequence[int] | None
+    ) -> torch.Tensor:
+        """What the stage answers for the compiled layers' fp32 output `h` [N, D], N =
+        shape[0] * shape[1]: every row in the stage's dtype, [*shape, D]; or on a last
+        stage the logits of `rows` (every row if None), [shape[0], rows per batch row,
+        vocab]."""
+        a = self.args
+        if self.head is None:
+            return h.view(*shape, a.dim).to(a.dtype)
+        chosen = range(int(h.shape[0])) if rows is None else rows
+        out_shape = (shape[0], len(chosen) // shape[0], -1)
+        ends = self._ends
+        if ends is None or ends.head is None:
+            kept = h if rows is None else h[list(rows)]
+            normed = rms_norm(kept.to(a.dtype), self.norm, a.norm_eps)  # type: ignore[arg-type]
+            return linear(normed, self.head).view(out_shape)
+        out = torch.empty(len(chosen), ends.head.out_features, dtype=a.dtype)
+        fused_layers.head_rows(ends, h.data_ptr(), chosen, out.data_ptr())
+        return out.view(out_shape)
+
     def _run_fused(
         self,
         h: torch.Tensor,
@@ -336,19 +404,22 @@ class LlamaStage:
         starts: Sequence[int],
         lengths: Sequence[int],
         trace: list[torch.Tensor] | None,
-    ) -> torch.Tensor:
-        """`h` [B, T, D] (or [1, N, D] packed) through every layer in one compiled call
-        (runtime/fused_layers.py): entry i's `lengths[i]` rows from `starts[i]`, in order."""
+        shape: tuple[int, int],
+    ) -> None:
+        """`h` fp32 [N, D] in place through every layer in one compiled call
+        (runtime/fused_layers.py): entry i's `lengths[i]` rows from `starts[i]`, in
+        order; the caches advanced past them. `trace` gets each layer's output shaped
+        [*shape, D] in the stage's dtype."""
         assert self._fused is not None
+        self._rope_to(max(s + n for s, n in zip(starts, lengths, strict=True)))
         entries = [e for e, n in enumerate(lengths) for _ in range(n)]
         positions = [s + t for s, n in zip(starts, lengths, strict=True) for t in range(n)]
         layers: list[torch.Tensor] | None = [] if trace is not None else None
-        cos, sin = self._cos32, self._sin32
-        out = fused_layers.run(self._fused, h, caches, entries, positions, cos, sin, layers)
+        fused_layers.run_rows(self._fused, h, caches, entries, positions, self._rotary, layers)
         if trace is not None and layers is not None:
-            trace.extend(t.view(h.shape).to(h.dtype) for t in layers)
-        out = out.view(h.shape)
-        return out if h.dtype == torch.float32 else out.to(h.dtype)
+            trace.extend(t.view(*shape, self.args.dim).to(self.args.dtype) for t in layers)
+        for cache, start, length in zip(caches, starts, lengths, strict=True):
+            cache.advance(start + length)
 
     def _packed_attention(
         self,

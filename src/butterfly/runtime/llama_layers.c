@@ -437,3 +437,78 @@ int butterfly_llama_layers_f32(float *h, int64_t M, int64_t D, int64_t L, const 
     free(a); free(qkv); free(att); free(mid); free(gated); free(scores); free(qu); free(qs);
     return ok ? 0 : -1;
 }
+
+/* A first stage's rows from its embedding table [vocab, D], fp32 or bf16 (widened,
+ * exactly): h [M, D] = table[ids]. The ids are the caller's to check against the table. */
+void butterfly_embed_rows(const int64_t *ids, int64_t M, const void *table, int64_t bf16,
+                          int64_t D, float *h) {
+    for (int64_t m = 0; m < M; m++) {
+        if (bf16) {
+            const uint16_t *row = (const uint16_t *)table + ids[m] * D;
+            for (int64_t d = 0; d < D; d++) h[m * D + d] = from_bf16(row[d]);
+        } else {
+            memcpy(h + m * D, (const float *)table + ids[m] * D, sizeof(float) * D);
+        }
+    }
+}
+
+/* round to bf16 and back: where torch's bf16 operations store their result */
+static inline float bf16_round(float x) { return from_bf16(to_bf16(x)); }
+
+/* The final norm of a last stage, as runtime/llama.py's rms_norm computes it: with
+ * `bf16`, on the stage's output rounded to bf16, the normalized row rounded before the
+ * norm's weight multiplies it and the product rounded again, as torch's bf16 operations
+ * do; the variance in fp32 either way. */
+static void final_norm(const float *x, const float *weight, int64_t n, float eps, int bf16,
+                       float *out) {
+    if (!bf16) {
+        rms_norm(x, weight, n, eps, out);
+        return;
+    }
+    for (int64_t i = 0; i < n; i++) out[i] = bf16_round(x[i]);
+    float inv = 1.0f / sqrtf(dot(out, out, n) / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) out[i] = bf16_round(weight[i] * bf16_round(out[i] * inv));
+}
+
+/* A last stage's end in one call: out [R, N] = head(rms_norm(h[rows[r]])) for r < R, h
+ * [*, D] fp32 (the layers' output), the head of element type `wtype` (times `scale` for
+ * int8) in the blocked layout. With `bf16` the norm rounds as final_norm says and out is
+ * bf16, each logit summed in fp32 and rounded once (as runtime/native.py's product);
+ * else out is fp32. Only the rows asked for are computed: a prompt chunk's last row,
+ * not its 64. Why: on torch, the norm's five operations and the head's product around
+ * its kernel took 0.2 ms of a bf16 decode step (small model, AMD EPYC, nineteenth
+ * session). Returns 0, or -1 if scratch memory could not be had (out untouched). */
+int butterfly_llama_head(const float *h, int64_t D, const int64_t *rows, int64_t R,
+                         const float *norm, float eps, const void *w, int64_t wtype,
+                         const float *scale, int64_t N, int64_t bf16, void *out) {
+    const int threads = omp_get_max_threads();
+    const int64_t passes = wtype == I8 ? butterfly_i8_passes() : 0;
+    float *a = malloc(sizeof(float) * R * D);
+    float *y = bf16 ? malloc(sizeof(float) * R * N) : (float *)out;
+    uint8_t *qu = malloc((size_t)(threads * R * passes * D) + 1);
+    float *qs = malloc(sizeof(float) * (size_t)(threads * R * passes) + 1);
+    int ok = a && y && qu && qs;
+    struct meeting meeting = {0, 0};
+    const struct away away = away_from_master();
+    if (ok) {
+#pragma omp parallel
+        {
+            if (omp_get_thread_num() != 0) leave_master_cpu(&away);
+            const struct passes q = {qu + omp_get_thread_num() * R * passes * D,
+                                     qs + omp_get_thread_num() * R * passes};
+            const unsigned team = (unsigned)omp_get_num_threads();
+#pragma omp for schedule(static) nowait
+            for (int64_t r = 0; r < R; r++)
+                final_norm(h + rows[r] * D, norm, D, eps, (int)bf16, a + r * D);
+            meet(&meeting, team);
+            product(a, R, D, w, (int)wtype, scale, N, NULL, y, 0, &meeting, team, q);
+            if (bf16) {
+#pragma omp for schedule(static)
+                for (int64_t i = 0; i < R * N; i++) ((uint16_t *)out)[i] = to_bf16(y[i]);
+            }
+        }
+    }
+    free(a); free(qu); free(qs);
+    if (bf16) free(y);
+    return ok ? 0 : -1;
+}
