@@ -43,6 +43,9 @@ VARIANTS = {
     "gelu tanh": dataclasses.replace(BASE, activation="gelu_pytorch_tanh"),
     "relu": dataclasses.replace(BASE, activation="relu"),
     "odd sizes": dataclasses.replace(BASE, dim=72, intermediate=100, head_dim=18),
+    # heads past 64 values: the attention's value sums run 64 at a time, then 16, then one
+    "wide heads": dataclasses.replace(BASE, n_heads=2, n_kv_heads=1, head_dim=136),
+    "heads of 80": dataclasses.replace(BASE, n_heads=2, n_kv_heads=2, head_dim=80),
 }
 
 

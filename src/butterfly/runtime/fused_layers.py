@@ -115,14 +115,15 @@ def plan(args: LlamaArgs, blocks: Sequence[Block]) -> FusedLayers | None:
 
 @dataclass(frozen=True)
 class Ends:
-    """A first or last stage's own ends, run beside the compiled layers so that a whole
-    decode step on one node takes no torch operation: the embedding table's rows copied
-    into the layers' input (`embed_rows`), and the final norm and head on their output
-    (`head_rows`). Why: on torch, with the caches the weights' stream had just flushed,
-    the embedding, the norm's five operations and the head's product around its kernel
-    took 0.25-0.35 ms of a 7.5 ms bf16 decode step of the small model (AMD EPYC,
-    nineteenth session, docs/PERFORMANCE-LOG.md); a compiled call takes a few µs
-    besides its product."""
+    """A first or last stage's own ends, run beside the compiled layers: the embedding
+    table's rows copied into the layers' input (`embed_rows`), and the final norm and
+    head on their output (`head_rows`). A decode step on one node is then three compiled
+    calls and a few tensors made to hold their rows (none at all on fp32's bytes path,
+    `LlamaStage.forward_floats`). Why: on torch, with the caches the weights' stream had
+    just flushed, the embedding, the norm's five operations and the head's product
+    around its kernel took 0.25-0.35 ms of a 7.5 ms bf16 decode step of the small model
+    (AMD EPYC, nineteenth session, docs/PERFORMANCE-LOG.md); a compiled call takes a
+    few µs besides its product."""
 
     embed: torch.Tensor | None  # [vocab, dim], contiguous, fp32 or bf16; None: not here
     norm: torch.Tensor | None  # the final norm's weight, fp32; None with no head here

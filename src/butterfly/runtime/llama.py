@@ -200,8 +200,9 @@ class LlamaStage:
         """Decode rows as they came off the wire (`x` [1, B] token ids on a first stage,
         fp32 [1, B, D] otherwise; row b one position of request b at `starts[b]`),
         answered as bytes for the wire: the embedding rows copied from the table's
-        memory, the layers in one compiled call in place on the rows, and only the last
-        stage's norm and head on torch. None, before anything is done, where this does
+        memory, the layers in one compiled call in place on the rows, and a last stage's
+        norm and head in another (`fused_layers.head_rows`; on torch where it does not
+        apply). None, before anything is done, where this does
         not apply (bf16, no compiled layers, a batch they do not take): `forward_rows`
         then. Equal to it bit for bit where both run (tests/test_fused_layers.py): the
         same call on the same fp32 rows."""
