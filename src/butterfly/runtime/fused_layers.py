@@ -126,6 +126,7 @@ class Ends:
     few µs besides its product."""
 
     embed: torch.Tensor | None  # [vocab, dim], contiguous, fp32 or bf16; None: not here
+    table_bytes: memoryview | None  # an fp32 table's memory, for a few rows copied by Python
     norm: torch.Tensor | None  # the final norm's weight, fp32; None with no head here
     head: BlockedWeight | None
     scales: torch.Tensor | None  # an int8 head's, fp32
@@ -167,7 +168,10 @@ def plan_ends(
     lib.butterfly_llama_head.argtypes += [ctypes.c_int64, ctypes.c_void_p, ctypes.c_float]
     lib.butterfly_llama_head.argtypes += [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     lib.butterfly_llama_head.argtypes += [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    return Ends(table, weight, blocked, scales, args, lib)
+    as_bytes = None
+    if table is not None and table.dtype == torch.float32:  # a view keeps the tensor alive
+        as_bytes = table.numpy().data.cast("B")
+    return Ends(table, as_bytes, weight, blocked, scales, args, lib)
 
 
 def embed_rows(ends: Ends, ids: Sequence[int], out: int) -> None:
