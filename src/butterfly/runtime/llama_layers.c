@@ -518,25 +518,20 @@ static void final_norm(const float *x, const float *weight, int64_t n, float eps
  * not its 64. Why: on torch, the norm's five operations and the head's product around
  * its kernel took 0.2 ms of a bf16 decode step (small model, AMD EPYC, nineteenth
  * session). Returns 0, or -1 if scratch memory could not be had (out untouched). */
-/* A head of fewer bytes (times rows) runs on the calling thread alone: the tiny demo
- * model's (66 kB) took 78 µs a step on the team against 73 on torch's operations, whose
- * product it replaced (one node, hot caches, AMD EPYC, nineteenth session). */
-#define HEAD_ALONE_BYTES (256 << 10)
 int butterfly_llama_head(const float *h, int64_t D, const int64_t *rows, int64_t R,
                          const float *norm, float eps, const void *w, int64_t wtype,
                          const float *scale, int64_t N, int64_t bf16, void *out) {
-    const int64_t bytes = N * D * (wtype == F32 ? 4 : wtype == BF16 ? 2 : 1);
-    const int team_of = bytes * R >= HEAD_ALONE_BYTES ? omp_get_max_threads() : 1;
+    const int threads = omp_get_max_threads();
     const int64_t passes = wtype == I8 ? butterfly_i8_passes() : 0;
     float *a = malloc(sizeof(float) * R * D);
     float *y = bf16 ? malloc(sizeof(float) * R * N) : (float *)out;
-    uint8_t *qu = malloc((size_t)(team_of * R * passes * D) + 1);
-    float *qs = malloc(sizeof(float) * (size_t)(team_of * R * passes) + 1);
+    uint8_t *qu = malloc((size_t)(threads * R * passes * D) + 1);
+    float *qs = malloc(sizeof(float) * (size_t)(threads * R * passes) + 1);
     int ok = a && y && qu && qs;
     struct meeting meeting = {0, 0};
-    const struct away away = team_of > 1 ? away_from_master() : (struct away){.cpu = -1};
+    const struct away away = away_from_master();
     if (ok) {
-#pragma omp parallel num_threads(team_of)
+#pragma omp parallel
         {
             if (omp_get_thread_num() != 0) leave_master_cpu(&away);
             const struct passes q = {qu + omp_get_thread_num() * R * passes * D,
