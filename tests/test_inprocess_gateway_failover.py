@@ -11,6 +11,7 @@ the tasks its store holds, each resuming from its checkpoint.
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 
 import pytest
@@ -413,14 +414,23 @@ async def test_a_first_gateway_that_never_comes_up_is_replaced(
             c.hub.tick(0.1)
             await asyncio.sleep(0.001)
         assert all(node.role.acting == 0 for node in c.nodes[1:])
-        assert _shown(c, 1, 0) == "starting"
+        assert _shown(c, 1, 0) == _scraped(c, 1, 0) == "starting"
         await c.until(lambda: standby.scheduler is not None, "node 1 takes over", beats=1000)
-        assert _shown(c, 1, 0) == "failed"
+        assert _shown(c, 1, 0) == _scraped(c, 1, 0) == "failed"
+        assert _scraped(c, 2, 0) == "failed"  # every member's metric, not the gateway's only
         assert all(node.role.acting == 1 and node.role.term == 1 for node in c.nodes[1:])
         assert standby.scheduler is not None
         await standby.scheduler.submit(task(tiny_model, "greedy"))
         done = await asyncio.wait_for(_settled(c, standby, "greedy"), 60)
         assert done.result is not None and list(done.result.output_ids) == references["greedy"]
+
+
+def _scraped(c: InProcessCluster, node: int, of: int) -> str:
+    """The state node `node`'s GET /metrics gives node `of` (`butterfly_node_status`)."""
+    text = c.nodes[node].metrics.render().decode()
+    found = re.findall(rf'node_status{{\w*node_status="(\w+)",node="{of}"}} 1\.0', text)
+    assert len(found) == 1, text
+    return str(found[0])
 
 
 def _shown(c: InProcessCluster, node: int, of: int) -> str:

@@ -246,6 +246,10 @@ def build_node(
         status=membership.status,
         timeout_s=partial(parts.step_timeout_s, config),
     )
+    health = ClusterReport(
+        members=members, membership=membership, server=server, recovery=recovery, failed=role.failed
+    )
+    metrics.watch_status(health.statuses)  # node_status says what /health says
     engine = parts.engine(
         cfg,
         model_dir,
@@ -254,13 +258,7 @@ def build_node(
         deliver=router.deliver,
         ask=router.ask,
         transport=transport,
-        health=ClusterReport(
-            members=members,
-            membership=membership,
-            server=server,
-            recovery=recovery,
-            failed=role.failed,
-        ),
+        health=health,
         keys=keys,
         timeouts=timeouts,
         on_liars=recovery.evict_liars,

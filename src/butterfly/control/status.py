@@ -77,15 +77,20 @@ class ClusterReport:
         self._members, self._membership = members, membership
         self._server, self._recovery, self._failed = server, recovery, failed
 
-    def _status(self, node: NodeId) -> str:
+    def status(self, node: NodeId) -> str:
+        """`node`'s status as `/health` shows it."""
         return "failed" if self._failed(node) else self._membership.status(node)
+
+    def statuses(self) -> dict[int, str]:
+        """Every member's `status`, for the `node_status` metric."""
+        return {int(n): self.status(n) for n in sorted(self._members)}
 
     def __call__(self) -> ClusterHealth:
         plan, placement = self._server.plan, self._recovery.placement
         nodes = tuple(
             NodeHealth(
                 node=n,
-                status=self._status(n),
+                status=self.status(n),
                 address=address,
                 layers=plan.layers_of(n) if plan else None,
                 last_seen_s=self._membership.seconds_since(n),

@@ -11,7 +11,7 @@ token and time per output token, which are what users of a generation service co
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import assert_never
 
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram
@@ -74,6 +74,7 @@ class Metrics:
     """
 
     def __init__(self) -> None:
+        self._statuses: Callable[[], Mapping[int, str]] | None = None  # `watch_status`
         self.registry = CollectorRegistry(auto_describe=True)
         r, ns = self.registry, NAMESPACE
         self.tasks_submitted = Counter(
@@ -376,8 +377,19 @@ class Metrics:
         self.kv_caches.labels(node=str(node)).set_function(lambda: caches()[0])
         self.kv_cache_bytes.labels(node=str(node)).set_function(lambda: caches()[1])
 
+    def watch_status(self, statuses: Callable[[], Mapping[int, str]]) -> None:
+        """Read every member's status from `statuses` whenever the metrics are scraped,
+        over what the status events last set: a member never heard from in
+        `coordination.never_heard_s` changes no detector state (no event says so), yet
+        GET /health shows it "failed" (control.status.ClusterReport), and
+        `node_status` must say what /health says."""
+        self._statuses = statuses
+
     def render(self) -> bytes:
         """The registry in Prometheus text format (serve with `CONTENT_TYPE`)."""
+        if self._statuses is not None:
+            for node, status in self._statuses().items():
+                self.node_status.labels(node=str(node)).state(status)
         return generate_latest(self.registry)
 
 
