@@ -187,3 +187,26 @@ def test_migrate_refuses_to_guess(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["config", "migrate", str(path)])
     assert result.exit_code == 2 and "nothing written" in result.output
     assert path.read_text() == SEED_004 and not (tmp_path / "node.toml.bak").exists()
+
+
+def test_migrate_twice_keeps_every_backup_and_refuses_bad_bytes(tmp_path: Path) -> None:
+    """A second migrate (or one of a file already current) writes FILE.bak.1, never over
+    the first backup, which holds the original with its comments; a file that is not
+    UTF-8, or an --out whose directory is missing, is a clear error, not a traceback."""
+    text = four_nodes(1, "10.0.0.1:9000", "checkpoint_interval = 12\n") + "# mine\n"
+    path = write(tmp_path, text)
+    for _ in range(2):
+        result = CliRunner().invoke(app, ["config", "migrate", str(path)])
+        assert result.exit_code == 0, result.output
+    assert (tmp_path / "node.toml.bak").read_text() == text
+    assert (tmp_path / "node.toml.bak.1").read_text() != text  # the first migration's file
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"[node]\nid = \xff\xfe\n")
+    result = CliRunner().invoke(app, ["config", "migrate", str(binary)])
+    assert result.exit_code == 2 and "is not UTF-8 text" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    result = CliRunner().invoke(
+        app, ["config", "migrate", str(path), "--out", str(tmp_path / "no" / "such.toml")]
+    )
+    assert result.exit_code == 2 and "No such file or directory" in result.output
+    assert isinstance(result.exception, SystemExit)

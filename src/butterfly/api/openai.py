@@ -25,7 +25,7 @@ from fastapi.responses import Response, StreamingResponse
 from butterfly.api.errors import ModelNotFound
 from butterfly.api.gateway import Gateway
 from butterfly.api.openai_choices import ChoiceText, chat_logprobs, completion_logprobs
-from butterfly.api.openai_run import SEED_SPAN, Run, start, stream, whole
+from butterfly.api.openai_run import Run, start, stream, whole
 from butterfly.api.openai_schema import (
     AssistantMessage,
     ChatChoice,
@@ -48,7 +48,7 @@ from butterfly.api.openapi_docs import ERRORS, body_of, streamed
 from butterfly.api.requests import parse
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.types.errors import InvalidRequest
-from butterfly.types.tasks import SamplingParams
+from butterfly.types.tasks import SEED_SPAN, SamplingParams
 
 
 def _model(gw: Gateway, name: str) -> None:

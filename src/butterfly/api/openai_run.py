@@ -37,14 +37,13 @@ from butterfly.schedule.engine import PromptScored, Retraction, Streamed, Token
 from butterfly.schedule.state import TaskStatus
 from butterfly.types.errors import ButterflyError, InvalidRequest
 from butterfly.types.ids import RequestId
-from butterfly.types.tasks import InferenceResult, InferenceTask, SamplingParams
+from butterfly.types.tasks import SEED_SPAN, InferenceResult, InferenceTask, SamplingParams
 
 KEEPALIVE_S = 15.0
 KEEPALIVE = ": keep-alive\n\n"
 HELD = ": held\n\n"
 """An SSE comment per token held back (`api.stream_verified_only`): clients ignore it,
 and the connection shows progress instead of looking idle to proxies."""
-SEED_SPAN = 1 << 63
 
 
 def sse(payload: dict[str, Any] | str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import threading
@@ -22,7 +23,10 @@ from butterfly.cli.paths import data_dir, demo_model
 from butterfly.config import ConfigInvalid, load_config
 from butterfly.config.gateways import gateway_urls
 from butterfly.net.tls import make_certs
+from butterfly.types.errors import ButterflyError
+from butterfly.types.tasks import SamplingParams
 
+log = logging.getLogger(__name__)
 app = typer.Typer(no_args_is_help=True)
 app.command("add-member")(members.add_member)
 app.command("remove-member")(members.remove_member)
@@ -49,7 +53,33 @@ def start(
     except ConfigInvalid as e:
         err.print(f"[red]invalid config:[/red] {e}")
         raise typer.Exit(2) from e
-    raise typer.Exit(run(cfg, _model_for(cfg.model.path)))
+    try:
+        run(cfg, _model_for(cfg.model.path))
+    except (ButterflyError, OSError) as e:  # a key, a certificate, a data directory
+        raise _cannot_start(cfg.node.id, [e]) from e
+    except BaseExceptionGroup as group:  # its loops' failures: a model it cannot load
+        expected, other = group.split((ButterflyError, OSError))
+        if expected is None or other is not None:
+            raise
+        raise _cannot_start(cfg.node.id, _leaves(expected)) from group
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """The exceptions a (nested) group holds."""
+    return [
+        leaf
+        for e in group.exceptions
+        for leaf in (_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    ]
+
+
+def _cannot_start(node: int, errors: list[BaseException]) -> typer.Exit:
+    """One line per reason a node could not start (the tracebacks in the debug log): a
+    setup mistake is the operator's to fix, not a crash."""
+    for e in errors:
+        log.debug("node %s did not start", node, exc_info=e)
+        err.print(f"[red]node {node} cannot start:[/red] {e}", soft_wrap=True)
+    return typer.Exit(2)
 
 
 @app.command("up")
@@ -179,6 +209,11 @@ def infer(
     The task is submitted (202 and its id), then its result is read by id, from any of
     the `--url` addresses: a gateway that dies while the task runs costs the client a
     retry of the read, not the answer (its successor finishes the task)."""
+    try:
+        SamplingParams(temperature=temperature)  # refused here, not by the JSON encoder
+    except ButterflyError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
     body = {
         "prompt": prompt,
         "max_new_tokens": max_tokens,
@@ -202,15 +237,30 @@ def infer(
     try:
         _, r = first_answer(urls, send, patience_s=TAKEOVER_PATIENCE_S)
         if r.status_code == 202:
-            r = wait_result(urls, r.json()["task_id"], get, limit_s=INFER_LIMIT_S)
-    except (httpx.HTTPError, TimeoutError) as e:
+            r = wait_result(urls, answer(r)["task_id"], get, limit_s=INFER_LIMIT_S)
+    except (httpx.HTTPError, httpx.InvalidURL, TimeoutError) as e:
         err.print(f"[red]error:[/red] cannot reach {url}: {e}")
+        raise typer.Exit(2) from e
+    except (ValueError, KeyError, TypeError) as e:  # not a Butterfly gateway's answer
+        err.print(f"[red]error:[/red] {url} did not answer as a Butterfly gateway: {e!r}")
         raise typer.Exit(2) from e
     if r.status_code >= 400:
         err.print(f"[red]error {r.status_code}:[/red] {r.text}")
         raise typer.Exit(2)
-    result = r.json()
+    try:
+        result = answer(r)
+    except ValueError as e:
+        err.print(f"[red]error:[/red] {url} did not answer as a Butterfly gateway: {e!r}")
+        raise typer.Exit(2) from e
     typer.echo(json.dumps(result) if json_out else result.get("text", ""))
+
+
+def answer(r: httpx.Response) -> dict[str, Any]:
+    """A gateway's JSON object; ValueError for anything else (another server's page)."""
+    body = r.json()
+    if not isinstance(body, dict):
+        raise ValueError(f"a JSON object was expected, got {type(body).__name__}")
+    return body
 
 
 def certs(

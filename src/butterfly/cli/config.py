@@ -112,6 +112,16 @@ def validate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     _echo(f"ok: config hash {config_hash(cfg)[:16]}, cluster hash {cluster_hash(cfg)[:16]}")
 
 
+def backup_name(file: Path) -> Path:
+    """The first of FILE.bak, FILE.bak.1, FILE.bak.2, ... not taken."""
+    kept = file.with_name(file.name + ".bak")
+    n = 0
+    while kept.exists():
+        n += 1
+        kept = file.with_name(f"{file.name}.bak.{n}")
+    return kept
+
+
 @app.command()
 def migrate(
     file: Annotated[Path, typer.Argument(help="Config file using the specification's names.")],
@@ -121,7 +131,9 @@ def migrate(
 ) -> None:
     """Rewrite the specification's option names (seeds 001/004) to the current ones."""
     try:
-        moved = aliases.migrate(file.read_text())
+        moved = aliases.migrate(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise _fail(ConfigError(f"{file} is not UTF-8 text: {e}")) from None
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise _fail(e) from None
     for problem in moved.problems:
@@ -130,9 +142,14 @@ def migrate(
         err.print("nothing written: fix these by hand (the new names are above)")
         raise typer.Exit(code=2)
     target = out or file
-    if out is None:
-        file.replace(file.with_name(file.name + ".bak"))
-    target.write_text(moved.text)
+    try:
+        if out is None:  # an earlier backup is never overwritten: FILE.bak, then .bak.1, ...
+            kept = backup_name(file)
+            file.replace(kept)
+            err.print(f"kept the old file as {kept}")
+        target.write_text(moved.text, encoding="utf-8")
+    except OSError as e:
+        raise _fail(e) from None
     for new, old in moved.renamed.items():
         err.print(f"  {old} -> {new}")
     for old, why in moved.dropped.items():

@@ -65,6 +65,7 @@ def generate(
     from butterfly.runtime.tokenizer import TextCodec
 
     try:
+        sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         if model is None:
             with err.status("creating the demo model (once)"):
                 model = demo_model()
@@ -72,7 +73,6 @@ def generate(
         with err.status(f"loading {n} layers as {stages} stage(s)"):
             pipeline = [load_stage(model, r) for r in uniform_ranges(n, stages)]
         codec = TextCodec.load(model)
-        sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         timings = Timings()
         ids = list(
             run_generation(

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+from butterfly.types.errors import InvalidInput
 from butterfly.types.ids import NodeId, RequestId
 from butterfly.types.model import LayerRange
+
+SEED_SPAN = 1 << 63
+"""Seeds run from 0 below this: torch.Generator.manual_seed takes a 64-bit seed."""
 
 
 @dataclass(frozen=True)
@@ -24,6 +29,27 @@ class SamplingParams:
     # None = none; k = each prompt token's (from the second) and the k likeliest there: the
     # prefill's last stage then answers every position's logits, not the last one's only
     prompt_logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        """Every way in (the HTTP APIs, the CLI, a checkpoint) gets the same checks, and
+        a value torch would only fail on mid-request (a NaN temperature, a top_p of 0:
+        'probability tensor contains nan') is refused up front, naming itself."""
+        if not 0.0 <= self.temperature < math.inf:
+            raise InvalidInput(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise InvalidInput(f"top_k must be >= 0 (0: no cut), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidInput(f"top_p must be in (0, 1] (1: no cut), got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed < SEED_SPAN:
+            raise InvalidInput(f"seed must be in [0, 2**63), got {self.seed}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -math.inf < value < math.inf:
+                raise InvalidInput(f"{name} must be a finite number, got {value}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise InvalidInput(f"{name} must be >= 0, got {value}")
 
     @property
     def greedy(self) -> bool:

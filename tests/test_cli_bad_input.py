@@ -1,0 +1,120 @@
+"""The CLI answers bad input with one line naming the problem and exit code 2, never a
+traceback: sampling values torch would fail on mid-run, a gateway URL that is not one,
+a server that is not a Butterfly gateway, and a node whose model it cannot use."""
+
+from __future__ import annotations
+
+import http.server
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from butterfly.cli import app
+from butterfly.cli.launcher import free_port_block, node_configs
+from butterfly.types.errors import InvalidInput
+from butterfly.types.tasks import SamplingParams
+
+
+def refused(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # no traceback
+    assert message in " ".join(result.output.split()), result.output
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--temperature", "nan"], "temperature must be a finite number >= 0, got nan"),
+        (["--temperature", "-1"], "temperature must be a finite number >= 0, got -1.0"),
+        (["--temperature", "1", "--top-p", "0"], "top_p must be in (0, 1]"),
+        (["--top-p", "5"], "top_p must be in (0, 1]"),
+        (["--top-k", "-5"], "top_k must be >= 0"),
+        (["--temperature", "1", "--seed", str(1 << 70)], "seed must be in [0, 2**63)"),
+    ],
+)
+def test_generate_refuses_sampling_values_before_loading_anything(
+    option: list[str], message: str, tmp_path: Path
+) -> None:
+    refused(["generate", "hi", "--model", str(tmp_path / "absent"), *option], message)
+
+
+def test_the_same_checks_hold_for_every_way_in() -> None:
+    """The HTTP APIs validate their bodies first; SamplingParams refuses whatever gets past
+    (an infinite temperature is a float JSON may not carry but Python can)."""
+    for bad in (
+        {"temperature": float("inf")},
+        {"presence_penalty": float("nan")},
+        {"logprobs": -1},
+        {"seed": -1},
+    ):
+        with pytest.raises(InvalidInput):
+            SamplingParams(**bad)  # type: ignore[arg-type]
+    assert SamplingParams(temperature=0.7, top_k=40, top_p=0.9, seed=(1 << 63) - 1).seed
+
+
+@pytest.fixture
+def not_a_gateway() -> Iterator[str]:
+    """An HTTP server answering every request with an HTML page."""
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def _page(self) -> None:
+            body = b"<html>hello</html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _page
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def test_infer_names_a_bad_url_a_bad_temperature_and_a_server_that_is_not_a_gateway(
+    not_a_gateway: str,
+) -> None:
+    refused(["infer", "hi", "--url", "http://[::1"], "cannot reach http://[::1")
+    refused(["infer", "hi", "--temperature", "nan"], "temperature must be a finite number")
+    refused(["infer", "hi", "--url", not_a_gateway], "did not answer as a Butterfly gateway")
+
+
+def test_a_node_whose_model_it_cannot_use_says_so_and_exits_2(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """The model directory holds a config but no weights: the node process ends at once
+    with one line naming the problem (it printed a 184-line traceback)."""
+    broken = tmp_path / "no-weights"
+    broken.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        if (tiny_model / name).exists():
+            shutil.copy(tiny_model / name, broken / name)
+    config = node_configs(
+        nodes=1, f=0, model=broken, api_port=free_port_block(2), data_dir=tmp_path
+    )[0]
+    run = subprocess.run(
+        [sys.executable, "-m", "butterfly", "start", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "node 0 cannot start" in run.stderr
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
