@@ -8,7 +8,6 @@ import http.server
 import shutil
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from butterfly.cli import app
 from butterfly.cli.launcher import free_port_block, node_configs
 from butterfly.types.errors import InvalidInput
 from butterfly.types.tasks import SamplingParams
+from tests.http_util import serving
 
 
 def refused(args: list[str], message: str) -> None:
@@ -77,15 +77,8 @@ def not_a_gateway() -> Iterator[str]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
+    with serving(Page) as url:
+        yield url
 
 
 def test_infer_names_a_bad_url_a_bad_temperature_and_a_server_that_is_not_a_gateway(

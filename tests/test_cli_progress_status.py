@@ -8,10 +8,9 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from butterfly.runtime.loader import load_stage, model_args
 from butterfly.runtime.progress import bars, quiet, wanted
 from butterfly.runtime.weights import CheckpointReader
 from butterfly.types.model import LayerRange
+from tests.http_util import serving
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -75,14 +75,8 @@ class _Health(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def gateway() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Health)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(_Health) as url:
+        yield url
 
 
 def test_status_watch_redraws_until_ctrl_c_and_exits_0(gateway: str) -> None:
@@ -153,20 +147,11 @@ def test_status_through_a_standby_names_the_gateway_whose_data_it_shows() -> Non
 
     from butterfly.cli import app
 
-    servers = [ThreadingHTTPServer(("127.0.0.1", 0), _Gateways) for _ in range(2)]
-    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
-    for thread in threads:
-        thread.start()
-    try:
-        standby, acting = (f"http://127.0.0.1:{s.server_port}" for s in servers)
+    with serving(_Gateways) as standby, serving(_Gateways) as acting:
         _Gateways.acting = acting
         result = CliRunner().invoke(
             app, ["status", "--url", f"{standby},{acting}"], env={"COLUMNS": "200"}
         )
-    finally:
-        for server in servers:
-            server.shutdown()
-            server.server_close()
     assert result.exit_code == 0, result.output
     assert "acting:1" in result.output  # the acting gateway's nodes...
     assert f"Butterfly at {acting}" in result.output  # ...under its own address
