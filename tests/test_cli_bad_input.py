@@ -111,3 +111,11 @@ def test_a_node_whose_model_it_cannot_use_says_so_and_exits_2(
     assert run.returncode == 2, run.stderr[-3000:]
     assert "node 0 cannot start" in run.stderr
     assert "Traceback" not in run.stderr, run.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["status"], ["config", "show"], ["config", "history"], ["cluster", "remove-member", "3"]],
+)
+def test_remote_commands_name_a_malformed_url(command: list[str]) -> None:
+    refused([*command, "--url", "http://[::1"], "cannot reach http://[::1")

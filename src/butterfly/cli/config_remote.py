@@ -55,7 +55,7 @@ def call(
             timeout=TIMEOUT_S,
             follow_redirects=True,
         )
-    except httpx.HTTPError as e:
+    except (httpx.HTTPError, httpx.InvalidURL) as e:
         err.print(f"[red]error:[/red] cannot reach {escape(url)}: {escape(str(e))}")
         raise typer.Exit(2) from e
     try:

@@ -65,7 +65,7 @@ def _frame(url: str) -> RenderableType:
     stamp = datetime.now(UTC).strftime("%H:%M:%S UTC")
     try:
         return table(*fetch(url), stamp=stamp)
-    except (httpx.HTTPError, ValueError) as e:
+    except (httpx.HTTPError, httpx.InvalidURL, ValueError) as e:
         return Text(f"{stamp}: cannot reach {url}: {e}; retrying", style="red")
 
 
@@ -82,7 +82,7 @@ def status(
     if not watch:
         try:
             answered, health = fetch(url)
-        except (httpx.HTTPError, ValueError) as e:
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as e:
             err.print(f"[red]error:[/red] cannot reach {url}: {e}")
             raise typer.Exit(2) from e
         Console().print(table(answered, health))
