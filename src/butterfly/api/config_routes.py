@@ -65,8 +65,8 @@ async def json_object(request: Request, limit: int, what: str) -> dict[str, Any]
     body = await read_body(request, limit)
     try:
         data = json.loads(body)
-    except ValueError as e:
-        raise InvalidRequest(f"the body is not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # RecursionError: nested past the stack
+        raise InvalidRequest(f"the body is not valid JSON ({e!s:.200})") from None
     if not isinstance(data, dict):
         raise InvalidRequest(f"the body must be a JSON object: {what}")
     return data

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -124,20 +126,58 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+MAX_PROBLEMS = 10
+"""Problems an error message names, the count of the rest after them: an invalid body of
+10 MiB (a prompt batch of bad items) made a 146 MiB message and held the event loop for
+26 s building it (a reviewer's probe, nineteenth session)."""
+
+
+def field_path(loc: Sequence[Any]) -> str:
+    """A pydantic location as the request's own dotted field name: without the body's
+    place and the union branch pydantic tried (`stop.constrained-str` is `stop`)."""
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    return ".".join(p for p in parts if not _is_branch(p))
+
+
+def _is_branch(part: str) -> bool:
+    """A union branch's tag (`str`, `constrained-str`, `list[int]`): a request's fields
+    are snake_case names, never hyphenated or bracketed, nor a plain type's name."""
+    return "-" in part or "[" in part or part in ("str", "int", "float", "bool", "none")
+
+
+def by_branch_size(errors: list[Any]) -> list[Any]:
+    """The problems, those of a union's branch with fewer of them first: a batch of 33
+    prompts fails as a string once, as a list of strings once (at most 32) and as a list
+    of token ids 33 times; the first two say what is wrong."""
+
+    def branch(e: Any) -> tuple[str, ...]:
+        loc = tuple(str(p) for p in e.get("loc", ()))
+        for i, part in enumerate(loc):
+            if _is_branch(part):
+                return loc[: i + 1]
+        return loc
+
+    sizes: dict[tuple[str, ...], int] = {}
+    for e in errors:
+        sizes[branch(e)] = sizes.get(branch(e), 0) + 1
+    return sorted(errors, key=lambda e: sizes[branch(e)])
+
+
 def first_field(errors: list[Any]) -> str | None:
     """The dotted name of the first field pydantic found wrong, if it names one."""
     for e in errors:
-        loc = [str(p) for p in e.get("loc", ()) if p not in ("body", "query", "path")]
+        loc = field_path(e.get("loc", ()))
         if loc:
-            return ".".join(loc)
+            return loc
     return None
 
 
 def describe_validation(errors: list[Any], fields: tuple[str, ...] = ()) -> str:
-    """One readable sentence per problem pydantic found, naming the field."""
+    """One readable sentence per problem pydantic found, naming the field: the first
+    `MAX_PROBLEMS` of them."""
     parts = []
-    for e in errors:
-        loc = ".".join(str(p) for p in e.get("loc", ()) if p not in ("body", "query", "path"))
+    for e in by_branch_size(errors)[:MAX_PROBLEMS]:
+        loc = field_path(e.get("loc", ()))
         kind = e.get("type", "")
         if kind == "json_invalid":
             parts.append(f"the body is not valid JSON ({e.get('ctx', {}).get('error', e['msg'])})")
@@ -151,6 +191,8 @@ def describe_validation(errors: list[Any], fields: tuple[str, ...] = ()) -> str:
             parts.append(f"{loc}: {message}" if loc else message)
         else:
             parts.append(f"{loc or 'body'}: {e.get('msg', kind)}")
+    if len(errors) > MAX_PROBLEMS:
+        parts.append(f"and {len(errors) - MAX_PROBLEMS} more problems")
     return "; ".join(parts) or "the request is invalid"
 
 
@@ -165,8 +207,11 @@ def install(app: FastAPI, *, retry_after_s: int) -> None:
             log.error("%s %s failed: %s", request.method, request.url.path, exc)
         param = exc.param if isinstance(exc, InvalidField | ModelNotFound) else None
         code = exc.code if isinstance(exc, ModelNotFound) else None
+        retry = retry_after_s
+        if isinstance(exc, RateLimited):  # the bucket's own wait, whole seconds up
+            retry = max(1, math.ceil(exc.retry_after_s))
         return error_response(
-            status, exc.kind, exc.message, retry_after_s=retry_after_s, param=param, code=code
+            status, exc.kind, exc.message, retry_after_s=retry, param=param, code=code
         )
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:

@@ -17,7 +17,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from butterfly.api.errors import KIND_STATUS, error_response
+from butterfly.api.errors import KIND_STATUS, InvalidField, error_response
 from butterfly.api.settings import ApiSettings
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.schedule.engine import Engine
@@ -100,9 +100,10 @@ class Gateway:
         stop: tuple[str, ...] = (),
         *,
         fewest: int = 1,
+        field: str = "max_new_tokens",
     ) -> InferenceTask:
         """`fewest`: the least `max_new_tokens` allowed (0 for an echo that only scores
-        its prompt)."""
+        its prompt); `field`: the request's own name for it, in an error."""
         if self.engine.input_kind != "tokens":
             raise InvalidRequest("this model takes an input vector; send `input`, not tokens")
         if not self.engine.generates:
@@ -129,8 +130,8 @@ class Gateway:
         if max_new_tokens is None:  # the default, shrunk to what the context leaves room for
             max_new_tokens = min(self.settings.default_max_new_tokens, context - len(ids) + 1)
         if not fewest <= max_new_tokens <= limit:
-            raise InvalidRequest(
-                f"max_new_tokens must be between {fewest} and {limit}, got {max_new_tokens}"
+            raise InvalidField(
+                f"{field} must be between {fewest} and {limit}, got {max_new_tokens}", field
             )
         if len(ids) + max_new_tokens - 1 > context:
             raise InvalidRequest(

@@ -165,7 +165,8 @@ class RateLimiter:
         if bucket.tokens < 1.0:
             wait = (1.0 - bucket.tokens) / self.per_s
             raise RateLimited(
-                f"more than {self.per_s:g} requests/s from this client; retry in {wait:.2f}s"
+                f"more than {self.per_s:g} requests/s from this client; retry in {wait:.2f}s",
+                retry_after_s=wait,
             )
         bucket.tokens -= 1.0
 

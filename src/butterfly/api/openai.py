@@ -316,7 +316,8 @@ def router(gw: Gateway, limited: Depends) -> APIRouter:
             max_tokens = max(1, min(gw.settings.max_new_tokens_limit, room))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         sampling = _sampling(body, logprobs)
-        run = await start(gw, codec, [ids], max_tokens, sampling, body.n, body.stops())
+        field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        run = await start(gw, codec, [ids], max_tokens, sampling, body.n, body.stops(), field=field)
         chunks = ChatChunks(gw, int(time.time()), body)
         if body.stream:
             events = stream(run, chunks, body.include_usage())

@@ -85,9 +85,11 @@ async def start(
     stops: tuple[str, ...],
     *,
     fewest: int = 1,
+    field: str = "max_tokens",
 ) -> Run:
     """Submit `n` tasks per prompt (all or none: a refused one cancels the others);
-    `fewest`: the least `max_tokens` allowed (`Gateway.token_task`)."""
+    `fewest`: the least `max_tokens` allowed, `field` the request's name for it
+    (`Gateway.token_task`)."""
     if len(prompts) * n > MAX_TASKS:
         raise InvalidRequest(
             f"{len(prompts)} prompts x n={n} is {len(prompts) * n} completions; one request "
@@ -99,7 +101,9 @@ async def start(
         for i in range(n):
             seed = None if sampling.seed is None else (sampling.seed + i) % SEED_SPAN
             seeded = replace(sampling, seed=seed)
-            tasks.append(gw.token_task(ids, max_tokens, seeded, stop=stops, fewest=fewest))
+            tasks.append(
+                gw.token_task(ids, max_tokens, seeded, stop=stops, fewest=fewest, field=field)
+            )
             index = len(choices)
             choices.append(
                 ChoiceText(index, codec.tokenizer, StopScanner(stops), codec.eos_ids, ids)

@@ -80,8 +80,8 @@ async def parse(request: Request, model: type[Model], limit: int) -> Model:
         raise InvalidRequest("the body is empty; send a JSON object")
     try:
         return model.model_validate_json(body)
-    except ValidationError as e:
-        errors = e.errors()
+    except ValidationError as e:  # without the inputs: a large bad body made them costly
+        errors = e.errors(include_url=False, include_input=False)
         message = describe_validation(errors, tuple(model.model_fields))
         raise InvalidField(message, first_field(errors)) from e
 

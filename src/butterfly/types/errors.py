@@ -108,6 +108,11 @@ class PayloadTooLarge(ApiError):
 class RateLimited(ApiError):
     retriable = True
 
+    def __init__(self, message: str = "", *, retry_after_s: float = 1.0) -> None:
+        """`retry_after_s`: when a request would be let through (its 429's Retry-After)."""
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
 
 class ServiceUnavailable(ApiError):
     retriable = True
