@@ -99,3 +99,32 @@ async def test_json_nested_past_the_stack_is_a_400(path: str) -> None:
         r = await client.post(path, content=body, headers={"Authorization": "Bearer t"})
         assert r.status_code == 400, r.text
         assert "not valid JSON" in r.json()["error"]["message"]
+
+
+async def test_the_official_client_may_send_null_for_a_nullable_field(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """OpenAI's spec makes the sampling fields nullable and its client sends null for an
+    argument passed as None: each means the field's default (they were 400s)."""
+    openai = pytest.importorskip("openai")
+    messages = [{"role": "user", "content": "hi"}]
+    async with serving(tiny_model, tmp_path / "t.db") as s:
+        http = httpx.AsyncClient(transport=s.client._transport, base_url="http://gw/v1")
+        client = openai.AsyncOpenAI(
+            base_url="http://gw/v1", api_key="x", http_client=http, max_retries=0
+        )
+        chat = ("temperature", "top_p", "n", "presence_penalty", "frequency_penalty", "stream")
+        for field in (*chat, "logprobs"):
+            got = await client.chat.completions.create(
+                model="tiny", messages=messages, max_tokens=2, **{field: None}
+            )
+            assert got.choices, field
+        for field in ("temperature", "top_p", "n", "echo", "stream"):
+            done = await client.completions.create(
+                model="tiny", prompt="hi", max_tokens=2, **{field: None}
+            )
+            assert done.choices, field
+        r = await s.client.post(
+            "/v1/completions", json={"model": "tiny", "prompt": "hi", "temperature": "hot"}
+        )
+        assert r.status_code == 400  # a wrong value is still refused

@@ -67,8 +67,25 @@ class StreamOptions(StrictBody):
     include_obfuscation: bool | None = None
 
 
+NULL_MEANS_DEFAULT = frozenset(
+    {"temperature", "top_p", "n", "presence_penalty", "frequency_penalty", "stream", "echo"}
+    | {"logprobs", "top_k"}
+)
+"""Fields OpenAI's spec makes nullable, whose null the official client sends for any
+argument passed as None (`temperature=cfg.get("temperature")`): null is the field's
+default, as OpenAI's own server takes it. (The fields typed `... | None` take null as
+themselves: `max_tokens`, `seed`, `stop`, ...)"""
+
+
 class SamplingFields(StrictBody):
     """What both routes share."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def nulls_are_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in NULL_MEANS_DEFAULT}
+        return data
 
     model: str
     temperature: Temperature = 1.0  # OpenAI's default; 0 = greedy
