@@ -119,3 +119,31 @@ def test_a_node_whose_model_it_cannot_use_says_so_and_exits_2(
 )
 def test_remote_commands_name_a_malformed_url(command: list[str]) -> None:
     refused([*command, "--url", "http://[::1"], "cannot reach http://[::1")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--set", "foo=1"], "expected section.key=VALUE"),
+        (["--set", "api.port=null"], "null is not a value"),
+        (["--api-port", "70000"], "invalid config"),
+        (["--set", 'api.port={"a":1}'], "invalid config"),
+    ],
+)
+def test_cluster_up_refuses_a_bad_setting_before_starting_a_node(
+    extra: list[str], message: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    """Nodes started with a config they refuse exited 2 and were restarted every 30 s
+    until the 120 s wait gave up, the reason only in their logs."""
+    args = ["cluster", "up", "--nodes", "1", "--model", str(tiny_model), "--data", str(tmp_path)]
+    refused([*args, *extra], message)
+    assert not list(tmp_path.glob("**/*.log"))  # no node was started
+
+
+def test_cluster_up_takes_a_plain_string_as_config_set_does() -> None:
+    from butterfly.cli.cluster import parse_settings
+
+    assert parse_settings(["partition.strategy=uniform", "api.port=8081"]) == {
+        "partition.strategy": "uniform",
+        "api.port": 8081,
+    }

@@ -114,6 +114,28 @@ def up(
     )
 
 
+def parse_settings(items: list[str]) -> dict[str, Any]:
+    """`--set section.key=VALUE` items: VALUE as JSON, else as the plain string it is
+    (`partition.strategy=uniform`, as `config --set` takes it). A malformed item exits 2
+    naming it."""
+    settings: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or "." not in key or not all(key.split(".")):
+            err.print(f"[red]error:[/red] --set {item!r}: expected section.key=VALUE")
+            raise typer.Exit(2)
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        if value is None:
+            err.print(f"[red]error:[/red] --set {item!r}: null is not a value; leave it out")
+            raise typer.Exit(2)
+        settings[key] = value
+    return settings
+
+
 def launch(
     *,
     nodes: int,
@@ -138,10 +160,7 @@ def launch(
     base.mkdir(parents=True, exist_ok=True)
     with err.status("preparing the model"):
         model_dir = (model or demo_model("small")).resolve()  # the TOMLs live elsewhere
-    settings: dict[str, Any] = {}
-    for item in settings_ or []:
-        key, _, value = item.partition("=")
-        settings[key] = json.loads(value)
+    settings = parse_settings(settings_ or [])
     configs = node_configs(
         nodes=nodes,
         f=f,
@@ -151,6 +170,12 @@ def launch(
         settings=settings,
         tls=tls,
     )
+    for path in configs:  # refused here, not by nodes restarting in a loop
+        try:
+            load_config([path])
+        except ConfigInvalid as e:
+            err.print(f"[red]invalid config:[/red] {e}", soft_wrap=True)
+            raise typer.Exit(2) from e
     url = f"http://127.0.0.1:{api_port}"
     cluster = LocalCluster(configs, url, base, extra_args=dict(extra_args or {}))
     if command is not None:
