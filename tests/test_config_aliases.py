@@ -210,3 +210,13 @@ def test_migrate_twice_keeps_every_backup_and_refuses_bad_bytes(tmp_path: Path) 
     )
     assert result.exit_code == 2 and "No such file or directory" in result.output
     assert isinstance(result.exception, SystemExit)
+
+
+def test_an_old_size_in_mib_that_is_not_finite_is_refused_by_name(tmp_path: Path) -> None:
+    """`max_request_size_mb = inf` (or nan) was multiplied into an int and crashed every
+    config command with OverflowError; the new option now refuses it, naming itself."""
+    for bad in ("inf", "nan"):
+        path = write(tmp_path, f"[node]\nid = 0\n[api]\nmax_request_size_mb = {bad}\n")
+        with pytest.warns(DeprecatedOption), pytest.raises(ConfigInvalid) as e:
+            load_config([path])
+        assert "api.max_request_bytes" in str(e.value)

@@ -18,6 +18,7 @@ member list must be the same on every node, so such a file is told to list
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from collections.abc import Mapping
@@ -169,7 +170,8 @@ def translate(flat: Mapping[str, Any]) -> Translated:
         if old in flat:
             mib = flat[old]
             number = isinstance(mib, int | float) and not isinstance(mib, bool)
-            _put(t, flat, old, new, int(mib * 2**20) if number else mib)
+            finite = number and math.isfinite(mib)  # inf or nan: the new option refuses it
+            _put(t, flat, old, new, int(mib * 2**20) if finite else mib)
     if "api.bind_address" in flat:
         _bind_address(t, flat, flat["api.bind_address"])
     if "network.peer_addresses" in flat:

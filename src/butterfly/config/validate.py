@@ -203,7 +203,7 @@ def _model_memory(cfg: ButterflyConfig) -> Iterator[ConfigIssue]:
         return
     try:
         total = estimate_model_bytes(path, cfg.model.dtype, cfg.model.quantization)
-    except (ValueError, KeyError, TypeError, ZeroDivisionError) as e:
+    except (ValueError, KeyError, TypeError, ArithmeticError) as e:  # 1e400 overflows
         yield ConfigIssue("model.path", "model-config", f"cannot size {path}/config.json: {e}")
         return
     r, n = replication_factor(cfg), live_count(cfg)
