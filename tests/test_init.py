@@ -163,3 +163,25 @@ def test_a_model_only_on_the_hosts_is_a_note_not_an_error(tmp_path: Path) -> Non
     (paths[1].parent / "tls" / "node-1.pem").unlink()
     with pytest.raises(ConfigInvalid, match=r"security\.tls\.cert"):
         check_configs(paths)
+
+
+def test_a_refused_init_leaves_nothing_behind_and_a_full_out_is_refused(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """A setting the written configs fail on (an API port of 70000) exits 2 and takes
+    back what it wrote, so the mended command runs (it found 'already holds a cluster');
+    an --out holding anything else is refused before anything is written."""
+    runner = CliRunner()
+    out = tmp_path / "out"
+    args = ["init", "--hosts", ",".join(HOSTS), "--model", str(tiny_model), "--out", str(out)]
+    bad = runner.invoke(app, [*args, "--api-port", "70000"])
+    assert bad.exit_code == 2 and "api.port" in bad.output, bad.output
+    assert not out.exists()
+    good = runner.invoke(app, args)
+    assert good.exit_code == 0, good.output
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "notes.txt").write_text("mine")
+    refused = runner.invoke(app, [*args[:-1], str(full)])
+    assert refused.exit_code == 2 and "not an empty directory" in refused.output
+    assert sorted(p.name for p in full.iterdir()) == ["notes.txt"]

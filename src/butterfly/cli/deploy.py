@@ -64,7 +64,11 @@ def init(
             tls=tls,
         )
         paths = hosts.init_cluster(opts, out)
-        notes = hosts.check_configs(paths)
+        try:
+            notes = hosts.check_configs(paths)
+        except ConfigError:
+            hosts.remove_init(out)  # nothing left behind to refuse the mended command
+            raise
     except ConfigError as e:
         raise _fail(e) from e
     for note in notes:

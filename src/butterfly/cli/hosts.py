@@ -24,6 +24,7 @@ different member lists side by side, and two such nodes count quorums differentl
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import shutil
 import tomllib
@@ -145,6 +146,8 @@ def init_cluster(opts: InitOptions, out: Path) -> list[Path]:
         )
     if (out / CA_DIR).exists() or node_dir(out, 0).exists():
         raise ConfigError(f"{out} already holds a cluster; choose an empty directory")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out} is not an empty directory; choose an empty one")
     for i, address in enumerate(opts.hosts):
         _check_name(i, address)
     keys = [load_or_create_key(node_dir(out, i) / KEY_FILE).public.hex() for i in range(n)]
@@ -177,6 +180,16 @@ def init_cluster(opts: InitOptions, out: Path) -> list[Path]:
         paths.append(_write_doc(out, i, doc))
     _write_keys_list(out, opts.hosts, keys)
     return paths
+
+
+def remove_init(out: Path) -> None:
+    """Take back what `init_cluster` wrote into `out` (empty or absent before it), so a
+    refused init can be run again with the mistake mended."""
+    for entry in [out / CA_DIR, *out.glob("node-*")]:
+        if entry.is_dir():
+            shutil.rmtree(entry)
+    with contextlib.suppress(OSError):
+        out.rmdir()  # only if nothing else is there
 
 
 def _read_doc(path: Path) -> dict[str, Any]:
