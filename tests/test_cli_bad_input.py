@@ -147,3 +147,38 @@ def test_cluster_up_takes_a_plain_string_as_config_set_does() -> None:
         "partition.strategy": "uniform",
         "api.port": 8081,
     }
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["config", "show"],
+        ["config", "rollback", "--version", "3"],
+        ["cluster", "remove-member", "3"],
+    ],
+)
+def test_remote_commands_name_a_server_that_is_not_a_gateway(
+    command: list[str], json_gateway: str
+) -> None:
+    refused([*command, "--url", json_gateway], "did not answer as a Butterfly gateway")
+
+
+@pytest.fixture
+def json_gateway() -> Iterator[str]:
+    """An HTTP server answering every request with `{}`: JSON, but not a gateway's."""
+
+    class Empty(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with serving(Empty) as url:
+        yield url

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -84,19 +86,36 @@ def report_change(result: dict[str, Any]) -> None:
         _echo("nodes: " + ", ".join(f"{n} {state}" for n, state in sorted(nodes.items())))
 
 
+@contextmanager
+def gateway_answer(url: str) -> Iterator[None]:
+    """Reading a 2xx answer: one that is not a Butterfly gateway's (another server on that
+    port) exits 2 naming it, not with a KeyError's traceback."""
+    try:
+        yield
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:
+        err.print(f"[red]error:[/red] {escape(url)} did not answer as a Butterfly gateway ({e!r})")
+        raise typer.Exit(2) from e
+
+
 def update(url: str, cfg: ButterflyConfig, *, token: str | None, reason: str) -> None:
-    report_change(
-        call("POST", url, "/api/v1/config", token=token, body=file_patch(cfg), reason=reason)
-    )
+    patch = file_patch(cfg)
+    with gateway_answer(url):
+        report_change(call("POST", url, "/api/v1/config", token=token, body=patch, reason=reason))
 
 
 def rollback(url: str, version: int, *, token: str | None) -> None:
-    report_change(
-        call("POST", url, "/api/v1/config/rollback", token=token, body={"version": version})
-    )
+    with gateway_answer(url):
+        report_change(
+            call("POST", url, "/api/v1/config/rollback", token=token, body={"version": version})
+        )
 
 
 def sync(url: str, *, token: str | None) -> None:
+    with gateway_answer(url):
+        _sync(url, token=token)
+
+
+def _sync(url: str, *, token: str | None) -> None:
     data = call("POST", url, "/api/v1/config/sync", token=token)
     for node, state in sorted(data.get("nodes", {}).items()):
         _echo(f"node {node}: {state}")
@@ -107,6 +126,11 @@ def sync(url: str, *, token: str | None) -> None:
 
 
 def show(url: str, *, hash_only: bool, json_out: bool, token: str | None = None) -> None:
+    with gateway_answer(url):
+        _show(url, hash_only=hash_only, json_out=json_out, token=token)
+
+
+def _show(url: str, *, hash_only: bool, json_out: bool, token: str | None) -> None:
     data = call("GET", url, "/api/v1/config", token=token)
     if json_out:
         _echo(
@@ -127,4 +151,4 @@ def show(url: str, *, hash_only: bool, json_out: bool, token: str | None = None)
         _echo(f"  node {n['node']}: {flag}, seq {n['seq']}, {n['cluster_hash'][:12]}{extra}")
 
 
-__all__ = ["call", "file_patch", "rollback", "show", "sync", "update"]
+__all__ = ["call", "file_patch", "gateway_answer", "rollback", "show", "sync", "update"]

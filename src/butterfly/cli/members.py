@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from butterfly.cli.config_remote import call, report_change
+from butterfly.cli.config_remote import call, gateway_answer, report_change
 from butterfly.config import ButterflyConfig
 from butterfly.config.roster import add_member as add_patch
 from butterfly.config.roster import remove_member as remove_patch
@@ -28,11 +28,12 @@ TokenOpt = Annotated[
 
 def _agreed(url: str, token: str | None) -> ButterflyConfig:
     """The gateway's config as last agreed (its member lists are the cluster's)."""
-    data: dict[str, Any] = call("GET", url, "/api/v1/config", token=token)
-    cluster = data["config"]["cluster"]
-    return ButterflyConfig.model_validate(
-        {"cluster": {"members": cluster["members"], "public_keys": cluster["public_keys"]}}
-    )
+    with gateway_answer(url):
+        data: dict[str, Any] = call("GET", url, "/api/v1/config", token=token)
+        cluster = data["config"]["cluster"]
+        return ButterflyConfig.model_validate(
+            {"cluster": {"members": cluster["members"], "public_keys": cluster["public_keys"]}}
+        )
 
 
 def add_member(
