@@ -182,3 +182,8 @@ def json_gateway() -> Iterator[str]:
 
     with serving(Empty) as url:
         yield url
+
+
+def test_a_config_json_that_is_not_an_object_is_named(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("[]")
+    refused(["generate", "hi", "--model", str(tmp_path)], "config.json must hold a JSON object")

@@ -47,6 +47,10 @@ def refuse_prequantized(config: dict[str, Any]) -> None:
 def family_for(config: dict[str, Any]) -> Family:
     """The family of `model_type`; a family Butterfly does not run, or a checkpoint
     quantized before it shipped, is refused with the reason."""
+    if not isinstance(config, dict):  # a config.json holding a list, say
+        raise UnknownArchitecture(
+            f"config.json must hold a JSON object, got {type(config).__name__}"
+        )
     refuse_prequantized(config)
     model_type = config.get("model_type")
     if model_type in FAMILIES:
