@@ -128,3 +128,25 @@ async def test_the_official_client_may_send_null_for_a_nullable_field(
             "/v1/completions", json={"model": "tiny", "prompt": "hi", "temperature": "hot"}
         )
         assert r.status_code == 400  # a wrong value is still refused
+
+
+async def test_a_completion_without_max_tokens_fits_a_low_limit(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """OpenAI's default of 16 shrinks to `scheduling.max_new_tokens_limit` below it, as
+    chat's and /inference's defaults do (every such request was refused, naming a field
+    the client had not sent); an explicit 16 is still refused."""
+    settings = ApiSettings(max_new_tokens_limit=8, default_max_new_tokens=8)
+    async with serving(tiny_model, tmp_path / "t.db", settings=settings) as s:
+        r = await s.client.post("/v1/completions", json={"model": "tiny", "prompt": "hi"})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] <= 8
+        asked = {"model": "tiny", "prompt": "hi", "max_tokens": 16}
+        assert (await s.client.post("/v1/completions", json=asked)).status_code == 400
+
+
+def test_a_cluster_id_of_64_characters_gets_its_certificates(tmp_path: Path) -> None:
+    from butterfly.net.tls import make_certs
+
+    made = make_certs(tmp_path, 2, "c" * 64)
+    assert sorted(made) == [0, 1] and all(f.cert.is_file() for f in made.values())

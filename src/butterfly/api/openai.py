@@ -278,9 +278,10 @@ def router(gw: Gateway, limited: Depends) -> APIRouter:
                 "max_tokens 0 generates nothing: it is for `echo` (the prompt, with its "
                 "logprobs when `logprobs` is set, as evaluation harnesses ask); give at least 1"
             )
-        run = await start(
-            gw, codec, prompts, body.max_tokens, sampling, body.n, body.stops(), fewest=0
-        )
+        max_tokens = body.max_tokens
+        if "max_tokens" not in body.model_fields_set and max_tokens is not None:
+            max_tokens = min(max_tokens, gw.settings.max_new_tokens_limit)  # as chat's
+        run = await start(gw, codec, prompts, max_tokens, sampling, body.n, body.stops(), fewest=0)
         chunks = CompletionChunks(gw, int(time.time()), body)
         if body.stream:
             events = stream(run, chunks, body.include_usage())

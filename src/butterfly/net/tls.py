@@ -129,7 +129,8 @@ def make_certs(
     `hosts`: node -> host name or IP address, added to that node's certificate."""
     out_dir.mkdir(parents=True, exist_ok=True)
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _cert(f"{cluster_id} CA", ca_key, None, cluster_id)
+    # a common name holds at most 64 characters, a cluster id as many: the CA's is cut
+    ca = _cert(f"{cluster_id[:61]} CA", ca_key, None, cluster_id)
     (out_dir / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     _write_key(out_dir / "ca.key", ca_key)
     return {
