@@ -187,3 +187,15 @@ def json_gateway() -> Iterator[str]:
 def test_a_config_json_that_is_not_an_object_is_named(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("[]")
     refused(["generate", "hi", "--model", str(tmp_path)], "config.json must hold a JSON object")
+
+
+def test_an_output_path_that_is_a_file_is_named(tmp_path: Path) -> None:
+    taken = tmp_path / "afile"
+    taken.write_text("mine")
+    refused(["certs", "--nodes", "2", "--out", str(taken)], "is a file")
+    refused(["model", "create-demo", "--out", str(taken)], "is a file")
+    assert taken.read_text() == "mine"
+    result = CliRunner().invoke(
+        app, ["model", "create-demo", "--out", str(tmp_path / "m"), "--seed", str(1 << 70)]
+    )
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)

@@ -296,6 +296,9 @@ def certs(
     ),
 ) -> None:
     """Make a cluster CA and a certificate for each node, for security.tls."""
+    if out.exists() and not out.is_dir():
+        err.print(f"[red]error:[/red] {out} is a file; choose a directory for the certificates")
+        raise typer.Exit(2)
     if (out / "ca.pem").exists():
         err.print(f"[red]error:[/red] {out / 'ca.pem'} exists; choose an empty directory")
         raise typer.Exit(2)

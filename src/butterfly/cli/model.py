@@ -33,15 +33,22 @@ def create_demo_cmd(
     size: Annotated[
         str, typer.Option(help="tiny (for tests) or small (~113M parameters, benchmarks).")
     ] = "tiny",
-    seed: Annotated[int, typer.Option(help="Weights seed; same seed, same bytes.")] = 0,
+    seed: Annotated[
+        int, typer.Option(min=0, max=2**63 - 1, help="Weights seed; same seed, same bytes.")
+    ] = 0,
 ) -> None:
     """Write a Llama-architecture demo model with seeded weights and a byte-level tokenizer."""
     from butterfly.runtime.demo import SIZES, create_demo
 
     if size not in SIZES:
         raise fail(ValueError(f"unknown size {size!r}; choose one of {sorted(SIZES)}"))
-    with err.status(f"writing the {size} demo model to {out}"):
-        create_demo(out, size, seed)
+    if out.exists() and not out.is_dir():
+        raise fail(ValueError(f"{out} is a file; give a directory to write the model into"))
+    try:
+        with err.status(f"writing the {size} demo model to {out}"):
+            create_demo(out, size, seed)
+    except OSError as e:
+        raise fail(e) from e
     err.print(f"wrote {out}")
 
 
