@@ -263,20 +263,16 @@ def infer(
         _, r = first_answer(urls, send, patience_s=TAKEOVER_PATIENCE_S)
         if r.status_code == 202:
             r = wait_result(urls, answer(r)["task_id"], get, limit_s=INFER_LIMIT_S)
+        result = answer(r) if r.status_code < 400 else None
     except (httpx.HTTPError, httpx.InvalidURL, TimeoutError) as e:
         err.print(f"[red]error:[/red] cannot reach {url}: {e}")
         raise typer.Exit(2) from e
     except (ValueError, KeyError, TypeError) as e:  # not a Butterfly gateway's answer
         err.print(f"[red]error:[/red] {url} did not answer as a Butterfly gateway: {e!r}")
         raise typer.Exit(2) from e
-    if r.status_code >= 400:
+    if result is None:
         err.print(f"[red]error {r.status_code}:[/red] {r.text}")
         raise typer.Exit(2)
-    try:
-        result = answer(r)
-    except ValueError as e:
-        err.print(f"[red]error:[/red] {url} did not answer as a Butterfly gateway: {e!r}")
-        raise typer.Exit(2) from e
     typer.echo(json.dumps(result) if json_out else result.get("text", ""))
 
 

@@ -220,12 +220,8 @@ class LlamaStage:
             h.frombytes(x.data)  # a copy: the frame's bytes stay as they came
         else:
             ends = self._ends
-            if x.dtype not in ("int64", "int32") or x.shape != (1, rows):
-                return None
-            if ends is None or ends.embed is None:
-                return None
-            table = ends.table_bytes
-            if table is None:
+            table = ends.table_bytes if ends is not None else None  # an fp32 table's
+            if table is None or x.dtype not in ("int64", "int32") or x.shape != (1, rows):
                 return None
             ids = array("q" if x.dtype == "int64" else "i")
             ids.frombytes(x.data)
