@@ -258,6 +258,28 @@ def test_unknown_architecture(tmp_path: Path) -> None:
         load_stage(tmp_path / "nowhere")
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "named"),
+    [
+        ("num_hidden_layers", "four", "not a whole number"),
+        ("num_attention_heads", 0, "must be at least 1"),
+        ("hidden_size", 64.5, "not a whole number"),
+        ("vocab_size", True, "not a whole number"),
+        ("rope_theta", "big", "wrong kind"),
+    ],
+)
+def test_a_config_size_that_is_not_a_count_is_named(
+    tiny_model: Path, tmp_path: Path, field: str, value: object, named: str
+) -> None:
+    """A hand-edited config.json names its bad field (a ValueError's traceback before, a
+    zero a division by zero)."""
+    shutil.copytree(tiny_model, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config | {field: value}))
+    with pytest.raises(UnknownArchitecture, match=named):
+        load_stage(tmp_path / "m")
+
+
 def test_layer_range_out_of_bounds(tiny_model: Path) -> None:
     with pytest.raises(LayerRangeError, match=r"\[2, 9\) is out of bounds.*4 layers"):
         load_stage(tiny_model, LayerRange(2, 9))
