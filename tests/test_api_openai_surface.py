@@ -243,6 +243,11 @@ async def test_logprobs_and_echo(tiny_model: Path, tmp_path: Path) -> None:
         assert None not in choice["logprobs"]["token_logprobs"][1:]
         after = choice["logprobs"]["token_logprobs"][prompt:]
         assert after == pytest.approx(logprobs["token_logprobs"], abs=1e-5)  # the same tokens
+        # each offset points into the returned text, which leaves the BOS token out
+        offsets, named = choice["logprobs"]["text_offset"], choice["logprobs"]["tokens"]
+        assert offsets[:3] == [0, 0, 1] and named[1:3] == ["O", "n"]
+        for start, end, token in zip(offsets, [*offsets[1:], None], named, strict=True):
+            assert choice["text"][start:end] in (token, "")
         chat = await post(
             s.client,
             "/v1/chat/completions",

@@ -81,6 +81,12 @@ class ChoiceText:
     def token_text(self, token: int) -> str:
         return str(self.tokenizer.decode([token], skip_special_tokens=False))
 
+    def shown_length(self, token: int) -> int:
+        """How far `token` moves a `text_offset`: what it adds to the returned text, which
+        leaves special tokens out (an echoed prompt's BOS is named in `tokens`, at the
+        offset of the text after it)."""
+        return len(self.tokenizer.decode([token], skip_special_tokens=True))
+
 
 def chat_logprobs(choice: ChoiceText, entries: Sequence[Sampled | None]) -> list[TokenLogprob]:
     """The chat API's logprobs of `entries` (tokens resumed from a checkpoint, which
@@ -117,8 +123,8 @@ def completion_logprobs(
     scored = (None, *choice.prompt_scored)
     for i, token in enumerate(prompt):
         offsets.append(offset)
-        tokens.append(text := choice.token_text(token))
-        offset += len(text)
+        tokens.append(choice.token_text(token))
+        offset += choice.shown_length(token)
         s = scored[i] if i < len(scored) else None
         values.append(None if s is None else s.logprob)
         tops.append(None if s is None else {choice.token_text(t): lp for t, lp in s.top})
@@ -126,8 +132,8 @@ def completion_logprobs(
         if s is None:
             continue
         offsets.append(offset)
-        tokens.append(text := choice.token_text(s.token))
-        offset += len(text)
+        tokens.append(choice.token_text(s.token))
+        offset += choice.shown_length(s.token)
         values.append(s.logprob)
         tops.append({choice.token_text(i): lp for i, lp in s.top})
     return CompletionLogprobs(
