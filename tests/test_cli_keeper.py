@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from butterfly.cli.keeper import FIRST_RESTART_S, STABLE_S, Restarts, keep_alive, plan_restarts
+from butterfly.cli.keeper import (
+    CANNOT_START,
+    FIRST_RESTART_S,
+    STABLE_S,
+    Restarts,
+    keep_alive,
+    plan_restarts,
+)
 from butterfly.cli.launcher import LocalCluster
 
 
@@ -40,6 +47,21 @@ def test_keep_alive_reports_each_death_once_and_each_restart() -> None:
         keep_alive(lambda: dead, restarted.append, lines.append, h, now)
     assert restarted == [0]
     assert lines == ["node 0 exited with code -9; restarting it in 1 s", "node 0 restarted"]
+
+
+def test_a_node_whose_setup_stopped_it_is_reported_and_left_down() -> None:
+    """Exit code 2 (`butterfly start` refusing its key, certificate or model) would only
+    repeat: it was restarted every 30 s for as long as the cluster ran."""
+    h, lines, restarted = Restarts(), [], []
+    dead = {1: CANNOT_START, 2: 1}
+    for now in (0.0, 1.0, 100.0, 1000.0):
+        keep_alive(lambda: dead, restarted.append, lines.append, h, now)
+    assert 1 not in restarted and 2 in restarted
+    refused = [line for line in lines if line.startswith("node 1")]
+    assert refused == [
+        "node 1 cannot start (exit code 2, the reason is in its log); not restarting it, "
+        "the others keep serving"
+    ]
 
 
 def _exiting_cluster(tmp_path: Path) -> LocalCluster:

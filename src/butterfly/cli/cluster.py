@@ -17,7 +17,7 @@ from rich.console import Console
 
 from butterfly.cli import members
 from butterfly.cli.gateways import first_answer, parse_urls, wait_result
-from butterfly.cli.keeper import Restarts, keep_alive
+from butterfly.cli.keeper import CANNOT_START, Restarts, keep_alive
 from butterfly.cli.launcher import LocalCluster, node_configs
 from butterfly.cli.paths import data_dir, demo_model
 from butterfly.config import ConfigInvalid, load_config
@@ -79,7 +79,7 @@ def _cannot_start(node: int, errors: list[BaseException]) -> typer.Exit:
     for e in errors:
         log.debug("node %s did not start", node, exc_info=e)
         err.print(f"[red]node {node} cannot start:[/red] {e}", soft_wrap=True)
-    return typer.Exit(2)
+    return typer.Exit(CANNOT_START)
 
 
 @app.command("up")
@@ -100,7 +100,8 @@ def up(
     """Start N nodes on 127.0.0.1 (node 0 serves the API) until Ctrl-C or SIGTERM.
 
     A node that exits is reported and restarted (with a growing backoff) while the
-    others keep serving; `--no-restart` stops the whole cluster instead.
+    others keep serving, unless its setup stopped it (exit code 2: it would fail again);
+    `--no-restart` stops the whole cluster instead.
     """
     launch(
         nodes=nodes,

@@ -3,17 +3,22 @@
 The local cluster is the one `make run` starts; it stopped every node as soon as one
 exited, so it was not fault tolerant at all. Now a node that exits is reported (its
 exit code and log file) and started again from its config after a backoff that grows
-with each restart of that node, while the others keep serving. The policy is a pure
+with each restart of that node, while the others keep serving (one whose setup stopped it
+is reported and left down: it would only fail again). The policy is a pure
 function of the restart history, tested without processes.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from butterfly.wiring.supervise import restart_delay
 
+CANNOT_START = 2
+"""A node's exit code when its setup stops it (a key, a certificate, a model it cannot
+load): starting it again would fail the same way, so it is reported and left down."""
 FIRST_RESTART_S = 1.0
 MAX_RESTART_S = 30.0
 STABLE_S = 60.0
@@ -34,12 +39,15 @@ def plan_restarts(
 ) -> tuple[dict[int, float], list[int]]:
     """(newly dead nodes with the time each may start again, dead nodes to start now).
 
-    Pure apart from updating `history`, so the backoff is tested without processes.
+    Pure apart from updating `history`, so the backoff is tested without processes. A
+    node that exited with `CANNOT_START` is due never (`math.inf`).
     """
     noticed: dict[int, float] = {}
     start = []
     for node in sorted(dead):
-        if node not in history.due:
+        if node not in history.due and dead[node] == CANNOT_START:
+            history.due[node] = noticed[node] = math.inf
+        elif node not in history.due:
             ran = now - history.started.get(node, float("-inf"))
             count = 1 if ran >= STABLE_S else history.count.get(node, 0) + 1
             history.count[node] = count
@@ -64,10 +72,18 @@ def keep_alive(
     exits = dead()
     noticed, start = plan_restarts(exits, history, now)
     for node, due in noticed.items():
-        report(f"node {node} exited with code {exits[node]}; restarting it in {due - now:.0f} s")
+        if due == math.inf:
+            report(
+                f"node {node} cannot start (exit code {exits[node]}, the reason is in its "
+                "log); not restarting it, the others keep serving"
+            )
+        else:
+            report(
+                f"node {node} exited with code {exits[node]}; restarting it in {due - now:.0f} s"
+            )
     for node in start:
         restart(node)
         report(f"node {node} restarted")
 
 
-__all__ = ["Restarts", "keep_alive", "plan_restarts"]
+__all__ = ["CANNOT_START", "Restarts", "keep_alive", "plan_restarts"]
