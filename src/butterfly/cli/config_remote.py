@@ -117,11 +117,14 @@ def sync(url: str, *, token: str | None) -> None:
 
 def _sync(url: str, *, token: str | None) -> None:
     data = call("POST", url, "/api/v1/config/sync", token=token)
-    for node, state in sorted(data.get("nodes", {}).items()):
+    in_sync, nodes, cluster = data["in_sync"], data["nodes"], data["cluster_hash"]
+    if not isinstance(in_sync, bool):  # another server's 2xx is not "still diverged"
+        raise TypeError(f"in_sync is {in_sync!r}")
+    for node, state in sorted(nodes.items()):
         _echo(f"node {node}: {state}")
-    verdict = "in sync" if data.get("in_sync") else f"still diverged: {data.get('diverged')}"
-    _echo(f"cluster {verdict} (cluster hash {str(data.get('cluster_hash'))[:12]})")
-    if not data.get("in_sync"):
+    verdict = "in sync" if in_sync else f"still diverged: {data.get('diverged')}"
+    _echo(f"cluster {verdict} (cluster hash {str(cluster)[:12]})")
+    if not in_sync:
         raise typer.Exit(1)
 
 
