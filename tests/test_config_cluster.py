@@ -187,6 +187,8 @@ def test_cli_update_from_a_file_and_rollback_through_the_gateway(
     file.write_text(cluster.configs[0].read_text())
     runner = CliRunner()
     update = ["config", "update", "--file", str(file), "--set", "byzantine.rtol=0.01"]
+    # the file may name paths on the nodes' machines, not on this one
+    update += ["--set", f"model.path={tmp_path / 'only-on-the-nodes'}"]
     out = runner.invoke(app, [*update, "--url", cluster.api_url])
     assert out.exit_code == 0, out.output
     assert "byzantine.rtol: 0.001 -> 0.01" in out.output

@@ -284,6 +284,18 @@ def test_bad_values_are_located_and_all_reported(tmp_path: Path) -> None:
         ]
     )
     assert f"{path}:4: api.port:" in str(e.value)
+    assert str(e.value).count("'nowhere'") == 1  # the value named once
+
+
+def test_a_boolean_is_not_a_number(tmp_path: Path) -> None:
+    """TOML's `true` is Python's 1: `node.id = true` loaded as node 1."""
+    path = write(tmp_path / "node.toml", "[node]\nid = true\n[api]\nport = false\n")
+    with pytest.raises(ConfigInvalid, match="not a boolean") as e:
+        load_config([path])
+    assert sorted(issues_of(e)) == [
+        (str(path), 2, "node.id", "format"),
+        (str(path), 4, "api.port", "format"),
+    ]
 
 
 def test_toml_syntax_error_has_a_line(tmp_path: Path) -> None:

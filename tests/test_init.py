@@ -22,7 +22,7 @@ from butterfly.cli.hosts import (
     parse_hosts,
     public_key,
 )
-from butterfly.config import ConfigInvalid, load_config
+from butterfly.config import ConfigInvalid, dump_toml, load_config
 from butterfly.net.tls import cert_node
 from butterfly.protocol.keys import load_or_create_key
 from butterfly.types.errors import ConfigError
@@ -132,6 +132,29 @@ def test_add_host_writes_its_directory_and_the_change_for_everyone(
     with pytest.raises(ConfigError, match="every host's directory"):
         add_host(out, "10.1.0.6:9000")
     assert not (out / "node-4").exists()
+
+
+def test_add_host_reads_a_hand_edited_first_config_as_a_node_would(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """Keys left to their defaults in node 0's file (a hand edit) were KeyErrors; a model
+    path that is only on the hosts was refused."""
+    make(tmp_path, tiny_model)
+    out = tmp_path / "out"
+    first = out / "node-0" / "butterfly.toml"
+    doc = tomllib.loads(first.read_text())
+    del doc["node"]["listen"], doc["cluster"]["id"]
+    doc["model"]["path"] = str(tmp_path / "only-on-the-hosts")
+    first.write_text(dump_toml(doc))
+    added = add_host(out, "10.1.0.5:9000")
+    new = load_config([added.config], on_this_machine=False)
+    assert new.node.listen == f"{load_config([]).node.listen.rsplit(':', 1)[0]}:9000"
+    cert = x509.load_pem_x509_certificate(Path(new.security.tls.cert).read_bytes())
+    assert san(cert)[0] == ["node-4"] and signed_by(
+        Path(new.security.tls.cert), out / "ca" / "ca.pem"
+    )
+    kept = tomllib.loads(first.read_text())
+    assert "listen" not in kept["node"] and len(kept["cluster"]["members"]) == 5
 
 
 def test_cli_init_add_host_and_keys_show(tmp_path: Path, tiny_model: Path) -> None:

@@ -82,8 +82,12 @@ def _echo(text: str) -> None:
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
 
 
-def _load(config: list[Path] | None, sets: list[str] | None) -> ButterflyConfig:
-    return load_config(config or [], env=os.environ, overrides=sets or [])
+def _load(
+    config: list[Path] | None, sets: list[str] | None, *, on_this_machine: bool = True
+) -> ButterflyConfig:
+    return load_config(
+        config or [], env=os.environ, overrides=sets or [], on_this_machine=on_this_machine
+    )
 
 
 def _history(config: list[Path] | None, data_dir: Path | None) -> ConfigHistory:
@@ -296,7 +300,7 @@ def update(
     """Move this node (or with --url the cluster) to the config in FILE; static options
     are refused."""
     try:
-        target = _load([file], set_)
+        target = _load([file], set_, on_this_machine=url is None)
         if url is not None:
             remote.update(url, target, token=token, reason=f"config update --file {file.name}")
             return

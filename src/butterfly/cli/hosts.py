@@ -214,8 +214,14 @@ def add_host(out: Path, address: str) -> HostAdded:
     )
     if not existing or existing != list(range(len(existing))):
         raise ConfigError(f"{out} holds no cluster written by `butterfly init --hosts`")
-    base = _read_doc(node_dir(out, 0) / CONFIG_FILE)
-    members = [*base["cluster"]["members"], address]
+    first = node_dir(out, 0) / CONFIG_FILE
+    base = _read_doc(first)
+    # the values from the loader (defaults where a hand edit left a key out); the files
+    # are rewritten from their own tables, so what a host wrote by hand stays
+    cfg = load_config([first], on_this_machine=False)
+    if not cfg.cluster.members:
+        raise ConfigError(f"{first} lists no cluster.members to add {address} to")
+    members = [*cfg.cluster.members, address]
     new = len(members) - 1
     if existing != list(range(new)):
         raise ConfigError(
@@ -226,14 +232,15 @@ def add_host(out: Path, address: str) -> HostAdded:
         raise ConfigError(f"{address} is already member {members.index(address)}")
     _check_name(new, address)
     new_key = load_or_create_key(node_dir(out, new) / KEY_FILE).public.hex()
-    keys = [*base["cluster"]["public_keys"], new_key]
+    keys = [*cfg.cluster.public_keys, new_key]
     doc = copy.deepcopy(base)
-    bind = str(base["node"]["listen"]).rsplit(":", 1)[0]
-    doc["node"] = {**base["node"], "id": new, "listen": f"{bind}:{address.rsplit(':', 1)[1]}"}
-    if base.get("security", {}).get("tls", {}).get("enabled"):
-        made = add_node_cert(out / CA_DIR, new, str(base["cluster"]["id"]), host_of(address))
+    bind = cfg.node.listen.rsplit(":", 1)[0]
+    port = address.rsplit(":", 1)[1]
+    doc["node"] = {**base.get("node", {}), "id": new, "listen": f"{bind}:{port}"}
+    if cfg.security.tls.enabled:
+        made = add_node_cert(out / CA_DIR, new, cfg.cluster.id, host_of(address))
         tls = _tls_files(out, new, made)
-        doc["security"]["tls"] = {
+        doc.setdefault("security", {})["tls"] = {
             "enabled": True,
             "ca": str(tls.ca),
             "cert": str(tls.cert),
@@ -241,7 +248,7 @@ def add_host(out: Path, address: str) -> HostAdded:
         }
     docs = [*(_read_doc(node_dir(out, i) / CONFIG_FILE) for i in existing), doc]
     for i, d in enumerate(docs):
-        d["cluster"] = {**d["cluster"], "members": members, "public_keys": keys}
+        d["cluster"] = {**d.get("cluster", {}), "members": members, "public_keys": keys}
         _write_doc(out, i, d)
     _write_keys_list(out, members, keys)
     path = node_dir(out, new) / CONFIG_FILE

@@ -275,7 +275,9 @@ def _locate(issue: ConfigIssue, origins: Mapping[str, Origin]) -> ConfigIssue:
     return issue.at("defaults", None)
 
 
-def build(values: Mapping[str, Any], origins: Mapping[str, Origin]) -> ButterflyConfig:
+def build(
+    values: Mapping[str, Any], origins: Mapping[str, Origin], *, on_this_machine: bool = True
+) -> ButterflyConfig:
     """Validate merged dotted values into the frozen config, or raise every problem."""
     try:
         cfg = ButterflyConfig.model_validate(unflatten(values))
@@ -283,13 +285,14 @@ def build(values: Mapping[str, Any], origins: Mapping[str, Origin]) -> Butterfly
         issues = []
         for err in e.errors(include_url=False):
             shown, base = _loc_key(err["loc"])
-            got = f", got {err['input']!r}" if "input" in err else ""
-            msg = err["msg"].removeprefix("Value error, ") + got
+            msg = err["msg"].removeprefix("Value error, ")
+            if "input" in err and f"got {err['input']!r}" not in msg:  # ours name it
+                msg += f", got {err['input']!r}"
             issue = ConfigIssue(shown, _RULES.get(err["type"], "type"), msg)
             located = _locate(ConfigIssue(base, "", ""), origins)
             issues.append(issue.at(located.source, located.line))
         raise ConfigInvalid(issues) from None
-    issues = cross_check(cfg)
+    issues = cross_check(cfg, on_this_machine=on_this_machine)
     if issues:
         raise ConfigInvalid(_locate(i, origins) for i in issues)
     return cfg
@@ -300,17 +303,20 @@ def load(
     *,
     env: Mapping[str, str] | None = None,
     overrides: Sequence[str] | Mapping[str, Any] = (),
+    on_this_machine: bool = True,
 ) -> Loaded:
-    """Load and validate; `files` in order, later ones overriding earlier ones."""
+    """Load and validate; `files` in order, later ones overriding earlier ones. Without
+    `on_this_machine`, the paths it names are not looked for here (a config for a remote
+    cluster)."""
     acc = _Acc()
     for f in files:
         _read_file(Path(f), acc, (), None)
     _env_layer(env or {}, acc)
     _override_layer(overrides, acc)
-    return Loaded(_build_all(acc), tuple(acc.files), dict(acc.origins))
+    return Loaded(_build_all(acc, on_this_machine), tuple(acc.files), dict(acc.origins))
 
 
-def _build_all(acc: _Acc) -> ButterflyConfig:
+def _build_all(acc: _Acc, on_this_machine: bool = True) -> ButterflyConfig:
     """Build from what was read, raising the reading's problems with the values' own.
 
     An unknown key is left out of `acc.values`, so the rest still validates: a file with
@@ -318,7 +324,7 @@ def _build_all(acc: _Acc) -> ButterflyConfig:
     the second only after the first is fixed.
     """
     try:
-        cfg = build(acc.values, acc.origins)
+        cfg = build(acc.values, acc.origins, on_this_machine=on_this_machine)
     except ConfigInvalid as e:
         raise ConfigInvalid([*acc.issues, *e.issues]) from None
     if acc.issues:
@@ -331,9 +337,10 @@ def load_config(
     *,
     env: Mapping[str, str] | None = None,
     overrides: Sequence[str] | Mapping[str, Any] = (),
+    on_this_machine: bool = True,
 ) -> ButterflyConfig:
     """The frozen config from defaults < files < env < overrides; see `load`."""
-    return load(files, env=env, overrides=overrides).config
+    return load(files, env=env, overrides=overrides, on_this_machine=on_this_machine).config
 
 
 def apply_patch(

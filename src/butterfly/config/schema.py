@@ -17,7 +17,7 @@ import enum
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 class Mutability(enum.StrEnum):
@@ -117,6 +117,16 @@ class Section(BaseModel):
     """Frozen and closed: a typo is an error, and nobody mutates a running config."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """TOML's `true` is a Python bool, which pydantic takes for the number 1: `node.id =
+        true` would start node 1."""
+        field = cls.model_fields[info.field_name or ""]
+        if isinstance(value, bool) and field.annotation in (int, float):
+            raise ValueError("expected a number, not a boolean")
+        return value
 
 
 def section(model: type[Section], description: str) -> Any:

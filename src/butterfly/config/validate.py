@@ -316,13 +316,15 @@ RULES: tuple[Rule, ...] = (
     _timing,
     _limits,
     _replication,
-    _model_memory,
-    _drafting,
-    _tls_files,
     _unsupported,
 )
+# rules that read files this machine holds: a config sent to a remote cluster
+# (`config update --file F --url U`) names paths on its nodes, checked there
+MACHINE_RULES: tuple[Rule, ...] = (_model_memory, _drafting, _tls_files)
 
 
-def cross_check(cfg: ButterflyConfig) -> list[ConfigIssue]:
-    """Every cross-section problem of an otherwise well-typed config."""
-    return [issue for rule in RULES for issue in rule(cfg)]
+def cross_check(cfg: ButterflyConfig, *, on_this_machine: bool = True) -> list[ConfigIssue]:
+    """Every cross-section problem of an otherwise well-typed config; with
+    `on_this_machine`, also what its paths name here."""
+    rules = RULES + MACHINE_RULES if on_this_machine else RULES
+    return [issue for rule in rules for issue in rule(cfg)]
