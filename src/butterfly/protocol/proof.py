@@ -64,7 +64,8 @@ def tolerance_for(rtol: float, atol: float, floor: float) -> Tolerance:
     to the floor. In bfloat16 an auditor's one-pass prefill and the chain's token-by-token
     decode differ by up to ~1% of the activations' scale (0.094 at a scale of 10 on the
     small demo model's first half), so the default rtol 1e-3 had honest chain nodes
-    evicted; in float32 the floor is 0 and the configured values stand."""
+    evicted; float32's floor (about 3x its drift) keeps a tolerance of 0, which the schema
+    allows, from convicting honest nodes."""
     return Tolerance(rtol=max(rtol, floor), atol=atol, scaled=floor)
 
 
