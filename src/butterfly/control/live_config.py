@@ -15,7 +15,9 @@ app is built (`butterfly.api.live`).
     byzantine.audit_fraction                 engine.retune: the next request
     byzantine.rtol, byzantine.atol           engine.retune: auditor and replicator, the
                                              next comparison
-    byzantine.fingerprint_top_k, _chunk      this node's prover: its next signed record
+    byzantine.fingerprint_top_k, _chunk      this node's prover: its next signed record;
+                                             the gateway's steps: sized for the new and
+                                             the previous records from the next step
     byzantine.max_step_timeouts              read on every use (dataplane.unresponsive)
     network.step_timeout_ms                  engine.retune (steps waiting now included);
                                              the node's requests read it on every use
@@ -62,6 +64,7 @@ from butterfly.control.gateway_role import GatewayRole
 from butterfly.control.membership import Membership
 from butterfly.control.recovery import Recovery
 from butterfly.dataplane.engine import PipelineEngine
+from butterfly.dataplane.sending import RecordSize
 from butterfly.dataplane.stage_server import StageServer
 from butterfly.metrics.tracing import Tracing
 from butterfly.net.transport import Transport
@@ -115,6 +118,7 @@ def _retune_engine(engine: PipelineEngine, cfg: ButterflyConfig) -> None:
         verification=b.verification,
         audit_fraction=b.audit_fraction,
         tolerance=tolerance_for(b.rtol, b.atol, verification_floor(cfg.model.dtype)),
+        records=RecordSize(b.fingerprint_top_k, b.fingerprint_chunk),
     )
     engine.checkpoint_every = cfg.coordination.checkpoint_frequency  # generation copies
     engine.retune_generation(

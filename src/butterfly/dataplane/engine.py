@@ -214,14 +214,20 @@ class PipelineEngine:
         verification: Mode,
         audit_fraction: float,
         tolerance: Tolerance,
+        records: RecordSize | None = None,
     ) -> None:
         """Apply changed settings (network.step_timeout_ms, byzantine.verification,
-        audit_fraction, rtol/atol): steps waiting now and every later one use the new
-        timeout; the check, its sampling and its tolerance apply from the next request (a
+        audit_fraction, rtol/atol, the fingerprint's shape): steps waiting now and every
+        later one use the new timeout; steps from now on are sized for the records both
+        the new and the previous fingerprint shape make (a larger top_k sized as the old
+        one overflowed the frame header and failed every long prompt); the check, its
+        sampling and its tolerance apply from the next request (a
         running one keeps its check, so it is never checked half one way and half the
         other). A mode whose part was not built runs as "none", as it did from the start;
         `supports` lets a config check refuse such a change beforehand."""
         self._sender.timeout, self._audit_fraction = step_timeout_s, audit_fraction
+        if records is not None and self._sender.records is not None:
+            self._sender.records = records.covering(self._sender.records)
         self._mode = verification if self.supports(verification) else "none"
         if self._auditor is not None:
             self._auditor.retune(tolerance)

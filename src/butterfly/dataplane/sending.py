@@ -113,6 +113,11 @@ class RecordSize:
             low, high = (mid, high) if self.cost([mid], stages) <= room else (low, mid)
         return low
 
+    def covering(self, other: RecordSize) -> RecordSize:
+        """A size no smaller than either: while nodes move from one fingerprint shape to
+        the other at their own moment of the agreed change, a step is sized for both."""
+        return RecordSize(max(self.top_k, other.top_k), min(self.chunk, other.chunk))
+
     def split(self, lengths: Sequence[int], stages: int, room: int = HEADER_ROOM) -> list[range]:
         """Consecutive runs of the entries whose records fit the header together (an
         entry too long on its own goes alone: the engine sends no such entry)."""

@@ -1,0 +1,31 @@
+"""byzantine.fingerprint_top_k raised on a running cluster: the gateway sizes its steps
+for the larger records (it kept sizing them for the top_k it started with, and every
+prompt longer than that size allowed failed, its header over 64 KiB)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from butterfly.testing.inprocess import InProcessCluster
+from butterfly.types.ids import RequestId
+from butterfly.types.tasks import InferenceTask
+from tests.test_speculative_live import change
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def test_a_larger_fingerprint_still_serves_a_long_prompt(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    settings = {"coordination.heartbeat_interval_ms": 10}
+    async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=settings) as c:
+        gw = c.gateway
+        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        for node in c.nodes:  # the agreed change, applied on every node
+            change(node.config, {"byzantine.fingerprint_top_k": 256})
+        prompt = tuple(i % 250 + 3 for i in range(260))  # 12 positions a step fit at top_k 256
+        task = InferenceTask(RequestId("long"), prompt, max_new_tokens=2)
+        result = await c.infer(task, beats=800)
+        assert len(result.output_ids) == 2 and result.verified == "audit"
