@@ -16,7 +16,7 @@ from butterfly.runtime.loader import num_layers
 from butterfly.schedule.chunks import GAP_BUDGET, MIN_CHUNK, ChunkTimes, chunk_length
 from butterfly.schedule.drafts import Speculation
 from butterfly.testing.pipeline import LocalPipeline
-from butterfly.types.ids import RequestId
+from butterfly.types.ids import NodeId, RequestId
 from butterfly.types.model import LayerRange
 from butterfly.types.tasks import InferenceTask
 from butterfly.types.wire.data import StageStep
@@ -110,11 +110,11 @@ async def _long_steps(
     lengths: list[int] = []
     on_step = first.on_step
 
-    async def recorded(env: Envelope) -> Outbound:
+    async def recorded(env: Envelope, route: tuple[NodeId, ...] = ()) -> Outbound:
         msg = env.msg
         if isinstance(msg, StageStep) and "long" in msg.request_ids:
             lengths.append(msg.lengths[msg.request_ids.index("long")])
-        return await on_step(env)
+        return await on_step(env, route)
 
     first.on_step = recorded  # type: ignore[method-assign]
     running = None

@@ -18,7 +18,7 @@ from butterfly.runtime.stage import forward_packed, forward_rows, packs
 from butterfly.schedule.drafts import Speculation
 from butterfly.testing.inprocess import InProcessCluster
 from butterfly.testing.pipeline import LocalPipeline
-from butterfly.types.ids import RequestId
+from butterfly.types.ids import NodeId, RequestId
 from butterfly.types.model import LayerRange
 from butterfly.types.tasks import InferenceTask
 from butterfly.types.wire.data import StageStep
@@ -48,10 +48,10 @@ async def test_a_long_prompt_in_chunks_shares_its_steps_with_a_running_stream(
         steps: list[StageStep] = []
         on_step = first.on_step
 
-        async def recorded(env: Envelope) -> Outbound:
+        async def recorded(env: Envelope, route: tuple[NodeId, ...] = ()) -> Outbound:
             if isinstance(env.msg, StageStep):
                 steps.append(env.msg)
-            return await on_step(env)
+            return await on_step(env, route)
 
         first.on_step = recorded  # type: ignore[method-assign]
         stream: list[int] = []
@@ -172,10 +172,10 @@ async def test_a_stream_beside_chunks_gets_the_tokens_it_gets_alone(tiny_model: 
         mixed: list[StageStep] = []
         on_step = first.on_step
 
-        async def recorded(env: Envelope) -> Outbound:
+        async def recorded(env: Envelope, route: tuple[NodeId, ...] = ()) -> Outbound:
             if isinstance(env.msg, StageStep) and len(set(env.msg.lengths)) > 1:
                 mixed.append(env.msg)
-            return await on_step(env)
+            return await on_step(env, route)
 
         first.on_step = recorded  # type: ignore[method-assign]
         stream: list[object] = []
@@ -218,9 +218,9 @@ async def test_audited_requests_beside_chunks_pass_their_audits(
         lengths: list[tuple[int, ...]] = []
         compute = gw.stage_server.compute
 
-        async def recorded(msg: StageStep, epoch: int, payload: bytes) -> Any:
+        async def recorded(msg: StageStep, epoch: int, payload: bytes, route: Any = ()) -> Any:
             lengths.append(msg.lengths)
-            return await compute(msg, epoch, payload)
+            return await compute(msg, epoch, payload, route)
 
         gw.stage_server.compute = recorded  # type: ignore[method-assign]
         chunked = await c.infer(InferenceTask(RequestId("chunked"), prompt, max_new_tokens=4))

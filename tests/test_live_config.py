@@ -52,7 +52,7 @@ from butterfly.types.model import LayerRange
 from butterfly.types.plan import StagePlan
 from butterfly.types.wire.agreement import Proof, decode
 from butterfly.types.wire.control import Heartbeat
-from butterfly.types.wire.data import AuditReply, AuditRequest, StageStep, StepResult
+from butterfly.types.wire.data import AuditReply, AuditRequest, KvAppend, StageStep, StepResult
 from tests.engine_util import STAGE, chain, run
 
 KEYS = {NodeId(n): SigningKey.from_seed(bytes([n + 40]) * 32) for n in range(4)}
@@ -375,6 +375,17 @@ async def test_the_next_signed_record_uses_the_new_fingerprint(
     after = fingerprint(await _step(parts.server, 2, 4, [3]))
     assert before == (8, 1)
     assert after == ((value, 1) if key.endswith("top_k") else (8, value))
+
+
+async def test_a_kv_copy_extends_a_cache_a_step_made(parts: Parts) -> None:
+    """A standby that ran steps of a request (a replay routed through it) takes a copy
+    for the same request: the cache a step made is an inference tensor, and writing it
+    outside inference mode raised, so every later copy left a gap."""
+    await _step(parts.server, 1, 0, [5, 9, 2, 7])
+    rows = parts.server.caches["r"].rows(0, 4)
+    parts.server.on_kv_append(KvAppend("r", ALL.start, ALL.end, 4), encode_tensor(rows))
+    assert parts.server.caches["r"].length == 8
+    assert torch.equal(parts.server.caches["r"].rows(4, 8), rows)
 
 
 async def test_coordination_checkpoint_frequency_sets_when_the_next_copy_goes(

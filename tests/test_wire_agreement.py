@@ -19,6 +19,7 @@ from butterfly.types.ids import Epoch, NodeId
 from butterfly.types.wire.agreement import (
     KINDS,
     CheckpointVote,
+    Dispatch,
     Evidence,
     NewView,
     Prepare,
@@ -70,6 +71,12 @@ def samples() -> list[object]:
         sign_message(StateSnapshot(NodeId(2), Epoch(2), 8, D, (vote,), b"executed"), KEYS[2]),
         sign_message(Evidence(NodeId(3), Epoch(2), NodeId(0), pp.header(), pp.header()), KEYS[3]),
         sign_message(Heartbeat(NodeId(1), Epoch(2), seq=5), KEYS[1]),
+        sign_message(
+            Dispatch(
+                NodeId(0), Epoch(2), 7, ("r",), (3,), (9,), (1,), (NodeId(1),), NodeId(0), True
+            ),
+            KEYS[0],
+        ),
     ]
 
 
@@ -85,7 +92,7 @@ def test_round_trip_and_signature(message: object) -> None:
 
 
 def test_every_kind_is_registered_once() -> None:
-    assert len(KINDS) == 14 and all(cls.kind == kind for kind, cls in KINDS.items())
+    assert len(KINDS) == 15 and all(cls.kind == kind for kind, cls in KINDS.items())
 
 
 def _raw(message: object) -> dict[str, object]:

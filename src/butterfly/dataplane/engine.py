@@ -41,6 +41,7 @@ from butterfly.metrics.events import Emit, PeerError, discard
 from butterfly.metrics.logcontext import REQUEST_ID
 from butterfly.metrics.tracing import Tracing
 from butterfly.net.framing import Envelope
+from butterfly.protocol.dispatch import Dispatcher
 from butterfly.protocol.proof import Tolerance
 from butterfly.runtime.sampling import is_greedy
 from butterfly.schedule.chunks import ChunkTimes, chunk_length
@@ -107,6 +108,7 @@ class PipelineEngine:
         tokenizer: Tokenizer | None = None,
         records: RecordSize | None = None,
         drafter: ModelDrafter | None = None,
+        dispatcher: Dispatcher | None = None,
     ) -> None:
         """`verification` picks which of the parts built checks a request (audit,
         replicate or none); it defaults to the one part given. `retune` changes it, the
@@ -126,7 +128,8 @@ class PipelineEngine:
         `records`: the size of the signed records the stages add to each step (None:
         they sign none); a step carries no more than fit a frame header. `drafter`: the
         small model that drafts in mode "draft" (`dataplane.drafter`; None: that mode
-        decodes plainly here, and config.validate refuses it)."""
+        decodes plainly here, and config.validate refuses it). `dispatcher`: signs every
+        step this gateway sends, where stages run only such steps (protocol.dispatch)."""
         self._tokenizer, self.generates = tokenizer, generates
         self.checkpoint_every, self._on_checkpoint = checkpoint_every, on_checkpoint
         self._resume = resume
@@ -156,6 +159,7 @@ class PipelineEngine:
             on_liars=self._on_liars,
             emit=emit,
             records=records,
+            dispatcher=dispatcher,
         )
         self._intake = Intake(
             node, plan, self._flight, keys, max_tensor_bytes, emit, self._on_liars

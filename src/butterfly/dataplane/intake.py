@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from butterfly.dataplane.inflight import InFlight, Relayed, StepFailed
-from butterfly.dataplane.proving import culprit, decode_proofs
+from butterfly.dataplane.proving import culprit, decode_proofs, route_signers
 from butterfly.metrics.events import Emit, MessageDropped
 from butterfly.net.framing import Envelope
 from butterfly.protocol.entitled import Context, entitled
@@ -184,6 +184,11 @@ class Intake:
             return None
         if plan is None or plan.epoch != epoch:  # no plan to check against: not used
             raise StageLost(f"the plan moved on while step {step} of {rid} ran")
+        route = self.flight.sent_on.get(key, ())
+
+        def holders(j: int) -> tuple[NodeId, ...]:
+            return plan.holders(plan.stages[j][1])
+
         found = culprit(
             proofs,
             keys=self.keys,
@@ -191,7 +196,8 @@ class Intake:
             step=step,
             upto=upto,
             received=received,
-            signers=lambda j: plan.holders(plan.stages[j][1]),
+            # the route covers the last stages of the `upto` (a relay's second half)
+            signers=route_signers(route, upto - len(route), holders),
             epoch=epoch,
             peer=peer,
             sent=self.flight.sent_digest.get(key),

@@ -73,6 +73,19 @@ Signers = Callable[[int], Iterable[NodeId]]
 """Who may sign the record of a chain position: the holders of its layer range."""
 
 
+def route_signers(route: Sequence[NodeId], first: int, holders: Signers) -> Signers:
+    """Who may sign each stage's record of a step sent down `route` (its node for stage
+    `first` first): the route's own node for the stages it covers, any holder of the range
+    for the others. Taking any holder's record there let a holder that was not on the
+    route put its own record of a stage ahead of the real one, which the checks then
+    took, and blamed the honest node that delivered the step."""
+
+    def signers(j: int) -> Iterable[NodeId]:
+        return (route[j - first],) if 0 <= j - first < len(route) else holders(j)
+
+    return signers
+
+
 def check_records(
     proofs: Iterable[Proof],
     *,

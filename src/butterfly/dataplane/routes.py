@@ -9,6 +9,7 @@ timeout.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -28,6 +29,7 @@ from butterfly.metrics.tracing import Tracing, now_ns
 from butterfly.net.conn import Reply
 from butterfly.net.framing import Envelope
 from butterfly.net.transport import Transport
+from butterfly.protocol.dispatch import Refusal
 from butterfly.protocol.entitled import Context, entitled
 from butterfly.types.errors import ButterflyError, InvalidMessage, SendTimeout
 from butterfly.types.ids import GATEWAY, NodeId, RequestId
@@ -70,21 +72,33 @@ class StageRoutes:
         if not isinstance(msg, StageStep):
             return None
         plan = await self._server.plan_of(env.epoch)
-        if not entitled(msg, peer, Context(self.node, self._gateway(), plan)):
+        gateway = self._gateway()
+        if not entitled(msg, peer, Context(self.node, gateway, plan)):
             self._emit(MessageDropped(reason="not_entitled_stage_step"))
             log.warning("dropped a stage step from node %s: not the previous stage", peer)
             return None
+        route = self._server.admit(msg, peer, gateway, env.epoch)
+        if isinstance(route, Refusal):  # unanswered (its reply_to is unvouched), but
+            self._emit(MessageDropped(reason="undispatched_stage_step"))
+            log.warning("dropped a stage step from node %s: %s", peer, route.reason)
+            if route.early is not None:  # a new gateway this node has not heard of yet
+                again = StepError(
+                    msg.request_ids, msg.steps, self.node, "stage_lost", route.reason, True
+                )
+                with contextlib.suppress(ButterflyError):  # it is gone: nothing to tell
+                    await self._deliver(route.early, again, b"")
+            return None
         context = REQUEST_ID.set(",".join(msg.request_ids))
         try:
-            await self._run_step(msg, env)
+            await self._run_step(msg, env, route)
         finally:
             REQUEST_ID.reset(context)
         return None
 
-    async def _run_step(self, msg: StageStep, env: Envelope) -> None:
+    async def _run_step(self, msg: StageStep, env: Envelope, route: tuple[NodeId, ...]) -> None:
         start_ns = now_ns() if msg.trace else 0
         started = time.perf_counter()
-        out = await self._server.on_step(env)
+        out = await self._server.on_step(env, route)
         computed = time.perf_counter()
         stage = self._server.stage_index()
         log.debug("node %s ran steps %s as stage %s", self.node, msg.steps, stage)

@@ -21,6 +21,7 @@ from butterfly.dataplane.lanes import Lane
 from butterfly.dataplane.proving import RECORD_MISMATCH, digest
 from butterfly.metrics.events import Emit, HopTimed, discard
 from butterfly.net.framing import MAX_HEADER
+from butterfly.protocol.dispatch import Dispatcher
 from butterfly.runtime.wire import encode_tensor
 from butterfly.types.errors import (
     ButterflyError,
@@ -146,11 +147,14 @@ class StepSender:
         on_liars: OnLiars,
         emit: Emit = discard,
         records: RecordSize | None = None,
+        dispatcher: Dispatcher | None = None,
     ) -> None:
         """`emit`: the hop to the first stage's node is timed (`HopTimed`) as each
         stage times its own (dataplane.routes). `records`: the size of the signed
-        records the stages add (None: they sign none), which bounds a batch."""
-        self.records = records
+        records the stages add (None: they sign none), which bounds a batch.
+        `dispatcher`: signs each step sent (when results are verified, stages run only
+        steps the gateway signed: protocol.dispatch)."""
+        self.records, self._dispatcher = records, dispatcher
         self.node, self._deliver, self._plan, self._flight = node, deliver, plan, flight
         self._emit = emit
         self._keys, self.timeout, self._on_liars = keys, timeout, on_liars
@@ -223,6 +227,7 @@ class StepSender:
             (),
             trace,
         )
+        msg = self._stamp(msg, nodes[0], plan.epoch)
         started = time.perf_counter()
         x = entries[0].x if len(entries) == 1 else torch.cat([e.x for e in entries], dim=1)
         payload = encode_tensor(x)
@@ -285,6 +290,9 @@ class StepSender:
             request_id, step, start_pos, x, nodes, nodes.index(refused_by), last_only=last_only
         )
 
+    def _stamp(self, msg: StageStep, first: NodeId, epoch: int) -> StageStep:
+        return msg if self._dispatcher is None else self._dispatcher.stamp(msg, first, epoch)
+
     def _route_of(self, route: Lane) -> tuple[NodeId, ...]:
         plan = self._plan()
         return route or (plan.nodes if plan is not None else ())
@@ -323,6 +331,7 @@ class StepSender:
             head = StageStep(
                 (request_id,), (step,), (start,), (length,), nodes[1:split], self.node, True
             )
+            head = self._stamp(head, nodes[0], plan.epoch)
             await self._deliver(nodes[0], head, encode_tensor(x))
             async with asyncio.timeout(self.timeout):
                 out, proofs = await first
@@ -362,6 +371,7 @@ class StepSender:
                 last_only,
                 proofs,
             )
+            tail = self._stamp(tail, receiver, plan.epoch)
             await self._deliver(receiver, tail, encode_tensor(out))
             async with asyncio.timeout(self.timeout):
                 return await second

@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 
 from butterfly.dataplane.kv_table import CACHE_TTL_S, MAX_CACHES, KvTable
-from butterfly.dataplane.proving import Prover, check_records, decode_proofs
+from butterfly.dataplane.proving import Prover, check_records, decode_proofs, route_signers
 from butterfly.net.framing import Envelope
+from butterfly.protocol.dispatch import Refusal, Serials, dispatched
 from butterfly.runtime.kvcache import KVCache
 from butterfly.runtime.linear import timed_on_threads
 from butterfly.runtime.loader import load_stage
@@ -133,6 +134,7 @@ class StageServer:
         self.stage: Stage | None = None
         self.plan: StagePlan | None = None
         self.table = KvTable(node, max_caches=max_caches, ttl_s=cache_ttl_s, clock=clock)
+        self._serials = Serials()
 
     @property
     def caches(self) -> dict[RequestId, KVCache | None]:
@@ -284,8 +286,9 @@ class StageServer:
         if msg.start > cache.length:
             log.warning("KV copy of %s leaves a gap at %d", msg.request_id, cache.length)
             return
-        try:
-            cache.write(msg.start, decode_tensor(payload, self._max_tensor_bytes))
+        try:  # a cache a step made is an inference tensor: written to only in that mode
+            with torch.inference_mode():
+                cache.write(msg.start, decode_tensor(payload, self._max_tensor_bytes))
         except ButterflyError as e:
             log.warning("KV copy of %s refused: %s", msg.request_id, e)
             return
@@ -294,13 +297,35 @@ class StageServer:
     def cache_lengths(self, query: CacheQuery) -> CacheLengths:
         return CacheLengths(query.request_ids, self.table.lengths(query.request_ids))
 
-    async def on_step(self, env: Envelope) -> Outbound:
-        """Compute a step; the result goes on along the route, or errors to the gateway."""
+    def admit(
+        self, msg: StageStep, peer: NodeId, gateway: NodeId, epoch: int
+    ) -> tuple[NodeId, ...] | Refusal:
+        """Where this node checks records (it proves its work), the route the acting
+        gateway dispatched `msg` on, from `peer` (protocol.dispatch), each request newer
+        than the last this node ran; else why it may not run. Elsewhere, ()."""
+        prover = self.prover
+        if prover is None:
+            return ()
+        ticket = dispatched(
+            msg, peer=peer, me=self.node, gateway=gateway, keys=prover.keys, epoch=epoch
+        )
+        if isinstance(ticket, Refusal):
+            return ticket
+        stale = self._serials.stale(ticket)
+        if stale is not None:
+            return Refusal(f"{stale} ran under a dispatch as new (a replay)")
+        self._serials.ran(ticket)
+        return ticket.route
+
+    async def on_step(self, env: Envelope, route: tuple[NodeId, ...] = ()) -> Outbound:
+        """Compute a step; the result goes on along the route, or errors to the gateway.
+        `route`: the whole route the gateway dispatched it on (`admit`), which names who
+        signs each earlier stage's record."""
         msg = env.msg
         if not isinstance(msg, StageStep):
             raise TypeError(f"on_step got {msg.kind}")
         try:
-            out, proofs = await self.compute(msg, env.epoch, env.payload)
+            out, proofs = await self.compute(msg, env.epoch, env.payload, route)
         except Exception as e:  # a peer's bad tensor must cost it an error, not us the node
             err = e if isinstance(e, ButterflyError) else InvalidMessage(f"step failed: {e}")
             log.warning("node %s: step of %s failed: %s", self.node, msg.request_ids, e)
@@ -319,6 +344,7 @@ class StageServer:
                 msg.last_only,
                 msg.proofs + proofs,
                 msg.trace,  # every stage step is a child of the request's span
+                msg.dispatch,  # the gateway's word for the whole route
             )
             return Outbound(msg.route[0], nxt, out)
         widths = () if msg.last_only else msg.lengths  # a verify step: every position
@@ -352,7 +378,7 @@ class StageServer:
         return stage
 
     async def compute(
-        self, msg: StageStep, epoch: int, payload: bytes
+        self, msg: StageStep, epoch: int, payload: bytes, route: tuple[NodeId, ...] = ()
     ) -> tuple[bytes, tuple[bytes, ...]]:
         """Run a batch of steps on this node's stage: the encoded output, and a signed
         record per entry when this node proves its work.
@@ -365,6 +391,13 @@ class StageServer:
         await self.plan_of(epoch)
         wire = read_tensor(payload, self._max_tensor_bytes)
         stage = self._check_step(msg, epoch, wire.shape)
+        prove = self.prover is not None and supports_trace(stage)
+        offsets = [sum(msg.lengths[:i]) for i in range(len(msg.lengths))]
+        # the chain position of the range held: a replica's records (replicate mode's
+        # lanes) name the stage they stand for (a negative index would not even decode)
+        index = StageIndex(self._index_of(stage.layers))
+        if prove:  # before any cache is touched: a refused step must leave them as they are
+            self._check_input(msg, epoch, wire.tensor(), offsets, index, route)
         caches = [  # each cut back to its start: a re-run after recovery recomputes from there
             self.table.cache_for(rid, start, msg.request_ids, stage.new_cache)
             for rid, start in zip(msg.request_ids, msg.starts, strict=True)
@@ -374,7 +407,6 @@ class StageServer:
         # (entries, rows) as before, 16 concurrent requests of mixed prompt lengths made
         # so many kinds that 60-75% of steps were a kind's first runs, on the worker
         kind = ("step", 1 << (wire.shape[1] - 1).bit_length())
-        prove = self.prover is not None and supports_trace(stage)
         if self._plain_output and not prove and max(msg.lengths) == 1:
             # decode steps on the wire's bytes (runtime.stage.forward_floats), where
             # nothing else wants the output as a tensor: records to sign, outputs to
@@ -387,7 +419,7 @@ class StageServer:
                 return encode_tensor(self._tensors(stage, msg, wire.tensor(), caches))
 
             return await self._torch.run(floats, kind), ()
-        return await self._compute_tensors(msg, epoch, wire, stage, caches, kind, prove)
+        return await self._compute_tensors(msg, wire, stage, caches, kind, prove, offsets, index)
 
     def _tensors(
         self, stage: Stage, msg: StageStep, x: torch.Tensor, caches: list[KVCache | None]
@@ -401,21 +433,16 @@ class StageServer:
     async def _compute_tensors(
         self,
         msg: StageStep,
-        epoch: int,
         wire: WireTensor,
         stage: Stage,
         caches: list[KVCache | None],
         kind: tuple[str, int],
         prove: bool,
+        offsets: list[int],
+        index: StageIndex,
     ) -> tuple[bytes, tuple[bytes, ...]]:
         """`compute` on torch tensors: prefills, signed records, kept outputs."""
-        offsets = [sum(msg.lengths[:i]) for i in range(len(msg.lengths))]
-        # the chain position of the range held: a replica's records (replicate mode's
-        # lanes) name the stage they stand for (a negative index would not even decode)
-        index = StageIndex(self._index_of(stage.layers))
         x = wire.tensor()
-        if prove:
-            self._check_input(msg, epoch, x, offsets, index)
         n = len(caches)
         traces: list[list[torch.Tensor]] = [[] for _ in range(n)]
 
@@ -485,7 +512,13 @@ class StageServer:
         return (plan.position_of(layers) or 0) if plan else 0
 
     def _check_input(
-        self, msg: StageStep, epoch: int, x: torch.Tensor, offsets: list[int], index: StageIndex
+        self,
+        msg: StageStep,
+        epoch: int,
+        x: torch.Tensor,
+        offsets: list[int],
+        index: StageIndex,
+        route: tuple[NodeId, ...],
     ) -> None:
         """Refuse, before computing, any entry whose bytes the earlier stages' signed
         records do not vouch for (dataplane.proving.check_records): computing on them
@@ -494,6 +527,9 @@ class StageServer:
         if not index or plan is None or prover is None:
             return  # the first stage's input is the gateway's own tokens
         proofs = list(decode_proofs(msg.proofs))
+        # the dispatched route names who signs the stages it covers (this node at `index`)
+        first = index - route.index(self.node) if self.node in route else index
+        signers = route_signers(route, first, lambda j: plan.holders(plan.stages[j][1]))
         for i, (rid, step) in enumerate(zip(msg.request_ids, msg.steps, strict=True)):
             check_records(
                 proofs,
@@ -502,7 +538,7 @@ class StageServer:
                 step=step,
                 upto=index,
                 received=x[:, offsets[i] : offsets[i] + msg.lengths[i]],
-                signers=lambda j: plan.holders(plan.stages[j][1]),
+                signers=signers,
                 epoch=epoch,
             )
 

@@ -6,7 +6,10 @@ left is whether that peer is the one entitled to send this kind, now:
 
     kind                  entitled peer
     stage_step            the gateway, or a holder of the layer range just before this
-                          node's (the previous stage of a chain or replicate lane)
+                          node's (the previous stage of a chain or replicate lane); where
+                          records are checked, only under the acting gateway's signed
+                          dispatch, from the node before this one on its route
+                          (protocol.dispatch, checked by the stage server's `admit`)
     step_result           the last node of the route the step was sent on
     step_error            any node of that route
     kv_append             the chain node of that layer range in the current plan

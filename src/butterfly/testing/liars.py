@@ -22,6 +22,7 @@ from butterfly.runtime.linear import Int8Weight
 from butterfly.runtime.native import BlockedWeight
 from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.types.errors import InvalidInput
+from butterfly.types.ids import NodeId
 from butterfly.types.wire.control import PlanAck, PlanAssign
 from butterfly.types.wire.data import AuditReply, AuditRequest, StageStep
 
@@ -48,9 +49,9 @@ class SignHonestSendCorruptStageServer(StageServer):
     (as last stage: logits favouring another token; as a middle stage: activations)."""
 
     async def compute(
-        self, msg: StageStep, epoch: int, payload: bytes
+        self, msg: StageStep, epoch: int, payload: bytes, route: tuple[NodeId, ...] = ()
     ) -> tuple[bytes, tuple[bytes, ...]]:
-        sent, proofs = await super().compute(msg, epoch, payload)
+        sent, proofs = await super().compute(msg, epoch, payload, route)
         return encode_tensor(skew(decode_tensor(sent))), proofs
 
 
@@ -68,11 +69,11 @@ class _SometimesLying(StageServer):
         return skew(out) if _lying.get() else out
 
     async def compute(
-        self, msg: StageStep, epoch: int, payload: bytes
+        self, msg: StageStep, epoch: int, payload: bytes, route: tuple[NodeId, ...] = ()
     ) -> tuple[bytes, tuple[bytes, ...]]:
         token = _lying.set(self.lies_on(msg))
         try:
-            return await super().compute(msg, epoch, payload)
+            return await super().compute(msg, epoch, payload, route)
         finally:
             _lying.reset(token)
 
@@ -85,9 +86,9 @@ class OmitRecordsStageServer(_SometimesLying):
         return max(msg.lengths) == 1
 
     async def compute(
-        self, msg: StageStep, epoch: int, payload: bytes
+        self, msg: StageStep, epoch: int, payload: bytes, route: tuple[NodeId, ...] = ()
     ) -> tuple[bytes, tuple[bytes, ...]]:
-        sent, proofs = await super().compute(msg, epoch, payload)
+        sent, proofs = await super().compute(msg, epoch, payload, route)
         return sent, (() if self.lies_on(msg) else proofs)
 
 
@@ -121,11 +122,11 @@ class FalseAccuserStageServer(StageServer):
     to frame that honest sender."""
 
     async def compute(
-        self, msg: StageStep, epoch: int, payload: bytes
+        self, msg: StageStep, epoch: int, payload: bytes, route: tuple[NodeId, ...] = ()
     ) -> tuple[bytes, tuple[bytes, ...]]:
         if max(msg.lengths) == 1:
             raise RecordMismatch(f"step {msg.steps} input does not match (a false claim)")
-        return await super().compute(msg, epoch, payload)
+        return await super().compute(msg, epoch, payload, route)
 
 
 class ClaimsInvalidInputStageServer(StageServer):
@@ -136,12 +137,12 @@ class ClaimsInvalidInputStageServer(StageServer):
     claimed = 0
 
     async def compute(
-        self, msg: StageStep, epoch: int, payload: bytes
+        self, msg: StageStep, epoch: int, payload: bytes, route: tuple[NodeId, ...] = ()
     ) -> tuple[bytes, tuple[bytes, ...]]:
         if max(msg.lengths) == 1:
             self.claimed += 1
             raise InvalidInput(f"step {msg.steps}: token ids out of range (a false claim)")
-        return await super().compute(msg, epoch, payload)
+        return await super().compute(msg, epoch, payload, route)
 
 
 class MisshapenStageServer(_SometimesLying):
@@ -208,7 +209,7 @@ class SilentStageServer(StageServer):
     """Heartbeats (the node's membership runs) but never answers a step or an audit; its
     votes are silenced by `butterfly.testing.liar_votes.SilentDriver`."""
 
-    async def on_step(self, env: Envelope):  # type: ignore[no-untyped-def]
+    async def on_step(self, env: Envelope, route: tuple[NodeId, ...] = ()):  # type: ignore[no-untyped-def]
         await asyncio.Event().wait()
 
     async def audit(self, msg: AuditRequest, payload: bytes) -> tuple[AuditReply, bytes]:

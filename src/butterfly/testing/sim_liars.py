@@ -125,11 +125,11 @@ class Intermittent(SimServer):
     strategy = "intermittent"
 
     async def compute(
-        self, msg: StageStep, epoch: int, payload: bytes
+        self, msg: StageStep, epoch: int, payload: bytes, route: tuple[NodeId, ...] = ()
     ) -> tuple[bytes, tuple[bytes, ...]]:
         self._lying = self.rng.random() < 1 / 3
         try:
-            return await super().compute(msg, epoch, payload)
+            return await super().compute(msg, epoch, payload, route)
         finally:
             self._lying = False
 
@@ -138,9 +138,9 @@ class SignHonestSendCorrupt(SimServer):
     strategy = "sign-honest-send-corrupt"
 
     async def compute(
-        self, msg: StageStep, epoch: int, payload: bytes
+        self, msg: StageStep, epoch: int, payload: bytes, route: tuple[NodeId, ...] = ()
     ) -> tuple[bytes, tuple[bytes, ...]]:
-        out, proofs = await super().compute(msg, epoch, payload)  # honest, honestly signed
+        out, proofs = await super().compute(msg, epoch, payload, route)  # honest, honestly signed
         self.lied()
         return encode_tensor(corrupted(decode_tensor(out, 1 << 24), self.column)), proofs
 
@@ -149,11 +149,11 @@ class Omit(SimServer):
     strategy = "omit"
 
     async def compute(
-        self, msg: StageStep, epoch: int, payload: bytes
+        self, msg: StageStep, epoch: int, payload: bytes, route: tuple[NodeId, ...] = ()
     ) -> tuple[bytes, tuple[bytes, ...]]:
         self._lying = any(start > 0 for start in msg.starts)  # decode steps
         try:
-            out, proofs = await super().compute(msg, epoch, payload)
+            out, proofs = await super().compute(msg, epoch, payload, route)
         finally:
             lying, self._lying = self._lying, False
         return (out, own_records_dropped(proofs, self.node)) if lying else (out, proofs)

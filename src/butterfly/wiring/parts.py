@@ -30,6 +30,7 @@ from butterfly.metrics.events import Emit
 from butterfly.metrics.tracing import Tracing
 from butterfly.net.transport import Transport
 from butterfly.partition.service import PartitionService
+from butterfly.protocol.dispatch import Dispatcher
 from butterfly.protocol.failure_detector import PhiAccrualFailureDetector
 from butterfly.protocol.proof import tolerance_for
 from butterfly.protocol.sign import SigningKey
@@ -248,6 +249,8 @@ def engine(
         prefill_chunk=cfg.generation.prefill_chunk,
         records=RecordSize(byz.fingerprint_top_k, byz.fingerprint_chunk) if verify else None,
         drafter=drafter(cfg, model_dir, torch_thread),
+        # the stages run only steps the gateway signed, where they check records
+        dispatcher=Dispatcher(me, server.prover.key) if server.prover is not None else None,
     )
 
 

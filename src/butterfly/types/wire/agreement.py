@@ -26,6 +26,9 @@ type, unknown kind or oversized message is `InvalidMessage`.
                                        the executed state f+1 of them sent alike
     evidence        any replica        two conflicting messages signed by one node
     proof           stage nodes        the signed record of one stage step
+    dispatch        the gateway        its word for one stage step batch: the entries,
+                                       the route and whom to answer (travels inside the
+                                       step, `StageStep.dispatch`)
 """
 
 from __future__ import annotations
@@ -308,6 +311,32 @@ class Proof:
     signature: Signature = b""
 
 
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """The acting gateway's signed word for one stage step batch (DESIGN.md section 3:
+    each message kind is acted on only from the peer entitled to send it). A stage runs a
+    step only under one, from the node before it on `route` (every node that runs the
+    batch, in order), and answers only `reply_to`: a holder of the previous layer range
+    that is on no route can no longer send a node steps that cut its KV cache back,
+    compute on bytes of its choosing, or make it answer the gateway for them. `serial`
+    grows with every dispatch of the gateway, so a stage runs one only if it is newer than
+    the last it ran for each of its requests: an old one replayed is refused."""
+
+    kind: ClassVar[str] = "dispatch"
+    sender: NodeId
+    epoch: Epoch
+    serial: int
+    request_ids: tuple[RequestId, ...]
+    steps: tuple[int, ...]
+    starts: tuple[int, ...]
+    lengths: tuple[int, ...]
+    route: tuple[NodeId, ...]
+    reply_to: NodeId
+    last_only: bool
+    version: int = PROTOCOL_VERSION
+    signature: Signature = b""
+
+
 Message = (
     Heartbeat
     | Request
@@ -323,6 +352,7 @@ Message = (
     | StateSnapshot
     | Evidence
     | Proof
+    | Dispatch
 )
 
 MESSAGE_TYPES: tuple[type[Message], ...] = (
@@ -340,6 +370,7 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     StateSnapshot,
     Evidence,
     Proof,
+    Dispatch,
 )
 KINDS: dict[str, type[Message]] = {cls.kind: cls for cls in MESSAGE_TYPES}
 _CODEC = Codec(KINDS, version=PROTOCOL_VERSION, error=InvalidMessage)

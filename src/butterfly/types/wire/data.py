@@ -47,7 +47,7 @@ class StageStep:
     """
 
     kind: ClassVar[str] = "stage_step"
-    OMIT_EMPTY: ClassVar[tuple[str, ...]] = ("trace",)
+    OMIT_EMPTY: ClassVar[tuple[str, ...]] = ("trace", "dispatch")
     LATENCY_BOUND: ClassVar[bool] = True
     request_ids: tuple[RequestId, ...]
     steps: tuple[int, ...]
@@ -58,6 +58,7 @@ class StageStep:
     last_only: bool
     proofs: tuple[bytes, ...] = ()  # signed records (wire.agreement.Proof) so far
     trace: tuple[TraceContext, ...] = ()
+    dispatch: bytes = b""  # the gateway's signed `wire.agreement.Dispatch`, when verifying
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,135 @@
+"""The gateway's signed dispatch of a stage step, and a stage's check of it.
+
+A holder of the layer range before a node's used to be entitled to send it stage steps
+(a replicate lane, a replay around a suspected node), with whatever entries, starts,
+route and `reply_to` it chose. One liar on no route could then cut an honest node's KV
+cache back and refill it with its own bytes (the audit blamed the honest node for what it
+computed on them), make it answer the gateway for steps the gateway never sent it, with
+records the liar had gathered from another holder (the gateway's check blamed the honest
+node), or fail a client's request with errors the honest nodes raised about the liar's
+malformed steps. So when results are verified, the gateway signs each step it sends (a
+`wire.agreement.Dispatch`: the entries, the whole route, whom to answer, and a serial),
+and a stage runs a step only under the acting gateway's dispatch, from the node before it
+on that route, each of its requests newer than the last one it ran (`Serials`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+from butterfly.protocol.sign import SigningKey, sign_message, verify_message
+from butterfly.types.errors import ButterflyError
+from butterfly.types.ids import Epoch, NodeId, RequestId
+from butterfly.types.wire.agreement import Dispatch, decode, encode
+from butterfly.types.wire.data import StageStep
+
+
+class Dispatcher:
+    """The gateway's side: each step it sends, stamped with its signed dispatch."""
+
+    def __init__(self, node: NodeId, key: SigningKey) -> None:
+        self.node, self._key = node, key
+        # from the clock, so a gateway restarted for a request it ran before goes on above
+        # the serials the stages saw from it then
+        self._serials = itertools.count(time.time_ns())
+
+    def stamp(self, msg: StageStep, first: NodeId, epoch: int) -> StageStep:
+        """`msg`, as sent to `first`, under the gateway's signed word for it."""
+        ticket = Dispatch(
+            self.node,
+            Epoch(epoch),
+            next(self._serials),
+            msg.request_ids,
+            msg.steps,
+            msg.starts,
+            msg.lengths,
+            (first, *msg.route),
+            msg.reply_to,
+            msg.last_only,
+        )
+        return replace(msg, dispatch=encode(sign_message(ticket, self._key)))
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a step may not run here. `early`: the member that signed it, when that is all
+    that is wrong (it took the gateway's role and this node has not heard yet), to be
+    told so with a retriable error rather than left to time out; None otherwise (nothing
+    vouches for whom to answer)."""
+
+    reason: str
+    early: NodeId | None = None
+
+
+def dispatched(
+    msg: StageStep,
+    *,
+    peer: NodeId,
+    me: NodeId,
+    gateway: NodeId,
+    keys: Mapping[NodeId, bytes],
+    epoch: int,
+) -> Dispatch | Refusal:
+    """The dispatch `msg` (from the authenticated `peer`) runs under here, or why it may
+    not run. `keys`: the members' public keys."""
+    if not msg.dispatch:
+        return Refusal("it carries no dispatch from the gateway")
+    try:
+        ticket = decode(msg.dispatch)
+    except ButterflyError as e:
+        return Refusal(f"its dispatch does not decode: {e}")
+    if not isinstance(ticket, Dispatch):
+        return Refusal(f"its dispatch is a {ticket.kind}")
+    key = keys.get(ticket.sender)
+    if key is None or not verify_message(ticket, key):
+        return Refusal(f"its dispatch is not signed by node {ticket.sender}")
+    if ticket.sender != gateway:
+        why = f"dispatched by node {ticket.sender}, where node {gateway} is the gateway here"
+        return Refusal(why, ticket.sender)
+    if ticket.epoch != epoch:
+        return Refusal(f"it was dispatched for epoch {ticket.epoch}, sent in epoch {epoch}")
+    if me not in ticket.route:
+        return Refusal(f"its dispatched route {list(ticket.route)} does not name node {me}")
+    at = ticket.route.index(me)
+    before = ticket.route[at - 1] if at else gateway
+    if peer != before:
+        return Refusal(f"node {peer} sent it; the dispatched route has node {before} before")
+    sent = (msg.request_ids, msg.steps, msg.starts, msg.lengths, msg.route, msg.reply_to)
+    signed = (ticket.request_ids, ticket.steps, ticket.starts, ticket.lengths)
+    if sent != (*signed, ticket.route[at + 1 :], ticket.reply_to) or (
+        msg.last_only != ticket.last_only
+    ):
+        return Refusal("it is not the step the gateway dispatched (entries, route or reply)")
+    return ticket
+
+
+class Serials:
+    """The last dispatch serial a stage ran for each request (of each gateway): a step
+    runs only under a newer one, so an old dispatch, replayed, cannot cut a cache back.
+    Bounded: the oldest requests are forgotten first (their caches are long gone)."""
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._last: OrderedDict[RequestId, tuple[NodeId, int]] = OrderedDict()
+        self._limit = limit
+
+    def stale(self, ticket: Dispatch) -> RequestId | None:
+        """The first request of `ticket` that ran under a dispatch as new, or None."""
+        for rid in ticket.request_ids:
+            last = self._last.get(rid)
+            if last is not None and last[0] == ticket.sender and last[1] >= ticket.serial:
+                return rid
+        return None
+
+    def ran(self, ticket: Dispatch) -> None:
+        for rid in ticket.request_ids:
+            self._last[rid] = (ticket.sender, ticket.serial)
+            self._last.move_to_end(rid)
+        while len(self._last) > self._limit:
+            self._last.popitem(last=False)
+
+
+__all__ = ["Dispatcher", "Refusal", "Serials", "dispatched"]
