@@ -205,6 +205,28 @@ def test_cli_update_from_a_file_and_rollback_through_the_gateway(
     assert f"rollback to version {start['version']}" in listed.output
 
 
+def test_a_running_node_follows_an_edit_of_its_config_file(cluster: LocalCluster) -> None:
+    """`butterfly start --config F` reloads F when it changes (it never did: the watcher
+    was built and never started): a node-local limit written into the gateway's file
+    limits its next request."""
+    path = cluster.configs[0]
+    text = path.read_text()
+    body = {"prompt": "hello", "max_new_tokens": 8, "wait": True}
+
+    def limited() -> bool:
+        r = httpx.post(f"{cluster.api_url}/inference", json=body, timeout=120.0)
+        return r.status_code == 400 and "max_new_tokens" in r.text
+
+    assert not limited()
+    try:
+        limit = "max_new_tokens_limit = 4\ndefault_max_new_tokens = 4\n"
+        path.write_text(text + "\n[scheduling]\n" + limit)
+        wait_until(limited, 30.0, "the edited limit refuses 8 new tokens")
+    finally:
+        path.write_text(text)
+    wait_until(lambda: not limited(), 30.0, "the file's own limit back")
+
+
 def test_a_rate_limit_change_applies_without_restart(cluster: LocalCluster) -> None:
     """api.rate_limit is dynamic-local: the gateway's limiter takes the new value at once."""
     body = {"prompt": "x", "max_new_tokens": 1}

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
-import queue
 import re
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,7 +15,6 @@ from butterfly.config import (
     ConfigHistory,
     ConfigInvalid,
     ConfigManager,
-    ConfigWatcher,
     Proposal,
     UpdateRefused,
     UpdateRejected,
@@ -23,6 +22,7 @@ from butterfly.config import (
     check_proposal,
     cluster_hash,
     config_hash,
+    follow_files,
     load_config,
     propose_update,
     reload_files,
@@ -251,45 +251,41 @@ def test_reload_of_a_corrupted_file_raises_and_keeps_the_config(tmp_path: Path) 
     assert manager.record == before
 
 
-def wait_for_error(errors: queue.Queue[ConfigError], text: str, timeout: float = 10) -> bool:
-    """Skip errors left over from earlier writes; False if `text` never shows up."""
-    deadline = time.monotonic() + timeout
-    while (left := deadline - time.monotonic()) > 0:
-        try:
-            if text in str(errors.get(timeout=left)):
-                return True
-        except queue.Empty:
-            return False
-    return False
-
-
-def test_corrupted_file_during_watch_keeps_the_running_config(tmp_path: Path) -> None:
+async def test_a_followed_file_applies_edits_and_keeps_the_config_on_a_bad_one(
+    tmp_path: Path,
+) -> None:
+    """What a running node does with its files (`butterfly start` follows them): a
+    corrupt edit or one of a static key leaves the running config; a good one applies."""
     path = tmp_path / "node.toml"
     path.write_text('[observability]\nlog_level = "info"\n')
     manager = ConfigManager(load_config([path]))
     before = manager.record
-    errors: queue.Queue[ConfigError] = queue.Queue()
-    with ConfigWatcher(manager, [path], on_error=errors.put, debounce_ms=20):
-        # The watcher may start after a write; write again until it reports (bounded).
-        error = None
-        for _ in range(100):
-            write_atomically(path, '[observability\nlog_level = "debug"\n')
-            try:
-                error = errors.get(timeout=0.2)
-                break
-            except queue.Empty:
-                continue
-        assert error is not None and "not valid TOML" in str(error)
+    errors: list[ConfigError] = []
+    stop = asyncio.Event()
+    follow = asyncio.create_task(
+        follow_files(manager, [path], stop=stop, on_error=errors.append, debounce_ms=20)
+    )
+
+    async def until(done: Callable[[], bool], text: str) -> None:
+        for _ in range(500):  # the watcher may start after a write: write until it reports
+            write_atomically(path, text)
+            for _ in range(10):
+                await asyncio.sleep(0.02)
+                if done():
+                    return
+        raise AssertionError(f"never saw {text!r} applied or refused")
+
+    try:
+        await until(lambda: any("not valid TOML" in str(e) for e in errors), "[observability\n")
+        assert manager.record == before and manager.current.observability.log_level == "info"
+        static = '[node]\nlisten = "127.0.0.1:9999"\n'
+        await until(lambda: any("restart required: node.listen" in str(e) for e in errors), static)
         assert manager.record == before
-        assert manager.current.observability.log_level == "info"
-        write_atomically(path, '[node]\nlisten = "127.0.0.1:9999"\n')
-        assert wait_for_error(errors, "restart required: node.listen")
-        assert manager.record == before
-        write_atomically(path, '[observability]\nlog_level = "debug"\n')
-        deadline = time.monotonic() + 10
-        while manager.current.observability.log_level != "debug" and time.monotonic() < deadline:
-            time.sleep(0.02)
-    assert manager.current.observability.log_level == "debug"
+        good = '[observability]\nlog_level = "debug"\n'
+        await until(lambda: manager.current.observability.log_level == "debug", good)
+    finally:
+        stop.set()
+        await asyncio.wait_for(follow, 10)
     assert manager.record.version == before.version + 1
     assert config_hash(manager.current) == manager.record.config_hash
 

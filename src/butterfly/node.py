@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -23,7 +24,7 @@ from butterfly.agreement.build import NodeAgreement, build_agreement, open_confi
 from butterfly.agreement.driver import AgreementDriver
 from butterfly.config import ButterflyConfig, ConfigManager
 from butterfly.config.gateways import gateway_nodes
-from butterfly.config.reload import Subscriber
+from butterfly.config.reload import Subscriber, UpdateResult, follow_files
 from butterfly.config.roster import Roster
 from butterfly.control.agreed_state import AgreedState
 from butterfly.control.gateway_role import GatewayRole
@@ -92,8 +93,9 @@ class Node:
     tracing: Tracing
     scrape: MetricsServer | None  # GET /metrics of this node (metrics.listen), if set
 
-    async def serve(self, stop: asyncio.Event) -> None:
-        """Run until `stop` is set, then drain and return."""
+    async def serve(self, stop: asyncio.Event, config_files: Sequence[Path] = ()) -> None:
+        """Run until `stop` is set, then drain and return; `config_files` (what the node
+        started from) are followed: an edit applies as an update would (`follow_files`)."""
         cfg = self.config.current
         await self.router.start(self.routes)
         scrape = self.scrape
@@ -117,6 +119,15 @@ class Node:
                     "agreement": self.agreement.driver.run,
                     "evidence": partial(self.recovery.watch_evidence, self.evidence),
                 }
+                if config_files:
+                    loops["config-files"] = partial(
+                        follow_files,
+                        self.config,
+                        config_files,
+                        stop=stop,
+                        env=os.environ,
+                        on_result=_cluster_wide_left,
+                    )
                 for name, loop in loops.items():
                     tg.create_task(supervised(name, loop, self.metrics.emit))
                 gateway = tg.create_task(self.gateway.serve(stop)) if self.gateway else None
@@ -133,6 +144,17 @@ class Node:
             self.stage_server.close()
             self.config.history.close()
             self.tracing.close()
+
+
+def _cluster_wide_left(result: UpdateResult) -> None:
+    """A node's file is its own: the cluster's options move only by agreement."""
+    if result.pending is not None:
+        keys = sorted(result.pending.keys)
+        log.warning(
+            "config file: cluster-wide options %s differ from the agreed ones and are left as "
+            "agreed; change them with `butterfly config update --file F --url U`",
+            keys,
+        )
 
 
 def _execute(
@@ -364,10 +386,12 @@ def run(
     stage_server_type: type[StageServer] = StageServer,
     agreement_type: type[AgreementDriver] = AgreementDriver,
     subscribers: Sequence[tuple[str, Subscriber, Subscriber | None]] = (),
+    config_files: Sequence[Path] = (),
 ) -> NoReturn:
     """Run a node in the foreground until SIGINT/SIGTERM, then end the process with exit
     code 0 without the interpreter's slow teardown (`wiring.process.end_process`).
 
+    `config_files`: what `cfg` was loaded from, reloaded when edited.
     `subscribers` are extra components' (name, on_change, check) for config changes;
     `butterfly.testing.config_faults` composes a node that refuses a value this way.
     """
@@ -387,7 +411,7 @@ def run(
         node.config.subscribe("logging", set_log_level)  # hot: no restart for the level
         for name, on_change, check in subscribers:
             node.config.subscribe(name, on_change, check=check)
-        await node.serve(stop)
+        await node.serve(stop, config_files)
 
     run_until_signalled(main)
     end_process(0)

@@ -54,7 +54,7 @@ def start(
         err.print(f"[red]invalid config:[/red] {e}")
         raise typer.Exit(2) from e
     try:
-        run(cfg, _model_for(cfg.model.path))
+        run(cfg, _model_for(cfg.model.path), config_files=[config])
     except (ButterflyError, OSError) as e:  # a key, a certificate, a data directory
         raise _cannot_start(cfg.node.id, [e]) from e
     except BaseExceptionGroup as group:  # its loops' failures: a model it cannot load

@@ -18,12 +18,11 @@ from butterfly.config.loader import Loaded, apply_patch, load, load_config
 from butterfly.config.proposal import Proposal, check_proposal, propose_change, propose_update
 from butterfly.config.reload import (
     ConfigManager,
-    ConfigWatcher,
     UpdateResult,
     Vote,
+    follow_files,
     reload_files,
     rollback_target,
-    watch_config,
 )
 from butterfly.config.schema import ButterflyConfig, Mutability, Scope
 from butterfly.config.template import dump_toml, template
@@ -44,7 +43,6 @@ __all__ = [
     "ConfigInvalid",
     "ConfigIssue",
     "ConfigManager",
-    "ConfigWatcher",
     "DeprecatedOption",
     "FieldSpec",
     "Loaded",
@@ -65,6 +63,7 @@ __all__ = [
     "diff_configs",
     "dump_toml",
     "field_specs",
+    "follow_files",
     "largest_safe_f",
     "load",
     "load_config",
@@ -73,5 +72,4 @@ __all__ = [
     "reload_files",
     "rollback_target",
     "template",
-    "watch_config",
 ]

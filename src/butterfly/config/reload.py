@@ -12,6 +12,7 @@ rollbacks included, so history only grows and "what ran when" is never rewritten
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -280,28 +281,31 @@ def reload_files(
     return result, loaded.files
 
 
-def watch_config(
+async def follow_files(
     manager: ConfigManager,
     files: Sequence[Path | str],
     *,
-    stop: threading.Event,
+    stop: asyncio.Event,
     env: Mapping[str, str] | None = None,
-    overrides: Sequence[str] = (),
     on_result: Callable[[UpdateResult], None] | None = None,
     on_error: Callable[[ConfigError], None] | None = None,
     debounce_ms: int = 100,
     force_polling: bool | None = None,
 ) -> None:
-    """Block, reloading whenever a config file (or an include) changes, until `stop`.
+    """Reload whenever a config file (or an include) changes, until `stop`: what a running
+    node does with the files it started from (`butterfly start --config`).
 
-    A file that fails to parse or validate, or that changes static keys, leaves the
-    running config as it is; the error goes to `on_error` and the log. Directories are
-    watched rather than files, so editors that save by rename are seen too. A result with
-    `pending` set carries cluster-wide changes: hand it to the agreement layer.
+    On the event loop, so the components' subscribers run where the components live, as
+    for an update through the API. A file that fails to parse or validate, or that changes
+    static keys, leaves the running config as it is; the error goes to `on_error` and the
+    log. Directories are watched rather than files, so editors that save by rename are
+    seen too. A result with `pending` set carries cluster-wide changes, which one node's
+    file does not make: `on_result` decides (the node logs them, to be agreed with
+    `butterfly config update --url`).
     """
     watched = {Path(f).expanduser().resolve() for f in files}
     try:
-        watched |= set(load(files, env=env, overrides=overrides).files)
+        watched |= set(load(files, env=env).files)
     except ConfigError as e:
         log.warning("config watcher starting on an invalid file: %s", e)
     dirs = sorted({p.parent for p in watched})
@@ -310,16 +314,15 @@ def watch_config(
         return Path(path).resolve() in watched
 
     log.info("watching config files %s", sorted(map(str, watched)))
-    for _ in watchfiles.watch(
+    async for _ in watchfiles.awatch(
         *dirs,
         watch_filter=relevant,
         stop_event=stop,
         debounce=debounce_ms,
         force_polling=force_polling,
-        raise_interrupt=False,
     ):
         try:
-            result, read = reload_files(manager, files, env=env, overrides=overrides)
+            result, read = reload_files(manager, files, env=env)
         except ConfigError as e:
             log.error("config reload refused, keeping version %d: %s", manager.record.version, e)
             if on_error is not None:
@@ -328,31 +331,3 @@ def watch_config(
         watched |= set(read)
         if on_result is not None:
             on_result(result)
-
-
-class ConfigWatcher:
-    """`watch_config` on a daemon thread, with a `stop` that returns once it has ended."""
-
-    def __init__(self, manager: ConfigManager, files: Sequence[Path | str], **kw: Any) -> None:
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=watch_config,
-            args=(manager, files),
-            kwargs={"stop": self._stop, **kw},
-            name="config-watcher",
-            daemon=True,
-        )
-
-    def start(self) -> ConfigWatcher:
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        self._thread.join(timeout)
-
-    def __enter__(self) -> ConfigWatcher:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -68,7 +68,7 @@ def main() -> int:
     subscribers: list[tuple[str, Subscriber, Subscriber | None]]
     subscribers = [(f"veto {k}", _accept, veto(k, v)) for n, k, v in args.veto if n == me]
     subscribers += [(f"apply {k}", fail_once(k, v), None) for n, k, v in args.fail_apply if n == me]
-    return run(cfg, Path(cfg.model.path), subscribers=subscribers)
+    return run(cfg, Path(cfg.model.path), subscribers=subscribers, config_files=[args.config])
 
 
 if __name__ == "__main__":
