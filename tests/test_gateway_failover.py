@@ -34,6 +34,8 @@ NEW = 120
 SHORT = 6
 PROMPTS = ["Butterfly", "Once upon a time", "a b c"]
 SAMPLED = SamplingParams(temperature=0.8, seed=5)
+TOKEN = "s3cret"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def references(model: Path) -> list[list[int]]:
@@ -71,9 +73,14 @@ def test_the_acting_gateway_killed_mid_generation_loses_nothing(
             r = httpx.post(f"{cluster.api_url}/inference", json=body, timeout=30)
             assert r.status_code == 202, r.text
             ids.append(r.json()["task_id"])
+        # a token required through the API holds on the standby too, once it takes over
+        # (it served with its own file's values: none)
+        r = httpx.post(f"{cluster.api_url}/api/v1/config", json={"api.tokens": [TOKEN]}, timeout=60)
+        assert r.status_code == 200 and r.json()["nodes"] == {"0": "applied", "1": "applied"}
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            status = httpx.get(f"{cluster.api_url}/status/{ids[0]}", timeout=10).json()
+            url = f"{cluster.api_url}/status/{ids[0]}"
+            status = httpx.get(url, headers=AUTH, timeout=10).json()
             if status.get("tokens_generated", 0) >= 12:
                 break
             time.sleep(0.005)
@@ -92,20 +99,24 @@ def test_the_acting_gateway_killed_mid_generation_loses_nothing(
         assert healthy, "node 1 did not take over"
         # its port answered throughout: a redirect, then 503 while it planned (api.switch)
         assert refused == 0, f"node 1's API refused {refused} connection(s) while taking over"
+        body = {"prompt": PROMPTS[0], "max_new_tokens": 1}
+        assert httpx.post(f"{successor}/inference", json=body, timeout=30).status_code == 401
         for task_id, tokens in zip(ids, expected, strict=True):
-            r = httpx.get(f"{successor}/result/{task_id}", params={"wait": 120}, timeout=180)
+            url = f"{successor}/result/{task_id}"
+            r = httpx.get(url, params={"wait": 120}, headers=AUTH, timeout=180)
             assert r.status_code == 200, r.text
             result = r.json()
             assert result["output_ids"] == tokens, task_id
             assert 0 not in {s["node"] for s in result["stages"]}
-        first = httpx.get(f"{successor}/result/{ids[0]}", timeout=10).json()
+        first = httpx.get(f"{successor}/result/{ids[0]}", headers=AUTH, timeout=10).json()
         assert first["timings"].get("resumed_from_checkpoint", 0) >= 8
         # `butterfly infer --url A,B`: node 0 is dead, the next address answers
-        assert infer([cluster.api_url, successor]) == expected[0][:SHORT]
+        assert infer([cluster.api_url, successor], "--token", TOKEN) == expected[0][:SHORT]
 
 
-def infer(urls: list[str]) -> list[int]:
+def infer(urls: list[str], *extra: str) -> list[int]:
     args = ["infer", "--url", ",".join(urls), PROMPTS[0], "--max-tokens", str(SHORT), "--json"]
+    args += extra
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     output_ids: list[int] = json.loads(result.stdout)["output_ids"]

@@ -28,6 +28,7 @@ from butterfly.types.plan import StagePlan
 from butterfly.types.tasks import InferenceTask
 from butterfly.types.wire.control import (
     AgreementFrame,
+    ConfigLocal,
     ConfigPrepare,
     ConfigStatusQuery,
     ConfigSync,
@@ -106,6 +107,7 @@ def test_cache_copies_come_from_the_chain_node_of_their_range() -> None:
         PlanAssign(1, (1, 0, 4), "m"),
         ConfigPrepare("d" * 64),
         ConfigSync(),  # a sync rewrites the node's config: the gateway's call alone
+        ConfigLocal(),  # so do the gateway's role options it hands the standbys
     ],
 )
 def test_gateway_kinds_come_only_from_the_gateway(msg: Message) -> None:

@@ -14,6 +14,7 @@ from butterfly.types.ids import Epoch, NodeId, RequestId, StageIndex
 from butterfly.types.wire.base import PROTOCOL_VERSION, Ask, reply_type
 from butterfly.types.wire.control import (
     AgreementFrame,
+    ConfigLocal,
     ConfigPrepare,
     ConfigStatus,
     ConfigStatusQuery,
@@ -79,6 +80,7 @@ SAMPLES: list[Message] = [
     ConfigStatusQuery(True),
     ConfigStatus(N1, 3, "h" * 64, "c" * 64, 4, "", 0),
     ConfigSync(),
+    ConfigLocal(),
     Chunk(1, 0, 1 << 20, False),
     TaskCopy(R1),
     TaskCopied(N2, R1, True),
@@ -103,7 +105,7 @@ def frame(msg: Message, **header: object) -> bytes:
 
 def test_every_frame_kind_has_a_sample_and_round_trips() -> None:
     assert {type(m) for m in SAMPLES} == set(MESSAGE_TYPES.values())
-    assert len(MESSAGE_TYPES) == len(typing.get_args(Message)) == 31
+    assert len(MESSAGE_TYPES) == len(typing.get_args(Message)) == 32
     for msg in SAMPLES:
         env = decode_frame(frame(msg), 1 << 20)
         assert env.msg == msg and type(env.msg) is type(msg)
@@ -171,6 +173,7 @@ def test_every_request_declares_a_registered_reply() -> None:
         "config_prepare",
         "config_status_query",
         "config_sync",
+        "config_local",
         "task_copy",
         "task_sync",
     }

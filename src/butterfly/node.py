@@ -337,6 +337,7 @@ def build_node(
         c.ConfigPrepare: config_message,
         c.ConfigStatusQuery: config_message,
         c.ConfigSync: config_message,
+        c.ConfigLocal: config_message,
     }
     gateway = None
     if role.capable(me):  # acting, or standing by to take over

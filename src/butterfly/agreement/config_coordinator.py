@@ -9,7 +9,9 @@ when the agreement executes it, at the config sequence number the command carrie
 at a wall-clock time. If ordering times out, the gateway orders a `ConfigAbort` for that
 attempt: whichever of the two executes first decides, identically on every node, so a
 timeout never leaves the cluster split. Dynamic-local keys in the same patch apply on
-the gateway only, and only after the cluster part committed.
+the gateway, after the cluster part committed, and those of the gateway's role (its API,
+queue and generation options) on the standby gateways too, which enforce them once they
+take over (`ConfigLocal`).
 
 Where every node stands (for FINALIZE, `/health` and `sync`) is `config_status`'s job.
 """
@@ -28,6 +30,7 @@ from butterfly.agreement.config_replica import Applied, ConfigReplica, NotApplie
 from butterfly.agreement.config_status import ClusterConfigStatus, NodeConfig
 from butterfly.agreement.config_votes import valid_vote
 from butterfly.config import ButterflyConfig, Proposal, UpdateRefused, apply_patch
+from butterfly.config.gateways import gateway_nodes, gateway_role
 from butterfly.config.proposal import Kind, classify, propose_change, restart_required
 from butterfly.config.reload import rollback_target
 from butterfly.config.versions import Change, canonical_json, diff_configs
@@ -36,7 +39,7 @@ from butterfly.protocol.quorum import quorum
 from butterfly.types.errors import ButterflyError, ConfigError, ConsensusTimeout
 from butterfly.types.ids import NodeId
 from butterfly.types.wire.commands import ConfigAbort, ConfigUpdate, encode_command
-from butterfly.types.wire.control import ConfigPrepare, ConfigVote
+from butterfly.types.wire.control import ConfigLocal, ConfigPrepare, ConfigVote
 
 log = logging.getLogger(__name__)
 
@@ -149,17 +152,47 @@ class ConfigCoordinator:
                     f"gateway-local ones were refused: {e}"
                 ) from e
             rec = self.replica.manager.record
+            nodes = dict(result.nodes) if result else {int(self.me): "applied"}
+            for node, state in (await self._tell_standbys(local.applied)).items():
+                # beside the cluster-wide part's report, when there is one
+                nodes[node] = (
+                    f"{nodes.get(node, 'not reported')}; gateway options {state}"
+                    if result
+                    else state
+                )
             result = ChangeResult(
                 result.seq if result else 0,
                 local.version,
                 rec.config_hash,
                 rec.cluster_hash,
                 (result.changes if result else ()) + local.applied,
-                result.nodes if result else {int(self.me): "applied"},
+                nodes,
             )
         if result is None:  # unreachable: one of the two branches ran
             raise UpdateRefused("the change does nothing")
         return result
+
+    async def _tell_standbys(self, applied: tuple[Change, ...]) -> dict[int, str]:
+        """The other gateway-capable nodes adopt what changed here of the gateway's role
+        (`config.gateways.gateway_role`): before, a token required through the API was
+        gone as soon as a standby took over, serving with its own file's values."""
+        values = {c.key: c.new for c in applied if gateway_role(c.key)}
+        standbys = [n for n in gateway_nodes(self.replica.manager.current) if n != self.me]
+        if not values or not standbys:
+            return {}
+        body = canonical_json(values)
+
+        async def tell(node: NodeId) -> str:
+            try:
+                status, _ = await self._transport.ask(
+                    node, ConfigLocal(), body, timeout=self._timeout, channel="control"
+                )
+            except ButterflyError as e:
+                return f"unreachable ({e}): it keeps its own values of {sorted(values)}"
+            return f"failed: {status.error}" if status.error else "applied"
+
+        told = await asyncio.gather(*(tell(n) for n in standbys))
+        return {int(n): state for n, state in zip(standbys, told, strict=True)}
 
     async def _agree(self, proposal: Proposal) -> ChangeResult:
         started = time.monotonic()

@@ -102,4 +102,23 @@ def check_gateways(cfg: ButterflyConfig) -> Iterator[ConfigIssue]:
         )
 
 
-__all__ = ["api_port", "check_gateways", "gateway_nodes", "gateway_urls", "listed_gateways"]
+GATEWAY_ROLE_SECTIONS = ("api", "scheduling", "generation")
+"""Where the node-local options of the gateway's role live (its API's tokens and limits,
+its queue, how it generates): what the acting gateway is told to change through its API,
+the standbys adopt too (`agreement.config_coordinator`), so a takeover keeps them."""
+
+
+def gateway_role(key: str) -> bool:
+    """Whether dotted option `key` is one of the gateway's role."""
+    return key.split(".", 1)[0] in GATEWAY_ROLE_SECTIONS
+
+
+__all__ = [
+    "GATEWAY_ROLE_SECTIONS",
+    "api_port",
+    "check_gateways",
+    "gateway_nodes",
+    "gateway_role",
+    "gateway_urls",
+    "listed_gateways",
+]

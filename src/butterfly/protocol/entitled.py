@@ -14,7 +14,7 @@ left is whether that peer is the one entitled to send this kind, now:
     step_error            any node of that route
     kv_append             the chain node of that layer range in the current plan
     release, audit_request, cache_query, status_query,
-    plan_assign, config_prepare, config_sync,
+    plan_assign, config_prepare, config_sync, config_local,
     task_copy, task_checkpoint, task_settled, task_sync
                           the gateway (the acting one, as agreed)
     ping, config_status_query, agreement
@@ -39,6 +39,7 @@ from butterfly.types.model import LayerRange
 from butterfly.types.plan import StagePlan
 from butterfly.types.wire.control import (
     AgreementFrame,
+    ConfigLocal,
     ConfigPrepare,
     ConfigStatusQuery,
     ConfigSync,
@@ -66,6 +67,7 @@ FROM_GATEWAY = (
     PlanAssign,
     ConfigPrepare,
     ConfigSync,
+    ConfigLocal,
     TaskCopy,
     TaskCheckpoint,
     TaskSettled,

@@ -181,6 +181,15 @@ class ConfigSync(Ask[ConfigStatus]):
     kind: ClassVar[str] = "config_sync"
 
 
+@dataclass(frozen=True, slots=True)
+class ConfigLocal(Ask[ConfigStatus]):
+    """Adopt these node-local options of the gateway's role, as the acting gateway did
+    (payload: their dotted values as canonical JSON): a standby gateway enforces the same
+    tokens and limits once it takes over (`config.gateways.gateway_role`)."""
+
+    kind: ClassVar[str] = "config_local"
+
+
 ControlMessage = (
     Hello
     | HelloAck
@@ -195,4 +204,5 @@ ControlMessage = (
     | ConfigStatusQuery
     | ConfigStatus
     | ConfigSync
+    | ConfigLocal
 )
