@@ -38,6 +38,7 @@ from butterfly.dataplane.replicate import Replicator
 from butterfly.dataplane.stage_server import StageServer
 from butterfly.dataplane.unresponsive import StepTimeouts
 from butterfly.metrics.events import MetricsEvent, Verification, discard
+from butterfly.metrics.tracing import Tracing
 from butterfly.net.framing import Envelope
 from butterfly.net.memory import MemoryNetwork
 from butterfly.protocol.failure_detector import PhiAccrualFailureDetector
@@ -217,7 +218,12 @@ async def parts(tiny_model: Path, torch_thread: TorchThread) -> AsyncIterator[Pa
         **recovery_parts(sorted(members), server, events),
     )
     follow_config(
-        manager, engine=engine, stage_server=server, membership=membership, recovery=recovery
+        manager,
+        engine=engine,
+        stage_server=server,
+        membership=membership,
+        recovery=recovery,
+        tracing=Tracing(node=1, exporter=None),  # no otlp_endpoint at start
     )
     replanning = asyncio.create_task(recovery.run(on_replanned=engine.plan_changed))
     try:
@@ -375,6 +381,13 @@ async def test_the_next_signed_record_uses_the_new_fingerprint(
     after = fingerprint(await _step(parts.server, 2, 4, [3]))
     assert before == (8, 1)
     assert after == ((value, 1) if key.endswith("top_k") else (8, value))
+
+
+def test_tracing_turned_on_where_spans_go_nowhere_is_refused(parts: Parts) -> None:
+    """Reported "applied", it recorded nothing: the endpoint is read at start only."""
+    with pytest.raises(UpdateRejected, match="otlp_endpoint"):
+        change(parts.manager, {"observability.tracing": True})
+    assert not parts.manager.current.observability.tracing
 
 
 async def test_a_kv_copy_extends_a_cache_a_step_made(parts: Parts) -> None:

@@ -151,6 +151,18 @@ def _retune_stage_server(server: StageServer, cfg: ButterflyConfig) -> None:
         )
 
 
+def _check_tracing(tracing: Tracing) -> Callable[[ButterflyConfig, ButterflyConfig], None]:
+    def check(old: ButterflyConfig, new: ButterflyConfig) -> None:
+        turned_on = new.observability.tracing and not old.observability.tracing
+        if turned_on and not tracing.exports:  # "applied", it would have recorded nothing
+            raise ValueError(
+                "observability.tracing needs observability.otlp_endpoint, which is read at "
+                "start: set it and restart the node, then turn tracing on"
+            )
+
+    return check
+
+
 def _retune_detector(membership: Membership, cfg: ButterflyConfig) -> None:
     c = cfg.coordination
     membership.retune_detector(
@@ -184,6 +196,7 @@ def follow_config(
             lambda old, new: tracing.retune(
                 enabled=new.observability.tracing, sample_rate=new.observability.trace_sample_rate
             ),
+            check=_check_tracing(tracing),
         )
 
     def strategy(old: ButterflyConfig, new: ButterflyConfig) -> None:

@@ -116,6 +116,11 @@ class Tracing:
                 "no spans are recorded"
             )
 
+    @property
+    def exports(self) -> bool:
+        """Whether spans go anywhere (an exporter was given at start)."""
+        return self._tracer is not None
+
     def retune(self, *, enabled: bool, sample_rate: float) -> None:
         self._enabled, self._rate = enabled, sample_rate
 
