@@ -22,7 +22,10 @@ figure pools all of them, and `median_per_instance_ms` shows each instance's own
     python bench/hops.py [--rounds 15] [--instances 1] [--sizes 1,2,4] [--size tiny]
         [--link-latency-ms 0]
         [--baseline-src /path/to/other/src [--control-src /path/to/its/copy/src]]
-        [--dtype float32] [--quantization none]
+        [--dtype float32] [--quantization none] [--f 0 --verification audit]
+
+`--f 1 --sizes 4 --verification none` times the steps' signed records and the gateway's
+signed dispatches (protocol.dispatch) without the audits' re-execution beside them.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ def cluster(
     latency_ms: float = 0.0,
     settings: dict[str, Any] | None = None,
     pythonpath: str | None = None,
+    f: int = 0,
 ) -> Iterator[LocalCluster]:
     """A loopback cluster of `nodes` processes, with `latency_ms` added to every link.
 
@@ -77,7 +81,7 @@ def cluster(
         port = free_port_block(4)
         cfgs = node_configs(
             nodes=nodes,
-            f=0,
+            f=f,
             model=model_dir,
             api_port=port,
             data_dir=Path(tmp),
@@ -219,10 +223,19 @@ def main() -> None:
     )
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--quantization", default="none", choices=["none", "int8"])
+    ap.add_argument(
+        "--f",
+        type=int,
+        default=0,
+        help="liars tolerated: from 1, every range on f+1 nodes and every step signed, "
+        "checked and dispatched (n >= 3f+1: --sizes 4 for f = 1)",
+    )
+    ap.add_argument("--verification", default="audit", choices=["audit", "replicate", "none"])
     args = ap.parse_args()
     if args.control_src and not args.baseline_src:
         ap.error("--control-src is a second copy of --baseline-src's code: give both")
     precision = {"model.dtype": args.dtype, "model.quantization": args.quantization}
+    precision["byzantine.verification"] = args.verification
     sizes = [int(s) for s in args.sizes.split(",")]
     versions = {"this": None} | ({"baseline": args.baseline_src} if args.baseline_src else {})
     if args.control_src:
@@ -236,7 +249,14 @@ def main() -> None:
         with contextlib.ExitStack() as stack:
             clusters = {
                 (v, n): stack.enter_context(
-                    cluster(model_dir, n, args.link_latency_ms, precision, pythonpath=versions[v])
+                    cluster(
+                        model_dir,
+                        n,
+                        args.link_latency_ms,
+                        precision,
+                        pythonpath=versions[v],
+                        f=args.f,
+                    )
                 )
                 for v, n in keys
             }
@@ -269,6 +289,7 @@ def main() -> None:
         "benchmark": "hops",
         "model": f"demo-{args.size}",
         "precision": precision,
+        "f": args.f,
         "new_tokens": NEW,
         "rounds": args.rounds,
         "instances": args.instances,
