@@ -10,6 +10,7 @@ misshapen steps whose refusals the honest nodes sent to the gateway as claims.""
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -114,7 +115,13 @@ def step_to(first: NodeId, route: tuple[NodeId, ...], signer: NodeId = GATEWAY) 
 
 def check(msg: StageStep, peer: int, me: int, gateway: int = 0) -> Dispatch | Refusal:
     return dispatched(
-        msg, peer=NodeId(peer), me=NodeId(me), gateway=NodeId(gateway), keys=PUBLIC, epoch=3
+        msg,
+        peer=NodeId(peer),
+        me=NodeId(me),
+        gateway=NodeId(gateway),
+        gateways=(GATEWAY, NodeId(1)),
+        keys=PUBLIC,
+        epoch=3,
     )
 
 
@@ -132,30 +139,41 @@ def test_a_step_runs_only_from_its_dispatched_predecessor_as_dispatched() -> Non
         replace(msg, last_only=False),
     ):
         refusal = check(changed, 0, 1) if changed.route != (NodeId(2),) else check(changed, 1, 3)
-        assert isinstance(refusal, Refusal) and refusal.early is None
+        assert isinstance(refusal, Refusal) and refusal.answer_to is None
     unsigned = replace(msg, dispatch=b"")
     assert check(unsigned, 0, 1).reason == "it carries no dispatch from the gateway"  # type: ignore[union-attr]
-    ticket = decode(msg.dispatch)
-    assert isinstance(ticket, Dispatch)
     wrong_epoch = dispatched(
-        msg, peer=NodeId(0), me=NodeId(1), gateway=NodeId(0), keys=PUBLIC, epoch=4
+        msg,
+        peer=NodeId(0),
+        me=NodeId(1),
+        gateway=NodeId(0),
+        gateways=(GATEWAY,),
+        keys=PUBLIC,
+        epoch=4,
     )
     assert isinstance(wrong_epoch, Refusal) and "epoch 3" in wrong_epoch.reason
 
 
-def test_a_member_that_is_not_the_gateway_here_is_told_to_retry_and_a_forgery_is_not() -> None:
-    """A new gateway this node has not heard of yet gets a retriable answer; a dispatch
-    signed with another key than its sender's gets none."""
-    early = step_to(NodeId(1), (), signer=NodeId(2))
-    refusal = check(early, 2, 1, gateway=0)
-    assert isinstance(refusal, Refusal) and refusal.early == NodeId(2)
-    ticket = decode(early.dispatch)
-    assert isinstance(ticket, Dispatch)
-    forged = replace(
-        early, dispatch=Dispatcher(NodeId(2), KEYS[NodeId(3)]).stamp(early, NodeId(1), 3).dispatch
-    )
-    refusal = check(forged, 2, 1, gateway=2)
-    assert isinstance(refusal, Refusal) and refusal.early is None and "not signed" in refusal.reason
+def test_only_a_gateway_capable_signer_of_exactly_this_step_is_told_to_retry() -> None:
+    """A takeover this node has not heard of yet: the new gateway (node 1, gateway-capable)
+    gets a retriable answer, so its step does not wait out a timeout charged to the route.
+    A step signed by a member that may not act as gateway, one signed for another route,
+    or one signed with another key than its sender's, gets none: a liar could otherwise
+    make honest nodes send errors for steps of its choosing."""
+    early = step_to(NodeId(2), (), signer=NodeId(1))  # node 1, then 2
+    refusal = check(replace(early), 1, 2, gateway=0)
+    assert isinstance(refusal, Refusal) and refusal.answer_to == NodeId(1)
+    by_a_stage_node = step_to(NodeId(1), (), signer=NodeId(3))
+    refusal = check(by_a_stage_node, 3, 1, gateway=0)
+    assert isinstance(refusal, Refusal) and refusal.answer_to is None
+    elsewhere = check(early, 1, 3, gateway=0)  # its route does not name node 3
+    assert isinstance(elsewhere, Refusal) and elsewhere.answer_to is None
+    changed = check(replace(early, steps=(41,)), 1, 2, gateway=0)
+    assert isinstance(changed, Refusal) and changed.answer_to is None
+    forged = Dispatcher(NodeId(1), KEYS[NodeId(3)]).stamp(early, NodeId(2), 3).dispatch
+    refusal = check(replace(early, dispatch=forged), 1, 2, gateway=1)
+    assert isinstance(refusal, Refusal) and refusal.answer_to is None
+    assert "not signed" in refusal.reason
 
 
 def test_an_old_dispatch_replayed_is_stale() -> None:
@@ -172,3 +190,22 @@ def test_an_old_dispatch_replayed_is_stale() -> None:
     assert serials.stale(first) == "r"
     other = decode(step_to(NodeId(1), (), signer=NodeId(1)).dispatch)  # a new gateway
     assert isinstance(other, Dispatch) and serials.stale(other) is None
+
+
+def test_a_restarted_gateway_whose_clock_went_back_goes_on_above_its_serials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its resumed requests' steps were refused by every stage as replays, and timed out
+    against the route's nodes: an honest node was evicted."""
+    mark = tmp_path / "dispatch-serial"
+    before = Dispatcher(GATEWAY, KEYS[GATEWAY], mark)
+    used = [decode(before.stamp(step_to(NodeId(1), ()), NodeId(1), 3).dispatch) for _ in range(3)]
+    now = time.time_ns()
+    monkeypatch.setattr(time, "time_ns", lambda: now - 10**12)  # the clock 1000 s back
+    after = Dispatcher(GATEWAY, KEYS[GATEWAY], mark)
+    ticket = decode(after.stamp(step_to(NodeId(1), ()), NodeId(1), 3).dispatch)
+    assert all(isinstance(t, Dispatch) for t in (*used, ticket))
+    serials = Serials()
+    for t in used:
+        serials.ran(t)  # type: ignore[arg-type]
+    assert serials.stale(ticket) is None  # type: ignore[arg-type]

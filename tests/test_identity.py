@@ -376,7 +376,7 @@ class StepsSeen:
     async def plan_of(self, epoch: int) -> StagePlan:
         return PLAN
 
-    def admit(self, msg: StageStep, peer: NodeId, gateway: NodeId, epoch: int) -> tuple[()]:
+    def admit(self, msg: StageStep, peer: NodeId, gateway: NodeId, *rest: object) -> tuple[()]:
         return ()  # records are not checked here
 
     async def on_step(self, env: Envelope, route: object = ()) -> Outbound:

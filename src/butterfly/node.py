@@ -317,6 +317,7 @@ def build_node(
         deliver=router.deliver,
         emit=emit,
         gateway=role.gateway,
+        gateways=lambda: role.gateways,
         tracing=tracing,
     )
     config_message = agreement.replica.on_message  # votes only for the gateway (peer)

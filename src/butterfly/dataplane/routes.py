@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 
 from butterfly.dataplane.engine import Deliver
 from butterfly.dataplane.stage_server import StageServer
@@ -57,12 +57,14 @@ class StageRoutes:
         deliver: Deliver,
         emit: Emit,
         gateway: Callable[[], NodeId] = lambda: GATEWAY,
+        gateways: Callable[[], Collection[NodeId]] = lambda: (GATEWAY,),
         tracing: Tracing | None = None,
     ) -> None:
-        """`gateway`: the acting gateway as agreed, read on every step. `tracing`: records
-        a span for each traced entry of a step (metrics.tracing)."""
+        """`gateway`: the acting gateway as agreed, read on every step; `gateways`: every
+        gateway-capable node. `tracing`: records a span for each traced entry of a step
+        (metrics.tracing)."""
         self.node, self._server, self._deliver, self._emit = node, server, deliver, emit
-        self._gateway, self._tracing = gateway, tracing
+        self._gateway, self._gateways, self._tracing = gateway, gateways, tracing
 
     async def step(self, peer: NodeId, env: Envelope) -> Reply | None:
         """Run a step from the gateway or the previous stage, judged by the plan of the
@@ -77,16 +79,16 @@ class StageRoutes:
             self._emit(MessageDropped(reason="not_entitled_stage_step"))
             log.warning("dropped a stage step from node %s: not the previous stage", peer)
             return None
-        route = self._server.admit(msg, peer, gateway, env.epoch)
+        route = self._server.admit(msg, peer, gateway, self._gateways(), env.epoch)
         if isinstance(route, Refusal):  # unanswered (its reply_to is unvouched), but
             self._emit(MessageDropped(reason="undispatched_stage_step"))
             log.warning("dropped a stage step from node %s: %s", peer, route.reason)
-            if route.early is not None:  # a new gateway this node has not heard of yet
+            if route.answer_to is not None:  # the gateway that signed exactly this step
                 again = StepError(
                     msg.request_ids, msg.steps, self.node, "stage_lost", route.reason, True
                 )
                 with contextlib.suppress(ButterflyError):  # it is gone: nothing to tell
-                    await self._deliver(route.early, again, b"")
+                    await self._deliver(route.answer_to, again, b"")
             return None
         context = REQUEST_ID.set(",".join(msg.request_ids))
         try:

@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -298,7 +298,12 @@ class StageServer:
         return CacheLengths(query.request_ids, self.table.lengths(query.request_ids))
 
     def admit(
-        self, msg: StageStep, peer: NodeId, gateway: NodeId, epoch: int
+        self,
+        msg: StageStep,
+        peer: NodeId,
+        gateway: NodeId,
+        gateways: Collection[NodeId],
+        epoch: int,
     ) -> tuple[NodeId, ...] | Refusal:
         """Where this node checks records (it proves its work), the route the acting
         gateway dispatched `msg` on, from `peer` (protocol.dispatch), each request newer
@@ -307,13 +312,20 @@ class StageServer:
         if prover is None:
             return ()
         ticket = dispatched(
-            msg, peer=peer, me=self.node, gateway=gateway, keys=prover.keys, epoch=epoch
+            msg,
+            peer=peer,
+            me=self.node,
+            gateway=gateway,
+            gateways=gateways,
+            keys=prover.keys,
+            epoch=epoch,
         )
         if isinstance(ticket, Refusal):
             return ticket
         stale = self._serials.stale(ticket)
-        if stale is not None:
-            return Refusal(f"{stale} ran under a dispatch as new (a replay)")
+        if stale is not None:  # the gateway is told: a replay, or its clock went back
+            why = f"{stale} ran here under a later dispatch of node {ticket.sender}"
+            return Refusal(why, ticket.sender)
         self._serials.ran(ticket)
         return ticket.route
 

@@ -15,11 +15,12 @@ on that route, each of its requests newer than the last one it ran (`Serials`).
 
 from __future__ import annotations
 
-import itertools
+import os
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from butterfly.protocol.sign import SigningKey, sign_message, verify_message
 from butterfly.types.errors import ButterflyError
@@ -27,22 +28,40 @@ from butterfly.types.ids import Epoch, NodeId, RequestId
 from butterfly.types.wire.agreement import Dispatch, decode, encode
 from butterfly.types.wire.data import StageStep
 
+DISPATCH_MARK = "dispatch-serial"
+"""The file in a node's data directory holding the serials its gateway reserved."""
+RESERVE = 1 << 20
+"""Serials a gateway writes down ahead of using them (`Dispatcher`): one small write per
+million dispatches."""
+
 
 class Dispatcher:
-    """The gateway's side: each step it sends, stamped with its signed dispatch."""
+    """The gateway's side: each step it sends, stamped with its signed dispatch.
 
-    def __init__(self, node: NodeId, key: SigningKey) -> None:
-        self.node, self._key = node, key
-        # from the clock, so a gateway restarted for a request it ran before goes on above
-        # the serials the stages saw from it then
-        self._serials = itertools.count(time.time_ns())
+    Serials grow across the gateway's restarts, or a request it resumes would be refused
+    by every stage as a replay (and its steps time out, charged to the route's nodes):
+    they start from the clock, and never below the mark written to `mark` (a file in the
+    node's data directory) before any serial under it was used, which holds when the clock
+    went back across the restart."""
+
+    def __init__(self, node: NodeId, key: SigningKey, mark: Path | None = None) -> None:
+        self.node, self._key, self._mark = node, key, mark
+        self._next = max(time.time_ns(), _read_mark(mark))
+        self._reserved = self._next  # serials below it may be used without a write
+
+    def _serial(self) -> int:
+        serial, self._next = self._next, self._next + 1
+        if self._mark is not None and serial >= self._reserved:
+            self._reserved = serial + RESERVE
+            _write_mark(self._mark, self._reserved)
+        return serial
 
     def stamp(self, msg: StageStep, first: NodeId, epoch: int) -> StageStep:
         """`msg`, as sent to `first`, under the gateway's signed word for it."""
         ticket = Dispatch(
             self.node,
             Epoch(epoch),
-            next(self._serials),
+            self._serial(),
             msg.request_ids,
             msg.steps,
             msg.starts,
@@ -56,13 +75,29 @@ class Dispatcher:
 
 @dataclass(frozen=True)
 class Refusal:
-    """Why a step may not run here. `early`: the member that signed it, when that is all
-    that is wrong (it took the gateway's role and this node has not heard yet), to be
-    told so with a retriable error rather than left to time out; None otherwise (nothing
-    vouches for whom to answer)."""
+    """Why a step may not run here. `answer_to`: a gateway-capable member that validly
+    signed exactly this step, to be told so with a retriable error rather than left to
+    wait out its step timeout (which would count against the route's nodes): one that
+    took the gateway's role before this node heard of it, or the acting gateway when the
+    step is older than one this node ran (a replay, or its clock gone back across a
+    restart). None otherwise: nothing vouches for whom to answer."""
 
     reason: str
-    early: NodeId | None = None
+    answer_to: NodeId | None = None
+
+
+def _read_mark(mark: Path | None) -> int:
+    try:
+        return int(mark.read_text()) if mark is not None else 0
+    except (OSError, ValueError):  # none yet (or unreadable: the clock alone)
+        return 0
+
+
+def _write_mark(mark: Path, value: int) -> None:
+    """Atomically: a crash mid-write leaves the old mark, never a short one."""
+    tmp = mark.with_name(mark.name + ".tmp")
+    tmp.write_text(str(value))
+    os.replace(tmp, mark)
 
 
 def dispatched(
@@ -71,11 +106,13 @@ def dispatched(
     peer: NodeId,
     me: NodeId,
     gateway: NodeId,
+    gateways: Collection[NodeId],
     keys: Mapping[NodeId, bytes],
     epoch: int,
 ) -> Dispatch | Refusal:
     """The dispatch `msg` (from the authenticated `peer`) runs under here, or why it may
-    not run. `keys`: the members' public keys."""
+    not run. `gateway`: the acting one; `gateways`: every gateway-capable node; `keys`:
+    the members' public keys."""
     if not msg.dispatch:
         return Refusal("it carries no dispatch from the gateway")
     try:
@@ -87,15 +124,12 @@ def dispatched(
     key = keys.get(ticket.sender)
     if key is None or not verify_message(ticket, key):
         return Refusal(f"its dispatch is not signed by node {ticket.sender}")
-    if ticket.sender != gateway:
-        why = f"dispatched by node {ticket.sender}, where node {gateway} is the gateway here"
-        return Refusal(why, ticket.sender)
     if ticket.epoch != epoch:
         return Refusal(f"it was dispatched for epoch {ticket.epoch}, sent in epoch {epoch}")
     if me not in ticket.route:
         return Refusal(f"its dispatched route {list(ticket.route)} does not name node {me}")
     at = ticket.route.index(me)
-    before = ticket.route[at - 1] if at else gateway
+    before = ticket.route[at - 1] if at else ticket.sender
     if peer != before:
         return Refusal(f"node {peer} sent it; the dispatched route has node {before} before")
     sent = (msg.request_ids, msg.steps, msg.starts, msg.lengths, msg.route, msg.reply_to)
@@ -104,6 +138,9 @@ def dispatched(
         msg.last_only != ticket.last_only
     ):
         return Refusal("it is not the step the gateway dispatched (entries, route or reply)")
+    if ticket.sender != gateway:
+        why = f"dispatched by node {ticket.sender}, where node {gateway} is the gateway here"
+        return Refusal(why, ticket.sender if ticket.sender in gateways else None)
     return ticket
 
 
@@ -132,4 +169,4 @@ class Serials:
             self._last.popitem(last=False)
 
 
-__all__ = ["Dispatcher", "Refusal", "Serials", "dispatched"]
+__all__ = ["DISPATCH_MARK", "Dispatcher", "Refusal", "Serials", "dispatched"]

@@ -30,7 +30,7 @@ from butterfly.metrics.events import Emit
 from butterfly.metrics.tracing import Tracing
 from butterfly.net.transport import Transport
 from butterfly.partition.service import PartitionService
-from butterfly.protocol.dispatch import Dispatcher
+from butterfly.protocol.dispatch import DISPATCH_MARK, Dispatcher
 from butterfly.protocol.failure_detector import PhiAccrualFailureDetector
 from butterfly.protocol.proof import tolerance_for
 from butterfly.protocol.sign import SigningKey
@@ -250,7 +250,9 @@ def engine(
         records=RecordSize(byz.fingerprint_top_k, byz.fingerprint_chunk) if verify else None,
         drafter=drafter(cfg, model_dir, torch_thread),
         # the stages run only steps the gateway signed, where they check records
-        dispatcher=Dispatcher(me, server.prover.key) if server.prover is not None else None,
+        dispatcher=Dispatcher(me, server.prover.key, Path(cfg.node.data_dir) / DISPATCH_MARK)
+        if server.prover is not None
+        else None,
     )
 
 
