@@ -144,6 +144,15 @@ def test_each_event_moves_its_metric() -> None:
     assert value(m, "butterfly_prompt_chunk_positions_bucket", le="8.0") == 1
 
 
+def test_a_peer_that_fails_straight_from_healthy_counts_as_suspected_once() -> None:
+    """The membership check samples the detector every 100 ms; a killed peer often passes
+    the suspected band between two samples, and 3 of 8 kills were never counted."""
+    m = Metrics()
+    for status in ("healthy", "failed", "healthy", "suspected", "failed", "healthy"):
+        m.emit(NodeStatus(NodeId(3), status))  # type: ignore[arg-type]
+    assert value(m, "butterfly_suspicions_total", node="3") == 2
+
+
 def test_kv_gauges_read_the_caches_at_each_scrape() -> None:
     m = Metrics()
     held = [(0, 0)]

@@ -8,16 +8,24 @@ answer), so both judge a step by the same record of where it went.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from butterfly.types.errors import ButterflyError, ConnectionFailed, InvalidInput, StageLost
 from butterfly.types.ids import NodeId, RequestId
 from butterfly.types.wire.agreement import Proof
 from butterfly.types.wire.data import StepError
 
 Key = tuple[str, int]  # (request id, step)
 Relayed = asyncio.Future[tuple[torch.Tensor, tuple[bytes, ...]]]
+
+
+NEXT_UNREACHABLE = "next_unreachable"
+"""A stage's answer when it cannot send its output on to the next node of the route."""
+DISPATCH_REFUSED = "dispatch_refused"
+"""A stage's answer to a gateway whose signed step it may not run (protocol.dispatch)."""
 
 
 @dataclass
@@ -27,6 +35,21 @@ class StepFailed(Exception):
 
     error: StepError
     sender: NodeId
+
+    def failure(self, step: int, route: Sequence[NodeId]) -> ButterflyError:
+        """The error the request meets, charged (`blame`, for `butterfly_peer_errors_total`)
+        where it points: a stage that could not reach the next node of `route` names
+        that node, not itself; a dispatch it may not run names nobody."""
+        err, sender = self.error, self.sender
+        message = f"node {sender} failed step {step}: {err.message}"
+        if not err.retriable:
+            return InvalidInput(message, blame=sender)
+        if err.error_type == DISPATCH_REFUSED:
+            return StageLost(message)
+        at = route.index(sender) if sender in route else len(route)
+        if err.error_type == NEXT_UNREACHABLE and at + 1 < len(route):
+            return StageLost(message, blame=route[at + 1])
+        return ConnectionFailed(message, blame=sender)
 
 
 @dataclass

@@ -3,7 +3,7 @@
 A stage step is computed and its output sent straight on to the next node of its route
 (this node included, through the same `deliver`), then the step's additions to the KV
 caches go to the range's standbys, off the step's path. When the next node cannot be
-reached, the gateway hears it at once (a `stage_lost` error) rather than after its step
+reached, the gateway hears it at once (a `next_unreachable` error) rather than after its step
 timeout.
 """
 
@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection
 
 from butterfly.dataplane.engine import Deliver
+from butterfly.dataplane.inflight import DISPATCH_REFUSED, NEXT_UNREACHABLE
 from butterfly.dataplane.stage_server import StageServer
 from butterfly.dataplane.unresponsive import StepTimeouts
 from butterfly.metrics.events import (
@@ -85,7 +86,7 @@ class StageRoutes:
             log.warning("dropped a stage step from node %s: %s", peer, route.reason)
             if route.answer_to is not None:  # the gateway that signed exactly this step
                 again = StepError(
-                    msg.request_ids, msg.steps, self.node, "stage_lost", route.reason, True
+                    msg.request_ids, msg.steps, self.node, DISPATCH_REFUSED, route.reason, True
                 )
                 with contextlib.suppress(ButterflyError):  # it is gone: nothing to tell
                     await self._deliver(route.answer_to, again, b"")
@@ -118,7 +119,7 @@ class StageRoutes:
                 msg.request_ids,
                 msg.steps,
                 self.node,
-                "stage_lost" if e.retriable else e.kind,
+                NEXT_UNREACHABLE if e.retriable else e.kind,
                 f"node {out.peer} unreachable: {e}" if e.retriable else str(e),
                 e.retriable,
             )

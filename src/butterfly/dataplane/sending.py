@@ -25,8 +25,6 @@ from butterfly.protocol.dispatch import Dispatcher
 from butterfly.runtime.wire import encode_tensor
 from butterfly.types.errors import (
     ButterflyError,
-    ConnectionFailed,
-    InvalidInput,
     SendTimeout,
     ServiceUnavailable,
     StageLost,
@@ -276,10 +274,7 @@ class StepSender:
             if err.error_type == RECORD_MISMATCH and e.sender in nodes[1:]:
                 refused_by = e.sender  # settled below, once this attempt's bookkeeping is gone
             else:
-                cls = ConnectionFailed if err.retriable else InvalidInput
-                raise cls(
-                    f"node {e.sender} failed step {step}: {err.message}", blame=e.sender
-                ) from None
+                raise e.failure(step, nodes) from None
         finally:
             flight.waiting.pop(key, None)
             flight.sent_in.pop(key, None)
@@ -341,10 +336,7 @@ class StepSender:
             if e.error.error_type == RECORD_MISMATCH and e.sender in nodes[1:split]:
                 earlier = nodes.index(e.sender)
             else:
-                cls = ConnectionFailed if e.error.retriable else InvalidInput
-                raise cls(
-                    f"node {e.sender} failed step {step}: {e.error.message}", blame=e.sender
-                ) from None
+                raise e.failure(step, nodes[:split]) from None
         else:
             earlier = 0
         finally:
@@ -384,10 +376,7 @@ class StepSender:
                 )
                 await self._on_liars((receiver,), reason)
                 raise StageLost(f"node {receiver} {reason}") from None
-            cls = ConnectionFailed if e.error.retriable else InvalidInput
-            raise cls(
-                f"node {e.sender} failed step {step}: {e.error.message}", blame=e.sender
-            ) from None
+            raise e.failure(step, nodes[split:]) from None
         finally:
             flight.waiting.pop(key, None)
             flight.sent_in.pop(key, None)

@@ -213,14 +213,22 @@ class Metrics:
             "node_failures", "Nodes declared failed", namespace=ns, registry=r
         )
         self.suspicions = Counter(
-            "suspicions", "Times a peer became suspected", ["node"], namespace=ns, registry=r
+            "suspicions",
+            "Times a peer became suspected (or failed straight from healthy: the check "
+            "samples the detector, and a killed peer may pass the suspected band between "
+            "two checks)",
+            ["node"],
+            namespace=ns,
+            registry=r,
         )
+        self._status: dict[int, str] = {}  # the last status each peer was reported in
         self.evictions = Counter(
             "byzantine_evictions", "Nodes evicted on evidence of lying", namespace=ns, registry=r
         )
         self.recovery_seconds = Histogram(
             "recovery_seconds",
-            "From a node's failure or eviction to its stages running elsewhere",
+            "From a node's failure being declared (the detector's time to declare it, about "
+            "0.5 s by default, not included) or its eviction to its stages running elsewhere",
             namespace=ns,
             registry=r,
         )
@@ -364,7 +372,8 @@ class Metrics:
                 self.gateway_refusing_tasks.set(1 if refusing else 0)
             case NodeStatus(node=node, status=status):
                 self.node_status.labels(node=str(node)).state(status)
-                if status == "suspected":
+                before, self._status[node] = self._status.get(node), status
+                if status == "suspected" or (status == "failed" and before != "suspected"):
                     self.suspicions.labels(node=str(node)).inc()
             case LoopRestarted(loop=loop):
                 self.loop_restarts.labels(loop=loop).inc()
