@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from butterfly.cli.status import table
 from butterfly.runtime.loader import load_stage, model_args
 from butterfly.runtime.progress import bars, quiet, wanted
 from butterfly.runtime.weights import CheckpointReader
@@ -156,3 +157,14 @@ def test_status_through_a_standby_names_the_gateway_whose_data_it_shows() -> Non
     assert "acting:1" in result.output  # the acting gateway's nodes...
     assert f"Butterfly at {acting}" in result.output  # ...under its own address
     assert standby not in result.output
+
+
+def test_status_says_degraded_while_the_plan_serves_without_a_failed_member() -> None:
+    """`healthy` stays true once recovery planned around a failed node; the title said
+    "healthy" above a `failed` row."""
+    nodes = [{"id": 0, "status": "healthy"}, {"id": 3, "status": "failed"}]
+    assert table("u", {"healthy": True, "nodes": nodes}).title == (
+        "Butterfly at u: healthy, degraded (node 3 not healthy)"
+    )
+    assert table("u", {"healthy": True, "nodes": nodes[:1]}).title == "Butterfly at u: healthy"
+    assert table("u", {"healthy": False, "nodes": nodes}).title == "Butterfly at u: UNHEALTHY"

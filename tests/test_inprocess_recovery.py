@@ -83,6 +83,9 @@ async def test_a_killed_chain_node_hands_its_stage_to_the_standby(
         assert gw.recovery.failed == {NodeId(1)}
         assert gw.agreement.driver.view > 1  # the plan was agreed under a new primary
         assert 1 not in {s.node for s in result.stages}
+        # serving again, without node 1: healthy, and the members say what is missing
+        health = gw.engine.health()
+        assert health.healthy and not health.services["members"] and health.services["network"]
 
 
 async def test_a_proven_liar_is_evicted_by_agreement_and_leaves_the_plan(

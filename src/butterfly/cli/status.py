@@ -44,6 +44,9 @@ def fetch(urls: str) -> tuple[str, dict[str, Any]]:
 
 def table(url: str, health: dict[str, Any], *, stamp: str = "") -> Table:
     state = "healthy" if health.get("healthy") else "UNHEALTHY"
+    down = [str(n.get("id")) for n in health.get("nodes", []) if n.get("status") != "healthy"]
+    if health.get("healthy") and down:  # serving, without every spare holder
+        state += f", degraded (node {', '.join(down)} not healthy)"
     title = f"Butterfly at {url}: {state}" + (f" ({stamp})" if stamp else "")
     out = Table(title=title)
     for col in ("node", "address", "status", "layers", "requests", "last heartbeat"):

@@ -101,11 +101,20 @@ class ClusterReport:
         planned = plan is not None and all(
             h.status == "healthy" for h in nodes if h.layers is not None
         )
+        me = self._server.node
+        peers = [h for h in nodes if h.node != me]
         return ClusterHealth(
             healthy=planned,
             epoch=plan.epoch if plan else 0,
             nodes=nodes,
-            services={"network": True, "plan": plan is not None, "scheduler": True},
+            services={
+                # any peer heard (or none to hear): this node is not cut off
+                "network": not peers or any(h.status == "healthy" for h in peers),
+                "plan": plan is not None,
+                # every member healthy: `healthy` stays true once the plan serves without
+                # a failed node, which may leave ranges without the holders `f` asks for
+                "members": all(h.status == "healthy" for h in nodes),
+            },
             plan=None if plan is None else plan_report(plan, placement),
         )
 
