@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -157,10 +158,10 @@ def by_branch_size(errors: list[Any]) -> list[Any]:
                 return loc[: i + 1]
         return loc
 
-    sizes: dict[tuple[str, ...], int] = {}
-    for e in errors:
-        sizes[branch(e)] = sizes.get(branch(e), 0) + 1
-    return sorted(errors, key=lambda e: sizes[branch(e)])
+    branches = [branch(e) for e in errors]  # once each: a bad batch has many
+    sizes = Counter(branches)
+    order = sorted(range(len(errors)), key=lambda i: sizes[branches[i]])
+    return [errors[i] for i in order]
 
 
 def first_field(errors: list[Any]) -> str | None:

@@ -27,6 +27,7 @@ each one: the two agree to bf16's precision, not bit for bit.
 from __future__ import annotations
 
 import ctypes
+import functools
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -103,14 +104,30 @@ def plan(args: LlamaArgs, blocks: Sequence[Block]) -> FusedLayers | None:
         order = (blk.attn_norm, blk.wqkv, blk.bqkv, blk.wo, blk.bo, blk.mlp_norm, blk.w13)
         scales = [m.scales if isinstance(m, BlockedWeight) else None for m in matrices]
         rows.append([address(t) for t in (*order, blk.b13, blk.w2, blk.b2, *qk, *scales)])
-    function = getattr(lib, native.LAYERS_SYMBOL)
-    function.restype = ctypes.c_int
-    function.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p]
-    function.argtypes += [*[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_int64]
-    function.argtypes += [*[ctypes.c_void_p] * 5, ctypes.c_float, ctypes.c_int64]
-    function.argtypes += [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+    function = getattr(declared(lib), native.LAYERS_SYMBOL)
     table = torch.tensor(rows, dtype=torch.int64)
     return FusedLayers(table, tuple(kept), args, function, WEIGHT_TYPES.index(weights))
+
+
+@functools.cache
+def declared(lib: Any) -> Any:
+    """The library with its three calls' C signatures set: once, where every plan set
+    them again."""
+    layers = getattr(lib, native.LAYERS_SYMBOL)
+    layers.restype = ctypes.c_int
+    layers.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p]
+    layers.argtypes += [*[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_int64]
+    layers.argtypes += [*[ctypes.c_void_p] * 5, ctypes.c_float, ctypes.c_int64]
+    layers.argtypes += [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+    lib.butterfly_embed_rows.restype = None
+    lib.butterfly_embed_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    lib.butterfly_embed_rows.argtypes += [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.butterfly_llama_head.restype = ctypes.c_int
+    lib.butterfly_llama_head.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    lib.butterfly_llama_head.argtypes += [ctypes.c_int64, ctypes.c_void_p, ctypes.c_float]
+    lib.butterfly_llama_head.argtypes += [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    lib.butterfly_llama_head.argtypes += [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    return lib
 
 
 @dataclass(frozen=True)
@@ -160,14 +177,7 @@ def plan_ends(
     if blocked is not None and blocked.scales is not None:
         scales = blocked.scales.to(torch.float32).contiguous()
     weight = None if blocked is None or norm is None else norm.to(torch.float32).contiguous()
-    lib.butterfly_embed_rows.restype = None
-    lib.butterfly_embed_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
-    lib.butterfly_embed_rows.argtypes += [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    lib.butterfly_llama_head.restype = ctypes.c_int
-    lib.butterfly_llama_head.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
-    lib.butterfly_llama_head.argtypes += [ctypes.c_int64, ctypes.c_void_p, ctypes.c_float]
-    lib.butterfly_llama_head.argtypes += [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
-    lib.butterfly_llama_head.argtypes += [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib = declared(lib)
     as_bytes = None
     if table is not None and table.dtype == torch.float32:  # a view keeps the tensor alive
         as_bytes = table.numpy().data.cast("B")
