@@ -446,3 +446,39 @@ def test_served_name_is_checked_at_load() -> None:
     assert ButterflyConfig.model_validate({"model": {"served_name": "org/tiny-7b"}})
     with pytest.raises(ValidationError, match="served_name"):
         ButterflyConfig.model_validate({"model": {"served_name": "two words"}})
+
+
+async def test_what_openai_clients_read_from_the_edges_of_a_request(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """`client.models.retrieve`, a completion's `max_tokens: null` (16, OpenAI's
+    default), the two combinations OpenAI refuses, and a full context told by its code
+    (LangChain and LiteLLM read `context_length_exceeded`)."""
+    async with serving(tiny_model, tmp_path / "t.db") as s:
+        card = await s.client.get("/v1/models/tiny")
+        assert card.status_code == 200 and card.json()["id"] == "tiny"
+        missing = await s.client.get("/v1/models/other")
+        assert_error(missing, 404, "model_not_found", "'other'")
+        assert missing.json()["error"]["code"] == "model_not_found"
+        body = {"prompt": "Once", "temperature": 0.0, "stop": None}
+        null = (await post(s.client, "/v1/completions", max_tokens=None, **body)).json()
+        given = (await post(s.client, "/v1/completions", max_tokens=16, **body)).json()
+        assert null["choices"][0]["text"] == given["choices"][0]["text"]
+        assert null["usage"]["completion_tokens"] == given["usage"]["completion_tokens"]
+        for extra, words in (
+            ({"best_of": 2, "n": 3}, "best_of (2) must be at least n (3)"),
+            ({"stream_options": {"include_usage": True}}, "only allowed when stream is true"),
+        ):
+            r = await s.client.post("/v1/completions", json={"model": "tiny", **body, **extra})
+            assert_error(r, 400, "invalid_request", words)
+        context = json.loads((tiny_model / "config.json").read_text())["max_position_embeddings"]
+        long = list(range(3, 100)) * (context // 97 + 1)
+        for path, field, request in (
+            ("/v1/completions", "prompt", {"prompt": long}),
+            ("/v1/completions", "prompt", {"prompt": [1, 2, 3], "max_tokens": context}),
+            ("/v1/chat/completions", "messages", {"messages": MESSAGES, "max_tokens": context}),
+        ):
+            r = await s.client.post(path, json={"model": "tiny", **request})
+            assert_error(r, 400, "invalid_request", "context")
+            error = r.json()["error"]
+            assert (error["code"], error["param"]) == ("context_length_exceeded", field), error

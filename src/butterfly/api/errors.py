@@ -62,6 +62,14 @@ class InvalidField(InvalidRequest):
         return "invalid_request"
 
 
+class ContextExceeded(InvalidField):
+    """A prompt (with the tokens asked for) beyond the model's context: 400 with `code`
+    "context_length_exceeded", which OpenAI answers and LangChain and LiteLLM read to
+    tell a full context from any other bad request."""
+
+    code = "context_length_exceeded"
+
+
 class ModelNotFound(ApiError):
     """A request naming a model this cluster does not serve: 404 with `code`
     "model_not_found" and `param` "model", as OpenAI and vLLM answer it, so SDKs raise
@@ -207,7 +215,7 @@ def install(app: FastAPI, *, retry_after_s: int) -> None:
         if status >= 500:
             log.error("%s %s failed: %s", request.method, request.url.path, exc)
         param = exc.param if isinstance(exc, InvalidField | ModelNotFound) else None
-        code = exc.code if isinstance(exc, ModelNotFound) else None
+        code = exc.code if isinstance(exc, ModelNotFound | ContextExceeded) else None
         retry = retry_after_s
         if isinstance(exc, RateLimited):  # the bucket's own wait, whole seconds up
             retry = max(1, math.ceil(exc.retry_after_s))

@@ -17,7 +17,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from butterfly.api.errors import KIND_STATUS, InvalidField, error_response
+from butterfly.api.errors import KIND_STATUS, ContextExceeded, InvalidField, error_response
 from butterfly.api.settings import ApiSettings
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.schedule.engine import Engine
@@ -101,9 +101,11 @@ class Gateway:
         *,
         fewest: int = 1,
         field: str = "max_new_tokens",
+        prompt_field: str = "prompt",
     ) -> InferenceTask:
         """`fewest`: the least `max_new_tokens` allowed (0 for an echo that only scores
-        its prompt); `field`: the request's own name for it, in an error."""
+        its prompt); `field`: the request's own name for it, in an error; `prompt_field`:
+        the request's name for its prompt, in an error that it is beyond the context."""
         if self.engine.input_kind != "tokens":
             raise InvalidRequest("this model takes an input vector; send `input`, not tokens")
         if not self.engine.generates:
@@ -115,9 +117,10 @@ class Gateway:
             raise InvalidRequest("the prompt is empty: give at least one token")
         context, limit = self.engine.max_context, self.settings.max_new_tokens_limit
         if len(ids) >= context:  # before the vocabulary scan: a huge list is refused at once
-            raise InvalidRequest(
+            raise ContextExceeded(
                 f"the prompt is {len(ids)} tokens long; the model's context is {context} "
-                f"tokens, which must also hold at least one new token"
+                f"tokens, which must also hold at least one new token",
+                prompt_field,
             )
         if self.codec is not None:
             vocab = self.codec.tokenizer.get_vocab_size(with_added_tokens=True)
@@ -134,10 +137,11 @@ class Gateway:
                 f"{field} must be between {fewest} and {limit}, got {max_new_tokens}", field
             )
         if len(ids) + max_new_tokens - 1 > context:
-            raise InvalidRequest(
-                f"the prompt of {len(ids)} tokens plus max_new_tokens {max_new_tokens} needs "
+            raise ContextExceeded(
+                f"the prompt of {len(ids)} tokens plus {field} {max_new_tokens} needs "
                 f"{len(ids) + max_new_tokens - 1} positions; the model's context is {context} "
-                f"(ask for at most {context - len(ids) + 1} new tokens)"
+                f"(ask for at most {context - len(ids) + 1} new tokens)",
+                prompt_field,
             )
         return InferenceTask(
             task_id=new_task_id(),

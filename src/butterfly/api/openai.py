@@ -44,7 +44,7 @@ from butterfly.api.openai_schema import (
     ModelList,
     SamplingFields,
 )
-from butterfly.api.openapi_docs import ERRORS, body_of, streamed
+from butterfly.api.openapi_docs import ERRORS, body_of, errors, streamed
 from butterfly.api.requests import parse
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.types.errors import InvalidRequest
@@ -250,13 +250,23 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
+def _card(gw: Gateway) -> ModelCard:
+    return ModelCard(id=gw.model_name, created=0, owned_by="butterfly")
+
+
 def router(gw: Gateway, limited: Depends) -> APIRouter:
     api = APIRouter(prefix="/v1")
 
     @api.get("/models", response_model=ModelList, responses=ERRORS)
     async def models() -> ModelList:
         """The one model this cluster serves, under `model.served_name`."""
-        return ModelList(data=[ModelCard(id=gw.model_name, created=0, owned_by="butterfly")])
+        return ModelList(data=[_card(gw)])
+
+    @api.get("/models/{model:path}", response_model=ModelCard, responses=errors(401, 404, 500))
+    async def model(model: str) -> ModelCard:
+        """That model (`client.models.retrieve`), or 404 `model_not_found`."""
+        _model(gw, model)
+        return _card(gw)
 
     @api.post(
         "/completions",
@@ -318,7 +328,17 @@ def router(gw: Gateway, limited: Depends) -> APIRouter:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         sampling = _sampling(body, logprobs)
         field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-        run = await start(gw, codec, [ids], max_tokens, sampling, body.n, body.stops(), field=field)
+        run = await start(
+            gw,
+            codec,
+            [ids],
+            max_tokens,
+            sampling,
+            body.n,
+            body.stops(),
+            field=field,
+            prompt_field="messages",
+        )
         chunks = ChatChunks(gw, int(time.time()), body)
         if body.stream:
             events = stream(run, chunks, body.include_usage())

@@ -86,6 +86,7 @@ async def start(
     *,
     fewest: int = 1,
     field: str = "max_tokens",
+    prompt_field: str = "prompt",
 ) -> Run:
     """Submit `n` tasks per prompt (all or none: a refused one cancels the others);
     `fewest`: the least `max_tokens` allowed, `field` the request's name for it
@@ -102,7 +103,15 @@ async def start(
             seed = None if sampling.seed is None else (sampling.seed + i) % SEED_SPAN
             seeded = replace(sampling, seed=seed)
             tasks.append(
-                gw.token_task(ids, max_tokens, seeded, stop=stops, fewest=fewest, field=field)
+                gw.token_task(
+                    ids,
+                    max_tokens,
+                    seeded,
+                    stop=stops,
+                    fewest=fewest,
+                    field=field,
+                    prompt_field=prompt_field,
+                )
             )
             index = len(choices)
             choices.append(

@@ -14,7 +14,7 @@ back to a default.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -69,12 +69,13 @@ class StreamOptions(StrictBody):
 
 NULL_MEANS_DEFAULT = frozenset(
     {"temperature", "top_p", "n", "presence_penalty", "frequency_penalty", "stream", "echo"}
-    | {"logprobs", "top_k"}
+    | {"logprobs", "top_k", "max_tokens"}
 )
 """Fields OpenAI's spec makes nullable, whose null the official client sends for any
 argument passed as None (`temperature=cfg.get("temperature")`): null is the field's
-default, as OpenAI's own server takes it. (The fields typed `... | None` take null as
-themselves: `max_tokens`, `seed`, `stop`, ...)"""
+default, as OpenAI's own server takes it (a completion's `max_tokens: null` is 16 tokens,
+where it was the gateway's own default, 64). (The other fields typed `... | None` take
+null as themselves: `seed`, `stop`, ...)"""
 
 
 class SamplingFields(StrictBody):
@@ -113,6 +114,13 @@ class SamplingFields(StrictBody):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    @model_validator(mode="after")
+    def options_of_a_stream(self) -> Self:
+        """OpenAI refuses them without a stream: they would be silently of no use."""
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
 
 PromptText = Annotated[str, Field(min_length=1)]
 PromptIds = Annotated[list[int], Field(min_length=1)]
@@ -134,8 +142,15 @@ class CompletionRequest(SamplingFields):
     max_tokens: Annotated[int, Field(ge=0)] | None = 16
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: bool = False  # the prompt's text before the completion
-    best_of: Annotated[int, Field(ge=1)] | None = None  # ignored
+    best_of: Annotated[int, Field(ge=1)] | None = None  # ignored once at least n
     suffix: str | None = None  # ignored
+
+    @model_validator(mode="after")
+    def best_of_at_least_n(self) -> Self:
+        """OpenAI's rule: best_of picks n of best_of samples, so fewer cannot be asked."""
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError(f"best_of ({self.best_of}) must be at least n ({self.n})")
+        return self
 
     def prompts(self) -> list[str | list[int]]:
         """The batch of prompts (one for a single text or a single list of ids)."""
