@@ -120,6 +120,69 @@ def test_incremental_text_never_splits_a_character(tiny_model: Path) -> None:
     assert all("\ufffd" not in d for d in deltas)
 
 
+async def test_a_client_that_gives_up_on_a_whole_answer_cancels_its_tasks(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Not streamed: a client's timeout closes the connection while the choices run; they
+    are cancelled as a stream's are (they ran to the end, and the official client's two
+    retries each ran theirs beside them)."""
+    async with serving(tiny_model, tmp_path / "t.db", max_concurrent=1) as s:
+        app = s.client._transport.app  # type: ignore[attr-defined]
+        request = {"model": "tiny", "prompt": "bye", "max_tokens": 500, "temperature": 0}
+        body, hang_up = json.dumps({**request, "n": 4}), asyncio.Event()
+        statuses: list[int] = []
+        sent_body = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal sent_body
+            if not sent_body:
+                sent_body = True
+                return {"type": "http.request", "body": body.encode(), "more_body": False}
+            await hang_up.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        async def hang_up_once_running() -> None:
+            for _ in range(2000):  # bounded: the first choice runs within seconds
+                health = (await s.client.get("/health")).json()
+                if health["active_tasks"]:
+                    break
+                await asyncio.sleep(0.005)
+            hang_up.set()
+
+        watcher = asyncio.create_task(hang_up_once_running())
+        async with asyncio.timeout(60):
+            await app(raw_scope("/v1/completions"), receive, send)
+        await watcher
+        assert statuses == [499]
+        text = (await s.client.get("/metrics")).text
+        assert 'butterfly_tasks_total{status="cancelled"} 4.0' in text
+        assert 'butterfly_tasks_total{status="completed"} 0.0' in text
+        await still_serves(s)
+
+
+def raw_scope(path: str) -> dict[str, Any]:
+    """An ASGI request's scope as uvicorn gives it (the test client buffers whole
+    responses, so a hang-up is sent by hand)."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 5000),
+        "server": ("gw", 80),
+        "scheme": "http",
+        "root_path": "",
+    }
+
+
 async def test_client_disconnect_cancels_the_streamed_task(
     tiny_model: Path, tmp_path: Path
 ) -> None:
@@ -150,22 +213,8 @@ async def test_client_disconnect_cancels_the_streamed_task(
                 first_chunk.set()
                 hang_up.set()
 
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0", "spec_version": "2.3"},  # as uvicorn sends
-            "http_version": "1.1",
-            "method": "POST",
-            "path": "/v1/completions",
-            "raw_path": b"/v1/completions",
-            "query_string": b"",
-            "headers": [(b"content-type", b"application/json")],
-            "client": ("127.0.0.1", 5000),
-            "server": ("gw", 80),
-            "scheme": "http",
-            "root_path": "",
-        }
         async with asyncio.timeout(60):
-            await app(scope, receive, send)
+            await app(raw_scope("/v1/completions"), receive, send)
         assert statuses == [200] and first_chunk.is_set()
         text = (await s.client.get("/metrics")).text  # cancelled before the app returned
         assert 'butterfly_tasks_total{status="cancelled"} 1.0' in text

@@ -296,7 +296,7 @@ def router(gw: Gateway, limited: Depends) -> APIRouter:
         if body.stream:
             events = stream(run, chunks, body.include_usage())
             return StreamingResponse(events, media_type="text/event-stream")
-        return await whole(run, chunks.whole)
+        return await whole(run, chunks.whole, request.is_disconnected)
 
     @api.post(
         "/chat/completions",
@@ -343,7 +343,7 @@ def router(gw: Gateway, limited: Depends) -> APIRouter:
         if body.stream:
             events = stream(run, chunks, body.include_usage())
             return StreamingResponse(events, media_type="text/event-stream")
-        return await whole(run, chunks.whole)
+        return await whole(run, chunks.whole, request.is_disconnected)
 
     return api
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable, Collection
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -44,6 +45,8 @@ KEEPALIVE = ": keep-alive\n\n"
 HELD = ": held\n\n"
 """An SSE comment per token held back (`api.stream_verified_only`): clients ignore it,
 and the connection shows progress instead of looking idle to proxies."""
+
+log = logging.getLogger(__name__)
 
 
 def sse(payload: dict[str, Any] | str) -> str:
@@ -146,17 +149,30 @@ def weakest(verified: list[str]) -> str:
 Whole = Callable[[Run, str], dict[str, Any]]
 
 
-async def whole(run: Run, answer: Whole) -> Response:
+WATCH_S = 0.1
+"""How often a whole answer's wait looks whether its client is still there."""
+CLIENT_GONE = 499
+"""The status (nginx's) a whole answer ends with when its client hung up: nobody reads it."""
+
+
+async def whole(run: Run, answer: Whole, gone: Callable[[], Awaitable[bool]]) -> Response:
     """Wait for every choice; the answer built by `answer(run, verified)`, or the first
-    choice's failure (the others are cancelled)."""
+    choice's failure (the others are cancelled). An OpenAI client reads 200 or an error
+    only, so the wait has no limit of its own (a 202 after `api` settings' `max_wait_s`
+    was read as an empty success); the client's timeout ends it instead: once `gone()`
+    says the client hung up, every choice is cancelled, as a stream's are (they ran to
+    the end, and the client's retries each ran theirs beside them)."""
     gw, verified = run.gw, []
     for task, choice in zip(run.tasks, run.choices, strict=True):
-        snap = await gw.scheduler.wait(task.task_id, gw.settings.max_wait_s)
+        snap = await gw.scheduler.wait(task.task_id, WATCH_S)
+        while not snap.state.terminal:
+            if await gone():
+                log.info("client of %s hung up: cancelling its tasks", run.tasks[0].task_id)
+                await run.cancel_unfinished(())
+                return Response(status_code=CLIENT_GONE)
+            snap = await gw.scheduler.wait(task.task_id, WATCH_S)
         if snap.state.status is not TaskStatus.COMPLETED or snap.result is None:
-            # an error (the other choices are cancelled), or a 202 naming this task,
-            # which goes on (the others cannot be read from that answer: cancelled)
-            keep = () if snap.state.terminal else (run.tasks.index(task),)
-            await run.cancel_unfinished(keep)
+            await run.cancel_unfinished(())  # an error: the other choices are cancelled
             return gw.outcome(snap)
         feed(choice, snap.result)
         verified.append(snap.result.verified)
