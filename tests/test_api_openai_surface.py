@@ -247,7 +247,8 @@ async def test_logprobs_and_echo(tiny_model: Path, tmp_path: Path) -> None:
         offsets, named = choice["logprobs"]["text_offset"], choice["logprobs"]["tokens"]
         assert offsets[:3] == [0, 0, 1] and named[1:3] == ["O", "n"]
         for start, end, token in zip(offsets, [*offsets[1:], None], named, strict=True):
-            assert choice["text"][start:end] in (token, "")
+            if not token.startswith("bytes:"):  # part of a character: where it starts
+                assert choice["text"][start:end] in (token, "")
         chat = await post(
             s.client,
             "/v1/chat/completions",
@@ -482,3 +483,43 @@ async def test_what_openai_clients_read_from_the_edges_of_a_request(
             assert_error(r, 400, "invalid_request", "context")
             error = r.json()["error"]
             assert (error["code"], error["param"]) == ("context_length_exceeded", field), error
+
+
+async def test_logprobs_of_bytes_inside_a_character(tiny_model: Path, tmp_path: Path) -> None:
+    """A byte-level token holding part of a character is named `bytes:\\xNN` as OpenAI
+    names it (all such tokens read as U+FFFD before, so top_logprobs kept one of them and
+    the greedy token's own value could be lost), starts where its character does in
+    `text_offset` (offsets drifted one character per byte after an "é"), keeps counting
+    across a stream's chunks (each chunk restarted at 0), and on chat carries its own
+    bytes (they were U+FFFD's three)."""
+    body = {"prompt": "café €", "max_tokens": 8, "temperature": 0.0, "logprobs": 5, "echo": True}
+    async with serving(tiny_model, tmp_path / "t.db") as s:
+        whole = (await post(s.client, "/v1/completions", **body)).json()["choices"][0]
+        streamed = await post(s.client, "/v1/completions", stream=True, **body)
+        chat = await post(
+            s.client,
+            "/v1/chat/completions",
+            messages=[{"role": "user", "content": "é€"}],
+            max_tokens=12,
+            temperature=0.0,
+            logprobs=True,
+            top_logprobs=3,
+        )
+    lp = whole["logprobs"]
+    assert lp["tokens"][:7] == ["<|bos|>", "c", "a", "f", "bytes:\\xc3", "bytes:\\xa9", " "]
+    assert lp["text_offset"][:10] == [0, 0, 1, 2, 3, 3, 4, 5, 5, 5]
+    for at, token in zip(lp["text_offset"], lp["tokens"], strict=True):
+        if not token.startswith(("bytes:", "<|")):
+            assert whole["text"][at:].startswith(token)
+    generated = slice(10, None)  # after the prompt's 10 tokens, greedy's own picks
+    for value, top in zip(
+        lp["token_logprobs"][generated], lp["top_logprobs"][generated], strict=True
+    ):
+        assert len(top) == 5 and max(top.values()) == pytest.approx(value)
+    chunks = [c["choices"][0].get("logprobs") for c in events(streamed.text)[:-1]]
+    assert [o for c in chunks if c for o in c["text_offset"]] == lp["text_offset"]
+    content = chat.json()["choices"][0]["logprobs"]["content"]
+    raw = b"".join(bytes(c["bytes"]) for c in content)
+    assert raw.decode("utf-8", "replace").startswith(
+        chat.json()["choices"][0]["message"]["content"]
+    )

@@ -103,7 +103,7 @@ class CompletionChunks:
     def _choice(self, choice: ChoiceText, text: str, finish: Finish | None) -> CompletionChoice:
         logprobs = None
         if self.body.logprobs is not None:
-            logprobs = completion_logprobs(choice, choice.take_pending(), 0)
+            logprobs = completion_logprobs(choice, choice.take_pending())
         return CompletionChoice(
             text=text,
             index=choice.index,
@@ -120,7 +120,7 @@ class CompletionChunks:
             return None
         logprobs, choice = None, run.choices[index]
         if self.scores_prompt:
-            logprobs = completion_logprobs(choice, [], 0, choice.prompt)
+            logprobs = completion_logprobs(choice, [], choice.prompt)
         echoed = CompletionChoice(text=self._echo(choice), index=index, logprobs=logprobs)
         return self._object(run, [echoed])
 
@@ -145,7 +145,7 @@ class CompletionChunks:
             logprobs = None
             if self.body.logprobs is not None:
                 echoed = c.prompt if self.body.echo else []
-                logprobs = completion_logprobs(c, c.scored, 0, echoed)
+                logprobs = completion_logprobs(c, c.scored, echoed)
             choices.append(
                 CompletionChoice(
                     text=prefix + c.emitted,

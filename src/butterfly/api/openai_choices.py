@@ -9,15 +9,37 @@ shows a client text that a stop string then cuts away.
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from tokenizers import Tokenizer
 
 from butterfly.api.openai_schema import CompletionLogprobs, Finish, TokenLogprob, TopLogprob
-from butterfly.runtime.detok import IncrementalText
+from butterfly.runtime.detok import IncrementalText, bytes_text, token_bytes
 from butterfly.runtime.stops import StopScanner
 from butterfly.types.tasks import Sampled
+
+
+class TextOffsets:
+    """Characters of the returned text so far, as a token's bytes complete them."""
+
+    def __init__(self) -> None:
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self.at = 0
+
+    def advance(self, shown: bytes) -> int:
+        """Where the text of `shown` starts: at the character its first byte belongs to,
+        which that byte may complete (the rest of an "é"), leave open (its first half),
+        or follow (bytes before it that it shows were no character: one U+FFFD for them,
+        then its own). The count moves past everything it completes."""
+        if not shown:
+            return self.at
+        out = self._utf8.decode(shown[:1])
+        held = self._utf8.getstate()[0]  # the first byte, still open: all of out is before
+        start = self.at + len(out) - (0 if held else 1)
+        self.at += len(out) + len(self._utf8.decode(shown[1:]))
+        return start
 
 
 @dataclass
@@ -30,6 +52,7 @@ class ChoiceText:
     eos_ids: frozenset[int]
     prompt: list[int] = field(default_factory=list)  # the token ids it continues
     decoder: IncrementalText = field(init=False)
+    offsets: TextOffsets = field(init=False)  # where the logprobs' next token starts
     tokens: list[int] = field(default_factory=list)
     scored: list[Sampled | None] = field(default_factory=list)
     pending: list[Sampled | None] = field(default_factory=list)  # since the last delta
@@ -41,10 +64,12 @@ class ChoiceText:
 
     def __post_init__(self) -> None:
         self.decoder = IncrementalText(self.tokenizer)
+        self.offsets = TextOffsets()
 
     def reset(self) -> None:
         """Every token so far was withdrawn (an audit caught a liar)."""
         self.decoder = IncrementalText(self.tokenizer)
+        self.offsets = TextOffsets()
         self.stops = StopScanner(self.stops.stops)
         self.tokens, self.scored, self.pending = [], [], []
         self.finish, self.emitted = None, ""
@@ -78,14 +103,20 @@ class ChoiceText:
         taken, self.pending = self.pending, []
         return taken
 
-    def token_text(self, token: int) -> str:
-        return str(self.tokenizer.decode([token], skip_special_tokens=False))
+    def token_bytes(self, token: int) -> bytes:
+        return token_bytes(self.tokenizer, token)
 
-    def shown_length(self, token: int) -> int:
-        """How far `token` moves a `text_offset`: what it adds to the returned text, which
-        leaves special tokens out (an echoed prompt's BOS is named in `tokens`, at the
-        offset of the text after it)."""
-        return len(self.tokenizer.decode([token], skip_special_tokens=True))
+    def token_text(self, token: int) -> str:
+        """As OpenAI names it: its characters, or `bytes:\\xNN` for part of one."""
+        return bytes_text(self.token_bytes(token))
+
+    def offset_of(self, token: int) -> int:
+        """Where `token`, the next one, starts in the returned text (`text_offset`), which
+        leaves special tokens out (an echoed prompt's BOS sits at the offset of the text
+        after it) and counts characters: a token holding part of one starts where that
+        character does. Counted across the calls (a stream's chunks go on from the last)."""
+        special = not self.tokenizer.decode([token], skip_special_tokens=True)
+        return self.offsets.advance(b"" if special else self.token_bytes(token))
 
 
 def chat_logprobs(choice: ChoiceText, entries: Sequence[Sampled | None]) -> list[TokenLogprob]:
@@ -95,24 +126,23 @@ def chat_logprobs(choice: ChoiceText, entries: Sequence[Sampled | None]) -> list
     for s in entries:
         if s is None:
             continue
-        text = choice.token_text(s.token)
         top = [
-            TopLogprob(token=(t := choice.token_text(i)), logprob=lp, bytes=list(t.encode()))
+            TopLogprob(token=choice.token_text(i), logprob=lp, bytes=list(choice.token_bytes(i)))
             for i, lp in s.top
         ]
-        out.append(
-            TokenLogprob(token=text, logprob=s.logprob, bytes=list(text.encode()), top_logprobs=top)
-        )
+        own = list(choice.token_bytes(s.token))
+        text = choice.token_text(s.token)
+        out.append(TokenLogprob(token=text, logprob=s.logprob, bytes=own, top_logprobs=top))
     return out
 
 
 def completion_logprobs(
     choice: ChoiceText,
     entries: Sequence[Sampled | None],
-    offset: int,
     prompt: Sequence[int] = (),
 ) -> CompletionLogprobs:
-    """The completions API's logprobs; offsets start at `offset`. `prompt` (under `echo`)
+    """The completions API's logprobs; offsets go on from the choice's last
+    (`ChoiceText.offset_of`: a stream's chunks restarted at 0). `prompt` (under `echo`)
     comes first, as in OpenAI and vLLM: its first token's logprob is null (nothing comes
     before it), the others' are those the engine scored (`ChoiceText.prompt_scored`),
     null where it has none (a one-token prompt has nothing to score)."""
@@ -122,18 +152,16 @@ def completion_logprobs(
     offsets: list[int] = []
     scored = (None, *choice.prompt_scored)
     for i, token in enumerate(prompt):
-        offsets.append(offset)
+        offsets.append(choice.offset_of(token))
         tokens.append(choice.token_text(token))
-        offset += choice.shown_length(token)
         s = scored[i] if i < len(scored) else None
         values.append(None if s is None else s.logprob)
         tops.append(None if s is None else {choice.token_text(t): lp for t, lp in s.top})
     for s in entries:
         if s is None:
             continue
-        offsets.append(offset)
+        offsets.append(choice.offset_of(s.token))
         tokens.append(choice.token_text(s.token))
-        offset += choice.shown_length(s.token)
         values.append(s.logprob)
         tops.append({choice.token_text(i): lp for i, lp in s.top})
     return CompletionLogprobs(

@@ -10,8 +10,15 @@ the tokens (`bench/streaming.py` measures it flat from token 1 to token 1024).
 
 from __future__ import annotations
 
+import functools
+import json
+import re
+
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
+
+BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+"""A SentencePiece byte-fallback token's name for one byte."""
 
 
 class IncrementalText:
@@ -44,4 +51,51 @@ class IncrementalText:
         return tail
 
 
-__all__ = ["IncrementalText"]
+def _gpt2_bytes() -> dict[int, str]:
+    """GPT-2's map from each byte to the printable character a byte-level BPE vocabulary
+    writes it as (bytes that print stand for themselves, the rest from U+0100 up)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+@functools.lru_cache(maxsize=8)
+def _byte_level(tokenizer: Tokenizer) -> dict[str, int] | None:
+    """Each vocabulary character's byte, when the tokenizer decodes byte-level (GPT-2,
+    Llama 3, Qwen); None otherwise. Once per tokenizer: it reads its whole definition."""
+    decoder = json.loads(tokenizer.to_str()).get("decoder") or {}
+    kinds = {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders") or ()}
+    if "ByteLevel" not in kinds:
+        return None
+    return {c: b for b, c in _gpt2_bytes().items()}
+
+
+def token_bytes(tokenizer: Tokenizer, token: int) -> bytes:
+    """The bytes `token` stands for, a part of a character included (its own decoding
+    reads such a part as U+FFFD, three other bytes)."""
+    piece = tokenizer.id_to_token(token)
+    table = _byte_level(tokenizer)
+    if piece is not None and table is not None and all(c in table for c in piece):
+        return bytes(table[c] for c in piece)
+    if piece is not None and (byte := BYTE_PIECE.fullmatch(piece)):
+        return bytes([int(byte[1], 16)])
+    return str(tokenizer.decode([token], skip_special_tokens=False)).encode()
+
+
+def bytes_text(raw: bytes) -> str:
+    """A token's text as OpenAI writes it: the characters, or for bytes that are not whole
+    characters `bytes:\\xNN...`, so two such tokens never share a name (a dict of top
+    logprobs kept one of them)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+__all__ = ["IncrementalText", "bytes_text", "token_bytes"]
