@@ -197,9 +197,10 @@ async def test_an_oversized_prompt_is_refused_before_it_is_tokenized(
     async with serving(tiny_model, tmp_path / "t.db", settings=settings, codec=codec) as s:
         for prompt in ("x" * 3585, "é" * 1793, "x" * (5 << 20)):
             r = await s.client.post("/inference", json={"prompt": prompt})
-            assert_error(r, 413, "payload_too_large", "at most 3584 bytes", "512 tokens")
+            assert_error(r, 400, "invalid_request", "at most 3584 bytes", "512 tokens")
             r = await s.client.post("/v1/completions", json={"model": "tiny", "prompt": prompt})
-            assert_error(r, 413, "payload_too_large", "3584")
+            assert_error(r, 400, "invalid_request", "3584")  # a full context, as OpenAI says:
+            assert r.json()["error"]["code"] == "context_length_exceeded"  # not a 413
         assert tokenizer.calls == 0
         huge_ids = {"input_ids": [1] * 600_000}  # past the context: refused unscanned
         assert_error(await s.client.post("/inference", json=huge_ids), 400, "invalid_request")

@@ -67,7 +67,9 @@ class Gateway:
             1, self.longest_token_bytes
         )
 
-    async def encode(self, prompt: str, *, add_special_tokens: bool = True) -> list[int]:
+    async def encode(
+        self, prompt: str, *, add_special_tokens: bool = True, field: str = "prompt"
+    ) -> list[int]:
         """The prompt's token ids; too long a prompt is refused before it is tokenized,
         and tokenizing runs in a worker thread: a multi-megabyte prompt took seconds, all
         of them on the event loop, where the node's heartbeats and every other request
@@ -76,16 +78,17 @@ class Gateway:
         if self.codec is None:
             raise InvalidRequest("this model has no tokenizer; send `input_ids` instead of text")
         limit, size = self.prompt_limit(), len(prompt.encode("utf-8", "surrogatepass"))
-        if size > limit:
-            how = (
-                "api.max_prompt_bytes"
-                if self.settings.max_prompt_bytes
-                else f"the context of {self.engine.max_context} tokens of at most "
-                f"{self.longest_token_bytes} bytes each"
-            )
+        if size > limit and self.settings.max_prompt_bytes:  # the operator's limit: 413
             raise PayloadTooLarge(
                 f"the prompt is {size} bytes; this gateway tokenizes at most {limit} bytes "
-                f"({how}): shorten it"
+                "(api.max_prompt_bytes): shorten it"
+            )
+        if size > limit:  # more than the context could hold, whatever its tokens
+            raise ContextExceeded(
+                f"the prompt is {size} bytes; the model's context of "
+                f"{self.engine.max_context} tokens of at most {self.longest_token_bytes} bytes "
+                f"each holds at most {limit} bytes: shorten it",
+                field,
             )
         if size <= INLINE_TOKENIZE_BYTES:
             return tokenize(self.codec, prompt, add_special_tokens)

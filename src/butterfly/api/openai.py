@@ -320,7 +320,7 @@ def router(gw: Gateway, limited: Depends) -> APIRouter:
             add_generation_prompt=body.add_generation_prompt,
             extra=body.chat_template_kwargs,
         )
-        ids = await gw.encode(text, add_special_tokens=False)
+        ids = await gw.encode(text, add_special_tokens=False, field="messages")
         max_tokens = body.max_completion_tokens or body.max_tokens
         if max_tokens is None:  # as much as the context and the limit leave
             room = gw.engine.max_context - len(ids) + 1
