@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -131,15 +132,7 @@ async def test_a_client_that_gives_up_on_a_whole_answer_cancels_its_tasks(
         request = {"model": "tiny", "prompt": "bye", "max_tokens": 500, "temperature": 0}
         body, hang_up = json.dumps({**request, "n": 4}), asyncio.Event()
         statuses: list[int] = []
-        sent_body = False
-
-        async def receive() -> dict[str, Any]:
-            nonlocal sent_body
-            if not sent_body:
-                sent_body = True
-                return {"type": "http.request", "body": body.encode(), "more_body": False}
-            await hang_up.wait()
-            return {"type": "http.disconnect"}
+        receive = body_then_hang_up(body, hang_up)
 
         async def send(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
@@ -162,6 +155,21 @@ async def test_a_client_that_gives_up_on_a_whole_answer_cancels_its_tasks(
         assert 'butterfly_tasks_total{status="cancelled"} 4.0' in text
         assert 'butterfly_tasks_total{status="completed"} 0.0' in text
         await still_serves(s)
+
+
+def body_then_hang_up(body: str, hang_up: asyncio.Event) -> Callable[[], Awaitable[Any]]:
+    """An ASGI `receive`: the request's body, then the client's hang-up once it is set."""
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body.encode(), "more_body": False}
+        await hang_up.wait()
+        return {"type": "http.disconnect"}
+
+    return receive
 
 
 def raw_scope(path: str) -> dict[str, Any]:
@@ -195,16 +203,8 @@ async def test_client_disconnect_cancels_the_streamed_task(
         request = {"model": "tiny", "prompt": "bye", "max_tokens": 400, "temperature": 0}
         body = json.dumps({**request, "stream": True})
         first_chunk, hang_up = asyncio.Event(), asyncio.Event()
-        sent_body = False
         statuses: list[int] = []
-
-        async def receive() -> dict[str, Any]:
-            nonlocal sent_body
-            if not sent_body:
-                sent_body = True
-                return {"type": "http.request", "body": body.encode(), "more_body": False}
-            await hang_up.wait()
-            return {"type": "http.disconnect"}
+        receive = body_then_hang_up(body, hang_up)
 
         async def send(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":

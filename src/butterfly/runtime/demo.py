@@ -14,6 +14,8 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
+from butterfly.runtime.detok import bytes_to_unicode
+
 SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>")
 VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # every byte, then the special tokens
 
@@ -35,19 +37,6 @@ SIZES = {
     # ~113M parameters, written as sharded files like real checkpoints, for benchmarks.
     "small": DemoSize(768, 12, 12, 12, 3072, 2048, 200 * 1024 * 1024),
 }
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's printable stand-in character for every byte, used by ByteLevel tokenizers."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
 
 
 def build_tokenizer() -> Tokenizer:

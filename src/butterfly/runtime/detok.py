@@ -51,9 +51,9 @@ class IncrementalText:
         return tail
 
 
-def _gpt2_bytes() -> dict[int, str]:
-    """GPT-2's map from each byte to the printable character a byte-level BPE vocabulary
-    writes it as (bytes that print stand for themselves, the rest from U+0100 up)."""
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in character for every byte, used by ByteLevel tokenizers
+    (bytes that print stand for themselves, the rest from U+0100 up)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
     chars, extra = {}, 0
     for b in range(256):
@@ -73,7 +73,7 @@ def _byte_level(tokenizer: Tokenizer) -> dict[str, int] | None:
     kinds = {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders") or ()}
     if "ByteLevel" not in kinds:
         return None
-    return {c: b for b, c in _gpt2_bytes().items()}
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 def token_bytes(tokenizer: Tokenizer, token: int) -> bytes:
@@ -98,4 +98,4 @@ def bytes_text(raw: bytes) -> str:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
-__all__ = ["IncrementalText", "bytes_text", "token_bytes"]
+__all__ = ["IncrementalText", "bytes_text", "bytes_to_unicode", "token_bytes"]
