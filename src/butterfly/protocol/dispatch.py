@@ -122,7 +122,8 @@ def dispatched(
     if not isinstance(ticket, Dispatch):
         return Refusal(f"its dispatch is a {ticket.kind}")
     key = keys.get(ticket.sender)
-    if key is None or not verify_message(ticket, key):
+    mine = ticket.sender == me == peer  # a gateway's step to its own stage: signed here
+    if not mine and (key is None or not verify_message(ticket, key)):
         return Refusal(f"its dispatch is not signed by node {ticket.sender}")
     if ticket.epoch != epoch:
         return Refusal(f"it was dispatched for epoch {ticket.epoch}, sent in epoch {epoch}")
