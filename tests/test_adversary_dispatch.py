@@ -209,3 +209,15 @@ def test_a_restarted_gateway_whose_clock_went_back_goes_on_above_its_serials(
     for t in used:
         serials.ran(t)  # type: ignore[arg-type]
     assert serials.stale(ticket) is None  # type: ignore[arg-type]
+
+
+def test_a_gateways_own_step_to_itself_is_not_verified_again_but_one_from_a_peer_is() -> None:
+    msg = step_to(GATEWAY, (NodeId(1),))  # the gateway holds the first stage
+    own = dict(peer=GATEWAY, me=GATEWAY, gateway=GATEWAY, gateways=(GATEWAY,), epoch=3)
+    assert isinstance(dispatched(msg, keys={}, **own), Dispatch)  # no key needed: its own
+    forged = replace(
+        msg, dispatch=Dispatcher(GATEWAY, KEYS[NodeId(2)]).stamp(msg, GATEWAY, 3).dispatch
+    )
+    from_a_peer = dict(own, peer=NodeId(2))
+    refusal = dispatched(forged, keys=PUBLIC, **from_a_peer)  # type: ignore[arg-type]
+    assert isinstance(refusal, Refusal) and "not signed" in refusal.reason
