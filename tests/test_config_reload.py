@@ -23,6 +23,7 @@ from butterfly.config import (
     cluster_hash,
     config_hash,
     follow_files,
+    load,
     load_config,
     propose_update,
     reload_files,
@@ -247,8 +248,29 @@ def test_reload_of_a_corrupted_file_raises_and_keeps_the_config(tmp_path: Path) 
     before = manager.record
     path.write_text('[observability\nlog_level = "debug"\n')
     with pytest.raises(ConfigInvalid, match="not valid TOML"):
-        reload_files(manager, [path])
+        reload_files(manager, [path], since=None)
     assert manager.record == before
+
+
+def test_a_reload_applies_what_the_edit_moved_not_the_file_whole(tmp_path: Path) -> None:
+    """A touch, or a save of the same text, changed every node option an update had set
+    back to the file's (a token required through the API was gone); an edit moves only
+    what it edits."""
+    path = tmp_path / "node.toml"
+    path.write_text('[observability]\nlog_level = "info"\n')
+    manager = ConfigManager(load_config([path]))
+    since = load([path])
+    manager.update({"api.tokens": ["secret"], "scheduling.max_new_tokens_limit": 100})
+    result, since = reload_files(manager, [path], since=since)  # touched: nothing moved
+    assert result is None and manager.current.api.tokens == ("secret",)
+    path.write_text('[observability]\nlog_level = "debug"\n')
+    result, since = reload_files(manager, [path], since=since)
+    assert result is not None and [c.key for c in result.applied] == ["observability.log_level"]
+    assert manager.current.api.tokens == ("secret",)
+    assert manager.current.scheduling.max_new_tokens_limit == 100
+    path.write_text('[observability]\nlog_level = "debug"\n[api]\ntokens = ["filed"]\n')
+    reload_files(manager, [path], since=since)  # the file's own edit of it does move it
+    assert manager.current.api.tokens == ("filed",)
 
 
 async def test_a_followed_file_applies_edits_and_keeps_the_config_on_a_bad_one(
@@ -288,6 +310,40 @@ async def test_a_followed_file_applies_edits_and_keeps_the_config_on_a_bad_one(
         await asyncio.wait_for(follow, 10)
     assert manager.record.version == before.version + 1
     assert config_hash(manager.current) == manager.record.config_hash
+
+
+async def test_an_include_added_in_another_directory_is_followed_from_then_on(
+    tmp_path: Path,
+) -> None:
+    """It was read once, then its own edits went unseen (only the first files'
+    directories were watched)."""
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "secrets").mkdir()
+    path, tokens = tmp_path / "etc" / "node.toml", tmp_path / "secrets" / "tokens.toml"
+    path.write_text('[observability]\nlog_level = "info"\n')
+    tokens.write_text('[api]\ntokens = ["one"]\n')
+    manager = ConfigManager(load_config([path]))
+    stop = asyncio.Event()
+    follow = asyncio.create_task(follow_files(manager, [path], stop=stop, debounce_ms=20))
+
+    async def until(done: Callable[[], bool], file: Path, text: str) -> None:
+        for _ in range(500):  # the watcher may start after a write: write until it shows
+            write_atomically(file, text)
+            for _ in range(10):
+                await asyncio.sleep(0.02)
+                if done():
+                    return
+        raise AssertionError(f"never saw {text!r} in {file} applied")
+
+    try:
+        edit = 'include = ["../secrets/tokens.toml"]\n[observability]\nlog_level = "info"\n'
+        await until(lambda: manager.current.api.tokens == ("one",), path, edit)
+        await until(
+            lambda: manager.current.api.tokens == ("two",), tokens, '[api]\ntokens = ["two"]\n'
+        )
+    finally:
+        stop.set()
+        await asyncio.wait_for(follow, 10)
 
 
 def test_a_corrupt_history_file_is_a_config_error_naming_it(tmp_path: Path) -> None:

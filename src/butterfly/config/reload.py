@@ -24,7 +24,7 @@ import watchfiles
 
 from butterfly.config.fields import config_leaves, field_specs
 from butterfly.config.issues import UpdateRefused, UpdateRejected
-from butterfly.config.loader import apply_patch, load
+from butterfly.config.loader import Loaded, apply_patch, load
 from butterfly.config.proposal import (
     Kind,
     Proposal,
@@ -272,13 +272,27 @@ def reload_files(
     manager: ConfigManager,
     files: Sequence[Path | str],
     *,
+    since: Loaded | None,
     env: Mapping[str, str] | None = None,
-    overrides: Sequence[str] = (),
-) -> tuple[UpdateResult, tuple[Path, ...]]:
-    """Load `files` again and move the manager to them; returns the files read."""
-    loaded = load(files, env=env, overrides=overrides)
-    result = manager.replace(loaded.config, source=f"file {files[0]}", reason="file changed")
-    return result, loaded.files
+) -> tuple[UpdateResult | None, Loaded]:
+    """Load `files` again and apply what their edit changed: only the options whose value
+    in the files moved since `since` (their last load), as an update would (None: nothing
+    moved). A file saved unchanged, or touched, moved none: taking the files whole undid
+    every change made at run time (a token required through the API was gone at the next
+    touch of the file). Without `since`, this node's own options where the files differ
+    from the running config (an edit before the files were followed)."""
+    loaded = load(files, env=env)
+    if since is None:  # the node's own options as the files have them now
+        specs, running = field_specs(), config_leaves(manager.current)
+        mine = {k for k, spec in specs.items() if spec.scope is Scope.NODE}
+        before = {k: v for k, v in running.items() if k in mine}
+        after = {k: v for k, v in config_leaves(loaded.config).items() if k in mine}
+    else:
+        before, after = config_leaves(since.config), config_leaves(loaded.config)
+    moved = {k: v for k, v in after.items() if before.get(k) != v}
+    if not moved:
+        return None, loaded
+    return manager.update(moved, source=f"file {files[0]}"), loaded
 
 
 async def follow_files(
@@ -296,38 +310,54 @@ async def follow_files(
     node does with the files it started from (`butterfly start --config`).
 
     On the event loop, so the components' subscribers run where the components live, as
-    for an update through the API. A file that fails to parse or validate, or that changes
-    static keys, leaves the running config as it is; the error goes to `on_error` and the
-    log. Directories are watched rather than files, so editors that save by rename are
-    seen too. A result with `pending` set carries cluster-wide changes, which one node's
-    file does not make: `on_result` decides (the node logs them, to be agreed with
-    `butterfly config update --url`).
+    for an update through the API, and only what the edit changed (`reload_files`). A
+    file that fails to parse or validate, or that changes static keys, leaves the running
+    config as it is; the error goes to `on_error` and the log, and the next edit is
+    weighed against the files as they were last applied. The files' directories are
+    watched (not their subdirectories), so editors that save by rename are seen too; an
+    include added in another directory is watched from then on. A result with `pending`
+    set carries cluster-wide changes, which one node's file does not make: `on_result`
+    decides (the node logs them, to be agreed with `butterfly config update --url`).
     """
-    watched = {Path(f).expanduser().resolve() for f in files}
-    try:
-        watched |= set(load(files, env=env).files)
+    last: Loaded | None = None
+    try:  # an edit between the node's start and now is applied first
+        result, last = reload_files(manager, files, since=None, env=env)
+        if result is not None and on_result is not None:
+            on_result(result)
     except ConfigError as e:
-        log.warning("config watcher starting on an invalid file: %s", e)
-    dirs = sorted({p.parent for p in watched})
+        log.warning("config watcher starting on a file it cannot apply: %s", e)
+    watched = {Path(f).expanduser().resolve() for f in files}
+    watched |= set(last.files if last is not None else ())
+    # its own debug lines about a node's log, written beside the file, would wake it again
+    logging.getLogger("watchfiles").setLevel(logging.INFO)
 
     def relevant(_change: watchfiles.Change, path: str) -> bool:
         return Path(path).resolve() in watched
 
-    log.info("watching config files %s", sorted(map(str, watched)))
-    async for _ in watchfiles.awatch(
-        *dirs,
-        watch_filter=relevant,
-        stop_event=stop,
-        debounce=debounce_ms,
-        force_polling=force_polling,
-    ):
-        try:
-            result, read = reload_files(manager, files, env=env)
-        except ConfigError as e:
-            log.error("config reload refused, keeping version %d: %s", manager.record.version, e)
-            if on_error is not None:
-                on_error(e)
-            continue
-        watched |= set(read)
-        if on_result is not None:
-            on_result(result)
+    while not stop.is_set():
+        dirs = sorted({p.parent for p in watched})
+        log.info("watching config files %s", sorted(map(str, watched)))
+        async for _ in watchfiles.awatch(
+            *dirs,
+            watch_filter=relevant,
+            stop_event=stop,
+            debounce=debounce_ms,
+            force_polling=force_polling,
+            recursive=False,  # a data directory beside the file: its every write woke it
+        ):
+            try:
+                result, last = reload_files(manager, files, since=last, env=env)
+            except ConfigError as e:
+                version = manager.record.version
+                log.error("config reload refused, keeping version %d: %s", version, e)
+                if on_error is not None:
+                    on_error(e)
+                continue
+            if result is not None:
+                applied = ", ".join(c.key for c in result.applied) or "none here"
+                log.info("config file %s changed: applied %s", files[0], applied)
+                if on_result is not None:
+                    on_result(result)
+            if not set(last.files) <= watched:  # an include added: watch its directory too
+                watched |= set(last.files)
+                break
