@@ -131,3 +131,24 @@ async def test_a_gateway_stopped_while_it_waits_for_its_peers_stops(
     for node in c.nodes[1:]:
         node.stage_server.close()
         node.config.history.close()
+
+
+async def test_verification_switched_off_and_a_node_restarted_can_be_switched_back_on(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """A node restarted after the cluster agreed `none` took its holders per range from
+    that mode: one, no checker, and it refused `audit` from then on ("restart required"),
+    which no restart could mend (the agreed history restores `none` at every start)."""
+    async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS) as c:
+        gw = c.gateway
+        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        await gw.agreement.coordinator.update({"byzantine.verification": "none"})
+        again = await c.restart(3)
+        await c.until(
+            lambda: again.agreement.driver.last_executed == gw.agreement.driver.last_executed,
+            "node 3 caught up",
+        )
+        assert again.config.current.byzantine.verification == "none"
+        await gw.agreement.coordinator.update({"byzantine.verification": "audit"})  # refused
+        assert all(node.config.current.byzantine.verification == "audit" for node in c.nodes)
+        assert again.stage_server.prover is not None  # it signs what it computes again

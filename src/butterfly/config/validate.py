@@ -38,10 +38,13 @@ def largest_safe_f(n: int) -> int:
 
 
 def replication_factor(cfg: ButterflyConfig) -> int:
-    """Holders per layer range: explicit, else f+1 when results are verified."""
+    """Holders per layer range: explicit, else f+1. Not from `byzantine.verification`,
+    which changes at run time and is restored from the agreed history at a restart: a node
+    restarted after the cluster agreed "none" built one holder per range and no checker,
+    refused "audit" from then on, and a whole-cluster restart could not undo it."""
     if cfg.partition.replication:
         return cfg.partition.replication
-    return cfg.byzantine.f + 1 if cfg.byzantine.verification != "none" else 1
+    return cfg.byzantine.f + 1
 
 
 def quorum_message(n: int, f: int) -> str | None:

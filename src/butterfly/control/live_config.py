@@ -135,8 +135,8 @@ def _check_verification(
             raise ValueError(
                 f"restart required: byzantine.verification={mode!r} needs every layer range "
                 "on f+1 nodes, and this node started with one holder per range "
-                "(byzantine.f = 0, partition.replication = 1 or verification = none at "
-                "start); set them and restart the cluster"
+                "(byzantine.f = 0 or partition.replication = 1 at start); set them and "
+                "restart the cluster"
             )
 
     return check

@@ -72,8 +72,9 @@ def step_timeouts(
 
 
 def verifying(cfg: ButterflyConfig) -> bool:
-    """Records are signed wherever a replica can check them (f+1 holders per range), so
-    byzantine.verification may move among audit, replicate and none at run time."""
+    """Records are signed wherever a replica can check them (f+1 holders per range,
+    whatever the mode), so byzantine.verification may move among audit, replicate and
+    none at run time, and back after a restart."""
     return replication_factor(cfg) > 1
 
 
