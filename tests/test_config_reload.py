@@ -241,6 +241,18 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+async def write_until(done: Callable[[], bool], path: Path, text: str) -> None:
+    """Write `text` to `path` until `done()` (a watcher may start after a write),
+    bounded."""
+    for _ in range(500):
+        write_atomically(path, text)
+        for _ in range(10):
+            await asyncio.sleep(0.02)
+            if done():
+                return
+    raise AssertionError(f"never saw {text!r} in {path} applied or refused")
+
+
 def test_reload_of_a_corrupted_file_raises_and_keeps_the_config(tmp_path: Path) -> None:
     path = tmp_path / "node.toml"
     path.write_text('[observability]\nlog_level = "info"\n')
@@ -288,23 +300,17 @@ async def test_a_followed_file_applies_edits_and_keeps_the_config_on_a_bad_one(
         follow_files(manager, [path], stop=stop, on_error=errors.append, debounce_ms=20)
     )
 
-    async def until(done: Callable[[], bool], text: str) -> None:
-        for _ in range(500):  # the watcher may start after a write: write until it reports
-            write_atomically(path, text)
-            for _ in range(10):
-                await asyncio.sleep(0.02)
-                if done():
-                    return
-        raise AssertionError(f"never saw {text!r} applied or refused")
-
     try:
-        await until(lambda: any("not valid TOML" in str(e) for e in errors), "[observability\n")
+        bad = "[observability\n"
+        await write_until(lambda: any("not valid TOML" in str(e) for e in errors), path, bad)
         assert manager.record == before and manager.current.observability.log_level == "info"
         static = '[node]\nlisten = "127.0.0.1:9999"\n'
-        await until(lambda: any("restart required: node.listen" in str(e) for e in errors), static)
+        await write_until(
+            lambda: any("restart required: node.listen" in str(e) for e in errors), path, static
+        )
         assert manager.record == before
         good = '[observability]\nlog_level = "debug"\n'
-        await until(lambda: manager.current.observability.log_level == "debug", good)
+        await write_until(lambda: manager.current.observability.log_level == "debug", path, good)
     finally:
         stop.set()
         await asyncio.wait_for(follow, 10)
@@ -326,21 +332,11 @@ async def test_an_include_added_in_another_directory_is_followed_from_then_on(
     stop = asyncio.Event()
     follow = asyncio.create_task(follow_files(manager, [path], stop=stop, debounce_ms=20))
 
-    async def until(done: Callable[[], bool], file: Path, text: str) -> None:
-        for _ in range(500):  # the watcher may start after a write: write until it shows
-            write_atomically(file, text)
-            for _ in range(10):
-                await asyncio.sleep(0.02)
-                if done():
-                    return
-        raise AssertionError(f"never saw {text!r} in {file} applied")
-
     try:
         edit = 'include = ["../secrets/tokens.toml"]\n[observability]\nlog_level = "info"\n'
-        await until(lambda: manager.current.api.tokens == ("one",), path, edit)
-        await until(
-            lambda: manager.current.api.tokens == ("two",), tokens, '[api]\ntokens = ["two"]\n'
-        )
+        await write_until(lambda: manager.current.api.tokens == ("one",), path, edit)
+        two = '[api]\ntokens = ["two"]\n'
+        await write_until(lambda: manager.current.api.tokens == ("two",), tokens, two)
     finally:
         stop.set()
         await asyncio.wait_for(follow, 10)
