@@ -38,8 +38,9 @@ LIAR = NodeId(2)
 class Forger(StageServer):
     """A standby of the first range (on no route): once the gateway's KV copies name a
     request, it sends the stage-1 holders steps of its own for it, signing a record of
-    what it sends as an honest node would: one that cuts node 1's cache back to 0 and
-    refills it, and misshapen ones naming the next 50 steps with the gateway to answer."""
+    what it sends and a dispatch of them as an honest node would sign its own: one that
+    cuts node 1's cache back to 0 and refills it, and misshapen ones naming the next 50
+    steps with the gateway to answer."""
 
     deliver = None  # the liar's own router's `deliver`, set by the test
     sent = 0
@@ -67,6 +68,10 @@ class Forger(StageServer):
         steps = tuple(range(1, 51))
         n = len(steps)
         claims = StageStep((rid,) * n, steps, (0,) * n, (1,) * n, (), NodeId(0), True)
+        # as a real liar would, it dispatches them itself, signing with its own key
+        own = Dispatcher(LIAR, self.prover.key)
+        poison = own.stamp(poison, NodeId(1), self.epoch)
+        claims = own.stamp(claims, NodeId(1), self.epoch)
         for victim in (NodeId(1), NodeId(3)):
             await self.deliver(victim, poison, encode_tensor(x))
             await self.deliver(victim, claims, encode_tensor(torch.zeros(1, n)))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from tokenizers import Tokenizer
 
 from butterfly.api.openai_schema import CompletionLogprobs, Finish, TokenLogprob, TopLogprob
-from butterfly.runtime.detok import IncrementalText, bytes_text, token_bytes
+from butterfly.runtime.detok import IncrementalText, bytes_text, special_ids, token_bytes
 from butterfly.runtime.stops import StopScanner
 from butterfly.types.tasks import Sampled
 
@@ -110,13 +110,15 @@ class ChoiceText:
         """As OpenAI names it: its characters, or `bytes:\\xNN` for part of one."""
         return bytes_text(self.token_bytes(token))
 
-    def offset_of(self, token: int) -> int:
-        """Where `token`, the next one, starts in the returned text (`text_offset`), which
-        leaves special tokens out (an echoed prompt's BOS sits at the offset of the text
-        after it) and counts characters: a token holding part of one starts where that
-        character does. Counted across the calls (a stream's chunks go on from the last)."""
-        special = not self.tokenizer.decode([token], skip_special_tokens=True)
-        return self.offsets.advance(b"" if special else self.token_bytes(token))
+    def named(self, token: int) -> tuple[str, int]:
+        """The next token's name (`token_text`) and where it starts in the returned text
+        (`text_offset`), which leaves special tokens out (an echoed prompt's BOS sits at
+        the offset of the text after it) and counts characters: a token holding part of
+        one starts where that character does. Counted across the calls (a stream's chunks
+        go on from the last)."""
+        raw = self.token_bytes(token)
+        shown = b"" if token in special_ids(self.tokenizer) else raw
+        return bytes_text(raw), self.offsets.advance(shown)
 
 
 def chat_logprobs(choice: ChoiceText, entries: Sequence[Sampled | None]) -> list[TokenLogprob]:
@@ -130,9 +132,9 @@ def chat_logprobs(choice: ChoiceText, entries: Sequence[Sampled | None]) -> list
             TopLogprob(token=choice.token_text(i), logprob=lp, bytes=list(choice.token_bytes(i)))
             for i, lp in s.top
         ]
-        own = list(choice.token_bytes(s.token))
-        text = choice.token_text(s.token)
-        out.append(TokenLogprob(token=text, logprob=s.logprob, bytes=own, top_logprobs=top))
+        raw = choice.token_bytes(s.token)
+        text = bytes_text(raw)
+        out.append(TokenLogprob(token=text, logprob=s.logprob, bytes=list(raw), top_logprobs=top))
     return out
 
 
@@ -142,7 +144,7 @@ def completion_logprobs(
     prompt: Sequence[int] = (),
 ) -> CompletionLogprobs:
     """The completions API's logprobs; offsets go on from the choice's last
-    (`ChoiceText.offset_of`: a stream's chunks restarted at 0). `prompt` (under `echo`)
+    (`ChoiceText.named`: a stream's chunks restarted at 0). `prompt` (under `echo`)
     comes first, as in OpenAI and vLLM: its first token's logprob is null (nothing comes
     before it), the others' are those the engine scored (`ChoiceText.prompt_scored`),
     null where it has none (a one-token prompt has nothing to score)."""
@@ -152,16 +154,18 @@ def completion_logprobs(
     offsets: list[int] = []
     scored = (None, *choice.prompt_scored)
     for i, token in enumerate(prompt):
-        offsets.append(choice.offset_of(token))
-        tokens.append(choice.token_text(token))
+        name, at = choice.named(token)
+        tokens.append(name)
+        offsets.append(at)
         s = scored[i] if i < len(scored) else None
         values.append(None if s is None else s.logprob)
         tops.append(None if s is None else {choice.token_text(t): lp for t, lp in s.top})
     for s in entries:
         if s is None:
             continue
-        offsets.append(choice.offset_of(s.token))
-        tokens.append(choice.token_text(s.token))
+        name, at = choice.named(s.token)
+        tokens.append(name)
+        offsets.append(at)
         values.append(s.logprob)
         tops.append({choice.token_text(i): lp for i, lp in s.top})
     return CompletionLogprobs(

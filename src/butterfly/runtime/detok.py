@@ -76,6 +76,13 @@ def _byte_level(tokenizer: Tokenizer) -> dict[str, int] | None:
     return {c: b for b, c in bytes_to_unicode().items()}
 
 
+@functools.lru_cache(maxsize=8)
+def special_ids(tokenizer: Tokenizer) -> frozenset[int]:
+    """The tokens a text decoded with `skip_special_tokens` leaves out (BOS, EOS, pad)."""
+    added = tokenizer.get_added_tokens_decoder()
+    return frozenset(i for i, token in added.items() if token.special)
+
+
 def token_bytes(tokenizer: Tokenizer, token: int) -> bytes:
     """The bytes `token` stands for, a part of a character included (its own decoding
     reads such a part as U+FFFD, three other bytes)."""
@@ -98,4 +105,4 @@ def bytes_text(raw: bytes) -> str:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
-__all__ = ["IncrementalText", "bytes_text", "bytes_to_unicode", "token_bytes"]
+__all__ = ["IncrementalText", "bytes_text", "bytes_to_unicode", "special_ids", "token_bytes"]
