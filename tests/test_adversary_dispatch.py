@@ -197,6 +197,25 @@ def test_an_old_dispatch_replayed_is_stale() -> None:
     assert isinstance(other, Dispatch) and serials.stale(other) is None
 
 
+def test_a_dispatch_replayed_after_its_request_was_forgotten_is_still_stale() -> None:
+    """Only the last 4096 requests' serials are kept: one replayed after that ran again
+    (its stage's cache cut back to the replayed step's start)."""
+    serials = Serials(limit=2)
+    tickets = []
+    for i in range(4):
+        ticket = decode(step_to(NodeId(1), ()).dispatch)
+        assert isinstance(ticket, Dispatch)
+        tickets.append(replace(ticket, request_ids=(RequestId(f"r{i}"),)))
+    first, *later = tickets
+    for t in tickets[:3]:
+        serials.ran(t)  # r0 forgotten
+    assert serials.stale(first) == "r0"
+    assert serials.stale(replace(later[2], request_ids=first.request_ids)) is None  # newer
+    assert serials.stale(later[2]) is None  # a request not seen yet, newer than the floor
+    other = decode(step_to(NodeId(1), (), signer=NodeId(1)).dispatch)  # another gateway's
+    assert isinstance(other, Dispatch) and serials.stale(replace(other, serial=0)) is None
+
+
 def test_a_restarted_gateway_whose_clock_went_back_goes_on_above_its_serials(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

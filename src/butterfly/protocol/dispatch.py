@@ -148,16 +148,24 @@ def dispatched(
 class Serials:
     """The last dispatch serial a stage ran for each request (of each gateway): a step
     runs only under a newer one, so an old dispatch, replayed, cannot cut a cache back.
-    Bounded: the oldest requests are forgotten first (their caches are long gone)."""
+    Bounded: the oldest requests are forgotten first, and each gateway's highest serial
+    forgotten is kept, under which a request not remembered is refused too. A gateway's
+    serials only grow (`Dispatcher`), so a step it sends later is over that floor;
+    without it, a dispatch replayed once its request was forgotten (4096 later requests)
+    ran again."""
 
     def __init__(self, limit: int = 4096) -> None:
         self._last: OrderedDict[RequestId, tuple[NodeId, int]] = OrderedDict()
+        self._forgotten: dict[NodeId, int] = {}
         self._limit = limit
 
     def stale(self, ticket: Dispatch) -> RequestId | None:
         """The first request of `ticket` that ran under a dispatch as new, or None."""
+        floor = self._forgotten.get(ticket.sender, -1)
         for rid in ticket.request_ids:
             last = self._last.get(rid)
+            if last is None and ticket.serial <= floor:
+                return rid
             if last is not None and last[0] == ticket.sender and last[1] >= ticket.serial:
                 return rid
         return None
@@ -167,7 +175,8 @@ class Serials:
             self._last[rid] = (ticket.sender, ticket.serial)
             self._last.move_to_end(rid)
         while len(self._last) > self._limit:
-            self._last.popitem(last=False)
+            _, (sender, serial) = self._last.popitem(last=False)
+            self._forgotten[sender] = max(serial, self._forgotten.get(sender, -1))
 
 
 __all__ = ["DISPATCH_MARK", "Dispatcher", "Refusal", "Serials", "dispatched"]
