@@ -25,9 +25,13 @@
  * 4 node processes of a 2-core machine taking turns, the small model's tokens took
  * 0.90-0.93x the time (bench/hops.py A/B, AMD EPYC), with the per-hop cost (Python and
  * sockets on caches the weights had just flushed) down from 1.7-2.2 to 1.0-1.5 ms.
- * The same hint made bf16 tokens 1.08-1.10x slower (1 and 4 nodes) and bf16 + int8
- * ones 5-9% slower in one process: their kernels widen each weight before the
- * arithmetic, and read without it (docs/PERFORMANCE-LOG.md, fifth session). */
+ * The bf16 and the int8 (VNNI) kernels prefetch so too: with the stream passing by, a
+ * step's KV cache and activations stay in the L3 between steps, and a small-model decode
+ * step in one process took 0.89-0.99x the time in bf16, fp32 + int8 and bf16 + int8
+ * (median of paired steps, three interleaved runs, AMD EPYC, twenty-first session:
+ * docs/PERFORMANCE-LOG.md). In the fifth session the hint had made bf16 1.08-1.10x
+ * slower, on kernels since replaced. The widened int8 kernel (no VNNI, not measured
+ * since) reads without it. */
 #define AHEAD 2048
 #define STREAM(p, bytes, on)                                                               \
     do {                                                                                   \
@@ -109,7 +113,7 @@ static inline v16 ld_i8(const int8_t *p) {
         }                                                                             \
     }
 KERNELS(, float, ld, 1)
-KERNELS(_bf16, uint16_t, ld_bf16, 0)
+KERNELS(_bf16, uint16_t, ld_bf16, 1)
 KERNELS(_i8, int8_t, ld_i8, 0)
 
 /* x [M, K] row-major, w [NB][K][16], y [M, NB * 16] row-major. Blocks are shared out
@@ -220,6 +224,7 @@ __attribute__((visibility("hidden"))) void butterfly_quantize_rows(int n, const 
         for (int r = 0; r < R; r++)                                                     \
             for (int q = 0; q < PASSES; q++) a[r][q] = _mm512_setzero_si512();          \
         for (int64_t g = 0; g < K / 4; g++) {                                           \
+            STREAM(p + g * 64, 64, 1);                                                  \
             __m512i w = _mm512_loadu_si512(p + g * 64);                                 \
             sum = _mm512_dpbusd_epi32(sum, ones, w);                                    \
             _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                         \
