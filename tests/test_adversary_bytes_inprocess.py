@@ -24,9 +24,11 @@ from butterfly.testing.liars import (
     ColludingStageServer,
     CorruptStageServer,
     FalseAccuserStageServer,
+    HonestFingerprintStageServer,
     IntermittentStageServer,
     OmitRecordsStageServer,
     SignHonestSendCorruptStageServer,
+    WeakFingerprintStageServer,
 )
 from butterfly.types.ids import NodeId, RequestId
 from butterfly.types.tasks import InferenceTask
@@ -98,6 +100,10 @@ LIARS = {
     "intermittent": IntermittentStageServer,
     "corrupt": CorruptStageServer,
     "false-accuser": FalseAccuserStageServer,  # frames node 0, the gateway's own stage
+    # signs lying bytes' hashes beside another fingerprint: of its honest output, or of
+    # one value per position (found by a review: their answers came back verified)
+    "honest-fingerprint": HonestFingerprintStageServer,
+    "weak-fingerprint": WeakFingerprintStageServer,
 }
 
 
@@ -115,7 +121,7 @@ MIDDLE = 1  # n = 6, f = 1: the chain is 0 (the gateway) -> 1 -> 2
 
 
 @pytest.mark.parametrize("mode", ["audit", "replicate"])
-@pytest.mark.parametrize("kind", ["sign-honest-send-corrupt", "omit-records"])
+@pytest.mark.parametrize("kind", ["sign-honest-send-corrupt", "omit-records", "honest-fingerprint"])
 async def test_a_lying_middle_stage_is_evicted_and_never_its_honest_receiver(
     tiny_model: Path, tmp_path: Path, expected: dict[str, list[int]], kind: str, mode: str
 ) -> None:

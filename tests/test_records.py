@@ -133,3 +133,56 @@ def test_the_gateway_blames_the_peer_that_delivered_or_the_signer_of_a_false_inp
     # the first stage signed another input than the gateway sent: that signer
     other = torch.tensor([[5, 6, 8]])
     assert _culprit(chain, LOGITS, 1, other)[0] == NodeId(0)  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "k", "chunk"),
+    [
+        ((1, 5, 16), torch.float32, 8, 1),
+        ((7, 16), torch.bfloat16, 3, 3),
+        ((2, 4), torch.float32, 9, 2),
+    ],
+)
+def test_a_fingerprint_describes_exactly_the_bytes_it_was_made_of(
+    shape: tuple[int, ...], dtype: torch.dtype, k: int, chunk: int
+) -> None:
+    from butterfly.protocol.proof import describes, fingerprint
+
+    t = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    fp = fingerprint(t, k, chunk)
+    assert describes(fp, t)
+    rows = t.reshape(-1, t.shape[-1])
+    top = int(rows[0].abs().argmax())
+    claimed = rows.clone()
+    claimed[0, top] += 1.0  # a value the fingerprint names, changed
+    assert not describes(fp, claimed.reshape(shape))
+    hidden = rows.clone()
+    hidden[-1, int(rows[-1].abs().argmin())] = 1e3  # an unnamed one, now the largest
+    assert not describes(fp, hidden.reshape(shape))
+    assert not describes(fp, rows[:-1])  # another shape
+
+
+def test_a_fingerprint_naming_either_of_two_equal_values_describes_them() -> None:
+    from butterfly.protocol.proof import describes, fingerprint
+
+    t = torch.tensor([[3.0, -3.0, 1.0, 0.5]])
+    fp = fingerprint(t, 1, 1)
+    swapped = torch.tensor([[-3.0, 3.0, 1.0, 0.5]])  # the other of the tie is named now
+    assert describes(fp, t) and not describes(fp, swapped)
+    assert describes(fingerprint(swapped, 1, 1), swapped)
+
+
+def test_a_receiver_takes_the_weaker_of_the_agreed_fingerprint_shapes_while_they_change() -> None:
+    from butterfly.dataplane.proving import Shape
+    from butterfly.protocol.proof import fingerprint
+
+    t = torch.randn(4, 8)
+    prover = Prover(NodeId(0), KEYS[NodeId(0)], k=4, chunk=1)
+    assert prover.weakest == Shape(4, 1)
+    raised = prover.retuned(8, 2)
+    assert (raised.k, raised.chunk) == (8, 2) and raised.weakest == Shape(4, 2)
+    assert raised.weakest.admits(fingerprint(t, 4, 1)) and raised.weakest.admits(
+        fingerprint(t, 8, 2)
+    )
+    assert not raised.weakest.admits(fingerprint(t, 3, 1))
+    assert not raised.weakest.admits(fingerprint(t, 4, 4))

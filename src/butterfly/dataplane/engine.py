@@ -33,6 +33,7 @@ from butterfly.dataplane.inflight import InFlight
 from butterfly.dataplane.inflight import StepFailed as StepFailed
 from butterfly.dataplane.intake import Intake
 from butterfly.dataplane.lanes import Lane
+from butterfly.dataplane.proving import Shape
 from butterfly.dataplane.replicate import Replicator
 from butterfly.dataplane.sending import Deliver as Deliver
 from butterfly.dataplane.sending import RecordSize, StepSender
@@ -161,8 +162,16 @@ class PipelineEngine:
             records=records,
             dispatcher=dispatcher,
         )
+        self._weakest = Shape(records.top_k, records.chunk) if records is not None else None
         self._intake = Intake(
-            node, plan, self._flight, keys, max_tensor_bytes, emit, self._on_liars
+            node,
+            plan,
+            self._flight,
+            keys,
+            max_tensor_bytes,
+            emit,
+            self._on_liars,
+            lambda: self._weakest,
         )
         self._caches = Caches(deliver=deliver, ask=ask, plan=plan)
         self._claims = Claims(node, f)
@@ -232,6 +241,8 @@ class PipelineEngine:
         self._sender.timeout, self._audit_fraction = step_timeout_s, audit_fraction
         if records is not None and self._sender.records is not None:
             self._sender.records = records.covering(self._sender.records)
+        if records is not None and self._weakest is not None:
+            self._weakest = self._weakest.after(Shape(records.top_k, records.chunk))
         self._mode = verification if self.supports(verification) else "none"
         if self._auditor is not None:
             self._auditor.retune(tolerance)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from butterfly.dataplane.inflight import InFlight, Relayed, StepFailed
-from butterfly.dataplane.proving import culprit, decode_proofs, route_signers
+from butterfly.dataplane.proving import Shape, culprit, decode_proofs, route_signers
 from butterfly.metrics.events import Emit, MessageDropped
 from butterfly.net.framing import Envelope
 from butterfly.protocol.entitled import Context, entitled
@@ -58,6 +58,7 @@ class Intake:
     max_tensor_bytes: int
     emit: Emit
     on_liars: OnLiars
+    weakest: Callable[[], Shape | None] = lambda: None  # fingerprints taken (`check_records`)
 
     async def on_result(self, peer: NodeId, env: Envelope) -> None:
         """The node's route for StepResult and StepError frames: taken only from a node
@@ -201,6 +202,7 @@ class Intake:
             epoch=epoch,
             peer=peer,
             sent=self.flight.sent_digest.get(key),
+            weakest=self.weakest(),
         )
         if found is None:
             return None

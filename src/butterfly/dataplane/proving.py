@@ -16,17 +16,17 @@ SECURITY.md, "Records bound to the bytes sent".
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from butterfly.protocol.proof import fingerprint, generate_proof, tensor_bytes
+from butterfly.protocol.proof import describes, fingerprint, generate_proof, tensor_bytes
 from butterfly.protocol.sign import SigningKey, verify_message
 from butterfly.types.errors import ButterflyError, InvalidMessage
 from butterfly.types.hashing import sha256_parts
 from butterfly.types.ids import Epoch, NodeId, RequestId, StageIndex
 from butterfly.types.model import LayerRange
-from butterfly.types.wire.agreement import Proof, decode, encode
+from butterfly.types.wire.agreement import Fingerprint, Proof, decode, encode
 
 RECORD_MISMATCH = "record_mismatch"
 """The `error_type` of a step refused for its records (`RecordMismatch.kind`)."""
@@ -73,6 +73,23 @@ Signers = Callable[[int], Iterable[NodeId]]
 """Who may sign the record of a chain position: the holders of its layer range."""
 
 
+@dataclass(frozen=True)
+class Shape:
+    """A fingerprint's strength: `top_k` values per `chunk` positions. Receivers take
+    the weakest of the shapes the cluster agreed last and before (`after`): nodes move
+    from one to the other each at its own moment of the agreed change."""
+
+    top_k: int
+    chunk: int
+
+    def admits(self, fp: Fingerprint) -> bool:
+        return fp.k >= self.top_k and fp.chunk <= self.chunk
+
+    def after(self, new: Shape) -> Shape:
+        """What a receiver accepts once `new` is agreed, this one before it."""
+        return Shape(min(self.top_k, new.top_k), max(self.chunk, new.chunk))
+
+
 def route_signers(route: Sequence[NodeId], first: int, holders: Signers) -> Signers:
     """Who may sign each stage's record of a step sent down `route` (its node for stage
     `first` first): the route's own node for the stages it covers, any holder of the range
@@ -96,6 +113,7 @@ def check_records(
     received: torch.Tensor,
     signers: Signers,
     epoch: int,
+    weakest: Shape | None = None,
 ) -> list[Proof]:
     """The records of stages [0, upto) of one entry, in order, if they vouch for
     `received`; else `RecordMismatch` naming what is wrong.
@@ -103,6 +121,10 @@ def check_records(
     Each must be signed by a holder of its stage's range (`signers`) in `epoch`, each
     one's `input_hash` must be the previous one's `output_hash`, and the last one's
     `output_hash` must be the digest of `received`, the entry's bytes as they arrived.
+    With `weakest` (records are fingerprinted), the last one's fingerprint must describe
+    `received` exactly and be no weaker than that shape (`Shape.admits`): an audit checks
+    the fingerprints, not the hashes, so a liar that signed an honest computation's
+    fingerprint beside its lying bytes, or one of its own top value only, passed it.
     """
     found: dict[int, Proof] = {}
     for p in proofs:
@@ -130,6 +152,21 @@ def check_records(
             f"(node {chain[-1].sender}) signed",
             blame=chain[-1].sender,
         )
+    if chain and weakest is not None:
+        fp, who = chain[-1].fingerprint, f"stage {upto - 1} (node {chain[-1].sender})"
+        if not weakest.admits(fp):
+            raise RecordMismatch(
+                f"step {step} of {request_id}: {who} signed a fingerprint of {fp.k} values per "
+                f"{fp.chunk} positions, weaker than the cluster's {weakest.top_k} per "
+                f"{weakest.chunk}",
+                blame=chain[-1].sender,
+            )
+        if not describes(fp, received):
+            raise RecordMismatch(
+                f"step {step} of {request_id}: {who} signed a fingerprint of other bytes than "
+                "it sent",
+                blame=chain[-1].sender,
+            )
     return chain
 
 
@@ -145,6 +182,7 @@ def culprit(
     epoch: int,
     peer: NodeId,
     sent: bytes | None,
+    weakest: Shape | None = None,
 ) -> tuple[NodeId, str] | None:
     """Who lied, and how, when the gateway receives `received` from `peer` (the
     authenticated sender) as the output of stages [0, upto) of one entry; None when the
@@ -166,6 +204,7 @@ def culprit(
             received=received,
             signers=signers,
             epoch=epoch,
+            weakest=weakest,
         )
     except RecordMismatch as e:
         return peer, f"its records do not vouch for the bytes it sent: {e}"
@@ -183,6 +222,16 @@ class Prover:
     k: int = 8  # fingerprint: largest activations kept per chunk
     chunk: int = 1  # positions per chunk; 1 lets an audit compare any single position
     keys: Mapping[NodeId, bytes] = field(default_factory=dict)  # to check others' records
+    accepts: Shape | None = None  # the weakest fingerprint taken from others: (k, chunk)
+
+    @property
+    def weakest(self) -> Shape:
+        return self.accepts or Shape(self.k, self.chunk)
+
+    def retuned(self, k: int, chunk: int) -> Prover:
+        """This prover signing `k` per `chunk` from now on, and accepting records of
+        either shape while the other nodes move to it."""
+        return replace(self, k=k, chunk=chunk, accepts=self.weakest.after(Shape(k, chunk)))
 
     def prove(
         self,

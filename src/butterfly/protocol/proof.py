@@ -36,6 +36,7 @@ __all__ = [
     "blame",
     "compare",
     "conflicting",
+    "describes",
     "fingerprint",
     "generate_proof",
     "matches_tensor",
@@ -56,6 +57,10 @@ class Tolerance:
     # fingerprint chunk's, a tensor's): reduced-precision sums drift with the scale of
     # what they add up, not with each value (`tolerance_for`)
     scaled: float = 0.0
+
+
+EXACT = Tolerance(rtol=0.0, atol=0.0, min_overlap=1.0)
+"""No drift: the same bytes on both sides."""
 
 
 def tolerance_for(rtol: float, atol: float, floor: float) -> Tolerance:
@@ -177,6 +182,41 @@ def matches_tensor(fp: Fingerprint, t: torch.Tensor, tol: Tolerance = Tolerance(
         if kth > smallest * (1 + tol.rtol) + tol.atol + tol.scaled * scale:
             return False
     return True
+
+
+def describes(fp: Fingerprint, t: torch.Tensor) -> bool:
+    """Is `fp` a fingerprint of exactly `t`, the bytes its signer sent? Every claimed value
+    is the tensor's, bit for bit, and no unclaimed one is larger in magnitude than the
+    smallest claimed (ties either way: which of equal values a top-k names is the
+    implementation's). A receiver checks this, having the bytes: an audit compares only
+    the fingerprint, so one that describes other bytes than were sent (an honest
+    computation's, beside a lying tensor bound by its hash) hid the lie from it."""
+    import torch
+
+    rows = _rows(t)
+    if (fp.positions, fp.width) != tuple(rows.shape):
+        return False
+    k = min(fp.k, fp.chunk * fp.width)
+    whole = fp.positions // fp.chunk * fp.chunk  # positions in full chunks
+    n = whole // fp.chunk * k
+    if whole:
+        flat = rows[:whole].reshape(whole // fp.chunk, fp.chunk * fp.width)
+        idx = torch.frombuffer(bytearray(fp.indices[: 4 * n]), dtype=torch.int32).view(-1, k)
+        val = torch.frombuffer(bytearray(fp.values[: 4 * n]), dtype=torch.float32).view(-1, k)
+        idx = idx.to(torch.int64)
+        if bool((idx < 0).any()) or bool((idx >= flat.shape[1]).any()):
+            return False
+        got = flat.gather(1, idx)
+        same = (got == val) | (got.isnan() & val.isnan())
+        kth = torch.topk(flat.abs(), k, dim=1).values[:, -1]
+        if not bool(same.all()) or bool((kth > val.abs().min(dim=1).values).any()):
+            return False
+    if whole == fp.positions:
+        return True
+    tail = Fingerprint(
+        fp.k, fp.chunk, fp.positions - whole, fp.width, fp.indices[4 * n :], fp.values[4 * n :]
+    )
+    return matches_tensor(tail, rows[whole:], EXACT)
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:

@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+from dataclasses import replace
 
 import torch
 
 from butterfly.dataplane.proving import RecordMismatch
 from butterfly.dataplane.stage_server import StageServer
 from butterfly.net.framing import Envelope
+from butterfly.protocol.sign import sign_message
 from butterfly.runtime.linear import Int8Weight
 from butterfly.runtime.native import BlockedWeight
 from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.types.errors import InvalidInput
-from butterfly.types.ids import NodeId
+from butterfly.types.ids import NodeId, StageIndex
+from butterfly.types.model import LayerRange
+from butterfly.types.wire.agreement import Proof, decode, encode
 from butterfly.types.wire.control import PlanAck, PlanAssign
 from butterfly.types.wire.data import AuditReply, AuditRequest, StageStep
 
@@ -115,6 +119,88 @@ class ColludingStageServer(_SometimesLying):
             return await super().audit(msg, payload)
         finally:
             _lying.reset(token)
+
+
+_honest: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
+    "honest", default=None
+)
+
+
+class HonestFingerprintStageServer(_SometimesLying):
+    """Sends `skew`ed bytes and signs them (each record's hashes are of what it sends),
+    but each record's fingerprint is of its honest output: what an audit compares, so
+    unless a receiver holds the fingerprint to the bytes, the audit passes the lie."""
+
+    def lies_on(self, msg: StageStep) -> bool:
+        return True
+
+    def tamper(self, out: torch.Tensor) -> torch.Tensor:
+        _honest.set(out)
+        return super().tamper(out)
+
+    def _sign(
+        self,
+        msg: StageStep,
+        index: StageIndex,
+        layers: LayerRange,
+        x: torch.Tensor,
+        out: torch.Tensor,
+        offsets: list[int],
+        traces: list[list[torch.Tensor]],
+    ) -> tuple[bytes, ...]:
+        signed = super()._sign(msg, index, layers, x, out, offsets, traces)
+        honest = _honest.get()
+        if honest is None or self.prover is None:
+            return signed
+        of_honest = super()._sign(msg, index, layers, x, honest, offsets, traces)
+        swapped = []
+        for sent, fair in zip(signed, of_honest, strict=True):
+            record, fair_record = decode(sent), decode(fair)
+            assert isinstance(record, Proof) and isinstance(fair_record, Proof)
+            lie = replace(record, fingerprint=fair_record.fingerprint)
+            swapped.append(encode(sign_message(lie, self.prover.key)))
+        return tuple(swapped)
+
+
+def raise_hidden_runner_up(out: torch.Tensor) -> torch.Tensor:
+    """`out` with, in each row whose largest-magnitude entry is negative, another entry
+    raised above the row's largest (positive) one but still below that magnitude: logits
+    that make another token win where a fingerprint of the single largest entry does not
+    show it."""
+    rows = out.reshape(-1, out.shape[-1]).clone()
+    for row in rows:
+        big, top = float(row.abs().max()), int(row.argmax())
+        if float(row[top]) >= big or row.numel() < 3:
+            continue
+        others = row.clone()
+        others[top], others[int(row.abs().argmax())] = -float("inf"), -float("inf")
+        row[int(others.argmax())] = (float(row[top]) + big) / 2
+    return rows.reshape(out.shape)
+
+
+class WeakFingerprintStageServer(StageServer):
+    """Signs fingerprints of one value per position (k = 1, not the cluster's top-k) and,
+    as the last stage, `raise_hidden_runner_up`s its logits: another greedy token, signed
+    exactly as sent, that the one value fingerprinted does not show (found by a review,
+    where every such answer came back marked verified)."""
+
+    def tamper(self, out: torch.Tensor) -> torch.Tensor:
+        is_last = self.stage is not None and self.stage.is_last
+        return raise_hidden_runner_up(out) if is_last else out
+
+    def _sign(
+        self,
+        msg: StageStep,
+        index: StageIndex,
+        layers: LayerRange,
+        x: torch.Tensor,
+        out: torch.Tensor,
+        offsets: list[int],
+        traces: list[list[torch.Tensor]],
+    ) -> tuple[bytes, ...]:
+        if self.prover is not None and self.prover.k != 1:
+            self.prover = replace(self.prover, k=1)
+        return super()._sign(msg, index, layers, x, out, offsets, traces)
 
 
 class FalseAccuserStageServer(StageServer):
@@ -242,5 +328,7 @@ BEHAVIOURS: dict[str, type[StageServer]] = {
     "false-accuser": FalseAccuserStageServer,
     "claims-invalid-input": ClaimsInvalidInputStageServer,
     "misshapen": MisshapenStageServer,
+    "honest-fingerprint": HonestFingerprintStageServer,
+    "weak-fingerprint": WeakFingerprintStageServer,
     "equivocate": StageServer,  # an honest data path; its votes lie (testing.liar_votes)
 }
