@@ -28,6 +28,7 @@ from butterfly.testing.liars import (
     IntermittentStageServer,
     OmitRecordsStageServer,
     SignHonestSendCorruptStageServer,
+    SilentStageServer,
     WeakFingerprintStageServer,
 )
 from butterfly.types.ids import NodeId, RequestId
@@ -62,10 +63,13 @@ async def _serve_through_a_liar(
     mode: str,
     chain: set[int] | None = None,
     honest_faults: frozenset[int] = frozenset(),
+    more: dict[str, object] | None = None,
 ) -> None:
     """`chain`: the liars that must be chain nodes (default all); `honest_faults`: the
-    nodes composed with a fault that is no lie (they must not be evicted)."""
+    nodes composed with a fault that is no lie (they must not be evicted); `more`:
+    settings besides."""
     settings = {"coordination.heartbeat_interval_ms": 10, "byzantine.verification": mode}
+    settings.update(more or {})
     f = (n - 1) // 3
     async with InProcessCluster(model, n, data, f=f, settings=settings, stage_servers=liars) as c:
         gw = c.gateway
@@ -129,6 +133,25 @@ async def test_a_lying_middle_stage_is_evicted_and_never_its_honest_receiver(
     for; the gateway relays the step through itself and convicts the sender alone."""
     await _serve_through_a_liar(
         tiny_model, tmp_path, expected, n=6, liars={MIDDLE: LIARS[kind]}, mode=mode
+    )
+
+
+async def test_a_middle_stage_that_withholds_every_step_is_found_and_evicted(
+    tiny_model: Path, tmp_path: Path, expected: dict[str, list[int]]
+) -> None:
+    """Node 1 (the middle of 0 -> 1 -> 2) forwards nothing: down the chain any of its
+    nodes might have held a step back, and nobody was charged while every request failed
+    (a review). The gateway now re-runs a timed-out step one node at a time, and node 1's
+    own hop times out."""
+    quick = {"network.step_timeout_ms": 1000, "byzantine.max_step_timeouts": 1}
+    await _serve_through_a_liar(
+        tiny_model,
+        tmp_path,
+        expected,
+        n=6,
+        liars={MIDDLE: SilentStageServer},
+        mode="audit",
+        more=quick,
     )
 
 

@@ -1,11 +1,11 @@
-"""The gateway's step-timeout rule: a heartbeating node that leaves `limit` steps or
-audits in a row unanswered is declared faulty once; a crashed node never is."""
+"""The gateway's step-timeout rule: a heartbeating node that leaves `limit` of its last
+steps or audits unanswered is declared faulty once; a crashed node never is."""
 
 from __future__ import annotations
 
 import pytest
 
-from butterfly.dataplane.unresponsive import StepTimeouts
+from butterfly.dataplane.unresponsive import WINDOW, StepTimeouts
 from butterfly.types.ids import NodeId
 
 GATEWAY = NodeId(0)
@@ -39,13 +39,27 @@ async def test_a_heartbeating_node_is_declared_once_after_the_limit() -> None:
     assert declared == [(NodeId(1),)]
 
 
-async def test_an_answer_ends_the_streak() -> None:
+async def test_answers_between_the_timeouts_do_not_hide_them() -> None:
+    """A node that withheld every third step was answered on each one's replay, which
+    ended its streak: it was never charged while every request through it failed."""
+    rule, declared = tracker({})
+    for _ in range(2):
+        await rule.timed_out(NodeId(2), "step")
+        rule.answered((GATEWAY, NodeId(2)))
+        rule.answered((NodeId(2),))
+    assert declared == []
+    await rule.timed_out(NodeId(2), "step")
+    assert declared == [(NodeId(2),)]
+
+
+async def test_timeouts_far_apart_are_forgotten() -> None:
     rule, declared = tracker({})
     for _ in range(10):
         await rule.timed_out(NodeId(2), "step")
         await rule.timed_out(NodeId(2), "step")
-        rule.answered((GATEWAY, NodeId(2)))
-    assert declared == []
+        for _ in range(WINDOW):
+            rule.answered((GATEWAY, NodeId(2)))
+    assert declared == [] and rule.recent == {}
 
 
 @pytest.mark.parametrize("status", ["suspected", "failed", "starting"])
@@ -53,7 +67,7 @@ async def test_a_node_without_heartbeats_is_left_to_the_failure_detector(status:
     rule, declared = tracker({1: status})
     for _ in range(10):
         await rule.timed_out(NodeId(1), "step")
-    assert declared == [] and rule.counts == {}
+    assert declared == [] and rule.recent == {}
 
 
 async def test_a_longer_chain_is_not_blamed_on_a_guess() -> None:
@@ -62,4 +76,4 @@ async def test_a_longer_chain_is_not_blamed_on_a_guess() -> None:
         await rule.chain_timed_out((GATEWAY, NodeId(1), NodeId(2)), "step")
         await rule.chain_timed_out((), "step")  # the plan changed meanwhile
         await rule.timed_out(GATEWAY, "step")
-    assert declared == [] and rule.counts == {}
+    assert declared == [] and rule.recent == {}

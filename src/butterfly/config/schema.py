@@ -261,8 +261,9 @@ class ByzantineConfig(Section):
     )
     max_step_timeouts: int = option(
         3,
-        "Steps or audits in a row a heartbeating node may leave unanswered within "
-        "network.step_timeout_ms before the gateway evicts it as silent or slow.",
+        "Steps or audits among its last 32 that a heartbeating node may leave "
+        "unanswered within network.step_timeout_ms before the gateway evicts it as "
+        "silent, withholding or slow.",
         DC,
         CLUSTER,
         ge=1,

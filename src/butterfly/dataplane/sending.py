@@ -260,15 +260,18 @@ class StepSender:
         self._ready.set()
         refused_by: NodeId | None = None
         nodes = self._route_of(route)
+        timed_out = False
         try:
             # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation (a
             # DELETE /tasks) that lands as the step's answer arrives, and the task runs on
             async with asyncio.timeout(self.timeout):
                 return await fut
         except TimeoutError as e:
-            raise SendTimeout(
-                f"step {step} of {request_id} got no answer within {self.timeout:.1f} s"
-            ) from e
+            if sum(n != self.node for n in nodes) < 2:  # one node could have held it back
+                raise SendTimeout(
+                    f"step {step} of {request_id} got no answer within {self.timeout:.1f} s"
+                ) from e
+            timed_out = True  # settled below, once this attempt's bookkeeping is gone
         except StepFailed as e:
             err = e.error
             if err.error_type == RECORD_MISMATCH and e.sender in nodes[1:]:
@@ -280,6 +283,8 @@ class StepSender:
             flight.sent_in.pop(key, None)
             flight.sent_on.pop(key, None)
             flight.sent_digest.pop(key, None)
+        if timed_out:
+            return await self.isolate(request_id, step, start_pos, x, nodes, last_only=last_only)
         assert refused_by is not None  # every other way out of the try returns or raises
         return await self.relay(
             request_id, step, start_pos, x, nodes, nodes.index(refused_by), last_only=last_only
@@ -313,51 +318,127 @@ class StepSender:
         plan = self._plan()
         if plan is None:
             raise StageLost("the stage plan is gone")
-        flight = self._flight
-        key = (request_id, step)
-        loop = asyncio.get_running_loop()
-        first: Relayed = loop.create_future()
-        flight.relaying[key] = (first, split)
-        flight.sent_in[key] = plan.epoch
-        flight.sent_on[key] = nodes[:split]  # the sender's half answers (entitlement)
-        flight.sent_digest[key] = digest(x)
-        length = x.shape[1]
+        sent = digest(x)
         try:
-            head = StageStep(
-                (request_id,), (step,), (start,), (length,), nodes[1:split], self.node, True
-            )
-            head = self._stamp(head, nodes[0], plan.epoch)
-            await self._deliver(nodes[0], head, encode_tensor(x))
-            async with asyncio.timeout(self.timeout):
-                out, proofs = await first
-        except TimeoutError as e:
-            raise SendTimeout(f"relayed step {step} of {request_id}: no answer") from e
+            out, proofs = await self._half(request_id, step, start, (x, ()), nodes, 0, split, sent)
         except StepFailed as e:  # an earlier node refused its input: relay there instead
             if e.error.error_type == RECORD_MISMATCH and e.sender in nodes[1:split]:
                 earlier = nodes.index(e.sender)
-            else:
-                raise e.failure(step, nodes[:split]) from None
-        else:
-            earlier = 0
+                return await self.relay(
+                    request_id, step, start, x, nodes, earlier, last_only=last_only
+                )
+            raise e.failure(step, nodes[:split]) from None
+        return await self._tail(
+            request_id, step, start, (out, proofs), nodes, split, sent, last_only
+        )
+
+    async def isolate(
+        self,
+        request_id: RequestId,
+        step: int,
+        start: int,
+        x: torch.Tensor,
+        nodes: tuple[NodeId, ...],
+        *,
+        last_only: bool = True,
+    ) -> torch.Tensor:
+        """Re-run a step that timed out down a chain of several nodes one node at a time,
+        each answering the gateway, which forwards its bytes and records to the next: the
+        node that withholds it is then the one whose hop times out (`SendTimeout.blame`,
+        which the gateway counts against it). Down the chain, any of them might have held
+        it back, and nobody was charged: a withholding middle stage failed every request
+        through it, for ever (a review, twenty-first session)."""
+        if self._plan() is None:
+            raise StageLost("the stage plan is gone")
+        sent = digest(x)
+        got: tuple[torch.Tensor, tuple[bytes, ...]] = (x, ())
+        for i in range(len(nodes) - 1):
+            try:
+                got = await self._half(request_id, step, start, got, nodes, i, i + 1, sent)
+            except StepFailed as e:
+                raise e.failure(step, nodes[i : i + 1]) from None
+        last = len(nodes) - 1
+        return await self._tail(request_id, step, start, got, nodes, last, sent, last_only)
+
+    async def _half(
+        self,
+        request_id: RequestId,
+        step: int,
+        start: int,
+        got: tuple[torch.Tensor, tuple[bytes, ...]],
+        nodes: tuple[NodeId, ...],
+        first: int,
+        split: int,
+        sent: bytes,
+    ) -> tuple[torch.Tensor, tuple[bytes, ...]]:
+        """Stages [first, split) of a step, `nodes[first:split]` from the input `got`
+        (bytes and the records of the stages before), answering the gateway: their output
+        and records. `sent`: the digest of what the gateway sent stage 0. A hop that
+        times out is blamed on its one node, when it has one."""
+        plan = self._plan()
+        if plan is None:
+            raise StageLost("the stage plan is gone")
+        flight, key = self._flight, (request_id, step)
+        answer: Relayed = asyncio.get_running_loop().create_future()
+        flight.relaying[key] = (answer, split)
+        flight.sent_in[key] = plan.epoch
+        flight.sent_on[key] = nodes[first:split]  # that half answers (entitlement)
+        flight.sent_digest[key] = sent
+        x, proofs = got
+        try:
+            msg = StageStep(
+                (request_id,),
+                (step,),
+                (start,),
+                (x.shape[1],),
+                nodes[first + 1 : split],
+                self.node,
+                True,
+                proofs,
+            )
+            msg = self._stamp(msg, nodes[first], plan.epoch)
+            await self._deliver(nodes[first], msg, encode_tensor(x))
+            async with asyncio.timeout(self.timeout):
+                return await answer
+        except TimeoutError as e:
+            blame = nodes[first] if split - first == 1 and nodes[first] != self.node else None
+            raise SendTimeout(f"relayed step {step} of {request_id}: no answer", blame=blame) from e
         finally:
             flight.relaying.pop(key, None)
             flight.sent_in.pop(key, None)
             flight.sent_on.pop(key, None)
             flight.sent_digest.pop(key, None)
-        if earlier:
-            return await self.relay(request_id, step, start, x, nodes, earlier, last_only=last_only)
+
+    async def _tail(
+        self,
+        request_id: RequestId,
+        step: int,
+        start: int,
+        got: tuple[torch.Tensor, tuple[bytes, ...]],
+        nodes: tuple[NodeId, ...],
+        split: int,
+        sent: bytes,
+        last_only: bool,
+    ) -> torch.Tensor:
+        """Stages [split, end) of a step, from the output and records `got` of the ones
+        before (which the gateway checked), answering as the whole step does."""
+        plan = self._plan()
+        if plan is None:
+            raise StageLost("the stage plan is gone")
+        flight, key = self._flight, (request_id, step)
         flight.sent_in[key] = plan.epoch
         flight.sent_on[key] = nodes[split:]  # the receiver's half answers
-        flight.sent_digest[key] = digest(x)
+        flight.sent_digest[key] = sent
         receiver = nodes[split]
-        second: asyncio.Future[torch.Tensor] = loop.create_future()
+        second: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
         flight.waiting[key] = second
+        out, proofs = got
         try:
             tail = StageStep(
                 (request_id,),
                 (step,),
                 (start,),
-                (length,),
+                (out.shape[1],),
                 nodes[split + 1 :],
                 self.node,
                 last_only,
@@ -368,7 +449,8 @@ class StepSender:
             async with asyncio.timeout(self.timeout):
                 return await second
         except TimeoutError as e:
-            raise SendTimeout(f"relayed step {step} of {request_id}: no answer") from e
+            blame = receiver if len(nodes) - split == 1 and receiver != self.node else None
+            raise SendTimeout(f"relayed step {step} of {request_id}: no answer", blame=blame) from e
         except StepFailed as e:
             if e.error.error_type == RECORD_MISMATCH and e.sender == receiver:
                 reason = (

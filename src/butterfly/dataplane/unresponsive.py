@@ -3,21 +3,26 @@
 A silent node (alive, never answering a step or an audit) or a slow one (answering after
 `network.step_timeout_ms`) is a Byzantine fault the failure detector cannot see: its
 heartbeats keep arriving. The gateway is trusted (DESIGN.md section 3), so it may judge
-what it observed itself: when `byzantine.max_step_timeouts` steps or audits in a row
-addressed to one node time out while that node's heartbeats say it is healthy, the
-gateway declares it faulty and evicts it through the same entry point as a proven liar.
+what it observed itself: when `byzantine.max_step_timeouts` of the last `WINDOW` steps
+or audits addressed to one node time out while that node's heartbeats say it is healthy,
+the gateway declares it faulty and evicts it through the same entry point as a proven
+liar. Not "in a row": a node that withheld every third step was answered on the replay
+of each, which ended its streak, and it was never charged while every request through
+it failed (a review, twenty-first session).
 
 A node whose heartbeats stopped (suspected or failed) is never counted here: a crash is
 the failure detector's to declare, and it must not also count as an eviction.
 
 A timed-out chain step is only attributable when the chain has exactly one node besides
 the gateway (each step then reaches only that node); a longer chain cannot tell which of
-its nodes held the step back, so such timeouts are logged and not counted.
+its nodes held the step back, so the sender re-runs such a step one node at a time
+(`sending.StepSender.isolate`), and the hop that times out is counted against its node.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 
 from butterfly.types.ids import NodeId
@@ -25,10 +30,16 @@ from butterfly.types.ids import NodeId
 log = logging.getLogger(__name__)
 
 Declare = Callable[[tuple[NodeId, ...], str], Awaitable[None]]
+WINDOW = 32
+"""The steps and audits a node's timeouts are counted over: its most recent ones. An
+honest node answers within `network.step_timeout_ms` (a minute by default) unless it is
+down, which the failure detector sees; a few late answers in 32 are not an honest
+node's."""
 
 
 class StepTimeouts:
-    """Consecutive unanswered steps and audits per node; an answer resets the count."""
+    """Unanswered steps and audits among each node's last `WINDOW`; kept only for nodes
+    with a timeout among them."""
 
     def __init__(
         self,
@@ -39,13 +50,17 @@ class StepTimeouts:
         declare: Declare,
     ) -> None:
         self._gateway, self._limit, self._status, self._declare = gateway, limit, status, declare
-        self.counts: dict[NodeId, int] = {}
+        self.recent: dict[NodeId, deque[bool]] = {}  # True: timed out
         self.declared: set[NodeId] = set()
 
     def answered(self, nodes: Iterable[NodeId]) -> None:
-        """These nodes answered in time: their streaks end."""
+        """These nodes answered in time."""
         for node in nodes:
-            self.counts.pop(node, None)
+            recent = self.recent.get(node)
+            if recent is not None:
+                recent.append(False)
+                if not any(recent):
+                    del self.recent[node]
 
     async def chain_timed_out(self, chain: Iterable[NodeId], what: str) -> None:
         """A step through `chain` got no answer within the step timeout."""
@@ -69,24 +84,25 @@ class StepTimeouts:
         if status != "healthy":  # no heartbeats: a crash, for the failure detector
             log.info("%s timed out on node %s, which is %s: not counted", what, node, status)
             return
-        count = self.counts.get(node, 0) + 1
-        self.counts[node] = count
-        limit = max(1, self._limit())
+        recent = self.recent.setdefault(node, deque(maxlen=WINDOW))
+        recent.append(True)
+        count, limit = sum(recent), max(1, self._limit())
         log.warning(
-            "%s timed out on node %s (%d of %d in a row) while its heartbeats continue",
+            "%s timed out on node %s (%d of its last %d, limit %d) while its heartbeats continue",
             what,
             node,
             count,
+            len(recent),
             limit,
         )
         if count < limit:
             return
         self.declared.add(node)
-        self.counts.pop(node, None)
+        del self.recent[node]
         reason = (
-            f"node {node} heartbeats but left {count} steps or audits in a row unanswered "
-            f"within network.step_timeout_ms (byzantine.max_step_timeouts = {limit}): "
-            "silent or too slow"
+            f"node {node} heartbeats but left {count} of its last {WINDOW} steps or audits "
+            f"unanswered within network.step_timeout_ms (byzantine.max_step_timeouts = "
+            f"{limit}): silent, withholding or too slow"
         )
         log.error("declaring node %s faulty: %s", node, reason)
         await self._declare((node,), reason)

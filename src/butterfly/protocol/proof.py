@@ -204,12 +204,11 @@ def describes(fp: Fingerprint, t: torch.Tensor) -> bool:
         idx = torch.frombuffer(bytearray(fp.indices[: 4 * n]), dtype=torch.int32).view(-1, k)
         val = torch.frombuffer(bytearray(fp.values[: 4 * n]), dtype=torch.float32).view(-1, k)
         idx = idx.to(torch.int64)
-        if bool((idx < 0).any()) or bool((idx >= flat.shape[1]).any()):
-            return False
-        got = flat.gather(1, idx)
-        same = (got == val) | (got.isnan() & val.isnan())
+        inside = (idx >= 0) & (idx < flat.shape[1])  # one check at the end: each is a sync
+        got = flat.gather(1, idx.clamp(0, flat.shape[1] - 1))
+        same = inside & ((got == val) | (got.isnan() & val.isnan()))
         kth = torch.topk(flat.abs(), k, dim=1).values[:, -1]
-        if not bool(same.all()) or bool((kth > val.abs().min(dim=1).values).any()):
+        if not bool(same.all() & (kth <= val.abs().amin(dim=1)).all()):
             return False
     if whole == fp.positions:
         return True
