@@ -130,6 +130,7 @@ def test_unresponsive_node_is_evicted_by_the_step_timeout_rule(
         wait_until(lambda: liar not in plan_nodes(url), 120, f"node {liar} leaves the plan")
         status = {n["id"]: n["status"] for n in health(url)["nodes"]}
         assert status[liar] == "healthy", "evicted for silence, not declared crashed"
+        assert metric(url, "butterfly_node_failures_total") == 0.0  # an eviction, not that
         result = infer(url, PROMPTS[0])
         assert result["output_ids"] == reference(tiny_model, PROMPTS[0])
         assert result["verified"] == "audit"

@@ -307,8 +307,10 @@ class _Silent(InProcess):
         self, wire_id: str, step: int, start: int, x: torch.Tensor, route: Lane
     ) -> tuple[torch.Tensor, list[Proof]]:
         if self.silent in route:
-            raise SendTimeout(f"step {step} of {wire_id} got no answer")
+            raise SendTimeout(f"step {step} of {wire_id} got no answer", blame=self.blame)
         return await super().lane_step(wire_id, step, start, x, route)
+
+    blame: NodeId | None = None  # the sender's finding, re-running the lane node by node
 
 
 class _Timeouts:
@@ -316,13 +318,16 @@ class _Timeouts:
 
     def __init__(self) -> None:
         self.answered_by: list[tuple[NodeId, ...]] = []
-        self.timed_out: list[tuple[NodeId, ...]] = []
+        self.lost: list[tuple[NodeId, ...]] = []
 
     def answered(self, nodes: Iterable[NodeId]) -> None:
         self.answered_by.append(tuple(nodes))
 
     async def chain_timed_out(self, chain: Iterable[NodeId], what: str) -> None:
-        self.timed_out.append(tuple(chain))
+        self.lost.append(tuple(chain))
+
+    async def timed_out(self, node: NodeId, what: str) -> None:
+        self.lost.append((node,))
 
 
 @pytest.mark.parametrize("silent", [1, 3])
@@ -354,8 +359,43 @@ def test_a_lane_timeout_counts_against_that_lane_never_the_chain(
         with pytest.raises(StageLost):
             await replicator.step(_Silent(servers, 1, silent), "r", 1, 0, torch.tensor([[5, 6]]))
         lanes = {1: ((0, 1), (2, 3)), 3: ((2, 3), (0, 1))}[silent]
-        assert timeouts.timed_out == [lanes[0]]
+        assert timeouts.lost == [lanes[0]]
         assert timeouts.answered_by == [lanes[1]]
+
+    asyncio.run(main())
+
+
+def test_a_lane_timeout_its_sender_pinned_on_one_node_counts_against_that_node(
+    tiny_model: Path,
+) -> None:
+    """The sender re-runs a lane of several nodes one node at a time and names the one
+    that held the step back (`SendTimeout.blame`): it is what counts. Counted against the
+    lane as a whole, a withholder in the second lane was never charged, and every
+    request failed (a review)."""
+    half = _layers(tiny_model) // 2
+    lo, hi = R(0, half), R(half, _layers(tiny_model))
+    plan = plan_of(1, [(0, lo), (1, hi)], [(2, lo), (3, hi)])
+
+    async def nobody(nodes: tuple[NodeId, ...], reason: str) -> None:
+        raise AssertionError(f"{nodes} convicted: {reason}")
+
+    async def main() -> None:
+        servers, keys = await _cluster(tiny_model, {}, plan)
+        timeouts = _Timeouts()
+        replicator = Replicator(
+            plan=lambda: plan,
+            f=1,
+            keys=keys,
+            referee=Referee(tiny_model, TorchThread()),
+            tolerance=TOL,
+            on_liars=nobody,
+            timeouts=timeouts,
+        )
+        runner = _Silent(servers, 1, 3)
+        runner.blame = NodeId(3)
+        with pytest.raises(StageLost):
+            await replicator.step(runner, "r", 1, 0, torch.tensor([[5, 6]]))
+        assert timeouts.lost == [(NodeId(3),)]
 
     asyncio.run(main())
 

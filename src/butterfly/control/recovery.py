@@ -376,7 +376,8 @@ class Recovery:
             for n in newly:
                 if n not in self.failed:
                     self.failed.add(n)
-                    self._emit(NodeFailure(node=n))
+                    if n not in self.evicted:  # an eviction is one, not a node failure
+                        self._emit(NodeFailure(node=n))
             returned, back = back, await self._fetch_facts(back)
             self.out.difference_update(back)
             self.failed.difference_update(back)  # a later failure is a new one

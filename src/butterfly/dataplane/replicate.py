@@ -74,6 +74,8 @@ class Timeouts(Protocol):
 
     async def chain_timed_out(self, chain: Iterable[NodeId], what: str) -> None: ...
 
+    async def timed_out(self, node: NodeId, what: str) -> None: ...
+
 
 # --- the gateway's driver ---------------------------------------------------------------
 
@@ -248,9 +250,11 @@ class Replicator:
                     claims.append((state.nodes, answer))
                     continue
                 if isinstance(answer, SendTimeout) and self._timeouts is not None:
-                    await self._timeouts.chain_timed_out(
-                        state.nodes, f"step {step} of {state.wire_id}"
-                    )
+                    what = f"step {step} of {state.wire_id}"
+                    if answer.blame is not None:  # a lane's re-run one node at a time
+                        await self._timeouts.timed_out(answer.blame, what)
+                    else:
+                        await self._timeouts.chain_timed_out(state.nodes, what)
                     answer = StageLost(f"lane {state.nodes}: {answer}")  # not the chain's
                 failed = failed or answer
                 continue
