@@ -18,7 +18,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import replace
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from tokenizers import Tokenizer
@@ -29,7 +29,7 @@ from butterfly.dataplane.caches import Caches
 from butterfly.dataplane.claims import Claims
 from butterfly.dataplane.drafter import Draft, ModelDrafter, draft_seed
 from butterfly.dataplane.generation import Generation
-from butterfly.dataplane.inflight import InFlight
+from butterfly.dataplane.inflight import InFlight, Key
 from butterfly.dataplane.inflight import StepFailed as StepFailed
 from butterfly.dataplane.intake import Intake
 from butterfly.dataplane.lanes import Lane
@@ -355,7 +355,13 @@ class PipelineEngine:
         gone. Each request then resumes on the new plan (see `_generate`); steps already
         sent on the new plan go on."""
         epoch = self._epoch()
-        for key, fut in self._flight.waiting.items():
+        # a relayed step's first half, or one hop of a step re-run node by node, too
+        halves = {key: fut for key, (fut, _) in self._flight.relaying.items()}
+        pending: list[tuple[Key, asyncio.Future[Any]]] = [
+            *self._flight.waiting.items(),
+            *halves.items(),
+        ]
+        for key, fut in pending:
             if not fut.done() and self._flight.sent_in.get(key, epoch) < epoch:
                 fut.set_exception(StageLost("the stage plan changed while the step ran"))
         self._plan_version.set()
