@@ -136,6 +136,26 @@ async def test_a_lying_middle_stage_is_evicted_and_never_its_honest_receiver(
     )
 
 
+@pytest.mark.parametrize("mode", ["audit", "replicate"])
+async def test_a_last_stage_hiding_another_token_below_its_fingerprint_is_caught(
+    tiny_model: Path, tmp_path: Path, expected: dict[str, list[int]], mode: str
+) -> None:
+    """With `fingerprint_top_k` 1 agreed, the liar's one-value fingerprints are of the
+    cluster's shape and describe its bytes; where a row's largest logit by magnitude is
+    negative it raises another above the best without showing it. The audit holds a
+    greedy request's tokens to the re-executed logits too: without that, every such
+    answer came back wrong and marked verified."""
+    await _serve_through_a_liar(
+        tiny_model,
+        tmp_path,
+        expected,
+        n=4,
+        liars={LAST: WeakFingerprintStageServer},
+        mode=mode,
+        more={"byzantine.fingerprint_top_k": 1},
+    )
+
+
 async def test_a_middle_stage_that_withholds_every_step_is_found_and_evicted(
     tiny_model: Path, tmp_path: Path, expected: dict[str, list[int]]
 ) -> None:

@@ -88,3 +88,19 @@ def test_only_stages_not_run_by_the_gateway_are_re_run(tiny_model: Path) -> None
     asked.clear()
     verdict = asyncio.run(auditor(None).audit(PLAN, "r", sequence, claims))
     assert verdict.verified and asked == [2, 3]  # nothing kept: both stages re-run
+
+
+def test_a_greedy_requests_tokens_are_held_to_the_re_executed_logits() -> None:
+    from butterfly.dataplane.audit import Chosen
+    from butterfly.types.tasks import SamplingParams
+
+    tol = Tolerance(rtol=1e-3, atol=1e-4)
+    logits = torch.tensor([[[0.0, 2.0, 1.0], [3.0, 0.0, 2.9995], [0.0, 0.0, 5.0]]])
+    greedy = SamplingParams(temperature=0.0)
+    # prompt of 2: positions 1, 2, 3 choose tokens 0, 1, 2; rows from position 1 on
+    assert Chosen(greedy, 2, (1, 0, 2)).wrong(logits, 1, tol) == []
+    assert Chosen(greedy, 2, (1, 2, 2)).wrong(logits, 1, tol) == []  # a near tie
+    assert Chosen(greedy, 2, (2, 0, 1)).wrong(logits, 1, tol) == [1, 3]
+    assert Chosen(greedy, 2, (1, 0, 7)).wrong(logits, 1, tol) == [3]  # not a token
+    sampled = SamplingParams(temperature=0.8, seed=1)
+    assert Chosen(sampled, 2, (2, 0, 1)).wrong(logits, 1, tol) == []  # not checked

@@ -27,6 +27,7 @@ from butterfly.protocol.proof import Tolerance, matches_tensor, tensors_close
 from butterfly.protocol.sign import verify_message
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.precision import FP32, Precision
+from butterfly.runtime.sampling import is_greedy, penalize
 from butterfly.runtime.stage import Stage, prefill_outputs
 from butterfly.runtime.torch_thread import TorchThread
 from butterfly.runtime.wire import decode_tensor, encode_tensor
@@ -34,7 +35,7 @@ from butterfly.types.errors import ButterflyError, InvalidMessage
 from butterfly.types.ids import NodeId, RequestId, StageIndex
 from butterfly.types.model import LayerRange
 from butterfly.types.plan import StagePlan
-from butterfly.types.tasks import InferenceResult, InferenceTask
+from butterfly.types.tasks import InferenceResult, InferenceTask, SamplingParams
 from butterfly.types.wire.agreement import Proof
 from butterfly.types.wire.data import AuditReply, AuditRequest
 
@@ -60,6 +61,40 @@ class Verdict:
     reason: str = ""
     checked: int = 0  # claims checked
     evidence: tuple[bytes, ...] = field(default=(), repr=False)
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """The tokens a greedy request's gateway chose, to be held to the last stage's
+    re-execution: a fingerprint names a stage's largest outputs only, and where the
+    largest logits by magnitude are negative, a last stage could raise another logit above
+    the honest best without changing them (its fingerprint then matched and the wrong
+    token was marked verified). Sampled requests are not checked: their draw from other
+    logits within tolerance may pick another token honestly."""
+
+    params: SamplingParams
+    prompt: int  # tokens before the first chosen one
+    tokens: tuple[int, ...]
+
+    def wrong(self, out: torch.Tensor, offset: int, tol: Tolerance) -> list[int]:
+        """The positions whose chosen token is not the greedy choice of `out`'s logits
+        (rows of positions from `offset` on), within twice the tolerance: an honest last
+        stage's best may trail the re-execution's by one tolerance, and the re-execution's
+        best lead the honest one's by another."""
+        if not is_greedy(self.params):
+            return []
+        wrong = []
+        for j, token in enumerate(self.tokens):
+            p = self.prompt - 1 + j
+            if p < offset or p - offset >= out.shape[1]:
+                continue
+            logits = penalize(out[0, p - offset].float(), self.params, self.tokens[:j])
+            best = float(logits.max())
+            scale = float(logits.abs().max())
+            margin = 2 * (tol.atol + tol.rtol * abs(best) + tol.scaled * scale)
+            if not 0 <= token < logits.shape[0] or float(logits[token]) < best - margin:
+                wrong.append(p)
+        return wrong
 
 
 class Referee:
@@ -190,8 +225,11 @@ class Auditor:
         request_id: RequestId,
         sequence: Sequence[int],
         claims: Mapping[int, list[Claim]],
+        chosen: Chosen | None = None,
     ) -> Verdict:
-        """Check every stage's claims; the sequence is every token whose output was used."""
+        """Check every stage's claims; the sequence is every token whose output was used.
+        `chosen`: the tokens picked from the last stage's output, held to its
+        re-execution too."""
         x = torch.tensor([list(sequence)], dtype=torch.int64)
         checked, liars, reasons = 0, [], []
         for index, (node, layers) in enumerate(plan.stages):
@@ -216,8 +254,11 @@ class Auditor:
                 *(self._replay(request_id, index, layers, x, offset, a) for a in others)
             )
             outs = [out for _, out, _ in replies if out is not None]
+            picks = chosen if index == len(plan.stages) - 1 else None
             if len(outs) == len(replies) and all(
-                self._all_match(mine, out, offset) for out in outs
+                self._all_match(mine, out, offset)
+                and not (picks and picks.wrong(out, offset, self._tol))
+                for out in outs
             ):
                 checked += len(mine)
                 x = outs[0]  # f other holders agree with the chain: one of them is honest
@@ -225,7 +266,13 @@ class Auditor:
             # a dispute (or an auditor that could not run): the gateway re-executes and
             # blames whoever signed or answered something that contradicts it
             reference = await self._referee.run(layers, x, outputs_from=offset)
-            chain_lied = [c for c in mine if not self._matches(c, reference, offset)]
+            bad = set(picks.wrong(reference, offset, self._tol)) if picks else set()
+            chain_lied = [
+                c
+                for c in mine
+                if not self._matches(c, reference, offset)
+                or any(c.start <= p < c.start + c.width for p in bad)
+            ]
             said = []
             for auditor, out, answered in replies:
                 lied = answered and (out is None or not tensors_close(out, reference, self._tol))
@@ -325,8 +372,9 @@ async def audit_request(
         emit(Verification(check="audit", outcome="unverified"))
         return Verdict(False, reason=gap)
     sequence = list(task.input_ids) + list(result.output_ids[:-1])
+    chosen = Chosen(task.sampling, len(task.input_ids), tuple(result.output_ids))
     try:
-        verdict = await auditor.audit(plan, request_id, sequence, claims)
+        verdict = await auditor.audit(plan, request_id, sequence, claims, chosen)
     except ButterflyError as e:
         return Verdict(False, reason=f"audit could not run: {e}")
     if verdict.liars:
