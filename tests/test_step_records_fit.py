@@ -93,7 +93,9 @@ def test_a_batch_the_split_keeps_together_really_encodes_within_the_header() -> 
 
 
 async def test_the_sender_sends_a_batch_in_runs_that_fit() -> None:
-    plan = StagePlan(Epoch(1), ((NodeId(1), LayerRange(0, 2)), (NodeId(2), LayerRange(2, 4))), ())
+    # the gateway holds the first stage: a step that times out on a chain of one other
+    # node is not re-run node by node (`StepSender.isolate`), so only the batches are sent
+    plan = StagePlan(Epoch(1), ((NodeId(0), LayerRange(0, 2)), (NodeId(2), LayerRange(2, 4))), ())
     sent: list[StageStep] = []
 
     async def deliver(node: NodeId, msg: Message, payload: bytes) -> None:
