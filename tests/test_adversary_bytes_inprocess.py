@@ -10,6 +10,7 @@ node may be. tests/test_adversary_bytes.py keeps one of these on real processes.
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,7 @@ from butterfly.testing.liars import (
 )
 from butterfly.types.ids import NodeId, RequestId
 from butterfly.types.tasks import InferenceTask
+from butterfly.types.wire.data import StageStep
 
 pytestmark = pytest.mark.timeout(120)
 PROMPTS = ("Once upon a time", "Butterfly")
@@ -154,6 +156,94 @@ async def test_a_last_stage_hiding_another_token_below_its_fingerprint_is_caught
         mode=mode,
         more={"byzantine.fingerprint_top_k": 1},
     )
+
+
+class _StallsOnce(StageServer):
+    """Honest, but its first decode step takes longer than the step timeout."""
+
+    stalled = False
+
+    async def compute(
+        self, msg: StageStep, epoch: int, payload: bytes, route: tuple[NodeId, ...] = ()
+    ) -> tuple[bytes, tuple[bytes, ...]]:
+        if max(msg.lengths) == 1 and not self.stalled:
+            self.stalled = True
+            await asyncio.sleep(1.5)
+        return await super().compute(msg, epoch, payload, route)
+
+
+async def test_the_gateways_own_slow_stage_is_not_charged_to_the_next_node(
+    tiny_model: Path, tmp_path: Path, expected: dict[str, list[int]]
+) -> None:
+    """The gateway holds the first stage of 0 -> 1; its own step stalls past the step
+    timeout once. The step's timeout was charged to node 1, the one other node of the
+    chain (a review: three such stalls, far apart, evicted it); the step is re-run one
+    node at a time now, and node 1 answers its own hop."""
+    quick = {"network.step_timeout_ms": 1000, "byzantine.max_step_timeouts": 1}
+    await _serve_through_a_liar(
+        tiny_model,
+        tmp_path,
+        expected,
+        n=4,
+        liars={0: _StallsOnce},
+        mode="audit",
+        honest_faults=frozenset({0}),
+        more=quick,
+    )
+
+
+class _TorchBusyOnce(StageServer):
+    """Honest, but its torch thread is busy for 1.5 s once, at its fifth decode step (a
+    long job on a loaded CPU): the steps queued behind it answer late."""
+
+    decode_steps = 0
+    busy: asyncio.Future[None] | None = None
+
+    async def compute(
+        self, msg: StageStep, epoch: int, payload: bytes, route: tuple[NodeId, ...] = ()
+    ) -> tuple[bytes, tuple[bytes, ...]]:
+        if max(msg.lengths) == 1:
+            self.decode_steps += 1
+            if self.decode_steps == 5:
+                self.busy = asyncio.ensure_future(self._torch.run(lambda: time.sleep(1.5)))
+                await asyncio.sleep(0.01)
+        return await super().compute(msg, epoch, payload, route)
+
+
+async def test_steps_rescued_by_the_one_at_a_time_re_run_are_still_verified(
+    tiny_model: Path, tmp_path: Path, expected: dict[str, list[int]]
+) -> None:
+    """Node 2, the last of 0 -> 1 -> 2, is busy past the step timeout once while four
+    requests run in one batch: each step is re-run one node at a time and answered, and
+    the batch's answer comes after. Its records, signed over a batch's bytes, were mixed
+    with the re-run's one-row ones, and every request came back unverified (a review);
+    nobody may be evicted either."""
+    settings = {
+        "coordination.heartbeat_interval_ms": 10,
+        "byzantine.verification": "audit",
+        "network.step_timeout_ms": 1000,
+    }
+    liars: dict[int, type[StageServer]] = {2: _TorchBusyOnce}
+    async with InProcessCluster(
+        tiny_model, 6, tmp_path, f=1, settings=settings, stage_servers=liars
+    ) as c:
+        gw = c.gateway
+        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        plan = gw.stage_server.plan
+        assert plan is not None and plan.nodes[-1] == NodeId(2)
+        prompts = [*PROMPTS, *PROMPTS]
+        runs = [
+            asyncio.create_task(gw.engine.run(_task(tiny_model, p, i), lambda t: None))
+            for i, p in enumerate(prompts)
+        ]
+        await c.until(lambda: all(r.done() for r in runs), "the requests", beats=2000)
+        for prompt, run in zip(prompts, runs, strict=True):
+            result = run.result()
+            assert list(result.output_ids) == expected[prompt]
+            assert result.verified == "audit", result.timings
+        assert all(not node.plans.evicted for node in c.nodes)
+        busy = c.nodes[2].stage_server
+        assert isinstance(busy, _TorchBusyOnce) and busy.decode_steps >= 5
 
 
 async def test_a_middle_stage_that_withholds_every_step_is_found_and_evicted(

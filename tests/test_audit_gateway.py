@@ -103,4 +103,10 @@ def test_a_greedy_requests_tokens_are_held_to_the_re_executed_logits() -> None:
     assert Chosen(greedy, 2, (2, 0, 1)).wrong(logits, 1, tol) == [1, 3]
     assert Chosen(greedy, 2, (1, 0, 7)).wrong(logits, 1, tol) == [3]  # not a token
     sampled = SamplingParams(temperature=0.8, seed=1)
-    assert Chosen(sampled, 2, (2, 0, 1)).wrong(logits, 1, tol) == []  # not checked
+    assert Chosen(sampled, 2, (2, 0, 1)).wrong(logits, 1, tol) == []  # all drawable
+    peaked = torch.tensor([[[0.0, 40.0, 0.0], [0.0, 0.0, 1.0]]])
+    assert Chosen(sampled, 1, (0, 1)).wrong(peaked, 0, tol) == [0]  # e^-50: never drawn
+    # temperature 1 and top_k 1 decode as greedy does: the best, or nothing
+    one = SamplingParams(temperature=1.0, top_k=1, seed=1)
+    assert Chosen(one, 1, (1, 1)).wrong(peaked, 0, tol) == [1]
+    assert Chosen(one, 1, (1, 2)).wrong(peaked, 0, tol) == []

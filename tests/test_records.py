@@ -172,17 +172,42 @@ def test_a_fingerprint_naming_either_of_two_equal_values_describes_them() -> Non
     assert describes(fingerprint(swapped, 1, 1), swapped)
 
 
-def test_a_receiver_takes_the_weaker_of_the_agreed_fingerprint_shapes_while_they_change() -> None:
+def test_the_audit_takes_the_weaker_of_the_last_two_agreed_fingerprint_shapes() -> None:
     from butterfly.dataplane.proving import Shape
     from butterfly.protocol.proof import fingerprint
 
     t = torch.randn(4, 8)
-    prover = Prover(NodeId(0), KEYS[NodeId(0)], k=4, chunk=1)
-    assert prover.weakest == Shape(4, 1)
-    raised = prover.retuned(8, 2)
-    assert (raised.k, raised.chunk) == (8, 2) and raised.weakest == Shape(4, 2)
-    assert raised.weakest.admits(fingerprint(t, 4, 1)) and raised.weakest.admits(
-        fingerprint(t, 8, 2)
-    )
-    assert not raised.weakest.admits(fingerprint(t, 3, 1))
-    assert not raised.weakest.admits(fingerprint(t, 4, 4))
+    both = Shape(4, 1).after(Shape(8, 2))
+    assert both == Shape(4, 2)
+    assert both.admits(fingerprint(t, 4, 1)) and both.admits(fingerprint(t, 8, 2))
+    assert not both.admits(fingerprint(t, 3, 1)) and not both.admits(fingerprint(t, 4, 4))
+    # 8 -> 1 -> 8: once 8 is agreed again, 1 is no longer taken (a review: it was, for
+    # ever, and a liar signing one value per position passed)
+    assert Shape(1, 1).after(Shape(8, 1)) == Shape(1, 1)
+    assert Shape(8, 1).after(Shape(8, 1)) == Shape(8, 1)
+
+
+def test_a_fingerprint_naming_one_value_k_times_describes_nothing() -> None:
+    """A review's liar named each position's largest value eight times: of the cluster's
+    shape on its face, of one value in effect, and it passed."""
+    import struct
+
+    from butterfly.protocol.proof import describes, fingerprint
+
+    t = torch.randn(3, 16)
+    fp = fingerprint(t, 4, 1)
+    top = [int(i) for i in t.abs().argmax(dim=1)]
+    indices = struct.pack("<12I", *[i for i in top for _ in range(4)])
+    values = struct.pack("<12f", *[float(t[r, i]) for r, i in enumerate(top) for _ in range(4)])
+    assert not describes(replace(fp, indices=indices, values=values), t)
+
+
+def test_an_honest_output_holding_nan_or_inf_is_described_by_its_fingerprint() -> None:
+    """NaN ranks above everything in torch's top-k; it failed the check, and a review had
+    honest nodes evicted for a NaN their model computed."""
+    from butterfly.protocol.proof import describes, fingerprint
+
+    t = torch.randn(5, 16)
+    t[1, 3], t[2, 0], t[2, 1], t[4, 7] = float("nan"), float("inf"), float("nan"), float("-inf")
+    for k, chunk in ((1, 1), (4, 1), (4, 2), (3, 4)):
+        assert describes(fingerprint(t, k, chunk), t)

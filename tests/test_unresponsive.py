@@ -77,3 +77,29 @@ async def test_a_longer_chain_is_not_blamed_on_a_guess() -> None:
         await rule.chain_timed_out((), "step")  # the plan changed meanwhile
         await rule.timed_out(GATEWAY, "step")
     assert declared == [] and rule.recent == {}
+
+
+async def test_timeouts_of_one_stall_count_once() -> None:
+    """One stall of a node fails every running request's step at once: counted per
+    request, six requests and a 2.5 s stall evicted an honest node (a review)."""
+    now = [0.0]
+    declared: list[tuple[NodeId, ...]] = []
+
+    async def declare(nodes: tuple[NodeId, ...], reason: str) -> None:
+        declared.append(nodes)
+
+    rule = StepTimeouts(
+        gateway=GATEWAY,
+        limit=lambda: 3,
+        status=lambda n: "healthy",
+        declare=declare,
+        apart=lambda: 1.0,
+        clock=lambda: now[0],
+    )
+    for _ in range(6):
+        await rule.timed_out(NodeId(2), "step")
+    assert declared == [] and sum(rule.recent[NodeId(2)]) == 1
+    for t in (1.5, 3.0):
+        now[0] = t
+        await rule.timed_out(NodeId(2), "step")
+    assert declared == [(NodeId(2),)]

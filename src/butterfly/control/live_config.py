@@ -50,6 +50,7 @@ app is built (`butterfly.api.live`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -145,7 +146,9 @@ def _retune_stage_server(server: StageServer, cfg: ButterflyConfig) -> None:
     server.retune(snapshot_every=snapshot_every(cfg))
     if server.prover is not None:
         b = cfg.byzantine
-        server.prover = server.prover.retuned(b.fingerprint_top_k, b.fingerprint_chunk)
+        server.prover = dataclasses.replace(
+            server.prover, k=b.fingerprint_top_k, chunk=b.fingerprint_chunk
+        )
 
 
 def _check_tracing(tracing: Tracing) -> Callable[[ButterflyConfig, ButterflyConfig], None]:

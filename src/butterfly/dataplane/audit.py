@@ -22,12 +22,13 @@ from typing import Literal
 
 import torch
 
+from butterfly.dataplane.proving import Shape
 from butterfly.metrics.events import Emit, Verification
 from butterfly.protocol.proof import Tolerance, matches_tensor, tensors_close
 from butterfly.protocol.sign import verify_message
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.precision import FP32, Precision
-from butterfly.runtime.sampling import is_greedy, penalize
+from butterfly.runtime.sampling import distribution, is_greedy, penalize
 from butterfly.runtime.stage import Stage, prefill_outputs
 from butterfly.runtime.torch_thread import TorchThread
 from butterfly.runtime.wire import decode_tensor, encode_tensor
@@ -63,36 +64,48 @@ class Verdict:
     evidence: tuple[bytes, ...] = field(default=(), repr=False)
 
 
+UNLIKELY = 1e-9
+"""A chosen token the re-executed distribution gives less than this, even with every
+honest logit moved its way by the tolerance, was not drawn from honest logits."""
+
+
 @dataclass(frozen=True)
 class Chosen:
-    """The tokens a greedy request's gateway chose, to be held to the last stage's
-    re-execution: a fingerprint names a stage's largest outputs only, and where the
-    largest logits by magnitude are negative, a last stage could raise another logit above
-    the honest best without changing them (its fingerprint then matched and the wrong
-    token was marked verified). Sampled requests are not checked: their draw from other
-    logits within tolerance may pick another token honestly."""
+    """The tokens a request's gateway chose, to be held to the last stage's re-execution:
+    a fingerprint names a stage's largest outputs only, and where the largest logits by
+    magnitude are negative, a last stage could raise another logit above the honest best
+    without changing them (its fingerprint then matched and the wrong token was marked
+    verified). A greedy token must be the re-executed best; a sampled one must not be
+    one the honest distribution all but never draws. Within what it may draw, a sampled
+    request's liar can still favour one token over another (SECURITY.md)."""
 
     params: SamplingParams
     prompt: int  # tokens before the first chosen one
     tokens: tuple[int, ...]
 
     def wrong(self, out: torch.Tensor, offset: int, tol: Tolerance) -> list[int]:
-        """The positions whose chosen token is not the greedy choice of `out`'s logits
-        (rows of positions from `offset` on), within twice the tolerance: an honest last
-        stage's best may trail the re-execution's by one tolerance, and the re-execution's
-        best lead the honest one's by another."""
-        if not is_greedy(self.params):
-            return []
+        """The positions whose chosen token `out`'s logits (rows of positions from
+        `offset` on) do not allow: an honest last stage's logits each lie within one
+        tolerance of the re-execution's, so a greedy token may trail the best by two, and
+        a sampled one is judged with every logit moved its way by one."""
         wrong = []
         for j, token in enumerate(self.tokens):
             p = self.prompt - 1 + j
             if p < offset or p - offset >= out.shape[1]:
                 continue
-            logits = penalize(out[0, p - offset].float(), self.params, self.tokens[:j])
-            best = float(logits.max())
-            scale = float(logits.abs().max())
-            margin = 2 * (tol.atol + tol.rtol * abs(best) + tol.scaled * scale)
-            if not 0 <= token < logits.shape[0] or float(logits[token]) < best - margin:
+            row, history = out[0, p - offset].float(), self.tokens[:j]
+            if not 0 <= token < row.shape[0]:
+                wrong.append(p)
+                continue
+            margin = tol.atol + (tol.rtol + tol.scaled) * float(row.abs().max())
+            if is_greedy(self.params):
+                logits = penalize(row, self.params, history)
+                if float(logits[token]) < float(logits.max()) - 2 * margin:
+                    wrong.append(p)
+                continue
+            favoured = row - margin
+            favoured[token] = row[token] + margin
+            if float(distribution(favoured, self.params, history)[token]) < UNLIKELY:
                 wrong.append(p)
         return wrong
 
@@ -357,10 +370,14 @@ async def audit_request(
     every_row: Collection[int] = (),
     emit: Emit,
     on_liars: Callable[[tuple[NodeId, ...], str], Awaitable[None]],
+    weakest: Shape | None = None,
 ) -> Verdict:
     """The gateway's audit of one finished request from the `records` its chain signed
     (`positions`: the steps whose output was used, `every_row`: those whose last stage
-    answered every position); liars found go to `on_liars`."""
+    answered every position); liars found go to `on_liars`. A record fingerprinted more
+    weakly than `weakest` leaves the request unverified, however its check comes out:
+    one value per position does not show another raised below it (a review). It blames
+    nobody: a node that had not yet taken an agreed change of the shape signs so too."""
     request_id = task.task_id
     if plan is None:
         return Verdict(False, reason="no plan to audit against")
@@ -377,6 +394,20 @@ async def audit_request(
         verdict = await auditor.audit(plan, request_id, sequence, claims, chosen)
     except ButterflyError as e:
         return Verdict(False, reason=f"audit could not run: {e}")
+    weak = sorted(
+        {
+            c.proof.sender
+            for stage in claims.values()
+            for c in stage
+            if weakest is not None and not weakest.admits(c.proof.fingerprint)
+        }
+    )
+    if weak and weakest is not None and verdict.verified and not verdict.liars:
+        reason = (
+            f"node(s) {weak} signed fingerprints weaker than the cluster's "
+            f"{weakest.top_k} values per {weakest.chunk} positions"
+        )
+        verdict = Verdict(False, reason=reason, checked=verdict.checked)
     if verdict.liars:
         await on_liars(verdict.liars, verdict.reason)
     outcome: Literal["verified", "unverified", "liar_found"] = (

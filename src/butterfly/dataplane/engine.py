@@ -73,6 +73,11 @@ async def _ignore_liars(liars: tuple[NodeId, ...], reason: str) -> None:
     log.error("liars %s found (%s) but nothing evicts them", liars, reason)
 
 
+SHAPE_GRACE_S = 60.0
+"""How long after an agreed change of the fingerprint's shape records of the shape before
+still pass the audit: each node takes the change at its own moment, within seconds."""
+
+
 class PipelineEngine:
     def __init__(
         self,
@@ -162,16 +167,11 @@ class PipelineEngine:
             records=records,
             dispatcher=dispatcher,
         )
-        self._weakest = Shape(records.top_k, records.chunk) if records is not None else None
+        self._shape = Shape(records.top_k, records.chunk) if records is not None else None
+        self._weakest = self._shape  # of the agreed fingerprint shape and the one before
+        self._shape_changed = -SHAPE_GRACE_S
         self._intake = Intake(
-            node,
-            plan,
-            self._flight,
-            keys,
-            max_tensor_bytes,
-            emit,
-            self._on_liars,
-            lambda: self._weakest,
+            node, plan, self._flight, keys, max_tensor_bytes, emit, self._on_liars
         )
         self._caches = Caches(deliver=deliver, ask=ask, plan=plan)
         self._claims = Claims(node, f)
@@ -185,6 +185,14 @@ class PipelineEngine:
         self._drafter = drafter
         self.chunk_times = ChunkTimes()
         """Step round trips that size a prompt's chunks (`schedule.chunks`)."""
+
+    def _accepted_shape(self) -> Shape | None:
+        """The weakest fingerprint an audit takes: while nodes move to an agreed change
+        of the shape (`SHAPE_GRACE_S`), the weaker of it and the one before; the agreed one
+        after that (a shape agreed once and left was taken for ever: a review)."""
+        if time.monotonic() - self._shape_changed < SHAPE_GRACE_S:
+            return self._weakest
+        return self._shape
 
     def retune_generation(self, *, speculation: Speculation, prefill_chunk: int) -> None:
         """Apply generation.speculative and generation.prefill_chunk from the next request
@@ -241,8 +249,10 @@ class PipelineEngine:
         self._sender.timeout, self._audit_fraction = step_timeout_s, audit_fraction
         if records is not None and self._sender.records is not None:
             self._sender.records = records.covering(self._sender.records)
-        if records is not None and self._weakest is not None:
-            self._weakest = self._weakest.after(Shape(records.top_k, records.chunk))
+        if records is not None and self._shape is not None:
+            new = Shape(records.top_k, records.chunk)
+            self._shape, self._weakest = new, self._shape.after(new)
+            self._shape_changed = time.monotonic()
         self._mode = verification if self.supports(verification) else "none"
         if self._auditor is not None:
             self._auditor.retune(tolerance)
@@ -493,6 +503,7 @@ class PipelineEngine:
                     every_row=every_row,
                     emit=self._emit,
                     on_liars=self._on_liars,
+                    weakest=self._accepted_shape(),
                 )
                 if verdict.verified:
                     return replace(result, verified="audit")

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 import torch
 
 from butterfly.dataplane.inflight import InFlight, Relayed, StepFailed
-from butterfly.dataplane.proving import Shape, culprit, decode_proofs, route_signers
+from butterfly.dataplane.proving import culprit, decode_proofs, route_signers
 from butterfly.metrics.events import Emit, MessageDropped
 from butterfly.net.framing import Envelope
 from butterfly.protocol.entitled import Context, entitled
 from butterfly.runtime.wire import decode_tensor
 from butterfly.types.errors import ButterflyError, StageLost
-from butterfly.types.ids import NodeId
+from butterfly.types.ids import NodeId, RequestId
 from butterfly.types.plan import StagePlan
 from butterfly.types.wire.agreement import Proof
 from butterfly.types.wire.data import StepError, StepResult
@@ -58,7 +58,6 @@ class Intake:
     max_tensor_bytes: int
     emit: Emit
     on_liars: OnLiars
-    weakest: Callable[[], Shape | None] = lambda: None  # fingerprints taken (`check_records`)
 
     async def on_result(self, peer: NodeId, env: Envelope) -> None:
         """The node's route for StepResult and StepError frames: taken only from a node
@@ -81,12 +80,9 @@ class Intake:
                 )
                 return
         out = None
-        # a batch's records, decoded once (not per request), each to its own request
+        # a batch's records, decoded once (not per request); each request keeps those of
+        # the answer it takes (`_keep`)
         proofs = list(decode_proofs(msg.proofs)) if isinstance(msg, StepResult) else []
-        for proof in proofs if any(r in flight.records for r in msg.request_ids) else ():
-            records = flight.records.get(proof.request_id)
-            if records is not None:
-                records.append(proof)
         if isinstance(msg, StepResult):
             try:
                 out = decode_tensor(env.payload, self.max_tensor_bytes)
@@ -128,6 +124,7 @@ class Intake:
                     fut.set_exception(e)
                     continue
                 if liar is None:
+                    self._keep(key, proofs)
                     fut.set_result(row)
                 else:
                     liars[liar] = f"step {key[1]} of {key[0]}"
@@ -163,6 +160,17 @@ class Intake:
         first.set_exception(StageLost(f"node {liar} lied about its output"))
         what = f"step {msg.steps[0]} of {msg.request_ids[0]}"
         await self.on_liars((liar,), f"signed records contradict {what} (the gateway's relay)")
+
+    def _keep(self, key: tuple[RequestId, int], proofs: list[Proof]) -> None:
+        """The records of the answer a step takes, in place of any the request holds for
+        that step: a step re-run (a relay, one node at a time) and the late answer of its
+        first run both arrive, signed over other bytes (a batch against one row), and the
+        audit, which keeps the first record of each stage, mixed them (a review)."""
+        rid, step = key
+        records = self.flight.records.get(rid)
+        if records is not None:
+            records[:] = [p for p in records if p.step != step]
+            records.extend(p for p in proofs if p.request_id == rid and p.step == step)
 
     def _vouched(
         self,
@@ -202,7 +210,6 @@ class Intake:
             epoch=epoch,
             peer=peer,
             sent=self.flight.sent_digest.get(key),
-            weakest=self.weakest(),
         )
         if found is None:
             return None

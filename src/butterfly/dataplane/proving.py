@@ -16,7 +16,7 @@ SECURITY.md, "Records bound to the bytes sent".
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -75,9 +75,9 @@ Signers = Callable[[int], Iterable[NodeId]]
 
 @dataclass(frozen=True)
 class Shape:
-    """A fingerprint's strength: `top_k` values per `chunk` positions. Receivers take
-    the weakest of the shapes the cluster agreed last and before (`after`): nodes move
-    from one to the other each at its own moment of the agreed change."""
+    """A fingerprint's strength: `top_k` values per `chunk` positions. The audit takes
+    the weaker of the shapes the cluster agreed last and just before (`after`): nodes
+    move from one to the other each at its own moment of the agreed change."""
 
     top_k: int
     chunk: int
@@ -113,7 +113,7 @@ def check_records(
     received: torch.Tensor,
     signers: Signers,
     epoch: int,
-    weakest: Shape | None = None,
+    described: bool = False,
 ) -> list[Proof]:
     """The records of stages [0, upto) of one entry, in order, if they vouch for
     `received`; else `RecordMismatch` naming what is wrong.
@@ -121,10 +121,11 @@ def check_records(
     Each must be signed by a holder of its stage's range (`signers`) in `epoch`, each
     one's `input_hash` must be the previous one's `output_hash`, and the last one's
     `output_hash` must be the digest of `received`, the entry's bytes as they arrived.
-    With `weakest` (records are fingerprinted), the last one's fingerprint must describe
-    `received` exactly and be no weaker than that shape (`Shape.admits`): an audit checks
-    the fingerprints, not the hashes, so a liar that signed an honest computation's
-    fingerprint beside its lying bytes, or one of its own top value only, passed it.
+    With `described`, the last one's fingerprint must describe `received` exactly
+    (`proof.describes`): an audit checks the fingerprints, not the hashes, so a liar that
+    signed an honest computation's fingerprint beside its lying bytes passed it. Its
+    shape is the audit's to judge (`audit.audit_request`): a receiver may not have taken
+    an agreed change of it yet, and must not refuse, or blame, an honest sender for that.
     """
     found: dict[int, Proof] = {}
     for p in proofs:
@@ -152,21 +153,12 @@ def check_records(
             f"(node {chain[-1].sender}) signed",
             blame=chain[-1].sender,
         )
-    if chain and weakest is not None:
-        fp, who = chain[-1].fingerprint, f"stage {upto - 1} (node {chain[-1].sender})"
-        if not weakest.admits(fp):
-            raise RecordMismatch(
-                f"step {step} of {request_id}: {who} signed a fingerprint of {fp.k} values per "
-                f"{fp.chunk} positions, weaker than the cluster's {weakest.top_k} per "
-                f"{weakest.chunk}",
-                blame=chain[-1].sender,
-            )
-        if not describes(fp, received):
-            raise RecordMismatch(
-                f"step {step} of {request_id}: {who} signed a fingerprint of other bytes than "
-                "it sent",
-                blame=chain[-1].sender,
-            )
+    if chain and described and not describes(chain[-1].fingerprint, received):
+        raise RecordMismatch(
+            f"step {step} of {request_id}: stage {upto - 1} (node {chain[-1].sender}) signed a "
+            "fingerprint of other bytes than it sent",
+            blame=chain[-1].sender,
+        )
     return chain
 
 
@@ -182,7 +174,6 @@ def culprit(
     epoch: int,
     peer: NodeId,
     sent: bytes | None,
-    weakest: Shape | None = None,
 ) -> tuple[NodeId, str] | None:
     """Who lied, and how, when the gateway receives `received` from `peer` (the
     authenticated sender) as the output of stages [0, upto) of one entry; None when the
@@ -204,7 +195,7 @@ def culprit(
             received=received,
             signers=signers,
             epoch=epoch,
-            weakest=weakest,
+            described=True,
         )
     except RecordMismatch as e:
         return peer, f"its records do not vouch for the bytes it sent: {e}"
@@ -222,16 +213,6 @@ class Prover:
     k: int = 8  # fingerprint: largest activations kept per chunk
     chunk: int = 1  # positions per chunk; 1 lets an audit compare any single position
     keys: Mapping[NodeId, bytes] = field(default_factory=dict)  # to check others' records
-    accepts: Shape | None = None  # the weakest fingerprint taken from others: (k, chunk)
-
-    @property
-    def weakest(self) -> Shape:
-        return self.accepts or Shape(self.k, self.chunk)
-
-    def retuned(self, k: int, chunk: int) -> Prover:
-        """This prover signing `k` per `chunk` from now on, and accepting records of
-        either shape while the other nodes move to it."""
-        return replace(self, k=k, chunk=chunk, accepts=self.weakest.after(Shape(k, chunk)))
 
     def prove(
         self,

@@ -267,7 +267,7 @@ class StepSender:
             async with asyncio.timeout(self.timeout):
                 return await fut
         except TimeoutError as e:
-            if sum(n != self.node for n in nodes) < 2:  # one node could have held it back
+            if len(nodes) < 2:  # its one node held it back
                 raise SendTimeout(
                     f"step {step} of {request_id} got no answer within {self.timeout:.1f} s"
                 ) from e
@@ -318,6 +318,7 @@ class StepSender:
         plan = self._plan()
         if plan is None:
             raise StageLost("the stage plan is gone")
+        self._forget_records(request_id, step)
         sent = digest(x)
         try:
             out, proofs = await self._half(request_id, step, start, (x, ()), nodes, 0, split, sent)
@@ -345,11 +346,14 @@ class StepSender:
         """Re-run a step that timed out down a chain of several nodes one node at a time,
         each answering the gateway, which forwards its bytes and records to the next: the
         node that withholds it is then the one whose hop times out (`SendTimeout.blame`,
-        which the gateway counts against it). Down the chain, any of them might have held
-        it back, and nobody was charged: a withholding middle stage failed every request
-        through it, for ever (a review, twenty-first session)."""
+        which the gateway counts against it; the gateway's own hop blames nobody). Down
+        the chain, any of them might have held it back, and nobody was charged: a
+        withholding middle stage failed every request through it, for ever; and where the
+        gateway held the first stage, the time its own stage took counted against the
+        other node's (reviews, twenty-first session)."""
         if self._plan() is None:
             raise StageLost("the stage plan is gone")
+        self._forget_records(request_id, step)
         sent = digest(x)
         got: tuple[torch.Tensor, tuple[bytes, ...]] = (x, ())
         for i in range(len(nodes) - 1):
@@ -359,6 +363,15 @@ class StepSender:
                 raise e.failure(step, nodes[i : i + 1]) from None
         last = len(nodes) - 1
         return await self._tail(request_id, step, start, got, nodes, last, sent, last_only)
+
+    def _forget_records(self, request_id: RequestId, step: int) -> None:
+        """The records an attempt of this step gathered before it is run again: a
+        batched run and a one-row re-run sign other bytes, and the audit, keeping the
+        first record of each stage, mixed the two and left a rescued request unverified
+        (a review)."""
+        records = self._flight.records.get(request_id)
+        if records:
+            records[:] = [p for p in records if p.step != step]
 
     async def _half(
         self,
@@ -401,7 +414,7 @@ class StepSender:
             async with asyncio.timeout(self.timeout):
                 return await answer
         except TimeoutError as e:
-            blame = nodes[first] if split - first == 1 and nodes[first] != self.node else None
+            blame = nodes[first] if split - first == 1 else None  # the gateway: nobody
             raise SendTimeout(f"relayed step {step} of {request_id}: no answer", blame=blame) from e
         finally:
             flight.relaying.pop(key, None)
@@ -449,7 +462,7 @@ class StepSender:
             async with asyncio.timeout(self.timeout):
                 return await second
         except TimeoutError as e:
-            blame = receiver if len(nodes) - split == 1 and receiver != self.node else None
+            blame = receiver if len(nodes) - split == 1 else None  # the gateway: nobody
             raise SendTimeout(f"relayed step {step} of {request_id}: no answer", blame=blame) from e
         except StepFailed as e:
             if e.error.error_type == RECORD_MISMATCH and e.sender == receiver:

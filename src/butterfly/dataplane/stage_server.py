@@ -552,7 +552,7 @@ class StageServer:
                 received=x[:, offsets[i] : offsets[i] + msg.lengths[i]],
                 signers=signers,
                 epoch=epoch,
-                weakest=prover.weakest,
+                described=True,
             )
 
     def _sign(

@@ -22,6 +22,7 @@ its nodes held the step back, so the sender re-runs such a step one node at a ti
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 
@@ -48,10 +49,18 @@ class StepTimeouts:
         limit: Callable[[], int],
         status: Callable[[NodeId], str],
         declare: Declare,
+        apart: Callable[[], float] = lambda: 0.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`apart`: timeouts of one node closer together than this (the step timeout)
+        count once: one stall of a node fails every request's step at once, and counted
+        per request, a 2.5 s stall with six requests running evicted an honest node (a
+        review)."""
         self._gateway, self._limit, self._status, self._declare = gateway, limit, status, declare
+        self._apart, self._clock = apart, clock
         self.recent: dict[NodeId, deque[bool]] = {}  # True: timed out
         self.declared: set[NodeId] = set()
+        self._last: dict[NodeId, float] = {}  # when a timeout of the node last counted
 
     def answered(self, nodes: Iterable[NodeId]) -> None:
         """These nodes answered in time."""
@@ -84,6 +93,11 @@ class StepTimeouts:
         if status != "healthy":  # no heartbeats: a crash, for the failure detector
             log.info("%s timed out on node %s, which is %s: not counted", what, node, status)
             return
+        now = self._clock()
+        if now - self._last.get(node, -float("inf")) < self._apart():
+            log.info("%s timed out on node %s with another just before: counted once", what, node)
+            return
+        self._last[node] = now
         recent = self.recent.setdefault(node, deque(maxlen=WINDOW))
         recent.append(True)
         count, limit = sum(recent), max(1, self._limit())

@@ -59,10 +59,6 @@ class Tolerance:
     scaled: float = 0.0
 
 
-EXACT = Tolerance(rtol=0.0, atol=0.0, min_overlap=1.0)
-"""No drift: the same bytes on both sides."""
-
-
 def tolerance_for(rtol: float, atol: float, floor: float) -> Tolerance:
     """The tolerance honest nodes computing in a precision whose `floor` is given
     (`runtime.precision.Precision.verification_floor`) meet: the configured one, widened
@@ -185,37 +181,50 @@ def matches_tensor(fp: Fingerprint, t: torch.Tensor, tol: Tolerance = Tolerance(
 
 
 def describes(fp: Fingerprint, t: torch.Tensor) -> bool:
-    """Is `fp` a fingerprint of exactly `t`, the bytes its signer sent? Every claimed value
-    is the tensor's, bit for bit, and no unclaimed one is larger in magnitude than the
-    smallest claimed (ties either way: which of equal values a top-k names is the
-    implementation's). A receiver checks this, having the bytes: an audit compares only
-    the fingerprint, so one that describes other bytes than were sent (an honest
-    computation's, beside a lying tensor bound by its hash) hid the lie from it."""
-    import torch
-
+    """Is `fp` a fingerprint of exactly `t`, the bytes its signer sent? Per chunk, its k
+    indices are distinct (in increasing order, as `fingerprint` writes them), every
+    claimed value is the tensor's, bit for bit, and no unclaimed one is larger in
+    magnitude than the smallest claimed (ties either way: which of equal values a top-k
+    names is the implementation's; a NaN ranks above everything, as in torch's top-k). A
+    receiver checks this, having the bytes: an audit compares only the fingerprint, so one
+    that describes other bytes than were sent (an honest computation's, beside a lying
+    tensor bound by its hash) hid the lie from it, and one naming a position's largest
+    value k times was, in effect, of one value."""
     rows = _rows(t)
     if (fp.positions, fp.width) != tuple(rows.shape):
         return False
     k = min(fp.k, fp.chunk * fp.width)
     whole = fp.positions // fp.chunk * fp.chunk  # positions in full chunks
     n = whole // fp.chunk * k
-    if whole:
-        flat = rows[:whole].reshape(whole // fp.chunk, fp.chunk * fp.width)
-        idx = torch.frombuffer(bytearray(fp.indices[: 4 * n]), dtype=torch.int32).view(-1, k)
-        val = torch.frombuffer(bytearray(fp.values[: 4 * n]), dtype=torch.float32).view(-1, k)
-        idx = idx.to(torch.int64)
-        inside = (idx >= 0) & (idx < flat.shape[1])  # one check at the end: each is a sync
-        got = flat.gather(1, idx.clamp(0, flat.shape[1] - 1))
-        same = inside & ((got == val) | (got.isnan() & val.isnan()))
-        kth = torch.topk(flat.abs(), k, dim=1).values[:, -1]
-        if not bool(same.all() & (kth <= val.abs().amin(dim=1)).all()):
-            return False
+    if whole and not _exactly(
+        rows[:whole].reshape(whole // fp.chunk, fp.chunk * fp.width),
+        fp.indices[: 4 * n],
+        fp.values[: 4 * n],
+        k,
+    ):
+        return False
+    rest = rows[whole:].reshape(1, -1)
     if whole == fp.positions:
         return True
-    tail = Fingerprint(
-        fp.k, fp.chunk, fp.positions - whole, fp.width, fp.indices[4 * n :], fp.values[4 * n :]
-    )
-    return matches_tensor(tail, rows[whole:], EXACT)
+    return _exactly(rest, fp.indices[4 * n :], fp.values[4 * n :], min(fp.k, rest.shape[1]))
+
+
+def _exactly(flat: torch.Tensor, indices: bytes, values: bytes, k: int) -> bool:
+    """`describes` for chunks of equal size: `flat` [chunks, size], k entries each."""
+    import torch
+
+    if len(indices) != 4 * k * flat.shape[0] or len(values) != len(indices):
+        return False
+    idx = torch.frombuffer(bytearray(indices), dtype=torch.int32).view(-1, k).to(torch.int64)
+    val = torch.frombuffer(bytearray(values), dtype=torch.float32).view(-1, k)
+    inside = (idx >= 0) & (idx < flat.shape[1])  # one check at the end: each is a sync
+    distinct = (idx[:, 1:] > idx[:, :-1]).all()
+    got = flat.gather(1, idx.clamp(0, flat.shape[1] - 1))
+    same = inside & ((got == val) | (got.isnan() & val.isnan()))
+    inf = float("inf")
+    kth = torch.topk(flat.abs().nan_to_num(nan=inf), k, dim=1).values[:, -1]
+    smallest = val.abs().nan_to_num(nan=inf).amin(dim=1)
+    return bool(same.all() & distinct & (kth <= smallest).all())
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:

@@ -68,6 +68,7 @@ def step_timeouts(
         limit=lambda: config.current.byzantine.max_step_timeouts,
         status=status,
         declare=declare,
+        apart=lambda: config.current.network.step_timeout_ms / 1000,
     )
 
 
