@@ -211,3 +211,19 @@ def test_an_honest_output_holding_nan_or_inf_is_described_by_its_fingerprint() -
     t[1, 3], t[2, 0], t[2, 1], t[4, 7] = float("nan"), float("inf"), float("nan"), float("-inf")
     for k, chunk in ((1, 1), (4, 1), (4, 2), (3, 4)):
         assert describes(fingerprint(t, k, chunk), t)
+
+
+def test_an_honest_nan_matches_its_re_execution() -> None:
+    """A model that computes NaN computes it on every honest machine: the audit found
+    the chain node "contradicting" the re-execution (NaN is not close to NaN) and
+    evicted it, and allclose raised on a NaN tolerance (a review)."""
+    from butterfly.protocol.proof import Tolerance, fingerprint, matches_tensor, tensors_close
+
+    t = torch.randn(3, 16)
+    t[1, 2] = float("nan")
+    tol = Tolerance(rtol=1e-3, atol=1e-4, scaled=1e-2)
+    assert matches_tensor(fingerprint(t, 4, 1), t, tol)
+    assert tensors_close(t, t.clone(), tol)
+    other = t.clone()
+    other[1, 2] = 0.0
+    assert not tensors_close(other, t, tol)

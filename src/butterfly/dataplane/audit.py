@@ -97,7 +97,7 @@ class Chosen:
             if not 0 <= token < row.shape[0]:
                 wrong.append(p)
                 continue
-            margin = tol.atol + (tol.rtol + tol.scaled) * float(row.abs().max())
+            margin = tol.atol + (tol.rtol + tol.scaled) * float(row.abs().nan_to_num(0.0).max())
             if is_greedy(self.params):
                 logits = penalize(row, self.params, history)
                 if float(logits[token]) < float(logits.max()) - 2 * margin:

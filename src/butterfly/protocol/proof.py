@@ -14,6 +14,7 @@ the re-execution is the evidence that goes through PBFT (DESIGN.md section 3).
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -71,13 +72,16 @@ def tolerance_for(rtol: float, atol: float, floor: float) -> Tolerance:
 
 
 def tensors_close(a: torch.Tensor, b: torch.Tensor, tol: Tolerance) -> bool:
-    """`torch.allclose` with the tolerance's scaled share of `b`'s largest magnitude."""
+    """`torch.allclose` with the tolerance's scaled share of `b`'s largest magnitude; NaN
+    where both hold it is equal (an honest model can compute one: its largest magnitude
+    was NaN, and allclose raised on the NaN tolerance, failing the request)."""
     import torch
 
     if a.shape != b.shape:
         return False
-    slack = tol.scaled * float(b.abs().max()) if tol.scaled and b.numel() else 0.0
-    return bool(torch.allclose(a, b, rtol=tol.rtol, atol=tol.atol + slack))
+    largest = float(b.abs().nan_to_num(nan=0.0).max()) if b.numel() else 0.0
+    slack = tol.scaled * largest if tol.scaled else 0.0
+    return bool(torch.allclose(a, b, rtol=tol.rtol, atol=tol.atol + slack, equal_nan=True))
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +138,10 @@ def _chunks(fp: Fingerprint) -> list[dict[int, float]]:
 
 
 def _close(a: float, b: float, tol: Tolerance, scale: float = 0.0) -> bool:
+    if math.isnan(a) or math.isnan(b):  # an honest model may compute NaN; both must
+        return math.isnan(a) and math.isnan(b)
+    if math.isnan(scale):
+        scale = 0.0
     return abs(a - b) <= tol.atol + tol.rtol * max(abs(a), abs(b)) + tol.scaled * scale
 
 
