@@ -246,6 +246,64 @@ async def test_steps_rescued_by_the_one_at_a_time_re_run_are_still_verified(
         assert isinstance(busy, _TorchBusyOnce) and busy.decode_steps >= 5
 
 
+async def test_a_weakly_fingerprinted_middle_stage_leaves_answers_unverified_blaming_none(
+    tiny_model: Path, tmp_path: Path, expected: dict[str, list[int]]
+) -> None:
+    """Node 1, the middle of 0 -> 1 -> 2, halves all but each position's largest value
+    and signs a true fingerprint of one value per position, weaker than the cluster's:
+    the audit cannot check past it, so the answers are unverified, and nobody is blamed
+    (the audit went on from the auditor's output, and convicted honest node 2 for what it
+    computed on the lie: a review)."""
+    settings = {"coordination.heartbeat_interval_ms": 10, "byzantine.verification": "audit"}
+    liars: dict[int, type[StageServer]] = {MIDDLE: WeakFingerprintStageServer}
+    async with InProcessCluster(
+        tiny_model, 6, tmp_path, f=1, settings=settings, stage_servers=liars
+    ) as c:
+        gw = c.gateway
+        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        for i, prompt in enumerate(PROMPTS):
+            run = asyncio.create_task(gw.engine.run(_task(tiny_model, prompt, i), lambda t: None))
+            await c.until(run.done, f"request {i} to finish", beats=2000)
+            result = run.result()
+            assert result.verified == "none" or list(result.output_ids) == expected[prompt]
+            assert result.verified == "none", "a weak record was checked past"
+        for _ in range(20):  # time for a wrongful eviction to show, were one under way
+            c.hub.tick(0.1)
+            await asyncio.sleep(0.005)
+        assert all(not node.plans.evicted for node in c.nodes)
+
+
+class _WithholdsFirstAttempts(StageServer):
+    """Holds back the first attempt of every decode step it is sent, and answers when the
+    step comes again."""
+
+    async def compute(
+        self, msg: StageStep, epoch: int, payload: bytes, route: tuple[NodeId, ...] = ()
+    ) -> tuple[bytes, tuple[bytes, ...]]:
+        key = (msg.request_ids, msg.steps)
+        if max(msg.lengths) == 1 and key not in self.__dict__.setdefault("seen", set()):
+            self.__dict__["seen"].add(key)
+            await asyncio.Event().wait()
+        return await super().compute(msg, epoch, payload, route)
+
+
+async def test_a_node_holding_back_first_attempts_after_the_gateways_stage_is_charged(
+    tiny_model: Path, tmp_path: Path, expected: dict[str, list[int]]
+) -> None:
+    """The chain is 0 (the gateway) -> 1; node 1 holds back each step until it is re-run.
+    Re-run one node at a time, it answered, and was never charged (a review): a step the
+    gateway handed on with at least half the step timeout left is node 1's to answer."""
+    await _serve_through_a_liar(
+        tiny_model,
+        tmp_path,
+        expected,
+        n=4,
+        liars={LAST: _WithholdsFirstAttempts},
+        mode="audit",
+        more={"network.step_timeout_ms": 500},
+    )
+
+
 async def test_a_middle_stage_that_withholds_every_step_is_found_and_evicted(
     tiny_model: Path, tmp_path: Path, expected: dict[str, list[int]]
 ) -> None:

@@ -47,3 +47,29 @@ async def test_a_timed_out_step_is_replayed_and_counted_against_the_silent_node(
     engine, sent = chain(["silent"], events, rule, step_timeout_s=0.2)
     assert await generate(engine, tokens=1) == [3]
     assert len(sent) == 2 and declared == [(STAGE,)]
+
+
+def test_the_audit_takes_the_shape_before_a_change_only_for_requests_begun_in_its_grace() -> None:
+    """Measured from the change at the audit, the grace left a request that ran past it
+    unverified, its early records of the shape before (a review); and a shape agreed
+    once and left was taken for ever (the review before)."""
+    import time
+
+    from butterfly.dataplane.engine import SHAPE_GRACE_S
+    from butterfly.dataplane.proving import Shape
+    from butterfly.dataplane.sending import RecordSize
+    from butterfly.protocol.proof import Tolerance
+
+    engine, _ = chain([], [], records=RecordSize(8, 1))
+    began = time.monotonic()
+    assert engine._accepted_shape(began) == Shape(8, 1)
+    engine.retune(
+        step_timeout_s=30.0,
+        verification="audit",
+        audit_fraction=1.0,
+        tolerance=Tolerance(),
+        records=RecordSize(16, 1),
+    )
+    assert engine._accepted_shape(began) == Shape(8, 1)  # begun before: either shape
+    assert engine._accepted_shape(time.monotonic()) == Shape(8, 1)  # in the grace
+    assert engine._accepted_shape(time.monotonic() + SHAPE_GRACE_S) == Shape(16, 1)

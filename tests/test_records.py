@@ -227,3 +227,24 @@ def test_an_honest_nan_matches_its_re_execution() -> None:
     other = t.clone()
     other[1, 2] = 0.0
     assert not tensors_close(other, t, tol)
+
+
+def test_a_nan_in_the_re_execution_does_not_switch_off_the_largest_value_check() -> None:
+    """The check's bound was NaN when the chunk held one, so a fingerprint naming a
+    chunk's smallest values passed (a review)."""
+    import struct
+
+    from butterfly.protocol.proof import Fingerprint, Tolerance, matches_tensor
+
+    t = torch.arange(1.0, 17.0).reshape(1, 16)
+    t[0, 15] = float("nan")
+    smallest = list(range(4))
+    fp = Fingerprint(
+        4,
+        1,
+        1,
+        16,
+        struct.pack("<4I", *smallest),
+        struct.pack("<4f", *[float(t[0, i]) for i in smallest]),
+    )
+    assert not matches_tensor(fp, t, Tolerance(rtol=1e-3, atol=1e-4, scaled=1e-2))

@@ -239,12 +239,13 @@ class Auditor:
         sequence: Sequence[int],
         claims: Mapping[int, list[Claim]],
         chosen: Chosen | None = None,
+        weakest: Shape | None = None,
     ) -> Verdict:
         """Check every stage's claims; the sequence is every token whose output was used.
         `chosen`: the tokens picked from the last stage's output, held to its
         re-execution too."""
         x = torch.tensor([list(sequence)], dtype=torch.int64)
-        checked, liars, reasons = 0, [], []
+        checked, liars, reasons = 0, list[NodeId](), list[str]()
         for index, (node, layers) in enumerate(plan.stages):
             mine = claims.get(index, [])
             if not mine:
@@ -268,12 +269,21 @@ class Auditor:
             )
             outs = [out for _, out, _ in replies if out is not None]
             picks = chosen if index == len(plan.stages) - 1 else None
+            # a record fingerprinted more weakly than the cluster's shape may match and
+            # still hide a lie its next stage then computes on: the audit stops there
+            # (unverified, nobody blamed), or it blamed that honest next stage (a review)
+            weak = [c.proof.sender for c in mine if not self._strong(c, weakest)]
+            stop = f"stage {index} {layers}: node(s) {sorted(set(weak))} signed fingerprints "
+            stop += "weaker than the cluster's; not checked past it"
+            last = index == len(plan.stages) - 1
             if len(outs) == len(replies) and all(
                 self._all_match(mine, out, offset)
                 and not (picks and picks.wrong(out, offset, self._tol))
                 for out in outs
             ):
                 checked += len(mine)
+                if weak and not last:
+                    return Verdict(False, tuple(liars), "; ".join([*reasons, stop]), checked)
                 x = outs[0]  # f other holders agree with the chain: one of them is honest
                 continue
             # a dispute (or an auditor that could not run): the gateway re-executes and
@@ -306,8 +316,14 @@ class Auditor:
                 evidence = tuple(c.proof.signature for c in chain_lied)
                 return Verdict(False, (*liars, *signers), "; ".join(reasons), checked, evidence)
             checked += len(mine)
+            if weak and not last:
+                return Verdict(False, tuple(liars), "; ".join([*reasons, stop]), checked)
             x = reference  # the chain was right; go on from what is known to be right
         return Verdict(True, tuple(liars), "; ".join(reasons), checked)
+
+    @staticmethod
+    def _strong(claim: Claim, weakest: Shape | None) -> bool:
+        return weakest is None or weakest.admits(claim.proof.fingerprint)
 
     async def _replay(
         self,
@@ -391,7 +407,7 @@ async def audit_request(
     sequence = list(task.input_ids) + list(result.output_ids[:-1])
     chosen = Chosen(task.sampling, len(task.input_ids), tuple(result.output_ids))
     try:
-        verdict = await auditor.audit(plan, request_id, sequence, claims, chosen)
+        verdict = await auditor.audit(plan, request_id, sequence, claims, chosen, weakest)
     except ButterflyError as e:
         return Verdict(False, reason=f"audit could not run: {e}")
     weak = sorted(

@@ -186,11 +186,13 @@ class PipelineEngine:
         self.chunk_times = ChunkTimes()
         """Step round trips that size a prompt's chunks (`schedule.chunks`)."""
 
-    def _accepted_shape(self) -> Shape | None:
-        """The weakest fingerprint an audit takes: while nodes move to an agreed change
-        of the shape (`SHAPE_GRACE_S`), the weaker of it and the one before; the agreed one
-        after that (a shape agreed once and left was taken for ever: a review)."""
-        if time.monotonic() - self._shape_changed < SHAPE_GRACE_S:
+    def _accepted_shape(self, began: float) -> Shape | None:
+        """The weakest fingerprint the audit of a request begun at `began` takes: the
+        weaker of the agreed shape and the one before for a request begun before the
+        change's grace ended (`SHAPE_GRACE_S`: nodes move to it each at its own moment,
+        and a request's early records may be of the shape before), the agreed one for
+        later requests (a shape agreed once and left was taken for ever: a review)."""
+        if began < self._shape_changed + SHAPE_GRACE_S:
             return self._weakest
         return self._shape
 
@@ -434,7 +436,7 @@ class PipelineEngine:
         if plan is None:
             raise ServiceUnavailable("the cluster has no stage plan yet; retry shortly")
         request_id = task.task_id
-        started = time.perf_counter()
+        started, began = time.perf_counter(), time.monotonic()
         timings: dict[str, float] = {}
         # the settings at the start hold for the whole request (see `retune`)
         replicator = self._replicator if self._mode == "replicate" else None
@@ -503,7 +505,7 @@ class PipelineEngine:
                     every_row=every_row,
                     emit=self._emit,
                     on_liars=self._on_liars,
-                    weakest=self._accepted_shape(),
+                    weakest=self._accepted_shape(began),
                 )
                 if verdict.verified:
                     return replace(result, verified="audit")
@@ -624,10 +626,11 @@ class PipelineEngine:
                 self._report(e, f"step {step} of {request_id}")
                 if not e.retriable and not self._contested(request_id, e):
                     raise  # the error tree decides: no list of classes here
+                stays = False  # the node that held the step back stays in the plan
                 if isinstance(e, SendTimeout) and self._timeouts is not None:
                     what = f"step {step} of {request_id}"
                     if e.blame is not None:
-                        await self._timeouts.timed_out(e.blame, what)
+                        stays = await self._timeouts.timed_out(e.blame, what)
                     else:  # a chain's step: only a one-node chain says who held it back
                         await self._timeouts.chain_timed_out(self._chain(request_id, epoch), what)
                 recoveries += 1
@@ -649,7 +652,8 @@ class PipelineEngine:
                     len(gen.out),
                     e,
                 )
-                await self._await_plan_change(epoch)
+                if not stays:  # a plan without a node that withholds steps comes of nothing
+                    await self._await_plan_change(epoch)
                 based_on = self._epoch()
                 gen.replay_from(await self._replay_from(request_id, gen.length, positions))
                 timings["resumed_at"] = float(gen.pos)

@@ -77,6 +77,19 @@ class InFlight:
     # traced requests -> the context their steps carry (metrics.tracing); empty when off
     traced: dict[str, bytes] = field(default_factory=dict)
     records: dict[str, list[Proof]] = field(default_factory=dict)
+    # when the gateway's own first stage handed a step on (time.monotonic)
+    handed: dict[Key, float] = field(default_factory=dict)
+
+    def sent(self, key: Key, epoch: int, on: tuple[NodeId, ...], digest: bytes) -> None:
+        """A step sent in `epoch` down `on` (whose nodes alone may answer it), stage 0
+        given the bytes of `digest`."""
+        self.sent_in[key], self.sent_on[key], self.sent_digest[key] = epoch, on, digest
+
+    def settled(self, key: Key) -> None:
+        """Nobody waits for this step any more (its answer taken, or given up)."""
+        tables = (self.waiting, self.relaying, self.sent_in, self.sent_on, self.sent_digest)
+        for table in (*tables, self.handed):
+            table.pop(key, None)
 
     def awaited(self, key: Key) -> bool:
         """Whether someone still waits for this step (directly or as a relay's half)."""

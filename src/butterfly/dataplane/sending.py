@@ -233,6 +233,11 @@ class StepSender:
             await self._deliver(nodes[0], msg, payload)
             if nodes[0] != self.node:  # to itself, `deliver` runs the stage inline
                 self._emit(HopTimed(peer=nodes[0], seconds=time.perf_counter() - started))
+            else:  # and hands the step on to the next node
+                handed = time.monotonic()
+                for key in ((e.request_id, e.step) for e in entries):
+                    if flight.awaited(key):  # not settled meanwhile: nothing to leave behind
+                        flight.handed[key] = handed
         except ButterflyError as e:
             for entry in entries:
                 if not entry.future.done():
@@ -267,9 +272,10 @@ class StepSender:
             async with asyncio.timeout(self.timeout):
                 return await fut
         except TimeoutError as e:
-            if len(nodes) < 2:  # its one node held it back
+            if len(nodes) < 2 or self._theirs(key, nodes):
                 raise SendTimeout(
-                    f"step {step} of {request_id} got no answer within {self.timeout:.1f} s"
+                    f"step {step} of {request_id} got no answer within {self.timeout:.1f} s",
+                    blame=None if len(nodes) < 2 else nodes[1],
                 ) from e
             timed_out = True  # settled below, once this attempt's bookkeeping is gone
         except StepFailed as e:
@@ -279,15 +285,27 @@ class StepSender:
             else:
                 raise e.failure(step, nodes) from None
         finally:
-            flight.waiting.pop(key, None)
-            flight.sent_in.pop(key, None)
-            flight.sent_on.pop(key, None)
-            flight.sent_digest.pop(key, None)
+            flight.settled(key)
         if timed_out:
             return await self.isolate(request_id, step, start_pos, x, nodes, last_only=last_only)
         assert refused_by is not None  # every other way out of the try returns or raises
         return await self.relay(
             request_id, step, start_pos, x, nodes, nodes.index(refused_by), last_only=last_only
+        )
+
+    def _theirs(self, key: tuple[RequestId, int], nodes: tuple[NodeId, ...]) -> bool:
+        """Whether a step that timed out down the gateway's own first stage and one other
+        node was that node's to answer for: the gateway handed it on with at least half
+        the step timeout left. Else it is re-run one node at a time (`isolate`): the
+        gateway's own slowness was charged to the other node (a review), while one that
+        held back every first attempt and answered the re-run was never charged (the
+        next review)."""
+        handed = self._flight.handed.get(key)
+        return (
+            len(nodes) == 2
+            and nodes[0] == self.node
+            and handed is not None
+            and time.monotonic() - handed >= self.timeout / 2
         )
 
     def _stamp(self, msg: StageStep, first: NodeId, epoch: int) -> StageStep:
@@ -394,9 +412,7 @@ class StepSender:
         flight, key = self._flight, (request_id, step)
         answer: Relayed = asyncio.get_running_loop().create_future()
         flight.relaying[key] = (answer, split)
-        flight.sent_in[key] = plan.epoch
-        flight.sent_on[key] = nodes[first:split]  # that half answers (entitlement)
-        flight.sent_digest[key] = sent
+        flight.sent(key, plan.epoch, nodes[first:split], sent)  # that half answers
         x, proofs = got
         try:
             msg = StageStep(
@@ -417,10 +433,7 @@ class StepSender:
             blame = nodes[first] if split - first == 1 else None  # the gateway: nobody
             raise SendTimeout(f"relayed step {step} of {request_id}: no answer", blame=blame) from e
         finally:
-            flight.relaying.pop(key, None)
-            flight.sent_in.pop(key, None)
-            flight.sent_on.pop(key, None)
-            flight.sent_digest.pop(key, None)
+            flight.settled(key)
 
     async def _tail(
         self,
@@ -439,9 +452,7 @@ class StepSender:
         if plan is None:
             raise StageLost("the stage plan is gone")
         flight, key = self._flight, (request_id, step)
-        flight.sent_in[key] = plan.epoch
-        flight.sent_on[key] = nodes[split:]  # the receiver's half answers
-        flight.sent_digest[key] = sent
+        flight.sent(key, plan.epoch, nodes[split:], sent)  # the receiver's half answers
         receiver = nodes[split]
         second: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
         flight.waiting[key] = second
@@ -473,7 +484,4 @@ class StepSender:
                 raise StageLost(f"node {receiver} {reason}") from None
             raise e.failure(step, nodes[split:]) from None
         finally:
-            flight.waiting.pop(key, None)
-            flight.sent_in.pop(key, None)
-            flight.sent_on.pop(key, None)
-            flight.sent_digest.pop(key, None)
+            flight.settled(key)

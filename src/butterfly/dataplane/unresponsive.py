@@ -72,7 +72,8 @@ class StepTimeouts:
                     del self.recent[node]
 
     async def chain_timed_out(self, chain: Iterable[NodeId], what: str) -> None:
-        """A step through `chain` got no answer within the step timeout."""
+        """A step through `chain` got no answer within the step timeout (a chain of one
+        node besides the gateway: counted against it)."""
         suspects = [n for n in chain if n != self._gateway]
         if not suspects:  # the plan changed meanwhile, or the gateway runs it all
             return
@@ -85,18 +86,20 @@ class StepTimeouts:
             return
         await self.timed_out(suspects[0], what)
 
-    async def timed_out(self, node: NodeId, what: str) -> None:
-        """`node` did not answer `what` (a step or an audit) within the step timeout."""
+    async def timed_out(self, node: NodeId, what: str) -> bool:
+        """`node` did not answer `what` (a step or an audit) within the step timeout.
+        True when it stays in the plan (heartbeating, not declared now): no new plan comes
+        of this, and whoever lost the step need not wait for one."""
         if node == self._gateway or node in self.declared:
-            return
+            return False
         status = self._status(node)
         if status != "healthy":  # no heartbeats: a crash, for the failure detector
             log.info("%s timed out on node %s, which is %s: not counted", what, node, status)
-            return
+            return False
         now = self._clock()
         if now - self._last.get(node, -float("inf")) < self._apart():
             log.info("%s timed out on node %s with another just before: counted once", what, node)
-            return
+            return True
         self._last[node] = now
         recent = self.recent.setdefault(node, deque(maxlen=WINDOW))
         recent.append(True)
@@ -110,7 +113,7 @@ class StepTimeouts:
             limit,
         )
         if count < limit:
-            return
+            return True
         self.declared.add(node)
         del self.recent[node]
         reason = (
@@ -120,6 +123,7 @@ class StepTimeouts:
         )
         log.error("declaring node %s faulty: %s", node, reason)
         await self._declare((node,), reason)
+        return False
 
 
 __all__ = ["StepTimeouts"]

@@ -177,12 +177,13 @@ def matches_tensor(fp: Fingerprint, t: torch.Tensor, tol: Tolerance = Tolerance(
     starts = range(0, fp.positions, fp.chunk)
     for start, claimed in zip(starts, _chunks(fp), strict=True):
         flat = rows[start : start + fp.chunk].reshape(-1)
-        scale = float(flat.abs().max()) if flat.numel() else 0.0
+        scale = float(flat.abs().nan_to_num(nan=0.0).max()) if flat.numel() else 0.0
         for j, v in claimed.items():
             if j >= flat.numel() or not _close(flat[j].item(), v, tol, scale):
                 return False
-        kth = torch.topk(flat.abs(), len(claimed)).values[-1].item()
-        smallest = min(abs(v) for v in claimed.values())
+        inf = float("inf")  # NaN ranks first, as in torch's top-k; a NaN bound passed all
+        kth = torch.topk(flat.abs().nan_to_num(nan=inf), len(claimed)).values[-1].item()
+        smallest = min(inf if math.isnan(v) else abs(v) for v in claimed.values())
         if kth > smallest * (1 + tol.rtol) + tol.atol + tol.scaled * scale:
             return False
     return True

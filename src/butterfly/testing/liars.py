@@ -182,11 +182,16 @@ class WeakFingerprintStageServer(StageServer):
     """Signs fingerprints of one value per position (k = 1, not the cluster's top-k) and,
     as the last stage, `raise_hidden_runner_up`s its logits: another greedy token, signed
     exactly as sent, that the one value fingerprinted does not show (found by a review,
-    where every such answer came back marked verified)."""
+    where every such answer came back marked verified); elsewhere it halves all but each
+    position's largest activation (a review: its honest next stage was evicted)."""
 
     def tamper(self, out: torch.Tensor) -> torch.Tensor:
-        is_last = self.stage is not None and self.stage.is_last
-        return raise_hidden_runner_up(out) if is_last else out
+        if self.stage is not None and self.stage.is_last:
+            return raise_hidden_runner_up(out)
+        rows = out.reshape(-1, out.shape[-1]).clone()  # elsewhere: all but the largest halved
+        top = rows.abs().argmax(dim=-1, keepdim=True)
+        kept = rows.gather(-1, top)
+        return (rows * 0.5).scatter(-1, top, kept).reshape(out.shape)
 
     def _sign(
         self,
