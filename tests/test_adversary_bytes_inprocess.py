@@ -304,6 +304,23 @@ async def test_a_node_holding_back_first_attempts_after_the_gateways_stage_is_ch
     )
 
 
+async def test_a_silent_node_with_a_high_timeout_limit_is_evicted_before_requests_fail(
+    tiny_model: Path, tmp_path: Path, expected: dict[str, list[int]]
+) -> None:
+    """`byzantine.max_step_timeouts` 9, over a request's 8 recoveries: each step node 1
+    held back used one up, and both requests failed as it was being evicted (a review).
+    A step held back by a node that stays in the plan counts toward its eviction only."""
+    await _serve_through_a_liar(
+        tiny_model,
+        tmp_path,
+        expected,
+        n=4,
+        liars={LAST: SilentStageServer},
+        mode="audit",
+        more={"network.step_timeout_ms": 300, "byzantine.max_step_timeouts": 9},
+    )
+
+
 async def test_a_middle_stage_that_withholds_every_step_is_found_and_evicted(
     tiny_model: Path, tmp_path: Path, expected: dict[str, list[int]]
 ) -> None:

@@ -124,3 +124,31 @@ async def test_the_sender_sends_a_batch_in_runs_that_fit() -> None:
         batched = [m for m in sent if m.route]
         assert len(batched) == batches
         assert sorted(r for m in batched for r in m.request_ids) == [f"r{i}" for i in range(6)]
+
+
+async def test_an_answer_in_by_the_time_the_loop_looks_is_taken_not_judged_late() -> None:
+    """A step's timer fell due while the gateway's loop was busy, with the answer already
+    in its socket: the step was judged timed out and the node that answered was charged
+    (a review). An answer that lands within `LATE_S` of the timeout is the step's."""
+    from butterfly.dataplane.sending import LATE_S
+
+    plan = StagePlan(Epoch(1), ((NodeId(1), LayerRange(0, 2)),), ())
+    flight = InFlight()
+    answer = torch.ones(1, 1, 4)
+
+    async def deliver(node: NodeId, msg: Message, payload: bytes) -> None:
+        key = (msg.request_ids[0], msg.steps[0])  # type: ignore[union-attr]
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.2 + LATE_S / 4, lambda: flight.waiting[key].set_result(answer))
+
+    sender = StepSender(
+        node=NodeId(0), deliver=deliver, plan=lambda: plan, flight=flight, keys=None,
+        timeout=0.2, on_liars=lambda liars, why: None, records=None,
+    )  # fmt: skip
+    loop = asyncio.create_task(sender.serve_batches())
+    try:
+        out = await sender.step(RequestId("r"), 1, 0, torch.zeros(1, 1, dtype=torch.int64))
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+    assert out is answer

@@ -633,7 +633,10 @@ class PipelineEngine:
                         stays = await self._timeouts.timed_out(e.blame, what)
                     else:  # a chain's step: only a one-node chain says who held it back
                         await self._timeouts.chain_timed_out(self._chain(request_id, epoch), what)
-                recoveries += 1
+                # a step a heartbeating node held back counts toward its eviction, not the
+                # request's recoveries: replayed at once, the request ran out of them before
+                # a limit over 8 evicted the node (a review)
+                recoveries += 0 if stays else 1
                 if recoveries > self._max_recoveries:
                     raise
                 if not e.retriable:  # a claim not believed: replay it all on the new route

@@ -8,6 +8,7 @@ answer comes back from the last stage's node through `intake.Intake`, matched by
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -68,6 +69,12 @@ envelope, the request ids, starts and lengths take the rest, with a wide margin)
 RECORD_FIXED_BYTES = 512
 """One signed record without its fingerprint: ids, hashes, Merkle root, signature, and
 msgpack's framing of them (about 300 bytes measured; the rest is margin)."""
+
+
+LATE_S = 0.05
+"""How long a step that timed out still waits for an answer before it is judged: the
+gateway's event loop, busy when the timer fell due, may not have read an answer already in
+its socket, and the node that sent it was charged (a review)."""
 
 
 @dataclass(frozen=True)
@@ -270,8 +277,11 @@ class StepSender:
             # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation (a
             # DELETE /tasks) that lands as the step's answer arrives, and the task runs on
             async with asyncio.timeout(self.timeout):
-                return await fut
+                return await asyncio.shield(fut)
         except TimeoutError as e:
+            with contextlib.suppress(TimeoutError):  # an answer the loop had not read yet
+                async with asyncio.timeout(LATE_S):
+                    return await asyncio.shield(fut)
             if len(nodes) < 2 or self._theirs(key, nodes):
                 raise SendTimeout(
                     f"step {step} of {request_id} got no answer within {self.timeout:.1f} s",
