@@ -73,3 +73,28 @@ def test_the_audit_takes_the_shape_before_a_change_only_for_requests_begun_in_it
     assert engine._accepted_shape(began) == Shape(8, 1)  # begun before: either shape
     assert engine._accepted_shape(time.monotonic()) == Shape(8, 1)  # in the grace
     assert engine._accepted_shape(time.monotonic() + SHAPE_GRACE_S) == Shape(16, 1)
+
+
+async def test_a_plan_change_fails_a_relayed_or_re_run_hop_sent_on_the_plan_before() -> None:
+    """It failed every step waiting on the older plan but a relay's first half and a
+    node-by-node re-run's hop, which waited out their step timeout instead."""
+    import asyncio
+
+    from butterfly.types.errors import StageLost
+    from butterfly.types.ids import RequestId
+
+    engine, _ = chain([], [])
+    flight = engine._flight
+    old: asyncio.Future[tuple[object, tuple[bytes, ...]]] = (
+        asyncio.get_running_loop().create_future()
+    )
+    now: asyncio.Future[tuple[object, tuple[bytes, ...]]] = (
+        asyncio.get_running_loop().create_future()
+    )
+    epoch = engine._epoch()
+    for step, fut, sent_in in ((1, old, epoch - 1), (2, now, epoch)):
+        flight.relaying[(RequestId("r"), step)] = (fut, 1)  # type: ignore[assignment]
+        flight.sent_in[(RequestId("r"), step)] = sent_in
+    engine.plan_changed()
+    assert isinstance(old.exception(), StageLost)
+    assert not now.done()
