@@ -277,12 +277,14 @@ class _WithholdsFirstAttempts(StageServer):
     """Holds back the first attempt of every decode step it is sent, and answers when the
     step comes again."""
 
+    seen: frozenset[tuple[tuple[RequestId, ...], tuple[int, ...]]] = frozenset()
+
     async def compute(
         self, msg: StageStep, epoch: int, payload: bytes, route: tuple[NodeId, ...] = ()
     ) -> tuple[bytes, tuple[bytes, ...]]:
         key = (msg.request_ids, msg.steps)
-        if max(msg.lengths) == 1 and key not in self.__dict__.setdefault("seen", set()):
-            self.__dict__["seen"].add(key)
+        if max(msg.lengths) == 1 and key not in self.seen:
+            self.seen = self.seen | {key}  # this node's own, not the class's
             await asyncio.Event().wait()
         return await super().compute(msg, epoch, payload, route)
 

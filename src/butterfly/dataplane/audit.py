@@ -268,22 +268,21 @@ class Auditor:
                 *(self._replay(request_id, index, layers, x, offset, a) for a in others)
             )
             outs = [out for _, out, _ in replies if out is not None]
-            picks = chosen if index == len(plan.stages) - 1 else None
-            # a record fingerprinted more weakly than the cluster's shape may match and
-            # still hide a lie its next stage then computes on: the audit stops there
-            # (unverified, nobody blamed), or it blamed that honest next stage (a review)
-            weak = [c.proof.sender for c in mine if not self._strong(c, weakest)]
-            stop = f"stage {index} {layers}: node(s) {sorted(set(weak))} signed fingerprints "
-            stop += "weaker than the cluster's; not checked past it"
             last = index == len(plan.stages) - 1
+            picks = chosen if last else None
+            # a record fingerprinted more weakly than the cluster's shape may match and
+            # still hide a lie: the audit stops there (unverified, nobody blamed), or it
+            # blamed the honest next stage that computed on it (a review); one of the last
+            # stage leaves the request unverified unless a liar was found
+            weak = sorted({c.proof.sender for c in mine if not self._strong(c, weakest)})
             if len(outs) == len(replies) and all(
                 self._all_match(mine, out, offset)
                 and not (picks and picks.wrong(out, offset, self._tol))
                 for out in outs
             ):
                 checked += len(mine)
-                if weak and not last:
-                    return Verdict(False, tuple(liars), "; ".join([*reasons, stop]), checked)
+                if weak and not (last and liars):
+                    return self._weak(weak, index, layers, liars, reasons, checked)
                 x = outs[0]  # f other holders agree with the chain: one of them is honest
                 continue
             # a dispute (or an auditor that could not run): the gateway re-executes and
@@ -316,14 +315,29 @@ class Auditor:
                 evidence = tuple(c.proof.signature for c in chain_lied)
                 return Verdict(False, (*liars, *signers), "; ".join(reasons), checked, evidence)
             checked += len(mine)
-            if weak and not last:
-                return Verdict(False, tuple(liars), "; ".join([*reasons, stop]), checked)
+            if weak and not (last and liars):
+                return self._weak(weak, index, layers, liars, reasons, checked)
             x = reference  # the chain was right; go on from what is known to be right
         return Verdict(True, tuple(liars), "; ".join(reasons), checked)
 
     @staticmethod
     def _strong(claim: Claim, weakest: Shape | None) -> bool:
         return weakest is None or weakest.admits(claim.proof.fingerprint)
+
+    @staticmethod
+    def _weak(
+        signers: list[NodeId],
+        index: int,
+        layers: LayerRange,
+        liars: list[NodeId],
+        reasons: list[str],
+        checked: int,
+    ) -> Verdict:
+        """Unverified: stage `index`'s records are fingerprinted more weakly than the
+        cluster's shape; the liars found so far stand."""
+        stop = f"stage {index} {layers}: node(s) {signers} signed fingerprints weaker than "
+        stop += "the cluster's; not checked past it"
+        return Verdict(False, tuple(liars), "; ".join([*reasons, stop]), checked)
 
     async def _replay(
         self,
@@ -391,9 +405,9 @@ async def audit_request(
     """The gateway's audit of one finished request from the `records` its chain signed
     (`positions`: the steps whose output was used, `every_row`: those whose last stage
     answered every position); liars found go to `on_liars`. A record fingerprinted more
-    weakly than `weakest` leaves the request unverified, however its check comes out:
-    one value per position does not show another raised below it (a review). It blames
-    nobody: a node that had not yet taken an agreed change of the shape signs so too."""
+    weakly than `weakest` leaves the request unverified (`Auditor.audit`): one value per
+    position does not show another raised below it (a review). It blames nobody: a node
+    that had not yet taken an agreed change of the shape signs so too."""
     request_id = task.task_id
     if plan is None:
         return Verdict(False, reason="no plan to audit against")
@@ -410,20 +424,6 @@ async def audit_request(
         verdict = await auditor.audit(plan, request_id, sequence, claims, chosen, weakest)
     except ButterflyError as e:
         return Verdict(False, reason=f"audit could not run: {e}")
-    weak = sorted(
-        {
-            c.proof.sender
-            for stage in claims.values()
-            for c in stage
-            if weakest is not None and not weakest.admits(c.proof.fingerprint)
-        }
-    )
-    if weak and weakest is not None and verdict.verified and not verdict.liars:
-        reason = (
-            f"node(s) {weak} signed fingerprints weaker than the cluster's "
-            f"{weakest.top_k} values per {weakest.chunk} positions"
-        )
-        verdict = Verdict(False, reason=reason, checked=verdict.checked)
     if verdict.liars:
         await on_liars(verdict.liars, verdict.reason)
     outcome: Literal["verified", "unverified", "liar_found"] = (

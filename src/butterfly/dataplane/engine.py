@@ -368,11 +368,8 @@ class PipelineEngine:
         sent on the new plan go on."""
         epoch = self._epoch()
         # a relayed step's first half, or one hop of a step re-run node by node, too
-        halves = {key: fut for key, (fut, _) in self._flight.relaying.items()}
-        pending: list[tuple[Key, asyncio.Future[Any]]] = [
-            *self._flight.waiting.items(),
-            *halves.items(),
-        ]
+        halves = ((key, fut) for key, (fut, _) in self._flight.relaying.items())
+        pending: list[tuple[Key, asyncio.Future[Any]]] = [*self._flight.waiting.items(), *halves]
         for key, fut in pending:
             if not fut.done() and self._flight.sent_in.get(key, epoch) < epoch:
                 fut.set_exception(StageLost("the stage plan changed while the step ran"))

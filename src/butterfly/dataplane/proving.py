@@ -86,7 +86,7 @@ class Shape:
         return fp.k >= self.top_k and fp.chunk <= self.chunk
 
     def after(self, new: Shape) -> Shape:
-        """What a receiver accepts once `new` is agreed, this one before it."""
+        """What the audit takes while nodes move to `new`, this one agreed before it."""
         return Shape(min(self.top_k, new.top_k), max(self.chunk, new.chunk))
 
 
@@ -124,7 +124,7 @@ def check_records(
     With `described`, the last one's fingerprint must describe `received` exactly
     (`proof.describes`): an audit checks the fingerprints, not the hashes, so a liar that
     signed an honest computation's fingerprint beside its lying bytes passed it. Its
-    shape is the audit's to judge (`audit.audit_request`): a receiver may not have taken
+    shape is the audit's to judge (`audit.Auditor.audit`): a receiver may not have taken
     an agreed change of it yet, and must not refuse, or blame, an honest sender for that.
     """
     found: dict[int, Proof] = {}

@@ -346,7 +346,6 @@ class StepSender:
         plan = self._plan()
         if plan is None:
             raise StageLost("the stage plan is gone")
-        self._forget_records(request_id, step)
         sent = digest(x)
         try:
             out, proofs = await self._half(request_id, step, start, (x, ()), nodes, 0, split, sent)
@@ -381,7 +380,6 @@ class StepSender:
         other node's (reviews, twenty-first session)."""
         if self._plan() is None:
             raise StageLost("the stage plan is gone")
-        self._forget_records(request_id, step)
         sent = digest(x)
         got: tuple[torch.Tensor, tuple[bytes, ...]] = (x, ())
         for i in range(len(nodes) - 1):
@@ -391,15 +389,6 @@ class StepSender:
                 raise e.failure(step, nodes[i : i + 1]) from None
         last = len(nodes) - 1
         return await self._tail(request_id, step, start, got, nodes, last, sent, last_only)
-
-    def _forget_records(self, request_id: RequestId, step: int) -> None:
-        """The records an attempt of this step gathered before it is run again: a
-        batched run and a one-row re-run sign other bytes, and the audit, keeping the
-        first record of each stage, mixed the two and left a rescued request unverified
-        (a review)."""
-        records = self._flight.records.get(request_id)
-        if records:
-            records[:] = [p for p in records if p.step != step]
 
     async def _half(
         self,

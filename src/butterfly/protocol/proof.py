@@ -192,7 +192,8 @@ def matches_tensor(fp: Fingerprint, t: torch.Tensor, tol: Tolerance = Tolerance(
 def describes(fp: Fingerprint, t: torch.Tensor) -> bool:
     """Is `fp` a fingerprint of exactly `t`, the bytes its signer sent? Per chunk, its k
     indices are distinct (in increasing order, as `fingerprint` writes them), every
-    claimed value is the tensor's, bit for bit, and no unclaimed one is larger in
+    claimed value equals the tensor's exactly (as floats: 0.0 and -0.0 alike; NaN is
+    NaN), and no unclaimed one is larger in
     magnitude than the smallest claimed (ties either way: which of equal values a top-k
     names is the implementation's; a NaN ranks above everything, as in torch's top-k). A
     receiver checks this, having the bytes: an audit compares only the fingerprint, so one

@@ -4,8 +4,9 @@ They are whole parts, swapped in by composition (`build_node(..., stage_server_t
 never switches inside the production types. Each signs exactly what it sends (a liar
 holding its own key signs whatever it likes, and the checks must hold either way), except
 the ones whose lie is precisely the gap between the two: `SignHonestSendCorrupt` signs
-its honest output and sends another, `OmitRecords` leaves its records out of the steps
-it lies on.
+its honest output and sends another, `HonestFingerprint` signs the hash of what it sends
+beside a fingerprint of its honest output, `OmitRecords` leaves its records out of the
+steps it lies on.
 """
 
 from __future__ import annotations
