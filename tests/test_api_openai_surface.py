@@ -358,7 +358,6 @@ async def test_echo_with_max_tokens_0_scores_the_prompt_only(
 
 async def test_fields_sdks_send_are_accepted_and_ignored(tiny_model: Path, tmp_path: Path) -> None:
     sent: dict[str, Any] = {
-        "logit_bias": {"65": 1.0},
         "user": "u-1",
         "tools": [{"type": "function", "function": {"name": "f"}}],
         "tool_choice": "auto",

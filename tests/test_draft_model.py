@@ -78,6 +78,14 @@ def test_a_draft_is_the_small_models_greedy_continuation_whatever_its_cache_held
             assert got.q is None  # greedy: each draft token a point mass
         assert drafter.propose_now("r", text[:10], 0).tokens == ()
         assert drafter.propose_now("r", [], 4).tokens == ()
+        # a request's logit bias drafts what its greedy choice will be: the draft's
+        # first token banned, the draft is the biased continuation
+        history = text[:30]
+        plain = greedy_continuation(tiny_model, history, 5)
+        biased = SamplingParams(logit_bias=((plain[0], -100.0),))
+        got = drafter.propose_now("b", history, 5, biased).tokens
+        assert got == tuple(reference([load_stage(tiny_model)], history, 5, biased))
+        assert got[0] != plain[0]
     finally:
         torch_thread.close(wait=True)
 

@@ -247,15 +247,18 @@ def test_penalties_logprobs_and_their_results_survive_the_store() -> None:
     sampling = SamplingParams(
         0.7, 5, 0.9, 3, presence_penalty=0.5, frequency_penalty=-1.0, logprobs=2
     )
-    sampling = replace(sampling, prompt_logprobs=1)
+    sampling = replace(sampling, prompt_logprobs=1, logit_bias=((3, -100.0), (70, 2.5)))
     task = InferenceTask(RequestId("t"), input_ids=(1, 2), stop=("END", "\n\n"), sampling=sampling)
     assert task_from_json("t", task_to_json(task)) == task
     new = task_to_json(InferenceTask(RequestId("t"), input_ids=(1,)))
-    old = new.replace(", 0.0, 0.0, null, null]", "]").replace('"stop": [], ', "")
+    assert ", null, null, []]" in new
+    old = new.replace(", 0.0, 0.0, null, null, []]", "]").replace('"stop": [], ', "")
     assert '"sampling": [0.0, 0, 1.0, null]' in old and "stop" not in old  # before them
     assert task_from_json("t", old) == InferenceTask(RequestId("t"), input_ids=(1,))
-    seven = new.replace(", null, null]", ", null]")  # penalties and logprobs, no prompt's
+    seven = new.replace(", null, null, []]", ", null]")  # penalties and logprobs, no prompt's
     assert task_from_json("t", seven).sampling == SamplingParams()
+    eight = new.replace(", []]", "]")  # no logit bias
+    assert task_from_json("t", eight).sampling == SamplingParams()
     scored = (Sampled(4, -0.5, ((4, -0.5), (9, -1.5))), Sampled(7, -2.0, ((3, -1.0), (7, -2.0))))
     result = InferenceResult(
         RequestId("t"), output_ids=(4, 7), logprobs=scored, prompt_logprobs=scored[:1]

@@ -133,6 +133,13 @@ class Gateway:
                     f"input_ids must lie in [0, {vocab}); got {bad[0]}"
                     + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
                 )
+            biased = [t for t, _ in sampling.logit_bias if t >= vocab]
+            if biased:  # else the engine would fail mid-request, at its first choice
+                raise InvalidField(
+                    f"logit_bias names token {biased[0]}, outside the vocabulary of {vocab} "
+                    "tokens" + (f" (and {len(biased) - 1} more)" if len(biased) > 1 else ""),
+                    "logit_bias",
+                )
         if max_new_tokens is None:  # the default, shrunk to what the context leaves room for
             max_new_tokens = min(self.settings.default_max_new_tokens, context - len(ids) + 1)
         if not fewest <= max_new_tokens <= limit:

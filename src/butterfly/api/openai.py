@@ -81,6 +81,7 @@ def _sampling(
         frequency_penalty=body.frequency_penalty,
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
+        logit_bias=body.biases(),
     )
 
 

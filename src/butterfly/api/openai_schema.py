@@ -6,8 +6,8 @@ routes accept and answer; `tests/test_api_schema.py` fuzzes the routes against i
 
 Fields are in three groups. Acted on: the sampling and shaping fields below. Accepted and
 ignored (`IGNORED`): fields SDKs such as LangChain and the official client send by
-default, or that need features Butterfly does not have (tools, structured output, logit
-bias); refusing them broke those clients, and each is listed in the README. Anything else
+default, or that need features Butterfly does not have (tools, structured output);
+refusing them broke those clients, and each is listed in the README. Anything else
 is refused with a 400 naming the field, so a misspelt `max_tokens` cannot silently fall
 back to a default.
 """
@@ -25,6 +25,7 @@ MAX_PROMPTS = 32  # prompts in one completions request (LangChain batches 20 by 
 MAX_TASKS = 64  # prompts x n: the tasks one request may queue
 MAX_LOGPROBS = 20  # OpenAI's bound on `logprobs` / `top_logprobs`
 MAX_STOPS = 16  # stop strings per request (OpenAI allows 4; vLLM more)
+MAX_LOGIT_BIAS = 300  # tokens one request may bias (OpenAI's bound)
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
@@ -33,10 +34,14 @@ Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 # generator takes 0..2^63-1, so a negative seed is folded into it (`openai._sampling`)
 Seed = Annotated[int, Field(ge=-SEED_MAX - 1, le=SEED_MAX)]
 StopString = Annotated[str, Field(min_length=1, max_length=256)]
+# OpenAI's logit_bias: token ids (as JSON keys, so strings; no sign or leading zero, so two
+# keys never name one token) to a value added to that token's logit before each choice
+BiasedToken = Annotated[str, Field(pattern=r"^(0|[1-9][0-9]{0,9})$")]
+Bias = Annotated[float, Field(ge=-100.0, le=100.0)]
+LogitBias = Annotated[dict[BiasedToken, Bias], Field(max_length=MAX_LOGIT_BIAS)]
 Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)]
 
 IGNORED = (
-    "logit_bias",
     "best_of",
     "suffix",
     "service_tier",
@@ -99,9 +104,9 @@ class SamplingFields(StrictBody):
     stop: Stop | None = None  # the text ends before the first stop string it contains
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
+    logit_bias: LogitBias | None = None  # token ids in the tokenizer's vocabulary
     user: str | None = None  # accepted; logged nowhere, used for nothing
     # accepted and ignored (IGNORED):
-    logit_bias: dict[str, float] | None = None
     service_tier: str | None = None
     store: bool | None = None
     metadata: dict[str, str] | None = None
@@ -110,6 +115,10 @@ class SamplingFields(StrictBody):
         if self.stop is None:
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def biases(self) -> tuple[tuple[int, float], ...]:
+        """`logit_bias` as `SamplingParams.logit_bias` holds it: ids increasing."""
+        return tuple(sorted((int(k), v) for k, v in (self.logit_bias or {}).items()))
 
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage

@@ -28,7 +28,7 @@ from butterfly.protocol.proof import Tolerance, matches_tensor, tensors_close
 from butterfly.protocol.sign import verify_message
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.precision import FP32, Precision
-from butterfly.runtime.sampling import distribution, is_greedy, penalize
+from butterfly.runtime.sampling import adjust, distribution, is_greedy
 from butterfly.runtime.stage import Stage, prefill_outputs
 from butterfly.runtime.torch_thread import TorchThread
 from butterfly.runtime.wire import decode_tensor, encode_tensor
@@ -99,7 +99,7 @@ class Chosen:
                 continue
             margin = tol.atol + (tol.rtol + tol.scaled) * float(row.abs().nan_to_num(0.0).max())
             if is_greedy(self.params):
-                logits = penalize(row, self.params, history)
+                logits = adjust(row, self.params, history)
                 if float(logits[token]) < float(logits.max()) - 2 * margin:
                     wrong.append(p)
                 continue

@@ -43,7 +43,7 @@ import torch
 from butterfly.runtime.kvcache import KVCache
 from butterfly.runtime.loader import load_stage, model_args
 from butterfly.runtime.precision import FP32, Precision
-from butterfly.runtime.sampling import distribution, is_greedy
+from butterfly.runtime.sampling import distribution, greedy_token, is_greedy
 from butterfly.runtime.stage import Stage
 from butterfly.runtime.torch_thread import TorchThread
 from butterfly.types.errors import ButterflyError, ConfigError
@@ -142,10 +142,11 @@ class ModelDrafter:
         generated: int = 0,
         seed: int = 0,
     ) -> Draft:
-        """Up to `k` tokens the small model writes after `tokens`: its greedy choices, or
-        for a sampled request (`sampling` not greedy) draws from its distributions at
-        those settings, seeded with `seed`, the last `generated` tokens of the history
-        counting for the penalties. An empty draft for k <= 0, an empty history, no room
+        """Up to `k` tokens the small model writes after `tokens`: its greedy choices (its
+        logits adjusted as the request's are: logit bias, penalties), or for a sampled
+        request (`sampling` not greedy) draws from its distributions at those settings,
+        seeded with `seed`, the last `generated` tokens of the history counting for the
+        penalties. An empty draft for k <= 0, an empty history, no room
         left in the small model's context, a greedy request's text the small model has not
         been guessing (`MIN_HITS`), or a small model that fails (logged: a checkpoint that
         will not load stops drafting until restart)."""
@@ -243,6 +244,8 @@ class ModelDrafter:
                     q = distribution(row, sampling, [*before, *drafted])
                     token = int(torch.multinomial(q, 1, generator=draws).item())
                     rows.append(q)
+                elif sampling is not None:  # what the target's greedy choice will weigh
+                    token = greedy_token(row, sampling, [*before, *drafted])
                 else:
                     token = int(row.argmax())
                 drafted.append(token)

@@ -2,9 +2,10 @@
 
 The generator is explicit so a request's randomness is a value that can be checkpointed
 (`generator.get_state()`) and restored on another node, giving the same tokens. Penalties
-are a function of the tokens generated so far, which the checkpoint also holds, so a
-resumed generation penalizes exactly as the uninterrupted one did; logprobs are read off
-the logits without touching the generator, so asking for them changes no token.
+are a function of the tokens generated so far, which the checkpoint also holds (the logit
+bias is one of the task's settings), so a resumed generation adjusts the logits exactly as
+the uninterrupted one did; logprobs are read off the logits without touching the
+generator, so asking for them changes no token.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from butterfly.types.errors import InvalidInput
 from butterfly.types.tasks import Sampled, SamplingParams
 
 
@@ -31,8 +33,20 @@ infinity (1e-300 did, and the draw failed on NaN probabilities), and at 1e-4 a l
 of 0.01 is already a factor e^100, so the draw is an argmax anyway."""
 
 
-def penalize(logits: torch.Tensor, params: SamplingParams, history: Sequence[int]) -> torch.Tensor:
-    """OpenAI's presence and frequency penalties over the tokens generated so far."""
+def adjust(logits: torch.Tensor, params: SamplingParams, history: Sequence[int]) -> torch.Tensor:
+    """The logits a choice is made from: OpenAI's logit bias added, then its presence
+    and frequency penalties over the tokens generated so far subtracted. Every choice
+    goes through here (`sample`, `greedy_token`, `distribution`), and so does the audit's
+    check of the tokens chosen (dataplane.audit.Chosen): an honest gateway's biased
+    token is what the audit expects."""
+    if params.logit_bias:
+        width = logits.shape[-1]
+        ids = [token for token, _ in params.logit_bias]
+        if ids[-1] >= width:
+            raise InvalidInput(f"logit_bias names token {ids[-1]}; the model has {width} tokens")
+        bias = torch.zeros(width, dtype=logits.dtype)
+        bias[ids] = torch.tensor([value for _, value in params.logit_bias], dtype=logits.dtype)
+        logits = logits + bias
     if not history or not params.penalized:
         return logits
     counts = torch.bincount(torch.tensor(history, dtype=torch.int64), minlength=logits.shape[-1])
@@ -112,7 +126,7 @@ def distribution(
     """The probabilities [V] a sampled (non-greedy) request draws its next token from,
     after penalties, temperature, top-k and top-p: what `sample` draws from, and what
     speculative decoding's acceptance rule weighs a draft token by (dataplane.speculate)."""
-    logits = penalize(logits.float(), params, history) / params.temperature
+    logits = adjust(logits.float(), params, history) / params.temperature
     if 0 < params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -126,7 +140,7 @@ def distribution(
 
 
 def greedy_token(logits: torch.Tensor, params: SamplingParams, history: Sequence[int] = ()) -> int:
-    return int(torch.argmax(penalize(logits.float(), params, history)).item())
+    return int(torch.argmax(adjust(logits.float(), params, history)).item())
 
 
 def sample(

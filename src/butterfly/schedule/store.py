@@ -108,6 +108,7 @@ def task_to_json(task: InferenceTask) -> str:
             "sampling": [
                 *(s.temperature, s.top_k, s.top_p, s.seed),
                 *(s.presence_penalty, s.frequency_penalty, s.logprobs, s.prompt_logprobs),
+                [list(pair) for pair in s.logit_bias],
             ],
             "priority": task.priority,
             "created_at": task.created_at,
@@ -117,14 +118,15 @@ def task_to_json(task: InferenceTask) -> str:
 
 def task_from_json(task_id: str, text: str) -> InferenceTask:
     d = json.loads(text)
-    # the penalties and logprobs came later, prompt logprobs and stops after them: a file
-    # written before has four sampling fields, or seven, and no stops
+    # the penalties and logprobs came later, prompt logprobs and stops after them, the
+    # logit bias last: a file written before has four sampling fields, or seven, or eight
     fields: list[Any] = d["sampling"]
     temperature, top_k, top_p, seed, *rest = fields
-    later: tuple[Any, ...] = (0.0, 0.0, None, None)  # the defaults of the later fields
-    presence, frequency, logprobs, prompt_logprobs = (*rest, *later[len(rest) :])
+    later: tuple[Any, ...] = (0.0, 0.0, None, None, [])  # the defaults of the later fields
+    presence, frequency, logprobs, prompt_logprobs, bias = (*rest, *later[len(rest) :])
     sampling = SamplingParams(
-        temperature, top_k, top_p, seed, presence, frequency, logprobs, prompt_logprobs
+        *(temperature, top_k, top_p, seed, presence, frequency, logprobs, prompt_logprobs),
+        logit_bias=tuple((int(token), float(value)) for token, value in bias),
     )
     return InferenceTask(
         task_id=RequestId(task_id),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -29,6 +30,9 @@ class SamplingParams:
     # None = none; k = each prompt token's (from the second) and the k likeliest there: the
     # prefill's last stage then answers every position's logits, not the last one's only
     prompt_logprobs: int | None = None
+    # OpenAI's logit bias: (token id, value) pairs, ids increasing, each value added to its
+    # token's logit before every choice (greedy included); -100 all but bans a token
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         """Every way in (the HTTP APIs, the CLI, a checkpoint) gets the same checks, and
@@ -50,6 +54,12 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise InvalidInput(f"{name} must be >= 0, got {value}")
+        ids = [token for token, _ in self.logit_bias]
+        if any(b <= a for a, b in itertools.pairwise(ids)) or (ids and ids[0] < 0):
+            raise InvalidInput(f"logit_bias must name distinct token ids >= 0 in order, got {ids}")
+        for token, value in self.logit_bias:
+            if not -math.inf < value < math.inf:
+                raise InvalidInput(f"logit_bias of token {token} must be finite, got {value}")
 
     @property
     def greedy(self) -> bool:
