@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -110,3 +111,116 @@ def test_a_greedy_requests_tokens_are_held_to_the_re_executed_logits() -> None:
     one = SamplingParams(temperature=1.0, top_k=1, seed=1)
     assert Chosen(one, 1, (1, 1)).wrong(peaked, 0, tol) == [1]
     assert Chosen(one, 1, (1, 2)).wrong(peaked, 0, tol) == []
+
+
+def test_a_request_that_ran_under_two_plans_is_audited_under_each(tiny_model: Path) -> None:
+    """Steps 1-2 under epoch 1 (chain 0 -> 1), step 3 under epoch 2 (node 1 failed; chain
+    0 -> 3, node 4 a new holder of the second range). Each plan's records are held to a
+    re-run by that plan's other holder still in the plan now: the request came back
+    unverified when only the last plan's records were read. A lie in the first plan's
+    steps is found and its signer blamed; a plan whose records are missing, or whose
+    range no member still holds, leaves the request unverified and blames nobody."""
+    from butterfly.dataplane.audit import audit_request
+    from butterfly.runtime.generate import generate
+    from butterfly.types.ids import RequestId
+    from butterfly.types.tasks import InferenceResult, InferenceTask
+
+    stages = {r: load_stage(tiny_model, r) for r in (FIRST, SECOND)}
+    prompt = [5, 9, 2, 7]
+    output = list(generate([load_stage(tiny_model)], prompt, 3))
+    ids = torch.tensor([prompt + output[:-1]])
+    with torch.inference_mode():
+        hidden = prefill_outputs(stages[FIRST], ids, stages[FIRST].new_cache())
+        logits = prefill_outputs(stages[SECOND], hidden, stages[SECOND].new_cache())
+    keys = {**KEYS, NodeId(4): SigningKey.generate()}
+    one = PLAN
+    two = StagePlan(
+        2, ((NodeId(0), FIRST), (NodeId(3), SECOND)), ((NodeId(2), FIRST), (NodeId(4), SECOND))
+    )
+    positions = {1: (0, 4), 2: (4, 1), 3: (5, 1)}
+    ran_under = {1: one, 2: one, 3: two}
+
+    def records(lie_at: int | None = None) -> list[Proof]:
+        out = []
+        for step, (start, length) in positions.items():
+            plan = ran_under[step]
+            end = start + length
+            last = logits[:, end - 1 : end].clone()
+            if step == lie_at:
+                last[0, 0, output[end - 4]] += 5.0  # another token's logit raised
+            for index, (x, y) in enumerate(
+                ((ids[:, start:end], hidden[:, start:end]), (hidden[:, start:end], last))
+            ):
+                node, layers = plan.stages[index]
+                record = Prover(node, keys[node]).prove(
+                    epoch=plan.epoch,
+                    request_id="r",
+                    step=step,
+                    stage=index,
+                    layers=layers,
+                    x_in=x,
+                    out=y,
+                    layer_outputs=[y] * len(layers),
+                )
+                proof = decode(record)
+                assert isinstance(proof, Proof)
+                out.append(proof)
+        return out
+
+    asked: list[int] = []
+
+    async def ask(node: NodeId, req: AuditRequest, payload: bytes) -> tuple[AuditReply, bytes]:
+        asked.append(int(node))
+        layers = LayerRange(req.layer_start, req.layer_end)
+        x = decode_tensor(payload, 1 << 30)
+        with torch.inference_mode():
+            out = prefill_outputs(
+                stages[layers], x, stages[layers].new_cache(), outputs_from=req.outputs_from
+            )
+        return AuditReply("r", int(node), ""), encode_tensor(out)
+
+    auditor = Auditor(
+        ask=ask,
+        keys={n: k.public for n, k in keys.items()},
+        referee=Referee(tiny_model, TorchThread()),
+        tolerance=Tolerance(),
+        max_tensor_bytes=1 << 30,
+        gateway=NodeId(0),
+        own_outputs=lambda rid, layers, length: hidden if layers == FIRST else None,
+    )
+    task = InferenceTask(RequestId("r"), input_ids=tuple(prompt), max_new_tokens=3)
+    result = InferenceResult(RequestId("r"), output_ids=tuple(output))
+    blamed: list[tuple[NodeId, ...]] = []
+
+    async def on_liars(liars: tuple[NodeId, ...], reason: str) -> None:
+        blamed.append(liars)
+
+    def audit(proofs: list[Proof], members: set[int], plans: dict[int, StagePlan]) -> Any:
+        return asyncio.run(
+            audit_request(
+                auditor,
+                plans,
+                proofs,
+                task,
+                result,
+                dict(positions),
+                emit=lambda event: None,
+                on_liars=on_liars,
+                members={NodeId(n) for n in members},
+            )
+        )
+
+    now = {0, 2, 3, 4}  # node 1 failed
+    verdict = audit(records(), now, ran_under)
+    assert verdict.verified and verdict.checked == 6 and not blamed
+    assert asked == [3, 4]  # epoch 1's second range by node 3, epoch 2's by node 4
+    verdict = audit(records(lie_at=2), now, ran_under)
+    assert not verdict.verified and verdict.liars == (NodeId(1),) and blamed == [(NodeId(1),)]
+    assert "epoch 1" in verdict.reason
+    blamed.clear()
+    verdict = audit([p for p in records() if p.epoch == 1], now, ran_under)
+    assert not verdict.verified and "epoch 2" in verdict.reason and not blamed
+    verdict = audit(records(), {0, 2, 4}, ran_under)  # nobody left to re-run epoch 1's
+    assert not verdict.verified and "no replica" in verdict.reason and not blamed
+    verdict = audit(records(), now, {1: one, 2: one})  # a step of no known plan
+    assert not verdict.verified and "step 3" in verdict.reason and not blamed

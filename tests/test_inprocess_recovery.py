@@ -88,6 +88,37 @@ async def test_a_killed_chain_node_hands_its_stage_to_the_standby(
         assert health.healthy and not health.services["members"] and health.services["network"]
 
 
+async def test_a_request_that_went_on_under_a_new_plan_is_audited_under_both(
+    tiny_model: Path, tmp_path: Path, expected: list[int]
+) -> None:
+    """n = 5, f = 1: chain 0 -> 1, standbys 2 and 3, node 4 spare. Node 1 dies at the
+    fifth token; the request goes on under the next plan (chain 0 -> 3, node 4 the new
+    second holder of the range) from where node 3's caches stood. Its earlier steps are
+    audited under the first plan (by node 3), the later ones under the second (by node
+    4): verified, where it came back `none` when only the last plan's records were read."""
+    async with InProcessCluster(tiny_model, 5, tmp_path, f=1, settings=SETTINGS) as c:
+        gw = c.gateway
+        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        first = gw.stage_server.plan
+        assert first is not None and first.nodes == (0, 1)
+        tokens: list[int] = []
+
+        def on_token(token: int) -> None:
+            tokens.append(token)
+            if len(tokens) == 5:
+                c.kill(1)
+
+        run = asyncio.create_task(gw.engine.run(task(tiny_model, 1), on_token))
+        await c.until(run.done, "the request to finish")
+        result = run.result()
+        assert list(result.output_ids) == expected
+        assert result.timings["recoveries"] >= 1 and result.timings["resumed_at"] > 0
+        plan = gw.stage_server.plan
+        assert plan is not None and plan.epoch > first.epoch and 1 not in plan.nodes
+        assert result.verified == "audit"
+        assert not any(node.plans.evicted for node in c.nodes)
+
+
 async def test_a_proven_liar_is_evicted_by_agreement_and_leaves_the_plan(
     tiny_model: Path, tmp_path: Path, expected: list[int]
 ) -> None:

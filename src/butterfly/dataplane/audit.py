@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -240,10 +240,13 @@ class Auditor:
         claims: Mapping[int, list[Claim]],
         chosen: Chosen | None = None,
         weakest: Shape | None = None,
+        members: Collection[NodeId] | None = None,
     ) -> Verdict:
         """Check every stage's claims; the sequence is every token whose output was used.
         `chosen`: the tokens picked from the last stage's output, held to its
-        re-execution too."""
+        re-execution too. `members`: the nodes that may be asked to re-run a stage (None:
+        any holder); a plan before the current one may name a node that has since
+        failed, whose silence would cost the audit a timeout."""
         x = torch.tensor([list(sequence)], dtype=torch.int64)
         checked, liars, reasons = 0, list[NodeId](), list[str]()
         for index, (node, layers) in enumerate(plan.stages):
@@ -261,7 +264,11 @@ class Auditor:
             # chain's node (`claims.Claims`) was computed by a standby, which must not
             # audit its own work (the chain's node audits it then)
             signed = {c.proof.sender for c in mine}
-            others = [n for n in plan.holders(layers) if n not in signed]
+            others = [
+                n
+                for n in plan.holders(layers)
+                if n not in signed and (members is None or n in members)
+            ]
             if not others:
                 return Verdict(False, reason=f"no replica of {layers} to audit node {node}")
             replies = await asyncio.gather(
@@ -391,7 +398,7 @@ class Auditor:
 
 async def audit_request(
     auditor: Auditor,
-    plan: StagePlan | None,
+    plans: Mapping[int, StagePlan],
     records: Sequence[Proof],
     task: InferenceTask,
     result: InferenceResult,
@@ -401,33 +408,70 @@ async def audit_request(
     emit: Emit,
     on_liars: Callable[[tuple[NodeId, ...], str], Awaitable[None]],
     weakest: Shape | None = None,
+    members: Collection[NodeId] | None = None,
 ) -> Verdict:
-    """The gateway's audit of one finished request from the `records` its chain signed
-    (`positions`: the steps whose output was used, `every_row`: those whose last stage
-    answered every position); liars found go to `on_liars`. A record fingerprinted more
-    weakly than `weakest` leaves the request unverified (`Auditor.audit`): one value per
-    position does not show another raised below it (a review). It blames nobody: a node
-    that had not yet taken an agreed change of the shape signs so too."""
+    """The gateway's audit of one finished request from the `records` its chains signed
+    (`positions`: the steps whose output was used, `plans`: the plan each step ran
+    under, `every_row`: those whose last stage answered every position); liars found go
+    to `on_liars`. A request whose steps ran under several plans (a node failed, the
+    plan moved, and it went on from where its caches stood) is audited under each in
+    turn: each plan's steps against that plan's stages, re-run by their other holders
+    still among the `members` of the plan now (the one that failed is not asked). It
+    came back unverified when only the last plan's records were read. A record
+    fingerprinted more weakly than `weakest` leaves the request unverified
+    (`Auditor.audit`): one value per position does not show another raised below it (a
+    review). It blames nobody: a node that had not yet taken an agreed change of the
+    shape signs so too."""
     request_id = task.task_id
-    if plan is None:
-        return Verdict(False, reason="no plan to audit against")
-    claims = auditor.claims_of(
-        records, request_id=request_id, plan=plan, positions=positions, every_row=every_row
-    )
-    gap = auditor.gaps(claims, positions, len(plan.stages))
-    if gap:
-        emit(Verification(check="audit", outcome="unverified"))
-        return Verdict(False, reason=gap)
+    by_epoch: dict[int, tuple[StagePlan, dict[int, tuple[int, int]]]] = {}
+    for step, where in sorted(positions.items()):
+        plan = plans.get(step)
+        if plan is None:
+            return Verdict(False, reason=f"step {step} ran under no plan the gateway kept")
+        by_epoch.setdefault(plan.epoch, (plan, {}))[1][step] = where
     sequence = list(task.input_ids) + list(result.output_ids[:-1])
     chosen = Chosen(task.sampling, len(task.input_ids), tuple(result.output_ids))
-    try:
-        verdict = await auditor.audit(plan, request_id, sequence, claims, chosen, weakest)
-    except ButterflyError as e:
-        return Verdict(False, reason=f"audit could not run: {e}")
-    if verdict.liars:
-        await on_liars(verdict.liars, verdict.reason)
+    verdicts: list[Verdict] = []
+    for epoch in sorted(by_epoch):
+        plan, steps = by_epoch[epoch]
+        claims = auditor.claims_of(
+            records, request_id=request_id, plan=plan, positions=steps, every_row=every_row
+        )
+        gap = auditor.gaps(claims, steps, len(plan.stages))
+        if gap:
+            verdicts.append(Verdict(False, reason=_of_epoch(gap, epoch, by_epoch)))
+            break
+        try:
+            verdict = await auditor.audit(
+                plan, request_id, sequence, claims, chosen, weakest, members
+            )
+        except ButterflyError as e:
+            verdicts.append(Verdict(False, reason=f"audit could not run: {e}"))
+            break
+        verdicts.append(replace(verdict, reason=_of_epoch(verdict.reason, epoch, by_epoch)))
+        if verdict.liars:
+            await on_liars(verdict.liars, verdict.reason)
+        if not verdict.verified:
+            break
+    verdict = _together(verdicts)
     outcome: Literal["verified", "unverified", "liar_found"] = (
         "liar_found" if verdict.liars else "verified" if verdict.verified else "unverified"
     )
     emit(Verification(check="audit", outcome=outcome))
     return verdict
+
+
+def _of_epoch(reason: str, epoch: int, plans: Collection[int]) -> str:
+    """`reason`, naming its plan when the request ran under several."""
+    return f"plan of epoch {epoch}: {reason}" if reason and len(plans) > 1 else reason
+
+
+def _together(verdicts: Sequence[Verdict]) -> Verdict:
+    """One verdict of the audits of a request's plans: verified if each was."""
+    return Verdict(
+        bool(verdicts) and all(v.verified for v in verdicts),
+        tuple(dict.fromkeys(n for v in verdicts for n in v.liars)),
+        "; ".join(v.reason for v in verdicts if v.reason),
+        sum(v.checked for v in verdicts),
+        tuple(e for v in verdicts for e in v.evidence),
+    )

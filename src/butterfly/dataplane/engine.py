@@ -296,6 +296,13 @@ class PipelineEngine:
         plan = self._plan()
         return plan.epoch if plan else 0
 
+    def _members(self) -> frozenset[NodeId]:
+        """The nodes the current plan holds: those an audit of an earlier plan may ask."""
+        plan = self._plan()
+        if plan is None:
+            return frozenset()
+        return frozenset(n for n, _ in (*plan.stages, *plan.replicas))
+
     async def on_result(self, peer: NodeId, env: Envelope) -> None:
         """The node's route for StepResult and StepError frames (`intake.Intake`)."""
         await self._intake.on_result(peer, env)
@@ -470,6 +477,7 @@ class PipelineEngine:
             saved = self._resume(request_id) if self._resume is not None else None
             for _ in range(self._max_recoveries):
                 positions: dict[int, tuple[int, int]] = {}
+                ran_under: dict[int, StagePlan] = {}  # step -> the plan it ran under
                 every_row: set[int] = set()
                 self._flight.records[request_id] = []
                 result = await self._generate(
@@ -480,6 +488,7 @@ class PipelineEngine:
                     timings,
                     positions,
                     saved,
+                    ran_under=ran_under,
                     every_row=every_row,
                     speculation=self._speculation_for(
                         replicator is not None or auditor is not None
@@ -494,7 +503,7 @@ class PipelineEngine:
                     return result  # (no position computed: an echo of max_tokens 0)
                 verdict = await audit_request(
                     auditor,
-                    self._plan(),
+                    ran_under,
                     self._flight.records.get(request_id, []),
                     task,
                     result,
@@ -503,6 +512,7 @@ class PipelineEngine:
                     emit=self._emit,
                     on_liars=self._on_liars,
                     weakest=self._accepted_shape(began),
+                    members=self._members(),
                 )
                 if verdict.verified:
                     return replace(result, verified="audit")
@@ -537,6 +547,7 @@ class PipelineEngine:
         positions: dict[int, tuple[int, int]],
         saved: Checkpoint | None = None,
         *,
+        ran_under: dict[int, StagePlan] | None = None,
         every_row: set[int] | None = None,
         speculation: Speculation = PLAIN,
         chunk: int = 0,
@@ -568,7 +579,9 @@ class PipelineEngine:
         step holding prompt positions not scored yet asks the last stage for every
         position's logits (signed as any step's output: they are the bytes it sends),
         scored here as sampled tokens are; `every_row` gets those steps, whose last-stage
-        records the audit then reads as covering every position.
+        records the audit then reads as covering every position. `ran_under` gets each
+        used step's plan: a request that went on after the plan moved is audited under
+        each plan it ran under.
         """
         every_row = set() if every_row is None else every_row
         gen = Generation(task, on_token, self._eos, self._emit, self._tokenizer, saved)
@@ -609,6 +622,8 @@ class PipelineEngine:
                 logits = await self._compute(request_id, step, gen.pos, head, not rows)
                 answered = time.perf_counter() - step_started
                 positions[step] = (gen.pos, head.shape[1])  # a step whose output was used
+                if ran_under is not None and plan is not None:
+                    ran_under[step] = plan  # its records are of this plan's epoch
                 if to_score:
                     every_row.add(step)
                     gen.score_prompt(logits, to_score)
