@@ -9,12 +9,12 @@ from typing import Any
 
 import torch
 
-from butterfly.dataplane.audit import Auditor, Claim, Referee
+from butterfly.dataplane.audit import Ask, Auditor, Claim, Referee
 from butterfly.dataplane.proving import Prover
 from butterfly.protocol.proof import Tolerance
 from butterfly.protocol.sign import SigningKey
 from butterfly.runtime.loader import load_stage
-from butterfly.runtime.stage import prefill_outputs
+from butterfly.runtime.stage import Stage, prefill_outputs
 from butterfly.runtime.torch_thread import TorchThread
 from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.types.ids import NodeId
@@ -30,36 +30,34 @@ PLAN = StagePlan(
 )
 
 
-def test_only_stages_not_run_by_the_gateway_are_re_run(tiny_model: Path) -> None:
-    stages = {r: load_stage(tiny_model, r) for r in (FIRST, SECOND)}
-    ids = torch.tensor([[5, 9, 2, 7, 1, 8]])
-    with torch.inference_mode():
-        hidden = prefill_outputs(stages[FIRST], ids, stages[FIRST].new_cache())
-        logits = prefill_outputs(stages[SECOND], hidden, stages[SECOND].new_cache())
+def signed(
+    keys: dict[NodeId, SigningKey],
+    epoch: int,
+    step: int,
+    index: int,
+    node: NodeId,
+    layers: LayerRange,
+    x: torch.Tensor,
+    out: torch.Tensor,
+) -> Proof:
+    """`node`'s signed record of stage `index` of request "r"'s `step`, as a node signs it."""
+    record = Prover(node, keys[node]).prove(
+        epoch=epoch,
+        request_id="r",
+        step=step,
+        stage=index,
+        layers=layers,
+        x_in=x,
+        out=out,
+        layer_outputs=[out] * len(layers),
+    )
+    proof = decode(record)
+    assert isinstance(proof, Proof)
+    return proof
 
-    def claim(
-        node: int, index: int, layers: LayerRange, x: torch.Tensor, out: torch.Tensor, start: int
-    ) -> Claim:
-        record = Prover(NodeId(node), KEYS[NodeId(node)]).prove(
-            epoch=1,
-            request_id="r",
-            step=0,
-            stage=index,
-            layers=layers,
-            x_in=x,
-            out=out,
-            layer_outputs=[out] * len(layers),
-        )
-        proof = decode(record)
-        assert isinstance(proof, Proof)
-        return Claim(proof, start, out.shape[1])
 
-    last = logits.shape[1] - 1
-    claims = {
-        0: [claim(0, 0, FIRST, ids, hidden, 0)],
-        1: [claim(1, 1, SECOND, hidden, logits[:, last:], last)],
-    }
-    asked: list[int] = []
+def re_running(stages: dict[LayerRange, Stage], asked: list[int]) -> Ask:
+    """An auditor's answer: the asked range re-run honestly; who was asked, in `asked`."""
 
     async def ask(node: NodeId, req: AuditRequest, payload: bytes) -> tuple[AuditReply, bytes]:
         asked.append(int(node))
@@ -70,6 +68,30 @@ def test_only_stages_not_run_by_the_gateway_are_re_run(tiny_model: Path) -> None
                 stages[layers], x, stages[layers].new_cache(), outputs_from=req.outputs_from
             )
         return AuditReply("r", int(node), ""), encode_tensor(out)
+
+    return ask
+
+
+def test_only_stages_not_run_by_the_gateway_are_re_run(tiny_model: Path) -> None:
+    stages = {r: load_stage(tiny_model, r) for r in (FIRST, SECOND)}
+    ids = torch.tensor([[5, 9, 2, 7, 1, 8]])
+    with torch.inference_mode():
+        hidden = prefill_outputs(stages[FIRST], ids, stages[FIRST].new_cache())
+        logits = prefill_outputs(stages[SECOND], hidden, stages[SECOND].new_cache())
+
+    def claim(
+        node: int, index: int, layers: LayerRange, x: torch.Tensor, out: torch.Tensor, start: int
+    ) -> Claim:
+        proof = signed(KEYS, 1, 0, index, NodeId(node), layers, x, out)
+        return Claim(proof, start, out.shape[1])
+
+    last = logits.shape[1] - 1
+    claims = {
+        0: [claim(0, 0, FIRST, ids, hidden, 0)],
+        1: [claim(1, 1, SECOND, hidden, logits[:, last:], last)],
+    }
+    asked: list[int] = []
+    ask = re_running(stages, asked)
 
     def auditor(kept: torch.Tensor | None) -> Auditor:
         return Auditor(
@@ -152,32 +174,11 @@ def test_a_request_that_ran_under_two_plans_is_audited_under_each(tiny_model: Pa
                 ((ids[:, start:end], hidden[:, start:end]), (hidden[:, start:end], last))
             ):
                 node, layers = plan.stages[index]
-                record = Prover(node, keys[node]).prove(
-                    epoch=plan.epoch,
-                    request_id="r",
-                    step=step,
-                    stage=index,
-                    layers=layers,
-                    x_in=x,
-                    out=y,
-                    layer_outputs=[y] * len(layers),
-                )
-                proof = decode(record)
-                assert isinstance(proof, Proof)
-                out.append(proof)
+                out.append(signed(keys, plan.epoch, step, index, node, layers, x, y))
         return out
 
     asked: list[int] = []
-
-    async def ask(node: NodeId, req: AuditRequest, payload: bytes) -> tuple[AuditReply, bytes]:
-        asked.append(int(node))
-        layers = LayerRange(req.layer_start, req.layer_end)
-        x = decode_tensor(payload, 1 << 30)
-        with torch.inference_mode():
-            out = prefill_outputs(
-                stages[layers], x, stages[layers].new_cache(), outputs_from=req.outputs_from
-            )
-        return AuditReply("r", int(node), ""), encode_tensor(out)
+    ask = re_running(stages, asked)
 
     auditor = Auditor(
         ask=ask,

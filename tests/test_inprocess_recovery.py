@@ -63,16 +63,7 @@ async def test_a_killed_chain_node_hands_its_stage_to_the_standby(
         first = gw.stage_server.plan
         assert first is not None and first.nodes == (0, 1)
         assert {n for n, _ in first.replicas} == {2, 3}
-        tokens: list[int] = []
-
-        def on_token(token: int) -> None:
-            tokens.append(token)
-            if len(tokens) == 5:
-                c.kill(1)
-
-        run = asyncio.create_task(gw.engine.run(task(tiny_model, 1), on_token))
-        await c.until(run.done, "the request to finish")
-        result = run.result()
+        result = await c.infer_killing(task(tiny_model, 1), 1, at=5)
         assert list(result.output_ids) == expected
         assert result.timings["recoveries"] >= 1
         plan = gw.stage_server.plan
@@ -101,16 +92,7 @@ async def test_a_request_that_went_on_under_a_new_plan_is_audited_under_both(
         await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
         first = gw.stage_server.plan
         assert first is not None and first.nodes == (0, 1)
-        tokens: list[int] = []
-
-        def on_token(token: int) -> None:
-            tokens.append(token)
-            if len(tokens) == 5:
-                c.kill(1)
-
-        run = asyncio.create_task(gw.engine.run(task(tiny_model, 1), on_token))
-        await c.until(run.done, "the request to finish")
-        result = run.result()
+        result = await c.infer_killing(task(tiny_model, 1), 1, at=5)
         assert list(result.output_ids) == expected
         assert result.timings["recoveries"] >= 1 and result.timings["resumed_at"] > 0
         plan = gw.stage_server.plan

@@ -64,17 +64,10 @@ async def test_a_killed_node_that_comes_back_is_given_a_range_and_audits_resume(
         await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
         first = gw.stage_server.plan
         assert first is not None and first.nodes == (0, 1)
-        tokens: list[int] = []
-
-        def on_token(token: int) -> None:
-            tokens.append(token)
-            if len(tokens) == 5:
-                c.kill(1)  # mid-request: its cache of the request stays behind
-
-        running = asyncio.create_task(gw.engine.run(task(tiny_model, "killed-in"), on_token))
-        await c.until(running.done, "the request to finish")
-        assert list(running.result().output_ids) == expected
-        assert running.result().verified == "none"  # node 1's range has one holder left
+        # killed mid-request: its cache of the request stays behind
+        result = await c.infer_killing(task(tiny_model, "killed-in"), 1, at=5)
+        assert list(result.output_ids) == expected
+        assert result.verified == "none"  # node 1's range has one holder left
         promoted = gw.stage_server.plan
         assert promoted is not None and promoted.nodes == (0, 3)
         assert not every_range_checked(promoted)

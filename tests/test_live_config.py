@@ -55,6 +55,7 @@ from butterfly.types.wire.agreement import Proof, decode
 from butterfly.types.wire.control import Heartbeat
 from butterfly.types.wire.data import AuditReply, AuditRequest, KvAppend, StageStep, StepResult
 from tests.engine_util import STAGE, chain, run
+from tests.test_audit_gateway import signed
 
 KEYS = {NodeId(n): SigningKey.from_seed(bytes([n + 40]) * 32) for n in range(4)}
 PUBLIC = {n: k.public for n, k in KEYS.items()}
@@ -328,19 +329,7 @@ async def test_a_tighter_tolerance_flags_what_the_old_one_let_through(
     def claim(
         node: int, index: int, layers: LayerRange, x: torch.Tensor, out: torch.Tensor
     ) -> Claim:
-        record = Prover(NodeId(node), KEYS[NodeId(node)]).prove(
-            epoch=1,
-            request_id="r",
-            step=0,
-            stage=index,
-            layers=layers,
-            x_in=x,
-            out=out,
-            layer_outputs=[out] * len(layers),
-        )
-        proof = decode(record)
-        assert isinstance(proof, Proof)
-        return Claim(proof, 0, out.shape[1])
+        return Claim(signed(KEYS, 1, 0, index, NodeId(node), layers, x, out), 0, out.shape[1])
 
     plan = StagePlan(
         1, ((NodeId(2), FIRST), (NodeId(1), SECOND)), ((NodeId(0), FIRST), (NodeId(3), SECOND))

@@ -32,6 +32,7 @@ from butterfly.net.tcp import Identity
 from butterfly.net.transport import Transport
 from butterfly.node import Node, build_node
 from butterfly.runtime.torch_thread import TorchThread
+from butterfly.schedule.engine import Streamed
 from butterfly.types.ids import Epoch, NodeId
 from butterfly.types.tasks import InferenceResult, InferenceTask
 from butterfly.types.wire.control import Heartbeat
@@ -292,7 +293,22 @@ class InProcessCluster:
     async def infer(self, task: InferenceTask, *, beats: int = 2000) -> InferenceResult:
         """Run `task` on node 0's engine, beating (`until`) while it runs: the heartbeats
         are fake time, so a request that nobody beats for never sees its plan move."""
-        run = asyncio.create_task(self.gateway.engine.run(task, lambda token: None))
+        return await self.infer_killing(task, None, 0, beats=beats)
+
+    async def infer_killing(
+        self, task: InferenceTask, node: int | None, at: int, *, beats: int = 2000
+    ) -> InferenceResult:
+        """`infer`, killing `node` (`kill`) when the request's `at`-th token comes: a
+        failure mid-request, at a position the test chooses."""
+        streamed = 0
+
+        def on_token(token: Streamed) -> None:
+            nonlocal streamed
+            streamed += 1
+            if node is not None and streamed == at:
+                self.kill(node)
+
+        run = asyncio.create_task(self.gateway.engine.run(task, on_token))
         await self.until(run.done, f"request {task.task_id}", beats=beats)
         return run.result()
 
