@@ -211,6 +211,23 @@ async def test_greedy_tokens_are_plain_decodings_at_every_split_with_either_draf
                 assert drafter is not None and drafter.held() == 0  # released at the end
 
 
+async def test_a_biased_request_is_drafted_for_as_an_unbiased_one_is(tiny_model: Path) -> None:
+    """The small model's guesses of the history, which decide whether it drafts
+    (`MIN_HITS`), are biased as the request is: judged raw, they missed every token a
+    bias changed, and a biased request was never drafted for (a review). The served
+    model as its own draft model: every draft right, biased or not."""
+    prompt = tuple(TextCodec.load(tiny_model).encode("a plain sentence that does not repeat"))
+    forced = SamplingParams(logit_bias=((ord("z"), 100.0),))
+    async with LocalPipeline(
+        tiny_model, [LayerRange(0, 2), LayerRange(2, 4)], draft_model=tiny_model
+    ) as pipe:
+        plain = await generate(pipe, prompt, 40, "plain", Speculation("off"), sampling=forced)
+        assert plain.output_ids == (ord("z"),) * 40
+        spec = await generate(pipe, prompt, 40, "drafted", Speculation("draft", 4), sampling=forced)
+        assert spec.output_ids == plain.output_ids
+        assert spec.timings["traversals"] <= 1 + -(-39 // 5) + MIN_HITS + 1  # as unbiased
+
+
 async def test_a_sampled_request_drafted_by_a_model_is_reproducible_from_its_seed(
     tiny_model: Path, other_model: Path
 ) -> None:

@@ -9,11 +9,14 @@ text is known without the sampler that is under test."""
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from tokenizers import Tokenizer
 
 from butterfly.dataplane.audit import Chosen
 from butterfly.protocol.proof import Tolerance
@@ -167,3 +170,31 @@ async def test_an_honest_clusters_biased_answer_is_verified_blaming_nobody(
             c.hub.tick(0.1)
             await asyncio.sleep(0.005)
         assert all(not node.plans.evicted for node in c.nodes)
+
+
+@pytest.mark.anyio
+async def test_an_id_the_tokenizer_knows_beyond_the_models_vocabulary_is_refused(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """A tokenizer with a token added past the model's `vocab_size` (a pad token added
+    without resizing the embeddings): biasing it, or prompting with it, failed the task at
+    its first step (a review); now a 400 naming the field."""
+    wide = tmp_path / "wide"
+    shutil.copytree(tiny_model, wide)
+    tokenizer = Tokenizer.from_file(str(wide / "tokenizer.json"))
+    tokenizer.add_special_tokens(["<|unsized|>"])
+    tokenizer.save(str(wide / "tokenizer.json"))
+    width = json.loads((wide / "config.json").read_text())["vocab_size"]
+    assert tokenizer.get_vocab_size(with_added_tokens=True) == width + 1
+    async with serving(wide, tmp_path / "t.db") as s:
+        assert s.codec.vocab == width
+        r = await s.client.post(
+            "/v1/completions",
+            json={"model": "tiny", "prompt": "hi", "logit_bias": {str(width): 1}, "stream": True},
+        )
+        assert_error(r, 400, "invalid_request", f"token {width}", f"vocabulary of {width}")
+        assert r.json()["error"]["param"] == "logit_bias"
+        r = await s.client.post("/inference", json={"input_ids": [5, width], "wait": True})
+        assert_error(r, 400, "invalid_request", f"[0, {width})")
+        r = await s.client.post("/v1/completions", json={"model": "tiny", "prompt": "hi"})
+        assert r.status_code == 200

@@ -126,7 +126,7 @@ class Gateway:
                 prompt_field,
             )
         if self.codec is not None:
-            vocab = self.codec.tokenizer.get_vocab_size(with_added_tokens=True)
+            vocab = self.codec.vocab
             bad = [i for i in ids if not 0 <= i < vocab]
             if bad:
                 raise InvalidRequest(

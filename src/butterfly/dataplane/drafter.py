@@ -43,7 +43,7 @@ import torch
 from butterfly.runtime.kvcache import KVCache
 from butterfly.runtime.loader import load_stage, model_args
 from butterfly.runtime.precision import FP32, Precision
-from butterfly.runtime.sampling import distribution, greedy_token, is_greedy
+from butterfly.runtime.sampling import biased, distribution, greedy_token, is_greedy
 from butterfly.runtime.stage import Stage
 from butterfly.runtime.torch_thread import TorchThread
 from butterfly.types.errors import ButterflyError, ConfigError
@@ -229,7 +229,11 @@ class ModelDrafter:
             tail = feed[split:]
             logits = stage.forward(torch.tensor([tail]), cache, len(cached), last_only=False)[0]
             cached.extend(tail)
-            guesses.extend(int(g) for g in logits.argmax(-1).tolist())
+            # guessed as the request chooses: with its logit bias (penalties left out,
+            # which change from position to position); raw guesses missed every token a
+            # bias moved, and drafting stopped (a review)
+            request = sampling or SamplingParams()
+            guesses.extend(int(g) for g in biased(logits, request).argmax(-1).tolist())
             recent = range(max(1, n - RECENT), n)
             judged = not sampled and len(recent) == RECENT  # sampled: Acceptance gates it
             if judged and sum(guesses[j] == tokens[j] for j in recent) < MIN_HITS:
@@ -252,7 +256,7 @@ class ModelDrafter:
                 if i + 1 < k:
                     row = stage.forward(torch.tensor([[token]]), cache, len(cached))[0, -1]
                     cached.append(token)
-                    guesses.append(int(row.argmax()))
+                    guesses.append(int(biased(row, request).argmax()))
         return Draft(tuple(drafted), torch.stack(rows) if rows else None)
 
     async def release(self, request_id: str) -> None:

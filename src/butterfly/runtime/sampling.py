@@ -39,19 +39,26 @@ def adjust(logits: torch.Tensor, params: SamplingParams, history: Sequence[int])
     goes through here (`sample`, `greedy_token`, `distribution`), and so does the audit's
     check of the tokens chosen (dataplane.audit.Chosen): an honest gateway's biased
     token is what the audit expects."""
-    if params.logit_bias:
-        width = logits.shape[-1]
-        ids = [token for token, _ in params.logit_bias]
-        if ids[-1] >= width:
-            raise InvalidInput(f"logit_bias names token {ids[-1]}; the model has {width} tokens")
-        bias = torch.zeros(width, dtype=logits.dtype)
-        bias[ids] = torch.tensor([value for _, value in params.logit_bias], dtype=logits.dtype)
-        logits = logits + bias
+    logits = biased(logits, params)
     if not history or not params.penalized:
         return logits
     counts = torch.bincount(torch.tensor(history, dtype=torch.int64), minlength=logits.shape[-1])
     counts = counts[: logits.shape[-1]].to(logits.dtype)
     return logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
+
+
+def biased(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """`logits` (any rows, vocabulary last) with OpenAI's logit bias added: the same at
+    every position, unlike the penalties."""
+    if not params.logit_bias:
+        return logits
+    width = logits.shape[-1]
+    ids = [token for token, _ in params.logit_bias]
+    if ids[-1] >= width:
+        raise InvalidInput(f"logit_bias names token {ids[-1]}; the model has {width} tokens")
+    bias = torch.zeros(width, dtype=logits.dtype)
+    bias[ids] = torch.tensor([value for _, value in params.logit_bias], dtype=logits.dtype)
+    return logits + bias
 
 
 def is_greedy(params: SamplingParams) -> bool:

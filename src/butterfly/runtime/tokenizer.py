@@ -8,7 +8,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from butterfly.runtime.chat import ChatTemplate
-from butterfly.runtime.weights import declared_eos_ids
+from butterfly.runtime.weights import declared_eos_ids, declared_vocab
 from butterfly.types.errors import InvalidInput
 
 # Consulted only when the checkpoint declares no `eos_token_id` (runtime.weights).
@@ -20,6 +20,16 @@ class TextCodec:
     tokenizer: Tokenizer
     eos_ids: frozenset[int]
     chat: ChatTemplate | None = None  # the checkpoint's chat template, if it ships one
+    # the model's own vocabulary (config.json's vocab_size), 0 if it declares none: a
+    # tokenizer may know more ids than the model has rows for (a pad token added without
+    # resizing the embeddings), and such an id failed the task at its first step
+    model_vocab: int = 0
+
+    @property
+    def vocab(self) -> int:
+        """The ids a request may name: those both the tokenizer and the model know."""
+        known = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        return min(known, self.model_vocab) if self.model_vocab > 0 else known
 
     @classmethod
     def load(cls, model_dir: Path) -> TextCodec:
@@ -35,11 +45,12 @@ class TextCodec:
         tok.no_padding()
         tok.no_truncation()
         chat = ChatTemplate.load(model_dir)
+        width = declared_vocab(model_dir)
         declared = declared_eos_ids(model_dir)
         if declared:
-            return cls(tok, declared, chat)
+            return cls(tok, declared, chat, width)
         eos = {tok.token_to_id(t) for t in FALLBACK_EOS_TOKENS}
-        return cls(tok, frozenset(i for i in eos if i is not None), chat)
+        return cls(tok, frozenset(i for i in eos if i is not None), chat, width)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text).ids)

@@ -59,6 +59,15 @@ def declared_eos_ids(model_dir: Path) -> frozenset[int]:
     return frozenset()
 
 
+def declared_vocab(model_dir: Path) -> int:
+    """`vocab_size` of the checkpoint's `config.json` (its logits' width), 0 if none."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        return 0
+    value = read_config(model_dir).get("vocab_size")
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
 @dataclass
 class CheckpointReader:
     """Tensor lookup over `model.safetensors` or a sharded index, recording what it read."""
