@@ -225,3 +225,62 @@ def test_a_request_that_ran_under_two_plans_is_audited_under_each(tiny_model: Pa
     assert not verdict.verified and "no replica" in verdict.reason and not blamed
     verdict = audit(records(), now, {1: one, 2: one})  # a step of no known plan
     assert not verdict.verified and "step 3" in verdict.reason and not blamed
+
+
+def test_a_chosen_token_no_record_covers_is_still_held_to_honest_logits(
+    tiny_model: Path,
+) -> None:
+    """Every chosen token is held to the re-executed logits, also where none of the
+    records audited covers the step it was chosen at (a replay's step signs its last row
+    only): a wrong one leaves the request unverified, blaming nobody, where it passed
+    unchecked before (a review)."""
+    from butterfly.dataplane.audit import audit_request
+    from butterfly.runtime.generate import generate
+    from butterfly.types.ids import RequestId
+    from butterfly.types.tasks import InferenceResult, InferenceTask
+
+    stages = {r: load_stage(tiny_model, r) for r in (FIRST, SECOND)}
+    whole = load_stage(tiny_model)
+    prompt = [5, 9, 2, 7]
+    (honest,) = generate([whole], prompt, 1)
+    wrong = (honest + 1) % 256  # not the greedy token at position 3
+    output = [wrong, *generate([whole], [*prompt, wrong], 2)]
+    ids = torch.tensor([prompt + output[:-1]])
+    with torch.inference_mode():
+        hidden = prefill_outputs(stages[FIRST], ids, stages[FIRST].new_cache())
+        logits = prefill_outputs(stages[SECOND], hidden, stages[SECOND].new_cache())
+    positions = {2: (4, 1), 3: (5, 1)}  # the step that chose `wrong` is not among them
+    records = []
+    for step, (start, _) in positions.items():
+        rows = slice(start, start + 1)
+        records.append(signed(KEYS, 1, step, 0, NodeId(0), FIRST, ids[:, rows], hidden[:, rows]))
+        records.append(
+            signed(KEYS, 1, step, 1, NodeId(1), SECOND, hidden[:, rows], logits[:, rows])
+        )
+    auditor = Auditor(
+        ask=re_running(stages, []),
+        keys={n: k.public for n, k in KEYS.items()},
+        referee=Referee(tiny_model, TorchThread()),
+        tolerance=Tolerance(),
+        max_tensor_bytes=1 << 30,
+        gateway=NodeId(0),
+        own_outputs=lambda rid, layers, length: hidden if layers == FIRST else None,
+    )
+    blamed: list[tuple[NodeId, ...]] = []
+
+    async def on_liars(liars: tuple[NodeId, ...], reason: str) -> None:
+        blamed.append(liars)
+
+    verdict = asyncio.run(
+        audit_request(
+            auditor,
+            {step: PLAN for step in positions},
+            records,
+            InferenceTask(RequestId("r"), input_ids=tuple(prompt), max_new_tokens=3),
+            InferenceResult(RequestId("r"), output_ids=tuple(output)),
+            positions,
+            emit=lambda event: None,
+            on_liars=on_liars,
+        )
+    )
+    assert not verdict.verified and not blamed and "positions [3]" in verdict.reason

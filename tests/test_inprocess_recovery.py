@@ -18,7 +18,7 @@ from butterfly.runtime.generate import generate
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.testing.inprocess import InProcessCluster
-from butterfly.testing.liars import CorruptStageServer
+from butterfly.testing.liars import CorruptStageServer, UncopiedStageServer
 from butterfly.types.ids import NodeId, RequestId
 from butterfly.types.plan import StagePlan
 from butterfly.types.tasks import InferenceTask
@@ -99,6 +99,32 @@ async def test_a_request_that_went_on_under_a_new_plan_is_audited_under_both(
         assert plan is not None and plan.epoch > first.epoch and 1 not in plan.nodes
         assert result.verified == "audit"
         assert not any(node.plans.evicted for node in c.nodes)
+
+
+@pytest.mark.parametrize("at", [4, 5])
+async def test_a_liar_before_a_failure_is_caught_however_the_request_went_on(
+    tiny_model: Path, tmp_path: Path, expected: list[int], at: int
+) -> None:
+    """n = 5, f = 1, node 1 the last stage: it skews (and signs) its logits and copies
+    no KV cache to its standby, then dies at token `at`. The request replays from 0 under
+    the next plan; the tokens chosen from its logits before were left unchecked (the
+    replay's step signs its last row only, and the steps before were dropped from the
+    audit), and the wrong answer came back verified (a review). Now the steps before
+    are audited under their own plan: node 1 is caught and evicted, and the request is
+    run again to the right tokens."""
+    liars = {1: UncopiedStageServer}
+    async with InProcessCluster(
+        tiny_model, 5, tmp_path, f=1, settings=SETTINGS, stage_servers=liars
+    ) as c:
+        gw = c.gateway
+        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        first = gw.stage_server.plan
+        assert first is not None and first.nodes == (0, 1)
+        result = await c.infer_killing(task(tiny_model, 1), 1, at=at)
+        assert list(result.output_ids) == expected
+        assert result.verified == "audit"
+        assert NodeId(1) in gw.plans.evicted
+        assert not set(gw.plans.evicted) - {NodeId(1)}
 
 
 async def test_a_proven_liar_is_evicted_by_agreement_and_leaves_the_plan(

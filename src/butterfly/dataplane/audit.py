@@ -258,8 +258,15 @@ class Auditor:
                 checked += len(mine)
                 x = own
                 continue
-            # the last stage's outputs matter only where tokens were sampled
-            offset = min(c.start for c in mine) if index == len(plan.stages) - 1 else 0
+            # the last stage's outputs matter only where tokens were chosen: from the
+            # first of its records, and from the prompt's last position, so that every
+            # chosen token is held to honest logits even where no record of this plan
+            # covers it (a replay's step signs its last row only; a review)
+            offset = 0
+            if index == len(plan.stages) - 1:
+                offset = min(c.start for c in mine)
+                if chosen is not None:
+                    offset = min(offset, max(0, chosen.prompt - 1))
             # the holders that signed none of the claims: a request routed around the
             # chain's node (`claims.Claims`) was computed by a standby, which must not
             # audit its own work (the chain's node audits it then)
@@ -321,6 +328,10 @@ class Auditor:
                 signers = tuple(dict.fromkeys(c.proof.sender for c in chain_lied))
                 evidence = tuple(c.proof.signature for c in chain_lied)
                 return Verdict(False, (*liars, *signers), "; ".join(reasons), checked, evidence)
+            if bad:  # tokens no honest logits allow, of steps no record here covers
+                stop = f"the tokens chosen at positions {sorted(bad)} are not what the "
+                stop += "re-executed logits allow, and no record of this plan covers them"
+                return Verdict(False, tuple(liars), "; ".join([*reasons, stop]), checked)
             checked += len(mine)
             if weak and not (last and liars):
                 return self._weak(weak, index, layers, liars, reasons, checked)

@@ -581,7 +581,10 @@ class PipelineEngine:
         scored here as sampled tokens are; `every_row` gets those steps, whose last-stage
         records the audit then reads as covering every position. `ran_under` gets each
         used step's plan: a request that went on after the plan moved is audited under
-        each plan it ran under.
+        each plan it ran under. A step stays in `positions` when a replay recomputes its
+        rows: the tokens it led to were chosen from its output, which only its own
+        records vouch for (dropped, a liar's logits before a replay from 0 went
+        unchecked, and its answer came back verified: a review).
         """
         every_row = set() if every_row is None else every_row
         gen = Generation(task, on_token, self._eos, self._emit, self._tokenizer, saved)
@@ -594,7 +597,7 @@ class PipelineEngine:
         based_on = self._epoch()  # the plan whose caches `gen.pos` counts on
         while gen.more():
             if self._epoch() != based_on:
-                gen.replay_from(await self._replay_from(request_id, gen.length, positions))
+                gen.replay_from(await self._resume_at(request_id, gen.length))
             epoch = based_on = self._epoch()
             step += 1  # step ids are never reused, so a late answer is ignored
             step_started = time.perf_counter()
@@ -653,7 +656,6 @@ class PipelineEngine:
                     raise
                 if not e.retriable:  # a claim not believed: replay it all on the new route
                     gen.replay_from(0)
-                    positions.clear()  # the replay recomputes every row they gave
                     continue
                 # from the lost step's start, the last progress the gateway saw, to the
                 # replayed step's answer: the time to detect the loss counts (a kill is
@@ -670,7 +672,7 @@ class PipelineEngine:
                 if not stays:  # a plan without a node that withholds steps comes of nothing
                     await self._await_plan_change(epoch)
                 based_on = self._epoch()
-                gen.replay_from(await self._replay_from(request_id, gen.length, positions))
+                gen.replay_from(await self._resume_at(request_id, gen.length))
                 timings["resumed_at"] = float(gen.pos)
                 continue
             finally:
@@ -730,15 +732,6 @@ class PipelineEngine:
         if failure is not None:
             raise failure from e
         return True
-
-    async def _replay_from(
-        self, request_id: RequestId, length: int, positions: dict[int, tuple[int, int]]
-    ) -> int:
-        """Where a request of `length` tokens goes on after the plan moved on."""
-        pos = await self._resume_at(request_id, length)
-        for superseded in [s for s, (start, _) in positions.items() if start >= pos]:
-            del positions[superseded]  # the replay recomputes every row they gave
-        return pos
 
     async def _resume_at(self, request_id: RequestId, length: int) -> int:
         """Where a request resumes on a new plan (`caches.Caches.resume_at`, asking the

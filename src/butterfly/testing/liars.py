@@ -18,14 +18,14 @@ from dataclasses import replace
 import torch
 
 from butterfly.dataplane.proving import RecordMismatch
-from butterfly.dataplane.stage_server import StageServer
+from butterfly.dataplane.stage_server import Outbound, StageServer
 from butterfly.net.framing import Envelope
 from butterfly.protocol.sign import sign_message
 from butterfly.runtime.linear import Int8Weight
 from butterfly.runtime.native import BlockedWeight
 from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.types.errors import InvalidInput
-from butterfly.types.ids import NodeId, StageIndex
+from butterfly.types.ids import NodeId, RequestId, StageIndex
 from butterfly.types.model import LayerRange
 from butterfly.types.wire.agreement import Proof, decode, encode
 from butterfly.types.wire.control import PlanAck, PlanAssign
@@ -81,6 +81,18 @@ class _SometimesLying(StageServer):
             return await super().compute(msg, epoch, payload, route)
         finally:
             _lying.reset(token)
+
+
+class UncopiedStageServer(_SometimesLying):
+    """Skews (and signs) everything it sends, and copies no KV cache to its standbys,
+    which nothing obliges a liar to do: when it fails, the standby that takes its stage
+    holds nothing of a request, which replays from position 0."""
+
+    def lies_on(self, msg: StageStep) -> bool:
+        return True
+
+    def kv_deltas(self, request_ids: tuple[RequestId, ...]) -> list[Outbound]:
+        return []
 
 
 class OmitRecordsStageServer(_SometimesLying):
