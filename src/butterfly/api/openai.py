@@ -16,13 +16,14 @@ Which request fields are acted on and which are accepted and ignored: `openai_sc
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.params import Depends
 from fastapi.responses import Response, StreamingResponse
 
-from butterfly.api.errors import ModelNotFound
+from butterfly.api.errors import InvalidField, ModelNotFound
 from butterfly.api.gateway import Gateway
 from butterfly.api.openai_choices import ChoiceText, chat_logprobs, completion_logprobs
 from butterfly.api.openai_run import Run, start, stream, whole
@@ -46,6 +47,7 @@ from butterfly.api.openai_schema import (
 )
 from butterfly.api.openapi_docs import ERRORS, body_of, errors, streamed
 from butterfly.api.requests import parse
+from butterfly.runtime.sampling import is_greedy
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.types.errors import InvalidRequest
 from butterfly.types.tasks import SEED_SPAN, SamplingParams
@@ -292,12 +294,25 @@ def router(gw: Gateway, limited: Depends) -> APIRouter:
         max_tokens = body.max_tokens
         if "max_tokens" not in body.model_fields_set and max_tokens is not None:
             max_tokens = min(max_tokens, gw.settings.max_new_tokens_limit)  # as chat's
-        run = await start(gw, codec, prompts, max_tokens, sampling, body.n, body.stops(), fewest=0)
+        # best_of: that many candidates per prompt, scored, the n best returned (greedy
+        # ones are all alike: n of them are as good as any)
+        best_of = body.n if body.best_of is None or is_greedy(sampling) else body.best_of
+        if best_of > body.n and body.stream:
+            raise InvalidField(
+                "best_of above n cannot stream: the best are known only once every "
+                "candidate has finished (as OpenAI refuses it)",
+                "best_of",
+            )
+        drawn = sampling
+        if best_of > body.n and sampling.logprobs is None:  # scores to rank, not returned
+            drawn = replace(sampling, logprobs=0)
+        run = await start(gw, codec, prompts, max_tokens, drawn, best_of, body.stops(), fewest=0)
         chunks = CompletionChunks(gw, int(time.time()), body)
         if body.stream:
             events = stream(run, chunks, body.include_usage())
             return StreamingResponse(events, media_type="text/event-stream")
-        return await whole(run, chunks.whole, request.is_disconnected)
+        best = body.n if best_of > body.n else None
+        return await whole(run, chunks.whole, request.is_disconnected, best)
 
     @api.post(
         "/chat/completions",

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -62,12 +63,28 @@ class Run:
     tasks: list[InferenceTask]
     choices: list[ChoiceText]
     prompts: list[list[int]]
+    passed_over: int = 0  # tokens of candidates `best_of` did not return
 
     def usage(self) -> Usage:
-        """Each prompt counted once, whatever its `n`, as OpenAI counts them."""
-        done = sum(len(c.tokens) for c in self.choices)
+        """Each prompt counted once, whatever its `n`, as OpenAI counts them; every
+        candidate's tokens counted, returned or not (`best_of`), as OpenAI bills them."""
+        done = sum(len(c.tokens) for c in self.choices) + self.passed_over
         read = sum(len(p) for p in self.prompts)
         return Usage(prompt_tokens=read, completion_tokens=done, total_tokens=read + done)
+
+    def keep_best(self, n: int) -> list[int]:
+        """Keep each prompt's `n` best choices, best first and numbered anew (OpenAI's
+        `best_of`: the highest log-probability per token); the indexes kept."""
+        per = len(self.choices) // len(self.prompts)
+        kept: list[int] = []
+        for p in range(len(self.prompts)):
+            group = range(p * per, (p + 1) * per)
+            kept += sorted(group, key=lambda i: -mean_logprob(self.choices[i]))[:n]
+        self.passed_over += sum(len(c.tokens) for i, c in enumerate(self.choices) if i not in kept)
+        self.choices = [self.choices[i] for i in kept]
+        for index, choice in enumerate(self.choices):
+            choice.index = index
+        return kept
 
     async def cancel_unfinished(self, keep: Collection[int] = ()) -> None:
         """Cancel every task but those at the indexes in `keep` (ended, or handed out)."""
@@ -141,6 +158,13 @@ def feed(choice: ChoiceText, result: InferenceResult) -> None:
     choice.prompt_scored = result.prompt_logprobs
 
 
+def mean_logprob(choice: ChoiceText) -> float:
+    """The mean log-probability of a choice's tokens (those a resumed gateway did not
+    score left out; none scored ranks last)."""
+    values = [s.logprob for s in choice.scored if s is not None]
+    return sum(values) / len(values) if values else -math.inf
+
+
 def weakest(verified: list[str]) -> str:
     """One `verified` for several choices: theirs if they agree, else "none"."""
     return verified[0] if len(set(verified)) == 1 else "none"
@@ -155,13 +179,16 @@ CLIENT_GONE = 499
 """The status (nginx's) a whole answer ends with when its client hung up: nobody reads it."""
 
 
-async def whole(run: Run, answer: Whole, gone: Callable[[], Awaitable[bool]]) -> Response:
+async def whole(
+    run: Run, answer: Whole, gone: Callable[[], Awaitable[bool]], best: int | None = None
+) -> Response:
     """Wait for every choice; the answer built by `answer(run, verified)`, or the first
     choice's failure (the others are cancelled). An OpenAI client reads 200 or an error
     only, so the wait has no limit of its own (a 202 after `api` settings' `max_wait_s`
     was read as an empty success); the client's timeout ends it instead: once `gone()`
     says the client hung up, every choice is cancelled, as a stream's are (they ran to
-    the end, and the client's retries each ran theirs beside them)."""
+    the end, and the client's retries each ran theirs beside them). `best`: each
+    prompt's choices are candidates, of which this many are returned (`Run.keep_best`)."""
     gw, verified = run.gw, []
     for task, choice in zip(run.tasks, run.choices, strict=True):
         snap = await gw.scheduler.wait(task.task_id, WATCH_S)
@@ -176,6 +203,8 @@ async def whole(run: Run, answer: Whole, gone: Callable[[], Awaitable[bool]]) ->
             return gw.outcome(snap)
         feed(choice, snap.result)
         verified.append(snap.result.verified)
+    if best is not None:
+        verified = [verified[i] for i in run.keep_best(best)]
     return JSONResponse(answer(run, weakest(verified)))
 
 

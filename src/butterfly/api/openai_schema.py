@@ -25,6 +25,7 @@ MAX_PROMPTS = 32  # prompts in one completions request (LangChain batches 20 by 
 MAX_TASKS = 64  # prompts x n: the tasks one request may queue
 MAX_LOGPROBS = 20  # OpenAI's bound on `logprobs` / `top_logprobs`
 MAX_STOPS = 16  # stop strings per request (OpenAI allows 4; vLLM more)
+MAX_BEST_OF = 20  # candidates per prompt (OpenAI's bound)
 MAX_LOGIT_BIAS = 300  # tokens one request may bias (OpenAI's bound)
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
@@ -42,7 +43,6 @@ LogitBias = Annotated[dict[BiasedToken, Bias], Field(max_length=MAX_LOGIT_BIAS)]
 Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)]
 
 IGNORED = (
-    "best_of",
     "suffix",
     "service_tier",
     "store",
@@ -151,7 +151,8 @@ class CompletionRequest(SamplingFields):
     max_tokens: Annotated[int, Field(ge=0)] | None = 16
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: bool = False  # the prompt's text before the completion
-    best_of: Annotated[int, Field(ge=1)] | None = None  # ignored once at least n
+    # candidates per prompt, of which the n likeliest per token are returned (not streamed)
+    best_of: Annotated[int, Field(ge=1, le=MAX_BEST_OF)] | None = None
     suffix: str | None = None  # ignored
 
     @model_validator(mode="after")
