@@ -223,6 +223,9 @@ def test_a_request_that_ran_under_two_plans_is_audited_under_each(tiny_model: Pa
     assert not verdict.verified and "epoch 2" in verdict.reason and not blamed
     verdict = audit(records(), {0, 2, 4}, ran_under)  # nobody left to re-run epoch 1's
     assert not verdict.verified and "no replica" in verdict.reason and not blamed
+    verdict = audit(records(lie_at=3), {0, 2, 4}, ran_under)  # and a lie in epoch 2's
+    assert not verdict.verified and verdict.liars == (NodeId(3),) and blamed == [(NodeId(3),)]
+    blamed.clear()
     verdict = audit(records(), now, {1: one, 2: one})  # a step of no known plan
     assert not verdict.verified and "step 3" in verdict.reason and not blamed
 

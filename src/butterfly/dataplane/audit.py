@@ -448,22 +448,22 @@ async def audit_request(
         claims = auditor.claims_of(
             records, request_id=request_id, plan=plan, positions=steps, every_row=every_row
         )
+        # every plan is audited, also after one that could not be verified: a liar in a
+        # later one is still found
         gap = auditor.gaps(claims, steps, len(plan.stages))
         if gap:
             verdicts.append(Verdict(False, reason=_of_epoch(gap, epoch, by_epoch)))
-            break
+            continue
         try:
             verdict = await auditor.audit(
                 plan, request_id, sequence, claims, chosen, weakest, members
             )
         except ButterflyError as e:
             verdicts.append(Verdict(False, reason=f"audit could not run: {e}"))
-            break
+            continue
         verdicts.append(replace(verdict, reason=_of_epoch(verdict.reason, epoch, by_epoch)))
         if verdict.liars:
             await on_liars(verdict.liars, verdict.reason)
-        if not verdict.verified:
-            break
     verdict = _together(verdicts)
     outcome: Literal["verified", "unverified", "liar_found"] = (
         "liar_found" if verdict.liars else "verified" if verdict.verified else "unverified"
