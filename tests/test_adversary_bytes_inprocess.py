@@ -75,8 +75,7 @@ async def _serve_through_a_liar(
     f = (n - 1) // 3
     async with InProcessCluster(model, n, data, f=f, settings=settings, stage_servers=liars) as c:
         gw = c.gateway
-        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
-        first = gw.stage_server.plan
+        first = await c.first_plan()
         assert first is not None and (set(liars) if chain is None else chain) <= set(first.nodes)
         for i, prompt in enumerate(PROMPTS):
             run = asyncio.create_task(gw.engine.run(_task(model, prompt, i), lambda t: None))
@@ -228,8 +227,7 @@ async def test_steps_rescued_by_the_one_at_a_time_re_run_are_still_verified(
         tiny_model, 6, tmp_path, f=1, settings=settings, stage_servers=liars
     ) as c:
         gw = c.gateway
-        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
-        plan = gw.stage_server.plan
+        plan = await c.first_plan()
         assert plan is not None and plan.nodes[-1] == NodeId(2)
         prompts = [*PROMPTS, *PROMPTS]
         runs = [
@@ -260,7 +258,7 @@ async def test_a_weakly_fingerprinted_middle_stage_leaves_answers_unverified_bla
         tiny_model, 6, tmp_path, f=1, settings=settings, stage_servers=liars
     ) as c:
         gw = c.gateway
-        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        await c.first_plan()
         for i, prompt in enumerate(PROMPTS):
             run = asyncio.create_task(gw.engine.run(_task(tiny_model, prompt, i), lambda t: None))
             await c.until(run.done, f"request {i} to finish", beats=2000)
@@ -392,7 +390,7 @@ async def test_without_verification_no_record_is_required_and_nobody_is_convicte
     settings = {"coordination.heartbeat_interval_ms": 10, "byzantine.verification": "none"}
     async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=settings) as c:
         gw = c.gateway
-        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        await c.first_plan()
         run = asyncio.create_task(gw.engine.run(_task(tiny_model, PROMPTS[0], 0), lambda t: None))
         await c.until(run.done, "the request to finish", beats=2000)
         result = run.result()

@@ -71,8 +71,7 @@ async def test_a_false_claim_of_invalid_input_fails_no_task(
     codec = TextCodec.load(tiny_model)
     async with _cluster(tiny_model, tmp_path, mode, {LIAR: ClaimsInvalidInputStageServer}) as c:
         gw = c.gateway
-        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
-        plan = gw.stage_server.plan
+        plan = await c.first_plan()
         assert plan is not None and LIAR in plan.nodes
         for i, prompt in enumerate(PROMPTS):
             run = await _run(c, _task(tuple(codec.encode(prompt)), i))
@@ -98,8 +97,7 @@ async def test_an_honest_claim_caused_by_its_sender_fails_no_task(
     codec = TextCodec.load(tiny_model)
     async with _cluster(tiny_model, tmp_path, mode, {1: MisshapenStageServer}, n=6) as c:
         gw = c.gateway
-        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
-        plan = gw.stage_server.plan
+        plan = await c.first_plan()
         assert plan is not None and plan.nodes == (0, 1, 2)
         for i, prompt in enumerate(PROMPTS):
             result = (await _run(c, _task(tuple(codec.encode(prompt)), i))).result()
@@ -124,7 +122,7 @@ async def test_a_claim_every_holder_makes_is_believed_and_named(
     both = {1: ClaimsInvalidInputStageServer, 3: ClaimsInvalidInputStageServer}
     async with _cluster(tiny_model, tmp_path, "audit", both) as c:
         gw = c.gateway
-        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        await c.first_plan()
         run = await _run(c, _task(tuple(codec.encode(PROMPTS[0])), 0))
         error = run.exception()
         assert isinstance(error, ButterflyError) and not error.retriable
@@ -143,7 +141,7 @@ async def test_genuinely_invalid_input_fails_fast_with_a_clear_error(
     fails the gateway's own first stage, which it believes at once."""
     async with _cluster(tiny_model, tmp_path, mode, {}) as c:
         gw = c.gateway
-        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        await c.first_plan()
         context = gw.engine.max_context
         long = _task((1,) * context, 0, new=2)
         with pytest.raises(ButterflyError) as caught:

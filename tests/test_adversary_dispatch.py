@@ -89,8 +89,7 @@ async def test_a_standby_on_no_route_gets_no_honest_node_blamed_and_no_request_f
         liar = c.nodes[LIAR].stage_server
         assert isinstance(liar, Forger)
         liar.deliver = c.nodes[LIAR].router.deliver
-        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
-        plan = gw.stage_server.plan
+        plan = await c.first_plan()
         assert (
             plan is not None and LIAR not in plan.nodes and LIAR in plan.holders(plan.stages[0][1])
         )

@@ -177,8 +177,7 @@ async def test_a_liar_caught_mid_stream_leaves_only_verified_text(
         settings={"coordination.heartbeat_interval_ms": 10},
         stage_servers={1: CorruptStageServer},
     ) as c:
-        await c.until(lambda: c.gateway.stage_server.plan is not None, "the first plan")
-        first = c.gateway.stage_server.plan
+        first = await c.first_plan()
         assert first is not None and first.nodes[-1] == 1  # the liar sends the logits
         chunks = await stream_from_cluster(c, tmp_path, settings)
         assert chunks[-1] == "[DONE]" and chunks[-2]["verified"] == "audit", chunks[-2:]

@@ -31,7 +31,7 @@ async def test_a_sequence_whose_fingerprints_outgrow_a_frame_header_is_audited(
     }
     prompt = tuple(3 + i % 250 for i in range(PROMPT))
     async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=settings) as c:
-        await c.until(lambda: c.gateway.stage_server.plan is not None, "the first plan")
+        await c.first_plan()
         results = [
             await c.infer(
                 InferenceTask(RequestId(f"long-{i}"), prompt, max_new_tokens=4), beats=1000

@@ -205,7 +205,7 @@ async def test_audited_requests_beside_chunks_pass_their_audits(
     prompt = tuple(range(3, 3 + LONG))
     async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=settings) as c:
         gw = c.gateway
-        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        await c.first_plan()
 
         alone = await c.infer(InferenceTask(RequestId("alone"), (1, 2, 3), max_new_tokens=40))
         whole = await c.infer(InferenceTask(RequestId("whole"), prompt, max_new_tokens=4))

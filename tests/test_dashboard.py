@@ -80,7 +80,7 @@ async def test_every_metric_the_dashboard_queries_is_exported(
     # every node serves its registry (metrics.listen; port 0: any free one)
     settings = {"coordination.heartbeat_interval_ms": 10, "metrics.listen": "127.0.0.1:0"}
     async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=settings) as c:
-        await c.until(lambda: c.gateway.stage_server.plan is not None, "the first plan")
+        await c.first_plan()
         task = InferenceTask(RequestId("scraped"), input_ids=ids, max_new_tokens=4)
         await c.gateway.engine.run(task, lambda token: None)
         plan = c.gateway.stage_server.plan

@@ -21,8 +21,7 @@ async def test_a_larger_fingerprint_still_serves_a_long_prompt(
 ) -> None:
     settings = {"coordination.heartbeat_interval_ms": 10}
     async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=settings) as c:
-        gw = c.gateway
-        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        await c.first_plan()
         for node in c.nodes:  # the agreed change, applied on every node
             change(node.config, {"byzantine.fingerprint_top_k": 256})
         prompt = tuple(i % 250 + 3 for i in range(260))  # 12 positions a step fit at top_k 256

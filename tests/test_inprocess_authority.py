@@ -39,8 +39,7 @@ async def test_a_members_commands_never_take_effect(tiny_model: Path, tmp_path: 
         tiny_model, 4, tmp_path, f=1, settings=SETTINGS, agreements={1: UsurpingDriver}
     ) as c:
         gw = c.gateway
-        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
-        first = gw.stage_server.plan
+        first = await c.first_plan()
         assert first is not None and 1 in {*first.nodes, *(n for n, _ in first.replicas)}
         liar = c.nodes[1].agreement.driver
         assert isinstance(liar, UsurpingDriver) and liar.primary == 1
@@ -76,7 +75,7 @@ async def test_an_eviction_survives_a_gateway_restart(tiny_model: Path, tmp_path
     every node still records the one agreed eviction."""
     async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS) as c:
         gw = c.gateway
-        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        await c.first_plan()
         await gw.recovery.evict_liars((NodeId(3),), PROOF)
         await c.until(lambda: all(NodeId(3) in n.plans.evicted for n in c.nodes), "agreed")
 

@@ -87,7 +87,7 @@ async def test_a_member_is_added_and_one_removed_while_the_cluster_serves(
     )
     async with InProcessCluster(tiny_model, 4, tmp_path / "cluster", f=1, settings=SETTINGS) as c:
         gw = c.gateway
-        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        await c.first_plan()
 
         c.kill(3)  # down across the change: it catches up on it afterwards
         await c.until(lambda: 3 not in holders(gw.stage_server.plan), "node 3 out of the plan")
@@ -174,7 +174,7 @@ async def test_a_standby_gateway_is_removed_and_the_gateway_set_shrinks(
     async with InProcessCluster(tiny_model, 5, tmp_path / "cluster", f=1, settings=SETTINGS) as c:
         gw = c.gateway
         assert gw.gateway is not None
-        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        await c.first_plan()
         assert all(n.role.gateways == (0, 1) for n in c.nodes)
         standby = gw.gateway.replicas
         await c.until(lambda: standby.standbys() == [NodeId(1)], "node 1 a live standby")

@@ -62,7 +62,7 @@ async def test_membership_changes_refused_and_one_made_under_load(
     expected = list(generate([load_stage(tiny_model)], ids, NEW, stop_ids=codec.eos_ids))
     async with InProcessCluster(tiny_model, 5, tmp_path / "cluster", f=1, settings=SETTINGS) as c:
         gw = c.gateway
-        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        await c.first_plan()
         start = gw.config.current
         hash0 = gw.config.record.cluster_hash
 

@@ -47,7 +47,7 @@ async def test_honest_nodes_pass_their_audits(
     of the scale) had honest nodes evicted, two of them at f = 1."""
     async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=settings) as c:
         gw = c.gateway
-        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        await c.first_plan()
         for n in range(len(PROMPTS)):
             run = asyncio.create_task(gw.engine.run(task(tiny_model, n), lambda t: None))
             await c.until(run.done, f"request {n} to finish")
@@ -61,7 +61,7 @@ async def test_a_bfloat16_liar_is_still_evicted(tiny_model: Path, tmp_path: Path
         tiny_model, 4, tmp_path, f=1, settings=BF16, stage_servers=liar
     ) as c:
         gw = c.gateway
-        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        await c.first_plan()
         run = asyncio.create_task(gw.engine.run(task(tiny_model, 0), lambda t: None))
         await c.until(run.done, "the request to finish")
         assert run.result().verified == "audit"

@@ -59,8 +59,7 @@ async def test_a_killed_chain_node_hands_its_stage_to_the_standby(
     finishes with the tokens the unsplit model gives."""
     async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS) as c:
         gw = c.gateway
-        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
-        first = gw.stage_server.plan
+        first = await c.first_plan()
         assert first is not None and first.nodes == (0, 1)
         assert {n for n, _ in first.replicas} == {2, 3}
         result = await c.infer_killing(task(tiny_model, 1), 1, at=5)
@@ -89,8 +88,7 @@ async def test_a_request_that_went_on_under_a_new_plan_is_audited_under_both(
     4): verified, where it came back `none` when only the last plan's records were read."""
     async with InProcessCluster(tiny_model, 5, tmp_path, f=1, settings=SETTINGS) as c:
         gw = c.gateway
-        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
-        first = gw.stage_server.plan
+        first = await c.first_plan()
         assert first is not None and first.nodes == (0, 1)
         result = await c.infer_killing(task(tiny_model, 1), 1, at=5)
         assert list(result.output_ids) == expected
@@ -117,8 +115,7 @@ async def test_a_liar_before_a_failure_is_caught_however_the_request_went_on(
         tiny_model, 5, tmp_path, f=1, settings=SETTINGS, stage_servers=liars
     ) as c:
         gw = c.gateway
-        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
-        first = gw.stage_server.plan
+        first = await c.first_plan()
         assert first is not None and first.nodes == (0, 1)
         result = await c.infer_killing(task(tiny_model, 1), 1, at=at)
         assert list(result.output_ids) == expected
@@ -138,8 +135,7 @@ async def test_a_proven_liar_is_evicted_by_agreement_and_leaves_the_plan(
         tiny_model, 4, tmp_path, f=1, settings=SETTINGS, stage_servers=liar
     ) as c:
         gw = c.gateway
-        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
-        first = gw.stage_server.plan
+        first = await c.first_plan()
         assert first is not None and 1 in first.nodes
         run = asyncio.create_task(gw.engine.run(task(tiny_model, 2), lambda t: None))
         await c.until(run.done, "the request to finish")
@@ -180,7 +176,7 @@ async def test_verification_switched_off_and_a_node_restarted_can_be_switched_ba
     which no restart could mend (the agreed history restores `none` at every start)."""
     async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS) as c:
         gw = c.gateway
-        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        await c.first_plan()
         await gw.agreement.coordinator.update({"byzantine.verification": "none"})
         again = await c.restart(3)
         await c.until(

@@ -61,8 +61,7 @@ async def test_a_killed_node_that_comes_back_is_given_a_range_and_audits_resume(
 ) -> None:
     async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS) as c:
         gw = c.gateway
-        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
-        first = gw.stage_server.plan
+        first = await c.first_plan()
         assert first is not None and first.nodes == (0, 1)
         # killed mid-request: its cache of the request stays behind
         result = await c.infer_killing(task(tiny_model, "killed-in"), 1, at=5)
@@ -98,7 +97,7 @@ async def test_a_restarted_node_catches_up_and_is_given_a_range(
     never execute the log, refuse every plan, and draw ever more relays."""
     async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS) as c:
         gw = c.gateway
-        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        await c.first_plan()
         c.kill(victim)
         await c.until(lambda: victim not in holders(gw.stage_server.plan), "victim out")
         again = await c.restart(victim)
@@ -115,7 +114,7 @@ async def test_a_restarted_node_catches_up_and_is_given_a_range(
 async def test_an_evicted_node_that_comes_back_stays_out(tiny_model: Path, tmp_path: Path) -> None:
     async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS) as c:
         gw = c.gateway
-        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        await c.first_plan()
         c.kill(2)
         await gw.recovery.evict_liars((NodeId(2),), "signed a wrong result")
         await c.until(lambda: 2 not in holders(gw.stage_server.plan), "node 2 out of the plan")
@@ -173,7 +172,7 @@ async def test_a_member_withholding_its_ack_does_not_hold_up_recovery(
         stage_servers={2: WithholdingStageServer},
     ) as c:
         gw = c.gateway
-        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        await c.first_plan()
         c.kill(1)
 
         def withheld() -> bool:
@@ -221,8 +220,7 @@ async def test_a_re_plan_waiting_on_a_node_that_dies_starts_over_at_once(
         stage_servers={2: WithholdingStageServer},
     ) as c:
         gw = c.gateway
-        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
-        first = gw.stage_server.plan
+        first = await c.first_plan()
         assert first is not None and {1, 2} <= set(first.nodes)
         c.kill(1)
 
@@ -247,8 +245,7 @@ async def test_a_strategy_change_is_a_new_epoch_even_when_the_ranges_stay(
     strategy, agreed for a new epoch (tests/test_config_cluster.py waits for it)."""
     async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS) as c:
         gw = c.gateway
-        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
-        first = gw.stage_server.plan
+        first = await c.first_plan()
         assert first is not None
         for strategy in ("uniform", "load_balanced"):
             before = gw.stage_server.plan

@@ -37,7 +37,7 @@ async def test_a_node_restarted_past_the_pruned_log_catches_up_from_a_snapshot(
 ) -> None:
     async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS) as c:
         gw = c.gateway
-        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        await c.first_plan()
         c.kill(3)
         await c.until(lambda: 3 not in holders(gw.stage_server.plan), "node 3 out")
         update = asyncio.create_task(

@@ -157,7 +157,7 @@ async def test_an_honest_clusters_biased_answer_is_verified_blaming_nobody(
     assert not set(expected) & set(plain)
     settings = {"coordination.heartbeat_interval_ms": 10, "byzantine.verification": "audit"}
     async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=settings) as c:
-        await c.until(lambda: c.gateway.stage_server.plan is not None, "the first plan")
+        await c.first_plan()
         for sampling in (params, SamplingParams(temperature=1.0, seed=5, logit_bias=bias)):
             name = RequestId(f"bias-{sampling.temperature}")
             task = InferenceTask(name, input_ids=ids, max_new_tokens=8, sampling=sampling)

@@ -33,7 +33,7 @@ async def served(tiny_model: Path, tmp_path: Path) -> AsyncIterator[tuple[InProc
     port = free_port_block(2)
     settings = {"api.port": port, "model.served_name": NAME}
     async with InProcessCluster(tiny_model, 2, tmp_path, f=0, settings=settings) as c:
-        await c.until(lambda: c.gateway.stage_server.plan is not None, "the first plan")
+        await c.first_plan()
         gateway = c.gateway.gateway
         await c.until(lambda: gateway is not None and gateway.scheduler is not None, "the API")
         yield c, f"http://127.0.0.1:{port}/v1"

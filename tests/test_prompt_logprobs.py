@@ -132,7 +132,7 @@ async def test_an_honest_chain_passes_its_audit_with_prompt_logprobs_and_stops(
     settings = {"coordination.heartbeat_interval_ms": 10, "byzantine.verification": "audit"}
     async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=settings) as c:
         gw = c.gateway
-        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        await c.first_plan()
         task = InferenceTask(
             RequestId("echo"),
             tuple(ids),
@@ -169,7 +169,7 @@ async def test_replicate_mode_refuses_prompt_logprobs_clearly(
     settings = {"coordination.heartbeat_interval_ms": 10, "byzantine.verification": "replicate"}
     async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=settings) as c:
         gw = c.gateway
-        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        await c.first_plan()
         asked = SamplingParams(prompt_logprobs=1)
         task = InferenceTask(RequestId("rep"), ids, max_new_tokens=2, sampling=asked)
         with pytest.raises(InvalidInput, match=r"replicate.*without echo"):

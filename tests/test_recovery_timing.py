@@ -36,8 +36,7 @@ async def test_recovery_s_spans_detection_replan_and_replay(
     task = InferenceTask(RequestId("request-timing"), input_ids=ids, max_new_tokens=12)
     async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS) as c:
         gw = c.gateway
-        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
-        first = gw.stage_server.plan
+        first = await c.first_plan()
         assert first is not None and 1 in first.nodes
         seen: list[float] = []
 

@@ -37,7 +37,7 @@ async def test_switching_speculation_and_chunking_on_changes_the_traversals(
     prompt = tuple(TextCodec.load(tiny_model).encode(EDIT))
     async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS) as c:
         gw = c.gateway
-        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        await c.first_plan()
         assert gw.engine.verification == "none"
 
         async def request(name: str) -> InferenceResult:
@@ -74,7 +74,7 @@ async def test_mode_draft_runs_on_the_draft_model_given_at_start_and_is_refused_
     drafting = {**SETTINGS, "generation.speculative.draft_model": str(tiny_model)}
     async with InProcessCluster(tiny_model, 4, tmp_path / "a", f=1, settings=drafting) as c:
         gw = c.gateway
-        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        await c.first_plan()
 
         async def request(name: str) -> InferenceResult:
             task = InferenceTask(RequestId(name), prompt, max_new_tokens=NEW)
@@ -90,7 +90,7 @@ async def test_mode_draft_runs_on_the_draft_model_given_at_start_and_is_refused_
         assert (await request("off")).timings["traversals"] == NEW
     async with InProcessCluster(tiny_model, 4, tmp_path / "b", f=1, settings=SETTINGS) as c:
         gw = c.gateway
-        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        await c.first_plan()
         with pytest.raises(ConfigInvalid, match=r"generation\.speculative\.draft_model"):
             change(gw.config, {"generation.speculative.mode": "draft"})
         assert gw.config.current.generation.speculative.mode == "off"

@@ -107,7 +107,7 @@ async def test_gateway_keeps_serving_when_result_expiry_hits_a_locked_database(
     settings = {"coordination.heartbeat_interval_ms": 10, "scheduling.result_ttl_s": 1}
     async with InProcessCluster(tiny_model, 2, tmp_path, f=0, settings=settings) as c:
         gw = c.gateway
-        await c.until(lambda: gw.stage_server.plan is not None, "the first plan")
+        await c.first_plan()
         assert gw.gateway is not None
         registry = gw.gateway.metrics.registry
         for _ in range(200):  # expiry runs every 0.25 s; bounded in count and time

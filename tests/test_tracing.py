@@ -66,7 +66,7 @@ def spans_of(c: InProcessCluster, exporter: InMemorySpanExporter) -> list[Readab
 
 
 async def started(c: InProcessCluster) -> None:
-    await c.until(lambda: c.gateway.stage_server.plan is not None, "the first plan")
+    await c.first_plan()
 
 
 async def test_a_traced_request_has_a_span_per_stage_step_under_its_own(

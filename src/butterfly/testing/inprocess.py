@@ -34,6 +34,7 @@ from butterfly.node import Node, build_node
 from butterfly.runtime.torch_thread import TorchThread
 from butterfly.schedule.engine import Streamed
 from butterfly.types.ids import Epoch, NodeId
+from butterfly.types.plan import StagePlan
 from butterfly.types.tasks import InferenceResult, InferenceTask
 from butterfly.types.wire.control import Heartbeat
 from butterfly.wiring.edges import LocalState, OnBeat
@@ -289,6 +290,13 @@ class InProcessCluster:
             self.hub.tick(0.1)
             await asyncio.sleep(0.005)
         raise AssertionError(f"{what}: not within {beats} heartbeats")
+
+    async def first_plan(self) -> StagePlan:
+        """The gateway's plan, once it has one (`until`)."""
+        await self.until(lambda: self.gateway.stage_server.plan is not None, "the first plan")
+        plan = self.gateway.stage_server.plan
+        assert plan is not None
+        return plan
 
     async def infer(self, task: InferenceTask, *, beats: int = 2000) -> InferenceResult:
         """Run `task` on node 0's engine, beating (`until`) while it runs: the heartbeats
