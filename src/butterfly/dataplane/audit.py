@@ -267,17 +267,16 @@ class Auditor:
                 offset = min(c.start for c in mine)
                 if chosen is not None:
                     offset = min(offset, max(0, chosen.prompt - 1))
-            # the holders that signed none of the claims: a request routed around the
-            # chain's node (`claims.Claims`) was computed by a standby, which must not
-            # audit its own work (the chain's node audits it then)
+            # no node audits its own work: each claim is judged by the re-runs of the
+            # holders that did not sign it. A step routed around the chain's node
+            # (`claims.Claims`) was signed by a standby, and the chain's node signed the
+            # steps before: each audits the other's (the first asked nobody, a review)
             signed = {c.proof.sender for c in mine}
-            others = [
-                n
-                for n in plan.holders(layers)
-                if n not in signed and (members is None or n in members)
-            ]
-            if not others:
-                return Verdict(False, reason=f"no replica of {layers} to audit node {node}")
+            askable = [n for n in plan.holders(layers) if members is None or n in members]
+            others = [n for n in askable if signed - {n}]
+            unjudged = sorted(s for s in signed if not [n for n in others if n != s])
+            if unjudged:
+                return Verdict(False, reason=f"no replica of {layers} to audit node {unjudged[0]}")
             replies = await asyncio.gather(
                 *(self._replay(request_id, index, layers, x, offset, a) for a in others)
             )
@@ -289,11 +288,7 @@ class Auditor:
             # blamed the honest next stage that computed on it (a review); one of the last
             # stage leaves the request unverified unless a liar was found
             weak = sorted({c.proof.sender for c in mine if not self._strong(c, weakest)})
-            if len(outs) == len(replies) and all(
-                self._all_match(mine, out, offset)
-                and not (picks and picks.wrong(out, offset, self._tol))
-                for out in outs
-            ):
+            if len(outs) == len(replies) and self._judged(mine, replies, offset, picks):
                 checked += len(mine)
                 if weak and not (last and liars):
                     return self._weak(weak, index, layers, liars, reasons, checked)
@@ -337,6 +332,30 @@ class Auditor:
                 return self._weak(weak, index, layers, liars, reasons, checked)
             x = reference  # the chain was right; go on from what is known to be right
         return Verdict(True, tuple(liars), "; ".join(reasons), checked)
+
+    def _judged(
+        self,
+        claims: Sequence[Claim],
+        replies: Sequence[tuple[NodeId, torch.Tensor | None, bool]],
+        offset: int,
+        picks: Chosen | None,
+    ) -> bool:
+        """Whether every re-run matches the claims its runner did not sign, and allows
+        the chosen tokens. Re-runs by signers judged only each other's claims, which may
+        cover some positions only: they must also agree with each other, since one of
+        them becomes the next stage's input."""
+        outs = [out for _, out, _ in replies if out is not None]
+        for runner, out, _ in replies:
+            if out is None:
+                continue
+            if not self._all_match([c for c in claims if c.proof.sender != runner], out, offset):
+                return False
+            if picks and picks.wrong(out, offset, self._tol):
+                return False
+        signers = {c.proof.sender for c in claims}
+        if signers & {runner for runner, _, _ in replies}:
+            return all(tensors_close(out, outs[0], self._tol) for out in outs[1:])
+        return True
 
     @staticmethod
     def _strong(claim: Claim, weakest: Shape | None) -> bool:
@@ -407,36 +426,59 @@ class Auditor:
         )
 
 
+@dataclass
+class Steps:
+    """The steps whose output a request used, as its audit reads them: the engine
+    records each as it is answered (`used`) and each replay (`replayed_from`)."""
+
+    # step -> (start, length) of its input positions
+    positions: dict[int, tuple[int, int]] = field(default_factory=dict)
+    plans: dict[int, StagePlan] = field(default_factory=dict)  # step -> the plan it ran under
+    every_row: set[int] = field(default_factory=set)  # its last stage answered every position
+    # steps whose rows a replay computed again: their records are still audited (the
+    # tokens they led to were chosen from their outputs), but a plan of such steps only
+    # whose ranges nobody holds any more need not be: later steps computed every row
+    superseded: set[int] = field(default_factory=set)
+
+    def used(self, step: int, start: int, length: int, plan: StagePlan | None) -> None:
+        self.positions[step] = (start, length)
+        if plan is not None:
+            self.plans[step] = plan
+
+    def replayed_from(self, start: int) -> None:
+        """A replay computes every row from `start` again."""
+        self.superseded.update(s for s, (begin, _) in self.positions.items() if begin >= start)
+
+
 async def audit_request(
     auditor: Auditor,
-    plans: Mapping[int, StagePlan],
+    steps: Steps,
     records: Sequence[Proof],
     task: InferenceTask,
     result: InferenceResult,
-    positions: dict[int, tuple[int, int]],
     *,
-    every_row: Collection[int] = (),
     emit: Emit,
     on_liars: Callable[[tuple[NodeId, ...], str], Awaitable[None]],
     weakest: Shape | None = None,
     members: Collection[NodeId] | None = None,
 ) -> Verdict:
     """The gateway's audit of one finished request from the `records` its chains signed
-    (`positions`: the steps whose output was used, `plans`: the plan each step ran
-    under, `every_row`: those whose last stage answered every position); liars found go
-    to `on_liars`. A request whose steps ran under several plans (a node failed, the
-    plan moved, and it went on from where its caches stood) is audited under each in
-    turn: each plan's steps against that plan's stages, re-run by their other holders
-    still among the `members` of the plan now (the one that failed is not asked). It
-    came back unverified when only the last plan's records were read. A record
-    fingerprinted more weakly than `weakest` leaves the request unverified
-    (`Auditor.audit`): one value per position does not show another raised below it (a
-    review). It blames nobody: a node that had not yet taken an agreed change of the
-    shape signs so too."""
+    for its `steps`; liars found go to `on_liars`. A request whose steps ran under
+    several plans (a node failed, the plan moved, and it went on from where its caches
+    stood) is audited under each in turn: each plan's steps against that plan's stages,
+    re-run by their other holders still among the `members` of the plan now (the one
+    that failed is not asked). It came back unverified when only the last plan's records
+    were read. A plan whose steps a replay superseded, all of them, and that cannot be
+    audited (its ranges are held by nobody now) is passed over: the later steps computed
+    every row again, and every chosen token is held to the re-executed logits of the
+    last plan (`Chosen`). A record fingerprinted more weakly than `weakest` leaves the
+    request unverified (`Auditor.audit`): one value per position does not show another
+    raised below it (a review). It blames nobody: a node that had not yet taken an
+    agreed change of the shape signs so too."""
     request_id = task.task_id
     by_epoch: dict[int, tuple[StagePlan, dict[int, tuple[int, int]]]] = {}
-    for step, where in sorted(positions.items()):
-        plan = plans.get(step)
+    for step, where in sorted(steps.positions.items()):
+        plan = steps.plans.get(step)
         if plan is None:
             return Verdict(False, reason=f"step {step} ran under no plan the gateway kept")
         by_epoch.setdefault(plan.epoch, (plan, {}))[1][step] = where
@@ -444,32 +486,59 @@ async def audit_request(
     chosen = Chosen(task.sampling, len(task.input_ids), tuple(result.output_ids))
     verdicts: list[Verdict] = []
     for epoch in sorted(by_epoch):
-        plan, steps = by_epoch[epoch]
-        claims = auditor.claims_of(
-            records, request_id=request_id, plan=plan, positions=steps, every_row=every_row
+        plan, mine = by_epoch[epoch]
+        verdict = await _audit_plan(
+            auditor,
+            plan,
+            mine,
+            steps.every_row,
+            records,
+            request_id,
+            sequence,
+            chosen,
+            weakest,
+            members,
         )
-        # every plan is audited, also after one that could not be verified: a liar in a
-        # later one is still found
-        gap = auditor.gaps(claims, steps, len(plan.stages))
-        if gap:
-            verdicts.append(Verdict(False, reason=_of_epoch(gap, epoch, by_epoch)))
-            continue
-        try:
-            verdict = await auditor.audit(
-                plan, request_id, sequence, claims, chosen, weakest, members
-            )
-        except ButterflyError as e:
-            verdicts.append(Verdict(False, reason=f"audit could not run: {e}"))
-            continue
-        verdicts.append(replace(verdict, reason=_of_epoch(verdict.reason, epoch, by_epoch)))
+        verdict = replace(verdict, reason=_of_epoch(verdict.reason, epoch, by_epoch))
         if verdict.liars:
             await on_liars(verdict.liars, verdict.reason)
+        # every plan is audited, also after one that could not be verified: a liar in a
+        # later one is still found
+        if verdict.verified or verdict.liars or not set(mine) <= steps.superseded:
+            verdicts.append(verdict)
+        else:
+            log.info("audit of %s: passed over: %s", request_id, verdict.reason)
     verdict = _together(verdicts)
     outcome: Literal["verified", "unverified", "liar_found"] = (
         "liar_found" if verdict.liars else "verified" if verdict.verified else "unverified"
     )
     emit(Verification(check="audit", outcome=outcome))
     return verdict
+
+
+async def _audit_plan(
+    auditor: Auditor,
+    plan: StagePlan,
+    positions: dict[int, tuple[int, int]],
+    every_row: Collection[int],
+    records: Sequence[Proof],
+    request_id: RequestId,
+    sequence: Sequence[int],
+    chosen: Chosen,
+    weakest: Shape | None,
+    members: Collection[NodeId] | None,
+) -> Verdict:
+    """The audit of the steps that ran under one plan."""
+    claims = auditor.claims_of(
+        records, request_id=request_id, plan=plan, positions=positions, every_row=every_row
+    )
+    gap = auditor.gaps(claims, positions, len(plan.stages))
+    if gap:
+        return Verdict(False, reason=gap)
+    try:
+        return await auditor.audit(plan, request_id, sequence, claims, chosen, weakest, members)
+    except ButterflyError as e:
+        return Verdict(False, reason=f"audit could not run: {e}")
 
 
 def _of_epoch(reason: str, epoch: int, plans: Collection[int]) -> str:

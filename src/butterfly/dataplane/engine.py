@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from tokenizers import Tokenizer
 
-from butterfly.dataplane.audit import Auditor, audit_request
+from butterfly.dataplane.audit import Auditor, Steps, audit_request
 from butterfly.dataplane.caches import Asker as Asker
 from butterfly.dataplane.caches import Caches
 from butterfly.dataplane.claims import Claims
@@ -476,9 +476,7 @@ class PipelineEngine:
             # (a re-run after a failed audit starts over)
             saved = self._resume(request_id) if self._resume is not None else None
             for _ in range(self._max_recoveries):
-                positions: dict[int, tuple[int, int]] = {}
-                ran_under: dict[int, StagePlan] = {}  # step -> the plan it ran under
-                every_row: set[int] = set()
+                steps = Steps()
                 self._flight.records[request_id] = []
                 result = await self._generate(
                     task,
@@ -486,10 +484,8 @@ class PipelineEngine:
                     on_token,
                     started,
                     timings,
-                    positions,
+                    steps,
                     saved,
-                    ran_under=ran_under,
-                    every_row=every_row,
                     speculation=self._speculation_for(
                         replicator is not None or auditor is not None
                     ),
@@ -499,16 +495,14 @@ class PipelineEngine:
                 saved = None
                 if replicator is not None:
                     return replace(result, verified=replicator.finish(request_id))
-                if auditor is None or not positions or self._audit_draw() >= fraction:
+                if auditor is None or not steps.positions or self._audit_draw() >= fraction:
                     return result  # (no position computed: an echo of max_tokens 0)
                 verdict = await audit_request(
                     auditor,
-                    ran_under,
+                    steps,
                     self._flight.records.get(request_id, []),
                     task,
                     result,
-                    positions,
-                    every_row=every_row,
                     emit=self._emit,
                     on_liars=self._on_liars,
                     weakest=self._accepted_shape(began),
@@ -544,11 +538,9 @@ class PipelineEngine:
         on_token: TokenSink,
         started: float,
         timings: dict[str, float],
-        positions: dict[int, tuple[int, int]],
+        steps: Steps,
         saved: Checkpoint | None = None,
         *,
-        ran_under: dict[int, StagePlan] | None = None,
-        every_row: set[int] | None = None,
         speculation: Speculation = PLAIN,
         chunk: int = 0,
     ) -> InferenceResult:
@@ -578,15 +570,15 @@ class PipelineEngine:
         token that completes a stop string, as at end of sequence. `prompt_logprobs`: a
         step holding prompt positions not scored yet asks the last stage for every
         position's logits (signed as any step's output: they are the bytes it sends),
-        scored here as sampled tokens are; `every_row` gets those steps, whose last-stage
-        records the audit then reads as covering every position. `ran_under` gets each
-        used step's plan: a request that went on after the plan moved is audited under
-        each plan it ran under. A step stays in `positions` when a replay recomputes its
-        rows: the tokens it led to were chosen from its output, which only its own
-        records vouch for (dropped, a liar's logits before a replay from 0 went
-        unchecked, and its answer came back verified: a review).
+        scored here as sampled tokens are; `steps.every_row` gets those steps, whose
+        last-stage records the audit then reads as covering every position. `steps` gets
+        each step whose output was used, with the plan it ran under (a request that went
+        on after the plan moved is audited under each plan it ran under), and each replay:
+        a step stays in the audit when a replay recomputes its rows, since the tokens it
+        led to were chosen from its output, which only its own records vouch for
+        (dropped, a liar's logits before a replay from 0 went unchecked, and its answer
+        came back verified: a review).
         """
-        every_row = set() if every_row is None else every_row
         gen = Generation(task, on_token, self._eos, self._emit, self._tokenizer, saved)
         if gen.resumed:
             timings["resumed_from_checkpoint"] = float(len(gen.out))
@@ -597,7 +589,7 @@ class PipelineEngine:
         based_on = self._epoch()  # the plan whose caches `gen.pos` counts on
         while gen.more():
             if self._epoch() != based_on:
-                gen.replay_from(await self._resume_at(request_id, gen.length))
+                gen.replay_from(await self._replay_from(request_id, gen.length, steps))
             epoch = based_on = self._epoch()
             step += 1  # step ids are never reused, so a late answer is ignored
             step_started = time.perf_counter()
@@ -624,11 +616,9 @@ class PipelineEngine:
                 rows = bool(proposed.tokens) or to_score > 0
                 logits = await self._compute(request_id, step, gen.pos, head, not rows)
                 answered = time.perf_counter() - step_started
-                positions[step] = (gen.pos, head.shape[1])  # a step whose output was used
-                if ran_under is not None and plan is not None:
-                    ran_under[step] = plan  # its records are of this plan's epoch
+                steps.used(step, gen.pos, head.shape[1], plan)  # its output was used
                 if to_score:
-                    every_row.add(step)
+                    steps.every_row.add(step)
                     gen.score_prompt(logits, to_score)
                 if lost_at is not None:  # decoding resumed: the whole gap was recovery
                     timings["recovery_s"] = timings.get("recovery_s", 0.0) + (
@@ -655,6 +645,7 @@ class PipelineEngine:
                 if recoveries > self._max_recoveries:
                     raise
                 if not e.retriable:  # a claim not believed: replay it all on the new route
+                    steps.replayed_from(0)
                     gen.replay_from(0)
                     continue
                 # from the lost step's start, the last progress the gateway saw, to the
@@ -672,7 +663,7 @@ class PipelineEngine:
                 if not stays:  # a plan without a node that withholds steps comes of nothing
                     await self._await_plan_change(epoch)
                 based_on = self._epoch()
-                gen.replay_from(await self._resume_at(request_id, gen.length))
+                gen.replay_from(await self._replay_from(request_id, gen.length, steps))
                 timings["resumed_at"] = float(gen.pos)
                 continue
             finally:
@@ -732,6 +723,12 @@ class PipelineEngine:
         if failure is not None:
             raise failure from e
         return True
+
+    async def _replay_from(self, request_id: RequestId, length: int, steps: Steps) -> int:
+        """Where a request of `length` tokens goes on after the plan moved on."""
+        start = await self._resume_at(request_id, length)
+        steps.replayed_from(start)
+        return start
 
     async def _resume_at(self, request_id: RequestId, length: int) -> int:
         """Where a request resumes on a new plan (`caches.Caches.resume_at`, asking the
