@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from butterfly.types.tasks import InferenceTask
 from tests.api_util import assert_error, serving
 
 pytestmark = pytest.mark.anyio
@@ -58,14 +59,35 @@ async def test_the_likeliest_candidates_per_token_are_returned(
     assert best["usage"]["prompt_tokens"] == every["usage"]["prompt_tokens"]
 
 
-async def test_greedy_best_of_is_plain_decoding(tiny_model: Path, tmp_path: Path) -> None:
-    """Greedy candidates are all alike: n of them are returned, no more are computed."""
-    base = {"prompt": "Once", "max_tokens": 6, "temperature": 0.0}
+@pytest.mark.parametrize(
+    "alike",
+    [
+        {"temperature": 0.0},
+        {"temperature": 1.0, "top_k": 1, "seed": 3},
+        {"temperature": 1.0, "max_tokens": 0, "echo": True, "logprobs": 1},
+    ],
+    ids=["greedy", "top_k-1", "scored-prompt"],
+)
+async def test_candidates_that_are_all_alike_are_not_computed(
+    tiny_model: Path, tmp_path: Path, alike: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Greedy candidates (top_k 1 is greedy too) and a prompt scored with no new token
+    are all alike: n are returned and no more computed (nor billed)."""
+    base = {"prompt": "Once", "max_tokens": 6, **alike}
     async with serving(tiny_model, tmp_path / "t.db") as s:
+        submitted: list[InferenceTask] = []
+        submit = s.scheduler.submit
+
+        async def counted(task: InferenceTask) -> Any:
+            submitted.append(task)
+            return await submit(task)
+
+        monkeypatch.setattr(s.scheduler, "submit", counted)
         plain = await complete(s.client, **base)
         best = await complete(s.client, best_of=5, **base)
     assert best["choices"] == plain["choices"]
-    assert best["usage"] == plain["usage"]  # one candidate's tokens: only one ran
+    assert best["usage"] == plain["usage"]
+    assert len(submitted) == 2  # one candidate each: only one ran
 
 
 @pytest.mark.parametrize(
@@ -74,7 +96,7 @@ async def test_greedy_best_of_is_plain_decoding(tiny_model: Path, tmp_path: Path
         ({"best_of": 3, "stream": True}, ["best_of", "stream"]),
         ({"best_of": 1, "n": 2}, ["best_of", "at least n"]),
         ({"best_of": 21}, ["best_of", "20"]),
-        ({"best_of": 20, "prompt": ["a", "b", "c", "d"]}, ["80 completions", "at most 64"]),
+        ({"best_of": 20, "prompt": ["a", "b", "c", "d"]}, ["best_of=20", "80", "at most 64"]),
     ],
 )
 async def test_a_best_of_that_cannot_be_served_is_a_400_naming_it(
@@ -84,3 +106,4 @@ async def test_a_best_of_that_cannot_be_served_is_a_400_naming_it(
     async with serving(tiny_model, tmp_path / "t.db") as s:
         r = await s.client.post("/v1/completions", json=sampled)
         assert_error(r, 400, "invalid_request", *words)
+        assert r.json()["error"]["param"] == "best_of"

@@ -295,8 +295,10 @@ def router(gw: Gateway, limited: Depends) -> APIRouter:
         if "max_tokens" not in body.model_fields_set and max_tokens is not None:
             max_tokens = min(max_tokens, gw.settings.max_new_tokens_limit)  # as chat's
         # best_of: that many candidates per prompt, scored, the n best returned (greedy
-        # ones are all alike: n of them are as good as any)
-        best_of = body.n if body.best_of is None or is_greedy(sampling) else body.best_of
+        # ones, top_k 1 included, are all alike, and so are prompts scored with no new
+        # token: n of them are as good as any)
+        alike = is_greedy(sampling) or sampling.top_k == 1 or body.max_tokens == 0
+        best_of = body.n if body.best_of is None or alike else body.best_of
         if best_of > body.n and body.stream:
             raise InvalidField(
                 "best_of above n cannot stream: the best are known only once every "
@@ -306,7 +308,17 @@ def router(gw: Gateway, limited: Depends) -> APIRouter:
         drawn = sampling
         if best_of > body.n and sampling.logprobs is None:  # scores to rank, not returned
             drawn = replace(sampling, logprobs=0)
-        run = await start(gw, codec, prompts, max_tokens, drawn, best_of, body.stops(), fewest=0)
+        run = await start(
+            gw,
+            codec,
+            prompts,
+            max_tokens,
+            drawn,
+            best_of,
+            body.stops(),
+            fewest=0,
+            per_prompt="best_of" if best_of > body.n else "n",
+        )
         chunks = CompletionChunks(gw, int(time.time()), body)
         if body.stream:
             events = stream(run, chunks, body.include_usage())

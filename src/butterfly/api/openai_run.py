@@ -30,14 +30,14 @@ from typing import Any, Protocol
 import anyio
 from fastapi.responses import JSONResponse, Response
 
-from butterfly.api.errors import error_body
+from butterfly.api.errors import InvalidField, error_body
 from butterfly.api.gateway import Gateway
 from butterfly.api.openai_choices import ChoiceText, StopScanner
 from butterfly.api.openai_schema import MAX_TASKS, Usage
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.schedule.engine import PromptScored, Retraction, Streamed, Token
 from butterfly.schedule.state import TaskStatus
-from butterfly.types.errors import ButterflyError, InvalidRequest
+from butterfly.types.errors import ButterflyError
 from butterfly.types.ids import RequestId
 from butterfly.types.tasks import SEED_SPAN, InferenceResult, InferenceTask, SamplingParams
 
@@ -107,14 +107,17 @@ async def start(
     fewest: int = 1,
     field: str = "max_tokens",
     prompt_field: str = "prompt",
+    per_prompt: str = "n",
 ) -> Run:
     """Submit `n` tasks per prompt (all or none: a refused one cancels the others);
     `fewest`: the least `max_tokens` allowed, `field` the request's name for it
-    (`Gateway.token_task`)."""
+    (`Gateway.token_task`); `per_prompt`: the request's name for `n` (`best_of`, when
+    the tasks are its candidates)."""
     if len(prompts) * n > MAX_TASKS:
-        raise InvalidRequest(
-            f"{len(prompts)} prompts x n={n} is {len(prompts) * n} completions; one request "
-            f"may ask for at most {MAX_TASKS}: split the batch"
+        raise InvalidField(
+            f"{len(prompts)} prompts x {per_prompt}={n} is {len(prompts) * n} completions; "
+            f"one request may ask for at most {MAX_TASKS}: split the batch",
+            per_prompt,
         )
     tasks: list[InferenceTask] = []
     choices: list[ChoiceText] = []
@@ -159,8 +162,8 @@ def feed(choice: ChoiceText, result: InferenceResult) -> None:
 
 
 def mean_logprob(choice: ChoiceText) -> float:
-    """The mean log-probability of a choice's tokens (those a resumed gateway did not
-    score left out; none scored ranks last)."""
+    """The mean log-probability of a choice's tokens; a choice without scores (resumed
+    from a dead gateway's checkpoint: its tokens carry none) ranks last."""
     values = [s.logprob for s in choice.scored if s is not None]
     return sum(values) / len(values) if values else -math.inf
 

@@ -16,7 +16,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from butterfly.api.requests import SEED_MAX, StrictBody
 
@@ -155,12 +162,15 @@ class CompletionRequest(SamplingFields):
     best_of: Annotated[int, Field(ge=1, le=MAX_BEST_OF)] | None = None
     suffix: str | None = None  # ignored
 
-    @model_validator(mode="after")
-    def best_of_at_least_n(self) -> Self:
-        """OpenAI's rule: best_of picks n of best_of samples, so fewer cannot be asked."""
-        if self.best_of is not None and self.best_of < self.n:
-            raise ValueError(f"best_of ({self.best_of}) must be at least n ({self.n})")
-        return self
+    @field_validator("best_of")
+    @classmethod
+    def best_of_at_least_n(cls, best_of: int | None, info: ValidationInfo) -> int | None:
+        """OpenAI's rule: best_of picks n of best_of samples, so fewer cannot be asked
+        (a field's check, so the error's `param` names it)."""
+        n = info.data.get("n", 1)
+        if best_of is not None and best_of < n:
+            raise ValueError(f"best_of ({best_of}) must be at least n ({n})")
+        return best_of
 
     def prompts(self) -> list[str | list[int]]:
         """The batch of prompts (one for a single text or a single list of ids)."""
