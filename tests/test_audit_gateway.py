@@ -142,7 +142,7 @@ def test_a_request_that_ran_under_two_plans_is_audited_under_each(tiny_model: Pa
     unverified when only the last plan's records were read. A lie in the first plan's
     steps is found and its signer blamed; a plan whose records are missing, or whose
     range no member still holds, leaves the request unverified and blames nobody."""
-    from butterfly.dataplane.audit import Steps, audit_request
+    from butterfly.dataplane.request_audit import Steps, audit_request
     from butterfly.runtime.generate import generate
     from butterfly.types.ids import RequestId
     from butterfly.types.tasks import InferenceResult, InferenceTask
@@ -236,7 +236,7 @@ def test_a_chosen_token_no_record_covers_is_still_held_to_honest_logits(
     records audited covers the step it was chosen at (a replay's step signs its last row
     only): a wrong one leaves the request unverified, blaming nobody, where it passed
     unchecked before (a review)."""
-    from butterfly.dataplane.audit import Steps, audit_request
+    from butterfly.dataplane.request_audit import Steps, audit_request
     from butterfly.runtime.generate import generate
     from butterfly.types.ids import RequestId
     from butterfly.types.tasks import InferenceResult, InferenceTask

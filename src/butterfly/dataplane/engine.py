@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from tokenizers import Tokenizer
 
-from butterfly.dataplane.audit import Auditor, Steps, audit_request
+from butterfly.dataplane.audit import Auditor
 from butterfly.dataplane.caches import Asker as Asker
 from butterfly.dataplane.caches import Caches
 from butterfly.dataplane.claims import Claims
@@ -35,6 +35,7 @@ from butterfly.dataplane.intake import Intake
 from butterfly.dataplane.lanes import Lane
 from butterfly.dataplane.proving import Shape
 from butterfly.dataplane.replicate import Replicator
+from butterfly.dataplane.request_audit import Steps, audit_request
 from butterfly.dataplane.sending import Deliver as Deliver
 from butterfly.dataplane.sending import RecordSize, StepSender
 from butterfly.dataplane.unresponsive import StepTimeouts
