@@ -28,6 +28,7 @@ from butterfly.testing.liars import (
     HonestFingerprintStageServer,
     IntermittentStageServer,
     OmitRecordsStageServer,
+    PoisonedAuditStageServer,
     SignHonestSendCorruptStageServer,
     SilentStageServer,
     WeakFingerprintStageServer,
@@ -134,6 +135,25 @@ async def test_a_lying_middle_stage_is_evicted_and_never_its_honest_receiver(
     for; the gateway relays the step through itself and convicts the sender alone."""
     await _serve_through_a_liar(
         tiny_model, tmp_path, expected, n=6, liars={MIDDLE: LIARS[kind]}, mode=mode
+    )
+
+
+async def test_an_auditor_whose_re_run_matches_the_records_and_is_wrong_is_caught(
+    tiny_model: Path, tmp_path: Path, expected: dict[str, list[int]]
+) -> None:
+    """Node 4, the middle range's standby, answers its audits with re-runs that match the
+    chain's fingerprints and are wrong elsewhere: the last stage's auditor, re-running on
+    that input, disagreed with the honest last stage, and the gateway's re-execution on
+    the same input convicted it (a review). The dispute now retraces its input from the
+    gateway's own stage: node 4 is evicted, and nobody else."""
+    await _serve_through_a_liar(
+        tiny_model,
+        tmp_path,
+        expected,
+        n=6,
+        liars={4: PoisonedAuditStageServer},
+        mode="audit",
+        chain=set(),
     )
 
 

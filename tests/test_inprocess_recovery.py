@@ -18,10 +18,14 @@ from butterfly.runtime.generate import generate
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.testing.inprocess import InProcessCluster
-from butterfly.testing.liars import CorruptStageServer, UncopiedStageServer
+from butterfly.testing.liars import (
+    CorruptStageServer,
+    UncopiedStageServer,
+    WeakUncopiedStageServer,
+)
 from butterfly.types.ids import NodeId, RequestId
 from butterfly.types.plan import StagePlan
-from butterfly.types.tasks import InferenceTask
+from butterfly.types.tasks import InferenceTask, SamplingParams
 
 pytestmark = pytest.mark.timeout(60)
 SETTINGS = {"coordination.heartbeat_interval_ms": 10}
@@ -122,6 +126,33 @@ async def test_a_liar_before_a_failure_is_caught_however_the_request_went_on(
         assert result.verified == "audit"
         assert NodeId(1) in gw.plans.evicted
         assert not set(gw.plans.evicted) - {NodeId(1)}
+
+
+async def test_a_weakly_fingerprinted_liar_before_a_replay_from_0_is_not_passed_over(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """n = 7, f = 1, chain 0 -> 1 -> 2: node 1, the middle stage, signs one value per
+    row and halves the rest, copies no KV cache, and dies at token 4; a sampled request
+    replays from 0 on the next plan, so every step of the first plan is superseded. That
+    plan could not be verified (weak records), and was passed over as if nobody could
+    re-run it: the wrong answer came back verified (a review). Now only a plan nobody
+    can re-run is passed over: this answer comes back unverified or right."""
+    liars = {1: WeakUncopiedStageServer}
+    sampled = SamplingParams(temperature=1.0, seed=7)
+    ids = tuple(TextCodec.load(tiny_model).encode(PROMPT))
+    honest = generate(
+        [load_stage(tiny_model)], ids, NEW, sampled, TextCodec.load(tiny_model).eos_ids
+    )
+    async with InProcessCluster(
+        tiny_model, 7, tmp_path, f=1, settings=SETTINGS, stage_servers=liars
+    ) as c:
+        first = await c.first_plan()
+        assert first.nodes[1] == 1 and len(first.nodes) == 3
+        task = InferenceTask(RequestId("weak"), input_ids=ids, max_new_tokens=NEW, sampling=sampled)
+        result = await c.infer_killing(task, 1, at=4)
+        assert result.timings["resumed_at"] == 0.0  # every first-plan step superseded
+        assert list(result.output_ids) == list(honest) or result.verified == "none"
+        assert result.verified == "none", "the weak plan was passed over"
 
 
 async def test_a_proven_liar_is_evicted_by_agreement_and_leaves_the_plan(

@@ -60,6 +60,8 @@ class Verdict:
     reason: str = ""
     checked: int = 0  # claims checked
     evidence: tuple[bytes, ...] = field(default=(), repr=False)
+    # no holder left that may re-run a stage: nothing was found wrong, nothing checked
+    unauditable: bool = False
 
 
 UNLIKELY = 1e-9
@@ -247,6 +249,10 @@ class Auditor:
         failed, whose silence would cost the audit a timeout."""
         x = torch.tensor([list(sequence)], dtype=torch.int64)
         checked, liars, reasons = 0, list[NodeId](), list[str]()
+        # the last input known right (the tokens, the gateway's own outputs, the
+        # referee's), and the re-runs that fed the stages since: a re-run is judged only
+        # where the records pin it, so it is retraced before a dispute blames anyone
+        trusted, fed = x, list[tuple[LayerRange, NodeId, torch.Tensor]]()
         for index, (node, layers) in enumerate(plan.stages):
             mine = claims.get(index, [])
             if not mine:
@@ -254,7 +260,8 @@ class Auditor:
             own = self._own(request_id, layers, x.shape[1]) if node == self._gateway else None
             if own is not None:
                 checked += len(mine)
-                x = own
+                x = trusted = own
+                fed.clear()
                 continue
             # the last stage's outputs matter only where tokens were chosen: from the
             # first of its records, and from the prompt's last position, so that every
@@ -274,7 +281,8 @@ class Auditor:
             others = [n for n in askable if signed - {n}]
             unjudged = sorted(s for s in signed if not [n for n in others if n != s])
             if unjudged:
-                return Verdict(False, reason=f"no replica of {layers} to audit node {unjudged[0]}")
+                stop = f"no replica of {layers} to audit node {unjudged[0]}"
+                return Verdict(False, tuple(liars), stop, checked, unauditable=not liars)
             replies = await asyncio.gather(
                 *(self._replay(request_id, index, layers, x, offset, a) for a in others)
             )
@@ -290,10 +298,20 @@ class Auditor:
                 checked += len(mine)
                 if weak and not (last and liars):
                     return self._weak(weak, index, layers, liars, reasons, checked)
-                x = outs[0]  # f other holders agree with the chain: one of them is honest
+                runner, x = next((a, out) for a, out, _ in replies if out is not None)
+                fed.append((layers, runner, x))  # the chain agrees with it where it signed
                 continue
             # a dispute (or an auditor that could not run): the gateway re-executes and
-            # blames whoever signed or answered something that contradicts it
+            # blames whoever signed or answered something that contradicts it, from an
+            # input it knows is right: a re-run that fed this stage may have matched the
+            # records and still been wrong elsewhere (an honest chain node was convicted
+            # on such an input: a review)
+            x, feeder = await self._retrace(trusted, fed)
+            if feeder:
+                liars.append(feeder[0])
+                reasons.append(feeder[1])
+                log.warning("audit of %s: %s", request_id, feeder[1])
+                return Verdict(False, tuple(liars), "; ".join(reasons), checked)
             reference = await self._referee.run(layers, x, outputs_from=offset)
             bad = set(picks.wrong(reference, offset, self._tol)) if picks else set()
             chain_lied = [
@@ -328,8 +346,25 @@ class Auditor:
             checked += len(mine)
             if weak and not (last and liars):
                 return self._weak(weak, index, layers, liars, reasons, checked)
-            x = reference  # the chain was right; go on from what is known to be right
+            x = trusted = reference  # the chain was right; go on from what is known right
+            fed.clear()
         return Verdict(True, tuple(liars), "; ".join(reasons), checked)
+
+    async def _retrace(
+        self, trusted: torch.Tensor, fed: list[tuple[LayerRange, NodeId, torch.Tensor]]
+    ) -> tuple[torch.Tensor, tuple[NodeId, str] | None]:
+        """The input of a disputed stage, re-executed from `trusted` through the stages
+        whose re-runs fed it, and the first re-runner whose output contradicts that
+        re-execution (with why), if one did."""
+        x = trusted
+        for layers, runner, used in fed:
+            x = await self._referee.run(layers, x)
+            if not tensors_close(used, x, self._tol):
+                why = f"auditor {runner}'s re-run of {layers} matched the records but "
+                why += "contradicts the re-execution where they do not pin it"
+                return x, (runner, why)
+        fed.clear()
+        return x, None
 
     def _judged(
         self,

@@ -69,9 +69,11 @@ async def audit_request(
     re-run by their other holders still among the `members` of the plan now (the one
     that failed is not asked). It came back unverified when only the last plan's records
     were read. A plan whose steps a replay superseded, all of them, and that cannot be
-    audited (its ranges are held by nobody now) is passed over: the later steps computed
-    every row again, and every chosen token is held to the re-executed logits of the
-    last plan (`Chosen`). A record fingerprinted more weakly than `weakest` leaves the
+    audited (a range of it held by no current member but its signer) is passed over:
+    the later steps computed every row again, and every chosen token is held to the
+    re-executed logits of the last plan (`Chosen`). Any other reason a plan could not be
+    verified (a weak record, a gap) still counts (passed over too, a weak record's lie
+    came back verified: a review). A record fingerprinted more weakly than `weakest` leaves the
     request unverified (`Auditor.audit`): one value per position does not show another
     raised below it (a review). It blames nobody: a node that had not yet taken an
     agreed change of the shape signs so too."""
@@ -104,7 +106,7 @@ async def audit_request(
             await on_liars(verdict.liars, verdict.reason)
         # every plan is audited, also after one that could not be verified: a liar in a
         # later one is still found
-        if verdict.verified or verdict.liars or not set(mine) <= steps.superseded:
+        if not (verdict.unauditable and set(mine) <= steps.superseded):
             verdicts.append(verdict)
         else:
             log.info("audit of %s: passed over: %s", request_id, verdict.reason)

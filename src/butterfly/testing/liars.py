@@ -221,6 +221,31 @@ class WeakFingerprintStageServer(StageServer):
         return super()._sign(msg, index, layers, x, out, offsets, traces)
 
 
+class WeakUncopiedStageServer(WeakFingerprintStageServer):
+    """A `WeakFingerprintStageServer` that copies no KV cache to its standbys: when it
+    fails, the request replays from 0, and every step it lied on is superseded."""
+
+    def kv_deltas(self, request_ids: tuple[RequestId, ...]) -> list[Outbound]:
+        return []
+
+
+class PoisonedAuditStageServer(StageServer):
+    """Answers an audit of a stage after the first with its honest re-run, all but each
+    row's top-k values (all its fingerprint pins) halved: the re-run matches the chain's
+    records, and becomes the next stage's audit input (a review: the honest next stage
+    was convicted on it)."""
+
+    async def audit(self, msg: AuditRequest, payload: bytes) -> tuple[AuditReply, bytes]:
+        reply, out = await super().audit(msg, payload)
+        if reply.error or msg.stage == 0 or self.prover is None:
+            return reply, out
+        rows = decode_tensor(out)
+        flat = rows.reshape(-1, rows.shape[-1])
+        top = flat.abs().topk(min(self.prover.k, flat.shape[-1]), dim=-1).indices
+        poisoned = (flat * 0.5).scatter(-1, top, flat.gather(-1, top))
+        return reply, encode_tensor(poisoned.reshape(rows.shape))
+
+
 class FalseAccuserStageServer(StageServer):
     """Claims on every decode step that its input does not match its sender's records,
     to frame that honest sender."""
