@@ -29,6 +29,7 @@ from butterfly.testing.liars import (
     IntermittentStageServer,
     OmitRecordsStageServer,
     PoisonedAuditStageServer,
+    PoisonedInputStageServer,
     SignHonestSendCorruptStageServer,
     SilentStageServer,
     WeakFingerprintStageServer,
@@ -154,6 +155,26 @@ async def test_an_auditor_whose_re_run_matches_the_records_and_is_wrong_is_caugh
         liars={4: PoisonedAuditStageServer},
         mode="audit",
         chain=set(),
+    )
+
+
+async def test_an_auditor_and_a_chain_node_poisoning_alike_are_both_caught(
+    tiny_model: Path, tmp_path: Path, expected: dict[str, list[int]]
+) -> None:
+    """n = 9, f = 2, chain 0 -> 1 -> 2 with holders (0, 3, 6), (1, 4, 7), (2, 5, 8):
+    node 4 re-runs stage 1 for the audit below its fingerprints' reach, and node 2, the
+    last stage, computes on its input poisoned the same way. Both re-runs of stage 1
+    matched the records, node 4's was fed on, and node 2's output agreed with it: a wrong
+    answer came back verified (a review). Now the re-runs must agree with each other
+    before one is fed on: both liars are evicted and every answer is right."""
+    await _serve_through_a_liar(
+        tiny_model,
+        tmp_path,
+        expected,
+        n=9,
+        liars={4: PoisonedAuditStageServer, 2: PoisonedInputStageServer},
+        mode="audit",
+        chain={2},
     )
 
 

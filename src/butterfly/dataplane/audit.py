@@ -252,7 +252,7 @@ class Auditor:
         # the last input known right (the tokens, the gateway's own outputs, the
         # referee's), and the re-runs that fed the stages since: a re-run is judged only
         # where the records pin it, so it is retraced before a dispute blames anyone
-        trusted, fed = x, list[tuple[LayerRange, NodeId, torch.Tensor]]()
+        trusted, fed = x, list[tuple[LayerRange, NodeId | None, torch.Tensor]]()
         for index, (node, layers) in enumerate(plan.stages):
             mine = claims.get(index, [])
             if not mine:
@@ -302,24 +302,23 @@ class Auditor:
                 fed.append((layers, runner, x))  # the chain agrees with it where it signed
                 continue
             # a dispute (or an auditor that could not run): the gateway re-executes and
-            # blames whoever signed or answered something that contradicts it, from an
-            # input it knows is right: a re-run that fed this stage may have matched the
-            # records and still been wrong elsewhere (an honest chain node was convicted
-            # on such an input: a review)
-            x, feeder = await self._retrace(trusted, fed)
-            if feeder:
-                liars.append(feeder[0])
-                reasons.append(feeder[1])
-                log.warning("audit of %s: %s", request_id, feeder[1])
-                return Verdict(False, tuple(liars), "; ".join(reasons), checked)
+            # blames whoever signed or answered something that contradicts it. An
+            # auditor re-ran what it was given, so it is judged on that; the chain is
+            # judged only on an input known right: a re-run that fed this stage may have
+            # matched the records and still been wrong elsewhere (an honest chain node
+            # was convicted on such an input: a review), so it is retraced first
             reference = await self._referee.run(layers, x, outputs_from=offset)
-            bad = set(picks.wrong(reference, offset, self._tol)) if picks else set()
-            chain_lied = [
-                c
-                for c in mine
-                if not self._matches(c, reference, offset)
-                or any(c.start <= p < c.start + c.width for p in bad)
-            ]
+            bad, chain_lied = self._contradicted(mine, reference, offset, picks)
+            if (chain_lied or bad) and fed:
+                good, feeder = await self._retrace(trusted, fed)
+                if feeder:
+                    liars.append(feeder[0])
+                    reasons.append(feeder[1])
+                    log.warning("audit of %s: %s", request_id, feeder[1])
+                    return Verdict(False, tuple(liars), "; ".join(reasons), checked)
+                x = trusted = good
+                reference = await self._referee.run(layers, x, outputs_from=offset)
+                bad, chain_lied = self._contradicted(mine, reference, offset, picks)
             said = []
             for auditor, out, answered in replies:
                 lied = answered and (out is None or not tensors_close(out, reference, self._tol))
@@ -346,20 +345,37 @@ class Auditor:
             checked += len(mine)
             if weak and not (last and liars):
                 return self._weak(weak, index, layers, liars, reasons, checked)
-            x = trusted = reference  # the chain was right; go on from what is known right
-            fed.clear()
+            if fed:  # the referee's output, on an input not retraced: right if it was
+                fed.append((layers, None, reference))
+            else:
+                trusted = reference
+            x = reference  # the chain was right; go on from the re-execution
         return Verdict(True, tuple(liars), "; ".join(reasons), checked)
 
+    def _contradicted(
+        self, claims: Sequence[Claim], reference: torch.Tensor, offset: int, picks: Chosen | None
+    ) -> tuple[set[int], list[Claim]]:
+        """The positions whose chosen token `reference` does not allow, and the claims
+        that contradict it (or vouch for such a position)."""
+        bad = set(picks.wrong(reference, offset, self._tol)) if picks else set()
+        lied = [
+            c
+            for c in claims
+            if not self._matches(c, reference, offset)
+            or any(c.start <= p < c.start + c.width for p in bad)
+        ]
+        return bad, lied
+
     async def _retrace(
-        self, trusted: torch.Tensor, fed: list[tuple[LayerRange, NodeId, torch.Tensor]]
+        self, trusted: torch.Tensor, fed: list[tuple[LayerRange, NodeId | None, torch.Tensor]]
     ) -> tuple[torch.Tensor, tuple[NodeId, str] | None]:
         """The input of a disputed stage, re-executed from `trusted` through the stages
         whose re-runs fed it, and the first re-runner whose output contradicts that
-        re-execution (with why), if one did."""
+        re-execution (with why), if one did (None: the referee's own output)."""
         x = trusted
         for layers, runner, used in fed:
             x = await self._referee.run(layers, x)
-            if not tensors_close(used, x, self._tol):
+            if runner is not None and not tensors_close(used, x, self._tol):
                 why = f"auditor {runner}'s re-run of {layers} matched the records but "
                 why += "contradicts the re-execution where they do not pin it"
                 return x, (runner, why)
@@ -373,10 +389,11 @@ class Auditor:
         offset: int,
         picks: Chosen | None,
     ) -> bool:
-        """Whether every re-run matches the claims its runner did not sign, and allows
-        the chosen tokens. Re-runs by signers judged only each other's claims, which may
-        cover some positions only: they must also agree with each other, since one of
-        them becomes the next stage's input."""
+        """Whether every re-run matches the claims its runner did not sign, allows the
+        chosen tokens, and agrees with the other re-runs: the records pin a stage's
+        largest outputs only, and one re-run becomes the next stage's input (two
+        colluders, a re-runner wrong below the pinned values and a next stage that
+        computed on such an input, had a wrong answer verified: a review)."""
         outs = [out for _, out, _ in replies if out is not None]
         for runner, out, _ in replies:
             if out is None:
@@ -385,10 +402,7 @@ class Auditor:
                 return False
             if picks and picks.wrong(out, offset, self._tol):
                 return False
-        signers = {c.proof.sender for c in claims}
-        if signers & {runner for runner, _, _ in replies}:
-            return all(tensors_close(out, outs[0], self._tol) for out in outs[1:])
-        return True
+        return all(tensors_close(out, outs[0], self._tol) for out in outs[1:])
 
     @staticmethod
     def _strong(claim: Claim, weakest: Shape | None) -> bool:

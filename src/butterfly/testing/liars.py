@@ -21,9 +21,11 @@ from butterfly.dataplane.proving import RecordMismatch
 from butterfly.dataplane.stage_server import Outbound, StageServer
 from butterfly.net.framing import Envelope
 from butterfly.protocol.sign import sign_message
+from butterfly.runtime.kvcache import KVCache
 from butterfly.runtime.linear import Int8Weight
 from butterfly.runtime.native import BlockedWeight
-from butterfly.runtime.wire import decode_tensor, encode_tensor
+from butterfly.runtime.stage import Stage
+from butterfly.runtime.wire import WireTensor, decode_tensor, encode_tensor, read_tensor
 from butterfly.types.errors import InvalidInput
 from butterfly.types.ids import NodeId, RequestId, StageIndex
 from butterfly.types.model import LayerRange
@@ -229,21 +231,64 @@ class WeakUncopiedStageServer(WeakFingerprintStageServer):
         return []
 
 
+def pinned_only(rows: torch.Tensor, k: int) -> torch.Tensor:
+    """`rows` with all but each row's k largest values (by magnitude: all a fingerprint
+    of k pins) halved."""
+    flat = rows.reshape(-1, rows.shape[-1])
+    top = flat.abs().topk(min(k, flat.shape[-1]), dim=-1).indices
+    return (flat * 0.5).scatter(-1, top, flat.gather(-1, top)).reshape(rows.shape)
+
+
 class PoisonedAuditStageServer(StageServer):
-    """Answers an audit of a stage after the first with its honest re-run, all but each
-    row's top-k values (all its fingerprint pins) halved: the re-run matches the chain's
-    records, and becomes the next stage's audit input (a review: the honest next stage
-    was convicted on it)."""
+    """Answers an audit of a stage after the first with its honest re-run `pinned_only`:
+    the re-run matches the chain's records, and becomes the next stage's audit input (a
+    review: the honest next stage was convicted on it)."""
 
     async def audit(self, msg: AuditRequest, payload: bytes) -> tuple[AuditReply, bytes]:
         reply, out = await super().audit(msg, payload)
         if reply.error or msg.stage == 0 or self.prover is None:
             return reply, out
-        rows = decode_tensor(out)
-        flat = rows.reshape(-1, rows.shape[-1])
-        top = flat.abs().topk(min(self.prover.k, flat.shape[-1]), dim=-1).indices
-        poisoned = (flat * 0.5).scatter(-1, top, flat.gather(-1, top))
-        return reply, encode_tensor(poisoned.reshape(rows.shape))
+        return reply, encode_tensor(pinned_only(decode_tensor(out), self.prover.k))
+
+
+_received: contextvars.ContextVar[torch.Tensor] = contextvars.ContextVar("received")
+
+
+class PoisonedInputStageServer(StageServer):
+    """Computes on its input `pinned_only` and signs the input it received: with a
+    `PoisonedAuditStageServer` feeding the audit the same poison, its output matched the
+    audit's re-runs and a wrong answer came back verified (two colluders, a review)."""
+
+    async def _compute_tensors(
+        self,
+        msg: StageStep,
+        wire: WireTensor,
+        stage: Stage,
+        caches: list[KVCache | None],
+        kind: tuple[str, int],
+        prove: bool,
+        offsets: list[int],
+        index: StageIndex,
+    ) -> tuple[bytes, tuple[bytes, ...]]:
+        received = wire.tensor()
+        _received.set(received)
+        k = self.prover.k if self.prover is not None else 8
+        poisoned = read_tensor(encode_tensor(pinned_only(received, k)))
+        return await super()._compute_tensors(
+            msg, poisoned, stage, caches, kind, prove, offsets, index
+        )
+
+    def _sign(
+        self,
+        msg: StageStep,
+        index: StageIndex,
+        layers: LayerRange,
+        x: torch.Tensor,
+        out: torch.Tensor,
+        offsets: list[int],
+        traces: list[list[torch.Tensor]],
+    ) -> tuple[bytes, ...]:
+        return super()._sign(msg, index, layers, _received.get(x), out, offsets, traces)
 
 
 class FalseAccuserStageServer(StageServer):
