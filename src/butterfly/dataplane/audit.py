@@ -5,10 +5,15 @@ After generation the gateway sends the whole sequence, stage by stage, to every 
 of each stage's layers (f of them: with the chain's node that makes f+1, so one is honest
 even when f liars collude), each of which runs it as ONE prefill pass (a fraction of the cost of
 generating) and returns its output for every position. Each signed claim is checked
-against the replica's output at the claim's positions, with float tolerances. On a
-mismatch the gateway itself re-executes that stage from the agreed input (it is trusted,
-DESIGN.md section 3) and blames whichever of the two contradicts the re-execution; the
-signed record of the liar is the evidence that goes through agreement to evict it.
+against the replica's output at the claim's positions, with float tolerances, by
+replicas that did not sign it; the replicas' outputs must agree with each other too,
+since a record pins a stage's largest outputs only and one replica's output is the next
+stage's input. On a mismatch the gateway itself re-executes that stage (it is trusted,
+DESIGN.md section 3) and blames whichever contradicts the re-execution; before it
+convicts the chain, it re-executes the stage's input too, from the last input it knows
+is right, so a replica's output that fed it wrongly is blamed instead. The signed record
+of a liar is the evidence that goes through agreement to evict it. `request_audit`
+audits a whole request, under each plan it ran under.
 """
 
 from __future__ import annotations

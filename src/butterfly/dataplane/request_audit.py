@@ -37,7 +37,8 @@ class Steps:
     every_row: set[int] = field(default_factory=set)  # its last stage answered every position
     # steps whose rows a replay computed again: their records are still audited (the
     # tokens they led to were chosen from their outputs), but a plan of such steps only
-    # whose ranges nobody holds any more need not be: later steps computed every row
+    # that nobody but their signers may re-run is passed over: later steps computed
+    # every row again
     superseded: set[int] = field(default_factory=set)
 
     def used(self, step: int, start: int, length: int, plan: StagePlan | None) -> None:
@@ -71,12 +72,12 @@ async def audit_request(
     were read. A plan whose steps a replay superseded, all of them, and that cannot be
     audited (a range of it held by no current member but its signer) is passed over:
     the later steps computed every row again, and every chosen token is held to the
-    re-executed logits of the last plan (`Chosen`). Any other reason a plan could not be
-    verified (a weak record, a gap) still counts (passed over too, a weak record's lie
-    came back verified: a review). A record fingerprinted more weakly than `weakest` leaves the
-    request unverified (`Auditor.audit`): one value per position does not show another
-    raised below it (a review). It blames nobody: a node that had not yet taken an
-    agreed change of the shape signs so too."""
+    re-executed logits of the last plan (`Chosen`). Any other reason a plan could not
+    be verified still counts (passed over too, a weak record's lie came back verified:
+    a review). A record fingerprinted more weakly than `weakest` leaves the request
+    unverified (`Auditor.audit`): one value per position does not show another raised
+    below it (a review). It blames nobody: a node that had not yet taken an agreed
+    change of the shape signs so too."""
     request_id = task.task_id
     by_epoch: dict[int, tuple[StagePlan, dict[int, tuple[int, int]]]] = {}
     for step, where in sorted(steps.positions.items()):
