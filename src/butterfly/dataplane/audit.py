@@ -331,9 +331,12 @@ class Auditor:
                     liars.append(auditor)
                 verb = "contradicts" if lied else "matches" if answered else "could not answer"
                 said.append(f"auditor {auditor} {verb} it")
+            # the nodes whose records are judged (a standby's, after a reroute), not the
+            # plan's chain node alone
+            judged = sorted({c.proof.sender for c in chain_lied or mine})
             reason = (
-                f"stage {index} {layers}: chain node {node} "
-                f"{'contradicts' if chain_lied else 'matches'} the re-execution, " + ", ".join(said)
+                f"stage {index} {layers}: chain node(s) {', '.join(map(str, judged))} "
+                f"{'contradict' if chain_lied else 'match'} the re-execution, " + ", ".join(said)
             )
             log.warning("audit of %s: %s", request_id, reason)
             reasons.append(reason)
