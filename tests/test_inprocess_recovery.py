@@ -80,6 +80,9 @@ async def test_a_killed_chain_node_hands_its_stage_to_the_standby(
         # serving again, without node 1: healthy, and the members say what is missing
         health = gw.engine.health()
         assert health.healthy and not health.services["members"] and health.services["network"]
+        # node 1 held the request's cache when it died: failed, it holds none for anyone
+        (gone,) = [h for h in health.nodes if h.node == 1]
+        assert gone.status == "failed" and gone.requests == 0
 
 
 async def test_a_request_that_went_on_under_a_new_plan_is_audited_under_both(

@@ -81,23 +81,26 @@ class ClusterReport:
         """`node`'s status as `/health` shows it."""
         return "failed" if self._failed(node) else self._membership.status(node)
 
+    def _node(self, n: NodeId, address: str, plan: StagePlan | None) -> NodeHealth:
+        """A failed node holds no request for the cluster (its requests went on without
+        it): `requests` is 0, not what its last heartbeat said before it failed."""
+        status = self.status(n)
+        return NodeHealth(
+            node=n,
+            status=status,
+            address=address,
+            layers=plan.layers_of(n) if plan else None,
+            last_seen_s=self._membership.seconds_since(n),
+            requests=0 if status == "failed" else self._membership.requests_of(n),
+        )
+
     def statuses(self) -> dict[int, str]:
         """Every member's `status`, for the `node_status` metric."""
         return {int(n): self.status(n) for n in sorted(self._members)}
 
     def __call__(self) -> ClusterHealth:
         plan, placement = self._server.plan, self._recovery.placement
-        nodes = tuple(
-            NodeHealth(
-                node=n,
-                status=self.status(n),
-                address=address,
-                layers=plan.layers_of(n) if plan else None,
-                last_seen_s=self._membership.seconds_since(n),
-                requests=self._membership.requests_of(n),
-            )
-            for n, address in sorted(self._members.items())
-        )
+        nodes = tuple(self._node(n, address, plan) for n, address in sorted(self._members.items()))
         planned = plan is not None and all(
             h.status == "healthy" for h in nodes if h.layers is not None
         )
