@@ -55,14 +55,20 @@ def test_the_audit_takes_the_shape_before_a_change_only_for_requests_begun_in_it
     once and left was taken for ever (the review before)."""
     import time
 
-    from butterfly.dataplane.engine import SHAPE_GRACE_S
-    from butterfly.dataplane.proving import Shape
+    from butterfly.dataplane.proving import SHAPE_GRACE_S, Shape, Shapes
     from butterfly.dataplane.sending import RecordSize
     from butterfly.protocol.proof import Tolerance
 
+    shapes = Shapes(Shape(8, 1), Shape(8, 1))
+    assert shapes.accepted(100.0) == Shape(8, 1)
+    shapes.change(Shape(16, 1), now=200.0)
+    assert shapes.accepted(150.0) == Shape(8, 1)  # begun before: either shape
+    assert shapes.accepted(200.0) == Shape(8, 1)  # in the grace
+    assert shapes.accepted(200.0 + SHAPE_GRACE_S) == Shape(16, 1)
+    shapes.change(Shape(16, 1), now=300.0)  # agreed again: the one before is gone
+    assert shapes.accepted(300.0) == Shape(16, 1)
+    # the engine's audit takes what `retune` agreed
     engine, _ = chain([], [], records=RecordSize(8, 1))
-    began = time.monotonic()
-    assert engine._accepted_shape(began) == Shape(8, 1)
     engine.retune(
         step_timeout_s=30.0,
         verification="audit",
@@ -70,9 +76,9 @@ def test_the_audit_takes_the_shape_before_a_change_only_for_requests_begun_in_it
         tolerance=Tolerance(),
         records=RecordSize(16, 1),
     )
-    assert engine._accepted_shape(began) == Shape(8, 1)  # begun before: either shape
-    assert engine._accepted_shape(time.monotonic()) == Shape(8, 1)  # in the grace
-    assert engine._accepted_shape(time.monotonic() + SHAPE_GRACE_S) == Shape(16, 1)
+    assert engine._shapes is not None
+    assert engine._shapes.accepted(time.monotonic() + SHAPE_GRACE_S) == Shape(16, 1)
+    assert engine._shapes.accepted(time.monotonic()) == Shape(8, 1)
 
 
 async def test_a_plan_change_fails_a_relayed_or_re_run_hop_sent_on_the_plan_before() -> None:

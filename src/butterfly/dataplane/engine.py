@@ -33,7 +33,7 @@ from butterfly.dataplane.inflight import InFlight, Key
 from butterfly.dataplane.inflight import StepFailed as StepFailed
 from butterfly.dataplane.intake import Intake
 from butterfly.dataplane.lanes import Lane
-from butterfly.dataplane.proving import Shape
+from butterfly.dataplane.proving import Shape, Shapes
 from butterfly.dataplane.replicate import Replicator
 from butterfly.dataplane.request_audit import Steps, audit_request
 from butterfly.dataplane.sending import Deliver as Deliver
@@ -72,11 +72,6 @@ PLAIN = Speculation()  # one token per traversal
 
 async def _ignore_liars(liars: tuple[NodeId, ...], reason: str) -> None:
     log.error("liars %s found (%s) but nothing evicts them", liars, reason)
-
-
-SHAPE_GRACE_S = 60.0
-"""How long after an agreed change of the fingerprint's shape records of the shape before
-still pass the audit: each node takes the change at its own moment, within seconds."""
 
 
 class PipelineEngine:
@@ -168,9 +163,8 @@ class PipelineEngine:
             records=records,
             dispatcher=dispatcher,
         )
-        self._shape = Shape(records.top_k, records.chunk) if records is not None else None
-        self._weakest = self._shape  # of the agreed fingerprint shape and the one before
-        self._shape_changed = -SHAPE_GRACE_S
+        shape = Shape(records.top_k, records.chunk) if records is not None else None
+        self._shapes = Shapes(shape, shape) if shape is not None else None
         self._intake = Intake(
             node, plan, self._flight, keys, max_tensor_bytes, emit, self._on_liars
         )
@@ -186,16 +180,6 @@ class PipelineEngine:
         self._drafter = drafter
         self.chunk_times = ChunkTimes()
         """Step round trips that size a prompt's chunks (`schedule.chunks`)."""
-
-    def _accepted_shape(self, began: float) -> Shape | None:
-        """The weakest fingerprint the audit of a request begun at `began` takes: the
-        weaker of the agreed shape and the one before for a request begun before the
-        change's grace ended (`SHAPE_GRACE_S`: nodes move to it each at its own moment,
-        and a request's early records may be of the shape before), the agreed one for
-        later requests (a shape agreed once and left was taken for ever: a review)."""
-        if began < self._shape_changed + SHAPE_GRACE_S:
-            return self._weakest
-        return self._shape
 
     def retune_generation(self, *, speculation: Speculation, prefill_chunk: int) -> None:
         """Apply generation.speculative and generation.prefill_chunk from the next request
@@ -252,10 +236,8 @@ class PipelineEngine:
         self._sender.timeout, self._audit_fraction = step_timeout_s, audit_fraction
         if records is not None and self._sender.records is not None:
             self._sender.records = records.covering(self._sender.records)
-        if records is not None and self._shape is not None:
-            new = Shape(records.top_k, records.chunk)
-            self._shape, self._weakest = new, self._shape.after(new)
-            self._shape_changed = time.monotonic()
+        if records is not None and self._shapes is not None:
+            self._shapes.change(Shape(records.top_k, records.chunk), time.monotonic())
         self._mode = verification if self.supports(verification) else "none"
         if self._auditor is not None:
             self._auditor.retune(tolerance)
@@ -506,7 +488,7 @@ class PipelineEngine:
                     result,
                     emit=self._emit,
                     on_liars=self._on_liars,
-                    weakest=self._accepted_shape(began),
+                    weakest=self._shapes.accepted(began) if self._shapes else None,
                     members=self._members(),
                 )
                 if verdict.verified:

@@ -90,6 +90,32 @@ class Shape:
         return Shape(min(self.top_k, new.top_k), max(self.chunk, new.chunk))
 
 
+SHAPE_GRACE_S = 60.0
+"""How long after an agreed change of the fingerprint's shape records of the shape before
+still pass the audit: each node takes the change at its own moment, within seconds."""
+
+
+@dataclass
+class Shapes:
+    """The fingerprint shape the cluster agreed last, the one before, and when it moved:
+    which shape the audit of a request takes (`accepted`)."""
+
+    agreed: Shape
+    weakest: Shape  # of the agreed shape and the one before
+    changed: float = -SHAPE_GRACE_S  # monotonic time of the last agreed change
+
+    def change(self, new: Shape, now: float) -> None:
+        self.agreed, self.weakest, self.changed = new, self.agreed.after(new), now
+
+    def accepted(self, began: float) -> Shape:
+        """The weakest fingerprint the audit of a request begun at `began` takes: the
+        weaker of the agreed shape and the one before for a request begun before the
+        change's grace ended (`SHAPE_GRACE_S`: nodes move to it each at its own moment,
+        and a request's early records may be of the shape before), the agreed one for
+        later requests (a shape agreed once and left was taken for ever: a review)."""
+        return self.weakest if began < self.changed + SHAPE_GRACE_S else self.agreed
+
+
 def route_signers(route: Sequence[NodeId], first: int, holders: Signers) -> Signers:
     """Who may sign each stage's record of a step sent down `route` (its node for stage
     `first` first): the route's own node for the stages it covers, any holder of the range
