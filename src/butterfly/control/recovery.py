@@ -311,7 +311,7 @@ class Recovery:
                 log.warning("%s", e)
                 continue
             # the gateway holds the plan whether or not it runs a stage: it routes by it
-            members = sorted({self.node, *(n for n, _ in (*plan.stages, *plan.replicas))})
+            members = sorted({self.node, *plan.members})
 
             async def apply_here(msg: PlanAssign) -> PlanAck:
                 """In force here: the steps sent on the old plan fail now, not once every

@@ -282,9 +282,7 @@ class PipelineEngine:
     def _members(self) -> frozenset[NodeId]:
         """The nodes the current plan holds: those an audit of an earlier plan may ask."""
         plan = self._plan()
-        if plan is None:
-            return frozenset()
-        return frozenset(n for n, _ in (*plan.stages, *plan.replicas))
+        return plan.members if plan is not None else frozenset()
 
     async def on_result(self, peer: NodeId, env: Envelope) -> None:
         """The node's route for StepResult and StepError frames (`intake.Intake`)."""

@@ -143,7 +143,7 @@ class Replicator:
         plan = self._plan()
         if plan is None:
             raise StageLost("the stage plan is gone")
-        holders = {n for n, _ in (*plan.stages, *plan.replicas)}
+        holders = plan.members
         if holders & self.convicted:
             raise StageLost(
                 f"the plan of epoch {plan.epoch} still holds convicted nodes "
@@ -431,6 +431,6 @@ class Replicator:
         req = self._requests.pop(request_id, None)
         plan = self._plan()
         # every holder: chain nodes may have copied their caches to their standbys
-        holders = {n for n, _ in (*plan.stages, *plan.replicas)} if plan else set()
+        holders = plan.members if plan else frozenset()
         for wire_id, nodes in (req.used if req else {}).items():
             await runner.release_lane(wire_id, sorted(nodes | holders))

@@ -53,6 +53,11 @@ class StagePlan:
     def layers_of(self, node: NodeId) -> LayerRange | None:
         return self._ranges.get(node)
 
+    @functools.cached_property
+    def members(self) -> frozenset[NodeId]:
+        """Every node the plan gives layers to, chain and standbys."""
+        return frozenset(self._ranges)
+
     def holders(self, layers: LayerRange) -> tuple[NodeId, ...]:
         """Every node holding `layers`, the chain's own first."""
         return self._holders.get(layers, ())
