@@ -8,6 +8,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
 from butterfly.cli.launcher import LocalCluster, free_port_block, node_configs
 from butterfly.runtime.generate import generate
 from butterfly.runtime.loader import load_stage
@@ -70,3 +73,22 @@ def reference_tokens(model: Path, prompt: str, new: int) -> list[int]:
     """The unsplit model's greedy tokens: what every cluster answer must equal."""
     codec = TextCodec.load(model)
     return list(generate([load_stage(model)], codec.encode(prompt), new, stop_ids=codec.eos_ids))
+
+
+def metric(url: str, name: str) -> float:
+    """A running cluster's metric `name` from `url`/metrics (0 when it has no sample)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    return 0.0
+
+
+def infer(url: str, prompt: str, new: int) -> dict[str, Any]:
+    """`POST /inference`, waiting for the result, which must come back (no task fails)."""
+    body = {"prompt": prompt, "max_new_tokens": new, "wait": True}
+    r = httpx.post(f"{url}/inference", json=body, timeout=180)
+    assert r.status_code == 200, r.text
+    result: dict[str, Any] = r.json()
+    return result

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from butterfly.runtime.generate import generate
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.tokenizer import TextCodec
-from tests.cluster_util import running_cluster
+from tests.cluster_util import infer, metric, running_cluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 PROMPTS = ("Butterfly", "Once upon a time")
@@ -41,10 +40,7 @@ def test_sign_honest_send_corrupt_last_stage_is_evicted(
         nodes = httpx.get(f"{cluster.api_url}/health", timeout=30).json()["nodes"]
         assert LIAR in {n["id"] for n in nodes if n["layers"]}
         for prompt in PROMPTS:
-            body = {"prompt": prompt, "max_new_tokens": NEW, "wait": True}
-            r = httpx.post(f"{cluster.api_url}/inference", json=body, timeout=180)
-            assert r.status_code == 200, r.text  # no task failed
-            result = r.json()
+            result = infer(cluster.api_url, prompt, NEW)
             assert result["verified"] == mode
             assert result["output_ids"] == reference(tiny_model, prompt)
             assert LIAR not in {s["node"] for s in result["stages"]}
@@ -54,11 +50,32 @@ def test_sign_honest_send_corrupt_last_stage_is_evicted(
         assert LIAR not in holders
         assert holders <= {0, 2, 3}
         assert all(cluster.alive())  # excluded, not killed
-        text = httpx.get(f"{cluster.api_url}/metrics", timeout=30).text
-        evictions = [
-            float(sample.value)
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-            if sample.name == "butterfly_byzantine_evictions_total"
-        ]
-        assert evictions == [1.0]  # the liar, once; no honest node
+        # the liar, once; no honest node
+        assert metric(cluster.api_url, "butterfly_byzantine_evictions_total") == 1.0
+
+
+def test_a_middle_stage_lying_below_its_records_is_evicted_not_its_receiver(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """n = 6, f = 1, chain 0 (the gateway) -> 1 -> 2: node 1 halves all but each row's
+    largest values and signs exactly what it sends, which its records cannot show. Node 2
+    computed honestly on it and contradicted the audit; it used to be evicted for it.
+    Asked over its socket for what it received, it clears itself with bytes node 1
+    signed: node 1 is evicted, and the answers are right and verified."""
+    liars = {1: "below-fingerprint"}
+    settings = {"byzantine.verification": "audit"}
+    with running_cluster(tiny_model, 6, tmp_path, f=1, settings=settings, liars=liars) as cluster:
+        nodes = httpx.get(f"{cluster.api_url}/health", timeout=30).json()["nodes"]
+        middle = {
+            n["id"] for n in nodes if n["layers"] and n["layers"][0] > 0 and n["layers"][1] < 4
+        }
+        assert 1 in middle, nodes  # node 1 holds a range with a stage after it
+        for prompt in PROMPTS:
+            result = infer(cluster.api_url, prompt, NEW)
+            assert result["output_ids"] == reference(tiny_model, prompt)
+            assert result["verified"] == "audit", result
+        health = httpx.get(f"{cluster.api_url}/health", timeout=30).json()
+        holders = {n["id"] for n in health["nodes"] if n["layers"]}
+        assert 1 not in holders and 2 in holders, health["nodes"]
+        # node 1, once; never node 2
+        assert metric(cluster.api_url, "butterfly_byzantine_evictions_total") == 1.0

@@ -22,6 +22,7 @@ from butterfly.runtime.tokenizer import TextCodec
 from butterfly.testing.inprocess import InProcessCluster
 from butterfly.testing.liars import (
     AuditFailsStageServer,
+    BelowFingerprintStageServer,
     ColludingStageServer,
     CorruptStageServer,
     FalseAccuserStageServer,
@@ -285,31 +286,24 @@ async def test_steps_rescued_by_the_one_at_a_time_re_run_are_still_verified(
         assert isinstance(busy, _TorchBusyOnce) and busy.decode_steps >= 5
 
 
-async def test_a_weakly_fingerprinted_middle_stage_leaves_answers_unverified_blaming_none(
-    tiny_model: Path, tmp_path: Path, expected: dict[str, list[int]]
+@pytest.mark.parametrize("kind", ["below-fingerprint", "weak-fingerprint"])
+async def test_a_middle_stage_lying_below_its_records_is_evicted_and_never_its_receiver(
+    tiny_model: Path, tmp_path: Path, expected: dict[str, list[int]], kind: str
 ) -> None:
-    """Node 1, the middle of 0 -> 1 -> 2, halves all but each position's largest value
-    and signs a true fingerprint of one value per position, weaker than the cluster's:
-    the audit cannot check past it, so the answers are unverified, and nobody is blamed
-    (the audit went on from the auditor's output, and convicted honest node 2 for what it
-    computed on the lie: a review)."""
-    settings = {"coordination.heartbeat_interval_ms": 10, "byzantine.verification": "audit"}
-    liars: dict[int, type[StageServer]] = {MIDDLE: WeakFingerprintStageServer}
-    async with InProcessCluster(
-        tiny_model, 6, tmp_path, f=1, settings=settings, stage_servers=liars
-    ) as c:
-        gw = c.gateway
-        await c.first_plan()
-        for i, prompt in enumerate(PROMPTS):
-            run = asyncio.create_task(gw.engine.run(_task(tiny_model, prompt, i), lambda t: None))
-            await c.until(run.done, f"request {i} to finish", beats=2000)
-            result = run.result()
-            assert result.verified == "none" or list(result.output_ids) == expected[prompt]
-            assert result.verified == "none", "a weak record was checked past"
-        for _ in range(20):  # time for a wrongful eviction to show, were one under way
-            c.hub.tick(0.1)
-            await asyncio.sleep(0.005)
-        assert all(not node.plans.evicted for node in c.nodes)
+    """Node 1, the middle of 0 -> 1 -> 2, halves all but each position's largest values
+    and signs exactly what it sends: with fingerprints of the cluster's shape, which
+    match every honest re-run (the audit convicted honest node 2, which computed on the
+    lie: a review), or of one value per position, weaker than the cluster's (the audit
+    stopped there, the liar never evicted). Node 2 keeps what it received; the gateway
+    asks for it before convicting it, finds bytes that node 1 signed and the
+    re-execution contradicts, and evicts node 1 alone."""
+    liar = {
+        "below-fingerprint": BelowFingerprintStageServer,
+        "weak-fingerprint": WeakFingerprintStageServer,
+    }
+    await _serve_through_a_liar(
+        tiny_model, tmp_path, expected, n=6, liars={MIDDLE: liar[kind]}, mode="audit"
+    )
 
 
 class _WithholdsFirstAttempts(StageServer):

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from butterfly.dataplane.audit import Ask, Auditor, Claim, Referee
+from butterfly.dataplane.audit import Ask, Auditor, Claim, Inputs, Referee
 from butterfly.dataplane.proving import Prover
 from butterfly.protocol.proof import Tolerance
 from butterfly.protocol.sign import SigningKey
@@ -17,11 +17,12 @@ from butterfly.runtime.loader import load_stage
 from butterfly.runtime.stage import Stage, prefill_outputs
 from butterfly.runtime.torch_thread import TorchThread
 from butterfly.runtime.wire import decode_tensor, encode_tensor
+from butterfly.testing.liars import pinned_only
 from butterfly.types.ids import NodeId
 from butterfly.types.model import LayerRange
 from butterfly.types.plan import StagePlan
 from butterfly.types.wire.agreement import Proof, decode
-from butterfly.types.wire.data import AuditReply, AuditRequest
+from butterfly.types.wire.data import AuditReply, AuditRequest, InputsHeld, InputsQuery
 
 FIRST, SECOND = LayerRange(0, 2), LayerRange(2, 4)
 KEYS = {NodeId(n): SigningKey.generate() for n in range(4)}
@@ -72,6 +73,19 @@ def re_running(stages: dict[LayerRange, Stage], asked: list[int]) -> Ask:
     return ask
 
 
+def holding(received: dict[tuple[int, int], torch.Tensor]) -> Inputs:
+    """A node's answer to what it received: `received[(node, step)]`, the rows it
+    computed on at that step (an empty dict: nobody kept anything)."""
+
+    async def inputs(node: NodeId, query: InputsQuery) -> tuple[InputsHeld, bytes]:
+        held = [(s, received[int(node), s]) for s in query.steps if (int(node), s) in received]
+        steps, lengths = tuple(s for s, _ in held), tuple(r.shape[1] for _, r in held)
+        payload = encode_tensor(torch.cat([r for _, r in held], dim=1)) if held else b""
+        return InputsHeld(query.request_id, node, steps, lengths), payload
+
+    return inputs
+
+
 def test_only_stages_not_run_by_the_gateway_are_re_run(tiny_model: Path) -> None:
     stages = {r: load_stage(tiny_model, r) for r in (FIRST, SECOND)}
     ids = torch.tensor([[5, 9, 2, 7, 1, 8]])
@@ -83,7 +97,7 @@ def test_only_stages_not_run_by_the_gateway_are_re_run(tiny_model: Path) -> None
         node: int, index: int, layers: LayerRange, x: torch.Tensor, out: torch.Tensor, start: int
     ) -> Claim:
         proof = signed(KEYS, 1, 0, index, NodeId(node), layers, x, out)
-        return Claim(proof, start, out.shape[1])
+        return Claim(proof, start, out.shape[1], (0, x.shape[1]))
 
     last = logits.shape[1] - 1
     claims = {
@@ -96,6 +110,7 @@ def test_only_stages_not_run_by_the_gateway_are_re_run(tiny_model: Path) -> None
     def auditor(kept: torch.Tensor | None) -> Auditor:
         return Auditor(
             ask=ask,
+            inputs=holding({}),
             keys={n: k.public for n, k in KEYS.items()},
             referee=Referee(tiny_model, TorchThread()),
             tolerance=Tolerance(),
@@ -182,6 +197,7 @@ def test_a_request_that_ran_under_two_plans_is_audited_under_each(tiny_model: Pa
 
     auditor = Auditor(
         ask=ask,
+        inputs=holding({}),
         keys={n: k.public for n, k in keys.items()},
         referee=Referee(tiny_model, TorchThread()),
         tolerance=Tolerance(),
@@ -261,6 +277,7 @@ def test_a_chosen_token_no_record_covers_is_still_held_to_honest_logits(
         )
     auditor = Auditor(
         ask=re_running(stages, []),
+        inputs=holding({}),
         keys={n: k.public for n, k in KEYS.items()},
         referee=Referee(tiny_model, TorchThread()),
         tolerance=Tolerance(),
@@ -285,3 +302,76 @@ def test_a_chosen_token_no_record_covers_is_still_held_to_honest_logits(
         )
     )
     assert not verdict.verified and not blamed and "positions [3]" in verdict.reason
+
+
+def _below_fingerprint_chain(
+    tiny_model: Path, receiver_holds: str, receiver_lies: bool = False
+) -> Any:
+    """Chain 1 -> 2 (the gateway, 4, runs neither; 3 and 0 re-run them): node 1 sends
+    its output with all but each row's 8 largest values halved (`pinned_only`, invisible
+    to its records) unless `receiver_lies`, when node 2 skews its own output instead.
+    Node 2 answers for what it received with `receiver_holds`: "sent" (the bytes node 1
+    signed), "other" (bytes nobody signed) or "nothing"."""
+    keys = {NodeId(n): SigningKey.generate() for n in range(5)}
+    plan = StagePlan(
+        1, ((NodeId(1), FIRST), (NodeId(2), SECOND)), ((NodeId(3), FIRST), (NodeId(0), SECOND))
+    )
+    stages = {r: load_stage(tiny_model, r) for r in (FIRST, SECOND)}
+    ids = torch.tensor([[5, 9, 2, 7, 1, 8]])
+    with torch.inference_mode():
+        hidden = prefill_outputs(stages[FIRST], ids, stages[FIRST].new_cache())
+        sent = hidden if receiver_lies else pinned_only(hidden, 8)
+        logits = prefill_outputs(stages[SECOND], sent, stages[SECOND].new_cache())
+    if receiver_lies:
+        logits = logits * 1.5
+    width = ids.shape[1]
+    records = {
+        0: [Claim(signed(keys, 1, 0, 0, NodeId(1), FIRST, ids, sent), 0, width, (0, width))],
+        1: [Claim(signed(keys, 1, 0, 1, NodeId(2), SECOND, sent, logits), 0, width, (0, width))],
+    }
+    held = {"sent": {(2, 0): sent}, "other": {(2, 0): sent + 1.0}, "nothing": {}}
+    auditor = Auditor(
+        ask=re_running(stages, []),
+        inputs=holding(held[receiver_holds]),
+        keys={n: k.public for n, k in keys.items()},
+        referee=Referee(tiny_model, TorchThread()),
+        tolerance=Tolerance(),
+        max_tensor_bytes=1 << 30,
+        gateway=NodeId(4),
+    )
+    verdict = asyncio.run(auditor.audit(plan, "r", ids[0].tolist(), records))
+    return verdict, records
+
+
+def test_a_next_stage_cleared_by_what_it_received_leaves_its_sender_convicted(
+    tiny_model: Path,
+) -> None:
+    """Node 1's records match every honest re-run; node 2 computed honestly on what node
+    1 sent and contradicts the re-execution on the honest input. Node 2 still holds
+    those bytes, which hash to node 1's signed output and are not the honest
+    computation: node 1 is the liar, on the evidence of its own record."""
+    verdict, records = _below_fingerprint_chain(tiny_model, "sent")
+    assert not verdict.verified and verdict.liars == (NodeId(1),), verdict.reason
+    assert verdict.evidence == (records[0][0].proof.signature,)
+    assert "node(s) 1 sent stage 1 inputs at step(s) [0]" in verdict.reason
+
+
+def test_a_next_stage_cannot_clear_itself_without_the_bytes_its_sender_signed(
+    tiny_model: Path,
+) -> None:
+    """Bytes that hash to nothing node 1 signed prove nothing, and holding nothing
+    clears nobody: node 2, whose output contradicts the re-execution, is convicted."""
+    for holds in ("other", "nothing"):
+        verdict, records = _below_fingerprint_chain(tiny_model, holds)
+        assert verdict.liars == (NodeId(2),), (holds, verdict.reason)
+        assert verdict.evidence == (records[1][0].proof.signature,)
+
+
+def test_a_lying_receiver_showing_the_honest_bytes_it_received_is_convicted(
+    tiny_model: Path,
+) -> None:
+    """Node 2 skews its output and shows the honest bytes it received: it is convicted,
+    and node 1, whose bytes those were, is not."""
+    verdict, records = _below_fingerprint_chain(tiny_model, "sent", receiver_lies=True)
+    assert verdict.liars == (NodeId(2),), verdict.reason
+    assert verdict.evidence == (records[1][0].proof.signature,)

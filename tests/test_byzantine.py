@@ -11,12 +11,11 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from butterfly.runtime.generate import generate
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.tokenizer import TextCodec
-from tests.cluster_util import running_cluster
+from tests.cluster_util import metric, running_cluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 PROMPTS = ["Butterfly", "pipelines", "Once upon a time"]
@@ -26,15 +25,6 @@ NEW = 24
 def reference(model: Path, prompt: str) -> list[int]:
     codec = TextCodec.load(model)
     return list(generate([load_stage(model)], codec.encode(prompt), NEW, stop_ids=codec.eos_ids))
-
-
-def metric(url: str, name: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name:
-                return float(sample.value)
-    return 0.0
 
 
 @pytest.mark.parametrize(

@@ -139,7 +139,8 @@ async def test_a_weakly_fingerprinted_liar_before_a_replay_from_0_is_not_passed_
     replays from 0 on the next plan, so every step of the first plan is superseded. That
     plan could not be verified (weak records), and was passed over as if nobody could
     re-run it: the wrong answer came back verified (a review). Now only a plan nobody
-    can re-run is passed over: this answer comes back unverified or right."""
+    can re-run is passed over, and the audit of this one asks node 2 for what node 1
+    sent it: node 1 is convicted on its own record, and the request computed again."""
     liars = {1: WeakUncopiedStageServer}
     sampled = SamplingParams(temperature=1.0, seed=7)
     ids = tuple(TextCodec.load(tiny_model).encode(PROMPT))
@@ -154,8 +155,8 @@ async def test_a_weakly_fingerprinted_liar_before_a_replay_from_0_is_not_passed_
         task = InferenceTask(RequestId("weak"), input_ids=ids, max_new_tokens=NEW, sampling=sampled)
         result = await c.infer_killing(task, 1, at=4)
         assert result.timings["resumed_at"] == 0.0  # every first-plan step superseded
-        assert list(result.output_ids) == list(honest) or result.verified == "none"
-        assert result.verified == "none", "the weak plan was passed over"
+        assert list(result.output_ids) == list(honest) and result.verified == "audit"
+        assert set(c.gateway.plans.evicted) == {NodeId(1)}, "the weak plan was passed over"
 
 
 async def test_a_proven_liar_is_evicted_by_agreement_and_leaves_the_plan(

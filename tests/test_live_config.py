@@ -55,7 +55,7 @@ from butterfly.types.wire.agreement import Proof, decode
 from butterfly.types.wire.control import Heartbeat
 from butterfly.types.wire.data import AuditReply, AuditRequest, KvAppend, StageStep, StepResult
 from tests.engine_util import STAGE, chain, run
-from tests.test_audit_gateway import signed
+from tests.test_audit_gateway import holding, signed
 
 KEYS = {NodeId(n): SigningKey.from_seed(bytes([n + 40]) * 32) for n in range(4)}
 PUBLIC = {n: k.public for n, k in KEYS.items()}
@@ -148,6 +148,7 @@ def audit_of(tiny_model: Path, torch_thread: TorchThread, plan: StagePlan) -> Au
 
     return Auditor(
         ask=ask,
+        inputs=holding({}),
         keys=PUBLIC,
         referee=Referee(tiny_model, torch_thread),
         tolerance=Tolerance(),
@@ -329,7 +330,8 @@ async def test_a_tighter_tolerance_flags_what_the_old_one_let_through(
     def claim(
         node: int, index: int, layers: LayerRange, x: torch.Tensor, out: torch.Tensor
     ) -> Claim:
-        return Claim(signed(KEYS, 1, 0, index, NodeId(node), layers, x, out), 0, out.shape[1])
+        proof = signed(KEYS, 1, 0, index, NodeId(node), layers, x, out)
+        return Claim(proof, 0, out.shape[1], (0, x.shape[1]))
 
     plan = StagePlan(
         1, ((NodeId(2), FIRST), (NodeId(1), SECOND)), ((NodeId(0), FIRST), (NodeId(3), SECOND))

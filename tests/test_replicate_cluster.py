@@ -11,8 +11,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.cluster_util import running_cluster
-from tests.test_byzantine import NEW, PROMPTS, metric, reference
+from tests.cluster_util import metric, running_cluster
+from tests.test_byzantine import NEW, PROMPTS, reference
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
 REPLICATE = {"byzantine.verification": "replicate"}

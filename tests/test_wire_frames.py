@@ -34,6 +34,8 @@ from butterfly.types.wire.data import (
     CacheLengths,
     CacheQuery,
     Chunk,
+    InputsHeld,
+    InputsQuery,
     KvAppend,
     Ping,
     Pong,
@@ -88,6 +90,8 @@ SAMPLES: list[Message] = [
     TaskSettled(R1, "completed", "", ""),
     TaskSync(),
     TaskSyncReply(N2, 3),
+    InputsQuery(R1, Epoch(2), StageIndex(1), (0, 3, 4)),
+    InputsHeld(R1, N2, (0, 3), (5, 1)),
 ]
 
 
@@ -105,7 +109,7 @@ def frame(msg: Message, **header: object) -> bytes:
 
 def test_every_frame_kind_has_a_sample_and_round_trips() -> None:
     assert {type(m) for m in SAMPLES} == set(MESSAGE_TYPES.values())
-    assert len(MESSAGE_TYPES) == len(typing.get_args(Message)) == 32
+    assert len(MESSAGE_TYPES) == len(typing.get_args(Message)) == 34
     for msg in SAMPLES:
         env = decode_frame(frame(msg), 1 << 20)
         assert env.msg == msg and type(env.msg) is type(msg)
@@ -166,6 +170,7 @@ def test_every_request_declares_a_registered_reply() -> None:
     assert {c.kind for c in asks} == {
         "hello",
         "audit_request",
+        "inputs_query",
         "cache_query",
         "ping",
         "plan_assign",

@@ -326,6 +326,7 @@ def build_node(
         d.StepResult: engine.on_result,
         d.StepError: engine.on_result,
         d.AuditRequest: stage.audit,
+        d.InputsQuery: stage.inputs,
         d.Release: stage.release,
         d.KvAppend: stage.kv_append,
         d.CacheQuery: stage.cache_query,

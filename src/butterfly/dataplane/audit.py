@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from butterfly.dataplane.proving import Shape
-from butterfly.protocol.proof import Tolerance, matches_tensor, tensors_close
+from butterfly.dataplane.proving import Shape, digest
+from butterfly.protocol.proof import Tolerance, matches_tensor, rows_close, tensors_close
 from butterfly.protocol.sign import verify_message
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.precision import FP32, Precision
@@ -36,26 +36,29 @@ from butterfly.runtime.stage import Stage, prefill_outputs
 from butterfly.runtime.torch_thread import TorchThread
 from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.types.errors import ButterflyError, InvalidMessage
-from butterfly.types.ids import NodeId, RequestId, StageIndex
+from butterfly.types.ids import Epoch, NodeId, RequestId, StageIndex
 from butterfly.types.model import LayerRange
 from butterfly.types.plan import StagePlan
 from butterfly.types.tasks import SamplingParams
 from butterfly.types.wire.agreement import Proof
-from butterfly.types.wire.data import AuditReply, AuditRequest
+from butterfly.types.wire.data import AuditReply, AuditRequest, InputsHeld, InputsQuery
 
 log = logging.getLogger(__name__)
 Ask = Callable[[NodeId, AuditRequest, bytes], Awaitable[tuple[AuditReply, bytes]]]
+Inputs = Callable[[NodeId, InputsQuery], Awaitable[tuple[InputsHeld, bytes]]]
 # the gateway's own outputs of a stage for a request's positions [0, length), if it has them
 OwnOutputs = Callable[[RequestId, LayerRange, int], torch.Tensor | None]
 
 
 @dataclass(frozen=True)
 class Claim:
-    """A chain node's signed record of one step: rows [start, start + width) of the output."""
+    """A chain node's signed record of one step: rows [start, start + width) of the
+    output, computed on input rows `rows` (start, length)."""
 
     proof: Proof
     start: int
     width: int
+    rows: tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,7 @@ class Auditor:
         self,
         *,
         ask: Ask,
+        inputs: Inputs,
         keys: Mapping[NodeId, bytes],
         referee: Referee,
         tolerance: Tolerance,
@@ -159,6 +163,7 @@ class Auditor:
         (DESIGN.md section 3), so re-executing its work proves nothing; its kept outputs
         (`own_outputs`) are the next stage's input instead."""
         self._ask, self._keys, self._referee = ask, keys, referee
+        self._inputs = inputs
         self._tol, self._max = tolerance, max_tensor_bytes
         self._gateway, self._own = gateway, own_outputs
 
@@ -204,9 +209,9 @@ class Auditor:
             seen.add((proof.step, int(proof.stage)))
             start, length = positions[proof.step]
             claim = (
-                Claim(proof, start + length - 1, 1)
+                Claim(proof, start + length - 1, 1, (start, length))
                 if proof.stage == last and proof.step not in every_row
-                else Claim(proof, start, length)
+                else Claim(proof, start, length, (start, length))
             )
             by_stage.setdefault(int(proof.stage), []).append(claim)
         return by_stage
@@ -301,10 +306,14 @@ class Auditor:
             weak = sorted({c.proof.sender for c in mine if not self._strong(c, weakest)})
             if len(outs) == len(replies) and self._judged(mine, replies, offset, picks):
                 checked += len(mine)
-                if weak and not (last and liars):
-                    return self._weak(weak, index, layers, liars, reasons, checked)
                 runner, x = next((a, out) for a, out, _ in replies if out is not None)
                 fed.append((layers, runner, x))  # the chain agrees with it where it signed
+                if weak and not (last and liars):
+                    past = None if last else (trusted, fed)
+                    sent = await self._past_weak(
+                        request_id, plan, index, claims, past, liars, reasons
+                    )
+                    return self._weak(weak, index, layers, liars, reasons, checked, sent)
                 continue
             # a dispute (or an auditor that could not run): the gateway re-executes and
             # blames whoever signed or answered something that contradicts it. An
@@ -331,6 +340,21 @@ class Auditor:
                     liars.append(auditor)
                 verb = "contradicts" if lied else "matches" if answered else "could not answer"
                 said.append(f"auditor {auditor} {verb} it")
+            # before the chain is convicted, what it computed on: the stage before may
+            # have sent something else than the honest computation, which its records
+            # do not show below their largest values (an honest next stage was evicted
+            # for it: a review). x is the input known right here
+            sent = (
+                await self._sent_wrongly(request_id, plan.epoch, index, claims, chain_lied, x)
+                if chain_lied and index
+                else []
+            )
+            if sent:
+                reasons.append(self._fed(index, sent, chain_lied, said))
+                log.warning("audit of %s: %s", request_id, reasons[-1])
+                senders = tuple(dict.fromkeys(c.proof.sender for c in sent))
+                evidence = tuple(c.proof.signature for c in sent)
+                return Verdict(False, (*liars, *senders), "; ".join(reasons), checked, evidence)
             # the nodes whose records are judged (a standby's, after a reroute), not the
             # plan's chain node alone
             judged = sorted({c.proof.sender for c in chain_lied or mine})
@@ -351,12 +375,14 @@ class Auditor:
                 stop += "re-executed logits allow, and no record of this plan covers them"
                 return Verdict(False, tuple(liars), "; ".join([*reasons, stop]), checked)
             checked += len(mine)
-            if weak and not (last and liars):
-                return self._weak(weak, index, layers, liars, reasons, checked)
             if fed:  # the referee's output, on an input not retraced: right if it was
                 fed.append((layers, None, reference))
             else:
                 trusted = reference
+            if weak and not (last and liars):
+                past = None if last else (trusted, fed)
+                sent = await self._past_weak(request_id, plan, index, claims, past, liars, reasons)
+                return self._weak(weak, index, layers, liars, reasons, checked, sent)
             x = reference  # the chain was right; go on from the re-execution
         return Verdict(True, tuple(liars), "; ".join(reasons), checked)
 
@@ -424,12 +450,106 @@ class Auditor:
         liars: list[NodeId],
         reasons: list[str],
         checked: int,
+        sent: Sequence[Claim] = (),
     ) -> Verdict:
         """Unverified: stage `index`'s records are fingerprinted more weakly than the
-        cluster's shape; the liars found so far stand."""
+        cluster's shape; the liars found so far stand, and the signers of `sent`, the
+        records of what the next stage received and the re-execution contradicts."""
         stop = f"stage {index} {layers}: node(s) {signers} signed fingerprints weaker than "
         stop += "the cluster's; not checked past it"
-        return Verdict(False, tuple(liars), "; ".join([*reasons, stop]), checked)
+        if not sent:
+            return Verdict(False, tuple(liars), "; ".join([*reasons, stop]), checked)
+        senders = tuple(dict.fromkeys(c.proof.sender for c in sent))
+        steps = sorted({c.proof.step for c in sent})
+        stop += f"; node(s) {', '.join(map(str, senders))} sent stage {index + 1} inputs "
+        stop += f"at step(s) {steps} that contradict the re-execution, and signed them"
+        evidence = tuple(c.proof.signature for c in sent)
+        return Verdict(False, (*liars, *senders), "; ".join([*reasons, stop]), checked, evidence)
+
+    @staticmethod
+    def _fed(index: int, sent: Sequence[Claim], accused: Sequence[Claim], said: list[str]) -> str:
+        senders = ", ".join(map(str, dict.fromkeys(c.proof.sender for c in sent)))
+        receivers = ", ".join(map(str, sorted({c.proof.sender for c in accused})))
+        steps = sorted({c.proof.step for c in sent})
+        return (
+            f"stage {index - 1}: node(s) {senders} sent stage {index} inputs at step(s) "
+            f"{steps} that contradict the re-execution, and signed them; node(s) "
+            f"{receivers} computed on them, " + ", ".join(said)
+        )
+
+    async def _past_weak(
+        self,
+        request_id: RequestId,
+        plan: StagePlan,
+        index: int,
+        claims: Mapping[int, list[Claim]],
+        past: tuple[torch.Tensor, list[tuple[LayerRange, NodeId | None, torch.Tensor]]] | None,
+        liars: list[NodeId],
+        reasons: list[str],
+    ) -> list[Claim]:
+        """The records of weakly fingerprinted stage `index` whose bytes, as the next
+        stage received them, contradict the re-execution from the last trusted input
+        through the re-runs fed since (`past`, ending with this stage; None: the last
+        stage, which sent nothing on): a weak record matches much, but it binds its
+        signer to the bytes it sent. A re-runner the retrace finds wrong joins `liars`."""
+        if past is None:
+            return []
+        honest, feeder = await self._retrace(past[0], list(past[1]))
+        if feeder:
+            liars.append(feeder[0])
+            reasons.append(feeder[1])
+            return []
+        return await self._sent_wrongly(
+            request_id, plan.epoch, index + 1, claims, claims.get(index + 1, []), honest
+        )
+
+    async def _sent_wrongly(
+        self,
+        request_id: RequestId,
+        epoch: int,
+        index: int,
+        claims: Mapping[int, list[Claim]],
+        receivers: Sequence[Claim],
+        honest: torch.Tensor,
+    ) -> list[Claim]:
+        """The records of stage `index - 1` whose sent bytes, as the signers of
+        `receivers` (records of stage `index`) say they received them, contradict
+        `honest` (stage `index`'s right input, every position). Each receiver is asked
+        for every step it signed: its cache holds them all. Bytes that do not hash to
+        the sender's signed output prove nothing and are passed over; a receiver that
+        cannot produce them does not clear itself."""
+        sent = {c.proof.step: c for c in claims.get(index - 1, [])}
+        wrong: dict[int, Claim] = {}
+        for node in sorted({c.proof.sender for c in receivers}):
+            theirs = {c.proof.step: c for c in claims.get(index, []) if c.proof.sender == node}
+            query = InputsQuery(request_id, Epoch(epoch), StageIndex(index), tuple(sorted(theirs)))
+            try:
+                reply, payload = await self._inputs(node, query)
+                rows = decode_tensor(payload, self._max) if reply.steps else None
+            except ButterflyError as e:
+                log.warning("audit of %s: node %s held no inputs: %s", request_id, node, e)
+                continue
+            if (
+                rows is None
+                or rows.dim() != honest.dim()
+                or len(reply.lengths) != len(reply.steps)
+                or min(reply.lengths) < 1
+                or sum(reply.lengths) != rows.shape[1]
+            ):
+                continue
+            at = 0
+            for step, length in zip(reply.steps, reply.lengths, strict=True):
+                got, at = rows[:, at : at + length], at + length
+                mine, before = theirs.get(step), sent.get(step)
+                if mine is None or before is None or digest(got) != before.proof.output_hash:
+                    continue
+                start, width = mine.rows
+                right = honest[:, start : start + width]
+                if right.shape != got.shape:
+                    continue
+                if not rows_close(got, right, self._tol):
+                    wrong[step] = before
+        return list(wrong.values())
 
     async def _replay(
         self,

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection
+from typing import TypeVar
 
 from butterfly.dataplane.engine import Deliver
 from butterfly.dataplane.inflight import DISPATCH_REFUSED, NEXT_UNREACHABLE
@@ -34,10 +35,13 @@ from butterfly.protocol.dispatch import Refusal
 from butterfly.protocol.entitled import Context, entitled
 from butterfly.types.errors import ButterflyError, InvalidMessage, SendTimeout
 from butterfly.types.ids import GATEWAY, NodeId, RequestId
+from butterfly.types.wire.base import Ask
 from butterfly.types.wire.data import (
     AuditReply,
     AuditRequest,
     CacheQuery,
+    InputsHeld,
+    InputsQuery,
     KvAppend,
     Release,
     StageStep,
@@ -45,6 +49,7 @@ from butterfly.types.wire.data import (
 )
 
 log = logging.getLogger(__name__)
+A = TypeVar("A")  # the reply a request declares
 
 
 class StageRoutes:
@@ -140,6 +145,10 @@ class StageRoutes:
         msg = env.msg
         return await self._server.audit(msg, env.payload) if isinstance(msg, AuditRequest) else None
 
+    async def inputs(self, peer: NodeId, env: Envelope) -> Reply | None:
+        msg = env.msg
+        return self._server.inputs_held(msg) if isinstance(msg, InputsQuery) else None
+
     async def release(self, peer: NodeId, env: Envelope) -> Reply | None:
         if isinstance(env.msg, Release):
             for request_id in env.msg.request_ids:
@@ -180,21 +189,24 @@ def _trace(
 
 
 class AuditAsk:
-    """How the gateway's auditor asks a node to re-run a request's prefill: its own stage
-    server directly, a peer over the transport, counting a peer's timeouts (a silent
-    auditor is evicted like a silent stage: dataplane.unresponsive)."""
+    """How the gateway's auditor asks a node to re-run a request's prefill, or for the
+    inputs it received: its own stage server directly, a peer over the transport,
+    counting a peer's timeouts (a silent auditor is evicted like a silent stage:
+    dataplane.unresponsive)."""
 
     def __init__(
         self,
         *,
         node: NodeId,
         local: Callable[[AuditRequest, bytes], Awaitable[tuple[AuditReply, bytes]]],
+        local_inputs: Callable[[InputsQuery], tuple[InputsHeld, bytes]],
         transport: Transport,
         timeouts: StepTimeouts,
         timeout_s: Callable[[], float],
     ) -> None:
         """`timeout_s`: read on every audit (network.step_timeout_ms is live)."""
         self.node, self._local, self._transport = node, local, transport
+        self._local_inputs = local_inputs
         self._timeouts, self._timeout = timeouts, timeout_s
 
     async def __call__(
@@ -202,10 +214,18 @@ class AuditAsk:
     ) -> tuple[AuditReply, bytes]:
         if node == self.node:
             return await self._local(request, payload)
+        return await self._ask(node, request, payload, f"audit of {request.request_id}")
+
+    async def inputs(self, node: NodeId, query: InputsQuery) -> tuple[InputsHeld, bytes]:
+        if node == self.node:
+            return self._local_inputs(query)
+        return await self._ask(node, query, b"", f"inputs of {query.request_id}")
+
+    async def _ask(self, node: NodeId, msg: Ask[A], payload: bytes, what: str) -> tuple[A, bytes]:
         try:
-            answer = await self._transport.ask(node, request, payload, timeout=self._timeout())
+            answer = await self._transport.ask(node, msg, payload, timeout=self._timeout())
         except SendTimeout:
-            await self._timeouts.timed_out(node, f"audit of {request.request_id}")
+            await self._timeouts.timed_out(node, what)
             raise
         except InvalidMessage:  # an answer of the wrong kind: the auditor judges it
             self._timeouts.answered((node,))

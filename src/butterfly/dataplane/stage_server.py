@@ -31,6 +31,7 @@ import torch
 
 from butterfly.dataplane.kv_table import CACHE_TTL_S, MAX_CACHES, KvTable
 from butterfly.dataplane.proving import Prover, check_records, decode_proofs, route_signers
+from butterfly.dataplane.received import Received
 from butterfly.net.framing import Envelope
 from butterfly.protocol.dispatch import Refusal, Serials, dispatched
 from butterfly.runtime.kvcache import KVCache
@@ -58,6 +59,8 @@ from butterfly.types.wire.data import (
     AuditRequest,
     CacheLengths,
     CacheQuery,
+    InputsHeld,
+    InputsQuery,
     KvAppend,
     StageStep,
     StepError,
@@ -134,6 +137,8 @@ class StageServer:
         self.stage: Stage | None = None
         self.plan: StagePlan | None = None
         self.table = KvTable(node, max_caches=max_caches, ttl_s=cache_ttl_s, clock=clock)
+        # what it computed on, for a dispute over who sent what (dataplane.received)
+        self.received = Received(clock=clock)
         self._serials = Serials()
 
     @property
@@ -511,6 +516,11 @@ class StageServer:
             return torch.cat([o for o in outs if o is not None], dim=1)
 
         out = await self._torch.run(tensors, kind)
+        if prove:
+            for rid, step, at, length in zip(
+                msg.request_ids, msg.steps, offsets, msg.lengths, strict=True
+            ):
+                self.received.keep(rid, self.epoch, step, x[:, at : at + length])
         sent = self.tamper(out)
         if self._keep_outputs and not (msg.last_only and stage.is_last):
             self.table.keep(msg.request_ids, msg.starts, msg.lengths, sent, offsets)
@@ -616,6 +626,16 @@ class StageServer:
         except Exception as e:  # a bad audit input costs the sender an error, not the node
             return AuditReply(msg.request_id, self.node, f"audit failed: {e}"), b""
         return AuditReply(msg.request_id, self.node, ""), encode_tensor(out)
+
+    def inputs_held(self, msg: InputsQuery, payload: bytes = b"") -> tuple[InputsHeld, bytes]:
+        """The inputs this node computed on for the asked steps, as it received them."""
+        held = self.received.held(msg.request_id, msg.epoch, msg.steps)
+        if not held:
+            return InputsHeld(msg.request_id, self.node, (), ()), b""
+        steps = tuple(s for s, _ in held)
+        lengths = tuple(int(rows.shape[1]) for _, rows in held)
+        rows = torch.cat([r for _, r in held], dim=1)
+        return InputsHeld(msg.request_id, self.node, steps, lengths), encode_tensor(rows)
 
     def close(self) -> None:
         self._torch.close()

@@ -13,7 +13,7 @@ left is whether that peer is the one entitled to send this kind, now:
     step_result           the last node of the route the step was sent on
     step_error            any node of that route
     kv_append             the chain node of that layer range in the current plan
-    release, audit_request, cache_query, status_query,
+    release, audit_request, inputs_query, cache_query, status_query,
     plan_assign, config_prepare, config_sync, config_local,
     task_copy, task_checkpoint, task_settled, task_sync
                           the gateway (the acting one, as agreed)
@@ -49,6 +49,7 @@ from butterfly.types.wire.control import (
 from butterfly.types.wire.data import (
     AuditRequest,
     CacheQuery,
+    InputsQuery,
     KvAppend,
     Ping,
     Release,
@@ -62,6 +63,7 @@ from butterfly.types.wire.standby import TaskCheckpoint, TaskCopy, TaskSettled, 
 FROM_GATEWAY = (
     Release,
     AuditRequest,
+    InputsQuery,
     CacheQuery,
     StatusQuery,
     PlanAssign,

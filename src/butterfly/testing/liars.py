@@ -239,6 +239,18 @@ def pinned_only(rows: torch.Tensor, k: int) -> torch.Tensor:
     return (flat * 0.5).scatter(-1, top, flat.gather(-1, top)).reshape(rows.shape)
 
 
+class BelowFingerprintStageServer(StageServer):
+    """Sends its output `pinned_only`, short of the last stage, and signs exactly that in
+    the cluster's fingerprint shape: its records match every honest re-run, and the
+    honest next stage, which computed on the lie, contradicted the audit's re-execution
+    and was convicted in its place (a review saw two honest last stages evicted in turn)."""
+
+    def tamper(self, out: torch.Tensor) -> torch.Tensor:
+        if self.stage is None or self.stage.is_last or self.prover is None:
+            return out
+        return pinned_only(out, self.prover.k)
+
+
 class PoisonedAuditStageServer(StageServer):
     """Answers an audit of a stage after the first with its honest re-run `pinned_only`:
     the re-run matches the chain's records, and becomes the next stage's audit input (a
@@ -418,5 +430,6 @@ BEHAVIOURS: dict[str, type[StageServer]] = {
     "misshapen": MisshapenStageServer,
     "honest-fingerprint": HonestFingerprintStageServer,
     "weak-fingerprint": WeakFingerprintStageServer,
+    "below-fingerprint": BelowFingerprintStageServer,
     "equivocate": StageServer,  # an honest data path; its votes lie (testing.liar_votes)
 }

@@ -54,7 +54,14 @@ from butterfly.types.model import LayerInfo, Linear
 from butterfly.types.plan import StagePlan
 from butterfly.types.tasks import InferenceTask
 from butterfly.types.wire.control import StatusReply
-from butterfly.types.wire.data import AuditReply, AuditRequest, Release, StageStep
+from butterfly.types.wire.data import (
+    AuditReply,
+    AuditRequest,
+    InputsHeld,
+    InputsQuery,
+    Release,
+    StageStep,
+)
 from butterfly.types.wire.frames import Message
 
 GIB = 1 << 30
@@ -227,6 +234,7 @@ class _Cluster:
             recovery_wait_s=0.01,
             auditor=Auditor(
                 ask=self._ask_audit,
+                inputs=self._ask_inputs,
                 keys=PUBLIC,
                 referee=self.referee,
                 tolerance=tol,
@@ -275,6 +283,9 @@ class _Cluster:
         self, node: NodeId, req: AuditRequest, payload: bytes
     ) -> tuple[AuditReply, bytes]:
         return await self.servers[node].audit(req, payload)
+
+    async def _ask_inputs(self, node: NodeId, query: InputsQuery) -> tuple[InputsHeld, bytes]:
+        return self.servers[node].inputs_held(query)
 
     async def _deliver(self, node: NodeId, msg: Message, payload: bytes) -> None:
         if isinstance(msg, Release):

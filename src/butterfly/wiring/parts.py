@@ -187,15 +187,18 @@ def engine(
     verify = verifying(cfg)  # both checkers built: the mode may change at run time
     tolerance = tolerance_for(byz.rtol, byz.atol, verification_floor(cfg.model.dtype))
     family, _args = model_args(model_dir)
+    asks = AuditAsk(
+        node=me,
+        local=server.audit,
+        local_inputs=server.inputs_held,
+        transport=transport,
+        timeouts=timeouts,
+        timeout_s=partial(step_timeout_s, config),
+    )
     auditor = (
         Auditor(
-            ask=AuditAsk(
-                node=me,
-                local=server.audit,
-                transport=transport,
-                timeouts=timeouts,
-                timeout_s=partial(step_timeout_s, config),
-            ),
+            ask=asks,
+            inputs=asks.inputs,
             keys=keys,
             referee=Referee(model_dir, torch_thread, precision_of(cfg)),
             tolerance=tolerance,

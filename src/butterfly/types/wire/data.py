@@ -11,6 +11,7 @@ kind, the epoch and the authenticated sender, so the bodies carry neither. Paylo
     step_result     last chain node         the gateway samples (one-way, to `reply_to`)
     step_error      any chain node          the gateway re-routes or fails the request
     audit_request   gateway                 audit_reply
+    inputs_query    gateway                 inputs_held (a dispute: what a stage received)
     release         gateway                 KV caches freed
     kv_append       chain node              standbys extend their KV copies
     cache_query     gateway                 cache_lengths
@@ -23,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, ClassVar
 
-from butterfly.types.ids import NodeId, RequestId, StageIndex
+from butterfly.types.ids import Epoch, NodeId, RequestId, StageIndex
 from butterfly.types.wire.base import Ask, Text
 from butterfly.types.wire.checks import Size
 
@@ -121,6 +122,34 @@ class AuditRequest(Ask[AuditReply]):
 
 
 @dataclass(frozen=True, slots=True)
+class InputsHeld:
+    """The inputs a node received for a request's steps and still holds, exactly as it
+    received them (the payload: one tensor, the steps' rows side by side, `lengths[i]`
+    rows for `steps[i]`). Not signed: each step's rows are bound by their hash to the
+    record of the stage that sent them, which the gateway checks before using them."""
+
+    kind: ClassVar[str] = "inputs_held"
+    request_id: RequestId
+    node: NodeId
+    steps: tuple[int, ...]
+    lengths: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class InputsQuery(Ask[InputsHeld]):
+    """The inputs the receiver took for these `steps` of `request_id` in the plan of
+    `epoch`, as stage `stage`: when an audit would convict it, the gateway first checks
+    whether the stage before sent it something other than the honest computation (its
+    records pin only each row's largest values)."""
+
+    kind: ClassVar[str] = "inputs_query"
+    request_id: RequestId
+    epoch: Epoch
+    stage: StageIndex
+    steps: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Release:
     """Free these requests' KV caches (cancelled or finished). One frame carries every
     request that finished in one turn of the gateway's event loop, so a node receives one
@@ -196,6 +225,8 @@ DataMessage = (
     | StepError
     | AuditRequest
     | AuditReply
+    | InputsQuery
+    | InputsHeld
     | Release
     | KvAppend
     | CacheQuery
