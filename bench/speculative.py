@@ -1,10 +1,11 @@
 """Speculative decoding benchmark: traversals per token and tokens/s, on and off, 4 nodes.
 
 Prints one JSON object. A cluster of `--nodes` node processes (the small demo model, one
-stage each, verification none: speculation runs for unchecked requests only) serves every
-request; each round sends every workload's request twice, with generation.speculative
-off and on (switched through the config API; the order alternates between rounds), so
-the ratio of each pair compares the same processes on the same machine state.
+stage each, verification none; with `--verification audit`, f = 1, each range on two
+nodes and every answer audited, which it must pass: speculation runs for audited requests
+too) serves every request; each round sends every workload's request twice, with
+generation.speculative off and on (switched through the config API; the order alternates
+between rounds), so the ratio of each pair compares the same processes on the same machine state.
 
 Workloads. The demo model's weights are seeded noise: it cannot copy a prompt the way a
 trained model edits code, but its greedy output falls into loops that repeat its own
@@ -26,7 +27,7 @@ installed the run goes on without added latency and says so (`link_latency_ms` 0
 `latency_harness` "unavailable").
 
     python bench/speculative.py [--rounds 5] [--nodes 4] [--k 4] [--link-latency-ms 5]
-        [--mode ngram|draft] [--draft-model self|layers:N|DIR]
+        [--mode ngram|draft] [--draft-model self|layers:N|DIR] [--verification none|audit]
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from butterfly.runtime.tokenizer import TextCodec
 from common import bench_model, machine, summary, truncated_draft
 
 NEW = 64
-# verification none: speculation runs for unchecked requests only. The failure detector
+# verification none unless --verification audit. The failure detector
 # forgives pauses of up to 5 s: on this shared 2-core machine (load averages of 15-20
 # while other work runs) heartbeats stall for seconds, and a node declared failed
 # mid-run re-plans the cluster, which is not what this measures.
@@ -68,7 +69,9 @@ def set_config(url: str, body: dict[str, Any]) -> None:
         raise RuntimeError(f"config update {body} refused: {r.status_code} {r.text}")
 
 
-def infer(url: str, prompt: list[int], temperature: float, seed: int) -> dict[str, Any]:
+def infer(
+    url: str, prompt: list[int], temperature: float, seed: int, verification: str = "none"
+) -> dict[str, Any]:
     body = {
         "input_ids": prompt,
         "max_new_tokens": NEW,
@@ -81,6 +84,8 @@ def infer(url: str, prompt: list[int], temperature: float, seed: int) -> dict[st
         raise RuntimeError(f"request failed: {r.status_code} {r.text[:2000]}")
     res = r.json()
     t = res["timings"]
+    if verification != "none" and res["verified"] != verification:
+        raise RuntimeError(f"an answer came back verified {res['verified']!r}: {res}")
     tokens = len(res["output_ids"])
     return {
         "tokens": tokens,
@@ -119,10 +124,11 @@ def main() -> None:
     ap.add_argument("--link-latency-ms", type=float, default=5.0)
     ap.add_argument("--mode", choices=["ngram", "draft"], default="ngram")
     ap.add_argument("--draft-model", default="self")
+    ap.add_argument("--verification", choices=["none", "audit"], default="none")
     args = ap.parse_args()
     model_dir = bench_model(args.size)
     on_mode = args.mode
-    settings = dict(SETTINGS)
+    settings = {**SETTINGS, "byzantine.verification": args.verification}
     if on_mode == "draft":
         draft_dir = draft_model(model_dir, args.draft_model)
         settings["generation.speculative.draft_model"] = str(draft_dir)
@@ -136,7 +142,7 @@ def main() -> None:
         port = free_ports(1)[0]
         cfgs = node_configs(
             nodes=args.nodes,
-            f=0,
+            f=0 if args.verification == "none" else 1,
             model=model_dir,
             api_port=port,
             data_dir=Path(tmp),
@@ -157,7 +163,8 @@ def main() -> None:
                     set_config(url, {"generation.speculative.mode": mode})
                     for workload, temperature in workloads.items():
                         for name, prompt in prompts.items():
-                            run = infer(url, prompt, temperature, seed=1000 * i + len(name))
+                            seed = 1000 * i + len(name)
+                            run = infer(url, prompt, temperature, seed, args.verification)
                             run["prompt"], run["round"] = name, i
                             samples[workload][mode].append(run)
             load_after = os.getloadavg()[0]
@@ -175,6 +182,7 @@ def main() -> None:
         "link_latency_ms": args.link_latency_ms if harness != "unavailable" else 0.0,
         "latency_harness": harness,
         "mode": on_mode,
+        "verification": args.verification,  # every answer passed it (else the run stops)
         "draft_model": args.draft_model if on_mode == "draft" else None,
         "settings": settings,
         "machine": machine(),

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from butterfly.dataplane.proving import Shape, digest
-from butterfly.protocol.proof import Tolerance, matches_tensor, rows_close, tensors_close
+from butterfly.protocol.proof import Tolerance, head, matches_tensor, rows_close, tensors_close
 from butterfly.protocol.sign import verify_message
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.precision import FP32, Precision
@@ -235,6 +235,14 @@ class Auditor:
             for index in range(stages):
                 if index not in records:
                     return f"stage {index} sent no signed record of step {step}"
+                if head(records[index].fingerprint, positions[step][1]) is None and not (
+                    index == stages - 1 and records[index].fingerprint.positions == 1
+                ):
+                    return (
+                        f"stage {index}'s record of step {step} fingerprints chunks of "
+                        f"{records[index].fingerprint.chunk} positions across draft tokens "
+                        "the request did not keep"
+                    )
                 if index and records[index].input_hash != records[index - 1].output_hash:
                     return (
                         f"stage {index} signed another input of step {step} "
@@ -543,8 +551,8 @@ class Auditor:
                 mine, before = theirs.get(step), sent.get(step)
                 if mine is None or before is None or digest(got) != before.proof.output_hash:
                     continue
-                start, width = mine.rows
-                right = honest[:, start : start + width]
+                start, width = mine.rows  # the rows kept: a draft's rejected ones are not
+                right, got = honest[:, start : start + width], got[:, :width]
                 if right.shape != got.shape:
                     continue
                 if not rows_close(got, right, self._tol):
@@ -594,8 +602,13 @@ class Auditor:
         return all(self._matches(c, out, offset) for c in claims)
 
     def _matches(self, claim: Claim, out: torch.Tensor, offset: int = 0) -> bool:
-        """Does `out`, the outputs of positions from `offset` on, hold what `claim` says?"""
+        """Does `out`, the outputs of positions from `offset` on, hold what `claim` says
+        (of the rows the request kept: a speculative step's record covers rejected
+        draft positions too, which `gaps` made sure it can leave out)?"""
         rows = out[:, claim.start - offset : claim.start - offset + claim.width]
-        return rows.shape[1] == claim.width and matches_tensor(
-            claim.proof.fingerprint, rows, self._tol
+        kept = head(claim.proof.fingerprint, claim.width)
+        return (
+            rows.shape[1] == claim.width
+            and kept is not None
+            and matches_tensor(kept, rows, self._tol)
         )

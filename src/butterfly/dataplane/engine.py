@@ -206,14 +206,19 @@ class PipelineEngine:
             task.task_id, tokens, k, sampling, generated=generated, seed=seed
         )
 
-    def _speculation_for(self, checked: bool) -> Speculation:
-        """Speculation runs for unchecked requests only. An audit compares each signed
-        record with one prefill of the final sequence, and a record's fingerprint covers
-        chunks of positions that hold the rejected draft tokens too, which that prefill
-        never sees; replicate mode judges a step's lanes by their last row, and replays
-        them from their history. So audited and replicated requests decode one token per
-        traversal, as they were checked before (docs/PERFORMANCE-LOG.md)."""
-        return PLAIN if checked else self._speculation
+    def _speculation_for(self, replicated: bool, began: float) -> Speculation:
+        """Speculation runs for unchecked and audited requests. An audit holds each
+        verify step's records to the rows the request kept (those before the first
+        rejected draft token, which is all one prefill of the final sequence sees), so
+        its records must fingerprint each position apart (`byzantine.fingerprint_chunk`
+        1, the default): with longer chunks a request decodes one token per traversal.
+        Replicate mode judges a step's lanes by their last row and replays them from
+        their history: replicated requests never speculate."""
+        if replicated:
+            return PLAIN
+        if self._shapes is not None and self._shapes.accepted(began).chunk != 1:
+            return PLAIN
+        return self._speculation
 
     def retune(
         self,
@@ -467,9 +472,7 @@ class PipelineEngine:
                     timings,
                     steps,
                     saved,
-                    speculation=self._speculation_for(
-                        replicator is not None or auditor is not None
-                    ),
+                    speculation=self._speculation_for(replicator is not None, began),
                     chunk=self._prefill_chunk,
                 )
                 self.chunk_times.finished(request_id)  # not decoding while it is audited
@@ -650,8 +653,11 @@ class PipelineEngine:
             finally:
                 times.ended(mark, answered)
             traversals += 1
-            before = len(gen.out)
-            gen.take(logits, head.shape[1], proposed, drafting)
+            before, start = len(gen.out), gen.pos
+            got = gen.take(logits, head.shape[1], proposed, drafting)
+            if proposed.tokens:  # the rows up to the first rejected draft token are kept
+                steps.used(step, start, max(1, len(got)), plan)
+                steps.every_row.add(step)
             every = self.checkpoint_every
             crossed = every > 0 and len(gen.out) // every > before // every  # a verify: several
             if self._on_checkpoint is not None and crossed:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from butterfly.protocol.sign import SigningKey, sign_message, verify_message
 from butterfly.types.hashing import merkle_root, sha256
 from butterfly.types.ids import Epoch, NodeId, RequestId, StageIndex
-from butterfly.types.wire.agreement import Fingerprint, Proof
+from butterfly.types.wire.agreement import Fingerprint, Proof, fingerprint_entries
 
 if TYPE_CHECKING:
     import torch
@@ -40,6 +40,7 @@ __all__ = [
     "describes",
     "fingerprint",
     "generate_proof",
+    "head",
     "matches_tensor",
     "rows_close",
     "tensor_bytes",
@@ -139,6 +140,18 @@ def fingerprint(t: torch.Tensor, k: int = 8, chunk: int = 32) -> Fingerprint:
         indices=struct.pack(f"<{len(indices)}I", *indices),
         values=struct.pack(f"<{len(values)}f", *values),
     )
+
+
+def head(fp: Fingerprint, positions: int) -> Fingerprint | None:
+    """The fingerprint of `fp`'s first `positions` rows, or None where a chunk would be
+    cut: a speculative step's record covers every drafted position, and only those before
+    the first rejected draft token are what the request went on from."""
+    if positions == fp.positions:
+        return fp
+    if not 0 < positions < fp.positions or positions % fp.chunk:
+        return None
+    n = fingerprint_entries(fp.k, fp.chunk, positions, fp.width)
+    return Fingerprint(fp.k, fp.chunk, positions, fp.width, fp.indices[: 4 * n], fp.values[: 4 * n])
 
 
 def _chunks(fp: Fingerprint) -> list[dict[int, float]]:
