@@ -37,7 +37,7 @@ from butterfly.testing.liars import (
 )
 from butterfly.types.ids import NodeId, RequestId
 from butterfly.types.tasks import InferenceTask
-from butterfly.types.wire.data import StageStep
+from butterfly.types.wire.data import InputsHeld, InputsQuery, StageStep
 
 pytestmark = pytest.mark.timeout(120)
 PROMPTS = ("Once upon a time", "Butterfly")
@@ -303,6 +303,23 @@ async def test_a_middle_stage_lying_below_its_records_is_evicted_and_never_its_r
     }
     await _serve_through_a_liar(
         tiny_model, tmp_path, expected, n=6, liars={MIDDLE: liar[kind]}, mode="audit"
+    )
+
+
+class _CorruptShowingNothing(CorruptStageServer):
+    """Corrupts what it sends, signs it, and when asked what it received shows nothing."""
+
+    def inputs_held(self, msg: InputsQuery, payload: bytes = b"") -> tuple[InputsHeld, bytes]:
+        return InputsHeld(msg.request_id, self.node, (), ()), b""
+
+
+async def test_a_lying_stage_that_shows_nothing_it_received_is_judged_on_what_was_sent(
+    tiny_model: Path, tmp_path: Path, expected: dict[str, list[int]]
+) -> None:
+    """Node 2, the last of 0 -> 1 -> 2, lies and will not show what it received; node 1,
+    honest, shows what it sent: node 2 is judged on that, and evicted alone."""
+    await _serve_through_a_liar(
+        tiny_model, tmp_path, expected, n=6, liars={2: _CorruptShowingNothing}, mode="audit"
     )
 
 

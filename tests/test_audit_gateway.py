@@ -11,9 +11,16 @@ import torch
 
 from butterfly.dataplane.audit import Ask, Auditor, Claim, Inputs, Referee
 from butterfly.dataplane.proving import Prover
-from butterfly.protocol.proof import Tolerance
+from butterfly.protocol.proof import (
+    Tolerance,
+    fingerprint,
+    matches_tensor,
+    rows_close,
+    tolerance_for,
+)
 from butterfly.protocol.sign import SigningKey
 from butterfly.runtime.loader import load_stage
+from butterfly.runtime.precision import verification_floor
 from butterfly.runtime.stage import Stage, prefill_outputs
 from butterfly.runtime.torch_thread import TorchThread
 from butterfly.runtime.wire import decode_tensor, encode_tensor
@@ -73,12 +80,16 @@ def re_running(stages: dict[LayerRange, Stage], asked: list[int]) -> Ask:
     return ask
 
 
-def holding(received: dict[tuple[int, int], torch.Tensor]) -> Inputs:
-    """A node's answer to what it received: `received[(node, step)]`, the rows it
-    computed on at that step (an empty dict: nobody kept anything)."""
+def holding(
+    received: dict[tuple[int, int], torch.Tensor],
+    sent: dict[tuple[int, int], torch.Tensor] | None = None,
+) -> Inputs:
+    """A node's answer to what crossed: `received[(node, step)]`, the rows it computed on
+    at that step, or `sent[(node, step)]`, those it sent on (empty: nobody kept any)."""
 
     async def inputs(node: NodeId, query: InputsQuery) -> tuple[InputsHeld, bytes]:
-        held = [(s, received[int(node), s]) for s in query.steps if (int(node), s) in received]
+        kept = (sent or {}) if query.sent else received
+        held = [(s, kept[int(node), s]) for s in query.steps if (int(node), s) in kept]
         steps, lengths = tuple(s for s, _ in held), tuple(r.shape[1] for _, r in held)
         payload = encode_tensor(torch.cat([r for _, r in held], dim=1)) if held else b""
         return InputsHeld(query.request_id, node, steps, lengths), payload
@@ -304,43 +315,66 @@ def test_a_chosen_token_no_record_covers_is_still_held_to_honest_logits(
     assert not verdict.verified and not blamed and "positions [3]" in verdict.reason
 
 
-def _below_fingerprint_chain(
-    tiny_model: Path, receiver_holds: str, receiver_lies: bool = False
-) -> Any:
-    """Chain 1 -> 2 (the gateway, 4, runs neither; 3 and 0 re-run them): node 1 sends
-    its output with all but each row's 8 largest values halved (`pinned_only`, invisible
-    to its records) unless `receiver_lies`, when node 2 skews its own output instead.
-    Node 2 answers for what it received with `receiver_holds`: "sent" (the bytes node 1
-    signed), "other" (bytes nobody signed) or "nothing"."""
-    keys = {NodeId(n): SigningKey.generate() for n in range(5)}
-    plan = StagePlan(
-        1, ((NodeId(1), FIRST), (NodeId(2), SECOND)), ((NodeId(3), FIRST), (NodeId(0), SECOND))
-    )
+EXACT = Tolerance()
+CHAIN_1_2 = StagePlan(
+    1, ((NodeId(1), FIRST), (NodeId(2), SECOND)), ((NodeId(3), FIRST), (NodeId(0), SECOND))
+)
+IDS = torch.tensor([[5, 9, 2, 7, 1, 8]])
+
+
+def _honest(tiny_model: Path) -> tuple[dict[LayerRange, Stage], torch.Tensor, torch.Tensor]:
+    """The two stages, and their honest outputs on `IDS`."""
     stages = {r: load_stage(tiny_model, r) for r in (FIRST, SECOND)}
-    ids = torch.tensor([[5, 9, 2, 7, 1, 8]])
     with torch.inference_mode():
-        hidden = prefill_outputs(stages[FIRST], ids, stages[FIRST].new_cache())
+        hidden = prefill_outputs(stages[FIRST], IDS, stages[FIRST].new_cache())
+        logits = prefill_outputs(stages[SECOND], hidden, stages[SECOND].new_cache())
+    return stages, hidden, logits
+
+
+def _audit_1_2(
+    tiny_model: Path,
+    sent: torch.Tensor,
+    logits: torch.Tensor,
+    inputs: Inputs,
+    tol: Tolerance = EXACT,
+) -> tuple[Any, dict[int, list[Claim]]]:
+    """Chain 1 -> 2 of `CHAIN_1_2` (the gateway, 4, runs neither; 3 and 0 re-run them)
+    audited: node 1 signed `sent` as its output on `IDS`, node 2 `logits` on `sent`."""
+    keys = {NodeId(n): SigningKey.generate() for n in range(5)}
+    w = IDS.shape[1]
+    records = {
+        0: [Claim(signed(keys, 1, 0, 0, NodeId(1), FIRST, IDS, sent), 0, w, (0, w))],
+        1: [Claim(signed(keys, 1, 0, 1, NodeId(2), SECOND, sent, logits), 0, w, (0, w))],
+    }
+    auditor = Auditor(
+        ask=re_running(_honest(tiny_model)[0], []),
+        inputs=inputs,
+        keys={n: k.public for n, k in keys.items()},
+        referee=Referee(tiny_model, TorchThread()),
+        tolerance=tol,
+        max_tensor_bytes=1 << 30,
+        gateway=NodeId(4),
+    )
+    return asyncio.run(auditor.audit(CHAIN_1_2, "r", IDS[0].tolist(), records)), records
+
+
+def _below_fingerprint_chain(
+    tiny_model: Path, receiver_holds: str, receiver_lies: bool = False, sender_shows: bool = False
+) -> tuple[Any, dict[int, list[Claim]]]:
+    """Node 1 sends its output with all but each row's 8 largest values halved
+    (`pinned_only`, invisible to its records) unless `receiver_lies`, when node 2 skews
+    its own output instead. Node 2 answers for what it received with `receiver_holds`:
+    "sent" (the bytes node 1 signed), "other" (bytes nobody signed) or "nothing"; node 1
+    shows what it sent only with `sender_shows`."""
+    stages, hidden, _ = _honest(tiny_model)
+    with torch.inference_mode():
         sent = hidden if receiver_lies else pinned_only(hidden, 8)
         logits = prefill_outputs(stages[SECOND], sent, stages[SECOND].new_cache())
     if receiver_lies:
         logits = logits * 1.5
-    width = ids.shape[1]
-    records = {
-        0: [Claim(signed(keys, 1, 0, 0, NodeId(1), FIRST, ids, sent), 0, width, (0, width))],
-        1: [Claim(signed(keys, 1, 0, 1, NodeId(2), SECOND, sent, logits), 0, width, (0, width))],
-    }
     held = {"sent": {(2, 0): sent}, "other": {(2, 0): sent + 1.0}, "nothing": {}}
-    auditor = Auditor(
-        ask=re_running(stages, []),
-        inputs=holding(held[receiver_holds]),
-        keys={n: k.public for n, k in keys.items()},
-        referee=Referee(tiny_model, TorchThread()),
-        tolerance=Tolerance(),
-        max_tensor_bytes=1 << 30,
-        gateway=NodeId(4),
-    )
-    verdict = asyncio.run(auditor.audit(plan, "r", ids[0].tolist(), records))
-    return verdict, records
+    shown = {(1, 0): sent} if sender_shows else {}
+    return _audit_1_2(tiny_model, sent, logits, holding(held[receiver_holds], shown))
 
 
 def test_a_next_stage_cleared_by_what_it_received_leaves_its_sender_convicted(
@@ -356,15 +390,26 @@ def test_a_next_stage_cleared_by_what_it_received_leaves_its_sender_convicted(
     assert "node(s) 1 sent stage 1 inputs at step(s) [0]" in verdict.reason
 
 
-def test_a_next_stage_cannot_clear_itself_without_the_bytes_its_sender_signed(
+def test_rows_neither_side_shows_leave_the_request_unverified_blaming_nobody(
     tiny_model: Path,
 ) -> None:
-    """Bytes that hash to nothing node 1 signed prove nothing, and holding nothing
-    clears nobody: node 2, whose output contradicts the re-execution, is convicted."""
+    """Bytes that hash to nothing node 1 signed prove nothing, and node 1 shows nothing
+    either: nobody can be judged on what crossed, so nobody is (a receiver that had lost
+    them was convicted in its sender's place: a review)."""
     for holds in ("other", "nothing"):
-        verdict, records = _below_fingerprint_chain(tiny_model, holds)
-        assert verdict.liars == (NodeId(2),), (holds, verdict.reason)
-        assert verdict.evidence == (records[1][0].proof.signature,)
+        verdict, _ = _below_fingerprint_chain(tiny_model, holds)
+        assert not verdict.verified and verdict.liars == (), (holds, verdict.reason)
+        assert "what they received cannot be shown" in verdict.reason
+
+
+def test_what_the_sender_shows_judges_a_receiver_that_shows_nothing(tiny_model: Path) -> None:
+    """Node 2 lied and shows nothing; node 1, honest, shows what it sent: node 2 is
+    judged on it and convicted."""
+    verdict, records = _below_fingerprint_chain(
+        tiny_model, "nothing", receiver_lies=True, sender_shows=True
+    )
+    assert verdict.liars == (NodeId(2),), verdict.reason
+    assert verdict.evidence == (records[1][0].proof.signature,)
 
 
 def test_a_lying_receiver_showing_the_honest_bytes_it_received_is_convicted(
@@ -375,3 +420,42 @@ def test_a_lying_receiver_showing_the_honest_bytes_it_received_is_convicted(
     verdict, records = _below_fingerprint_chain(tiny_model, "sent", receiver_lies=True)
     assert verdict.liars == (NodeId(2),), verdict.reason
     assert verdict.evidence == (records[1][0].proof.signature,)
+
+
+def _lie_within_rows_close(
+    stage: Stage, hidden: torch.Tensor, logits: torch.Tensor, tol: Tolerance
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows within `rows_close` of `hidden`, each row's 8 largest values untouched, moved
+    the way that most moves one of `stage`'s largest outputs, on which `stage`'s output
+    contradicts its output on `hidden`; and that output."""
+    mag = hidden.abs()
+    bound = tol.atol + tol.rtol * mag + tol.scaled * mag.amax(-1, keepdim=True)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    top = flat.abs().topk(8, dim=-1).indices
+    for t in logits.abs().reshape(-1).topk(8).indices.tolist():
+        for sign in (1, -1):
+            h = hidden.clone().requires_grad_(True)
+            (sign * prefill_outputs(stage, h, stage.new_cache()).reshape(-1)[t]).backward()
+            assert h.grad is not None
+            moved = (hidden + 0.9 * bound * h.grad.sign()).reshape(flat.shape)
+            sent = moved.scatter(-1, top, flat.gather(-1, top)).reshape(hidden.shape)
+            with torch.inference_mode():
+                out = prefill_outputs(stage, sent, stage.new_cache())
+            if rows_close(sent, hidden, tol) and not matches_tensor(fingerprint(out), logits, tol):
+                return sent, out
+    raise AssertionError("no such rows: the test shows nothing")
+
+
+def test_an_honest_receiver_of_a_lie_within_tolerance_is_not_convicted(tiny_model: Path) -> None:
+    """Node 1 moves every value but each row's 8 largest by 0.9 of what `rows_close`
+    allows (at bf16's tolerance), the way that moves node 2's output most, and signs it;
+    node 2 computes honestly on it and contradicts the re-execution on the honest input.
+    The rows pass as the honest computation, so node 1 cannot be convicted on them, and
+    node 2 was (a review); judged on what it received, node 2 matches: nobody is blamed,
+    and the request is not verified."""
+    tol = tolerance_for(1e-3, 1e-4, verification_floor("bfloat16"))
+    stages, hidden, logits = _honest(tiny_model)
+    sent, on_sent = _lie_within_rows_close(stages[SECOND], hidden, logits, tol)
+    verdict, _ = _audit_1_2(tiny_model, sent, on_sent, holding({(2, 0): sent}), tol)
+    assert not verdict.verified and verdict.liars == (), verdict.reason
+    assert "within tolerance of the honest input" in verdict.reason

@@ -89,6 +89,8 @@ class Parts:
     membership: Membership
     clock: Clock
     replans: list[tuple[list[NodeId], str]] = field(default_factory=list)
+    # what each node shows the audit it received: (node, step) -> rows
+    shown: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
 
 
 class RecordingRecovery(Recovery):
@@ -133,8 +135,14 @@ def torch_thread() -> Iterator[TorchThread]:
     thread.close()
 
 
-def audit_of(tiny_model: Path, torch_thread: TorchThread, plan: StagePlan) -> Auditor:
-    """An auditor whose replica (node 3) answers with the true outputs of its stage."""
+def audit_of(
+    tiny_model: Path,
+    torch_thread: TorchThread,
+    plan: StagePlan,
+    shown: dict[tuple[int, int], torch.Tensor] | None = None,
+) -> Auditor:
+    """An auditor whose replica (node 3) answers with the true outputs of its stage, and
+    whose nodes show what they received as `shown` holds it when asked."""
     stages = {r: load_stage(tiny_model, r) for r in (FIRST, SECOND)}
 
     async def ask(node: NodeId, req: AuditRequest, payload: bytes) -> tuple[AuditReply, bytes]:
@@ -148,7 +156,7 @@ def audit_of(tiny_model: Path, torch_thread: TorchThread, plan: StagePlan) -> Au
 
     return Auditor(
         ask=ask,
-        inputs=holding({}),
+        inputs=holding({} if shown is None else shown),
         keys=PUBLIC,
         referee=Referee(tiny_model, torch_thread),
         tolerance=Tolerance(),
@@ -164,7 +172,8 @@ async def parts(tiny_model: Path, torch_thread: TorchThread) -> AsyncIterator[Pa
     two_stages = StagePlan(
         1, ((NodeId(0), FIRST), (NodeId(1), SECOND)), ((NodeId(2), FIRST), (NodeId(3), SECOND))
     )
-    auditor = audit_of(tiny_model, torch_thread, two_stages)
+    shown: dict[tuple[int, int], torch.Tensor] = {}
+    auditor = audit_of(tiny_model, torch_thread, two_stages, shown)
 
     async def no_liars(liars: tuple[NodeId, ...], reason: str) -> None:
         raise AssertionError(f"nobody lies here: {liars} {reason}")
@@ -213,7 +222,7 @@ async def parts(tiny_model: Path, torch_thread: TorchThread) -> AsyncIterator[Pa
         local_state=lambda: ((), 0),
         clock=clock,
     )
-    found = Parts(manager, engine, sent, events, auditor, server, membership, clock)
+    found = Parts(manager, engine, sent, events, auditor, server, membership, clock, shown=shown)
 
     recovery = RecordingRecovery(
         found.replans,
@@ -341,6 +350,7 @@ async def test_a_tighter_tolerance_flags_what_the_old_one_let_through(
         1: [claim(1, 1, SECOND, hidden, deviate(logits))],
     }
     sequence = ids[0].tolist()
+    parts.shown[1, 0] = hidden  # node 1 computed on the honest rows node 2 sent
     verdict = await parts.auditor.audit(plan, "r", sequence, claims)
     assert verdict.verified and verdict.liars == ()
     change(parts.manager, {key: tight})

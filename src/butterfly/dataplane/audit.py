@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from butterfly.dataplane.proving import Shape, digest
-from butterfly.protocol.proof import Tolerance, head, matches_tensor, rows_close, tensors_close
+from butterfly.dataplane.crossing import Hop, Inputs, contradicted_senders, fetch, rebuilt
+from butterfly.dataplane.proving import Shape
+from butterfly.protocol.proof import Tolerance, head, matches_tensor, tensors_close
 from butterfly.protocol.sign import verify_message
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.precision import FP32, Precision
@@ -36,16 +37,15 @@ from butterfly.runtime.stage import Stage, prefill_outputs
 from butterfly.runtime.torch_thread import TorchThread
 from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.types.errors import ButterflyError, InvalidMessage
-from butterfly.types.ids import Epoch, NodeId, RequestId, StageIndex
+from butterfly.types.ids import NodeId, RequestId, StageIndex
 from butterfly.types.model import LayerRange
 from butterfly.types.plan import StagePlan
 from butterfly.types.tasks import SamplingParams
 from butterfly.types.wire.agreement import Proof
-from butterfly.types.wire.data import AuditReply, AuditRequest, InputsHeld, InputsQuery
+from butterfly.types.wire.data import AuditReply, AuditRequest
 
 log = logging.getLogger(__name__)
 Ask = Callable[[NodeId, AuditRequest, bytes], Awaitable[tuple[AuditReply, bytes]]]
-Inputs = Callable[[NodeId, InputsQuery], Awaitable[tuple[InputsHeld, bytes]]]
 # the gateway's own outputs of a stage for a request's positions [0, length), if it has them
 OwnOutputs = Callable[[RequestId, LayerRange, int], torch.Tensor | None]
 
@@ -271,11 +271,13 @@ class Auditor:
         # referee's), and the re-runs that fed the stages since: a re-run is judged only
         # where the records pin it, so it is retraced before a dispute blames anyone
         trusted, fed = x, list[tuple[LayerRange, NodeId | None, torch.Tensor]]()
+        before_own = False  # the stage before was the gateway's own: x is what it sent
         for index, (node, layers) in enumerate(plan.stages):
             mine = claims.get(index, [])
             if not mine:
                 return Verdict(False, reason=f"stage {index} sent no signed records")
             own = self._own(request_id, layers, x.shape[1]) if node == self._gateway else None
+            ran_before_own, before_own = before_own, own is not None
             if own is not None:
                 checked += len(mine)
                 x = trusted = own
@@ -352,17 +354,29 @@ class Auditor:
             # have sent something else than the honest computation, which its records
             # do not show below their largest values (an honest next stage was evicted
             # for it: a review). x is the input known right here
-            sent = (
-                await self._sent_wrongly(request_id, plan.epoch, index, claims, chain_lied, x)
-                if chain_lied and index
-                else []
-            )
-            if sent:
-                reasons.append(self._fed(index, sent, chain_lied, said))
-                log.warning("audit of %s: %s", request_id, reasons[-1])
-                senders = tuple(dict.fromkeys(c.proof.sender for c in sent))
-                evidence = tuple(c.proof.signature for c in sent)
-                return Verdict(False, (*liars, *senders), "; ".join(reasons), checked, evidence)
+            if chain_lied and index and not ran_before_own:
+                hops = self._hops(claims, index)
+                crossed = await fetch(self._inputs, self._max, request_id, plan.epoch, index, hops)
+                wrong = contradicted_senders(hops, crossed, x, self._tol)
+                if wrong:
+                    reasons.append(self._fed(index, wrong, chain_lied, said))
+                    log.warning("audit of %s: %s", request_id, reasons[-1])
+                    senders = tuple(dict.fromkeys(h.sender.sender for h in wrong))
+                    evidence = tuple(h.sender.signature for h in wrong)
+                    return Verdict(False, (*liars, *senders), "; ".join(reasons), checked, evidence)
+                # the chain judged on what it received: within tolerance of the honest
+                # input, a liar's adversarial rows still moved it past (a review)
+                received = rebuilt(x, hops, crossed)
+                if received is None:
+                    stop = self._unjudged(index, chain_lied, said, "cannot be shown")
+                    return Verdict(False, tuple(liars), "; ".join([*reasons, stop]), checked)
+                on_it = await self._referee.run(layers, received, outputs_from=offset)
+                _, chain_lied = self._contradicted(mine, on_it, offset, picks)
+                if not chain_lied:
+                    stop = self._unjudged(
+                        index, mine, said, "are within tolerance of the honest input and moved it"
+                    )
+                    return Verdict(False, tuple(liars), "; ".join([*reasons, stop]), checked)
             # the nodes whose records are judged (a standby's, after a reroute), not the
             # plan's chain node alone
             judged = sorted({c.proof.sender for c in chain_lied or mine})
@@ -458,7 +472,7 @@ class Auditor:
         liars: list[NodeId],
         reasons: list[str],
         checked: int,
-        sent: Sequence[Claim] = (),
+        sent: Sequence[Hop] = (),
     ) -> Verdict:
         """Unverified: stage `index`'s records are fingerprinted more weakly than the
         cluster's shape; the liars found so far stand, and the signers of `sent`, the
@@ -467,18 +481,18 @@ class Auditor:
         stop += "the cluster's; not checked past it"
         if not sent:
             return Verdict(False, tuple(liars), "; ".join([*reasons, stop]), checked)
-        senders = tuple(dict.fromkeys(c.proof.sender for c in sent))
-        steps = sorted({c.proof.step for c in sent})
+        senders = tuple(dict.fromkeys(h.sender.sender for h in sent))
+        steps = sorted({h.step for h in sent})
         stop += f"; node(s) {', '.join(map(str, senders))} sent stage {index + 1} inputs "
         stop += f"at step(s) {steps} that contradict the re-execution, and signed them"
-        evidence = tuple(c.proof.signature for c in sent)
+        evidence = tuple(h.sender.signature for h in sent)
         return Verdict(False, (*liars, *senders), "; ".join([*reasons, stop]), checked, evidence)
 
     @staticmethod
-    def _fed(index: int, sent: Sequence[Claim], accused: Sequence[Claim], said: list[str]) -> str:
-        senders = ", ".join(map(str, dict.fromkeys(c.proof.sender for c in sent)))
+    def _fed(index: int, sent: Sequence[Hop], accused: Sequence[Claim], said: list[str]) -> str:
+        senders = ", ".join(map(str, dict.fromkeys(h.sender.sender for h in sent)))
         receivers = ", ".join(map(str, sorted({c.proof.sender for c in accused})))
-        steps = sorted({c.proof.step for c in sent})
+        steps = sorted({h.step for h in sent})
         return (
             f"stage {index - 1}: node(s) {senders} sent stage {index} inputs at step(s) "
             f"{steps} that contradict the re-execution, and signed them; node(s) "
@@ -494,7 +508,7 @@ class Auditor:
         past: tuple[torch.Tensor, list[tuple[LayerRange, NodeId | None, torch.Tensor]]] | None,
         liars: list[NodeId],
         reasons: list[str],
-    ) -> list[Claim]:
+    ) -> list[Hop]:
         """The records of weakly fingerprinted stage `index` whose bytes, as the next
         stage received them, contradict the re-execution from the last trusted input
         through the re-runs fed since (`past`, ending with this stage; None: the last
@@ -507,57 +521,29 @@ class Auditor:
             liars.append(feeder[0])
             reasons.append(feeder[1])
             return []
-        return await self._sent_wrongly(
-            request_id, plan.epoch, index + 1, claims, claims.get(index + 1, []), honest
-        )
+        hops = self._hops(claims, index + 1)
+        crossed = await fetch(self._inputs, self._max, request_id, plan.epoch, index + 1, hops)
+        return contradicted_senders(hops, crossed, honest, self._tol)
 
-    async def _sent_wrongly(
-        self,
-        request_id: RequestId,
-        epoch: int,
-        index: int,
-        claims: Mapping[int, list[Claim]],
-        receivers: Sequence[Claim],
-        honest: torch.Tensor,
-    ) -> list[Claim]:
-        """The records of stage `index - 1` whose sent bytes, as the signers of
-        `receivers` (records of stage `index`) say they received them, contradict
-        `honest` (stage `index`'s right input, every position). Each receiver is asked
-        for every step it signed: its cache holds them all. Bytes that do not hash to
-        the sender's signed output prove nothing and are passed over; a receiver that
-        cannot produce them does not clear itself."""
-        sent = {c.proof.step: c for c in claims.get(index - 1, [])}
-        wrong: dict[int, Claim] = {}
-        for node in sorted({c.proof.sender for c in receivers}):
-            theirs = {c.proof.step: c for c in claims.get(index, []) if c.proof.sender == node}
-            query = InputsQuery(request_id, Epoch(epoch), StageIndex(index), tuple(sorted(theirs)))
-            try:
-                reply, payload = await self._inputs(node, query)
-                rows = decode_tensor(payload, self._max) if reply.steps else None
-            except ButterflyError as e:
-                log.warning("audit of %s: node %s held no inputs: %s", request_id, node, e)
-                continue
-            if (
-                rows is None
-                or rows.dim() != honest.dim()
-                or len(reply.lengths) != len(reply.steps)
-                or min(reply.lengths) < 1
-                or sum(reply.lengths) != rows.shape[1]
-            ):
-                continue
-            at = 0
-            for step, length in zip(reply.steps, reply.lengths, strict=True):
-                got, at = rows[:, at : at + length], at + length
-                mine, before = theirs.get(step), sent.get(step)
-                if mine is None or before is None or digest(got) != before.proof.output_hash:
-                    continue
-                start, width = mine.rows  # the rows kept: a draft's rejected ones are not
-                right, got = honest[:, start : start + width], got[:, :width]
-                if right.shape != got.shape:
-                    continue
-                if not rows_close(got, right, self._tol):
-                    wrong[step] = before
-        return list(wrong.values())
+    @staticmethod
+    def _hops(claims: Mapping[int, list[Claim]], index: int) -> list[Hop]:
+        """Each step's rows crossing into stage `index` (`gaps` made sure each has its
+        sender's record, whose output is the receiver's input)."""
+        sent = {c.proof.step: c.proof for c in claims.get(index - 1, [])}
+        return [
+            Hop(c.proof.step, sent[c.proof.step], c.proof, *c.rows)
+            for c in claims.get(index, [])
+            if c.proof.step in sent
+        ]
+
+    @staticmethod
+    def _unjudged(index: int, claims: Sequence[Claim], said: list[str], why: str) -> str:
+        """Unverified, nobody blamed: what stage `index`'s signers computed on `why`."""
+        signers = ", ".join(map(str, sorted({c.proof.sender for c in claims})))
+        return (
+            f"stage {index}: node(s) {signers} contradict the re-execution, but what they "
+            f"received {why}: unverified, nobody blamed; " + ", ".join(said)
+        )
 
     async def _replay(
         self,

@@ -138,7 +138,7 @@ class StageServer:
         self.plan: StagePlan | None = None
         self.table = KvTable(node, max_caches=max_caches, ttl_s=cache_ttl_s, clock=clock)
         # what it computed on, for a dispute over who sent what (dataplane.received)
-        self.received = Received(clock=clock)
+        self.received = Received(max_caches, cache_ttl_s, clock)
         self._serials = Serials()
 
     @property
@@ -227,6 +227,7 @@ class StageServer:
 
     def release(self, request_id: RequestId) -> None:
         self.table.release(request_id)
+        self.received.release(request_id)
 
     def expire(self) -> int:
         """Drop the caches idle longer than the TTL; how many went (`KvTable.expire`)."""
@@ -516,12 +517,15 @@ class StageServer:
             return torch.cat([o for o in outs if o is not None], dim=1)
 
         out = await self._torch.run(tensors, kind)
-        if prove:
+        sent = self.tamper(out)
+        if prove:  # the rows that crossed, for a dispute over them (dataplane.received)
             for rid, step, at, length in zip(
                 msg.request_ids, msg.steps, offsets, msg.lengths, strict=True
             ):
-                self.received.keep(rid, self.epoch, step, x[:, at : at + length])
-        sent = self.tamper(out)
+                self.received.keep(rid, self.epoch, step, x[:, at : at + length], sent=False)
+                if not stage.is_last:  # every row goes on, at the input's offsets
+                    rows = sent[:, at : at + length]
+                    self.received.keep(rid, self.epoch, step, rows, sent=True)
         if self._keep_outputs and not (msg.last_only and stage.is_last):
             self.table.keep(msg.request_ids, msg.starts, msg.lengths, sent, offsets)
         proofs: tuple[bytes, ...] = ()
@@ -628,8 +632,9 @@ class StageServer:
         return AuditReply(msg.request_id, self.node, ""), encode_tensor(out)
 
     def inputs_held(self, msg: InputsQuery, payload: bytes = b"") -> tuple[InputsHeld, bytes]:
-        """The inputs this node computed on for the asked steps, as it received them."""
-        held = self.received.held(msg.request_id, msg.epoch, msg.steps)
+        """The rows this node computed on for the asked steps, as it received them, or
+        those it sent on (`msg.sent`)."""
+        held = self.received.held(msg.request_id, msg.epoch, msg.steps, sent=msg.sent)
         if not held:
             return InputsHeld(msg.request_id, self.node, (), ()), b""
         steps = tuple(s for s, _ in held)
