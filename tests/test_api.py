@@ -275,5 +275,11 @@ async def test_vector_input_model(tmp_path: Path) -> None:
             assert_error(r, 400, "invalid_request", "empty")
             r = await client.post("/inference", json={"input": [1.0, 2.0], "wait": True})
             assert_error(r, 400, "invalid_input", "3 features")  # the width, from the stage
+            # generation fields were accepted and dropped (a review): refused, named
+            for extra in ({"max_new_tokens": 7}, {"temperature": 1.5}, {"top_k": 3}, {"seed": 4}):
+                r = await client.post("/inference", json={"input": [0.5, -1.0, 2.0], **extra})
+                assert_error(r, 400, "invalid_request", f"{next(iter(extra))} does not apply")
+            r = await client.post("/inference", json={"input": [1.0], "top_p": 0.5, "seed": 1})
+            assert_error(r, 400, "invalid_request", "seed, top_p do not apply to `input`")
             scheduler.shutdown()
     store.close()

@@ -131,3 +131,33 @@ def test_the_gateway_replays_a_request_whose_cache_expired(tiny_model: Path) -> 
         assert expired == [1]  # the cache did go mid-generation
 
     asyncio.run(scenario())
+
+
+def test_an_idle_cache_goes_after_its_ttl_on_a_node_no_new_request_reaches(
+    tiny_model: Path,
+) -> None:
+    """The TTL was checked only when a new request came: a node whose one other request
+    kept decoding held an abandoned cache for ever (a review). `expire_idle`, one of
+    the node's loops, drops it."""
+
+    async def scenario() -> None:
+        clock = Clock()
+        server = await _server(tiny_model, clock, cap=100, ttl=60)
+        await server.on_step(_step("abandoned", 0, PROMPT))  # its gateway vanished
+        await server.on_step(_step("busy", 0, PROMPT))
+        expiry = asyncio.create_task(server.expire_idle(every_s=0.01))
+        try:
+            for pos in range(len(PROMPT), len(PROMPT) + 5):  # 100 s of decoding 'busy'
+                clock.now += 20
+                out = await server.on_step(_step("busy", pos, [3]))
+                assert isinstance(out.msg, StepResult)
+            for _ in range(100):  # bounded: the loop runs every 10 ms
+                if "abandoned" not in server.caches:
+                    break
+                await asyncio.sleep(0.01)
+            assert set(server.caches) == {"busy"}
+        finally:
+            expiry.cancel()
+            server.close()
+
+    asyncio.run(scenario())

@@ -309,6 +309,17 @@ async def test_a_verification_mode_whose_part_was_not_built_is_refused(
             **recovery_parts([NodeId(0)], None, []),
         ),
     )
+    # the audit's own options, where no audit runs, are refused too: they were accepted
+    # and reported applied, and changed nothing (a review)
+    for key, value in (
+        ("byzantine.audit_fraction", 0.5),
+        ("byzantine.rtol", 1e-6),
+        ("byzantine.atol", 1e-7),
+        ("byzantine.fingerprint_top_k", 4),
+        ("byzantine.fingerprint_chunk", 2),
+    ):
+        with pytest.raises(UpdateRejected, match=f"restart required: {key} acts only"):
+            change(manager, {key: value})
     change(manager, {"byzantine.verification": "none"})
     with pytest.raises(UpdateRejected, match=r"restart required.*f\+1 nodes"):
         change(manager, {"byzantine.verification": "replicate"})

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import socket
 import typing
+from pathlib import Path
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from butterfly.metrics.events import (
@@ -34,6 +37,7 @@ from butterfly.metrics.events import (
     Verification,
 )
 from butterfly.metrics.prometheus import CONTENT_TYPE, Metrics
+from butterfly.testing.inprocess import InProcessCluster
 from butterfly.types.ids import NodeId
 from butterfly.wiring.metrics_http import MetricsServer
 
@@ -178,6 +182,40 @@ async def test_a_node_without_the_api_serves_its_metrics() -> None:
     families = {f.name for f in text_string_to_metric_families(ok.text)}
     assert "butterfly_stage_step_seconds" in families
     assert missing.status_code == 404
+
+
+async def test_a_taken_metrics_port_is_refused_naming_metrics_listen() -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=rf"metrics\.listen 127\.0\.0\.1:{port}"):
+            await MetricsServer(f"127.0.0.1:{port}", lambda: b"").start()
+    finally:
+        taken.close()
+
+
+async def test_metrics_disabled_serves_them_on_no_metrics_listen(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """metrics.enabled = false was ignored where metrics.listen was set (a review)."""
+    settings = {"metrics.enabled": False, "metrics.listen": "127.0.0.1:0"}
+    c = InProcessCluster(tiny_model, 1, tmp_path, f=0, settings=settings, absent={0})
+    node = c.nodes[0]
+    try:
+        assert node.scrape is None
+    finally:
+        node.stage_server.close()
+        node.config.history.close()
+    settings["metrics.enabled"] = True
+    c = InProcessCluster(tiny_model, 1, tmp_path / "on", f=0, settings=settings, absent={0})
+    node = c.nodes[0]
+    try:
+        assert node.scrape is not None
+    finally:
+        node.stage_server.close()
+        node.config.history.close()
 
 
 def test_cache_hit_ratio_tracks_lookups() -> None:

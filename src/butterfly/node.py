@@ -118,6 +118,7 @@ class Node:
                     ),
                     "agreement": self.agreement.driver.run,
                     "evidence": partial(self.recovery.watch_evidence, self.evidence),
+                    "kv-expiry": self.stage_server.expire_idle,
                 }
                 if config_files:
                     loops["config-files"] = partial(
@@ -378,7 +379,10 @@ def build_node(
     return Node(
         *(me, digest, config, router, routes, server, membership, heartbeats, report),
         *(agreement, plans, evidence, recovery, engine, gateway, role, metrics, tracing),
-        MetricsServer(cfg.metrics.listen, metrics.render) if cfg.metrics.listen else None,
+        # metrics.enabled off serves GET /metrics nowhere (it was served here regardless)
+        MetricsServer(cfg.metrics.listen, metrics.render)
+        if cfg.metrics.listen and cfg.metrics.enabled
+        else None,
     )
 
 

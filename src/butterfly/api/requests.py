@@ -25,6 +25,7 @@ SEED_MAX = (1 << 63) - 1  # torch.Generator.manual_seed takes a 64-bit seed
 PRIORITY_LIMIT = 1_000_000
 
 Model = TypeVar("Model", bound=BaseModel)
+GENERATION_FIELDS = frozenset({"max_new_tokens", "temperature", "top_k", "top_p", "seed"})
 
 
 class StrictBody(BaseModel):
@@ -52,6 +53,12 @@ class InferenceRequest(StrictBody):
             raise ValueError(
                 "give exactly one of `prompt`, `input_ids` or `input`"
                 + (f" (got {', '.join(given)})" if given else "")
+            )
+        unused = sorted(self.model_fields_set & GENERATION_FIELDS) if self.input else []
+        if unused:  # a vector model's one output: they were accepted and dropped
+            raise ValueError(
+                f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to "
+                "`input` (a vector model computes one output vector, it generates no tokens)"
             )
         return self
 

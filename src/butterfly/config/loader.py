@@ -268,6 +268,10 @@ _RULES = {
 }
 
 
+SECRETS = frozenset({"api.tokens"})
+"""Options whose values a refusal does not repeat."""
+
+
 def _locate(issue: ConfigIssue, origins: Mapping[str, Origin]) -> ConfigIssue:
     for key in (issue.key, *issue.related):
         if key in origins:
@@ -286,8 +290,9 @@ def build(
         for err in e.errors(include_url=False):
             shown, base = _loc_key(err["loc"])
             msg = err["msg"].removeprefix("Value error, ")
-            if "input" in err and f"got {err['input']!r}" not in msg:  # ours name it
-                msg += f", got {err['input']!r}"
+            secret = base in SECRETS  # a bearer token is not echoed into logs
+            if "input" in err and f"got {err['input']!r}" not in msg and not secret:
+                msg += f", got {err['input']!r}"  # ours name it
             issue = ConfigIssue(shown, _RULES.get(err["type"], "type"), msg)
             located = _locate(ConfigIssue(base, "", ""), origins)
             issues.append(issue.at(located.source, located.line))

@@ -84,6 +84,19 @@ def _served_name(value: str) -> str:
     return value
 
 
+def _bearer_token(value: str) -> str:
+    """What a client can present in `Authorization: Bearer` (RFC 6750's b64token): a
+    token with spaces, non-ASCII or nothing at all was accepted and matched no request,
+    locking every caller out of the API, config routes included (a review). Not echoed:
+    it is a secret."""
+    if not re.fullmatch(r"[A-Za-z0-9._~+/-]+=*", value) or len(value) > 4096:
+        raise ValueError(
+            f"a bearer token of {len(value)} characters that no client can send: use 1-4096"
+            " ASCII letters, digits and '-._~+/' (then '=' padding), as RFC 6750 allows"
+        )
+    return value
+
+
 def _host_port_or_empty(value: str) -> str:
     return value and _host_port(value)
 
@@ -94,6 +107,7 @@ ClusterId = Annotated[str, AfterValidator(_cluster_id)]
 PublicKeyHex = Annotated[str, AfterValidator(_public_key_hex)]
 OptionalPublicKeyHex = Annotated[str, AfterValidator(_public_key_hex_or_empty)]
 ServedName = Annotated[str, AfterValidator(_served_name)]
+BearerToken = Annotated[str, AfterValidator(_bearer_token)]
 
 
 def option(
@@ -491,8 +505,12 @@ class ApiConfig(Section):
     rate_limit_burst: int = option(
         200, "Requests a client may burst.", DL, NODE, ge=1, le=10_000_000
     )
-    tokens: tuple[str, ...] = option(
-        (), "Bearer tokens; when set, every route but /health needs one.", DL, NODE
+    tokens: tuple[BearerToken, ...] = option(
+        (),
+        "Bearer tokens (ASCII letters, digits, '-._~+/', then '=' padding); when set, "
+        "every route but /health needs one.",
+        DL,
+        NODE,
     )
     metrics_public: bool = option(
         False, "With api.tokens set, serve GET /metrics without a token.", DL, NODE

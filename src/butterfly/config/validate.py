@@ -151,6 +151,17 @@ def _limits(cfg: ButterflyConfig) -> Iterator[ConfigIssue]:
             f"this node's API port {own} is also node.listen's port; pick another api.port",
             related=("node.listen",),
         )
+    if cfg.metrics.listen:
+        metrics_port = int(cfg.metrics.listen.rsplit(":", 1)[1])
+        taken = {listen_port: "node.listen", **({own: "api.port"} if own else {})}
+        if metrics_port in taken:
+            yield ConfigIssue(
+                "metrics.listen",
+                "distinct ports",
+                f"metrics.listen's port {metrics_port} is also {taken[metrics_port]}'s; "
+                "the node could not start",
+                related=(taken[metrics_port],),
+            )
 
 
 def _replication(cfg: ButterflyConfig) -> Iterator[ConfigIssue]:

@@ -126,15 +126,29 @@ def _retune_engine(engine: PipelineEngine, cfg: ButterflyConfig) -> None:
     )
 
 
+CHECK_OPTIONS = ("audit_fraction", "rtol", "atol", "fingerprint_top_k", "fingerprint_chunk")
+"""The options of `byzantine.verification`'s checks (the rest of the section is f)."""
+
+
 def _check_verification(
     engine: PipelineEngine,
 ) -> Callable[[ButterflyConfig, ButterflyConfig], None]:
     def check(old: ButterflyConfig, new: ButterflyConfig) -> None:
         mode = new.byzantine.verification
-        if mode != old.byzantine.verification and not engine.supports(mode):
+        if engine.supports(mode):
+            return
+        # the check's own options, accepted and reported applied where no check runs,
+        # changed nothing (a review)
+        changed = [
+            f"byzantine.{key}"
+            for key in ("verification", *CHECK_OPTIONS)
+            if getattr(old.byzantine, key) != getattr(new.byzantine, key)
+        ]
+        if changed:
             raise ValueError(
-                f"restart required: byzantine.verification={mode!r} needs every layer range "
-                "on f+1 nodes, and this node started with one holder per range "
+                f"restart required: {', '.join(changed)} acts only where "
+                f"byzantine.verification={mode!r} runs, which needs every layer range on "
+                "f+1 nodes, and this node started with one holder per range "
                 "(byzantine.f = 0 or partition.replication = 1 at start); set them and "
                 "restart the cluster"
             )

@@ -70,6 +70,10 @@ class Received:
             return []
         return [(s, rows) for s in steps for rows in held.steps.get((epoch, s, sent), [])]
 
+    def expire(self) -> None:
+        """Drop the requests idle past `keep_s`."""
+        self._trim(self._clock())
+
     def release(self, request_id: RequestId) -> None:
         self._held.pop(request_id, None)
 

@@ -139,6 +139,7 @@ class StageServer:
         self.table = KvTable(node, max_caches=max_caches, ttl_s=cache_ttl_s, clock=clock)
         # what it computed on, for a dispute over who sent what (dataplane.received)
         self.received = Received(max_caches, cache_ttl_s, clock)
+        self._cache_ttl_s = cache_ttl_s
         self._serials = Serials()
 
     @property
@@ -231,7 +232,17 @@ class StageServer:
 
     def expire(self) -> int:
         """Drop the caches idle longer than the TTL; how many went (`KvTable.expire`)."""
+        self.received.expire()
         return self.table.expire()
+
+    async def expire_idle(self, every_s: float | None = None) -> None:
+        """`expire` for ever, every half TTL and at least once a minute (`every_s`): the
+        TTL was checked only when a new request came, so a node that got none (out of
+        the plan, its gateway gone) held an abandoned cache for ever (a review)."""
+        while True:
+            await asyncio.sleep(every_s or min(self._cache_ttl_s / 2, 60.0))
+            if gone := self.expire():
+                log.info("node %s: %d idle KV cache(s) dropped", self.node, gone)
 
     def outputs_of(
         self, request_id: RequestId, layers: LayerRange, length: int

@@ -52,9 +52,14 @@ class MetricsServer:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._serve, self._host, self._port, limit=MAX_HEAD_BYTES
-        )
+        try:
+            self._server = await asyncio.start_server(
+                self._serve, self._host, self._port, limit=MAX_HEAD_BYTES
+            )
+        except OSError as e:  # a bare "address already in use" named no setting
+            raise OSError(
+                e.errno, f"metrics.listen {self._host}:{self._port} cannot be served: {e}"
+            ) from e
         log.info("metrics at http://%s:%d/metrics", self._host, self.port)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
