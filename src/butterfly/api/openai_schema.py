@@ -370,8 +370,9 @@ class ErrorResponse(BaseModel):
 
 
 class Accepted(BaseModel):
-    """202: the request outlived the longest wait (`api.request_timeout_s`); its result
-    is at `GET /result/{task_id}`."""
+    """202: the answer was not ready within the call's wait (at most 300 s,
+    `ApiSettings.max_wait_s`; `api.request_timeout_s` takes only its default); its
+    result is at `GET /result/{task_id}`."""
 
     model_config = ConfigDict(extra="allow")
     task_id: str

@@ -61,7 +61,10 @@ def streamed(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
     }
 
 
-WHY_202 = "The answer outlived api.request_timeout_s; read it at /result/{task_id}."
+WHY_202 = (
+    "The answer was not ready within the call's wait (at most 300 s: ApiSettings.max_wait_s);"
+    " read it at /result/{task_id}."
+)
 
 
 def body_of(model: type[BaseModel]) -> dict[str, Any]:
