@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +74,7 @@ class Gateway:
     client: httpx.AsyncClient
     scheduler: Scheduler
     engine: HeldEngine
+    unfollow: Callable[[], None]
 
 
 def change(manager: ConfigManager, patch: dict[str, Any]) -> None:
@@ -117,11 +118,11 @@ async def gateway(
             rate_limit_burst=a.rate_limit_burst,
         ),
     )
-    follow_config(manager, app=app, scheduler=scheduler)
+    unfollow = follow_config(manager, app=app, scheduler=scheduler)
     transport = httpx.ASGITransport(app=app)
     try:
         async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
-            yield Gateway(manager, client, scheduler, engine)
+            yield Gateway(manager, client, scheduler, engine, unfollow)
     finally:
         engine.release.set()
         store.close()
@@ -154,6 +155,16 @@ async def test_api_tokens_a_removed_token_is_refused(gw: Gateway) -> None:
     change(gw.manager, {"api.tokens": ["kept"]})
     assert await cancel("old") == 401
     assert await cancel("kept") == 404
+
+
+async def test_an_api_whose_node_handed_the_role_on_is_retuned_no_more(gw: Gateway) -> None:
+    """Each time a node took the gateway role, another app and scheduler were subscribed
+    and the old ones kept being retuned (a review): the role's end unsubscribes them."""
+    gw.unfollow()
+    change(gw.manager, {"api.tokens": ["new"], "scheduling.max_queue": 1})
+    assert (await infer(gw)).status_code == 202  # no token asked: not retuned
+    await settle()
+    assert (await infer(gw)).status_code == 202  # nor the queue's size
 
 
 # "a" and "b" are tokens: each holder is its own client (unverified headers are not)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Callable
 
 from fastapi import FastAPI
 
@@ -58,10 +59,15 @@ def retune_scheduler(scheduler: Scheduler, cfg: ButterflyConfig) -> None:
     )
 
 
-def follow_config(manager: ConfigManager, *, app: FastAPI, scheduler: Scheduler) -> None:
-    """Subscribe the gateway's app and scheduler; called once, on the event loop. They
-    take the current config first: a change agreed while the gateway was still gathering
-    facts, after they were configured from the start-up values, is not lost."""
+def follow_config(
+    manager: ConfigManager, *, app: FastAPI, scheduler: Scheduler
+) -> Callable[[], None]:
+    """Subscribe the gateway's app and scheduler, on the event loop, until the returned
+    function is called (when the node hands the role on: each time it took the role
+    again, another app and scheduler were subscribed, and the old ones kept being
+    retuned). They take the current config first: a change agreed while the gateway was
+    still gathering facts, after they were configured from the start-up values, is not
+    lost."""
     loop = asyncio.get_running_loop()
     retune_app(app, manager.current)
     retune_scheduler(scheduler, manager.current)
@@ -69,8 +75,16 @@ def follow_config(manager: ConfigManager, *, app: FastAPI, scheduler: Scheduler)
     def scheduler_follows(old: ButterflyConfig, new: ButterflyConfig) -> None:
         loop.call_soon_threadsafe(retune_scheduler, scheduler, new)
 
-    manager.subscribe("api", lambda old, new: retune_app(app, new))
-    manager.subscribe("scheduler", scheduler_follows)
+    subscribed = (
+        manager.subscribe("api", lambda old, new: retune_app(app, new)),
+        manager.subscribe("scheduler", scheduler_follows),
+    )
+
+    def unfollow() -> None:
+        for unsubscribe in subscribed:
+            unsubscribe()
+
+    return unfollow
 
 
 __all__ = ["follow_config", "retune_app", "retune_scheduler"]

@@ -299,7 +299,8 @@ class Gateway:
             config=self.coordinator,
             gateways=self.gateways,
         )
-        follow_api_config(self.config, app=app, scheduler=scheduler)  # the API's live options
+        # the API's live options, while this node holds the role
+        unfollow = follow_api_config(self.config, app=app, scheduler=scheduler)
         emit = self.metrics.emit
         try:
             loops: dict[str, Callable[[], Awaitable[None]]] = {
@@ -339,6 +340,8 @@ class Gateway:
                 raise _Stopped
         except* _Stopped:
             pass
+        finally:
+            unfollow()
 
     async def _end_grace_when_stalled(self, scheduler: Scheduler) -> None:
         """End a stopping scheduler's grace once no running task can finish in it: every
