@@ -90,6 +90,10 @@ class Chosen:
     params: SamplingParams
     prompt: int  # tokens before the first chosen one
     tokens: tuple[int, ...]
+    # the positions whose token this audit judges (None: all): a plan's audit judges
+    # those its steps computed; a token chosen under a later plan, from a liar's logits
+    # there, left the earlier plan unverified, and the liar's own plan with it
+    positions: frozenset[int] | None = None
 
     def wrong(self, out: torch.Tensor, offset: int, tol: Tolerance) -> list[int]:
         """The positions whose chosen token `out`'s logits (rows of positions from
@@ -100,6 +104,8 @@ class Chosen:
         for j, token in enumerate(self.tokens):
             p = self.prompt - 1 + j
             if p < offset or p - offset >= out.shape[1]:
+                continue
+            if self.positions is not None and p not in self.positions:
                 continue
             row, history = out[0, p - offset].float(), self.tokens[:j]
             if not 0 <= token < row.shape[0]:
@@ -235,14 +241,6 @@ class Auditor:
             for index in range(stages):
                 if index not in records:
                     return f"stage {index} sent no signed record of step {step}"
-                if head(records[index].fingerprint, positions[step][1]) is None and not (
-                    index == stages - 1 and records[index].fingerprint.positions == 1
-                ):
-                    return (
-                        f"stage {index}'s record of step {step} fingerprints chunks of "
-                        f"{records[index].fingerprint.chunk} positions across draft tokens "
-                        "the request did not keep"
-                    )
                 if index and records[index].input_hash != records[index - 1].output_hash:
                     return (
                         f"stage {index} signed another input of step {step} "
@@ -259,12 +257,16 @@ class Auditor:
         chosen: Chosen | None = None,
         weakest: Shape | None = None,
         members: Collection[NodeId] | None = None,
+        own_history: Mapping[int, NodeId] | None = None,
     ) -> Verdict:
         """Check every stage's claims; the sequence is every token whose output was used.
         `chosen`: the tokens picked from the last stage's output, held to its
         re-execution too. `members`: the nodes that may be asked to re-run a stage (None:
         any holder); a plan before the current one may name a node that has since
-        failed, whose silence would cost the audit a timeout."""
+        failed, whose silence would cost the audit a timeout. `own_history`: for a plan
+        that went on from caches built before it, the node that built each stage's
+        (by index) itself, under plans whose audits found everything right: only
+        there is a contradiction its own doing."""
         x = torch.tensor([list(sequence)], dtype=torch.int64)
         checked, liars, reasons = 0, list[NodeId](), list[str]()
         # the last input known right (the tokens, the gateway's own outputs, the
@@ -350,6 +352,16 @@ class Auditor:
                     liars.append(auditor)
                 verb = "contradicts" if lied else "matches" if answered else "could not answer"
                 said.append(f"auditor {auditor} {verb} it")
+            # a plan that went on from caches built before it (a recovery resumed on them,
+            # or a standby on a KV copy) computed positions its audit takes as honest: a
+            # contradiction convicts nobody (an honest receiver of a liar's earlier rows,
+            # and a standby resuming on a liar's copy, were evicted: a review)
+            first = min(c.rows[0] for c in mine)
+            builder = (own_history or {}).get(index)
+            if chain_lied and first > 0 and any(c.proof.sender != builder for c in chain_lied):
+                why = f"is not all known: its caches held positions before {first} from "
+                stop = self._unjudged(index, chain_lied, said, why + "before this plan")
+                return Verdict(False, tuple(liars), "; ".join([*reasons, stop]), checked)
             # before the chain is convicted, what it computed on: the stage before may
             # have sent something else than the honest computation, which its records
             # do not show below their largest values (an honest next stage was evicted
@@ -462,7 +474,12 @@ class Auditor:
 
     @staticmethod
     def _strong(claim: Claim, weakest: Shape | None) -> bool:
-        return weakest is None or weakest.admits(claim.proof.fingerprint)
+        """Of the cluster's shape, and whole on the rows the request kept: a record of
+        chunks of several positions cannot leave out a rejected draft's rows (`head`),
+        and is judged as a weak one (stopping there convicted nobody, and a liar signing
+        so was never evicted: a review)."""
+        fp = claim.proof.fingerprint
+        return (weakest is None or weakest.admits(fp)) and head(fp, claim.width) is not None
 
     @staticmethod
     def _weak(
@@ -478,7 +495,7 @@ class Auditor:
         cluster's shape; the liars found so far stand, and the signers of `sent`, the
         records of what the next stage received and the re-execution contradicts."""
         stop = f"stage {index} {layers}: node(s) {signers} signed fingerprints weaker than "
-        stop += "the cluster's; not checked past it"
+        stop += "the cluster's (or of chunks a verify step's kept rows cut); not checked past it"
         if not sent:
             return Verdict(False, tuple(liars), "; ".join([*reasons, stop]), checked)
         senders = tuple(dict.fromkeys(h.sender.sender for h in sent))
@@ -514,8 +531,9 @@ class Auditor:
         through the re-runs fed since (`past`, ending with this stage; None: the last
         stage, which sent nothing on): a weak record matches much, but it binds its
         signer to the bytes it sent. A re-runner the retrace finds wrong joins `liars`."""
-        if past is None:
-            return []
+        receivers = claims.get(index + 1, [])
+        if past is None or not receivers or min(c.rows[0] for c in receivers) > 0:
+            return []  # the last stage; or caches from before this plan: not all known
         honest, feeder = await self._retrace(past[0], list(past[1]))
         if feeder:
             liars.append(feeder[0])
@@ -590,11 +608,10 @@ class Auditor:
     def _matches(self, claim: Claim, out: torch.Tensor, offset: int = 0) -> bool:
         """Does `out`, the outputs of positions from `offset` on, hold what `claim` says
         (of the rows the request kept: a speculative step's record covers rejected
-        draft positions too, which `gaps` made sure it can leave out)?"""
+        draft positions too, which its head leaves out)? A record that cannot be cut
+        there gives nothing to compare, and is judged as a weak one (`_strong`)."""
         rows = out[:, claim.start - offset : claim.start - offset + claim.width]
         kept = head(claim.proof.fingerprint, claim.width)
-        return (
-            rows.shape[1] == claim.width
-            and kept is not None
-            and matches_tensor(kept, rows, self._tol)
-        )
+        if kept is None:
+            return True
+        return rows.shape[1] == claim.width and matches_tensor(kept, rows, self._tol)

@@ -79,6 +79,8 @@ class InFlight:
     records: dict[str, list[Proof]] = field(default_factory=dict)
     # when the gateway's own first stage handed a step on (time.monotonic)
     handed: dict[Key, float] = field(default_factory=dict)
+    # rows of logits a step asked for: 1, or every position of a verify step
+    rows: dict[Key, int] = field(default_factory=dict)
 
     def sent(self, key: Key, epoch: int, on: tuple[NodeId, ...], digest: bytes) -> None:
         """A step sent in `epoch` down `on` (whose nodes alone may answer it), stage 0
@@ -88,7 +90,7 @@ class InFlight:
     def settled(self, key: Key) -> None:
         """Nobody waits for this step any more (its answer taken, or given up)."""
         tables = (self.waiting, self.relaying, self.sent_in, self.sent_on, self.sent_digest)
-        for table in (*tables, self.handed):
+        for table in (*tables, self.handed, self.rows):
             table.pop(key, None)
 
     def awaited(self, key: Key) -> bool:

@@ -112,6 +112,14 @@ class Intake:
                     )
                 )
                 fut.set_exception(StepFailed(error, peer))
+            elif isinstance(msg, StepResult) and spans[i][1] - spans[i][0] != flight.rows.get(
+                key, spans[i][1] - spans[i][0]
+            ):
+                # rows the gateway's dispatch did not ask for: a verify step answered with
+                # its last row only failed the request where confirming its draft (a review)
+                asked, got = flight.rows[key], spans[i][1] - spans[i][0]
+                liars[peer] = f"step {key[1]} of {key[0]}: {got} row(s) of logits for {asked}"
+                fut.set_exception(StageLost(f"node {peer} answered {got} row(s) for {asked}"))
             elif isinstance(msg, StepResult):
                 start, end = spans[i]
                 # a slice is a torch operation: 10-30 µs on a cold gateway (AMD EPYC)

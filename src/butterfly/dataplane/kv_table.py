@@ -177,6 +177,8 @@ class KvTable:
         """Append each entry's output; the kept steps stay contiguous from their first."""
         for i, (rid, start) in enumerate(zip(request_ids, starts, strict=True)):
             kept = self.kept.setdefault(rid, [])
+            if kept and kept[-1][1].shape[2:] != out.shape[2:]:
+                kept.clear()  # another range's outputs (the plan moved this node's layers)
             while kept and kept[-1][0] >= start:  # a re-run from `start`
                 kept.pop()
             if kept and kept[-1][0] + kept[-1][1].shape[1] > start:  # rolled back into it

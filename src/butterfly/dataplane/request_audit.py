@@ -86,10 +86,35 @@ async def audit_request(
             return Verdict(False, reason=f"step {step} ran under no plan the gateway kept")
         by_epoch.setdefault(plan.epoch, (plan, {}))[1][step] = where
     sequence = list(task.input_ids) + list(result.output_ids[:-1])
-    chosen = Chosen(task.sampling, len(task.input_ids), tuple(result.output_ids))
+    everything = Chosen(task.sampling, len(task.input_ids), tuple(result.output_ids))
     verdicts: list[Verdict] = []
+    # while every plan so far was verified, the stages a plan kept on the same node
+    # resumed on caches that node built itself on right inputs (`Auditor.audit`)
+    earlier: StagePlan | None = None
+    clean = True
+    rows = {
+        e: {p for s, n in m.values() for p in range(s, s + n)} for e, (_, m) in by_epoch.items()
+    }
+    anywhere = set().union(*rows.values())
+    last = max(by_epoch, default=0)
     for epoch in sorted(by_epoch):
         plan, mine = by_epoch[epoch]
+        # the tokens this plan's steps chose, and those no step's rows hold (the last
+        # plan's logits hold them: `Chosen`)
+        judged = rows[epoch] | (
+            {p for p in range(len(sequence))} - anywhere if epoch == last else set()
+        )
+        chosen = (
+            replace(everything, positions=frozenset(judged)) if len(by_epoch) > 1 else everything
+        )
+        kept = {
+            i: node
+            for i, (node, layers) in enumerate(plan.stages)
+            if clean
+            and earlier is not None
+            and i < len(earlier.stages)
+            and earlier.stages[i] == (node, layers)
+        }
         verdict = await _audit_plan(
             auditor,
             plan,
@@ -101,16 +126,19 @@ async def audit_request(
             chosen,
             weakest,
             members,
+            kept,
         )
         verdict = replace(verdict, reason=_of_epoch(verdict.reason, epoch, by_epoch))
         if verdict.liars:
             await on_liars(verdict.liars, verdict.reason)
         # every plan is audited, also after one that could not be verified: a liar in a
         # later one is still found
-        if not (verdict.unauditable and set(mine) <= steps.superseded):
+        passed_over = verdict.unauditable and set(mine) <= steps.superseded
+        if not passed_over:
             verdicts.append(verdict)
         else:
             log.info("audit of %s: passed over: %s", request_id, verdict.reason)
+        earlier, clean = plan, clean and (verdict.verified or passed_over)
     verdict = _together(verdicts)
     outcome: Literal["verified", "unverified", "liar_found"] = (
         "liar_found" if verdict.liars else "verified" if verdict.verified else "unverified"
@@ -130,6 +158,7 @@ async def _audit_plan(
     chosen: Chosen,
     weakest: Shape | None,
     members: Collection[NodeId] | None,
+    own_history: dict[int, NodeId],
 ) -> Verdict:
     """The audit of the steps that ran under one plan."""
     claims = auditor.claims_of(
@@ -139,7 +168,9 @@ async def _audit_plan(
     if gap:
         return Verdict(False, reason=gap)
     try:
-        return await auditor.audit(plan, request_id, sequence, claims, chosen, weakest, members)
+        return await auditor.audit(
+            plan, request_id, sequence, claims, chosen, weakest, members, own_history
+        )
     except ButterflyError as e:
         return Verdict(False, reason=f"audit could not run: {e}")
 

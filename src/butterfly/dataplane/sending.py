@@ -268,6 +268,7 @@ class StepSender:
         key = (request_id, step)
         fut: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
         flight.waiting[key] = fut
+        flight.rows[key] = 1 if last_only else int(x.shape[1])
         self._queue.append(Entry(request_id, step, start_pos, x, fut, route, last_only))
         self._ready.set()
         refused_by: NodeId | None = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 from dataclasses import replace
+from typing import ClassVar
 
 import torch
 
@@ -193,20 +194,12 @@ def raise_hidden_runner_up(out: torch.Tensor) -> torch.Tensor:
     return rows.reshape(out.shape)
 
 
-class WeakFingerprintStageServer(StageServer):
-    """Signs fingerprints of one value per position (k = 1, not the cluster's top-k) and,
-    as the last stage, `raise_hidden_runner_up`s its logits: another greedy token, signed
-    exactly as sent, that the one value fingerprinted does not show (found by a review,
-    where every such answer came back marked verified); elsewhere it halves all but each
-    position's largest activation (a review: its honest next stage was evicted)."""
+class SignsShape(StageServer):
+    """Signs its records in the fingerprint shape `sign_k` values per `sign_chunk`
+    positions (None: the cluster's), whatever the cluster agreed."""
 
-    def tamper(self, out: torch.Tensor) -> torch.Tensor:
-        if self.stage is not None and self.stage.is_last:
-            return raise_hidden_runner_up(out)
-        rows = out.reshape(-1, out.shape[-1]).clone()  # elsewhere: all but the largest halved
-        top = rows.abs().argmax(dim=-1, keepdim=True)
-        kept = rows.gather(-1, top)
-        return (rows * 0.5).scatter(-1, top, kept).reshape(out.shape)
+    sign_k: ClassVar[int | None] = None
+    sign_chunk: ClassVar[int | None] = None
 
     def _sign(
         self,
@@ -218,9 +211,28 @@ class WeakFingerprintStageServer(StageServer):
         offsets: list[int],
         traces: list[list[torch.Tensor]],
     ) -> tuple[bytes, ...]:
-        if self.prover is not None and self.prover.k != 1:
-            self.prover = replace(self.prover, k=1)
+        if self.prover is not None:
+            k, chunk = self.sign_k or self.prover.k, self.sign_chunk or self.prover.chunk
+            self.prover = replace(self.prover, k=k, chunk=chunk)
         return super()._sign(msg, index, layers, x, out, offsets, traces)
+
+
+class WeakFingerprintStageServer(SignsShape):
+    """Signs fingerprints of one value per position (k = 1, not the cluster's top-k) and,
+    as the last stage, `raise_hidden_runner_up`s its logits: another greedy token, signed
+    exactly as sent, that the one value fingerprinted does not show (found by a review,
+    where every such answer came back marked verified); elsewhere it halves all but each
+    position's largest activation (a review: its honest next stage was evicted)."""
+
+    sign_k = 1
+
+    def tamper(self, out: torch.Tensor) -> torch.Tensor:
+        if self.stage is not None and self.stage.is_last:
+            return raise_hidden_runner_up(out)
+        rows = out.reshape(-1, out.shape[-1]).clone()  # elsewhere: all but the largest halved
+        top = rows.abs().argmax(dim=-1, keepdim=True)
+        kept = rows.gather(-1, top)
+        return (rows * 0.5).scatter(-1, top, kept).reshape(out.shape)
 
 
 class WeakUncopiedStageServer(WeakFingerprintStageServer):
