@@ -32,6 +32,7 @@ from butterfly.types.wire.agreement import Proof, decode
 from butterfly.types.wire.data import AuditReply, AuditRequest, InputsHeld, InputsQuery
 
 FIRST, SECOND = LayerRange(0, 2), LayerRange(2, 4)
+EXACT = Tolerance()
 KEYS = {NodeId(n): SigningKey.generate() for n in range(4)}
 PLAN = StagePlan(
     1, ((NodeId(0), FIRST), (NodeId(1), SECOND)), ((NodeId(2), FIRST), (NodeId(3), SECOND))
@@ -163,6 +164,33 @@ def test_a_greedy_requests_tokens_are_held_to_the_re_executed_logits() -> None:
     assert Chosen(one, 1, (1, 2)).wrong(peaked, 0, tol) == []
 
 
+def _gateways_auditor(
+    tiny_model: Path,
+    stages: dict[LayerRange, Stage],
+    keys: dict[NodeId, SigningKey],
+    hidden: torch.Tensor,
+    asked: list[int],
+) -> tuple[Auditor, list[tuple[NodeId, ...]], Any]:
+    """The auditor of gateway node 0, which ran `FIRST` itself (its outputs `hidden`),
+    the nodes it blames (appended by the returned `on_liars`)."""
+    auditor = Auditor(
+        ask=re_running(stages, asked),
+        inputs=holding({}),
+        keys={n: k.public for n, k in keys.items()},
+        referee=Referee(tiny_model, TorchThread()),
+        tolerance=EXACT,
+        max_tensor_bytes=1 << 30,
+        gateway=NodeId(0),
+        own_outputs=lambda rid, layers, length: hidden if layers == FIRST else None,
+    )
+    blamed: list[tuple[NodeId, ...]] = []
+
+    async def on_liars(liars: tuple[NodeId, ...], reason: str) -> None:
+        blamed.append(liars)
+
+    return auditor, blamed, on_liars
+
+
 def test_a_request_that_ran_under_two_plans_is_audited_under_each(tiny_model: Path) -> None:
     """Steps 1-2 under epoch 1 (chain 0 -> 1), step 3 under epoch 2 (node 1 failed; chain
     0 -> 3, node 4 a new holder of the second range). Each plan's records are held to a
@@ -207,24 +235,9 @@ def test_a_request_that_ran_under_two_plans_is_audited_under_each(tiny_model: Pa
         return out
 
     asked: list[int] = []
-    ask = re_running(stages, asked)
-
-    auditor = Auditor(
-        ask=ask,
-        inputs=holding({}),
-        keys={n: k.public for n, k in keys.items()},
-        referee=Referee(tiny_model, TorchThread()),
-        tolerance=Tolerance(),
-        max_tensor_bytes=1 << 30,
-        gateway=NodeId(0),
-        own_outputs=lambda rid, layers, length: hidden if layers == FIRST else None,
-    )
+    auditor, blamed, on_liars = _gateways_auditor(tiny_model, stages, keys, hidden, asked)
     task = InferenceTask(RequestId("r"), input_ids=tuple(prompt), max_new_tokens=3)
     result = InferenceResult(RequestId("r"), output_ids=tuple(output))
-    blamed: list[tuple[NodeId, ...]] = []
-
-    async def on_liars(liars: tuple[NodeId, ...], reason: str) -> None:
-        blamed.append(liars)
 
     def audit(proofs: list[Proof], members: set[int], plans: dict[int, StagePlan]) -> Any:
         return asyncio.run(
@@ -292,21 +305,7 @@ def test_a_chosen_token_no_record_covers_is_still_held_to_honest_logits(
         records.append(
             signed(KEYS, 1, step, 1, NodeId(1), SECOND, hidden[:, rows], logits[:, rows])
         )
-    auditor = Auditor(
-        ask=re_running(stages, []),
-        inputs=holding({}),
-        keys={n: k.public for n, k in KEYS.items()},
-        referee=Referee(tiny_model, TorchThread()),
-        tolerance=Tolerance(),
-        max_tensor_bytes=1 << 30,
-        gateway=NodeId(0),
-        own_outputs=lambda rid, layers, length: hidden if layers == FIRST else None,
-    )
-    blamed: list[tuple[NodeId, ...]] = []
-
-    async def on_liars(liars: tuple[NodeId, ...], reason: str) -> None:
-        blamed.append(liars)
-
+    auditor, blamed, on_liars = _gateways_auditor(tiny_model, stages, KEYS, hidden, [])
     verdict = asyncio.run(
         audit_request(
             auditor,
@@ -321,7 +320,6 @@ def test_a_chosen_token_no_record_covers_is_still_held_to_honest_logits(
     assert not verdict.verified and not blamed and "positions [3]" in verdict.reason
 
 
-EXACT = Tolerance()
 CHAIN_1_2 = StagePlan(
     1, ((NodeId(1), FIRST), (NodeId(2), SECOND)), ((NodeId(3), FIRST), (NodeId(0), SECOND))
 )
@@ -489,3 +487,68 @@ def test_a_record_that_cannot_be_cut_to_the_kept_rows_is_never_verified(tiny_mod
     verdict = asyncio.run(auditor.audit(CHAIN_1_2, "r", x[0].tolist(), records))
     assert not verdict.verified and verdict.liars == (), verdict.reason
     assert "weaker than the cluster's" in verdict.reason
+
+
+def test_a_standby_resumed_on_a_copy_is_not_convicted_after_its_plan_replays_from_0(
+    tiny_model: Path,
+) -> None:
+    """Node 3 went on at position 5 from node 1's KV copy (its logits there moved by
+    the copy), then its plan replayed from 0: deciding by the plan's earliest row took
+    the resumed step as computed on caches the plan built, and convicted node 3 (a
+    review). A step before the plan's first from position 0 is on earlier caches."""
+    from butterfly.dataplane.request_audit import Steps, audit_request
+    from butterfly.runtime.generate import generate
+    from butterfly.types.ids import RequestId
+    from butterfly.types.tasks import InferenceResult, InferenceTask
+
+    stages = {r: load_stage(tiny_model, r) for r in (FIRST, SECOND)}
+    prompt = [5, 9, 2, 7]
+    output = list(generate([load_stage(tiny_model)], prompt, 5))
+    ids = torch.tensor([prompt + output[:-1]])  # 8 positions
+    with torch.inference_mode():
+        hidden = prefill_outputs(stages[FIRST], ids, stages[FIRST].new_cache())
+        logits = prefill_outputs(stages[SECOND], hidden, stages[SECOND].new_cache())
+    keys = {**KEYS, NodeId(4): SigningKey.generate()}
+    one = PLAN  # chain 0 -> 1
+    two = StagePlan(  # node 1 failed; standby 3 resumed on node 1's (poisoned) KV copy
+        2, ((NodeId(0), FIRST), (NodeId(3), SECOND)), ((NodeId(2), FIRST), (NodeId(4), SECOND))
+    )
+    # steps 1-2 under epoch 1; step 3 resumed at 5 under epoch 2 (on the copy); then the
+    # request replayed from 0 in epoch 2 (step 4) and went on (step 5)
+    positions = {1: (0, 4), 2: (4, 1), 3: (5, 1), 4: (0, 7), 5: (7, 1)}
+    ran_under = {1: one, 2: one, 3: two, 4: two, 5: two}
+    records = []
+    for step, (start, length) in positions.items():
+        plan = ran_under[step]
+        end = start + length
+        last = logits[:, end - 1 : end].clone()
+        if step == 3:  # node 3 computed on the poisoned copy: logits moved (argmax kept)
+            last[0, 0] += torch.linspace(-3.0, 3.0, last.shape[-1])
+            last[0, 0, output[end - 4]] = logits[0, end - 1].max() + 10.0
+        for index, (x, y) in enumerate(
+            ((ids[:, start:end], hidden[:, start:end]), (hidden[:, start:end], last))
+        ):
+            node, layers = plan.stages[index]
+            records.append(signed(keys, plan.epoch, step, index, node, layers, x, y))
+    auditor, blamed, on_liars = _gateways_auditor(tiny_model, stages, keys, hidden, [])
+    task = InferenceTask(RequestId("r"), input_ids=tuple(prompt), max_new_tokens=5)
+    result = InferenceResult(RequestId("r"), output_ids=tuple(output))
+
+    steps = Steps(dict(positions), ran_under)
+    steps.superseded.update({1, 2, 3})  # the replay from 0 (engine: steps.replayed_from(0))
+    verdict = asyncio.run(
+        audit_request(
+            auditor,
+            steps,
+            records,
+            task,
+            result,
+            emit=lambda event: None,
+            on_liars=on_liars,
+            members={NodeId(n) for n in (0, 2, 3, 4)},
+        )
+    )
+    # Same situation as `test_a_request_that_ran_under_two_plans_is_audited_under_each`'s
+    # lie_at=3 case (standby 3 on node 1's copy): nobody may be convicted
+    assert not verdict.verified
+    assert not blamed, (blamed, verdict.reason)

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from butterfly.dataplane.proving import RecordMismatch
 from butterfly.dataplane.stage_server import Outbound, StageServer
 from butterfly.net.framing import Envelope
 from butterfly.runtime.generate import generate
@@ -213,4 +214,32 @@ async def test_a_last_stage_answering_a_verify_step_with_one_row_is_caught(
 ) -> None:
     """n = 4: node 1 is the last stage. No request fails for it (nor is verified wrong)."""
     evicted = await _edits(tiny_model, tmp_path, 4, OneRowStageServer, speculative, 1)
+    assert evicted == ({NodeId(1)} if speculative == "ngram" else set())
+
+
+class RefuseThenOneRow(OneRowStageServer):
+    """As the last stage, refuses each verify step's first run (a false RecordMismatch),
+    and answers its relayed re-run with its last row only."""
+
+    refused: frozenset[tuple[str, int]] = frozenset()
+
+    async def compute(
+        self, msg: StageStep, epoch: int, payload: bytes, route: tuple[NodeId, ...] = ()
+    ) -> tuple[bytes, tuple[bytes, ...]]:
+        last = self.stage is not None and self.stage.is_last
+        key = (str(msg.request_ids[0]), msg.steps[0])
+        if last and max(msg.lengths) > 1 and 0 not in msg.starts and key not in self.refused:
+            self.refused = self.refused | {key}  # this node's own, not the class's
+            raise RecordMismatch(f"step {msg.steps} input does not match (a false claim)")
+        return await super().compute(msg, epoch, payload, route)
+
+
+@pytest.mark.parametrize("speculative", ["off", "ngram"])
+async def test_a_relayed_verify_step_answered_with_one_row_is_caught(
+    tiny_model: Path, tmp_path: Path, speculative: str
+) -> None:
+    """Node 1, the last stage, refuses each verify step once (a false record mismatch,
+    which costs nothing: the gateway relays it) and answers the relayed run with one
+    row: the relay had forgotten what the step asked for, and the request failed."""
+    evicted = await _edits(tiny_model, tmp_path, 4, RefuseThenOneRow, speculative, 1)
     assert evicted == ({NodeId(1)} if speculative == "ngram" else set())

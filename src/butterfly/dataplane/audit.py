@@ -356,9 +356,10 @@ class Auditor:
             # or a standby on a KV copy) computed positions its audit takes as honest: a
             # contradiction convicts nobody (an honest receiver of a liar's earlier rows,
             # and a standby resuming on a liar's copy, were evicted: a review)
-            first = min(c.rows[0] for c in mine)
             builder = (own_history or {}).get(index)
-            if chain_lied and first > 0 and any(c.proof.sender != builder for c in chain_lied):
+            early = [c for c in self._on_earlier_caches(mine) if c in chain_lied]
+            if any(c.proof.sender != builder for c in early):
+                first = min(c.rows[0] for c in early)
                 why = f"is not all known: its caches held positions before {first} from "
                 stop = self._unjudged(index, chain_lied, said, why + "before this plan")
                 return Verdict(False, tuple(liars), "; ".join([*reasons, stop]), checked)
@@ -531,8 +532,7 @@ class Auditor:
         through the re-runs fed since (`past`, ending with this stage; None: the last
         stage, which sent nothing on): a weak record matches much, but it binds its
         signer to the bytes it sent. A re-runner the retrace finds wrong joins `liars`."""
-        receivers = claims.get(index + 1, [])
-        if past is None or not receivers or min(c.rows[0] for c in receivers) > 0:
+        if past is None or self._on_earlier_caches(claims.get(index, [])):
             return []  # the last stage; or caches from before this plan: not all known
         honest, feeder = await self._retrace(past[0], list(past[1]))
         if feeder:
@@ -542,6 +542,15 @@ class Auditor:
         hops = self._hops(claims, index + 1)
         crossed = await fetch(self._inputs, self._max, request_id, plan.epoch, index + 1, hops)
         return contradicted_senders(hops, crossed, honest, self._tol)
+
+    @staticmethod
+    def _on_earlier_caches(claims: Sequence[Claim]) -> list[Claim]:
+        """The claims computed on caches built before their plan: those of steps that
+        began after position 0 before the plan's first step from 0 (a replay from 0
+        within the plan rebuilds them; deciding by the plan's earliest row convicted a
+        standby on a poisoned copy again once its plan replayed: a review)."""
+        rebuilt = min((c.proof.step for c in claims if c.rows[0] == 0), default=None)
+        return [c for c in claims if c.rows[0] > 0 and (rebuilt is None or c.proof.step < rebuilt)]
 
     @staticmethod
     def _hops(claims: Mapping[int, list[Claim]], index: int) -> list[Hop]:

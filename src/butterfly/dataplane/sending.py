@@ -457,6 +457,9 @@ class StepSender:
         second: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
         flight.waiting[key] = second
         out, proofs = got
+        # the rows its result must hold, as `step` set them (settled since: a relayed
+        # verify step answered with one row failed the request: a review)
+        flight.rows[key] = 1 if last_only else int(out.shape[1])
         try:
             tail = StageStep(
                 (request_id,),
