@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 
-from butterfly.dataplane.audit import Ask, Auditor, Claim, Inputs, Referee
+from butterfly.dataplane.audit import Ask, Auditor, Claim, Inputs
 from butterfly.dataplane.proving import Prover
+from butterfly.dataplane.referee import Referee
 from butterfly.protocol.proof import (
     Tolerance,
     fingerprint,
@@ -143,7 +144,7 @@ def test_only_stages_not_run_by_the_gateway_are_re_run(tiny_model: Path) -> None
 
 
 def test_a_greedy_requests_tokens_are_held_to_the_re_executed_logits() -> None:
-    from butterfly.dataplane.audit import Chosen
+    from butterfly.dataplane.chosen import Chosen
     from butterfly.types.tasks import SamplingParams
 
     tol = Tolerance(rtol=1e-3, atol=1e-4)

@@ -31,9 +31,10 @@ from butterfly.control.membership import Membership
 from butterfly.control.plans import AgreedPlans
 from butterfly.control.policy import Placing
 from butterfly.control.recovery import Recovery
-from butterfly.dataplane.audit import Auditor, Claim, Referee
+from butterfly.dataplane.audit import Auditor, Claim
 from butterfly.dataplane.engine import PipelineEngine
 from butterfly.dataplane.proving import Prover
+from butterfly.dataplane.referee import Referee
 from butterfly.dataplane.replicate import Replicator
 from butterfly.dataplane.stage_server import StageServer
 from butterfly.dataplane.unresponsive import StepTimeouts

@@ -18,7 +18,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from butterfly.dataplane.audit import Chosen
+from butterfly.dataplane.chosen import Chosen
 from butterfly.protocol.proof import Tolerance
 from butterfly.runtime.sampling import distribution, greedy_token, make_generator, sample
 from butterfly.runtime.tokenizer import TextCodec

@@ -13,7 +13,6 @@ import torch
 
 from butterfly.config import load_config
 from butterfly.config.validate import replication_factor
-from butterfly.dataplane.audit import Referee
 from butterfly.dataplane.lanes import (
     Lane,
     LaneRun,
@@ -24,6 +23,7 @@ from butterfly.dataplane.lanes import (
     probe_lane,
 )
 from butterfly.dataplane.proving import Prover, decode_proofs
+from butterfly.dataplane.referee import Referee
 from butterfly.dataplane.replicate import Replicator
 from butterfly.dataplane.stage_server import StageServer
 from butterfly.protocol.proof import Tolerance

@@ -22,25 +22,20 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
+from butterfly.dataplane.chosen import Chosen
 from butterfly.dataplane.crossing import Hop, Inputs, contradicted_senders, fetch, rebuilt
 from butterfly.dataplane.proving import Shape
+from butterfly.dataplane.referee import Referee
 from butterfly.protocol.proof import Tolerance, head, matches_tensor, tensors_close
 from butterfly.protocol.sign import verify_message
-from butterfly.runtime.loader import load_stage
-from butterfly.runtime.precision import FP32, Precision
-from butterfly.runtime.sampling import adjust, distribution, is_greedy
-from butterfly.runtime.stage import Stage, prefill_outputs
-from butterfly.runtime.torch_thread import TorchThread
 from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.types.errors import ButterflyError, InvalidMessage
 from butterfly.types.ids import NodeId, RequestId, StageIndex
 from butterfly.types.model import LayerRange
 from butterfly.types.plan import StagePlan
-from butterfly.types.tasks import SamplingParams
 from butterfly.types.wire.agreement import Proof
 from butterfly.types.wire.data import AuditReply, AuditRequest
 
@@ -70,86 +65,6 @@ class Verdict:
     evidence: tuple[bytes, ...] = field(default=(), repr=False)
     # no holder left that may re-run a stage: nothing was found wrong, nothing checked
     unauditable: bool = False
-
-
-UNLIKELY = 1e-9
-"""A chosen token the re-executed distribution gives less than this, even with every
-honest logit moved its way by the tolerance, was not drawn from honest logits."""
-
-
-@dataclass(frozen=True)
-class Chosen:
-    """The tokens a request's gateway chose, to be held to the last stage's re-execution:
-    a fingerprint names a stage's largest outputs only, and where the largest logits by
-    magnitude are negative, a last stage could raise another logit above the honest best
-    without changing them (its fingerprint then matched and the wrong token was marked
-    verified). A greedy token must be the re-executed best; a sampled one must not be
-    one the honest distribution all but never draws. Within what it may draw, a sampled
-    request's liar can still favour one token over another (SECURITY.md)."""
-
-    params: SamplingParams
-    prompt: int  # tokens before the first chosen one
-    tokens: tuple[int, ...]
-    # the positions whose token this audit judges (None: all): a plan's audit judges
-    # those its steps computed; a token chosen under a later plan, from a liar's logits
-    # there, left the earlier plan unverified, and the liar's own plan with it
-    positions: frozenset[int] | None = None
-
-    def wrong(self, out: torch.Tensor, offset: int, tol: Tolerance) -> list[int]:
-        """The positions whose chosen token `out`'s logits (rows of positions from
-        `offset` on) do not allow: an honest last stage's logits each lie within one
-        tolerance of the re-execution's, so a greedy token may trail the best by two, and
-        a sampled one is judged with every logit moved its way by one."""
-        wrong = []
-        for j, token in enumerate(self.tokens):
-            p = self.prompt - 1 + j
-            if p < offset or p - offset >= out.shape[1]:
-                continue
-            if self.positions is not None and p not in self.positions:
-                continue
-            row, history = out[0, p - offset].float(), self.tokens[:j]
-            if not 0 <= token < row.shape[0]:
-                wrong.append(p)
-                continue
-            margin = tol.atol + (tol.rtol + tol.scaled) * float(row.abs().nan_to_num(0.0).max())
-            if is_greedy(self.params):
-                logits = adjust(row, self.params, history)
-                if float(logits[token]) < float(logits.max()) - 2 * margin:
-                    wrong.append(p)
-                continue
-            favoured = row - margin
-            favoured[token] = row[token] + margin
-            if float(distribution(favoured, self.params, history)[token]) < UNLIKELY:
-                wrong.append(p)
-        return wrong
-
-
-class Referee:
-    """The gateway's own re-execution of a stage, loaded on first dispute."""
-
-    def __init__(
-        self, model_dir: Path, torch_thread: TorchThread, precision: Precision = FP32
-    ) -> None:
-        """`torch_thread`: the node's one thread for torch (runtime.torch_thread).
-        `precision`: the stages' own (model.dtype, model.quantization): a re-execution
-        in another precision would disagree with every honest node."""
-        self._model_dir, self._precision = model_dir, precision
-        self._stages: dict[LayerRange, Stage] = {}
-        self._torch = torch_thread
-
-    async def run(
-        self, layers: LayerRange, x: torch.Tensor, *, outputs_from: int = 0
-    ) -> torch.Tensor:
-        def compute() -> torch.Tensor:
-            stage = self._stages.get(layers)
-            if stage is None:
-                stage = self._stages[layers] = load_stage(
-                    self._model_dir, layers, precision=self._precision
-                )
-            with torch.inference_mode():
-                return prefill_outputs(stage, x, stage.new_cache(), outputs_from=outputs_from)
-
-        return await self._torch.run(compute)
 
 
 class Auditor:

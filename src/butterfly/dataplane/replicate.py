@@ -35,7 +35,6 @@ from typing import Literal, Protocol
 
 import torch
 
-from butterfly.dataplane.audit import Referee
 from butterfly.dataplane.lanes import (
     Lane,
     LaneRun,
@@ -46,6 +45,7 @@ from butterfly.dataplane.lanes import (
     probe_lane,
     records_by_stage,
 )
+from butterfly.dataplane.referee import Referee
 from butterfly.metrics.events import Emit, Verification, discard
 from butterfly.protocol.proof import Tolerance
 from butterfly.types.errors import ButterflyError, InvalidInput, SendTimeout, StageLost

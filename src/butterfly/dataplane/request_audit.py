@@ -14,7 +14,8 @@ from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from butterfly.dataplane.audit import Auditor, Chosen, Verdict
+from butterfly.dataplane.audit import Auditor, Verdict
+from butterfly.dataplane.chosen import Chosen
 from butterfly.dataplane.proving import Shape
 from butterfly.metrics.events import Emit, Verification
 from butterfly.types.errors import ButterflyError

@@ -37,7 +37,7 @@ def adjust(logits: torch.Tensor, params: SamplingParams, history: Sequence[int])
     """The logits a choice is made from: OpenAI's logit bias added, then its presence
     and frequency penalties over the tokens generated so far subtracted. Every choice
     goes through here (`sample`, `greedy_token`, `distribution`), and so does the audit's
-    check of the tokens chosen (dataplane.audit.Chosen): an honest gateway's biased
+    check of the tokens chosen (dataplane.chosen.Chosen): an honest gateway's biased
     token is what the audit expects."""
     logits = biased(logits, params)
     if not history or not params.penalized:

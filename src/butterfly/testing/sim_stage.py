@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import torch
 
-from butterfly.dataplane.audit import Referee
+from butterfly.dataplane.referee import Referee
 from butterfly.runtime.kvcache import KVCache
 from butterfly.runtime.stage import prefill_outputs
 from butterfly.runtime.torch_thread import TorchThread

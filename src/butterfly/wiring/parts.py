@@ -17,10 +17,11 @@ from butterfly.config.validate import replication_factor
 from butterfly.control.live_config import snapshot_every, speculation
 from butterfly.control.membership import Membership
 from butterfly.control.policy import Placing
-from butterfly.dataplane.audit import Auditor, Referee
+from butterfly.dataplane.audit import Auditor
 from butterfly.dataplane.drafter import ModelDrafter, check_draft_model
 from butterfly.dataplane.engine import Asker, Deliver, PipelineEngine
 from butterfly.dataplane.proving import Prover
+from butterfly.dataplane.referee import Referee
 from butterfly.dataplane.replicate import Replicator
 from butterfly.dataplane.routes import AuditAsk
 from butterfly.dataplane.sending import RecordSize
