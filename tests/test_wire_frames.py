@@ -90,7 +90,7 @@ SAMPLES: list[Message] = [
     TaskSettled(R1, "completed", "", ""),
     TaskSync(),
     TaskSyncReply(N2, 3),
-    InputsQuery(R1, Epoch(2), StageIndex(1), (0, 3, 4)),
+    InputsQuery(R1, Epoch(2), (0, 3, 4)),
     InputsHeld(R1, N2, (0, 3), (5, 1)),
 ]
 

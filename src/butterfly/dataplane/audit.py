@@ -284,7 +284,7 @@ class Auditor:
             # for it: a review). x is the input known right here
             if chain_lied and index and not ran_before_own:
                 hops = self._hops(claims, index)
-                crossed = await fetch(self._inputs, self._max, request_id, plan.epoch, index, hops)
+                crossed = await fetch(self._inputs, self._max, request_id, plan.epoch, hops)
                 wrong = contradicted_senders(hops, crossed, x, self._tol)
                 if wrong:
                     reasons.append(self._fed(index, wrong, chain_lied, said))
@@ -455,7 +455,7 @@ class Auditor:
             reasons.append(feeder[1])
             return []
         hops = self._hops(claims, index + 1)
-        crossed = await fetch(self._inputs, self._max, request_id, plan.epoch, index + 1, hops)
+        crossed = await fetch(self._inputs, self._max, request_id, plan.epoch, hops)
         return contradicted_senders(hops, crossed, honest, self._tol)
 
     @staticmethod

@@ -22,7 +22,7 @@ from butterfly.dataplane.proving import digest
 from butterfly.protocol.proof import Tolerance, rows_close
 from butterfly.runtime.wire import decode_tensor
 from butterfly.types.errors import ButterflyError
-from butterfly.types.ids import Epoch, NodeId, RequestId, StageIndex
+from butterfly.types.ids import Epoch, NodeId, RequestId
 from butterfly.types.wire.agreement import Proof
 from butterfly.types.wire.data import InputsHeld, InputsQuery
 
@@ -48,10 +48,9 @@ async def fetch(
     max_bytes: int,
     request_id: RequestId,
     epoch: int,
-    index: int,
     hops: Sequence[Hop],
 ) -> dict[int, torch.Tensor]:
-    """Per hop's step, the rows that crossed into stage `index`, as bytes hashing to the
+    """Per hop's step, the rows that crossed into its stage, as bytes hashing to the
     sender's signed output: asked of each receiver, and of the senders for the steps a
     receiver could not show (with at most f liars, one of the two is honest). A step
     neither shows is missing."""
@@ -63,14 +62,8 @@ async def fetch(
                 signer = hop.receiver.sender if side == "receiver" else hop.sender.sender
                 wanted.setdefault(signer, []).append(hop)
         for node, theirs in sorted(wanted.items()):
-            stage = index if side == "receiver" else index - 1
-            query = InputsQuery(
-                request_id,
-                Epoch(epoch),
-                StageIndex(stage),
-                tuple(h.step for h in theirs),
-                sent=side == "sender",
-            )
+            steps = tuple(h.step for h in theirs)
+            query = InputsQuery(request_id, Epoch(epoch), steps, sent=side == "sender")
             crossed.update(await _shown(inputs, max_bytes, node, query, theirs))
     return crossed
 

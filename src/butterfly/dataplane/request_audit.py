@@ -102,9 +102,7 @@ async def audit_request(
         plan, mine = by_epoch[epoch]
         # the tokens this plan's steps chose, and those no step's rows hold (the last
         # plan's logits hold them: `Chosen`)
-        judged = rows[epoch] | (
-            {p for p in range(len(sequence))} - anywhere if epoch == last else set()
-        )
+        judged = rows[epoch] | (set(range(len(sequence))) - anywhere if epoch == last else set())
         chosen = (
             replace(everything, positions=frozenset(judged)) if len(by_epoch) > 1 else everything
         )

@@ -138,14 +138,13 @@ class InputsHeld:
 @dataclass(frozen=True, slots=True)
 class InputsQuery(Ask[InputsHeld]):
     """The rows the receiver took for these `steps` of `request_id` in the plan of
-    `epoch`, as stage `stage` (or, with `sent`, those it sent on): when an audit would
-    convict a stage, the gateway first judges it on what it received, which its
-    sender's records pin only at each row's largest values."""
+    `epoch` (or, with `sent`, those it sent on; the plan names the stage it held): when an
+    audit would convict a stage, the gateway first judges it on what it received, which
+    its sender's records pin only at each row's largest values."""
 
     kind: ClassVar[str] = "inputs_query"
     request_id: RequestId
     epoch: Epoch
-    stage: StageIndex
     steps: tuple[int, ...]
     sent: bool = False
 
