@@ -200,6 +200,36 @@ async def test_unreachable_peer_opens_the_circuit() -> None:
         await a.close()
 
 
+async def test_a_peer_that_dials_in_is_tried_again_at_once() -> None:
+    """Node 1 was down and node 0's circuit to it opened; node 1 comes back and dials
+    node 0 (its heartbeats): node 0 reaches it at once, not after the circuit's reset.
+    A restarted node was refused the plan that took it back (a CI run)."""
+    a, b, _ = pair(
+        limits=TransportLimits(
+            connect_attempts=1, breaker_threshold=1, breaker_reset_s=3600, connect_timeout_s=0.5
+        )
+    )
+    try:
+        await a.start(echo)
+        with pytest.raises(ConnectionFailed):
+            await a.send(NodeId(1), Heartbeat(NodeId(0), Epoch(0), 0), channel="control")
+        with pytest.raises(CircuitOpen):
+            await a.send(NodeId(1), Heartbeat(NodeId(0), Epoch(0), 1), channel="control")
+        await b.start(echo)
+        a.peers[NodeId(1)] = b.address
+        b.peers[NodeId(0)] = a.address
+        await b.send(NodeId(0), Heartbeat(NodeId(1), Epoch(0), 0), channel="control")
+        for _ in range(100):  # the handshake's end on node 0's side, bounded
+            if a._breakers[NodeId(1)].state is not BreakerState.OPEN:
+                break
+            await asyncio.sleep(0.01)
+        env = await a.request(NodeId(1), StatusQuery(), timeout=5)
+        assert isinstance(env.msg, StatusReply)
+    finally:
+        await a.close()
+        await b.close()
+
+
 def test_circuit_breaker_states() -> None:
     br = CircuitBreaker(threshold=2, reset_after=1.0)
     br.record_failure(0.0)
@@ -212,6 +242,13 @@ def test_circuit_breaker_states() -> None:
     assert br.allow(2.5)
     br.record_success()
     assert br.state is BreakerState.CLOSED
+    br.record_failure(3.0)
+    br.record_failure(3.1)
+    assert not br.allow(3.2)
+    br.heard()  # the peer dialled in: one trial now, not at 4.1
+    assert br.allow(3.2) and br.state is BreakerState.HALF_OPEN
+    br.heard()  # no effect on a circuit that is not open
+    assert br.state is BreakerState.HALF_OPEN
 
 
 async def test_memory_transport_request_reply() -> None:

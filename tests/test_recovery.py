@@ -136,10 +136,20 @@ def node_layers(url: str) -> dict[int, list[int] | None]:
     return {n["id"]: n["layers"] for n in health["nodes"] if n["status"] == "healthy"}
 
 
-def wait_until(check: Callable[[], bool], what: str, timeout_s: float = 90) -> None:
+def wait_until(
+    check: Callable[[], bool], what: str, timeout_s: float = 90, held_s: float = 0.0
+) -> None:
+    """Until `check` has held for `held_s` (every poll meanwhile): a plan that a member
+    did not take up shows it holding its range for the few ms before the gateway decides
+    again without it (a CI run read it there, then ran a request under the next plan)."""
     deadline = time.monotonic() + timeout_s
+    since: float | None = None
     while time.monotonic() < deadline:
-        if check():
+        if not check():
+            since = None
+        elif since is None:
+            since = time.monotonic()
+        if since is not None and time.monotonic() - since >= held_s:
             return
         time.sleep(0.1)
     raise TimeoutError(what)
@@ -175,7 +185,9 @@ def test_a_node_killed_and_restarted_from_its_config_is_given_layers_again(
         # polled, not read once after a first sight: while node 1 catches up a re-plan may
         # still move it (CI once read its layers, then None on the next /health)
         its_range = [s["layers"] for s in first["stages"]][1]
-        wait_until(lambda: node_layers(cluster.api_url).get(1) == its_range, "node 1's range")
+        wait_until(
+            lambda: node_layers(cluster.api_url).get(1) == its_range, "node 1's range", held_s=1
+        )
         back = infer()
         assert back["output_ids"] == expected and back["verified"] == "audit"
         assert cluster.alive() == [True] * 4
@@ -222,7 +234,9 @@ def test_the_cluster_serves_with_a_member_down_and_takes_it_in_when_it_starts(
         assert 3 not in node_layers(cluster.api_url)
         assert infer()["output_ids"] == expected
         cluster.restart(3)
-        wait_until(lambda: node_layers(cluster.api_url).get(3) is not None, "node 3 taken in")
+        wait_until(
+            lambda: node_layers(cluster.api_url).get(3) is not None, "node 3 taken in", held_s=1
+        )
         layers = node_layers(cluster.api_url)
         assert all(layers[n] is not None for n in range(4))
         assert len({tuple(r) for r in layers.values() if r is not None}) == 2  # two stages

@@ -3,6 +3,10 @@
 Closed: calls pass; `threshold` consecutive failures open it. Open: calls fail at once
 with CircuitOpen until `reset_after` seconds pass. HalfOpen: one trial call; success
 closes, failure opens again. Time is an argument, so tests need no sleeping.
+
+A peer that dials in and proves its key is up: an open circuit to it goes half-open at
+once (`heard`) instead of failing calls for the rest of `reset_after`. A restarted node
+was refused the plan that took it back, and the cluster planned without it once more.
 """
 
 from __future__ import annotations
@@ -30,6 +34,11 @@ class CircuitBreaker:
             self.state = BreakerState.HALF_OPEN
             return True
         return self.state is not BreakerState.OPEN
+
+    def heard(self) -> None:
+        """The peer proved it is up (it dialled in): the next call is a trial."""
+        if self.state is BreakerState.OPEN:
+            self.state = BreakerState.HALF_OPEN
 
     def record_success(self) -> None:
         self.state, self.failures = BreakerState.CLOSED, 0

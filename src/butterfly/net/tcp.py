@@ -252,6 +252,9 @@ class TcpTransport:
             direction="accept",
         )
         conn.peer = hello.node
+        breaker = self._breakers.get(hello.node)
+        if breaker is not None:
+            breaker.heard()
         try:
             await conn.send(HelloAck(me.node, True, "", me.key.sign(signed)))
         except ConnectionFailed:
