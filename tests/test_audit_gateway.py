@@ -197,9 +197,11 @@ def test_a_request_that_ran_under_two_plans_is_audited_under_each(tiny_model: Pa
     0 -> 3, node 4 a new holder of the second range). Each plan's records are held to a
     re-run by that plan's other holder still in the plan now: the request came back
     unverified when only the last plan's records were read. A lie in the first plan's
-    steps is found and its signer blamed; a plan whose records are missing, or whose
-    range no member still holds, leaves the request unverified and blames nobody, as
-    does a contradiction by a node that went on from a cache another node built."""
+    steps is found and its signer blamed, also where no member still holds its range
+    (the gateway re-executes it); a plan whose records are missing, or whose range no
+    member holds with audit_lone_ranges off, leaves the request unverified and blames
+    nobody, as does a contradiction by a node that went on from a cache another node
+    built."""
     from butterfly.dataplane.request_audit import Steps, audit_request
     from butterfly.runtime.generate import generate
     from butterfly.types.ids import RequestId
@@ -264,8 +266,18 @@ def test_a_request_that_ran_under_two_plans_is_audited_under_each(tiny_model: Pa
     blamed.clear()
     verdict = audit([p for p in records() if p.epoch == 1], now, ran_under)
     assert not verdict.verified and "epoch 2" in verdict.reason and not blamed
-    verdict = audit(records(), {0, 2, 4}, ran_under)  # nobody left to re-run epoch 1's
+    # nobody left to re-run epoch 1's second range: the gateway re-executes it, and
+    # convicts its signer's lie (byzantine.audit_lone_ranges)
+    verdict = audit(records(), {0, 2, 4}, ran_under)
+    assert verdict.verified and verdict.checked == 6 and not blamed, verdict.reason
+    verdict = audit(records(lie_at=2), {0, 2, 4}, ran_under)
+    assert verdict.liars == (NodeId(1),) and blamed == [(NodeId(1),)]
+    blamed.clear()
+    auditor.retune(EXACT, lone_ranges=False)
+    verdict = audit(records(), {0, 2, 4}, ran_under)
     assert not verdict.verified and "no replica" in verdict.reason and not blamed
+    assert "byzantine.audit_lone_ranges is off" in verdict.reason
+    auditor.retune(EXACT)
     # and a lie in epoch 2's, whose node 3 went on from node 1's KV copy: what its cache
     # held is not known, so it is not convicted (a poisoned copy had an honest standby
     # evicted: a review); node 0, the gateway, kept its range, and is judged in full

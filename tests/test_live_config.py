@@ -518,6 +518,8 @@ BEHAVIOUR: dict[str, str] = {
     "network.step_timeout_ms": "test_network_step_timeout_ms_applies_to_the_step_waiting_now",
     "byzantine.verification": "test_byzantine_verification_moves_between_audit_replicate_and_none",
     "byzantine.audit_fraction": "test_byzantine_audit_fraction_zero_skips_the_audit",
+    "byzantine.audit_lone_ranges": "test_audit_lone_range.py::"
+    "test_a_range_left_one_holder_is_audited_by_the_gateway_and_the_setting_turns_it_off",
     "byzantine.rtol": "test_a_tighter_tolerance_flags_what_the_old_one_let_through",
     "byzantine.atol": "test_a_tighter_tolerance_flags_what_the_old_one_let_through",
     "byzantine.fingerprint_top_k": "test_the_next_signed_record_uses_the_new_fingerprint",

@@ -256,6 +256,14 @@ class ByzantineConfig(Section):
     audit_fraction: float = option(
         1.0, "Share of requests audited in audit mode.", DC, CLUSTER, ge=0.0, le=1.0
     )
+    audit_lone_ranges: bool = option(
+        True,
+        "Audit mode: where failures leave a layer range one holder, the gateway "
+        "re-executes it to audit it (if it has the memory to load it); false: answers "
+        "through such a range come back unverified.",
+        DC,
+        CLUSTER,
+    )
     rtol: float = option(
         1e-3, "Relative tolerance comparing activations.", DC, CLUSTER, ge=0.0, le=1.0
     )

@@ -245,6 +245,20 @@ def available_memory_bytes(limit_bytes: int = 0) -> int:
     return min(candidates)
 
 
+def room_to_load(limit_bytes: int = 0) -> int:
+    """The bytes this process may still load (a range the gateway re-executes to audit
+    it): under `resources.memory_limit_bytes`, the limit less what the process holds
+    now; else four fifths of what the machine has available, the rest left to the KV
+    caches and the machine's other work."""
+    if limit_bytes > 0:
+        try:
+            resident = int(Path("/proc/self/statm").read_text().split()[1])
+        except (OSError, ValueError, IndexError):
+            return 0
+        return max(0, limit_bytes - resident * os.sysconf("SC_PAGE_SIZE"))
+    return available_memory_bytes() * 4 // 5
+
+
 async def measure_link(transport: Transport, peer: NodeId, *, timeout_s: float = 10.0) -> Link:
     """Latency and bandwidth to `peer`, timed over the data channel tensors travel on.
 

@@ -15,6 +15,7 @@ app is built (`butterfly.api.live`).
     byzantine.audit_fraction                 engine.retune: the next request
     byzantine.rtol, byzantine.atol           engine.retune: auditor and replicator, the
                                              next comparison
+    byzantine.audit_lone_ranges              engine.retune: the auditor's next audit
     byzantine.fingerprint_top_k, _chunk      this node's prover: its next signed record;
                                              the gateway's steps: sized for the new and
                                              the previous records from the next step
@@ -117,6 +118,7 @@ def _retune_engine(engine: PipelineEngine, cfg: ButterflyConfig) -> None:
         step_timeout_s=cfg.network.step_timeout_ms / 1000,
         verification=b.verification,
         audit_fraction=b.audit_fraction,
+        lone_ranges=b.audit_lone_ranges,
         tolerance=tolerance_for(b.rtol, b.atol, verification_floor(cfg.model.dtype)),
         records=RecordSize(b.fingerprint_top_k, b.fingerprint_chunk),
     )
@@ -126,7 +128,14 @@ def _retune_engine(engine: PipelineEngine, cfg: ButterflyConfig) -> None:
     )
 
 
-CHECK_OPTIONS = ("audit_fraction", "rtol", "atol", "fingerprint_top_k", "fingerprint_chunk")
+CHECK_OPTIONS = (
+    "audit_fraction",
+    "audit_lone_ranges",
+    "rtol",
+    "atol",
+    "fingerprint_top_k",
+    "fingerprint_chunk",
+)
 """The options of `byzantine.verification`'s checks (the rest of the section is f)."""
 
 

@@ -79,18 +79,32 @@ class Auditor:
         max_tensor_bytes: int,
         gateway: NodeId | None = None,
         own_outputs: OwnOutputs = lambda request_id, layers, length: None,
+        lone_ranges: bool = True,
     ) -> None:
         """A stage the `gateway` itself ran is not re-run: the client trusts the gateway
         (DESIGN.md section 3), so re-executing its work proves nothing; its kept outputs
-        (`own_outputs`) are the next stage's input instead."""
+        (`own_outputs`) are the next stage's input instead. `lone_ranges`: a range no
+        other holder may re-run (failures left it one) is re-executed by the gateway,
+        where it has room to load it (`Referee.fits`); n = 4 with f = 1 answered
+        unverified from a node's death until it came back."""
         self._ask, self._keys, self._referee = ask, keys, referee
         self._inputs = inputs
         self._tol, self._max = tolerance, max_tensor_bytes
         self._gateway, self._own = gateway, own_outputs
+        self._audit_lone = lone_ranges
 
-    def retune(self, tolerance: Tolerance) -> None:
-        """Compare with changed byzantine.rtol/atol from the next comparison on."""
-        self._tol = tolerance
+    def retune(self, tolerance: Tolerance, lone_ranges: bool = True) -> None:
+        """Compare with changed byzantine.rtol/atol from the next comparison on; audit
+        ranges left with one holder by re-executing them (byzantine.audit_lone_ranges)
+        from the next audit on."""
+        self._tol, self._audit_lone = tolerance, lone_ranges
+
+    def _lone_ranges(self, layers: LayerRange) -> str:
+        """Why the gateway does not re-execute `layers`, which no other holder may
+        re-run, to audit them ("": it does)."""
+        if not self._audit_lone:
+            return "byzantine.audit_lone_ranges is off"
+        return self._referee.fits(layers)
 
     def claims_of(
         self,
@@ -216,9 +230,13 @@ class Auditor:
             signed = {c.proof.sender for c in mine}
             askable = [n for n in plan.holders(layers) if members is None or n in members]
             others = [n for n in askable if signed - {n}]
+            # a signer no other holder may audit (failures left its range one holder)
+            # is audited by the gateway's own re-execution, where it can load the range
+            # (`lone_ranges`); else the request is not verified
             unjudged = sorted(s for s in signed if not [n for n in others if n != s])
-            if unjudged:
-                stop = f"no replica of {layers} to audit node {unjudged[0]}"
+            cannot = self._lone_ranges(layers) if unjudged else ""
+            if cannot:
+                stop = f"no replica of {layers} to audit node {unjudged[0]}: {cannot}"
                 return Verdict(False, tuple(liars), stop, checked, unauditable=not liars)
             replies = await asyncio.gather(
                 *(self._replay(request_id, index, layers, x, offset, a) for a in others)
@@ -231,7 +249,8 @@ class Auditor:
             # blamed the honest next stage that computed on it (a review); one of the last
             # stage leaves the request unverified unless a liar was found
             weak = sorted({c.proof.sender for c in mine if not self._strong(c, weakest)})
-            if len(outs) == len(replies) and self._judged(mine, replies, offset, picks):
+            agreed = len(outs) == len(replies) and self._judged(mine, replies, offset, picks)
+            if agreed and not unjudged:
                 checked += len(mine)
                 runner, x = next((a, out) for a, out, _ in replies if out is not None)
                 fed.append((layers, runner, x))  # the chain agrees with it where it signed
@@ -310,10 +329,12 @@ class Auditor:
             judged = sorted({c.proof.sender for c in chain_lied or mine})
             reason = (
                 f"stage {index} {layers}: chain node(s) {', '.join(map(str, judged))} "
-                f"{'contradict' if chain_lied else 'match'} the re-execution, " + ", ".join(said)
+                f"{'contradict' if chain_lied else 'match'} the re-execution"
+                + "".join(f", {s}" for s in said)
             )
-            log.warning("audit of %s: %s", request_id, reason)
-            reasons.append(reason)
+            if chain_lied or bad or not agreed:  # not a lone range's audit that found it right
+                log.warning("audit of %s: %s", request_id, reason)
+                reasons.append(reason)
             if chain_lied:
                 # the signers of the contradicted records, whoever the plan names: only
                 # what a node signed is evidence against it

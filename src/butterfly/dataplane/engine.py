@@ -228,14 +228,15 @@ class PipelineEngine:
         audit_fraction: float,
         tolerance: Tolerance,
         records: RecordSize | None = None,
+        lone_ranges: bool = True,
     ) -> None:
         """Apply changed settings (network.step_timeout_ms, byzantine.verification,
-        audit_fraction, rtol/atol, the fingerprint's shape): steps waiting now and every
-        later one use the new timeout; steps from now on are sized for the records both
-        the new and the previous fingerprint shape make (a larger top_k sized as the old
-        one overflowed the frame header and failed every long prompt); the check, its
-        sampling and its tolerance apply from the next request (a
-        running one keeps its check, so it is never checked half one way and half the
+        audit_fraction, audit_lone_ranges, rtol/atol, the fingerprint's shape): steps
+        waiting now and every later one use the new timeout; steps from now on are sized
+        for the records both the new and the previous fingerprint shape make (a larger
+        top_k sized as the old one overflowed the frame header and failed every long
+        prompt); the check, its sampling and its tolerance apply from the next request
+        (a running one keeps its check, so it is never checked half one way and half the
         other). A mode whose part was not built runs as "none", as it did from the start;
         `supports` lets a config check refuse such a change beforehand."""
         self._sender.timeout, self._audit_fraction = step_timeout_s, audit_fraction
@@ -245,7 +246,7 @@ class PipelineEngine:
             self._shapes.change(Shape(records.top_k, records.chunk), time.monotonic())
         self._mode = verification if self.supports(verification) else "none"
         if self._auditor is not None:
-            self._auditor.retune(tolerance)
+            self._auditor.retune(tolerance, lone_ranges)
         if self._replicator is not None:
             self._replicator.retune(tolerance)
 

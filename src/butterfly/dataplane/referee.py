@@ -1,13 +1,15 @@
 """The gateway's own re-execution of a stage: what an audit's or a replicate lane's
-dispute is settled by (the client trusts the gateway, DESIGN.md section 3)."""
+dispute is settled by (the client trusts the gateway, DESIGN.md section 3), and what
+audits a range that failures left with one holder."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from butterfly.runtime.loader import load_stage
+from butterfly.runtime.loader import layer_infos, load_stage
 from butterfly.runtime.precision import FP32, Precision
 from butterfly.runtime.stage import Stage, prefill_outputs
 from butterfly.runtime.torch_thread import TorchThread
@@ -18,14 +20,34 @@ class Referee:
     """The gateway's own re-execution of a stage, loaded on first dispute."""
 
     def __init__(
-        self, model_dir: Path, torch_thread: TorchThread, precision: Precision = FP32
+        self,
+        model_dir: Path,
+        torch_thread: TorchThread,
+        precision: Precision = FP32,
+        room: Callable[[], int] | None = None,
     ) -> None:
         """`torch_thread`: the node's one thread for torch (runtime.torch_thread).
         `precision`: the stages' own (model.dtype, model.quantization): a re-execution
-        in another precision would disagree with every honest node."""
-        self._model_dir, self._precision = model_dir, precision
+        in another precision would disagree with every honest node. `room`: the bytes
+        this node can still load (None: not asked); a range is loaded for an audit only
+        where it fits (`fits`), while a dispute loads it whatever it costs."""
+        self._model_dir, self._precision, self._room = model_dir, precision, room
         self._stages: dict[LayerRange, Stage] = {}
         self._torch = torch_thread
+
+    def fits(self, layers: LayerRange) -> str:
+        """Why this node cannot load `layers` to audit them ("": it can). A gateway that
+        ran out of memory re-executing a range it had no room for would take the
+        cluster's front door down with it."""
+        if layers in self._stages or self._room is None:
+            return ""
+        infos = layer_infos(self._model_dir, self._precision)
+        need = sum(i.memory_bytes for i in infos[layers.start : layers.end])
+        room = self._room()
+        if need > room:
+            mib = 2**20
+            return f"the gateway has {room / mib:.0f} MiB free, {layers} needs {need / mib:.0f}"
+        return ""
 
     async def run(
         self, layers: LayerRange, x: torch.Tensor, *, outputs_from: int = 0

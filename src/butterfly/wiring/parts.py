@@ -14,6 +14,7 @@ from pathlib import Path
 from butterfly.config import ButterflyConfig, ConfigManager
 from butterfly.config.gateways import gateway_nodes
 from butterfly.config.validate import replication_factor
+from butterfly.control.facts import room_to_load
 from butterfly.control.live_config import snapshot_every, speculation
 from butterfly.control.membership import Membership
 from butterfly.control.policy import Placing
@@ -201,11 +202,17 @@ def engine(
             ask=asks,
             inputs=asks.inputs,
             keys=keys,
-            referee=Referee(model_dir, torch_thread, precision_of(cfg)),
+            referee=Referee(
+                model_dir,
+                torch_thread,
+                precision_of(cfg),
+                room=partial(room_to_load, cfg.resources.memory_limit_bytes),
+            ),
             tolerance=tolerance,
             max_tensor_bytes=cfg.network.max_message_bytes,
             gateway=me,
             own_outputs=server.outputs_of,
+            lone_ranges=byz.audit_lone_ranges,
         )
         if verify
         else None
