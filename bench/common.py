@@ -19,6 +19,7 @@ from butterfly.runtime.linear import Int8Weight
 from butterfly.runtime.native import BlockedWeight
 
 T = TypeVar("T")
+K = TypeVar("K")
 
 
 def summary(samples: list[float]) -> dict[str, Any]:
@@ -38,6 +39,15 @@ def summary(samples: list[float]) -> dict[str, Any]:
     }
 
 
+def rotated(items: Iterable[K], r: int) -> list[K]:
+    """`items` starting at the `r`-th (mod their count): each round of a benchmark runs
+    its contenders in another order, so no contender always runs first (after the
+    previous round's last) or right after the same one."""
+    seq = list(items)
+    k = r % len(seq) if seq else 0
+    return seq[k:] + seq[:k]
+
+
 def bench_model(size: str) -> Path:
     """The demo model of `size`, created once under bench/out/ (never downloaded)."""
     path = Path(__file__).resolve().parent / "out" / "models" / f"demo-{size}"
@@ -46,23 +56,54 @@ def bench_model(size: str) -> Path:
     return path
 
 
-VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+VECTOR_FLAGS = (
+    "avx2",
+    "fma",
+    "avx_vnni",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512vbmi",
+    "avx512_bf16",
+    "avx512_vnni",
+    "avx512_fp16",
+    "amx_bf16",
+    "amx_int8",
+    "amx_tile",
+)
 
 
 def cpu() -> dict[str, Any]:
     """The CPU model and its vector extensions: figures differ between an AMD EPYC and an
-    Intel Xeon with AVX-512 and AMX (the machine's CPU changes between sessions)."""
-    model, flags = "unknown", set()
+    Intel Xeon with AVX-512 and AMX (the machine's CPU changes between sessions). A VM
+    may name only the vendor's line ("AMD EPYC"), so the family, model and stepping
+    numbers and the last-level cache say which part it is (Zen 4 and Zen 5 both call
+    themselves that here)."""
+    fields: dict[str, str] = {}
+    flags: set[str] = set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == "model name" and model == "unknown":
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
+            key = key.strip()
+            if key == "flags" and not flags:
                 flags = set(value.split())
+            elif key in ("model name", "cpu family", "model", "stepping") and key not in fields:
+                fields[key] = value.strip()
     except OSError:
         pass
-    return {"cpu_model": model, "vector_extensions": [f for f in VECTOR_FLAGS if f in flags]}
+    return {
+        "cpu_model": fields.get("model name", "unknown"),
+        "cpu_family_model_stepping": [fields.get(k) for k in ("cpu family", "model", "stepping")],
+        "l3_bytes": l3_bytes(),
+        "vector_extensions": [f for f in VECTOR_FLAGS if f in flags],
+    }
+
+
+def l3_bytes() -> int | None:
+    """The last-level cache of CPU 0, from sysfs (None where it does not say)."""
+    from butterfly.runtime.linear import last_level_cache_bytes
+
+    return last_level_cache_bytes()
 
 
 def weight_views(weights: Iterable[object]) -> list[torch.Tensor]:
@@ -173,7 +214,7 @@ def products_chain(stage: Any) -> tuple[Callable[[], float], int, list[str]]:
 def floor_ms(weight_bytes: int, samples: list[float]) -> float:
     """The memory-bandwidth floor of a decode step: the bytes of weights it reads over the
     *highest* read bandwidth in `samples`. A floor is a time no kernel can beat."""
-    return round(weight_bytes / (max(samples) * 1e9) * 1000, 3)
+    return weight_bytes / (max(samples) * 1e9) * 1000  # unrounded: a tiny model's is 0.0
 
 
 def beside_bandwidth(run: Callable[[], T], views: list[torch.Tensor]) -> tuple[T, list[float]]:

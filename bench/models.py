@@ -1,11 +1,13 @@
 """Precision benchmark: the small demo model's decode in fp32, bf16 and int8, one process.
 
 Prints one JSON object. Each round runs every precision once (prefill of 128 tokens, then
-64 greedy decode steps), so drift of this shared machine hits all alike; the ratios to
-fp32 are per round, reported as medians with spread. Beside each decode figure: the
-memory-bandwidth floor (bytes of weights a decode step reads / the highest read bandwidth of
-those weights' own memory, sampled just before and after its turn, per round:
-`common.beside_bandwidth`), and the same with the KV cache's bytes a step reads added
+64 greedy decode steps), in an order that rotates from round to round, so drift of this
+shared machine hits all alike; the ratios to fp32 are per round, reported as medians with
+spread. Beside each decode figure: the memory-bandwidth floor (bytes of weights a decode
+step reads / the highest read bandwidth of those weights' own memory, sampled just before
+and after its turn, per round: `common.beside_bandwidth`, or the products' own reading in
+that turn where it was faster: `rounds_products_beat_probe`; `decode_to_probe_floor`
+holds the decode to the probe alone), and the same with the KV cache's bytes a step reads added
 (`decode_to_floor_with_kv_cache`: the issue's floor counts weights only, and int8
 weights beside an fp32 cache read a tenth as much again from the cache). Then the step
 split in two (`common.products_chain`): its matrix products alone, one row through every
@@ -33,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +53,7 @@ from common import (
     kv_read_bytes,
     machine,
     products_chain,
+    rotated,
     stage_matrices,
     summary,
     weight_views,
@@ -103,6 +107,16 @@ def note(what: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {what}", file=sys.stderr, flush=True)
 
 
+def decode_and_products(
+    session: Any, prompt: torch.Tensor, chain: Callable[[], float]
+) -> tuple[Any, float]:
+    """A decode round, then the products chain (ms, median of `PRODUCT_CHAINS`), both
+    inside one bandwidth window: the chain ran after the window's last sample, and was
+    held to a floor of memory it did not read under (a review)."""
+    out = one_round(session, prompt)
+    return out, statistics.median(chain() for _ in range(PRODUCT_CHAINS)) * 1000
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
@@ -126,26 +140,39 @@ def main() -> None:
     products: dict[str, list[float]] = {k: [] for k in sessions}
     products_to_floor: dict[str, list[float]] = {k: [] for k in sessions}
     fixed: dict[str, list[float]] = {k: [] for k in sessions}
+    to_probe: dict[str, list[float]] = {k: [] for k in sessions}
+    bandwidth_floor: dict[str, list[float]] = {k: [] for k in sessions}
+    beaten = dict.fromkeys(sessions, 0)
     for r in range(args.rounds):
         note(f"round {r}")
         medians = {}
-        for name, new in sessions.items():
-            run = functools.partial(one_round, new, prompt)
-            (_, steps, _), samples = beside_bandwidth(run, views[name])
+        for name in rotated(sessions, r):
+            chain, chain_bytes, _ = chains[name]
+            run = functools.partial(decode_and_products, sessions[name], prompt, chain)
+            ((_, steps, _), chain_ms), samples = beside_bandwidth(run, views[name])
             decode[name].extend(steps)
             medians[name] = summary(steps)["median"]
             bandwidth[name] += samples
-            to_floor[name].append(medians[name] / floor_ms(decode_bytes(stages[name]), samples))
+            # the products themselves read faster than the probe in some runs (their
+            # ratio to its floor 0.93-0.99: a review), and a floor is a time no kernel
+            # beats: the faster of the two sets it
+            reached = chain_bytes / chain_ms / 1e6  # GB/s
+            beaten[name] += reached > max(samples)
+            best = [*samples, reached]
+            bandwidth_floor[name] += best
+            to_floor[name].append(medians[name] / floor_ms(decode_bytes(stages[name]), best))
+            to_probe[name].append(medians[name] / floor_ms(decode_bytes(stages[name]), samples))
             with_kv = decode_bytes(stages[name]) + kv[name]
-            to_floor_kv[name].append(medians[name] / floor_ms(with_kv, samples))
-            chain, chain_bytes, _ = chains[name]
-            chain_ms = statistics.median(chain() for _ in range(PRODUCT_CHAINS)) * 1000
+            to_floor_kv[name].append(medians[name] / floor_ms(with_kv, best))
             products[name].append(chain_ms)
             products_to_floor[name].append(chain_ms / floor_ms(chain_bytes, samples))
             fixed[name].append(medians[name] - chain_ms)
         for name in sessions:
             ratios[name].append(medians[name] / medians["float32"])
-    floors = {name: floor_ms(decode_bytes(s), bandwidth[name]) for name, s in stages.items()}
+    floors = {
+        name: round(floor_ms(decode_bytes(s), bandwidth_floor[name]), 3)
+        for name, s in stages.items()
+    }
     n = num_layers(model_dir)
     quarter = n // 4
     note("accuracy")
@@ -169,11 +196,15 @@ def main() -> None:
         "rounds": args.rounds,
         "machine": machine(),
         "read_bandwidth_gbs": {k: summary(v) for k, v in bandwidth.items()},
-        "floor_bandwidth_gbs": {k: round(max(v), 2) for k, v in bandwidth.items()},
+        "probe_bandwidth_gbs": {k: round(max(v), 2) for k, v in bandwidth.items()},
+        # the faster of the probe and the products' own reading, per precision
+        "floor_bandwidth_gbs": {k: round(max(v), 2) for k, v in bandwidth_floor.items()},
+        "rounds_products_beat_probe": beaten,
         "decode_ms_per_token": per_token,
         "decode_bytes_mb": {k: round(decode_bytes(s) / 2**20, 1) for k, s in stages.items()},
         "bandwidth_floor_ms": floors,
         "decode_to_floor": {k: summary(v) for k, v in to_floor.items()},
+        "decode_to_probe_floor": {k: summary(v) for k, v in to_probe.items()},
         "kv_cache_read_mb_per_step": {k: round(b / 2**20, 2) for k, b in kv.items()},
         "decode_to_floor_with_kv_cache": {k: summary(v) for k, v in to_floor_kv.items()},
         "products_bytes_mb": {k: round(c[1] / 2**20, 1) for k, c in chains.items()},

@@ -83,7 +83,9 @@ def main() -> None:
     args = ap.parse_args()
     reason = unavailable()
     if reason is not None:
-        print(json.dumps({"error": f"cannot make network namespaces: {reason}"}))
+        print(
+            json.dumps({"error": f"cannot make network namespaces: {reason}", "machine": machine()})
+        )
         sys.exit(1)
     model = bench_model(args.size)
     codec = TextCodec.load(model)

@@ -30,7 +30,6 @@ import contextlib
 import gc
 import json
 import os
-import platform
 import random
 import statistics
 import tempfile
@@ -51,7 +50,7 @@ from butterfly.partition.service import PartitionService
 from butterfly.runtime.loader import layer_infos
 from butterfly.types.ids import NodeId
 from butterfly.types.model import DecoderBlock, LayerInfo
-from common import bench_model, cpu
+from common import bench_model, machine
 
 SEED = 20240604
 LAYERS, NODES, RACKS = 1000, 64, 8
@@ -283,13 +282,7 @@ def main() -> None:
                 "reference_uniform": reference,
                 "strategies": results,
                 "cluster": cluster,
-                "machine": {
-                    **cpu(),
-                    "cpus": os.cpu_count(),
-                    "load_average_1m": round(os.getloadavg()[0], 2),
-                    "python": platform.python_version(),
-                    "numpy": np.__version__,
-                },
+                "machine": {**machine(), "numpy": np.__version__},
             },
             indent=2,
         )

@@ -31,8 +31,6 @@ from __future__ import annotations
 import argparse
 import heapq
 import json
-import os
-import platform
 import random
 import statistics
 import subprocess
@@ -48,6 +46,7 @@ from butterfly.protocol.pbft_state import PbftConfig, ReplicaState
 from butterfly.protocol.sign import SigningKey, forget_verifications, sign_message, verify_bytes
 from butterfly.types.ids import Epoch, NodeId
 from butterfly.types.wire.agreement import Message, PrePrepare, Request
+from common import machine
 
 N, F = 4, 1
 CLIENT = NodeId(100)
@@ -246,12 +245,7 @@ def main() -> None:
         "false_suspicions": false_suspicions(),
         "pbft_commit_4_processes_ms": pbft_processes(args.process_requests),
         "targets": TARGETS,
-        "machine": {
-            "python": platform.python_version(),
-            "processor": platform.machine(),
-            "cpus": os.cpu_count(),
-            "load_average_1m": round(os.getloadavg()[0], 2),  # other work skews the figures
-        },
+        "machine": machine(),  # the CPU, and the load: other work skews the figures
     }
     print(json.dumps(result, indent=2))
 

@@ -44,6 +44,7 @@ from common import (
     floor_ms,
     kv_read_bytes,
     machine,
+    rotated,
     stage_matrices,
     summary,
     weight_views,
@@ -186,9 +187,9 @@ def main() -> None:
     bandwidth: dict[str, list[float]] = {k: [] for k in contenders}
     to_floor: dict[str, list[float]] = {k: [] for k in contenders}
     to_floor_kv: dict[str, list[float]] = {k: [] for k in contenders}
-    for _ in range(args.rounds):
-        for name, new in contenders.items():
-            run = functools.partial(one_round, new, prompt)
+    for r in range(args.rounds):
+        for name in rotated(contenders, r):
+            run = functools.partial(one_round, contenders[name], prompt)
             (p, d, toks), samples = beside_bandwidth(run, views[name])
             prefill[name].append(p)
             decode[name].extend(d)
@@ -196,7 +197,7 @@ def main() -> None:
             bandwidth[name] += samples
             to_floor[name].append(summary(d)["median"] / floor_ms(weights[name], samples))
             to_floor_kv[name].append(summary(d)["median"] / floor_ms(weights[name] + kv, samples))
-    floor = {k: floor_ms(b, bandwidth[k]) for k, b in weights.items()}
+    floor = {k: round(floor_ms(b, bandwidth[k]), 3) for k, b in weights.items()}
     ref_prefill = summary(prefill["transformers"])["median"]
     ref_decode = summary(decode["transformers"])["median"]
     quarter = n // 4

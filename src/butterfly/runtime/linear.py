@@ -53,6 +53,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -90,10 +91,30 @@ FUSED_MARGIN = 1.10
 # saved per matrix (AMD EPYC, 2 threads; the small model's 2.9 ms over 48 matrices: 60).
 FUSED_SLACK_US = 30.0
 CALLS = 4  # products per round
-# bytes of copies a candidate is timed over: twice the 32 MiB L3 of the AMD EPYC this was
-# measured on, so the weight comes from memory wherever the L3 is no larger
-COLD_BYTES = 64 << 20
-MAX_COPIES = 128  # a [768, 768] int8 weight needs 107
+
+
+def last_level_cache_bytes() -> int | None:
+    """The size of CPU 0's last-level cache, from sysfs (None where it does not say)."""
+    best: tuple[int, int] | None = None
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            level = int((index / "level").read_text())
+            size = (index / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        scale = units.get(size[-1:].upper(), 1)
+        digits = size[:-1] if size[-1:].upper() in units else size
+        if digits.isdigit() and (best is None or level > best[0]):
+            best = (level, int(digits) * scale)
+    return None if best is None else best[1]
+
+
+# bytes of copies a candidate is timed over: twice the last-level cache (64 MiB where
+# sysfs does not say: twice the 32 MiB L3 of the AMD EPYC this was first measured on), so
+# the weight comes from memory; a fixed 64 MiB left a Xeon's 105 MB L3 timing from cache
+COLD_BYTES = 2 * (last_level_cache_bytes() or 32 << 20)
+MAX_COPIES = 128  # a [768, 768] int8 weight needs 107 on a 32 MiB L3
 
 
 @dataclass(frozen=True)
@@ -273,8 +294,12 @@ def time_decode(built: dict[str, Weight], precision: Precision) -> dict[str, flo
     with torch.inference_mode():
         for w in built.values():  # warm-up: first calls allocate and JIT-select
             linear(x, w)
+        keys = list(copies)
         for r in range(ROUNDS):
-            for k, ws in copies.items():
+            # the order rotates: the candidate built last has its copies freshest in the
+            # cache, and one timed always first meets what the others left behind
+            for k in keys[r % len(keys) :] + keys[: r % len(keys)]:
+                ws = copies[k]
                 t0 = time.perf_counter()
                 for c in range(CALLS):
                     linear(x, ws[(r * CALLS + c) % len(ws)])
