@@ -129,9 +129,10 @@ class Gateway:
             vocab = self.codec.vocab
             bad = [i for i in ids if not 0 <= i < vocab]
             if bad:
-                raise InvalidRequest(
-                    f"input_ids must lie in [0, {vocab}); got {bad[0]}"
-                    + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
+                raise InvalidField(
+                    f"{prompt_field}: token ids must lie in [0, {vocab}); got {bad[0]}"
+                    + (f" and {len(bad) - 1} more" if len(bad) > 1 else ""),
+                    prompt_field,
                 )
             biased = [t for t, _ in sampling.logit_bias if t >= vocab]
             if biased:  # else the engine would fail mid-request, at its first choice

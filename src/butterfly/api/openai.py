@@ -287,9 +287,10 @@ def router(gw: Gateway, limited: Depends) -> APIRouter:
         # last stage every prompt position's logits)
         sampling = _sampling(body, body.logprobs, body.logprobs if body.echo else None)
         if body.max_tokens == 0 and not body.echo:
-            raise InvalidRequest(
+            raise InvalidField(
                 "max_tokens 0 generates nothing: it is for `echo` (the prompt, with its "
-                "logprobs when `logprobs` is set, as evaluation harnesses ask); give at least 1"
+                "logprobs when `logprobs` is set, as evaluation harnesses ask); give at least 1",
+                "max_tokens",
             )
         max_tokens = body.max_tokens
         if "max_tokens" not in body.model_fields_set and max_tokens is not None:

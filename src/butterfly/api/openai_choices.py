@@ -106,6 +106,12 @@ class ChoiceText:
     def token_bytes(self, token: int) -> bytes:
         return token_bytes(self.tokenizer, token)
 
+    def shown_bytes(self, token: int) -> bytes:
+        """The bytes `token` adds to the returned text: none for a special token, which
+        the text leaves out (chat's `bytes` join into the content; a sampled <|bos|>
+        put its name's bytes there: a review)."""
+        return b"" if token in special_ids(self.tokenizer) else self.token_bytes(token)
+
     def token_text(self, token: int) -> str:
         """As OpenAI names it: its characters, or `bytes:\\xNN` for part of one."""
         return bytes_text(self.token_bytes(token))
@@ -116,9 +122,7 @@ class ChoiceText:
         the offset of the text after it) and counts characters: a token holding part of
         one starts where that character does. Counted across the calls (a stream's chunks
         go on from the last)."""
-        raw = self.token_bytes(token)
-        shown = b"" if token in special_ids(self.tokenizer) else raw
-        return bytes_text(raw), self.offsets.advance(shown)
+        return bytes_text(self.token_bytes(token)), self.offsets.advance(self.shown_bytes(token))
 
 
 def chat_logprobs(choice: ChoiceText, entries: Sequence[Sampled | None]) -> list[TokenLogprob]:
@@ -129,12 +133,17 @@ def chat_logprobs(choice: ChoiceText, entries: Sequence[Sampled | None]) -> list
         if s is None:
             continue
         top = [
-            TopLogprob(token=choice.token_text(i), logprob=lp, bytes=list(choice.token_bytes(i)))
+            TopLogprob(token=choice.token_text(i), logprob=lp, bytes=list(choice.shown_bytes(i)))
             for i, lp in s.top
         ]
-        raw = choice.token_bytes(s.token)
-        text = bytes_text(raw)
-        out.append(TokenLogprob(token=text, logprob=s.logprob, bytes=list(raw), top_logprobs=top))
+        out.append(
+            TokenLogprob(
+                token=choice.token_text(s.token),
+                logprob=s.logprob,
+                bytes=list(choice.shown_bytes(s.token)),
+                top_logprobs=top,
+            )
+        )
     return out
 
 

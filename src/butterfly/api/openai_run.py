@@ -140,6 +140,13 @@ async def start(
             choices.append(
                 ChoiceText(index, codec.tokenizer, StopScanner(stops), codec.eos_ids, ids)
             )
+    room = gw.scheduler.queue_capacity
+    if len(tasks) > room:  # 429 and Retry-After would have the client retry for ever
+        raise InvalidField(
+            f"{len(prompts)} prompt(s) x n = {n} make {len(tasks)} tasks; the queue holds "
+            f"{room} (scheduling.max_queue): ask fewer at once",
+            "n",
+        )
     run = Run(gw, [], choices, prompts)
     try:
         for task in tasks:

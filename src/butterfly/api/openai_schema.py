@@ -14,7 +14,7 @@ back to a default.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from butterfly.api.requests import SEED_MAX, StrictBody
+from butterfly.runtime.chat import RESERVED_TEMPLATE_VARIABLES
 
 MAX_CHOICES = 16  # `n`: completions per request
 MAX_PROMPTS = 32  # prompts in one completions request (LangChain batches 20 by default)
@@ -130,12 +131,16 @@ class SamplingFields(StrictBody):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    @model_validator(mode="after")
-    def options_of_a_stream(self) -> Self:
-        """OpenAI refuses them without a stream: they would be silently of no use."""
-        if self.stream_options is not None and not self.stream:
+    @field_validator("stream_options")
+    @classmethod
+    def options_of_a_stream(
+        cls, value: StreamOptions | None, info: ValidationInfo
+    ) -> StreamOptions | None:
+        """OpenAI refuses them without a stream: they would be silently of no use. A
+        field's check (`stream` comes before it), so that the error's `param` names it."""
+        if value is not None and not info.data.get("stream", False):
             raise ValueError("stream_options is only allowed when stream is true")
-        return self
+        return value
 
 
 PromptText = Annotated[str, Field(min_length=1)]
@@ -234,13 +239,27 @@ class ChatCompletionRequest(SamplingFields):
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
 
-    @model_validator(mode="after")
-    def top_needs_logprobs(self) -> ChatCompletionRequest:
+    @field_validator("top_logprobs")
+    @classmethod
+    def top_needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
         """OpenAI and vLLM refuse it too: asked for alternatives without `logprobs`, a
-        client would silently get none."""
-        if self.top_logprobs is not None and not self.logprobs:
+        client would silently get none (`param` names it: `logprobs` comes before)."""
+        if value is not None and not info.data.get("logprobs", False):
             raise ValueError("top_logprobs needs logprobs: true")
-        return self
+        return value
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def template_variables(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The variables the gateway itself gives the template may not be set again
+        (the render failed with Python's own "multiple values" text: a review)."""
+        taken = sorted(set(value or {}) & set(RESERVED_TEMPLATE_VARIABLES))
+        if taken:
+            raise ValueError(
+                f"{', '.join(taken)} cannot be set: the gateway gives the template "
+                f"{', '.join(RESERVED_TEMPLATE_VARIABLES)} itself"
+            )
+        return value
 
 
 # --- responses ---------------------------------------------------------------------------

@@ -65,6 +65,11 @@ def _environment() -> ImmutableSandboxedEnvironment:
     return env
 
 
+RESERVED_TEMPLATE_VARIABLES = ("messages", "add_generation_prompt", "bos_token", "eos_token")
+"""What `ChatTemplate.render` gives every template itself: a request's own template
+variables (`chat_template_kwargs`) may not set them."""
+
+
 @dataclass(frozen=True)
 class ChatTemplate:
     """A compiled chat template and the special tokens it may refer to."""
@@ -128,4 +133,4 @@ class ChatTemplate:
             raise InvalidRequest(f"the model's chat template could not render them: {e}") from e
 
 
-__all__ = ["ChatTemplate"]
+__all__ = ["RESERVED_TEMPLATE_VARIABLES", "ChatTemplate"]

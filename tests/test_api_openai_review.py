@@ -1,0 +1,100 @@
+"""What an outsider's review of the OpenAI API found (twenty-fourth session): a 400's
+`param` names the field at fault wherever one is, chat's logprob `bytes` join into the
+content, and a request that can never fit the queue is refused, not told to retry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.api_util import serving
+
+pytestmark = pytest.mark.anyio
+USER = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+# OpenAI SDKs raise their own typed errors from `param` (README, Errors); each of these
+# answered param null
+PARAM_CASES: list[tuple[str, dict[str, Any], str]] = [
+    ("/v1/completions", {"prompt": [-1, 5], "max_tokens": 1}, "prompt"),
+    ("/v1/completions", {"prompt": [[1, 2], [999999]], "max_tokens": 1}, "prompt"),
+    ("/v1/completions", {"prompt": "Once", "max_tokens": 0}, "max_tokens"),
+    (
+        "/v1/completions",
+        {"prompt": "Once", "stream_options": {"include_usage": True}},
+        "stream_options",
+    ),
+    ("/v1/chat/completions", {"messages": USER, "top_logprobs": 2}, "top_logprobs"),
+    (
+        "/v1/chat/completions",
+        {"messages": USER, "chat_template_kwargs": {"messages": 1}},
+        "chat_template_kwargs",
+    ),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "param"), PARAM_CASES)
+async def test_a_400_names_the_field_at_fault(
+    tiny_model: Path, tmp_path: Path, path: str, body: dict[str, Any], param: str
+) -> None:
+    async with serving(tiny_model, tmp_path / "t.db") as s:
+        r = await s.client.post(path, json={"model": "tiny", **body})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == param, error
+        assert "input_ids" not in error["message"], error  # no such field here
+        assert "multiple values" not in error["message"], error  # Python's own words
+
+
+async def test_the_templates_own_variables_are_named_when_refused(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    async with serving(tiny_model, tmp_path / "t.db") as s:
+        body = {"messages": USER, "chat_template_kwargs": {"bos_token": "x", "day": 1}}
+        r = await s.client.post("/v1/chat/completions", json={"model": "tiny", **body})
+        assert r.status_code == 400
+        assert "bos_token cannot be set" in r.json()["error"]["message"]
+        body = {"messages": USER, "chat_template_kwargs": {"day": 1}, "max_tokens": 1}
+        r = await s.client.post("/v1/chat/completions", json={"model": "tiny", **body})
+        assert r.status_code == 200, r.text  # a variable of the request's own still works
+
+
+async def test_chat_logprob_bytes_join_into_the_content(tiny_model: Path, tmp_path: Path) -> None:
+    """Seed 1 samples <|bos|> first: the content leaves a special token out, and its
+    entry's bytes carried its name."""
+    async with serving(tiny_model, tmp_path / "t.db") as s:
+        body = {"model": "tiny", "messages": USER, "max_tokens": 3, "seed": 1, "logprobs": True}
+        r = await s.client.post("/v1/chat/completions", json={**body, "top_logprobs": 5})
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        entries = choice["logprobs"]["content"]
+        assert any(e["token"] == "<|bos|>" for e in entries)  # the case under test
+        joined = b"".join(bytes(t["bytes"]) for t in entries)
+        assert joined.decode("utf-8", "replace") == choice["message"]["content"]
+        for e in entries:
+            assert (e["bytes"] == []) == (e["token"] == "<|bos|>"), e
+            assert all(t["bytes"] or t["token"].startswith("<|") for t in e["top_logprobs"])
+
+
+async def test_more_choices_than_the_queue_holds_is_refused_not_retried(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """3 prompts x n = 4 with a queue of 8: 429 with Retry-After had the client retry a
+    request that can never fit."""
+    async with serving(tiny_model, tmp_path / "t.db", queue_capacity=8) as s:
+        body = {"model": "tiny", "prompt": ["a", "b", "c"], "n": 4, "max_tokens": 1}
+        r = await s.client.post("/v1/completions", json=body)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "n" and "scheduling.max_queue" in error["message"]
+        assert "retry-after" not in r.headers
+        body["n"] = 2  # 6 tasks fit
+        r = await s.client.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
