@@ -98,3 +98,10 @@ async def test_more_choices_than_the_queue_holds_is_refused_not_retried(
         body["n"] = 2  # 6 tasks fit
         r = await s.client.post("/v1/completions", json=body)
         assert r.status_code == 200, r.text
+
+
+async def test_a_load_balancers_head_probe_of_health(tiny_model: Path, tmp_path: Path) -> None:
+    async with serving(tiny_model, tmp_path / "t.db") as s:
+        got = await s.client.get("/health")
+        head = await s.client.head("/health")
+        assert head.status_code == got.status_code and head.content == b""

@@ -117,7 +117,11 @@ def create_app(
     async def cancel(task_id: str) -> dict[str, Any]:
         return accepted_body(await scheduler.cancel(task_id))
 
-    @app.get("/health", responses={503: {"description": "Not healthy (the same body)."}})
+    @app.api_route(  # HEAD too: load balancers probe with it (it answered 405: a review)
+        "/health",
+        methods=["GET", "HEAD"],
+        responses={503: {"description": "Not healthy (the same body)."}},
+    )
     async def health() -> JSONResponse:
         body = health_body(engine.health(), scheduler)
         if config is not None:  # flagged, not unhealthy: a diverged node still computes
