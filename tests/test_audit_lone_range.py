@@ -9,6 +9,7 @@ unverified until node 1 returned, and a node 3 that lied then was never caught.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 from butterfly.control.facts import room_to_load
 from butterfly.dataplane.referee import Referee
 from butterfly.runtime.generate import generate
-from butterfly.runtime.loader import load_stage
+from butterfly.runtime.loader import layer_infos, load_stage
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.runtime.torch_thread import TorchThread
 from butterfly.testing.inprocess import InProcessCluster
@@ -129,3 +130,65 @@ def test_room_to_load_is_the_memory_limit_less_what_the_process_holds() -> None:
     assert room_to_load(held // 2) == 0  # the limit is already spent
     assert 0 < room_to_load(held + (1 << 30)) <= 1 << 30
     assert room_to_load(0) > 0  # no limit: a share of what the machine has available
+
+
+@pytest.mark.parametrize("attempt", range(6))
+async def test_a_request_from_a_lone_range_into_node_1s_return_is_verified(
+    tiny_model: Path, tmp_path: Path, attempt: int
+) -> None:
+    """Node 1 dead, a request starts on the lone plan; node 1 comes back at its fourth
+    token. 1 run in 6 came back unverified ("plan of epoch 2: stage 0 sent no signed
+    record of step N", a review): the plan moved between the engine reading it and the
+    step going out, and the step's records were filed under the older plan."""
+    ids = TextCodec.load(tiny_model).encode(PROMPT)
+    new = 30
+    expected = list(generate([load_stage(tiny_model)], ids, new))
+    async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS) as c:
+        gw = c.gateway
+        await c.first_plan()
+        c.kill(1)
+        await c.until(
+            lambda: (p := gw.stage_server.plan) is not None and p.nodes == (0, 3), "node 3 alone"
+        )
+        streamed = 0
+
+        def on_token(token: object) -> None:
+            nonlocal streamed
+            streamed += 1
+            if streamed == 4:
+                c.revive(1)
+
+        t = InferenceTask(RequestId("r"), input_ids=tuple(ids), max_new_tokens=new)
+        running = asyncio.create_task(gw.engine.run(t, on_token))
+        await c.until(running.done, "the request", beats=4000)
+        result = running.result()
+        assert list(result.output_ids) == expected and result.verified == "audit"
+        assert not gw.plans.evicted
+
+
+def test_the_gateway_keeps_one_cut_of_a_layer_at_a_time(tiny_model: Path) -> None:
+    """Each plan that left a different cut lone had the gateway load it and keep it:
+    [1, 4), [2, 4) and [3, 4) together held more than the whole model (a review)."""
+    thread = TorchThread()
+    referee = Referee(tiny_model, thread, room=lambda: 1 << 40)
+    try:
+        x = torch.randn(1, 3, json.loads((tiny_model / "config.json").read_text())["hidden_size"])
+        for start in (1, 2, 3):
+            asyncio.run(referee.run(LayerRange(start, 4), x))
+        assert list(referee._stages) == [LayerRange(3, 4)]
+        asyncio.run(referee.run(LayerRange(0, 2), torch.tensor([[5, 9, 2]])))
+        assert set(referee._stages) == {LayerRange(3, 4), LayerRange(0, 2)}  # disjoint: kept
+        # loading [1, 4) drops both: it needs no more room than is free once they go
+        tight = room_needed(tiny_model, LayerRange(1, 4)) - room_needed(
+            tiny_model, LayerRange(3, 4)
+        )
+        referee._room = lambda: tight
+        assert referee.fits(LayerRange(1, 4)) == ""
+        asyncio.run(referee.run(LayerRange(1, 4), x))
+        assert list(referee._stages) == [LayerRange(1, 4)]
+    finally:
+        thread.close()
+
+
+def room_needed(model: Path, layers: LayerRange) -> int:
+    return sum(i.memory_bytes for i in layer_infos(model)[layers.start : layers.end])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import time
 
 import msgpack
 import pytest
@@ -200,24 +201,27 @@ async def test_unreachable_peer_opens_the_circuit() -> None:
         await a.close()
 
 
-async def test_a_peer_that_dials_in_is_tried_again_at_once() -> None:
+async def test_a_peer_that_dials_in_is_tried_again_before_the_reset() -> None:
     """Node 1 was down and node 0's circuit to it opened; node 1 comes back and dials
-    node 0 (its heartbeats): node 0 reaches it at once, not after the circuit's reset.
-    A restarted node was refused the plan that took it back (a CI run)."""
+    node 0 (its heartbeats): node 0 reaches it a quarter of the reset in, not after the
+    whole of it. A restarted node was refused the plan that took it back (a CI run)."""
+    reset = 2.0
     a, b, _ = pair(
         limits=TransportLimits(
-            connect_attempts=1, breaker_threshold=1, breaker_reset_s=3600, connect_timeout_s=0.5
+            connect_attempts=1, breaker_threshold=1, breaker_reset_s=reset, connect_timeout_s=0.5
         )
     )
     try:
         await a.start(echo)
         with pytest.raises(ConnectionFailed):
             await a.send(NodeId(1), Heartbeat(NodeId(0), Epoch(0), 0), channel="control")
+        opened = time.monotonic()
         with pytest.raises(CircuitOpen):
             await a.send(NodeId(1), Heartbeat(NodeId(0), Epoch(0), 1), channel="control")
         await b.start(echo)
         a.peers[NodeId(1)] = b.address
         b.peers[NodeId(0)] = a.address
+        await asyncio.sleep(reset / 4 + 0.05)
         await b.send(NodeId(0), Heartbeat(NodeId(1), Epoch(0), 0), channel="control")
         for _ in range(100):  # the handshake's end on node 0's side, bounded
             if a._breakers[NodeId(1)].state is not BreakerState.OPEN:
@@ -225,6 +229,7 @@ async def test_a_peer_that_dials_in_is_tried_again_at_once() -> None:
             await asyncio.sleep(0.01)
         env = await a.request(NodeId(1), StatusQuery(), timeout=5)
         assert isinstance(env.msg, StatusReply)
+        assert time.monotonic() - opened < reset  # before the circuit's own reset
     finally:
         await a.close()
         await b.close()
@@ -245,10 +250,27 @@ def test_circuit_breaker_states() -> None:
     br.record_failure(3.0)
     br.record_failure(3.1)
     assert not br.allow(3.2)
-    br.heard()  # the peer dialled in: one trial now, not at 4.1
-    assert br.allow(3.2) and br.state is BreakerState.HALF_OPEN
-    br.heard()  # no effect on a circuit that is not open
+    br.heard(3.2)  # the peer dialled in, but too soon after the circuit opened
+    assert br.state is BreakerState.OPEN
+    br.heard(3.4)  # a quarter of reset_after in: one trial now, not at 4.1
+    assert br.allow(3.4) and br.state is BreakerState.HALF_OPEN
+    assert not br.allow(3.4)  # one trial at a time
+    br.heard(3.5)  # no effect on a circuit that is not open
     assert br.state is BreakerState.HALF_OPEN
+
+
+def test_a_peer_that_keeps_dialling_in_gets_few_trials() -> None:
+    """A member that takes calls and answers none, and redials after each failure: each
+    dial-in half-opened the circuit for every caller, and no call ever failed fast (a
+    review). Now one trial per quarter of reset_after."""
+    b = CircuitBreaker(threshold=1, reset_after=60.0)
+    let_through = 0
+    for t in range(60):
+        if b.state is not BreakerState.OPEN:  # the trial (or the first call) failed
+            b.record_failure(float(t))
+        b.heard(float(t))
+        let_through += sum(b.allow(float(t)) for _ in range(5))
+    assert let_through <= 4
 
 
 async def test_memory_transport_request_reply() -> None:

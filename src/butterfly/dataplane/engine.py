@@ -352,8 +352,7 @@ class PipelineEngine:
         return out, mine
 
     async def release_lane(self, wire_id: RequestId, nodes: Iterable[NodeId]) -> None:
-        self._flight.records.pop(wire_id, None)
-        self._flight.checked.discard(wire_id)
+        self._flight.forget(wire_id)
         await self._caches.release_on(wire_id, nodes)
 
     def plan_changed(self) -> None:
@@ -509,8 +508,7 @@ class PipelineEngine:
             if self._drafter is not None:
                 await asyncio.shield(self._drafter.release(request_id))
             self._claims.finished(request_id)
-            self._flight.records.pop(request_id, None)
-            self._flight.checked.discard(request_id)
+            self._flight.forget(request_id)
             await asyncio.shield(self._caches.release_finished(request_id))
             if replicator is not None:
                 self._replicating.discard(request_id)
@@ -601,6 +599,8 @@ class PipelineEngine:
                 rows = bool(proposed.tokens) or to_score > 0
                 logits = await self._compute(request_id, step, gen.pos, head, not rows)
                 answered = time.perf_counter() - step_started
+                # the plan it ran under, where its result was vouched for under another
+                plan = self._flight.answered_under.pop((request_id, step), plan)
                 steps.used(step, gen.pos, head.shape[1], plan)  # its output was used
                 if to_score:
                     steps.every_row.add(step)

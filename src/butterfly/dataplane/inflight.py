@@ -15,6 +15,7 @@ import torch
 
 from butterfly.types.errors import ButterflyError, ConnectionFailed, InvalidInput, StageLost
 from butterfly.types.ids import NodeId, RequestId
+from butterfly.types.plan import StagePlan
 from butterfly.types.wire.agreement import Proof
 from butterfly.types.wire.data import StepError
 
@@ -77,6 +78,12 @@ class InFlight:
     # traced requests -> the context their steps carry (metrics.tracing); empty when off
     traced: dict[str, bytes] = field(default_factory=dict)
     records: dict[str, list[Proof]] = field(default_factory=dict)
+    # the plan a checked step's result was vouched for under (`intake.Intake._vouched`):
+    # the plan the step ran under, which the engine files its records by. The plan the
+    # engine read before queueing it was older where the plan moved before the batch
+    # went out, and its audit missed the records ("stage 0 sent no signed record": a
+    # review)
+    answered_under: dict[Key, StagePlan] = field(default_factory=dict)
     # when the gateway's own first stage handed a step on (time.monotonic)
     handed: dict[Key, float] = field(default_factory=dict)
     # rows of logits a step asked for: 1, or every position of a verify step
@@ -86,6 +93,13 @@ class InFlight:
         """A step sent in `epoch` down `on` (whose nodes alone may answer it), stage 0
         given the bytes of `digest`."""
         self.sent_in[key], self.sent_on[key], self.sent_digest[key] = epoch, on, digest
+
+    def forget(self, request_id: str) -> None:
+        """A finished request's (or lane's) records and the plans its steps ran under."""
+        self.records.pop(request_id, None)
+        self.checked.discard(request_id)
+        for key in [k for k in self.answered_under if k[0] == request_id]:
+            del self.answered_under[key]
 
     def settled(self, key: Key) -> None:
         """Nobody waits for this step any more (its answer taken, or given up)."""

@@ -201,6 +201,7 @@ class Intake:
             return None
         if plan is None or plan.epoch != epoch:  # no plan to check against: not used
             raise StageLost(f"the plan moved on while step {step} of {rid} ran")
+        self.flight.answered_under[key] = plan
         route = self.flight.sent_on.get(key, ())
 
         def holders(j: int) -> tuple[NodeId, ...]:

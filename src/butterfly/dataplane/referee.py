@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from butterfly.runtime.loader import layer_infos, load_stage
+from butterfly.runtime.loader import layer_infos, load_stage, release_freed_memory
 from butterfly.runtime.precision import FP32, Precision
 from butterfly.runtime.stage import Stage, prefill_outputs
 from butterfly.runtime.torch_thread import TorchThread
@@ -35,6 +35,17 @@ class Referee:
         self._stages: dict[LayerRange, Stage] = {}
         self._torch = torch_thread
 
+    def _drop_overlapping(self, layers: LayerRange) -> None:
+        """Ranges held that share a layer with `layers`: the plan moved its cuts, and
+        they would not be asked again. What stays is disjoint, so never more than the
+        model (each plan that left a range one holder had the gateway keep another
+        cut of the same layers: a review)."""
+        stale = [r for r in self._stages if r.start < layers.end and layers.start < r.end]
+        for r in stale:
+            del self._stages[r]
+        if stale:
+            release_freed_memory()
+
     def fits(self, layers: LayerRange) -> str:
         """Why this node cannot load `layers` to audit them ("": it can). A gateway that
         ran out of memory re-executing a range it had no room for would take the
@@ -43,7 +54,13 @@ class Referee:
             return ""
         infos = layer_infos(self._model_dir, self._precision)
         need = sum(i.memory_bytes for i in infos[layers.start : layers.end])
-        room = self._room()
+        freed = sum(  # what loading it drops (`_drop_overlapping`)
+            i.memory_bytes
+            for r in self._stages
+            if r.start < layers.end and layers.start < r.end
+            for i in infos[r.start : r.end]
+        )
+        room = self._room() + freed
         if need > room:
             mib = 2**20
             return f"the gateway has {room / mib:.0f} MiB free, {layers} needs {need / mib:.0f}"
@@ -55,6 +72,7 @@ class Referee:
         def compute() -> torch.Tensor:
             stage = self._stages.get(layers)
             if stage is None:
+                self._drop_overlapping(layers)
                 stage = self._stages[layers] = load_stage(
                     self._model_dir, layers, precision=self._precision
                 )

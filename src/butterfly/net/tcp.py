@@ -254,7 +254,7 @@ class TcpTransport:
         conn.peer = hello.node
         breaker = self._breakers.get(hello.node)
         if breaker is not None:
-            breaker.heard()
+            breaker.heard(time.monotonic())
         try:
             await conn.send(HelloAck(me.node, True, "", me.key.sign(signed)))
         except ConnectionFailed:
@@ -361,10 +361,20 @@ class TcpTransport:
         breaker = self._breakers.get(peer)
         if breaker is not None and not breaker.allow(time.monotonic()):
             raise CircuitOpen(f"circuit to node {peer} is open after repeated failures")
+        try:
+            return await self._dial(key, breaker)
+        finally:
+            if breaker is not None:  # a half-open trial cancelled: the next call tries
+                breaker.trying = False
+
+    async def _dial(self, key: tuple[NodeId, str], breaker: CircuitBreaker | None) -> Connection:
+        peer, channel = key
         lock = self._connecting.setdefault(key, asyncio.Lock())
         async with lock:
             conn = self._out.get(key)
             if conn is not None and not conn.closed:
+                if breaker is not None:  # another call connected meanwhile: it is up
+                    breaker.record_success()
                 return conn
             try:
                 async for attempt in AsyncRetrying(
