@@ -12,9 +12,12 @@ settings (100 ms heartbeats, suspect at phi 8, failed at phi 12):
   with standbys (f = 1) and without (f = 0), `--recovery-trials` fresh clusters each;
 - verification cost: per-token latency and total CPU (all node processes) of 64-token
   generations with `byzantine.verification` audit and replicate (f = 1: every range on 2
-  nodes; replicate runs every step on both) vs none.
+  nodes; replicate runs every step on both) vs none;
+- a lone range's audit (`--only lone`): with a chain node killed, its standby alone holds
+  its range, which the gateway re-executes to audit (`byzantine.audit_lone_ranges`) or
+  not, alternating (`lone_range_cost`).
 
-    python bench/faults.py [--trials 5] [--load-seconds 300] [--only verification]
+    python bench/faults.py [--trials 5] [--load-seconds 300] [--only verification|lone]
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from butterfly.cli.launcher import LocalCluster, free_ports, node_configs
-from common import bench_model, machine, summary
+from common import bench_model, machine, rotated, summary
 
 NEW = 64
 
@@ -238,19 +241,89 @@ def audit_cost(model: Path, prompt: list[int], rounds: int) -> dict[str, Any]:
     return out
 
 
+def lone_range_cost(model: Path, prompt: list[int], rounds: int) -> dict[str, Any]:
+    """n = 4, f = 1 (two stages, each on two nodes), chain node 1 killed: its standby
+    alone holds its range. Requests with `byzantine.audit_lone_ranges` on (the gateway
+    re-executes that range to audit them) and off (they come back unverified), the
+    option changed live between requests in one cluster, in an order that rotates."""
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        cluster = start(model, 4, Path(tmp), f=1, partition__strategy="uniform")
+        url = cluster.api_url
+        try:
+            generate(url, prompt)  # warm-up, node 1 in the chain
+            cluster.kill(1)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                nodes = httpx.get(f"{url}/health", timeout=10).json()["nodes"]
+                if not [n for n in nodes if n["id"] == 1 and n["layers"] is not None]:
+                    break
+                time.sleep(0.1)
+            else:
+                raise SystemExit("node 1 never left the plan")
+            generate(url, prompt)  # the gateway loads the lone range
+            pids = [p.pid for i, p in enumerate(cluster.procs) if i != 1]
+            samples: dict[str, dict[str, list[Any]]] = {
+                k: {"per_token": [], "cpu": [], "verified": []} for k in ("on", "off")
+            }
+            now = "on"  # the default; an update that changes nothing is refused (409)
+            for r in range(rounds):
+                for mode in rotated(("on", "off"), r):
+                    if mode != now:
+                        body = {"byzantine.audit_lone_ranges": mode == "on"}
+                        resp = httpx.post(f"{url}/api/v1/config", json=body, timeout=60)
+                        if resp.status_code != 200:
+                            why = f"{resp.status_code} {resp.text}"
+                            raise SystemExit(f"config update refused: {why}")
+                        now = mode
+                    c0 = cpu_seconds(pids)
+                    res = generate(url, prompt)
+                    samples[mode]["cpu"].append(cpu_seconds(pids) - c0)
+                    per_token = res["timings"]["time_per_output_token_s"] * 1000
+                    samples[mode]["per_token"].append(per_token)
+                    samples[mode]["verified"].append(res["verified"])
+            for mode, got in samples.items():
+                out[mode] = {
+                    "decode_ms_per_token": summary(got["per_token"]),
+                    "cpu_s_per_request": summary(got["cpu"]),
+                    "verified": {v: got["verified"].count(v) for v in set(got["verified"])},
+                }
+            out["on_vs_off"] = {
+                "cpu": round(
+                    out["on"]["cpu_s_per_request"]["median"]
+                    / out["off"]["cpu_s_per_request"]["median"],
+                    3,
+                ),
+                "per_token": round(
+                    out["on"]["decode_ms_per_token"]["median"]
+                    / out["off"]["decode_ms_per_token"]["median"],
+                    3,
+                ),
+            }
+        finally:
+            cluster.stop()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--load-seconds", type=float, default=300.0)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--recovery-trials", type=int, default=3)
-    ap.add_argument("--only", choices=["verification", "recovery"], help="run only this part")
+    ap.add_argument(
+        "--only", choices=["verification", "recovery", "lone"], help="run only this part"
+    )
     args = ap.parse_args()
     tiny, small = bench_model("tiny"), bench_model("small")
     prompt = list(range(1, 129))
     if args.only == "recovery":
         rec = recovery(small, prompt, args.recovery_trials)
         print(json.dumps({"benchmark": "faults", "machine": machine(), "recovery": rec}, indent=2))
+        return
+    if args.only == "lone":
+        lone = lone_range_cost(small, prompt, args.rounds)
+        print(json.dumps({"benchmark": "faults", "machine": machine(), "lone_range": lone}))
         return
     if args.only == "verification":
         cost = audit_cost(small, prompt, args.rounds)
