@@ -1,9 +1,10 @@
 """What an outsider's review of the OpenAI API found (twenty-fourth session): a 400's
 `param` names the field at fault wherever one is, chat's logprob `bytes` join into the
-content, and a request that can never fit the queue is refused, not told to retry."""
+content, and HEAD /health answers as GET does."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -83,21 +84,15 @@ async def test_chat_logprob_bytes_join_into_the_content(tiny_model: Path, tmp_pa
             assert all(t["bytes"] or t["token"].startswith("<|") for t in e["top_logprobs"])
 
 
-async def test_more_choices_than_the_queue_holds_is_refused_not_retried(
-    tiny_model: Path, tmp_path: Path
-) -> None:
-    """3 prompts x n = 4 with a queue of 8: 429 with Retry-After had the client retry a
-    request that can never fit."""
-    async with serving(tiny_model, tmp_path / "t.db", queue_capacity=8) as s:
-        body = {"model": "tiny", "prompt": ["a", "b", "c"], "n": 4, "max_tokens": 1}
-        r = await s.client.post("/v1/completions", json=body)
+async def test_the_native_apis_errors_name_its_own_fields(tiny_model: Path, tmp_path: Path) -> None:
+    """/inference has `input_ids` and `prompt`; its 400s named `prompt` for both."""
+    async with serving(tiny_model, tmp_path / "t.db") as s:
+        r = await s.client.post("/inference", json={"input_ids": [5, 100000]})
         assert r.status_code == 400, r.text
         error = r.json()["error"]
-        assert error["param"] == "n" and "scheduling.max_queue" in error["message"]
-        assert "retry-after" not in r.headers
-        body["n"] = 2  # 6 tasks fit
-        r = await s.client.post("/v1/completions", json=body)
-        assert r.status_code == 200, r.text
+        assert error["param"] == "input_ids" and error["message"].startswith("input_ids:")
+        r = await s.client.post("/inference", json={"input_ids": [5] * 600})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "input_ids", r.text
 
 
 async def test_a_load_balancers_head_probe_of_health(tiny_model: Path, tmp_path: Path) -> None:
@@ -105,3 +100,39 @@ async def test_a_load_balancers_head_probe_of_health(tiny_model: Path, tmp_path:
         got = await s.client.get("/health")
         head = await s.client.head("/health")
         assert head.status_code == got.status_code and head.content == b""
+
+
+def sse(text: str) -> list[dict[str, Any]]:
+    out = []
+    for line in text.splitlines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            out.append(json.loads(line.removeprefix("data: ")))
+    return out
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+async def test_a_stream_of_several_choices_names_each_ones_task(
+    tiny_model: Path, tmp_path: Path, path: str
+) -> None:
+    """The chunks' id names the first choice's task: after a broken n = 2 stream the
+    second choice's text, still computed, was lost to the client (a review). The first
+    chunk names every choice's task, and each one's result is that choice's text."""
+    what = {"prompt": "Once"} if path == "/v1/completions" else {"messages": USER}
+    body = {"model": "tiny", **what, "n": 2, "max_tokens": 4, "stream": True, "seed": 3}
+    async with serving(tiny_model, tmp_path / "t.db") as s:
+        r = await s.client.post(path, json={**body, "temperature": 1.0})
+        assert r.status_code == 200, r.text
+        chunks = sse(r.text)
+        ids = chunks[0]["task_ids"]
+        assert len(ids) == 2 and chunks[0]["id"].endswith(ids[0])
+        assert all("task_ids" not in c for c in chunks[1:])
+        texts = ["", ""]
+        for c in chunks:
+            for choice in c["choices"]:
+                got = choice.get("text") or choice.get("delta", {}).get("content") or ""
+                texts[choice["index"]] += got
+        for i, task_id in enumerate(ids):
+            result = (await s.client.get(f"/result/{task_id}", params={"wait": 30})).json()
+            assert result["text"] == texts[i], (result, texts)
+        one = await s.client.post(path, json={**body, "n": 1})
+        assert "task_ids" not in sse(one.text)[0]  # one choice: the id says it all

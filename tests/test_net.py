@@ -250,27 +250,91 @@ def test_circuit_breaker_states() -> None:
     br.record_failure(3.0)
     br.record_failure(3.1)
     assert not br.allow(3.2)
-    br.heard(3.2)  # the peer dialled in, but too soon after the circuit opened
-    assert br.state is BreakerState.OPEN
-    br.heard(3.4)  # a quarter of reset_after in: one trial now, not at 4.1
+    br.heard(3.2)  # the peer dialled in, too soon after the circuit opened to try it
+    assert not br.allow(3.3) and br.state is BreakerState.OPEN
+    # remembered: a quarter of reset_after in, calls are tried (not at 4.1)
     assert br.allow(3.4) and br.state is BreakerState.HALF_OPEN
-    assert not br.allow(3.4)  # one trial at a time
-    br.heard(3.5)  # no effect on a circuit that is not open
-    assert br.state is BreakerState.HALF_OPEN
+    br.record_failure(3.5)
+    assert not br.allow(3.8)  # the dial-in was before this opening: wait it out again
+    assert br.allow(4.5)
 
 
 def test_a_peer_that_keeps_dialling_in_gets_few_trials() -> None:
-    """A member that takes calls and answers none, and redials after each failure: each
-    dial-in half-opened the circuit for every caller, and no call ever failed fast (a
-    review). Now one trial per quarter of reset_after."""
+    """A member that takes dials and fails them, and redials after each failure: each
+    dial-in half-opened the circuit at once, and no call ever failed fast (a review).
+    Now one half-open spell per quarter of reset_after at most."""
     b = CircuitBreaker(threshold=1, reset_after=60.0)
-    let_through = 0
+    spells = 0
     for t in range(60):
-        if b.state is not BreakerState.OPEN:  # the trial (or the first call) failed
+        if b.state is not BreakerState.OPEN:  # the call tried (or the first) failed
             b.record_failure(float(t))
         b.heard(float(t))
-        let_through += sum(b.allow(float(t)) for _ in range(5))
-    assert let_through <= 4
+        spells += any([b.allow(float(t)) for _ in range(5)])
+    assert spells <= 4
+
+
+async def _opened_then_back(reset: float) -> tuple[TcpTransport, TcpTransport]:
+    """Node 0's circuit to node 1 opened (nobody listened); node 1 up since, and
+    `reset` seconds passed: the circuit half-opens on the next call."""
+    a, b, _ = pair(
+        limits=TransportLimits(
+            connect_attempts=1, breaker_threshold=1, breaker_reset_s=reset, connect_timeout_s=0.5
+        )
+    )
+    await a.start(echo)
+    with pytest.raises(ConnectionFailed):
+        await a.send(NodeId(1), Heartbeat(NodeId(0), Epoch(0), 0), channel="control")
+    await b.start(echo)
+    a.peers[NodeId(1)] = b.address
+    b.peers[NodeId(0)] = a.address
+    await asyncio.sleep(reset + 0.05)
+    return a, b
+
+
+@pytest.mark.parametrize("channels", [("control", "control"), ("data", "control")])
+async def test_calls_to_a_peer_back_up_all_answer_while_the_circuit_is_half_open(
+    channels: tuple[str, str],
+) -> None:
+    """Two calls at once as the circuit half-opens: the second was refused (CircuitOpen)
+    while the first one's dial ran, on its channel or another, and a rollout counted a
+    healthy restarted node as down (a review)."""
+    a, b = await _opened_then_back(0.3)
+    try:
+        results = await asyncio.gather(
+            *(a.request(NodeId(1), StatusQuery(), timeout=5, channel=c) for c in channels),
+            return_exceptions=True,
+        )
+        assert all(isinstance(r, Envelope) for r in results), results
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_peer_that_dialled_in_early_is_reached_a_quarter_in() -> None:
+    """A restarted node dials in once and keeps its connections: a dial-in before a
+    quarter of reset_after was forgotten, and the circuit stayed open all of it."""
+    reset = 2.0
+    a, b, _ = pair(
+        limits=TransportLimits(
+            connect_attempts=1, breaker_threshold=1, breaker_reset_s=reset, connect_timeout_s=0.5
+        )
+    )
+    try:
+        await a.start(echo)
+        with pytest.raises(ConnectionFailed):
+            await a.send(NodeId(1), Heartbeat(NodeId(0), Epoch(0), 0), channel="control")
+        opened = time.monotonic()
+        await b.start(echo)
+        a.peers[NodeId(1)] = b.address
+        b.peers[NodeId(0)] = a.address
+        await b.send(NodeId(0), Heartbeat(NodeId(1), Epoch(0), 0), channel="control")
+        await asyncio.sleep(reset / 4 + 0.1)
+        env = await a.request(NodeId(1), StatusQuery(), timeout=5)
+        assert isinstance(env.msg, StatusReply)
+        assert time.monotonic() - opened < reset
+    finally:
+        await a.close()
+        await b.close()
 
 
 async def test_memory_transport_request_reply() -> None:

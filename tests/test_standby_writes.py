@@ -114,3 +114,46 @@ async def test_a_copy_to_a_closed_standby_is_refused_not_lost(tmp_path: Path) ->
         ACTING, from_acting(TaskCopy(task.task_id), task_to_json(task).encode())
     )
     assert reply is not None and isinstance(reply[0], TaskCopied) and not reply[0].ok
+
+
+class CircuitOpenFor:
+    """A transport whose circuit to the standby is open for the first `refusals` asks
+    (it came back, and the acting gateway's breaker has not let calls through yet)."""
+
+    def __init__(self, refusals: int) -> None:
+        self.refusals, self.asked = refusals, 0
+
+    async def ask(self, peer: NodeId, msg: object, payload: bytes, **kw: object) -> object:
+        from butterfly.types.errors import CircuitOpen
+
+        self.asked += 1
+        if self.asked <= self.refusals:
+            raise CircuitOpen(f"circuit to node {peer} is open after repeated failures")
+        return TaskCopied(NodeId(1), "t", True), b""
+
+
+@pytest.mark.parametrize(("status", "held"), [("healthy", True), ("suspected", False)])
+async def test_a_copy_waits_for_the_circuit_to_a_standby_the_detector_hears(
+    tmp_path: Path, status: str, held: bool
+) -> None:
+    """The 202 went out with no standby holding the task while the acting gateway's
+    circuit to a standby that had come back was still open, and the gateway's death
+    right after lost the task (a review): a standby the detector calls healthy is
+    tried again until the circuit lets the copy through; one it does not, is not."""
+    role = GatewayRole(gateways=[ACTING, STANDBY], status=lambda n: status, evicted=tuple)
+    transport = CircuitOpenFor(refusals=3)
+    acting = TaskReplicas(
+        node=ACTING,
+        path=tmp_path / "acting.db",
+        role=role,
+        transport=transport,  # type: ignore[arg-type]
+        status=lambda n: status,
+        timeout_s=lambda: 2.0,
+    )
+    try:
+        task = InferenceTask(RequestId("t"), input_ids=(1, 2), max_new_tokens=1)
+        await acting.accepted(task)
+        assert acting.copies == (1 if held else 0)
+        assert transport.asked == (4 if held else 1)
+    finally:
+        acting.close()

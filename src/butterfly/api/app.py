@@ -88,7 +88,10 @@ def create_app(
             given = body.input_ids or []
             ids = await gw.encode(body.prompt) if body.prompt is not None else list(given)
             sampling = SamplingParams(body.temperature, body.top_k, body.top_p, body.seed)
-            task = gw.token_task(ids, body.max_new_tokens, sampling, body.priority)
+            field = "prompt" if body.prompt is not None else "input_ids"  # as errors name it
+            task = gw.token_task(
+                ids, body.max_new_tokens, sampling, body.priority, prompt_field=field
+            )
         snap = await scheduler.submit(task)
         if body.wait:
             return gw.outcome(await scheduler.wait(task.task_id, settings.max_wait_s))

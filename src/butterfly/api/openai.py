@@ -68,7 +68,7 @@ def _codec(gw: Gateway) -> TextCodec:
 
 def _unset(given: dict[str, Any]) -> set[str]:
     """The top-level extensions a chunk leaves out rather than sending as null."""
-    return {"usage", "verified"} - {k for k, v in given.items() if v is not None}
+    return {"usage", "verified", "task_ids"} - {k for k, v in given.items() if v is not None}
 
 
 def _sampling(
@@ -95,6 +95,8 @@ class CompletionChunks:
         self.scores_prompt = body.echo and body.logprobs is not None
 
     def _object(self, run: Run, choices: list[CompletionChoice], **extra: Any) -> dict[str, Any]:
+        if self.body.stream:
+            extra["task_ids"] = run.task_ids()
         return Completion(
             id=f"cmpl-{run.tasks[0].task_id}",
             created=self.created,
@@ -168,6 +170,7 @@ class ChatChunks:
         self.scores_prompt = False  # chat has no echo
 
     def _chunk(self, run: Run, choices: list[ChunkChoice], **extra: Any) -> dict[str, Any]:
+        extra["task_ids"] = run.task_ids()
         body = ChatCompletionChunk(
             id=f"chatcmpl-{run.tasks[0].task_id}",
             created=self.created,

@@ -64,6 +64,17 @@ class Run:
     choices: list[ChoiceText]
     prompts: list[list[int]]
     passed_over: int = 0  # tokens of candidates `best_of` did not return
+    ids_told: bool = False  # a stream's first chunk named every choice's task
+
+    def task_ids(self) -> list[str] | None:
+        """Every choice's task id, in choice order, for a stream's first chunk only and
+        only where there are several: the chunks' `id` names the first choice's task,
+        and after a broken stream each choice's text is read by its own id (`GET
+        /result/<id>`); with n = 2 the second was lost to the client (a review)."""
+        if self.ids_told or len(self.tasks) < 2:
+            return None
+        self.ids_told = True
+        return [str(t.task_id) for t in self.tasks]
 
     def usage(self) -> Usage:
         """Each prompt counted once, whatever its `n`, as OpenAI counts them; every
@@ -140,13 +151,6 @@ async def start(
             choices.append(
                 ChoiceText(index, codec.tokenizer, StopScanner(stops), codec.eos_ids, ids)
             )
-    room = gw.scheduler.queue_capacity
-    if len(tasks) > room:  # 429 and Retry-After would have the client retry for ever
-        raise InvalidField(
-            f"{len(prompts)} prompt(s) x n = {n} make {len(tasks)} tasks; the queue holds "
-            f"{room} (scheduling.max_queue): ask fewer at once",
-            "n",
-        )
     run = Run(gw, [], choices, prompts)
     try:
         for task in tasks:

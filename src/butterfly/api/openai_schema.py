@@ -300,6 +300,9 @@ class Completion(BaseModel):
     choices: list[CompletionChoice]
     usage: Usage | None = None
     verified: str | None = None  # an extension: "none", "audit" or "replicate"
+    # an extension, on a stream's first chunk where it has several choices: each one's
+    # task id, in choice order (`GET /result/<id>` after a broken stream)
+    task_ids: list[str] | None = None
 
 
 class TopLogprob(BaseModel):
@@ -360,6 +363,7 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChunkChoice]
     usage: Usage | None = None
     verified: str | None = None
+    task_ids: list[str] | None = None  # as `Completion.task_ids`
 
 
 class ModelCard(BaseModel):

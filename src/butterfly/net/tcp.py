@@ -361,21 +361,13 @@ class TcpTransport:
         breaker = self._breakers.get(peer)
         if breaker is not None and not breaker.allow(time.monotonic()):
             raise CircuitOpen(f"circuit to node {peer} is open after repeated failures")
-        try:
-            return await self._dial(key, breaker)
-        finally:
-            if breaker is not None:  # a half-open trial cancelled: the next call tries
-                breaker.trying = False
-
-    async def _dial(self, key: tuple[NodeId, str], breaker: CircuitBreaker | None) -> Connection:
-        peer, channel = key
         lock = self._connecting.setdefault(key, asyncio.Lock())
-        async with lock:
+        async with lock:  # one dial per channel at a time; the calls behind it reuse it
             conn = self._out.get(key)
             if conn is not None and not conn.closed:
-                if breaker is not None:  # another call connected meanwhile: it is up
-                    breaker.record_success()
                 return conn
+            if breaker is not None and not breaker.allow(time.monotonic()):
+                raise CircuitOpen(f"circuit to node {peer} is open after repeated failures")
             try:
                 async for attempt in AsyncRetrying(
                     retry=retry_if_exception_type(ConnectionFailed),

@@ -314,11 +314,6 @@ class Scheduler:
             await asyncio.sleep(every_s)
 
     @property
-    def queue_capacity(self) -> int:
-        """How many tasks may wait (scheduling.max_queue, as retuned)."""
-        return self._queue.capacity
-
-    @property
     def queue_depth(self) -> int:
         return len(self._queue)
 

@@ -53,6 +53,7 @@ import contextlib
 import json
 import logging
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,12 @@ from butterfly.schedule.store import (
     task_from_json,
     task_to_json,
 )
-from butterfly.types.errors import ButterflyError, ServiceUnavailable, TaskAlreadyExists
+from butterfly.types.errors import (
+    ButterflyError,
+    CircuitOpen,
+    ServiceUnavailable,
+    TaskAlreadyExists,
+)
 from butterfly.types.ids import Epoch, NodeId, RequestId
 from butterfly.types.tasks import InferenceResult, InferenceTask
 from butterfly.types.wire.frames import Message
@@ -89,6 +95,7 @@ OUTBOX = 4096
 """Checkpoints and ends waiting to be sent; beyond, the oldest go (a later checkpoint of
 the same task supersedes it, and an end lost here is re-run from the checkpoint)."""
 COPY_TIMEOUT_S = 5.0
+CIRCUIT_RETRY_S = 0.05  # a copy to a peer heard again, while its circuit is still open
 """The longest an accepted task's 202 waits for one standby's copy (a copy is a small
 control message and one SQLite insert: milliseconds, megabytes of prompt included)."""
 RESYNC_RESULTS = 1024
@@ -185,16 +192,31 @@ class TaskReplicas:
             log.warning("task %s: no standby gateway holds a copy (%s)", task.task_id, peers)
 
     async def _copy(self, peer: NodeId, task_id: RequestId, payload: bytes) -> bool:
-        try:
-            reply, _ = await self._transport.ask(
-                peer,
-                TaskCopy(task_id),
-                payload,
-                timeout=min(COPY_TIMEOUT_S, self._timeout_s()),
-                channel="control",
-            )
-        except ButterflyError as e:
-            log.warning("task %s not copied to node %s: %s", task_id, peer, e)
+        """Whether `peer` took the copy. A peer the detector hears while the transport's
+        circuit to it is still open (it came back: `net.breaker`) is tried again until
+        the circuit lets calls through, within the copy's time: the 202 went out with no
+        standby holding the task, and the gateway's death right after lost it (a
+        review)."""
+        deadline = time.monotonic() + min(COPY_TIMEOUT_S, self._timeout_s())
+        while True:
+            try:
+                reply, _ = await self._transport.ask(
+                    peer,
+                    TaskCopy(task_id),
+                    payload,
+                    timeout=max(0.01, deadline - time.monotonic()),
+                    channel="control",
+                )
+                break
+            except CircuitOpen as e:
+                error: ButterflyError = e
+                healthy = self._status(peer) == "healthy"
+                if healthy and time.monotonic() + CIRCUIT_RETRY_S < deadline:
+                    await asyncio.sleep(CIRCUIT_RETRY_S)
+                    continue
+            except ButterflyError as e:
+                error = e
+            log.warning("task %s not copied to node %s: %s", task_id, peer, error)
             self._missed.add(peer)
             return False
         if not reply.ok:
