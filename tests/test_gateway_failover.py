@@ -14,6 +14,7 @@ import contextlib
 import json
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -202,3 +203,67 @@ def test_a_cluster_whose_first_gateway_never_comes_up_is_served_by_the_next(
         assert infer([cluster.api_url, successor]) == expected
     finally:
         cluster.stop()
+
+
+def poll(check: Callable[[], bool], what: str, limit_s: float = 90.0) -> float:
+    """Seconds until `check()` holds (polled every 50 ms), or AssertionError naming it."""
+    start = time.monotonic()
+    while time.monotonic() - start < limit_s:
+        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError):
+            if check():
+                return time.monotonic() - start
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: not within {limit_s:.0f} s")
+
+
+def test_tasks_accepted_while_the_old_gateway_was_away_survive_the_new_ones_death(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Node 0 (acting) killed, node 1 takes over and accepts tasks while node 0 is down
+    and restarting; node 0 comes back as a standby, node 1 gives it what it missed
+    (`holds_every_task` in node 1's /health), then node 1 is killed: node 0 holds every
+    task node 1 answered 202 for. node 1's circuit to node 0, open from the dials that
+    failed while it was dead, held the catch-up back about 1.5 s, and a review that
+    killed node 1 in that window lost up to 100 of them."""
+    codec = TextCodec.load(tiny_model)
+    ref = list(
+        generate([load_stage(tiny_model)], codec.encode("Butterfly"), 16, stop_ids=codec.eos_ids)
+    )
+    settings = {"coordination.checkpoint_frequency": 8, "cluster.gateways": [0, 1]}
+    with running_cluster(tiny_model, 4, tmp_path, f=1, settings=settings) as cluster:
+        port = int(cluster.api_url.rsplit(":", 1)[1])
+        urls = [f"http://127.0.0.1:{port + k}" for k in range(2)]
+        cluster.kill(0)
+        poll(lambda: httpx.get(f"{urls[1]}/health", timeout=2).json()["healthy"], "node 1")
+        accepted: list[str] = []
+
+        def submit(count: int) -> None:
+            for _ in range(count):
+                r = httpx.post(
+                    f"{urls[1]}/inference",
+                    json={"prompt": "Butterfly", "max_new_tokens": 16},
+                    timeout=30,
+                )
+                assert r.status_code == 202, r.text
+                accepted.append(r.json()["task_id"])
+
+        submit(20)  # node 0 down: no standby to copy to
+        cluster.restart(0)
+        submit(10)  # node 0 starting
+
+        def node0() -> dict[str, object]:
+            gateways = httpx.get(f"{urls[1]}/health", timeout=2).json()["gateways"]
+            return next(g for g in gateways if g["node"] == 0)
+
+        waited = poll(lambda: node0()["status"] == "healthy", "node 0 heard again")
+        caught_up = poll(lambda: node0()["holds_every_task"], "node 0 given what it missed", 20)
+        submit(5)  # copied before each 202
+        cluster.kill(1)
+        poll(lambda: httpx.get(f"{urls[0]}/health", timeout=2).json()["healthy"], "node 0")
+        lost = []
+        for tid in accepted:
+            r = httpx.get(f"{urls[0]}/result/{tid}", params={"wait": 60}, timeout=90)
+            if r.status_code != 200 or r.json()["output_ids"] != ref:
+                lost.append(f"{tid}: {r.status_code} {r.text[:120]}")
+        assert not lost, f"{len(lost)} of {len(accepted)} 202s lost:\n" + "\n".join(lost)
+        assert waited >= 0 and caught_up < 5.0  # given within seconds of being heard

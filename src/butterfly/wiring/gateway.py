@@ -189,14 +189,23 @@ class Gateway:
                 await asyncio.sleep(RETRY_S)
 
     def gateways(self) -> list[dict[str, Any]]:
-        """Every gateway-capable node, its API URL, and which one acts (for `/health`)."""
+        """Every gateway-capable node, its API URL, and which one acts (for `/health`);
+        on the acting gateway, whether each standby holds every task it holds: until
+        then a standby that came back would lose the tasks accepted while it was away,
+        were this gateway to die."""
         urls = gateway_urls(self.config.current)
+        acting = self.role.acting == self.node
         return [
             {
                 "node": int(g),
                 "url": urls.get(g),
                 "acting": g == self.role.acting,
                 "status": self.status(g),
+                **(
+                    {"holds_every_task": self.replicas.holds_every_task(g)}
+                    if acting and g != self.node
+                    else {}
+                ),
             }
             for g in self.role.gateways
         ]

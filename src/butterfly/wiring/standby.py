@@ -106,8 +106,13 @@ SYNC_RESULTS = 128
 recent: those it may have finished while acting itself, with that gateway away. Each
 carries its stages' signed records (tens of KB for a few dozen tokens), and the pull
 is on the takeover's path, so fewer than `RESYNC_RESULTS`."""
-WATCH_STANDBYS_S = 0.5
-"""How often the acting gateway looks for standbys that came back."""
+WATCH_STANDBYS_S = 0.05
+"""How often the acting gateway looks for standbys that came back: each moment one is
+back and not yet given the tasks it missed is one in which this gateway's death loses
+them (0.5 s, and a review killed it in that window)."""
+RESYNC_AT_ONCE = 16
+"""Copies a resync has in flight at once: one at a time, sixty tasks took a returning
+standby most of a second to be given."""
 SEND_TIMEOUT_S = 1.0
 """How long one one-way copy may take before that standby is skipped for it."""
 
@@ -134,6 +139,7 @@ class TaskReplicas:
         self._outbox: asyncio.Queue[tuple[Message, bytes]] = asyncio.Queue(OUTBOX)
         self.copies = 0  # tasks a standby acknowledged, for tests and health
         self._missed: set[NodeId] = set()  # standbys that lack a copy: `keep_standbys`
+        self._resyncing: set[NodeId] = set()  # standbys being given what they missed
         self._closed = False
 
     @property
@@ -162,6 +168,11 @@ class TaskReplicas:
             self._store.close()
             self._store = None
             self._writes = None
+
+    def holds_every_task(self, peer: NodeId) -> bool:
+        """Whether standby `peer` was given every task this acting gateway holds (no copy
+        to it missed since it was last resynced)."""
+        return peer not in self._missed and peer not in self._resyncing
 
     def standbys(self) -> list[NodeId]:
         """The other gateway-capable nodes, but for those the detector calls failed (each
@@ -274,19 +285,30 @@ class TaskReplicas:
             for peer in sorted(self._missed):
                 if self._status(peer) == "healthy":
                     self._missed.discard(peer)  # a copy lost meanwhile adds it again
-                    if not await self.resync(peer):
-                        self._missed.add(peer)
+                    self._resyncing.add(peer)
+                    try:
+                        if not await self.resync(peer):
+                            self._missed.add(peer)
+                    finally:
+                        self._resyncing.discard(peer)
             await asyncio.sleep(WATCH_STANDBYS_S)
 
     async def resync(self, peer: NodeId) -> bool:
         """Copy to `peer` every unfinished task with its checkpoint, then the recent
         results; True if it took every task (False: tried again later)."""
-        store, complete = self.store, True
-        for task, checkpoint in store.unfinished():
-            complete &= await self._copy(peer, task.task_id, task_to_json(task).encode())
-            if checkpoint is not None:
-                msg = TaskCheckpoint(task.task_id, checkpoint.tokens, Epoch(checkpoint.epoch))
-                await self._send(peer, msg, checkpoint.rng_state)
+        store = self.store
+        room = asyncio.Semaphore(RESYNC_AT_ONCE)
+
+        async def give(task: InferenceTask, checkpoint: Checkpoint | None) -> bool:
+            async with room:
+                took = await self._copy(peer, task.task_id, task_to_json(task).encode())
+                if checkpoint is not None:
+                    msg = TaskCheckpoint(task.task_id, checkpoint.tokens, Epoch(checkpoint.epoch))
+                    await self._send(peer, msg, checkpoint.rng_state)
+                return took
+
+        given = await asyncio.gather(*(give(t, c) for t, c in store.unfinished()))
+        complete = all(given)
         for done in store.recently_finished(RESYNC_RESULTS):
             task_id = done.task.task_id
             if await self._copy(peer, task_id, task_to_json(done.task).encode()):
