@@ -110,6 +110,7 @@ WATCH_STANDBYS_S = 0.05
 """How often the acting gateway looks for standbys that came back: each moment one is
 back and not yet given the tasks it missed is one in which this gateway's death loses
 them (0.5 s, and a review killed it in that window)."""
+RESYNC_MAX_WAIT_S = 2.0  # the longest wait before a failed resync is tried again
 RESYNC_AT_ONCE = 16
 """Copies a resync has in flight at once: one at a time, sixty tasks took a returning
 standby most of a second to be given."""
@@ -280,17 +281,26 @@ class TaskReplicas:
         """Forever (while acting): give every standby what it may lack (`resync`) when
         this node starts acting, and again whenever one that missed a copy is healthy."""
         self._missed |= {g for g in self._role.gateways if g != self.node}
+        # a standby whose resync failed is tried again after a doubling wait: one that
+        # keeps failing was otherwise sent up to 1024 results 20 times a second
+        waits: dict[NodeId, tuple[float, float]] = {}  # peer -> (not before, wait)
         while True:
             self._missed &= set(self._role.gateways)  # a removed standby is owed nothing
             for peer in sorted(self._missed):
-                if self._status(peer) == "healthy":
-                    self._missed.discard(peer)  # a copy lost meanwhile adds it again
-                    self._resyncing.add(peer)
-                    try:
-                        if not await self.resync(peer):
-                            self._missed.add(peer)
-                    finally:
-                        self._resyncing.discard(peer)
+                now = time.monotonic()
+                if self._status(peer) != "healthy" or now < waits.get(peer, (0.0, 0.0))[0]:
+                    continue
+                self._missed.discard(peer)  # a copy lost meanwhile adds it again
+                self._resyncing.add(peer)
+                try:
+                    if await self.resync(peer):
+                        waits.pop(peer, None)
+                    else:
+                        self._missed.add(peer)
+                        wait = min(RESYNC_MAX_WAIT_S, 2 * waits.get(peer, (0.0, 0.05))[1])
+                        waits[peer] = (time.monotonic() + wait, wait)
+                finally:
+                    self._resyncing.discard(peer)
             await asyncio.sleep(WATCH_STANDBYS_S)
 
     async def resync(self, peer: NodeId) -> bool:
