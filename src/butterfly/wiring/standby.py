@@ -96,6 +96,7 @@ OUTBOX = 4096
 the same task supersedes it, and an end lost here is re-run from the checkpoint)."""
 COPY_TIMEOUT_S = 5.0
 CIRCUIT_RETRY_S = 0.05  # a copy to a peer heard again, while its circuit is still open
+CIRCUIT_WAIT_S = 1.5  # the longest a copy waits on a circuit (it half-opens within 1 s)
 """The longest an accepted task's 202 waits for one standby's copy (a copy is a small
 control message and one SQLite insert: milliseconds, megabytes of prompt included)."""
 RESYNC_RESULTS = 1024
@@ -141,6 +142,9 @@ class TaskReplicas:
         self.copies = 0  # tasks a standby acknowledged, for tests and health
         self._missed: set[NodeId] = set()  # standbys that lack a copy: `keep_standbys`
         self._resyncing: set[NodeId] = set()  # standbys being given what they missed
+        # standbys whose circuit a copy waited on in vain: no copy waits again until one
+        # reaches them (`_copy`)
+        self._undialled: set[NodeId] = set()
         self._closed = False
 
     @property
@@ -203,13 +207,18 @@ class TaskReplicas:
         if not any(answers):
             log.warning("task %s: no standby gateway holds a copy (%s)", task.task_id, peers)
 
-    async def _copy(self, peer: NodeId, task_id: RequestId, payload: bytes) -> bool:
-        """Whether `peer` took the copy. A peer the detector hears while the transport's
-        circuit to it is still open (it came back: `net.breaker`) is tried again until
-        the circuit lets calls through, within the copy's time: the 202 went out with no
-        standby holding the task, and the gateway's death right after lost it (a
-        review)."""
+    async def _copy(
+        self, peer: NodeId, task_id: RequestId, payload: bytes, *, quiet: bool = False
+    ) -> bool:
+        """Whether `peer` took the copy (`quiet`: failures are the caller's to log). A
+        peer the detector hears while the transport's circuit to it is still open (it
+        came back: `net.breaker`) is tried again until the circuit lets calls through,
+        for up to `CIRCUIT_WAIT_S`: the 202 went out with no standby holding the task,
+        and the gateway's death right after lost it (a review). A peer whose circuit
+        stayed open that long is not waited for again until a copy reaches it: every
+        202 waited out the copy's timeout for a standby it could not dial (a review)."""
         deadline = time.monotonic() + min(COPY_TIMEOUT_S, self._timeout_s())
+        circuit_until = time.monotonic() + CIRCUIT_WAIT_S
         while True:
             try:
                 reply, _ = await self._transport.ask(
@@ -222,17 +231,22 @@ class TaskReplicas:
                 break
             except CircuitOpen as e:
                 error: ButterflyError = e
-                healthy = self._status(peer) == "healthy"
-                if healthy and time.monotonic() + CIRCUIT_RETRY_S < deadline:
+                healthy = self._status(peer) == "healthy" and peer not in self._undialled
+                now = time.monotonic()
+                if healthy and now + CIRCUIT_RETRY_S < min(deadline, circuit_until):
                     await asyncio.sleep(CIRCUIT_RETRY_S)
                     continue
+                self._undialled.add(peer)
             except ButterflyError as e:
                 error = e
-            log.warning("task %s not copied to node %s: %s", task_id, peer, error)
+            if not quiet:
+                log.warning("task %s not copied to node %s: %s", task_id, peer, error)
             self._missed.add(peer)
             return False
+        self._undialled.discard(peer)
         if not reply.ok:
-            log.warning("node %s refused a copy of task %s: %s", peer, task_id, reply.error)
+            if not quiet:
+                log.warning("node %s refused a copy of task %s: %s", peer, task_id, reply.error)
             self._missed.add(peer)
         return reply.ok
 
@@ -279,58 +293,93 @@ class TaskReplicas:
 
     async def keep_standbys(self) -> None:
         """Forever (while acting): give every standby what it may lack (`resync`) when
-        this node starts acting, and again whenever one that missed a copy is healthy."""
-        self._missed |= {g for g in self._role.gateways if g != self.node}
-        # a standby whose resync failed is tried again after a doubling wait: one that
-        # keeps failing was otherwise sent up to 1024 results 20 times a second
+        this node starts acting, when one becomes a gateway (`cluster.gateways`: one
+        added later was said to hold every task and was never given them, a review),
+        and whenever one that missed a copy is healthy. Each standby on its own: one
+        whose copies waited on its circuit held the others' back. One whose resync
+        failed is tried again after a doubling wait: checked every 50 ms, one that kept
+        refusing was sent up to 1024 results twenty times a second (a review)."""
+        known: set[NodeId] = set()
         waits: dict[NodeId, tuple[float, float]] = {}  # peer -> (not before, wait)
-        while True:
-            self._missed &= set(self._role.gateways)  # a removed standby is owed nothing
-            for peer in sorted(self._missed):
-                now = time.monotonic()
-                if self._status(peer) != "healthy" or now < waits.get(peer, (0.0, 0.0))[0]:
-                    continue
-                self._missed.discard(peer)  # a copy lost meanwhile adds it again
-                self._resyncing.add(peer)
-                try:
-                    if await self.resync(peer):
-                        waits.pop(peer, None)
-                    else:
-                        self._missed.add(peer)
-                        wait = min(RESYNC_MAX_WAIT_S, 2 * waits.get(peer, (0.0, 0.05))[1])
-                        waits[peer] = (time.monotonic() + wait, wait)
-                finally:
-                    self._resyncing.discard(peer)
-            await asyncio.sleep(WATCH_STANDBYS_S)
+        running: dict[NodeId, asyncio.Task[None]] = {}
+        try:
+            while True:
+                standbys = {g for g in self._role.gateways if g != self.node}
+                self._missed |= standbys - known  # new ones are owed everything
+                known = standbys
+                self._missed &= standbys  # a removed standby is owed nothing
+                for peer in sorted(self._missed):
+                    now = time.monotonic()
+                    busy = peer in running and not running[peer].done()
+                    if busy or self._status(peer) != "healthy":
+                        continue
+                    if now < waits.get(peer, (0.0, 0.0))[0]:
+                        continue
+                    running[peer] = asyncio.create_task(self._resync_one(peer, waits))
+                await asyncio.sleep(WATCH_STANDBYS_S)
+        finally:
+            for task in running.values():
+                task.cancel()
+
+    async def _resync_one(self, peer: NodeId, waits: dict[NodeId, tuple[float, float]]) -> None:
+        self._missed.discard(peer)  # a copy lost meanwhile adds it again
+        self._resyncing.add(peer)
+        done = False
+        try:
+            done = await self.resync(peer)
+        finally:
+            self._resyncing.discard(peer)
+            if done:
+                waits.pop(peer, None)
+            else:  # failed, or raised: still owed, and tried again later
+                self._missed.add(peer)
+                wait = min(RESYNC_MAX_WAIT_S, 2 * waits.get(peer, (0.0, 0.05))[1])
+                waits[peer] = (time.monotonic() + wait, wait)
 
     async def resync(self, peer: NodeId) -> bool:
         """Copy to `peer` every unfinished task with its checkpoint, then the recent
-        results; True if it took every task (False: tried again later)."""
+        results; True if it took every task (False: tried again later). A copy refused
+        or failed ends it there (the rest would fail alike), with one line logged."""
         store = self.store
         room = asyncio.Semaphore(RESYNC_AT_ONCE)
+        failed: list[RequestId] = []
 
         async def give(task: InferenceTask, checkpoint: Checkpoint | None) -> bool:
             async with room:
-                took = await self._copy(peer, task.task_id, task_to_json(task).encode())
-                if checkpoint is not None:
+                if failed:
+                    return False
+                took = await self._copy(peer, task.task_id, task_to_json(task).encode(), quiet=True)
+                if not took:
+                    failed.append(task.task_id)
+                elif checkpoint is not None:
                     msg = TaskCheckpoint(task.task_id, checkpoint.tokens, Epoch(checkpoint.epoch))
                     await self._send(peer, msg, checkpoint.rng_state)
                 return took
 
-        given = await asyncio.gather(*(give(t, c) for t, c in store.unfinished()))
-        complete = all(given)
+        unfinished = store.unfinished()
+        given = await asyncio.gather(*(give(t, c) for t, c in unfinished))
+        if not all(given):
+            log.warning(
+                "node %s not given the tasks it missed (%d of %d, task %s failed); "
+                "trying again later",
+                peer,
+                sum(given),
+                len(unfinished),
+                failed[0] if failed else "?",
+            )
+            return False
         for done in store.recently_finished(RESYNC_RESULTS):
             task_id = done.task.task_id
-            if await self._copy(peer, task_id, task_to_json(done.task).encode()):
-                result = result_to_json(done.result).encode() if done.result else b""
-                settled = TaskSettled(
-                    task_id, done.state.status.value, done.state.reason[:4000],
-                    done.state.error_type,
-                )  # fmt: skip
-                await self._send(peer, settled, result)
-        if complete:
-            log.info("node %s holds every unfinished task again", peer)
-        return complete
+            if not await self._copy(peer, task_id, task_to_json(done.task).encode(), quiet=True):
+                break  # the results are a courtesy (readable from this gateway too)
+            result = result_to_json(done.result).encode() if done.result else b""
+            settled = TaskSettled(
+                task_id, done.state.status.value, done.state.reason[:4000],
+                done.state.error_type,
+            )  # fmt: skip
+            await self._send(peer, settled, result)
+        log.info("node %s holds every unfinished task again", peer)
+        return True
 
     async def pull(self) -> int:
         """Take into this node's store the unfinished tasks (and checkpoints) each standby

@@ -1,0 +1,184 @@
+"""What the acting gateway owes its standbys when one is stuck, refuses, or joins the
+gateways later (a review of the catch-up in the twenty-fourth session): one standby on
+an open circuit holds neither the 202s nor the other standbys back, one that refuses is
+tried ever less often, and one added later is given every task before /health says it
+holds them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+import pytest
+
+from butterfly.control.gateway_role import GatewayRole
+from butterfly.schedule.state import TaskState, TaskStatus
+from butterfly.types.errors import CircuitOpen
+from butterfly.types.ids import NodeId, RequestId
+from butterfly.types.tasks import InferenceTask
+from butterfly.types.wire.standby import TaskCopied
+from butterfly.wiring.standby import CIRCUIT_WAIT_S, TaskReplicas
+
+pytestmark = pytest.mark.timeout(60)
+ACTING, S1, S2 = NodeId(0), NodeId(1), NodeId(2)
+
+
+class Fake:
+    """ask: per-peer behaviour ('ok', 'refuse', 'circuit'); send: always delivered."""
+
+    def __init__(self, mode: dict[NodeId, str]) -> None:
+        self.mode, self.asks, self.copied = mode, {}, {}
+
+    async def ask(self, peer, msg, payload=b"", **kw):
+        self.asks[peer] = self.asks.get(peer, 0) + 1
+        await asyncio.sleep(0)
+        m = self.mode[peer]
+        if m == "circuit":
+            raise CircuitOpen(f"circuit to node {peer} is open")
+        if m == "refuse":
+            return TaskCopied(peer, msg.task_id, False, "OperationalError: disk full"), b""
+        self.copied.setdefault(peer, set()).add(msg.task_id)
+        return TaskCopied(peer, msg.task_id, True), b""
+
+    async def send(self, peer, msg, payload=b"", **kw):
+        await asyncio.sleep(0)
+
+
+def acting(tmp_path: Path, gateways, mode, timeout_s=5.0) -> tuple[TaskReplicas, Fake]:
+    role = GatewayRole(gateways=gateways, status=lambda n: "healthy", evicted=tuple)
+    t = Fake(mode)
+    r = TaskReplicas(
+        node=ACTING,
+        path=tmp_path / "a.db",
+        role=role,
+        transport=t,  # type: ignore[arg-type]
+        status=lambda n: "healthy",
+        timeout_s=lambda: timeout_s,
+    )
+    return r, t
+
+
+def fill(r: TaskReplicas, unfinished: int, finished: int) -> None:
+    for i in range(unfinished + finished):
+        r.store.add(InferenceTask(RequestId(f"t{i}"), (1, 2, i), max_new_tokens=2))
+    for i in range(unfinished, unfinished + finished):
+        r.store.finish(RequestId(f"t{i}"), TaskState(TaskStatus.FAILED, "x", "E"), None)
+
+
+async def test_a_standby_stuck_on_an_open_circuit_starves_the_other_standbys_resync(
+    tmp_path: Path,
+) -> None:
+    """S1 is 'healthy' but its circuit never lets calls through; S2 works. The results
+    phase copies one at a time, each waiting the whole copy timeout: S2 waits behind."""
+    r, t = acting(tmp_path, [ACTING, S1, S2], {S1: "circuit", S2: "ok"}, timeout_s=0.3)
+    fill(r, unfinished=1, finished=20)
+    loop = asyncio.create_task(r.keep_standbys())
+    try:
+        start = time.monotonic()
+        while not r.holds_every_task(S2) or S2 in r._missed or "t0" not in t.copied.get(S2, ()):
+            await asyncio.sleep(0.02)
+            if time.monotonic() - start > 3.0:
+                break
+        took = time.monotonic() - start
+        assert took < 1.0, f"standby 2 (reachable) given its tasks only after {took:.1f} s"
+    finally:
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+        r.close()
+
+
+async def test_a_standby_whose_circuit_stays_open_holds_back_one_202_at_most(
+    tmp_path: Path,
+) -> None:
+    """Every accepted task waited the whole copy timeout (5 s by default) while the
+    circuit to a 'healthy' standby stayed open (heard in, but it cannot be dialled):
+    the first waits for the circuit (it half-opens within a second), the rest do not."""
+    r, _ = acting(tmp_path, [ACTING, S1], {S1: "circuit"}, timeout_s=5.0)
+    try:
+        took = []
+        for i in range(3):
+            start = time.monotonic()
+            await r.accepted(InferenceTask(RequestId(f"a{i}"), (1,), max_new_tokens=1))
+            took.append(time.monotonic() - start)
+        assert took[0] <= CIRCUIT_WAIT_S + 0.3, took
+        assert max(took[1:]) < 0.1, f"202s waited {[round(x, 2) for x in took]} s"
+    finally:
+        r.close()
+
+
+async def test_a_standby_refusing_copies_is_resynced_every_50ms_with_every_result(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A healthy standby whose store refuses writes (disk full): every 50 ms, every
+    unfinished task and up to 1024 results again, one warning each."""
+    r, t = acting(tmp_path, [ACTING, S1], {S1: "refuse"})
+    fill(r, unfinished=2, finished=200)
+    caplog.set_level(logging.WARNING, logger="butterfly.wiring.standby")
+    loop = asyncio.create_task(r.keep_standbys())
+    try:
+        await asyncio.sleep(1.0)
+    finally:
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+        r.close()
+    warnings = len(caplog.records)
+    print(f"asks in 1 s: {t.asks.get(S1)}, warnings: {warnings}")
+    assert t.asks.get(S1, 0) < 1000, f"{t.asks.get(S1)} copies asked of one standby in 1 s"
+    assert warnings < 100, f"{warnings} warnings in 1 s"
+
+
+async def test_a_gateway_added_later_is_not_said_to_hold_every_task_until_resynced(
+    tmp_path: Path,
+) -> None:
+    """A standby added to cluster.gateways while tasks are unfinished: /health says it
+    holds every task, and keep_standbys never gives it those tasks."""
+    r, t = acting(tmp_path, [ACTING, S1], {S1: "ok", S2: "ok"})
+    fill(r, unfinished=3, finished=0)
+    loop = asyncio.create_task(r.keep_standbys())
+    try:
+        await asyncio.sleep(0.2)
+        r._role.follow([ACTING, S1, S2])
+        await asyncio.sleep(0.3)
+        held = t.copied.get(S2, set())
+        assert not (r.holds_every_task(S2) and held != {"t0", "t1", "t2"}), (
+            f"holds_every_task(2) is True, yet node 2 was given {sorted(held)}"
+        )
+    finally:
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+        r.close()
+
+
+async def test_held_a_copy_refused_during_a_resync_keeps_holds_every_task_false(
+    tmp_path: Path,
+) -> None:
+    r, t = acting(tmp_path, [ACTING, S1], {S1: "ok"})
+    fill(r, unfinished=40, finished=0)
+    ask = t.ask
+
+    async def slow_ask(peer, msg, payload=b"", **kw):
+        await asyncio.sleep(0.01)
+        if msg.task_id == "late":
+            return TaskCopied(peer, msg.task_id, False, "refused"), b""
+        return await ask(peer, msg, payload, **kw)
+
+    t.ask = slow_ask  # type: ignore[method-assign]
+    loop = asyncio.create_task(r.keep_standbys())
+    try:
+        while S1 not in r._resyncing:
+            await asyncio.sleep(0.001)
+        await r.accepted(InferenceTask(RequestId("late"), (9,), max_new_tokens=1))
+        while S1 in r._resyncing:
+            await asyncio.sleep(0.001)
+        assert not r.holds_every_task(S1)
+    finally:
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+        r.close()
