@@ -201,30 +201,39 @@ async def test_unreachable_peer_opens_the_circuit() -> None:
         await a.close()
 
 
-async def test_a_peer_that_dials_in_is_tried_again_before_the_reset() -> None:
-    """Node 1 was down and node 0's circuit to it opened; node 1 comes back and dials
-    node 0 (its heartbeats): node 0 reaches it a quarter of the reset in, not after the
-    whole of it. A restarted node was refused the plan that took it back (a CI run)."""
-    reset = 2.0
+async def _circuit_open_to_a_peer_back_up(
+    reset: float,
+) -> tuple[TcpTransport, TcpTransport, float]:
+    """Node 0's circuit to node 1 opened (one dial nobody answered), then node 1 started
+    and each told where the other listens; and when the circuit opened."""
     a, b, _ = pair(
         limits=TransportLimits(
             connect_attempts=1, breaker_threshold=1, breaker_reset_s=reset, connect_timeout_s=0.5
         )
     )
+    await a.start(echo)
+    with pytest.raises(ConnectionFailed):
+        await a.send(NodeId(1), Heartbeat(NodeId(0), Epoch(0), 0), channel="control")
+    opened = time.monotonic()
+    await b.start(echo)
+    a.peers[NodeId(1)] = b.address
+    b.peers[NodeId(0)] = a.address
+    return a, b, opened
+
+
+async def test_a_peer_that_dials_in_is_tried_again_before_the_reset() -> None:
+    """Node 1 was down and node 0's circuit to it opened; node 1 comes back and dials
+    node 0 (its heartbeats): node 0 reaches it a quarter of the reset in, not after the
+    whole of it. A restarted node was refused the plan that took it back (a CI run)."""
+    reset = 2.0
+    a, b, opened = await _circuit_open_to_a_peer_back_up(reset)
     try:
-        await a.start(echo)
-        with pytest.raises(ConnectionFailed):
-            await a.send(NodeId(1), Heartbeat(NodeId(0), Epoch(0), 0), channel="control")
-        opened = time.monotonic()
         with pytest.raises(CircuitOpen):
             await a.send(NodeId(1), Heartbeat(NodeId(0), Epoch(0), 1), channel="control")
-        await b.start(echo)
-        a.peers[NodeId(1)] = b.address
-        b.peers[NodeId(0)] = a.address
         await asyncio.sleep(reset / 4 + 0.05)
         await b.send(NodeId(0), Heartbeat(NodeId(1), Epoch(0), 0), channel="control")
         for _ in range(100):  # the handshake's end on node 0's side, bounded
-            if a._breakers[NodeId(1)].state is not BreakerState.OPEN:
+            if a._breakers[NodeId(1)].heard_at is not None:
                 break
             await asyncio.sleep(0.01)
         env = await a.request(NodeId(1), StatusQuery(), timeout=5)
@@ -274,19 +283,9 @@ def test_a_peer_that_keeps_dialling_in_gets_few_trials() -> None:
 
 
 async def _opened_then_back(reset: float) -> tuple[TcpTransport, TcpTransport]:
-    """Node 0's circuit to node 1 opened (nobody listened); node 1 up since, and
-    `reset` seconds passed: the circuit half-opens on the next call."""
-    a, b, _ = pair(
-        limits=TransportLimits(
-            connect_attempts=1, breaker_threshold=1, breaker_reset_s=reset, connect_timeout_s=0.5
-        )
-    )
-    await a.start(echo)
-    with pytest.raises(ConnectionFailed):
-        await a.send(NodeId(1), Heartbeat(NodeId(0), Epoch(0), 0), channel="control")
-    await b.start(echo)
-    a.peers[NodeId(1)] = b.address
-    b.peers[NodeId(0)] = a.address
+    """`_circuit_open_to_a_peer_back_up`, and `reset` seconds later: the circuit
+    half-opens on the next call."""
+    a, b, _ = await _circuit_open_to_a_peer_back_up(reset)
     await asyncio.sleep(reset + 0.05)
     return a, b
 
@@ -314,19 +313,8 @@ async def test_a_peer_that_dialled_in_early_is_reached_a_quarter_in() -> None:
     """A restarted node dials in once and keeps its connections: a dial-in before a
     quarter of reset_after was forgotten, and the circuit stayed open all of it."""
     reset = 2.0
-    a, b, _ = pair(
-        limits=TransportLimits(
-            connect_attempts=1, breaker_threshold=1, breaker_reset_s=reset, connect_timeout_s=0.5
-        )
-    )
+    a, b, opened = await _circuit_open_to_a_peer_back_up(reset)
     try:
-        await a.start(echo)
-        with pytest.raises(ConnectionFailed):
-            await a.send(NodeId(1), Heartbeat(NodeId(0), Epoch(0), 0), channel="control")
-        opened = time.monotonic()
-        await b.start(echo)
-        a.peers[NodeId(1)] = b.address
-        b.peers[NodeId(0)] = a.address
         await b.send(NodeId(0), Heartbeat(NodeId(1), Epoch(0), 0), channel="control")
         await asyncio.sleep(reset / 4 + 0.1)
         env = await a.request(NodeId(1), StatusQuery(), timeout=5)

@@ -61,6 +61,14 @@ def acting(tmp_path: Path, gateways, mode, timeout_s=5.0) -> tuple[TaskReplicas,
     return r, t
 
 
+async def stop(loop: asyncio.Task[None], r: TaskReplicas) -> None:
+    """End `keep_standbys` and close the store."""
+    loop.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await loop
+    r.close()
+
+
 def fill(r: TaskReplicas, unfinished: int, finished: int) -> None:
     for i in range(unfinished + finished):
         r.store.add(InferenceTask(RequestId(f"t{i}"), (1, 2, i), max_new_tokens=2))
@@ -85,10 +93,7 @@ async def test_a_standby_stuck_on_an_open_circuit_starves_the_other_standbys_res
         took = time.monotonic() - start
         assert took < 1.0, f"standby 2 (reachable) given its tasks only after {took:.1f} s"
     finally:
-        loop.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await loop
-        r.close()
+        await stop(loop, r)
 
 
 async def test_a_standby_whose_circuit_stays_open_holds_back_one_202_at_most(
@@ -122,10 +127,7 @@ async def test_a_standby_refusing_copies_is_resynced_every_50ms_with_every_resul
     try:
         await asyncio.sleep(1.0)
     finally:
-        loop.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await loop
-        r.close()
+        await stop(loop, r)
     warnings = len(caplog.records)
     print(f"asks in 1 s: {t.asks.get(S1)}, warnings: {warnings}")
     assert t.asks.get(S1, 0) < 1000, f"{t.asks.get(S1)} copies asked of one standby in 1 s"
@@ -149,10 +151,7 @@ async def test_a_gateway_added_later_is_not_said_to_hold_every_task_until_resync
             f"holds_every_task(2) is True, yet node 2 was given {sorted(held)}"
         )
     finally:
-        loop.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await loop
-        r.close()
+        await stop(loop, r)
 
 
 async def test_held_a_copy_refused_during_a_resync_keeps_holds_every_task_false(
@@ -178,7 +177,18 @@ async def test_held_a_copy_refused_during_a_resync_keeps_holds_every_task_false(
             await asyncio.sleep(0.001)
         assert not r.holds_every_task(S1)
     finally:
-        loop.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await loop
-        r.close()
+        await stop(loop, r)
+
+
+async def test_a_standby_that_keeps_refusing_is_resynced_ever_less_often(tmp_path: Path) -> None:
+    """A failed resync is tried again after a doubling wait (at most 2 s): a few in a
+    second, not the twenty that the 50 ms check would make."""
+    r, t = acting(tmp_path, [ACTING, S1], {S1: "refuse"})
+    fill(r, unfinished=1, finished=0)
+    loop = asyncio.create_task(r.keep_standbys())
+    try:
+        await asyncio.sleep(1.0)
+    finally:
+        await stop(loop, r)
+    assert 2 <= t.asks.get(S1, 0) <= 6, t.asks  # one copy per resync
+    assert not r.holds_every_task(S1)
