@@ -13,7 +13,7 @@ from butterfly.runtime.loader import layer_infos, load_stage, release_freed_memo
 from butterfly.runtime.precision import FP32, Precision
 from butterfly.runtime.stage import Stage, prefill_outputs
 from butterfly.runtime.torch_thread import TorchThread
-from butterfly.types.model import LayerRange
+from butterfly.types.model import LayerInfo, LayerRange
 
 
 class Referee:
@@ -33,14 +33,19 @@ class Referee:
         where it fits (`fits`), while a dispute loads it whatever it costs."""
         self._model_dir, self._precision, self._room = model_dir, precision, room
         self._stages: dict[LayerRange, Stage] = {}
+        self._infos: list[LayerInfo] | None = None  # per-layer costs, for `fits`
         self._torch = torch_thread
+
+    def _overlapping(self, layers: LayerRange) -> list[LayerRange]:
+        """The ranges held that share a layer with `layers`."""
+        return [r for r in self._stages if r.start < layers.end and layers.start < r.end]
 
     def _drop_overlapping(self, layers: LayerRange) -> None:
         """Ranges held that share a layer with `layers`: the plan moved its cuts, and
         they would not be asked again. What stays is disjoint, so never more than the
         model (each plan that left a range one holder had the gateway keep another
         cut of the same layers: a review)."""
-        stale = [r for r in self._stages if r.start < layers.end and layers.start < r.end]
+        stale = self._overlapping(layers)
         for r in stale:
             del self._stages[r]
         if stale:
@@ -52,19 +57,19 @@ class Referee:
         cluster's front door down with it."""
         if layers in self._stages or self._room is None:
             return ""
-        infos = layer_infos(self._model_dir, self._precision)
-        need = sum(i.memory_bytes for i in infos[layers.start : layers.end])
-        freed = sum(  # what loading it drops (`_drop_overlapping`)
-            i.memory_bytes
-            for r in self._stages
-            if r.start < layers.end and layers.start < r.end
-            for i in infos[r.start : r.end]
-        )
+        need = self._bytes(layers)
+        freed = sum(map(self._bytes, self._overlapping(layers)))  # `_drop_overlapping`
         room = self._room() + freed
         if need > room:
             mib = 2**20
             return f"the gateway has {room / mib:.0f} MiB free, {layers} needs {need / mib:.0f}"
         return ""
+
+    def _bytes(self, layers: LayerRange) -> int:
+        """What holding `layers` costs, from the checkpoint's config (read once)."""
+        if self._infos is None:
+            self._infos = layer_infos(self._model_dir, self._precision)
+        return sum(i.memory_bytes for i in self._infos[layers.start : layers.end])
 
     async def run(
         self, layers: LayerRange, x: torch.Tensor, *, outputs_from: int = 0

@@ -353,21 +353,24 @@ class TcpTransport:
                 blame=peer,
             )
 
+    @staticmethod
+    def _through_circuit(peer: NodeId, breaker: CircuitBreaker | None) -> None:
+        if breaker is not None and not breaker.allow(time.monotonic()):
+            raise CircuitOpen(f"circuit to node {peer} is open after repeated failures")
+
     async def connection(self, peer: NodeId, channel: str = "data") -> Connection:
         key = (peer, channel)
         conn = self._out.get(key)
         if conn is not None and not conn.closed:
             return conn
         breaker = self._breakers.get(peer)
-        if breaker is not None and not breaker.allow(time.monotonic()):
-            raise CircuitOpen(f"circuit to node {peer} is open after repeated failures")
+        self._through_circuit(peer, breaker)
         lock = self._connecting.setdefault(key, asyncio.Lock())
         async with lock:  # one dial per channel at a time; the calls behind it reuse it
             conn = self._out.get(key)
             if conn is not None and not conn.closed:
                 return conn
-            if breaker is not None and not breaker.allow(time.monotonic()):
-                raise CircuitOpen(f"circuit to node {peer} is open after repeated failures")
+            self._through_circuit(peer, breaker)  # the dial before may have failed
             try:
                 async for attempt in AsyncRetrying(
                     retry=retry_if_exception_type(ConnectionFailed),

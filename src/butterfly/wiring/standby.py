@@ -95,10 +95,10 @@ OUTBOX = 4096
 """Checkpoints and ends waiting to be sent; beyond, the oldest go (a later checkpoint of
 the same task supersedes it, and an end lost here is re-run from the checkpoint)."""
 COPY_TIMEOUT_S = 5.0
-CIRCUIT_RETRY_S = 0.05  # a copy to a peer heard again, while its circuit is still open
-CIRCUIT_WAIT_S = 1.5  # the longest a copy waits on a circuit (it half-opens within 1 s)
 """The longest an accepted task's 202 waits for one standby's copy (a copy is a small
 control message and one SQLite insert: milliseconds, megabytes of prompt included)."""
+CIRCUIT_RETRY_S = 0.05  # a copy to a peer heard again, while its circuit is still open
+CIRCUIT_WAIT_S = 1.5  # the longest a copy waits on a circuit (it half-opens within 1 s)
 RESYNC_RESULTS = 1024
 """Finished results a returning standby is given (the most recent; older ones stay
 readable from the gateways that hold them)."""
@@ -333,7 +333,8 @@ class TaskReplicas:
                 waits.pop(peer, None)
             else:  # failed, or raised: still owed, and tried again later
                 self._missed.add(peer)
-                wait = min(RESYNC_MAX_WAIT_S, 2 * waits.get(peer, (0.0, 0.05))[1])
+                last = waits.get(peer, (0.0, WATCH_STANDBYS_S))[1]
+                wait = min(RESYNC_MAX_WAIT_S, 2 * last)
                 waits[peer] = (time.monotonic() + wait, wait)
 
     async def resync(self, peer: NodeId) -> bool:
