@@ -14,7 +14,7 @@ import contextlib
 import json
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -216,6 +216,20 @@ def poll(check: Callable[[], bool], what: str, limit_s: float = 90.0) -> float:
     raise AssertionError(f"{what}: not within {limit_s:.0f} s")
 
 
+@contextlib.contextmanager
+def two_gateways(
+    model: Path, tmp_path: Path
+) -> Iterator[tuple[LocalCluster, list[str], list[int]]]:
+    """4 nodes, f = 1, gateways 0 and 1: the cluster, the gateways' API URLs, and the
+    tokens 16 new ones after "Butterfly" must be."""
+    codec = TextCodec.load(model)
+    ref = list(generate([load_stage(model)], codec.encode("Butterfly"), 16, stop_ids=codec.eos_ids))
+    settings = {"coordination.checkpoint_frequency": 8, "cluster.gateways": [0, 1]}
+    with running_cluster(model, 4, tmp_path, f=1, settings=settings) as cluster:
+        port = int(cluster.api_url.rsplit(":", 1)[1])
+        yield cluster, [f"http://127.0.0.1:{port + k}" for k in range(2)], ref
+
+
 def test_tasks_accepted_while_the_old_gateway_was_away_survive_the_new_ones_death(
     tiny_model: Path, tmp_path: Path
 ) -> None:
@@ -225,14 +239,7 @@ def test_tasks_accepted_while_the_old_gateway_was_away_survive_the_new_ones_deat
     task node 1 answered 202 for. node 1's circuit to node 0, open from the dials that
     failed while it was dead, held the catch-up back about 1.5 s, and a review that
     killed node 1 in that window lost up to 100 of them."""
-    codec = TextCodec.load(tiny_model)
-    ref = list(
-        generate([load_stage(tiny_model)], codec.encode("Butterfly"), 16, stop_ids=codec.eos_ids)
-    )
-    settings = {"coordination.checkpoint_frequency": 8, "cluster.gateways": [0, 1]}
-    with running_cluster(tiny_model, 4, tmp_path, f=1, settings=settings) as cluster:
-        port = int(cluster.api_url.rsplit(":", 1)[1])
-        urls = [f"http://127.0.0.1:{port + k}" for k in range(2)]
+    with two_gateways(tiny_model, tmp_path) as (cluster, urls, ref):
         cluster.kill(0)
         poll(lambda: httpx.get(f"{urls[1]}/health", timeout=2).json()["healthy"], "node 1")
         accepted: list[str] = []
@@ -267,3 +274,35 @@ def test_tasks_accepted_while_the_old_gateway_was_away_survive_the_new_ones_deat
                 lost.append(f"{tid}: {r.status_code} {r.text[:120]}")
         assert not lost, f"{len(lost)} of {len(accepted)} 202s lost:\n" + "\n".join(lost)
         assert waited >= 0 and caught_up < 5.0  # given within seconds of being heard
+
+
+def test_tasks_only_a_dead_gateway_held_are_served_once_it_comes_back(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Node 1 (the standby) killed, node 0 accepts tasks it cannot copy there, then dies
+    too; node 1 comes back and acts without them (node 0 is down when it takes over), and
+    node 0 comes back as its standby. The tasks live in node 0's store only: node 1 takes
+    them from it when it gives node 0 what it missed, and serves them. Before, they stayed
+    in node 0's store unfinished and unknown to the acting gateway (404) for as long as
+    node 0 did not act again."""
+    with two_gateways(tiny_model, tmp_path) as (cluster, urls, ref):
+        cluster.kill(1)
+        poll(lambda: httpx.get(f"{urls[0]}/health", timeout=2).json()["healthy"], "node 0")
+        accepted = []
+        for _ in range(12):  # queued behind each other: most unfinished when node 0 dies
+            body = {"prompt": "Butterfly", "max_new_tokens": 16}
+            r = httpx.post(f"{urls[0]}/inference", json=body, timeout=30)
+            assert r.status_code == 202, r.text
+            accepted.append(r.json()["task_id"])
+        cluster.kill(0)
+        cluster.restart(1)
+        poll(lambda: httpx.get(f"{urls[1]}/health", timeout=2).json()["healthy"], "node 1 acts")
+        cluster.restart(0)
+        for tid in accepted:
+            poll(
+                lambda tid=tid: httpx.get(f"{urls[1]}/result/{tid}", timeout=5).status_code == 200,
+                f"task {tid} served by node 1",
+                60,
+            )
+            r = httpx.get(f"{urls[1]}/result/{tid}", timeout=5)
+            assert r.json()["output_ids"] == ref, r.text

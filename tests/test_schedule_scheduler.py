@@ -241,6 +241,30 @@ async def test_restart_runs_tasks_queued_or_running_before(
     third.close()
 
 
+async def test_adopted_tasks_run_past_a_full_queue_and_known_ones_are_left_alone(
+    tiny_model: Path, codec: TextCodec, engine: LocalPipeline, tmp_path: Path
+) -> None:
+    """Tasks another gateway accepted (a returning standby held them) are stored here by
+    the pull, then adopted: queued past the bound, as tasks recovered at start are,
+    while one already known here is not queued twice."""
+    sched, store = new_scheduler(engine, tmp_path / "t.db", queue_capacity=1, max_concurrent=1)
+    mine = make_task(codec, "mine", 4)
+    theirs = [make_task(codec, f"theirs {i}", 4) for i in range(2)]
+    await sched.submit(mine)
+    for task in theirs:
+        store.copy(task)
+    sched.adopt([*theirs, mine])
+    assert sched.queue_depth == 3
+    async with running(sched):
+        done = [await sched.wait(t.task_id, 60) for t in (mine, *theirs)]
+    for task, snap in zip((mine, *theirs), done, strict=True):
+        assert snap.state.status is TaskStatus.COMPLETED and snap.result is not None
+        assert list(snap.result.output_ids) == reference(tiny_model, codec, task)
+        stored = store.get(task.task_id)
+        assert stored is not None and stored.state.status is TaskStatus.COMPLETED
+    store.close()
+
+
 async def test_shutdown_releases_waiters_and_keeps_the_task(
     codec: TextCodec, engine: LocalPipeline, tmp_path: Path
 ) -> None:

@@ -7,7 +7,9 @@ holds them."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -16,10 +18,11 @@ import pytest
 
 from butterfly.control.gateway_role import GatewayRole
 from butterfly.schedule.state import TaskState, TaskStatus
+from butterfly.schedule.store import task_to_json
 from butterfly.types.errors import CircuitOpen
 from butterfly.types.ids import NodeId, RequestId
 from butterfly.types.tasks import InferenceTask
-from butterfly.types.wire.standby import TaskCopied
+from butterfly.types.wire.standby import TaskCopied, TaskSync, TaskSyncReply
 from butterfly.wiring.standby import CIRCUIT_WAIT_S, TaskReplicas
 
 pytestmark = pytest.mark.timeout(60)
@@ -27,10 +30,13 @@ ACTING, S1, S2 = NodeId(0), NodeId(1), NodeId(2)
 
 
 class Fake:
-    """ask: per-peer behaviour ('ok', 'refuse', 'circuit'); send: always delivered."""
+    """ask: per-peer behaviour ('ok', 'refuse', 'circuit'); send: always delivered. A
+    `TaskSync` is answered with `held[peer]` (records as a standby's `on_sync` makes)."""
 
     def __init__(self, mode: dict[NodeId, str]) -> None:
         self.mode, self.asks, self.copied = mode, {}, {}
+        self.held: dict[NodeId, list[list[object]]] = {}
+        self.syncs = 0
 
     async def ask(self, peer, msg, payload=b"", **kw):
         self.asks[peer] = self.asks.get(peer, 0) + 1
@@ -38,6 +44,10 @@ class Fake:
         m = self.mode[peer]
         if m == "circuit":
             raise CircuitOpen(f"circuit to node {peer} is open")
+        if isinstance(msg, TaskSync):
+            self.syncs += 1
+            held = self.held.get(peer, [])
+            return TaskSyncReply(peer, len(held)), json.dumps(held).encode()
         if m == "refuse":
             return TaskCopied(peer, msg.task_id, False, "OperationalError: disk full"), b""
         self.copied.setdefault(peer, set()).add(msg.task_id)
@@ -59,6 +69,10 @@ def acting(tmp_path: Path, gateways, mode, timeout_s=5.0) -> tuple[TaskReplicas,
         timeout_s=lambda: timeout_s,
     )
     return r, t
+
+
+def no_adoption(tasks: list[InferenceTask]) -> None:
+    raise AssertionError(f"no standby holds tasks here, yet {tasks} were adopted")
 
 
 async def stop(loop: asyncio.Task[None], r: TaskReplicas) -> None:
@@ -83,7 +97,7 @@ async def test_a_standby_stuck_on_an_open_circuit_starves_the_other_standbys_res
     phase copies one at a time, each waiting the whole copy timeout: S2 waits behind."""
     r, t = acting(tmp_path, [ACTING, S1, S2], {S1: "circuit", S2: "ok"}, timeout_s=0.3)
     fill(r, unfinished=1, finished=20)
-    loop = asyncio.create_task(r.keep_standbys())
+    loop = asyncio.create_task(r.keep_standbys(no_adoption))
     try:
         start = time.monotonic()
         while not r.holds_every_task(S2) or S2 in r._missed or "t0" not in t.copied.get(S2, ()):
@@ -123,7 +137,7 @@ async def test_a_standby_refusing_copies_is_resynced_every_50ms_with_every_resul
     r, t = acting(tmp_path, [ACTING, S1], {S1: "refuse"})
     fill(r, unfinished=2, finished=200)
     caplog.set_level(logging.WARNING, logger="butterfly.wiring.standby")
-    loop = asyncio.create_task(r.keep_standbys())
+    loop = asyncio.create_task(r.keep_standbys(no_adoption))
     try:
         await asyncio.sleep(1.0)
     finally:
@@ -141,7 +155,7 @@ async def test_a_gateway_added_later_is_not_said_to_hold_every_task_until_resync
     holds every task, and keep_standbys never gives it those tasks."""
     r, t = acting(tmp_path, [ACTING, S1], {S1: "ok", S2: "ok"})
     fill(r, unfinished=3, finished=0)
-    loop = asyncio.create_task(r.keep_standbys())
+    loop = asyncio.create_task(r.keep_standbys(no_adoption))
     try:
         await asyncio.sleep(0.2)
         r._role.follow([ACTING, S1, S2])
@@ -168,7 +182,7 @@ async def test_held_a_copy_refused_during_a_resync_keeps_holds_every_task_false(
         return await ask(peer, msg, payload, **kw)
 
     t.ask = slow_ask  # type: ignore[method-assign]
-    loop = asyncio.create_task(r.keep_standbys())
+    loop = asyncio.create_task(r.keep_standbys(no_adoption))
     try:
         while S1 not in r._resyncing:
             await asyncio.sleep(0.001)
@@ -185,10 +199,54 @@ async def test_a_standby_that_keeps_refusing_is_resynced_ever_less_often(tmp_pat
     second, not the twenty that the 50 ms check would make."""
     r, t = acting(tmp_path, [ACTING, S1], {S1: "refuse"})
     fill(r, unfinished=1, finished=0)
-    loop = asyncio.create_task(r.keep_standbys())
+    loop = asyncio.create_task(r.keep_standbys(no_adoption))
     try:
         await asyncio.sleep(1.0)
     finally:
         await stop(loop, r)
     assert 2 <= t.asks.get(S1, 0) <= 6, t.asks  # one copy per resync
     assert not r.holds_every_task(S1)
+
+
+async def test_a_standby_down_at_the_takeover_hands_over_the_tasks_only_it_held(
+    tmp_path: Path,
+) -> None:
+    """S1 did not answer when this node took over (it was down: it had been acting, and
+    accepted tasks it could not copy here). Back, it is resynced: first its tasks are
+    taken, the unfinished ones queued here (`adopt`) with their checkpoints, a finished
+    one's end kept. Before, they stayed in S1's store, unknown here, until S1 acted."""
+    r, t = acting(tmp_path, [ACTING, S1], {S1: "circuit"})
+    assert await r.pull() == 0  # S1 does not answer at the takeover
+    t.mode[S1] = "ok"
+    rng = base64.b64encode(b"rng-state").decode()
+    task = InferenceTask(RequestId("u1"), (1, 2), max_new_tokens=4)
+    with_checkpoint = InferenceTask(RequestId("u2"), (3,), max_new_tokens=4)
+    done = InferenceTask(RequestId("f1"), (4,), max_new_tokens=4)
+    t.held[S1] = [
+        ["u1", task_to_json(task), None],
+        ["u2", task_to_json(with_checkpoint), [[7, 8], rng, 3]],
+        ["f1", task_to_json(done), None, ["failed", "gone", "StageLost", None]],
+        ["bad", "{not json", None],  # one bad record costs that task only
+    ]
+    adopted: list[InferenceTask] = []
+    loop = asyncio.create_task(r.keep_standbys(adopted.extend))
+    try:
+        start = time.monotonic()
+        while len(adopted) < 2 and time.monotonic() - start < 3.0:
+            await asyncio.sleep(0.02)
+        assert sorted(a.task_id for a in adopted) == ["u1", "u2"]
+        assert adopted[0] == task or adopted[1] == task
+        checkpoint = r.store.checkpoint(RequestId("u2"))
+        assert checkpoint is not None and checkpoint.tokens == (7, 8)
+        assert checkpoint.rng_state == b"rng-state"
+        finished = r.store.get("f1")
+        assert finished is not None and finished.state.terminal
+        syncs = t.syncs
+        r._missed.add(S1)  # a later copy lost: resynced again, but not asked again
+        while S1 in r._missed or r._resyncing:
+            await asyncio.sleep(0.02)
+            if time.monotonic() - start > 5.0:
+                break
+        assert t.syncs == syncs == 1  # (the takeover's ask met the open circuit)
+    finally:
+        await stop(loop, r)

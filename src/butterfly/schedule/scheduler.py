@@ -27,7 +27,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from functools import partial
 
@@ -182,6 +182,14 @@ class Scheduler:
         self._max_concurrent = max_concurrent
         self._queue.retune(queue_capacity, policy)
         self._wake.set()
+
+    def adopt(self, tasks: Iterable[InferenceTask]) -> None:
+        """Queue tasks another gateway accepted and this one now holds in its store (a
+        standby that came back with tasks it took while acting): past the queue's bound,
+        as tasks recovered at start are; one already known here is left as it is."""
+        for task in tasks:
+            if task.task_id not in self._live and task.task_id not in self._recent:
+                self._enqueue(task, force=True)
 
     # --- commands ----------------------------------------------------------------------
 

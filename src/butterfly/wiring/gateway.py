@@ -318,7 +318,7 @@ class Gateway:
                 "recovery": partial(self.recovery.run, on_replanned=self.engine.plan_changed),
                 "config_monitor": self.coordinator.monitor,
                 "standby_copies": replicas.send_copies,
-                "standby_resync": replicas.keep_standbys,
+                "standby_resync": partial(replicas.keep_standbys, scheduler.adopt),
                 "isolation": isolation.run,
             }
             async with asyncio.TaskGroup() as tg:

@@ -20,7 +20,9 @@ directory. The acting gateway writes to its own and copies to the others:
   gateway that acted while this one was down may have finished tasks it could not copy
   here (the whole cluster stopped before `keep_standbys` caught this node up), and
   without them their ids would be unknown here, their results unreadable for good
-  (tests/test_shutdown.py waited 300 s for three such results);
+  (tests/test_shutdown.py waited 300 s for three such results); from a standby that did
+  not answer then (it was down, with tasks it accepted alone before it died), the same
+  once it is back, its unfinished tasks queued here (`resync`);
 - to each standby when it starts acting, and to a standby that missed a copy (it was
   failed, or a copy to it was lost) once it is healthy again, everything it may lack:
   every unfinished task with its checkpoint, and the last `RESYNC_RESULTS` results
@@ -142,6 +144,9 @@ class TaskReplicas:
         self.copies = 0  # tasks a standby acknowledged, for tests and health
         self._missed: set[NodeId] = set()  # standbys that lack a copy: `keep_standbys`
         self._resyncing: set[NodeId] = set()  # standbys being given what they missed
+        # standbys that may hold tasks this node lacks: down (or not answering) while it
+        # took over, or since; taken from when next resynced (`resync`)
+        self._unpulled: set[NodeId] = set()
         # standbys whose circuit a copy waited on in vain: no copy waits again until one
         # reaches them (`_copy`)
         self._undialled: set[NodeId] = set()
@@ -188,6 +193,7 @@ class TaskReplicas:
                 continue
             if self._status(g) == "failed":
                 self._missed.add(g)
+                self._unpulled.add(g)
             else:
                 alive.append(g)
         return alive
@@ -291,14 +297,15 @@ class TaskReplicas:
             log.debug("%s to node %s lost: %s", msg.kind, peer, e)
             self._missed.add(peer)
 
-    async def keep_standbys(self) -> None:
+    async def keep_standbys(self, adopt: Callable[[list[InferenceTask]], None]) -> None:
         """Forever (while acting): give every standby what it may lack (`resync`) when
         this node starts acting, when one becomes a gateway (`cluster.gateways`: one
         added later was said to hold every task and was never given them, a review),
         and whenever one that missed a copy is healthy. Each standby on its own: one
         whose copies waited on its circuit held the others' back. One whose resync
         failed is tried again after a doubling wait: checked every 50 ms, one that kept
-        refusing was sent up to 1024 results twenty times a second (a review)."""
+        refusing was sent up to 1024 results twenty times a second (a review).
+        `adopt` queues the unfinished tasks a standby held and this node did not."""
         known: set[NodeId] = set()
         waits: dict[NodeId, tuple[float, float]] = {}  # peer -> (not before, wait)
         running: dict[NodeId, asyncio.Task[None]] = {}
@@ -315,18 +322,24 @@ class TaskReplicas:
                         continue
                     if now < waits.get(peer, (0.0, 0.0))[0]:
                         continue
-                    running[peer] = asyncio.create_task(self._resync_one(peer, waits))
+                    resync = self._resync_one(peer, waits, adopt)
+                    running[peer] = asyncio.create_task(resync)
                 await asyncio.sleep(WATCH_STANDBYS_S)
         finally:
             for task in running.values():
                 task.cancel()
 
-    async def _resync_one(self, peer: NodeId, waits: dict[NodeId, tuple[float, float]]) -> None:
+    async def _resync_one(
+        self,
+        peer: NodeId,
+        waits: dict[NodeId, tuple[float, float]],
+        adopt: Callable[[list[InferenceTask]], None],
+    ) -> None:
         self._missed.discard(peer)  # a copy lost meanwhile adds it again
         self._resyncing.add(peer)
         done = False
         try:
-            done = await self.resync(peer)
+            done = await self.resync(peer, adopt)
         finally:
             self._resyncing.discard(peer)
             if done:
@@ -337,10 +350,25 @@ class TaskReplicas:
                 wait = min(RESYNC_MAX_WAIT_S, 2 * last)
                 waits[peer] = (time.monotonic() + wait, wait)
 
-    async def resync(self, peer: NodeId) -> bool:
+    async def resync(self, peer: NodeId, adopt: Callable[[list[InferenceTask]], None]) -> bool:
         """Copy to `peer` every unfinished task with its checkpoint, then the recent
         results; True if it took every task (False: tried again later). A copy refused
-        or failed ends it there (the rest would fail alike), with one line logged."""
+        or failed ends it there (the rest would fail alike), with one line logged.
+
+        First, from a standby that was down or silent while this node took over (or has
+        been down since), the tasks it holds and this node lacks: it may have accepted
+        them while acting, and died before it could copy them here. Those unfinished go
+        to `adopt`. Before, they stayed unfinished in its store, unknown to the acting
+        gateway, for as long as that node did not act again (a test)."""
+        if peer in self._unpulled:
+            try:
+                taken = await self._pull_from(peer)
+            except ServiceUnavailable:
+                return False
+            self._unpulled.discard(peer)
+            if taken:
+                log.warning("took %d task(s) only node %s held, or held finished", len(taken), peer)
+            adopt([t for t in taken if t is not None])
         store = self.store
         room = asyncio.Semaphore(RESYNC_AT_ONCE)
         failed: list[RequestId] = []
@@ -386,21 +414,42 @@ class TaskReplicas:
         """Take into this node's store the unfinished tasks (and checkpoints) each standby
         holds that it lacks, and the standby's recent results of tasks it lacks or holds
         unfinished; returns how many tasks changed here (new, or now finished). A standby
-        that does not answer in time is skipped (it is given this node's tasks later,
+        that does not answer in time is skipped (taken from when it is resynced,
         `keep_standbys`)."""
-        store, changed = self.store, 0
+        changed = 0
         for peer in self.standbys():
             try:
-                _, payload = await self._transport.ask(
-                    peer, TaskSync(), timeout=COPY_TIMEOUT_S, channel="control"
-                )
-                for record in json.loads(payload):
-                    changed += _take(store, record)
-            except (ButterflyError, ValueError, KeyError, TypeError) as e:
-                log.warning("unfinished tasks of node %s not taken: %s", peer, e)
+                changed += len(await self._pull_from(peer))
+            except ServiceUnavailable:
+                self._unpulled.add(peer)
         if changed:
             log.warning("took %d task(s) only a standby held, or held finished", changed)
         return changed
+
+    async def _pull_from(self, peer: NodeId) -> list[InferenceTask | None]:
+        """What `peer` holds that this node lacks, taken into its store: per task changed
+        here, the task if it is new and unfinished (to be queued), else None (it is now
+        finished here). `ServiceUnavailable` if `peer` did not answer."""
+        try:
+            _, payload = await self._transport.ask(
+                peer, TaskSync(), timeout=COPY_TIMEOUT_S, channel="control"
+            )
+            records = json.loads(payload)
+            if not isinstance(records, list):
+                raise ValueError(f"a list of tasks expected, got {type(records).__name__}")
+        except (ButterflyError, ValueError) as e:
+            log.warning("unfinished tasks of node %s not taken: %s", peer, e)
+            raise ServiceUnavailable(f"node {peer} did not hand over its tasks: {e}") from e
+        taken: list[InferenceTask | None] = []
+        for record in records:  # one bad record costs that task only
+            try:
+                changed, task = _take(self.store, record)
+            except (ValueError, KeyError, TypeError) as e:
+                log.warning("a task of node %s not taken: %s", peer, e)
+                continue
+            if changed:
+                taken.append(task)
+        return taken
 
     # --- a standby: the router's handlers (only the acting gateway may send these) ------
 
@@ -473,19 +522,20 @@ class TaskReplicas:
         return None
 
 
-def _take(store: TaskStore, record: list[Any]) -> int:
-    """One record of a standby's `TaskSync` reply into `store`: 1 if the task was new
-    here or is now finished here, else 0. A record is the task's id, its JSON, its
-    checkpoint (or None) and, for a finished task, its end: status, reason, error type
-    and result JSON (or None). A task this node already holds finished stays as it is."""
+def _take(store: TaskStore, record: list[Any]) -> tuple[bool, InferenceTask | None]:
+    """One record of a standby's `TaskSync` reply into `store`: whether the task was new
+    here or is now finished here, and the task if it is new here and unfinished. A record
+    is the task's id, its JSON, its checkpoint (or None) and, for a finished task, its
+    end: status, reason, error type and result JSON (or None). A task this node already
+    holds finished stays as it is."""
     task_id, text, checkpoint, *rest = record
     held = store.get(task_id)
     if held is not None and held.state.terminal:
-        return 0
-    changed = 0
+        return False, None
+    new = None
     if held is None:
-        store.copy(task_from_json(task_id, text))
-        changed = 1
+        new = task_from_json(task_id, text)
+        store.copy(new)
     if rest and rest[0] is not None:
         status, reason, error_type, result = rest[0]
         state = TaskState(TaskStatus(status), reason, error_type)
@@ -494,12 +544,12 @@ def _take(store: TaskStore, record: list[Any]) -> int:
         store.finish(
             RequestId(task_id), state, result_from_json(task_id, result) if result else None
         )
-        return 1
+        return True, None
     if checkpoint is not None:
         tokens, rng, epoch = checkpoint
         saved = Checkpoint(tuple(tokens), base64.b64decode(rng), epoch)
         store.save_checkpoint(RequestId(task_id), saved)
-    return changed
+    return new is not None, new
 
 
 __all__ = ["TaskReplicas"]
