@@ -222,7 +222,7 @@ class Auditor:
             if index == len(plan.stages) - 1:
                 offset = min(c.start for c in mine)
                 if chosen is not None:
-                    offset = min(offset, max(0, chosen.prompt - 1))
+                    offset = min(offset, chosen.first_row)
             # no node audits its own work: each claim is judged by the re-runs of the
             # holders that did not sign it. A step routed around the chain's node
             # (`claims.Claims`) was signed by a standby, and the chain's node signed the

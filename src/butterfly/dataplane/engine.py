@@ -663,6 +663,7 @@ class PipelineEngine:
             crossed = every > 0 and len(gen.out) // every > before // every  # a verify: several
             if self._on_checkpoint is not None and crossed:
                 self._on_checkpoint(request_id, gen.checkpoint(epoch))
+        steps.drawn = gen.drawn  # held to the re-executed logits by the audit
         total = time.perf_counter() - started
         if gen.first_token_at is not None:  # a request resumed with tokens made none here
             timings["time_to_first_token_s"] = gen.first_token_at - started

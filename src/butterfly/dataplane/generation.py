@@ -18,7 +18,14 @@ from tokenizers import Tokenizer
 from butterfly.dataplane.drafter import Draft
 from butterfly.dataplane.speculate import confirm, kept_until_stop
 from butterfly.metrics.events import Emit, PromptChunked, Traversed
-from butterfly.runtime.sampling import PromptScores, choose, make_generator, sample
+from butterfly.runtime.sampling import (
+    PromptScores,
+    choose,
+    distribution,
+    draw,
+    is_greedy,
+    make_generator,
+)
 from butterfly.runtime.stops import TextStops
 from butterfly.schedule.drafts import Acceptance
 from butterfly.schedule.engine import PromptScored, TokenSink
@@ -48,6 +55,10 @@ class Generation:
         self.prompt = list(task.input_ids)
         self.out: list[int] = []
         self.scored: list[Sampled] = []  # with logprobs, when the request asked for them
+        # a sampled request's tokens (by index in `out`) -> the probability the target
+        # distribution gave each, from the logits it was drawn from: what its audit holds
+        # to the re-executed logits (`Chosen`)
+        self.drawn: dict[int, float] = {}
         self.wants_logprobs = task.sampling.logprobs is not None
         k = task.sampling.prompt_logprobs  # the prompt's tokens scored (echo with logprobs)
         self.prompt_scores = PromptScores(self.prompt, k) if k is not None else None
@@ -141,18 +152,26 @@ class Generation:
             self.ended = True
             return []
         sampling = self.task.sampling
+        drawn: list[float] = []
         if drafted:
             got = confirm(logits[0], drafted, sampling, self.rng, self.out, draft.q)
             self._emit(Traversed(len(drafted), len(got) - 1))
             if draft.q is not None:  # a draft model's draws: its record
                 self.acceptance = self.acceptance.verified(len(drafted), len(got) - 1)
+            if not is_greedy(sampling):  # row i's distribution, as `confirm` weighed it
+                seen = [*self.out, *got]
+                drawn = [
+                    float(distribution(logits[0, i], sampling, seen[: len(self.out) + i])[t])
+                    for i, t in enumerate(got)
+                ]
         elif self.wants_logprobs:  # a log-softmax over the vocabulary more, only when asked
-            picked = choose(logits[0, -1], sampling, self.rng, self.out)
-            got = [picked.token]
+            picked, p = choose(logits[0, -1], sampling, self.rng, self.out)
+            got, drawn = [picked.token], [p]
             self.scored.append(picked)
             self._emit(Traversed())
         else:
-            got = [sample(logits[0, -1], sampling, self.rng, self.out)]
+            token, p = draw(logits[0, -1], sampling, self.rng, self.out)
+            got, drawn = [token], [p]
             self._emit(Traversed())
         if drafting and not drafted:
             self.acceptance = self.acceptance.undrafted_step()
@@ -165,6 +184,8 @@ class Generation:
                     break
         if not self.out:  # before the sink hears it, which may take its time
             self.first_token_at = time.perf_counter()
+        if not is_greedy(sampling):
+            self.drawn.update(enumerate(drawn[: len(got)], start=len(self.out)))
         for token in got:
             self.out.append(token)
             self._on_token(self.scored[-1] if self.wants_logprobs else token)

@@ -41,6 +41,9 @@ class Steps:
     # that nobody but their signers may re-run is passed over: later steps computed
     # every row again
     superseded: set[int] = field(default_factory=set)
+    # a sampled request's tokens (by index) -> the probability its target distribution
+    # gave each, as the gateway drew it (`Generation.drawn`)
+    drawn: dict[int, float] = field(default_factory=dict)
 
     def used(self, step: int, start: int, length: int, plan: StagePlan | None) -> None:
         self.positions[step] = (start, length)
@@ -87,7 +90,14 @@ async def audit_request(
             return Verdict(False, reason=f"step {step} ran under no plan the gateway kept")
         by_epoch.setdefault(plan.epoch, (plan, {}))[1][step] = where
     sequence = list(task.input_ids) + list(result.output_ids[:-1])
-    everything = Chosen(task.sampling, len(task.input_ids), tuple(result.output_ids))
+    everything = Chosen(
+        task.sampling,
+        len(task.input_ids),
+        tuple(result.output_ids),
+        drawn=steps.drawn,
+        logprobs=result.logprobs,
+        prompt_logprobs=result.prompt_logprobs,
+    )
     verdicts: list[Verdict] = []
     # while every plan so far was verified, the stages a plan kept on the same node
     # resumed on caches that node built itself on right inputs (`Auditor.audit`)

@@ -70,15 +70,15 @@ def choose(
     params: SamplingParams,
     generator: torch.Generator,
     history: Sequence[int] = (),
-) -> Sampled:
-    """`sample` with the chosen token's logprob and the `params.logprobs` likeliest."""
+) -> tuple[Sampled, float]:
+    """`draw` with the chosen token's logprob and the `params.logprobs` likeliest."""
     logits = logits.float()
-    token = sample(logits, params, generator, history)
+    token, drawn = draw(logits, params, generator, history)
     logprobs = torch.log_softmax(logits, dim=-1)
     k = min(params.logprobs or 0, logits.shape[-1])
     top = torch.topk(logprobs, k) if k else None
     alternatives = tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top else ()
-    return Sampled(token, float(logprobs[token]), alternatives)
+    return Sampled(token, float(logprobs[token]), alternatives), drawn
 
 
 class PromptScores:
@@ -158,7 +158,21 @@ def sample(
 ) -> int:
     """Pick one token id from `logits` [V] (the last position's); `history`: the tokens
     generated so far, which the penalties count."""
+    return draw(logits, params, generator, history)[0]
+
+
+def draw(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator,
+    history: Sequence[int] = (),
+) -> tuple[int, float]:
+    """`sample`, and the probability `distribution` gave the token (1.0 when greedy):
+    the gateway keeps it, and its audit holds it to the re-executed logits
+    (`dataplane.chosen.Chosen`), which a last stage reshaping the logits its
+    fingerprint does not pin would otherwise pass (a review)."""
     if is_greedy(params):
-        return greedy_token(logits, params, history)
+        return greedy_token(logits, params, history), 1.0
     probs = distribution(logits, params, history)
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+    token = int(torch.multinomial(probs, 1, generator=generator).item())
+    return token, float(probs[token])
