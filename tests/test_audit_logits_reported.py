@@ -1,6 +1,10 @@
 """What an answer takes from the last stage's logits besides its tokens, held to the
 audit's re-execution: the logprobs reported and a sampled token's probability.
 
+Also what the gateway must not take at all: logits wider or narrower than the model's
+vocabulary, or not finite (a review failed accepted requests with both, and evicted
+nobody).
+
 A review's liar (the last stage) kept each row's fingerprinted values bit for bit and
 the greedy token, raised every other logit to just below the smallest fingerprinted
 magnitude, and signed exactly what it sent. The audit verified its answers: logprobs
@@ -10,6 +14,7 @@ magnitude, and signed exactly what it sent. The audit verified its answers: logp
 from __future__ import annotations
 
 import asyncio
+import math
 from pathlib import Path
 
 import pytest
@@ -20,7 +25,7 @@ from butterfly.dataplane.stage_server import StageServer
 from butterfly.protocol.proof import Tolerance
 from butterfly.runtime.generate import generate
 from butterfly.runtime.loader import load_stage
-from butterfly.runtime.sampling import distribution
+from butterfly.runtime.sampling import choose, distribution, draw, log_softmax
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.testing.inprocess import InProcessCluster
 from butterfly.types.ids import RequestId
@@ -120,16 +125,28 @@ class ReshapingStageServer(StageServer):
 
 
 async def answer(
-    model: Path, data: Path, sampling: SamplingParams, liar: bool, new: int = 6
+    model: Path,
+    data: Path,
+    sampling: SamplingParams,
+    liars: dict[int, type[StageServer]],
+    *,
+    new: int = 6,
+    n: int = 4,
+    mode: str = "audit",
 ) -> tuple[InferenceResult, set[int]]:
+    """One request on `n` nodes (f = 1) with `liars`, its result and who was evicted
+    (the conviction given a moment to be agreed)."""
     ids = tuple(TextCodec.load(model).encode(PROMPT))
-    liars = {1: ReshapingStageServer} if liar else {}
-    async with InProcessCluster(model, 4, data, f=1, settings=SETTINGS, stage_servers=liars) as c:
+    settings = {**SETTINGS, "byzantine.verification": mode}
+    async with InProcessCluster(model, n, data, f=1, settings=settings, stage_servers=liars) as c:
         plan = await c.first_plan()
-        assert plan is not None and plan.stages[-1][0] == 1  # the liar is the last stage
+        assert plan is not None and 1 in plan.nodes
         task = InferenceTask(RequestId("r"), ids, max_new_tokens=new, sampling=sampling)
         run = asyncio.create_task(c.gateway.engine.run(task, lambda t: None))
-        await c.until(run.done, "the request to finish", beats=2000)
+        await c.until(run.done, "the request to finish", beats=3000)
+        for _ in range(50):
+            c.hub.tick(0.1)
+            await asyncio.sleep(0.005)
         return run.result(), {int(n) for n in c.gateway.plans.evicted}
 
 
@@ -151,7 +168,8 @@ async def test_verified_logprobs_are_the_models(
     1.7 off the model's, and the prompt's too."""
     ids = list(TextCodec.load(tiny_model).encode(PROMPT))
     asked = SamplingParams(logprobs=3, prompt_logprobs=3)
-    result, evicted = await answer(tiny_model, tmp_path, asked, liar)
+    liars = {1: ReshapingStageServer} if liar else {}
+    result, evicted = await answer(tiny_model, tmp_path, asked, liars)
     assert result.verified == "audit"
     assert evicted == ({1} if liar else set())
     want = honest_logprobs(tiny_model, ids + list(result.output_ids))
@@ -167,6 +185,119 @@ async def test_a_verified_seeded_sample_is_the_models(tiny_model: Path, tmp_path
     codec = TextCodec.load(tiny_model)
     ids = codec.encode(PROMPT)
     expected = list(generate([load_stage(tiny_model)], ids, 12, sampled, codec.eos_ids))
-    result, evicted = await answer(tiny_model, tmp_path, sampled, True, new=12)
+    result, evicted = await answer(tiny_model, tmp_path, sampled, {1: ReshapingStageServer}, new=12)
     assert result.verified == "audit" and evicted == {1}
     assert list(result.output_ids) == expected
+
+
+# --- logits of another width, or not finite -------------------------------------------
+
+
+class WiderStageServer(StageServer):
+    """As last stage: four columns more than the vocabulary, the first far above every
+    real logit (the gateway picked a token id no stage has)."""
+
+    def tamper(self, out: torch.Tensor) -> torch.Tensor:
+        if self.stage is None or not self.stage.is_last:
+            return out
+        extra = torch.zeros(*out.shape[:-1], 4, dtype=out.dtype)
+        extra[..., 0] = out.abs().max() + 100.0
+        return torch.cat([out, extra], dim=-1)
+
+
+class NarrowerStageServer(StageServer):
+    """As last stage: the vocabulary's last column left out."""
+
+    def tamper(self, out: torch.Tensor) -> torch.Tensor:
+        if self.stage is None or not self.stage.is_last:
+            return out
+        return out[..., :-1].contiguous()
+
+
+class InfiniteBestStageServer(StageServer):
+    """As last stage: each row's best logit sent as +inf (the draw raised on it)."""
+
+    def tamper(self, out: torch.Tensor) -> torch.Tensor:
+        if self.stage is None or not self.stage.is_last:
+            return out
+        rows = out.reshape(-1, out.shape[-1]).clone()
+        rows[torch.arange(rows.shape[0]), rows.argmax(dim=-1)] = float("inf")
+        return rows.reshape(out.shape)
+
+
+class InfiniteMiddleStageServer(StageServer):
+    """As a middle stage: one activation per row sent as +inf; the honest last stage
+    computes NaN logits on it, and signs them."""
+
+    def tamper(self, out: torch.Tensor) -> torch.Tensor:
+        if self.stage is None or self.stage.is_last:
+            return out
+        rows = out.reshape(-1, out.shape[-1]).clone()
+        rows[:, 0] = float("inf")
+        return rows.reshape(out.shape)
+
+
+def reference(model: Path, sampling: SamplingParams, new: int = 6) -> list[int]:
+    codec = TextCodec.load(model)
+    return list(generate([load_stage(model)], codec.encode(PROMPT), new, sampling, codec.eos_ids))
+
+
+GREEDY = SamplingParams()
+SAMPLED = SamplingParams(temperature=0.8, seed=7)
+BANNED_LAST = SamplingParams(logit_bias=((258, -5.0),))  # the tiny model's last token id
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("liar", "sampling", "mode", "n"),
+    [
+        (WiderStageServer, GREEDY, "audit", 4),
+        (WiderStageServer, GREEDY, "replicate", 4),
+        (NarrowerStageServer, BANNED_LAST, "audit", 4),
+        (InfiniteBestStageServer, SAMPLED, "audit", 4),
+        (InfiniteBestStageServer, SAMPLED, "replicate", 4),
+        (InfiniteMiddleStageServer, SAMPLED, "audit", 6),
+        (InfiniteMiddleStageServer, GREEDY, "audit", 6),
+    ],
+    ids=[
+        "wider-audit",
+        "wider-replicate",
+        "narrower-logit-bias",
+        "inf-sampled-audit",
+        "inf-sampled-replicate",
+        "inf-middle-sampled",
+        "inf-middle-greedy",
+    ],
+)
+async def test_logits_of_another_width_or_not_finite_convict_their_sender(
+    tiny_model: Path,
+    tmp_path: Path,
+    liar: type[StageServer],
+    sampling: SamplingParams,
+    mode: str,
+    n: int,
+) -> None:
+    """The request is answered right and verified, and node 1 (the liar) alone is
+    evicted. Before: wider logits failed the request as the client's invalid input
+    (the gateway's own first stage refused the token id), narrower ones failed a valid
+    logit bias as the client's, and an infinite logit failed a sampled request in the
+    draw, before its audit; nobody was evicted."""
+    result, evicted = await answer(tiny_model, tmp_path, sampling, {1: liar}, n=n, mode=mode)
+    assert evicted == {1}
+    assert result.verified == mode
+    assert list(result.output_ids) == reference(tiny_model, sampling)
+
+
+def test_a_draw_and_the_logprobs_reported_survive_non_finite_logits() -> None:
+    """+inf shares the draw, NaN is never drawn, all NaN draws something; every logprob
+    reported is a JSON number (a NaN or -inf one failed the response's serialization)."""
+    g = torch.Generator().manual_seed(0)
+    params = SamplingParams(temperature=0.7, logprobs=2)
+    nan, inf = float("nan"), float("inf")
+    for _ in range(20):
+        assert draw(torch.tensor([nan, inf, 1.0, inf]), params, g)[0] in (1, 3)
+    assert 0 <= draw(torch.tensor([nan, nan, nan]), params, g)[0] < 3
+    picked, _ = choose(torch.tensor([nan, 2.0, -inf]), params, g)
+    values = [picked.logprob, *(v for _, v in picked.top)]
+    assert picked.token == 1 and all(math.isfinite(v) for v in values)
+    assert log_softmax(torch.tensor([[nan, 0.0, -inf]])).isfinite().all()

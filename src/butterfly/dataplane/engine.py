@@ -111,6 +111,7 @@ class PipelineEngine:
         records: RecordSize | None = None,
         drafter: ModelDrafter | None = None,
         dispatcher: Dispatcher | None = None,
+        vocab: int = 0,
     ) -> None:
         """`verification` picks which of the parts built checks a request (audit,
         replicate or none); it defaults to the one part given. `retune` changes it, the
@@ -122,7 +123,8 @@ class PipelineEngine:
         `on_checkpoint` gets each request's generation every `checkpoint_every` tokens
         (the standby gateways keep it: `wiring.standby`); `resume` finds the one a request
         left before the gateway running it died, to go on from there.
-        `tracing`: opens a span for each request it samples (metrics.tracing).
+        `tracing`: opens a span for each request it samples (metrics.tracing). `vocab`:
+        the width of the logits a result must hold (0: not checked; an encoder's).
         `speculation`, `prefill_chunk`: generation.speculative and .prefill_chunk
         (`retune_generation`). `tokenizer`: the model's, to find a task's stop strings
         in its text as it is generated (a task with stops and no tokenizer is refused).
@@ -166,7 +168,7 @@ class PipelineEngine:
         shape = Shape(records.top_k, records.chunk) if records is not None else None
         self._shapes = Shapes(shape, shape) if shape is not None else None
         self._intake = Intake(
-            node, plan, self._flight, keys, max_tensor_bytes, emit, self._on_liars
+            node, plan, self._flight, keys, max_tensor_bytes, emit, self._on_liars, vocab
         )
         self._caches = Caches(deliver=deliver, ask=ask, plan=plan)
         self._claims = Claims(node, f)

@@ -58,6 +58,11 @@ class Intake:
     max_tensor_bytes: int
     emit: Emit
     on_liars: OnLiars
+    # the model's vocabulary, which every row of a result's logits spans (0: no logits,
+    # an encoder's output): logits wider or narrower than it, signed as sent, made the
+    # gateway pick a token no stage has, and the request failed as the client's fault
+    # with nobody evicted (a review)
+    vocab: int = 0
 
     async def on_result(self, peer: NodeId, env: Envelope) -> None:
         """The node's route for StepResult and StepError frames: taken only from a node
@@ -120,6 +125,11 @@ class Intake:
                 asked, got = flight.rows[key], spans[i][1] - spans[i][0]
                 liars[peer] = f"step {key[1]} of {key[0]}: {got} row(s) of logits for {asked}"
                 fut.set_exception(StageLost(f"node {peer} answered {got} row(s) for {asked}"))
+            elif isinstance(msg, StepResult) and self.vocab and out.shape[-1] != self.vocab:
+                got = out.shape[-1]
+                liars[peer] = f"step {key[1]} of {key[0]}: logits {got} wide for a vocabulary of"
+                liars[peer] += f" {self.vocab}"
+                fut.set_exception(StageLost(f"node {peer} answered logits {got} wide"))
             elif isinstance(msg, StepResult):
                 start, end = spans[i]
                 # a slice is a torch operation: 10-30 µs on a cold gateway (AMD EPYC)

@@ -74,7 +74,7 @@ def choose(
     """`draw` with the chosen token's logprob and the `params.logprobs` likeliest."""
     logits = logits.float()
     token, drawn = draw(logits, params, generator, history)
-    logprobs = torch.log_softmax(logits, dim=-1)
+    logprobs = log_softmax(logits)
     k = min(params.logprobs or 0, logits.shape[-1])
     top = torch.topk(logprobs, k) if k else None
     alternatives = tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top else ()
@@ -112,7 +112,7 @@ def scored(logits: torch.Tensor, targets: Sequence[int], k: int) -> list[Sampled
     """Each row's `targets` token with its logprob and the `k` likeliest there: `logits`
     [T, V] of positions 0..T-1 score the tokens that followed them (a prompt's logprobs,
     as `choose` scores a sampled token: the log-softmax, before any penalty)."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    logprobs = log_softmax(logits.float())
     chosen = logprobs.gather(1, torch.tensor(list(targets), dtype=torch.int64)[:, None])[:, 0]
     k = min(k, logits.shape[-1])
     top = torch.topk(logprobs, k) if k else None
@@ -127,13 +127,38 @@ def scored(logits: torch.Tensor, targets: Sequence[int], k: int) -> list[Sampled
     return out
 
 
+LEAST_LOGPROB = -9999.0
+"""The logprob reported for a token whose logit is -inf or NaN: JSON has no -inf, and
+a response holding one failed to serialize (OpenAI reports -9999 for such tokens)."""
+
+
+def log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """The logprobs reported for `logits` (rows, vocabulary last): the log-softmax, each
+    at least `LEAST_LOGPROB` and never NaN, whatever the last stage sent (a liar's
+    non-finite logits are the audit's to judge; the response must still be JSON)."""
+    out = torch.log_softmax(logits, dim=-1)
+    return out.nan_to_num(nan=LEAST_LOGPROB).clamp(min=LEAST_LOGPROB)
+
+
+def usable(logits: torch.Tensor) -> torch.Tensor:
+    """`logits` a draw can be made from: NaN as -inf (never drawn), +inf as a finite
+    value above every other (softmax's limit: the +inf ones share the draw), and all
+    of them equal where none is left. A last stage's non-finite logits made the draw
+    raise, and the accepted request failed before its audit could convict the liar
+    (a review); the draw now goes on, and the audit judges the logits."""
+    if bool(torch.isfinite(logits).all()):
+        return logits
+    out = logits.nan_to_num(nan=float("-inf"), posinf=1e30)
+    return out if bool(torch.isfinite(out).any()) else torch.zeros_like(out)
+
+
 def distribution(
     logits: torch.Tensor, params: SamplingParams, history: Sequence[int] = ()
 ) -> torch.Tensor:
     """The probabilities [V] a sampled (non-greedy) request draws its next token from,
     after penalties, temperature, top-k and top-p: what `sample` draws from, and what
     speculative decoding's acceptance rule weighs a draft token by (dataplane.speculate)."""
-    logits = adjust(logits.float(), params, history) / params.temperature
+    logits = usable(adjust(logits.float(), params, history)) / params.temperature
     if 0 < params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

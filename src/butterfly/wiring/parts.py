@@ -188,7 +188,7 @@ def engine(
     me, byz = NodeId(cfg.node.id), cfg.byzantine
     verify = verifying(cfg)  # both checkers built: the mode may change at run time
     tolerance = tolerance_for(byz.rtol, byz.atol, verification_floor(cfg.model.dtype))
-    family, _args = model_args(model_dir)
+    family, args = model_args(model_dir)
     asks = AuditAsk(
         node=me,
         local=server.audit,
@@ -241,6 +241,7 @@ def engine(
         max_context=max_context(model_dir),
         input_kind=family.input_kind,
         generates=family.generates,
+        vocab=int(getattr(args, "vocab_size", 0)) if family.generates else 0,
         eos_ids=codec.eos_ids if codec else declared_eos_ids(model_dir),
         tokenizer=codec.tokenizer if codec else None,
         step_timeout_s=step_timeout_s(config),
