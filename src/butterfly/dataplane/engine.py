@@ -245,12 +245,21 @@ class PipelineEngine:
         if records is not None and self._sender.records is not None:
             self._sender.records = records.covering(self._sender.records)
         if records is not None and self._shapes is not None:
-            self._shapes.change(Shape(records.top_k, records.chunk), time.monotonic())
+            self._retune_shape(Shape(records.top_k, records.chunk))
         self._mode = verification if self.supports(verification) else "none"
         if self._auditor is not None:
             self._auditor.retune(tolerance, lone_ranges)
         if self._replicator is not None:
             self._replicator.retune(tolerance)
+
+    def _retune_shape(self, shape: Shape) -> None:
+        """Start the grace of a changed fingerprint shape; an unchanged one leaves it
+        running (as `AgreementDriver.retune` leaves its timers): every config change
+        retunes the engine, and an unrelated one (a label, a token) during the grace ended
+        it, so records of the shape before, which nodes still sign until they take the
+        change, were judged weak and the requests came back unverified."""
+        if self._shapes is not None and shape != self._shapes.agreed:
+            self._shapes.change(shape, time.monotonic())
 
     def supports(self, verification: Mode) -> bool:
         """Whether this engine was built with the part `verification` needs."""
