@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
+from butterfly.agreement.build import open_config
 from butterfly.cli import app
 from butterfly.config import ConfigHistory, config_hash, load_config
 
@@ -65,25 +66,66 @@ def test_errors_exit_2_with_location_and_no_traceback(run: Invoke, tmp_path: Pat
 
 
 def test_update_history_diff_rollback(run: Invoke, tmp_path: Path) -> None:
+    """Offline, a one-node cluster is its own quorum: `update --file` and `rollback`
+    change its cluster-wide options, each a new version that `history` lists and `diff`
+    compares."""
     base = tmp_path / "node.toml"
-    base.write_text('[observability]\nlog_level = "info"\n')
+    base.write_text("[byzantine]\naudit_fraction = 0.1\n")
     assert "version 1" in run("update", "--file", str(base)).stdout
     changed = tmp_path / "changed.toml"
-    changed.write_text('[observability]\nlog_level = "debug"\n[scheduling]\npolicy = "priority"\n')
+    changed.write_text('[byzantine]\naudit_fraction = 0.5\n[scheduling]\npolicy = "priority"\n')
     out = run("update", "--file", str(changed))
     assert out.exit_code == 0, out.output
-    assert 'observability.log_level: "info" -> "debug"' in out.stdout
-    assert 'scheduling.policy: "fifo" -> "priority"' in out.stdout  # one node: own quorum
+    assert "byzantine.audit_fraction: 0.1 -> 0.5" in out.stdout
+    assert 'scheduling.policy: "fifo" -> "priority"' in out.stdout
     listing = run("history", "--json").stdout
     versions = [r["version"] for r in json.loads(listing)]
-    assert versions == [3, 2, 1]
-    assert run("diff", "1", "2").stdout.strip() == 'observability.log_level: "info" -> "debug"'
+    assert versions == [2, 1]
+    assert run("diff", "1", "2").stdout.strip() == (
+        'byzantine.audit_fraction: 0.1 -> 0.5\nscheduling.policy: "fifo" -> "priority"'
+    )
     assert "scheduling.policy" in run("diff", "1", str(changed)).stdout
     back = run("rollback", "--version", "1")
     assert back.exit_code == 0 and 'scheduling.policy: "priority" -> "fifo"' in back.stdout
     top = json.loads(run("history", "--limit", "1", "--json").stdout)
     assert len(top) == 1 and top[0]["config_hash"] == json.loads(listing)[-1]["config_hash"]
     assert "version" in run("history").stdout
+
+
+def write_node(path: Path, data_dir: Path, rate: float) -> Path:
+    path.write_text(f'[node]\ndata_dir = "{data_dir}"\n\n[api]\nrate_limit = {rate}\n')
+    return path
+
+
+def started(node_toml: Path) -> float:
+    """The rate limit a node started from `node_toml` serves with (`open_config`, what
+    `butterfly start` runs)."""
+    manager = open_config(load_config([node_toml]))
+    try:
+        return manager.current.api.rate_limit
+    finally:
+        manager.history.close()
+
+
+def test_node_local_options_are_refused_offline(run: Invoke, tmp_path: Path) -> None:
+    """A node's files decide its node-local options when it starts (only agreed values
+    resume from the history): an offline rollback or `update --file` that moved one was
+    reported as a new version, and the node started next ran with the file's value. It is
+    refused, naming the option and the file as the place to set it, and nothing is
+    recorded."""
+    node = write_node(tmp_path / "node.toml", tmp_path / "data", 100.0)
+    assert started(node) == 100.0  # version 1: the node ran with 100 requests/s
+    write_node(node, tmp_path / "data", 5.0)  # the operator edits the file
+    assert started(node) == 5.0  # version 2
+    back = run("rollback", "--version", "1", "--config", str(node))
+    assert back.exit_code == 2, back.output
+    assert "api.rate_limit = 100.0 (now 5.0)" in back.stderr
+    assert "config file" in back.stderr
+    other = write_node(tmp_path / "other.toml", tmp_path / "data", 7.0)
+    out = run("update", "--file", str(other))
+    assert out.exit_code == 2 and "api.rate_limit = 7.0" in out.stderr, out.output
+    assert [r["version"] for r in json.loads(run("history", "--json").stdout)] == [2, 1]
+    assert started(node) == 5.0
 
 
 def test_update_refuses_static_changes(run: Invoke, tmp_path: Path) -> None:
@@ -110,22 +152,20 @@ def test_cluster_wide_change_needs_a_running_cluster(run: Invoke, tmp_path: Path
 
 def test_offline_rollback_keeps_the_roster(run: Invoke, tmp_path: Path) -> None:
     """A node that ran alone (version 1) and then joined a cluster of four (version 2,
-    agreed while running): `config rollback` without --url rolls back its other settings
-    and keeps the members, as the agreed rollback does."""
+    agreed while running): `config rollback` without --url keeps the members, as the
+    agreed rollback does. Taking version 1's roster, a one-node cluster, it passed as its
+    own quorum's change and dropped the three others."""
     members = ("127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3", "127.0.0.1:4")
     with ConfigHistory.in_data_dir(tmp_path / "data") as history:
         history.record(load_config(), source="startup", reason="start")
-        joined = load_config(
-            overrides=[f"cluster.members={json.dumps(members)}", "observability.log_level=debug"]
-        )
+        joined = load_config(overrides=[f"cluster.members={json.dumps(members)}"])
         history.record(joined, source="cluster seq 1", reason="add-member", cluster_seq=1)
     out = run("rollback", "--version", "1")
     assert out.exit_code == 0, out.output
-    assert 'observability.log_level: "debug" -> "info"' in out.stdout
-    assert "cluster.members" not in out.stdout
+    assert "no changes" in out.stdout and "cluster.members" not in out.stdout
     with ConfigHistory.in_data_dir(tmp_path / "data") as history:
         now = history.config_at(history.latest().version)  # type: ignore[union-attr]
-    assert now.cluster.members == members and now.observability.log_level == "info"
+    assert now.cluster.members == members
 
 
 def test_rollback_to_a_missing_version(run: Invoke) -> None:

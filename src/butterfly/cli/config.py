@@ -3,6 +3,7 @@
 Without `--url` everything here works on local files and the node's history database,
 without a running cluster; changes that need cluster agreement are then applied only when
 the cluster is this one node (a quorum of one), otherwise refused before anything changes.
+Node-local options are refused there too: the node's files decide them when it starts.
 With `--url` (`show`, `update`, `rollback`, `sync`) they go to a running cluster's gateway
 (see `config_remote`).
 """
@@ -256,11 +257,27 @@ def diff(
         _echo(_changes_text(changes))
 
 
+def _node_options_offline(local: tuple[Change, ...]) -> UpdateRefused:
+    """The refusal of node-local changes offline. A node's files decide those when it
+    starts (only agreed cluster-wide values resume from the history), so a version
+    recording them here was reported applied and ran with the file's values."""
+    keys = [c.key for c in local]
+    wanted = ", ".join(f"{c.key} = {json.dumps(c.new)} (now {json.dumps(c.old)})" for c in local)
+    return UpdateRefused(
+        f"node-local options change only in the node's config file, which decides them when "
+        f"the node starts (a running node takes an edit at once): {wanted}; set them there; "
+        "nothing was changed",
+        keys,
+    )
+
+
 def _move(manager: ConfigManager, target: ButterflyConfig, version: int | None) -> UpdateResult:
     """Refuse up front what cannot happen offline, so nothing is half-applied."""
     parts = classify(diff_configs(manager.current, target))
     if parts.static:
         raise restart_required(parts.static)
+    if parts.local:
+        raise _node_options_offline(parts.local)
     if parts.consensus and cluster_size(target) > 1:
         keys = [c.key for c in parts.consensus]
         raise UpdateRefused(
