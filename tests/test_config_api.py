@@ -1,5 +1,6 @@
 """`/api/v1/config` over HTTP (in-process ASGI) on the 4-node in-memory cluster of
-`test_config_agreement`: tokens, error shapes and statuses, history, rollback, sync."""
+`test_config_agreement`: tokens, error shapes and statuses, history, rollback, sync, and
+the gateway's own components' vetoes."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from fastapi import Depends, FastAPI
 
 from butterfly.api import config_routes, errors
 from butterfly.api.guards import BearerAuth
+from butterfly.control.live_config import _check_tracing
+from butterfly.metrics.tracing import Tracing
 from tests.test_config_agreement import Cluster, cluster
 
 __all__ = ["cluster"]  # the fixture, used by name below
@@ -98,3 +101,51 @@ async def test_a_reject_names_the_node_and_rollback_is_a_new_version(
     sync = await client.post("/api/v1/config/sync", headers=AUTH)
     assert sync.status_code == 200 and sync.json()["in_sync"]
     assert set(sync.json()["nodes"].values()) == {"in sync"}
+
+
+def tracer_without_exporter(cluster: Cluster) -> None:
+    """The gateway's tracer as node.py subscribes it, on a node started without an OTLP
+    endpoint: its check vetoes turning tracing on (README: spans would go nowhere)."""
+    tracing = Tracing(node=0, exporter=None)
+    cluster.nodes[0].manager.subscribe(
+        "tracing",
+        lambda old, new: tracing.retune(
+            enabled=new.observability.tracing, sample_rate=new.observability.trace_sample_rate
+        ),
+        check=_check_tracing(tracing),
+    )
+
+
+async def test_a_component_veto_is_a_409_naming_the_option(
+    client: httpx.AsyncClient, cluster: Cluster
+) -> None:
+    """A gateway-local option its component refuses was a 500 "internal" answer (the
+    routes did not know `UpdateRejected`): it is a refusal like a node's REJECT, naming
+    the option, the component and its reason."""
+    tracer_without_exporter(cluster)
+    r = await client.post("/api/v1/config", json={"observability.tracing": True}, headers=AUTH)
+    assert r.status_code == 409 and r.json()["error"]["type"] == "update_rejected", r.text
+    body = r.json()
+    assert "observability.tracing" in body["error"]["message"]
+    assert body["node"] == 0 and body["subscriber"] == "tracing"
+    assert body["keys"] == ["observability.tracing"] and "otlp_endpoint" in body["reason"]
+    assert not cluster.nodes[0].manager.current.observability.tracing
+
+
+async def test_a_refused_mixed_change_applies_nothing_anywhere(
+    client: httpx.AsyncClient, cluster: Cluster
+) -> None:
+    """One POST with a cluster-wide option and a gateway-local one the gateway's tracer
+    refuses: the cluster-wide half was agreed and applied on every node before the local
+    half was refused, so a 409 had changed the cluster. The gateway's components check
+    the whole change before anything is ordered."""
+    tracer_without_exporter(cluster)
+    before = {i: n.manager.record.config_hash for i, n in cluster.nodes.items()}
+    r = await client.post(
+        "/api/v1/config",
+        json={"partition.strategy": "uniform", "observability.tracing": True},
+        headers=AUTH,
+    )
+    assert r.status_code == 409 and r.json()["error"]["type"] == "update_rejected", r.text
+    assert {i: n.manager.record.config_hash for i, n in cluster.nodes.items()} == before
+    assert all(n.driver.last_executed == 0 for n in cluster.nodes.values())  # nothing ordered

@@ -9,9 +9,10 @@ when the agreement executes it, at the config sequence number the command carrie
 at a wall-clock time. If ordering times out, the gateway orders a `ConfigAbort` for that
 attempt: whichever of the two executes first decides, identically on every node, so a
 timeout never leaves the cluster split. Dynamic-local keys in the same patch apply on
-the gateway, after the cluster part committed, and those of the gateway's role (its API,
-queue and generation options) on the standby gateways too, which enforce them once they
-take over (`ConfigLocal`).
+the gateway, after the cluster part committed; its components check the whole change
+before anything is ordered, so their veto of the local part applies nothing anywhere.
+Those of the gateway's role (its API, queue and generation options) apply on the standby
+gateways too, which enforce them once they take over (`ConfigLocal`).
 
 Where every node stands (for FINALIZE, `/health` and `sync`) is `config_status`'s job.
 """
@@ -133,6 +134,10 @@ class ConfigCoordinator:
             raise restart_required(parts.static)
         if not parts.consensus and not parts.local:
             raise UpdateRefused("the change does nothing: every value is already in force")
+        if parts.local:
+            # every check on the whole change first: a veto of the local part, raised after
+            # the cluster part committed, was a refusal that had changed the cluster
+            self.replica.manager.check(target)
         result: ChangeResult | None = None
         if parts.consensus:
             agreed = target

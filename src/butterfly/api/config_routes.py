@@ -7,7 +7,9 @@ status that says who has to act:
 
     400 invalid_config     a key or value the schema refuses ("did you mean ...")
     409 update_refused     restart required, nothing to change, or a concurrent change won
-    409 update_rejected    a node voted REJECT; `node` and `reason` say which and why
+    409 update_rejected    a node voted REJECT, or one of the gateway's components vetoed
+                           its node-local part; `node` and `reason` say which and why
+                           (and for a veto, `subscriber` and the `keys` it was asked)
     504 consensus_timeout  not agreed in time; the message says whether it rolled back
 """
 
@@ -29,10 +31,13 @@ from butterfly.agreement.config_coordinator import (
 )
 from butterfly.api.errors import error_response
 from butterfly.api.requests import read_body
-from butterfly.config import ConfigInvalid, UpdateRefused
+from butterfly.config import ConfigInvalid, UpdateRefused, UpdateRejected
 from butterfly.types.errors import InvalidRequest
+from butterfly.types.ids import NodeId
 
 REDACTED = "<redacted>"
+REFUSALS = (ConfigInvalid, UpdateRefused, UpdateRejected, ConfigTimeout)
+"""What a change that did not happen raises (`refusal` shapes each one's answer)."""
 
 
 def change_body(result: ChangeResult) -> dict[str, Any]:
@@ -46,13 +51,22 @@ def change_body(result: ChangeResult) -> dict[str, Any]:
     }
 
 
-def refusal(e: Exception) -> JSONResponse:
-    """The answer for a change that did not happen (nothing was applied anywhere)."""
+def refusal(e: Exception, here: NodeId) -> JSONResponse:
+    """The answer for a change that did not happen (nothing was applied anywhere); `here`:
+    the gateway, whose components' veto (`UpdateRejected`) was a 500 "internal"."""
     if isinstance(e, ConfigInvalid):
         issues = [str(i) for i in e.issues]
         return error_response(400, "invalid_config", str(e), extra={"issues": issues})
     if isinstance(e, ConfigRejected):
         extra = {"node": int(e.node), "reason": e.reason}
+        return error_response(409, "update_rejected", str(e), extra=extra)
+    if isinstance(e, UpdateRejected):
+        extra = {
+            "node": int(here),
+            "reason": str(e.reason),
+            "subscriber": e.subscriber,
+            "keys": list(e.keys),
+        }
         return error_response(409, "update_rejected", str(e), extra=extra)
     if isinstance(e, ConfigTimeout):
         return error_response(504, "consensus_timeout", str(e))
@@ -105,8 +119,8 @@ def router(config: ConfigCoordinator, *, auth: Depends, max_request_bytes: int) 
         patch = await json_object(request, max_request_bytes, "the options to change")
         try:
             result = await config.update(patch, reason=reason)
-        except (ConfigInvalid, UpdateRefused, ConfigTimeout) as e:
-            return refusal(e)
+        except REFUSALS as e:
+            return refusal(e, config.me)
         return JSONResponse(change_body(result))
 
     @r.post("/rollback", dependencies=[auth])
@@ -119,8 +133,8 @@ def router(config: ConfigCoordinator, *, auth: Depends, max_request_bytes: int) 
         reason = body.get("reason", "")
         try:
             result = await config.rollback(version, reason=str(reason))
-        except (ConfigInvalid, UpdateRefused, ConfigTimeout) as e:
-            return refusal(e)
+        except REFUSALS as e:
+            return refusal(e, config.me)
         return JSONResponse(change_body(result))
 
     @r.get("/history")

@@ -62,11 +62,15 @@ class UpdateRefused(ConfigError):
 
 
 class UpdateRejected(ConfigError):
-    """A subscriber refused the new config; the old one stays in force everywhere."""
+    """A subscriber refused the new config; the old one stays in force everywhere.
+    `keys` are the options the refused change touched, so the operator reading the
+    answer knows which to leave out even when the subscriber's reason does not say."""
 
     fatal = False
 
-    def __init__(self, subscriber: str, reason: BaseException) -> None:
-        super().__init__(f"update rejected by {subscriber}: {reason}")
+    def __init__(self, subscriber: str, reason: BaseException, keys: Iterable[str] = ()) -> None:
+        self.keys = tuple(keys)
+        of = f" of {', '.join(self.keys)}" if self.keys else ""
+        super().__init__(f"update{of} rejected by {subscriber}: {reason}")
         self.subscriber = subscriber
         self.reason = reason

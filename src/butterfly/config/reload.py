@@ -219,13 +219,21 @@ class ConfigManager:
             self._activate(local_cfg, source, reason, None)
         return UpdateResult(self._record.version, self._record.config_hash, parts.local, pending)
 
+    def check(self, candidate: ButterflyConfig) -> None:
+        """Would every subscriber's `check` let this node move to `candidate` now? Raises
+        `UpdateRejected` if not; applies nothing either way. For a caller that must know
+        before it commits something else: the gateway, before it orders the cluster-wide
+        half of a change whose node-local half would then be refused here."""
+        with self._lock:
+            self._check(self._config, candidate)
+
     def _check(self, old: ButterflyConfig, new: ButterflyConfig) -> None:
         for sub in list(self._subs):
             if sub.check is not None:
                 try:
                     sub.check(old, new)
                 except Exception as e:
-                    raise UpdateRejected(sub.name, e) from e
+                    raise _rejected(sub, e, old, new) from e
 
     def _activate(self, new: ButterflyConfig, source: str, reason: str, seq: int | None) -> None:
         old = self._config
@@ -240,10 +248,17 @@ class ConfigManager:
                         done.on_change(new, old)
                     except Exception:
                         log.exception("subscriber %s failed to revert a config change", done.name)
-                raise UpdateRejected(sub.name, e) from e
+                raise _rejected(sub, e, old, new) from e
             told.append(sub)
         self._config = new
         self._record = self._history.record(new, source=source, reason=reason, cluster_seq=seq)
+
+
+def _rejected(
+    sub: _Sub, reason: Exception, old: ButterflyConfig, new: ButterflyConfig
+) -> UpdateRejected:
+    """`sub`'s refusal of the move from `old` to `new`, naming the options it touched."""
+    return UpdateRejected(sub.name, reason, [c.key for c in diff_configs(old, new)])
 
 
 def rollback_target(
