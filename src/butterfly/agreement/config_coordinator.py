@@ -11,8 +11,10 @@ attempt: whichever of the two executes first decides, identically on every node,
 timeout never leaves the cluster split. Dynamic-local keys in the same patch apply on
 the gateway, after the cluster part committed; its components check the whole change
 before anything is ordered, so their veto of the local part applies nothing anywhere.
-Those of the gateway's role (its API, queue and generation options) apply on the standby
-gateways too, which enforce them once they take over (`ConfigLocal`).
+The gateway's role options the request names (its API, queue, generation and tracing
+options) go to the standby gateways too, which enforce them once they take over
+(`gateway_options`), also when they are in force on the gateway already: that is how a
+standby that missed them gets them.
 
 Where every node stands (for FINALIZE, `/health` and `sync`) is `config_status`'s job.
 """
@@ -20,6 +22,7 @@ Where every node stands (for FINALIZE, `/health` and `sync`) is `config_status`'
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import time
@@ -30,8 +33,10 @@ from typing import Any
 from butterfly.agreement.config_replica import Applied, ConfigReplica, NotApplied
 from butterfly.agreement.config_status import ClusterConfigStatus, NodeConfig
 from butterfly.agreement.config_votes import valid_vote
-from butterfly.config import ButterflyConfig, Proposal, UpdateRefused, apply_patch
-from butterfly.config.gateways import gateway_nodes, gateway_role
+from butterfly.agreement.gateway_options import ALREADY, tell_standbys
+from butterfly.config import ButterflyConfig, Proposal, UpdateRefused, UpdateResult, apply_patch
+from butterfly.config.fields import flatten
+from butterfly.config.gateways import gateway_nodes, gateway_role_values
 from butterfly.config.proposal import Kind, classify, propose_change, restart_required
 from butterfly.config.reload import rollback_target
 from butterfly.config.versions import Change, canonical_json, diff_configs
@@ -40,7 +45,7 @@ from butterfly.protocol.quorum import quorum
 from butterfly.types.errors import ButterflyError, ConfigError, ConsensusTimeout
 from butterfly.types.ids import NodeId
 from butterfly.types.wire.commands import ConfigAbort, ConfigUpdate, encode_command
-from butterfly.types.wire.control import ConfigLocal, ConfigPrepare, ConfigVote
+from butterfly.types.wire.control import ConfigPrepare, ConfigVote
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +113,13 @@ class ConfigCoordinator:
     # --- changes ------------------------------------------------------------------------
 
     async def update(self, patch: Mapping[str, Any], *, reason: str = "") -> ChangeResult:
-        """Apply dotted or nested `patch`: cluster-wide keys by agreement, local ones here."""
+        """Apply dotted or nested `patch`: cluster-wide keys by agreement, local ones here,
+        and the gateway's role options it names on the standby gateways too, even those in
+        force here already (how a standby that missed them gets them)."""
         current = self.replica.manager.current
         target = apply_patch(current, patch, "api")
-        return await self._change(current, target, "update", reason or "api update")
+        named = tuple(flatten(patch))
+        return await self._change(current, target, "update", reason or "api update", named)
 
     async def rollback(self, version: int, *, reason: str = "") -> ChangeResult:
         """Go back to the run-time settings of this gateway's history `version`, as a new
@@ -127,77 +135,92 @@ class ConfigCoordinator:
         return await self._change(manager.current, target, "rollback", why)
 
     async def _change(
-        self, current: ButterflyConfig, target: ButterflyConfig, kind: Kind, reason: str
+        self,
+        current: ButterflyConfig,
+        target: ButterflyConfig,
+        kind: Kind,
+        reason: str,
+        named: tuple[str, ...] = (),
     ) -> ChangeResult:
+        """Move from `current` to `target`; `named`: the options the request set, whose
+        role values the standbys are sent whether or not they change anything here."""
         parts = classify(diff_configs(current, target))
         if parts.static:
             raise restart_required(parts.static)
+        role = gateway_role_values(target, (*named, *(c.key for c in parts.local)))
         if not parts.consensus and not parts.local:
-            raise UpdateRefused("the change does nothing: every value is already in force")
+            return await self._standbys_only(role)
         if parts.local:
             # every check on the whole change first: a veto of the local part, raised after
             # the cluster part committed, was a refusal that had changed the cluster
             self.replica.manager.check(target)
-        result: ChangeResult | None = None
+        agreed = None
         if parts.consensus:
-            agreed = target
-            if parts.local:  # the proposal carries the cluster-wide part alone
-                agreed = apply_patch(current, {c.key: c.new for c in parts.consensus}, "api")
-            result = await self._agree(propose_change(current, agreed, kind=kind, reason=reason))
-        if parts.local:
-            try:
-                local = self.replica.manager.update(
-                    {c.key: c.new for c in parts.local}, source=f"api {kind}"
-                )
-            except ConfigError as e:
-                if result is None:
-                    raise
-                raise UpdateRefused(
-                    f"the cluster-wide changes committed (config seq {result.seq}); the "
-                    f"gateway-local ones were refused: {e}"
-                ) from e
-            rec = self.replica.manager.record
-            nodes = dict(result.nodes) if result else {int(self.me): "applied"}
-            for node, state in (await self._tell_standbys(local.applied)).items():
-                # beside the cluster-wide part's report, when there is one
-                nodes[node] = (
-                    f"{nodes.get(node, 'not reported')}; gateway options {state}"
-                    if result
-                    else state
-                )
-            result = ChangeResult(
-                result.seq if result else 0,
-                local.version,
-                rec.config_hash,
-                rec.cluster_hash,
-                (result.changes if result else ()) + local.applied,
-                nodes,
+            cluster_part = {c.key: c.new for c in parts.consensus}
+            proposed = apply_patch(current, cluster_part, "api") if parts.local else target
+            agreed = await self._agree(propose_change(current, proposed, kind=kind, reason=reason))
+        local = self._apply_local(parts.local, kind, agreed) if parts.local else None
+        told = await self._tell_standbys(role)
+        return self._result(agreed, local, told)
+
+    def _apply_local(
+        self, local: tuple[Change, ...], kind: Kind, agreed: ChangeResult | None
+    ) -> UpdateResult:
+        """The node-local part, here. Refused after the cluster part committed (a check
+        passed beforehand, then the config moved, or a component failed to apply it), the
+        answer says the cluster part stands."""
+        try:
+            return self.replica.manager.update({c.key: c.new for c in local}, source=f"api {kind}")
+        except ConfigError as e:
+            if agreed is None:
+                raise
+            raise UpdateRefused(
+                f"the cluster-wide changes committed (config seq {agreed.seq}); the "
+                f"gateway-local ones were refused: {e}"
+            ) from e
+
+    def _result(
+        self, agreed: ChangeResult | None, local: UpdateResult | None, told: Mapping[int, str]
+    ) -> ChangeResult:
+        """One report of a change: the agreed part's, the local part's, and the standbys'
+        states beside the cluster part's report of them, when there is one."""
+        nodes = dict(agreed.nodes) if agreed else {int(self.me): "applied"}
+        for node, state in told.items():
+            nodes[node] = (
+                f"{nodes.get(node, 'not reported')}; gateway options {state}" if agreed else state
             )
-        if result is None:  # unreachable: one of the two branches ran
-            raise UpdateRefused("the change does nothing")
-        return result
+        if local is None:
+            if agreed is None:  # unreachable: `_change` runs one of the two parts at least
+                raise UpdateRefused("the change does nothing")
+            return dataclasses.replace(agreed, nodes=nodes)
+        return ChangeResult(
+            agreed.seq if agreed else 0,
+            local.version,
+            local.config_hash,
+            self.replica.manager.record.cluster_hash,
+            (agreed.changes if agreed else ()) + local.applied,
+            nodes,
+        )
 
-    async def _tell_standbys(self, applied: tuple[Change, ...]) -> dict[int, str]:
-        """The other gateway-capable nodes adopt what changed here of the gateway's role
-        (`config.gateways.gateway_role`): before, a token required through the API was
-        gone as soon as a standby took over, serving with its own file's values."""
-        values = {c.key: c.new for c in applied if gateway_role(c.key)}
+    async def _standbys_only(self, role: Mapping[str, Any]) -> ChangeResult:
+        """Nothing changes here: the request's role options still go to the standbys,
+        which may lack them (one unreachable when they were changed kept its own; before,
+        it could never be given them: "the change does nothing"). Refused only when every
+        standby had them too."""
+        told = await self._tell_standbys(role)
+        if all(state == ALREADY for state in told.values()):
+            where = " (on the standby gateways too)" if told else ""
+            raise UpdateRefused(f"the change does nothing: every value is already in force{where}")
+        rec = self.replica.manager.record
+        nodes = {int(self.me): ALREADY, **told}
+        return ChangeResult(0, rec.version, rec.config_hash, rec.cluster_hash, (), nodes)
+
+    async def _tell_standbys(self, role: Mapping[str, Any]) -> dict[int, str]:
+        """The other gateway-capable nodes adopt the role options the change named
+        (`gateway_options`): before, a token required through the API was gone as soon as
+        a standby took over, serving with its own file's values."""
         standbys = [n for n in gateway_nodes(self.replica.manager.current) if n != self.me]
-        if not values or not standbys:
-            return {}
-        body = canonical_json(values)
-
-        async def tell(node: NodeId) -> str:
-            try:
-                status, _ = await self._transport.ask(
-                    node, ConfigLocal(), body, timeout=self._timeout, channel="control"
-                )
-            except ButterflyError as e:
-                return f"unreachable ({e}): it keeps its own values of {sorted(values)}"
-            return f"failed: {status.error}" if status.error else "applied"
-
-        told = await asyncio.gather(*(tell(n) for n in standbys))
-        return {int(n): state for n, state in zip(standbys, told, strict=True)}
+        return await tell_standbys(self._transport, standbys, role, self._timeout)
 
     async def _agree(self, proposal: Proposal) -> ChangeResult:
         started = time.monotonic()

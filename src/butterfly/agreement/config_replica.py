@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from butterfly.agreement.config_votes import certificate_problem, make_vote
+from butterfly.agreement.gateway_options import adopt
 from butterfly.config import ConfigManager, Proposal, UpdateRefused, UpdateRejected
 from butterfly.config.fields import config_leaves, field_specs
-from butterfly.config.gateways import gateway_role
 from butterfly.config.schema import ButterflyConfig, Scope
 from butterfly.config.versions import Change, canonical_json
 from butterfly.net.framing import Envelope
@@ -159,23 +159,16 @@ class ConfigReplica:
             case ConfigSync():
                 return await self.sync(), b""
             case ConfigLocal():  # the router took it from the acting gateway only
-                return self.adopt_gateway_role(env.payload), b""
+                return self.adopt_gateway_role(env.payload)
         return None
 
-    def adopt_gateway_role(self, body: bytes) -> ConfigStatus:
-        """Take the acting gateway's node-local options of the gateway's role (no other
-        key: a node's identity and the cluster's options are not the gateway's to set
-        here); the answer's `error` says why not, if it did not."""
-        try:
-            values = json.loads(body)
-            if not isinstance(values, dict) or not all(map(gateway_role, values)):
-                raise UpdateRefused("a gateway's role options only, as a JSON object")
-            if self.manager.update(values, source="the acting gateway").pending is not None:
-                raise UpdateRefused("cluster-wide options change only by agreement")
-        except (ValueError, ConfigError) as e:
-            log.warning("the gateway's role options were refused here: %s", e)
-            return dataclasses.replace(self.status()[0], error=f"gateway options: {e}")
-        return self.status()[0]
+    def adopt_gateway_role(self, body: bytes) -> tuple[ConfigStatus, bytes]:
+        """Take the acting gateway's options of the gateway's role (`gateway_options`):
+        the answer's payload lists the keys that changed here (none: they were in force
+        already), its `error` what was refused (only that: a diverged node's error from
+        an agreed change is no refusal of these)."""
+        changed, error = adopt(self.manager, body)
+        return dataclasses.replace(self.status()[0], error=error), canonical_json(changed)
 
     # --- PREPARE ----------------------------------------------------------------------
 

@@ -14,10 +14,12 @@ is known in advance.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
+from butterfly.config.fields import config_leaves, field_specs
 from butterfly.config.issues import ConfigIssue
-from butterfly.config.schema import ButterflyConfig
+from butterfly.config.schema import ButterflyConfig, Mutability
 from butterfly.types.ids import NodeId
 
 
@@ -107,18 +109,37 @@ GATEWAY_ROLE_SECTIONS = ("api", "scheduling", "generation")
 its queue, how it generates): what the acting gateway is told to change through its API,
 the standbys adopt too (`agreement.config_coordinator`), so a takeover keeps them."""
 
+GATEWAY_ROLE_OPTIONS = ("observability.tracing", "observability.trace_sample_rate")
+"""Role options outside those sections: the acting gateway starts every trace and draws
+its sample, so tracing turned on through the API stopped at the next takeover when the
+standbys were not told."""
+
 
 def gateway_role(key: str) -> bool:
-    """Whether dotted option `key` is one of the gateway's role."""
-    return key.split(".", 1)[0] in GATEWAY_ROLE_SECTIONS
+    """Whether dotted option `key` is one of the gateway's role: a dynamic node-local
+    option of `GATEWAY_ROLE_SECTIONS` or `GATEWAY_ROLE_OPTIONS`. A cluster-wide one there
+    (`scheduling.policy`) already moves on every node by agreement, and a static one only
+    by a restart: neither is the acting gateway's to hand on."""
+    spec = field_specs().get(key)
+    if spec is None or spec.mutability is not Mutability.DYNAMIC_LOCAL:
+        return False
+    return key in GATEWAY_ROLE_OPTIONS or key.split(".", 1)[0] in GATEWAY_ROLE_SECTIONS
+
+
+def gateway_role_values(cfg: ButterflyConfig, keys: Iterable[str]) -> dict[str, Any]:
+    """`cfg`'s values of those of `keys` that are the gateway's role, by dotted key."""
+    leaves = config_leaves(cfg)
+    return {k: leaves[k] for k in sorted(set(keys)) if gateway_role(k)}
 
 
 __all__ = [
+    "GATEWAY_ROLE_OPTIONS",
     "GATEWAY_ROLE_SECTIONS",
     "api_port",
     "check_gateways",
     "gateway_nodes",
     "gateway_role",
+    "gateway_role_values",
     "gateway_urls",
     "listed_gateways",
 ]

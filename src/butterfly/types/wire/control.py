@@ -185,7 +185,8 @@ class ConfigSync(Ask[ConfigStatus]):
 class ConfigLocal(Ask[ConfigStatus]):
     """Adopt these node-local options of the gateway's role, as the acting gateway did
     (payload: their dotted values as canonical JSON): a standby gateway enforces the same
-    tokens and limits once it takes over (`config.gateways.gateway_role`)."""
+    tokens and limits once it takes over (`config.gateways.gateway_role`). The reply's
+    payload: the keys that changed there, a JSON list (empty: they were in force)."""
 
     kind: ClassVar[str] = "config_local"
 
