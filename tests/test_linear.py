@@ -100,6 +100,31 @@ def test_the_fastest_measured_candidate_is_kept_and_exposed() -> None:
     assert not lin.prepare(w2, FP32, timer=fast_plain).is_mkldnn  # type: ignore[union-attr]
 
 
+@needs_packing
+@pytest.mark.parametrize("fails", ["build", "first_call"])
+def test_a_candidate_this_cpu_cannot_run_is_left_out(
+    fails: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """oneDNN raises for packed fp16 on a CPU without avx512_fp16 (and packed bf16
+    without avx512_bf16), when packing or on the first product: the load takes another
+    kernel instead of failing, whatever the CPU this test runs on."""
+    monkeypatch.setattr(lin, "candidates", lambda p: ("plain", "packed"))
+
+    def missing_kernel(*args: object, **kwargs: object) -> torch.Tensor:
+        raise RuntimeError("mkldnn_reorder_linear_weight: fp16 path needs avx512_fp16")
+
+    if fails == "build":
+        monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", missing_kernel)
+    else:
+        monkeypatch.setattr(lin, "_packed", missing_kernel)
+    shape = (24, 56 + len(fails))  # shapes no other test loads
+    timer = lambda built, p: {k: {"packed": 1.0}.get(k, 9.0) for k in built}  # noqa: E731
+    got = lin.prepare(torch.randn(*shape), FP32, timer=timer)
+    assert isinstance(got, torch.Tensor) and not got.is_mkldnn
+    choice = next(c for c in lin.kernel_choices() if c.shape == shape)
+    assert choice.kernel == "plain" and "packed" not in choice.micros
+
+
 @pytest.mark.skipif(not native.available(), reason="no blocked kernel here")
 @pytest.mark.parametrize(
     ("plain_us", "blocked_us", "kept"),

@@ -6,7 +6,9 @@ ran AVX2 code, oneDNN's packed fp32 layout ran decode products 1.5-2.2x faster t
 the packed path was 0.7-0.9x as fast, while packed bf16 ran 1.5-2x faster than plain
 bf16 (docs/PERFORMANCE-LOG.md, "Kernel selection"). So at load, for each distinct weight
 shape and precision, every candidate the precision allows is timed on the decode shape
-(one row) and the fastest kept, once per process (`kernel_choices()` lists them).
+(one row) and the fastest kept, once per process (`kernel_choices()` lists them). A
+candidate this CPU cannot build or run (oneDNN's packed fp16 without avx512_fp16, packed
+bf16 without avx512_bf16) is left out of the timing (`runnable`), found by trying it.
 
 Every candidate computes the same product up to the rounding of the compute dtype, so
 two nodes that chose differently still agree within the verification tolerance:
@@ -61,6 +63,7 @@ import torch.nn.functional as F
 from butterfly.runtime import native
 from butterfly.runtime.native import BlockedWeight
 from butterfly.runtime.precision import Precision, int8_weight_kernel_available, quantize_int8
+from butterfly.types.errors import UnsupportedPrecision
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +235,7 @@ def prepare(
     if choice is not None:
         return build(choice.kernel, weight, precision)
     quantized = quantize_int8(weight) if precision.quantization == "int8" else None
-    built = {k: build(k, weight, precision, quantized) for k in candidates(precision)}
+    built = runnable(weight, precision, quantized)
     micros = {k: 0.0 for k in built}
     if len(built) > 1:
         loading_threads = torch.get_num_threads()
@@ -255,6 +258,37 @@ def prepare(
     if isinstance(chosen, torch.Tensor) and chosen.is_mkldnn:
         warm(chosen, precision, sorted({1, threads}))
     return chosen
+
+
+def runnable(
+    weight: torch.Tensor,
+    precision: Precision,
+    quantized: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict[str, Weight]:
+    """Every candidate of `precision` built, less those this CPU cannot build or run.
+
+    Whether oneDNN has a kernel is a property of the CPU that only trying tells: on an
+    AMD EPYC with AVX-512 but neither avx512_fp16 nor avx_ne_convert, packing an fp16
+    weight raises, while `F.linear` in fp16 runs; packed bf16 likewise needs
+    avx512_bf16 (or AMX). So each candidate is built and run once on a decode row, and
+    one that raises is left out of the timing, not allowed to fail the load."""
+    x = torch.zeros(1, 1, int(weight.shape[1]), dtype=precision.dtype)
+    built: dict[str, Weight] = {}
+    for kernel in candidates(precision):
+        try:
+            candidate = build(kernel, weight, precision, quantized)
+            with torch.inference_mode():
+                linear(x, candidate)
+        except RuntimeError as e:  # torch's errors for a missing kernel
+            log.debug("kernel %s cannot run %s on this CPU: %s", kernel, precision.name, e)
+            continue
+        built[kernel] = candidate
+    if not built:
+        raise UnsupportedPrecision(
+            f"no matrix-product kernel runs {precision.name} on this CPU; "
+            "set model.dtype to float32"
+        )
+    return built
 
 
 def warm(weight: torch.Tensor, precision: Precision, threads: list[int]) -> None:
