@@ -8,15 +8,17 @@ import http.server
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from butterfly.cli import app
+from butterfly.cli.keeper import CANNOT_START
 from butterfly.cli.launcher import free_port_block, node_configs
-from butterfly.types.errors import InvalidInput
+from butterfly.runtime.weights import model_hash
+from butterfly.types.errors import InvalidInput, MissingTensor
 from butterfly.types.tasks import SamplingParams
 from tests.http_util import serving
 
@@ -89,16 +91,88 @@ def test_infer_names_a_bad_url_a_bad_temperature_and_a_server_that_is_not_a_gate
     refused(["infer", "hi", "--url", not_a_gateway], "did not answer as a Butterfly gateway")
 
 
-def test_a_node_whose_model_it_cannot_use_says_so_and_exits_2(
+def _truncate(model: Path) -> None:
+    data = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def _shard(model: Path, index_text: str) -> None:
+    (model / "model.safetensors").rename(model / "model-00001-of-00001.safetensors")
+    (model / "model.safetensors.index.json").write_text(index_text)
+
+
+CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str]] = {
+    "truncated": (_truncate, "model.safetensors is not a readable safetensors file"),
+    "empty": (
+        lambda d: (d / "model.safetensors").write_bytes(b""),
+        "model.safetensors is not a readable safetensors file",
+    ),
+    "index_not_json": (
+        lambda d: _shard(d, '{"metadata": {}'),
+        "model.safetensors.index.json is not valid JSON",
+    ),
+    "index_without_weight_map": (
+        lambda d: _shard(d, '{"metadata": {}}'),
+        "model.safetensors.index.json has no 'weight_map'",
+    ),
+    "index_a_list": (
+        lambda d: _shard(d, "[]"),
+        "model.safetensors.index.json has no 'weight_map'",
+    ),
+    "tokenizer_not_json": (
+        lambda d: (d / "tokenizer.json").write_text("{"),
+        "tokenizer.json does not load as a tokenizer",
+    ),
+    # not corrupt, but the advice was "send input_ids instead of text", which the CLI cannot
+    "tokenizer_missing": (
+        lambda d: (d / "tokenizer.json").unlink(),
+        "has no tokenizer.json, which turns text into the model's token ids",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CORRUPTIONS))
+def test_generate_names_a_corrupt_checkpoint_file(
+    name: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    """A truncated download, an index or tokenizer.json that does not parse: the
+    libraries' own exceptions (SafetensorError, JSONDecodeError, KeyError, TypeError,
+    tokenizers' bare Exception) escaped as a traceback and exit 1."""
+    corrupt, message = CORRUPTIONS[name]
+    broken = tmp_path / name
+    shutil.copytree(tiny_model, broken)
+    corrupt(broken)
+    refused(["generate", "hi", "--model", str(broken), "--max-tokens", "2"], message)
+
+
+def test_a_safetensors_file_shorter_than_its_header_length_is_named(
     tiny_model: Path, tmp_path: Path
 ) -> None:
-    """The model directory holds a config but no weights: the node process ends at once
-    with one line naming the problem (it printed a 184-line traceback)."""
-    broken = tmp_path / "no-weights"
-    broken.mkdir()
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-        if (tiny_model / name).exists():
-            shutil.copy(tiny_model / name, broken / name)
+    """The checkpoint's hash (checked in every handshake) reads each file's 8-byte header
+    length first: a 3-byte file raised struct.error."""
+    shutil.copytree(tiny_model, tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"abc")
+    with pytest.raises(MissingTensor, match=r"model\.safetensors is not a readable safetensors"):
+        model_hash(tmp_path / "m")
+
+
+@pytest.mark.parametrize("fault", ["no_weights", "truncated_weights"])
+def test_a_node_whose_model_it_cannot_use_says_so_and_exits_2(
+    fault: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    """The model directory holds a config but no weights, or a truncated shard: the node
+    process ends at once with one line naming the problem (it printed a 184-line
+    traceback) and CANNOT_START, so `cluster up` reports it instead of restarting it in
+    a loop (a truncated shard exited 1)."""
+    broken = tmp_path / fault
+    if fault == "no_weights":
+        broken.mkdir()
+        for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+            if (tiny_model / name).exists():
+                shutil.copy(tiny_model / name, broken / name)
+    else:
+        shutil.copytree(tiny_model, broken)
+        _truncate(broken)
     config = node_configs(
         nodes=1, f=0, model=broken, api_port=free_port_block(2), data_dir=tmp_path
     )[0]
@@ -108,7 +182,7 @@ def test_a_node_whose_model_it_cannot_use_says_so_and_exits_2(
         text=True,
         timeout=120,
     )
-    assert run.returncode == 2, run.stderr[-3000:]
+    assert run.returncode == CANNOT_START, run.stderr[-3000:]
     assert "node 0 cannot start" in run.stderr
     assert "Traceback" not in run.stderr, run.stderr[-3000:]
 

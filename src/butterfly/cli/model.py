@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from butterfly.cli.paths import demo_model
 from butterfly.partition.strategies import uniform_ranges
@@ -23,7 +24,9 @@ err = Console(stderr=True)
 
 
 def fail(e: Exception) -> typer.Exit:
-    err.print(f"[red]error:[/red] {e}")
+    # one line, not wrapped at the terminal's width (a path cut in two cannot be pasted),
+    # and the message as written: "[1, 64]" in it is not markup
+    err.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
     return typer.Exit(code=2)
 
 

@@ -35,8 +35,14 @@ class TextCodec:
     def load(cls, model_dir: Path) -> TextCodec:
         path = Path(model_dir) / "tokenizer.json"
         if not path.is_file():
-            raise InvalidInput(f"{model_dir} has no tokenizer.json; send input_ids instead of text")
-        tok = Tokenizer.from_file(str(path))
+            raise InvalidInput(
+                f"{model_dir} has no tokenizer.json, which turns text into the model's "
+                "token ids; copy it from where the checkpoint came from"
+            )
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for any parse error
+            raise InvalidInput(f"{path} does not load as a tokenizer: {e}") from e
         # A tokenizer.json records the padding and truncation it was last used with
         # (transformers saves its backend's state; sentence-transformers ships Fixed 128):
         # encoding with them padded a prompt with pad tokens and cut a long one at

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from butterfly.runtime.progress import Report, quiet
 from butterfly.types.errors import MissingTensor, TensorShapeMismatch, UnknownArchitecture
@@ -84,10 +84,13 @@ class CheckpointReader:
         self.model_dir = Path(self.model_dir)
         index = self.model_dir / INDEX_FILE
         if index.is_file():
-            self._weight_map = dict(json.loads(index.read_text())["weight_map"])
+            self._weight_map = read_index(index)
         elif (self.model_dir / SINGLE_FILE).is_file():
-            with safe_open(self.model_dir / SINGLE_FILE, framework="pt") as f:
-                self._weight_map = {name: SINGLE_FILE for name in f.keys()}  # noqa: SIM118
+            try:
+                with safe_open(self.model_dir / SINGLE_FILE, framework="pt") as f:
+                    self._weight_map = {name: SINGLE_FILE for name in f.keys()}  # noqa: SIM118
+            except SafetensorError as e:
+                raise unreadable(self.model_dir / SINGLE_FILE, e) from e
         else:
             raise MissingTensor(
                 f"{self.model_dir} has neither {SINGLE_FILE} nor {INDEX_FILE}; "
@@ -118,31 +121,67 @@ class CheckpointReader:
                 raise MissingTensor(
                     f"shard {file} (holding '{items[0][0]}') is missing from {self.model_dir}"
                 )
-            with safe_open(path, framework="pt") as f:
-                for name, shape in items:
-                    if name not in f.keys():  # noqa: SIM118
-                        raise MissingTensor(f"shard {path} has no tensor '{name}'")
-                    t = f.get_tensor(name)
-                    if shape is not None and tuple(t.shape) != shape:
-                        raise TensorShapeMismatch(
-                            f"tensor '{name}' in {path} has shape {tuple(t.shape)}, "
-                            f"the config implies {shape}"
-                        )
-                    if t.is_floating_point() and t.dtype not in STORED_DTYPES:
-                        raise UnknownArchitecture(
-                            f"tensor '{name}' in {path} is stored in {t.dtype}, a quantized "
-                            "format whose scales Butterfly does not apply; it loads "
-                            "float32, bfloat16 and float16 checkpoints"
-                        )
-                    if self.dtype is not None and t.is_floating_point() and t.dtype != self.dtype:
-                        t = t.to(self.dtype).contiguous()  # a fresh tensor: no second copy
-                    else:
-                        t = t.clone().contiguous()
-                    out[name] = t
-                    self.names_read.append(name)
-                    self.bytes_read += t.numel() * t.element_size()
-                    self.progress("read", len(out), total)
+            try:
+                self._read_shard(path, items, out, total)
+            except SafetensorError as e:
+                raise unreadable(path, e) from e
         return out
+
+    def _read_shard(
+        self,
+        path: Path,
+        items: list[tuple[str, tuple[int, ...] | None]],
+        out: dict[str, torch.Tensor],
+        total: int,
+    ) -> None:
+        with safe_open(path, framework="pt") as f:
+            for name, shape in items:
+                if name not in f.keys():  # noqa: SIM118
+                    raise MissingTensor(f"shard {path} has no tensor '{name}'")
+                t = f.get_tensor(name)
+                if shape is not None and tuple(t.shape) != shape:
+                    raise TensorShapeMismatch(
+                        f"tensor '{name}' in {path} has shape {tuple(t.shape)}, "
+                        f"the config implies {shape}"
+                    )
+                if t.is_floating_point() and t.dtype not in STORED_DTYPES:
+                    raise UnknownArchitecture(
+                        f"tensor '{name}' in {path} is stored in {t.dtype}, a quantized "
+                        "format whose scales Butterfly does not apply; it loads "
+                        "float32, bfloat16 and float16 checkpoints"
+                    )
+                if self.dtype is not None and t.is_floating_point() and t.dtype != self.dtype:
+                    t = t.to(self.dtype).contiguous()  # a fresh tensor: no second copy
+                else:
+                    t = t.clone().contiguous()
+                out[name] = t
+                self.names_read.append(name)
+                self.bytes_read += t.numel() * t.element_size()
+                self.progress("read", len(out), total)
+
+
+def read_index(path: Path) -> dict[str, str]:
+    """The tensor -> shard map of a sharded checkpoint's index, or MissingTensor naming
+    the file when it is not the JSON object with a `weight_map` that transformers writes
+    (a truncated download, a hand-edited file)."""
+    try:
+        index = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MissingTensor(f"{path} is not valid JSON ({e}); download the checkpoint again") from e
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise MissingTensor(
+            f"{path} has no 'weight_map' object naming each tensor's shard; "
+            "download the checkpoint again"
+        )
+    return {str(k): v for k, v in weight_map.items()}
+
+
+def unreadable(path: Path, e: Exception) -> MissingTensor:
+    """A safetensors file its library cannot read (truncated, empty, not safetensors)."""
+    return MissingTensor(
+        f"{path} is not a readable safetensors file ({e}); download the checkpoint again"
+    )
 
 
 def model_hash(model_dir: Path) -> str:
@@ -158,7 +197,10 @@ def model_hash(model_dir: Path) -> str:
     digest.update((model_dir / "config.json").read_bytes())
     for path in sorted(model_dir.glob("*.safetensors")):
         with path.open("rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
+            head = f.read(8)
+            if len(head) < 8:  # its header's length is the file's first 8 bytes
+                raise unreadable(path, ValueError(f"{len(head)} bytes long"))
+            (n,) = struct.unpack("<Q", head)
             digest.update(path.name.encode() + path.stat().st_size.to_bytes(8, "little"))
             digest.update(f.read(min(n, 100 * 1024 * 1024)))
     return digest.hexdigest()
