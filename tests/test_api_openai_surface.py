@@ -68,7 +68,7 @@ def test_chat_template_renders_in_a_sandbox(tiny_model: Path) -> None:
     assert text == "<|bos|>system: be brief\nuser: hi\nassistant:"
     with pytest.raises(InvalidRequest, match="roles are system, user and assistant"):
         template.render([{"role": "tool", "content": "x"}])  # the template's raise_exception
-    escape = ChatTemplate("{{ messages.__class__.__mro__ }}", "", "")
+    escape = ChatTemplate("{{ messages.__class__.__mro__ }}")
     with pytest.raises(InvalidRequest):  # the sandbox refuses to reach Python internals
         escape.render(MESSAGES)
 

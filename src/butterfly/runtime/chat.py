@@ -1,11 +1,13 @@
 """Chat messages to prompt text with the checkpoint's own chat template.
 
-A template is a Jinja program shipped in `tokenizer_config.json` (or beside it as
-`chat_template.jinja`), and checkpoints are downloaded from strangers: it is rendered in
-Jinja's immutable sandbox, with the globals transformers gives it (`raise_exception`,
-`strftime_now`, a `tojson` that does not HTML-escape, `bos_token`/`eos_token`,
-`add_generation_prompt`), so the same template gives the same text here as under
-`apply_chat_template` and cannot reach the process around it. The rendered text already
+A template is a Jinja program shipped beside the tokenizer as `chat_template.jinja` (which
+transformers prefers) or in `tokenizer_config.json`, and checkpoints are downloaded from
+strangers: it is rendered in Jinja's immutable sandbox, with the globals transformers
+gives it (`raise_exception`, `strftime_now`, a `tojson` that does not HTML-escape, every
+named special token the tokenizer declares, `add_generation_prompt`, and `tools` and
+`documents` as None: templates test `is not none`, and undefined is not none), so the
+same template gives the same text here as under `apply_chat_template` and cannot reach
+the process around it. The rendered text already
 holds the template's special tokens: it is tokenized without adding them again.
 """
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -65,18 +67,53 @@ def _environment() -> ImmutableSandboxedEnvironment:
     return env
 
 
-RESERVED_TEMPLATE_VARIABLES = ("messages", "add_generation_prompt", "bos_token", "eos_token")
+SPECIAL_TOKENS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
+"""The named special tokens transformers gives a template (`special_tokens_map`), each
+when the tokenizer declares it."""
+
+RESERVED_TEMPLATE_VARIABLES = (
+    "messages",
+    "add_generation_prompt",
+    "tools",
+    "documents",
+    *SPECIAL_TOKENS,
+)
 """What `ChatTemplate.render` gives every template itself: a request's own template
 variables (`chat_template_kwargs`) may not set them."""
 
 
+def _special_tokens(model_dir: Path, config: Mapping[str, Any]) -> dict[str, str]:
+    """The named special tokens of `tokenizer_config.json`, those it lacks taken from
+    `special_tokens_map.json` when the config has no `added_tokens_decoder` (older
+    checkpoints keep them only there; transformers reads that file only then)."""
+    declared = {k: _token_text(config.get(k)) for k in SPECIAL_TOKENS}
+    legacy_path = Path(model_dir) / "special_tokens_map.json"
+    if "added_tokens_decoder" not in config and legacy_path.is_file():
+        try:
+            legacy = json.loads(legacy_path.read_text())
+        except (OSError, ValueError) as e:
+            raise InvalidInput(f"{legacy_path} is not valid JSON: {e}") from e
+        if isinstance(legacy, dict):
+            for k in SPECIAL_TOKENS:
+                declared[k] = declared[k] or _token_text(legacy.get(k))
+    return {k: v for k, v in declared.items() if v}
+
+
 @dataclass(frozen=True)
 class ChatTemplate:
-    """A compiled chat template and the special tokens it may refer to."""
+    """A compiled chat template and the special tokens it may refer to (name -> text;
+    one the tokenizer does not declare is undefined in the template, as in transformers)."""
 
     source: str
-    bos_token: str
-    eos_token: str
+    special_tokens: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def load(cls, model_dir: Path) -> ChatTemplate | None:
@@ -94,12 +131,11 @@ class ChatTemplate:
             named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
             source = named.get("default")
         jinja_file = Path(model_dir) / "chat_template.jinja"
-        if not isinstance(source, str) and jinja_file.is_file():
+        if jinja_file.is_file():  # transformers: the separate file takes priority
             source = jinja_file.read_text()
         if not isinstance(source, str) or not source.strip():
             return None
-        bos, eos = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
-        template = cls(source, bos, eos)
+        template = cls(source, _special_tokens(model_dir, config))
         _ = template.compiled  # a broken template fails at load, not at the first request
         return template
 
@@ -123,8 +159,9 @@ class ChatTemplate:
             return self.compiled.render(
                 messages=[dict(m) for m in messages],
                 add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token,
-                eos_token=self.eos_token,
+                tools=None,
+                documents=None,
+                **self.special_tokens,
                 **(extra or {}),
             )
         except jinja2.TemplateError as e:
