@@ -8,19 +8,22 @@ decoding wanders over many tokens instead of repeating one.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 transformers = pytest.importorskip("transformers")
 
+from butterfly.cli import app  # noqa: E402
 from butterfly.runtime import loader  # noqa: E402
 from butterfly.runtime.generate import generate  # noqa: E402
 from butterfly.runtime.stage import Stage  # noqa: E402
 from butterfly.runtime.weights import CheckpointReader  # noqa: E402
-from butterfly.types.errors import InvalidInput, MissingTensor  # noqa: E402
+from butterfly.types.errors import InvalidInput, MissingTensor, UnknownArchitecture  # noqa: E402
 from butterfly.types.model import DecoderBlock, EncoderBlock, LayerRange  # noqa: E402
 
 N_LAYERS = 4
@@ -232,6 +235,35 @@ def test_bert_with_bert_prefix(prompt: torch.Tensor, tmp_path: Path) -> None:
     assert "bert.embeddings.word_embeddings.weight" in CheckpointReader(tmp_path).names()
     got = run(loader.load_pipeline(tmp_path, [LayerRange(0, 1), LayerRange(1, 4)]), prompt)
     torch.testing.assert_close(got, hf_hidden(model.bert, prompt), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"model_type": "gpt2", "n_embd": 64, "n_head": 0, "n_layer": 2, "vocab_size": 300},
+        {"model_type": "gpt2", "n_embd": "big", "n_head": 4, "n_layer": 2, "vocab_size": 300},
+        {"model_type": "gpt2", "n_embd": 64, "n_head": 4, "n_layer": 2, "vocab_size": 300,
+         "layer_norm_epsilon": "small"},
+        {"model_type": "bert", "hidden_size": 64, "num_attention_heads": 0,
+         "num_hidden_layers": 2, "vocab_size": 300, "intermediate_size": 96},
+        {"model_type": "bert", "hidden_size": 64, "num_attention_heads": 4,
+         "num_hidden_layers": None, "vocab_size": 300, "intermediate_size": 96},
+    ],
+    ids=["gpt2_zero_heads", "gpt2_size_not_a_number", "gpt2_eps_not_a_number",
+         "bert_zero_heads", "bert_null_layers"],
+)  # fmt: skip
+def test_a_bad_gpt2_or_bert_config_is_refused_by_name(
+    config: dict[str, Any], tmp_path: Path
+) -> None:
+    """As the llama path does: a ZeroDivisionError or ValueError traceback before, where
+    the CLI's contract is one line naming the field and exit 2."""
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    bad = next(k for k, v in config.items() if v in (0, "big", "small", None))
+    with pytest.raises(UnknownArchitecture, match=bad if bad != "layer_norm_epsilon" else "kind"):
+        loader.load_stage(tmp_path)
+    result = CliRunner().invoke(app, ["generate", "hi", "--model", str(tmp_path)])
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.exit_code == 2, result.output
 
 
 def test_bert_stages_read_only_their_tensors(bert: tuple[Path, Any]) -> None:

@@ -262,6 +262,7 @@ def test_unknown_architecture(tmp_path: Path) -> None:
     ("field", "value", "named"),
     [
         ("num_hidden_layers", "four", "not a whole number"),
+        ("num_hidden_layers", None, "lacks required field"),  # an assert's error before
         ("num_attention_heads", 0, "must be at least 1"),
         ("hidden_size", 64.5, "not a whole number"),
         ("vocab_size", True, "not a whole number"),

@@ -20,7 +20,7 @@ from butterfly.runtime.kvcache import KVCache
 from butterfly.runtime.linear import Weight, linear, prepare
 from butterfly.runtime.precision import Precision
 from butterfly.runtime.stage import Family, check_positions, check_token_ids
-from butterfly.runtime.weights import CheckpointReader
+from butterfly.runtime.weights import CheckpointReader, config_count
 from butterfly.types.errors import InvalidInput, UnknownArchitecture
 from butterfly.types.model import EncoderBlock, LayerInfo, LayerRange
 
@@ -55,18 +55,20 @@ class BertArgs:
     def from_config(cls, cfg: dict[str, Any]) -> BertArgs:
         try:
             args = cls(
-                vocab_size=int(cfg["vocab_size"]),
-                dim=int(cfg["hidden_size"]),
-                n_layers=int(cfg["num_hidden_layers"]),
-                n_heads=int(cfg["num_attention_heads"]),
-                intermediate=int(cfg["intermediate_size"]),
+                vocab_size=config_count(cfg, "vocab_size"),
+                dim=config_count(cfg, "hidden_size"),
+                n_layers=config_count(cfg, "num_hidden_layers"),
+                n_heads=config_count(cfg, "num_attention_heads"),
+                intermediate=config_count(cfg, "intermediate_size"),
                 activation=str(cfg.get("hidden_act", "gelu")),
                 norm_eps=float(cfg.get("layer_norm_eps", 1e-12)),
-                max_context=int(cfg.get("max_position_embeddings", 512)),
-                type_vocab_size=int(cfg.get("type_vocab_size", 2)),
+                max_context=config_count(cfg, "max_position_embeddings", 512),
+                type_vocab_size=config_count(cfg, "type_vocab_size", 2),
             )
         except KeyError as e:
             raise UnknownArchitecture(f"bert config lacks required field {e}") from e
+        except (ValueError, TypeError) as e:  # "layer_norm_eps": "small"
+            raise UnknownArchitecture(f"bert config has a value of the wrong kind: {e}") from e
         if args.activation not in ACTIVATIONS:
             raise UnknownArchitecture(
                 f"bert hidden_act {args.activation!r} is not supported "

@@ -20,7 +20,7 @@ from butterfly.runtime.kvcache import KVCache
 from butterfly.runtime.linear import Weight, linear, prepare
 from butterfly.runtime.precision import Precision
 from butterfly.runtime.stage import Family, causal_mask, check_positions, check_token_ids
-from butterfly.runtime.weights import CheckpointReader
+from butterfly.runtime.weights import CheckpointReader, config_count
 from butterfly.types.errors import InvalidInput, UnknownArchitecture
 from butterfly.types.model import DecoderBlock, LayerInfo, LayerRange
 
@@ -56,23 +56,25 @@ class GPT2Args:
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> GPT2Args:
         try:
-            dim, n_heads = int(cfg["n_embd"]), int(cfg["n_head"])
+            dim, n_heads = config_count(cfg, "n_embd"), config_count(cfg, "n_head")
             activation = str(cfg.get("activation_function", "gelu_new"))
             args = cls(
-                vocab_size=int(cfg["vocab_size"]),
+                vocab_size=config_count(cfg, "vocab_size"),
                 dim=dim,
-                n_layers=int(cfg["n_layer"]),
+                n_layers=config_count(cfg, "n_layer"),
                 n_heads=n_heads,
-                inner=int(cfg.get("n_inner") or 4 * dim),
+                inner=config_count(cfg, "n_inner", 4 * dim),
                 activation=activation,
                 norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
-                max_context=int(cfg.get("n_positions") or cfg.get("n_ctx") or 1024),
+                max_context=config_count(cfg, "n_positions", config_count(cfg, "n_ctx", 1024)),
                 scale_attn=bool(cfg.get("scale_attn_weights", True)),
                 scale_by_layer=bool(cfg.get("scale_attn_by_inverse_layer_idx", False)),
                 tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
             )
         except KeyError as e:
             raise UnknownArchitecture(f"gpt2 config lacks required field {e}") from e
+        except (ValueError, TypeError) as e:  # "layer_norm_epsilon": "small"
+            raise UnknownArchitecture(f"gpt2 config has a value of the wrong kind: {e}") from e
         if activation not in ACTIVATIONS:
             raise UnknownArchitecture(
                 f"gpt2 activation_function {activation!r} is not supported "

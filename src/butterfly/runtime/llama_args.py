@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from butterfly.runtime.linear import Weight
 from butterfly.runtime.precision import Precision, Quantization
+from butterfly.runtime.weights import config_count
 from butterfly.types.errors import UnknownArchitecture
 from butterfly.types.model import DecoderBlock, LayerInfo
 
@@ -94,8 +95,8 @@ class LlamaArgs:
     def from_config(cls, cfg: dict[str, Any]) -> LlamaArgs:
         refuse_unsupported(cfg)
         try:
-            dim = _count(cfg, "hidden_size")
-            n_heads = _count(cfg, "num_attention_heads")
+            dim = config_count(cfg, "hidden_size")
+            n_heads = config_count(cfg, "num_attention_heads")
             rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
             theta = float(cfg.get("rope_theta") or rope.pop("rope_theta", None) or 10000.0)
             rope.pop("rope_theta", None)
@@ -105,7 +106,7 @@ class LlamaArgs:
                     f"config field rope_scaling type {kind!r} is not supported "
                     f"({', '.join(ROPE_TYPES)})"
                 )
-            max_context = _count(cfg, "max_position_embeddings", 2048)
+            max_context = config_count(cfg, "max_position_embeddings", 2048)
             scaling: tuple[tuple[str, Any], ...] = ()
             if kind not in ("default", "dynamic"):
                 rope.setdefault("original_max_position_embeddings", max_context)
@@ -118,16 +119,16 @@ class LlamaArgs:
                 slides = "sliding_attention" in cfg["layer_types"]
             if slides and window:
                 max_context = min(
-                    max_context, _count(cfg, "sliding_window")
+                    max_context, config_count(cfg, "sliding_window")
                 )  # beyond it keys are masked; refused
             return cls(
-                vocab_size=_count(cfg, "vocab_size"),
+                vocab_size=config_count(cfg, "vocab_size"),
                 dim=dim,
-                n_layers=_count(cfg, "num_hidden_layers"),
+                n_layers=config_count(cfg, "num_hidden_layers"),
                 n_heads=n_heads,
-                n_kv_heads=_count(cfg, "num_key_value_heads", n_heads),
-                head_dim=_count(cfg, "head_dim", dim // n_heads),
-                intermediate=_count(cfg, "intermediate_size"),
+                n_kv_heads=config_count(cfg, "num_key_value_heads", n_heads),
+                head_dim=config_count(cfg, "head_dim", dim // n_heads),
+                intermediate=config_count(cfg, "intermediate_size"),
                 norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
                 rope_theta=theta,
                 rope_scaling=scaling,
@@ -143,20 +144,6 @@ class LlamaArgs:
             raise UnknownArchitecture(f"llama config lacks required field {e}") from e
         except (ValueError, TypeError, ArithmeticError) as e:  # "rope_theta": "big"
             raise UnknownArchitecture(f"llama config has a value of the wrong kind: {e}") from e
-
-
-def _count(cfg: dict[str, Any], key: str, default: int | None = None) -> int:
-    """A size the config states: a positive whole number, else refused by name (a
-    `"num_hidden_layers": "four"` was a ValueError's traceback, a 0 a division by zero)."""
-    value = cfg.get(key) if default is not None else cfg[key]
-    if value is None:
-        assert default is not None
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
-        raise UnknownArchitecture(f"config field {key}={value!r} is not a whole number")
-    if value < 1:
-        raise UnknownArchitecture(f"config field {key}={value!r} must be at least 1")
-    return int(value)
 
 
 @dataclass

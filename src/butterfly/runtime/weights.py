@@ -39,6 +39,23 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     return config
 
 
+def config_count(cfg: dict[str, Any], key: str, default: int | None = None) -> int:
+    """A size the config states: a positive whole number, else refused by name (a
+    `"num_hidden_layers": "four"` was a ValueError's traceback, a 0 a division by zero).
+    Absent or null: `default`, or KeyError (the family's loader names the field) when
+    there is none."""
+    value = cfg.get(key) if default is not None else cfg[key]
+    if value is None:
+        if default is None:
+            raise KeyError(key)
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+        raise UnknownArchitecture(f"config field {key}={value!r} is not a whole number")
+    if value < 1:
+        raise UnknownArchitecture(f"config field {key}={value!r} must be at least 1")
+    return int(value)
+
+
 def declared_eos_ids(model_dir: Path) -> frozenset[int]:
     """End-of-sequence ids the checkpoint declares: `eos_token_id` (one id or a list) of
     `generation_config.json`, else of `config.json`, the order transformers' `generate`
