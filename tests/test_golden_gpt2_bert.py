@@ -9,11 +9,13 @@ decoding wanders over many tokens instead of repeating one.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 transformers = pytest.importorskip("transformers")
@@ -235,6 +237,29 @@ def test_bert_with_bert_prefix(prompt: torch.Tensor, tmp_path: Path) -> None:
     assert "bert.embeddings.word_embeddings.weight" in CheckpointReader(tmp_path).names()
     got = run(loader.load_pipeline(tmp_path, [LayerRange(0, 1), LayerRange(1, 4)]), prompt)
     torch.testing.assert_close(got, hf_hidden(model.bert, prompt), atol=1e-5, rtol=0)
+
+
+def test_bert_with_tensorflow_layernorm_names_matches_hf(
+    bert: tuple[Path, Any], prompt: torch.Tensor, tmp_path: Path
+) -> None:
+    """bert-base-uncased's published weights name LayerNorm parameters `gamma`/`beta`
+    (converted from TensorFlow); transformers renames them on load and Butterfly refused
+    the checkpoint with MissingTensor."""
+    model_dir, model = bert
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(model_dir / name, tmp_path / name)
+    tf_names = {"LayerNorm.weight": "LayerNorm.gamma", "LayerNorm.bias": "LayerNorm.beta"}
+    renamed = {}
+    for k, v in load_file(tmp_path / "model.safetensors").items():
+        for current, tf_name in tf_names.items():
+            k = k.replace(current, tf_name)
+        renamed[k] = v
+    assert any(k.endswith("LayerNorm.gamma") for k in renamed)
+    save_file(renamed, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    reloaded = transformers.BertModel.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(hf_hidden(reloaded, prompt), hf_hidden(model, prompt))
+    got = run(loader.load_pipeline(tmp_path, [LayerRange(0, 2), LayerRange(2, 4)]), prompt)
+    torch.testing.assert_close(got, hf_hidden(model, prompt), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(

@@ -176,6 +176,22 @@ def tensor_prefix(reader: CheckpointReader) -> str:
     return "bert." if reader.has("bert.embeddings.word_embeddings.weight") else ""
 
 
+TF_NORM_NAMES = ((".LayerNorm.weight", ".LayerNorm.gamma"), (".LayerNorm.bias", ".LayerNorm.beta"))
+"""BERT checkpoints converted from TensorFlow (bert-base-uncased's published weights)
+name a LayerNorm's parameters `gamma` and `beta`; transformers renames them on load."""
+
+
+def stored_name(reader: CheckpointReader, name: str) -> str:
+    """The name `name` has in this checkpoint: itself, or its TensorFlow-era spelling
+    (`TF_NORM_NAMES`) when only that is there."""
+    for current, tf_name in TF_NORM_NAMES:
+        if name.endswith(current) and not reader.has(name):
+            legacy = name.removesuffix(current) + tf_name
+            if reader.has(legacy):
+                return legacy
+    return name
+
+
 def load_stage(reader: CheckpointReader, args: BertArgs, layers: LayerRange) -> BertStage:
     layers.check_within(args.n_layers)
     d, inner, p = args.dim, args.intermediate, tensor_prefix(reader)
@@ -201,7 +217,9 @@ def load_stage(reader: CheckpointReader, args: BertArgs, layers: LayerRange) -> 
             (f"{e}.LayerNorm.weight", (d,)),
             (f"{e}.LayerNorm.bias", (d,)),
         ]
-    w = reader.read_many(wanted)
+    stored = {name: stored_name(reader, name) for name, _ in wanted}
+    read = reader.read_many((stored[name], shape) for name, shape in wanted)
+    w = {name: read[stored[name]] for name, _ in wanted}
     dense = Precision(args.dtype)  # no int8 for this family: the loader refuses it
 
     blocks = []
