@@ -158,3 +158,50 @@ def test_model_directory(tiny_model: Path, files: tuple[Path, Path]) -> None:
     stages = out["stages"]
     assert isinstance(stages, list) and stages[0]["start"] == 0
     assert stages[-1]["end"] >= 2
+
+
+def test_a_model_is_costed_as_the_cluster_costs_it(tiny_model: Path, tmp_path: Path) -> None:
+    """The cluster plans a model with the KV cache of its own context
+    (`wiring.parts.placing`: `max_context`) at model.dtype; the preview budgeted 2048
+    tokens at float32, refusing the tiny model (512 tokens) on a node the cluster would
+    place it on, and under-counting models of longer context."""
+    from butterfly.partition.capability import layer_memory
+    from butterfly.runtime.loader import layer_infos
+    from butterfly.runtime.precision import Precision
+    from butterfly.wiring.parts import max_context
+
+    context = max_context(tiny_model)
+    assert context < 2048
+
+    def need(dtype: str) -> int:
+        infos = layer_infos(tiny_model, Precision.named(dtype))
+        return sum(layer_memory(layer, context) for layer in infos)
+
+    assert need("bfloat16") < need("float32")
+    nodes = write(
+        tmp_path / "nodes.json",
+        [{"id": 0, "flops_per_s": 1e12, "memory_bytes": need("bfloat16") + 1024}],
+    )
+    args = ["plan", "--model", str(tiny_model), "--nodes", str(nodes), "--json"]
+    fp32 = runner.invoke(app, args)
+    assert fp32.exit_code == 2 and "node 0" in fp32.output  # float32 does not fit
+    bf16 = runner.invoke(app, [*args, "--dtype", "bfloat16"])
+    assert bf16.exit_code == 0, bf16.output
+    assert json.loads(bf16.output)["stages"][0]["node"] == 0
+    # the budget follows --context-tokens when given, so 2048 tokens no longer fit
+    longer = runner.invoke(app, [*args, "--dtype", "bfloat16", "--context-tokens", "2048"])
+    assert longer.exit_code == 2, longer.output
+    bad = runner.invoke(app, [*args, "--dtype", "float64"])
+    assert bad.exit_code == 2 and "model.dtype 'float64'" in bad.output
+
+
+def test_a_whole_number_written_as_a_float_is_taken(
+    tmp_path: Path, files: tuple[Path, Path]
+) -> None:
+    """JSON writers (and people) write 1e9; only a fraction is refused."""
+    layers, _ = files
+    for memory, code in ((1e9, 0), (1.5e9 + 0.5, 2)):
+        nodes = write(tmp_path / "n.json", [{"id": 0, "flops_per_s": 1e12, "memory_bytes": memory}])
+        result = runner.invoke(app, ["plan", "--layers", str(layers), "--nodes", str(nodes)])
+        assert result.exit_code == code, result.output
+        assert ("must be a whole number" in result.output) == (code == 2), result.output

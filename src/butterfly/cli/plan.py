@@ -1,7 +1,13 @@
 """`butterfly plan`: preview a placement without starting anything.
 
     butterfly plan (--model DIR | --layers LAYERS.json) --nodes NODES.json
-                   [--strategy S] [--context-tokens N] [--json]
+                   [--strategy S] [--context-tokens N] [--dtype D] [--quantization Q] [--json]
+
+With --model, the layers are costed as a cluster serving DIR costs them: at `--dtype` and
+`--quantization` (model.dtype and model.quantization, defaulting as the config does), with
+a KV cache for the model's own context (`wiring.parts.max_context`) unless
+--context-tokens says otherwise; a preview that budgeted 2048 tokens at float32 refused
+placements the cluster makes and showed others it would not.
 
 LAYERS.json: `[{"id", "compute_cost", "memory_bytes", "output_size"}, ...]` (optional
 "kv_bytes_per_token", "activation_bytes_per_token"). NODES.json: `[{"id", "flops_per_s",
@@ -22,6 +28,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from butterfly.config.schema import ModelConfig
 from butterfly.partition.capability import DEFAULT_CONTEXT_TOKENS, Link, NodeCapability, fmt_bytes
 from butterfly.partition.quality import Plan
 from butterfly.partition.service import PartitionService
@@ -30,6 +37,7 @@ from butterfly.types.ids import NodeId
 from butterfly.types.model import LayerInfo, Linear
 
 err = Console(stderr=True)
+MODEL_DEFAULTS = ModelConfig()  # --dtype and --quantization default as model.* do
 
 LAYER_KEYS = {"id", "compute_cost", "memory_bytes", "output_size"}
 LAYER_OPTIONAL = {"kv_bytes_per_token", "activation_bytes_per_token"}
@@ -53,22 +61,37 @@ def plan(
         str, typer.Option(help="uniform, load_balanced, topology_aware or hybrid.")
     ] = "load_balanced",
     context_tokens: Annotated[
-        int, typer.Option(help="KV cache budget per stage, in tokens of context.")
-    ] = DEFAULT_CONTEXT_TOKENS,
+        int | None,
+        typer.Option(
+            min=1,
+            help="KV cache budget per stage, in tokens of context (default: the model's "
+            f"own context, as the cluster plans; {DEFAULT_CONTEXT_TOKENS} with --layers).",
+        ),
+    ] = None,
+    dtype: Annotated[
+        str, typer.Option(help="model.dtype the cluster computes in (with --model).")
+    ] = MODEL_DEFAULTS.dtype,
+    quantization: Annotated[
+        str, typer.Option(help="model.quantization of the cluster (with --model).")
+    ] = MODEL_DEFAULTS.quantization,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON object.")] = False,
 ) -> None:
     """Preview where each layer would run, and what the placement is expected to cost."""
     if (model is None) == (layers is None):
         raise _fail("give exactly one of --model DIR or --layers LAYERS.json")
     try:
-        if layers is not None:
-            infos = read_layers(layers)
-        else:
-            from butterfly.runtime.loader import layer_infos  # torch: only when needed
+        if model is None:
+            infos = read_layers(layers) if layers is not None else []
+            context = context_tokens or DEFAULT_CONTEXT_TOKENS
+        else:  # torch: only when needed
+            from butterfly.runtime.loader import layer_infos
+            from butterfly.runtime.precision import Precision
+            from butterfly.wiring.parts import max_context
 
-            infos = layer_infos(model) if model is not None else []
+            infos = layer_infos(model, Precision.named(dtype, quantization))
+            context = context_tokens or max_context(model)
         caps = read_nodes(nodes)
-        service = PartitionService(cache_size=0, context_tokens=context_tokens)
+        service = PartitionService(cache_size=0, context_tokens=context)
         result = service.plan(infos, caps, strategy)
     except (BadFile, ButterflyError) as e:
         raise _fail(str(e)) from None
@@ -106,6 +129,8 @@ def _keys(where: str, entry: dict[str, Any], required: set[str], optional: set[s
 
 
 def _int(where: str, key: str, value: object) -> int:
+    if isinstance(value, float) and value.is_integer():  # "memory_bytes": 1e9
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise BadFile(f"{where}: {key} must be a whole number >= 0, got {value!r}")
     return value
