@@ -5,6 +5,7 @@ a server that is not a Butterfly gateway, and a node whose model it cannot use."
 from __future__ import annotations
 
 import http.server
+import json
 import shutil
 import subprocess
 import sys
@@ -12,12 +13,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from butterfly.cli import app
 from butterfly.cli.keeper import CANNOT_START
 from butterfly.cli.launcher import free_port_block, node_configs
-from butterfly.runtime.weights import model_hash
+from butterfly.runtime.loader import load_stage
+from butterfly.runtime.weights import CheckpointReader, model_hash
 from butterfly.types.errors import InvalidInput, MissingTensor
 from butterfly.types.tasks import SamplingParams
 from tests.http_util import serving
@@ -274,3 +277,37 @@ def test_an_output_path_that_is_a_file_is_named(tmp_path: Path) -> None:
         app, ["model", "create-demo", "--out", str(tmp_path / "m"), "--seed", str(1 << 70)]
     )
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
+
+
+def test_create_demo_refuses_a_directory_holding_a_model_unless_forced(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Written over, a sharded checkpoint's index stayed and routed every tensor to the
+    old shard: the directory served the old weights under the new demo's name. Refused
+    (the user's files untouched); with --force, the directory is exactly the demo."""
+    out = tmp_path / "my-model"
+    out.mkdir()
+    (out / "config.json").write_text((tiny_model / "config.json").read_text())
+    shard = "model-00001-of-00001.safetensors"
+    (out / shard).write_bytes((tiny_model / "model.safetensors").read_bytes())
+    names = CheckpointReader(tiny_model).names()
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": dict.fromkeys(names, shard)})
+    )
+    (out / "chat_template.jinja").write_text("OLD")  # it would win over the demo's template
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    create = ["model", "create-demo", "--out", str(out), "--seed", "1"]
+    refused(create, f"{out} already holds a model")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    forced = CliRunner().invoke(app, [*create, "--force"])
+    assert forced.exit_code == 0, forced.output
+    new = tmp_path / "new"
+    fresh = CliRunner().invoke(app, ["model", "create-demo", "--out", str(new), "--seed", "1"])
+    assert fresh.exit_code == 0, fresh.output
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in new.iterdir())
+    assert model_hash(out) == model_hash(new)
+    x = torch.tensor([[1, 2, 3, 4]])
+    a, b = load_stage(out), load_stage(new)
+    with torch.no_grad():
+        assert torch.equal(a.forward(x, a.new_cache(), 0), b.forward(x, b.new_cache(), 0))

@@ -39,6 +39,9 @@ def create_demo_cmd(
     seed: Annotated[
         int, typer.Option(min=0, max=2**63 - 1, help="Weights seed; same seed, same bytes.")
     ] = 0,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace the model a directory already holds.")
+    ] = False,
 ) -> None:
     """Write a Llama-architecture demo model with seeded weights and a byte-level tokenizer."""
     from butterfly.runtime.demo import SIZES, create_demo
@@ -49,7 +52,7 @@ def create_demo_cmd(
         raise fail(ValueError(f"{out} is a file; give a directory to write the model into"))
     try:
         with err.status(f"writing the {size} demo model to {out}"):
-            create_demo(out, size, seed)
+            create_demo(out, size, seed, replace=force)
     except OSError as e:
         raise fail(e) from e
     err.print(f"wrote {out}")

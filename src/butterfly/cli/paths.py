@@ -22,6 +22,6 @@ def demo_model(size: str = "small") -> Path:
         from butterfly.runtime.demo import create_demo
 
         tmp = path.with_name(path.name + ".partial")
-        create_demo(tmp, size)
+        create_demo(tmp, size, replace=True)  # what an interrupted creation left
         tmp.rename(path)
     return path

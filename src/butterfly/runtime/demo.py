@@ -135,12 +135,52 @@ CHAT_TEMPLATE = (
 random weights make no sense of it, but the path from messages to tokens is real)."""
 
 
+CHECKPOINT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+"""Files of a checkpoint directory that change what it computes or how its text is read
+(with its `*.safetensors`): a sharded index left beside a new `model.safetensors` takes
+precedence over it, a `generation_config.json` changes the end-of-sequence ids."""
+
+
+def checkpoint_files(out: Path) -> list[Path]:
+    """The checkpoint files `out` already holds (none if it does not exist)."""
+    if not out.is_dir():
+        return []
+    named = [out / name for name in CHECKPOINT_FILES if (out / name).is_file()]
+    return [*named, *sorted(out.glob("*.safetensors"))]
+
+
 def create_demo(
-    out: Path, size: str = "tiny", seed: int = 0, shard_bytes: int | None = None
+    out: Path,
+    size: str = "tiny",
+    seed: int = 0,
+    shard_bytes: int | None = None,
+    *,
+    replace: bool = False,
 ) -> Path:
+    """Write the demo model into `out`. A directory already holding a checkpoint is
+    refused (FileExistsError), unless `replace`, which first removes its checkpoint
+    files: written over, it was neither the old model nor the demo (the old index still
+    routed every tensor to the old shards)."""
     if size not in SIZES:
         raise ValueError(f"unknown demo size {size!r}; choose one of {sorted(SIZES)}")
     out = Path(out)
+    existing = checkpoint_files(out)
+    if existing and not replace:
+        names = ", ".join(p.name for p in existing[:4]) + (", ..." if len(existing) > 4 else "")
+        raise FileExistsError(
+            f"{out} already holds a model ({names}); give another directory, "
+            "or --force to replace it"
+        )
+    for path in existing:
+        path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(demo_config(size), indent=2, sort_keys=True) + "\n")
     write_safetensors(demo_tensors(size, seed), out, shard_bytes or SIZES[size].shard_bytes)
