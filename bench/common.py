@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from butterfly.runtime.demo import create_demo
+from butterfly.runtime.demo import demo_at
 from butterfly.runtime.linear import Int8Weight
 from butterfly.runtime.native import BlockedWeight
 
@@ -50,10 +50,7 @@ def rotated(items: Iterable[K], r: int) -> list[K]:
 
 def bench_model(size: str) -> Path:
     """The demo model of `size`, created once under bench/out/ (never downloaded)."""
-    path = Path(__file__).resolve().parent / "out" / "models" / f"demo-{size}"
-    if not (path / "config.json").is_file():
-        create_demo(path, size)
-    return path
+    return demo_at(Path(__file__).resolve().parent / "out" / "models" / f"demo-{size}", size)
 
 
 VECTOR_FLAGS = (

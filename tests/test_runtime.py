@@ -13,13 +13,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from butterfly.runtime import llama
-from butterfly.runtime.demo import create_demo
+from butterfly.runtime.demo import create_demo, demo_at
 from butterfly.runtime.generate import generate, run_pipeline
 from butterfly.runtime.kvcache import KVSnapshot
 from butterfly.runtime.linear import EXACT_ROWS
 from butterfly.runtime.loader import layer_infos, load_stage
 from butterfly.runtime.sampling import make_generator, sample
 from butterfly.runtime.stage import forward_rows, prefill_outputs
+from butterfly.runtime.tokenizer import TextCodec
 from butterfly.runtime.weights import CheckpointReader
 from butterfly.runtime.wire import DTYPES, decode_tensor, encode_tensor
 from butterfly.types.errors import (
@@ -385,3 +386,22 @@ def test_prefill_outputs_runs_no_product_in_a_decode_shape(
     assert rows and all(n == 1 or n > EXACT_ROWS for n in rows), rows
     assert part.shape[1] == 40 - outputs_from
     assert torch.allclose(part, full[:, outputs_from:], atol=1e-5)
+
+
+def test_a_demo_model_is_never_taken_from_an_interrupted_creation(tmp_path: Path) -> None:
+    """`demo_at` writes beside the path and renames into place: a directory a killed
+    creation left (files, no config) or its `.partial` is replaced, a whole model is
+    reused as it is. Before, the config came first and a directory holding it was
+    reused without its weights."""
+    path = tmp_path / "demo-tiny"
+    path.mkdir()
+    (path / "tokenizer.json").write_text("{")  # what a killed creation left
+    (tmp_path / "demo-tiny.partial").mkdir()
+    (tmp_path / "demo-tiny.partial" / "config.json").write_text("{}")
+    assert demo_at(path, "tiny") == path
+    assert load_stage(path).layers.end == 4  # whole: weights, tokenizer and all
+    TextCodec.load(path)
+    assert not (tmp_path / "demo-tiny.partial").exists()
+    stamp = (path / "config.json").stat().st_mtime_ns
+    assert demo_at(path, "tiny") == path
+    assert (path / "config.json").stat().st_mtime_ns == stamp  # reused, not rewritten

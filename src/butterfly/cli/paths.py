@@ -17,11 +17,9 @@ def data_dir() -> Path:
 def demo_model(size: str = "small") -> Path:
     """The demo model under the data directory, created on first use."""
     path = data_dir() / "models" / f"demo-{size}"
-    if not (path / "config.json").is_file():
-        # imported here: torch comes with it, and the CLI's other commands start without
-        from butterfly.runtime.demo import create_demo
+    if (path / "config.json").is_file():
+        return path
+    # imported here: torch comes with it, and the CLI's other commands start without
+    from butterfly.runtime.demo import demo_at
 
-        tmp = path.with_name(path.name + ".partial")
-        create_demo(tmp, size, replace=True)  # what an interrupted creation left
-        tmp.rename(path)
-    return path
+    return demo_at(path, size)

@@ -7,6 +7,7 @@ so two machines that create it independently hold the same model (and the same h
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -195,3 +196,18 @@ def create_demo(
     }
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def demo_at(path: Path, size: str) -> Path:
+    """The demo model of `size` at `path`, created on first use: written beside it and
+    renamed into place, so an interrupted creation is never taken for a model (the
+    config is written first, and a directory holding it was reused without its
+    weights). A directory there without a config is such a leftover, and replaced."""
+    if (path / "config.json").is_file():
+        return path
+    tmp = path.with_name(path.name + ".partial")
+    create_demo(tmp, size, replace=True)  # what an interrupted creation left
+    if path.is_dir():
+        shutil.rmtree(path)
+    tmp.rename(path)
+    return path
