@@ -20,11 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from butterfly.dataplane.chosen import Chosen
+from butterfly.dataplane.chosen import Chosen, honest_margin, kept_set_stable
 from butterfly.dataplane.stage_server import StageServer
-from butterfly.protocol.proof import Tolerance
+from butterfly.protocol.proof import Tolerance, tolerance_for
 from butterfly.runtime.generate import generate
 from butterfly.runtime.loader import load_stage
+from butterfly.runtime.precision import verification_floor
 from butterfly.runtime.sampling import choose, distribution, draw, log_softmax
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.testing.inprocess import InProcessCluster
@@ -33,6 +34,8 @@ from butterfly.types.tasks import InferenceResult, InferenceTask, Sampled, Sampl
 
 pytestmark = pytest.mark.timeout(180)
 TOL = Tolerance(rtol=1e-3, atol=1e-4)
+FP32 = tolerance_for(1e-3, 1e-4, verification_floor("float32"))
+BF16 = tolerance_for(1e-3, 1e-4, verification_floor("bfloat16"))
 PROMPT = "Once upon a time"
 SETTINGS = {"coordination.heartbeat_interval_ms": 10, "byzantine.verification": "audit"}
 
@@ -85,13 +88,115 @@ def test_prompt_logprobs_are_held_to_the_rows_before_their_tokens() -> None:
 
 
 def test_a_sampled_tokens_probability_is_held_to_the_re_executed_distribution() -> None:
-    params = SamplingParams(temperature=0.7, top_p=0.9)
+    params = SamplingParams(temperature=0.7, top_p=0.8)  # token 2 is the first cut
     honest = float(distribution(ROW[0, 0], params)[1])
     assert Chosen(params, 1, (1,), drawn={0: honest}).wrong(ROW, 0, TOL) == []
     assert Chosen(params, 1, (1,), drawn={0: honest * 1.0005}).wrong(ROW, 0, TOL) == []
     assert Chosen(params, 1, (1,), drawn={0: honest * 1.3}).wrong(ROW, 0, TOL) == [0]
     assert Chosen(params, 1, (1,), drawn={0: honest * 0.7}).wrong(ROW, 0, TOL) == [0]
     assert Chosen(params, 1, (1,)).wrong(ROW, 0, TOL) == []  # not kept: a checkpoint's
+
+
+# rows of the audit's re-execution and of an honest chain near a cut: the kept set of
+# top-k / top-p is not the same on both sides, so the drawn probability has no bounds
+# there (a review evicted an honest bfloat16 last stage at its 63rd sampled request)
+NEAR_CUTS = [
+    (  # bfloat16, within 0.6% of the row's scale: a tie at the k-th value
+        SamplingParams(temperature=0.7, top_k=2, top_p=0.5),
+        1,
+        [
+            1.3203125,
+            1.421875,
+            1.3203125,
+            -0.265625,
+            -0.423828125,
+            0.3515625,
+            -0.9375,
+            -0.185546875,
+        ],
+        [
+            1.328125,
+            1.4140625,
+            1.3125,
+            -0.259765625,
+            -0.41796875,
+            0.34765625,
+            -0.9453125,
+            -0.1904296875,
+        ],
+        BF16,
+    ),
+    (  # bfloat16, within 1.2%
+        SamplingParams(temperature=1.5, top_k=5),
+        3,
+        [
+            -0.6640625,
+            -0.6640625,
+            -0.84765625,
+            0.267578125,
+            -0.453125,
+            -1.3671875,
+            0.87109375,
+            -0.373046875,
+        ],
+        [
+            -0.65234375,
+            -0.66796875,
+            -0.85546875,
+            0.25390625,
+            -0.447265625,
+            -1.3515625,
+            0.87109375,
+            -0.384765625,
+        ],
+        BF16,
+    ),
+    (  # float32, every logit moved by 0.3 of the margin: a token at the nucleus's edge
+        SamplingParams(temperature=1.0, top_p=0.9),
+        3,
+        [-0.74, -1.82, -0.32, -1.36],
+        [-0.7407093, -1.8192907, -0.3207093, -1.3592907],
+        FP32,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("params", "token", "reexec", "honest", "tol"),
+    NEAR_CUTS,
+    ids=["bf16-top_k-tie", "bf16-top_k", "fp32-top_p-edge"],
+)
+def test_an_honest_draw_near_a_cut_is_not_convicted(
+    params: SamplingParams, token: int, reexec: list[float], honest: list[float], tol: Tolerance
+) -> None:
+    drawn = float(distribution(torch.tensor(honest), params)[token])
+    assert drawn > 0.1  # drawn one time in ten or more
+    chosen = Chosen(params, 1, (token,), drawn={0: drawn})
+    assert chosen.wrong(torch.tensor([[reexec]]), 0, tol) == []
+    assert not kept_set_stable(
+        torch.tensor(reexec), params, [], honest_margin(torch.tensor(reexec), tol)
+    )
+
+
+def test_away_from_the_cuts_the_drawn_probability_is_still_held() -> None:
+    params = SamplingParams(temperature=0.7, top_k=3, top_p=0.9)
+    row = torch.tensor([3.0, 2.0, 1.0, -2.0, -4.0])
+    assert kept_set_stable(row, params, [], honest_margin(row, FP32))
+    honest = float(distribution(row, params)[1])
+    assert Chosen(params, 1, (1,), drawn={0: honest * 1.2}).wrong(row[None, None], 0, FP32) == [0]
+
+
+def test_logprobs_are_of_the_last_tokens_when_a_request_resumed() -> None:
+    """A request resumed from a dead gateway's checkpoint reports the logprobs of the
+    tokens made after it only: they are held to those tokens' rows (paired from the
+    first, an honest answer came back unverified: a review)."""
+    rows = torch.cat([ROW, ROW.flip(-1), ROW], dim=1)  # positions 0, 1, 2
+    flipped = torch.log_softmax(rows[0, 1], dim=-1)
+    last_two = (Sampled(4, float(flipped[4])), Sampled(0, lp(0)))
+    chosen = Chosen(SamplingParams(logprobs=0), 1, (0, 4, 0), logprobs=last_two)
+    assert chosen.wrong(rows, 0, TOL) == []
+    other = Chosen(SamplingParams(logprobs=0), 1, (0, 4, 0), logprobs=(Sampled(3, -1.0),) * 2)
+    assert other.wrong(rows, 0, TOL) == []  # not these tokens': the gateway's, no one's
 
 
 # --- a liar in a cluster --------------------------------------------------------------
@@ -301,3 +406,30 @@ def test_a_draw_and_the_logprobs_reported_survive_non_finite_logits() -> None:
     values = [picked.logprob, *(v for _, v in picked.top)]
     assert picked.token == 1 and all(math.isfinite(v) for v in values)
     assert log_softmax(torch.tensor([[nan, 0.0, -inf]])).isfinite().all()
+
+
+@pytest.mark.anyio
+async def test_an_honest_bfloat16_cluster_sampling_near_its_cuts_evicts_nobody(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Small top-k and top-p in bfloat16, where honest logits tie and untie at the cuts:
+    every answer verified, nobody evicted (a review's run evicted the honest last stage
+    at request 63 of these)."""
+    text = PROMPT + " there was a little girl who lived in a village near the forest"
+    ids = tuple(TextCodec.load(tiny_model).encode(text))
+    settings = {**SETTINGS, "model.dtype": "bfloat16"}
+    unverified = []
+    async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=settings) as c:
+        await c.first_plan()
+        for i in range(150):
+            top = {"top_k": 2 if i % 2 else 3, "top_p": 0.5 if i % 3 else 0.8}
+            params = SamplingParams(temperature=0.7, seed=1000 + i, **top)
+            task = InferenceTask(RequestId(f"r{i}"), ids, max_new_tokens=24, sampling=params)
+            run = asyncio.create_task(c.gateway.engine.run(task, lambda t: None))
+            await c.until(run.done, "the request to finish", beats=6000)
+            if run.result().verified != "audit":
+                unverified.append(i)
+            if c.gateway.plans.evicted:
+                break
+        assert not c.gateway.plans.evicted, f"evicted at request {i}"
+    assert not unverified

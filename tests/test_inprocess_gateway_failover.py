@@ -70,6 +70,20 @@ def gateway(c: InProcessCluster, node: int) -> Gateway:
     return gw
 
 
+async def cut_off_after_a_checkpoint(c: InProcessCluster, task_id: str) -> int:
+    """Node 0 killed once `task_id` made 5 tokens and node 1 holds a checkpoint of it;
+    how many it had made."""
+    first, standby = gateway(c, 0), gateway(c, 1)
+    assert first.scheduler is not None
+    produced = 0
+    async for _ in first.scheduler.stream(task_id):
+        produced += 1
+        if produced >= 5 and standby.replicas.store.checkpoint(task_id) is not None:
+            c.kill(0)
+            return produced
+    raise AssertionError("the task finished before node 1 had a checkpoint")
+
+
 @pytest.mark.parametrize(("n", "f"), [(4, 1), (3, 0)])
 async def test_the_successor_takes_over_and_every_task_completes_with_its_tokens(
     tiny_model: Path, tmp_path: Path, references: dict[str, list[int]], n: int, f: int
@@ -97,17 +111,7 @@ async def test_the_successor_takes_over_and_every_task_completes_with_its_tokens
             # the copy is on node 1 before submit returns (the 202)
             assert standby.replicas.store.get(t.task_id) is not None
 
-        async def cut_off_after_a_checkpoint() -> int:
-            assert first.scheduler is not None
-            produced = 0
-            async for _ in first.scheduler.stream("greedy"):
-                produced += 1
-                if produced >= 5 and standby.replicas.store.checkpoint("greedy") is not None:
-                    c.kill(0)
-                    return produced
-            raise AssertionError("the task finished before node 1 had a checkpoint")
-
-        killed_at = await asyncio.wait_for(cut_off_after_a_checkpoint(), 30)
+        killed_at = await asyncio.wait_for(cut_off_after_a_checkpoint(c, "greedy"), 30)
         assert killed_at < NEW
         await c.until(lambda: standby.scheduler is not None, "node 1 takes over")
         assert all(node.role.acting == 1 and node.role.term == 1 for node in c.nodes[1:])
@@ -475,3 +479,27 @@ async def test_with_f_0_a_standby_that_alone_stops_hearing_the_gateway_does_not_
             await asyncio.sleep(0.005)
         assert all(node.role.acting == 0 and node.role.term == 0 for node in c.nodes)
         assert gateway(c, 1).scheduler is None and first.scheduler is not None
+
+
+async def test_a_resumed_sampled_request_with_logprobs_is_verified(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Resumed from node 0's checkpoint, the sampled request reports the logprobs of the
+    tokens node 1 made; its audit holds them to those tokens' rows and verifies it
+    (paired with the first tokens instead, it came back unverified: a review)."""
+    async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS) as c:
+        first, standby = gateway(c, 0), gateway(c, 1)
+        await c.until(lambda: first.scheduler is not None, "node 0 serving")
+        assert first.scheduler is not None
+        await first.scheduler.submit(task(tiny_model, "sampled", SAMPLED))
+
+        await asyncio.wait_for(cut_off_after_a_checkpoint(c, "sampled"), 30)
+        await c.until(lambda: standby.scheduler is not None, "node 1 takes over")
+        scheduler = standby.scheduler
+        assert scheduler is not None
+        snap = await _settled(c, standby, "sampled")
+        result = snap.result
+        assert result is not None and result.timings["resumed_from_checkpoint"] >= 4
+        assert len(result.logprobs) < len(result.output_ids)  # those made after the resume
+        assert result.verified == "audit"
+        assert {int(n) for n in c.nodes[1].plans.evicted} <= {0}

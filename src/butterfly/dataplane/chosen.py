@@ -3,6 +3,7 @@ them from, held to the last stage's re-executed logits."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -68,21 +69,32 @@ class Chosen:
             if not 0 <= token < row.shape[0]:
                 wrong.append(p)
                 continue
-            margin = _margin(row, tol)
+            margin = honest_margin(row, tol)
             history = self.tokens[:j]
             if is_greedy(self.params):
                 logits = adjust(row, self.params, history)
                 chosen_ok = float(logits[token]) >= float(logits.max()) - 2 * margin
             else:
                 chosen_ok = self._drawable(row, token, history, margin, self.drawn.get(j))
-            reported = self.logprobs[j] if j < len(self.logprobs) else None
+            reported = self._reported(j, token)
             if not chosen_ok or (reported is not None and not _reports(row, reported, margin)):
                 wrong.append(p)
         for i, scored in enumerate(self.prompt_logprobs):  # row p scores the token after it
             row = self._row(out, offset, i)
-            if row is not None and not _reports(row, scored, _margin(row, tol)):
+            if row is not None and not _reports(row, scored, honest_margin(row, tol)):
                 wrong.append(i)
         return sorted(wrong)
+
+    def _reported(self, j: int, token: int) -> Sampled | None:
+        """What was reported of chosen token `j`, if anything: the logprobs are of the
+        last tokens (a request resumed from a dead gateway's checkpoint reports those
+        made after it only, and pairing them from the first convicted nobody but left
+        it unverified: a review); one of another token is not this one's."""
+        k = j - (len(self.tokens) - len(self.logprobs))
+        if k < 0:
+            return None
+        reported = self.logprobs[k]
+        return reported if reported.token == token else None
 
     def _row(self, out: torch.Tensor, offset: int, p: int) -> torch.Tensor | None:
         """Position `p`'s re-executed logits, if this audit holds them and judges `p`."""
@@ -117,10 +129,12 @@ class Chosen:
             return False
         if drawn is None:  # not kept (a token a dead gateway chose, from its checkpoint)
             return True
+        if not kept_set_stable(row, self.params, history, margin):
+            return True  # honest logits near a cut: the bounds above are none
         return low * (1 - SLACK) - SLACK * 1e-3 <= drawn <= high * (1 + SLACK) + SLACK * 1e-3
 
 
-def _margin(row: torch.Tensor, tol: Tolerance) -> float:
+def honest_margin(row: torch.Tensor, tol: Tolerance) -> float:
     """How far an honest logit may lie from the re-execution's."""
     return tol.atol + (tol.rtol + tol.scaled) * float(row.abs().nan_to_num(0.0).max())
 
@@ -150,3 +164,35 @@ def _reports(row: torch.Tensor, scored: Sampled, margin: float) -> bool:
     named[[t for t, _ in scored.top]] = True
     least = min(v for _, v in scored.top)
     return not bool(((logprobs > least + 2 * bound + SLACK) & ~named).any())
+
+
+def kept_set_stable(
+    row: torch.Tensor, params: SamplingParams, history: Sequence[int], margin: float
+) -> bool:
+    """Whether every row within `margin` of `row` keeps the same tokens through top-k
+    and top-p, so that moving every logit for or against a token bounds its
+    probability. Near a cut it does not: a token honest noise moves across the k-th
+    value or the nucleus's edge is kept on one side and not the other, and an honest
+    bfloat16 last stage was evicted for a draw outside such "bounds" (a review). Each
+    test is held to twice the noise it allows, for the float noise beside it."""
+    if not 0 < params.top_k < row.shape[-1] and params.top_p >= 1.0:
+        return True
+    logits = adjust(row.float(), params, history) / params.temperature
+    spread = 2 * margin / params.temperature  # two honest logits may close this gap
+    ranked = torch.sort(logits, descending=True).values
+    if 0 < params.top_k < ranked.shape[0]:
+        if float(ranked[params.top_k - 1] - ranked[params.top_k]) <= 2 * spread:
+            return False
+        ranked = ranked[: params.top_k]
+    if params.top_p >= 1.0:
+        return True
+    probs = torch.softmax(ranked, dim=-1)
+    before = (torch.cumsum(probs, dim=-1) - probs).tolist()
+    dropped = next((i for i, b in enumerate(before) if b >= params.top_p), None)
+    moved = math.exp(2 * spread)  # how far noise moves a probability, or a sum of them
+    if before[(dropped or len(before)) - 1] * moved >= params.top_p:
+        return False  # the last kept token might be dropped
+    if dropped is None:
+        return True
+    gap = float(ranked[dropped - 1] - ranked[dropped])
+    return before[dropped] / moved >= params.top_p and gap > 2 * spread

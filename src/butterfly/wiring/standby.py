@@ -429,27 +429,18 @@ class TaskReplicas:
     async def _pull_from(self, peer: NodeId) -> list[InferenceTask | None]:
         """What `peer` holds that this node lacks, taken into its store: per task changed
         here, the task if it is new and unfinished (to be queued), else None (it is now
-        finished here). `ServiceUnavailable` if `peer` did not answer."""
+        finished here). `ServiceUnavailable` if `peer` did not answer. The reply (up to
+        `SYNC_RESULTS` results with their signed records, megabytes) is read and
+        written off the event loop, which a returning standby now interrupts while this
+        node serves, not only as it starts acting."""
         try:
             _, payload = await self._transport.ask(
                 peer, TaskSync(), timeout=COPY_TIMEOUT_S, channel="control"
             )
-            records = json.loads(payload)
-            if not isinstance(records, list):
-                raise ValueError(f"a list of tasks expected, got {type(records).__name__}")
+            return await asyncio.to_thread(_take_all, self.store, peer, payload)
         except (ButterflyError, ValueError) as e:
             log.warning("unfinished tasks of node %s not taken: %s", peer, e)
             raise ServiceUnavailable(f"node {peer} did not hand over its tasks: {e}") from e
-        taken: list[InferenceTask | None] = []
-        for record in records:  # one bad record costs that task only
-            try:
-                changed, task = _take(self.store, record)
-            except (ValueError, KeyError, TypeError) as e:
-                log.warning("a task of node %s not taken: %s", peer, e)
-                continue
-            if changed:
-                taken.append(task)
-        return taken
 
     # --- a standby: the router's handlers (only the acting gateway may send these) ------
 
@@ -520,6 +511,24 @@ class TaskReplicas:
             result = result_from_json(msg.task_id, env.payload.decode()) if env.payload else None
             await self._group().finish(RequestId(msg.task_id), state, result)
         return None
+
+
+def _take_all(store: TaskStore, peer: NodeId, payload: bytes) -> list[InferenceTask | None]:
+    """A standby's `TaskSync` reply into `store` (`TaskReplicas._pull_from`); one bad
+    record costs that task only."""
+    records = json.loads(payload)
+    if not isinstance(records, list):
+        raise ValueError(f"a list of tasks expected, got {type(records).__name__}")
+    taken: list[InferenceTask | None] = []
+    for record in records:
+        try:
+            changed, task = _take(store, record)
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("a task of node %s not taken: %s", peer, e)
+            continue
+        if changed:
+            taken.append(task)
+    return taken
 
 
 def _take(store: TaskStore, record: list[Any]) -> tuple[bool, InferenceTask | None]:
