@@ -19,7 +19,7 @@ import pytest
 from butterfly.control.gateway_role import GatewayRole
 from butterfly.schedule.state import TaskState, TaskStatus
 from butterfly.schedule.store import task_to_json
-from butterfly.types.errors import CircuitOpen
+from butterfly.types.errors import CircuitOpen, SendTimeout
 from butterfly.types.ids import NodeId, RequestId
 from butterfly.types.tasks import InferenceTask
 from butterfly.types.wire.standby import TaskCopied, TaskSync, TaskSyncReply
@@ -44,6 +44,9 @@ class Fake:
         m = self.mode[peer]
         if m == "circuit":
             raise CircuitOpen(f"circuit to node {peer} is open")
+        if m == "silent":  # heard by the detector, cut off over TCP
+            await asyncio.sleep(kw["timeout"])
+            raise SendTimeout(f"node {peer} did not answer within {kw['timeout']} s")
         if isinstance(msg, TaskSync):
             self.syncs += 1
             held = self.held.get(peer, [])
@@ -248,5 +251,34 @@ async def test_a_standby_down_at_the_takeover_hands_over_the_tasks_only_it_held(
             if time.monotonic() - start > 5.0:
                 break
         assert t.syncs == syncs == 1  # (the takeover's ask met the open circuit)
+    finally:
+        await stop(loop, r)
+
+
+async def test_a_standby_that_does_not_answer_holds_back_one_202_and_is_resynced(
+    tmp_path: Path,
+) -> None:
+    """Heard by the detector but cut off over TCP, a standby's copies time out: the
+    first 202 waits the copy's timeout, the next ones do not wait for it (every one
+    waited 5 s: a review), and it is given them once it answers again."""
+    r, t = acting(tmp_path, [ACTING, S1], {S1: "silent"}, timeout_s=0.3)
+    took = []
+    for i in range(3):
+        task = InferenceTask(RequestId(f"a{i}"), (1,), max_new_tokens=1)
+        r.store.add(task)  # as the scheduler does before the copy
+        start = time.monotonic()
+        await r.accepted(task)
+        took.append(time.monotonic() - start)
+    assert took[0] >= 0.3 and max(took[1:]) < 0.1, took
+    assert not r.holds_every_task(S1)
+    t.mode[S1] = "ok"
+    loop = asyncio.create_task(r.keep_standbys(no_adoption))
+    try:
+        start = time.monotonic()
+        while not r.holds_every_task(S1) and time.monotonic() - start < 3.0:
+            await asyncio.sleep(0.02)
+        assert t.copied.get(S1) == {"a0", "a1", "a2"}
+        await r.accepted(InferenceTask(RequestId("a3"), (1,), max_new_tokens=1))
+        assert "a3" in t.copied[S1]  # waited for again: it answers
     finally:
         await stop(loop, r)

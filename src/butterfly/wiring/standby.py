@@ -147,9 +147,9 @@ class TaskReplicas:
         # standbys that may hold tasks this node lacks: down (or not answering) while it
         # took over, or since; taken from when next resynced (`resync`)
         self._unpulled: set[NodeId] = set()
-        # standbys whose circuit a copy waited on in vain: no copy waits again until one
-        # reaches them (`_copy`)
-        self._undialled: set[NodeId] = set()
+        # standbys a copy could not reach (a circuit that stayed open, no answer): no 202
+        # waits for them, and no copy on a circuit, until a copy reaches one (`accepted`)
+        self._unreachable: set[NodeId] = set()
         self._closed = False
 
     @property
@@ -201,8 +201,15 @@ class TaskReplicas:
     # --- the acting gateway -------------------------------------------------------------
 
     async def accepted(self, task: InferenceTask) -> None:
-        """Copy `task` to every standby alive and wait for their answers (bounded)."""
+        """Copy `task` to every standby alive and wait for their answers (bounded). One
+        a copy could not reach since (its circuit stayed open, or it timed out: heard by
+        the detector, it was cut off over TCP) is not waited for: it is owed the task,
+        given it by `keep_standbys` once a copy reaches it. Every 202 waited out the
+        copy's whole timeout for such a standby, 5 s each (a review)."""
         peers = self.standbys()
+        for peer in self._unreachable.intersection(peers):
+            self._missed.add(peer)
+        peers = [p for p in peers if p not in self._unreachable]
         if not peers:
             return
         payload = task_to_json(task).encode()
@@ -237,19 +244,20 @@ class TaskReplicas:
                 break
             except CircuitOpen as e:
                 error: ButterflyError = e
-                healthy = self._status(peer) == "healthy" and peer not in self._undialled
+                healthy = self._status(peer) == "healthy" and peer not in self._unreachable
                 now = time.monotonic()
                 if healthy and now + CIRCUIT_RETRY_S < min(deadline, circuit_until):
                     await asyncio.sleep(CIRCUIT_RETRY_S)
                     continue
-                self._undialled.add(peer)
+                self._unreachable.add(peer)
             except ButterflyError as e:
                 error = e
+                self._unreachable.add(peer)
             if not quiet:
                 log.warning("task %s not copied to node %s: %s", task_id, peer, error)
             self._missed.add(peer)
             return False
-        self._undialled.discard(peer)
+        self._unreachable.discard(peer)
         if not reply.ok:
             if not quiet:
                 log.warning("node %s refused a copy of task %s: %s", peer, task_id, reply.error)
