@@ -373,6 +373,36 @@ async def test_a_gateway_that_lost_a_quorum_refuses_tasks_and_its_successor_runs
         assert done.result is not None and list(done.result.output_ids) == references["greedy"]
 
 
+async def test_a_gateway_that_hears_no_one_steps_down_and_is_replaced(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Node 0, acting, is cut off on the way in only: it hears no heartbeat and no
+    connection to or from it completes, while its own heartbeats still reach the others.
+    It refuses tasks, and stops beating: its peers see it fail and node 1 takes over.
+    Before, the peers heard node 0 and vetoed any takeover, and the cluster served
+    nothing for as long as the cut lasted (a review, with real processes). Healed,
+    node 0 beats again and stands by; nobody is evicted."""
+    async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS) as c:
+        first, standby = gateway(c, 0), gateway(c, 1)
+        await c.until(lambda: first.scheduler is not None, "node 0 serving")
+        scheduler = first.scheduler
+        assert scheduler is not None
+        inward = {(NodeId(i), NodeId(0)) for i in range(1, 4)}
+        c.hub.cut |= inward
+        c.net.down.add(NodeId(0))
+        await c.until(lambda: scheduler.refusing() is not None, "node 0 refusing", beats=1000)
+        await c.until(lambda: standby.scheduler is not None, "node 1 takes over", beats=1000)
+        await standby.scheduler.submit(task(tiny_model, "greedy"))
+        done = await asyncio.wait_for(_settled(c, standby, "greedy"), 60)
+        assert done.state.status is TaskStatus.COMPLETED
+        c.hub.cut -= inward
+        c.net.down.discard(NodeId(0))
+        heard = c.nodes[1].membership
+        await c.until(lambda: heard.status(NodeId(0)) == "healthy", "node 0 heard again")
+        await c.until(lambda: c.nodes[0].role.acting == 1, "node 0 stands by", beats=1000)
+        assert not c.nodes[1].plans.evicted
+
+
 async def test_a_gateway_deaf_to_heartbeats_but_reachable_keeps_serving(
     tiny_model: Path, tmp_path: Path, references: dict[str, list[int]]
 ) -> None:

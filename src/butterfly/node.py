@@ -371,6 +371,7 @@ def build_node(
             replicas=replicas,
             propose=agreement.propose,
             status=membership.status,
+            silence=membership.silence,
         )
     beats = BeatSource(me, cfg.cluster.id, key, keys)
     heartbeats = partial(

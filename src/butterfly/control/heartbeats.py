@@ -97,6 +97,7 @@ class HeartbeatLink:
         self._stop = threading.Event()
         self._last_seq: dict[NodeId, int] = {}
         self._loop_tick = time.monotonic()
+        self._silent = False  # `silence`: read by the sending thread
         self._threads = [
             threading.Thread(target=self._send_loop, name="heartbeat-send", daemon=True),
             threading.Thread(target=self._receive_loop, name="heartbeat-receive", daemon=True),
@@ -110,6 +111,9 @@ class HeartbeatLink:
         """Called from the event loop each interval: it is still turning."""
         self._loop_tick = time.monotonic()
 
+    def silence(self, silent: bool) -> None:
+        self._silent = silent
+
     def close(self) -> None:
         self._stop.set()
         for t in self._threads:
@@ -122,6 +126,8 @@ class HeartbeatLink:
         while not self._stop.wait(self._interval):
             if time.monotonic() - self._loop_tick > self._stall:
                 continue  # the event loop is wedged: let peers see this node fail
+            if self._silent:
+                continue  # stepping down (`Link.silence`)
             layers, requests = self._local_state()
             seq += 1
             beat = Heartbeat(self._src.node, Epoch(0), seq, time.monotonic(), layers, requests)

@@ -47,6 +47,10 @@ class Link(Protocol):
     def loop_ticked(self) -> None:
         """Called from the event loop each interval: it is still turning."""
 
+    def silence(self, silent: bool) -> None:
+        """While `silent`, send no heartbeat: peers then see this node fail (the acting
+        gateway cut off from a quorum steps down so: `wiring.isolation`)."""
+
     def close(self) -> None: ...
 
 
@@ -79,6 +83,7 @@ class Membership:
         self._last_status: dict[NodeId, str] = {}
         self._healthy_since: dict[NodeId, float] = {}  # peer -> when `check` first saw it so
         self._lock = threading.Lock()
+        self._link: Link | None = None  # the one `run` runs
 
     def follow(self, members: Collection[NodeId]) -> None:
         """An agreed membership change: a new member is watched from its joining
@@ -198,11 +203,18 @@ class Membership:
                 log.info("node %s sees node %s as %s", self.node, peer, status)
                 on_status_change(peer, status)
 
+    def silence(self, silent: bool) -> None:
+        """Send no heartbeat while `silent` (`Link.silence`); before `run` starts the
+        link, nothing is sent anyway."""
+        if self._link is not None:
+            self._link.silence(silent)
+
     async def run(self, link: Link, on_status_change: OnStatusChange) -> None:
         """Start the link, then watch every peer's status from the event loop, calling
         `on_status_change(peer, status)` on each change (given here, not at construction:
         what reacts to a change, recovery, is built from this object's `status`)."""
         link.start()
+        self._link = link
         try:
             while True:
                 link.loop_ticked()

@@ -55,12 +55,16 @@ class FakeClock:
 class _HubLink:
     def __init__(self, hub: BeatHub, node: NodeId, state: LocalState, on_beat: OnBeat) -> None:
         self.hub, self.node, self.state, self.on_beat = hub, node, state, on_beat
+        self.silenced = False
 
     def start(self) -> None:
         self.hub.links[self.node] = self
 
     def loop_ticked(self) -> None:
         """Nothing to watch: beats leave when the test ticks, never from a thread."""
+
+    def silence(self, silent: bool) -> None:
+        self.silenced = silent
 
     def close(self) -> None:
         if self.hub.links.get(self.node) is self:
@@ -83,7 +87,8 @@ class BeatHub:
     def tick(self, seconds: float) -> None:
         """Move time on by `seconds`, then every live node beats to every other."""
         self.clock.now += seconds
-        for sender in [s for s in self.links.values() if s.node not in self.silent]:
+        live = [s for s in self.links.values() if s.node not in self.silent and not s.silenced]
+        for sender in live:
             layers, requests = sender.state()
             beat = Heartbeat(
                 sender.node, FIRST_EPOCH, next(self._seq), self.clock.now, layers, requests

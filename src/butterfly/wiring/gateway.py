@@ -91,6 +91,7 @@ class Gateway:
     replicas: TaskReplicas
     propose: Propose
     status: Callable[[NodeId], str]
+    silence: Callable[[bool], None]  # this node's heartbeats (`wiring.isolation`)
     scheduler: Scheduler | None = field(default=None, init=False)
 
     async def serve(self, stop: asyncio.Event) -> None:
@@ -275,6 +276,7 @@ class Gateway:
             f=lambda: self.config.current.byzantine.f,
             transport=self.transport,
             emit=self.metrics.emit,
+            silence=self.silence,
         )
         scheduler = Scheduler(
             engine=self.engine,

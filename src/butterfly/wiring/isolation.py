@@ -11,6 +11,13 @@ are lost both ways while connections work, the peers may take over all the same;
 gateway then accepts tasks until the agreed log, which reaches it over those connections,
 names its successor, and the stage nodes refuse its steps meanwhile (they take steps from
 the acting gateway only): such tasks fail, they never run twice.
+
+A gateway that refuses steps down: it sends no heartbeat while it refuses (`silence`),
+so that its peers see it fail and agree a successor. Cut off on the way in only (it
+hears no one, no connection to it completes, and its heartbeats still go out), it
+refused every task and its peers, hearing it, vetoed any takeover: the cluster served
+nothing for as long as the cut lasted (a review). It beats again once it hears a quorum
+or reaches one, and learns from the agreed log whether it was replaced.
 """
 
 from __future__ import annotations
@@ -46,10 +53,12 @@ class IsolationWatch:
         f: Callable[[], int],
         transport: Transport,
         emit: Emit,
+        silence: Callable[[bool], None],
     ) -> None:
-        """`members`: the roster's, live; `f`: `byzantine.f` as the config has it now."""
+        """`members`: the roster's, live; `f`: `byzantine.f` as the config has it now;
+        `silence`: stops or resumes this node's heartbeats (`Membership.silence`)."""
         self._node, self._members, self._role, self._f = node, members, role, f
-        self._transport, self._emit = transport, emit
+        self._transport, self._emit, self._silence = transport, emit, silence
         self.reason: str | None = None
 
     async def run(self) -> None:
@@ -71,11 +80,13 @@ class IsolationWatch:
 
     def _set(self, why: str | None) -> None:
         if why is not None and self.reason is None:
-            log.warning("%s: taking no task", why)
+            log.warning("%s: taking no task, and stepping down (no heartbeats)", why)
             self._emit(GatewayRefusing(True))
+            self._silence(True)
         elif why is None and self.reason is not None:
             log.info("node %s reaches a quorum again: taking tasks", self._node)
             self._emit(GatewayRefusing(False))
+            self._silence(False)
         self.reason = why
 
     async def _answers(self, peer: NodeId) -> bool:
