@@ -252,7 +252,10 @@ async def answer(
         for _ in range(50):
             c.hub.tick(0.1)
             await asyncio.sleep(0.005)
-        return run.result(), {int(n) for n in c.gateway.plans.evicted}
+        evicted = {int(n) for n in c.gateway.plans.evicted}
+        shown = {int(h.node) for h in c.gateway.engine.health().nodes if h.evicted}
+        assert shown == evicted  # what /health says of each node
+        return run.result(), evicted
 
 
 def honest_logprobs(model: Path, ids: list[int]) -> list[float]:

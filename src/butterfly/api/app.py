@@ -163,6 +163,7 @@ def health_body(cluster: ClusterHealth, scheduler: Scheduler) -> dict[str, Any]:
             "layers": [n.layers.start, n.layers.end] if n.layers is not None else None,
             "last_seen_s": n.last_seen_s,
             "requests": n.requests,  # KV caches held, as its last heartbeat said (0: failed)
+            "evicted": n.evicted,
         }
         for n in cluster.nodes
     ]

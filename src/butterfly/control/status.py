@@ -92,6 +92,7 @@ class ClusterReport:
             layers=plan.layers_of(n) if plan else None,
             last_seen_s=self._membership.seconds_since(n),
             requests=0 if status == "failed" else self._membership.requests_of(n),
+            evicted=n in self._recovery.evicted,
         )
 
     def statuses(self) -> dict[int, str]:
