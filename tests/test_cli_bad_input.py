@@ -311,3 +311,17 @@ def test_create_demo_refuses_a_directory_holding_a_model_unless_forced(
     a, b = load_stage(out), load_stage(new)
     with torch.no_grad():
         assert torch.equal(a.forward(x, a.new_cache(), 0), b.forward(x, b.new_cache(), 0))
+
+
+def test_every_failure_is_printed_as_written(capsys: pytest.CaptureFixture[str]) -> None:
+    """rich reads "[1, 64]" in an error's text as markup: several commands printed the
+    message without it (a review). Now every command fails through `cli.report`."""
+    from butterfly.cli.cluster import _cannot_start
+    from butterfly.cli.report import fail
+
+    exit_ = _cannot_start(1, [ValueError("a tensor of shape [1, 64] where [2, 64] fits")])
+    assert exit_.exit_code == CANNOT_START
+    assert fail("[bold]not markup[/bold]", label="error 409").exit_code == 2
+    printed = " ".join(capsys.readouterr().err.split())
+    assert "node 1 cannot start: a tensor of shape [1, 64] where [2, 64] fits" in printed
+    assert "error 409: [bold]not markup[/bold]" in printed

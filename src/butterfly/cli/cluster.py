@@ -13,13 +13,13 @@ from typing import Annotated, Any
 
 import httpx
 import typer
-from rich.console import Console
 
 from butterfly.cli import members
 from butterfly.cli.gateways import first_answer, parse_urls, wait_result
 from butterfly.cli.keeper import CANNOT_START, Restarts, keep_alive
 from butterfly.cli.launcher import LocalCluster, node_configs
 from butterfly.cli.paths import data_dir, demo_model
+from butterfly.cli.report import err, fail, say
 from butterfly.config import ConfigInvalid, load_config
 from butterfly.config.gateways import gateway_urls
 from butterfly.net.tls import make_certs
@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 app = typer.Typer(no_args_is_help=True)
 app.command("add-member")(members.add_member)
 app.command("remove-member")(members.remove_member)
-err = Console(stderr=True)
 DEFAULT_URL = "http://127.0.0.1:8080"
 TAKEOVER_PATIENCE_S = 10.0
 """How long `infer` goes round its addresses while none accepts (a takeover under way)."""
@@ -51,8 +50,7 @@ def start(
     try:
         cfg = load_config([config], env=os.environ)
     except ConfigInvalid as e:
-        err.print(f"[red]invalid config:[/red] {e}")
-        raise typer.Exit(2) from e
+        raise fail(e, label="invalid config") from e
     try:
         run(cfg, _model_for(cfg.model.path), config_files=[config])
     except (ButterflyError, OSError) as e:  # a key, a certificate, a data directory
@@ -78,7 +76,7 @@ def _cannot_start(node: int, errors: list[BaseException]) -> typer.Exit:
     setup mistake is the operator's to fix, not a crash."""
     for e in errors:
         log.debug("node %s did not start", node, exc_info=e)
-        err.print(f"[red]node {node} cannot start:[/red] {e}", soft_wrap=True)
+        say(f"node {node} cannot start", e)
     return typer.Exit(CANNOT_START)
 
 
@@ -175,8 +173,7 @@ def launch(
         try:
             load_config([path])
         except ConfigInvalid as e:
-            err.print(f"[red]invalid config:[/red] {e}", soft_wrap=True)
-            raise typer.Exit(2) from e
+            raise fail(e, label="invalid config") from e
     url = f"http://127.0.0.1:{api_port}"
     cluster = LocalCluster(configs, url, base, extra_args=dict(extra_args or {}))
     if command is not None:
@@ -204,13 +201,12 @@ def launch(
             if restart:
                 keep()
             elif cluster.dead():
-                err.print(f"[red]a node exited[/red] ({cluster.dead()}); see logs in {base}")
+                say("a node exited", f"{cluster.dead()}; see logs in {base}")
                 break
     except KeyboardInterrupt:
         pass
     except (RuntimeError, TimeoutError) as e:
-        err.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(1) from e
+        raise fail(e, code=1) from e
     finally:
         err.print("stopping nodes...")
         codes = cluster.stop()
@@ -238,8 +234,7 @@ def infer(
     try:
         SamplingParams(temperature=temperature)  # refused here, not by the JSON encoder
     except ButterflyError as e:
-        err.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from e
+        raise fail(e) from e
     body = {
         "prompt": prompt,
         "max_new_tokens": max_tokens,
@@ -266,14 +261,11 @@ def infer(
             r = wait_result(urls, answer(r)["task_id"], get, limit_s=INFER_LIMIT_S)
         result = answer(r) if r.status_code < 400 else None
     except (httpx.HTTPError, httpx.InvalidURL, TimeoutError) as e:
-        err.print(f"[red]error:[/red] cannot reach {url}: {e}")
-        raise typer.Exit(2) from e
+        raise fail(f"cannot reach {url}: {e}") from e
     except (ValueError, KeyError, TypeError) as e:  # not a Butterfly gateway's answer
-        err.print(f"[red]error:[/red] {url} did not answer as a Butterfly gateway: {e!r}")
-        raise typer.Exit(2) from e
+        raise fail(f"{url} did not answer as a Butterfly gateway: {e!r}") from e
     if result is None:
-        err.print(f"[red]error {r.status_code}:[/red] {r.text}")
-        raise typer.Exit(2)
+        raise fail(r.text, label=f"error {r.status_code}")
     typer.echo(json.dumps(result) if json_out else result.get("text", ""))
 
 

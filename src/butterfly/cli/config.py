@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 from butterfly.cli import config_remote as remote
 from butterfly.cli.paths import data_dir as default_data_dir
+from butterfly.cli.report import err, fail, say
 from butterfly.config import (
     ButterflyConfig,
     Change,
@@ -48,7 +47,6 @@ from butterfly.protocol.keys import missing_keys
 from butterfly.types.errors import ButterflyError, ConfigError
 
 app = typer.Typer(no_args_is_help=True)
-err = Console(stderr=True)
 
 ConfigOpt = Annotated[
     list[Path] | None,
@@ -72,11 +70,6 @@ TokenOpt = Annotated[
 ]
 REDACTED = "<redacted>"
 DEFAULT_URL = "http://127.0.0.1:8080"
-
-
-def _fail(e: Exception) -> typer.Exit:
-    err.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
-    return typer.Exit(code=2)
 
 
 def _echo(text: str) -> None:
@@ -111,9 +104,9 @@ def validate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     try:
         cfg = _load(config, set_)
     except ButterflyError as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     if (missing := missing_keys(cfg)) is not None:  # what `start` would refuse
-        raise _fail(ConfigError(missing))
+        raise fail(ConfigError(missing))
     _echo(f"ok: config hash {config_hash(cfg)[:16]}, cluster hash {cluster_hash(cfg)[:16]}")
 
 
@@ -138,11 +131,11 @@ def migrate(
     try:
         moved = aliases.migrate(file.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
-        raise _fail(ConfigError(f"{file} is not UTF-8 text: {e}")) from None
+        raise fail(ConfigError(f"{file} is not UTF-8 text: {e}")) from None
     except (OSError, tomllib.TOMLDecodeError) as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     for problem in moved.problems:
-        err.print(f"[red]{escape(problem.key)}:[/red] {escape(problem.message)}", soft_wrap=True)
+        say(problem.key, problem.message)
     if moved.problems:
         err.print("nothing written: fix these by hand (the new names are above)")
         raise typer.Exit(code=2)
@@ -154,7 +147,7 @@ def migrate(
             err.print(f"kept the old file as {kept}")
         target.write_text(moved.text, encoding="utf-8")
     except OSError as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     for new, old in moved.renamed.items():
         err.print(f"  {old} -> {new}")
     for old, why in moved.dropped.items():
@@ -179,7 +172,7 @@ def show(
     try:
         cfg = _load(config, set_)
     except ButterflyError as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     if hash_:
         hashes = {"config_hash": config_hash(cfg), "cluster_hash": cluster_hash(cfg)}
         _echo(json.dumps(hashes) if json_out else "\n".join(f"{k} {v}" for k, v in hashes.items()))
@@ -214,7 +207,7 @@ def history(
             with _history(config, data_dir) as h:
                 records = h.versions(limit)
     except (ButterflyError, TypeError) as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     if json_out:
         _echo(json.dumps([asdict(r) for r in records], indent=2))
         return
@@ -249,7 +242,7 @@ def diff(
         else:
             old, new = _load([Path(a)], None), _load([Path(b)], None)
     except ButterflyError as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     changes = diff_configs(old, new)
     if json_out:
         _echo(json.dumps([asdict(c) for c in changes], indent=2))
@@ -330,7 +323,7 @@ def update(
             manager = ConfigManager(h.config_at(latest.version), h)
             _report(_move(manager, target, None))
     except ButterflyError as e:
-        raise _fail(e) from None
+        raise fail(e) from None
 
 
 @app.command()
@@ -355,7 +348,7 @@ def rollback(
             target = rollback_target(manager.current, h.config_at(version), keep_static=False)
             _report(_move(manager, target, version))
     except ButterflyError as e:
-        raise _fail(e) from None
+        raise fail(e) from None
 
 
 @app.command()

@@ -17,13 +17,11 @@ from typing import Any
 
 import httpx
 import typer
-from rich.console import Console
-from rich.markup import escape
 
+from butterfly.cli.report import fail
 from butterfly.config import ButterflyConfig, Mutability, Scope, field_specs
 from butterfly.config.fields import config_leaves
 
-err = Console(stderr=True)
 TIMEOUT_S = 60.0
 
 
@@ -58,8 +56,7 @@ def call(
             follow_redirects=True,
         )
     except (httpx.HTTPError, httpx.InvalidURL) as e:
-        err.print(f"[red]error:[/red] cannot reach {escape(url)}: {escape(str(e))}")
-        raise typer.Exit(2) from e
+        raise fail(f"cannot reach {url}: {e}") from e
     try:
         data = r.json()
     except ValueError:
@@ -67,8 +64,7 @@ def call(
     if not 200 <= r.status_code < 300:
         error = data.get("error", {}) if isinstance(data, dict) else {}
         message = error.get("message", r.text)
-        err.print(f"[red]error {r.status_code}:[/red] {escape(str(message))}", soft_wrap=True)
-        raise typer.Exit(2)
+        raise fail(message, label=f"error {r.status_code}")
     return data
 
 
@@ -93,8 +89,7 @@ def gateway_answer(url: str) -> Iterator[None]:
     try:
         yield
     except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:
-        err.print(f"[red]error:[/red] {escape(url)} did not answer as a Butterfly gateway ({e!r})")
-        raise typer.Exit(2) from e
+        raise fail(f"{url} did not answer as a Butterfly gateway ({e!r})") from e
 
 
 def update(url: str, cfg: ButterflyConfig, *, token: str | None, reason: str) -> None:

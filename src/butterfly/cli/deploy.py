@@ -9,20 +9,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 from butterfly.cli import hosts
 from butterfly.cli.hosts import InitOptions
+from butterfly.cli.report import err, fail, say
 from butterfly.types.errors import ConfigError
 
 keys_app = typer.Typer(no_args_is_help=True)
-err = Console(stderr=True)
-
-
-def _fail(e: Exception) -> typer.Exit:
-    err.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
-    return typer.Exit(code=2)
 
 
 def init(
@@ -70,9 +63,9 @@ def init(
             hosts.remove_init(out)  # nothing left behind to refuse the mended command
             raise
     except ConfigError as e:
-        raise _fail(e) from e
+        raise fail(e) from e
     for note in notes:
-        err.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
+        say("note", note, style="yellow")
     err.print(f"[green]wrote[/green] {len(paths)} host directories in {out}:")
     for i, (address, path) in enumerate(zip(opts.hosts, paths, strict=True)):
         err.print(f"  node {i} ({address}): copy {path.parent}/ to that host")
@@ -83,7 +76,7 @@ def init(
 def _add(out: Path, address: str) -> None:
     added = hosts.add_host(out, address)
     for note in hosts.check_configs([added.config]):
-        err.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
+        say("note", note, style="yellow")
     n = len(added.members)
     err.print(f"[green]wrote[/green] {added.config.parent} for node {n - 1} ({address})")
     err.print(
@@ -105,6 +98,6 @@ def show(
     try:
         key, path = hosts.public_key(config)
     except ConfigError as e:
-        raise _fail(e) from e
+        raise fail(e) from e
     err.print(f"key file: {path}")
     typer.echo(key)

@@ -11,23 +11,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 from butterfly.cli.paths import demo_model
+from butterfly.cli.report import err, fail
 from butterfly.partition.strategies import uniform_ranges
 from butterfly.types.errors import ButterflyError
 from butterfly.types.tasks import SamplingParams
 
 app = typer.Typer(no_args_is_help=True)
-err = Console(stderr=True)
-
-
-def fail(e: Exception) -> typer.Exit:
-    # one line, not wrapped at the terminal's width (a path cut in two cannot be pasted),
-    # and the message as written: "[1, 64]" in it is not markup
-    err.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
-    return typer.Exit(code=2)
 
 
 @app.command("create-demo")

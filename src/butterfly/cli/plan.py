@@ -28,6 +28,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from butterfly.cli.report import fail
 from butterfly.config.schema import ModelConfig
 from butterfly.partition.capability import DEFAULT_CONTEXT_TOKENS, Link, NodeCapability, fmt_bytes
 from butterfly.partition.quality import Plan
@@ -36,7 +37,6 @@ from butterfly.types.errors import ButterflyError
 from butterfly.types.ids import NodeId
 from butterfly.types.model import LayerInfo, Linear
 
-err = Console(stderr=True)
 MODEL_DEFAULTS = ModelConfig()  # --dtype and --quantization default as model.* do
 
 LAYER_KEYS = {"id", "compute_cost", "memory_bytes", "output_size"}
@@ -78,7 +78,7 @@ def plan(
 ) -> None:
     """Preview where each layer would run, and what the placement is expected to cost."""
     if (model is None) == (layers is None):
-        raise _fail("give exactly one of --model DIR or --layers LAYERS.json")
+        raise fail("give exactly one of --model DIR or --layers LAYERS.json")
     try:
         if model is None:
             infos = read_layers(layers) if layers is not None else []
@@ -94,16 +94,11 @@ def plan(
         service = PartitionService(cache_size=0, context_tokens=context)
         result = service.plan(infos, caps, strategy)
     except (BadFile, ButterflyError) as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     if json_out:
         typer.echo(json.dumps(result.to_dict()))
     else:
         Console().print(render(result))
-
-
-def _fail(message: str) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
-    return typer.Exit(code=2)
 
 
 def _load(path: Path) -> list[dict[str, Any]]:

@@ -19,8 +19,9 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from butterfly.cli.cluster import DEFAULT_URL, err
+from butterfly.cli.cluster import DEFAULT_URL
 from butterfly.cli.gateways import first_answer, parse_urls
+from butterfly.cli.report import fail
 
 
 def _health(address: str) -> httpx.Response:
@@ -86,8 +87,7 @@ def status(
         try:
             answered, health = fetch(url)
         except (httpx.HTTPError, httpx.InvalidURL, ValueError) as e:
-            err.print(f"[red]error:[/red] cannot reach {url}: {e}")
-            raise typer.Exit(2) from e
+            raise fail(f"cannot reach {url}: {e}") from e
         Console().print(table(answered, health))
         return
     try:
