@@ -9,8 +9,9 @@ needs no lock.
 
 Executed commands leave in sequence order through one queue, to `on_commit(seq, command)`
 on every node; `propose(command)` signs a client request with the node key, submits it to
-every replica (so backups time a primary that ignores it) and returns the sequence number
-once this node has executed it. A retried or relayed request runs once (PBFT orders a
+every replica (so backups time a primary that ignores it, and relay it to a primary
+this node cannot reach: `pbft_order.relay`) and returns the sequence number once this
+node has executed it. A retried or relayed request runs once (PBFT orders a
 duplicate but the driver skips it, keyed by client and timestamp).
 
 Each command kind has one authorized proposer (`agreement.authority`, given to the

@@ -12,7 +12,10 @@ Retransmission is pull-based: while work is outstanding each replica broadcasts 
 votes, the new-view, a certified state transfer, or past a pruned log the executed
 state: `pbft_snapshot`). Relaying is safe because every message
 carries its author's signature; the same status also lets replicas compare log digests,
-which is how forks are reported when more than f replicas lie.
+which is how forks are reported when more than f replicas lie. A client's request is
+the exception, pushed rather than pulled: a backup relays it to the primary, once per
+primary (`pbft_order.relay`), so a client cut off from the primary alone is ordered at
+once.
 
 Modules: `pbft_state` (config, state), `pbft_order` (normal case, checkpoints),
 `pbft_viewchange` (view change, new view, state transfer), `pbft_snapshot` (executed

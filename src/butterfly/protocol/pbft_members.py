@@ -80,7 +80,7 @@ def _begin_epoch(state: ReplicaState, keys: tuple[bytes, ...], now: float) -> No
     for client, ts in state.replies:
         floor[client] = max(floor.get(client, -1), ts)
     state.reply_floor = floor
-    state.replies, state.pending, state.assigned = {}, {}, set()
+    state.replies, state.pending, state.assigned, state.relayed = {}, {}, set(), {}
     state.view, state.in_view_change = state.config.initial_view, False
     state.low = state.base = seq
     state.stable_digest, state.stable_proof = digest, ()

@@ -88,6 +88,8 @@ def in_window(state: ReplicaState, seq: int) -> bool:
 
 
 def on_request(state: ReplicaState, request: Request, now: float, out: list[Send]) -> None:
+    """A client's request (or a backup's relay of one): answer it if executed, else hold
+    it pending, time it, relay it to the primary as a backup and order it as primary."""
     key = request_key(request)
     reply = state.replies.get(key)
     if reply is not None:  # executed already: the client missed our reply
@@ -98,7 +100,32 @@ def on_request(state: ReplicaState, request: Request, now: float, out: list[Send
     if stale_request(state, request):  # executed before the last prune: a replay
         return
     add_pending(state, request, now)
+    relay(state, request, out)
     assign_pending(state, now, out)
+
+
+def relay(state: ReplicaState, request: Request, out: list[Send]) -> None:
+    """As a backup, hand a pending request to the primary, once per primary (PBFT section
+    4.1: a backup that receives a request relays it to the primary).
+
+    A client that cannot reach the primary (a cut link, a lost frame) otherwise waits out
+    the backups' request timer and a view change although the primary is alive and every
+    backup reaches it. The copy is the client's request itself, its signature intact: the
+    primary judges it by `pbft.authentic` as if the client had sent it (the client's key,
+    what that client may ask for, its own veto): the relayer's identity and authority
+    play no part, so no replica can launder a command through a relay. Once per primary
+    (`ReplicaState.relayed`): a primary never relays, and a copy relayed between two
+    replicas that disagree on the view comes back to one that already relayed it, so
+    relays cannot loop; a client's retransmission is relayed again only to a new primary
+    (after a view change). The backup keeps timing the request: a primary that gets the
+    relay and still does not order it is replaced as before.
+    """
+    key = request_key(request)
+    primary = state.primary
+    if primary == state.me or key not in state.pending or state.relayed.get(key) == primary:
+        return
+    state.relayed[key] = primary
+    out.append(Send(primary, request))
 
 
 def add_pending(state: ReplicaState, request: Request, now: float) -> None:
@@ -189,6 +216,8 @@ def accept_pre_prepare(state: ReplicaState, pp: PrePrepare, now: float, out: lis
     slot.pre_prepares[pp.view] = pp
     if pp.request is not None:
         add_pending(state, pp.request, now)
+        if pp.sender != state.me and request_key(pp.request) in state.pending:
+            state.relayed[request_key(pp.request)] = pp.sender  # it holds it: no relay
     if pp.sender != state.me:
         prepare = sign(
             state,
@@ -326,6 +355,7 @@ def apply_entry(
                 out.append(Send(request.sender, answer))
             state.replies[key] = answer
         state.pending.pop(key, None)
+        state.relayed.pop(key, None)
         rearm_timer(state, now)
         barrier = state.config.barrier
         if barrier is not None and barrier(request):

@@ -183,6 +183,10 @@ class ReplicaState:
     digests: list[bytes] = field(default_factory=list)  # [i]: log digest after seq base+i
     pending: dict[RequestKey, Request] = field(default_factory=dict)
     assigned: set[RequestKey] = field(default_factory=set)  # by this primary, this view
+    # pending request -> the primary known to hold it: we relayed it there, or that
+    # primary pre-prepared it (`pbft_order.relay`); so a backup relays a request once per
+    # primary, never in a loop, and its keys are always pending ones (bounded by them)
+    relayed: dict[RequestKey, NodeId] = field(default_factory=dict)
     replies: dict[RequestKey, Reply] = field(default_factory=dict)  # executed requests
     # client -> newest timestamp among the requests whose replies were pruned: an older
     # request from that client is a replay, not work
