@@ -3,7 +3,8 @@
 Whole nodes (butterfly.testing.inprocess) with one stage server swapped for a liar of
 butterfly.testing.liars, in `audit` and in `replicate` mode. Each request must come back
 with the unsplit model's tokens and never a wrong answer marked verified, no request may
-fail, the liar must end up evicted by an agreed EvictNode on every node, and no honest
+fail, the liar must end up evicted by an agreed EvictNode on every node (one that only
+withholds its work, out of the plans for a while: nothing proves it lied), and no honest
 node may be. tests/test_adversary_bytes.py keeps one of these on real processes.
 """
 
@@ -68,11 +69,13 @@ async def _serve_through_a_liar(
     mode: str,
     chain: set[int] | None = None,
     honest_faults: frozenset[int] = frozenset(),
+    withholding: bool = False,
     more: dict[str, object] | None = None,
 ) -> None:
     """`chain`: the liars that must be chain nodes (default all); `honest_faults`: the
-    nodes composed with a fault that is no lie (they must not be evicted); `more`:
-    settings besides."""
+    nodes composed with a fault that is no lie (they must not be evicted); `withholding`:
+    the liars only leave work unanswered, and must end up suspended (out of the plans,
+    not evicted); `more`: settings besides."""
     settings = {"coordination.heartbeat_interval_ms": 10, "byzantine.verification": mode}
     settings.update(more or {})
     f = (n - 1) // 3
@@ -88,14 +91,18 @@ async def _serve_through_a_liar(
             assert list(result.output_ids) == expected[prompt] or not verified, "wrong, verified"
             assert verified, f"request {i} not verified ({result.timings})"
         liar_ids = {NodeId(n) for n in liars if n not in honest_faults}
-        await c.until(
-            lambda: all(liar_ids <= set(node.plans.evicted) for node in c.nodes), "agreed eviction"
-        )
+        if withholding:
+            await c.until(lambda: all(map(gw.recovery.suspended, liar_ids)), "suspension")
+        else:
+            await c.until(
+                lambda: all(liar_ids <= set(node.plans.evicted) for node in c.nodes),
+                "agreed eviction",
+            )
         for _ in range(20):  # time for a wrongful eviction to show, were one under way
             c.hub.tick(0.1)
             await asyncio.sleep(0.005)
-        for node in c.nodes:
-            assert set(node.plans.evicted) == liar_ids  # no honest node evicted
+        for node in c.nodes:  # no honest node evicted, nor a withholding one
+            assert set(node.plans.evicted) == (set() if withholding else liar_ids)
         plan = gw.stage_server.plan
         assert plan is not None
         assert not liar_ids & {*plan.nodes, *(n for n, _ in plan.replicas)}
@@ -352,11 +359,12 @@ async def test_a_node_holding_back_first_attempts_after_the_gateways_stage_is_ch
         n=4,
         liars={LAST: _WithholdsFirstAttempts},
         mode="audit",
+        withholding=True,
         more={"network.step_timeout_ms": 500},
     )
 
 
-async def test_a_silent_node_with_a_high_timeout_limit_is_evicted_before_requests_fail(
+async def test_a_silent_node_with_a_high_timeout_limit_is_suspended_before_requests_fail(
     tiny_model: Path, tmp_path: Path, expected: dict[str, list[int]]
 ) -> None:
     """`byzantine.max_step_timeouts` 9, over a request's 8 recoveries: each step node 1
@@ -369,11 +377,12 @@ async def test_a_silent_node_with_a_high_timeout_limit_is_evicted_before_request
         n=4,
         liars={LAST: SilentStageServer},
         mode="audit",
+        withholding=True,
         more={"network.step_timeout_ms": 300, "byzantine.max_step_timeouts": 9},
     )
 
 
-async def test_a_middle_stage_that_withholds_every_step_is_found_and_evicted(
+async def test_a_middle_stage_that_withholds_every_step_is_found_and_suspended(
     tiny_model: Path, tmp_path: Path, expected: dict[str, list[int]]
 ) -> None:
     """Node 1 (the middle of 0 -> 1 -> 2) forwards nothing: down the chain any of its
@@ -388,6 +397,7 @@ async def test_a_middle_stage_that_withholds_every_step_is_found_and_evicted(
         n=6,
         liars={MIDDLE: SilentStageServer},
         mode="audit",
+        withholding=True,
         more=quick,
     )
 

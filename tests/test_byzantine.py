@@ -1,6 +1,7 @@
 """Lying nodes in a live cluster (n = 4, f = 1): every answer stays correct and verified,
-and the liar is caught (by the audit, by its own conflicting votes, or by the gateway's
-step-timeout rule) and evicted once. With f + 1 liars no wrong answer is ever verified."""
+and the liar is caught (by the audit or by its own conflicting votes) and evicted once,
+or, one that only leaves its work unanswered, suspended by the gateway's step-timeout
+rule. With f + 1 liars no wrong answer is ever verified."""
 
 from __future__ import annotations
 
@@ -88,10 +89,10 @@ def infer(url: str, prompt: str) -> dict[str, Any]:
 
 
 # Steps and audits give up after 1.5 s (the slow liar answers 5 s late); honest steps of
-# the tiny model take milliseconds, and two timeouts in a row are needed to evict. A
+# the tiny model take milliseconds, and two timeouts in a row are needed to suspend. A
 # silent node 1 is also the agreement's first primary and casts no vote: the others
-# suspect it after 3 s instead of the default 10 (twice per test: at start-up and when
-# its eviction is agreed).
+# suspect it after 3 s instead of the default 10 (at start-up, and when the plan without
+# it is agreed).
 UNRESPONSIVE = {
     "network.step_timeout_ms": 1500,
     "byzantine.max_step_timeouts": 2,
@@ -104,7 +105,7 @@ UNRESPONSIVE = {
     [(1, "silent"), (1, "slow"), (3, "silent")],
     ids=["chain-silent", "chain-slow", "auditor-silent"],
 )
-def test_unresponsive_node_is_evicted_by_the_step_timeout_rule(
+def test_unresponsive_node_is_suspended_by_the_step_timeout_rule(
     tiny_model: Path, tmp_path: Path, liar: int, behaviour: str
 ) -> None:
     with running_cluster(
@@ -119,14 +120,18 @@ def test_unresponsive_node_is_evicted_by_the_step_timeout_rule(
         # it answered nothing in time: by now it is out of the plan, its heartbeats go on
         wait_until(lambda: liar not in plan_nodes(url), 120, f"node {liar} leaves the plan")
         status = {n["id"]: n["status"] for n in health(url)["nodes"]}
-        assert status[liar] == "healthy", "evicted for silence, not declared crashed"
-        assert metric(url, "butterfly_node_failures_total") == 0.0  # an eviction, not that
+        assert status[liar] == "healthy", "out for silence, not declared crashed"
+        assert metric(url, "butterfly_node_failures_total") == 0.0  # a suspension, not that
         result = infer(url, PROMPTS[0])
         assert result["output_ids"] == reference(tiny_model, PROMPTS[0])
         assert result["verified"] == "audit"
         assert liar not in {s["node"] for s in result["stages"]}
-        assert metric(url, "butterfly_byzantine_evictions_total") == 1.0
-        assert all(cluster.alive()), "an evicted liar is excluded, not killed"
+        # out for a while, not evicted: nothing proves it lied (an honest node behind a
+        # TCP cut, its heartbeats arriving, looks the same: one was evicted for good)
+        assert metric(url, "butterfly_suspensions_total") == 1.0
+        assert metric(url, "butterfly_byzantine_evictions_total") == 0.0
+        assert not any(n["evicted"] for n in health(url)["nodes"])
+        assert all(cluster.alive()), "a suspended node is excluded, not killed"
 
 
 def test_equivocating_voter_is_evicted_on_its_signed_votes(

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from butterfly.control.facts import NodeFacts
+from butterfly.control.policy import suspension_s
 from butterfly.runtime.generate import generate
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.tokenizer import TextCodec
@@ -261,3 +262,36 @@ async def test_a_strategy_change_is_a_new_epoch_even_when_the_ranges_stay(
         last = gw.stage_server.plan
         assert last is not None and last.epoch == first.epoch + 2
         assert (last.stages, last.replicas) == (first.stages, first.replicas)  # ranges stayed
+
+
+async def test_a_node_cut_off_over_tcp_is_suspended_and_taken_back_after_its_hold(
+    tiny_model: Path, tmp_path: Path, expected: list[int]
+) -> None:
+    """Node 1's connections are cut while its heartbeats still arrive (a TCP cut, a
+    firewall that lost its state): its steps time out and it leaves the plan for
+    `SUSPENSION_S`, not for good (nothing proves it lied; a review's honest node behind
+    such a cut was evicted for good). Healed, it is taken back after its hold; nobody is
+    evicted. A second suspension in a row holds it twice as long."""
+    quick = {**SETTINGS, "network.step_timeout_ms": 500, "byzantine.max_step_timeouts": 1}
+    async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=quick) as c:
+        gw = c.gateway
+        serving = gw.gateway
+        assert serving is not None
+        await c.until(lambda: serving.scheduler is not None, "node 0 serving")  # re-planning
+        assert 1 in holders(gw.stage_server.plan)
+        c.net.blackholed.add(NodeId(1))  # frames only: the hub still carries its heartbeats
+        assert await run(c, task(tiny_model, "past-the-cut")) == (expected, "audit")
+        await c.until(lambda: gw.recovery.suspended(NodeId(1)), "node 1 suspended")
+        await c.until(lambda: 1 not in holders(gw.stage_server.plan), "node 1 out")
+        assert gw.membership.status(NodeId(1)) == "healthy"
+        c.net.blackholed.discard(NodeId(1))
+        hold = suspension_s(1) / 0.1  # beats of 100 ms of the hub's clock
+        for _ in range(int(hold * 0.9)):  # not before its hold
+            c.hub.tick(0.1)
+            await asyncio.sleep(0.001)
+        assert 1 not in holders(gw.stage_server.plan)
+        await c.until(lambda: 1 in holders(gw.stage_server.plan), "node 1 taken back")
+        assert not gw.recovery.suspended(NodeId(1))
+        assert not any(node.plans.evicted for node in c.nodes)
+        assert await run(c, task(tiny_model, "healed")) == (expected, "audit")
+        assert suspension_s(2) == 2 * suspension_s(1)

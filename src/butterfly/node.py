@@ -259,7 +259,7 @@ def build_node(
         interval_s=cfg.coordination.heartbeat_interval_ms / 1000,
         clock=edges.clock,
     )
-    timeouts = parts.step_timeouts(config, membership.status, recovery.evict_liars)
+    timeouts = parts.step_timeouts(config, membership.status, recovery.suspend, recovery.suspended)
     codec = TextCodec.load(model_dir) if (model_dir / "tokenizer.json").is_file() else None
     replicas = TaskReplicas(
         node=me,

@@ -67,6 +67,14 @@ REJOIN_HOLD_BEATS = 5
 STRIKES_FORGOTTEN_S = 60.0
 """A node away for good this long since its last departure starts again at one strike."""
 MAX_DOUBLINGS = 6
+SUSPENSION_S = 30.0
+"""How long a node that heartbeats but leaves its work unanswered (`dataplane.unresponsive`)
+first stays out of the plans: doubled for each suspension in a row, up to
+`SUSPENSION_MAX_S`. It is not evicted: nothing proves it lied (an honest node behind a
+TCP cut, its datagrams still arriving, looks the same, and one was evicted for good: a
+review); a withholding liar costs a detection each time it is taken back, ever more
+rarely."""
+SUSPENSION_MAX_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -95,16 +103,28 @@ def alive(
     return [n for n in members if n not in evicted and status(n) != "failed"]
 
 
-def strike(previous: tuple[int, float] | None, now: float) -> tuple[int, float]:
+def strike(
+    previous: tuple[int, float] | None, now: float, forgotten_s: float = STRIKES_FORGOTTEN_S
+) -> tuple[int, float]:
     """(departures in a row, when the last was) after one more departure at `now`: in a
-    row while each comes within STRIKES_FORGOTTEN_S of the one before.
+    row while each comes within `forgotten_s` of the one before.
 
         >>> strike(None, 10.0), strike((2, 10.0), 20.0), strike((2, 10.0), 100.0)
         ((1, 10.0), (3, 20.0), (1, 100.0))
     """
-    if previous is None or now - previous[1] > STRIKES_FORGOTTEN_S:
+    if previous is None or now - previous[1] > forgotten_s:
         return 1, now
     return previous[0] + 1, now
+
+
+def suspension_s(strikes: int) -> float:
+    """How long the `strikes`-th suspension in a row keeps a node out of the plans.
+
+    >>> suspension_s(1), suspension_s(3), suspension_s(20)
+    (30.0, 120.0, 3600.0)
+    """
+    doublings: int = min(max(strikes - 1, 0), 16)
+    return min(SUSPENSION_MAX_S, SUSPENSION_S * (1 << doublings))
 
 
 def rejoin_hold_s(interval_s: float, strikes: int) -> float:

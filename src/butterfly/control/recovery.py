@@ -33,6 +33,7 @@ from typing import Protocol
 from butterfly.control.planner import Placement
 from butterfly.control.plans import AgreedPlans, PlanNamesEvicted, Propose, agree, evict
 from butterfly.control.policy import (
+    SUSPENSION_MAX_S,
     Placing,
     equivocation,
     evicts,
@@ -41,10 +42,18 @@ from butterfly.control.policy import (
     rejoin_hold_s,
     returning,
     strike,
+    suspension_s,
     to_evict,
 )
 from butterfly.control.rollout import PROBE_TIMEOUT_S, distribute_plan
-from butterfly.metrics.events import Emit, Eviction, NodeFailure, NodeStatus, RecoveryCompleted
+from butterfly.metrics.events import (
+    Emit,
+    Eviction,
+    NodeFailure,
+    NodeStatus,
+    RecoveryCompleted,
+    Suspension,
+)
 from butterfly.net.transport import Transport
 from butterfly.types.errors import ButterflyError, ServiceUnavailable
 from butterfly.types.ids import NodeId
@@ -119,6 +128,9 @@ class Recovery:
         self._loaded = loaded
         self.out: set[NodeId] = set()  # left the plans; taken back once steadily healthy
         self._strikes: dict[NodeId, tuple[int, float]] = {}  # departures in a row, last
+        # nodes out for unanswered work (`suspend`): since when, and suspensions in a row
+        self._suspended: dict[NodeId, float] = {}
+        self._suspensions: dict[NodeId, tuple[int, float]] = {}
         self._applied: Callable[[], None] = lambda: None  # the engine's, from `run`
         self._plans, self._propose, self._agree_timeout = plans, propose, agree_timeout_s
         self._transport, self._model_hash, self._placing = transport, model_hash, placing
@@ -169,6 +181,40 @@ class Recovery:
             except ButterflyError as e:  # not agreed (yet): it still leaves this gateway's plan
                 log.error("eviction of node %s not agreed: %s", liar, e)
             self._emit(Eviction(node=liar))
+
+    def suspended(self, node: NodeId) -> bool:
+        """Whether `node` is out of the plans for work it left unanswered (`suspend`)."""
+        return node in self._suspended
+
+    async def suspend(self, nodes: tuple[NodeId, ...], reason: str) -> None:
+        """These nodes heartbeat but left their work unanswered (`dataplane.unresponsive`):
+        each leaves the plans for `policy.suspension_s` (doubling while it happens again),
+        then is taken back once healthy, as a failed node is. Not evicted: a node behind
+        a TCP cut whose heartbeats still arrive is honest, and one was evicted for good
+        (a review; "only a proven liar stays out"). A withholding liar is found again
+        each time it is taken back, ever more rarely."""
+        now = self._clock()
+        for node in nodes:
+            if node == self.node or node in self.evicted or node in self._suspended:
+                continue
+            strikes = strike(self._suspensions.get(node), now, forgotten_s=2 * SUSPENSION_MAX_S)
+            self._suspensions[node] = strikes
+            self._suspended[node] = now
+            self._depart(node)
+            log.error("suspending node %s for %.0f s: %s", node, suspension_s(strikes[0]), reason)
+            self._emit(Suspension(node=node))
+        self._wake.set()
+
+    def _back_for(self, node: NodeId) -> float | None:
+        """How long `node` has been healthy, as far as taking it back goes: a suspended
+        node counts from the end of its suspension (its heartbeats never stopped)."""
+        since = self._suspended.get(node)
+        if since is None:
+            return self._healthy_for(node)
+        strikes = self._suspensions.get(node, (1, since))[0]
+        over = self._clock() - since - suspension_s(strikes)
+        up = self._healthy_for(node)
+        return None if over < 0 or up is None else min(up, over)
 
     def _remember(self, node: NodeId, reason: str) -> None:
         """Out of this gateway's plans from now on, and after a restart (its store)."""
@@ -362,12 +408,13 @@ class Recovery:
                 continue
             # a removed member reads as failed too, but left by an agreed change
             # (`follow` asked for the re-plan): no failure, no strike
-            newly = [n for n in gone(plan, self._status, self.evicted) if n in self._members]
+            away = self.evicted | self._suspended.keys()  # what `gone` leaves out besides failures
+            newly = [n for n in gone(plan, self._status, away) if n in self._members]
             for n in newly:
                 self._depart(n)
             back = [
                 n
-                for n in returning(self.out, self.evicted, self._healthy_for, self._hold_s)
+                for n in returning(self.out, self.evicted, self._back_for, self._hold_s)
                 if n not in newly
             ]
             asked, self._asked = self._asked, None
@@ -376,11 +423,13 @@ class Recovery:
             for n in newly:
                 if n not in self.failed:
                     self.failed.add(n)
-                    if n not in self.evicted:  # an eviction is one, not a node failure
+                    if n not in away:  # an eviction or a suspension, not a node failure
                         self._emit(NodeFailure(node=n))
             returned, back = back, await self._fetch_facts(back)
             self.out.difference_update(back)
             self.failed.difference_update(back)  # a later failure is a new one
+            for n in back:
+                self._suspended.pop(n, None)  # its timeouts count afresh (`unresponsive`)
             live = self._live()
             started = time.perf_counter()
             why = (

@@ -5,10 +5,13 @@ A silent node (alive, never answering a step or an audit) or a slow one (answeri
 heartbeats keep arriving. The gateway is trusted (DESIGN.md section 3), so it may judge
 what it observed itself: when `byzantine.max_step_timeouts` of the last `WINDOW` steps
 or audits addressed to one node time out while that node's heartbeats say it is healthy,
-the gateway declares it faulty and evicts it through the same entry point as a proven
-liar. Not "in a row": a node that withheld every third step was answered on the replay
-of each, which ended its streak, and it was never charged while every request through
-it failed (a review, twenty-first session).
+the gateway declares it faulty, and it leaves the plans for a while (`declare`: the
+recovery's suspension, `control.policy.SUSPENSION_S`, doubling while it recurs): not
+evicted, for nothing proves it lied, and an honest node behind a TCP cut whose
+heartbeats still arrive looks the same (one was evicted for good: a review). Once taken
+back, its timeouts count afresh. Not "in a row": a node that withheld every third step
+was answered on the replay of each, which ended its streak, and it was never charged
+while every request through it failed (a review, twenty-first session).
 
 A node whose heartbeats stopped (suspected or failed) is never counted here: a crash is
 the failure detector's to declare, and it must not also count as an eviction.
@@ -51,13 +54,15 @@ class StepTimeouts:
         declare: Declare,
         apart: Callable[[], float] = lambda: 0.0,
         clock: Callable[[], float] = time.monotonic,
+        out: Callable[[NodeId], bool] = lambda node: True,
     ) -> None:
         """`apart`: timeouts of one node closer together than this (the step timeout)
         count once: one stall of a node fails every request's step at once, and counted
         per request, a 2.5 s stall with six requests running evicted an honest node (a
-        review)."""
+        review). `out`: whether a node declared is still out of the plans (by default,
+        for good); one taken back is counted afresh."""
         self._gateway, self._limit, self._status, self._declare = gateway, limit, status, declare
-        self._apart, self._clock = apart, clock
+        self._apart, self._clock, self._out = apart, clock, out
         self.recent: dict[NodeId, deque[bool]] = {}  # True: timed out
         self.declared: set[NodeId] = set()
         self._last: dict[NodeId, float] = {}  # when a timeout of the node last counted
@@ -90,8 +95,12 @@ class StepTimeouts:
         """`node` did not answer `what` (a step or an audit) within the step timeout.
         True when it stays in the plan (heartbeating, not declared now): no new plan comes
         of this, and whoever lost the step need not wait for one."""
-        if node == self._gateway or node in self.declared:
+        if node == self._gateway:
             return False
+        if node in self.declared:
+            if self._out(node):
+                return False
+            self.declared.discard(node)  # taken back after its suspension
         status = self._status(node)
         if status != "healthy":  # no heartbeats: a crash, for the failure detector
             log.info("%s timed out on node %s, which is %s: not counted", what, node, status)

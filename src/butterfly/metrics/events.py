@@ -123,6 +123,14 @@ class Eviction:
 
 
 @dataclass(frozen=True)
+class Suspension:
+    """A node that heartbeats but left its work unanswered was put out of the plans for
+    a while (`control.policy.SUSPENSION_S`): not evicted, nothing proves it lied."""
+
+    node: NodeId
+
+
+@dataclass(frozen=True)
 class RecoveryCompleted:
     """A failed or evicted node's stages run elsewhere again, after `seconds`."""
 
@@ -222,6 +230,7 @@ MetricsEvent = (
     | QueueDepth
     | NodeStatus
     | Eviction
+    | Suspension
     | RecoveryCompleted
     | CheckpointCopied
     | PeerError

@@ -38,6 +38,7 @@ from butterfly.metrics.events import (
     QueueDepth,
     RecoveryCompleted,
     StageStepTimed,
+    Suspension,
     TaskFinished,
     TaskSubmitted,
     TokenProduced,
@@ -225,6 +226,12 @@ class Metrics:
         self.evictions = Counter(
             "byzantine_evictions", "Nodes evicted on evidence of lying", namespace=ns, registry=r
         )
+        self.suspensions = Counter(
+            "suspensions",
+            "Nodes put out of the plans for a while for leaving their work unanswered",
+            namespace=ns,
+            registry=r,
+        )
         self.recovery_seconds = Histogram(
             "recovery_seconds",
             "From a node's failure being declared (the detector's time to declare it, about "
@@ -358,6 +365,8 @@ class Metrics:
                 self.node_failures.inc()
             case Eviction():
                 self.evictions.inc()
+            case Suspension():
+                self.suspensions.inc()
             case RecoveryCompleted(seconds=seconds):
                 self.recovery_seconds.observe(seconds)
             case CheckpointCopied(bytes=size):

@@ -41,11 +41,14 @@ FIRST_EPOCH = Epoch(0)
 
 @dataclass
 class MemoryNetwork:
-    """The shared medium; `down` nodes neither send nor receive."""
+    """The shared medium; `down` nodes neither send nor receive (a send fails at once, as
+    to a closed port); what goes to or from a `blackholed` node is lost on the way (an
+    ask times out, as through a firewall that drops a connection's packets)."""
 
     cluster_id: str = "test"
     nodes: dict[NodeId, MemoryTransport] = field(default_factory=dict)
     down: set[NodeId] = field(default_factory=set)
+    blackholed: set[NodeId] = field(default_factory=set)
     max_frame_bytes: int = 256 * 2**20  # network.max_frame_bytes: larger ones are chunked
     max_message_bytes: int = 2**30  # network.max_message_bytes
 
@@ -93,6 +96,8 @@ class MemoryTransport:
             raise ConnectionFailed(f"node {peer} is unreachable")
         if self.members is not None and peer not in self.members:
             raise ConnectionFailed(f"node {peer} is not a member of this cluster", blame=peer)
+        if peer in self.net.blackholed or self.node in self.net.blackholed:
+            return
         received = self._wire(env)
         task = asyncio.create_task(target._receive(self.node, received))
         target._tasks.add(task)

@@ -55,8 +55,8 @@ class NodeHealth:
     layers: LayerRange | None  # the stage it runs in the current plan, if any
     last_seen_s: float | None = None  # seconds since its last heartbeat
     requests: int = 0  # KV caches it holds, as its last heartbeat said
-    # evicted (a proven liar, or judged withholding): given no layers whatever its
-    # heartbeats say (its status alone showed such a node "healthy": a review)
+    # evicted (a proven liar): given no layers whatever its heartbeats say (its status
+    # alone showed such a node "healthy": a review)
     evicted: bool = False
 
 

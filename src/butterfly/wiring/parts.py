@@ -62,15 +62,20 @@ def checked_model_hash(config: ConfigManager, model_dir: Path) -> str:
 
 
 def step_timeouts(
-    config: ConfigManager, status: Callable[[NodeId], str], declare: Liars
+    config: ConfigManager,
+    status: Callable[[NodeId], str],
+    declare: Liars,
+    out: Callable[[NodeId], bool],
 ) -> StepTimeouts:
-    """The gateway's rule for silent and slow nodes, with the limit as last agreed."""
+    """The gateway's rule for silent and slow nodes, with the limit as last agreed;
+    `declare` suspends a node, `out` says whether it still is."""
     return StepTimeouts(
         gateway=NodeId(config.current.node.id),
         limit=lambda: config.current.byzantine.max_step_timeouts,
         status=status,
         declare=declare,
         apart=lambda: config.current.network.step_timeout_ms / 1000,
+        out=out,
     )
 
 
