@@ -284,6 +284,8 @@ async def test_a_node_cut_off_over_tcp_is_suspended_and_taken_back_after_its_hol
         await c.until(lambda: gw.recovery.suspended(NodeId(1)), "node 1 suspended")
         await c.until(lambda: 1 not in holders(gw.stage_server.plan), "node 1 out")
         assert gw.membership.status(NodeId(1)) == "healthy"
+        shown = {h.node: h for h in gw.engine.health().nodes}[NodeId(1)]  # as /health says
+        assert not shown.evicted and shown.suspended_s is not None and shown.suspended_s > 20
         c.net.blackholed.discard(NodeId(1))
         hold = suspension_s(1) / 0.1  # beats of 100 ms of the hub's clock
         for _ in range(int(hold * 0.9)):  # not before its hold
@@ -292,6 +294,7 @@ async def test_a_node_cut_off_over_tcp_is_suspended_and_taken_back_after_its_hol
         assert 1 not in holders(gw.stage_server.plan)
         await c.until(lambda: 1 in holders(gw.stage_server.plan), "node 1 taken back")
         assert not gw.recovery.suspended(NodeId(1))
+        assert {h.node: h for h in gw.engine.health().nodes}[NodeId(1)].suspended_s is None
         assert not any(node.plans.evicted for node in c.nodes)
         assert await run(c, task(tiny_model, "healed")) == (expected, "audit")
         assert suspension_s(2) == 2 * suspension_s(1)

@@ -282,3 +282,26 @@ async def test_a_standby_that_does_not_answer_holds_back_one_202_and_is_resynced
         assert "a3" in t.copied[S1]  # waited for again: it answers
     finally:
         await stop(loop, r)
+
+
+async def test_a_standby_that_answers_again_has_the_next_tasks_copy_before_its_202(
+    tmp_path: Path,
+) -> None:
+    """After a copy to it timed out, the standby was skipped by the 202s until a resync
+    reached it, up to 2 s after it answered again: a 202 in that window left no standby
+    holding the task though one answered (a review). A 202 now sends it the copy and
+    waits a moment for it."""
+    r, t = acting(tmp_path, [ACTING, S1], {S1: "silent"}, timeout_s=0.3)
+    loop = asyncio.create_task(r.keep_standbys(no_adoption))
+    try:
+        first = InferenceTask(RequestId("during-the-cut"), (1,), max_new_tokens=1)
+        r.store.add(first)
+        await r.accepted(first)  # times out: cut off over TCP, heard by the detector
+        await asyncio.sleep(1.5)  # the cut lasts; resyncs fail and back off
+        t.mode[S1] = "ok"
+        later = InferenceTask(RequestId("after-the-cut"), (1,), max_new_tokens=1)
+        r.store.add(later)
+        await r.accepted(later)  # the 202 goes out when this returns
+        assert "after-the-cut" in t.copied.get(S1, set())
+    finally:
+        await stop(loop, r)

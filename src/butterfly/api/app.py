@@ -164,6 +164,7 @@ def health_body(cluster: ClusterHealth, scheduler: Scheduler) -> dict[str, Any]:
             "last_seen_s": n.last_seen_s,
             "requests": n.requests,  # KV caches held, as its last heartbeat said (0: failed)
             "evicted": n.evicted,
+            "suspended_s": n.suspended_s,
         }
         for n in cluster.nodes
     ]

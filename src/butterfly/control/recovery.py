@@ -186,6 +186,15 @@ class Recovery:
         """Whether `node` is out of the plans for work it left unanswered (`suspend`)."""
         return node in self._suspended
 
+    def suspended_for(self, node: NodeId) -> float | None:
+        """Seconds left of `node`'s suspension (0 once over, until it is taken back), or
+        None if it is not suspended."""
+        since = self._suspended.get(node)
+        if since is None:
+            return None
+        strikes = self._suspensions.get(node, (1, since))[0]
+        return max(0.0, since + suspension_s(strikes) - self._clock())
+
     async def suspend(self, nodes: tuple[NodeId, ...], reason: str) -> None:
         """These nodes heartbeat but left their work unanswered (`dataplane.unresponsive`):
         each leaves the plans for `policy.suspension_s` (doubling while it happens again),
@@ -208,13 +217,14 @@ class Recovery:
     def _back_for(self, node: NodeId) -> float | None:
         """How long `node` has been healthy, as far as taking it back goes: a suspended
         node counts from the end of its suspension (its heartbeats never stopped)."""
-        since = self._suspended.get(node)
-        if since is None:
+        left = self.suspended_for(node)
+        if left is None:
             return self._healthy_for(node)
+        since = self._suspended[node]
         strikes = self._suspensions.get(node, (1, since))[0]
         over = self._clock() - since - suspension_s(strikes)
         up = self._healthy_for(node)
-        return None if over < 0 or up is None else min(up, over)
+        return None if left > 0 or up is None else min(up, over)
 
     def _remember(self, node: NodeId, reason: str) -> None:
         """Out of this gateway's plans from now on, and after a restart (its store)."""

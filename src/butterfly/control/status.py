@@ -93,6 +93,7 @@ class ClusterReport:
             last_seen_s=self._membership.seconds_since(n),
             requests=0 if status == "failed" else self._membership.requests_of(n),
             evicted=n in self._recovery.evicted,
+            suspended_s=self._recovery.suspended_for(n),
         )
 
     def statuses(self) -> dict[int, str]:

@@ -58,6 +58,9 @@ class NodeHealth:
     # evicted (a proven liar): given no layers whatever its heartbeats say (its status
     # alone showed such a node "healthy": a review)
     evicted: bool = False
+    # out of the plans for a while for leaving its work unanswered (`Recovery.suspend`):
+    # seconds left, or None (it looked like an idle healthy node: a review)
+    suspended_s: float | None = None
 
 
 @dataclass(frozen=True)

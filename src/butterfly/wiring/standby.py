@@ -117,6 +117,9 @@ RESYNC_MAX_WAIT_S = 2.0  # the longest wait before a failed resync is tried agai
 RESYNC_AT_ONCE = 16
 """Copies a resync has in flight at once: one at a time, sixty tasks took a returning
 standby most of a second to be given."""
+PROBE_WAIT_S = 0.05
+"""How long a 202 waits for its copy to a standby no copy reached lately: one that
+answers again has it before the 202, one still cut off holds the 202 this long."""
 SEND_TIMEOUT_S = 1.0
 """How long one one-way copy may take before that standby is skipped for it."""
 
@@ -150,6 +153,10 @@ class TaskReplicas:
         # standbys a copy could not reach (a circuit that stayed open, no answer): no 202
         # waits for them, and no copy on a circuit, until a copy reaches one (`accepted`)
         self._unreachable: set[NodeId] = set()
+        # one copy at a time to each unreachable standby, not waited for (`accepted`)
+        self._probes: dict[NodeId, asyncio.Task[bool]] = {}
+        # standby -> (not before, wait): when its failed resync is tried again
+        self._waits: dict[NodeId, tuple[float, float]] = {}
         self._closed = False
 
     @property
@@ -174,6 +181,8 @@ class TaskReplicas:
 
     def close(self) -> None:
         self._closed = True
+        for probe in self._probes.values():
+            probe.cancel()
         if self._store is not None:
             self._store.close()
             self._store = None
@@ -207,18 +216,42 @@ class TaskReplicas:
         given it by `keep_standbys` once a copy reaches it. Every 202 waited out the
         copy's whole timeout for such a standby, 5 s each (a review)."""
         peers = self.standbys()
-        for peer in self._unreachable.intersection(peers):
-            self._missed.add(peer)
-        peers = [p for p in peers if p not in self._unreachable]
+        payload = task_to_json(task).encode()
+        probes = [
+            probe
+            for peer in self._unreachable.intersection(peers)
+            if (probe := self._probe(peer, task.task_id, payload)) is not None
+        ]
+        if probes:  # one that answers again has the copy before the 202
+            await asyncio.wait(probes, timeout=PROBE_WAIT_S)
+        peers = [p for p in peers if p not in self._unreachable and not self._probed(p, probes)]
         if not peers:
             return
-        payload = task_to_json(task).encode()
         answers = await asyncio.gather(
             *(self._copy(peer, task.task_id, payload) for peer in peers),
         )
         self.copies += sum(answers)
         if not any(answers):
             log.warning("task %s: no standby gateway holds a copy (%s)", task.task_id, peers)
+
+    def _probe(self, peer: NodeId, task_id: RequestId, payload: bytes) -> asyncio.Task[bool] | None:
+        """Send unreachable `peer` this task's copy, waited for `PROBE_WAIT_S` at most,
+        unless a copy is on its way to it already (then None: the task is owed, and
+        given by the resync). Once one reaches it, the 202s wait for it again and it is
+        resynced at once. Skipped altogether, a standby that answered again got no copy
+        until its resync's wait was over, up to 2 s in which the gateway's death lost
+        the tasks accepted meanwhile (a review)."""
+        self._missed.add(peer)
+        running = self._probes.get(peer)
+        if running is not None and not running.done():
+            return None
+        probe = asyncio.create_task(self._copy(peer, task_id, payload, quiet=True))
+        self._probes[peer] = probe
+        return probe
+
+    def _probed(self, peer: NodeId, probes: list[asyncio.Task[bool]]) -> bool:
+        """Whether this task's copy went to `peer` as a probe (answered or not)."""
+        return self._probes.get(peer) in probes
 
     async def _copy(
         self, peer: NodeId, task_id: RequestId, payload: bytes, *, quiet: bool = False
@@ -257,7 +290,9 @@ class TaskReplicas:
                 log.warning("task %s not copied to node %s: %s", task_id, peer, error)
             self._missed.add(peer)
             return False
-        self._unreachable.discard(peer)
+        if peer in self._unreachable:
+            self._unreachable.discard(peer)
+            self._waits.pop(peer, None)  # resynced at the next look, not after a wait
         if not reply.ok:
             if not quiet:
                 log.warning("node %s refused a copy of task %s: %s", peer, task_id, reply.error)
@@ -315,7 +350,7 @@ class TaskReplicas:
         refusing was sent up to 1024 results twenty times a second (a review).
         `adopt` queues the unfinished tasks a standby held and this node did not."""
         known: set[NodeId] = set()
-        waits: dict[NodeId, tuple[float, float]] = {}  # peer -> (not before, wait)
+        waits = self._waits
         running: dict[NodeId, asyncio.Task[None]] = {}
         try:
             while True:
