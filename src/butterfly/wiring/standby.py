@@ -50,15 +50,12 @@ same history, the tokens are those the dead gateway would have produced.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import json
 import logging
 import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from butterfly.control.gateway_role import GatewayRole
 from butterfly.net.conn import Reply
@@ -91,6 +88,7 @@ from butterfly.types.wire.standby import (
     TaskSync,
     TaskSyncReply,
 )
+from butterfly.wiring.task_sync import sync_payload, take_all
 
 log = logging.getLogger(__name__)
 OUTBOX = 4096
@@ -480,7 +478,7 @@ class TaskReplicas:
             _, payload = await self._transport.ask(
                 peer, TaskSync(), timeout=COPY_TIMEOUT_S, channel="control"
             )
-            return await asyncio.to_thread(_take_all, self.store, peer, payload)
+            return await asyncio.to_thread(take_all, self.store, peer, payload)
         except (ButterflyError, ValueError) as e:
             log.warning("unfinished tasks of node %s not taken: %s", peer, e)
             raise ServiceUnavailable(f"node {peer} did not hand over its tasks: {e}") from e
@@ -495,31 +493,7 @@ class TaskReplicas:
             finished = self.store.recently_finished(SYNC_RESULTS)
         except ButterflyError:  # stopping: the asker goes on without this node's tasks
             return None
-        records: list[list[object]] = [
-            [
-                task.task_id,
-                task_to_json(task),
-                None
-                if c is None
-                else [list(c.tokens), base64.b64encode(c.rng_state).decode(), c.epoch],
-            ]
-            for task, c in unfinished
-        ]
-        records += [
-            [
-                done.task.task_id,
-                task_to_json(done.task),
-                None,
-                [
-                    done.state.status.value,
-                    done.state.reason,
-                    done.state.error_type,
-                    result_to_json(done.result) if done.result is not None else None,
-                ],
-            ]
-            for done in finished
-        ]
-        return TaskSyncReply(self.node, len(unfinished)), json.dumps(records).encode()
+        return TaskSyncReply(self.node, len(unfinished)), sync_payload(unfinished, finished)
 
     async def on_copy(self, peer: NodeId, env: Envelope) -> Reply | None:
         msg = env.msg
@@ -554,54 +528,6 @@ class TaskReplicas:
             result = result_from_json(msg.task_id, env.payload.decode()) if env.payload else None
             await self._group().finish(RequestId(msg.task_id), state, result)
         return None
-
-
-def _take_all(store: TaskStore, peer: NodeId, payload: bytes) -> list[InferenceTask | None]:
-    """A standby's `TaskSync` reply into `store` (`TaskReplicas._pull_from`); one bad
-    record costs that task only."""
-    records = json.loads(payload)
-    if not isinstance(records, list):
-        raise ValueError(f"a list of tasks expected, got {type(records).__name__}")
-    taken: list[InferenceTask | None] = []
-    for record in records:
-        try:
-            changed, task = _take(store, record)
-        except (ValueError, KeyError, TypeError) as e:
-            log.warning("a task of node %s not taken: %s", peer, e)
-            continue
-        if changed:
-            taken.append(task)
-    return taken
-
-
-def _take(store: TaskStore, record: list[Any]) -> tuple[bool, InferenceTask | None]:
-    """One record of a standby's `TaskSync` reply into `store`: whether the task was new
-    here or is now finished here, and the task if it is new here and unfinished. A record
-    is the task's id, its JSON, its checkpoint (or None) and, for a finished task, its
-    end: status, reason, error type and result JSON (or None). A task this node already
-    holds finished stays as it is."""
-    task_id, text, checkpoint, *rest = record
-    held = store.get(task_id)
-    if held is not None and held.state.terminal:
-        return False, None
-    new = None
-    if held is None:
-        new = task_from_json(task_id, text)
-        store.copy(new)
-    if rest and rest[0] is not None:
-        status, reason, error_type, result = rest[0]
-        state = TaskState(TaskStatus(status), reason, error_type)
-        if not state.terminal:
-            raise ValueError(f"task {task_id} sent as finished in state {status!r}")
-        store.finish(
-            RequestId(task_id), state, result_from_json(task_id, result) if result else None
-        )
-        return True, None
-    if checkpoint is not None:
-        tokens, rng, epoch = checkpoint
-        saved = Checkpoint(tuple(tokens), base64.b64decode(rng), epoch)
-        store.save_checkpoint(RequestId(task_id), saved)
-    return new is not None, new
 
 
 __all__ = ["TaskReplicas"]
