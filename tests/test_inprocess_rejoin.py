@@ -20,7 +20,7 @@ from butterfly.runtime.generate import generate
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.testing.inprocess import InProcessCluster
-from butterfly.testing.liars import WithholdingStageServer
+from butterfly.testing.liars import SilentStageServer, WithholdingStageServer
 from butterfly.types.ids import NodeId, RequestId
 from butterfly.types.plan import StagePlan
 from butterfly.types.tasks import InferenceTask
@@ -298,3 +298,34 @@ async def test_a_node_cut_off_over_tcp_is_suspended_and_taken_back_after_its_hol
         assert not any(node.plans.evicted for node in c.nodes)
         assert await run(c, task(tiny_model, "healed")) == (expected, "audit")
         assert suspension_s(2) == 2 * suspension_s(1)
+
+
+async def test_a_gateway_that_takes_over_keeps_a_suspended_node_out(
+    tiny_model: Path, tmp_path: Path, expected: list[int]
+) -> None:
+    """Node 3 withholds its work: node 0 suspends it, and its suspension is agreed. Node
+    0 then dies and node 1 takes over: node 3 stays out for what is left of it. Kept in
+    node 0's memory alone, node 1's first plan gave node 3 a range again (a review)."""
+    settings = {
+        **SETTINGS,
+        "cluster.gateways": [0, 1],
+        "network.step_timeout_ms": 500,
+        "byzantine.max_step_timeouts": 1,
+    }
+    async with InProcessCluster(
+        tiny_model, 4, tmp_path, f=1, settings=settings, stage_servers={3: SilentStageServer}
+    ) as c:
+        first, standby = c.nodes[0].gateway, c.nodes[1].gateway
+        assert first is not None and standby is not None
+        await c.until(lambda: first.scheduler is not None, "node 0 serving")
+        assert 3 in holders(c.gateway.stage_server.plan)
+        assert await run(c, task(tiny_model, "past-a-withholder")) == (expected, "audit")
+        await c.until(lambda: NodeId(3) in c.nodes[1].plans.suspended, "suspension agreed")
+        c.kill(0)
+        await c.until(lambda: standby.scheduler is not None, "node 1 takes over", beats=1000)
+        assert c.nodes[1].recovery.suspended(NodeId(3))
+        for _ in range(150):  # 15 s of the hub's clock, of the 30 s suspension
+            assert 3 not in holders(c.nodes[1].stage_server.plan)
+            c.hub.tick(0.1)
+            await asyncio.sleep(0.005)
+        assert not any(node.plans.evicted for node in c.nodes)

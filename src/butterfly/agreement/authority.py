@@ -43,6 +43,7 @@ from butterfly.types.wire.commands import (
     EvictNode,
     InvalidCommand,
     NewPlan,
+    SuspendNode,
     TakeOver,
     decode_command,
 )
@@ -75,9 +76,10 @@ def authorized(
     if proposer != gateway:
         return f"{command.kind} comes from the gateway (node {gateway}) only, not node {proposer}"
     match command:
-        case EvictNode(node=node) if node == gateway:
-            return "the acting gateway cannot be evicted: its successor takes over if it fails"
-        case NewPlan() | EvictNode() | ConfigUpdate() | ConfigAbort():
+        case EvictNode(node=node) | SuspendNode(node=node) if node == gateway:
+            return f"the acting gateway cannot be put out ({command.kind}): its successor "
+            "takes over if it fails"
+        case NewPlan() | EvictNode() | SuspendNode() | ConfigUpdate() | ConfigAbort():
             return None
 
 

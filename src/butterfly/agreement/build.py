@@ -33,11 +33,12 @@ from butterfly.types.wire.commands import (
     EvictNode,
     InvalidCommand,
     NewPlan,
+    SuspendNode,
     TakeOver,
     decode_command,
 )
 
-OnCommand = Callable[[EvictNode | NewPlan | TakeOver], None]
+OnCommand = Callable[[EvictNode | SuspendNode | NewPlan | TakeOver], None]
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def commit_router(replica: ConfigReplica, on_command: OnCommand, emit: Emit) -> 
         match command:
             case ConfigUpdate() | ConfigAbort():
                 replica.execute(command)
-            case EvictNode() | NewPlan() | TakeOver():
+            case EvictNode() | SuspendNode() | NewPlan() | TakeOver():
                 on_command(command)
 
     return on_commit

@@ -26,7 +26,7 @@ from butterfly.net.framing import Envelope
 from butterfly.types.errors import ButterflyError, InvalidMessage, ServiceUnavailable
 from butterfly.types.ids import GATEWAY, Epoch, NodeId
 from butterfly.types.plan import StagePlan
-from butterfly.types.wire.commands import EvictNode, NewPlan, encode_command
+from butterfly.types.wire.commands import EvictNode, NewPlan, SuspendNode, encode_command
 from butterfly.types.wire.control import PlanAck, PlanAssign
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,8 @@ class AgreedPlans:
     def __init__(self) -> None:
         self.latest: StagePlan | None = None
         self.evicted: dict[NodeId, str] = {}  # node -> the agreed reason (the first one)
+        # node -> (suspensions in a row, since when, wall clock): the last agreed
+        self.suspended: dict[NodeId, tuple[int, float]] = {}
         self._changed = asyncio.Event()
         self._on_evicted: list[Callable[[NodeId, str], None]] = []
 
@@ -63,11 +65,15 @@ class AgreedPlans:
 
     # --- every node, in agreement order ------------------------------------------------
 
-    def execute(self, command: NewPlan | EvictNode) -> None:
+    def execute(self, command: NewPlan | EvictNode | SuspendNode) -> None:
         """Every node runs this in agreement order; each decision is a function of the
         agreed log alone, so every honest node decides alike."""
         if isinstance(command, EvictNode):
             self._evict(command)
+            return
+        if isinstance(command, SuspendNode):  # for a gateway that takes over (`Recovery`)
+            self.suspended[command.node] = (command.strikes, command.since_unix)
+            log.warning("agreed: node %s suspended (%s)", command.node, command.reason)
             return
         try:
             plan = command_plan(command)

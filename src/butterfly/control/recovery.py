@@ -60,6 +60,7 @@ from butterfly.types.ids import NodeId
 from butterfly.types.model import LayerRange
 from butterfly.types.plan import StagePlan
 from butterfly.types.wire.agreement import Evidence
+from butterfly.types.wire.commands import SuspendNode, encode_command
 from butterfly.types.wire.control import PlanAck, PlanAssign, StatusQuery, StatusReply
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,7 @@ class Recovery:
         # nodes out for unanswered work (`suspend`): since when, and suspensions in a row
         self._suspended: dict[NodeId, float] = {}
         self._suspensions: dict[NodeId, tuple[int, float]] = {}
+        self._ordering: set[asyncio.Task[None]] = set()  # suspensions being agreed
         self._applied: Callable[[], None] = lambda: None  # the engine's, from `run`
         self._plans, self._propose, self._agree_timeout = plans, propose, agree_timeout_s
         self._transport, self._model_hash, self._placing = transport, model_hash, placing
@@ -212,7 +214,35 @@ class Recovery:
             self._depart(node)
             log.error("suspending node %s for %.0f s: %s", node, suspension_s(strikes[0]), reason)
             self._emit(Suspension(node=node))
+            agreed = SuspendNode(node, strikes[0], time.time(), reason[:1000])
+            ordering = asyncio.create_task(self._agree_suspension(agreed))
+            self._ordering.add(ordering)
+            ordering.add_done_callback(self._ordering.discard)
         self._wake.set()
+
+    async def _agree_suspension(self, command: SuspendNode) -> None:
+        """Order `command` (in the background: the request that found the node silent
+        goes on meanwhile); not agreed, it holds on this gateway alone."""
+        try:
+            await self._propose(encode_command(command), self._agree_timeout)
+        except ButterflyError as e:
+            log.error("suspension of node %s not agreed: %s", command.node, e)
+
+    def _resume_suspensions(self) -> None:
+        """The suspensions the agreed log holds, as this gateway starts acting: a node a
+        gateway before it suspended stays out as long, and its next suspension doubles
+        (a takeover took a withholding node straight back: a review). Wall-clock time
+        carries them from node to node; a clock that differs by seconds moves a hold of
+        30 s or more by as much."""
+        now, wall = self._clock(), time.time()
+        for node, (strikes, since_unix) in self._plans.suspended.items():
+            if node == self.node or node in self._suspended:
+                continue
+            since = now - max(0.0, wall - since_unix)
+            self._suspensions[node] = (strikes, since)
+            if now - since < suspension_s(strikes):
+                self._suspended[node] = since
+                self._depart(node)
 
     def _back_for(self, node: NodeId) -> float | None:
         """How long `node` has been healthy, as far as taking it back goes: a suspended
@@ -290,6 +320,7 @@ class Recovery:
         of every plan, and those the agreed log lacks (not agreed before a restart) are
         ordered again; agreed ones replayed before now are written to it."""
         self.facts, self._store = dict(facts), store
+        self._resume_suspensions()
         for node in self._members:
             if node not in facts or (live is not None and node not in live):
                 self._depart(node)

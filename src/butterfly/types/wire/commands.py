@@ -74,6 +74,21 @@ class EvictNode:
 
 
 @dataclass(frozen=True, slots=True)
+class SuspendNode:
+    """The acting gateway put `node` out of the plans for its `strikes`-th suspension in
+    a row, at `since_unix` (wall clock): unanswered work proves no lie, so it is taken
+    back after `control.policy.suspension_s(strikes)`. Agreed so that a successor keeps
+    it out as long, its doubling with it: kept in one gateway's memory, a takeover took
+    a withholding node straight back (a review)."""
+
+    kind: ClassVar[str] = "suspend_node"
+    node: NodeId
+    strikes: int
+    since_unix: float
+    reason: Text
+
+
+@dataclass(frozen=True, slots=True)
 class NewPlan:
     kind: ClassVar[str] = "new_plan"
     epoch: Epoch
@@ -92,8 +107,15 @@ class TakeOver:
     term: int
 
 
-Command = ConfigUpdate | ConfigAbort | EvictNode | NewPlan | TakeOver
-COMMANDS: tuple[type[Command], ...] = (ConfigUpdate, ConfigAbort, EvictNode, NewPlan, TakeOver)
+Command = ConfigUpdate | ConfigAbort | EvictNode | SuspendNode | NewPlan | TakeOver
+COMMANDS: tuple[type[Command], ...] = (
+    ConfigUpdate,
+    ConfigAbort,
+    EvictNode,
+    SuspendNode,
+    NewPlan,
+    TakeOver,
+)
 
 _CODEC = Codec({c.kind: c for c in COMMANDS}, version=PROTOCOL_VERSION, error=InvalidCommand)
 
@@ -119,6 +141,7 @@ __all__ = [
     "EvictNode",
     "InvalidCommand",
     "NewPlan",
+    "SuspendNode",
     "TakeOver",
     "decode_command",
     "encode_command",
