@@ -295,6 +295,10 @@ async def test_a_node_cut_off_over_tcp_is_suspended_and_taken_back_after_its_hol
         await c.until(lambda: 1 in holders(gw.stage_server.plan), "node 1 taken back")
         assert not gw.recovery.suspended(NodeId(1))
         assert {h.node: h for h in gw.engine.health().nodes}[NodeId(1)].suspended_s is None
+        # the agreed plan that took it back ended its agreed suspension on every node, so
+        # no gateway taking over later keeps it out again (by wall clock, one whose clock
+        # ran ahead did: a review)
+        await c.until(lambda: all(NodeId(1) not in n.plans.suspended for n in c.nodes), "over")
         assert not any(node.plans.evicted for node in c.nodes)
         assert await run(c, task(tiny_model, "healed")) == (expected, "audit")
         assert suspension_s(2) == 2 * suspension_s(1)
@@ -329,3 +333,23 @@ async def test_a_gateway_that_takes_over_keeps_a_suspended_node_out(
             c.hub.tick(0.1)
             await asyncio.sleep(0.005)
         assert not any(node.plans.evicted for node in c.nodes)
+
+
+async def test_a_suspension_being_agreed_ends_with_the_gateways_loops(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """A suspension is ordered in the background; when the node stops acting or stops,
+    the proposal ends with it (it ran on, and logged its failure after the node was
+    gone: a review)."""
+    async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS) as c:
+        gw = c.gateway
+        serving = gw.gateway
+        assert serving is not None
+        await c.until(lambda: serving.scheduler is not None, "node 0 serving")
+        for n in (1, 2, 3):  # no quorum: the proposal waits for its agreement timeout
+            c.net.blackholed.add(NodeId(n))
+        await gw.recovery.suspend((NodeId(3),), "left its steps unanswered")
+        ordering = set(gw.recovery._ordering)
+        assert ordering
+    await asyncio.sleep(0)
+    assert all(t.done() for t in ordering)

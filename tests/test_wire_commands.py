@@ -24,7 +24,7 @@ EXAMPLES = (
     ConfigUpdate(b'{"kind":"update"}', 3, 77, (N0, N1, N2), (2, 2, 1), (b"a" * 64, b"b" * 64, b"")),
     ConfigAbort("ab" * 32, 77),
     EvictNode(N2, "two signed proofs disagree"),
-    SuspendNode(N2, 2, 1_765_000_000.25, "left 3 of its last 32 steps unanswered"),
+    SuspendNode(N2, 2, "left 3 of its last 32 steps unanswered"),
     NewPlan(Epoch(4), (0, 0, 2, 1, 2, 4)),
     TakeOver(N1, 2),
 )

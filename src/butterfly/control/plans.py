@@ -53,8 +53,8 @@ class AgreedPlans:
     def __init__(self) -> None:
         self.latest: StagePlan | None = None
         self.evicted: dict[NodeId, str] = {}  # node -> the agreed reason (the first one)
-        # node -> (suspensions in a row, since when, wall clock): the last agreed
-        self.suspended: dict[NodeId, tuple[int, float]] = {}
+        # node -> suspensions in a row: agreed, and no later agreed plan gave it layers
+        self.suspended: dict[NodeId, int] = {}
         self._changed = asyncio.Event()
         self._on_evicted: list[Callable[[NodeId, str], None]] = []
 
@@ -72,7 +72,7 @@ class AgreedPlans:
             self._evict(command)
             return
         if isinstance(command, SuspendNode):  # for a gateway that takes over (`Recovery`)
-            self.suspended[command.node] = (command.strikes, command.since_unix)
+            self.suspended[command.node] = command.strikes
             log.warning("agreed: node %s suspended (%s)", command.node, command.reason)
             return
         try:
@@ -87,6 +87,8 @@ class AgreedPlans:
             log.error("agreed plan of epoch %d names evicted nodes %s; skipped", plan.epoch, names)
             return
         self.latest = plan
+        for node in (*plan.nodes, *(n for n, _ in plan.replicas)):
+            self.suspended.pop(node, None)  # taken back: its suspension is over
         self._changed.set()
         self._changed = asyncio.Event()
 

@@ -214,7 +214,7 @@ class Recovery:
             self._depart(node)
             log.error("suspending node %s for %.0f s: %s", node, suspension_s(strikes[0]), reason)
             self._emit(Suspension(node=node))
-            agreed = SuspendNode(node, strikes[0], time.time(), reason[:1000])
+            agreed = SuspendNode(node, strikes[0], reason[:1000])
             ordering = asyncio.create_task(self._agree_suspension(agreed))
             self._ordering.add(ordering)
             ordering.add_done_callback(self._ordering.discard)
@@ -230,19 +230,18 @@ class Recovery:
 
     def _resume_suspensions(self) -> None:
         """The suspensions the agreed log holds, as this gateway starts acting: a node a
-        gateway before it suspended stays out as long, and its next suspension doubles
-        (a takeover took a withholding node straight back: a review). Wall-clock time
-        carries them from node to node; a clock that differs by seconds moves a hold of
-        30 s or more by as much."""
-        now, wall = self._clock(), time.time()
-        for node, (strikes, since_unix) in self._plans.suspended.items():
+        gateway before it suspended, and no agreed plan since took back, stays out for a
+        whole suspension from now, and its next one doubles (a takeover took a
+        withholding node straight back: a review). Not by wall clock: one gateway's
+        clock ahead kept a node it had taken back out again, one behind freed a
+        withholding node at once (a review)."""
+        now = self._clock()
+        for node, strikes in self._plans.suspended.items():
             if node == self.node or node in self._suspended:
                 continue
-            since = now - max(0.0, wall - since_unix)
-            self._suspensions[node] = (strikes, since)
-            if now - since < suspension_s(strikes):
-                self._suspended[node] = since
-                self._depart(node)
+            self._suspensions[node] = (strikes, now)
+            self._suspended[node] = now
+            self._depart(node)
 
     def _back_for(self, node: NodeId) -> float | None:
         """How long `node` has been healthy, as far as taking it back goes: a suspended
@@ -438,6 +437,13 @@ class Recovery:
         given here rather than at construction: the engine is built after this object,
         whose `evict_liars` it calls."""
         self._applied = on_replanned
+        try:
+            await self._watch()
+        finally:  # no longer acting (or stopping): what it was agreeing ends with it
+            for ordering in list(self._ordering):
+                ordering.cancel()
+
+    async def _watch(self) -> None:
         while True:
             # woken by a failure or an eviction; every interval too, to see nodes return
             with contextlib.suppress(TimeoutError):
@@ -493,7 +499,7 @@ class Recovery:
             if newly:
                 self.recoveries.append(time.perf_counter() - started)
                 self._emit(RecoveryCompleted(seconds=self.recoveries[-1]))
-            on_replanned()
+            self._applied()
 
 
 def _same_ranges(a: StagePlan, b: StagePlan) -> bool:

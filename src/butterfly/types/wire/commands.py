@@ -76,15 +76,15 @@ class EvictNode:
 @dataclass(frozen=True, slots=True)
 class SuspendNode:
     """The acting gateway put `node` out of the plans for its `strikes`-th suspension in
-    a row, at `since_unix` (wall clock): unanswered work proves no lie, so it is taken
-    back after `control.policy.suspension_s(strikes)`. Agreed so that a successor keeps
-    it out as long, its doubling with it: kept in one gateway's memory, a takeover took
-    a withholding node straight back (a review)."""
+    a row: unanswered work proves no lie, so it is taken back after
+    `control.policy.suspension_s(strikes)`. Agreed so that a successor keeps it out too,
+    its doubling with it: kept in one gateway's memory, a takeover took a withholding
+    node straight back (a review). Until a later agreed plan gives the node layers, the
+    suspension runs, whatever any clock says (`AgreedPlans.suspended`)."""
 
     kind: ClassVar[str] = "suspend_node"
     node: NodeId
     strikes: int
-    since_unix: float
     reason: Text
 
 
