@@ -129,8 +129,9 @@ class Recovery:
         self._loaded = loaded
         self.out: set[NodeId] = set()  # left the plans; taken back once steadily healthy
         self._strikes: dict[NodeId, tuple[int, float]] = {}  # departures in a row, last
-        # nodes out for unanswered work (`suspend`): since when, and suspensions in a row
-        self._suspended: dict[NodeId, float] = {}
+        # nodes out for unanswered work (`suspend`), and per node its suspensions in a
+        # row and when the last began (kept after it ends: the next one doubles)
+        self._suspended: set[NodeId] = set()
         self._suspensions: dict[NodeId, tuple[int, float]] = {}
         self._ordering: set[asyncio.Task[None]] = set()  # suspensions being agreed
         self._applied: Callable[[], None] = lambda: None  # the engine's, from `run`
@@ -191,11 +192,15 @@ class Recovery:
     def suspended_for(self, node: NodeId) -> float | None:
         """Seconds left of `node`'s suspension (0 once over, until it is taken back), or
         None if it is not suspended."""
-        since = self._suspended.get(node)
-        if since is None:
+        end = self._suspension_end(node)
+        return None if end is None else max(0.0, end - self._clock())
+
+    def _suspension_end(self, node: NodeId) -> float | None:
+        """When `node`'s suspension ends (None: not suspended)."""
+        if node not in self._suspended:
             return None
-        strikes = self._suspensions.get(node, (1, since))[0]
-        return max(0.0, since + suspension_s(strikes) - self._clock())
+        strikes, since = self._suspensions[node]
+        return since + suspension_s(strikes)
 
     async def suspend(self, nodes: tuple[NodeId, ...], reason: str) -> None:
         """These nodes heartbeat but left their work unanswered (`dataplane.unresponsive`):
@@ -210,7 +215,7 @@ class Recovery:
                 continue
             strikes = strike(self._suspensions.get(node), now, forgotten_s=2 * SUSPENSION_MAX_S)
             self._suspensions[node] = strikes
-            self._suspended[node] = now
+            self._suspended.add(node)
             self._depart(node)
             log.error("suspending node %s for %.0f s: %s", node, suspension_s(strikes[0]), reason)
             self._emit(Suspension(node=node))
@@ -240,20 +245,17 @@ class Recovery:
             if node == self.node or node in self._suspended:
                 continue
             self._suspensions[node] = (strikes, now)
-            self._suspended[node] = now
+            self._suspended.add(node)
             self._depart(node)
 
     def _back_for(self, node: NodeId) -> float | None:
         """How long `node` has been healthy, as far as taking it back goes: a suspended
         node counts from the end of its suspension (its heartbeats never stopped)."""
-        left = self.suspended_for(node)
-        if left is None:
-            return self._healthy_for(node)
-        since = self._suspended[node]
-        strikes = self._suspensions.get(node, (1, since))[0]
-        over = self._clock() - since - suspension_s(strikes)
-        up = self._healthy_for(node)
-        return None if left > 0 or up is None else min(up, over)
+        end, up = self._suspension_end(node), self._healthy_for(node)
+        if end is None or up is None:
+            return up
+        over = self._clock() - end
+        return None if over < 0 else min(up, over)
 
     def _remember(self, node: NodeId, reason: str) -> None:
         """Out of this gateway's plans from now on, and after a restart (its store)."""
@@ -455,7 +457,7 @@ class Recovery:
                 continue
             # a removed member reads as failed too, but left by an agreed change
             # (`follow` asked for the re-plan): no failure, no strike
-            away = self.evicted | self._suspended.keys()  # what `gone` leaves out besides failures
+            away = self.evicted | self._suspended  # what `gone` leaves out besides failures
             newly = [n for n in gone(plan, self._status, away) if n in self._members]
             for n in newly:
                 self._depart(n)
@@ -476,7 +478,7 @@ class Recovery:
             self.out.difference_update(back)
             self.failed.difference_update(back)  # a later failure is a new one
             for n in back:
-                self._suspended.pop(n, None)  # its timeouts count afresh (`unresponsive`)
+                self._suspended.discard(n)  # its timeouts count afresh (`unresponsive`)
             live = self._live()
             started = time.perf_counter()
             why = (
