@@ -133,9 +133,9 @@ def test_greedy_confirms_the_longest_agreeing_prefix_and_one_more() -> None:
     for row, best in enumerate([2, 5, 1, 4]):
         logits[row, best] = 1.0
     g = torch.Generator().manual_seed(0)
-    assert confirm(logits, [2, 5, 1], SamplingParams(), g) == [2, 5, 1, 4]  # all, and a bonus
-    assert confirm(logits, [2, 3, 1], SamplingParams(), g) == [2, 5]  # the model's own choice
-    assert confirm(logits[:1], [], SamplingParams(), g) == [2]
+    assert confirm(logits, [2, 5, 1], SamplingParams(), g)[0] == [2, 5, 1, 4]  # all, and a bonus
+    assert confirm(logits, [2, 3, 1], SamplingParams(), g)[0] == [2, 5]  # the model's own choice
+    assert confirm(logits[:1], [], SamplingParams(), g)[0] == [2]
     assert kept_until_stop([2, 5, 1, 4], frozenset({5})) == [2, 5]
 
 
@@ -158,7 +158,7 @@ def test_sampled_tokens_keep_the_target_distribution(
     first = torch.zeros(5)
     second = torch.zeros(5)
     for _ in range(DRAWS):
-        got = confirm(logits, drafted, params, g)
+        got = confirm(logits, drafted, params, g)[0]
         assert 1 <= len(got) <= 3
         first[got[0]] += 1
         if got[0] == drafted[0]:
@@ -197,7 +197,7 @@ def test_tokens_drafted_from_a_distribution_keep_the_target_distribution(
     first, second = torch.zeros(5), torch.zeros(5)
     for _ in range(DRAWS):
         drafted = [int(torch.multinomial(row, 1, generator=g)) for row in q]
-        got = confirm(logits, drafted, params, g, q=q)
+        got = confirm(logits, drafted, params, g, q=q)[0]
         first[got[0]] += 1
         if got[0] == drafted[0] and len(got) > 1:
             second[got[1]] += 1
@@ -209,7 +209,7 @@ def test_tokens_drafted_from_a_distribution_keep_the_target_distribution(
     same = torch.stack([distribution(P0.log(), params), distribution(P1.log(), params)])
     for _ in range(200):
         drafted = [int(torch.multinomial(row, 1, generator=g)) for row in same]
-        assert confirm(logits, drafted, params, g, q=same)[:2] == drafted
+        assert confirm(logits, drafted, params, g, q=same)[0][:2] == drafted
 
 
 # the pipeline: prompts whose continuation repeats spans of it (an edit) and one that

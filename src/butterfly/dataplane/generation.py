@@ -21,7 +21,6 @@ from butterfly.metrics.events import Emit, PromptChunked, Traversed
 from butterfly.runtime.sampling import (
     PromptScores,
     choose,
-    distribution,
     draw,
     is_greedy,
     make_generator,
@@ -154,16 +153,10 @@ class Generation:
         sampling = self.task.sampling
         drawn: list[float] = []
         if drafted:
-            got = confirm(logits[0], drafted, sampling, self.rng, self.out, draft.q)
+            got, drawn = confirm(logits[0], drafted, sampling, self.rng, self.out, draft.q)
             self._emit(Traversed(len(drafted), len(got) - 1))
             if draft.q is not None:  # a draft model's draws: its record
                 self.acceptance = self.acceptance.verified(len(drafted), len(got) - 1)
-            if not is_greedy(sampling):  # row i's distribution, as `confirm` weighed it
-                seen = [*self.out, *got]
-                drawn = [
-                    float(distribution(logits[0, i], sampling, seen[: len(self.out) + i])[t])
-                    for i, t in enumerate(got)
-                ]
         elif self.wants_logprobs:  # a log-softmax over the vocabulary more, only when asked
             picked, p = choose(logits[0, -1], sampling, self.rng, self.out)
             got, drawn = [picked.token], [p]

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 import torch
 
-from butterfly.runtime.sampling import distribution, greedy_token, is_greedy, sample
+from butterfly.runtime.sampling import distribution, draw, greedy_token, is_greedy
 from butterfly.types.tasks import SamplingParams
 
 
@@ -42,31 +42,36 @@ def confirm(
     generator: torch.Generator,
     history: Sequence[int] = (),
     q: torch.Tensor | None = None,
-) -> list[int]:
-    """The tokens a verify step yields: `logits` [len(drafted) + 1, V] are the rows after
-    the last token and after each draft token; 1 to len(drafted) + 1 tokens come back.
-    `history`: the tokens generated before this step; row i's penalties also count the
-    i tokens accepted before it, as plain decoding would have. `q` [len(drafted), V]: the
-    distributions the draft tokens were drawn from, for a sampled request (None: each
-    draft token is a point mass)."""
+) -> tuple[list[int], list[float]]:
+    """The tokens a verify step yields, and the probability each one's row gave it (1.0
+    when greedy, as `sampling.draw` reports a plain step's: `Generation.drawn`):
+    `logits` [len(drafted) + 1, V] are the rows after the last token and after each
+    draft token; 1 to len(drafted) + 1 tokens come back. `history`: the tokens
+    generated before this step; row i's penalties also count the i tokens accepted
+    before it, as plain decoding would have. `q` [len(drafted), V]: the distributions
+    the draft tokens were drawn from, for a sampled request (None: each draft token is
+    a point mass)."""
     if logits.shape[0] != len(drafted) + 1:
         raise ValueError(f"{logits.shape[0]} rows of logits for a draft of {len(drafted)}")
     if q is not None and tuple(q.shape) != (len(drafted), logits.shape[-1]):
         raise ValueError(f"draft distributions {tuple(q.shape)} for a draft of {len(drafted)}")
     out: list[int] = []
+    probs: list[float] = []
     for i, (row, token) in enumerate(zip(logits, drafted, strict=False)):
         seen = [*history, *out]
         if is_greedy(params):
             chosen = greedy_token(row, params, seen)
             out.append(chosen)
+            probs.append(1.0)
             if chosen != token:
-                return out
+                return out, probs
             continue
         p = distribution(row, params, seen)
         drawn_from = q[i].float() if q is not None else None
         chance = float(p[token]) if drawn_from is None else float(p[token] / drawn_from[token])
         if float(torch.rand((), generator=generator)) < chance:
             out.append(token)
+            probs.append(float(p[token]))
             continue
         if drawn_from is None:
             residual = p.clone()
@@ -76,11 +81,14 @@ def confirm(
         total = float(residual.sum())
         if total <= 0.0:  # p is q (or the point mass on the draft): never rejected
             out.append(token)
+            probs.append(float(p[token]))
             continue
-        out.append(int(torch.multinomial(residual / total, 1, generator=generator).item()))
-        return out
-    out.append(sample(logits[-1], params, generator, [*history, *out]))
-    return out
+        chosen = int(torch.multinomial(residual / total, 1, generator=generator).item())
+        out.append(chosen)
+        probs.append(float(p[chosen]))
+        return out, probs
+    token, drawn = draw(logits[-1], params, generator, [*history, *out])
+    return [*out, token], [*probs, drawn]
 
 
 def kept_until_stop(tokens: Sequence[int], stop: frozenset[int]) -> list[int]:
