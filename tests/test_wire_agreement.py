@@ -28,6 +28,7 @@ from butterfly.types.wire.agreement import (
     Request,
     StateSnapshot,
     StateTransfer,
+    Veto,
     ViewChange,
     decode,
     encode,
@@ -64,6 +65,7 @@ def samples() -> list[object]:
         req,
         pp,
         prep,
+        sign_message(Veto(NodeId(2), Epoch(2), 1, 7, pp.digest), KEYS[2]),
         vote,
         vc,
         sign_message(NewView(NodeId(2), Epoch(2), 2, (vc,), (pp,)), KEYS[2]),
@@ -92,7 +94,7 @@ def test_round_trip_and_signature(message: object) -> None:
 
 
 def test_every_kind_is_registered_once() -> None:
-    assert len(KINDS) == 15 and all(cls.kind == kind for kind, cls in KINDS.items())
+    assert len(KINDS) == 16 and all(cls.kind == kind for kind, cls in KINDS.items())
 
 
 def _raw(message: object) -> dict[str, object]:

@@ -18,8 +18,9 @@ primary (`pbft_order.relay`), so a client cut off from the primary alone is orde
 once.
 
 Modules: `pbft_state` (config, state), `pbft_order` (normal case, checkpoints),
-`pbft_viewchange` (view change, new view, state transfer), `pbft_snapshot` (executed
-state for a replica behind a pruned log), `evidence` (equivocation).
+`pbft_viewchange` (view change, new view, state transfer), `pbft_veto` (a slot the
+backups refuse ends the view at once), `pbft_snapshot` (executed state for a replica
+behind a pruned log), `evidence` (equivocation).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from butterfly.protocol.pbft_state import (
     sign,
     status_of,
 )
+from butterfly.protocol.pbft_veto import on_veto, veto
 from butterfly.protocol.pbft_viewchange import (
     on_new_view,
     on_state_transfer,
@@ -73,6 +75,7 @@ from butterfly.types.wire.agreement import (
     StateSnapshot,
     StateTransfer,
     Status,
+    Veto,
     ViewChange,
 )
 
@@ -82,6 +85,7 @@ Input = (
     | Request
     | PrePrepare
     | Prepare
+    | Veto
     | Commit
     | CheckpointVote
     | ViewChange
@@ -157,9 +161,12 @@ def step(state: ReplicaState, message: Input, now: float) -> tuple[ReplicaState,
         case Request():
             on_request(state, message, now, out)
         case PrePrepare():
-            on_pre_prepare(state, message, now, out)
+            if on_pre_prepare(state, message, now, out):
+                veto(state, message, now, out)
         case Prepare():
             on_prepare(state, message, now, out)
+        case Veto():
+            on_veto(state, message, now, out)
         case Commit():
             on_commit(state, message, now, out)
         case CheckpointVote():
@@ -236,6 +243,7 @@ def _on_status(state: ReplicaState, status: Status, now: float, out: list[Send])
         if state.view in slot.pre_prepares:
             out.append(Send(peer, slot.pre_prepares[state.view]))
         out.extend(Send(peer, p) for p in slot.prepares.get(state.view, {}).values())
+        out.extend(Send(peer, v) for v in slot.vetoes.get(state.view, {}).values())
         out.extend(Send(peer, c) for c in slot.commits.get(state.view, {}).values())
 
 

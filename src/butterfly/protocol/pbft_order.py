@@ -178,31 +178,34 @@ def assign_pending(state: ReplicaState, now: float, out: list[Send]) -> None:
 # --- three-phase agreement --------------------------------------------------------------
 
 
-def on_pre_prepare(state: ReplicaState, pp: PrePrepare, now: float, out: list[Send]) -> None:
-    """Vote for the current view's primary; keep other views' for commit certificates."""
+def on_pre_prepare(state: ReplicaState, pp: PrePrepare, now: float, out: list[Send]) -> bool:
+    """Vote for the current view's primary; keep other views' for commit certificates.
+    True when this replica vetoes the current view's pre-prepare (`pbft_veto.veto`)."""
     evidence.check_header(state, pp, out)
     if pp.sender != state.config.primary_of(pp.view) or not known_view(state, pp.view):
-        return
+        return False
     if pp.sender == state.me:  # ours from before a restart: never assign that seq again
         state.next_seq = max(state.next_seq, pp.seq + 1)
     if not in_window(state, pp.seq) or not valid_body(state, pp):
-        return
+        return False
     slot = state.log.setdefault(pp.seq, Slot())
     existing = slot.pre_prepares.get(pp.view)
     if existing is not None and existing.digest != pp.digest:
         slot.others[(pp.view, pp.digest)] = pp  # equivocation (recorded by check_header);
         check_decided(state, pp.seq, pp.view, now, out)  # the others may have decided it
-        return
+        return False
     # a null request is only proposed inside a new-view; alone it is kept, never voted for;
     # one this replica vetoes is kept too, to execute should 2f+1 others commit it
+    current = state.active and pp.view == state.view
     vote = pp.request is not None and vetoed(state, pp.request) is None
-    if state.active and pp.view == state.view and vote:
+    if current and vote:
         voted = state.me in slot.prepares.get(pp.view, {}) or state.is_primary
         if existing is None or not voted:  # kept while changing views, vote now
             accept_pre_prepare(state, pp, now, out)
     elif existing is None:
         slot.pre_prepares[pp.view] = pp
         check_decided(state, pp.seq, pp.view, now, out)
+    return current and pp.request is not None and not vote
 
 
 def known_view(state: ReplicaState, view: int) -> bool:

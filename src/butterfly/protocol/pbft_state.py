@@ -30,6 +30,7 @@ from butterfly.types.wire.agreement import (
     Request,
     StateSnapshot,
     Status,
+    Veto,
     ViewChange,
 )
 
@@ -159,6 +160,7 @@ class Slot:
     sent_commit: set[int] = field(default_factory=set)
     others: dict[tuple[int, bytes], PrePrepare] = field(default_factory=dict)  # equivocated
     decided: PrePrepare | None = None  # what 2f+1 commits decided for this slot
+    vetoes: dict[int, dict[NodeId, Veto]] = field(default_factory=dict)  # view -> sender
 
 
 def genesis_digest(epoch: Epoch) -> bytes:

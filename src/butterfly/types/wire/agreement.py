@@ -101,6 +101,25 @@ class Prepare:
 
 
 @dataclass(frozen=True, slots=True)
+class Veto:
+    """A backup declines to prepare the current primary's pre-prepare (`PbftConfig.veto`:
+    its own view of the cluster, such as a takeover of a gateway it still hears). Enough
+    of them show the slot cannot prepare (`pbft_order.veto_quorum`), and every replica
+    that sees them changes view at once: the slot held every later one, executed in
+    order, until the request timer ran out (10 s in a cluster), and no relay helps a
+    primary whose own proposal its peers refuse."""
+
+    kind: ClassVar[str] = "veto"
+    sender: NodeId
+    epoch: Epoch
+    view: int
+    seq: int
+    digest: Digest
+    version: int = PROTOCOL_VERSION
+    signature: Signature = b""
+
+
+@dataclass(frozen=True, slots=True)
 class Commit:
     kind: ClassVar[str] = "commit"
     sender: NodeId
@@ -342,6 +361,7 @@ Message = (
     | Request
     | PrePrepare
     | Prepare
+    | Veto
     | Commit
     | Reply
     | CheckpointVote
@@ -360,6 +380,7 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     Request,
     PrePrepare,
     Prepare,
+    Veto,
     Commit,
     Reply,
     CheckpointVote,

@@ -1,0 +1,79 @@
+"""Vetoes: a slot of the current primary's that its backups refuse to prepare.
+
+A backup declines to prepare a request its own view of the cluster refuses
+(`PbftConfig.veto`: a takeover of a gateway it still hears). When enough backups decline
+one, that slot never prepares, and every slot after it waits, since execution is in
+order. Castro and Liskov's way out is the request timer, then a view change whose new
+primary fills the slot with a null request; in a cluster that timer is 10 s
+(`coordination.view_change_timeout_ms`), and it stalled every plan and eviction ordered
+after the slot (a standby gateway that was also the primary, cut from the acting
+gateway alone, proposed a takeover its peers refused: `tests/test_partition_primary_link.py`).
+
+So each backup that declines says so, signed (`Veto`), and a replica that holds
+`veto_quorum` vetoes of one pre-prepare changes view at once. That many leave fewer than
+a quorum of replicas that would prepare it, and at least one of them is honest, so
+replicas do not leave a view that could still order the slot, and f liars alone cannot
+make them leave one. The view change itself is PBFT's: whatever prepared anywhere is
+carried into the next view.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from butterfly.protocol.pbft_order import in_window
+from butterfly.protocol.pbft_state import (
+    PbftConfig,
+    ReplicaState,
+    Send,
+    Slot,
+    prepared_digest,
+    sign,
+)
+from butterfly.protocol.pbft_viewchange import start_view_change
+from butterfly.types.wire.agreement import PrePrepare, Veto
+
+
+def veto_quorum(config: PbftConfig) -> int:
+    """Vetoes of one pre-prepare that leave fewer than a quorum to prepare it, at least
+    one of them from an honest replica: f + 1 where n = 3f + 1."""
+    return max(config.f + 1, config.n - config.quorum + 1)
+
+
+def veto(state: ReplicaState, pp: PrePrepare, now: float, out: list[Send]) -> None:
+    """Say, signed, that this replica will not prepare `pp`, the current view's
+    pre-prepare it vetoes; once, however often `pp` comes again."""
+    votes = state.log.setdefault(pp.seq, Slot()).vetoes.setdefault(pp.view, {})
+    if state.me in votes:
+        return
+    mine = sign(
+        state,
+        Veto(sender=state.me, epoch=state.config.epoch, view=pp.view, seq=pp.seq, digest=pp.digest),
+    )
+    votes[state.me] = mine
+    out.append(Send(None, mine))
+    settle(state, pp.seq, now, out)
+
+
+def on_veto(state: ReplicaState, v: Veto, now: float, out: list[Send]) -> None:
+    """Count a backup's veto of this view's slot `v.seq`; a primary never vetoes its own,
+    and a sender's first veto of a view's slot is the one that counts."""
+    if v.view != state.view or v.sender == state.primary or not in_window(state, v.seq):
+        return
+    votes = state.log.setdefault(v.seq, Slot()).vetoes.setdefault(v.view, {})
+    if v.sender not in votes:
+        votes[v.sender] = v
+        settle(state, v.seq, now, out)
+
+
+def settle(state: ReplicaState, seq: int, now: float, out: list[Send]) -> None:
+    """Change view if slot `seq` of the current view has a vetoed digest at
+    `veto_quorum`, unless it was decided, executed or prepared here after all."""
+    slot = state.log.get(seq)
+    if not state.active or slot is None or slot.decided is not None:
+        return
+    if seq <= state.last_executed or prepared_digest(state, slot, state.view) is not None:
+        return
+    counts = Counter(v.digest for v in slot.vetoes.get(state.view, {}).values())
+    if counts and max(counts.values()) >= veto_quorum(state.config):
+        start_view_change(state, state.view + 1, now, out)

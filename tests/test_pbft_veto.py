@@ -1,0 +1,143 @@
+"""Vetoed slots end the view at once (`protocol.pbft_veto`), in one process.
+
+The review's cut (twenty-fifth session, real processes in network namespaces): node 1 is
+PBFT's primary and the standby gateway, and only its link to the acting gateway, node 0,
+is cut. Node 1 proposes a takeover and orders it as primary; nodes 0, 2 and 3 hear node 0
+and veto it. That slot cannot prepare, and the gateway's plan, ordered after it, waited
+for the backups' request timer (10 s) and a view change. Here every replica that sees
+f + 1 vetoes of the slot changes view at once, and the plan executes within a view
+change's time. The other tests pin that fewer vetoes, or vetoes of a slot that prepared,
+leave the view alone, and that a liar's vetoes count once and never for another slot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from butterfly.protocol import pbft
+from butterfly.protocol.pbft_veto import veto_quorum
+from butterfly.protocol.sign import sign_message
+from butterfly.types.ids import Epoch, NodeId
+from butterfly.types.wire.agreement import Message, PrePrepare, Request, Veto
+from tests.protocol_util import CLIENT, KEYS, Net, config, replicas, request
+
+TAKEOVER, PLAN = b"takeover", b"new_plan"
+TIMER_S = 10.0  # the request timer a cluster runs with (coordination.view_change_timeout_ms)
+
+
+def refuse_takeover(r: Request) -> str | None:
+    return "the gateway is alive here" if r.operation == TAKEOVER else None
+
+
+def ops(state: pbft.ReplicaState) -> list[bytes]:
+    return [pp.request.operation for pp in state.executed if pp.request is not None]
+
+
+def cluster(vetoing: set[int], **overrides: object) -> list[pbft.ReplicaState]:
+    states = replicas(request_timeout=TIMER_S, initial_view=1, **overrides)
+    for i in vetoing:
+        cfg = dataclasses.replace(states[i].config, veto=refuse_takeover)
+        states[i] = pbft.new_replica(cfg, KEYS[i])
+    return states
+
+
+def cut_0_1(src: NodeId, dst: NodeId, m: Message) -> bool:
+    """The link between the gateway (0) and the primary (1), both ways; the primary's
+    takeover reaches only the primary (its client copy to the others is lost)."""
+    if isinstance(m, Request) and src == CLIENT and m.operation == TAKEOVER:
+        return dst != 1
+    return {src, dst} == {0, 1}
+
+
+def test_a_plan_behind_a_vetoed_takeover_executes_without_waiting_for_the_timer() -> None:
+    net = Net(cluster({0, 2, 3}), drop=cut_0_1)
+    net.feed(1, request(1, TAKEOVER))  # the primary orders its own takeover
+    net.broadcast_request(request(2, PLAN))  # then the gateway's plan
+    net.run()
+    net.advance(3.0)  # a view change (1 s timer), well inside the 10 s request timer
+    assert [ops(s) for s in net.states[2:]] == [[PLAN]] * 2
+    assert ops(net.states[0]) == [PLAN]
+    assert [s.view for s in net.states[2:]] == [2, 2]
+    assert all(TAKEOVER not in ops(s) for s in net.states)
+
+
+def test_without_the_vetoes_the_plan_waits_for_the_request_timer() -> None:
+    """The same cut with the vetoes lost: what the review saw, and what the test above
+    would show without them."""
+
+    def no_vetoes(src: NodeId, dst: NodeId, m: Message) -> bool:
+        return cut_0_1(src, dst, m) or isinstance(m, Veto)
+
+    net = Net(cluster({0, 2, 3}), drop=no_vetoes)
+    net.feed(1, request(1, TAKEOVER))
+    net.broadcast_request(request(2, PLAN))
+    net.run()
+    net.advance(3.0)
+    assert not any(ops(s) for s in net.states)
+    assert [s.view for s in net.states] == [1] * 4
+
+
+def test_f_vetoes_leave_the_view_and_the_slot_commits() -> None:
+    """One replica (f = 1) refuses: the other three prepare and commit, and nobody
+    changes view for it."""
+    net = Net(cluster({3}))
+    net.broadcast_request(request(1, TAKEOVER))
+    net.run()
+    net.advance(0.5)
+    assert [ops(s) for s in net.states] == [[TAKEOVER]] * 4
+    assert [(s.view, s.active) for s in net.states] == [(1, True)] * 4
+    assert veto_quorum(net.states[0].config) == 2
+
+
+def test_vetoes_of_a_prepared_slot_do_not_end_the_view() -> None:
+    """Two vetoes arrive at a replica where the slot already prepared (a liar's veto
+    beside an honest one that changed its mind later is possible): it stays."""
+    states = cluster(set())
+    net = Net(states)
+    net.broadcast_request(request(1, PLAN))
+    net.run()
+    assert [ops(s) for s in net.states] == [[PLAN]] * 4
+    pp = net.states[2].log[1].pre_prepares[1]
+    for sender in (0, 3):
+        v = sign_message(Veto(NodeId(sender), Epoch(0), 1, pp.seq, pp.digest), KEYS[sender])
+        net.feed(2, v)
+    assert (net.states[2].view, net.states[2].active) == (1, True)
+
+
+def test_a_liars_vetoes_count_once_and_not_from_the_primary() -> None:
+    """Replica 3 sends two vetoes of one slot and the primary (1) vetoes its own: one
+    veto counts, below f + 1, so replica 2 keeps its view."""
+    states = cluster(set())
+    pp = sign_message(PrePrepare(NodeId(1), Epoch(0), 1, 1, b"\x01" * 32, None), KEYS[1])
+    two = states[2]
+    for sender, digest in ((3, pp.digest), (3, b"\x02" * 32), (1, pp.digest)):
+        v = sign_message(Veto(NodeId(sender), Epoch(0), 1, 1, digest), KEYS[sender])
+        two, _ = pbft.step(two, v, 0.0)
+    assert (two.view, two.active) == (1, True)
+    assert set(two.log[1].vetoes[1]) == {3}
+
+
+def test_vetoes_lost_when_sent_are_resent_with_the_status_answers() -> None:
+    """Replicas 2 and 3 veto (node 0, cut from the primary, has no pre-prepare to veto
+    at first) and both vetoes are lost when sent: neither holds two. Once vetoes get
+    through, a replica answering a peer's status in the same view resends the slot's
+    vetoes it holds, and the view changes all the same."""
+
+    def vetoes_lost(src: NodeId, dst: NodeId, m: Message) -> bool:
+        return cut_0_1(src, dst, m) or isinstance(m, Veto)
+
+    net = Net(cluster({2, 3}), drop=vetoes_lost)
+    net.feed(1, request(1, TAKEOVER))
+    net.broadcast_request(request(2, PLAN))
+    net.run()
+    net.advance(0.5)
+    assert [s.view for s in net.states] == [1] * 4 and not any(ops(s) for s in net.states)
+    net.drop = cut_0_1  # statuses and the resent vetoes get through from now on
+    net.advance(3.0)
+    assert [ops(s) for s in net.states[2:]] == [[PLAN]] * 2
+    assert [s.view for s in net.states[2:]] == [2, 2]
+
+
+def test_the_quorum_of_vetoes_for_larger_clusters() -> None:
+    sizes = ((4, 1), (5, 1), (7, 2), (8, 2))
+    assert [veto_quorum(config(0, n, f)) for n, f in sizes] == [2, 2, 3, 3]
