@@ -77,6 +77,30 @@ def test_without_the_vetoes_the_plan_waits_for_the_request_timer() -> None:
     assert [s.view for s in net.states] == [1] * 4
 
 
+def test_a_replica_whose_detector_catches_up_within_the_grace_votes_and_keeps_the_view() -> None:
+    """Replicas 2 and 3 decline the takeover for 0.3 s (their failure detectors fire a
+    beat after the proposer's), less than `veto_grace`: they vote once they accept it,
+    without a status to resend the pre-prepare, and nobody changes view."""
+    alive = {"gateway": True}
+
+    def behind(r: Request) -> str | None:
+        return "still hear the gateway" if alive["gateway"] and r.operation == TAKEOVER else None
+
+    states = replicas(request_timeout=TIMER_S, initial_view=1)
+    for i in (2, 3):
+        states[i] = pbft.new_replica(dataclasses.replace(states[i].config, veto=behind), KEYS[i])
+    net = Net(states)
+    net.feed(1, request(1, TAKEOVER))
+    net.run()
+    net.advance(0.3)
+    assert not any(ops(s) for s in net.states) and not net.to_client
+    alive["gateway"] = False
+    net.advance(0.2)
+    assert [ops(s) for s in net.states] == [[TAKEOVER]] * 4
+    assert [(s.view, s.active) for s in net.states] == [(1, True)] * 4
+    assert not any(v for s in net.states for slot in s.log.values() for v in slot.vetoes.values())
+
+
 def test_f_vetoes_leave_the_view_and_the_slot_commits() -> None:
     """One replica (f = 1) refuses: the other three prepare and commit, and nobody
     changes view for it."""

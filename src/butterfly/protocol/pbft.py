@@ -55,7 +55,7 @@ from butterfly.protocol.pbft_state import (
     sign,
     status_of,
 )
-from butterfly.protocol.pbft_veto import on_veto, veto
+from butterfly.protocol.pbft_veto import decline, on_veto, review
 from butterfly.protocol.pbft_viewchange import (
     on_new_view,
     on_state_transfer,
@@ -162,7 +162,7 @@ def step(state: ReplicaState, message: Input, now: float) -> tuple[ReplicaState,
             on_request(state, message, now, out)
         case PrePrepare():
             if on_pre_prepare(state, message, now, out):
-                veto(state, message, now, out)
+                decline(state, message, now)
         case Prepare():
             on_prepare(state, message, now, out)
         case Veto():
@@ -194,6 +194,7 @@ def step(state: ReplicaState, message: Input, now: float) -> tuple[ReplicaState,
 
 
 def _on_tick(state: ReplicaState, now: float, out: list[Send]) -> None:
+    review(state, now, out)
     if state.in_view_change:
         if state.vc_deadline is not None and now >= state.vc_deadline:
             start_view_change(state, state.view + 1, now, out)  # the new primary failed too

@@ -76,6 +76,10 @@ class PbftConfig:
     # primary and never prepares it; it still logs it and executes it once 2f+1 others
     # have committed it, so a replica that lags or restarts catches up all the same
     veto: Authorize | None = None
+    # how long a replica keeps declining a pre-prepare before it vetoes it (`pbft_veto`):
+    # failure detectors fire tens of milliseconds apart, and a veto from one a beat behind
+    # its peers would end the view of a takeover it is about to support
+    veto_grace: float = 1.0
     # requests whose execution may change the replica set (a membership change riding on
     # a config update): execution holds after one until the owner says which replica set
     # follows (`pbft_members.resume`); None: the set never changes
@@ -161,6 +165,7 @@ class Slot:
     others: dict[tuple[int, bytes], PrePrepare] = field(default_factory=dict)  # equivocated
     decided: PrePrepare | None = None  # what 2f+1 commits decided for this slot
     vetoes: dict[int, dict[NodeId, Veto]] = field(default_factory=dict)  # view -> sender
+    declined: dict[int, float] = field(default_factory=dict)  # view -> since when (`veto`)
 
 
 def genesis_digest(epoch: Epoch) -> bytes:

@@ -9,7 +9,8 @@ primary fills the slot with a null request; in a cluster that timer is 10 s
 after the slot (a standby gateway that was also the primary, cut from the acting
 gateway alone, proposed a takeover its peers refused: `tests/test_partition_primary_link.py`).
 
-So each backup that declines says so, signed (`Veto`), and a replica that holds
+So each backup that still declines a pre-prepare `PbftConfig.veto_grace` after it came
+says so, signed (`Veto`), and a replica that holds
 `veto_quorum` vetoes of one pre-prepare changes view at once. That many leave fewer than
 a quorum of replicas that would prepare it, and at least one of them is honest, so
 replicas do not leave a view that could still order the slot, and f liars alone cannot
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from butterfly.protocol.pbft_order import in_window
+from butterfly.protocol.pbft_order import accept_pre_prepare, in_window, vetoed
 from butterfly.protocol.pbft_state import (
     PbftConfig,
     ReplicaState,
@@ -40,9 +41,33 @@ def veto_quorum(config: PbftConfig) -> int:
     return max(config.f + 1, config.n - config.quorum + 1)
 
 
-def veto(state: ReplicaState, pp: PrePrepare, now: float, out: list[Send]) -> None:
-    """Say, signed, that this replica will not prepare `pp`, the current view's
-    pre-prepare it vetoes; once, however often `pp` comes again."""
+def decline(state: ReplicaState, pp: PrePrepare, now: float) -> None:
+    """This replica declines the current view's pre-prepare `pp`: it vetoes it once it
+    still does `PbftConfig.veto_grace` later (`review`)."""
+    state.log.setdefault(pp.seq, Slot()).declined.setdefault(pp.view, now)
+
+
+def review(state: ReplicaState, now: float, out: list[Send]) -> None:
+    """On each tick (every `retransmit_interval` while a slot waits): each pre-prepare of
+    this view declined here is voted for if this replica now accepts it (its failure
+    detector caught up), else vetoed once declined for `veto_grace`."""
+    if not state.active:
+        return
+    for seq, slot in list(state.log.items()):
+        since = slot.declined.get(state.view)
+        pp = slot.pre_prepares.get(state.view)
+        if since is None or pp is None or pp.request is None or seq <= state.last_executed:
+            continue
+        if vetoed(state, pp.request) is None:
+            del slot.declined[state.view]
+            accept_pre_prepare(state, pp, now, out)
+        elif now - since >= state.config.veto_grace:
+            del slot.declined[state.view]
+            _veto(state, pp, now, out)
+
+
+def _veto(state: ReplicaState, pp: PrePrepare, now: float, out: list[Send]) -> None:
+    """Say, signed, that this replica will not prepare `pp`; once per view and slot."""
     votes = state.log.setdefault(pp.seq, Slot()).vetoes.setdefault(pp.view, {})
     if state.me in votes:
         return
