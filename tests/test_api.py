@@ -122,6 +122,25 @@ async def test_every_bad_input_gets_its_4xx_and_the_app_keeps_serving(
         assert s.scheduler.serving
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("GET", "/v1/completions", "POST"),
+        ("GET", "/v1/chat/completions", "POST"),
+        ("POST", "/v1/models", "GET"),
+        ("PUT", "/inference", "POST"),
+    ],
+)
+async def test_a_405_says_which_methods_the_route_takes(
+    tiny_model: Path, tmp_path: Path, method: str, path: str, allowed: str
+) -> None:
+    """RFC 9110 requires `Allow` on a 405; the error handler dropped Starlette's."""
+    async with serving(tiny_model, tmp_path / "t.db", run=False) as s:
+        r = await s.client.request(method, path)
+        assert_error(r, 405, "method_not_allowed")
+        assert allowed in r.headers.get("allow", "").split(", "), dict(r.headers)
+
+
 async def test_full_queue_is_429_with_retry_after(tiny_model: Path, tmp_path: Path) -> None:
     async with serving(tiny_model, tmp_path / "t.db", run=False, queue_capacity=1) as s:
         assert (await s.client.post("/inference", json={"prompt": "a"})).status_code == 202

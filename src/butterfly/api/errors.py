@@ -230,7 +230,11 @@ def install(app: FastAPI, *, retry_after_s: int) -> None:
         message = str(exc.detail)
         if exc.status_code == 404:
             message = f"no endpoint {request.method} {request.url.path}"
-        return error_response(exc.status_code, kind, message, retry_after_s=retry_after_s)
+        response = error_response(exc.status_code, kind, message, retry_after_s=retry_after_s)
+        # the exception's own headers: `Allow` on a 405 (RFC 9110 requires it; dropped
+        # here before, a review), whatever else a route raises with
+        response.headers.update(exc.headers or {})
+        return response
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         errors = exc.errors() if isinstance(exc, RequestValidationError | ValidationError) else []
