@@ -150,3 +150,33 @@ def test_a_cluster_id_of_64_characters_gets_its_certificates(tmp_path: Path) -> 
 
     made = make_certs(tmp_path, 2, "c" * 64)
     assert sorted(made) == [0, 1] and all(f.cert.is_file() for f in made.values())
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/completions", {"model": "tiny", "prompt": "Once", "max_tokens": 3, "top_p": 1e-300}),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": HI, "max_tokens": 3, "top_p": 1e-50},
+        ),
+        (
+            "/inference",
+            {
+                "prompt": "Once",
+                "max_new_tokens": 3,
+                "temperature": 1.0,
+                "top_p": 1e-300,
+                "wait": True,
+            },
+        ),
+    ],
+)
+async def test_a_tiny_top_p_the_schema_accepts_is_answered(
+    tiny_model: Path, tmp_path: Path, path: str, body: dict[str, Any]
+) -> None:
+    """`top_p` is declared (0, 1], and a tiny one is the usual way to ask for a nucleus
+    of one token; below float32's range it failed the accepted task with a 500."""
+    async with serving(tiny_model, tmp_path / "t.db") as s:
+        r = await s.client.post(path, json=body)
+        assert r.status_code == 200, r.text[:300]

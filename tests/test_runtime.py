@@ -135,6 +135,16 @@ def test_sampling_is_reproducible_with_a_seed() -> None:
     )
 
 
+@pytest.mark.parametrize("top_p", [1e-300, 1e-50, 1e-46])
+def test_a_top_p_below_float32s_range_keeps_the_likeliest_token(top_p: float) -> None:
+    """Such a top_p compares as 0 in float32: every token was dropped and the draw
+    raised, failing the accepted task with a 500. A nucleus of one is what it asks."""
+    logits = torch.randn(100, generator=torch.Generator().manual_seed(3))
+    params = SamplingParams(temperature=1.0, top_p=top_p, seed=1)
+    g = make_generator(params)
+    assert {sample(logits, params, g) for _ in range(10)} == {int(logits.argmax())}
+
+
 def test_rng_state_round_trip_resumes_the_same_stream() -> None:
     logits = torch.randn(50)
     params = SamplingParams(temperature=1.0, seed=5)

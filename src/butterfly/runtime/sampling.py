@@ -166,6 +166,10 @@ def distribution(
         sorted_logits, order = torch.sort(logits, descending=True)
         cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
         drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= params.top_p
+        # the likeliest token always stays (a nucleus of at least one): a top_p below
+        # float32's smallest value compares as 0 and dropped every token, and the draw
+        # from all -inf raised in an accepted task (a 500, a review)
+        drop[0] = False
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
     return torch.softmax(logits, dim=-1)
