@@ -486,6 +486,32 @@ async def test_what_openai_clients_read_from_the_edges_of_a_request(
             assert (error["code"], error["param"]) == ("context_length_exceeded", field), error
 
 
+async def test_a_prompt_filling_the_context_is_scored_or_continued_by_one(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """A prompt of exactly `context` tokens needs `context` positions to score (echo,
+    `max_tokens` 0, the full windows evaluation harnesses send) or to give one token;
+    it was refused whatever `max_tokens` asked. One more token, or a second new one,
+    is still beyond the context."""
+    async with serving(tiny_model, tmp_path / "t.db") as s:
+        context = s.scheduler._engine.max_context
+        ids = [256] + [97 + i % 26 for i in range(context - 1)]  # <|bos|> a b c ...
+        body = {"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 1}
+        scored = (await post(s.client, "/v1/completions", **body)).json()["choices"][0]
+        assert len(scored["logprobs"]["tokens"]) == context
+        one = {"prompt": ids, "max_tokens": 1, "temperature": 0.0}
+        answer = (await post(s.client, "/v1/completions", **one)).json()
+        assert answer["usage"] == {
+            "prompt_tokens": context,
+            "completion_tokens": 1,
+            "total_tokens": context + 1,
+        }
+        for request in ({**body, "prompt": [*ids, 97]}, {**one, "max_tokens": 2}):
+            r = await s.client.post("/v1/completions", json={"model": "tiny", **request})
+            assert_error(r, 400, "invalid_request", "context")
+            assert r.json()["error"]["code"] == "context_length_exceeded"
+
+
 async def test_logprobs_of_bytes_inside_a_character(tiny_model: Path, tmp_path: Path) -> None:
     """A byte-level token holding part of a character is named `bytes:\\xNN` as OpenAI
     names it (all such tokens read as U+FFFD before, so top_logprobs kept one of them and

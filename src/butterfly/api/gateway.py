@@ -119,10 +119,14 @@ class Gateway:
         if not ids:
             raise InvalidRequest("the prompt is empty: give at least one token")
         context, limit = self.engine.max_context, self.settings.max_new_tokens_limit
-        if len(ids) >= context:  # before the vocabulary scan: a huge list is refused at once
+        # before the vocabulary scan, so a huge list is refused at once; a prompt of
+        # exactly `context` tokens fits (it is scored, or gives one new token, from
+        # `context` positions: the check after max_new_tokens below says how many more);
+        # refused here before, whatever max_new_tokens, it kept evaluation harnesses'
+        # full windows (echo, max_tokens 0) out (a review)
+        if len(ids) > context:
             raise ContextExceeded(
-                f"the prompt is {len(ids)} tokens long; the model's context is {context} "
-                f"tokens, which must also hold at least one new token",
+                f"the prompt is {len(ids)} tokens long; the model's context is {context} tokens",
                 prompt_field,
             )
         if self.codec is not None:
