@@ -278,6 +278,23 @@ ECHO_TOLERANCE = 1e-4
 sum in other orders, which moves a log-probability by about 1e-6 here."""
 
 
+@pytest.mark.parametrize("k", [0, 1])
+async def test_each_token_is_in_its_own_top_logprobs(
+    tiny_model: Path, tmp_path: Path, k: int
+) -> None:
+    """OpenAI "will always return the logprob of the sampled token, so there may be up to
+    logprobs+1 elements" (vLLM too): clients read `top_logprobs[i][tokens[i]]`, which
+    raised KeyError for every token with `logprobs: 0` and for any sampled or echoed
+    token outside the k likeliest."""
+    body = {"prompt": "Once", "max_tokens": 16, "seed": 5, "logprobs": k, "echo": True}
+    async with serving(tiny_model, tmp_path / "t.db") as s:
+        lp = (await post(s.client, "/v1/completions", **body)).json()["choices"][0]["logprobs"]
+    rows = list(zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], strict=True))
+    assert rows[0][2] is None  # the first prompt token: nothing scored it
+    for token, value, top in rows[1:]:
+        assert top[token] == value and len(top) <= k + 1, (token, value, top)
+
+
 async def test_echo_logprobs_score_the_prompt_as_transformers_does(
     tiny_model: Path, tmp_path: Path
 ) -> None:
@@ -298,9 +315,9 @@ async def test_echo_logprobs_score_the_prompt_as_transformers_does(
     got = logprobs["token_logprobs"][: len(ids)]
     assert got[0] is None and logprobs["top_logprobs"][0] is None
     assert got[1:] == pytest.approx(expected, abs=ECHO_TOLERANCE)
-    for row, top in zip(rows, logprobs["top_logprobs"][1 : len(ids)], strict=True):
-        best = torch.topk(row, 3).values.tolist()
-        assert 1 <= len(top) <= 3  # byte tokens that print alike share a key
+    for row, top, token in zip(rows, logprobs["top_logprobs"][1 : len(ids)], ids[1:], strict=True):
+        best = [*torch.topk(row, 3).values.tolist(), float(row[token])]  # and its own
+        assert 1 <= len(top) <= 4
         for value in top.values():
             assert min(abs(value - b) for b in best) <= ECHO_TOLERANCE
     assert len(logprobs["tokens"]) == len(ids) + answer["usage"]["completion_tokens"]

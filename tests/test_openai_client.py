@@ -68,7 +68,8 @@ async def drive(c: InProcessCluster, url: str, tiny_model: Path) -> None:
     assert done.model == NAME and done.usage is not None
     assert done.usage.prompt_tokens == len(codec.encode("Once upon"))
     assert done.usage.completion_tokens == len(choice.logprobs.token_logprobs)  # type: ignore[union-attr]
-    assert all(len(top) <= 2 for top in choice.logprobs.top_logprobs)  # type: ignore[union-attr]
+    tops = zip(choice.logprobs.tokens, choice.logprobs.top_logprobs, strict=True)  # type: ignore[union-attr, arg-type]
+    assert all(t in top and len(top) <= 3 for t, top in tops)  # the k, and the token's own
 
     # stop: the same request cut before a piece of its own text
     text = choice.text

@@ -168,7 +168,7 @@ def completion_logprobs(
         offsets.append(at)
         s = scored[i] if i < len(scored) else None
         values.append(None if s is None else s.logprob)
-        tops.append(None if s is None else {choice.token_text(t): lp for t, lp in s.top})
+        tops.append(None if s is None else _top_logprobs(choice, s))
     for s in entries:
         if s is None:
             continue
@@ -176,10 +176,20 @@ def completion_logprobs(
         tokens.append(name)
         offsets.append(at)
         values.append(s.logprob)
-        tops.append({choice.token_text(i): lp for i, lp in s.top})
+        tops.append(_top_logprobs(choice, s))
     return CompletionLogprobs(
         tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=offsets
     )
+
+
+def _top_logprobs(choice: ChoiceText, s: Sampled) -> dict[str, float]:
+    """The k likeliest tokens' logprobs and the chosen token's own, as OpenAI ("always
+    the logprob of the sampled token, so up to logprobs+1 elements") and vLLM give them:
+    clients read `top_logprobs[i][tokens[i]]`, which raised KeyError for a token outside
+    the k (every one with `logprobs: 0`; a review)."""
+    top = {choice.token_text(t): lp for t, lp in s.top}
+    top.setdefault(choice.token_text(s.token), s.logprob)
+    return top
 
 
 __all__ = ["ChoiceText", "StopScanner", "chat_logprobs", "completion_logprobs"]
