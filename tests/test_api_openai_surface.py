@@ -133,10 +133,13 @@ async def test_stop_ends_generation_whole_and_streamed(tiny_model: Path, tmp_pat
         assert needed < 30  # the stop string comes before max_tokens
 
         async def ended_at_the_stop(answer_id: str) -> None:
-            snap = await s.scheduler.snapshot(answer_id.removeprefix("cmpl-"))
+            task_id = answer_id.removeprefix("cmpl-")
+            snap = await s.scheduler.snapshot(task_id)
             assert snap.state.status is TaskStatus.COMPLETED and snap.result is not None
             assert list(snap.result.output_ids) == tokens[:needed]
             assert snap.result.timings["traversals"] == needed  # no step past the stop
+            # what a client recovering a broken stream reads: the same text, cut
+            assert (await s.client.get(f"/result/{task_id}")).json()["text"] == cut
 
         whole = (await post(s.client, "/v1/completions", stop=[stop, "never"], **body)).json()
         assert whole["choices"][0]["text"] == cut
@@ -157,6 +160,26 @@ async def test_stop_ends_generation_whole_and_streamed(tiny_model: Path, tmp_pat
         assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
         assert chunks[-1]["usage"]["completion_tokens"] == needed
         await ended_at_the_stop(chunks[0]["id"])
+
+
+async def test_a_chat_results_text_read_by_id_is_cut_at_the_stop(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """README: after a broken stream, `GET /result/<id>` gives the whole text; it gave
+    the decoding of every token, the stop string (and what its token spelled past it)
+    back in, so a recovered answer differed from the unbroken stream's."""
+    async with serving(tiny_model, tmp_path / "t.db") as s:
+        body = {"messages": MESSAGES, "max_tokens": 40, "seed": 3}
+        answer = (await post(s.client, "/v1/chat/completions", **body)).json()
+        full = answer["choices"][0]["message"]["content"]
+        stop = next(c for i, c in enumerate(full) if i and c != "\ufffd" and c not in full[:i])
+        r = await post(s.client, "/v1/chat/completions", stop=stop, stream=True, **body)
+        chunks = events(r.text)[:-1]
+        streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+        assert streamed == full[: full.index(stop)]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+        task_id = chunks[0]["id"].removeprefix("chatcmpl-")
+        assert (await s.client.get(f"/result/{task_id}")).json()["text"] == streamed
 
 
 async def test_n_choices_sample_with_successive_seeds(tiny_model: Path, tmp_path: Path) -> None:

@@ -188,6 +188,11 @@ class Generation:
         self._x = torch.tensor([[got[-1]]], dtype=torch.int64)
         return got
 
+    def text_before_stop(self) -> str | None:
+        """At the end: the text cut before the stop string that ended it, or None when
+        none did (or the task has none)."""
+        return self._stops.end() if self._stops is not None else None
+
     def checkpoint(self, epoch: int) -> Checkpoint:
         """What a standby gateway needs to go on exactly from here."""
         state = bytes(self.rng.get_state().numpy().tobytes())

@@ -49,16 +49,28 @@ class StopScanner:
 
 class TextStops:
     """Whether the tokens so far spell a stop string, one token at a time at a constant
-    cost (the incremental decoder and the scanner keep only a bounded tail)."""
+    cost (the incremental decoder and the scanner keep only a bounded tail), and the
+    text before it: the result's text, as the API's choices cut it (the whole decoding
+    of the tokens has the stop string back in, and a client reading a broken stream's
+    result by id was shown it: a review)."""
 
     def __init__(self, tokenizer: Tokenizer, stops: Sequence[str]) -> None:
         self._text = IncrementalText(tokenizer)
         self._scanner = StopScanner(stops)
+        self._before: list[str] = []
 
     def push(self, token: int) -> bool:
         """Whether the text is now at a stop string (and stays so)."""
-        self._scanner.feed(self._text.push(token))
+        self._before.append(self._scanner.feed(self._text.push(token)))
         return self._scanner.stopped
+
+    def end(self) -> str | None:
+        """Once the tokens are all pushed: the text before the stop string, if one was
+        reached (in the decoder's last held bytes too, as the choices flush them), else
+        None (the text is all of the tokens')."""
+        if not self._scanner.stopped:
+            self._before.append(self._scanner.feed(self._text.flush()))
+        return "".join(self._before) if self._scanner.stopped else None
 
 
 __all__ = ["StopScanner", "TextStops"]

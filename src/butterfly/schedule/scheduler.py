@@ -441,8 +441,10 @@ class Scheduler:
         self._wake.set()
 
     def _assemble(self, live: _Live, result: InferenceResult) -> InferenceResult:
-        """Aggregating: the text of the new tokens and the scheduler's own timings."""
-        if self._detokenize is not None and result.output_ids and not result.text:
+        """Aggregating: the text of the new tokens (unless the engine cut it at a stop
+        string) and the scheduler's own timings."""
+        decode = not result.text and not result.cut_at_stop
+        if self._detokenize is not None and result.output_ids and decode:
             result = replace(result, text=self._detokenize(list(result.output_ids)))
         now = self._clock()
         timings = {

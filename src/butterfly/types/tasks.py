@@ -123,3 +123,6 @@ class InferenceResult:
     # positions 1..T-1 of the prompt when the request asked (`prompt_logprobs`): each
     # prompt token's logprob given the tokens before it (position 0 has none)
     prompt_logprobs: tuple[Sampled, ...] = ()
+    # `text` ends before the stop string that ended the generation, as the completion's
+    # text does: the scheduler keeps it rather than decoding `output_ids` over it
+    cut_at_stop: bool = False
