@@ -15,6 +15,7 @@ Which request fields are acted on and which are accepted and ignored: `openai_sc
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import replace
 from typing import Any
@@ -47,6 +48,7 @@ from butterfly.api.openai_schema import (
 )
 from butterfly.api.openapi_docs import ERRORS, body_of, errors, streamed
 from butterfly.api.requests import parse
+from butterfly.runtime.chat import ChatTemplate
 from butterfly.runtime.sampling import is_greedy
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.types.errors import InvalidRequest
@@ -239,6 +241,15 @@ class ChatChunks:
         ).model_dump()
 
 
+def render_chat(chat: ChatTemplate, body: ChatCompletionRequest) -> str:
+    """The prompt text of a chat request, through the model's template."""
+    return chat.render(
+        template_messages(body.messages),
+        add_generation_prompt=body.add_generation_prompt,
+        extra=body.chat_template_kwargs,
+    )
+
+
 def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     """Messages as chat templates expect them: text parts joined, `developer` (OpenAI's
     newer name) as `system`, which is what templates know."""
@@ -347,11 +358,11 @@ def router(gw: Gateway, limited: Depends) -> APIRouter:
                 "tokenizer_config.json, no chat_template.jinja); use /v1/completions with "
                 "the prompt formatted yourself"
             )
-        text = codec.chat.render(
-            template_messages(body.messages),
-            add_generation_prompt=body.add_generation_prompt,
-            extra=body.chat_template_kwargs,
-        )
+        # copying the messages and rendering them is Python code, which in a worker
+        # thread yields the GIL to the event loop every few ms: a long conversation
+        # does not hold up other requests (the body's size and structure are bounded
+        # before it is parsed: `requests.read_body`)
+        text = await asyncio.to_thread(render_chat, codec.chat, body)
         ids = await gw.encode(text, add_special_tokens=False, field="messages")
         max_tokens = body.max_completion_tokens or body.max_tokens
         if max_tokens is None:  # as much as the context and the limit leave
