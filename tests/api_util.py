@@ -95,7 +95,7 @@ async def _app(
     transport = httpx.ASGITransport(app=app, client=client)
     try:
         async with (
-            httpx.AsyncClient(transport=transport, base_url="http://gw") as client,
+            httpx.AsyncClient(transport=transport, base_url="http://localhost") as client,
             asyncio.TaskGroup() as tg,
         ):
             if run:

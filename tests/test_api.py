@@ -276,7 +276,7 @@ async def test_vector_input_model(tmp_path: Path) -> None:
         )
         transport = httpx.ASGITransport(app=app)
         async with (
-            httpx.AsyncClient(transport=transport, base_url="http://gw") as client,
+            httpx.AsyncClient(transport=transport, base_url="http://localhost") as client,
             asyncio.TaskGroup() as tg,
         ):
             tg.create_task(scheduler.run())

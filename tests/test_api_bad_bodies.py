@@ -94,7 +94,7 @@ async def test_json_nested_past_the_stack_is_a_400(path: str) -> None:
     # the body is refused before the coordinator is asked, so none is needed
     app.include_router(config_routes.router(None, auth=auth, max_request_bytes=1 << 20))  # type: ignore[arg-type]
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         body = b"[" * 100_000 + b"]" * 100_000
         r = await client.post(path, content=body, headers={"Authorization": "Bearer t"})
         assert r.status_code == 400, r.text
@@ -161,7 +161,7 @@ async def test_a_config_change_of_nested_json_is_refused_before_it_is_parsed() -
     # the body is refused before the coordinator is asked, so none is needed
     app.include_router(config_routes.router(None, auth=auth, max_request_bytes=1 << 21))  # type: ignore[arg-type]
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         assert_too_nested(await client.post("/api/v1/config", json={"x": NESTED}))
 
 
@@ -189,9 +189,9 @@ async def test_the_official_client_may_send_null_for_a_nullable_field(
     openai = pytest.importorskip("openai")
     messages = [{"role": "user", "content": "hi"}]
     async with serving(tiny_model, tmp_path / "t.db") as s:
-        http = httpx.AsyncClient(transport=s.client._transport, base_url="http://gw/v1")
+        http = httpx.AsyncClient(transport=s.client._transport, base_url="http://localhost/v1")
         client = openai.AsyncOpenAI(
-            base_url="http://gw/v1", api_key="x", http_client=http, max_retries=0
+            base_url="http://localhost/v1", api_key="x", http_client=http, max_retries=0
         )
         chat = ("temperature", "top_p", "n", "presence_penalty", "frequency_penalty", "stream")
         for field in (*chat, "logprobs"):

@@ -150,7 +150,9 @@ async def stream_from_cluster(
     )
     try:
         async with (
-            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as cl,
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://localhost"
+            ) as cl,
             asyncio.TaskGroup() as tg,
         ):
             tg.create_task(scheduler.run())

@@ -55,7 +55,7 @@ async def taken_over(cluster: Cluster, tmp_path: Path) -> AsyncIterator[httpx.As
     unfollow = follow_config(manager, app=app, scheduler=scheduler)
     try:
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             yield client
     finally:
         unfollow()

@@ -147,6 +147,7 @@ CROSS_RULE_KEYS = {
     "cluster.gateways",
     "model.served_name",  # a pattern, like cluster.id
     "api.tokens",  # a pattern: what a client can send
+    "api.allowed_hosts",  # a pattern: a host name
 }
 TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
 

@@ -121,7 +121,7 @@ async def gateway(
     unfollow = follow_config(manager, app=app, scheduler=scheduler)
     transport = httpx.ASGITransport(app=app)
     try:
-        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             yield Gateway(manager, client, scheduler, engine, unfollow)
     finally:
         engine.release.set()

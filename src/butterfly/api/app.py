@@ -10,7 +10,8 @@ The scheduler's `run()` is driven by whoever composes the node, next to uvicorn.
 
 Access (butterfly.api.guards): with `api.tokens` set every request needs a bearer token
 but `/health` (and `/metrics` with `api.metrics_public`); `/inference` and
-`/v1/completions` are rate limited per verified principal, else per address.
+`/v1/completions` are rate limited per verified principal, else per address; what a web
+page sends through a visitor's browser is refused, tokens or not (`SameOrigin`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from butterfly.agreement.config_coordinator import ConfigCoordinator
 from butterfly.api import config_routes, errors, openai, openapi_docs
 from butterfly.api.gateway import Gateway, accepted_body, status_body
-from butterfly.api.guards import BearerAuth, RateLimiter, RequireToken, client_key
+from butterfly.api.guards import BearerAuth, RateLimiter, RequireToken, SameOrigin, client_key
 from butterfly.api.openai_schema import ChatCompletionRequest, CompletionRequest
 from butterfly.api.requests import InferenceRequest, parse
 from butterfly.api.settings import ApiSettings
@@ -71,6 +72,8 @@ def create_app(
         return OPEN_WITH_METRICS if gw.settings.metrics_public else OPEN
 
     app.add_middleware(RequireToken, bearer=bearer, open_paths=open_paths)
+    # outermost (added last): a web page's request is refused before anything else
+    app.add_middleware(SameOrigin, bind_host=settings.host, allowed_hosts=settings.allowed_hosts)
 
     @app.post(
         "/inference",

@@ -1,4 +1,4 @@
-"""Who may call what, and how often: bearer tokens and per-client rate limits.
+"""Who may call what, and how often: bearer tokens, web pages, per-client rate limits.
 
 With `api.tokens` set, every HTTP request needs `Authorization: Bearer <token>` with one
 of them (`RequireToken`, an ASGI middleware, so a route added later, FastAPI's own
@@ -10,8 +10,20 @@ bearer token (a hash of the token), otherwise the peer address. Never on a heade
 it has not verified: keyed on the raw `Authorization` header, a client sending a made-up
 value per request had a fresh bucket each time and was never limited.
 
-Both are built by `create_app` from the settings, so their state (the buckets) belongs
-to one app and dies with it; both follow `api.tokens` and `api.rate_limit` live.
+Web pages (`SameOrigin`): the browser of an operator whose API is open on 127.0.0.1 is
+a client too, and any site it visits may send it requests. A `text/plain` POST is a CORS
+"simple request", sent cross-origin with no preflight, and every route reads its body as
+JSON whatever the type, so a page could change the cluster's config or queue work (a
+review). So POST, PUT, PATCH and DELETE that a browser marks as from another site
+(`Sec-Fetch-Site`) or another origin (`Origin` other than the `Host` it was sent to)
+are refused (403), and an API bound to a loopback address answers only to loopback
+`Host` names, `api.host` and `api.allowed_hosts` (421): a page whose own name was
+rebound to 127.0.0.1 is same-origin with the API and could read its answers too. curl,
+the SDKs and the CLI send neither header.
+
+All are built by `create_app` from the settings, so their state (the buckets) belongs
+to one app and dies with it; tokens and the rate limit follow `api.tokens` and
+`api.rate_limit` live.
 """
 
 from __future__ import annotations
@@ -33,6 +45,8 @@ from butterfly.types.errors import RateLimited
 
 MAX_CLIENTS = 10_000
 """Buckets kept; the least recently seen client is forgotten first (a full bucket)."""
+STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def principal_of(token: str) -> str:
@@ -103,6 +117,102 @@ class RequireToken:
         await self.app(scope, receive, send)
 
 
+def is_loopback(host: str) -> bool:
+    """`localhost` (and its subdomains, which resolve to loopback by RFC 6761) or a
+    loopback address (127.0.0.0/8, ::1)."""
+    name = host.strip("[]").lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def authority(value: str) -> tuple[str, int | None]:
+    """The host name (lowercase, IPv6 without brackets) and port of a `Host` header or
+    an origin's authority; the port is None when not given or not a number."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        name, _, rest = value[1:].partition("]")
+        port = rest.removeprefix(":")
+    elif value.count(":") == 1:
+        name, _, port = value.partition(":")
+    else:  # a bare name, or a bare IPv6 address
+        name, port = value, ""
+    return name.rstrip("."), int(port) if port.isascii() and port.isdigit() else None
+
+
+class SameOrigin:
+    """ASGI middleware: refuses what a web page, not a client, sent (module docstring).
+
+    `bind_host`: the address the API listens on (`api.host`): the `Host` check applies
+    when it is a loopback one. `allowed_hosts`: more names the API is reached by (a
+    reverse proxy's), served as `Host` and accepted as an `Origin`'s host on any port."""
+
+    def __init__(self, app: ASGIApp, *, bind_host: str, allowed_hosts: Collection[str]) -> None:
+        self.app, self.bind_host = app, bind_host
+        self.check_host = is_loopback(bind_host)
+        self.allowed = frozenset(authority(h)[0] for h in allowed_hosts)
+        self.served = self.allowed | {authority(bind_host)[0]}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        refused = (
+            self.refusal(scope["method"], Headers(scope=scope)) if scope["type"] == "http" else None
+        )
+        if refused is not None:
+            status, kind, message = refused
+            await error_response(status, kind, message)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def refusal(self, method: str, headers: Headers) -> tuple[int, str, str] | None:
+        """(status, error type, message) for a request to refuse, else None."""
+        host = headers.get("host")
+        if self.check_host and host is not None:
+            name = authority(host)[0]
+            if not is_loopback(name) and name not in self.served:
+                return (
+                    421,
+                    "misdirected_request",
+                    f"this API is bound to the loopback address {self.bind_host} and answers "
+                    f"only to localhost, loopback addresses and the names in api.host and "
+                    f"api.allowed_hosts, not to Host {host!r} (a web page whose name was "
+                    "rebound to this machine sends that); reach it as localhost or "
+                    "127.0.0.1, or add the name to api.allowed_hosts",
+                )
+        if method not in STATE_CHANGING:
+            return None
+        site = headers.get("sec-fetch-site", "").lower()
+        origin = headers.get("origin")
+        if site in ("cross-site", "same-site"):
+            why = f"Sec-Fetch-Site: {site}"
+        elif origin is not None and not self.same_origin(origin, host):
+            why = f"Origin {origin!r}, not the Host {host!r} it was sent to"
+        else:
+            return None
+        return (
+            403,
+            "cross_site_request",
+            f"a browser sent this {method} from another web site ({why}): a page may not "
+            "change the cluster or queue work through a visitor's browser. Clients "
+            "(curl, the SDKs, the CLI) send no such header; a browser page on another "
+            "name reached through a proxy needs that name in api.allowed_hosts",
+        )
+
+    def same_origin(self, origin: str, host: str | None) -> bool:
+        """Whether `origin` is the origin the request was sent to (or an allowed name)."""
+        scheme, sep, rest = origin.strip().lower().partition("://")
+        if not sep or scheme not in DEFAULT_PORTS or host is None:  # "null": a sandbox, a file
+            return False
+        name, port = authority(rest)
+        if name in self.allowed:
+            return True
+        target, target_port = authority(host)
+        default = DEFAULT_PORTS[scheme]  # a TLS proxy's Host has none: the origin's scheme
+        return (name, port or default) == (target, target_port or default)
+
+
 @dataclass
 class _Bucket:
     tokens: float
@@ -171,4 +281,14 @@ class RateLimiter:
         bucket.tokens -= 1.0
 
 
-__all__ = ["BearerAuth", "RateLimiter", "RequireToken", "address_of", "client_key", "principal_of"]
+__all__ = [
+    "BearerAuth",
+    "RateLimiter",
+    "RequireToken",
+    "SameOrigin",
+    "address_of",
+    "authority",
+    "client_key",
+    "is_loopback",
+    "principal_of",
+]

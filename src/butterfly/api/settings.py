@@ -23,6 +23,10 @@ class ApiSettings:
     metrics_public: bool = False  # with tokens set, GET /metrics needs none
     max_prompt_bytes: int = 0  # prompt text over this gets 413 untokenized; 0 = derived
     stream_verified_only: bool = False  # streams hold text until the result is checked
+    # api.host: bound to a loopback address, the API answers only to loopback Host names,
+    # this and `allowed_hosts` (api.guards.SameOrigin); the default is api.host's
+    host: str = "127.0.0.1"
+    allowed_hosts: frozenset[str] = frozenset()  # api.allowed_hosts
 
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_new_tokens_limit", "default_max_new_tokens"):

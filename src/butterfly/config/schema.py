@@ -14,6 +14,7 @@ seed 003's `metrics` section holds what seed 002 calls observability metrics.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import re
 from typing import Annotated, Any, Literal
 
@@ -97,6 +98,22 @@ def _bearer_token(value: str) -> str:
     return value
 
 
+def _host_name(value: str) -> str:
+    """A name the API is reached by (`api.allowed_hosts`), as a `Host` header or an
+    origin spells its host part: a DNS name or an IP address, with no port or scheme
+    (which a name compared to the header's host part would never match)."""
+    name = value.strip("[]").lower()
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?", name):
+            raise ValueError(
+                f"expected a host name or IP address without port or scheme (e.g. "
+                f"api.example.com), got {value!r}"
+            ) from None
+    return name
+
+
 def _host_port_or_empty(value: str) -> str:
     return value and _host_port(value)
 
@@ -108,6 +125,7 @@ PublicKeyHex = Annotated[str, AfterValidator(_public_key_hex)]
 OptionalPublicKeyHex = Annotated[str, AfterValidator(_public_key_hex_or_empty)]
 ServedName = Annotated[str, AfterValidator(_served_name)]
 BearerToken = Annotated[str, AfterValidator(_bearer_token)]
+HostName = Annotated[str, AfterValidator(_host_name)]
 
 
 def option(
@@ -500,6 +518,15 @@ class ModelConfig(Section):
 
 class ApiConfig(Section):
     host: str = option("127.0.0.1", "HTTP bind host.", SL, NODE)
+    allowed_hosts: tuple[HostName, ...] = option(
+        (),
+        "More names (no port) the API is reached by, e.g. a TLS reverse proxy's on this "
+        "machine: bound to a loopback address it answers only to localhost, loopback "
+        "addresses, api.host and these, and web pages of these names may send it "
+        "POST/PUT/PATCH/DELETE.",
+        SL,
+        NODE,
+    )
     port: int = option(8080, "HTTP port; 0 = any free port.", SL, NODE, ge=0, le=65535)
     max_request_bytes: int = option(
         10 * 2**20, "Larger bodies get 413.", SL, NODE, ge=1024, le=2**30

@@ -299,6 +299,8 @@ class Gateway:
             rate_limit_per_s=a.rate_limit,
             rate_limit_burst=a.rate_limit_burst,
             serve_metrics=cfg.metrics.enabled,
+            host=a.host,
+            allowed_hosts=frozenset(a.allowed_hosts),
         )
         app = create_app(
             scheduler=scheduler,
