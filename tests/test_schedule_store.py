@@ -240,6 +240,53 @@ def test_a_standby_copy_keeps_the_latest_checkpoint_until_the_task_ends(tmp_path
         store.close()
 
 
+def test_a_retractions_empty_checkpoint_replaces_the_withdrawn_runs_and_stays(
+    tmp_path: Path,
+) -> None:
+    """After an audit withdrew a run's tokens (it caught a liar), the engine saves an
+    empty checkpoint of the next attempt: it replaces the withdrawn run's longer one in
+    the same epoch, and no checkpoint of the withdrawn run (a late copy, a catch-up)
+    replaces it again; the new run's own go on replacing it as usual. Without attempts,
+    a successor resumed the withdrawn run's tokens (a review)."""
+    store = TaskStore(tmp_path / "standby.sqlite")
+    try:
+        a = task("a")
+        store.copy(a)
+        store.save_checkpoint(a.task_id, Checkpoint((1, 2, 3, 4), b"lie", 3))
+        store.save_checkpoint(a.task_id, Checkpoint((), b"fresh", 3, attempt=1))
+        assert store.checkpoint(a.task_id) == Checkpoint((), b"fresh", 3, 1)
+        store.save_checkpoint(a.task_id, Checkpoint((1, 2, 3, 4, 5), b"late", 4))  # attempt 0
+        assert store.checkpoint(a.task_id) == Checkpoint((), b"fresh", 3, 1)
+        store.save_checkpoint(a.task_id, Checkpoint((7,), b"honest", 4, attempt=1))
+        assert store.checkpoint(a.task_id) == Checkpoint((7,), b"honest", 4, 1)
+        [(_, held)] = store.unfinished()
+        assert held == Checkpoint((7,), b"honest", 4, 1)
+    finally:
+        store.close()
+
+
+def test_a_version_3_file_gains_the_checkpoints_attempt(tmp_path: Path) -> None:
+    path = tmp_path / "t.sqlite"
+    store = TaskStore(path)
+    store.add(task("a"))
+    store.close()
+    with sqlite3.connect(path) as db:  # as a version-3 gateway left it, mid-request
+        db.execute("DROP TABLE checkpoints")
+        db.execute(
+            "CREATE TABLE checkpoints (task_id TEXT PRIMARY KEY, tokens TEXT NOT NULL, "
+            "rng BLOB NOT NULL, epoch INTEGER NOT NULL)"
+        )
+        db.execute("INSERT INTO checkpoints VALUES ('a', '[5, 6]', x'00', 2)")
+        db.execute("PRAGMA user_version=3")
+    store = TaskStore(path)
+    try:
+        assert store.checkpoint("a") == Checkpoint((5, 6), b"\x00", 2, 0)
+        store.save_checkpoint(RequestId("a"), Checkpoint((), b"fresh", 2, attempt=1))
+        assert store.checkpoint("a") == Checkpoint((), b"fresh", 2, 1)
+    finally:
+        store.close()
+
+
 def test_penalties_logprobs_and_their_results_survive_the_store() -> None:
     """What the standby copies and a restart reads back: the OpenAI sampling fields, and
     the logprobs of a finished result; a task written before those fields reads with

@@ -87,6 +87,7 @@ SAMPLES: list[Message] = [
     TaskCopy(R1),
     TaskCopied(N2, R1, True),
     TaskCheckpoint(R1, (5, 6, 7), Epoch(3)),
+    TaskCheckpoint(R1, (), Epoch(3), attempt=2),
     TaskSettled(R1, "completed", "", ""),
     TaskSync(),
     TaskSyncReply(N2, 3),

@@ -28,7 +28,7 @@ from butterfly.dataplane.caches import Asker as Asker
 from butterfly.dataplane.caches import Caches
 from butterfly.dataplane.claims import Claims
 from butterfly.dataplane.drafter import Draft, ModelDrafter, draft_seed
-from butterfly.dataplane.generation import Generation
+from butterfly.dataplane.generation import Generation, fresh_checkpoint
 from butterfly.dataplane.inflight import InFlight, Key
 from butterfly.dataplane.inflight import StepFailed as StepFailed
 from butterfly.dataplane.intake import Intake
@@ -472,6 +472,7 @@ class PipelineEngine:
             # a checkpoint left by a gateway that died: only the first run goes on from it
             # (a re-run after a failed audit starts over)
             saved = self._resume(request_id) if self._resume is not None else None
+            attempt = saved.attempt if saved is not None else 0  # runs a retraction ended
             for _ in range(self._max_recoveries):
                 steps = Steps()
                 self._flight.records[request_id] = []
@@ -485,6 +486,7 @@ class PipelineEngine:
                     saved,
                     speculation=self._speculation_for(replicator is not None, began),
                     chunk=self._prefill_chunk,
+                    attempt=attempt,
                 )
                 self.chunk_times.finished(request_id)  # not decoding while it is audited
                 saved = None
@@ -508,9 +510,15 @@ class PipelineEngine:
                 if not verdict.liars:
                     log.warning("request %s unverified: %s", request_id, verdict.reason)
                     return result
+                epoch = self._epoch()  # the chain lied: its node is being evicted; re-run
+                # the withdrawn run's checkpoint goes first, here and on the standbys,
+                # before the retraction and the wait for the eviction: a successor of a
+                # gateway that dies from now on starts over, where it resumed the lie
+                attempt += 1
+                if self._on_checkpoint is not None:
+                    self._on_checkpoint(request_id, fresh_checkpoint(task, epoch, attempt))
                 liars = ", ".join(str(n) for n in verdict.liars)
                 on_token(Retraction(f"the audit caught node(s) {liars} lying; computing again"))
-                epoch = self._epoch()  # the chain lied: its node is being evicted; re-run
                 await self._await_plan_change(epoch)
                 await self._caches.release(request_id)
             raise ServiceUnavailable(f"request {request_id} failed its audit repeatedly")
@@ -537,6 +545,7 @@ class PipelineEngine:
         *,
         speculation: Speculation = PLAIN,
         chunk: int = 0,
+        attempt: int = 0,
     ) -> InferenceResult:
         """Token by token; the gateway's history and RNG are the canonical checkpoint.
 
@@ -550,7 +559,8 @@ class PipelineEngine:
 
         `saved` (a checkpoint a dead gateway left) starts the request where it was
         (`generation.Generation`); its first step is the same whole-history prefill a
-        recovery makes.
+        recovery makes. `attempt`: the run its checkpoints belong to (one more after each
+        retraction: `store.Checkpoint.attempt`).
 
         `speculation`: a decode step carries a draft of the request's own text and yields
         the tokens it confirms (`dataplane.speculate`); the next step's start rolls the
@@ -673,7 +683,7 @@ class PipelineEngine:
             every = self.checkpoint_every
             crossed = every > 0 and len(gen.out) // every > before // every  # a verify: several
             if self._on_checkpoint is not None and crossed:
-                self._on_checkpoint(request_id, gen.checkpoint(epoch))
+                self._on_checkpoint(request_id, gen.checkpoint(epoch, attempt))
         steps.drawn = gen.drawn  # held to the re-executed logits by the audit
         total = time.perf_counter() - started
         if gen.first_token_at is not None:  # a request resumed with tokens made none here

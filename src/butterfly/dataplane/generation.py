@@ -193,7 +193,15 @@ class Generation:
         none did (or the task has none)."""
         return self._stops.end() if self._stops is not None else None
 
-    def checkpoint(self, epoch: int) -> Checkpoint:
+    def checkpoint(self, epoch: int, attempt: int = 0) -> Checkpoint:
         """What a standby gateway needs to go on exactly from here."""
         state = bytes(self.rng.get_state().numpy().tobytes())
-        return Checkpoint(tuple(self.out), state, epoch)
+        return Checkpoint(tuple(self.out), state, epoch, attempt)
+
+
+def fresh_checkpoint(task: InferenceTask, epoch: int, attempt: int) -> Checkpoint:
+    """A request's checkpoint before its first token (no tokens, the RNG as its seed
+    makes it): what a run that starts over after a retraction leaves, so a successor
+    starts over too instead of resuming the withdrawn tokens."""
+    state = bytes(make_generator(task.sampling).get_state().numpy().tobytes())
+    return Checkpoint((), state, epoch, attempt)

@@ -49,9 +49,10 @@ of 22 KB, 5 minutes of bench/soak.py's load, a slope on the acting gateway. At 5
 0.5 MB; 1500 tasks added, finished and sometimes read cost 515 us a task against 501
 (medians of 5 rounds, ranges overlapping)."""
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """2 added `evictions`: an older gateway would open the file and forget them, so it may
-not (version 1 files gain the table when opened). 3 added `checkpoints`."""
+not (version 1 files gain the table when opened). 3 added `checkpoints`, 4 their
+`attempt` (version 3 files gain the column when opened)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -70,7 +71,8 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     task_id TEXT PRIMARY KEY,                -- a running task's latest checkpoint
     tokens TEXT NOT NULL,                    -- JSON list of the token ids sampled so far
     rng BLOB NOT NULL,                       -- the sampling RNG's state after the last
-    epoch INTEGER NOT NULL                   -- the plan epoch they were sampled in
+    epoch INTEGER NOT NULL,                  -- the plan epoch they were sampled in
+    attempt INTEGER NOT NULL DEFAULT 0       -- the run: an audit's retraction starts another
 );
 CREATE TABLE IF NOT EXISTS evictions (
     node INTEGER PRIMARY KEY,                -- one record per node: evicting twice is one
@@ -88,6 +90,10 @@ class Checkpoint:
     tokens: tuple[int, ...]
     rng_state: bytes
     epoch: int
+    attempt: int = 0
+    """The run of the request: an audit that withdraws a run's tokens (it caught a liar)
+    starts the next with an empty checkpoint of the next attempt, and a checkpoint of an
+    earlier attempt never replaces it (a successor resumed a withdrawn run: a review)."""
 
 
 @dataclass(frozen=True)
@@ -210,6 +216,11 @@ class TaskStore:
         for statement in _SCHEMA.split(";"):
             if statement.strip():
                 self._db.execute(statement)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(checkpoints)")}
+        if "attempt" not in columns:  # a version 3 file
+            self._db.execute(
+                "ALTER TABLE checkpoints ADD COLUMN attempt INTEGER NOT NULL DEFAULT 0"
+            )
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def _recover(self) -> tuple[InferenceTask, ...]:
@@ -246,25 +257,28 @@ class TaskStore:
 
     def save_checkpoint(self, task_id: RequestId, checkpoint: Checkpoint) -> None:
         """Replace the task's checkpoint with a later one, unless the task is unknown or
-        has finished. Later: of a later plan epoch (a run after a failed audit starts over
-        in the epoch without the liar), or as long at least in the same epoch; so a copy
+        has finished. Later: of a later attempt (a run after a failed audit starts over,
+        with an empty checkpoint, which must replace the withdrawn run's), or of the same
+        attempt and a later plan epoch, or as long at least in the same epoch; so a copy
         that arrives late (a standby's catch-up) never replaces a newer one."""
         terminal = tuple(status.value for status in TERMINAL)
         marks = ", ".join("?" * len(terminal))
         with self._lock, self._db:
             self._db.execute(
-                "INSERT INTO checkpoints (task_id, tokens, rng, epoch) "
-                f"SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM tasks WHERE task_id = ? "
+                "INSERT INTO checkpoints (task_id, tokens, rng, epoch, attempt) "
+                f"SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM tasks WHERE task_id = ? "
                 f"AND status NOT IN ({marks})) "
                 "ON CONFLICT (task_id) DO UPDATE SET tokens = excluded.tokens, "
-                "rng = excluded.rng, epoch = excluded.epoch WHERE excluded.epoch > epoch "
-                "OR (excluded.epoch = epoch AND "
-                "json_array_length(excluded.tokens) >= json_array_length(tokens))",
+                "rng = excluded.rng, epoch = excluded.epoch, attempt = excluded.attempt "
+                "WHERE excluded.attempt > attempt OR (excluded.attempt = attempt AND "
+                "(excluded.epoch > epoch OR (excluded.epoch = epoch AND "
+                "json_array_length(excluded.tokens) >= json_array_length(tokens))))",
                 (
                     task_id,
                     json.dumps(list(checkpoint.tokens)),
                     checkpoint.rng_state,
                     checkpoint.epoch,
+                    checkpoint.attempt,
                     task_id,
                     *terminal,
                 ),
@@ -277,7 +291,7 @@ class TaskStore:
         marks = ",".join("?" * len(done))
         with self._lock:
             rows = self._db.execute(
-                "SELECT t.task_id, t.task, c.tokens, c.rng, c.epoch FROM tasks t "
+                "SELECT t.task_id, t.task, c.tokens, c.rng, c.epoch, c.attempt FROM tasks t "
                 "LEFT JOIN checkpoints c ON c.task_id = t.task_id "
                 f"WHERE t.status NOT IN ({marks}) ORDER BY t.seq",
                 done,
@@ -287,9 +301,9 @@ class TaskStore:
                 task_from_json(task_id, text),
                 None
                 if tokens is None
-                else Checkpoint(tuple(json.loads(tokens)), bytes(rng), epoch),
+                else Checkpoint(tuple(json.loads(tokens)), bytes(rng), epoch, attempt),
             )
-            for task_id, text, tokens, rng, epoch in rows
+            for task_id, text, tokens, rng, epoch, attempt in rows
         ]
 
     def recently_finished(self, limit: int) -> list[StoredTask]:
@@ -307,12 +321,13 @@ class TaskStore:
     def checkpoint(self, task_id: str) -> Checkpoint | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT tokens, rng, epoch FROM checkpoints WHERE task_id = ?", (task_id,)
+                "SELECT tokens, rng, epoch, attempt FROM checkpoints WHERE task_id = ?",
+                (task_id,),
             ).fetchone()
         if row is None:
             return None
-        tokens, rng, epoch = row
-        return Checkpoint(tuple(json.loads(tokens)), bytes(rng), epoch)
+        tokens, rng, epoch, attempt = row
+        return Checkpoint(tuple(json.loads(tokens)), bytes(rng), epoch, attempt)
 
     def add(self, task: InferenceTask) -> None:
         """Persist a newly accepted task as queued; committed when this returns."""

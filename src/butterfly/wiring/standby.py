@@ -11,7 +11,8 @@ directory. The acting gateway writes to its own and copies to the others:
 - every `coordination.checkpoint_frequency` tokens, the running task's generation: the
   tokens so far, the sampling RNG's state after the last one, the plan epoch
   (`TaskCheckpoint`, one-way; kept in the acting gateway's own store too, so a restart
-  resumes from it as well);
+  resumes from it as well); and, when an audit withdraws a run's tokens, an empty one of
+  the next attempt at once, before the re-run's (`schedule.store.Checkpoint.attempt`);
 - a task's end, with its result (`TaskSettled`, one-way), so finished results stay
   readable from whichever gateway acts next;
 - from each standby when it starts acting, the unfinished tasks only the standby holds
@@ -300,7 +301,9 @@ class TaskReplicas:
     def checkpoint(self, request_id: RequestId, checkpoint: Checkpoint) -> None:
         """The engine's hook: keep the checkpoint here, and send it to the standbys."""
         self.store.save_checkpoint(request_id, checkpoint)
-        msg = TaskCheckpoint(request_id, checkpoint.tokens, Epoch(checkpoint.epoch))
+        msg = TaskCheckpoint(
+            request_id, checkpoint.tokens, Epoch(checkpoint.epoch), checkpoint.attempt
+        )
         self._post(msg, checkpoint.rng_state)
 
     def finished(
@@ -422,7 +425,9 @@ class TaskReplicas:
                 if not took:
                     failed.append(task.task_id)
                 elif checkpoint is not None:
-                    msg = TaskCheckpoint(task.task_id, checkpoint.tokens, Epoch(checkpoint.epoch))
+                    msg = TaskCheckpoint(
+                        task.task_id, checkpoint.tokens, Epoch(checkpoint.epoch), checkpoint.attempt
+                    )
                     await self._send(peer, msg, checkpoint.rng_state)
                 return took
 
@@ -512,7 +517,7 @@ class TaskReplicas:
     async def on_checkpoint(self, peer: NodeId, env: Envelope) -> Reply | None:
         msg = env.msg
         if isinstance(msg, TaskCheckpoint):
-            checkpoint = Checkpoint(msg.tokens, env.payload, msg.epoch)
+            checkpoint = Checkpoint(msg.tokens, env.payload, msg.epoch, msg.attempt)
             with contextlib.suppress(ButterflyError):  # stopping: the next one will do
                 self.store.save_checkpoint(RequestId(msg.task_id), checkpoint)
         return None

@@ -2,8 +2,8 @@
 a standby's unfinished tasks (with their checkpoints) and recent results, and what the
 gateway that asked takes of them into its store (`standby.TaskReplicas`).
 
-A record is the task's id, its JSON, its checkpoint (tokens, RNG state in base64, epoch;
-or None) and, for a finished task, its end: status, reason, error type and result JSON
+A record is the task's id, its JSON, its checkpoint (tokens, RNG state in base64, epoch,
+attempt; or None) and, for a finished task, its end: status, reason, error type and result JSON
 (or None).
 """
 
@@ -41,7 +41,7 @@ def sync_payload(
             task_to_json(task),
             None
             if c is None
-            else [list(c.tokens), base64.b64encode(c.rng_state).decode(), c.epoch],
+            else [list(c.tokens), base64.b64encode(c.rng_state).decode(), c.epoch, c.attempt],
         ]
         for task, c in unfinished
     ]
@@ -104,8 +104,9 @@ def take(store: TaskStore, record: list[Any]) -> tuple[bool, InferenceTask | Non
         )
         return True, None
     if checkpoint is not None:
-        tokens, rng, epoch = checkpoint
-        saved = Checkpoint(tuple(tokens), base64.b64decode(rng), epoch)
+        tokens, rng, epoch, *attempt = checkpoint  # no attempt: a node from before them
+        run = int(attempt[0]) if attempt else 0
+        saved = Checkpoint(tuple(tokens), base64.b64decode(rng), epoch, run)
         store.save_checkpoint(RequestId(task_id), saved)
     return new is not None, new
 

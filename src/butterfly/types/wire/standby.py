@@ -46,12 +46,16 @@ class TaskCopy(Ask[TaskCopied]):
 @dataclass(frozen=True, slots=True)
 class TaskCheckpoint:
     """A running task's generation so far: the tokens sampled, the plan epoch they were
-    sampled in; the payload is the sampling RNG's state after the last of them."""
+    sampled in, the run they belong to (`attempt`: an audit that withdrew a run's tokens
+    starts the next with an empty checkpoint of the next attempt, which no checkpoint of
+    an earlier one replaces); the payload is the sampling RNG's state after the last of
+    them."""
 
     kind: ClassVar[str] = "task_checkpoint"
     task_id: Text
     tokens: tuple[int, ...]
     epoch: Epoch
+    attempt: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +72,7 @@ class TaskSettled:
 @dataclass(frozen=True, slots=True)
 class TaskSyncReply:
     """`count` unfinished tasks; the payload is a JSON list of records, each the task's
-    id, its store record, and its checkpoint if any (tokens, RNG state in base64, epoch);
+    id, its store record, and its checkpoint if any (tokens, RNG state in base64, epoch, attempt);
     then the standby's recent finished tasks, each with a fourth item, its end (status,
     reason, error type, result record or null)."""
 
