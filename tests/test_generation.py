@@ -117,6 +117,29 @@ def test_a_checkpoint_resumes_a_sampled_request_exactly() -> None:
     assert second.out == whole.out and len(set(whole.out)) > 2
 
 
+def test_a_request_resumed_with_every_token_sends_its_history_once_to_be_audited() -> None:
+    """A checkpoint that holds every token leaves nothing to generate, and a request that
+    computes no step has no records to audit: it came back unverified (a review). Its
+    recheck sends the history but the last token once, in chunks too, after a replay
+    too, sampling nothing, and ends with the same tokens."""
+    sampled = task(6, temperature=1.0, seed=5)
+    whole = Generation(sampled, lambda _: None, frozenset(), lambda _: None)
+    drive(whole)
+    saved = whole.checkpoint(epoch=1)
+    gen = Generation(sampled, lambda _: None, frozenset(), lambda _: None, saved=saved)
+    assert gen.resumed and not gen.more()
+    gen.recheck()
+    assert gen.more() and not gen.drafting
+    assert gen.step_input(100).tolist() == [gen.history()[:-1]]
+    head = gen.step_input(4)  # a chunk, then a lost step: replayed from 2
+    assert gen.take(answer(gen, head), 4, Draft(), False) == [] and gen.pos == 4
+    gen.replay_from(2)
+    assert gen.step_input(100).tolist() == [gen.history()[2:-1]]
+    assert drive(gen) == 1
+    assert gen.out == whole.out and gen.pos == len(gen.history()) - 1
+    assert gen.checkpoint(epoch=1) == saved  # nothing drawn: the RNG where it was
+
+
 def test_a_replay_sends_the_history_from_where_the_caches_hold() -> None:
     gen = Generation(task(), lambda _: None, frozenset(), lambda _: None)
     drive(gen, stop_after=3)

@@ -18,6 +18,7 @@ import pytest
 
 from butterfly.agreement.authority import UnauthorizedCommand
 from butterfly.api.app import health_body
+from butterfly.dataplane.stage_server import StageServer
 from butterfly.runtime.generate import generate
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.tokenizer import TextCodec
@@ -533,3 +534,57 @@ async def test_a_resumed_sampled_request_with_logprobs_is_verified(
         assert len(result.logprobs) < len(result.output_ids)  # those made after the resume
         assert result.verified == "audit"
         assert {int(n) for n in c.nodes[1].plans.evicted} <= {0}
+
+
+KILL_AT_AUDIT: dict[str, object] = {"fire": None}
+
+
+class SeesTheGatewayDieAtItsAudit(StageServer):
+    """Honest; the first audit it is asked for (once armed) waits for `fire`."""
+
+    async def audit(self, msg, payload):  # type: ignore[no-untyped-def]
+        fire, KILL_AT_AUDIT["fire"] = KILL_AT_AUDIT["fire"], None
+        if fire is not None:
+            await fire()  # type: ignore[operator]
+        return await super().audit(msg, payload)
+
+
+async def test_a_request_resumed_with_every_token_is_still_audited(
+    tiny_model: Path, tmp_path: Path, references: dict[str, list[int]]
+) -> None:
+    """Node 0 dies during the audit, its last checkpoint (on node 1) holding every token
+    (24, checkpointed every 4): node 1 resumes with nothing to generate, sends the
+    history once as a prefill and audits it. It computed no step, skipped the audit, and
+    the tokens came back `verified: "none"` in a cluster that audits every request (a
+    review)."""
+    servers = {2: SeesTheGatewayDieAtItsAudit, 3: SeesTheGatewayDieAtItsAudit}
+    async with InProcessCluster(
+        tiny_model, 4, tmp_path, f=1, settings=SETTINGS, stage_servers=servers
+    ) as c:
+        first, standby = gateway(c, 0), gateway(c, 1)
+        await c.until(lambda: first.scheduler is not None, "node 0 serving")
+        assert first.scheduler is not None
+        every = len(references["greedy"])
+        assert every == NEW  # no end of sequence before: the last checkpoint holds all
+        audited = asyncio.Event()
+
+        async def kill_the_gateway() -> None:
+            audited.set()
+            for _ in range(400):  # bounded: the last checkpoint reaches node 1
+                saved = standby.replicas.store.checkpoint("greedy")
+                if saved is not None and len(saved.tokens) == every:
+                    break
+                await asyncio.sleep(0.005)
+            c.kill(0)
+
+        KILL_AT_AUDIT["fire"] = kill_the_gateway
+        try:
+            await first.scheduler.submit(task(tiny_model, "greedy"))
+            await c.until(audited.is_set, "the audit of the request", beats=2000)
+        finally:
+            KILL_AT_AUDIT["fire"] = None
+        await c.until(lambda: standby.scheduler is not None, "node 1 takes over")
+        result = (await _settled(c, standby, "greedy")).result
+        assert result is not None and result.timings["resumed_from_checkpoint"] == every
+        assert list(result.output_ids) == references["greedy"]
+        assert result.verified == "audit"

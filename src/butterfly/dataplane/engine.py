@@ -487,6 +487,7 @@ class PipelineEngine:
                     speculation=self._speculation_for(replicator is not None, began),
                     chunk=self._prefill_chunk,
                     attempt=attempt,
+                    recheck=auditor is not None and fraction > 0,
                 )
                 self.chunk_times.finished(request_id)  # not decoding while it is audited
                 saved = None
@@ -546,6 +547,7 @@ class PipelineEngine:
         speculation: Speculation = PLAIN,
         chunk: int = 0,
         attempt: int = 0,
+        recheck: bool = False,
     ) -> InferenceResult:
         """Token by token; the gateway's history and RNG are the canonical checkpoint.
 
@@ -560,7 +562,9 @@ class PipelineEngine:
         `saved` (a checkpoint a dead gateway left) starts the request where it was
         (`generation.Generation`); its first step is the same whole-history prefill a
         recovery makes. `attempt`: the run its checkpoints belong to (one more after each
-        retraction: `store.Checkpoint.attempt`).
+        retraction: `store.Checkpoint.attempt`). `recheck` (the request is audited): one
+        resumed with every token sends its history once as a prefill all the same, so its
+        audit has a step to read (`Generation.recheck`).
 
         `speculation`: a decode step carries a draft of the request's own text and yields
         the tokens it confirms (`dataplane.speculate`); the next step's start rolls the
@@ -587,6 +591,9 @@ class PipelineEngine:
         if gen.resumed:
             timings["resumed_from_checkpoint"] = float(len(gen.out))
             log.info("request %s resumes from its checkpoint at token %d", request_id, len(gen.out))
+            if recheck and gen.out and not gen.more():
+                gen.recheck()
+                steps.replayed_from(0)
         step, recoveries, traversals = 0, 0, 0
         # the start of the step first lost in a row, until a step answers again
         lost_at: float | None = None

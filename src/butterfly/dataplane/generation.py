@@ -75,6 +75,17 @@ class Generation:
         self.first_token_at: float | None = None  # perf_counter() at the first token made here
         self.pos = 0
         self._x = torch.tensor([self.prompt + self.out], dtype=torch.int64)
+        self._rechecking = False  # `recheck`: the history goes once more, nothing sampled
+
+    def recheck(self) -> None:
+        """Send the history once more as a prefill, sampling nothing: a request resumed
+        with every token (its checkpoint held them all) computes no step otherwise, and
+        with no step's records to read, its audit was skipped: its tokens, chosen by a
+        dead gateway from logits nobody checked, came back unverified (a review). The
+        last token is left out: one prefill of the rest holds the logits every token
+        was chosen from, as the audit re-runs it."""
+        self._rechecking = True
+        self.replay_from(0)
 
     def history(self) -> list[int]:
         return self.prompt + self.out
@@ -91,6 +102,8 @@ class Generation:
     def more(self) -> bool:
         """Whether another step is needed: tokens still asked for, or (max_new_tokens 0,
         an echo that scores its prompt) prompt positions not yet scored."""
+        if self._rechecking:
+            return True
         if self.ended:
             return False
         scores = self.prompt_scores
@@ -101,13 +114,14 @@ class Generation:
     def replay_from(self, pos: int) -> None:
         """The stages' caches hold only `pos` positions (a new plan, a route around a
         node): the next step sends the history from there."""
-        self.pos, self._x = pos, torch.tensor([self.history()[pos:]], dtype=torch.int64)
+        end = self.length - 1 if self._rechecking else self.length
+        self.pos, self._x = pos, torch.tensor([self.history()[pos:end]], dtype=torch.int64)
 
     @property
     def drafting(self) -> bool:
         """A decode step verifies a draft, if the text offers one (not when logprobs are
         asked: each token's scores come from its own step)."""
-        return self.pending == 1 and not self.wants_logprobs
+        return self.pending == 1 and not self.wants_logprobs and not self._rechecking
 
     @property
     def budget(self) -> int:
@@ -145,6 +159,10 @@ class Generation:
         if length < self.pending and not drafted:  # a chunk; the rest follows
             self._emit(Traversed())
             self._emit(PromptChunked(length))
+            self.pos, self._x = self.pos + length, self._x[:, length:]
+            return []
+        if self._rechecking:  # the whole history is in the caches again; nothing to draw
+            self._rechecking = False
             self.pos, self._x = self.pos + length, self._x[:, length:]
             return []
         if not self.task.max_new_tokens:  # the prompt is scored; no token was asked for
