@@ -291,6 +291,7 @@ def build_node(
         on_checkpoint=replicas.checkpoint,
         resume=lambda request_id: replicas.store.checkpoint(request_id),
         tracing=tracing,
+        failed=lambda node: membership.status(node) == "failed",
     )
     # every dynamic option reaches the part that uses it (control.live_config)
     follow_config(

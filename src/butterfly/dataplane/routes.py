@@ -9,6 +9,7 @@ timeout.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -33,7 +34,7 @@ from butterfly.net.framing import Envelope
 from butterfly.net.transport import Transport
 from butterfly.protocol.dispatch import Refusal
 from butterfly.protocol.entitled import Context, entitled
-from butterfly.types.errors import ButterflyError, InvalidMessage, SendTimeout
+from butterfly.types.errors import ButterflyError, InvalidMessage, SendTimeout, StageLost
 from butterfly.types.ids import GATEWAY, NodeId, RequestId
 from butterfly.types.wire.base import Ask
 from butterfly.types.wire.data import (
@@ -188,11 +189,17 @@ def _trace(
             )
 
 
+FAILED_POLL_S = 0.05
+"""How often a wait for an auditor's answer looks whether the failure detector declared
+it failed (a look is a dictionary read and a little arithmetic)."""
+
+
 class AuditAsk:
     """How the gateway's auditor asks a node to re-run a request's prefill, or for the
     inputs it received: its own stage server directly, a peer over the transport,
     counting a peer's timeouts (a silent auditor is evicted like a silent stage:
-    dataplane.unresponsive)."""
+    dataplane.unresponsive), and no longer waiting for a peer the failure detector
+    declares failed meanwhile (as a step is dropped once the plan moves past its node)."""
 
     def __init__(
         self,
@@ -203,11 +210,17 @@ class AuditAsk:
         transport: Transport,
         timeouts: StepTimeouts,
         timeout_s: Callable[[], float],
+        failed: Callable[[NodeId], bool] = lambda node: False,
     ) -> None:
-        """`timeout_s`: read on every audit (network.step_timeout_ms is live)."""
+        """`timeout_s`: read on every audit (network.step_timeout_ms is live). `failed`:
+        the failure detector's word on a node; an ask to a node it declares failed ends
+        at once, as one that got no answer (nobody is blamed; the gateway's own
+        re-execution judges instead): a node frozen (SIGSTOP) or cut off mid-audit keeps
+        its connection open, and held the request's answer for the whole step timeout
+        (60 s by default) after the detector had declared it failed (a review)."""
         self.node, self._local, self._transport = node, local, transport
         self._local_inputs = local_inputs
-        self._timeouts, self._timeout = timeouts, timeout_s
+        self._timeouts, self._timeout, self._failed = timeouts, timeout_s, failed
 
     async def __call__(
         self, node: NodeId, request: AuditRequest, payload: bytes
@@ -223,7 +236,9 @@ class AuditAsk:
 
     async def _ask(self, node: NodeId, msg: Ask[A], payload: bytes, what: str) -> tuple[A, bytes]:
         try:
-            answer = await self._transport.ask(node, msg, payload, timeout=self._timeout())
+            answer = await self._unless_failed(
+                node, self._transport.ask(node, msg, payload, timeout=self._timeout()), what
+            )
         except SendTimeout:
             await self._timeouts.timed_out(node, what)
             raise
@@ -232,6 +247,21 @@ class AuditAsk:
             raise
         self._timeouts.answered((node,))
         return answer
+
+    async def _unless_failed(
+        self, node: NodeId, asking: Awaitable[tuple[A, bytes]], what: str
+    ) -> tuple[A, bytes]:
+        """`asking`'s answer, or StageLost once the failure detector declares `node`
+        failed before it comes."""
+        answer = asyncio.ensure_future(asking)
+        try:
+            while not answer.done():
+                if self._failed(node):
+                    raise StageLost(f"node {node} was declared failed during the {what}")
+                await asyncio.wait((answer,), timeout=FAILED_POLL_S)
+            return answer.result()
+        finally:
+            answer.cancel()  # nothing once done; the ask, when given up or cancelled
 
 
 __all__ = ["AuditAsk", "StageRoutes"]

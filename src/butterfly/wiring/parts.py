@@ -186,10 +186,12 @@ def engine(
     tracing: Tracing,
     on_checkpoint: Callable[[RequestId, Checkpoint], None] | None = None,
     resume: Callable[[RequestId], Checkpoint | None] | None = None,
+    failed: Callable[[NodeId], bool] = lambda node: False,
 ) -> PipelineEngine:
     """The gateway's pipeline engine, checking results as `byzantine.verification` says;
     `on_checkpoint` and `resume` keep generations across a gateway's death
-    (`wiring.standby`)."""
+    (`wiring.standby`); `failed`: the failure detector's word on a node (an audit stops
+    waiting for an auditor it declares failed: `routes.AuditAsk`)."""
     me, byz = NodeId(cfg.node.id), cfg.byzantine
     verify = verifying(cfg)  # both checkers built: the mode may change at run time
     tolerance = tolerance_for(byz.rtol, byz.atol, verification_floor(cfg.model.dtype))
@@ -201,6 +203,7 @@ def engine(
         transport=transport,
         timeouts=timeouts,
         timeout_s=partial(step_timeout_s, config),
+        failed=failed,
     )
     auditor = (
         Auditor(
