@@ -2,8 +2,10 @@
 
 A node behind its peers' pruned log cannot replay it (`protocol.pbft_snapshot`); it takes
 instead what executing it left every node with: the latest agreed plan, the agreed
-evictions, the acting gateway and its term, and the cluster configuration's position
-(config sequence, cluster hash, the cluster-scoped values). Every part is a function of
+evictions and suspensions, the acting gateway and its term, and the cluster
+configuration's position (config sequence, cluster hash, the cluster-scoped values).
+Without the suspensions, a standby gateway caught up this way took a withholding node
+straight back when it took over (a review). Every part is a function of
 the commands executed so far alone, so honest nodes at one checkpoint encode the same
 bytes (canonical JSON), which is what lets f+1 of them vouch for one state.
 """
@@ -42,6 +44,7 @@ class AgreedState:
         state = {
             "plan": plan,
             "evicted": sorted([int(n), r] for n, r in self._plans.evicted.items()),
+            "suspended": sorted([int(n), s] for n, s in self._plans.suspended.items()),
             "gateway": [int(self._role.acting), self._role.term],
             "config": {
                 "seq": self._config.last_seq,
@@ -60,7 +63,12 @@ class AgreedState:
         if plan is not None:
             epoch, stages, replicas = plan
             latest = command_plan(NewPlan(Epoch(epoch), tuple(stages), tuple(replicas)))
-        self._plans.restore(latest, {NodeId(n): r for n, r in state["evicted"]})
+        suspended = state.get("suspended")  # absent from an older version's snapshot
+        self._plans.restore(
+            latest,
+            {NodeId(n): r for n, r in state["evicted"]},
+            None if suspended is None else {NodeId(n): s for n, s in suspended},
+        )
         acting, term = state["gateway"]
         self._role.restore(NodeId(acting), term)
         config = state["config"]

@@ -110,14 +110,23 @@ class AgreedPlans:
         held = (*plan.nodes, *(n for n, _ in plan.replicas))
         return sorted({n for n in held if n in self.evicted})
 
-    def restore(self, latest: StagePlan | None, evicted: dict[NodeId, str]) -> None:
+    def restore(
+        self,
+        latest: StagePlan | None,
+        evicted: dict[NodeId, str],
+        suspended: dict[NodeId, int] | None = None,
+    ) -> None:
         """What a state snapshot says the agreed log decided (`agreed_state`), for a node
-        that could not replay it: the latest plan and every eviction (each new one told
-        to the listeners, as if executed here)."""
+        that could not replay it: the latest plan, every eviction (each new one told to
+        the listeners, as if executed here) and the suspensions in force. The snapshot's
+        suspensions replace this node's: they are those of a later point of the same
+        log, which may have ended some this node still held."""
         fresh = {n: r for n, r in evicted.items() if n not in self.evicted}
         if latest is not None and (self.latest is None or latest.epoch > self.latest.epoch):
             self.latest = latest
         self.evicted.update(fresh)
+        if suspended is not None:
+            self.suspended = dict(suspended)
         self._changed.set()
         self._changed = asyncio.Event()
         for node, reason in fresh.items():
