@@ -38,6 +38,7 @@ from butterfly.types.wire.commands import (
     ConfigUpdate,
     EvictNode,
     NewPlan,
+    ResumeNode,
     SuspendNode,
     encode_command,
 )
@@ -53,6 +54,7 @@ EVERY_KIND: tuple[Command, ...] = (
     PLAN,
     EvictNode(NodeId(2), "an honest node"),
     SuspendNode(NodeId(2), 1, "left its steps unanswered"),
+    ResumeNode(NodeId(2)),
     UPDATE,
     ConfigAbort("ab" * 32, 7),
 )

@@ -335,6 +335,55 @@ async def test_a_gateway_that_takes_over_keeps_a_suspended_node_out(
         assert not any(node.plans.evicted for node in c.nodes)
 
 
+async def test_a_suspension_ended_by_an_unchanged_plan_is_ended_in_the_agreed_log(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """n = 5 (chain 0, 1; standbys 2, 3; node 4 idle). Node 3, behind a TCP cut whose
+    heartbeats still arrive, is suspended and node 4 takes its copy. Healed and taken
+    back after its 30 s, node 3 is given nothing (every range has its holders: the
+    re-plan changes nothing and is not agreed), so an agreed `resume_node` ends its
+    suspension on every node; a gateway taking over later does not suspend it again.
+    Before, the agreed log kept it suspended, and node 1, taking over, put the honest
+    node out for another whole period with its strike kept (a review)."""
+    settings = {
+        **SETTINGS,
+        "cluster.gateways": [0, 1],
+        "network.step_timeout_ms": 500,
+        "byzantine.max_step_timeouts": 1,
+    }
+    async with InProcessCluster(tiny_model, 5, tmp_path, f=1, settings=settings) as c:
+        gw = c.gateway
+        serving = gw.gateway
+        assert serving is not None
+        first = await c.first_plan()
+        await c.until(lambda: serving.scheduler is not None, "node 0 serving")
+        assert 3 in holders(first) and 4 not in holders(first), first
+        c.net.blackholed.add(NodeId(3))  # frames only: its heartbeats still arrive
+        for k in range(4):  # audits reach the standby 3 and time out
+            if gw.recovery.suspended(NodeId(3)):
+                break
+            await c.infer(task(tiny_model, f"r{k}"))
+        await c.until(lambda: gw.recovery.suspended(NodeId(3)), "node 3 suspended")
+        await c.until(lambda: 3 not in holders(gw.stage_server.plan), "node 3 out")
+        await c.until(lambda: NodeId(3) in c.nodes[1].plans.suspended, "suspension agreed")
+        out = gw.stage_server.plan
+        c.net.blackholed.discard(NodeId(3))  # healed
+        await c.until(lambda: not gw.recovery.suspended(NodeId(3)), "taken back", beats=1000)
+        await c.until(
+            lambda: all(NodeId(3) not in n.plans.suspended for n in c.nodes),
+            "its suspension ended in the agreed log",
+        )
+        assert gw.stage_server.plan == out  # no plan named it: the re-plan changed nothing
+        standby = c.nodes[1].gateway
+        assert standby is not None
+        c.kill(0)
+        await c.until(lambda: standby.scheduler is not None, "node 1 takes over", beats=1000)
+        shown = {h.node: h for h in c.nodes[1].engine.health().nodes}[NodeId(3)]
+        assert not c.nodes[1].recovery.suspended(NodeId(3)) and shown.suspended_s is None
+        assert NodeId(3) not in c.nodes[1].recovery.out
+        assert not any(node.plans.evicted for node in c.nodes)
+
+
 async def test_a_suspension_being_agreed_ends_with_the_gateways_loops(
     tiny_model: Path, tmp_path: Path
 ) -> None:

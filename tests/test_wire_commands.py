@@ -13,6 +13,7 @@ from butterfly.types.wire.commands import (
     EvictNode,
     InvalidCommand,
     NewPlan,
+    ResumeNode,
     SuspendNode,
     TakeOver,
     decode_command,
@@ -25,6 +26,7 @@ EXAMPLES = (
     ConfigAbort("ab" * 32, 77),
     EvictNode(N2, "two signed proofs disagree"),
     SuspendNode(N2, 2, "left 3 of its last 32 steps unanswered"),
+    ResumeNode(N2),
     NewPlan(Epoch(4), (0, 0, 2, 1, 2, 4)),
     TakeOver(N1, 2),
 )

@@ -53,7 +53,7 @@ from butterfly.types.wire import control as c
 from butterfly.types.wire import data as d
 from butterfly.types.wire import standby as s
 from butterfly.types.wire.agreement import Evidence
-from butterfly.types.wire.commands import EvictNode, NewPlan, SuspendNode, TakeOver
+from butterfly.types.wire.commands import EvictNode, NewPlan, ResumeNode, SuspendNode, TakeOver
 from butterfly.wiring import parts
 from butterfly.wiring.edges import Edges, NetworkEdges
 from butterfly.wiring.logs import set_log_level
@@ -159,7 +159,9 @@ def _cluster_wide_left(result: UpdateResult) -> None:
 
 
 def _execute(
-    plans: AgreedPlans, role: GatewayRole, command: EvictNode | SuspendNode | NewPlan | TakeOver
+    plans: AgreedPlans,
+    role: GatewayRole,
+    command: EvictNode | SuspendNode | ResumeNode | NewPlan | TakeOver,
 ) -> None:
     """Every node, in agreement order: a takeover moves the gateway role, the rest are
     plans and evictions."""

@@ -6,10 +6,11 @@ honest node, pre-empt its own eviction or change the configuration. The rule:
 
     command         authorized proposer        checked by
     new_plan        the gateway                every replica: the primary does not order
-    evict_node      the gateway (never of      it, backups do not prepare a pre-prepare
-                    itself)                    carrying it, and every node skips it at
-    config_update   the gateway (which takes   execution (the driver), so a lying
-    config_abort    it only from an API        primary cannot force it through
+    resume_node                                it, backups do not prepare a pre-prepare
+    evict_node      the gateway (never of      carrying it, and every node skips it at
+    suspend_node    itself)                    execution (the driver), so a lying
+    config_update   the gateway (which takes   primary cannot force it through
+    config_abort    it only from an API
                     request with a valid
                     token when api.tokens is
                     set)
@@ -43,6 +44,7 @@ from butterfly.types.wire.commands import (
     EvictNode,
     InvalidCommand,
     NewPlan,
+    ResumeNode,
     SuspendNode,
     TakeOver,
     decode_command,
@@ -79,7 +81,9 @@ def authorized(
         case EvictNode(node=node) | SuspendNode(node=node) if node == gateway:
             return f"the acting gateway cannot be put out ({command.kind}): its successor "
             "takes over if it fails"
-        case NewPlan() | EvictNode() | SuspendNode() | ConfigUpdate() | ConfigAbort():
+        case (
+            NewPlan() | EvictNode() | SuspendNode() | ResumeNode() | ConfigUpdate() | ConfigAbort()
+        ):
             return None
 
 

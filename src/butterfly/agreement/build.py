@@ -33,12 +33,13 @@ from butterfly.types.wire.commands import (
     EvictNode,
     InvalidCommand,
     NewPlan,
+    ResumeNode,
     SuspendNode,
     TakeOver,
     decode_command,
 )
 
-OnCommand = Callable[[EvictNode | SuspendNode | NewPlan | TakeOver], None]
+OnCommand = Callable[[EvictNode | SuspendNode | ResumeNode | NewPlan | TakeOver], None]
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def commit_router(replica: ConfigReplica, on_command: OnCommand, emit: Emit) -> 
         match command:
             case ConfigUpdate() | ConfigAbort():
                 replica.execute(command)
-            case EvictNode() | SuspendNode() | NewPlan() | TakeOver():
+            case EvictNode() | SuspendNode() | ResumeNode() | NewPlan() | TakeOver():
                 on_command(command)
 
     return on_commit

@@ -26,7 +26,13 @@ from butterfly.net.framing import Envelope
 from butterfly.types.errors import ButterflyError, InvalidMessage, ServiceUnavailable
 from butterfly.types.ids import GATEWAY, Epoch, NodeId
 from butterfly.types.plan import StagePlan
-from butterfly.types.wire.commands import EvictNode, NewPlan, SuspendNode, encode_command
+from butterfly.types.wire.commands import (
+    EvictNode,
+    NewPlan,
+    ResumeNode,
+    SuspendNode,
+    encode_command,
+)
 from butterfly.types.wire.control import PlanAck, PlanAssign
 
 log = logging.getLogger(__name__)
@@ -53,7 +59,8 @@ class AgreedPlans:
     def __init__(self) -> None:
         self.latest: StagePlan | None = None
         self.evicted: dict[NodeId, str] = {}  # node -> the agreed reason (the first one)
-        # node -> suspensions in a row: agreed, and no later agreed plan gave it layers
+        # node -> suspensions in a row: agreed, and not ended since by an agreed plan
+        # that gave it layers or an agreed `ResumeNode`
         self.suspended: dict[NodeId, int] = {}
         self._changed = asyncio.Event()
         self._on_evicted: list[Callable[[NodeId, str], None]] = []
@@ -65,7 +72,7 @@ class AgreedPlans:
 
     # --- every node, in agreement order ------------------------------------------------
 
-    def execute(self, command: NewPlan | EvictNode | SuspendNode) -> None:
+    def execute(self, command: NewPlan | EvictNode | SuspendNode | ResumeNode) -> None:
         """Every node runs this in agreement order; each decision is a function of the
         agreed log alone, so every honest node decides alike."""
         if isinstance(command, EvictNode):
@@ -74,6 +81,10 @@ class AgreedPlans:
         if isinstance(command, SuspendNode):  # for a gateway that takes over (`Recovery`)
             self.suspended[command.node] = command.strikes
             log.warning("agreed: node %s suspended (%s)", command.node, command.reason)
+            return
+        if isinstance(command, ResumeNode):  # taken back by a plan that did not change
+            if self.suspended.pop(command.node, None) is not None:
+                log.warning("agreed: node %s taken back; its suspension is over", command.node)
             return
         try:
             plan = command_plan(command)

@@ -60,7 +60,7 @@ from butterfly.types.ids import NodeId
 from butterfly.types.model import LayerRange
 from butterfly.types.plan import StagePlan
 from butterfly.types.wire.agreement import Evidence
-from butterfly.types.wire.commands import SuspendNode, encode_command
+from butterfly.types.wire.commands import ResumeNode, SuspendNode, encode_command
 from butterfly.types.wire.control import PlanAck, PlanAssign, StatusQuery, StatusReply
 
 log = logging.getLogger(__name__)
@@ -219,19 +219,32 @@ class Recovery:
             self._depart(node)
             log.error("suspending node %s for %.0f s: %s", node, suspension_s(strikes[0]), reason)
             self._emit(Suspension(node=node))
-            agreed = SuspendNode(node, strikes[0], reason[:1000])
-            ordering = asyncio.create_task(self._agree_suspension(agreed))
-            self._ordering.add(ordering)
-            ordering.add_done_callback(self._ordering.discard)
+            self._order(SuspendNode(node, strikes[0], reason[:1000]))
         self._wake.set()
 
-    async def _agree_suspension(self, command: SuspendNode) -> None:
-        """Order `command` (in the background: the request that found the node silent
-        goes on meanwhile); not agreed, it holds on this gateway alone."""
+    def _order(self, command: SuspendNode | ResumeNode) -> None:
+        """Order `command` in the background (the request that found the node silent, or
+        the loop that took it back, goes on meanwhile); not agreed, it holds on this
+        gateway alone."""
+        ordering = asyncio.create_task(self._agree(command))
+        self._ordering.add(ordering)
+        ordering.add_done_callback(self._ordering.discard)
+
+    async def _agree(self, command: SuspendNode | ResumeNode) -> None:
         try:
             await self._propose(encode_command(command), self._agree_timeout)
         except ButterflyError as e:
-            log.error("suspension of node %s not agreed: %s", command.node, e)
+            log.error("%s of node %s not agreed: %s", command.kind, command.node, e)
+
+    def _end_agreed_suspensions(self, nodes: list[NodeId]) -> None:
+        """`nodes` were taken back: end the suspension the agreed log still holds for any
+        of them. An agreed plan that gives a node layers ends it on every node, but a
+        re-plan that changed nothing (every range had its holders) is not agreed, and the
+        log kept the node suspended: a gateway that took over later suspended the honest
+        node again for a whole period (a review)."""
+        for node in nodes:
+            if node in self._plans.suspended:
+                self._order(ResumeNode(node))
 
     def _resume_suspensions(self) -> None:
         """The suspensions the agreed log holds, as this gateway starts acting: a node a
@@ -498,6 +511,7 @@ class Recovery:
                 await asyncio.sleep(RETRY_S)
                 self._wake.set()
                 continue
+            self._end_agreed_suspensions(back)
             if newly:
                 self.recoveries.append(time.perf_counter() - started)
                 self._emit(RecoveryCompleted(seconds=self.recoveries[-1]))

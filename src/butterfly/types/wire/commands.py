@@ -13,6 +13,8 @@ To add a command kind: declare a frozen dataclass with a unique `kind` and add i
     config_update   apply an agreed config proposal at config sequence `seq` (seed 002)
     config_abort    a timed-out proposal must not apply if it has not yet
     evict_node      remove a node proven faulty (evidence) from the membership
+    suspend_node    a node that left its work unanswered is out of the plans for a while
+    resume_node     a suspended node was taken back although no plan named it
     new_plan        the stage plan of an epoch: flat (node, start, end) triples of the
                     chain, and of the replicas (auditors and standbys)
     take_over       a gateway-capable node becomes the acting gateway for `term`
@@ -89,6 +91,17 @@ class SuspendNode:
 
 
 @dataclass(frozen=True, slots=True)
+class ResumeNode:
+    """The acting gateway took the suspended `node` back without an agreed plan giving it
+    layers (every range had its holders, so the plan did not change): its suspension is
+    over on every node. Without it the agreed log kept the node suspended, and a gateway
+    that took over later suspended the honest node again for a whole period (a review)."""
+
+    kind: ClassVar[str] = "resume_node"
+    node: NodeId
+
+
+@dataclass(frozen=True, slots=True)
 class NewPlan:
     kind: ClassVar[str] = "new_plan"
     epoch: Epoch
@@ -107,12 +120,13 @@ class TakeOver:
     term: int
 
 
-Command = ConfigUpdate | ConfigAbort | EvictNode | SuspendNode | NewPlan | TakeOver
+Command = ConfigUpdate | ConfigAbort | EvictNode | SuspendNode | ResumeNode | NewPlan | TakeOver
 COMMANDS: tuple[type[Command], ...] = (
     ConfigUpdate,
     ConfigAbort,
     EvictNode,
     SuspendNode,
+    ResumeNode,
     NewPlan,
     TakeOver,
 )
@@ -141,6 +155,7 @@ __all__ = [
     "EvictNode",
     "InvalidCommand",
     "NewPlan",
+    "ResumeNode",
     "SuspendNode",
     "TakeOver",
     "decode_command",
