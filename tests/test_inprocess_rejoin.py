@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from butterfly.control.facts import NodeFacts
-from butterfly.control.policy import suspension_s
+from butterfly.control.policy import RESTARTS_FORGOTTEN_S, SUSPENSION_MAX_S, suspension_s
+from butterfly.node import Node
 from butterfly.runtime.generate import generate
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.tokenizer import TextCodec
@@ -110,6 +111,87 @@ async def test_a_restarted_node_catches_up_and_is_given_a_range(
         assert again.agreement.driver.last_executed == gw.agreement.driver.last_executed
         assert every_range_checked(back)
         assert await run(c, task(tiny_model, "after-restart")) == (expected, "audit")
+
+
+PAUSE_TOLERATED = {
+    **SETTINGS,
+    "coordination.acceptable_pause_ms": 10_000,  # a restart never reads as a failure
+    "network.step_timeout_ms": 500,
+}
+
+
+async def restart_unseen(c: InProcessCluster, node: int) -> Node:
+    """Kill `node` for 5 s and start it again from its config, all within the failure
+    detector's tolerance: the gateway never sees it fail, only its heartbeats come back
+    without the layers it had taken up (none: a new process holds no plan)."""
+    gw = c.gateway
+    c.kill(node)
+    for _ in range(50):
+        c.hub.tick(0.1)
+        await asyncio.sleep(0.002)
+    assert gw.membership.status(NodeId(node)) == "healthy"  # within acceptable_pause_ms
+    return await c.restart(node)
+
+
+async def rejoined(c: InProcessCluster, again: Node) -> StagePlan:
+    """The plan in force once the restarted node holds it, as the gateway does."""
+    await c.until(
+        lambda: (
+            again.stage_server.plan is not None
+            and again.stage_server.plan == c.gateway.stage_server.plan
+        ),
+        "the restarted node took the gateway's plan up",
+    )
+    plan = again.stage_server.plan
+    assert plan is not None and again.id in holders(plan)
+    return plan
+
+
+async def test_a_node_restarted_unseen_by_the_failure_detector_rejoins_unsuspended(
+    tiny_model: Path, tmp_path: Path, expected: list[int]
+) -> None:
+    """Chain node 1 restarts within `coordination.acceptable_pause_ms`: no failure is
+    seen, but its heartbeats say it holds none of the layers it acknowledged, so it
+    leaves the plan as a failed node does and comes back after its hold. Before, the
+    gateway kept sending it steps it dropped (it held no plan), and suspended the honest
+    node for 30 s as withholding, a strike against it (a review)."""
+    async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=PAUSE_TOLERATED) as c:
+        gw = c.gateway
+        first = await c.first_plan()
+        serving = gw.gateway
+        assert serving is not None
+        await c.until(lambda: serving.scheduler is not None, "node 0 serving")
+        assert NodeId(1) in first.nodes
+        again = await restart_unseen(c, 1)
+        assert await run(c, task(tiny_model, "after-restart")) == (expected, "audit")
+        back = await rejoined(c, again)
+        assert not gw.recovery.suspended(NodeId(1)) and NodeId(1) not in gw.recovery._suspensions
+        assert not any(NodeId(1) in n.plans.suspended for n in c.nodes)
+        assert every_range_checked(back)
+        assert await run(c, task(tiny_model, "after-rejoin")) == (expected, "audit")
+
+
+async def test_a_node_that_restarts_again_soon_is_suspended(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """A node's heartbeats are its own word: a withholder could claim a restart each
+    time it was about to be charged and never be suspended. The first restart in
+    `RESTARTS_FORGOTTEN_S` is free; the next is suspended like unanswered work."""
+    async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=PAUSE_TOLERATED) as c:
+        gw = c.gateway
+        await c.first_plan()
+        serving = gw.gateway
+        assert serving is not None
+        await c.until(lambda: serving.scheduler is not None, "node 0 serving")  # acked
+        again = await restart_unseen(c, 1)
+        await rejoined(c, again)
+        assert not gw.recovery.suspended(NodeId(1))
+        await restart_unseen(c, 1)
+        await c.until(lambda: gw.recovery.suspended(NodeId(1)), "node 1 suspended")
+        await c.until(lambda: 1 not in holders(gw.stage_server.plan), "node 1 out")
+        await c.until(lambda: all(NodeId(1) in n.plans.suspended for n in c.nodes), "agreed")
+        assert RESTARTS_FORGOTTEN_S >= 2 * SUSPENSION_MAX_S
+        assert not any(node.plans.evicted for node in c.nodes)
 
 
 async def test_an_evicted_node_that_comes_back_stays_out(tiny_model: Path, tmp_path: Path) -> None:

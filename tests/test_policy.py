@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from butterfly.control.policy import (
+    RESTARTS_FORGOTTEN_S,
     STRIKES_FORGOTTEN_S,
+    SUSPENSION_MAX_S,
     Placing,
     alive,
     equivocation,
@@ -13,6 +15,7 @@ from butterfly.control.policy import (
     gone,
     next_plan,
     rejoin_hold_s,
+    restarted,
     returning,
     strike,
     to_evict,
@@ -180,3 +183,26 @@ def test_a_flapping_node_waits_longer_each_time_until_it_stays_away() -> None:
     assert holds[:3] == [0.5, 1.0, 2.0]
     assert holds[-1] == holds[-2] == 32.0  # capped
     assert strike(strikes, t + STRIKES_FORGOTTEN_S + 1) == (1, t + STRIKES_FORGOTTEN_S + 1)
+
+
+def test_a_holder_that_lost_its_layers_for_the_grace_counts_as_restarted() -> None:
+    """Heartbeats saying no layers, or other layers, than the plan's for the grace: a
+    restart the failure detector did not see. Within the grace (a beat sent before the
+    node applied the plan may arrive after its ack), or matching, it is not."""
+    loaded = {N[1]: None, N[2]: R(6, 12), N[3]: None}.get  # N0 (the gateway): its own
+    since = {N[1]: 0.0, N[2]: 0.0, N[3]: 9.9}
+    assert restarted(REPLICATED, loaded, since, 10.0, 0.3) == [N[1], N[2]]  # N3: in grace
+    assert restarted(REPLICATED, loaded, since, 10.5, 0.3) == [N[1], N[2], N[3]]
+    assert restarted(REPLICATED, loaded, {}, 10.0, 0.3) == []  # none differed before
+    holding = {N[1]: R(6, 12), N[2]: R(0, 6), N[3]: R(6, 12)}.get
+    assert restarted(REPLICATED, holding, since, 10.5, 0.3) == []
+
+
+def test_a_second_restart_within_the_window_is_not_free() -> None:
+    """One restart per window leaves without a suspension; a withholder that claimed a
+    restart each time it was about to be charged gets no further than the doubling
+    suspension would let it (`control.recovery` suspends the second)."""
+    assert strike(None, 0.0, forgotten_s=RESTARTS_FORGOTTEN_S)[0] == 1
+    assert strike((1, 0.0), 3600.0, forgotten_s=RESTARTS_FORGOTTEN_S)[0] == 2
+    assert strike((1, 0.0), RESTARTS_FORGOTTEN_S + 1, forgotten_s=RESTARTS_FORGOTTEN_S)[0] == 1
+    assert RESTARTS_FORGOTTEN_S >= 2 * SUSPENSION_MAX_S

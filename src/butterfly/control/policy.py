@@ -20,12 +20,17 @@ The rules, in order:
   rest holding copies (`place`).
 - Only the gateway evicts, never itself; a proven liar is evicted once, and leaves the
   plan even when the agreed log already held its eviction.
-- A node that left the plan by failing (or by not taking a plan up, or by not being up
-  when the first plan was made) comes back once it has been healthy without a break for
-  `rejoin_hold_s` (`returning`); an evicted node never does. When the chain cannot grow,
-  a returning node joins as a standby of the ranges with the fewest holders
-  (`join`, `replicas.add_standbys`): no
-  other node's layers move and no cache is lost; otherwise the plan is placed again.
+- A holder that acknowledged the plan and whose heartbeats then say it holds other
+  layers (none: it restarted within the failure detector's tolerance, which never saw
+  it fail) has left the plan as a failed node has (`restarted`); it is not charged
+  as withholding for the steps it cannot run. A second such restart within
+  `RESTARTS_FORGOTTEN_S` is a suspension: claiming restarts is no way out of one.
+- A node that left the plan by failing (or by not taking a plan up, by restarting, or
+  by not being up when the first plan was made) comes back once it has been healthy
+  without a break for `rejoin_hold_s` (`returning`); an evicted node never does. When
+  the chain cannot grow, a returning node joins as a standby of the ranges with the
+  fewest holders (`join`, `replicas.add_standbys`): no other node's layers move and no
+  cache is lost; otherwise the plan is placed again.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from butterfly.control.replicas import (
 from butterfly.metrics.events import Emit, discard
 from butterfly.partition.service import PartitionService
 from butterfly.types.ids import GATEWAY, Epoch, NodeId
-from butterfly.types.model import LayerInfo
+from butterfly.types.model import LayerInfo, LayerRange
 from butterfly.types.plan import StagePlan
 from butterfly.types.wire.agreement import Evidence
 from butterfly.types.wire.control import StatusReply
@@ -75,6 +80,15 @@ TCP cut, its datagrams still arriving, looks the same, and one was evicted for g
 review); a withholding liar costs a detection each time it is taken back, ever more
 rarely."""
 SUSPENSION_MAX_S = 3600.0
+RESTART_BEATS = 3
+"""Heartbeat intervals a holder's heartbeats must say other layers than the plan it
+acknowledged before it counts as restarted (`restarted`): a beat sent before it applied
+the plan may arrive after its acknowledgement."""
+RESTARTS_FORGOTTEN_S = 2 * SUSPENSION_MAX_S
+"""A holder that restarts (`restarted`) again within this of its last restart is
+suspended rather than let go: its heartbeats are its own word, and a withholding node
+that claimed a restart each time it was about to be charged was never suspended. One
+free restart per two hours is what the doubling suspension allows a withholder anyway."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +108,35 @@ def gone(
 ) -> list[NodeId]:
     """The plan's nodes that failed or were evicted: the plan must change without them."""
     return [n for n in holders(plan) if n in evicted or status(n) == "failed"]
+
+
+def restarted(
+    plan: StagePlan,
+    loaded: Callable[[NodeId], LayerRange | None],
+    differs_since: Mapping[NodeId, float],
+    now: float,
+    grace_s: float,
+) -> list[NodeId]:
+    """The plan's holders that acknowledged it (it loaded their layers) and whose
+    heartbeats have said other layers (`loaded`: none, after a restart) since
+    `differs_since` for `grace_s` or more: restarted within
+    `coordination.acceptable_pause_ms`, so the failure detector never saw them fail,
+    and each step sent to them would time out and charge an honest node as withholding
+    (a review). The grace: a heartbeat sent before a node applied the plan may arrive
+    after its acknowledgement.
+
+        >>> from butterfly.types.model import LayerRange as R
+        >>> plan = StagePlan(1, ((0, R(0, 2)), (1, R(2, 4))), ((2, R(0, 2)), (3, R(2, 4))))
+        >>> restarted(plan, {1: None, 2: R(0, 2), 3: None}.get, {1: 0.0, 3: 9.9}, 10.0, 0.3)
+        [1]
+    """
+    return [
+        n
+        for n in holders(plan)
+        if n in differs_since
+        and loaded(n) != plan.layers_of(n)
+        and now - differs_since[n] >= grace_s
+    ]
 
 
 def alive(
@@ -244,6 +287,8 @@ def equivocation(evidence: Evidence) -> tuple[NodeId, str]:
 
 __all__ = [
     "REJOIN_HOLD_BEATS",
+    "RESTARTS_FORGOTTEN_S",
+    "RESTART_BEATS",
     "NextPlan",
     "Placing",
     "alive",
@@ -253,6 +298,7 @@ __all__ = [
     "holders",
     "next_plan",
     "rejoin_hold_s",
+    "restarted",
     "returning",
     "strike",
     "to_evict",

@@ -12,12 +12,13 @@ and distributes the plan, then calls `on_replanned` (the engine's `plan_changed`
 fails the steps sent on the old plan; each request then replays on the new one.
 
 A node leaves the plans when it fails, when it does not take a plan up (refuses it, or
-cannot be reached), or when it was not up for the first plan; it is then `out`. Once
-its heartbeats have been steady for its hold (`policy.returning`, `policy.rejoin_hold_s`)
-`run` re-plans with it, fetching its facts first if it never reported them; a proven
-liar is never taken back. A node that does not take up a plan is out for that plan and
-the next one is decided at once without it (`replan`), so a dead or withholding member
-never blocks a re-plan.
+cannot be reached), when its heartbeats say it no longer holds the layers it took up (it
+restarted too fast for the failure detector: `policy.restarted`), or when it was not up
+for the first plan; it is then `out`. Once its heartbeats have been steady for its hold
+(`policy.returning`, `policy.rejoin_hold_s`) `run` re-plans with it, fetching its
+facts first if it never reported them; a proven liar is never taken back. A node that
+does not take up a plan is out for that plan and the next one is decided at once
+without it (`replan`), so a dead or withholding member never blocks a re-plan.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from typing import Protocol
 from butterfly.control.planner import Placement
 from butterfly.control.plans import AgreedPlans, PlanNamesEvicted, Propose, agree, evict
 from butterfly.control.policy import (
+    RESTART_BEATS,
+    RESTARTS_FORGOTTEN_S,
     SUSPENSION_MAX_S,
     Placing,
     equivocation,
@@ -40,6 +43,7 @@ from butterfly.control.policy import (
     gone,
     next_plan,
     rejoin_hold_s,
+    restarted,
     returning,
     strike,
     suspension_s,
@@ -134,6 +138,12 @@ class Recovery:
         self._suspended: set[NodeId] = set()
         self._suspensions: dict[NodeId, tuple[int, float]] = {}
         self._ordering: set[asyncio.Task[None]] = set()  # suspensions being agreed
+        # the epoch of the plan all of whose holders acknowledged it (this gateway's last)
+        self._acked = -1
+        # per holder that acked it, since when its heartbeats say other layers (if they do)
+        self._differs: dict[NodeId, float] = {}
+        # per node, restarts the failure detector did not see in a row, and the last
+        self._restarts: dict[NodeId, tuple[int, float]] = {}
         self._applied: Callable[[], None] = lambda: None  # the engine's, from `run`
         self._plans, self._propose, self._agree_timeout = plans, propose, agree_timeout_s
         self._transport, self._model_hash, self._placing = transport, model_hash, placing
@@ -263,12 +273,45 @@ class Recovery:
 
     def _back_for(self, node: NodeId) -> float | None:
         """How long `node` has been healthy, as far as taking it back goes: a suspended
-        node counts from the end of its suspension (its heartbeats never stopped)."""
-        end, up = self._suspension_end(node), self._healthy_for(node)
-        if end is None or up is None:
+        node counts from the end of its suspension, a restarted one from when its restart
+        was seen (their heartbeats never stopped)."""
+        up = self._healthy_for(node)
+        restart = self._restarts.get(node)
+        ends = [self._suspension_end(node), restart[1] if restart is not None else None]
+        if up is None or all(end is None for end in ends):
             return up
-        over = self._clock() - end
+        over = self._clock() - max(end for end in ends if end is not None)
         return None if over < 0 else min(up, over)
+
+    def _restarted(self, plan: StagePlan) -> tuple[list[NodeId], list[NodeId]]:
+        """The plan's holders that restarted since they acknowledged it
+        (`policy.restarted`): those to let go as failed nodes, with no suspension (the
+        first restart), and those to suspend (another within `RESTARTS_FORGOTTEN_S`: a
+        withholder could otherwise claim a restart whenever it was about to be charged,
+        and never be)."""
+        if plan.epoch != self._acked:
+            return [], []  # a plan this gateway did not see every holder take up
+        now, away = self._clock(), self.evicted | self._suspended | self.out
+        watched = [n for n in plan.members if n != self.node and n in self._members]
+        for node in watched:
+            if node in away or self._loaded(node) == plan.layers_of(node):
+                self._differs.pop(node, None)
+            else:
+                self._differs.setdefault(node, now)
+        grace = RESTART_BEATS * self._interval
+        found = restarted(plan, self._loaded, self._differs, now, grace)
+        for node in found:  # each leaves the plan (`out`), so is found once
+            self._restarts[node] = strike(
+                self._restarts.get(node), now, forgotten_s=RESTARTS_FORGOTTEN_S
+            )
+            log.warning(
+                "node %s heartbeats without the layers %s it took up: it restarted (%d in a row)",
+                node,
+                plan.layers_of(node),
+                self._restarts[node][0],
+            )
+        free = [n for n in found if self._restarts[n][0] == 1]
+        return free, [n for n in found if n not in free]
 
     def _remember(self, node: NodeId, reason: str) -> None:
         """Out of this gateway's plans from now on, and after a restart (its store)."""
@@ -435,7 +478,8 @@ class Recovery:
                 prompt=[n for n in members if self._loaded(n) == plan.layers_of(n)],
                 prompt_s=PROMPT_ACK_BEATS * self._interval,
             )
-            if not took.down:
+            if not took.down:  # every holder loaded its layers: from now on it says so
+                self._acked, self._differs = plan.epoch, {}
                 return plan
             log.warning(
                 "nodes %s did not take up epoch %d; deciding again without them",
@@ -468,10 +512,18 @@ class Recovery:
             plan = self._holder.plan
             if plan is None:
                 continue
+            restarts, again = self._restarted(plan)
+            if again:
+                await self.suspend(
+                    tuple(again),
+                    f"restarted again within {RESTARTS_FORGOTTEN_S:.0f} s of its last "
+                    "restart, leaving the work it took up undone",
+                )
             # a removed member reads as failed too, but left by an agreed change
             # (`follow` asked for the re-plan): no failure, no strike
             away = self.evicted | self._suspended  # what `gone` leaves out besides failures
             newly = [n for n in gone(plan, self._status, away) if n in self._members]
+            newly += [n for n in restarts if n not in newly]  # failed, unseen by the detector
             for n in newly:
                 self._depart(n)
             back = [
