@@ -13,6 +13,7 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +21,7 @@ from butterfly.agreement.driver import AgreementDriver
 from butterfly.metrics.events import MessageDropped, MetricsEvent
 from butterfly.net.framing import Envelope
 from butterfly.net.memory import MemoryNetwork
+from butterfly.protocol import pbft
 from butterfly.protocol.evidence import valid_evidence
 from butterfly.protocol.pbft_state import PbftConfig
 from butterfly.protocol.sign import SigningKey
@@ -62,6 +64,7 @@ class Cluster:
     evidence: dict[int, list[Evidence]] = field(default_factory=dict)
     history: int = 1024
     vetoes: dict[int, Callable[[Request], str | None]] = field(default_factory=dict)
+    data_dir: Path | None = None  # where each node keeps how far it signed (a restart reads it)
 
     async def start(self, i: int) -> None:
         """(Re)start node i from an empty replica, as a restarted process would."""
@@ -85,6 +88,7 @@ class Cluster:
             on_commit=on_commit,
             on_evidence=on_evidence,
             emit=self.events.append,
+            signed_path=None if self.data_dir is None else self.data_dir / f"{i}.json",
         )
 
         async def handle(peer: NodeId, env: Envelope) -> tuple[Message, bytes] | None:
@@ -243,6 +247,37 @@ async def test_a_restarted_primary_is_replaced_and_the_log_stays_one(cluster: Cl
     await wait_until(lambda: all(len(cluster.logs[i]) == 4 for i in range(4)))
     assert all(cluster.logs[i] == cluster.logs[1] for i in range(4))
     assert cluster.commands(0) == [b"before0", b"before1", b"before2", b"after"]
+
+
+@pytest.mark.parametrize("persisted", [True, False])
+async def test_a_primary_restarted_at_once_is_not_convicted_of_equivocation(
+    tmp_path: Path, persisted: bool
+) -> None:
+    """Back before its peers' timers fire, the primary of view 0 is still theirs; the
+    next command must not take a sequence number it signed before the crash (its peers
+    hold those pre-prepares). Without the file it does, and every peer convicts it."""
+    c = Cluster(MemoryNetwork(), data_dir=tmp_path if persisted else None)
+    for i in range(4):
+        await c.start(i)
+    try:
+        for k in range(3):
+            await c.drivers[1].propose(f"before{k}".encode(), timeout=10.0)
+        await c.stop(0)
+        await c.start(0)
+        if persisted:
+            assert (tmp_path / "0.json").exists()
+            assert c.drivers[0].state.signed_before == pbft.Signed(0, 0, 3)
+        await c.drivers[1].propose(b"after", timeout=15.0)
+        await wait_until(lambda: all(c.commands(i)[-1:] == [b"after"] for i in range(4)))
+        await asyncio.sleep(0.3)  # statuses and relays go round
+        convicted = {i: [e.accused for e in c.evidence[i]] for i in range(4) if c.evidence[i]}
+        assert (convicted == {}) is persisted, convicted
+        if persisted:
+            assert all(c.logs[i] == c.logs[1] for i in range(4))
+    finally:
+        for i in list(c.tasks):
+            if not c.tasks[i].done():
+                await c.stop(i)
 
 
 async def test_an_equivocating_voter_is_reported_by_honest_nodes_and_commits_go_on() -> None:

@@ -17,6 +17,7 @@ from butterfly.agreement.authority import TakeoverRule, admission
 from butterfly.agreement.config_coordinator import ConfigCoordinator
 from butterfly.agreement.config_replica import ConfigReplica
 from butterfly.agreement.driver import AgreementDriver, OnCommit, OnEvidence
+from butterfly.agreement.signed_mark import MARK_FILE
 from butterfly.config import ButterflyConfig, ConfigHistory, ConfigManager
 from butterfly.config.proposal import resume_committed
 from butterfly.config.roster import Roster, live_ids
@@ -129,6 +130,7 @@ def build_agreement(
         on_evidence=on_evidence,
         emit=emit,
         replica_keys=None if roster is None else lambda: roster.slots,
+        signed_path=Path(cfg.node.data_dir) / MARK_FILE,
     )
 
     async def propose(command: bytes, timeout: float) -> int:

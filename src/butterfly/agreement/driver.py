@@ -30,10 +30,12 @@ A restarted node starts from an empty replica: its peers relay what it missed (c
 certificates, or a certified state transfer below their stable checkpoint), and the
 driver hands every command to `on_commit` again from sequence number 1, so the commit
 handler must recognise what it already applied. A restarted *primary* cannot vouch for
-the pre-prepares it sent before the crash; the requests it then fails to order time out
-at the backups, which move to the next view. Its peers relay those pre-prepares back to
-it with their commit certificates (`pbft.OWN_RELAYED`), so it executes the slots it
-ordered and never assigns their sequence numbers again.
+the pre-prepares it sent before the crash; its peers relay those pre-prepares back to it
+with their commit certificates (`pbft.OWN_RELAYED`), so it executes the slots it ordered.
+It must never sign another pre-prepare for one of those slots, even before the relays
+arrive (its peers would hold two and convict it of equivocation), so the driver writes
+how far the replica signed to the node's data directory before any pre-prepare leaves
+(`agreement.signed_mark`), and the restarted replica starts past it.
 
 The replica set changes at an agreed command (`protocol.pbft_members`): the replica holds
 after any config update (`PbftConfig.barrier`), and once `on_commit` applied it the driver
@@ -56,10 +58,12 @@ import time
 import typing
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeGuard
 
 import msgpack
 
+from butterfly.agreement import signed_mark
 from butterfly.agreement.authority import UnauthorizedCommand
 from butterfly.metrics.events import ConsensusRound, Emit, MessageDropped, PhaseTransition, discard
 from butterfly.net.framing import Envelope
@@ -73,6 +77,7 @@ from butterfly.types.ids import NodeId
 from butterfly.types.wire.agreement import (
     Evidence,
     Message,
+    NewView,
     PrePrepare,
     Reply,
     Request,
@@ -130,10 +135,17 @@ class AgreementDriver:
         clock: Callable[[], float] = time.monotonic,
         limits: DriverLimits = DriverLimits(),
         replica_keys: ReplicaKeys | None = None,
+        signed_path: Path | None = None,
     ) -> None:
         """`replica_keys`: the replica set's keys as this node now holds them (read after
-        each config update executes; None: the set never changes)."""
-        self._state: ReplicaState = pbft.new_replica(config, key)
+        each config update executes; None: the set never changes). `signed_path`: where
+        the replica's `pbft_state.Signed` survives a restart (`agreement.signed_mark`;
+        None: nowhere, for tests and benchmarks that never restart a primary)."""
+        self._signed_path = signed_path
+        self._persisted = (
+            None if signed_path is None else signed_mark.load(signed_path, config.epoch)
+        )
+        self._state: ReplicaState = pbft.new_replica(config, key, self._persisted)
         self._replica_keys = replica_keys
         self._key, self._transport, self._on_commit = key, transport, on_commit
         self._emit, self._clock, self._limits = emit, clock, limits
@@ -253,10 +265,35 @@ class AgreementDriver:
         if due is not None and (self._sleeping_until is None or due < self._sleeping_until):
             self._wake.set()  # due earlier than the ticker sleeps: it must look again
 
+    def _persist_signed(self) -> bool:
+        """Write how far the replica signed pre-prepares, if it moved; False when the
+        write failed (the pre-prepares must then not leave: `_route`)."""
+        mark = self._state.signed
+        if self._signed_path is None or mark is None or mark == self._persisted:
+            return True
+        try:
+            signed_mark.store(self._signed_path, mark)
+        except OSError as e:
+            log.error(
+                "could not record signed pre-prepares in %s (%s): withholding them; the "
+                "backups will replace this primary. Fix the data directory.",
+                self._signed_path,
+                e,
+            )
+            return False
+        self._persisted = mark
+        return True
+
     def _route(self, sends: list[Send]) -> None:
+        durable = self._persist_signed()  # before any pre-prepare of ours leaves
         for send in sends:
             if isinstance(send.message, Reply):
                 continue  # proposers wait for their own execution, not for f+1 replies
+            if not durable and (
+                isinstance(send.message, NewView)
+                or (isinstance(send.message, PrePrepare) and send.message.sender == self.me)
+            ):
+                continue  # unrecorded, it could be signed again differently after a crash
             targets = self.peers if send.to is None else (send.to,)
             frame = encode(send.message)
             for peer in targets:

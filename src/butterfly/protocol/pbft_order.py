@@ -15,6 +15,8 @@ from butterfly.protocol.pbft_state import (
     Send,
     Slot,
     digest_at,
+    may_sign,
+    note_signed,
     prepared_digest,
     request_key,
     sign,
@@ -149,9 +151,23 @@ def rearm_timer(state: ReplicaState, now: float, *, restart: bool = False) -> No
 
 
 def assign_pending(state: ReplicaState, now: float, out: list[Send]) -> None:
-    """As primary, give pending requests sequence numbers up to the high water mark."""
+    """As primary, give pending requests sequence numbers up to the high water mark.
+
+    A restarted primary starts past every sequence number a previous life of it may have
+    signed in this view (`pbft_state.may_sign`): it is back in that view only as the
+    initial one, which its earlier lives ordered from the first number on without gaps,
+    or in a view its peers have already left, so the numbers it skips hold its earlier
+    pre-prepares (executed, or relayed back to it: `pbft.OWN_RELAYED`) and execution
+    does not wait on them. Reusing one was equivocation in the eyes of every peer that
+    still held the old pre-prepare.
+    """
     if not state.is_primary or not state.active:
         return
+    if not may_sign(state, state.view, state.next_seq):
+        before = state.signed_before
+        if before is None or before.epoch != state.config.epoch:
+            return  # it signed in a later epoch: nothing in this one is surely fresh
+        state.next_seq = before.seq + 1
     for key, request in list(state.pending.items()):
         if key in state.assigned:
             continue
@@ -160,6 +176,7 @@ def assign_pending(state: ReplicaState, now: float, out: list[Send]) -> None:
         seq = state.next_seq
         state.next_seq += 1
         state.assigned.add(key)
+        note_signed(state, state.view, seq)
         pp = sign(
             state,
             PrePrepare(

@@ -168,6 +168,24 @@ class Slot:
     declined: dict[int, float] = field(default_factory=dict)  # view -> since when (`veto`)
 
 
+@dataclass(frozen=True, slots=True)
+class Signed:
+    """How far a replica has signed pre-prepares as primary: in `epoch`, no view above
+    `view` and no sequence number above `seq` (the two maxima, not one pre-prepare's).
+
+    The driver writes it to the node's data directory before any pre-prepare leaves
+    (`agreement.signed_mark`) and hands it back to a restarted replica (`new_replica`),
+    which then never signs a pre-prepare at a (view, seq) it may have signed before the
+    crash (`may_sign`): its peers keep the old ones (the log until the first stable
+    checkpoint, then `orphans`), and a second one for the same slot convicts it of
+    equivocation (`evidence.check_header`) although it only restarted.
+    """
+
+    epoch: int
+    view: int
+    seq: int
+
+
 def genesis_digest(epoch: Epoch) -> bytes:
     return chain(b"butterfly-pbft-genesis", int(epoch), b"")
 
@@ -223,6 +241,10 @@ class ReplicaState:
     # the previous epoch's replica, frozen at the membership change: it still relays the
     # log up to the change to a replica that has not executed it yet (`pbft_members`)
     retired: ReplicaState | None = None
+    # how far this replica signed pre-prepares, over its lives (the driver persists it),
+    # and how far it had signed when it started (`may_sign`); None: nothing
+    signed: Signed | None = None
+    signed_before: Signed | None = None
 
     @property
     def me(self) -> NodeId:
@@ -242,8 +264,10 @@ class ReplicaState:
         return not self.in_view_change
 
 
-def new_replica(config: PbftConfig, key: SigningKey) -> ReplicaState:
-    """A replica at the start of its epoch: in its initial view, empty log, status due at once."""
+def new_replica(config: PbftConfig, key: SigningKey, signed: Signed | None = None) -> ReplicaState:
+    """A replica at the start of its epoch: in its initial view, empty log, status due at
+    once. `signed`: how far a previous life of this replica signed pre-prepares (what its
+    driver persisted), so this one never signs another for any of those slots."""
     if key.public != config.keys[config.replica]:
         raise ValueError(f"key does not match replica {config.replica}'s public key")
     genesis = config.genesis
@@ -258,6 +282,8 @@ def new_replica(config: PbftConfig, key: SigningKey) -> ReplicaState:
         stable_digest=genesis,
         digests=[genesis],
         status_deadline=0.0,
+        signed=signed,
+        signed_before=signed,
     )
 
 
@@ -289,6 +315,26 @@ def stale_request(state: ReplicaState, request: Request) -> bool:
 
 def sign(state: ReplicaState, message: M) -> M:
     return sign_message(message, state.key)
+
+
+def may_sign(state: ReplicaState, view: int, seq: int) -> bool:
+    """Whether this replica may sign a pre-prepare at (view, seq): always, unless a
+    previous life of it (`signed_before`) may have signed one there. Then only a later
+    view or a later sequence number is certainly fresh; an older epoch than the one it
+    signed in is never safe (what it signed there is unknown)."""
+    before = state.signed_before
+    if before is None or state.config.epoch > before.epoch:
+        return True
+    return state.config.epoch == before.epoch and (view > before.view or seq > before.seq)
+
+
+def note_signed(state: ReplicaState, view: int, seq: int) -> None:
+    """Record a pre-prepare this replica signed as primary (`Signed`), before it leaves."""
+    epoch, mark = state.config.epoch, state.signed
+    if mark is None or epoch > mark.epoch:
+        state.signed = Signed(epoch, view, seq)
+    elif epoch == mark.epoch and (view > mark.view or seq > mark.seq):
+        state.signed = Signed(epoch, max(view, mark.view), max(seq, mark.seq))
 
 
 def request_key(request: Request) -> RequestKey:

@@ -24,6 +24,8 @@ from butterfly.protocol.pbft_order import (
 from butterfly.protocol.pbft_state import (
     ReplicaState,
     Send,
+    may_sign,
+    note_signed,
     prepared_digest,
     request_key,
     sign,
@@ -242,6 +244,12 @@ def maybe_new_view(state: ReplicaState, now: float, out: list[Send]) -> None:
         return
     chosen = tuple(votes[j] for j in sorted(votes))[: state.config.quorum]
     plan = plan_new_view(chosen)
+    if not all(may_sign(state, state.view, seq) for seq, _, _ in plan.entries):
+        # a previous life of ours may have announced this view with other pre-prepares
+        # (`pbft_state.Signed`): the view times out and the next primary announces its own
+        return
+    for seq, _, _ in plan.entries:
+        note_signed(state, state.view, seq)
     pre_prepares = tuple(
         sign(
             state,

@@ -1,0 +1,70 @@
+"""How far this node's replica has signed pre-prepares, kept in its data directory.
+
+A primary that crashes and restarts with an empty replica must not sign a second
+pre-prepare for a (view, seq) it signed before: its peers hold the first one, and the
+pair is evidence of equivocation that gets an honest node evicted for restarting
+(`protocol.evidence`). Only the node itself can remember what it signed, so the driver
+writes the replica's `pbft_state.Signed` here before any pre-prepare leaves, and a
+restarted replica starts past it (`pbft_state.may_sign`). Agreement commands are rare
+(plans, evictions, takeovers, config), so a small synced write per pre-prepare costs
+nothing that matters.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from butterfly.protocol.pbft_state import Signed
+
+log = logging.getLogger(__name__)
+
+MARK_FILE = "pbft_signed.json"
+EVERYTHING = 1 << 62
+"""View and sequence number of an unreadable mark: every slot of its epoch may be signed."""
+
+
+def load(path: Path, epoch: int) -> Signed | None:
+    """The mark a previous life of this node wrote; None when it never signed one.
+
+    An unreadable one stands for every slot of `epoch`: the replica then signs no
+    pre-prepare before the next epoch (it still votes, and each view it would lead times
+    out to the next primary) rather than risk a conviction."""
+    try:
+        raw = json.loads(path.read_text())
+        return Signed(epoch=int(raw["epoch"]), view=int(raw["view"]), seq=int(raw["seq"]))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        log.error(
+            "%s is unreadable (%s): this node will not order as PBFT primary before the "
+            "replica set next changes, as it cannot tell which pre-prepares it signed "
+            "before; it still votes",
+            path,
+            e,
+        )
+        return Signed(epoch=epoch, view=EVERYTHING, seq=EVERYTHING)
+
+
+def store(path: Path, mark: Signed) -> None:
+    """Replace the mark atomically and durably: a crash leaves the old one or the new."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    data = json.dumps({"epoch": mark.epoch, "view": mark.view, "seq": mark.seq}).encode()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dirfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dirfd)  # the rename itself survives a power cut
+    finally:
+        os.close(dirfd)
+
+
+__all__ = ["MARK_FILE", "load", "store"]

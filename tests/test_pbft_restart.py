@@ -1,0 +1,155 @@
+"""A primary that crashes and restarts is never convicted of equivocation.
+
+Its peers keep its pre-prepares (the log until the first stable checkpoint, `orphans`
+after), so a restarted primary that signed another request at a (view, seq) it had used
+handed every one of them signed evidence against it, and the gateway evicted an honest
+node for restarting (`control.recovery.watch_evidence`; DESIGN.md section 3: a node that
+restarts rejoins, only a proven liar stays out). The driver persists how far the replica
+signed (`pbft_state.Signed`, `agreement.signed_mark`) and the restarted replica starts
+past it (`pbft_state.may_sign`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from butterfly.agreement import signed_mark
+from butterfly.protocol import pbft
+from butterfly.types.ids import NodeId
+from butterfly.types.wire.agreement import Message, NewView, PrePrepare, ViewChange
+from tests.protocol_util import KEYS, Net, config, replicas, request
+
+SETTINGS = {"initial_view": 1, "checkpoint_interval": 128, "window": 256}  # the cluster's
+
+
+def ops(state: pbft.ReplicaState) -> list[bytes]:
+    return [pp.request.operation for pp in state.executed if pp.request is not None]
+
+
+def accusations(net: Net) -> dict[int, list[tuple[int, str, int, int]]]:
+    return {
+        i: [(e.accused, e.first.kind, e.first.view, e.first.seq) for e in s.evidence]
+        for i, s in enumerate(net.states)
+        if s.evidence
+    }
+
+
+def healed(src: NodeId, dst: NodeId, m: Message) -> bool:
+    return False
+
+
+def node_1_down(src: NodeId, dst: NodeId, m: Message) -> bool:
+    return 1 in (src, dst)
+
+
+def restart_after_the_view_change(*, persisted: bool) -> Net:
+    """Node 1, view 1's primary, orders A at seq 1 and crashes; the others move to view 2;
+    node 1 restarts in view 1 (with or without what its driver persisted) and B reaches
+    it before its peers' relays do."""
+    net = Net(replicas(**SETTINGS))
+    net.broadcast_request(request(1, b"A"))
+    net.run()
+    assert [s.last_executed for s in net.states] == [1] * 4
+    net.drop = node_1_down
+    for i in (0, 2, 3):  # their failure detectors declare the primary failed
+        net.feed(i, pbft.SuspectPrimary(view=1))
+    net.run()
+    assert [net.states[i].view for i in (0, 2, 3)] == [2, 2, 2]
+    signed = net.states[1].signed if persisted else None
+    net.states[1] = pbft.new_replica(config(1, **SETTINGS), KEYS[1], signed)
+    net.drop = healed
+    net.broadcast_request(request(2, b"B"))
+    net.run()
+    net.advance(2.0)
+    return net
+
+
+def test_a_restarted_primary_is_not_convicted_and_catches_up() -> None:
+    net = restart_after_the_view_change(persisted=True)
+    assert accusations(net) == {}
+    assert all(ops(s) == [b"A", b"B"] for s in net.states)
+    assert all(s.view == 2 and s.active for s in net.states)
+
+
+def test_without_what_it_signed_the_restarted_primary_is_convicted() -> None:
+    """What the mark prevents: the scenario above really reuses view 1's seq 1."""
+    net = restart_after_the_view_change(persisted=False)
+    found = accusations(net)
+    assert found and all(e == [(1, "pre_prepare", 1, 1)] for e in found.values())
+
+
+def test_a_primary_restarted_before_its_peers_moved_on_orders_past_its_old_slots() -> None:
+    """Back before any failure detector fired: still view 1's primary, it orders B at
+    seq 2 at once, never at the seq 1 its peers hold A's pre-prepare for."""
+    net = Net(replicas(**SETTINGS))
+    net.broadcast_request(request(1, b"A"))
+    net.run()
+    signed = net.states[1].signed
+    assert signed is not None and (signed.view, signed.seq) == (1, 1)
+    net.states[1] = pbft.new_replica(config(1, **SETTINGS), KEYS[1], signed)
+    net.broadcast_request(request(2, b"B"))
+    net.run()
+    net.advance(1.0)
+    assert accusations(net) == {}
+    assert all(ops(s) == [b"A", b"B"] for s in net.states)
+    assert all(s.view == 1 for s in net.states)
+    assert all(s.log[2].decided is not None for s in net.states)
+
+
+def test_a_restarted_primary_does_not_announce_a_view_it_may_have_announced() -> None:
+    """A new view carries pre-prepares too. Node 1 announced view 1 (re-proposing A, which
+    prepared in view 0) and crashed; restarted and handed the same view changes, it stays
+    silent rather than sign view 1's slots again, and the view times out to the next."""
+    vcs: list[ViewChange] = []
+
+    def no_commits_record_vcs(src: NodeId, dst: NodeId, m: Message) -> bool:
+        if isinstance(m, ViewChange) and m.view == 1 and dst == 1:
+            vcs.append(m)
+        return m.kind == "commit"  # A prepares in view 0 but decides nowhere
+
+    net = Net(replicas(), drop=no_commits_record_vcs)
+    net.broadcast_request(request(1, b"A"))
+    net.run()
+    for i in range(4):
+        net.feed(i, pbft.SuspectPrimary(view=0))
+    net.run()
+    signed = net.states[1].signed
+    assert signed is not None and (signed.view, signed.seq) == (1, 1)
+    assert len(vcs) >= 2
+    restarted = pbft.new_replica(config(1), KEYS[1], signed)
+    restarted, _ = pbft.step(restarted, pbft.SuspectPrimary(view=0), net.now)  # its own vote
+    sent: list[Message] = []
+    for vc in vcs:
+        restarted, out = pbft.step(restarted, vc, net.now)
+        sent.extend(s.message for s in out)
+    assert restarted.view == 1 and restarted.in_view_change
+    assert not [m for m in sent if isinstance(m, NewView | PrePrepare)]
+    fresh = pbft.new_replica(config(1), KEYS[1])  # without the mark it would sign again
+    fresh, _ = pbft.step(fresh, pbft.SuspectPrimary(view=0), net.now)
+    for vc in vcs:
+        fresh, out = pbft.step(fresh, vc, net.now)
+        sent.extend(s.message for s in out)
+    assert [m for m in sent if isinstance(m, NewView)]
+
+
+def test_a_replica_back_in_an_older_epoch_than_it_signed_in_never_orders() -> None:
+    """It cannot know what it signed there: its requests time out and a view change
+    replaces it, which costs a timer but never a conviction."""
+    state = pbft.new_replica(config(1, initial_view=1), KEYS[1], pbft.Signed(5, 1, 1))
+    state, out = pbft.step(state, request(1, b"A"), 0.0)
+    assert not [s for s in out if isinstance(s.message, PrePrepare)]
+    assert state.pending and state.signed == pbft.Signed(5, 1, 1)
+
+
+def test_the_mark_survives_in_the_data_dir_and_an_unreadable_one_forbids_ordering(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "data" / signed_mark.MARK_FILE
+    assert signed_mark.load(path, 3) is None
+    signed_mark.store(path, pbft.Signed(3, 5, 17))
+    assert signed_mark.load(path, 3) == pbft.Signed(3, 5, 17)
+    path.write_text("{not json")
+    unknown = signed_mark.load(path, 3)
+    state = pbft.new_replica(config(1, initial_view=1), KEYS[1], unknown)
+    state, out = pbft.step(state, request(1, b"A"), 0.0)
+    assert not [s for s in out if isinstance(s.message, PrePrepare)]
