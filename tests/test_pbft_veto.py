@@ -165,3 +165,78 @@ def test_vetoes_lost_when_sent_are_resent_with_the_status_answers() -> None:
 def test_the_quorum_of_vetoes_for_larger_clusters() -> None:
     sizes = ((4, 1), (5, 1), (7, 2), (8, 2))
     assert [veto_quorum(config(0, n, f)) for n, f in sizes] == [2, 2, 3, 3]
+
+
+def _plan_waits_after_the_cut_heals(propose_takeover: bool) -> tuple[list[float], list[bool]]:
+    """The cut above, healed after 3 s; then node 3 crashes and six plans are ordered
+    by the three left (n - f). Returns how long each waited to execute at 0, 1 and 2, and
+    whether each replica was in a view 30 s after the heal."""
+    net = Net(cluster({0, 2, 3}), drop=cut_0_1)
+    if propose_takeover:
+        net.feed(1, request(1, TAKEOVER))
+    net.broadcast_request(request(2, PLAN))
+    net.run()
+    net.advance(3.0)
+    assert PLAN in ops(net.states[0])
+    net.drop = lambda src, dst, m: False
+    net.advance(30.0)
+    active = [s.active for s in net.states]
+    net.drop = lambda src, dst, m: 3 in (src, dst)
+    waits: list[float] = []
+    for k in range(6):
+        op = b"plan-%d" % k
+        net.broadcast_request(request(10 + k, op))
+        net.run()
+        start = net.now
+        while net.now - start < 20.0 and not all(op in ops(s) for s in net.states[:3]):
+            net.advance(0.1)
+        waits.append(round(net.now - start, 1))
+        net.advance(3.0)
+    return waits, active
+
+
+def test_the_proposer_of_a_vetoed_takeover_stops_waiting_for_it_and_stays_in_the_view() -> None:
+    """Leaving the view over the vetoes, node 1 drops its takeover (`pbft_order.forget`).
+    It used to keep it pending and timed: 10 s into each view it started a view change
+    nobody joined, so with node 3 down too plans waited 11 s, again and again."""
+    waits, active = _plan_waits_after_the_cut_heals(propose_takeover=True)
+    assert all(active), active
+    assert max(waits) <= 1.0, waits
+
+
+def test_control_without_the_takeover_plans_execute_at_once_with_node_3_down() -> None:
+    waits, active = _plan_waits_after_the_cut_heals(propose_takeover=False)
+    assert all(active) and max(waits) <= 1.0, (waits, active)
+
+
+def test_a_pending_request_a_replicas_own_veto_comes_to_refuse_is_no_longer_timed() -> None:
+    """Node 2's detector first supports the takeover (it holds it pending and relays it
+    to the primary, which refuses it), then sees the gateway alive again: its next tick
+    drops the request, and no lone view change follows 10 s later. Without the refusal
+    it would (the control at the end)."""
+    supports = {"takeover": True}
+
+    def detector(r: Request) -> str | None:
+        return None if supports["takeover"] or r.operation != TAKEOVER else "gateway alive"
+
+    def only_node_2_hears_it(src: NodeId, dst: NodeId, m: Message) -> bool:
+        return src == CLIENT and dst != 2
+
+    def run(flip: bool) -> pbft.ReplicaState:
+        states = cluster({1})  # the primary refuses the takeover
+        states[2] = pbft.new_replica(dataclasses.replace(states[2].config, veto=detector), KEYS[2])
+        supports["takeover"] = True
+        net = Net(states, drop=only_node_2_hears_it)
+        net.broadcast_request(request(1, TAKEOVER))
+        net.run()
+        assert net.states[2].pending and net.states[2].timer_deadline is not None
+        net.advance(2.0)
+        supports["takeover"] = not flip
+        net.advance(TIMER_S)
+        return net.states[2]
+
+    two = run(flip=True)
+    assert not two.pending and two.timer_deadline is None
+    assert (two.view, two.active) == (1, True)
+    two = run(flip=False)
+    assert two.view == 2 and two.in_view_change

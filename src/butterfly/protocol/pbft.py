@@ -56,7 +56,7 @@ from butterfly.protocol.pbft_state import (
     sign,
     status_of,
 )
-from butterfly.protocol.pbft_veto import decline, on_veto, review
+from butterfly.protocol.pbft_veto import decline, drop_refused, on_veto, review
 from butterfly.protocol.pbft_viewchange import (
     on_new_view,
     on_state_transfer,
@@ -196,6 +196,7 @@ def step(state: ReplicaState, message: Input, now: float) -> tuple[ReplicaState,
 
 
 def _on_tick(state: ReplicaState, now: float, out: list[Send]) -> None:
+    drop_refused(state, now)
     review(state, now, out)
     if state.in_view_change:
         if state.vc_deadline is not None and now >= state.vc_deadline:

@@ -137,6 +137,19 @@ def add_pending(state: ReplicaState, request: Request, now: float) -> None:
         rearm_timer(state, now)
 
 
+def forget(state: ReplicaState, request: Request, now: float) -> None:
+    """Stop waiting for a request the cluster refused (`pbft_veto`): no longer pending,
+    assigned or relayed, and no longer timed. Kept, a refused request was timed for
+    good, and `request_timeout` later this replica started a view change nobody joined,
+    leaving the agreement until the others next changed view. Its proposer sends it
+    again with a new timestamp if it still wants it (`agreement.driver.propose`)."""
+    key = request_key(request)
+    state.pending.pop(key, None)
+    state.assigned.discard(key)
+    state.relayed.pop(key, None)
+    rearm_timer(state, now)
+
+
 def rearm_timer(state: ReplicaState, now: float, *, restart: bool = False) -> None:
     """One timer per replica, for the oldest request it waits on (PBFT section 4.4).
 

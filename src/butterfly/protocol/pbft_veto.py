@@ -16,13 +16,20 @@ a quorum of replicas that would prepare it, and at least one of them is honest, 
 replicas do not leave a view that could still order the slot, and f liars alone cannot
 make them leave one. The view change itself is PBFT's: whatever prepared anywhere is
 carried into the next view.
+
+A request the cluster refused is not waited for any longer (`pbft_order.forget`): the
+replicas that leave the view over its vetoes drop it, and a replica whose own veto
+refuses a request it held pending (its failure detector caught up) drops it on its next
+tick. Each replica that held it would otherwise time it and, `request_timeout` later,
+start a view change nobody joins (the others never held it), out of the agreement until
+the others next changed view: the proposer of a vetoed takeover did so every view.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
-from butterfly.protocol.pbft_order import accept_pre_prepare, in_window, vetoed
+from butterfly.protocol.pbft_order import accept_pre_prepare, forget, in_window, vetoed
 from butterfly.protocol.pbft_state import (
     PbftConfig,
     ReplicaState,
@@ -100,5 +107,22 @@ def settle(state: ReplicaState, seq: int, now: float, out: list[Send]) -> None:
     if seq <= state.last_executed or prepared_digest(state, slot, state.view) is not None:
         return
     counts = Counter(v.digest for v in slot.vetoes.get(state.view, {}).values())
-    if counts and max(counts.values()) >= veto_quorum(state.config):
-        start_view_change(state, state.view + 1, now, out)
+    if not counts:
+        return
+    digest, votes = counts.most_common(1)[0]
+    if votes < veto_quorum(state.config):
+        return
+    pp = slot.pre_prepares.get(state.view)
+    if pp is not None and pp.request is not None and pp.digest == digest:
+        forget(state, pp.request, now)
+    start_view_change(state, state.view + 1, now, out)
+
+
+def drop_refused(state: ReplicaState, now: float) -> None:
+    """On each tick: stop waiting for pending requests this replica's own veto now
+    refuses (`PbftConfig.veto`; it refused them on arrival, but its view changed since).
+    Its pre-prepare of one is still logged and executes if 2f+1 others commit it."""
+    if state.config.veto is None:
+        return
+    for request in [r for r in state.pending.values() if vetoed(state, r) is not None]:
+        forget(state, request, now)
