@@ -240,3 +240,30 @@ def test_a_pending_request_a_replicas_own_veto_comes_to_refuse_is_no_longer_time
     assert (two.view, two.active) == (1, True)
     two = run(flip=False)
     assert two.view == 2 and two.in_view_change
+
+
+def test_a_veto_lost_by_a_replica_that_left_the_view_is_resent_to_those_still_in_it() -> None:
+    """Nodes 2 and 3 veto; node 2's one broadcast of its veto is lost, node 3's arrives.
+    Node 2 holds two vetoes and leaves view 1; the others hold one and stay. Node 2, in
+    its view change, answers their statuses with the vetoes it holds of view 1, so they
+    leave too and the plan executes about 1 s after it was proposed. Status answers of
+    the view's active replicas resent only their own vetoes, and nobody in view 1 held
+    node 2's: the plan waited for the 10 s request timer."""
+    lost: list[NodeId] = []
+
+    def node_2s_broadcast_lost(src: NodeId, dst: NodeId, m: Message) -> bool:
+        if src == 2 and isinstance(m, Veto) and len(lost) < 3:  # its 3 copies, once
+            lost.append(dst)
+            return True
+        return False
+
+    net = Net(cluster({2, 3}), drop=node_2s_broadcast_lost)
+    net.feed(1, request(1, TAKEOVER))
+    net.broadcast_request(request(2, PLAN))
+    net.run()
+    while net.now < TIMER_S + 2.0 and not all(PLAN in ops(s) for s in net.states):
+        net.advance(0.1)
+    assert sorted(lost) == [0, 1, 3]
+    assert net.now <= 2.0, f"the plan executed everywhere only after {net.now:.1f} s"
+    assert [(s.view, s.active) for s in net.states] == [(2, True)] * 4
+    assert all(TAKEOVER not in ops(s) for s in net.states)

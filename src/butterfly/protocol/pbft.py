@@ -237,6 +237,8 @@ def _on_status(state: ReplicaState, status: Status, now: float, out: list[Send])
             mine = state.view_changes.get(state.view, {}).get(state.me)
             if mine is not None:
                 out.append(Send(peer, mine))
+            if status.view < state.view and not status.in_view_change:
+                _resend_vetoes(state, status, out)
         elif state.new_view is not None:
             out.append(Send(peer, state.new_view))
         return
@@ -249,6 +251,22 @@ def _on_status(state: ReplicaState, status: Status, now: float, out: list[Send])
         out.extend(Send(peer, p) for p in slot.prepares.get(state.view, {}).values())
         out.extend(Send(peer, v) for v in slot.vetoes.get(state.view, {}).values())
         out.extend(Send(peer, c) for c in slot.commits.get(state.view, {}).values())
+
+
+def _resend_vetoes(state: ReplicaState, status: Status, out: list[Send]) -> None:
+    """Hand a peer still in the view we left over its vetoes (`pbft_veto`) the vetoes we
+    hold of that view's unexecuted slots, ours among them.
+
+    A replica that saw `veto_quorum` vetoes leaves the view at once; should its own veto
+    have been lost on the way (a shed frame, a reconnect), the others hold too few and
+    stay, and nobody else holds it: the status answers of the view's active replicas
+    never resend it, and the others waited out the request timer after all (10 s).
+    Vetoes are signed, so any holder may relay them; the peer counts only those of its
+    own view (`pbft_veto.on_veto`)."""
+    peer = status.sender
+    for seq in sorted(s for s in state.log if s > status.last_executed):
+        votes = state.log[seq].vetoes.get(status.view, {})
+        out.extend(Send(peer, v) for v in votes.values())
 
 
 def _relay_decided(state: ReplicaState, status: Status, out: list[Send]) -> None:
