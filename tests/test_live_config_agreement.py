@@ -25,6 +25,7 @@ from butterfly.control.live_config import follow_agreement_config
 from butterfly.control.recovery import Recovery
 from butterfly.net.framing import Envelope
 from butterfly.net.memory import MemoryNetwork
+from butterfly.protocol.keys import veto_grace
 from butterfly.protocol.pbft_state import PbftConfig
 from butterfly.protocol.sign import SigningKey
 from butterfly.types.errors import ConsensusTimeout
@@ -147,3 +148,14 @@ async def test_a_shorter_config_update_timeout_applies_to_the_next_update(
         with pytest.raises(ConfigTimeout, match=r"0\.2 s"):
             await nodes.coordinators[0].update({"partition.strategy": "uniform"})
     assert nodes.managers[0].current.partition.strategy == "load_balanced"
+
+
+async def test_the_veto_grace_follows_the_failure_detector_settings(
+    nodes: Nodes, tmp_path: Path
+) -> None:
+    """A slower detector (phi 12 -> 40, min std 50 -> 400 ms) declares failures further
+    apart: the replica waits longer before vetoing a takeover (`protocol.keys.veto_grace`)."""
+    await start(nodes, 0, 4, tmp_path)
+    change(nodes.managers[0], {"coordination.phi_failed": 40.0, "coordination.min_std_ms": 400.0})
+    grace = nodes.drivers[0].state.config.veto_grace
+    assert grace == veto_grace(nodes.managers[0].current) and grace > 2.0

@@ -13,8 +13,14 @@ leave the view alone, and that a liar's vetoes count once and never for another 
 from __future__ import annotations
 
 import dataclasses
+import random
 
+import pytest
+
+from butterfly.config import ButterflyConfig
 from butterfly.protocol import pbft
+from butterfly.protocol.failure_detector import PhiAccrualFailureDetector
+from butterfly.protocol.keys import veto_grace
 from butterfly.protocol.pbft_veto import veto_quorum
 from butterfly.protocol.sign import sign_message
 from butterfly.types.ids import Epoch, NodeId
@@ -267,3 +273,36 @@ def test_a_veto_lost_by_a_replica_that_left_the_view_is_resent_to_those_still_in
     assert net.now <= 2.0, f"the plan executed everywhere only after {net.now:.1f} s"
     assert [(s.view, s.active) for s in net.states] == [(2, True)] * 4
     assert all(TAKEOVER not in ops(s) for s in net.states)
+
+
+def _detection_delay(interval_s: float, jitter_s: float, seed: int) -> float:
+    """Silence to phi_failed for a detector that heard 1000 beats jittering by up to
+    `jitter_s` (default detector settings otherwise)."""
+    rng = random.Random(seed)
+    detector = PhiAccrualFailureDetector(interval_ms=interval_s * 1000)
+    for k in range(1000):
+        detector.record_heartbeat(NodeId(0), k * interval_s + rng.uniform(0, jitter_s))
+    crossing = detector.crossing_time(NodeId(0), detector.failed_threshold)
+    assert crossing is not None
+    return crossing - 999 * interval_s
+
+
+@pytest.mark.parametrize("interval_ms", [100, 1000])
+def test_the_veto_grace_covers_detectors_that_fire_apart(interval_ms: int) -> None:
+    """The proposer's detector with a clockwork history and a voter's with heartbeats
+    jittering by 60 % of the interval fire this far apart; the voter must still be
+    declining, not vetoing, when its own detector catches up. A fixed 1 s did not cover
+    1 s heartbeats (1.7 s apart)."""
+    interval = interval_ms / 1000
+    apart = _detection_delay(interval, 0.6 * interval, 1) - _detection_delay(interval, 0.0, 1)
+    cfg = ButterflyConfig.model_validate({"coordination": {"heartbeat_interval_ms": interval_ms}})
+    grace = veto_grace(cfg)
+    assert apart < grace < cfg.coordination.view_change_timeout_ms / 1000 / 2 + 1e-9
+    assert grace >= 1.0
+
+
+def test_the_veto_grace_stays_well_inside_the_request_timer() -> None:
+    cfg = ButterflyConfig.model_validate(
+        {"coordination": {"heartbeat_interval_ms": 1000, "view_change_timeout_ms": 4000}}
+    )
+    assert veto_grace(cfg) == 2.0

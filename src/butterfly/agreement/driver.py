@@ -196,13 +196,19 @@ class AgreementDriver:
         """The replica itself, for tests and status pages; never mutate it."""
         return self._state
 
-    def retune(self, *, request_timeout: float, view_change_timeout: float) -> None:
+    def retune(
+        self, *, request_timeout: float, view_change_timeout: float, veto_grace: float | None = None
+    ) -> None:
         """Changed agreement timers (coordination.view_change_timeout_ms, phase_timeout_ms,
         mapped as `protocol.keys.pbft_config` maps them), at once: timers running now are
         brought forward to the new value if it is shorter, and later ones use it. Every
         node applies this at the same agreed sequence number, so the replicas agree on
-        their timers as they agree on everything else."""
+        their timers as they agree on everything else. `veto_grace` (None: unchanged)
+        follows the failure detector's settings (`protocol.keys.veto_grace`)."""
         state, now = self._state, self._clock()
+        grace = state.config.veto_grace if veto_grace is None else veto_grace
+        if grace != state.config.veto_grace:
+            state.config = dataclasses.replace(state.config, veto_grace=grace)
         if (state.config.request_timeout, state.config.view_change_timeout) == (
             request_timeout,
             view_change_timeout,

@@ -22,8 +22,9 @@ app is built (`butterfly.api.live`).
     byzantine.max_step_timeouts              read on every use (dataplane.unresponsive)
     network.step_timeout_ms                  engine.retune (steps waiting now included);
                                              the node's requests read it on every use
-    coordination.phi_suspect, phi_failed,    the failure detector, at once
-      min_std_ms, acceptable_pause_ms
+    coordination.phi_suspect, phi_failed,    the failure detector, at once, and how long
+      min_std_ms, acceptable_pause_ms        the PBFT replica declines a takeover before
+                                             it vetoes it (`protocol.keys.veto_grace`)
     coordination.checkpoint_frequency        the stage server's next KV copy (none while
                                              verification is replicate: lanes keep copies),
                                              and the gateway's next generation checkpoint
@@ -69,6 +70,7 @@ from butterfly.dataplane.sending import RecordSize
 from butterfly.dataplane.stage_server import StageServer
 from butterfly.metrics.tracing import Tracing
 from butterfly.net.transport import Transport
+from butterfly.protocol.keys import veto_grace
 from butterfly.protocol.proof import tolerance_for
 from butterfly.runtime.precision import verification_floor
 from butterfly.schedule.drafts import Speculation
@@ -107,6 +109,7 @@ def _retune_agreement(
     driver.retune(  # the same mapping as protocol.keys.pbft_config
         request_timeout=c.view_change_timeout_ms / 1000,
         view_change_timeout=c.phase_timeout_ms / 1000,
+        veto_grace=veto_grace(cfg),
     )
     coordinator.retune(c.config_update_timeout_ms / 1000)
     recovery.retune(agree_timeout_s=agreement_wait_s(cfg))

@@ -38,6 +38,25 @@ def phi_of(z: float) -> float:
     return (z * z / 2.0 + math.log(z * math.sqrt(2.0 * math.pi))) / _LN10
 
 
+def z_at(threshold: float) -> float:
+    """The z at which `phi_of` reaches `threshold` (phi_of increases in z: bisection)."""
+    lo, hi = 0.0, 40.0
+    for _ in range(60):
+        mid = (lo + hi) / 2.0
+        lo, hi = (mid, hi) if phi_of(mid) < threshold else (lo, mid)
+    return hi
+
+
+def steady_detection_s(
+    interval_ms: float, threshold: float, *, min_std_ms: float, acceptable_pause_ms: float
+) -> float:
+    """How long after its last heartbeat a node whose heartbeats came like clockwork
+    reaches phi `threshold` when it stops: the shortest detection delay these settings
+    allow (jitter in the history only lengthens it)."""
+    mean = (interval_ms + acceptable_pause_ms) / 1000.0
+    return mean + z_at(threshold) * min_std_ms / 1000.0
+
+
 @dataclass(slots=True)
 class _History:
     """Bounded window of inter-arrival times with running sums (O(1) per heartbeat)."""
@@ -160,8 +179,4 @@ class PhiAccrualFailureDetector:
         if history is None:
             return None
         mean, std = self._model(history)
-        lo, hi = 0.0, 40.0  # phi_of is increasing in z: bisect for the threshold
-        for _ in range(60):
-            mid = (lo + hi) / 2.0
-            lo, hi = (mid, hi) if phi_of(mid) < threshold else (lo, mid)
-        return history.last + mean + hi * std + 1e-9  # at, not just before, the crossing
+        return history.last + mean + z_at(threshold) * std + 1e-9  # at, not just before

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from butterfly.config import ButterflyConfig
 from butterfly.config.validate import cluster_size
+from butterfly.protocol.failure_detector import steady_detection_s
 from butterfly.protocol.pbft_members import epoch_of
 from butterfly.protocol.pbft_state import PbftConfig
 from butterfly.protocol.sign import SigningKey
@@ -111,7 +112,30 @@ def pbft_config(cfg: ButterflyConfig, keys: tuple[bytes, ...]) -> PbftConfig:
         view_change_timeout=c.phase_timeout_ms / 1000,
         initial_view=1 if len(keys) > 1 else 0,
         epoch=epoch_of(keys),  # a function of the roster (protocol.pbft_members)
+        veto_grace=veto_grace(cfg),
     )
+
+
+def veto_grace(cfg: ButterflyConfig) -> float:
+    """How long a replica declines a takeover before it vetoes it (`pbft_veto`): twice
+    the failure detector's shortest time to declare a silent node failed, at least 1 s,
+    at most half the request timer.
+
+    The proposer's detector and each voter's fire apart by about the difference of their
+    detection delays, which jitter in a detector's history stretches from that shortest
+    time to about twice it (100 ms heartbeats: 0.53 s to 1.1 s; 1 s heartbeats: 1.4 s
+    to 3.2 s). A fixed 1 s covered the first; with slower heartbeats a voter a beat
+    behind vetoed a takeover it was about to support and cost it a view change. Half the
+    request timer keeps the veto well ahead of the timeout it exists to cut short.
+    """
+    c = cfg.coordination
+    detect = steady_detection_s(
+        c.heartbeat_interval_ms,
+        c.phi_failed,
+        min_std_ms=c.min_std_ms,
+        acceptable_pause_ms=c.acceptable_pause_ms,
+    )
+    return min(max(1.0, 2 * detect), c.view_change_timeout_ms / 2000)
 
 
 __all__ = [

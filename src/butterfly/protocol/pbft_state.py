@@ -77,8 +77,9 @@ class PbftConfig:
     # have committed it, so a replica that lags or restarts catches up all the same
     veto: Authorize | None = None
     # how long a replica keeps declining a pre-prepare before it vetoes it (`pbft_veto`):
-    # failure detectors fire tens of milliseconds apart, and a veto from one a beat behind
-    # its peers would end the view of a takeover it is about to support
+    # failure detectors fire apart, and a veto from one a beat behind its peers would end
+    # the view of a takeover it is about to support; a node derives it from its detector's
+    # settings (`protocol.keys.veto_grace`)
     veto_grace: float = 1.0
     # requests whose execution may change the replica set (a membership change riding on
     # a config update): execution holds after one until the owner says which replica set
