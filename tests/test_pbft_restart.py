@@ -1,12 +1,12 @@
-"""A primary that crashes and restarts is never convicted of equivocation.
+"""A replica that crashes and restarts is never convicted of equivocation.
 
 Its peers keep its pre-prepares (the log until the first stable checkpoint, `orphans`
 after), so a restarted primary that signed another request at a (view, seq) it had used
 handed every one of them signed evidence against it, and the gateway evicted an honest
 node for restarting (`control.recovery.watch_evidence`; DESIGN.md section 3: a node that
 restarts rejoins, only a proven liar stays out). The driver persists how far the replica
-signed (`pbft_state.Signed`, `agreement.signed_mark`) and the restarted replica starts
-past it (`pbft_state.may_sign`).
+signed (`pbft_state.Signed`, `agreement.signed_mark`) and the restarted replica votes
+only past it (`pbft_state.may_sign`); a backup's prepares and commits likewise.
 """
 
 from __future__ import annotations
@@ -15,8 +15,16 @@ from pathlib import Path
 
 from butterfly.agreement import signed_mark
 from butterfly.protocol import pbft
-from butterfly.types.ids import NodeId
-from butterfly.types.wire.agreement import Message, NewView, PrePrepare, ViewChange
+from butterfly.protocol.sign import sign_message
+from butterfly.types.ids import Epoch, NodeId
+from butterfly.types.wire.agreement import (
+    Message,
+    NewView,
+    Prepare,
+    PrePrepare,
+    ViewChange,
+    request_digest,
+)
 from tests.protocol_util import KEYS, Net, config, replicas, request
 
 SETTINGS = {"initial_view": 1, "checkpoint_interval": 128, "window": 256}  # the cluster's
@@ -153,3 +161,29 @@ def test_the_mark_survives_in_the_data_dir_and_an_unreadable_one_forbids_orderin
     state = pbft.new_replica(config(1, initial_view=1), KEYS[1], unknown)
     state, out = pbft.step(state, request(1, b"A"), 0.0)
     assert not [s for s in out if isinstance(s.message, PrePrepare)]
+
+
+def test_a_restarted_backup_does_not_prepare_a_lying_primarys_other_pre_prepare() -> None:
+    """Primary 1 lies: it sends backup 2 a pre-prepare of A for (view 1, seq 1), which 2
+    prepares, and after 2 restarts, one of B for the same slot. The peers hold 2's first
+    prepare; a second one would convict 2 alongside the liar. It sits the slot out (the
+    others decide it; it executes from their commits) and votes again on the next."""
+    states = replicas(**SETTINGS)
+
+    def pp(seq: int, op: bytes) -> PrePrepare:
+        r = request(seq * 10 + len(op), op)
+        unsigned = PrePrepare(NodeId(1), Epoch(0), 1, seq, request_digest(r), r)
+        return sign_message(unsigned, KEYS[1])
+
+    two, out = pbft.step(states[2], pp(1, b"A"), 0.0)
+    assert [m.message.digest for m in out if isinstance(m.message, Prepare)] == [pp(1, b"A").digest]
+    assert two.signed == pbft.Signed(0, 1, 1)
+
+    def prepares_after_restart(signed: pbft.Signed | None, op: bytes) -> list[Prepare]:
+        restarted = pbft.new_replica(config(2, **SETTINGS), KEYS[2], signed)
+        restarted, out = pbft.step(restarted, pp(1, op), 1.0)
+        restarted, more = pbft.step(restarted, pp(2, b"C"), 1.0)
+        return [s.message for s in out + more if isinstance(s.message, Prepare)]
+
+    assert [p.seq for p in prepares_after_restart(two.signed, b"B")] == [2]
+    assert [p.seq for p in prepares_after_restart(None, b"B")] == [1, 2]  # the conviction

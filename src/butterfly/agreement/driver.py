@@ -33,9 +33,10 @@ handler must recognise what it already applied. A restarted *primary* cannot vou
 the pre-prepares it sent before the crash; its peers relay those pre-prepares back to it
 with their commit certificates (`pbft.OWN_RELAYED`), so it executes the slots it ordered.
 It must never sign another pre-prepare for one of those slots, even before the relays
-arrive (its peers would hold two and convict it of equivocation), so the driver writes
-how far the replica signed to the node's data directory before any pre-prepare leaves
-(`agreement.signed_mark`), and the restarted replica starts past it.
+arrive (its peers would hold two and convict it of equivocation), nor a backup a second
+prepare or commit, so the driver writes how far the replica signed votes to the node's
+data directory before any leaves (`agreement.signed_mark`), and the restarted replica
+votes only past it.
 
 The replica set changes at an agreed command (`protocol.pbft_members`): the replica holds
 after any config update (`PbftConfig.barrier`), and once `on_commit` applied it the driver
@@ -75,9 +76,11 @@ from butterfly.protocol.sign import SigningKey, sign_message
 from butterfly.types.errors import ButterflyError, ConsensusTimeout, InvalidMessage
 from butterfly.types.ids import NodeId
 from butterfly.types.wire.agreement import (
+    Commit,
     Evidence,
     Message,
     NewView,
+    Prepare,
     PrePrepare,
     Reply,
     Request,
@@ -93,6 +96,8 @@ Snapshot = Callable[[], bytes]
 Restore = Callable[[bytes], Awaitable[None]]
 ReplicaKeys = Callable[[], tuple[bytes, ...]]
 OnEvidence = Callable[[Evidence], Awaitable[None]]
+VOTES = (PrePrepare, Prepare, Commit)
+"""What a replica signs for a slot; see `pbft_state.Signed`."""
 INPUTS: tuple[type, ...] = typing.get_args(pbft.Input)
 """Message classes a replica consumes; anything else in a frame is dropped."""
 MAX_FRAME = 1 << 20
@@ -272,8 +277,8 @@ class AgreementDriver:
             self._wake.set()  # due earlier than the ticker sleeps: it must look again
 
     def _persist_signed(self) -> bool:
-        """Write how far the replica signed pre-prepares, if it moved; False when the
-        write failed (the pre-prepares must then not leave: `_route`)."""
+        """Write how far the replica signed votes for slots, if it moved; False when the
+        write failed (its votes must then not leave: `_route`)."""
         mark = self._state.signed
         if self._signed_path is None or mark is None or mark == self._persisted:
             return True
@@ -281,8 +286,8 @@ class AgreementDriver:
             signed_mark.store(self._signed_path, mark)
         except OSError as e:
             log.error(
-                "could not record signed pre-prepares in %s (%s): withholding them; the "
-                "backups will replace this primary. Fix the data directory.",
+                "could not record signed votes in %s (%s): withholding them (as primary, "
+                "the backups will replace this node). Fix the data directory.",
                 self._signed_path,
                 e,
             )
@@ -297,7 +302,7 @@ class AgreementDriver:
                 continue  # proposers wait for their own execution, not for f+1 replies
             if not durable and (
                 isinstance(send.message, NewView)
-                or (isinstance(send.message, PrePrepare) and send.message.sender == self.me)
+                or (isinstance(send.message, VOTES) and send.message.sender == self.me)
             ):
                 continue  # unrecorded, it could be signed again differently after a crash
             targets = self.peers if send.to is None else (send.to,)

@@ -1,13 +1,14 @@
-"""How far this node's replica has signed pre-prepares, kept in its data directory.
+"""How far this node's replica has signed votes for slots, kept in its data directory.
 
 A primary that crashes and restarts with an empty replica must not sign a second
-pre-prepare for a (view, seq) it signed before: its peers hold the first one, and the
-pair is evidence of equivocation that gets an honest node evicted for restarting
-(`protocol.evidence`). Only the node itself can remember what it signed, so the driver
-writes the replica's `pbft_state.Signed` here before any pre-prepare leaves, and a
-restarted replica starts past it (`pbft_state.may_sign`). Agreement commands are rare
-(plans, evictions, takeovers, config), so a small synced write per pre-prepare costs
-nothing that matters.
+pre-prepare for a (view, seq) it signed before, nor a backup a second prepare or commit:
+its peers hold the first one, and the pair is evidence of equivocation that gets an
+honest node evicted for restarting (`protocol.evidence`). Only the node itself can
+remember what it signed, so the driver writes the replica's `pbft_state.Signed` here
+before any vote leaves, and a restarted replica votes only past it
+(`pbft_state.may_sign`). Agreement commands are rare (plans, evictions, takeovers,
+config), so a small synced write per vote (two or three per command) costs nothing that
+matters.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ EVERYTHING = 1 << 62
 def load(path: Path, epoch: int) -> Signed | None:
     """The mark a previous life of this node wrote; None when it never signed one.
 
-    An unreadable one stands for every slot of `epoch`: the replica then signs no
-    pre-prepare before the next epoch (it still votes, and each view it would lead times
-    out to the next primary) rather than risk a conviction."""
+    An unreadable one stands for every slot of `epoch`: the replica then votes in no
+    slot before the next epoch (it still executes what the others decide, and each view
+    it would lead times out to the next primary) rather than risk a conviction."""
     try:
         raw = json.loads(path.read_text())
         return Signed(epoch=int(raw["epoch"]), view=int(raw["view"]), seq=int(raw["seq"]))
@@ -39,9 +40,9 @@ def load(path: Path, epoch: int) -> Signed | None:
         return None
     except (OSError, ValueError, TypeError, KeyError) as e:
         log.error(
-            "%s is unreadable (%s): this node will not order as PBFT primary before the "
-            "replica set next changes, as it cannot tell which pre-prepares it signed "
-            "before; it still votes",
+            "%s is unreadable (%s): this node will not vote in the agreement before the "
+            "replica set next changes, as it cannot tell which votes it signed before "
+            "(it still executes what the others agree)",
             path,
             e,
         )

@@ -172,7 +172,9 @@ def assign_pending(state: ReplicaState, now: float, out: list[Send]) -> None:
     or in a view its peers have already left, so the numbers it skips hold its earlier
     pre-prepares (executed, or relayed back to it: `pbft.OWN_RELAYED`) and execution
     does not wait on them. Reusing one was equivocation in the eyes of every peer that
-    still held the old pre-prepare.
+    still held the old pre-prepare. (Should every replica restart at once, nobody holds
+    those numbers any more: the backups' request timer and a view change fill them with
+    null requests, once.)
     """
     if not state.is_primary or not state.active:
         return
@@ -244,14 +246,16 @@ def known_view(state: ReplicaState, view: int) -> bool:
 
 
 def accept_pre_prepare(state: ReplicaState, pp: PrePrepare, now: float, out: list[Send]) -> None:
-    """Log a pre-prepare (ours, a primary's, or one from a new-view) and vote for it."""
+    """Log a pre-prepare (ours, a primary's, or one from a new-view) and vote for it,
+    unless a previous life of this replica may have voted in that slot (`may_sign`)."""
     slot = state.log.setdefault(pp.seq, Slot())
     slot.pre_prepares[pp.view] = pp
     if pp.request is not None:
         add_pending(state, pp.request, now)
         if pp.sender != state.me and request_key(pp.request) in state.pending:
             state.relayed[request_key(pp.request)] = pp.sender  # it holds it: no relay
-    if pp.sender != state.me:
+    if pp.sender != state.me and may_sign(state, pp.view, pp.seq):
+        note_signed(state, pp.view, pp.seq)
         prepare = sign(
             state,
             Prepare(
@@ -308,14 +312,22 @@ def on_commit(state: ReplicaState, commit: Commit, now: float, out: list[Send]) 
 
 
 def advance(state: ReplicaState, seq: int, now: float, out: list[Send]) -> None:
-    """Send our commit once prepared in the current view, then see if the slot decided."""
+    """Send our commit once prepared in the current view, then see if the slot decided.
+
+    A primary's commit follows its own pre-prepare, which is never signed twice for one
+    slot (`assign_pending`), so only a backup asks `may_sign` first."""
     slot = state.log.get(seq)
     view = state.view
     if slot is None or not state.active or view not in slot.pre_prepares:
         return
     digest = slot.pre_prepares[view].digest
-    if view not in slot.sent_commit and prepared_digest(state, slot, view) == digest:
+    if (
+        view not in slot.sent_commit
+        and prepared_digest(state, slot, view) == digest
+        and (state.is_primary or may_sign(state, view, seq))
+    ):
         slot.sent_commit.add(view)
+        note_signed(state, view, seq)
         commit = sign(
             state,
             Commit(sender=state.me, epoch=state.config.epoch, view=view, seq=seq, digest=digest),

@@ -171,15 +171,18 @@ class Slot:
 
 @dataclass(frozen=True, slots=True)
 class Signed:
-    """How far a replica has signed pre-prepares as primary: in `epoch`, no view above
-    `view` and no sequence number above `seq` (the two maxima, not one pre-prepare's).
+    """How far a replica has signed votes for slots (pre-prepares as primary, prepares
+    and commits): in `epoch`, no view above `view` and no sequence number above `seq`
+    (the two maxima, not one vote's).
 
-    The driver writes it to the node's data directory before any pre-prepare leaves
+    The driver writes it to the node's data directory before any such vote leaves
     (`agreement.signed_mark`) and hands it back to a restarted replica (`new_replica`),
-    which then never signs a pre-prepare at a (view, seq) it may have signed before the
-    crash (`may_sign`): its peers keep the old ones (the log until the first stable
-    checkpoint, then `orphans`), and a second one for the same slot convicts it of
-    equivocation (`evidence.check_header`) although it only restarted.
+    which then never signs a vote at a (view, seq) it may have voted in before the crash
+    (`may_sign`): its peers keep the old votes (the log until the first stable
+    checkpoint, then `orphans`), and a second one for another digest in the same slot
+    convicts it of equivocation (`evidence`) although it only restarted. For a primary
+    that is any request it orders next; for a backup, the other pre-prepare of a lying
+    primary (relayed to it after the restart) that it would prepare.
     """
 
     epoch: int
@@ -242,8 +245,8 @@ class ReplicaState:
     # the previous epoch's replica, frozen at the membership change: it still relays the
     # log up to the change to a replica that has not executed it yet (`pbft_members`)
     retired: ReplicaState | None = None
-    # how far this replica signed pre-prepares, over its lives (the driver persists it),
-    # and how far it had signed when it started (`may_sign`); None: nothing
+    # how far this replica signed votes for slots, over its lives (the driver persists
+    # it), and how far it had signed when it started (`may_sign`); None: nothing
     signed: Signed | None = None
     signed_before: Signed | None = None
 
@@ -267,7 +270,7 @@ class ReplicaState:
 
 def new_replica(config: PbftConfig, key: SigningKey, signed: Signed | None = None) -> ReplicaState:
     """A replica at the start of its epoch: in its initial view, empty log, status due at
-    once. `signed`: how far a previous life of this replica signed pre-prepares (what its
+    once. `signed`: how far a previous life of this replica signed votes (what its
     driver persisted), so this one never signs another for any of those slots."""
     if key.public != config.keys[config.replica]:
         raise ValueError(f"key does not match replica {config.replica}'s public key")
@@ -319,10 +322,11 @@ def sign(state: ReplicaState, message: M) -> M:
 
 
 def may_sign(state: ReplicaState, view: int, seq: int) -> bool:
-    """Whether this replica may sign a pre-prepare at (view, seq): always, unless a
-    previous life of it (`signed_before`) may have signed one there. Then only a later
-    view or a later sequence number is certainly fresh; an older epoch than the one it
-    signed in is never safe (what it signed there is unknown)."""
+    """Whether this replica may vote (pre-prepare, prepare, commit) at (view, seq):
+    always, unless a previous life of it (`signed_before`) may have voted there. Then
+    only a later view or a later sequence number is certainly fresh; an older epoch than
+    the one it voted in is never safe (what it signed there is unknown). A slot it sits
+    out is decided by the others' votes and executed from their commits all the same."""
     before = state.signed_before
     if before is None or state.config.epoch > before.epoch:
         return True
@@ -330,7 +334,7 @@ def may_sign(state: ReplicaState, view: int, seq: int) -> bool:
 
 
 def note_signed(state: ReplicaState, view: int, seq: int) -> None:
-    """Record a pre-prepare this replica signed as primary (`Signed`), before it leaves."""
+    """Record a vote this replica signs at (view, seq) (`Signed`), before it leaves."""
     epoch, mark = state.config.epoch, state.signed
     if mark is None or epoch > mark.epoch:
         state.signed = Signed(epoch, view, seq)
