@@ -106,8 +106,10 @@ def test_a_primary_restarted_before_its_peers_moved_on_orders_past_its_old_slots
 
 def test_a_restarted_primary_does_not_announce_a_view_it_may_have_announced() -> None:
     """A new view carries pre-prepares too. Node 1 announced view 1 (re-proposing A, which
-    prepared in view 0) and crashed; restarted and handed the same view changes, it stays
-    silent rather than sign view 1's slots again, and the view times out to the next."""
+    prepared in view 0) and crashed. A restarted replica starts in the last view it voted
+    in, so it never leads an earlier one again; should it still be handed that view's
+    changes in view 0 (here by setting its mark by hand), it stays silent rather than
+    sign view 1's slots again, and the view times out to the next."""
     vcs: list[ViewChange] = []
 
     def no_commits_record_vcs(src: NodeId, dst: NodeId, m: Message) -> bool:
@@ -124,7 +126,9 @@ def test_a_restarted_primary_does_not_announce_a_view_it_may_have_announced() ->
     signed = net.states[1].signed
     assert signed is not None and (signed.view, signed.seq) == (1, 1)
     assert len(vcs) >= 2
-    restarted = pbft.new_replica(config(1), KEYS[1], signed)
+    assert pbft.new_replica(config(1), KEYS[1], signed).view == 1
+    restarted = pbft.new_replica(config(1), KEYS[1])
+    restarted.signed = restarted.signed_before = signed
     restarted, _ = pbft.step(restarted, pbft.SuspectPrimary(view=0), net.now)  # its own vote
     sent: list[Message] = []
     for vc in vcs:
@@ -187,3 +191,33 @@ def test_a_restarted_backup_does_not_prepare_a_lying_primarys_other_pre_prepare(
 
     assert [p.seq for p in prepares_after_restart(two.signed, b"B")] == [2]
     assert [p.seq for p in prepares_after_restart(None, b"B")] == [1, 2]  # the conviction
+
+
+def test_after_the_whole_cluster_restarts_one_view_change_leads_past_the_used_slots() -> None:
+    """Every replica restarts at once with its mark after four views (the log is gone
+    everywhere, sequence numbers start again at 1). No replica may vote at seq 1..4 in
+    views up to 5; each starts in view 5 rather than 1, so the first request waits for
+    the request timer and one view change to view 6, not one view change per view."""
+    timers = {"request_timeout": 10.0, "view_change_timeout": 5.0}
+    net = Net(replicas(**SETTINGS, **timers))
+    for ts in range(1, 5):
+        net.broadcast_request(request(ts, b"x%d" % ts))
+        net.run()
+        for i in range(4):
+            net.feed(i, pbft.SuspectPrimary(view=net.states[i].view))
+        net.run()
+        net.advance(0.5)
+    assert [(s.view, s.last_executed) for s in net.states] == [(5, 4)] * 4
+    marks = [s.signed for s in net.states]
+    net.states = [
+        pbft.new_replica(config(i, **SETTINGS, **timers), KEYS[i], marks[i]) for i in range(4)
+    ]
+    assert [s.view for s in net.states] == [5] * 4
+    start = net.now
+    net.broadcast_request(request(100, b"after"))
+    net.run()
+    while net.now - start < 60.0 and not all(ops(s) == [b"after"] for s in net.states):
+        net.steps = 0
+        net.advance(0.5)
+    assert net.now - start <= 10.0 + 5.0 + 1.0
+    assert accusations(net) == {}

@@ -167,14 +167,13 @@ def assign_pending(state: ReplicaState, now: float, out: list[Send]) -> None:
     """As primary, give pending requests sequence numbers up to the high water mark.
 
     A restarted primary starts past every sequence number a previous life of it may have
-    signed in this view (`pbft_state.may_sign`): it is back in that view only as the
-    initial one, which its earlier lives ordered from the first number on without gaps,
-    or in a view its peers have already left, so the numbers it skips hold its earlier
-    pre-prepares (executed, or relayed back to it: `pbft.OWN_RELAYED`) and execution
-    does not wait on them. Reusing one was equivocation in the eyes of every peer that
-    still held the old pre-prepare. (Should every replica restart at once, nobody holds
-    those numbers any more: the backups' request timer and a view change fill them with
-    null requests, once.)
+    voted at (`pbft_state.may_sign`): it is back in that view as the last one it voted
+    in (`new_replica`), where the numbers it skips hold its earlier pre-prepares
+    (executed, or relayed back to it: `pbft.OWN_RELAYED`), or in a view its peers have
+    already left. Reusing one was equivocation in the eyes of every peer that still held
+    the old pre-prepare. Should a skipped number hold nothing (it crashed between two
+    assignments, or the whole cluster restarted and the log with it), execution waits
+    for the backups' request timer, and one view change fills it with a null request.
     """
     if not state.is_primary or not state.active:
         return

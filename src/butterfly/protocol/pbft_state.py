@@ -271,14 +271,23 @@ class ReplicaState:
 def new_replica(config: PbftConfig, key: SigningKey, signed: Signed | None = None) -> ReplicaState:
     """A replica at the start of its epoch: in its initial view, empty log, status due at
     once. `signed`: how far a previous life of this replica signed votes (what its
-    driver persisted), so this one never signs another for any of those slots."""
+    driver persisted), so this one never signs another for any of those slots.
+
+    Such a replica starts in the last view it voted in, not the initial one: the others
+    are there or later (it catches up by their statuses either way), and should the
+    whole cluster have restarted, one view change leads past the views in which the
+    replicas may not vote (`may_sign`), where one view change per view stalled it for
+    minutes."""
     if key.public != config.keys[config.replica]:
         raise ValueError(f"key does not match replica {config.replica}'s public key")
     genesis = config.genesis
+    view = config.initial_view
+    if signed is not None and signed.epoch == config.epoch:
+        view = max(view, signed.view)
     return ReplicaState(
         config=config,
         key=key,
-        view=config.initial_view,
+        view=view,
         low=config.start,
         base=config.start,
         last_executed=config.start,
