@@ -194,3 +194,42 @@ async def test_the_engines_first_token_time_leaves_out_a_slow_sink(tiny_model: P
         result = await pipe.run(task(3, prompt=(5, 17, 33, 2)), slow_sink)
     assert len(heard) == 3 and result.timings["total_s"] >= 2.0
     assert result.timings["time_to_first_token_s"] < 2.0
+
+
+def drive_scoring(gen: Generation, limit: int = 1 << 20, stop_after: int = 1 << 20) -> None:
+    """`drive` as the engine scores: a step with rows to score gets every row's logits."""
+    steps = 0
+    while gen.more() and len(gen.out) < stop_after:
+        steps += 1
+        assert steps < 100
+        head = gen.step_input(limit)
+        rows = gen.to_score(head.shape[1])
+        logits = answer(gen, head)
+        if rows:
+            gen.score_prompt(logits, rows)
+        gen.take(logits, head.shape[1], Draft(), False)
+
+
+def test_a_resumed_request_reports_a_logprob_for_every_token() -> None:
+    """The checkpoint keeps tokens only; the request resumed from it scores the tokens it
+    already held from the rows of the prefill that resumes it (in chunks, too), so its
+    logprobs are every token's, the same as a run that never stopped (before, only those
+    made after the resume). The prompt's own scores are announced once, when asked."""
+    for prompt_logprobs in (None, 1):
+        sampling = {"temperature": 0.9, "seed": 5, "logprobs": 2}
+        sampling["prompt_logprobs"] = prompt_logprobs
+        events: list[Any] = []
+        whole = Generation(task(**sampling), lambda _: None, frozenset(), lambda _: None)
+        drive_scoring(whole)
+        half = Generation(task(**sampling), lambda _: None, frozenset(), lambda _: None)
+        drive_scoring(half, stop_after=3)  # a gateway that checkpointed, then died
+        saved = half.checkpoint(epoch=1)
+        resumed = Generation(
+            task(**sampling), events.append, frozenset(), lambda _: None, saved=saved
+        )
+        drive_scoring(resumed, limit=4)
+        assert resumed.out == whole.out
+        assert resumed.logprobs() == whole.logprobs()
+        assert [s.token for s in resumed.logprobs()] == resumed.out
+        announced = [e for e in events if isinstance(e, PromptScored)]
+        assert len(announced) == (0 if prompt_logprobs is None else 1)

@@ -15,18 +15,21 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from butterfly.agreement.authority import UnauthorizedCommand
 from butterfly.api.app import health_body
 from butterfly.dataplane.stage_server import StageServer
 from butterfly.runtime.generate import generate
-from butterfly.runtime.loader import load_stage
+from butterfly.runtime.loader import load_stage, num_layers
+from butterfly.runtime.stage import prefill_outputs
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.schedule.scheduler import TaskSnapshot
 from butterfly.schedule.state import TaskState, TaskStatus
 from butterfly.testing.inprocess import InProcessCluster
 from butterfly.types.errors import ServiceUnavailable
 from butterfly.types.ids import NodeId, RequestId
+from butterfly.types.model import LayerRange
 from butterfly.types.tasks import InferenceResult, InferenceTask, SamplingParams
 from butterfly.types.wire.commands import TakeOver, encode_command
 from butterfly.wiring.gateway import Gateway
@@ -515,9 +518,11 @@ async def test_with_f_0_a_standby_that_alone_stops_hearing_the_gateway_does_not_
 async def test_a_resumed_sampled_request_with_logprobs_is_verified(
     tiny_model: Path, tmp_path: Path
 ) -> None:
-    """Resumed from node 0's checkpoint, the sampled request reports the logprobs of the
-    tokens node 1 made; its audit holds them to those tokens' rows and verifies it
-    (paired with the first tokens instead, it came back unverified: a review)."""
+    """Resumed from node 0's checkpoint, the sampled request reports a logprob for every
+    token, those node 0 made too (node 1 scores them from the rows of the prefill that
+    resumes the request; before, the answer held only those made after the resume), each
+    the model's own; its audit holds them to the re-executed rows and verifies it (paired
+    with the wrong tokens, it came back unverified: a review)."""
     async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS) as c:
         first, standby = gateway(c, 0), gateway(c, 1)
         await c.until(lambda: first.scheduler is not None, "node 0 serving")
@@ -531,7 +536,16 @@ async def test_a_resumed_sampled_request_with_logprobs_is_verified(
         snap = await _settled(c, standby, "sampled")
         result = snap.result
         assert result is not None and result.timings["resumed_from_checkpoint"] >= 4
-        assert len(result.logprobs) < len(result.output_ids)  # those made after the resume
+        assert [s.token for s in result.logprobs] == list(result.output_ids)
+        ids = [*task(tiny_model, "sampled", SAMPLED).input_ids, *result.output_ids]
+        stage = load_stage(tiny_model, LayerRange(0, num_layers(tiny_model)))
+        with torch.inference_mode():
+            out = prefill_outputs(stage, torch.tensor([ids]), stage.new_cache())
+            rows = torch.log_softmax(out[0].float(), dim=-1)
+        first = len(ids) - len(result.output_ids) - 1  # the row that scores the first token
+        for i, s in enumerate(result.logprobs):
+            assert abs(s.logprob - float(rows[first + i, s.token])) < 1e-3, i
+            assert len(s.top) == SAMPLED.logprobs
         assert result.verified == "audit"
         assert {int(n) for n in c.nodes[1].plans.evicted} <= {0}
 

@@ -707,7 +707,7 @@ class PipelineEngine:
         plan = self._plan()
         result = self._result(task, plan, tuple(gen.out), (), timings)
         prompt_scored = gen.prompt_scores.scores() if gen.prompt_scores is not None else ()
-        result = replace(result, logprobs=tuple(gen.scored), prompt_logprobs=prompt_scored)
+        result = replace(result, logprobs=gen.logprobs(), prompt_logprobs=prompt_scored)
         cut = gen.text_before_stop()
         return result if cut is None else replace(result, text=cut, cut_at_stop=True)
 

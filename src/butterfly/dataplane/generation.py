@@ -72,6 +72,15 @@ class Generation:
                 on_token(token)
                 stopped = stopped or (self._stops is not None and self._stops.push(token))
         self.ended = stopped or (bool(self.out) and self.out[-1] in eos)
+        # the logprobs of the tokens a dead gateway made (its checkpoint keeps the tokens
+        # only): scored from the rows of the whole-history prefill that resumes the
+        # request, as the prompt's are (`to_score`); without them the answer held fewer
+        # logprobs than tokens
+        self.resumed_scores = (
+            PromptScores(self.prompt + self.out, task.sampling.logprobs or 0, len(self.prompt))
+            if self.out and self.wants_logprobs
+            else None
+        )
         self.first_token_at: float | None = None  # perf_counter() at the first token made here
         self.pos = 0
         self._x = torch.tensor([self.prompt + self.out], dtype=torch.int64)
@@ -135,20 +144,34 @@ class Generation:
             return torch.cat([self._x, torch.tensor([drafted], dtype=torch.int64)], dim=1)
         return self._x[:, :limit] if limit < self.pending else self._x
 
+    def _scoring(self) -> list[PromptScores]:
+        return [s for s in (self.prompt_scores, self.resumed_scores) if s is not None]
+
     def to_score(self, length: int) -> int:
-        """How many of a `length`-position step's rows score prompt positions not scored
-        yet (the step then asks for every row's logits)."""
-        return self.prompt_scores.wanted(self.pos, length) if self.prompt_scores else 0
+        """How many of a `length`-position step's rows score positions not scored yet:
+        the prompt's (echo with logprobs), or those of the tokens a resumed request made
+        before (the step then asks for every row's logits)."""
+        return max((s.wanted(self.pos, length) for s in self._scoring()), default=0)
 
     def score_prompt(self, logits: torch.Tensor, rows: int) -> None:
-        """A step's first `rows` rows score prompt positions; once all are scored, the
-        token sink hears of them."""
-        scores = self.prompt_scores
-        if scores is None or not rows:
+        """A step's first `rows` rows score prompt positions (or a resumed request's
+        earlier tokens); once the prompt's are all scored, the token sink hears of them."""
+        if not rows:
             return
-        scores.add(self.pos, logits[0, :rows])
-        if not scores.wanted(0, len(self.prompt)):
-            self._on_token(PromptScored(scores.scores()))
+        prompt = self.prompt_scores
+        completes = prompt is not None and prompt.wanted(self.pos, rows) > 0
+        for scores in self._scoring():
+            wanted = scores.wanted(self.pos, rows)
+            if wanted:
+                scores.add(self.pos, logits[0, :wanted])
+        if prompt is not None and completes and not prompt.wanted(0, len(self.prompt)):
+            self._on_token(PromptScored(prompt.scores()))
+
+    def logprobs(self) -> tuple[Sampled, ...]:
+        """Every token's logprobs, when asked: those a resumed request scored again for
+        the tokens made before it, then those drawn here."""
+        before = self.resumed_scores.scores() if self.resumed_scores is not None else ()
+        return (*before, *self.scored)
 
     def take(self, logits: torch.Tensor, length: int, draft: Draft, drafting: bool) -> list[int]:
         """A step of `length` positions answered with `logits`: move past it, sampling its

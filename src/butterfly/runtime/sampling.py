@@ -82,30 +82,43 @@ def choose(
 
 
 class PromptScores:
-    """A prompt's tokens 1..T-1 scored as the steps holding them come back: which rows a
-    step must answer (the positions it holds that are not scored yet) and what they say.
-    A replay after a lost step scores again what it recomputes; nothing is scored twice
-    once the prompt is done."""
+    """A prompt's tokens `first`..T-1 scored as the steps holding them come back: which
+    rows a step must answer (the positions it holds up to the last to score) and what
+    they say. A replay after a lost step scores again what it recomputes; nothing is
+    scored twice once the prompt is done. `first` > 1: a history whose earlier tokens
+    need no score (a request resumed from a dead gateway's checkpoint scores the tokens
+    it had made, from its prompt on, as the dead gateway scored them when it drew them)."""
 
-    def __init__(self, prompt: Sequence[int], k: int) -> None:
-        self.prompt, self.k = prompt, k
-        self._scores: dict[int, Sampled] = {}  # prompt position p >= 1 -> its token's
+    def __init__(self, prompt: Sequence[int], k: int, first: int = 1) -> None:
+        self.prompt, self.k, self.first = prompt, k, max(1, first)
+        self._scores: dict[int, Sampled] = {}  # position p >= first -> its token's
 
     def wanted(self, start: int, length: int) -> int:
-        """How many rows from `start` of a step of `length` positions score prompt tokens
-        (position p's logits score token p + 1); 0 once every one is scored."""
-        if len(self._scores) >= len(self.prompt) - 1:
+        """How many rows from `start` of a step of `length` positions it must answer for
+        tokens still to score (position p's logits score token p + 1); 0 once every one
+        is scored, or when the step holds none of their rows."""
+        if len(self._scores) >= len(self.prompt) - self.first:
             return 0
-        return max(0, min(start + length, len(self.prompt) - 1) - start)
+        end = min(start + length, len(self.prompt) - 1)
+        return end - start if end > max(start, self.first - 1) else 0
 
     def add(self, start: int, logits: torch.Tensor) -> None:
-        """`logits` [rows, V]: the step's first `wanted` rows, positions from `start`."""
-        targets = self.prompt[start + 1 : start + 1 + logits.shape[0]]
-        for p, s in enumerate(scored(logits, targets, self.k), start=start + 1):
+        """`logits` [rows, V]: a step's first rows, positions from `start`; only the
+        rows of tokens from `first` on are scored (a log-softmax over the vocabulary
+        each)."""
+        skip = max(0, self.first - 1 - start)
+        rows = logits[skip:]
+        at = start + skip + 1
+        targets = self.prompt[at : at + rows.shape[0]]
+        if not targets:
+            return
+        for p, s in enumerate(scored(rows[: len(targets)], targets, self.k), start=at):
             self._scores[p] = s
 
     def scores(self) -> tuple[Sampled, ...]:
-        return tuple(self._scores[p] for p in range(1, len(self.prompt)) if p in self._scores)
+        return tuple(
+            self._scores[p] for p in range(self.first, len(self.prompt)) if p in self._scores
+        )
 
 
 def scored(logits: torch.Tensor, targets: Sequence[int], k: int) -> list[Sampled]:
