@@ -15,12 +15,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from butterfly.api.guards import authority, is_loopback
 from butterfly.api.settings import ApiSettings
+from butterfly.api.standby import standby_app
+from butterfly.api.switch import RoleSwitch
 from butterfly.config.issues import ConfigInvalid
 from butterfly.config.loader import load_config
+from butterfly.wiring.gateway import port_app
 from tests.api_util import Served, assert_error, serving
 from tests.test_config_agreement import Cluster, cluster
 
@@ -195,3 +199,69 @@ def test_allowed_hosts_are_names_without_port_or_scheme() -> None:
     for bad in ("https://api.example.com", "api.example.com:443", "", "a b"):
         with pytest.raises(ConfigInvalid, match="host name"):
             load_config(overrides={"api.allowed_hosts": [bad]})
+
+
+def _health() -> dict[str, object]:
+    return {"acting_gateway": 0, "gateways": [{"id": 1, "url": "http://127.0.0.1:8081"}]}
+
+
+@pytest.mark.parametrize("role", ["standby", "between roles"])
+async def test_a_standby_port_and_one_between_roles_answer_no_rebound_page(role: str) -> None:
+    """The node's API port (`wiring.gateway.port_app`) guards whatever role's app it
+    serves: a standby's redirects and the 503 between roles held `/health`, the acting
+    gateway and every gateway's URL, for a page rebound to 127.0.0.1 (a review)."""
+    front = RoleSwitch(1, health=_health)
+    if role == "standby":
+        acting = standby_app(
+            acting=lambda: 0, acting_url=lambda: "http://127.0.0.1:8080", health=_health
+        )
+        front.use(acting)
+    app = port_app(front, "127.0.0.1", ())
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+        rebound = {"host": "rebind.example:8080"}
+        for path in ("/health", "/inference"):
+            assert_error(await client.get(path, headers=rebound), 421, "misdirected_request")
+        served = await client.get("/health")  # the same request from a client
+        assert served.status_code in (200, 307, 503) and served.status_code != 421
+
+
+@pytest.mark.parametrize("site", ["same-site", "cross-site"])
+async def test_a_page_of_an_allowed_name_may_post_from_any_browser(
+    tiny_model: Path, tmp_path: Path, site: str
+) -> None:
+    """`api.allowed_hosts` names pages that may post, whatever `Sec-Fetch-Site` a
+    browser adds (every current one does: they were refused, a review); a page of
+    another name is still refused."""
+    allowed = frozenset({"api.example.com", "ui.example.com", "dashboard.internal"})
+    page = "https://ui.example.com" if site == "same-site" else "https://dashboard.internal"
+    body = {"prompt": "ok?", "max_new_tokens": 2, "wait": True}
+    async with serving(
+        tiny_model, tmp_path / "t.db", settings=ApiSettings(allowed_hosts=allowed)
+    ) as s:
+        for origin in (page, None):
+            headers = {"host": "api.example.com", "sec-fetch-site": site, "sec-fetch-mode": "cors"}
+            if origin is not None:
+                headers["origin"] = origin
+            r = await s.client.post("/inference", json=body, headers=headers)
+            if origin is None:  # a cross-site mark with no allowed origin to vouch for it
+                assert_error(r, 403, "cross_site_request")
+            else:
+                assert r.status_code == 200, r.text
+        foreign = {
+            "host": "api.example.com",
+            "origin": "https://evil.example",
+            "sec-fetch-site": site,
+        }
+        assert_error(
+            await s.client.post("/inference", json=body, headers=foreign), 403, "cross_site_request"
+        )
+
+
+@pytest.mark.parametrize("method", ["DELETE", "PUT", "PATCH"])
+async def test_a_405_on_the_config_lists_every_method_it_takes(whole: Served, method: str) -> None:
+    """The config's GET and POST are two routes on one path: a 405 said `Allow: GET`
+    only, as if the config could not be changed (a review)."""
+    r = await whole.client.request(method, "/api/v1/config", json={})
+    assert_error(r, 405, "method_not_allowed")
+    assert {"GET", "POST"} <= set(r.headers["allow"].split(", "))

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from butterfly.types.errors import (
@@ -98,6 +99,21 @@ STATUS: tuple[tuple[type[ButterflyError], int], ...] = (
 )
 KIND_STATUS = {cls("").kind: status for cls, status in STATUS}
 """Status by error `kind`, for failures read back from the task store."""
+
+
+def allowed_methods(request: Request, given: str = "") -> str:
+    """Every method `request`'s path takes, for a 405's `Allow`: a path served by two
+    routes (the config's GET and POST) got the first one's only from starlette
+    (`given`), and RFC 9110 asks for all (a review). Read from the app's OpenAPI
+    schema, which names every route's path and methods whatever routers hold them."""
+    found = {m.strip().upper() for m in given.split(",") if m.strip()}
+    app = request.app
+    paths = app.openapi().get("paths", {}) if isinstance(app, FastAPI) else {}
+    path = request.url.path
+    for template, operations in paths.items():
+        if compile_path(template)[0].fullmatch(path):
+            found |= {method.upper() for method in operations}
+    return ", ".join(sorted(found))
 
 
 def status_for(err: ButterflyError) -> int:
@@ -234,6 +250,9 @@ def install(app: FastAPI, *, retry_after_s: int) -> None:
         # the exception's own headers: `Allow` on a 405 (RFC 9110 requires it; dropped
         # here before, a review), whatever else a route raises with
         response.headers.update(exc.headers or {})
+        if exc.status_code == 405:
+            given = (exc.headers or {}).get("Allow", "")
+            response.headers["Allow"] = allowed_methods(request, given)
         return response
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:

@@ -185,6 +185,8 @@ class SameOrigin:
             return None
         site = headers.get("sec-fetch-site", "").lower()
         origin = headers.get("origin")
+        if origin is not None and self.allowed_origin(origin):
+            return None  # a page of a name the operator allowed, whatever site it is
         if site in ("cross-site", "same-site"):
             why = f"Sec-Fetch-Site: {site}"
         elif origin is not None and not self.same_origin(origin, host):
@@ -199,6 +201,14 @@ class SameOrigin:
             "(curl, the SDKs, the CLI) send no such header; a browser page on another "
             "name reached through a proxy needs that name in api.allowed_hosts",
         )
+
+    def allowed_origin(self, origin: str) -> bool:
+        """Whether `origin` is an http(s) origin on a name in `api.allowed_hosts`: its
+        pages may post to the API from a browser that marks them same-site or cross-site
+        (every current one does; refused for it before, they were served only by
+        browsers that send no `Sec-Fetch-Site`: a review)."""
+        scheme, sep, rest = origin.strip().lower().partition("://")
+        return bool(sep) and scheme in DEFAULT_PORTS and authority(rest)[0] in self.allowed
 
     def same_origin(self, origin: str, host: str | None) -> bool:
         """Whether `origin` is the origin the request was sent to (or an allowed name)."""

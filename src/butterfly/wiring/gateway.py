@@ -29,6 +29,7 @@ from typing import Any
 
 from butterfly.agreement.config_coordinator import ConfigCoordinator
 from butterfly.api.app import create_app
+from butterfly.api.guards import SameOrigin
 from butterfly.api.live import follow_config as follow_api_config
 from butterfly.api.settings import ApiSettings
 from butterfly.api.standby import standby_app
@@ -71,6 +72,15 @@ WATCH_S = 0.05
 """How often a standby looks at its failure detector for the acting gateway's death."""
 
 
+def port_app(front: RoleSwitch, host: str, allowed_hosts: Collection[str]) -> SameOrigin:
+    """The API port's app: the role's app behind the web-page guard (`api.guards`), so a
+    standby's redirects and the 503 between roles answer only the `Host` names the acting
+    gateway does: a page rebound to 127.0.0.1 read a standby's `/health` (which gateway
+    acts, every gateway's URL) as a same-origin answer (a review). `api.host` and
+    `api.allowed_hosts` need a restart, so they are read once."""
+    return SameOrigin(front, bind_host=host, allowed_hosts=allowed_hosts)
+
+
 @dataclass
 class Gateway:
     """A gateway-capable node's parts beyond those every node has (built by
@@ -108,7 +118,11 @@ class Gateway:
             health=lambda: {"acting_gateway": self.role.acting, "gateways": self.gateways()},
         )
         server = ApiServer(
-            front, cfg.api.host, api_port(cfg, self.node), node=self.node, emit=self.metrics.emit
+            port_app(front, cfg.api.host, cfg.api.allowed_hosts),
+            cfg.api.host,
+            api_port(cfg, self.node),
+            node=self.node,
+            emit=self.metrics.emit,
         )
         api = asyncio.create_task(server.serve())
         try:
