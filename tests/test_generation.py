@@ -233,3 +233,27 @@ def test_a_resumed_request_reports_a_logprob_for_every_token() -> None:
         assert [s.token for s in resumed.logprobs()] == resumed.out
         announced = [e for e in events if isinstance(e, PromptScored)]
         assert len(announced) == (0 if prompt_logprobs is None else 1)
+
+
+def test_an_echo_resumed_with_every_token_makes_no_token_more() -> None:
+    """A checkpoint holding every token but not the prompt's scores: the resumed request
+    needs a step to score the prompt again (no recheck), and that step sampled one token
+    more than max_new_tokens, one the dead gateway never made (a review). It scores the
+    prompt and the tokens, and samples nothing."""
+    for logprobs in (None, 2):
+        sampling = {"temperature": 1.0, "seed": 5, "prompt_logprobs": 1, "logprobs": logprobs}
+        whole = Generation(task(6, **sampling), lambda _: None, frozenset(), lambda _: None)
+        drive_scoring(whole)
+        assert len(whole.out) == 6
+        saved = whole.checkpoint(epoch=1)  # the dead gateway's last: every token
+        events: list[Any] = []
+        resumed = Generation(
+            task(6, **sampling), events.append, frozenset(), lambda _: None, saved=saved
+        )
+        assert resumed.resumed and resumed.more()  # the prompt is still to be scored
+        drive_scoring(resumed)
+        assert resumed.out == whole.out  # not one token more
+        assert resumed.logprobs() == whole.logprobs()
+        assert [e for e in events if isinstance(e, PromptScored)] == [
+            PromptScored(whole.prompt_scores.scores())  # type: ignore[union-attr]
+        ]

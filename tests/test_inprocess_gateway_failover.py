@@ -563,14 +563,24 @@ class SeesTheGatewayDieAtItsAudit(StageServer):
         return await super().audit(msg, payload)
 
 
+ECHO = SamplingParams(prompt_logprobs=1)  # greedy, and the prompt's logprobs asked for
+
+
+@pytest.mark.parametrize("name, sampling", [("greedy", GREEDY), ("echo", ECHO)])
 async def test_a_request_resumed_with_every_token_is_still_audited(
-    tiny_model: Path, tmp_path: Path, references: dict[str, list[int]]
+    tiny_model: Path,
+    tmp_path: Path,
+    references: dict[str, list[int]],
+    name: str,
+    sampling: SamplingParams,
 ) -> None:
     """Node 0 dies during the audit, its last checkpoint (on node 1) holding every token
     (24, checkpointed every 4): node 1 resumes with nothing to generate, sends the
     history once as a prefill and audits it. It computed no step, skipped the audit, and
     the tokens came back `verified: "none"` in a cluster that audits every request (a
-    review)."""
+    review). With the prompt's logprobs asked for (the checkpoint holds none), the step
+    that scores the prompt also sampled a 25th token, one more than max_tokens, that the
+    dead gateway never made (a review)."""
     servers = {2: SeesTheGatewayDieAtItsAudit, 3: SeesTheGatewayDieAtItsAudit}
     async with InProcessCluster(
         tiny_model, 4, tmp_path, f=1, settings=SETTINGS, stage_servers=servers
@@ -585,7 +595,7 @@ async def test_a_request_resumed_with_every_token_is_still_audited(
         async def kill_the_gateway() -> None:
             audited.set()
             for _ in range(400):  # bounded: the last checkpoint reaches node 1
-                saved = standby.replicas.store.checkpoint("greedy")
+                saved = standby.replicas.store.checkpoint(name)
                 if saved is not None and len(saved.tokens) == every:
                     break
                 await asyncio.sleep(0.005)
@@ -593,12 +603,14 @@ async def test_a_request_resumed_with_every_token_is_still_audited(
 
         KILL_AT_AUDIT["fire"] = kill_the_gateway
         try:
-            await first.scheduler.submit(task(tiny_model, "greedy"))
+            await first.scheduler.submit(task(tiny_model, name, sampling))
             await c.until(audited.is_set, "the audit of the request", beats=2000)
         finally:
             KILL_AT_AUDIT["fire"] = None
         await c.until(lambda: standby.scheduler is not None, "node 1 takes over")
-        result = (await _settled(c, standby, "greedy")).result
+        result = (await _settled(c, standby, name)).result
         assert result is not None and result.timings["resumed_from_checkpoint"] == every
-        assert list(result.output_ids) == references["greedy"]
+        assert list(result.output_ids) == references["greedy"]  # not one token more
         assert result.verified == "audit"
+        prompt = task(tiny_model, name).input_ids
+        assert len(result.prompt_logprobs) == (len(prompt) - 1 if sampling is ECHO else 0)

@@ -191,6 +191,12 @@ class Generation:
         if not self.task.max_new_tokens:  # the prompt is scored; no token was asked for
             self.ended = True
             return []
+        if self.ended or len(self.out) >= self.task.max_new_tokens:
+            # every token is made: the step only scored (a request resumed with every
+            # token, whose prompt's logprobs its checkpoint did not hold, scores them
+            # again); a token sampled here was one more than max_tokens (a review)
+            self.pos, self._x = self.pos + length, self._x[:, length:]
+            return []
         sampling = self.task.sampling
         drawn: list[float] = []
         if drafted:
