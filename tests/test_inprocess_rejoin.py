@@ -16,15 +16,17 @@ import pytest
 
 from butterfly.control.facts import NodeFacts
 from butterfly.control.policy import RESTARTS_FORGOTTEN_S, SUSPENSION_MAX_S, suspension_s
+from butterfly.dataplane.stage_server import StageServer
 from butterfly.node import Node
 from butterfly.runtime.generate import generate
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.tokenizer import TextCodec
-from butterfly.testing.inprocess import InProcessCluster
+from butterfly.testing.inprocess import BeatHub, InProcessCluster
 from butterfly.testing.liars import SilentStageServer, WithholdingStageServer
 from butterfly.types.ids import NodeId, RequestId
 from butterfly.types.plan import StagePlan
 from butterfly.types.tasks import InferenceTask
+from butterfly.types.wire.control import PlanAck, PlanAssign
 
 pytestmark = pytest.mark.timeout(90)
 SETTINGS = {"coordination.heartbeat_interval_ms": 10}
@@ -192,6 +194,65 @@ async def test_a_node_that_restarts_again_soon_is_suspended(
         await c.until(lambda: all(NodeId(1) in n.plans.suspended for n in c.nodes), "agreed")
         assert RESTARTS_FORGOTTEN_S >= 2 * SUSPENSION_MAX_S
         assert not any(node.plans.evicted for node in c.nodes)
+
+
+PAUSING: list[BeatHub] = []  # the hub of the cluster whose node 2 pauses on loading
+
+
+class PausingOnLoad(StageServer):
+    """An honest stage server whose process pauses (its heartbeats too) as it has taken
+    the first plan up, until the test ends the pause."""
+
+    async def apply_plan(self, msg: PlanAssign) -> PlanAck:
+        ack = await super().apply_plan(msg)
+        if msg.epoch == 1 and PAUSING:  # no await since it applied: its last beat said none
+            PAUSING[0].silent.add(self.node)
+        return ack
+
+
+async def test_an_honest_node_whose_beats_lag_past_its_ack_is_not_taken_out(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Node 2 pauses 0.5 s (busy after loading its layers, well within
+    `coordination.acceptable_pause_ms`) right after it acknowledged the first plan: the
+    last heartbeat the gateway has from it, sent before it applied the plan, says no
+    layers. Taken for its word, the honest node was let go as restarted, taken back
+    after its hold (the pause still on), "restarted" again and suspended for 30 s (a
+    review). Only heartbeats that arrived after its ack count."""
+    settings = {**SETTINGS, "coordination.acceptable_pause_ms": 2000}
+    async with InProcessCluster(
+        tiny_model, 4, tmp_path, f=1, settings=settings, stage_servers={2: PausingOnLoad}
+    ) as c:
+        PAUSING[:] = [c.hub]
+        try:
+            gw, node2 = c.gateway, c.nodes[2]
+            await c.until(
+                lambda: node2.stage_server.plan is not None and node2.stage_server.plan.epoch == 1,
+                "node 2 took the first plan up",
+            )
+            plan = node2.stage_server.plan
+            assert plan is not None and plan.layers_of(NodeId(2)) is not None
+            for _ in range(250):  # every holder's ack in (real time; no fake time passes)
+                if gw.recovery._acked == 1:
+                    break
+                await asyncio.sleep(0.02)
+            assert gw.recovery._acked == 1, "setup: the first plan was not acknowledged"
+            assert gw.membership.layers_of(NodeId(2)) is None  # its last beat: before it loaded
+            for _ in range(5):  # a pause of 0.5 s (fake time): no beat meanwhile
+                c.hub.tick(0.1)
+                await asyncio.sleep(0.05)
+                assert gw.membership.status(NodeId(2)) != "failed"  # the detector tolerates it
+            c.hub.silent.discard(NodeId(2))  # the pause is over: it beats its layers again
+            for _ in range(20):
+                c.hub.tick(0.1)
+                await asyncio.sleep(0.01)
+            assert gw.membership.layers_of(NodeId(2)) == plan.layers_of(NodeId(2))
+            assert NodeId(2) not in gw.recovery._restarts, "the honest node taken out as restarted"
+            assert not gw.recovery.suspended(NodeId(2))
+            assert not any(NodeId(2) in n.plans.suspended for n in c.nodes)
+            assert gw.stage_server.plan is not None and gw.stage_server.plan.epoch == 1
+        finally:
+            PAUSING.clear()
 
 
 async def test_an_evicted_node_that_comes_back_stays_out(tiny_model: Path, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from butterfly.control.policy import (
     SUSPENSION_MAX_S,
     Placing,
     alive,
+    back_for,
     equivocation,
     evicts,
     gone,
@@ -17,6 +18,7 @@ from butterfly.control.policy import (
     rejoin_hold_s,
     restarted,
     returning,
+    says_other_layers,
     strike,
     to_evict,
 )
@@ -186,16 +188,58 @@ def test_a_flapping_node_waits_longer_each_time_until_it_stays_away() -> None:
 
 
 def test_a_holder_that_lost_its_layers_for_the_grace_counts_as_restarted() -> None:
-    """Heartbeats saying no layers, or other layers, than the plan's for the grace: a
-    restart the failure detector did not see. Within the grace (a beat sent before the
-    node applied the plan may arrive after its ack), or matching, it is not."""
+    """Heartbeats arrived after its ack saying no layers, or other layers, than the
+    plan's for the grace: a restart the failure detector did not see. Within the grace
+    (a beat sent before the node applied the plan may be in flight when its ack
+    arrives), or matching, it is not."""
     loaded = {N[1]: None, N[2]: R(6, 12), N[3]: None}.get  # N0 (the gateway): its own
     since = {N[1]: 0.0, N[2]: 0.0, N[3]: 9.9}
-    assert restarted(REPLICATED, loaded, since, 10.0, 0.3) == [N[1], N[2]]  # N3: in grace
-    assert restarted(REPLICATED, loaded, since, 10.5, 0.3) == [N[1], N[2], N[3]]
-    assert restarted(REPLICATED, loaded, {}, 10.0, 0.3) == []  # none differed before
+    acked, heard = dict.fromkeys(N, 0.0), dict.fromkeys(N, 9.95).get
+
+    def found(
+        loaded: Callable[[NodeId], R | None], since: dict[NodeId, float], now: float
+    ) -> list[NodeId]:
+        return restarted(REPLICATED, loaded, since, now, 0.3, heard_at=heard, acked_at=acked)
+
+    assert found(loaded, since, 10.0) == [N[1], N[2]]  # N3: in grace
+    assert found(loaded, since, 10.5) == [N[1], N[2], N[3]]
+    assert found(loaded, {}, 10.0) == []  # none differed before
     holding = {N[1]: R(6, 12), N[2]: R(0, 6), N[3]: R(6, 12)}.get
-    assert restarted(REPLICATED, holding, since, 10.5, 0.3) == []
+    assert found(holding, since, 10.5) == []
+
+
+def test_a_heartbeat_older_than_the_ack_says_nothing_of_a_restart() -> None:
+    """A holder busy as it loads the plan's layers sends no heartbeat for a while after
+    its ack: its latest one, sent before it applied the plan, says none of them. That
+    one is no word on what it holds now: an honest node was let go as restarted, taken
+    back and suspended as restarted again (a review). Only a later one counts."""
+    loaded = dict.fromkeys(N).get  # every beat says no layers
+    acked = {N[1]: 5.0, N[2]: 5.0, N[3]: 5.0}
+    heard = {N[1]: 4.9, N[2]: 5.0, N[3]: 5.1}.get  # before, with, after the ack
+    says = [says_other_layers(REPLICATED, n, loaded, heard, acked) for n in N[1:]]
+    assert says == [None, None, True]
+    since = dict.fromkeys(N, 0.0)
+    found = restarted(REPLICATED, loaded, since, 60.0, 0.3, heard_at=heard, acked_at=acked)
+    assert found == [N[3]]  # long past the grace: N1 and N2 have still said nothing
+    assert restarted(REPLICATED, loaded, since, 60.0, 0.3, heard_at=heard, acked_at={}) == []
+    never = dict.fromkeys(N).get  # no heartbeat at all
+    assert says_other_layers(REPLICATED, N[3], loaded, never, acked) is None
+    holding = {N[3]: R(6, 12)}.get
+    assert says_other_layers(REPLICATED, N[3], holding, heard, acked) is False
+
+
+def test_a_node_out_is_back_only_once_heard_from_after_it_left() -> None:
+    """Healthy for its hold counted from its suspension's end or its restart, and only
+    with a heartbeat arrived since: a node silent within acceptable_pause_ms reads as
+    healthy, and taken back on a beat older than its restart it was taken for restarted
+    again and suspended (a review)."""
+    assert back_for(5.0, [None, None], None, 10.0) == 5.0  # nothing to count from
+    assert back_for(None, [9.0], 9.5, 10.0) is None  # not healthy now
+    assert back_for(5.0, [None, 8.0], 9.5, 10.0) == 2.0  # its restart was seen at 8
+    assert back_for(5.0, [None, 8.0], 7.9, 10.0) is None  # silent since
+    assert back_for(5.0, [None, 8.0], 8.0, 10.0) is None
+    assert back_for(1.0, [6.0, 8.0], 9.9, 10.0) == 1.0  # the later end; its run, if shorter
+    assert back_for(5.0, [12.0, None], 10.0, 10.0) is None  # suspended still
 
 
 def test_a_second_restart_within_the_window_is_not_free() -> None:

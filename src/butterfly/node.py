@@ -258,6 +258,7 @@ def build_node(
         acting=lambda: role.acting == me,  # the gateway evicts: whichever node acts
         healthy_for=membership.healthy_for,
         loaded=membership.layers_of,
+        heard_at=membership.heard_at,
         interval_s=cfg.coordination.heartbeat_interval_ms / 1000,
         clock=edges.clock,
     )

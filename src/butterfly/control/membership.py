@@ -172,6 +172,16 @@ class Membership:
         peer = self.peers.get(node)
         return peer.requests if peer is not None else 0
 
+    def heard_at(self, node: NodeId) -> float | None:
+        """When (this node's clock) `node`'s latest heartbeat arrived, which `layers_of`
+        reports (None: never heard, or not a member); this node itself: now, its own
+        state is never stale."""
+        if node == self.node:
+            return self._clock()
+        with self._lock:
+            peer = self.peers.get(node)
+            return peer.last_seen if peer is not None else None
+
     def seconds_since(self, node: NodeId) -> float | None:
         seen = self.peers[node].last_seen if node in self.peers else self._clock()
         return None if seen is None else self._clock() - seen

@@ -22,12 +22,14 @@ The rules, in order:
   plan even when the agreed log already held its eviction.
 - A holder that acknowledged the plan and whose heartbeats then say it holds other
   layers (none: it restarted within the failure detector's tolerance, which never saw
-  it fail) has left the plan as a failed node has (`restarted`); it is not charged
+  it fail) has left the plan as a failed node has (`restarted`); only heartbeats that
+  arrived after its acknowledgement count (`says_other_layers`); it is not charged
   as withholding for the steps it cannot run. A second such restart within
   `RESTARTS_FORGOTTEN_S` is a suspension: claiming restarts is no way out of one.
 - A node that left the plan by failing (or by not taking a plan up, by restarting, or
   by not being up when the first plan was made) comes back once it has been healthy
-  without a break for `rejoin_hold_s` (`returning`); an evicted node never does. When
+  without a break for `rejoin_hold_s` (`returning`), heard from since it left
+  (`back_for`); an evicted node never does. When
   the chain cannot grow, a returning node joins as a standby of the ranges with the
   fewest holders (`join`, `replicas.add_standbys`): no other node's layers move and no
   cache is lost; otherwise the plan is placed again.
@@ -82,8 +84,9 @@ rarely."""
 SUSPENSION_MAX_S = 3600.0
 RESTART_BEATS = 3
 """Heartbeat intervals a holder's heartbeats must say other layers than the plan it
-acknowledged before it counts as restarted (`restarted`): a beat sent before it applied
-the plan may arrive after its acknowledgement."""
+acknowledged, in beats that arrived after its acknowledgement, before it counts as
+restarted (`restarted`): a beat sent before it applied the plan may still be in flight
+when its acknowledgement arrives."""
 RESTARTS_FORGOTTEN_S = 2 * SUSPENSION_MAX_S
 """A holder that restarts (`restarted`) again within this of its last restart is
 suspended rather than let go: its heartbeats are its own word, and a withholding node
@@ -110,33 +113,86 @@ def gone(
     return [n for n in holders(plan) if n in evicted or status(n) == "failed"]
 
 
+def says_other_layers(
+    plan: StagePlan,
+    node: NodeId,
+    loaded: Callable[[NodeId], LayerRange | None],
+    heard_at: Callable[[NodeId], float | None],
+    acked_at: Mapping[NodeId, float],
+) -> bool | None:
+    """Whether `node`'s heartbeats say other layers (`loaded`: its latest one's) than
+    `plan` gives it; None when they say nothing of it yet: its latest heartbeat arrived
+    (`heard_at`) no later than its acknowledgement of the plan (`acked_at`), or it has
+    none. A heartbeat sent before the node applied the plan (a node busy as it loads its
+    layers sends none for a while after its ack) was taken as its word, and an honest
+    node was let go as restarted, taken back, "restarted" again and suspended (a review).
+
+        >>> from butterfly.types.model import LayerRange as R
+        >>> plan = StagePlan(1, ((0, R(0, 2)), (1, R(2, 4))))
+        >>> [says_other_layers(plan, 1, {1: None}.get, {1: t}.get, {1: 5.0}) for t in (4.0, 6.0)]
+        [None, True]
+    """
+    heard, acked = heard_at(node), acked_at.get(node)
+    if heard is None or acked is None or heard <= acked:
+        return None
+    return loaded(node) != plan.layers_of(node)
+
+
 def restarted(
     plan: StagePlan,
     loaded: Callable[[NodeId], LayerRange | None],
     differs_since: Mapping[NodeId, float],
     now: float,
     grace_s: float,
+    *,
+    heard_at: Callable[[NodeId], float | None],
+    acked_at: Mapping[NodeId, float],
 ) -> list[NodeId]:
-    """The plan's holders that acknowledged it (it loaded their layers) and whose
-    heartbeats have said other layers (`loaded`: none, after a restart) since
-    `differs_since` for `grace_s` or more: restarted within
-    `coordination.acceptable_pause_ms`, so the failure detector never saw them fail,
-    and each step sent to them would time out and charge an honest node as withholding
-    (a review). The grace: a heartbeat sent before a node applied the plan may arrive
-    after its acknowledgement.
+    """The plan's holders that acknowledged it (it loaded their layers, at `acked_at`)
+    and whose heartbeats, arrived since (`says_other_layers`), have said other layers
+    (`loaded`: none, after a restart) since `differs_since` for `grace_s` or more:
+    restarted within `coordination.acceptable_pause_ms`, so the failure detector never
+    saw them fail, and each step sent to them would time out and charge an honest node
+    as withholding (a review). The grace: a heartbeat sent before a node applied the
+    plan may still be in flight when its acknowledgement arrives.
 
         >>> from butterfly.types.model import LayerRange as R
         >>> plan = StagePlan(1, ((0, R(0, 2)), (1, R(2, 4))), ((2, R(0, 2)), (3, R(2, 4))))
-        >>> restarted(plan, {1: None, 2: R(0, 2), 3: None}.get, {1: 0.0, 3: 9.9}, 10.0, 0.3)
+        >>> loaded = {1: None, 2: R(0, 2), 3: None}.get
+        >>> acked = {1: 0.0, 2: 0.0, 3: 0.0}
+        >>> heard = {1: 10.0, 2: 10.0, 3: 10.0}.get
+        >>> restarted(plan, loaded, {1: 0.0, 3: 9.9}, 10.0, 0.3, heard_at=heard, acked_at=acked)
         [1]
     """
     return [
         n
         for n in holders(plan)
         if n in differs_since
-        and loaded(n) != plan.layers_of(n)
+        and says_other_layers(plan, n, loaded, heard_at, acked_at)
         and now - differs_since[n] >= grace_s
     ]
+
+
+def back_for(
+    up: float | None, ends: Sequence[float | None], heard: float | None, now: float
+) -> float | None:
+    """How long a node left out of the plans has been back, as taking it back goes
+    (`returning`): healthy for `up` (None: not healthy now), counted from the last of
+    `ends` (its suspension's end, when its restart was seen: its heartbeats never
+    stopped), and only once a heartbeat arrived after that (`heard`): a node silent but
+    within `coordination.acceptable_pause_ms` counts as healthy, and one taken back on
+    a heartbeat older than its restart was taken for restarted again, and suspended.
+
+        >>> back_for(2.0, [None, 9.0], 9.5, 10.0), back_for(2.0, [9.0], 8.9, 10.0)
+        (1.0, None)
+    """
+    known = [end for end in ends if end is not None]
+    if up is None or not known:
+        return up
+    end = max(known)
+    if heard is None or heard <= end:
+        return None
+    return min(up, now - end)
 
 
 def alive(
@@ -292,6 +348,7 @@ __all__ = [
     "NextPlan",
     "Placing",
     "alive",
+    "back_for",
     "equivocation",
     "evicts",
     "gone",
@@ -300,6 +357,7 @@ __all__ = [
     "rejoin_hold_s",
     "restarted",
     "returning",
+    "says_other_layers",
     "strike",
     "to_evict",
 ]

@@ -29,6 +29,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Collection, Mapping
+from functools import partial
 from typing import Protocol
 
 from butterfly.control.planner import Placement
@@ -38,6 +39,7 @@ from butterfly.control.policy import (
     RESTARTS_FORGOTTEN_S,
     SUSPENSION_MAX_S,
     Placing,
+    back_for,
     equivocation,
     evicts,
     gone,
@@ -45,6 +47,7 @@ from butterfly.control.policy import (
     rejoin_hold_s,
     restarted,
     returning,
+    says_other_layers,
     strike,
     suspension_s,
     to_evict,
@@ -115,6 +118,7 @@ class Recovery:
         acting: Callable[[], bool] | None = None,
         healthy_for: Callable[[NodeId], float | None] = lambda n: None,
         loaded: Callable[[NodeId], LayerRange | None] = lambda n: None,
+        heard_at: Callable[[NodeId], float | None] = lambda n: None,
         interval_s: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -126,11 +130,13 @@ class Recovery:
         and the clock it is timed by, which say when a node that left the plan is taken
         back. `loaded`: the layers each node's last heartbeat says it holds (a restarted
         node none, a thawed one its old ones): one given those again has nothing to load
-        and owes its ack at once."""
+        and owes its ack at once. `heard_at`: when that heartbeat arrived (by `clock`):
+        one older than a node's acknowledgement, or than its leaving, says nothing of it
+        now."""
         self._acting = acting or (lambda: evicts(node))
         self.node, self._members, self._status, self._holder = node, members, status, holder
         self._healthy_for, self._interval, self._clock = healthy_for, interval_s, clock
-        self._loaded = loaded
+        self._loaded, self._heard_at = loaded, heard_at
         self.out: set[NodeId] = set()  # left the plans; taken back once steadily healthy
         self._strikes: dict[NodeId, tuple[int, float]] = {}  # departures in a row, last
         # nodes out for unanswered work (`suspend`), and per node its suspensions in a
@@ -140,6 +146,7 @@ class Recovery:
         self._ordering: set[asyncio.Task[None]] = set()  # suspensions being agreed
         # the epoch of the plan all of whose holders acknowledged it (this gateway's last)
         self._acked = -1
+        self._acked_at: dict[NodeId, float] = {}  # when each holder's ack of it arrived
         # per holder that acked it, since when its heartbeats say other layers (if they do)
         self._differs: dict[NodeId, float] = {}
         # per node, restarts the failure detector did not see in a row, and the last
@@ -275,13 +282,9 @@ class Recovery:
         """How long `node` has been healthy, as far as taking it back goes: a suspended
         node counts from the end of its suspension, a restarted one from when its restart
         was seen (their heartbeats never stopped)."""
-        up = self._healthy_for(node)
         restart = self._restarts.get(node)
         ends = [self._suspension_end(node), restart[1] if restart is not None else None]
-        if up is None or all(end is None for end in ends):
-            return up
-        over = self._clock() - max(end for end in ends if end is not None)
-        return None if over < 0 else min(up, over)
+        return back_for(self._healthy_for(node), ends, self._heard_at(node), self._clock())
 
     def _restarted(self, plan: StagePlan) -> tuple[list[NodeId], list[NodeId]]:
         """The plan's holders that restarted since they acknowledged it
@@ -294,12 +297,21 @@ class Recovery:
         now, away = self._clock(), self.evicted | self._suspended | self.out
         watched = [n for n in plan.members if n != self.node and n in self._members]
         for node in watched:
-            if node in away or self._loaded(node) == plan.layers_of(node):
+            says = says_other_layers(plan, node, self._loaded, self._heard_at, self._acked_at)
+            if node in away or says is False:
                 self._differs.pop(node, None)
-            else:
+            elif says:  # None: no heartbeat since its ack says what it holds now
                 self._differs.setdefault(node, now)
         grace = RESTART_BEATS * self._interval
-        found = restarted(plan, self._loaded, self._differs, now, grace)
+        found = restarted(
+            plan,
+            self._loaded,
+            self._differs,
+            now,
+            grace,
+            heard_at=self._heard_at,
+            acked_at=self._acked_at,
+        )
         for node in found:  # each leaves the plan (`out`), so is found once
             self._restarts[node] = strike(
                 self._restarts.get(node), now, forgotten_s=RESTARTS_FORGOTTEN_S
@@ -465,6 +477,7 @@ class Recovery:
                     self._applied()
                 return ack
 
+            acks: dict[NodeId, float] = {}
             took = await distribute_plan(
                 plan=plan,
                 model_hash=self._model_hash,
@@ -477,9 +490,10 @@ class Recovery:
                 # nothing to load: an ack owed at once, or the member withholds it
                 prompt=[n for n in members if self._loaded(n) == plan.layers_of(n)],
                 prompt_s=PROMPT_ACK_BEATS * self._interval,
+                on_ack=partial(self._ack_arrived, acks),
             )
-            if not took.down:  # every holder loaded its layers: from now on it says so
-                self._acked, self._differs = plan.epoch, {}
+            if not took.down:  # every holder loaded its layers: from its ack on it says so
+                self._acked, self._acked_at, self._differs = plan.epoch, acks, {}
                 return plan
             log.warning(
                 "nodes %s did not take up epoch %d; deciding again without them",
@@ -489,6 +503,9 @@ class Recovery:
             for node in took.down:
                 self._depart(node)
         raise ServiceUnavailable("no plan was taken up by all of its nodes")
+
+    def _ack_arrived(self, acks: dict[NodeId, float], node: NodeId) -> None:
+        acks.setdefault(node, self._clock())
 
     async def run(self, on_replanned: Callable[[], None]) -> None:
         """Re-plan whenever a node of the plan is gone, or a re-plan was asked for;

@@ -138,6 +138,7 @@ async def distribute_plan(
     prompt: Collection[NodeId] = (),
     prompt_s: float = 0.0,
     poll_s: float = 0.05,
+    on_ack: Callable[[NodeId], None] = lambda n: None,
 ) -> Distribution:
     """Send the plan to every member (loading takes a while) and see who takes it up.
 
@@ -148,17 +149,22 @@ async def distribute_plan(
     the wait ends for every other remote member too: the plan already names a dead node
     and the caller must decide the next one at once, not after the others' loading.
     The caller treats the down members as down for this plan. Raises ServiceUnavailable
-    when this node (`node`) cannot apply it (its own apply is always waited for)."""
+    when this node (`node`) cannot apply it (its own apply is always waited for).
+    `on_ack(member)`: as each member's acknowledgement arrives (a heartbeat it sent
+    before it applied the plan may arrive later: `policy.restarted`)."""
     msg = plan.to_message(model_hash)
     started = time.monotonic()
 
     async def one(peer: NodeId) -> PlanAck:
         if peer == node:
-            return await apply_local(msg)
-        try:
-            ack, _ = await transport.ask(peer, msg, timeout=timeout_s, channel="control")
-        except ButterflyError as e:
-            return PlanAck(msg.epoch, peer, False, str(e))
+            ack = await apply_local(msg)
+        else:
+            try:
+                ack, _ = await transport.ask(peer, msg, timeout=timeout_s, channel="control")
+            except ButterflyError as e:
+                return PlanAck(msg.epoch, peer, False, str(e))
+        if ack.ok:
+            on_ack(peer)
         return ack
 
     tasks = {asyncio.ensure_future(one(p)): p for p in members}
