@@ -11,10 +11,11 @@ only past it (`pbft_state.may_sign`); a backup's prepares and commits likewise.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from butterfly.agreement import signed_mark
-from butterfly.protocol import pbft
+from butterfly.protocol import pbft, pbft_state
 from butterfly.protocol.sign import sign_message
 from butterfly.types.ids import Epoch, NodeId
 from butterfly.types.wire.agreement import (
@@ -221,3 +222,74 @@ def test_after_the_whole_cluster_restarts_one_view_change_leads_past_the_used_sl
         net.advance(0.5)
     assert net.now - start <= 10.0 + 5.0 + 1.0
     assert accusations(net) == {}
+
+
+def _until(net: Net, done: Callable[[], bool], limit: float) -> float:
+    start = net.now
+    while net.now - start < limit and not done():
+        net.steps = 0
+        net.advance(0.5)
+    return net.now - start
+
+
+def test_a_backup_restarted_after_a_whole_cluster_restart_votes_in_the_new_view() -> None:
+    """After a restart of every node the new view orders from seq 1 again, below the
+    numbers the marks hold from the old view. The mark keeps the seq of its highest view
+    only (`pbft_state.Signed`), so a backup restarted later still prepares the view's next
+    slots; with the two maxima kept apart it sat out the view, and one more crash (within
+    f = 1) left too few voters: the next command waited for the request timer and a view
+    change instead of being ordered at once."""
+    timers = {"request_timeout": 10.0, "view_change_timeout": 5.0}
+    net = Net(replicas(**SETTINGS, **timers))
+    for ts in range(1, 4):  # three agreed commands in view 1 (primary: node 1)
+        net.broadcast_request(request(ts, b"x%d" % ts))
+        net.run()
+    assert [s.last_executed for s in net.states] == [3] * 4
+    marks = [s.signed for s in net.states]
+    # every node restarts; 0, 2 and 3 are up first, node 1 (view 1's primary) later
+    net.states = [
+        pbft.new_replica(config(i, **SETTINGS, **timers), KEYS[i], marks[i]) for i in range(4)
+    ]
+    net.drop = node_1_down
+    net.broadcast_request(request(100, b"first-after-restart"))
+    net.run()
+    _until(net, lambda: ops(net.states[0]) == [b"first-after-restart"], 60.0)
+    assert ops(net.states[0]) == [b"first-after-restart"] and net.states[0].view == 2
+    net.drop = healed
+    net.advance(3.0)
+    assert all(ops(s) == [b"first-after-restart"] and s.view == 2 for s in net.states)
+    mark = net.states[3].signed
+    assert mark is not None and (mark.view, mark.seq) == (2, 1)  # view 2's own number
+
+    # later backup 3 crashes and restarts with its mark, and catches up from statuses
+    net.states[3] = pbft.new_replica(config(3, **SETTINGS, **timers), KEYS[3], mark)
+    net.advance(3.0)
+    assert ops(net.states[3]) == [b"first-after-restart"] and net.states[3].view == 2
+    mine: list[Prepare] = []
+    post = net.post
+
+    def recording(src: NodeId, sends: list[pbft.Send]) -> None:
+        mine.extend(
+            s.message for s in sends if isinstance(s.message, Prepare) and s.message.sender == 3
+        )
+        post(src, sends)
+
+    net.post = recording  # type: ignore[method-assign]
+    # then backup 0 crashes: the one failure f = 1 allows; 1, 2 and 3 order on their own
+    net.drop = lambda src, dst, m: 0 in (src, dst)
+    net.broadcast_request(request(101, b"next"))
+    net.run()
+    waited = _until(net, lambda: all(ops(net.states[i])[-1:] == [b"next"] for i in (1, 2, 3)), 40.0)
+    assert [(p.view, p.seq) for p in mine] == [(2, 2)]
+    assert waited < 2.0 and accusations(net) == {}
+
+
+def test_the_mark_holds_the_numbers_of_its_highest_view_only() -> None:
+    state = pbft.new_replica(config(2, **SETTINGS), KEYS[2], pbft.Signed(0, 3, 9))
+    assert pbft_state.may_sign(state, 4, 1) and pbft_state.may_sign(state, 3, 10)
+    assert not pbft_state.may_sign(state, 3, 9) and not pbft_state.may_sign(state, 2, 50)
+    pbft_state.note_signed(state, 4, 2)
+    assert state.signed == pbft.Signed(0, 4, 2)  # a new view: its own numbers
+    pbft_state.note_signed(state, 4, 1)
+    pbft_state.note_signed(state, 3, 20)  # never happens; it must not raise the mark either
+    assert state.signed == pbft.Signed(0, 4, 2)

@@ -179,9 +179,9 @@ def assign_pending(state: ReplicaState, now: float, out: list[Send]) -> None:
         return
     if not may_sign(state, state.view, state.next_seq):
         before = state.signed_before
-        if before is None or before.epoch != state.config.epoch:
-            return  # it signed in a later epoch: nothing in this one is surely fresh
-        state.next_seq = before.seq + 1
+        if before is None or (before.epoch, before.view) != (state.config.epoch, state.view):
+            return  # a later epoch or an older view: nothing here is surely fresh
+        state.next_seq = before.seq + 1  # past its numbers in the view it voted in last
     for key, request in list(state.pending.items()):
         if key in state.assigned:
             continue

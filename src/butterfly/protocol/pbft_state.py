@@ -172,8 +172,14 @@ class Slot:
 @dataclass(frozen=True, slots=True)
 class Signed:
     """How far a replica has signed votes for slots (pre-prepares as primary, prepares
-    and commits): in `epoch`, no view above `view` and no sequence number above `seq`
-    (the two maxima, not one vote's).
+    and commits): in `epoch`, no view above `view`, and in `view` itself no sequence
+    number above `seq`. The seq is that of the highest view only, not a maximum over
+    views: a new view may order from lower numbers again (after a restart of the whole
+    cluster its log starts over), and a maximum over views kept a restarted backup from
+    voting at (new view, seq <= old maximum) -- slots of a view it never voted in --
+    which cost the cluster a voter until the next view change. Lower views need no
+    number: a restarted replica starts in `view` (`new_replica`) and never votes in a
+    lower one.
 
     The driver writes it to the node's data directory before any such vote leaves
     (`agreement.signed_mark`) and hands it back to a restarted replica (`new_replica`),
@@ -333,13 +339,16 @@ def sign(state: ReplicaState, message: M) -> M:
 def may_sign(state: ReplicaState, view: int, seq: int) -> bool:
     """Whether this replica may vote (pre-prepare, prepare, commit) at (view, seq):
     always, unless a previous life of it (`signed_before`) may have voted there. Then
-    only a later view or a later sequence number is certainly fresh; an older epoch than
-    the one it voted in is never safe (what it signed there is unknown). A slot it sits
-    out is decided by the others' votes and executed from their commits all the same."""
+    only a later view, or a later sequence number in the last view it voted in, is
+    certainly fresh (`Signed`); an older epoch than the one it voted in is never safe
+    (what it signed there is unknown). A slot it sits out is decided by the others'
+    votes and executed from their commits all the same."""
     before = state.signed_before
     if before is None or state.config.epoch > before.epoch:
         return True
-    return state.config.epoch == before.epoch and (view > before.view or seq > before.seq)
+    return state.config.epoch == before.epoch and (
+        view > before.view or (view == before.view and seq > before.seq)
+    )
 
 
 def note_signed(state: ReplicaState, view: int, seq: int) -> None:
@@ -347,8 +356,10 @@ def note_signed(state: ReplicaState, view: int, seq: int) -> None:
     epoch, mark = state.config.epoch, state.signed
     if mark is None or epoch > mark.epoch:
         state.signed = Signed(epoch, view, seq)
-    elif epoch == mark.epoch and (view > mark.view or seq > mark.seq):
-        state.signed = Signed(epoch, max(view, mark.view), max(seq, mark.seq))
+    elif epoch == mark.epoch and view > mark.view:
+        state.signed = Signed(epoch, view, seq)  # a new view: its own numbers (`Signed`)
+    elif epoch == mark.epoch and view == mark.view and seq > mark.seq:
+        state.signed = Signed(epoch, view, seq)
 
 
 def request_key(request: Request) -> RequestKey:
