@@ -19,6 +19,7 @@ from butterfly.protocol import pbft, pbft_state
 from butterfly.protocol.sign import sign_message
 from butterfly.types.ids import Epoch, NodeId
 from butterfly.types.wire.agreement import (
+    Commit,
     Message,
     NewView,
     Prepare,
@@ -293,3 +294,52 @@ def test_the_mark_holds_the_numbers_of_its_highest_view_only() -> None:
     pbft_state.note_signed(state, 4, 1)
     pbft_state.note_signed(state, 3, 20)  # never happens; it must not raise the mark either
     assert state.signed == pbft.Signed(0, 4, 2)
+
+
+def test_a_replica_with_an_unreadable_mark_follows_the_views_and_votes_in_no_slot(
+    tmp_path: Path,
+) -> None:
+    """Node 3 restarts with a damaged pbft_signed.json. It starts in the initial view and
+    follows its peers: when primary 1 crashes, the view change of 0, 2 and 3 (the 2f+1
+    it needs) leads to view 2, and 3 executes what the others order there, signing no
+    pre-prepare, prepare or commit in this epoch (`pbft_state.new_replica`). Started in
+    the mark's view 2**62, it joined no view change, and the survivors changed views for
+    good. Its lost vote is not won back (the cluster orders with 1 back up here)."""
+    timers = {"request_timeout": 10.0, "view_change_timeout": 5.0}
+    net = Net(replicas(**SETTINGS, **timers))
+    votes: list[Message] = []
+    post = net.post
+
+    def recording(src: NodeId, sends: list[pbft.Send]) -> None:
+        kinds = (PrePrepare, Prepare, Commit)
+        votes.extend(
+            s.message
+            for s in sends
+            if src == 3 and isinstance(s.message, kinds) and s.message.sender == 3
+        )
+        post(src, sends)
+
+    net.post = recording  # type: ignore[method-assign]
+    net.broadcast_request(request(1, b"before"))
+    net.run()
+    old = set(votes)  # its first life's; relayed back to it, they may leave it again
+    path = tmp_path / signed_mark.MARK_FILE
+    path.write_text('{"epoch": 0, "view": 1, "se')
+    mark = signed_mark.load(path, net.states[3].config.epoch)
+    net.states[3] = pbft.new_replica(config(3, **SETTINGS, **timers), KEYS[3], mark)
+    assert net.states[3].view == 1
+    net.advance(2.0)
+    assert net.states[3].last_executed == 1
+    net.drop = node_1_down
+    for i in (0, 2, 3):  # their failure detectors declare the primary failed
+        net.feed(i, pbft.SuspectPrimary(view=1))
+    net.run()
+    _until(net, lambda: all(net.states[i].active for i in (0, 2, 3)), 30.0)
+    assert [(net.states[i].view, net.states[i].active) for i in (0, 2, 3)] == [(2, True)] * 3
+    net.drop = healed
+    net.broadcast_request(request(2, b"after"))
+    net.run()
+    _until(net, lambda: all(ops(s)[-1:] == [b"after"] for s in net.states), 30.0)
+    assert all(ops(s) == [b"before", b"after"] for s in net.states)
+    assert old and set(votes) == old  # no new vote of its own
+    assert net.states[3].signed == mark and accusations(net) == {}

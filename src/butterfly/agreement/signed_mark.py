@@ -18,21 +18,20 @@ import logging
 import os
 from pathlib import Path
 
-from butterfly.protocol.pbft_state import Signed
+from butterfly.protocol.pbft_state import UNKNOWN, Signed
 
 log = logging.getLogger(__name__)
 
 MARK_FILE = "pbft_signed.json"
-EVERYTHING = 1 << 62
-"""View and sequence number of an unreadable mark: every slot of its epoch may be signed."""
 
 
 def load(path: Path, epoch: int) -> Signed | None:
     """The mark a previous life of this node wrote; None when it never signed one.
 
-    An unreadable one stands for every slot of `epoch`: the replica then votes in no
-    slot before the next epoch (it still executes what the others decide, and each view
-    it would lead times out to the next primary) rather than risk a conviction."""
+    An unreadable one stands for every slot of `epoch` (`pbft_state.UNKNOWN`): the
+    replica then votes in no slot before the next epoch (it still executes what the
+    others decide and follows their views, and each view it would lead times out to the
+    next primary) rather than risk a conviction."""
     try:
         raw = json.loads(path.read_text())
         return Signed(epoch=int(raw["epoch"]), view=int(raw["view"]), seq=int(raw["seq"]))
@@ -42,11 +41,13 @@ def load(path: Path, epoch: int) -> Signed | None:
         log.error(
             "%s is unreadable (%s): this node will not vote in the agreement before the "
             "replica set next changes, as it cannot tell which votes it signed before "
-            "(it still executes what the others agree)",
+            "(it still executes what the others agree); until then the cluster tolerates "
+            "one failure less: change the member set (add or remove a member) to start "
+            "a new agreement epoch, in which it votes again",
             path,
             e,
         )
-        return Signed(epoch=epoch, view=EVERYTHING, seq=EVERYTHING)
+        return Signed(epoch=epoch, view=UNKNOWN, seq=UNKNOWN)
 
 
 def store(path: Path, mark: Signed) -> None:

@@ -196,6 +196,12 @@ class Signed:
     seq: int
 
 
+UNKNOWN = 1 << 62
+"""View and seq of a mark that was lost (`agreement.signed_mark`): every slot of its
+epoch may have been voted in, so the replica votes in none (`may_sign`), while it still
+follows the cluster's views (`new_replica`)."""
+
+
 def genesis_digest(epoch: Epoch) -> bytes:
     return chain(b"butterfly-pbft-genesis", int(epoch), b"")
 
@@ -283,12 +289,23 @@ def new_replica(config: PbftConfig, key: SigningKey, signed: Signed | None = Non
     are there or later (it catches up by their statuses either way), and should the
     whole cluster have restarted, one view change leads past the views in which the
     replicas may not vote (`may_sign`), where one view change per view stalled it for
-    minutes."""
+    minutes.
+
+    A lost mark (`UNKNOWN`) starts in the initial view, like no mark, and follows the
+    cluster's views from its peers' statuses and new-views: it votes in no slot of this
+    epoch, but it executes, joins the view changes the others need 2f+1 replicas for and
+    shows in them as one of theirs. Starting in the mark's view 2**62 instead, it could
+    neither, and one more crash stalled the cluster. Voting again in views above the
+    highest one the cluster reached after the restart was left out, as it is not sound
+    on what a replica can observe: the cluster's restarted members start in the last view
+    they voted in, below the views whose view changes or new-views (from this node as
+    primary) only they saw, and its own timer may fire before it hears from anyone. The
+    operator's way back is a change of the member set (docs/DEPLOY.md)."""
     if key.public != config.keys[config.replica]:
         raise ValueError(f"key does not match replica {config.replica}'s public key")
     genesis = config.genesis
     view = config.initial_view
-    if signed is not None and signed.epoch == config.epoch:
+    if signed is not None and signed.epoch == config.epoch and signed.view < UNKNOWN:
         view = max(view, signed.view)
     return ReplicaState(
         config=config,
