@@ -153,6 +153,8 @@ async def test_a_rebound_host_name_is_not_served(
         ("127.0.0.1", ("api.example.com",), "api.example.com", True),  # a proxy passes it on
         ("localhost", (), "evil.example", False),
         ("::1", (), "[::1]", True),
+        ("::1", ("2001:db8::5",), "[2001:DB8:0:0::0005]:8080", True),  # another spelling
+        ("127.0.0.1", ("2001:0db8::5",), "[2001:db8::5]", True),
         ("0.0.0.0", (), "evil.example", True),  # reached from anywhere: any name
         ("10.0.0.5", (), "gw.internal:8080", True),
     ],
@@ -187,6 +189,7 @@ def test_host_headers_are_read_as_browsers_write_them() -> None:
     assert authority("::1") == ("::1", None)
     assert authority("Example.COM.:443") == ("example.com", 443)
     assert authority("localhost") == ("localhost", None)
+    assert authority("[0:0::0001]:80") == ("::1", 80)
     assert authority("h:x") == ("h", None)
     assert authority("h:\u00b2") == ("h", None)  # a latin-1 digit int() refuses
     assert all(map(is_loopback, ["localhost", "a.localhost", "127.9.9.9", "[::1]", "::1"]))
@@ -194,8 +197,9 @@ def test_host_headers_are_read_as_browsers_write_them() -> None:
 
 
 def test_allowed_hosts_are_names_without_port_or_scheme() -> None:
-    cfg = load_config(overrides={"api.allowed_hosts": ["API.example.com", "[::1]", "10.0.0.5"]})
-    assert cfg.api.allowed_hosts == ("api.example.com", "::1", "10.0.0.5")
+    names = ["API.example.com", "[::1]", "10.0.0.5", "2001:0DB8::0005"]
+    cfg = load_config(overrides={"api.allowed_hosts": names})
+    assert cfg.api.allowed_hosts == ("api.example.com", "::1", "10.0.0.5", "2001:db8::5")
     for bad in ("https://api.example.com", "api.example.com:443", "", "a b"):
         with pytest.raises(ConfigInvalid, match="host name"):
             load_config(overrides={"api.allowed_hosts": [bad]})

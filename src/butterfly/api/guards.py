@@ -140,7 +140,19 @@ def authority(value: str) -> tuple[str, int | None]:
         name, _, port = value.partition(":")
     else:  # a bare name, or a bare IPv6 address
         name, port = value, ""
-    return name.rstrip("."), int(port) if port.isascii() and port.isdigit() else None
+    return canonical_host(name), int(port) if port.isascii() and port.isdigit() else None
+
+
+def canonical_host(name: str) -> str:
+    """One spelling per host: an IP address as `ipaddress` writes it (`::1` for
+    `0:0::0001`, `::ffff:a00:5` for `::ffff:10.0.0.5`), a name without its trailing dot.
+    Compared as written, an IPv6 address named in `api.allowed_hosts` in one spelling
+    was refused in another (a review)."""
+    name = name.strip("[]").lower().rstrip(".")
+    try:
+        return ipaddress.ip_address(name).compressed
+    except ValueError:
+        return name
 
 
 class SameOrigin:

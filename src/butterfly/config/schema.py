@@ -104,7 +104,7 @@ def _host_name(value: str) -> str:
     (which a name compared to the header's host part would never match)."""
     name = value.strip("[]").lower()
     try:
-        ipaddress.ip_address(name)
+        name = ipaddress.ip_address(name).compressed  # one spelling (`api.guards`)
     except ValueError:
         if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?", name):
             raise ValueError(
