@@ -305,3 +305,24 @@ async def test_a_standby_that_answers_again_has_the_next_tasks_copy_before_its_2
         assert "after-the-cut" in t.copied.get(S1, set())
     finally:
         await stop(loop, r)
+
+
+async def test_a_standby_declared_failed_during_the_pull_is_not_waited_for(
+    tmp_path: Path,
+) -> None:
+    """S1 was alive when the gateway asked for its tasks, then went silent (cut off, its
+    connection still open). The gateway watches for failures only once its pull is done,
+    so it waited out the ask's 5 s before re-planning around a node its detector had
+    declared failed (a test of a lone range failed in CI: 400 heartbeats, no re-plan)."""
+    statuses = {S1: "healthy", S2: "healthy"}
+    r, t = acting(tmp_path, [ACTING, S1, S2], {S1: "silent", S2: "ok"})
+    r._status = lambda n: statuses.get(n, "healthy")
+    try:
+        pulling = asyncio.create_task(r.pull())
+        await asyncio.sleep(0.1)
+        assert not pulling.done()  # S1 is still being asked
+        statuses[S1] = "failed"
+        assert await asyncio.wait_for(pulling, 2.0) == 0  # not the ask's 5 s timeout
+        assert t.asks == {S1: 1, S2: 1} and S1 in r._unpulled  # S2 was still asked
+    finally:
+        r.close()

@@ -9,7 +9,6 @@ timeout.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -31,10 +30,10 @@ from butterfly.metrics.logcontext import REQUEST_ID
 from butterfly.metrics.tracing import Tracing, now_ns
 from butterfly.net.conn import Reply
 from butterfly.net.framing import Envelope
-from butterfly.net.transport import Transport
+from butterfly.net.transport import Transport, unless_failed
 from butterfly.protocol.dispatch import Refusal
 from butterfly.protocol.entitled import Context, entitled
-from butterfly.types.errors import ButterflyError, InvalidMessage, SendTimeout, StageLost
+from butterfly.types.errors import ButterflyError, InvalidMessage, SendTimeout
 from butterfly.types.ids import GATEWAY, NodeId, RequestId
 from butterfly.types.wire.base import Ask
 from butterfly.types.wire.data import (
@@ -189,11 +188,6 @@ def _trace(
             )
 
 
-FAILED_POLL_S = 0.05
-"""How often a wait for an auditor's answer looks whether the failure detector declared
-it failed (a look is a dictionary read and a little arithmetic)."""
-
-
 class AuditAsk:
     """How the gateway's auditor asks a node to re-run a request's prefill, or for the
     inputs it received: its own stage server directly, a peer over the transport,
@@ -236,9 +230,8 @@ class AuditAsk:
 
     async def _ask(self, node: NodeId, msg: Ask[A], payload: bytes, what: str) -> tuple[A, bytes]:
         try:
-            answer = await self._unless_failed(
-                node, self._transport.ask(node, msg, payload, timeout=self._timeout()), what
-            )
+            asking = self._transport.ask(node, msg, payload, timeout=self._timeout())
+            answer = await unless_failed(node, asking, self._failed, what)
         except SendTimeout:
             await self._timeouts.timed_out(node, what)
             raise
@@ -247,21 +240,6 @@ class AuditAsk:
             raise
         self._timeouts.answered((node,))
         return answer
-
-    async def _unless_failed(
-        self, node: NodeId, asking: Awaitable[tuple[A, bytes]], what: str
-    ) -> tuple[A, bytes]:
-        """`asking`'s answer, or StageLost once the failure detector declares `node`
-        failed before it comes."""
-        answer = asyncio.ensure_future(asking)
-        try:
-            while not answer.done():
-                if self._failed(node):
-                    raise StageLost(f"node {node} was declared failed during the {what}")
-                await asyncio.wait((answer,), timeout=FAILED_POLL_S)
-            return answer.result()
-        finally:
-            answer.cancel()  # nothing once done; the ask, when given up or cancelled
 
 
 __all__ = ["AuditAsk", "StageRoutes"]

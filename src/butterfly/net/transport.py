@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol, TypeVar
 
 from butterfly.net.conn import Handler
 from butterfly.net.framing import Envelope
+from butterfly.types.errors import StageLost
 from butterfly.types.ids import NodeId
 from butterfly.types.wire.base import Ask
 from butterfly.types.wire.frames import Message
 
 R = TypeVar("R")
+T = TypeVar("T")
+
+FAILED_POLL_S = 0.05
+"""How often a wait for a peer's answer looks whether the failure detector declared it
+failed (a look is a dictionary read and a little arithmetic)."""
 
 
 class Transport(Protocol):
@@ -58,3 +65,22 @@ class Transport(Protocol):
         self, msg: Message, payload: bytes = b"", *, channel: str = "control"
     ) -> None:
         """Best effort to every other member."""
+
+
+async def unless_failed(
+    node: NodeId, asking: Awaitable[T], failed: Callable[[NodeId], bool], what: str
+) -> T:
+    """`asking`'s answer, or StageLost once the failure detector declares `node` failed
+    (`failed`) before it comes: a peer frozen or cut off keeps its connection open, and
+    an ask of it waited out its whole timeout after the detector had given up on it (an
+    audit held its answer 60 s; a gateway's first plan waited 5 s for a dead standby's
+    tasks before it watched for failures at all: reviews)."""
+    answer = asyncio.ensure_future(asking)
+    try:
+        while not answer.done():
+            if failed(node):
+                raise StageLost(f"node {node} was declared failed during the {what}")
+            await asyncio.wait((answer,), timeout=FAILED_POLL_S)
+        return answer.result()
+    finally:
+        answer.cancel()  # nothing once done; the ask, when given up or cancelled

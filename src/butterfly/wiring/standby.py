@@ -61,7 +61,7 @@ from pathlib import Path
 from butterfly.control.gateway_role import GatewayRole
 from butterfly.net.conn import Reply
 from butterfly.net.framing import Envelope
-from butterfly.net.transport import Transport
+from butterfly.net.transport import Transport, unless_failed
 from butterfly.schedule.group_commit import GroupCommit
 from butterfly.schedule.state import TaskState, TaskStatus
 from butterfly.schedule.store import (
@@ -192,6 +192,9 @@ class TaskReplicas:
         to it missed since it was last resynced)."""
         return peer not in self._missed and peer not in self._resyncing
 
+    def _failed(self, node: NodeId) -> bool:
+        return self._status(node) == "failed"
+
     def standbys(self) -> list[NodeId]:
         """The other gateway-capable nodes, but for those the detector calls failed (each
         of which then misses what is being sent)."""
@@ -199,7 +202,7 @@ class TaskReplicas:
         for g in self._role.gateways:
             if g == self.node:
                 continue
-            if self._status(g) == "failed":
+            if self._failed(g):
                 self._missed.add(g)
                 self._unpulled.add(g)
             else:
@@ -460,8 +463,10 @@ class TaskReplicas:
         """Take into this node's store the unfinished tasks (and checkpoints) each standby
         holds that it lacks, and the standby's recent results of tasks it lacks or holds
         unfinished; returns how many tasks changed here (new, or now finished). A standby
-        that does not answer in time is skipped (taken from when it is resynced,
-        `keep_standbys`)."""
+        that does not answer in time, or that the failure detector declares failed
+        meanwhile, is skipped (taken from when it is resynced, `keep_standbys`): a
+        gateway watches for failures only once this is done, and a standby that died
+        as it was asked held every re-plan for the ask's 5 s."""
         changed = 0
         for peer in self.standbys():
             try:
@@ -480,9 +485,10 @@ class TaskReplicas:
         written off the event loop, which a returning standby now interrupts while this
         node serves, not only as it starts acting."""
         try:
-            _, payload = await self._transport.ask(
+            asking = self._transport.ask(
                 peer, TaskSync(), timeout=COPY_TIMEOUT_S, channel="control"
             )
+            _, payload = await unless_failed(peer, asking, self._failed, "hand-over of its tasks")
             return await asyncio.to_thread(take_all, self.store, peer, payload)
         except (ButterflyError, ValueError) as e:
             log.warning("unfinished tasks of node %s not taken: %s", peer, e)
