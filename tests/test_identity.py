@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from butterfly.dataplane.engine import PipelineEngine
-from butterfly.dataplane.routes import StageRoutes
+from butterfly.dataplane.routes import EARLY_STEP_BYTES, StageRoutes
 from butterfly.dataplane.stage_server import Outbound
 from butterfly.metrics.events import MessageDropped, MetricsEvent
 from butterfly.net.framing import LENGTH, Envelope, encode_frame
@@ -372,6 +372,7 @@ class StepsSeen:
 
     def __init__(self) -> None:
         self.ran: list[int] = []
+        self.plan, self.epoch = PLAN, PLAN.epoch
 
     async def plan_of(self, epoch: int) -> StagePlan:
         return PLAN
@@ -407,3 +408,56 @@ async def test_a_stage_runs_steps_only_from_the_gateway_or_the_previous_stage() 
     assert server.ran == [1] and [peer for peer, _ in sent] == [0]
     drops = [e for e in events if isinstance(e, MessageDropped)]
     assert [e.reason for e in drops] == ["not_entitled_stage_step"]
+
+
+class PlanNeverComes(StepsSeen):
+    """A stage server at epoch 1 whose next plan does not come while the test runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = 0
+
+    async def plan_of(self, epoch: int) -> StagePlan:
+        if epoch > self.epoch:
+            self.waiting += 1
+            await asyncio.Event().wait()
+        return PLAN
+
+
+async def test_steps_of_a_later_epoch_hold_few_bytes_per_peer_while_they_wait() -> None:
+    """A step stamped with a later epoch waits for that plan before it can be judged,
+    and the epoch is the unsigned envelope's: node 3 (no route to node 2) parked 48
+    steps of 16 MiB, 768 MiB held for 10 s each. A peer's waiting steps now hold at most
+    the budget (one always may wait); the rest are dropped at once and counted, another
+    peer's steps still wait, and a step of the current epoch runs."""
+    events: list[MetricsEvent] = []
+
+    async def deliver(peer: NodeId, msg: Message, payload: bytes) -> None:
+        return None
+
+    server = PlanNeverComes()
+    routes = StageRoutes(node=N(2), server=server, deliver=deliver, emit=events.append)  # type: ignore[arg-type]
+    big = bytes(16 << 20)
+    steps = [
+        asyncio.create_task(routes.step(N(3), Envelope(STEP, N(3), 2, "c", payload=big)))
+        for _ in range(48)
+    ]
+    steps.append(asyncio.create_task(routes.step(N(1), Envelope(STEP, N(1), 2, "c", payload=big))))
+    try:
+        await asyncio.sleep(0.05)
+        assert server.waiting == EARLY_STEP_BYTES // len(big) + 1
+        drops = [e.reason for e in events if isinstance(e, MessageDropped)]
+        assert drops == ["early_stage_step_over_budget"] * (48 - EARLY_STEP_BYTES // len(big))
+        await routes.step(N(1), Envelope(STEP, N(1), 1, "c"))
+        assert server.ran == [1]
+        for step in steps:  # their waits end: node 3's steps may wait again
+            step.cancel()
+        await asyncio.gather(*steps, return_exceptions=True)
+        steps = [asyncio.create_task(routes.step(N(3), Envelope(STEP, N(3), 2, "c", payload=big)))]
+        await asyncio.sleep(0.05)
+        assert server.waiting == EARLY_STEP_BYTES // len(big) + 2
+        assert sum(isinstance(e, MessageDropped) for e in events) == len(drops)
+    finally:
+        for step in steps:
+            step.cancel()
+        await asyncio.gather(*steps, return_exceptions=True)

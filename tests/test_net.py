@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import struct
 import time
 
+import lz4.frame
 import msgpack
 import pytest
 import torch
 
 from butterfly.metrics.events import MessageDropped, MessageSent
 from butterfly.net.breaker import BreakerState, CircuitBreaker
-from butterfly.net.framing import LENGTH, Envelope, decode_frame, encode_frame
+from butterfly.net.framing import LENGTH, MAX_LZ4_RATIO, Envelope, decode_frame, encode_frame
 from butterfly.net.memory import MemoryNetwork
 from butterfly.net.tcp import Identity, TcpTransport, TransportLimits
 from butterfly.protocol.sign import SigningKey
@@ -21,6 +23,7 @@ from butterfly.types.errors import CircuitOpen, ConnectionFailed, InvalidMessage
 from butterfly.types.ids import Epoch, NodeId
 from butterfly.types.wire.control import Heartbeat, StatusQuery, StatusReply
 from butterfly.types.wire.data import Pong, Release, StageStep
+from butterfly.types.wire.frames import to_body
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -131,12 +134,65 @@ async def test_only_payloads_from_the_threshold_on_are_compressed() -> None:
     a, b, events = pair(limits=limits)
     try:
         await started(a, b)
-        for size in (1000, 100_000):  # zeros: lz4 shrinks them to almost nothing
-            await a.request(NodeId(1), StatusQuery(), bytes(size), timeout=5)
+        block = random.Random(0).randbytes(10_000)  # ten copies: lz4 shrinks them 10 times
+        for payload in (block[:1000], block * 10):
+            await a.request(NodeId(1), StatusQuery(), payload, timeout=5)
         kind = StatusQuery.kind
         sent = [e.size_bytes for e in events if isinstance(e, MessageSent) and e.kind == kind]
         small, large = sent  # the frames' sizes, payload included
-        assert small > 1000 and large < 5000
+        assert small > 1000 and large < 20_000
+    finally:
+        await a.close()
+        await b.close()
+
+
+def test_an_lz4_payload_may_inflate_only_so_many_times_its_size() -> None:
+    """16 MiB of zeros travel as 64 KiB: a receiver that inflated them up to the frame
+    limit held 250 times what a peer sent it. Such a frame is refused, naming why; an
+    honest sender sends so compressible a payload raw."""
+    zeros = bytes(16 << 20)
+    raw = encode_frame(Envelope(Release(("x",)), 1, 4, "c", 0, False, zeros), "lz4")
+    assert len(raw) > len(zeros) and decode_frame(raw[LENGTH.size :], 32 << 20).payload == zeros
+    body = to_body(Release(("x",)))
+    header = msgpack.packb(
+        {"v": 1, "c": "c", "e": 0, "s": 1, "id": 0, "r": False, "k": "release", "b": body}
+        | {"z": "lz4"}
+    )
+    packed = lz4.frame.compress(zeros, compression_level=0)
+    hostile = struct.pack(">H", len(header)) + header + packed
+    with pytest.raises(WireFormatError, match=f"inflates past {MAX_LZ4_RATIO} times"):
+        decode_frame(hostile, 32 << 20)
+    with pytest.raises(WireFormatError, match="exceeds 1048576 bytes"):
+        decode_frame(hostile, 1 << 20)
+
+
+async def test_a_connection_stops_reading_while_its_handlers_hold_a_message_of_payloads() -> None:
+    """A peer's frames each sit in a handler as long as it runs: 64 of them at the frame
+    limit held 16 GiB per connection. Handlers holding `max_message_bytes` of payloads
+    stop the reader (TCP slows the sender) until one ends."""
+    started_with: list[int] = []
+    release = asyncio.Event()
+
+    async def hold(peer: NodeId, env: Envelope) -> None:
+        started_with.append(len(env.payload))
+        await release.wait()
+
+    limits = TransportLimits(max_frame_bytes=1 << 20, max_message_bytes=1 << 20)
+    a, b, _ = pair(limits=limits)
+    try:
+        await a.start(echo)
+        await b.start(hold)
+        a.peers[NodeId(1)] = b.address
+        for _ in range(8):  # 2 MiB: the loopback socket's buffers take them all
+            await a.send(NodeId(1), Release(("x",)), bytes(256 << 10))
+        await asyncio.sleep(0.5)
+        assert len(started_with) == 4  # 1 MiB held: the reader waits
+        release.set()
+        for _ in range(100):
+            if len(started_with) == 8:
+                break
+            await asyncio.sleep(0.02)
+        assert len(started_with) == 8
     finally:
         await a.close()
         await b.close()

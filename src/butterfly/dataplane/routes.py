@@ -35,6 +35,7 @@ from butterfly.protocol.dispatch import Refusal
 from butterfly.protocol.entitled import Context, entitled
 from butterfly.types.errors import ButterflyError, InvalidMessage, SendTimeout
 from butterfly.types.ids import GATEWAY, NodeId, RequestId
+from butterfly.types.plan import StagePlan
 from butterfly.types.wire.base import Ask
 from butterfly.types.wire.data import (
     AuditReply,
@@ -50,6 +51,21 @@ from butterfly.types.wire.data import (
 
 log = logging.getLogger(__name__)
 A = TypeVar("A")  # the reply a request declares
+
+EARLY_STEP_BYTES = 64 << 20
+"""Payload bytes of steps each peer may have waiting for a plan this node has not
+reached (beyond one step, which may always wait). The epoch a step waits for is the
+unsigned envelope's, and a waiting step cannot be judged yet (the plan it waits for may
+make its sender the previous stage), so any member could park steps here for
+`EARLY_STEP_WAIT_S` each: 48 steps of 16 MiB held 768 MiB (a review). An honest gateway
+is ahead of a node by the few steps it sends while the node applies the plan."""
+
+
+def early_step_fits(waiting: int, size: int, budget: int = EARLY_STEP_BYTES) -> bool:
+    """Whether a step of `size` payload bytes may wait for its plan beside the `waiting`
+    bytes of its peer's steps already waiting: one always may (an honest long prompt's
+    activations can be larger than the budget), more while they fit the budget."""
+    return waiting == 0 or waiting + size <= budget
 
 
 class StageRoutes:
@@ -71,15 +87,22 @@ class StageRoutes:
         (metrics.tracing)."""
         self.node, self._server, self._deliver, self._emit = node, server, deliver, emit
         self._gateway, self._gateways, self._tracing = gateway, gateways, tracing
+        self._waiting: dict[NodeId, int] = {}  # payload bytes of steps early, per peer
 
     async def step(self, peer: NodeId, env: Envelope) -> Reply | None:
         """Run a step from the gateway or the previous stage, judged by the plan of the
         step's epoch (the gateway may have switched to it a step ahead of this node):
-        anyone else could otherwise overwrite a request's KV cache here."""
+        anyone else could otherwise overwrite a request's KV cache here. A step of the
+        current epoch (every step but a few at a plan switch) waits for nothing."""
         msg = env.msg
         if not isinstance(msg, StageStep):
             return None
-        plan = await self._server.plan_of(env.epoch)
+        if env.epoch <= self._server.epoch:
+            plan = self._server.plan
+        elif self._may_wait(peer, env):
+            plan = await self._plan_waited(peer, env)
+        else:
+            return None
         gateway = self._gateway()
         if not entitled(msg, peer, Context(self.node, gateway, plan)):
             self._emit(MessageDropped(reason="not_entitled_stage_step"))
@@ -102,6 +125,36 @@ class StageRoutes:
         finally:
             REQUEST_ID.reset(context)
         return None
+
+    def _may_wait(self, peer: NodeId, env: Envelope) -> bool:
+        """Whether a step of a later epoch than this node's may wait for that plan; if
+        not, it is dropped and counted (`early_step_fits`)."""
+        waiting = self._waiting.get(peer, 0)
+        if early_step_fits(waiting, len(env.payload)):
+            return True
+        self._emit(MessageDropped(reason="early_stage_step_over_budget"))
+        log.warning(
+            "dropped a stage step of epoch %s from node %s: its steps waiting for that "
+            "plan hold %d bytes already",
+            env.epoch,
+            peer,
+            waiting,
+        )
+        return False
+
+    async def _plan_waited(self, peer: NodeId, env: Envelope) -> StagePlan | None:
+        """The plan of the step's epoch once it came (or the plan in force once the wait
+        ran out), its payload counted against its peer meanwhile."""
+        size = len(env.payload)
+        self._waiting[peer] = self._waiting.get(peer, 0) + size
+        try:
+            return await self._server.plan_of(env.epoch)
+        finally:
+            left = self._waiting[peer] - size
+            if left:
+                self._waiting[peer] = left
+            else:
+                del self._waiting[peer]
 
     async def _run_step(self, msg: StageStep, env: Envelope, route: tuple[NodeId, ...]) -> None:
         start_ns = now_ns() if msg.trace else 0

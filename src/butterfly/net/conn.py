@@ -12,9 +12,11 @@ is a peer whose chunked message stalls past its deadline (`framing.Reassembly`):
 buffer is freed, the drop counted (`chunks_stalled`), and no node is blamed (a stall may
 be the link's).
 
-Handlers run as tasks, at most `max_handlers` at a time per connection: with that many
-running, the reader stops reading, the socket's buffers fill and TCP slows the sender
-down. A peer flooding frames holds at most that many tasks and one frame in memory.
+Handlers run as tasks, at most `max_handlers` at a time per connection, holding payloads
+of at most one message beyond `max_message` bytes together: with that many running or
+that much held, the reader stops reading, the socket's buffers fill and TCP slows the
+sender down. A peer flooding frames holds at most that many tasks, that many bytes and
+one frame in memory.
 """
 
 from __future__ import annotations
@@ -113,10 +115,11 @@ class Connection:
         self._chunking = asyncio.Lock()  # one chunked message at a time on this socket
         # a counter and an event, not a semaphore: no coroutine per frame while there is room
         self._max_handlers, self._room = max(1, max_handlers), asyncio.Event()
+        self._held = 0  # payload bytes of the frames `_tasks` are handling
         self._compress_from, self._send_timeout = compression_min_bytes, send_timeout_s
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Envelope]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], int] = {}  # each with its payload's size
         self._out: list[bytes] = []  # short frames of this loop turn, in order (`_flush`)
         self.closed = False
         self.close_reason = ""
@@ -242,12 +245,13 @@ class Connection:
                     if fut is not None and not fut.done():
                         fut.set_result(env)
                     continue
-                while len(self._tasks) >= self._max_handlers:  # backpressure: stop reading
+                task = asyncio.create_task(self._handle(env))
+                self._tasks[task] = len(env.payload)
+                self._held += len(env.payload)
+                task.add_done_callback(self._handled)
+                while self._full():  # backpressure: stop reading
                     self._room.clear()
                     await self._room.wait()
-                task = asyncio.create_task(self._handle(env))
-                self._tasks.add(task)
-                task.add_done_callback(self._handled)
         except MessageTooLarge as e:  # counted against the sender, never the next node
             self._emit(MessageDropped(reason="oversized"))
             self._emit(PeerError(node=self.peer, error=e.kind, retriable=False))
@@ -278,8 +282,14 @@ class Connection:
         self.close(f"node {self.peer} stalled a chunked message past its deadline")
         return None
 
+    def _full(self) -> bool:
+        """Whether the handlers running hold all they may: a payload of a few bytes held
+        for a handler's lifetime could be a gigabyte inflated (lz4), or 64 frames at
+        the frame limit 16 GiB, per connection (a review)."""
+        return len(self._tasks) >= self._max_handlers or self._held >= self._max_message
+
     def _handled(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
+        self._held -= self._tasks.pop(task, 0)
         self._room.set()
 
     async def _handle(self, env: Envelope) -> None:

@@ -42,6 +42,12 @@ LENGTH = struct.Struct(">I")
 HEADER_LENGTH = struct.Struct(">H")
 MAX_HEADER = 64 * 1024
 COMPRESSIONS = ("", "lz4")
+MAX_LZ4_RATIO = 16
+"""The most an lz4 payload may inflate, times its compressed size. A receiver inflated
+one up to the whole frame limit whatever its size: 16 MiB of zeros travel as 64 KiB, so
+a peer made a node hold 250 times what it sent (a review). Tensors compress far less
+(bf16 activations by a few percent); a payload that would compress more is sent raw
+(`_compressed`), so no honest frame is refused for it."""
 CHUNK_OVERHEAD = 512
 """Bytes of a chunk frame that are not the piece: the length prefixes and its header
 (the envelope fields, a cluster id of at most 64 characters, four small integers) take
@@ -61,11 +67,7 @@ class Envelope:
 
 
 def encode_frame(env: Envelope, compression: str = "") -> bytes:
-    payload = env.payload
-    if compression == "lz4" and payload:
-        payload = lz4.frame.compress(payload, compression_level=0)
-    else:
-        compression = ""
+    payload, compression = _compressed(env.payload, compression)
     header = _encode(
         {
             "v": env.version,
@@ -83,6 +85,17 @@ def encode_frame(env: Envelope, compression: str = "") -> bytes:
         raise WireFormatError(f"{env.msg.kind} header of {len(header)} bytes is over {MAX_HEADER}")
     rest = HEADER_LENGTH.size + len(header) + len(payload)
     return b"".join((LENGTH.pack(rest), HEADER_LENGTH.pack(len(header)), header, payload))
+
+
+def _compressed(payload: bytes, compression: str) -> tuple[bytes, str]:
+    """`payload` as sent, and its compression: raw when asked or when it would inflate
+    past `MAX_LZ4_RATIO`, which the receiver refuses."""
+    if compression != "lz4" or not payload:
+        return payload, ""
+    packed = lz4.frame.compress(payload, compression_level=0)
+    if len(packed) * MAX_LZ4_RATIO < len(payload):
+        return payload, ""
+    return packed, compression
 
 
 _HEADER_TYPES: dict[str, type | tuple[type, ...]] = {
@@ -155,13 +168,7 @@ def decode_frame(rest: bytes, max_payload: int) -> Envelope:
         raise WireFormatError(f"unknown payload compression {header.z!r}")
     payload = rest[HEADER_LENGTH.size + hlen :]
     if header.z == "lz4" and payload:
-        try:
-            with lz4.frame.LZ4FrameDecompressor() as d:
-                payload = d.decompress(payload, max_length=max_payload)
-                if not d.eof:
-                    raise WireFormatError(f"decompressed payload exceeds {max_payload} bytes")
-        except RuntimeError as e:
-            raise WireFormatError(f"lz4 payload is corrupt: {e}") from e
+        payload = _inflated(payload, max_payload)
     return Envelope(
         msg=from_body_bytes(header.k, header.b),
         sender=header.s,
@@ -171,6 +178,25 @@ def decode_frame(rest: bytes, max_payload: int) -> Envelope:
         reply=header.r,
         payload=bytes(payload),
         version=header.v,
+    )
+
+
+def _inflated(packed: bytes, max_payload: int) -> bytes:
+    """An lz4 payload inflated, or WireFormatError once it grows past `max_payload` or
+    `MAX_LZ4_RATIO` times its compressed size (no sender compresses more)."""
+    bound = min(max_payload, len(packed) * MAX_LZ4_RATIO)
+    try:
+        with lz4.frame.LZ4FrameDecompressor() as d:
+            payload = d.decompress(packed, max_length=bound)
+            if d.eof:
+                return cast(bytes, payload)
+    except RuntimeError as e:
+        raise WireFormatError(f"lz4 payload is corrupt: {e}") from e
+    if bound == max_payload:
+        raise WireFormatError(f"decompressed payload exceeds {max_payload} bytes")
+    raise WireFormatError(
+        f"lz4 payload of {len(packed)} bytes inflates past {MAX_LZ4_RATIO} times that "
+        "(a sender sends so compressible a payload raw)"
     )
 
 

@@ -26,7 +26,8 @@ left is whether that peer is the one entitled to send this kind, now:
 A node is entitled to everything it sends itself. The router checks every kind when it
 arrives (`entitled`), except the three whose rule needs what only their handler knows:
 a stage step waits for the plan of its epoch first (the gateway may switch plans a
-step ahead of this node), and a result is checked entry by entry against the route
+step ahead of this node; a peer's steps waiting hold a bounded number of bytes,
+dataplane.routes.EARLY_STEP_BYTES), and a result is checked entry by entry against the route
 each step was sent on.
 """
 
