@@ -198,20 +198,6 @@ async def test_a_connection_stops_reading_while_its_handlers_hold_a_message_of_p
         await b.close()
 
 
-async def test_connections_beyond_the_limit_are_refused_and_counted() -> None:
-    a, b, events = pair(limits=TransportLimits(max_connections=1, connect_attempts=1))
-    try:
-        await started(a, b)
-        await a.send(NodeId(1), Release(("x",)), channel="control")  # connection 1 of 1
-        with pytest.raises(ConnectionFailed):
-            await a.request(NodeId(1), StatusQuery(), timeout=2)  # the data channel
-        drops = [e for e in events if isinstance(e, MessageDropped)]
-        assert any(e.reason == "too_many_connections" for e in drops)
-    finally:
-        await a.close()
-        await b.close()
-
-
 @pytest.mark.parametrize(
     "garbage",
     [

@@ -1,11 +1,13 @@
 """The `network` options a node's transport is built with, by their effect on a real
 dialler over loopback (README, "Other settings that take effect"): `retry_*` shape the
 waits between connect attempts (exponential backoff with jitter, capped), and
-`send_timeout_ms` closes a connection whose peer takes no data."""
+`send_timeout_ms` closes a connection whose peer takes no data (and only such a one: a
+frame larger than the link carries in that time goes at the link's pace)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from collections.abc import Iterator
@@ -19,9 +21,9 @@ from butterfly.net.framing import Envelope
 from butterfly.net.tcp import TcpTransport, TransportLimits
 from butterfly.types.errors import ConnectionFailed, SendTimeout
 from butterfly.types.ids import NodeId
-from butterfly.types.wire.control import Heartbeat
+from butterfly.types.wire.control import Heartbeat, StatusQuery
 from butterfly.wiring.edges import transport_limits
-from tests.test_net import Events, echo, identity
+from tests.test_net import Events, echo, identity, pair, started
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -154,3 +156,54 @@ async def test_a_peer_that_takes_no_data_fails_the_send_and_its_connection_close
         released.set()
         await sender.close()
         await taker.close()
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rate: float) -> None:
+    try:
+        while data := await reader.read(64 * 1024):
+            writer.write(data)
+            await writer.drain()
+            if rate:
+                await asyncio.sleep(len(data) / rate)
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        writer.close()
+
+
+async def throttled_proxy(
+    target: tuple[str, int], rate: float
+) -> tuple[asyncio.Server, set[asyncio.Task[None]]]:
+    """A TCP relay to `target` that forwards the dialer's bytes at `rate` bytes/s."""
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def relay(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        tr, tw = await asyncio.open_connection(*target)
+        for t in (_pump(r, tw, rate), _pump(tr, w, 0)):
+            tasks.add(asyncio.create_task(t))
+
+    return await asyncio.start_server(relay, "127.0.0.1", 0), tasks
+
+
+async def test_a_peer_taking_data_steadily_is_not_timed_out_on_a_large_frame() -> None:
+    """A 24 MiB frame over a link carrying 4 MiB/s without pause arrives, although the
+    link takes far longer than `send_timeout_ms` (1 s) to carry it (socket buffers
+    hold some 10 MiB on loopback): the timeout waits on the peer taking no data, not on
+    the whole frame leaving."""
+    a, b, _events = pair()
+    proxy, tasks = None, set()
+    try:
+        await started(a, b)
+        proxy, tasks = await throttled_proxy(b.address, rate=4 << 20)
+        a.peers[NodeId(1)] = proxy.sockets[0].getsockname()[:2]  # node 0 reaches 1 via the link
+        _reply, payload = await a.ask(NodeId(1), StatusQuery(), bytes(24 << 20), timeout=30)
+        assert len(payload) == 24 << 20  # echoed back
+    finally:
+        await a.close()
+        await b.close()
+        if proxy is not None:
+            proxy.close()
+        for t in tasks:
+            t.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*tasks, return_exceptions=True)

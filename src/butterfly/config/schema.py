@@ -216,7 +216,15 @@ class NodeConfig(Section):
 
 class NetworkConfig(Section):
     backend: Literal["tcp", "memory"] = option("tcp", "Transport between nodes.", SC, CLUSTER)
-    max_connections: int = option(100, "Open peer connections at most.", SL, NODE, ge=1, le=10000)
+    max_connections: int = option(
+        100,
+        "Incoming connections awaiting their handshake at most; one more closes the oldest. "
+        "Members' proven connections are not counted.",
+        SL,
+        NODE,
+        ge=1,
+        le=10000,
+    )
     max_frame_bytes: int = option(
         256 * 2**20,
         "Largest peer frame; larger messages travel as several frames.",
@@ -239,7 +247,7 @@ class NetworkConfig(Section):
         2000, "Give up dialing a peer after this.", SL, NODE, ge=1, le=600_000
     )
     send_timeout_ms: int = option(
-        1000, "Give up sending one frame after this.", SL, NODE, ge=1, le=600_000
+        1000, "Close a connection whose peer takes no data this long.", SL, NODE, ge=1, le=600_000
     )
     step_timeout_ms: int = option(
         60_000,

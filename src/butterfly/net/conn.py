@@ -121,6 +121,7 @@ class Connection:
         self._pending: dict[int, asyncio.Future[Envelope]] = {}
         self._tasks: dict[asyncio.Task[None], int] = {}  # each with its payload's size
         self._out: list[bytes] = []  # short frames of this loop turn, in order (`_flush`)
+        self._written = 0  # bytes handed to the transport, for `_drain`'s progress
         self.closed = False
         self.close_reason = ""
 
@@ -136,8 +137,7 @@ class Connection:
             if len(frame) - LENGTH.size <= self._max_frame:
                 self._write(frame, getattr(type(msg), "LATENCY_BOUND", False))
                 if self._writer.transport.get_write_buffer_size() > DRAIN_ABOVE:
-                    async with asyncio.timeout(self._send_timeout):
-                        await self._writer.drain()
+                    await self._drain()
             else:
                 await self._send_chunked(env, frame)
         except TimeoutError:
@@ -156,6 +156,7 @@ class Connection:
             raise ConnectionResetError("the socket is closing")
         if len(frame) >= COALESCE_BELOW:
             self._flush()  # what waits goes first: frames never reorder
+            self._written += len(frame)
             self._writer.write(frame)
             return
         if not self._out and not now:
@@ -171,7 +172,9 @@ class Connection:
         written one by one."""
         out, self._out = self._out, []
         if out and not self._writer.is_closing():
-            self._writer.write(out[0] if len(out) == 1 else b"".join(out))
+            data = out[0] if len(out) == 1 else b"".join(out)
+            self._written += len(data)
+            self._writer.write(data)
 
     async def _send_chunked(self, env: Envelope, frame: bytes) -> None:
         """Write a message over the frame limit as chunks, draining as the buffer fills,
@@ -188,8 +191,25 @@ class Connection:
             for piece in frames:
                 self._write(piece)
                 if self._writer.transport.get_write_buffer_size() > DRAIN_ABOVE:
-                    async with asyncio.timeout(self._send_timeout):
-                        await self._writer.drain()
+                    await self._drain()
+
+    async def _drain(self) -> None:
+        """Wait for the socket to take what is buffered, timing out only when the peer
+        takes nothing for `send_timeout_s`: a frame larger than the link carries in that
+        time still goes out at the link's pace (a peer that stops is reset between one and
+        two `send_timeout_s` after its last byte). Whether the peer took some is counted
+        from the bytes written minus those still buffered, not from the buffer's size
+        alone, which other senders on this connection may grow meanwhile."""
+        transport = self._writer.transport
+        while True:
+            taken = self._written - transport.get_write_buffer_size()
+            try:
+                async with asyncio.timeout(self._send_timeout):
+                    await self._writer.drain()
+                return
+            except TimeoutError:
+                if self._written - transport.get_write_buffer_size() <= taken:
+                    raise  # the peer took nothing for a whole send_timeout_s
 
     async def request(self, msg: Message, payload: bytes = b"", *, timeout: float) -> Envelope:
         corr = next(self._ids)

@@ -8,6 +8,15 @@ queued behind a large tensor (heartbeats have their own UDP path: control.heartb
 With `tls`, both channels run over mutual TLS (net.tls). Whether or not TLS is on, every
 connection starts with a handshake in which both ends prove their node keys
 (net.handshake); frames before it are limited to a few KiB.
+
+Incoming connections are kept in two budgets. Before its handshake a connection is
+anyone's: at most `max_connections` of them wait (each at most `connect_timeout_s`), and
+one more closes the oldest waiting, so outsiders holding idle sockets cannot keep a
+member from proving its key (a member's handshake is one round trip). After it, a
+connection is a member's on one channel: it counts against no cap, and the member's
+next proven connection on that channel replaces it. A link cut without a FIN or RST
+leaves the old one open on this side; the member's redial closes it, and TCP keepalive
+(`KEEPALIVE`) closes it when the member does not come back.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -52,6 +62,10 @@ from butterfly.types.wire.frames import Message
 log = logging.getLogger(__name__)
 R = TypeVar("R")
 CHANNELS = ("control", "data")
+KEEPALIVE = (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3))
+"""TCP keepalive on every peer socket: probed after 10 s idle, every 5 s, dropped after 3
+unanswered, so a connection whose peer vanished without a FIN or RST (a pulled cable, a
+powered-off host) closes within about 25 s instead of never: its reader read for ever."""
 
 
 @dataclass(frozen=True)
@@ -82,12 +96,25 @@ class TransportLimits:
     compression_min_bytes: int = 4096  # smaller payloads go uncompressed
     send_timeout_s: float = 1.0  # a frame the peer does not take within this fails
     chunk_stall_s: float = CHUNK_STALL_S  # slack of a chunked message (net.framing)
-    max_connections: int = 100  # incoming; more are closed at once
+    max_connections: int = 100  # incoming ones awaiting their handshake; more close the oldest
 
 
 def _address(hostport: str) -> tuple[str, int]:
     host, _, port = hostport.rpartition(":")
     return host, int(port)
+
+
+def keep_alive(writer: asyncio.StreamWriter) -> None:
+    """Turn on `KEEPALIVE` where the platform has the options (Linux has all three)."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in KEEPALIVE:
+            option = getattr(socket, name, None)
+            if option is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 async def _refuse(peer: NodeId, env: Envelope) -> None:
@@ -118,7 +145,9 @@ class TcpTransport:
         self._breakers = {
             p: CircuitBreaker(limits.breaker_threshold, limits.breaker_reset_s) for p in self.peers
         }
-        self._incoming: set[Connection] = set()
+        self._incoming: set[Connection] = set()  # every accepted one still open
+        self._unproven: dict[Connection, None] = {}  # before their handshake, oldest first
+        self._proven: dict[tuple[NodeId, str], Connection] = {}  # a member's, per channel
         self._readers: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
 
@@ -194,20 +223,46 @@ class TcpTransport:
         )
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._incoming) >= self.limits.max_connections:
-            self._emit(MessageDropped(reason="too_many_connections"))
-            log.warning("refused a connection: %d open already", len(self._incoming))
-            writer.close()
-            return
+        keep_alive(writer)
         conn = self._connection(reader, writer, NodeId(-1))
         certified = cert_node(writer.get_extra_info("peercert")) if self._tls else None
+        self._make_room()
         self._incoming.add(conn)
+        self._unproven[conn] = None
         try:
             await self._serve_incoming(conn, certified)
         finally:
             self._incoming.discard(conn)
+            self._unproven.pop(conn, None)
             conn.close("done")
             await conn.wait_closed()
+
+    def _make_room(self) -> None:
+        """Close the oldest connections awaiting their handshake beyond
+        `max_connections`, rather than refuse the new one: refusing let outsiders that
+        hold idle sockets lock every member out, while the oldest of them is the one that
+        had the longest to prove a key and has not."""
+        while len(self._unproven) >= self.limits.max_connections:
+            oldest = next(iter(self._unproven))
+            del self._unproven[oldest]
+            self._emit(MessageDropped(reason="too_many_connections"))
+            log.warning(
+                "closed a connection that had not completed its handshake: %d awaiting one "
+                "(network.max_connections)",
+                self.limits.max_connections,
+            )
+            oldest.close("too many connections awaiting their handshake", abort=True)
+
+    def _replace(self, conn: Connection, channel: str) -> tuple[NodeId, str]:
+        """Make `conn` its member's connection on `channel`, closing the one before: a
+        member dials a channel again only once it has dropped its connection, and the
+        old one may be open here still (a link cut without a FIN or RST)."""
+        key = (conn.peer, channel)
+        older, self._proven[key] = self._proven.get(key), conn
+        if older is not None and older is not conn:
+            log.info("node %s dialled its %s channel again; closing the older", *key)
+            older.close(f"node {conn.peer} connected its {channel} channel again", abort=True)
+        return key
 
     async def _serve_incoming(self, conn: Connection, certified: int | None) -> None:
         me = self.identity
@@ -224,6 +279,8 @@ class TcpTransport:
             asyncio.IncompleteReadError,
             OSError,
         ) as e:
+            if conn.closed:  # closed for a newer one (`_make_room`), counted there
+                return
             self._emit(MessageDropped(reason="handshake"))
             log.warning("refused a connection: bad handshake (%s)", e)
             conn.close("bad handshake")
@@ -251,15 +308,22 @@ class TcpTransport:
             acceptor_nonce=nonce,
             direction="accept",
         )
+        self._unproven.pop(conn, None)
+        if conn.closed:
+            return
         conn.peer = hello.node
         breaker = self._breakers.get(hello.node)
         if breaker is not None:
             breaker.heard(time.monotonic())
+        key = self._replace(conn, hello.channel)
         try:
             await conn.send(HelloAck(me.node, True, "", me.key.sign(signed)))
+            await conn.run()
         except ConnectionFailed:
             return
-        await conn.run()
+        finally:
+            if self._proven.get(key) is conn:
+                del self._proven[key]
 
     def _refusal(self, env: Envelope, nonce: bytes) -> str:
         """Why the dialer's Hello is refused, or "" to accept it (its key proven)."""
@@ -293,6 +357,7 @@ class TcpTransport:
             )
         except (OSError, TimeoutError) as e:
             raise ConnectionFailed(f"cannot connect to node {peer} at {host}:{port}: {e}") from e
+        keep_alive(writer)
         conn = self._connection(reader, writer, peer)
         try:
             await self._handshake(conn, peer, channel)
