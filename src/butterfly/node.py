@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, NoReturn
 from butterfly.agreement.build import NodeAgreement, build_agreement, open_config
 from butterfly.agreement.driver import AgreementDriver
 from butterfly.config import ButterflyConfig, ConfigManager
+from butterfly.config.data_lock import lock_data_dir
 from butterfly.config.gateways import gateway_nodes
 from butterfly.config.reload import Subscriber, UpdateResult, follow_files
 from butterfly.config.roster import Roster
@@ -406,7 +407,15 @@ def run(
     `config_files`: what `cfg` was loaded from, reloaded when edited.
     `subscribers` are extra components' (name, on_change, check) for config changes;
     `butterfly.testing.config_faults` composes a node that refuses a value this way.
+
+    The process holds its data directory's lock from before it reads anything there
+    until it ends (`config.data_lock`): a second node on the same directory, or an
+    offline `config update`/`rollback`, is refused while it runs.
     """
+    lock = lock_data_dir(  # released by the kernel when the process ends, however it ends
+        Path(cfg.node.data_dir),
+        then="each node needs its own node.data_dir; stop that node first to run this one",
+    )
     torch_threads = prepare_process(cfg)
 
     async def main(stop: asyncio.Event) -> None:
@@ -425,5 +434,6 @@ def run(
             node.config.subscribe(name, on_change, check=check)
         await node.serve(stop, config_files)
 
-    run_until_signalled(main)
+    with lock:
+        run_until_signalled(main)
     end_process(0)

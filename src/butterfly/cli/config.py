@@ -4,17 +4,21 @@ Without `--url` everything here works on local files and the node's history data
 without a running cluster; changes that need cluster agreement are then applied only when
 the cluster is this one node (a quorum of one), otherwise refused before anything changes.
 Node-local options are refused there too: the node's files decide them when it starts.
+`update` and `rollback` without `--url` are refused while a node runs on the data
+directory (`config.data_lock`): it would not see the change until its next start.
 With `--url` (`show`, `update`, `rollback`, `sync`) they go to a running cluster's gateway
 (see `config_remote`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import sys
 import tomllib
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
@@ -41,6 +45,7 @@ from butterfly.config import (
     load_config,
     rollback_target,
 )
+from butterfly.config.data_lock import lock_data_dir
 from butterfly.config.proposal import classify, restart_required
 from butterfly.config.template import template as render_template
 from butterfly.protocol.keys import missing_keys
@@ -84,11 +89,26 @@ def _load(
     )
 
 
+def _data_dir(config: list[Path] | None, data_dir: Path | None) -> Path:
+    if data_dir is not None:
+        return data_dir
+    cfg = _load(config, None) if config else None
+    return Path(cfg.node.data_dir) if cfg and cfg.node.data_dir else default_data_dir()
+
+
 def _history(config: list[Path] | None, data_dir: Path | None) -> ConfigHistory:
-    if data_dir is None:
-        cfg = _load(config, None) if config else None
-        data_dir = Path(cfg.node.data_dir) if cfg and cfg.node.data_dir else default_data_dir()
-    return ConfigHistory.in_data_dir(data_dir)
+    return ConfigHistory.in_data_dir(_data_dir(config, data_dir))
+
+
+@contextlib.contextmanager
+def _changing(config: list[Path] | None, data_dir: Path | None) -> Iterator[ConfigHistory]:
+    """The history, for a change, while no node runs on it: a running node reads its
+    history only when it starts, so a version recorded under it was reported applied,
+    never ran, and was taken up unannounced at its next restart."""
+    where = _data_dir(config, data_dir)
+    then = "change a running cluster with --url (or stop the node first); nothing was changed"
+    with lock_data_dir(where, then=then), ConfigHistory.in_data_dir(where) as history:
+        yield history
 
 
 def _public(cfg: ButterflyConfig, secrets: bool) -> dict[str, Any]:
@@ -314,7 +334,7 @@ def update(
         if url is not None:
             remote.update(url, target, token=token, reason=f"config update --file {file.name}")
             return
-        with _history([file], data_dir) as h:
+        with _changing([file], data_dir) as h:
             latest = h.latest()
             if latest is None:
                 record = h.record(target, source="cli update", reason="first version")
@@ -322,7 +342,7 @@ def update(
                 return
             manager = ConfigManager(h.config_at(latest.version), h)
             _report(_move(manager, target, None))
-    except ButterflyError as e:
+    except (ButterflyError, OSError) as e:  # OSError: a data directory it cannot create
         raise fail(e) from None
 
 
@@ -340,14 +360,14 @@ def rollback(
         remote.rollback(url, version, token=token)
         return
     try:
-        with _history(config, data_dir) as h:
+        with _changing(config, data_dir) as h:
             latest = h.latest()
             if latest is None:
                 raise UpdateRefused(f"no config history in {h.path}")
             manager = ConfigManager(h.config_at(latest.version), h)
             target = rollback_target(manager.current, h.config_at(version), keep_static=False)
             _report(_move(manager, target, version))
-    except ButterflyError as e:
+    except (ButterflyError, OSError) as e:
         raise fail(e) from None
 
 
