@@ -149,3 +149,20 @@ async def test_a_refused_mixed_change_applies_nothing_anywhere(
     assert r.status_code == 409 and r.json()["error"]["type"] == "update_rejected", r.text
     assert {i: n.manager.record.config_hash for i, n in cluster.nodes.items()} == before
     assert all(n.driver.last_executed == 0 for n in cluster.nodes.values())  # nothing ordered
+
+
+async def test_change_answers_redact_tokens_as_reads_do(client: httpx.AsyncClient) -> None:
+    """The answers of the write routes listed `api.tokens` in clear: a rollback across a
+    token change returned every token of both versions (and `config rollback --url`
+    printed them). The key and the count still show."""
+    secret = "another-clients-secret-token"
+    start = (await client.get("/api/v1/config")).json()
+    r = await client.post("/api/v1/config", json={"api.tokens": [secret]}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert r.json()["changes"] == [{"key": "api.tokens", "old": [], "new": ["<redacted>"]}]
+    assert secret not in (await client.get("/api/v1/config")).text
+    r = await client.post(
+        "/api/v1/config/rollback", json={"version": start["version"]}, headers=AUTH
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["changes"] == [{"key": "api.tokens", "old": ["<redacted>"], "new": []}]

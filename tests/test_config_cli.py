@@ -52,6 +52,17 @@ def test_show_redacts_tokens(run: Invoke) -> None:
     assert "s3cret" in run("show", "--secrets", "--set", "api.tokens=s3cret").stdout
 
 
+def test_diff_redacts_tokens(run: Invoke, tmp_path: Path) -> None:
+    """`diff` (and the changes `update` prints) redact tokens as `show` does."""
+    a, b = tmp_path / "a.toml", tmp_path / "b.toml"
+    a.write_text("")
+    b.write_text('[api]\ntokens = ["hunter2"]\n')
+    text = run("diff", str(a), str(b))
+    assert text.stdout.strip() == 'api.tokens: [] -> ["<redacted>"]', text.output
+    listed = run("diff", str(b), str(a), "--json").stdout
+    assert json.loads(listed) == [{"key": "api.tokens", "old": ["<redacted>"], "new": []}]
+
+
 def test_errors_exit_2_with_location_and_no_traceback(run: Invoke, tmp_path: Path) -> None:
     path = tmp_path / "node.toml"
     path.write_text(

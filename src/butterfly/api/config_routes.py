@@ -32,21 +32,22 @@ from butterfly.agreement.config_coordinator import (
 from butterfly.api.errors import error_response
 from butterfly.api.requests import read_body
 from butterfly.config import ConfigInvalid, UpdateRefused, UpdateRejected
+from butterfly.config.redaction import public_change, public_config
 from butterfly.types.errors import InvalidRequest
 from butterfly.types.ids import NodeId
 
-REDACTED = "<redacted>"
 REFUSALS = (ConfigInvalid, UpdateRefused, UpdateRejected, ConfigTimeout)
 """What a change that did not happen raises (`refusal` shapes each one's answer)."""
 
 
 def change_body(result: ChangeResult) -> dict[str, Any]:
+    """The answer to a change; secrets' values redacted, as in every read."""
     return {
         "seq": result.seq,
         "version": result.version,
         "config_hash": result.config_hash,
         "cluster_hash": result.cluster_hash,
-        "changes": [dataclasses.asdict(c) for c in result.changes],
+        "changes": [dataclasses.asdict(public_change(c)) for c in result.changes],
         "nodes": {str(n): state for n, state in result.nodes.items()},
     }
 
@@ -96,8 +97,7 @@ def router(config: ConfigCoordinator, *, auth: Depends, max_request_bytes: int) 
         statuses = await config.cluster_status()
         ref = config.reference_hash(statuses)
         rec = manager.record
-        public = manager.current.model_dump(mode="json")
-        public["api"]["tokens"] = [REDACTED for _ in public["api"]["tokens"]]
+        public = public_config(manager.current)
         nodes = [
             {**dataclasses.asdict(s), "in_sync": s.reachable and s.cluster_hash == ref}
             for s in statuses

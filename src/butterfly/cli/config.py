@@ -47,6 +47,7 @@ from butterfly.config import (
 )
 from butterfly.config.data_lock import lock_data_dir
 from butterfly.config.proposal import classify, restart_required
+from butterfly.config.redaction import public_change, public_config
 from butterfly.config.template import template as render_template
 from butterfly.protocol.keys import missing_keys
 from butterfly.types.errors import ButterflyError, ConfigError
@@ -73,7 +74,6 @@ TokenOpt = Annotated[
     str | None,
     typer.Option("--token", envvar="BUTTERFLY_API_TOKEN", help="Bearer token for --url."),
 ]
-REDACTED = "<redacted>"
 DEFAULT_URL = "http://127.0.0.1:8080"
 
 
@@ -112,10 +112,7 @@ def _changing(config: list[Path] | None, data_dir: Path | None) -> Iterator[Conf
 
 
 def _public(cfg: ButterflyConfig, secrets: bool) -> dict[str, Any]:
-    data = cfg.model_dump(mode="json")
-    if not secrets:
-        data["api"]["tokens"] = [REDACTED for _ in data["api"]["tokens"]]
-    return data
+    return cfg.model_dump(mode="json") if secrets else public_config(cfg)
 
 
 @app.command()
@@ -242,7 +239,8 @@ def history(
 def _changes_text(changes: tuple[Change, ...]) -> str:
     if not changes:
         return "no differences"
-    return "\n".join(f"{c.key}: {json.dumps(c.old)} -> {json.dumps(c.new)}" for c in changes)
+    shown = map(public_change, changes)  # secrets redacted, as `show` prints them
+    return "\n".join(f"{c.key}: {json.dumps(c.old)} -> {json.dumps(c.new)}" for c in shown)
 
 
 @app.command()
@@ -265,7 +263,7 @@ def diff(
         raise fail(e) from None
     changes = diff_configs(old, new)
     if json_out:
-        _echo(json.dumps([asdict(c) for c in changes], indent=2))
+        _echo(json.dumps([asdict(public_change(c)) for c in changes], indent=2))
     else:
         _echo(_changes_text(changes))
 

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from butterfly.config.aliases import translate
 from butterfly.config.fields import config_leaves, field_specs, flatten, suggest, unflatten
 from butterfly.config.issues import ConfigInvalid, ConfigIssue, DeprecatedOption
+from butterfly.config.redaction import SECRETS
 from butterfly.config.schema import ButterflyConfig
 from butterfly.config.validate import cross_check
 
@@ -266,10 +267,6 @@ _RULES = {
     "literal_error": "choice",
     "value_error": "format",
 }
-
-
-SECRETS = frozenset({"api.tokens"})
-"""Options whose values a refusal does not repeat."""
 
 
 def _locate(issue: ConfigIssue, origins: Mapping[str, Origin]) -> ConfigIssue:
