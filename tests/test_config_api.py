@@ -166,3 +166,14 @@ async def test_change_answers_redact_tokens_as_reads_do(client: httpx.AsyncClien
     )
     assert r.status_code == 200, r.text
     assert r.json()["changes"] == [{"key": "api.tokens", "old": ["<redacted>"], "new": []}]
+
+
+async def test_rollback_beyond_sqlite_integers_is_a_4xx(
+    client: httpx.AsyncClient, cluster: Cluster
+) -> None:
+    """`{"version": 2**70}` was a 500 (OverflowError in the history's query)."""
+    r = await client.post("/api/v1/config/rollback", json={"version": 2**70}, headers=AUTH)
+    assert r.status_code == 409 and r.json()["error"]["type"] == "update_refused", r.text
+    assert f"no config version {2**70}" in r.json()["error"]["message"]
+    assert (await client.get("/api/v1/config/history")).status_code == 200
+    assert all(n.driver.last_executed == 0 for n in cluster.nodes.values())  # nothing ordered

@@ -179,6 +179,26 @@ def test_offline_rollback_keeps_the_roster(run: Invoke, tmp_path: Path) -> None:
     assert now.cluster.members == members
 
 
+@pytest.mark.parametrize(
+    "args", [["diff", "1", str(10**23)], ["rollback", "--version", str(10**23)]]
+)
+def test_a_version_beyond_sqlite_integers_is_a_missing_one(
+    run: Invoke, tmp_path: Path, args: list[str]
+) -> None:
+    """Past 2**63 SQLite raised OverflowError: a traceback and exit 1."""
+    first = tmp_path / "a.toml"
+    first.write_text("")
+    assert run("update", "--file", str(first)).exit_code == 0
+    out = run(*args)
+    assert out.exit_code == 2 and f"no config version {10**23} in" in out.stderr, out.output
+    assert [r["version"] for r in json.loads(run("history", "--json").stdout)] == [1]
+
+
+def test_history_limit_is_bounded(run: Invoke, tmp_path: Path) -> None:
+    out = run("history", "--limit", str(10**23))
+    assert out.exit_code == 2 and "--limit" in out.stderr, out.output
+
+
 def test_rollback_to_a_missing_version(run: Invoke) -> None:
     out = run("rollback", "--version", "3")
     assert out.exit_code == 2 and "no config history" in out.stderr

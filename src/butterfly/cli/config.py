@@ -75,6 +75,8 @@ TokenOpt = Annotated[
     typer.Option("--token", envvar="BUTTERFLY_API_TOKEN", help="Bearer token for --url."),
 ]
 DEFAULT_URL = "http://127.0.0.1:8080"
+MAX_LIMIT = 1_000_000
+"""`history --limit` at most: beyond SQLite's 64-bit range it ended in a traceback."""
 
 
 def _echo(text: str) -> None:
@@ -207,7 +209,7 @@ def template() -> None:
 
 @app.command()
 def history(
-    limit: Annotated[int, typer.Option(min=1, help="Newest N versions.")] = 20,
+    limit: Annotated[int, typer.Option(min=1, max=MAX_LIMIT, help="Newest N versions.")] = 20,
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
     json_out: JsonOpt = False,

@@ -97,6 +97,12 @@ CREATE TABLE IF NOT EXISTS versions (
 _COLUMNS = "version, config_hash, cluster_hash, cluster_seq, created_at, source, reason"
 
 
+def storable(n: int) -> bool:
+    """Whether `n` fits SQLite's INTEGER (from 0): no version or seq lies outside, and
+    asking for one there raised OverflowError (a traceback in the CLI, a 500 in the API)."""
+    return 0 <= n < 2**63
+
+
 def _drop_unique_seq(db: sqlite3.Connection) -> None:
     """Histories written before `sync` could move a node back kept cluster_seq UNIQUE;
     copy them into the current table shape once."""
@@ -192,15 +198,20 @@ class ConfigHistory:
         return VersionRecord(*rows[0]) if rows else None
 
     def get(self, version: int) -> VersionRecord:
-        rows = self._rows(f"SELECT {_COLUMNS} FROM versions WHERE version = ?", (version,))
+        rows = (
+            self._rows(f"SELECT {_COLUMNS} FROM versions WHERE version = ?", (version,))
+            if storable(version)
+            else []
+        )
         if not rows:
             raise UpdateRefused(f"no config version {version} in {self.path}; see `history`")
         return VersionRecord(*rows[0])
 
     def versions(self, limit: int | None = None) -> list[VersionRecord]:
-        """Newest first."""
+        """Newest first; `limit` None (or beyond what SQLite counts) for all of them."""
         sql = f"SELECT {_COLUMNS} FROM versions ORDER BY version DESC LIMIT ?"
-        return [VersionRecord(*r) for r in self._rows(sql, (-1 if limit is None else limit,))]
+        bound = limit if limit is not None and storable(limit) else -1
+        return [VersionRecord(*r) for r in self._rows(sql, (bound,))]
 
     def config_at(self, version: int) -> ButterflyConfig:
         self.get(version)
@@ -214,6 +225,8 @@ class ConfigHistory:
 
     def by_cluster_seq(self, seq: int) -> VersionRecord | None:
         """The newest version recorded at agreed sequence number `seq`."""
+        if not storable(seq):
+            return None
         rows = self._rows(
             f"SELECT {_COLUMNS} FROM versions WHERE cluster_seq = ? ORDER BY version DESC LIMIT 1",
             (seq,),
