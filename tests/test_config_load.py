@@ -228,6 +228,29 @@ def test_template_documents_every_option_and_loads_back(tmp_path: Path) -> None:
     assert load_config([write(tmp_path / "t.toml", text)]) == ButterflyConfig()
 
 
+def _template_block(text: str, key: str) -> str:
+    """The comment lines above dotted `key`'s assignment in the template, and it."""
+    section, name = key.rsplit(".", 1)
+    lines = text.splitlines()
+    start = lines.index(f"[{section}]")
+    end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith(f"{name} = "))
+    first = end
+    while lines[first - 1].startswith("#"):
+        first -= 1
+    return "\n".join(lines[first : end + 1])
+
+
+def test_template_says_which_options_take_only_their_default() -> None:
+    """It offered them with a range and a mutability, as live settings, while any other
+    value is refused at validation (rule `supported`) and the node does not start."""
+    text = template()
+    for key, why in UNSUPPORTED.items():
+        block = _template_block(text, key)
+        assert "only the default is accepted" in block and why in block, block
+        assert "range " not in block and "changed at runtime" not in block, block
+    assert "range 0.0..1.0" in _template_block(text, "byzantine.audit_fraction")
+
+
 def test_every_option_has_description_range_mutability_and_scope() -> None:
     for key, spec in field_specs().items():
         assert spec.description, key

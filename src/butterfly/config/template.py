@@ -1,8 +1,9 @@
 """TOML output: the annotated template generated from the schema, and plain dumps.
 
 The template is the documentation of every option (description, default, range,
-mutability, scope), generated from the same models the loader validates against, so the
-docs cannot drift from the code; loading it back yields the default config. `dump_toml`
+mutability, scope; for an option this build accepts only at its default, that and why),
+generated from the same models the loader validates against, so the docs cannot drift
+from the code; loading it back yields the default config. `dump_toml`
 writes any config (for `config show`) in a form `load_config` reads back unchanged.
 """
 
@@ -16,6 +17,7 @@ from pydantic import BaseModel
 
 from butterfly.config.fields import FieldSpec, field_specs, unflatten
 from butterfly.config.schema import ButterflyConfig, Mutability
+from butterfly.config.validate import UNSUPPORTED
 
 _BARE = re.compile(r"^[A-Za-z0-9_-]+$")
 _MEANING = {
@@ -99,7 +101,12 @@ def _number(x: float, kind: str) -> str:
 
 
 def describe(spec: FieldSpec) -> list[str]:
-    """The comment lines documenting one option."""
+    """The comment lines documenting one option. One that this build accepts only at its
+    default (`validate.UNSUPPORTED`) says so and why, with no range or mutability: the
+    template offered it as a live setting, and any other value stops the node at start."""
+    if (why := UNSUPPORTED.get(spec.key)) is not None:
+        only = f"default {toml_value(spec.default)}; only the default is accepted"
+        return [f"# {spec.description}", f"# {only}", f"# not supported: {why}"]
     facts = [f"default {toml_value(spec.default)}"]
     if spec.ge is not None or spec.le is not None:
         lo = "" if spec.ge is None else _number(spec.ge, spec.kind)
