@@ -205,6 +205,7 @@ def test_remote_commands_name_a_malformed_url(command: list[str]) -> None:
         (["--set", "api.port=null"], "null is not a value"),
         (["--api-port", "70000"], "invalid config"),
         (["--set", 'api.port={"a":1}'], "invalid config"),
+        (["--set", "api.port=0"], "needs a fixed API port"),  # no URL to wait on
     ],
 )
 def test_cluster_up_refuses_a_bad_setting_before_starting_a_node(
@@ -241,25 +242,47 @@ def test_remote_commands_name_a_server_that_is_not_a_gateway(
     refused([*command, "--url", json_gateway], "did not answer as a Butterfly gateway")
 
 
-@pytest.fixture
-def json_gateway() -> Iterator[str]:
-    """An HTTP server answering every request with `{}`: JSON, but not a gateway's."""
-
-    class Empty(http.server.BaseHTTPRequestHandler):
+def _answering(body: bytes, code: int) -> type[http.server.BaseHTTPRequestHandler]:
+    class Answer(http.server.BaseHTTPRequestHandler):
         def _answer(self) -> None:
-            self.send_response(200)
+            self.send_response(code)
             self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", "2")
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(b"{}")
+            self.wfile.write(body)
 
         do_GET = do_POST = _answer
 
         def log_message(self, *args: object) -> None:
             pass
 
-    with serving(Empty) as url:
+    return Answer
+
+
+@pytest.fixture
+def json_gateway() -> Iterator[str]:
+    """An HTTP server answering every request with `{}`: JSON, but not a gateway's."""
+    with serving(_answering(b"{}", 200)) as url:
         yield url
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [(b"[]", 200), (b'"ok"', 200), (b'{"healthy": true, "nodes": [1]}', 200), (b"[]", 503),
+     (b'{"healthy": false, "gateways": [1]}', 503), (b'{"service": "other"}', 200)],
+    ids=["list", "string", "nodes-not-objects", "list-503", "gateways-not-objects", "other"],
+)  # fmt: skip
+def test_status_names_a_server_that_is_not_a_gateway(body: bytes, code: int) -> None:
+    """`status` read any JSON as a gateway's /health: a list crashed the table with an
+    AttributeError's traceback (a review)."""
+    with serving(_answering(body, code)) as url:
+        refused(["status", "--url", url], "did not answer as a Butterfly gateway")
+
+
+def test_infer_names_a_finished_answer_that_is_no_task() -> None:
+    """Another server's 200 object printed an empty line and exited 0 (a review)."""
+    with serving(_answering(b'{"service": "something else"}', 200)) as url:
+        refused(["infer", "hi", "--url", url], "did not answer as a Butterfly gateway")
 
 
 def test_a_config_json_that_is_not_an_object_is_named(tmp_path: Path) -> None:

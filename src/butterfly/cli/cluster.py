@@ -15,7 +15,7 @@ import httpx
 import typer
 
 from butterfly.cli import members
-from butterfly.cli.gateways import first_answer, parse_urls, wait_result
+from butterfly.cli.gateways import RedirectRefused, first_answer, parse_urls, request, wait_result
 from butterfly.cli.keeper import CANNOT_START, Restarts, keep_alive
 from butterfly.cli.launcher import LocalCluster, node_configs
 from butterfly.cli.paths import data_dir, demo_model
@@ -174,7 +174,14 @@ def launch(
             load_config([path])
         except ConfigInvalid as e:
             raise fail(e, label="invalid config") from e
-    url = f"http://127.0.0.1:{api_port}"
+    # the written files say where the gateways serve (`--set api.port` may move them)
+    urls = list(gateway_urls(load_config([configs[0]], env={})).values())
+    if not urls:  # it would wait for a gateway on a port nobody knows
+        raise fail(
+            "cluster up needs a fixed API port (--api-port, or --set api.port): 0 lets "
+            "each gateway take any free port, and then no URL is known to wait on"
+        )
+    url = urls[0]
     cluster = LocalCluster(configs, url, base, extra_args=dict(extra_args or {}))
     if command is not None:
         cluster.command = command
@@ -192,11 +199,11 @@ def launch(
         if stopping.is_set():
             return  # SIGTERM during start-up: `finally` stops every node
         err.print(f"[green]cluster up[/green]: {nodes} nodes, API at {url} (Ctrl-C to stop)")
-        # every gateway-capable node serves the API on the ports after --api-port; a
+        # every gateway-capable node serves the API on the ports after api.port; a
         # standby redirects to the acting one, and takes over if it dies
-        urls = ",".join(gateway_urls(load_config([configs[0]], env={})).values()) or url
-        err.print(f"  gateways: {urls}")
-        err.print(f'  try: butterfly infer --url {urls} "Hello"')
+        listed = ",".join(urls)
+        err.print(f"  gateways: {listed}")
+        err.print(f'  try: butterfly infer --url {listed} "Hello"')
         while not stopping.wait(0.5):
             if restart:
                 keep()
@@ -240,33 +247,28 @@ def infer(
         "max_new_tokens": max_tokens,
         "temperature": temperature,
     }
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
     urls = parse_urls(url)
 
     def send(address: str) -> httpx.Response:  # a standby's 307 leads to the acting one
-        return httpx.post(
-            f"{address}/inference",
-            json=body,
-            headers=headers,
-            timeout=60.0,
-            follow_redirects=True,
-        )
+        return request("POST", f"{address}/inference", token=token, json=body)
 
     def get(address: str, path: str) -> httpx.Response:
-        return httpx.get(f"{address}{path}", headers=headers, timeout=60.0, follow_redirects=True)
+        return request("GET", f"{address}{path}", token=token)
 
     try:
         _, r = first_answer(urls, send, patience_s=TAKEOVER_PATIENCE_S)
         if r.status_code == 202:
             r = wait_result(urls, answer(r)["task_id"], get, limit_s=INFER_LIMIT_S)
-        result = answer(r) if r.status_code < 400 else None
+        result = generated(r) if r.status_code < 400 else None
+    except RedirectRefused as e:
+        raise fail(e) from e
     except (httpx.HTTPError, httpx.InvalidURL, TimeoutError) as e:
         raise fail(f"cannot reach {url}: {e}") from e
     except (ValueError, KeyError, TypeError) as e:  # not a Butterfly gateway's answer
         raise fail(f"{url} did not answer as a Butterfly gateway: {e!r}") from e
     if result is None:
         raise fail(r.text, label=f"error {r.status_code}")
-    typer.echo(json.dumps(result) if json_out else result.get("text", ""))
+    typer.echo(json.dumps(result) if json_out else result["text"])
 
 
 def answer(r: httpx.Response) -> dict[str, Any]:
@@ -274,6 +276,16 @@ def answer(r: httpx.Response) -> dict[str, Any]:
     body = r.json()
     if not isinstance(body, dict):
         raise ValueError(f"a JSON object was expected, got {type(body).__name__}")
+    return body
+
+
+def generated(r: httpx.Response) -> dict[str, Any]:
+    """A finished task's result: its `text` and `output_ids`. ValueError for another
+    object: another server's 200 printed an empty line and exited 0, as if the model had
+    generated nothing."""
+    body = answer(r)
+    if not isinstance(body.get("text"), str) or not isinstance(body.get("output_ids"), list):
+        raise ValueError("a finished task's result (text and output_ids) was expected")
     return body
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import typer
 
+from butterfly.cli.gateways import RedirectRefused, request
 from butterfly.cli.report import fail
 from butterfly.config import ButterflyConfig, Mutability, Scope, field_specs
 from butterfly.config.fields import config_leaves
@@ -40,21 +41,15 @@ def call(
 ) -> Any:
     """One request to the gateway; an error answer is printed and exits with code 2.
 
-    A standby gateway answers with a 307 to the acting one, which is followed (the method
-    and body are kept): `--url` may name any gateway-capable node. Before, the 307's empty
-    body was taken for the answer, and `cluster remove-member --url <standby>` crashed
-    with a KeyError."""
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    `--url` may name any gateway-capable node: a standby's 307 to the acting one is
+    followed with the method, body and token (`gateways.request`). Before, the 307's
+    empty body was taken for the answer (`remove-member --url <standby>` crashed with a
+    KeyError), and then the token was dropped on the way (401)."""
     try:
-        r = httpx.request(
-            method,
-            f"{url.rstrip('/')}{path}",
-            json=body,
-            headers=headers,
-            params=params,
-            timeout=TIMEOUT_S,
-            follow_redirects=True,
-        )
+        target = f"{url.rstrip('/')}{path}"
+        r = request(method, target, token=token, json=body, params=params, timeout=TIMEOUT_S)
+    except RedirectRefused as e:
+        raise fail(e) from e
     except (httpx.HTTPError, httpx.InvalidURL) as e:
         raise fail(f"cannot reach {url}: {e}") from e
     try:

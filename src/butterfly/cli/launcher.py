@@ -144,9 +144,12 @@ def node_configs(
             if all(p.is_file() for i in range(nodes) for p in cert_paths(tls_dir, i))
             else make_certs(tls_dir, nodes, "local")
         )
-    # every gateway-capable node serves its API on a port after api_port (config.gateways)
+    # every gateway-capable node serves its API on a port after api.port (config.gateways);
+    # a `settings` api.port is the one the files say, so its ports are the ones kept free
     gateways = len((settings or {}).get("cluster.gateways", ())) or min(nodes, max(2, f + 1))
-    api_ports = frozenset(range(api_port, api_port + gateways)) if api_port else frozenset()
+    first = (settings or {}).get("api.port", api_port)
+    first = first if isinstance(first, int) else api_port  # a bad value: the files refuse it
+    api_ports = frozenset(range(first, first + gateways)) if first else frozenset()
     ports = free_ports(nodes, avoid=api_ports)
     members = [f"127.0.0.1:{p}" for p in ports]
     dirs = [data_dir / f"node-{i}" for i in range(nodes)]

@@ -24,9 +24,24 @@ from butterfly.cli.gateways import first_answer, parse_urls
 from butterfly.cli.report import fail
 
 
+def health_body(response: httpx.Response) -> dict[str, Any]:
+    """A gateway's `/health` body: an object with `healthy`, and `nodes` and `gateways`
+    lists of objects. ValueError naming what is off for other JSON (another server on
+    that port): the table read it as a gateway's and crashed with a traceback."""
+    body = response.json()
+    if not isinstance(body, dict) or not isinstance(body.get("healthy"), bool):
+        raise ValueError("a /health object saying `healthy` was expected")
+    for key in ("nodes", "gateways"):
+        entries = body.get(key, [])
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise ValueError(f"/health's {key!r} is not a list of objects")
+    return body
+
+
 def _health(address: str) -> httpx.Response:
     response = httpx.get(f"{address}/health", timeout=10.0)
-    for g in response.json().get("gateways", []) if response.status_code == 503 else []:
+    gateways = health_body(response).get("gateways", []) if response.status_code == 503 else []
+    for g in gateways:
         if g.get("acting") and g.get("url"):  # a standby: ask the acting gateway
             return httpx.get(f"{g['url']}/health", timeout=10.0)
     return response
@@ -37,10 +52,10 @@ def fetch(urls: str) -> tuple[str, dict[str, Any]]:
     code: 503 still describes the nodes); `urls` are tried in turn (`cli.gateways`), and
     a standby's answer leads to the acting gateway's, whose address is then the one
     returned: a table titled with the standby's address but showing the acting
-    gateway's nodes named the wrong gateway."""
+    gateway's nodes named the wrong gateway. ValueError for a body that is not a
+    gateway's (`health_body`)."""
     _, answer = first_answer(parse_urls(urls), _health)
-    body: dict[str, Any] = answer.json()
-    return str(answer.request.url).removesuffix("/health"), body
+    return str(answer.request.url).removesuffix("/health"), health_body(answer)
 
 
 def table(url: str, health: dict[str, Any], *, stamp: str = "") -> Table:
@@ -69,8 +84,14 @@ def _frame(url: str) -> RenderableType:
     stamp = datetime.now(UTC).strftime("%H:%M:%S UTC")
     try:
         return table(*fetch(url), stamp=stamp)
-    except (httpx.HTTPError, httpx.InvalidURL, ValueError) as e:
+    except (httpx.HTTPError, httpx.InvalidURL) as e:
         return Text(f"{stamp}: cannot reach {url}: {e}; retrying", style="red")
+    except ValueError as e:
+        return Text(f"{stamp}: {not_a_gateway(url, e)}; retrying", style="red")
+
+
+def not_a_gateway(url: str, e: ValueError) -> str:
+    return f"{url} did not answer as a Butterfly gateway: {e}"
 
 
 def status(
@@ -86,8 +107,10 @@ def status(
     if not watch:
         try:
             answered, health = fetch(url)
-        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as e:
+        except (httpx.HTTPError, httpx.InvalidURL) as e:
             raise fail(f"cannot reach {url}: {e}") from e
+        except ValueError as e:
+            raise fail(not_a_gateway(url, e)) from e
         Console().print(table(answered, health))
         return
     try:
