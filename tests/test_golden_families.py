@@ -21,12 +21,15 @@ compared with transformers in the same precision:
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     LlamaConfig,
     MistralConfig,
@@ -36,7 +39,8 @@ from transformers import (
 )
 
 from butterfly.runtime.generate import generate, run_pipeline
-from butterfly.runtime.loader import load_stage
+from butterfly.runtime.llama_args import standard_rope
+from butterfly.runtime.loader import load_stage, model_args
 from butterfly.runtime.precision import Precision, dequantize_int8, quantize_int8
 from butterfly.types.errors import UnknownArchitecture
 from butterfly.types.model import LayerRange
@@ -221,7 +225,13 @@ def assert_greedy_up_to_ties(
     ("change", "field"),
     [
         ({"hidden_act": "mish"}, "hidden_act"),
-        ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "rope_scaling"),
+        ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "rope_parameters"),
+        # incomplete: transformers' KeyError, a bare KeyError at stage load before
+        ({"rope_scaling": {"rope_type": "linear"}}, "rope_scaling .*'factor'"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling .*freq_factor"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": "4"}}, "rope_scaling .*factor='4'"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 0.5}}, "rope_scaling .*factor=0.5"),
+        ({"rope_parameters": {"partial_rotary_factor": 0.5}}, "partial_rotary_factor"),
         ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
         ({"model_type": "phi3"}, "phi3"),
         ({"model_type": "gemma"}, "gemma"),
@@ -236,23 +246,133 @@ def assert_greedy_up_to_ties(
 def test_fields_it_cannot_honour_are_refused_by_name(
     checkpoints, tmp_path: Path, change: dict[str, Any], field: str
 ) -> None:
-    import json
-    import shutil
-
     path = tmp_path / "m"
     shutil.copytree(checkpoints["llama_biases_gelu"][0], path)
     cfg = json.loads((path / "config.json").read_text())
     cfg.update(change)
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnknownArchitecture, match=field):
+        model_args(path)  # what a node checks at start, before any plan
+    with pytest.raises(UnknownArchitecture, match=field):
         load_stage(path)
+
+
+ROPE_EDITS: dict[str, dict[str, Any]] = {
+    # transformers 5 re-saves `rope_parameters`; a user then adds `rope_scaling`, which wins
+    "rope_scaling_beside_rope_parameters": {
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1e4},
+        "rope_scaling": {"rope_type": "linear", "factor": 4.0},
+    },
+    "rope_theta_in_rope_parameters_wins": {
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+        "rope_theta": 1e4,
+    },
+    "top_level_original_length_yarn": {
+        "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4},
+        "original_max_position_embeddings": 16,
+    },
+    "top_level_original_length_llama3": {
+        "rope_parameters": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+        "original_max_position_embeddings": 16,
+    },
+}
+
+RESOLVED_ROPES: list[dict[str, Any]] = [
+    {},
+    {"rope_theta": 7.0},
+    {"rope_theta": 7.0, "rope_parameters": {"rope_type": "default", "rope_theta": 5.0}},
+    {"rope_parameters": {"rope_type": "default"}, "rope_scaling": {"type": "linear", "factor": 2}},
+    {"rope_theta": 7.0, "rope_scaling": {"rope_type": "linear", "factor": 4.0, "rope_theta": 3.0}},
+    {"rope_scaling": {}, "rope_parameters": {"rope_type": "linear", "factor": 2.0}},
+    {"rope_scaling": {"type": "yarn", "rope_type": "linear", "factor": 4.0}},
+    {"rope_parameters": {"rope_type": "yarn", "factor": 4.0}},
+    {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}},
+    {"original_max_position_embeddings": 16, "rope_scaling": {"rope_type": "linear", "factor": 2}},
+    {
+        "original_max_position_embeddings": 16,
+        "rope_parameters": {
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    },
+]
+
+
+@pytest.mark.parametrize("stated", RESOLVED_ROPES)
+def test_rope_parameters_resolve_as_transformers_resolves_them(
+    tmp_path: Path, stated: dict[str, Any]
+) -> None:
+    """`standard_rope` against transformers' own standardisation of the same config.json,
+    as its `_compute_*_parameters` re-run it (top-level fields set by then)."""
+    cfg = SMALL | {"model_type": "llama"} | stated
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    theirs = AutoConfig.from_pretrained(tmp_path)
+    theirs.standardize_rope_params()
+    want = {k: v for k, v in theirs.rope_parameters.items() if k != "type"}
+    assert standard_rope(cfg, cfg["max_position_embeddings"]) == want
+
+
+@pytest.mark.parametrize("edit", list(ROPE_EDITS))
+def test_rope_fields_are_read_as_transformers_reads_them(
+    checkpoints, tmp_path: Path, edit: str
+) -> None:
+    """RoPE stated in several places (`rope_scaling` and `rope_parameters`, `rope_theta`
+    at the top and inside, a top-level `original_max_position_embeddings`) computes what
+    transformers computes; each was served with the other reading, logits 6-9 off."""
+    path = tmp_path / "m"
+    shutil.copytree(checkpoints["llama_biases_gelu"][0], path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(ROPE_EDITS[edit])
+    (path / "config.json").write_text(json.dumps(cfg))
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    stage = load_stage(path)
+    ids = torch.randint(0, VOCAB, (1, 100), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        want = hf(ids).logits
+        got = run_pipeline([stage], [stage.new_cache()], ids, 0, last_only=False)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("how", ["resaved", "updated"])
+def test_a_single_file_beside_a_stale_index_is_read_as_transformers_reads_it(
+    checkpoints, tmp_path: Path, how: str
+) -> None:
+    """transformers loads `model.safetensors` before `model.safetensors.index.json`. A
+    sharded save re-saved unsharded ("resaved": transformers deletes the shards, not the
+    index) was refused; a single-file release copied beside the old shards ("updated")
+    was served with the old weights."""
+    old = checkpoints["llama_biases_gelu"][1]
+    model = type(old)(old.config).eval()
+    model.load_state_dict(old.state_dict())
+    path = tmp_path / "m"
+    model.save_pretrained(path, max_shard_size="100KB")  # the old, sharded release
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)  # new weights
+    if how == "resaved":
+        model.save_pretrained(path)
+    else:
+        model.save_pretrained(tmp_path / "new")
+        shutil.copy(tmp_path / "new" / "model.safetensors", path / "model.safetensors")
+    assert (path / "model.safetensors.index.json").is_file()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    stage = load_stage(path)
+    with torch.inference_mode():
+        want = hf(prompt()).logits
+        got = run_pipeline([stage], [stage.new_cache()], prompt(), 0, last_only=False)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
 def test_weights_stored_in_float8_are_refused(checkpoints, tmp_path: Path) -> None:
     """An FP8 checkpoint keeps a scale beside each weight (`weight_scale_inv`); converting
     the float8 weight alone computed every projection off by that scale, silently."""
-    import shutil
-
     from safetensors.torch import load_file, save_file
 
     path = tmp_path / "m"

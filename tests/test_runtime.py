@@ -89,6 +89,41 @@ def test_stage_loads_from_a_checkpoint_holding_only_its_tensors(
         load_stage(sharded, LayerRange(0, 1))
 
 
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/tmp/elsewhere.safetensors"])
+def test_an_index_naming_a_shard_outside_the_checkpoint_is_refused(
+    tmp_path: Path, shard: str
+) -> None:
+    """A weight_map value is a file name inside the model directory; `../x` or an absolute
+    path was opened wherever it pointed."""
+    sharded = create_demo(tmp_path / "sharded", "tiny", shard_bytes=60_000)
+    index_file = sharded / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    index["weight_map"]["model.norm.weight"] = shard
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(MissingTensor, match="outside the model directory"):
+        CheckpointReader(sharded)
+
+
+def test_the_weights_file_a_config_names_is_the_one_read(tiny_model: Path, tmp_path: Path) -> None:
+    """`transformers_weights` in config.json picks the file transformers loads, ahead of
+    `model.safetensors`; it must name one inside the directory."""
+    path = tmp_path / "m"
+    shutil.copytree(tiny_model, path)
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] * 2
+    save_file(tensors, path / "chosen.safetensors")
+    config = json.loads((path / "config.json").read_text())
+    for name, named in [("../model.safetensors", "outside"), ("chosen.bin", "safetensors")]:
+        (path / "config.json").write_text(json.dumps(config | {"transformers_weights": name}))
+        with pytest.raises(MissingTensor, match=named):
+            CheckpointReader(path)
+    (path / "config.json").write_text(
+        json.dumps(config | {"transformers_weights": "chosen.safetensors"})
+    )
+    read = CheckpointReader(path).read_many([("model.norm.weight", None)])
+    torch.testing.assert_close(read["model.norm.weight"], tensors["model.norm.weight"])
+
+
 @pytest.mark.parametrize("trial", range(5))
 def test_snapshot_restore_continues_identically(tiny_model: Path, trial: int) -> None:
     rng = random.Random(trial)
@@ -277,7 +312,8 @@ def test_unknown_architecture(tmp_path: Path) -> None:
         ("num_attention_heads", 0, "must be at least 1"),
         ("hidden_size", 64.5, "not a whole number"),
         ("vocab_size", True, "not a whole number"),
-        ("rope_theta", "big", "wrong kind"),
+        ("rope_theta", "big", "rope_theta='big'"),
+        ("rope_theta", None, "rope_theta=None"),  # 10000 silently before; transformers fails
     ],
 )
 def test_a_config_size_that_is_not_a_count_is_named(

@@ -146,8 +146,8 @@ CHECKPOINT_FILES = (
     "chat_template.jinja",
 )
 """Files of a checkpoint directory that change what it computes or how its text is read
-(with its `*.safetensors`): a sharded index left beside a new `model.safetensors` takes
-precedence over it, a `generation_config.json` changes the end-of-sequence ids."""
+(with its `*.safetensors`): an old `model.safetensors` left beside a new sharded index is
+the file read, a `generation_config.json` changes the end-of-sequence ids."""
 
 
 def checkpoint_files(out: Path) -> list[Path]:

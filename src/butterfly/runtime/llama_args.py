@@ -36,7 +36,18 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
 }
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+# each honoured `rope_type` and the parameters transformers' `_validate_<type>_rope_parameters`
+# requires of it (a missing one is its KeyError; here it is refused at parse, not at load)
+ROPE_REQUIRED: dict[str, tuple[str, ...]] = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"),
+    "yarn": ("factor", "original_max_position_embeddings"),
+}
+ROPE_TYPES = tuple(ROPE_REQUIRED)
+# optional parameters the frequencies are computed from: numbers when stated
+ROPE_NUMBERS = ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
 # fields that would change the computation, and the value under which they do not
 INERT_WHEN = {
     "partial_rotary_factor": 1.0,
@@ -62,6 +73,82 @@ def refuse_unsupported(cfg: dict[str, Any]) -> None:
     if act not in ACTIVATIONS:
         raise UnknownArchitecture(
             f"config field hidden_act={act!r} is not supported ({', '.join(ACTIVATIONS)})"
+        )
+
+
+def rope_source(cfg: dict[str, Any]) -> str:
+    """The config field transformers takes the RoPE parameters from: `rope_scaling` when
+    it is non-empty (a user's addition beside a re-saved `rope_parameters` wins), else
+    `rope_parameters`."""
+    return "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
+
+
+def standard_rope(cfg: dict[str, Any], max_positions: int) -> dict[str, Any]:
+    """The config's RoPE parameters as transformers 5 computes with them: its
+    `RotaryEmbeddingConfigMixin.convert_rope_params_to_dict` and `standardize_rope_params`
+    (modeling_rope_utils.py; the latter runs again in every `_compute_*_parameters`, after
+    the top-level fields became attributes). In that order:
+    - `rope_scaling or rope_parameters`: the whole dict of the first non-empty one;
+    - `rope_theta`: the dict's own, else the top-level field, else 10000;
+    - `rope_type`: the dict's, else its legacy `type`, else "default";
+    - for llama3, yarn and longrope, `original_max_position_embeddings`: the top-level
+      field when the config has one (it has priority, Phi-3's layout), else the dict's,
+      else `max_position_embeddings`.
+    Values are not checked here (`check_rope`); a per-layer (nested) dict is refused."""
+    source = rope_source(cfg)
+    stated = cfg.get(source) or {}
+    if not isinstance(stated, dict) or any(isinstance(v, dict) for v in stated.values()):
+        raise UnknownArchitecture(
+            f"config field {source}={stated!r} is not one flat object of RoPE parameters "
+            "(RoPE per layer type is not supported)"
+        )
+    rope = dict(stated)
+    rope.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+    rope.setdefault("rope_type", rope.get("type", "default"))
+    rope.pop("type", None)
+    if rope["rope_type"] in ("llama3", "yarn", "longrope"):
+        if "original_max_position_embeddings" in cfg:
+            rope["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
+        else:
+            rope.setdefault("original_max_position_embeddings", max_positions)
+    return rope
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float: JSON's `true` is no factor, nor is `"4"`, which transformers
+    only warns about and then fails to divide by."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_rope(rope: dict[str, Any], source: str) -> None:
+    """Refuse, naming `source` and the key, standardised RoPE parameters the frequencies
+    cannot be computed from as transformers computes them: another `rope_type`, a
+    parameter its type requires missing or not a number, a `factor` below 1 (transformers
+    states it must be >= 1), a `partial_rotary_factor` other than 1. Checked when the
+    config is parsed, so a node refuses the checkpoint at start, not at stage load."""
+    kind = rope["rope_type"]
+    if kind not in ROPE_REQUIRED:
+        raise UnknownArchitecture(
+            f"config field {source} type {kind!r} is not supported ({', '.join(ROPE_TYPES)})"
+        )
+    where = f"config field {source} (rope_type {kind!r})"
+    for key in ("rope_theta", *ROPE_REQUIRED[kind]):
+        if key not in rope:
+            raise UnknownArchitecture(f"{where} lacks its required parameter {key!r}")
+        value = rope[key]
+        if key == "factor" and kind == "yarn" and value is None:
+            continue  # transformers' YaRN takes max_position_embeddings / the original
+        if not is_number(value) or value <= 0:
+            raise UnknownArchitecture(f"{where} has {key}={value!r}, not a positive number")
+        if key == "factor" and value < 1:
+            raise UnknownArchitecture(f"{where} has factor={value!r}; it must be at least 1")
+    for key in ROPE_NUMBERS:
+        if rope.get(key) is not None and not is_number(rope[key]):
+            raise UnknownArchitecture(f"{where} has {key}={rope[key]!r}, not a number")
+    partial = rope.get("partial_rotary_factor", 1.0)
+    if partial != 1.0:
+        raise UnknownArchitecture(
+            f"{where} has partial_rotary_factor={partial!r}; only 1.0 is supported"
         )
 
 
@@ -97,20 +184,16 @@ class LlamaArgs:
         try:
             dim = config_count(cfg, "hidden_size")
             n_heads = config_count(cfg, "num_attention_heads")
-            rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-            theta = float(cfg.get("rope_theta") or rope.pop("rope_theta", None) or 10000.0)
-            rope.pop("rope_theta", None)
-            kind = rope.pop("rope_type", rope.pop("type", "default"))
-            if kind not in ROPE_TYPES:
-                raise UnknownArchitecture(
-                    f"config field rope_scaling type {kind!r} is not supported "
-                    f"({', '.join(ROPE_TYPES)})"
-                )
             max_context = config_count(cfg, "max_position_embeddings", 2048)
+            rope = standard_rope(cfg, max_context)
+            check_rope(rope, rope_source(cfg))
+            kind = rope["rope_type"]
+            if kind == "yarn" and rope["factor"] is None:  # transformers' YaRN derives it
+                rope["factor"] = max_context / rope["original_max_position_embeddings"]
             scaling: tuple[tuple[str, Any], ...] = ()
             if kind not in ("default", "dynamic"):
-                rope.setdefault("original_max_position_embeddings", max_context)
-                scaling = (("rope_type", kind), *sorted(rope.items()))
+                kept = {k: v for k, v in rope.items() if k not in ("rope_type", "rope_theta")}
+                scaling = (("rope_type", kind), *sorted(kept.items()))
             # "dynamic" NTK scaling changes the frequencies only past max_position_embeddings,
             # where Butterfly's context ends: within it, it is the default rotation
             window = cfg.get("sliding_window")
@@ -130,7 +213,7 @@ class LlamaArgs:
                 head_dim=config_count(cfg, "head_dim", dim // n_heads),
                 intermediate=config_count(cfg, "intermediate_size"),
                 norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                rope_theta=theta,
+                rope_theta=float(rope["rope_theta"]),
                 rope_scaling=scaling,
                 max_context=max_context,
                 tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
@@ -194,8 +277,7 @@ def yarn_frequencies(args: LlamaArgs, scaling: dict[str, Any]) -> tuple[torch.Te
     and cos/sin scaled by the attention factor (the paper's and transformers' defaults)."""
     dim, base = args.head_dim, args.rope_theta
     old_ctx = float(scaling["original_max_position_embeddings"])
-    factor = scaling.get("factor") or args.max_context / old_ctx
-    factor = float(factor)
+    factor = float(scaling["factor"])  # a null one was derived at parse (`from_config`)
 
     def mscale(scale: float, m: float = 1.0) -> float:
         return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0

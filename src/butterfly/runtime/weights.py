@@ -85,6 +85,50 @@ def declared_vocab(model_dir: Path) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
+def weights_file(model_dir: Path) -> str:
+    """The file transformers 5 loads a local directory's weights from
+    (`modeling_utils._get_resolved_checkpoint_files`): the config's `transformers_weights`
+    when stated, else `model.safetensors`, else the sharded index. A directory holding
+    both a single file and a stale index (a sharded save re-saved unsharded, or a new
+    single-file release downloaded beside the old shards) is read from the single file,
+    as transformers reads it."""
+    explicit = (
+        read_config(model_dir).get("transformers_weights")
+        if (model_dir / "config.json").is_file()
+        else None
+    )
+    if explicit is not None:
+        if not isinstance(explicit, str) or not explicit.endswith(
+            (".safetensors", ".safetensors.index.json")
+        ):
+            raise MissingTensor(
+                f"config field transformers_weights={explicit!r} of {model_dir} names no "
+                "safetensors file or index; Butterfly loads safetensors checkpoints only"
+            )
+        inside_dir(model_dir, explicit, "config field transformers_weights")
+        if not (model_dir / explicit).is_file():
+            raise MissingTensor(f"{model_dir} has no {explicit} (its transformers_weights)")
+        return explicit
+    for name in (SINGLE_FILE, INDEX_FILE):
+        if (model_dir / name).is_file():
+            return name
+    raise MissingTensor(
+        f"{model_dir} has neither {SINGLE_FILE} nor {INDEX_FILE}; "
+        "Butterfly loads safetensors checkpoints only"
+    )
+
+
+def inside_dir(model_dir: Path, name: str, named_by: str) -> None:
+    """Refuse a file name that leads out of the model directory (`../x`, `/etc/x`): a
+    checkpoint names files inside itself. Checked on the name, not the resolved path, as
+    a Hugging Face cache's files are symlinks to blobs elsewhere."""
+    parts = Path(name).parts
+    if not parts or Path(name).is_absolute() or ".." in parts:
+        raise MissingTensor(
+            f"{named_by} names {name!r}, a file outside the model directory {model_dir}"
+        )
+
+
 @dataclass
 class CheckpointReader:
     """Tensor lookup over `model.safetensors` or a sharded index, recording what it read."""
@@ -99,20 +143,15 @@ class CheckpointReader:
 
     def __post_init__(self) -> None:
         self.model_dir = Path(self.model_dir)
-        index = self.model_dir / INDEX_FILE
-        if index.is_file():
-            self._weight_map = read_index(index)
-        elif (self.model_dir / SINGLE_FILE).is_file():
-            try:
-                with safe_open(self.model_dir / SINGLE_FILE, framework="pt") as f:
-                    self._weight_map = {name: SINGLE_FILE for name in f.keys()}  # noqa: SIM118
-            except SafetensorError as e:
-                raise unreadable(self.model_dir / SINGLE_FILE, e) from e
-        else:
-            raise MissingTensor(
-                f"{self.model_dir} has neither {SINGLE_FILE} nor {INDEX_FILE}; "
-                "Butterfly loads safetensors checkpoints only"
-            )
+        chosen = weights_file(self.model_dir)
+        if chosen.endswith(".index.json"):
+            self._weight_map = read_index(self.model_dir / chosen)
+            return
+        try:
+            with safe_open(self.model_dir / chosen, framework="pt") as f:
+                self._weight_map = {name: chosen for name in f.keys()}  # noqa: SIM118
+        except SafetensorError as e:
+            raise unreadable(self.model_dir / chosen, e) from e
 
     def has(self, name: str) -> bool:
         return name in self._weight_map
@@ -191,6 +230,8 @@ def read_index(path: Path) -> dict[str, str]:
             f"{path} has no 'weight_map' object naming each tensor's shard; "
             "download the checkpoint again"
         )
+    for shard in set(weight_map.values()):
+        inside_dir(path.parent, shard, f"{path.name}'s weight_map")
     return {str(k): v for k, v in weight_map.items()}
 
 
