@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 
 from butterfly.api.errors import KIND_STATUS, ContextExceeded, InvalidField, error_response
 from butterfly.api.settings import ApiSettings
+from butterfly.runtime.stage import cannot_generate
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.schedule.engine import Engine
 from butterfly.schedule.scheduler import Scheduler, TaskSnapshot
@@ -112,10 +113,7 @@ class Gateway:
         if self.engine.input_kind != "tokens":
             raise InvalidRequest("this model takes an input vector; send `input`, not tokens")
         if not self.engine.generates:
-            raise InvalidRequest(
-                f"model {self.model_name!r} is an encoder: its last layer gives hidden states, "
-                "not next-token logits, so it cannot generate text or score tokens"
-            )
+            raise InvalidRequest(cannot_generate(self.model_name))
         if not ids:
             raise InvalidRequest("the prompt is empty: give at least one token")
         context, limit = self.engine.max_context, self.settings.max_new_tokens_limit

@@ -65,7 +65,8 @@ def generate(
     """Generate text with the model split into in-process stages."""
     from butterfly.runtime.generate import Timings
     from butterfly.runtime.generate import generate as run_generation
-    from butterfly.runtime.loader import load_stage, num_layers
+    from butterfly.runtime.loader import load_stage, model_args, num_layers
+    from butterfly.runtime.stage import cannot_generate
     from butterfly.runtime.tokenizer import TextCodec
 
     try:
@@ -73,6 +74,8 @@ def generate(
         if model is None:
             with err.status("creating the demo model (once)"):
                 model = demo_model()
+        if not model_args(model)[0].generates:
+            raise fail(cannot_generate(str(model)))
         n = num_layers(model)
         with err.status(f"loading {n} layers as {stages} stage(s)"):
             pipeline = [load_stage(model, r) for r in uniform_ranges(n, stages)]

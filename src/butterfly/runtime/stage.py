@@ -63,6 +63,16 @@ class Family:
     and sampling a token from them would answer nonsense as if it were text."""
 
 
+def cannot_generate(model: str) -> str:
+    """Why a model whose family does not generate (`Family.generates`) is refused a
+    generation, in the words of every place that refuses it (the API's 400s and
+    `butterfly generate`), so an operator searching for one finds them all."""
+    return (
+        f"model {model!r} is an encoder: its last layer gives hidden states, "
+        "not next-token logits, so it cannot generate text or score tokens"
+    )
+
+
 def check_positions(start_pos: int, length: int, max_context: int) -> None:
     if start_pos + length > max_context:
         raise ContextLengthExceeded(
