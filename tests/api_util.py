@@ -81,7 +81,7 @@ async def _app(
 ) -> AsyncIterator[Served]:
     store, metrics = TaskStore(db), Metrics()
     scheduler = Scheduler(
-        engine=engine, store=store, emit=metrics.emit, detokenize=codec.decode, **scheduler_kw
+        engine=engine, store=store, emit=metrics.emit, detokenize=codec.continuation, **scheduler_kw
     )
     app = create_app(
         scheduler=scheduler,

@@ -139,7 +139,7 @@ async def stream_from_cluster(
     codec = gw.gateway.codec if gw.gateway is not None else None
     assert codec is not None
     store = TaskStore(tmp_path / f"stream-{settings.stream_verified_only}.db")
-    scheduler = Scheduler(engine=gw.engine, store=store, detokenize=codec.decode)
+    scheduler = Scheduler(engine=gw.engine, store=store, detokenize=codec.continuation)
     app = create_app(
         scheduler=scheduler,
         engine=gw.engine,

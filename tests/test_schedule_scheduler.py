@@ -92,7 +92,7 @@ async def test_outputs_equal_generate_greedy_and_sampled(
 ) -> None:
     events: list[MetricsEvent] = []
     sched, store = new_scheduler(
-        engine, tmp_path / "t.db", emit=events.append, detokenize=codec.decode
+        engine, tmp_path / "t.db", emit=events.append, detokenize=codec.continuation
     )
     tasks = [
         make_task(codec, "The butterfly", 16),

@@ -63,12 +63,12 @@ class ChoiceText:
     prompt_scored: tuple[Sampled, ...] = ()
 
     def __post_init__(self) -> None:
-        self.decoder = IncrementalText(self.tokenizer)
+        self.decoder = IncrementalText(self.tokenizer, self.prompt)
         self.offsets = TextOffsets()
 
     def reset(self) -> None:
         """Every token so far was withdrawn (an audit caught a liar)."""
-        self.decoder = IncrementalText(self.tokenizer)
+        self.decoder = IncrementalText(self.tokenizer, self.prompt)
         self.offsets = TextOffsets()
         self.stops = StopScanner(self.stops.stops)
         self.tokens, self.scored, self.pending = [], [], []

@@ -81,14 +81,13 @@ def generate(
             pipeline = [load_stage(model, r) for r in uniform_ranges(n, stages)]
         codec = TextCodec.load(model)
         timings = Timings()
+        prompt_ids = codec.encode(prompt)
         ids = list(
-            run_generation(
-                pipeline, codec.encode(prompt), max_tokens, sampling, codec.eos_ids, timings
-            )
+            run_generation(pipeline, prompt_ids, max_tokens, sampling, codec.eos_ids, timings)
         )
     except ButterflyError as e:
         raise fail(e) from e
-    text = codec.decode(ids)
+    text = codec.continuation(prompt_ids, ids)
     if json_out:
         typer.echo(json.dumps({"output_ids": ids, "text": text}))
     else:

@@ -61,7 +61,9 @@ class Generation:
         self.wants_logprobs = task.sampling.logprobs is not None
         k = task.sampling.prompt_logprobs  # the prompt's tokens scored (echo with logprobs)
         self.prompt_scores = PromptScores(self.prompt, k) if k is not None else None
-        self._stops = TextStops(tokenizer, task.stop) if task.stop and tokenizer else None
+        self._stops = (
+            TextStops(tokenizer, task.stop, self.prompt) if task.stop and tokenizer else None
+        )
         self.acceptance = Acceptance()  # what the pipeline kept of a sampled request's drafts
         self.resumed = saved is not None and len(saved.tokens) <= task.max_new_tokens
         stopped = False

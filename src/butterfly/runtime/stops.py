@@ -54,8 +54,12 @@ class TextStops:
     of the tokens has the stop string back in, and a client reading a broken stream's
     result by id was shown it: a review)."""
 
-    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str]) -> None:
-        self._text = IncrementalText(tokenizer)
+    def __init__(
+        self, tokenizer: Tokenizer, stops: Sequence[str], prompt: Sequence[int] = ()
+    ) -> None:
+        """`prompt`: the tokens the text continues, as the choices decode it after them
+        (a stop string beginning with a SentencePiece token's space matches there too)."""
+        self._text = IncrementalText(tokenizer, prompt)
         self._scanner = StopScanner(stops)
         self._before: list[str] = []
 

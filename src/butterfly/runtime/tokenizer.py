@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
 from butterfly.runtime.chat import ChatTemplate
+from butterfly.runtime.detok import continuation
 from butterfly.runtime.weights import declared_eos_ids, declared_vocab
 from butterfly.types.errors import InvalidInput
 
@@ -63,3 +65,8 @@ class TextCodec:
 
     def decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def continuation(self, prompt: Sequence[int], ids: Sequence[int]) -> str:
+        """The text `ids` add after `prompt`, which a client appends to the prompt's:
+        `decode(ids)` alone loses a SentencePiece first token's leading space."""
+        return continuation(self.tokenizer, prompt, ids)

@@ -27,7 +27,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 
@@ -136,7 +136,7 @@ class Scheduler:
         max_concurrent: int = 4,
         queue_capacity: int = 256,
         policy: QueuePolicy = QueuePolicy.FIFO,
-        detokenize: Callable[[list[int]], str] | None = None,
+        detokenize: Callable[[Sequence[int], Sequence[int]], str] | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_accepted: Callable[[InferenceTask], Awaitable[None]] | None = None,
         on_finished: Callable[[RequestId, TaskState, InferenceResult | None], None] | None = None,
@@ -145,7 +145,8 @@ class Scheduler:
         """`on_accepted` runs after a task's commit and before `submit` returns (the copy
         to the standby gateways); `on_finished` after a terminal state's commit;
         `refusal`, before anything is written, says why no task may be accepted now
-        (`ServiceUnavailable`: the client sends it elsewhere)."""
+        (`ServiceUnavailable`: the client sends it elsewhere); `detokenize(prompt, ids)`,
+        the text `ids` add to `prompt` (`TextCodec.continuation`)."""
         self._on_accepted, self._on_finished = on_accepted, on_finished
         self._refusal = refusal
         if max_concurrent < 1:
@@ -445,7 +446,8 @@ class Scheduler:
         string) and the scheduler's own timings."""
         decode = not result.text and not result.cut_at_stop
         if self._detokenize is not None and result.output_ids and decode:
-            result = replace(result, text=self._detokenize(list(result.output_ids)))
+            text = self._detokenize(live.task.input_ids, result.output_ids)
+            result = replace(result, text=text)
         now = self._clock()
         timings = {
             **result.timings,

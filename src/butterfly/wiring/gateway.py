@@ -299,7 +299,7 @@ class Gateway:
             max_concurrent=max(1, s.dispatch_batch_size),
             queue_capacity=s.max_queue,
             policy=QueuePolicy(s.policy),
-            detokenize=self.codec.decode if self.codec else None,
+            detokenize=self.codec.continuation if self.codec else None,
             on_accepted=replicas.accepted,
             on_finished=replicas.finished,
             refusal=lambda: isolation.reason,
