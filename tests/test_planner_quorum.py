@@ -63,13 +63,18 @@ async def test_the_first_facts_go_ahead_with_n_minus_f_nodes_after_a_grace() -> 
 
 
 async def distribute(
-    net: MemoryNetwork, members: int, status: Callable[[NodeId], str], **kw: object
+    net: MemoryNetwork,
+    members: int,
+    status: Callable[[NodeId], str],
+    *,
+    local_error: str = "",
+    **kw: object,
 ) -> tuple[Distribution, list[PlanAssign]]:
     applied: list[PlanAssign] = []
 
     async def apply_local(msg: PlanAssign) -> PlanAck:
         applied.append(msg)
-        return PlanAck(msg.epoch, NodeId(0), True, "")
+        return PlanAck(msg.epoch, NodeId(0), not local_error, local_error)
 
     took = await asyncio.wait_for(  # a hang guard: the plan's timeout is 300 s
         distribute_plan(
@@ -90,13 +95,15 @@ async def distribute(
 
 async def test_a_plan_not_taken_up_names_who_did_not_instead_of_failing() -> None:
     """Node 1 acks, node 2 refuses, node 3 is unreachable, node 4 never answers and is
-    declared failed meanwhile: the distribution returns naming 2, 3 and 4."""
+    declared failed meanwhile: the distribution returns naming 2, 3 and 4, with node 2's
+    own reason (what `/health` then says if no plan can be put in force)."""
     net = MemoryNetwork()
     await net.transport(NodeId(1), lambda e: None).start(node(1))
     await net.transport(NodeId(2), lambda e: None).start(node(2, ack=False))
     await net.transport(NodeId(4), lambda e: None).start(node(4, ack=None))
     took, applied = await distribute(net, 5, lambda n: "failed" if n == 4 else "healthy")
-    assert took == Distribution(acked=(0, 1), down=(2, 3, 4))
+    assert (took.acked, took.down) == ((0, 1), (2, 3, 4))
+    assert took.why[NodeId(2)] == "cannot load" and sorted(took.why) == [2, 3, 4]
     assert [m.epoch for m in applied] == [2]
 
 
@@ -109,7 +116,7 @@ async def test_a_member_that_keeps_its_layers_and_withholds_its_ack_is_down() ->
     took, _ = await distribute(
         net, 3, lambda n: "healthy", prompt=[NodeId(1), NodeId(2)], prompt_s=0.2
     )
-    assert took == Distribution(acked=(0, 1), down=(2,))
+    assert (took.acked, took.down) == ((0, 1), (2,))
 
 
 async def test_a_member_failing_ends_the_wait_for_the_others_loading() -> None:
@@ -120,5 +127,16 @@ async def test_a_member_failing_ends_the_wait_for_the_others_loading() -> None:
     await net.transport(NodeId(1), lambda e: None).start(node(1, ack=None))
     await net.transport(NodeId(2), lambda e: None).start(node(2, ack=None))
     took, applied = await distribute(net, 3, lambda n: "failed" if n == 2 else "healthy")
-    assert took == Distribution(acked=(0,), down=(2,))
+    assert (took.acked, took.down) == ((0,), (2,))
     assert len(applied) == 1
+
+
+async def test_a_plan_this_node_cannot_load_names_it_down_with_its_reason() -> None:
+    """The gateway's own load fails: it is down like any member, with the loader's
+    words, for the caller to decide again or say why no plan is in force (it raised, and
+    a gateway whose first plan it could not load stopped)."""
+    net = MemoryNetwork()
+    await net.transport(NodeId(1), lambda e: None).start(node(1))
+    took, _ = await distribute(net, 2, lambda n: "healthy", local_error="bad shape")
+    assert (took.acked, took.down) == ((1,), (0,))
+    assert took.why == {NodeId(0): "bad shape"}

@@ -15,6 +15,7 @@ from butterfly.control.policy import (
     evicts,
     gone,
     next_plan,
+    not_served,
     rejoin_hold_s,
     restarted,
     returning,
@@ -250,3 +251,15 @@ def test_a_second_restart_within_the_window_is_not_free() -> None:
     assert strike((1, 0.0), 3600.0, forgotten_s=RESTARTS_FORGOTTEN_S)[0] == 2
     assert strike((1, 0.0), RESTARTS_FORGOTTEN_S + 1, forgotten_s=RESTARTS_FORGOTTEN_S)[0] == 1
     assert RESTARTS_FORGOTTEN_S >= 2 * SUSPENSION_MAX_S
+
+
+def test_why_no_plan_is_in_force_gives_each_nodes_own_reason_once() -> None:
+    """A checkpoint none can load gives every node the loader's same words: the operator
+    reads them once, with who said them, and a node unreachable says its own."""
+    why = not_served(
+        {NodeId(3): "tensor 'k' has shape (64, 64)", NodeId(1): "tensor 'k' has shape (64, 64)",
+         NodeId(2): "connection refused"}
+    )  # fmt: skip
+    assert why.count("tensor 'k' has shape (64, 64)") == 1
+    assert "nodes [1, 3]: tensor 'k'" in why and "node 2: connection refused" in why
+    assert "taken up" in not_served({})  # nothing refused: every plan overtaken

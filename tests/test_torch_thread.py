@@ -19,6 +19,7 @@ from butterfly.runtime.torch_thread import (
     confine_to_one_thread,
     single_threaded,
 )
+from butterfly.types.errors import ButterflySystemError
 
 
 def in_fresh_thread(fn):  # type: ignore[no-untyped-def]
@@ -288,3 +289,22 @@ def test_a_cancelled_waiter_leaves_its_job_counted_until_it_ends() -> None:
     finally:
         worker.close(wait=True)
     assert name.startswith("t-cancel") and after_the_first
+
+
+def test_a_closed_torch_thread_says_the_node_is_stopping() -> None:
+    """A step that reaches a stopping node fails saying so, of every kind: the executor's
+    own RuntimeError read as the step's fault ("step failed: cannot schedule new futures
+    after shutdown", an InvalidInput to the client)."""
+    worker = TorchThread(1, name="closed")
+    worker.close(wait=True)
+
+    async def main() -> list[str]:
+        said = []
+        for kind in (None, "short"):
+            try:
+                await worker.run(lambda: 1, kind)
+            except ButterflySystemError as e:
+                said.append(str(e))
+        return said
+
+    assert ["stopping" in why for why in asyncio.run(main())] == [True, True]

@@ -296,6 +296,7 @@ def build_node(
         resume=lambda request_id: replicas.store.checkpoint(request_id),
         tracing=tracing,
         failed=lambda node: membership.status(node) == "failed",
+        unserved=lambda: recovery.unserved,
     )
     # every dynamic option reaches the part that uses it (control.live_config)
     follow_config(

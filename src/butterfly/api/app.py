@@ -174,6 +174,7 @@ def health_body(cluster: ClusterHealth, scheduler: Scheduler) -> dict[str, Any]:
     return {
         "healthy": cluster.healthy and scheduler.serving and refusing is None,
         **({"refusing_tasks": refusing} if refusing is not None else {}),
+        **({"unserved": cluster.unserved} if cluster.unserved is not None else {}),
         "services": services,
         "nodes": nodes,
         "epoch": cluster.epoch,

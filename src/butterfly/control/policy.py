@@ -313,6 +313,26 @@ def next_plan(
     return NextPlan(add_replicas(placement.stages, spares), "place", placement)
 
 
+def not_served(refusals: Mapping[NodeId, str]) -> str:
+    """Why no plan could be put in force, for `/health` and every request refused until
+    one is: each reason once, with the nodes that gave it. A checkpoint no node can load
+    gives every node the same reason, which the operator must read (the tensor and its
+    shapes), not a list of nodes that "did not take up" a plan; nodes that cannot load
+    their layers are not blamed for anything else.
+
+        >>> not_served({NodeId(2): "bad shape", NodeId(0): "bad shape", NodeId(1): "timed out"})
+        'no plan could be put in force: nodes [0, 2]: bad shape; node 1: timed out'
+    """
+    nodes: dict[str, list[int]] = {}
+    for node, reason in sorted(refusals.items()):
+        nodes.setdefault(reason, []).append(int(node))
+    said = "; ".join(
+        f"{f'node {ns[0]}' if len(ns) == 1 else f'nodes {ns}'}: {reason}"
+        for reason, ns in nodes.items()
+    )
+    return f"no plan could be put in force: {said or 'none was taken up by all of its nodes'}"
+
+
 def to_evict(
     liars: Sequence[NodeId], evicted: Collection[NodeId], gateway: NodeId = GATEWAY
 ) -> tuple[NodeId, ...]:
@@ -354,6 +374,7 @@ __all__ = [
     "gone",
     "holders",
     "next_plan",
+    "not_served",
     "rejoin_hold_s",
     "restarted",
     "returning",

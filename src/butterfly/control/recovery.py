@@ -18,7 +18,10 @@ for the first plan; it is then `out`. Once its heartbeats have been steady for i
 (`policy.returning`, `policy.rejoin_hold_s`) `run` re-plans with it, fetching its
 facts first if it never reported them; a proven liar is never taken back. A node that
 does not take up a plan is out for that plan and the next one is decided at once
-without it (`replan`), so a dead or withholding member never blocks a re-plan.
+without it (`replan`), so a dead or withholding member never blocks a re-plan. One that
+refuses it (it cannot load its layers: a damaged copy) is out the same way, and is
+blamed for nothing; when no node is left that can load them (a checkpoint none can
+load), `unserved` says why, in their words, and every request fails with it.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from butterfly.control.policy import (
     evicts,
     gone,
     next_plan,
+    not_served,
     rejoin_hold_s,
     restarted,
     returning,
@@ -163,6 +167,8 @@ class Recovery:
         self.facts: dict[NodeId, StatusReply] = {}  # every node's: at start-up, or on return
         self.placement: Placement | None = None  # the last plan placed from scratch
         self._asked: str | None = None  # why a re-plan was asked for although none failed
+        self.unserved: str | None = None
+        """Why no plan is in force (`policy.not_served`), until a re-plan puts one in force."""
         plans.on_evicted(self._on_agreed_eviction)
 
     @property
@@ -405,7 +411,10 @@ class Recovery:
                     )
                 except ButterflyError as e:  # it stays out of this gateway's plans anyway
                     log.error("eviction of node %s not agreed: %s", node, e)
-        await self.replan(self._live())
+        try:
+            await self.replan(self._live())
+        except ServiceUnavailable as e:  # acting all the same: /health and requests say why
+            log.error("%s; trying again as nodes come back", e)
 
     def _live(self) -> list[NodeId]:
         """The members a new plan may use: not evicted, not failed, not out."""
@@ -446,16 +455,29 @@ class Recovery:
     async def replan(self, live: list[NodeId], *, only_if_changed: bool = False) -> StagePlan:
         """Decide the next plan over the `live` nodes, agree on it, put it in force. A plan
         overtaken by an agreed eviction (every node would skip it) is decided again, and so
-        is one some of whose nodes did not take it up (they are out). With
-        `only_if_changed` (nodes returning, nothing else asked for), a plan that would
-        change nothing (no range short of holders) is not agreed; any other re-plan (a
-        failure, a changed strategy, start-up, a takeover) is a new epoch even when its
-        ranges stay: every node then holds a plan this gateway decided, by its placing."""
+        is one some of whose nodes did not take it up (they are out; this node gives up
+        its layers for the rest of this re-plan instead). With `only_if_changed` (nodes
+        returning, nothing else asked for), a plan that would change nothing (no range
+        short of holders) is not agreed, unless the plan in force is one some holder never
+        took up; any other re-plan (a failure, a changed strategy, start-up, a takeover)
+        is a new epoch even when its ranges stay: every node then holds a plan this
+        gateway decided, by its placing. When no plan can be put in force (no node left
+        could load the layers given it: a checkpoint none can load), `unserved` says why,
+        in the nodes' own words, until one is, and ServiceUnavailable is raised with it."""
+        refused: dict[NodeId, str] = {}  # each down node's last reason, this re-plan
         for _ in range(2 * len(self._members)):
             old, evicted = self._holder.plan, self.evicted
-            live = [n for n in live if n not in evicted and n not in self.out]
+            live = [n for n in live if n not in evicted and n not in self.out and n not in refused]
+            if not live:
+                break
             decided = next_plan(old, live, evicted, self.facts, self._placing, emit=self._emit)
-            if only_if_changed and old is not None and _same_ranges(decided.plan, old):
+            # a plan some holder never took up is no reason to change nothing
+            if (
+                only_if_changed
+                and old is not None
+                and old.epoch == self._acked
+                and _same_ranges(decided.plan, old)
+            ):
                 return old
             if decided.placement is not None:
                 self.placement = decided.placement
@@ -494,15 +516,18 @@ class Recovery:
             )
             if not took.down:  # every holder loaded its layers: from its ack on it says so
                 self._acked, self._acked_at, self._differs = plan.epoch, acks, {}
+                self.unserved = None
                 return plan
             log.warning(
                 "nodes %s did not take up epoch %d; deciding again without them",
                 list(took.down),
                 plan.epoch,
             )
+            refused.update(took.why)
             for node in took.down:
-                self._depart(node)
-        raise ServiceUnavailable("no plan was taken up by all of its nodes")
+                self._depart(node)  # out, with a strike: not blamed (`suspend`, `evict`)
+        self.unserved = not_served(refused)
+        raise ServiceUnavailable(self.unserved)
 
     def _ack_arrived(self, acks: dict[NodeId, float], node: NodeId) -> None:
         acks.setdefault(node, self._clock())

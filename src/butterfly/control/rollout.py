@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from dataclasses import dataclass, field
 
 from butterfly.net.transport import Transport
 from butterfly.types.errors import ButterflyError, InvalidMessage, ServiceUnavailable
@@ -123,6 +123,8 @@ class Distribution:
 
     acked: tuple[NodeId, ...]
     down: tuple[NodeId, ...]  # refused, unreachable, failed, or withheld an ack owed at once
+    # why each down member is: its own refusal (the load error) or what this node saw
+    why: Mapping[NodeId, str] = field(default_factory=dict)
 
 
 async def distribute_plan(
@@ -148,8 +150,9 @@ async def distribute_plan(
     within `prompt_s`: a member withholding its ack. Once a member is declared failed
     the wait ends for every other remote member too: the plan already names a dead node
     and the caller must decide the next one at once, not after the others' loading.
-    The caller treats the down members as down for this plan. Raises ServiceUnavailable
-    when this node (`node`) cannot apply it (its own apply is always waited for).
+    The caller treats the down members as down for this plan, this node (`node`) too
+    when it cannot apply it (its own apply is always waited for): the caller decides
+    whether a plan without its layers is worth trying, and says why none is in force.
     `on_ack(member)`: as each member's acknowledgement arrives (a heartbeat it sent
     before it applied the plan may arrive later: `policy.restarted`)."""
     msg = plan.to_message(model_hash)
@@ -169,6 +172,7 @@ async def distribute_plan(
 
     tasks = {asyncio.ensure_future(one(p)): p for p in members}
     down: list[NodeId] = []
+    why: dict[NodeId, str] = {}
     try:
         pending = set(tasks)
         abandoned = False
@@ -181,6 +185,7 @@ async def distribute_plan(
                 if failed or (late and peer in prompt):  # died, or withholds an owed ack
                     pending.discard(task)
                     down.append(peer)
+                    why[peer] = "failed" if failed else "withheld the acknowledgement it owed"
                     abandoned = abandoned or failed
                     log.warning("node %s did not take up epoch %s in time", peer, plan.epoch)
         mine = [t for t in pending if tasks[t] == node]
@@ -198,17 +203,16 @@ async def distribute_plan(
         if ack.ok:
             acked.append(peer)
             continue
-        if peer == node:
-            raise ServiceUnavailable(f"this node cannot apply the plan: {ack.error}")
         log.warning("node %s did not take up epoch %s: %s", peer, plan.epoch, ack.error)
         down.append(peer)
+        why[peer] = ack.error
     log.info(
         "epoch %s plan active: %s%s",
         plan.epoch,
         ", ".join(f"node {n} {r}" for n, r in plan.stages),
         f" (nodes {sorted(down)} did not take it up)" if down else "",
     )
-    return Distribution(tuple(sorted(acked)), tuple(sorted(down)))
+    return Distribution(tuple(sorted(acked)), tuple(sorted(down)), why)
 
 
 __all__ = [

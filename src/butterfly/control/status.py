@@ -102,9 +102,12 @@ class ClusterReport:
 
     def __call__(self) -> ClusterHealth:
         plan, placement = self._server.plan, self._recovery.placement
+        unserved = self._recovery.unserved  # the plan held here is not in force everywhere
         nodes = tuple(self._node(n, address, plan) for n, address in sorted(self._members.items()))
-        planned = plan is not None and all(
-            h.status == "healthy" for h in nodes if h.layers is not None
+        planned = (
+            plan is not None
+            and unserved is None
+            and all(h.status == "healthy" for h in nodes if h.layers is not None)
         )
         me = self._server.node
         peers = [h for h in nodes if h.node != me]
@@ -115,12 +118,13 @@ class ClusterReport:
             services={
                 # any peer heard (or none to hear): this node is not cut off
                 "network": not peers or any(h.status == "healthy" for h in peers),
-                "plan": plan is not None,
+                "plan": plan is not None and unserved is None,
                 # every member healthy: `healthy` stays true once the plan serves without
                 # a failed node, which may leave ranges without the holders `f` asks for
                 "members": all(h.status == "healthy" for h in nodes),
             },
             plan=None if plan is None else plan_report(plan, placement),
+            unserved=unserved,
         )
 
 

@@ -83,6 +83,7 @@ class PipelineEngine:
         ask: Asker | None = None,
         plan: Callable[[], StagePlan | None],
         health: Callable[[], ClusterHealth],
+        unserved: Callable[[], str | None] = lambda: None,
         max_context: int,
         input_kind: str,
         eos_ids: frozenset[int],
@@ -129,6 +130,8 @@ class PipelineEngine:
         (`retune_generation`). `tokenizer`: the model's, to find a task's stop strings
         in its text as it is generated (a task with stops and no tokenizer is refused).
         `generates`: False for an encoder (`runtime.stage.Family.generates`).
+        `unserved`: why no plan is in force (`control.recovery.Recovery.unserved`, say a
+        checkpoint no node can load), or None: a request then fails at once with it.
         `records`: the size of the signed records the stages add to each step (None:
         they sign none); a step carries no more than fit a frame header. `drafter`: the
         small model that drafts in mode "draft" (`dataplane.drafter`; None: that mode
@@ -151,7 +154,7 @@ class PipelineEngine:
         self._auditor, self._audit_fraction, self._audit_draw = auditor, audit_fraction, audit_draw
         self._on_liars = on_liars or _ignore_liars
         self.node = node
-        self._plan, self._health = plan, health
+        self._plan, self._health, self._unserved = plan, health, unserved
         self._max_context, self._input_kind, self._eos = max_context, input_kind, eos_ids
         self._sender = StepSender(
             node=node,
@@ -379,13 +382,21 @@ class PipelineEngine:
                 fut.set_exception(StageLost("the stage plan changed while the step ran"))
         self._plan_version.set()
 
+    def _refuse_if_unserved(self) -> None:
+        """No plan could be put in force: fail now, saying why, rather than send steps
+        down a plan some of whose holders never loaded their layers."""
+        why = self._unserved()
+        if why is not None:
+            raise ServiceUnavailable(why)
+
     async def _await_plan_change(self, epoch: int) -> None:
-        """After a failed step: until the plan moves past `epoch`, or a bounded wait (a
-        transient error is then retried on the same plan)."""
+        """After a failed step: until the plan moves past `epoch`, no plan can be put in
+        force (`unserved`), or a bounded wait (a transient error is then retried on the
+        same plan)."""
         deadline = time.monotonic() + self._recovery_wait_s
         self.waiting_for_plan += 1
         try:
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and self._unserved() is None:
                 plan = self._plan()
                 if plan is not None and plan.epoch > epoch:
                     return
@@ -433,6 +444,7 @@ class PipelineEngine:
         return result
 
     async def _run(self, task: InferenceTask, on_token: TokenSink) -> InferenceResult:
+        self._refuse_if_unserved()
         plan = self._plan()
         if plan is None:
             raise ServiceUnavailable("the cluster has no stage plan yet; retry shortly")
@@ -675,6 +687,7 @@ class PipelineEngine:
                 )
                 if not stays:  # a plan without a node that withholds steps comes of nothing
                     await self._await_plan_change(epoch)
+                self._refuse_if_unserved()
                 based_on = self._epoch()
                 gen.replay_from(await self._replay_from(request_id, gen.length, steps))
                 timings["resumed_at"] = float(gen.pos)

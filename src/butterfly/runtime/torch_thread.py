@@ -29,6 +29,8 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from butterfly.types.errors import ButterflySystemError
+
 T = TypeVar("T")
 
 FIRST_TRY_MAX_S = 0.05
@@ -201,6 +203,7 @@ class TorchThread:
         self._queued = 0  # jobs submitted to the worker that have not ended there
         self._lock = threading.Lock()
         self._kinds: dict[Hashable, _Timing] = {}
+        self._closed = False
 
     async def run(self, fn: Callable[[], T], kind: Hashable = None) -> T:
         """`fn` after every job submitted before it.
@@ -212,7 +215,12 @@ class TorchThread:
         two OpenMP threads wait for each other's turn on the cores. Which path is faster
         is measured per kind (`_Timing`), not assumed. Inline, a kind of milliseconds
         runs on the worker's thread count (INLINE_MAX_S), a shorter one on the loop
-        thread's one (`confine_to_one_thread`)."""
+        thread's one (`confine_to_one_thread`). Raises ButterflySystemError once closed
+        (the node stops): a step that reached the node then fails saying so, where the
+        executor's own "cannot schedule new futures after shutdown" read as the step's
+        fault (InvalidInput "step failed: ...")."""
+        if self._closed:
+            raise ButterflySystemError("this node is stopping: its torch thread is closed")
         timing = None if kind is None else self._kinds.get(kind)
         if timing is None and kind is not None:
             timing = self._kinds[kind] = _Timing()
@@ -255,4 +263,5 @@ class TorchThread:
             self._queued -= 1
 
     def close(self, *, wait: bool = False) -> None:
+        self._closed = True
         self._executor.shutdown(wait=wait, cancel_futures=True)

@@ -72,6 +72,9 @@ class ClusterHealth:
     # The active plan with the facts it was computed from and its estimated cost per
     # token (JSON-ready), when the engine runs a decided plan; see control.planner.
     plan: Mapping[str, object] | None = None
+    # why no plan is in force, in the nodes' own words (a checkpoint none of them can
+    # load): the cluster serves no request until one is (`Recovery.unserved`)
+    unserved: str | None = None
 
 
 class Engine(Protocol):

@@ -187,11 +187,13 @@ def engine(
     on_checkpoint: Callable[[RequestId, Checkpoint], None] | None = None,
     resume: Callable[[RequestId], Checkpoint | None] | None = None,
     failed: Callable[[NodeId], bool] = lambda node: False,
+    unserved: Callable[[], str | None] = lambda: None,
 ) -> PipelineEngine:
     """The gateway's pipeline engine, checking results as `byzantine.verification` says;
     `on_checkpoint` and `resume` keep generations across a gateway's death
     (`wiring.standby`); `failed`: the failure detector's word on a node (an audit stops
-    waiting for an auditor it declares failed: `routes.AuditAsk`)."""
+    waiting for an auditor it declares failed: `routes.AuditAsk`); `unserved`: why no
+    plan is in force (`Recovery.unserved`), which every request then fails with."""
     me, byz = NodeId(cfg.node.id), cfg.byzantine
     verify = verifying(cfg)  # both checkers built: the mode may change at run time
     tolerance = tolerance_for(byz.rtol, byz.atol, verification_floor(cfg.model.dtype))
@@ -246,6 +248,7 @@ def engine(
         ask=ask,
         plan=server.current_plan,
         health=health,
+        unserved=unserved,
         max_context=max_context(model_dir),
         input_kind=family.input_kind,
         generates=family.generates,
