@@ -7,8 +7,10 @@ from __future__ import annotations
 import http.server
 import json
 import shutil
+import sqlite3
 import subprocess
 import sys
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -188,6 +190,44 @@ def test_a_node_whose_model_it_cannot_use_says_so_and_exits_2(
     assert run.returncode == CANNOT_START, run.stderr[-3000:]
     assert "node 0 cannot start" in run.stderr
     assert "Traceback" not in run.stderr, run.stderr[-3000:]
+
+
+@pytest.mark.parametrize("fault", ["corrupt", "locked"])
+def test_a_node_whose_task_store_is_unusable_names_the_file_and_exits_2(
+    fault: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    """A corrupt `tasks.sqlite` (a disk error, a half-restored file), or one another
+    process holds locked: one line naming the file and what to do, and CANNOT_START (it
+    printed a 130-line traceback naming no file and exited 1, restarted in a loop)."""
+    config = node_configs(
+        nodes=1, f=0, model=tiny_model, api_port=free_port_block(2), data_dir=tmp_path
+    )[0]
+    data = Path(tomllib.loads(config.read_text())["node"]["data_dir"])
+    data.mkdir(parents=True, exist_ok=True)
+    store = data / "tasks.sqlite"
+    holder = None
+    if fault == "corrupt":
+        store.write_bytes(b"this is not a database " * 200)
+    else:
+        holder = sqlite3.connect(store, isolation_level=None)
+        holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+        holder.execute("CREATE TABLE x (a)")
+        holder.execute("BEGIN EXCLUSIVE")
+        holder.execute("INSERT INTO x VALUES (1)")
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "butterfly", "start", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        if holder is not None:
+            holder.close()
+    assert run.returncode == CANNOT_START, run.stderr[-3000:]
+    assert "node 0 cannot start" in run.stderr and str(store) in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert ("another process" if fault == "locked" else "move it aside") in run.stderr
 
 
 @pytest.mark.parametrize(

@@ -243,6 +243,31 @@ async def test_a_standby_that_was_away_is_given_what_it_missed(
         assert c.nodes[1].role.acting == 0  # it came back as a standby
 
 
+async def test_a_standby_deletes_finished_tasks_after_the_result_ttl(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """`scheduling.result_ttl_s` holds for a standby's copies too: node 1 deletes a
+    finished task and its result as node 0 does (it kept them for good)."""
+    settings = {**SETTINGS, "scheduling.result_ttl_s": 1}
+    async with InProcessCluster(tiny_model, 3, tmp_path, f=0, settings=settings) as c:
+        first, standby = gateway(c, 0), gateway(c, 1)
+        await c.until(lambda: first.scheduler is not None, "node 0 serving")
+        assert first.scheduler is not None
+        await first.scheduler.submit(task(tiny_model, "short"))
+        assert (await first.scheduler.wait("short", 60)).state.status is TaskStatus.COMPLETED
+
+        def settled_on_standby() -> bool:
+            stored = standby.replicas.store.get("short")
+            return stored is not None and stored.result is not None
+
+        await c.until(settled_on_standby, "the result copied to node 1")
+
+        def gone() -> bool:
+            return all(g.replicas.store.get("short") is None for g in (first, standby))
+
+        await c.until(gone, "nodes 0 and 1 deleting it a second after it ended", beats=1000)
+
+
 async def test_a_gateway_starting_to_act_runs_the_tasks_only_a_standby_held(
     tiny_model: Path, tmp_path: Path, references: dict[str, list[int]]
 ) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
@@ -429,4 +431,124 @@ async def test_finished_results_leave_memory_after_a_minute_and_stay_readable(
             snap = await sched.snapshot(t.task_id)
             assert snap.state.status is TaskStatus.COMPLETED and snap.result is not None
             assert len(snap.result.output_ids) == 3
+    store.close()
+
+
+class FullDisk:
+    """Another writer on the gateway's disk: it fills it to the last byte SQLite can use
+    (`max_page_count`, SQLITE_FULL "database or disk is full"), then frees it again."""
+
+    def __init__(self, store: TaskStore) -> None:
+        self._store = store
+        self._db = sqlite3.connect(store.path, isolation_level=None)
+        self._db.execute("PRAGMA busy_timeout=5000")
+
+    def fill(self) -> None:
+        pages = self._db.execute("PRAGMA page_count").fetchone()[0]
+        for conn in (self._db, self._store._db):
+            conn.execute(f"PRAGMA max_page_count={pages}")
+        n = 0
+        for size in (2000, 500, 100, 20, 1):
+            for _ in range(1000):
+                n += 1
+                try:
+                    self._db.execute(
+                        "INSERT INTO tasks (task_id, status, reason, task, accepted_at) "
+                        "VALUES (?, 'completed', ?, '{}', 0)",
+                        (f"filler-{n}", "x" * size),
+                    )
+                except sqlite3.OperationalError as e:
+                    assert "full" in str(e), e
+                    break
+
+    def free(self) -> None:
+        self._db.execute("DELETE FROM tasks WHERE task_id LIKE 'filler-%'")
+        for conn in (self._db, self._store._db):
+            conn.execute("PRAGMA max_page_count=4294967294")
+        self._db.close()
+
+
+async def test_states_the_disk_could_not_take_stay_final_and_are_stored_later(
+    codec: TextCodec, engine: LocalPipeline, tmp_path: Path
+) -> None:
+    """The disk fills while a task runs and two wait: its result is not handed out (it
+    fails: submit it again), a cancel still cancels, a new task is refused with a 503;
+    once out of memory they still read failed and cancelled (the store says queued), and
+    the next commit after the disk has room again stores them so."""
+    now = [1000.0]
+    sched, store = new_scheduler(engine, tmp_path / "t.db", clock=lambda: now[0], max_concurrent=1)
+    disk = FullDisk(store)
+    async with running(sched):
+        ran, cancelled, later = (make_task(codec, "The butterfly", n) for n in (40, 3, 3))
+        for task in (ran, cancelled, later):
+            await sched.submit(task)
+        disk.fill()  # before the first task can finish
+        with pytest.raises(ServiceUnavailable, match="another gateway"):
+            await sched.submit(make_task(codec, "refused", 3))
+        assert (await sched.cancel(cancelled.task_id)).state.status is TaskStatus.CANCELLED
+        failed = await sched.wait(ran.task_id, 60)
+        assert failed.state.status is TaskStatus.FAILED, failed.state
+        assert "could not be stored" in failed.state.reason and failed.result is None
+        now[0] += RECENT_S + 1  # the first two leave memory when the third ends
+        assert (await sched.cancel(later.task_id)).state.status is TaskStatus.CANCELLED
+        assert (stored := store.get(ran.task_id)) is not None
+        # a failure's reason does not fit (a cancel may, in a page's last bytes)
+        assert stored.state.status is TaskStatus.QUEUED
+        for task, status in ((ran, TaskStatus.FAILED), (cancelled, TaskStatus.CANCELLED)):
+            assert (await sched.wait(task.task_id, 0.2)).state.status is status
+        with pytest.raises(InvalidTransition):
+            await sched.cancel(ran.task_id)
+        disk.free()
+        fresh = make_task(codec, "flaps its wings", 3)
+        await sched.submit(fresh)
+        assert (await sched.wait(fresh.task_id, 60)).state.status is TaskStatus.COMPLETED
+    for task, status in ((ran, TaskStatus.FAILED), (cancelled, TaskStatus.CANCELLED)):
+        assert (stored := store.get(task.task_id)) is not None
+        assert stored.state == (await sched.snapshot(task.task_id)).state
+        assert stored.state.status is status
+    assert store.get(later.task_id).state.status is TaskStatus.CANCELLED  # type: ignore[union-attr]
+    store.close()
+
+
+class HeldEngine:
+    """Runs no task to its end: every task stays running, so the queue only grows."""
+
+    async def run(self, task: InferenceTask, on_token: TokenSink) -> InferenceResult:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+async def test_the_queue_bound_holds_while_tasks_are_copied_to_standbys(
+    tmp_path: Path,
+) -> None:
+    """A task is counted against `max_queue` from its capacity check until it is queued,
+    the copy to the standby gateways (`on_accepted`, 50 ms here) included."""
+
+    async def copy_to_standbys(task: InferenceTask) -> None:
+        await asyncio.sleep(0.05)
+
+    store, capacity = TaskStore(tmp_path / "t.db"), 4
+    sched = Scheduler(
+        engine=HeldEngine(),  # type: ignore[arg-type]
+        store=store,
+        max_concurrent=1,
+        queue_capacity=capacity,
+        on_accepted=copy_to_standbys,
+    )
+    accepted: list[str] = []
+
+    async def client(i: int) -> None:
+        task = InferenceTask(task_id=RequestId(f"t{i}"), input_ids=(1, 2), max_new_tokens=2)
+        with contextlib.suppress(QueueFull):
+            await sched.submit(task)
+            accepted.append(task.task_id)
+
+    async with running(sched):
+        async with asyncio.TaskGroup() as clients:
+            for i in range(40):  # a client every 5 ms for 200 ms
+                clients.create_task(client(i))
+                await asyncio.sleep(0.005)
+        assert sched.queue_depth <= capacity
+        sched.end_grace()
+    assert len(accepted) <= capacity + 1  # one running, `capacity` waiting
     store.close()

@@ -22,7 +22,7 @@ from butterfly.schedule.store import (
     task_from_json,
     task_to_json,
 )
-from butterfly.types.errors import QueueFull, TaskAlreadyExists
+from butterfly.types.errors import QueueFull, StoreUnusable, TaskAlreadyExists
 from butterfly.types.ids import NodeId, RequestId
 from butterfly.types.model import LayerRange
 from butterfly.types.tasks import (
@@ -116,8 +116,16 @@ def test_store_refuses_a_newer_schema(tmp_path: Path) -> None:
     db = sqlite3.connect(path)
     db.execute("PRAGMA user_version=99")
     db.close()
-    with pytest.raises(sqlite3.DatabaseError, match="newer Butterfly"):
+    with pytest.raises(StoreUnusable, match="newer Butterfly"):
         TaskStore(path)
+
+
+def test_store_names_a_corrupt_file_and_what_to_do(tmp_path: Path) -> None:
+    path = tmp_path / "t.sqlite"
+    path.write_bytes(b"this is not a database " * 200)
+    with pytest.raises(StoreUnusable, match="move it aside") as caught:
+        TaskStore(path)
+    assert str(path) in str(caught.value)
 
 
 def test_evictions_are_recorded_once_and_survive_a_reopen(tmp_path: Path) -> None:

@@ -7,7 +7,9 @@ decides *where*. Its promises, in the order a task meets them:
   standby gateways, `on_accepted`), so an id handed to a client always names a task that
   will run, even across a gateway restart or the gateway's death;
 - the queue is bounded, and a refused task (`QueueFull`) was never written;
-- a finished task's state (and result) is committed before anyone waiting is woken;
+- a finished task's state (and result) is committed before anyone waiting is woken; one
+  the store refuses (the disk full) is kept, written with a later commit, and never
+  shown unfinished again (`unstored`);
 - `cancel` of a queued task removes it; of a running one, cancels the engine's call,
   which frees the task's state on every node;
 - `shutdown` stops dispatching, gives running tasks a grace period, then cancels them
@@ -25,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -126,6 +129,40 @@ class _Live:
     result: InferenceResult | None = None
 
 
+def unstored(
+    state: TaskState, result: InferenceResult | None, error: Exception
+) -> tuple[TaskState, InferenceResult | None]:
+    """The terminal state to report and keep when the store refused to record `state`.
+    A result the store did not take is not handed out (it would not survive a restart):
+    the task fails and its client submits it again. A cancel or a failure stays what it
+    was. Either is written with a later commit (`GroupCommit.keep`) and read from memory
+    till then; only a restart before that runs the task again."""
+    if state.status is not TaskStatus.COMPLETED:
+        return state, result
+    reason = f"the result could not be stored ({error}); submit the task again"
+    return TaskState(TaskStatus.FAILED, reason, "internal_error"), None
+
+
+async def expire_finished(
+    store: TaskStore,
+    ttl_s: float,
+    *,
+    every_s: float = 60.0,
+    forget: Callable[[list[str]], None] = lambda task_ids: None,
+) -> None:
+    """Forever: delete finished tasks (and their results) older than `ttl_s` from `store`,
+    checking every `every_s` (at most a quarter of the TTL), and `forget` them. Run by
+    the acting gateway's scheduler and by a standby on its copies (`wiring.gateway`):
+    they are the same tasks, under the same retention (a standby kept them for good)."""
+    every_s = min(every_s, ttl_s / 4)
+    while True:
+        pruned = await asyncio.to_thread(store.prune, time.time() - ttl_s)
+        forget(pruned)
+        if pruned:
+            log.info("pruned %d task(s) finished over %.0f s ago", len(pruned), ttl_s)
+        await asyncio.sleep(every_s)
+
+
 class Scheduler:
     def __init__(
         self,
@@ -206,16 +243,28 @@ class Scheduler:
             raise QueueFull(
                 f"the task queue is full ({self._queue.capacity} tasks waiting); retry later"
             )
-        self._reserved += 1
+        self._reserved += 1  # until queued: the copy to the standbys takes a while too
         try:
-            await self._writes.add(task)  # committed with this loop turn's other writes
+            await self._store_new(task)
+            if self._on_accepted is not None:
+                await self._on_accepted(task)
+            live = self._enqueue(task, force=True)
         finally:
             self._reserved -= 1
-        if self._on_accepted is not None:
-            await self._on_accepted(task)
-        live = self._enqueue(task, force=True)
         self._emit(TaskSubmitted(task.priority, len(task.input_ids)))
         return self._snapshot(live)
+
+    async def _store_new(self, task: InferenceTask) -> None:
+        """Commit an accepted task, with this loop turn's other writes. A store that
+        refuses it (the disk full, the file locked) refuses the task: `ServiceUnavailable`
+        (503, retriable), so the client sends it to another gateway."""
+        try:
+            await self._writes.add(task)
+        except sqlite3.Error as e:
+            log.error("could not store task %s: %s", task.task_id, e)
+            raise ServiceUnavailable(
+                f"the gateway could not store the task ({e}); send it to another gateway"
+            ) from e
 
     async def cancel(self, task_id: str) -> TaskSnapshot:
         """Cancel a queued or running task; `InvalidTransition` once it has finished."""
@@ -262,6 +311,8 @@ class Scheduler:
         stored = await asyncio.to_thread(self._store.get, task_id)
         if stored is None:
             raise TaskNotFound(f"no task with id {task_id!r}; ids come from POST /inference")
+        if (kept := self._writes.unwritten(task_id)) is not None:  # the store says queued
+            return TaskSnapshot(stored.task, kept)
         tokens = len(stored.result.output_ids) if stored.result else 0
         return TaskSnapshot(stored.task, stored.state, stored.result, tokens)
 
@@ -310,17 +361,14 @@ class Scheduler:
                 live.subscribers.remove(inbox)
 
     async def expire_results(self, ttl_s: float, *, every_s: float = 60.0) -> None:
-        """Forever: delete finished tasks (and their results) older than `ttl_s` from the
-        store, checking every `every_s` (at most a quarter of the TTL). A pruned task's
-        id then answers 404 like one never accepted."""
-        every_s = min(every_s, ttl_s / 4)
-        while True:
-            pruned = await asyncio.to_thread(self._store.prune, time.time() - ttl_s)
-            for task_id in pruned:
-                self._recent.pop(task_id, None)
-            if pruned:
-                log.info("pruned %d task(s) finished over %.0f s ago", len(pruned), ttl_s)
-            await asyncio.sleep(every_s)
+        """Forever: `expire_finished` on this scheduler's store, forgetting the pruned
+        tasks' results in memory too. A pruned task's id then answers 404 like one never
+        accepted."""
+        await expire_finished(self._store, ttl_s, every_s=every_s, forget=self._forget)
+
+    def _forget(self, task_ids: Iterable[str]) -> None:
+        for task_id in task_ids:
+            self._recent.pop(task_id, None)
 
     @property
     def queue_depth(self) -> int:
@@ -463,11 +511,10 @@ class Scheduler:
         live.finishing = True
         try:
             await self._writes.finish(live.task.task_id, state, result)
-        except Exception as e:  # the state is still served from memory until a restart
+        except Exception as e:  # the disk is full: the state is kept and written later
             log.exception("could not record task %s as %s", live.task.task_id, state)
-            if state.status is TaskStatus.COMPLETED:
-                reason = f"the result could not be stored ({e}); the task will run again"
-                state, result = TaskState(TaskStatus.FAILED, reason, "internal_error"), None
+            state, result = unstored(state, result, e)
+            self._writes.keep(live.task.task_id, state, result)
         live.state, live.result = state, result
         if self._on_finished is not None:
             self._on_finished(live.task.task_id, state, result)
@@ -521,4 +568,4 @@ class Scheduler:
         return TaskSnapshot(live.task, live.state, live.result, len(live.tokens), position)
 
 
-__all__ = ["Scheduler", "TaskSnapshot"]
+__all__ = ["Scheduler", "TaskSnapshot", "expire_finished"]

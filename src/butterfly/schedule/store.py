@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from butterfly.schedule.state import TERMINAL, TaskState, TaskStatus
-from butterfly.types.errors import TaskAlreadyExists
+from butterfly.types.errors import StoreUnusable, TaskAlreadyExists
 from butterfly.types.ids import NodeId, RequestId
 from butterfly.types.model import LayerRange
 from butterfly.types.tasks import (
@@ -187,6 +187,15 @@ def _sampled(entry: list[Any]) -> Sampled:
     return Sampled(token, logprob, tuple((a, b) for a, b in top))
 
 
+def unusable(path: Path, error: sqlite3.Error) -> str:
+    """What the operator does about a task store SQLite cannot open."""
+    if "locked" in str(error) or "busy" in str(error):
+        fix = "another process holds it (a second node on this data directory?): stop it"
+    else:
+        fix = "restore it from a backup, or move it aside to start with no tasks"
+    return f"the task store {path} cannot be used ({error}); {fix}"
+
+
 class TaskStore:
     """One SQLite file of tasks; open it once per process (it is not shared between
     gateways: SQLite's locking is not meant for that, and two gateways re-running the
@@ -197,6 +206,16 @@ class TaskStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        try:
+            self._open(synchronous)
+        except sqlite3.Error as e:
+            self._db.close()
+            raise StoreUnusable(unusable(self.path, e)) from e
+        except StoreUnusable:
+            self._db.close()
+            raise
+
+    def _open(self, synchronous: str) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.execute("PRAGMA busy_timeout=5000")
@@ -209,7 +228,7 @@ class TaskStore:
     def _create_schema(self) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise sqlite3.DatabaseError(
+            raise StoreUnusable(
                 f"{self.path} was written by a newer Butterfly (schema {version}, this one "
                 f"reads {SCHEMA_VERSION}); upgrade, or point the node at another data directory"
             )

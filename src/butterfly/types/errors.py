@@ -48,6 +48,7 @@
     │       └── MessageTooLarge           no        no     yes (when a peer sent it)
     ├── ConfigError                       no        yes
     └── ButterflySystemError              no        yes
+        └── StoreUnusable                 no        yes
 
 `retriable`: the same call may succeed later or elsewhere (retry with backoff, re-route).
 `fatal`: the process cannot go on serving; report and stop rather than retry.
@@ -313,3 +314,9 @@ class ConfigError(ButterflyError):
 
 class ButterflySystemError(ButterflyError):
     fatal = True
+
+
+class StoreUnusable(ButterflySystemError):
+    """A gateway's task store that SQLite cannot open (corrupt, locked by another
+    process, written by a newer Butterfly): the node cannot start, and the message says
+    which file and what to do."""

@@ -47,7 +47,7 @@ from butterfly.metrics.prometheus import Metrics
 from butterfly.net.transport import Transport
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.schedule.queue import QueuePolicy
-from butterfly.schedule.scheduler import Scheduler
+from butterfly.schedule.scheduler import Scheduler, expire_finished
 from butterfly.schedule.store import TaskStore
 from butterfly.types.errors import ButterflyError
 from butterfly.types.ids import NodeId
@@ -160,7 +160,8 @@ class Gateway:
 
     async def _stand_by(self, front: RoleSwitch, stop: asyncio.Event) -> bool:
         """Redirect API clients and watch the acting gateway until this node acts (True)
-        or `stop` is set (False)."""
+        or `stop` is set (False); meanwhile delete the copies of tasks finished longer
+        than `scheduling.result_ttl_s` ago, as the acting gateway does."""
         log.info("node %s stands by as a gateway; node %s acts", self.node, self.role.acting)
         front.use(
             standby_app(
@@ -169,14 +170,17 @@ class Gateway:
                 health=lambda: {"acting_gateway": self.role.acting, "gateways": self.gateways()},
             )
         )
+        ttl_s = self.config.current.scheduling.result_ttl_s
+        expire = partial(expire_finished, self.replicas.store, ttl_s)
+        expiry = asyncio.ensure_future(supervised("result_expiry", expire, self.metrics.emit))
         watch = asyncio.ensure_future(self._watch())
         stopped = asyncio.ensure_future(stop.wait())
         try:
             await asyncio.wait({watch, stopped}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for t in (watch, stopped):
+            for t in (watch, stopped, expiry):
                 t.cancel()
-            await asyncio.gather(watch, stopped, return_exceptions=True)
+            await asyncio.gather(watch, stopped, expiry, return_exceptions=True)
         return not stop.is_set()
 
     async def _watch(self) -> None:
