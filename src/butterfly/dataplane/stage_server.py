@@ -45,7 +45,6 @@ from butterfly.runtime.stage import (
     forward_rows,
     packs,
     prefill_outputs,
-    supports_trace,
 )
 from butterfly.runtime.torch_thread import TorchThread, single_threaded
 from butterfly.runtime.wire import WireTensor, decode_tensor, encode_tensor, read_tensor
@@ -420,7 +419,7 @@ class StageServer:
         await self.plan_of(epoch)
         wire = read_tensor(payload, self._max_tensor_bytes)
         stage = self._check_step(msg, epoch, wire.shape)
-        prove = self.prover is not None and supports_trace(stage)
+        prove = self.prover is not None
         offsets = [sum(msg.lengths[:i]) for i in range(len(msg.lengths))]
         # the chain position of the range held: a replica's records (replicate mode's
         # lanes) name the stage they stand for (a negative index would not even decode)

@@ -132,7 +132,13 @@ class BertStage:
         return None
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None, start_pos: int, *, last_only: bool = False
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None,
+        start_pos: int,
+        *,
+        last_only: bool = False,
+        trace: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """`cache` is ignored. `start_pos` must be 0: without a cache a later chunk could not
         attend to an earlier one, so chunked input would silently change the result."""
@@ -160,6 +166,8 @@ class BertStage:
             )
             y = linear(self._act(linear(h, blk.w_in, blk.b_in)), blk.w_out, blk.b_out)
             h = F.layer_norm(h + y, (a.dim,), blk.ln2_w, blk.ln2_b, a.norm_eps)
+            if trace is not None:  # per-layer outputs, for the Merkle root of a proof
+                trace.append(h)
         return h[:, -1:] if last_only and self.is_last else h
 
     def _attention(self, blk: Block, x: torch.Tensor) -> torch.Tensor:

@@ -131,7 +131,13 @@ class GPT2Stage:
         return KVCache(len(self.blocks), batch, a.n_heads, a.head_dim, a.max_context, a.dtype)
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None, start_pos: int, *, last_only: bool = False
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None,
+        start_pos: int,
+        *,
+        last_only: bool = False,
+        trace: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         if cache is None:
             raise InvalidInput("a GPT-2 stage needs its KV cache (stage.new_cache())")
@@ -154,6 +160,8 @@ class GPT2Stage:
             h = h + self._attention(blk, y, cache, i, start_pos, mask)
             y = F.layer_norm(h, (a.dim,), blk.ln2_w, blk.ln2_b, a.norm_eps)
             h = h + linear(self._act(linear(y, blk.w_fc, blk.b_fc)), blk.w_proj, blk.b_proj)
+            if trace is not None:  # per-layer outputs, for the Merkle root of a proof
+                trace.append(h)
         cache.advance(start_pos + length)
         if self.final is None:
             return h

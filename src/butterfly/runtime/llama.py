@@ -148,11 +148,17 @@ class LlamaStage:
             self._rotary = (self._cos32.data_ptr(), self._sin32.data_ptr(), n)
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None, start_pos: int, *, last_only: bool = False
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None,
+        start_pos: int,
+        *,
+        last_only: bool = False,
+        trace: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         if cache is None:
             raise ValueError("a decoder stage needs its KV cache (stage.new_cache())")
-        return self.forward_rows(x, [cache], [start_pos], last_only=last_only)
+        return self.forward_rows(x, [cache], [start_pos], last_only=last_only, trace=trace)
 
     def forward_rows(
         self,

@@ -162,7 +162,13 @@ class SequentialStage:
         return None
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None, start_pos: int, *, last_only: bool = False
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None,
+        start_pos: int,
+        *,
+        last_only: bool = False,
+        trace: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """`x` is [B, S, D], or one vector [D] on the first stage; `cache` is ignored. Rows
         attend to each other, so the whole sequence comes at once (`start_pos` 0)."""
@@ -188,6 +194,8 @@ class SequentialStage:
                 h = block_forward(op, h)
             else:
                 h = ACTIVATIONS[op](h)
+            if trace is not None:  # per-layer outputs, for the Merkle root of a proof
+                trace.append(h)
         return h[:, -1:] if last_only and self.is_last else h
 
 

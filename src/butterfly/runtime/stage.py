@@ -38,13 +38,23 @@ class Stage(Protocol):
         """A fresh per-request cache, or None for families that keep no state."""
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None, start_pos: int, *, last_only: bool = False
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None,
+        start_pos: int,
+        *,
+        last_only: bool = False,
+        trace: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Run this stage's layers on positions `[start_pos, start_pos + T)` of `x`.
 
         `x` is token ids [B, T] on a first stage, hidden states [B, T, D] otherwise. The
         last stage returns logits (or the final hidden states of an encoder); with
         `last_only` it returns them for the last position only, as generation needs.
+        `trace`, when given, gets each layer's output in order, one per layer held: a node
+        signs every step it computes with their hashes (dataplane.proving), so a family
+        that could not trace could not be verified, and its honest nodes were blamed for
+        the records they could not sign.
         """
 
 
@@ -115,18 +125,28 @@ def forward_rows(
 ) -> torch.Tensor:
     """Rows of `x` are separate requests; batched where the family can, else row by row.
 
-    `trace`, when given, collects each layer's output (families that support it), for the
-    per-layer hashes of a proof.
+    `trace`, when given, collects each layer's output [B, T, ...], for the per-layer
+    hashes of a proof.
     """
     batched = getattr(stage, "forward_rows", None)
     if batched is not None:
         kwargs = {"trace": trace} if trace is not None else {}
         out: torch.Tensor = batched(x, caches, starts, last_only=last_only, **kwargs)
         return out
+    traces: list[list[torch.Tensor]] = [[] for _ in starts]
     rows = [
-        stage.forward(x[b : b + 1], caches[b], starts[b], last_only=last_only)
+        stage.forward(
+            x[b : b + 1],
+            caches[b],
+            starts[b],
+            last_only=last_only,
+            trace=traces[b] if trace is not None else None,
+        )
         for b in range(len(starts))
     ]
+    if trace is not None:  # each layer's rows side by side, as a batched family gives them
+        layers = zip(*traces, strict=True)
+        trace.extend(layer[0] if len(layer) == 1 else torch.cat(layer) for layer in layers)
     return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
@@ -174,10 +194,6 @@ def forward_floats(
         return None
     out: bytes | None = floats(x, caches, starts)
     return out
-
-
-def supports_trace(stage: Stage) -> bool:
-    return hasattr(stage, "forward_rows")
 
 
 def prefill_outputs(

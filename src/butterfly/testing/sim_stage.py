@@ -76,9 +76,15 @@ class SimStage:
         return None
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None, start_pos: int, *, last_only: bool = False
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None,
+        start_pos: int,
+        *,
+        last_only: bool = False,
+        trace: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        return self.forward_rows(x, [cache], [start_pos], last_only=last_only)
+        return self.forward_rows(x, [cache], [start_pos], last_only=last_only, trace=trace)
 
     def forward_rows(
         self,
