@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from butterfly.dataplane.stage_server import StageServer
 from butterfly.runtime.generate import generate
 from butterfly.runtime.loader import load_stage
 from butterfly.runtime.tokenizer import TextCodec
@@ -26,6 +28,8 @@ from butterfly.testing.liars import (
 from butterfly.types.ids import NodeId, RequestId
 from butterfly.types.plan import StagePlan
 from butterfly.types.tasks import InferenceTask, SamplingParams
+from butterfly.types.wire.control import PlanAck, PlanAssign
+from butterfly.types.wire.data import StageStep
 
 pytestmark = pytest.mark.timeout(60)
 SETTINGS = {"coordination.heartbeat_interval_ms": 10}
@@ -157,6 +161,64 @@ async def test_a_weakly_fingerprinted_liar_before_a_replay_from_0_is_not_passed_
         assert result.timings["resumed_at"] == 0.0  # every first-plan step superseded
         assert list(result.output_ids) == list(honest) and result.verified == "audit"
         assert set(c.gateway.plans.evicted) == {NodeId(1)}, "the weak plan was passed over"
+
+
+class LoadingGateway(StageServer):
+    """Honest; its switch to a newer plan takes 1 s, as loading moved layers does."""
+
+    async def apply_plan(self, msg: PlanAssign) -> PlanAck:
+        if self.plan is not None and msg.epoch > self.plan.epoch:
+            await asyncio.sleep(1.0)
+        return await super().apply_plan(msg)
+
+
+class SlowOnce(StageServer):
+    """Honest; its step 4 of a request is still computing when the next plan arrives (a
+    long chunk or a busy CPU does this): it waits, at most 4 s, for its epoch to move
+    before computing, as the forward pass would have."""
+
+    moved: bool | None = None  # None: step 4 not reached; else whether the plan moved
+
+    async def _compute_tensors(
+        self, msg: StageStep, *args: Any, **kwargs: Any
+    ) -> tuple[bytes, tuple[bytes, ...]]:
+        if self.moved is None and msg.steps[0] == 4:
+            before, self.moved = self.epoch, False
+            for _ in range(400):
+                if self.epoch != before:
+                    self.moved = True
+                    break
+                await asyncio.sleep(0.01)
+        return await super()._compute_tensors(msg, *args, **kwargs)
+
+
+async def test_an_honest_node_that_takes_up_a_plan_mid_step_is_not_evicted(
+    tiny_model: Path, tmp_path: Path, expected: list[int]
+) -> None:
+    """n = 4, f = 1, audit, chain 0 -> 1. Node 1 is computing step 4 when standby 3 dies
+    and the next plan is agreed; it takes the plan up mid-step while the gateway's own
+    switch still loads. It signed the step with the new epoch, and the gateway (still
+    at the old one) found no record of node 1's stage for the step's epoch and evicted
+    it (a review). Now a node whose plan moved while a step computed sends nothing of
+    it on: the step is lost (retriable) and replayed, nobody blamed."""
+    settings = {**SETTINGS, "byzantine.verification": "audit"}
+    servers = {0: LoadingGateway, 1: SlowOnce}
+    async with InProcessCluster(
+        tiny_model, 4, tmp_path, f=1, settings=settings, stage_servers=servers
+    ) as c:
+        gw, slow = c.gateway, c.nodes[1].stage_server
+        first = await c.first_plan()
+        assert first.nodes == (0, 1)
+        run = asyncio.create_task(gw.engine.run(task(tiny_model, 1), lambda t: None))
+        await c.until(lambda: isinstance(slow, SlowOnce) and slow.moved is not None, "step 4")
+        c.kill(3)  # a standby dies: the next plan is agreed and distributed
+        await c.until(run.done, "the request", beats=3000)
+        for _ in range(30):  # time for an eviction under way to be agreed
+            c.hub.tick(0.1)
+            await asyncio.sleep(0.005)
+        assert isinstance(slow, SlowOnce) and slow.moved, "the plan did not move mid-step"
+        assert list(run.result().output_ids) == expected
+        assert not gw.plans.evicted, f"honest node(s) evicted: {dict(gw.plans.evicted)}"
 
 
 async def test_a_proven_liar_is_evicted_by_agreement_and_leaves_the_plan(

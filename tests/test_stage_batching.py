@@ -4,8 +4,9 @@ equal length as one batch each. Every entry must get exactly what it gets alone.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Hashable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from butterfly.runtime import linear as lin
 from butterfly.runtime.torch_thread import TorchThread
 from butterfly.runtime.wire import decode_tensor, encode_tensor
 from butterfly.testing.liars import CorruptStageServer
-from butterfly.types.errors import InvalidMessage
+from butterfly.types.errors import InvalidMessage, StageLost
 from butterfly.types.ids import NodeId, RequestId
 from butterfly.types.model import LayerRange
 from butterfly.types.plan import StagePlan
@@ -192,6 +193,75 @@ def test_plain_decode_steps_run_on_the_frames_bytes_and_liars_still_lie(
         assert not any(torch.equal(a, b) for a, b in zip(on_bytes[1:], lied[1:], strict=True))
 
     asyncio.run(scenario())
+
+
+T = TypeVar("T")
+
+
+class PlanArrives(TorchThread):
+    """The worker, which hands `server` the plan armed (`plan`) as soon as the step it
+    runs is computed: the plan's distribution overtook the forward pass."""
+
+    server: StageServer | None = None
+    plan: StagePlan | None = None
+
+    async def run(self, fn: Callable[[], T], kind: Hashable = None) -> T:
+        out = await super().run(fn, kind)
+        plan, self.plan = self.plan, None
+        if plan is not None and self.server is not None:  # same layers: nothing to load
+            assert (await self.server.apply_plan(plan.to_message("h"))).ok
+        return out
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_step_whose_node_takes_up_the_next_plan_meanwhile_goes_no_further(
+    tiny_model: Path, keep: bool
+) -> None:
+    """A decode step (on the frame's bytes, or on tensors where outputs are kept) during
+    which the node took up the next plan: its output would go on in an envelope the
+    transport stamps with the new epoch, and its records would be signed under it, for a
+    step checked under the old one (a review: the gateway convicted an honest node of
+    signing no record for the step's epoch). It is refused as lost, to be retried; the
+    retry on the new plan gets what the step gets where no plan moved."""
+    old = StagePlan(1, ((NodeId(1), LayerRange(0, 2)), (NodeId(2), LayerRange(2, 4))))
+    new = StagePlan(2, old.stages)
+    worker = PlanArrives()
+    server = StageServer(
+        node=NodeId(2),
+        model_dir=tiny_model,
+        max_tensor_bytes=1 << 30,
+        torch_thread=worker,
+        keep_outputs=keep,
+    )
+    worker.server = server
+    g = torch.Generator().manual_seed(3)
+    prompt, token = torch.randn(1, 5, 64, generator=g), torch.randn(1, 1, 64, generator=g)
+
+    def step(start: int, n: int) -> StageStep:
+        return StageStep((RequestId("r"),), (1,), (start,), (n,), (), 0, True)
+
+    async def scenario() -> None:
+        still = await _server_on(tiny_model, old)
+        await still.compute(step(0, 5), 1, encode_tensor(prompt))
+        want, _ = await still.compute(step(5, 1), 1, encode_tensor(token))
+        assert (await server.apply_plan(old.to_message("h"))).ok
+        await server.compute(step(0, 5), 1, encode_tensor(prompt))
+        worker.plan = new
+        with pytest.raises(StageLost, match="took up the plan of epoch 2") as lost:
+            await server.compute(step(5, 1), 1, encode_tensor(token))
+        assert lost.value.retriable and server.epoch == 2
+        got, _ = await server.compute(step(5, 1), 2, encode_tensor(token))
+        assert decode_tensor(got).equal(decode_tensor(want))
+        still.close()
+        server.close()
+
+    asyncio.run(scenario())
+
+
+async def _server_on(model: Path, plan: StagePlan) -> StageServer:
+    server = _unplanned(model, node=2)
+    assert (await server.apply_plan(plan.to_message("h"))).ok
+    return server
 
 
 def test_a_misshapen_input_is_refused_by_name_before_any_cache_moves(tiny_model: Path) -> None:

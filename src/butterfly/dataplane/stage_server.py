@@ -446,8 +446,27 @@ class StageServer:
                     return encoded
                 return encode_tensor(self._tensors(stage, msg, wire.tensor(), caches))
 
-            return await self._torch.run(floats, kind), ()
-        return await self._compute_tensors(msg, wire, stage, caches, kind, prove, offsets, index)
+            encoded = await self._torch.run(floats, kind)
+            self._still_at(epoch, msg)
+            return encoded, ()
+        return await self._compute_tensors(
+            msg, epoch, wire, stage, caches, kind, prove, offsets, index
+        )
+
+    def _still_at(self, epoch: int, msg: StageStep) -> None:
+        """Refuse to send on a step whose plan this node left while it computed. Its
+        records are signed under `epoch`, the one it was checked under, but the envelope
+        the transport stamps says the node's epoch, by whose plan the next node would
+        judge it (and the output may be of layers this node no longer holds); a gateway
+        still switching convicted such an honest node of signing no record for the
+        step's epoch (a review). Lost instead, the step is replayed, nobody blamed.
+        Nothing awaits between this check and the send (over an open connection), so
+        whatever goes on says `epoch` throughout."""
+        if self.epoch != epoch:
+            raise StageLost(
+                f"steps {list(msg.steps)} of epoch {epoch}: node {self.node} took up the "
+                f"plan of epoch {self.epoch} while they computed; retry on that plan"
+            )
 
     def _tensors(
         self, stage: Stage, msg: StageStep, x: torch.Tensor, caches: list[KVCache | None]
@@ -461,6 +480,7 @@ class StageServer:
     async def _compute_tensors(
         self,
         msg: StageStep,
+        epoch: int,
         wire: WireTensor,
         stage: Stage,
         caches: list[KVCache | None],
@@ -469,7 +489,8 @@ class StageServer:
         offsets: list[int],
         index: StageIndex,
     ) -> tuple[bytes, tuple[bytes, ...]]:
-        """`compute` on torch tensors: prefills, signed records, kept outputs."""
+        """`compute` on torch tensors: prefills, signed records, kept outputs, all under
+        `epoch`, the epoch the step was checked under."""
         x = wire.tensor()
         n = len(caches)
         traces: list[list[torch.Tensor]] = [[] for _ in range(n)]
@@ -527,20 +548,21 @@ class StageServer:
             return torch.cat([o for o in outs if o is not None], dim=1)
 
         out = await self._torch.run(tensors, kind)
+        self._still_at(epoch, msg)
         sent = self.tamper(out)
         if prove:  # the rows that crossed, for a dispute over them (dataplane.received)
             for rid, step, at, length in zip(
                 msg.request_ids, msg.steps, offsets, msg.lengths, strict=True
             ):
-                self.received.keep(rid, self.epoch, step, x[:, at : at + length], sent=False)
+                self.received.keep(rid, epoch, step, x[:, at : at + length], sent=False)
                 if not stage.is_last:  # every row goes on, at the input's offsets
                     rows = sent[:, at : at + length]
-                    self.received.keep(rid, self.epoch, step, rows, sent=True)
+                    self.received.keep(rid, epoch, step, rows, sent=True)
         if self._keep_outputs and not (msg.last_only and stage.is_last):
             self.table.keep(msg.request_ids, msg.starts, msg.lengths, sent, offsets)
         proofs: tuple[bytes, ...] = ()
         if prove:
-            proofs = self._sign(msg, index, stage.layers, x, sent, offsets, traces)
+            proofs = self._sign(msg, epoch, index, stage.layers, x, sent, offsets, traces)
         return encode_tensor(sent), proofs
 
     def _index_of(self, layers: LayerRange) -> int:
@@ -582,6 +604,7 @@ class StageServer:
     def _sign(
         self,
         msg: StageStep,
+        epoch: int,
         index: StageIndex,
         layers: LayerRange,
         x: torch.Tensor,
@@ -600,7 +623,7 @@ class StageServer:
             )
             records.append(
                 self.prover.prove(
-                    epoch=self.epoch,
+                    epoch=Epoch(epoch),
                     request_id=rid,
                     step=step,
                     stage=index,

@@ -157,6 +157,7 @@ class HonestFingerprintStageServer(_SometimesLying):
     def _sign(
         self,
         msg: StageStep,
+        epoch: int,
         index: StageIndex,
         layers: LayerRange,
         x: torch.Tensor,
@@ -164,11 +165,11 @@ class HonestFingerprintStageServer(_SometimesLying):
         offsets: list[int],
         traces: list[list[torch.Tensor]],
     ) -> tuple[bytes, ...]:
-        signed = super()._sign(msg, index, layers, x, out, offsets, traces)
+        signed = super()._sign(msg, epoch, index, layers, x, out, offsets, traces)
         honest = _honest.get()
         if honest is None or self.prover is None:
             return signed
-        of_honest = super()._sign(msg, index, layers, x, honest, offsets, traces)
+        of_honest = super()._sign(msg, epoch, index, layers, x, honest, offsets, traces)
         swapped = []
         for sent, fair in zip(signed, of_honest, strict=True):
             record, fair_record = decode(sent), decode(fair)
@@ -204,6 +205,7 @@ class SignsShape(StageServer):
     def _sign(
         self,
         msg: StageStep,
+        epoch: int,
         index: StageIndex,
         layers: LayerRange,
         x: torch.Tensor,
@@ -214,7 +216,7 @@ class SignsShape(StageServer):
         if self.prover is not None:
             k, chunk = self.sign_k or self.prover.k, self.sign_chunk or self.prover.chunk
             self.prover = replace(self.prover, k=k, chunk=chunk)
-        return super()._sign(msg, index, layers, x, out, offsets, traces)
+        return super()._sign(msg, epoch, index, layers, x, out, offsets, traces)
 
 
 class WeakFingerprintStageServer(SignsShape):
@@ -286,6 +288,7 @@ class PoisonedInputStageServer(StageServer):
     async def _compute_tensors(
         self,
         msg: StageStep,
+        epoch: int,
         wire: WireTensor,
         stage: Stage,
         caches: list[KVCache | None],
@@ -299,12 +302,13 @@ class PoisonedInputStageServer(StageServer):
         k = self.prover.k if self.prover is not None else 8
         poisoned = read_tensor(encode_tensor(pinned_only(received, k)))
         return await super()._compute_tensors(
-            msg, poisoned, stage, caches, kind, prove, offsets, index
+            msg, epoch, poisoned, stage, caches, kind, prove, offsets, index
         )
 
     def _sign(
         self,
         msg: StageStep,
+        epoch: int,
         index: StageIndex,
         layers: LayerRange,
         x: torch.Tensor,
@@ -312,7 +316,7 @@ class PoisonedInputStageServer(StageServer):
         offsets: list[int],
         traces: list[list[torch.Tensor]],
     ) -> tuple[bytes, ...]:
-        return super()._sign(msg, index, layers, _received.get(x), out, offsets, traces)
+        return super()._sign(msg, epoch, index, layers, _received.get(x), out, offsets, traces)
 
 
 class FalseAccuserStageServer(StageServer):
