@@ -242,6 +242,24 @@ def unreadable(path: Path, e: Exception) -> MissingTensor:
     )
 
 
+def check_readable(model_dir: Path) -> None:
+    """Every file this directory's weights are read from (`weights_file`, each shard its
+    index names) is there and opens as safetensors (headers only, no tensor is read):
+    a node whose own copy is missing or truncated is refused as it starts, naming the
+    file. Found only when a plan gave it layers, the node stayed up with a checkpoint it
+    could never serve (one node alone answered 503 for ever: `/health`'s `unserved`)."""
+    reader = CheckpointReader(model_dir)
+    for file in sorted(set(reader._weight_map.values())):
+        path = reader.model_dir / file
+        if not path.is_file():
+            raise MissingTensor(f"shard {file} is missing from {reader.model_dir}")
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except SafetensorError as e:
+            raise unreadable(path, e) from e
+
+
 def model_hash(model_dir: Path) -> str:
     """Identity of a checkpoint, checked in every peer handshake.
 

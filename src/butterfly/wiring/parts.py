@@ -40,17 +40,23 @@ from butterfly.runtime.loader import layer_infos, model_args
 from butterfly.runtime.precision import Precision, verification_floor
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.runtime.torch_thread import TorchThread
-from butterfly.runtime.weights import declared_eos_ids, model_hash
+from butterfly.runtime.weights import check_readable, declared_eos_ids, model_hash
 from butterfly.schedule.engine import ClusterHealth
 from butterfly.schedule.store import Checkpoint
-from butterfly.types.errors import ConfigError
+from butterfly.types.errors import ButterflyError, ConfigError
 from butterfly.types.ids import NodeId, RequestId
 
 Liars = Callable[[tuple[NodeId, ...], str], Awaitable[None]]
 
 
 def checked_model_hash(config: ConfigManager, model_dir: Path) -> str:
-    """The model's sha256, refused (ConfigError) when it is not the one configured."""
+    """The model's sha256, refused (ConfigError) when it is not the one configured, or
+    (MissingTensor) when its weights files are missing or unreadable (`check_readable`)."""
+    try:
+        check_readable(model_dir)
+    except ButterflyError:
+        config.history.close()
+        raise
     digest, expected = model_hash(model_dir), config.current.model.expected_sha256
     if expected and expected != digest:
         config.history.close()
