@@ -218,13 +218,18 @@ def poll(check: Callable[[], bool], what: str, limit_s: float = 90.0) -> float:
 
 @contextlib.contextmanager
 def two_gateways(
-    model: Path, tmp_path: Path
+    model: Path, tmp_path: Path, never_heard_s: float = 30.0
 ) -> Iterator[tuple[LocalCluster, list[str], list[int]]]:
     """4 nodes, f = 1, gateways 0 and 1: the cluster, the gateways' API URLs, and the
-    tokens 16 new ones after "Butterfly" must be."""
+    tokens 16 new ones after "Butterfly" must be. `never_heard_s`: how long a restarted
+    standby waits for an acting gateway it never heard before taking over."""
     codec = TextCodec.load(model)
     ref = list(generate([load_stage(model)], codec.encode("Butterfly"), 16, stop_ids=codec.eos_ids))
-    settings = {"coordination.checkpoint_frequency": 8, "cluster.gateways": [0, 1]}
+    settings = {
+        "coordination.checkpoint_frequency": 8,
+        "cluster.gateways": [0, 1],
+        "coordination.never_heard_s": never_heard_s,
+    }
     with running_cluster(model, 4, tmp_path, f=1, settings=settings) as cluster:
         port = int(cluster.api_url.rsplit(":", 1)[1])
         yield cluster, [f"http://127.0.0.1:{port + k}" for k in range(2)], ref
@@ -284,8 +289,10 @@ def test_tasks_only_a_dead_gateway_held_are_served_once_it_comes_back(
     node 0 comes back as its standby. The tasks live in node 0's store only: node 1 takes
     them from it when it gives node 0 what it missed, and serves them. Before, they stayed
     in node 0's store unfinished and unknown to the acting gateway (404) for as long as
-    node 0 did not act again."""
-    with two_gateways(tiny_model, tmp_path) as (cluster, urls, ref):
+    node 0 did not act again. Node 1 restarts while node 0 is down, so it takes over
+    only once it has never heard node 0 for `coordination.never_heard_s` (15 s here, not
+    the default 30, which took the test 40 s)."""
+    with two_gateways(tiny_model, tmp_path, never_heard_s=15.0) as (cluster, urls, ref):
         cluster.kill(1)
         poll(lambda: httpx.get(f"{urls[0]}/health", timeout=2).json()["healthy"], "node 0")
         accepted = []
