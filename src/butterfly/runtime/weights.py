@@ -159,6 +159,10 @@ class CheckpointReader:
     def names(self) -> set[str]:
         return set(self._weight_map)
 
+    def files(self) -> list[str]:
+        """The files the tensors are read from, each once, in name order."""
+        return sorted(set(self._weight_map.values()))
+
     def read_many(
         self, wanted: Iterable[tuple[str, tuple[int, ...] | None]]
     ) -> dict[str, torch.Tensor]:
@@ -249,7 +253,7 @@ def check_readable(model_dir: Path) -> None:
     file. Found only when a plan gave it layers, the node stayed up with a checkpoint it
     could never serve (one node alone answered 503 for ever: `/health`'s `unserved`)."""
     reader = CheckpointReader(model_dir)
-    for file in sorted(set(reader._weight_map.values())):
+    for file in reader.files():
         path = reader.model_dir / file
         if not path.is_file():
             raise MissingTensor(f"shard {file} is missing from {reader.model_dir}")
