@@ -107,16 +107,33 @@ def weight_views(weights: Iterable[object]) -> list[torch.Tensor]:
     """The bytes of each weight a decode step streams, as flat int32 views of the same
     memory (no copy): a blocked weight's blocks, an int8 weight's bytes, a plain tensor.
     A layout whose bytes cannot be viewed (oneDNN's packed tensors) is left out, so the
-    probe reads the rest of the same allocations."""
-    views = []
-    for w in weights:
-        t = w.blocks if isinstance(w, BlockedWeight) else w.q if isinstance(w, Int8Weight) else w
-        if isinstance(t, torch.Tensor) and t.layout == torch.strided and t.is_contiguous():
-            flat = t.reshape(-1).view(torch.uint8)
-            views.append(flat[: flat.numel() // 4 * 4].view(torch.int32))
-    if not views:
-        raise ValueError("no weight whose bytes can be read: nothing to probe")
-    return views
+    probe reads the rest of the same allocations. Where every weight is packed (bf16 on
+    the Intel Xeon with AMX, whose load-time timing chose oneDNN for every shape), the
+    probe reads stand-ins of the same sizes (`probe_memory` says which): the products'
+    own reading (`products_chain`), of the weights themselves, still raises the floor
+    where the stand-ins read slower."""
+    from butterfly.runtime.linear import weight_bytes
+
+    held = list(weights)
+    views = [v for v in map(_view, held) if v is not None]
+    if views:
+        return views
+    if not held:
+        raise ValueError("no weights: nothing to probe")
+    return [torch.ones(weight_bytes(w) // 4, dtype=torch.int32) for w in held]  # type: ignore[arg-type]
+
+
+def probe_memory(weights: Iterable[object]) -> str:
+    """What `weight_views` reads for `weights`: "own" (their memory) or "stand-in"."""
+    return "own" if any(_view(w) is not None for w in weights) else "stand-in"
+
+
+def _view(w: object) -> torch.Tensor | None:
+    t = w.blocks if isinstance(w, BlockedWeight) else w.q if isinstance(w, Int8Weight) else w
+    if not (isinstance(t, torch.Tensor) and t.layout == torch.strided and t.is_contiguous()):
+        return None
+    flat = t.reshape(-1).view(torch.uint8)
+    return flat[: flat.numel() // 4 * 4].view(torch.int32)
 
 
 def stage_matrices(stage: Any) -> list[object]:
@@ -161,34 +178,72 @@ def read_bandwidth_samples(views: list[torch.Tensor], rounds: int = 2) -> list[f
 
 
 def products_chain(stage: Any) -> tuple[Callable[[], float], int, list[str]]:
-    """A decode step's matrix products alone: one row through each of the stage's blocked
-    matrices in turn, on the compiled kernels directly (no torch around a call), the bytes
-    they read, and the matrices left out (on another kernel, such as a small head on
-    torch's int8 product: "shape kernel"). The returned function runs the chain once and
-    gives its seconds, less each call's own fixed cost (a thread team's start and end,
-    measured on a 16 x 64 fp32 matrix hot in the cache; the int8 product's own scratch
-    and quantizing of the row, a microsecond or two, stay in), so what is left is mostly
-    the products' streaming: against the floor, how much of a decode's excess the
+    """A decode step's matrix products alone: one row through each of the stage's
+    matrices in turn, the bytes they read, and the matrices not on the compiled blocked
+    kernels (such as a small head on torch's int8 product, or every matrix where the
+    load-time timing chose oneDNN's packed layout, as for bf16 on the Intel Xeon with
+    AMX). The blocked ones run on the compiled kernels directly (no torch around a call);
+    the others through `butterfly.runtime.linear.linear`, as a decode step runs them.
+    The returned function runs the chain once and gives its seconds, less each compiled
+    call's own fixed cost (a thread team's start and end, measured on a 16 x 64 fp32
+    matrix hot in the cache; the int8 product's own scratch and quantizing of the row, a
+    microsecond or two, stay in; a torch call's cost stays in whole), so what is left is
+    mostly the products' streaming: against the floor, how much of a decode's excess the
     kernels are, and how much the rest of the step (attention and its cache, norms, the
-    threads' meetings, the step's Python and the matrices left out)."""
+    threads' meetings, the step's Python)."""
     from butterfly.runtime import native
+    from butterfly.runtime.linear import linear, weight_bytes
 
     kernels = native._kernels()  # the products without the tensors blocked_linear builds
     calls: list[tuple[Any, tuple[int, ...], tuple[torch.Tensor, ...]]] = []
+    through_torch: list[tuple[torch.Tensor, Any]] = []
     nbytes = 0
-    left_out: list[str] = []
+    other_kernel: list[str] = []
     for m in stage_matrices(stage):
         if not isinstance(m, BlockedWeight) or m.blocks.dtype not in kernels:
             kernel = getattr(m, "kernel", "mkldnn" if getattr(m, "is_mkldnn", False) else "torch")
-            left_out.append(f"{tuple(getattr(m, 'shape', ()))} {kernel}")
+            other_kernel.append(f"{tuple(getattr(m, 'shape', ()))} {kernel}")
+            width = int(m.shape[1])  # type: ignore[union-attr]
+            through_torch.append((torch.randn(1, width).to(_row_dtype(m)), m))
+            nbytes += weight_bytes(m)
             continue
         nblocks, width = int(m.blocks.shape[0]), int(m.blocks.shape[1])
         x, y = torch.randn(1, width), torch.empty(1, nblocks * native.BLOCK)
         args = (x.data_ptr(), 1, width, m.blocks.data_ptr(), nblocks, y.data_ptr())
         calls.append((kernels[m.blocks.dtype], args, (x, y, m.blocks)))
         nbytes += m.blocks.numel() * m.blocks.element_size()
-    if not calls or torch.float32 not in kernels:
-        raise ValueError("the stage has no blocked matrix: nothing to time")
+    if not calls and not through_torch:
+        raise ValueError("the stage has no matrix: nothing to time")
+    per_call = _hot_call_cost(kernels) if calls else 0.0
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        for kernel, args, _ in calls:
+            kernel(*args)
+        with torch.inference_mode():
+            for x, m in through_torch:
+                linear(x, m)
+        return time.perf_counter() - t0 - per_call * len(calls)
+
+    return run, nbytes, other_kernel
+
+
+def _row_dtype(m: object) -> torch.dtype:
+    """The dtype of the activations a matrix takes in a decode step: its own for a plain
+    or packed tensor, its scales' (the compute dtype) for an int8 one."""
+    if isinstance(m, Int8Weight):
+        return m.scales.dtype
+    dtype = getattr(m, "dtype", torch.float32)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def _hot_call_cost(kernels: dict[torch.dtype, Any]) -> float:
+    """Seconds of one compiled product's fixed cost, from a 16 x 64 fp32 matrix hot in
+    the cache."""
+    from butterfly.runtime import native
+
+    if torch.float32 not in kernels:
+        raise ValueError("no compiled fp32 kernel to time a call's fixed cost on")
     hot = native.block(torch.randn(16, 64))
     hx, hy = torch.randn(1, 64), torch.empty(1, native.BLOCK)
     hot_kernel, hot_args = kernels[torch.float32], (hx.data_ptr(), 1, 64, hot.blocks.data_ptr())
@@ -197,15 +252,7 @@ def products_chain(stage: Any) -> tuple[Callable[[], float], int, list[str]]:
         t0 = time.perf_counter()
         hot_kernel(*hot_args, 1, hy.data_ptr())
         times.append(time.perf_counter() - t0)
-    per_call = statistics.median(times)
-
-    def run() -> float:
-        t0 = time.perf_counter()
-        for kernel, args, _ in calls:
-            kernel(*args)
-        return time.perf_counter() - t0 - per_call * len(calls)
-
-    return run, nbytes, left_out
+    return statistics.median(times)
 
 
 def floor_ms(weight_bytes: int, samples: list[float]) -> float:

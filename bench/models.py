@@ -11,8 +11,8 @@ holds the decode to the probe alone), and the same with the KV cache's bytes a s
 (`decode_to_floor_with_kv_cache`: the issue's floor counts weights only, and int8
 weights beside an fp32 cache read a tenth as much again from the cache). Then the step
 split in two (`common.products_chain`): its matrix products alone, one row through every
-blocked matrix on the compiled kernels (`products_left_out`: those on another kernel),
-held to the floor of the bytes they read
+matrix (on the compiled kernels directly, or through torch for those on another kernel:
+`products_other_kernel`), held to the floor of the bytes they read
 (`products_to_floor`, the same bandwidth samples), and the rest of the step
 (`decode_minus_products_ms`: attention over the cache, norms, the threads' meetings, the
 step's Python). Memory: a
@@ -52,6 +52,7 @@ from common import (
     floor_ms,
     kv_read_bytes,
     machine,
+    probe_memory,
     products_chain,
     rotated,
     stage_matrices,
@@ -197,6 +198,8 @@ def main() -> None:
         "machine": machine(),
         "read_bandwidth_gbs": {k: summary(v) for k, v in bandwidth.items()},
         "probe_bandwidth_gbs": {k: round(max(v), 2) for k, v in bandwidth.items()},
+        # "stand-in" where every weight was packed: the probe read buffers of their sizes
+        "probe_memory": {k: probe_memory(stage_matrices(s)) for k, s in stages.items()},
         # the faster of the probe and the products' own reading, per precision
         "floor_bandwidth_gbs": {k: round(max(v), 2) for k, v in bandwidth_floor.items()},
         "rounds_products_beat_probe": beaten,
@@ -208,7 +211,7 @@ def main() -> None:
         "kv_cache_read_mb_per_step": {k: round(b / 2**20, 2) for k, b in kv.items()},
         "decode_to_floor_with_kv_cache": {k: summary(v) for k, v in to_floor_kv.items()},
         "products_bytes_mb": {k: round(c[1] / 2**20, 1) for k, c in chains.items()},
-        "products_left_out": {k: c[2] for k, c in chains.items()},
+        "products_other_kernel": {k: c[2] for k, c in chains.items()},
         "products_ms": {k: summary(v) for k, v in products.items()},
         "products_to_floor": {k: summary(v) for k, v in products_to_floor.items()},
         "decode_minus_products_ms": {k: summary(v) for k, v in fixed.items()},

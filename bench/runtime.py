@@ -44,6 +44,7 @@ from common import (
     floor_ms,
     kv_read_bytes,
     machine,
+    probe_memory,
     rotated,
     stage_matrices,
     summary,
@@ -178,6 +179,13 @@ def main() -> None:
         "butterfly_1_stage_torch_ops": weight_views(stage_matrices(one[0])),
         "butterfly_4_stages": weight_views([m for s in four for m in stage_matrices(s)]),
     }
+    # "stand-in" where every weight was packed (oneDNN): the probe read buffers of their sizes
+    probed = {
+        "transformers": "own",
+        "butterfly_1_stage": probe_memory(stage_matrices(one[0])),
+        "butterfly_1_stage_torch_ops": probe_memory(stage_matrices(one[0])),
+        "butterfly_4_stages": probe_memory([m for s in four for m in stage_matrices(s)]),
+    }
     prompt = torch.randint(0, 256, (1, PROMPT), generator=torch.Generator().manual_seed(0))
     prefill: dict[str, list[float]] = {k: [] for k in contenders}
     decode: dict[str, list[float]] = {k: [] for k in contenders}
@@ -216,6 +224,7 @@ def main() -> None:
         "decode_ms_per_token": {k: summary(v) for k, v in decode.items()},
         "read_bandwidth_gbs": {k: summary(v) for k, v in bandwidth.items()},
         "floor_bandwidth_gbs": {k: round(max(v), 2) for k, v in bandwidth.items()},
+        "probe_memory": probed,
         "decode_weights_mb": {k: round(b / 2**20, 1) for k, b in weights.items()},
         "bandwidth_floor_ms": floor,
         "decode_to_floor": {k: summary(v) for k, v in to_floor.items()},
