@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import threading
 
 import torch
@@ -14,6 +15,7 @@ from butterfly.runtime.torch_thread import (
     INLINE_MAX_S,
     PROBE_EVERY,
     RARE_PROBE_EVERY,
+    OpenMPPause,
     TorchThread,
     _Timing,
     confine_to_one_thread,
@@ -308,3 +310,64 @@ def test_a_closed_torch_thread_says_the_node_is_stopping() -> None:
         return said
 
     assert ["stopping" in why for why in asyncio.run(main())] == [True, True]
+
+
+def os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def test_a_job_for_the_worker_lets_the_loop_threads_team_go() -> None:
+    """Once a job has run inline on a team, the loop thread has an OpenMP team of its
+    own, beside the worker's, and with MKL's products both then ran 1.6x slower (Intel
+    Xeon): the next job sent to the worker first frees the loop's team (its OpenMP
+    thread ends), so the worker runs, and is timed, as the only team."""
+    assert OpenMPPause().available, "torch's libgomp has omp_pause_resource_all"
+
+    def scenario() -> tuple[int, int, int]:
+        torch.set_num_threads(2)
+        confine_to_one_thread()
+        worker = TorchThread(2, name="t-pause")
+        big = torch.ones(1 << 22)
+
+        def parallel() -> float:
+            return float(big.sum())  # long enough for torch to run it on a team
+
+        async def main() -> tuple[int, int, int]:
+            await worker.run(lambda: None)  # the worker's thread exists before counting
+            before = os_threads()
+            # a kind of milliseconds that measured as fast inline: it runs there, on a team
+            worker._kinds["stage"] = _Timing(inline=3 * INLINE_MAX_S, worker=3 * INLINE_MAX_S)
+            name = await worker.run(
+                lambda: (parallel(), threading.current_thread().name)[1], "stage"
+            )
+            assert not name.startswith("t-pause")
+            with_team = os_threads()
+            await worker.run(lambda: None)  # to the worker: the loop's team goes first
+            after = with_team
+            for _ in range(200):  # bounded: the team's thread ends within a second
+                after = os_threads()
+                if after < with_team:
+                    break
+                await asyncio.sleep(0.005)
+            return before, with_team, after
+
+        try:
+            return asyncio.run(main())
+        finally:
+            worker.close()
+
+    before, with_team, after = in_fresh_thread(scenario)
+    assert with_team > before  # the loop's own team started a thread
+    assert after == before  # and it ended before the worker's job ran
+
+
+def test_a_team_inline_far_slower_than_the_worker_is_probed_less_often() -> None:
+    """A stage's step of milliseconds that ran 1.6x slower inline on a team (beside the
+    worker's, with MKL's products) stays on the worker, and its inline probes, each also
+    starting the loop's team again, cost about PROBE_SHARE of its time, not one job in
+    PROBE_EVERY; one slower by less than that share is still probed every PROBE_EVERY."""
+    jobs = 4 * RARE_PROBE_EVERY
+    far = _Timing(inline=1.6 * 6e-3, worker=6e-3)
+    assert 0 < inline_share(far, jobs) < jobs // PROBE_EVERY // 1.5
+    near = _Timing(inline=1.05 * 6e-3, worker=6e-3)
+    assert inline_share(near, jobs) == jobs // PROBE_EVERY

@@ -15,11 +15,27 @@ process then has two teams; since the C kernels meet at barriers of their own, s
 before they sleep, and nodes run with a short GOMP_SPINCOUNT (cli.launcher), this cost
 nothing measurable: a 1-node small-model cluster decoded in 0.98x and 1.03x the time of
 the worker alone (bench/hops.py A/B, 8 and 10 rounds, 0.94-1.12 and 0.93-1.04, AMD EPYC).
+
+Not so where the products are MKL's (the Intel Xeon with AMX, whose load-time timing
+chose plain `F.linear` for every fp32 shape, runtime.linear): MKL's threads are
+libgomp's, and once the loop thread had a team, both teams' products ran 1.6x slower
+(eight 3072 x 768 products: 1.49 ms on the worker alone, 2.36 ms on it beside the loop's
+team, 2.43 ms inline on that team). The per-kind timing could not see it: the worker,
+timed after the loop's team formed, was as slow as inline, so inline won, and a 1-node
+small-model cluster decoded at 32 ms a token against 26 with the worker alone, 4 nodes
+at 47 against 35 (Intel Xeon, 2026-12-07). So the loop's team is let go
+(`OpenMPPause`, libgomp's `omp_pause_resource_all`, which frees the calling thread's
+team) before any job goes to the worker: the worker is then always timed, and runs,
+alone, and inline on a team is timed with what it costs beside the worker's team;
+whichever measures faster wins, on either CPU. Re-forming the team after a worker job
+costs a thread's start (tens of microseconds).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import logging
 import os
 import threading
 import time
@@ -32,6 +48,7 @@ from typing import Any, TypeVar
 from butterfly.types.errors import ButterflySystemError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 FIRST_TRY_MAX_S = 0.05
 """Longest job (as timed on the worker) that is tried once on the event loop's thread,
@@ -112,7 +129,7 @@ class _Timing:
         # modulo of a moving interval could leave any number of jobs between probes
         self.since_probe += 1
         chosen, other = (self.inline, on_worker) if better else (on_worker, self.inline)
-        probe = self.since_probe >= _probe_every(chosen, other)
+        probe = self.since_probe >= _probe_every(chosen, other, on_worker=not better)
         if probe:
             self.since_probe = 0
         return better != probe
@@ -122,14 +139,54 @@ class _Timing:
         return self.worker is not None and self.worker > INLINE_MAX_S
 
 
-def _probe_every(chosen: float, other: float) -> int:
-    """PROBE_EVERY jobs, or more where the chosen path (seconds, the worker's with its
-    hand-off) is under INLINE_MAX_S and a probe of the other costs more than PROBE_SHARE
-    of that many jobs' time."""
-    if chosen > INLINE_MAX_S or other <= chosen:
+def _probe_every(chosen: float, other: float, on_worker: bool = False) -> int:
+    """PROBE_EVERY jobs, or more where a probe of the other path costs more than
+    PROBE_SHARE of that many jobs' time and either the chosen path (seconds, the
+    worker's with its hand-off) is under INLINE_MAX_S or the worker is chosen (`on_worker`:
+    a team inline, probed, starts its thread again and runs beside the worker's team)."""
+    if other <= chosen or (chosen > INLINE_MAX_S and not on_worker):
         return PROBE_EVERY
     spaced = (other - chosen) / (PROBE_SHARE * chosen)
     return max(PROBE_EVERY, min(RARE_PROBE_EVERY, int(spaced)))
+
+
+class OpenMPPause:
+    """libgomp's `omp_pause_resource_all(omp_pause_soft)`, found in the library torch
+    loaded: it frees the calling thread's OpenMP team (the next parallel op on that
+    thread starts one again). Callable only where the process has libgomp with it
+    (`available`); elsewhere a team inline stays, as before, for the process's life."""
+
+    SOFT = 1  # omp_pause_soft
+
+    def __init__(self) -> None:
+        self._fn = _find_pause()
+
+    @property
+    def available(self) -> bool:
+        return self._fn is not None
+
+    def __call__(self) -> bool:
+        """Free the calling thread's team; False where that is not possible."""
+        return self._fn is not None and self._fn(self.SOFT) == 0
+
+
+def _find_pause() -> Any:
+    """The loaded libgomp's `omp_pause_resource_all`, or None. Looked up in the library
+    already mapped (torch's own copy), not by name through the loader, which could find
+    another OpenMP runtime than the one torch's threads run on."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libgomp" in line}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        try:
+            fn = ctypes.CDLL(path).omp_pause_resource_all
+        except (OSError, AttributeError):
+            continue
+        fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+        return fn
+    return None
 
 
 def confine_to_one_thread() -> int:
@@ -204,6 +261,10 @@ class TorchThread:
         self._lock = threading.Lock()
         self._kinds: dict[Hashable, _Timing] = {}
         self._closed = False
+        # whether a job ran inline on a team since the last `_pause`: the calling thread
+        # then has a team of its own, which slows the worker's (module docstring)
+        self._team_inline = False
+        self._pause: OpenMPPause | None = None
 
     async def run(self, fn: Callable[[], T], kind: Hashable = None) -> T:
         """`fn` after every job submitted before it.
@@ -229,6 +290,7 @@ class TorchThread:
             if not self._queued and timing.inline_wins():
                 started = time.perf_counter()
                 if timing.team():
+                    self._team_inline = True
                     with threads(self._threads):
                         out = fn()
                 else:
@@ -243,6 +305,8 @@ class TorchThread:
                 timing.note(True, time.perf_counter() - started)
             return out
 
+        if self._team_inline:
+            self._let_team_go()
         with self._lock:
             self._queued += 1
         try:
@@ -252,6 +316,15 @@ class TorchThread:
             raise
         job.add_done_callback(self._ended)
         return await asyncio.wrap_future(job)
+
+    def _let_team_go(self) -> None:
+        """Free the calling (event loop's) thread's team before a job goes to the
+        worker, which then runs, and is timed, as the only team (module docstring)."""
+        if self._pause is None:
+            self._pause = OpenMPPause()
+            if not self._pause.available:
+                log.info("no omp_pause_resource_all: a team inline stays beside the worker's")
+        self._team_inline = not self._pause()
 
     def _ended(self, _job: Future[Any] | None) -> None:
         """A job ended on the worker, or will never run there: it is counted off only
