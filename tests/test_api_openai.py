@@ -157,6 +157,58 @@ async def test_a_client_that_gives_up_on_a_whole_answer_cancels_its_tasks(
         await still_serves(s)
 
 
+async def test_a_whole_answer_ends_with_503_when_the_scheduler_stops_under_it(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """The node hands the gateway role on (or ends a stop's grace) while a whole answer
+    waits: its scheduler's `wait` then returns at once with the task unfinished. The
+    answer is a 503 naming where to read the result, as a stream's is, not a loop on
+    `wait` spinning the event loop until the client hangs up; and its tasks stay queued
+    for the gateway that runs them next, not cancelled (a review)."""
+    async with serving(tiny_model, tmp_path / "t.db", max_concurrent=1) as s:
+        app = s.client._transport.app  # type: ignore[attr-defined]
+        request = {"model": "tiny", "prompt": "bye", "max_tokens": 500, "temperature": 0}
+        receive = body_then_hang_up(json.dumps({**request, "n": 2}), asyncio.Event())
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        waits = 0
+        real_wait = s.scheduler.wait
+
+        async def counted_wait(task_id: str, timeout: float) -> Any:
+            nonlocal waits
+            waits += 1
+            return await real_wait(task_id, timeout)
+
+        s.scheduler.wait = counted_wait  # type: ignore[method-assign]
+        answer = asyncio.create_task(app(raw_scope("/v1/completions"), receive, send))
+        try:
+            for _ in range(2000):  # bounded: the first choice runs within seconds
+                if s.scheduler.active:
+                    break
+                await asyncio.sleep(0.005)
+            assert s.scheduler.active
+            before = waits
+            s.scheduler.shutdown()  # as the node does when the role moves on
+            async with asyncio.timeout(20):  # unfixed, it spun until the client left
+                await answer
+        finally:
+            answer.cancel()
+            await asyncio.gather(answer, return_exceptions=True)
+        start = next(m for m in sent if m["type"] == "http.response.start")
+        body = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+        assert start["status"] == 503, body
+        assert body["error"]["type"] == "service_unavailable"
+        assert "/result/" in body["error"]["message"]
+        assert waits - before <= 2, waits - before  # the one that returned, no spinning
+        text = (await s.client.get("/metrics")).text
+        assert 'butterfly_tasks_total{status="cancelled"} 0.0' in text
+        task_id = body["error"]["message"].split("/result/")[1].split()[0]
+        assert not (await s.scheduler.snapshot(task_id)).state.terminal
+
+
 def body_then_hang_up(body: str, hang_up: asyncio.Event) -> Callable[[], Awaitable[Any]]:
     """An ASGI `receive`: the request's body, then the client's hang-up once it is set."""
     sent = False

@@ -37,7 +37,7 @@ from butterfly.api.openai_schema import MAX_TASKS, Usage
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.schedule.engine import PromptScored, Retraction, Streamed, Token
 from butterfly.schedule.state import TaskStatus
-from butterfly.types.errors import ButterflyError
+from butterfly.types.errors import ButterflyError, ServiceUnavailable
 from butterfly.types.ids import RequestId
 from butterfly.types.tasks import SEED_SPAN, InferenceResult, InferenceTask, SamplingParams
 
@@ -98,7 +98,12 @@ class Run:
         return kept
 
     async def cancel_unfinished(self, keep: Collection[int] = ()) -> None:
-        """Cancel every task but those at the indexes in `keep` (ended, or handed out)."""
+        """Cancel every task but those at the indexes in `keep` (ended, or handed out).
+        Not once the scheduler has stopped (the role handed on, or the node stopping):
+        its unfinished tasks must stay queued in the store for the gateway that runs them
+        next, and a cancel then would write them "cancelled" there."""
+        if not self.gw.scheduler.serving:
+            return
         for index, task in enumerate(self.tasks):
             if index in keep:
                 continue
@@ -201,12 +206,17 @@ async def whole(
     only, so the wait has no limit of its own (a 202 after `api` settings' `max_wait_s`
     was read as an empty success); the client's timeout ends it instead: once `gone()`
     says the client hung up, every choice is cancelled, as a stream's are (they ran to
-    the end, and the client's retries each ran theirs beside them). `best`: each
+    the end, and the client's retries each ran theirs beside them). A scheduler that
+    stopped under the wait (the role handed on, the node stopping) ends it too, with a
+    503 as a stream's `_ended` gives: its `wait` then returns at once, unfinished, and
+    looping on it spun the event loop until the client hung up (a review). `best`: each
     prompt's choices are candidates, of which this many are returned (`Run.keep_best`)."""
     gw, verified = run.gw, []
     for task, choice in zip(run.tasks, run.choices, strict=True):
         snap = await gw.scheduler.wait(task.task_id, WATCH_S)
         while not snap.state.terminal:
+            if not gw.scheduler.serving:  # its tasks stay queued for the next gateway
+                raise ServiceUnavailable(shutting_down(task.task_id))
             if await gone():
                 log.info("client of %s hung up: cancelling its tasks", run.tasks[0].task_id)
                 await run.cancel_unfinished(())
@@ -320,10 +330,9 @@ async def stream(
             pump.cancel()
         with anyio.CancelScope(shield=True):
             await asyncio.gather(*pumps, return_exceptions=True)
-        # The client went away mid-stream: stop the work it asked for. Not when the
-        # gateway is stopping: then the tasks must stay queued for the restart.
-        if gw.scheduler.serving:
-            await run.cancel_unfinished(ended)
+        # The client went away mid-stream: stop the work it asked for (not when the
+        # gateway is stopping: `cancel_unfinished` then leaves them queued).
+        await run.cancel_unfinished(ended)
 
 
 async def _ended(
@@ -344,8 +353,12 @@ async def _ended(
         kind = snap.state.error_type or "task_cancelled"
         reason = snap.state.reason or f"task {task_id} was cancelled"
         return sse(error_body(kind, reason)), True
-    message = f"the gateway is shutting down; read /result/{task_id} once it is back"
-    return sse(error_body("service_unavailable", message)), True
+    return sse(error_body("service_unavailable", shutting_down(task_id))), True
+
+
+def shutting_down(task_id: RequestId) -> str:
+    """The message of a request whose gateway stopped serving before its task ended."""
+    return f"the gateway is shutting down; read /result/{task_id} once it is back"
 
 
 __all__ = ["HELD", "KEEPALIVE", "Chunks", "Run", "sse", "start", "stream", "whole"]
