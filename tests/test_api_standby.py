@@ -31,3 +31,17 @@ async def test_health_answers_here_and_an_unknown_acting_url_is_a_503() -> None:
     async with client(None) as c:
         r = await c.get("/openapi.json")
     assert r.status_code == 503 and "node 1 acts" in r.json()["error"]["message"]
+
+
+async def test_head_is_answered_as_get_and_other_methods_in_the_contracts_shape() -> None:
+    """A load balancer probes with `HEAD /health`: a standby answered it (and HEAD on
+    every route) 405, and its 405s were FastAPI's `{"detail": ...}`, outside the
+    contract's error shape (a review)."""
+    async with client() as c:
+        health, other = await c.head("/health"), await c.head("/v1/models")
+        refused = await c.request("OPTIONS", "/v1/models")
+    assert health.status_code == 503  # as GET /health: this node serves no tasks
+    assert (other.status_code, other.headers["location"]) == (307, f"{ACTING}/v1/models")
+    assert refused.status_code == 405
+    assert refused.json()["error"]["type"] == "method_not_allowed"
+    assert "HEAD" in refused.headers["allow"]

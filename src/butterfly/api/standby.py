@@ -5,7 +5,9 @@ Redirect` to the same path on the acting gateway (307 keeps the method and the b
 POST is re-sent as a POST);
 `/health` says which node acts and lists every gateway-capable node with its API URL, and
 answers 503 (this node serves no tasks). When the acting gateway's URL is not known
-(`api.port = 0`), requests get 503 naming the acting node.
+(`api.port = 0`), requests get 503 naming the acting node. HEAD is answered as GET is
+(a load balancer's probe of `/health` read 405 here, a review), and a method no route
+takes gets the contract's error shape, as on the acting gateway.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
+from butterfly.api import errors
 from butterfly.api.errors import error_response
 
-METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH"]
+METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"]
 
 
 def standby_app(
@@ -36,12 +39,17 @@ def standby_app(
         title="Butterfly standby gateway", version="1", openapi_url=None, docs_url=None,
         redoc_url=None,
     )  # fmt: skip
+    # `error_response`'s own Retry-After, as the catch-all's 503 below sends it
+    errors.install(app, retry_after_s=1)
 
-    @app.get("/health")
+    # HEAD here too: the catch-all takes HEAD, and would send a probe of /health on.
+    # Out of the schema, as every route here (there is none to serve, but a 405's
+    # `Allow` is read from it, where a route of several methods is a duplicate id)
+    @app.api_route("/health", methods=["GET", "HEAD"], include_in_schema=False)
     async def standby_health() -> JSONResponse:
         return JSONResponse({"healthy": False, **health()}, status_code=503)
 
-    @app.api_route("/{path:path}", methods=METHODS)
+    @app.api_route("/{path:path}", methods=METHODS, include_in_schema=False)
     async def redirect(request: Request, path: str) -> Response:
         url = acting_url()
         if url is None:
