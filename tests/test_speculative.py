@@ -3,6 +3,7 @@ pipeline giving plain decoding's greedy tokens at every split, in fewer traversa
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -288,6 +289,38 @@ async def test_sampled_requests_are_reproducible_from_their_seed(tiny_model: Pat
         a = await generate(pipe, prompt, 30, "a", spec, sampling=sampling)
         b = await generate(pipe, prompt, 30, "b", spec, sampling=sampling)
     assert a.output_ids == b.output_ids and len(a.output_ids) == 30
+
+
+async def test_asking_for_logprobs_changes_no_token_and_each_is_its_own_rows(
+    tiny_model: Path,
+) -> None:
+    """A request with logprobs drafts as one without does, each kept token scored from
+    the verify step's row it was drawn from: undrafted when asked, a sampled request
+    consumed its generator otherwise, and the same seed gave another text once
+    `logprobs` was set (a review). Greedy, the scores are plain decoding's."""
+    prompt = tuple(TextCodec.load(tiny_model).encode(EDIT))
+    # sampled, the tiny model's text repeats (and drafts are found) only where biased to
+    a, b = TextCodec.load(tiny_model).encode("ab")[-2:]
+    bias = tuple(sorted({a: 8.0, b: 8.0}.items()))
+    n = num_layers(tiny_model)
+    spec = Speculation("ngram", 4)
+    async with LocalPipeline(tiny_model, [LayerRange(0, 1), LayerRange(1, n)]) as pipe:
+        for seed in (1, 2):
+            sampled = SamplingParams(temperature=1.0, seed=seed, logit_bias=bias)
+            plain = await generate(pipe, prompt, 30, f"p{seed}", spec, sampling=sampled)
+            asked = replace(sampled, logprobs=2)
+            scored = await generate(pipe, prompt, 30, f"s{seed}", spec, sampling=asked)
+            assert scored.output_ids == plain.output_ids, seed
+            assert scored.timings["traversals"] < len(scored.output_ids), seed  # it drafted
+            assert [s.token for s in scored.logprobs] == list(scored.output_ids)
+        greedy = replace(GREEDY, logprobs=2)
+        one_by_one = await generate(pipe, prompt, 30, "g", Speculation("off"), sampling=greedy)
+        drafted = await generate(pipe, prompt, 30, "d", spec, sampling=greedy)
+    assert drafted.output_ids == one_by_one.output_ids
+    assert drafted.timings["traversals"] < one_by_one.timings["traversals"]
+    for a, b in zip(drafted.logprobs, one_by_one.logprobs, strict=True):
+        assert a.token == b.token and a.logprob == pytest.approx(b.logprob, abs=1e-4)
+        assert [t for t, _ in a.top] == [t for t, _ in b.top]
 
 
 async def test_a_chunked_prefill_gives_the_same_tokens_in_more_steps(tiny_model: Path) -> None:

@@ -8,6 +8,7 @@ liar in a speculating chain is still caught."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -119,7 +120,8 @@ async def test_sampled_speculation_under_the_audit_is_verified(
     tiny_model: Path, tmp_path: Path
 ) -> None:
     """Sampled tokens drawn through the acceptance rule are ones the honest distribution
-    allows: verified, nobody blamed, and the seed's own tokens each time."""
+    allows: verified, nobody blamed, and the seed's own tokens each time, the second
+    asking for logprobs (which it drafts with, its scores read off the verify rows)."""
     codec = TextCodec.load(tiny_model)
     ids = tuple(codec.encode(EDIT))
     sampled = SamplingParams(temperature=0.7, seed=11)
@@ -128,7 +130,10 @@ async def test_sampled_speculation_under_the_audit_is_verified(
         outs = []
         for i in range(2):
             task = InferenceTask(
-                RequestId(f"s-{i}"), input_ids=ids, max_new_tokens=NEW, sampling=sampled
+                RequestId(f"s-{i}"),
+                input_ids=ids,
+                max_new_tokens=NEW,
+                sampling=replace(sampled, logprobs=i or None),
             )
             run = asyncio.create_task(c.gateway.engine.run(task, lambda t: None))
             await c.until(run.done, f"request {i} to finish", beats=3000)
@@ -136,3 +141,4 @@ async def test_sampled_speculation_under_the_audit_is_verified(
             assert result.verified == "audit", result.timings
             outs.append(result.output_ids)
         assert outs[0] == outs[1] and not c.gateway.plans.evicted
+        assert [s.token for s in result.logprobs] == list(outs[1])

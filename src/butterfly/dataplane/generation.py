@@ -24,6 +24,7 @@ from butterfly.runtime.sampling import (
     draw,
     is_greedy,
     make_generator,
+    scored,
 )
 from butterfly.runtime.stops import TextStops
 from butterfly.schedule.drafts import Acceptance
@@ -130,9 +131,12 @@ class Generation:
 
     @property
     def drafting(self) -> bool:
-        """A decode step verifies a draft, if the text offers one (not when logprobs are
-        asked: each token's scores come from its own step)."""
-        return self.pending == 1 and not self.wants_logprobs and not self._rechecking
+        """A decode step verifies a draft, if the text offers one, logprobs asked or not:
+        a verify step's rows score the tokens it keeps (`take`). Undrafted when asked,
+        a sampled request consumed its generator otherwise than the same request
+        without them (the speculative rule's draws), and its seed gave another text (a
+        review)."""
+        return self.pending == 1 and not self._rechecking
 
     @property
     def budget(self) -> int:
@@ -201,6 +205,7 @@ class Generation:
             return []
         sampling = self.task.sampling
         drawn: list[float] = []
+        picks: list[Sampled] = []  # the kept tokens' logprobs, when asked
         if drafted:
             got, drawn = confirm(logits[0], drafted, sampling, self.rng, self.out, draft.q)
             self._emit(Traversed(len(drafted), len(got) - 1))
@@ -208,8 +213,7 @@ class Generation:
                 self.acceptance = self.acceptance.verified(len(drafted), len(got) - 1)
         elif self.wants_logprobs:  # a log-softmax over the vocabulary more, only when asked
             picked, p = choose(logits[0, -1], sampling, self.rng, self.out)
-            got, drawn = [picked.token], [p]
-            self.scored.append(picked)
+            got, drawn, picks = [picked.token], [p], [picked]
             self._emit(Traversed())
         else:
             token, p = draw(logits[0, -1], sampling, self.rng, self.out)
@@ -224,13 +228,16 @@ class Generation:
                 if self._stops.push(token):
                     got, stopped = got[: i + 1], True
                     break
+        if drafted and self.wants_logprobs:  # row i is the distribution token i came from
+            picks = scored(logits[0, : len(got)], got, sampling.logprobs or 0)
         if not self.out:  # before the sink hears it, which may take its time
             self.first_token_at = time.perf_counter()
         if not is_greedy(sampling):
             self.drawn.update(enumerate(drawn[: len(got)], start=len(self.out)))
-        for token in got:
+        self.scored += picks
+        for i, token in enumerate(got):
             self.out.append(token)
-            self._on_token(self.scored[-1] if self.wants_logprobs else token)
+            self._on_token(picks[i] if self.wants_logprobs else token)
         self.ended = stopped or got[-1] in self._eos
         # the positions whose cache is valid: the input's, less the rejected drafts'
         self.pos += self.pending + len(got) - 1
