@@ -370,6 +370,27 @@ async def test_a_frozen_gateway_that_thaws_after_its_replacement_does_not_split_
         assert alone is not None and (alone == agreed or alone.epoch < agreed.epoch)
 
 
+async def test_a_cancelled_task_stays_cancelled_after_the_gateway_dies(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Node 0 is cut off right after it answered a cancel. The cancel's end went to node
+    1 one-way, after the answer: node 1's copy still said queued, and the gateway taking
+    over ran a task its client was told is cancelled (a review). The answer now waits
+    for a standby to hold the end."""
+    async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=SETTINGS) as c:
+        first, standby = gateway(c, 0), gateway(c, 1)
+        await c.until(lambda: first.scheduler is not None, "node 0 serving")
+        assert first.scheduler is not None
+        t = task(tiny_model, "cancelled")
+        await first.scheduler.submit(t)  # the 202: node 1 holds a copy
+        snap = await first.scheduler.cancel(t.task_id)  # the DELETE's answer
+        assert snap.state.status is TaskStatus.CANCELLED
+        c.kill(0)  # before anything one-way could reach node 1
+        await c.until(lambda: standby.scheduler is not None, "node 1 takes over", beats=1000)
+        done = await asyncio.wait_for(_settled(c, standby, t.task_id), 60)
+        assert done.state.status is TaskStatus.CANCELLED, done.state
+
+
 async def test_a_gateway_that_lost_a_quorum_refuses_tasks_and_its_successor_runs_them(
     tiny_model: Path, tmp_path: Path, references: dict[str, list[int]]
 ) -> None:

@@ -194,6 +194,24 @@ async def test_full_queue_refuses_and_writes_nothing(
     store.close()
 
 
+async def test_a_cut_off_gateway_refuses_cancels_as_it_refuses_tasks(
+    codec: TextCodec, engine: LocalPipeline, tmp_path: Path
+) -> None:
+    """A gateway cut off from the cluster (`refusal`) may already have been replaced: a
+    cancel it answered could not stop the task on the gateway that runs it now. Only
+    `submit` checked (a review); the queued task stays queued, nothing is written."""
+    why: list[str] = []
+    sched, store = new_scheduler(engine, tmp_path / "t.db", refusal=lambda: why[0] if why else None)
+    task = make_task(codec, "kept")
+    await sched.submit(task)
+    why.append("node 0 has lost 3 of the 4 members")
+    with pytest.raises(ServiceUnavailable, match="lost 3 of the 4 members"):
+        await sched.cancel(task.task_id)
+    stored = store.get(task.task_id)
+    assert stored is not None and stored.state.status is TaskStatus.QUEUED
+    store.close()
+
+
 async def test_engine_errors_fail_the_task_not_the_scheduler(
     codec: TextCodec, engine: LocalPipeline, tmp_path: Path
 ) -> None:

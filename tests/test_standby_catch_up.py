@@ -19,7 +19,7 @@ import pytest
 from butterfly.control.gateway_role import GatewayRole
 from butterfly.schedule.state import TaskState, TaskStatus
 from butterfly.schedule.store import task_to_json
-from butterfly.types.errors import CircuitOpen, SendTimeout
+from butterfly.types.errors import CircuitOpen, SendTimeout, ServiceUnavailable
 from butterfly.types.ids import NodeId, RequestId
 from butterfly.types.tasks import InferenceTask
 from butterfly.types.wire.standby import TaskCopied, TaskSync, TaskSyncReply
@@ -326,3 +326,25 @@ async def test_a_standby_declared_failed_during_the_pull_is_not_waited_for(
         assert t.asks == {S1: 1, S2: 1} and S1 in r._unpulled  # S2 was still asked
     finally:
         r.close()
+
+
+async def test_a_cancel_is_answered_only_once_a_standby_holds_its_end(tmp_path: Path) -> None:
+    """A cancel's end went to the standbys one-way, after the client was told
+    "cancelled": the gateway dying meanwhile left the standby's copy queued, and the
+    standby that took over ran the task (a review). The end is now asked for: a standby
+    that took it has it before `cancelled` returns, and none taking it is a 503."""
+    cancel = TaskState(TaskStatus.CANCELLED)
+    r, t = acting(tmp_path, [ACTING, S1, S2], {S1: "refuse", S2: "ok"})
+    try:
+        await r.cancelled(RequestId("one-took-it"), cancel)
+        assert t.copied == {S2: {"one-took-it"}}
+        t.mode[S2] = "refuse"
+        with pytest.raises(ServiceUnavailable, match="no standby gateway took the cancel"):
+            await r.cancelled(RequestId("none-took-it"), cancel)
+    finally:
+        r.close()
+    alone, _ = acting(tmp_path / "alone", [ACTING], {})
+    try:  # no standby to ask: as a 202 without one, not refused
+        await alone.cancelled(RequestId("no-standby"), cancel)
+    finally:
+        alone.close()

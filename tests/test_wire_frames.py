@@ -181,6 +181,7 @@ def test_every_request_declares_a_registered_reply() -> None:
         "config_sync",
         "config_local",
         "task_copy",
+        "task_settled",  # asked for a cancel's end (sent one-way for the others)
         "task_sync",
     }
     assert reply_type(CacheQuery((R1,))) is CacheLengths

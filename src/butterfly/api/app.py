@@ -118,7 +118,9 @@ def create_app(
         return gw.outcome(await scheduler.wait(task_id, gw.wait_limit(wait)), proofs=proofs)
 
     @app.delete(
-        "/tasks/{task_id}", dependencies=[auth], responses=openapi_docs.errors(401, 404, 409, 500)
+        "/tasks/{task_id}",
+        dependencies=[auth],
+        responses=openapi_docs.errors(401, 404, 409, 500, 503),
     )
     async def cancel(task_id: str) -> dict[str, Any]:
         return accepted_body(await scheduler.cancel(task_id))

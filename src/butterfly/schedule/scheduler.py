@@ -11,7 +11,9 @@ decides *where*. Its promises, in the order a task meets them:
   the store refuses (the disk full) is kept, written with a later commit, and never
   shown unfinished again (`unstored`);
 - `cancel` of a queued task removes it; of a running one, cancels the engine's call,
-  which frees the task's state on every node;
+  which frees the task's state on every node; it returns only after the end is committed
+  (and given to the standby gateways, `on_cancelled`), so a gateway taking over does not
+  run a task its client was told is cancelled;
 - `shutdown` stops dispatching, gives running tasks a grace period, then cancels them
   *without* marking them cancelled: they stay unfinished in the store and run again
   when the gateway comes back.
@@ -177,14 +179,18 @@ class Scheduler:
         clock: Callable[[], float] = time.monotonic,
         on_accepted: Callable[[InferenceTask], Awaitable[None]] | None = None,
         on_finished: Callable[[RequestId, TaskState, InferenceResult | None], None] | None = None,
+        on_cancelled: Callable[[RequestId, TaskState], Awaitable[None]] | None = None,
         refusal: Callable[[], str | None] = lambda: None,
     ) -> None:
         """`on_accepted` runs after a task's commit and before `submit` returns (the copy
         to the standby gateways); `on_finished` after a terminal state's commit;
+        `on_cancelled` after a cancel's commit and before `cancel` returns (the end given
+        to the standbys, whose copy says the task is queued);
         `refusal`, before anything is written, says why no task may be accepted now
         (`ServiceUnavailable`: the client sends it elsewhere); `detokenize(prompt, ids)`,
         the text `ids` add to `prompt` (`TextCodec.continuation`)."""
         self._on_accepted, self._on_finished = on_accepted, on_finished
+        self._on_cancelled = on_cancelled
         self._refusal = refusal
         if max_concurrent < 1:
             raise ValueError(f"max_concurrent must be at least 1, got {max_concurrent}")
@@ -267,7 +273,11 @@ class Scheduler:
             ) from e
 
     async def cancel(self, task_id: str) -> TaskSnapshot:
-        """Cancel a queued or running task; `InvalidTransition` once it has finished."""
+        """Cancel a queued or running task; `InvalidTransition` once it has finished.
+        Refused as `submit` is (`refusal`: a gateway cut off from the cluster, which
+        may already have been replaced, cannot promise that no other gateway runs it)."""
+        if why := self._refusal():
+            raise ServiceUnavailable(f"{why}; send the cancel to another gateway")
         live = self._live.get(task_id)
         if live is None:
             snap = await self.snapshot(task_id)
@@ -292,6 +302,8 @@ class Scheduler:
             raise InvalidTransition(
                 f"task {task_id} finished as {live.state.status.value} before it could be cancelled"
             )
+        if self._on_cancelled is not None:
+            await self._on_cancelled(live.task.task_id, live.state)
         return self._snapshot(live)
 
     # --- queries -----------------------------------------------------------------------

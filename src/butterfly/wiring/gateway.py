@@ -306,6 +306,7 @@ class Gateway:
             detokenize=self.codec.continuation if self.codec else None,
             on_accepted=replicas.accepted,
             on_finished=replicas.finished,
+            on_cancelled=replicas.cancelled,
             refusal=lambda: isolation.reason,
         )
         a = cfg.api

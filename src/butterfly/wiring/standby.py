@@ -14,7 +14,9 @@ directory. The acting gateway writes to its own and copies to the others:
   resumes from it as well); and, when an audit withdraws a run's tokens, an empty one of
   the next attempt at once, before the re-run's (`schedule.store.Checkpoint.attempt`);
 - a task's end, with its result (`TaskSettled`, one-way), so finished results stay
-  readable from whichever gateway acts next;
+  readable from whichever gateway acts next; a cancel's end is asked for, and the
+  client told "cancelled" only once a standby holds it (`cancelled`): sent one-way
+  after the answer, the standby taking over still held the task queued and ran it;
 - from each standby when it starts acting, the unfinished tasks only the standby holds
   (`pull`: a gateway that acted while this one was down accepted them), and the last
   `SYNC_RESULTS` results it holds, for tasks this node lacks or holds unfinished: a
@@ -212,42 +214,70 @@ class TaskReplicas:
     # --- the acting gateway -------------------------------------------------------------
 
     async def accepted(self, task: InferenceTask) -> None:
-        """Copy `task` to every standby alive and wait for their answers (bounded). One
-        a copy could not reach since (its circuit stayed open, or it timed out: heard by
-        the detector, it was cut off over TCP) is not waited for: it is owed the task,
-        given it by `keep_standbys` once a copy reaches it. Every 202 waited out the
-        copy's whole timeout for such a standby, 5 s each (a review)."""
+        """Copy `task` to every standby alive and wait for their answers (bounded), so the
+        202 hands out an id a standby holds too (`_confirm`)."""
+        took = await self._confirm(TaskCopy(task.task_id), task_to_json(task).encode())
+        if took is not None:
+            self.copies += len(took)
+
+    async def cancelled(self, task_id: RequestId, state: TaskState) -> None:
+        """Give every standby alive a cancelled task's end and wait for their answers
+        (bounded), before the client is told "cancelled": one-way, like other ends, it
+        was still on its way when the gateway died, and the standby that took over ran
+        the task from its copy, still queued there (a review). `ServiceUnavailable` (503,
+        retriable) if there are standbys and none took it: the cancel is recorded here,
+        and reaches them when they are resynced (`keep_standbys`), but until then this
+        gateway's death would run the task after all. A completed or failed task's end
+        stays one-way: a standby running it again gives the same tokens (its seed is
+        stored with it: `Scheduler.submit`), or fails it again."""
+        end = TaskSettled(task_id, state.status.value, state.reason[:4000], state.error_type)
+        took = await self._confirm(end, b"")
+        if took is not None and not took:
+            raise ServiceUnavailable(
+                f"task {task_id} is cancelled on this gateway, but no standby gateway took the "
+                "cancel yet: were this gateway to fail now, the task could still run; it "
+                "reaches them once they answer again"
+            )
+
+    async def _confirm(self, msg: TaskCopy | TaskSettled, payload: bytes) -> list[NodeId] | None:
+        """Send `msg` to every standby alive and wait for their answers (bounded): the
+        standbys that took it, or None if there were none to ask. One a copy could not
+        reach since (its circuit stayed open, or it timed out: heard by the detector, it
+        was cut off over TCP) is not waited for: it is owed `msg`, given it by
+        `keep_standbys` once a copy reaches it. Every 202 waited out the copy's whole
+        timeout for such a standby, 5 s each (a review)."""
         peers = self.standbys()
-        payload = task_to_json(task).encode()
         probes = [
             probe
             for peer in self._unreachable.intersection(peers)
-            if (probe := self._probe(peer, task.task_id, payload)) is not None
+            if (probe := self._probe(peer, msg, payload)) is not None
         ]
         if probes:  # one that answers again has the copy before the 202
             await asyncio.wait(probes, timeout=PROBE_WAIT_S)
-        peers = [p for p in peers if p not in self._unreachable and not self._probed(p, probes)]
+        took = [p for p in peers if self._probed(p, probes) and _took(self._probes[p])]
+        asked = [p for p in peers if p not in self._unreachable and not self._probed(p, probes)]
         if not peers:
-            return
-        answers = await asyncio.gather(
-            *(self._copy(peer, task.task_id, payload) for peer in peers),
-        )
-        self.copies += sum(answers)
-        if not any(answers):
-            log.warning("task %s: no standby gateway holds a copy (%s)", task.task_id, peers)
+            return None
+        answers = await asyncio.gather(*(self._copy(peer, msg, payload) for peer in asked))
+        took += [peer for peer, ok in zip(asked, answers, strict=True) if ok]
+        if asked and not any(answers):
+            log.warning("%s %s: no standby gateway holds it (%s)", msg.kind, msg.task_id, asked)
+        return took
 
-    def _probe(self, peer: NodeId, task_id: RequestId, payload: bytes) -> asyncio.Task[bool] | None:
-        """Send unreachable `peer` this task's copy, waited for `PROBE_WAIT_S` at most,
-        unless a copy is on its way to it already (then None: the task is owed, and
-        given by the resync). Once one reaches it, the 202s wait for it again and it is
-        resynced at once. Skipped altogether, a standby that answered again got no copy
-        until its resync's wait was over, up to 2 s in which the gateway's death lost
-        the tasks accepted meanwhile (a review)."""
+    def _probe(
+        self, peer: NodeId, msg: TaskCopy | TaskSettled, payload: bytes
+    ) -> asyncio.Task[bool] | None:
+        """Send unreachable `peer` `msg` (this task's copy, or its end), waited for
+        `PROBE_WAIT_S` at most, unless a copy is on its way to it already (then None: `msg` is
+        owed, and given by the resync). Once one reaches it, the 202s wait for it again and it
+        is resynced at once. Skipped altogether, a standby that answered again got no copy until
+        its resync's wait was over, up to 2 s in which the gateway's death lost the tasks
+        accepted meanwhile (a review)."""
         self._missed.add(peer)
         running = self._probes.get(peer)
         if running is not None and not running.done():
             return None
-        probe = asyncio.create_task(self._copy(peer, task_id, payload, quiet=True))
+        probe = asyncio.create_task(self._copy(peer, msg, payload, quiet=True))
         self._probes[peer] = probe
         return probe
 
@@ -256,22 +286,22 @@ class TaskReplicas:
         return self._probes.get(peer) in probes
 
     async def _copy(
-        self, peer: NodeId, task_id: RequestId, payload: bytes, *, quiet: bool = False
+        self, peer: NodeId, msg: TaskCopy | TaskSettled, payload: bytes, *, quiet: bool = False
     ) -> bool:
-        """Whether `peer` took the copy (`quiet`: failures are the caller's to log). A
-        peer the detector hears while the transport's circuit to it is still open (it
-        came back: `net.breaker`) is tried again until the circuit lets calls through,
-        for up to `CIRCUIT_WAIT_S`: the 202 went out with no standby holding the task,
-        and the gateway's death right after lost it (a review). A peer whose circuit
-        stayed open that long is not waited for again until a copy reaches it: every
-        202 waited out the copy's timeout for a standby it could not dial (a review)."""
+        """Whether `peer` took `msg`, a task's copy or its end (`quiet`: failures are the
+        caller's to log). A peer the detector hears while the transport's circuit to it is still
+        open (it came back: `net.breaker`) is tried again until the circuit lets calls through,
+        for up to `CIRCUIT_WAIT_S`: the 202 went out with no standby holding the task, and the
+        gateway's death right after lost it (a review). A peer whose circuit stayed open that
+        long is not waited for again until a copy reaches it: every 202 waited out the copy's
+        timeout for a standby it could not dial (a review)."""
         deadline = time.monotonic() + min(COPY_TIMEOUT_S, self._timeout_s())
         circuit_until = time.monotonic() + CIRCUIT_WAIT_S
         while True:
             try:
                 reply, _ = await self._transport.ask(
                     peer,
-                    TaskCopy(task_id),
+                    msg,
                     payload,
                     timeout=max(0.01, deadline - time.monotonic()),
                     channel="control",
@@ -289,7 +319,7 @@ class TaskReplicas:
                 error = e
                 self._unreachable.add(peer)
             if not quiet:
-                log.warning("task %s not copied to node %s: %s", task_id, peer, error)
+                log.warning("%s %s not sent to node %s: %s", msg.kind, msg.task_id, peer, error)
             self._missed.add(peer)
             return False
         if peer in self._unreachable:
@@ -297,7 +327,7 @@ class TaskReplicas:
             self._waits.pop(peer, None)  # resynced at the next look, not after a wait
         if not reply.ok:
             if not quiet:
-                log.warning("node %s refused a copy of task %s: %s", peer, task_id, reply.error)
+                log.warning("node %s refused %s %s: %s", peer, msg.kind, msg.task_id, reply.error)
             self._missed.add(peer)
         return reply.ok
 
@@ -424,7 +454,8 @@ class TaskReplicas:
             async with room:
                 if failed:
                     return False
-                took = await self._copy(peer, task.task_id, task_to_json(task).encode(), quiet=True)
+                copy = TaskCopy(task.task_id)
+                took = await self._copy(peer, copy, task_to_json(task).encode(), quiet=True)
                 if not took:
                     failed.append(task.task_id)
                 elif checkpoint is not None:
@@ -448,7 +479,8 @@ class TaskReplicas:
             return False
         for done in store.recently_finished(RESYNC_RESULTS):
             task_id = done.task.task_id
-            if not await self._copy(peer, task_id, task_to_json(done.task).encode(), quiet=True):
+            copy = TaskCopy(task_id)
+            if not await self._copy(peer, copy, task_to_json(done.task).encode(), quiet=True):
                 break  # the results are a courtesy (readable from this gateway too)
             result = result_to_json(done.result).encode() if done.result else b""
             settled = TaskSettled(
@@ -529,16 +561,26 @@ class TaskReplicas:
         return None
 
     async def on_settled(self, peer: NodeId, env: Envelope) -> Reply | None:
+        """Record a task's end; answered (`TaskCopied`) once committed, for the acting
+        gateway that waits for it (a cancel: `cancelled`); sent one-way, the answer goes
+        nowhere (`net.conn` answers requests only)."""
         msg = env.msg
         if not isinstance(msg, TaskSettled):
             return None
-        with contextlib.suppress(ValueError, KeyError, TypeError, ButterflyError, sqlite3.Error):
+        try:
             state = TaskState(TaskStatus(msg.status), msg.reason, msg.error_type)
             if not state.terminal:
-                return None
+                raise ValueError(f"task {msg.task_id} sent as settled in state {msg.status!r}")
             result = result_from_json(msg.task_id, env.payload.decode()) if env.payload else None
             await self._group().finish(RequestId(msg.task_id), state, result)
-        return None
+        except (ValueError, KeyError, TypeError, ButterflyError, sqlite3.Error) as e:
+            return TaskCopied(self.node, msg.task_id, False, f"{type(e).__name__}: {e}"), b""
+        return TaskCopied(self.node, msg.task_id, True), b""
+
+
+def _took(probe: asyncio.Task[bool]) -> bool:
+    """Whether a probe (`TaskReplicas._probe`) has answered that its standby took it."""
+    return probe.done() and not probe.cancelled() and probe.result()
 
 
 __all__ = ["TaskReplicas"]

@@ -6,7 +6,8 @@ end. Only the acting gateway may send them (`protocol.entitled`).
     kind              sent by          answered by / effect
     task_copy         acting gateway   task_copied, once the task is in the standby's store
     task_checkpoint   acting gateway   the standby keeps the checkpoint (one-way)
-    task_settled      acting gateway   the standby records the end and the result (one-way)
+    task_settled      acting gateway   the standby records the end and the result; one-way,
+                                       but a cancel's is asked: task_copied once recorded
     task_sync         acting gateway   task_sync_reply: the standby's unfinished tasks, so
                                        a gateway that starts acting runs those only a
                                        standby held (one that acted while it was down),
@@ -59,8 +60,10 @@ class TaskCheckpoint:
 
 
 @dataclass(frozen=True, slots=True)
-class TaskSettled:
-    """A task's terminal state; the payload is the result's JSON record (empty if none)."""
+class TaskSettled(Ask[TaskCopied]):
+    """A task's terminal state; the payload is the result's JSON record (empty if none).
+    Sent one-way, but for a cancel's end, which the client is told only once a standby
+    holds it (`wiring.standby.TaskReplicas.cancelled`)."""
 
     kind: ClassVar[str] = "task_settled"
     task_id: Text
