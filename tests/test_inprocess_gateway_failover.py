@@ -391,6 +391,42 @@ async def test_a_cancelled_task_stays_cancelled_after_the_gateway_dies(
         assert done.state.status is TaskStatus.CANCELLED, done.state
 
 
+@pytest.mark.parametrize("died", ["after-its-result", "mid-generation"])
+async def test_an_unseeded_sampled_task_gives_the_same_tokens_after_a_failover(
+    tiny_model: Path, tmp_path: Path, died: str
+) -> None:
+    """A sampled task that names no seed, as most clients send it, and no checkpoint yet
+    (the frequency is past its tokens): node 1 runs it from the start. Node 0 dies after
+    the client read its result (the end, one-way, had not reached node 1) or after 4
+    streamed tokens. Its RNG was seeded afresh at each run, so the same task id then
+    answered other tokens (a review); the seed drawn at acceptance is stored with it."""
+    settings = {**SETTINGS, "coordination.checkpoint_frequency": 100}
+    async with InProcessCluster(tiny_model, 4, tmp_path, f=1, settings=settings) as c:
+        first, standby = gateway(c, 0), gateway(c, 1)
+        await c.until(lambda: first.scheduler is not None, "node 0 serving")
+        assert first.scheduler is not None
+        t = task(tiny_model, died, SamplingParams(temperature=1.0))
+        await first.scheduler.submit(t)
+        seen: list[int] = []
+        if died == "after-its-result":
+            read = await first.scheduler.wait(t.task_id, 60)  # GET /result?wait=
+            assert read.result is not None
+            seen = list(read.result.output_ids)
+            c.kill(0)
+            held = standby.replicas.store.get(t.task_id)
+            assert held is not None and not held.state.terminal  # node 1 runs it again
+        else:
+            async for token in first.scheduler.stream(t.task_id):
+                assert isinstance(token, int)
+                seen.append(token)
+                if len(seen) == 4:
+                    c.kill(0)
+                    break
+        await c.until(lambda: standby.scheduler is not None, "node 1 takes over", beats=1000)
+        done = await asyncio.wait_for(_settled(c, standby, t.task_id), 60)
+        assert done.result is not None and done.result.output_ids[: len(seen)] == tuple(seen)
+
+
 async def test_a_gateway_that_lost_a_quorum_refuses_tasks_and_its_successor_runs_them(
     tiny_model: Path, tmp_path: Path, references: dict[str, list[int]]
 ) -> None:

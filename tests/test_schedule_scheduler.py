@@ -212,6 +212,24 @@ async def test_a_cut_off_gateway_refuses_cancels_as_it_refuses_tasks(
     store.close()
 
 
+async def test_a_sampled_task_without_a_seed_is_stored_with_one(
+    codec: TextCodec, engine: LocalPipeline, tmp_path: Path
+) -> None:
+    """Its RNG was seeded afresh at every run: a standby running it again after a failover
+    drew other tokens than the client had read (a review). The seed is drawn once, before
+    the task is stored (and so copied); greedy and seeded tasks are stored as sent."""
+    sched, store = new_scheduler(engine, tmp_path / "t.db", draw=lambda: 12345)
+    unseeded = make_task(codec, "drawn", temperature=1.0)
+    kept = [make_task(codec, "greedy"), make_task(codec, "named", temperature=1.0, seed=7)]
+    assert (await sched.submit(unseeded)).task.sampling.seed == 12345
+    for task in kept:
+        assert (await sched.submit(task)).task == task
+    stored = {t.task_id: store.get(t.task_id) for t in (unseeded, *kept)}
+    seeds = {task_id: s.task.sampling.seed for task_id, s in stored.items() if s is not None}
+    assert seeds == {unseeded.task_id: 12345, kept[0].task_id: None, kept[1].task_id: 7}
+    store.close()
+
+
 async def test_engine_errors_fail_the_task_not_the_scheduler(
     codec: TextCodec, engine: LocalPipeline, tmp_path: Path
 ) -> None:

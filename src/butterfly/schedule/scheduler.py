@@ -5,7 +5,8 @@ decides *where*. Its promises, in the order a task meets them:
 
 - `submit` returns only after the task is committed to the store (and copied to the
   standby gateways, `on_accepted`), so an id handed to a client always names a task that
-  will run, even across a gateway restart or the gateway's death;
+  will run, even across a gateway restart or the gateway's death; a sampled task is
+  stored with a seed (drawn if it named none), so every run of it draws the same tokens;
 - the queue is bounded, and a refused task (`QueueFull`) was never written;
 - a finished task's state (and result) is committed before anyone waiting is woken; one
   the store refuses (the disk full) is kept, written with a later commit, and never
@@ -29,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import sqlite3
 import time
 from collections import OrderedDict
@@ -71,7 +73,7 @@ from butterfly.types.errors import (
     TaskNotFound,
 )
 from butterfly.types.ids import RequestId
-from butterfly.types.tasks import InferenceResult, InferenceTask, Sampled
+from butterfly.types.tasks import SEED_SPAN, InferenceResult, InferenceTask, Sampled
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +167,24 @@ async def expire_finished(
         await asyncio.sleep(every_s)
 
 
+def seeded(task: InferenceTask, draw: Callable[[], int]) -> InferenceTask:
+    """`task` with a seed `draw`n for its sampling if it samples and named none, else as
+    it is. Taken before the task is stored, so every run of it, on this gateway or on a
+    standby that takes over, draws the same tokens: a run resumed without a checkpoint
+    (the gateway died before its first) or repeated (it died after the task completed,
+    before the end reached the standby) drew afresh, and the tokens a client had read
+    were not those of the result (a review)."""
+    sampling = task.sampling
+    if sampling.greedy or sampling.seed is not None:
+        return task
+    return replace(task, sampling=replace(sampling, seed=draw() % SEED_SPAN))
+
+
+def draw_seed() -> int:
+    """A fresh seed for a request that named none: 63 random bits (`SEED_SPAN`)."""
+    return secrets.randbits(63)
+
+
 class Scheduler:
     def __init__(
         self,
@@ -181,6 +201,7 @@ class Scheduler:
         on_finished: Callable[[RequestId, TaskState, InferenceResult | None], None] | None = None,
         on_cancelled: Callable[[RequestId, TaskState], Awaitable[None]] | None = None,
         refusal: Callable[[], str | None] = lambda: None,
+        draw: Callable[[], int] = draw_seed,
     ) -> None:
         """`on_accepted` runs after a task's commit and before `submit` returns (the copy
         to the standby gateways); `on_finished` after a terminal state's commit;
@@ -188,10 +209,11 @@ class Scheduler:
         to the standbys, whose copy says the task is queued);
         `refusal`, before anything is written, says why no task may be accepted now
         (`ServiceUnavailable`: the client sends it elsewhere); `detokenize(prompt, ids)`,
-        the text `ids` add to `prompt` (`TextCodec.continuation`)."""
+        the text `ids` add to `prompt` (`TextCodec.continuation`); `draw`, the seed of a
+        sampled task that names none (`seeded`)."""
         self._on_accepted, self._on_finished = on_accepted, on_finished
         self._on_cancelled = on_cancelled
-        self._refusal = refusal
+        self._refusal, self._draw = refusal, draw
         if max_concurrent < 1:
             raise ValueError(f"max_concurrent must be at least 1, got {max_concurrent}")
         self._engine, self._store, self._emit = engine, store, emit
@@ -238,7 +260,8 @@ class Scheduler:
     # --- commands ----------------------------------------------------------------------
 
     async def submit(self, task: InferenceTask) -> TaskSnapshot:
-        """Persist and queue a validated task; `QueueFull` when no room is left."""
+        """Persist and queue a validated task; `QueueFull` when no room is left. A sampled
+        task that names no seed is given one (`seeded`): the snapshot's task has it."""
         if not self._accepting:
             raise ServiceUnavailable("the scheduler is shutting down; send the task elsewhere")
         if why := self._refusal():
@@ -249,6 +272,7 @@ class Scheduler:
             raise QueueFull(
                 f"the task queue is full ({self._queue.capacity} tasks waiting); retry later"
             )
+        task = seeded(task, self._draw)
         self._reserved += 1  # until queued: the copy to the standbys takes a while too
         try:
             await self._store_new(task)

@@ -21,7 +21,7 @@ class SamplingParams:
     temperature: float = 0.0
     top_k: int = 0  # 0 = no top-k cut
     top_p: float = 1.0  # 1.0 = no nucleus cut
-    seed: int | None = None  # None = fresh randomness per request
+    seed: int | None = None  # None: fresh per run; `Scheduler.submit` draws one to store
     # OpenAI's penalties, subtracted from the logits of tokens already generated (greedy
     # included): presence once per token that occurred, frequency once per occurrence
     presence_penalty: float = 0.0
