@@ -47,6 +47,8 @@ class Fake:
         if m == "silent":  # heard by the detector, cut off over TCP
             await asyncio.sleep(kw["timeout"])
             raise SendTimeout(f"node {peer} did not answer within {kw['timeout']} s")
+        if isinstance(msg, TaskSync) and m == "unreadable":  # its disk failed
+            return TaskSyncReply(peer, 0, "OperationalError: disk I/O error"), b""
         if isinstance(msg, TaskSync):
             self.syncs += 1
             held = self.held.get(peer, [])
@@ -348,3 +350,53 @@ async def test_a_cancel_is_answered_only_once_a_standby_holds_its_end(tmp_path: 
         await alone.cancelled(RequestId("no-standby"), cancel)
     finally:
         alone.close()
+
+
+def _record(name: str, checkpoint: object = None, *end: object) -> list[object]:
+    task = InferenceTask(RequestId(name), (1, 2), max_new_tokens=2)
+    return [name, task_to_json(task), checkpoint, *end]
+
+
+RNG = base64.b64encode(b"r").decode()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        [["x"], *_record("x")[1:]],  # bound as an id: sqlite3.ProgrammingError
+        _record("y", [[5], RNG, [1], 0]),  # an epoch that is a list: the same
+        _record("y", [[5], RNG, 1 << 64, 0]),  # too large for SQLite: OverflowError
+        _record("y", [[5], RNG, True, 0]),
+        _record("y", [["5"], RNG, 1, 0]),
+        _record("y", [[5], 7, 1, 0]),
+        _record("y", None, ["failed", ["reason"], "E", None]),
+        _record("y", None, "completed"),
+        [*_record("y"), None, "extra"],
+        "y",
+    ],
+)
+async def test_one_malformed_record_costs_that_task_only(tmp_path: Path, bad: object) -> None:
+    """A standby's record whose fields are not of their types is skipped, the others
+    taken: bound to SQLite unchecked, a list id or epoch raised out of `pull`, through
+    the takeover, and ended the node taking over (a review)."""
+    r, t = acting(tmp_path, [ACTING, S1], {S1: "ok"})
+    t.held[S1] = [bad, _record("fine")]  # type: ignore[list-item]
+    try:
+        assert await r.pull() == 1
+        assert r.store.get("fine") is not None and r.store.get("y") is None
+        assert S1 not in r._unpulled
+    finally:
+        r.close()
+
+
+async def test_a_standby_that_cannot_read_its_store_is_asked_again_later(
+    tmp_path: Path,
+) -> None:
+    """Its answer says so (`TaskSyncReply.error`), and it is not counted as handed over:
+    its tasks are taken when it is resynced."""
+    r, _ = acting(tmp_path, [ACTING, S1], {S1: "unreadable"})
+    try:
+        assert await r.pull() == 0
+        assert S1 in r._unpulled
+    finally:
+        r.close()

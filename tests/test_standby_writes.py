@@ -22,6 +22,8 @@ from butterfly.net.memory import MemoryNetwork
 from butterfly.schedule.store import task_to_json
 from butterfly.types.ids import Epoch, NodeId, RequestId
 from butterfly.types.tasks import InferenceTask
+from butterfly.types.wire import standby as wire
+from butterfly.types.wire.frames import Message
 from butterfly.types.wire.standby import TaskCopied, TaskCopy, TaskSettled
 from butterfly.wiring.standby import TaskReplicas
 
@@ -43,7 +45,7 @@ def standby(path: Path) -> TaskReplicas:
     )
 
 
-def from_acting(msg: TaskCopy | TaskSettled, payload: bytes = b"") -> Envelope:
+def from_acting(msg: Message, payload: bytes = b"") -> Envelope:
     return Envelope(msg, ACTING, Epoch(1), "test", payload=payload)
 
 
@@ -157,3 +159,19 @@ async def test_a_copy_waits_for_the_circuit_to_a_standby_the_detector_hears(
         assert transport.asked == (4 if held else 1)
     finally:
         acting.close()
+
+
+async def test_a_standby_whose_store_fails_answers_an_error_and_goes_on(tmp_path: Path) -> None:
+    """The disk fails under a standby (here its connection is gone): a sync is answered
+    with the error rather than left unanswered for the asker's 5 s, a checkpoint is
+    dropped (the next may be kept), and neither raises out of the handler."""
+    replicas = standby(tmp_path / "tasks.db")
+    try:
+        replicas.store._db.close()
+        reply = await replicas.on_sync(ACTING, from_acting(wire.TaskSync()))
+        assert reply is not None and isinstance(reply[0], wire.TaskSyncReply)
+        assert "ProgrammingError" in reply[0].error and reply[1] == b""
+        checkpoint = wire.TaskCheckpoint(RequestId("t"), (1, 2), Epoch(1))
+        assert await replicas.on_checkpoint(ACTING, from_acting(checkpoint, b"rng")) is None
+    finally:
+        replicas.close()

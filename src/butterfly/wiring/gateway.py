@@ -250,7 +250,10 @@ class Gateway:
         return True
 
     async def _take_over(self, store: TaskStore) -> bool:
-        """The plan after a takeover, over the live nodes; False if it must be tried again."""
+        """The plan after a takeover, over the live nodes; False if it must be tried again.
+        An unexpected error is tried again too, not raised: raised, it ended the node
+        (`serve` is in the node's task group), and the cluster lost the gateway that
+        was to replace the dead one over what one standby's records held (a review)."""
         evicted = self.recovery.evicted
         # failed as the role judges it: a member never heard from for long is not waited on
         live = [n for n in self.members if not self.role.failed(n) and n not in evicted]
@@ -268,6 +271,9 @@ class Gateway:
             await self.recovery.start(facts, store, live=live)
         except ButterflyError as e:
             log.error("taking over as the gateway: %s; trying again", e)
+            return False
+        except Exception:
+            log.exception("taking over as the gateway failed unexpectedly; trying again")
             return False
         return True
 

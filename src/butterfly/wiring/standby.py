@@ -53,7 +53,6 @@ same history, the tokens are those the dead gateway would have produced.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sqlite3
 import time
@@ -520,9 +519,13 @@ class TaskReplicas:
             asking = self._transport.ask(
                 peer, TaskSync(), timeout=COPY_TIMEOUT_S, channel="control"
             )
-            _, payload = await unless_failed(peer, asking, self._failed, "hand-over of its tasks")
+            reply, payload = await unless_failed(
+                peer, asking, self._failed, "hand-over of its tasks"
+            )
+            if reply.error:
+                raise ServiceUnavailable(f"node {peer} could not read its tasks: {reply.error}")
             return await asyncio.to_thread(take_all, self.store, peer, payload)
-        except (ButterflyError, ValueError) as e:
+        except (ButterflyError, ValueError, sqlite3.Error) as e:  # this node's store too
             log.warning("unfinished tasks of node %s not taken: %s", peer, e)
             raise ServiceUnavailable(f"node {peer} did not hand over its tasks: {e}") from e
 
@@ -536,6 +539,9 @@ class TaskReplicas:
             finished = self.store.recently_finished(SYNC_RESULTS)
         except ButterflyError:  # stopping: the asker goes on without this node's tasks
             return None
+        except sqlite3.Error as e:  # answered: the asker asks again when it resyncs this node
+            log.error("could not read the tasks node %s asked for: %s", peer, e)
+            return TaskSyncReply(self.node, 0, f"{type(e).__name__}: {e}"), b""
         return TaskSyncReply(self.node, len(unfinished)), sync_payload(unfinished, finished)
 
     async def on_copy(self, peer: NodeId, env: Envelope) -> Reply | None:
@@ -556,8 +562,12 @@ class TaskReplicas:
         msg = env.msg
         if isinstance(msg, TaskCheckpoint):
             checkpoint = Checkpoint(msg.tokens, env.payload, msg.epoch, msg.attempt)
-            with contextlib.suppress(ButterflyError):  # stopping: the next one will do
+            try:
                 self.store.save_checkpoint(RequestId(msg.task_id), checkpoint)
+            except ButterflyError:  # stopping: the next one will do
+                pass
+            except sqlite3.Error as e:  # the disk full: the next one may fit
+                log.warning("checkpoint of task %s not kept: %s", msg.task_id, e)
         return None
 
     async def on_settled(self, peer: NodeId, env: Envelope) -> Reply | None:

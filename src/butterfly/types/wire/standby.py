@@ -77,11 +77,15 @@ class TaskSyncReply:
     """`count` unfinished tasks; the payload is a JSON list of records, each the task's
     id, its store record, and its checkpoint if any (tokens, RNG state in base64, epoch, attempt);
     then the standby's recent finished tasks, each with a fourth item, its end (status,
-    reason, error type, result record or null)."""
+    reason, error type, result record or null). `error`: the standby could not read its
+    store (the disk failed) and hands over nothing; asked again when it is resynced. Left
+    out while empty (`OMIT_EMPTY`), so a node from before it reads the reply as it was."""
 
     kind: ClassVar[str] = "task_sync_reply"
+    OMIT_EMPTY: ClassVar[tuple[str, ...]] = ("error",)
     node: NodeId
     count: int
+    error: Text = ""
 
 
 @dataclass(frozen=True, slots=True)
