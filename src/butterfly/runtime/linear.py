@@ -113,10 +113,18 @@ def last_level_cache_bytes() -> int | None:
     return None if best is None else best[1]
 
 
+L3_COUNTED_MAX = 64 << 20
+"""The most of the last-level cache that `COLD_BYTES` counts. A VM's sysfs gives its
+host socket's whole L3, of which its few vCPUs see a share: the Intel Xeon VM of
+2026-12-07 (2 vCPUs) reported 480 MiB, so a candidate was timed over 960 MiB of copies
+and loading one 9 MiB weight held 2.9 GB more for its three candidates at once (a
+review); a node sized to its stage could be killed at load. Its decode read the 434 MB
+small model at 23 GB/s, a memory's rate, not an L3's."""
+
 # bytes of copies a candidate is timed over: twice the last-level cache (64 MiB where
 # sysfs does not say: twice the 32 MiB L3 of the AMD EPYC this was first measured on), so
 # the weight comes from memory; a fixed 64 MiB left a Xeon's 105 MB L3 timing from cache
-COLD_BYTES = 2 * (last_level_cache_bytes() or 32 << 20)
+COLD_BYTES = 2 * min(last_level_cache_bytes() or 32 << 20, L3_COUNTED_MAX)
 MAX_COPIES = 128  # a [768, 768] int8 weight needs 107 on a 32 MiB L3
 
 
