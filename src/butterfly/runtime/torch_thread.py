@@ -151,42 +151,44 @@ def _probe_every(chosen: float, other: float, on_worker: bool = False) -> int:
 
 
 class OpenMPPause:
-    """libgomp's `omp_pause_resource_all(omp_pause_soft)`, found in the library torch
-    loaded: it frees the calling thread's OpenMP team (the next parallel op on that
-    thread starts one again). Callable only where the process has libgomp with it
-    (`available`); elsewhere a team inline stays, as before, for the process's life."""
+    """libgomp's `omp_pause_resource_all(omp_pause_soft)`, in every libgomp mapped into
+    the process (torch's own copy; the compiled kernels' if another): it frees the
+    calling thread's OpenMP team (the next parallel op on that thread starts one again).
+    Callable only where the process has a libgomp with it (`available`); elsewhere a
+    team inline stays, as before, for the process's life."""
 
     SOFT = 1  # omp_pause_soft
 
     def __init__(self) -> None:
-        self._fn = _find_pause()
+        self._fns = _find_pauses()
 
     @property
     def available(self) -> bool:
-        return self._fn is not None
+        return bool(self._fns)
 
     def __call__(self) -> bool:
-        """Free the calling thread's team; False where that is not possible."""
-        return self._fn is not None and self._fn(self.SOFT) == 0
+        """Free the calling thread's teams; False where that is not possible."""
+        return bool(self._fns) and all([fn(self.SOFT) == 0 for fn in self._fns])
 
 
-def _find_pause() -> Any:
-    """The loaded libgomp's `omp_pause_resource_all`, or None. Looked up in the library
-    already mapped (torch's own copy), not by name through the loader, which could find
-    another OpenMP runtime than the one torch's threads run on."""
+def _find_pauses() -> list[Any]:
+    """`omp_pause_resource_all` of each libgomp already mapped, not one found by name
+    through the loader, which could be another OpenMP runtime than the one torch's (or
+    the compiled kernels') threads run on."""
     try:
         with open("/proc/self/maps") as maps:
             paths = {line.split()[-1] for line in maps if "libgomp" in line}
     except OSError:
-        return None
+        return []
+    fns = []
     for path in sorted(paths):
         try:
             fn = ctypes.CDLL(path).omp_pause_resource_all
         except (OSError, AttributeError):
             continue
         fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
-        return fn
-    return None
+        fns.append(fn)
+    return fns
 
 
 def confine_to_one_thread() -> int:
