@@ -7,6 +7,7 @@ import asyncio
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
@@ -139,6 +140,24 @@ def test_first_contradiction_blames_the_signer_of_the_first_wrong_record() -> No
     wrong, liar, _ = first_contradiction(
         LaneRun(lane, 0, 3, logits[:, -1:] * 2, honest), reference, TOL
     )
+    assert (wrong, liar) == (True, 1)
+
+    # every record right, the delivered logits within the tolerance but the two best
+    # swapped (a near-tie honest kernels break differently): nobody lied
+    tied = logits.clamp(max=1.5)
+    tied[0, -1, :2] = torch.tensor([2.0, 1.999])
+    flipped = tied[:, -1:].clone()
+    flipped[0, 0, :2] = torch.tensor([1.999, 2.0])
+    records = {0: honest[0], 1: _signed(key, 1, 1, mid, flipped)}
+    assert first_contradiction(LaneRun(lane, 0, 3, flipped, records), [mid, tied], TOL) == (
+        False,
+        None,
+        "",
+    )
+    # a token raised clearly above the best, past the tolerance: the last node lied
+    raised = tied[:, -1:].clone()
+    raised[0, 0, 2] = 2.1
+    wrong, liar, _ = first_contradiction(LaneRun(lane, 0, 3, raised, records), [mid, tied], TOL)
     assert (wrong, liar) == (True, 1)
 
 
@@ -475,3 +494,108 @@ def test_no_probe_once_f_liars_are_known(tiny_model: Path) -> None:
         await replicator.release(runner, "r")
 
     asyncio.run(main())
+
+
+class _FixedLogits:
+    """One-stage lanes whose nodes deliver given logits, each signing what it delivers
+    unless told otherwise, and a referee re-executing to given logits: two honest
+    computations of one step, as a near-tie between kernels leaves them, with no model."""
+
+    def __init__(
+        self,
+        delivered: dict[NodeId, torch.Tensor],
+        signed: dict[NodeId, torch.Tensor],
+        reference: torch.Tensor,
+    ) -> None:
+        self.delivered, self.signed, self.reference = delivered, signed, reference
+        self.keys = {node: SigningKey.generate() for node in delivered}
+
+    async def lane_step(
+        self, wire_id: str, step: int, start: int, x: torch.Tensor, route: Lane
+    ) -> tuple[torch.Tensor, list[Proof]]:
+        (node,) = route
+        out = self.delivered[node]
+        raw = Prover(node, self.keys[node]).prove(
+            epoch=1,
+            request_id=wire_id,
+            step=step,
+            stage=0,
+            layers=R(0, 1),
+            x_in=x,
+            out=self.signed.get(node, out),
+            layer_outputs=(self.signed.get(node, out),),
+        )
+        return out, list(decode_proofs([raw]))
+
+    async def release_lane(self, wire_id: str, nodes: Iterable[NodeId]) -> None:
+        pass
+
+    async def run(self, layers: R, x: torch.Tensor) -> torch.Tensor:
+        """The referee's re-execution of the history: only its last row matters here."""
+        rows = torch.zeros(1, x.shape[1], self.reference.shape[-1])
+        rows[0, -1] = self.reference
+        return rows
+
+
+def _one_step(lanes: _FixedLogits) -> tuple[int, list[tuple[NodeId, ...]], str]:
+    """(the token answered, the convictions, the check passed) of one replicated step
+    over `lanes`' nodes, the first of them the chain."""
+    chain, other = lanes.delivered
+    convicted: list[tuple[NodeId, ...]] = []
+
+    async def on_liars(nodes: tuple[NodeId, ...], reason: str) -> None:
+        convicted.append(nodes)
+
+    async def main() -> tuple[int, list[tuple[NodeId, ...]], str]:
+        replicator = Replicator(
+            plan=lambda: plan_of(1, [(chain, R(0, 1))], [(other, R(0, 1))]),
+            f=1,
+            keys={node: key.public for node, key in lanes.keys.items()},
+            referee=cast(Referee, lanes),
+            tolerance=TOL,
+            on_liars=on_liars,
+        )
+        out = await replicator.step(lanes, "r", 1, 0, torch.tensor([[5, 6, 7]]))
+        return int(out[0, -1].argmax()), convicted, replicator.finish("r")
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("reference_token", [0, 1])
+@pytest.mark.parametrize("chain_token", [0, 1])
+def test_a_near_tie_between_lanes_convicts_nobody_and_the_reexecution_picks_the_token(
+    reference_token: int, chain_token: int
+) -> None:
+    """Two honest lanes whose logits agree within the tolerance but whose greedy tokens
+    differ (the two best 0.001 apart, as bfloat16 kernels chosen by each node's own
+    timing leave them at ~1% of positions): the step is disputed, nobody is convicted,
+    and the answer names the re-execution's token whichever lane is the chain. Before,
+    the lane whose token was not the re-execution's was blamed on its last node
+    ("delivered another output than it signed") and evicted (a review)."""
+
+    def logits(best: int) -> torch.Tensor:
+        row = torch.tensor([1.999, 1.999, 0.0, -1.0])
+        row[best] = 2.0
+        return row
+
+    delivered = {
+        NodeId(0): logits(chain_token).view(1, 1, -1),
+        NodeId(2): logits(1 - chain_token).view(1, 1, -1),
+    }
+    lanes = _FixedLogits(delivered, {}, logits(reference_token))
+    assert _one_step(lanes) == (reference_token, [], "replicate")
+
+
+@pytest.mark.parametrize("liar", [0, 2])
+def test_a_last_stage_delivering_a_token_clearly_above_the_best_is_convicted(
+    liar: int,
+) -> None:
+    """The near-tie allowance is the tolerance's: a last stage that signs the honest
+    logits but delivers others raising a token clearly above the best, past the
+    tolerance, is still convicted, and the answer is the re-execution's token."""
+    honest = torch.tensor([2.0, 1.999, 0.0, -1.0])
+    lying = honest.clone()
+    lying[2] = 2.1
+    delivered = {n: (lying if n == liar else honest).view(1, 1, -1) for n in map(NodeId, (0, 2))}
+    lanes = _FixedLogits(delivered, {NodeId(liar): honest.view(1, 1, -1)}, honest)
+    assert _one_step(lanes) == (0, [(NodeId(liar),)], "replicate")

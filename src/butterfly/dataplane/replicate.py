@@ -10,10 +10,13 @@ On disagreement the step widens: further holders, when the plan has them, replay
 history as extra lanes and a group of f+1 agreeing lanes wins; in any case the trusted
 gateway re-executes the stages (`Referee`) from the token history, which decides the
 output when no majority exists, and pinpoints each wrong lane's liar: the first node whose
-signed record contradicts the re-execution (that record is the evidence). The generation
-goes on with a lane that was right, so the step is not re-run; lanes that were wrong
-replay the history on fresh caches at their next step, and a convicted node is left out
-of every lane until the plan without it is in force.
+signed record contradicts the re-execution (that record is the evidence). Lanes that differ
+only in their greedy token, on a near-tie within the tolerance, are a dispute as well: the
+re-execution's token is the answer whichever lane came first, and nobody is blamed, since
+an honest output may name either (`lanes.could_deliver`). The generation goes on with a
+lane that was right, so the step is not re-run; lanes that were wrong replay the history
+on fresh caches at their next step, and a convicted node is left out of every lane until
+the plan without it is in force.
 
 A liar hides behind another in the same lane: once stage i's record contradicts the
 re-execution, the later stages computed on a lie, and their records cannot be checked
