@@ -202,7 +202,8 @@ async def test_a_whole_answer_ends_with_503_when_the_scheduler_stops_under_it(
         assert start["status"] == 503, body
         assert body["error"]["type"] == "service_unavailable"
         assert "/result/" in body["error"]["message"]
-        assert waits - before <= 2, waits - before  # the one that returned, no spinning
+        # the one that returned, and any begun before the stop settled: no spinning
+        assert waits - before <= 5, waits - before
         text = (await s.client.get("/metrics")).text
         assert 'butterfly_tasks_total{status="cancelled"} 0.0' in text
         task_id = body["error"]["message"].split("/result/")[1].split()[0]

@@ -509,6 +509,7 @@ class _FixedLogits:
     ) -> None:
         self.delivered, self.signed, self.reference = delivered, signed, reference
         self.keys = {node: SigningKey.generate() for node in delivered}
+        self.kept: list[int] = []  # each lane's cached positions after the step
 
     async def lane_step(
         self, wire_id: str, step: int, start: int, x: torch.Tensor, route: Lane
@@ -556,9 +557,13 @@ def _one_step(lanes: _FixedLogits) -> tuple[int, list[tuple[NodeId, ...]], str]:
             on_liars=on_liars,
         )
         out = await replicator.step(lanes, "r", 1, 0, torch.tensor([[5, 6, 7]]))
+        kept.extend(s.length for s in replicator._requests["r"].lanes.values())
         return int(out[0, -1].argmax()), convicted, replicator.finish("r")
 
-    return asyncio.run(main())
+    kept: list[int] = []
+    answer = asyncio.run(main())
+    lanes.kept = kept
+    return answer
 
 
 @pytest.mark.parametrize("reference_token", [0, 1])
@@ -584,6 +589,8 @@ def test_a_near_tie_between_lanes_convicts_nobody_and_the_reexecution_picks_the_
     }
     lanes = _FixedLogits(delivered, {}, logits(reference_token))
     assert _one_step(lanes) == (reference_token, [], "replicate")
+    # both lanes computed honestly: neither replays its history on fresh caches
+    assert lanes.kept and all(length > 0 for length in lanes.kept), lanes.kept
 
 
 @pytest.mark.parametrize("liar", [0, 2])

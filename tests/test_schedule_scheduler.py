@@ -194,6 +194,30 @@ async def test_full_queue_refuses_and_writes_nothing(
     store.close()
 
 
+async def test_a_cancel_answered_503_is_retried_and_the_standbys_asked_again(
+    codec: TextCodec, engine: LocalPipeline, tmp_path: Path
+) -> None:
+    """A cancel that no standby took answers 503 though it stands on this gateway; the
+    retry the 503 asks for answers cancelled again and gives the standbys the end once
+    more, where it answered 409 "already finished" and asked nobody (a review)."""
+    asked: list[str] = []
+
+    async def on_cancelled(task_id: str, state: object) -> None:
+        asked.append(task_id)
+        if len(asked) == 1:
+            raise ServiceUnavailable("no standby gateway took the cancel")
+
+    sched, store = new_scheduler(engine, tmp_path / "t.db", on_cancelled=on_cancelled)
+    task = make_task(codec, "cancel me", 4)
+    await sched.submit(task)
+    with pytest.raises(ServiceUnavailable, match="no standby"):
+        await sched.cancel(task.task_id)
+    snap = await sched.cancel(task.task_id)
+    assert snap.state.status is TaskStatus.CANCELLED
+    assert asked == [task.task_id, task.task_id]
+    store.close()
+
+
 async def test_a_cut_off_gateway_refuses_cancels_as_it_refuses_tasks(
     codec: TextCodec, engine: LocalPipeline, tmp_path: Path
 ) -> None:

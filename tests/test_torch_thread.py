@@ -312,8 +312,8 @@ def test_a_closed_torch_thread_says_the_node_is_stopping() -> None:
     assert ["stopping" in why for why in asyncio.run(main())] == [True, True]
 
 
-def os_threads() -> int:
-    return len(os.listdir("/proc/self/task"))
+def os_threads() -> set[str]:
+    return set(os.listdir("/proc/self/task"))
 
 
 def test_a_job_for_the_worker_lets_the_loop_threads_team_go() -> None:
@@ -323,42 +323,38 @@ def test_a_job_for_the_worker_lets_the_loop_threads_team_go() -> None:
     thread ends), so the worker runs, and is timed, as the only team."""
     assert OpenMPPause().available, "torch's libgomp has omp_pause_resource_all"
 
-    def scenario() -> tuple[int, int, int]:
+    def scenario() -> tuple[set[str], set[str]]:
         torch.set_num_threads(2)
         confine_to_one_thread()
         worker = TorchThread(2, name="t-pause")
         big = torch.ones(1 << 22)
 
-        def parallel() -> float:
-            return float(big.sum())  # long enough for torch to run it on a team
+        def inline_on_a_team() -> str:
+            float(big.sum())  # long enough for torch to run it on a team
+            return threading.current_thread().name
 
-        async def main() -> tuple[int, int, int]:
+        async def main() -> tuple[set[str], set[str]]:
             await worker.run(lambda: None)  # the worker's thread exists before counting
             before = os_threads()
             # a kind of milliseconds that measured as fast inline: it runs there, on a team
             worker._kinds["stage"] = _Timing(inline=3 * INLINE_MAX_S, worker=3 * INLINE_MAX_S)
-            name = await worker.run(
-                lambda: (parallel(), threading.current_thread().name)[1], "stage"
-            )
-            assert not name.startswith("t-pause")
-            with_team = os_threads()
+            assert not (await worker.run(inline_on_a_team, "stage")).startswith("t-pause")
+            team = os_threads() - before  # the loop's team's own thread
             await worker.run(lambda: None)  # to the worker: the loop's team goes first
-            after = with_team
             for _ in range(200):  # bounded: the team's thread ends within a second
-                after = os_threads()
-                if after < with_team:
+                if not team & os_threads():
                     break
                 await asyncio.sleep(0.005)
-            return before, with_team, after
+            return team, team & os_threads()
 
         try:
             return asyncio.run(main())
         finally:
             worker.close()
 
-    before, with_team, after = in_fresh_thread(scenario)
-    assert with_team > before  # the loop's own team started a thread
-    assert after == before  # and it ended before the worker's job ran
+    team, left = in_fresh_thread(scenario)
+    assert team  # the loop's own team started a thread
+    assert not left  # and it ended when the worker's job was sent
 
 
 def test_a_team_inline_far_slower_than_the_worker_is_probed_less_often() -> None:

@@ -121,10 +121,15 @@ and loading one 9 MiB weight held 2.9 GB more for its three candidates at once (
 review); a node sized to its stage could be killed at load. Its decode read the 434 MB
 small model at 23 GB/s, a memory's rate, not an L3's."""
 
+
 # bytes of copies a candidate is timed over: twice the last-level cache (64 MiB where
 # sysfs does not say: twice the 32 MiB L3 of the AMD EPYC this was first measured on), so
 # the weight comes from memory; a fixed 64 MiB left a Xeon's 105 MB L3 timing from cache
-COLD_BYTES = 2 * min(last_level_cache_bytes() or 32 << 20, L3_COUNTED_MAX)
+def cold_bytes(l3: int | None) -> int:
+    return 2 * min(l3 or 32 << 20, L3_COUNTED_MAX)
+
+
+COLD_BYTES = cold_bytes(last_level_cache_bytes())
 MAX_COPIES = 128  # a [768, 768] int8 weight needs 107 on a 32 MiB L3
 
 

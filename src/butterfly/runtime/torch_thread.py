@@ -1,13 +1,14 @@
 """The one thread of a process that runs torch's parallel work.
 
 Each thread that runs a parallel torch op gets an OpenMP team of its own, which lives as
-long as the thread. With two teams on a 2-core machine libgomp counts more threads than
-cores and stops spinning between parallel regions, so every op then pays for waking its
-team: a decode step of the small model on the main thread went from 10.5 ms to 18-21 ms
-once a second thread had run a single parallel op (docs/PERFORMANCE-LOG.md, "One torch
-thread"). So a node runs every model computation on one `TorchThread`, and holds the
-event loop's thread to one OpenMP thread (`confine_to_one_thread`) for the small tensor
-work it does itself (sampling, fingerprints, decoding frames).
+long as the thread (or until it is freed: `OpenMPPause`). With two teams on a 2-core
+machine libgomp counts more threads than cores and stops spinning between parallel
+regions, so every op then pays for waking its team: a decode step of the small model on
+the main thread went from 10.5 ms to 18-21 ms once a second thread had run a single
+parallel op (docs/PERFORMANCE-LOG.md, "One torch thread"). So a node runs every model
+computation on one `TorchThread`, and holds the event loop's thread to one OpenMP thread
+(`confine_to_one_thread`) for the small tensor work it does itself (sampling,
+fingerprints, decoding frames).
 
 The exception is a job of a few milliseconds that measured no slower on the loop's
 thread (INLINE_MAX_S): it runs there on a team, saving the hand-off's two wake-ups. The
@@ -27,8 +28,11 @@ at 47 against 35 (Intel Xeon, 2026-12-07). So the loop's team is let go
 (`OpenMPPause`, libgomp's `omp_pause_resource_all`, which frees the calling thread's
 team) before any job goes to the worker: the worker is then always timed, and runs,
 alone, and inline on a team is timed with what it costs beside the worker's team;
-whichever measures faster wins, on either CPU. Re-forming the team after a worker job
-costs a thread's start (tens of microseconds).
+whichever measures faster wins. Re-forming the team after a worker job costs a thread's
+start, which an inline probe after a worker job pays. Measured on the Intel Xeon only:
+1 node 27.6 ms a token against 31.2 before (the worker alone 27.0), 4 nodes 42.8
+against 52.2 (the worker alone 37.7, a gap not explained yet); on the AMD EPYC, where
+the team inline had measured 0.95-0.97x the worker's time, not yet measured.
 """
 
 from __future__ import annotations
@@ -82,7 +86,10 @@ still seen. Only for kinds whose chosen path is under INLINE_MAX_S: a job of
 milliseconds probed on the worker finds its team asleep and times slower than the worker
 runs once steps follow one another there (small-model stages: 5.4-6.8 ms probed, against
 3.9 ms inline), so frequent probes are what let the worker win such a kind back; spacing
-them out made 4 small-model nodes 1.07x slower (bench/hops.py A/B, AMD EPYC)."""
+them out made 4 small-model nodes 1.07x slower (bench/hops.py A/B, AMD EPYC). Also for
+kinds of milliseconds on the worker, whose inline probes run on a team started again
+beside the worker's: with MKL's products 1.6x slower there (Intel Xeon), one in 16 added
+about 4% to every step."""
 RARE_PROBE_EVERY = 256
 """For a kind too long to run inline: one job in this many is timed inline again, in
 case it was measured in a bad moment (a GC pause), at a cost that averages out. Also the

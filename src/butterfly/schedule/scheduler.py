@@ -297,14 +297,22 @@ class Scheduler:
             ) from e
 
     async def cancel(self, task_id: str) -> TaskSnapshot:
-        """Cancel a queued or running task; `InvalidTransition` once it has finished.
-        Refused as `submit` is (`refusal`: a gateway cut off from the cluster, which
-        may already have been replaced, cannot promise that no other gateway runs it)."""
+        """Cancel a queued or running task; `InvalidTransition` once it has finished
+        otherwise. Refused as `submit` is (`refusal`: a gateway cut off from the cluster,
+        which may already have been replaced, cannot promise that no other gateway runs
+        it). Idempotent: a task already cancelled is answered as cancelled again, and its
+        end given to the standbys again (`on_cancelled`), so a cancel answered 503
+        because no standby took it (it stood here all the same) is retried as the 503
+        says, where a second cancel answered 409 "already finished" (a review)."""
         if why := self._refusal():
             raise ServiceUnavailable(f"{why}; send the cancel to another gateway")
         live = self._live.get(task_id)
         if live is None:
             snap = await self.snapshot(task_id)
+            if snap.state.status is TaskStatus.CANCELLED:
+                if self._on_cancelled is not None:
+                    await self._on_cancelled(snap.task.task_id, snap.state)
+                return snap
             transition(snap.state, Step.CANCEL)  # raises: a finished task is not live
             return snap
         if live.finishing:
