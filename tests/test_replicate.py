@@ -593,16 +593,20 @@ def test_a_near_tie_between_lanes_convicts_nobody_and_the_reexecution_picks_the_
     assert lanes.kept and all(length > 0 for length in lanes.kept), lanes.kept
 
 
+@pytest.mark.parametrize("signs", ["the honest logits", "its lie"])
 @pytest.mark.parametrize("liar", [0, 2])
 def test_a_last_stage_delivering_a_token_clearly_above_the_best_is_convicted(
-    liar: int,
+    liar: int, signs: str
 ) -> None:
-    """The near-tie allowance is the tolerance's: a last stage that signs the honest
-    logits but delivers others raising a token clearly above the best, past the
-    tolerance, is still convicted, and the answer is the re-execution's token."""
+    """The near-tie allowance is the tolerance's: a last stage that delivers logits
+    raising a token clearly above the best, past the tolerance, is still convicted,
+    whether it signs the honest logits (its delivery contradicts its record) or exactly
+    what it sends, as a real liar would (its record contradicts the re-execution), and
+    the answer is the re-execution's token."""
     honest = torch.tensor([2.0, 1.999, 0.0, -1.0])
     lying = honest.clone()
     lying[2] = 2.1
     delivered = {n: (lying if n == liar else honest).view(1, 1, -1) for n in map(NodeId, (0, 2))}
-    lanes = _FixedLogits(delivered, {NodeId(liar): honest.view(1, 1, -1)}, honest)
+    signed = {NodeId(liar): honest.view(1, 1, -1)} if signs == "the honest logits" else {}
+    lanes = _FixedLogits(delivered, signed, honest)
     assert _one_step(lanes) == (0, [(NodeId(liar),)], "replicate")

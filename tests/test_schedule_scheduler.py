@@ -89,6 +89,12 @@ def new_scheduler(engine: LocalPipeline, path: Path, **kw: Any) -> tuple[Schedul
     return Scheduler(engine=engine, store=store, **kw), store
 
 
+def stored_status(store: TaskStore, task_id: str) -> TaskStatus | None:
+    """The status `store` holds for the task (None: it holds none)."""
+    stored = store.get(task_id)
+    return None if stored is None else stored.state.status
+
+
 async def test_outputs_equal_generate_greedy_and_sampled(
     tiny_model: Path, codec: TextCodec, engine: LocalPipeline, tmp_path: Path
 ) -> None:
@@ -231,8 +237,7 @@ async def test_a_cut_off_gateway_refuses_cancels_as_it_refuses_tasks(
     why.append("node 0 has lost 3 of the 4 members")
     with pytest.raises(ServiceUnavailable, match="lost 3 of the 4 members"):
         await sched.cancel(task.task_id)
-    stored = store.get(task.task_id)
-    assert stored is not None and stored.state.status is TaskStatus.QUEUED
+    assert stored_status(store, task.task_id) is TaskStatus.QUEUED
     store.close()
 
 
@@ -322,8 +327,7 @@ async def test_adopted_tasks_run_past_a_full_queue_and_known_ones_are_left_alone
     for task, snap in zip((mine, *theirs), done, strict=True):
         assert snap.state.status is TaskStatus.COMPLETED and snap.result is not None
         assert list(snap.result.output_ids) == reference(tiny_model, codec, task)
-        stored = store.get(task.task_id)
-        assert stored is not None and stored.state.status is TaskStatus.COMPLETED
+        assert stored_status(store, task.task_id) is TaskStatus.COMPLETED
     store.close()
 
 
@@ -346,8 +350,7 @@ async def test_shutdown_releases_waiters_and_keeps_the_task(
         await sched.cancel(task.task_id)  # a stopping gateway keeps the task for its restart
     with pytest.raises(ServiceUnavailable):
         await sched.submit(make_task(codec, "too late"))
-    stored = store.get(task.task_id)
-    assert stored is not None and stored.state.status is TaskStatus.QUEUED
+    assert stored_status(store, task.task_id) is TaskStatus.QUEUED
     store.close()
 
 

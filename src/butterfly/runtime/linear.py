@@ -122,10 +122,11 @@ review); a node sized to its stage could be killed at load. Its decode read the 
 small model at 23 GB/s, a memory's rate, not an L3's."""
 
 
-# bytes of copies a candidate is timed over: twice the last-level cache (64 MiB where
-# sysfs does not say: twice the 32 MiB L3 of the AMD EPYC this was first measured on), so
-# the weight comes from memory; a fixed 64 MiB left a Xeon's 105 MB L3 timing from cache
 def cold_bytes(l3: int | None) -> int:
+    """Bytes of copies a candidate is timed over, for an L3 of `l3` bytes: twice it (64
+    MiB where sysfs does not say: twice the 32 MiB L3 of the AMD EPYC this was first
+    measured on), so the weight comes from memory; a fixed 64 MiB left a Xeon's 105 MB L3
+    timing from cache. Counted up to `L3_COUNTED_MAX`."""
     return 2 * min(l3 or 32 << 20, L3_COUNTED_MAX)
 
 
