@@ -25,6 +25,7 @@ from butterfly.types.wire.data import StageStep
 
 pytestmark = pytest.mark.timeout(120)
 LONG, CHUNK = 200, 16
+STREAM = 300  # tokens of the stream decoding beside the chunks
 
 
 async def _first_tokens(stream: list[Any], running: asyncio.Task[Any]) -> None:
@@ -161,7 +162,7 @@ async def test_a_stream_beside_chunks_gets_the_tokens_it_gets_alone(tiny_model: 
     n = num_layers(tiny_model)
     ranges = [LayerRange(0, 2), LayerRange(2, n)]
     prompt = tuple(range(3, 3 + LONG))
-    stream_task = InferenceTask(RequestId("alone"), (1, 2, 3), max_new_tokens=60)
+    stream_task = InferenceTask(RequestId("alone"), (1, 2, 3), max_new_tokens=STREAM)
     async with LocalPipeline(tiny_model, ranges) as pipe:
         alone = await pipe.run(stream_task, lambda token: None)
         whole = await pipe.run(
@@ -179,7 +180,9 @@ async def test_a_stream_beside_chunks_gets_the_tokens_it_gets_alone(tiny_model: 
 
         first.on_step = recorded  # type: ignore[method-assign]
         stream: list[object] = []
-        task = InferenceTask(RequestId("beside"), (1, 2, 3), max_new_tokens=60)
+        # long enough to outlast the chunked prompt on a loaded machine (60 tokens once
+        # ended before the chunks began, and no step packed the two)
+        task = InferenceTask(RequestId("beside"), (1, 2, 3), max_new_tokens=STREAM)
         running = asyncio.create_task(pipe.run(task, stream.append))
         await _first_tokens(stream, running)
         chunked = await pipe.run(
