@@ -411,3 +411,20 @@ def test_a_committed_task_survives_the_process_being_killed(tmp_path: Path) -> N
         assert [t.task_id for t in store.recovered] == ["grouped"]  # queued again
     finally:
         store.close()
+
+
+def test_a_finished_task_keeps_its_first_end(tmp_path: Path) -> None:
+    """A completed task with its result stays so when another end arrives (a gateway
+    that held it queued, away meanwhile, ran or cancelled it again): it became "failed"
+    or "cancelled", its result gone, on the store its clients read (a review)."""
+    store = TaskStore(tmp_path / "tasks.sqlite")
+    try:
+        store.add(task("a"))
+        store.finish(RequestId("a"), TaskState(TaskStatus.COMPLETED), RESULT)
+        store.finish(RequestId("a"), TaskState(TaskStatus.FAILED, "ran again", "E"), None)
+        store.write((), [(RequestId("a"), TaskState(TaskStatus.CANCELLED), None)])
+        held = store.get("a")
+        assert held is not None
+        assert (held.state.status, held.result) == (TaskStatus.COMPLETED, RESULT)
+    finally:
+        store.close()

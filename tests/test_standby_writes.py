@@ -19,9 +19,9 @@ from butterfly.metrics.events import discard
 from butterfly.net.conn import Reply
 from butterfly.net.framing import Envelope
 from butterfly.net.memory import MemoryNetwork
-from butterfly.schedule.store import task_to_json
+from butterfly.schedule.store import result_to_json, task_to_json
 from butterfly.types.ids import Epoch, NodeId, RequestId
-from butterfly.types.tasks import InferenceTask
+from butterfly.types.tasks import InferenceResult, InferenceTask
 from butterfly.types.wire import standby as wire
 from butterfly.types.wire.frames import Message
 from butterfly.types.wire.standby import TaskCopied, TaskCopy, TaskSettled
@@ -173,5 +173,30 @@ async def test_a_standby_whose_store_fails_answers_an_error_and_goes_on(tmp_path
         assert "ProgrammingError" in reply[0].error and reply[1] == b""
         checkpoint = wire.TaskCheckpoint(RequestId("t"), (1, 2), Epoch(1))
         assert await replicas.on_checkpoint(ACTING, from_acting(checkpoint, b"rng")) is None
+    finally:
+        replicas.close()
+
+
+async def test_a_standby_keeps_a_completed_task_completed_whatever_end_comes_next(
+    tmp_path: Path,
+) -> None:
+    """An acting gateway that held the task queued while this standby (acting then)
+    completed it sends its own end on its re-run: the result clients read here stays."""
+    replicas = standby(tmp_path / "tasks.db")
+    try:
+        task = InferenceTask(RequestId("t"), (1, 2), max_new_tokens=2)
+        await replicas.on_copy(ACTING, from_acting(TaskCopy("t"), task_to_json(task).encode()))
+        done = InferenceResult(RequestId("t"), output_ids=(5, 6), text="hi")
+        completed = TaskSettled("t", "completed", "", "")
+        await replicas.on_settled(ACTING, from_acting(completed, result_to_json(done).encode()))
+        for end in (
+            TaskSettled("t", "failed", "ran again", "E"),
+            TaskSettled("t", "cancelled", "", ""),
+        ):
+            reply = await replicas.on_settled(ACTING, from_acting(end))
+            assert reply is not None and isinstance(reply[0], TaskCopied) and reply[0].ok
+        held = replicas.store.get("t")
+        assert held is not None and held.state.status.value == "completed"
+        assert held.result == done
     finally:
         replicas.close()

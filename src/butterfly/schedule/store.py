@@ -82,6 +82,18 @@ CREATE TABLE IF NOT EXISTS evictions (
 """
 
 
+TERMINAL_VALUES = tuple(status.value for status in TERMINAL)
+FINISH = (
+    "UPDATE tasks SET status = ?, reason = ?, error_type = ?, result = ?, finished_at = ? "
+    f"WHERE task_id = ? AND status NOT IN ({', '.join('?' * len(TERMINAL_VALUES))})"
+)
+"""A task's end, written only over an unfinished state: the first end a store holds is
+the task's, whatever arrives later. A standby's completed task (with the result its
+clients read) became "failed" or "cancelled" when a gateway that had held it queued,
+away meanwhile, ran or cancelled it again and sent its own end (a review); the acting
+gateway's scheduler writes one end per task, so it never meets the guard but there."""
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """A generation so far: resuming from it gives exactly the tokens the uninterrupted
@@ -360,15 +372,9 @@ class TaskStore:
             raise TaskAlreadyExists(f"a task with id {task.task_id} already exists") from e
 
     def finish(self, task_id: RequestId, state: TaskState, result: InferenceResult | None) -> None:
-        """Record a terminal state (and the result of a completed task) in one commit."""
-        payload = result_to_json(result) if result is not None else None
-        with self._lock, self._db:
-            self._db.execute(
-                "UPDATE tasks SET status = ?, reason = ?, error_type = ?, result = ?, "
-                "finished_at = ? WHERE task_id = ?",
-                (state.status.value, state.reason, state.error_type, payload, time.time(), task_id),
-            )
-            self._db.execute("DELETE FROM checkpoints WHERE task_id = ?", (task_id,))
+        """Record a terminal state (and the result of a completed task) in one commit,
+        unless the task has one already (`FINISH`)."""
+        self.write((), [(task_id, state, result)])
 
     def write(
         self,
@@ -378,7 +384,8 @@ class TaskStore:
         """Accept `adds` (queued) and record `finishes` (terminal states) in one commit: the
         scheduler groups the writes of one turn of its event loop, one commit (one WAL
         append) for all of them instead of one per write. Returns, per add, None or the
-        error refusing it (an id taken); the other writes still commit."""
+        error refusing it (an id taken); the other writes still commit. A task that has
+        a terminal state keeps it (`FINISH`)."""
         now = time.time()
         updates = [
             (
@@ -406,11 +413,7 @@ class TaskStore:
                 except sqlite3.IntegrityError:
                     refused.append(TaskAlreadyExists(f"a task with id {row[0]} already exists"))
             if updates:
-                self._db.executemany(
-                    "UPDATE tasks SET status = ?, reason = ?, error_type = ?, result = ?, "
-                    "finished_at = ? WHERE task_id = ?",
-                    updates,
-                )
+                self._db.executemany(FINISH, [(*row, *TERMINAL_VALUES) for row in updates])
                 self._db.executemany(  # a finished task resumes from nothing
                     "DELETE FROM checkpoints WHERE task_id = ?", [(t,) for t, _, _ in finishes]
                 )
