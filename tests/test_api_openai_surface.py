@@ -4,10 +4,12 @@ ignored, OpenAI's error shape and keep-alive comments."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -25,7 +27,8 @@ from butterfly.runtime.chat import ChatTemplate
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.schedule.state import TaskStatus
 from butterfly.types.errors import InvalidRequest
-from butterfly.types.tasks import SamplingParams
+from butterfly.types.ids import RequestId
+from butterfly.types.tasks import InferenceTask, SamplingParams
 from tests.api_util import assert_error, reference, serving
 
 pytestmark = pytest.mark.anyio
@@ -590,3 +593,29 @@ async def test_logprobs_of_bytes_inside_a_character(tiny_model: Path, tmp_path: 
     assert raw.decode("utf-8", "replace").startswith(
         chat.json()["choices"][0]["message"]["content"]
     )
+
+
+class SlowCancels:
+    """A serving scheduler whose every cancel waits on the standbys' answer: how many
+    of them wait at once."""
+
+    serving = True
+
+    def __init__(self) -> None:
+        self.waiting = self.most = 0
+
+    async def cancel(self, task_id: str) -> None:
+        self.waiting += 1
+        self.most = max(self.most, self.waiting)
+        await asyncio.sleep(0.01)
+        self.waiting -= 1
+
+
+async def test_the_cancels_of_a_requests_choices_wait_on_the_standbys_together() -> None:
+    """Each cancel waits until a standby holds its end (up to 5 s), and one after another
+    the 64 choices of one request held it up to 320 s (a review)."""
+    scheduler = SlowCancels()
+    tasks = [InferenceTask(RequestId(f"c{i}"), (1,), max_new_tokens=1) for i in range(8)]
+    run = Run(SimpleNamespace(scheduler=scheduler), tasks, [], [])  # type: ignore[arg-type]
+    await run.cancel_unfinished(keep=(0,))
+    assert scheduler.most == 7, f"{scheduler.most} of 7 cancels waited at once"
