@@ -238,11 +238,11 @@ def test_a_standby_copy_keeps_the_latest_checkpoint_until_the_task_ends(tmp_path
         store.save_checkpoint(RequestId("unknown"), Checkpoint((9,), b"x", 1))
         assert store.checkpoint(a.task_id) == Checkpoint((1, 2, 3, 4), b"rng-2", 4)
         assert store.checkpoint("unknown") is None  # no task, no checkpoint
-        store.finish(b.task_id, TaskState(TaskStatus.COMPLETED), None)
+        store.finish(b.task_id, TaskState(TaskStatus.COMPLETED), RESULT)
         store.save_checkpoint(b.task_id, Checkpoint((5,), b"late", 4))  # after its end
         assert store.checkpoint(b.task_id) is None
         assert [t.task_id for t in store.requeue_unfinished()] == ["a"]
-        store.write(finishes=[(a.task_id, TaskState(TaskStatus.COMPLETED), None)])
+        store.write(finishes=[(a.task_id, TaskState(TaskStatus.COMPLETED), RESULT)])
         assert store.checkpoint(a.task_id) is None and store.requeue_unfinished() == ()
     finally:
         store.close()
@@ -426,5 +426,38 @@ def test_a_finished_task_keeps_its_first_end(tmp_path: Path) -> None:
         held = store.get("a")
         assert held is not None
         assert (held.state.status, held.result) == (TaskStatus.COMPLETED, RESULT)
+    finally:
+        store.close()
+
+
+def test_an_end_that_comes_before_its_task_is_the_tasks_once_it_comes(tmp_path: Path) -> None:
+    """A standby answered a cancel of a task the acting gateway's catch-up had not copied
+    to it yet, then took the copy as queued, and would have run it after a failover (a
+    review). A completed end without its result is an end only where no task is held:
+    written over a task, it would answer "completed" with no result for good, where
+    the task run again gives its result again."""
+    store = TaskStore(tmp_path / "standby.sqlite")
+    try:
+        store.finish(RequestId("c"), TaskState(TaskStatus.CANCELLED, "by its client"), None)
+        store.finish(RequestId("c"), TaskState(TaskStatus.FAILED, "later", "E"), None)
+        store.finish(RequestId("r"), TaskState(TaskStatus.COMPLETED), RESULT)
+        store.finish(RequestId("n"), TaskState(TaskStatus.COMPLETED), None)
+        assert store.get("c") is None
+        assert store.ended("c") == TaskState(TaskStatus.CANCELLED, "by its client")
+        assert store.ended("n") == TaskState(TaskStatus.COMPLETED)
+        store.copy(task("c"))
+        store.write([task("r"), task("n")])
+        assert store.ended("c") is None and store.ended("n") is None
+        ends = {name: store.get(name) for name in ("c", "r", "n")}
+        assert {k: v.state.status for k, v in ends.items() if v} == {
+            "c": TaskStatus.CANCELLED,
+            "r": TaskStatus.COMPLETED,
+            "n": TaskStatus.QUEUED,
+        }
+        assert ends["r"] is not None and ends["r"].result == replace(RESULT, task_id="r")
+        store.finish(RequestId("n"), TaskState(TaskStatus.COMPLETED), None)  # held: no
+        assert [t.task_id for t in store.requeue_unfinished()] == ["n"]
+        store.finish(RequestId("gone"), TaskState(TaskStatus.FAILED, "x", "E"), None)
+        assert "gone" in store.prune(time.time() + 1) and store.ended("gone") is None
     finally:
         store.close()

@@ -17,13 +17,22 @@ from pathlib import Path
 import pytest
 
 from butterfly.control.gateway_role import GatewayRole
+from butterfly.net.framing import Envelope
+from butterfly.schedule.scheduler import Scheduler
 from butterfly.schedule.state import TaskState, TaskStatus
 from butterfly.schedule.store import task_to_json
-from butterfly.types.errors import CircuitOpen, SendTimeout, ServiceUnavailable
-from butterfly.types.ids import NodeId, RequestId
+from butterfly.types.errors import (
+    CircuitOpen,
+    SendTimeout,
+    ServiceUnavailable,
+    TaskNotFound,
+    TaskNotHeld,
+)
+from butterfly.types.ids import Epoch, NodeId, RequestId
 from butterfly.types.tasks import InferenceTask
+from butterfly.types.wire import standby as wire
 from butterfly.types.wire.standby import TaskCopied, TaskSync, TaskSyncReply
-from butterfly.wiring.standby import CIRCUIT_WAIT_S, TaskReplicas
+from butterfly.wiring.standby import CIRCUIT_WAIT_S, RESYNC_RESULTS, TaskReplicas
 
 pytestmark = pytest.mark.timeout(60)
 ACTING, S1, S2 = NodeId(0), NodeId(1), NodeId(2)
@@ -400,3 +409,88 @@ async def test_a_standby_that_cannot_read_its_store_is_asked_again_later(
         assert S1 in r._unpulled
     finally:
         r.close()
+
+
+class Link:
+    """The acting gateway's transport to a real standby's handlers; the first copy of
+    `held` waits for `gate`, its second (the catch-up's results) is refused."""
+
+    def __init__(self, standby: TaskReplicas, held: str = "") -> None:
+        self.standby, self.held, self.copies = standby, held, 0
+        self.gate, self.waiting = asyncio.Event(), asyncio.Event()
+
+    async def ask(self, peer, msg, payload=b"", **kw):  # type: ignore[no-untyped-def]
+        if isinstance(msg, wire.TaskCopy) and msg.task_id == self.held:
+            self.copies += 1
+            if self.copies == 2:
+                return TaskCopied(peer, msg.task_id, False, "OperationalError: busy"), b""
+            self.waiting.set()
+            await self.gate.wait()
+        env = Envelope(msg, ACTING, Epoch(1), "test", payload=payload)
+        copy = isinstance(msg, wire.TaskCopy)
+        handler = self.standby.on_copy if copy else self.standby.on_settled
+        return await handler(ACTING, env)
+
+    async def send(self, peer, msg, payload=b"", **kw):  # type: ignore[no-untyped-def]
+        env = Envelope(msg, ACTING, Epoch(1), "test", payload=payload)
+        if isinstance(msg, wire.TaskCheckpoint):
+            await self.standby.on_checkpoint(ACTING, env)
+        elif isinstance(msg, wire.TaskSettled):
+            await self.standby.on_settled(ACTING, env)
+
+
+def linked(tmp_path: Path, held: str = "") -> tuple[TaskReplicas, TaskReplicas, Link]:
+    """An acting gateway and its standby S1, over a `Link`."""
+    standby, _ = acting(tmp_path / "s1", [ACTING, S1], {})
+    standby.node = S1
+    link = Link(standby, held)
+    r, _ = acting(tmp_path, [ACTING, S1], {})
+    r._transport = link  # type: ignore[assignment]
+    return r, standby, link
+
+
+async def test_a_cancel_a_standby_answered_mid_catch_up_is_not_undone_by_it(
+    tmp_path: Path,
+) -> None:
+    """The standby answered the cancel of a task the catch-up had not copied to it yet
+    (its end matched no task there), then took the catch-up's copy, queued; the
+    catch-up's results, which would have corrected it, broke off at a refused copy: a
+    failover then ran the task its client was told was cancelled (a review)."""
+    r, standby, link = linked(tmp_path, held="t3")
+    try:
+        fill(r, unfinished=4, finished=0)
+        resync = asyncio.create_task(r.resync(S1, no_adoption))
+        await asyncio.wait_for(link.waiting.wait(), 5)
+        cancel = TaskState(TaskStatus.CANCELLED)
+        r.store.finish(RequestId("t3"), cancel, None)
+        await r.cancelled(RequestId("t3"), cancel)  # the client is told "cancelled"
+        link.gate.set()
+        assert await asyncio.wait_for(resync, 5)
+        held = standby.store.get("t3")
+        assert held is not None and held.state.status is TaskStatus.CANCELLED, held
+        assert "t3" not in {t.task_id for t in standby.store.requeue_unfinished()}
+    finally:
+        r.close()
+        standby.close()
+
+
+async def test_a_standby_away_for_more_than_the_catch_ups_results_knows_the_rest_ended(
+    tmp_path: Path,
+) -> None:
+    """Given the newest `RESYNC_RESULTS` results only, the standby that acted next
+    answered an older task's id as one never handed out (404, "ids come from POST
+    /inference"); it now holds their ends, and says where the result is."""
+    r, standby, _ = linked(tmp_path)
+    try:
+        n = RESYNC_RESULTS + 2
+        fill(r, unfinished=0, finished=n)  # t0 finished first
+        assert await r.resync(S1, no_adoption)
+        assert standby.store.get("t0") is None and standby.store.get(f"t{n - 1}") is not None
+        scheduler = Scheduler(engine=None, store=standby.store)  # type: ignore[arg-type]
+        with pytest.raises(TaskNotHeld, match="'t0' was accepted and failed on another"):
+            await scheduler.snapshot("t0")
+        with pytest.raises(TaskNotFound, match="ids come from POST /inference"):
+            await scheduler.snapshot("never")
+    finally:
+        r.close()
+        standby.close()

@@ -71,6 +71,7 @@ from butterfly.types.errors import (
     ServiceUnavailable,
     TaskAlreadyExists,
     TaskNotFound,
+    TaskNotHeld,
 )
 from butterfly.types.ids import RequestId
 from butterfly.types.tasks import SEED_SPAN, InferenceResult, InferenceTask, Sampled
@@ -354,11 +355,24 @@ class Scheduler:
             return recent[1]
         stored = await asyncio.to_thread(self._store.get, task_id)
         if stored is None:
-            raise TaskNotFound(f"no task with id {task_id!r}; ids come from POST /inference")
+            raise await self._not_found(task_id)
         if (kept := self._writes.unwritten(task_id)) is not None:  # the store says queued
             return TaskSnapshot(stored.task, kept)
         tokens = len(stored.result.output_ids) if stored.result else 0
         return TaskSnapshot(stored.task, stored.state, stored.result, tokens)
+
+    async def _not_found(self, task_id: str) -> TaskNotFound:
+        """Why `task_id` is not here: never accepted, or accepted and ended on a gateway
+        that did not copy it here (the store holds its end only, `TaskStore.ended`)."""
+        end = await asyncio.to_thread(self._store.ended, task_id)
+        if end is None:
+            return TaskNotFound(f"no task with id {task_id!r}; ids come from POST /inference")
+        return TaskNotHeld(
+            f"task {task_id!r} was accepted and {end.status.value} on another gateway, which "
+            "copied its end here but not the task or its result (a gateway that was away "
+            "is given the most recent results only): read it from the gateway that ran it "
+            "once that one acts again, or submit the task again"
+        )
 
     async def wait(self, task_id: str, timeout: float) -> TaskSnapshot:
         """The task once finished, or as it stands after `timeout` seconds."""

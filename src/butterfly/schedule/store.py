@@ -52,7 +52,9 @@ of 22 KB, 5 minutes of bench/soak.py's load, a slope on the acting gateway. At 5
 SCHEMA_VERSION = 4
 """2 added `evictions`: an older gateway would open the file and forget them, so it may
 not (version 1 files gain the table when opened). 3 added `checkpoints`, 4 their
-`attempt` (version 3 files gain the column when opened)."""
+`attempt` (version 3 files gain the column when opened). `ends` came within 4 (files
+gain the table when opened): an older node ignores it and loses only what it adds, so
+it may still open the file."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -74,6 +76,14 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     epoch INTEGER NOT NULL,                  -- the plan epoch they were sampled in
     attempt INTEGER NOT NULL DEFAULT 0       -- the run: an audit's retraction starts another
 );
+CREATE TABLE IF NOT EXISTS ends (
+    task_id TEXT PRIMARY KEY,                -- the end of a task this store does not hold
+    status TEXT NOT NULL,                    -- (yet): see END_ELSEWHERE
+    reason TEXT NOT NULL,
+    error_type TEXT NOT NULL,
+    result TEXT,                             -- JSON, or null: not copied here
+    finished_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS evictions (
     node INTEGER PRIMARY KEY,                -- one record per node: evicting twice is one
     reason TEXT NOT NULL,                    -- the first reason given
@@ -82,16 +92,39 @@ CREATE TABLE IF NOT EXISTS evictions (
 """
 
 
-TERMINAL_VALUES = tuple(status.value for status in TERMINAL)
+_DONE = ", ".join(f"'{status.value}'" for status in TERMINAL)
+_KEEPS = f"tasks.status NOT IN ({_DONE})"
+_CARRIES = "(:result IS NOT NULL OR :status != 'completed')"
 FINISH = (
-    "UPDATE tasks SET status = ?, reason = ?, error_type = ?, result = ?, finished_at = ? "
-    f"WHERE task_id = ? AND status NOT IN ({', '.join('?' * len(TERMINAL_VALUES))})"
+    "UPDATE tasks SET status = :status, reason = :reason, error_type = :error_type, "
+    f"result = :result, finished_at = :now WHERE task_id = :task_id AND {_KEEPS} AND {_CARRIES}"
 )
 """A task's end, written only over an unfinished state: the first end a store holds is
 the task's, whatever arrives later. A standby's completed task (with the result its
 clients read) became "failed" or "cancelled" when a gateway that had held it queued,
-away meanwhile, ran or cancelled it again and sent its own end (a review); the acting
-gateway's scheduler writes one end per task, so it never meets the guard but there."""
+away meanwhile, ran or cancelled it again and sent its own end (a review). And never a
+completed end without its result (`END_ELSEWHERE`): the task stays unfinished, so a
+gateway acting later runs it again, with its stored seed, and has its result again."""
+END_ELSEWHERE = (
+    "INSERT OR IGNORE INTO ends (task_id, status, reason, error_type, result, finished_at) "
+    "SELECT :task_id, :status, :reason, :error_type, :result, :now "
+    "WHERE NOT EXISTS (SELECT 1 FROM tasks WHERE task_id = :task_id)"
+)
+"""The end of a task this store does not hold, kept (the first one) until the task comes:
+a standby answered a cancel of a task the acting gateway's catch-up had not copied to it
+yet, then took the copy, queued, and would have run it after a failover (a review). A
+standby away while more than the catch-up's results finished is sent the older ones'
+ends without their results (`wiring.standby.TaskReplicas.resync`): its store then knows
+that those tasks were accepted and ended, and says so (`ended`) rather than that no such
+task exists."""
+END_ARRIVED = (
+    "UPDATE tasks SET status = e.status, reason = e.reason, error_type = e.error_type, "
+    "result = e.result, finished_at = e.finished_at FROM ends AS e "
+    f"WHERE e.task_id = tasks.task_id AND tasks.task_id = :task_id AND {_KEEPS} "
+    "AND (e.result IS NOT NULL OR e.status != 'completed')"
+)
+"""A task added or copied here takes the end kept for it (`END_ELSEWHERE`), but for a
+completed end without its result (`FINISH`)."""
 
 
 @dataclass(frozen=True)
@@ -278,13 +311,15 @@ class TaskStore:
 
     def copy(self, task: InferenceTask) -> None:
         """Keep a task the acting gateway accepted (a standby's copy); a second copy of
-        one task is the same task, not an error."""
+        one task is the same task, not an error. An end that came first is its end."""
         with self._lock, self._db:
+            self._db.execute("BEGIN")
             self._db.execute(
                 "INSERT OR IGNORE INTO tasks (task_id, status, task, accepted_at) "
                 "VALUES (?, ?, ?, ?)",
                 (task.task_id, TaskStatus.QUEUED.value, task_to_json(task), time.time()),
             )
+            self._take_ends([task.task_id])
 
     def save_checkpoint(self, task_id: RequestId, checkpoint: Checkpoint) -> None:
         """Replace the task's checkpoint with a later one, unless the task is unknown or
@@ -388,14 +423,14 @@ class TaskStore:
         a terminal state keeps it (`FINISH`)."""
         now = time.time()
         updates = [
-            (
-                state.status.value,
-                state.reason,
-                state.error_type,
-                result_to_json(result) if result is not None else None,
-                now,
-                task_id,
-            )
+            {
+                "task_id": task_id,
+                "status": state.status.value,
+                "reason": state.reason,
+                "error_type": state.error_type,
+                "result": result_to_json(result) if result is not None else None,
+                "now": now,
+            }
             for task_id, state, result in finishes
         ]
         inserts = [(t.task_id, TaskStatus.QUEUED.value, task_to_json(t), now) for t in adds]
@@ -412,12 +447,41 @@ class TaskStore:
                     refused.append(None)
                 except sqlite3.IntegrityError:
                     refused.append(TaskAlreadyExists(f"a task with id {row[0]} already exists"))
+            added = zip(inserts, refused, strict=True)
+            self._take_ends([row[0] for row, error in added if error is None])
             if updates:
-                self._db.executemany(FINISH, [(*row, *TERMINAL_VALUES) for row in updates])
+                self._db.executemany(FINISH, updates)
+                self._db.executemany(END_ELSEWHERE, updates)
                 self._db.executemany(  # a finished task resumes from nothing
                     "DELETE FROM checkpoints WHERE task_id = ?", [(t,) for t, _, _ in finishes]
                 )
         return refused
+
+    def _take_ends(self, task_ids: Sequence[str]) -> None:
+        """Within a write: tasks just added take the ends that came before them."""
+        ids = [{"task_id": task_id} for task_id in task_ids]
+        if ids and self._db.execute("SELECT 1 FROM ends LIMIT 1").fetchone() is not None:
+            self._db.executemany(END_ARRIVED, ids)
+            self._db.executemany("DELETE FROM ends WHERE task_id = :task_id", ids)
+
+    def ended(self, task_id: str) -> TaskState | None:
+        """The end kept for a task this store does not hold (`END_ELSEWHERE`), or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT status, reason, error_type FROM ends WHERE task_id = ?", (task_id,)
+            ).fetchone()
+        return None if row is None else TaskState(TaskStatus(row[0]), row[1], row[2])
+
+    def finished_ids(self, skip: int) -> list[tuple[RequestId, TaskState]]:
+        """Every finished task but the `skip` that finished last, newest first: id and end
+        (what `recently_finished` leaves out)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT task_id, status, reason, error_type FROM tasks "
+                f"WHERE status IN ({_DONE}) ORDER BY finished_at DESC LIMIT -1 OFFSET ?",
+                (skip,),
+            ).fetchall()
+        return [(RequestId(t), TaskState(TaskStatus(s), r, e)) for t, s, r, e in rows]
 
     def get(self, task_id: str) -> StoredTask | None:
         with self._lock:
@@ -444,6 +508,9 @@ class TaskStore:
                 f"DELETE FROM tasks WHERE finished_at < ? AND status IN ({marks}) "
                 "RETURNING task_id",
                 (finished_before, *terminal),
+            ).fetchall()
+            rows += self._db.execute(  # the ends of tasks never held here go with them
+                "DELETE FROM ends WHERE finished_at < ? RETURNING task_id", (finished_before,)
             ).fetchall()
         return [task_id for (task_id,) in rows]
 

@@ -11,6 +11,7 @@
     │   ├── QueueFull                     yes       no
     │   ├── TaskAlreadyExists             no        no
     │   ├── TaskNotFound                  no        no
+    │   │   └── TaskNotHeld               no        no
     │   ├── InvalidTransition             no        no
     │   ├── InvalidTask                   no        no
     │   ├── CoordinationUnavailable       yes       no
@@ -140,6 +141,12 @@ class TaskAlreadyExists(SchedulingError):
 
 class TaskNotFound(SchedulingError):
     pass
+
+
+class TaskNotHeld(TaskNotFound):
+    """A task this gateway knows was accepted and ended elsewhere, but does not hold: a
+    gateway away for long is given the newest results only. Still a 404 (there is no
+    result here), but not one that says the id was never handed out."""
 
 
 class InvalidTransition(SchedulingError):

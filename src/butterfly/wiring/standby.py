@@ -28,8 +28,15 @@ directory. The acting gateway writes to its own and copies to the others:
   once it is back, its unfinished tasks queued here (`resync`);
 - to each standby when it starts acting, and to a standby that missed a copy (it was
   failed, or a copy to it was lost) once it is healthy again, everything it may lack:
-  every unfinished task with its checkpoint, and the last `RESYNC_RESULTS` results
-  (`keep_standbys`). A standby that
+  every unfinished task with its checkpoint, the last `RESYNC_RESULTS` results, and
+  the ends alone of the older finished tasks (`keep_standbys`): a task the standby
+  lacks then answers, once it acts, that it ended on a gateway that did not copy its
+  result (`TaskNotHeld`), where it answered that no such task was ever accepted; one
+  it holds unfinished stays so (a completed end without its result is never written
+  over a task, `schedule.store.FINISH`: run again with its seed, it gives the result
+  again). An end that reaches a standby before the task's copy (a cancel answered while
+  the catch-up had not copied the task yet) is kept and is the task's once the copy
+  comes (`schedule.store.END_ELSEWHERE`). A standby that
   was down while tasks were accepted thus holds them before the acting gateway can die
   in turn.
 
@@ -103,7 +110,8 @@ CIRCUIT_RETRY_S = 0.05  # a copy to a peer heard again, while its circuit is sti
 CIRCUIT_WAIT_S = 1.5  # the longest a copy waits on a circuit (it half-opens within 1 s)
 RESYNC_RESULTS = 1024
 """Finished results a returning standby is given (the most recent; older ones stay
-readable from the gateways that hold them)."""
+readable from the gateways that hold them, and the standby is given their ends only:
+tens of bytes each where a result with its signed records is tens of KB)."""
 SYNC_RESULTS = 128
 """Finished results a standby hands a gateway that starts acting (`pull`), the most
 recent: those it may have finished while acting itself, with that gateway away. Each
@@ -229,8 +237,7 @@ class TaskReplicas:
         gateway's death would run the task after all. A completed or failed task's end
         stays one-way: a standby running it again gives the same tokens (its seed is
         stored with it: `Scheduler.submit`), or fails it again."""
-        end = TaskSettled(task_id, state.status.value, state.reason[:4000], state.error_type)
-        took = await self._confirm(end, b"")
+        took = await self._confirm(_settled(task_id, state), b"")
         if took is not None and not took:
             raise ServiceUnavailable(
                 f"task {task_id} is cancelled on this gateway, but no standby gateway took the "
@@ -343,8 +350,7 @@ class TaskReplicas:
     ) -> None:
         """The scheduler's hook: a terminal state committed here goes to the standbys."""
         payload = result_to_json(result).encode() if result is not None else b""
-        msg = TaskSettled(task_id, state.status.value, state.reason[:4000], state.error_type)
-        self._post(msg, payload)
+        self._post(_settled(task_id, state), payload)
 
     def _post(self, msg: Message, payload: bytes) -> None:
         if self._outbox.full():
@@ -476,17 +482,20 @@ class TaskReplicas:
                 failed[0] if failed else "?",
             )
             return False
-        for done in store.recently_finished(RESYNC_RESULTS):
+        # a task finishing between the reads puts one in both (its end twice: no change)
+        results, older = store.recently_finished(RESYNC_RESULTS), store.finished_ids(RESYNC_RESULTS)
+        for done in results:
             task_id = done.task.task_id
             copy = TaskCopy(task_id)
             if not await self._copy(peer, copy, task_to_json(done.task).encode(), quiet=True):
                 break  # the results are a courtesy (readable from this gateway too)
             result = result_to_json(done.result).encode() if done.result else b""
-            settled = TaskSettled(
-                task_id, done.state.status.value, done.state.reason[:4000],
-                done.state.error_type,
-            )  # fmt: skip
-            await self._send(peer, settled, result)
+            await self._send(peer, _settled(task_id, done.state), result)
+        else:
+            for task_id, state in older:  # one-way, tens of bytes each
+                await self._send(peer, _settled(task_id, state), b"")
+                if peer in self._missed:  # lost: the next resync sends them again
+                    break
         log.info("node %s holds every unfinished task again", peer)
         return True
 
@@ -586,6 +595,11 @@ class TaskReplicas:
         except (ValueError, KeyError, TypeError, ButterflyError, sqlite3.Error) as e:
             return TaskCopied(self.node, msg.task_id, False, f"{type(e).__name__}: {e}"), b""
         return TaskCopied(self.node, msg.task_id, True), b""
+
+
+def _settled(task_id: RequestId, state: TaskState) -> TaskSettled:
+    """A task's end as sent to a standby (the reason cut to fit a control message)."""
+    return TaskSettled(task_id, state.status.value, state.reason[:4000], state.error_type)
 
 
 def _took(probe: asyncio.Task[bool]) -> bool:
