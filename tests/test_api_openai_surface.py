@@ -8,6 +8,7 @@ import asyncio
 import json
 import re
 import shutil
+import sqlite3
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 from pydantic import ValidationError
 from transformers import LlamaForCausalLM
 
+from butterfly.api.gateway import Gateway
 from butterfly.api.openai import CompletionChunks
 from butterfly.api.openai_choices import StopScanner
 from butterfly.api.openai_run import KEEPALIVE, Run, start, stream
@@ -25,11 +27,14 @@ from butterfly.api.settings import ApiSettings
 from butterfly.config.schema import ButterflyConfig
 from butterfly.runtime.chat import ChatTemplate
 from butterfly.runtime.tokenizer import TextCodec
+from butterfly.schedule.scheduler import RECENT_S, Scheduler
 from butterfly.schedule.state import TaskStatus
+from butterfly.schedule.store import StoredTask, TaskStore
+from butterfly.testing.pipeline import LocalPipeline
 from butterfly.types.errors import InvalidRequest
 from butterfly.types.ids import RequestId
 from butterfly.types.tasks import InferenceTask, SamplingParams
-from tests.api_util import assert_error, reference, serving
+from tests.api_util import SPLIT, assert_error, reference, serving
 
 pytestmark = pytest.mark.anyio
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
@@ -485,6 +490,62 @@ async def test_a_quiet_stream_sends_keepalive_comments(tiny_model: Path, tmp_pat
         first = [await anext(messages) for _ in range(3)]
         await messages.aclose()
         assert first == [KEEPALIVE] * 3
+
+
+class UnreadableStore(TaskStore):
+    """A faulty part: the gateway's disk fails every read once `broken` is set (SQLite's
+    "disk I/O error")."""
+
+    broken = False
+
+    def get(self, task_id: str) -> StoredTask | None:
+        if self.broken:
+            raise sqlite3.OperationalError("disk I/O error")
+        return super().get(task_id)
+
+
+async def test_a_stream_whose_token_feed_breaks_ends_with_an_error(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """The scheduler's feed of a task raises (its result, out of memory, read from a
+    disk that fails): the stream ends with an error in the contract's shape naming
+    where the result is read, then `[DONE]`, instead of keep-alive comments forever
+    (its pump died silently and the stream waited for it: a review)."""
+    codec, now = TextCodec.load(tiny_model), [1000.0]
+    store = UnreadableStore(tmp_path / "t.db")
+    got: list[str] = []
+    async with LocalPipeline(
+        tiny_model, SPLIT, stop_ids=codec.eos_ids, tokenizer=codec.tokenizer
+    ) as engine:
+        sched = Scheduler(engine=engine, store=store, emit=lambda e: None, clock=lambda: now[0])
+        gw = Gateway(sched, engine, codec, ApiSettings(), "tiny")
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(sched.run())
+            ids = codec.encode("Once")
+            run = await start(gw, codec, [ids], 3, SamplingParams(), 1, ())
+            await sched.wait(run.tasks[0].task_id, 60)
+            now[0] += RECENT_S + 1  # the next task to finish pushes this one out of memory
+            other = await start(gw, codec, [ids], 3, SamplingParams(), 1, ())
+            await sched.wait(other.tasks[0].task_id, 60)
+            store.broken = True
+            body = CompletionRequest(model="tiny", prompt="Once", max_tokens=3)
+            messages = stream(run, CompletionChunks(gw, 0, body), False, keepalive_s=0.01)
+            try:
+                async with asyncio.timeout(30):
+                    async for message in messages:
+                        got.append(message)
+                        if len(got) >= 20:  # bounded: unfixed, keep-alives never end
+                            break
+            finally:
+                store.broken = False
+                await messages.aclose()
+                sched.shutdown()
+    store.close()
+    assert got[-1] == "data: [DONE]\n\n" and KEEPALIVE not in got, got[-3:]
+    error = events("".join(got))[-2]["error"]
+    task_id = run.tasks[0].task_id
+    assert error["type"] == "internal_error", error
+    assert "disk I/O error" in error["message"] and f"/result/{task_id}" in error["message"]
 
 
 def test_served_name_is_checked_at_load() -> None:

@@ -262,8 +262,17 @@ class Chunks(Protocol):
 async def _pump(
     gw: Gateway, index: int, task_id: RequestId, inbox: asyncio.Queue[tuple[int, Any]]
 ) -> None:
-    async for token in gw.scheduler.stream(task_id):
-        await inbox.put((index, token))
+    """Feed one choice's tokens to its stream, then None at their end, or the error that
+    broke the feed (the task's state read from a store that failed, say): a pump that
+    died silently left its stream sending keep-alives forever, never an error nor
+    `[DONE]` (a review)."""
+    try:
+        async for token in gw.scheduler.stream(task_id):
+            await inbox.put((index, token))
+    except Exception as e:
+        log.exception("the token feed of task %s broke", task_id)
+        await inbox.put((index, e))
+        return
     await inbox.put((index, None))
 
 
@@ -272,7 +281,7 @@ async def stream(
 ) -> AsyncIterator[str]:
     """The choices' text as SSE chunks, merged as they come; `[DONE]` at the end."""
     gw, hold = run.gw, run.gw.settings.stream_verified_only
-    inbox: asyncio.Queue[tuple[int, Streamed | None]] = asyncio.Queue()
+    inbox: asyncio.Queue[tuple[int, Streamed | Exception | None]] = asyncio.Queue()
     pumps = [asyncio.create_task(_pump(gw, i, t.task_id, inbox)) for i, t in enumerate(run.tasks)]
     ended: set[int] = set()
     opened: set[int] = set()
@@ -298,9 +307,12 @@ async def stream(
                 yield KEEPALIVE
                 continue
             choice, task_id = run.choices[index], run.tasks[index].task_id
-            if item is None:
-                ended.add(index)
-                message, failed = await _ended(run, chunks, choice, task_id, hold)
+            if item is None or isinstance(item, Exception):
+                ended.add(index)  # a broken feed's task is left to run: its error names it
+                if item is None:
+                    message, failed = await _ended(run, chunks, choice, task_id, hold)
+                else:
+                    message, failed = sse(_unfollowed(task_id, item)), True
                 for early in opening(index):  # (held: `_ended` read the prompt's scores)
                     yield early
                 yield message
@@ -344,7 +356,11 @@ async def _ended(
 ) -> tuple[str, bool]:
     """The SSE message for a choice whose task ended (its last chunk, or an error), and
     whether it failed."""
-    snap = await run.gw.scheduler.snapshot(task_id)
+    try:
+        snap = await run.gw.scheduler.snapshot(task_id)
+    except Exception as e:  # the store could not be read: still an error in the contract's shape
+        log.exception("could not read the end of task %s", task_id)
+        return sse(_unfollowed(task_id, e)), True
     status = snap.state.status
     if status is TaskStatus.COMPLETED and snap.result is not None:
         if hold:  # all of it now, checked
@@ -358,6 +374,17 @@ async def _ended(
         reason = snap.state.reason or f"task {task_id} was cancelled"
         return sse(error_body(kind, reason)), True
     return sse(error_body("service_unavailable", shutting_down(task_id))), True
+
+
+def _unfollowed(task_id: RequestId, error: Exception) -> dict[str, Any]:
+    """The error body of a choice whose tokens or end the gateway could not read: the
+    task itself may well finish, so the body names where its result is read."""
+    if isinstance(error, ButterflyError):
+        kind, what = error.kind, error.message
+    else:
+        kind, what = "internal_error", f"{type(error).__name__}: {error}"
+    message = f"the gateway could not follow task {task_id} ({what}); read /result/{task_id}"
+    return error_body(kind, message)
 
 
 def shutting_down(task_id: RequestId) -> str:
