@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.api_util import serving
+from tests.api_util import assert_error, serving
 
 pytestmark = pytest.mark.anyio
 USER = [{"role": "user", "content": "hi"}]
@@ -85,7 +85,8 @@ async def test_chat_logprob_bytes_join_into_the_content(tiny_model: Path, tmp_pa
 
 
 async def test_the_native_apis_errors_name_its_own_fields(tiny_model: Path, tmp_path: Path) -> None:
-    """/inference has `input_ids` and `prompt`; its 400s named `prompt` for both."""
+    """/inference has `input_ids` and `prompt`; its 400s named `prompt` for both. A bad
+    `wait` of /result is named too, whatever is wrong with it."""
     async with serving(tiny_model, tmp_path / "t.db") as s:
         r = await s.client.post("/inference", json={"input_ids": [5, 100000]})
         assert r.status_code == 400, r.text
@@ -93,6 +94,11 @@ async def test_the_native_apis_errors_name_its_own_fields(tiny_model: Path, tmp_
         assert error["param"] == "input_ids" and error["message"].startswith("input_ids:")
         r = await s.client.post("/inference", json={"input_ids": [5] * 600})
         assert r.status_code == 400 and r.json()["error"]["param"] == "input_ids", r.text
+        task_id = (await s.client.post("/inference", json={"input_ids": [5]})).json()["task_id"]
+        for wait in ("soon", "-1", "nan"):  # the last two named no param (a review)
+            r = await s.client.get(f"/result/{task_id}?wait={wait}")
+            assert_error(r, 400, "invalid_request", "wait")
+            assert r.json()["error"]["param"] == "wait", (wait, r.text)
 
 
 async def test_a_load_balancers_head_probe_of_health(tiny_model: Path, tmp_path: Path) -> None:

@@ -182,8 +182,10 @@ class Gateway:
         )
 
     def wait_limit(self, requested: float) -> float:
+        """`GET /result`'s `wait`, capped at `max_wait_s`; a negative or NaN one is a 400
+        whose `param` names `wait`, as a non-numeric one's does (it named none)."""
         if not requested >= 0:  # also refuses NaN
-            raise InvalidRequest(f"wait must be a number of seconds >= 0, got {requested}")
+            raise InvalidField(f"wait must be a number of seconds >= 0, got {requested}", "wait")
         return min(requested, self.settings.max_wait_s)
 
     # --- output ------------------------------------------------------------------------
