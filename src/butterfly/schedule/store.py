@@ -472,14 +472,14 @@ class TaskStore:
             ).fetchone()
         return None if row is None else TaskState(TaskStatus(row[0]), row[1], row[2])
 
-    def finished_ids(self, skip: int) -> list[tuple[RequestId, TaskState]]:
-        """Every finished task but the `skip` that finished last, newest first: id and end
-        (what `recently_finished` leaves out)."""
+    def finished_ids(self, skip: int, limit: int) -> list[tuple[RequestId, TaskState]]:
+        """Up to `limit` finished tasks after the `skip` that finished last, newest first:
+        id and end (what `recently_finished` leaves out)."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT task_id, status, reason, error_type FROM tasks "
-                f"WHERE status IN ({_DONE}) ORDER BY finished_at DESC LIMIT -1 OFFSET ?",
-                (skip,),
+                f"WHERE status IN ({_DONE}) ORDER BY finished_at DESC LIMIT ? OFFSET ?",
+                (limit, skip),
             ).fetchall()
         return [(RequestId(t), TaskState(TaskStatus(s), r, e)) for t, s, r, e in rows]
 

@@ -112,6 +112,11 @@ RESYNC_RESULTS = 1024
 """Finished results a returning standby is given (the most recent; older ones stay
 readable from the gateways that hold them, and the standby is given their ends only:
 tens of bytes each where a result with its signed records is tens of KB)."""
+RESYNC_ENDS = 16384
+"""Ends alone (no result) of the finished tasks older than those, the most recent: each a
+control message of tens of bytes, sent one after another by the acting gateway's loop.
+Retention alone (`scheduling.result_ttl_s`) bounds them at over a million after an hour
+at the API's 450 requests/s; an older task's id answers that no such task exists."""
 SYNC_RESULTS = 128
 """Finished results a standby hands a gateway that starts acting (`pull`), the most
 recent: those it may have finished while acting itself, with that gateway away. Each
@@ -483,7 +488,8 @@ class TaskReplicas:
             )
             return False
         # a task finishing between the reads puts one in both (its end twice: no change)
-        results, older = store.recently_finished(RESYNC_RESULTS), store.finished_ids(RESYNC_RESULTS)
+        results = store.recently_finished(RESYNC_RESULTS)
+        older = store.finished_ids(RESYNC_RESULTS, RESYNC_ENDS)
         for done in results:
             task_id = done.task.task_id
             copy = TaskCopy(task_id)
