@@ -21,8 +21,9 @@ _PROCESS_SOURCES = frozenset(
     }
 )
 """What a test module imports when its tests start processes, bind ports chosen in
-advance, or build network namespaces (or a test in it is marked `cluster` or `chaos`)."""
-_PROCESS_MARKERS = frozenset({"cluster", "chaos"})
+advance, or build network namespaces (or a test in it is marked `cluster`, `chaos` or
+`ports`)."""
+_PROCESS_MARKERS = frozenset({"cluster", "chaos", "ports"})
 
 
 @functools.cache
@@ -32,8 +33,8 @@ def starts_processes(path: str) -> bool:
     for node in ast.walk(ast.parse(Path(path).read_text())):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            names = [node.module or ""]
+        elif isinstance(node, ast.ImportFrom):  # `from a import b` may import module a.b
+            names = [node.module or "", *(f"{node.module}.{a.name}" for a in node.names)]
         elif isinstance(node, ast.Attribute) and node.attr in _PROCESS_MARKERS:
             names = ["mark"] if ast.unparse(node.value).endswith("mark") else []
             if names:
@@ -46,6 +47,7 @@ def starts_processes(path: str) -> bool:
     return False
 
 
+@pytest.hookimpl(optionalhook=True)  # `pytest -p no:xdist` has no such hook
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """`make test` runs two xdist workers with `--dist loadgroup`. The process tests all
     go to one of them as one unit, one at a time, so two clusters never share the two

@@ -19,7 +19,7 @@ from butterfly.metrics.events import MetricsEvent
 from butterfly.types.ids import NodeId
 from butterfly.wiring.api_server import ApiServer
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.ports]
 
 
 def named(name: str) -> FastAPI:

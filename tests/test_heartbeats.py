@@ -16,6 +16,8 @@ from butterfly.types.errors import WireFormatError
 from butterfly.types.ids import Epoch, NodeId
 from butterfly.types.wire.control import Heartbeat
 
+pytestmark = pytest.mark.ports  # UDP ports picked, then bound
+
 KEYS = {NodeId(0): SigningKey.generate(), NodeId(1): SigningKey.generate()}
 PUBLIC = {n: k.public for n, k in KEYS.items()}
 

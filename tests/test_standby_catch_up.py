@@ -20,7 +20,7 @@ from butterfly.control.gateway_role import GatewayRole
 from butterfly.net.framing import Envelope
 from butterfly.schedule.scheduler import Scheduler
 from butterfly.schedule.state import TaskState, TaskStatus
-from butterfly.schedule.store import task_to_json
+from butterfly.schedule.store import TaskStore, task_to_json
 from butterfly.types.errors import (
     CircuitOpen,
     SendTimeout,
@@ -33,6 +33,7 @@ from butterfly.types.tasks import InferenceTask
 from butterfly.types.wire import standby as wire
 from butterfly.types.wire.standby import TaskCopied, TaskSync, TaskSyncReply
 from butterfly.wiring.standby import CIRCUIT_WAIT_S, RESYNC_RESULTS, TaskReplicas
+from butterfly.wiring.task_sync import take
 
 pytestmark = pytest.mark.timeout(60)
 ACTING, S1, S2 = NodeId(0), NodeId(1), NodeId(2)
@@ -465,7 +466,8 @@ async def test_a_cancel_a_standby_answered_mid_catch_up_is_not_undone_by_it(
         r.store.finish(RequestId("t3"), cancel, None)
         await r.cancelled(RequestId("t3"), cancel)  # the client is told "cancelled"
         link.gate.set()
-        assert await asyncio.wait_for(resync, 5)
+        # not done: a results copy was refused, so it is tried again, after a wait
+        assert not await asyncio.wait_for(resync, 5)
         held = standby.store.get("t3")
         assert held is not None and held.state.status is TaskStatus.CANCELLED, held
         assert "t3" not in {t.task_id for t in standby.store.requeue_unfinished()}
@@ -494,3 +496,21 @@ async def test_a_standby_away_for_more_than_the_catch_ups_results_knows_the_rest
     finally:
         r.close()
         standby.close()
+
+
+def test_a_pulled_task_whose_end_came_first_is_kept_ended_and_not_run(tmp_path: Path) -> None:
+    """A gateway starting to act pulls from a standby a task whose cancel reached it first
+    (kept in `ends`): the copy takes that end, and `take` hands it to no one to run. It
+    was handed on queued: run, its end refused by the store, while the scheduler told
+    the standbys "completed" (a review)."""
+    store = TaskStore(tmp_path / "acting.sqlite")
+    try:
+        store.finish(RequestId("c"), TaskState(TaskStatus.CANCELLED, "by its client"), None)
+        task = InferenceTask(RequestId("c"), (1, 2), max_new_tokens=4)
+        assert take(store, ["c", task_to_json(task), None]) == (True, None)
+        held = store.get("c")
+        assert held is not None and held.state == TaskState(TaskStatus.CANCELLED, "by its client")
+        fresh = InferenceTask(RequestId("q"), (3,), max_new_tokens=4)  # no end: run it
+        assert take(store, ["q", task_to_json(fresh), None]) == (True, fresh)
+    finally:
+        store.close()

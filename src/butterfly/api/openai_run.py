@@ -19,7 +19,6 @@ ignore comments.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
@@ -111,8 +110,13 @@ class Run:
             await asyncio.gather(*(self._cancel(task_id) for task_id in ids))
 
     async def _cancel(self, task_id: RequestId) -> None:
-        with contextlib.suppress(ButterflyError):  # it finished, or no standby took it
+        """Never raises: one cancel's failure must not leave the others running unawaited."""
+        try:
             await self.gw.scheduler.cancel(task_id)
+        except ButterflyError:
+            pass  # it finished, or no standby took it
+        except Exception:
+            log.exception("cancelling task %s of an ended request failed", task_id)
 
 
 async def start(

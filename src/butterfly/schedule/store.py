@@ -76,6 +76,7 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     epoch INTEGER NOT NULL,                  -- the plan epoch they were sampled in
     attempt INTEGER NOT NULL DEFAULT 0       -- the run: an audit's retraction starts another
 );
+CREATE INDEX IF NOT EXISTS tasks_finished_at ON tasks (finished_at);
 CREATE TABLE IF NOT EXISTS ends (
     task_id TEXT PRIMARY KEY,                -- the end of a task this store does not hold
     status TEXT NOT NULL,                    -- (yet): see END_ELSEWHERE

@@ -502,6 +502,8 @@ class TaskReplicas:
                 await self._send(peer, _settled(task_id, state), b"")
                 if peer in self._missed:  # lost: the next resync sends them again
                     break
+        if peer in self._missed:  # a send was lost: not done, and the next try waits longer
+            return False
         log.info("node %s holds every unfinished task again", peer)
         return True
 

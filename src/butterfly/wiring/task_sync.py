@@ -111,6 +111,8 @@ def take(store: TaskStore, record: list[Any]) -> tuple[bool, InferenceTask | Non
         return True, None
     if checkpoint is not None:
         store.save_checkpoint(RequestId(task_id), checkpoint)
+    if new is not None and (copied := store.get(task_id)) is not None and copied.state.terminal:
+        return True, None  # it took an end that came before it (`store.END_ARRIVED`): not run
     return new is not None, new
 
 
