@@ -375,15 +375,8 @@ class TaskStore:
 
     def recently_finished(self, limit: int) -> list[StoredTask]:
         """The `limit` tasks that finished last, newest first."""
-        done = tuple(s.value for s in TERMINAL)
-        marks = ",".join("?" * len(done))
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT task_id FROM tasks WHERE status IN ({marks}) "
-                "ORDER BY finished_at DESC LIMIT ?",
-                (*done, limit),
-            ).fetchall()
-        return [s for (task_id,) in rows if (s := self.get(task_id)) is not None]
+        ids = self.finished_ids(0, limit)
+        return [s for task_id, _ in ids if (s := self.get(task_id)) is not None]
 
     def checkpoint(self, task_id: str) -> Checkpoint | None:
         with self._lock:

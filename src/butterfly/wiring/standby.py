@@ -487,9 +487,14 @@ class TaskReplicas:
                 failed[0] if failed else "?",
             )
             return False
-        # a task finishing between the reads puts one in both (its end twice: no change)
-        results = store.recently_finished(RESYNC_RESULTS)
-        older = store.finished_ids(RESYNC_RESULTS, RESYNC_ENDS)
+        # a task finishing between the reads puts one in both (its end twice: no change);
+        # off the loop: up to 1,024 results of tens of KB and 16,384 ends
+        results, older = await asyncio.to_thread(
+            lambda: (
+                store.recently_finished(RESYNC_RESULTS),
+                store.finished_ids(RESYNC_RESULTS, RESYNC_ENDS),
+            )
+        )
         for done in results:
             task_id = done.task.task_id
             copy = TaskCopy(task_id)
