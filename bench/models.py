@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from butterfly.runtime import native
 from butterfly.runtime.linear import kernel_choices
 from butterfly.runtime.loader import load_stage, num_layers
 from butterfly.runtime.precision import FP32, Precision
@@ -219,6 +220,7 @@ def main() -> None:
         f"memory_middle_quarter_[{quarter},{2 * quarter})": mem,
         "accuracy_vs_float32": accuracy,
         "kernels": [dataclasses.asdict(c) for c in kernel_choices()],
+        "kernel_stream": dataclasses.asdict(stream) if (stream := native.stream_choice()) else None,
         "targets": {
             **{f"{k}_ratio<={v}": ratio[k]["median"] <= v for k, v in TARGETS.items()},
             "memory_within_10%": all(abs(m["rss_to_weights"] - 1) <= 0.1 for m in mem.values()),

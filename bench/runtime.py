@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from butterfly.partition.strategies import uniform_ranges
+from butterfly.runtime import native
 from butterfly.runtime.generate import run_pipeline
 from butterfly.runtime.linear import kernel_choices
 from butterfly.runtime.loader import load_stage, num_layers
@@ -231,6 +232,7 @@ def main() -> None:
         "kv_cache_read_mb_per_step": round(kv / 2**20, 2),
         "decode_to_floor_with_kv_cache": {k: summary(v) for k, v in to_floor_kv.items()},
         "kernels": [dataclasses.asdict(c) for c in kernel_choices()],
+        "kernel_stream": dataclasses.asdict(stream) if (stream := native.stream_choice()) else None,
         "ratio_to_transformers": {
             k: {
                 "prefill": round(summary(prefill[k])["median"] / ref_prefill, 3),

@@ -3,6 +3,7 @@ broken) where it cannot be built."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 from pathlib import Path
@@ -196,3 +197,54 @@ def test_an_int8_product_of_a_row_holding_nan_or_inf_is_nan_in_that_row_only() -
     got = native.blocked_linear(x, native.block_int8(q, torch.ones(32)))
     assert got[0].isnan().all() and not got[1].isnan().any() and not got[2].isfinite().any()
     torch.testing.assert_close(got[1], F.linear(x[1], q.float()), rtol=1e-5, atol=1e-3)
+
+
+def test_the_cache_sparing_build_is_kept_unless_another_streams_clearly_faster() -> None:
+    assert native.choose_stream({"nta": 15.2, "t2": 27.0}) == "t2"  # the Intel Xeon's
+    assert native.choose_stream({"nta": 30.0, "t2": 31.0}) == "nta"  # within the margin
+    assert native.choose_stream({"nta": 30.0, "t2": 20.0}) == "nta"
+    assert native.choose_stream({"t2": 5.0}) == "t2"
+
+
+@needs_compiler
+@pytest.mark.parametrize("stream", sorted(native.STREAMS))
+def test_every_build_computes_the_same_products(stream: str) -> None:
+    """Which build a process keeps depends on the CPU it runs on, so each must be right
+    on any: its fp32, bf16 and int8 products against F.linear."""
+    lib = ctypes.CDLL(str(native._build(native.STREAMS[stream])))
+    for dtype in native.SYMBOLS:
+        assert native._agrees(native._declared(lib, dtype), dtype), (stream, dtype)
+
+
+@needs_compiler
+@pytest.mark.parametrize("faster", sorted(native.STREAMS))
+def test_the_process_runs_the_build_its_timing_chose(
+    monkeypatch: pytest.MonkeyPatch, faster: str
+) -> None:
+    timed: list[set[str]] = []
+
+    def rates(built: dict[str, ctypes.CDLL]) -> dict[str, float]:
+        timed.append(set(built))
+        return {name: 100.0 if name == faster else 10.0 for name in built}
+
+    monkeypatch.setattr(native, "_stream_rates", rates)
+    native._chosen.cache_clear()
+    native._kernels.cache_clear()
+    try:
+        choice = native.stream_choice()
+        lib = native.library()
+        assert choice is not None and choice.name == faster and timed == [set(native.STREAMS)]
+        assert lib is not None and lib._name == str(native._build(native.STREAMS[faster]))
+        w, x = torch.randn(40, 64), torch.randn(2, 64)
+        torch.testing.assert_close(native.blocked_linear(x, native.block(w)), F.linear(x, w))
+    finally:
+        native._chosen.cache_clear()
+        native._kernels.cache_clear()
+
+
+@needs_compiler
+def test_the_load_time_timing_reads_every_build() -> None:
+    rates = native._stream_rates(
+        {name: ctypes.CDLL(str(native._build(flags))) for name, flags in native.STREAMS.items()}
+    )
+    assert set(rates) == set(native.STREAMS) and all(r > 0.1 for r in rates.values())

@@ -19,25 +19,39 @@
 
 #define TILE 8
 
-/* Reading an fp32 weight, the kernel prefetches 2 KiB ahead with the non-temporal hint
- * (prefetchnta), so the stream passes the caches by instead of evicting what the process
- * runs between products and steps. In one process it made no difference to decode; on
- * 4 node processes of a 2-core machine taking turns, the small model's tokens took
- * 0.90-0.93x the time (bench/hops.py A/B, AMD EPYC), with the per-hop cost (Python and
- * sockets on caches the weights had just flushed) down from 1.7-2.2 to 1.0-1.5 ms.
- * The bf16 and the int8 (VNNI) kernels prefetch so too: with the stream passing by, a
- * step's KV cache and activations stay in the L3 between steps, and a small-model decode
- * step in one process took 0.89-0.99x the time in bf16, fp32 + int8 and bf16 + int8
- * (median of paired steps, three interleaved runs, AMD EPYC, twenty-first session:
- * docs/PERFORMANCE-LOG.md). In the fifth session the hint had made bf16 1.08-1.10x
- * slower, on kernels since replaced. The widened int8 kernel (no VNNI, not measured
- * since) reads without it. */
-#define AHEAD 2048
+/* Each kernel fetches its weight ahead of the stream, BUTTERFLY_AHEAD bytes ahead with
+ * locality BUTTERFLY_HINT (__builtin_prefetch's: 0 is prefetchnta, 1 prefetcht2). Which
+ * is best depends on the CPU, so runtime/native.py builds the library once per hint and
+ * keeps the build that streams faster at load (`STREAMS` there says why each exists):
+ *
+ * - nta, 2 KiB ahead: the stream passes the caches by instead of evicting what the
+ *   process runs between products and steps. On the AMD EPYC it made no difference to
+ *   decode in one process; on 4 node processes of a 2-core machine taking turns, the
+ *   small model's tokens took 0.90-0.93x the time (bench/hops.py A/B), the per-hop cost
+ *   (Python and sockets on caches the weights had just flushed) down from 1.7-2.2 to
+ *   1.0-1.5 ms; bf16 and int8 decode steps took 0.89-0.99x the time (twenty-first
+ *   session, docs/PERFORMANCE-LOG.md).
+ * - t2, 4 KiB ahead: on the Intel Xeon (AVX-512, AMX) a prefetchnta stream ran at half
+ *   the memory's rate, fp32 12.0-12.5 GB/s, bf16 10.8-11.3 and int8 9.0-9.1 against
+ *   23-28 for prefetcht2 4 KiB ahead and 23-24 for a plain sum of the same bytes (48-192
+ *   matrices in a chain, two threads; thirtieth session). Likely why: there a
+ *   prefetchnta fills the first-level cache alone, so a core has no more lines in
+ *   flight than that cache's fill buffers.
+ *
+ * The widened int8 kernel (no VNNI, not measured since the fifth session) reads without
+ * the prefetch. */
+#ifndef BUTTERFLY_AHEAD
+#define BUTTERFLY_AHEAD 2048
+#endif
+#ifndef BUTTERFLY_HINT
+#define BUTTERFLY_HINT 0
+#endif
 #define STREAM(p, bytes, on)                                                               \
     do {                                                                                   \
         if (on)                                                                            \
             for (int o_ = 0; o_ < (bytes); o_ += 64)                                       \
-                __builtin_prefetch((const char *)(p) + AHEAD + o_, 0, 0);                  \
+                __builtin_prefetch((const char *)(p) + BUTTERFLY_AHEAD + o_, 0,             \
+                                   BUTTERFLY_HINT);                                        \
     } while (0)
 
 /* 16 int8 weights widened to fp32; the row's scale is applied to the sum */

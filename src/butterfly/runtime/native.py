@@ -20,6 +20,9 @@ of the bytes, the same sums (int8 times each output row's scale).
 Built with the system C compiler (`cc`, or `$CC`) at `-O3 -march=native` into a cache
 directory keyed by the source, the flags and the CPU's flags, so a machine that changes
 CPU builds again; where no compiler is found, the candidate is absent and the others run.
+It is built once per way of fetching the weight ahead of the stream (`STREAMS`), and the
+process keeps the build that streams fastest here (`stream_choice`): on the Intel Xeon
+one of them streamed at half the rate of the other, on the AMD EPYC it had won.
 It is linked against torch's own OpenMP runtime, so its loop uses the calling thread's
 torch thread count and torch's thread team: a second runtime would start threads of its
 own that compete with torch's on the same cores. Before first use it is checked against
@@ -39,7 +42,8 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +66,21 @@ BLOCK = 16  # output rows per block: one 64-byte vector of fp32
 HUGE_PAGE = 2 << 20
 COMPILE_FLAGS = ("-O3", "-march=native", "-fPIC", "-fopenmp", "-std=c11", "-ffp-contract=fast")
 COMPILE_TIMEOUT_S = 120
+
+STREAMS: dict[str, tuple[str, ...]] = {
+    "nta": ("-DBUTTERFLY_HINT=0", "-DBUTTERFLY_AHEAD=2048"),
+    "t2": ("-DBUTTERFLY_HINT=1", "-DBUTTERFLY_AHEAD=4096"),
+}
+"""How the kernels fetch the weight ahead of their stream, one build each: prefetchnta
+2 KiB ahead, or prefetcht2 4 KiB ahead (blocked_linear.c says what each won where)."""
+CACHE_SPARING = "nta"
+"""Kept unless another build streams `STREAM_MARGIN` times faster: in one process it
+streamed as fast as without the hint on the AMD EPYC, yet four node processes sharing two
+cores ran 0.90-0.93x the time per token with it, the weights no longer flushing the
+caches the nodes' Python runs on. A one-process timing cannot see that gain."""
+STREAM_MARGIN = 1.15
+STREAM_PROBE_BYTES = 48 << 20  # past the AMD EPYC's 32 MiB L3; 4x slower on the Xeon at 64
+STREAM_ROUNDS = 5
 
 # x, M, K, w, NB, y; the int8 product returns -1 where it had no scratch memory
 Kernel = Callable[[int, int, int, int, int, int], int | None]
@@ -159,6 +178,31 @@ def empty_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype = torch.float
     return torch.frombuffer(area, dtype=dtype, count=count, offset=offset).view(shape)
 
 
+@dataclass(frozen=True)
+class StreamChoice:
+    """The build this process uses, and each build's fp32 stream rate at load (GB/s;
+    empty where only one was built)."""
+
+    name: str
+    gbs: dict[str, float]
+
+
+def choose_stream(gbs: Mapping[str, float]) -> str:
+    """The build to keep, from each build's measured stream rate: the fastest, unless
+    the cache-sparing one is within `STREAM_MARGIN` of it."""
+    best = max(gbs, key=lambda name: gbs[name])
+    spare = gbs.get(CACHE_SPARING)
+    if spare is not None and gbs[best] < STREAM_MARGIN * spare:
+        return CACHE_SPARING
+    return best
+
+
+def stream_choice() -> StreamChoice | None:
+    """Which build this process's kernels are (None where none could be built)."""
+    chosen = _chosen()
+    return chosen[0] if chosen is not None else None
+
+
 def blocked_linear(
     x: torch.Tensor, weight: BlockedWeight, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -202,13 +246,53 @@ def library() -> ctypes.CDLL | None:
     return _library() if available() else None
 
 
-@functools.cache
 def _library() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL(str(_build()))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        log.info("blocked kernel not available: %s", e)
+    chosen = _chosen()
+    return chosen[1] if chosen is not None else None
+
+
+@functools.cache
+def _chosen() -> tuple[StreamChoice, ctypes.CDLL] | None:
+    """Every build of `STREAMS` loaded, timed against the others, and the one
+    `choose_stream` picks kept; once per process."""
+    built: dict[str, ctypes.CDLL] = {}
+    for name, flags in STREAMS.items():
+        try:
+            built[name] = ctypes.CDLL(str(_build(flags)))
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            log.info("blocked kernel (%s) not available: %s", name, e)
+    if not built:
         return None
+    gbs = _stream_rates(built) if len(built) > 1 else {}
+    name = choose_stream(gbs) if gbs else next(iter(built))
+    log.info("blocked kernels: the %s build (fp32 stream at load, GB/s: %s)", name, gbs)
+    return StreamChoice(name, gbs), built[name]
+
+
+def _stream_rates(built: Mapping[str, ctypes.CDLL]) -> dict[str, float]:
+    """Each build's fp32 product over `STREAM_PROBE_BYTES` of blocked weight, on the
+    calling thread's torch threads: its best of `STREAM_ROUNDS`, the builds taking turns."""
+    width = 768
+    nblocks = STREAM_PROBE_BYTES // (width * BLOCK * 4)
+    blocks = empty_on_huge_pages((nblocks, width, BLOCK)).fill_(0.5)  # touched, no denormals
+    x, y = torch.full((1, width), 0.25), torch.empty(1, nblocks * BLOCK)
+    products = {name: _declared(lib, torch.float32) for name, lib in built.items()}
+    ptrs = (x.data_ptr(), 1, width, blocks.data_ptr(), nblocks, y.data_ptr())
+    best = dict.fromkeys(built, math.inf)
+    for _ in range(STREAM_ROUNDS + 1):  # the first round warms
+        for name, product in products.items():
+            start = time.perf_counter()
+            product(*ptrs)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: round(blocks.nbytes / t / 1e9, 2) for name, t in best.items()}
+
+
+def _declared(lib: ctypes.CDLL, dtype: torch.dtype) -> Kernel:
+    fn = getattr(lib, SYMBOLS[dtype])
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    fn.argtypes += [ctypes.c_int64, ctypes.c_void_p]
+    fn.restype = ctypes.c_int if dtype == torch.int8 else None  # -1: no scratch memory
+    return fn  # type: ignore[no-any-return]
 
 
 @functools.cache
@@ -219,12 +303,9 @@ def _kernels() -> dict[torch.dtype, Kernel]:
     lib = _library()
     found: dict[torch.dtype, Kernel] = {}
     for dtype, symbol in SYMBOLS.items():
-        fn = getattr(lib, symbol, None) if lib is not None else None
-        if fn is None:
+        if lib is None or getattr(lib, symbol, None) is None:
             continue
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-        fn.argtypes += [ctypes.c_int64, ctypes.c_void_p]
-        fn.restype = ctypes.c_int if dtype == torch.int8 else None  # -1: no scratch memory
+        fn = _declared(lib, dtype)
         if _agrees(fn, dtype):
             found[dtype] = fn
         else:
@@ -285,9 +366,10 @@ def _private(path: Path) -> bool:
     return st.st_uid == os.getuid() and not st.st_mode & 0o022 and os.access(path, os.W_OK)
 
 
-def _build() -> Path:
-    """The library's path, compiling it first if this source, these flags and this CPU
-    have no build yet. Concurrent builders (node processes starting together) each write
+def _build(stream: tuple[str, ...] = STREAMS[CACHE_SPARING]) -> Path:
+    """The library's path built with `stream`'s flags, compiling it first if this source,
+    these flags and this CPU have no build yet. Concurrent builders (node processes
+    starting together) each write
     a file of their own and rename it into place, so none reads a half-written one."""
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
@@ -297,8 +379,9 @@ def _build() -> Path:
     if (torch_lib / "libgomp.so.1").exists():  # torch's own OpenMP runtime
         link = [f"-L{torch_lib}", "-l:libgomp.so.1", f"-Wl,-rpath,{torch_lib}", "-lm"]
     sources = [source.read_bytes() for source in (*SOURCES, *HEADERS)]
+    flags = COMPILE_FLAGS + stream
     key = hashlib.sha256(
-        b"\0".join([*sources, " ".join(COMPILE_FLAGS + tuple(link)).encode(), compiler.encode()])
+        b"\0".join([*sources, " ".join(flags + tuple(link)).encode(), compiler.encode()])
         + _cpu_flags().encode()
     ).hexdigest()[:20]
     cache = _cache_dir()
@@ -309,7 +392,7 @@ def _build() -> Path:
     os.close(fd)
     objs = [f"{tmp}.{i}.o" for i in range(len(SOURCES))]
     compile_cmds = [
-        [compiler, *COMPILE_FLAGS, "-c", str(source), "-o", obj]
+        [compiler, *flags, "-c", str(source), "-o", obj]
         for source, obj in zip(SOURCES, objs, strict=True)
     ]
     try:
