@@ -10,14 +10,17 @@ import shutil
 import threading
 from array import array
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 
-from butterfly.runtime import fused_layers, native
+from butterfly.runtime import fused_layers, llama_load, native
+from butterfly.runtime import linear as lin
 from butterfly.runtime.kvcache import KVCache
 from butterfly.runtime.llama import LlamaStage
 from butterfly.runtime.llama_args import Block, LlamaArgs
+from butterfly.runtime.loader import load_stage
 from butterfly.runtime.precision import quantize_int8
 from butterfly.runtime.stage import forward_floats
 from butterfly.runtime.wire import decode_tensor, encode_tensor, read_tensor
@@ -561,3 +564,31 @@ def test_an_embedding_table_the_bytes_path_cannot_read_row_by_row_is_left_to_tor
     got = forward_floats(stage, ids, [stage.new_cache(), stage.new_cache()], [0, 0])
     want = forward_floats(doubled, ids, [doubled.new_cache(), doubled.new_cache()], [0, 0])
     assert got is not None and got == want
+
+
+def test_the_saving_per_matrix_is_measured_on_layers_shaped_as_the_models() -> None:
+    """Both paths run the same blocked products, so what torch's operations cost beyond
+    the compiled call is the call's saving: positive wherever the call applies, and the
+    default where it does not (fp16 compute)."""
+    assert llama_load.fused_saving_us(BASE, 1) > 0
+    fp16 = dataclasses.replace(BASE, dtype=torch.float16, dim=48)
+    assert llama_load.fused_saving_us(fp16, 1) == lin.FUSED_SLACK_US
+
+
+@pytest.mark.parametrize(("saving_us", "fused"), [(80.0, True), (20.0, False)])
+def test_a_loaded_stage_keeps_blocked_matrices_losing_less_than_the_measured_saving(
+    monkeypatch: pytest.MonkeyPatch, tiny_model: Path, saving_us: float, fused: bool
+) -> None:
+    """Blocked 50 us slower than plain (past the 10% margin and the default 30 us): with
+    the call measured to save 80 us per matrix every layer stays blocked and the stage
+    runs in one call; measured to save 20, the products go to plain and the stage to
+    torch's operations."""
+    monkeypatch.setattr(lin, "_CHOSEN", {})
+    monkeypatch.setattr(llama_load, "_saving_us", lambda *_: saving_us)
+    times = {"plain": 100.0, "blocked": 150.0}
+    monkeypatch.setattr(lin, "time_decode", lambda built, _p: {k: times.get(k, 9e9) for k in built})
+    stage = load_stage(tiny_model, LayerRange(1, 3))
+    assert isinstance(stage, LlamaStage)
+    matrices = [m for blk in stage.blocks for m in (blk.wqkv, blk.wo, blk.w13, blk.w2)]
+    assert all(isinstance(m, native.BlockedWeight) == fused for m in matrices)
+    assert (stage._fused is not None) == fused

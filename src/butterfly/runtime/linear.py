@@ -86,12 +86,16 @@ ROUNDS = 7  # timed rounds per candidate, interleaved so drift hits all alike
 # than the same blocked products under torch's operations (AMD EPYC, bench/runtime.py:
 # 16.8 against 19.7 ms/token), more than a product 10% slower costs.
 FUSED_MARGIN = 1.10
-# ...or when at most this many microseconds slower: the compiled call saves about that
-# much per matrix on top of the products, whatever their size. For the tiny demo model
-# (4 layers, [64..352, 64] matrices) `plain` was 4-8 us a product and `blocked` 11-14
-# (threads woken for each), so the 10% margin left every matrix on `plain` and the stage
-# on torch's operations: 597 us a decode step, against 133 us blocked in one call, 35 us
-# saved per matrix (AMD EPYC, 2 threads; the small model's 2.9 ms over 48 matrices: 60).
+# ...or when at most the microseconds the compiled call saves per matrix slower: it saves
+# about that much on top of the products, whatever their size. The loader measures it on
+# the machine (runtime/llama_load.py `fused_saving_us`); this is the default where it is
+# not measured. For the tiny demo model (4 layers, [64..352, 64] matrices) `plain` was
+# 4-8 us a product and `blocked` 11-14 (threads woken for each), so the 10% margin left
+# every matrix on `plain` and the stage on torch's operations: 597 us a decode step,
+# against 133 us blocked in one call, 35 us saved per matrix (AMD EPYC, 2 threads; the
+# small model's 2.9 ms over 48 matrices: 60). On the Intel Xeon the small model's down
+# projection timed 1.11-1.17x slower blocked, so one matrix on `plain` kept every layer
+# of the stage on torch's operations: 31-32 ms a token against 24-25 (thirtieth session).
 FUSED_SLACK_US = 30.0
 CALLS = 4  # products per round
 
@@ -163,7 +167,7 @@ class KernelChoice:
     micros: dict[str, float]  # time of one decode product (fastest round), per candidate
 
 
-_CHOSEN: dict[tuple[tuple[int, int], Precision, int, bool], KernelChoice] = {}
+_CHOSEN: dict[tuple[tuple[int, int], Precision, int, float | None], KernelChoice] = {}
 _WARMED: set[tuple[tuple[int, int], Precision, int]] = set()
 _DECODE_THREADS: ContextVar[int | None] = ContextVar("decode_threads", default=None)
 
@@ -178,6 +182,11 @@ def timed_on_threads(threads: int) -> Iterator[None]:
         yield
     finally:
         _DECODE_THREADS.reset(token)
+
+
+def decode_threads() -> int:
+    """The torch threads decode runs on: those of `timed_on_threads`, or this thread's."""
+    return _DECODE_THREADS.get() or torch.get_num_threads()
 
 
 def kernel_choices() -> list[KernelChoice]:
@@ -237,14 +246,15 @@ def prepare(
     timer: Callable[[dict[str, Weight], Precision], dict[str, float]] | None = None,
     *,
     fusable: bool = False,
+    fused_slack_us: float = FUSED_SLACK_US,
 ) -> Weight:
     """`weight` on the kernel measured fastest for its shape in this process; `timer`
     (default `time_decode`) gives each built candidate's time. A `fusable` weight (one
     of a llama-style layer's four matrices) keeps `blocked` within `FUSED_MARGIN` or
-    `FUSED_SLACK_US` of the fastest."""
+    `fused_slack_us` (what the compiled layers save per matrix) of the fastest."""
     shape = (int(weight.shape[0]), int(weight.shape[1]))
-    threads = _DECODE_THREADS.get() or torch.get_num_threads()
-    key = (shape, precision, threads, fusable)
+    threads = decode_threads()
+    key = (shape, precision, threads, fused_slack_us if fusable else None)
     choice = _CHOSEN.get(key)
     if choice is not None:
         return build(choice.kernel, weight, precision)
@@ -261,7 +271,7 @@ def prepare(
     kernel = min(micros, key=lambda k: micros[k])
     if fusable and "blocked" in micros:
         fastest = micros[kernel]
-        if micros["blocked"] <= max(FUSED_MARGIN * fastest, fastest + FUSED_SLACK_US):
+        if micros["blocked"] <= max(FUSED_MARGIN * fastest, fastest + fused_slack_us):
             kernel = "blocked"
     choice = KernelChoice(shape, precision.name, threads, kernel, micros)
     _CHOSEN[key] = choice

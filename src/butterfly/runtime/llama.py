@@ -15,6 +15,8 @@ import dataclasses
 import functools
 import itertools
 import logging
+import math
+import time
 from array import array
 from collections.abc import Sequence
 
@@ -117,6 +119,32 @@ class LlamaStage:
                 if not bool(error <= bound * (1 + want.abs().max())):  # False for a NaN too
                     return False
         return True
+
+    def decode_micros(self, steps: int, position: int) -> tuple[float, float] | None:
+        """Microseconds of one decode row at `position` (the caches hold as many before
+        it) through the stage's layers on torch's operations and in the compiled call,
+        the best of `steps` of each taken in turn; None where the compiled call does not
+        apply. What `llama_load.fused_saving_us` weighs."""
+        fused = self._fused
+        if fused is None:
+            return None
+        a = self.args
+        x = torch.randn(1, 1, a.dim, generator=torch.Generator().manual_seed(0)).to(a.dtype)
+        rope = [self._rope(position, 1)]
+        torch_cache, compiled_cache = self.new_cache(), self.new_cache()
+        for cache in (torch_cache, compiled_cache):
+            cache.advance(position)  # zero keys and values before the row
+        best = [math.inf, math.inf]
+        with torch.inference_mode():
+            for _ in range(steps):  # each step writes the same position again: the same work
+                t0 = time.perf_counter()
+                self._torch_layers(x, [torch_cache], [position], rope, None)
+                t1 = time.perf_counter()
+                fused_layers.run(fused, x.view(1, a.dim), [compiled_cache], [0], [position],
+                                 self._cos32, self._sin32, None)  # fmt: skip
+                t2 = time.perf_counter()
+                best = [min(best[0], t1 - t0), min(best[1], t2 - t1)]
+        return best[0] * 1e6, best[1] * 1e6
 
     @property
     def is_first(self) -> bool:

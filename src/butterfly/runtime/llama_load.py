@@ -5,17 +5,22 @@ kernel measured fastest for its shape (runtime/linear.py `prepare`)."""
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Any
 
 import torch
 
-from butterfly.runtime.linear import Weight, prepare, weight_bytes
+from butterfly.runtime import native
+from butterfly.runtime.linear import FUSED_SLACK_US, Weight, decode_threads, prepare, weight_bytes
 from butterfly.runtime.llama import LlamaStage
 from butterfly.runtime.llama_args import Block, LlamaArgs, layer_infos
 from butterfly.runtime.precision import Precision
 from butterfly.runtime.stage import Family
 from butterfly.runtime.weights import CheckpointReader
 from butterfly.types.model import LayerRange
+
+log = logging.getLogger(__name__)
 
 
 def load_stage(reader: CheckpointReader, args: LlamaArgs, layers: LayerRange) -> LlamaStage:
@@ -77,6 +82,8 @@ def load_stage(reader: CheckpointReader, args: LlamaArgs, layers: LayerRange) ->
 
     blocks = []
     fusable: dict[str, Any] = {"precision": precision, "fusable": True}  # fused_layers.py
+    if native.available():
+        fusable["fused_slack_us"] = fused_saving_us(args, decode_threads())
     for i, n in enumerate(layers):
         reader.progress("pack", i, len(layers))
         p, m = f"model.layers.{n}.self_attn", f"model.layers.{n}.mlp"
@@ -106,6 +113,72 @@ def load_stage(reader: CheckpointReader, args: LlamaArgs, layers: LayerRange) ->
         # and a tied head read again on a later stage is the embedding too: never int8
         head = prepare(head, Precision(args.dtype) if args.tie_embeddings else precision)
     return LlamaStage(args, layers, blocks, embed, w.get("model.norm.weight"), head)
+
+
+SAVING_STEPS = 16
+SAVING_POSITION = 64  # the decode row attends to this many cached positions
+
+
+def fused_saving_us(args: LlamaArgs, threads: int) -> float:
+    """Microseconds the compiled layers save per matrix over torch's operations for
+    layers shaped as `args`' on this machine, on `threads` torch threads (once per
+    process and shape, `_saving_us`). It is what a `blocked` product may lose to the
+    fastest and still be kept (runtime/linear.py `FUSED_SLACK_US`): about 35 us for
+    the tiny model's matrices on the AMD EPYC, about 150 for the small model's on the
+    Intel Xeon, whose thread team wakes slowly for each of torch's operations."""
+    return _saving_us(
+        (args.dim, args.n_heads, args.n_kv_heads, args.head_dim, args.intermediate),
+        args.activation,
+        args.dtype,
+        threads,
+    )
+
+
+@functools.cache
+def _saving_us(
+    dims: tuple[int, int, int, int, int], activation: str, dtype: torch.dtype, threads: int
+) -> float:
+    """One layer of these dimensions, its matrices blocked and filled with a constant
+    (no generator: a large model's layer is filled at memset speed), a decode row at
+    `SAVING_POSITION` timed on torch's operations and in the compiled call: both run the
+    same products, so the difference is what the call saves. Holds one more layer's
+    weights while it runs."""
+    d, heads, kv_heads, head_dim, inner = dims
+    args = LlamaArgs(vocab_size=2, dim=d, n_layers=1, n_heads=heads, n_kv_heads=kv_heads,
+                     head_dim=head_dim, intermediate=inner, norm_eps=1e-5, rope_theta=1e4,
+                     rope_scaling=(), max_context=SAVING_POSITION + 1, tie_embeddings=False,
+                     activation=activation, dtype=dtype)  # fmt: skip
+
+    def matrix(rows: int, cols: int) -> Weight:
+        return native.block(torch.full((rows, cols), cols**-0.5, dtype=dtype))
+
+    q_out, kv_out = heads * head_dim, kv_heads * head_dim
+    block = Block(
+        attn_norm=torch.ones(d, dtype=dtype),
+        wqkv=matrix(q_out + 2 * kv_out, d),
+        bqkv=None,
+        wo=matrix(d, q_out),
+        bo=None,
+        mlp_norm=torch.ones(d, dtype=dtype),
+        w13=matrix(2 * inner, d),
+        b13=None,
+        w2=matrix(d, inner),
+        b2=None,
+    )
+    stage = LlamaStage(args, LayerRange(0, 1), [block], None, None, None)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        micros = stage.decode_micros(SAVING_STEPS, SAVING_POSITION)
+    finally:
+        torch.set_num_threads(before)
+    if micros is None:  # the compiled layers do not apply: nothing to weigh
+        return FUSED_SLACK_US
+    saving = max(0.0, (micros[0] - micros[1]) / 4)
+    log.info(
+        "the compiled layers save %.0f us per matrix of %s (us per step: %s)", saving, dims, micros
+    )
+    return saving
 
 
 def stage_bytes(stage: LlamaStage) -> int:
