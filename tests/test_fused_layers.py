@@ -568,11 +568,30 @@ def test_an_embedding_table_the_bytes_path_cannot_read_row_by_row_is_left_to_tor
 
 def test_the_saving_per_matrix_is_measured_on_layers_shaped_as_the_models() -> None:
     """Both paths run the same blocked products, so what torch's operations cost beyond
-    the compiled call is the call's saving: positive wherever the call applies, and the
-    default where it does not (fp16 compute)."""
-    assert llama_load.fused_saving_us(BASE, 1) > 0
-    fp16 = dataclasses.replace(BASE, dtype=torch.float16, dim=48)
-    assert llama_load.fused_saving_us(fp16, 1) == lin.FUSED_SLACK_US
+    the compiled call is the call's saving: measured wherever the call applies (fp32,
+    bf16, int8 matrices, grouped-query), nothing where it cannot run (fp16 compute)."""
+    for args in (BASE, VARIANTS["grouped-query"], dataclasses.replace(BASE, quantization="int8"),
+                 dataclasses.replace(BASE, dtype=torch.bfloat16)):  # fmt: skip
+        assert fused_layers.could_plan(args)
+        assert llama_load.fused_saving_us(args, 1) > 0, args
+    fp16 = dataclasses.replace(BASE, dtype=torch.float16)
+    assert not fused_layers.could_plan(fp16) and llama_load.fused_saving_us(fp16, 1) == 0.0
+
+
+def test_the_saving_is_timed_on_a_real_layer_both_ways(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[float, float] | None] = []
+    timed = LlamaStage.decode_micros
+
+    def spy(stage: LlamaStage, steps: int, position: int) -> tuple[float, float] | None:
+        seen.append(timed(stage, steps, position))
+        return seen[-1]
+
+    monkeypatch.setattr(LlamaStage, "decode_micros", spy)
+    args = dataclasses.replace(BASE, dim=80)  # a shape no other test measures
+    saving = llama_load.fused_saving_us(args, 1)
+    assert len(seen) == 1 and seen[0] is not None
+    torch_us, compiled_us = seen[0]
+    assert torch_us > compiled_us > 0 and saving == pytest.approx((torch_us - compiled_us) / 4)
 
 
 @pytest.mark.parametrize(("saving_us", "fused"), [(80.0, True), (20.0, False)])

@@ -251,12 +251,12 @@ def test_no_kernel_is_compiled_after_load_whatever_the_rows_and_threads(
 def test_the_copies_overflow_this_machines_last_level_cache() -> None:
     """Twice the L3 sysfs reports, not a fixed 64 MiB: a Xeon's 105 MB L3 timed every
     candidate from the cache (a review)."""
-    l3 = lin.last_level_cache_bytes()
-    assert lin.cold_bytes(l3) == lin.COLD_BYTES
+    l3 = native.last_level_cache_bytes()
+    assert native.cold_bytes(l3) == lin.COLD_BYTES
     # counted up to L3_COUNTED_MAX: a VM gives its host socket's L3 (480 MiB, Intel Xeon)
-    assert lin.cold_bytes(32 << 20) == 64 << 20
-    assert lin.cold_bytes(480 << 20) == 2 * lin.L3_COUNTED_MAX == 128 << 20
-    assert lin.cold_bytes(None) == 64 << 20
+    assert native.cold_bytes(32 << 20) == 64 << 20
+    assert native.cold_bytes(480 << 20) == 2 * native.L3_COUNTED_MAX == 128 << 20
+    assert native.cold_bytes(None) == 64 << 20
     if Path("/sys/devices/system/cpu/cpu0/cache/index3/size").is_file():
         assert l3 is not None and l3 >= 1 << 20
 
@@ -307,4 +307,4 @@ def test_timing_a_weights_candidates_holds_a_bounded_few_copies(
     monkeypatch.setattr(lin, "cold_copies", counted)
     monkeypatch.setattr(lin, "_CHOSEN", {})
     lin.prepare(torch.randn(3072, 768), FP32)
-    assert len(made) >= 2 and all(m <= 2 * lin.L3_COUNTED_MAX for m in made), made
+    assert len(made) >= 2 and all(m <= 2 * native.L3_COUNTED_MAX for m in made), made

@@ -227,13 +227,17 @@ def test_the_process_runs_the_build_its_timing_chose(
         timed.append(set(built))
         return {name: 100.0 if name == faster else 10.0 for name in built}
 
+    remembered: list[dict[str, float]] = []
     monkeypatch.setattr(native, "_stream_rates", rates)
-    native._chosen.cache_clear()
+    monkeypatch.setattr(native, "_remembered", lambda _record, _names: None)
+    monkeypatch.setattr(native, "_remember", lambda _record, gbs: remembered.append(gbs))
+    native._chosen.cache_clear()  # the process's choice is made again by the next user
     native._kernels.cache_clear()
     try:
         choice = native.stream_choice()
         lib = native.library()
         assert choice is not None and choice.name == faster and timed == [set(native.STREAMS)]
+        assert remembered == [choice.gbs]
         assert lib is not None and lib._name == str(native._build(native.STREAMS[faster]))
         w, x = torch.randn(40, 64), torch.randn(2, 64)
         torch.testing.assert_close(native.blocked_linear(x, native.block(w)), F.linear(x, w))
@@ -248,3 +252,35 @@ def test_the_load_time_timing_reads_every_build() -> None:
         {name: ctypes.CDLL(str(native._build(flags))) for name, flags in native.STREAMS.items()}
     )
     assert set(rates) == set(native.STREAMS) and all(r > 0.1 for r in rates.values())
+
+
+@needs_compiler
+def test_a_remembered_timing_is_not_timed_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Which prefetch streams faster is the CPU's: a later process takes the record."""
+
+    def rates(_built: object) -> dict[str, float]:
+        raise AssertionError("timed again")
+
+    record = {name: 100.0 if name == "t2" else 10.0 for name in native.STREAMS}
+    monkeypatch.setattr(native, "_stream_rates", rates)
+    monkeypatch.setattr(native, "_remembered", lambda _record, _names: record)
+    native._chosen.cache_clear()
+    native._kernels.cache_clear()
+    try:
+        choice = native.stream_choice()
+        assert choice is not None and choice.name == "t2" and choice.gbs == record
+    finally:
+        native._chosen.cache_clear()
+        native._kernels.cache_clear()
+
+
+def test_a_record_is_read_back_and_a_foreign_or_broken_one_is_not(tmp_path: Path) -> None:
+    record = tmp_path / "stream-x.json"
+    native._remember(record, {"nta": 12.5, "t2": 24.0})
+    assert native._remembered(record, {"nta", "t2"}) == {"nta": 12.5, "t2": 24.0}
+    assert native._remembered(record, {"nta", "t3"}) is None  # other builds
+    for text in ("{", "[1, 2]", '{"nta": "fast", "t2": 24.0}', '{"nta": -1.0, "t2": 24.0}'):
+        record.write_text(text)
+        assert native._remembered(record, {"nta", "t2"}) is None, text
+    assert native._remembered(tmp_path / "absent.json", {"nta", "t2"}) is None
+    assert [p.name for p in tmp_path.iterdir()] == ["stream-x.json"]  # no temporary left

@@ -69,15 +69,22 @@ class FusedLayers:
         object.__setattr__(self, "table_address", int(self.table.data_ptr()))
 
 
-def plan(args: LlamaArgs, blocks: Sequence[Block]) -> FusedLayers | None:
-    """The stage's table, or None where the compiled call does not apply."""
-    if args.dtype not in DTYPES or args.activation not in ACTIVATIONS or not blocks:
-        return None
+def could_plan(args: LlamaArgs) -> bool:
+    """Whether layers of this architecture and precision can run in the compiled call,
+    their matrices blocked: what `plan` asks of the args alone."""
+    if args.dtype not in DTYPES or args.activation not in ACTIVATIONS:
+        return False
     weights = torch.int8 if args.quantization == "int8" else args.dtype
     if not (native.available(args.dtype) and native.available(weights)):
+        return False
+    return not (args.head_dim % 2 or args.n_heads % args.n_kv_heads)
+
+
+def plan(args: LlamaArgs, blocks: Sequence[Block]) -> FusedLayers | None:
+    """The stage's table, or None where the compiled call does not apply."""
+    if not blocks or not could_plan(args):
         return None
-    if args.head_dim % 2 or args.n_heads % args.n_kv_heads:
-        return None
+    weights = torch.int8 if args.quantization == "int8" else args.dtype
     lib = native.library()
     if lib is None:
         return None

@@ -55,13 +55,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from butterfly.runtime import native
-from butterfly.runtime.native import BlockedWeight
+from butterfly.runtime.native import BlockedWeight, cold_bytes, last_level_cache_bytes
 from butterfly.runtime.precision import Precision, int8_weight_kernel_available, quantize_int8
 from butterfly.types.errors import UnsupportedPrecision
 
@@ -98,40 +97,6 @@ FUSED_MARGIN = 1.10
 # of the stage on torch's operations: 31-32 ms a token against 24-25 (thirtieth session).
 FUSED_SLACK_US = 30.0
 CALLS = 4  # products per round
-
-
-def last_level_cache_bytes() -> int | None:
-    """The size of CPU 0's last-level cache, from sysfs (None where it does not say)."""
-    best: tuple[int, int] | None = None
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-        try:
-            level = int((index / "level").read_text())
-            size = (index / "size").read_text().strip()
-        except (OSError, ValueError):
-            continue
-        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-        scale = units.get(size[-1:].upper(), 1)
-        digits = size[:-1] if size[-1:].upper() in units else size
-        if digits.isdigit() and (best is None or level > best[0]):
-            best = (level, int(digits) * scale)
-    return None if best is None else best[1]
-
-
-L3_COUNTED_MAX = 64 << 20
-"""The most of the last-level cache that `COLD_BYTES` counts. A VM's sysfs gives its
-host socket's whole L3, of which its few vCPUs see a share: the Intel Xeon VM of
-2026-12-07 (2 vCPUs) reported 480 MiB, so a candidate was timed over 960 MiB of copies
-and loading one 9 MiB weight held 2.9 GB more for its three candidates at once (a
-review); a node sized to its stage could be killed at load. Its decode read the 434 MB
-small model at 23 GB/s, a memory's rate, not an L3's."""
-
-
-def cold_bytes(l3: int | None) -> int:
-    """Bytes of copies a candidate is timed over, for an L3 of `l3` bytes: twice it (64
-    MiB where sysfs does not say: twice the 32 MiB L3 of the AMD EPYC this was first
-    measured on), so the weight comes from memory; a fixed 64 MiB left a Xeon's 105 MB L3
-    timing from cache. Counted up to `L3_COUNTED_MAX`."""
-    return 2 * min(l3 or 32 << 20, L3_COUNTED_MAX)
 
 
 COLD_BYTES = cold_bytes(last_level_cache_bytes())

@@ -133,7 +133,10 @@ class LlamaStage:
         rope = [self._rope(position, 1)]
         torch_cache, compiled_cache = self.new_cache(), self.new_cache()
         for cache in (torch_cache, compiled_cache):
-            cache.advance(position)  # zero keys and values before the row
+            cache.reserve(position + 1)
+            for t in (*cache.storage.keys, *cache.storage.values):
+                t.zero_()  # its storage is torch.empty: no stray NaN or denormal to time
+            cache.advance(position)
         best = [math.inf, math.inf]
         with torch.inference_mode():
             for _ in range(steps):  # each step writes the same position again: the same work

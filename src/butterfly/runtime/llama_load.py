@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from butterfly.runtime import native
-from butterfly.runtime.linear import FUSED_SLACK_US, Weight, decode_threads, prepare, weight_bytes
+from butterfly.runtime import fused_layers, native
+from butterfly.runtime.linear import Weight, decode_threads, prepare, weight_bytes
 from butterfly.runtime.llama import LlamaStage
 from butterfly.runtime.llama_args import Block, LlamaArgs, layer_infos
 from butterfly.runtime.precision import Precision
@@ -68,6 +68,7 @@ def load_stage(reader: CheckpointReader, args: LlamaArgs, layers: LayerRange) ->
         wanted.append(("model.norm.weight", (d,)))
         if head_name != embed_name or not first:
             wanted.append((head_name, (args.vocab_size, d)))
+    slack = fused_saving_us(args, decode_threads())  # before the stage's own weights
     w = reader.read_many(wanted)
     precision = args.precision
 
@@ -81,9 +82,7 @@ def load_stage(reader: CheckpointReader, args: LlamaArgs, layers: LayerRange) ->
         )  # fmt: skip
 
     blocks = []
-    fusable: dict[str, Any] = {"precision": precision, "fusable": True}  # fused_layers.py
-    if native.available():
-        fusable["fused_slack_us"] = fused_saving_us(args, decode_threads())
+    fusable: dict[str, Any] = {"precision": precision, "fusable": True, "fused_slack_us": slack}
     for i, n in enumerate(layers):
         reader.progress("pack", i, len(layers))
         p, m = f"model.layers.{n}.self_attn", f"model.layers.{n}.mlp"
@@ -122,34 +121,39 @@ SAVING_POSITION = 64  # the decode row attends to this many cached positions
 def fused_saving_us(args: LlamaArgs, threads: int) -> float:
     """Microseconds the compiled layers save per matrix over torch's operations for
     layers shaped as `args`' on this machine, on `threads` torch threads (once per
-    process and shape, `_saving_us`). It is what a `blocked` product may lose to the
-    fastest and still be kept (runtime/linear.py `FUSED_SLACK_US`): about 35 us for
-    the tiny model's matrices on the AMD EPYC, about 150 for the small model's on the
-    Intel Xeon, whose thread team wakes slowly for each of torch's operations."""
-    return _saving_us(
-        (args.dim, args.n_heads, args.n_kv_heads, args.head_dim, args.intermediate),
-        args.activation,
-        args.dtype,
-        threads,
-    )
+    process and shape, `_saving_us`); 0 where they cannot run such layers. It is what a
+    `blocked` product may lose to the fastest and still be kept (runtime/linear.py
+    `FUSED_SLACK_US`): about 35 us for the tiny model's matrices on the AMD EPYC, 179
+    for the small model's on the Intel Xeon, whose thread team wakes slowly for each of
+    torch's operations."""
+    weights = torch.int8 if args.quantization == "int8" else args.dtype
+    if not fused_layers.could_plan(args) or not native.available(weights):
+        return 0.0
+    dims = (args.dim, args.n_heads, args.n_kv_heads, args.head_dim, args.intermediate)
+    return _saving_us(dims, args.activation, args.precision, threads)
 
 
 @functools.cache
 def _saving_us(
-    dims: tuple[int, int, int, int, int], activation: str, dtype: torch.dtype, threads: int
+    dims: tuple[int, int, int, int, int], activation: str, precision: Precision, threads: int
 ) -> float:
-    """One layer of these dimensions, its matrices blocked and filled with a constant
-    (no generator: a large model's layer is filled at memset speed), a decode row at
-    `SAVING_POSITION` timed on torch's operations and in the compiled call: both run the
-    same products, so the difference is what the call saves. Holds one more layer's
-    weights while it runs."""
+    """One layer of these dimensions, its matrices blocked in `precision` and filled with
+    constants (no generator: a large model's layer is filled at memset speed), a decode
+    row at `SAVING_POSITION` timed on torch's operations and in the compiled call: both
+    run the same products, so the difference is what the call saves. Holds one layer's
+    weights while it runs, before the stage's own are read."""
     d, heads, kv_heads, head_dim, inner = dims
+    dtype = precision.dtype
     args = LlamaArgs(vocab_size=2, dim=d, n_layers=1, n_heads=heads, n_kv_heads=kv_heads,
                      head_dim=head_dim, intermediate=inner, norm_eps=1e-5, rope_theta=1e4,
                      rope_scaling=(), max_context=SAVING_POSITION + 1, tie_embeddings=False,
-                     activation=activation, dtype=dtype)  # fmt: skip
+                     activation=activation, dtype=dtype,
+                     quantization=precision.quantization)  # fmt: skip
 
     def matrix(rows: int, cols: int) -> Weight:
+        if precision.quantization == "int8":
+            q = torch.ones(rows, cols, dtype=torch.int8)
+            return native.block_int8(q, torch.full((rows,), cols**-0.5, dtype=dtype))
         return native.block(torch.full((rows, cols), cols**-0.5, dtype=dtype))
 
     q_out, kv_out = heads * head_dim, kv_heads * head_dim
@@ -172,12 +176,11 @@ def _saving_us(
         micros = stage.decode_micros(SAVING_STEPS, SAVING_POSITION)
     finally:
         torch.set_num_threads(before)
-    if micros is None:  # the compiled layers do not apply: nothing to weigh
-        return FUSED_SLACK_US
+    if micros is None:  # the compiled layers disagree with torch's here: never used
+        return 0.0
     saving = max(0.0, (micros[0] - micros[1]) / 4)
-    log.info(
-        "the compiled layers save %.0f us per matrix of %s (us per step: %s)", saving, dims, micros
-    )
+    log.info("the compiled layers save %.0f us per matrix of %s %s (us a step: %s)",
+             saving, dims, precision.name, micros)  # fmt: skip
     return saving
 
 

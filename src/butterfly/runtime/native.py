@@ -35,6 +35,7 @@ import contextlib
 import ctypes
 import functools
 import hashlib
+import json
 import logging
 import math
 import mmap
@@ -79,7 +80,6 @@ streamed as fast as without the hint on the AMD EPYC, yet four node processes sh
 cores ran 0.90-0.93x the time per token with it, the weights no longer flushing the
 caches the nodes' Python runs on. A one-process timing cannot see that gain."""
 STREAM_MARGIN = 1.15
-STREAM_PROBE_BYTES = 48 << 20  # past the AMD EPYC's 32 MiB L3; 4x slower on the Xeon at 64
 STREAM_ROUNDS = 5
 
 # x, M, K, w, NB, y; the int8 product returns -1 where it had no scratch memory
@@ -178,6 +178,42 @@ def empty_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype = torch.float
     return torch.frombuffer(area, dtype=dtype, count=count, offset=offset).view(shape)
 
 
+def last_level_cache_bytes() -> int | None:
+    """The size of CPU 0's last-level cache, from sysfs (None where it does not say)."""
+    best: tuple[int, int] | None = None
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            level = int((index / "level").read_text())
+            size = (index / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        scale = units.get(size[-1:].upper(), 1)
+        digits = size[:-1] if size[-1:].upper() in units else size
+        if digits.isdigit() and (best is None or level > best[0]):
+            best = (level, int(digits) * scale)
+    return None if best is None else best[1]
+
+
+L3_COUNTED_MAX = 64 << 20
+"""The most of the last-level cache that `cold_bytes` counts (runtime/linear.py `COLD_BYTES`, and
+the stream timing here). A VM's sysfs gives its
+host socket's whole L3, of which its few vCPUs see a share: the Intel Xeon VM of
+2026-12-07 (2 vCPUs) reported 480 MiB, so a candidate was timed over 960 MiB of copies
+and loading one 9 MiB weight held 2.9 GB more for its three candidates at once (a
+review); a node sized to its stage could be killed at load. Its decode read the 434 MB
+small model at 23 GB/s, a memory's rate, not an L3's."""
+
+
+def cold_bytes(l3: int | None) -> int:
+    """Bytes a kernel is timed over so that it reads them from memory, as decode does
+    (runtime/linear.py's candidates, `_stream_rates`), for an L3 of `l3` bytes: twice it (64
+    MiB where sysfs does not say: twice the 32 MiB L3 of the AMD EPYC this was first
+    measured on), so the weight comes from memory; a fixed 64 MiB left a Xeon's 105 MB L3
+    timing from cache. Counted up to `L3_COUNTED_MAX`."""
+    return 2 * min(l3 or 32 << 20, L3_COUNTED_MAX)
+
+
 @dataclass(frozen=True)
 class StreamChoice:
     """The build this process uses, and each build's fp32 stream rate at load (GB/s;
@@ -254,36 +290,87 @@ def _library() -> ctypes.CDLL | None:
 @functools.cache
 def _chosen() -> tuple[StreamChoice, ctypes.CDLL] | None:
     """Every build of `STREAMS` loaded, timed against the others, and the one
-    `choose_stream` picks kept; once per process."""
+    `choose_stream` picks kept; once per process, the timing once per set of builds
+    (`_remembered`)."""
     built: dict[str, ctypes.CDLL] = {}
+    paths: list[str] = []
     for name, flags in STREAMS.items():
         try:
-            built[name] = ctypes.CDLL(str(_build(flags)))
+            path = _build(flags)
+            lib = ctypes.CDLL(str(path))
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             log.info("blocked kernel (%s) not available: %s", name, e)
+            continue
+        if _agrees(_declared(lib, torch.float32), torch.float32):  # else the other build
+            built[name] = lib
+            paths.append(path.name)
+        else:
+            log.warning("the %s build's fp32 product disagrees with F.linear; not used", name)
     if not built:
         return None
-    gbs = _stream_rates(built) if len(built) > 1 else {}
-    name = choose_stream(gbs) if gbs else next(iter(built))
-    log.info("blocked kernels: the %s build (fp32 stream at load, GB/s: %s)", name, gbs)
+    if len(built) == 1:
+        return StreamChoice(next(iter(built)), {}), next(iter(built.values()))
+    record = (
+        _cache_dir() / f"stream-{hashlib.sha256(' '.join(paths).encode()).hexdigest()[:20]}.json"
+    )
+    gbs = _remembered(record, set(built))
+    if gbs is None:
+        gbs = _stream_rates(built)
+        _remember(record, gbs)
+    name = choose_stream(gbs)
+    log.info("blocked kernels: the %s build (fp32 stream, GB/s: %s; %s)", name, gbs, record)
     return StreamChoice(name, gbs), built[name]
 
 
+def _remembered(record: Path, names: set[str]) -> dict[str, float] | None:
+    """The rates timed for these builds by an earlier process, None if none are on record
+    (or the record is not one). Why remembered: the timing fills and streams twice the
+    L3's bytes (up to 128 MiB), 0.35 s at every node's start on the Intel Xeon, and which
+    prefetch streams faster is a property of the CPU the builds are keyed by, not of the
+    hour. Delete the record (beside the builds) to time again."""
+    try:
+        gbs = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(gbs, dict) or set(gbs) != names:
+        return None
+    if not all(isinstance(v, float) and v > 0 for v in gbs.values()):
+        return None
+    return gbs
+
+
+def _remember(record: Path, gbs: dict[str, float]) -> None:
+    """Written whole and renamed into place, as the builds are."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=record.parent, suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(gbs, f)
+        os.replace(tmp, record)
+    except OSError as e:
+        log.info("the stream timing is not remembered: %s", e)
+
+
 def _stream_rates(built: Mapping[str, ctypes.CDLL]) -> dict[str, float]:
-    """Each build's fp32 product over `STREAM_PROBE_BYTES` of blocked weight, on the
-    calling thread's torch threads: its best of `STREAM_ROUNDS`, the builds taking turns."""
+    """Each build's fp32 product over `cold_bytes` of blocked weight, on as many torch
+    threads as this process may use (decode's; a node loads on one): its best of
+    `STREAM_ROUNDS`, the builds taking turns."""
     width = 768
-    nblocks = STREAM_PROBE_BYTES // (width * BLOCK * 4)
+    nblocks = cold_bytes(last_level_cache_bytes()) // (width * BLOCK * 4)
     blocks = empty_on_huge_pages((nblocks, width, BLOCK)).fill_(0.5)  # touched, no denormals
     x, y = torch.full((1, width), 0.25), torch.empty(1, nblocks * BLOCK)
     products = {name: _declared(lib, torch.float32) for name, lib in built.items()}
     ptrs = (x.data_ptr(), 1, width, blocks.data_ptr(), nblocks, y.data_ptr())
     best = dict.fromkeys(built, math.inf)
-    for _ in range(STREAM_ROUNDS + 1):  # the first round warms
-        for name, product in products.items():
-            start = time.perf_counter()
-            product(*ptrs)
-            best[name] = min(best[name], time.perf_counter() - start)
+    before = torch.get_num_threads()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    try:
+        for _ in range(STREAM_ROUNDS + 1):  # the first round warms
+            for name, product in products.items():
+                start = time.perf_counter()
+                product(*ptrs)
+                best[name] = min(best[name], time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(before)
     return {name: round(blocks.nbytes / t / 1e9, 2) for name, t in best.items()}
 
 
@@ -369,8 +456,8 @@ def _private(path: Path) -> bool:
 def _build(stream: tuple[str, ...] = STREAMS[CACHE_SPARING]) -> Path:
     """The library's path built with `stream`'s flags, compiling it first if this source,
     these flags and this CPU have no build yet. Concurrent builders (node processes
-    starting together) each write
-    a file of their own and rename it into place, so none reads a half-written one."""
+    starting together) each write a file of their own and rename it into place, so none
+    reads a half-written one."""
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler (cc or $CC) on PATH")
