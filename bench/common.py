@@ -98,7 +98,7 @@ def cpu() -> dict[str, Any]:
 
 def l3_bytes() -> int | None:
     """The last-level cache of CPU 0, from sysfs (None where it does not say)."""
-    from butterfly.runtime.linear import last_level_cache_bytes
+    from butterfly.runtime.native import last_level_cache_bytes
 
     return last_level_cache_bytes()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import shutil
 import threading
@@ -587,7 +588,10 @@ def test_the_saving_is_timed_on_a_real_layer_both_ways(monkeypatch: pytest.Monke
         return seen[-1]
 
     monkeypatch.setattr(LlamaStage, "decode_micros", spy)
-    args = dataclasses.replace(BASE, dim=80)  # a shape no other test measures
+    monkeypatch.setattr(
+        llama_load, "_saving_us", functools.cache(llama_load._saving_us.__wrapped__)
+    )
+    args = dataclasses.replace(BASE, dim=80)
     saving = llama_load.fused_saving_us(args, 1)
     assert len(seen) == 1 and seen[0] is not None
     torch_us, compiled_us = seen[0]
@@ -611,3 +615,18 @@ def test_a_loaded_stage_keeps_blocked_matrices_losing_less_than_the_measured_sav
     matrices = [m for blk in stage.blocks for m in (blk.wqkv, blk.wo, blk.w13, blk.w2)]
     assert all(isinstance(m, native.BlockedWeight) == fused for m in matrices)
     assert (stage._fused is not None) == fused
+
+
+def test_a_stage_the_compiled_layers_cannot_run_takes_the_fastest_product(
+    monkeypatch: pytest.MonkeyPatch, tiny_model: Path
+) -> None:
+    """Blocked within 10% of plain is kept only for the call's sake: where the call
+    cannot run the layers (could_plan false: an odd head size, say), plain wins."""
+    monkeypatch.setattr(lin, "_CHOSEN", {})
+    monkeypatch.setattr(fused_layers, "could_plan", lambda _args: False)
+    times = {"plain": 100.0, "blocked": 105.0}
+    monkeypatch.setattr(lin, "time_decode", lambda built, _p: {k: times.get(k, 9e9) for k in built})
+    stage = load_stage(tiny_model, LayerRange(1, 3))
+    assert isinstance(stage, LlamaStage) and stage._fused is None
+    matrices = [m for blk in stage.blocks for m in (blk.wqkv, blk.wo, blk.w13, blk.w2)]
+    assert not any(isinstance(m, native.BlockedWeight) for m in matrices)

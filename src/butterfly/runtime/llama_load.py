@@ -82,7 +82,9 @@ def load_stage(reader: CheckpointReader, args: LlamaArgs, layers: LayerRange) ->
         )  # fmt: skip
 
     blocks = []
-    fusable: dict[str, Any] = {"precision": precision, "fusable": True, "fused_slack_us": slack}
+    # fused_layers.py: only where the compiled layers can run these layers at all
+    fusable: dict[str, Any] = {"precision": precision, "fused_slack_us": slack}
+    fusable["fusable"] = fused_layers.could_plan(args)
     for i, n in enumerate(layers):
         reader.progress("pack", i, len(layers))
         p, m = f"model.layers.{n}.self_attn", f"model.layers.{n}.mlp"
@@ -126,8 +128,7 @@ def fused_saving_us(args: LlamaArgs, threads: int) -> float:
     `FUSED_SLACK_US`): about 35 us for the tiny model's matrices on the AMD EPYC, 179
     for the small model's on the Intel Xeon, whose thread team wakes slowly for each of
     torch's operations."""
-    weights = torch.int8 if args.quantization == "int8" else args.dtype
-    if not fused_layers.could_plan(args) or not native.available(weights):
+    if not fused_layers.could_plan(args):
         return 0.0
     dims = (args.dim, args.n_heads, args.n_kv_heads, args.head_dim, args.intermediate)
     return _saving_us(dims, args.activation, args.precision, threads)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import functools
 import hashlib
 import json
@@ -80,6 +81,7 @@ streamed as fast as without the hint on the AMD EPYC, yet four node processes sh
 cores ran 0.90-0.93x the time per token with it, the weights no longer flushing the
 caches the nodes' Python runs on. A one-process timing cannot see that gain."""
 STREAM_MARGIN = 1.15
+TIE, CLEAR = 1.05, 1.3  # timings kept for later processes (`decisive`): the Xeon's is 1.8
 STREAM_ROUNDS = 5
 
 # x, M, K, w, NB, y; the int8 product returns -1 where it had no scratch memory
@@ -216,11 +218,12 @@ def cold_bytes(l3: int | None) -> int:
 
 @dataclass(frozen=True)
 class StreamChoice:
-    """The build this process uses, and each build's fp32 stream rate at load (GB/s;
-    empty where only one was built)."""
+    """The build this process uses, and each build's fp32 stream rate (GB/s; empty where
+    only one was built): timed at this load, or `remembered` from an earlier one."""
 
     name: str
     gbs: dict[str, float]
+    remembered: bool
 
 
 def choose_stream(gbs: Mapping[str, float]) -> str:
@@ -309,17 +312,32 @@ def _chosen() -> tuple[StreamChoice, ctypes.CDLL] | None:
     if not built:
         return None
     if len(built) == 1:
-        return StreamChoice(next(iter(built)), {}), next(iter(built.values()))
-    record = (
-        _cache_dir() / f"stream-{hashlib.sha256(' '.join(paths).encode()).hexdigest()[:20]}.json"
-    )
-    gbs = _remembered(record, set(built))
-    if gbs is None:
-        gbs = _stream_rates(built)
-        _remember(record, gbs)
+        return StreamChoice(next(iter(built)), {}, False), next(iter(built.values()))
+    key = hashlib.sha256(" ".join(paths).encode()).hexdigest()[:20]
+    record = _cache_dir() / f"stream-{key}.json"
+    with open(record.with_suffix(".lock"), "a") as lock:  # node processes start together:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one times, alone, and the others read its record
+        gbs = _remembered(record, set(built))
+        remembered = gbs is not None
+        if gbs is None:
+            gbs = _stream_rates(built)
+            if decisive(gbs):
+                _remember(record, gbs)
     name = choose_stream(gbs)
     log.info("blocked kernels: the %s build (fp32 stream, GB/s: %s; %s)", name, gbs, record)
-    return StreamChoice(name, gbs), built[name]
+    return StreamChoice(name, gbs, remembered), built[name]
+
+
+def decisive(gbs: Mapping[str, float]) -> bool:
+    """Whether a timing is clear enough to keep for later processes: the cache-sparing
+    build at least about as fast as the best (within `TIE`), or the best clearly past
+    the margin (`CLEAR`). A timing near the margin, which another process's load or the
+    hour can tip, decides for this process only, and the next one times again."""
+    spare = gbs.get(CACHE_SPARING)
+    if spare is None:
+        return True
+    best = max(gbs.values())
+    return best <= TIE * spare or best >= CLEAR * spare
 
 
 def _remembered(record: Path, names: set[str]) -> dict[str, float] | None:
@@ -327,7 +345,8 @@ def _remembered(record: Path, names: set[str]) -> dict[str, float] | None:
     (or the record is not one). Why remembered: the timing fills and streams twice the
     L3's bytes (up to 128 MiB), 0.35 s at every node's start on the Intel Xeon, and which
     prefetch streams faster is a property of the CPU the builds are keyed by, not of the
-    hour. Delete the record (beside the builds) to time again."""
+    hour; only a clear timing is kept (`decisive`). Delete the record (beside the
+    builds) to time again."""
     try:
         gbs = json.loads(record.read_text())
     except (OSError, ValueError):
@@ -352,8 +371,9 @@ def _remember(record: Path, gbs: dict[str, float]) -> None:
 
 def _stream_rates(built: Mapping[str, ctypes.CDLL]) -> dict[str, float]:
     """Each build's fp32 product over `cold_bytes` of blocked weight, on as many torch
-    threads as this process may use (decode's; a node loads on one): its best of
-    `STREAM_ROUNDS`, the builds taking turns."""
+    threads as this process has CPUs (a node loads on one thread, and decodes on its
+    CPUs unless `resources.threads` says fewer): its best of `STREAM_ROUNDS`, the builds
+    taking turns."""
     width = 768
     nblocks = cold_bytes(last_level_cache_bytes()) // (width * BLOCK * 4)
     blocks = empty_on_huge_pages((nblocks, width, BLOCK)).fill_(0.5)  # touched, no denormals
