@@ -33,23 +33,35 @@ from butterfly.protocol.keys import KEY_FILE, load_or_create_key
 CHILD_ENV = {"GOMP_SPINCOUNT": "20000"}
 
 
-def free_ports(n: int, host: str = "127.0.0.1", avoid: frozenset[int] = frozenset()) -> list[int]:
-    """`n` distinct free ports, none in `avoid`.
+PORTS_LOW, PORTS_HIGH = 20000, 32000  # below Linux's default ephemeral range, 32768-60999
 
-    `avoid` matters because a port chosen earlier and released (the API's) is free again
-    and the kernel may hand it out here; a node listening on the API's port refuses to
-    start (CI once saw exactly that).
-    """
+
+def free_ports(
+    n: int,
+    host: str = "127.0.0.1",
+    avoid: frozenset[int] = frozenset(),
+    rng: random.Random | None = None,
+) -> list[int]:
+    """`n` distinct free ports, none in `avoid`, below the kernel's ephemeral range (as
+    `free_port_block`'s): a port the kernel hands out for port 0 is one any outgoing
+    connection may take next, before the node binds it. CI saw a node refuse to start
+    for that reason (a test's client had the node's listen port); before that, the API's
+    port, chosen and released first, came back as a node's (hence `avoid`)."""
+    rng = rng or random.Random()
     socks: list[socket.socket] = []
     try:
         ports: list[int] = []
-        for _ in range(n + len(avoid) + 1):  # each avoided port can come back once at most
+        for _ in range(200 + n):
+            port = rng.randrange(PORTS_LOW, PORTS_HIGH)
+            if port in avoid or port in ports:
+                continue
             s = socket.socket()
-            s.bind((host, 0))
-            socks.append(s)  # held until the end, so no port comes back twice
-            port = s.getsockname()[1]
-            if port not in avoid:
-                ports.append(port)
+            socks.append(s)  # held until the end: each one really free at once
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            ports.append(port)
             if len(ports) == n:
                 return ports
         raise RuntimeError(f"could not find {n} free ports on {host} outside {sorted(avoid)}")
@@ -91,7 +103,7 @@ def node_doc(
 
 
 def free_port_block(
-    count: int, host: str = "127.0.0.1", low: int = 20000, high: int = 32000
+    count: int, host: str = "127.0.0.1", low: int = PORTS_LOW, high: int = PORTS_HIGH
 ) -> int:
     """The first of `count` consecutive free ports, below the kernel's ephemeral range.
 
