@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from butterfly.runtime import linear as lin
-from butterfly.runtime import native
+from butterfly.runtime import native, native_build
 from butterfly.runtime.precision import FP32, Precision
 
 needs_compiler = pytest.mark.skipif(
@@ -70,9 +70,9 @@ def test_refuses_what_it_cannot_compute() -> None:
 
 
 def test_no_compiler_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(native.shutil, "which", lambda _name: None)
+    monkeypatch.setattr(native_build.shutil, "which", lambda _name: None)
     with pytest.raises(RuntimeError, match="no C compiler"):
-        native._build()
+        native_build.build()
 
 
 @needs_compiler
@@ -80,10 +80,10 @@ def test_a_new_cpu_builds_its_own_library(monkeypatch: pytest.MonkeyPatch, tmp_p
     """The library is compiled with -march=native, so one built on another CPU (the
     machine's CPU changes between sessions) must not be loaded here."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    first = native._build()
-    assert first.is_file() and native._build() == first  # built once, then found
-    monkeypatch.setattr(native, "_cpu_flags", lambda: "flags : some other cpu")
-    other = native._build()
+    first = native_build.build()
+    assert first.is_file() and native_build.build() == first  # built once, then found
+    monkeypatch.setattr(native_build, "cpu_flags", lambda: "flags : some other cpu")
+    other = native_build.build()
     assert other != first and other.is_file()
     assert not [p for p in other.parent.iterdir() if p.suffix == ".o" or p.name.startswith("tmp")]
 
@@ -97,8 +97,8 @@ def test_a_directory_others_may_write_to_is_not_used(
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     (tmp_path / "cache" / "butterfly" / "kernels").mkdir(parents=True)
     (tmp_path / "cache" / "butterfly" / "kernels").chmod(0o777)
-    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
-    used = native._cache_dir()
+    monkeypatch.setattr(native_build.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    used = native_build.cache_dir()
     assert used == tmp_path / "tmp" / f"butterfly-kernels-{os.getuid()}"
     assert used.stat().st_mode & 0o777 == 0o700
 
@@ -158,7 +158,7 @@ def test_a_padded_blocked_weight_counts_its_rows_not_its_padding() -> None:
 
 
 def _has_vnni() -> bool:
-    flags = native._cpu_flags().split()  # what the library's build is keyed by
+    flags = native_build.cpu_flags().split()  # what the library's build is keyed by
     return "avx512_vnni" in flags and "avx512bw" in flags
 
 
@@ -200,33 +200,33 @@ def test_an_int8_product_of_a_row_holding_nan_or_inf_is_nan_in_that_row_only() -
 
 
 def test_the_cache_sparing_build_is_kept_unless_another_streams_clearly_faster() -> None:
-    assert native.choose_stream({"nta": 15.2, "t2": 27.0}) == "t2"  # the Intel Xeon's
-    assert native.choose_stream({"nta": 30.0, "t2": 31.0}) == "nta"  # within the margin
-    assert native.choose_stream({"nta": 30.0, "t2": 20.0}) == "nta"
-    assert native.choose_stream({"t2": 5.0}) == "t2"
+    assert native_build.choose_stream({"nta": 15.2, "t2": 27.0}) == "t2"  # the Intel Xeon's
+    assert native_build.choose_stream({"nta": 30.0, "t2": 31.0}) == "nta"  # within the margin
+    assert native_build.choose_stream({"nta": 30.0, "t2": 20.0}) == "nta"
+    assert native_build.choose_stream({"t2": 5.0}) == "t2"
 
 
 def test_only_a_clear_timing_is_kept_for_later_processes() -> None:
     """One near the margin, which a loaded moment can tip either way, is not."""
-    assert native.decisive({"nta": 12.8, "t2": 23.4})  # the Intel Xeon's
-    assert native.decisive({"nta": 30.0, "t2": 31.0})  # a tie: the cache-sparing one
-    assert native.decisive({"nta": 30.0, "t2": 20.0})
-    assert not native.decisive({"nta": 30.0, "t2": 36.0})  # past the margin, not clearly
-    assert not native.decisive({"nta": 30.0, "t2": 33.0})
+    assert native_build.decisive({"nta": 12.8, "t2": 23.4})  # the Intel Xeon's
+    assert native_build.decisive({"nta": 30.0, "t2": 31.0})  # a tie: the cache-sparing one
+    assert native_build.decisive({"nta": 30.0, "t2": 20.0})
+    assert not native_build.decisive({"nta": 30.0, "t2": 36.0})  # past the margin, not clearly
+    assert not native_build.decisive({"nta": 30.0, "t2": 33.0})
 
 
 @needs_compiler
-@pytest.mark.parametrize("stream", sorted(native.STREAMS))
+@pytest.mark.parametrize("stream", sorted(native_build.STREAMS))
 def test_every_build_computes_the_same_products(stream: str) -> None:
     """Which build a process keeps depends on the CPU it runs on, so each must be right
     on any: its fp32, bf16 and int8 products against F.linear."""
-    lib = ctypes.CDLL(str(native._build(native.STREAMS[stream])))
+    lib = ctypes.CDLL(str(native_build.build(native_build.STREAMS[stream])))
     for dtype in native.SYMBOLS:
         assert native._agrees(native._declared(lib, dtype), dtype), (stream, dtype)
 
 
 @needs_compiler
-@pytest.mark.parametrize("faster", sorted(native.STREAMS))
+@pytest.mark.parametrize("faster", sorted(native_build.STREAMS))
 def test_the_process_runs_the_build_its_timing_chose(
     monkeypatch: pytest.MonkeyPatch, faster: str
 ) -> None:
@@ -238,16 +238,18 @@ def test_the_process_runs_the_build_its_timing_chose(
 
     remembered: list[dict[str, float]] = []
     monkeypatch.setattr(native, "_stream_rates", rates)
-    monkeypatch.setattr(native, "_remembered", lambda _record, _names: None)
-    monkeypatch.setattr(native, "_remember", lambda _record, gbs: remembered.append(gbs))
+    monkeypatch.setattr(native_build, "remembered", lambda _record, _names: None)
+    monkeypatch.setattr(native_build, "remember", lambda _record, gbs: remembered.append(gbs))
     native._chosen.cache_clear()  # the process's choice is made again by the next user
     native._kernels.cache_clear()
     try:
         choice = native.stream_choice()
         lib = native.library()
-        assert choice is not None and choice.name == faster and timed == [set(native.STREAMS)]
+        assert choice is not None and choice.name == faster and timed == [set(native_build.STREAMS)]
         assert remembered == [choice.gbs] and not choice.remembered
-        assert lib is not None and lib._name == str(native._build(native.STREAMS[faster]))
+        assert lib is not None and lib._name == str(
+            native_build.build(native_build.STREAMS[faster])
+        )
         w, x = torch.randn(40, 64), torch.randn(2, 64)
         torch.testing.assert_close(native.blocked_linear(x, native.block(w)), F.linear(x, w))
     finally:
@@ -258,9 +260,12 @@ def test_the_process_runs_the_build_its_timing_chose(
 @needs_compiler
 def test_the_load_time_timing_reads_every_build() -> None:
     rates = native._stream_rates(
-        {name: ctypes.CDLL(str(native._build(flags))) for name, flags in native.STREAMS.items()}
+        {
+            name: ctypes.CDLL(str(native_build.build(flags)))
+            for name, flags in native_build.STREAMS.items()
+        }
     )
-    assert set(rates) == set(native.STREAMS) and all(r > 0.1 for r in rates.values())
+    assert set(rates) == set(native_build.STREAMS) and all(r > 0.1 for r in rates.values())
 
 
 @needs_compiler
@@ -270,9 +275,9 @@ def test_a_remembered_timing_is_not_timed_again(monkeypatch: pytest.MonkeyPatch)
     def rates(_built: object) -> dict[str, float]:
         raise AssertionError("timed again")
 
-    record = {name: 100.0 if name == "t2" else 10.0 for name in native.STREAMS}
+    record = {name: 100.0 if name == "t2" else 10.0 for name in native_build.STREAMS}
     monkeypatch.setattr(native, "_stream_rates", rates)
-    monkeypatch.setattr(native, "_remembered", lambda _record, _names: record)
+    monkeypatch.setattr(native_build, "remembered", lambda _record, _names: record)
     native._chosen.cache_clear()
     native._kernels.cache_clear()
     try:
@@ -286,11 +291,11 @@ def test_a_remembered_timing_is_not_timed_again(monkeypatch: pytest.MonkeyPatch)
 
 def test_a_record_is_read_back_and_a_foreign_or_broken_one_is_not(tmp_path: Path) -> None:
     record = tmp_path / "stream-x.json"
-    native._remember(record, {"nta": 12.5, "t2": 24.0})
-    assert native._remembered(record, {"nta", "t2"}) == {"nta": 12.5, "t2": 24.0}
-    assert native._remembered(record, {"nta", "t3"}) is None  # other builds
+    native_build.remember(record, {"nta": 12.5, "t2": 24.0})
+    assert native_build.remembered(record, {"nta", "t2"}) == {"nta": 12.5, "t2": 24.0}
+    assert native_build.remembered(record, {"nta", "t3"}) is None  # other builds
     for text in ("{", "[1, 2]", '{"nta": "fast", "t2": 24.0}', '{"nta": -1.0, "t2": 24.0}'):
         record.write_text(text)
-        assert native._remembered(record, {"nta", "t2"}) is None, text
-    assert native._remembered(tmp_path / "absent.json", {"nta", "t2"}) is None
+        assert native_build.remembered(record, {"nta", "t2"}) is None, text
+    assert native_build.remembered(tmp_path / "absent.json", {"nta", "t2"}) is None
     assert [p.name for p in tmp_path.iterdir()] == ["stream-x.json"]  # no temporary left

@@ -17,16 +17,12 @@ chosen by name: on a CPU where MKL or oneDNN is faster, they win. A bf16 or int8
 is held blocked in its own type and widened to fp32 as it is loaded: a half or a quarter
 of the bytes, the same sums (int8 times each output row's scale).
 
-Built with the system C compiler (`cc`, or `$CC`) at `-O3 -march=native` into a cache
-directory keyed by the source, the flags and the CPU's flags, so a machine that changes
-CPU builds again; where no compiler is found, the candidate is absent and the others run.
-It is built once per way of fetching the weight ahead of the stream (`STREAMS`), and the
-process keeps the build that streams fastest here (`stream_choice`): on the Intel Xeon
-one of them streamed at half the rate of the other, on the AMD EPYC it had won.
-It is linked against torch's own OpenMP runtime, so its loop uses the calling thread's
-torch thread count and torch's thread team: a second runtime would start threads of its
-own that compete with torch's on the same cores. Before first use it is checked against
-`F.linear`; a library that disagrees is not used.
+Built at load for the CPU that runs it (runtime/native_build.py), once per way of
+fetching the weight ahead of the stream, and the process keeps the build that streams
+fastest here (`stream_choice`): on the Intel Xeon one of them streamed at half the rate
+of the other, on the AMD EPYC it had won. Where no compiler is found, the candidate is
+absent and the others run. Before first use it is checked against `F.linear`; a library
+that disagrees is not used.
 """
 
 from __future__ import annotations
@@ -36,14 +32,11 @@ import ctypes
 import fcntl
 import functools
 import hashlib
-import json
 import logging
 import math
 import mmap
 import os
-import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -52,12 +45,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from butterfly.runtime import native_build
+
 log = logging.getLogger(__name__)
 
-# blocked_linear.c: the product; llama_layers.c: a llama stage's layers over a few rows
-# on the same blocks (runtime/fused_layers.py). One library, built and checked as one.
-SOURCES = tuple(Path(__file__).with_name(n) for n in ("blocked_linear.c", "llama_layers.c"))
-HEADERS = (Path(__file__).with_name("vectors.h"),)  # included by both: part of the cache key
 SYMBOLS = {
     torch.float32: "butterfly_blocked_linear_f32",
     torch.bfloat16: "butterfly_blocked_linear_bf16",  # bf16 weights, fp32 rows and sums
@@ -66,22 +57,6 @@ SYMBOLS = {
 LAYERS_SYMBOL = "butterfly_llama_layers_f32"
 BLOCK = 16  # output rows per block: one 64-byte vector of fp32
 HUGE_PAGE = 2 << 20
-COMPILE_FLAGS = ("-O3", "-march=native", "-fPIC", "-fopenmp", "-std=c11", "-ffp-contract=fast")
-COMPILE_TIMEOUT_S = 120
-
-STREAMS: dict[str, tuple[str, ...]] = {
-    "nta": ("-DBUTTERFLY_HINT=0", "-DBUTTERFLY_AHEAD=2048"),
-    "t2": ("-DBUTTERFLY_HINT=1", "-DBUTTERFLY_AHEAD=4096"),
-}
-"""How the kernels fetch the weight ahead of their stream, one build each: prefetchnta
-2 KiB ahead, or prefetcht2 4 KiB ahead (blocked_linear.c says what each won where)."""
-CACHE_SPARING = "nta"
-"""Kept unless another build streams `STREAM_MARGIN` times faster: in one process it
-streamed as fast as without the hint on the AMD EPYC, yet four node processes sharing two
-cores ran 0.90-0.93x the time per token with it, the weights no longer flushing the
-caches the nodes' Python runs on. A one-process timing cannot see that gain."""
-STREAM_MARGIN = 1.15
-TIE, CLEAR = 1.05, 1.3  # timings kept for later processes (`decisive`): the Xeon's is 1.8
 STREAM_ROUNDS = 5
 
 # x, M, K, w, NB, y; the int8 product returns -1 where it had no scratch memory
@@ -216,27 +191,7 @@ def cold_bytes(l3: int | None) -> int:
     return 2 * min(l3 or 32 << 20, L3_COUNTED_MAX)
 
 
-@dataclass(frozen=True)
-class StreamChoice:
-    """The build this process uses, and each build's fp32 stream rate (GB/s; empty where
-    only one was built): timed at this load, or `remembered` from an earlier one."""
-
-    name: str
-    gbs: dict[str, float]
-    remembered: bool
-
-
-def choose_stream(gbs: Mapping[str, float]) -> str:
-    """The build to keep, from each build's measured stream rate: the fastest, unless
-    the cache-sparing one is within `STREAM_MARGIN` of it."""
-    best = max(gbs, key=lambda name: gbs[name])
-    spare = gbs.get(CACHE_SPARING)
-    if spare is not None and gbs[best] < STREAM_MARGIN * spare:
-        return CACHE_SPARING
-    return best
-
-
-def stream_choice() -> StreamChoice | None:
+def stream_choice() -> native_build.StreamChoice | None:
     """Which build this process's kernels are (None where none could be built)."""
     chosen = _chosen()
     return chosen[0] if chosen is not None else None
@@ -291,15 +246,15 @@ def _library() -> ctypes.CDLL | None:
 
 
 @functools.cache
-def _chosen() -> tuple[StreamChoice, ctypes.CDLL] | None:
-    """Every build of `STREAMS` loaded, timed against the others, and the one
-    `choose_stream` picks kept; once per process, the timing once per set of builds
-    (`_remembered`)."""
+def _chosen() -> tuple[native_build.StreamChoice, ctypes.CDLL] | None:
+    """Every build of `native_build.STREAMS` loaded, timed against the others, and the one
+    `native_build.choose_stream` picks kept; once per process, the timing once per set
+    of builds (`native_build.remembered`)."""
     built: dict[str, ctypes.CDLL] = {}
     paths: list[str] = []
-    for name, flags in STREAMS.items():
+    for name, flags in native_build.STREAMS.items():
         try:
-            path = _build(flags)
+            path = native_build.build(flags)
             lib = ctypes.CDLL(str(path))
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             log.info("blocked kernel (%s) not available: %s", name, e)
@@ -312,61 +267,20 @@ def _chosen() -> tuple[StreamChoice, ctypes.CDLL] | None:
     if not built:
         return None
     if len(built) == 1:
-        return StreamChoice(next(iter(built)), {}, False), next(iter(built.values()))
+        return native_build.StreamChoice(next(iter(built)), {}, False), next(iter(built.values()))
     key = hashlib.sha256(" ".join(paths).encode()).hexdigest()[:20]
-    record = _cache_dir() / f"stream-{key}.json"
+    record = native_build.cache_dir() / f"stream-{key}.json"
     with open(record.with_suffix(".lock"), "a") as lock:  # node processes start together:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one times, alone, and the others read its record
-        gbs = _remembered(record, set(built))
+        gbs = native_build.remembered(record, set(built))
         remembered = gbs is not None
         if gbs is None:
             gbs = _stream_rates(built)
-            if decisive(gbs):
-                _remember(record, gbs)
-    name = choose_stream(gbs)
+            if native_build.decisive(gbs):
+                native_build.remember(record, gbs)
+    name = native_build.choose_stream(gbs)
     log.info("blocked kernels: the %s build (fp32 stream, GB/s: %s; %s)", name, gbs, record)
-    return StreamChoice(name, gbs, remembered), built[name]
-
-
-def decisive(gbs: Mapping[str, float]) -> bool:
-    """Whether a timing is clear enough to keep for later processes: the cache-sparing
-    build at least about as fast as the best (within `TIE`), or the best clearly past
-    the margin (`CLEAR`). A timing near the margin, which another process's load or the
-    hour can tip, decides for this process only, and the next one times again."""
-    spare = gbs.get(CACHE_SPARING)
-    if spare is None:
-        return True
-    best = max(gbs.values())
-    return best <= TIE * spare or best >= CLEAR * spare
-
-
-def _remembered(record: Path, names: set[str]) -> dict[str, float] | None:
-    """The rates timed for these builds by an earlier process, None if none are on record
-    (or the record is not one). Why remembered: the timing fills and streams twice the
-    L3's bytes (up to 128 MiB), 0.35 s at every node's start on the Intel Xeon, and which
-    prefetch streams faster is a property of the CPU the builds are keyed by, not of the
-    hour; only a clear timing is kept (`decisive`). Delete the record (beside the
-    builds) to time again."""
-    try:
-        gbs = json.loads(record.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(gbs, dict) or set(gbs) != names:
-        return None
-    if not all(isinstance(v, float) and v > 0 for v in gbs.values()):
-        return None
-    return gbs
-
-
-def _remember(record: Path, gbs: dict[str, float]) -> None:
-    """Written whole and renamed into place, as the builds are."""
-    try:
-        fd, tmp = tempfile.mkstemp(dir=record.parent, suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(gbs, f)
-        os.replace(tmp, record)
-    except OSError as e:
-        log.info("the stream timing is not remembered: %s", e)
+    return native_build.StreamChoice(name, gbs, remembered), built[name]
 
 
 def _stream_rates(built: Mapping[str, ctypes.CDLL]) -> dict[str, float]:
@@ -440,77 +354,3 @@ def _agrees(kernel: Kernel, dtype: torch.dtype) -> bool:
             if not torch.allclose(y[:, :37], F.linear(x, w.float()), rtol=1e-4, atol=1e-4):
                 return False
     return True
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return os.uname().machine
-
-
-def _cache_dir() -> Path:
-    """Where the library is built and loaded from: a directory of this user's that no one
-    else may write to, since whatever library lies there is loaded into the node."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    shared = Path(tempfile.gettempdir()) / f"butterfly-kernels-{os.getuid()}"
-    for path in (base / "butterfly" / "kernels", shared):
-        try:
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            if _private(path):
-                return path
-        except OSError:
-            continue
-    raise RuntimeError("no private writable directory to build the blocked kernel in")
-
-
-def _private(path: Path) -> bool:
-    """Owned by this user and writable by no one else."""
-    st = path.stat()
-    return st.st_uid == os.getuid() and not st.st_mode & 0o022 and os.access(path, os.W_OK)
-
-
-def _build(stream: tuple[str, ...] = STREAMS[CACHE_SPARING]) -> Path:
-    """The library's path built with `stream`'s flags, compiling it first if this source,
-    these flags and this CPU have no build yet. Concurrent builders (node processes
-    starting together) each write a file of their own and rename it into place, so none
-    reads a half-written one."""
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if compiler is None:
-        raise RuntimeError("no C compiler (cc or $CC) on PATH")
-    torch_lib = Path(torch.__file__).parent / "lib"
-    link = ["-fopenmp", "-lm"]
-    if (torch_lib / "libgomp.so.1").exists():  # torch's own OpenMP runtime
-        link = [f"-L{torch_lib}", "-l:libgomp.so.1", f"-Wl,-rpath,{torch_lib}", "-lm"]
-    sources = [source.read_bytes() for source in (*SOURCES, *HEADERS)]
-    flags = COMPILE_FLAGS + stream
-    key = hashlib.sha256(
-        b"\0".join([*sources, " ".join(flags + tuple(link)).encode(), compiler.encode()])
-        + _cpu_flags().encode()
-    ).hexdigest()[:20]
-    cache = _cache_dir()
-    target = cache / f"blocked_linear-{key}.so"
-    if target.exists():
-        return target
-    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so")
-    os.close(fd)
-    objs = [f"{tmp}.{i}.o" for i in range(len(SOURCES))]
-    compile_cmds = [
-        [compiler, *flags, "-c", str(source), "-o", obj]
-        for source, obj in zip(SOURCES, objs, strict=True)
-    ]
-    try:
-        for cmd in [*compile_cmds, [compiler, "-shared", *objs, "-o", tmp, *link]]:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
-            if done.returncode != 0:
-                raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[:500]}")
-        os.replace(tmp, target)
-        log.info("built the blocked kernels at %s", target)
-        return target
-    finally:
-        for leftover in (tmp, *objs):
-            if os.path.exists(leftover):
-                os.unlink(leftover)
