@@ -17,6 +17,7 @@ from butterfly.runtime.llama import LlamaStage
 from butterfly.runtime.llama_args import Block, LlamaArgs, layer_infos
 from butterfly.runtime.precision import Precision
 from butterfly.runtime.stage import Family
+from butterfly.runtime.torch_thread import threads as torch_threads
 from butterfly.runtime.weights import CheckpointReader
 from butterfly.types.model import LayerRange
 
@@ -171,12 +172,8 @@ def _saving_us(
         b2=None,
     )
     stage = LlamaStage(args, LayerRange(0, 1), [block], None, None, None)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         micros = stage.decode_micros(SAVING_STEPS, SAVING_POSITION)
-    finally:
-        torch.set_num_threads(before)
     if micros is None:  # the compiled layers disagree with torch's here: never used
         return 0.0
     saving = max(0.0, (micros[0] - micros[1]) / 4)

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from butterfly.runtime import native_build
+from butterfly.runtime.torch_thread import threads
 
 log = logging.getLogger(__name__)
 
@@ -295,16 +296,12 @@ def _stream_rates(built: Mapping[str, ctypes.CDLL]) -> dict[str, float]:
     products = {name: _declared(lib, torch.float32) for name, lib in built.items()}
     ptrs = (x.data_ptr(), 1, width, blocks.data_ptr(), nblocks, y.data_ptr())
     best = dict.fromkeys(built, math.inf)
-    before = torch.get_num_threads()
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
-    try:
+    with threads(len(os.sched_getaffinity(0))):
         for _ in range(STREAM_ROUNDS + 1):  # the first round warms
             for name, product in products.items():
                 start = time.perf_counter()
                 product(*ptrs)
                 best[name] = min(best[name], time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(before)
     return {name: round(blocks.nbytes / t / 1e9, 2) for name, t in best.items()}
 
 
@@ -327,7 +324,7 @@ def _kernels() -> dict[torch.dtype, Kernel]:
         if lib is None or getattr(lib, symbol, None) is None:
             continue
         fn = _declared(lib, dtype)
-        if _agrees(fn, dtype):
+        if dtype == torch.float32 or _agrees(fn, dtype):  # fp32: checked by `_chosen`
             found[dtype] = fn
         else:
             log.warning("the blocked %s kernel disagrees with F.linear; not used", dtype)
