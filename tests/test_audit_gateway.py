@@ -4,6 +4,7 @@ outputs it takes as computed (the client trusts the gateway)."""
 from __future__ import annotations
 
 import asyncio
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,9 @@ from butterfly.protocol.proof import (
     tolerance_for,
 )
 from butterfly.protocol.sign import SigningKey
+from butterfly.runtime.llama import LlamaStage
 from butterfly.runtime.loader import load_stage
+from butterfly.runtime.native import BlockedWeight
 from butterfly.runtime.precision import verification_floor
 from butterfly.runtime.stage import Stage, prefill_outputs
 from butterfly.runtime.torch_thread import TorchThread
@@ -449,10 +452,15 @@ def _lie_within_rows_close(
     bound = tol.atol + tol.rtol * mag + tol.scaled * mag.amax(-1, keepdim=True)
     flat = hidden.reshape(-1, hidden.shape[-1])
     top = flat.abs().topk(8, dim=-1).indices
+    # the direction from autograd, which passes no compiled product: the head on torch's
+    # F.linear (a blocked one runs in the compiled call); the residuals carry the rest
+    on_torch = copy.copy(stage)
+    if isinstance(on_torch, LlamaStage) and isinstance(on_torch.head, BlockedWeight):
+        on_torch.head = on_torch.head.dense()
     for t in logits.abs().reshape(-1).topk(8).indices.tolist():
         for sign in (1, -1):
             h = hidden.clone().requires_grad_(True)
-            (sign * prefill_outputs(stage, h, stage.new_cache()).reshape(-1)[t]).backward()
+            (sign * prefill_outputs(on_torch, h, on_torch.new_cache()).reshape(-1)[t]).backward()
             assert h.grad is not None
             moved = (hidden + 0.9 * bound * h.grad.sign()).reshape(flat.shape)
             sent = moved.scatter(-1, top, flat.gather(-1, top)).reshape(hidden.shape)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import os
 import shutil
 import threading
@@ -21,7 +22,7 @@ from butterfly.runtime import linear as lin
 from butterfly.runtime.kvcache import KVCache
 from butterfly.runtime.llama import LlamaStage
 from butterfly.runtime.llama_args import Block, LlamaArgs
-from butterfly.runtime.loader import load_stage
+from butterfly.runtime.loader import load_stage, num_layers
 from butterfly.runtime.precision import quantize_int8
 from butterfly.runtime.stage import forward_floats
 from butterfly.runtime.wire import decode_tensor, encode_tensor, read_tensor
@@ -615,6 +616,48 @@ def test_a_loaded_stage_keeps_blocked_matrices_losing_less_than_the_measured_sav
     matrices = [m for blk in stage.blocks for m in (blk.wqkv, blk.wo, blk.w13, blk.w2)]
     assert all(isinstance(m, native.BlockedWeight) == fused for m in matrices)
     assert (stage._fused is not None) == fused
+
+
+@pytest.mark.parametrize(("saving_us", "compiled"), [(80.0, True), (20.0, False)])
+def test_a_last_stage_keeps_a_blocked_head_losing_less_than_the_measured_saving(
+    monkeypatch: pytest.MonkeyPatch, tiny_model: Path, saving_us: float, compiled: bool
+) -> None:
+    """The head timed 50 us slower blocked than plain: with the call measured to save 80
+    us per matrix it stays blocked, and a decode step on the wire's bytes runs the final
+    norm and head in the compiled call (`fused_layers.head_rows`); measured to save 20,
+    it goes to plain and the step's end to torch's operations. The logits are the same
+    either way."""
+    monkeypatch.setattr(lin, "_CHOSEN", {})
+    monkeypatch.setattr(llama_load, "_saving_us", lambda *_: saving_us)
+    vocab = json.loads((tiny_model / "config.json").read_text())["vocab_size"]
+
+    def timed(built: dict[str, lin.Weight], _p: object) -> dict[str, float]:
+        plain = built["plain"]  # the head's shape alone times slower blocked
+        slower = isinstance(plain, torch.Tensor) and plain.shape[0] == vocab
+        times = {"plain": 100.0, "blocked": 150.0 if slower else 100.0}
+        return {k: times.get(k, 9e9) for k in built}
+
+    monkeypatch.setattr(lin, "time_decode", timed)
+    heads: list[int] = []
+    head_rows = fused_layers.head_rows
+
+    def counted(ends: fused_layers.Ends, h: int, rows: object, out: int) -> None:
+        heads.append(1)
+        head_rows(ends, h, rows, out)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fused_layers, "head_rows", counted)
+    n = num_layers(tiny_model)
+    stage = load_stage(tiny_model, LayerRange(n - 1, n))
+    assert isinstance(stage, LlamaStage) and stage._fused is not None
+    assert isinstance(stage.head, native.BlockedWeight) == compiled
+    assert (stage._ends is not None) and (stage._ends.head is not None) == compiled
+    heads.clear()  # the plan's own check ran the compiled head once
+    x = torch.randn(1, 1, stage.args.dim, generator=torch.Generator().manual_seed(3))
+    on_bytes, on_tensors = stage.new_cache(), stage.new_cache()
+    got = forward_floats(stage, read_tensor(encode_tensor(x)), [on_bytes], [0])
+    assert got is not None and len(heads) == int(compiled)
+    want = stage.forward_rows(x, [on_tensors], [0], last_only=True)
+    torch.testing.assert_close(decode_tensor(got), want, rtol=1e-5, atol=1e-5)
 
 
 def test_a_stage_the_compiled_layers_cannot_run_takes_the_fastest_product(

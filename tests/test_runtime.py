@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from butterfly.runtime import linear as lin
 from butterfly.runtime import llama
 from butterfly.runtime.demo import create_demo, demo_at
 from butterfly.runtime.generate import generate, run_pipeline
@@ -414,11 +415,16 @@ def test_prefill_outputs_runs_no_product_in_a_decode_shape(
     """An audit's prefill keeps to the products' padded shapes (more than EXACT_ROWS
     rows), whatever the number of sampled positions: every row count up to EXACT_ROWS
     is a oneDNN kernel of its own, and an auditor of the last stage grew with each one
-    (bench/soak.py). Its outputs are still the full prefill's from `outputs_from`."""
+    (bench/soak.py). Its outputs are still the full prefill's from `outputs_from`. Every
+    weight on oneDNN (or plain where torch has none), as a loaded machine may choose: a
+    blocked one runs no oneDNN kernel, and a blocked head runs in the compiled call."""
+    kernel = "packed" if lin.packing_available() else "plain"
+    monkeypatch.setattr(lin, "candidates", lambda precision: (kernel,))
+    monkeypatch.setattr(lin, "_CHOSEN", {})
     last, first = load_stage(tiny_model, LayerRange(2, 4)), load_stage(tiny_model, LayerRange(0, 2))
     ids = torch.arange(40).remainder(200).add(5).unsqueeze(0)
     rows: list[int] = []
-    linear = llama.linear  # the kernel each weight was given (packed on a loaded machine)
+    linear = llama.linear
 
     def counted(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         rows.append(x.numel() // x.shape[-1])

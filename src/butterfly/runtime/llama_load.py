@@ -112,8 +112,20 @@ def load_stage(reader: CheckpointReader, args: LlamaArgs, layers: LayerRange) ->
     embed = w.get(embed_name) if first else None
     head: Weight | None = w.get(head_name) if last else None
     if isinstance(head, torch.Tensor) and head is not embed:  # a tied head stays the embedding
-        # and a tied head read again on a later stage is the embedding too: never int8
-        head = prepare(head, Precision(args.dtype) if args.tie_embeddings else precision)
+        # and a tied head read again on a later stage is the embedding too: never int8.
+        # Blocked, an fp32 stage's head runs with the final norm in one compiled call
+        # (fused_layers.head_rows, from LlamaStage.forward_floats); on `plain` both run on
+        # torch's operations and the output is a tensor encoded again. The small model's
+        # [259, 768] head timed a little faster on `plain`, and its last stage then took
+        # 1.0-1.2 ms from the layers' end to the output's bytes in a 4-node cluster,
+        # against 0.18 ms on the other stages (Intel Xeon, thirty-first session): so it
+        # gets the layers' allowance, what the call saves per matrix.
+        head = prepare(
+            head,
+            Precision(args.dtype) if args.tie_embeddings else precision,
+            fusable=fusable["fusable"] and args.dtype == torch.float32,
+            fused_slack_us=slack,
+        )
     return LlamaStage(args, layers, blocks, embed, w.get("model.norm.weight"), head)
 
 
