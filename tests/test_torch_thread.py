@@ -7,11 +7,13 @@ import contextlib
 import itertools
 import os
 import threading
+import time
 
 import torch
 
 from butterfly.runtime.torch_thread import (
     FIRST_TRY_MAX_S,
+    HANDOFF_S,
     INLINE_MAX_S,
     PROBE_EVERY,
     RARE_PROBE_EVERY,
@@ -211,6 +213,36 @@ def test_a_kind_of_milliseconds_runs_inline_on_a_team_and_a_short_one_on_one_thr
     assert not short_inline[0].startswith("t-team") and short_inline[1] == 1
     assert on_worker[0].startswith("t-team") and on_worker[1] == 2  # the worker's kept
     assert after == 1
+
+
+def test_a_kind_whose_hand_off_measured_slow_runs_inline() -> None:
+    """The worker's path costs its job plus the trip there and back, measured per kind:
+    a stage step 0.5 ms faster on the worker stays there while the trip is assumed
+    (HANDOFF_S), and runs inline once the trip measured 0.9 ms (a small-model stage's
+    between steps on flushed caches, Intel Xeon)."""
+    timing = _Timing(inline=3.5e-3, worker=3.0e-3)
+    assert timing.handoff == HANDOFF_S and not timing.inline_wins()
+    for _ in range(8):
+        timing.note_handoff(0.9e-3)
+    assert 0.8e-3 < timing.handoff < 0.9e-3
+    assert timing.inline_wins()
+
+
+def test_the_hand_off_is_what_the_loop_waited_beyond_the_job() -> None:
+    """Measured from the loop's side, less the job's own time: a 0.2 s job on an idle
+    worker moves the kind's hand-off by a fraction of a millisecond, not by the job."""
+    worker = TorchThread(1, name="t-handoff")
+
+    async def main() -> _Timing:
+        await worker.run(lambda: time.sleep(0.2), "slow")  # the first run: on the worker
+        return worker._kinds["slow"]
+
+    try:
+        timing = asyncio.run(main())
+    finally:
+        worker.close()
+    assert timing.worker is not None and timing.worker >= 0.2
+    assert timing.handoff != HANDOFF_S and 0 <= timing.handoff < 0.01
 
 
 def test_a_path_far_slower_is_probed_rarely_and_a_close_one_often() -> None:

@@ -70,9 +70,13 @@ its tokens/s at 1 to 16 concurrent requests (bench/load.py A/B, medians of 3 rou
 twice). Shorter jobs, and the loop's own small tensor work, stay on its one thread: a
 team's wake-up costs more than they take."""
 HANDOFF_S = 0.0002
-"""What the trip to the worker and back costs beyond the job: two thread wake-ups
-(22 µs on an idle event loop; 100-300 µs between a tiny stage's steps on this 2-core
-machine under load)."""
+"""What the trip to the worker and back costs beyond the job, two thread wake-ups (22 µs
+on an idle event loop; 100-300 µs between a tiny stage's steps on this 2-core machine
+under load), until a kind's own is measured (`_Timing.handoff`): between a small-model
+stage's steps in a 4-node cluster, on caches the other nodes' weights had flushed, it
+was 0.39 ms (0.18 there, 0.21 back; Intel Xeon, thirty-first session), and with this
+constant in its place a step's two paths timed within it of each other, so about half
+of the steps went to the worker and paid it."""
 PROBE_EVERY = 16
 """Every this many jobs of a kind run on the path not chosen, so its time stays known,
 or less often when that path is clearly slower (PROBE_SHARE)."""
@@ -108,6 +112,7 @@ class _Timing:
 
     inline: float | None = None
     worker: float | None = None
+    handoff: float = HANDOFF_S  # the trip to the worker and back, beyond the job
     count: int = 0
     since_probe: int = 0  # jobs decided since the path not chosen was last tried
 
@@ -118,6 +123,13 @@ class _Timing:
             self.worker = new
         else:
             self.inline = new
+
+    def note_handoff(self, seconds: float) -> None:
+        """What the event loop waited beyond the job itself, for a job sent to an idle
+        worker (a queued one would count its wait as well). Averaged both ways: a
+        wake-up's cost varies from one step to the next, and the lucky ones are not the
+        rule."""
+        self.handoff += EWMA * (max(0.0, seconds) - self.handoff)
 
     def inline_wins(self) -> bool:
         """Inline when it measured no slower than the worker plus the hand-off; each path
@@ -130,7 +142,7 @@ class _Timing:
             return self.worker <= FIRST_TRY_MAX_S  # never tried: try it once
         if self.inline > FIRST_TRY_MAX_S:
             return self.count % RARE_PROBE_EVERY == 0
-        on_worker = self.worker + HANDOFF_S
+        on_worker = self.worker + self.handoff
         better = self.inline <= on_worker
         # counted here, not by `count`: the interval moves with the timings, and a
         # modulo of a moving interval could leave any number of jobs between probes
@@ -307,24 +319,33 @@ class TorchThread:
                 timing.note(False, time.perf_counter() - started)
                 return out
 
+        took = 0.0
+
         def timed() -> T:
+            nonlocal took
             started = time.perf_counter()
             out = fn()
+            took = time.perf_counter() - started
             if timing is not None:
-                timing.note(True, time.perf_counter() - started)
+                timing.note(True, took)
             return out
 
         if self._team_inline:
             self._let_team_go()
         with self._lock:
+            idle = not self._queued
             self._queued += 1
+        sent = time.perf_counter()
         try:
             job = self._executor.submit(timed)
         except BaseException:
             self._ended(None)
             raise
         job.add_done_callback(self._ended)
-        return await asyncio.wrap_future(job)
+        out = await asyncio.wrap_future(job)
+        if timing is not None and idle:
+            timing.note_handoff(time.perf_counter() - sent - took)
+        return out
 
     def _let_team_go(self) -> None:
         """Free the calling (event loop's) thread's team before a job goes to the
