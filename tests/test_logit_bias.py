@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
 from butterfly.dataplane.chosen import Chosen
@@ -50,6 +52,21 @@ def test_a_bias_moves_the_choice_greedy_and_sampled() -> None:
     # penalties still count on top of the bias
     both = SamplingParams(presence_penalty=2.0, logit_bias=((2, 0.5),))
     assert greedy_token(logits, both, history=[1]) == 2  # 1: 3 - 2; 2: 2 + 0.5
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.sampled_from([-1.0, 0.0, 0.5, 2.0, float("inf"), float("nan")]), min_size=1),
+    st.sampled_from([torch.float32, torch.bfloat16]),
+)
+def test_the_greedy_token_is_torch_argmax_ties_and_nan_included(
+    values: list[float], dtype: torch.dtype
+) -> None:
+    """The greedy pick, taken by numpy, is the one torch.argmax makes: the first of equal
+    largest logits, and the first NaN where there is one, for fp32 and bf16 logits."""
+    logits = torch.tensor(values).to(dtype)
+    want = int(torch.argmax(logits.float()).item())
+    assert greedy_token(logits, SamplingParams()) == want
 
 
 def test_a_bias_map_must_name_distinct_tokens_in_range() -> None:

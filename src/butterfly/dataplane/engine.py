@@ -623,7 +623,7 @@ class PipelineEngine:
             # a long prompt or replay goes in steps whose signed records fit a frame
             # header, at most: one 1,000-position step gathers 64 KB of them at f = 1
             plan = self._plan()
-            cap = self._sender.max_positions(len(plan.nodes)) if plan is not None else 0
+            cap = self._sender.max_positions(len(plan.stages)) if plan is not None else 0
             times = self.chunk_times
             sized = chunk_length(chunk, times, request_id) if gen.pending > 1 else chunk
             head = gen.step_input(

@@ -241,7 +241,7 @@ class Generation:
         self.ended = stopped or got[-1] in self._eos
         # the positions whose cache is valid: the input's, less the rejected drafts'
         self.pos += self.pending + len(got) - 1
-        self._x = torch.tensor([[got[-1]]], dtype=torch.int64)
+        self._x = torch.full((1, 1), got[-1], dtype=torch.int64)  # no nested list to parse
         return got
 
     def text_before_stop(self) -> str | None:
