@@ -12,7 +12,9 @@ import time
 import torch
 
 from butterfly.runtime.torch_thread import (
+    EWMA,
     FIRST_TRY_MAX_S,
+    HANDOFF_MAX_S,
     HANDOFF_S,
     INLINE_MAX_S,
     PROBE_EVERY,
@@ -226,6 +228,10 @@ def test_a_kind_whose_hand_off_measured_slow_runs_inline() -> None:
         timing.note_handoff(0.9e-3)
     assert 0.8e-3 < timing.handoff < 0.9e-3
     assert timing.inline_wins()
+    stalled = _Timing(inline=3.5e-3, worker=3.0e-3)
+    stalled.note_handoff(20e-3)  # the loop busy elsewhere: counted as HANDOFF_MAX_S at most
+    assert stalled.handoff <= HANDOFF_S + EWMA * (HANDOFF_MAX_S - HANDOFF_S) + 1e-12
+    assert not stalled.inline_wins()
 
 
 def test_the_hand_off_is_what_the_loop_waited_beyond_the_job() -> None:

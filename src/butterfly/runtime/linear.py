@@ -78,7 +78,8 @@ UNPADDED_ROWS = 4
 ROW_ALIGN = 16
 MAX_CHUNK_ROWS = 128
 ROUNDS = 7  # timed rounds per candidate, interleaved so drift hits all alike
-# `blocked` is kept for a llama layer's matrices (`prepare(fusable=True)`) when within this
+# `blocked` is kept for a llama layer's matrices and an fp32 last stage's head
+# (`prepare(fusable=True)`, runtime/llama_load.py) when within this
 # factor of the fastest product: blocked weights also let the stage run its layers in one
 # compiled call (runtime/fused_layers.py), which
 # a product's timing cannot see. That call made the small model's decode 14% faster
@@ -215,7 +216,8 @@ def prepare(
 ) -> Weight:
     """`weight` on the kernel measured fastest for its shape in this process; `timer`
     (default `time_decode`) gives each built candidate's time. A `fusable` weight (one
-    of a llama-style layer's four matrices) keeps `blocked` within `FUSED_MARGIN` or
+    of a llama-style layer's four matrices, or the head the compiled call runs with the
+    final norm) keeps `blocked` within `FUSED_MARGIN` or
     `fused_slack_us` (what the compiled layers save per matrix) of the fastest."""
     shape = (int(weight.shape[0]), int(weight.shape[1]))
     threads = decode_threads()

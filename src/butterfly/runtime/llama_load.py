@@ -119,7 +119,10 @@ def load_stage(reader: CheckpointReader, args: LlamaArgs, layers: LayerRange) ->
         # [259, 768] head timed a little faster on `plain`, and its last stage then took
         # 1.0-1.2 ms from the layers' end to the output's bytes in a 4-node cluster,
         # against 0.18 ms on the other stages (Intel Xeon, thirty-first session): so it
-        # gets the layers' allowance, what the call saves per matrix.
+        # gets the layers' allowance, what the call saves per matrix (measured on the
+        # layers' precision: an int8 model's fp32 tied head takes the int8 layers'). Timed
+        # on one decode row, as every matrix is; a prefill's head (an audit, prompt
+        # scoring) then runs blocked too, at what the blocked kernel's prompt tiles give.
         head = prepare(
             head,
             Precision(args.dtype) if args.tie_embeddings else precision,

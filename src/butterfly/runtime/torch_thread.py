@@ -69,6 +69,11 @@ with the team, 4 small-model nodes decoded in 0.97x and 0.95x the time of the wo
 its tokens/s at 1 to 16 concurrent requests (bench/load.py A/B, medians of 3 rounds,
 twice). Shorter jobs, and the loop's own small tensor work, stay on its one thread: a
 team's wake-up costs more than they take."""
+HANDOFF_MAX_S = 0.001
+"""The most one hand-off sample counts: the loop waited longer only when it had other
+work to do first (other requests' callbacks, a GC pause, the worker thread's start),
+which running the job inline would not remove, only make wait; uncapped, one 20 ms
+stall switched a kind to inline for hundreds of jobs (a review)."""
 HANDOFF_S = 0.0002
 """What the trip to the worker and back costs beyond the job, two thread wake-ups (22 µs
 on an idle event loop; 100-300 µs between a tiny stage's steps on this 2-core machine
@@ -129,7 +134,8 @@ class _Timing:
         worker (a queued one would count its wait as well). Averaged both ways: a
         wake-up's cost varies from one step to the next, and the lucky ones are not the
         rule."""
-        self.handoff += EWMA * (max(0.0, seconds) - self.handoff)
+        sample = min(max(0.0, seconds), HANDOFF_MAX_S)
+        self.handoff += EWMA * (sample - self.handoff)
 
     def inline_wins(self) -> bool:
         """Inline when it measured no slower than the worker plus the hand-off; each path
