@@ -235,14 +235,17 @@ static void leave_master_cpu(const struct away *a) { (void)a; }
 #endif
 
 /* A product's blocks are handed out in chunks as threads ask (`schedule(dynamic)`), not
- * split in halves up front: a thread that starts late (its wake-up, after the team slept
- * through the other nodes' steps) or loses its core for a while (another node's Python
- * finishing its send) leaves its share to the other thread instead of making it wait at
- * the meeting. Each thread's share comes in about this many chunks, each still a run of
- * whole blocks (tens to hundreds of KiB read in order). Every block is computed the same
- * way whichever thread takes it: the same result. Measured: 4 small-model nodes 0.98x
- * the time per token of static halves (0.95-1.01), one node 0.99x (bench/hops.py A/B, 2
- * instances x 4 rounds, Intel Xeon, thirty-first session). */
+ * split in halves up front: a thread that loses its core for a while during a product
+ * (other nodes share the 2 cores: the previous node's Python finishing its send, a
+ * heartbeat) leaves the rest of its share to the other thread instead of making it wait
+ * at the meeting. (A thread woken late is waited for at the meeting before the first
+ * product all the same.) Each thread's share comes in about this many chunks, each a run
+ * of whole blocks read in order. Every block is computed the same way whichever thread
+ * takes it: the same result. Measured against static halves (bench/hops.py A/B, Intel
+ * Xeon, thirty-first session): 4 small-model nodes 0.98x the time per token (0.95-1.01;
+ * again 0.98x, 0.91-1.02, in a second run of 2 x 6 rounds), one node 0.98-0.99x; the tiny
+ * model, whose weights a core's cache could keep across steps under static halves, 0.97x
+ * on 4 nodes (0.87-1.15) and 1.06x on one (0.81-1.30). */
 #define CHUNKS_PER_THREAD 8
 
 /* A thread's scratch for x's byte passes (int8 weights on VNNI, blocked_linear.c). */
