@@ -59,7 +59,12 @@ from butterfly.wiring import parts
 from butterfly.wiring.edges import Edges, NetworkEdges
 from butterfly.wiring.logs import set_log_level
 from butterfly.wiring.metrics_http import MetricsServer
-from butterfly.wiring.process import end_process, prepare_process, run_until_signalled
+from butterfly.wiring.process import (
+    end_process,
+    exempt_from_collections,
+    prepare_process,
+    run_until_signalled,
+)
 from butterfly.wiring.routing import Router, Routes, by_envelope
 from butterfly.wiring.standby import TaskReplicas
 from butterfly.wiring.supervise import supervised
@@ -433,6 +438,7 @@ def run(
         node.config.subscribe("logging", set_log_level)  # hot: no restart for the level
         for name, on_change, check in subscribers:
             node.config.subscribe(name, on_change, check=check)
+        exempt_from_collections()  # the node's own parts, built now, live as long
         await node.serve(stop, config_files)
 
     with lock:
