@@ -9,6 +9,7 @@ import os
 import threading
 import time
 
+import pytest
 import torch
 
 from butterfly.runtime.torch_thread import (
@@ -234,9 +235,20 @@ def test_a_kind_whose_hand_off_measured_slow_runs_inline() -> None:
     assert not stalled.inline_wins()
 
 
-def test_the_hand_off_is_what_the_loop_waited_beyond_the_job() -> None:
+def test_the_hand_off_is_what_the_loop_waited_beyond_the_job(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Measured from the loop's side, less the job's own time: a 0.2 s job on an idle
-    worker moves the kind's hand-off by a fraction of a millisecond, not by the job."""
+    worker is noted as a hand-off of a fraction of its time, not as the job. (The sample
+    itself is checked: HANDOFF_MAX_S caps what it moves the average by.)"""
+    samples: list[float] = []
+    note = _Timing.note_handoff
+
+    def noted(self: _Timing, seconds: float) -> None:
+        samples.append(seconds)
+        note(self, seconds)
+
+    monkeypatch.setattr(_Timing, "note_handoff", noted)
     worker = TorchThread(1, name="t-handoff")
 
     async def main() -> _Timing:
@@ -248,7 +260,8 @@ def test_the_hand_off_is_what_the_loop_waited_beyond_the_job() -> None:
     finally:
         worker.close()
     assert timing.worker is not None and timing.worker >= 0.2
-    assert timing.handoff != HANDOFF_S and 0 <= timing.handoff < 0.01
+    assert len(samples) == 1 and 0 <= samples[0] < 0.1
+    assert timing.handoff != HANDOFF_S
 
 
 def test_a_path_far_slower_is_probed_rarely_and_a_close_one_often() -> None:

@@ -90,9 +90,10 @@ def exempt_from_collections() -> None:
     """Move every object alive now out of the cyclic collector's reach (`gc.freeze`):
     called once the imports are done (torch, transformers, FastAPI: some 160,000
     objects) and again once the node is built. Each full collection scanned them all: a
-    gateway under bench/api.py stopped for 153-173 ms every 4 s, every request waiting
-    (p99 260-266 ms against a median near 100); with the imports frozen, 23-35 ms, p99
-    126-149 (Intel Xeon, thirty-first session). Frozen objects are still freed when
+    gateway under bench/api.py stopped for 153-173 ms every 4 s, every request waiting;
+    with the imports frozen, 23-35 ms, and with the node's parts too, 10 ms; p99 latency
+    113-150 ms against 196-278 in alternating runs (Intel Xeon, thirty-first session,
+    docs/PERFORMANCE-LOG.md). Frozen objects are still freed when
     nothing refers to them; only a reference cycle among them, garbage already, would
     stay: the young generations are collected first, where such cycles are (a full
     collection first added 0.15-0.25 s to a node's start)."""
