@@ -243,7 +243,9 @@ def test_tasks_accepted_while_the_old_gateway_was_away_survive_the_new_ones_deat
     (`holds_every_task` in node 1's /health), then node 1 is killed: node 0 holds every
     task node 1 answered 202 for. node 1's circuit to node 0, open from the dials that
     failed while it was dead, held the catch-up back about 1.5 s, and a review that
-    killed node 1 in that window lost up to 100 of them."""
+    killed node 1 in that window lost up to 100 of them. The catch-up is waited for (20 s
+    at most), not timed: a bound of 5 s failed CI at 5.16 s on a slow machine, and the
+    window is what `keep_standbys` and `_copy` bound, not what one run happens to take."""
     with two_gateways(tiny_model, tmp_path) as (cluster, urls, ref):
         cluster.kill(0)
         poll(lambda: httpx.get(f"{urls[1]}/health", timeout=2).json()["healthy"], "node 1")
@@ -267,8 +269,8 @@ def test_tasks_accepted_while_the_old_gateway_was_away_survive_the_new_ones_deat
             gateways = httpx.get(f"{urls[1]}/health", timeout=2).json()["gateways"]
             return next(g for g in gateways if g["node"] == 0)
 
-        waited = poll(lambda: node0()["status"] == "healthy", "node 0 heard again")
-        caught_up = poll(lambda: node0()["holds_every_task"], "node 0 given what it missed", 20)
+        poll(lambda: node0()["status"] == "healthy", "node 0 heard again")
+        poll(lambda: node0()["holds_every_task"], "node 0 given what it missed", 20)
         submit(5)  # copied before each 202
         cluster.kill(1)
         poll(lambda: httpx.get(f"{urls[0]}/health", timeout=2).json()["healthy"], "node 0")
@@ -278,7 +280,6 @@ def test_tasks_accepted_while_the_old_gateway_was_away_survive_the_new_ones_deat
             if r.status_code != 200 or r.json()["output_ids"] != ref:
                 lost.append(f"{tid}: {r.status_code} {r.text[:120]}")
         assert not lost, f"{len(lost)} of {len(accepted)} 202s lost:\n" + "\n".join(lost)
-        assert waited >= 0 and caught_up < 5.0  # given within seconds of being heard
 
 
 def test_tasks_only_a_dead_gateway_held_are_served_once_it_comes_back(
