@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,18 @@ QUICK_PROBE: dict[str, Any] = {"partition.compute_probe_s": 0.1}
 in turn: a 4-node tiny cluster was ready 1.6-2 s sooner (AMD EPYC, 2 cores). Placement
 here is uniform, or depends on no more than the order of rates, which 0.1 s of trials
 keeps."""
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+    """Until `check()` holds (an HTTP error or a malformed body counts as not yet), polled
+    every 0.1 s, or AssertionError naming `what`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
+            if check():
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"{what}: not within {timeout_s:.0f} s")
 
 
 def free_port() -> int:

@@ -14,6 +14,7 @@ _PROCESS_SOURCES = frozenset(
         "subprocess",
         "multiprocessing",
         "butterfly.cli.launcher",
+        "butterfly.cli.prefork",
         "butterfly.testing.chaos",
         "butterfly.testing.netns",
         "butterfly.testing.latency",

@@ -17,7 +17,7 @@ import pytest
 
 from butterfly.schedule.state import TaskStatus
 from butterfly.schedule.store import TaskStore
-from tests.cluster_util import reference_tokens, running_cluster
+from tests.cluster_util import reference_tokens, running_cluster, wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 PROMPTS = ["Butterfly", "Once upon a time", "a b c"]
@@ -81,7 +81,16 @@ def test_a_stopped_gateway_drains_and_a_stopped_cluster_loses_nothing(
         assert [s.state.status if s else None for s in states] == [TaskStatus.COMPLETED] * 3
 
         # node 1 took over while node 0 was down: node 0 comes back as a standby, and
-        # the tasks go to the acting gateway (which copies them to node 0)
+        # the tasks go to the acting gateway (which copies them to node 0). Restarted only
+        # once node 1 acts: a node forked back at once (cli.prefork) is back before its
+        # absence is noticed, and acts on
+        host, port = cluster.api_url.rsplit(":", 1)
+        successor = f"{host}:{int(port) + 1}"
+
+        def node1_acts() -> bool:
+            return httpx.get(f"{successor}/health", timeout=2).status_code == 200
+
+        wait_until(node1_acts, "node 1 takes over")
         cluster.restart(0)
         cluster.wait_ready(120)
         assert cluster.acting_url() != cluster.api_url

@@ -1,9 +1,10 @@
 """`butterfly cluster up`: N node processes on 127.0.0.1, in the foreground.
 
 Each node gets its own TOML file (the frozen config is handed over as a file, never
-through environment variables) and its own data directory. The launcher owns every child
-by PID: on Ctrl-C, SIGTERM, or a child dying early, it terminates all of them, waits,
-and kills what is left.
+through environment variables) and its own data directory. Each is forked from a server
+that imported a node's code once (`cli.prefork`), unless it runs under a prefix (a
+network namespace's `ip netns exec`). The launcher owns every node by PID: on Ctrl-C,
+SIGTERM, or a node dying early, it terminates all of them, waits, and kills what is left.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from butterfly.cli.prefork import NodeProcess, fork_node, forkable
 from butterfly.config import dump_toml
 from butterfly.net.tls import TlsFiles, cert_paths, make_certs
 from butterfly.protocol.keys import KEY_FILE, load_or_create_key
@@ -202,24 +204,24 @@ class LocalCluster:
     api_url: str
     log_dir: Path
     command: Sequence[str] = (sys.executable, "-m", "butterfly", "start", "--config")
-    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    procs: list[NodeProcess] = field(default_factory=list)
     # per node: extra arguments after the config path (the testing launcher's liars)
     extra_args: dict[int, Sequence[str]] = field(default_factory=dict)
     # per node: a command that runs the node's command (`ip netns exec NS`, testing.netns)
     prefix: dict[int, Sequence[str]] = field(default_factory=dict)
+    # nodes forked from a fork server that imported their code once (`cli.prefork`); a
+    # node run under a `prefix`, or by a command other than `python -m`, is started anew
+    prefork: bool = True
 
-    def _spawn(self, index: int) -> subprocess.Popen[bytes]:
-        with open(self.log_dir / f"node-{index}.log", "ab") as log:
+    def _spawn(self, index: int) -> NodeProcess:
+        command = [*self.command, str(self.configs[index]), *self.extra_args.get(index, ())]
+        log_path = self.log_dir / f"node-{index}.log"
+        env = {**os.environ, **CHILD_ENV}
+        if self.prefork and index not in self.prefix and forkable(command):
+            return fork_node(command, log_path, env)
+        with open(log_path, "ab") as log:
             return subprocess.Popen(
-                [
-                    *self.prefix.get(index, ()),
-                    *self.command,
-                    str(self.configs[index]),
-                    *self.extra_args.get(index, ()),
-                ],
-                stdout=log,
-                stderr=log,
-                env={**os.environ, **CHILD_ENV},
+                [*self.prefix.get(index, ()), *command], stdout=log, stderr=log, env=env
             )
 
     def start(self) -> None:

@@ -13,6 +13,7 @@ Every process a trial starts is reaped by PID (`LocalCluster.stop`), whatever ha
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -141,6 +142,23 @@ def _probe(urls: list[str], deadline: float) -> bool:
     return False
 
 
+def _gateway_url(first: str, k: int) -> str:
+    """Gateway k's API URL, given the first gateway's (`GATEWAYS`)."""
+    host, port = first.rsplit(":", 1)
+    return f"{host}:{int(port) + k}"
+
+
+def _until_acting(url: str, *, timeout_s: float) -> None:
+    """Until the gateway at `url` acts (a standby answers /health with 503)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not take over within {timeout_s:.0f} s")
+
+
 def _until_standby(url: str, *, acting: int, timeout_s: float) -> None:
     """Until the gateway at `url` stands by and names `acting` as the acting gateway."""
     deadline = time.monotonic() + timeout_s
@@ -183,12 +201,16 @@ def _inject(
         time.sleep(rng.uniform(0.0, 2.0))
         cluster.restart(0)
     elif fault == "gateway_twice":
-        for gateway in (0, 1):
+        # each restarted only once the other took over: a node forked back within the
+        # failure detector's timeout (cli.prefork) is back before it is missed, and acts on
+        urls = {k: _gateway_url(cluster.api_url, k) for k in (0, 1)}
+        for gateway, other in ((0, 1), (1, 0)):
             cluster.kill(gateway)
+            _until_acting(urls[other], timeout_s=60.0)
             time.sleep(rng.uniform(0.0, 2.0))
             cluster.restart(gateway)
             if gateway == 0:
-                _until_standby(cluster.api_url, acting=1, timeout_s=60.0)
+                _until_standby(urls[0], acting=1, timeout_s=60.0)
     elif fault == "restart_all":
         t0 = time.monotonic()
         codes = cluster.stop(grace_s=10.0)
