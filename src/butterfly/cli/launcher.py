@@ -10,6 +10,7 @@ SIGTERM, or a node dying early, it terminates all of them, waits, and kills what
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import signal
@@ -24,10 +25,12 @@ from typing import Any
 
 import httpx
 
-from butterfly.cli.prefork import NodeProcess, fork_node, forkable
+from butterfly.cli.prefork import CannotFork, NodeProcess, fork_node, forkable
 from butterfly.config import dump_toml
 from butterfly.net.tls import TlsFiles, cert_paths, make_certs
 from butterfly.protocol.keys import KEY_FILE, load_or_create_key
+
+log = logging.getLogger(__name__)
 
 # Idle OpenMP threads of waiting stages spin and steal the active stage's cores; a short
 # spin before sleeping made a 4-stage pipeline 1.59x -> 1.17x the single process
@@ -218,10 +221,13 @@ class LocalCluster:
         log_path = self.log_dir / f"node-{index}.log"
         env = {**os.environ, **CHILD_ENV}
         if self.prefork and index not in self.prefix and forkable(command):
-            return fork_node(command, log_path, env)
-        with open(log_path, "ab") as log:
+            try:
+                return fork_node(command, log_path, env)
+            except CannotFork as e:  # a node it cannot fork starts as a fresh process
+                log.warning("node %d started anew: %s", index, e)
+        with open(log_path, "ab") as out:
             return subprocess.Popen(
-                [*self.prefix.get(index, ()), *command], stdout=log, stderr=log, env=env
+                [*self.prefix.get(index, ()), *command], stdout=out, stderr=out, env=env
             )
 
     def start(self) -> None:

@@ -27,6 +27,7 @@ import atexit
 import contextlib
 import functools
 import importlib
+import itertools
 import json
 import os
 import runpy
@@ -36,6 +37,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -78,64 +80,144 @@ def forkable(command: Sequence[str]) -> str | None:
     return None
 
 
+class CannotFork(RuntimeError):
+    """The fork server could not start a node (it exited, did not answer, or its fork
+    failed): the launcher starts that node anew."""
+
+
+class _Stale(CannotFork):
+    """The server's code changed on disk since it imported it: it forks no more."""
+
+
+START_VARIABLES = ("PYTHON", "LD_", "OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_", "TORCH")
+"""Prefixes of the environment variables read when an interpreter and its libraries start
+(the code a server imports, its OpenMP runtime): nodes given other values need a server
+started with them. The others reach a node as its own environment: keyed on the whole
+environment, pytest's `PYTEST_CURRENT_TEST` gave every test its own server."""
+ANSWER_S = 60.0
+"""How long the launcher waits for the server to say a node's PID."""
+
+
 class ForkServer:
-    """The launching process's end: asks for forks, hears of exits (a reader thread)."""
+    """The launching process's end: asks for forks, hears of exits (a reader thread).
+
+    Each fork asked for has a number, its answer names it, and a node is known by it:
+    a PID the kernel gives again to a later node is that node's, not the exited one's."""
 
     def __init__(self, env: Mapping[str, str]) -> None:
-        """`env`: the server's environment, and so every node's."""
+        """`env`: the server's environment (`START_VARIABLES` are the nodes' too)."""
+        # this file run by path: the nodes' code is the one `env` finds (a bench's A/B gives
+        # another checkout's by PYTHONPATH, which may have no fork server of its own)
+        serve = f"import runpy; runpy.run_path({__file__!r}, run_name='prefork')['serve']()"
         self._proc = subprocess.Popen(
-            [sys.executable, "-c", "from butterfly.cli.prefork import serve; serve()"],
+            [sys.executable, "-c", serve],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=dict(env),
         )
         assert self._proc.stdin is not None and self._proc.stdout is not None
         self._to, self._from = self._proc.stdin, self._proc.stdout
-        self._asking = threading.Lock()  # one fork asked for at a time
         self._state = threading.Condition()
-        self._answer: dict[str, Any] | None = None
-        self._exits: dict[int, int] = {}
+        self._asked = itertools.count(1)
+        self._answers: dict[int, dict[str, Any]] = {}
+        self._abandoned: set[int] = set()  # asked for, then not waited for: killed once told
+        self._pids: dict[int, int] = {}  # a PID's node, the last one given it
+        self._exits: dict[int, int] = {}  # a node's exit code, by its number
         self._gone = False
         threading.Thread(target=self._read, name="fork server", daemon=True).start()
 
     def alive(self) -> bool:
         return self._proc.poll() is None and not self._gone
 
-    def fork(self, module: str, args: Sequence[str], log: Path, cwd: Path) -> ForkedNode:
-        request = {"module": module, "args": list(args), "log": str(log), "cwd": str(cwd)}
-        with self._asking:
-            self._to.write(json.dumps(request).encode() + b"\n")
-            self._to.flush()
-            with self._state:
-                if not self._state.wait_for(lambda: self._answer is not None or self._gone, 60):
-                    raise RuntimeError("the fork server did not answer within 60 s")
-                answer, self._answer = self._answer, None
-        if answer is None or "pid" not in answer:
-            raise RuntimeError(f"the fork server could not start {module}: {answer}")
-        return ForkedNode(self, int(answer["pid"]), [module, *args])
+    def close(self) -> None:
+        """Once it has exited: its pipes closed and its process reaped."""
+        for pipe in (self._to, self._from):
+            with contextlib.suppress(OSError):
+                pipe.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(timeout=1)
 
-    def exit_code(self, pid: int) -> int | None:
+    def fork(
+        self, module: str, args: Sequence[str], log: Path, cwd: Path, env: Mapping[str, str]
+    ) -> ForkedNode:
+        number = next(self._asked)
+        request = {
+            "id": number,
+            "module": module,
+            "args": list(args),
+            "log": str(log),
+            "cwd": str(cwd),
+            "env": dict(env),
+        }
+        answer: dict[str, Any] | None = None
+        try:
+            with self._state:
+                self._to.write(json.dumps(request).encode() + b"\n")
+                self._to.flush()
+                self._state.wait_for(lambda: number in self._answers or self._gone, ANSWER_S)
+                answer = self._answers.pop(number, None)
+        except OSError as e:  # its pipe closed: it exited
+            raise CannotFork(f"the fork server is gone ({e})") from e
+        finally:
+            if answer is None:  # a timeout, an interrupt (Ctrl-C) or the server's death
+                self._abandon(number)
+        if answer is None:
+            raise CannotFork(f"the fork server did not start {module} within {ANSWER_S:.0f} s")
+        if answer.get("stale"):
+            raise _Stale("the fork server's code changed on disk")
+        if "pid" not in answer:
+            raise CannotFork(f"the fork server could not start {module}: {answer.get('error')}")
+        return ForkedNode(self, number, int(answer["pid"]), [module, *args])
+
+    def _abandon(self, number: int) -> None:
+        """A node asked for and not waited for is killed once its PID is said (as a node
+        `cluster up` started while Ctrl-C went out would have run on, holding its port)."""
         with self._state:
-            if pid in self._exits:
-                return self._exits[pid]
+            late = self._answers.pop(number, None)
+            if late is None:
+                self._abandoned.add(number)
+            elif "pid" in late:
+                _kill(int(late["pid"]))
+
+    def exit_code(self, number: int, pid: int) -> int | None:
+        with self._state:
+            if number in self._exits:
+                return self._exits[number]
             if not self._gone or _running(pid):
                 return None
             return LOST
 
-    def wait(self, pid: int, timeout: float | None) -> int | None:
+    def wait(self, number: int, pid: int, timeout: float | None) -> int | None:
+        """The node's exit code once it exits, or None after `timeout`; a server gone can
+        no longer say, so then the node's PID is looked at every 50 ms."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._state:
-            self._state.wait_for(lambda: self.exit_code(pid) is not None, timeout)
-        return self.exit_code(pid)
+            while (code := self.exit_code(number, pid)) is None:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return None
+                self._state.wait(min(left or 0.05, 0.05) if self._gone else left)
+        return code
 
     def _read(self) -> None:
         try:
             for line in self._from:
                 said = json.loads(line)
                 with self._state:
-                    if "exit" in said:
-                        self._exits[int(said["exit"])] = int(said["code"])
+                    if "exit" in said:  # said before any fork that is given its PID again
+                        number = self._pids.pop(int(said["exit"]), None)
+                        if number is not None:
+                            self._exits[number] = int(said["code"])
                     else:
-                        self._answer = said
+                        number = int(said["id"])
+                        if "pid" in said:
+                            self._pids[int(said["pid"])] = number
+                        if number in self._abandoned:
+                            self._abandoned.discard(number)
+                            if "pid" in said:
+                                _kill(int(said["pid"]))
+                        else:
+                            self._answers[number] = said
                     self._state.notify_all()
         finally:
             with self._state:
@@ -146,8 +228,8 @@ class ForkServer:
 class ForkedNode:
     """A node forked by the fork server, used as a `subprocess.Popen` is."""
 
-    def __init__(self, server: ForkServer, pid: int, args: list[str]) -> None:
-        self._server, self._pid, self.args = server, pid, args
+    def __init__(self, server: ForkServer, number: int, pid: int, args: list[str]) -> None:
+        self._server, self._number, self._pid, self.args = server, number, pid, args
 
     @property
     def pid(self) -> int:
@@ -155,18 +237,20 @@ class ForkedNode:
 
     @property
     def returncode(self) -> int | None:
-        return self._server.exit_code(self._pid)
+        return self._server.exit_code(self._number, self._pid)
 
     def poll(self) -> int | None:
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
-        code = self._server.wait(self._pid, timeout)
+        code = self._server.wait(self._number, self._pid, timeout)
         if code is None:
             raise subprocess.TimeoutExpired(self.args, timeout or 0.0)
         return code
 
     def send_signal(self, sig: int) -> None:
+        """Signal the node unless it is known to have exited (its PID may be another's
+        by then, as after `subprocess.Popen` reaped it)."""
         if self.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self._pid, sig)
@@ -183,10 +267,10 @@ _servers_lock = threading.Lock()
 
 @functools.cache
 def _servers() -> dict[tuple[tuple[str, str], ...], ForkServer]:
-    """This process's fork servers, one per environment its nodes are given (a bench's
-    A/B runs the nodes of another checkout by their `PYTHONPATH`, and a server keeps the
-    code it imported): each is this process's for as long as it runs (it exits with it),
-    shared by every cluster this process launches."""
+    """This process's fork servers, one per value of the `START_VARIABLES` its nodes are
+    given (a bench's A/B runs another checkout's nodes by their `PYTHONPATH`, and a server
+    keeps the code it imported): each is this process's for as long as it runs (it exits
+    with it), shared by every cluster this process launches."""
     return {}
 
 
@@ -194,16 +278,34 @@ def fork_node(
     command: Sequence[str], log: Path, env: Mapping[str, str], cwd: Path | None = None
 ) -> ForkedNode:
     """Run `command` (`forkable`) forked by this process's fork server for `env` (the
-    whole environment the node runs with), its output appended to `log`."""
+    whole environment the node runs with), its output appended to `log`. `CannotFork` if
+    the server cannot (a server whose code changed on disk since it imported it is
+    replaced first: a node restarted by a long-running `cluster up` runs the code there)."""
     module = forkable(command)
     if module is None:
         raise ValueError(f"not a `{sys.executable} -m module` command: {list(command)}")
-    key = tuple(sorted(env.items()))
-    with _servers_lock:
-        server = _servers().get(key)
-        if server is None or not server.alive():
-            server = _servers()[key] = ForkServer(env)
-    return server.fork(module, command[3:], log, cwd or Path.cwd())
+    with open(log, "ab"):  # a log it cannot write is the launcher's error, as with Popen
+        pass
+    key = tuple(sorted((k, v) for k, v in env.items() if k.startswith(START_VARIABLES)))
+    for _ in range(2):
+        with _servers_lock:
+            server = _servers().get(key)
+            if server is not None and not server.alive():
+                server.close()
+                server = None
+            if server is None:
+                server = _servers()[key] = ForkServer(env)
+        try:
+            return server.fork(module, command[3:], log, cwd or Path.cwd(), env)
+        except _Stale:
+            with _servers_lock:
+                _servers().pop(key, None)
+    raise CannotFork("the fork server's code changed on disk again as it started")
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
 
 
 def _running(pid: int) -> bool:
@@ -220,7 +322,10 @@ def _running(pid: int) -> bool:
 
 def serve() -> None:
     """Import `PRELOAD`, then fork a node for each request read from standard input and
-    report each node's exit on standard output, until standard input closes."""
+    report each node's exit on standard output, until standard input closes. A request
+    it cannot carry out is answered with the error (it keeps serving); once a file of the
+    code it imported has changed, it answers `stale` (the launcher starts another) and
+    goes on reporting its nodes' exits."""
     requests, answers = os.dup(0), os.fdopen(os.dup(1), "wb", buffering=0)
     quiet = os.open(os.devnull, os.O_RDWR)
     os.dup2(quiet, 0)
@@ -230,6 +335,7 @@ def serve() -> None:
     for module in PRELOAD:
         with contextlib.suppress(ImportError):
             importlib.import_module(module)
+    sources = _sources()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
@@ -247,8 +353,28 @@ def serve() -> None:
             pending += data
             while b"\n" in pending:
                 line, pending = pending.split(b"\n", 1)
-                pid = _fork(json.loads(line), (requests, answers.fileno(), wake_r, wake_w))
-                answers.write(json.dumps({"pid": pid}).encode() + b"\n")
+                request = json.loads(line)
+                said: dict[str, Any] = {"id": request["id"]}
+                if _sources() != sources:  # its nodes still get their exits said
+                    answers.write(json.dumps(said | {"stale": True}).encode() + b"\n")
+                    continue
+                try:
+                    said["pid"] = _fork(request, (requests, answers.fileno(), wake_r, wake_w))
+                except OSError as e:  # EAGAIN, ENOMEM: this node, not the server, fails
+                    said["error"] = f"fork failed: {e}"
+                answers.write(json.dumps(said).encode() + b"\n")
+
+
+def _sources() -> dict[str, float]:
+    """The modification times of the files of Butterfly's code this process imported."""
+    package = Path(importlib.import_module("butterfly").__file__ or "").parent
+    times = {}
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if path and path.startswith(str(package)):
+            with contextlib.suppress(OSError):
+                times[path] = os.stat(path).st_mtime
+    return times
 
 
 def _reap(answers: IO[bytes]) -> None:
@@ -281,17 +407,24 @@ def _fork(request: dict[str, Any], server_fds: tuple[int, ...]) -> int:
         os.dup2(log, 2)
         os.close(log)
         os.chdir(request["cwd"])
-        code = _run(request["module"], request["args"])
+        code = _run(request["module"], request["args"], request["env"])
+    except BaseException:
+        traceback.print_exc()
     finally:
         os._exit(code)
 
 
-def _run(module: str, args: list[str]) -> int:
+def _run(module: str, args: list[str], env: dict[str, str]) -> int:
     """`python -m module args` in this process: its exit code, as the interpreter would
     give it (an unhandled KeyboardInterrupt ends it by SIGINT, as it ends Python). Its
     command line (`ps`, `pgrep -f`) is the one it would have had: an operator finds a
-    node by its config file's path, and found none but the fork server's."""
+    node by its config file's path, and found none but the fork server's (its name, in
+    `ps -C` and `pidof`, stays the interpreter's; `/proc/<pid>/environ` is overwritten
+    by the longer command line)."""
     setproctitle.setproctitle(shlex.join([sys.executable, "-m", module, *args]))
+    setproctitle.setthreadtitle(Path(sys.executable).name)
+    os.environ.clear()  # after the title, which takes the original environment's memory
+    os.environ.update(env)
     sys.argv = [module, *args]
     code = 0
     try:
@@ -306,6 +439,7 @@ def _run(module: str, args: list[str]) -> int:
         _finish()
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
+        return 128 + signal.SIGINT  # SIGINT blocked: as a shell reports it
     except BaseException:
         traceback.print_exc()
         code = 1
