@@ -8,8 +8,12 @@ Prints one JSON object. Each round runs, as separate processes:
 - `python -m butterfly status --help`: a CLI command that needs no model;
 - `python -c "import butterfly.node"`: what a node process imports before it starts;
 - a 4-node tiny cluster started to ready (`LocalCluster.wait_ready`: the acting
-  gateway reports every node healthy with its stage loaded), with the CPU seconds each
-  node process had used by then (from /proc).
+  gateway reports every node healthy with its stage loaded) by a fresh process, as
+  `butterfly cluster up` starts one (`cluster_ready_s`: the nodes' fork server starts
+  with it, `cli.prefork`), with the CPU seconds each node process had used by then
+  (from /proc; a forked node's excludes the imports its server did);
+- the same started from this process once its fork server runs (`cluster_ready_warm_s`:
+  what a restarted node, or a test's second cluster, waits for).
 
 With `--baseline-src DIR` the same figures are also taken on the code under DIR (another
 checkout's `src/`), interleaved round by round, so an A/B is one run on one machine state.
@@ -46,13 +50,39 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def one_cluster(model: Path, pythonpath: str | None) -> dict[str, Any]:
+    """A 4-node cluster started to ready: seconds, and each node's CPU seconds by then."""
+    t0 = time.perf_counter()
+    with cluster(model, 4, pythonpath=pythonpath) as c:
+        ready = time.perf_counter() - t0
+        return {"ready_s": ready, "node_cpu_s": [cpu_s(p.pid) for p in c.procs]}
+
+
+def fresh_cluster(model: Path, pythonpath: str | None) -> dict[str, Any]:
+    """`one_cluster` in a fresh process running the code under `pythonpath` (its
+    launcher too), as `butterfly cluster up` runs."""
+    env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
+    done = subprocess.run(
+        [sys.executable, __file__, "--one-cluster", str(model)],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    said: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
+    return said
+
+
 def one_round(model: Path, pythonpath: str | None, out: dict[str, list[float]]) -> None:
     out["cli_s"].append(wall_s(["-m", "butterfly", "status", "--help"], pythonpath))
     out["node_import_s"].append(wall_s(["-c", "import butterfly.node"], pythonpath))
-    t0 = time.perf_counter()
-    with cluster(model, 4, pythonpath=pythonpath) as c:
-        out["cluster_ready_s"].append(time.perf_counter() - t0)
-        out["node_cpu_at_ready_s"].extend(cpu_s(p.pid) for p in c.procs)
+    fresh = fresh_cluster(model, pythonpath)
+    out["cluster_ready_s"].append(fresh["ready_s"])
+    out["node_cpu_at_ready_s"].extend(fresh["node_cpu_s"])
+    out["cluster_ready_warm_s"].append(one_cluster(model, pythonpath)["ready_s"])
 
 
 def main() -> None:
@@ -61,14 +91,21 @@ def main() -> None:
     ap.add_argument(
         "--baseline-src", default=None, help="also take the figures on the code in this src/"
     )
+    ap.add_argument("--one-cluster", default=None, help=argparse.SUPPRESS)  # fresh_cluster's
     args = ap.parse_args()
+    if args.one_cluster:
+        print(json.dumps(one_cluster(Path(args.one_cluster), None)))
+        return
     model = bench_model("tiny")
     # this checkout's own code, whatever the environment's editable install points at
     trees: dict[str, str | None] = {"this": str(Path(__file__).resolve().parents[1] / "src")}
     if args.baseline_src:
         trees["baseline"] = str(Path(args.baseline_src).resolve())
     keys = ("cli_s", "node_import_s", "cluster_ready_s", "node_cpu_at_ready_s")
+    keys += ("cluster_ready_warm_s",)
     got: dict[str, dict[str, list[float]]] = {t: {k: [] for k in keys} for t in trees}
+    for tree in trees.values():  # each tree's fork server started, for the warm figure
+        one_cluster(model, tree)
     ref: dict[str, list[float]] = {"python_s": [], "import_torch_s": []}
     for r in range(args.rounds):
         ref["python_s"].append(wall_s(["-c", "pass"], None))
