@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,3 +127,37 @@ async def still_serves(s: Served, headers: dict[str, str] | None = None) -> None
     body = {"prompt": "ok?", "max_new_tokens": 2, "wait": True}
     r = await s.client.post("/inference", json=body, headers=headers)
     assert r.status_code == 200 and r.json()["status"] == "completed"
+
+
+def body_then_hang_up(body: str, hang_up: asyncio.Event) -> Callable[[], Awaitable[Any]]:
+    """An ASGI `receive`: the request's body, then the client's hang-up once it is set."""
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body.encode(), "more_body": False}
+        await hang_up.wait()
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+def raw_scope(path: str) -> dict[str, Any]:
+    """An ASGI request's scope as uvicorn gives it (the test client buffers whole
+    responses, so a hang-up is sent by hand)."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 5000),
+        "server": ("gw", 80),
+        "scheme": "http",
+        "root_path": "",
+    }

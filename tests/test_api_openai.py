@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,15 @@ import pytest
 from butterfly.runtime.detok import IncrementalText
 from butterfly.runtime.tokenizer import TextCodec
 from butterfly.types.tasks import SamplingParams
-from tests.api_util import Served, assert_error, reference, serving, still_serves
+from tests.api_util import (
+    Served,
+    assert_error,
+    body_then_hang_up,
+    raw_scope,
+    reference,
+    serving,
+    still_serves,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -208,40 +215,6 @@ async def test_a_whole_answer_ends_with_503_when_the_scheduler_stops_under_it(
         assert 'butterfly_tasks_total{status="cancelled"} 0.0' in text
         task_id = body["error"]["message"].split("/result/")[1].split()[0]
         assert not (await s.scheduler.snapshot(task_id)).state.terminal
-
-
-def body_then_hang_up(body: str, hang_up: asyncio.Event) -> Callable[[], Awaitable[Any]]:
-    """An ASGI `receive`: the request's body, then the client's hang-up once it is set."""
-    sent = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body.encode(), "more_body": False}
-        await hang_up.wait()
-        return {"type": "http.disconnect"}
-
-    return receive
-
-
-def raw_scope(path: str) -> dict[str, Any]:
-    """An ASGI request's scope as uvicorn gives it (the test client buffers whole
-    responses, so a hang-up is sent by hand)."""
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "POST",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "headers": [(b"content-type", b"application/json")],
-        "client": ("127.0.0.1", 5000),
-        "server": ("gw", 80),
-        "scheme": "http",
-        "root_path": "",
-    }
 
 
 async def test_client_disconnect_cancels_the_streamed_task(

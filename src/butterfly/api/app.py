@@ -97,7 +97,7 @@ def create_app(
             )
         snap = await scheduler.submit(task)
         if body.wait:
-            return gw.outcome(await scheduler.wait(task.task_id, settings.max_wait_s))
+            return await gw.waited(task.task_id, request.is_disconnected)
         headers = {"Location": f"/result/{task.task_id}"}
         return JSONResponse(accepted_body(snap), status_code=202, headers=headers)
 

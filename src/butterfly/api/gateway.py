@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi.responses import JSONResponse
+import anyio
+from fastapi.responses import JSONResponse, Response
 
 from butterfly.api.errors import KIND_STATUS, ContextExceeded, InvalidField, error_response
 from butterfly.api.settings import ApiSettings
@@ -29,6 +32,10 @@ from butterfly.types.ids import RequestId
 from butterfly.types.tasks import InferenceTask, SamplingParams
 from butterfly.types.wire.agreement import Proof, decode
 
+WATCH_S = 0.1
+"""How often a wait for a whole answer looks whether its client is still there."""
+CLIENT_GONE = 499
+"""The status (nginx's) a whole answer ends with when its client hung up: nobody reads it."""
 INLINE_TOKENIZE_BYTES = 256
 """Prompts up to this size are tokenized on the event loop. Measured with the demo
 tokenizer (Intel Xeon, idle): 5 us for 10 bytes, 170 us for 1,000, so about 0.17 us a
@@ -206,6 +213,27 @@ class Gateway:
         kind = state.error_type or "internal_error"
         status = KIND_STATUS.get(kind, 500)
         return error_response(status, kind, state.reason, retry_after_s=retry, extra=extra)
+
+    async def waited(self, task_id: RequestId, gone: Callable[[], Awaitable[bool]]) -> Response:
+        """`POST /inference`'s `wait: true`: the result once ready, or 202 with the task's
+        id after `max_wait_s`. A client that hangs up meanwhile has its task cancelled
+        (499, read by nobody), as the OpenAI routes' whole answers are: it never learned
+        the id, so the task ran to its end for no one, and a retry ran beside it. Not once
+        the scheduler has stopped (the role handed on, the node stopping): its tasks stay
+        queued for the next gateway, and its `wait` returns at once (202)."""
+        deadline = time.monotonic() + self.settings.max_wait_s
+        snap = await self.scheduler.wait(task_id, min(WATCH_S, self.settings.max_wait_s))
+        while not snap.state.terminal and self.scheduler.serving:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            if await gone():
+                with contextlib.suppress(ButterflyError):  # it ended, or no standby took it
+                    with anyio.CancelScope(shield=True):
+                        await self.scheduler.cancel(task_id)
+                return Response(status_code=CLIENT_GONE)
+            snap = await self.scheduler.wait(task_id, min(WATCH_S, left))
+        return self.outcome(snap)
 
     def outcome(self, snap: TaskSnapshot, *, proofs: bool = False) -> JSONResponse:
         """200 with the result, 202 while unfinished, or the task's error."""

@@ -30,7 +30,7 @@ import anyio
 from fastapi.responses import JSONResponse, Response
 
 from butterfly.api.errors import InvalidField, error_body
-from butterfly.api.gateway import Gateway
+from butterfly.api.gateway import CLIENT_GONE, WATCH_S, Gateway
 from butterfly.api.openai_choices import ChoiceText, StopScanner
 from butterfly.api.openai_schema import MAX_TASKS, Usage
 from butterfly.runtime.tokenizer import TextCodec
@@ -198,12 +198,6 @@ def weakest(verified: list[str]) -> str:
 
 
 Whole = Callable[[Run, str], dict[str, Any]]
-
-
-WATCH_S = 0.1
-"""How often a whole answer's wait looks whether its client is still there."""
-CLIENT_GONE = 499
-"""The status (nginx's) a whole answer ends with when its client hung up: nobody reads it."""
 
 
 async def whole(
