@@ -231,7 +231,11 @@ class LocalCluster:
             )
 
     def start(self) -> None:
-        self.procs = [self._spawn(i) for i in range(len(self.configs))]
+        """One node after another, each kept as it starts: one that fails to start (an
+        interrupt) leaves those before it in `procs`, for `stop` (a review)."""
+        self.procs = []
+        for i in range(len(self.configs)):
+            self.procs.append(self._spawn(i))
 
     def restart(self, index: int) -> None:
         """Start node `index` again from its config (after a kill or a stop)."""

@@ -17,14 +17,16 @@ The server forks from a state that ran no torch operation, so no OpenMP pool exi
 be lost in a node; numpy's OpenBLAS thread is shut down around each fork by OpenBLAS.
 It reaps its nodes and reports their exit codes (negative: the signal that ended one,
 as `subprocess.Popen` says); the launcher signals them by PID. It exits when the
-launching process closes its end (or dies); nodes still running then stay, as
-`subprocess.Popen`'s children do, for their launcher to stop by PID.
+launching process closes its end or dies, and its nodes die with it (SIGKILL, a
+parent-death signal): a `cluster up` killed with SIGKILL left its nodes running, and a
+node whose server is gone could no longer be told from a process given its PID later.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import functools
 import importlib
 import itertools
@@ -49,8 +51,12 @@ PRELOAD = ("butterfly.cli", "butterfly.node")
 """What `butterfly start` imports before it reads its config (an import the server cannot
 do is left to each node)."""
 LOST = 255
-"""The exit code said of a node whose server died before reporting it (the node is gone,
-but how it ended is not known)."""
+"""The exit code said of a node whose server died before reporting it: the node dies with
+its server (a parent-death signal), so its PID is never looked at again (the kernel may
+give it to another process), but how it ended is not known."""
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 class NodeProcess(Protocol):
@@ -89,7 +95,19 @@ class _Stale(CannotFork):
     """The server's code changed on disk since it imported it: it forks no more."""
 
 
-START_VARIABLES = ("PYTHON", "LD_", "OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_", "TORCH")
+START_VARIABLES = (
+    "PYTHON",
+    "LD_",
+    "MALLOC_",
+    "GLIBC_",
+    "OMP_",
+    "GOMP_",
+    "KMP_",
+    "MKL_",
+    "OPENBLAS_",
+    "TORCH",
+    "PYTORCH",
+)
 """Prefixes of the environment variables read when an interpreter and its libraries start
 (the code a server imports, its OpenMP runtime): nodes given other values need a server
 started with them. The others reach a node as its own environment: keyed on the whole
@@ -127,15 +145,9 @@ class ForkServer:
         threading.Thread(target=self._read, name="fork server", daemon=True).start()
 
     def alive(self) -> bool:
-        return self._proc.poll() is None and not self._gone
-
-    def close(self) -> None:
-        """Once it has exited: its pipes closed and its process reaped."""
-        for pipe in (self._to, self._from):
-            with contextlib.suppress(OSError):
-                pipe.close()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self._proc.wait(timeout=1)
+        """Until its reader has heard the last it said (a server seen exited while its
+        last exits were still in the pipe lost them, a review)."""
+        return not self._gone
 
     def fork(
         self, module: str, args: Sequence[str], log: Path, cwd: Path, env: Mapping[str, str]
@@ -156,7 +168,7 @@ class ForkServer:
                 self._to.flush()
                 self._state.wait_for(lambda: number in self._answers or self._gone, ANSWER_S)
                 answer = self._answers.pop(number, None)
-        except OSError as e:  # its pipe closed: it exited
+        except (OSError, ValueError) as e:  # its pipe broken or closed: it exited
             raise CannotFork(f"the fork server is gone ({e})") from e
         finally:
             if answer is None:  # a timeout, an interrupt (Ctrl-C) or the server's death
@@ -179,25 +191,15 @@ class ForkServer:
             elif "pid" in late:
                 _kill(int(late["pid"]))
 
-    def exit_code(self, number: int, pid: int) -> int | None:
+    def exit_code(self, number: int) -> int | None:
         with self._state:
-            if number in self._exits:
-                return self._exits[number]
-            if not self._gone or _running(pid):
-                return None
-            return LOST
+            return self._exits.get(number)
 
-    def wait(self, number: int, pid: int, timeout: float | None) -> int | None:
-        """The node's exit code once it exits, or None after `timeout`; a server gone can
-        no longer say, so then the node's PID is looked at every 50 ms."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def wait(self, number: int, timeout: float | None) -> int | None:
+        """The node's exit code once it exits, or None after `timeout`."""
         with self._state:
-            while (code := self.exit_code(number, pid)) is None:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return None
-                self._state.wait(min(left or 0.05, 0.05) if self._gone else left)
-        return code
+            self._state.wait_for(lambda: number in self._exits, timeout)
+            return self._exits.get(number)
 
     def _read(self) -> None:
         try:
@@ -222,7 +224,15 @@ class ForkServer:
         finally:
             with self._state:
                 self._gone = True
+                for number in self._pids.values():  # killed with it: `LOST`
+                    self._exits.setdefault(number, LOST)
+                self._pids.clear()
                 self._state.notify_all()
+            for pipe in (self._to, self._from):
+                with contextlib.suppress(OSError):
+                    pipe.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(timeout=5)
 
 
 class ForkedNode:
@@ -237,13 +247,13 @@ class ForkedNode:
 
     @property
     def returncode(self) -> int | None:
-        return self._server.exit_code(self._number, self._pid)
+        return self._server.exit_code(self._number)
 
     def poll(self) -> int | None:
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
-        code = self._server.wait(self._number, self._pid, timeout)
+        code = self._server.wait(self._number, timeout)
         if code is None:
             raise subprocess.TimeoutExpired(self.args, timeout or 0.0)
         return code
@@ -290,10 +300,7 @@ def fork_node(
     for _ in range(2):
         with _servers_lock:
             server = _servers().get(key)
-            if server is not None and not server.alive():
-                server.close()
-                server = None
-            if server is None:
+            if server is None or not server.alive():
                 server = _servers()[key] = ForkServer(env)
         try:
             return server.fork(module, command[3:], log, cwd or Path.cwd(), env)
@@ -308,83 +315,86 @@ def _kill(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def _running(pid: int) -> bool:
-    """Whether `pid` is a process that has not ended (a zombie has)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 # --- the server ------------------------------------------------------------------------
 
 
 def serve() -> None:
     """Import `PRELOAD`, then fork a node for each request read from standard input and
-    report each node's exit on standard output, until standard input closes. A request
-    it cannot carry out is answered with the error (it keeps serving); once a file of the
-    code it imported has changed, it answers `stale` (the launcher starts another) and
-    goes on reporting its nodes' exits."""
+    report each node's exit on standard output, until standard input closes (its nodes
+    die with it: `_fork`). A request it cannot carry out is answered with the error (it
+    keeps serving); once a file of the code it imported has changed, it answers `stale`
+    (the launcher starts another), reports its nodes' exits, and exits after the last."""
     requests, answers = os.dup(0), os.fdopen(os.dup(1), "wb", buffering=0)
     quiet = os.open(os.devnull, os.O_RDWR)
     os.dup2(quiet, 0)
     os.dup2(2, 1)  # a stray print here cannot break the answers
     os.close(quiet)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the nodes' (one group)
+    started = time.time()
     for module in PRELOAD:
         with contextlib.suppress(ImportError):
             importlib.import_module(module)
     sources = _sources()
+    stale = any(mtime >= started for mtime in sources.values())  # edited as it imported
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
+    children: set[int] = set()
     pending = b""
-    while True:
+    while not (stale and not children):
         ready, _, _ = select.select([requests, wake_r], [], [])
         if wake_r in ready:
             os.read(wake_r, 4096)
-            _reap(answers)
-        if requests in ready:
-            data = os.read(requests, 1 << 16)
-            if not data:
-                return
-            pending += data
-            while b"\n" in pending:
-                line, pending = pending.split(b"\n", 1)
+            children -= _reap(answers)
+        if requests not in ready:
+            continue
+        data = os.read(requests, 1 << 16)
+        if not data:
+            return
+        pending += data
+        while b"\n" in pending:
+            line, pending = pending.split(b"\n", 1)
+            said: dict[str, Any] = {}
+            try:
                 request = json.loads(line)
-                said: dict[str, Any] = {"id": request["id"]}
-                if _sources() != sources:  # its nodes still get their exits said
-                    answers.write(json.dumps(said | {"stale": True}).encode() + b"\n")
-                    continue
-                try:
+                said["id"] = request["id"]
+                stale = stale or _sources() != sources
+                if stale:  # its nodes still get their exits said
+                    said["stale"] = True
+                else:
                     said["pid"] = _fork(request, (requests, answers.fileno(), wake_r, wake_w))
-                except OSError as e:  # EAGAIN, ENOMEM: this node, not the server, fails
-                    said["error"] = f"fork failed: {e}"
+                    children.add(said["pid"])
+            except Exception as e:  # EAGAIN, ENOMEM, a request it cannot read: not fatal
+                said["error"] = f"{type(e).__name__}: {e}"
+                print(f"fork server: {said['error']}", file=sys.stderr)
+            if "id" in said:
                 answers.write(json.dumps(said).encode() + b"\n")
 
 
 def _sources() -> dict[str, float]:
     """The modification times of the files of Butterfly's code this process imported."""
-    package = Path(importlib.import_module("butterfly").__file__ or "").parent
+    package = str(Path(importlib.import_module("butterfly").__file__ or "").parent) + os.sep
     times = {}
     for module in list(sys.modules.values()):
         path = getattr(module, "__file__", None)
-        if path and path.startswith(str(package)):
+        if path and path.startswith(package):
             with contextlib.suppress(OSError):
                 times[path] = os.stat(path).st_mtime
     return times
 
 
-def _reap(answers: IO[bytes]) -> None:
+def _reap(answers: IO[bytes]) -> set[int]:
+    """Report every node that exited; their PIDs."""
+    reaped: set[int] = set()
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            return reaped
         if pid == 0:
-            return
+            return reaped
+        reaped.add(pid)
         code = os.waitstatus_to_exitcode(status)
         answers.write(json.dumps({"exit": pid, "code": code}).encode() + b"\n")
 
@@ -392,11 +402,17 @@ def _reap(answers: IO[bytes]) -> None:
 def _fork(request: dict[str, Any], server_fds: tuple[int, ...]) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
+    server = os.getpid()
     pid = os.fork()
     if pid:
         return pid
     code = 1
     try:
+        # dies with the server: its exit code could no longer be told, and its PID, given
+        # to another process later, would be signalled as the node's (a review)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != server:
+            os._exit(LOST)  # it died as it forked
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
