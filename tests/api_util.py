@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -161,3 +162,27 @@ def raw_scope(path: str) -> dict[str, Any]:
         "scheme": "http",
         "root_path": "",
     }
+
+
+async def statuses_of_a_client_hanging_up(s: Served, path: str, body: dict[str, Any]) -> list[int]:
+    """POST `body` to `path` as raw ASGI, the client hanging up once a task runs: the
+    statuses the app began responses with (none read by the client)."""
+    hang_up, statuses = asyncio.Event(), []
+    receive = body_then_hang_up(json.dumps(body), hang_up)
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    async def hang_up_once_running() -> None:
+        for _ in range(2000):  # bounded: the first task runs within seconds
+            if (await s.client.get("/health")).json()["active_tasks"]:
+                break
+            await asyncio.sleep(0.005)
+        hang_up.set()
+
+    watcher = asyncio.create_task(hang_up_once_running())
+    async with asyncio.timeout(60):
+        await s.app(raw_scope(path), receive, send)
+    await watcher
+    return statuses

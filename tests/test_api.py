@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -27,10 +26,9 @@ from butterfly.types.tasks import SamplingParams
 from tests.api_util import (
     BrokenHealthEngine,
     assert_error,
-    body_then_hang_up,
-    raw_scope,
     reference,
     serving,
+    statuses_of_a_client_hanging_up,
     still_serves,
 )
 
@@ -64,26 +62,8 @@ async def test_a_wait_true_client_that_hangs_up_has_its_task_cancelled(
     """It never learned the task's id: the task ran its 500 tokens for nobody, and a retry
     ran beside it."""
     async with serving(tiny_model, tmp_path / "t.db", max_concurrent=1) as s:
-        app = s.client._transport.app  # type: ignore[attr-defined]
         body = {"prompt": "bye", "max_new_tokens": 500, "wait": True}
-        hang_up, statuses = asyncio.Event(), []
-        receive = body_then_hang_up(json.dumps(body), hang_up)
-
-        async def send(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                statuses.append(message["status"])
-
-        async def hang_up_once_running() -> None:
-            for _ in range(2000):  # bounded: the task runs within seconds
-                if (await s.client.get("/health")).json()["active_tasks"]:
-                    break
-                await asyncio.sleep(0.005)
-            hang_up.set()
-
-        watcher = asyncio.create_task(hang_up_once_running())
-        async with asyncio.timeout(60):
-            await app(raw_scope("/inference"), receive, send)
-        await watcher
+        statuses = await statuses_of_a_client_hanging_up(s, "/inference", body)
         assert statuses == [499]
         text = (await s.client.get("/metrics")).text
         assert 'butterfly_tasks_total{status="cancelled"} 1.0' in text

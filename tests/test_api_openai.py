@@ -19,6 +19,7 @@ from tests.api_util import (
     raw_scope,
     reference,
     serving,
+    statuses_of_a_client_hanging_up,
     still_serves,
 )
 
@@ -135,28 +136,8 @@ async def test_a_client_that_gives_up_on_a_whole_answer_cancels_its_tasks(
     are cancelled as a stream's are (they ran to the end, and the official client's two
     retries each ran theirs beside them)."""
     async with serving(tiny_model, tmp_path / "t.db", max_concurrent=1) as s:
-        app = s.client._transport.app  # type: ignore[attr-defined]
         request = {"model": "tiny", "prompt": "bye", "max_tokens": 500, "temperature": 0}
-        body, hang_up = json.dumps({**request, "n": 4}), asyncio.Event()
-        statuses: list[int] = []
-        receive = body_then_hang_up(body, hang_up)
-
-        async def send(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                statuses.append(message["status"])
-
-        async def hang_up_once_running() -> None:
-            for _ in range(2000):  # bounded: the first choice runs within seconds
-                health = (await s.client.get("/health")).json()
-                if health["active_tasks"]:
-                    break
-                await asyncio.sleep(0.005)
-            hang_up.set()
-
-        watcher = asyncio.create_task(hang_up_once_running())
-        async with asyncio.timeout(60):
-            await app(raw_scope("/v1/completions"), receive, send)
-        await watcher
+        statuses = await statuses_of_a_client_hanging_up(s, "/v1/completions", {**request, "n": 4})
         assert statuses == [499]
         text = (await s.client.get("/metrics")).text
         assert 'butterfly_tasks_total{status="cancelled"} 4.0' in text
