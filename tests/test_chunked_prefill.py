@@ -172,22 +172,30 @@ async def test_a_stream_beside_chunks_gets_the_tokens_it_gets_alone(tiny_model: 
         first = pipe.servers[next(iter(pipe.servers))]
         mixed: list[StageStep] = []
         on_step = first.on_step
+        stream: list[object] = []
+        arrived = asyncio.Event()
 
         async def recorded(env: Envelope, route: tuple[NodeId, ...] = ()) -> Outbound:
             if isinstance(env.msg, StageStep) and len(set(env.msg.lengths)) > 1:
                 mixed.append(env.msg)
+            elif isinstance(env.msg, StageStep) and len(stream) >= 3 and not arrived.is_set():
+                # the stream's step waits for the prompt to arrive: on a loaded machine the
+                # stream once decoded to its end before the chunks began (60 tokens, then
+                # 300 in CI), and no step packed the two
+                async with asyncio.timeout(30):
+                    await arrived.wait()
             return await on_step(env, route)
 
         first.on_step = recorded  # type: ignore[method-assign]
-        stream: list[object] = []
-        # long enough to outlast the chunked prompt on a loaded machine (60 tokens once
-        # ended before the chunks began, and no step packed the two)
         task = InferenceTask(RequestId("beside"), (1, 2, 3), max_new_tokens=STREAM)
         running = asyncio.create_task(pipe.run(task, stream.append))
         await _first_tokens(stream, running)
-        chunked = await pipe.run(
-            InferenceTask(RequestId("chunked"), prompt, max_new_tokens=4), lambda t: None
+        chunking = asyncio.create_task(
+            pipe.run(InferenceTask(RequestId("chunked"), prompt, max_new_tokens=4), lambda t: None)
         )
+        await asyncio.sleep(0.05)  # submitted: the stream's next step takes its first chunk
+        arrived.set()
+        chunked = await chunking
         beside = await running
     assert len(mixed) >= 2  # chunks went packed with the stream's decode steps
     assert beside.output_ids == alone.output_ids
