@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -210,3 +211,20 @@ def test_a_clusters_nodes_are_forked(tmp_path: Path) -> None:
     assert isinstance(cluster.procs[0], ForkedNode)
     assert cluster.procs[0].wait(timeout=60) == 0
     assert "Linux" in (tmp_path / "node-0.log").read_text()
+
+
+def test_a_server_whose_code_changed_forks_no_more(tmp_path: Path) -> None:
+    """A node restarted by a long-running `cluster up` after an upgrade runs the code on
+    disk, not what its server imported before (a review)."""
+    code = tmp_path / "src"
+    shutil.copytree(Path(prefork.__file__).parents[1], code / "butterfly")
+    first, log_first = probe(tmp_path, "first", "0", PYTHONPATH=str(code))
+    assert first.wait(timeout=60) == 0
+    changed = code / "butterfly" / "node.py"  # what an upgrade does to a file
+    os.utime(changed, (changed.stat().st_atime, changed.stat().st_mtime + 1))
+    second, log_second = probe(tmp_path, "second", "0", PYTHONPATH=str(code))
+    assert second.wait(timeout=60) == 0
+    assert said(log_first)["server"] != said(log_second)["server"]
+    third, log_third = probe(tmp_path, "third", "0", PYTHONPATH=str(code))
+    assert third.wait(timeout=60) == 0
+    assert said(log_third)["server"] == said(log_second)["server"]  # the new one serves on

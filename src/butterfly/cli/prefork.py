@@ -173,6 +173,8 @@ class ForkServer:
         finally:
             if answer is None:  # a timeout, an interrupt (Ctrl-C) or the server's death
                 self._abandon(number)
+        if answer is None and self._gone:
+            raise CannotFork(f"the fork server exited before it started {module}")
         if answer is None:
             raise CannotFork(f"the fork server did not start {module} within {ANSWER_S:.0f} s")
         if answer.get("stale"):
@@ -334,8 +336,10 @@ def serve() -> None:
     for module in PRELOAD:
         with contextlib.suppress(ImportError):
             importlib.import_module(module)
-    sources = _sources()
-    stale = any(mtime >= started for mtime in sources.values())  # edited as it imported
+    sources, imported = _sources(), time.time()
+    # a file edited while it imported may be the old code here (a future time, a clock's
+    # skew or an archive's, is no edit: every server would be stale from the start)
+    stale = any(started <= mtime <= imported for mtime in sources.values())
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
