@@ -386,7 +386,7 @@ async def test_a_cancelled_task_stays_cancelled_after_the_gateway_dies(
         snap = await first.scheduler.cancel(t.task_id)  # the DELETE's answer
         assert snap.state.status is TaskStatus.CANCELLED
         c.kill(0)  # before anything one-way could reach node 1
-        await c.until(lambda: standby.scheduler is not None, "node 1 takes over", beats=1000)
+        await c.until(lambda: standby.scheduler is not None, "node 1 takes over", beats=3000)
         done = await asyncio.wait_for(_settled(c, standby, t.task_id), 60)
         assert done.state.status is TaskStatus.CANCELLED, done.state
 
@@ -422,7 +422,7 @@ async def test_an_unseeded_sampled_task_gives_the_same_tokens_after_a_failover(
                 if len(seen) == 4:
                     c.kill(0)
                     break
-        await c.until(lambda: standby.scheduler is not None, "node 1 takes over", beats=1000)
+        await c.until(lambda: standby.scheduler is not None, "node 1 takes over", beats=3000)
         done = await asyncio.wait_for(_settled(c, standby, t.task_id), 60)
         assert done.result is not None and done.result.output_ids[: len(seen)] == tuple(seen)
 
@@ -452,7 +452,7 @@ async def test_a_gateway_that_lost_a_quorum_refuses_tasks_and_its_successor_runs
         health = health_body(c.nodes[0].engine.health(), scheduler)  # what GET /health says
         assert not health["healthy"] and health["services"]["scheduling"] == "down"
         assert "node 0 has lost 3 of the 4 members" in health["refusing_tasks"]
-        await c.until(lambda: standby.scheduler is not None, "node 1 takes over", beats=1000)
+        await c.until(lambda: standby.scheduler is not None, "node 1 takes over", beats=3000)
         assert standby.scheduler is not None
         await standby.scheduler.submit(task(tiny_model, "greedy"))
         done = await asyncio.wait_for(_settled(c, standby, "greedy"), 60)
@@ -477,7 +477,7 @@ async def test_a_gateway_that_hears_no_one_steps_down_and_is_replaced(
         c.hub.cut |= inward
         c.net.down.add(NodeId(0))
         await c.until(lambda: scheduler.refusing() is not None, "node 0 refusing", beats=1000)
-        await c.until(lambda: standby.scheduler is not None, "node 1 takes over", beats=1000)
+        await c.until(lambda: standby.scheduler is not None, "node 1 takes over", beats=3000)
         await standby.scheduler.submit(task(tiny_model, "greedy"))
         done = await asyncio.wait_for(_settled(c, standby, "greedy"), 60)
         assert done.state.status is TaskStatus.COMPLETED
@@ -535,7 +535,7 @@ async def test_a_first_gateway_that_never_comes_up_is_replaced(
             await asyncio.sleep(0.001)
         assert all(node.role.acting == 0 for node in c.nodes[1:])
         assert _shown(c, 1, 0) == _scraped(c, 1, 0) == "starting"
-        await c.until(lambda: standby.scheduler is not None, "node 1 takes over", beats=1000)
+        await c.until(lambda: standby.scheduler is not None, "node 1 takes over", beats=3000)
         assert _shown(c, 1, 0) == _scraped(c, 1, 0) == "failed"
         assert _scraped(c, 2, 0) == "failed"  # every member's metric, not the gateway's only
         assert all(node.role.acting == 1 and node.role.term == 1 for node in c.nodes[1:])
