@@ -84,8 +84,7 @@ def test_a_stopped_gateway_drains_and_a_stopped_cluster_loses_nothing(
         # the tasks go to the acting gateway (which copies them to node 0). Restarted only
         # once node 1 acts: a node forked back at once (cli.prefork) is back before its
         # absence is noticed, and acts on
-        host, port = cluster.api_url.rsplit(":", 1)
-        successor = f"{host}:{int(port) + 1}"
+        successor = cluster.gateway_url(1)
 
         def node1_acts() -> bool:
             return httpx.get(f"{successor}/health", timeout=2).status_code == 200

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import functools
+import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -31,6 +31,8 @@ from butterfly.types.errors import ButterflyError, InvalidRequest, PayloadTooLar
 from butterfly.types.ids import RequestId
 from butterfly.types.tasks import InferenceTask, SamplingParams
 from butterfly.types.wire.agreement import Proof, decode
+
+log = logging.getLogger(__name__)
 
 WATCH_S = 0.1
 """How often a wait for a whole answer looks whether its client is still there."""
@@ -222,18 +224,15 @@ class Gateway:
         the scheduler has stopped (the role handed on, the node stopping): its tasks stay
         queued for the next gateway, and its `wait` returns at once (202)."""
         deadline = time.monotonic() + self.settings.max_wait_s
-        snap = await self.scheduler.wait(task_id, min(WATCH_S, self.settings.max_wait_s))
-        while not snap.state.terminal and self.scheduler.serving:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            if await gone():
-                with contextlib.suppress(ButterflyError):  # it ended, or no standby took it
-                    with anyio.CancelScope(shield=True):
-                        await self.scheduler.cancel(task_id)
-                return Response(status_code=CLIENT_GONE)
+        while True:
+            left = max(0.0, deadline - time.monotonic())
             snap = await self.scheduler.wait(task_id, min(WATCH_S, left))
-        return self.outcome(snap)
+            if snap.state.terminal or not self.scheduler.serving or left <= WATCH_S:
+                return self.outcome(snap)
+            if await gone():
+                with anyio.CancelScope(shield=True):
+                    await cancel_quietly(self.scheduler, task_id)
+                return Response(status_code=CLIENT_GONE)
 
     def outcome(self, snap: TaskSnapshot, *, proofs: bool = False) -> JSONResponse:
         """200 with the result, 202 while unfinished, or the task's error."""
@@ -246,6 +245,17 @@ class Gateway:
         if status.terminal:
             return self.failure(snap)
         return JSONResponse(accepted_body(snap), status_code=202)
+
+
+async def cancel_quietly(scheduler: Scheduler, task_id: RequestId) -> None:
+    """Cancel a task nobody waits for any more; never raises (one cancel's failure must
+    not leave a request's other tasks running unawaited)."""
+    try:
+        await scheduler.cancel(task_id)
+    except ButterflyError:
+        pass  # it finished, or no standby took it
+    except Exception:
+        log.exception("cancelling task %s, whose client went away, failed", task_id)
 
 
 def tokenize(codec: TextCodec, text: str, add_special_tokens: bool = True) -> list[int]:

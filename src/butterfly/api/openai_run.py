@@ -30,7 +30,7 @@ import anyio
 from fastapi.responses import JSONResponse, Response
 
 from butterfly.api.errors import InvalidField, error_body
-from butterfly.api.gateway import CLIENT_GONE, WATCH_S, Gateway
+from butterfly.api.gateway import CLIENT_GONE, WATCH_S, Gateway, cancel_quietly
 from butterfly.api.openai_choices import ChoiceText, StopScanner
 from butterfly.api.openai_schema import MAX_TASKS, Usage
 from butterfly.runtime.tokenizer import TextCodec
@@ -107,16 +107,7 @@ class Run:
             return
         ids = [task.task_id for index, task in enumerate(self.tasks) if index not in keep]
         with anyio.CancelScope(shield=True):
-            await asyncio.gather(*(self._cancel(task_id) for task_id in ids))
-
-    async def _cancel(self, task_id: RequestId) -> None:
-        """Never raises: one cancel's failure must not leave the others running unawaited."""
-        try:
-            await self.gw.scheduler.cancel(task_id)
-        except ButterflyError:
-            pass  # it finished, or no standby took it
-        except Exception:
-            log.exception("cancelling task %s of an ended request failed", task_id)
+            await asyncio.gather(*(cancel_quietly(self.gw.scheduler, task_id) for task_id in ids))
 
 
 async def start(

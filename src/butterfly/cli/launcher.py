@@ -212,15 +212,14 @@ class LocalCluster:
     extra_args: dict[int, Sequence[str]] = field(default_factory=dict)
     # per node: a command that runs the node's command (`ip netns exec NS`, testing.netns)
     prefix: dict[int, Sequence[str]] = field(default_factory=dict)
-    # nodes forked from a fork server that imported their code once (`cli.prefork`); a
-    # node run under a `prefix`, or by a command other than `python -m`, is started anew
-    prefork: bool = True
 
     def _spawn(self, index: int) -> NodeProcess:
+        """Forked from a fork server that imported a node's code once (`cli.prefork`); a
+        node run under a `prefix`, or by a command other than `python -m`, starts anew."""
         command = [*self.command, str(self.configs[index]), *self.extra_args.get(index, ())]
         log_path = self.log_dir / f"node-{index}.log"
         env = {**os.environ, **CHILD_ENV}
-        if self.prefork and index not in self.prefix and forkable(command):
+        if index not in self.prefix and forkable(command):
             try:
                 return fork_node(command, log_path, env)
             except CannotFork as e:  # a node it cannot fork starts as a fresh process
@@ -242,6 +241,11 @@ class LocalCluster:
         if self.procs[index].poll() is None:
             raise RuntimeError(f"node {index} (pid {self.procs[index].pid}) is still running")
         self.procs[index] = self._spawn(index)
+
+    def gateway_url(self, k: int) -> str:
+        """Gateway k's API URL: the first gateway's port + k (`free_port_block`)."""
+        host, port = self.api_url.rsplit(":", 1)
+        return f"{host}:{int(port) + k}"
 
     def acting_url(self, client: httpx.Client | None = None) -> str:
         """The acting gateway's API URL: `api_url` (the first gateway's), or the one its

@@ -142,12 +142,6 @@ def _probe(urls: list[str], deadline: float) -> bool:
     return False
 
 
-def _gateway_url(first: str, k: int) -> str:
-    """Gateway k's API URL, given the first gateway's (`GATEWAYS`)."""
-    host, port = first.rsplit(":", 1)
-    return f"{host}:{int(port) + k}"
-
-
 def _until_acting(url: str, *, timeout_s: float) -> None:
     """Until the gateway at `url` acts (a standby answers /health with 503)."""
     deadline = time.monotonic() + timeout_s
@@ -203,14 +197,13 @@ def _inject(
     elif fault == "gateway_twice":
         # each restarted only once the other took over: a node forked back within the
         # failure detector's timeout (cli.prefork) is back before it is missed, and acts on
-        urls = {k: _gateway_url(cluster.api_url, k) for k in (0, 1)}
         for gateway, other in ((0, 1), (1, 0)):
             cluster.kill(gateway)
-            _until_acting(urls[other], timeout_s=60.0)
+            _until_acting(cluster.gateway_url(other), timeout_s=60.0)
             time.sleep(rng.uniform(0.0, 2.0))
             cluster.restart(gateway)
             if gateway == 0:
-                _until_standby(urls[0], acting=1, timeout_s=60.0)
+                _until_standby(cluster.gateway_url(0), acting=1, timeout_s=60.0)
     elif fault == "restart_all":
         t0 = time.monotonic()
         codes = cluster.stop(grace_s=10.0)
@@ -264,7 +257,7 @@ def run_trial(
     try:
         cluster.start()
         cluster.wait_ready(120)
-        urls = [f"http://127.0.0.1:{port + k}" for k in range(GATEWAYS)]
+        urls = [cluster.gateway_url(k) for k in range(GATEWAYS)]
         deadline = time.monotonic() + timeout_s
         prompts = [rng.choice(PROMPTS) for _ in range(requests)]
         ids = [_submit(urls, p, new_tokens, deadline) for p in prompts]
