@@ -5,7 +5,8 @@ every liar whose lie shows is caught, and no request fails for a lie.
 - A plan that went on from caches built before it (a recovery resumed on them, or a
   standby on a KV copy) is audited as if those positions were honest: a contradiction
   there convicts nobody (an honest receiver of a liar's earlier rows was evicted, and a
-  standby that resumed on a liar's poisoned copy).
+  standby that resumed on a liar's poisoned copy); where it shows in the chain's own
+  steps, the request is computed again from fresh caches.
 - A record whose fingerprint cannot be cut to a verify step's kept rows (chunks of 2)
   is judged as a weak one: its signer is convicted by the rows it sent (such a liar
   left every speculating request unverified and was never evicted).
@@ -165,8 +166,11 @@ async def test_a_standby_resuming_on_a_liars_kv_copy_is_not_blamed(
     tiny_model: Path, tmp_path: Path, speculative: str
 ) -> None:
     """Node 1 computes honestly and ships its standby, node 4, poisoned KV copies; it
-    dies at token 6 and node 4 goes on from the copy. Its contradictions convicted it."""
+    dies at token 6 and node 4 goes on from the copy. Its contradictions convicted it;
+    then, blamed on nobody, they came back as the answer, unverified and wrong. Now the
+    request is computed again from fresh caches: the unsplit model's tokens, verified."""
     ids = tuple(TextCodec.load(tiny_model).encode(PROMPT))
+    plain = list(generate([load_stage(tiny_model)], ids, 16))
     more = {"coordination.checkpoint_frequency": 1}
     async with InProcessCluster(
         tiny_model,
@@ -178,7 +182,9 @@ async def test_a_standby_resuming_on_a_liars_kv_copy_is_not_blamed(
     ) as c:
         await c.first_plan()
         task = InferenceTask(RequestId("x"), input_ids=ids, max_new_tokens=16)
-        await c.infer_killing(task, 1, at=6)
+        result = await c.infer_killing(task, 1, at=6)
+        assert list(result.output_ids) == plain
+        assert result.verified == "audit"
         assert await settle(c) <= {NodeId(1)}
 
 

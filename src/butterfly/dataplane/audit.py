@@ -65,6 +65,10 @@ class Verdict:
     evidence: tuple[bytes, ...] = field(default=(), repr=False)
     # no holder left that may re-run a stage: nothing was found wrong, nothing checked
     unauditable: bool = False
+    # the chain contradicts the re-execution where it computed on caches built before
+    # its plan (a standby's KV copy): nobody is blamed, and the answer is not given,
+    # since a run from fresh caches is not exposed to what made them wrong
+    stale_caches: bool = False
 
 
 class Auditor:
@@ -296,7 +300,8 @@ class Auditor:
                 first = min(c.rows[0] for c in early)
                 why = f"is not all known: its caches held positions before {first} from "
                 stop = self._unjudged(index, chain_lied, said, why + "before this plan")
-                return Verdict(False, tuple(liars), "; ".join([*reasons, stop]), checked)
+                reason = "; ".join([*reasons, stop])
+                return Verdict(False, tuple(liars), reason, checked, stale_caches=True)
             # before the chain is convicted, what it computed on: the stage before may
             # have sent something else than the honest computation, which its records
             # do not show below their largest values (an honest next stage was evicted

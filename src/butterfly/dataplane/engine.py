@@ -520,19 +520,29 @@ class PipelineEngine:
                 )
                 if verdict.verified:
                     return replace(result, verified="audit")
-                if not verdict.liars:
+                if not verdict.liars and not verdict.stale_caches:
                     log.warning("request %s unverified: %s", request_id, verdict.reason)
                     return result
-                epoch = self._epoch()  # the chain lied: its node is being evicted; re-run
+                # the chain lied: its node is being evicted; or it computed on caches
+                # from before its plan that the re-execution contradicts (a liar's KV
+                # copy on the standby that took its stage: it returned the wrong tokens
+                # as unverified). Either way the request runs again from fresh caches
+                epoch = self._epoch()
                 # the withdrawn run's checkpoint goes first, here and on the standbys,
                 # before the retraction and the wait for the eviction: a successor of a
                 # gateway that dies from now on starts over, where it resumed the lie
                 attempt += 1
                 if self._on_checkpoint is not None:
                     self._on_checkpoint(request_id, fresh_checkpoint(task, epoch, attempt))
-                liars = ", ".join(str(n) for n in verdict.liars)
-                on_token(Retraction(f"the audit caught node(s) {liars} lying; computing again"))
-                await self._await_plan_change(epoch)
+                if verdict.liars:
+                    liars = ", ".join(str(n) for n in verdict.liars)
+                    why = f"the audit caught node(s) {liars} lying"
+                else:
+                    log.warning("request %s computed again: %s", request_id, verdict.reason)
+                    why = "the audit found caches from before the plan wrong"
+                on_token(Retraction(f"{why}; computing again"))
+                if verdict.liars:
+                    await self._await_plan_change(epoch)
                 await self._caches.release(request_id)
             raise ServiceUnavailable(f"request {request_id} failed its audit repeatedly")
         finally:

@@ -197,4 +197,5 @@ def _together(verdicts: Sequence[Verdict]) -> Verdict:
         "; ".join(v.reason for v in verdicts if v.reason),
         sum(v.checked for v in verdicts),
         tuple(e for v in verdicts for e in v.evidence),
+        stale_caches=any(v.stale_caches for v in verdicts),
     )
