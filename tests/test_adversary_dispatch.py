@@ -45,11 +45,12 @@ class Forger(StageServer):
     deliver = None  # the liar's own router's `deliver`, set by the test
     sent = 0
 
-    def on_kv_append(self, msg: KvAppend, payload: bytes) -> None:
-        super().on_kv_append(msg, payload)
+    def on_kv_append(self, msg: KvAppend, payload: bytes) -> str:
+        refused = super().on_kv_append(msg, payload)
         if self.deliver is not None and self.sent == 0:
             length = msg.start + decode_tensor(payload).shape[-2]
             asyncio.get_running_loop().create_task(self.forge(msg.request_id, length))
+        return refused
 
     async def forge(self, rid: RequestId, length: int) -> None:
         assert self.deliver is not None and self.prover is not None

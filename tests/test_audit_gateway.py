@@ -287,6 +287,7 @@ def test_a_request_that_ran_under_two_plans_is_audited_under_each(tiny_model: Pa
     verdict = audit(records(lie_at=3), {0, 2, 4}, ran_under)
     assert not verdict.verified and not blamed, verdict.reason
     assert "its caches held positions before 5 from before this plan" in verdict.reason
+    assert verdict.recompute  # the engine computes it again, from fresh caches
     verdict = audit(records(), now, {1: one, 2: one})  # a step of no known plan
     assert not verdict.verified and "step 3" in verdict.reason and not blamed
 
@@ -334,6 +335,63 @@ def test_a_chosen_token_no_record_covers_is_still_held_to_honest_logits(
         )
     )
     assert not verdict.verified and not blamed and "positions [3]" in verdict.reason
+    assert verdict.recompute  # a wrong token nobody answers for: computed again
+
+
+def test_a_token_from_a_dead_gateways_checkpoint_convicts_no_record_that_covers_it(
+    tiny_model: Path,
+) -> None:
+    """A request resumed from a dead gateway's checkpoint holding one token, chosen from
+    a liar's logits (or from logits a poisoned KV copy moved): the resuming prefill's
+    record of every row (the request asked for logprobs) covers that token's row, and
+    convicted the honest last stage that signed it (a review). Nobody answers for a
+    token this gateway did not choose: nobody is blamed, and it is computed again."""
+    from butterfly.dataplane.request_audit import Steps, audit_request
+    from butterfly.runtime.generate import generate
+    from butterfly.types.ids import RequestId
+    from butterfly.types.tasks import InferenceResult, InferenceTask
+
+    stages = {r: load_stage(tiny_model, r) for r in (FIRST, SECOND)}
+    whole = load_stage(tiny_model)
+    prompt = [5, 9, 2, 7]
+    (honest,) = generate([whole], prompt, 1)
+    wrong = (honest + 1) % 256  # the checkpoint's token: not the greedy one at position 3
+    output = [wrong, *generate([whole], [*prompt, wrong], 2)]
+    ids = torch.tensor([prompt + output[:-1]])
+    with torch.inference_mode():
+        hidden = prefill_outputs(stages[FIRST], ids, stages[FIRST].new_cache())
+        logits = prefill_outputs(stages[SECOND], hidden, stages[SECOND].new_cache())
+    positions = {1: (0, 5), 2: (5, 1)}  # the resuming prefill, every row; one decode step
+    records = []
+    for step, (start, length) in positions.items():
+        rows = slice(start, start + length)
+        records.append(signed(KEYS, 1, step, 0, NodeId(0), FIRST, ids[:, rows], hidden[:, rows]))
+        records.append(
+            signed(KEYS, 1, step, 1, NodeId(1), SECOND, hidden[:, rows], logits[:, rows])
+        )
+    auditor, blamed, on_liars = _gateways_auditor(tiny_model, stages, KEYS, hidden, [])
+
+    def audit(inherited: int) -> Any:
+        steps = Steps(dict(positions), {step: PLAN for step in positions}, every_row={1})
+        steps.inherited = inherited
+        return asyncio.run(
+            audit_request(
+                auditor,
+                steps,
+                records,
+                InferenceTask(RequestId("r"), input_ids=tuple(prompt), max_new_tokens=3),
+                InferenceResult(RequestId("r"), output_ids=tuple(output)),
+                emit=lambda event: None,
+                on_liars=on_liars,
+            )
+        )
+
+    verdict = audit(inherited=1)
+    assert not verdict.verified and not blamed, (blamed, verdict.reason)
+    assert verdict.recompute and "positions [3]" in verdict.reason
+    # chosen here, from the logits node 1 signed: its record answers for it
+    verdict = audit(inherited=0)
+    assert verdict.liars == (NodeId(1),) and blamed == [(NodeId(1),)], verdict.reason
 
 
 CHAIN_1_2 = StagePlan(
@@ -357,14 +415,20 @@ def _audit_1_2(
     logits: torch.Tensor,
     inputs: Inputs,
     tol: Tolerance = EXACT,
+    *,
+    start: int = 0,
+    own_history: dict[int, NodeId] | None = None,
 ) -> tuple[Any, dict[int, list[Claim]]]:
     """Chain 1 -> 2 of `CHAIN_1_2` (the gateway, 4, runs neither; 3 and 0 re-run them)
-    audited: node 1 signed `sent` as its output on `IDS`, node 2 `logits` on `sent`."""
+    audited: node 1 signed `sent` as its output on `IDS`, node 2 `logits` on `sent`, in
+    one step of the positions from `start` (after 0: the plan went on from caches built
+    before it, by the nodes `own_history` names)."""
     keys = {NodeId(n): SigningKey.generate() for n in range(5)}
-    w = IDS.shape[1]
+    w = IDS.shape[1] - start
+    x, sent, logits = IDS[:, start:], sent[:, start:], logits[:, start:]
     records = {
-        0: [Claim(signed(keys, 1, 0, 0, NodeId(1), FIRST, IDS, sent), 0, w, (0, w))],
-        1: [Claim(signed(keys, 1, 0, 1, NodeId(2), SECOND, sent, logits), 0, w, (0, w))],
+        0: [Claim(signed(keys, 1, 0, 0, NodeId(1), FIRST, x, sent), start, w, (start, w))],
+        1: [Claim(signed(keys, 1, 0, 1, NodeId(2), SECOND, sent, logits), start, w, (start, w))],
     }
     auditor = Auditor(
         ask=re_running(_honest(tiny_model)[0], []),
@@ -375,7 +439,10 @@ def _audit_1_2(
         max_tensor_bytes=1 << 30,
         gateway=NodeId(4),
     )
-    return asyncio.run(auditor.audit(CHAIN_1_2, "r", IDS[0].tolist(), records)), records
+    sequence = IDS[0].tolist()
+    audit = auditor.audit(CHAIN_1_2, "r", sequence, records, own_history=own_history)
+    verdict = asyncio.run(audit)
+    return verdict, records
 
 
 def _below_fingerprint_chain(
@@ -408,6 +475,29 @@ def test_a_next_stage_cleared_by_what_it_received_leaves_its_sender_convicted(
     assert not verdict.verified and verdict.liars == (NodeId(1),), verdict.reason
     assert verdict.evidence == (records[0][0].proof.signature,)
     assert "node(s) 1 sent stage 1 inputs at step(s) [0]" in verdict.reason
+
+
+def test_a_sender_that_went_on_from_a_copy_is_not_convicted_for_what_it_sent(
+    tiny_model: Path,
+) -> None:
+    """As above, but node 1 went on at position 2 from caches built before the plan (a
+    standby on a chain node's KV copy, which moved its output where its records do not
+    pin it), while node 2 kept its stage and built its caches itself. Node 1's rows
+    convicted it, an honest standby (a review); now nobody is, and the request is
+    computed again from fresh caches."""
+    stages, hidden, _ = _honest(tiny_model)
+    with torch.inference_mode():
+        sent = pinned_only(hidden, 8)
+        logits = prefill_outputs(stages[SECOND], sent, stages[SECOND].new_cache())
+    rows = holding({(2, 0): sent[:, 2:]})
+    verdict, _ = _audit_1_2(tiny_model, sent, logits, rows, start=2, own_history={1: NodeId(2)})
+    assert not verdict.verified and verdict.liars == (), verdict.reason
+    assert verdict.recompute and "caches from before this plan" in verdict.reason
+    # node 1 the builder of its own caches: its rows are its own doing, and convict it
+    verdict, _ = _audit_1_2(
+        tiny_model, sent, logits, rows, start=2, own_history={0: NodeId(1), 1: NodeId(2)}
+    )
+    assert verdict.liars == (NodeId(1),) and not verdict.recompute, verdict.reason
 
 
 def test_rows_neither_side_shows_leave_the_request_unverified_blaming_nobody(

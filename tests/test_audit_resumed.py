@@ -188,6 +188,38 @@ async def test_a_standby_resuming_on_a_liars_kv_copy_is_not_blamed(
         assert await settle(c) <= {NodeId(1)}
 
 
+async def test_the_run_after_a_withdrawn_answer_is_audited_whatever_the_fraction_draws(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """As above with byzantine.audit_fraction = 0.5: the first run draws an audit, which
+    withdraws its answer; the run after it came back `none` whenever its own draw said
+    so (a review), though the answer before it was wrong. It is audited regardless."""
+    ids = tuple(TextCodec.load(tiny_model).encode(PROMPT))
+    plain = list(generate([load_stage(tiny_model)], ids, 16))
+    more = {"coordination.checkpoint_frequency": 1, "byzantine.audit_fraction": 0.5}
+    async with InProcessCluster(
+        tiny_model,
+        7,
+        tmp_path,
+        f=1,
+        settings=settings(**more),
+        stage_servers={1: PoisonedCopyStageServer},
+    ) as c:
+        await c.first_plan()
+        drawn: list[float] = []
+
+        def draw() -> float:  # audited the first time, never again were it drawn
+            drawn.append(0.99 if drawn else 0.0)
+            return drawn[-1]
+
+        c.gateway.engine._audit_draw = draw
+        task = InferenceTask(RequestId("x"), input_ids=ids, max_new_tokens=16)
+        result = await c.infer_killing(task, 1, at=6)
+        assert list(result.output_ids) == plain
+        assert result.verified == "audit"
+        assert drawn == [0.0]  # the run after the withdrawn one drew nothing
+
+
 async def _edits(
     model: Path, data: Path, n: int, liar: type[StageServer], speculative: str, requests: int
 ) -> set[NodeId]:

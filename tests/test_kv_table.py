@@ -99,3 +99,20 @@ def test_positions_recomputed_below_the_shipped_mark_are_shipped_again() -> None
     assert t.to_ship(rid("a"), 9) == 5
     t.release(rid("a"))
     assert t.to_ship(rid("a"), 3) == 0
+
+
+def test_a_copy_is_the_nodes_own_once_a_step_computes_on_it() -> None:
+    """A chain node's copy may be extended by more copies until a step here computes on
+    it (a standby taking the stage over); a cache a step made is never a copy's."""
+    t, _ = table()
+    t.put_copy(rid("a"), KVCache(1, 1, 1, 2, 64))
+    assert not t.own(rid("a")) and not t.own(rid("b"))
+    t.cache_for(rid("a"), 0, (rid("a"),), lambda: None)
+    assert t.own(rid("a"))
+    t.cache_for(rid("b"), 0, (rid("b"),), lambda: KVCache(1, 1, 1, 2, 64))
+    assert t.own(rid("b"))
+    t.release(rid("a"))
+    t.put_copy(rid("a"), KVCache(1, 1, 1, 2, 64))  # a new copy after the release
+    assert not t.own(rid("a"))
+    t.drop_all("a new plan")
+    assert not t.own(rid("a")) and not t.own(rid("b"))

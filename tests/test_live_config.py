@@ -403,15 +403,23 @@ def test_tracing_turned_on_where_spans_go_nowhere_is_refused(parts: Parts) -> No
     assert not parts.manager.current.observability.tracing
 
 
-async def test_a_kv_copy_extends_a_cache_a_step_made(parts: Parts) -> None:
-    """A standby that ran steps of a request (a replay routed through it) takes a copy
-    for the same request: the cache a step made is an inference tensor, and writing it
-    outside inference mode raised, so every later copy left a gap."""
+async def test_a_kv_copy_never_writes_into_a_cache_a_step_made(parts: Parts) -> None:
+    """A standby that ran steps of a request (a replay routed through it, or its own
+    replicate lane) refuses a copy for the same request: the chain node wrote its rows
+    into the cache the standby computed with (a review: the lanes agreed on the poison,
+    or the standby was convicted for it). Should it take the stage over, it resumes
+    where its own cache ends. A copy of a request it never computed is taken."""
     await _step(parts.server, 1, 0, [5, 9, 2, 7])
-    rows = parts.server.caches["r"].rows(0, 4)
-    parts.server.on_kv_append(KvAppend("r", ALL.start, ALL.end, 4), encode_tensor(rows))
-    assert parts.server.caches["r"].length == 8
-    assert torch.equal(parts.server.caches["r"].rows(4, 8), rows)
+    mine = parts.server.caches["r"].rows(0, 4)
+    poison = encode_tensor(mine * -3.0)
+    for start in (0, 4):
+        why = parts.server.on_kv_append(KvAppend("r", ALL.start, ALL.end, start), poison)
+        assert "computes request r itself" in why
+        assert parts.server.caches["r"].length == 4
+        assert torch.equal(parts.server.caches["r"].rows(0, 4), mine)
+    assert parts.server.on_kv_append(KvAppend("s", ALL.start, ALL.end, 0), poison) == ""
+    assert parts.server.caches["s"].length == 4
+    assert parts.server.table.own("r") and not parts.server.table.own("s")
 
 
 async def test_coordination_checkpoint_frequency_sets_when_the_next_copy_goes(

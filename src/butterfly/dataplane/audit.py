@@ -65,10 +65,12 @@ class Verdict:
     evidence: tuple[bytes, ...] = field(default=(), repr=False)
     # no holder left that may re-run a stage: nothing was found wrong, nothing checked
     unauditable: bool = False
-    # the chain contradicts the re-execution where it computed on caches built before
-    # its plan (a standby's KV copy): nobody is blamed, and the answer is not given,
-    # since a run from fresh caches is not exposed to what made them wrong
-    stale_caches: bool = False
+    # the answer contradicts the re-execution and nobody is to blame for it: the chain
+    # computed on caches built before its plan (a standby's KV copy, or rows a stage
+    # sent from one), or tokens were chosen where no record of the plan covers them (a
+    # dead gateway's checkpoint, a plan passed over). It is not given: a run from
+    # position 0 on fresh caches is not exposed to what made it wrong
+    recompute: bool = False
 
 
 class Auditor:
@@ -301,7 +303,7 @@ class Auditor:
                 why = f"is not all known: its caches held positions before {first} from "
                 stop = self._unjudged(index, chain_lied, said, why + "before this plan")
                 reason = "; ".join([*reasons, stop])
-                return Verdict(False, tuple(liars), reason, checked, stale_caches=True)
+                return Verdict(False, tuple(liars), reason, checked, recompute=True)
             # before the chain is convicted, what it computed on: the stage before may
             # have sent something else than the honest computation, which its records
             # do not show below their largest values (an honest next stage was evicted
@@ -310,6 +312,16 @@ class Auditor:
                 hops = self._hops(claims, index)
                 crossed = await fetch(self._inputs, self._max, request_id, plan.epoch, hops)
                 wrong = contradicted_senders(hops, crossed, x, self._tol)
+                # the stage before may have computed on caches from before the plan (a
+                # standby on a poisoned copy, its own records matching where they pin
+                # it): what it sent convicts nobody (such a standby was evicted: a
+                # review), and nor does what it did to this stage
+                stale = self._stale_senders(claims, index, own_history)
+                if stale & {h.step for h in wrong}:
+                    why = "came from a stage that computed on caches from before this plan"
+                    stop = self._unjudged(index, chain_lied, said, why)
+                    reason = "; ".join([*reasons, stop])
+                    return Verdict(False, tuple(liars), reason, checked, recompute=True)
                 if wrong:
                     reasons.append(self._fed(index, wrong, chain_lied, said))
                     log.warning("audit of %s: %s", request_id, reasons[-1])
@@ -321,14 +333,16 @@ class Auditor:
                 received = rebuilt(x, hops, crossed)
                 if received is None:
                     stop = self._unjudged(index, chain_lied, said, "cannot be shown")
-                    return Verdict(False, tuple(liars), "; ".join([*reasons, stop]), checked)
+                    reason = "; ".join([*reasons, stop])
+                    return Verdict(False, tuple(liars), reason, checked, recompute=bool(stale))
                 on_it = await self._referee.run(layers, received, outputs_from=offset)
                 _, chain_lied = self._contradicted(mine, on_it, offset, picks)
                 if not chain_lied:
                     stop = self._unjudged(
                         index, mine, said, "are within tolerance of the honest input and moved it"
                     )
-                    return Verdict(False, tuple(liars), "; ".join([*reasons, stop]), checked)
+                    reason = "; ".join([*reasons, stop])
+                    return Verdict(False, tuple(liars), reason, checked, recompute=bool(stale))
             # the nodes whose records are judged (a standby's, after a reroute), not the
             # plan's chain node alone
             judged = sorted({c.proof.sender for c in chain_lied or mine})
@@ -349,7 +363,8 @@ class Auditor:
             if bad:  # tokens no honest logits allow, of steps no record here covers
                 stop = f"the tokens chosen at positions {sorted(bad)} are not what the "
                 stop += "re-executed logits allow, and no record of this plan covers them"
-                return Verdict(False, tuple(liars), "; ".join([*reasons, stop]), checked)
+                reason = "; ".join([*reasons, stop])
+                return Verdict(False, tuple(liars), reason, checked, recompute=True)
             checked += len(mine)
             if fed:  # the referee's output, on an input not retraced: right if it was
                 fed.append((layers, None, reference))
@@ -368,11 +383,12 @@ class Auditor:
         """The positions whose chosen token `reference` does not allow, and the claims
         that contradict it (or vouch for such a position)."""
         bad = set(picks.wrong(reference, offset, self._tol)) if picks else set()
+        vouched = {p for p in bad if picks is not None and picks.chosen_here(p)}
         lied = [
             c
             for c in claims
             if not self._matches(c, reference, offset)
-            or any(c.start <= p < c.start + c.width for p in bad)
+            or any(c.start <= p < c.start + c.width for p in vouched)
         ]
         return bad, lied
 
@@ -483,6 +499,18 @@ class Auditor:
         hops = self._hops(claims, index + 1)
         crossed = await fetch(self._inputs, self._max, request_id, plan.epoch, hops)
         return contradicted_senders(hops, crossed, honest, self._tol)
+
+    def _stale_senders(
+        self,
+        claims: Mapping[int, list[Claim]],
+        index: int,
+        own_history: Mapping[int, NodeId] | None,
+    ) -> set[int]:
+        """The steps whose rows into stage `index` the stage before computed on caches
+        built before the plan, by another node than itself (`own_history`)."""
+        builder = (own_history or {}).get(index - 1)
+        early = self._on_earlier_caches(claims.get(index - 1, []))
+        return {c.proof.step for c in early if c.proof.sender != builder}
 
     @staticmethod
     def _on_earlier_caches(claims: Sequence[Claim]) -> list[Claim]:

@@ -47,6 +47,15 @@ class Chosen:
     drawn: Mapping[int, float] = field(default_factory=dict)  # token index -> probability
     logprobs: Sequence[Sampled] = ()  # of the chosen tokens, in order
     prompt_logprobs: Sequence[Sampled] = ()  # of the prompt's tokens 1, 2, ...
+    # the first tokens, taken from a dead gateway's checkpoint: chosen from logits this
+    # gateway never had, so no record of its steps led to them (an honest last stage
+    # whose record of the resuming prefill covered their rows was convicted for them)
+    inherited: int = 0
+
+    def chosen_here(self, p: int) -> bool:
+        """Whether the token or logprob that position `p`'s logits are judged for was
+        chosen from this gateway's steps, whose records then answer for it."""
+        return not self.prompt - 1 <= p < self.prompt - 1 + self.inherited
 
     @property
     def first_row(self) -> int:

@@ -505,8 +505,12 @@ class PipelineEngine:
                 saved = None
                 if replicator is not None:
                     return replace(result, verified=replicator.finish(request_id))
-                if auditor is None or not steps.positions or self._audit_draw() >= fraction:
+                # a run after one the audit withdrew is audited whatever audit_fraction
+                # draws: the answer withdrawn was wrong, and a rerun came back unchecked
+                if auditor is None or not steps.positions:
                     return result  # (no position computed: an echo of max_tokens 0)
+                if not attempt and self._audit_draw() >= fraction:
+                    return result
                 verdict = await audit_request(
                     auditor,
                     steps,
@@ -520,7 +524,7 @@ class PipelineEngine:
                 )
                 if verdict.verified:
                     return replace(result, verified="audit")
-                if not verdict.liars and not verdict.stale_caches:
+                if not verdict.liars and not verdict.recompute:
                     log.warning("request %s unverified: %s", request_id, verdict.reason)
                     return result
                 # the chain lied: its node is being evicted; or it computed on caches
@@ -715,6 +719,7 @@ class PipelineEngine:
             if self._on_checkpoint is not None and crossed:
                 self._on_checkpoint(request_id, gen.checkpoint(epoch, attempt))
         steps.drawn = gen.drawn  # held to the re-executed logits by the audit
+        steps.inherited = gen.inherited
         total = time.perf_counter() - started
         if gen.first_token_at is not None:  # a request resumed with tokens made none here
             timings["time_to_first_token_s"] = gen.first_token_at - started

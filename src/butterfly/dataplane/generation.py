@@ -74,6 +74,7 @@ class Generation:
             for token in self.out:
                 on_token(token)
                 stopped = stopped or (self._stops is not None and self._stops.push(token))
+        self.inherited = len(self.out)  # chosen by the dead gateway (`Chosen.inherited`)
         self.ended = stopped or (bool(self.out) and self.out[-1] in eos)
         # the logprobs of the tokens a dead gateway made (its checkpoint keeps the tokens
         # only): scored from the rows of the whole-history prefill that resumes the

@@ -8,7 +8,8 @@ from its token history. Beside each cache: the positions already copied to the s
 of the node's range (`to_ship`, `mark_shipped`; a step that cuts the cache back lowers
 the mark), and on the gateway the outputs its own stage computed for the audit (`kept`):
 both go when the request is released or its cache evicted; a new plan that drops every
-cache leaves the kept outputs (`drop_all`).
+cache leaves the kept outputs (`drop_all`). A copy from a chain node stays a copy until
+a step here computes on it (`own`): from then on no copy may write into it.
 
 `dataplane.stage_server` decides when caches are made, cut back and copied; this module
 only holds them, so the bounds are tested in one process with a fake clock
@@ -42,6 +43,8 @@ class KvTable:
         self.node = node
         self.caches: dict[RequestId, KVCache | None] = {}
         self._shipped: dict[RequestId, int] = {}  # request -> positions already at the standbys
+        # requests whose cache is a chain node's copy that no step here has computed on
+        self._copies: set[RequestId] = set()
         # request -> (start, output) of each step, in position order
         self.kept: dict[RequestId, list[tuple[int, torch.Tensor]]] = {}
         self._max, self._ttl, self._clock = max(1, max_caches), ttl_s, clock
@@ -96,11 +99,18 @@ class KvTable:
             cache.truncate(start)
             if self._shipped.get(request_id, 0) > start:
                 self._shipped[request_id] = start  # recomputed positions are copied again
+        self._copies.discard(request_id)  # computed on here: this node's own from now on
         return cache
 
-    def put(self, request_id: RequestId, cache: KVCache) -> None:
-        """A cache built elsewhere (a chain node's copy) becomes the request's."""
+    def own(self, request_id: RequestId) -> bool:
+        """Whether a step here computed on the request's cache (it is no copy only)."""
+        return request_id in self.caches and request_id not in self._copies
+
+    def put_copy(self, request_id: RequestId, cache: KVCache) -> None:
+        """A cache built elsewhere (a chain node's copy) becomes the request's, until a
+        step here computes on it."""
         self.caches[request_id] = cache
+        self._copies.add(request_id)
         self.touch(request_id)
 
     def touch(self, request_id: RequestId) -> None:
@@ -120,6 +130,7 @@ class KvTable:
         self.caches.pop(request_id, None)
         self._used.pop(request_id, None)
         self._shipped.pop(request_id, None)
+        self._copies.discard(request_id)
         self.kept.pop(request_id, None)
 
     def _remember(self, request_id: RequestId, why: str) -> None:
@@ -143,6 +154,7 @@ class KvTable:
         self.caches.clear()
         self._used.clear()
         self._shipped.clear()
+        self._copies.clear()
 
     def expire(self) -> int:
         """Drop the caches idle longer than the TTL (a lost Release, a gateway that went

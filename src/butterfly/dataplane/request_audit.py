@@ -44,6 +44,7 @@ class Steps:
     # a sampled request's tokens (by index) -> the probability its target distribution
     # gave each, as the gateway drew it (`Generation.drawn`)
     drawn: dict[int, float] = field(default_factory=dict)
+    inherited: int = 0  # tokens taken from a dead gateway's checkpoint (`Chosen.inherited`)
 
     def used(self, step: int, start: int, length: int, plan: StagePlan | None) -> None:
         self.positions[step] = (start, length)
@@ -97,6 +98,7 @@ async def audit_request(
         drawn=steps.drawn,
         logprobs=result.logprobs,
         prompt_logprobs=result.prompt_logprobs,
+        inherited=steps.inherited,
     )
     verdicts: list[Verdict] = []
     # while every plan so far was verified, the stages a plan kept on the same node
@@ -149,8 +151,14 @@ async def audit_request(
             log.info("audit of %s: passed over: %s", request_id, verdict.reason)
         earlier, clean = plan, clean and (verdict.verified or passed_over)
     verdict = _together(verdicts)
-    outcome: Literal["verified", "unverified", "liar_found"] = (
-        "liar_found" if verdict.liars else "verified" if verdict.verified else "unverified"
+    outcome: Literal["verified", "unverified", "liar_found", "recomputed"] = (
+        "liar_found"
+        if verdict.liars
+        else "verified"
+        if verdict.verified
+        else "recomputed"
+        if verdict.recompute
+        else "unverified"
     )
     emit(Verification(check="audit", outcome=outcome))
     return verdict
@@ -197,5 +205,5 @@ def _together(verdicts: Sequence[Verdict]) -> Verdict:
         "; ".join(v.reason for v in verdicts if v.reason),
         sum(v.checked for v in verdicts),
         tuple(e for v in verdicts for e in v.evidence),
-        stale_caches=any(v.stale_caches for v in verdicts),
+        recompute=any(v.recompute for v in verdicts),
     )

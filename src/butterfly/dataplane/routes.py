@@ -209,8 +209,8 @@ class StageRoutes:
         return None
 
     async def kv_append(self, peer: NodeId, env: Envelope) -> Reply | None:
-        if isinstance(env.msg, KvAppend):
-            self._server.on_kv_append(env.msg, env.payload)
+        if isinstance(env.msg, KvAppend) and self._server.on_kv_append(env.msg, env.payload):
+            self._emit(MessageDropped(reason="kv_copy_refused"))
         return None
 
     async def cache_query(self, peer: NodeId, env: Envelope) -> Reply | None:

@@ -283,32 +283,41 @@ class StageServer:
             self.table.mark_shipped(rid, cache.length)
         return out
 
-    def on_kv_append(self, msg: KvAppend, payload: bytes) -> None:
-        """A chain node's copy of its cache, kept should this node take its stage over."""
+    def on_kv_append(self, msg: KvAppend, payload: bytes) -> str:
+        """A chain node's copy of its cache, kept should this node take its stage over;
+        why it was refused ("": taken, or of no use here). Never into a cache a step here
+        computed on: the chain node wrote its rows into the cache this node was computing
+        a request with (its replicate lane, or steps routed around the chain node), and
+        the lanes agreed on its poison, or the standby was convicted for it (a review)."""
         stage = self.stage
         if stage is None or (stage.layers.start, stage.layers.end) != (
             msg.layer_start,
             msg.layer_end,
         ):
-            return  # the plan moved on; the copy is of no use here
+            return ""  # the plan moved on; the copy is of no use here
+        if self.table.own(msg.request_id):
+            why = f"node {self.node} computes request {msg.request_id} itself"
+            log.warning("KV copy of %s refused: %s", msg.request_id, why)
+            return why
         cache = self.caches.get(msg.request_id)
         if cache is None:
             if msg.start != 0:
-                return
+                return ""
             self.table.make_room((msg.request_id,))
             cache = stage.new_cache()
             if cache is None:
-                return
+                return ""
         if msg.start > cache.length:
             log.warning("KV copy of %s leaves a gap at %d", msg.request_id, cache.length)
-            return
+            return f"the copy leaves a gap at position {cache.length}"
         try:  # a cache a step made is an inference tensor: written to only in that mode
             with torch.inference_mode():
                 cache.write(msg.start, decode_tensor(payload, self._max_tensor_bytes))
         except ButterflyError as e:
             log.warning("KV copy of %s refused: %s", msg.request_id, e)
-            return
-        self.table.put(msg.request_id, cache)
+            return str(e)
+        self.table.put_copy(msg.request_id, cache)
+        return ""
 
     def cache_lengths(self, query: CacheQuery) -> CacheLengths:
         return CacheLengths(query.request_ids, self.table.lengths(query.request_ids))

@@ -195,10 +195,12 @@ class PromptChunked:
 
 @dataclass(frozen=True)
 class Verification:
-    """The check a result went through (`audit`, `replicate`) and how it ended."""
+    """The check a result went through (`audit`, `replicate`) and how it ended
+    (`recomputed`: the audit found the answer wrong, blamed nobody, and had the request
+    computed again from fresh caches: `audit.Verdict.recompute`)."""
 
     check: str
-    outcome: Literal["verified", "unverified", "liar_found"]
+    outcome: Literal["verified", "unverified", "liar_found", "recomputed"]
 
 
 @dataclass(frozen=True)
