@@ -38,6 +38,7 @@ class LaneCopyPoisoner(StageServer):
 
     deliver = None  # the liar's own router's `deliver`, set by the test
     sent = 0
+    flood = 0  # copies of made-up requests first, to evict node 3's own cache of lane 1
 
     async def compute(
         self, msg: StageStep, epoch: int, payload: bytes, route: tuple[NodeId, ...] = ()
@@ -53,27 +54,39 @@ class LaneCopyPoisoner(StageServer):
             poison = cache.rows(0, cache.length) * -3.0
             cache.write(0, poison)
         assert self.stage is not None
-        copy: Message = KvAppend(other, self.stage.layers.start, self.stage.layers.end, 0)
+        layers = self.stage.layers
+        for i in range(self.flood):
+            made_up: Message = KvAppend(RequestId(f"flood-{i}"), layers.start, layers.end, 0)
+            await self.deliver(OTHER_LANE, made_up, encode_tensor(poison))
+        copy: Message = KvAppend(other, layers.start, layers.end, 0)
         await self.deliver(OTHER_LANE, copy, encode_tensor(poison))
         self.sent += 1
         return out
 
 
+@pytest.mark.parametrize("flood", [0, 8])
 async def test_a_chain_node_cannot_write_its_copy_into_another_lanes_cache(
-    tiny_model: Path, tmp_path: Path
+    tiny_model: Path, tmp_path: Path, flood: int
 ) -> None:
     """replicate, n = 4, f = 1: lanes 0 -> 1 and 2 -> 3. Node 3 refuses the copy into
     the cache its lane computes with; the lanes disagree where node 1 computed on its
-    poison, node 1 is convicted, and the answer is the unsplit model's."""
+    poison, node 1 is convicted, and the answer is the unsplit model's. Also after a
+    flood of copies of made-up requests (twice resources.max_kv_caches), which evicted
+    node 3's own cache and let the poison in (a review): copies evict copies only."""
     ids = tuple(TextCodec.load(tiny_model).encode(PROMPT))
     plain = list(generate([load_stage(tiny_model)], ids, 12))
-    settings = {"coordination.heartbeat_interval_ms": 10, "byzantine.verification": "replicate"}
+    settings = {
+        "coordination.heartbeat_interval_ms": 10,
+        "byzantine.verification": "replicate",
+        "resources.max_kv_caches": 4,
+    }
     async with InProcessCluster(
         tiny_model, 4, tmp_path, f=1, settings=settings, stage_servers={LIAR: LaneCopyPoisoner}
     ) as c:
         liar = c.nodes[LIAR].stage_server
         assert isinstance(liar, LaneCopyPoisoner)
         liar.deliver = c.nodes[LIAR].router.deliver
+        liar.flood = flood
         plan = await c.first_plan()
         assert plan.nodes == (0, 1) and OTHER_LANE in plan.holders(plan.stages[1][1])
         task = InferenceTask(RequestId("r"), input_ids=ids, max_new_tokens=12)

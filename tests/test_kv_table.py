@@ -105,14 +105,55 @@ def test_a_copy_is_the_nodes_own_once_a_step_computes_on_it() -> None:
     """A chain node's copy may be extended by more copies until a step here computes on
     it (a standby taking the stage over); a cache a step made is never a copy's."""
     t, _ = table()
-    t.put_copy(rid("a"), KVCache(1, 1, 1, 2, 64))
+    t.put_copy(rid("a"), KVCache(1, 1, 1, 2, 64), 1)
     assert not t.own(rid("a")) and not t.own(rid("b"))
     t.cache_for(rid("a"), 0, (rid("a"),), lambda: None)
     assert t.own(rid("a"))
     t.cache_for(rid("b"), 0, (rid("b"),), lambda: KVCache(1, 1, 1, 2, 64))
     assert t.own(rid("b"))
     t.release(rid("a"))
-    t.put_copy(rid("a"), KVCache(1, 1, 1, 2, 64))  # a new copy after the release
+    t.put_copy(rid("a"), KVCache(1, 1, 1, 2, 64), 1)  # a new copy after the release
     assert not t.own(rid("a"))
     t.drop_all("a new plan")
     assert not t.own(rid("a")) and not t.own(rid("b"))
+
+
+def copied(length: int) -> KVCache:
+    cache = KVCache(1, 1, 1, 2, 64)
+    cache.write(0, torch.ones(2, 1, 1, length, 2))
+    return cache
+
+
+def test_a_step_goes_on_from_a_copy_only_of_an_earlier_plan() -> None:
+    """A standby taking the stage over goes on from copies taken under the plan before;
+    a copy taken under the step's own plan is a chain node writing into a request this
+    node computes beside it (after its own cache was evicted): it goes, and the request
+    replays from 0 (a review)."""
+    t, _ = table()
+    t.put_copy(rid("a"), copied(4), 1)
+    assert t.cache_for(rid("a"), 4, (rid("a"),), lambda: None, epoch=2) is not None
+    assert t.own(rid("a"))  # the takeover's step made it this node's
+    t.put_copy(rid("b"), copied(4), 2)
+    with pytest.raises(StageLost, match="copy taken under the plan of epoch 2"):
+        t.cache_for(rid("b"), 4, (rid("b"),), lambda: None, epoch=2)
+    assert rid("b") not in t.caches
+    t.put_copy(rid("c"), copied(4), 2)  # from 0, the copy is only cut back: nothing of it used
+    cache = t.cache_for(rid("c"), 0, (rid("c"),), lambda: None, epoch=2)
+    assert cache is not None and cache.length == 0 and t.own(rid("c"))
+
+
+def test_copies_make_room_among_copies_only() -> None:
+    """A chain node may copy any request ids: its copies evicted the caches this node
+    computes with, and wrote into them once gone (a review). They evict older copies,
+    and none is taken where only caches of this node's own steps are left."""
+    t, now = table(max_caches=2)
+    t.cache_for(rid("mine"), 0, (rid("mine"),), lambda: None)
+    now[0] += 1
+    assert t.room_for_copy(rid("x"))
+    t.put_copy(rid("x"), copied(1), 1)
+    now[0] += 1
+    assert t.room_for_copy(rid("y"))  # x, the least recent copy, goes; mine stays
+    t.put_copy(rid("y"), copied(1), 1)
+    assert set(t.caches) == {"mine", "y"}
+    t.cache_for(rid("y"), 0, (rid("y"),), lambda: None)  # a step made y this node's own
+    assert not t.room_for_copy(rid("z")) and set(t.caches) == {"mine", "y"}

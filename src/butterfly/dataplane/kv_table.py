@@ -43,8 +43,9 @@ class KvTable:
         self.node = node
         self.caches: dict[RequestId, KVCache | None] = {}
         self._shipped: dict[RequestId, int] = {}  # request -> positions already at the standbys
-        # requests whose cache is a chain node's copy that no step here has computed on
-        self._copies: set[RequestId] = set()
+        # requests whose cache is a chain node's copy that no step here has computed on,
+        # with the epoch of the last copy taken into it
+        self._copies: dict[RequestId, int] = {}
         # request -> (start, output) of each step, in position order
         self.kept: dict[RequestId, list[tuple[int, torch.Tensor]]] = {}
         self._max, self._ttl, self._clock = max(1, max_caches), ttl_s, clock
@@ -70,10 +71,26 @@ class KvTable:
         start: int,
         batch: Iterable[RequestId],
         new: Callable[[], KVCache | None],
+        epoch: int = 0,
     ) -> KVCache | None:
         """The request's cache, cut back to `start` (a re-run after recovery recomputes
         from there); a request's first step creates it with `new`. `batch`: the step's
-        requests, whose caches making room for this one must not take."""
+        requests, whose caches making room for this one must not take.
+
+        A step of `epoch` goes on from a chain node's copy only if every copy in it came
+        under an earlier plan: a standby taking the stage over. A copy under the plan of
+        the step is a chain node writing into a request this node computes beside it (a
+        replicate lane, steps routed around it), once its own cache was evicted (by
+        the chain node's own flood of copies, a review): it goes, and the request
+        replays from 0."""
+        copied = self._copies.get(request_id)
+        if copied is not None and start > 0 and copied >= epoch:
+            what = f"a chain node's copy taken under the plan of epoch {copied}"
+            self.evict(request_id, what)
+            raise StageLost(
+                f"request {request_id}'s KV cache on node {self.node} is {what}, on which "
+                "no step here computed: replay it from position 0"
+            )
         if request_id not in self.caches:
             if start != 0:
                 why = self._evicted.get(request_id)
@@ -99,19 +116,30 @@ class KvTable:
             cache.truncate(start)
             if self._shipped.get(request_id, 0) > start:
                 self._shipped[request_id] = start  # recomputed positions are copied again
-        self._copies.discard(request_id)  # computed on here: this node's own from now on
+        self._copies.pop(request_id, None)  # computed on here: this node's own from now on
         return cache
 
     def own(self, request_id: RequestId) -> bool:
         """Whether a step here computed on the request's cache (it is no copy only)."""
         return request_id in self.caches and request_id not in self._copies
 
-    def put_copy(self, request_id: RequestId, cache: KVCache) -> None:
-        """A cache built elsewhere (a chain node's copy) becomes the request's, until a
-        step here computes on it."""
+    def put_copy(self, request_id: RequestId, cache: KVCache, epoch: int) -> None:
+        """A cache built elsewhere (a chain node's copy, taken under the plan of `epoch`)
+        becomes the request's, until a step here computes on it."""
         self.caches[request_id] = cache
-        self._copies.add(request_id)
+        self._copies[request_id] = epoch
         self.touch(request_id)
+
+    def room_for_copy(self, request_id: RequestId) -> bool:
+        """Whether a new copy fits, evicting the least recent copies only: a chain node
+        may copy any request ids it likes, and its copies evicted the caches this node
+        computes with (a review)."""
+        self.expire()
+        for rid in [r for r in self._used if r in self._copies and r != request_id]:
+            if len(self.caches) < self._max:
+                break
+            self.evict(rid, f"{self._max} caches held (resources.max_kv_caches); least recent copy")
+        return len(self.caches) < self._max
 
     def touch(self, request_id: RequestId) -> None:
         self._used[request_id] = self._clock()
@@ -130,7 +158,7 @@ class KvTable:
         self.caches.pop(request_id, None)
         self._used.pop(request_id, None)
         self._shipped.pop(request_id, None)
-        self._copies.discard(request_id)
+        self._copies.pop(request_id, None)
         self.kept.pop(request_id, None)
 
     def _remember(self, request_id: RequestId, why: str) -> None:

@@ -303,7 +303,8 @@ class StageServer:
         if cache is None:
             if msg.start != 0:
                 return ""
-            self.table.make_room((msg.request_id,))
+            if not self.table.room_for_copy(msg.request_id):
+                return f"node {self.node} holds no room for copies beside its own caches"
             cache = stage.new_cache()
             if cache is None:
                 return ""
@@ -316,7 +317,7 @@ class StageServer:
         except ButterflyError as e:
             log.warning("KV copy of %s refused: %s", msg.request_id, e)
             return str(e)
-        self.table.put_copy(msg.request_id, cache)
+        self.table.put_copy(msg.request_id, cache, self.epoch)
         return ""
 
     def cache_lengths(self, query: CacheQuery) -> CacheLengths:
@@ -436,7 +437,7 @@ class StageServer:
         if prove:  # before any cache is touched: a refused step must leave them as they are
             self._check_input(msg, epoch, wire.tensor(), offsets, index, route)
         caches = [  # each cut back to its start: a re-run after recovery recomputes from there
-            self.table.cache_for(rid, start, msg.request_ids, stage.new_cache)
+            self.table.cache_for(rid, start, msg.request_ids, stage.new_cache, epoch)
             for rid, start in zip(msg.request_ids, msg.starts, strict=True)
         ]
         # a step's kind is its row count, rounded up to a power of two: a tiny step may run
