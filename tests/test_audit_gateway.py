@@ -345,11 +345,12 @@ def test_a_token_from_a_dead_gateways_checkpoint_convicts_no_record_that_covers_
     a liar's logits (or from logits a poisoned KV copy moved): the resuming prefill's
     record of every row (the request asked for logprobs) covers that token's row, and
     convicted the honest last stage that signed it (a review). Nobody answers for a
-    token this gateway did not choose: nobody is blamed, and it is computed again."""
+    token this gateway did not choose: nobody is blamed, and it is computed again. The
+    logprob this gateway reported of it, scored from those rows, the record answers for."""
     from butterfly.dataplane.request_audit import Steps, audit_request
     from butterfly.runtime.generate import generate
     from butterfly.types.ids import RequestId
-    from butterfly.types.tasks import InferenceResult, InferenceTask
+    from butterfly.types.tasks import InferenceResult, InferenceTask, Sampled
 
     stages = {r: load_stage(tiny_model, r) for r in (FIRST, SECOND)}
     whole = load_stage(tiny_model)
@@ -362,6 +363,7 @@ def test_a_token_from_a_dead_gateways_checkpoint_convicts_no_record_that_covers_
         hidden = prefill_outputs(stages[FIRST], ids, stages[FIRST].new_cache())
         logits = prefill_outputs(stages[SECOND], hidden, stages[SECOND].new_cache())
     positions = {1: (0, 5), 2: (5, 1)}  # the resuming prefill, every row; one decode step
+    logprobs: list[Sampled] = []  # reported of the tokens
     records = []
     for step, (start, length) in positions.items():
         rows = slice(start, start + length)
@@ -380,7 +382,7 @@ def test_a_token_from_a_dead_gateways_checkpoint_convicts_no_record_that_covers_
                 steps,
                 records,
                 InferenceTask(RequestId("r"), input_ids=tuple(prompt), max_new_tokens=3),
-                InferenceResult(RequestId("r"), output_ids=tuple(output)),
+                InferenceResult(RequestId("r"), output_ids=tuple(output), logprobs=tuple(logprobs)),
                 emit=lambda event: None,
                 on_liars=on_liars,
             )
@@ -391,6 +393,28 @@ def test_a_token_from_a_dead_gateways_checkpoint_convicts_no_record_that_covers_
     assert verdict.recompute and "positions [3]" in verdict.reason
     # chosen here, from the logits node 1 signed: its record answers for it
     verdict = audit(inherited=0)
+    assert verdict.liars == (NodeId(1),) and blamed == [(NodeId(1),)], verdict.reason
+    # the honest token, but a logprob of it no honest logits give: this gateway scored
+    # it from the rows node 1 sent for the resuming prefill, which answer for it
+    honest_output = [honest, *generate([whole], [*prompt, honest], 2)]
+    ids = torch.tensor([prompt + honest_output[:-1]])
+    with torch.inference_mode():
+        hidden = prefill_outputs(stages[FIRST], ids, stages[FIRST].new_cache())
+        logits = prefill_outputs(stages[SECOND], hidden, stages[SECOND].new_cache())
+    scores = torch.log_softmax(logits[0].float(), dim=-1)
+    reported = [Sampled(t, float(scores[3 + j, t])) for j, t in enumerate(honest_output)]
+    reported[0] = Sampled(honest, float(scores[3, honest]) - 3.0)
+    records.clear()
+    for step, (start, length) in positions.items():
+        rows = slice(start, start + length)
+        records.append(signed(KEYS, 1, step, 0, NodeId(0), FIRST, ids[:, rows], hidden[:, rows]))
+        records.append(
+            signed(KEYS, 1, step, 1, NodeId(1), SECOND, hidden[:, rows], logits[:, rows])
+        )
+    output[:] = honest_output
+    logprobs[:] = reported
+    auditor, blamed, on_liars = _gateways_auditor(tiny_model, stages, KEYS, hidden, [])
+    verdict = audit(inherited=1)
     assert verdict.liars == (NodeId(1),) and blamed == [(NodeId(1),)], verdict.reason
 
 

@@ -383,7 +383,11 @@ class Auditor:
         """The positions whose chosen token `reference` does not allow, and the claims
         that contradict it (or vouch for such a position)."""
         bad = set(picks.wrong(reference, offset, self._tol)) if picks else set()
-        vouched = {p for p in bad if picks is not None and picks.chosen_here(p)}
+        vouched = (
+            set(picks.wrong(reference, offset, self._tol, answered=True))
+            if picks and bad
+            else set()
+        )
         lied = [
             c
             for c in claims

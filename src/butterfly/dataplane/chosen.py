@@ -53,8 +53,8 @@ class Chosen:
     inherited: int = 0
 
     def chosen_here(self, p: int) -> bool:
-        """Whether the token or logprob that position `p`'s logits are judged for was
-        chosen from this gateway's steps, whose records then answer for it."""
+        """Whether the token that position `p`'s logits are judged for was chosen from
+        this gateway's steps, whose records then answer for it."""
         return not self.prompt - 1 <= p < self.prompt - 1 + self.inherited
 
     @property
@@ -62,21 +62,28 @@ class Chosen:
         """The first position whose logits the answer used."""
         return 0 if self.prompt_logprobs else max(0, self.prompt - 1)
 
-    def wrong(self, out: torch.Tensor, offset: int, tol: Tolerance) -> list[int]:
+    def wrong(
+        self, out: torch.Tensor, offset: int, tol: Tolerance, *, answered: bool = False
+    ) -> list[int]:
         """The positions whose chosen token, or what was reported of it, `out`'s logits
         (rows of positions from `offset` on) do not allow: an honest last stage's logits
         each lie within one tolerance of the re-execution's, so a greedy token may trail
         the best by two, a sampled one is judged with every logit moved its way by one,
         and a probability or logprob is judged between the re-execution's with every
-        logit moved for and against it by one."""
+        logit moved for and against it by one. `answered`: only what a record of this
+        gateway's steps answers for, which leaves out the choice of a token a dead
+        gateway made (`inherited`), not the logprob reported of it (scored here, from
+        the resuming prefill's rows)."""
         wrong = []
         for j, token in enumerate(self.tokens):
             p = self.prompt - 1 + j
             row = self._row(out, offset, p)
             if row is None:
                 continue
+            made_here = not answered or self.chosen_here(p)
             if not 0 <= token < row.shape[0]:
-                wrong.append(p)
+                if made_here:
+                    wrong.append(p)
                 continue
             margin = honest_margin(row, tol)
             history = self.tokens[:j]
@@ -86,7 +93,9 @@ class Chosen:
             else:
                 chosen_ok = self._drawable(row, token, history, margin, self.drawn.get(j))
             reported = self._reported(j, token)
-            if not chosen_ok or (reported is not None and not _reports(row, reported, margin)):
+            if (not chosen_ok and made_here) or (
+                reported is not None and not _reports(row, reported, margin)
+            ):
                 wrong.append(p)
         for i, scored in enumerate(self.prompt_logprobs):  # row p scores the token after it
             row = self._row(out, offset, i)
